@@ -1,0 +1,29 @@
+"""jaxprune: functional pruning of neural networks in JAX.
+
+Models are pure functions over parameter pytrees that declare their prunable *unit groups*;
+masks are pytrees; pruners are jit-compiled transforms.
+"""
+
+from jaxprune import units
+from jaxprune.masks import apply_masks
+from jaxprune.masks import check_unit_masks
+from jaxprune.masks import check_weight_masks
+from jaxprune.masks import count_units
+from jaxprune.masks import count_weights
+from jaxprune.masks import expand
+from jaxprune.masks import ones_like
+from jaxprune.masks import print_summary
+from jaxprune.masks import sparsity
+from jaxprune.masks import summary
+from jaxprune.masks import unit_masks_ones
+from jaxprune.models import CNN4
+from jaxprune.models import LeNet
+from jaxprune.models import MLP
+from jaxprune.models import Autoencoder
+from jaxprune.models import Model
+from jaxprune.units import Slice
+from jaxprune.units import UnitGroup
+from jaxprune.units import compact
+from jaxprune.units import redistribute
+
+__version__ = "0.1.0"

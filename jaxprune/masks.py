@@ -1,0 +1,148 @@
+"""Weight masks and unit masks as pytrees: create, check, apply, count, summarise.
+
+* A **weight mask** has the structure of the params, with a bool array of the same shape at
+  every leaf (never ``None``): True keeps the weight.
+* A **unit mask** is a dict from a unit group's name to a bool vector, one entry per unit.
+
+Example:
+  >>> import jax, jaxprune
+  >>> model = jaxprune.MLP(in_features=10, hidden=(20,), out_features=7)
+  >>> params = model.init(jax.random.key(0))
+  >>> units = jaxprune.unit_masks_ones(model)
+  >>> units['hidden_0'] = units['hidden_0'].at[:5].set(False)
+  >>> wmask = jaxprune.expand(model, params, units)
+  >>> kept, total = jaxprune.count_weights(wmask)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import units as units_lib
+
+PyTree = Any
+
+
+def ones_like(params: PyTree) -> PyTree:
+  """All-True weight masks with the structure and shapes of ``params``."""
+  return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), dtype=bool), params)
+
+
+def unit_masks_ones(model_or_groups) -> dict[str, jax.Array]:
+  """All-True unit masks, one bool vector per unit group of a model."""
+  groups = _groups(model_or_groups)
+  return {name: jnp.ones((g.size,), dtype=bool) for name, g in groups.items()}
+
+
+def _groups(model_or_groups) -> Mapping[str, units_lib.UnitGroup]:
+  return model_or_groups.groups if hasattr(model_or_groups, "groups") else model_or_groups
+
+
+def check_weight_masks(params: PyTree, masks: PyTree) -> None:
+  """Raises a ValueError that names the problem if ``masks`` does not fit ``params``.
+
+  Checks the tree structure, each leaf's shape and that each leaf is boolean.
+  Works on concrete or traced arrays (only shapes and dtypes are inspected).
+  """
+  p_paths = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  try:
+    m_flat = jax.tree_util.tree_flatten_with_path(masks)[0]
+  except Exception as e:  # pragma: no cover - defensive
+    raise ValueError(f"Weight masks are not a pytree: {e}") from e
+  m_paths = dict(m_flat)
+  if jax.tree.structure(params) != jax.tree.structure(masks):
+    missing = [jax.tree_util.keystr(k) for k in p_paths if k not in m_paths]
+    extra = [jax.tree_util.keystr(k) for k in m_paths if k not in p_paths]
+    raise ValueError(
+        "Weight masks do not have the structure of the params "
+        f"(missing leaves: {missing[:5] or 'none'}; unexpected leaves: {extra[:5] or 'none'}). "
+        "Create them with jaxprune.ones_like(params) or jaxprune.expand(model, params, ...).")
+  for k, p in p_paths.items():
+    m = m_paths[k]
+    if m is None or not hasattr(m, "shape"):
+      raise ValueError(f"Weight mask at {jax.tree_util.keystr(k)} is {m!r}; every leaf must be a "
+                       "bool array (never None).")
+    if tuple(m.shape) != tuple(jnp.shape(p)):
+      raise ValueError(f"Weight mask at {jax.tree_util.keystr(k)} has shape {tuple(m.shape)} but "
+                       f"the parameter has shape {tuple(jnp.shape(p))}.")
+    if m.dtype != jnp.bool_:
+      raise ValueError(f"Weight mask at {jax.tree_util.keystr(k)} has dtype {m.dtype}; masks must "
+                       "be bool (use mask.astype(bool)).")
+
+
+def check_unit_masks(model_or_groups, unit_masks: Mapping[str, Any], *,
+                     allow_empty: bool = False) -> None:
+  """Raises if a unit mask names an unknown group, has the wrong shape or dtype, or is empty."""
+  groups = _groups(model_or_groups)
+  if not isinstance(unit_masks, Mapping):
+    raise ValueError(f"Unit masks must be a dict from group name to bool vector, got "
+                     f"{type(unit_masks).__name__}.")
+  for name, m in unit_masks.items():
+    g = units_lib._check_group_name(groups, name)
+    shape = tuple(jnp.shape(m))
+    if shape != (g.size,):
+      raise ValueError(f"Unit mask {name!r} has shape {shape}; group {name!r} has {g.size} units.")
+    if jnp.asarray(m).dtype != jnp.bool_:
+      raise ValueError(f"Unit mask {name!r} has dtype {jnp.asarray(m).dtype}; use bool.")
+    if not allow_empty and not isinstance(m, jax.core.Tracer) and not bool(np.any(m)):
+      raise ValueError(f"Unit mask {name!r} removes every unit of the group; keep at least one.")
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+  """Zeroes the masked weights: ``where(mask, param, 0)`` leaf by leaf. Jit-compatible."""
+  return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.asarray(p).dtype)),
+                      params, masks)
+
+
+def expand(model_or_groups, params: PyTree, unit_masks: Mapping[str, Any],
+           weight_masks: PyTree | None = None) -> PyTree:
+  """Weight masks that remove the units masked out in ``unit_masks`` (see ``units.expand``)."""
+  return units_lib.expand(params, _groups(model_or_groups), unit_masks, weight_masks)
+
+
+def count_units(unit_masks: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+  """Group name -> (kept, total)."""
+  return {k: (int(np.sum(np.asarray(m))), int(np.size(m))) for k, m in unit_masks.items()}
+
+
+def count_weights(masks: PyTree) -> tuple[int, int]:
+  """(kept, total) over every leaf of a weight mask."""
+  leaves = jax.tree.leaves(masks)
+  return (int(sum(int(np.sum(np.asarray(m))) for m in leaves)),
+          int(sum(int(np.size(m)) for m in leaves)))
+
+
+def sparsity(masks: PyTree) -> float:
+  """Fraction of weights removed."""
+  kept, total = count_weights(masks)
+  return 1.0 - kept / max(total, 1)
+
+
+def summary(masks: PyTree, unit_masks: Mapping[str, Any] | None = None) -> str:
+  """A per-layer table of kept weights and sparsity (and kept units per group, if given)."""
+  rows = []
+  for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    kept, total = int(np.sum(np.asarray(m))), int(np.size(m))
+    rows.append((name, f"{tuple(np.shape(m))}", f"{kept}", f"{total}",
+                 f"{100.0 * (1 - kept / max(total, 1)):.1f}%"))
+  kept, total = count_weights(masks)
+  rows.append(("total", "", f"{kept}", f"{total}", f"{100.0 * (1 - kept / max(total, 1)):.1f}%"))
+  header = ("layer", "shape", "kept", "total", "sparsity")
+  widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+  fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
+  lines = [fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]
+  if unit_masks:
+    lines.append("")
+    for name, (k, t) in count_units(unit_masks).items():
+      lines.append(f"units {name}: {k}/{t} kept ({100.0 * (1 - k / max(t, 1)):.1f}% removed)")
+  return "\n".join(lines)
+
+
+def print_summary(masks: PyTree, unit_masks: Mapping[str, Any] | None = None) -> None:
+  """Prints :func:`summary`."""
+  print(summary(masks, unit_masks))

@@ -1,0 +1,149 @@
+"""The model contract shared by every jaxprune model.
+
+A :class:`Model` is a frozen description (layer sizes) around a Flax linen module. It is used
+as pure functions over a variables pytree:
+
+* ``init(key) -> params`` (a dict with a ``'params'`` entry, and ``'batch_stats'`` for models
+  with batch norm);
+* ``apply(params, x) -> outputs`` (logits for classifiers, reconstructions for autoencoders);
+* ``apply_with_activations(params, x, names) -> (outputs, {name: activations})``;
+* ``apply_train(params, x) -> (outputs, params)``: training-mode forward pass that also returns
+  the params with updated running statistics (unchanged for models without batch norm);
+* ``groups``: the model's :class:`~jaxprune.units.UnitGroup` declarations;
+* ``resize(sizes) -> Model`` and ``compact(params, unit_masks) -> (params, model)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import units as units_lib
+
+PyTree = Any
+
+# Modules sow each unit group's activations as ``sow("intermediates", name + ACT_SUFFIX, x)``.
+ACT_SUFFIX = "_out"
+
+_ACTS = {
+    "sigmoid": nn.sigmoid,
+    "tanh": jnp.tanh,
+    "relu": nn.relu,
+    "linear": lambda x: x,
+}
+
+
+def activation_fn(name: str):
+  """The nonlinearity called ``name`` (one of sigmoid, tanh, relu, linear)."""
+  if name not in _ACTS:
+    raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(_ACTS)}.")
+  return _ACTS[name]
+
+
+def _find(tree: Mapping, name: str):
+  """Finds ``name`` anywhere in a nested intermediates dict (sow stores a tuple)."""
+  if name in tree:
+    v = tree[name]
+    return v[0] if isinstance(v, tuple) else v
+  for v in tree.values():
+    if isinstance(v, Mapping):
+      r = _find(v, name)
+      if r is not None:
+        return r
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Model(abc.ABC):
+  """Base class: subclasses define ``input_shape``, ``module``, ``groups`` and ``resize``."""
+
+  task = "classification"  # or "reconstruction"
+
+  # -- to be provided by subclasses ---------------------------------------------------------
+  @property
+  @abc.abstractmethod
+  def input_shape(self) -> tuple[int, ...]:
+    """Shape of one input (without the batch axis)."""
+
+  @property
+  @abc.abstractmethod
+  def module(self) -> nn.Module:
+    """The Flax linen module that computes the outputs."""
+
+  @property
+  @abc.abstractmethod
+  def groups(self) -> dict[str, units_lib.UnitGroup]:
+    """The prunable unit groups, by name."""
+
+  @abc.abstractmethod
+  def resize(self, sizes: Mapping[str, int]) -> "Model":
+    """The same architecture with the named groups resized to ``sizes``."""
+
+  # -- shared behaviour -------------------------------------------------------------------------
+  @property
+  def group_sizes(self) -> dict[str, int]:
+    return {k: g.size for k, g in self.groups.items()}
+
+  def check_input(self, x) -> None:
+    """Raises ValueError if ``x`` is not a batch of this model's inputs."""
+    shape = tuple(jnp.shape(x))
+    want = self.input_shape
+    if len(shape) != len(want) + 1 or shape[1:] != want:
+      what = ""
+      if len(want) == 3 and len(shape) == 4 and shape[1:3] == want[:2]:
+        what = f" (it has {shape[-1]} channels, the model takes {want[-1]})"
+      raise ValueError(
+          f"{type(self).__name__} takes a batch of shape (N, {', '.join(map(str, want))}); got "
+          f"{shape}{what}. Reshape or resize the inputs, or build the model with "
+          f"input shape {shape[1:]}.")
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+      raise ValueError(f"Inputs must be floating point, got dtype {jnp.asarray(x).dtype}.")
+
+  def init(self, key: jax.Array) -> PyTree:
+    """Initial variables for this model (a dict with a ``'params'`` entry)."""
+    x = jnp.zeros((1,) + tuple(self.input_shape), jnp.float32)
+    variables = self.module.init(key, x)
+    return jax.tree.map(jnp.asarray, dict(variables))
+
+  def apply(self, params: PyTree, x: jax.Array) -> jax.Array:
+    """Inference: outputs for a batch ``x`` (logits, or reconstructions for autoencoders)."""
+    self.check_input(x)
+    return self.module.apply(params, x)
+
+  def apply_with_activations(self, params: PyTree, x: jax.Array,
+                             names: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Outputs and the activations of the named unit groups (units on the last axis)."""
+    self.check_input(x)
+    groups = self.groups
+    for n in names:
+      units_lib._check_group_name(groups, n)
+    out, state = self.module.apply(params, x, mutable=["intermediates"])
+    acts = {n: _find(state["intermediates"], n + ACT_SUFFIX) for n in names}
+    return out, acts
+
+  def activations(self, params: PyTree, x: jax.Array, name: str) -> jax.Array:
+    """The activations of unit group ``name`` on batch ``x``: (N, units) or (N, H, W, units)."""
+    return self.apply_with_activations(params, x, (name,))[1][name]
+
+  def apply_train(self, params: PyTree, x: jax.Array) -> tuple[jax.Array, PyTree]:
+    """Training-mode forward pass: (outputs, params with updated running statistics)."""
+    return self.apply(params, x), params
+
+  def compact(self, params: PyTree, unit_masks: Mapping[str, Any]) -> tuple[PyTree, "Model"]:
+    """Removes masked units: returns (smaller params, the resized model that runs them).
+
+    The compacted model's outputs equal the masked model's (``apply(apply_masks(params,
+    expand(...)), x)``) to float tolerance.
+    """
+    small = units_lib.compact(params, self.groups, unit_masks)
+    sizes = {k: int(np.sum(np.asarray(m))) for k, m in unit_masks.items()}
+    return small, self.resize(sizes)
+
+  def param_count(self, params: PyTree) -> int:
+    return int(sum(np.size(p) for p in jax.tree.leaves(params.get("params", params))))

@@ -1,0 +1,164 @@
+"""Convolutional networks of the SFEW studies: a LeNet-style CNN and the 4-conv + 4-dense CNN.
+
+Both are channels-last (NHWC). Conv output channels and dense hidden neurons are unit groups;
+the last conv's channels are read by a dense layer through ``flatten``, which their group
+declares with a ``view`` on the dense kernel.
+
+Example:
+  >>> import jax, jaxprune
+  >>> model = jaxprune.LeNet(input_shape=(90, 72, 1))
+  >>> params = model.init(jax.random.key(0))
+  >>> model.apply(params, jax.numpy.zeros((2, 90, 72, 1))).shape
+  (2, 7)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxprune.models.base import Model, activation_fn
+from jaxprune.models.mlp import dense_chain_groups
+
+
+class _ConvNetModule(nn.Module):
+  """conv layers (each optionally followed by max-pooling), flatten, dense layers, output."""
+
+  channels: tuple[int, ...]
+  kernels: tuple[int, ...]
+  strides: tuple[int, ...]
+  paddings: tuple[str, ...]
+  pools: tuple[tuple[int, int] | None, ...]  # (window, stride) after each conv, or None
+  dense: tuple[int, ...]
+  out_features: int
+  activation: str
+
+  @nn.compact
+  def __call__(self, x):
+    act = activation_fn(self.activation)
+    for i, (c, k, s, p, pool) in enumerate(zip(self.channels, self.kernels, self.strides,
+                                               self.paddings, self.pools)):
+      x = act(nn.Conv(c, (k, k), strides=(s, s), padding=p, name=f"conv_{i}")(x))
+      self.sow("intermediates", f"conv_{i}_out", x)
+      if pool is not None:
+        x = nn.max_pool(x, (pool[0], pool[0]), strides=(pool[1], pool[1]))
+    x = x.reshape(x.shape[0], -1)
+    for i, d in enumerate(self.dense):
+      x = act(nn.Dense(d, name=f"dense_{i}")(x))
+      self.sow("intermediates", f"dense_{i}_out", x)
+    return nn.Dense(self.out_features, name="out")(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConvNet(Model):
+  """Shared machinery; see :class:`LeNet` and :class:`CNN4`."""
+
+  input_shape: tuple[int, ...] = (90, 72, 1)
+  channels: tuple[int, ...] = ()
+  kernels: tuple[int, ...] = ()
+  strides: tuple[int, ...] = ()
+  paddings: tuple[str, ...] = ()
+  pools: tuple = ()
+  dense: tuple[int, ...] = ()
+  out_features: int = 7
+  activation: str = "relu"
+
+  def __post_init__(self):
+    for f in ("input_shape", "channels", "kernels", "strides", "paddings", "dense"):
+      object.__setattr__(self, f, tuple(getattr(self, f)))
+    object.__setattr__(self, "pools", tuple(None if p is None else tuple(p) for p in self.pools))
+    activation_fn(self.activation)
+    n = len(self.channels)
+    if not (len(self.kernels) == len(self.strides) == len(self.paddings) == len(self.pools) == n):
+      raise ValueError("channels, kernels, strides, paddings and pools need one entry per conv.")
+    if len(self.input_shape) != 3:
+      raise ValueError(f"input_shape must be (height, width, channels), got {self.input_shape}.")
+    if any(c < 1 for c in self.channels + self.dense):
+      raise ValueError(f"Layer sizes must be positive: channels={self.channels}, "
+                       f"dense={self.dense}.")
+    h, w, _ = self.feature_map_shape()
+    if h < 1 or w < 1:
+      raise ValueError(f"Input {self.input_shape} is too small for this network: the feature "
+                       "map shrinks to nothing. Use larger images.")
+
+  def feature_map_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the last conv block's output (after pooling), as flatten sees it."""
+    h, w = self.input_shape[:2]
+    for k, s, p, pool in zip(self.kernels, self.strides, self.paddings, self.pools):
+      if p == "VALID":
+        h, w = (h - k) // s + 1, (w - k) // s + 1
+      else:
+        h, w = -(-h // s), -(-w // s)
+      if pool is not None:
+        h, w = (h - pool[0]) // pool[1] + 1, (w - pool[0]) // pool[1] + 1
+    return h, w, self.channels[-1]
+
+  @property
+  def module(self):
+    return _ConvNetModule(self.channels, self.kernels, self.strides, self.paddings, self.pools,
+                          self.dense, self.out_features, self.activation)
+
+  @property
+  def groups(self):
+    convs = tuple(f"conv_{i}" for i in range(len(self.channels)))
+    denses = tuple(f"dense_{i}" for i in range(len(self.dense)))
+    layers = convs + denses
+    nexts = layers[1:] + ("out",)
+    h, w, c = self.feature_map_shape()
+    width = self.dense[0] if self.dense else self.out_features
+    view = {convs[-1]: (h * w, c, width)}  # flatten: channel c owns rows c, c + C, ...
+    groups = dense_chain_groups(convs, self.channels, nexts[:len(convs)], self.activation,
+                                consumer_view=view, kind="conv")
+    groups.update(dense_chain_groups(denses, self.dense, nexts[len(convs):], self.activation))
+    return groups
+
+  def resize(self, sizes: Mapping[str, int]):
+    channels, dense = list(self.channels), list(self.dense)
+    for k, v in sizes.items():
+      kind, i = k.split("_")
+      (channels if kind == "conv" else dense)[int(i)] = int(v)
+    return dataclasses.replace(self, channels=tuple(channels), dense=tuple(dense))
+
+
+@dataclasses.dataclass(frozen=True)
+class LeNet(_ConvNet):
+  """LeNet-style CNN: conv(16, 5x5) - max-pool - conv(32, 5x5) - max-pool - dense to 7 classes.
+
+  For single-channel images (90x72 in the kernel-importance study). 'VALID' convolutions and
+  2x2 max-pooling; unit groups ``conv_0`` (16 channels) and ``conv_1`` (32 channels).
+  """
+
+  input_shape: tuple[int, ...] = (90, 72, 1)
+  channels: tuple[int, ...] = (16, 32)
+  kernels: tuple[int, ...] = (5, 5)
+  strides: tuple[int, ...] = (1, 1)
+  paddings: tuple[str, ...] = ("VALID", "VALID")
+  pools: tuple = ((2, 2), (2, 2))
+  dense: tuple[int, ...] = ()
+  out_features: int = 7
+  activation: str = "relu"
+
+
+@dataclasses.dataclass(frozen=True)
+class CNN4(_ConvNet):
+  """The 4-conv + 4-dense CNN of the training-time distinctiveness study (227x227 RGB).
+
+  conv 16/32/64/64 channels, kernels 11/5/3/3, strides 4/2/1/1 (the first two 'VALID', the last
+  two 'SAME'), max-pooling after the 3rd conv (3x3, stride 2) and the 4th (2x2, stride 2), then
+  dense 64*6*6 -> 512 -> 128 -> 64 -> 7, sigmoid activations. On 227x227 inputs the last feature
+  map is exactly 6x6x64. Unit groups ``conv_0..conv_3`` and ``dense_0..dense_2``.
+  """
+
+  input_shape: tuple[int, ...] = (227, 227, 3)
+  channels: tuple[int, ...] = (16, 32, 64, 64)
+  kernels: tuple[int, ...] = (11, 5, 3, 3)
+  strides: tuple[int, ...] = (4, 2, 1, 1)
+  paddings: tuple[str, ...] = ("VALID", "VALID", "SAME", "SAME")
+  pools: tuple = (None, None, (3, 2), (2, 2))
+  dense: tuple[int, ...] = (512, 128, 64)
+  out_features: int = 7
+  activation: str = "sigmoid"

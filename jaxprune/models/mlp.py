@@ -1,0 +1,128 @@
+"""Multilayer perceptrons and the n-H-n autoencoder.
+
+Example:
+  >>> import jax, jaxprune
+  >>> model = jaxprune.MLP(in_features=10, hidden=(100,), out_features=7)
+  >>> params = model.init(jax.random.key(0))
+  >>> logits = model.apply(params, jax.numpy.zeros((4, 10)))
+  >>> logits.shape
+  (4, 7)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+
+from jaxprune.models.base import Model, activation_fn
+from jaxprune.units import Slice, UnitGroup
+
+
+class _MLPModule(nn.Module):
+  hidden: tuple[int, ...]
+  out_features: int
+  activation: str
+
+  @nn.compact
+  def __call__(self, x):
+    act = activation_fn(self.activation)
+    for i, h in enumerate(self.hidden):
+      x = act(nn.Dense(h, name=f"hidden_{i}")(x))
+      self.sow("intermediates", f"hidden_{i}_out", x)
+    return nn.Dense(self.out_features, name="out")(x)
+
+
+def dense_chain_groups(layer_names: tuple[str, ...], sizes: tuple[int, ...],
+                       next_names: tuple[str, ...], activation: str,
+                       group_names: tuple[str, ...] | None = None,
+                       consumer_view: dict[str, tuple[int, ...]] | None = None,
+                       kind: str = "dense") -> dict[str, UnitGroup]:
+  """Unit groups for a chain of layers: layer i's outputs are read by layer ``next_names[i]``.
+
+  Each group owns its layer's kernel columns (last axis) and bias, and the consumer layer's
+  kernel rows (axis -2 for dense and conv kernels: (in, out) and (kh, kw, in, out)).
+  """
+  group_names = group_names or layer_names
+  consumer_view = consumer_view or {}
+  groups = {}
+  for name, layer, size, nxt in zip(group_names, layer_names, sizes, next_names):
+    view = consumer_view.get(name)
+    groups[name] = UnitGroup(
+        name=name, size=size, activation=activation, kind=kind,
+        slices=(
+            Slice(("params", layer, "kernel"), axis=-1, role="producer"),
+            Slice(("params", layer, "bias"), axis=0, role="producer"),
+            Slice(("params", nxt, "kernel"), axis=-2, role="consumer", view=view,
+                  bias=("params", nxt, "bias")),
+        ))
+  return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class MLP(Model):
+  """A dense network: ``in_features -> hidden[0] -> ... -> out_features`` (logits).
+
+  Hidden layers use ``activation`` (sigmoid, tanh or relu); the output is linear (logits; softmax
+  is applied by the loss or :func:`jax.nn.softmax`). Unit groups are ``hidden_0``, ``hidden_1``...
+
+  Attributes:
+    in_features: input dimension (10 for the SFEW features).
+    hidden: hidden layer sizes, e.g. ``(100,)`` for the 10-100-7 network.
+    out_features: number of classes (7).
+    activation: hidden nonlinearity.
+  """
+
+  in_features: int = 10
+  hidden: tuple[int, ...] = (10,)
+  out_features: int = 7
+  activation: str = "sigmoid"
+
+  def __post_init__(self):
+    object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+    activation_fn(self.activation)
+    if any(h < 1 for h in self.hidden) or self.in_features < 1 or self.out_features < 1:
+      raise ValueError(f"Layer sizes must be positive, got in={self.in_features}, "
+                       f"hidden={self.hidden}, out={self.out_features}.")
+
+  @property
+  def input_shape(self):
+    return (self.in_features,)
+
+  @property
+  def module(self):
+    return _MLPModule(self.hidden, self.out_features, self.activation)
+
+  @property
+  def groups(self):
+    names = tuple(f"hidden_{i}" for i in range(len(self.hidden)))
+    return dense_chain_groups(names, self.hidden, names[1:] + ("out",), self.activation)
+
+  def resize(self, sizes: Mapping[str, int]) -> "MLP":
+    hidden = list(self.hidden)
+    for k, v in sizes.items():
+      hidden[int(k.split("_")[1])] = int(v)
+    return dataclasses.replace(self, hidden=tuple(hidden))
+
+
+@dataclasses.dataclass(frozen=True)
+class Autoencoder(MLP):
+  """An n-H-n autoencoder: sigmoid hidden layer, linear output of the input's size.
+
+  The progressive image compression study uses 11-10-11. Train it with
+  ``loss='mse'`` (the default for models whose ``task`` is ``'reconstruction'``).
+  """
+
+  task = "reconstruction"
+  in_features: int = 11
+  hidden: tuple[int, ...] = (10,)
+  out_features: int = -1  # set to in_features
+  activation: str = "sigmoid"
+
+  def __post_init__(self):
+    if self.out_features != self.in_features:
+      object.__setattr__(self, "out_features", self.in_features)
+    super().__post_init__()
+
