@@ -27,3 +27,10 @@ from jaxprune.units import compact
 from jaxprune.units import redistribute
 
 __version__ = "0.1.0"
+from jaxprune.train import Trainer
+from jaxprune.train import accuracy
+from jaxprune.train import evaluate
+from jaxprune.train import fit
+from jaxprune.train import fit_many
+from jaxprune.train import make_trainer
+from jaxprune.train import rewind

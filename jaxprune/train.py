@@ -1,0 +1,392 @@
+"""Training with optax that keeps pruned weights exactly zero; evaluation; fine-tuning; rewinding.
+
+Masked training: gradients and optimizer updates of masked weights are zeroed, and the params
+are re-masked after every update, so a pruned weight stays exactly 0.0 through training, also
+under Adam (whose moments of a masked weight then stay zero).
+
+Every epoch is one compiled ``lax.scan`` over minibatches. Data may carry per-sample weights, so
+that several folds of unequal size can be padded to one shape and trained together with
+:func:`fit_many` (one ``vmap``\\ ped program) with exactly the same result as training each on its
+own: padded samples are never drawn into a real minibatch, and a batch with no real samples
+leaves the state unchanged.
+
+Example:
+  >>> import jax, jax.numpy as jnp, jaxprune
+  >>> model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+  >>> x = jax.random.normal(jax.random.key(0), (64, 4)); y = jnp.arange(64) % 3
+  >>> params, hist = jaxprune.fit(model, model.init(jax.random.key(1)), x, y,
+  ...                             key=jax.random.key(2), epochs=3, progress=False)
+  >>> metrics = jaxprune.evaluate(model, params, x, y)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from jaxprune import masks as masks_lib
+from jaxprune.models.base import Model
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def cross_entropy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-sample softmax cross-entropy of logits against integer labels."""
+  return optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+
+
+def squared_error(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-sample mean squared error (mean over output features)."""
+  return jnp.mean(jnp.square(outputs - targets).reshape(outputs.shape[0], -1), axis=-1)
+
+
+def default_loss(model: Model) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Cross-entropy for classifiers, squared error for autoencoders."""
+  return squared_error if model.task == "reconstruction" else cross_entropy
+
+
+def _correct(outputs, targets):
+  if outputs.ndim == targets.ndim + 1 and jnp.issubdtype(targets.dtype, jnp.integer):
+    return (jnp.argmax(outputs, -1) == targets).astype(jnp.float32)
+  return jnp.zeros(outputs.shape[0], jnp.float32)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_finite(name: str, x) -> None:
+  """Raises ValueError if a concrete array holds NaN or infinite values."""
+  a = np.asarray(x)
+  if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+    bad = int(np.sum(~np.isfinite(a)))
+    raise ValueError(f"{name} holds {bad} NaN or infinite values; clean or impute them "
+                     "before training (e.g. drop those rows).")
+
+
+def _check_data(model: Model, x, y, name="x"):
+  model.check_input(x)
+  check_finite(name, x)
+  if jnp.shape(y)[0] != jnp.shape(x)[0]:
+    raise ValueError(f"{name} has {jnp.shape(x)[0]} samples but its targets have "
+                     f"{jnp.shape(y)[0]}.")
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training."""
+  params: PyTree  # the full variables dict ('params', and 'batch_stats' if any)
+  opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """Pure training functions for one model, optimizer, loss and batch size.
+
+  Attributes:
+    model: the network.
+    optimizer: an optax transformation (default Adam, learning rate 1e-3).
+    loss: per-sample loss ``(outputs, targets) -> (batch,)``; default by ``model.task``.
+    batch_size: minibatch size.
+  """
+
+  model: Model
+  optimizer: optax.GradientTransformation
+  loss: Callable[[jax.Array, jax.Array], jax.Array]
+  batch_size: int = 32
+
+  def init(self, params: PyTree) -> TrainState:
+    return TrainState(params, self.optimizer.init(params["params"]))
+
+  def step(self, state: TrainState, masks: PyTree | None, x, y, w) -> tuple[TrainState, dict]:
+    """One masked optimizer step on a weighted minibatch; no-op if ``sum(w) == 0``."""
+    params = state.params
+    denom = jnp.maximum(jnp.sum(w), 1.0)
+
+    def objective(trainable):
+      variables = {**params, "params": trainable}
+      out, new_vars = self.model.apply_train(variables, x)
+      per = self.loss(out, y)
+      return jnp.sum(w * per) / denom, (new_vars, jnp.sum(w * per), jnp.sum(w * _correct(out, y)))
+
+    grads, (new_vars, loss_sum, correct) = jax.grad(objective, has_aux=True)(params["params"])
+    if masks is not None:
+      grads = masks_lib.apply_masks(grads, masks["params"])
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, params["params"])
+    if masks is not None:
+      updates = masks_lib.apply_masks(updates, masks["params"])
+    trainable = optax.apply_updates(params["params"], updates)
+    new_params = {**new_vars, "params": trainable}
+    if masks is not None:
+      new_params = masks_lib.apply_masks(new_params, masks)
+    new_state = TrainState(new_params, opt_state)
+    has_data = jnp.sum(w) > 0
+    new_state = jax.tree.map(lambda n, o: jnp.where(has_data, n, o), new_state, state)
+    return new_state, {"loss_sum": loss_sum, "correct": correct, "count": jnp.sum(w)}
+
+  def epoch(self, state: TrainState, masks: PyTree | None, x, y, w, key) -> tuple[TrainState, dict]:
+    """One pass over the data in a random order (real samples first, padding last)."""
+    n = x.shape[0]
+    nb = math.ceil(n / self.batch_size)
+    perm = jax.random.permutation(key, n)
+    # Stable sort puts the real samples (w > 0) first, keeping their random order.
+    perm = perm[jnp.argsort(w[perm] <= 0, stable=True)]
+    pad = nb * self.batch_size - n
+    idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(nb, self.batch_size)
+    valid = jnp.concatenate([jnp.ones((n,), bool), jnp.zeros((pad,), bool)])
+    valid = valid.reshape(nb, self.batch_size)
+
+    def body(st, batch):
+      i, v = batch
+      return self.step(st, masks, x[i], y[i], jnp.where(v, w[i], 0.0))
+
+    state, m = jax.lax.scan(body, state, (idx, valid))
+    count = jnp.maximum(jnp.sum(m["count"]), 1.0)
+    return state, {"loss": jnp.sum(m["loss_sum"]) / count, "accuracy": jnp.sum(m["correct"]) / count}
+
+  def evaluate(self, params: PyTree, x, y, w=None, *, batch_size: int = 1024) -> dict:
+    """Weighted mean loss and accuracy of ``params`` on (x, y), in compiled chunks."""
+    n = x.shape[0]
+    w = jnp.ones((n,), jnp.float32) if w is None else w
+    bs = min(batch_size, n)
+    nb = math.ceil(n / bs)
+    pad = nb * bs - n
+    padded = lambda a: jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)])
+    xs, ys, ws = (padded(a).reshape((nb, bs) + a.shape[1:]) for a in (x, y, w))
+
+    def body(acc, b):
+      xb, yb, wb = b
+      out = self.model.apply(params, xb)
+      return (acc[0] + jnp.sum(wb * self.loss(out, yb)), acc[1] + jnp.sum(wb * _correct(out, yb))), None
+
+    (ls, cs), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (xs, ys, ws))
+    count = jnp.maximum(jnp.sum(w), 1.0)
+    return {"loss": ls / count, "accuracy": cs / count}
+
+  def epochs(self, state, masks, x, y, w, key, num_epochs: int, val=None):
+    """``num_epochs`` epochs as one scan; per-epoch metrics (and validation metrics)."""
+
+    def body(st, k):
+      st, m = self.epoch(st, masks, x, y, w, k)
+      if val is not None:
+        vm = self.evaluate(st.params, *val)
+        m = {**m, "val_loss": vm["loss"], "val_accuracy": vm["accuracy"]}
+      return st, m
+
+    return jax.lax.scan(body, state, jax.random.split(key, num_epochs))
+
+
+@functools.lru_cache(maxsize=None)
+def _default_trainer(model: Model, batch_size: int, loss: Callable) -> Trainer:
+  # The learning rate lives in the optimizer state (inject_hyperparams), so one compiled
+  # program serves every learning rate, and a grid over learning rates can be vmapped.
+  return Trainer(model, optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), loss,
+                 batch_size)
+
+
+def make_trainer(model: Model, *, batch_size: int = 32,
+                 optimizer: optax.GradientTransformation | None = None,
+                 loss: Callable | None = None) -> Trainer:
+  """A :class:`Trainer`; Adam with the learning rate in its state unless ``optimizer`` is given.
+
+  Trainers with the default optimizer are cached per (model, batch size, loss), so repeated
+  :func:`fit` calls reuse their compiled programs.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+  loss = loss or default_loss(model)
+  if optimizer is None:
+    return _default_trainer(model, int(batch_size), loss)
+  return Trainer(model, optimizer, loss, int(batch_size))
+
+
+def init_state(trainer: Trainer, params: PyTree, learning_rate=None) -> TrainState:
+  """The trainer's initial state; sets the learning rate where the optimizer exposes it."""
+  state = trainer.init(params)
+  if learning_rate is not None and hasattr(state.opt_state, "hyperparams"):
+    hp = dict(state.opt_state.hyperparams)
+    hp["learning_rate"] = jnp.asarray(learning_rate, jnp.asarray(hp["learning_rate"]).dtype)
+    state = state._replace(opt_state=state.opt_state._replace(hyperparams=hp))
+  return state
+
+
+# ----------------------------------------------------------------------------- host drivers
+
+
+class Progress:
+  """Periodic progress lines (stderr) with epoch, loss, accuracy and time left."""
+
+  def __init__(self, total: int, desc: str = "train", enabled: bool = True):
+    self.total, self.desc, self.enabled = total, desc, enabled
+    self.start = time.time()
+
+  def update(self, done: int, **metrics) -> None:
+    if not self.enabled:
+      return
+    el = time.time() - self.start
+    left = el / max(done, 1) * (self.total - done)
+    ms = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    msg = f"[{self.desc}] epoch {done}/{self.total} {ms} ({el:.0f}s, ~{left:.0f}s left)"
+    logging.info(msg)
+    print(msg, file=sys.stderr, flush=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(trainer: Trainer, num_epochs: int, with_val: bool, many: bool):
+  """A jitted (optionally vmapped) run of ``num_epochs`` epochs, cached per trainer."""
+
+  def run(state, masks, x, y, w, key, val):
+    return trainer.epochs(state, masks, x, y, w, key, num_epochs, val if with_val else None)
+
+  return jax.jit(jax.vmap(run) if many else run)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_eval(trainer: Trainer, batch_size: int):
+  return jax.jit(lambda p, x, y: trainer.evaluate(p, x, y, batch_size=batch_size))
+
+
+def _run(trainer, state, masks, x, y, w, key, epochs, val, log_every, progress, desc, many):
+  chunks = []
+  done = 0
+  bar = Progress(epochs, desc, progress)
+  nchunks = math.ceil(epochs / log_every)
+  if many:  # one key per run: split each run's key the way fit() splits a single key
+    keys = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, nchunks))(key), 0, 1)
+  else:
+    keys = jax.random.split(key, nchunks)
+  for k in keys:
+    n = min(log_every, epochs - done)
+    state, m = _compiled(trainer, n, val is not None, many)(state, masks, x, y, w, k, val)
+    done += n
+    last = {kk: float(np.mean(np.asarray(v)[..., -1])) for kk, v in m.items()}
+    if not all(math.isfinite(v) for v in last.values()):
+      raise FloatingPointError(
+          f"Training produced a NaN or infinite loss by epoch {done} ({last}); lower the "
+          "learning rate, check the inputs for extreme values, or standardise them.")
+    chunks.append(m)
+    bar.update(done, **last)
+  history = {k: np.concatenate([np.asarray(c[k]) for c in chunks], axis=-1) for k in chunks[0]}
+  return state, history
+
+
+def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
+        batch_size: int = 32, learning_rate: float = 1e-3, masks: PyTree | None = None,
+        optimizer: optax.GradientTransformation | None = None, loss: Callable | None = None,
+        validation: tuple | None = None, log_every: int = 10, progress: bool = True,
+        trainer: Trainer | None = None, desc: str = "train") -> tuple[PyTree, dict]:
+  """Trains ``params`` with minibatch optax updates; masked weights stay exactly zero.
+
+  Args:
+    model: the network.
+    params: initial variables (not modified).
+    x, y: training inputs and targets (labels, or the inputs themselves for autoencoders).
+    key: PRNG key for shuffling.
+    epochs: passes over the data.
+    batch_size, learning_rate, optimizer, loss: training settings (Adam by default).
+    masks: optional weight masks (see :func:`jaxprune.expand`); masked weights are zeroed
+      before training and stay zero.
+    validation: optional ``(x_val, y_val)`` evaluated after every epoch.
+    log_every: epochs per compiled chunk and per progress line.
+    progress: print progress lines.
+    trainer: a prebuilt :class:`Trainer` (reuses its compiled programs across calls).
+
+  Returns:
+    ``(params, history)``; history maps ``loss``, ``accuracy`` (and ``val_loss``,
+    ``val_accuracy``) to per-epoch arrays.
+  """
+  if epochs < 1:
+    raise ValueError(f"epochs must be at least 1, got {epochs}.")
+  _check_data(model, x, y)
+  if masks is not None:
+    masks_lib.check_weight_masks(params, masks)
+    params = masks_lib.apply_masks(params, masks)
+  trainer = trainer or make_trainer(model, batch_size=batch_size, optimizer=optimizer, loss=loss)
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  w = jnp.ones((x.shape[0],), jnp.float32)
+  val = None
+  if validation is not None:
+    _check_data(model, validation[0], validation[1], "validation x")
+    val = (jnp.asarray(validation[0]), jnp.asarray(validation[1]),
+           jnp.ones((np.shape(validation[0])[0],), jnp.float32))
+  state = init_state(trainer, params, learning_rate)
+  state, history = _run(trainer, state, masks, x, y, w, key, epochs, val,
+                        max(1, log_every), progress, desc, many=False)
+  return state.params, history
+
+
+def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: int,
+             batch_size: int = 32, learning_rate: float = 1e-3, masks: PyTree | None = None,
+             validation: tuple | None = None, log_every: int = 10, progress: bool = True,
+             trainer: Trainer | None = None, desc: str = "train") -> tuple[PyTree, dict]:
+  """Trains a stack of independent runs (e.g. CV folds) as one ``vmap``\\ ped program.
+
+  Every argument that varies per run has a leading axis R: ``params`` (stacked), ``x`` (R, N,
+  ...), ``y`` (R, N, ...), ``w`` (R, N) sample weights with 0 for padding rows, ``key`` (R keys),
+  ``key`` (R keys, e.g. ``jax.random.split(key, R)``), ``masks`` (stacked, or None),
+  ``learning_rate`` (scalar or (R,)) and ``validation`` = (x_val, y_val, w_val) each with
+  axis R.
+  Each run's result equals :func:`fit` on its unpadded data with the same key.
+
+  Returns:
+    ``(params, history)`` with a leading run axis on every leaf and history array.
+  """
+  check_finite("x", x)
+  model.check_input(jnp.asarray(x)[0])
+  trainer = trainer or make_trainer(model, batch_size=batch_size)
+  if masks is not None:
+    params = jax.vmap(masks_lib.apply_masks)(params, masks)
+  lr = jnp.broadcast_to(jnp.asarray(learning_rate, jnp.float32), (jnp.shape(x)[0],))
+  state = jax.vmap(lambda p, l: init_state(trainer, p, l))(params, lr)
+  val = None if validation is None else tuple(jnp.asarray(a) for a in validation)
+  state, history = _run(trainer, state, masks, jnp.asarray(x), jnp.asarray(y),
+                        jnp.asarray(w, jnp.float32), key, epochs, val, max(1, log_every),
+                        progress, desc, many=True)
+  return state.params, history
+
+
+def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
+             loss: Callable | None = None, batch_size: int = 1024) -> dict[str, float]:
+  """Mean loss and accuracy (accuracy is 0 for reconstruction tasks) of a (masked) network."""
+  _check_data(model, x, y)
+  if masks is not None:
+    masks_lib.check_weight_masks(params, masks)
+    params = masks_lib.apply_masks(params, masks)
+  trainer = make_trainer(model, loss=loss)
+  m = _compiled_eval(trainer, batch_size)(params, jnp.asarray(x), jnp.asarray(y))
+  return {k: float(v) for k, v in m.items()}
+
+
+def accuracy(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None) -> float:
+  """Classification accuracy in [0, 1]."""
+  return evaluate(model, params, x, y, masks=masks)["accuracy"]
+
+
+def rewind(params: PyTree, init_params: PyTree, masks: PyTree) -> PyTree:
+  """Lottery-ticket rewinding: kept weights take their saved earlier values, pruned ones 0.
+
+  Args:
+    params: the trained params (only their structure is used; kept for symmetry with the
+      literature's ``rewind(trained, initial, mask)``).
+    init_params: the saved earlier params (e.g. the pretrained or initial weights).
+    masks: weight masks of the pruned network.
+  """
+  masks_lib.check_weight_masks(init_params, masks)
+  if jax.tree.structure(params) != jax.tree.structure(init_params):
+    raise ValueError("params and init_params have different structures: rewind needs the "
+                     "saved params of the same model.")
+  return masks_lib.apply_masks(init_params, masks)
