@@ -1,0 +1,198 @@
+"""Genetic-algorithm operators on bit chromosomes, written for one individual and ``vmap``ped.
+
+The operators follow DEAP's ``selTournament``, ``cxOnePoint``, ``mutFlipBit`` and
+``HallOfFame`` (the operators of the published GA mask search), as pure functions of a PRNG
+key. A chromosome is a bool vector with one bit per unit of a group (True keeps the unit); a
+population is a (P, U) bool array.
+
+* :func:`tournament` / :func:`select_tournament`: draw ``size`` contestants uniformly *with
+  replacement* and keep the fittest (ties go to the first drawn, like DEAP's ``max``).
+* :func:`one_point_crossover` / :func:`crossover_pairs`: with probability ``prob`` swap the
+  suffixes of two parents after a cut point drawn uniformly from ``1 .. U-1``; parents are paired
+  as consecutive individuals (0, 1), (2, 3), ... and an odd last one is left unchanged.
+* :func:`flip_mutation` / :func:`mutate`: with probability ``prob`` an individual is mutated, and
+  then each of its bits flips with probability ``bit_prob``.
+* :func:`update_hall_of_fame`: the ``K`` best *distinct* chromosomes ever seen, best first.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxprune.ga import operators as ops
+  >>> pop = jax.random.bernoulli(jax.random.key(0), 0.5, (8, 12))
+  >>> fit = pop.sum(1).astype(jnp.float32)
+  >>> parents = pop[ops.select_tournament(jax.random.key(1), fit, 8, 3)]
+  >>> children = ops.crossover_pairs(jax.random.key(2), parents, 0.8)
+  >>> children = ops.mutate(jax.random.key(3), children, 0.2, 0.1)
+  >>> children.shape
+  (8, 12)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# ----------------------------------------------------------------------------- selection
+
+
+def tournament(key: jax.Array, fitness: jax.Array, size: int) -> jax.Array:
+  """One tournament: the index of the fittest of ``size`` contestants drawn with replacement.
+
+  The contestants are ``jax.random.randint(key, (size,), 0, len(fitness))``; ties go to the
+  first drawn (as DEAP's ``max`` over the aspirants).
+
+  Args:
+    key: PRNG key.
+    fitness: (P,) fitness values (higher is better; NaN must already be mapped to ``-inf``).
+    size: tournament size (static).
+
+  Returns:
+    A scalar int32 index into the population.
+  """
+  contestants = jax.random.randint(key, (size,), 0, fitness.shape[0])
+  return contestants[jnp.argmax(fitness[contestants])]
+
+
+def select_tournament(key: jax.Array, fitness: jax.Array, num: int, size: int) -> jax.Array:
+  """``num`` independent tournaments (``vmap`` of :func:`tournament`): (num,) indices."""
+  keys = jax.random.split(key, num)
+  return jax.vmap(tournament, in_axes=(0, None, None))(keys, fitness, size)
+
+
+# ----------------------------------------------------------------------------- crossover
+
+
+def one_point_crossover(key: jax.Array, a: jax.Array, b: jax.Array,
+                        prob: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+  """DEAP's ``cxOnePoint``, applied with probability ``prob``.
+
+  A cut point ``c`` is drawn uniformly from ``1 .. U-1``; the children are
+  ``a[:c] ++ b[c:]`` and ``b[:c] ++ a[c:]``. Without crossover (probability ``1 - prob``), or for
+  a one-bit chromosome, the children are the parents.
+
+  Args:
+    key: PRNG key.
+    a, b: (U,) parent chromosomes.
+    prob: crossover probability (traced).
+
+  Returns:
+    The two children.
+  """
+  k_do, k_cut = jax.random.split(key)
+  n = a.shape[0]
+  do = jax.random.uniform(k_do) < prob
+  cut = jax.random.randint(k_cut, (), 1, max(n, 2))
+  swap = jnp.logical_and(do, jnp.arange(n) >= cut)
+  return jnp.where(swap, b, a), jnp.where(swap, a, b)
+
+
+def crossover_pairs(key: jax.Array, parents: jax.Array, prob: float | jax.Array) -> jax.Array:
+  """One-point crossover of consecutive pairs (0, 1), (2, 3), ... (DEAP's ``varAnd``).
+
+  With an odd number of parents the last one is copied unchanged.
+
+  Args:
+    key: PRNG key.
+    parents: (P, U) selected parents.
+    prob: crossover probability per pair (traced).
+
+  Returns:
+    (P, U) children, in the parents' order.
+  """
+  p = parents.shape[0]
+  half = p // 2
+  if half == 0:
+    return parents
+  keys = jax.random.split(key, half)
+  a, b = parents[0:2 * half:2], parents[1:2 * half:2]
+  c1, c2 = jax.vmap(one_point_crossover, in_axes=(0, 0, 0, None))(keys, a, b, prob)
+  children = jnp.stack([c1, c2], axis=1).reshape(2 * half, parents.shape[1])
+  return jnp.concatenate([children, parents[2 * half:]], axis=0)
+
+
+# ----------------------------------------------------------------------------- mutation
+
+
+def flip_mutation(key: jax.Array, x: jax.Array, prob: float | jax.Array,
+                  bit_prob: float | jax.Array) -> jax.Array:
+  """DEAP's ``mutFlipBit(indpb=bit_prob)`` applied with probability ``prob``.
+
+  Args:
+    key: PRNG key.
+    x: (U,) chromosome.
+    prob: probability that the individual is mutated at all (traced).
+    bit_prob: probability that each bit of a mutated individual flips (traced).
+
+  Returns:
+    The mutated chromosome.
+  """
+  k_do, k_bits = jax.random.split(key)
+  do = jax.random.uniform(k_do) < prob
+  flips = jax.random.uniform(k_bits, x.shape) < bit_prob
+  return jnp.logical_xor(x, jnp.logical_and(do, flips))
+
+
+def mutate(key: jax.Array, population: jax.Array, prob: float | jax.Array,
+           bit_prob: float | jax.Array) -> jax.Array:
+  """:func:`flip_mutation` of every individual (``vmap``), each with its own key."""
+  keys = jax.random.split(key, population.shape[0])
+  return jax.vmap(flip_mutation, in_axes=(0, 0, None, None))(keys, population, prob, bit_prob)
+
+
+# ----------------------------------------------------------------------------- hall of fame
+
+
+def pack_bits(population: jax.Array) -> jax.Array:
+  """(P, U) bool -> (P, ceil(U / 32)) uint32 words (for exact comparison and sorting)."""
+  p, u = population.shape
+  w = -(-u // 32)
+  bits = jnp.pad(population, ((0, 0), (0, 32 * w - u))).reshape(p, w, 32).astype(jnp.uint32)
+  shifts = jnp.arange(32, dtype=jnp.uint32)[None, None, :]
+  return jnp.sum(bits << shifts, axis=-1, dtype=jnp.uint32)
+
+
+def update_hall_of_fame(hof: jax.Array, hof_fitness: jax.Array, population: jax.Array,
+                        fitness: jax.Array, hof_valid: bool | jax.Array = True
+                        ) -> tuple[jax.Array, jax.Array]:
+  """The ``K`` fittest distinct chromosomes among the hall of fame and a population.
+
+  Like DEAP's ``HallOfFame.update``: an individual identical to one already kept is not kept
+  twice; on equal fitness an existing member stays ahead of a newcomer, and among newcomers the
+  lower population index wins. If fewer than ``K`` distinct chromosomes exist, the remaining
+  places are filled with the best duplicates. Members are sorted best first, so ``hof[0]`` is the best
+  individual ever evaluated and its fitness never decreases.
+
+  Args:
+    hof: (K, U) current members.
+    hof_fitness: (K,) their fitness.
+    population: (P, U) newly evaluated individuals.
+    fitness: (P,) their fitness (NaN already mapped to ``-inf``).
+    hof_valid: False before the first update (the members are placeholders and are ranked
+      after every real individual).
+
+  Returns:
+    The new (hof, hof_fitness).
+  """
+  k = hof.shape[0]
+  cand = jnp.concatenate([hof, population], axis=0)
+  cand_fit = jnp.concatenate([hof_fitness, fitness], axis=0).astype(jnp.float32)
+  n = cand.shape[0]
+  invalid = jnp.concatenate([jnp.full((k,), jnp.logical_not(hof_valid)),
+                             jnp.zeros((population.shape[0],), bool)]).astype(jnp.int32)
+  order = jnp.arange(n, dtype=jnp.int32)
+  words = pack_bits(cand)
+  # Pass 1: sort by (placeholder, -fitness, chromosome, order) so that identical chromosomes are
+  # adjacent with the earliest first; all but the first of each run are duplicates.
+  keys = (invalid, -cand_fit) + tuple(words[:, i] for i in range(words.shape[1])) + (order,)
+  sorted_ops = lax.sort(keys, num_keys=len(keys))
+  s_words = jnp.stack(sorted_ops[2:-1], axis=1)
+  s_fit = -sorted_ops[1]
+  s_order = sorted_ops[-1]
+  same_as_prev = jnp.logical_and(jnp.all(s_words[1:] == s_words[:-1], axis=1),
+                                 s_fit[1:] == s_fit[:-1])
+  dup = jnp.concatenate([jnp.zeros((1,), bool), same_as_prev]).astype(jnp.int32)
+  # Pass 2: real before placeholder, distinct before duplicate, then by (-fitness, order).
+  s_invalid = sorted_ops[0]
+  _, _, _, _, best = lax.sort((s_invalid, dup, -s_fit, s_order, s_order), num_keys=4)
+  idx = best[:k]
+  return cand[idx], cand_fit[idx]
