@@ -1,0 +1,373 @@
+"""ResNet-18 (torchvision-compatible) with prunable basic-block channels and a weight loader.
+
+The architecture, padding and batch-norm settings match ``torchvision.models.resnet18``, so
+weights converted from a torchvision state dict give torchvision's outputs (channels-last NHWC
+inputs here, NCHW there). Pretrained weights come from a local ``.npz`` file holding the
+torchvision state dict (see ``docs/resnet.md`` for the one-off conversion); nothing is
+downloaded at run time.
+
+Unit groups: one per basic block, ``layer1_0``, ``layer1_1``, ..., ``layer4_1``: the output
+channels of the block's first 3x3 conv with its batch norm (producers), read by the block's
+second conv (consumer). Every other channel (the stem, each block's second conv, the
+downsample path) is tied to others by a residual addition and is not pruned.
+
+Example:
+  >>> import jax, jaxprune
+  >>> model = jaxprune.models.ResNet18(num_classes=7, input_shape=(64, 64, 3))
+  >>> params = model.init(jax.random.key(0))
+  >>> model.apply(params, jax.numpy.zeros((2, 64, 64, 3))).shape
+  (2, 7)
+  >>> model.groups['layer2_0'].size
+  128
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.models.base import ACT_SUFFIX, Model
+from jaxprune.units import Slice, UnitGroup, get_path
+
+PyTree = Any
+
+STAGES = (64, 128, 256, 512)
+BLOCKS_PER_STAGE = 2
+BLOCK_NAMES = tuple(f"layer{s + 1}_{b}" for s in range(len(STAGES))
+                    for b in range(BLOCKS_PER_STAGE))
+DEFAULT_WIDTHS = tuple(c for c in STAGES for _ in range(BLOCKS_PER_STAGE))
+
+# torchvision's batch norm: momentum 0.1 on the new value, i.e. 0.9 on the running value.
+_BN = dict(momentum=0.9, epsilon=1e-5)
+# torchvision initialises convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
+_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+_README_HINT = ("See the 'Pretrained ResNet-18 weights' section of the README (docs/resnet.md) "
+                "for the snippet that converts torchvision's resnet18 state dict into this file.")
+
+
+def _conv(features: int, kernel: int, stride: int, padding: int, name: str) -> nn.Conv:
+  p = ((padding, padding), (padding, padding))
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=p,
+                 use_bias=False, kernel_init=_CONV_INIT, name=name)
+
+
+class _BasicBlock(nn.Module):
+  """torchvision's BasicBlock: conv3x3-BN-ReLU-conv3x3-BN (+ downsample) + skip, ReLU."""
+
+  width: int      # output channels of conv1 (the prunable units)
+  features: int   # output channels of the block (tied to the skip path)
+  stride: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    h = _conv(self.width, 3, self.stride, 1, "conv1")(x)
+    h = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1", **_BN)(h))
+    self.sow("intermediates", self.name + ACT_SUFFIX, h)
+    h = _conv(self.features, 3, 1, 1, "conv2")(h)
+    h = nn.BatchNorm(use_running_average=not train, name="bn2", **_BN)(h)
+    if self.stride != 1 or x.shape[-1] != self.features:
+      x = _conv(self.features, 1, self.stride, 0, "downsample_conv")(x)
+      x = nn.BatchNorm(use_running_average=not train, name="downsample_bn", **_BN)(x)
+    return nn.relu(h + x)
+
+
+class _ResNet18Module(nn.Module):
+  widths: tuple[int, ...]
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = _conv(64, 7, 2, 3, "conv1")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1", **_BN)(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    i = 0
+    for s, features in enumerate(STAGES):
+      for b in range(BLOCKS_PER_STAGE):
+        stride = 2 if (s > 0 and b == 0) else 1
+        x = _BasicBlock(self.widths[i], features, stride, name=BLOCK_NAMES[i])(x, train)
+        i += 1
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="fc")(x)
+
+
+def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
+  return (n + 2 * padding - kernel) // stride + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNet18(Model):
+  """ResNet-18 as in torchvision (channels-last), with one unit group per basic block.
+
+  Stem: conv 7x7/2 (padding 3, no bias), batch norm, ReLU, max-pool 3x3/2 (padding 1). Four
+  stages of two basic blocks (64, 128, 256, 512 channels; the first block of stages 2-4 has
+  stride 2 and a 1x1 conv + batch-norm downsample), global average pooling, dense head. Batch
+  norm uses momentum 0.9 (torch's 0.1) and epsilon 1e-5.
+
+  ``apply`` runs batch norm on its running averages (inference); ``apply_train`` uses batch
+  statistics and returns the updated running averages.
+
+  Attributes:
+    num_classes: outputs of the dense head (7 expressions by default; 1000 for ImageNet).
+    input_shape: (height, width, 3); anything that survives the five stride-2 steps (>= 1x1
+      feature maps; 224x224 for ImageNet weights, 32x32 or 64x64 for quick tests).
+    widths: output channels of the first conv of each of the 8 basic blocks (the prunable
+      units), in the order of :data:`BLOCK_NAMES`; ``resize``/``compact`` change them.
+  """
+
+  num_classes: int = 7
+  input_shape: tuple[int, ...] = (224, 224, 3)
+  widths: tuple[int, ...] = DEFAULT_WIDTHS
+
+  def __post_init__(self):
+    object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+    object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+    if len(self.widths) != len(BLOCK_NAMES):
+      raise ValueError(f"widths needs one entry per basic block ({len(BLOCK_NAMES)}: "
+                       f"{', '.join(BLOCK_NAMES)}), got {len(self.widths)}.")
+    if any(w < 1 for w in self.widths) or self.num_classes < 1:
+      raise ValueError(f"Sizes must be positive: widths={self.widths}, "
+                       f"num_classes={self.num_classes}.")
+    if len(self.input_shape) != 3:
+      raise ValueError(f"input_shape must be (height, width, channels), got {self.input_shape}.")
+    if self.input_shape[2] != 3:
+      raise ValueError(f"ResNet-18 takes RGB images (3 channels); input_shape has "
+                       f"{self.input_shape[2]}. Repeat grey images over 3 channels.")
+    h, w = self.feature_map_shape()
+    if h < 1 or w < 1:
+      raise ValueError(f"Input {self.input_shape} is too small for ResNet-18: the feature map "
+                       "shrinks to nothing. Use images of at least 1x1 after five halvings "
+                       "(e.g. 32x32).")
+
+  def feature_map_shape(self) -> tuple[int, int]:
+    """(H, W) of the last stage's feature map, before global average pooling."""
+    dims = []
+    for n in self.input_shape[:2]:
+      n = _conv_out(n, 7, 2, 3)   # stem conv
+      n = _conv_out(n, 3, 2, 1)   # max-pool
+      for _ in range(3):          # stride-2 blocks of stages 2-4
+        n = _conv_out(n, 3, 2, 1)
+      dims.append(n)
+    return tuple(dims)
+
+  @property
+  def module(self):
+    return _ResNet18Module(self.widths, self.num_classes)
+
+  @property
+  def groups(self) -> dict[str, UnitGroup]:
+    groups = {}
+    for name, width in zip(BLOCK_NAMES, self.widths):
+      groups[name] = UnitGroup(
+          name=name, size=width, activation="relu", kind="conv",
+          slices=(
+              Slice(("params", name, "conv1", "kernel"), axis=-1, role="producer"),
+              Slice(("params", name, "bn1", "scale"), axis=0, role="producer"),
+              Slice(("params", name, "bn1", "bias"), axis=0, role="producer"),
+              Slice(("batch_stats", name, "bn1", "mean"), axis=0, role="producer"),
+              Slice(("batch_stats", name, "bn1", "var"), axis=0, role="producer"),
+              # conv2 has no bias (batch norm follows), so nothing can be folded into it.
+              Slice(("params", name, "conv2", "kernel"), axis=-2, role="consumer", bias=None),
+          ))
+    return groups
+
+  def resize(self, sizes: Mapping[str, int]) -> "ResNet18":
+    widths = list(self.widths)
+    for k, v in sizes.items():
+      if k not in BLOCK_NAMES:
+        raise KeyError(f"Unknown unit group {k!r}; ResNet-18's groups are {list(BLOCK_NAMES)}.")
+      widths[BLOCK_NAMES.index(k)] = int(v)
+    return dataclasses.replace(self, widths=tuple(widths))
+
+  def init(self, key: jax.Array) -> PyTree:
+    """Initial variables ``{'params': ..., 'batch_stats': ...}``.
+
+    Compiled once per model configuration (eager initialisation of ResNet-18 is slower).
+    """
+    return _jit_init(self, key)
+
+  def apply_train(self, params: PyTree, x: jax.Array) -> tuple[jax.Array, PyTree]:
+    """Training-mode pass: batch statistics in every batch norm.
+
+    Returns:
+      ``(logits, params)`` where ``params`` is the input variables with ``'batch_stats'``
+      replaced by the updated running averages (the input is not modified).
+    """
+    self.check_input(x)
+    out, state = self.module.apply(params, x, train=True, mutable=["batch_stats"])
+    new = dict(params)
+    new["batch_stats"] = state["batch_stats"]
+    return out, new
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_init(model: ResNet18, key: jax.Array) -> PyTree:
+  return Model.init(model, key)
+
+
+# ----------------------------------------------------------------------------- torchvision layout
+
+
+def _layout(widths: Sequence[int] = DEFAULT_WIDTHS, num_classes: int = 1000):
+  """(torch key, flax path, kind, torch shape) for each tensor of torchvision's resnet18.
+
+  ``kind`` is 'conv' (OIHW <-> HWIO), 'fc' ((out, in) <-> (in, out)) or 'vec'. Shapes are for
+  a model with the given inner ``widths`` and head size.
+  """
+  rows = [("conv1.weight", ("params", "conv1", "kernel"), "conv", (STAGES[0], 3, 7, 7))]
+
+  def bn(tk, mod, c):
+    return [(f"{tk}.weight", ("params",) + mod + ("scale",), "vec", (c,)),
+            (f"{tk}.bias", ("params",) + mod + ("bias",), "vec", (c,)),
+            (f"{tk}.running_mean", ("batch_stats",) + mod + ("mean",), "vec", (c,)),
+            (f"{tk}.running_var", ("batch_stats",) + mod + ("var",), "vec", (c,))]
+
+  rows += bn("bn1", ("bn1",), STAGES[0])
+  cin = STAGES[0]
+  for i, (name, width) in enumerate(zip(BLOCK_NAMES, widths)):
+    s, b = name[len("layer"):].split("_")
+    t, cout = f"layer{s}.{b}", STAGES[i // BLOCKS_PER_STAGE]
+    rows.append((f"{t}.conv1.weight", ("params", name, "conv1", "kernel"), "conv",
+                 (width, cin, 3, 3)))
+    rows += bn(f"{t}.bn1", (name, "bn1"), width)
+    rows.append((f"{t}.conv2.weight", ("params", name, "conv2", "kernel"), "conv",
+                 (cout, width, 3, 3)))
+    rows += bn(f"{t}.bn2", (name, "bn2"), cout)
+    if cin != cout:
+      rows.append((f"{t}.downsample.0.weight", ("params", name, "downsample_conv", "kernel"),
+                   "conv", (cout, cin, 1, 1)))
+      rows += bn(f"{t}.downsample.1", (name, "downsample_bn"), cout)
+    cin = cout
+  rows += [("fc.weight", ("params", "fc", "kernel"), "fc", (num_classes, STAGES[-1])),
+           ("fc.bias", ("params", "fc", "bias"), "vec", (num_classes,))]
+  return rows
+
+
+def _to_flax(kind: str, a: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.transpose(a, (2, 3, 1, 0))
+  if kind == "fc":
+    return a.T
+  return a
+
+
+def _to_torch(kind: str, a: np.ndarray) -> np.ndarray:
+  if kind == "conv":
+    return np.transpose(a, (3, 2, 0, 1))
+  if kind == "fc":
+    return a.T
+  return a
+
+
+def _names(keys, limit: int = 8) -> str:
+  keys = sorted(keys)
+  more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+  return ", ".join(keys[:limit]) + more
+
+
+def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
+                  key: jax.Array | None = None,
+                  widths: Sequence[int] = DEFAULT_WIDTHS) -> PyTree:
+  """Variables for :class:`ResNet18` from an ``.npz`` of torchvision's resnet18 state dict.
+
+  Conv weights (OIHW) become HWIO kernels; batch-norm ``weight``/``bias`` become
+  ``scale``/``bias`` under ``'params'`` and ``running_mean``/``running_var`` become
+  ``mean``/``var`` under ``'batch_stats'``; ``fc.weight`` (out, in) becomes the head's (in, out)
+  kernel. ``num_batches_tracked`` entries are ignored. Nothing is downloaded.
+
+  If ``num_classes`` differs from the file's head (1000 for ImageNet weights), the head is
+  freshly initialised from ``key`` with the initialiser :meth:`ResNet18.init` uses (for
+  fine-tuning on a new task); every other weight is loaded.
+
+  Example:
+    >>> params = load_resnet18('resnet18_imagenet.npz', num_classes=7,
+    ...                        key=jax.random.key(0))  # doctest: +SKIP
+    >>> ResNet18(num_classes=7).apply(params, images)  # doctest: +SKIP
+
+  Args:
+    path: the ``.npz`` file (see ``docs/resnet.md`` for how to make it).
+    num_classes: outputs of the model the params are for.
+    key: PRNG key for a fresh head; required when ``num_classes`` differs from the file's.
+    widths: the basic blocks' inner widths, for files saved from a compacted model.
+
+  Returns:
+    A variables dict ``{'params': ..., 'batch_stats': ...}`` (float32).
+
+  Raises:
+    FileNotFoundError: the file does not exist.
+    ValueError: keys are missing or unexpected, shapes do not match, or values are not finite.
+  """
+  widths = ResNet18(num_classes=num_classes, widths=tuple(widths)).widths  # validates both
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No ResNet-18 weights file at {path!r}. {_README_HINT}")
+  with np.load(path, allow_pickle=False) as f:
+    sd = {k: np.asarray(f[k]) for k in f.files if not k.endswith("num_batches_tracked")}
+  layout = _layout(widths)
+  wanted = {row[0] for row in layout}
+  missing, unexpected = wanted - set(sd), set(sd) - wanted
+  if missing or unexpected:
+    raise ValueError(
+        f"{path!r} is not a torchvision resnet18 state dict: missing keys: "
+        f"{_names(missing) or 'none'}; unexpected keys: {_names(unexpected) or 'none'}. "
+        f"{_README_HINT}")
+  fc = sd["fc.weight"]
+  if fc.ndim != 2:
+    raise ValueError(f"fc.weight in {path!r} has shape {fc.shape}; expected (classes, 512).")
+  file_classes = int(fc.shape[0])
+  for tk, _, _, shape in _layout(widths, file_classes):
+    if tuple(sd[tk].shape) != shape:
+      raise ValueError(f"{tk} in {path!r} has shape {tuple(sd[tk].shape)}; ResNet-18 "
+                       f"(widths={tuple(widths)}) expects {shape}.")
+    if not np.all(np.isfinite(sd[tk])):
+      raise ValueError(f"{tk} in {path!r} contains NaN or infinite values; the file is "
+                       "corrupt. Re-create it from the torchvision state dict.")
+  new_head = num_classes != file_classes
+  if new_head and key is None:
+    raise ValueError(f"{path!r} has a {file_classes}-class head but num_classes={num_classes}: "
+                     "pass key=jax.random.key(...) to initialise a new head.")
+  variables: dict = {}  # built fresh here, so filling it in place touches no user data
+  for tk, fpath, kind, _ in layout:
+    if new_head and tk.startswith("fc."):
+      continue
+    node = variables
+    for k in fpath[:-1]:
+      node = node.setdefault(k, {})
+    node[fpath[-1]] = jnp.asarray(_to_flax(kind, sd[tk]), jnp.float32)
+  if new_head:
+    head = nn.Dense(num_classes).init(key, jnp.zeros((1, STAGES[-1]), jnp.float32))["params"]
+    variables["params"]["fc"] = dict(head)
+  return variables
+
+
+def save_resnet18(path: str | os.PathLike, params: PyTree) -> None:
+  """Writes ResNet-18 variables as an ``.npz`` in torchvision's state-dict layout.
+
+  The inverse of :func:`load_resnet18` (``num_batches_tracked`` entries are not written;
+  ``torch``'s ``load_state_dict`` fills them in). Compacted models are written with their
+  smaller shapes; load them with ``load_resnet18(..., widths=model.widths)``.
+
+  Example:
+    >>> save_resnet18('finetuned.npz', params)  # doctest: +SKIP
+    >>> # in torch: model.load_state_dict({k: torch.from_numpy(v)
+    >>> #                                  for k, v in np.load('finetuned.npz').items()})
+
+  Args:
+    path: the file to write (``.npz`` is appended by numpy if missing).
+    params: variables of a :class:`ResNet18` (``'params'`` and ``'batch_stats'``).
+  """
+  out = {}
+  for tk, fpath, kind, _ in _layout():
+    try:
+      leaf = get_path(params, fpath)
+    except KeyError as e:
+      raise ValueError(f"params are not ResNet-18 variables: {e.args[0]}") from None
+    out[tk] = np.ascontiguousarray(_to_torch(kind, np.asarray(leaf)))
+  np.savez(path, **out)
