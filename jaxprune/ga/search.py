@@ -296,7 +296,7 @@ def tell(config: GAConfig, state: GAState, population: jax.Array,
 # ----------------------------------------------------------------------------- progress
 
 
-_PROGRESS = {"start": 0.0}
+_PROGRESS = {"start": 0.0, "last": -1}
 
 
 def _report_progress(gen, best, mean, *, total: int) -> None:
@@ -304,8 +304,11 @@ def _report_progress(gen, best, mean, *, total: int) -> None:
   gen = int(np.max(gen))
   best, mean = float(np.max(best)), float(np.mean(mean))
   now = time.perf_counter()
-  if gen == 0:
-    _PROGRESS["start"] = now
+  if _PROGRESS["last"] < 0:
+    _PROGRESS["start"] = now  # first report of this run (compilation is not counted)
+  if gen <= _PROGRESS["last"]:
+    return  # a late, unordered report (multi-device runs)
+  _PROGRESS["last"] = gen
   elapsed = now - _PROGRESS["start"]
   width = 24
   done = int(round(width * gen / max(total, 1)))
@@ -364,7 +367,9 @@ def _run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, progress: bool
     state = tell(config, state, population, evaluate(population, data, hyper))
     stats = _stats(state)
     if progress:
-      jax.debug.callback(report, state.generation - 1, stats.best, stats.mean, ordered=True)
+      # Ordered effects are not supported on several devices; the bar ignores late reports.
+      jax.debug.callback(report, state.generation - 1, stats.best, stats.mean,
+                         ordered=mesh is None or mesh.size == 1)
     return state, stats
 
   state = init(config, num_units)
@@ -423,7 +428,11 @@ def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Arr
     mesh = None
   if mesh is not None and mesh.size > 1:
     data = jax.device_put(data, NamedSharding(mesh, PS()))
-  return _run_jit(config, fitness_fn, int(num_units), bool(progress), mesh, hyper, data, key)
+  _PROGRESS["last"] = -1
+  out = _run_jit(config, fitness_fn, int(num_units), bool(progress), mesh, hyper, data, key)
+  if progress:
+    jax.effects_barrier()  # every report has been printed before we return
+  return out
 
 
 # ----------------------------------------------------------------------------- fitness

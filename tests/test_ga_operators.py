@@ -1,0 +1,181 @@
+"""GA operators: semantics on fixed keys, vmap against Python loops, rates within bounds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune.ga import operators as ops
+
+# Jitted once per module: eager op-by-op dispatch in loops would dominate the test time.
+tournament = jax.jit(ops.tournament, static_argnums=2)
+select_tournament = jax.jit(ops.select_tournament, static_argnums=(2, 3))
+one_point_crossover = jax.jit(ops.one_point_crossover)
+crossover_pairs = jax.jit(ops.crossover_pairs)
+flip_mutation = jax.jit(ops.flip_mutation)
+mutate = jax.jit(ops.mutate)
+update_hall_of_fame = jax.jit(ops.update_hall_of_fame)
+
+
+def test_tournament_picks_best_of_its_sample():
+  fit = jnp.asarray(np.random.default_rng(0).permutation(20).astype(np.float32))
+  for i in range(12):
+    key = jax.random.key(i)
+    contestants = np.asarray(jax.random.randint(key, (3,), 0, 20))
+    got = int(tournament(key, fit, 3))
+    assert got in contestants
+    assert float(fit[got]) == float(np.max(np.asarray(fit)[contestants]))
+
+
+def test_tournament_ties_go_to_first_drawn():
+  fit = jnp.zeros((10,), jnp.float32)
+  key = jax.random.key(3)
+  contestants = np.asarray(jax.random.randint(key, (4,), 0, 10))
+  assert int(tournament(key, fit, 4)) == contestants[0]
+
+
+def test_select_tournament_vmap_equals_loop_and_favours_fit():
+  fit = jnp.arange(50, dtype=jnp.float32)
+  key = jax.random.key(1)
+  idx = np.asarray(select_tournament(key, fit, 400, 3))
+  keys = jax.random.split(key, 400)
+  loop = [int(tournament(keys[i], fit, 3)) for i in range(0, 400, 20)]
+  np.testing.assert_array_equal(idx[::20], loop)
+  # The best of 3 uniform draws has mean rank 3/4 of the range (vs 1/2 without selection).
+  assert 0.70 * 49 < idx.mean() < 0.80 * 49
+
+
+def test_one_point_crossover_is_a_prefix_suffix_swap():
+  u = 6
+  keys = jax.random.split(jax.random.key(0), 200)
+  a, b = jnp.ones((200, u), bool), jnp.zeros((200, u), bool)
+  c1, c2 = jax.jit(jax.vmap(ops.one_point_crossover, in_axes=(0, 0, 0, None)))(keys, a, b, 1.0)
+  c1, c2 = np.asarray(c1), np.asarray(c2)
+  cuts = c1.sum(1)
+  for cut, x1, x2 in zip(cuts, c1, c2):
+    np.testing.assert_array_equal(x1, np.arange(u) < cut)   # a[:cut] ++ b[cut:]
+    np.testing.assert_array_equal(x2, np.arange(u) >= cut)  # b[:cut] ++ a[cut:]
+  assert set(cuts.tolist()) == set(range(1, u))  # cut points 1 .. U-1, never 0 or U
+  # One call of the per-pair function agrees with its vmapped use.
+  x1, x2 = one_point_crossover(keys[7], a[0], b[0], 1.0)
+  np.testing.assert_array_equal(x1, c1[7])
+  np.testing.assert_array_equal(x2, c2[7])
+
+
+def test_one_point_crossover_general_parents_and_probability():
+  rng = np.random.default_rng(0)
+  a, b = jnp.asarray(rng.random(9) < 0.5), jnp.asarray(rng.random(9) < 0.5)
+  c1, c2 = one_point_crossover(jax.random.key(5), a, b, 1.0)
+  cut = next(c for c in range(1, 9)
+             if np.array_equal(c1, np.concatenate([a[:c], b[c:]]))
+             and np.array_equal(c2, np.concatenate([b[:c], a[c:]])))
+  assert 1 <= cut <= 8
+  c1, c2 = one_point_crossover(jax.random.key(5), a, b, 0.0)
+  np.testing.assert_array_equal(c1, a)
+  np.testing.assert_array_equal(c2, b)
+  # Crossover happens with probability 0.8 (a=all True, b=all False: crossed iff c1 != a).
+  keys = jax.random.split(jax.random.key(0), 4000)
+  ones, zeros = jnp.ones((4000, 8), bool), jnp.zeros((4000, 8), bool)
+  c1, _ = jax.vmap(ops.one_point_crossover, in_axes=(0, 0, 0, None))(keys, ones, zeros, 0.8)
+  rate = float(np.mean(~np.all(np.asarray(c1), axis=1)))
+  assert abs(rate - 0.8) < 5 * np.sqrt(0.8 * 0.2 / 4000)
+
+
+def test_crossover_pairs_consecutive_parents_and_odd_last():
+  rng = np.random.default_rng(1)
+  parents = jnp.asarray(rng.random((5, 10)) < 0.5)
+  key = jax.random.key(2)
+  children = np.asarray(crossover_pairs(key, parents, 1.0))
+  keys = jax.random.split(key, 2)
+  for i in range(2):
+    c1, c2 = one_point_crossover(keys[i], parents[2 * i], parents[2 * i + 1], 1.0)
+    np.testing.assert_array_equal(children[2 * i], c1)
+    np.testing.assert_array_equal(children[2 * i + 1], c2)
+  np.testing.assert_array_equal(children[4], parents[4])
+
+
+def test_mutation_rates_within_statistical_bounds():
+  pop = jnp.zeros((400, 250), bool)
+  # Every individual mutated: each bit flips with probability 0.1.
+  out = np.asarray(mutate(jax.random.key(0), pop, 1.0, 0.1))
+  n = out.size
+  assert abs(out.mean() - 0.1) < 5 * np.sqrt(0.1 * 0.9 / n)
+  # Individual probability 0.2, every bit of a mutated individual flips.
+  out = np.asarray(mutate(jax.random.key(1), pop, 0.2, 1.0))
+  rows = out.sum(1)
+  assert set(np.unique(rows)) <= {0, 250}
+  assert abs((rows == 250).mean() - 0.2) < 5 * np.sqrt(0.2 * 0.8 / 400)
+  # Nothing mutated.
+  np.testing.assert_array_equal(mutate(jax.random.key(2), pop, 0.0, 1.0), pop)
+  # Flip, not set: mutating all-True with bit_prob 1 gives all-False.
+  assert not np.any(flip_mutation(jax.random.key(3), jnp.ones((7,), bool), 1.0, 1.0))
+
+
+def test_mutate_vmap_equals_loop():
+  pop = jnp.asarray(np.random.default_rng(2).random((6, 30)) < 0.5)
+  key = jax.random.key(4)
+  out = mutate(key, pop, 0.5, 0.3)
+  keys = jax.random.split(key, 6)
+  loop = [flip_mutation(keys[i], pop[i], 0.5, 0.3) for i in range(6)]
+  np.testing.assert_array_equal(out, np.stack(loop))
+
+
+def test_pack_bits():
+  rng = np.random.default_rng(3)
+  pop = rng.random((7, 70)) < 0.5
+  words = np.asarray(ops.pack_bits(jnp.asarray(pop)))
+  assert words.shape == (7, 3) and words.dtype == np.uint32
+  unpacked = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :70]
+  np.testing.assert_array_equal(unpacked.astype(bool), pop)
+
+
+def _b(rows):
+  return jnp.asarray(np.array(rows, dtype=bool))
+
+
+def test_hall_of_fame_hand_case_distinct_and_ties():
+  hof = _b([[1, 0, 0], [0, 1, 0]])
+  hof_fit = jnp.asarray([5.0, 3.0])
+  pop = _b([[1, 0, 0], [0, 0, 1], [0, 0, 1], [1, 1, 1]])
+  fit = jnp.asarray([5.0, 4.0, 4.0, 5.0])
+  new, new_fit = update_hall_of_fame(hof, hof_fit, pop, fit)
+  # [1,0,0] is already in (not duplicated); the newcomer [1,1,1] ties it and stays behind it.
+  np.testing.assert_array_equal(new, _b([[1, 0, 0], [1, 1, 1]]))
+  np.testing.assert_array_equal(new_fit, [5.0, 5.0])
+  # A hall of fame of 3: the distinct [0,0,1] (4.0) enters, its duplicate does not.
+  hof3 = _b([[1, 0, 0], [0, 1, 0], [0, 1, 1]])
+  new, new_fit = update_hall_of_fame(hof3, jnp.asarray([5.0, 3.0, 1.0]), pop, fit)
+  np.testing.assert_array_equal(new, _b([[1, 0, 0], [1, 1, 1], [0, 0, 1]]))
+  np.testing.assert_array_equal(new_fit, [5.0, 5.0, 4.0])
+
+
+def test_hall_of_fame_first_update_ignores_placeholders_and_fills_with_duplicates():
+  hof = jnp.zeros((3, 4), bool)
+  hof_fit = jnp.full((3,), -jnp.inf)
+  pop = _b([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+  fit = jnp.asarray([2.0, 2.0, 2.0, -jnp.inf])
+  new, new_fit = update_hall_of_fame(hof, hof_fit, pop, fit, hof_valid=False)
+  # Two distinct real individuals, then the best duplicate; placeholders never enter.
+  np.testing.assert_array_equal(new, _b([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]]))
+  np.testing.assert_array_equal(new_fit, [2.0, -np.inf, 2.0])
+
+
+def test_hall_of_fame_never_loses_its_best():
+  rng = np.random.default_rng(4)
+  hof, hof_fit = jnp.zeros((5, 12), bool), jnp.full((5,), -jnp.inf)
+  seen = {}
+  for step in range(25):
+    pop = rng.random((16, 12)) < 0.5
+    fit = np.asarray([float(np.sum(r * np.arange(12))) for r in pop], np.float32)
+    for r, f in zip(pop, fit):
+      seen[r.tobytes()] = f
+    prev_best = float(hof_fit[0])
+    hof, hof_fit = update_hall_of_fame(hof, hof_fit, jnp.asarray(pop), jnp.asarray(fit), step > 0)
+    assert float(hof_fit[0]) >= prev_best
+    assert float(hof_fit[0]) == max(seen.values())
+    assert np.all(np.diff(np.asarray(hof_fit)) <= 0)
+    assert len({np.asarray(h).tobytes() for h in hof}) == 5   # distinct members
+    for h, f in zip(np.asarray(hof), np.asarray(hof_fit)):
+      assert seen[h.tobytes()] == f
+  top5 = sorted(seen.values(), reverse=True)[:5]
+  np.testing.assert_allclose(np.asarray(hof_fit), top5)
