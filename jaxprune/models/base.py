@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -57,6 +58,13 @@ def _find(tree: Mapping, name: str):
       if r is not None:
         return r
   return None
+
+
+@functools.lru_cache(maxsize=128)
+def _jitted_init(model: "Model"):
+  """One compiled initialiser per model description (eager flax init is slow)."""
+  shape = (1,) + tuple(model.input_shape)
+  return jax.jit(lambda key: dict(model.module.init(key, jnp.zeros(shape, jnp.float32))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +115,7 @@ class Model(abc.ABC):
 
   def init(self, key: jax.Array) -> PyTree:
     """Initial variables for this model (a dict with a ``'params'`` entry)."""
-    x = jnp.zeros((1,) + tuple(self.input_shape), jnp.float32)
-    variables = self.module.init(key, x)
-    return jax.tree.map(jnp.asarray, dict(variables))
+    return _jitted_init(self)(key)
 
   def apply(self, params: PyTree, x: jax.Array) -> jax.Array:
     """Inference: outputs for a batch ``x`` (logits, or reconstructions for autoencoders)."""

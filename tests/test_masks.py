@@ -1,0 +1,75 @@
+"""Weight masks and unit masks: creation, checks, application, counting, summaries."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+
+pytestmark = pytest.mark.usefixtures("strict_rank")
+
+MODEL = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return MODEL.init(jax.random.key(0))
+
+
+def test_ones_and_counts(params):
+  wm = jaxprune.ones_like(params)
+  assert jaxprune.count_weights(wm) == (4 * 6 + 6 + 6 * 3 + 3,) * 2
+  um = jaxprune.unit_masks_ones(MODEL)
+  assert jaxprune.count_units(um) == {"hidden_0": (6, 6)}
+  assert jaxprune.sparsity(wm) == 0.0
+
+
+def test_expand_counts_and_apply(params):
+  um = {"hidden_0": jnp.array([True, False, True, True, False, True])}
+  wm = jaxprune.expand(MODEL, params, um)
+  # Two units removed: 2 kernel columns of 4, 2 biases, 2 rows of 3 outgoing weights.
+  assert jaxprune.count_weights(wm) == (51 - 2 * (4 + 1 + 3), 51)
+  masked = jaxprune.apply_masks(params, wm)
+  assert float(jnp.abs(masked["params"]["hidden_0"]["kernel"][:, 1]).sum()) == 0.0
+  np.testing.assert_array_equal(masked["params"]["out"]["bias"], params["params"]["out"]["bias"])
+  text = jaxprune.summary(wm, um)
+  assert "params/hidden_0/kernel" in text and "33.3%" in text and "units hidden_0: 4/6" in text
+
+
+def test_expand_is_jittable_and_combines_with_existing(params):
+  base = jax.tree.map(lambda m: m.at[..., 0].set(False) if m.ndim == 2 else m,
+                      jaxprune.ones_like(params))
+  f = jax.jit(lambda um: jaxprune.expand(MODEL, params, um, base))
+  wm = f({"hidden_0": jnp.array([False] + [True] * 5)})
+  assert not bool(wm["params"]["hidden_0"]["kernel"][:, 0].any())
+  assert not bool(wm["params"]["out"]["kernel"][:, 0].any())  # from base
+  assert not bool(wm["params"]["out"]["kernel"][0].any())  # from the unit mask
+
+
+def test_check_weight_masks_errors(params):
+  good = jaxprune.ones_like(params)
+  jaxprune.check_weight_masks(params, good)
+  bad_shape = jax.tree.map(lambda m: m, good)
+  bad_shape["params"]["out"]["kernel"] = jnp.ones((6, 4), bool)
+  with pytest.raises(ValueError, match=r"\['params'\]\['out'\]\['kernel'\] has shape \(6, 4\)"):
+    jaxprune.check_weight_masks(params, bad_shape)
+  with pytest.raises(ValueError, match="dtype float32.*bool"):
+    jaxprune.check_weight_masks(params, jax.tree.map(lambda m: m.astype(jnp.float32), good))
+  missing = {"params": {"hidden_0": good["params"]["hidden_0"]}}
+  with pytest.raises(ValueError, match="structure of the params.*missing leaves"):
+    jaxprune.check_weight_masks(params, missing)
+  with_none = {"params": {**good["params"], "out": {"kernel": None, "bias": good["params"]["out"]["bias"]}}}
+  with pytest.raises(ValueError):
+    jaxprune.check_weight_masks(params, with_none)
+
+
+def test_check_unit_masks_errors():
+  with pytest.raises(KeyError, match="Unknown unit group"):
+    jaxprune.check_unit_masks(MODEL, {"hidden_1": jnp.ones(6, bool)})
+  with pytest.raises(ValueError, match="has shape \\(5,\\); group 'hidden_0' has 6"):
+    jaxprune.check_unit_masks(MODEL, {"hidden_0": jnp.ones(5, bool)})
+  with pytest.raises(ValueError, match="dtype int32"):
+    jaxprune.check_unit_masks(MODEL, {"hidden_0": jnp.ones(6, jnp.int32)})
+  with pytest.raises(ValueError, match="removes every unit"):
+    jaxprune.check_unit_masks(MODEL, {"hidden_0": jnp.zeros(6, bool)})

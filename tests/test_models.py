@@ -1,0 +1,120 @@
+"""Models: shapes, unit groups, activations, masked == compacted, bad input."""
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+from conftest import random_unit_masks
+
+pytestmark = pytest.mark.usefixtures("strict_rank")
+
+SMALL_MODELS = {
+    "mlp": jaxprune.MLP(in_features=10, hidden=(12, 9), out_features=7, activation="tanh"),
+    "mlp_relu": jaxprune.MLP(in_features=10, hidden=(15,), out_features=7, activation="relu"),
+    "autoencoder": jaxprune.Autoencoder(in_features=11, hidden=(10,)),
+    "lenet": jaxprune.LeNet(input_shape=(20, 16, 1)),
+    "cnn4": jaxprune.CNN4(input_shape=(67, 67, 3), channels=(4, 6, 8, 8), dense=(12, 10, 9)),
+}
+
+
+@pytest.fixture(scope="module")
+def built():
+  out = {}
+  for i, (name, m) in enumerate(SMALL_MODELS.items()):
+    p = m.init(jax.random.key(i))
+    x = jax.random.normal(jax.random.key(100 + i), (5,) + m.input_shape)
+    out[name] = (m, p, x)
+  return out
+
+
+@pytest.mark.parametrize("model,in_shape,out_dim", [
+    (jaxprune.MLP(in_features=10, hidden=(1000,), out_features=7), (10,), 7),
+    (jaxprune.MLP(in_features=10, hidden=(10, 20, 30), out_features=7), (10,), 7),
+    (jaxprune.Autoencoder(in_features=11, hidden=(10,)), (11,), 11),
+    (jaxprune.LeNet(), (90, 72, 1), 7),
+    (jaxprune.CNN4(), (227, 227, 3), 7),
+])
+def test_published_shapes(model, in_shape, out_dim):
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((2,) + in_shape, jnp.float32))
+  assert out.shape == (2, out_dim)
+
+
+def test_published_layer_sizes():
+  p = jax.eval_shape(jaxprune.CNN4().init, jax.random.key(0))["params"]
+  assert p["dense_0"]["kernel"].shape == (64 * 6 * 6, 512)
+  assert [p[f"conv_{i}"]["kernel"].shape for i in range(4)] == [
+      (11, 11, 3, 16), (5, 5, 16, 32), (3, 3, 32, 64), (3, 3, 64, 64)]
+  assert [p[f"dense_{i}"]["kernel"].shape[1] for i in range(3)] + [p["out"]["kernel"].shape[1]] == [
+      512, 128, 64, 7]
+  lp = jax.eval_shape(jaxprune.LeNet().init, jax.random.key(0))["params"]
+  assert lp["conv_0"]["kernel"].shape == (5, 5, 1, 16)
+  assert lp["conv_1"]["kernel"].shape == (5, 5, 16, 32)
+  assert lp["out"]["kernel"].shape == (19 * 15 * 32, 7)
+  assert jaxprune.MLP(hidden=(100,)).group_sizes == {"hidden_0": 100}
+
+
+@pytest.mark.parametrize("name", list(SMALL_MODELS))
+def test_activations_of_every_group(built, name):
+  m, p, x = built[name]
+  out, acts = m.apply_with_activations(p, x, list(m.groups))
+  np.testing.assert_allclose(out, m.apply(p, x), rtol=1e-6)
+  for g, a in acts.items():
+    assert a.shape[0] == 5 and a.shape[-1] == m.groups[g].size
+  if m.activation == "sigmoid":
+    assert all(float(jnp.min(a)) >= 0.0 and float(jnp.max(a)) <= 1.0 for a in acts.values())
+  if name == "mlp":  # activations equal the layer computed by hand
+    h0 = jnp.tanh(x @ p["params"]["hidden_0"]["kernel"] + p["params"]["hidden_0"]["bias"][None])
+    np.testing.assert_allclose(acts["hidden_0"], h0, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(SMALL_MODELS))
+def test_expand_of_all_ones_is_all_ones(built, name):
+  m, p, _ = built[name]
+  wm = jaxprune.expand(m, p, jaxprune.unit_masks_ones(m))
+  assert all(bool(jnp.all(l)) for l in jax.tree.leaves(wm))
+  assert jax.tree.structure(wm) == jax.tree.structure(p)
+
+
+@pytest.mark.parametrize("name", list(SMALL_MODELS))
+@hypothesis.settings(max_examples=4, deadline=None, derandomize=True)
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), p_keep=st.floats(0.05, 0.95))
+def test_masked_equals_compacted(built, name, seed, p_keep):
+  m, p, x = built[name]
+  um = random_unit_masks(m, seed, p_keep)
+  masked = m.apply(jaxprune.apply_masks(p, jaxprune.expand(m, p, um)), x)
+  small, small_model = m.compact(p, um)
+  np.testing.assert_allclose(small_model.apply(small, x), masked, rtol=1e-4, atol=1e-5)
+  assert small_model.group_sizes == {k: int(v.sum()) for k, v in um.items()}
+  want = jax.eval_shape(small_model.init, jax.random.key(0))
+  assert jax.tree.map(jnp.shape, small) == jax.tree.map(lambda s: s.shape, want)
+
+
+def test_compact_does_not_modify_params(built):
+  m, p, _ = built["mlp"]
+  before = jax.tree.map(np.array, p)
+  m.compact(p, random_unit_masks(m, 0))
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, p))
+
+
+def test_bad_input_errors(built):
+  m, p, _ = built["lenet"]
+  with pytest.raises(ValueError, match="it has 3 channels, the model takes 1"):
+    m.apply(p, jnp.zeros((2, 20, 16, 3)))
+  mlp, mp, _ = built["mlp"]
+  with pytest.raises(ValueError, match=r"batch of shape \(N, 10\); got \(2, 9\)"):
+    mlp.apply(mp, jnp.zeros((2, 9)))
+  with pytest.raises(ValueError, match="floating point"):
+    mlp.apply(mp, jnp.zeros((2, 10), jnp.int32))
+  with pytest.raises(KeyError, match="Unknown unit group 'conv_9'"):
+    m.activations(p, jnp.zeros((2, 20, 16, 1)), "conv_9")
+  with pytest.raises(ValueError, match="Unknown activation"):
+    jaxprune.MLP(activation="swish")
+  with pytest.raises(ValueError, match="too small"):
+    jaxprune.LeNet(input_shape=(8, 8, 1))
+  with pytest.raises(ValueError, match="removes every unit"):
+    mlp.compact(mp, {"hidden_0": jnp.zeros(12, bool)})

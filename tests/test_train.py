@@ -1,0 +1,153 @@
+"""Masked training, evaluation, fine-tuning, rewinding, progress and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxprune
+from jaxprune import train
+
+MODEL = jaxprune.MLP(in_features=6, hidden=(10,), out_features=3)
+
+
+@pytest.fixture(scope="module")
+def data():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(90, 6)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5).astype(np.int32)
+  return x, y
+
+
+@pytest.fixture(scope="module")
+def params():
+  return MODEL.init(jax.random.key(0))
+
+
+def _masks(params):
+  um = {"hidden_0": jnp.array([True, False] * 5)}
+  wm = jaxprune.expand(MODEL, params, um)
+  # Also prune some individual weights, unstructured.
+  wm["params"]["out"]["kernel"] = wm["params"]["out"]["kernel"].at[0, 1].set(False)
+  return wm
+
+
+def test_training_learns_and_reports_history(data, params):
+  x, y = data
+  before = jaxprune.evaluate(MODEL, params, x, y)
+  p, hist = jaxprune.fit(MODEL, params, x, y, key=jax.random.key(1), epochs=30,
+                         learning_rate=1e-2, batch_size=16, log_every=10, progress=False,
+                         validation=(x, y))
+  after = jaxprune.evaluate(MODEL, p, x, y)
+  assert hist["loss"].shape == (30,) and hist["val_accuracy"].shape == (30,)
+  assert after["loss"] < 0.6 * before["loss"]
+  assert after["accuracy"] > 0.85
+  np.testing.assert_allclose(hist["val_loss"][-1], after["loss"], rtol=1e-5)
+
+
+def test_masked_training_keeps_zeros_exactly(data, params):
+  x, y = data
+  wm = _masks(params)
+  p, _ = jaxprune.fit(MODEL, params, x, y, key=jax.random.key(2), epochs=5, masks=wm,
+                      learning_rate=5e-2, progress=False)
+  for leaf, m, old in zip(jax.tree.leaves(p), jax.tree.leaves(wm), jax.tree.leaves(params)):
+    assert np.all(np.asarray(leaf)[~np.asarray(m)] == 0.0)
+    assert np.any(np.asarray(leaf)[np.asarray(m)] != np.asarray(old)[np.asarray(m)])
+  # Fine-tuning a pruned network again keeps them zero too.
+  p2, _ = jaxprune.fit(MODEL, p, x, y, key=jax.random.key(3), epochs=2, masks=wm,
+                       progress=False)
+  assert float(jnp.abs(p2["params"]["hidden_0"]["kernel"][:, 1]).sum()) == 0.0
+
+
+def test_step_does_not_recompile(data, params):
+  x, y = data
+  trainer = jaxprune.make_trainer(MODEL, batch_size=16)
+  traces = []
+
+  def step(state, xb, yb):
+    traces.append(1)
+    return trainer.step(state, None, xb, yb, jnp.ones(16))
+
+  step = jax.jit(step)
+  state = trainer.init(params)
+  for i in range(3):
+    state, _ = step(state, x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)])
+  assert len(traces) == 1
+  # fit() reuses one compiled epoch program across calls and learning rates.
+  size = train._compiled.cache_info().currsize
+  for lr in (1e-2, 1e-3):
+    jaxprune.fit(MODEL, params, x, y, key=jax.random.key(0), epochs=2, log_every=2,
+                 learning_rate=lr, batch_size=16, progress=False)
+  assert train._compiled.cache_info().currsize <= size + 1
+
+
+def test_fit_many_equals_separate_fits(data, params):
+  x, y = data
+  sizes, lrs = (90, 70), (1e-2, 3e-3)
+  xs = np.zeros((2, 90, 6), np.float32)
+  ys = np.zeros((2, 90), np.int32)
+  ws = np.zeros((2, 90), np.float32)
+  for r, n in enumerate(sizes):
+    xs[r, :n], ys[r, :n], ws[r, :n] = x[:n], y[:n], 1.0
+  keys = jax.random.split(jax.random.key(5), 2)
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+  pm, hm = jaxprune.fit_many(MODEL, stacked, xs, ys, ws, key=keys, epochs=3, batch_size=16,
+                             learning_rate=jnp.array(lrs), progress=False)
+  for r, n in enumerate(sizes):
+    p, h = jaxprune.fit(MODEL, params, x[:n], y[:n], key=keys[r], epochs=3, batch_size=16,
+                        learning_rate=lrs[r], progress=False)
+    np.testing.assert_allclose(hm["loss"][r], h["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[r], rtol=1e-4, atol=1e-6), p, pm)
+
+
+def test_rewind_restores_kept_weights_and_zeroes_pruned(data, params):
+  x, y = data
+  wm = _masks(params)
+  trained, _ = jaxprune.fit(MODEL, params, x, y, key=jax.random.key(1), epochs=2, masks=wm,
+                            progress=False)
+  r = jaxprune.rewind(trained, params, wm)
+  for a, m, init in zip(jax.tree.leaves(r), jax.tree.leaves(wm), jax.tree.leaves(params)):
+    a, m, init = map(np.asarray, (a, m, init))
+    np.testing.assert_array_equal(a[m], init[m])
+    assert np.all(a[~m] == 0)
+
+
+def test_autoencoder_trains_on_squared_error():
+  ae = jaxprune.Autoencoder(in_features=5, hidden=(3,))
+  rng = np.random.default_rng(1)
+  z = rng.normal(size=(128, 2)).astype(np.float32)
+  x = np.concatenate([z, z @ rng.normal(size=(2, 3)).astype(np.float32)], 1)
+  p0 = ae.init(jax.random.key(0))
+  p, h = jaxprune.fit(ae, p0, x, x, key=jax.random.key(1), epochs=40, learning_rate=1e-2,
+                      progress=False)
+  assert h["loss"][-1] < 0.3 * h["loss"][0]
+  assert jaxprune.evaluate(ae, p, x, x)["accuracy"] == 0.0
+
+
+def test_progress_lines(data, params, capsys):
+  x, y = data
+  jaxprune.fit(MODEL, params, x, y, key=jax.random.key(0), epochs=4, log_every=2,
+               desc="demo", batch_size=16)
+  err = capsys.readouterr().err
+  assert "[demo] epoch 2/4" in err and "[demo] epoch 4/4" in err and "loss=" in err
+
+
+def test_bad_input(data, params):
+  x, y = data
+  bad = x.copy()
+  bad[3, 2] = np.nan
+  with pytest.raises(ValueError, match="1 NaN or infinite"):
+    jaxprune.fit(MODEL, params, bad, y, key=jax.random.key(0), epochs=1, progress=False)
+  with pytest.raises(ValueError, match=r"batch of shape \(N, 6\)"):
+    jaxprune.fit(MODEL, params, x[:, :5], y, key=jax.random.key(0), epochs=1, progress=False)
+  with pytest.raises(ValueError, match="targets have 10"):
+    jaxprune.evaluate(MODEL, params, x, y[:10])
+  with pytest.raises(ValueError, match="shape"):
+    wm = jaxprune.ones_like(params)
+    wm["params"]["out"]["bias"] = jnp.ones(4, bool)
+    jaxprune.fit(MODEL, params, x, y, key=jax.random.key(0), epochs=1, masks=wm, progress=False)
+  with pytest.raises(FloatingPointError, match="lower the learning rate"):
+    # A loss that diverges (here: log of a negative number) is caught at the epoch's end.
+    jaxprune.fit(MODEL, params, x, y, key=jax.random.key(0), epochs=2, progress=False,
+                 optimizer=optax.sgd(1e-2), loss=lambda o, t: jnp.log(o[:, 0] - 1e9))

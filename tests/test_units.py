@@ -1,0 +1,87 @@
+"""Unit groups: views, expand, compact and the consumer algebra on hand-built params."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune import units
+from jaxprune.units import Slice, UnitGroup
+
+pytestmark = pytest.mark.usefixtures("strict_rank")
+
+
+def _params():
+  a = jnp.arange(6.0).reshape(2, 3)  # producer kernel (in=2, units=3)
+  b = jnp.arange(12.0).reshape(3, 4)  # consumer kernel (units=3, out=4)
+  return {"params": {"a": {"kernel": a, "bias": jnp.array([1.0, 2.0, 3.0])},
+                     "b": {"kernel": b, "bias": jnp.zeros(4)}}}
+
+
+GROUP = UnitGroup("h", 3, (
+    Slice(("params", "a", "kernel"), axis=-1, role="producer"),
+    Slice(("params", "a", "bias"), axis=0, role="producer"),
+    Slice(("params", "b", "kernel"), axis=-2, role="consumer", bias=("params", "b", "bias")),
+))
+
+
+def test_expand_marks_every_slice_of_removed_unit():
+  p = _params()
+  m = units.expand(p, {"h": GROUP}, {"h": jnp.array([True, False, True])})
+  np.testing.assert_array_equal(m["params"]["a"]["kernel"], [[1, 0, 1], [1, 0, 1]])
+  np.testing.assert_array_equal(m["params"]["a"]["bias"], [1, 0, 1])
+  np.testing.assert_array_equal(m["params"]["b"]["kernel"][1], [0, 0, 0, 0])
+  assert np.asarray(m["params"]["b"]["kernel"])[[0, 2]].all()
+  assert m["params"]["b"]["bias"].all()
+
+
+def test_compact_removes_exact_slices_and_does_not_mutate():
+  p = _params()
+  before = np.asarray(p["params"]["b"]["kernel"]).copy()
+  small = units.compact(p, {"h": GROUP}, {"h": np.array([True, False, True])})
+  np.testing.assert_array_equal(small["params"]["a"]["kernel"], [[0, 2], [3, 5]])
+  np.testing.assert_array_equal(small["params"]["b"]["kernel"], before[[0, 2]])
+  np.testing.assert_array_equal(p["params"]["b"]["kernel"], before)
+
+
+def test_flatten_view_channel_owns_strided_rows():
+  # A dense layer after flatten of a (2 positions, 3 channels) map: rows c, c+3 are channel c.
+  k = jnp.arange(6.0 * 2).reshape(6, 2)
+  p = {"params": {"d": {"kernel": k}}}
+  s = Slice(("params", "d", "kernel"), axis=1, role="consumer", view=(2, 3, 2))
+  g = UnitGroup("c", 3, (s,), kind="conv")
+  small = units.compact(p, {"c": g}, {"c": np.array([False, True, False])})
+  np.testing.assert_array_equal(small["params"]["d"]["kernel"], np.asarray(k)[[1, 4]])
+  m = units.expand(p, {"c": g}, {"c": jnp.array([False, True, False])})
+  np.testing.assert_array_equal(m["params"]["d"]["kernel"][:, 0], [0, 1, 0, 0, 1, 0])
+
+
+def test_flatten_view_with_single_position():
+  k = jnp.arange(6.0).reshape(3, 2)
+  s = Slice(("params", "d", "kernel"), axis=1, role="consumer", view=(1, 3, 2))
+  g = UnitGroup("c", 3, (s,))
+  small = units.compact({"params": {"d": {"kernel": k}}}, {"c": g}, {"c": np.array([1, 0, 1])})
+  np.testing.assert_array_equal(small["params"]["d"]["kernel"], np.asarray(k)[[0, 2]])
+
+
+def test_redistribute_merge_and_constant_folding():
+  p = _params()
+  t = jnp.eye(3).at[0, 2].add(1.0)  # merge unit 2 into unit 0
+  out = units.redistribute(p, GROUP, t, constants=jnp.array([0.0, 0.5, 0.0]))
+  b = np.asarray(p["params"]["b"]["kernel"])
+  np.testing.assert_allclose(out["params"]["b"]["kernel"][0], b[0] + b[2])
+  np.testing.assert_allclose(out["params"]["b"]["kernel"][1:], b[1:])
+  np.testing.assert_allclose(out["params"]["b"]["bias"], 0.5 * b[1])
+
+
+def test_errors_name_the_problem():
+  p = _params()
+  with pytest.raises(KeyError, match="Unknown unit group 'nope'.*\\['h'\\]"):
+    units.expand(p, {"h": GROUP}, {"nope": jnp.ones(3, bool)})
+  with pytest.raises(ValueError, match="needs shape \\(3,\\)"):
+    units.expand(p, {"h": GROUP}, {"h": jnp.ones(4, bool)})
+  with pytest.raises(ValueError, match="removes every unit"):
+    units.compact(p, {"h": GROUP}, {"h": np.zeros(3, bool)})
+  with pytest.raises(KeyError, match="params/zz/kernel does not exist"):
+    units.get_path(p, ("params", "zz", "kernel"))
+  with pytest.raises(ValueError, match="role"):
+    Slice(("a",), 0, role="input")
