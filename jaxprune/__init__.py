@@ -21,6 +21,9 @@ from jaxprune.models import LeNet
 from jaxprune.models import MLP
 from jaxprune.models import Autoencoder
 from jaxprune.models import Model
+from jaxprune.models import ResNet18
+from jaxprune.models import load_resnet18
+from jaxprune.models import save_resnet18
 from jaxprune.units import Slice
 from jaxprune.units import UnitGroup
 from jaxprune.units import compact
