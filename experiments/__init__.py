@@ -1,0 +1,1 @@
+"""Experiment binaries: one absl program per published study (python -m experiments.<name>)."""
