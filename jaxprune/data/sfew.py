@@ -1,0 +1,642 @@
+"""SFEW loaders: the LPQ/PHOG feature spreadsheet and the class-folder image tree.
+
+SFEW (Static Facial Expressions in the Wild) has 675 movie frames in 7 classes
+(`SFEW_CLASS_NAMES`). Users bring their own licensed copy, in one of two forms:
+
+* features: ``SFEW.xlsx`` (one sheet, possibly named ``SFEW.csv``) or a CSV
+  export; one row per image: the image name (header may be empty), the label
+  (1 angry ... 7 surprise, or a class name), 5 LPQ principal components, then
+  5 PHOG principal components. Rows with missing values are dropped and
+  reported (SFEW has one fear image without PHOG features, leaving 674).
+* images: a folder per class (``Angry/``, ``Disgust/`` ... any letter case)
+  of 720x576 frames.
+
+Nothing is lost silently: dropped rows and skipped files are listed in the
+returned ``Dataset.info`` (``dropped``, ``skipped``) and logged with absl.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import math
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from jaxprune.data.dataset import SFEW_CLASS_NAMES, Dataset
+
+__all__ = [
+    "FEATURE_BLOCKS",
+    "FEATURES_LAYOUT",
+    "IMAGES_LAYOUT",
+    "load_sfew_features",
+    "load_sfew_images",
+    "parse_label",
+    "person_id",
+    "scan_sfew_tree",
+]
+
+#: Column ranges of SFEW's two descriptor blocks in ``x``: LPQ, then PHOG.
+FEATURE_BLOCKS: tuple[tuple[int, int], ...] = ((0, 5), (5, 10))
+
+#: What the features loader expects, quoted in its errors.
+FEATURES_LAYOUT = (
+    "SFEW features: a file SFEW.xlsx (one sheet, e.g. named 'SFEW.csv') or"
+    " SFEW.csv with 12 columns: image name (header may be empty), label"
+    " (1 angry, 2 disgust, 3 fear, 4 happy, 5 neutral, 6 sad, 7 surprise, or"
+    " the class name), LPQ feature 1..5, PHOG feature 1..5; one row per image"
+)
+
+#: What the images loader expects, quoted in its errors.
+IMAGES_LAYOUT = (
+    "SFEW images: a folder holding one sub-folder per class, named Angry,"
+    " Disgust, Fear, Happy, Neutral, Sad, Surprise (any letter case), each"
+    " holding that class's frames (.png/.jpg, 720x576)"
+)
+
+_LABEL_HEADERS = ("label", "labels", "class", "emotion", "expression", "target")
+_MISSING = ("", "nan", "na", "n/a", "null", "none", "?", "-")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif",
+                   ".ppm", ".pgm")
+_NUM_COLUMNS = 12
+_FACE_HINT = "pip install jaxprune[face]"
+
+OnError = Literal["raise", "skip"]
+
+
+def person_id(name: str) -> str:
+  """The person id of an SFEW image name: the last ``_`` field of its stem.
+
+  Example:
+    >>> person_id("Movie_000519240_00000005.mat")
+    '00000005'
+  """
+  stem = os.path.splitext(os.path.basename(str(name).strip()))[0]
+  return stem.rsplit("_", 1)[-1]
+
+
+def parse_label(value: Any) -> int | None:
+  """Maps an SFEW label to a class index 0..6; None if it is not a label.
+
+  Accepts 1..7 (as int, float or string) and class names (any case).
+
+  Example:
+    >>> parse_label(3), parse_label("Surprise"), parse_label(9)
+    (2, 6, None)
+  """
+  if isinstance(value, bool):
+    return None
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    if math.isfinite(value) and float(value).is_integer() and 1 <= value <= 7:
+      return int(value) - 1
+    return None
+  text = str(value).strip().lower()
+  if text in SFEW_CLASS_NAMES:
+    return SFEW_CLASS_NAMES.index(text)
+  try:
+    number = float(text)
+  except ValueError:
+    return None
+  return parse_label(number)
+
+
+# ----------------------------------------------------------------------------
+# Features
+# ----------------------------------------------------------------------------
+
+
+def _resolve_features_path(path: str | os.PathLike) -> Path:
+  path = Path(path)
+  if path.is_dir():
+    candidates = {p.name.lower(): p for p in path.iterdir() if p.is_file()}
+    for name in ("sfew.xlsx", "sfew.csv"):
+      if name in candidates:
+        return candidates[name]
+    raise FileNotFoundError(
+        f"No SFEW.xlsx or SFEW.csv in the folder {path}. Expected: "
+        f"{FEATURES_LAYOUT}."
+    )
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path} does not exist. Expected: {FEATURES_LAYOUT} (pass the file or"
+        " its folder)."
+    )
+  return path
+
+
+def _read_xlsx(path: Path, sheet: str | None) -> list[list[Any]]:
+  import openpyxl  # pylint: disable=g-import-not-at-top
+
+  try:
+    with warnings.catch_warnings():
+      # openpyxl warns about styles/extensions it does not read; irrelevant here.
+      warnings.filterwarnings("ignore", category=UserWarning, module="openpyxl")
+      book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+  except Exception as e:  # zipfile.BadZipFile, KeyError, InvalidFileException
+    raise ValueError(f"{path}: not a readable .xlsx workbook ({e})") from e
+  try:
+    names = book.sheetnames
+    if sheet is not None:
+      if sheet not in names:
+        raise ValueError(f"{path}: no sheet {sheet!r}; sheets are {names}")
+      chosen = sheet
+    elif len(names) == 1:
+      chosen = names[0]
+    else:
+      preferred = [n for n in names if n.lower() in ("sfew.csv", "sfew")]
+      if len(preferred) != 1:
+        raise ValueError(
+            f"{path} has sheets {names}; pass sheet=... to choose one"
+        )
+      chosen = preferred[0]
+    return [list(row) for row in book[chosen].iter_rows(values_only=True)]
+  finally:
+    book.close()
+
+
+def _read_csv(path: Path) -> list[list[Any]]:
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not a UTF-8 text CSV file ({e})") from e
+  try:
+    dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
+  except csv.Error:
+    dialect = csv.excel
+  return [list(row) for row in csv.reader(text.splitlines(), dialect)]
+
+
+def _is_empty(value: Any) -> bool:
+  if value is None:
+    return True
+  if isinstance(value, float) and math.isnan(value):
+    return True
+  return isinstance(value, str) and value.strip().lower() in _MISSING
+
+
+def _as_float(value: Any) -> float | None:
+  """A finite float, NaN for a missing value, or None when not a number."""
+  if _is_empty(value):
+    return math.nan
+  if isinstance(value, bool):
+    return None
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    return None
+  return number if math.isfinite(number) else None
+
+
+def _check_header(header: list[Any], path: Path) -> None:
+  def text(c: int) -> str:
+    return "" if header[c] is None else str(header[c]).strip()
+
+  problems = []
+  if text(1).lower() not in _LABEL_HEADERS:
+    problems.append(
+        f"column 2 is {text(1)!r}, expected the label column (one of"
+        f" {', '.join(_LABEL_HEADERS)})"
+    )
+  for c in range(2, _NUM_COLUMNS):
+    kind, k = ("LPQ", c - 1) if c < 7 else ("PHOG", c - 6)
+    name = text(c)
+    number = re.search(r"(\d+)\s*$", name)
+    if kind.lower() not in name.lower() or (number and int(number.group(1)) != k):
+      problems.append(f"column {c + 1} is {name!r}, expected {kind} feature {k}")
+  if problems:
+    raise ValueError(
+        f"{path}: misnamed or misplaced columns: " + "; ".join(problems) +
+        f". Expected: {FEATURES_LAYOUT}. If only the names differ, pass"
+        " strict_header=False (columns are read by position)."
+    )
+
+
+def load_sfew_features(
+    path: str | os.PathLike,
+    *,
+    sheet: str | None = None,
+    strict_header: bool = True,
+) -> Dataset:
+  """Loads SFEW's LPQ and PHOG features from ``SFEW.xlsx`` or a CSV export.
+
+  Rows with a missing value are dropped, logged and listed in
+  ``info['dropped']`` (row number as a spreadsheet shows it, image name,
+  reason). The features are returned unscaled: scale them with
+  `standardize_split` (``blocks=info['blocks']`` for per-block scaling) so that
+  the statistics come from the training split only.
+
+  Args:
+    path: the ``.xlsx`` or ``.csv`` file, or a folder holding ``SFEW.xlsx`` or
+      ``SFEW.csv``.
+    sheet: the sheet to read when a workbook has several.
+    strict_header: check the header names (label, LPQ 1..5, PHOG 1..5); set
+      False to read a file with other column names by position.
+
+  Returns:
+    A `Dataset`: ``x`` ``(N, 10)`` (LPQ 1-5, PHOG 1-5), ``y`` in 0..6,
+    ``groups`` the person ids (last field of each image name), and ``info``
+    with ``names``, ``blocks``, ``dropped``, ``num_dropped``, ``blank_rows``.
+
+  Raises:
+    FileNotFoundError: the file (or a SFEW file in the folder) is missing.
+    ValueError: wrong columns, an unknown label, a non-numeric feature or an
+      empty class, naming the file, row and column.
+
+  Example:
+    >>> from jaxprune import data
+    >>> ds = data.load_sfew_features("SFEW.xlsx")  # doctest: +SKIP
+    >>> len(ds), ds.info["num_dropped"]  # doctest: +SKIP
+    (674, 1)
+  """
+  path = _resolve_features_path(path)
+  suffix = path.suffix.lower()
+  if suffix in (".xlsx", ".xlsm"):
+    rows = _read_xlsx(path, sheet)
+  elif suffix in (".csv", ".txt", ".tsv"):
+    rows = _read_csv(path)
+  else:
+    raise ValueError(f"{path}: expected a .xlsx or .csv file. {FEATURES_LAYOUT}.")
+  if not rows:
+    raise ValueError(f"{path} is empty. Expected: {FEATURES_LAYOUT}.")
+
+  # Trailing columns that are empty everywhere (spreadsheet artefacts) go.
+  width = max(len(r) for r in rows)
+  rows = [list(r) + [None] * (width - len(r)) for r in rows]
+  while width and all(_is_empty(r[width - 1]) for r in rows):
+    width -= 1
+  rows = [r[:width] for r in rows]
+
+  has_header = any(
+      isinstance(v, str) and not _is_empty(v) and _as_float(v) is None
+      for v in rows[0][2:]
+  ) or str(rows[0][1] if width > 1 else "").strip().lower() in _LABEL_HEADERS
+  header = rows[0] if has_header else None
+  if width != _NUM_COLUMNS:
+    shown = f" (header {header})" if header is not None else ""
+    what = "missing columns" if width < _NUM_COLUMNS else "unexpected extra columns"
+    raise ValueError(
+        f"{path}: {what}: found {width} columns, expected {_NUM_COLUMNS}{shown}."
+        f" Expected: {FEATURES_LAYOUT}."
+    )
+  if header is not None and strict_header:
+    _check_header(header, path)
+
+  def column_name(c: int) -> str:
+    if header is not None and not _is_empty(header[c]):
+      return str(header[c]).strip()
+    return ("LPQ feature %d" % (c - 1)) if c < 7 else ("PHOG feature %d" % (c - 6))
+
+  first = 2 if has_header else 1  # spreadsheet row number of the first data row
+  xs, ys, names, dropped, blank = [], [], [], [], []
+  for offset, row in enumerate(rows[1 if has_header else 0:]):
+    row_no = first + offset
+    if all(_is_empty(v) for v in row):
+      blank.append(row_no)
+      continue
+    name = "" if _is_empty(row[0]) else str(row[0]).strip()
+    reasons = []
+    if not name:
+      reasons.append("missing image name")
+    label = None
+    if _is_empty(row[1]):
+      reasons.append("missing label")
+    else:
+      label = parse_label(row[1])
+      if label is None:
+        raise ValueError(
+            f"{path}, row {row_no} ({name or 'no name'}): unknown label"
+            f" {row[1]!r}; expected 1..7 or one of {', '.join(SFEW_CLASS_NAMES)}"
+        )
+    values = []
+    for c in range(2, _NUM_COLUMNS):
+      number = _as_float(row[c])
+      if number is None:
+        raise ValueError(
+            f"{path}, row {row_no} ({name or 'no name'}), column {c + 1}"
+            f" ({column_name(c)}): {row[c]!r} is not a finite number"
+        )
+      if math.isnan(number):
+        reasons.append(f"missing {column_name(c)}")
+      values.append(number)
+    if reasons:
+      dropped.append({"row": row_no, "name": name, "reason": ", ".join(reasons)})
+      continue
+    xs.append(values)
+    ys.append(label)
+    names.append(name)
+
+  if not ys:
+    raise ValueError(f"{path}: no complete rows. Expected: {FEATURES_LAYOUT}.")
+  y = np.asarray(ys, dtype=np.int32)
+  counts = np.bincount(y, minlength=len(SFEW_CLASS_NAMES))
+  empty = [SFEW_CLASS_NAMES[k] for k in np.flatnonzero(counts == 0)]
+  if empty:
+    raise ValueError(
+        f"{path}: no complete rows for class(es) {', '.join(empty)} (counts per"
+        f" class {dict(zip(SFEW_CLASS_NAMES, counts.tolist()))}); every class"
+        " needs examples"
+    )
+  if dropped:
+    logging.warning(
+        "SFEW features %s: dropped %d row(s) with missing values: %s",
+        path.name, len(dropped),
+        "; ".join(f"row {d['row']} {d['name']}: {d['reason']}" for d in dropped[:10]),
+    )
+  info = {
+      "source": f"SFEW features ({path.name})",
+      "path": str(path),
+      "header": None if header is None else tuple(
+          "" if _is_empty(h) else str(h).strip() for h in header),
+      "names": tuple(names),
+      "blocks": FEATURE_BLOCKS,
+      "dropped": dropped,
+      "num_dropped": len(dropped),
+      "blank_rows": blank,
+      "fitted_on": "nothing (raw PCA scores from the file; scale them on the"
+      " training split with standardize_split)",
+  }
+  groups = np.asarray([person_id(n) for n in names])
+  return Dataset(np.asarray(xs, dtype=np.float32), y, SFEW_CLASS_NAMES,
+                 groups=groups, info=info)
+
+
+# ----------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageItem:
+  """One image file of the SFEW tree."""
+
+  path: Path
+  relpath: str  # "<ClassFolder>/<file>", as reported in errors and info
+  label: int
+
+
+def _problem(message: str, relpath: str, on_error: OnError,
+             skipped: list[dict[str, str]]) -> None:
+  if on_error == "raise":
+    raise ValueError(
+        f"{message}. Remove or fix it, or pass on_error='skip' to skip such"
+        " files (they are then listed in info['skipped'])."
+    )
+  skipped.append({"path": relpath, "reason": message})
+
+
+def scan_sfew_tree(
+    root: str | os.PathLike, *, on_error: OnError = "raise"
+) -> tuple[list[ImageItem], list[dict[str, str]]]:
+  """Lists the images of an SFEW class-folder tree, checking its layout.
+
+  Hidden entries, files beside the class folders and sub-folders inside them
+  are skipped and reported. A file without an image extension in a class
+  folder is an error (or skipped with ``on_error='skip'``).
+
+  Args:
+    root: the folder holding the class folders.
+    on_error: ``'raise'`` or ``'skip'`` for files that are not images.
+
+  Returns:
+    ``(items, skipped)``: the image files sorted by class then name, and the
+    skipped entries as ``{'path', 'reason'}`` dicts.
+
+  Raises:
+    FileNotFoundError: ``root`` or a class folder is missing.
+    ValueError: duplicate or empty class folders, non-image files.
+  """
+  if on_error not in ("raise", "skip"):
+    raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+  root = Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(
+        f"{root} is not a folder. Expected: {IMAGES_LAYOUT}."
+    )
+  skipped: list[dict[str, str]] = []
+  folders: dict[int, Path] = {}
+  for entry in sorted(root.iterdir()):
+    if entry.name.startswith(".") or entry.name.startswith("__"):
+      skipped.append({"path": entry.name, "reason": "hidden entry"})
+      continue
+    if not entry.is_dir():
+      skipped.append({"path": entry.name, "reason": "file beside the class folders"})
+      continue
+    key = entry.name.strip().lower()
+    if key not in SFEW_CLASS_NAMES:
+      _problem(f"{entry}: folder {entry.name!r} is not a class"
+               f" ({', '.join(SFEW_CLASS_NAMES)})", entry.name, on_error, skipped)
+      continue
+    label = SFEW_CLASS_NAMES.index(key)
+    if label in folders:
+      raise ValueError(
+          f"{root}: two folders for class {key!r}: {folders[label].name!r} and"
+          f" {entry.name!r}"
+      )
+    folders[label] = entry
+  missing = [SFEW_CLASS_NAMES[k] for k in range(len(SFEW_CLASS_NAMES))
+             if k not in folders]
+  if missing:
+    raise FileNotFoundError(
+        f"{root}: no folder for class(es) {', '.join(missing)}. Expected:"
+        f" {IMAGES_LAYOUT}."
+    )
+  items: list[ImageItem] = []
+  for label in range(len(SFEW_CLASS_NAMES)):
+    folder = folders[label]
+    count = 0
+    for entry in sorted(folder.iterdir()):
+      rel = f"{folder.name}/{entry.name}"
+      if entry.name.startswith("."):
+        skipped.append({"path": rel, "reason": "hidden entry"})
+      elif entry.is_dir():
+        skipped.append({"path": rel, "reason": "sub-folder inside a class folder"})
+      elif entry.suffix.lower() not in _IMAGE_SUFFIXES:
+        _problem(f"{entry}: not an image file (expected one of"
+                 f" {', '.join(_IMAGE_SUFFIXES)})", rel, on_error, skipped)
+      else:
+        items.append(ImageItem(entry, rel, label))
+        count += 1
+    if count == 0:
+      raise ValueError(f"{folder}: class folder without images (empty class)")
+  return items, skipped
+
+
+def _load_cv2() -> Any:
+  try:
+    import cv2  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "crop_faces=True needs OpenCV for the Viola-Jones face detector; install"
+        f" it with: {_FACE_HINT}"
+    ) from e
+  return cv2
+
+
+def _face_detector() -> Any:
+  cv2 = _load_cv2()
+  cascade_path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+  cascade = cv2.CascadeClassifier(cascade_path)
+  if cascade.empty():
+    raise RuntimeError(f"OpenCV could not load the face cascade {cascade_path}")
+  return cascade
+
+
+def _crop_face(image: Image.Image, cascade: Any) -> Image.Image | None:
+  """Crops the largest frontal face (Viola-Jones); None when none is found."""
+  gray = np.asarray(image.convert("L"), dtype=np.uint8)
+  faces = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
+                                   minSize=(30, 30))
+  if len(faces) == 0:
+    return None
+  x, y, w, h = max((tuple(int(v) for v in f) for f in faces),
+                   key=lambda f: f[2] * f[3])
+  return image.crop((x, y, x + w, y + h))
+
+
+def _read_image(
+    item: ImageItem,
+    size: tuple[int, int],
+    mode: str,
+    expected_size: tuple[int, int] | None,
+    cascade: Any,
+) -> tuple[np.ndarray | None, str | None, bool]:
+  """Returns (image or None, problem or None, face found)."""
+  try:
+    with Image.open(item.path) as im:
+      im.load()
+      image = im.convert(mode)
+  except Exception as e:  # PIL raises many types for bad files
+    return None, f"{item.path}: not a readable image ({type(e).__name__}: {e})", True
+  if expected_size is not None and image.size != (expected_size[1], expected_size[0]):
+    return None, (
+        f"{item.path}: image is {image.size[1]}x{image.size[0]} (height x"
+        f" width), expected {expected_size[0]}x{expected_size[1]} (pass"
+        " expected_size=None to accept any size)"
+    ), True
+  found = True
+  if cascade is not None:
+    face = _crop_face(image, cascade)
+    found = face is not None
+    if face is not None:
+      image = face
+  image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+  array = np.asarray(image, dtype=np.float32) / 255.0
+  if array.ndim == 2:
+    array = array[..., None]
+  return array, None, found
+
+
+def load_sfew_images(
+    root: str | os.PathLike,
+    *,
+    size: Sequence[int] = (90, 72),
+    channels: int = 1,
+    crop_faces: bool = False,
+    expected_size: Sequence[int] | None = (576, 720),
+    on_error: OnError = "raise",
+    num_threads: int = 8,
+) -> Dataset:
+  """Loads the SFEW class-folder image tree, resized to a model's input size.
+
+  Args:
+    root: the folder holding ``Angry/``, ``Disgust/`` ... (any letter case).
+    size: output ``(height, width)``, e.g. ``(90, 72)`` for LeNet or
+      ``(227, 227)`` for the 4-conv CNN.
+    channels: 1 (grayscale) or 3 (RGB).
+    crop_faces: crop the largest face found by OpenCV's Viola-Jones Haar
+      cascade before resizing (needs ``pip install jaxprune[face]``); frames
+      without a detected face are kept whole and listed in ``info['no_face']``.
+    expected_size: the ``(height, width)`` every frame must have (SFEW's
+      720x576 frames by default); None accepts any size.
+    on_error: ``'raise'`` (default) stops at the first non-image, unreadable or
+      wrongly sized file with a ValueError naming it; ``'skip'`` skips such
+      files and lists them in ``info['skipped']``.
+    num_threads: threads that decode images in parallel.
+
+  Returns:
+    A `Dataset` with ``x`` ``(N, h, w, channels)`` float32 in [0, 1], ``y`` in
+    0..6, ``groups`` the person ids (last ``_`` field of each file name), and
+    ``info`` with ``names`` (``Class/file`` paths), ``skipped``, ``no_face``.
+
+  Raises:
+    FileNotFoundError: ``root`` or a class folder is missing.
+    ValueError: bad files (see ``on_error``) or an empty class.
+    ImportError: ``crop_faces=True`` without OpenCV.
+
+  Example:
+    >>> from jaxprune import data
+    >>> ds = data.load_sfew_images("SFEW/", size=(90, 72))  # doctest: +SKIP
+    >>> ds.x.shape  # doctest: +SKIP
+    (675, 90, 72, 1)
+  """
+  if channels not in (1, 3):
+    raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+  if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
+    raise ValueError(f"size must be (height, width) positive ints, got {size!r}")
+  size = (int(size[0]), int(size[1]))
+  if expected_size is not None:
+    expected_size = (int(expected_size[0]), int(expected_size[1]))
+  cascade = _face_detector() if crop_faces else None
+  items, skipped = scan_sfew_tree(root, on_error=on_error)
+  mode = "L" if channels == 1 else "RGB"
+
+  def read(item: ImageItem):
+    return _read_image(item, size, mode, expected_size, cascade)
+
+  if cascade is None and num_threads > 1:
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+      results = list(pool.map(read, items))
+  else:
+    results = [read(item) for item in items]
+
+  xs, ys, names, no_face = [], [], [], []
+  for item, (array, problem, found) in zip(items, results):
+    if problem is not None:
+      _problem(problem, item.relpath, on_error, skipped)
+      continue
+    xs.append(array)
+    ys.append(item.label)
+    names.append(item.relpath)
+    if not found:
+      no_face.append(item.relpath)
+  y = np.asarray(ys, dtype=np.int32)
+  counts = np.bincount(y, minlength=len(SFEW_CLASS_NAMES))
+  empty = [SFEW_CLASS_NAMES[k] for k in np.flatnonzero(counts == 0)]
+  if empty:
+    raise ValueError(
+        f"{root}: no readable images for class(es) {', '.join(empty)} (after"
+        f" skipping {len(skipped)} entries: {skipped[:5]})"
+    )
+  if skipped:
+    logging.warning(
+        "SFEW images %s: skipped %d entr%s: %s", root, len(skipped),
+        "y" if len(skipped) == 1 else "ies",
+        "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:10]),
+    )
+  if no_face:
+    logging.warning("SFEW images: no face found in %d frame(s), kept whole: %s",
+                    len(no_face), ", ".join(no_face[:10]))
+  info = {
+      "source": "SFEW images",
+      "path": str(root),
+      "names": tuple(names),
+      "size": size,
+      "channels": channels,
+      "crop_faces": crop_faces,
+      "no_face": no_face,
+      "skipped": skipped,
+      "num_skipped": len(skipped),
+      "fitted_on": "nothing",
+  }
+  groups = np.asarray([person_id(n) for n in names])
+  return Dataset(np.stack(xs), y, SFEW_CLASS_NAMES, groups=groups, info=info)

@@ -1,0 +1,285 @@
+"""Stratified splits, k-fold cross-validation and a cross-validation runner.
+
+The splitting itself is scikit-learn's (`StratifiedShuffleSplit`,
+`StratifiedKFold`, `StratifiedGroupKFold`), seeded so that a seed always gives
+the same indices. Person-independent splits keep every person (the ``groups``
+of a dataset: for SFEW the last field of the image name) on one side only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, overload
+
+import numpy as np
+from absl import logging
+from sklearn import model_selection
+
+from jaxprune.data.dataset import Dataset, split
+
+__all__ = ["CrossValidation", "cross_validate", "kfold", "train_test_split"]
+
+Indices = np.ndarray
+Fold = tuple[np.ndarray, np.ndarray]
+
+
+def _labels_and_groups(
+    data: Dataset | Sequence[int] | np.ndarray,
+    groups: Sequence[Any] | np.ndarray | None,
+    person_independent: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+  y = data.y if isinstance(data, Dataset) else np.asarray(data)
+  if y.ndim != 1 or len(y) == 0:
+    raise ValueError(f"labels must be a non-empty 1-D array, got shape {y.shape}")
+  if groups is None and person_independent:
+    groups = data.groups if isinstance(data, Dataset) else None
+    if groups is None:
+      raise ValueError(
+          "person_independent=True needs person ids: a Dataset with groups"
+          " (the SFEW loaders set them from the image names) or groups=..."
+          " ; the bundled stand-in datasets have none"
+      )
+  if groups is not None:
+    groups = np.asarray(groups)
+    if groups.shape != y.shape:
+      raise ValueError(f"groups has shape {groups.shape}, labels {y.shape}")
+  return y, groups
+
+
+def _check_fraction(test_fraction: float) -> None:
+  if not 0.0 < test_fraction < 1.0:
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+
+
+@overload
+def train_test_split(
+    data: Dataset, *, test_fraction: float = ..., seed: int = ...,
+    person_independent: bool = ..., groups: Any = ...
+) -> tuple[Dataset, Dataset]: ...
+
+
+@overload
+def train_test_split(
+    data: Sequence[int] | np.ndarray, *, test_fraction: float = ...,
+    seed: int = ..., person_independent: bool = ..., groups: Any = ...
+) -> tuple[Indices, Indices]: ...
+
+
+def train_test_split(
+    data,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    person_independent: bool = False,
+    groups=None,
+):
+  """A stratified train/test split, deterministic for a seed.
+
+  Args:
+    data: a `Dataset`, or the labels ``y`` alone.
+    test_fraction: the share of examples in the test part. With
+      ``person_independent`` the split is the first fold of a stratified group
+      k-fold with ``k = round(1 / test_fraction)``, so the share is about
+      ``1 / k`` (persons are not divisible).
+    seed: the random seed.
+    person_independent: keep every person on one side only (no person in both
+      parts); persons are ``groups`` or the dataset's ``groups``.
+    groups: person ids, one per example (optional).
+
+  Returns:
+    For a `Dataset`: ``(train, test)`` datasets (made with `split`, so learned
+    features such as the digits PCA are fitted on ``train`` only). For labels:
+    ``(train_indices, test_indices)``, each sorted.
+
+  Example:
+    >>> import numpy as np
+    >>> y = np.repeat(np.arange(7), 10)
+    >>> train, test = train_test_split(y, test_fraction=0.2, seed=0)
+    >>> len(train), len(test), np.bincount(y[test]).tolist()
+    (56, 14, [2, 2, 2, 2, 2, 2, 2])
+  """
+  _check_fraction(test_fraction)
+  y, groups = _labels_and_groups(data, groups, person_independent)
+  if groups is None:
+    splitter = model_selection.StratifiedShuffleSplit(
+        n_splits=1, test_size=test_fraction, random_state=seed)
+    train, test = next(splitter.split(np.zeros(len(y)), y))
+  else:
+    k = int(round(1.0 / test_fraction))
+    if k < 2:
+      raise ValueError(
+          f"test_fraction={test_fraction} is too large for a person-independent"
+          " split (it is made as 1 of round(1/test_fraction) folds)"
+      )
+    train, test = _folds(y, k, seed, groups)[0]
+  train, test = np.sort(train), np.sort(test)
+  if isinstance(data, Dataset):
+    return split(data, train, test)
+  return train, test
+
+
+def _folds(y: np.ndarray, n_splits: int, seed: int,
+           groups: np.ndarray | None) -> list[Fold]:
+  if n_splits < 2:
+    raise ValueError(f"n_splits must be at least 2, got {n_splits}")
+  x = np.zeros(len(y))
+  if groups is None:
+    splitter = model_selection.StratifiedKFold(
+        n_splits=n_splits, shuffle=True, random_state=seed)
+    it = splitter.split(x, y)
+  else:
+    num_groups = len(np.unique(groups))
+    if num_groups < n_splits:
+      raise ValueError(
+          f"only {num_groups} persons (groups) for {n_splits} person-independent"
+          " folds"
+      )
+    splitter = model_selection.StratifiedGroupKFold(
+        n_splits=n_splits, shuffle=True, random_state=seed)
+    it = splitter.split(x, y, groups)
+  return [(np.sort(tr), np.sort(te)) for tr, te in it]
+
+
+def kfold(
+    data: Dataset | Sequence[int] | np.ndarray,
+    *,
+    n_splits: int = 10,
+    seed: int = 0,
+    groups: Sequence[Any] | np.ndarray | None = None,
+    person_independent: bool = False,
+) -> list[Fold]:
+  """Stratified k-fold indices (e.g. 10-fold or 5-fold), deterministic for a seed.
+
+  Every example is in exactly one test fold; each class's count per test fold
+  differs by at most one between folds (`StratifiedKFold`). With persons (the
+  ``groups`` argument, or ``person_independent=True`` with a `Dataset` that
+  has groups) `StratifiedGroupKFold` keeps each person in one fold only.
+
+  Args:
+    data: a `Dataset`, or the labels ``y``.
+    n_splits: the number of folds.
+    seed: the random seed.
+    groups: person ids, one per example.
+    person_independent: use the dataset's groups as persons.
+
+  Returns:
+    A list of ``n_splits`` pairs ``(train_indices, test_indices)``, sorted.
+    Use `split` to turn a pair into datasets.
+
+  Example:
+    >>> import numpy as np
+    >>> folds = kfold(np.repeat(np.arange(7), 10), n_splits=5, seed=0)
+    >>> len(folds), [len(te) for _, te in folds]
+    (5, [14, 14, 14, 14, 14])
+  """
+  y, groups = _labels_and_groups(data, groups, person_independent)
+  return _folds(y, n_splits, seed, groups)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CrossValidation:
+  """The result of `cross_validate`.
+
+  Attributes:
+    per_fold: each fold's metrics, in fold order.
+    mean: the mean of each metric over folds.
+    std: the standard deviation of each metric over folds (``ddof`` as asked,
+      population std by default, like ``np.std``).
+    folds: the ``(train_indices, test_indices)`` of each fold.
+  """
+
+  per_fold: tuple[dict[str, float], ...]
+  mean: dict[str, float]
+  std: dict[str, float]
+  folds: tuple[Fold, ...] = dataclasses.field(repr=False, default=())
+
+  def summary(self) -> str:
+    """One line per metric: ``name: mean +- std (n folds)``."""
+    n = len(self.per_fold)
+    return "\n".join(
+        f"{k}: {self.mean[k]:.4g} +- {self.std[k]:.4g} ({n} folds)" for k in self.mean
+    )
+
+
+def _scalar(value: Any, name: str, fold: int) -> float:
+  array = np.asarray(value)
+  if array.size != 1 or not np.issubdtype(array.dtype, np.number):
+    raise ValueError(
+        f"fold {fold}: metric {name!r} must be a number, got {type(value).__name__}"
+        f" of shape {array.shape}"
+    )
+  return float(array.reshape(()))
+
+
+def cross_validate(
+    fn: Callable[[Dataset, Dataset, int], Mapping[str, Any]],
+    dataset: Dataset,
+    *,
+    n_splits: int = 10,
+    seed: int = 0,
+    person_independent: bool = False,
+    folds: Sequence[Fold] | None = None,
+    ddof: int = 0,
+) -> CrossValidation:
+  """Runs a train-and-evaluate function on every fold; mean and std per metric.
+
+  Each fold's datasets are made with `split` (learned features such as the
+  digits PCA are fitted on the fold's training part); scale them inside ``fn``
+  with `standardize_split` so scaling is fitted on training data too.
+
+  Args:
+    fn: ``fn(train, test, fold) -> {metric: number}``; every fold must return
+      the same metric names.
+    dataset: the data to cross-validate on.
+    n_splits: number of stratified folds (10 and 5 are the usual choices).
+    seed: seed of the fold assignment.
+    person_independent: person-independent folds (the dataset's groups).
+    folds: explicit ``(train_indices, test_indices)`` pairs, overriding
+      ``n_splits``/``seed``/``person_independent``.
+    ddof: delta degrees of freedom of the std (0: population, 1: sample).
+
+  Returns:
+    A `CrossValidation` with per-fold metrics and their mean and std.
+
+  Example:
+    >>> from jaxprune import data
+    >>> ds = data.load_features("diabetes")
+    >>> def majority(train, test, fold):
+    ...   guess = train.class_counts().argmax()
+    ...   return {"accuracy": float((test.y == guess).mean())}
+    >>> cv = data.cross_validate(majority, ds, n_splits=5, seed=0)
+    >>> sorted(cv.mean)
+    ['accuracy']
+  """
+  if folds is None:
+    folds = kfold(dataset, n_splits=n_splits, seed=seed,
+                  person_independent=person_independent)
+  folds = tuple((np.asarray(tr), np.asarray(te)) for tr, te in folds)
+  if not folds:
+    raise ValueError("no folds to run")
+  per_fold: list[dict[str, float]] = []
+  for i, (train_idx, test_idx) in enumerate(folds):
+    train, test = split(dataset, train_idx, test_idx)
+    result = fn(train, test, i)
+    if not isinstance(result, Mapping):
+      raise ValueError(
+          f"fold {i}: fn must return a dict of metrics, got {type(result).__name__}"
+      )
+    metrics = {str(k): _scalar(v, str(k), i) for k, v in result.items()}
+    if per_fold and metrics.keys() != per_fold[0].keys():
+      raise ValueError(
+          f"fold {i} returned metrics {sorted(metrics)}, fold 0 returned"
+          f" {sorted(per_fold[0])}"
+      )
+    logging.info("cross_validate fold %d/%d: %s", i + 1, len(folds), metrics)
+    per_fold.append(metrics)
+  names = list(per_fold[0])
+  table = np.array([[m[k] for k in names] for m in per_fold], dtype=np.float64)
+  std = table.std(axis=0, ddof=ddof) if len(per_fold) > ddof else np.full(len(names), np.nan)
+  return CrossValidation(
+      per_fold=tuple(per_fold),
+      mean=dict(zip(names, table.mean(axis=0).tolist())),
+      std=dict(zip(names, np.asarray(std).tolist())),
+      folds=folds,
+  )

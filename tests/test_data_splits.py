@@ -1,0 +1,157 @@
+"""Tests of jaxprune.data splits: stratification, determinism, persons, cross_validate."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune import data
+
+# SFEW's class sizes: 75 disgust, 100 of each other class.
+SFEW_Y = np.repeat(np.arange(7), [100, 75, 100, 100, 100, 100, 100])
+
+
+def _persons(y, num_persons=40, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(num_persons, size=len(y)).astype(str)
+
+
+def _assert_partition(folds, n):
+  tests = np.concatenate([te for _, te in folds])
+  np.testing.assert_array_equal(np.sort(tests), np.arange(n))
+  for tr, te in folds:
+    assert np.intersect1d(tr, te).size == 0
+    assert len(tr) + len(te) == n
+
+
+@pytest.mark.parametrize("y", [SFEW_Y, data.load_features("diabetes").y],
+                         ids=["sfew", "diabetes"])
+@pytest.mark.parametrize("n_splits", [10, 5])
+def test_kfold_stratified_within_one_sample(y, n_splits):
+  folds = data.kfold(y, n_splits=n_splits, seed=0)
+  assert len(folds) == n_splits
+  _assert_partition(folds, len(y))
+  counts = np.stack([np.bincount(y[te], minlength=7) for _, te in folds])
+  total = np.bincount(y, minlength=7)
+  # Every fold keeps each class's proportion to within one sample.
+  assert np.all(counts >= np.floor(total / n_splits))
+  assert np.all(counts <= np.ceil(total / n_splits))
+
+
+def test_kfold_deterministic_for_seed():
+  a = data.kfold(SFEW_Y, n_splits=10, seed=7)
+  b = data.kfold(SFEW_Y, n_splits=10, seed=7)
+  c = data.kfold(SFEW_Y, n_splits=10, seed=8)
+  for (tr1, te1), (tr2, te2) in zip(a, b):
+    np.testing.assert_array_equal(tr1, tr2)
+    np.testing.assert_array_equal(te1, te2)
+  assert any(not np.array_equal(x[1], z[1]) for x, z in zip(a, c))
+
+
+def test_kfold_accepts_dataset_and_rejects_bad_n():
+  ds = data.load_features("diabetes")
+  folds = data.kfold(ds, n_splits=5, seed=0)
+  np.testing.assert_array_equal(folds[0][1], data.kfold(ds.y, n_splits=5, seed=0)[0][1])
+  with pytest.raises(ValueError, match="n_splits"):
+    data.kfold(ds, n_splits=1, seed=0)
+
+
+def test_train_test_split_stratified_and_deterministic():
+  tr, te = data.train_test_split(SFEW_Y, test_fraction=0.2, seed=0)
+  assert len(te) == 135 and len(tr) == 540
+  np.testing.assert_array_equal(np.sort(np.concatenate([tr, te])), np.arange(675))
+  expected = np.bincount(SFEW_Y) * 0.2
+  assert np.all(np.abs(np.bincount(SFEW_Y[te]) - expected) <= 1)
+  tr2, te2 = data.train_test_split(SFEW_Y, test_fraction=0.2, seed=0)
+  np.testing.assert_array_equal(te, te2)
+  _, te3 = data.train_test_split(SFEW_Y, test_fraction=0.2, seed=1)
+  assert not np.array_equal(te, te3)
+  with pytest.raises(ValueError, match="test_fraction"):
+    data.train_test_split(SFEW_Y, test_fraction=1.5, seed=0)
+
+
+def test_train_test_split_of_dataset_returns_datasets():
+  ds = data.load_features("diabetes")
+  train, test = data.train_test_split(ds, test_fraction=0.2, seed=0)
+  assert isinstance(train, data.Dataset) and len(train) + len(test) == 442
+  tr, te = data.train_test_split(ds.y, test_fraction=0.2, seed=0)
+  np.testing.assert_array_equal(train.x, ds.x[tr])
+  np.testing.assert_array_equal(test.y, ds.y[te])
+
+
+def test_person_independent_folds_and_split():
+  groups = _persons(SFEW_Y)
+  ds = data.Dataset(np.zeros((len(SFEW_Y), 2)), SFEW_Y, data.SFEW_CLASS_NAMES,
+                    groups=groups)
+  folds = data.kfold(ds, n_splits=5, seed=0, person_independent=True)
+  _assert_partition(folds, len(SFEW_Y))
+  for tr, te in folds:
+    assert not set(groups[tr]) & set(groups[te])
+  same = data.kfold(SFEW_Y, n_splits=5, seed=0, groups=groups)
+  for (_, a), (_, b) in zip(folds, same):
+    np.testing.assert_array_equal(a, b)
+  train, test = data.train_test_split(ds, test_fraction=0.2, seed=0,
+                                      person_independent=True)
+  assert not set(train.groups) & set(test.groups)
+  assert 0.1 < len(test) / len(ds) < 0.3
+  assert len(np.unique(test.y)) == 7  # stratified over persons
+
+
+def test_person_independent_errors():
+  ds = data.load_features("diabetes")
+  with pytest.raises(ValueError, match="person ids"):
+    data.train_test_split(ds, test_fraction=0.2, seed=0, person_independent=True)
+  with pytest.raises(ValueError, match="person ids"):
+    data.kfold(ds.y, n_splits=5, seed=0, person_independent=True)
+  with pytest.raises(ValueError, match="persons"):
+    data.kfold(ds.y, n_splits=5, seed=0, groups=np.arange(442) % 3)
+  with pytest.raises(ValueError, match="groups has shape"):
+    data.kfold(ds.y, n_splits=5, seed=0, groups=np.arange(3))
+  with pytest.raises(ValueError, match="too large"):
+    data.train_test_split(SFEW_Y, test_fraction=0.7, seed=0, groups=_persons(SFEW_Y))
+
+
+def test_cross_validate_reports_mean_and_std():
+  ds = data.load_features("diabetes")
+  seen = []
+
+  def fn(train, test, fold):
+    seen.append((fold, len(train), len(test)))
+    guess = train.class_counts().argmax()
+    return {"accuracy": float((test.y == guess).mean()), "n_test": len(test),
+            "jax_metric": jnp.asarray(fold, jnp.float32)}
+
+  cv = data.cross_validate(fn, ds, n_splits=5, seed=0)
+  assert [s[0] for s in seen] == [0, 1, 2, 3, 4]
+  assert sum(s[2] for s in seen) == 442
+  acc = np.array([m["accuracy"] for m in cv.per_fold])
+  assert cv.mean["accuracy"] == pytest.approx(acc.mean())
+  assert cv.std["accuracy"] == pytest.approx(acc.std())
+  assert cv.mean["jax_metric"] == pytest.approx(2.0)
+  assert cv.std["jax_metric"] == pytest.approx(np.std(np.arange(5)))
+  sample = data.cross_validate(fn, ds, n_splits=5, seed=0, ddof=1)
+  assert sample.std["accuracy"] == pytest.approx(acc.std(ddof=1))
+  assert "accuracy" in cv.summary() and "5 folds" in cv.summary()
+  for (tr, te), (tr2, te2) in zip(cv.folds, data.kfold(ds, n_splits=5, seed=0)):
+    np.testing.assert_array_equal(te, te2)
+
+
+def test_cross_validate_uses_split_and_explicit_folds():
+  ds = data.load_features("digits")
+  folds = data.kfold(ds, n_splits=3, seed=0)
+
+  def fn(train, test, fold):
+    assert train.info["fitted_on"] == "training split"
+    return {"train_mean": float(np.abs(train.x.mean(0)).max())}
+
+  cv = data.cross_validate(fn, ds, folds=folds)
+  assert len(cv.per_fold) == 3 and cv.mean["train_mean"] < 1e-4
+
+
+def test_cross_validate_bad_metrics():
+  ds = data.load_features("diabetes")
+  with pytest.raises(ValueError, match="must be a number"):
+    data.cross_validate(lambda tr, te, f: {"v": np.zeros(3)}, ds, n_splits=2, seed=0)
+  with pytest.raises(ValueError, match="dict of metrics"):
+    data.cross_validate(lambda tr, te, f: 0.5, ds, n_splits=2, seed=0)
+  with pytest.raises(ValueError, match="fold 1 returned metrics"):
+    data.cross_validate(lambda tr, te, f: {f"m{f}": 1.0}, ds, n_splits=2, seed=0)
