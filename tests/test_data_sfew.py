@@ -1,0 +1,513 @@
+"""Tests of the SFEW loaders and the TFDS builder, on tiny files written here.
+
+The files follow the SFEW layouts: a spreadsheet/CSV (image name, label, 5 LPQ,
+5 PHOG, one row with a missing PHOG value, as in SFEW) and a class-folder tree
+of PNG frames.
+"""
+
+import csv
+import logging
+import sys
+import types
+
+import numpy as np
+import openpyxl
+import pytest
+from PIL import Image
+
+from jaxprune import data
+
+HEADER = [None, "label"] + [f"LPQ feature {i}" for i in range(1, 6)] + [
+    f"PHOG feature {i}" for i in range(1, 6)]
+COUNTS = [4, 3, 4, 4, 4, 4, 4]  # disgust is smaller, as in SFEW
+MISSING_ROW = COUNTS[0] + COUNTS[1] + 1  # a fear row, 0-based among data rows
+MISSING_COL = 9  # PHOG feature 3
+FOLDERS = ["Angry", "disgust", "FEAR", "Happy", "neutral", "Sad", "SURPRISE"]
+H, W = 12, 15
+
+
+def _rows(seed=0):
+  rng = np.random.default_rng(seed)
+  rows = []
+  for label, n in enumerate(COUNTS):
+    for j in range(n):
+      person = (label * 3 + j) % 9 + 1
+      name = f"Movie{label}_{j:09d}_{person:08d}.mat"
+      rows.append([name, label + 1, *rng.normal(2.0, 3.0, 5).tolist(),
+                   *rng.normal(-1.0, 0.5, 5).tolist()])
+  rows[MISSING_ROW][MISSING_COL] = None
+  return rows
+
+
+def write_csv(path, rows, header=HEADER):
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    if header is not None:
+      writer.writerow(["" if h is None else h for h in header])
+    for row in rows:
+      writer.writerow(["" if v is None else v for v in row])
+  return path
+
+
+def write_xlsx(path, rows, header=HEADER, sheets=("SFEW.csv",)):
+  book = openpyxl.Workbook()
+  book.remove(book.active)
+  for title in sheets:
+    sheet = book.create_sheet(title)
+    if header is not None:
+      sheet.append(header)
+    for row in rows:
+      sheet.append(row)
+  book.save(path)
+  return path
+
+
+def write_tree(root, counts=(3, 2, 3, 3, 3, 3, 3), size=(H, W), box=False, seed=0):
+  rng = np.random.default_rng(seed)
+  root.mkdir(parents=True, exist_ok=True)
+  for label, (folder, n) in enumerate(zip(FOLDERS, counts)):
+    (root / folder).mkdir(exist_ok=True)
+    for j in range(n):
+      pixels = rng.integers(0, 200, size=(*size, 3), dtype=np.uint8)
+      if box and j % 2 == 0:
+        pixels[2:7, 3:9] = 255  # the "face" the fake detector finds
+      name = f"Movie{label}_{j:09d}_{(label + j) % 4 + 1:08d}.png"
+      Image.fromarray(pixels).save(root / folder / name)
+  return root
+
+
+@pytest.fixture
+def csv_file(tmp_path):
+  return write_csv(tmp_path / "SFEW.csv", _rows())
+
+
+@pytest.fixture
+def xlsx_file(tmp_path):
+  return write_xlsx(tmp_path / "SFEW.xlsx", _rows())
+
+
+@pytest.fixture
+def tree(tmp_path):
+  return write_tree(tmp_path / "sfew")
+
+
+# ---------------------------------------------------------------------------
+# Features
+# ---------------------------------------------------------------------------
+
+
+def _check_features(ds, rows):
+  kept = [r for i, r in enumerate(rows) if i != MISSING_ROW]
+  assert len(ds) == sum(COUNTS) - 1 and ds.x.shape == (len(kept), 10)
+  expected_counts = list(COUNTS)
+  expected_counts[2] -= 1
+  assert ds.class_counts().tolist() == expected_counts
+  np.testing.assert_array_equal(ds.y, [r[1] - 1 for r in kept])
+  np.testing.assert_allclose(ds.x, np.array([r[2:] for r in kept], np.float32),
+                             rtol=1e-6)
+  assert ds.info["names"] == tuple(r[0] for r in kept)
+  np.testing.assert_array_equal(ds.groups, [r[0].split("_")[-1][:-4] for r in kept])
+  assert ds.class_names == data.SFEW_CLASS_NAMES
+  assert ds.info["num_dropped"] == 1
+  (dropped,) = ds.info["dropped"]
+  assert dropped["row"] == MISSING_ROW + 2  # header is row 1
+  assert dropped["name"] == rows[MISSING_ROW][0]
+  assert "PHOG feature 3" in dropped["reason"]
+  assert ds.info["blocks"] == ((0, 5), (5, 10))
+
+
+def test_csv_and_xlsx_load_the_same(csv_file, xlsx_file, caplog):
+  rows = _rows()
+  with caplog.at_level(logging.WARNING):
+    from_csv = data.load_sfew_features(csv_file)
+  assert "dropped 1 row" in caplog.text and rows[MISSING_ROW][0] in caplog.text
+  from_xlsx = data.load_sfew_features(xlsx_file)
+  _check_features(from_csv, rows)
+  _check_features(from_xlsx, rows)
+  np.testing.assert_array_equal(from_csv.x, from_xlsx.x)
+
+
+def test_folder_path_and_dispatch(xlsx_file):
+  ds = data.load_sfew_features(xlsx_file.parent)
+  assert ds.info["path"].endswith("SFEW.xlsx")
+  assert len(data.load("sfew_features", path=xlsx_file.parent)) == len(ds)
+
+
+def test_normalisation_statistics(csv_file):
+  ds = data.load_sfew_features(csv_file)
+  train, test = data.train_test_split(ds, test_fraction=0.25, seed=0)
+  # Per descriptor block: one scalar mean/std for LPQ and one for PHOG.
+  tr, te, scaler = data.standardize_split(train, test, blocks=ds.info["blocks"])
+  np.testing.assert_allclose(scaler.mean[:5], train.x[:, :5].mean(), rtol=1e-5)
+  np.testing.assert_allclose(scaler.std[5:], train.x[:, 5:].std(), rtol=1e-5)
+  for block in (slice(0, 5), slice(5, 10)):
+    assert abs(tr.x[:, block].mean()) < 1e-5
+    assert abs(tr.x[:, block].std() - 1) < 1e-5
+  np.testing.assert_allclose(te.x, (test.x - scaler.mean) / scaler.std, rtol=1e-5)
+  # Global per-feature z-score.
+  tr, _, _ = data.standardize_split(train, test)
+  np.testing.assert_allclose(tr.x.mean(0), 0, atol=1e-5)
+  np.testing.assert_allclose(tr.x.std(0), 1, atol=1e-4)
+
+
+def test_person_independent_split_of_sfew(csv_file):
+  ds = data.load_sfew_features(csv_file)
+  for tr, te in data.kfold(ds, n_splits=3, seed=0, person_independent=True):
+    assert not set(ds.groups[tr]) & set(ds.groups[te])
+
+
+def test_labels_as_class_names_and_headerless(tmp_path):
+  rows = _rows()
+  for row in rows:
+    row[1] = data.SFEW_CLASS_NAMES[row[1] - 1].upper() if row[1] % 2 else \
+        data.SFEW_CLASS_NAMES[row[1] - 1].capitalize()
+  ds = data.load_sfew_features(write_csv(tmp_path / "names.csv", rows))
+  _check_features(ds, _rows())
+  ds = data.load_sfew_features(write_csv(tmp_path / "bare.csv", _rows(), header=None))
+  assert len(ds) == sum(COUNTS) - 1 and ds.info["header"] is None
+  assert ds.info["dropped"][0]["row"] == MISSING_ROW + 1
+
+
+def test_blank_rows_and_trailing_columns_are_reported(tmp_path):
+  rows = _rows()
+  rows.insert(3, [None] * 12)
+  rows = [r + [None] for r in rows]
+  ds = data.load_sfew_features(write_xlsx(tmp_path / "SFEW.xlsx", rows,
+                                          header=HEADER + [None]))
+  assert len(ds) == sum(COUNTS) - 1 and ds.info["blank_rows"] == [5]
+
+
+def test_sheet_choice(tmp_path):
+  path = write_xlsx(tmp_path / "two.xlsx", _rows(), sheets=("notes", "SFEW.csv"))
+  assert len(data.load_sfew_features(path)) == sum(COUNTS) - 1
+  path = write_xlsx(tmp_path / "amb.xlsx", _rows(), sheets=("a", "b"))
+  with pytest.raises(ValueError, match="sheet"):
+    data.load_sfew_features(path)
+  assert len(data.load_sfew_features(path, sheet="b")) == sum(COUNTS) - 1
+  with pytest.raises(ValueError, match="no sheet 'c'"):
+    data.load_sfew_features(path, sheet="c")
+
+
+def test_missing_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"SFEW.xlsx.*LPQ feature"):
+    data.load_sfew_features(tmp_path / "SFEW.xlsx")
+  with pytest.raises(FileNotFoundError, match="No SFEW.xlsx or SFEW.csv"):
+    data.load_sfew_features(tmp_path)
+
+
+def test_missing_and_extra_columns(tmp_path):
+  rows = [r[:11] for r in _rows()]
+  path = write_csv(tmp_path / "short.csv", rows, header=HEADER[:11])
+  with pytest.raises(ValueError, match=r"short.csv: missing columns: found 11"):
+    data.load_sfew_features(path)
+  rows = [r + [1.0] for r in _rows()]
+  path = write_csv(tmp_path / "long.csv", rows, header=HEADER + ["extra"])
+  with pytest.raises(ValueError, match="unexpected extra columns"):
+    data.load_sfew_features(path)
+
+
+def test_misnamed_columns(tmp_path):
+  header = list(HEADER)
+  header[6], header[7] = header[7], header[6]  # LPQ 5 and PHOG 1 swapped
+  path = write_xlsx(tmp_path / "SFEW.xlsx", _rows(), header=header)
+  with pytest.raises(ValueError, match=r"column 7 is 'PHOG feature 1', expected LPQ"):
+    data.load_sfew_features(path)
+  assert len(data.load_sfew_features(path, strict_header=False)) == sum(COUNTS) - 1
+  header = list(HEADER)
+  header[1] = "lable"
+  path = write_csv(tmp_path / "lable.csv", _rows(), header=header)
+  with pytest.raises(ValueError, match="column 2 is 'lable'"):
+    data.load_sfew_features(path)
+  header = list(HEADER)
+  header[4] = "LPQ feature 9"
+  path = write_csv(tmp_path / "num.csv", _rows(), header=header)
+  with pytest.raises(ValueError, match="expected LPQ feature 3"):
+    data.load_sfew_features(path)
+
+
+@pytest.mark.parametrize("label", [8, 0, "contempt", 2.5])
+def test_unknown_label(tmp_path, label):
+  rows = _rows()
+  rows[5][1] = label
+  path = write_xlsx(tmp_path / "SFEW.xlsx", rows)
+  with pytest.raises(ValueError, match=rf"row 7 \({rows[5][0]}\): unknown label"):
+    data.load_sfew_features(path)
+
+
+def test_non_numeric_feature(tmp_path):
+  rows = _rows()
+  rows[2][4] = "abc"
+  path = write_csv(tmp_path / "SFEW.csv", rows)
+  with pytest.raises(ValueError, match=r"row 4 .*column 5 \(LPQ feature 3\): 'abc'"):
+    data.load_sfew_features(path)
+
+
+def test_empty_class(tmp_path):
+  rows = [r for r in _rows() if r[1] != 2]
+  path = write_csv(tmp_path / "SFEW.csv", rows)
+  with pytest.raises(ValueError, match="class\\(es\\) disgust"):
+    data.load_sfew_features(path)
+
+
+def test_missing_label_and_name_are_dropped(tmp_path):
+  rows = _rows()
+  rows[0][1] = None
+  rows[1][0] = None
+  ds = data.load_sfew_features(write_csv(tmp_path / "SFEW.csv", rows))
+  reasons = {d["row"]: d["reason"] for d in ds.info["dropped"]}
+  assert reasons[2] == "missing label" and reasons[3] == "missing image name"
+  assert len(ds) == sum(COUNTS) - 3
+
+
+def test_bad_files(tmp_path):
+  bad = tmp_path / "SFEW.xlsx"
+  bad.write_text("not a workbook")
+  with pytest.raises(ValueError, match="not a readable .xlsx"):
+    data.load_sfew_features(bad)
+  other = tmp_path / "SFEW.json"
+  other.write_text("{}")
+  with pytest.raises(ValueError, match="expected a .xlsx or .csv"):
+    data.load_sfew_features(other)
+  empty = tmp_path / "empty.csv"
+  empty.write_text("")
+  with pytest.raises(ValueError, match="empty"):
+    data.load_sfew_features(empty)
+
+
+def test_person_id_and_parse_label():
+  assert data.person_id("Movie_000519240_00000005.mat") == "00000005"
+  assert data.person_id("Angry/Movie_1_00000007.png") == "00000007"
+  assert data.parse_label(1) == 0 and data.parse_label("7") == 6
+  assert data.parse_label(" neutral ") == 4 and data.parse_label(3.0) == 2
+  assert data.parse_label(True) is None and data.parse_label("x") is None
+
+
+# ---------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_tree(tree, channels):
+  ds = data.load_sfew_images(tree, size=(8, 6), channels=channels,
+                             expected_size=(H, W))
+  assert ds.x.shape == (20, 8, 6, channels) and ds.x.dtype == np.float32
+  assert ds.class_counts().tolist() == [3, 2, 3, 3, 3, 3, 3]
+  assert 0.0 <= ds.x.min() and ds.x.max() <= 1.0
+  assert ds.info["names"][3] == "disgust/Movie1_000000000_00000002.png"
+  assert ds.groups[3] == "00000002"
+  assert ds.info["skipped"] == [] and ds.info["no_face"] == []
+  # Pixel values: the resize of the file as PIL does it, in [0, 1].
+  with Image.open(tree / "Angry" / "Movie0_000000000_00000001.png") as im:
+    ref = im.convert("L" if channels == 1 else "RGB").resize(
+        (6, 8), Image.Resampling.BILINEAR)
+  np.testing.assert_allclose(ds.x[0].squeeze(-1) if channels == 1 else ds.x[0],
+                             np.asarray(ref) / 255.0, atol=1e-6)
+
+
+def test_image_tree_deterministic_and_dispatch(tree):
+  a = data.load_sfew_images(tree, size=(5, 5), expected_size=None)
+  b = data.load("sfew_images", path=tree, size=(5, 5), expected_size=None,
+                num_threads=1)
+  np.testing.assert_array_equal(a.x, b.x)
+  np.testing.assert_array_equal(a.y, b.y)
+
+
+def test_unexpected_image_size(tree):
+  with pytest.raises(ValueError, match=r"Angry/Movie0_000000000_00000001.png: image is"
+                     r" 12x15 \(height x width\), expected 576x720"):
+    data.load_sfew_images(tree, size=(8, 8))
+  write_tree(tree, counts=(1, 0, 0, 0, 0, 0, 0), size=(10, 10), seed=1)
+  # Overwrote Angry's first file with a 10x10 frame.
+  with pytest.raises(ValueError, match="10x10"):
+    data.load_sfew_images(tree, size=(8, 8), expected_size=(H, W))
+  ds = data.load_sfew_images(tree, size=(8, 8), expected_size=(H, W), on_error="skip")
+  assert len(ds) == 19 and "10x10" in ds.info["skipped"][0]["reason"]
+
+
+def test_non_image_and_unreadable_files(tree, caplog):
+  (tree / "Angry" / "notes.txt").write_text("hello")
+  with pytest.raises(ValueError, match=r"Angry/notes.txt: not an image file"):
+    data.load_sfew_images(tree, size=(8, 8), expected_size=None)
+  (tree / "Angry" / "notes.txt").unlink()
+  (tree / "Sad" / "broken.png").write_bytes(b"\x89PNG not really")
+  with pytest.raises(ValueError, match=r"Sad/broken.png: not a readable image"):
+    data.load_sfew_images(tree, size=(8, 8), expected_size=None)
+  (tree / "Angry" / "notes.txt").write_text("hello")
+  with caplog.at_level(logging.WARNING):
+    ds = data.load_sfew_images(tree, size=(8, 8), expected_size=None, on_error="skip")
+  assert len(ds) == 20 and ds.info["num_skipped"] == 2
+  assert {s["path"] for s in ds.info["skipped"]} == {"Angry/notes.txt", "Sad/broken.png"}
+  assert "skipped 2 entries" in caplog.text
+
+
+def test_hidden_and_stray_entries_are_reported(tree):
+  (tree / ".DS_Store").write_bytes(b"x")
+  (tree / "SFEW.xlsx").write_bytes(b"x")
+  (tree / "Happy" / ".hidden.png").write_bytes(b"x")
+  (tree / "Happy" / "extra").mkdir()
+  ds = data.load_sfew_images(tree, size=(8, 8), expected_size=None)
+  assert len(ds) == 20
+  reasons = {s["path"]: s["reason"] for s in ds.info["skipped"]}
+  assert reasons == {
+      ".DS_Store": "hidden entry",
+      "SFEW.xlsx": "file beside the class folders",
+      "Happy/.hidden.png": "hidden entry",
+      "Happy/extra": "sub-folder inside a class folder",
+  }
+
+
+def test_tree_layout_errors(tmp_path, tree):
+  with pytest.raises(FileNotFoundError, match=r"is not a folder.*Angry, Disgust"):
+    data.load_sfew_images(tmp_path / "nowhere", size=(8, 8))
+  (tree / "Contempt").mkdir()
+  with pytest.raises(ValueError, match="folder 'Contempt' is not a class"):
+    data.load_sfew_images(tree, size=(8, 8), expected_size=None)
+  assert len(data.load_sfew_images(tree, size=(8, 8), expected_size=None,
+                                   on_error="skip")) == 20
+  (tree / "Contempt").rmdir()
+  (tree / "ANGRY").mkdir()
+  with pytest.raises(ValueError, match="two folders for class 'angry'"):
+    data.load_sfew_images(tree, size=(8, 8), expected_size=None)
+  (tree / "ANGRY").rmdir()
+  for f in (tree / "Sad").iterdir():
+    f.unlink()
+  with pytest.raises(ValueError, match="empty class"):
+    data.load_sfew_images(tree, size=(8, 8), expected_size=None)
+  (tree / "Sad").rmdir()
+  with pytest.raises(FileNotFoundError, match="no folder for class\\(es\\) sad"):
+    data.load_sfew_images(tree, size=(8, 8), expected_size=None)
+
+
+def test_image_argument_errors(tree):
+  with pytest.raises(ValueError, match="channels"):
+    data.load_sfew_images(tree, size=(8, 8), channels=4)
+  with pytest.raises(ValueError, match="size"):
+    data.load_sfew_images(tree, size=(8, 0))
+  with pytest.raises(ValueError, match="on_error"):
+    data.load_sfew_images(tree, size=(8, 8), on_error="ignore")
+
+
+def test_crop_faces_without_opencv(tree, monkeypatch):
+  monkeypatch.setitem(sys.modules, "cv2", None)  # makes `import cv2` fail
+  with pytest.raises(ImportError, match=r"pip install jaxprune\[face\]"):
+    data.load_sfew_images(tree, size=(8, 8), crop_faces=True)
+
+
+def test_crop_faces_with_a_detector(tmp_path, monkeypatch):
+  """A stand-in for OpenCV's cascade that 'detects' the white box."""
+  calls = {}
+
+  class FakeCascade:
+
+    def __init__(self, path):
+      calls["path"] = path
+
+    def empty(self):
+      return False
+
+    def detectMultiScale(self, gray, **kwargs):  # pylint: disable=invalid-name
+      del kwargs
+      rows, cols = np.nonzero(gray == 255)
+      if not rows.size:
+        return ()
+      return np.array([[cols.min(), rows.min(), cols.max() - cols.min() + 1,
+                        rows.max() - rows.min() + 1]])
+
+  fake = types.SimpleNamespace(CascadeClassifier=FakeCascade,
+                               data=types.SimpleNamespace(haarcascades="cascades/"))
+  monkeypatch.setitem(sys.modules, "cv2", fake)
+  tree = write_tree(tmp_path / "faces", box=True)
+  ds = data.load_sfew_images(tree, size=(5, 6), crop_faces=True, expected_size=None)
+  assert calls["path"] == "cascades/haarcascade_frontalface_default.xml"
+  assert len(ds.info["no_face"]) == 7  # the second frame of every class
+  face = ds.info["names"].index("Angry/Movie0_000000000_00000001.png")
+  np.testing.assert_allclose(ds.x[face], 1.0)  # the white box, cropped exactly
+  whole = ds.info["names"].index("Angry/Movie0_000000001_00000002.png")
+  assert ds.info["names"][whole] in ds.info["no_face"]
+  assert ds.x[whole].max() < 1.0
+
+
+# ---------------------------------------------------------------------------
+# TFDS builder
+# ---------------------------------------------------------------------------
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+def _source(config, data_dir, manual_dir):
+  from jaxprune.data import sfew_tfds  # registers 'sfew'
+  del sfew_tfds
+  return tfds.data_source(
+      f"sfew/{config}", data_dir=str(data_dir),
+      download_and_prepare_kwargs={
+          "download_config": tfds.download.DownloadConfig(manual_dir=str(manual_dir))})
+
+
+def test_tfds_features_build_and_read(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  write_xlsx(manual / "SFEW.xlsx", _rows())
+  source = _source("features", tmp_path / "tfds", manual)["train"]
+  direct = data.load_sfew_features(manual)
+  assert len(source) == len(direct) == sum(COUNTS) - 1
+  got = sorted((source[i]["name"].decode(), source[i]["label"],
+                tuple(source[i]["features"])) for i in range(len(source)))
+  want = sorted(zip(direct.info["names"], direct.y.tolist(), map(tuple, direct.x)))
+  for (n1, l1, f1), (n2, l2, f2) in zip(got, want):
+    assert n1 == n2 and l1 == l2
+    np.testing.assert_allclose(f1, f2, rtol=1e-6)
+  builder = tfds.builder("sfew/features", data_dir=str(tmp_path / "tfds"))
+  assert builder.info.metadata["dropped"][0]["name"] == _rows()[MISSING_ROW][0]
+  assert list(builder.info.splits["train"].filenames)[0].endswith(
+      ".array_record-00000-of-00001")
+  assert "tensorflow" not in sys.modules  # built and read without TensorFlow
+  # Read back through the helper, as a Dataset.
+  from jaxprune.data import sfew_tfds
+  ds = sfew_tfds.load_sfew_tfds("features", data_dir=tmp_path / "tfds",
+                                manual_dir=manual)
+  order = np.argsort(ds.info["names"])
+  np.testing.assert_allclose(ds.x[order], direct.x[np.argsort(direct.info["names"])],
+                             rtol=1e-6)
+  assert ds.info["blocks"] == data.FEATURE_BLOCKS
+
+
+def test_tfds_images_build_and_read(tmp_path):
+  manual = write_tree(tmp_path / "manual")
+  write_xlsx(manual / "SFEW.xlsx", _rows())  # both forms may share the folder
+  source = _source("images", tmp_path / "tfds", manual)["train"]
+  assert len(source) == 20
+  example = source[0]
+  assert example["image"].shape == (H, W, 3) and example["image"].dtype == np.uint8
+  from jaxprune.data import sfew_tfds
+  ds = sfew_tfds.load_sfew_tfds("images", data_dir=tmp_path / "tfds", size=(8, 6),
+                                channels=1, manual_dir=manual)
+  direct = data.load_sfew_images(manual, size=(8, 6), expected_size=None)
+  order_a, order_b = np.argsort(ds.info["names"]), np.argsort(direct.info["names"])
+  np.testing.assert_array_equal(ds.y[order_a], direct.y[order_b])
+  np.testing.assert_allclose(ds.x[order_a], direct.x[order_b], atol=1e-6)
+  np.testing.assert_array_equal(ds.groups[order_a], direct.groups[order_b])
+  builder = tfds.builder("sfew/images", data_dir=str(tmp_path / "tfds"))
+  assert {"path": "SFEW.xlsx", "reason": "file beside the class folders"} in \
+      builder.info.metadata["skipped"]
+
+
+def test_tfds_missing_manual_files(tmp_path):
+  with pytest.raises(AssertionError, match="SFEW.xlsx"):  # TFDS: empty manual dir
+    _source("features", tmp_path / "tfds", tmp_path / "nothing")
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  (manual / "readme.txt").write_text("x")
+  with pytest.raises(FileNotFoundError, match="No SFEW.xlsx or SFEW.csv"):
+    _source("features", tmp_path / "tfds2", manual)
+  with pytest.raises(FileNotFoundError, match="no folder for class"):
+    _source("images", tmp_path / "tfds3", manual)
+
+
+def test_tfds_registration_and_instructions():
+  from jaxprune.data import sfew_tfds
+  assert "sfew" in tfds.list_builders(with_community_datasets=False)
+  text = sfew_tfds.Sfew.MANUAL_DOWNLOAD_INSTRUCTIONS
+  for needle in ("SFEW.xlsx", "SFEW.csv", "<manual_dir>/Angry/", "Surprise"):
+    assert needle in text
+  assert [c.name for c in sfew_tfds.Sfew.BUILDER_CONFIGS] == ["features", "images"]
