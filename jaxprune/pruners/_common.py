@@ -1,0 +1,135 @@
+"""Helpers shared by the pruners: group lookup, input checks, unit vectors, zeroing units."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import units as units_lib
+from jaxprune.models.base import activation_fn
+
+PyTree = Any
+
+# Activations whose outputs are centred by distinctiveness: sigmoid lives in [0, 1] and is shifted
+# to [-0.5, 0.5]; the others are used as they are.
+SHIFT = {"sigmoid": 0.5, "tanh": 0.0, "relu": 0.0, "linear": 0.0}
+
+
+def resolve_groups(model_or_groups) -> Mapping[str, units_lib.UnitGroup]:
+  """A model's ``groups`` (or the groups mapping itself)."""
+  groups = model_or_groups.groups if hasattr(model_or_groups, "groups") else model_or_groups
+  if not isinstance(groups, Mapping):
+    raise TypeError("Pass a jaxprune model or its `groups` dict (name -> UnitGroup), got "
+                    f"{type(model_or_groups).__name__}.")
+  return groups
+
+
+def get_group(model_or_groups, name: str) -> units_lib.UnitGroup:
+  """The unit group called ``name``; a KeyError that lists the model's groups otherwise."""
+  return units_lib._check_group_name(resolve_groups(model_or_groups), name)
+
+
+def is_concrete(*xs) -> bool:
+  """True if no argument is a tracer (so values can be checked on the host)."""
+  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+
+
+def group_mask(unit_masks: Mapping[str, Any], group: units_lib.UnitGroup) -> jax.Array:
+  """The group's unit mask from ``unit_masks`` (all True if the group is not named)."""
+  if not isinstance(unit_masks, Mapping):
+    raise TypeError(f"unit_masks must be a dict from group name to bool vector, got "
+                    f"{type(unit_masks).__name__}.")
+  if group.name not in unit_masks:
+    return jnp.ones((group.size,), bool)
+  m = jnp.asarray(unit_masks[group.name])
+  if m.shape != (group.size,):
+    raise ValueError(f"Unit mask {group.name!r} has shape {m.shape}; group {group.name!r} has "
+                     f"{group.size} units, so it needs shape ({group.size},).")
+  return m.astype(bool)
+
+
+def with_mask(unit_masks: Mapping[str, Any], name: str, mask: jax.Array) -> dict:
+  out = dict(unit_masks)
+  out[name] = mask
+  return out
+
+
+def check_fraction(name: str, value) -> None:
+  """Raises if a concrete fraction lies outside [0, 1]."""
+  if is_concrete(value):
+    v = np.asarray(value)
+    if np.any(~np.isfinite(v)) or np.any(v < 0) or np.any(v > 1):
+      raise ValueError(f"{name} must lie in [0, 1], got {value}.")
+
+
+def activation_vectors(acts: jax.Array, group: units_lib.UnitGroup) -> jax.Array:
+  """(N, units) or (N, H, W, units) activations -> (units, P) with P = N*H*W, unshifted."""
+  shape = tuple(jnp.shape(acts))
+  if len(shape) < 2 or shape[-1] != group.size:
+    raise ValueError(
+        f"Activations of shape {shape} do not match group {group.name!r}: it has {group.size} "
+        "units, so activations need shape (N, units) or (N, H, W, units) with units last. Get "
+        f"them with model.activations(params, x, {group.name!r}).")
+  return jnp.asarray(acts).reshape(-1, group.size).T
+
+
+def check_finite(name: str, x) -> None:
+  if is_concrete(x) and not bool(jnp.all(jnp.isfinite(jnp.asarray(x)))):
+    raise ValueError(f"{name} contain NaN or infinite values; check the model (diverged "
+                     "training?) or the inputs before pruning.")
+
+
+def _is_kernel(leaf_shape) -> bool:
+  return len(leaf_shape) >= 2
+
+
+def incoming_vectors(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
+  """Each unit's incoming kernel weights, flattened: (units, fan_in) (conv: in_ch x k x k).
+
+  Only producer slices with two or more dimensions (kernels) are used; biases and
+  normalisation parameters are left out.
+  """
+  parts = []
+  for s in group.producers:
+    leaf = units_lib.get_path(params, s.path)
+    if _is_kernel(jnp.shape(leaf)):
+      v = units_lib.unit_view(leaf, s)
+      parts.append(v.reshape(v.shape[0], -1))
+  if not parts:
+    raise ValueError(f"Group {group.name!r} has no producer kernel slice to take incoming "
+                     "weights from.")
+  return jnp.concatenate(parts, axis=1)
+
+
+def outgoing_vectors(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
+  """Each unit's outgoing weights (every consumer slice, flattened and concatenated)."""
+  parts = [v.reshape(v.shape[0], -1) for v in units_lib.consumer_views(params, group)]
+  if not parts:
+    raise ValueError(f"Group {group.name!r} has no consumer slice (outgoing weights).")
+  return jnp.concatenate(parts, axis=1)
+
+
+def producer_bias(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
+  """The units' biases (zeros if the group has no 1-D producer slice named 'bias')."""
+  for s in group.producers:
+    if s.path[-1] == "bias":
+      return units_lib.unit_view(units_lib.get_path(params, s.path), s).reshape(group.size)
+  return jnp.zeros((group.size,), jnp.float32)
+
+
+def constant_output(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
+  """What each unit outputs if its incoming kernel is zero: act(bias)."""
+  return activation_fn(group.activation)(producer_bias(params, group))
+
+
+def zero_units(params: PyTree, group: units_lib.UnitGroup, keep: jax.Array) -> PyTree:
+  """Zeroes every slice (producer and consumer) of the units with ``keep`` False."""
+  out = params
+  for s in group.slices:
+    leaf = units_lib.get_path(out, s.path)
+    m = units_lib._mask_like(keep, jnp.shape(leaf), s)
+    out = units_lib.set_path(out, s.path, jnp.where(m, leaf, jnp.zeros((), leaf.dtype)))
+  return out

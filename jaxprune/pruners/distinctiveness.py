@@ -1,0 +1,640 @@
+"""Distinctiveness pruning (Gedeon and Harris): merge similar units, drop complementary ones.
+
+Each unit of a group is described by a vector: its activations over the P training patterns
+(sigmoid outputs shifted by -0.5 to [-0.5, 0.5]; tanh, relu and linear outputs unshifted), or its
+weights. Two units whose vectors make an angle below ``similar_deg`` compute nearly the same thing:
+one is removed and its outgoing weights are added to the other's. Two units at an angle above
+``complementary_deg`` nearly cancel: both are removed. Units whose activation is constant are
+removed and their constant contribution is folded into the next layer's bias (exact).
+
+One sweep computes all angles once and applies the qualifying actions in a fixed order:
+
+1. constant units (activation range over the patterns ``< constant_tol``), in index order;
+2. pairs, most extreme first, measured by how far the angle is past its threshold
+   (``similar_deg - angle`` or ``angle - complementary_deg``); ties go to similar before
+   complementary, then to the lower unit index (then the lower second index). In a similar pair
+   the lower index is kept. Thresholds are strict. A pair is applied only if neither unit has
+   taken part in an action in this sweep; with ``absorb=True`` a unit kept in a similar merge
+   may absorb further similar units.
+
+Masked units (False in the unit mask) never take part. Units with an all-zero vector (after the
+shift) have no angle and take part only as constants. If a sweep would remove every unit, the
+lowest-index non-constant unit it removed (else the lowest-index unit) is kept, without
+compensation, and ``report.kept_last`` says so.
+
+The pruners are factories (optax style): they close over the model's groups and the structural
+options and return a jit-compiled function whose numeric settings (angles, tolerance) are traced,
+so a sweep over thresholds is one ``jax.vmap`` and new values never recompile.
+
+The returned params are the merged params with every removed unit's slices (producer and
+consumer) set to zero, so ``model.apply(new_params, x)`` already computes the pruned network.
+
+Example:
+  >>> import jax, jaxprune
+  >>> from jaxprune.pruners import distinctiveness
+  >>> model = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
+  >>> params = model.init(jax.random.key(0))
+  >>> x = jax.random.normal(jax.random.key(1), (50, 4))
+  >>> prune = distinctiveness(model, 'hidden_0')
+  >>> acts = model.activations(params, x, 'hidden_0')
+  >>> params, masks, report = prune(params, jaxprune.unit_masks_ones(model), acts, 15.0, 165.0)
+  >>> actions = report_actions(report)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import units as units_lib
+from jaxprune.pruners import _common
+
+PyTree = Any
+
+NONE, SIMILAR, COMPLEMENTARY, CONSTANT = 0, 1, 2, 3
+KIND_NAMES = {SIMILAR: "similar", COMPLEMENTARY: "complementary", CONSTANT: "constant"}
+_DEFAULT_CANDIDATES = 2  # candidate pairs sorted on the fast path, per unit
+
+
+class SweepReport(NamedTuple):
+  """What one sweep did; fixed-size arrays so it can leave ``jit``/``vmap``.
+
+  Entries ``[:count]`` are the actions in the order they were applied.
+
+  Attributes:
+    first: (units,) int32. Similar: the kept unit (lower index). Complementary: the lower index.
+      Constant: the removed unit. -1 past ``count``.
+    second: (units,) int32. Similar: the removed unit. Complementary: the higher index (with
+      ``fold`` the only one removed). Constant: -1.
+    angle: (units,) float32 degrees (NaN for constants and past ``count``).
+    kind: (units,) int32: 1 similar, 2 complementary, 3 constant, 0 past ``count``.
+    count: () int32 number of actions.
+    min_angle: () float32, smallest angle between two units kept after the sweep (NaN if fewer
+      than two kept units have an angle).
+    max_angle: () float32, largest such angle.
+    kept_last: () bool, True if the sweep would have removed every unit and one was kept.
+    invalid: () bool, True if the input was bad under ``jit`` (NaN activations, thresholds
+      outside [0, 180] or ``similar_deg >= complementary_deg``): nothing was changed.
+  """
+
+  first: jax.Array
+  second: jax.Array
+  angle: jax.Array
+  kind: jax.Array
+  count: jax.Array
+  min_angle: jax.Array
+  max_angle: jax.Array
+  kept_last: jax.Array
+  invalid: jax.Array
+
+
+def report_actions(report: SweepReport) -> list[dict]:
+  """Host-side: the report's actions as a list of dicts (for one, un-vmapped, report).
+
+  Each dict has ``kind`` ('similar', 'complementary' or 'constant'), ``kept`` (tuple of unit
+  indices kept by the action), ``removed`` (tuple of indices removed) and ``angle`` (degrees,
+  None for constants).
+  """
+  r = jax.tree.map(np.asarray, report)
+  if r.count.ndim:
+    raise ValueError("report_actions takes one report; index a vmapped report first, e.g. "
+                     "jax.tree.map(lambda a: a[k], report).")
+  out = []
+  for n in range(int(r.count)):
+    kind, i, j = int(r.kind[n]), int(r.first[n]), int(r.second[n])
+    if kind == SIMILAR:
+      kept, removed = (i,), (j,)
+    elif kind == COMPLEMENTARY:
+      # With fold the lower unit is kept; the report cannot tell, so list both as acted on.
+      kept, removed = (), (i, j)
+    else:
+      kept, removed = (), (i,)
+    out.append({"kind": KIND_NAMES[kind], "kept": kept, "removed": removed,
+                "angle": None if kind == CONSTANT else float(r.angle[n])})
+  return out
+
+
+# ----------------------------------------------------------------------------- angles
+
+
+def pairwise_angles(vectors: jax.Array) -> jax.Array:
+  """Angles in degrees between the rows of ``vectors`` (units, dim); NaN for zero rows.
+
+  Stable everywhere: rows are normalised, and the angle is
+  ``2 * atan2(|u - v|, |u + v|)`` with the squared norms taken from the Gram matrix, so exact
+  duplicates give exactly 0 and exact opposites exactly 180.
+  """
+  v = jnp.asarray(vectors, jnp.float32)
+  n = jnp.linalg.norm(v, axis=1)
+  u = v / jnp.where(n > 0, n, 1.0)[:, None]
+  g = jnp.matmul(u, u.T, precision=jax.lax.Precision.HIGHEST)
+  d = jnp.diagonal(g)
+  s = d[:, None] + d[None, :]
+  diff2 = jnp.maximum(s - 2.0 * g, 0.0)
+  sum2 = jnp.maximum(s + 2.0 * g, 0.0)
+  ang = jnp.degrees(2.0 * jnp.arctan2(jnp.sqrt(diff2), jnp.sqrt(sum2)))
+  zero = n == 0
+  return jnp.where(zero[:, None] | zero[None, :], jnp.nan, ang)
+
+
+def _thresholds_ok(sim, comp, use_similar, use_comp):
+  ok = jnp.asarray(True)
+  if use_similar:
+    ok &= (sim >= 0) & (sim <= 180)
+  if use_comp:
+    ok &= (comp >= 0) & (comp <= 180)
+  if use_similar and use_comp:
+    ok &= sim < comp
+  return ok
+
+
+def check_thresholds(similar_deg, complementary_deg, *, similar: bool = True,
+                     complementary: bool = True) -> None:
+  """Raises ValueError for concrete thresholds outside [0, 180] or similar >= complementary."""
+  for name, val, used in (("similar_deg", similar_deg, similar),
+                          ("complementary_deg", complementary_deg, complementary)):
+    if used and _common.is_concrete(val):
+      v = np.asarray(val)
+      if v.ndim:
+        raise ValueError(f"{name} must be a scalar, got shape {v.shape}; to sweep several "
+                         "values use jax.vmap over the pruner.")
+      if not np.isfinite(v) or v < 0 or v > 180:
+        raise ValueError(f"{name} must be an angle in degrees in [0, 180], got {val}.")
+  if similar and complementary and _common.is_concrete(similar_deg, complementary_deg):
+    if float(similar_deg) >= float(complementary_deg):
+      raise ValueError(f"similar_deg ({similar_deg}) must be smaller than complementary_deg "
+                       f"({complementary_deg}); turn one rule off (similar=False or "
+                       "complementary=False) to use only the other.")
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+class _State(NamedTuple):
+  flags: jax.Array  # (units,) int32: bit 0 used in this sweep, bit 1 kept in a similar merge
+  pairs: jax.Array  # (units, 3) int32 rows (first, second, kind)
+  angle: jax.Array  # (units,) float32
+  count: jax.Array  # () int32
+
+
+_USED, _KEEPER = 1, 2
+
+
+def _take_pair(st: _State, i, j, is_sim, a, *, absorb) -> _State:
+  """Records pair (i, j) (i < j) as an action if its units are still available."""
+  fi, fj = st.flags[i], st.flags[j]
+  used_i, used_j = (fi & _USED) > 0, (fj & _USED) > 0
+  sim_ok = ~used_j & (~used_i | (absorb & ((fi & _KEEPER) > 0)))
+  do = jnp.where(is_sim, sim_ok, ~used_i & ~used_j)
+  new_fi = fi | _USED | jnp.where(is_sim, _KEEPER, 0)
+  flags = st.flags.at[i].set(jnp.where(do, new_fi, fi)).at[j].set(jnp.where(do, fj | _USED, fj))
+  row = jnp.stack([i, j, jnp.where(is_sim, SIMILAR, COMPLEMENTARY)]).astype(jnp.int32)
+  c = jnp.minimum(st.count, st.pairs.shape[0] - 1)
+  pairs = jax.lax.dynamic_update_slice(st.pairs, jnp.where(do, row, st.pairs[c])[None], (c, 0))
+  angle = st.angle.at[c].set(jnp.where(do, a, st.angle[c]))
+  return _State(flags, pairs, angle, st.count + do.astype(jnp.int32))
+
+
+def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_similar, use_comp,
+           use_const, absorb, fold, compensate, candidates):
+  """The selection: returns (keep, transfer, constants, report). All inputs may be traced."""
+  h = vecs.shape[0]
+  f32 = jnp.float32
+  vecs = jnp.where(active[:, None], vecs, 0.0)
+  norm = jnp.linalg.norm(vecs, axis=1)
+  ang = pairwise_angles(vecs)
+  const = active & is_const & ~bad if use_const else jnp.zeros((h,), bool)
+  ok = active & ~const & (norm > 0)
+  triu = jnp.asarray(np.triu(np.ones((h, h), bool), 1))
+  pair_ok = ok[:, None] & ok[None, :] & triu & ~bad
+  if use_similar:
+    is_sim = pair_ok & (sim - ang > 0)
+  else:
+    is_sim = jnp.zeros((h, h), bool)
+  if use_comp:
+    is_comp = pair_ok & (ang - comp > 0) & ~is_sim
+  else:
+    is_comp = jnp.zeros((h, h), bool)
+  excess = jnp.where(is_sim, sim - ang, jnp.where(is_comp, ang - comp, -jnp.inf))
+  qual = is_sim | is_comp
+  n_qual = jnp.sum(qual, dtype=jnp.int32)
+  n_const = jnp.sum(const, dtype=jnp.int32)
+  idx = jnp.arange(h, dtype=jnp.int32)
+
+  # Constants first, in index order; pairs follow them in the report.
+  cpos = jnp.where(const, jnp.cumsum(const) - 1, h)
+  crow = jnp.stack([idx, jnp.full((h,), -1, jnp.int32), jnp.full((h,), CONSTANT, jnp.int32)], 1)
+  st = _State(flags=jnp.where(const, _USED, 0).astype(jnp.int32),
+              pairs=jnp.zeros((h, 3), jnp.int32).at[cpos].set(crow, mode="drop"),
+              angle=jnp.full((h,), jnp.nan, f32), count=n_const)
+  take = functools.partial(_take_pair, absorb=absorb)
+
+  k = int(min(h * (h - 1) // 2, max(candidates * h, 1)))
+  flat_ex = excess.reshape(-1)
+  flat_comp = is_comp.reshape(-1)
+  flat_ang = ang.reshape(-1)
+
+  def fast(st):
+    # Few qualifying pairs: sort just those, then walk them in order.
+    vals, cand = jax.lax.top_k(jnp.where(qual, excess, -jnp.inf).reshape(-1), k)
+    cand = cand.astype(jnp.int32)
+    _, _, order = jax.lax.sort((-vals, flat_comp[cand].astype(jnp.int32), cand), num_keys=3)
+
+    def body(t, st):
+      p = order[t]
+      return take(st, p // h, p % h, ~flat_comp[p], flat_ang[p])
+
+    return jax.lax.fori_loop(0, jnp.minimum(n_qual, k), body, st)
+
+  def slow(st):
+    # Many qualifying pairs: repeatedly take the most extreme still-available pair. This is
+    # the same order as walking the sorted list, since availability only ever shrinks.
+    def step(carry):
+      st, _ = carry
+      u = (st.flags & _USED) > 0
+      kp = (st.flags & _KEEPER) > 0
+      sim_av = is_sim & ~u[None, :] & (~u[:, None] | (absorb & kp[:, None]))
+      comp_av = is_comp & ~u[:, None] & ~u[None, :]
+      ex = jnp.where(sim_av | comp_av, excess, -jnp.inf).reshape(-1)
+      m = jnp.max(ex)
+      tie = ex == m
+      sim_tie = tie & sim_av.reshape(-1)
+      p = jnp.where(jnp.any(sim_tie), jnp.argmax(sim_tie), jnp.argmax(tie)).astype(jnp.int32)
+      found = m > -jnp.inf
+      return take(st, p // h, p % h, ~flat_comp[p] & found, flat_ang[p]), ~found
+
+    st, _ = jax.lax.while_loop(lambda c: ~c[1], step, (st, jnp.asarray(False)))
+    return st
+
+  if k >= h * (h - 1) // 2:
+    st = fast(st)  # every pair fits: no fallback needed (and less to compile)
+  else:
+    st = jax.lax.cond(n_qual <= k, fast, slow, st)
+
+  # Turn the recorded actions into removals, a transfer matrix and folded constants.
+  n = jnp.arange(h)
+  first, second, kind = st.pairs[:, 0], st.pairs[:, 1], st.pairs[:, 2]
+  live = n < st.count
+  kind = jnp.where(live, kind, NONE)
+  first = jnp.where(live, first, -1)
+  second = jnp.where(live & (kind != CONSTANT), second, -1)
+  angle = jnp.where(live & (kind != CONSTANT), st.angle, jnp.nan)
+  is_s, is_c = kind == SIMILAR, kind == COMPLEMENTARY
+  gi = jnp.where(is_s | is_c, first, h)  # h: dropped
+  gj = jnp.where(is_s | is_c, second, h)
+  t_add = jnp.where(is_s, 1.0, -1.0 if fold else 0.0)
+  transfer = jnp.eye(h, dtype=f32).at[gi, gj].add(t_add, mode="drop")
+  removed = const | jnp.zeros((h,), bool).at[gj].set(True, mode="drop")
+  consts = jnp.where(const, const_val, 0.0).astype(f32)
+  if not fold:
+    removed = removed.at[jnp.where(is_c, first, h)].set(True, mode="drop")
+  if mean is not None and _complementary_folds(fold, compensate):
+    ci = jnp.where(is_c, first, h)
+    cj = jnp.where(is_c, second, h)
+    if fold:
+      consts = consts.at[cj].add(mean[jnp.clip(ci, 0, h - 1)] + mean[jnp.clip(cj, 0, h - 1)],
+                                 mode="drop")
+    else:
+      consts = consts.at[ci].add(mean[jnp.clip(ci, 0, h - 1)], mode="drop")
+      consts = consts.at[cj].add(mean[jnp.clip(cj, 0, h - 1)], mode="drop")
+
+  keep = active & ~removed
+  empty = jnp.any(active) & ~jnp.any(keep)
+  pref = active & ~const
+  r = jnp.where(jnp.any(pref), jnp.argmax(pref), jnp.argmax(active))
+  keep = keep.at[r].set(keep[r] | empty)
+  consts = consts.at[r].set(jnp.where(empty, 0.0, consts[r]))
+
+  kept_pairs = keep[:, None] & keep[None, :] & triu & ok[:, None] & ok[None, :]
+  any_pair = jnp.any(kept_pairs)
+  min_a = jnp.where(any_pair, jnp.min(jnp.where(kept_pairs, ang, jnp.inf)), jnp.nan)
+  max_a = jnp.where(any_pair, jnp.max(jnp.where(kept_pairs, ang, -jnp.inf)), jnp.nan)
+  report = SweepReport(first, second, angle, kind, st.count, min_a.astype(f32),
+                       max_a.astype(f32), empty & ~bad, bad)
+  # Bad input under jit: change nothing.
+  keep = jnp.where(bad, active, keep)
+  transfer = jnp.where(bad, jnp.eye(h, dtype=f32), transfer)
+  consts = jnp.where(bad, 0.0, consts)
+  return keep, transfer, consts, report
+
+
+def _complementary_folds(fold, compensate):
+  return fold or compensate
+
+
+def _apply(params, group, keep, transfer, consts, folds_constants):
+  params = units_lib.redistribute(params, group, transfer,
+                                  consts if folds_constants else None)
+  return _common.zero_units(params, group, keep)
+
+
+def _counted_jit(fn):
+  """jax.jit(fn) plus a count of how many times it was traced (for recompilation checks)."""
+  traces = [0]
+
+  def counted(*args):
+    traces[0] += 1
+    return fn(*args)
+
+  jitted = jax.jit(counted)
+  return jitted, (lambda: traces[0])
+
+
+# ----------------------------------------------------------------------------- public pruners
+
+
+@functools.lru_cache(maxsize=None)
+def _activation_core(g, similar, complementary, constants, absorb, compensate, fold,
+                     _candidates):
+  """The jitted sweep for one group and configuration (shared by equal factories)."""
+  shift = _common.SHIFT[g.activation]
+  folds = constants or (complementary and (compensate or fold))
+  cfg = dict(use_similar=similar, use_comp=complementary, use_const=constants, absorb=absorb,
+             fold=fold, compensate=compensate, candidates=_candidates)
+
+  def core(params, mask, acts, sim, comp, tol):
+    a = acts.reshape(-1, g.size).T.astype(jnp.float32)
+    mean = jnp.mean(a, axis=1)
+    is_const = (jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol
+    sim = jnp.asarray(sim, jnp.float32)
+    comp = jnp.asarray(comp, jnp.float32)
+    bad = ~_thresholds_ok(sim, comp, similar, complementary) | ~(tol >= 0)
+    bad |= ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], a, 0.0)))
+    keep, transfer, consts, report = _sweep(a - shift, mask, is_const, mean, mean, sim, comp,
+                                            bad, **cfg)
+    return _apply(params, g, keep, transfer, consts, folds), keep, report
+
+  return _counted_jit(core)
+
+
+def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
+                    complementary: bool = True, constants: bool = True, absorb: bool = False,
+                    compensate: bool = False, fold: bool = False,
+                    _candidates: int = _DEFAULT_CANDIDATES) -> Callable:
+  """Activation-based distinctiveness pruning of one unit group (Gedeon and Harris).
+
+  Args:
+    model_or_groups: a jaxprune model, or its ``groups`` dict.
+    group: the unit group's name, e.g. ``'hidden_0'`` or ``'conv_1'``.
+    similar: merge similar pairs (angle < ``similar_deg``).
+    complementary: remove complementary pairs (angle > ``complementary_deg``).
+    constants: remove constant units, folding their constant output into the next bias.
+    absorb: let a unit kept in a similar merge absorb further similar units in the same sweep.
+    compensate: when removing a complementary pair, add the two units' mean contributions
+      to the next layer's bias (exact only if their outgoing weights are equal).
+    fold: for a complementary pair, remove only the higher-index unit j: subtract its outgoing
+      weights from the kept unit i's and add ``mean(o_i + o_j)`` times them to the next bias
+      (exact when ``o_i + o_j`` is constant, e.g. sigmoid ``o_j = 1 - o_i``).
+
+  Returns:
+    ``prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
+    constant_tol=1e-6) -> (params, unit_masks, SweepReport)``. ``activations`` are the group's
+    activations over the patterns, (N, units) or (N, H, W, units) (then each unit's vector is its
+    N*H*W values); they must come from the params being pruned. Angles and the tolerance are
+    traced. With concrete inputs bad values raise ValueError; under ``jit``/``vmap`` they leave
+    everything unchanged and set ``report.invalid``. ``prune.trace_count()`` counts compilations.
+
+  Note:
+    Merging is exact (outputs unchanged) for exact duplicates and removing constants is exact
+    when the consumer reads the activations linearly (dense layers, flatten, and conv layers
+    away from 'SAME' padding borders). Through a max-pool only exact duplicates and constants
+    stay exact.
+  """
+  g = _common.get_group(model_or_groups, group)
+  if not (similar or complementary or constants):
+    raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
+  jitted, trace_count = _activation_core(g, similar, complementary, constants, absorb,
+                                        compensate, fold, _candidates)
+
+  def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
+            constant_tol=1e-6):
+    mask = _common.group_mask(unit_masks, g)
+    _common.activation_vectors(activations, g)  # shape check
+    _common.check_finite("Activations", activations)
+    check_thresholds(similar_deg, complementary_deg, similar=similar,
+                     complementary=complementary)
+    _check_tol(constant_tol)
+    new_params, keep, report = jitted(params, mask, jnp.asarray(activations), similar_deg,
+                                      complementary_deg, constant_tol)
+    return new_params, _common.with_mask(unit_masks, g.name, keep), report
+
+  prune.trace_count = trace_count
+  return prune
+
+
+def _check_tol(tol):
+  if _common.is_concrete(tol) and not float(tol) >= 0:
+    raise ValueError(f"constant_tol must be >= 0, got {tol}.")
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_core(g, source, similar, complementary, constants, absorb, _candidates):
+  """The jitted weight-based sweep for one group and configuration."""
+  cfg = dict(use_similar=similar, use_comp=complementary, use_const=constants, absorb=absorb,
+             fold=False, compensate=False, candidates=_candidates)
+
+  def core(params, mask, sim, comp, tol):
+    if source == "incoming":
+      v = _common.incoming_vectors(params, g)
+      const_val = _common.constant_output(params, g)
+    else:
+      v = _common.outgoing_vectors(params, g)
+      const_val = jnp.zeros((g.size,), jnp.float32)
+    v = v.astype(jnp.float32)
+    is_const = jnp.linalg.norm(v, axis=1) < tol
+    sim = jnp.asarray(sim, jnp.float32)
+    comp = jnp.asarray(comp, jnp.float32)
+    bad = ~_thresholds_ok(sim, comp, similar, complementary) | ~(tol >= 0)
+    bad |= ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], v, 0.0)))
+    keep, transfer, consts, report = _sweep(v, mask, is_const, const_val, None, sim, comp, bad,
+                                            **cfg)
+    return _apply(params, g, keep, transfer, consts, constants), keep, report
+
+  return _counted_jit(core)
+
+
+def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incoming",
+                           similar: bool = True, complementary: bool = True,
+                           constants: bool = True, absorb: bool = False,
+                           _candidates: int = _DEFAULT_CANDIDATES) -> Callable:
+  """Weight-based distinctiveness (Zheng; Dixit): the same sweep on weight vectors.
+
+  Each unit's vector is its incoming kernel weights (``source='incoming'``: a dense column, or a
+  conv filter flattened to in_ch x k x k; biases excluded) or its outgoing weights
+  (``source='outgoing'``: every consumer slice concatenated). No shift is applied.
+  "Constant" units are those whose weight vector has norm ``< constant_tol``: with zero incoming
+  weights a unit outputs act(bias) everywhere, which is folded into the next bias (exact); with
+  zero outgoing weights it contributes nothing and is simply removed. Complementary pairs are
+  removed without compensation (no activations to compute a mean from).
+
+  Returns:
+    ``prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6)
+    -> (params, unit_masks, SweepReport)``, jit-compiled with traced thresholds.
+
+  Example:
+    >>> import jax, jaxprune
+    >>> model = jaxprune.LeNet(input_shape=(16, 16, 1))
+    >>> params = model.init(jax.random.key(0))
+    >>> prune = weight_distinctiveness(model, 'conv_0')
+    >>> params, masks, report = prune(params, jaxprune.unit_masks_ones(model), 30.0, 150.0)
+  """
+  g = _common.get_group(model_or_groups, group)
+  if source not in ("incoming", "outgoing"):
+    raise ValueError(f"source must be 'incoming' or 'outgoing', got {source!r}.")
+  if not (similar or complementary or constants):
+    raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
+  jitted, trace_count = _weight_core(g, source, similar, complementary, constants, absorb,
+                                    _candidates)
+
+  def prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6):
+    mask = _common.group_mask(unit_masks, g)
+    check_thresholds(similar_deg, complementary_deg, similar=similar,
+                     complementary=complementary)
+    _check_tol(constant_tol)
+    new_params, keep, report = jitted(params, mask, similar_deg, complementary_deg,
+                                      constant_tol)
+    return new_params, _common.with_mask(unit_masks, g.name, keep), report
+
+  prune.trace_count = trace_count
+  return prune
+
+
+# ----------------------------------------------------------------------------- progressive
+
+
+class ProgressiveReport(NamedTuple):
+  """The trajectory of progressive distinctiveness; row 0 is the starting network.
+
+  Rows ``[:count]`` are valid; row s is the network after s steps.
+
+  Attributes:
+    units_kept: (units,) int32 kept units.
+    loss: (units,) float32 ``loss_fn(params)`` of the pruned network.
+    min_angle: (units,) float32 smallest angle between kept units (NaN with fewer than two).
+    unit_masks: (units, units) bool, the group's unit mask at each step.
+    count: () int32 number of valid rows.
+  """
+
+  units_kept: jax.Array
+  loss: jax.Array
+  min_angle: jax.Array
+  unit_masks: jax.Array
+  count: jax.Array
+
+
+def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], jax.Array], *,
+                                complementary: bool = False, constants: bool = True,
+                                compensate: bool = False) -> Callable:
+  """Removes the single most similar pair per step, down to one unit, recording the loss.
+
+  At each step the group's activations on ``x`` are recomputed from the current params; constant
+  units are removed (folded into the next bias), then the pair with the smallest angle is merged
+  (lower index kept). With ``complementary=True`` the pair with the largest angle is removed
+  instead when it is closer to 180 than the smallest angle is to 0 (and at least three units are
+  left). Runs as one compiled ``lax.scan`` of ``units - 1`` steps; ``loss_fn`` must be a JAX
+  function of the params (it sees the pruned params, removed units zeroed).
+
+  Args:
+    model: a jaxprune model (its ``activations`` method is used).
+    group: the unit group's name.
+    loss_fn: ``loss_fn(params) -> scalar``, e.g. the reconstruction error on the training set.
+    complementary: also remove complementary pairs.
+    constants: remove constant units at each step.
+    compensate: fold a removed complementary pair's mean contribution into the next bias.
+
+  Returns:
+    ``run(params, unit_masks, x, constant_tol=1e-6) -> (params, unit_masks,
+    ProgressiveReport)``; the returned params and masks are the final (one-unit) network.
+
+  Example:
+    >>> import jax, jaxprune
+    >>> model = jaxprune.Autoencoder(in_features=11, hidden=(10,))
+    >>> params = model.init(jax.random.key(0))
+    >>> x = jax.random.uniform(jax.random.key(1), (64, 11))
+    >>> loss = lambda p: jax.numpy.mean((model.apply(p, x) - x) ** 2)
+    >>> run = progressive_distinctiveness(model, 'hidden_0', loss)
+    >>> _, _, rep = run(params, jaxprune.unit_masks_ones(model), x)
+    >>> rep.units_kept[:3].tolist()
+    [10, 9, 8]
+  """
+  g = _common.get_group(model, group)
+  if not hasattr(model, "activations"):
+    raise TypeError("progressive_distinctiveness needs a jaxprune model (to recompute "
+                    "activations), not just its groups.")
+  shift = _common.SHIFT[g.activation]
+  h = g.size
+  triu = np.triu(np.ones((h, h), bool), 1)
+
+  def min_angle(ang, keep):
+    pm = keep[:, None] & keep[None, :] & jnp.asarray(triu) & jnp.isfinite(ang)
+    return jnp.where(jnp.any(pm), jnp.min(jnp.where(pm, ang, jnp.inf)), jnp.nan)
+
+  def step(params, mask, x, tol):
+    a = model.activations(params, x, g.name).reshape(-1, h).T.astype(jnp.float32)
+    mean = jnp.mean(a, axis=1)
+    const = mask & ((jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol) if constants else (
+        jnp.zeros((h,), bool))
+    # Keep at least one unit: never remove the last non-constant one as a constant.
+    const = jnp.where(jnp.sum(mask & ~const) == 0,
+                      const.at[jnp.argmax(mask)].set(False), const)
+    consts = jnp.where(const, mean, 0.0)
+    keep = mask & ~const
+    ang = pairwise_angles(jnp.where(keep[:, None], a - shift, 0.0))
+    pm = keep[:, None] & keep[None, :] & jnp.asarray(triu) & jnp.isfinite(ang)
+    n_kept = jnp.sum(keep)
+    flat = jnp.where(pm, ang, jnp.inf).reshape(-1)
+    p_sim = jnp.argmin(flat)
+    transfer = jnp.eye(h, dtype=jnp.float32)
+    has_pair = jnp.any(pm)
+    if complementary:
+      flat_c = jnp.where(pm, ang, -jnp.inf).reshape(-1)
+      p_comp = jnp.argmax(flat_c)
+      use_comp = has_pair & (n_kept >= 3) & (180.0 - flat_c[p_comp] < flat[p_sim])
+    else:
+      p_comp, use_comp = p_sim, jnp.asarray(False)
+    i_s, j_s = p_sim // h, p_sim % h
+    i_c, j_c = p_comp // h, p_comp % h
+    do_sim = has_pair & ~use_comp
+    transfer = transfer.at[i_s, j_s].add(jnp.where(do_sim, 1.0, 0.0))
+    keep = keep.at[j_s].set(keep[j_s] & ~do_sim)
+    keep = keep.at[i_c].set(keep[i_c] & ~use_comp).at[j_c].set(keep[j_c] & ~use_comp)
+    if compensate:
+      consts = consts.at[i_c].add(jnp.where(use_comp, mean[i_c], 0.0))
+      consts = consts.at[j_c].add(jnp.where(use_comp, mean[j_c], 0.0))
+    params = _apply(params, g, keep, transfer, consts, constants or compensate)
+    return params, keep, min_angle(ang, keep)
+
+  def run_core(params, mask, x, tol):
+    a0 = model.activations(params, x, g.name).reshape(-1, h).T.astype(jnp.float32)
+    ang0 = pairwise_angles(jnp.where(mask[:, None], a0 - shift, 0.0))
+    row0 = (jnp.sum(mask, dtype=jnp.int32), jnp.asarray(loss_fn(params), jnp.float32),
+            min_angle(ang0, mask), mask)
+
+    def body(carry, _):
+      params, mask, count = carry
+      live = jnp.sum(mask) > 1
+      new_p, new_m, ma = step(params, mask, x, tol)
+      params = jax.tree.map(lambda a, b: jnp.where(live, a, b), new_p, params)
+      mask = jnp.where(live, new_m, mask)
+      row = (jnp.sum(mask, dtype=jnp.int32), jnp.asarray(loss_fn(params), jnp.float32),
+             jnp.where(live, ma, jnp.nan), mask)
+      return (params, mask, count + live.astype(jnp.int32)), row
+
+    (params, mask, count), rows = jax.lax.scan(body, (params, mask, jnp.asarray(1, jnp.int32)),
+                                               None, length=h - 1)
+    rows = jax.tree.map(lambda r0, r: jnp.concatenate([r0[None], r]), row0, rows)
+    return params, mask, ProgressiveReport(rows[0], rows[1], rows[2], rows[3], count)
+
+  jitted = jax.jit(run_core)
+
+  def run(params, unit_masks, x, constant_tol=1e-6):
+    mask = _common.group_mask(unit_masks, g)
+    _check_tol(constant_tol)
+    params, mask, report = jitted(params, mask, x, constant_tol)
+    return params, _common.with_mask(unit_masks, g.name, mask), report
+
+  return run

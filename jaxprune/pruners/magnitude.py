@@ -1,0 +1,188 @@
+"""Magnitude-percentile pruning (Dixit) and random pruning with the same counts.
+
+Unstructured weight masks: of the weights still kept in scope, the ``round(fraction x
+remaining)`` with the smallest ``|w|`` are removed, so repeated calls prune a fraction of what is
+left (like ``torch.nn.utils.prune``). Scope is each selected layer on its own (``'layer'``) or all
+selected layers together (``'global'``). By default only leaves named ``kernel`` are pruned
+(biases and normalisation parameters are left alone).
+
+Counts are exact: the cut is found by an exact two-pass radix select on the bit patterns of
+``|w|`` (no sort), and ties at the cut are broken by position (lower flat index, in tree order,
+is removed first). ``round`` is round-half-to-even on ``fraction * remaining`` in float32.
+
+Example:
+  >>> import jax, jaxprune
+  >>> from jaxprune.pruners import magnitude_prune
+  >>> model = jaxprune.MLP(in_features=10, hidden=(20,), out_features=7)
+  >>> params = model.init(jax.random.key(0))
+  >>> params, wmask = magnitude_prune(params, None, 0.5)
+  >>> int(wmask['params']['hidden_0']['kernel'].sum())
+  100
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import masks as masks_lib
+from jaxprune.pruners import _common
+
+PyTree = Any
+
+_HI_BITS = 16  # first pass: bits 30..15 of the float32 pattern; second pass: bits 14..0
+_LO = 15
+
+
+def _leaf_paths(params) -> list[tuple[str, ...]]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  return [tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in flat]
+
+
+def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
+  """Indices (in ``jax.tree.leaves`` order) of the leaves to prune.
+
+  Args:
+    params: the params pytree.
+    select: None (every leaf named ``'kernel'``), a predicate ``select(path, leaf) -> bool``
+      with ``path`` a tuple of keys, or a sequence of paths (tuples or ``'a/b/c'`` strings).
+  """
+  paths = _leaf_paths(params)
+  leaves = jax.tree.leaves(params)
+  if select is None:
+    chosen = [i for i, p in enumerate(paths) if p and p[-1] == "kernel"]
+  elif callable(select):
+    chosen = [i for i, (p, l) in enumerate(zip(paths, leaves)) if select(p, l)]
+  else:
+    want = [tuple(s.split("/")) if isinstance(s, str) else tuple(s) for s in select]
+    index = {p: i for i, p in enumerate(paths)}
+    missing = [w for w in want if w not in index]
+    if missing:
+      raise KeyError(f"No parameter at {['/'.join(m) for m in missing]}; available leaves: "
+                     f"{['/'.join(p) for p in paths]}.")
+    chosen = sorted(index[w] for w in want)
+  if not chosen:
+    raise ValueError("The selection picks no parameter leaf to prune; pass select= (a "
+                     "predicate or a list of paths).")
+  return tuple(chosen)
+
+
+def _bits(scores: jax.Array) -> jax.Array:
+  """Non-negative float32 scores -> int32 bit patterns with the same order."""
+  return jax.lax.bitcast_convert_type(jnp.abs(scores.astype(jnp.float32)), jnp.int32)
+
+
+def _remove_smallest(bits: list[jax.Array], keep: list[jax.Array], k: jax.Array):
+  """Removal masks for exactly ``k`` of the kept entries with the smallest bit patterns.
+
+  Ties at the cut go to the lower flat index (leaves concatenated in order).
+  """
+  nb1, nb2 = 1 << _HI_BITS, 1 << _LO
+  hist1 = sum(jnp.bincount(jnp.where(m, b >> _LO, nb1).reshape(-1), length=nb1 + 1)[:nb1]
+              for b, m in zip(bits, keep))
+  cum1 = jnp.cumsum(hist1)
+  b1 = jnp.searchsorted(cum1, k, side="left").astype(jnp.int32)
+  b1 = jnp.minimum(b1, nb1 - 1)
+  r1 = k - (cum1[b1] - hist1[b1])
+  hist2 = sum(jnp.bincount(jnp.where(m & ((b >> _LO) == b1), b & (nb2 - 1), nb2).reshape(-1),
+                           length=nb2 + 1)[:nb2] for b, m in zip(bits, keep))
+  cum2 = jnp.cumsum(hist2)
+  b2 = jnp.minimum(jnp.searchsorted(cum2, r1, side="left").astype(jnp.int32), nb2 - 1)
+  r2 = r1 - (cum2[b2] - hist2[b2])
+  cut = (b1 << _LO) | b2
+  n_eq = hist2[b2]
+
+  def all_ties(_):
+    return [m & (b <= cut) for b, m in zip(bits, keep)]
+
+  def some_ties(_):
+    out, offset = [], jnp.zeros((), jnp.int32)
+    for b, m in zip(bits, keep):
+      eq = (m & (b == cut)).reshape(-1)
+      rank = offset + jnp.cumsum(eq, dtype=jnp.int32)
+      out.append((m & (b < cut)) | (eq & (rank <= r2)).reshape(b.shape))
+      offset = offset + jnp.sum(eq, dtype=jnp.int32)
+    return out
+
+  removed = jax.lax.cond(r2 == n_eq, all_ties, some_ties, None)
+  return [r & (k > 0) for r in removed]
+
+
+def _n_remove(fraction, remaining):
+  return jnp.round(jnp.asarray(fraction, jnp.float32) *
+                   remaining.astype(jnp.float32)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("selected", "scope", "random"))
+def _core(params, weight_masks, fraction, key, *, selected, scope, random):
+  leaves, treedef = jax.tree.flatten(params)
+  mleaves = jax.tree.leaves(weight_masks)
+  if random:
+    keys = jax.random.split(key, len(selected))
+    scores = [jax.random.uniform(kk, jnp.shape(leaves[i])) for kk, i in zip(keys, selected)]
+  else:
+    scores = [leaves[i] for i in selected]
+  bits = [_bits(s) for s in scores]
+  keep = [mleaves[i] for i in selected]
+  if scope == "global":
+    remaining = sum(jnp.sum(m, dtype=jnp.int32) for m in keep)
+    removed = _remove_smallest(bits, keep, _n_remove(fraction, remaining))
+  else:
+    removed = [_remove_smallest([b], [m], _n_remove(fraction, jnp.sum(m, dtype=jnp.int32)))[0]
+               for b, m in zip(bits, keep)]
+  new_m = list(mleaves)
+  for i, r in zip(selected, removed):
+    new_m[i] = mleaves[i] & ~r
+  new_masks = jax.tree.unflatten(treedef, new_m)
+  return masks_lib.apply_masks(params, new_masks), new_masks
+
+
+def _prune(params, weight_masks, fraction, key, scope, select, random):
+  if scope not in ("layer", "global"):
+    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+  _common.check_fraction("fraction", fraction)
+  if weight_masks is None:
+    weight_masks = masks_lib.ones_like(params)
+  masks_lib.check_weight_masks(params, weight_masks)
+  selected = select_leaves(params, select)
+  if not random:
+    leaves = jax.tree.leaves(params)
+    for i in selected:
+      _common.check_finite("Parameters", leaves[i])
+  if key is None:
+    key = jax.random.key(0)
+  return _core(params, weight_masks, jnp.asarray(fraction, jnp.float32), key,
+               selected=selected, scope=scope, random=random)
+
+
+def magnitude_prune(params: PyTree, weight_masks: PyTree | None = None, fraction=0.2, *,
+                    scope: str = "layer", select: Sequence | Callable | None = None):
+  """Removes the ``round(fraction x remaining)`` smallest-magnitude kept weights.
+
+  Args:
+    params: the params pytree.
+    weight_masks: current weight masks (bool pytree like ``params``), or None for all-True.
+    fraction: traced, in [0, 1]: the fraction of the *remaining* weights in scope to remove.
+    scope: ``'layer'`` (each selected leaf on its own) or ``'global'`` (all together).
+    select: which leaves to prune; see :func:`select_leaves` (default: leaves named kernel).
+
+  Returns:
+    ``(params, weight_masks)``: params with every masked weight zeroed, and the new masks.
+    Jit-compiled; a new fraction does not recompile. Bad fractions raise ValueError (on
+    concrete values); NaN weights raise ValueError.
+  """
+  return _prune(params, weight_masks, fraction, None, scope, select, random=False)
+
+
+def random_prune(params: PyTree, weight_masks: PyTree | None = None, fraction=0.2, *,
+                 key: jax.Array, scope: str = "layer",
+                 select: Sequence | Callable | None = None):
+  """Like :func:`magnitude_prune` with uniformly random scores: the same counts, random weights.
+
+  The baseline of the lottery-ticket experiment. ``key`` is a ``jax.random.key``.
+  """
+  return _prune(params, weight_masks, fraction, key, scope, select, random=True)

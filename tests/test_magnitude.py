@@ -1,0 +1,123 @@
+"""Tests for jaxprune.pruners.magnitude: exact counts, ties, repeated calls, random baseline."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+from jaxprune.pruners.magnitude import magnitude_prune, random_prune, select_leaves
+
+
+def _tree(key=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
+  return {"params": {
+      "conv": {"kernel": jax.random.normal(k1, (3, 3, 2, 4)), "bias": jnp.ones(4)},
+      "dense": {"kernel": jax.random.normal(k2, (36, 10)), "bias": jnp.ones(10)},
+      "out": {"kernel": jax.random.normal(k3, (10, 3)), "bias": jnp.ones(3)}}}
+
+
+def _numpy_layer(w, keep, fraction):
+  """Reference: remove round(f * remaining) smallest |w| among kept, ties by flat index."""
+  w, keep = np.asarray(w).ravel(), np.asarray(keep).ravel().copy()
+  k = int(np.round(np.float32(fraction) * np.float32(keep.sum())))
+  order = np.lexsort((np.arange(w.size), np.abs(w)))
+  order = order[keep[order]]
+  keep[order[:k]] = False
+  return keep
+
+
+def test_exact_counts_per_layer_and_repeated():
+  p = _tree()
+  m = None
+  ref = {n: np.ones(np.shape(p["params"][n]["kernel"]), bool).ravel()
+         for n in ("conv", "dense", "out")}
+  for _ in range(3):
+    q, m = magnitude_prune(p, m, 0.3)
+    for n in ref:
+      ref[n] = _numpy_layer(p["params"][n]["kernel"], ref[n], 0.3)
+      np.testing.assert_array_equal(np.asarray(m["params"][n]["kernel"]).ravel(), ref[n])
+      np.testing.assert_array_equal(m["params"][n]["bias"], True)  # biases untouched
+  # 72 -> 50 -> 35 -> 24 kept in conv (remove round(0.3 x remaining) each time)
+  assert int(m["params"]["conv"]["kernel"].sum()) == 72 - 22 - 15 - 10 == 25
+  # Pruned weights are zero in the returned params, others unchanged.
+  w = p["params"]["dense"]["kernel"]
+  np.testing.assert_array_equal(q["params"]["dense"]["kernel"],
+                                np.where(m["params"]["dense"]["kernel"], w, 0.0))
+
+
+def test_global_counts_and_threshold():
+  p = _tree(1)
+  q, m = magnitude_prune(p, None, 0.6, scope="global")
+  ws = [np.asarray(p["params"][n]["kernel"]).ravel() for n in ("conv", "dense", "out")]
+  ms = [np.asarray(m["params"][n]["kernel"]).ravel() for n in ("conv", "dense", "out")]
+  allw, allm = np.concatenate(ws), np.concatenate(ms)
+  assert allm.size - allm.sum() == round(0.6 * allw.size)
+  assert np.abs(allw[~allm]).max() <= np.abs(allw[allm]).min()
+  # Repeated global call prunes 0.6 of what is left.
+  _, m2 = magnitude_prune(p, m, 0.6, scope="global")
+  kept = int(sum(np.sum(m2["params"][n]["kernel"]) for n in ("conv", "dense", "out")))
+  assert kept == allm.sum() - round(0.6 * allm.sum())
+
+
+def test_ties_broken_by_position_exact_count():
+  p = {"params": {"a": {"kernel": jnp.array([[3., 1., 2.], [1., 5., 0.5]])},
+                  "b": {"kernel": jnp.ones((2, 2))}}}
+  _, m = magnitude_prune(p, None, 0.5, scope="global")  # remove 5 of 10: 0.5 then four 1s
+  np.testing.assert_array_equal(m["params"]["a"]["kernel"], [[1, 0, 1], [0, 1, 0]])
+  np.testing.assert_array_equal(m["params"]["b"]["kernel"], [[0, 0], [1, 1]])
+  _, m = magnitude_prune(p, None, 0.5)
+  np.testing.assert_array_equal(m["params"]["b"]["kernel"], [[0, 0], [1, 1]])
+  _, m = magnitude_prune(p, None, 0.0)
+  assert all(bool(np.all(x)) for x in jax.tree.leaves(m))
+  _, m = magnitude_prune(p, None, 1.0, scope="global")
+  assert not any(bool(np.any(x)) for x in jax.tree.leaves(m))
+
+
+def test_random_same_counts_and_key_dependence():
+  p = _tree(2)
+  _, mm = magnitude_prune(p, None, 0.45)
+  _, r1 = random_prune(p, None, 0.45, key=jax.random.key(1))
+  _, r2 = random_prune(p, None, 0.45, key=jax.random.key(2))
+  for n in ("conv", "dense", "out"):
+    assert int(r1["params"][n]["kernel"].sum()) == int(mm["params"][n]["kernel"].sum())
+  assert not np.array_equal(r1["params"]["dense"]["kernel"], r2["params"]["dense"]["kernel"])
+  assert not np.array_equal(r1["params"]["dense"]["kernel"], mm["params"]["dense"]["kernel"])
+  _, rg = random_prune(p, None, 0.45, key=jax.random.key(1), scope="global")
+  total = sum(np.size(p["params"][n]["kernel"]) for n in ("conv", "dense", "out"))
+  kept = sum(int(rg["params"][n]["kernel"].sum()) for n in ("conv", "dense", "out"))
+  assert total - kept == round(0.45 * total)
+
+
+def test_select_and_vmap_over_fractions():
+  p = _tree(3)
+  assert len(select_leaves(p)) == 3
+  _, m = magnitude_prune(p, None, 0.5, select=["params/dense/kernel", ("params", "out", "bias")])
+  assert bool(np.all(m["params"]["conv"]["kernel"]))
+  assert int(m["params"]["out"]["bias"].sum()) == 1  # 3 -> remove round(1.5) = 2
+  _, m = magnitude_prune(p, None, 0.5, select=lambda path, leaf: path[1] == "conv")
+  assert int(m["params"]["conv"]["kernel"].sum()) == 36 and int(m["params"]["conv"]["bias"].sum()) == 2
+  fr = jnp.array([0.1, 0.5, 0.9])
+  _, vm = jax.vmap(lambda f: magnitude_prune(p, None, f, scope="global"))(fr)
+  for n, f in enumerate(fr):
+    _, lm = magnitude_prune(p, None, float(f), scope="global")
+    for a, b in zip(jax.tree.leaves(vm), jax.tree.leaves(lm)):
+      np.testing.assert_array_equal(a[n], b)
+
+
+def test_bad_input():
+  p = _tree()
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    magnitude_prune(p, None, 1.5)
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    random_prune(p, None, -0.1, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="scope"):
+    magnitude_prune(p, None, 0.1, scope="model")
+  with pytest.raises(KeyError, match="No parameter"):
+    magnitude_prune(p, None, 0.1, select=["params/nope/kernel"])
+  with pytest.raises(ValueError, match="structure"):
+    magnitude_prune(p, {"params": {}}, 0.1)
+  bad = jax.tree.map(lambda a: a, p)
+  bad["params"]["out"] = dict(bad["params"]["out"], kernel=p["params"]["out"]["kernel"].at[0, 0].set(jnp.nan))
+  with pytest.raises(ValueError, match="NaN"):
+    magnitude_prune(bad, None, 0.1)
