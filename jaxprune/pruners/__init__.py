@@ -7,3 +7,13 @@ from jaxprune.pruners.distinctiveness import pairwise_angles
 from jaxprune.pruners.distinctiveness import progressive_distinctiveness
 from jaxprune.pruners.distinctiveness import report_actions
 from jaxprune.pruners.distinctiveness import weight_distinctiveness
+from jaxprune.pruners.importance import ImportanceResult
+from jaxprune.pruners.importance import IterativeReport
+from jaxprune.pruners.importance import importance_prune
+from jaxprune.pruners.importance import importance_scores
+from jaxprune.pruners.importance import iterative_importance
+from jaxprune.pruners.magnitude import magnitude_prune
+from jaxprune.pruners.magnitude import random_prune
+from jaxprune.pruners.magnitude import select_leaves
+from jaxprune.pruners.redundancy import RedundancyReport
+from jaxprune.pruners.redundancy import group_redundancy

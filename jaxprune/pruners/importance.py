@@ -1,0 +1,198 @@
+"""Importance-norm pruning (Luan): score units by the norm of their incoming kernel.
+
+A unit's importance is computed from its producer kernel slice a (a dense column, or a conv
+filter of in_ch x k x k weights; biases excluded):
+
+* ``'rms'``: ``I = sqrt(mean(a^2))`` (the paper's ``sqrt(1/k^2 sum a^2)``);
+* ``'l1'``: ``sum |a|``;  ``'l2'``: ``sqrt(sum a^2)``.
+
+One-shot pruning removes the k least important kept units; the iterative procedure removes the
+least important unit, re-evaluates a loss, and stops before the loss rises by more than
+``max_rise`` times the starting loss (0.1 in the study). Ties go to the lower unit index. A removed
+unit's slices are zeroed (no redistribution). At least one unit is always kept.
+
+Example:
+  >>> import jax, jaxprune
+  >>> from jaxprune.pruners import importance_prune
+  >>> model = jaxprune.LeNet(input_shape=(16, 16, 1))
+  >>> params = model.init(jax.random.key(0))
+  >>> prune = importance_prune(model, 'conv_0')
+  >>> params, masks, scores = prune(params, jaxprune.unit_masks_ones(model), 4)
+  >>> int(masks['conv_0'].sum())
+  12
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.pruners import _common
+
+PyTree = Any
+NORMS = ("rms", "l1", "l2")
+
+
+def importance_scores(params: PyTree, model_or_groups, group: str, norm: str = "rms"):
+  """(units,) importance of each unit of ``group`` from its incoming kernel weights."""
+  g = _common.get_group(model_or_groups, group)
+  return _scores(params, g, norm)
+
+
+def _scores(params, g, norm):
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+  v = _common.incoming_vectors(params, g).astype(jnp.float32)
+  if norm == "rms":
+    return jnp.sqrt(jnp.mean(v * v, axis=1))
+  if norm == "l1":
+    return jnp.sum(jnp.abs(v), axis=1)
+  return jnp.sqrt(jnp.sum(v * v, axis=1))
+
+
+def _order(scores, mask):
+  """Kept units from least to most important (stable: ties by lower index)."""
+  return jnp.argsort(jnp.where(mask, scores, jnp.inf), stable=True)
+
+
+class ImportanceResult(NamedTuple):
+  """One-shot result: ``scores`` (units,), ``removed`` () int32 and ``kept_last`` () bool."""
+
+  scores: jax.Array
+  removed: jax.Array
+  kept_last: jax.Array
+
+
+def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Callable:
+  """One-shot removal of the k least important kept units of ``group``.
+
+  Returns:
+    ``prune(params, unit_masks, k) -> (params, unit_masks, ImportanceResult)``; ``k`` is
+    traced. If ``k`` would remove every kept unit, the most important one is kept and
+    ``kept_last`` is True.
+  """
+  g = _common.get_group(model_or_groups, group)
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+
+  @jax.jit
+  def core(params, mask, k):
+    s = _scores(params, g, norm)
+    n = jnp.sum(mask, dtype=jnp.int32)
+    k = jnp.asarray(k, jnp.int32)
+    kk = jnp.clip(k, 0, jnp.maximum(n - 1, 0))
+    rank = jnp.zeros((g.size,), jnp.int32).at[_order(s, mask)].set(jnp.arange(g.size))
+    keep = mask & (rank >= kk)
+    return (_common.zero_units(params, g, keep), keep,
+            ImportanceResult(s, n - jnp.sum(keep, dtype=jnp.int32), (k >= n) & (n > 0)))
+
+  def prune(params, unit_masks, k):
+    mask = _common.group_mask(unit_masks, g)
+    if _common.is_concrete(k) and (int(k) < 0 or int(k) > g.size):
+      raise ValueError(f"k must be between 0 and the group size {g.size}, got {k}.")
+    params, keep, res = core(params, mask, k)
+    return params, _common.with_mask(unit_masks, g.name, keep), res
+
+  return prune
+
+
+class IterativeReport(NamedTuple):
+  """Per step of iterative importance pruning; row 0 is the start, rows ``[:count]`` valid.
+
+  Attributes:
+    units_kept: (units,) int32.
+    loss: (units,) float32 loss of the pruned network.
+    min_importance: (units,) float32 smallest importance among kept units.
+    removed: (units,) int32 the unit removed at step s (row s; -1 in row 0 and past count).
+    count: () int32.
+    stopped_loss: () float32 the loss of the rejected removal that stopped the loop (NaN if
+      it stopped because one unit was left).
+  """
+
+  units_kept: jax.Array
+  loss: jax.Array
+  min_importance: jax.Array
+  removed: jax.Array
+  count: jax.Array
+  stopped_loss: jax.Array
+
+
+def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree], jax.Array],
+                         *, norm: str = "rms") -> Callable:
+  """Removes the least important unit while the loss stays within ``max_rise`` of the start.
+
+  The whole loop is one ``lax.while_loop`` with ``loss_fn`` inside, so ``loss_fn`` must be a
+  JAX function of the params (it receives them with removed units zeroed); close over the data.
+  A removal is rejected, and the loop stops, when ``loss - loss0 > max_rise * |loss0|``.
+  Importance depends only on a unit's own incoming weights, so the order is fixed up front.
+
+  Returns:
+    ``run(params, unit_masks, max_rise=0.1) -> (params, unit_masks, IterativeReport)``;
+    ``max_rise`` is traced.
+
+  Example:
+    >>> import jax, jaxprune
+    >>> model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+    >>> params = model.init(jax.random.key(0))
+    >>> x = jax.random.normal(jax.random.key(1), (32, 4))
+    >>> y = model.apply(params, x)
+    >>> loss = lambda p: jax.numpy.mean((model.apply(p, x) - y) ** 2) + 1.0
+    >>> run = iterative_importance(model, 'hidden_0', loss)
+    >>> params, masks, rep = run(params, jaxprune.unit_masks_ones(model), 0.1)
+  """
+  g = _common.get_group(model_or_groups, group)
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+  h = g.size
+
+  @jax.jit
+  def core(params, mask, max_rise):
+    s = _scores(params, g, norm)
+    order = _order(s, mask)
+    loss = lambda m: jnp.asarray(loss_fn(_common.zero_units(params, g, m)), jnp.float32)
+    min_imp = lambda m: jnp.min(jnp.where(m, s, jnp.inf))
+    loss0 = loss(mask)
+    n0 = jnp.sum(mask, dtype=jnp.int32)
+    rows = (jnp.zeros((h,), jnp.int32).at[0].set(n0),
+            jnp.full((h,), jnp.nan, jnp.float32).at[0].set(loss0),
+            jnp.full((h,), jnp.nan, jnp.float32).at[0].set(min_imp(mask)),
+            jnp.full((h,), -1, jnp.int32))
+
+    def cond(c):
+      mask, step, _, stop, _ = c
+      return ~stop & (jnp.sum(mask) > 1)
+
+    def body(c):
+      mask, step, rows, _, _ = c
+      u = order[step]
+      new = mask.at[u].set(False)
+      l = loss(new)
+      ok = ~(l - loss0 > max_rise * jnp.abs(loss0))  # NaN loss also stops
+      mask = jnp.where(ok, new, mask)
+      pos = jnp.where(ok, step + 1, h)
+      rows = (rows[0].at[pos].set(jnp.sum(new, dtype=jnp.int32), mode="drop"),
+              rows[1].at[pos].set(l, mode="drop"),
+              rows[2].at[pos].set(min_imp(new), mode="drop"),
+              rows[3].at[pos].set(u.astype(jnp.int32), mode="drop"))
+      return mask, step + 1, rows, ~ok, jnp.where(ok, jnp.nan, l)
+
+    init = (mask, jnp.asarray(0, jnp.int32), rows, jnp.asarray(False),
+            jnp.asarray(jnp.nan, jnp.float32))
+    mask, step, rows, stop, stopped = jax.lax.while_loop(cond, body, init)
+    count = jnp.where(stop, step, step + 1)
+    return (_common.zero_units(params, g, mask), mask,
+            IterativeReport(rows[0], rows[1], rows[2], rows[3], count, stopped))
+
+  def run(params, unit_masks, max_rise=0.1):
+    mask = _common.group_mask(unit_masks, g)
+    if _common.is_concrete(max_rise) and not float(max_rise) >= 0:
+      raise ValueError(f"max_rise must be >= 0 (a fraction of the starting loss), got "
+                       f"{max_rise}.")
+    params, mask, rep = core(params, mask, max_rise)
+    return params, _common.with_mask(unit_masks, g.name, mask), rep
+
+  return run

@@ -1,0 +1,79 @@
+"""Tests for jaxprune.pruners.importance: scores, ranking, one-shot and iterative removal."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+from jaxprune.models.mlp import MLP
+from jaxprune.pruners.importance import (importance_prune, importance_scores,
+                                         iterative_importance)
+
+
+@pytest.fixture(scope="module")
+def model_params():
+  model = MLP(in_features=4, hidden=(5,), out_features=2, activation="relu")
+  params = model.init(jax.random.key(0))
+  k = jnp.array([[1., -2., 0.5, 3., 1.],
+                 [1., 2., 0.5, -3., 1.],
+                 [1., 2., -0.5, 3., 1.],
+                 [1., -2., 0.5, 3., -1.]])  # column norms: 2, 4, 1, 6, 2 (tie 0 and 4)
+  params["params"]["hidden_0"] = dict(params["params"]["hidden_0"], kernel=k)
+  return model, params
+
+
+def test_scores_rms_l1_l2(model_params):
+  model, params = model_params
+  np.testing.assert_allclose(importance_scores(params, model, "hidden_0"), [1, 2, .5, 3, 1])
+  np.testing.assert_allclose(importance_scores(params, model, "hidden_0", "l2"), [2, 4, 1, 6, 2])
+  np.testing.assert_allclose(importance_scores(params, model, "hidden_0", "l1"), [4, 8, 2, 12, 4])
+  # Conv: RMS over in_ch x k x k.
+  cnn = jaxprune.LeNet(input_shape=(16, 16, 1))
+  p = cnn.init(jax.random.key(1))
+  k = np.asarray(p["params"]["conv_1"]["kernel"])
+  np.testing.assert_allclose(importance_scores(p, cnn, "conv_1"),
+                             np.sqrt((k ** 2).reshape(-1, 32).mean(0)), rtol=1e-5)
+
+
+def test_one_shot_ranking_ties_and_keep_one(model_params):
+  model, params = model_params
+  prune = importance_prune(model, "hidden_0")
+  p2, m, res = prune(params, jaxprune.unit_masks_ones(model), 2)
+  np.testing.assert_array_equal(m["hidden_0"], [0, 1, 0, 1, 1])  # 2 first, then tie 0 < 4
+  assert int(res.removed) == 2 and not bool(res.kept_last)
+  np.testing.assert_array_equal(p2["params"]["hidden_0"]["kernel"][:, 0], 0.0)
+  np.testing.assert_array_equal(p2["params"]["out"]["kernel"][2], 0.0)
+  _, m, res = prune(params, {"hidden_0": jnp.array([0, 1, 1, 1, 1], bool)}, 5)
+  np.testing.assert_array_equal(m["hidden_0"], [0, 0, 0, 1, 0])
+  assert bool(res.kept_last)
+  with pytest.raises(ValueError, match="k must be"):
+    prune(params, jaxprune.unit_masks_ones(model), 9)
+  with pytest.raises(KeyError, match="hidden_0"):
+    importance_prune(model, "hidden_9")
+  with pytest.raises(ValueError, match="norm"):
+    importance_prune(model, "hidden_0", norm="l3")
+
+
+def test_iterative_stops_before_loss_rises(model_params):
+  model, params = model_params
+  # Loss = 1 + (number of removed units among {1, 3})^2-ish: removing 2, 0, 4 is free,
+  # removing 1 raises it by 5% and 3 by 50%.
+  def loss_fn(p):
+    k = p["params"]["hidden_0"]["kernel"]
+    gone = lambda u: jnp.all(k[:, u] == 0).astype(jnp.float32)
+    return 1.0 + 0.05 * gone(1) + 0.5 * gone(3)
+  run = iterative_importance(model, "hidden_0", loss_fn)
+  _, m, rep = run(params, jaxprune.unit_masks_ones(model), 0.1)
+  np.testing.assert_array_equal(m["hidden_0"], [0, 0, 0, 1, 0])
+  assert int(rep.count) == 5
+  np.testing.assert_array_equal(rep.units_kept[:5], [5, 4, 3, 2, 1])
+  np.testing.assert_array_equal(rep.removed[1:5], [2, 0, 4, 1])
+  np.testing.assert_allclose(rep.loss[:5], [1, 1, 1, 1, 1.05], rtol=1e-6)
+  np.testing.assert_allclose(rep.min_importance[:5], [.5, 1, 1, 2, 3])
+  # A tighter threshold (traced, no recompilation) stops before removing unit 1.
+  _, m, rep = run(params, jaxprune.unit_masks_ones(model), 0.01)
+  np.testing.assert_array_equal(m["hidden_0"], [0, 1, 0, 1, 0])
+  assert int(rep.count) == 4 and float(rep.stopped_loss) == pytest.approx(1.05)
+  with pytest.raises(ValueError, match="max_rise"):
+    run(params, jaxprune.unit_masks_ones(model), -1.0)

@@ -1,0 +1,74 @@
+"""Tests for jaxprune.pruners.redundancy: exact removal of planted linear combinations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+from jaxprune.models.mlp import MLP
+from jaxprune.pruners.redundancy import group_redundancy
+
+
+def test_planted_linear_combination_is_exact():
+  # A linear hidden layer: unit 4 = 2*unit0 - unit1 + 0.5 (bias), so its activation is an exact
+  # affine combination of units 0 and 1.
+  model = MLP(in_features=6, hidden=(6,), out_features=3, activation="linear")
+  params = model.init(jax.random.key(0))
+  k = params["params"]["hidden_0"]["kernel"]
+  b = params["params"]["hidden_0"]["bias"]
+  k = k.at[:, 4].set(2 * k[:, 0] - k[:, 1])
+  b = b.at[4].set(2 * b[0] - b[1] + 0.5)
+  params["params"]["hidden_0"] = dict(kernel=k, bias=b)
+  x = jax.random.normal(jax.random.key(1), (80, 6))
+  acts = model.activations(params, x, "hidden_0")
+  prune = group_redundancy(model, "hidden_0")
+  p2, m, rep = prune(params, jaxprune.unit_masks_ones(model), acts, 1e-3)
+  assert int(rep.count) == 1
+  assert int(np.sum(m["hidden_0"])) == 5
+  j = int(rep.removed[0])
+  assert j in (0, 1, 4)  # any of the three is an exact combination of the other two
+  np.testing.assert_allclose(model.apply(p2, x), model.apply(params, x), atol=2e-4)
+  if j == 4:
+    np.testing.assert_allclose(rep.coef[0, :2], [2, -1], atol=1e-3)
+    assert float(rep.intercept[0]) == pytest.approx(0.5, abs=1e-3)
+  # Tolerance 0 (traced): nothing is exact to 0 in float32 except constants.
+  _, m0, rep0 = prune(params, jaxprune.unit_masks_ones(model), acts, 0.0)
+  assert int(rep0.count) == 0 and bool(np.all(m0["hidden_0"]))
+
+
+def test_constant_and_duplicate_relu_units_and_keep_one():
+  model = MLP(in_features=3, hidden=(4,), out_features=2, activation="relu")
+  params = model.init(jax.random.key(2))
+  k = params["params"]["hidden_0"]["kernel"]
+  b = params["params"]["hidden_0"]["bias"]
+  k = k.at[:, 2].set(0.0).at[:, 3].set(k[:, 0])
+  b = b.at[2].set(0.4).at[3].set(b[0])
+  params["params"]["hidden_0"] = dict(kernel=k, bias=b)
+  x = jax.random.normal(jax.random.key(3), (50, 3))
+  acts = model.activations(params, x, "hidden_0")
+  p2, m, rep = group_redundancy(model, "hidden_0")(params, jaxprune.unit_masks_ones(model),
+                                                   acts, 1e-3)
+  assert int(rep.removed[0]) == 2  # the constant goes first
+  assert int(rep.count) >= 2 and not m["hidden_0"][2]
+  assert int(np.sum(m["hidden_0"])) >= 1
+  np.testing.assert_allclose(model.apply(p2, x), model.apply(params, x), atol=2e-4)
+  # tol = 1 removes everything it can but keeps one unit.
+  _, m1, _ = group_redundancy(model, "hidden_0")(params, jaxprune.unit_masks_ones(model),
+                                                 acts, 1.01)
+  assert int(np.sum(m1["hidden_0"])) == 1
+
+
+def test_bad_input():
+  model = MLP(in_features=3, hidden=(4,), out_features=2)
+  params = model.init(jax.random.key(0))
+  prune = group_redundancy(model, "hidden_0")
+  acts = jnp.ones((10, 4))
+  with pytest.raises(ValueError, match="4 units"):
+    prune(params, jaxprune.unit_masks_ones(model), jnp.ones((10, 3)))
+  with pytest.raises(ValueError, match="NaN"):
+    prune(params, jaxprune.unit_masks_ones(model), acts.at[0, 0].set(jnp.nan))
+  with pytest.raises(ValueError, match="tol"):
+    prune(params, jaxprune.unit_masks_ones(model), acts, -1.0)
+  with pytest.raises(KeyError, match="hidden_0"):
+    group_redundancy(model, "dense_0")
