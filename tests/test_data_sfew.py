@@ -394,6 +394,13 @@ def test_crop_faces_without_opencv(tree, monkeypatch):
     data.load_sfew_images(tree, size=(8, 8), crop_faces=True)
 
 
+def test_crop_faces_with_opencv_5(tree, monkeypatch):
+  """OpenCV 5 has no CascadeClassifier: say which version to install."""
+  monkeypatch.setitem(sys.modules, "cv2", types.SimpleNamespace(__version__="5.0.0"))
+  with pytest.raises(ImportError, match=r"OpenCV 5.0.0 .*opencv-python-headless>=4.8,<5"):
+    data.load_sfew_images(tree, size=(8, 8), crop_faces=True)
+
+
 def test_crop_faces_with_a_detector(tmp_path, monkeypatch):
   """A stand-in for OpenCV's cascade that 'detects' the white box."""
   calls = {}

@@ -484,6 +484,13 @@ def _load_cv2() -> Any:
 
 def _face_detector() -> Any:
   cv2 = _load_cv2()
+  if not hasattr(cv2, "CascadeClassifier") or not hasattr(cv2, "data"):
+    # OpenCV 5 moved the Haar cascades out of the main package.
+    raise ImportError(
+        f"OpenCV {getattr(cv2, '__version__', '?')} has no Haar cascade face"
+        " detector (cv2.CascadeClassifier); OpenCV 5 dropped it. Install"
+        " OpenCV 4: pip install 'opencv-python-headless>=4.8,<5'"
+    )
   cascade_path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
   cascade = cv2.CascadeClassifier(cascade_path)
   if cascade.empty():

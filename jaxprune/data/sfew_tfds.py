@@ -164,8 +164,11 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
     for i, item in enumerate(items):
       try:
         with Image.open(item.path) as im:
-          im.load()
-          image = im.convert("RGB")
+          im.load()  # decodes: a truncated or broken file fails here
+          if im.format == "PNG" and im.mode == "RGB":
+            image = item.path.read_bytes()  # stored as is, no re-encoding
+          else:
+            image = im.convert("RGB")  # TFDS encodes it as PNG with PIL
       except Exception as e:  # PIL raises many types for bad files
         raise ValueError(
             f"{item.path}: not a readable image ({type(e).__name__}: {e})"
