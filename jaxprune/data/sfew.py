@@ -115,7 +115,7 @@ def parse_label(value: Any) -> int | None:
 
 
 def _resolve_features_path(path: str | os.PathLike) -> Path:
-  path = Path(path)
+  path = Path(path).expanduser()
   if path.is_dir():
     candidates = {p.name.lower(): p for p in path.iterdir() if p.is_file()}
     for name in ("sfew.xlsx", "sfew.csv"):
@@ -417,7 +417,7 @@ def scan_sfew_tree(
   """
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-  root = Path(root)
+  root = Path(root).expanduser()
   if not root.is_dir():
     raise FileNotFoundError(
         f"{root} is not a folder. Expected: {IMAGES_LAYOUT}."

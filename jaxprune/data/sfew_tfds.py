@@ -17,9 +17,9 @@ Example:
   >>> import tensorflow_datasets as tfds
   >>> import jaxprune.data.sfew_tfds  # registers 'sfew'
   >>> source = tfds.data_source(  # doctest: +SKIP
-  ...     "sfew/features", data_dir="~/tensorflow_datasets",
+  ...     "sfew/features", data_dir="path/to/tensorflow_datasets",
   ...     download_and_prepare_kwargs={"download_config":
-  ...         tfds.download.DownloadConfig(manual_dir="~/sfew_manual")})
+  ...         tfds.download.DownloadConfig(manual_dir="path/to/sfew_manual")})
   >>> source["train"][0]["features"].shape  # doctest: +SKIP
   (10,)
 """
@@ -132,7 +132,6 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
         ),
         features=features,
         supervised_keys=supervised,
-        homepage="https://users.cecs.anu.edu.au/~few_group/AFEW.html",
         citation=_CITATION,
         metadata=tfds.core.MetadataDict(),
     )
@@ -209,10 +208,10 @@ def load_sfew_tfds(
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels!r}")
   download_config = tfds.download.DownloadConfig(
-      manual_dir=None if manual_dir is None else os.fspath(manual_dir))
+      manual_dir=None if manual_dir is None else os.path.expanduser(manual_dir))
   source = tfds.data_source(
       f"sfew/{config}",
-      data_dir=os.fspath(data_dir),
+      data_dir=os.path.expanduser(data_dir),
       download_and_prepare_kwargs={"download_config": download_config},
   )["train"]
   examples = [source[i] for i in range(len(source))]
