@@ -353,6 +353,9 @@ def _evaluate(fitness_fn: FitnessFn, mesh: Mesh | None, population: jax.Array, d
         f"individual, shape ({population.shape[0]},).")
   if mesh is not None and mesh.size > 1:
     fitness = lax.with_sharding_constraint(fitness, _population_sharding(mesh))
+    # Gather the scores (P floats) to every device: selection, the hall of fame and the
+    # statistics then run replicated, with the same arithmetic as on one device.
+    return lax.with_sharding_constraint(fitness[:p], NamedSharding(mesh, PS()))
   return fitness[:p]
 
 

@@ -1,0 +1,297 @@
+"""GA search: eq. 5 / eq. 6 on a hand-checked network, fast path = general path, scan = ask/tell,
+determinism, no recompilation, vmap over lambda, NaN handling, progress, bad input."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxprune
+from jaxprune import ga
+# ``jaxprune.ga.search`` the function shadows the module of the same name.
+search_lib = importlib.import_module("jaxprune.ga.search")
+
+CFG = ga.GAConfig(population_size=16, hof_size=3, tournament_size=3, generations=6)
+
+
+def _tree_equal(a, b):
+  return all(bool(np.array_equal(x, y, equal_nan=True))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """A 10-12-7 sigmoid MLP trained a few Adam steps on separable synthetic data."""
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(7, 10)) * 2
+  y = rng.integers(0, 7, size=140)
+  x = (centers[y] + rng.normal(size=(140, 10))).astype(np.float32)
+  model = jaxprune.MLP(in_features=10, hidden=(12,), out_features=7)
+  params = model.init(jax.random.key(0))
+  opt = optax.adam(0.05)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(p, x), y).mean()
+    g = jax.grad(loss)(params)
+    updates, state = opt.update(g, state)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(60):
+    params, state = step(params, state)
+  return model, params, jnp.asarray(x), jnp.asarray(y)
+
+
+@pytest.fixture(scope="module")
+def result(trained):
+  model, params, x, y = trained
+  return ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+                   progress=False)
+
+
+# ----------------------------------------------------------------------------- fitness values
+
+
+def _hand_network():
+  """2-2-2 relu network: h = relu(x), logits = h + [0.1, 0]. Accuracy per mask by hand:
+  keep both 100 %, keep unit 0 only 25 %, keep unit 1 only 100 %, keep none 25 %."""
+  model = jaxprune.MLP(in_features=2, hidden=(2,), out_features=2, activation="relu")
+  eye = jnp.eye(2, dtype=jnp.float32)
+  params = {"params": {"hidden_0": {"kernel": eye, "bias": jnp.zeros(2)},
+                       "out": {"kernel": eye, "bias": jnp.asarray([0.1, 0.0])}}}
+  x = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+  y = jnp.asarray([0, 1, 1, 1])
+  pop = jnp.asarray([[1, 1], [1, 0], [0, 1], [0, 0]], bool)
+  return model, params, x, y, pop
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_eq5_eq6_hand_checked(fast):
+  model, params, x, y, pop = _hand_network()
+  hyper = ga.GAParams(lam=10.0)
+  for penalty, want in [("ratio", [100 - 10, 25 - 5, 100 - 5, 25 - 0]),     # eq. 5
+                        ("count", [100 - 20, 25 - 10, 100 - 10, 25 - 0]),   # eq. 6
+                        (None, [100, 25, 100, 25])]:
+    fit = ga.AccuracyFitness(model, "hidden_0", penalty, fast)
+    got = jax.jit(fit)(pop, fit.prepare(params, x, y), hyper)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_search_finds_the_hand_checked_optimum():
+  model, params, x, y, _ = _hand_network()
+  cfg = ga.GAConfig(population_size=8, hof_size=2, generations=3)
+  res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(0), fitness="eq5",
+                  config=cfg, hyper=ga.GAParams(lam=10.0), progress=False)
+  np.testing.assert_array_equal(res.mask, [False, True])
+  assert float(res.fitness) == pytest.approx(95.0)
+  assert float(res.accuracy) == pytest.approx(100.0)
+  assert int(res.kept) == 1
+  # eq. 6 with a large lambda prefers the empty mask (bias-only prediction, 25 %).
+  res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(0), fitness="eq6",
+                  config=cfg, hyper=ga.GAParams(lam=100.0), progress=False)
+  np.testing.assert_array_equal(res.mask, [False, False])
+  assert float(res.fitness) == pytest.approx(25.0)
+  assert int(res.kept) == 0
+
+
+def test_fast_path_equals_general_path(trained):
+  model, params, x, y = trained
+  pop = jax.random.bernoulli(jax.random.key(1), 0.5, (40, 12))
+  pop = pop.at[0].set(False).at[1].set(True)
+  fast = ga.AccuracyFitness(model, "hidden_0", "ratio", True)
+  slow = ga.AccuracyFitness(model, "hidden_0", "ratio", False)
+  hyper = ga.GAParams(lam=25.0)
+  f_fast = jax.jit(fast)(pop, fast.prepare(params, x, y), hyper)
+  f_slow = jax.jit(slow)(pop, slow.prepare(params, x, y), hyper)
+  np.testing.assert_array_equal(f_fast, f_slow)
+  assert len(np.unique(np.asarray(f_fast))) > 5   # a real spread of values, not a constant
+  full = 100 * float(jnp.mean(jnp.argmax(model.apply(params, x), -1) == y))
+  assert float(f_fast[1]) == pytest.approx(full - 25.0)
+
+
+def test_fast_path_applicability():
+  deep = jaxprune.MLP(in_features=4, hidden=(5, 6), out_features=3)
+  assert ga.fast_path_applies(deep, "hidden_1")
+  assert not ga.fast_path_applies(deep, "hidden_0")
+  assert ga.make_fitness(deep, "hidden_0").fast is False
+  assert ga.make_fitness(deep, "hidden_1").fast is True
+  with pytest.raises(ValueError, match="fast_path=True needs"):
+    ga.make_fitness(deep, "hidden_0", fast_path=True)
+
+
+def test_deep_model_general_path_search():
+  deep = jaxprune.MLP(in_features=4, hidden=(5, 6), out_features=3)
+  params = deep.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (30, 4))
+  y = jax.random.randint(jax.random.key(2), (30,), 0, 3)
+  cfg = ga.GAConfig(population_size=10, hof_size=2, generations=2)
+  res = ga.search(deep, params, x, y, "hidden_0", key=jax.random.key(3), config=cfg,
+                  fitness="accuracy", progress=False)
+  assert res.mask.shape == (5,)
+  masked = jaxprune.apply_masks(params, jaxprune.expand(deep, params, {"hidden_0": res.mask}))
+  acc = 100 * float(jnp.mean(jnp.argmax(deep.apply(masked, x), -1) == y))
+  assert float(res.fitness) == pytest.approx(acc) == pytest.approx(float(res.accuracy))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def test_result_is_consistent(trained, result):
+  model, params, x, y = trained
+  h = result.history
+  assert h.max.shape == (CFG.generations + 1,)
+  assert np.all(np.diff(np.asarray(h.best)) >= 0)          # HoF best never decreases
+  assert np.all(np.asarray(h.max) <= np.asarray(h.best))
+  assert float(result.fitness) == float(h.best[-1]) == float(np.max(h.max))
+  assert np.all(np.asarray(h.min) <= np.asarray(h.mean))
+  assert np.all(np.asarray(h.mean) <= np.asarray(h.max))
+  assert int(result.kept) == int(result.mask.sum()) == int(h.best_kept[-1])
+  assert float(result.fitness) == pytest.approx(
+      float(result.accuracy) - 10.0 * int(result.kept) / 12, abs=1e-4)
+  masked = jaxprune.apply_masks(params, jaxprune.expand(model, params,
+                                                        {"hidden_0": result.mask}))
+  acc = 100 * float(jnp.mean(jnp.argmax(model.apply(masked, x), -1) == y))
+  assert float(result.accuracy) == pytest.approx(acc)
+
+
+def test_scan_equals_ask_tell_loop(trained, result):
+  model, params, x, y = trained
+  fit = ga.make_fitness(model, "hidden_0", "eq5")
+  data = fit.prepare(params, x, y)
+  hyper = ga.GAParams()
+  ask = jax.jit(ga.ask, static_argnums=0)
+  tell = jax.jit(ga.tell, static_argnums=0)
+  evaluate = jax.jit(fit)
+  state = ga.init(CFG, 12)
+  maxes, bests, pops = [], [], []
+  for k in ga.generation_keys(jax.random.key(7), CFG):
+    pop = ask(CFG, state, hyper, key=k)
+    pops.append(pop)
+    state = tell(CFG, state, pop, evaluate(pop, data, hyper))
+    maxes.append(float(state.fitness.max()))
+    bests.append(float(state.hof_fitness[0]))
+  assert _tree_equal(state, result.state)
+  np.testing.assert_array_equal(maxes, result.history.max)
+  np.testing.assert_array_equal(bests, result.history.best)
+  assert int(state.generation) == CFG.generations + 1
+
+
+def test_elitism_hall_of_fame_is_the_population_tail(result):
+  state = result.state
+  nxt = jax.jit(ga.breed, static_argnums=0)(CFG, state, ga.GAParams(), key=jax.random.key(0))
+  assert nxt.shape == state.population.shape
+  np.testing.assert_array_equal(nxt[-CFG.hof_size:], state.hof)
+
+
+def test_deterministic_and_no_recompilation(trained, result):
+  model, params, x, y = trained
+  size = search_lib._run_jit._cache_size()
+  again = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+                    progress=False)
+  assert _tree_equal(again, result)
+  other = ga.search(model, jax.tree.map(lambda p: p * 1.01, params), x, y, "hidden_0",
+                    key=jax.random.key(8), config=CFG, hyper=ga.GAParams(0.5, 0.3, 0.2, 3.0),
+                    progress=False)
+  assert search_lib._run_jit._cache_size() == size   # new key, params, lambda: no retrace
+  assert not np.array_equal(other.state.population, result.state.population)
+
+
+def _onemax_minus_lam(population, data, hyper):
+  del data
+  return population.sum(1).astype(jnp.float32) - hyper.lam * population[:, 0]
+
+
+def test_vmap_over_lambda_equals_loop():
+  cfg = ga.GAConfig(population_size=12, hof_size=2, generations=4)
+  lams = jnp.asarray([0.0, 5.0])
+
+  def one(lam):
+    state, hist = ga.run(cfg, _onemax_minus_lam, 9, key=jax.random.key(0),
+                         hyper=ga.GAParams(lam=lam), progress=False)
+    return state.hof[0], hist.best
+
+  masks, bests = jax.vmap(one)(lams)
+  for i, lam in enumerate(lams):
+    m, b = one(lam)
+    np.testing.assert_array_equal(masks[i], m)
+    np.testing.assert_array_equal(bests[i], b)
+  assert not bool(masks[1][0])   # a penalty of 5 on bit 0 switches it off
+
+
+def test_nan_fitness_is_worst_and_progress_bar(capsys):
+  def fn(population, data, hyper):
+    del data, hyper
+    f = population.sum(1).astype(jnp.float32)
+    return jnp.where(population[:, 0], jnp.nan, f)   # any mask keeping unit 0 scores NaN
+
+  cfg = ga.GAConfig(population_size=20, hof_size=3, generations=5)
+  state, hist = ga.run(cfg, fn, 8, key=jax.random.key(1), progress=True)
+  err = capsys.readouterr().err
+  assert "gen 0/5" in err and "gen 5/5" in err and "best" in err and "mean" in err
+  assert not np.any(np.asarray(state.hof)[:, 0])
+  assert np.all(np.isfinite(np.asarray(state.hof_fitness)))
+  f = np.asarray(state.fitness)
+  np.testing.assert_array_equal(np.isneginf(f), np.asarray(state.population)[:, 0])
+  assert np.all(np.isfinite(np.asarray(hist.mean)))
+
+
+def test_user_fitness(trained):
+  model, params, x, y = trained
+
+  def fewest_units_with_big_outgoing_weights(p, mask):
+    w = jnp.abs(p["params"]["out"]["kernel"]).sum(1)
+    return jnp.sum(jnp.where(mask, w, 0.0)) - 0.5 * jnp.sum(mask) * jnp.mean(w)
+
+  cfg = ga.GAConfig(population_size=12, hof_size=2, generations=3)
+  res = ga.search(model, params, None, None, "hidden_0", key=jax.random.key(0),
+                  fitness=fewest_units_with_big_outgoing_weights, config=cfg, progress=False)
+  assert np.isnan(float(res.accuracy))
+  want = fewest_units_with_big_outgoing_weights(params, res.mask)
+  assert float(res.fitness) == pytest.approx(float(want), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_config():
+  with pytest.raises(ValueError, match="smaller than the tournament"):
+    ga.GAConfig(population_size=3, hof_size=1, tournament_size=4)
+  with pytest.raises(ValueError, match="larger than the hall of fame"):
+    ga.GAConfig(population_size=5, hof_size=5)
+  with pytest.raises(ValueError, match="hof_size must be at least 1"):
+    ga.GAConfig(hof_size=0)
+  with pytest.raises(TypeError, match="must be an int"):
+    ga.GAConfig(population_size=10.5)
+
+
+def test_bad_params_and_inputs(trained):
+  model, params, x, y = trained
+  kw = dict(key=jax.random.key(0), config=CFG, progress=False)
+  for bad in (ga.GAParams(crossover_prob=1.5), ga.GAParams(mutation_prob=-0.1),
+              ga.GAParams(bit_flip_prob=2.0)):
+    with pytest.raises(ValueError, match=r"probability in \[0, 1\]"):
+      ga.search(model, params, x, y, "hidden_0", hyper=bad, **kw)
+  with pytest.raises(KeyError, match="Unknown unit group 'hidden_7'"):
+    ga.search(model, params, x, y, "hidden_7", **kw)
+  with pytest.raises(ValueError, match="must return a scalar"):
+    ga.search(model, params, x, y, "hidden_0", fitness=lambda p, m: jnp.ones(3), **kw)
+  with pytest.raises(ValueError, match="fitness must be 'eq5'"):
+    ga.search(model, params, x, y, "hidden_0", fitness="eq7", **kw)
+  with pytest.raises(ValueError, match="needs training inputs"):
+    ga.search(model, params, None, None, "hidden_0", **kw)
+  with pytest.raises(ValueError, match="integer class indices"):
+    ga.search(model, params, x, y.astype(jnp.float32), "hidden_0", **kw)
+  ae = jaxprune.Autoencoder(in_features=4, hidden=(3,))
+  with pytest.raises(ValueError, match="does reconstruction"):
+    ga.search(ae, ae.init(jax.random.key(0)), x[:, :4], y, "hidden_0", **kw)
+  with pytest.raises(ValueError, match="one scalar per individual"):
+    ga.run(CFG, lambda pop, d, h: pop.sum(), 5, key=jax.random.key(0), progress=False)
+  state = ga.init(CFG, 5)
+  pop = ga.ask(CFG, state, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="fitness has shape"):
+    ga.tell(CFG, state, pop, jnp.zeros((3,)))
