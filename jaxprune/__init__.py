@@ -4,6 +4,7 @@ Models are pure functions over parameter pytrees that declare their prunable *un
 masks are pytrees; pruners are jit-compiled transforms.
 """
 
+from jaxprune import data
 from jaxprune import units
 from jaxprune.masks import apply_masks
 from jaxprune.masks import check_unit_masks
