@@ -4,7 +4,6 @@ Models are pure functions over parameter pytrees that declare their prunable *un
 masks are pytrees; pruners are jit-compiled transforms.
 """
 
-from jaxprune import data
 from jaxprune import units
 from jaxprune.masks import apply_masks
 from jaxprune.masks import check_unit_masks
@@ -38,3 +37,12 @@ from jaxprune.train import fit
 from jaxprune.train import fit_many
 from jaxprune.train import make_trainer
 from jaxprune.train import rewind
+
+
+def __getattr__(name):
+  # ``jaxprune.data`` pulls in scikit-learn; import it on first use to keep ``import jaxprune``
+  # light for library users.
+  if name == "data":
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module("jaxprune.data")
+  raise AttributeError(f"module 'jaxprune' has no attribute {name!r}")
