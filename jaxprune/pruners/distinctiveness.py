@@ -129,16 +129,24 @@ def pairwise_angles(vectors: jax.Array) -> jax.Array:
   duplicates give exactly 0 and exact opposites exactly 180.
   """
   v = jnp.asarray(vectors, jnp.float32)
+  zero = jnp.linalg.norm(v, axis=1) == 0
+  ang = _angle(*_gram_terms(v))
+  return jnp.where(zero[:, None] | zero[None, :], jnp.nan, ang)
+
+
+def _gram_terms(v):
+  """|u_i - u_j|^2 and |u_i + u_j|^2 for the normalised rows u of v, from one Gram matrix."""
   n = jnp.linalg.norm(v, axis=1)
   u = v / jnp.where(n > 0, n, 1.0)[:, None]
   g = jnp.matmul(u, u.T, precision=jax.lax.Precision.HIGHEST)
   d = jnp.diagonal(g)
   s = d[:, None] + d[None, :]
-  diff2 = jnp.maximum(s - 2.0 * g, 0.0)
-  sum2 = jnp.maximum(s + 2.0 * g, 0.0)
-  ang = jnp.degrees(2.0 * jnp.arctan2(jnp.sqrt(diff2), jnp.sqrt(sum2)))
-  zero = n == 0
-  return jnp.where(zero[:, None] | zero[None, :], jnp.nan, ang)
+  return jnp.maximum(s - 2.0 * g, 0.0), jnp.maximum(s + 2.0 * g, 0.0)
+
+
+def _angle(diff2, sum2):
+  """Degrees: 2 atan2(|u - v|, |u + v|)."""
+  return jnp.degrees(2.0 * jnp.arctan2(jnp.sqrt(diff2), jnp.sqrt(sum2)))
 
 
 def _thresholds_ok(sim, comp, use_similar, use_comp):
@@ -206,24 +214,33 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   f32 = jnp.float32
   vecs = jnp.where(active[:, None], vecs, 0.0)
   norm = jnp.linalg.norm(vecs, axis=1)
-  ang = pairwise_angles(vecs)
+  diff2, sum2 = _gram_terms(vecs)
+  # angle = 2 atan(sqrt(ratio)) is increasing in ratio, so thresholds become cheap tests on
+  # the ratio; a slightly loose prefilter, then exact angles only where needed.
+  ratio = diff2 / sum2
   const = active & is_const & ~bad if use_const else jnp.zeros((h,), bool)
   ok = active & ~const & (norm > 0)
   triu = jnp.asarray(np.triu(np.ones((h, h), bool), 1))
   pair_ok = ok[:, None] & ok[None, :] & triu & ~bad
+  tan2 = lambda deg: jnp.tan(jnp.radians(deg) / 2.0) ** 2
   if use_similar:
-    is_sim = pair_ok & (sim - ang > 0)
+    pre_sim = pair_ok & (ratio < tan2(sim) * (1.0 + 1e-3) + 1e-12)
   else:
-    is_sim = jnp.zeros((h, h), bool)
+    pre_sim = jnp.zeros((h, h), bool)
   if use_comp:
-    is_comp = pair_ok & (ang - comp > 0) & ~is_sim
+    pre_comp = pair_ok & (ratio > tan2(comp) * (1.0 - 1e-3)) & (comp < 180.0)
   else:
-    is_comp = jnp.zeros((h, h), bool)
-  excess = jnp.where(is_sim, sim - ang, jnp.where(is_comp, ang - comp, -jnp.inf))
-  qual = is_sim | is_comp
-  n_qual = jnp.sum(qual, dtype=jnp.int32)
+    pre_comp = jnp.zeros((h, h), bool)
+  pre = pre_sim | pre_comp
+  n_pre = jnp.sum(pre, dtype=jnp.int32)
   n_const = jnp.sum(const, dtype=jnp.int32)
   idx = jnp.arange(h, dtype=jnp.int32)
+
+  def classify(a, ps, pc):
+    """Exact strict tests on the angle: (is_similar, is_complementary, excess)."""
+    is_s = ps & (sim - a > 0)
+    is_c = pc & (a - comp > 0) & ~is_s
+    return is_s, is_c, jnp.where(is_s, sim - a, jnp.where(is_c, a - comp, -jnp.inf))
 
   # Constants first, in index order; pairs follow them in the report.
   cpos = jnp.where(const, jnp.cumsum(const) - 1, h)
@@ -232,27 +249,33 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
               pairs=jnp.zeros((h, 3), jnp.int32).at[cpos].set(crow, mode="drop"),
               angle=jnp.full((h,), jnp.nan, f32), count=n_const)
   take = functools.partial(_take_pair, absorb=absorb)
-
   k = int(min(h * (h - 1) // 2, max(candidates * h, 1)))
-  flat_ex = excess.reshape(-1)
-  flat_comp = is_comp.reshape(-1)
-  flat_ang = ang.reshape(-1)
 
   def fast(st):
-    # Few qualifying pairs: sort just those, then walk them in order.
-    vals, cand = jax.lax.top_k(jnp.where(qual, excess, -jnp.inf).reshape(-1), k)
+    # Few candidate pairs: gather them (top_k of the 0/1 prefilter, lower index first), get
+    # their exact angles, sort the qualifying ones and walk them in order.
+    _, cand = jax.lax.top_k(pre.reshape(-1).astype(f32), k)
     cand = cand.astype(jnp.int32)
-    _, _, order = jax.lax.sort((-vals, flat_comp[cand].astype(jnp.int32), cand), num_keys=3)
+    ci, cj = cand // h, cand % h
+    a = _angle(diff2[ci, cj], sum2[ci, cj])
+    valid = jnp.arange(k) < n_pre
+    is_s, is_c, ex = classify(a, pre_sim[ci, cj] & valid, pre_comp[ci, cj] & valid)
+    n_q = jnp.sum(is_s | is_c, dtype=jnp.int32)
+    _, kind_c, order, ang_c = jax.lax.sort((-ex, is_c.astype(jnp.int32), cand, a), num_keys=3)
 
     def body(t, st):
       p = order[t]
-      return take(st, p // h, p % h, ~flat_comp[p], flat_ang[p])
+      return take(st, p // h, p % h, kind_c[t] == 0, ang_c[t])
 
-    return jax.lax.fori_loop(0, jnp.minimum(n_qual, k), body, st)
+    return jax.lax.fori_loop(0, n_q, body, st)
 
   def slow(st):
-    # Many qualifying pairs: repeatedly take the most extreme still-available pair. This is
-    # the same order as walking the sorted list, since availability only ever shrinks.
+    # Many candidates: repeatedly take the most extreme still-available pair. This is the
+    # same order as walking the sorted list, since availability only ever shrinks.
+    is_sim, is_comp, excess = classify(_angle(diff2, sum2), pre_sim, pre_comp)
+    flat_comp = is_comp.reshape(-1)
+    flat_ang = _angle(diff2, sum2).reshape(-1)
+
     def step(carry):
       st, _ = carry
       u = (st.flags & _USED) > 0
@@ -273,7 +296,7 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   if k >= h * (h - 1) // 2:
     st = fast(st)  # every pair fits: no fallback needed (and less to compile)
   else:
-    st = jax.lax.cond(n_qual <= k, fast, slow, st)
+    st = jax.lax.cond(n_pre <= k, fast, slow, st)
 
   # Turn the recorded actions into removals, a transfer matrix and folded constants.
   n = jnp.arange(h)
@@ -311,8 +334,11 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
 
   kept_pairs = keep[:, None] & keep[None, :] & triu & ok[:, None] & ok[None, :]
   any_pair = jnp.any(kept_pairs)
-  min_a = jnp.where(any_pair, jnp.min(jnp.where(kept_pairs, ang, jnp.inf)), jnp.nan)
-  max_a = jnp.where(any_pair, jnp.max(jnp.where(kept_pairs, ang, -jnp.inf)), jnp.nan)
+  p_min = jnp.argmin(jnp.where(kept_pairs, ratio, jnp.inf).reshape(-1))
+  p_max = jnp.argmax(jnp.where(kept_pairs, ratio, -jnp.inf).reshape(-1))
+  d2f, s2f = diff2.reshape(-1), sum2.reshape(-1)
+  min_a = jnp.where(any_pair, _angle(d2f[p_min], s2f[p_min]), jnp.nan)
+  max_a = jnp.where(any_pair, _angle(d2f[p_max], s2f[p_max]), jnp.nan)
   report = SweepReport(first, second, angle, kind, st.count, min_a.astype(f32),
                        max_a.astype(f32), empty & ~bad, bad)
   # Bad input under jit: change nothing.
