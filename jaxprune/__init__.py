@@ -4,6 +4,8 @@ Models are pure functions over parameter pytrees that declare their prunable *un
 masks are pytrees; pruners are jit-compiled transforms.
 """
 
+from jaxprune import ga
+from jaxprune import pruners
 from jaxprune import units
 from jaxprune.masks import apply_masks
 from jaxprune.masks import check_unit_masks
@@ -24,6 +26,15 @@ from jaxprune.models import Model
 from jaxprune.models import ResNet18
 from jaxprune.models import load_resnet18
 from jaxprune.models import save_resnet18
+from jaxprune.pruners import distinctiveness
+from jaxprune.pruners import group_redundancy
+from jaxprune.pruners import importance_prune
+from jaxprune.pruners import importance_scores
+from jaxprune.pruners import iterative_importance
+from jaxprune.pruners import magnitude_prune
+from jaxprune.pruners import progressive_distinctiveness
+from jaxprune.pruners import random_prune
+from jaxprune.pruners import weight_distinctiveness
 from jaxprune.units import Slice
 from jaxprune.units import UnitGroup
 from jaxprune.units import compact
