@@ -1,0 +1,254 @@
+"""Orchestration shared by the CNN study binaries (issue 7): image flags, models, caching of
+trained parameters, deterministic keys, curves.
+
+Candidates to move to ``experiments/_common.py``: :func:`config_key`, :func:`save_tree` /
+:func:`load_tree`, :func:`cached_with_params` (resumable caching of parameter pytrees beside
+the JSON cache), :func:`parse_size`, :func:`first_epoch_reaching`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import zlib
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+import jaxprune
+from experiments import _common
+
+FLAGS = flags.FLAGS
+PyTree = Any
+
+IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
+
+# Published input sizes and the defaults used on this project's 2-core CPU (see the docs).
+PUBLISHED_SIZE = {"lenet": (90, 72), "cnn4": (227, 227), "resnet18": (224, 224)}
+QUICK_SIZE = {"lenet": (16, 16), "cnn4": (64, 64), "resnet18": (32, 32)}
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def parse_size(text: str, flag: str) -> tuple[int, int]:
+  """'HxW' (or 'N' for N x N) -> (H, W); a clear exit otherwise."""
+  try:
+    parts = [int(p) for p in str(text).lower().split("x")]
+    if len(parts) == 1:
+      parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+      raise ValueError
+  except ValueError:
+    _common.fail(f"--{flag}={text!r} is not an image size; write HEIGHTxWIDTH, e.g. 90x72, "
+                 "or one number for a square.")
+  return parts[0], parts[1]
+
+
+def parse_floats(values: Sequence[str], flag: str, lo: float, hi: float) -> list[float]:
+  """A list flag of numbers, each in [lo, hi]."""
+  try:
+    out = [float(v) for v in values]
+  except ValueError:
+    _common.fail(f"--{flag}={','.join(values)} must be a comma-separated list of numbers.")
+  if not out:
+    _common.fail(f"--{flag} needs at least one value.")
+  bad = [v for v in out if not (lo <= v <= hi)]
+  if bad:
+    _common.fail(f"--{flag} values must lie in [{lo:g}, {hi:g}]; got {bad}.")
+  return out
+
+
+def check_positive(**values: int) -> None:
+  for name, v in values.items():
+    if v < 1:
+      _common.fail(f"--{name} must be at least 1, got {v}.")
+
+
+# ----------------------------------------------------------------------------- keys, trees
+
+
+def config_key(seed: int, *parts: Any) -> jax.Array:
+  """A PRNG key derived from the seed and the configuration only (never the run order)."""
+  key = jax.random.key(seed)
+  for p in parts:
+    key = jax.random.fold_in(key, zlib.crc32(repr(p).encode()) & 0x7FFFFFFF)
+  return key
+
+
+def save_tree(path: str, tree: PyTree) -> None:
+  """Saves the leaves of a pytree (in ``jax.tree.leaves`` order) to ``path`` as .npz, atomically."""
+  buf = io.BytesIO()
+  np.savez(buf, *[np.asarray(a) for a in jax.tree.leaves(tree)])
+  _common.atomic_write_bytes(path, buf.getvalue())
+
+
+def load_tree(path: str, template: PyTree) -> PyTree:
+  """Loads leaves saved by :func:`save_tree` into the structure of ``template``."""
+  with np.load(path) as z:
+    leaves = [jnp.asarray(z[f"arr_{i}"]) for i in range(len(z.files))]
+  treedef = jax.tree.structure(template)
+  if treedef.num_leaves != len(leaves):
+    raise ValueError(f"{path} holds {len(leaves)} arrays, the model needs {treedef.num_leaves}; "
+                     "delete the cache folder to start again.")
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _safe(key: str) -> str:
+  return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
+
+
+def cached_with_params(study: _common.Study, key: str, template: PyTree,
+                       fn: Callable[[], tuple[PyTree, Any]]) -> tuple[PyTree, Any]:
+  """Like ``study.cached`` for a step that returns ``(pytree, record)``.
+
+  The pytree goes to ``cache/<fingerprint>/<key>.npz`` (written before the JSON record, which
+  marks the step as finished), so a resumed run gets exactly the arrays an uninterrupted one
+  used. The returned pytree is always the one read back from disk.
+  """
+  npz = os.path.join(study.cache_dir, _safe(key) + ".npz")
+  json_path = os.path.join(study.cache_dir, _safe(key) + ".json")
+  if os.path.exists(json_path) and not os.path.exists(npz):
+    os.remove(json_path)  # a record without its arrays: redo the step
+
+  def run():
+    tree, record = fn()
+    save_tree(npz, tree)
+    return record
+
+  record = study.cached(key, run)
+  return load_tree(npz, template), record
+
+
+# ----------------------------------------------------------------------------- data, models
+
+
+def load_images(size: tuple[int, int], channels: int, *, max_per_class: int | None = None):
+  """Loads --data (bundled digits images or the user's SFEW tree) at ``size`` x ``channels``."""
+  kw: dict[str, Any] = {"size": size, "channels": channels}
+  if max_per_class is not None and FLAGS.data == "images":
+    kw["max_per_class"] = max_per_class
+  return _common.load_data(FLAGS.data, FLAGS.data_path, **kw)
+
+
+def data_description(ds) -> str:
+  src = ds.info.get("source", FLAGS.data)
+  note = ""
+  if FLAGS.data == "images":
+    note = (" These are the bundled scikit-learn digits 0-6 (upscaled grayscale), a stand-in "
+            "for SFEW: numbers measured on them are not SFEW results.")
+  return (f"Data: `--data={FLAGS.data}` ({src}), {len(ds)} images of shape "
+          f"{tuple(ds.x.shape[1:])}, {ds.num_classes} classes.{note}")
+
+
+def imagenet_normalise(x: np.ndarray) -> np.ndarray:
+  """ImageNet mean/std normalisation of RGB images in [0, 1] (channels last)."""
+  return ((np.asarray(x, np.float32) - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Split:
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+
+
+def train_test(ds, test_fraction: float, seed: int, normalise: bool = False) -> Split:
+  """A stratified split (person-independent when the data carry persons)."""
+  from jaxprune import data as data_lib  # pylint: disable=g-import-not-at-top
+  try:
+    train, test = data_lib.train_test_split(ds, test_fraction=test_fraction, seed=seed,
+                                            person_independent=ds.groups is not None)
+  except ValueError as e:
+    _common.fail(f"Cannot split the data: {e}")
+  f = imagenet_normalise if normalise else (lambda a: a)
+  return Split(f(train.x), train.y, f(test.x), test.y)
+
+
+def build_model(arch: str, size: tuple[int, int], channels: int, num_classes: int):
+  """A model by name; a clear exit if the image size is too small for it."""
+  shape = (size[0], size[1], channels)
+  try:
+    if arch == "lenet":
+      return jaxprune.LeNet(input_shape=shape, out_features=num_classes)
+    if arch == "cnn4":
+      return jaxprune.CNN4(input_shape=shape, out_features=num_classes)
+    return jaxprune.ResNet18(num_classes=num_classes, input_shape=shape)
+  except ValueError as e:
+    _common.fail(f"--image_size={size[0]}x{size[1]} does not fit --arch={arch}: {e}")
+
+
+def conv_groups(model) -> list[str]:
+  """The model's convolutional unit groups, in network order."""
+  return [n for n, g in model.groups.items() if g.kind == "conv"]
+
+
+def producer_kernel_paths(model, params, names: Sequence[str]) -> list[tuple[str, ...]]:
+  """Param paths of the kernels (>= 2-D producer slices) of the named unit groups."""
+  out = []
+  for n in names:
+    for s in model.groups[n].producers:
+      if np.ndim(jaxprune.units.get_path(params, s.path)) >= 2 and tuple(s.path) not in out:
+        out.append(tuple(s.path))
+  return out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(model, params, split: Split, *, key, epochs: int, masks=None, learning_rate: float,
+          batch_size: int, desc: str, log_every: int = 5) -> tuple[PyTree, dict]:
+  """Masked training with test accuracy after every epoch; epoch 0 is before training.
+
+  Always passes weight masks (all-True when none are given) so that the fine-tuning and every
+  retraining share one compiled program.
+  """
+  if masks is None:
+    masks = jaxprune.ones_like(params)
+  params = jaxprune.apply_masks(params, masks)
+  before = jaxprune.evaluate(model, params, split.x_test, split.y_test)
+  new, hist = jaxprune.fit(model, params, split.x_train, split.y_train, key=key, epochs=epochs,
+                           batch_size=batch_size, learning_rate=learning_rate, masks=masks,
+                           validation=(split.x_test, split.y_test), log_every=log_every,
+                           desc=desc)
+  record = {
+      "train_loss": [float(v) for v in hist["loss"]],
+      "train_accuracy": [float(v) for v in hist["accuracy"]],
+      "test_loss": [before["loss"]] + [float(v) for v in hist["val_loss"]],
+      "test_accuracy": [before["accuracy"]] + [float(v) for v in hist["val_accuracy"]],
+  }
+  return new, record
+
+
+def first_epoch_reaching(curve: Sequence[float], target: float, tol: float = 1e-9):
+  """The first epoch (1-based; index 0 of ``curve`` is before training) whose value reaches
+  ``target``, or 'never'."""
+  for e, v in enumerate(curve):
+    if e >= 1 and v >= target - tol:
+      return e
+  return "never"
+
+
+def plot_curves(path: str, title: str, curves: Mapping[str, Sequence[float]], *,
+                ylabel: str, xlabel: str = "epoch", hline: tuple[str, float] | None = None,
+                vlines: Sequence[float] = (), vlabel: str = "") -> None:
+  plt = _common.pyplot()
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for label, ys in curves.items():
+    ax.plot(np.arange(len(ys)), ys, marker="o", markersize=3, label=label)
+  if hline is not None:
+    ax.axhline(hline[1], color="gray", linestyle="--", label=hline[0])
+  for i, v in enumerate(vlines):
+    ax.axvline(v, color="red", alpha=0.3, linestyle=":", label=vlabel if i == 0 else None)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _common.save_figure(fig, path)
