@@ -1,0 +1,613 @@
+r"""GA versus distinctiveness pruning of a 10-H-7 MLP (the project's main job).
+
+Reproduces the study that compares genetic-algorithm mask search (Tanovic) with
+distinctiveness pruning (Gedeon and Harris) on the 10 SFEW features:
+
+1. baseline grid: learning rate x hidden size, 10-fold stratified CV, Adam, batch 32,
+   300 epochs (the 10 folds x 3 learning rates of one hidden size train as ONE vmapped program);
+2. distinctiveness at 15/165 degrees: hidden size and test accuracy before and after (no
+   retraining);
+3. threshold sweep for H=100: angle 0..90 (complementary at 180 - angle), ONE vmapped pruner
+   call over all angles per fold;
+4. GA pruning with fitness eq. 5 and eq. 6 over several lambdas (all equations, lambdas and
+   folds of one hidden size in ONE vmapped GA program);
+5. the comparison: unpruned, distinctiveness 15 and 45, GA lambda 0 and 50.
+
+The networks trained at ``--prune_lr`` in stage 1 are the ones pruned in stages 2-5; each
+(hidden size, fold) is trained once and its params cached (``cache/<fp>/params_H*.npz``).
+
+Usage:
+  python -m experiments.ga_vs_distinctiveness                   # bundled stand-in data
+  python -m experiments.ga_vs_distinctiveness --data=sfew_features --data_path=SFEW.xlsx
+  python -m experiments.ga_vs_distinctiveness --quick           # seconds
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+
+import jaxprune
+from jaxprune import ga
+from jaxprune.ga.search import AccuracyFitness
+from jaxprune.pruners import distinctiveness
+from experiments import _common
+from experiments import _mlp_common as mc
+
+STUDY = "ga_vs_distinctiveness"
+GROUP = "hidden_0"
+FITNESS = ("eq5", "eq6")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every setting of the study (see ``define_flags`` for their meaning)."""
+  lrs: tuple = (0.01, 0.001, 0.0001)
+  hidden: tuple = (10, 20, 50, 100, 200, 500, 1000)
+  folds: int = 10
+  epochs: int = 300
+  batch_size: int = 32
+  prune_lr: float = 0.001
+  dist_hidden: tuple = (20, 50, 100, 200, 500)
+  similar_deg: float = 15.0
+  complementary_deg: float = 165.0
+  sweep_hidden: int = 100
+  sweep_step: float = 5.0
+  sweep_max: float = 90.0
+  ga_hidden: tuple = (50, 100, 200, 500)
+  ga_lambdas: tuple = (0.0, 10.0, 25.0, 50.0, 100.0)
+  ga_population: int = 100
+  ga_generations: int = 50
+  ga_hof: int = 5
+  ga_tournament: int = 3
+  ga_crossover: float = 0.8
+  ga_mutation: float = 0.2
+  ga_bit_flip: float = 0.1
+  compare_hidden: tuple = (20, 50, 100, 200, 500)
+  compare_angles: tuple = (15.0, 45.0)
+  compare_lambdas: tuple = (0.0, 50.0)
+  compare_fitness: str = "eq5"
+  seed: int = 0
+
+  @classmethod
+  def quick(cls, **kw) -> "Config":
+    base = dict(lrs=(0.01, 0.001), hidden=(8,), folds=2, epochs=2, dist_hidden=(8,),
+                sweep_hidden=8, sweep_step=30.0, ga_hidden=(8,), ga_lambdas=(0.0, 50.0),
+                ga_population=8, ga_generations=2, ga_hof=2, compare_hidden=(8,))
+    base.update(kw)
+    return cls(**base)
+
+  def sweep_angles(self) -> tuple:
+    n = int(np.floor(self.sweep_max / self.sweep_step + 1e-9))
+    return tuple(float(a) for a in np.round(np.arange(n + 1) * self.sweep_step, 6))
+
+  def validate(self) -> None:
+    for name in ("hidden", "dist_hidden", "ga_hidden", "compare_hidden"):
+      for h in getattr(self, name):
+        if h < 1:
+          _common.fail(f"--{name}: hidden sizes must be positive, got {h}.")
+    for name in ("dist_hidden", "ga_hidden", "compare_hidden"):
+      extra = sorted(set(getattr(self, name)) - set(self.hidden))
+      if extra:
+        _common.fail(f"--{name} has sizes {extra} that the baseline grid does not train; add "
+                     f"them to --hidden (now {list(self.hidden)}).")
+    if self.sweep_hidden not in self.hidden:
+      _common.fail(f"--sweep_hidden={self.sweep_hidden} is not in --hidden {list(self.hidden)}.")
+    if self.prune_lr not in self.lrs:
+      _common.fail(f"--prune_lr={self.prune_lr} is not in --lrs {list(self.lrs)}: the pruned "
+                   "networks are the baseline networks trained at that learning rate.")
+    if any(lr <= 0 for lr in self.lrs):
+      _common.fail("--lrs must be positive.")
+    mc.check_positive("folds", self.folds, 2)
+    mc.check_positive("epochs", self.epochs)
+    mc.check_positive("batch_size", self.batch_size)
+    if not 0 <= self.similar_deg < self.complementary_deg <= 180:
+      _common.fail(f"Need 0 <= --similar_deg < --complementary_deg <= 180, got "
+                   f"{self.similar_deg} and {self.complementary_deg}.")
+    if not (0 < self.sweep_step and 0 <= self.sweep_max <= 90):
+      _common.fail(f"Need --sweep_step > 0 and 0 <= --sweep_max <= 90 (complementary = 180 - "
+                   f"angle), got {self.sweep_step} and {self.sweep_max}.")
+    for a in self.compare_angles:
+      if not 0 <= a <= 90:
+        _common.fail(f"--compare_angles must lie in [0, 90] (complementary = 180 - angle), "
+                     f"got {a}.")
+    if self.compare_fitness not in FITNESS:
+      _common.fail(f"--compare_fitness must be one of {FITNESS}, got {self.compare_fitness!r}.")
+    if any(lam < 0 for lam in self.ga_lambdas + self.compare_lambdas):
+      _common.fail("GA lambdas must be >= 0.")
+    mc.check_positive("ga_generations", self.ga_generations, 0)
+    mc.check_positive("ga_hof", self.ga_hof)
+    mc.check_positive("ga_tournament", self.ga_tournament)
+    if self.ga_population <= self.ga_hof or self.ga_population < self.ga_tournament:
+      _common.fail(f"--ga_population ({self.ga_population}) must exceed --ga_hof "
+                   f"({self.ga_hof}) and be at least --ga_tournament ({self.ga_tournament}).")
+    for name in ("ga_crossover", "ga_mutation", "ga_bit_flip"):
+      mc.check_probability(name, getattr(self, name))
+
+  # --- derived plans
+  def pruned_hidden(self) -> tuple:
+    return tuple(sorted(set(self.dist_hidden) | set(self.ga_hidden) | set(self.compare_hidden)
+                        | {self.sweep_hidden}))
+
+  def angle_pairs(self, h: int) -> list[tuple[float, float]]:
+    """(similar, complementary) thresholds run for hidden size ``h``, in one vmapped call."""
+    pairs = []
+    if h in self.dist_hidden:
+      pairs.append((self.similar_deg, self.complementary_deg))
+    if h in self.compare_hidden:
+      pairs += [(a, 180.0 - a) for a in self.compare_angles]
+    if h == self.sweep_hidden:
+      pairs += [(a, 180.0 - a) for a in self.sweep_angles()]
+    out = []
+    for s, c in pairs:
+      if s >= c:  # 90/90: the pruner needs similar < complementary; nudge by one float step
+        c = float(np.nextafter(np.float32(s), np.float32(180.0)))
+      if (s, c) not in out:
+        out.append((float(s), float(c)))
+    return out
+
+  def ga_runs(self, h: int) -> list[tuple[str, float]]:
+    runs = []
+    if h in self.ga_hidden:
+      runs += [(e, lam) for e in FITNESS for lam in self.ga_lambdas]
+    if h in self.compare_hidden:
+      runs += [(self.compare_fitness, lam) for lam in self.compare_lambdas]
+    return list(dict.fromkeys(runs))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _model(h: int) -> jaxprune.MLP:
+  return jaxprune.MLP(in_features=10, hidden=(h,), out_features=7, activation="sigmoid")
+
+
+def train_hidden(cfg: Config, folds: mc.Folds, h: int, study: _common.Study,
+                 progress: _common.Progress) -> dict:
+  """Stage 1 for one hidden size: all learning rates x folds as one vmapped program.
+
+  Run ``r = lr_index * folds + fold``. The networks of ``--prune_lr`` are saved (npz) for the
+  pruning stages before the accuracies are cached, so a resumed run never trains twice.
+  """
+  model = _model(h)
+  nf, lrs = folds.count, cfg.lrs
+  rep = lambda a: np.concatenate([np.asarray(a)] * len(lrs))
+  memo: dict = {}
+
+  def trained():
+    if "params" not in memo:
+      init = jax.vmap(model.init)(mc.stack_keys([mc.config_key(cfg.seed, "init", h, f)
+                                                 for f in range(nf)]))
+      keys = mc.stack_keys([mc.config_key(cfg.seed, "train", h, lr, f)
+                            for lr in lrs for f in range(nf)])
+      memo["params"], _ = jaxprune.fit_many(
+          model, jax.tree.map(rep, init), rep(folds.x_tr), rep(folds.y_tr), rep(folds.w_tr),
+          key=keys, epochs=cfg.epochs, batch_size=cfg.batch_size,
+          learning_rate=np.repeat(np.asarray(lrs, np.float32), nf),
+          log_every=max(cfg.epochs // 5, 1), desc=f"train H={h} ({len(lrs)} lr x {nf} folds)")
+    return memo["params"]
+
+  def scores():
+    params = trained()
+    test = mc.score_many(model, params, rep(folds.x_te), rep(folds.y_te), rep(folds.w_te))
+    train = mc.score_many(model, params, rep(folds.x_tr), rep(folds.y_tr), rep(folds.w_tr))
+    return {"test_acc": test.reshape(len(lrs), nf), "train_acc": train.reshape(len(lrs), nf)}
+
+  pruned = None
+  if h in cfg.pruned_hidden():
+    li = cfg.lrs.index(cfg.prune_lr)
+    pruned = mc.cached_params(study, f"params_H{h}", lambda: jax.tree.map(
+        lambda a: np.asarray(a)[li * nf:(li + 1) * nf], trained()))
+  acc = study.cached(f"train_H{h}", scores)
+  progress.step(f"H={h} trained")
+  return {"acc": acc, "params": pruned}
+
+
+CONSTANT_TOL = 1e-6  # the library's default: a unit whose activation range is below is constant
+
+
+def prune_folds(model, params, folds: mc.Folds, sims, comps):
+  """Distinctiveness on every fold's network at every threshold pair, one compiled program.
+
+  Activations come from each (padded) training fold; padding rows are set to 0.5, i.e. 0 after
+  the sigmoid shift, so they add nothing to any angle, and the sweep runs without the constant
+  rule (whose range and mean would see the padding). If a fold has a constant unit on its real
+  rows, that fold is redone exactly with the library's per-fold call (constants included).
+  Without constant units both give the same result.
+
+  Returns:
+    (params, unit masks, report), each with leading axes (folds, thresholds).
+  """
+  acts = jax.vmap(lambda p, x: model.activations(p, x, GROUP))(params, jnp.asarray(folds.x_tr))
+  real = jnp.asarray(folds.w_tr)[..., None] > 0
+  acts = jnp.where(real, acts, 0.5)
+  big = jnp.where(real, acts, -jnp.inf).max(1) - jnp.where(real, acts, jnp.inf).min(1)
+  has_const = np.asarray(jnp.any(big < CONSTANT_TOL, axis=1))
+  masks = jaxprune.unit_masks_ones(model)
+  prune = distinctiveness(model, GROUP, constants=False)
+  per_angle = jax.vmap(prune, in_axes=(None, None, None, 0, 0))
+  out = _jit_folds(per_angle)(params, masks, acts, sims, comps)
+  for f in np.flatnonzero(has_const):  # exact per-fold path with the constant rule
+    exact = jax.vmap(distinctiveness(model, GROUP), in_axes=(None, None, None, 0, 0))
+    p = jax.tree.map(lambda a: a[f], params)
+    x_tr, _ = folds.train(f)
+    res = exact(p, masks, model.activations(p, jnp.asarray(x_tr), GROUP), sims, comps)
+    out = jax.tree.map(lambda a, b: a.at[f].set(b), out, res)
+  return out
+
+
+def _jit_folds(per_angle):
+  return jax.jit(jax.vmap(per_angle, in_axes=(0, None, 0, None, None)))
+
+
+def distinctiveness_hidden(cfg: Config, folds: mc.Folds, h: int, params, base_test,
+                           study: _common.Study, progress: _common.Progress) -> dict:
+  """Stages 2, 3 and 5 for one hidden size: all folds x threshold pairs in one vmapped call."""
+  model = _model(h)
+  pairs = cfg.angle_pairs(h)
+  sims = jnp.asarray([p[0] for p in pairs], jnp.float32)
+  comps = jnp.asarray([p[1] for p in pairs], jnp.float32)
+
+  def run():
+    nf, na = folds.count, len(pairs)
+    new_p, masks, report = prune_folds(model, jax.tree.map(jnp.asarray, params), folds, sims,
+                                       comps)
+    flat = jax.tree.map(lambda a: a.reshape((nf * na,) + a.shape[2:]), new_p)
+    tile = lambda a: np.repeat(np.asarray(a), na, axis=0)  # run = fold * na + angle
+    test = mc.score_many(model, flat, tile(folds.x_te), tile(folds.y_te), tile(folds.w_te))
+    train = mc.score_many(model, flat, tile(folds.x_tr), tile(folds.y_tr), tile(folds.w_tr))
+    test, train = test.reshape(nf, na), train.reshape(nf, na)
+    kind = np.asarray(report.kind)
+    kept = np.asarray(masks[GROUP]).sum(-1)
+    return {"pairs": pairs, "folds": [{
+        "kept": kept[f], "test_acc": test[f], "train_acc": train[f],
+        "similar": (kind[f] == 1).sum(-1), "complementary": (kind[f] == 2).sum(-1),
+        "constant": (kind[f] == 3).sum(-1), "invalid": np.asarray(report.invalid)[f],
+        "base_test_acc": base_test[f]} for f in range(nf)]}
+
+  out = study.cached(f"distinctiveness_H{h}", run)
+  progress.step(f"H={h} distinctiveness ({len(pairs)} thresholds x {folds.count} folds)")
+  return out
+
+
+def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _common.Study,
+              progress: _common.Progress) -> dict:
+  """Stage 4 for one hidden size: all (fitness, lambda, fold) GA runs as one vmapped program."""
+  model = _model(h)
+  plan = cfg.ga_runs(h)
+  nf = folds.count
+  config = ga.GAConfig(population_size=cfg.ga_population, hof_size=cfg.ga_hof,
+                       tournament_size=cfg.ga_tournament, generations=cfg.ga_generations)
+  fitness = mc.PaddedFitness(AccuracyFitness(model, GROUP, None, True))
+
+  def run():
+    per_fold = [mc.padded_fitness_data(model, GROUP, jax.tree.map(lambda a: a[f], params),
+                                       folds.x_tr[f], folds.y_tr[f], folds.w_tr[f])
+                for f in range(nf)]
+    fold_data = jax.tree.map(lambda *a: jnp.stack(a), *per_fold)
+    runs = [(e, lam, f) for e, lam in plan for f in range(nf)]
+    idx = np.asarray([f for _, _, f in runs])
+    data = jax.tree.map(lambda a: a[idx], fold_data)
+    data["eq6"] = jnp.asarray([e == "eq6" for e, _, _ in runs])
+    lam = jnp.asarray([lam for _, lam, _ in runs], jnp.float32)
+    keys = mc.stack_keys([mc.config_key(cfg.seed, "ga", h, e, lam_, f) for e, lam_, f in runs])
+    hyper = ga.GAParams(crossover_prob=cfg.ga_crossover, mutation_prob=cfg.ga_mutation,
+                        bit_flip_prob=cfg.ga_bit_flip, lam=lam)
+
+    def one(d, hp, k):
+      return ga.run(config, fitness, h, key=k, hyper=hp, data=d, progress=False, shard=False)
+
+    t0 = time.time()
+    state, _ = jax.jit(jax.vmap(one, in_axes=(0, ga.GAParams(None, None, None, 0), 0)))(
+        data, hyper, keys)
+    best = np.asarray(state.hof[:, 0])
+    stacked = jax.tree.map(lambda a: np.asarray(a)[idx], params)
+    test = mc.score_masked_many(model, GROUP, stacked, best, folds.x_te[idx], folds.y_te[idx],
+                                folds.w_te[idx])
+    train = mc.score_masked_many(model, GROUP, stacked, best, folds.x_tr[idx], folds.y_tr[idx],
+                                 folds.w_tr[idx])
+    return {"runs": [{"fitness": e, "lambda": lam_, "fold": f} for e, lam_, f in runs],
+            "kept": best.sum(1), "fitness": np.asarray(state.hof_fitness[:, 0]),
+            "test_acc": test, "train_acc": train, "seconds": time.time() - t0}
+
+  out = study.cached(f"ga_H{h}", run)
+  out.pop("seconds", None)
+  progress.step(f"H={h} GA ({len(plan)} fitness/lambda x {nf} folds)")
+  return out
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def _pair_index(pairs, s, c):
+  for i, (ps, pc) in enumerate(pairs):
+    if abs(ps - s) < 1e-9 and (abs(pc - c) < 1e-9 or (s >= c and pc > ps)):  # 90/90 nudged
+      return i
+  raise KeyError((s, c))
+
+
+def summarise(cfg: Config, stage1, dist, gas) -> dict:
+  baseline = []
+  for li, lr in enumerate(cfg.lrs):
+    for h in cfg.hidden:
+      acc = stage1[h]["acc"]
+      m, s = mc.mean_std(acc["test_acc"][li])
+      tm, ts = mc.mean_std(acc["train_acc"][li])
+      baseline.append({"lr": lr, "H": h, "test_acc_mean": m, "test_acc_std": s,
+                       "train_acc_mean": tm, "train_acc_std": ts})
+
+  def dist_stats(h, s, c):
+    d = dist[h]
+    i = _pair_index(d["pairs"], s, c)
+    col = lambda k: [fr[k][i] for fr in d["folds"]]
+    return {k: mc.mean_std(col(k)) for k in ("kept", "test_acc", "train_acc", "similar",
+                                             "complementary", "constant")}, \
+        any(fr["invalid"][i] for fr in d["folds"])
+
+  distinct = []
+  for h in cfg.dist_hidden:
+    st, _ = dist_stats(h, cfg.similar_deg, cfg.complementary_deg)
+    bm, bs = mc.mean_std([fr["base_test_acc"] for fr in dist[h]["folds"]])
+    distinct.append({"H": h, "hidden_before": h, "test_acc_before_mean": bm,
+                     "test_acc_before_std": bs, "hidden_after_mean": st["kept"][0],
+                     "hidden_after_std": st["kept"][1], "test_acc_after_mean": st["test_acc"][0],
+                     "test_acc_after_std": st["test_acc"][1],
+                     "similar_pairs": st["similar"][0], "complementary_pairs":
+                     st["complementary"][0], "constant_units": st["constant"][0]})
+
+  sweep = []
+  h = cfg.sweep_hidden
+  for a in cfg.sweep_angles():
+    st, invalid = dist_stats(h, a, 180.0 - a)
+    sweep.append({"angle_deg": a, "complementary_deg": 180 - a,
+                  "kept_fraction_mean": st["kept"][0] / h, "kept_fraction_std": st["kept"][1] / h,
+                  "test_acc_mean": st["test_acc"][0], "test_acc_std": st["test_acc"][1],
+                  "invalid": bool(invalid)})
+
+  ga_rows = []
+  for h in cfg.ga_hidden:
+    g = gas[h]
+    for e in FITNESS:
+      for lam in cfg.ga_lambdas:
+        sel = [i for i, r in enumerate(g["runs"]) if r["fitness"] == e and r["lambda"] == lam]
+        pick = lambda k: [g[k][i] for i in sel]
+        km, ks = mc.mean_std(pick("kept"))
+        tm, ts = mc.mean_std(pick("test_acc"))
+        rm, rs = mc.mean_std(pick("train_acc"))
+        ga_rows.append({"H": h, "fitness": e, "lambda": lam, "kept_mean": km, "kept_std": ks,
+                        "train_acc_mean": rm, "train_acc_std": rs, "test_acc_mean": tm,
+                        "test_acc_std": ts})
+
+  compare = []
+  li = cfg.lrs.index(cfg.prune_lr)
+  for h in cfg.compare_hidden:
+    m, s = mc.mean_std(stage1[h]["acc"]["test_acc"][li])
+    compare.append({"H": h, "method": "unpruned", "hidden_mean": float(h), "hidden_std": 0.0,
+                    "test_acc_mean": m, "test_acc_std": s})
+    for a in cfg.compare_angles:
+      st, _ = dist_stats(h, a, 180.0 - a)
+      compare.append({"H": h, "method": f"distinctiveness {a:g}", "hidden_mean": st["kept"][0],
+                      "hidden_std": st["kept"][1], "test_acc_mean": st["test_acc"][0],
+                      "test_acc_std": st["test_acc"][1]})
+    g = gas[h]
+    for lam in cfg.compare_lambdas:
+      sel = [i for i, r in enumerate(g["runs"])
+             if r["fitness"] == cfg.compare_fitness and r["lambda"] == lam]
+      km, ks = mc.mean_std([g["kept"][i] for i in sel])
+      tm, ts = mc.mean_std([g["test_acc"][i] for i in sel])
+      compare.append({"H": h, "method": f"GA {cfg.compare_fitness} lambda {lam:g}",
+                      "hidden_mean": km, "hidden_std": ks, "test_acc_mean": tm,
+                      "test_acc_std": ts})
+  return {"baseline": baseline, "distinctiveness": distinct, "sweep": sweep, "ga": ga_rows,
+          "comparison": compare}
+
+
+def figures(cfg: Config, summary: dict, folder: str) -> list[str]:
+  plt = _common.pyplot()
+  names = []
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for lr in cfg.lrs:
+    rows = [r for r in summary["baseline"] if r["lr"] == lr]
+    ax.errorbar([r["H"] for r in rows], [r["test_acc_mean"] for r in rows],
+                yerr=[r["test_acc_std"] for r in rows], marker="o", capsize=3, label=f"lr {lr:g}")
+  ax.set_xscale("log")
+  ax.set(xlabel="hidden units H", ylabel="test accuracy (%)",
+         title=f"Baseline, {cfg.folds}-fold CV, {cfg.epochs} epochs")
+  ax.legend()
+  _common.save_figure(fig, f"{folder}/baseline.png")
+  names.append("baseline.png")
+
+  rows = summary["sweep"]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  a = [r["angle_deg"] for r in rows]
+  ax.errorbar(a, [r["test_acc_mean"] for r in rows], yerr=[r["test_acc_std"] for r in rows],
+              color="C0", marker="o", capsize=3, label="test accuracy")
+  ax.set(xlabel="similarity threshold (degrees; complementary = 180 - threshold)",
+         ylabel="test accuracy (%)", title=f"Distinctiveness threshold sweep, H={cfg.sweep_hidden}")
+  ax2 = ax.twinx()
+  ax2.errorbar(a, [r["kept_fraction_mean"] for r in rows],
+               yerr=[r["kept_fraction_std"] for r in rows], color="C1", marker="s", capsize=3,
+               label="fraction of units kept")
+  ax2.set_ylabel("fraction of hidden units kept")
+  ax2.set_ylim(0, 1.05)
+  h1, l1 = ax.get_legend_handles_labels()
+  h2, l2 = ax2.get_legend_handles_labels()
+  ax.legend(h1 + h2, l1 + l2, loc="lower left")
+  _common.save_figure(fig, f"{folder}/sweep.png")
+  names.append("sweep.png")
+
+  methods = list(dict.fromkeys(r["method"] for r in summary["comparison"]))
+  for key, label, fname in (("test_acc", "test accuracy (%)", "comparison_accuracy.png"),
+                            ("hidden", "final hidden units", "comparison_hidden.png")):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, m in enumerate(methods):
+      rows = [r for r in summary["comparison"] if r["method"] == m]
+      ax.errorbar([r["H"] for r in rows], [r[key + "_mean"] for r in rows],
+                  yerr=[r[key + "_std"] for r in rows], marker="os^vD<>"[i % 7], capsize=3,
+                  label=m)
+    ax.set_xscale("log")
+    if key == "hidden":
+      ax.set_yscale("log")
+    ax.set(xlabel="initial hidden units H", ylabel=label,
+           title="Unpruned vs distinctiveness vs GA")
+    ax.legend(fontsize=8)
+    _common.save_figure(fig, f"{folder}/{fname}")
+    names.append(fname)
+  return names
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
+        workdir: str = "workdir") -> dict:
+  """Runs (or resumes) the whole study; returns the results dict written to results.json."""
+  cfg.validate()
+  ds = _common.load_data(data, data_path)
+  if ds.x.ndim != 2 or ds.x.shape[1] != 10:
+    _common.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs the 10 "
+                 "features (use --data=features, digits_features or sfew_features).")
+  mc.check_folds(ds, cfg.folds)
+  settings = {**dataclasses.asdict(cfg), "data": data, "data_path": data_path}
+  study = _common.Study(STUDY, settings, workdir)
+  t0 = time.time()
+  folds = mc.cv_folds(ds, cfg.folds, cfg.seed)
+  li = cfg.lrs.index(cfg.prune_lr)
+
+  progress = _common.Progress(len(cfg.hidden), "1/3 baseline grid")
+  stage1 = {h: train_hidden(cfg, folds, h, study, progress) for h in cfg.hidden}
+  pruned = cfg.pruned_hidden()
+  dist_h = [h for h in pruned if cfg.angle_pairs(h)]
+  progress = _common.Progress(len(dist_h), "2/3 distinctiveness")
+  dist = {h: distinctiveness_hidden(cfg, folds, h, stage1[h]["params"],
+                                    stage1[h]["acc"]["test_acc"][li], study, progress)
+          for h in dist_h}
+  ga_h = [h for h in pruned if cfg.ga_runs(h)]
+  progress = _common.Progress(len(ga_h), "3/3 GA")
+  gas = {h: ga_hidden(cfg, folds, h, stage1[h]["params"], study, progress) for h in ga_h}
+
+  summary = summarise(cfg, stage1, dist, gas)
+  results = {"summary": summary,
+             "per_fold": {"baseline": {str(h): stage1[h]["acc"] for h in cfg.hidden},
+                          "distinctiveness": {str(h): dist[h] for h in dist},
+                          "ga": {str(h): gas[h] for h in gas}},
+             "data": {"name": data, "source": ds.info.get("source", data), "examples": len(ds),
+                      "fold_train_sizes": folds.n_tr, "fold_test_sizes": folds.n_te}}
+  study.write_results(results)
+  write_outputs(cfg, study, summary, ds, data, time.time() - t0)
+  return results
+
+
+def write_outputs(cfg, study, summary, ds, data, seconds):
+  folder = study.dir
+  t_base = _common.write_table(folder, "baseline", summary["baseline"])
+  t_dist = _common.write_table(folder, "distinctiveness", summary["distinctiveness"])
+  t_sweep = _common.write_table(folder, "sweep", summary["sweep"])
+  t_ga = _common.write_table(folder, "ga", summary["ga"])
+  t_cmp = _common.write_table(folder, "comparison", summary["comparison"])
+  figs = figures(cfg, summary, folder)
+  stand_in = ("" if data.startswith("sfew") else
+              " These bundled data are a stand-in for the SFEW features (bring your own SFEW "
+              "copy with `--data=sfew_features --data_path=...`); numbers are not SFEW numbers.")
+  sweep_note = ""
+  if any(r["invalid"] for r in summary["sweep"]):
+    sweep_note = "\n\nSome sweep thresholds were rejected by the pruner (invalid)."
+  sections = [
+      ("Data", f"`--data={data}`: {ds.info.get('source', data)}, {len(ds)} examples, "
+               f"{cfg.folds}-fold stratified CV; features standardised on each training fold "
+               f"only.{stand_in} Accuracies in percent, mean ± std over folds.\n\n"
+               f"Wall time of this invocation: {seconds:.0f} s."),
+      ("Baseline grid", f"10-H-7 MLP, sigmoid hidden, softmax output, Adam, batch "
+                        f"{cfg.batch_size}, {cfg.epochs} epochs.\n\n{t_base}\n![](baseline.png)"),
+      ("Distinctiveness", f"Networks trained at lr {cfg.prune_lr:g}; similar < "
+                          f"{cfg.similar_deg:g}°, complementary > {cfg.complementary_deg:g}°, "
+                          "angles on the training fold, no retraining.\n\n" + t_dist),
+      ("Threshold sweep", f"H={cfg.sweep_hidden}; similar < angle and complementary > 180 - angle "
+                          "(one vmapped pruner call over all angles per fold)." + sweep_note +
+                          f"\n\n{t_sweep}\n![](sweep.png)"),
+      ("GA pruning", f"Population {cfg.ga_population}, {cfg.ga_generations} generations, "
+                     f"hall of fame {cfg.ga_hof}, tournament {cfg.ga_tournament}, crossover "
+                     f"{cfg.ga_crossover:g}, mutation {cfg.ga_mutation:g} (bit {cfg.ga_bit_flip:g})."
+                     " Fitness on the training fold (eq. 5: acc − λ·kept/H; eq. 6: acc − λ·kept);"
+                     " accuracy of the best mask on the test fold, no retraining.\n\n" + t_ga),
+      ("Comparison", f"{t_cmp}\n![](comparison_accuracy.png)\n![](comparison_hidden.png)"),
+  ]
+  assert set(figs) >= {"sweep.png", "comparison_accuracy.png", "comparison_hidden.png"}
+  study.write_report("GA versus distinctiveness pruning (10-H-7 MLP)", sections)
+
+
+def define_flags() -> None:
+  d = Config()
+  _common.define_common_flags("features")
+  flags.DEFINE_list("lrs", [str(v) for v in d.lrs], "Baseline learning rates (Adam).")
+  flags.DEFINE_list("hidden", [str(v) for v in d.hidden], "Baseline hidden sizes H.")
+  flags.DEFINE_integer("folds", d.folds, "Stratified cross-validation folds.")
+  flags.DEFINE_integer("epochs", d.epochs, "Training epochs.")
+  flags.DEFINE_integer("batch_size", d.batch_size, "Minibatch size.")
+  flags.DEFINE_float("prune_lr", d.prune_lr,
+                     "Learning rate of the baseline networks that are pruned (must be in --lrs).")
+  flags.DEFINE_list("dist_hidden", [str(v) for v in d.dist_hidden],
+                    "Hidden sizes pruned by distinctiveness at --similar_deg/--complementary_deg.")
+  flags.DEFINE_float("similar_deg", d.similar_deg, "Similar threshold (degrees).")
+  flags.DEFINE_float("complementary_deg", d.complementary_deg,
+                     "Complementary threshold (degrees).")
+  flags.DEFINE_integer("sweep_hidden", d.sweep_hidden, "Hidden size of the threshold sweep.")
+  flags.DEFINE_float("sweep_step", d.sweep_step, "Sweep step (degrees).")
+  flags.DEFINE_float("sweep_max", d.sweep_max, "Largest sweep angle (degrees, <= 90).")
+  flags.DEFINE_list("ga_hidden", [str(v) for v in d.ga_hidden], "Hidden sizes of the GA grid.")
+  flags.DEFINE_list("ga_lambdas", [str(v) for v in d.ga_lambdas], "GA size penalties lambda.")
+  flags.DEFINE_integer("ga_population", d.ga_population, "GA population size.")
+  flags.DEFINE_integer("ga_generations", d.ga_generations, "GA generations.")
+  flags.DEFINE_integer("ga_hof", d.ga_hof, "GA hall-of-fame size (elitism).")
+  flags.DEFINE_integer("ga_tournament", d.ga_tournament, "GA tournament size.")
+  flags.DEFINE_float("ga_crossover", d.ga_crossover, "GA one-point crossover probability.")
+  flags.DEFINE_float("ga_mutation", d.ga_mutation, "GA per-individual mutation probability.")
+  flags.DEFINE_float("ga_bit_flip", d.ga_bit_flip, "GA per-bit flip probability.")
+  flags.DEFINE_list("compare_hidden", [str(v) for v in d.compare_hidden],
+                    "Hidden sizes of the final comparison.")
+  flags.DEFINE_list("compare_angles", [str(v) for v in d.compare_angles],
+                    "Distinctiveness similar thresholds compared (complementary = 180 - angle).")
+  flags.DEFINE_list("compare_lambdas", [str(v) for v in d.compare_lambdas],
+                    "GA lambdas compared.")
+  flags.DEFINE_enum("compare_fitness", d.compare_fitness, list(FITNESS),
+                    "GA fitness used in the comparison.")
+
+
+def config_from_flags() -> Config:
+  f = flags.FLAGS
+  base = Config.quick() if f.quick else Config()
+  kw: dict[str, Any] = {"seed": f.seed}
+  lists = {"lrs": (float, 0.0, True), "hidden": (int, 1, False),
+           "dist_hidden": (int, 1, False), "ga_hidden": (int, 1, False),
+           "ga_lambdas": (float, 0.0, False), "compare_hidden": (int, 1, False),
+           "compare_angles": (float, 0.0, False), "compare_lambdas": (float, 0.0, False)}
+  for name, (kind, low, low_open) in lists.items():
+    if f[name].present or not f.quick:
+      kw[name] = mc.parse_list(name, f[name].value, kind, low=low, low_open=low_open)
+  for name in ("folds", "epochs", "batch_size", "prune_lr", "similar_deg", "complementary_deg",
+               "sweep_hidden", "sweep_step", "sweep_max", "ga_population", "ga_generations",
+               "ga_hof", "ga_tournament", "ga_crossover", "ga_mutation", "ga_bit_flip",
+               "compare_fitness"):
+    if f[name].present or not f.quick:
+      kw[name] = f[name].value
+  return dataclasses.replace(base, **kw)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _common.fail(f"Unexpected arguments: {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  run(config_from_flags(), data=f.data, data_path=f.data_path, workdir=f.workdir)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
