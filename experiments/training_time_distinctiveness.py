@@ -1,0 +1,269 @@
+"""Distinctiveness pruning during training of the 4-conv + 4-dense sigmoid CNN, 5-fold CV.
+
+Each fold trains the network twice with the same shuffling: without pruning, and with pruning
+during training. Every ``--check_every`` epochs (before the last epoch) the angles between the
+hidden-to-output weight vectors of ``--layer`` (each unit's outgoing weights; by default
+``dense_2``, the 64-unit layer that feeds the output layer) are computed; with pruning, units
+whose vector is closer than ``--angle`` degrees to another kept unit's are removed by weight
+distinctiveness (similar-only, from outgoing weights: the removed unit's outgoing weights are
+added to the kept one's), sweeping until no pair of kept units is below the angle. Removed
+units are masked: their weights and gradients stay exactly zero for the rest of training (the
+optimizer state carries on across checks).
+
+Reported: training-loss curves with and without pruning (pruning events marked), validation
+accuracy per fold and mean, and at each check the minimum and maximum angle and the units
+pruned.
+
+  python -m experiments.training_time_distinctiveness --workdir=/tmp/work
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+
+import jaxprune
+from experiments import _cnn_common as cc
+from experiments import _common
+from jaxprune import data as data_lib
+from jaxprune import pruners
+from jaxprune import train as train_lib
+
+FLAGS = flags.FLAGS
+STUDY = "training_time_distinctiveness"
+VARIANTS = ("no_pruning", "pruning")
+
+_common.define_common_flags("images")
+flags.DEFINE_string("image_size", "64x64",
+                    "Input HEIGHTxWIDTH (published 227x227; 64x64 by default to fit the CPU time "
+                    "budget, CNN4 adapts its flatten size; at least 59x59).")
+flags.DEFINE_integer("channels", 1, "Image channels, 1 or 3 (published: RGB; the bundled "
+                     "images are gray, so 1 by default).")
+flags.DEFINE_integer("folds", 5, "Cross-validation folds.")
+flags.DEFINE_integer("epochs", 30, "Training epochs per fold.")
+flags.DEFINE_integer("check_every", 5, "Epochs between distinctiveness checks.")
+flags.DEFINE_float("angle", 25.0, "Units whose outgoing weight vectors are closer than this "
+                   "many degrees are merged.")
+flags.DEFINE_string("layer", "dense_2", "Dense unit group whose hidden-to-output weights are "
+                    "checked (default: the layer feeding the output layer).")
+flags.DEFINE_integer("batch_size", 32, "Minibatch size.")
+flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
+
+QUICK = {"max_per_class": 6, "epochs": 4, "check_every": 2, "folds": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def _chunk_fn(trainer, num_epochs: int):
+  return jax.jit(lambda st, m, x, y, w, k, val: trainer.epochs(st, m, x, y, w, k, num_epochs, val))
+
+
+def angle_range(params, group, unit_mask):
+  """(min, max) angle in degrees between the outgoing vectors of the kept units."""
+  vecs = jnp.concatenate([v.reshape(v.shape[0], -1)
+                          for v in jaxprune.units.consumer_views(params, group)], axis=1)
+  ang = np.asarray(pruners.pairwise_angles(vecs))
+  keep = np.asarray(unit_mask)
+  sel = keep[:, None] & keep[None, :] & ~np.eye(len(keep), dtype=bool) & np.isfinite(ang)
+  if not sel.any():
+    return None, None
+  return float(ang[sel].min()), float(ang[sel].max())
+
+
+def max_abs_masked(params, wmasks) -> float:
+  """Largest |w| over masked-out positions (0.0 when pruned weights are exactly zero)."""
+  vals = jax.tree.leaves(jax.tree.map(lambda p, m: jnp.max(jnp.where(m, 0.0, jnp.abs(p)),
+                                                           initial=0.0), params, wmasks))
+  return float(max(vals)) if vals else 0.0
+
+
+def train_fold(model, params, train, val, *, key, prune: bool, s: dict):
+  """Trains one fold in chunks of ``check_every`` epochs, checking (and pruning) between chunks.
+
+  Returns ``(final_params, record)``; the record holds per-epoch training loss and validation
+  accuracy, and one entry per check (epoch, min/max angle before, units pruned, units kept,
+  and the largest |w| among masked weights, which must be 0).
+  """
+  group = model.groups[s["layer"]]
+  trainer = jaxprune.make_trainer(model, batch_size=s["batch_size"])
+  state = train_lib.init_state(trainer, params, s["learning_rate"])
+  umasks = {s["layer"]: jnp.ones((group.size,), bool)}
+  wmasks = jaxprune.ones_like(params)
+  prune_fn = pruners.weight_distinctiveness(model, s["layer"], source="outgoing", similar=True,
+                                            complementary=False, constants=False)
+  x, y = jnp.asarray(train[0]), jnp.asarray(train[1])
+  w = jnp.ones((x.shape[0],), jnp.float32)
+  vx, vy = jnp.asarray(val[0]), jnp.asarray(val[1])
+  vdata = (vx, vy, jnp.ones((vx.shape[0],), jnp.float32))
+  rec = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": [],
+         "checks": []}
+  done, e = 0, s["epochs"]
+  keys = jax.random.split(key, -(-e // s["check_every"]))
+  for k in keys:
+    n = min(s["check_every"], e - done)
+    state, m = _chunk_fn(trainer, n)(state, wmasks, x, y, w, k, vdata)
+    done += n
+    for name, src in (("train_loss", "loss"), ("train_accuracy", "accuracy"),
+                      ("val_loss", "val_loss"), ("val_accuracy", "val_accuracy")):
+      rec[name] += [float(v) for v in np.asarray(m[src])]
+    if not np.isfinite(rec["train_loss"][-1]):
+      raise FloatingPointError(f"Training diverged by epoch {done}; lower --learning_rate.")
+    if done >= e:
+      break
+    lo, hi = angle_range(state.params, group, umasks[s["layer"]])
+    kept_before = int(np.sum(np.asarray(umasks[s["layer"]])))
+    check = {"epoch": done, "min_angle": lo, "max_angle": hi, "kept_before": kept_before,
+             "max_abs_masked_before": max_abs_masked(state.params, wmasks)}
+    if prune:
+      p = state.params
+      for _ in range(group.size):
+        p, umasks, report = prune_fn(p, umasks, s["angle"], 180.0)
+        if int(report.count) == 0:
+          break
+      wmasks = jaxprune.expand(model, p, umasks)
+      state = state._replace(params=jaxprune.apply_masks(p, wmasks))
+    kept = int(np.sum(np.asarray(umasks[s["layer"]])))
+    pruned_units = np.flatnonzero(~np.asarray(umasks[s["layer"]])).tolist()
+    check.update(kept_after=kept, pruned_now=kept_before - kept, pruned_units=pruned_units)
+    rec["checks"].append(check)
+    _common.Progress(1, f"fold check, epoch {done}").step(
+        f"min angle {lo}, max angle {hi}, kept {kept}/{group.size}")
+  rec["final_max_abs_masked"] = max_abs_masked(state.params, wmasks)
+  rec["final_unit_mask"] = np.asarray(umasks[s["layer"]]).tolist()
+  rec["final_units_kept"] = int(np.sum(np.asarray(umasks[s["layer"]])))
+  return state.params, rec
+
+
+def settings() -> dict:
+  size = cc.parse_size(FLAGS.image_size, "image_size")
+  if FLAGS.channels not in (1, 3):
+    _common.fail(f"--channels must be 1 or 3, got {FLAGS.channels}.")
+  cc.check_positive(epochs=FLAGS.epochs, check_every=FLAGS.check_every,
+                    batch_size=FLAGS.batch_size)
+  if FLAGS.folds < 2:
+    _common.fail(f"--folds must be at least 2, got {FLAGS.folds}.")
+  if not 0.0 <= FLAGS.angle <= 180.0:
+    _common.fail(f"--angle must be in [0, 180] degrees, got {FLAGS.angle}.")
+  if not FLAGS.learning_rate > 0:
+    _common.fail(f"--learning_rate must be positive, got {FLAGS.learning_rate}.")
+  quick = FLAGS.quick
+  return {"data": FLAGS.data, "data_path": FLAGS.data_path, "seed": FLAGS.seed, "quick": quick,
+          "image_size": list(size), "channels": FLAGS.channels,
+          "folds": QUICK["folds"] if quick else FLAGS.folds,
+          "epochs": QUICK["epochs"] if quick else FLAGS.epochs,
+          "check_every": QUICK["check_every"] if quick else FLAGS.check_every,
+          "angle": FLAGS.angle, "layer": FLAGS.layer, "batch_size": FLAGS.batch_size,
+          "learning_rate": FLAGS.learning_rate}
+
+
+def main(argv):
+  if len(argv) > 1:
+    _common.fail(f"Unexpected arguments: {argv[1:]}")
+  s = settings()
+  size = tuple(s["image_size"])
+  try:
+    model = jaxprune.CNN4(input_shape=(size[0], size[1], s["channels"]))
+  except ValueError as e:
+    _common.fail(f"--image_size={size[0]}x{size[1]} is too small for the 4-conv CNN: {e}")
+  if s["layer"] not in model.groups or model.groups[s["layer"]].kind != "dense":
+    dense = [n for n, g in model.groups.items() if g.kind == "dense"]
+    _common.fail(f"--layer={s['layer']!r} is not a dense unit group of the 4-conv CNN; choose "
+                 f"one of {dense}.")
+  ds = cc.load_images(size, s["channels"], max_per_class=QUICK["max_per_class"] if s["quick"]
+                      else None)
+  try:
+    folds = data_lib.kfold(ds, n_splits=s["folds"], seed=s["seed"],
+                           person_independent=ds.groups is not None)
+  except ValueError as e:
+    _common.fail(f"Cannot make {s['folds']} folds: {e}")
+  study = _common.Study(STUDY, s)
+  prog = _common.Progress(len(VARIANTS) * len(folds), STUDY)
+  init = model.init(cc.config_key(s["seed"], "init"))
+
+  records = {v: [] for v in VARIANTS}
+  for f, (tr, te) in enumerate(folds):
+    for variant in VARIANTS:
+      def run(tr=tr, te=te, f=f, variant=variant):
+        return train_fold(model, init, (ds.x[tr], ds.y[tr]), (ds.x[te], ds.y[te]),
+                          key=cc.config_key(s["seed"], "fold", f), prune=variant == "pruning",
+                          s=s)
+
+      _, rec = cc.cached_with_params(study, f"{variant}_fold{f}", init, run)
+      records[variant].append(rec)
+      prog.step(f"fold {f + 1}/{len(folds)} {variant}")
+
+  # Tables.
+  acc_rows = []
+  for f in range(len(folds)):
+    acc_rows.append({"fold": f + 1, **{f"val_acc_{v}": records[v][f]["val_accuracy"][-1]
+                                       for v in VARIANTS},
+                     "units_kept_pruning": records["pruning"][f]["final_units_kept"]})
+  mean = {f"val_acc_{v}": float(np.mean([r["val_accuracy"][-1] for r in records[v]]))
+          for v in VARIANTS}
+  acc_rows.append({"fold": "mean", **mean, "units_kept_pruning": float(np.mean(
+      [r["final_units_kept"] for r in records["pruning"]]))})
+  check_rows = []
+  for v in VARIANTS:
+    for f, r in enumerate(records[v]):
+      for c in r["checks"]:
+        check_rows.append({"variant": v, "fold": f + 1, "epoch": c["epoch"],
+                           "min_angle": c["min_angle"], "max_angle": c["max_angle"],
+                           "pruned_now": c["pruned_now"], "kept_after": c["kept_after"],
+                           "pruned_units": " ".join(map(str, c["pruned_units"]))})
+  t_acc = _common.write_table(study.dir, "validation_accuracy", acc_rows,
+                              ["fold", "val_acc_no_pruning", "val_acc_pruning",
+                               "units_kept_pruning"])
+  t_chk = _common.write_table(study.dir, "checks", check_rows,
+                              ["variant", "fold", "epoch", "min_angle", "max_angle",
+                               "pruned_now", "kept_after", "pruned_units"])
+
+  # Figures: mean training loss (epoch e at x = e, x = 0 omitted) with the pruning checks marked.
+  events = [c["epoch"] for c in records["pruning"][0]["checks"]]
+  curves = {}
+  for v in VARIANTS:
+    curves[f"train loss, {v.replace('_', ' ')} (mean of folds)"] = (
+        [np.nan] + np.mean([r["train_loss"] for r in records[v]], axis=0).tolist())
+    curves[f"val loss, {v.replace('_', ' ')} (mean of folds)"] = (
+        [np.nan] + np.mean([r["val_loss"] for r in records[v]], axis=0).tolist())
+  cc.plot_curves(study.path("loss_curves.png"),
+                 f"CNN4, {len(folds)}-fold CV: pruning < {s['angle']:g} deg on {s['layer']}",
+                 curves, ylabel="cross-entropy loss (nats)", vlines=events,
+                 vlabel="distinctiveness check")
+  kept_curves = {f"fold {f + 1}": [model.groups[s["layer"]].size] + [c["kept_after"]
+                                                                     for c in r["checks"]]
+                 for f, r in enumerate(records["pruning"])}
+  plt = _common.pyplot()
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for label, ys in kept_curves.items():
+    ax.plot([0] + events, ys, marker="o", label=label)
+  ax.set_xlabel("epoch")
+  ax.set_ylabel(f"units kept in {s['layer']}")
+  ax.set_title("Units kept after each check (pruning run)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _common.save_figure(fig, study.path("units_kept.png"))
+
+  study.write_results({"folds": records, "mean_val_accuracy": mean,
+                       "layer_size": model.groups[s["layer"]].size})
+  study.write_report("Training-time distinctiveness (4-conv + 4-dense sigmoid CNN)", [
+      ("Set-up", f"{cc.data_description(ds)} Model: CNN4 (sigmoid) on "
+       f"{size[0]}x{size[1]}x{s['channels']} inputs, {s['folds']}-fold CV, {s['epochs']} epochs, "
+       f"Adam {s['learning_rate']:g}, batch {s['batch_size']}. Every {s['check_every']} epochs "
+       f"the angles between the outgoing (hidden-to-output) weight vectors of {s['layer']} are "
+       f"checked; in the pruning run units closer than {s['angle']:g} deg are merged "
+       "(similar-only weight distinctiveness, repeated until no pair is below the angle) and "
+       "masked, their weights and gradients held at zero. Both runs of a fold use the same "
+       "initial weights and shuffling."),
+      ("Validation accuracy (final epoch)", t_acc),
+      ("Checks (min/max angle among kept units before pruning)", t_chk),
+      ("Figures", "![](loss_curves.png)\n\n![](units_kept.png)"),
+  ])
+  print(f"Wrote {study.dir}/REPORT.md")
+
+
+if __name__ == "__main__":
+  app.run(main)
