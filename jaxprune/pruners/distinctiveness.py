@@ -134,14 +134,24 @@ def pairwise_angles(vectors: jax.Array) -> jax.Array:
   return jnp.where(zero[:, None] | zero[None, :], jnp.nan, ang)
 
 
-def _gram_terms(v):
-  """|u_i - u_j|^2 and |u_i + u_j|^2 for the normalised rows u of v, from one Gram matrix."""
+def _gram(v):
+  """Gram matrix of the normalised rows of v, and its diagonal."""
   n = jnp.linalg.norm(v, axis=1)
   u = v / jnp.where(n > 0, n, 1.0)[:, None]
   g = jnp.matmul(u, u.T, precision=jax.lax.Precision.HIGHEST)
-  d = jnp.diagonal(g)
-  s = d[:, None] + d[None, :]
+  return g, jnp.diagonal(g)
+
+
+def _pair_terms(g, di, dj):
+  """|u_i - u_j|^2 and |u_i + u_j|^2 from the Gram entries g and the squared norms di, dj."""
+  s = di + dj
   return jnp.maximum(s - 2.0 * g, 0.0), jnp.maximum(s + 2.0 * g, 0.0)
+
+
+def _gram_terms(v):
+  """|u_i - u_j|^2 and |u_i + u_j|^2 for the normalised rows u of v, from one Gram matrix."""
+  g, d = _gram(v)
+  return _pair_terms(g, d[:, None], d[None, :])
 
 
 def _angle(diff2, sum2):
@@ -214,33 +224,31 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   f32 = jnp.float32
   vecs = jnp.where(active[:, None], vecs, 0.0)
   norm = jnp.linalg.norm(vecs, axis=1)
-  diff2, sum2 = _gram_terms(vecs)
+  g, d = _gram(vecs)
+  # The (h, h) pair terms are only ever used inside fused elementwise passes (the prefilter and
+  # the kept-pair extremes); exact angles are computed only for gathered candidate pairs.
+  diff2, sum2 = _pair_terms(g, d[:, None], d[None, :])
   # angle = 2 atan(sqrt(ratio)) is increasing in ratio, so thresholds become cheap tests on
   # the ratio; a slightly loose prefilter, then exact angles only where needed.
   ratio = diff2 / sum2
   const = active & is_const & ~bad if use_const else jnp.zeros((h,), bool)
   ok = active & ~const & (norm > 0)
-  triu = jnp.asarray(np.triu(np.ones((h, h), bool), 1))
+  idx = jnp.arange(h, dtype=jnp.int32)
+  triu = idx[:, None] < idx[None, :]
   pair_ok = ok[:, None] & ok[None, :] & triu & ~bad
   tan2 = lambda deg: jnp.tan(jnp.radians(deg) / 2.0) ** 2
-  if use_similar:
-    pre_sim = pair_ok & (ratio < tan2(sim) * (1.0 + 1e-3) + 1e-12)
-  else:
-    pre_sim = jnp.zeros((h, h), bool)
-  if use_comp:
-    pre_comp = pair_ok & (ratio > tan2(comp) * (1.0 - 1e-3)) & (comp < 180.0)
-  else:
-    pre_comp = jnp.zeros((h, h), bool)
-  pre = pre_sim | pre_comp
+
+  def prefilter(r):
+    """(passes the similar prefilter, passes the complementary prefilter) for ratios r."""
+    ps = (r < tan2(sim) * (1.0 + 1e-3) + 1e-12) if use_similar else jnp.zeros(r.shape, bool)
+    pc = ((r > tan2(comp) * (1.0 - 1e-3)) & (comp < 180.0)) if use_comp else (
+        jnp.zeros(r.shape, bool))
+    return ps, pc
+
+  ps, pc = prefilter(ratio)
+  pre = (pair_ok & (ps | pc)).reshape(-1)
   n_pre = jnp.sum(pre, dtype=jnp.int32)
   n_const = jnp.sum(const, dtype=jnp.int32)
-  idx = jnp.arange(h, dtype=jnp.int32)
-
-  def classify(a, ps, pc):
-    """Exact strict tests on the angle: (is_similar, is_complementary, excess)."""
-    is_s = ps & (sim - a > 0)
-    is_c = pc & (a - comp > 0) & ~is_s
-    return is_s, is_c, jnp.where(is_s, sim - a, jnp.where(is_c, a - comp, -jnp.inf))
 
   # Constants first, in index order; pairs follow them in the report.
   cpos = jnp.where(const, jnp.cumsum(const) - 1, h)
@@ -249,54 +257,46 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
               pairs=jnp.zeros((h, 3), jnp.int32).at[cpos].set(crow, mode="drop"),
               angle=jnp.full((h,), jnp.nan, f32), count=n_const)
   take = functools.partial(_take_pair, absorb=absorb)
-  k = int(min(h * (h - 1) // 2, max(candidates * h, 1)))
+  n_pairs = h * (h - 1) // 2
+  k = int(min(n_pairs, max(candidates * h, 1)))
 
-  def fast(st):
-    # Few candidate pairs: gather them (top_k of the 0/1 prefilter, lower index first), get
-    # their exact angles, sort the qualifying ones and walk them in order.
-    _, cand = jax.lax.top_k(pre.reshape(-1).astype(f32), k)
-    cand = cand.astype(jnp.int32)
+  def walk(st, g, pre, cand):
+    """Exact angles of the flat pair indices ``cand`` (those with ``pre`` set are candidates),
+    sorted most extreme first (ties: similar, then lower indices), applied in that order."""
     ci, cj = cand // h, cand % h
-    a = _angle(diff2[ci, cj], sum2[ci, cj])
-    valid = jnp.arange(k) < n_pre
-    is_s, is_c, ex = classify(a, pre_sim[ci, cj] & valid, pre_comp[ci, cj] & valid)
+    diff2_c, sum2_c = _pair_terms(g.reshape(-1)[cand], d[ci], d[cj])
+    a = _angle(diff2_c, sum2_c)
+    ps_c, pc_c = prefilter(diff2_c / sum2_c)
+    valid = pre[cand]
+    is_s = valid & ps_c & (sim - a > 0)
+    is_c = valid & pc_c & (a - comp > 0) & ~is_s
+    ex = jnp.where(is_s, sim - a, jnp.where(is_c, a - comp, -jnp.inf))
     n_q = jnp.sum(is_s | is_c, dtype=jnp.int32)
     _, kind_c, order, ang_c = jax.lax.sort((-ex, is_c.astype(jnp.int32), cand, a), num_keys=3)
 
-    def body(t, st):
+    def body(carry):
+      t, st = carry
       p = order[t]
-      return take(st, p // h, p % h, kind_c[t] == 0, ang_c[t])
+      return t + 1, take(st, p // h, p % h, kind_c[t] == 0, ang_c[t])
 
-    return jax.lax.fori_loop(0, n_q, body, st)
-
-  def slow(st):
-    # Many candidates: repeatedly take the most extreme still-available pair. This is the
-    # same order as walking the sorted list, since availability only ever shrinks.
-    is_sim, is_comp, excess = classify(_angle(diff2, sum2), pre_sim, pre_comp)
-    flat_comp = is_comp.reshape(-1)
-    flat_ang = _angle(diff2, sum2).reshape(-1)
-
-    def step(carry):
-      st, _ = carry
-      u = (st.flags & _USED) > 0
-      kp = (st.flags & _KEEPER) > 0
-      sim_av = is_sim & ~u[None, :] & (~u[:, None] | (absorb & kp[:, None]))
-      comp_av = is_comp & ~u[:, None] & ~u[None, :]
-      ex = jnp.where(sim_av | comp_av, excess, -jnp.inf).reshape(-1)
-      m = jnp.max(ex)
-      tie = ex == m
-      sim_tie = tie & sim_av.reshape(-1)
-      p = jnp.where(jnp.any(sim_tie), jnp.argmax(sim_tie), jnp.argmax(tie)).astype(jnp.int32)
-      found = m > -jnp.inf
-      return take(st, p // h, p % h, ~flat_comp[p] & found, flat_ang[p]), ~found
-
-    st, _ = jax.lax.while_loop(lambda c: ~c[1], step, (st, jnp.asarray(False)))
+    # Only the qualifying pairs are visited: they are sorted to the front.
+    _, st = jax.lax.while_loop(lambda c: c[0] < n_q, body, (jnp.asarray(0, jnp.int32), st))
     return st
 
-  if k >= h * (h - 1) // 2:
-    st = fast(st)  # every pair fits: no fallback needed (and less to compile)
+  def fast(st, g, pre):
+    # Few candidates: gather them (top_k of the 0/1 prefilter returns every set entry when at
+    # most k are set), then walk them.
+    _, cand = jax.lax.top_k(pre.astype(f32), k)
+    return walk(st, g, pre, cand.astype(jnp.int32))
+
+  def every_pair(st, g, pre):
+    # Many candidates: sort them all (same order, same walk; slower but rarely needed).
+    return walk(st, g, pre, jnp.arange(h * h, dtype=jnp.int32))
+
+  if k >= n_pairs:
+    st = fast(st, g, pre)  # every pair fits: no fallback needed (and less to compile)
   else:
-    st = jax.lax.cond(n_pre <= k, fast, slow, st)
+    st = jax.lax.cond(n_pre <= k, fast, every_pair, st, g, pre)
 
   # Turn the recorded actions into removals, a transfer matrix and folded constants.
   n = jnp.arange(h)
@@ -332,13 +332,26 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   keep = keep.at[r].set(keep[r] | empty)
   consts = consts.at[r].set(jnp.where(empty, 0.0, consts[r]))
 
-  kept_pairs = keep[:, None] & keep[None, :] & triu & ok[:, None] & ok[None, :]
-  any_pair = jnp.any(kept_pairs)
-  p_min = jnp.argmin(jnp.where(kept_pairs, ratio, jnp.inf).reshape(-1))
-  p_max = jnp.argmax(jnp.where(kept_pairs, ratio, -jnp.inf).reshape(-1))
-  d2f, s2f = diff2.reshape(-1), sum2.reshape(-1)
-  min_a = jnp.where(any_pair, _angle(d2f[p_min], s2f[p_min]), jnp.nan)
-  max_a = jnp.where(any_pair, _angle(d2f[p_max], s2f[p_max]), jnp.nan)
+  kept_ok = keep & ok
+
+  def kept_ratio(rows):
+    """Ratios of kept pairs (i < j) in the given rows, +-inf elsewhere: (low, high) versions."""
+    di = d[rows][:, None]
+    m = kept_ok[rows][:, None] & kept_ok[None, :] & (rows[:, None] < idx[None, :])
+    r = jnp.divide(*_pair_terms(g[rows], di, d[None, :]))
+    return jnp.where(m, r, jnp.inf), jnp.where(m, r, -jnp.inf)
+
+  # First flat index of the smallest / largest kept-pair ratio, as argmin/argmax over the flat
+  # matrix would give, but with plain (vectorised) row reductions and two one-row argmins.
+  low, high = kept_ratio(idx)
+  i_min = jnp.argmin(jnp.min(low, axis=1)).astype(jnp.int32)
+  i_max = jnp.argmax(jnp.max(high, axis=1)).astype(jnp.int32)
+  j_min = jnp.argmin(kept_ratio(i_min[None])[0][0]).astype(jnp.int32)
+  j_max = jnp.argmax(kept_ratio(i_max[None])[1][0]).astype(jnp.int32)
+  any_pair = jnp.sum(kept_ok) > 1
+  pair_angle = lambda i, j: _angle(*_pair_terms(g[i, j], d[i], d[j]))
+  min_a = jnp.where(any_pair, pair_angle(i_min, j_min), jnp.nan)
+  max_a = jnp.where(any_pair, pair_angle(i_max, j_max), jnp.nan)
   report = SweepReport(first, second, angle, kind, st.count, min_a.astype(f32),
                        max_a.astype(f32), empty & ~bad, bad)
   # Bad input under jit: change nothing.
