@@ -200,8 +200,9 @@ class Study:
   def cached(self, key: str, fn: Callable[[], Any]) -> Any:
     """Returns the saved result of ``key`` if this configuration finished before, else runs
     ``fn`` and saves its (JSON-able) result atomically before returning it."""
-    safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
-    f = os.path.join(self.cache_dir, safe + ".json")
+    safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)[:80]
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]  # distinct keys, distinct files
+    f = os.path.join(self.cache_dir, f"{safe}-{digest}.json")
     if os.path.exists(f):
       with open(f) as fh:
         self.resumed += 1

@@ -93,14 +93,30 @@ def check_unit_masks(model_or_groups, unit_masks: Mapping[str, Any], *,
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
-  """Zeroes the masked weights: ``where(mask, param, 0)`` leaf by leaf. Jit-compatible."""
+  """Zeroes the masked weights: ``where(mask, param, 0)`` leaf by leaf. Jit-compatible.
+
+  Raises ValueError (see :func:`check_weight_masks`) if the masks do not fit the params, rather
+  than broadcasting a wrong-shaped or non-bool mask silently.
+  """
+  check_weight_masks(params, masks)
   return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.asarray(p).dtype)),
                       params, masks)
 
 
 def expand(model_or_groups, params: PyTree, unit_masks: Mapping[str, Any],
-           weight_masks: PyTree | None = None) -> PyTree:
-  """Weight masks that remove the units masked out in ``unit_masks`` (see ``units.expand``)."""
+           weight_masks: PyTree | None = None, *, allow_empty: bool = False) -> PyTree:
+  """Weight masks that remove the units masked out in ``unit_masks`` (see ``units.expand``).
+
+  A concrete unit mask that removes every unit of a group raises (a layer with no units cuts
+  the network), unless ``allow_empty``; traced masks (inside ``jit``/``vmap``, e.g. a GA
+  population) are not checked.
+  """
+  for name, m in unit_masks.items():
+    if not allow_empty and not isinstance(m, jax.core.Tracer) and np.size(m) and not np.any(m):
+      raise ValueError(f"Unit mask {name!r} removes every unit of the group; keep at least one "
+                       "unit (or pass allow_empty=True to mask the whole layer on purpose).")
+  if weight_masks is not None:
+    check_weight_masks(params, weight_masks)
   return units_lib.expand(params, _groups(model_or_groups), unit_masks, weight_masks)
 
 

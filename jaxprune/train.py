@@ -68,20 +68,40 @@ def _correct(outputs, targets):
 
 
 def check_finite(name: str, x) -> None:
-  """Raises ValueError if a concrete array holds NaN or infinite values."""
-  a = np.asarray(x)
-  if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-    bad = int(np.sum(~np.isfinite(a)))
+  """Raises ValueError if a concrete array holds NaN or infinite values (checked where it lives:
+  a device array is not copied to the host)."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  if not xp.issubdtype(x.dtype, xp.floating):
+    return
+  bad = int(xp.sum(~xp.isfinite(x)))
+  if bad:
     raise ValueError(f"{name} holds {bad} NaN or infinite values; clean or impute them "
                      "before training (e.g. drop those rows).")
 
 
-def _check_data(model: Model, x, y, name="x"):
+def _check_targets(model: Model, params, x, y, name: str) -> None:
+  """Classifier targets must be integer labels in [0, number of outputs)."""
+  if model.task == "reconstruction":
+    return
+  if not jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer):
+    raise ValueError(f"{name} targets must be integer class labels, got dtype "
+                     f"{jnp.asarray(y).dtype}; convert with y.astype(int).")
+  n_out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct(
+      (1,) + tuple(jnp.shape(x)[1:]), jnp.float32)).shape[-1]
+  lo, hi = int(jnp.min(y)), int(jnp.max(y))
+  if lo < 0 or hi >= n_out:
+    raise ValueError(f"{name} targets range over [{lo}, {hi}] but the model has {n_out} "
+                     f"outputs; labels must be in [0, {n_out - 1}].")
+
+
+def _check_data(model: Model, x, y, name="x", params=None):
   model.check_input(x)
   check_finite(name, x)
   if jnp.shape(y)[0] != jnp.shape(x)[0]:
     raise ValueError(f"{name} has {jnp.shape(x)[0]} samples but its targets have "
                      f"{jnp.shape(y)[0]}.")
+  if params is not None and jnp.shape(y)[0]:
+    _check_targets(model, params, x, y, name)
 
 
 # ----------------------------------------------------------------------------- state
@@ -119,7 +139,7 @@ class Trainer:
 
     def objective(trainable):
       variables = {**params, "params": trainable}
-      out, new_vars = self.model.apply_train(variables, x)
+      out, new_vars = self.model.apply_train(variables, x, mask=w > 0)
       per = self.loss(out, y)
       return jnp.sum(w * per) / denom, (new_vars, jnp.sum(w * per), jnp.sum(w * _correct(out, y)))
 
@@ -142,9 +162,10 @@ class Trainer:
     """One pass over the data in a random order (real samples first, padding last)."""
     n = x.shape[0]
     nb = math.ceil(n / self.batch_size)
-    perm = jax.random.permutation(key, n)
-    # Stable sort puts the real samples (w > 0) first, keeping their random order.
-    perm = perm[jnp.argsort(w[perm] <= 0, stable=True)]
+    # Each sample's sort key depends only on its index, so the real samples (w > 0) come out in
+    # the same random order whatever padding follows them; padding goes last.
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(jnp.arange(n))
+    perm = jnp.argsort(jnp.where(w > 0, u, 2.0))
     pad = nb * self.batch_size - n
     idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(nb, self.batch_size)
     valid = jnp.concatenate([jnp.ones((n,), bool), jnp.zeros((pad,), bool)])
@@ -311,7 +332,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   """
   if epochs < 1:
     raise ValueError(f"epochs must be at least 1, got {epochs}.")
-  _check_data(model, x, y)
+  _check_data(model, x, y, params=params)
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
     params = masks_lib.apply_masks(params, masks)
@@ -320,7 +341,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   w = jnp.ones((x.shape[0],), jnp.float32)
   val = None
   if validation is not None:
-    _check_data(model, validation[0], validation[1], "validation x")
+    _check_data(model, validation[0], validation[1], "validation x", params=params)
     val = (jnp.asarray(validation[0]), jnp.asarray(validation[1]),
            jnp.ones((np.shape(validation[0])[0],), jnp.float32))
   state = init_state(trainer, params, learning_rate)
@@ -345,24 +366,46 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   Returns:
     ``(params, history)`` with a leading run axis on every leaf and history array.
   """
+  if epochs < 1:
+    raise ValueError(f"epochs must be at least 1, got {epochs}.")
+  x, y, w = jnp.asarray(x), jnp.asarray(y), jnp.asarray(w, jnp.float32)
+  if x.ndim < 2:
+    raise ValueError(f"fit_many takes x with a leading run axis, (R, N, ...); got {x.shape}.")
+  runs, n = x.shape[:2]
+  model.check_input(x[0])
   check_finite("x", x)
-  model.check_input(jnp.asarray(x)[0])
+  if y.shape[:2] != (runs, n) or w.shape != (runs, n):
+    raise ValueError(f"fit_many needs y and w shaped (R, N) = ({runs}, {n}) like x's leading "
+                     f"axes; got y {y.shape} and w {w.shape}.")
+  key_shape = jnp.shape(key)
+  if not key_shape or key_shape[0] != runs:
+    raise ValueError(f"fit_many needs one key per run: key of shape ({runs},), e.g. "
+                     f"jax.random.split(key, {runs}); got shape {key_shape}.")
+  lead = {jnp.shape(l)[0] if jnp.ndim(l) else None for l in jax.tree.leaves(params)}
+  if lead != {runs}:
+    raise ValueError(f"fit_many needs params stacked with a leading run axis of {runs} (e.g. "
+                     "jax.vmap(model.init)(keys)); got leading sizes "
+                     f"{sorted(map(str, lead))}.")
+  _check_targets(model, jax.tree.map(lambda l: l[0], params), x[0], y[0][w[0] > 0], "y")
   trainer = trainer or make_trainer(model, batch_size=batch_size)
   if masks is not None:
     params = jax.vmap(masks_lib.apply_masks)(params, masks)
   lr = jnp.broadcast_to(jnp.asarray(learning_rate, jnp.float32), (jnp.shape(x)[0],))
   state = jax.vmap(lambda p, l: init_state(trainer, p, l))(params, lr)
   val = None if validation is None else tuple(jnp.asarray(a) for a in validation)
-  state, history = _run(trainer, state, masks, jnp.asarray(x), jnp.asarray(y),
-                        jnp.asarray(w, jnp.float32), key, epochs, val, max(1, log_every),
+  state, history = _run(trainer, state, masks, x, y, w, key, epochs, val, max(1, log_every),
                         progress, desc, many=True)
   return state.params, history
 
 
 def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
              loss: Callable | None = None, batch_size: int = 1024) -> dict[str, float]:
-  """Mean loss and accuracy (accuracy is 0 for reconstruction tasks) of a (masked) network."""
-  _check_data(model, x, y)
+  """Mean loss and accuracy (accuracy is 0 for reconstruction tasks) of a (masked) network.
+
+  A user-supplied ``loss`` should be one function object reused across calls: each new function
+  compiles a new program.
+  """
+  _check_data(model, x, y, params=params)
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
     params = masks_lib.apply_masks(params, masks)

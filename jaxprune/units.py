@@ -50,6 +50,9 @@ class Slice:
       ``view=(H*W, C, out)`` and ``axis=1`` channel c owns rows c, c+C, c+2C, ...
     bias: for a consumer, the path of the consuming layer's bias, so that a removed unit's
       constant contribution can be folded into it.
+    padded: for a consumer, True when it is a zero-padded ('SAME') convolution: a constant
+      input channel then contributes less at the borders than inside, so folding it into a
+      per-channel bias is not exact (see ``UnitGroup.exact_constant_fold``).
   """
 
   path: Path
@@ -57,6 +60,7 @@ class Slice:
   role: Role
   view: tuple[int, ...] | None = None
   bias: Path | None = None
+  padded: bool = False
 
   def __post_init__(self):
     if self.role not in ("producer", "consumer"):
@@ -89,6 +93,12 @@ class UnitGroup:
   @property
   def consumers(self) -> tuple[Slice, ...]:
     return tuple(s for s in self.slices if s.role == "consumer")
+
+  @property
+  def exact_constant_fold(self) -> bool:
+    """Whether a constant unit's contribution can be folded exactly into the next biases:
+    every consumer has a bias and none is a zero-padded convolution."""
+    return all(s.bias is not None and not s.padded for s in self.consumers)
 
 
 # ----------------------------------------------------------------------------- tree paths
@@ -125,9 +135,18 @@ def _check_group_name(groups: Mapping[str, UnitGroup], name: str) -> UnitGroup:
 # ----------------------------------------------------------------------------- unit views
 
 
+def _view_shape(leaf_shape, s: Slice) -> tuple[int, ...]:
+  """``s.view``, with its last axis recomputed from the leaf when it is not the unit axis (so a
+  flatten consumer stays valid after the consuming layer itself was compacted)."""
+  view = list(s.view)
+  if s.axis % len(view) != len(view) - 1 and leaf_shape[-1] != view[-1]:
+    view[-1] = leaf_shape[-1]
+  return tuple(view)
+
+
 def unit_view(leaf: jax.Array, s: Slice) -> jax.Array:
   """The leaf reshaped so that axis 0 indexes units: shape (units, ...)."""
-  x = leaf.reshape(s.view) if s.view is not None else leaf
+  x = leaf.reshape(_view_shape(leaf.shape, s)) if s.view is not None else leaf
   return jnp.moveaxis(x, s.axis, 0)
 
 
@@ -136,9 +155,11 @@ def from_unit_view(view: jax.Array, s: Slice, leaf_shape: tuple[int, ...]) -> ja
   x = jnp.moveaxis(view, 0, s.axis)
   if s.view is None:
     return x
-  old_units = s.view[s.axis]
+  shape = _view_shape(leaf_shape, s)
+  axis = s.axis % len(shape)
+  old_units = shape[axis]
   # The leaf axis that holds the unit axis is the first whose running size covers it.
-  covered = int(np.prod(s.view[:s.axis + 1]))
+  covered = int(np.prod(shape[:axis + 1]))
   running = np.cumprod(leaf_shape)
   k = int(np.searchsorted(running, covered))
   new_shape = list(leaf_shape)
@@ -148,7 +169,7 @@ def from_unit_view(view: jax.Array, s: Slice, leaf_shape: tuple[int, ...]) -> ja
 
 def _mask_like(mask: jax.Array, leaf_shape, s: Slice) -> jax.Array:
   """Broadcasts a unit mask (units,) to the leaf's shape along the slice's axis."""
-  shape = s.view if s.view is not None else leaf_shape
+  shape = _view_shape(leaf_shape, s) if s.view is not None else leaf_shape
   ndim = len(shape)
   axis = s.axis % ndim
   bshape = [1] * ndim
@@ -210,8 +231,10 @@ def compact(params: PyTree, groups: Mapping[str, UnitGroup],
     A new variables dict with the masked units' slices removed.
   """
   out = params
-  for name, m in unit_masks.items():
-    g = _check_group_name(groups, name)
+  for name in unit_masks:
+    _check_group_name(groups, name)
+  for name in [n for n in groups if n in unit_masks]:  # declaration order, whatever the dict's
+    g, m = groups[name], unit_masks[name]
     keep = np.asarray(m).astype(bool)
     if keep.shape != (g.size,):
       raise ValueError(f"Unit mask {name!r} has shape {keep.shape}; group {name!r} has "

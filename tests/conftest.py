@@ -16,10 +16,13 @@ def strict_rank():
 
 
 def random_unit_masks(model, seed, p_keep=0.5):
-  """Random unit masks for every group of ``model``, each keeping at least one unit."""
+  """Random unit masks for every group of ``model``, each keeping at least one unit, in a random
+  dict order (results must not depend on it)."""
   rng = np.random.default_rng(seed)
   out = {}
-  for name, size in model.group_sizes.items():
+  names = list(model.group_sizes)
+  for i in rng.permutation(len(names)):
+    name, size = names[i], model.group_sizes[names[i]]
     m = rng.random(size) < p_keep
     m[rng.integers(size)] = True
     out[name] = jax.numpy.asarray(m)

@@ -60,8 +60,15 @@ def test_check_weight_masks_errors(params):
   with pytest.raises(ValueError, match="structure of the params.*missing leaves"):
     jaxprune.check_weight_masks(params, missing)
   with_none = {"params": {**good["params"], "out": {"kernel": None, "bias": good["params"]["out"]["bias"]}}}
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="structure of the params.*missing leaves.*out.*kernel"):
     jaxprune.check_weight_masks(params, with_none)
+  # apply_masks checks too, instead of broadcasting a wrong mask silently.
+  with pytest.raises(ValueError, match="has shape \\(6, 4\\)"):
+    jaxprune.apply_masks(params, bad_shape)
+  with pytest.raises(ValueError, match="removes every unit"):
+    jaxprune.expand(MODEL, params, {"hidden_0": jnp.zeros(6, bool)})
+  empty = jaxprune.expand(MODEL, params, {"hidden_0": jnp.zeros(6, bool)}, allow_empty=True)
+  assert not bool(empty["params"]["out"]["kernel"].any())
 
 
 def test_check_unit_masks_errors():

@@ -75,11 +75,11 @@ def test_step_does_not_recompile(data, params):
     state, _ = step(state, x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)])
   assert len(traces) == 1
   # fit() reuses one compiled epoch program across calls and learning rates.
-  size = train._compiled.cache_info().currsize
-  for lr in (1e-2, 1e-3):
+  for lr in (1e-2, 1e-3, 3e-4):
     jaxprune.fit(MODEL, params, x, y, key=jax.random.key(0), epochs=2, log_every=2,
                  learning_rate=lr, batch_size=16, progress=False)
-  assert train._compiled.cache_info().currsize <= size + 1
+  compiled = train._compiled(jaxprune.make_trainer(MODEL, batch_size=16), 2, False, False)
+  assert compiled._cache_size() == 1
 
 
 def test_fit_many_equals_separate_fits(data, params):
@@ -99,6 +99,41 @@ def test_fit_many_equals_separate_fits(data, params):
                         learning_rate=lrs[r], progress=False)
     np.testing.assert_allclose(hm["loss"][r], h["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[r], rtol=1e-4, atol=1e-6), p, pm)
+
+
+def test_padding_never_changes_the_real_runs_shuffle():
+  # Large enough that a naive permutation of the padded length would reorder the real samples.
+  model = jaxprune.MLP(in_features=3, hidden=(4,), out_features=2)
+  rng = np.random.default_rng(3)
+  n, padded = 1700, 1800
+  x = rng.normal(size=(n, 3)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int32)
+  p0 = model.init(jax.random.key(0))
+  key = jax.random.key(11)
+  p, h = jaxprune.fit(model, p0, x, y, key=key, epochs=1, batch_size=64, progress=False)
+  xs = np.zeros((1, padded, 3), np.float32)
+  ys = np.zeros((1, padded), np.int32)
+  ws = np.zeros((1, padded), np.float32)
+  xs[0, :n], ys[0, :n], ws[0, :n] = x, y, 1.0
+  pm, hm = jaxprune.fit_many(model, jax.tree.map(lambda a: a[None], p0), xs, ys, ws,
+                             key=key[None], epochs=1, batch_size=64, progress=False)
+  np.testing.assert_allclose(hm["loss"][0], h["loss"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[0], rtol=1e-5, atol=1e-7), p, pm)
+
+
+def test_batch_norm_statistics_ignore_padding_rows():
+  model = jaxprune.ResNet18(num_classes=3, input_shape=(8, 8, 3))
+  params = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  mask = jnp.array([True, True, False, False])
+  step = jax.jit(lambda p, x: model.apply_train(p, x, mask=mask))
+  out1, new1 = step(params, x)
+  out2, new2 = step(params, x.at[2:].set(100.0))  # only the padding rows change
+  np.testing.assert_allclose(out1[:2], out2[:2], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               new1["batch_stats"], new2["batch_stats"])
+  _, unmasked = jax.jit(model.apply_train)(params, x.at[2:].set(100.0))
+  assert not np.allclose(unmasked["batch_stats"]["bn1"]["mean"], new1["batch_stats"]["bn1"]["mean"])
 
 
 def test_rewind_restores_kept_weights_and_zeroes_pruned(data, params):
@@ -147,6 +182,22 @@ def test_bad_input(data, params):
     wm = jaxprune.ones_like(params)
     wm["params"]["out"]["bias"] = jnp.ones(4, bool)
     jaxprune.fit(MODEL, params, x, y, key=jax.random.key(0), epochs=1, masks=wm, progress=False)
+  with pytest.raises(ValueError, match=r"targets range over \[0, 3\] but the model has 3"):
+    jaxprune.fit(MODEL, params, x, np.where(y == 2, 3, y), key=jax.random.key(0), epochs=1,
+                 progress=False)
+  with pytest.raises(ValueError, match="integer class labels"):
+    jaxprune.evaluate(MODEL, params, x, y.astype(np.float32))
+  w = np.ones((2, 90), np.float32)
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+  with pytest.raises(ValueError, match="one key per run"):
+    jaxprune.fit_many(MODEL, stacked, np.stack([x, x]), np.stack([y, y]), w,
+                      key=jax.random.key(0), epochs=1, progress=False)
+  with pytest.raises(ValueError, match=r"y and w shaped \(R, N\) = \(2, 90\)"):
+    jaxprune.fit_many(MODEL, stacked, np.stack([x, x]), np.stack([y, y]), w[:, :30],
+                      key=jax.random.split(jax.random.key(0), 2), epochs=1, progress=False)
+  with pytest.raises(ValueError, match="stacked with a leading run axis of 2"):
+    jaxprune.fit_many(MODEL, params, np.stack([x, x]), np.stack([y, y]), w,
+                      key=jax.random.split(jax.random.key(0), 2), epochs=1, progress=False)
   with pytest.raises(FloatingPointError, match="lower the learning rate"):
     # A loss that diverges (here: log of a negative number) is caught at the epoch's end.
     jaxprune.fit(MODEL, params, x, y, key=jax.random.key(0), epochs=2, progress=False,

@@ -85,3 +85,25 @@ def test_errors_name_the_problem():
     units.get_path(p, ("params", "zz", "kernel"))
   with pytest.raises(ValueError, match="role"):
     Slice(("a",), 0, role="input")
+
+
+def test_constant_fold_is_exact_for_valid_conv_consumer_and_flagged_for_same():
+  import jax
+  import jaxprune
+  model = jaxprune.LeNet(input_shape=(20, 16, 1))
+  params = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (3, 20, 16, 1))
+  g = model.groups["conv_0"]
+  # Make channel 3 constant (zero kernel, bias 0.7: relu(0.7) = 0.7 everywhere), fold, remove.
+  k = params["params"]["conv_0"]["kernel"].at[..., 3].set(0.0)
+  b = params["params"]["conv_0"]["bias"].at[3].set(0.7)
+  params = units.set_path(units.set_path(params, ("params", "conv_0", "kernel"), k),
+                          ("params", "conv_0", "bias"), b)
+  folded = units.redistribute(params, g, jnp.eye(16), constants=jnp.zeros(16).at[3].set(0.7))
+  keep = jnp.ones(16, bool).at[3].set(False)
+  masked = jaxprune.apply_masks(folded, jaxprune.expand(model, folded, {"conv_0": keep}))
+  np.testing.assert_allclose(model.apply(masked, x), model.apply(params, x), rtol=1e-5, atol=1e-5)
+  assert g.exact_constant_fold
+  cnn = jaxprune.CNN4()
+  assert not cnn.groups["conv_1"].exact_constant_fold  # read by a zero-padded 'SAME' conv
+  assert cnn.groups["conv_3"].exact_constant_fold and cnn.groups["dense_0"].exact_constant_fold

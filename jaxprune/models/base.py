@@ -137,8 +137,14 @@ class Model(abc.ABC):
     """The activations of unit group ``name`` on batch ``x``: (N, units) or (N, H, W, units)."""
     return self.apply_with_activations(params, x, (name,))[1][name]
 
-  def apply_train(self, params: PyTree, x: jax.Array) -> tuple[jax.Array, PyTree]:
-    """Training-mode forward pass: (outputs, params with updated running statistics)."""
+  def apply_train(self, params: PyTree, x: jax.Array,
+                  mask: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
+    """Training-mode forward pass: (outputs, params with updated running statistics).
+
+    ``mask`` (N,) bool marks the real samples of a padded batch; models with batch statistics
+    compute them over those samples only (others ignore it).
+    """
+    del mask
     return self.apply(params, x), params
 
   def compact(self, params: PyTree, unit_masks: Mapping[str, Any]) -> tuple[PyTree, "Model"]:

@@ -39,11 +39,13 @@ def dense_chain_groups(layer_names: tuple[str, ...], sizes: tuple[int, ...],
                        next_names: tuple[str, ...], activation: str,
                        group_names: tuple[str, ...] | None = None,
                        consumer_view: dict[str, tuple[int, ...]] | None = None,
-                       kind: str = "dense") -> dict[str, UnitGroup]:
+                       kind: str = "dense",
+                       padded_consumers: tuple[str, ...] = ()) -> dict[str, UnitGroup]:
   """Unit groups for a chain of layers: layer i's outputs are read by layer ``next_names[i]``.
 
   Each group owns its layer's kernel columns (last axis) and bias, and the consumer layer's
   kernel rows (axis -2 for dense and conv kernels: (in, out) and (kh, kw, in, out)).
+  Groups named in ``padded_consumers`` are read by a zero-padded convolution.
   """
   group_names = group_names or layer_names
   consumer_view = consumer_view or {}
@@ -56,7 +58,7 @@ def dense_chain_groups(layer_names: tuple[str, ...], sizes: tuple[int, ...],
             Slice(("params", layer, "kernel"), axis=-1, role="producer"),
             Slice(("params", layer, "bias"), axis=0, role="producer"),
             Slice(("params", nxt, "kernel"), axis=-2, role="consumer", view=view,
-                  bias=("params", nxt, "bias")),
+                  bias=("params", nxt, "bias"), padded=name in padded_consumers),
         ))
   return groups
 

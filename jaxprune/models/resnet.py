@@ -67,15 +67,17 @@ class _BasicBlock(nn.Module):
   stride: int
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, mask=None):
+    bn = lambda name, v: nn.BatchNorm(use_running_average=not train, name=name, **_BN)(
+        v, mask=None if mask is None else jnp.broadcast_to(mask[:, None, None, None], v.shape))
     h = _conv(self.width, 3, self.stride, 1, "conv1")(x)
-    h = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1", **_BN)(h))
+    h = nn.relu(bn("bn1", h))
     self.sow("intermediates", self.name + ACT_SUFFIX, h)
     h = _conv(self.features, 3, 1, 1, "conv2")(h)
-    h = nn.BatchNorm(use_running_average=not train, name="bn2", **_BN)(h)
+    h = bn("bn2", h)
     if self.stride != 1 or x.shape[-1] != self.features:
       x = _conv(self.features, 1, self.stride, 0, "downsample_conv")(x)
-      x = nn.BatchNorm(use_running_average=not train, name="downsample_bn", **_BN)(x)
+      x = bn("downsample_bn", x)
     return nn.relu(h + x)
 
 
@@ -84,15 +86,17 @@ class _ResNet18Module(nn.Module):
   num_classes: int
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, mask=None):
+    """``mask`` (N,) bool: in training mode, batch statistics use only these samples."""
     x = _conv(64, 7, 2, 3, "conv1")(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1", **_BN)(x))
+    m = None if mask is None else jnp.broadcast_to(mask[:, None, None, None], x.shape)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1", **_BN)(x, mask=m))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     i = 0
     for s, features in enumerate(STAGES):
       for b in range(BLOCKS_PER_STAGE):
         stride = 2 if (s > 0 and b == 0) else 1
-        x = _BasicBlock(self.widths[i], features, stride, name=BLOCK_NAMES[i])(x, train)
+        x = _BasicBlock(self.widths[i], features, stride, name=BLOCK_NAMES[i])(x, train, mask)
         i += 1
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="fc")(x)
@@ -193,15 +197,19 @@ class ResNet18(Model):
     """
     return _jit_init(self, key)
 
-  def apply_train(self, params: PyTree, x: jax.Array) -> tuple[jax.Array, PyTree]:
+  def apply_train(self, params: PyTree, x: jax.Array,
+                  mask: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
     """Training-mode pass: batch statistics in every batch norm.
+
+    ``mask`` (N,) bool limits the batch statistics to the marked samples (padding rows of a
+    minibatch are left out, so padded and unpadded training agree).
 
     Returns:
       ``(logits, params)`` where ``params`` is the input variables with ``'batch_stats'``
       replaced by the updated running averages (the input is not modified).
     """
     self.check_input(x)
-    out, state = self.module.apply(params, x, train=True, mutable=["batch_stats"])
+    out, state = self.module.apply(params, x, train=True, mask=mask, mutable=["batch_stats"])
     new = dict(params)
     new["batch_stats"] = state["batch_stats"]
     return out, new
