@@ -57,7 +57,8 @@ PyTree = Any
 
 NONE, SIMILAR, COMPLEMENTARY, CONSTANT = 0, 1, 2, 3
 KIND_NAMES = {SIMILAR: "similar", COMPLEMENTARY: "complementary", CONSTANT: "constant"}
-_DEFAULT_CANDIDATES = 2  # candidate pairs sorted on the fast path, per unit
+_DEFAULT_CANDIDATES = None  # candidate pairs sorted on the fast path, per unit (None: auto)
+_ALL_PAIRS_UP_TO = 4096  # auto: sort every pair when there are at most this many (no fallback)
 
 
 class SweepReport(NamedTuple):
@@ -121,6 +122,7 @@ def report_actions(report: SweepReport) -> list[dict]:
 # ----------------------------------------------------------------------------- angles
 
 
+@jax.jit
 def pairwise_angles(vectors: jax.Array) -> jax.Array:
   """Angles in degrees between the rows of ``vectors`` (units, dim); NaN for zero rows.
 
@@ -258,6 +260,8 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
               angle=jnp.full((h,), jnp.nan, f32), count=n_const)
   take = functools.partial(_take_pair, absorb=absorb)
   n_pairs = h * (h - 1) // 2
+  if candidates is None:  # auto: small groups sort all pairs (one path, less to compile)
+    candidates = h if n_pairs <= _ALL_PAIRS_UP_TO else 2
   k = int(min(n_pairs, max(candidates * h, 1)))
 
   def walk(st, g, pre, cand):
@@ -413,7 +417,7 @@ def _activation_core(g, similar, complementary, constants, absorb, compensate, f
 def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
                     complementary: bool = True, constants: bool = True, absorb: bool = False,
                     compensate: bool = False, fold: bool = False,
-                    _candidates: int = _DEFAULT_CANDIDATES) -> Callable:
+                    _candidates: int | None = _DEFAULT_CANDIDATES) -> Callable:
   """Activation-based distinctiveness pruning of one unit group (Gedeon and Harris).
 
   Args:
@@ -499,7 +503,7 @@ def _weight_core(g, source, similar, complementary, constants, absorb, _candidat
 def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incoming",
                            similar: bool = True, complementary: bool = True,
                            constants: bool = True, absorb: bool = False,
-                           _candidates: int = _DEFAULT_CANDIDATES) -> Callable:
+                           _candidates: int | None = _DEFAULT_CANDIDATES) -> Callable:
   """Weight-based distinctiveness (Zheng; Dixit): the same sweep on weight vectors.
 
   Each unit's vector is its incoming kernel weights (``source='incoming'``: a dense column, or a
