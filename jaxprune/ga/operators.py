@@ -151,6 +151,24 @@ def pack_bits(population: jax.Array) -> jax.Array:
   return jnp.sum(bits << shifts, axis=-1, dtype=jnp.uint32)
 
 
+def _fmix32(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser (uint32 in, uint32 out, wrapping arithmetic)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _hash_words(words: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Two independent 32-bit hashes of each row of packed bits (position-dependent)."""
+  pos = jnp.arange(words.shape[1], dtype=jnp.uint32)[None, :]
+  m1 = _fmix32(words ^ (pos * jnp.uint32(0x9E3779B9) + jnp.uint32(0x7F4A7C15)))
+  m2 = _fmix32(words ^ (pos * jnp.uint32(0x85EBCA77) + jnp.uint32(0x165667B1)))
+  return (_fmix32(jnp.sum(m1, axis=1, dtype=jnp.uint32)),
+          _fmix32(jnp.sum(m2 * jnp.uint32(0x27D4EB2F), axis=1, dtype=jnp.uint32)))
+
+
 def update_hall_of_fame(hof: jax.Array, hof_fitness: jax.Array, population: jax.Array,
                         fitness: jax.Array, hof_valid: bool | jax.Array = True
                         ) -> tuple[jax.Array, jax.Array]:
@@ -159,7 +177,10 @@ def update_hall_of_fame(hof: jax.Array, hof_fitness: jax.Array, population: jax.
   Like DEAP's ``HallOfFame.update``: an individual identical to one already kept is not kept
   twice; on equal fitness an existing member stays ahead of a newcomer, and among newcomers the
   lower population index wins. If fewer than ``K`` distinct chromosomes exist, the remaining
-  places are filled with the best duplicates. Members are sorted best first, so ``hof[0]`` is the best
+  places are filled with the best duplicates. Identical chromosomes are found by sorting on
+  (fitness, a 64-bit hash of the bits) and comparing neighbours bit for bit: exact, except that a
+  hash collision between two different chromosomes of equal fitness (probability about
+  ``2**-64`` per pair) could let a duplicate through. Members are sorted best first, so ``hof[0]`` is the best
   individual ever evaluated and its fitness never decreases.
 
   Args:
@@ -181,18 +202,18 @@ def update_hall_of_fame(hof: jax.Array, hof_fitness: jax.Array, population: jax.
                              jnp.zeros((population.shape[0],), bool)]).astype(jnp.int32)
   order = jnp.arange(n, dtype=jnp.int32)
   words = pack_bits(cand)
-  # Pass 1: sort by (placeholder, -fitness, chromosome, order) so that identical chromosomes are
-  # adjacent with the earliest first; all but the first of each run are duplicates.
-  keys = (invalid, -cand_fit) + tuple(words[:, i] for i in range(words.shape[1])) + (order,)
-  sorted_ops = lax.sort(keys, num_keys=len(keys))
-  s_words = jnp.stack(sorted_ops[2:-1], axis=1)
-  s_fit = -sorted_ops[1]
-  s_order = sorted_ops[-1]
+  h1, h2 = _hash_words(words)
+  # Pass 1: sort by (placeholder, -fitness, 64-bit hash, order) so that identical chromosomes
+  # (same fitness, same hash) are adjacent with the earliest first; all but the first of each
+  # run are duplicates (checked on the full bits, so a hash collision never merges two
+  # different chromosomes).
+  sorted_ops = lax.sort((invalid, -cand_fit, h1, h2, order), num_keys=5)
+  s_invalid, s_fit, s_order = sorted_ops[0], -sorted_ops[1], sorted_ops[-1]
+  s_words = words[s_order]
   same_as_prev = jnp.logical_and(jnp.all(s_words[1:] == s_words[:-1], axis=1),
                                  s_fit[1:] == s_fit[:-1])
   dup = jnp.concatenate([jnp.zeros((1,), bool), same_as_prev]).astype(jnp.int32)
   # Pass 2: real before placeholder, distinct before duplicate, then by (-fitness, order).
-  s_invalid = sorted_ops[0]
   _, _, _, _, best = lax.sort((s_invalid, dup, -s_fit, s_order, s_order), num_keys=4)
   idx = best[:k]
   return cand[idx], cand_fit[idx]

@@ -375,14 +375,12 @@ def _run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, progress: bool
                          ordered=mesh is None or mesh.size == 1)
     return state, stats
 
-  state = init(config, num_units)
-  state, stats0 = generation(state, initial_population(config, num_units, key=keys[0]))
-
+  # Generation 0 (the random population) and the bred generations share one scan body, so the
+  # evaluation and the hall of fame are compiled once.
   def body(state, k):
-    return generation(state, breed(config, state, hyper, key=k))
+    return generation(state, ask(config, state, hyper, key=k))
 
-  state, stats = lax.scan(body, state, keys[1:])
-  history = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), stats0, stats)
+  state, history = lax.scan(body, init(config, num_units), keys)
   if mesh is not None and mesh.size > 1:
     replicated = NamedSharding(mesh, PS())
     state, history = jax.tree.map(lambda a: lax.with_sharding_constraint(a, replicated),
