@@ -25,6 +25,7 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -231,9 +232,7 @@ def prune_folds(model, params, folds: mc.Folds, sims, comps):
   big = jnp.where(real, acts, -jnp.inf).max(1) - jnp.where(real, acts, jnp.inf).min(1)
   has_const = np.asarray(jnp.any(big < CONSTANT_TOL, axis=1))
   masks = jaxprune.unit_masks_ones(model)
-  prune = distinctiveness(model, GROUP, constants=False)
-  per_angle = jax.vmap(prune, in_axes=(None, None, None, 0, 0))
-  out = _jit_folds(per_angle)(params, masks, acts, sims, comps)
+  out = _pruner_program(model)(params, masks, acts, sims, comps)
   for f in np.flatnonzero(has_const):  # exact per-fold path with the constant rule
     exact = jax.vmap(distinctiveness(model, GROUP), in_axes=(None, None, None, 0, 0))
     p = jax.tree.map(lambda a: a[f], params)
@@ -243,8 +242,20 @@ def prune_folds(model, params, folds: mc.Folds, sims, comps):
   return out
 
 
-def _jit_folds(per_angle):
+@functools.lru_cache(maxsize=None)
+def _pruner_program(model):
+  """jit(vmap over folds (vmap over thresholds (pruner))), built once per model."""
+  per_angle = jax.vmap(distinctiveness(model, GROUP, constants=False),
+                       in_axes=(None, None, None, 0, 0))
   return jax.jit(jax.vmap(per_angle, in_axes=(0, None, 0, None, None)))
+
+
+@functools.lru_cache(maxsize=None)
+def _ga_program(config: ga.GAConfig, fitness, h: int):
+  """jit(vmap over runs (the whole GA)), built once per GA shape."""
+  def one(d, hp, k):
+    return ga.run(config, fitness, h, key=k, hyper=hp, data=d, progress=False, shard=False)
+  return jax.jit(jax.vmap(one, in_axes=(0, ga.GAParams(None, None, None, 0), 0)))
 
 
 def distinctiveness_hidden(cfg: Config, folds: mc.Folds, h: int, params, base_test,
@@ -301,12 +312,8 @@ def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _common.Study
     hyper = ga.GAParams(crossover_prob=cfg.ga_crossover, mutation_prob=cfg.ga_mutation,
                         bit_flip_prob=cfg.ga_bit_flip, lam=lam)
 
-    def one(d, hp, k):
-      return ga.run(config, fitness, h, key=k, hyper=hp, data=d, progress=False, shard=False)
-
     t0 = time.time()
-    state, _ = jax.jit(jax.vmap(one, in_axes=(0, ga.GAParams(None, None, None, 0), 0)))(
-        data, hyper, keys)
+    state, _ = _ga_program(config, fitness, h)(data, hyper, keys)
     best = np.asarray(state.hof[:, 0])
     stacked = jax.tree.map(lambda a: np.asarray(a)[idx], params)
     test = mc.score_masked_many(model, GROUP, stacked, best, folds.x_te[idx], folds.y_te[idx],

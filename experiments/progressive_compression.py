@@ -1,0 +1,233 @@
+r"""Progressive compression of an autoencoder's hidden layer by distinctiveness (Gedeon).
+
+An autoencoder 10-10-10 (sigmoid hidden, linear output, mean squared error) is trained on the
+10 features (standardised on the training split). Then hidden units are removed one at a time
+with ``jaxprune.pruners.progressive_distinctiveness``: at each step constant units are folded
+into the output bias and the most similar pair (smallest angle between the units' activation
+vectors on the training patterns) is merged, the removed unit's outgoing weights added to the
+kept one's. After each removal the study records the units kept, the training reconstruction
+loss, the smallest angle between the remaining units, and the test reconstruction loss, with no
+retraining. Several runs (each its own split and initialisation) train as one vmapped program.
+
+Usage:
+  python -m experiments.progressive_compression
+  python -m experiments.progressive_compression --hidden=10 --epochs=2000 --runs=5
+  python -m experiments.progressive_compression --data=sfew_features --data_path=SFEW.xlsx
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+
+import jaxprune
+from jaxprune import data as data_lib
+from jaxprune.pruners import progressive_distinctiveness
+from experiments import _common
+from experiments import _mlp_common as mc
+
+STUDY = "progressive_compression"
+GROUP = "hidden_0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every setting of the study (see ``define_flags``)."""
+  hidden: int = 10
+  runs: int = 3
+  epochs: int = 500
+  batch_size: int = 32
+  lr: float = 0.001
+  test_fraction: float = 0.2
+  constant_tol: float = 1e-6
+  seed: int = 0
+
+  @classmethod
+  def quick(cls, **kw) -> "Config":
+    base = dict(hidden=5, runs=2, epochs=2)
+    base.update(kw)
+    return cls(**base)
+
+  def validate(self) -> None:
+    mc.check_positive("hidden", self.hidden, 2)
+    mc.check_positive("runs", self.runs)
+    mc.check_positive("epochs", self.epochs)
+    mc.check_positive("batch_size", self.batch_size)
+    if not self.lr > 0:
+      _common.fail(f"--lr must be positive, got {self.lr}.")
+    if not 0 < self.test_fraction < 1:
+      _common.fail(f"--test_fraction must lie in (0, 1), got {self.test_fraction}.")
+    if not self.constant_tol >= 0:
+      _common.fail(f"--constant_tol must be >= 0, got {self.constant_tol}.")
+
+
+def _splits(ds, cfg: Config):
+  out = []
+  for r in range(cfg.runs):
+    train, test = data_lib.train_test_split(ds, test_fraction=cfg.test_fraction,
+                                            seed=cfg.seed * 1000 + r)
+    train, test, _ = data_lib.standardize_split(train, test)
+    out.append((train.x, test.x))
+  return out
+
+
+def _mse(model, x):
+  x = jnp.asarray(x)
+  return lambda p: jnp.mean(jnp.square(model.apply(p, x) - x))
+
+
+def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
+        workdir: str = "workdir") -> dict:
+  cfg.validate()
+  ds = _common.load_data(data, data_path)
+  if ds.x.ndim != 2:
+    _common.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs "
+                 "feature vectors (use --data=features, digits_features or sfew_features).")
+  d = ds.x.shape[1]
+  model = jaxprune.Autoencoder(in_features=d, hidden=(cfg.hidden,))
+  study = _common.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
+                                "data_path": data_path}, workdir)
+  t0 = time.time()
+  splits = _splits(ds, cfg)
+
+  def train():
+    init = jax.vmap(model.init)(mc.stack_keys([mc.config_key(cfg.seed, "init", r)
+                                               for r in range(cfg.runs)]))
+    x, w = mc.pad_stack([s[0] for s in splits])
+    keys = mc.stack_keys([mc.config_key(cfg.seed, "train", r) for r in range(cfg.runs)])
+    params, _ = jaxprune.fit_many(model, init, x, x, w, key=keys, epochs=cfg.epochs,
+                                  batch_size=cfg.batch_size, learning_rate=cfg.lr,
+                                  log_every=max(cfg.epochs // 10, 1),
+                                  desc=f"train autoencoder ({cfg.runs} runs)")
+    return params
+
+  stacked = mc.cached_params(study, "params", train)
+  progress = _common.Progress(cfg.runs, "progressive removal")
+
+  def one(r):
+    params = jax.tree.map(lambda a: jnp.asarray(a[r]), stacked)
+    x_tr, x_te = splits[r]
+    masks = jaxprune.unit_masks_ones(model)
+    # The same trajectory twice (it depends on the training activations only), once scoring the
+    # training loss and once the test loss.
+    _, final_m, rep = progressive_distinctiveness(model, GROUP, _mse(model, x_tr))(
+        params, masks, jnp.asarray(x_tr), cfg.constant_tol)
+    _, final_m2, rep_te = progressive_distinctiveness(model, GROUP, _mse(model, x_te))(
+        params, masks, jnp.asarray(x_tr), cfg.constant_tol)
+    assert np.array_equal(np.asarray(rep.unit_masks), np.asarray(rep_te.unit_masks))
+    n = int(rep.count)
+    um = np.asarray(rep.unit_masks)[:n]
+    removed = [[]] + [np.flatnonzero(um[s - 1] & ~um[s]).tolist() for s in range(1, n)]
+    return {"units_kept": np.asarray(rep.units_kept)[:n], "train_loss": np.asarray(rep.loss)[:n],
+            "test_loss": np.asarray(rep_te.loss)[:n], "min_angle": np.asarray(rep.min_angle)[:n],
+            "removed": removed}
+
+  runs = []
+  for r in range(cfg.runs):
+    runs.append(study.cached(f"progressive_run{r}", lambda: one(r)))
+    progress.step(f"run {r}")
+
+  rows = []
+  for r, res in enumerate(runs):
+    for s in range(len(res["units_kept"])):
+      ma = res["min_angle"][s]
+      rows.append({"run": r, "step": s, "units_kept": res["units_kept"][s],
+                   "removed": " ".join(map(str, res["removed"][s])) or "-",
+                   "train_loss": res["train_loss"][s], "test_loss": res["test_loss"][s],
+                   "min_angle_deg": "" if ma is None else ma})
+  # Mean over runs per number of units kept (runs can remove constants together).
+  mean_rows = []
+  for k in sorted({u for res in runs for u in res["units_kept"]}, reverse=True):
+    vals = [(res["train_loss"][i], res["test_loss"][i], res["min_angle"][i])
+            for res in runs for i, u in enumerate(res["units_kept"]) if u == k]
+    angles = [v[2] for v in vals if v[2] is not None]
+    mean_rows.append({"units_kept": k, "runs": len(vals),
+                      "train_loss": mc.pm([v[0] for v in vals], 4),
+                      "test_loss": mc.pm([v[1] for v in vals], 4),
+                      "min_angle_deg": mc.pm(angles, 1) if angles else "n/a"})
+  final = {"test_loss_unpruned": mc.mean_std([res["test_loss"][0] for res in runs]),
+           "test_loss_final": mc.mean_std([res["test_loss"][-1] for res in runs]),
+           "units_final": [int(res["units_kept"][-1]) for res in runs]}
+
+  study.write_results({"summary": mean_rows, "steps": rows, "final": final, "runs": runs,
+                       "data": {"name": data, "source": ds.info.get("source", data),
+                                "examples": len(ds), "train_size": len(splits[0][0]),
+                                "test_size": len(splits[0][1])}})
+  t_mean = _common.write_table(study.dir, "summary", mean_rows)
+  t_steps = _common.write_table(study.dir, "steps", rows)
+
+  plt = _common.pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for r, res in enumerate(runs):
+    ax.plot(res["units_kept"], res["train_loss"], "o-", color=f"C{r}", label=f"run {r} train")
+    ax.plot(res["units_kept"], res["test_loss"], "s--", color=f"C{r}", alpha=0.6,
+            label=f"run {r} test")
+  ax.invert_xaxis()
+  ax.set(xlabel="hidden units kept", ylabel="reconstruction loss (MSE, standardised units²)",
+         title=f"Progressive compression of a {d}-{cfg.hidden}-{d} autoencoder")
+  ax2 = ax.twinx()
+  for r, res in enumerate(runs):
+    a = [np.nan if v is None else v for v in res["min_angle"]]
+    ax2.plot(res["units_kept"], a, ":", color=f"C{r}", alpha=0.5)
+  ax2.set_ylabel("smallest angle between kept units (degrees, dotted)")
+  ax.legend(fontsize=7)
+  _common.save_figure(fig, study.path("progressive.png"))
+
+  stand_in = ("" if data.startswith("sfew") else " These bundled data are a stand-in for the "
+              "SFEW features; the numbers are not SFEW numbers.")
+  (u_m, u_s), (f_m, f_s) = final["test_loss_unpruned"], final["test_loss_final"]
+  study.write_report(f"Progressive compression ({d}-{cfg.hidden}-{d} autoencoder)", [
+      ("Data", f"`--data={data}`: {ds.info.get('source', data)}; {cfg.runs} runs, each with its "
+               f"own {1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} split (standardised on "
+               f"its training part) and initialisation.{stand_in}\n\nTraining: Adam lr "
+               f"{cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs, MSE. Wall time of this "
+               f"invocation: {time.time() - t0:.0f} s."),
+      ("Result", f"Test loss of the trained autoencoder: {u_m:.4f} ± {u_s:.4f}; after removing "
+                 f"units down to {final['units_final']} unit(s) without retraining: "
+                 f"{f_m:.4f} ± {f_s:.4f} (mean ± std over runs).\n\n![](progressive.png)"),
+      ("Mean over runs", t_mean),
+      ("Every step", "Removal order: at each step constant units first, then the more similar "
+                     "pair's higher-index unit (merged into the lower one).\n\n" + t_steps),
+  ])
+  return {"summary": mean_rows, "final": final}
+
+
+def define_flags() -> None:
+  d = Config()
+  _common.define_common_flags("features")
+  flags.DEFINE_integer("hidden", d.hidden, "Hidden units of the autoencoder.")
+  flags.DEFINE_integer("runs", d.runs, "Runs (own split and initialisation each).")
+  flags.DEFINE_integer("epochs", d.epochs, "Training epochs.")
+  flags.DEFINE_integer("batch_size", d.batch_size, "Minibatch size.")
+  flags.DEFINE_float("lr", d.lr, "Adam learning rate.")
+  flags.DEFINE_float("test_fraction", d.test_fraction, "Share of each run's test split.")
+  flags.DEFINE_float("constant_tol", d.constant_tol,
+                     "A unit whose activation range is below this is constant.")
+
+
+def config_from_flags() -> Config:
+  f = flags.FLAGS
+  base = Config.quick() if f.quick else Config()
+  kw = {"seed": f.seed}
+  for name in ("hidden", "runs", "epochs", "batch_size", "lr", "test_fraction", "constant_tol"):
+    if f[name].present or not f.quick:
+      kw[name] = f[name].value
+  return dataclasses.replace(base, **kw)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _common.fail(f"Unexpected arguments: {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  run(config_from_flags(), data=f.data, data_path=f.data_path, workdir=f.workdir)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,289 @@
+"""End-to-end tests of the MLP study binaries in --quick mode, resume, and bad input.
+
+The binaries define their absl flags only when run as programs, so several can be imported
+in one process; the studies are run in-process through ``run(Config, ...)`` (sharing compiled
+programs) and the command lines through subprocesses.
+"""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import app
+
+from experiments import _mlp_common as mc
+from experiments import ga_vs_distinctiveness as gvd
+from experiments import progressive_compression as pc
+from experiments import similarity_bounds as sb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rows(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
+def _results(workdir, study):
+  with open(os.path.join(workdir, study, "results.json")) as f:
+    return json.load(f)
+
+
+def _finite(x):
+  if isinstance(x, dict):
+    return all(_finite(v) for v in x.values())
+  if isinstance(x, list):
+    return all(_finite(v) for v in x)
+  return not isinstance(x, float) or math.isfinite(x)
+
+
+# ----------------------------------------------------------------------------- GA vs distinctiveness
+
+
+@pytest.fixture(scope="module")
+def gvd_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("gvd"))
+  gvd.run(gvd.Config.quick(), workdir=workdir)
+  return workdir
+
+
+def test_ga_vs_distinctiveness_outputs(gvd_run):
+  cfg = gvd.Config.quick()
+  folder = os.path.join(gvd_run, gvd.STUDY)
+  for name in ("results.json", "REPORT.md", "baseline.png", "sweep.png",
+               "comparison_accuracy.png", "comparison_hidden.png"):
+    assert os.path.getsize(os.path.join(folder, name)) > 0, name
+  base = _rows(os.path.join(folder, "baseline.csv"))
+  assert len(base) == len(cfg.lrs) * len(cfg.hidden)
+  sweep = _rows(os.path.join(folder, "sweep.csv"))
+  assert [float(r["angle_deg"]) for r in sweep] == [0.0, 30.0, 60.0, 90.0]
+  assert all(r["invalid"] == "False" for r in sweep)
+  kept = [float(r["kept_fraction_mean"]) for r in sweep]
+  assert kept[0] == 1.0 and all(0 < k <= 1 for k in kept)
+  assert all(a >= b for a, b in zip(kept, kept[1:]))  # wider bounds never keep more units
+  ga_rows = _rows(os.path.join(folder, "ga.csv"))
+  assert len(ga_rows) == len(cfg.ga_hidden) * 2 * len(cfg.ga_lambdas)
+  comp = _rows(os.path.join(folder, "comparison.csv"))
+  assert [r["method"] for r in comp] == ["unpruned", "distinctiveness 15", "distinctiveness 45",
+                                         "GA eq5 lambda 0", "GA eq5 lambda 50"]
+  res = _results(gvd_run, gvd.STUDY)
+  assert _finite(res)
+  s = res["results"]["summary"]
+  for r in s["baseline"] + s["ga"] + s["comparison"]:
+    for k, v in r.items():
+      if k.startswith(("test_acc", "train_acc")) and k.endswith("mean"):
+        assert 0 <= v <= 100
+  for r in s["ga"]:
+    assert 1 <= r["kept_mean"] <= r["H"]
+  # GA with lambda 0 under eq. 5 keeps no fewer units than with lambda 50 on average.
+  ga0 = [r for r in s["ga"] if r["fitness"] == "eq5" and r["lambda"] == 0.0][0]
+  ga50 = [r for r in s["ga"] if r["fitness"] == "eq5" and r["lambda"] == 50.0][0]
+  assert ga0["kept_mean"] >= ga50["kept_mean"]
+  # Unpruned accuracy in the comparison is the baseline's at --prune_lr.
+  b = [r for r in s["baseline"] if r["lr"] == cfg.prune_lr and r["H"] == 8][0]
+  assert comp and float(comp[0]["test_acc_mean"]) == pytest.approx(b["test_acc_mean"])
+  report = _read(os.path.join(folder, "REPORT.md"))
+  assert "![](sweep.png)" in report and "stand-in" in report
+
+
+def test_ga_vs_distinctiveness_resume_is_identical(gvd_run, tmp_path, monkeypatch):
+  """A run stopped after the distinctiveness stage and restarted ends identical."""
+  workdir = str(tmp_path)
+  calls = []
+
+  def boom(*args, **kwargs):
+    calls.append(1)
+    raise KeyboardInterrupt("killed")
+
+  monkeypatch.setattr(gvd, "ga_hidden", boom)
+  with pytest.raises(KeyboardInterrupt):
+    gvd.run(gvd.Config.quick(), workdir=workdir)
+  assert calls and not os.path.exists(os.path.join(workdir, gvd.STUDY, "results.json"))
+  monkeypatch.undo()
+  gvd.run(gvd.Config.quick(), workdir=workdir)
+  assert _results(workdir, gvd.STUDY) == _results(gvd_run, gvd.STUDY)
+  # Restarting a finished run recomputes nothing and gives the same file again.
+  before = _read(os.path.join(workdir, gvd.STUDY, "results.json"))
+  gvd.run(gvd.Config.quick(), workdir=workdir)
+  assert _read(os.path.join(workdir, gvd.STUDY, "results.json")) == before
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(prune_lr=0.5), "prune_lr"),
+    (dict(ga_hidden=(16,)), "ga_hidden"),
+    (dict(similar_deg=170.0), "similar_deg"),
+    (dict(ga_population=2), "ga_population"),
+    (dict(ga_mutation=1.5), "ga_mutation"),
+])
+def test_ga_vs_distinctiveness_contradictory_settings(kw, match, tmp_path):
+  with pytest.raises(app.UsageError, match=match):
+    gvd.run(gvd.Config.quick(**kw), workdir=str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, gvd.STUDY))  # before any work
+
+
+def test_bad_data_and_workdir(tmp_path):
+  cfg = gvd.Config.quick()
+  with pytest.raises(app.UsageError, match="Unknown --data"):
+    gvd.run(cfg, data="nope", workdir=str(tmp_path))
+  with pytest.raises(app.UsageError, match="--data_path"):
+    gvd.run(cfg, data="sfew_features", workdir=str(tmp_path))
+  with pytest.raises(app.UsageError, match="Could not load"):
+    gvd.run(cfg, data="sfew_features", data_path=str(tmp_path / "missing.xlsx"),
+            workdir=str(tmp_path))
+  bad = tmp_path / "SFEW.csv"
+  bad.write_text("this,is\nnot,sfew\n")
+  with pytest.raises(app.UsageError, match="Could not load"):
+    sb.run(sb.Config.quick(), data="sfew_features", data_path=str(bad), workdir=str(tmp_path))
+  with pytest.raises(app.UsageError, match="10 features"):
+    sb.run(sb.Config.quick(), data="images", workdir=str(tmp_path))
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(app.UsageError, match="workdir"):
+    pc.run(pc.Config.quick(), workdir=str(blocker))
+
+
+@pytest.mark.parametrize("module, args, match", [
+    ("ga_vs_distinctiveness", ["--lrs=0.01,abc"], "--lrs"),
+    ("similarity_bounds", ["--data=sfew_features"], "--data_path"),
+    ("progressive_compression", ["--hidden=1"], "--hidden"),
+])
+def test_command_line_errors(module, args, match, tmp_path):
+  out = subprocess.run([sys.executable, "-m", f"experiments.{module}", "--quick",
+                        f"--workdir={tmp_path}", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode != 0
+  assert match in out.stderr
+
+
+# ----------------------------------------------------------------------------- similarity bounds
+
+
+def test_similarity_bounds_outputs(tmp_path):
+  cfg = sb.Config.quick()
+  sb.run(cfg, workdir=str(tmp_path))
+  folder = os.path.join(tmp_path, sb.STUDY)
+  assert os.path.getsize(os.path.join(folder, "angles.png")) > 0
+  rows = _rows(os.path.join(folder, "summary.csv"))
+  assert len(rows) == 4 * len(cfg.hidden)
+  assert [(r["rule"], float(r["threshold_deg"])) for r in rows[::len(cfg.hidden)]] == [
+      ("similar", 45.0), ("complementary", 140.0), ("similar", 15.0), ("complementary", 165.0)]
+  res = _results(str(tmp_path), sb.STUDY)["results"]
+  assert _finite(res)
+  for net in res["networks"]:
+    angles = np.asarray(net["angles"])
+    assert len(angles) == net["H"] * (net["H"] - 1) // 2
+    assert 0 <= net["test_acc_before"] <= 100
+    for ex in net["experiments"]:
+      n = len(ex["pairs"])
+      assert n <= ex["qualifying_pairs"]
+      assert (n > 0) == (ex["qualifying_pairs"] > 0)  # someone acts if any pair qualifies
+      removed_per_pair = 1 if ex["rule"] == "similar" else 2
+      assert ex["hidden_after"] == net["H"] - removed_per_pair * n
+      for p in ex["pairs"]:
+        if ex["rule"] == "similar":
+          assert p["angle"] < ex["threshold"]
+        else:
+          assert p["angle"] > ex["threshold"]
+      if n == 0:
+        assert ex["test_acc_after"] == net["test_acc_before"]
+  pairs = _rows(os.path.join(folder, "pairs.csv"))
+  assert pairs and all(r["angle_deg"] or r["note"].startswith("no pair") for r in pairs)
+
+
+# ----------------------------------------------------------------------------- progressive
+
+
+def test_progressive_compression_outputs(tmp_path):
+  cfg = pc.Config.quick()
+  pc.run(cfg, workdir=str(tmp_path))
+  folder = os.path.join(tmp_path, pc.STUDY)
+  assert os.path.getsize(os.path.join(folder, "progressive.png")) > 0
+  res = _results(str(tmp_path), pc.STUDY)["results"]
+  for run in res["runs"]:
+    kept = run["units_kept"]
+    assert kept[0] == cfg.hidden and kept[-1] == 1
+    assert all(a > b for a, b in zip(kept, kept[1:]))
+    assert all(l > 0 and math.isfinite(l) for l in run["train_loss"] + run["test_loss"])
+    assert run["min_angle"][-1] is None  # one unit left: no angle
+  steps = _rows(os.path.join(folder, "steps.csv"))
+  assert len(steps) == sum(len(r["units_kept"]) for r in res["runs"])
+  assert res["final"]["units_final"] == [1] * cfg.runs
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_padded_fitness_matches_unpadded_accuracy():
+  import jax
+  import jax.numpy as jnp
+  import jaxprune
+  from jaxprune.ga.search import AccuracyFitness
+  model = jaxprune.MLP(in_features=10, hidden=(6,), out_features=7)
+  params = model.init(jax.random.key(0))
+  x = np.asarray(jax.random.normal(jax.random.key(1), (13, 10)))
+  y = np.arange(13) % 7
+  xp, w = mc.pad_stack([x, np.zeros((17, 10), np.float32)])
+  yp, _ = mc.pad_stack([y, np.zeros(17, np.int64)])
+  pop = jax.random.bernoulli(jax.random.key(2), 0.5, (9, 6))
+  base = AccuracyFitness(model, "hidden_0", "ratio", True)
+  want = base(pop, base.prepare(params, x, y), jaxprune.ga.GAParams(lam=25.0))
+  d = mc.padded_fitness_data(model, "hidden_0", params, xp[0], yp[0], w[0])
+  d["eq6"] = jnp.asarray(False)
+  got = mc.PaddedFitness(AccuracyFitness(model, "hidden_0", None, True))(
+      pop, d, jaxprune.ga.GAParams(lam=25.0))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_params_npz_roundtrip_and_keys(tmp_path):
+  p = {"params": {"a": {"kernel": np.arange(6.0).reshape(2, 3)}, "b": np.ones(2)}}
+  mc.save_params(str(tmp_path / "p.npz"), p)
+  q = mc.load_params(str(tmp_path / "p.npz"))
+  np.testing.assert_array_equal(q["params"]["a"]["kernel"], p["params"]["a"]["kernel"])
+  import jax
+  a = jax.random.key_data(mc.config_key(0, "x", 1))
+  assert np.array_equal(a, jax.random.key_data(mc.config_key(0, "x", 1)))
+  assert not np.array_equal(a, jax.random.key_data(mc.config_key(0, "x", 2)))
+
+
+def test_padded_distinctiveness_equals_per_fold_library_call():
+  """prune_folds (padded, one program) == the library's call on each unpadded fold, with and
+  without a constant unit (which takes the exact per-fold path)."""
+  import jax
+  import jax.numpy as jnp
+  import jaxprune
+  from jaxprune.pruners import distinctiveness
+  from jaxprune import data as data_lib
+  model = jaxprune.MLP(in_features=10, hidden=(12,), out_features=7)
+  folds = mc.cv_folds(data_lib.load("features"), 3, 0)
+  assert len(set(folds.n_tr)) > 1  # really padded
+  params = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 3))
+  # Two near-duplicate units (a similar pair); fold 1 gets a constant unit (zero kernel).
+  k = params["params"]["hidden_0"]["kernel"]
+  k = k.at[..., 1].set(k[..., 0] * 1.01).at[1, :, 5].set(0.0)
+  params["params"]["hidden_0"]["kernel"] = k
+  sims, comps = jnp.asarray([15.0, 60.0]), jnp.asarray([165.0, 120.0])
+  new_p, masks, report = gvd.prune_folds(model, params, folds, sims, comps)
+  lib = jax.vmap(distinctiveness(model, "hidden_0"), in_axes=(None, None, None, 0, 0))
+  for f in range(3):
+    p = jax.tree.map(lambda a: a[f], params)
+    x, _ = folds.train(f)
+    want_p, want_m, want_r = lib(p, jaxprune.unit_masks_ones(model),
+                                 model.activations(p, jnp.asarray(x), "hidden_0"), sims, comps)
+    np.testing.assert_array_equal(masks["hidden_0"][f], want_m["hidden_0"])
+    np.testing.assert_array_equal(report.kind[f], want_r.kind)
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda a: a[f], new_p)),
+                    jax.tree.leaves(want_p)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert int(np.sum(np.asarray(report.kind[1]) == 3)) == 2  # the constant unit, both angles
+  assert not np.any(np.asarray(report.kind[0]) == 3)
+  assert np.all(np.any(np.asarray(report.kind[:, 0]) == 1, axis=-1))  # similar pair at 15 deg
