@@ -47,15 +47,14 @@ def test_constant_and_duplicate_relu_units_and_keep_one():
   params["params"]["hidden_0"] = dict(kernel=k, bias=b)
   x = jax.random.normal(jax.random.key(3), (50, 3))
   acts = model.activations(params, x, "hidden_0")
-  p2, m, rep = group_redundancy(model, "hidden_0")(params, jaxprune.unit_masks_ones(model),
-                                                   acts, 1e-3)
+  prune = group_redundancy(model, "hidden_0")  # one compiled prune, tol traced
+  p2, m, rep = prune(params, jaxprune.unit_masks_ones(model), acts, 1e-3)
   assert int(rep.removed[0]) == 2  # the constant goes first
   assert int(rep.count) >= 2 and not m["hidden_0"][2]
   assert int(np.sum(m["hidden_0"])) >= 1
   np.testing.assert_allclose(model.apply(p2, x), model.apply(params, x), atol=2e-4)
   # tol = 1 removes everything it can but keeps one unit.
-  _, m1, _ = group_redundancy(model, "hidden_0")(params, jaxprune.unit_masks_ones(model),
-                                                 acts, 1.01)
+  _, m1, _ = prune(params, jaxprune.unit_masks_ones(model), acts, 1.01)
   assert int(np.sum(m1["hidden_0"])) == 1
 
 

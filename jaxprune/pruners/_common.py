@@ -65,14 +65,19 @@ def check_fraction(name: str, value) -> None:
       raise ValueError(f"{name} must lie in [0, 1], got {value}.")
 
 
-def activation_vectors(acts: jax.Array, group: units_lib.UnitGroup) -> jax.Array:
-  """(N, units) or (N, H, W, units) activations -> (units, P) with P = N*H*W, unshifted."""
+def check_activation_shape(acts, group: units_lib.UnitGroup) -> None:
+  """Raises unless ``acts`` is (N, units) or (N, H, W, units) for ``group`` (no array work)."""
   shape = tuple(jnp.shape(acts))
   if len(shape) < 2 or shape[-1] != group.size:
     raise ValueError(
         f"Activations of shape {shape} do not match group {group.name!r}: it has {group.size} "
         "units, so activations need shape (N, units) or (N, H, W, units) with units last. Get "
         f"them with model.activations(params, x, {group.name!r}).")
+
+
+def activation_vectors(acts: jax.Array, group: units_lib.UnitGroup) -> jax.Array:
+  """(N, units) or (N, H, W, units) activations -> (units, P) with P = N*H*W, unshifted."""
+  check_activation_shape(acts, group)
   return jnp.asarray(acts).reshape(-1, group.size).T
 
 

@@ -221,7 +221,12 @@ def _take_pair(st: _State, i, j, is_sim, a, *, absorb) -> _State:
 
 def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_similar, use_comp,
            use_const, absorb, fold, compensate, candidates):
-  """The selection: returns (keep, transfer, constants, report). All inputs may be traced."""
+  """The selection: returns (keep, moves, constants, report). All inputs may be traced.
+
+  ``moves = (dst, src, scale)``: row ``dst[n]`` of every consumer slice gains ``scale[n]`` times
+  row ``src[n]`` (of the original rows; ``dst == h`` is no move). Equivalent to the transfer
+  matrix ``I + sum_n scale[n] e_dst e_src^T`` without building it.
+  """
   h = vecs.shape[0]
   f32 = jnp.float32
   vecs = jnp.where(active[:, None], vecs, 0.0)
@@ -314,7 +319,7 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   gi = jnp.where(is_s | is_c, first, h)  # h: dropped
   gj = jnp.where(is_s | is_c, second, h)
   t_add = jnp.where(is_s, 1.0, -1.0 if fold else 0.0)
-  transfer = jnp.eye(h, dtype=f32).at[gi, gj].add(t_add, mode="drop")
+  t_add = jnp.where(gi < h, t_add, 0.0).astype(f32)
   removed = const | jnp.zeros((h,), bool).at[gj].set(True, mode="drop")
   consts = jnp.where(const, const_val, 0.0).astype(f32)
   if not fold:
@@ -360,13 +365,43 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
                        max_a.astype(f32), empty & ~bad, bad)
   # Bad input under jit: change nothing.
   keep = jnp.where(bad, active, keep)
-  transfer = jnp.where(bad, jnp.eye(h, dtype=f32), transfer)
+  gi = jnp.where(bad, h, gi)
   consts = jnp.where(bad, 0.0, consts)
-  return keep, transfer, consts, report
+  return keep, (gi, jnp.clip(gj, 0, h - 1), t_add), consts, report
 
 
 def _complementary_folds(fold, compensate):
   return fold or compensate
+
+
+def _apply_moves(params, group, keep, moves, consts, folds_constants):
+  """``_apply`` with the transfer given as sparse row moves (see ``_sweep``): O(units) work."""
+  dst, src, scale = moves
+  out = params
+  for s in group.consumers:
+    leaf = units_lib.get_path(out, s.path)
+    v = units_lib.unit_view(leaf, s)
+    flat = v.reshape(v.shape[0], -1)
+    new = flat.at[dst].add(scale.astype(flat.dtype)[:, None] * flat[src], mode="drop")
+    out = units_lib.set_path(out, s.path, units_lib.from_unit_view(new.reshape(v.shape), s,
+                                                                   leaf.shape))
+  if folds_constants:
+    # The constants' contributions only (identity transfer), from the original rows.
+    out = _fold_constants(out, params, group, consts)
+  return _common.zero_units(out, group, keep)
+
+
+def _fold_constants(out, params, group, consts):
+  """Adds each consumer's ``sum_j consts[j] * row_j`` (rows of ``params``) to its bias."""
+  for s in group.consumers:
+    if s.bias is None:
+      raise ValueError(f"Group {group.name!r}: consumer {'/'.join(s.path)} has no bias path, "
+                       "so constant units cannot be folded into it.")
+    v = units_lib.unit_view(units_lib.get_path(params, s.path), s)
+    contrib = jnp.tensordot(consts.astype(v.dtype), v, axes=(0, 0))
+    contrib = contrib.reshape(-1, contrib.shape[-1]).sum(0)
+    out = units_lib.set_path(out, s.bias, units_lib.get_path(out, s.bias) + contrib)
+  return out
 
 
 def _apply(params, group, keep, transfer, consts, folds_constants):
@@ -407,9 +442,9 @@ def _activation_core(g, similar, complementary, constants, absorb, compensate, f
     comp = jnp.asarray(comp, jnp.float32)
     bad = ~_thresholds_ok(sim, comp, similar, complementary) | ~(tol >= 0)
     bad |= ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], a, 0.0)))
-    keep, transfer, consts, report = _sweep(a - shift, mask, is_const, mean, mean, sim, comp,
-                                            bad, **cfg)
-    return _apply(params, g, keep, transfer, consts, folds), keep, report
+    keep, moves, consts, report = _sweep(a - shift, mask, is_const, mean, mean, sim, comp,
+                                         bad, **cfg)
+    return _apply_moves(params, g, keep, moves, consts, folds), keep, report
 
   return _counted_jit(core)
 
@@ -456,7 +491,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
   def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
             constant_tol=1e-6):
     mask = _common.group_mask(unit_masks, g)
-    _common.activation_vectors(activations, g)  # shape check
+    _common.check_activation_shape(activations, g)
     _common.check_finite("Activations", activations)
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
@@ -493,9 +528,9 @@ def _weight_core(g, source, similar, complementary, constants, absorb, _candidat
     comp = jnp.asarray(comp, jnp.float32)
     bad = ~_thresholds_ok(sim, comp, similar, complementary) | ~(tol >= 0)
     bad |= ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], v, 0.0)))
-    keep, transfer, consts, report = _sweep(v, mask, is_const, const_val, None, sim, comp, bad,
-                                            **cfg)
-    return _apply(params, g, keep, transfer, consts, constants), keep, report
+    keep, moves, consts, report = _sweep(v, mask, is_const, const_val, None, sim, comp, bad,
+                                         **cfg)
+    return _apply_moves(params, g, keep, moves, consts, constants), keep, report
 
   return _counted_jit(core)
 
