@@ -107,14 +107,11 @@ def cached_with_params(study: _common.Study, key: str, template: PyTree,
                        fn: Callable[[], tuple[PyTree, Any]]) -> tuple[PyTree, Any]:
   """Like ``study.cached`` for a step that returns ``(pytree, record)``.
 
-  The pytree goes to ``cache/<fingerprint>/<key>.npz`` (written before the JSON record, which
+  The pytree goes to ``cache/<fingerprint>/<key>.npz``, written before the JSON record (which
   marks the step as finished), so a resumed run gets exactly the arrays an uninterrupted one
   used. The returned pytree is always the one read back from disk.
   """
   npz = os.path.join(study.cache_dir, _safe(key) + ".npz")
-  json_path = os.path.join(study.cache_dir, _safe(key) + ".json")
-  if os.path.exists(json_path) and not os.path.exists(npz):
-    os.remove(json_path)  # a record without its arrays: redo the step
 
   def run():
     tree, record = fn()
@@ -122,6 +119,9 @@ def cached_with_params(study: _common.Study, key: str, template: PyTree,
     return record
 
   record = study.cached(key, run)
+  if not os.path.exists(npz):
+    _common.fail(f"The cache holds the record of step {key!r} but not its arrays ({npz}); "
+                 f"delete {study.cache_dir} to start again.")
   return load_tree(npz, template), record
 
 

@@ -27,9 +27,11 @@ FLAGS = flags.FLAGS
 STUDY = "lottery_ticket"
 METHODS = ("magnitude", "random")
 
-ft.define_flags()
-flags.DEFINE_list("fractions", ["0.2", "0.5", "0.7", "0.9"],
-                  "Fractions of every kernel's weights pruned (one-shot, per layer).")
+def define_flags() -> None:
+  """Defines this binary's flags (only when run as a program, so tests can import it)."""
+  ft.define_flags()
+  flags.DEFINE_list("fractions", ["0.2", "0.5", "0.7", "0.9"],
+                    "Fractions of every kernel's weights pruned (one-shot, per layer).")
 
 
 def prune_and_rewind(method: str, trained, init_params, fraction, *, key):
@@ -119,4 +121,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

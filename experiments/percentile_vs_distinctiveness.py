@@ -27,11 +27,13 @@ from jaxprune import pruners
 FLAGS = flags.FLAGS
 STUDY = "percentile_vs_distinctiveness"
 
-ft.define_flags()
-flags.DEFINE_list("angles", ["45", "50"], "Similarity thresholds in degrees (filters closer than "
-                  "this are merged).")
-flags.DEFINE_list("groups", [], "Unit groups (conv layers) to prune; default every conv group "
-                  "(LeNet conv_0, conv_1; ResNet-18 the first conv of every block).")
+def define_flags() -> None:
+  """Defines this binary's flags (only when run as a program, so tests can import it)."""
+  ft.define_flags()
+  flags.DEFINE_list("angles", ["45", "50"], "Similarity thresholds in degrees (filters closer than "
+                    "this are merged).")
+  flags.DEFINE_list("groups", [], "Unit groups (conv layers) to prune; default every conv group "
+                    "(LeNet conv_0, conv_1; ResNet-18 the first conv of every block).")
 
 
 def distinctiveness_prune(model, params, groups, angle):
@@ -159,4 +161,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -38,21 +38,23 @@ FLAGS = flags.FLAGS
 STUDY = "training_time_distinctiveness"
 VARIANTS = ("no_pruning", "pruning")
 
-_common.define_common_flags("images")
-flags.DEFINE_string("image_size", "64x64",
-                    "Input HEIGHTxWIDTH (published 227x227; 64x64 by default to fit the CPU time "
-                    "budget, CNN4 adapts its flatten size; at least 59x59).")
-flags.DEFINE_integer("channels", 1, "Image channels, 1 or 3 (published: RGB; the bundled "
-                     "images are gray, so 1 by default).")
-flags.DEFINE_integer("folds", 5, "Cross-validation folds.")
-flags.DEFINE_integer("epochs", 30, "Training epochs per fold.")
-flags.DEFINE_integer("check_every", 5, "Epochs between distinctiveness checks.")
-flags.DEFINE_float("angle", 25.0, "Units whose outgoing weight vectors are closer than this "
-                   "many degrees are merged.")
-flags.DEFINE_string("layer", "dense_2", "Dense unit group whose hidden-to-output weights are "
-                    "checked (default: the layer feeding the output layer).")
-flags.DEFINE_integer("batch_size", 32, "Minibatch size.")
-flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
+def define_flags() -> None:
+  """Defines this binary's flags (only when run as a program, so tests can import it)."""
+  _common.define_common_flags("images")
+  flags.DEFINE_string("image_size", "64x64",
+                      "Input HEIGHTxWIDTH (published 227x227; 64x64 by default to fit the CPU time "
+                      "budget, CNN4 adapts its flatten size; at least 59x59).")
+  flags.DEFINE_integer("channels", 1, "Image channels, 1 or 3 (published: RGB; the bundled "
+                       "images are gray, so 1 by default).")
+  flags.DEFINE_integer("folds", 5, "Cross-validation folds.")
+  flags.DEFINE_integer("epochs", 30, "Training epochs per fold.")
+  flags.DEFINE_integer("check_every", 5, "Epochs between distinctiveness checks.")
+  flags.DEFINE_float("angle", 25.0, "Units whose outgoing weight vectors are closer than this "
+                     "many degrees are merged.")
+  flags.DEFINE_string("layer", "dense_2", "Dense unit group whose hidden-to-output weights are "
+                      "checked (default: the layer feeding the output layer).")
+  flags.DEFINE_integer("batch_size", 32, "Minibatch size.")
+  flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
 
 QUICK = {"max_per_class": 6, "epochs": 4, "check_every": 2, "folds": 2}
 
@@ -266,4 +268,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

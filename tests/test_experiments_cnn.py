@@ -1,0 +1,270 @@
+"""End-to-end tests of the CNN study binaries in --quick mode, resume, rewinding, bad input.
+
+The four binaries run as real command lines (subprocesses, started together so they share the
+machine's cores); their helpers are imported and tested in-process (the binaries define their
+flags only when run as programs).
+"""
+
+import csv
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import app
+
+import jaxprune
+from experiments import _cnn_common as cc
+from experiments import lottery_ticket as lt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PVD, LT, TTD, KI = ("percentile_vs_distinctiveness", "lottery_ticket",
+                    "training_time_distinctiveness", "kernel_importance")
+EXTRA = {PVD: ["--angles=45,85"], LT: [], TTD: [], KI: []}
+
+
+def _cmd(module, *args):
+  return [sys.executable, "-m", f"experiments.{module}", *args]
+
+
+def _spawn(module, *args):
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess.Popen(_cmd(module, *args), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait(procs, timeout=600):
+  out = {}
+  for name, p in procs.items():
+    stdout, stderr = p.communicate(timeout=timeout)
+    out[name] = (p.returncode, stdout + stderr)
+  return out
+
+
+def _rows(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def _results(workdir, study):
+  with open(os.path.join(workdir, study, "results.json")) as f:
+    return json.load(f)
+
+
+def _finite(x):
+  if isinstance(x, dict):
+    return all(_finite(v) for v in x.values())
+  if isinstance(x, list):
+    return all(_finite(v) for v in x)
+  return not isinstance(x, float) or math.isfinite(x)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("cnn"))
+  procs = {m: _spawn(m, "--quick", f"--workdir={workdir}", *EXTRA[m]) for m in (PVD, LT, TTD, KI)}
+  out = _wait(procs)
+  for m, (rc, text) in out.items():
+    assert rc == 0, f"{m} failed:\n{text[-3000:]}"
+  return workdir
+
+
+def _check_report(folder, pngs):
+  with open(os.path.join(folder, "REPORT.md")) as f:
+    report = f.read()
+  assert "stand-in for SFEW" in report
+  for png in pngs:
+    assert os.path.getsize(os.path.join(folder, png)) > 1000
+    assert f"![]({png})" in report
+
+
+# ----------------------------------------------------------------------------- studies
+
+
+def test_percentile_vs_distinctiveness(runs):
+  folder = os.path.join(runs, PVD)
+  _check_report(folder, ["retrain_45deg.png", "retrain_85deg.png"])
+  res = _results(runs, PVD)
+  assert _finite(res) and res["settings"]["angles"] == [45.0, 85.0]
+  fr = _rows(os.path.join(folder, "layer_fractions.csv"))
+  assert [(r["angle_deg"], r["layer"]) for r in fr] == [
+      ("45.0", "conv_0"), ("45.0", "conv_1"), ("85.0", "conv_0"), ("85.0", "conv_1")]
+  for r in fr:
+    assert int(r["kept"]) == round(int(r["units"]) * (1 - float(r["fraction_pruned"])))
+  a85 = res["results"]["angles"]["85"]
+  fmax = max(v["fraction_pruned"] for v in a85["distinctiveness"]["layers"].values())
+  assert fmax > 0.3 and a85["fraction"] == fmax  # 85 degrees merges many filters
+  kept, total = a85["magnitude"]["weights_kept"]
+  assert kept < total
+  acc = _rows(os.path.join(folder, "accuracy.csv"))
+  assert len(acc) == 6 and {r["method"] for r in acc} == {"distinctiveness", "magnitude",
+                                                          "unpruned"}
+  for r in acc:
+    for k in ("acc_after_pruning", "acc_final", "acc_best"):
+      assert 0.0 <= float(r[k]) <= 1.0
+  for m in ("distinctiveness", "magnitude"):
+    assert len(a85[m]["test_accuracy"]) == res["settings"]["retrain_epochs"] + 1
+
+
+def test_lottery_ticket(runs):
+  folder = os.path.join(runs, LT)
+  _check_report(folder, [f"lottery_{p}pct.png" for p in (20, 50, 70, 90)])
+  res = _results(runs, LT)
+  assert _finite(res)
+  rows = _rows(os.path.join(folder, "lottery.csv"))
+  assert [(r["fraction"], r["method"]) for r in rows] == [
+      (f, m) for f in ("0.2", "0.5", "0.7", "0.9") for m in ("magnitude", "random")]
+  epochs = res["settings"]["retrain_epochs"]
+  for r in rows:
+    assert r["first_epoch_reaching_unpruned"] in {"never"} | {str(e) for e in range(1, epochs + 1)}
+  kept = [res["results"]["fractions"][f]["magnitude"]["weights_kept"] for f in ("0.2", "0.9")]
+  assert kept[0] > kept[1]
+  for f, recs in res["results"]["fractions"].items():
+    assert recs["magnitude"]["weights_kept"] == recs["random"]["weights_kept"]  # same counts
+    target = res["results"]["unpruned_test_accuracy"]
+    for rec in recs.values():
+      assert rec["first_epoch_reaching_unpruned"] == cc.first_epoch_reaching(
+          rec["test_accuracy"], target)
+
+
+def test_training_time_distinctiveness_keeps_pruned_weights_zero(runs):
+  folder = os.path.join(runs, TTD)
+  _check_report(folder, ["loss_curves.png", "units_kept.png"])
+  res = _results(runs, TTD)
+  s = res["settings"]
+  acc = _rows(os.path.join(folder, "validation_accuracy.csv"))
+  assert [r["fold"] for r in acc] == [str(f + 1) for f in range(s["folds"])] + ["mean"]
+  checks = _rows(os.path.join(folder, "checks.csv"))
+  assert len(checks) == 2 * s["folds"] * ((s["epochs"] - 1) // s["check_every"])
+  for r in checks:
+    assert 0.0 <= float(r["min_angle"]) <= float(r["max_angle"]) <= 180.0
+  model = jaxprune.CNN4(input_shape=tuple(s["image_size"]) + (s["channels"],))
+  template = model.init(jax.random.key(0))
+  for f, rec in enumerate(res["results"]["folds"]["pruning"]):
+    assert sum(c["pruned_now"] for c in rec["checks"]) > 0  # something was pruned
+    assert rec["final_max_abs_masked"] == 0.0
+    assert len(rec["train_loss"]) == s["epochs"]
+    mask = np.asarray(rec["final_unit_mask"])
+    assert mask.sum() == rec["final_units_kept"] < 64
+    npz = glob.glob(os.path.join(folder, "cache", "*", f"pruning_fold{f}.npz"))
+    assert len(npz) == 1
+    final = cc.load_tree(npz[0], template)
+    wm = jaxprune.expand(model, final, {s["layer"]: jnp.asarray(mask)})
+    for p, m in zip(jax.tree.leaves(final), jax.tree.leaves(wm)):
+      assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
+    # Without pruning the same positions hold non-zero weights: the zeros come from the masks.
+    npz_free = glob.glob(os.path.join(folder, "cache", "*", f"no_pruning_fold{f}.npz"))[0]
+    free = cc.load_tree(npz_free, template)
+    assert np.abs(np.asarray(free["params"]["out"]["kernel"])[~mask]).min() > 0
+    assert np.all(np.asarray(final["params"]["out"]["kernel"])[~mask] == 0.0)
+  for rec in res["results"]["folds"]["no_pruning"]:
+    assert rec["final_units_kept"] == 64 and all(c["pruned_now"] == 0 for c in rec["checks"])
+
+
+def test_kernel_importance(runs):
+  folder = os.path.join(runs, KI)
+  _check_report(folder, ["pruning_steps.png"])
+  res = _results(runs, KI)
+  steps = res["results"]["steps"]
+  rows = _rows(os.path.join(folder, "pruning_steps.csv"))
+  assert len(rows) == len(steps) and [int(r["pruned"]) for r in rows] == list(range(len(rows)))
+  assert [int(r["units_kept"]) for r in rows] == [16 - i for i in range(len(rows))]
+  loss0 = steps[0]["train_loss"]
+  for st in steps:
+    assert st["train_loss"] <= loss0 + 0.1 + 1e-5
+    assert 0.0 <= st["train_accuracy"] <= 1.0
+  imps = [st["min_importance"] for st in steps]
+  assert imps == sorted(imps)
+  if res["results"]["rejected_loss"] is not None:
+    assert res["results"]["rejected_loss"] > loss0 + 0.1 - 1e-5
+  assert sum(res["results"]["unit_mask"]) == steps[-1]["units_kept"]
+  tab = _rows(os.path.join(folder, "test_before_after.csv"))
+  assert [r["network"] for r in tab] == ["before pruning", "after pruning"]
+
+
+def test_resume_gives_identical_results(runs, tmp_path):
+  """A run interrupted before its fine-tuning and its last configuration were saved, then
+  restarted, ends with the same results.json as the uninterrupted run."""
+  src = os.path.join(runs, LT)
+  dst = os.path.join(str(tmp_path), LT)
+  shutil.copytree(src, dst)
+  cache = glob.glob(os.path.join(dst, "cache", "*"))[0]
+  gone = [f for f in os.listdir(cache) if f.startswith(("finetune", "random_0.9"))]
+  assert len(gone) >= 3  # finetune .json and .npz, random_0.9 .json
+  for f in gone:
+    os.remove(os.path.join(cache, f))
+  os.remove(os.path.join(dst, "results.json"))
+  out = _wait({LT: _spawn(LT, "--quick", f"--workdir={tmp_path}")})
+  assert out[LT][0] == 0, out[LT][1][-3000:]
+  assert _results(str(tmp_path), LT) == _results(runs, LT)
+
+
+# ----------------------------------------------------------------------------- code paths
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_rewind_restores_initial_weights_for_kept_positions(method):
+  model = jaxprune.LeNet(input_shape=(16, 16, 1))
+  init = model.init(jax.random.key(0))
+  trained = jax.tree.map(lambda a: a + 0.5 * jax.random.normal(jax.random.key(1), a.shape), init)
+  rewound, masks = lt.prune_and_rewind(method, trained, init, 0.5, key=jax.random.key(2))
+  kernels = 0
+  for path, r in jax.tree_util.tree_flatten_with_path(rewound)[0]:
+    i = np.asarray(_at(init, path))
+    m = np.asarray(_at(masks, path))
+    r = np.asarray(r)
+    np.testing.assert_array_equal(r[m], i[m])
+    assert np.all(r[~m] == 0.0)
+    if path[-1].key == "kernel":
+      kernels += 1
+      assert abs(m.mean() - 0.5) < 0.01  # half of each kernel pruned
+    else:
+      assert m.all()  # biases kept
+  assert kernels == 3
+  with pytest.raises(ValueError, match="method must be"):
+    lt.prune_and_rewind("bogus", trained, init, 0.5, key=jax.random.key(2))
+
+
+def _at(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
+
+
+def test_helpers():
+  assert cc.first_epoch_reaching([0.9, 0.5, 0.8, 0.95], 0.8) == 2  # epoch 0 never counts
+  assert cc.first_epoch_reaching([0.9, 0.5], 0.8) == "never"
+  assert cc.parse_size("90x72", "image_size") == (90, 72)
+  assert cc.parse_size("64", "image_size") == (64, 64)
+  with pytest.raises(app.UsageError, match="HEIGHTxWIDTH"):
+    cc.parse_size("9x", "image_size")
+  k1, k2 = cc.config_key(0, "retrain", 0.5), cc.config_key(0, "retrain", 0.7)
+  assert not np.array_equal(jax.random.key_data(k1), jax.random.key_data(k2))
+  np.testing.assert_array_equal(jax.random.key_data(k1),
+                                jax.random.key_data(cc.config_key(0, "retrain", 0.5)))
+
+
+def test_bad_flags_exit_with_a_clear_message(tmp_path):
+  missing = os.path.join(str(tmp_path), "no_such_folder")
+  cases = {
+      "unknown_data": (KI, ["--data=nope"], "Unknown --data='nope'"),
+      "sfew_without_path": (TTD, ["--data=sfew_images"], "needs --data_path"),
+      "missing_sfew": (LT, ["--data=sfew_images", f"--data_path={missing}"], "Could not load"),
+      "pretrained_lenet": (PVD, ["--arch=lenet", f"--pretrained={missing}"], "--pretrained"),
+      "bad_size": (KI, ["--image_size=big"], "not an image size"),
+      "bad_layer": (TTD, ["--layer=conv_0"], "not a dense unit group"),
+  }
+  procs = {name: _spawn(m, f"--workdir={tmp_path}", *args) for name, (m, args, _) in cases.items()}
+  out = _wait(procs, timeout=300)
+  for name, (_, _, msg) in cases.items():
+    rc, text = out[name]
+    assert rc != 0, name
+    assert msg in text, (name, text[-2000:])
+    assert "Traceback" not in text, (name, text[-2000:])
