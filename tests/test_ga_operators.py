@@ -8,7 +8,7 @@ import pytest
 from jaxprune.ga import operators as ops
 
 # Jitted once per module: eager op-by-op dispatch in loops would dominate the test time.
-tournament = jax.jit(ops.tournament, static_argnums=2)
+tournament = jax.jit(ops.tournament)
 select_tournament = jax.jit(ops.select_tournament, static_argnums=(2, 3))
 one_point_crossover = jax.jit(ops.one_point_crossover)
 crossover_pairs = jax.jit(ops.crossover_pairs)
@@ -19,27 +19,29 @@ update_hall_of_fame = jax.jit(ops.update_hall_of_fame)
 
 def test_tournament_picks_best_of_its_sample():
   fit = jnp.asarray(np.random.default_rng(0).permutation(20).astype(np.float32))
-  for i in range(12):
-    key = jax.random.key(i)
-    contestants = np.asarray(jax.random.randint(key, (3,), 0, 20))
-    got = int(tournament(key, fit, 3))
+  # Hand case: draws 0.0, 0.5, 0.99 are contestants 0, 10, 19.
+  u = jnp.asarray([0.0, 0.5, 0.99])
+  want = [0, 10, 19][int(np.argmax(np.asarray(fit)[[0, 10, 19]]))]
+  assert int(tournament(u, fit)) == want
+  draws = jax.random.uniform(jax.random.key(0), (12, 3))
+  for d in draws:
+    contestants = np.floor(np.asarray(d) * 20).astype(int)
+    got = int(tournament(d, fit))
     assert got in contestants
     assert float(fit[got]) == float(np.max(np.asarray(fit)[contestants]))
 
 
 def test_tournament_ties_go_to_first_drawn():
   fit = jnp.zeros((10,), jnp.float32)
-  key = jax.random.key(3)
-  contestants = np.asarray(jax.random.randint(key, (4,), 0, 10))
-  assert int(tournament(key, fit, 4)) == contestants[0]
+  assert int(tournament(jnp.asarray([0.35, 0.15, 0.95, 0.55]), fit)) == 3
 
 
 def test_select_tournament_vmap_equals_loop_and_favours_fit():
   fit = jnp.arange(50, dtype=jnp.float32)
   key = jax.random.key(1)
   idx = np.asarray(select_tournament(key, fit, 400, 3))
-  keys = jax.random.split(key, 400)
-  loop = [int(tournament(keys[i], fit, 3)) for i in range(0, 400, 20)]
+  draws = jax.random.uniform(key, (400, 3))
+  loop = [int(tournament(draws[i], fit)) for i in range(0, 400, 20)]
   np.testing.assert_array_equal(idx[::20], loop)
   # The best of 3 uniform draws has mean rank 3/4 of the range (vs 1/2 without selection).
   assert 0.70 * 49 < idx.mean() < 0.80 * 49
@@ -47,37 +49,37 @@ def test_select_tournament_vmap_equals_loop_and_favours_fit():
 
 def test_one_point_crossover_is_a_prefix_suffix_swap():
   u = 6
-  keys = jax.random.split(jax.random.key(0), 200)
-  a, b = jnp.ones((200, u), bool), jnp.zeros((200, u), bool)
-  c1, c2 = jax.jit(jax.vmap(ops.one_point_crossover, in_axes=(0, 0, 0, None)))(keys, a, b, 1.0)
+  a, b = jnp.ones((u,), bool), jnp.zeros((u,), bool)
+  # Hand case: cut = 1 + floor(0.5 * 5) = 3.
+  c1, c2 = one_point_crossover(jnp.asarray([0.0, 0.5]), a, b, 0.8)
+  np.testing.assert_array_equal(c1, [1, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(c2, [0, 0, 0, 1, 1, 1])
+  draws = jax.random.uniform(jax.random.key(0), (200, 2))
+  aa, bb = jnp.ones((200, u), bool), jnp.zeros((200, u), bool)
+  c1, c2 = jax.jit(jax.vmap(ops.one_point_crossover, in_axes=(0, 0, 0, None)))(draws, aa, bb, 1.0)
   c1, c2 = np.asarray(c1), np.asarray(c2)
   cuts = c1.sum(1)
   for cut, x1, x2 in zip(cuts, c1, c2):
     np.testing.assert_array_equal(x1, np.arange(u) < cut)   # a[:cut] ++ b[cut:]
     np.testing.assert_array_equal(x2, np.arange(u) >= cut)  # b[:cut] ++ a[cut:]
   assert set(cuts.tolist()) == set(range(1, u))  # cut points 1 .. U-1, never 0 or U
-  # One call of the per-pair function agrees with its vmapped use.
-  x1, x2 = one_point_crossover(keys[7], a[0], b[0], 1.0)
-  np.testing.assert_array_equal(x1, c1[7])
-  np.testing.assert_array_equal(x2, c2[7])
 
 
 def test_one_point_crossover_general_parents_and_probability():
   rng = np.random.default_rng(0)
   a, b = jnp.asarray(rng.random(9) < 0.5), jnp.asarray(rng.random(9) < 0.5)
-  c1, c2 = one_point_crossover(jax.random.key(5), a, b, 1.0)
-  cut = next(c for c in range(1, 9)
-             if np.array_equal(c1, np.concatenate([a[:c], b[c:]]))
-             and np.array_equal(c2, np.concatenate([b[:c], a[c:]])))
-  assert 1 <= cut <= 8
-  c1, c2 = one_point_crossover(jax.random.key(5), a, b, 0.0)
+  c1, c2 = one_point_crossover(jnp.asarray([0.1, 0.3]), a, b, 1.0)
+  cut = 1 + int(0.3 * 8)
+  np.testing.assert_array_equal(c1, np.concatenate([a[:cut], b[cut:]]))
+  np.testing.assert_array_equal(c2, np.concatenate([b[:cut], a[cut:]]))
+  # u[0] = 0.9 >= prob = 0.8: no crossover.
+  c1, c2 = one_point_crossover(jnp.asarray([0.9, 0.3]), a, b, 0.8)
   np.testing.assert_array_equal(c1, a)
   np.testing.assert_array_equal(c2, b)
   # Crossover happens with probability 0.8 (a=all True, b=all False: crossed iff c1 != a).
-  keys = jax.random.split(jax.random.key(0), 4000)
   ones, zeros = jnp.ones((4000, 8), bool), jnp.zeros((4000, 8), bool)
-  c1, _ = jax.vmap(ops.one_point_crossover, in_axes=(0, 0, 0, None))(keys, ones, zeros, 0.8)
-  rate = float(np.mean(~np.all(np.asarray(c1), axis=1)))
+  c1 = crossover_pairs(jax.random.key(0), jnp.stack([ones, zeros], 1).reshape(8000, 8), 0.8)
+  rate = float(np.mean(~np.all(np.asarray(c1)[0::2], axis=1)))
   assert abs(rate - 0.8) < 5 * np.sqrt(0.8 * 0.2 / 4000)
 
 
@@ -86,9 +88,9 @@ def test_crossover_pairs_consecutive_parents_and_odd_last():
   parents = jnp.asarray(rng.random((5, 10)) < 0.5)
   key = jax.random.key(2)
   children = np.asarray(crossover_pairs(key, parents, 1.0))
-  keys = jax.random.split(key, 2)
+  draws = jax.random.uniform(key, (2, 2))
   for i in range(2):
-    c1, c2 = one_point_crossover(keys[i], parents[2 * i], parents[2 * i + 1], 1.0)
+    c1, c2 = one_point_crossover(draws[i], parents[2 * i], parents[2 * i + 1], 1.0)
     np.testing.assert_array_equal(children[2 * i], c1)
     np.testing.assert_array_equal(children[2 * i + 1], c2)
   np.testing.assert_array_equal(children[4], parents[4])
@@ -107,16 +109,20 @@ def test_mutation_rates_within_statistical_bounds():
   assert abs((rows == 250).mean() - 0.2) < 5 * np.sqrt(0.2 * 0.8 / 400)
   # Nothing mutated.
   np.testing.assert_array_equal(mutate(jax.random.key(2), pop, 0.0, 1.0), pop)
-  # Flip, not set: mutating all-True with bit_prob 1 gives all-False.
-  assert not np.any(flip_mutation(jax.random.key(3), jnp.ones((7,), bool), 1.0, 1.0))
+  # Flip, not set: hand case.
+  x = jnp.asarray([True, True, False, False])
+  np.testing.assert_array_equal(flip_mutation(jnp.asarray([0.1, 0.05, 0.5, 0.05, 0.5]), x, 0.2,
+                                              0.1), [False, True, True, False])
+  np.testing.assert_array_equal(flip_mutation(jnp.asarray([0.3, 0.0, 0.0, 0.0, 0.0]), x, 0.2,
+                                              0.1), x)   # individual not mutated
 
 
 def test_mutate_vmap_equals_loop():
   pop = jnp.asarray(np.random.default_rng(2).random((6, 30)) < 0.5)
   key = jax.random.key(4)
   out = mutate(key, pop, 0.5, 0.3)
-  keys = jax.random.split(key, 6)
-  loop = [flip_mutation(keys[i], pop[i], 0.5, 0.3) for i in range(6)]
+  draws = jax.random.uniform(key, (6, 31))
+  loop = [flip_mutation(draws[i], pop[i], 0.5, 0.3) for i in range(6)]
   np.testing.assert_array_equal(out, np.stack(loop))
 
 

@@ -16,8 +16,10 @@ Example:
 
 from jaxprune.ga import operators
 from jaxprune.ga.operators import crossover_pairs
+from jaxprune.ga.operators import crossover_pairs_from
 from jaxprune.ga.operators import flip_mutation
 from jaxprune.ga.operators import mutate
+from jaxprune.ga.operators import mutate_from
 from jaxprune.ga.operators import one_point_crossover
 from jaxprune.ga.operators import select_tournament
 from jaxprune.ga.operators import tournament

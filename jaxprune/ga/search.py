@@ -234,12 +234,22 @@ def initial_population(config: GAConfig, num_units: int, *, key: jax.Array) -> j
 
 
 def breed(config: GAConfig, state: GAState, hyper: GAParams, *, key: jax.Array) -> jax.Array:
-  """The next population: ``P - K`` selected, crossed and mutated children, then the HoF."""
-  k_sel, k_cx, k_mut = jax.random.split(key, 3)
-  n_children = config.population_size - config.hof_size
-  idx = ops.select_tournament(k_sel, state.fitness, n_children, config.tournament_size)
-  children = ops.crossover_pairs(k_cx, state.population[idx], hyper.crossover_prob)
-  children = ops.mutate(k_mut, children, hyper.mutation_prob, hyper.bit_flip_prob)
+  """The next population: ``P - K`` selected, crossed and mutated children, then the HoF.
+
+  One vector of uniform draws per generation feeds the operators, in this order: tournaments
+  ``(P-K, T)``, crossover ``((P-K) // 2, 2)``, mutation ``(P-K, 1 + U)``.
+  """
+  p, k, t = config.population_size, config.hof_size, config.tournament_size
+  n, u = p - k, state.population.shape[1]
+  half = n // 2
+  sizes = (n * t, half * 2, n * (1 + u))
+  draws = jax.random.uniform(key, (sum(sizes),))
+  u_sel, u_cx, u_mut = jnp.split(draws, np.cumsum(sizes)[:-1])
+  idx = jax.vmap(ops.tournament, in_axes=(0, None))(u_sel.reshape(n, t), state.fitness)
+  children = ops.crossover_pairs_from(u_cx.reshape(half, 2), state.population[idx],
+                                      hyper.crossover_prob)
+  children = ops.mutate_from(u_mut.reshape(n, 1 + u), children, hyper.mutation_prob,
+                             hyper.bit_flip_prob)
   return jnp.concatenate([children, state.hof], axis=0)
 
 
