@@ -117,15 +117,19 @@ def _n_remove(fraction, remaining):
                    remaining.astype(jnp.float32)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("selected", "scope", "random"))
-def _core(params, weight_masks, fraction, key, *, selected, scope, random):
+@functools.partial(jax.jit, static_argnames=("shapes",))
+def _uniform_scores(key, *, shapes):
+  """One uniform [0, 1) score array per selected leaf (compiled apart from the mask-making, so
+  random and magnitude pruning share one compiled ``_core``)."""
+  keys = jax.random.split(key, len(shapes))
+  return [jax.random.uniform(kk, shape) for kk, shape in zip(keys, shapes)]
+
+
+@functools.partial(jax.jit, static_argnames=("selected", "scope"))
+def _core(params, scores, weight_masks, fraction, *, selected, scope):
+  """Masks removing the smallest ``scores`` (one array per selected leaf) and masked params."""
   leaves, treedef = jax.tree.flatten(params)
   mleaves = jax.tree.leaves(weight_masks)
-  if random:
-    keys = jax.random.split(key, len(selected))
-    scores = [jax.random.uniform(kk, jnp.shape(leaves[i])) for kk, i in zip(keys, selected)]
-  else:
-    scores = [leaves[i] for i in selected]
   bits = [_bits(s) for s in scores]
   keep = [mleaves[i] for i in selected]
   if scope == "global":
@@ -149,14 +153,17 @@ def _prune(params, weight_masks, fraction, key, scope, select, random):
     weight_masks = masks_lib.ones_like(params)
   masks_lib.check_weight_masks(params, weight_masks)
   selected = select_leaves(params, select)
-  if not random:
-    leaves = jax.tree.leaves(params)
+  leaves = jax.tree.leaves(params)
+  if random:
+    if key is None:
+      key = jax.random.key(0)
+    scores = _uniform_scores(key, shapes=tuple(tuple(jnp.shape(leaves[i])) for i in selected))
+  else:
     for i in selected:
       _common.check_finite("Parameters", leaves[i])
-  if key is None:
-    key = jax.random.key(0)
-  return _core(params, weight_masks, jnp.asarray(fraction, jnp.float32), key,
-               selected=selected, scope=scope, random=random)
+    scores = [leaves[i] for i in selected]
+  return _core(params, scores, weight_masks, jnp.asarray(fraction, jnp.float32),
+               selected=selected, scope=scope)
 
 
 def magnitude_prune(params: PyTree, weight_masks: PyTree | None = None, fraction=0.2, *,
