@@ -162,14 +162,11 @@ def _angle(diff2, sum2):
 
 
 def _thresholds_ok(sim, comp, use_similar, use_comp):
-  ok = jnp.asarray(True)
-  if use_similar:
-    ok &= (sim >= 0) & (sim <= 180)
-  if use_comp:
-    ok &= (comp >= 0) & (comp <= 180)
-  if use_similar and use_comp:
-    ok &= sim < comp
-  return ok
+  """The rule flags may be Python or traced booleans."""
+  use_similar, use_comp = jnp.asarray(use_similar, bool), jnp.asarray(use_comp, bool)
+  ok = ~use_similar | ((sim >= 0) & (sim <= 180))
+  ok &= ~use_comp | ((comp >= 0) & (comp <= 180))
+  return ok & (~(use_similar & use_comp) | (sim < comp))
 
 
 def check_thresholds(similar_deg, complementary_deg, *, similar: bool = True,
@@ -221,7 +218,9 @@ def _take_pair(st: _State, i, j, is_sim, a, *, absorb) -> _State:
 
 def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_similar, use_comp,
            use_const, absorb, fold, compensate, candidates):
-  """The selection: returns (keep, moves, constants, report). All inputs may be traced.
+  """The selection: returns (keep, moves, constants, report). All inputs may be traced,
+  the rule flags (``use_*``, ``absorb``, ``fold``, ``compensate``) included: one compiled
+  program serves every combination of them.
 
   ``moves = (dst, src, scale)``: row ``dst[n]`` of every consumer slice gains ``scale[n]`` times
   row ``src[n]`` (of the original rows; ``dst == h`` is no move). Equivalent to the transfer
@@ -229,6 +228,8 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   """
   h = vecs.shape[0]
   f32 = jnp.float32
+  use_similar, use_comp, use_const, absorb, fold, compensate = (
+      jnp.asarray(f, bool) for f in (use_similar, use_comp, use_const, absorb, fold, compensate))
   vecs = jnp.where(active[:, None], vecs, 0.0)
   norm = jnp.linalg.norm(vecs, axis=1)
   g, d = _gram(vecs)
@@ -238,7 +239,7 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   # angle = 2 atan(sqrt(ratio)) is increasing in ratio, so thresholds become cheap tests on
   # the ratio; a slightly loose prefilter, then exact angles only where needed.
   ratio = diff2 / sum2
-  const = active & is_const & ~bad if use_const else jnp.zeros((h,), bool)
+  const = active & is_const & ~bad & use_const
   ok = active & ~const & (norm > 0)
   idx = jnp.arange(h, dtype=jnp.int32)
   triu = idx[:, None] < idx[None, :]
@@ -247,9 +248,8 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
 
   def prefilter(r):
     """(passes the similar prefilter, passes the complementary prefilter) for ratios r."""
-    ps = (r < tan2(sim) * (1.0 + 1e-3) + 1e-12) if use_similar else jnp.zeros(r.shape, bool)
-    pc = ((r > tan2(comp) * (1.0 - 1e-3)) & (comp < 180.0)) if use_comp else (
-        jnp.zeros(r.shape, bool))
+    ps = (r < tan2(sim) * (1.0 + 1e-3) + 1e-12) & use_similar
+    pc = (r > tan2(comp) * (1.0 - 1e-3)) & (comp < 180.0) & use_comp
     return ps, pc
 
   ps, pc = prefilter(ratio)
@@ -318,21 +318,20 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   is_s, is_c = kind == SIMILAR, kind == COMPLEMENTARY
   gi = jnp.where(is_s | is_c, first, h)  # h: dropped
   gj = jnp.where(is_s | is_c, second, h)
-  t_add = jnp.where(is_s, 1.0, -1.0 if fold else 0.0)
+  t_add = jnp.where(is_s, 1.0, jnp.where(fold, -1.0, 0.0))
   t_add = jnp.where(gi < h, t_add, 0.0).astype(f32)
   removed = const | jnp.zeros((h,), bool).at[gj].set(True, mode="drop")
   consts = jnp.where(const, const_val, 0.0).astype(f32)
-  if not fold:
-    removed = removed.at[jnp.where(is_c, first, h)].set(True, mode="drop")
-  if mean is not None and _complementary_folds(fold, compensate):
-    ci = jnp.where(is_c, first, h)
-    cj = jnp.where(is_c, second, h)
-    if fold:
-      consts = consts.at[cj].add(mean[jnp.clip(ci, 0, h - 1)] + mean[jnp.clip(cj, 0, h - 1)],
-                                 mode="drop")
-    else:
-      consts = consts.at[ci].add(mean[jnp.clip(ci, 0, h - 1)], mode="drop")
-      consts = consts.at[cj].add(mean[jnp.clip(cj, 0, h - 1)], mode="drop")
+  removed = removed.at[jnp.where(is_c & ~fold, first, h)].set(True, mode="drop")
+  if mean is not None:
+    # Complementary compensation (fold or compensate); index h drops the update.
+    folded = is_c & _complementary_folds(fold, compensate)
+    ci = jnp.where(folded, first, h)
+    cj = jnp.where(folded, second, h)
+    mi, mj = mean[jnp.clip(ci, 0, h - 1)], mean[jnp.clip(cj, 0, h - 1)]
+    consts = consts.at[jnp.where(fold, cj, h)].add(mi + mj, mode="drop")
+    consts = consts.at[jnp.where(fold, h, ci)].add(mi, mode="drop")
+    consts = consts.at[jnp.where(fold, h, cj)].add(mj, mode="drop")
 
   keep = active & ~removed
   empty = jnp.any(active) & ~jnp.any(keep)
@@ -371,7 +370,7 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
 
 
 def _complementary_folds(fold, compensate):
-  return fold or compensate
+  return fold | compensate
 
 
 def _apply_moves(params, group, keep, moves, consts, folds_constants):
@@ -385,13 +384,13 @@ def _apply_moves(params, group, keep, moves, consts, folds_constants):
     new = flat.at[dst].add(scale.astype(flat.dtype)[:, None] * flat[src], mode="drop")
     out = units_lib.set_path(out, s.path, units_lib.from_unit_view(new.reshape(v.shape), s,
                                                                    leaf.shape))
-  if folds_constants:
-    # The constants' contributions only (identity transfer), from the original rows.
-    out = _fold_constants(out, params, group, consts)
+  # The constants' contributions (identity transfer), from the original rows; the flag may be
+  # traced.
+  out = _fold_constants(out, params, group, consts, folds_constants)
   return _common.zero_units(out, group, keep)
 
 
-def _fold_constants(out, params, group, consts):
+def _fold_constants(out, params, group, consts, enabled=True):
   """Adds each consumer's ``sum_j consts[j] * row_j`` (rows of ``params``) to its bias."""
   for s in group.consumers:
     if s.bias is None:
@@ -400,7 +399,8 @@ def _fold_constants(out, params, group, consts):
     v = units_lib.unit_view(units_lib.get_path(params, s.path), s)
     contrib = jnp.tensordot(consts.astype(v.dtype), v, axes=(0, 0))
     contrib = contrib.reshape(-1, contrib.shape[-1]).sum(0)
-    out = units_lib.set_path(out, s.bias, units_lib.get_path(out, s.bias) + contrib)
+    b = units_lib.get_path(out, s.bias)
+    out = units_lib.set_path(out, s.bias, jnp.where(enabled, b + contrib, b))
   return out
 
 
@@ -426,15 +426,16 @@ def _counted_jit(fn):
 
 
 @functools.lru_cache(maxsize=None)
-def _activation_core(g, similar, complementary, constants, absorb, compensate, fold,
-                     _candidates):
-  """The jitted sweep for one group and configuration (shared by equal factories)."""
+def _activation_core(g, _candidates):
+  """The jitted sweep for one group (shared by every factory of that group: the rule flags are
+  traced arguments, so new flags never recompile)."""
   shift = _common.SHIFT[g.activation]
-  folds = constants or (complementary and (compensate or fold))
-  cfg = dict(use_similar=similar, use_comp=complementary, use_const=constants, absorb=absorb,
-             fold=fold, compensate=compensate, candidates=_candidates)
 
-  def core(params, mask, acts, sim, comp, tol):
+  def core(params, mask, acts, sim, comp, tol, flags):
+    similar, complementary, constants, absorb, compensate, fold = flags
+    folds = constants | (complementary & (compensate | fold))
+    cfg = dict(use_similar=similar, use_comp=complementary, use_const=constants, absorb=absorb,
+               fold=fold, compensate=compensate, candidates=_candidates)
     a = acts.reshape(-1, g.size).T.astype(jnp.float32)
     mean = jnp.mean(a, axis=1)
     is_const = (jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol
@@ -485,8 +486,8 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
   g = _common.get_group(model_or_groups, group)
   if not (similar or complementary or constants):
     raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
-  jitted, trace_count = _activation_core(g, similar, complementary, constants, absorb,
-                                        compensate, fold, _candidates)
+  jitted, trace_count = _activation_core(g, _candidates)
+  flags = np.array([similar, complementary, constants, absorb, compensate, fold], bool)
 
   def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
             constant_tol=1e-6):
@@ -497,7 +498,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
                      complementary=complementary)
     _check_tol(constant_tol)
     new_params, keep, report = jitted(params, mask, jnp.asarray(activations), similar_deg,
-                                      complementary_deg, constant_tol)
+                                      complementary_deg, constant_tol, flags)
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
   prune.trace_count = trace_count
