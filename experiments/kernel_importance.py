@@ -73,13 +73,9 @@ def prune_kernels(model, params, x, y, *, max_rise: float, relative: bool, norm:
   trainer = jaxprune.make_trainer(model)
   x, y = jnp.asarray(x), jnp.asarray(y)
   loss_fn = lambda p: trainer.evaluate(p, x, y)["loss"]
-  loss0 = jaxprune.evaluate(model, params, x, y)["loss"]
-  # iterative_importance stops when loss - loss0 > max_rise * |loss0|: an absolute rise r is the
-  # relative rise r / |loss0|.
-  rel = max_rise if relative else max_rise / max(abs(loss0), 1e-12)
-  run = pruners.iterative_importance(model, GROUP, loss_fn, norm=norm)
+  run = pruners.iterative_importance(model, GROUP, loss_fn, norm=norm, relative=relative)
   umasks = {GROUP: jnp.ones((model.groups[GROUP].size,), bool)}
-  pruned, umasks, rep = run(params, umasks, rel)
+  pruned, umasks, rep = run(params, umasks, max_rise)
   scores = np.asarray(pruners.importance_scores(params, model, GROUP, norm))
   count = int(rep.count)
   removed = np.asarray(rep.removed)

@@ -129,8 +129,10 @@ def test_planted_complementary_pair(mlp):
   assert a["kind"] == "complementary" and a["removed"] == (0, 3)
   assert a["angle"] == pytest.approx(180.0, abs=1e-3)
   # fold: exact for o_j = 1 - o_i whatever the outgoing weights.
-  p3, m3, _ = distinctiveness(model, "hidden_0", fold=True)(p, _ones(model), acts)
+  p3, m3, rep3 = distinctiveness(model, "hidden_0", fold=True)(p, _ones(model), acts)
   np.testing.assert_array_equal(m3["hidden_0"], [1, 1, 1, 0, 1, 1])
+  (a3,) = report_actions(rep3)
+  assert a3["kept"] == (0,) and a3["removed"] == (3,)
   np.testing.assert_allclose(apply(p3, x), apply(p, x), atol=1e-5)
   # compensate: exact when the two outgoing weight rows are equal.
   w = _np(p, "out", "kernel").copy()
@@ -435,3 +437,16 @@ def test_progressive_autoencoder():
   assert np.isnan(rep.min_angle[4])
   assert int(np.sum(m["hidden_0"])) == 1
   assert np.all(np.diff(np.asarray(rep.units_kept)) <= 0)
+
+
+def test_bias_folds_refused_where_they_cannot_be_exact():
+  cnn = jaxprune.CNN4(input_shape=(67, 67, 3), channels=(4, 6, 8, 8), dense=(12, 10, 9))
+  with pytest.raises(ValueError, match="'conv_1' cannot fold.*zero-padded.*constants=False"):
+    distinctiveness(cnn, "conv_1")
+  with pytest.raises(ValueError, match="Pass constants=False, compensate=False"):
+    distinctiveness(cnn, "conv_2", compensate=True)
+  with pytest.raises(ValueError, match="consumer has no bias"):
+    jaxprune.weight_distinctiveness(jaxprune.ResNet18(input_shape=(32, 32, 3)), "layer1_0")
+  # Merging and complementary removal stay available there; VALID-read groups fold as usual.
+  distinctiveness(cnn, "conv_1", constants=False)
+  distinctiveness(cnn, "conv_3")

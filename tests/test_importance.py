@@ -77,3 +77,11 @@ def test_iterative_stops_before_loss_rises(model_params):
   assert int(rep.count) == 4 and float(rep.stopped_loss) == pytest.approx(1.05)
   with pytest.raises(ValueError, match="max_rise"):
     run(params, jaxprune.unit_masks_ones(model), -1.0)
+  # The rise is absolute by default; relative=True scales it by the starting loss (here 2).
+  loss2 = lambda p: loss_fn(p) + 1.0
+  _, m_abs, _ = iterative_importance(model, "hidden_0", loss2)(
+      params, jaxprune.unit_masks_ones(model), 0.04)
+  _, m_rel, _ = iterative_importance(model, "hidden_0", loss2, relative=True)(
+      params, jaxprune.unit_masks_ones(model), 0.04)
+  np.testing.assert_array_equal(m_abs["hidden_0"], [0, 1, 0, 1, 0])  # 0.05 > 0.04: unit 1 kept
+  np.testing.assert_array_equal(m_rel["hidden_0"], [0, 0, 0, 1, 0])  # 0.05 <= 0.08: removed

@@ -80,6 +80,7 @@ class SweepReport(NamedTuple):
     kept_last: () bool, True if the sweep would have removed every unit and one was kept.
     invalid: () bool, True if the input was bad under ``jit`` (NaN activations, thresholds
       outside [0, 180] or ``similar_deg >= complementary_deg``): nothing was changed.
+    folded: () bool, True if complementary pairs were folded (only ``second`` removed).
   """
 
   first: jax.Array
@@ -91,6 +92,7 @@ class SweepReport(NamedTuple):
   max_angle: jax.Array
   kept_last: jax.Array
   invalid: jax.Array
+  folded: jax.Array
 
 
 def report_actions(report: SweepReport) -> list[dict]:
@@ -110,8 +112,7 @@ def report_actions(report: SweepReport) -> list[dict]:
     if kind == SIMILAR:
       kept, removed = (i,), (j,)
     elif kind == COMPLEMENTARY:
-      # With fold the lower unit is kept; the report cannot tell, so list both as acted on.
-      kept, removed = (), (i, j)
+      kept, removed = ((i,), (j,)) if bool(r.folded) else ((), (i, j))
     else:
       kept, removed = (), (i,)
     out.append({"kind": KIND_NAMES[kind], "kept": kept, "removed": removed,
@@ -361,7 +362,7 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   min_a = jnp.where(any_pair, pair_angle(i_min, j_min), jnp.nan)
   max_a = jnp.where(any_pair, pair_angle(i_max, j_max), jnp.nan)
   report = SweepReport(first, second, angle, kind, st.count, min_a.astype(f32),
-                       max_a.astype(f32), empty & ~bad, bad)
+                       max_a.astype(f32), empty & ~bad, bad, jnp.asarray(fold, bool))
   # Bad input under jit: change nothing.
   keep = jnp.where(bad, active, keep)
   gi = jnp.where(bad, h, gi)
@@ -450,6 +451,21 @@ def _activation_core(g, _candidates):
   return _counted_jit(core)
 
 
+def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: bool = False):
+  """Rules that fold contributions into the next layer's bias need an exact fold (a bias, and
+  no zero-padded conv reading the group); otherwise say so before any work."""
+  wanted = [n for n, on in (("constants", constants), ("compensate", compensate),
+                            ("fold", fold)) if on]
+  if wanted and not g.exact_constant_fold:
+    why = ("its consumer has no bias" if any(s.bias is None for s in g.consumers) else
+           "it is read by a zero-padded ('SAME') convolution, where a constant channel "
+           "contributes less at the borders than inside")
+    raise ValueError(
+        f"Group {g.name!r} cannot fold removed units into the next bias exactly ({why}). "
+        f"Pass {', '.join(f'{n}=False' for n in wanted)} (merging similar units and removing "
+        "complementary pairs still work).")
+
+
 def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
                     complementary: bool = True, constants: bool = True, absorb: bool = False,
                     compensate: bool = False, fold: bool = False,
@@ -486,6 +502,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
   g = _common.get_group(model_or_groups, group)
   if not (similar or complementary or constants):
     raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
+  _check_bias_folds(g, constants=constants, compensate=compensate, fold=fold)
   jitted, trace_count = _activation_core(g, _candidates)
   flags = np.array([similar, complementary, constants, absorb, compensate, fold], bool)
 
@@ -566,6 +583,7 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     raise ValueError(f"source must be 'incoming' or 'outgoing', got {source!r}.")
   if not (similar or complementary or constants):
     raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
+  _check_bias_folds(g, constants=constants)
   jitted, trace_count = _weight_core(g, source, similar, complementary, constants, absorb,
                                     _candidates)
 
@@ -641,6 +659,7 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     [10, 9, 8]
   """
   g = _common.get_group(model, group)
+  _check_bias_folds(g, constants=constants, compensate=compensate)
   if not hasattr(model, "activations"):
     raise TypeError("progressive_distinctiveness needs a jaxprune model (to recompute "
                     "activations), not just its groups.")

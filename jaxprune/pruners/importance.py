@@ -8,7 +8,8 @@ filter of in_ch x k x k weights; biases excluded):
 
 One-shot pruning removes the k least important kept units; the iterative procedure removes the
 least important unit, re-evaluates a loss, and stops before the loss rises by more than
-``max_rise`` times the starting loss (0.1 in the study). Ties go to the lower unit index. A removed
+``max_rise`` above the starting loss (0.1 in the study; ``relative=True`` reads it as a fraction
+of the starting loss). Ties go to the lower unit index. A removed
 unit's slices are zeroed (no redistribution). At least one unit is always kept.
 
 Example:
@@ -122,12 +123,13 @@ class IterativeReport(NamedTuple):
 
 
 def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree], jax.Array],
-                         *, norm: str = "rms") -> Callable:
+                         *, norm: str = "rms", relative: bool = False) -> Callable:
   """Removes the least important unit while the loss stays within ``max_rise`` of the start.
 
   The whole loop is one ``lax.while_loop`` with ``loss_fn`` inside, so ``loss_fn`` must be a
   JAX function of the params (it receives them with removed units zeroed); close over the data.
-  A removal is rejected, and the loop stops, when ``loss - loss0 > max_rise * |loss0|``.
+  A removal is rejected, and the loop stops, when ``loss - loss0 > max_rise`` (or, with
+  ``relative=True``, ``loss - loss0 > max_rise * |loss0|``).
   Importance depends only on a unit's own incoming weights, so the order is fixed up front.
 
   Returns:
@@ -171,7 +173,8 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
       u = order[step]
       new = mask.at[u].set(False)
       l = loss(new)
-      ok = ~(l - loss0 > max_rise * jnp.abs(loss0))  # NaN loss also stops
+      limit = max_rise * jnp.abs(loss0) if relative else max_rise
+      ok = ~(l - loss0 > limit)  # NaN loss also stops
       mask = jnp.where(ok, new, mask)
       pos = jnp.where(ok, step + 1, h)
       rows = (rows[0].at[pos].set(jnp.sum(new, dtype=jnp.int32), mode="drop"),
@@ -190,7 +193,7 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
   def run(params, unit_masks, max_rise=0.1):
     mask = _common.group_mask(unit_masks, g)
     if _common.is_concrete(max_rise) and not float(max_rise) >= 0:
-      raise ValueError(f"max_rise must be >= 0 (a fraction of the starting loss), got "
+      raise ValueError(f"max_rise must be >= 0 (the largest allowed rise of the loss), got "
                        f"{max_rise}.")
     params, mask, rep = core(params, mask, max_rise)
     return params, _common.with_mask(unit_masks, g.name, mask), rep
