@@ -3,7 +3,7 @@
 The architecture, padding and batch-norm settings match ``torchvision.models.resnet18``, so
 weights converted from a torchvision state dict give torchvision's outputs (channels-last NHWC
 inputs here, NCHW there). Pretrained weights come from a local ``.npz`` file holding the
-torchvision state dict (see ``docs/resnet.md`` for the one-off conversion); nothing is
+torchvision state dict (see the README section "ResNet-18 and pretrained weights" for the one-off conversion); nothing is
 downloaded at run time.
 
 Unit groups: one per basic block, ``layer1_0``, ``layer1_1``, ..., ``layer4_1``: the output
@@ -49,7 +49,7 @@ _BN = dict(momentum=0.9, epsilon=1e-5)
 # torchvision initialises convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-_README_HINT = ("See the 'Pretrained ResNet-18 weights' section of the README (docs/resnet.md) "
+_README_HINT = ("See the README section 'ResNet-18 and pretrained weights' "
                 "for the snippet that converts torchvision's resnet18 state dict into this file.")
 
 
@@ -300,7 +300,7 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
     >>> ResNet18(num_classes=7).apply(params, images)  # doctest: +SKIP
 
   Args:
-    path: the ``.npz`` file (see ``docs/resnet.md`` for how to make it).
+    path: the ``.npz`` file (the README section "ResNet-18 and pretrained weights" says how to make it).
     num_classes: outputs of the model the params are for.
     key: PRNG key for a fresh head; required when ``num_classes`` differs from the file's.
     widths: the basic blocks' inner widths, for files saved from a compacted model.
