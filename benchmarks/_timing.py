@@ -1,18 +1,42 @@
 """Timing helpers shared by the benchmarks: compile first, then the median of repeats."""
 
+import os
 import statistics
 import time
 
 import jax
 
 
-def median_time(fn, *args, repeats: int = 20, min_time: float = 0.2) -> float:
-  """Median seconds per call of ``fn(*args)`` after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
+def call_times(fn, *args, repeats: int = 20, min_time: float = 0.2,
+               warmup: bool = True) -> list[float]:
+  """Seconds of each timed call of ``fn(*args)`` (waited on with ``block_until_ready``).
+
+  One untimed warm-up (compile) call first unless ``warmup=False``; then at least ``repeats``
+  calls, more (up to 1000) until ``min_time`` seconds have passed.
+
+  Example:
+    >>> ts = call_times(jax.jit(lambda x: x + 1), 1.0, repeats=5, min_time=0.0)
+    >>> len(ts)
+    5
+  """
+  if warmup:
+    jax.block_until_ready(fn(*args))
   times = []
   start = time.perf_counter()
   while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 1000):
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return times
+
+
+def median_time(fn, *args, repeats: int = 20, min_time: float = 0.2,
+                warmup: bool = True) -> float:
+  """Median seconds per call of ``fn(*args)``; see :func:`call_times`."""
+  return statistics.median(call_times(fn, *args, repeats=repeats, min_time=min_time,
+                                      warmup=warmup))
+
+
+def load_line() -> str:
+  """The machine's 1-minute load average and CPU count, to print beside the timings."""
+  return f"load average (1 min) {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"

@@ -8,24 +8,17 @@ walking them. The loop is timed on a subset of rows and extrapolated to all H(H-
 
 import argparse
 import os
+import statistics
+import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-import jaxprune
-from jaxprune.pruners import distinctiveness
-
-
-def median_time(fn, repeats):
-  """(median, min) seconds per call."""
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts)), float(np.min(ts))
+sys.path.insert(0, os.path.dirname(__file__))
+import jaxprune  # noqa: E402
+from _timing import call_times, load_line  # noqa: E402
+from jaxprune.pruners import distinctiveness  # noqa: E402
 
 
 def numpy_pairs(acts, rows):
@@ -64,7 +57,8 @@ def main():
   sweep = lambda: prune(params, masks, acts, 15.0, 165.0)
   _, m, rep = sweep()  # compile
   repeats = 10 if args.quick else 50
-  t_jax, t_jax_min = median_time(sweep, repeats)
+  ts = call_times(sweep, repeats=repeats, min_time=0.0, warmup=False)
+  t_jax, t_jax_min = statistics.median(ts), min(ts)
 
   a = np.asarray(acts)
   rows = 10 if args.quick else 40
@@ -75,7 +69,7 @@ def main():
   total_pairs = h * (h - 1) // 2
   t_np = t_sub * total_pairs / pairs_sub
 
-  print(f"load average (1 min) {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+  print(load_line())
   print(f"distinctiveness sweep, H={h} units x P={p} patterns "
         f"({int(rep.count)} actions, {int(np.sum(m['hidden_0']))} units kept)")
   print(f"  jitted sweep (angles included, median of {repeats}): {t_jax * 1e3:.1f} ms "

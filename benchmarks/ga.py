@@ -30,6 +30,7 @@ import argparse
 import importlib
 import os
 import random
+import sys
 import time
 
 import jax
@@ -37,8 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jaxprune
-from jaxprune import ga
+sys.path.insert(0, os.path.dirname(__file__))
+import jaxprune  # noqa: E402
+from _timing import call_times  # noqa: E402
+from jaxprune import ga  # noqa: E402
 
 N_PATTERNS, N_IN, N_OUT = 1100, 10, 7
 LAM = 10.0
@@ -46,12 +49,8 @@ _SEARCH = importlib.import_module("jaxprune.ga.search")  # the module (``ga.sear
 
 
 def median_time(fn, repeats, reduce=np.median):
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return float(reduce(times))
+  """``reduce`` (median by default) of ``repeats`` timed calls; the caller compiles first."""
+  return float(reduce(call_times(fn, repeats=repeats, min_time=0.0, warmup=False)))
 
 
 def make_data(seed=0):

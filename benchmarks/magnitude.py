@@ -7,13 +7,16 @@ position). Run: python benchmarks/magnitude.py [--quick]
 """
 
 import argparse
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.pruners import magnitude_prune
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import median_time  # noqa: E402
+from jaxprune.pruners import magnitude_prune  # noqa: E402
 
 
 def resnet18_shapes():
@@ -62,15 +65,6 @@ def numpy_global(kernels, fraction):
   return out
 
 
-def median_time(fn, repeats):
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts))
-
-
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
@@ -83,8 +77,9 @@ def main():
   f = 0.8
   run = lambda: magnitude_prune(params, None, f, scope="global")
   _, masks = run()  # compile
-  t_jax = median_time(run, repeats)
-  t_np = median_time(lambda: numpy_global(kernels_np, f), repeats)
+  t_jax = median_time(run, repeats=repeats, min_time=0.0, warmup=False)
+  t_np = median_time(lambda: numpy_global(kernels_np, f), repeats=repeats, min_time=0.0,
+                     warmup=False)
   ref = numpy_global(kernels_np, f)
   got = [np.asarray(masks["params"][k]["kernel"]) for k in resnet18_shapes()]
   same = all(np.array_equal(a, b) for a, b in zip(ref, got))

@@ -1,21 +1,16 @@
 """Orchestration shared by the CNN study binaries (issue 7): image flags, models, caching of
 trained parameters, deterministic keys, curves.
 
-Candidates to move to ``experiments/_common.py``: :func:`config_key`, :func:`save_tree` /
-:func:`load_tree`, :func:`cached_with_params` (resumable caching of parameter pytrees beside
-the JSON cache), :func:`parse_size`, :func:`first_epoch_reaching`.
+Keys, params files and their resumable caching live in ``experiments/_common.py``
+(:func:`_common.config_key`, :func:`_common.save_tree` / :func:`_common.load_tree`,
+``Study.cached_with_tree``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import os
-import zlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
@@ -48,81 +43,6 @@ def parse_size(text: str, flag: str) -> tuple[int, int]:
     _common.fail(f"--{flag}={text!r} is not an image size; write HEIGHTxWIDTH, e.g. 90x72, "
                  "or one number for a square.")
   return parts[0], parts[1]
-
-
-def parse_floats(values: Sequence[str], flag: str, lo: float, hi: float) -> list[float]:
-  """A list flag of numbers, each in [lo, hi]."""
-  try:
-    out = [float(v) for v in values]
-  except ValueError:
-    _common.fail(f"--{flag}={','.join(values)} must be a comma-separated list of numbers.")
-  if not out:
-    _common.fail(f"--{flag} needs at least one value.")
-  bad = [v for v in out if not (lo <= v <= hi)]
-  if bad:
-    _common.fail(f"--{flag} values must lie in [{lo:g}, {hi:g}]; got {bad}.")
-  return out
-
-
-def check_positive(**values: int) -> None:
-  for name, v in values.items():
-    if v < 1:
-      _common.fail(f"--{name} must be at least 1, got {v}.")
-
-
-# ----------------------------------------------------------------------------- keys, trees
-
-
-def config_key(seed: int, *parts: Any) -> jax.Array:
-  """A PRNG key derived from the seed and the configuration only (never the run order)."""
-  key = jax.random.key(seed)
-  for p in parts:
-    key = jax.random.fold_in(key, zlib.crc32(repr(p).encode()) & 0x7FFFFFFF)
-  return key
-
-
-def save_tree(path: str, tree: PyTree) -> None:
-  """Saves the leaves of a pytree (in ``jax.tree.leaves`` order) to ``path`` as .npz, atomically."""
-  buf = io.BytesIO()
-  np.savez(buf, *[np.asarray(a) for a in jax.tree.leaves(tree)])
-  _common.atomic_write_bytes(path, buf.getvalue())
-
-
-def load_tree(path: str, template: PyTree) -> PyTree:
-  """Loads leaves saved by :func:`save_tree` into the structure of ``template``."""
-  with np.load(path) as z:
-    leaves = [jnp.asarray(z[f"arr_{i}"]) for i in range(len(z.files))]
-  treedef = jax.tree.structure(template)
-  if treedef.num_leaves != len(leaves):
-    raise ValueError(f"{path} holds {len(leaves)} arrays, the model needs {treedef.num_leaves}; "
-                     "delete the cache folder to start again.")
-  return jax.tree.unflatten(treedef, leaves)
-
-
-def _safe(key: str) -> str:
-  return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
-
-
-def cached_with_params(study: _common.Study, key: str, template: PyTree,
-                       fn: Callable[[], tuple[PyTree, Any]]) -> tuple[PyTree, Any]:
-  """Like ``study.cached`` for a step that returns ``(pytree, record)``.
-
-  The pytree goes to ``cache/<fingerprint>/<key>.npz``, written before the JSON record (which
-  marks the step as finished), so a resumed run gets exactly the arrays an uninterrupted one
-  used. The returned pytree is always the one read back from disk.
-  """
-  npz = os.path.join(study.cache_dir, _safe(key) + ".npz")
-
-  def run():
-    tree, record = fn()
-    save_tree(npz, tree)
-    return record
-
-  record = study.cached(key, run)
-  if not os.path.exists(npz):
-    _common.fail(f"The cache holds the record of step {key!r} but not its arrays ({npz}); "
-                 f"delete {study.cache_dir} to start again.")
-  return load_tree(npz, template), record
 
 
 # ----------------------------------------------------------------------------- data, models

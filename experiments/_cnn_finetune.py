@@ -72,8 +72,8 @@ def settings() -> dict[str, Any]:
     _common.fail(f"--channels must be 1 or 3, got {channels}.")
   if FLAGS.pretrained and channels != 3:
     _common.fail("--pretrained ResNet-18 weights need RGB input: use --channels=3.")
-  cc.check_positive(finetune_epochs=FLAGS.finetune_epochs, retrain_epochs=FLAGS.retrain_epochs,
-                    batch_size=FLAGS.batch_size)
+  _common.check_positive(finetune_epochs=FLAGS.finetune_epochs,
+                         retrain_epochs=FLAGS.retrain_epochs, batch_size=FLAGS.batch_size)
   if not 0.0 < FLAGS.test_fraction < 1.0:
     _common.fail(f"--test_fraction must lie strictly between 0 and 1, got {FLAGS.test_fraction}.")
   if not FLAGS.learning_rate > 0:
@@ -107,13 +107,13 @@ def prepare(s: dict) -> Setup:
   if FLAGS.pretrained:
     try:
       init = jaxprune.load_resnet18(FLAGS.pretrained, num_classes=ds.num_classes,
-                                    key=cc.config_key(s["seed"], "head"))
+                                    key=_common.config_key(s["seed"], "head"))
     except (FileNotFoundError, ValueError, KeyError) as e:
       _common.fail(f"Could not load --pretrained={FLAGS.pretrained!r}: {e}")
     how = (f"ResNet-18 from ImageNet weights (`{s['pretrained']}`, ImageNet normalisation, new "
            f"{ds.num_classes}-class head), fine-tuned")
   else:
-    init = model.init(cc.config_key(s["seed"], "init"))
+    init = model.init(_common.config_key(s["seed"], "init"))
     how = f"{type(model).__name__} trained from scratch (no --pretrained given)"
   desc = (f"{cc.data_description(ds)} Model: {how} on {size[0]}x{size[1]}x{channels} inputs; "
           f"{len(split.y_train)} training and {len(split.y_test)} test images.")
@@ -126,8 +126,8 @@ def finetune(study: _common.Study, setup: Setup):
 
   def run():
     return cc.train(setup.model, setup.init_params, setup.split,
-                    key=cc.config_key(s["seed"], "finetune"), epochs=s["finetune_epochs"],
+                    key=_common.config_key(s["seed"], "finetune"), epochs=s["finetune_epochs"],
                     learning_rate=s["learning_rate"], batch_size=s["batch_size"],
                     desc="fine-tune")
 
-  return cc.cached_with_params(study, "finetune", setup.init_params, run)
+  return study.cached_with_tree("finetune", run, setup.init_params)

@@ -1,6 +1,7 @@
 """Helpers shared by the MLP studies (GA vs distinctiveness, similarity bounds, progressive
-compression): configuration keys, padded cross-validation folds, vmapped evaluation, params
-files, a GA fitness for padded folds, and list flags.
+compression): stacked keys, padded cross-validation folds, vmapped evaluation, a GA fitness
+for padded folds, and probability flags (configuration keys, params files and list flags live
+in ``_common``).
 
 Everything here is experiment orchestration; the learning and pruning live in ``jaxprune``.
 """
@@ -9,10 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import math
-import os
-import zlib
 from typing import Any, Sequence
 
 import jax
@@ -30,51 +27,11 @@ PyTree = Any
 # ----------------------------------------------------------------------------- keys
 
 
-def config_key(seed: int, *parts) -> jax.Array:
-  """A PRNG key derived from the seed and a configuration's description (never from order).
-
-  Example:
-    >>> k = config_key(0, "train", 100, 0.001, 3)
-  """
-  key = jax.random.key(int(seed))
-  for p in parts:
-    key = jax.random.fold_in(key, zlib.crc32(repr(p).encode()) & 0x7FFFFFFF)
-  return key
-
-
 def stack_keys(keys: Sequence[jax.Array]) -> jax.Array:
   return jnp.stack(list(keys))
 
 
 # ----------------------------------------------------------------------------- flags
-
-
-def parse_list(name: str, values, kind=float, *, low=None, high=None, low_open=False,
-               nonempty=True) -> tuple:
-  """Parses an absl list flag into a tuple of ``kind``; clear errors via ``_common.fail``."""
-  out = []
-  for v in values or ():
-    try:
-      x = kind(v)
-    except (TypeError, ValueError):
-      _common.fail(f"--{name}: {v!r} is not a valid {kind.__name__}.")
-    if isinstance(x, float) and not math.isfinite(x):
-      _common.fail(f"--{name}: values must be finite, got {v!r}.")
-    if low is not None and (x <= low if low_open else x < low):
-      _common.fail(f"--{name}: values must be {'>' if low_open else '>='} {low}, got {v!r}.")
-    if high is not None and x > high:
-      _common.fail(f"--{name}: values must be <= {high}, got {v!r}.")
-    out.append(x)
-  if nonempty and not out:
-    _common.fail(f"--{name} needs at least one value.")
-  if len(set(out)) != len(out):
-    _common.fail(f"--{name} lists a value twice: {values}.")
-  return tuple(out)
-
-
-def check_positive(name: str, value, minimum=1) -> None:
-  if value is None or value < minimum:
-    _common.fail(f"--{name} must be at least {minimum}, got {value}.")
 
 
 def check_probability(name: str, value) -> None:
@@ -142,6 +99,15 @@ def cv_folds(ds: data_lib.Dataset, n_splits: int, seed: int) -> Folds:
                tuple(len(p[1]) for p in parts))
 
 
+def load_features(data: str, data_path: str | None) -> data_lib.Dataset:
+  """Loads --data through ``_common.load_data``; fails clearly unless it has the 10 features."""
+  ds = _common.load_data(data, data_path)
+  if ds.x.ndim != 2 or ds.x.shape[1] != 10:
+    _common.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs the 10 "
+                 "features (use --data=features, digits_features or sfew_features).")
+  return ds
+
+
 def check_folds(ds: data_lib.Dataset, n_splits: int) -> None:
   """Fails clearly when the data cannot be split into ``n_splits`` stratified folds."""
   counts = ds.class_counts()
@@ -200,39 +166,6 @@ def mean_std(values) -> tuple[float, float]:
 def pm(values, digits=2) -> str:
   m, s = mean_std(values)
   return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-# ----------------------------------------------------------------------------- params files
-
-
-def save_params(path: str, params: PyTree) -> None:
-  """Saves a params pytree (nested dicts of arrays) as .npz, atomically."""
-  flat = {"/".join(str(getattr(k, "key", k)) for k in kp): np.asarray(v)
-          for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  buf = io.BytesIO()
-  np.savez(buf, **flat)
-  _common.atomic_write_bytes(path, buf.getvalue())
-
-
-def load_params(path: str) -> PyTree:
-  """Loads what :func:`save_params` wrote (nested dicts of numpy arrays)."""
-  out: dict = {}
-  with np.load(path) as f:
-    for name in f.files:
-      node = out
-      *parents, leaf = name.split("/")
-      for p in parents:
-        node = node.setdefault(p, {})
-      node[leaf] = np.asarray(f[name])
-  return out
-
-
-def cached_params(study: _common.Study, key: str, fn) -> PyTree:
-  """Like ``study.cached`` for a params pytree, saved as ``cache/<fp>/<key>.npz``."""
-  path = os.path.join(study.cache_dir, key + ".npz")
-  if not os.path.exists(path):
-    save_params(path, jax.tree.map(np.asarray, fn()))
-  return load_params(path)
 
 
 # ----------------------------------------------------------------------------- GA on padded folds

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -106,9 +105,8 @@ class Config:
                    "networks are the baseline networks trained at that learning rate.")
     if any(lr <= 0 for lr in self.lrs):
       _common.fail("--lrs must be positive.")
-    mc.check_positive("folds", self.folds, 2)
-    mc.check_positive("epochs", self.epochs)
-    mc.check_positive("batch_size", self.batch_size)
+    _common.check_positive(folds=self.folds, minimum=2)
+    _common.check_positive(epochs=self.epochs, batch_size=self.batch_size)
     if not 0 <= self.similar_deg < self.complementary_deg <= 180:
       _common.fail(f"Need 0 <= --similar_deg < --complementary_deg <= 180, got "
                    f"{self.similar_deg} and {self.complementary_deg}.")
@@ -123,9 +121,8 @@ class Config:
       _common.fail(f"--compare_fitness must be one of {FITNESS}, got {self.compare_fitness!r}.")
     if any(lam < 0 for lam in self.ga_lambdas + self.compare_lambdas):
       _common.fail("GA lambdas must be >= 0.")
-    mc.check_positive("ga_generations", self.ga_generations, 0)
-    mc.check_positive("ga_hof", self.ga_hof)
-    mc.check_positive("ga_tournament", self.ga_tournament)
+    _common.check_positive(ga_generations=self.ga_generations, minimum=0)
+    _common.check_positive(ga_hof=self.ga_hof, ga_tournament=self.ga_tournament)
     if self.ga_population <= self.ga_hof or self.ga_population < self.ga_tournament:
       _common.fail(f"--ga_population ({self.ga_population}) must exceed --ga_hof "
                    f"({self.ga_hof}) and be at least --ga_tournament ({self.ga_tournament}).")
@@ -184,9 +181,9 @@ def train_hidden(cfg: Config, folds: mc.Folds, h: int, study: _common.Study,
 
   def trained():
     if "params" not in memo:
-      init = jax.vmap(model.init)(mc.stack_keys([mc.config_key(cfg.seed, "init", h, f)
+      init = jax.vmap(model.init)(mc.stack_keys([_common.config_key(cfg.seed, "init", h, f)
                                                  for f in range(nf)]))
-      keys = mc.stack_keys([mc.config_key(cfg.seed, "train", h, lr, f)
+      keys = mc.stack_keys([_common.config_key(cfg.seed, "train", h, lr, f)
                             for lr in lrs for f in range(nf)])
       memo["params"], _ = jaxprune.fit_many(
           model, jax.tree.map(rep, init), rep(folds.x_tr), rep(folds.y_tr), rep(folds.w_tr),
@@ -204,7 +201,7 @@ def train_hidden(cfg: Config, folds: mc.Folds, h: int, study: _common.Study,
   pruned = None
   if h in cfg.pruned_hidden():
     li = cfg.lrs.index(cfg.prune_lr)
-    pruned = mc.cached_params(study, f"params_H{h}", lambda: jax.tree.map(
+    pruned = study.cached_tree(f"params_H{h}", lambda: jax.tree.map(
         lambda a: np.asarray(a)[li * nf:(li + 1) * nf], trained()))
   acc = study.cached(f"train_H{h}", scores)
   progress.step(f"H={h} trained")
@@ -308,7 +305,7 @@ def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _common.Study
     data = jax.tree.map(lambda a: a[idx], fold_data)
     data["eq6"] = jnp.asarray([e == "eq6" for e, _, _ in runs])
     lam = jnp.asarray([lam for _, lam, _ in runs], jnp.float32)
-    keys = mc.stack_keys([mc.config_key(cfg.seed, "ga", h, e, lam_, f) for e, lam_, f in runs])
+    keys = mc.stack_keys([_common.config_key(cfg.seed, "ga", h, e, lam_, f) for e, lam_, f in runs])
     hyper = ga.GAParams(crossover_prob=cfg.ga_crossover, mutation_prob=cfg.ga_mutation,
                         bit_flip_prob=cfg.ga_bit_flip, lam=lam)
 
@@ -478,10 +475,7 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
         workdir: str = "workdir") -> dict:
   """Runs (or resumes) the whole study; returns the results dict written to results.json."""
   cfg.validate()
-  ds = _common.load_data(data, data_path)
-  if ds.x.ndim != 2 or ds.x.shape[1] != 10:
-    _common.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs the 10 "
-                 "features (use --data=features, digits_features or sfew_features).")
+  ds = mc.load_features(data, data_path)
   mc.check_folds(ds, cfg.folds)
   settings = {**dataclasses.asdict(cfg), "data": data, "data_path": data_path}
   study = _common.Study(STUDY, settings, workdir)
@@ -589,30 +583,20 @@ def define_flags() -> None:
 
 
 def config_from_flags() -> Config:
-  f = flags.FLAGS
-  base = Config.quick() if f.quick else Config()
-  kw: dict[str, Any] = {"seed": f.seed}
   lists = {"lrs": (float, 0.0, True), "hidden": (int, 1, False),
            "dist_hidden": (int, 1, False), "ga_hidden": (int, 1, False),
            "ga_lambdas": (float, 0.0, False), "compare_hidden": (int, 1, False),
            "compare_angles": (float, 0.0, False), "compare_lambdas": (float, 0.0, False)}
-  for name, (kind, low, low_open) in lists.items():
-    if f[name].present or not f.quick:
-      kw[name] = mc.parse_list(name, f[name].value, kind, low=low, low_open=low_open)
-  for name in ("folds", "epochs", "batch_size", "prune_lr", "similar_deg", "complementary_deg",
+  return _common.config_from_flags(
+      Config, ("folds", "epochs", "batch_size", "prune_lr", "similar_deg", "complementary_deg",
                "sweep_hidden", "sweep_step", "sweep_max", "ga_population", "ga_generations",
                "ga_hof", "ga_tournament", "ga_crossover", "ga_mutation", "ga_bit_flip",
-               "compare_fitness"):
-    if f[name].present or not f.quick:
-      kw[name] = f[name].value
-  return dataclasses.replace(base, **kw)
+               "compare_fitness"),
+      lists={name: functools.partial(_common.parse_list, kind=kind, low=low, low_open=low_open)
+             for name, (kind, low, low_open) in lists.items()})
 
 
-def main(argv):
-  if len(argv) > 1:
-    _common.fail(f"Unexpected arguments: {' '.join(argv[1:])}")
-  f = flags.FLAGS
-  run(config_from_flags(), data=f.data, data_path=f.data_path, workdir=f.workdir)
+main = _common.study_main(config_from_flags, run)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ QUICK = {"size": (16, 16), "max_per_class": 8, "epochs": 2}
 def settings() -> dict:
   quick = FLAGS.quick
   size = QUICK["size"] if quick else cc.parse_size(FLAGS.image_size, "image_size")
-  cc.check_positive(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size)
+  _common.check_positive(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size)
   if not 0.0 < FLAGS.test_fraction < 1.0:
     _common.fail(f"--test_fraction must lie strictly between 0 and 1, got {FLAGS.test_fraction}.")
   if not FLAGS.max_rise >= 0:
@@ -95,8 +95,7 @@ def prune_kernels(model, params, x, y, *, max_rise: float, relative: bool, norm:
 
 
 def main(argv):
-  if len(argv) > 1:
-    _common.fail(f"Unexpected arguments: {argv[1:]}")
+  _common.check_no_args(argv)
   s = settings()
   size = tuple(s["image_size"])
   ds = cc.load_images(size, 1, max_per_class=QUICK["max_per_class"] if s["quick"] else None)
@@ -104,14 +103,14 @@ def main(argv):
   model = cc.build_model("lenet", size, 1, ds.num_classes)
   study = _common.Study(STUDY, s)
   prog = _common.Progress(2, STUDY)
-  init = model.init(cc.config_key(s["seed"], "init"))
+  init = model.init(_common.config_key(s["seed"], "init"))
 
   def fit():
-    return cc.train(model, init, split, key=cc.config_key(s["seed"], "train"),
+    return cc.train(model, init, split, key=_common.config_key(s["seed"], "train"),
                     epochs=s["epochs"], learning_rate=s["learning_rate"],
                     batch_size=s["batch_size"], desc="train")
 
-  trained, train_rec = cc.cached_with_params(study, "trained", init, fit)
+  trained, train_rec = study.cached_with_tree("trained", fit, init)
   prog.step("trained")
 
   def prune():

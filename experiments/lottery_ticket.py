@@ -58,10 +58,10 @@ def prune_and_rewind(method: str, trained, init_params, fraction, *, key):
 
 
 def main(argv):
-  if len(argv) > 1:
-    _common.fail(f"Unexpected arguments: {argv[1:]}")
+  _common.check_no_args(argv)
   s = ft.settings()
-  fractions = cc.parse_floats(FLAGS.fractions, "fractions", 0.0, 1.0)
+  fractions = list(_common.parse_list("fractions", FLAGS.fractions, float, low=0.0, high=1.0,
+                                      unique=False))
   s["fractions"] = fractions
   setup = ft.prepare(s)
   model = setup.model
@@ -78,9 +78,9 @@ def main(argv):
     for method in METHODS:
       def run(method=method, frac=frac):
         rewound, masks = prune_and_rewind(method, tuned, setup.init_params, frac,
-                                          key=cc.config_key(s["seed"], "random_mask", frac))
+                                          key=_common.config_key(s["seed"], "random_mask", frac))
         _, rec = cc.train(model, rewound, setup.split, masks=masks,
-                          key=cc.config_key(s["seed"], "retrain", frac),
+                          key=_common.config_key(s["seed"], "retrain", frac),
                           epochs=s["retrain_epochs"], learning_rate=s["learning_rate"],
                           batch_size=s["batch_size"], desc=f"{method} {frac:g}")
         kept, total = jaxprune.count_weights(masks)

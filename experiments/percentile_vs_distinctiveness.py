@@ -68,10 +68,10 @@ def magnitude_masks(model, params, groups, fraction):
 
 
 def main(argv):
-  if len(argv) > 1:
-    _common.fail(f"Unexpected arguments: {argv[1:]}")
+  _common.check_no_args(argv)
   s = ft.settings()
-  angles = cc.parse_floats(FLAGS.angles, "angles", 0.0, 180.0)
+  angles = list(_common.parse_list("angles", FLAGS.angles, float, low=0.0, high=180.0,
+                                   unique=False))
   s["angles"] = angles
   s["groups"] = list(FLAGS.groups)
   setup = ft.prepare(s)
@@ -92,7 +92,7 @@ def main(argv):
                  batch_size=s["batch_size"])
 
   def unpruned():
-    _, rec = cc.train(model, tuned, setup.split, key=cc.config_key(s["seed"], "retrain"),
+    _, rec = cc.train(model, tuned, setup.split, key=_common.config_key(s["seed"], "retrain"),
                       desc="unpruned", **retrain)
     return rec
 
@@ -104,7 +104,7 @@ def main(argv):
     def distinct(angle=angle):
       params, umasks, wmasks = distinctiveness_prune(model, tuned, groups, angle)
       _, rec = cc.train(model, params, setup.split, masks=wmasks,
-                        key=cc.config_key(s["seed"], "retrain"), desc=f"distinct {angle:g}",
+                        key=_common.config_key(s["seed"], "retrain"), desc=f"distinct {angle:g}",
                         **retrain)
       return {**rec, "layers": layer_fractions(model, umasks),
               "weights_kept": jaxprune.count_weights(wmasks)}
@@ -116,7 +116,7 @@ def main(argv):
     def magnitude(fmax=fmax):
       params, wmasks = magnitude_masks(model, tuned, groups, fmax)
       _, rec = cc.train(model, params, setup.split, masks=wmasks,
-                        key=cc.config_key(s["seed"], "retrain"), desc=f"magnitude {fmax:.3f}",
+                        key=_common.config_key(s["seed"], "retrain"), desc=f"magnitude {fmax:.3f}",
                         **retrain)
       return {**rec, "weights_kept": jaxprune.count_weights(wmasks)}
 

@@ -55,10 +55,8 @@ class Config:
     return cls(**base)
 
   def validate(self) -> None:
-    mc.check_positive("hidden", self.hidden, 2)
-    mc.check_positive("runs", self.runs)
-    mc.check_positive("epochs", self.epochs)
-    mc.check_positive("batch_size", self.batch_size)
+    _common.check_positive(hidden=self.hidden, minimum=2)
+    _common.check_positive(runs=self.runs, epochs=self.epochs, batch_size=self.batch_size)
     if not self.lr > 0:
       _common.fail(f"--lr must be positive, got {self.lr}.")
     if not 0 < self.test_fraction < 1:
@@ -97,17 +95,17 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
   splits = _splits(ds, cfg)
 
   def train():
-    init = jax.vmap(model.init)(mc.stack_keys([mc.config_key(cfg.seed, "init", r)
+    init = jax.vmap(model.init)(mc.stack_keys([_common.config_key(cfg.seed, "init", r)
                                                for r in range(cfg.runs)]))
     x, w = mc.pad_stack([s[0] for s in splits])
-    keys = mc.stack_keys([mc.config_key(cfg.seed, "train", r) for r in range(cfg.runs)])
+    keys = mc.stack_keys([_common.config_key(cfg.seed, "train", r) for r in range(cfg.runs)])
     params, _ = jaxprune.fit_many(model, init, x, x, w, key=keys, epochs=cfg.epochs,
                                   batch_size=cfg.batch_size, learning_rate=cfg.lr,
                                   log_every=max(cfg.epochs // 10, 1),
                                   desc=f"train autoencoder ({cfg.runs} runs)")
     return params
 
-  stacked = mc.cached_params(study, "params", train)
+  stacked = study.cached_tree("params", train)
   progress = _common.Progress(cfg.runs, "progressive removal")
 
   def one(r):
@@ -212,20 +210,11 @@ def define_flags() -> None:
 
 
 def config_from_flags() -> Config:
-  f = flags.FLAGS
-  base = Config.quick() if f.quick else Config()
-  kw = {"seed": f.seed}
-  for name in ("hidden", "runs", "epochs", "batch_size", "lr", "test_fraction", "constant_tol"):
-    if f[name].present or not f.quick:
-      kw[name] = f[name].value
-  return dataclasses.replace(base, **kw)
+  return _common.config_from_flags(
+      Config, ("hidden", "runs", "epochs", "batch_size", "lr", "test_fraction", "constant_tol"))
 
 
-def main(argv):
-  if len(argv) > 1:
-    _common.fail(f"Unexpected arguments: {' '.join(argv[1:])}")
-  f = flags.FLAGS
-  run(config_from_flags(), data=f.data, data_path=f.data_path, workdir=f.workdir)
+main = _common.study_main(config_from_flags, run)
 
 
 if __name__ == "__main__":

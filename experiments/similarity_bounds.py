@@ -26,6 +26,7 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -71,9 +72,7 @@ class Config:
     if any(h < 2 for h in self.hidden):
       _common.fail(f"--hidden sizes must be at least 2 (a pair needs two units), got "
                    f"{list(self.hidden)}.")
-    mc.check_positive("runs", self.runs)
-    mc.check_positive("epochs", self.epochs)
-    mc.check_positive("batch_size", self.batch_size)
+    _common.check_positive(runs=self.runs, epochs=self.epochs, batch_size=self.batch_size)
     if not self.lr > 0:
       _common.fail(f"--lr must be positive, got {self.lr}.")
     if not 0 < self.test_fraction < 1:
@@ -126,14 +125,14 @@ def train_all(cfg: Config, splits, study: _common.Study):
   def train():
     params, masks = [], []
     for h, r in plan:
-      small = _model(h).init(mc.config_key(cfg.seed, "init", h, r))
+      small = _model(h).init(_common.config_key(cfg.seed, "init", h, r))
       params.append(_embed(small, h_max))
       unit = {GROUP: jnp.arange(h_max) < h}
       masks.append(jaxprune.expand(big, params[-1], unit))
     stack = lambda *a: jnp.stack(a)
     x, w = mc.pad_stack([splits[r][0].x for _, r in plan])
     y, _ = mc.pad_stack([splits[r][0].y for _, r in plan])
-    keys = mc.stack_keys([mc.config_key(cfg.seed, "train", h, r) for h, r in plan])
+    keys = mc.stack_keys([_common.config_key(cfg.seed, "train", h, r) for h, r in plan])
     trained, _ = jaxprune.fit_many(
         big, jax.tree.map(stack, *params), x, y, w, key=keys, epochs=cfg.epochs,
         batch_size=cfg.batch_size, learning_rate=cfg.lr, masks=jax.tree.map(stack, *masks),
@@ -141,7 +140,7 @@ def train_all(cfg: Config, splits, study: _common.Study):
         desc=f"train {len(plan)} networks (H {list(cfg.hidden)} x {cfg.runs} runs)")
     return trained
 
-  stacked = mc.cached_params(study, "params", train)
+  stacked = study.cached_tree("params", train)
   out = {}
   for i, (h, r) in enumerate(plan):
     p = jax.tree.map(lambda a: jnp.asarray(a[i]), stacked)
@@ -232,10 +231,7 @@ def figure(cfg: Config, nets: list[dict], path: str) -> None:
 def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
         workdir: str = "workdir") -> dict:
   cfg.validate()
-  ds = _common.load_data(data, data_path)
-  if ds.x.ndim != 2 or ds.x.shape[1] != 10:
-    _common.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs the 10 "
-                 "features (use --data=features, digits_features or sfew_features).")
+  ds = mc.load_features(data, data_path)
   study = _common.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
                                 "data_path": data_path}, workdir)
   t0 = time.time()
@@ -295,23 +291,13 @@ def define_flags() -> None:
 
 
 def config_from_flags() -> Config:
-  f = flags.FLAGS
-  base = Config.quick() if f.quick else Config()
-  kw = {"seed": f.seed}
-  if f["hidden"].present or not f.quick:
-    kw["hidden"] = mc.parse_list("hidden", f.hidden, int, low=2)
-  for name in ("runs", "epochs", "batch_size", "lr", "test_fraction", "similar_deg",
-               "complementary_deg", "default_similar_deg", "default_complementary_deg"):
-    if f[name].present or not f.quick:
-      kw[name] = f[name].value
-  return dataclasses.replace(base, **kw)
+  return _common.config_from_flags(
+      Config, ("runs", "epochs", "batch_size", "lr", "test_fraction", "similar_deg",
+               "complementary_deg", "default_similar_deg", "default_complementary_deg"),
+      lists={"hidden": functools.partial(_common.parse_list, kind=int, low=2)})
 
 
-def main(argv):
-  if len(argv) > 1:
-    _common.fail(f"Unexpected arguments: {' '.join(argv[1:])}")
-  f = flags.FLAGS
-  run(config_from_flags(), data=f.data, data_path=f.data_path, workdir=f.workdir)
+main = _common.study_main(config_from_flags, run)
 
 
 if __name__ == "__main__":

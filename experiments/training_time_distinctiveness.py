@@ -144,8 +144,8 @@ def settings() -> dict:
   size = cc.parse_size(FLAGS.image_size, "image_size")
   if FLAGS.channels not in (1, 3):
     _common.fail(f"--channels must be 1 or 3, got {FLAGS.channels}.")
-  cc.check_positive(epochs=FLAGS.epochs, check_every=FLAGS.check_every,
-                    batch_size=FLAGS.batch_size)
+  _common.check_positive(epochs=FLAGS.epochs, check_every=FLAGS.check_every,
+                         batch_size=FLAGS.batch_size)
   if FLAGS.folds < 2:
     _common.fail(f"--folds must be at least 2, got {FLAGS.folds}.")
   if not 0.0 <= FLAGS.angle <= 180.0:
@@ -163,8 +163,7 @@ def settings() -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    _common.fail(f"Unexpected arguments: {argv[1:]}")
+  _common.check_no_args(argv)
   s = settings()
   size = tuple(s["image_size"])
   try:
@@ -184,17 +183,17 @@ def main(argv):
     _common.fail(f"Cannot make {s['folds']} folds: {e}")
   study = _common.Study(STUDY, s)
   prog = _common.Progress(len(VARIANTS) * len(folds), STUDY)
-  init = model.init(cc.config_key(s["seed"], "init"))
+  init = model.init(_common.config_key(s["seed"], "init"))
 
   records = {v: [] for v in VARIANTS}
   for f, (tr, te) in enumerate(folds):
     for variant in VARIANTS:
       def run(tr=tr, te=te, f=f, variant=variant):
         return train_fold(model, init, (ds.x[tr], ds.y[tr]), (ds.x[te], ds.y[te]),
-                          key=cc.config_key(s["seed"], "fold", f), prune=variant == "pruning",
+                          key=_common.config_key(s["seed"], "fold", f), prune=variant == "pruning",
                           s=s)
 
-      _, rec = cc.cached_with_params(study, f"{variant}_fold{f}", init, run)
+      _, rec = study.cached_with_tree(f"{variant}_fold{f}", run, init)
       records[variant].append(rec)
       prog.step(f"fold {f + 1}/{len(folds)} {variant}")
 

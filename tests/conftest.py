@@ -1,5 +1,10 @@
 """Shared test settings: strict numerics and small helpers."""
 
+import csv
+import json
+import math
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -32,3 +37,24 @@ def random_unit_masks(model, seed, p_keep=0.5):
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+def csv_rows(path):
+  """The rows of a CSV table written by a study, as dicts of strings."""
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def study_results(workdir, study):
+  """A study's ``results.json`` under ``workdir``."""
+  with open(os.path.join(workdir, study, "results.json")) as f:
+    return json.load(f)
+
+
+def all_finite(x):
+  """True when no float nested in ``x`` (dicts and lists) is NaN or infinite."""
+  if isinstance(x, dict):
+    return all(all_finite(v) for v in x.values())
+  if isinstance(x, list):
+    return all(all_finite(v) for v in x)
+  return not isinstance(x, float) or math.isfinite(x)

@@ -5,10 +5,7 @@ machine's cores); their helpers are imported and tested in-process (the binaries
 flags only when run as programs).
 """
 
-import csv
 import glob
-import json
-import math
 import os
 import shutil
 import subprocess
@@ -21,6 +18,8 @@ import pytest
 from absl import app
 
 import jaxprune
+from conftest import all_finite, csv_rows, study_results
+from experiments import _common
 from experiments import _cnn_common as cc
 from experiments import lottery_ticket as lt
 
@@ -48,24 +47,6 @@ def _wait(procs, timeout=600):
   return out
 
 
-def _rows(path):
-  with open(path) as f:
-    return list(csv.DictReader(f))
-
-
-def _results(workdir, study):
-  with open(os.path.join(workdir, study, "results.json")) as f:
-    return json.load(f)
-
-
-def _finite(x):
-  if isinstance(x, dict):
-    return all(_finite(v) for v in x.values())
-  if isinstance(x, list):
-    return all(_finite(v) for v in x)
-  return not isinstance(x, float) or math.isfinite(x)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("cnn"))
@@ -91,9 +72,9 @@ def _check_report(folder, pngs):
 def test_percentile_vs_distinctiveness(runs):
   folder = os.path.join(runs, PVD)
   _check_report(folder, ["retrain_45deg.png", "retrain_85deg.png"])
-  res = _results(runs, PVD)
-  assert _finite(res) and res["settings"]["angles"] == [45.0, 85.0]
-  fr = _rows(os.path.join(folder, "layer_fractions.csv"))
+  res = study_results(runs, PVD)
+  assert all_finite(res) and res["settings"]["angles"] == [45.0, 85.0]
+  fr = csv_rows(os.path.join(folder, "layer_fractions.csv"))
   assert [(r["angle_deg"], r["layer"]) for r in fr] == [
       ("45.0", "conv_0"), ("45.0", "conv_1"), ("85.0", "conv_0"), ("85.0", "conv_1")]
   for r in fr:
@@ -103,7 +84,7 @@ def test_percentile_vs_distinctiveness(runs):
   assert fmax > 0.3 and a85["fraction"] == fmax  # 85 degrees merges many filters
   kept, total = a85["magnitude"]["weights_kept"]
   assert kept < total
-  acc = _rows(os.path.join(folder, "accuracy.csv"))
+  acc = csv_rows(os.path.join(folder, "accuracy.csv"))
   assert len(acc) == 6 and {r["method"] for r in acc} == {"distinctiveness", "magnitude",
                                                           "unpruned"}
   for r in acc:
@@ -116,9 +97,9 @@ def test_percentile_vs_distinctiveness(runs):
 def test_lottery_ticket(runs):
   folder = os.path.join(runs, LT)
   _check_report(folder, [f"lottery_{p}pct.png" for p in (20, 50, 70, 90)])
-  res = _results(runs, LT)
-  assert _finite(res)
-  rows = _rows(os.path.join(folder, "lottery.csv"))
+  res = study_results(runs, LT)
+  assert all_finite(res)
+  rows = csv_rows(os.path.join(folder, "lottery.csv"))
   assert [(r["fraction"], r["method"]) for r in rows] == [
       (f, m) for f in ("0.2", "0.5", "0.7", "0.9") for m in ("magnitude", "random")]
   epochs = res["settings"]["retrain_epochs"]
@@ -137,11 +118,11 @@ def test_lottery_ticket(runs):
 def test_training_time_distinctiveness_keeps_pruned_weights_zero(runs):
   folder = os.path.join(runs, TTD)
   _check_report(folder, ["loss_curves.png", "units_kept.png"])
-  res = _results(runs, TTD)
+  res = study_results(runs, TTD)
   s = res["settings"]
-  acc = _rows(os.path.join(folder, "validation_accuracy.csv"))
+  acc = csv_rows(os.path.join(folder, "validation_accuracy.csv"))
   assert [r["fold"] for r in acc] == [str(f + 1) for f in range(s["folds"])] + ["mean"]
-  checks = _rows(os.path.join(folder, "checks.csv"))
+  checks = csv_rows(os.path.join(folder, "checks.csv"))
   assert len(checks) == 2 * s["folds"] * ((s["epochs"] - 1) // s["check_every"])
   for r in checks:
     assert 0.0 <= float(r["min_angle"]) <= float(r["max_angle"]) <= 180.0
@@ -153,15 +134,15 @@ def test_training_time_distinctiveness_keeps_pruned_weights_zero(runs):
     assert len(rec["train_loss"]) == s["epochs"]
     mask = np.asarray(rec["final_unit_mask"])
     assert mask.sum() == rec["final_units_kept"] < 64
-    npz = glob.glob(os.path.join(folder, "cache", "*", f"pruning_fold{f}.npz"))
+    npz = glob.glob(os.path.join(folder, "cache", "*", f"pruning_fold{f}-*.npz"))
     assert len(npz) == 1
-    final = cc.load_tree(npz[0], template)
+    final = _common.load_tree(npz[0], template)
     wm = jaxprune.expand(model, final, {s["layer"]: jnp.asarray(mask)})
     for p, m in zip(jax.tree.leaves(final), jax.tree.leaves(wm)):
       assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
     # Without pruning the same positions hold non-zero weights: the zeros come from the masks.
-    npz_free = glob.glob(os.path.join(folder, "cache", "*", f"no_pruning_fold{f}.npz"))[0]
-    free = cc.load_tree(npz_free, template)
+    npz_free = glob.glob(os.path.join(folder, "cache", "*", f"no_pruning_fold{f}-*.npz"))[0]
+    free = _common.load_tree(npz_free, template)
     assert np.abs(np.asarray(free["params"]["out"]["kernel"])[~mask]).min() > 0
     assert np.all(np.asarray(final["params"]["out"]["kernel"])[~mask] == 0.0)
   for rec in res["results"]["folds"]["no_pruning"]:
@@ -171,9 +152,9 @@ def test_training_time_distinctiveness_keeps_pruned_weights_zero(runs):
 def test_kernel_importance(runs):
   folder = os.path.join(runs, KI)
   _check_report(folder, ["pruning_steps.png"])
-  res = _results(runs, KI)
+  res = study_results(runs, KI)
   steps = res["results"]["steps"]
-  rows = _rows(os.path.join(folder, "pruning_steps.csv"))
+  rows = csv_rows(os.path.join(folder, "pruning_steps.csv"))
   assert len(rows) == len(steps) and [int(r["pruned"]) for r in rows] == list(range(len(rows)))
   assert [int(r["units_kept"]) for r in rows] == [16 - i for i in range(len(rows))]
   loss0 = steps[0]["train_loss"]
@@ -185,7 +166,7 @@ def test_kernel_importance(runs):
   if res["results"]["rejected_loss"] is not None:
     assert res["results"]["rejected_loss"] > loss0 + 0.1 - 1e-5
   assert sum(res["results"]["unit_mask"]) == steps[-1]["units_kept"]
-  tab = _rows(os.path.join(folder, "test_before_after.csv"))
+  tab = csv_rows(os.path.join(folder, "test_before_after.csv"))
   assert [r["network"] for r in tab] == ["before pruning", "after pruning"]
 
 
@@ -203,7 +184,7 @@ def test_resume_gives_identical_results(runs, tmp_path):
   os.remove(os.path.join(dst, "results.json"))
   out = _wait({LT: _spawn(LT, "--quick", f"--workdir={tmp_path}")})
   assert out[LT][0] == 0, out[LT][1][-3000:]
-  assert _results(str(tmp_path), LT) == _results(runs, LT)
+  assert study_results(str(tmp_path), LT) == study_results(runs, LT)
 
 
 # ----------------------------------------------------------------------------- code paths
@@ -245,10 +226,10 @@ def test_helpers():
   assert cc.parse_size("64", "image_size") == (64, 64)
   with pytest.raises(app.UsageError, match="HEIGHTxWIDTH"):
     cc.parse_size("9x", "image_size")
-  k1, k2 = cc.config_key(0, "retrain", 0.5), cc.config_key(0, "retrain", 0.7)
+  k1, k2 = _common.config_key(0, "retrain", 0.5), _common.config_key(0, "retrain", 0.7)
   assert not np.array_equal(jax.random.key_data(k1), jax.random.key_data(k2))
   np.testing.assert_array_equal(jax.random.key_data(k1),
-                                jax.random.key_data(cc.config_key(0, "retrain", 0.5)))
+                                jax.random.key_data(_common.config_key(0, "retrain", 0.5)))
 
 
 def test_bad_flags_exit_with_a_clear_message(tmp_path):

@@ -5,8 +5,6 @@ in one process; the studies are run in-process through ``run(Config, ...)`` (sha
 programs) and the command lines through subprocesses.
 """
 
-import csv
-import json
 import math
 import os
 import subprocess
@@ -16,6 +14,8 @@ import numpy as np
 import pytest
 from absl import app
 
+from conftest import all_finite, csv_rows, study_results
+from experiments import _common
 from experiments import _mlp_common as mc
 from experiments import ga_vs_distinctiveness as gvd
 from experiments import progressive_compression as pc
@@ -24,27 +24,9 @@ from experiments import similarity_bounds as sb
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _rows(path):
-  with open(path) as f:
-    return list(csv.DictReader(f))
-
-
 def _read(path):
   with open(path) as f:
     return f.read()
-
-
-def _results(workdir, study):
-  with open(os.path.join(workdir, study, "results.json")) as f:
-    return json.load(f)
-
-
-def _finite(x):
-  if isinstance(x, dict):
-    return all(_finite(v) for v in x.values())
-  if isinstance(x, list):
-    return all(_finite(v) for v in x)
-  return not isinstance(x, float) or math.isfinite(x)
 
 
 # ----------------------------------------------------------------------------- GA vs distinctiveness
@@ -63,21 +45,21 @@ def test_ga_vs_distinctiveness_outputs(gvd_run):
   for name in ("results.json", "REPORT.md", "baseline.png", "sweep.png",
                "comparison_accuracy.png", "comparison_hidden.png"):
     assert os.path.getsize(os.path.join(folder, name)) > 0, name
-  base = _rows(os.path.join(folder, "baseline.csv"))
+  base = csv_rows(os.path.join(folder, "baseline.csv"))
   assert len(base) == len(cfg.lrs) * len(cfg.hidden)
-  sweep = _rows(os.path.join(folder, "sweep.csv"))
+  sweep = csv_rows(os.path.join(folder, "sweep.csv"))
   assert [float(r["angle_deg"]) for r in sweep] == [0.0, 30.0, 60.0, 90.0]
   assert all(r["invalid"] == "False" for r in sweep)
   kept = [float(r["kept_fraction_mean"]) for r in sweep]
   assert kept[0] == 1.0 and all(0 < k <= 1 for k in kept)
   assert all(a >= b for a, b in zip(kept, kept[1:]))  # wider bounds never keep more units
-  ga_rows = _rows(os.path.join(folder, "ga.csv"))
+  ga_rows = csv_rows(os.path.join(folder, "ga.csv"))
   assert len(ga_rows) == len(cfg.ga_hidden) * 2 * len(cfg.ga_lambdas)
-  comp = _rows(os.path.join(folder, "comparison.csv"))
+  comp = csv_rows(os.path.join(folder, "comparison.csv"))
   assert [r["method"] for r in comp] == ["unpruned", "distinctiveness 15", "distinctiveness 45",
                                          "GA eq5 lambda 0", "GA eq5 lambda 50"]
-  res = _results(gvd_run, gvd.STUDY)
-  assert _finite(res)
+  res = study_results(gvd_run, gvd.STUDY)
+  assert all_finite(res)
   s = res["results"]["summary"]
   for r in s["baseline"] + s["ga"] + s["comparison"]:
     for k, v in r.items():
@@ -111,7 +93,7 @@ def test_ga_vs_distinctiveness_resume_is_identical(gvd_run, tmp_path, monkeypatc
   assert calls and not os.path.exists(os.path.join(workdir, gvd.STUDY, "results.json"))
   monkeypatch.undo()
   gvd.run(gvd.Config.quick(), workdir=workdir)
-  assert _results(workdir, gvd.STUDY) == _results(gvd_run, gvd.STUDY)
+  assert study_results(workdir, gvd.STUDY) == study_results(gvd_run, gvd.STUDY)
   # Restarting a finished run recomputes nothing and gives the same file again.
   before = _read(os.path.join(workdir, gvd.STUDY, "results.json"))
   gvd.run(gvd.Config.quick(), workdir=workdir)
@@ -173,12 +155,12 @@ def test_similarity_bounds_outputs(tmp_path):
   sb.run(cfg, workdir=str(tmp_path))
   folder = os.path.join(tmp_path, sb.STUDY)
   assert os.path.getsize(os.path.join(folder, "angles.png")) > 0
-  rows = _rows(os.path.join(folder, "summary.csv"))
+  rows = csv_rows(os.path.join(folder, "summary.csv"))
   assert len(rows) == 4 * len(cfg.hidden)
   assert [(r["rule"], float(r["threshold_deg"])) for r in rows[::len(cfg.hidden)]] == [
       ("similar", 45.0), ("complementary", 140.0), ("similar", 15.0), ("complementary", 165.0)]
-  res = _results(str(tmp_path), sb.STUDY)["results"]
-  assert _finite(res)
+  res = study_results(str(tmp_path), sb.STUDY)["results"]
+  assert all_finite(res)
   for net in res["networks"]:
     angles = np.asarray(net["angles"])
     assert len(angles) == net["H"] * (net["H"] - 1) // 2
@@ -196,7 +178,7 @@ def test_similarity_bounds_outputs(tmp_path):
           assert p["angle"] > ex["threshold"]
       if n == 0:
         assert ex["test_acc_after"] == net["test_acc_before"]
-  pairs = _rows(os.path.join(folder, "pairs.csv"))
+  pairs = csv_rows(os.path.join(folder, "pairs.csv"))
   assert pairs and all(r["angle_deg"] or r["note"].startswith("no pair") for r in pairs)
 
 
@@ -208,14 +190,14 @@ def test_progressive_compression_outputs(tmp_path):
   pc.run(cfg, workdir=str(tmp_path))
   folder = os.path.join(tmp_path, pc.STUDY)
   assert os.path.getsize(os.path.join(folder, "progressive.png")) > 0
-  res = _results(str(tmp_path), pc.STUDY)["results"]
+  res = study_results(str(tmp_path), pc.STUDY)["results"]
   for run in res["runs"]:
     kept = run["units_kept"]
     assert kept[0] == cfg.hidden and kept[-1] == 1
     assert all(a > b for a, b in zip(kept, kept[1:]))
     assert all(l > 0 and math.isfinite(l) for l in run["train_loss"] + run["test_loss"])
     assert run["min_angle"][-1] is None  # one unit left: no angle
-  steps = _rows(os.path.join(folder, "steps.csv"))
+  steps = csv_rows(os.path.join(folder, "steps.csv"))
   assert len(steps) == sum(len(r["units_kept"]) for r in res["runs"])
   assert res["final"]["units_final"] == [1] * cfg.runs
 
@@ -246,13 +228,13 @@ def test_padded_fitness_matches_unpadded_accuracy():
 
 def test_params_npz_roundtrip_and_keys(tmp_path):
   p = {"params": {"a": {"kernel": np.arange(6.0).reshape(2, 3)}, "b": np.ones(2)}}
-  mc.save_params(str(tmp_path / "p.npz"), p)
-  q = mc.load_params(str(tmp_path / "p.npz"))
+  _common.save_tree(str(tmp_path / "p.npz"), p)
+  q = _common.load_tree(str(tmp_path / "p.npz"))
   np.testing.assert_array_equal(q["params"]["a"]["kernel"], p["params"]["a"]["kernel"])
   import jax
-  a = jax.random.key_data(mc.config_key(0, "x", 1))
-  assert np.array_equal(a, jax.random.key_data(mc.config_key(0, "x", 1)))
-  assert not np.array_equal(a, jax.random.key_data(mc.config_key(0, "x", 2)))
+  a = jax.random.key_data(_common.config_key(0, "x", 1))
+  assert np.array_equal(a, jax.random.key_data(_common.config_key(0, "x", 1)))
+  assert not np.array_equal(a, jax.random.key_data(_common.config_key(0, "x", 2)))
 
 
 def test_padded_distinctiveness_equals_per_fold_library_call():

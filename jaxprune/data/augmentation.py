@@ -122,6 +122,16 @@ def _settings(flip, max_shift, max_scale, max_rotate_deg, blur_prob, brightness,
   return tuple(jnp.asarray(v, dtype=jnp.float32) for v in values)
 
 
+def _prepare(images, rank, flip, max_shift, max_scale, max_rotate_deg, blur_prob,
+             brightness, contrast, fill_mode, value_range):
+  """Checked images of ``rank`` dims (weak typing dropped: one compile) and traced settings."""
+  images = jnp.asarray(images)
+  images = jnp.asarray(images, dtype=images.dtype)
+  _check(images, rank, fill_mode, value_range)
+  return images, _settings(flip, max_shift, max_scale, max_rotate_deg, blur_prob,
+                           brightness, contrast, value_range)
+
+
 def augment_image(
     image: jax.Array,
     *,
@@ -137,11 +147,8 @@ def augment_image(
     value_range: tuple[float, float] | None = (0.0, 1.0),
 ) -> jax.Array:
   """Augments one ``(H, W, C)`` image; see `augment` for the arguments."""
-  image = jnp.asarray(image)
-  image = jnp.asarray(image, dtype=image.dtype)  # drop weak typing: one compile
-  _check(image, 3, fill_mode, value_range)
-  settings = _settings(flip, max_shift, max_scale, max_rotate_deg, blur_prob,
-                       brightness, contrast, value_range)
+  image, settings = _prepare(image, 3, flip, max_shift, max_scale, max_rotate_deg,
+                             blur_prob, brightness, contrast, fill_mode, value_range)
   return _augment_one_jit(image, key, settings, fill_mode=fill_mode)
 
 
@@ -190,9 +197,6 @@ def augment(
     >>> augment(x, key=jax.random.key(0)).shape
     (4, 90, 72, 1)
   """
-  images = jnp.asarray(images)
-  images = jnp.asarray(images, dtype=images.dtype)  # drop weak typing: one compile
-  _check(images, 4, fill_mode, value_range)
-  settings = _settings(flip, max_shift, max_scale, max_rotate_deg, blur_prob,
-                       brightness, contrast, value_range)
+  images, settings = _prepare(images, 4, flip, max_shift, max_scale, max_rotate_deg,
+                              blur_prob, brightness, contrast, fill_mode, value_range)
   return _augment_batch_jit(images, key, settings, fill_mode=fill_mode)

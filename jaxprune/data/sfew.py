@@ -221,6 +221,13 @@ def _check_header(header: list[Any], path: Path) -> None:
     )
 
 
+def _labels_and_empty_classes(ys) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """int32 labels, examples per SFEW class, and the names of the classes without any."""
+  y = np.asarray(ys, dtype=np.int32)
+  counts = np.bincount(y, minlength=len(SFEW_CLASS_NAMES))
+  return y, counts, [SFEW_CLASS_NAMES[k] for k in np.flatnonzero(counts == 0)]
+
+
 def load_sfew_features(
     path: str | os.PathLike,
     *,
@@ -337,9 +344,7 @@ def load_sfew_features(
 
   if not ys:
     raise ValueError(f"{path}: no complete rows. Expected: {FEATURES_LAYOUT}.")
-  y = np.asarray(ys, dtype=np.int32)
-  counts = np.bincount(y, minlength=len(SFEW_CLASS_NAMES))
-  empty = [SFEW_CLASS_NAMES[k] for k in np.flatnonzero(counts == 0)]
+  y, counts, empty = _labels_and_empty_classes(ys)
   if empty:
     raise ValueError(
         f"{path}: no complete rows for class(es) {', '.join(empty)} (counts per"
@@ -616,9 +621,7 @@ def load_sfew_images(
     names.append(item.relpath)
     if not found:
       no_face.append(item.relpath)
-  y = np.asarray(ys, dtype=np.int32)
-  counts = np.bincount(y, minlength=len(SFEW_CLASS_NAMES))
-  empty = [SFEW_CLASS_NAMES[k] for k in np.flatnonzero(counts == 0)]
+  y, _, empty = _labels_and_empty_classes(ys)
   if empty:
     raise ValueError(
         f"{root}: no readable images for class(es) {', '.join(empty)} (after"
