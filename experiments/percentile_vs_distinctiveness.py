@@ -147,6 +147,12 @@ def main(argv):
                            ["angle_deg", "fraction", "method", "acc_after_pruning", "acc_final",
                             "acc_best"])
   figs = "\n\n".join(f"![](retrain_{a:g}deg.png)" for a in angles)
+  idle = [f"{float(a):g}" for a, rec in per_angle.items() if rec["fraction"] == 0]
+  if idle:
+    t1 += (f"\nAt {' and '.join(idle)} degrees no two filters of a layer were closer than the "
+           "angle, so distinctiveness pruned nothing and magnitude pruning was run at the same "
+           "(zero) fraction: all three curves are the unpruned network. Larger angles "
+           "(`--angles=85`, say) make filters merge on this network.\n")
   study.write_report("Percentile versus distinctiveness with retraining", [
       ("Set-up", setup.description + f" Fine-tuned test accuracy: {base_acc:.4f}. Pruned "
        f"groups: {', '.join(groups)}. Distinctiveness: similar-only on incoming filter weights "
