@@ -80,14 +80,20 @@ def main():
   t_jax = median_time(run, repeats=repeats, min_time=0.0, warmup=False)
   t_np = median_time(lambda: numpy_global(kernels_np, f), repeats=repeats, min_time=0.0,
                      warmup=False)
+  def numpy_same_work():  # the same outputs as jaxprune: masks and masked kernels
+    m = numpy_global(kernels_np, f)
+    return m, [np.where(mk, k, 0.0) for mk, k in zip(m, kernels_np)]
+  t_np2 = median_time(numpy_same_work, repeats=repeats, min_time=0.0, warmup=False)
   ref = numpy_global(kernels_np, f)
   got = [np.asarray(masks["params"][k]["kernel"]) for k in resnet18_shapes()]
   same = all(np.array_equal(a, b) for a, b in zip(ref, got))
   print(f"global magnitude pruning, {n / 1e6:.2f} M kernel weights, fraction {f}")
   print(f"  jaxprune.magnitude_prune (jit, median of {repeats}): {t_jax * 1e3:.0f} ms "
         "(masks and masked params)")
-  print(f"  NumPy partition (masks only): {t_np * 1e3:.0f} ms")
-  print(f"  ratio NumPy / jaxprune: {t_np / t_jax:.2f}x (target >= 1); masks identical: {same}")
+  print(f"  NumPy partition, masks only: {t_np * 1e3:.0f} ms; masks and masked kernels (the "
+        f"same outputs): {t_np2 * 1e3:.0f} ms")
+  print(f"  ratio NumPy / jaxprune: {t_np / t_jax:.2f}x against masks only, {t_np2 / t_jax:.2f}x "
+        f"on the same work (target >= 1); masks identical: {same}")
 
 
 if __name__ == "__main__":

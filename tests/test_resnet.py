@@ -288,7 +288,7 @@ def test_load_compacted_file(model, params, tmp_path):
 
 
 def test_load_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match="Pretrained ResNet-18 weights"):
+  with pytest.raises(FileNotFoundError, match="README section .ResNet-18 and pretrained weights"):
     load_resnet18(tmp_path / "nope.npz")
   sd = random_state_dict(num_classes=3)
 

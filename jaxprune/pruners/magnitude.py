@@ -127,9 +127,13 @@ def _uniform_scores(key, *, shapes):
 
 @functools.partial(jax.jit, static_argnames=("selected", "scope"))
 def _core(params, scores, weight_masks, fraction, *, selected, scope):
-  """Masks removing the smallest ``scores`` (one array per selected leaf) and masked params."""
+  """Masks removing the smallest ``scores`` (one array per selected leaf), masked params, and
+  the number of non-finite scores (checked by the caller; counted here, in the same pass)."""
   leaves, treedef = jax.tree.flatten(params)
+  if weight_masks is None:  # all-keep masks built inside the program, not op by op
+    weight_masks = masks_lib.ones_like(params)
   mleaves = jax.tree.leaves(weight_masks)
+  n_bad = sum(jnp.sum(~jnp.isfinite(s), dtype=jnp.int32) for s in scores)
   bits = [_bits(s) for s in scores]
   keep = [mleaves[i] for i in selected]
   if scope == "global":
@@ -142,16 +146,15 @@ def _core(params, scores, weight_masks, fraction, *, selected, scope):
   for i, r in zip(selected, removed):
     new_m[i] = mleaves[i] & ~r
   new_masks = jax.tree.unflatten(treedef, new_m)
-  return masks_lib.apply_masks(params, new_masks), new_masks
+  return masks_lib.apply_masks(params, new_masks), new_masks, n_bad
 
 
 def _prune(params, weight_masks, fraction, key, scope, select, random):
   if scope not in ("layer", "global"):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
   _common.check_fraction("fraction", fraction)
-  if weight_masks is None:
-    weight_masks = masks_lib.ones_like(params)
-  masks_lib.check_weight_masks(params, weight_masks)
+  if weight_masks is not None:
+    masks_lib.check_weight_masks(params, weight_masks)
   selected = select_leaves(params, select)
   leaves = jax.tree.leaves(params)
   if random:
@@ -159,11 +162,15 @@ def _prune(params, weight_masks, fraction, key, scope, select, random):
       key = jax.random.key(0)
     scores = _uniform_scores(key, shapes=tuple(tuple(jnp.shape(leaves[i])) for i in selected))
   else:
-    for i in selected:
-      _common.check_finite("Parameters", leaves[i])
     scores = [leaves[i] for i in selected]
-  return _core(params, scores, weight_masks, jnp.asarray(fraction, jnp.float32),
-               selected=selected, scope=scope)
+  new_params, new_masks, n_bad = _core(params, scores, weight_masks,
+                                       jnp.asarray(fraction, jnp.float32), selected=selected,
+                                       scope=scope)
+  if _common.is_concrete(n_bad) and int(n_bad):
+    raise ValueError(f"Parameters hold {int(n_bad)} NaN or infinite values in the leaves to "
+                     "prune; magnitudes are undefined there. Fix the params (or exclude those "
+                     "leaves with select=).")
+  return new_params, new_masks
 
 
 def magnitude_prune(params: PyTree, weight_masks: PyTree | None = None, fraction=0.2, *,
