@@ -24,9 +24,7 @@ import io
 import json
 import math
 import os
-import sys
 import tempfile
-import time
 import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -35,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
+
+from jaxprune import train as train_lib
 
 FLAGS = flags.FLAGS
 
@@ -290,19 +289,11 @@ def write_table(folder: str, name: str, rows: Sequence[Mapping[str, Any]],
 # ----------------------------------------------------------------------------- the study
 
 
-class Progress:
-  """Stage / step lines with elapsed time and an estimate of the time left."""
+class Progress(train_lib.Progress):
+  """Stage / step lines with elapsed time and the time left (``progress.step(what)``)."""
 
   def __init__(self, total: int, stage: str = ""):
-    self.total, self.stage, self.done, self.start = max(total, 1), stage, 0, time.time()
-
-  def step(self, what: str, n: int = 1) -> None:
-    self.done += n
-    el = time.time() - self.start
-    left = el / self.done * (self.total - self.done)
-    msg = f"[{self.stage}] {self.done}/{self.total} {what} ({el:.0f}s elapsed, ~{left:.0f}s left)"
-    logging.info(msg)
-    print(msg, file=sys.stderr, flush=True)
+    super().__init__(total, stage, unit="")
 
 
 def _safe(key: str) -> str:

@@ -249,21 +249,32 @@ def init_state(trainer: Trainer, params: PyTree, learning_rate=None) -> TrainSta
 
 
 class Progress:
-  """Periodic progress lines (stderr) with epoch, loss, accuracy and time left."""
+  """Progress lines on stderr (and absl logging): step counts, metrics and the time left.
 
-  def __init__(self, total: int, desc: str = "train", enabled: bool = True):
-    self.total, self.desc, self.enabled = total, desc, enabled
-    self.start = time.time()
+  Shared by training (``unit='epoch'``) and the experiment binaries (stages and folds).
+  """
 
-  def update(self, done: int, **metrics) -> None:
+  def __init__(self, total: int, desc: str = "train", enabled: bool = True, unit: str = "epoch"):
+    self.total, self.desc, self.enabled = max(int(total), 1), desc, enabled
+    self.unit, self.done, self.start = unit, 0, time.time()
+
+  def update(self, done: int, what: str = "", **metrics) -> None:
+    """Reports that ``done`` of ``total`` steps are finished."""
+    self.done = done
     if not self.enabled:
       return
     el = time.time() - self.start
     left = el / max(done, 1) * (self.total - done)
-    ms = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-    msg = f"[{self.desc}] epoch {done}/{self.total} {ms} ({el:.0f}s, ~{left:.0f}s left)"
+    parts = [f"[{self.desc}]", f"{self.unit} {done}/{self.total}" if self.unit else
+             f"{done}/{self.total}", what, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+             f"({el:.0f}s elapsed, ~{left:.0f}s left)"]
+    msg = " ".join(p for p in parts if p)
     logging.info(msg)
     print(msg, file=sys.stderr, flush=True)
+
+  def step(self, what: str = "", n: int = 1, **metrics) -> None:
+    """Reports ``n`` more finished steps."""
+    self.update(self.done + n, what, **metrics)
 
 
 @functools.lru_cache(maxsize=256)
@@ -334,8 +345,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     raise ValueError(f"epochs must be at least 1, got {epochs}.")
   _check_data(model, x, y, params=params)
   if masks is not None:
-    masks_lib.check_weight_masks(params, masks)
-    params = masks_lib.apply_masks(params, masks)
+    params = masks_lib.apply_masks(params, masks)  # checks the masks against the params
   trainer = trainer or make_trainer(model, batch_size=batch_size, optimizer=optimizer, loss=loss)
   x, y = jnp.asarray(x), jnp.asarray(y)
   w = jnp.ones((x.shape[0],), jnp.float32)
@@ -386,7 +396,7 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
     raise ValueError(f"fit_many needs params stacked with a leading run axis of {runs} (e.g. "
                      "jax.vmap(model.init)(keys)); got leading sizes "
                      f"{sorted(map(str, lead))}.")
-  _check_targets(model, jax.tree.map(lambda l: l[0], params), x[0], y[0][w[0] > 0], "y")
+  _check_targets(model, jax.tree.map(lambda l: l[0], params), x[0], y[w > 0], "y")
   trainer = trainer or make_trainer(model, batch_size=batch_size)
   if masks is not None:
     params = jax.vmap(masks_lib.apply_masks)(params, masks)
@@ -407,8 +417,7 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
   """
   _check_data(model, x, y, params=params)
   if masks is not None:
-    masks_lib.check_weight_masks(params, masks)
-    params = masks_lib.apply_masks(params, masks)
+    params = masks_lib.apply_masks(params, masks)  # checks the masks against the params
   trainer = make_trainer(model, loss=loss)
   m = _compiled_eval(trainer, batch_size)(params, jnp.asarray(x), jnp.asarray(y))
   return {k: float(v) for k, v in m.items()}
@@ -428,7 +437,6 @@ def rewind(params: PyTree, init_params: PyTree, masks: PyTree) -> PyTree:
     init_params: the saved earlier params (e.g. the pretrained or initial weights).
     masks: weight masks of the pruned network.
   """
-  masks_lib.check_weight_masks(init_params, masks)
   if jax.tree.structure(params) != jax.tree.structure(init_params):
     raise ValueError("params and init_params have different structures: rewind needs the "
                      "saved params of the same model.")

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxprune
 from jaxprune.pruners.magnitude import magnitude_prune, random_prune, select_leaves
 
 

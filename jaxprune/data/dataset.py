@@ -124,12 +124,10 @@ class Dataset:
     idx = idx.astype(np.int64).reshape(-1)
     if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
       raise IndexError(f"indices out of range for a dataset of {len(self)}")
-    refit = None
-    if self.refit is not None:
-      parent_refit = self.refit
+    parent_refit = self.refit
 
-      def refit(train: np.ndarray) -> np.ndarray:
-        return parent_refit(idx[np.asarray(train, dtype=np.int64)])[idx]
+    def refit(train: np.ndarray) -> np.ndarray:
+      return parent_refit(idx[np.asarray(train, dtype=np.int64)])[idx]
 
     return dataclasses.replace(
         self,
@@ -137,7 +135,7 @@ class Dataset:
         y=self.y[idx],
         groups=None if self.groups is None else self.groups[idx],
         info=dict(self.info),
-        refit=refit,
+        refit=None if parent_refit is None else refit,
     )
 
 

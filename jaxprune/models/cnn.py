@@ -18,8 +18,6 @@ import dataclasses
 from typing import Mapping
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
 from jaxprune.models.base import Model, activation_fn
 from jaxprune.models.mlp import dense_chain_groups

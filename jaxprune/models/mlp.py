@@ -15,7 +15,6 @@ import dataclasses
 from typing import Mapping
 
 import flax.linen as nn
-import jax
 
 from jaxprune.models.base import Model, activation_fn
 from jaxprune.units import Slice, UnitGroup

@@ -27,7 +27,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxprune import masks as masks_lib
 from jaxprune.pruners import _common
