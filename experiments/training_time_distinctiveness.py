@@ -126,7 +126,7 @@ def train_fold(model, params, train, val, *, key, prune: bool, s: dict):
         p, umasks, report = prune_fn(p, umasks, s["angle"], 180.0)
         if int(report.count) == 0:
           break
-      wmasks = jaxprune.expand(model, p, umasks)
+      wmasks = jaxprune.expand(p, model, umasks)
       state = state._replace(params=jaxprune.apply_masks(p, wmasks))
     kept = int(np.sum(np.asarray(umasks[s["layer"]])))
     pruned_units = np.flatnonzero(~np.asarray(umasks[s["layer"]])).tolist()
