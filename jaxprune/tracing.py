@@ -612,6 +612,9 @@ class _Walker:
         self._record(eqn, path, 1, leaf, amap, (rhs_in,), (cout,), True, padded)
       elif depthwise:
         self._record(eqn, path, 1, leaf, amap, (), (cout,), True, padded)
+      for d in spatial:
+        if amap[d] is not None:
+          self.uses.setdefault((leaf, amap[d]), _Use(leaf, amap[d], "window", "kernel", path))
     elif kern is not None:
       for a in lhs[cin]:
         A.block(a, "a convolution with the activations as its kernel")
@@ -708,6 +711,8 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
         uses[(leaf, axis)] = _Use(leaf, axis, "producer", kind, where)
   members: dict[int, list] = {}
   for (leaf, axis), use in uses.items():
+    if use.role == "window":
+      continue
     for a in A.expand(w.invar_atoms[leaf][axis]):
       if A.size[a] > 1:
         members.setdefault(A.find(a), []).append(use)
@@ -782,15 +787,23 @@ def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str,
     label = "/".join(path) if path is not None else f"leaf {leaf}"
     parts = []
     for axis, ax in enumerate(w.invar_atoms[leaf]):
-      for a in A.expand(ax):
-        if A.size[a] <= 1:
-          continue
-        r = A.find(a)
+      atoms = [a for a in A.expand(ax) if A.size[a] > 1]
+      descs = []
+      for a in atoms:
+        r, u = A.find(a), uses.get((leaf, axis))
         if r in by_root:
-          u = uses[(leaf, axis)]
-          parts.append(f"axis {axis} -> group {by_root[r]!r} ({u.role}, {u.kind})")
+          descs.append(f"group {by_root[r]!r} ({u.role}, {u.kind})")
+        elif u is not None and u.role == "window":
+          descs.append("a convolution window axis")
         else:
-          parts.append(f"axis {axis}: not prunable ({'; '.join(dict.fromkeys(reasons.get(r, ['size 1'])))})")
+          why = "; ".join(dict.fromkeys(reasons.get(r, ["not a unit axis"])))
+          descs.append(f"not prunable ({why})")
+      if len(atoms) == 1:
+        parts.append(f"axis {axis} -> {descs[0]}")
+      elif atoms:
+        split = " x ".join(str(A.size[a]) for a in atoms)
+        parts.append(f"axis {axis} (read as {split}) -> " + ", ".join(
+            f"[{A.size[a]}] {d}" for a, d in zip(atoms, descs)))
     lines.append(f"{label} {_shape(leaves[leaf])}: " + ("; ".join(parts) or "no axis of size > 1"))
   return tuple(lines)
 

@@ -1,0 +1,25 @@
+"""Every ```python block of every docs/*.md page runs (blocks of one page share a namespace)."""
+
+import pathlib
+import re
+
+import pytest
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def blocks(page: pathlib.Path) -> list[str]:
+  return _BLOCK.findall(page.read_text())
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)], ids=lambda p: p.name)
+def test_docs_page_runs(page, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)          # pages may write files; keep them out of the repo
+  namespace = {"__name__": f"docs_{page.stem}"}
+  for i, code in enumerate(blocks(page)):
+    try:
+      exec(compile(code, f"{page.name}[block {i}]", "exec"), namespace)  # pylint: disable=exec-used
+    except Exception as e:
+      raise AssertionError(f"{page.name}, code block {i} failed: {type(e).__name__}: {e}") from e
