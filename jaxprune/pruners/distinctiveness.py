@@ -384,7 +384,7 @@ def _apply_moves(params, group, keep, moves, consts, folds_constants):
     flat = v.reshape(v.shape[0], -1)
     new = flat.at[dst].add(scale.astype(flat.dtype)[:, None] * flat[src], mode="drop")
     out = units_lib.set_path(out, s.path, units_lib.from_unit_view(new.reshape(v.shape), s,
-                                                                   leaf.shape))
+                                                                   leaf))
   # The constants' contributions (identity transfer), from the original rows; the flag may be
   # traced.
   out = _fold_constants(out, params, group, consts, folds_constants)
