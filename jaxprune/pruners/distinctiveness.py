@@ -57,8 +57,6 @@ PyTree = Any
 
 NONE, SIMILAR, COMPLEMENTARY, CONSTANT = 0, 1, 2, 3
 KIND_NAMES = {SIMILAR: "similar", COMPLEMENTARY: "complementary", CONSTANT: "constant"}
-_DEFAULT_CANDIDATES = None  # candidate pairs sorted on the fast path, per unit (None: auto)
-_ALL_PAIRS_UP_TO = 4096  # auto: sort every pair when there are at most this many (no fallback)
 
 
 class SweepReport(NamedTuple):
@@ -133,8 +131,16 @@ def pairwise_angles(vectors: jax.Array) -> jax.Array:
   """
   v = jnp.asarray(vectors, jnp.float32)
   zero = jnp.linalg.norm(v, axis=1) == 0
-  ang = _angle(*_gram_terms(v))
+  ang = _angle_matrix(*_gram(v))
   return jnp.where(zero[:, None] | zero[None, :], jnp.nan, ang)
+
+
+def _angle_matrix(g, d):
+  """Symmetric (units, units) angles from the Gram matrix g and its diagonal d: the upper
+  triangle mirrored, so (i, j) and (j, i) are the same float32 value."""
+  ang = _angle(*_pair_terms(g, d[:, None], d[None, :]))
+  idx = jnp.arange(g.shape[0])
+  return jnp.where(idx[:, None] < idx[None, :], ang, ang.T)
 
 
 def _gram(v):
@@ -149,12 +155,6 @@ def _pair_terms(g, di, dj):
   """|u_i - u_j|^2 and |u_i + u_j|^2 from the Gram entries g and the squared norms di, dj."""
   s = di + dj
   return jnp.maximum(s - 2.0 * g, 0.0), jnp.maximum(s + 2.0 * g, 0.0)
-
-
-def _gram_terms(v):
-  """|u_i - u_j|^2 and |u_i + u_j|^2 for the normalised rows u of v, from one Gram matrix."""
-  g, d = _gram(v)
-  return _pair_terms(g, d[:, None], d[None, :])
 
 
 def _angle(diff2, sum2):
@@ -192,33 +192,106 @@ def check_thresholds(similar_deg, complementary_deg, *, similar: bool = True,
 # ----------------------------------------------------------------------------- the sweep
 
 
-class _State(NamedTuple):
-  flags: jax.Array  # (units,) int32: bit 0 used in this sweep, bit 1 kept in a similar merge
-  pairs: jax.Array  # (units, 3) int32 rows (first, second, kind)
-  angle: jax.Array  # (units,) float32
-  count: jax.Array  # () int32
+_FREE, _KEEPER, _USED = 0, 1, 2  # a unit's state during the sweep
 
 
-_USED, _KEEPER = 1, 2
+def _pair_key(excess, is_sim):
+  """uint32 keys ordering pairs by excess (descending), then similar before complementary.
+
+  ``excess > 0`` is a finite float32, whose bit pattern is increasing in its value; one more bit
+  for the kind. Comparing two keys is comparing (excess, kind) in the sweep's order; 0 means no
+  pair.
+  """
+  bits = jax.lax.bitcast_convert_type(excess, jnp.uint32)
+  return (bits << 1) | is_sim.astype(jnp.uint32)
 
 
-def _take_pair(st: _State, i, j, is_sim, a, *, absorb) -> _State:
-  """Records pair (i, j) (i < j) as an action if its units are still available."""
-  fi, fj = st.flags[i], st.flags[j]
-  used_i, used_j = (fi & _USED) > 0, (fj & _USED) > 0
-  sim_ok = ~used_j & (~used_i | (absorb & ((fi & _KEEPER) > 0)))
-  do = jnp.where(is_sim, sim_ok, ~used_i & ~used_j)
-  new_fi = fi | _USED | jnp.where(is_sim, _KEEPER, 0)
-  flags = st.flags.at[i].set(jnp.where(do, new_fi, fi)).at[j].set(jnp.where(do, fj | _USED, fj))
-  row = jnp.stack([i, j, jnp.where(is_sim, SIMILAR, COMPLEMENTARY)]).astype(jnp.int32)
-  c = jnp.minimum(st.count, st.pairs.shape[0] - 1)
-  pairs = jax.lax.dynamic_update_slice(st.pairs, jnp.where(do, row, st.pairs[c])[None], (c, 0))
-  angle = st.angle.at[c].set(jnp.where(do, a, st.angle[c]))
-  return _State(flags, pairs, angle, st.count + do.astype(jnp.int32))
+def _key_excess(key):
+  """The excess (float32) and the similar flag of a key made by ``_pair_key``."""
+  return jax.lax.bitcast_convert_type(key >> 1, jnp.float32), (key & 1) == 1
+
+
+def _rounds(ang, state, sim, comp, *, use_similar, use_comp, absorb):
+  """The greedy sweep as parallel rounds of locally dominant pairs (exact; see module doc).
+
+  Args:
+    ang: (h, h) float32 symmetric angles (degrees), shared by every threshold under ``vmap``.
+    state: (h,) int32 initial states: ``_FREE`` for units that may take part, else ``_USED``.
+    sim, comp: the thresholds; use_similar, use_comp, absorb: (traced) bools.
+
+  Returns:
+    ``(first, second, kind, angle, excess)``, (h,) each, one slot per unit: slot u holds the
+    action that removed u (for a complementary pair, the higher index), with ``kind`` 0 in
+    slots without one. Similar: ``first`` kept, ``second`` removed (= u). Complementary:
+    ``first`` the lower index.
+  """
+  h = ang.shape[0]
+  idx = jnp.arange(h, dtype=jnp.int32)
+  off_diag = idx[:, None] != idx[None, :]
+
+  def row_keys(state):
+    """(h, h) keys of the live qualifying pairs of each free row (0 elsewhere)."""
+    free = state == _FREE
+    avail = free | (absorb & (state == _KEEPER))  # similar partners: absorb lets keepers in
+    ex_s, ex_c = sim - ang, ang - comp
+    qs = use_similar & (ex_s > 0)
+    qc = use_comp & (ex_c > 0) & ~qs
+    key = jnp.where(qs & avail[None, :], _pair_key(ex_s, jnp.asarray(True)),
+                    jnp.where(qc & free[None, :], _pair_key(ex_c, jnp.asarray(False)),
+                              jnp.uint32(0)))
+    return jnp.where(free[:, None] & off_diag, key, jnp.uint32(0))
+
+  def body(carry):
+    state, first, kind, angle, excess, _ = carry
+    key = row_keys(state)
+    best_key = jnp.max(key, axis=1)
+    # The best partner: the best key, ties to the lower index (which is the lower (i, j)).
+    best = jnp.min(jnp.where(key == best_key[:, None], idx[None, :], h), axis=1)
+    has = best_key > 0
+    b = jnp.where(has, best, 0)
+    to_keeper = has & (state[b] == _KEEPER)  # absorbed by an existing keeper (absorb only)
+    mutual = has & (state[b] == _FREE) & (best[b] == idx) & has[b]
+    ex, is_sim = _key_excess(best_key)
+    # Slot u records the action that removes u: absorbed, or the higher index of a mutual pair.
+    rec = to_keeper | (mutual & (idx > b))
+    state = jnp.where(to_keeper | (mutual & ~(is_sim & (idx < b))), _USED,
+                      jnp.where(mutual, _KEEPER, state))
+    first = jnp.where(rec, b, first)
+    kind = jnp.where(rec, jnp.where(is_sim, SIMILAR, COMPLEMENTARY), kind)
+    angle = jnp.where(rec, ang[idx, b], angle)
+    excess = jnp.where(rec, ex, excess)
+    return state, first, kind, angle, excess, jnp.any(rec)
+
+  init = (state, jnp.full((h,), -1, jnp.int32), jnp.zeros((h,), jnp.int32),
+          jnp.full((h,), jnp.nan, jnp.float32), jnp.zeros((h,), jnp.float32),
+          jnp.asarray(True))
+  _, first, kind, angle, excess, _ = jax.lax.while_loop(lambda c: c[-1], body, init)
+  second = jnp.where(kind > 0, idx, -1)
+  return first, second, kind, angle, excess
+
+
+def _ordered_pairs(ang, ok, sim, comp, *, use_similar, use_comp, absorb):
+  """The pairs a sweep takes, in the sequential sweep's order, from a symmetric angle matrix.
+
+  Units with ``ok`` False never take part. Returns ``(first, second, kind, angle)``, (h,) each,
+  the taken pairs first (``kind`` 0 after them). The greedy matching takes pairs in decreasing
+  priority, so sorting the taken pairs by the same order (excess descending, similar first, then
+  (lower, higher) index) lists them as the sequential walk would.
+  """
+  h = ang.shape[0]
+  state = jnp.where(ok, _FREE, _USED).astype(jnp.int32)
+  first, second, kind, angle, excess = _rounds(ang, state, sim, comp, use_similar=use_similar,
+                                               use_comp=use_comp, absorb=absorb)
+  taken = kind > 0
+  lo, hi = jnp.minimum(first, second), jnp.maximum(first, second)
+  _, _, _, _, order = jax.lax.sort(
+      (jnp.where(taken, -excess, jnp.inf), kind, jnp.where(taken, lo, h), hi,
+       jnp.arange(h, dtype=jnp.int32)), num_keys=4)
+  return first[order], second[order], kind[order], angle[order]
 
 
 def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_similar, use_comp,
-           use_const, absorb, fold, compensate, candidates):
+           use_const, absorb, fold, compensate):
   """The selection: returns (keep, moves, constants, report). All inputs may be traced,
   the rule flags (``use_*``, ``absorb``, ``fold``, ``compensate``) included: one compiled
   program serves every combination of them.
@@ -234,88 +307,36 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   vecs = jnp.where(active[:, None], vecs, 0.0)
   norm = jnp.linalg.norm(vecs, axis=1)
   g, d = _gram(vecs)
-  # The (h, h) pair terms are only ever used inside fused elementwise passes (the prefilter and
-  # the kept-pair extremes); exact angles are computed only for gathered candidate pairs.
-  diff2, sum2 = _pair_terms(g, d[:, None], d[None, :])
-  # angle = 2 atan(sqrt(ratio)) is increasing in ratio, so thresholds become cheap tests on
-  # the ratio; a slightly loose prefilter, then exact angles only where needed.
-  ratio = diff2 / sum2
+  idx = jnp.arange(h, dtype=jnp.int32)
+  # One symmetric angle matrix (the upper triangle mirrored, so both units of a pair see the
+  # same float32 angle), computed once and shared by every threshold under vmap.
+  ang = _angle_matrix(g, d)
   const = active & is_const & ~bad & use_const
   ok = active & ~const & (norm > 0)
-  idx = jnp.arange(h, dtype=jnp.int32)
-  triu = idx[:, None] < idx[None, :]
-  pair_ok = ok[:, None] & ok[None, :] & triu & ~bad
-  tan2 = lambda deg: jnp.tan(jnp.radians(deg) / 2.0) ** 2
-
-  def prefilter(r):
-    """(passes the similar prefilter, passes the complementary prefilter) for ratios r."""
-    ps = (r < tan2(sim) * (1.0 + 1e-3) + 1e-12) & use_similar
-    pc = (r > tan2(comp) * (1.0 - 1e-3)) & (comp < 180.0) & use_comp
-    return ps, pc
-
-  ps, pc = prefilter(ratio)
-  pre = (pair_ok & (ps | pc)).reshape(-1)
-  n_pre = jnp.sum(pre, dtype=jnp.int32)
   n_const = jnp.sum(const, dtype=jnp.int32)
 
+  p_first, p_second, p_kind, p_angle = _ordered_pairs(
+      ang, ok & ~bad, sim, comp, use_similar=use_similar, use_comp=use_comp, absorb=absorb)
+  taken = p_kind > 0
+  n_pairs = jnp.sum(taken, dtype=jnp.int32)
   # Constants first, in index order; pairs follow them in the report.
   cpos = jnp.where(const, jnp.cumsum(const) - 1, h)
+  pos = jnp.where(idx < n_pairs, n_const + idx, h)
   crow = jnp.stack([idx, jnp.full((h,), -1, jnp.int32), jnp.full((h,), CONSTANT, jnp.int32)], 1)
-  st = _State(flags=jnp.where(const, _USED, 0).astype(jnp.int32),
-              pairs=jnp.zeros((h, 3), jnp.int32).at[cpos].set(crow, mode="drop"),
-              angle=jnp.full((h,), jnp.nan, f32), count=n_const)
-  take = functools.partial(_take_pair, absorb=absorb)
-  n_pairs = h * (h - 1) // 2
-  if candidates is None:  # auto: small groups sort all pairs (one path, less to compile)
-    candidates = h if n_pairs <= _ALL_PAIRS_UP_TO else 2
-  k = int(min(n_pairs, max(candidates * h, 1)))
-
-  def walk(st, g, pre, cand):
-    """Exact angles of the flat pair indices ``cand`` (those with ``pre`` set are candidates),
-    sorted most extreme first (ties: similar, then lower indices), applied in that order."""
-    ci, cj = cand // h, cand % h
-    diff2_c, sum2_c = _pair_terms(g.reshape(-1)[cand], d[ci], d[cj])
-    a = _angle(diff2_c, sum2_c)
-    ps_c, pc_c = prefilter(diff2_c / sum2_c)
-    valid = pre[cand]
-    is_s = valid & ps_c & (sim - a > 0)
-    is_c = valid & pc_c & (a - comp > 0) & ~is_s
-    ex = jnp.where(is_s, sim - a, jnp.where(is_c, a - comp, -jnp.inf))
-    n_q = jnp.sum(is_s | is_c, dtype=jnp.int32)
-    _, kind_c, order, ang_c = jax.lax.sort((-ex, is_c.astype(jnp.int32), cand, a), num_keys=3)
-
-    def body(carry):
-      t, st = carry
-      p = order[t]
-      return t + 1, take(st, p // h, p % h, kind_c[t] == 0, ang_c[t])
-
-    # Only the qualifying pairs are visited: they are sorted to the front.
-    _, st = jax.lax.while_loop(lambda c: c[0] < n_q, body, (jnp.asarray(0, jnp.int32), st))
-    return st
-
-  def fast(st, g, pre):
-    # Few candidates: gather them (top_k of the 0/1 prefilter returns every set entry when at
-    # most k are set), then walk them.
-    _, cand = jax.lax.top_k(pre.astype(f32), k)
-    return walk(st, g, pre, cand.astype(jnp.int32))
-
-  def every_pair(st, g, pre):
-    # Many candidates: sort them all (same order, same walk; slower but rarely needed).
-    return walk(st, g, pre, jnp.arange(h * h, dtype=jnp.int32))
-
-  if k >= n_pairs:
-    st = fast(st, g, pre)  # every pair fits: no fallback needed (and less to compile)
-  else:
-    st = jax.lax.cond(n_pre <= k, fast, every_pair, st, g, pre)
+  prow = jnp.stack([p_first, p_second, p_kind], 1)
+  pairs = jnp.zeros((h, 3), jnp.int32).at[cpos].set(crow, mode="drop")
+  pairs = pairs.at[pos].set(prow, mode="drop")
+  st_angle = jnp.full((h,), jnp.nan, f32).at[pos].set(p_angle, mode="drop")
+  count = n_const + n_pairs
 
   # Turn the recorded actions into removals, a transfer matrix and folded constants.
   n = jnp.arange(h)
-  first, second, kind = st.pairs[:, 0], st.pairs[:, 1], st.pairs[:, 2]
-  live = n < st.count
+  first, second, kind = pairs[:, 0], pairs[:, 1], pairs[:, 2]
+  live = n < count
   kind = jnp.where(live, kind, NONE)
   first = jnp.where(live, first, -1)
   second = jnp.where(live & (kind != CONSTANT), second, -1)
-  angle = jnp.where(live & (kind != CONSTANT), st.angle, jnp.nan)
+  angle = jnp.where(live & (kind != CONSTANT), st_angle, jnp.nan)
   is_s, is_c = kind == SIMILAR, kind == COMPLEMENTARY
   gi = jnp.where(is_s | is_c, first, h)  # h: dropped
   gj = jnp.where(is_s | is_c, second, h)
@@ -361,7 +382,7 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   pair_angle = lambda i, j: _angle(*_pair_terms(g[i, j], d[i], d[j]))
   min_a = jnp.where(any_pair, pair_angle(i_min, j_min), jnp.nan)
   max_a = jnp.where(any_pair, pair_angle(i_max, j_max), jnp.nan)
-  report = SweepReport(first, second, angle, kind, st.count, min_a.astype(f32),
+  report = SweepReport(first, second, angle, kind, count, min_a.astype(f32),
                        max_a.astype(f32), empty & ~bad, bad, jnp.asarray(fold, bool))
   # Bad input under jit: change nothing.
   keep = jnp.where(bad, active, keep)
@@ -427,7 +448,7 @@ def _counted_jit(fn):
 
 
 @functools.lru_cache(maxsize=None)
-def _activation_core(g, _candidates):
+def _activation_core(g):
   """The jitted sweep for one group (shared by every factory of that group: the rule flags are
   traced arguments, so new flags never recompile)."""
   shift = _common.SHIFT[g.activation]
@@ -436,7 +457,7 @@ def _activation_core(g, _candidates):
     similar, complementary, constants, absorb, compensate, fold = flags
     folds = constants | (complementary & (compensate | fold))
     cfg = dict(use_similar=similar, use_comp=complementary, use_const=constants, absorb=absorb,
-               fold=fold, compensate=compensate, candidates=_candidates)
+               fold=fold, compensate=compensate)
     a = acts.reshape(-1, g.size).T.astype(jnp.float32)
     mean = jnp.mean(a, axis=1)
     is_const = (jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol
@@ -468,8 +489,7 @@ def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: boo
 
 def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
                     complementary: bool = True, constants: bool = True, absorb: bool = False,
-                    compensate: bool = False, fold: bool = False,
-                    _candidates: int | None = _DEFAULT_CANDIDATES) -> Callable:
+                    compensate: bool = False, fold: bool = False) -> Callable:
   """Activation-based distinctiveness pruning of one unit group (Gedeon and Harris).
 
   Args:
@@ -503,7 +523,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
   if not (similar or complementary or constants):
     raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
   _check_bias_folds(g, constants=constants, compensate=compensate, fold=fold)
-  jitted, trace_count = _activation_core(g, _candidates)
+  jitted, trace_count = _activation_core(g)
   flags = np.array([similar, complementary, constants, absorb, compensate, fold], bool)
 
   def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
@@ -528,10 +548,10 @@ def _check_tol(tol):
 
 
 @functools.lru_cache(maxsize=None)
-def _weight_core(g, source, similar, complementary, constants, absorb, _candidates):
+def _weight_core(g, source, similar, complementary, constants, absorb):
   """The jitted weight-based sweep for one group and configuration."""
   cfg = dict(use_similar=similar, use_comp=complementary, use_const=constants, absorb=absorb,
-             fold=False, compensate=False, candidates=_candidates)
+             fold=False, compensate=False)
 
   def core(params, mask, sim, comp, tol):
     if source == "incoming":
@@ -555,8 +575,7 @@ def _weight_core(g, source, similar, complementary, constants, absorb, _candidat
 
 def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incoming",
                            similar: bool = True, complementary: bool = True,
-                           constants: bool = True, absorb: bool = False,
-                           _candidates: int | None = _DEFAULT_CANDIDATES) -> Callable:
+                           constants: bool = True, absorb: bool = False) -> Callable:
   """Weight-based distinctiveness (Zheng; Dixit): the same sweep on weight vectors.
 
   Each unit's vector is its incoming kernel weights (``source='incoming'``: a dense column, or a
@@ -584,8 +603,7 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
   if not (similar or complementary or constants):
     raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
   _check_bias_folds(g, constants=constants)
-  jitted, trace_count = _weight_core(g, source, similar, complementary, constants, absorb,
-                                    _candidates)
+  jitted, trace_count = _weight_core(g, source, similar, complementary, constants, absorb)
 
   def prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6):
     mask = _common.group_mask(unit_masks, g)
