@@ -341,9 +341,6 @@ def test_matches_float64_reference(tanh_model, absorb):
   np.testing.assert_array_equal(m["hidden_0"], ref)
 
 
-_ordered_pairs = jax.jit(dist_lib._ordered_pairs)
-
-
 def _adversarial_angles(rng, h=10):
   """A symmetric float32 angle matrix built to stress the order (it need not come from vectors):
   angles on a coarse grid (many exact ties, equal excesses across the two kinds), angles one
@@ -361,14 +358,19 @@ def _adversarial_angles(rng, h=10):
 
 
 @pytest.mark.parametrize("absorb", [False, True])
-def test_parallel_rounds_match_sequential_walk_on_adversarial_angles(absorb):
+@pytest.mark.parametrize("min_phase", [64, 3])
+def test_parallel_rounds_match_sequential_walk_on_adversarial_angles(absorb, min_phase,
+                                                                     monkeypatch):
   """The parallel rounds take exactly the sequential walk's pairs, listed in its order, on
-  matrices full of ties and near-threshold angles, with each rule switched on and off."""
+  matrices full of ties and near-threshold angles, with each rule switched on and off; with
+  ``min_phase=3`` the working set is compacted (12, 6, 3 units) as it is for large groups."""
+  monkeypatch.setattr(dist_lib, "_MIN_PHASE", min_phase)
+  ordered_pairs = jax.jit(lambda *a, **k: dist_lib._ordered_pairs(*a, **k))
   rng = np.random.default_rng(11 + absorb)
-  for _ in range(150):
-    a, ok, sim, comp = _adversarial_angles(rng)
+  for _ in range(100):
+    a, ok, sim, comp = _adversarial_angles(rng, h=12)
     similar, complementary = [(True, True), (True, False), (False, True)][rng.integers(3)]
-    first, second, kind, angle = map(np.asarray, _ordered_pairs(
+    first, second, kind, angle = map(np.asarray, ordered_pairs(
         a, ok, sim, comp, use_similar=similar, use_comp=complementary, absorb=absorb))
     got = []
     for f, s_, k in zip(first, second, kind):
@@ -600,3 +602,47 @@ def test_bias_folds_refused_where_they_cannot_be_exact():
   # Merging and complementary removal stay available there; VALID-read groups fold as usual.
   distinctiveness(cnn, "conv_1", constants=False)
   distinctiveness(cnn, "conv_3")
+
+
+# ----------------------------------------------------------------------------- until stable
+
+
+def test_until_stable_equals_a_loop_of_sweeps(tanh_model):
+  model, params = tanh_model
+  acts = _random_acts(seed=3, dim=2)
+  prune = distinctiveness(model, "hidden_0", complementary=False)
+  p, m, n = params, _ones(model), 0
+  while True:  # the loop the studies used to write themselves
+    p, m, r = prune(p, m, acts, 50.0)
+    n += 1
+    if int(r.count) == 0:
+      break
+  assert n >= 3  # the case needs several sweeps
+  p2, m2, rep = jaxprune.until_stable(prune, params, _ones(model), acts, 50.0)
+  assert int(rep.sweeps) == n and bool(rep.stable) and not bool(rep.invalid)
+  assert int(rep.actions) == H - int(np.sum(m2["hidden_0"]))
+  for a, b in zip(jax.tree.leaves((p, m)), jax.tree.leaves((p2, m2))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # Stopped early, it is not stable; a second factory with the same options shares the loop.
+  again = distinctiveness(model, "hidden_0", complementary=False)
+  _, m3, rep3 = jaxprune.until_stable(again, params, _ones(model), acts, 50.0, max_sweeps=2)
+  assert int(rep3.sweeps) == 2 and not bool(rep3.stable)
+  assert again.config == prune.config
+  assert dist_lib._stable_loop(again, None) is dist_lib._stable_loop(prune, None)
+  with pytest.raises(ValueError, match="max_sweeps"):
+    jaxprune.until_stable(prune, params, _ones(model), acts, 50.0, max_sweeps=0)
+  with pytest.raises(ValueError, match=r"\[0, 180\]"):
+    jaxprune.until_stable(prune, params, _ones(model), acts, 200.0)
+
+
+def test_weight_distinctiveness_refuses_nan_weights(lenet):
+  model, params, *_ = lenet
+  p = jax.tree.map(np.array, params)
+  p["params"]["conv_0"]["kernel"][0, 0, 0, 3] = np.nan
+  p = jax.tree.map(jnp.asarray, p)
+  prune = weight_distinctiveness(model, "conv_0")
+  with pytest.raises(ValueError, match="conv_0/kernel.*NaN"):
+    prune(p, _ones(model), 30.0, 150.0)
+  # Under jit: nothing changes and the report says so.
+  _, m, rep = jax.jit(lambda q: prune(q, _ones(model), 30.0, 150.0))(p)
+  assert bool(rep.invalid) and bool(np.all(m["conv_0"]))

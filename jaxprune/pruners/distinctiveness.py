@@ -211,11 +211,25 @@ def _key_excess(key):
   return jax.lax.bitcast_convert_type(key >> 1, jnp.float32), (key & 1) == 1
 
 
+_MIN_PHASE = 64  # compaction stops halving the working set below this many units
+
+
 def _rounds(ang, state, sim, comp, *, use_similar, use_comp, absorb):
   """The greedy sweep as parallel rounds of locally dominant pairs (exact; see module doc).
 
+  Each round, every free unit finds its best live partner (one masked row reduction over the
+  angle matrix); pairs that are each other's best are taken together, and with ``absorb`` a
+  free unit whose best partner is already a keeper is absorbed by it. The loop ends when a
+  round takes nothing, which happens only when no live qualifying pair is left.
+
+  The units still in play shrink quickly (often by half a round), so the rounds run in phases
+  on working sets of h, h/2, h/4, ... units: when the units in play fit in the next size, their
+  rows and columns are gathered (in index order, so ties still go to the lower index) and the
+  rounds go on on that smaller matrix. The first phase reads ``ang`` itself (under ``vmap`` over
+  thresholds it is shared, not copied); later phases gather a (size, size) block per threshold.
+
   Args:
-    ang: (h, h) float32 symmetric angles (degrees), shared by every threshold under ``vmap``.
+    ang: (h, h) float32 symmetric angles (degrees).
     state: (h,) int32 initial states: ``_FREE`` for units that may take part, else ``_USED``.
     sim, comp: the thresholds; use_similar, use_comp, absorb: (traced) bools.
 
@@ -225,6 +239,46 @@ def _rounds(ang, state, sim, comp, *, use_similar, use_comp, absorb):
     slots without one. Similar: ``first`` kept, ``second`` removed (= u). Complementary:
     ``first`` the lower index.
   """
+  h = ang.shape[0]
+  sizes = [h]
+  while sizes[-1] // 2 >= _MIN_PHASE:
+    sizes.append(sizes[-1] // 2)
+  first = jnp.full((h,), -1, jnp.int32)
+  kind = jnp.zeros((h,), jnp.int32)
+  angle = jnp.full((h,), jnp.nan, jnp.float32)
+  excess = jnp.zeros((h,), jnp.float32)
+  took = jnp.asarray(True)
+  for n, size in enumerate(sizes):
+    nxt = sizes[n + 1] if n + 1 < len(sizes) else 0
+    if size == h:
+      where, sub, sub_state = jnp.arange(h, dtype=jnp.int32), ang, state
+    else:  # the units in play, in index order, padded with h (nothing) to `size`
+      in_play = (state == _FREE) | (absorb & (state == _KEEPER))
+      where = jnp.argsort(~in_play, stable=True)[:size].astype(jnp.int32)
+      where = jnp.where(in_play[where], where, h)
+      safe = jnp.minimum(where, h - 1)
+      sub = ang[safe[:, None], safe[None, :]]
+      sub_state = jnp.where(where < h, state[safe], _USED)
+    s_state, s_first, s_kind, s_angle, s_ex, took = _phase(
+        sub, sub_state, took, nxt, sim, comp, use_similar=use_similar, use_comp=use_comp,
+        absorb=absorb)
+    # Back to unit indices (padding slots write nowhere).
+    state = state.at[where].set(s_state, mode="drop")
+    dst = jnp.where(s_kind > 0, where, h)
+    first = first.at[dst].set(jnp.where(s_first >= 0, where[jnp.maximum(s_first, 0)], -1),
+                              mode="drop")
+    kind = kind.at[dst].set(s_kind, mode="drop")
+    angle = angle.at[dst].set(s_angle, mode="drop")
+    excess = excess.at[dst].set(s_ex, mode="drop")
+  idx = jnp.arange(h, dtype=jnp.int32)
+  second = jnp.where(kind > 0, idx, -1)
+  return first, second, kind, angle, excess
+
+
+def _phase(ang, state, took, stop_at, sim, comp, *, use_similar, use_comp, absorb):
+  """Rounds on one working set until a round takes nothing or at most ``stop_at`` units are
+  left in play; returns the new states, the records (local indices) and whether the last
+  round took a pair."""
   h = ang.shape[0]
   idx = jnp.arange(h, dtype=jnp.int32)
   off_diag = idx[:, None] != idx[None, :]
@@ -240,6 +294,12 @@ def _rounds(ang, state, sim, comp, *, use_similar, use_comp, absorb):
                     jnp.where(qc & free[None, :], _pair_key(ex_c, jnp.asarray(False)),
                               jnp.uint32(0)))
     return jnp.where(free[:, None] & off_diag, key, jnp.uint32(0))
+
+  def in_play(state):
+    return jnp.sum((state == _FREE) | (absorb & (state == _KEEPER)), dtype=jnp.int32)
+
+  def cond(carry):
+    return carry[-1] & (in_play(carry[0]) > stop_at)
 
   def body(carry):
     state, first, kind, angle, excess, _ = carry
@@ -263,11 +323,8 @@ def _rounds(ang, state, sim, comp, *, use_similar, use_comp, absorb):
     return state, first, kind, angle, excess, jnp.any(rec)
 
   init = (state, jnp.full((h,), -1, jnp.int32), jnp.zeros((h,), jnp.int32),
-          jnp.full((h,), jnp.nan, jnp.float32), jnp.zeros((h,), jnp.float32),
-          jnp.asarray(True))
-  _, first, kind, angle, excess, _ = jax.lax.while_loop(lambda c: c[-1], body, init)
-  second = jnp.where(kind > 0, idx, -1)
-  return first, second, kind, angle, excess
+          jnp.full((h,), jnp.nan, jnp.float32), jnp.zeros((h,), jnp.float32), took)
+  return jax.lax.while_loop(cond, body, init)
 
 
 def _ordered_pairs(ang, ok, sim, comp, *, use_similar, use_comp, absorb):
@@ -426,12 +483,6 @@ def _fold_constants(out, params, group, consts, enabled=True):
   return out
 
 
-def _apply(params, group, keep, transfer, consts, folds_constants):
-  params = units_lib.redistribute(params, group, transfer,
-                                  consts if folds_constants else None)
-  return _common.zero_units(params, group, keep)
-
-
 def _counted_jit(fn):
   """jax.jit(fn) plus a count of how many times it was traced (for recompilation checks)."""
   traces = [0]
@@ -539,6 +590,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
   prune.trace_count = trace_count
+  prune.config = ("activations", g, tuple(flags.tolist()))  # same config: same sweep
   return prune
 
 
@@ -605,8 +657,13 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
   _check_bias_folds(g, constants=constants)
   jitted, trace_count = _weight_core(g, source, similar, complementary, constants, absorb)
 
+  sources = g.producers if source == "incoming" else g.consumers
+
   def prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6):
     mask = _common.group_mask(unit_masks, g)
+    for s in sources:  # the leaves the unit vectors come from (as the activation pruner does)
+      _common.check_finite(f"Weights {'/'.join(s.path)} of group {g.name!r}",
+                           units_lib.get_path(params, s.path))
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
@@ -615,7 +672,105 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
   prune.trace_count = trace_count
+  prune.config = ("weights", g, source, similar, complementary, constants, absorb)
   return prune
+
+
+# ----------------------------------------------------------------------------- until stable
+
+
+class StableReport(NamedTuple):
+  """What :func:`until_stable` did.
+
+  Attributes:
+    sweeps: () int32 sweeps run, the last one (which found nothing) included.
+    actions: () int32 actions over all sweeps.
+    stable: () bool, True if the last sweep found no qualifying pair (False if ``max_sweeps``
+      stopped it first, or if the input was bad under ``jit``).
+    invalid: () bool, the first sweep's ``report.invalid``.
+  """
+
+  sweeps: jax.Array
+  actions: jax.Array
+  stable: jax.Array
+  invalid: jax.Array
+
+
+_STABLE_LOOPS = {}
+
+
+def _stable_loop(prune, max_sweeps):
+  """One compiled ``lax.while_loop`` of sweeps per pruner configuration (factories called
+  again with the same group and options share it, as they share the sweep itself)."""
+  key = (getattr(prune, "config", prune), max_sweeps)
+  if key not in _STABLE_LOOPS:
+    _STABLE_LOOPS[key] = _make_stable_loop(prune, max_sweeps)
+  return _STABLE_LOOPS[key]
+
+
+def _make_stable_loop(prune, max_sweeps):
+  limit = np.iinfo(np.int32).max if max_sweeps is None else int(max_sweeps)
+
+  def loop(params, unit_masks, first_count, args):
+    def cond(c):
+      return (c[2] > 0) & (c[3] < limit)
+
+    def body(c):
+      p, m, _, n, total = c
+      p, m, r = prune(p, m, *args)
+      return p, m, r.count, n + 1, total + r.count
+
+    one = jnp.asarray(1, jnp.int32)
+    return jax.lax.while_loop(cond, body, (params, unit_masks, first_count, one, first_count))
+
+  return jax.jit(loop)
+
+
+def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
+                 max_sweeps: int | None = None):
+  """Repeats a distinctiveness sweep until a sweep finds no qualifying pair.
+
+  One sweep computes the angles once, so units merged in it may leave new pairs below the
+  threshold among the kept units (a kept unit's outgoing weights change, and with the default
+  ``absorb=False`` a unit takes part in one action per sweep). Repeating until nothing
+  qualifies is how the CNN studies prune a layer. Every sweep that acts removes at least one
+  unit, so this ends after at most ``units + 1`` sweeps.
+
+  The first sweep runs as an ordinary call (so bad concrete input raises as usual); the rest
+  run as one compiled ``lax.while_loop`` (compiled once per pruner).
+
+  Args:
+    prune: a pruner from :func:`distinctiveness` or :func:`weight_distinctiveness`.
+    params: the params to prune.
+    unit_masks: the unit masks.
+    *args: the pruner's other arguments (activations, thresholds, tolerance), the same for
+      every sweep. Activations stay valid across sweeps: merging changes only outgoing weights,
+      so the kept units' activations do not change.
+    max_sweeps: stop after this many sweeps (None: until stable).
+
+  Returns:
+    ``(params, unit_masks, StableReport)``.
+
+  Example:
+    >>> import jax, jaxprune
+    >>> from jaxprune.pruners import weight_distinctiveness, until_stable
+    >>> model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+    >>> prune = weight_distinctiveness(model, 'hidden_0', complementary=False)
+    >>> params, masks, rep = until_stable(prune, model.init(jax.random.key(0)),
+    ...                                   jaxprune.unit_masks_ones(model), 60.0)
+    >>> bool(rep.stable)
+    True
+  """
+  if max_sweeps is not None and int(max_sweeps) < 1:
+    raise ValueError(f"max_sweeps must be at least 1 (or None), got {max_sweeps}.")
+  params, unit_masks, first = prune(params, unit_masks, *args)
+  if _common.is_concrete(first.count) and int(first.count) == 0:  # stable already: no loop
+    one = jnp.asarray(1, jnp.int32)
+    return params, unit_masks, StableReport(one, first.count, ~first.invalid, first.invalid)
+  loop = _stable_loop(prune, max_sweeps)
+  params, unit_masks, last, sweeps, total = loop(params, unit_masks, first.count, args)
+  return params, unit_masks, StableReport(sweeps, total, (last == 0) & ~first.invalid,
+                                          first.invalid)
 
 
 # ----------------------------------------------------------------------------- progressive
@@ -704,7 +859,6 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     n_kept = jnp.sum(keep)
     flat = jnp.where(pm, ang, jnp.inf).reshape(-1)
     p_sim = jnp.argmin(flat)
-    transfer = jnp.eye(h, dtype=jnp.float32)
     has_pair = jnp.any(pm)
     if complementary:
       flat_c = jnp.where(pm, ang, -jnp.inf).reshape(-1)
@@ -715,13 +869,15 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     i_s, j_s = p_sim // h, p_sim % h
     i_c, j_c = p_comp // h, p_comp % h
     do_sim = has_pair & ~use_comp
-    transfer = transfer.at[i_s, j_s].add(jnp.where(do_sim, 1.0, 0.0))
+    # One sparse row move (j's consumer rows into i's), not an (h, h) transfer matrix: each step
+    # is O(h^2) on the angles and O(h) on the consumers.
+    moves = (jnp.where(do_sim, i_s, h)[None], j_s[None], jnp.ones((1,), jnp.float32))
     keep = keep.at[j_s].set(keep[j_s] & ~do_sim)
     keep = keep.at[i_c].set(keep[i_c] & ~use_comp).at[j_c].set(keep[j_c] & ~use_comp)
     if compensate:
       consts = consts.at[i_c].add(jnp.where(use_comp, mean[i_c], 0.0))
       consts = consts.at[j_c].add(jnp.where(use_comp, mean[j_c], 0.0))
-    params = _apply(params, g, keep, transfer, consts, constants or compensate)
+    params = _apply_moves(params, g, keep, moves, consts, constants or compensate)
     return params, keep, min_angle(ang, keep)
 
   def run_core(params, mask, x, tol):
