@@ -283,17 +283,19 @@ def _phase(ang, state, took, stop_at, sim, comp, *, use_similar, use_comp, absor
   idx = jnp.arange(h, dtype=jnp.int32)
   off_diag = idx[:, None] != idx[None, :]
 
-  def row_keys(state):
-    """(h, h) keys of the live qualifying pairs of each free row (0 elsewhere)."""
+  def col_keys(state):
+    """(h, h) keys: column u holds the live qualifying pairs (v, u) of each free unit u (0
+    elsewhere). Columns, not rows: reducing over the major axis is an elementwise max of
+    contiguous rows, several times faster on CPU (the matrix is symmetric)."""
     free = state == _FREE
     avail = free | (absorb & (state == _KEEPER))  # similar partners: absorb lets keepers in
     ex_s, ex_c = sim - ang, ang - comp
     qs = use_similar & (ex_s > 0)
     qc = use_comp & (ex_c > 0) & ~qs
-    key = jnp.where(qs & avail[None, :], _pair_key(ex_s, jnp.asarray(True)),
-                    jnp.where(qc & free[None, :], _pair_key(ex_c, jnp.asarray(False)),
+    key = jnp.where(qs & avail[:, None], _pair_key(ex_s, jnp.asarray(True)),
+                    jnp.where(qc & free[:, None], _pair_key(ex_c, jnp.asarray(False)),
                               jnp.uint32(0)))
-    return jnp.where(free[:, None] & off_diag, key, jnp.uint32(0))
+    return jnp.where(free[None, :] & off_diag, key, jnp.uint32(0))
 
   def in_play(state):
     return jnp.sum((state == _FREE) | (absorb & (state == _KEEPER)), dtype=jnp.int32)
@@ -303,10 +305,10 @@ def _phase(ang, state, took, stop_at, sim, comp, *, use_similar, use_comp, absor
 
   def body(carry):
     state, first, kind, angle, excess, _ = carry
-    key = row_keys(state)
-    best_key = jnp.max(key, axis=1)
+    key = col_keys(state)
+    best_key = jnp.max(key, axis=0)
     # The best partner: the best key, ties to the lower index (which is the lower (i, j)).
-    best = jnp.min(jnp.where(key == best_key[:, None], idx[None, :], h), axis=1)
+    best = jnp.min(jnp.where(key == best_key[None, :], idx[:, None], h), axis=0)
     has = best_key > 0
     b = jnp.where(has, best, 0)
     to_keeper = has & (state[b] == _KEEPER)  # absorbed by an existing keeper (absorb only)
@@ -327,7 +329,44 @@ def _phase(ang, state, took, stop_at, sim, comp, *, use_similar, use_comp, absor
   return jax.lax.while_loop(cond, body, init)
 
 
+def _map_when_batched(fn):
+  """``fn`` (array arguments only) whose ``vmap`` runs as a loop over the batch inside the
+  compiled program (``lax.map``) on CPU, and as the ordinary batched program elsewhere.
+
+  Measured on XLA:CPU: one masked column reduction over a (1000, 1000) matrix takes 0.3 ms, but
+  the same reduction batched over 19 thresholds takes 140 ms, far more than 19 single ones (the
+  batched broadcast is not vectorised). Arguments that are not batched (the angle matrix, when
+  only thresholds are) are shared by every iteration, not copied.
+  """
+  f = jax.custom_batching.custom_vmap(fn)
+
+  @f.def_vmap
+  def rule(axis_size, in_batched, *args):
+    del axis_size
+    if jax.default_backend() != "cpu":
+      axes = [0 if b else None for b in in_batched]
+      out = jax.vmap(fn, in_axes=axes)(*args)
+    else:
+      batched = [a for a, b in zip(args, in_batched) if b]
+
+      def one(xs):
+        it = iter(xs)
+        return f(*[next(it) if b else a for a, b in zip(args, in_batched)])
+
+      out = jax.lax.map(one, batched)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return f
+
+
 def _ordered_pairs(ang, ok, sim, comp, *, use_similar, use_comp, absorb):
+  """See :func:`_ordered_pairs_one`; a ``vmap`` over thresholds maps over them (see
+  :func:`_map_when_batched`)."""
+  args = [jnp.asarray(a) for a in (ang, ok, sim, comp, use_similar, use_comp, absorb)]
+  return _ordered_pairs_mapped(*args)
+
+
+def _ordered_pairs_one(ang, ok, sim, comp, use_similar, use_comp, absorb):
   """The pairs a sweep takes, in the sequential sweep's order, from a symmetric angle matrix.
 
   Units with ``ok`` False never take part. Returns ``(first, second, kind, angle)``, (h,) each,
@@ -345,6 +384,23 @@ def _ordered_pairs(ang, ok, sim, comp, *, use_similar, use_comp, absorb):
       (jnp.where(taken, -excess, jnp.inf), kind, jnp.where(taken, lo, h), hi,
        jnp.arange(h, dtype=jnp.int32)), num_keys=4)
   return first[order], second[order], kind[order], angle[order]
+
+
+_ordered_pairs_mapped = _map_when_batched(_ordered_pairs_one)
+
+
+def _kept_extremes_one(ang, kept):
+  """Smallest and largest angle between two kept units (NaN if fewer than two)."""
+  h = ang.shape[0]
+  idx = jnp.arange(h)
+  m = kept[:, None] & kept[None, :] & (idx[:, None] < idx[None, :])
+  low = jnp.min(jnp.where(m, ang, jnp.inf), axis=0).min()
+  high = jnp.max(jnp.where(m, ang, -jnp.inf), axis=0).max()
+  any_pair = jnp.sum(kept) > 1
+  return jnp.where(any_pair, low, jnp.nan), jnp.where(any_pair, high, jnp.nan)
+
+
+_kept_extremes = _map_when_batched(_kept_extremes_one)
 
 
 def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_similar, use_comp,
@@ -421,24 +477,7 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
 
   kept_ok = keep & ok
 
-  def kept_ratio(rows):
-    """Ratios of kept pairs (i < j) in the given rows, +-inf elsewhere: (low, high) versions."""
-    di = d[rows][:, None]
-    m = kept_ok[rows][:, None] & kept_ok[None, :] & (rows[:, None] < idx[None, :])
-    r = jnp.divide(*_pair_terms(g[rows], di, d[None, :]))
-    return jnp.where(m, r, jnp.inf), jnp.where(m, r, -jnp.inf)
-
-  # First flat index of the smallest / largest kept-pair ratio, as argmin/argmax over the flat
-  # matrix would give, but with plain (vectorised) row reductions and two one-row argmins.
-  low, high = kept_ratio(idx)
-  i_min = jnp.argmin(jnp.min(low, axis=1)).astype(jnp.int32)
-  i_max = jnp.argmax(jnp.max(high, axis=1)).astype(jnp.int32)
-  j_min = jnp.argmin(kept_ratio(i_min[None])[0][0]).astype(jnp.int32)
-  j_max = jnp.argmax(kept_ratio(i_max[None])[1][0]).astype(jnp.int32)
-  any_pair = jnp.sum(kept_ok) > 1
-  pair_angle = lambda i, j: _angle(*_pair_terms(g[i, j], d[i], d[j]))
-  min_a = jnp.where(any_pair, pair_angle(i_min, j_min), jnp.nan)
-  max_a = jnp.where(any_pair, pair_angle(i_max, j_max), jnp.nan)
+  min_a, max_a = _kept_extremes(ang, kept_ok)
   report = SweepReport(first, second, angle, kind, count, min_a.astype(f32),
                        max_a.astype(f32), empty & ~bad, bad, jnp.asarray(fold, bool))
   # Bad input under jit: change nothing.
