@@ -384,6 +384,24 @@ def test_parallel_rounds_match_sequential_walk_on_adversarial_angles(absorb, min
     np.testing.assert_array_equal(angle[:n], a[first[:n], second[:n]])
 
 
+def test_vmap_rule_batched_and_mapped_agree(monkeypatch):
+  """Under vmap the rounds map over thresholds on CPU and run batched elsewhere: both equal
+  the unbatched call per threshold."""
+  a, ok, _, _ = _adversarial_angles(np.random.default_rng(5), h=12)
+  sims = jnp.asarray([0.0, 15.0, 45.0, 90.0], jnp.float32)
+  comps = jnp.asarray([165.0, 150.0, 135.0, 90.5], jnp.float32)
+  run = lambda s, c: dist_lib._ordered_pairs(a, ok, s, c, use_similar=True, use_comp=True,
+                                             absorb=True)
+  mapped = jax.jit(jax.vmap(lambda s, c: run(s, c)))(sims, comps)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  batched = jax.jit(jax.vmap(lambda s, c: run(s, c)))(sims, comps)
+  for n in range(4):
+    one = run(sims[n], comps[n])
+    for x, y, z in zip(mapped, batched, one):
+      np.testing.assert_array_equal(x[n], z)
+      np.testing.assert_array_equal(y[n], z)
+
+
 def _vector_case(rng):
   """Vectors (H, P) whose qualifying pairs are either exact (duplicates at 0, opposites at 180)
   or far from every other angle and threshold, so float32 rounding cannot reorder them; plus

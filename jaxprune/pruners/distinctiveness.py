@@ -14,8 +14,16 @@ One sweep computes all angles once and applies the qualifying actions in a fixed
    (``similar_deg - angle`` or ``angle - complementary_deg``); ties go to similar before
    complementary, then to the lower unit index (then the lower second index). In a similar pair
    the lower index is kept. Thresholds are strict. A pair is applied only if neither unit has
-   taken part in an action in this sweep; with ``absorb=True`` a unit kept in a similar merge
-   may absorb further similar units.
+   taken part in an action in this sweep. With ``absorb=True`` a unit kept in a similar merge
+   absorbs further similar units, whatever the indices: a similar pair is taken when neither
+   unit is removed and not both are already keepers; an existing keeper absorbs the other,
+   otherwise the lower index is kept. Complementary pairs always need two untouched units.
+
+This order is a greedy matching under a strict total order on pairs, and it is computed exactly
+in parallel rounds: every free unit finds its best available partner, and pairs that are each
+other's best are taken together (with ``absorb``, a free unit whose best partner is already a
+keeper is absorbed by it), until a round takes nothing (Preis 1999; Manne and Bisseling 2007).
+The taken pairs, sorted by the same order, are the report's actions. See docs/distinctiveness.md.
 
 Masked units (False in the unit mask) never take part. Units with an all-zero vector (after the
 shift) have no angle and take part only as constants. If a sweep would remove every unit, the
@@ -65,7 +73,8 @@ class SweepReport(NamedTuple):
   Entries ``[:count]`` are the actions in the order they were applied.
 
   Attributes:
-    first: (units,) int32. Similar: the kept unit (lower index). Complementary: the lower index.
+    first: (units,) int32. Similar: the kept unit (the lower index; with ``absorb`` an existing
+      keeper, whatever its index). Complementary: the lower index.
       Constant: the removed unit. -1 past ``count``.
     second: (units,) int32. Similar: the removed unit. Complementary: the higher index (with
       ``fold`` the only one removed). Constant: -1.
@@ -588,7 +597,8 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     similar: merge similar pairs (angle < ``similar_deg``).
     complementary: remove complementary pairs (angle > ``complementary_deg``).
     constants: remove constant units, folding their constant output into the next bias.
-    absorb: let a unit kept in a similar merge absorb further similar units in the same sweep.
+    absorb: let a unit kept in a similar merge absorb further similar units in the same sweep,
+      whatever the indices (an existing keeper absorbs; see the module docstring).
     compensate: when removing a complementary pair, add the two units' mean contributions
       to the next layer's bias (exact only if their outgoing weights are equal).
     fold: for a complementary pair, remove only the higher-index unit j: subtract its outgoing
