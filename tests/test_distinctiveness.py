@@ -550,6 +550,9 @@ def test_vmap_over_thresholds_equals_loop_and_no_recompile(tanh_model):
                                rtol=1e-6, atol=1e-6)
     counts.append(int(r.count))
   assert counts[0] == 0 and counts[-1] > counts[3]
+  # Inside jit with the activations closed over (concrete, checked on the host, not traced).
+  _, jm, _ = jax.jit(lambda s: prune(params, _ones(model), acts, s))(45.0)
+  np.testing.assert_array_equal(jm["hidden_0"], vm["hidden_0"][9])
   before = prune.trace_count()
   prune(params, _ones(model), acts, 33.0)
   prune(params, _ones(model), acts, jnp.float32(44.0))
