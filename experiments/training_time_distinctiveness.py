@@ -121,11 +121,7 @@ def train_fold(model, params, train, val, *, key, prune: bool, s: dict):
     check = {"epoch": done, "min_angle": lo, "max_angle": hi, "kept_before": kept_before,
              "max_abs_masked_before": max_abs_masked(state.params, wmasks)}
     if prune:
-      p = state.params
-      for _ in range(group.size):
-        p, umasks, report = prune_fn(p, umasks, s["angle"], 180.0)
-        if int(report.count) == 0:
-          break
+      p, umasks, _ = pruners.until_stable(prune_fn, state.params, umasks, s["angle"], 180.0)
       wmasks = jaxprune.expand(p, model, umasks)
       state = state._replace(params=jaxprune.apply_masks(p, wmasks))
     kept = int(np.sum(np.asarray(umasks[s["layer"]])))

@@ -35,6 +35,7 @@ from jaxprune.pruners import iterative_importance
 from jaxprune.pruners import magnitude_prune
 from jaxprune.pruners import progressive_distinctiveness
 from jaxprune.pruners import random_prune
+from jaxprune.pruners import until_stable
 from jaxprune.pruners import weight_distinctiveness
 from jaxprune.tracing import TracedTarget
 from jaxprune.tracing import TraceError

@@ -85,7 +85,8 @@ def activation_vectors(acts: jax.Array, group: units_lib.UnitGroup) -> jax.Array
 
 
 def check_finite(name: str, x) -> None:
-  if is_concrete(x) and not bool(jnp.all(jnp.isfinite(jnp.asarray(x)))):
+  # NumPy, not jnp: a concrete array closed over inside jit must not become a tracer here.
+  if is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
     raise ValueError(f"{name} contain NaN or infinite values; check the model (diverged "
                      "training?) or the inputs before pruning.")
 
