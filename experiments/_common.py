@@ -87,10 +87,18 @@ def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Seq
     try:
       return main(argv)
     except app.UsageError as e:
-      prog = os.path.basename(argv[0]) if argv else "this program"
-      print(f"Error: {e}\nRun {prog} --help to see the flags.", file=sys.stderr, flush=True)
+      print(f"Error: {e}\nRun {_program(argv)} --help to see the flags.", file=sys.stderr,
+            flush=True)
       sys.exit(2)
   return wrapped
+
+
+def _program(argv: Sequence[str]) -> str:
+  """How the user started this binary: ``python -m experiments.x`` or the script's name."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if spec is not None and spec.name:
+    return f"python -m {spec.name}"
+  return os.path.basename(argv[0]) if argv else "the program"
 
 
 def run_binary(main: Callable[[Sequence[str]], Any]) -> None:
