@@ -371,3 +371,31 @@ def test_concurrent_runs_wait_or_refuse(tmp_path, monkeypatch):
     log.close()
   res = json.loads((tmp_path / "c" / "results.json").read_text())
   assert res["results"] == {"who": "second"}
+
+
+def test_kill_9_leaves_no_stale_lock_and_the_rerun_resumes(tmp_path, monkeypatch):
+  """A run killed with SIGKILL while it holds the locks, after one cached step and during a
+  write: the rerun takes the locks at once, resumes the step and removes the orphan."""
+  ready = tmp_path / "ready"
+  child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+      import os, time
+      from experiments import _common
+      s = _common.Study("k9", {{"seed": 0}}, {str(tmp_path)!r}, data={DATA!r})
+      s.cached("done", lambda: {{"v": 1}})
+      open(os.path.join(s.dir, ".tmp-%d-xREPORT.md" % os.getpid()), "w").write("half")
+      open({str(ready)!r}, "w").close()
+      time.sleep(120)
+  """)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    t0 = time.time()
+    while not ready.exists():
+      assert child.poll() is None and time.time() - t0 < 120
+      time.sleep(0.1)
+  finally:
+    child.kill()  # SIGKILL
+    child.wait(timeout=60)
+  monkeypatch.setattr(_common, "LOCK_WAIT_S", 30.0)  # fail, not hang, if a lock outlived the kill
+  s = _common.Study("k9", {"seed": 0}, str(tmp_path), data=DATA)  # no wait: the lock died too
+  assert s.cached("done", None) == {"v": 1} and s.resumed == 1
+  assert not list((tmp_path / "k9").glob(".tmp-*"))
