@@ -7,6 +7,7 @@ is tested on its own and through short command lines (flags only, no training).
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -312,12 +313,12 @@ def test_resumed_run_reports_the_total_compute_time(tmp_path):
   s.write_report("T", [])
   s2 = _common.Study("t", {"seed": 0}, str(tmp_path))
   assert s2.cached("slow", None) == 1 and s2.resumed == 1
-  assert s2.compute_seconds() >= 1.2 and s2.invocation_seconds() < 1.0
+  assert s2.compute_seconds() - s2.invocation_seconds() >= 1.2  # the first run's time, kept
   s2.write_results({})
   s2.write_report("T", [])
   report = (tmp_path / "t" / "REPORT.md").read_text()
-  assert f"Compute time: {s2.compute_seconds():.0f} s in total" in report
-  assert "Compute time: 0 s" not in report and "1 steps taken from the cache" in report
+  total = int(re.search(r"Compute time: (\d+) s in total", report).group(1))
+  assert 1 <= total <= s2.compute_seconds() + 0.5 and "1 steps taken from the cache" in report
 
 
 # ----------------------------------------------------------------------------- 9: concurrency
