@@ -12,6 +12,8 @@ Layout of ``--workdir/<study>/``::
   *.md, *.csv       tables
   *.png             figures
   cache/<fingerprint>/<key>.json   one file per finished configuration (resume)
+  cache/<fingerprint>/compute_seconds.json, settings.json   run bookkeeping
+  .lock, cache/<fingerprint>/.lock   advisory locks (see below)
 
 Reliability (see docs/reliability.md): the fingerprint covers the settings and a content hash
 of the data actually loaded; ``results.json`` is written last, so its presence means the run
