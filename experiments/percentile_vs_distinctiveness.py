@@ -15,7 +15,6 @@ retrained the same way.
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 
 import jaxprune
@@ -165,4 +164,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _common.run_binary(main)

@@ -8,6 +8,7 @@ pytrees; pruners are jit-compiled transforms.
 from jaxprune import ga
 from jaxprune import pruners
 from jaxprune import units
+from jaxprune import validate
 from jaxprune.masks import apply_masks
 from jaxprune.masks import check_unit_masks
 from jaxprune.masks import check_weight_masks

@@ -631,7 +631,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
             constant_tol=1e-6):
     mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_activation_shape(activations, g)
-    _common.check_finite("Activations", activations)
+    _common.check_activations(activations)
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
