@@ -24,17 +24,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
 from jaxprune import masks as masks_lib
+from jaxprune.progress import Progress  # pylint: disable=unused-import (re-exported)
 from jaxprune import validate
 from jaxprune.models.base import Model
 
@@ -294,35 +292,6 @@ def init_state(trainer: Trainer, params: PyTree, learning_rate=None) -> TrainSta
 
 
 # ----------------------------------------------------------------------------- host drivers
-
-
-class Progress:
-  """Progress lines on stderr (and absl logging): step counts, metrics and the time left.
-
-  Shared by training (``unit='epoch'``) and the experiment binaries (stages and folds).
-  """
-
-  def __init__(self, total: int, desc: str = "train", enabled: bool = True, unit: str = "epoch"):
-    self.total, self.desc, self.enabled = max(int(total), 1), desc, enabled
-    self.unit, self.done, self.start = unit, 0, time.time()
-
-  def update(self, done: int, what: str = "", **metrics) -> None:
-    """Reports that ``done`` of ``total`` steps are finished."""
-    self.done = done
-    if not self.enabled:
-      return
-    el = time.time() - self.start
-    left = el / max(done, 1) * (self.total - done)
-    parts = [f"[{self.desc}]", f"{self.unit} {done}/{self.total}" if self.unit else
-             f"{done}/{self.total}", what, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
-             f"({el:.0f}s elapsed, ~{left:.0f}s left)"]
-    msg = " ".join(p for p in parts if p)
-    logging.info(msg)
-    print(msg, file=sys.stderr, flush=True)
-
-  def step(self, what: str = "", n: int = 1, **metrics) -> None:
-    """Reports ``n`` more finished steps."""
-    self.update(self.done + n, what, **metrics)
 
 
 @functools.lru_cache(maxsize=256)
