@@ -35,6 +35,7 @@ import optax
 from absl import logging
 
 from jaxprune import masks as masks_lib
+from jaxprune import optax_pruning
 from jaxprune.models.base import Model
 
 PyTree = Any
@@ -147,8 +148,9 @@ class Trainer:
     if masks is not None:
       grads = masks_lib.apply_masks(grads, masks["params"])
     updates, opt_state = self.optimizer.update(grads, state.opt_state, params["params"])
-    if masks is not None:
-      updates = masks_lib.apply_masks(updates, masks["params"])
+    if masks is not None:  # masked weights stay exactly zero, as in any optax loop
+      keep = optax_pruning.keep_masked(masks["params"])
+      updates, _ = keep.update(updates, keep.init(params["params"]), params["params"])
     trainable = optax.apply_updates(params["params"], updates)
     new_params = {**new_vars, "params": trainable}
     if masks is not None:
