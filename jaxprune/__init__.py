@@ -7,6 +7,10 @@ masks are pytrees; pruners are jit-compiled transforms.
 from jaxprune import ga
 from jaxprune import pruners
 from jaxprune import units
+from jaxprune.checkpoint import load_checkpoint
+from jaxprune.checkpoint import save_checkpoint
+from jaxprune.flops import flops_report
+from jaxprune.flops import format_flops
 from jaxprune.masks import apply_masks
 from jaxprune.masks import check_unit_masks
 from jaxprune.masks import check_weight_masks
