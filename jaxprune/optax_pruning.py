@@ -46,9 +46,10 @@ import optax
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
 from jaxprune.pruners import _common
-from jaxprune.pruners import distinctiveness as distinctiveness_lib
 from jaxprune.pruners import importance as importance_lib
 from jaxprune.pruners import magnitude as magnitude_lib
+from jaxprune.pruners.distinctiveness import check_thresholds
+from jaxprune.pruners.distinctiveness import weight_distinctiveness
 
 PyTree = Any
 Select = Sequence | Callable | None
@@ -742,11 +743,10 @@ def distinctiveness_pruner(model_or_groups, group: str, *, similar_deg=15.0,
   """
   g = _common.get_group(model_or_groups, group)
   groups = {g.name: g}
-  sweep = distinctiveness_lib.weight_distinctiveness(
+  sweep = weight_distinctiveness(
       groups, g.name, source=source, similar=similar, complementary=complementary,
       constants=constants, absorb=absorb)
-  distinctiveness_lib.check_thresholds(similar_deg, complementary_deg, similar=similar,
-                                       complementary=complementary)
+  check_thresholds(similar_deg, complementary_deg, similar=similar, complementary=complementary)
   limit = g.size if max_sweeps is None else int(max_sweeps)
   if limit < 1:
     raise ValueError(f"max_sweeps must be at least 1, got {max_sweeps}.")
