@@ -418,3 +418,16 @@ def test_flops_report_dense_masked_compacted(capsys):
   assert rep["total"]["xla_flops"] > 0
   jaxprune.print_summary(masks, units, flops=rep)
   assert "masked FLOPs" in capsys.readouterr().out
+
+
+def test_fit_trains_with_a_gradual_optimizer():
+  model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+  x = jax.random.normal(jax.random.key(0), (64, 4))
+  y = jnp.arange(64) % 3
+  tx = jaxprune.gradual(optax.adam(1e-2), sparsity=0.5, begin_step=0, end_step=4, frequency=2)
+  params, hist = jaxprune.fit(model, model.init(jax.random.key(1)), x, y, key=jax.random.key(2),
+                              epochs=2, batch_size=16, optimizer=tx, progress=False)
+  assert np.all(np.isfinite(hist["loss"]))
+  kernels = [params["params"][k]["kernel"] for k in ("hidden_0", "out")]
+  zeros = sum(int(np.sum(np.asarray(k) == 0.0)) for k in kernels)
+  assert zeros == round(0.5 * (4 * 8 + 8 * 3))
