@@ -5,7 +5,8 @@ masks, its parameters after compaction, and the FLOPs of the contractions that r
 (``dot_general`` and ``conv_general_dilated`` in the jaxpr of ``apply`` for one example: ``2 x
 output elements x contracted size``), dense and masked (dense FLOPs scaled by the leaf's kept
 fraction: every weight of a dense or conv kernel is used the same number of times, up to zero
-padding at borders). The total also carries XLA's own cost analysis of the compiled ``apply``
+padding at borders; a contraction inside ``scan`` counts once per iteration, inside other loops
+once). The total also carries XLA's own cost analysis of the compiled ``apply``
 (which counts every operation, activations included).
 
 Example:

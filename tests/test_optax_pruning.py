@@ -235,6 +235,14 @@ def test_default_selection_on_haiku_dict_and_nnx_state():
   assert int(md["kernel"].sum()) == 24 and bool(jnp.all(md["bias"]))
   _, mg = jaxprune.prune_to_sparsity(state, None, 0.25)
   assert int(nnx.to_pure_dict(mg)["kernel"].sum()) == 36
+  tx = jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=1, frequency=1)
+  opt = tx.init(state)
+  for _ in range(2):
+    u, opt = tx.update(jax.tree.map(jnp.zeros_like, state), opt, state)
+    state = optax.apply_updates(state, u)
+  assert isinstance(state, nnx.State)
+  kernel = nnx.to_pure_dict(state)["kernel"]
+  np.testing.assert_array_equal(np.asarray(kernel) != 0, md["kernel"])
 
 
 def test_erk_matches_the_formula_with_dense_capping():
