@@ -37,7 +37,7 @@ def bench(label, model, batch, repeats):
   rows = []
   for frac in (0.25, 0.5, 0.9):
     um = random_unit_masks(model, frac, seed=int(frac * 100))
-    masked = jaxprune.apply_masks(params, jaxprune.expand(model, params, um))
+    masked = jaxprune.apply_masks(params, jaxprune.expand(params, model, um))
     small, small_model = model.compact(params, um)
     f_masked = jax.jit(model.apply)
     f_small = jax.jit(small_model.apply)

@@ -147,7 +147,7 @@ def score_many(model, params, x, y, w) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _masked_eval_fn(model, group):
   def one(params, mask, x, y, w):
-    wm = jaxprune.expand(model, params, {group: mask})
+    wm = jaxprune.expand(params, model, {group: mask})
     return _eval_fn(model)[0](jaxprune.apply_masks(params, wm), x, y, w)
   return jax.jit(jax.vmap(one))
 

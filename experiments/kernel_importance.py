@@ -83,7 +83,7 @@ def prune_kernels(model, params, x, y, *, max_rise: float, relative: bool, norm:
   for s in range(count):
     if s > 0:
       keep[removed[s]] = False
-    wm = jaxprune.expand(model, params, {GROUP: jnp.asarray(keep)})
+    wm = jaxprune.expand(params, model, {GROUP: jnp.asarray(keep)})
     m = jaxprune.evaluate(model, params, x, y, masks=wm)
     rows.append({"pruned": s, "units_kept": int(keep.sum()),
                  "removed_unit": int(removed[s]) if s > 0 else "",

@@ -50,7 +50,7 @@ def distinctiveness_prune(model, params, groups, angle):
       params, umasks, report = prune(params, umasks, angle, 180.0)
       if int(report.count) == 0:
         break
-  return params, umasks, jaxprune.expand(model, params, umasks)
+  return params, umasks, jaxprune.expand(params, model, umasks)
 
 
 def layer_fractions(model, umasks) -> dict[str, dict]:

@@ -128,7 +128,7 @@ def train_all(cfg: Config, splits, study: _common.Study):
       small = _model(h).init(_common.config_key(cfg.seed, "init", h, r))
       params.append(_embed(small, h_max))
       unit = {GROUP: jnp.arange(h_max) < h}
-      masks.append(jaxprune.expand(big, params[-1], unit))
+      masks.append(jaxprune.expand(params[-1], big, unit))
     stack = lambda *a: jnp.stack(a)
     x, w = mc.pad_stack([splits[r][0].x for _, r in plan])
     y, _ = mc.pad_stack([splits[r][0].y for _, r in plan])

@@ -276,7 +276,7 @@ def main(argv):
   _common.save_figure(fig, study.path("units_kept.png"))
 
   unit0 = {s["layer"]: jnp.asarray(records["pruning"][0]["final_unit_mask"])}
-  t_flops = study.write_flops(model, final0, jaxprune.expand(model, final0, unit0), unit0)
+  t_flops = study.write_flops(model, final0, jaxprune.expand(final0, model, unit0), unit0)
   study.write_results({"folds": records, "mean_val_accuracy": mean,
                        "layer_size": model.groups[s["layer"]].size})
   study.write_report("Training-time distinctiveness (4-conv + 4-dense sigmoid CNN)", [

@@ -1,7 +1,8 @@
 """jaxprune: functional pruning of neural networks in JAX.
 
-Models are pure functions over parameter pytrees that declare their prunable *unit groups*;
-masks are pytrees; pruners are jit-compiled transforms.
+Models are pure functions over parameter pytrees whose prunable *unit groups* are declared (the
+built-in models) or traced from the computation (:func:`trace`, for any JAX function); masks are
+pytrees; pruners are jit-compiled transforms.
 """
 
 from jaxprune import ga
@@ -59,10 +60,16 @@ from jaxprune.pruners import magnitude_prune
 from jaxprune.pruners import progressive_distinctiveness
 from jaxprune.pruners import random_prune
 from jaxprune.pruners import weight_distinctiveness
+from jaxprune.tracing import TracedTarget
+from jaxprune.tracing import TraceError
+from jaxprune.tracing import trace
 from jaxprune.units import Slice
 from jaxprune.units import UnitGroup
+from jaxprune.units import check_group
+from jaxprune.units import check_groups
 from jaxprune.units import compact
 from jaxprune.units import redistribute
+from jaxprune.units import uncompact
 
 __version__ = "0.1.0"
 from jaxprune.train import Trainer

@@ -10,7 +10,7 @@ Example:
   >>> params = model.init(jax.random.key(0))
   >>> units = jaxprune.unit_masks_ones(model)
   >>> units['hidden_0'] = units['hidden_0'].at[:5].set(False)
-  >>> wmask = jaxprune.expand(model, params, units)
+  >>> wmask = jaxprune.expand(params, model, units)
   >>> kept, total = jaxprune.count_weights(wmask)
 """
 
@@ -39,7 +39,17 @@ def unit_masks_ones(model_or_groups) -> dict[str, jax.Array]:
 
 
 def _groups(model_or_groups) -> Mapping[str, units_lib.UnitGroup]:
-  return model_or_groups.groups if hasattr(model_or_groups, "groups") else model_or_groups
+  """A target's ``groups`` (built-in model or traced), or the groups mapping itself."""
+  groups = model_or_groups.groups if hasattr(model_or_groups, "groups") else model_or_groups
+  if not isinstance(groups, Mapping):
+    raise TypeError("Pass a pruning target (a jaxprune model, or jaxprune.trace(...)) or its "
+                    f"`groups` dict (name -> UnitGroup), got {type(model_or_groups).__name__}.")
+  return groups
+
+
+def _is_target(x) -> bool:
+  return hasattr(x, "groups") or (isinstance(x, Mapping) and bool(x) and all(
+      isinstance(v, units_lib.UnitGroup) for v in x.values()))
 
 
 def check_weight_masks(params: PyTree, masks: PyTree) -> None:
@@ -60,7 +70,7 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
     raise ValueError(
         "Weight masks do not have the structure of the params "
         f"(missing leaves: {missing[:5] or 'none'}; unexpected leaves: {extra[:5] or 'none'}). "
-        "Create them with jaxprune.ones_like(params) or jaxprune.expand(model, params, ...).")
+        "Create them with jaxprune.ones_like(params) or jaxprune.expand(params, model, ...).")
   for k, p in p_paths.items():
     m = m_paths[k]
     if m is None or not hasattr(m, "shape"):
@@ -81,13 +91,9 @@ def check_unit_masks(model_or_groups, unit_masks: Mapping[str, Any], *,
   if not isinstance(unit_masks, Mapping):
     raise ValueError(f"Unit masks must be a dict from group name to bool vector, got "
                      f"{type(unit_masks).__name__}.")
+  units_lib.check_mask_keys(groups, unit_masks)
   for name, m in unit_masks.items():
-    g = units_lib._check_group_name(groups, name)
-    shape = tuple(jnp.shape(m))
-    if shape != (g.size,):
-      raise ValueError(f"Unit mask {name!r} has shape {shape}; group {name!r} has {g.size} units.")
-    if jnp.asarray(m).dtype != jnp.bool_:
-      raise ValueError(f"Unit mask {name!r} has dtype {jnp.asarray(m).dtype}; use bool.")
+    units_lib.unit_mask(m, groups[name])
     if not allow_empty and not isinstance(m, jax.core.Tracer) and not bool(np.any(m)):
       raise ValueError(f"Unit mask {name!r} removes every unit of the group; keep at least one.")
 
@@ -103,21 +109,26 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
                       params, masks)
 
 
-def expand(model_or_groups, params: PyTree, unit_masks: Mapping[str, Any],
+def expand(params: PyTree, target, unit_masks: Mapping[str, Any],
            weight_masks: PyTree | None = None, *, allow_empty: bool = False) -> PyTree:
   """Weight masks that remove the units masked out in ``unit_masks`` (see ``units.expand``).
 
-  A concrete unit mask that removes every unit of a group raises (a layer with no units cuts
-  the network), unless ``allow_empty``; traced masks (inside ``jit``/``vmap``, e.g. a GA
-  population) are not checked.
+  Arguments come in the library's one order, ``(params, target, unit_masks)``; ``target`` is
+  a built-in model, a traced target or a groups dict. Every group is checked against
+  ``params``, and a unit-mask key that names no group raises. A concrete unit mask that removes
+  every unit of a group raises (a layer with no units cuts the network), unless
+  ``allow_empty``; traced masks (inside ``jit``/``vmap``, e.g. a GA population) are not checked.
   """
+  if _is_target(params) and not _is_target(target):
+    raise TypeError("jaxprune.expand takes (params, target, unit_masks): the params come first. "
+                    "Swap the first two arguments.")
   for name, m in unit_masks.items():
     if not allow_empty and not isinstance(m, jax.core.Tracer) and np.size(m) and not np.any(m):
       raise ValueError(f"Unit mask {name!r} removes every unit of the group; keep at least one "
                        "unit (or pass allow_empty=True to mask the whole layer on purpose).")
   if weight_masks is not None:
     check_weight_masks(params, weight_masks)
-  return units_lib.expand(params, _groups(model_or_groups), unit_masks, weight_masks)
+  return units_lib.expand(params, _groups(target), unit_masks, weight_masks)
 
 
 def count_units(unit_masks: Mapping[str, Any]) -> dict[str, tuple[int, int]]:

@@ -65,6 +65,54 @@ def _correct(outputs, targets):
   return jnp.zeros(outputs.shape[0], jnp.float32)
 
 
+# ----------------------------------------------------------------------------- any target
+
+
+@dataclasses.dataclass(frozen=True)
+class _Adapted:
+  """A traced target or a plain apply function, seen as a model by the trainer."""
+
+  target: Any
+  task: str = "classification"
+
+  def apply(self, params: PyTree, x: jax.Array) -> jax.Array:
+    fn = self.target.apply if hasattr(self.target, "apply") else self.target
+    return fn(params, x)
+
+  def apply_train(self, params: PyTree, x: jax.Array, mask=None) -> tuple[jax.Array, PyTree]:
+    del mask
+    return self.apply(params, x), params
+
+  def check_input(self, x) -> None:
+    check = getattr(self.target, "check_input", None)
+    if check is not None:
+      check(x)
+
+
+def as_model(target, loss: Callable | None = None):
+  """A built-in model as it is; a traced target or an apply function ``fn(params, x)`` adapted
+  for training and evaluation. With a custom ``loss`` the targets need not be class labels."""
+  if isinstance(target, Model):
+    return target
+  if isinstance(target, _Adapted):
+    return target
+  if not (hasattr(target, "apply") or callable(target)):
+    raise TypeError("Pass a pruning target (a jaxprune model or jaxprune.trace(...)) or an apply "
+                    f"function fn(params, x), got {type(target).__name__}.")
+  task = getattr(target, "task", "classification") if loss is None else "custom"
+  return _Adapted(target, task)
+
+
+def _trainable(params: PyTree) -> PyTree:
+  """The trained part of the variables: ``params['params']`` for Flax variables, else all."""
+  return params["params"] if isinstance(params, dict) and "params" in params else params
+
+
+def _with_trainable(params: PyTree, trainable: PyTree) -> PyTree:
+  return {**params, "params": trainable} if isinstance(params, dict) and "params" in params \
+      else trainable
+
+
 # ----------------------------------------------------------------------------- checks
 
 
@@ -82,7 +130,7 @@ def check_finite(name: str, x) -> None:
 
 def _check_targets(model: Model, params, x, y, name: str) -> None:
   """Classifier targets must be integer labels in [0, number of outputs)."""
-  if model.task == "reconstruction":
+  if model.task in ("reconstruction", "custom"):
     return
   if not jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer):
     raise ValueError(f"{name} targets must be integer class labels, got dtype "
@@ -131,7 +179,7 @@ class Trainer:
   batch_size: int = 32
 
   def init(self, params: PyTree) -> TrainState:
-    return TrainState(params, self.optimizer.init(params["params"]))
+    return TrainState(params, self.optimizer.init(_trainable(params)))
 
   def step(self, state: TrainState, masks: PyTree | None, x, y, w) -> tuple[TrainState, dict]:
     """One masked optimizer step on a weighted minibatch; no-op if ``sum(w) == 0``."""
@@ -139,20 +187,20 @@ class Trainer:
     denom = jnp.maximum(jnp.sum(w), 1.0)
 
     def objective(trainable):
-      variables = {**params, "params": trainable}
+      variables = _with_trainable(params, trainable)
       out, new_vars = self.model.apply_train(variables, x, mask=w > 0)
       per = self.loss(out, y)
       return jnp.sum(w * per) / denom, (new_vars, jnp.sum(w * per), jnp.sum(w * _correct(out, y)))
 
-    grads, (new_vars, loss_sum, correct) = jax.grad(objective, has_aux=True)(params["params"])
+    grads, (new_vars, loss_sum, correct) = jax.grad(objective, has_aux=True)(_trainable(params))
     if masks is not None:
-      grads = masks_lib.apply_masks(grads, masks["params"])
-    updates, opt_state = self.optimizer.update(grads, state.opt_state, params["params"])
+      grads = masks_lib.apply_masks(grads, _trainable(masks))
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, _trainable(params))
     if masks is not None:  # masked weights stay exactly zero, as in any optax loop
-      keep = optax_pruning.keep_masked(masks["params"])
-      updates, _ = keep.update(updates, keep.init(params["params"]), params["params"])
-    trainable = optax.apply_updates(params["params"], updates)
-    new_params = {**new_vars, "params": trainable}
+      keep = optax_pruning.keep_masked(_trainable(masks))
+      updates, _ = keep.update(updates, keep.init(_trainable(params)), _trainable(params))
+    trainable = optax.apply_updates(_trainable(params), updates)
+    new_params = _with_trainable(new_vars, trainable)
     if masks is not None:
       new_params = masks_lib.apply_masks(new_params, masks)
     new_state = TrainState(new_params, opt_state)
@@ -229,6 +277,7 @@ def make_trainer(model: Model, *, batch_size: int = 32,
   Trainers with the default optimizer are cached per (model, batch size, loss), so repeated
   :func:`fit` calls reuse their compiled programs.
   """
+  model = as_model(model, loss)
   if batch_size < 1:
     raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
   loss = loss or default_loss(model)
@@ -326,12 +375,15 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   """Trains ``params`` with minibatch optax updates; masked weights stay exactly zero.
 
   Args:
-    model: the network.
+    model: the network: a built-in model, a traced target (:func:`jaxprune.trace`) or an apply
+      function ``fn(params, x)``. Params may be Flax variables (``'params'`` is trained, other
+      collections carried) or any pytree (all of it is trained).
     params: initial variables (not modified).
     x, y: training inputs and targets (labels, or the inputs themselves for autoencoders).
     key: PRNG key for shuffling.
     epochs: passes over the data.
-    batch_size, learning_rate, optimizer, loss: training settings (Adam by default).
+    batch_size, learning_rate, optimizer, loss: training settings (Adam by default). With a
+      ``loss`` of your own the targets need not be class labels.
     masks: optional weight masks (see :func:`jaxprune.expand`); masked weights are zeroed
       before training and stay zero.
     validation: optional ``(x_val, y_val)`` evaluated after every epoch.
@@ -343,6 +395,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     ``(params, history)``; history maps ``loss``, ``accuracy`` (and ``val_loss``,
     ``val_accuracy``) to per-epoch arrays.
   """
+  model = as_model(model, loss)
   if epochs < 1:
     raise ValueError(f"epochs must be at least 1, got {epochs}.")
   _check_data(model, x, y, params=params)
@@ -378,6 +431,7 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   Returns:
     ``(params, history)`` with a leading run axis on every leaf and history array.
   """
+  model = as_model(model)
   if epochs < 1:
     raise ValueError(f"epochs must be at least 1, got {epochs}.")
   x, y, w = jnp.asarray(x), jnp.asarray(y), jnp.asarray(w, jnp.float32)
@@ -412,11 +466,14 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
 
 def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
              loss: Callable | None = None, batch_size: int = 1024) -> dict[str, float]:
-  """Mean loss and accuracy (accuracy is 0 for reconstruction tasks) of a (masked) network.
+  """Mean loss and accuracy (a fraction; 0 for reconstruction tasks) of a (masked) network.
+
+  ``model`` is a built-in model, a traced target or an apply function ``fn(params, x)``.
 
   A user-supplied ``loss`` should be one function object reused across calls: each new function
   compiles a new program.
   """
+  model = as_model(model, loss)
   _check_data(model, x, y, params=params)
   if masks is not None:
     params = masks_lib.apply_masks(params, masks)  # checks the masks against the params

@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,9 @@ Path = tuple[str, ...]
 PyTree = Any
 Role = Literal["producer", "consumer"]
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "linear")
+# What a slice is: a kernel (weights contracted with activations), a bias added to a kernel's
+# output, or a normalisation's scale, shift or statistic (running mean and variance).
+SLICE_KINDS = ("kernel", "bias", "scale", "shift", "stat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,10 @@ class Slice:
     padded: for a consumer, True when it is a zero-padded ('SAME') convolution: a constant
       input channel then contributes less at the borders than inside, so folding it into a
       per-channel bias is not exact (see ``UnitGroup.exact_constant_fold``).
+    kind: what the slice is: ``'kernel'`` (weights contracted with activations: a producer's
+      columns or a consumer's rows), ``'bias'`` (added to the producer kernel's output),
+      ``'scale'``, ``'shift'`` or ``'stat'`` (a normalisation's scale, shift, or running
+      statistic). Pruners read kernels and biases by kind, never by name.
   """
 
   path: Path
@@ -61,10 +68,18 @@ class Slice:
   view: tuple[int, ...] | None = None
   bias: Path | None = None
   padded: bool = False
+  kind: str = "kernel"
 
   def __post_init__(self):
     if self.role not in ("producer", "consumer"):
       raise ValueError(f"Slice.role must be 'producer' or 'consumer', got {self.role!r}.")
+    if self.kind not in SLICE_KINDS:
+      raise ValueError(f"Slice.kind must be one of {SLICE_KINDS}, got {self.kind!r}.")
+    object.__setattr__(self, "path", tuple(self.path))
+    if self.view is not None:
+      object.__setattr__(self, "view", tuple(int(d) for d in self.view))
+    if self.bias is not None:
+      object.__setattr__(self, "bias", tuple(self.bias))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +147,110 @@ def _check_group_name(groups: Mapping[str, UnitGroup], name: str) -> UnitGroup:
   return groups[name]
 
 
+def check_mask_keys(groups: Mapping[str, UnitGroup], unit_masks: Mapping[str, Any]) -> None:
+  """Raises KeyError if a unit mask names no group (a misspelt key never passes silently)."""
+  if not isinstance(unit_masks, Mapping):
+    raise TypeError(f"Unit masks must be a dict from group name to bool vector, got "
+                    f"{type(unit_masks).__name__}.")
+  for name in unit_masks:
+    if name not in groups:
+      raise KeyError(f"Unit mask {name!r} names no unit group; this model's groups are "
+                     f"{sorted(groups)}. Fix the key (unit_masks_ones(target) lists them).")
+
+
+def unit_mask(mask: Any, group: UnitGroup) -> jax.Array:
+  """``mask`` checked as the unit mask of ``group`` and returned as a bool vector.
+
+  A unit mask is a bool vector of length ``group.size``; an integer vector of 0s and 1s is
+  accepted (checked when its values are concrete). Anything else (floats such as 0.3, other
+  integers, a wrong shape) raises ValueError.
+  """
+  shape = tuple(jnp.shape(mask))
+  if shape != (group.size,):
+    raise ValueError(f"Unit mask {group.name!r} has shape {shape}; group {group.name!r} has "
+                     f"{group.size} units, so it needs shape ({group.size},).")
+  dtype = jnp.result_type(mask)
+  if dtype == jnp.bool_:
+    return jnp.asarray(mask)
+  if jnp.issubdtype(dtype, jnp.integer):
+    if not isinstance(mask, jax.core.Tracer):
+      bad = np.setdiff1d(np.unique(np.asarray(mask)), [0, 1])
+      if bad.size:
+        raise ValueError(f"Unit mask {group.name!r} holds {bad[:5].tolist()}; an integer unit "
+                         "mask may hold only 0 and 1 (better: use a bool mask).")
+    return jnp.asarray(mask).astype(bool)
+  raise ValueError(f"Unit mask {group.name!r} has dtype {dtype}; unit masks must be bool (or "
+                   "integer 0/1). Threshold it yourself, e.g. mask > 0.5, if that is meant.")
+
+
+def _refines(shape: Sequence[int], view: Sequence[int]) -> bool:
+  """Whether ``view`` only splits axes of ``shape`` (every boundary of ``shape`` is one of
+  ``view``'s)."""
+  cum_view = set(np.cumprod([1] + list(view)).tolist())
+  return all(c in cum_view for c in np.cumprod([1] + list(shape)).tolist())
+
+
+def check_group(params: PyTree, group: UnitGroup) -> None:
+  """Raises ValueError, naming the group, the slice and the fix, unless ``group`` fits ``params``.
+
+  Checks that every slice's path exists, that its ``view`` only splits the leaf's axes, that its
+  axis is in range and indexes exactly ``group.size`` entries, that kernels have two or more
+  dimensions, and that a consumer's bias path exists. Only shapes are read (works under jit).
+  """
+  if not isinstance(group, UnitGroup):
+    raise TypeError(f"Expected a UnitGroup, got {type(group).__name__}.")
+  if group.size < 1:
+    raise ValueError(f"Group {group.name!r} has size {group.size}; a group needs units.")
+  if not group.slices:
+    raise ValueError(f"Group {group.name!r} has no slices; declare at least its producer and "
+                     "consumer slices.")
+  for s in group.slices:
+    where = f"Group {group.name!r}, slice {'/'.join(map(str, s.path))} ({s.role}, {s.kind})"
+    try:
+      leaf = get_path(params, s.path)
+    except KeyError as e:
+      raise ValueError(f"{where}: {e.args[0]} Fix the slice's path.") from None
+    shape = tuple(jnp.shape(leaf))
+    indexed = shape
+    if s.view is not None:
+      indexed = _view_shape(shape, s) if len(s.view) else s.view
+      if int(np.prod(indexed)) != int(np.prod(shape)) or not _refines(shape, indexed):
+        raise ValueError(f"{where}: view {s.view} does not fit the leaf's shape {shape}; a view "
+                         "may only split the leaf's axes (same total size). For a dense layer "
+                         "after flatten of (H, W, C), use view=(H*W, C, out) with axis=1.")
+    if not -len(indexed) <= s.axis < len(indexed):
+      raise ValueError(f"{where}: axis {s.axis} is out of range for shape {indexed}; use an "
+                       f"axis in [{-len(indexed)}, {len(indexed)}).")
+    if indexed[s.axis] != group.size:
+      raise ValueError(f"{where}: axis {s.axis} of shape {indexed} has {indexed[s.axis]} "
+                       f"entries but the group has {group.size} units. Fix the axis (or the "
+                       "group size, or the view).")
+    if s.kind == "kernel" and len(shape) < 2:
+      raise ValueError(f"{where}: a {len(shape)}-D leaf cannot be a kernel; declare "
+                       "kind='bias' (or 'scale', 'shift', 'stat').")
+    if s.bias is not None:
+      try:
+        get_path(params, s.bias)
+      except KeyError as e:
+        raise ValueError(f"{where}: its bias {e.args[0]} Fix the slice's bias path (or None).") \
+            from None
+
+
+def check_groups(params: PyTree, groups: Mapping[str, UnitGroup]) -> None:
+  """Checks every group against ``params`` (see :func:`check_group`) and that each dict key is
+  its group's name."""
+  if not isinstance(groups, Mapping):
+    raise TypeError(f"groups must be a dict from name to UnitGroup, got "
+                    f"{type(groups).__name__}.")
+  for key, g in groups.items():
+    if not isinstance(g, UnitGroup):
+      raise TypeError(f"groups[{key!r}] is a {type(g).__name__}, not a UnitGroup.")
+    if key != g.name:
+      raise ValueError(f"groups[{key!r}] holds the group named {g.name!r}; key each group by "
+                       "its name, e.g. {g.name: g for g in my_groups}.")
+    check_group(params, g)
+
+
 # ----------------------------------------------------------------------------- unit views
 
 
@@ -191,62 +310,113 @@ def expand(params: PyTree, groups: Mapping[str, UnitGroup], unit_masks: Mapping[
 
   Args:
     params: the model's variables.
-    groups: the model's unit groups (``model.groups``).
+    groups: the model's unit groups (``target.groups``); checked against ``params``.
     unit_masks: group name -> bool vector of length ``group.size``.
     weight_masks: optional existing weight masks to combine with (logical and).
 
   Returns:
     Weight masks, a pytree of bool arrays shaped like ``params``.
   """
+  check_mask_keys(groups, unit_masks)
   if weight_masks is None:
     weight_masks = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
   out = weight_masks
   for name, m in unit_masks.items():
-    g = _check_group_name(groups, name)
-    m = jnp.asarray(m)
-    if m.shape != (g.size,):
-      raise ValueError(f"Unit mask {name!r} has shape {m.shape}; group {name!r} has {g.size} "
-                       f"units, so it needs shape ({g.size},).")
-    m = m.astype(bool)
+    g = groups[name]
+    check_group(params, g)
+    m = unit_mask(m, g)
     for s in g.slices:
       leaf = get_path(out, s.path)
       out = set_path(out, s.path, jnp.logical_and(leaf, _mask_like(m, leaf.shape, s)))
   return out
 
 
+def _axis_keep(leaf_shape: tuple[int, ...], s: Slice, keep: np.ndarray) -> tuple[int, np.ndarray]:
+  """The leaf axis a slice indexes and which of its entries ``keep`` keeps (a view's unit axis
+  lies inside one leaf axis; the other view axes in it repeat the pattern)."""
+  if s.view is None:
+    return s.axis % len(leaf_shape), keep
+  view = list(_view_shape(leaf_shape, s))
+  ax = s.axis % len(view)
+  cum_view = np.cumprod([1] + view).tolist()
+  cum_leaf = np.cumprod([1] + list(leaf_shape)).tolist()
+  lo, hi = cum_view[ax], cum_view[ax + 1]
+  k = next(k for k in range(len(leaf_shape)) if cum_leaf[k] <= lo and cum_leaf[k + 1] >= hi)
+  j0 = max(j for j in range(ax + 1) if cum_view[j] == cum_leaf[k])
+  j1 = min(j for j in range(ax + 1, len(view) + 1) if cum_view[j] == cum_leaf[k + 1])
+  sub = view[j0:j1]
+  bshape = [1] * len(sub)
+  bshape[ax - j0] = sub[ax - j0]
+  return k, np.broadcast_to(keep.reshape(bshape), sub).reshape(-1)
+
+
+def _kept_indices(params: PyTree, groups: Mapping[str, UnitGroup],
+                  unit_masks: Mapping[str, Any]) -> dict[Path, dict[int, np.ndarray]]:
+  """For every leaf a group touches: leaf axis -> the indices kept along it (all groups)."""
+  check_mask_keys(groups, unit_masks)
+  keeps: dict[Path, dict[int, np.ndarray]] = {}
+  for name in groups:
+    if name not in unit_masks:
+      continue
+    g = groups[name]
+    check_group(params, g)
+    keep = np.asarray(unit_mask(np.asarray(unit_masks[name]), g))
+    if not keep.any():
+      raise ValueError(f"Unit mask {name!r} removes every unit of the group; keep at least one "
+                       "unit (a layer with no units disconnects the network).")
+    for s in g.slices:
+      shape = tuple(jnp.shape(get_path(params, s.path)))
+      axis, k = _axis_keep(shape, s, keep)
+      axes = keeps.setdefault(s.path, {})
+      axes[axis] = axes[axis] & k if axis in axes else k
+  return {p: {a: np.flatnonzero(k) for a, k in axes.items()} for p, axes in keeps.items()}
+
+
 def compact(params: PyTree, groups: Mapping[str, UnitGroup],
             unit_masks: Mapping[str, Any]) -> PyTree:
   """Physically removes masked units: returns smaller params.
 
-  The result, run through the model resized to the kept unit counts (see ``Model.compact``),
-  gives the same outputs as the masked network. Not jit-compatible (output shapes depend on the
-  mask values); the input params are not modified.
+  The result, run through the target resized to the kept unit counts (``target.compact``),
+  gives the same outputs as the masked network. Every leaf is cut once, along each axis that
+  any group indexes, so the result does not depend on the groups' order. Not jit-compatible
+  (output shapes depend on the mask values); the input params are not modified.
 
   Args:
     params: the model's variables.
-    groups: the model's unit groups.
+    groups: the model's unit groups; checked against ``params``.
     unit_masks: group name -> bool vector; groups not named keep all their units.
 
   Returns:
     A new variables dict with the masked units' slices removed.
   """
   out = params
-  for name in unit_masks:
-    _check_group_name(groups, name)
-  for name in [n for n in groups if n in unit_masks]:  # declaration order, whatever the dict's
-    g, m = groups[name], unit_masks[name]
-    keep = np.asarray(m).astype(bool)
-    if keep.shape != (g.size,):
-      raise ValueError(f"Unit mask {name!r} has shape {keep.shape}; group {name!r} has "
-                       f"{g.size} units, so it needs shape ({g.size},).")
-    if not keep.any():
-      raise ValueError(f"Unit mask {name!r} removes every unit of the group; keep at least one "
-                       "unit (a layer with no units disconnects the network).")
-    idx = np.flatnonzero(keep)
-    for s in g.slices:
-      leaf = jnp.asarray(get_path(out, s.path))
-      v = unit_view(leaf, s)[idx]
-      out = set_path(out, s.path, from_unit_view(v, s, leaf.shape))
+  for path, axes in _kept_indices(params, groups, unit_masks).items():
+    leaf = jnp.asarray(get_path(params, path))
+    for axis, idx in axes.items():
+      leaf = jnp.take(leaf, idx, axis=axis)
+    out = set_path(out, path, leaf)
+  return out
+
+
+def uncompact(small_params: PyTree, params: PyTree, groups: Mapping[str, UnitGroup],
+              unit_masks: Mapping[str, Any]) -> PyTree:
+  """The inverse of :func:`compact`: compacted params put back at full size, with zeros in the
+  removed units' slices (e.g. to continue with masks after fine-tuning the small network).
+
+  Args:
+    small_params: what ``compact(params, groups, unit_masks)`` returned (values may differ).
+    params: the full-size params (only shapes and structure are read for the cut leaves).
+    groups, unit_masks: as given to :func:`compact`.
+
+  Returns:
+    Params shaped like ``params``: uncut leaves from ``small_params``, cut ones scattered back.
+  """
+  out = small_params
+  for path, axes in _kept_indices(params, groups, unit_masks).items():
+    small = jnp.asarray(get_path(small_params, path))
+    full = tuple(jnp.shape(get_path(params, path)))
+    index = tuple(np.ix_(*[axes.get(a, np.arange(n)) for a, n in enumerate(full)]))
+    out = set_path(out, path, jnp.zeros(full, small.dtype).at[index].set(small))
   return out
 
 

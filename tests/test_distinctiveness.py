@@ -23,7 +23,7 @@ def _ones(model):
 
 
 def _masked_apply(model, apply, params, masks, x):
-  w = jaxprune.expand(model, params, masks)
+  w = jaxprune.expand(params, model, masks)
   return apply(jaxprune.apply_masks(params, w), x)
 
 

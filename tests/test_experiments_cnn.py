@@ -137,7 +137,7 @@ def test_training_time_distinctiveness_keeps_pruned_weights_zero(runs):
     npz = glob.glob(os.path.join(folder, "cache", "*", f"pruning_fold{f}-*.npz"))
     assert len(npz) == 1
     final = _common.load_tree(npz[0], template)
-    wm = jaxprune.expand(model, final, {s["layer"]: jnp.asarray(mask)})
+    wm = jaxprune.expand(final, model, {s["layer"]: jnp.asarray(mask)})
     for p, m in zip(jax.tree.leaves(final), jax.tree.leaves(wm)):
       assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
     # Without pruning the same positions hold non-zero weights: the zeros come from the masks.

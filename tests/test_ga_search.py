@@ -89,7 +89,7 @@ def test_search_finds_the_hand_checked_optimum():
                   config=cfg, hyper=ga.GAParams(lam=10.0), progress=False)
   np.testing.assert_array_equal(res.mask, [False, True])
   assert float(res.fitness) == pytest.approx(95.0)
-  assert float(res.accuracy) == pytest.approx(100.0)
+  assert float(res.accuracy) == pytest.approx(1.0)  # a fraction, like evaluate()
   assert int(res.kept) == 1
   # eq. 6 with a large lambda prefers the empty mask (bias-only prediction, 25 %).
   res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(0), fitness="eq6",
@@ -133,9 +133,9 @@ def test_deep_model_general_path_search():
   res = ga.search(deep, params, x, y, "hidden_0", key=jax.random.key(3), config=cfg,
                   fitness="accuracy", progress=False)
   assert res.mask.shape == (5,)
-  masked = jaxprune.apply_masks(params, jaxprune.expand(deep, params, {"hidden_0": res.mask}))
+  masked = jaxprune.apply_masks(params, jaxprune.expand(params, deep, {"hidden_0": res.mask}))
   acc = 100 * float(jnp.mean(jnp.argmax(deep.apply(masked, x), -1) == y))
-  assert float(res.fitness) == pytest.approx(acc) == pytest.approx(float(res.accuracy))
+  assert float(res.fitness) == pytest.approx(acc) == pytest.approx(100 * float(res.accuracy))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -152,11 +152,11 @@ def test_result_is_consistent(trained, result):
   assert np.all(np.asarray(h.mean) <= np.asarray(h.max))
   assert int(result.kept) == int(result.mask.sum()) == int(h.best_kept[-1])
   assert float(result.fitness) == pytest.approx(
-      float(result.accuracy) - 10.0 * int(result.kept) / 12, abs=1e-4)
-  masked = jaxprune.apply_masks(params, jaxprune.expand(model, params,
+      100 * float(result.accuracy) - 10.0 * int(result.kept) / 12, abs=1e-4)
+  masked = jaxprune.apply_masks(params, jaxprune.expand(params, model,
                                                         {"hidden_0": result.mask}))
   acc = 100 * float(jnp.mean(jnp.argmax(model.apply(masked, x), -1) == y))
-  assert float(result.accuracy) == pytest.approx(acc)
+  assert 100 * float(result.accuracy) == pytest.approx(acc)
 
 
 def test_scan_equals_ask_tell_loop(trained, result):

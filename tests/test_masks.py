@@ -27,7 +27,7 @@ def test_ones_and_counts(params):
 
 def test_expand_counts_and_apply(params):
   um = {"hidden_0": jnp.array([True, False, True, True, False, True])}
-  wm = jaxprune.expand(MODEL, params, um)
+  wm = jaxprune.expand(params, MODEL, um)
   # Two units removed: 2 kernel columns of 4, 2 biases, 2 rows of 3 outgoing weights.
   assert jaxprune.count_weights(wm) == (51 - 2 * (4 + 1 + 3), 51)
   masked = jaxprune.apply_masks(params, wm)
@@ -40,7 +40,7 @@ def test_expand_counts_and_apply(params):
 def test_expand_is_jittable_and_combines_with_existing(params):
   base = jax.tree.map(lambda m: m.at[..., 0].set(False) if m.ndim == 2 else m,
                       jaxprune.ones_like(params))
-  f = jax.jit(lambda um: jaxprune.expand(MODEL, params, um, base))
+  f = jax.jit(lambda um: jaxprune.expand(params, MODEL, um, base))
   wm = f({"hidden_0": jnp.array([False] + [True] * 5)})
   assert not bool(wm["params"]["hidden_0"]["kernel"][:, 0].any())
   assert not bool(wm["params"]["out"]["kernel"][:, 0].any())  # from base
@@ -66,17 +66,20 @@ def test_check_weight_masks_errors(params):
   with pytest.raises(ValueError, match="has shape \\(6, 4\\)"):
     jaxprune.apply_masks(params, bad_shape)
   with pytest.raises(ValueError, match="removes every unit"):
-    jaxprune.expand(MODEL, params, {"hidden_0": jnp.zeros(6, bool)})
-  empty = jaxprune.expand(MODEL, params, {"hidden_0": jnp.zeros(6, bool)}, allow_empty=True)
+    jaxprune.expand(params, MODEL, {"hidden_0": jnp.zeros(6, bool)})
+  empty = jaxprune.expand(params, MODEL, {"hidden_0": jnp.zeros(6, bool)}, allow_empty=True)
   assert not bool(empty["params"]["out"]["kernel"].any())
 
 
 def test_check_unit_masks_errors():
-  with pytest.raises(KeyError, match="Unknown unit group"):
+  with pytest.raises(KeyError, match="names no unit group"):
     jaxprune.check_unit_masks(MODEL, {"hidden_1": jnp.ones(6, bool)})
   with pytest.raises(ValueError, match="has shape \\(5,\\); group 'hidden_0' has 6"):
     jaxprune.check_unit_masks(MODEL, {"hidden_0": jnp.ones(5, bool)})
-  with pytest.raises(ValueError, match="dtype int32"):
-    jaxprune.check_unit_masks(MODEL, {"hidden_0": jnp.ones(6, jnp.int32)})
+  jaxprune.check_unit_masks(MODEL, {"hidden_0": jnp.ones(6, jnp.int32)})   # 0/1 ints are fine
+  with pytest.raises(ValueError, match="an integer unit mask may hold only 0 and 1"):
+    jaxprune.check_unit_masks(MODEL, {"hidden_0": 2 * jnp.ones(6, jnp.int32)})
+  with pytest.raises(ValueError, match="dtype float32"):
+    jaxprune.check_unit_masks(MODEL, {"hidden_0": jnp.ones(6, jnp.float32)})
   with pytest.raises(ValueError, match="removes every unit"):
     jaxprune.check_unit_masks(MODEL, {"hidden_0": jnp.zeros(6, bool)})

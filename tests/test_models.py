@@ -75,7 +75,7 @@ def test_activations_of_every_group(built, name):
 @pytest.mark.parametrize("name", list(SMALL_MODELS))
 def test_expand_of_all_ones_is_all_ones(built, name):
   m, p, _ = built[name]
-  wm = jaxprune.expand(m, p, jaxprune.unit_masks_ones(m))
+  wm = jaxprune.expand(p, m, jaxprune.unit_masks_ones(m))
   assert all(bool(jnp.all(l)) for l in jax.tree.leaves(wm))
   assert jax.tree.structure(wm) == jax.tree.structure(p)
 
@@ -86,7 +86,7 @@ def test_expand_of_all_ones_is_all_ones(built, name):
 def test_masked_equals_compacted(built, name, seed, p_keep):
   m, p, x = built[name]
   um = random_unit_masks(m, seed, p_keep)
-  masked = m.apply(jaxprune.apply_masks(p, jaxprune.expand(m, p, um)), x)
+  masked = m.apply(jaxprune.apply_masks(p, jaxprune.expand(p, m, um)), x)
   small, small_model = m.compact(p, um)
   np.testing.assert_allclose(small_model.apply(small, x), masked, rtol=1e-4, atol=1e-5)
   assert small_model.group_sizes == {k: int(v.sum()) for k, v in um.items()}

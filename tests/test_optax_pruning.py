@@ -377,7 +377,7 @@ def test_gradual_importance_pruner_reaches_exact_unit_counts():
   removed = np.flatnonzero(~np.asarray(um))
   np.testing.assert_array_equal(np.sort(removed), np.sort(np.argsort(scores, stable=True)[:size // 2]))
   for a, b in zip(jax.tree.leaves(jaxprune.masks_of(state)),
-                  jax.tree.leaves(jaxprune.expand(model, params, {"conv_0": um}))):
+                  jax.tree.leaves(jaxprune.expand(params, model, {"conv_0": um}))):
     np.testing.assert_array_equal(a, b)
 
 
@@ -410,7 +410,7 @@ def test_flops_report_dense_masked_compacted(capsys):
   params = model.init(jax.random.key(0))
   units = jaxprune.unit_masks_ones(model)
   units["conv_0"] = units["conv_0"].at[:4].set(False)
-  masks = jaxprune.expand(model, params, units)
+  masks = jaxprune.expand(params, model, units)
   rep = jaxprune.flops_report(model, params, masks=masks, unit_masks=units)
   rows = {r["name"]: r for r in rep["layers"]}
   k0 = rows["params/conv_0/kernel"]

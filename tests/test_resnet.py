@@ -196,7 +196,7 @@ def random_unit_masks(model, seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_masked_equals_compacted(model, trained, apply_fn, train_fn, x, seed):
   units = random_unit_masks(model, seed)
-  wmask = masks_lib.expand(model, trained, units)
+  wmask = masks_lib.expand(trained, model, units)
   masked = masks_lib.apply_masks(trained, wmask)
   # every producer slice of a removed unit is zero, batch stats included
   removed = ~np.asarray(units["layer2_0"])

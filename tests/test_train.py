@@ -27,7 +27,7 @@ def params():
 
 def _masks(params):
   um = {"hidden_0": jnp.array([True, False] * 5)}
-  wm = jaxprune.expand(MODEL, params, um)
+  wm = jaxprune.expand(params, MODEL, um)
   # Also prune some individual weights, unstructured.
   wm["params"]["out"]["kernel"] = wm["params"]["out"]["kernel"].at[0, 1].set(False)
   return wm

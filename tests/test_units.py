@@ -19,7 +19,7 @@ def _params():
 
 GROUP = UnitGroup("h", 3, (
     Slice(("params", "a", "kernel"), axis=-1, role="producer"),
-    Slice(("params", "a", "bias"), axis=0, role="producer"),
+    Slice(("params", "a", "bias"), axis=0, role="producer", kind="bias"),
     Slice(("params", "b", "kernel"), axis=-2, role="consumer", bias=("params", "b", "bias")),
 ))
 
@@ -75,7 +75,7 @@ def test_redistribute_merge_and_constant_folding():
 
 def test_errors_name_the_problem():
   p = _params()
-  with pytest.raises(KeyError, match="Unknown unit group 'nope'.*\\['h'\\]"):
+  with pytest.raises(KeyError, match="Unit mask 'nope' names no unit group.*\\['h'\\]"):
     units.expand(p, {"h": GROUP}, {"nope": jnp.ones(3, bool)})
   with pytest.raises(ValueError, match="needs shape \\(3,\\)"):
     units.expand(p, {"h": GROUP}, {"h": jnp.ones(4, bool)})
@@ -101,7 +101,7 @@ def test_constant_fold_is_exact_for_valid_conv_consumer_and_flagged_for_same():
                           ("params", "conv_0", "bias"), b)
   folded = units.redistribute(params, g, jnp.eye(16), constants=jnp.zeros(16).at[3].set(0.7))
   keep = jnp.ones(16, bool).at[3].set(False)
-  masked = jaxprune.apply_masks(folded, jaxprune.expand(model, folded, {"conv_0": keep}))
+  masked = jaxprune.apply_masks(folded, jaxprune.expand(folded, model, {"conv_0": keep}))
   np.testing.assert_allclose(model.apply(masked, x), model.apply(params, x), rtol=1e-5, atol=1e-5)
   assert g.exact_constant_fold
   cnn = jaxprune.CNN4()

@@ -57,7 +57,7 @@ import dataclasses
 import functools
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -178,8 +178,9 @@ class GAResult(NamedTuple):
   Attributes:
     mask: (U,) bool, the best unit mask found.
     fitness: its fitness.
-    accuracy: its training accuracy in percent (NaN when the fitness is a user function and no
-      labels are given, or for a model whose task is not classification).
+    accuracy: its training accuracy as a fraction in [0, 1], like :func:`jaxprune.evaluate`
+      (NaN when the fitness is a user function and no labels are given, or for a model whose
+      task is not classification). The fitness itself keeps the seeds' percent scale.
     kept: number of units it keeps.
     history: a :class:`GAHistory`.
     state: the final :class:`GAState` (population and hall of fame).
@@ -460,17 +461,31 @@ def penalized(accuracy: jax.Array, kept: jax.Array, num_units: int, lam,
   raise ValueError(f"penalty must be 'ratio' (eq. 5) or 'count' (eq. 6), got {penalty!r}.")
 
 
-def fast_path_applies(model, group: str) -> bool:
-  """True if the model's output is an affine function of ``group``'s activations.
+def readout_slice(target, group: str):
+  """The group's consumer slice if the target's output is an affine function of ``group``'s
+  activations, read directly (the GA's fast path); else None.
 
-  That holds when the group's only consumer is the output layer's kernel read directly (the
-  last hidden layer of an MLP, the last dense layer of a CNN): then masking the group only
-  zeroes rows of the output kernel and the activations can be computed once.
+  That holds when the group's only consumer is the last linear map before the output, reading
+  exactly the group's activations (the last hidden layer of an MLP, the last dense layer of a
+  CNN). It is found from the target's traced computation (``target.readout``), never from layer
+  names.
   """
-  g = units_lib._check_group_name(model.groups, group)
-  cons = g.consumers
-  return (len(cons) == 1 and cons[0].view is None and cons[0].path == ("params", "out", "kernel")
-          and cons[0].axis in (0, -2) and cons[0].bias == ("params", "out", "bias"))
+  units_lib._check_group_name(_groups_of(target), group)
+  readout = getattr(target, "readout", None)
+  return readout(group) if readout is not None else None
+
+
+def fast_path_applies(target, group: str) -> bool:
+  """True if :func:`readout_slice` finds the one-product fast path for ``group``."""
+  return readout_slice(target, group) is not None
+
+
+def _groups_of(target):
+  groups = target.groups if hasattr(target, "groups") else None
+  if not isinstance(groups, Mapping):
+    raise TypeError("The GA needs a pruning target (a jaxprune model or jaxprune.trace(...)), got "
+                    f"{type(target).__name__}.")
+  return groups
 
 
 def _labels(y: jax.Array) -> jax.Array:
@@ -503,14 +518,19 @@ class AccuracyFitness:
 
   def prepare(self, params: PyTree, x: jax.Array, y: jax.Array) -> PyTree:
     y = _labels(y)
-    self.model.check_input(x)
+    check = getattr(self.model, "check_input", None)
+    if check is not None:
+      check(x)
     if y.shape[0] != jnp.shape(x)[0]:
       raise ValueError(f"x has {jnp.shape(x)[0]} patterns but y has {y.shape[0]} labels.")
     if not self.fast:
       return {"params": params, "x": jnp.asarray(x), "y": y}
+    s = readout_slice(self.model, self.group)
     h = self.model.activations(params, x, self.group)
-    out = params["params"]["out"]
-    return {"h": h.reshape(h.shape[0], -1), "w": out["kernel"], "b": out["bias"], "y": y}
+    w = units_lib.unit_view(units_lib.get_path(params, s.path), s)      # (units, outputs)
+    b = (units_lib.get_path(params, s.bias) if s.bias is not None
+         else jnp.zeros((w.shape[-1],), w.dtype))
+    return {"h": h.reshape(h.shape[0], -1), "w": w.reshape(w.shape[0], -1), "b": b, "y": y}
 
   def accuracy(self, population: jax.Array, data: PyTree) -> jax.Array:
     """(P,) training accuracy in percent of each mask of the population."""
@@ -524,7 +544,7 @@ class AccuracyFitness:
       return 100.0 * jnp.mean(correct.astype(jnp.float32), axis=0)
 
     def one(mask):
-      wm = masks_lib.expand(self.model, data["params"], {self.group: mask})
+      wm = masks_lib.expand(data["params"], self.model, {self.group: mask})
       logits = self.model.apply(masks_lib.apply_masks(data["params"], wm), data["x"])
       return 100.0 * jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(jnp.float32))
 
@@ -555,7 +575,7 @@ _FITNESS = {"eq5": "ratio", "eq6": "count", "accuracy": None}
 def make_fitness(model, group: str, fitness: str | Callable = "eq5",
                  fast_path: bool | str = "auto") -> AccuracyFitness | UserFitness:
   """The fitness object :func:`search` uses (hashable, so compiled runs are reused)."""
-  g = units_lib._check_group_name(model.groups, group)
+  g = units_lib._check_group_name(_groups_of(model), group)
   if callable(fitness):
     return UserFitness(fitness)
   if fitness not in _FITNESS:
@@ -582,8 +602,9 @@ def make_fitness(model, group: str, fitness: str | Callable = "eq5",
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _best_accuracy(model, group, params, x, y, mask):
+  """Training accuracy of one mask as a fraction (the fitness works in percent)."""
   return AccuracyFitness(model, group, None, False).accuracy(
-      mask[None], {"params": params, "x": x, "y": y})[0]
+      mask[None], {"params": params, "x": x, "y": y})[0] / 100.0
 
 
 def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, group: str, *,
@@ -626,7 +647,7 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     ((20,), (4,))
   """
   fit = make_fitness(model, group, fitness, fast_path)
-  num_units = model.groups[group].size
+  num_units = _groups_of(model)[group].size
   if isinstance(fit, UserFitness):
     data = params
     mask = jnp.ones((num_units,), bool)

@@ -67,6 +67,14 @@ def _jitted_init(model: "Model"):
   return jax.jit(lambda key: dict(model.module.init(key, jnp.zeros(shape, jnp.float32))))
 
 
+@functools.lru_cache(maxsize=64)
+def _traced(model: "Model"):
+  from jaxprune import tracing  # pylint: disable=g-import-not-at-top
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  x = jax.ShapeDtypeStruct((2,) + tuple(model.input_shape), jnp.float32)
+  return tracing.trace(model.apply, params, x)
+
+
 @dataclasses.dataclass(frozen=True)
 class Model(abc.ABC):
   """Base class: subclasses define ``input_shape``, ``module``, ``groups`` and ``resize``."""
@@ -153,9 +161,27 @@ class Model(abc.ABC):
     The compacted model's outputs equal the masked model's (``apply(apply_masks(params,
     expand(...)), x)``) to float tolerance.
     """
-    small = units_lib.compact(params, self.groups, unit_masks)
-    sizes = {k: int(np.sum(np.asarray(m))) for k, m in unit_masks.items()}
+    groups = self.groups
+    small = units_lib.compact(params, groups, unit_masks)  # checks keys, shapes and dtypes
+    sizes = {k: int(np.sum(np.asarray(units_lib.unit_mask(np.asarray(m), groups[k]))))
+             for k, m in unit_masks.items()}
     return small, self.resize(sizes)
+
+  def traced(self):
+    """This model as :func:`jaxprune.trace` sees it (from shapes only; cached per model)."""
+    return _traced(self)
+
+  def readout(self, name: str):
+    """The consumer slice of ``name`` when its only reader is the output layer (an affine map of
+    the group's activations: the GA's fast path); else None. Found by tracing, not by name."""
+    declared = units_lib._check_group_name(self.groups, name)
+    t = self.traced()
+    same = [n for n, g in t.groups.items() if g.slices == declared.slices]
+    return t.readout(same[0]) if same else None
+
+  def explain(self) -> str:
+    """Every parameter leaf with its traced group and role, or why it has none."""
+    return self.traced().explain()
 
   def param_count(self, params: PyTree) -> int:
     return int(sum(np.size(p) for p in jax.tree.leaves(params.get("params", params))))

@@ -108,12 +108,14 @@ class _ConvNet(Model):
     nexts = layers[1:] + ("out",)
     h, w, c = self.feature_map_shape()
     width = self.dense[0] if self.dense else self.out_features
-    view = {convs[-1]: (h * w, c, width)}  # flatten: channel c owns rows c, c + C, ...
+    # flatten: channel c owns rows c, c + C, ... (plain rows when the map is 1x1)
+    view = {convs[-1]: (h * w, c, width)} if h * w > 1 else {}
     # Conv i is read by conv i+1; a 'SAME' (zero-padded) reader makes constant folding inexact.
     padded = tuple(convs[i] for i in range(len(convs) - 1)
                    if self.paddings[i + 1] != "VALID" and self.kernels[i + 1] > 1)
     groups = dense_chain_groups(convs, self.channels, nexts[:len(convs)], self.activation,
-                                consumer_view=view, kind="conv", padded_consumers=padded)
+                                consumer_view=view, kind="conv", padded_consumers=padded,
+                                dense_consumers=() if view else convs[-1:])
     groups.update(dense_chain_groups(denses, self.dense, nexts[len(convs):], self.activation))
     return groups
 

@@ -39,25 +39,32 @@ def dense_chain_groups(layer_names: tuple[str, ...], sizes: tuple[int, ...],
                        group_names: tuple[str, ...] | None = None,
                        consumer_view: dict[str, tuple[int, ...]] | None = None,
                        kind: str = "dense",
-                       padded_consumers: tuple[str, ...] = ()) -> dict[str, UnitGroup]:
+                       padded_consumers: tuple[str, ...] = (),
+                       dense_consumers: tuple[str, ...] = ()) -> dict[str, UnitGroup]:
   """Unit groups for a chain of layers: layer i's outputs are read by layer ``next_names[i]``.
 
-  Each group owns its layer's kernel columns (last axis) and bias, and the consumer layer's
-  kernel rows (axis -2 for dense and conv kernels: (in, out) and (kh, kw, in, out)).
-  Groups named in ``padded_consumers`` are read by a zero-padded convolution.
+  Each group owns its layer's kernel columns (the last axis: 1 of a dense (in, out) kernel, 3 of
+  a conv (kh, kw, in, out) kernel) and bias, and the consumer layer's kernel rows (the input
+  axis: 0 of a dense kernel, 2 of a conv kernel, 1 of a dense kernel read through flatten with
+  ``view=(H*W, C, out)``). Conv groups are read by the next conv, except one with a view.
+  Groups named in ``padded_consumers`` are read by a zero-padded convolution, and conv groups
+  named in ``dense_consumers`` by a dense layer without a view (a 1x1 map flattened).
   """
   group_names = group_names or layer_names
   consumer_view = consumer_view or {}
   groups = {}
   for name, layer, size, nxt in zip(group_names, layer_names, sizes, next_names):
     view = consumer_view.get(name)
+    conv = kind == "conv"
     groups[name] = UnitGroup(
         name=name, size=size, activation=activation, kind=kind,
         slices=(
-            Slice(("params", layer, "kernel"), axis=-1, role="producer"),
-            Slice(("params", layer, "bias"), axis=0, role="producer"),
-            Slice(("params", nxt, "kernel"), axis=-2, role="consumer", view=view,
-                  bias=("params", nxt, "bias"), padded=name in padded_consumers),
+            Slice(("params", layer, "kernel"), axis=3 if conv else 1, role="producer"),
+            Slice(("params", layer, "bias"), axis=0, role="producer", kind="bias"),
+            Slice(("params", nxt, "kernel"),
+                  axis=1 if view else (2 if conv and name not in dense_consumers else 0),
+                  role="consumer", view=view, bias=("params", nxt, "bias"),
+                  padded=name in padded_consumers),
         ))
   return groups
 

@@ -172,13 +172,15 @@ class ResNet18(Model):
       groups[name] = UnitGroup(
           name=name, size=width, activation="relu", kind="conv",
           slices=(
-              Slice(("params", name, "conv1", "kernel"), axis=-1, role="producer"),
-              Slice(("params", name, "bn1", "scale"), axis=0, role="producer"),
-              Slice(("params", name, "bn1", "bias"), axis=0, role="producer"),
-              Slice(("batch_stats", name, "bn1", "mean"), axis=0, role="producer"),
-              Slice(("batch_stats", name, "bn1", "var"), axis=0, role="producer"),
-              # conv2 has no bias (batch norm follows), so nothing can be folded into it.
-              Slice(("params", name, "conv2", "kernel"), axis=-2, role="consumer", bias=None),
+              Slice(("params", name, "conv1", "kernel"), axis=3, role="producer"),
+              Slice(("params", name, "bn1", "scale"), axis=0, role="producer", kind="scale"),
+              Slice(("params", name, "bn1", "bias"), axis=0, role="producer", kind="shift"),
+              Slice(("batch_stats", name, "bn1", "mean"), axis=0, role="producer", kind="stat"),
+              Slice(("batch_stats", name, "bn1", "var"), axis=0, role="producer", kind="stat"),
+              # conv2 (3x3, zero-padded) has no bias (batch norm follows), so nothing can be
+              # folded into it.
+              Slice(("params", name, "conv2", "kernel"), axis=2, role="consumer", bias=None,
+                    padded=True),
           ))
     return groups
 

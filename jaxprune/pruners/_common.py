@@ -18,18 +18,18 @@ PyTree = Any
 SHIFT = {"sigmoid": 0.5, "tanh": 0.0, "relu": 0.0, "linear": 0.0}
 
 
-def resolve_groups(model_or_groups) -> Mapping[str, units_lib.UnitGroup]:
-  """A model's ``groups`` (or the groups mapping itself)."""
-  groups = model_or_groups.groups if hasattr(model_or_groups, "groups") else model_or_groups
+def resolve_groups(target) -> Mapping[str, units_lib.UnitGroup]:
+  """A pruning target's ``groups`` (built-in model or traced), or the groups mapping itself."""
+  groups = target.groups if hasattr(target, "groups") else target
   if not isinstance(groups, Mapping):
-    raise TypeError("Pass a jaxprune model or its `groups` dict (name -> UnitGroup), got "
-                    f"{type(model_or_groups).__name__}.")
-  return groups
+    raise TypeError("Pass a pruning target (a jaxprune model or jaxprune.trace(...)) or its "
+                    f"`groups` dict (name -> UnitGroup), got {type(target).__name__}.")
+  return dict(groups)
 
 
-def get_group(model_or_groups, name: str) -> units_lib.UnitGroup:
-  """The unit group called ``name``; a KeyError that lists the model's groups otherwise."""
-  return units_lib._check_group_name(resolve_groups(model_or_groups), name)
+def get_group(target, name: str) -> units_lib.UnitGroup:
+  """The unit group called ``name``; a KeyError that lists the target's groups otherwise."""
+  return units_lib._check_group_name(resolve_groups(target), name)
 
 
 def is_concrete(*xs) -> bool:
@@ -37,18 +37,21 @@ def is_concrete(*xs) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
 
 
-def group_mask(unit_masks: Mapping[str, Any], group: units_lib.UnitGroup) -> jax.Array:
-  """The group's unit mask from ``unit_masks`` (all True if the group is not named)."""
-  if not isinstance(unit_masks, Mapping):
-    raise TypeError(f"unit_masks must be a dict from group name to bool vector, got "
-                    f"{type(unit_masks).__name__}.")
+def group_mask(unit_masks: Mapping[str, Any], group: units_lib.UnitGroup,
+               groups: Mapping[str, units_lib.UnitGroup], params: PyTree = None) -> jax.Array:
+  """The group's unit mask from ``unit_masks`` (all True if the group is not named).
+
+  Every key of ``unit_masks`` must name one of ``groups`` (a misspelt key raises), every mask
+  must be bool (or 0/1 integers), and the group is checked against ``params`` when given.
+  """
+  units_lib.check_mask_keys(groups, unit_masks)
+  if params is not None:
+    units_lib.check_group(params, group)
+  for name, m in unit_masks.items():
+    units_lib.unit_mask(m, groups[name])
   if group.name not in unit_masks:
     return jnp.ones((group.size,), bool)
-  m = jnp.asarray(unit_masks[group.name])
-  if m.shape != (group.size,):
-    raise ValueError(f"Unit mask {group.name!r} has shape {m.shape}; group {group.name!r} has "
-                     f"{group.size} units, so it needs shape ({group.size},).")
-  return m.astype(bool)
+  return units_lib.unit_mask(unit_masks[group.name], group)
 
 
 def with_mask(unit_masks: Mapping[str, Any], name: str, mask: jax.Array) -> dict:
@@ -87,20 +90,16 @@ def check_finite(name: str, x) -> None:
                      "training?) or the inputs before pruning.")
 
 
-def _is_kernel(leaf_shape) -> bool:
-  return len(leaf_shape) >= 2
-
-
 def incoming_vectors(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
   """Each unit's incoming kernel weights, flattened: (units, fan_in) (conv: in_ch x k x k).
 
-  Only producer slices with two or more dimensions (kernels) are used; biases and
-  normalisation parameters are left out.
+  Only producer slices of kind ``'kernel'`` are used; biases and normalisation parameters are
+  left out.
   """
   parts = []
   for s in group.producers:
     leaf = units_lib.get_path(params, s.path)
-    if _is_kernel(jnp.shape(leaf)):
+    if s.kind == "kernel":
       v = units_lib.unit_view(leaf, s)
       parts.append(v.reshape(v.shape[0], -1))
   if not parts:
@@ -118,9 +117,9 @@ def outgoing_vectors(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
 
 
 def producer_bias(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
-  """The units' biases (zeros if the group has no 1-D producer slice named 'bias')."""
+  """The units' biases (zeros if the group has no producer slice of kind ``'bias'``)."""
   for s in group.producers:
-    if s.path[-1] == "bias":
+    if s.kind == "bias":
       return units_lib.unit_view(units_lib.get_path(params, s.path), s).reshape(group.size)
   return jnp.zeros((group.size,), jnp.float32)
 

@@ -500,6 +500,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     stay exact.
   """
   g = _common.get_group(model_or_groups, group)
+  groups = _common.resolve_groups(model_or_groups)
   if not (similar or complementary or constants):
     raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
   _check_bias_folds(g, constants=constants, compensate=compensate, fold=fold)
@@ -508,7 +509,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
 
   def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
             constant_tol=1e-6):
-    mask = _common.group_mask(unit_masks, g)
+    mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_activation_shape(activations, g)
     _common.check_finite("Activations", activations)
     check_thresholds(similar_deg, complementary_deg, similar=similar,
@@ -579,6 +580,7 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     >>> params, masks, report = prune(params, jaxprune.unit_masks_ones(model), 30.0, 150.0)
   """
   g = _common.get_group(model_or_groups, group)
+  groups = _common.resolve_groups(model_or_groups)
   if source not in ("incoming", "outgoing"):
     raise ValueError(f"source must be 'incoming' or 'outgoing', got {source!r}.")
   if not (similar or complementary or constants):
@@ -588,7 +590,7 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
                                     _candidates)
 
   def prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6):
-    mask = _common.group_mask(unit_masks, g)
+    mask = _common.group_mask(unit_masks, g, groups, params)
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
@@ -659,6 +661,7 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     [10, 9, 8]
   """
   g = _common.get_group(model, group)
+  groups = _common.resolve_groups(model)
   _check_bias_folds(g, constants=constants, compensate=compensate)
   if not hasattr(model, "activations"):
     raise TypeError("progressive_distinctiveness needs a jaxprune model (to recompute "
@@ -730,7 +733,7 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
   jitted = jax.jit(run_core)
 
   def run(params, unit_masks, x, constant_tol=1e-6):
-    mask = _common.group_mask(unit_masks, g)
+    mask = _common.group_mask(unit_masks, g, groups, params)
     _check_tol(constant_tol)
     params, mask, report = jitted(params, mask, x, constant_tol)
     return params, _common.with_mask(unit_masks, g.name, mask), report

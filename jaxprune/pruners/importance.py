@@ -39,6 +39,7 @@ NORMS = ("rms", "l1", "l2")
 def importance_scores(params: PyTree, model_or_groups, group: str, norm: str = "rms"):
   """(units,) importance of each unit of ``group`` from its incoming kernel weights."""
   g = _common.get_group(model_or_groups, group)
+  _common.units_lib.check_group(params, g)
   return _scores(params, g, norm)
 
 
@@ -75,6 +76,7 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
     ``kept_last`` is True.
   """
   g = _common.get_group(model_or_groups, group)
+  groups = _common.resolve_groups(model_or_groups)
   if norm not in NORMS:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
 
@@ -90,7 +92,7 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
             ImportanceResult(s, n - jnp.sum(keep, dtype=jnp.int32), (k >= n) & (n > 0)))
 
   def prune(params, unit_masks, k):
-    mask = _common.group_mask(unit_masks, g)
+    mask = _common.group_mask(unit_masks, g, groups, params)
     if _common.is_concrete(k) and (int(k) < 0 or int(k) > g.size):
       raise ValueError(f"k must be between 0 and the group size {g.size}, got {k}.")
     params, keep, res = core(params, mask, k)
@@ -145,6 +147,7 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
     >>> params, masks, rep = run(params, jaxprune.unit_masks_ones(model), 0.1)
   """
   g = _common.get_group(model_or_groups, group)
+  groups = _common.resolve_groups(model_or_groups)
   if norm not in NORMS:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
   h = g.size
@@ -189,7 +192,7 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
             IterativeReport(rows[0], rows[1], rows[2], rows[3], count, stopped))
 
   def run(params, unit_masks, max_rise=0.1):
-    mask = _common.group_mask(unit_masks, g)
+    mask = _common.group_mask(unit_masks, g, groups, params)
     if _common.is_concrete(max_rise) and not float(max_rise) >= 0:
       raise ValueError(f"max_rise must be >= 0 (the largest allowed rise of the loss), got "
                        f"{max_rise}.")

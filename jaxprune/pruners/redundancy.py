@@ -77,6 +77,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     concrete input; under jit they leave everything unchanged and set ``report.invalid``.
   """
   g = _common.get_group(model_or_groups, group)
+  groups = _common.resolve_groups(model_or_groups)
   h = g.size
 
   @jax.jit
@@ -134,7 +135,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     return params, m, rep
 
   def prune(params, unit_masks, activations, tol=1e-3):
-    mask = _common.group_mask(unit_masks, g)
+    mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_activation_shape(activations, g)
     _common.check_finite("Activations", activations)
     if _common.is_concrete(tol) and not float(tol) >= 0:

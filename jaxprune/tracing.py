@@ -1,0 +1,1088 @@
+"""Pruning targets traced from any JAX function: unit groups found, not declared.
+
+``trace(fn, params, *example_args)`` walks the jaxpr of ``fn(params, *example_args)`` and follows
+every axis of every parameter leaf through the computation, the way Torch-Pruning's dependency
+graph does for PyTorch modules. Each axis of each intermediate value is described by *atoms*
+(a flatten merges several atoms into one axis; a consumer kernel read through a flatten is split
+into the same atoms). Operations tie atoms together with a union-find:
+
+* elementwise ops (bias add, batch-norm scale/shift/statistics, activations) tie the axes of their
+  operands (size-1 axes broadcast and tie nothing);
+* ``dot_general`` and ``conv_general_dilated`` tie the contracted axes of their two operands; the
+  kernel's free axis becomes the output's axis (a depthwise conv ties input and output channels);
+* residual additions tie the channels of several layers into one coupled group;
+* ``reshape`` regroups atoms (flatten) and ``transpose`` permutes them;
+* pooling and reductions over *other* axes keep the unit axis; sub-jaxprs (``jit``,
+  ``custom_jvp``/``custom_vjp`` calls, ``remat``) are followed.
+
+A class of tied atoms is a *unit group* when parameter leaves produce it (kernel columns, biases,
+norm parameters), at least one kernel reads (contracts) it against the activations, and nothing
+mixes its units or lets them escape: classes that reach the function's outputs or inputs, are
+reduced over (e.g. layer-norm statistics), sliced, sorted, concatenated, tied to a constant of
+fixed shape, or touched by an op this module does not follow are *not prunable*, and
+:meth:`TracedTarget.explain` says why for every parameter leaf. Removing a unit of a group then
+removes exactly its slices, and the compacted network computes what the masked one does.
+
+The compacted network runs through the same computation: :class:`TracedTarget` re-evaluates the
+traced program at the new unit counts (shapes inside the program, e.g. a ``reshape``'s sizes or
+a depthwise conv's group count, are recomputed from the atoms), so no module is rewritten.
+
+Example:
+  >>> import jax, jax.numpy as jnp, jaxprune
+  >>> def mlp(p, x):
+  ...   h = jnp.tanh(x @ p['w1'] + p['b1'])
+  ...   return h @ p['w2'] + p['b2']
+  >>> params = {'w1': jnp.ones((3, 5)), 'b1': jnp.zeros(5), 'w2': jnp.ones((5, 2)),
+  ...           'b2': jnp.zeros(2)}
+  >>> target = jaxprune.trace(mlp, params, jnp.zeros((4, 3)))
+  >>> list(target.groups), target.groups['w1'].size
+  (['w1'], 5)
+  >>> small, small_target = target.compact(params, {'w1': jnp.array([1, 0, 1, 1, 0], bool)})
+  >>> small['w1'].shape, small_target.apply(small, jnp.zeros((4, 3))).shape
+  ((3, 3), (4, 2))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import units as units_lib
+
+PyTree = Any
+Path = tuple[str, ...]
+
+# ----------------------------------------------------------------------------- primitive tables
+
+_ELEMENTWISE = frozenset("""
+abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type copy
+copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow
+is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow real
+reduce_precision rem round rsqrt select_n sign sin sinh sqrt square sub tan tanh xor
+optimization_barrier sharding_constraint
+""".split())
+_REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or "
+                        "reduce_xor argmax argmin".split())
+_CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
+_WINDOWED = frozenset("reduce_window_sum reduce_window_max reduce_window_min reduce_window".split())
+# Call-like primitives whose body is followed, by the name of the param that holds it.
+_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+          "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+          "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr"}
+# Elementwise ops whose output (as the end of a chain after a kernel) names the activation.
+_ACTIVATION_OPS = {"logistic": "sigmoid", "tanh": "tanh"}
+
+
+class TraceError(ValueError):
+  """``fn`` could not be traced with the example arguments."""
+
+
+# ----------------------------------------------------------------------------- atoms
+
+
+class _Atoms:
+  """Union-find over axis atoms with sizes; classes carry the reasons they cannot be pruned.
+
+  An atom can be *refined* into several smaller atoms (a consumer kernel's rows read through a
+  flatten become (positions, channels)); refining an atom refines its whole class alike.
+  """
+
+  def __init__(self):
+    self.parent: list[int] = []
+    self.size: list[int] = []
+    self.members: dict[int, list[int]] = {}
+    self.blocked: dict[int, list[str]] = {}
+    self.refined: dict[int, tuple[int, ...]] = {}
+
+  def new(self, size: int, blocked: str | None = None) -> int:
+    a = len(self.parent)
+    self.parent.append(a)
+    self.size.append(int(size))
+    self.members[a] = [a]
+    self.blocked[a] = [blocked] if blocked else []
+    return a
+
+  def find(self, a: int) -> int:
+    root = a
+    while self.parent[root] != root:
+      root = self.parent[root]
+    while self.parent[a] != root:
+      self.parent[a], a = root, self.parent[a]
+    return root
+
+  def union(self, a: int, b: int) -> None:
+    ra, rb = self.find(a), self.find(b)
+    if ra == rb:
+      return
+    if len(self.members[ra]) < len(self.members[rb]):
+      ra, rb = rb, ra
+    self.parent[rb] = ra
+    self.members[ra].extend(self.members.pop(rb))
+    self.blocked[ra].extend(self.blocked.pop(rb))
+
+  def block(self, a: int, reason: str) -> None:
+    for leaf in self.expand((a,)):
+      r = self.find(leaf)
+      if reason not in self.blocked[r]:
+        self.blocked[r].append(reason)
+
+  def expand(self, atoms: Sequence[int]) -> tuple[int, ...]:
+    out = []
+    for a in atoms:
+      if a in self.refined:
+        out.extend(self.expand(self.refined[a]))
+      else:
+        out.append(a)
+    return tuple(out)
+
+  def refine(self, a: int, factors: Sequence[int]) -> None:
+    """Splits atom ``a`` (and every atom of its class) into atoms of sizes ``factors``."""
+    r = self.find(a)
+    reasons = list(self.blocked[r])
+    first = None
+    for m in list(self.members[r]):
+      subs = tuple(self.new(f) for f in factors)
+      self.refined[m] = subs
+      if first is None:
+        first = subs
+      else:
+        for s, f in zip(subs, first):
+          self.union(s, f)
+    for s in first:
+      for why in reasons:
+        self.block(s, why)
+
+  def unify(self, xs: Sequence[int], ys: Sequence[int], reason: str) -> bool:
+    """Ties two axes given as atom lists of the same total size (refining where needed)."""
+    xs = [a for a in self.expand(xs) if self.size[a] > 1]
+    ys = [a for a in self.expand(ys) if self.size[a] > 1]
+    i = j = 0
+    while i < len(xs) and j < len(ys):
+      if xs[i] in self.refined:
+        xs[i:i + 1] = [a for a in self.expand((xs[i],)) if self.size[a] > 1]
+        continue
+      if ys[j] in self.refined:
+        ys[j:j + 1] = [a for a in self.expand((ys[j],)) if self.size[a] > 1]
+        continue
+      a, b = xs[i], ys[j]
+      sa, sb = self.size[a], self.size[b]
+      if sa == sb:
+        self.union(a, b)
+        i, j = i + 1, j + 1
+      elif sa > sb and sa % sb == 0:
+        self.refine(a, (sb, sa // sb))
+      elif sb > sa and sb % sa == 0:
+        self.refine(b, (sa, sb // sa))
+      else:
+        for c in xs[i:] + ys[j:]:
+          self.block(c, reason)
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- the walk
+
+
+@dataclasses.dataclass
+class _Use:
+  """How a parameter leaf axis is used: read by a kernel contraction, or produced."""
+  leaf: int
+  axis: int
+  role: str          # 'producer' or 'consumer'
+  kind: str          # 'kernel', 'bias', 'scale', 'shift', 'stat'
+  where: tuple       # eqn path of the op that decided it (program order)
+
+
+@dataclasses.dataclass
+class _Contraction:
+  path: tuple
+  kernel: int                # leaf index of the kernel
+  kernel_var: Any            # the kernel operand (for readout checks)
+  stream_var: Any            # the activation operand
+  out_var: Any
+  conv: bool
+  padded: bool
+  consumer_axes: tuple       # kernel axes read against the activations
+  producer_axes: tuple       # kernel axes that become output axes
+
+
+class _Walker:
+  """Walks a closed jaxpr once, giving every value's axes as atom lists."""
+
+  def __init__(self, num_params: int):
+    self.atoms = _Atoms()
+    self.num_params = num_params
+    self.shapes: dict[tuple, list] = {}       # eqn path -> atoms of each output (for resizing)
+    self.origin: dict[Any, tuple] = {}         # var -> (leaf, axis map) for pure layout of a leaf
+    self.stream: set = set()                   # vars that depend on the non-param arguments
+    self.contractions: list[_Contraction] = []
+    self.uses: dict[tuple[int, int], _Use] = {}
+    self.first_use: dict[int, tuple] = {}      # leaf -> (kind, path) of its first arithmetic use
+    self.users: dict[Any, list] = {}           # var -> [(path, eqn)] in its own jaxpr
+    self.producer_of: dict[Any, tuple] = {}    # var -> (path, eqn) that computes it
+    self.var_atoms: dict[tuple, tuple] = {}    # (scope, var) -> atoms per axis
+    self.invar_atoms: list = []
+    self.out_vars: list = []
+    self.scoped_env: dict = {}
+
+  # -- helpers ---------------------------------------------------------------------------------
+  def fresh(self, shape, blocked=None):
+    return tuple((self.atoms.new(d, blocked),) for d in shape)
+
+  def walk(self, closed, param_leaves, arg_leaves):
+    jaxpr = closed.jaxpr
+    env = {}
+    for i, (v, leaf) in enumerate(zip(jaxpr.invars, param_leaves + arg_leaves)):
+      ax = self.fresh(np.shape(leaf))
+      env[v] = ax
+      self.invar_atoms.append(ax)
+      if i < self.num_params:
+        self.origin[v] = (i, tuple(range(len(ax))))
+      else:
+        self.stream.add(v)
+        for a in ax:
+          self.atoms.block(a[0], "an axis of the function's inputs")
+    for v in jaxpr.constvars:
+      env[v] = self.fresh(v.aval.shape, "tied to a constant array of fixed shape")
+    self._walk(jaxpr, env, ())
+    for ax in (self._read(env, v) for v in jaxpr.outvars):
+      for atoms in ax:
+        for a in atoms:
+          self.atoms.block(a, "reaches the function's outputs")
+    self.out_vars = list(jaxpr.outvars)
+    self.env = env
+
+  def _read(self, env, v):
+    if isinstance(v, jex.core.Literal):
+      return self.fresh(np.shape(v.val), "tied to a constant array of fixed shape")
+    return env[v]
+
+  def _walk(self, jaxpr, env, scope):
+    for k, eqn in enumerate(jaxpr.eqns):
+      path = scope + (k,)
+      for v in eqn.invars:
+        if not isinstance(v, jex.core.Literal):
+          self.users.setdefault(v, []).append((path, eqn))
+      for v in eqn.outvars:
+        self.producer_of[v] = (path, eqn)
+      ins = [self._read(env, v) for v in eqn.invars]
+      if any(not isinstance(v, jex.core.Literal) and v in self.stream for v in eqn.invars):
+        self.stream.update(eqn.outvars)
+      outs = self._eqn(eqn, ins, env, path)
+      self.shapes[path] = outs
+      for v, ax in zip(eqn.outvars, outs):
+        env[v] = ax
+        self.scoped_env[(scope, v)] = ax
+      self._track_origin(eqn, path)
+
+  # -- parameter provenance --------------------------------------------------------------------
+  def _track_origin(self, eqn, path):
+    name = eqn.primitive.name
+    srcs = [(i, v) for i, v in enumerate(eqn.invars)
+            if not isinstance(v, jex.core.Literal) and v in self.origin]
+    if not srcs:
+      return
+    if name in ("reshape", "broadcast_in_dim", "convert_element_type", "squeeze", "copy",
+                "copy_p") and len(eqn.invars) >= 1 and srcs[0][0] == 0:
+      leaf, amap = self.origin[eqn.invars[0]]
+      in_shape = eqn.invars[0].aval.shape
+      out_shape = eqn.outvars[0].aval.shape
+      big_in = [a for a, d in zip(amap, in_shape) if d > 1]
+      big_out = [d for d in out_shape if d > 1]
+      if [d for d in in_shape if d > 1] == big_out:  # only size-1 axes added or removed
+        it = iter(big_in)
+        self.origin[eqn.outvars[0]] = (leaf, tuple(next(it) if d > 1 else None
+                                                   for d in out_shape))
+      return
+    if name == "transpose":
+      leaf, amap = self.origin[eqn.invars[0]]
+      self.origin[eqn.outvars[0]] = (leaf, tuple(amap[p] for p in eqn.params["permutation"]))
+      return
+    if name in ("dot_general", "conv_general_dilated"):
+      return  # recorded as contractions
+    for i, v in srcs:
+      leaf = self.origin[v][0]
+      if leaf in self.first_use:
+        continue
+      others = [w for w in eqn.invars if w is not v]
+      on_stream = any(not isinstance(w, jex.core.Literal) and w in self.stream for w in others)
+      if name == "add" and on_stream:
+        direct = any(not isinstance(w, jex.core.Literal) and w in self.producer_of
+                     and self.producer_of[w][1].primitive.name in ("dot_general",
+                                                                    "conv_general_dilated")
+                     for w in others)
+        kind = "bias" if direct else "shift"
+      elif name == "mul":
+        kind = "scale"
+      else:
+        kind = "stat"
+      self.first_use[leaf] = (kind, path)
+
+  # -- one equation ----------------------------------------------------------------------------
+  def _eqn(self, eqn, ins, env, path):
+    name = eqn.primitive.name
+    A = self.atoms
+    out_shapes = [tuple(v.aval.shape) if hasattr(v.aval, "shape") else () for v in eqn.outvars]
+
+    if name in _CALLS or (name.startswith("custom_") and _CALLS.get(name)):
+      sub = eqn.params.get(_CALLS[name])
+      if sub is not None:
+        inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+        consts = getattr(sub, "consts", ())
+        ienv = {}
+        n_in = len(inner.invars)
+        for v, ax in zip(inner.invars, ins[len(ins) - n_in:]):
+          ienv[v] = ax
+        for v in inner.constvars:
+          ienv[v] = self.fresh(v.aval.shape, "tied to a constant array of fixed shape")
+        del consts
+        # Parameter provenance and activation dependence flow into the body.
+        for v, w in zip(inner.invars, eqn.invars[len(eqn.invars) - n_in:]):
+          if not isinstance(w, jex.core.Literal):
+            if w in self.origin:
+              self.origin[v] = self.origin[w]
+            if w in self.stream:
+              self.stream.add(v)
+        self._walk(inner, ienv, path)
+        outs = [self._read(ienv, v) for v in inner.outvars]
+        for v, w in zip(eqn.outvars, inner.outvars):
+          if not isinstance(w, jex.core.Literal) and w in self.origin:
+            self.origin[v] = self.origin[w]
+        return outs
+
+    if name in _ELEMENTWISE:
+      outs = []
+      for shape in out_shapes:
+        ax = []
+        for d, size in enumerate(shape):
+          cands = [x[d] for x in ins if len(x) == len(shape) and math.prod(
+              A.size[a] for a in A.expand(x[d])) == size and size > 1]
+          if not cands:
+            ax.append((A.new(size),))
+            continue
+          for c in cands[1:]:
+            A.unify(cands[0], c, f"tied unevenly by {name}")
+          ax.append(cands[0])
+        outs.append(tuple(ax))
+      return outs
+
+    if name == "broadcast_in_dim":
+      (x,), shape, dims = ins[:1], eqn.params["shape"], eqn.params["broadcast_dimensions"]
+      ax = [None] * len(shape)
+      for k, d in enumerate(dims):
+        if x[k] and math.prod(A.size[a] for a in A.expand(x[k])) == shape[d] and shape[d] > 1:
+          ax[d] = x[k]
+      return [tuple(a if a is not None else (A.new(shape[d]),) for d, a in enumerate(ax))]
+
+    if name == "reshape":
+      if eqn.params.get("dimensions") is not None:
+        return self._opaque(eqn, ins, out_shapes, "used by a reshape with a transpose")
+      out = self._reshape(ins[0], out_shapes[0])
+      if out is None:
+        return self._opaque(eqn, ins, out_shapes, "split unevenly by a reshape")
+      return [out]
+
+    if name == "transpose":
+      return [tuple(ins[0][p] for p in eqn.params["permutation"])]
+
+    if name == "squeeze":
+      dims = {d % len(ins[0]) for d in eqn.params["dimensions"]}
+      return [tuple(a for d, a in enumerate(ins[0]) if d not in dims)]
+
+    if name == "expand_dims":
+      dims = set(eqn.params["dimensions"])
+      it = iter(ins[0])
+      return [tuple((A.new(1),) if d in dims else next(it) for d in range(len(out_shapes[0])))]
+
+    if name == "dot_general":
+      return [self._dot(eqn, ins, path)]
+
+    if name == "conv_general_dilated":
+      return [self._conv(eqn, ins, path)]
+
+    if name in _REDUCTIONS:
+      axes = set(eqn.params["axes"])
+      for d in axes:
+        for a in ins[0][d]:
+          A.block(a, f"reduced over by {name}")
+      return [tuple(a for d, a in enumerate(ins[0]) if d not in axes)]
+
+    if name in _CUMULATIVE:
+      d = eqn.params["axis"]
+      for a in ins[0][d]:
+        A.block(a, f"accumulated along by {name}")
+      return [ins[0]]
+
+    if name in _WINDOWED:
+      x = ins[0]
+      win, strides = eqn.params["window_dimensions"], eqn.params["window_strides"]
+      pad = eqn.params.get("padding", ((0, 0),) * len(x))
+      out = []
+      for d, size in enumerate(out_shapes[0]):
+        if win[d] == 1 and strides[d] == 1 and tuple(pad[d]) == (0, 0):
+          out.append(x[d])
+        else:
+          for a in x[d]:
+            A.block(a, f"pooled over by {name}")
+          out.append((A.new(size),))
+      outs = [tuple(out)] * len(out_shapes)
+      return outs
+
+    if name == "concatenate":
+      dim = eqn.params["dimension"]
+      for x in ins:
+        for a in x[dim]:
+          A.block(a, "concatenated along (not followed)")
+      return self._same_except(ins, out_shapes, {dim}, "concatenate")
+
+    if name in ("slice", "pad", "dynamic_slice", "rev", "dynamic_update_slice"):
+      x = ins[0]
+      changed = {d for d in range(len(x))
+                 if math.prod(A.size[a] for a in A.expand(x[d])) != out_shapes[0][d]}
+      if name == "pad":
+        changed |= {d for d, (lo, hi, interior) in enumerate(eqn.params["padding_config"])
+                    if lo or hi or interior}
+      if name == "rev":
+        changed |= set(eqn.params["dimensions"])
+      if name == "dynamic_update_slice":
+        upd = ins[1]
+        changed |= {d for d in range(len(x)) if math.prod(
+            A.size[a] for a in A.expand(upd[d])) != math.prod(A.size[a] for a in A.expand(x[d]))}
+      for d in changed:
+        for a in x[d]:
+          A.block(a, f"indexed along by {name}")
+      return self._same_except(ins[:1], out_shapes, changed, name)
+
+    if name == "iota":
+      return self.fresh(out_shapes[0], "indexed along by iota")
+
+    if name in ("sort", "argsort"):
+      d = eqn.params["dimension"]
+      for x in ins:
+        for a in x[d]:
+          A.block(a, f"sorted along by {name}")
+      return [tuple(x) for x in ins][:len(out_shapes)]
+
+    return self._opaque(eqn, ins, out_shapes, f"used by {name} (not followed)")
+
+  def _same_except(self, ins, out_shapes, dims, name):
+    A = self.atoms
+    out = []
+    for d, size in enumerate(out_shapes[0]):
+      if d in dims:
+        out.append((A.new(size, f"indexed along by {name}"),))
+        continue
+      cands = [x[d] for x in ins if len(x) > d and math.prod(
+          A.size[a] for a in A.expand(x[d])) == size and size > 1]
+      for c in cands[1:]:
+        A.unify(cands[0], c, f"tied unevenly by {name}")
+      out.append(cands[0] if cands else (A.new(size),))
+    return [tuple(out)] * len(out_shapes)
+
+  def _reshape(self, x, out_shape):
+    """Regroups the input's atoms into the output's axes (row-major); None if it cannot."""
+    A = self.atoms
+    flat = [a for ax in x for a in A.expand(ax) if A.size[a] > 1]
+    out, i = [], 0
+    for size in out_shape:
+      if size == 1:
+        out.append((A.new(1),))
+        continue
+      group, prod = [], 1
+      while prod < size:
+        if i >= len(flat):
+          return None
+        a = flat[i]
+        if a in A.refined:
+          flat[i:i + 1] = [b for b in A.expand((a,)) if A.size[b] > 1]
+          continue
+        s, need = A.size[a], size // prod
+        if size % prod == 0 and s <= need and need % s == 0:
+          group.append(a)
+          prod *= s
+          i += 1
+        elif size % prod == 0 and s > need and s % need == 0:
+          A.refine(a, (need, s // need))
+          flat[i:i + 1] = list(A.refined[a])
+        else:
+          return None
+      out.append(tuple(group))
+    return tuple(out)
+
+  def _opaque(self, eqn, ins, out_shapes, reason):
+    for x in ins:
+      for ax in x:
+        for a in ax:
+          self.atoms.block(a, reason)
+    return [self.fresh(s, reason) for s in out_shapes]
+
+  # -- contractions ----------------------------------------------------------------------------
+  def _kernel_operand(self, eqn):
+    """(kernel index in invars, leaf, axis map) if one operand is a pure parameter leaf and the
+    other depends on the inputs; else None."""
+    a, b = eqn.invars[:2]
+    for idx, (k, x) in enumerate(((a, b), (b, a))):
+      if (not isinstance(k, jex.core.Literal) and k in self.origin
+          and not isinstance(x, jex.core.Literal) and x in self.stream and k not in self.stream):
+        leaf, amap = self.origin[k]
+        return idx, leaf, amap
+    return None
+
+  def _record(self, eqn, path, kernel_pos, leaf, amap, consumer_axes, producer_axes, conv,
+              padded):
+    stream_var = eqn.invars[1 - kernel_pos]
+    self.contractions.append(_Contraction(
+        path, leaf, eqn.invars[kernel_pos], stream_var, eqn.outvars[0], conv, padded,
+        tuple(amap[d] for d in consumer_axes if amap[d] is not None),
+        tuple(amap[d] for d in producer_axes if amap[d] is not None)))
+    for d in consumer_axes:
+      if amap[d] is not None:
+        self.uses.setdefault((leaf, amap[d]), _Use(leaf, amap[d], "consumer", "kernel", path))
+    for d in producer_axes:
+      if amap[d] is not None:
+        self.uses.setdefault((leaf, amap[d]), _Use(leaf, amap[d], "producer", "kernel", path))
+
+  def _dot(self, eqn, ins, path):
+    A = self.atoms
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = ins
+    kern = self._kernel_operand(eqn)
+    for i, j in zip(lc, rc):
+      if kern is None:
+        for a in lhs[i] + rhs[j]:
+          A.block(a, "contracted between two activations or two computed parameters")
+      A.unify(lhs[i], rhs[j], "contracted unevenly")
+    for i, j in zip(lb, rb):
+      A.unify(lhs[i], rhs[j], "batched unevenly")
+    lfree = [d for d in range(len(lhs)) if d not in lc and d not in lb]
+    rfree = [d for d in range(len(rhs)) if d not in rc and d not in rb]
+    if kern is not None:
+      pos, leaf, amap = kern
+      contracted, batch, free = (lc, lb, lfree) if pos == 0 else (rc, rb, rfree)
+      self._record(eqn, path, pos, leaf, amap, contracted, tuple(free) + tuple(batch), False,
+                   False)
+    return tuple([lhs[d] for d in lb] + [lhs[d] for d in lfree] + [rhs[d] for d in rfree])
+
+  def _conv(self, eqn, ins, path):
+    A = self.atoms
+    dn = eqn.params["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    lhs, rhs = ins
+    out_shape = eqn.outvars[0].aval.shape
+    groups = eqn.params["feature_group_count"]
+    kern = self._kernel_operand(eqn)
+    cin, cout = lhs_spec[1], rhs_spec[0]
+    out = [None] * len(out_shape)
+    out[out_spec[0]] = lhs[lhs_spec[0]]
+    rhs_in = rhs_spec[1]
+    if eqn.params["batch_group_count"] != 1:
+      return self._opaque(eqn, ins, [out_shape], "a batch-grouped convolution")[0]
+    depthwise = groups > 1 and eqn.invars[1].aval.shape[rhs_in] == 1 and (
+        eqn.invars[1].aval.shape[cout] == groups)
+    if groups == 1:
+      if kern is None:
+        for a in lhs[cin] + rhs[rhs_in]:
+          A.block(a, "convolved between two activations or computed parameters")
+      A.unify(lhs[cin], rhs[rhs_in], "contracted unevenly")
+      out[out_spec[1]] = rhs[cout]
+    elif depthwise:
+      A.unify(lhs[cin], rhs[cout], "a depthwise convolution")
+      out[out_spec[1]] = lhs[cin]
+    else:
+      for a in lhs[cin] + rhs[cout]:
+        A.block(a, "a grouped convolution (feature_group_count > 1)")
+      out[out_spec[1]] = (A.new(out_shape[out_spec[1]]),)
+    for d in out_spec[2:]:
+      out[d] = (A.new(out_shape[d]),)
+    for a in [lhs[d] for d in lhs_spec[2:]]:
+      pass  # spatial axes are not units
+    if kern is not None and kern[0] == 1:
+      _, leaf, amap = kern
+      spatial = [rhs_spec[d] for d in range(2, len(rhs_spec))]
+      ksize = [eqn.invars[1].aval.shape[d] for d in spatial]
+      padded = any(tuple(p) != (0, 0) for p in eqn.params["padding"]) and any(k > 1 for k in ksize)
+      if groups == 1:
+        self._record(eqn, path, 1, leaf, amap, (rhs_in,), (cout,), True, padded)
+      elif depthwise:
+        self._record(eqn, path, 1, leaf, amap, (), (cout,), True, padded)
+    elif kern is not None:
+      for a in lhs[cin]:
+        A.block(a, "a convolution with the activations as its kernel")
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _key_str(k) -> str | None:
+  for attr in ("key", "name"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return None
+
+
+def _leaf_paths(params) -> list[Path | None]:
+  """Each leaf's path as dict keys (None where the path goes through a list or tuple)."""
+  paths = []
+  for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [_key_str(k) for k in kp]
+    paths.append(None if any(k is None for k in keys) else tuple(keys))
+  return paths
+
+
+def _shape(leaf) -> tuple[int, ...]:
+  return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupSite:
+  name: str
+  root: int
+  activation: str
+  kind: str
+  order: tuple
+  scope: tuple                   # where the activation value lives
+  act_var: Any
+  act_axes: tuple                # its atoms per axis
+  readout: bool
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Analysis:
+  """Everything a traced target needs, independent of the unit counts."""
+  closed: Any                    # the ClosedJaxpr of fn over flat leaves
+  in_treedef: Any                # of (params, args)
+  out_treedef: Any
+  num_params: int
+  walker: Any
+  leaf_paths: tuple
+  sites: tuple                   # _GroupSite per group, in program order
+  uses: dict                     # (leaf, axis) -> _Use (all param leaf axes)
+  explain_lines: tuple
+  arg_shapes: tuple              # example shapes of the argument leaves
+
+
+def _is_elementwise_call(eqn) -> bool:
+  sub = eqn.params.get(_CALLS.get(eqn.primitive.name, ""), None)
+  if sub is None:
+    return False
+  inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+  return all(e.primitive.name in _ELEMENTWISE or _is_elementwise_call(e) for e in inner.eqns)
+
+
+def _activation_of(eqn, current: str) -> str:
+  name = eqn.primitive.name
+  if name in _ACTIVATION_OPS:
+    return _ACTIVATION_OPS[name]
+  if name == "custom_jvp_call" and eqn.params.get("name") in ("relu", "sigmoid", "tanh"):
+    return eqn.params["name"]
+  if name == "max" and any(isinstance(v, jex.core.Literal) and np.all(v.val == 0)
+                           for v in eqn.invars):
+    return "relu"
+  if name in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
+    return current
+  if name in _CALLS and _is_elementwise_call(eqn):
+    sub = eqn.params[_CALLS[name]]
+    inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+    for e in inner.eqns:
+      current = _activation_of(e, current)
+    return current
+  return "linear"
+
+
+def _classify(w: _Walker, leaf_paths, num_params, env):
+  """Unit groups (class roots with producers and consumers and nothing blocking them)."""
+  A = w.atoms
+  uses = dict(w.uses)
+  for leaf in range(num_params):
+    kind, where = w.first_use.get(leaf, ("stat", (1 << 30,)))
+    for axis, ax in enumerate(w.invar_atoms[leaf]):
+      if (leaf, axis) not in uses:
+        uses[(leaf, axis)] = _Use(leaf, axis, "producer", kind, where)
+  members: dict[int, list] = {}
+  for (leaf, axis), use in uses.items():
+    for a in A.expand(w.invar_atoms[leaf][axis]):
+      if A.size[a] > 1:
+        members.setdefault(A.find(a), []).append(use)
+  reasons: dict[int, list[str]] = {}
+  sites, taken = [], set()
+  for root, us in members.items():
+    why = list(A.blocked[root])
+    producers = [u for u in us if u.role == "producer"]
+    consumers = [u for u in us if u.role == "consumer"]
+    if not consumers:
+      why.append("no kernel reads these units")
+    if not producers:
+      why.append("no parameter produces these units")
+    if any(leaf_paths[u.leaf] is None for u in us):
+      why.append("a leaf on this axis is not addressed by dict keys")
+    if why:
+      reasons[root] = why
+      continue
+    kernels = sorted((u for u in producers if u.kind == "kernel"), key=lambda u: u.where)
+    first = kernels[0] if kernels else min(producers, key=lambda u: u.where)
+    con = next((c for c in w.contractions if c.path == first.where and c.kernel == first.leaf),
+               None)
+    name = _name(leaf_paths[first.leaf], first.axis, taken)
+    taken.add(name)
+    activation, scope, var = "linear", (), None
+    if con is not None:
+      var, scope = con.out_var, con.path[:-1]
+      while True:
+        nxt = w.users.get(var, [])
+        if len(nxt) != 1:
+          break
+        _, eqn = nxt[0]
+        if not (eqn.primitive.name in _ELEMENTWISE or _is_elementwise_call(eqn)):
+          break
+        out = eqn.outvars[0]
+        if tuple(out.aval.shape) != tuple(var.aval.shape):
+          break
+        activation = _activation_of(eqn, activation)
+        var = out
+    readout = False
+    if con is not None and len(consumers) == 1 and scope == ():
+      c = next(c for c in w.contractions if c.path == consumers[0].where)
+      out = c.out_var
+      nxt = w.users.get(out, [])
+      if len(nxt) == 1 and nxt[0][1].primitive.name == "add" and any(
+          not isinstance(v, jex.core.Literal) and v in w.origin for v in nxt[0][1].invars
+          if v is not out):
+        out = nxt[0][1].outvars[0]
+      readout = (not c.conv and c.stream_var is var and c.path[:-1] == () and
+                 len(var.aval.shape) == 2 and any(out is o for o in w.out_vars) and
+                 len(c.kernel_var.aval.shape) == 2)
+    act_axes = env.get((scope, var)) if var is not None else None
+    sites.append(_GroupSite(name, root, activation, "conv" if con is not None and con.conv
+                            else "dense", first.where, scope, var, act_axes, readout))
+  sites.sort(key=lambda s: s.order)
+  return tuple(sites), uses, reasons
+
+
+def _name(path: Path, axis: int, taken: set) -> str:
+  parts = list(path[:-1]) or list(path)
+  if len(parts) > 1 and parts[0] == "params":
+    parts = parts[1:]
+  name = "/".join(parts)
+  return f"{name}:{axis}" if name in taken else name
+
+
+def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str, ...]:
+  A = w.atoms
+  by_root = {s.root: s.name for s in sites}
+  lines = []
+  for leaf, path in enumerate(leaf_paths):
+    label = "/".join(path) if path is not None else f"leaf {leaf}"
+    parts = []
+    for axis, ax in enumerate(w.invar_atoms[leaf]):
+      for a in A.expand(ax):
+        if A.size[a] <= 1:
+          continue
+        r = A.find(a)
+        if r in by_root:
+          u = uses[(leaf, axis)]
+          parts.append(f"axis {axis} -> group {by_root[r]!r} ({u.role}, {u.kind})")
+        else:
+          parts.append(f"axis {axis}: not prunable ({'; '.join(dict.fromkeys(reasons.get(r, ['size 1'])))})")
+    lines.append(f"{label} {_shape(leaves[leaf])}: " + ("; ".join(parts) or "no axis of size > 1"))
+  return tuple(lines)
+
+
+def _sizes_from_inputs(an: _Analysis, leaves) -> dict[int, int]:
+  """Class sizes that make the traced program fit these inputs (params and arguments)."""
+  A = an.walker.atoms
+  eqs = []
+  for ax_list, leaf in zip(an.walker.invar_atoms, leaves):
+    shape = _shape(leaf)
+    if len(shape) != len(ax_list):
+      raise ValueError(f"An input has shape {shape} but the traced function took rank "
+                       f"{len(ax_list)} there. Pass params of this target (or of its "
+                       "compact()) and inputs shaped like the example's.")
+    for ax, n in zip(ax_list, shape):
+      eqs.append(([A.find(a) for a in A.expand(ax)], int(n)))
+  known: dict[int, int] = {}
+  progress = True
+  while progress:
+    progress = False
+    for roots, n in eqs:
+      unknown = {r for r in roots if r not in known}
+      if len(unknown) == 1:
+        r = unknown.pop()
+        prod = math.prod(known[x] for x in roots if x in known)
+        if roots.count(r) == 1 and prod and n % prod == 0:
+          known[r] = n // prod
+          progress = True
+  size = lambda r: known.get(r, A.size[r])
+  for roots, n in eqs:
+    if math.prod(size(r) for r in roots) != n:
+      raise ValueError(
+          f"These params/inputs do not fit the traced computation: an axis of size {n} should "
+          f"have size {math.prod(size(r) for r in roots)}. Pass params of this target (or of its "
+          "compact()) and inputs shaped like the example's (any batch size).")
+  return known
+
+
+def _new_shape(A: _Atoms, sizes: dict, axes) -> tuple[int, ...]:
+  return tuple(math.prod(sizes.get(A.find(a), A.size[a]) for a in A.expand(ax)) for ax in axes)
+
+
+def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset()):
+  """Runs the traced program on ``leaves`` with every shape recomputed from ``sizes``."""
+  A = an.walker.atoms
+  captured = {}
+
+  def run(jaxpr, consts, args, scope):
+    env = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
+    for k, eqn in enumerate(jaxpr.eqns):
+      path = scope + (k,)
+      invals = [read(v) for v in eqn.invars]
+      name = eqn.primitive.name
+      sub = eqn.params.get(_CALLS[name]) if name in _CALLS else None
+      if sub is not None:
+        inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+        outs = run(inner, getattr(sub, "consts", ()), invals[len(invals) - len(inner.invars):],
+                   path)
+      else:
+        params = dict(eqn.params)
+        if name in ("broadcast_in_dim", "iota"):
+          params["shape"] = _new_shape(A, sizes, an.walker.shapes[path][0])
+        elif name == "reshape":
+          params["new_sizes"] = _new_shape(A, sizes, an.walker.shapes[path][0])
+        elif name == "conv_general_dilated" and params["feature_group_count"] > 1:
+          dn = params["dimension_numbers"]
+          per = np.shape(invals[1])[dn.rhs_spec[1]]
+          params["feature_group_count"] = np.shape(invals[0])[dn.lhs_spec[1]] // per
+        outs = eqn.primitive.bind(*invals, **params)
+        if not eqn.primitive.multiple_results:
+          outs = [outs]
+      for v, o in zip(eqn.outvars, outs):
+        env[v] = o
+        if (scope, v) in capture:
+          captured[(scope, v)] = o
+    return [read(v) for v in jaxpr.outvars]
+
+  outs = run(an.closed.jaxpr, an.closed.consts, list(leaves), ())
+  return outs, captured
+
+
+class TracedTarget:
+  """A pruning target made by :func:`trace`: ``groups``, ``apply``, ``activations``,
+  ``compact``, ``readout`` and ``explain``.
+
+  Instances compare and hash by identity, so jitted functions and caches keyed on a target work.
+  """
+
+  task = "classification"
+
+  def __init__(self, analysis: _Analysis, sizes: dict, fn: Callable | None):
+    self._an = analysis
+    self._sizes = sizes
+    self._fn = fn
+    self._eval = jax.jit(self._eval_leaves, static_argnums=(0,))
+    self._groups = self._make_groups()
+
+  # -- the pruning-target interface --------------------------------------------------------------
+  @property
+  def groups(self) -> dict[str, units_lib.UnitGroup]:
+    """The prunable unit groups, by name, in program order."""
+    return dict(self._groups)
+
+  def apply(self, params: PyTree, *args) -> Any:
+    """The traced function on ``params`` (this target's sizes) and inputs (any batch size)."""
+    if self._fn is not None:
+      return self._fn(params, *args)
+    outs, _ = self._eval(frozenset(), *self._flat(params, args))
+    return jax.tree.unflatten(self._an.out_treedef, outs)
+
+  def check_input(self, x) -> None:
+    """Raises ValueError unless ``x`` is shaped like the example's first input (any batch)."""
+    if not self._an.arg_shapes:
+      return
+    want, shape = self._an.arg_shapes[0], tuple(np.shape(x))
+    if len(shape) != len(want) or shape[1:] != tuple(want[1:]):
+      raise ValueError(f"This traced target takes inputs shaped (N, "
+                       f"{', '.join(map(str, want[1:]))}) like its example; got {shape}.")
+
+  def activations(self, params: PyTree, *args_and_name) -> jax.Array:
+    """``activations(params, *args, name)``: a group's activations, units on the last axis.
+
+    The value is the end of the chain of elementwise ops after the group's first kernel (after
+    bias, normalisation and the nonlinearity; before pooling or the next layer).
+    """
+    *args, name = args_and_name
+    site = self._site(name)
+    leaves = self._flat(params, tuple(args))
+    key = (site.scope, site.act_var)
+    _, cap = self._eval(frozenset({key}), *leaves)
+    return self._units_last(cap[key], site, leaves)
+
+  def compact(self, params: PyTree, unit_masks: Mapping[str, Any]) -> tuple[PyTree, "TracedTarget"]:
+    """Removes masked units: ``(smaller params, the target that runs them)``; the small target's
+    outputs equal the masked network's to float tolerance."""
+    small = units_lib.compact(params, self._groups, unit_masks)
+    leaves = jax.tree.leaves(small) + [jax.ShapeDtypeStruct(s, jnp.float32)
+                                       for s in self._an.arg_shapes]
+    return small, TracedTarget(self._an, _sizes_from_inputs(self._an, leaves), None)
+
+  def readout(self, name: str) -> units_lib.Slice | None:
+    """The group's consumer slice when its only reader is the affine map to the output and reads
+    exactly the group's activations (the GA's one-product fast path applies); else None."""
+    site = self._site(name)
+    return self._groups[name].consumers[0] if site.readout else None
+
+  def explain(self) -> str:
+    """One line per parameter leaf: the group and role of each axis, or why it has none."""
+    return "\n".join(self._an.explain_lines)
+
+  def __repr__(self):
+    return (f"TracedTarget(groups={ {k: g.size for k, g in self._groups.items()} })")
+
+  # -- internals --------------------------------------------------------------------------------
+  def _site(self, name):
+    for s in self._an.sites:
+      if s.name == name:
+        return s
+    raise KeyError(f"Unknown unit group {name!r}; this target's groups are "
+                   f"{list(self._groups)}.")
+
+  def _flat(self, params, args):
+    leaves = jax.tree.leaves((params, args))
+    n = self._an.num_params + len(self._an.arg_shapes)
+    if len(leaves) != n:
+      raise ValueError(f"Expected params and inputs with {n} array leaves in all (as in the "
+                       f"traced example), got {len(leaves)}.")
+    return leaves
+
+  def _eval_leaves(self, capture, *leaves):
+    return _evaluate(self._an, _sizes_from_inputs(self._an, leaves), leaves, capture)
+
+  def _size(self, root):
+    return self._sizes.get(root, self._an.walker.atoms.size[root])
+
+  def _units_last(self, value, site, leaves):
+    A = self._an.walker.atoms
+    sizes = _sizes_from_inputs(self._an, leaves)
+    dims, unit_dim = [], None
+    for ax in site.act_axes:
+      for a in A.expand(ax):
+        r = A.find(a)
+        if r == site.root:
+          unit_dim = len(dims)
+        dims.append(sizes.get(r, A.size[a]))
+    return jnp.moveaxis(jnp.reshape(value, dims), unit_dim, -1)
+
+  def _make_groups(self):
+    an, w = self._an, self._an.walker
+    A = w.atoms
+    rank = {"kernel": 0, "scale": 1, "bias": 2, "shift": 2, "stat": 3}
+    order = lambda u: (0 if u.role == "producer" else 1,
+                       rank.get(u.kind, 4) if u.role == "producer" else 0, u.where, u.leaf, u.axis)
+    groups = {}
+    for site in an.sites:
+      slices = []
+      for use in sorted(an.uses.values(), key=order):
+        expanded = [a for a in A.expand(w.invar_atoms[use.leaf][use.axis]) if A.size[a] > 1]
+        roots = [A.find(a) for a in expanded]
+        if site.root not in roots:
+          continue
+        view, axis = None, use.axis
+        if len(expanded) > 1:
+          pos = roots.index(site.root)
+          sizes = [self._size(r) for r in roots]
+          leaf_shape = list(_new_shape(A, self._sizes, w.invar_atoms[use.leaf]))
+          before, after = sizes[:pos], sizes[pos + 1:]
+          parts = ([math.prod(before)] if before else []) + [sizes[pos]] + (
+              [math.prod(after)] if after else [])
+          view = tuple(leaf_shape[:use.axis] + parts + leaf_shape[use.axis + 1:])
+          axis = use.axis + (1 if before else 0)
+        bias, padded = None, False
+        if use.role == "consumer":
+          con = next(c for c in w.contractions if c.path == use.where)
+          bias, padded = self._consumer_bias(con), con.padded
+        slices.append(units_lib.Slice(an.leaf_paths[use.leaf], axis, use.role, view=view,
+                                      bias=bias, padded=padded, kind=use.kind))
+      groups[site.name] = units_lib.UnitGroup(site.name, self._size(site.root), tuple(slices),
+                                              activation=site.activation, kind=site.kind)
+    return groups
+
+  def _consumer_bias(self, con):
+    w = self._an.walker
+    users = w.users.get(con.out_var, [])
+    if len(users) == 1 and users[0][1].primitive.name == "add":
+      for v in users[0][1].invars:
+        if v is not con.out_var and not isinstance(v, jex.core.Literal) and v in w.origin:
+          return self._an.leaf_paths[w.origin[v][0]]
+    return None
+
+
+def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
+  """A pruning target for any JAX function ``fn(params, *args)``, its unit groups found by
+  following every parameter axis through ``fn``'s jaxpr.
+
+  Args:
+    fn: the model: a linen ``module.apply``, a function over an nnx model's state (see
+      ``docs/any-model.md``), or any function of a params pytree (nested dicts of arrays) and
+      inputs.
+    params: the params (arrays or ``jax.ShapeDtypeStruct`` values: tracing needs only shapes).
+    *example_args: example inputs, with a batch of at least 2 (a batch of 1 cannot be told
+      apart from broadcast axes).
+
+  Returns:
+    A :class:`TracedTarget`.
+
+  Raises:
+    TraceError: ``fn`` fails on the example arguments (the message shows JAX's first line).
+  """
+  if not callable(fn):
+    raise TypeError(f"trace takes a function fn(params, *args), got {type(fn).__name__}.")
+  if not example_args:
+    raise ValueError("trace needs example inputs: trace(fn, params, x) with a batch x of at "
+                     "least 2 samples.")
+  param_leaves = jax.tree.leaves(params)
+  if not param_leaves:
+    raise ValueError("params has no array leaves; pass the model's parameters.")
+  arg_leaves = jax.tree.leaves(example_args)
+  for leaf in arg_leaves:
+    shape = _shape(leaf)
+    if shape and shape[0] == 1:
+      raise ValueError(f"Use an example batch of at least 2 samples (got an input of shape "
+                       f"{shape}): with one sample the batch axis cannot be told apart from "
+                       "broadcast axes.")
+  flat, in_treedef = jax.tree.flatten((params, example_args))
+
+  def flat_fn(*leaves):
+    p, args = jax.tree.unflatten(in_treedef, leaves)
+    return fn(p, *args)
+
+  avals = [jax.ShapeDtypeStruct(_shape(l), getattr(l, "dtype", np.asarray(l).dtype))
+           for l in flat]
+  try:
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
+  except Exception as e:  # pylint: disable=broad-except
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    first = lines[0] if lines else ""
+    raise TraceError(
+        f"Could not trace {getattr(fn, '__name__', 'fn')}(params, *example_args): "
+        f"{type(e).__name__}: {first} -- check that the function runs on these params and that "
+        "the example inputs have the shape the model expects.") from e
+  w = _Walker(len(param_leaves))
+  w.walk(closed, avals[:len(param_leaves)], avals[len(param_leaves):])
+  env = {((), v): ax for v, ax in w.env.items()}
+  env.update(w.scoped_env)
+  leaf_paths = tuple(_leaf_paths(params))
+  sites, uses, reasons = _classify(w, leaf_paths, len(param_leaves), env)
+  an = _Analysis(closed, in_treedef, jax.tree.structure(out_shape), len(param_leaves), w,
+                 leaf_paths, sites, uses,
+                 _explain(w, leaf_paths, avals, sites, uses, reasons),
+                 tuple(_shape(l) for l in avals[len(param_leaves):]))
+  sizes = {}
+  return TracedTarget(an, sizes, fn)

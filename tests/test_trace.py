@@ -1,0 +1,485 @@
+"""jaxprune.trace: unit groups traced from any JAX function, checked declarations, one
+model-free path (pruners, GA, training) over traced targets."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxprune
+from jaxprune import ga
+from jaxprune import units
+
+RNG = np.random.default_rng(0)
+
+
+def _randn(*shape, scale=1.0):
+  return jnp.asarray(scale * RNG.standard_normal(shape), jnp.float32)
+
+
+def _perturb(tree, scale=0.1):
+  """Non-trivial values everywhere (batch-norm statistics and zero biases included)."""
+  def one(path, a):
+    a = a + _randn(*a.shape, scale=scale)
+    return jnp.abs(a) + 0.5 if "var" in jax.tree_util.keystr(path) else a
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+# ----------------------------------------------------------------------------- the zoo
+
+
+class _LinenMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.sigmoid(nn.Dense(7)(x))
+    x = nn.tanh(nn.Dense(6)(x))
+    return nn.Dense(3)(x)  # noqa
+
+
+class _LinenCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(6, (3, 3), padding="SAME")(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(5, (3, 3), padding="VALID")(x))
+    x = nn.avg_pool(x, (2, 2), (1, 1))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(8)(x))
+    return nn.Dense(3)(x)
+
+
+class _Residual(nn.Module):
+  """Stem conv + BN, a depthwise-separable branch with BN added back (residual), head."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3), padding="SAME")(x)))
+    h = nn.Conv(8, (3, 3), feature_group_count=8, padding="SAME")(x)     # depthwise
+    h = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(6, (1, 1))(nn.relu(h))))
+    h = nn.Conv(8, (3, 3), padding="SAME", use_bias=False)(h)
+    x = nn.relu(x + nn.BatchNorm(use_running_average=True)(h))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(3)(x)
+
+
+class _NnxMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 8, rngs=rngs)
+    self.l2 = nnx.Linear(8, 6, rngs=rngs)
+    self.l3 = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l3(nnx.relu(self.l2(jax.nn.tanh(self.l1(x)))))
+
+
+def _nnx_case():
+  graphdef, state = nnx.split(_NnxMLP(nnx.Rngs(0)))
+  params = nnx.to_pure_dict(state)
+
+  def apply(p, x):
+    s = jax.tree.map(lambda a: a, state)
+    nnx.replace_by_pure_dict(s, p)
+    return nnx.merge(graphdef, s)(x)
+
+  return apply, _perturb(params), _randn(5, 4), {"l1": 8, "l2": 6}
+
+
+def _einsum_fn(p, x):
+  h = jax.nn.sigmoid(jnp.einsum("bi,ih->bh", x, p["w1"]) + p["b1"])
+  h2 = jax.nn.relu(jnp.einsum("bh,hk->bk", h, p["w2"]))
+  return jnp.einsum("bk,ko->bo", h2, p["w3"]) + p["b3"]
+
+
+def _einsum_case():
+  params = {"w1": _randn(4, 7), "b1": _randn(7), "w2": _randn(7, 5), "w3": _randn(5, 2),
+            "b3": _randn(2)}
+  return _einsum_fn, params, _randn(5, 4), {"w1": 7, "w2": 5}
+
+
+def _linen_case(module, shape, sizes):
+  x = _randn(*shape)
+  return module.apply, _perturb(module.init(jax.random.key(0), x)), x, sizes
+
+
+ZOO = {
+    "linen_mlp": lambda: _linen_case(_LinenMLP(), (5, 4), {"Dense_0": 7, "Dense_1": 6}),
+    "linen_cnn": lambda: _linen_case(_LinenCNN(), (5, 10, 10, 2),
+                                     {"Conv_0": 6, "Conv_1": 5, "Dense_0": 8}),
+    "residual_bn_depthwise": lambda: _linen_case(_Residual(), (5, 8, 8, 2),
+                                                 {"Conv_0": 8, "Conv_2": 6}),
+    "nnx_mlp": _nnx_case,
+    "plain_einsum": _einsum_case,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ZOO))
+def case(request):
+  fn, params, x, sizes = ZOO[request.param]()
+  return request.param, fn, params, x, sizes, jaxprune.trace(fn, params, x)
+
+
+def test_groups_found(case):
+  _, _, _, _, sizes, target = case
+  assert {n: g.size for n, g in target.groups.items()} == sizes
+
+
+def test_compact_equals_masking_for_random_masks(case):
+  """Property: compacting equals masking (expand + apply_masks) on random unit masks."""
+  _, fn, params, x, _, target = case
+  for seed in range(3):
+    rng = np.random.default_rng(seed)
+    um = {n: jnp.asarray(rng.random(g.size) < 0.5).at[seed % g.size].set(True)
+          for n, g in target.groups.items()}
+    masked = jaxprune.apply_masks(params, jaxprune.expand(params, target, um))
+    want = fn(masked, x)
+    small, small_target = target.compact(params, um)
+    np.testing.assert_allclose(small_target.apply(small, x), want, atol=2e-5, rtol=1e-5)
+    # Any batch size, and the small target's groups describe the small params.
+    np.testing.assert_allclose(small_target.apply(small, x[:3]), want[:3], atol=2e-5, rtol=1e-5)
+    assert {n: g.size for n, g in small_target.groups.items()} == {
+        n: int(m.sum()) for n, m in um.items()}
+    jaxprune.check_groups(small, small_target.groups)
+    # uncompact puts the small params back where the masked ones are.
+    back = units.uncompact(small, params, target.groups, um)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(masked)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_activations_have_units_last(case):
+  _, _, params, x, _, target = case
+  for name, g in target.groups.items():
+    a = target.activations(params, x, name)
+    assert a.shape[0] == x.shape[0] and a.shape[-1] == g.size
+
+
+def test_explain_lists_every_leaf(case):
+  _, _, params, _, _, target = case
+  text = target.explain()
+  assert len(text.splitlines()) == len(jax.tree.leaves(params))
+  assert "reaches the function's outputs" in text
+
+
+def test_linen_cnn_details():
+  fn, params, x, _ = ZOO["linen_cnn"]()
+  t = jaxprune.trace(fn, params, x)
+  g = t.groups["Conv_1"]
+  (consumer,) = g.consumers
+  # flatten of (N, 2, 2, 5): channel c owns rows c, c + 5, ... of Dense_0's kernel
+  assert consumer.path == ("params", "Dense_0", "kernel") and consumer.view == (4, 5, 8)
+  assert consumer.axis == 1 and consumer.bias == ("params", "Dense_0", "bias")
+  assert t.groups["Conv_0"].consumers[0].padded is False      # read by a VALID conv
+  assert [s.kind for s in g.producers] == ["kernel", "bias"]
+  assert t.groups["Conv_0"].activation == "relu" and t.groups["Conv_0"].kind == "conv"
+  assert t.readout("Dense_0") is not None and t.readout("Conv_1") is None
+
+
+def test_residual_couples_channels_and_depthwise_ties_them():
+  fn, params, x, _ = ZOO["residual_bn_depthwise"]()
+  t = jaxprune.trace(fn, params, x)
+  paths = {s.path for s in t.groups["Conv_0"].slices}
+  # stem conv, its BN (scale, shift, statistics), the depthwise conv, the branch's last conv
+  # and BN (residual add), and the readers: pointwise conv and the head.
+  assert {("params", "Conv_0", "kernel"), ("params", "Conv_1", "kernel"),
+          ("params", "Conv_3", "kernel"), ("params", "BatchNorm_2", "scale"),
+          ("batch_stats", "BatchNorm_0", "mean"), ("params", "Conv_2", "kernel"),
+          ("params", "Dense_0", "kernel")} <= paths
+  kinds = {s.path[-2:]: s.kind for s in t.groups["Conv_0"].slices}
+  assert kinds[("BatchNorm_0", "scale")] == "scale"
+  assert kinds[("BatchNorm_0", "bias")] == "shift"
+  assert kinds[("BatchNorm_0", "mean")] == "stat"
+  assert kinds[("Conv_0", "bias")] == "bias"
+
+
+def test_plain_function_activations_and_readout():
+  fn, params, x, _ = _einsum_case()
+  t = jaxprune.trace(fn, params, x)
+  assert t.groups["w1"].activation == "sigmoid" and t.groups["w2"].activation == "relu"
+  h = jax.nn.sigmoid(x @ params["w1"] + params["b1"])
+  np.testing.assert_allclose(t.activations(params, x, "w1"), h, rtol=1e-6)
+  assert t.readout("w2").path == ("w3",) and t.readout("w1") is None
+  assert t.readout("w2").bias == ("b3",)
+
+
+# ----------------------------------------------------------------------------- built-in models
+
+
+BUILTINS = [
+    (jaxprune.MLP(in_features=4, hidden=(6, 5), out_features=3), (2, 4)),
+    (jaxprune.Autoencoder(in_features=11, hidden=(10,)), (2, 11)),
+    (jaxprune.LeNet(input_shape=(30, 24, 1)), (2, 30, 24, 1)),
+    (jaxprune.CNN4(input_shape=(64, 64, 1)), (2, 64, 64, 1)),
+]
+
+
+@pytest.mark.parametrize("model,shape", BUILTINS, ids=lambda m: type(m).__name__)
+def test_traced_groups_equal_declared_groups(model, shape):
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  t = jaxprune.trace(model.apply, params, jax.ShapeDtypeStruct(shape, jnp.float32))
+  assert t.groups == model.groups          # same names, slices, views, kinds and order
+  assert list(t.groups) == list(model.groups)
+
+
+def test_resnet18_declared_groups_and_coupled_stages():
+  model = jaxprune.ResNet18(input_shape=(32, 32, 3), widths=(4, 5, 6, 7, 8, 9, 10, 11))
+  params = model.init(jax.random.key(0))
+  t = jaxprune.trace(model.apply, params, jnp.zeros((2, 32, 32, 3)))
+  traced = list(t.groups.values())
+  for g in model.groups.values():             # every block group, exactly as declared
+    assert any(h.slices == g.slices and h.size == g.size for h in traced), g.name
+  coupled = {n: g for n, g in t.groups.items() if n.endswith("conv2") or n == "conv1"}
+  assert {n: g.size for n, g in coupled.items()} == {
+      "conv1": 64, "layer2_0/conv2": 128, "layer3_0/conv2": 256, "layer4_0/conv2": 512}
+  stem = {s.path for s in coupled["conv1"].producers if s.kind == "kernel"}
+  assert stem == {("params", "conv1", "kernel"), ("params", "layer1_0", "conv2", "kernel"),
+                  ("params", "layer1_1", "conv2", "kernel")}
+  stage2 = {s.path for s in coupled["layer2_0/conv2"].producers if s.kind == "kernel"}
+  assert ("params", "layer2_0", "downsample_conv", "kernel") in stage2
+  assert ("params", "fc", "kernel") in {s.path for s in coupled["layer4_0/conv2"].consumers}
+  # Prune the coupled stage-1 channels: compacting equals masking.
+  rng = np.random.default_rng(1)
+  params = _perturb(params)
+  x = _randn(2, 32, 32, 3)
+  um = {"conv1": jnp.asarray(rng.random(64) < 0.5).at[0].set(True)}
+  want = model.apply(jaxprune.apply_masks(params, jaxprune.expand(params, t, um)), x)
+  small, st = t.compact(params, um)
+  np.testing.assert_allclose(st.apply(small, x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_builtin_readout_found_from_slices():
+  mlp = jaxprune.MLP(in_features=4, hidden=(6, 5), out_features=3)
+  assert mlp.readout("hidden_1").path == ("params", "out", "kernel")
+  assert mlp.readout("hidden_0") is None
+  lenet = jaxprune.LeNet(input_shape=(30, 24, 1))
+  assert lenet.readout("conv_1") is None          # read through a flatten view
+  assert "params/out/kernel" in mlp.explain()
+
+
+# ----------------------------------------------------------------------------- checked declarations
+
+
+def _params():
+  return {"params": {"a": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
+                     "b": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}}}
+
+
+def _group(**changes):
+  slices = [jaxprune.Slice(("params", "a", "kernel"), 1, "producer"),
+            jaxprune.Slice(("params", "a", "bias"), 0, "producer", kind="bias"),
+            jaxprune.Slice(("params", "b", "kernel"), 0, "consumer", bias=("params", "b", "bias"))]
+  i = changes.pop("index", 0)
+  if changes:
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    slices[i] = dataclasses.replace(slices[i], **changes)
+  return jaxprune.UnitGroup("h", 3, tuple(slices))
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(path=("params", "a", "kernl")), "Group 'h', slice params/a/kernl.*no key 'kernl'"),
+    (dict(axis=2), "Group 'h', slice params/a/kernel.*axis 2 is out of range"),
+    (dict(axis=0), "axis 0 of shape \\(2, 3\\) has 2 entries but the group has 3 units"),
+    (dict(index=2, view=(2, 2, 4)), "view \\(2, 2, 4\\) does not fit the leaf's shape \\(3, 4\\)"),
+    (dict(index=1, kind="kernel"), "slice params/a/bias.*1-D leaf cannot be a kernel"),
+    (dict(index=2, bias=("params", "c", "bias")), "its bias .*no key 'c'"),
+])
+def test_declaration_errors_name_group_slice_and_fix(changes, match):
+  g = _group(**changes)
+  with pytest.raises(ValueError, match=match):
+    jaxprune.check_groups(_params(), {"h": g})
+  with pytest.raises(ValueError, match=match):       # checked before any use
+    jaxprune.expand(_params(), {"h": g}, {"h": jnp.ones(3, bool)})
+  with pytest.raises(ValueError, match=match):
+    jaxprune.compact(_params(), {"h": g}, {"h": jnp.ones(3, bool)})
+
+
+def test_group_dict_key_must_be_its_name():
+  with pytest.raises(ValueError, match="groups\\['x'\\] holds the group named 'h'"):
+    jaxprune.check_groups(_params(), {"x": _group()})
+
+
+def test_wrong_axis_no_longer_compacts_silently():
+  """Out-of-range gathers used to clamp: a wrong axis gave wrong-shaped, duplicated rows."""
+  g = _group(index=2, axis=1)      # (3, 4) kernel, axis 1 has 4 entries, group has 3
+  with pytest.raises(ValueError, match="has 4 entries but the group has 3 units"):
+    jaxprune.compact(_params(), {"h": g}, {"h": jnp.array([True, False, True])})
+
+
+MLP = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
+
+
+def _mlp_params():
+  return MLP.init(jax.random.key(0))
+
+
+@pytest.mark.parametrize("call", [
+    lambda p, um: jaxprune.expand(p, MLP, um),
+    lambda p, um: jaxprune.compact(p, MLP.groups, um),
+    lambda p, um: MLP.compact(p, um),
+    lambda p, um: jaxprune.importance_prune(MLP, "hidden_0")(p, um, 1),
+    lambda p, um: jaxprune.weight_distinctiveness(MLP, "hidden_0")(p, um),
+    lambda p, um: jaxprune.distinctiveness(MLP, "hidden_0")(p, um, jnp.ones((8, 6)) * 0.3),
+    lambda p, um: jaxprune.group_redundancy(MLP, "hidden_0")(p, um, jnp.ones((8, 6)) * 0.3),
+])
+def test_misspelt_unit_mask_key_raises_everywhere(call):
+  um = {"hidden_0": jnp.ones(6, bool), "hiden_0": jnp.ones(6, bool)}
+  with pytest.raises(KeyError, match="Unit mask 'hiden_0' names no unit group"):
+    call(_mlp_params(), um)
+
+
+def test_unit_masks_must_be_bool_or_01_integers():
+  p = _mlp_params()
+  with pytest.raises(ValueError, match="dtype float32; unit masks must be bool"):
+    MLP.compact(p, {"hidden_0": jnp.full(6, 0.3)})
+  with pytest.raises(ValueError, match="holds \\[2\\]; an integer unit mask may hold only 0"):
+    jaxprune.expand(p, MLP, {"hidden_0": jnp.array([1, 0, 2, 1, 1, 1])})
+  small, m = MLP.compact(p, {"hidden_0": np.array([1, 0, 1, 1, 0, 1])})   # 0/1 ints accepted
+  assert m.hidden == (4,) and small["params"]["hidden_0"]["kernel"].shape == (4, 4)
+
+
+def test_expand_argument_order_is_checked():
+  with pytest.raises(TypeError, match="takes \\(params, target, unit_masks\\)"):
+    jaxprune.expand(MLP, _mlp_params(), jaxprune.unit_masks_ones(MLP))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_untraceable_function_shows_jax_first_line():
+  def bad(p, x):
+    return x @ p["w"]          # (5, 4) @ (3, 2)
+  with pytest.raises(jaxprune.TraceError, match="Could not trace bad.*TypeError: dot_general"):
+    jaxprune.trace(bad, {"w": jnp.ones((3, 2))}, jnp.ones((5, 4)))
+
+
+def test_wrong_example_batch_shape():
+  fn, params, _, _ = _einsum_case()
+  with pytest.raises(jaxprune.TraceError, match="example inputs"):
+    jaxprune.trace(fn, params, jnp.ones((5, 9)))
+  with pytest.raises(ValueError, match="at least 2 samples"):
+    jaxprune.trace(fn, params, jnp.ones((1, 4)))
+  t = jaxprune.trace(fn, params, jnp.ones((5, 4)))
+  with pytest.raises(ValueError, match="inputs shaped \\(N, 4\\)"):
+    t.check_input(jnp.ones((5, 3)))
+
+
+def test_unknown_op_marks_leaves_unprunable_with_its_name():
+  def fn(p, x):
+    h = jnp.tanh(x @ p["w1"])
+    h = jnp.sort(h, axis=-1)                  # mixes units
+    g = jax.nn.relu(x @ p["v1"])
+    g = jax.lax.cumsum(g, axis=0)             # along the batch: fine
+    s = jax.lax.scan(lambda c, _: (c * 2.0, None), h @ p["w2"], None, length=2)[0]
+    return s + g @ p["v2"]
+  params = {"w1": jnp.ones((4, 5)), "w2": jnp.ones((5, 3)), "v1": jnp.ones((4, 6)),
+            "v2": jnp.ones((6, 3))}
+  t = jaxprune.trace(fn, params, jnp.ones((3, 4)))
+  assert list(t.groups) == ["v1"]
+  text = t.explain()
+  assert "w1 (4, 5): " in text and "sorted along by sort" in text
+  assert "used by scan (not followed)" in text or "reaches the function's outputs" in text
+
+
+def test_layer_norm_statistics_block_pruning():
+  class LN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.LayerNorm()(nn.Dense(6)(x)))
+  x = _randn(4, 5)
+  v = LN().init(jax.random.key(0), x)
+  t = jaxprune.trace(LN().apply, v, x)
+  assert not t.groups
+  assert "reduced over by reduce_sum" in t.explain()
+
+
+# ----------------------------------------------------------------------------- one model-free path
+
+
+@pytest.fixture(scope="module")
+def traced_mlp():
+  """A plain-function MLP equal to the built-in MLP, traced."""
+  model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+  params = model.init(jax.random.key(0))
+
+  def fn(p, x):
+    h = jax.nn.sigmoid(x @ p["params"]["hidden_0"]["kernel"] + p["params"]["hidden_0"]["bias"])
+    return h @ p["params"]["out"]["kernel"] + p["params"]["out"]["bias"]
+
+  x = _randn(40, 4)
+  y = jnp.asarray(RNG.integers(0, 3, 40))
+  return model, params, x, y, jaxprune.trace(fn, params, x)
+
+
+def test_pruners_on_traced_target_match_builtin(traced_mlp):
+  model, params, x, _, t = traced_mlp
+  assert t.groups == model.groups
+  acts_t = t.activations(params, x, "hidden_0")
+  np.testing.assert_allclose(acts_t, model.activations(params, x, "hidden_0"), rtol=1e-6)
+  um = jaxprune.unit_masks_ones(t)
+  for make, args in [(jaxprune.distinctiveness, (acts_t, 60.0, 120.0)),
+                     (jaxprune.group_redundancy, (acts_t,)),
+                     (jaxprune.importance_prune, (3,)),
+                     (jaxprune.weight_distinctiveness, (60.0, 120.0))]:
+    p1, m1, _ = make(t, "hidden_0")(params, um, *args)
+    p2, m2, _ = make(model, "hidden_0")(params, um, *args)
+    np.testing.assert_array_equal(m1["hidden_0"], m2["hidden_0"])
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_ga_on_traced_target_takes_fast_path(traced_mlp):
+  model, params, x, y, t = traced_mlp
+  assert ga.fast_path_applies(t, "hidden_0") and ga.fast_path_applies(model, "hidden_0")
+  cfg = ga.GAConfig(population_size=12, hof_size=2, generations=3)
+  r1 = ga.search(t, params, x, y, "hidden_0", key=jax.random.key(1), config=cfg, progress=False)
+  r2 = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(1), config=cfg,
+                 progress=False)
+  np.testing.assert_array_equal(r1.mask, r2.mask)
+  assert float(r1.fitness) == pytest.approx(float(r2.fitness))
+  assert 0.0 <= float(r1.accuracy) <= 1.0          # a fraction, like evaluate()
+
+
+def test_fit_and_evaluate_take_a_target_or_an_apply_function(traced_mlp):
+  model, params, x, y, t = traced_mlp
+  kw = dict(key=jax.random.key(2), epochs=2, progress=False)
+  p_model, _ = jaxprune.fit(model, params, x, y, **kw)
+  p_target, _ = jaxprune.fit(t, params, x, y, **kw)
+  for a, b in zip(jax.tree.leaves(p_model), jax.tree.leaves(p_target)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  e1 = jaxprune.evaluate(model, p_model, x, y)
+  e2 = jaxprune.evaluate(t, p_model, x, y)
+  e3 = jaxprune.evaluate(t.apply, p_model, x, y)
+  assert e2 == pytest.approx(e1) and e3 == pytest.approx(e1)
+
+
+def test_fit_plain_dict_params_with_custom_loss():
+  fn, params, x, _ = _einsum_case()
+  target = _randn(5, 2)
+  mse = lambda out, y: jnp.mean((out - y) ** 2, axis=-1)
+  um = {"w1": jnp.array([True, False, True, True, False, True, True])}
+  t = jaxprune.trace(fn, params, x)
+  wm = jaxprune.expand(params, t, um)
+  trained, hist = jaxprune.fit(fn, params, x, target, key=jax.random.key(0), epochs=20,
+                               loss=mse, masks=wm, learning_rate=1e-2, progress=False)
+  assert hist["loss"][-1] < hist["loss"][0]
+  assert float(jnp.max(jnp.abs(trained["w1"][:, 1]))) == 0.0     # pruned stays zero
+  small, st = t.compact(trained, um)
+  np.testing.assert_allclose(st.apply(small, x), fn(trained, x), atol=1e-5)
+
+
+def test_distinctiveness_merge_is_exact_on_traced_cnn():
+  """An exact duplicate channel merged by the model-free pruner leaves the outputs unchanged."""
+  fn, params, x, _ = ZOO["linen_cnn"]()
+  k = params["params"]["Conv_0"]["kernel"]
+  b = params["params"]["Conv_0"]["bias"]
+  params["params"]["Conv_0"]["kernel"] = k.at[..., 4].set(k[..., 1])
+  params["params"]["Conv_0"]["bias"] = b.at[4].set(b[1])
+  t = jaxprune.trace(fn, params, x)
+  acts = t.activations(params, x, "Conv_0")
+  prune = jaxprune.distinctiveness(t, "Conv_0", constants=False, complementary=False)
+  new, um, report = prune(params, jaxprune.unit_masks_ones(t), acts, 1.0, 179.0)
+  assert not bool(um["Conv_0"][4]) and int(um["Conv_0"].sum()) == 5
+  del report
+  np.testing.assert_allclose(t.apply(new, x), fn(params, x), atol=1e-5)
+  small, st = t.compact(new, um)
+  np.testing.assert_allclose(st.apply(small, x), fn(params, x), atol=1e-5)
