@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -281,8 +282,9 @@ def gradual(tx: optax.GradientTransformation, *, sparsity, begin_step: int, end_
     scope: ``'global'`` (default for a float) or ``'layer'``; a map is always per leaf.
     power: the schedule's exponent (3 in the paper).
     initial_sparsity: ``s_i``, the sparsity at ``begin_step`` (default 0).
-    scores: optional ``scores(params, grads) -> pytree like params`` of non-negative saliencies
-      (larger is kept); default ``|params|``. E.g. :func:`saliency_scores` for ``|w * g|``.
+    scores: optional ``scores(params, grads)`` or ``scores(params)`` returning a pytree like
+      params of non-negative saliencies (larger is kept); default ``|params|``. E.g.
+      :func:`saliency_scores` for ``|w * g|`` with each step's gradients.
     select: which leaves (default every leaf with ``ndim >= 2``; see
       :func:`jaxprune.pruners.select_leaves`).
     pruner: a structured :class:`StepPruner` instead (e.g. :func:`importance_pruner`).
@@ -386,11 +388,23 @@ def _selection(params, sparsity, select):
   return magnitude_lib.select_leaves(params, select), None
 
 
+def _call_scores(fn, params, grads):
+  """``fn(params, grads)``, or ``fn(params)`` for a function of the params alone."""
+  try:
+    sig = inspect.signature(fn)
+    sig.bind(params, grads)
+  except TypeError:
+    return fn(params)
+  except ValueError:  # no signature (some builtins): assume (params, grads)
+    pass
+  return fn(params, grads)
+
+
 def _score_leaves(scores, params, grads, selected):
   leaves = jax.tree.leaves(params)
   if scores is None:
     return [jnp.abs(leaves[i]) for i in selected]
-  tree = scores(params, grads) if callable(scores) else scores
+  tree = _call_scores(scores, params, grads) if callable(scores) else scores
   if jax.tree.structure(tree) != jax.tree.structure(params):
     raise ValueError("The scores must be a pytree with the structure of the params (one score "
                      f"per weight); got {jax.tree.structure(tree)} for params "
@@ -446,7 +460,8 @@ def unstructured_pruner(sparsity, *, scope: str | None = None, scores: Callable 
   sparsity = _sparsity_map_or_float(sparsity)
   scope = _check_scope(scope, sparsity)
   if scores is not None and not callable(scores):
-    raise TypeError("scores must be a function scores(params, grads) -> pytree like params.")
+    raise TypeError("scores must be a function scores(params, grads) or scores(params) -> "
+                    "pytree like params.")
 
   def prune(params, masks, state, grads, target):
     selected, _ = _selection(params, sparsity, select)

@@ -190,6 +190,19 @@ def test_gradual_with_saliency_scores_uses_gradients():
     np.testing.assert_array_equal(a, b)
 
 
+def test_gradual_with_a_score_function_of_params_alone():
+  params = _mlp_params()
+  # Score: distance from 1 (so weights near 1.0 are pruned first, not the smallest).
+  tx = jaxprune.gradual(optax.sgd(0.0), sparsity=0.25, begin_step=0, end_step=1, frequency=1,
+                        scope="layer", scores=lambda p: jax.tree.map(lambda w: jnp.abs(w - 1), p))
+  state = tx.init(params)._replace(count=jnp.ones((), jnp.int32))
+  _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  w = np.abs(np.asarray(params["linear"]["w"]) - 1).ravel()
+  want = np.ones(w.size, bool)
+  want[np.argsort(w, kind="stable")[:round(0.25 * w.size)]] = False
+  np.testing.assert_array_equal(np.asarray(jaxprune.masks_of(state)["linear"]["w"]).ravel(), want)
+
+
 def test_bad_schedule_settings_raise():
   sgd = optax.sgd(0.1)
   with pytest.raises(ValueError, match=r"\[0, 1\)"):
