@@ -25,6 +25,7 @@ IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
 
 # Published input sizes and the defaults used on this project's 2-core CPU (see the docs).
 PUBLISHED_SIZE = {"lenet": (90, 72), "cnn4": (227, 227), "resnet18": (224, 224)}
+IMAGE_DATA = ("images", "sfew_images")  # the --data choices that hold images
 QUICK_SIZE = {"lenet": (16, 16), "cnn4": (64, 64), "resnet18": (32, 32)}
 
 
@@ -50,6 +51,9 @@ def parse_size(text: str, flag: str) -> tuple[int, int]:
 
 def load_images(size: tuple[int, int], channels: int, *, max_per_class: int | None = None):
   """Loads --data (bundled digits images or the user's SFEW tree) at ``size`` x ``channels``."""
+  if FLAGS.data in _common.DATA_CHOICES and FLAGS.data not in IMAGE_DATA:
+    _common.fail(f"--data={FLAGS.data} holds feature vectors, but this study trains a CNN on "
+                 f"images; use --data={' or --data='.join(IMAGE_DATA)}.")
   kw: dict[str, Any] = {"size": size, "channels": channels}
   if max_per_class is not None and FLAGS.data == "images":
     kw["max_per_class"] = max_per_class

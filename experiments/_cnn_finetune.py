@@ -61,7 +61,7 @@ def settings() -> dict[str, Any]:
   if FLAGS.pretrained and not os.path.isfile(FLAGS.pretrained):
     _common.fail(f"--pretrained={FLAGS.pretrained!r} is not a file; make the .npz as shown in "
                  "the README section 'ResNet-18 and pretrained weights'.")
-  if FLAGS.quick:
+  if FLAGS.quick and not FLAGS["image_size"].present:
     size = cc.QUICK_SIZE[arch]
   elif FLAGS.image_size:
     size = cc.parse_size(FLAGS.image_size, "image_size")
@@ -82,8 +82,8 @@ def settings() -> dict[str, Any]:
       "data": FLAGS.data, "data_path": FLAGS.data_path, "seed": FLAGS.seed, "quick": FLAGS.quick,
       "arch": arch, "pretrained": os.path.basename(FLAGS.pretrained) if FLAGS.pretrained else None,
       "image_size": list(size), "channels": channels,
-      "finetune_epochs": QUICK["finetune_epochs"] if FLAGS.quick else FLAGS.finetune_epochs,
-      "retrain_epochs": QUICK["retrain_epochs"] if FLAGS.quick else FLAGS.retrain_epochs,
+      "finetune_epochs": _common.quick_or_flag("finetune_epochs", QUICK["finetune_epochs"]),
+      "retrain_epochs": _common.quick_or_flag("retrain_epochs", QUICK["retrain_epochs"]),
       "batch_size": FLAGS.batch_size, "learning_rate": FLAGS.learning_rate,
       "test_fraction": FLAGS.test_fraction,
   }

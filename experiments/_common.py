@@ -12,6 +12,15 @@ Layout of ``--workdir/<study>/``::
   *.md, *.csv       tables
   *.png             figures
   cache/<fingerprint>/<key>.json   one file per finished configuration (resume)
+  cache/<fingerprint>/compute_seconds.json, settings.json   run bookkeeping
+  .lock, cache/<fingerprint>/.lock   advisory locks (see below)
+
+Reliability (see docs/reliability.md): the fingerprint covers the settings and a content hash
+of the data actually loaded; ``results.json`` is written last, so its presence means the run
+finished; a damaged cache file is reported and recomputed; the study's own temporary files are
+removed at start; an advisory lock per cache folder makes a second run with the same settings
+wait, and one on the study folder makes a concurrent run with other settings stop with a
+message instead of overwriting the first run's files.
 """
 
 from __future__ import annotations
@@ -19,12 +28,17 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import fcntl
+import glob
 import hashlib
 import io
 import json
 import math
 import os
+import sys
 import tempfile
+import time
+import zipfile
 import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -52,13 +66,55 @@ def define_common_flags(default_data: str) -> None:
   flags.DEFINE_string("data_path", None,
                       "Path to SFEW.xlsx / SFEW.csv (sfew_features) or the class-folder image "
                       "tree (sfew_images).")
-  flags.DEFINE_integer("seed", 0, "Random seed; a run is deterministic for a seed.")
-  flags.DEFINE_bool("quick", False, "A reduced run for tests and smoke checks (seconds).")
+  flags.DEFINE_integer("seed", 0, f"Random seed in [0, {SEED_LIMIT}); a run is deterministic "
+                       "for a seed.")
+  flags.register_validator("seed", lambda v: v is not None and 0 <= v < SEED_LIMIT,
+                           message=f"--seed must be an integer in [0, 2^32) = [0, {SEED_LIMIT}).")
+  flags.DEFINE_bool("quick", False, "A reduced run for tests and smoke checks (seconds); flags "
+                    "given explicitly still win over its reduced defaults.")
+
+
+SEED_LIMIT = 2**32
 
 
 def fail(message: str) -> None:
   """Stops the program with a clear message and a non-zero exit, before any long work."""
   raise app.UsageError(message)
+
+
+def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
+  """Wraps a binary's ``main`` so that a usage error (:func:`fail`) prints one line and a hint to
+  run ``--help`` (exit status 2) instead of absl's page of flag help before the message."""
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      print(f"Error: {e}\nRun {_program(argv)} --help to see the flags.", file=sys.stderr,
+            flush=True)
+      sys.exit(2)
+  return wrapped
+
+
+def _program(argv: Sequence[str]) -> str:
+  """How the user started this binary: ``python -m experiments.x`` or the script's name."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if spec is not None and spec.name:
+    return f"python -m {spec.name}"
+  return os.path.basename(argv[0]) if argv else "the program"
+
+
+def run_binary(main: Callable[[Sequence[str]], Any]) -> None:
+  """``app.run(main)`` with one-line usage errors (the ``if __name__ == '__main__'`` of every
+  binary)."""
+  app.run(one_line_usage_errors(main))
+
+
+def quick_or_flag(name: str, quick_value: Any) -> Any:
+  """The flag's value, or ``quick_value`` under --quick unless the flag was given explicitly
+  (an explicit flag always wins over --quick's reduced default)."""
+  if FLAGS.quick and not FLAGS[name].present:
+    return quick_value
+  return FLAGS[name].value
 
 
 def check_no_args(argv: Sequence[str]) -> None:
@@ -137,7 +193,7 @@ def study_main(config_from_flags: Callable[[], Any], run: Callable[..., Any]):
   """The ``main(argv)`` of a binary whose study is ``run(config, data=, data_path=, workdir=)``.
 
   Example:
-    >>> main = study_main(config_from_flags, run)  # then: define_flags(); app.run(main)
+    >>> main = study_main(config_from_flags, run)  # then: define_flags(); run_binary(main)
   """
   def main(argv):
     check_no_args(argv)
@@ -160,11 +216,15 @@ def config_key(seed: int, *parts: Any) -> jax.Array:
 # ----------------------------------------------------------------------------- atomic files
 
 
+TMP_PREFIX = ".tmp-"  # temporary files of atomic writes: .tmp-<pid>-<random><name>
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
   """Writes ``data`` to ``path`` atomically: a kill never leaves a truncated file."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.getpid()}-",
+                             suffix=os.path.basename(path))
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
@@ -220,8 +280,11 @@ def load_tree(path: str, template: Any = None) -> Any:
   Without ``template``: nested dicts of numpy arrays, rebuilt from the names. With it: the
   arrays (as jax arrays, in file order) in the structure of ``template``.
   """
-  with np.load(path) as f:
-    arrays = [(name, np.asarray(f[name])) for name in f.files]
+  try:
+    with open(path, "rb") as fh, np.load(fh) as f:
+      arrays = [(name, np.asarray(f[name])) for name in f.files]
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+    raise DamagedFile(path, e) from None
   if template is None:
     out: dict = {}
     for name, a in arrays:
@@ -236,6 +299,15 @@ def load_tree(path: str, template: Any = None) -> Any:
     raise ValueError(f"{path} holds {len(arrays)} arrays, the model needs {treedef.num_leaves}; "
                      "delete the cache folder to start again.")
   return jax.tree.unflatten(treedef, [jnp.asarray(a) for _, a in arrays])
+
+
+class DamagedFile(ValueError):
+  """A saved file that cannot be read back (truncated or corrupted)."""
+
+  def __init__(self, path: str, error: BaseException):
+    self.path = path
+    super().__init__(f"{path} is damaged and cannot be read ({type(error).__name__}: {error}); "
+                     "delete it to have it recomputed.")
 
 
 def save_figure(fig, path: str) -> None:
@@ -300,6 +372,92 @@ def _safe(key: str) -> str:
   return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
 
 
+class _Lock:
+  """An advisory ``fcntl.flock`` lock on a file, held until :meth:`release` (or process exit).
+
+  Locks are per process: a lock path already held by an earlier (finished or failed) study of
+  this same process is handed over, since one process runs its studies one after another.
+  """
+
+  _held: dict[str, "_Lock"] = {}
+
+  def __init__(self, path: str):
+    self.path = os.path.abspath(path)
+    self.fd: int | None = None
+
+  def holder(self) -> str:
+    with contextlib.suppress(OSError):
+      with open(self.path) as f:
+        return f.read().strip() or "unknown"
+    return "unknown"
+
+  def try_acquire(self, note: str = "") -> bool:
+    old = _Lock._held.pop(self.path, None)
+    if old is not None:
+      old.release()
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      return False
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()}{note}".encode())
+    self.fd = fd
+    _Lock._held[self.path] = self
+    return True
+
+  def release(self) -> None:
+    if self.fd is not None:
+      with contextlib.suppress(OSError):
+        os.close(self.fd)  # closing the descriptor releases the flock
+      self.fd = None
+    if _Lock._held.get(self.path) is self:
+      del _Lock._held[self.path]
+
+
+#: Seconds a run waits for another run with the same settings (None: as long as it takes).
+LOCK_WAIT_S: float | None = None
+
+# The data loaded last through :func:`load_data` (its fingerprint record), used by a Study
+# that is not given its data explicitly.
+_LOADED_DATA: dict[str, Any] | None = None
+
+
+def data_record(ds, name: str | None = None, path: str | None = None) -> dict[str, Any]:
+  """Name, version, source, size and a SHA-256 content hash of a loaded dataset's arrays.
+
+  The hash covers the arrays as loaded (inputs, labels, person ids, class names), so any edit
+  of the source file that changes what is loaded changes it, wherever the file lives.
+
+  Example:
+    >>> from jaxprune import data
+    >>> rec = data_record(data.load("features"), "features")
+    >>> sorted(rec)
+    ['examples', 'name', 'path', 'sha256', 'source', 'version']
+  """
+  import jaxprune  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  for a in (ds.x, ds.y, ds.groups):
+    if a is not None:
+      a = np.ascontiguousarray(a)
+      h.update(f"{a.dtype.str}{a.shape}".encode())
+      h.update(a.tobytes())
+  h.update(json.dumps(list(ds.class_names)).encode())
+  info = getattr(ds, "info", {}) or {}
+  return {"name": name, "source": str(info.get("source", name)),
+          "version": str(info.get("version", f"jaxprune {jaxprune.__version__}")),
+          "path": os.path.abspath(path) if path else None, "examples": int(len(ds.y)),
+          "sha256": h.hexdigest()}
+
+
+def _check_seed(settings: Mapping[str, Any]) -> None:
+  seed = settings.get("seed")
+  if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                           or not 0 <= seed < SEED_LIMIT):
+    fail(f"--seed must be an integer in [0, 2^32) = [0, {SEED_LIMIT}), got {seed!r}.")
+
+
 class Study:
   """One experiment's output folder and its resumable cache.
 
@@ -307,27 +465,122 @@ class Study:
     name: the study's name (the subfolder of --workdir).
     settings: every setting that affects results (flags); results cached under one set of
       settings are never reused under another.
+    workdir: the output root (default ``--workdir``).
+    data: the loaded dataset (or its :func:`data_record`); its content hash joins the
+      fingerprint, so changed data never reuse old results. Default: the data loaded last
+      through :func:`load_data`.
+
+  Starting a study checks the folder is writable (with a probe named per process), takes an
+  advisory lock on ``cache/<fingerprint>/`` (a second run with the same settings waits for the
+  first, then resumes from its cache) and one on the study folder (a concurrent run with other
+  settings stops with a message), then removes leftovers of killed runs: temporary files of
+  atomic writes and the previous ``results.json`` (written again, last, when this run ends).
   """
 
-  def __init__(self, name: str, settings: Mapping[str, Any], workdir: str | None = None):
+  def __init__(self, name: str, settings: Mapping[str, Any], workdir: str | None = None, *,
+               data: Any = None):
     self.name = name
     self.settings = dict(to_jsonable(settings))
+    _check_seed(self.settings)
+    if data is None:
+      data = _LOADED_DATA
+    elif not isinstance(data, Mapping):
+      data = data_record(data, self.settings.get("data"), self.settings.get("data_path"))
+    self.data = None if data is None else dict(data)
     self.dir = os.path.join(workdir if workdir is not None else FLAGS.workdir, name)
     try:
       os.makedirs(self.dir, exist_ok=True)
-      probe = os.path.join(self.dir, ".write-test")
-      with open(probe, "w") as f:
-        f.write("ok")
+      fd, probe = tempfile.mkstemp(dir=self.dir, prefix=f".write-test-{os.getpid()}-")
+      os.close(fd)
       os.remove(probe)
     except OSError as e:
       fail(f"Cannot write to the work folder {self.dir!r} ({e.strerror}). Pass a writable "
            "--workdir.")
-    blob = json.dumps(self.settings, sort_keys=True).encode()
-    self.fingerprint = hashlib.sha256(blob).hexdigest()[:12]
+    blob = {"settings": self.settings}
+    if self.data is not None:  # name, version and content hash; not the path it came from
+      blob["data"] = {k: self.data.get(k) for k in ("name", "version", "sha256")}
+    self.fingerprint = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
     self.cache_dir = os.path.join(self.dir, "cache", self.fingerprint)
     os.makedirs(self.cache_dir, exist_ok=True)
-    write_json(os.path.join(self.cache_dir, "settings.json"), self.settings)
+    self._lock_cache = _Lock(os.path.join(self.cache_dir, ".lock"))
+    self._lock_outputs = _Lock(os.path.join(self.dir, ".lock"))
+    self._acquire_locks()
+    self._clean_leftovers()
+    write_json(os.path.join(self.cache_dir, "settings.json"),
+               {**self.settings, **({"_data": self.data} if self.data else {})})
     self.resumed = 0
+    self._start = time.time()
+    self._prior_seconds = self._read_seconds()
+    self._pending_results: Mapping[str, Any] | None = None
+    self._report_written = False
+
+  # -- locks and leftovers
+
+  def _acquire_locks(self) -> None:
+    note = f", settings {self.fingerprint}"
+    if not self._lock_cache.try_acquire(note):
+      print(f"[{self.name}] Another run with the same settings ({self._lock_cache.holder()}) "
+            f"is computing in {self.cache_dir}; waiting for it to finish, then resuming from "
+            "its cache.", file=sys.stderr, flush=True)
+      t0 = time.time()
+      while not self._lock_cache.try_acquire(note):
+        if LOCK_WAIT_S is not None and time.time() - t0 > LOCK_WAIT_S:
+          fail(f"Another run with the same settings ({self._lock_cache.holder()}) still holds "
+               f"{self.cache_dir} after {LOCK_WAIT_S:g} s; wait for it or stop it.")
+        time.sleep(0.5)
+    if not self._lock_outputs.try_acquire(note):
+      holder = self._lock_outputs.holder()
+      self._lock_cache.release()
+      fail(f"Another run with different settings ({holder}) is writing its results to "
+           f"{self.dir}; two runs there would overwrite each other's results.json and tables. "
+           "Wait for it to finish, or pass another --workdir.")
+
+  def _clean_leftovers(self) -> None:
+    """Removes what killed runs left: temp files of atomic writes and stale results.json
+    (we hold the study folder's lock, so no other run is writing here)."""
+    patterns = [os.path.join(self.dir, TMP_PREFIX + "*"), os.path.join(self.dir, ".write-test*"),
+                os.path.join(self.dir, "cache", "*", TMP_PREFIX + "*")]
+    for pattern in patterns:
+      for f in glob.glob(pattern):
+        if os.path.isfile(f):
+          with contextlib.suppress(FileNotFoundError):
+            os.remove(f)
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(self.path("results.json"))
+
+  def release(self) -> None:
+    """Releases the study's locks (done when results.json is written)."""
+    self._lock_outputs.release()
+    self._lock_cache.release()
+
+  # -- compute time
+
+  def _seconds_file(self) -> str:
+    return os.path.join(self.cache_dir, "compute_seconds.json")
+
+  def _read_seconds(self) -> float:
+    try:
+      with open(self._seconds_file()) as f:
+        return float(json.load(f)["seconds"])
+    except FileNotFoundError:
+      return 0.0
+    except (ValueError, KeyError, TypeError):
+      _warn(f"{self._seconds_file()} is damaged; the compute time restarts from 0.")
+      return 0.0
+
+  def invocation_seconds(self) -> float:
+    """Seconds since this study started (this invocation only)."""
+    return time.time() - self._start
+
+  def compute_seconds(self) -> float:
+    """Total compute time of these results: earlier invocations' time up to their last cached
+    step, plus this invocation's; a fully resumed run reports the time its results took."""
+    return self._prior_seconds + self.invocation_seconds()
+
+  def _save_seconds(self) -> None:
+    write_json(self._seconds_file(), {"seconds": self.compute_seconds()})
+
+  # -- cache
 
   def path(self, filename: str) -> str:
     return os.path.join(self.dir, filename)
@@ -344,16 +597,29 @@ class Study:
     legacy = os.path.join(self.cache_dir, _safe(key) + ".npz")
     return legacy if not os.path.exists(path) and os.path.exists(legacy) else path
 
+  def _read_json(self, f: str) -> tuple[bool, Any]:
+    """(True, value) for a readable cache file; (False, None) if absent or damaged (removed)."""
+    try:
+      with open(f, "rb") as fh:
+        return True, json.loads(fh.read().decode())
+    except FileNotFoundError:
+      return False, None
+    except (ValueError, UnicodeDecodeError) as e:
+      _discard_damaged(f, e)
+      return False, None
+
   def cached(self, key: str, fn: Callable[[], Any]) -> Any:
     """Returns the saved result of ``key`` if this configuration finished before, else runs
-    ``fn`` and saves its (JSON-able) result atomically before returning it."""
+    ``fn`` and saves its (JSON-able) result atomically before returning it. A damaged cache
+    file is named on stderr and recomputed."""
     f = self.cache_file(key, ".json")
-    if os.path.exists(f):
-      with open(f) as fh:
-        self.resumed += 1
-        return json.load(fh)
+    ok, value = self._read_json(f)
+    if ok:
+      self.resumed += 1
+      return value
     result = to_jsonable(fn())
     write_json(f, result)
+    self._save_seconds()
     # Round-trip through JSON so a fresh and a resumed run return identical values.
     return json.loads(json.dumps(result))
 
@@ -362,8 +628,13 @@ class Study:
     ``<key>-<digest>.npz``; always returns the tree read back from disk (see
     :func:`load_tree` for ``template``)."""
     path = self._tree_file(key)
-    if not os.path.exists(path):
-      save_tree(path, fn())
+    if os.path.exists(path):
+      try:
+        return load_tree(path, template)
+      except DamagedFile as e:
+        _discard_damaged(path, e)
+    save_tree(path, fn())
+    self._save_seconds()
     return load_tree(path, template)
 
   def cached_with_tree(self, key: str, fn: Callable[[], tuple[Any, Any]],
@@ -372,9 +643,17 @@ class Study:
 
     The pytree goes to ``<key>-<digest>.npz``, written before the JSON record (which marks the
     step as finished), so a resumed run gets exactly the arrays an uninterrupted one used. The
-    returned pytree is always the one read back from disk.
+    returned pytree is always the one read back from disk; if either file is damaged, the step
+    is computed again.
     """
     path = self._tree_file(key)
+    if os.path.exists(path):
+      try:
+        load_tree(path, template)
+      except DamagedFile as e:  # the record alone cannot rebuild the arrays: redo the step
+        _discard_damaged(path, e)
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(self.cache_file(key, ".json"))
 
     def run():
       tree, record = fn()
@@ -387,9 +666,23 @@ class Study:
            f"delete {self.cache_dir} to start again.")
     return load_tree(path, template), record
 
+  # -- outputs
+
   def write_results(self, results: Mapping[str, Any]) -> None:
-    write_json(self.path("results.json"), {"study": self.name, "settings": self.settings,
-                                           "results": results})
+    """Records the results; ``results.json`` is written after ``REPORT.md`` (the last output),
+    so its presence means the run finished."""
+    self._pending_results = results
+    if self._report_written:
+      self._finish()
+
+  def _finish(self) -> None:
+    self._save_seconds()
+    body = {"study": self.name, "settings": self.settings, "results": self._pending_results}
+    if self.data is not None:
+      body["data"] = self.data
+    write_json(self.path("results.json"), body)
+    self._pending_results = None
+    self.release()
 
   def write_flops(self, target: Any, params: Any, masks: Any = None,
                   unit_masks: Mapping[str, Any] | None = None) -> str:
@@ -403,13 +696,39 @@ class Study:
     return text
 
   def write_report(self, title: str, sections: Iterable[tuple[str, str]]) -> None:
-    """REPORT.md: a title, then (heading, markdown) sections; figures as ![](file.png)."""
+    """REPORT.md: a title, then (heading, markdown) sections; figures as ![](file.png). A run
+    section (compute time, resumed steps, data hash) and the settings close it; then
+    ``results.json`` is written if the results were given."""
     parts = [f"# {title}\n"]
     for heading, body in sections:
       parts.append(f"## {heading}\n\n{body.strip()}\n")
+    run = [f"Compute time: {self.compute_seconds():.0f} s in total (earlier invocations' "
+           f"cached steps included); this invocation {self.invocation_seconds():.0f} s, "
+           f"{self.resumed} steps taken from the cache `cache/{self.fingerprint}/`."]
+    if self.data is not None:
+      d = self.data
+      run.append(f"Data: `{d.get('name')}` ({d.get('source')}, {d.get('version')}), "
+                 f"{d.get('examples')} examples, SHA-256 of the loaded arrays "
+                 f"`{d.get('sha256')}`.")
+    parts.append("## Run\n\n" + "\n\n".join(run) + "\n")
     parts.append("## Settings\n\n```json\n" + json.dumps(self.settings, indent=1, sort_keys=True)
                  + "\n```\n")
     write_text(self.path("REPORT.md"), "\n".join(parts))
+    self._report_written = True
+    if self._pending_results is not None:
+      self._finish()
+
+
+def _warn(message: str) -> None:
+  print(f"Warning: {message}", file=sys.stderr, flush=True)
+
+
+def _discard_damaged(path: str, error: BaseException) -> None:
+  """Names a damaged cache file on stderr and removes it, so that its step is recomputed."""
+  _warn(f"the cache file {path} is damaged ({type(error).__name__}: {error}); removing it and "
+        "computing that step again.")
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(path)
 
 
 def load_data(name: str, path: str | None, **kwargs):
@@ -419,7 +738,10 @@ def load_data(name: str, path: str | None, **kwargs):
     fail(f"Unknown --data={name!r}; choose one of {', '.join(DATA_CHOICES)}.")
   if name.startswith("sfew") and not path:
     fail(f"--data={name} needs --data_path pointing to your SFEW copy.")
+  global _LOADED_DATA
   try:
-    return data_lib.load(name, path=path, **kwargs)
+    ds = data_lib.load(name, path=path, **kwargs)
   except (FileNotFoundError, ValueError) as e:
     fail(f"Could not load --data={name}: {e}")
+  _LOADED_DATA = data_record(ds, name, path)
+  return ds

@@ -31,7 +31,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 from absl import flags
 
 import jaxprune
@@ -479,7 +478,6 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
   mc.check_folds(ds, cfg.folds)
   settings = {**dataclasses.asdict(cfg), "data": data, "data_path": data_path}
   study = _common.Study(STUDY, settings, workdir)
-  t0 = time.time()
   folds = mc.cv_folds(ds, cfg.folds, cfg.seed)
   li = cfg.lrs.index(cfg.prune_lr)
 
@@ -503,7 +501,7 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
              "data": {"name": data, "source": ds.info.get("source", data), "examples": len(ds),
                       "fold_train_sizes": folds.n_tr, "fold_test_sizes": folds.n_te}}
   study.write_results(results)
-  write_outputs(cfg, study, summary, ds, data, time.time() - t0)
+  write_outputs(cfg, study, summary, ds, data, study.compute_seconds())
   return results
 
 
@@ -525,7 +523,7 @@ def write_outputs(cfg, study, summary, ds, data, seconds):
       ("Data", f"`--data={data}`: {ds.info.get('source', data)}, {len(ds)} examples, "
                f"{cfg.folds}-fold stratified CV; features standardised on each training fold "
                f"only.{stand_in} Accuracies in percent, mean ± std over folds.\n\n"
-               f"Wall time of this invocation: {seconds:.0f} s."),
+               f"Compute time (all invocations, cached steps included): {seconds:.0f} s."),
       ("Baseline grid", f"10-H-7 MLP, sigmoid hidden, softmax output, Adam, batch "
                         f"{cfg.batch_size}, {cfg.epochs} epochs.\n\n{t_base}\n![](baseline.png)"),
       ("Distinctiveness", f"Networks trained at lr {cfg.prune_lr:g}; similar < "
@@ -601,4 +599,4 @@ main = _common.study_main(config_from_flags, run)
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _common.run_binary(main)

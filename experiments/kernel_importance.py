@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 from absl import flags
 
 import jaxprune
@@ -48,7 +47,8 @@ QUICK = {"size": (16, 16), "max_per_class": 8, "epochs": 2}
 
 def settings() -> dict:
   quick = FLAGS.quick
-  size = QUICK["size"] if quick else cc.parse_size(FLAGS.image_size, "image_size")
+  size = cc.parse_size(_common.quick_or_flag("image_size", "x".join(map(str, QUICK["size"]))),
+                       "image_size")
   _common.check_positive(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size)
   if not 0.0 < FLAGS.test_fraction < 1.0:
     _common.fail(f"--test_fraction must lie strictly between 0 and 1, got {FLAGS.test_fraction}.")
@@ -57,7 +57,7 @@ def settings() -> dict:
   if not FLAGS.learning_rate > 0:
     _common.fail(f"--learning_rate must be positive, got {FLAGS.learning_rate}.")
   return {"data": FLAGS.data, "data_path": FLAGS.data_path, "seed": FLAGS.seed, "quick": quick,
-          "image_size": list(size), "epochs": QUICK["epochs"] if quick else FLAGS.epochs,
+          "image_size": list(size), "epochs": _common.quick_or_flag("epochs", QUICK["epochs"]),
           "batch_size": FLAGS.batch_size, "learning_rate": FLAGS.learning_rate,
           "test_fraction": FLAGS.test_fraction, "max_rise": FLAGS.max_rise,
           "relative": FLAGS.relative, "norm": FLAGS.norm}
@@ -174,4 +174,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _common.run_binary(main)

@@ -14,7 +14,6 @@ unpruned (fine-tuned) test accuracy, or 'never'.
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 
 import jaxprune
@@ -122,4 +121,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _common.run_binary(main)

@@ -15,7 +15,6 @@ retrained the same way.
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 
 import jaxprune
@@ -46,10 +45,7 @@ def distinctiveness_prune(model, params, groups, angle):
   for g in groups:
     prune = pruners.weight_distinctiveness(model, g, source="incoming", similar=True,
                                            complementary=False, constants=False)
-    for _ in range(model.groups[g].size):
-      params, umasks, report = prune(params, umasks, angle, 180.0)
-      if int(report.count) == 0:
-        break
+    params, umasks, _ = pruners.until_stable(prune, params, umasks, angle, 180.0)
   return params, umasks, jaxprune.expand(params, model, umasks)
 
 
@@ -168,4 +164,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _common.run_binary(main)

@@ -18,12 +18,10 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 from absl import flags
 
 import jaxprune
@@ -91,7 +89,6 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
   model = jaxprune.Autoencoder(in_features=d, hidden=(cfg.hidden,))
   study = _common.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
                                 "data_path": data_path}, workdir)
-  t0 = time.time()
   splits = _splits(ds, cfg)
 
   def train():
@@ -184,8 +181,8 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
       ("Data", f"`--data={data}`: {ds.info.get('source', data)}; {cfg.runs} runs, each with its "
                f"own {1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} split (standardised on "
                f"its training part) and initialisation.{stand_in}\n\nTraining: Adam lr "
-               f"{cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs, MSE. Wall time of this "
-               f"invocation: {time.time() - t0:.0f} s."),
+               f"{cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs, MSE. Compute time (all "
+               f"invocations, cached steps included): {study.compute_seconds():.0f} s."),
       ("Result", f"Test loss of the trained autoencoder: {u_m:.4f} ± {u_s:.4f}; after removing "
                  f"units down to {final['units_final']} unit(s) without retraining: "
                  f"{f_m:.4f} ± {f_s:.4f} (mean ± std over runs).\n\n![](progressive.png)"),
@@ -219,4 +216,4 @@ main = _common.study_main(config_from_flags, run)
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _common.run_binary(main)

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
 from absl import flags
 
 import jaxprune
@@ -234,7 +232,6 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
   ds = mc.load_features(data, data_path)
   study = _common.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
                                 "data_path": data_path}, workdir)
-  t0 = time.time()
   splits = _splits(ds, cfg)
   nets = train_all(cfg, splits, study)
   progress = _common.Progress(len(nets), "prune")
@@ -259,7 +256,8 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
                f"own stratified {1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} split "
                f"(standardised on its training part) and initialisation.{stand_in}\n\n"
                f"Training: sigmoid hidden layer, Adam lr {cfg.lr:g}, batch {cfg.batch_size}, "
-               f"{cfg.epochs} epochs. Wall time of this invocation: {time.time() - t0:.0f} s."),
+               f"{cfg.epochs} epochs. Compute time (all invocations, cached "
+               f"steps included): {study.compute_seconds():.0f} s."),
       ("Summary", "Each rule alone (similar-only merges the pair, keeping the lower index; "
                   "complementary-only removes both), constants not removed, no retraining. "
                   "Accuracies in percent (mean ± std over runs). *qualifying* counts pairs past "
@@ -302,4 +300,4 @@ main = _common.study_main(config_from_flags, run)
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _common.run_binary(main)

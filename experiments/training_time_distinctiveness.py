@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app
 from absl import flags
 
 import jaxprune
@@ -180,9 +179,9 @@ def settings() -> dict:
   quick = FLAGS.quick
   return {"data": FLAGS.data, "data_path": FLAGS.data_path, "seed": FLAGS.seed, "quick": quick,
           "image_size": list(size), "channels": FLAGS.channels,
-          "folds": QUICK["folds"] if quick else FLAGS.folds,
-          "epochs": QUICK["epochs"] if quick else FLAGS.epochs,
-          "check_every": QUICK["check_every"] if quick else FLAGS.check_every,
+          "folds": _common.quick_or_flag("folds", QUICK["folds"]),
+          "epochs": _common.quick_or_flag("epochs", QUICK["epochs"]),
+          "check_every": _common.quick_or_flag("check_every", QUICK["check_every"]),
           "angle": FLAGS.angle, "layer": FLAGS.layer, "batch_size": FLAGS.batch_size,
           "learning_rate": FLAGS.learning_rate}
 
@@ -300,4 +299,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  _common.run_binary(main)

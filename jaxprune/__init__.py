@@ -8,6 +8,7 @@ pytrees; pruners are jit-compiled transforms.
 from jaxprune import ga
 from jaxprune import pruners
 from jaxprune import units
+from jaxprune import validate
 from jaxprune.checkpoint import load_checkpoint
 from jaxprune.checkpoint import save_checkpoint
 from jaxprune.flops import flops_report
@@ -59,6 +60,7 @@ from jaxprune.pruners import iterative_importance
 from jaxprune.pruners import magnitude_prune
 from jaxprune.pruners import progressive_distinctiveness
 from jaxprune.pruners import random_prune
+from jaxprune.pruners import until_stable
 from jaxprune.pruners import weight_distinctiveness
 from jaxprune.tracing import TracedTarget
 from jaxprune.tracing import TraceError

@@ -231,6 +231,8 @@ class _Walker:
     self.invar_atoms: list = []
     self.out_vars: list = []
     self.scoped_env: dict = {}
+    self.concat: dict[int, list] = {}          # concatenation atom -> its parts' atoms
+    self.concat_of: dict[int, list] = {}       # class root -> [(part root, offset, length)]
 
   # -- helpers ---------------------------------------------------------------------------------
   def fresh(self, shape, blocked=None):
@@ -437,10 +439,11 @@ class _Walker:
 
     if name == "concatenate":
       dim = eqn.params["dimension"]
-      for x in ins:
-        for a in x[dim]:
-          A.block(a, "concatenated along (not followed)")
-      return self._same_except(ins, out_shapes, {dim}, "concatenate")
+      out = list(self._same_except(ins, out_shapes, {dim}, "concatenate")[0])
+      c = A.new(out_shapes[0][dim])
+      self.concat[c] = [tuple(x[dim]) for x in ins]
+      out[dim] = (c,)
+      return [tuple(out)]
 
     if name in ("slice", "pad", "dynamic_slice", "rev", "dynamic_update_slice"):
       x = ins[0]
@@ -612,6 +615,9 @@ class _Walker:
         self._record(eqn, path, 1, leaf, amap, (rhs_in,), (cout,), True, padded)
       elif depthwise:
         self._record(eqn, path, 1, leaf, amap, (), (cout,), True, padded)
+      for d in spatial:
+        if amap[d] is not None:
+          self.uses.setdefault((leaf, amap[d]), _Use(leaf, amap[d], "window", "kernel", path))
     elif kern is not None:
       for a in lhs[cin]:
         A.block(a, "a convolution with the activations as its kernel")
@@ -700,6 +706,7 @@ def _activation_of(eqn, current: str) -> str:
 def _classify(w: _Walker, leaf_paths, num_params, env):
   """Unit groups (class roots with producers and consumers and nothing blocking them)."""
   A = w.atoms
+  _resolve_concats(w)
   uses = dict(w.uses)
   for leaf in range(num_params):
     kind, where = w.first_use.get(leaf, ("stat", (1 << 30,)))
@@ -708,13 +715,20 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
         uses[(leaf, axis)] = _Use(leaf, axis, "producer", kind, where)
   members: dict[int, list] = {}
   for (leaf, axis), use in uses.items():
+    if use.role == "window":
+      continue
     for a in A.expand(w.invar_atoms[leaf][axis]):
       if A.size[a] > 1:
         members.setdefault(A.find(a), []).append(use)
+  for root, parts in w.concat_of.items():       # a concatenation's readers read each part
+    for part, _, _ in parts:
+      members.setdefault(part, []).extend(members.get(root, []))
   reasons: dict[int, list[str]] = {}
   sites, taken = [], set()
   for root, us in members.items():
     why = list(A.blocked[root])
+    if root in w.concat_of:
+      why.append("a concatenation of other groups (each part is pruned as its own group)")
     producers = [u for u in us if u.role == "producer"]
     consumers = [u for u in us if u.role == "consumer"]
     if not consumers:
@@ -766,6 +780,34 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
   return tuple(sites), uses, reasons
 
 
+def _resolve_concats(w: _Walker) -> None:
+  """Which groups each concatenation holds, and at which offsets; what blocks a concatenation
+  blocks its parts."""
+  A = w.atoms
+  for c, parts in w.concat.items():
+    part_atoms = [[a for a in A.expand(p) if A.size[a] > 1] for p in parts]
+    if c in A.refined or any(len(p) > 1 for p in part_atoms):
+      for p in part_atoms:
+        for a in p:
+          A.block(a, "concatenated and then split, or concatenated along a flattened axis")
+      continue
+    entries, offset = [], 0
+    for p, atoms in zip(parts, part_atoms):
+      size = math.prod(A.size[a] for a in A.expand(p))
+      if atoms:
+        entries.append((A.find(atoms[0]), offset, size))
+      offset += size
+    root = A.find(c)
+    if root in w.concat_of and w.concat_of[root] != entries:
+      for r, _, _ in entries + w.concat_of[root]:
+        A.block(r, "tied to concatenations of different layouts")
+    w.concat_of[root] = entries
+  for root, entries in w.concat_of.items():
+    for why in list(A.blocked[A.find(root)]):
+      for part, _, _ in entries:
+        A.block(part, why)
+
+
 def _name(path: Path, axis: int, taken: set) -> str:
   parts = list(path[:-1]) or list(path)
   if len(parts) > 1 and parts[0] == "params":
@@ -782,15 +824,27 @@ def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str,
     label = "/".join(path) if path is not None else f"leaf {leaf}"
     parts = []
     for axis, ax in enumerate(w.invar_atoms[leaf]):
-      for a in A.expand(ax):
-        if A.size[a] <= 1:
-          continue
-        r = A.find(a)
+      atoms = [a for a in A.expand(ax) if A.size[a] > 1]
+      descs = []
+      for a in atoms:
+        r, u = A.find(a), uses.get((leaf, axis))
         if r in by_root:
-          u = uses[(leaf, axis)]
-          parts.append(f"axis {axis} -> group {by_root[r]!r} ({u.role}, {u.kind})")
+          descs.append(f"group {by_root[r]!r} ({u.role}, {u.kind})")
+        elif r in w.concat_of and all(p in by_root for p, _, _ in w.concat_of[r]):
+          descs.append("the concatenation of " + ", ".join(
+              f"group {by_root[p]!r} [{o}:{o + n}]" for p, o, n in w.concat_of[r]) +
+                       f" ({u.role}, {u.kind})")
+        elif u is not None and u.role == "window":
+          descs.append("a convolution window axis")
         else:
-          parts.append(f"axis {axis}: not prunable ({'; '.join(dict.fromkeys(reasons.get(r, ['size 1'])))})")
+          why = "; ".join(dict.fromkeys(reasons.get(r, ["not a unit axis"])))
+          descs.append(f"not prunable ({why})")
+      if len(atoms) == 1:
+        parts.append(f"axis {axis} -> {descs[0]}")
+      elif atoms:
+        split = " x ".join(str(A.size[a]) for a in atoms)
+        parts.append(f"axis {axis} (read as {split}) -> " + ", ".join(
+            f"[{A.size[a]}] {d}" for a, d in zip(atoms, descs)))
     lines.append(f"{label} {_shape(leaves[leaf])}: " + ("; ".join(parts) or "no axis of size > 1"))
   return tuple(lines)
 
@@ -819,6 +873,14 @@ def _sizes_from_inputs(an: _Analysis, leaves) -> dict[int, int]:
         if roots.count(r) == 1 and prod and n % prod == 0:
           known[r] = n // prod
           progress = True
+  for root, parts in an.walker.concat_of.items():
+    total = sum(known.get(p, A.size[p]) for p, _, _ in parts)
+    if root not in known:
+      known[root] = total
+    elif known[root] != total:
+      raise ValueError(f"These params do not fit the traced computation: a layer reads "
+                       f"{known[root]} concatenated units but its parts have {total}. Compact "
+                       "every group with target.compact so that readers and parts agree.")
   size = lambda r: known.get(r, A.size[r])
   for roots, n in eqs:
     if math.prod(size(r) for r in roots) != n:
@@ -989,14 +1051,24 @@ class TracedTarget:
     groups = {}
     for site in an.sites:
       slices = []
+      holders = {r: p for r, parts in w.concat_of.items() for p in parts if p[0] == site.root}
       for use in sorted(an.uses.values(), key=order):
+        if use.role == "window":
+          continue
         expanded = [a for a in A.expand(w.invar_atoms[use.leaf][use.axis]) if A.size[a] > 1]
         roots = [A.find(a) for a in expanded]
+        segment, unit_root = None, site.root
         if site.root not in roots:
-          continue
+          held = [r for r in roots if r in holders]
+          if not held:
+            continue
+          unit_root = held[0]
+          parts = w.concat_of[unit_root]
+          k = [p[0] for p in parts].index(site.root)
+          segment = (sum(self._size(p[0]) for p in parts[:k]), self._size(site.root))
         view, axis = None, use.axis
         if len(expanded) > 1:
-          pos = roots.index(site.root)
+          pos = roots.index(unit_root)
           sizes = [self._size(r) for r in roots]
           leaf_shape = list(_new_shape(A, self._sizes, w.invar_atoms[use.leaf]))
           before, after = sizes[:pos], sizes[pos + 1:]
@@ -1009,7 +1081,7 @@ class TracedTarget:
           con = next(c for c in w.contractions if c.path == use.where)
           bias, padded = self._consumer_bias(con), con.padded
         slices.append(units_lib.Slice(an.leaf_paths[use.leaf], axis, use.role, view=view,
-                                      bias=bias, padded=padded, kind=use.kind))
+                                      bias=bias, padded=padded, kind=use.kind, segment=segment))
       groups[site.name] = units_lib.UnitGroup(site.name, self._size(site.root), tuple(slices),
                                               activation=site.activation, kind=site.kind)
     return groups

@@ -36,6 +36,7 @@ from absl import logging
 
 from jaxprune import masks as masks_lib
 from jaxprune import optax_pruning
+from jaxprune import validate
 from jaxprune.models.base import Model
 
 PyTree = Any
@@ -116,16 +117,7 @@ def _with_trainable(params: PyTree, trainable: PyTree) -> PyTree:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_finite(name: str, x) -> None:
-  """Raises ValueError if a concrete array holds NaN or infinite values (checked where it lives:
-  a device array is not copied to the host)."""
-  xp = np if isinstance(x, np.ndarray) else jnp
-  if not xp.issubdtype(x.dtype, xp.floating):
-    return
-  bad = int(xp.sum(~xp.isfinite(x)))
-  if bad:
-    raise ValueError(f"{name} holds {bad} NaN or infinite values; clean or impute them "
-                     "before training (e.g. drop those rows).")
+check_finite = validate.check_finite  # kept here for callers that imported it from train
 
 
 def _check_targets(model: Model, params, x, y, name: str) -> None:
@@ -145,12 +137,19 @@ def _check_targets(model: Model, params, x, y, name: str) -> None:
 
 def _check_data(model: Model, x, y, name="x", params=None):
   model.check_input(x)
-  check_finite(name, x)
-  if jnp.shape(y)[0] != jnp.shape(x)[0]:
-    raise ValueError(f"{name} has {jnp.shape(x)[0]} samples but its targets have "
-                     f"{jnp.shape(y)[0]}.")
-  if params is not None and jnp.shape(y)[0]:
+  validate.check_data(x, y, name=name)  # not empty, finite, lengths match
+  if params is not None:
     _check_targets(model, params, x, y, name)
+
+
+def _check_learning_rate(learning_rate) -> None:
+  """A concrete learning rate must be finite and >= 0 (a negative one climbs the loss)."""
+  if learning_rate is None or not validate.is_concrete(learning_rate):
+    return
+  lr = np.asarray(learning_rate, np.float64)
+  if lr.size == 0 or not np.all(np.isfinite(lr)) or np.any(lr < 0):
+    raise ValueError(f"learning_rate must be finite and >= 0, got {learning_rate}; a negative "
+                     "learning rate makes training climb the loss (typical values: 1e-4 to 1e-1).")
 
 
 # ----------------------------------------------------------------------------- state
@@ -398,6 +397,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   model = as_model(model, loss)
   if epochs < 1:
     raise ValueError(f"epochs must be at least 1, got {epochs}.")
+  _check_learning_rate(learning_rate)
   _check_data(model, x, y, params=params)
   if masks is not None:
     params = masks_lib.apply_masks(params, masks)  # checks the masks against the params
@@ -439,7 +439,7 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
     raise ValueError(f"fit_many takes x with a leading run axis, (R, N, ...); got {x.shape}.")
   runs, n = x.shape[:2]
   model.check_input(x[0])
-  check_finite("x", x)
+  _check_learning_rate(learning_rate)
   if y.shape[:2] != (runs, n) or w.shape != (runs, n):
     raise ValueError(f"fit_many needs y and w shaped (R, N) = ({runs}, {n}) like x's leading "
                      f"axes; got y {y.shape} and w {w.shape}.")
@@ -452,6 +452,7 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
     raise ValueError(f"fit_many needs params stacked with a leading run axis of {runs} (e.g. "
                      "jax.vmap(model.init)(keys)); got leading sizes "
                      f"{sorted(map(str, lead))}.")
+  validate.check_data(x, y, sample_weight=w, name="x", runs=True)
   _check_targets(model, jax.tree.map(lambda l: l[0], params), x[0], y[w > 0], "y")
   trainer = trainer or make_trainer(model, batch_size=batch_size)
   if masks is not None:

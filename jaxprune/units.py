@@ -60,6 +60,9 @@ class Slice:
       columns or a consumer's rows), ``'bias'`` (added to the producer kernel's output),
       ``'scale'``, ``'shift'`` or ``'stat'`` (a normalisation's scale, shift, or running
       statistic). Pruners read kernels and biases by kind, never by name.
+    segment: for a leaf that several groups share along one axis (a layer reading the
+      concatenation of two layers' outputs), ``(start, length)``: this group's units are entries
+      ``start .. start + length - 1`` of the (viewed) axis. None: the whole axis.
   """
 
   path: Path
@@ -69,6 +72,7 @@ class Slice:
   bias: Path | None = None
   padded: bool = False
   kind: str = "kernel"
+  segment: tuple[int, int] | None = None
 
   def __post_init__(self):
     if self.role not in ("producer", "consumer"):
@@ -80,6 +84,11 @@ class Slice:
       object.__setattr__(self, "view", tuple(int(d) for d in self.view))
     if self.bias is not None:
       object.__setattr__(self, "bias", tuple(self.bias))
+    if self.segment is not None:
+      start, length = (int(v) for v in self.segment)
+      if start < 0 or length < 1:
+        raise ValueError(f"Slice.segment must be (start >= 0, length >= 1), got {self.segment}.")
+      object.__setattr__(self, "segment", (start, length))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +230,12 @@ def check_group(params: PyTree, group: UnitGroup) -> None:
     if not -len(indexed) <= s.axis < len(indexed):
       raise ValueError(f"{where}: axis {s.axis} is out of range for shape {indexed}; use an "
                        f"axis in [{-len(indexed)}, {len(indexed)}).")
-    if indexed[s.axis] != group.size:
+    if s.segment is not None:
+      start, length = s.segment
+      if start + length > indexed[s.axis] or length != group.size:
+        raise ValueError(f"{where}: segment {s.segment} of axis {s.axis} (shape {indexed}) "
+                         f"must lie inside the axis and hold the group's {group.size} units.")
+    elif indexed[s.axis] != group.size:
       raise ValueError(f"{where}: axis {s.axis} of shape {indexed} has {indexed[s.axis]} "
                        f"entries but the group has {group.size} units. Fix the axis (or the "
                        "group size, or the view).")
@@ -264,13 +278,27 @@ def _view_shape(leaf_shape, s: Slice) -> tuple[int, ...]:
 
 
 def unit_view(leaf: jax.Array, s: Slice) -> jax.Array:
-  """The leaf reshaped so that axis 0 indexes units: shape (units, ...)."""
+  """The leaf reshaped so that axis 0 indexes the group's units: shape (units, ...)."""
   x = leaf.reshape(_view_shape(leaf.shape, s)) if s.view is not None else leaf
-  return jnp.moveaxis(x, s.axis, 0)
+  x = jnp.moveaxis(x, s.axis, 0)
+  if s.segment is not None:
+    x = x[s.segment[0]:s.segment[0] + s.segment[1]]
+  return x
 
 
-def from_unit_view(view: jax.Array, s: Slice, leaf_shape: tuple[int, ...]) -> jax.Array:
-  """Inverse of :func:`unit_view`; the unit count (axis 0 of ``view``) may have changed."""
+def from_unit_view(view: jax.Array, s: Slice, leaf: Any) -> jax.Array:
+  """Inverse of :func:`unit_view`: ``leaf`` (an array, or its shape) with the units' entries
+  replaced by ``view``. The unit count (axis 0 of ``view``) may change unless ``s`` has a
+  segment, which needs the array itself to splice into."""
+  leaf_shape = tuple(jnp.shape(leaf)) if not isinstance(leaf, tuple) else leaf
+  if s.segment is not None:
+    if isinstance(leaf, tuple):
+      raise ValueError("from_unit_view of a segment slice needs the leaf array, not its shape.")
+    full = unit_view(leaf, dataclasses.replace(s, segment=None))
+    start, length = s.segment
+    if view.shape[0] != length:
+      raise ValueError(f"A segment slice keeps its {length} units here; got {view.shape[0]}.")
+    view = full.at[start:start + length].set(view.astype(full.dtype))
   x = jnp.moveaxis(view, 0, s.axis)
   if s.view is None:
     return x
@@ -286,11 +314,21 @@ def from_unit_view(view: jax.Array, s: Slice, leaf_shape: tuple[int, ...]) -> ja
   return x.reshape(new_shape)
 
 
+def _segment_mask(mask, s: Slice, axis_size: int, xp=jnp):
+  """A unit mask placed at the slice's segment of an axis (True elsewhere)."""
+  if s.segment is None:
+    return mask
+  start, length = s.segment
+  return xp.concatenate([xp.ones((start,), bool), mask,
+                         xp.ones((axis_size - start - length,), bool)])
+
+
 def _mask_like(mask: jax.Array, leaf_shape, s: Slice) -> jax.Array:
   """Broadcasts a unit mask (units,) to the leaf's shape along the slice's axis."""
   shape = _view_shape(leaf_shape, s) if s.view is not None else leaf_shape
   ndim = len(shape)
   axis = s.axis % ndim
+  mask = _segment_mask(mask, s, shape[axis])
   bshape = [1] * ndim
   bshape[axis] = shape[axis]
   full = jnp.broadcast_to(mask.reshape(bshape), shape)
@@ -335,7 +373,8 @@ def _axis_keep(leaf_shape: tuple[int, ...], s: Slice, keep: np.ndarray) -> tuple
   """The leaf axis a slice indexes and which of its entries ``keep`` keeps (a view's unit axis
   lies inside one leaf axis; the other view axes in it repeat the pattern)."""
   if s.view is None:
-    return s.axis % len(leaf_shape), keep
+    axis = s.axis % len(leaf_shape)
+    return axis, _segment_mask(keep, s, leaf_shape[axis], np)
   view = list(_view_shape(leaf_shape, s))
   ax = s.axis % len(view)
   cum_view = np.cumprod([1] + view).tolist()
@@ -345,6 +384,7 @@ def _axis_keep(leaf_shape: tuple[int, ...], s: Slice, keep: np.ndarray) -> tuple
   j0 = max(j for j in range(ax + 1) if cum_view[j] == cum_leaf[k])
   j1 = min(j for j in range(ax + 1, len(view) + 1) if cum_view[j] == cum_leaf[k + 1])
   sub = view[j0:j1]
+  keep = _segment_mask(keep, s, view[ax], np)
   bshape = [1] * len(sub)
   bshape[ax - j0] = sub[ax - j0]
   return k, np.broadcast_to(keep.reshape(bshape), sub).reshape(-1)
@@ -455,7 +495,7 @@ def redistribute(params: PyTree, group: UnitGroup, transfer: jax.Array,
     v = unit_view(leaf, s)
     flat = v.reshape(v.shape[0], -1)
     new = (transfer.astype(flat.dtype) @ flat).reshape(v.shape)
-    out = set_path(out, s.path, from_unit_view(new, s, leaf.shape))
+    out = set_path(out, s.path, from_unit_view(new, s, leaf))
     if constants is not None:
       if s.bias is None:
         raise ValueError(f"Group {group.name!r}: consumer {'/'.join(s.path)} has no bias path, "

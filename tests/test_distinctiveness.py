@@ -245,8 +245,34 @@ def test_keeps_at_least_one_unit(tanh_model):
 # ----------------------------------------------------------------------------- reference + paths
 
 
+def _walk(pairs, h, absorb):
+  """The sequential definition: walk pairs (sorted) and apply each one its units allow.
+
+  ``pairs`` are (sort key..., kind, i, j) with kind 0 similar, 1 complementary. Returns the
+  removed flags and the actions as (kind, kept, removed) in the order they were applied.
+  """
+  free, keeper, removed = np.ones(h, bool), np.zeros(h, bool), np.zeros(h, bool)
+  actions = []
+  for *_, kind, i, j in pairs:
+    if kind == 0:
+      if absorb:
+        ok = not removed[i] and not removed[j] and not (keeper[i] and keeper[j])
+        k, r = (j, i) if keeper[j] else (i, j)  # an existing keeper absorbs; else the lower
+      else:
+        ok, (k, r) = free[i] and free[j], (i, j)
+      if ok:
+        removed[r], keeper[k] = True, True
+        free[i] = free[j] = False
+        actions.append(("similar", (k,), (r,)))
+    elif free[i] and free[j]:
+      removed[i] = removed[j] = True
+      free[i] = free[j] = False
+      actions.append(("complementary", (), (i, j)))
+  return removed, actions
+
+
 def _reference_sweep(acts, sim, comp, absorb):
-  """Straight NumPy: sort qualifying pairs by (excess desc, kind, i, j), walk them."""
+  """Straight NumPy in float64: sort qualifying pairs by (excess desc, kind, i, j), walk them."""
   v = acts.T.astype(np.float64)
   h = v.shape[0]
   u = v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -259,15 +285,43 @@ def _reference_sweep(acts, sim, comp, absorb):
       elif ang[i, j] > comp:
         pairs.append((-(ang[i, j] - comp), 1, i, j))
   pairs.sort()
-  used, keeper, keep = np.zeros(h, bool), np.zeros(h, bool), np.ones(h, bool)
-  for _, kind, i, j in pairs:
-    if kind == 0 and not used[j] and (not used[i] or (absorb and keeper[i])):
-      keep[j] = False
-      keeper[i] = used[i] = used[j] = True
-    elif kind == 1 and not used[i] and not used[j]:
-      keep[i] = keep[j] = False
-      used[i] = used[j] = True
-  return keep
+  return ~_walk(pairs, h, absorb)[0]
+
+
+def _ranked_pairs(ang, ok, sim, comp, similar, complementary):
+  """Qualifying pairs of a float32 angle matrix, sorted as the sweep ranks them: excess
+  (computed in float32, as the library does) descending, similar first, then (i, j)."""
+  h = ang.shape[0]
+  sim32, comp32 = np.float32(sim), np.float32(comp)
+  pairs = []
+  for i in range(h):
+    for j in range(i + 1, h):
+      if not (ok[i] and ok[j]):
+        continue
+      ex_s, ex_c = sim32 - ang[i, j], ang[i, j] - comp32
+      if similar and ex_s > 0:
+        pairs.append((-float(ex_s), 0, i, j))
+      elif complementary and ex_c > 0:
+        pairs.append((-float(ex_c), 1, i, j))
+  return sorted(pairs)
+
+
+def _sequential_sweep(vecs, active, sim, comp, *, absorb, similar, complementary, constants,
+                      tol=1e-6):
+  """The whole sweep's definition in plain Python on the library's float32 angles: constants,
+  then the walk, then keep-one. Returns the keep mask and the actions (kind, kept, removed)."""
+  vecs = np.where(active[:, None], vecs, 0.0).astype(np.float32)
+  const = active & (np.ptp(vecs, axis=1) < tol) & constants
+  ok = active & ~const & (np.linalg.norm(vecs, axis=1) > 0)
+  ang = np.asarray(pairwise_angles(vecs))
+  removed, actions = _walk(_ranked_pairs(ang, ok, sim, comp, similar, complementary),
+                           vecs.shape[0], absorb)
+  actions = [("constant", (), (int(i),)) for i in np.flatnonzero(const)] + actions
+  keep = active & ~removed & ~const
+  if active.any() and not keep.any():
+    pref = active & ~const
+    keep[np.argmax(pref) if pref.any() else np.argmax(active)] = True
+  return keep, actions
 
 
 def _random_acts(seed=0, dim=3):
@@ -277,20 +331,136 @@ def _random_acts(seed=0, dim=3):
 
 
 @pytest.mark.parametrize("absorb", [False, True])
-def test_matches_numpy_reference_fast_and_slow_paths(tanh_model, absorb):
+def test_matches_float64_reference(tanh_model, absorb):
   model, params = tanh_model
   acts = _random_acts()
   ref = _reference_sweep(np.asarray(acts), 40.0, 140.0, absorb)
-  # The default path sorts every candidate; _candidates=0 forces the many-candidates fallback.
-  fast = distinctiveness(model, "hidden_0", absorb=absorb)
-  slow = distinctiveness(model, "hidden_0", absorb=absorb, _candidates=0)
-  pf, mf, rf = fast(params, _ones(model), acts, 40.0, 140.0)
-  ps, ms, rs = slow(params, _ones(model), acts, 40.0, 140.0)
-  assert int(rf.count) > 3 and not np.any(rf.kind == dist_lib.CONSTANT)
-  np.testing.assert_array_equal(mf["hidden_0"], ref)
-  np.testing.assert_array_equal(ms["hidden_0"], ref)
-  for a, b in zip(jax.tree.leaves((pf, rf)), jax.tree.leaves((ps, rs))):
-    np.testing.assert_array_equal(a, b)
+  _, m, rep = distinctiveness(model, "hidden_0", absorb=absorb)(params, _ones(model), acts,
+                                                                40.0, 140.0)
+  assert int(rep.count) > 3 and not np.any(rep.kind == dist_lib.CONSTANT)
+  np.testing.assert_array_equal(m["hidden_0"], ref)
+
+
+def _adversarial_angles(rng, h=10):
+  """A symmetric float32 angle matrix built to stress the order (it need not come from vectors):
+  angles on a coarse grid (many exact ties, equal excesses across the two kinds), angles one
+  float step either side of each threshold, units that may not take part; and thresholds."""
+  sim = np.float32(rng.choice([0.0, 5.0, 15.0, 30.0, 45.0, 90.0]))
+  comp = np.float32(rng.choice([x for x in (90.5, 135.0, 150.0, 165.0, 180.0) if x > sim]))
+  grid = np.concatenate([np.arange(0.0, 181.0, float(rng.choice([5.0, 15.0, 45.0]))),
+                         [np.nextafter(sim, 0), sim, np.nextafter(sim, 180),
+                          np.nextafter(comp, 0), comp, np.nextafter(comp, 180)]])
+  a = rng.choice(grid.astype(np.float32), size=(h, h))
+  a = np.triu(a, 1)
+  a = (a + a.T).astype(np.float32)
+  ok = rng.random(h) > 0.15
+  return a, ok, sim, comp
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+@pytest.mark.parametrize("min_phase", [64, 3])
+def test_parallel_rounds_match_sequential_walk_on_adversarial_angles(absorb, min_phase,
+                                                                     monkeypatch):
+  """The parallel rounds take exactly the sequential walk's pairs, listed in its order, on
+  matrices full of ties and near-threshold angles, with each rule switched on and off; with
+  ``min_phase=3`` the working set is compacted (12, 6, 3 units) as it is for large groups."""
+  monkeypatch.setattr(dist_lib, "_MIN_PHASE", min_phase)
+  ordered_pairs = jax.jit(lambda *a, **k: dist_lib._ordered_pairs(*a, **k))
+  rng = np.random.default_rng(11 + absorb)
+  for _ in range(100):
+    a, ok, sim, comp = _adversarial_angles(rng, h=12)
+    similar, complementary = [(True, True), (True, False), (False, True)][rng.integers(3)]
+    first, second, kind, angle = map(np.asarray, ordered_pairs(
+        a, ok, sim, comp, use_similar=similar, use_comp=complementary, absorb=absorb))
+    got = []
+    for f, s_, k in zip(first, second, kind):
+      if k == dist_lib.SIMILAR:
+        got.append(("similar", (int(f),), (int(s_),)))
+      elif k == dist_lib.COMPLEMENTARY:
+        got.append(("complementary", (), (int(f), int(s_))))
+    _, want = _walk(_ranked_pairs(a, ok, sim, comp, similar, complementary), len(ok), absorb)
+    assert got == want, (sim, comp, similar, complementary)
+    n = len(got)
+    np.testing.assert_array_equal(angle[:n], a[first[:n], second[:n]])
+
+
+def test_vmap_rule_batched_and_mapped_agree(monkeypatch):
+  """Under vmap the rounds map over thresholds on CPU and run batched elsewhere: both equal
+  the unbatched call per threshold."""
+  a, ok, _, _ = _adversarial_angles(np.random.default_rng(5), h=12)
+  sims = jnp.asarray([0.0, 15.0, 45.0, 90.0], jnp.float32)
+  comps = jnp.asarray([165.0, 150.0, 135.0, 90.5], jnp.float32)
+  run = lambda s, c: dist_lib._ordered_pairs(a, ok, s, c, use_similar=True, use_comp=True,
+                                             absorb=True)
+  mapped = jax.jit(jax.vmap(lambda s, c: run(s, c)))(sims, comps)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  batched = jax.jit(jax.vmap(lambda s, c: run(s, c)))(sims, comps)
+  for n in range(4):
+    one = run(sims[n], comps[n])
+    for x, y, z in zip(mapped, batched, one):
+      np.testing.assert_array_equal(x[n], z)
+      np.testing.assert_array_equal(y[n], z)
+
+
+def _vector_case(rng):
+  """Vectors (H, P) whose qualifying pairs are either exact (duplicates at 0, opposites at 180)
+  or far from every other angle and threshold, so float32 rounding cannot reorder them; plus
+  constant, zero and masked units. Returns (vecs, active, sim, comp)."""
+  sim = float(rng.choice([5.0, 15.0, 30.0, 45.0]))
+  comp = float(rng.choice([135.0, 150.0, 165.0]))
+  dim = int(rng.integers(2, 5))
+  v = rng.normal(size=(H, dim)) @ rng.normal(size=(dim, P))
+  for u in range(1, H):
+    r = rng.random()
+    if r < 0.25:
+      v[u] = v[rng.integers(u)]  # exact duplicate (ties at 0 with every copy)
+    elif r < 0.4:
+      v[u] = -v[rng.integers(u)]  # exact opposite
+    elif r < 0.5:
+      v[u] = rng.choice([-1.0, 1.0])  # constant (exact ties with the others when not removed)
+    elif r < 0.55:
+      v[u] = 0.0
+  return v.astype(np.float32), rng.random(H) > 0.15, sim, comp
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+def test_property_matches_sequential_definition(tanh_model, absorb):
+  """The public pruner end to end against the sequential definition in plain Python: random
+  low-rank units with duplicates, opposites, constant, zero and masked units, every rule
+  switched on and off; same masks, same actions in the same order."""
+  model, params = tanh_model
+  rng = np.random.default_rng(7 + absorb)
+  for _ in range(40):
+    vecs, active, sim, comp = _vector_case(rng)
+    similar, complementary, constants = (bool(b) for b in rng.random(3) < [0.8, 0.6, 0.7])
+    if not (similar or complementary):
+      similar = True
+    prune = distinctiveness(model, "hidden_0", similar=similar, complementary=complementary,
+                            constants=constants, absorb=absorb)
+    _, m, rep = prune(params, {"hidden_0": jnp.asarray(active)}, jnp.asarray(vecs.T), sim, comp)
+    keep, actions = _sequential_sweep(vecs, active, sim, comp, absorb=absorb, similar=similar,
+                                      complementary=complementary, constants=constants)
+    got = [(a["kind"], a["kept"], a["removed"]) for a in report_actions(rep)]
+    assert got == actions, (sim, comp, similar, complementary, constants)
+    np.testing.assert_array_equal(m["hidden_0"], keep)
+
+
+def test_absorb_keeper_with_higher_index():
+  """The issue's reproduction: unit 1 absorbs 2 (6 degrees), then 0 (12 degrees)."""
+  d = np.radians([-12.0, 0.0, 6.0])
+  acts = 0.5 + 0.3 * np.stack([np.cos(d), np.sin(d)])  # (P=2, H=3)
+  model = jaxprune.MLP(in_features=1, hidden=(3,), out_features=1)
+  params = model.init(jax.random.key(0))
+  p2, m, rep = distinctiveness(model, "hidden_0", absorb=True)(params, _ones(model), acts,
+                                                               15.0, 165.0)
+  np.testing.assert_array_equal(m["hidden_0"], [False, True, False])
+  assert [(a["kept"], a["removed"]) for a in report_actions(rep)] == [((1,), (2,)),
+                                                                      ((1,), (0,))]
+  w = _np(params, "out", "kernel")
+  np.testing.assert_allclose(p2["params"]["out"]["kernel"][1], w.sum(0), rtol=1e-6)
+  # Without absorb only the first pair is taken.
+  _, m, _ = distinctiveness(model, "hidden_0")(params, _ones(model), acts, 15.0, 165.0)
+  np.testing.assert_array_equal(m["hidden_0"], [True, True, False])
 
 
 # ----------------------------------------------------------------------------- conv groups
@@ -380,6 +550,9 @@ def test_vmap_over_thresholds_equals_loop_and_no_recompile(tanh_model):
                                rtol=1e-6, atol=1e-6)
     counts.append(int(r.count))
   assert counts[0] == 0 and counts[-1] > counts[3]
+  # Inside jit with the activations closed over (concrete, checked on the host, not traced).
+  _, jm, _ = jax.jit(lambda s: prune(params, _ones(model), acts, s))(45.0)
+  np.testing.assert_array_equal(jm["hidden_0"], vm["hidden_0"][9])
   before = prune.trace_count()
   prune(params, _ones(model), acts, 33.0)
   prune(params, _ones(model), acts, jnp.float32(44.0))
@@ -450,3 +623,47 @@ def test_bias_folds_refused_where_they_cannot_be_exact():
   # Merging and complementary removal stay available there; VALID-read groups fold as usual.
   distinctiveness(cnn, "conv_1", constants=False)
   distinctiveness(cnn, "conv_3")
+
+
+# ----------------------------------------------------------------------------- until stable
+
+
+def test_until_stable_equals_a_loop_of_sweeps(tanh_model):
+  model, params = tanh_model
+  acts = _random_acts(seed=3, dim=2)
+  prune = distinctiveness(model, "hidden_0", complementary=False)
+  p, m, n = params, _ones(model), 0
+  while True:  # the loop the studies used to write themselves
+    p, m, r = prune(p, m, acts, 50.0)
+    n += 1
+    if int(r.count) == 0:
+      break
+  assert n >= 3  # the case needs several sweeps
+  p2, m2, rep = jaxprune.until_stable(prune, params, _ones(model), acts, 50.0)
+  assert int(rep.sweeps) == n and bool(rep.stable) and not bool(rep.invalid)
+  assert int(rep.actions) == H - int(np.sum(m2["hidden_0"]))
+  for a, b in zip(jax.tree.leaves((p, m)), jax.tree.leaves((p2, m2))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # Stopped early, it is not stable; a second factory with the same options shares the loop.
+  again = distinctiveness(model, "hidden_0", complementary=False)
+  _, m3, rep3 = jaxprune.until_stable(again, params, _ones(model), acts, 50.0, max_sweeps=2)
+  assert int(rep3.sweeps) == 2 and not bool(rep3.stable)
+  assert again.config == prune.config
+  assert dist_lib._stable_loop(again, None) is dist_lib._stable_loop(prune, None)
+  with pytest.raises(ValueError, match="max_sweeps"):
+    jaxprune.until_stable(prune, params, _ones(model), acts, 50.0, max_sweeps=0)
+  with pytest.raises(ValueError, match=r"\[0, 180\]"):
+    jaxprune.until_stable(prune, params, _ones(model), acts, 200.0)
+
+
+def test_weight_distinctiveness_refuses_nan_weights(lenet):
+  model, params, *_ = lenet
+  p = jax.tree.map(np.array, params)
+  p["params"]["conv_0"]["kernel"][0, 0, 0, 3] = np.nan
+  p = jax.tree.map(jnp.asarray, p)
+  prune = weight_distinctiveness(model, "conv_0")
+  with pytest.raises(ValueError, match="conv_0/kernel.*NaN"):
+    prune(p, _ones(model), 30.0, 150.0)
+  # Under jit: nothing changes and the report says so.
+  _, m, rep = jax.jit(lambda q: prune(q, _ones(model), 30.0, 150.0))(p)
+  assert bool(rep.invalid) and bool(np.all(m["conv_0"]))

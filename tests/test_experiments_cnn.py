@@ -168,6 +168,11 @@ def test_kernel_importance(runs):
   assert sum(res["results"]["unit_mask"]) == steps[-1]["units_kept"]
   tab = csv_rows(os.path.join(folder, "test_before_after.csv"))
   assert [r["network"] for r in tab] == ["before pruning", "after pruning"]
+  # The data's content hash is recorded beside the results and in the report (it is part of
+  # the cache fingerprint, so changed data never reuse these results).
+  assert res["data"]["name"] == "images" and len(res["data"]["sha256"]) == 64
+  with open(os.path.join(folder, "REPORT.md")) as f:
+    assert res["data"]["sha256"] in f.read()
 
 
 def test_resume_gives_identical_results(runs, tmp_path):

@@ -7,6 +7,7 @@ programs) and the command lines through subprocesses.
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -98,6 +99,10 @@ def test_ga_vs_distinctiveness_resume_is_identical(gvd_run, tmp_path, monkeypatc
   before = _read(os.path.join(workdir, gvd.STUDY, "results.json"))
   gvd.run(gvd.Config.quick(), workdir=workdir)
   assert _read(os.path.join(workdir, gvd.STUDY, "results.json")) == before
+  # Its report gives the compute time of the cached results, not this invocation's few seconds.
+  report = _read(os.path.join(workdir, gvd.STUDY, "REPORT.md"))
+  total = re.search(r"Compute time \(all invocations, cached steps included\): (\d+) s", report)
+  assert total and int(total.group(1)) >= 1 and "Wall time of this invocation" not in report
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -98,6 +98,20 @@ def _einsum_case():
   return _einsum_fn, params, _randn(5, 4), {"w1": 7, "w2": 5}
 
 
+class _Concat(nn.Module):
+  """Two branches concatenated along channels, and two dense layers concatenated before the head."""
+
+  @nn.compact
+  def __call__(self, x):
+    a = nn.relu(nn.Conv(4, (3, 3), padding="SAME")(x))
+    b = nn.tanh(nn.Conv(5, (1, 1))(x))
+    h = nn.relu(nn.Conv(6, (3, 3), padding="VALID")(jnp.concatenate([a, b], axis=-1)))
+    h = h.reshape(h.shape[0], -1)
+    c = nn.sigmoid(nn.Dense(7)(h))
+    d = nn.relu(nn.Dense(3)(h))
+    return nn.Dense(2)(jnp.concatenate([c, d], axis=1))
+
+
 def _linen_case(module, shape, sizes):
   x = _randn(*shape)
   return module.apply, _perturb(module.init(jax.random.key(0), x)), x, sizes
@@ -109,6 +123,8 @@ ZOO = {
                                      {"Conv_0": 6, "Conv_1": 5, "Dense_0": 8}),
     "residual_bn_depthwise": lambda: _linen_case(_Residual(), (5, 8, 8, 2),
                                                  {"Conv_0": 8, "Conv_2": 6}),
+    "concatenate": lambda: _linen_case(_Concat(), (5, 6, 6, 2), {
+        "Conv_0": 4, "Conv_1": 5, "Conv_2": 6, "Dense_0": 7, "Dense_1": 3}),
     "nnx_mlp": _nnx_case,
     "plain_einsum": _einsum_case,
 }
@@ -190,6 +206,19 @@ def test_residual_couples_channels_and_depthwise_ties_them():
   assert kinds[("BatchNorm_0", "bias")] == "shift"
   assert kinds[("BatchNorm_0", "mean")] == "stat"
   assert kinds[("Conv_0", "bias")] == "bias"
+
+
+def test_concatenation_gives_each_part_a_segment():
+  fn, params, x, _ = ZOO["concatenate"]()
+  t = jaxprune.trace(fn, params, x)
+  (c0,), (c1,) = t.groups["Conv_0"].consumers, t.groups["Conv_1"].consumers
+  assert c0.path == c1.path == ("params", "Conv_2", "kernel")
+  assert (c0.segment, c1.segment) == ((0, 4), (4, 5))
+  assert t.groups["Dense_1"].consumers[0].segment == (7, 3)
+  assert "the concatenation of group 'Conv_0' [0:4], group 'Conv_1' [4:9]" in t.explain()
+  small, st = t.compact(params, {"Conv_0": jnp.array([True, False, True, False])})
+  assert st.groups["Conv_1"].consumers[0].segment == (2, 5)      # offsets follow the sizes
+  assert small["params"]["Conv_2"]["kernel"].shape == (3, 3, 7, 6)
 
 
 def test_plain_function_activations_and_readout():

@@ -68,6 +68,7 @@ from jax.sharding import PartitionSpec as PS
 
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
+from jaxprune import validate
 from jaxprune.ga import operators as ops
 
 PyTree = Any
@@ -647,6 +648,10 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     ((20,), (4,))
   """
   fit = make_fitness(model, group, fitness, fast_path)
+  if x is None:
+    validate.check_params(params)
+  else:
+    validate.check_model_data(model, params, x, y)  # the one shared data check
   num_units = _groups_of(model)[group].size
   if isinstance(fit, UserFitness):
     data = params

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import units as units_lib
+from jaxprune import validate
 from jaxprune.models.base import activation_fn
 
 PyTree = Any
@@ -85,9 +86,18 @@ def activation_vectors(acts: jax.Array, group: units_lib.UnitGroup) -> jax.Array
 
 
 def check_finite(name: str, x) -> None:
-  if is_concrete(x) and not bool(jnp.all(jnp.isfinite(jnp.asarray(x)))):
-    raise ValueError(f"{name} contain NaN or infinite values; check the model (diverged "
-                     "training?) or the inputs before pruning.")
+  """The shared :func:`jaxprune.validate.check_finite`, with the pruners' hint."""
+  try:
+    validate.check_finite(name, x)
+  except ValueError as e:
+    raise ValueError(f"{e} Check the model (diverged training?) or the inputs before "
+                     "pruning.") from None
+
+
+def check_activations(acts) -> None:
+  """Activations over the patterns must be finite and cover at least one pattern."""
+  validate.check_not_empty("Activations", acts)
+  check_finite("Activations", acts)
 
 
 def incoming_vectors(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:

@@ -14,8 +14,16 @@ One sweep computes all angles once and applies the qualifying actions in a fixed
    (``similar_deg - angle`` or ``angle - complementary_deg``); ties go to similar before
    complementary, then to the lower unit index (then the lower second index). In a similar pair
    the lower index is kept. Thresholds are strict. A pair is applied only if neither unit has
-   taken part in an action in this sweep; with ``absorb=True`` a unit kept in a similar merge
-   may absorb further similar units.
+   taken part in an action in this sweep. With ``absorb=True`` a unit kept in a similar merge
+   absorbs further similar units, whatever the indices: a similar pair is taken when neither
+   unit is removed and not both are already keepers; an existing keeper absorbs the other,
+   otherwise the lower index is kept. Complementary pairs always need two untouched units.
+
+This order is a greedy matching under a strict total order on pairs, and it is computed exactly
+in parallel rounds: every free unit finds its best available partner, and pairs that are each
+other's best are taken together (with ``absorb``, a free unit whose best partner is already a
+keeper is absorbed by it), until a round takes nothing (Preis 1999; Manne and Bisseling 2007).
+The taken pairs, sorted by the same order, are the report's actions. See docs/distinctiveness.md.
 
 Masked units (False in the unit mask) never take part. Units with an all-zero vector (after the
 shift) have no angle and take part only as constants. If a sweep would remove every unit, the
@@ -57,8 +65,6 @@ PyTree = Any
 
 NONE, SIMILAR, COMPLEMENTARY, CONSTANT = 0, 1, 2, 3
 KIND_NAMES = {SIMILAR: "similar", COMPLEMENTARY: "complementary", CONSTANT: "constant"}
-_DEFAULT_CANDIDATES = None  # candidate pairs sorted on the fast path, per unit (None: auto)
-_ALL_PAIRS_UP_TO = 4096  # auto: sort every pair when there are at most this many (no fallback)
 
 
 class SweepReport(NamedTuple):
@@ -67,7 +73,8 @@ class SweepReport(NamedTuple):
   Entries ``[:count]`` are the actions in the order they were applied.
 
   Attributes:
-    first: (units,) int32. Similar: the kept unit (lower index). Complementary: the lower index.
+    first: (units,) int32. Similar: the kept unit (the lower index; with ``absorb`` an existing
+      keeper, whatever its index). Complementary: the lower index.
       Constant: the removed unit. -1 past ``count``.
     second: (units,) int32. Similar: the removed unit. Complementary: the higher index (with
       ``fold`` the only one removed). Constant: -1.
@@ -133,8 +140,16 @@ def pairwise_angles(vectors: jax.Array) -> jax.Array:
   """
   v = jnp.asarray(vectors, jnp.float32)
   zero = jnp.linalg.norm(v, axis=1) == 0
-  ang = _angle(*_gram_terms(v))
+  ang = _angle_matrix(*_gram(v))
   return jnp.where(zero[:, None] | zero[None, :], jnp.nan, ang)
+
+
+def _angle_matrix(g, d):
+  """Symmetric (units, units) angles from the Gram matrix g and its diagonal d: the upper
+  triangle mirrored, so (i, j) and (j, i) are the same float32 value."""
+  ang = _angle(*_pair_terms(g, d[:, None], d[None, :]))
+  idx = jnp.arange(g.shape[0])
+  return jnp.where(idx[:, None] < idx[None, :], ang, ang.T)
 
 
 def _gram(v):
@@ -149,12 +164,6 @@ def _pair_terms(g, di, dj):
   """|u_i - u_j|^2 and |u_i + u_j|^2 from the Gram entries g and the squared norms di, dj."""
   s = di + dj
   return jnp.maximum(s - 2.0 * g, 0.0), jnp.maximum(s + 2.0 * g, 0.0)
-
-
-def _gram_terms(v):
-  """|u_i - u_j|^2 and |u_i + u_j|^2 for the normalised rows u of v, from one Gram matrix."""
-  g, d = _gram(v)
-  return _pair_terms(g, d[:, None], d[None, :])
 
 
 def _angle(diff2, sum2):
@@ -192,33 +201,219 @@ def check_thresholds(similar_deg, complementary_deg, *, similar: bool = True,
 # ----------------------------------------------------------------------------- the sweep
 
 
-class _State(NamedTuple):
-  flags: jax.Array  # (units,) int32: bit 0 used in this sweep, bit 1 kept in a similar merge
-  pairs: jax.Array  # (units, 3) int32 rows (first, second, kind)
-  angle: jax.Array  # (units,) float32
-  count: jax.Array  # () int32
+_FREE, _KEEPER, _USED = 0, 1, 2  # a unit's state during the sweep
 
 
-_USED, _KEEPER = 1, 2
+def _pair_key(excess, is_sim):
+  """uint32 keys ordering pairs by excess (descending), then similar before complementary.
+
+  ``excess > 0`` is a finite float32, whose bit pattern is increasing in its value; one more bit
+  for the kind. Comparing two keys is comparing (excess, kind) in the sweep's order; 0 means no
+  pair.
+  """
+  bits = jax.lax.bitcast_convert_type(excess, jnp.uint32)
+  return (bits << 1) | is_sim.astype(jnp.uint32)
 
 
-def _take_pair(st: _State, i, j, is_sim, a, *, absorb) -> _State:
-  """Records pair (i, j) (i < j) as an action if its units are still available."""
-  fi, fj = st.flags[i], st.flags[j]
-  used_i, used_j = (fi & _USED) > 0, (fj & _USED) > 0
-  sim_ok = ~used_j & (~used_i | (absorb & ((fi & _KEEPER) > 0)))
-  do = jnp.where(is_sim, sim_ok, ~used_i & ~used_j)
-  new_fi = fi | _USED | jnp.where(is_sim, _KEEPER, 0)
-  flags = st.flags.at[i].set(jnp.where(do, new_fi, fi)).at[j].set(jnp.where(do, fj | _USED, fj))
-  row = jnp.stack([i, j, jnp.where(is_sim, SIMILAR, COMPLEMENTARY)]).astype(jnp.int32)
-  c = jnp.minimum(st.count, st.pairs.shape[0] - 1)
-  pairs = jax.lax.dynamic_update_slice(st.pairs, jnp.where(do, row, st.pairs[c])[None], (c, 0))
-  angle = st.angle.at[c].set(jnp.where(do, a, st.angle[c]))
-  return _State(flags, pairs, angle, st.count + do.astype(jnp.int32))
+def _key_excess(key):
+  """The excess (float32) and the similar flag of a key made by ``_pair_key``."""
+  return jax.lax.bitcast_convert_type(key >> 1, jnp.float32), (key & 1) == 1
+
+
+_MIN_PHASE = 64  # compaction stops halving the working set below this many units
+
+
+def _rounds(ang, state, sim, comp, *, use_similar, use_comp, absorb):
+  """The greedy sweep as parallel rounds of locally dominant pairs (exact; see module doc).
+
+  Each round, every free unit finds its best live partner (one masked row reduction over the
+  angle matrix); pairs that are each other's best are taken together, and with ``absorb`` a
+  free unit whose best partner is already a keeper is absorbed by it. The loop ends when a
+  round takes nothing, which happens only when no live qualifying pair is left.
+
+  The units still in play shrink quickly (often by half a round), so the rounds run in phases
+  on working sets of h, h/2, h/4, ... units: when the units in play fit in the next size, their
+  rows and columns are gathered (in index order, so ties still go to the lower index) and the
+  rounds go on on that smaller matrix. The first phase reads ``ang`` itself (under ``vmap`` over
+  thresholds it is shared, not copied); later phases gather a (size, size) block per threshold.
+
+  Args:
+    ang: (h, h) float32 symmetric angles (degrees).
+    state: (h,) int32 initial states: ``_FREE`` for units that may take part, else ``_USED``.
+    sim, comp: the thresholds; use_similar, use_comp, absorb: (traced) bools.
+
+  Returns:
+    ``(first, second, kind, angle, excess)``, (h,) each, one slot per unit: slot u holds the
+    action that removed u (for a complementary pair, the higher index), with ``kind`` 0 in
+    slots without one. Similar: ``first`` kept, ``second`` removed (= u). Complementary:
+    ``first`` the lower index.
+  """
+  h = ang.shape[0]
+  sizes = [h]
+  while sizes[-1] // 2 >= _MIN_PHASE:
+    sizes.append(sizes[-1] // 2)
+  first = jnp.full((h,), -1, jnp.int32)
+  kind = jnp.zeros((h,), jnp.int32)
+  angle = jnp.full((h,), jnp.nan, jnp.float32)
+  excess = jnp.zeros((h,), jnp.float32)
+  took = jnp.asarray(True)
+  for n, size in enumerate(sizes):
+    nxt = sizes[n + 1] if n + 1 < len(sizes) else 0
+    if size == h:
+      where, sub, sub_state = jnp.arange(h, dtype=jnp.int32), ang, state
+    else:  # the units in play, in index order, padded with h (nothing) to `size`
+      in_play = (state == _FREE) | (absorb & (state == _KEEPER))
+      where = jnp.argsort(~in_play, stable=True)[:size].astype(jnp.int32)
+      where = jnp.where(in_play[where], where, h)
+      safe = jnp.minimum(where, h - 1)
+      sub = ang[safe[:, None], safe[None, :]]
+      sub_state = jnp.where(where < h, state[safe], _USED)
+    s_state, s_first, s_kind, s_angle, s_ex, took = _phase(
+        sub, sub_state, took, nxt, sim, comp, use_similar=use_similar, use_comp=use_comp,
+        absorb=absorb)
+    # Back to unit indices (padding slots write nowhere).
+    state = state.at[where].set(s_state, mode="drop")
+    dst = jnp.where(s_kind > 0, where, h)
+    first = first.at[dst].set(jnp.where(s_first >= 0, where[jnp.maximum(s_first, 0)], -1),
+                              mode="drop")
+    kind = kind.at[dst].set(s_kind, mode="drop")
+    angle = angle.at[dst].set(s_angle, mode="drop")
+    excess = excess.at[dst].set(s_ex, mode="drop")
+  idx = jnp.arange(h, dtype=jnp.int32)
+  second = jnp.where(kind > 0, idx, -1)
+  return first, second, kind, angle, excess
+
+
+def _phase(ang, state, took, stop_at, sim, comp, *, use_similar, use_comp, absorb):
+  """Rounds on one working set until a round takes nothing or at most ``stop_at`` units are
+  left in play; returns the new states, the records (local indices) and whether the last
+  round took a pair."""
+  h = ang.shape[0]
+  idx = jnp.arange(h, dtype=jnp.int32)
+  off_diag = idx[:, None] != idx[None, :]
+
+  def col_keys(state):
+    """(h, h) keys: column u holds the live qualifying pairs (v, u) of each free unit u (0
+    elsewhere). Columns, not rows: reducing over the major axis is an elementwise max of
+    contiguous rows, several times faster on CPU (the matrix is symmetric)."""
+    free = state == _FREE
+    avail = free | (absorb & (state == _KEEPER))  # similar partners: absorb lets keepers in
+    ex_s, ex_c = sim - ang, ang - comp
+    qs = use_similar & (ex_s > 0)
+    qc = use_comp & (ex_c > 0) & ~qs
+    key = jnp.where(qs & avail[:, None], _pair_key(ex_s, jnp.asarray(True)),
+                    jnp.where(qc & free[:, None], _pair_key(ex_c, jnp.asarray(False)),
+                              jnp.uint32(0)))
+    return jnp.where(free[None, :] & off_diag, key, jnp.uint32(0))
+
+  def in_play(state):
+    return jnp.sum((state == _FREE) | (absorb & (state == _KEEPER)), dtype=jnp.int32)
+
+  def cond(carry):
+    return carry[-1] & (in_play(carry[0]) > stop_at)
+
+  def body(carry):
+    state, first, kind, angle, excess, _ = carry
+    key = col_keys(state)
+    best_key = jnp.max(key, axis=0)
+    # The best partner: the best key, ties to the lower index (which is the lower (i, j)).
+    best = jnp.min(jnp.where(key == best_key[None, :], idx[:, None], h), axis=0)
+    has = best_key > 0
+    b = jnp.where(has, best, 0)
+    to_keeper = has & (state[b] == _KEEPER)  # absorbed by an existing keeper (absorb only)
+    mutual = has & (state[b] == _FREE) & (best[b] == idx) & has[b]
+    ex, is_sim = _key_excess(best_key)
+    # Slot u records the action that removes u: absorbed, or the higher index of a mutual pair.
+    rec = to_keeper | (mutual & (idx > b))
+    state = jnp.where(to_keeper | (mutual & ~(is_sim & (idx < b))), _USED,
+                      jnp.where(mutual, _KEEPER, state))
+    first = jnp.where(rec, b, first)
+    kind = jnp.where(rec, jnp.where(is_sim, SIMILAR, COMPLEMENTARY), kind)
+    angle = jnp.where(rec, ang[idx, b], angle)
+    excess = jnp.where(rec, ex, excess)
+    return state, first, kind, angle, excess, jnp.any(rec)
+
+  init = (state, jnp.full((h,), -1, jnp.int32), jnp.zeros((h,), jnp.int32),
+          jnp.full((h,), jnp.nan, jnp.float32), jnp.zeros((h,), jnp.float32), took)
+  return jax.lax.while_loop(cond, body, init)
+
+
+def _map_when_batched(fn):
+  """``fn`` (array arguments only) whose ``vmap`` runs as a loop over the batch inside the
+  compiled program (``lax.map``) on CPU, and as the ordinary batched program elsewhere.
+
+  Measured on XLA:CPU: one masked column reduction over a (1000, 1000) matrix takes 0.3 ms, but
+  the same reduction batched over 19 thresholds takes 140 ms, far more than 19 single ones (the
+  batched broadcast is not vectorised). Arguments that are not batched (the angle matrix, when
+  only thresholds are) are shared by every iteration, not copied.
+  """
+  f = jax.custom_batching.custom_vmap(fn)
+
+  @f.def_vmap
+  def rule(axis_size, in_batched, *args):
+    del axis_size
+    if jax.default_backend() != "cpu":
+      axes = [0 if b else None for b in in_batched]
+      out = jax.vmap(fn, in_axes=axes)(*args)
+    else:
+      batched = [a for a, b in zip(args, in_batched) if b]
+
+      def one(xs):
+        it = iter(xs)
+        return f(*[next(it) if b else a for a, b in zip(args, in_batched)])
+
+      out = jax.lax.map(one, batched)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return f
+
+
+def _ordered_pairs(ang, ok, sim, comp, *, use_similar, use_comp, absorb):
+  """See :func:`_ordered_pairs_one`; a ``vmap`` over thresholds maps over them (see
+  :func:`_map_when_batched`)."""
+  args = [jnp.asarray(a) for a in (ang, ok, sim, comp, use_similar, use_comp, absorb)]
+  return _ordered_pairs_mapped(*args)
+
+
+def _ordered_pairs_one(ang, ok, sim, comp, use_similar, use_comp, absorb):
+  """The pairs a sweep takes, in the sequential sweep's order, from a symmetric angle matrix.
+
+  Units with ``ok`` False never take part. Returns ``(first, second, kind, angle)``, (h,) each,
+  the taken pairs first (``kind`` 0 after them). The greedy matching takes pairs in decreasing
+  priority, so sorting the taken pairs by the same order (excess descending, similar first, then
+  (lower, higher) index) lists them as the sequential walk would.
+  """
+  h = ang.shape[0]
+  state = jnp.where(ok, _FREE, _USED).astype(jnp.int32)
+  first, second, kind, angle, excess = _rounds(ang, state, sim, comp, use_similar=use_similar,
+                                               use_comp=use_comp, absorb=absorb)
+  taken = kind > 0
+  lo, hi = jnp.minimum(first, second), jnp.maximum(first, second)
+  _, _, _, _, order = jax.lax.sort(
+      (jnp.where(taken, -excess, jnp.inf), kind, jnp.where(taken, lo, h), hi,
+       jnp.arange(h, dtype=jnp.int32)), num_keys=4)
+  return first[order], second[order], kind[order], angle[order]
+
+
+_ordered_pairs_mapped = _map_when_batched(_ordered_pairs_one)
+
+
+def _kept_extremes_one(ang, kept):
+  """Smallest and largest angle between two kept units (NaN if fewer than two)."""
+  h = ang.shape[0]
+  idx = jnp.arange(h)
+  m = kept[:, None] & kept[None, :] & (idx[:, None] < idx[None, :])
+  low = jnp.min(jnp.where(m, ang, jnp.inf), axis=0).min()
+  high = jnp.max(jnp.where(m, ang, -jnp.inf), axis=0).max()
+  any_pair = jnp.sum(kept) > 1
+  return jnp.where(any_pair, low, jnp.nan), jnp.where(any_pair, high, jnp.nan)
+
+
+_kept_extremes = _map_when_batched(_kept_extremes_one)
 
 
 def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_similar, use_comp,
-           use_const, absorb, fold, compensate, candidates):
+           use_const, absorb, fold, compensate):
   """The selection: returns (keep, moves, constants, report). All inputs may be traced,
   the rule flags (``use_*``, ``absorb``, ``fold``, ``compensate``) included: one compiled
   program serves every combination of them.
@@ -234,88 +429,36 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   vecs = jnp.where(active[:, None], vecs, 0.0)
   norm = jnp.linalg.norm(vecs, axis=1)
   g, d = _gram(vecs)
-  # The (h, h) pair terms are only ever used inside fused elementwise passes (the prefilter and
-  # the kept-pair extremes); exact angles are computed only for gathered candidate pairs.
-  diff2, sum2 = _pair_terms(g, d[:, None], d[None, :])
-  # angle = 2 atan(sqrt(ratio)) is increasing in ratio, so thresholds become cheap tests on
-  # the ratio; a slightly loose prefilter, then exact angles only where needed.
-  ratio = diff2 / sum2
+  idx = jnp.arange(h, dtype=jnp.int32)
+  # One symmetric angle matrix (the upper triangle mirrored, so both units of a pair see the
+  # same float32 angle), computed once and shared by every threshold under vmap.
+  ang = _angle_matrix(g, d)
   const = active & is_const & ~bad & use_const
   ok = active & ~const & (norm > 0)
-  idx = jnp.arange(h, dtype=jnp.int32)
-  triu = idx[:, None] < idx[None, :]
-  pair_ok = ok[:, None] & ok[None, :] & triu & ~bad
-  tan2 = lambda deg: jnp.tan(jnp.radians(deg) / 2.0) ** 2
-
-  def prefilter(r):
-    """(passes the similar prefilter, passes the complementary prefilter) for ratios r."""
-    ps = (r < tan2(sim) * (1.0 + 1e-3) + 1e-12) & use_similar
-    pc = (r > tan2(comp) * (1.0 - 1e-3)) & (comp < 180.0) & use_comp
-    return ps, pc
-
-  ps, pc = prefilter(ratio)
-  pre = (pair_ok & (ps | pc)).reshape(-1)
-  n_pre = jnp.sum(pre, dtype=jnp.int32)
   n_const = jnp.sum(const, dtype=jnp.int32)
 
+  p_first, p_second, p_kind, p_angle = _ordered_pairs(
+      ang, ok & ~bad, sim, comp, use_similar=use_similar, use_comp=use_comp, absorb=absorb)
+  taken = p_kind > 0
+  n_pairs = jnp.sum(taken, dtype=jnp.int32)
   # Constants first, in index order; pairs follow them in the report.
   cpos = jnp.where(const, jnp.cumsum(const) - 1, h)
+  pos = jnp.where(idx < n_pairs, n_const + idx, h)
   crow = jnp.stack([idx, jnp.full((h,), -1, jnp.int32), jnp.full((h,), CONSTANT, jnp.int32)], 1)
-  st = _State(flags=jnp.where(const, _USED, 0).astype(jnp.int32),
-              pairs=jnp.zeros((h, 3), jnp.int32).at[cpos].set(crow, mode="drop"),
-              angle=jnp.full((h,), jnp.nan, f32), count=n_const)
-  take = functools.partial(_take_pair, absorb=absorb)
-  n_pairs = h * (h - 1) // 2
-  if candidates is None:  # auto: small groups sort all pairs (one path, less to compile)
-    candidates = h if n_pairs <= _ALL_PAIRS_UP_TO else 2
-  k = int(min(n_pairs, max(candidates * h, 1)))
-
-  def walk(st, g, pre, cand):
-    """Exact angles of the flat pair indices ``cand`` (those with ``pre`` set are candidates),
-    sorted most extreme first (ties: similar, then lower indices), applied in that order."""
-    ci, cj = cand // h, cand % h
-    diff2_c, sum2_c = _pair_terms(g.reshape(-1)[cand], d[ci], d[cj])
-    a = _angle(diff2_c, sum2_c)
-    ps_c, pc_c = prefilter(diff2_c / sum2_c)
-    valid = pre[cand]
-    is_s = valid & ps_c & (sim - a > 0)
-    is_c = valid & pc_c & (a - comp > 0) & ~is_s
-    ex = jnp.where(is_s, sim - a, jnp.where(is_c, a - comp, -jnp.inf))
-    n_q = jnp.sum(is_s | is_c, dtype=jnp.int32)
-    _, kind_c, order, ang_c = jax.lax.sort((-ex, is_c.astype(jnp.int32), cand, a), num_keys=3)
-
-    def body(carry):
-      t, st = carry
-      p = order[t]
-      return t + 1, take(st, p // h, p % h, kind_c[t] == 0, ang_c[t])
-
-    # Only the qualifying pairs are visited: they are sorted to the front.
-    _, st = jax.lax.while_loop(lambda c: c[0] < n_q, body, (jnp.asarray(0, jnp.int32), st))
-    return st
-
-  def fast(st, g, pre):
-    # Few candidates: gather them (top_k of the 0/1 prefilter returns every set entry when at
-    # most k are set), then walk them.
-    _, cand = jax.lax.top_k(pre.astype(f32), k)
-    return walk(st, g, pre, cand.astype(jnp.int32))
-
-  def every_pair(st, g, pre):
-    # Many candidates: sort them all (same order, same walk; slower but rarely needed).
-    return walk(st, g, pre, jnp.arange(h * h, dtype=jnp.int32))
-
-  if k >= n_pairs:
-    st = fast(st, g, pre)  # every pair fits: no fallback needed (and less to compile)
-  else:
-    st = jax.lax.cond(n_pre <= k, fast, every_pair, st, g, pre)
+  prow = jnp.stack([p_first, p_second, p_kind], 1)
+  pairs = jnp.zeros((h, 3), jnp.int32).at[cpos].set(crow, mode="drop")
+  pairs = pairs.at[pos].set(prow, mode="drop")
+  st_angle = jnp.full((h,), jnp.nan, f32).at[pos].set(p_angle, mode="drop")
+  count = n_const + n_pairs
 
   # Turn the recorded actions into removals, a transfer matrix and folded constants.
   n = jnp.arange(h)
-  first, second, kind = st.pairs[:, 0], st.pairs[:, 1], st.pairs[:, 2]
-  live = n < st.count
+  first, second, kind = pairs[:, 0], pairs[:, 1], pairs[:, 2]
+  live = n < count
   kind = jnp.where(live, kind, NONE)
   first = jnp.where(live, first, -1)
   second = jnp.where(live & (kind != CONSTANT), second, -1)
-  angle = jnp.where(live & (kind != CONSTANT), st.angle, jnp.nan)
+  angle = jnp.where(live & (kind != CONSTANT), st_angle, jnp.nan)
   is_s, is_c = kind == SIMILAR, kind == COMPLEMENTARY
   gi = jnp.where(is_s | is_c, first, h)  # h: dropped
   gj = jnp.where(is_s | is_c, second, h)
@@ -343,25 +486,8 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
 
   kept_ok = keep & ok
 
-  def kept_ratio(rows):
-    """Ratios of kept pairs (i < j) in the given rows, +-inf elsewhere: (low, high) versions."""
-    di = d[rows][:, None]
-    m = kept_ok[rows][:, None] & kept_ok[None, :] & (rows[:, None] < idx[None, :])
-    r = jnp.divide(*_pair_terms(g[rows], di, d[None, :]))
-    return jnp.where(m, r, jnp.inf), jnp.where(m, r, -jnp.inf)
-
-  # First flat index of the smallest / largest kept-pair ratio, as argmin/argmax over the flat
-  # matrix would give, but with plain (vectorised) row reductions and two one-row argmins.
-  low, high = kept_ratio(idx)
-  i_min = jnp.argmin(jnp.min(low, axis=1)).astype(jnp.int32)
-  i_max = jnp.argmax(jnp.max(high, axis=1)).astype(jnp.int32)
-  j_min = jnp.argmin(kept_ratio(i_min[None])[0][0]).astype(jnp.int32)
-  j_max = jnp.argmax(kept_ratio(i_max[None])[1][0]).astype(jnp.int32)
-  any_pair = jnp.sum(kept_ok) > 1
-  pair_angle = lambda i, j: _angle(*_pair_terms(g[i, j], d[i], d[j]))
-  min_a = jnp.where(any_pair, pair_angle(i_min, j_min), jnp.nan)
-  max_a = jnp.where(any_pair, pair_angle(i_max, j_max), jnp.nan)
-  report = SweepReport(first, second, angle, kind, st.count, min_a.astype(f32),
+  min_a, max_a = _kept_extremes(ang, kept_ok)
+  report = SweepReport(first, second, angle, kind, count, min_a.astype(f32),
                        max_a.astype(f32), empty & ~bad, bad, jnp.asarray(fold, bool))
   # Bad input under jit: change nothing.
   keep = jnp.where(bad, active, keep)
@@ -384,7 +510,7 @@ def _apply_moves(params, group, keep, moves, consts, folds_constants):
     flat = v.reshape(v.shape[0], -1)
     new = flat.at[dst].add(scale.astype(flat.dtype)[:, None] * flat[src], mode="drop")
     out = units_lib.set_path(out, s.path, units_lib.from_unit_view(new.reshape(v.shape), s,
-                                                                   leaf.shape))
+                                                                   leaf))
   # The constants' contributions (identity transfer), from the original rows; the flag may be
   # traced.
   out = _fold_constants(out, params, group, consts, folds_constants)
@@ -405,12 +531,6 @@ def _fold_constants(out, params, group, consts, enabled=True):
   return out
 
 
-def _apply(params, group, keep, transfer, consts, folds_constants):
-  params = units_lib.redistribute(params, group, transfer,
-                                  consts if folds_constants else None)
-  return _common.zero_units(params, group, keep)
-
-
 def _counted_jit(fn):
   """jax.jit(fn) plus a count of how many times it was traced (for recompilation checks)."""
   traces = [0]
@@ -427,7 +547,7 @@ def _counted_jit(fn):
 
 
 @functools.lru_cache(maxsize=None)
-def _activation_core(g, _candidates):
+def _activation_core(g):
   """The jitted sweep for one group (shared by every factory of that group: the rule flags are
   traced arguments, so new flags never recompile)."""
   shift = _common.SHIFT[g.activation]
@@ -436,7 +556,7 @@ def _activation_core(g, _candidates):
     similar, complementary, constants, absorb, compensate, fold = flags
     folds = constants | (complementary & (compensate | fold))
     cfg = dict(use_similar=similar, use_comp=complementary, use_const=constants, absorb=absorb,
-               fold=fold, compensate=compensate, candidates=_candidates)
+               fold=fold, compensate=compensate)
     a = acts.reshape(-1, g.size).T.astype(jnp.float32)
     mean = jnp.mean(a, axis=1)
     is_const = (jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol
@@ -468,8 +588,7 @@ def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: boo
 
 def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
                     complementary: bool = True, constants: bool = True, absorb: bool = False,
-                    compensate: bool = False, fold: bool = False,
-                    _candidates: int | None = _DEFAULT_CANDIDATES) -> Callable:
+                    compensate: bool = False, fold: bool = False) -> Callable:
   """Activation-based distinctiveness pruning of one unit group (Gedeon and Harris).
 
   Args:
@@ -478,7 +597,8 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     similar: merge similar pairs (angle < ``similar_deg``).
     complementary: remove complementary pairs (angle > ``complementary_deg``).
     constants: remove constant units, folding their constant output into the next bias.
-    absorb: let a unit kept in a similar merge absorb further similar units in the same sweep.
+    absorb: let a unit kept in a similar merge absorb further similar units in the same sweep,
+      whatever the indices (an existing keeper absorbs; see the module docstring).
     compensate: when removing a complementary pair, add the two units' mean contributions
       to the next layer's bias (exact only if their outgoing weights are equal).
     fold: for a complementary pair, remove only the higher-index unit j: subtract its outgoing
@@ -504,14 +624,14 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
   if not (similar or complementary or constants):
     raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
   _check_bias_folds(g, constants=constants, compensate=compensate, fold=fold)
-  jitted, trace_count = _activation_core(g, _candidates)
+  jitted, trace_count = _activation_core(g)
   flags = np.array([similar, complementary, constants, absorb, compensate, fold], bool)
 
   def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
             constant_tol=1e-6):
     mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_activation_shape(activations, g)
-    _common.check_finite("Activations", activations)
+    _common.check_activations(activations)
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
@@ -520,6 +640,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
   prune.trace_count = trace_count
+  prune.config = ("activations", g, tuple(flags.tolist()))  # same config: same sweep
   return prune
 
 
@@ -529,10 +650,10 @@ def _check_tol(tol):
 
 
 @functools.lru_cache(maxsize=None)
-def _weight_core(g, source, similar, complementary, constants, absorb, _candidates):
+def _weight_core(g, source, similar, complementary, constants, absorb):
   """The jitted weight-based sweep for one group and configuration."""
   cfg = dict(use_similar=similar, use_comp=complementary, use_const=constants, absorb=absorb,
-             fold=False, compensate=False, candidates=_candidates)
+             fold=False, compensate=False)
 
   def core(params, mask, sim, comp, tol):
     if source == "incoming":
@@ -556,8 +677,7 @@ def _weight_core(g, source, similar, complementary, constants, absorb, _candidat
 
 def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incoming",
                            similar: bool = True, complementary: bool = True,
-                           constants: bool = True, absorb: bool = False,
-                           _candidates: int | None = _DEFAULT_CANDIDATES) -> Callable:
+                           constants: bool = True, absorb: bool = False) -> Callable:
   """Weight-based distinctiveness (Zheng; Dixit): the same sweep on weight vectors.
 
   Each unit's vector is its incoming kernel weights (``source='incoming'``: a dense column, or a
@@ -586,11 +706,15 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
   if not (similar or complementary or constants):
     raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
   _check_bias_folds(g, constants=constants)
-  jitted, trace_count = _weight_core(g, source, similar, complementary, constants, absorb,
-                                    _candidates)
+  jitted, trace_count = _weight_core(g, source, similar, complementary, constants, absorb)
+
+  sources = g.producers if source == "incoming" else g.consumers
 
   def prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6):
     mask = _common.group_mask(unit_masks, g, groups, params)
+    for s in sources:  # the leaves the unit vectors come from (as the activation pruner does)
+      _common.check_finite(f"Weights {'/'.join(s.path)} of group {g.name!r}",
+                           units_lib.get_path(params, s.path))
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
@@ -599,7 +723,105 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
   prune.trace_count = trace_count
+  prune.config = ("weights", g, source, similar, complementary, constants, absorb)
   return prune
+
+
+# ----------------------------------------------------------------------------- until stable
+
+
+class StableReport(NamedTuple):
+  """What :func:`until_stable` did.
+
+  Attributes:
+    sweeps: () int32 sweeps run, the last one (which found nothing) included.
+    actions: () int32 actions over all sweeps.
+    stable: () bool, True if the last sweep found no qualifying pair (False if ``max_sweeps``
+      stopped it first, or if the input was bad under ``jit``).
+    invalid: () bool, the first sweep's ``report.invalid``.
+  """
+
+  sweeps: jax.Array
+  actions: jax.Array
+  stable: jax.Array
+  invalid: jax.Array
+
+
+_STABLE_LOOPS = {}
+
+
+def _stable_loop(prune, max_sweeps):
+  """One compiled ``lax.while_loop`` of sweeps per pruner configuration (factories called
+  again with the same group and options share it, as they share the sweep itself)."""
+  key = (getattr(prune, "config", prune), max_sweeps)
+  if key not in _STABLE_LOOPS:
+    _STABLE_LOOPS[key] = _make_stable_loop(prune, max_sweeps)
+  return _STABLE_LOOPS[key]
+
+
+def _make_stable_loop(prune, max_sweeps):
+  limit = np.iinfo(np.int32).max if max_sweeps is None else int(max_sweeps)
+
+  def loop(params, unit_masks, first_count, args):
+    def cond(c):
+      return (c[2] > 0) & (c[3] < limit)
+
+    def body(c):
+      p, m, _, n, total = c
+      p, m, r = prune(p, m, *args)
+      return p, m, r.count, n + 1, total + r.count
+
+    one = jnp.asarray(1, jnp.int32)
+    return jax.lax.while_loop(cond, body, (params, unit_masks, first_count, one, first_count))
+
+  return jax.jit(loop)
+
+
+def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
+                 max_sweeps: int | None = None):
+  """Repeats a distinctiveness sweep until a sweep finds no qualifying pair.
+
+  One sweep computes the angles once, so units merged in it may leave new pairs below the
+  threshold among the kept units (a kept unit's outgoing weights change, and with the default
+  ``absorb=False`` a unit takes part in one action per sweep). Repeating until nothing
+  qualifies is how the CNN studies prune a layer. Every sweep that acts removes at least one
+  unit, so this ends after at most ``units + 1`` sweeps.
+
+  The first sweep runs as an ordinary call (so bad concrete input raises as usual); the rest
+  run as one compiled ``lax.while_loop`` (compiled once per pruner).
+
+  Args:
+    prune: a pruner from :func:`distinctiveness` or :func:`weight_distinctiveness`.
+    params: the params to prune.
+    unit_masks: the unit masks.
+    *args: the pruner's other arguments (activations, thresholds, tolerance), the same for
+      every sweep. Activations stay valid across sweeps: merging changes only outgoing weights,
+      so the kept units' activations do not change.
+    max_sweeps: stop after this many sweeps (None: until stable).
+
+  Returns:
+    ``(params, unit_masks, StableReport)``.
+
+  Example:
+    >>> import jax, jaxprune
+    >>> from jaxprune.pruners import weight_distinctiveness, until_stable
+    >>> model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+    >>> prune = weight_distinctiveness(model, 'hidden_0', complementary=False)
+    >>> params, masks, rep = until_stable(prune, model.init(jax.random.key(0)),
+    ...                                   jaxprune.unit_masks_ones(model), 60.0)
+    >>> bool(rep.stable)
+    True
+  """
+  if max_sweeps is not None and int(max_sweeps) < 1:
+    raise ValueError(f"max_sweeps must be at least 1 (or None), got {max_sweeps}.")
+  params, unit_masks, first = prune(params, unit_masks, *args)
+  if _common.is_concrete(first.count) and int(first.count) == 0:  # stable already: no loop
+    one = jnp.asarray(1, jnp.int32)
+    return params, unit_masks, StableReport(one, first.count, ~first.invalid, first.invalid)
+  loop = _stable_loop(prune, max_sweeps)
+  params, unit_masks, last, sweeps, total = loop(params, unit_masks, first.count, args)
+  return params, unit_masks, StableReport(sweeps, total, (last == 0) & ~first.invalid,
+                                          first.invalid)
 
 
 # ----------------------------------------------------------------------------- progressive
@@ -689,7 +911,6 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     n_kept = jnp.sum(keep)
     flat = jnp.where(pm, ang, jnp.inf).reshape(-1)
     p_sim = jnp.argmin(flat)
-    transfer = jnp.eye(h, dtype=jnp.float32)
     has_pair = jnp.any(pm)
     if complementary:
       flat_c = jnp.where(pm, ang, -jnp.inf).reshape(-1)
@@ -700,13 +921,15 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     i_s, j_s = p_sim // h, p_sim % h
     i_c, j_c = p_comp // h, p_comp % h
     do_sim = has_pair & ~use_comp
-    transfer = transfer.at[i_s, j_s].add(jnp.where(do_sim, 1.0, 0.0))
+    # One sparse row move (j's consumer rows into i's), not an (h, h) transfer matrix: each step
+    # is O(h^2) on the angles and O(h) on the consumers.
+    moves = (jnp.where(do_sim, i_s, h)[None], j_s[None], jnp.ones((1,), jnp.float32))
     keep = keep.at[j_s].set(keep[j_s] & ~do_sim)
     keep = keep.at[i_c].set(keep[i_c] & ~use_comp).at[j_c].set(keep[j_c] & ~use_comp)
     if compensate:
       consts = consts.at[i_c].add(jnp.where(use_comp, mean[i_c], 0.0))
       consts = consts.at[j_c].add(jnp.where(use_comp, mean[j_c], 0.0))
-    params = _apply(params, g, keep, transfer, consts, constants or compensate)
+    params = _apply_moves(params, g, keep, moves, consts, constants or compensate)
     return params, keep, min_angle(ang, keep)
 
   def run_core(params, mask, x, tol):

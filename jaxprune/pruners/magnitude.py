@@ -133,8 +133,11 @@ def _remove_smallest(bits: list[jax.Array], keep: list[jax.Array], k: jax.Array)
 
 
 def _n_remove(fraction, remaining):
-  return jnp.round(jnp.asarray(fraction, jnp.float32) *
-                   remaining.astype(jnp.float32)).astype(jnp.int32)
+  # A traced fraction outside [0, 1] (or NaN) cannot raise: it removes nothing, as the
+  # distinctiveness and redundancy pruners leave everything unchanged on bad traced settings.
+  fraction = jnp.asarray(fraction, jnp.float32)
+  n = jnp.round(fraction * remaining.astype(jnp.float32)).astype(jnp.int32)
+  return jnp.where((fraction >= 0) & (fraction <= 1), n, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("shapes",))
@@ -208,7 +211,10 @@ def magnitude_prune(params: PyTree, weight_masks: PyTree | None = None, fraction
   Returns:
     ``(params, weight_masks)``: params with every masked weight zeroed, and the new masks.
     Jit-compiled; a new fraction does not recompile. Bad fractions raise ValueError (on
-    concrete values); NaN weights raise ValueError.
+    concrete values); NaN weights raise ValueError. Under ``jit``/``vmap`` a traced fraction
+    outside [0, 1] (or NaN) cannot raise: it removes nothing (the masks come back unchanged),
+    as the distinctiveness and redundancy pruners leave everything unchanged on bad traced
+    settings; check ``0 <= fraction <= 1`` yourself before tracing.
   """
   return _prune(params, weight_masks, fraction, None, scope, select, random=False)
 

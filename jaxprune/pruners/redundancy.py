@@ -137,7 +137,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
   def prune(params, unit_masks, activations, tol=1e-3):
     mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_activation_shape(activations, g)
-    _common.check_finite("Activations", activations)
+    _common.check_activations(activations)
     if _common.is_concrete(tol) and not float(tol) >= 0:
       raise ValueError(f"tol must be >= 0 (a relative residual), got {tol}.")
     params, m, rep = core(params, mask, jnp.asarray(activations), tol)

@@ -1,0 +1,174 @@
+"""The one data check every entry point that takes data runs: training, evaluation, the GA and
+the activation-based pruners.
+
+Each check runs on concrete values only (under ``jit``/``vmap`` a traced array cannot be
+inspected, and is left alone), reads arrays where they live (a device array is not copied to the
+host) and raises ``ValueError`` with a message that names the problem and the fix.
+
+Example:
+  >>> import numpy as np
+  >>> from jaxprune import validate
+  >>> validate.check_data(np.ones((4, 3), np.float32), np.array([0, 1, 2, 0]), num_classes=3)
+  >>> try:
+  ...   validate.check_data(np.zeros((0, 3), np.float32), np.zeros((0,), int))
+  ... except ValueError as e:
+  ...   print(str(e).split(';')[0])
+  x is empty (0 samples)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+__all__ = ["check_data", "check_finite", "check_labels", "check_not_empty", "check_params",
+           "is_concrete"]
+
+
+def is_concrete(*xs) -> bool:
+  """True if no argument (or pytree leaf) is a tracer, so its values can be checked."""
+  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+
+
+def _xp(x):
+  return np if isinstance(x, (np.ndarray, np.generic)) else jnp
+
+
+def check_finite(name: str, x) -> None:
+  """Raises ValueError if a concrete floating array holds NaN or infinite values."""
+  if x is None or not is_concrete(x):
+    return
+  # NumPy, not jnp: a concrete array closed over inside jit must not become a tracer here.
+  x = np.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return
+  bad = int(np.sum(~np.isfinite(x)))
+  if bad:
+    raise ValueError(f"{name} holds {bad} NaN or infinite values; clean or impute them "
+                     "first (e.g. drop those rows).")
+
+
+def check_not_empty(name: str, x, sample_weight=None) -> None:
+  """Raises ValueError if ``x`` has no rows, or every sample weight is zero.
+
+  Args:
+    name: what to call the data in the message.
+    x: the inputs; axis 0 (``axis`` of stacked runs excluded, see :func:`check_data`) counts
+      the samples.
+    sample_weight: optional weights; all zero means no real sample.
+  """
+  if np.ndim(x) == 0 or np.shape(x)[0] == 0:
+    raise ValueError(f"{name} is empty (0 samples); pass at least one sample.")
+  if sample_weight is not None and is_concrete(sample_weight):
+    xp = _xp(sample_weight)
+    w = xp.asarray(sample_weight)
+    if w.size == 0 or not bool(xp.any(w != 0)):
+      raise ValueError(f"{name} is empty: every sample weight is zero, so there is no real "
+                       "sample to learn from or score; give at least one sample weight > 0.")
+
+
+def check_labels(name: str, y, num_classes: int | None = None, sample_weight=None) -> None:
+  """Raises ValueError unless ``y`` holds integer labels in ``[0, num_classes)``.
+
+  Rows whose sample weight is zero (padding) are not checked.
+  """
+  if y is None or not is_concrete(y, sample_weight):
+    return
+  xp = _xp(y)
+  y = xp.asarray(y)
+  if not xp.issubdtype(y.dtype, xp.integer):
+    raise ValueError(f"{name} labels must be integer class indices, got dtype {y.dtype}; "
+                     "convert with y.astype(int).")
+  if sample_weight is not None:
+    y = y[xp.asarray(sample_weight) != 0]
+  if num_classes is None or y.size == 0:
+    return
+  lo, hi = int(xp.min(y)), int(xp.max(y))
+  if lo < 0 or hi >= num_classes:
+    raise ValueError(f"{name} labels range over [{lo}, {hi}] but the model has {num_classes} "
+                     f"outputs (classes); labels must be in [0, {num_classes - 1}].")
+
+
+def check_params(params: PyTree, name: str = "params") -> None:
+  """Raises ValueError if a concrete floating leaf of ``params`` holds NaN or infinite values."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if hasattr(leaf, "dtype"):
+      where = "/".join(str(getattr(k, "key", k)) for k in path)
+      try:
+        check_finite(f"{name}[{where}]", leaf)
+      except ValueError as e:
+        raise ValueError(f"{e} A network with such weights gives meaningless results; train it "
+                         "again (lower the learning rate) or load sound weights.") from None
+
+
+def check_data(x, y=None, *, sample_weight=None, num_classes: int | None = None,
+               name: str = "x", runs: bool = False) -> None:
+  """The shared data check: not empty, finite inputs, matching lengths, labels in range.
+
+  Args:
+    x: inputs, (N, ...) (or (R, N, ...) with ``runs=True``).
+    y: optional targets; integer labels are range-checked against ``num_classes`` (given for
+      classifiers), float targets (e.g. an autoencoder's) only for being finite.
+    sample_weight: optional (N,) (or (R, N)) weights; all-zero means empty; rows with weight 0
+      are padding and their labels are not checked.
+    num_classes: the number of classes, or None to skip the range check.
+    name: what to call the data in messages.
+    runs: ``x`` carries a leading axis of stacked runs (each run is checked for emptiness).
+  """
+  if runs:
+    if np.ndim(x) < 2:
+      raise ValueError(f"{name} needs a leading run axis, (R, N, ...); got shape {np.shape(x)}.")
+    for r in range(np.shape(x)[0]):
+      check_not_empty(f"{name} of run {r}", x[r],
+                      None if sample_weight is None else sample_weight[r])
+  else:
+    check_not_empty(name, x, sample_weight)
+  check_finite(name, x)
+  if y is None:
+    return
+  lead = 2 if runs else 1
+  if np.shape(y)[:lead] != np.shape(x)[:lead]:
+    n_x, n_y = (np.shape(x)[:lead], np.shape(y)[:lead]) if runs else (len(x), len(y))
+    raise ValueError(f"{name} has {n_x} samples but its targets have {n_y}.")
+  if jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer):
+    check_labels(name, y, num_classes, sample_weight)
+  else:
+    if num_classes is not None:
+      check_labels(name, y, num_classes)  # raises: classifiers need integer labels
+    check_finite(f"{name}'s targets", y)
+
+
+def num_outputs(model, params: PyTree, x) -> int:
+  """The size of the model's last output axis for inputs shaped like ``x`` (no computation)."""
+  out = jax.eval_shape(model.apply, params,
+                       jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), jnp.float32))
+  return int(out.shape[-1])
+
+
+def check_model_data(model, params: PyTree, x, y=None, *, name: str = "x") -> None:
+  """:func:`check_data` for a model: inputs of its shape, finite params, and for a classifier
+  integer labels (or one-hot rows) within its outputs.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxprune
+    >>> model = jaxprune.MLP(in_features=3, hidden=(4,), out_features=2)
+    >>> params = model.init(jax.random.key(0))
+    >>> try:
+    ...   check_model_data(model, params, jnp.ones((2, 3)), jnp.array([0, 5]))
+    ... except ValueError as e:
+    ...   print(str(e).split(';')[0])
+    x labels range over [0, 5] but the model has 2 outputs (classes)
+  """
+  model.check_input(x)
+  check_params(params)
+  classifier = getattr(model, "task", "classification") == "classification"
+  if y is not None and classifier and np.ndim(y) == 2:  # one-hot rows
+    check_finite(f"{name}'s one-hot labels", y)
+    y = jnp.argmax(jnp.asarray(y), axis=-1)
+  num_classes = num_outputs(model, params, x) if classifier and y is not None else None
+  check_data(x, y, num_classes=num_classes, name=name)
