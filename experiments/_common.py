@@ -684,6 +684,17 @@ class Study:
     self._pending_results = None
     self.release()
 
+  def write_flops(self, target: Any, params: Any, masks: Any = None,
+                  unit_masks: Mapping[str, Any] | None = None) -> str:
+    """flops.json and flops.txt beside results.json: parameters and FLOPs per layer and in
+    total, dense, masked and compacted (see ``jaxprune.flops_report``); returns the table."""
+    from jaxprune import flops as flops_lib  # pylint: disable=g-import-not-at-top
+    report = flops_lib.flops_report(target, params, masks=masks, unit_masks=unit_masks)
+    write_json(self.path("flops.json"), report)
+    text = flops_lib.format_flops(report)
+    write_text(self.path("flops.txt"), text + "\n")
+    return text
+
   def write_report(self, title: str, sections: Iterable[tuple[str, str]]) -> None:
     """REPORT.md: a title, then (heading, markdown) sections; figures as ![](file.png). A run
     section (compute time, resumed steps, data hash) and the settings close it; then

@@ -6,13 +6,18 @@ hidden-to-output weight vectors of ``--layer`` (each unit's outgoing weights; by
 ``dense_2``, the 64-unit layer that feeds the output layer) are computed; with pruning, units
 whose vector is closer than ``--angle`` degrees to another kept unit's are removed by weight
 distinctiveness (similar-only, from outgoing weights: the removed unit's outgoing weights are
-added to the kept one's), sweeping until no pair of kept units is below the angle. Removed
-units are masked: their weights and gradients stay exactly zero for the rest of training (the
-optimizer state carries on across checks).
+added to the kept one's), sweeping until no pair of kept units is below the angle.
+
+The pruning runs inside the optimizer: ``jaxprune.scheduled(adam, distinctiveness_pruner(...),
+begin_step=k, frequency=k)`` with k the steps of ``--check_every`` epochs, so the merge happens
+in the first update after each check (from the params the check measured), the masks live in
+the optimizer state, and removed units' weights stay exactly zero for the rest of training (the
+optimizer state carries on across checks). Training runs in chunks of ``--check_every`` epochs
+only to record the angles at each check.
 
 Reported: training-loss curves with and without pruning (pruning events marked), validation
-accuracy per fold and mean, and at each check the minimum and maximum angle and the units
-pruned.
+accuracy per fold and mean, at each check the minimum and maximum angle and the units pruned,
+and the parameters and FLOPs of the pruned network (fold 1; dense, masked and compacted).
 
   python -m experiments.training_time_distinctiveness --workdir=/tmp/work
 """
@@ -20,10 +25,12 @@ pruned.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import flags
 
 import jaxprune
@@ -31,7 +38,6 @@ from experiments import _cnn_common as cc
 from experiments import _common
 from jaxprune import data as data_lib
 from jaxprune import pruners
-from jaxprune import train as train_lib
 
 FLAGS = flags.FLAGS
 STUDY = "training_time_distinctiveness"
@@ -60,7 +66,22 @@ QUICK = {"max_per_class": 6, "epochs": 4, "check_every": 2, "folds": 2}
 
 @functools.lru_cache(maxsize=None)
 def _chunk_fn(trainer, num_epochs: int):
-  return jax.jit(lambda st, m, x, y, w, k, val: trainer.epochs(st, m, x, y, w, k, num_epochs, val))
+  return jax.jit(lambda st, x, y, w, k, val: trainer.epochs(st, None, x, y, w, k, num_epochs,
+                                                             val))
+
+
+@functools.lru_cache(maxsize=None)
+def make_trainer(model, *, prune: bool, steps_between_checks: int, layer: str, angle: float,
+                 learning_rate: float, batch_size: int):
+  """Adam, wrapped (with pruning) to run distinctiveness every ``steps_between_checks`` steps."""
+  tx = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+  if prune:
+    pruner = jaxprune.distinctiveness_pruner(model, layer, similar_deg=angle,
+                                             complementary=False, constants=False,
+                                             source="outgoing")
+    tx = jaxprune.scheduled(tx, pruner, begin_step=steps_between_checks,
+                            frequency=steps_between_checks)
+  return jaxprune.make_trainer(model, batch_size=batch_size, optimizer=tx)
 
 
 def angle_range(params, group, unit_mask):
@@ -83,55 +104,63 @@ def max_abs_masked(params, wmasks) -> float:
 
 
 def train_fold(model, params, train, val, *, key, prune: bool, s: dict):
-  """Trains one fold in chunks of ``check_every`` epochs, checking (and pruning) between chunks.
+  """Trains one fold in chunks of ``check_every`` epochs, recording each check between chunks.
 
   Returns ``(final_params, record)``; the record holds per-epoch training loss and validation
   accuracy, and one entry per check (epoch, min/max angle before, units pruned, units kept,
   and the largest |w| among masked weights, which must be 0).
   """
-  group = model.groups[s["layer"]]
-  trainer = jaxprune.make_trainer(model, batch_size=s["batch_size"])
-  state = train_lib.init_state(trainer, params, s["learning_rate"])
-  umasks = {s["layer"]: jnp.ones((group.size,), bool)}
-  wmasks = jaxprune.ones_like(params)
-  prune_fn = pruners.weight_distinctiveness(model, s["layer"], source="outgoing", similar=True,
-                                            complementary=False, constants=False)
+  layer = s["layer"]
+  group = model.groups[layer]
   x, y = jnp.asarray(train[0]), jnp.asarray(train[1])
   w = jnp.ones((x.shape[0],), jnp.float32)
+  steps = math.ceil(x.shape[0] / s["batch_size"]) * s["check_every"]
+  trainer = make_trainer(model, prune=prune, steps_between_checks=steps, layer=layer,
+                         angle=float(s["angle"]), learning_rate=float(s["learning_rate"]),
+                         batch_size=s["batch_size"])
+  state = trainer.init(params)
   vx, vy = jnp.asarray(val[0]), jnp.asarray(val[1])
   vdata = (vx, vy, jnp.ones((vx.shape[0],), jnp.float32))
   rec = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": [],
          "checks": []}
-  done, e = 0, s["epochs"]
+
+  def masks_now(st):
+    if not prune:
+      return jaxprune.ones_like(st.params["params"]), jnp.ones((group.size,), bool)
+    return (jaxprune.masks_of(st.opt_state),
+            jaxprune.unit_masks_of(st.opt_state)[layer])
+
+  done, e, pending = 0, s["epochs"], None
   keys = jax.random.split(key, -(-e // s["check_every"]))
   for k in keys:
     n = min(s["check_every"], e - done)
-    state, m = _chunk_fn(trainer, n)(state, wmasks, x, y, w, k, vdata)
+    state, m = _chunk_fn(trainer, n)(state, x, y, w, k, vdata)
     done += n
     for name, src in (("train_loss", "loss"), ("train_accuracy", "accuracy"),
                       ("val_loss", "val_loss"), ("val_accuracy", "val_accuracy")):
       rec[name] += [float(v) for v in np.asarray(m[src])]
     if not np.isfinite(rec["train_loss"][-1]):
       raise FloatingPointError(f"Training diverged by epoch {done}; lower --learning_rate.")
+    wmasks, umask = masks_now(state)
+    if pending is not None:  # the check's pruning ran in the first update of this chunk
+      kept = int(np.sum(np.asarray(umask)))
+      pending.update(kept_after=kept, pruned_now=pending["kept_before"] - kept,
+                     pruned_units=np.flatnonzero(~np.asarray(umask)).tolist())
+      rec["checks"].append(pending)
+      _common.Progress(1, f"fold check, epoch {pending['epoch']}").step(
+          f"min angle {pending['min_angle']}, max angle {pending['max_angle']}, "
+          f"kept {kept}/{group.size}")
+      pending = None
     if done >= e:
       break
-    lo, hi = angle_range(state.params, group, umasks[s["layer"]])
-    kept_before = int(np.sum(np.asarray(umasks[s["layer"]])))
-    check = {"epoch": done, "min_angle": lo, "max_angle": hi, "kept_before": kept_before,
-             "max_abs_masked_before": max_abs_masked(state.params, wmasks)}
-    if prune:
-      p, umasks, _ = pruners.until_stable(prune_fn, state.params, umasks, s["angle"], 180.0)
-      wmasks = jaxprune.expand(p, model, umasks)
-      state = state._replace(params=jaxprune.apply_masks(p, wmasks))
-    kept = int(np.sum(np.asarray(umasks[s["layer"]])))
-    pruned_units = np.flatnonzero(~np.asarray(umasks[s["layer"]])).tolist()
-    check.update(kept_after=kept, pruned_now=kept_before - kept, pruned_units=pruned_units)
-    rec["checks"].append(check)
-    _common.Progress(1, f"fold check, epoch {done}").step(
-        f"min angle {lo}, max angle {hi}, kept {kept}/{group.size}")
-  rec["final_max_abs_masked"] = max_abs_masked(state.params, wmasks)
-  rec["final_unit_mask"] = np.asarray(umasks[s["layer"]]).tolist()
-  rec["final_units_kept"] = int(np.sum(np.asarray(umasks[s["layer"]])))
+    lo, hi = angle_range(state.params, group, umask)
+    pending = {"epoch": done, "min_angle": lo, "max_angle": hi,
+               "kept_before": int(np.sum(np.asarray(umask))),
+               "max_abs_masked_before": max_abs_masked(state.params["params"], wmasks)}
+  wmasks, umask = masks_now(state)
+  rec["final_max_abs_masked"] = max_abs_masked(state.params["params"], wmasks)
+  rec["final_unit_mask"] = np.asarray(umask).tolist()
+  rec["final_units_kept"] = int(np.sum(np.asarray(umask)))
   return state.params, rec
 
 
@@ -188,8 +217,10 @@ def main(argv):
                           key=_common.config_key(s["seed"], "fold", f), prune=variant == "pruning",
                           s=s)
 
-      _, rec = study.cached_with_tree(f"{variant}_fold{f}", run, init)
+      final, rec = study.cached_with_tree(f"{variant}_fold{f}", run, init)
       records[variant].append(rec)
+      if f == 0 and variant == "pruning":
+        final0 = final
       prog.step(f"fold {f + 1}/{len(folds)} {variant}")
 
   # Tables.
@@ -243,6 +274,8 @@ def main(argv):
   ax.legend(fontsize=8)
   _common.save_figure(fig, study.path("units_kept.png"))
 
+  unit0 = {s["layer"]: jnp.asarray(records["pruning"][0]["final_unit_mask"])}
+  t_flops = study.write_flops(model, final0, jaxprune.expand(final0, model, unit0), unit0)
   study.write_results({"folds": records, "mean_val_accuracy": mean,
                        "layer_size": model.groups[s["layer"]].size})
   study.write_report("Training-time distinctiveness (4-conv + 4-dense sigmoid CNN)", [
@@ -252,10 +285,13 @@ def main(argv):
        f"the angles between the outgoing (hidden-to-output) weight vectors of {s['layer']} are "
        f"checked; in the pruning run units closer than {s['angle']:g} deg are merged "
        "(similar-only weight distinctiveness, repeated until no pair is below the angle) and "
-       "masked, their weights and gradients held at zero. Both runs of a fold use the same "
+       "masked, their weights and gradients held at zero, by the optimizer itself "
+       "(jaxprune.scheduled with distinctiveness_pruner). Both runs of a fold use the same "
        "initial weights and shuffling."),
       ("Validation accuracy (final epoch)", t_acc),
       ("Checks (min/max angle among kept units before pruning)", t_chk),
+      ("Parameters and FLOPs of the pruned network (fold 1, per example)",
+       f"```text\n{t_flops}\n```"),
       ("Figures", "![](loss_curves.png)\n\n![](units_kept.png)"),
   ])
   print(f"Wrote {study.dir}/REPORT.md")

@@ -170,6 +170,12 @@ def summary(masks: PyTree, unit_masks: Mapping[str, Any] | None = None) -> str:
   return "\n".join(lines)
 
 
-def print_summary(masks: PyTree, unit_masks: Mapping[str, Any] | None = None) -> None:
-  """Prints :func:`summary`."""
+def print_summary(masks: PyTree, unit_masks: Mapping[str, Any] | None = None, *,
+                  flops: Mapping[str, Any] | None = None) -> None:
+  """Prints :func:`summary`, then the FLOPs table of ``flops`` (a
+  :func:`jaxprune.flops_report`) if given."""
   print(summary(masks, unit_masks))
+  if flops is not None:
+    from jaxprune import flops as flops_lib  # pylint: disable=g-import-not-at-top (cycle)
+    print()
+    print(flops_lib.format_flops(flops))

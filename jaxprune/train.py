@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from jaxprune import masks as masks_lib
+from jaxprune import optax_pruning
 from jaxprune.progress import Progress  # pylint: disable=unused-import (re-exported)
 from jaxprune import validate
 from jaxprune.models.base import Model
@@ -192,8 +193,9 @@ class Trainer:
     if masks is not None:
       grads = masks_lib.apply_masks(grads, _trainable(masks))
     updates, opt_state = self.optimizer.update(grads, state.opt_state, _trainable(params))
-    if masks is not None:
-      updates = masks_lib.apply_masks(updates, _trainable(masks))
+    if masks is not None:  # masked weights stay exactly zero, as in any optax loop
+      keep = optax_pruning.keep_masked(_trainable(masks))
+      updates, _ = keep.update(updates, keep.init(_trainable(params)), _trainable(params))
     trainable = optax.apply_updates(_trainable(params), updates)
     new_params = _with_trainable(new_vars, trainable)
     if masks is not None:

@@ -3,8 +3,9 @@
 Unstructured weight masks: of the weights still kept in scope, the ``round(fraction x
 remaining)`` with the smallest ``|w|`` are removed, so repeated calls prune a fraction of what is
 left (like ``torch.nn.utils.prune``). Scope is each selected layer on its own (``'layer'``) or all
-selected layers together (``'global'``). By default only leaves named ``kernel`` are pruned
-(biases and normalisation parameters are left alone).
+selected layers together (``'global'``). By default every leaf with ``ndim >= 2`` is pruned,
+whatever it is named (flax ``kernel``, haiku ``w``, a plain dict, an nnx ``State``); biases and
+normalisation parameters (vectors) are left alone.
 
 Counts are exact: the cut is found by an exact two-pass radix select on the bit patterns of
 ``|w|`` (no sort), and ties at the cut are broken by position (lower flat index, in tree order,
@@ -37,9 +38,28 @@ _HI_BITS = 16  # first pass: bits 30..15 of the float32 pattern; second pass: bi
 _LO = 15
 
 
+def _key_name(k) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
 def _leaf_paths(params) -> list[tuple[str, ...]]:
+  """Each leaf's path as a tuple of key names (an nnx ``Variable``'s trailing ``value``
+  attribute is dropped, so an nnx ``State`` and its pure dict have the same paths)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  return [tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in flat]
+  out = []
+  for path, _ in flat:
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+      path = path[:-1]
+    out.append(tuple(_key_name(k) for k in path))
+  return out
+
+
+def leaf_names(params) -> list[str]:
+  """``'a/b/c'`` names of every leaf, in ``jax.tree.leaves`` order."""
+  return ["/".join(p) for p in _leaf_paths(params)]
 
 
 def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
@@ -47,13 +67,14 @@ def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
 
   Args:
     params: the params pytree.
-    select: None (every leaf named ``'kernel'``), a predicate ``select(path, leaf) -> bool``
+    select: None (every leaf with ``ndim >= 2``: kernels and weight matrices, not biases or
+      norm scales), a predicate ``select(path, leaf) -> bool``
       with ``path`` a tuple of keys, or a sequence of paths (tuples or ``'a/b/c'`` strings).
   """
   paths = _leaf_paths(params)
   leaves = jax.tree.leaves(params)
   if select is None:
-    chosen = [i for i, p in enumerate(paths) if p and p[-1] == "kernel"]
+    chosen = [i for i, l in enumerate(leaves) if jnp.ndim(l) >= 2]
   elif callable(select):
     chosen = [i for i, (p, l) in enumerate(zip(paths, leaves)) if select(p, l)]
   else:
@@ -65,8 +86,8 @@ def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
                      f"{['/'.join(p) for p in paths]}.")
     chosen = sorted(index[w] for w in want)
   if not chosen:
-    raise ValueError("The selection picks no parameter leaf to prune; pass select= (a "
-                     "predicate or a list of paths).")
+    raise ValueError("The selection picks no parameter leaf to prune (by default: leaves with "
+                     "ndim >= 2); pass select= (a predicate or a list of paths).")
   return tuple(chosen)
 
 
@@ -184,7 +205,8 @@ def magnitude_prune(params: PyTree, weight_masks: PyTree | None = None, fraction
     weight_masks: current weight masks (bool pytree like ``params``), or None for all-True.
     fraction: traced, in [0, 1]: the fraction of the *remaining* weights in scope to remove.
     scope: ``'layer'`` (each selected leaf on its own) or ``'global'`` (all together).
-    select: which leaves to prune; see :func:`select_leaves` (default: leaves named kernel).
+    select: which leaves to prune; see :func:`select_leaves` (default: every leaf with
+      ``ndim >= 2``).
 
   Returns:
     ``(params, weight_masks)``: params with every masked weight zeroed, and the new masks.

@@ -1,0 +1,785 @@
+"""Pruning inside anyone's optax training loop, sparsity schedules and the unstructured toolbox.
+
+* :func:`keep_masked` is an ``optax.GradientTransformation`` to chain after any optimizer: masked
+  weights stay exactly zero in the user's own jitted step (weight decay included).
+* :func:`gradual` wraps an optimizer into one that prunes while it trains: the weight masks live
+  in its state (read them with :func:`masks_of`) and are recomputed from the current params every
+  ``frequency`` steps between ``begin_step`` and ``end_step``, with the sparsity of Zhu and Gupta's
+  polynomial schedule (:func:`polynomial_sparsity`). Newly pruned weights are zeroed by the
+  updates themselves, so ``optax.apply_updates`` stays the only way params change. Everything is
+  traced once: masks are state, the mask update is a ``lax.cond``.
+* :func:`scheduled` runs a structured pruner on a schedule through the same mechanism:
+  :func:`distinctiveness_pruner` (merge similar units every k steps) or :func:`importance_pruner`
+  (remove the least important units, on the polynomial schedule via ``gradual(pruner=...)``).
+* Unstructured tools over any params pytree (flax, haiku-style ``{'w', 'b'}``, plain dicts, an nnx
+  ``State``): the default selection is every leaf with ``ndim >= 2``; per-leaf sparsity maps with
+  :func:`uniform_sparsity` and :func:`erk_sparsity` (Evci et al. 2020); :func:`prune_to_sparsity`
+  with custom scores (:func:`saliency_scores` for ``|w * g|``, :func:`snip_scores` from a batch);
+  N:M sparsity (:func:`nm_prune`) and block sparsity (:func:`block_prune`).
+
+Counts are exact everywhere: a target sparsity ``s`` over ``N`` weights removes ``round(s * N)``
+(round half to even, in float32), selected by the exact radix select of
+:mod:`jaxprune.pruners.magnitude` (ties go to the lower flat index).
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, jaxprune
+  >>> params = {'w': jnp.arange(1., 7.).reshape(2, 3), 'b': jnp.ones(3)}
+  >>> tx = jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=2, frequency=1)
+  >>> state = tx.init(params)
+  >>> for _ in range(3):
+  ...   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  ...   params = optax.apply_updates(params, updates)
+  >>> params['w'].tolist()
+  [[0.0, 0.0, 0.0], [4.0, 5.0, 6.0]]
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxprune import masks as masks_lib
+from jaxprune import units as units_lib
+from jaxprune.pruners import _common
+from jaxprune.pruners import importance as importance_lib
+from jaxprune.pruners import magnitude as magnitude_lib
+from jaxprune.pruners.distinctiveness import check_thresholds
+from jaxprune.pruners.distinctiveness import weight_distinctiveness
+
+PyTree = Any
+Select = Sequence | Callable | None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_sparsity(name: str, value) -> None:
+  """A concrete sparsity must lie in [0, 1)."""
+  if not _common.is_concrete(value):
+    return
+  v = np.asarray(value, np.float64)
+  if v.ndim or not np.isfinite(v) or not 0.0 <= float(v) < 1.0:
+    raise ValueError(f"{name} must be a number in [0, 1), got {value!r}; 1.0 would remove every "
+                     "weight (use e.g. 0.9 to keep 10%).")
+
+
+def _check_schedule(begin_step, end_step, frequency, *, end_required: bool) -> None:
+  for name, v in (("begin_step", begin_step), ("frequency", frequency)):
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+      raise TypeError(f"{name} must be an int, got {v!r}.")
+  if begin_step < 0:
+    raise ValueError(f"begin_step must be >= 0, got {begin_step}.")
+  if frequency < 1:
+    raise ValueError(f"frequency must be at least 1 (update the masks every `frequency` steps), "
+                     f"got {frequency}.")
+  if end_step is None:
+    if end_required:
+      raise ValueError("end_step is required: the step at which the final sparsity is reached.")
+    return
+  if not isinstance(end_step, (int, np.integer)) or isinstance(end_step, bool):
+    raise TypeError(f"end_step must be an int, got {end_step!r}.")
+  if end_step <= begin_step:
+    raise ValueError(f"end_step ({end_step}) must be greater than begin_step ({begin_step}); "
+                     "for one-shot pruning at step T use begin_step=T - 1, end_step=T "
+                     "with initial_sparsity=0, or frequency=end_step - begin_step.")
+
+
+def _sparsity_map_or_float(sparsity, name="sparsity"):
+  """Checks a float or a ``{'a/b/c': float}`` map and returns it (floats as Python floats)."""
+  if isinstance(sparsity, Mapping):
+    if not sparsity:
+      raise ValueError(f"{name} is an empty map; give at least one leaf ('a/b/c': value).")
+    for k, v in sparsity.items():
+      _check_sparsity(f"{name}[{k!r}]", v)
+    return {str(k): float(v) for k, v in sparsity.items()}
+  _check_sparsity(name, sparsity)
+  return sparsity if not _common.is_concrete(sparsity) else float(sparsity)
+
+
+# ----------------------------------------------------------------------------- keep_masked
+
+
+class MaskedState(NamedTuple):
+  """State of :func:`keep_masked`: the weight masks (bool pytree like the params)."""
+
+  masks: PyTree
+
+
+def _masked_updates(updates: PyTree, masks: PyTree, params: PyTree) -> PyTree:
+  """``where(mask, update, -param)``: after ``apply_updates`` masked weights are exactly 0."""
+  return jax.tree.map(lambda u, m, p: jnp.where(m, u, -jnp.asarray(p).astype(u.dtype)),
+                      updates, masks, params)
+
+
+def _need_params(name: str, params) -> None:
+  if params is None:
+    raise ValueError(f"{name} needs the params: call tx.update(grads, opt_state, params) (it "
+                     "sets the update of a pruned weight to -weight, so that the weight becomes "
+                     "exactly zero).")
+
+
+def keep_masked(weight_masks: PyTree) -> optax.GradientTransformation:
+  """Keeps masked weights exactly zero; chain it after any optimizer.
+
+  ``optax.chain(optax.adamw(1e-3), keep_masked(masks))``: the update of a kept weight passes
+  unchanged, the update of a masked weight is ``-weight``, so after ``optax.apply_updates`` every
+  masked weight is exactly 0.0, whatever the optimizer did (momentum, weight decay). The masks
+  live in the state (:func:`masks_of` reads them, and replacing them does not retrace).
+
+  Args:
+    weight_masks: bool pytree with the structure and shapes of the params (True keeps).
+
+  Returns:
+    An ``optax.GradientTransformation``; ``init`` raises ValueError if the masks do not fit the
+    params, ``update`` needs ``params``.
+  """
+
+  def init_fn(params):
+    masks_lib.check_weight_masks(params, weight_masks)
+    return MaskedState(jax.tree.map(jnp.asarray, weight_masks))
+
+  def update_fn(updates, state, params=None):
+    _need_params("keep_masked", params)
+    masks_lib.check_weight_masks(params, state.masks)
+    return _masked_updates(updates, state.masks, params), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def polynomial_sparsity(step, *, final, begin_step: int, end_step: int, initial=0.0,
+                        power=3):
+  """Zhu and Gupta's schedule ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (t1 - t0))^power``.
+
+  ``initial`` before ``begin_step`` (``t0``), ``final`` from ``end_step`` (``t1``) on. Jit-safe
+  (``step`` may be traced); float32.
+
+  Example:
+    >>> round(float(polynomial_sparsity(5, final=0.8, begin_step=0, end_step=10)), 6)
+    0.7
+  """
+  _check_schedule(begin_step, end_step, 1, end_required=True)
+  t = jnp.clip(jnp.asarray(step, jnp.float32), begin_step, end_step)
+  x = (t - jnp.float32(begin_step)) / jnp.float32(end_step - begin_step)
+  decay = (1.0 - x) ** power
+  sf = jnp.asarray(final, jnp.float32)
+  return sf + (jnp.asarray(initial, jnp.float32) - sf) * decay
+
+
+def _is_update_step(count, begin_step, end_step, frequency):
+  on = (count >= begin_step) & ((count - begin_step) % frequency == 0)
+  if end_step is None:
+    return on
+  return (on & (count <= end_step)) | (count == end_step)
+
+
+# ----------------------------------------------------------------------------- pruners on a schedule
+
+
+class StepPruner(NamedTuple):
+  """A pruner that :func:`gradual` or :func:`scheduled` calls inside the optimizer's update.
+
+  Attributes:
+    init: ``params -> state`` (e.g. unit masks).
+    prune: ``(params, weight_masks, state, grads, sparsity) -> (params, weight_masks, state)``;
+      ``sparsity`` is the scheduled target (None under :func:`scheduled`). Jit-safe.
+    takes_sparsity: whether it needs a scheduled sparsity (:func:`gradual`) or decides its own
+      counts (:func:`scheduled`).
+    changes_params: whether ``prune`` returns changed params (e.g. merged units); the change
+      is then added to the update.
+  """
+
+  init: Callable[[PyTree], PyTree]
+  prune: Callable[..., tuple[PyTree, PyTree, PyTree]]
+  takes_sparsity: bool
+  changes_params: bool
+
+
+class PruningState(NamedTuple):
+  """State of :func:`gradual` and :func:`scheduled`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    masks: the current weight masks (bool pytree like the params).
+    pruner_state: the pruner's own state (unit masks for structured pruners, else ``()``).
+    inner_state: the wrapped optimizer's state.
+  """
+
+  count: jax.Array
+  masks: PyTree
+  pruner_state: PyTree
+  inner_state: optax.OptState
+
+
+def _wrap(tx: optax.GradientTransformation, pruner: StepPruner, target_fn, begin_step, end_step,
+          frequency) -> optax.GradientTransformation:
+
+  def init_fn(params):
+    return PruningState(jnp.zeros((), jnp.int32), masks_lib.ones_like(params),
+                        pruner.init(params), tx.init(params))
+
+  def update_fn(updates, state, params=None):
+    _need_params("gradual/scheduled", params)
+    masks_lib.check_weight_masks(params, state.masks)
+    count = state.count
+    now = _is_update_step(count, begin_step, end_step, frequency)
+    target = None if target_fn is None else target_fn(count)
+
+    if pruner.changes_params:
+      def do(op):
+        return pruner.prune(op[0], op[1], op[2], updates, target)
+      new_params, masks, pstate = jax.lax.cond(now, do, lambda op: op,
+                                               (params, state.masks, state.pruner_state))
+    else:
+      def do_masks(op):
+        _, m, s = pruner.prune(params, op[0], op[1], updates, target)
+        return m, s
+      masks, pstate = jax.lax.cond(now, do_masks, lambda op: op,
+                                   (state.masks, state.pruner_state))
+      new_params = None
+    grads = masks_lib.apply_masks(updates, masks)
+    inner, inner_state = tx.update(grads, state.inner_state, params)
+    if new_params is not None:
+      inner = jax.tree.map(lambda u, n, p: u + (n - p).astype(u.dtype), inner, new_params, params)
+    out = _masked_updates(inner, masks, params)
+    return out, PruningState(optax.safe_int32_increment(count), masks, pstate, inner_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def gradual(tx: optax.GradientTransformation, *, sparsity, begin_step: int, end_step: int,
+            frequency: int, scope: str | None = None, power=3, initial_sparsity=0.0,
+            scores: Callable | None = None, select: Select = None,
+            pruner: StepPruner | None = None) -> optax.GradientTransformation:
+  """Wraps ``tx`` into an optimizer that prunes while it trains (Zhu and Gupta 2017).
+
+  At update ``t`` (the ``t``-th call of ``update``, from 0) with ``t = begin_step + k *
+  frequency <= end_step`` and at ``t = end_step``, the masks are recomputed from the params
+  passed to ``update``: the smallest-scored kept weights are removed until ``round(s_t * N)`` of
+  the ``N`` selected weights are pruned, with ``s_t`` from :func:`polynomial_sparsity`. Pruned
+  weights stay pruned. The target is reached exactly at ``end_step``. Gradients of pruned weights
+  are zeroed before ``tx`` sees them, and the returned updates zero the pruned weights.
+
+  One-shot pruning at step T is ``begin_step=0, end_step=T, frequency=T``; iterative pruning in k
+  equal steps is ``power=1, frequency=(end_step - begin_step) // k``.
+
+  Args:
+    tx: the optimizer to wrap.
+    sparsity: final sparsity in [0, 1): a float (over all selected leaves with ``scope='global'``,
+      or per leaf with ``scope='layer'``), or a per-leaf map ``{'a/b/c': s}`` (see
+      :func:`erk_sparsity`, :func:`uniform_sparsity`; its keys are the selection). With a
+      structured ``pruner``, the fraction of the group's units.
+    begin_step, end_step, frequency: the schedule (ints; ``end_step > begin_step``,
+      ``frequency >= 1``).
+    scope: ``'global'`` (default for a float) or ``'layer'``; a map is always per leaf.
+    power: the schedule's exponent (3 in the paper).
+    initial_sparsity: ``s_i``, the sparsity at ``begin_step`` (default 0).
+    scores: optional ``scores(params, grads)`` or ``scores(params)`` returning a pytree like
+      params of non-negative saliencies (larger is kept); default ``|params|``. E.g.
+      :func:`saliency_scores` for ``|w * g|`` with each step's gradients.
+    select: which leaves (default every leaf with ``ndim >= 2``; see
+      :func:`jaxprune.pruners.select_leaves`).
+    pruner: a structured :class:`StepPruner` instead (e.g. :func:`importance_pruner`).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`PruningState`.
+  """
+  _check_schedule(begin_step, end_step, frequency, end_required=True)
+  _check_sparsity("initial_sparsity", initial_sparsity)
+  sparsity = _sparsity_map_or_float(sparsity)
+  finals = list(sparsity.values()) if isinstance(sparsity, Mapping) else [sparsity]
+  if _common.is_concrete(finals, initial_sparsity) and any(
+      float(initial_sparsity) > float(f) for f in finals):
+    raise ValueError(f"initial_sparsity ({initial_sparsity}) exceeds the final sparsity "
+                     f"{sparsity}; pruned weights are never restored, so it must be smaller.")
+  if pruner is None:
+    pruner = unstructured_pruner(sparsity, scope=scope, scores=scores, select=select)
+  else:
+    if not isinstance(pruner, StepPruner):
+      raise TypeError(f"pruner must be a jaxprune StepPruner, got {type(pruner).__name__}.")
+    if not pruner.takes_sparsity:
+      raise ValueError("This pruner decides its own counts (e.g. distinctiveness_pruner); run "
+                       "it with jaxprune.scheduled(tx, pruner, ...) instead of gradual.")
+    if scope is not None or scores is not None or select is not None:
+      raise ValueError("scope, scores and select apply to unstructured pruning; a structured "
+                       "pruner carries its own settings.")
+
+  def target_fn(count):
+    return jax.tree.map(lambda s: polynomial_sparsity(
+        count, final=s, begin_step=begin_step, end_step=end_step, initial=initial_sparsity,
+        power=power), sparsity)
+
+  return _wrap(tx, pruner, target_fn, begin_step, end_step, frequency)
+
+
+def scheduled(tx: optax.GradientTransformation, pruner: StepPruner, *, begin_step: int,
+              frequency: int, end_step: int | None = None) -> optax.GradientTransformation:
+  """Wraps ``tx`` to run a pruner that decides its own counts every ``frequency`` steps.
+
+  The pruner runs inside the update at steps ``begin_step + k * frequency`` (up to ``end_step``
+  when given); e.g. :func:`distinctiveness_pruner` merges similar units each time. Masks live in
+  the state as under :func:`gradual`.
+  """
+  _check_schedule(begin_step, end_step, frequency, end_required=False)
+  if not isinstance(pruner, StepPruner):
+    raise TypeError(f"pruner must be a jaxprune StepPruner, got {type(pruner).__name__}.")
+  if pruner.takes_sparsity:
+    raise ValueError("This pruner needs a sparsity schedule; use jaxprune.gradual(tx, "
+                     "sparsity=..., pruner=pruner, ...).")
+  return _wrap(tx, pruner, None, begin_step, end_step, frequency)
+
+
+def _find_state(opt_state, cls):
+  if isinstance(opt_state, cls):
+    return opt_state
+  if isinstance(opt_state, PruningState) and cls is not PruningState:
+    return None
+  children = (opt_state.values() if isinstance(opt_state, Mapping) else
+              opt_state if isinstance(opt_state, (tuple, list)) else ())
+  for c in children:
+    found = _find_state(c, cls)
+    if found is not None:
+      return found
+  return None
+
+
+def masks_of(opt_state) -> PyTree:
+  """The weight masks held by a :func:`gradual`, :func:`scheduled` or :func:`keep_masked` state
+  (searched through ``optax.chain`` tuples and other nested states)."""
+  found = _find_state(opt_state, PruningState)
+  if found is None:
+    found = _find_state(opt_state, MaskedState)
+  if found is None:
+    raise ValueError("This optimizer state holds no masks; build the optimizer with "
+                     "jaxprune.gradual, jaxprune.scheduled or jaxprune.keep_masked.")
+  return found.masks
+
+
+def unit_masks_of(opt_state) -> dict:
+  """The unit masks of a structured pruner's state inside a :func:`gradual` or
+  :func:`scheduled` state."""
+  found = _find_state(opt_state, PruningState)
+  if found is None or not isinstance(found.pruner_state, Mapping):
+    raise ValueError("This optimizer state holds no unit masks; build the optimizer with a "
+                     "structured pruner (jaxprune.importance_pruner, "
+                     "jaxprune.distinctiveness_pruner).")
+  return dict(found.pruner_state)
+
+
+# ----------------------------------------------------------------------------- unstructured core
+
+
+def _selection(params, sparsity, select):
+  """(selected leaf indices, per-leaf target or None)."""
+  if isinstance(sparsity, Mapping):
+    if select is not None:
+      raise ValueError("A per-leaf sparsity map selects its own leaves; do not pass select=.")
+    idx = magnitude_lib.select_leaves(params, list(sparsity))
+    names = magnitude_lib.leaf_names(params)
+    return idx, [sparsity[names[i]] for i in idx]
+  return magnitude_lib.select_leaves(params, select), None
+
+
+def _call_scores(fn, params, grads):
+  """``fn(params, grads)``, or ``fn(params)`` for a function of the params alone."""
+  try:
+    sig = inspect.signature(fn)
+    sig.bind(params, grads)
+  except TypeError:
+    return fn(params)
+  except ValueError:  # no signature (some builtins): assume (params, grads)
+    pass
+  return fn(params, grads)
+
+
+def _score_leaves(scores, params, grads, selected):
+  leaves = jax.tree.leaves(params)
+  if scores is None:
+    return [jnp.abs(leaves[i]) for i in selected]
+  tree = _call_scores(scores, params, grads) if callable(scores) else scores
+  if jax.tree.structure(tree) != jax.tree.structure(params):
+    raise ValueError("The scores must be a pytree with the structure of the params (one score "
+                     f"per weight); got {jax.tree.structure(tree)} for params "
+                     f"{jax.tree.structure(params)}.")
+  sl = jax.tree.leaves(tree)
+  for i in selected:
+    if tuple(jnp.shape(sl[i])) != tuple(jnp.shape(leaves[i])):
+      name = magnitude_lib.leaf_names(params)[i]
+      raise ValueError(f"The score of {name} has shape {tuple(jnp.shape(sl[i]))} but the "
+                       f"parameter has shape {tuple(jnp.shape(leaves[i]))}; return one score per "
+                       "weight.")
+  return [jnp.asarray(sl[i], jnp.float32) for i in selected]
+
+
+def _n_target(s, n: int):
+  return jnp.round(jnp.asarray(s, jnp.float32) * jnp.float32(n)).astype(jnp.int32)
+
+
+def _to_sparsity(masks, scores, target, per_leaf, selected, scope):
+  """New masks with ``round(s * N)`` of the selected weights removed (never restoring one)."""
+  mleaves, treedef = jax.tree.flatten(masks)
+  keep = [mleaves[i] for i in selected]
+  bits = [magnitude_lib._bits(s) for s in scores]
+  if per_leaf is not None or scope == "layer":
+    targets = per_leaf if per_leaf is not None else [target] * len(selected)
+    removed = []
+    for b, m, s in zip(bits, keep, targets):
+      k = _n_target(s, m.size) - (m.size - jnp.sum(m, dtype=jnp.int32))
+      removed.append(magnitude_lib._remove_smallest([b], [m], jnp.maximum(k, 0))[0])
+  else:
+    total = sum(m.size for m in keep)
+    kept = sum(jnp.sum(m, dtype=jnp.int32) for m in keep)
+    k = _n_target(target, total) - (total - kept)
+    removed = magnitude_lib._remove_smallest(bits, keep, jnp.maximum(k, 0))
+  new = list(mleaves)
+  for i, r in zip(selected, removed):
+    new[i] = mleaves[i] & ~r
+  return jax.tree.unflatten(treedef, new)
+
+
+def _check_scope(scope, sparsity):
+  if scope not in (None, "global", "layer"):
+    raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}.")
+  if isinstance(sparsity, Mapping) and scope == "global":
+    raise ValueError("A per-leaf sparsity map sets each leaf's own sparsity; use scope='layer' "
+                     "(or leave scope unset), or pass one float for a global target.")
+  return scope or "global"
+
+
+def unstructured_pruner(sparsity, *, scope: str | None = None, scores: Callable | None = None,
+                        select: Select = None) -> StepPruner:
+  """The default pruner of :func:`gradual`: exact-count unstructured pruning by score."""
+  sparsity = _sparsity_map_or_float(sparsity)
+  scope = _check_scope(scope, sparsity)
+  if scores is not None and not callable(scores):
+    raise TypeError("scores must be a function scores(params, grads) or scores(params) -> "
+                    "pytree like params.")
+
+  def prune(params, masks, state, grads, target):
+    selected, _ = _selection(params, sparsity, select)
+    sc = _score_leaves(scores, params, grads, selected)
+    if isinstance(target, Mapping):
+      names = magnitude_lib.leaf_names(params)
+      per_leaf = [target[names[i]] for i in selected]
+    else:
+      per_leaf = None
+    return params, _to_sparsity(masks, sc, target, per_leaf, selected, scope), state
+
+  return StepPruner(lambda params: (), prune, takes_sparsity=True, changes_params=False)
+
+
+def prune_to_sparsity(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5, *,
+                      scores: PyTree | None = None, scope: str | None = None,
+                      select: Select = None) -> tuple[PyTree, PyTree]:
+  """One-shot pruning to a target sparsity: ``round(s * N)`` of the selected weights removed.
+
+  Args:
+    params: any params pytree.
+    weight_masks: current masks (None: all kept); pruned weights stay pruned.
+    sparsity: a float in [0, 1) or a per-leaf map (see :func:`erk_sparsity`).
+    scores: None (``|w|``) or a pytree like params of non-negative scores (larger kept), e.g.
+      :func:`saliency_scores` or :func:`snip_scores`.
+    scope: ``'global'`` (default) or ``'layer'``.
+    select: which leaves (default: every leaf with ``ndim >= 2``).
+
+  Returns:
+    ``(params with pruned weights zeroed, weight_masks)``.
+  """
+  sparsity = _sparsity_map_or_float(sparsity)
+  scope = _check_scope(scope, sparsity)
+  masks = masks_lib.ones_like(params) if weight_masks is None else weight_masks
+  masks_lib.check_weight_masks(params, masks)
+  selected, per_leaf = _selection(params, sparsity, select)
+  sc = _score_leaves(scores, params, None, selected)
+  new = _TO_SPARSITY(masks, sc, sparsity if per_leaf is None else 0.0,
+                     None if per_leaf is None else tuple(per_leaf), selected=selected,
+                     scope=scope)
+  return masks_lib.apply_masks(params, new), new
+
+
+_TO_SPARSITY = jax.jit(lambda masks, scores, target, per_leaf, *, selected, scope: _to_sparsity(
+    masks, scores, target, None if per_leaf is None else list(per_leaf), selected, scope),
+                       static_argnames=("selected", "scope"))
+
+
+# ----------------------------------------------------------------------------- distributions
+
+
+def uniform_sparsity(params: PyTree, sparsity: float, *, select: Select = None) -> dict:
+  """``{'a/b/c': sparsity}`` for every selected leaf (default: every leaf with ndim >= 2)."""
+  _check_sparsity("sparsity", sparsity)
+  names = magnitude_lib.leaf_names(params)
+  return {names[i]: float(sparsity) for i in magnitude_lib.select_leaves(params, select)}
+
+
+def erk_sparsity(params: PyTree, sparsity: float, *, select: Select = None,
+                 power_scale: float = 1.0) -> dict:
+  """Per-leaf sparsities of the Erdos-Renyi-Kernel distribution (Evci et al. 2020, RigL).
+
+  Each selected leaf keeps a density proportional to ``(sum(shape) / prod(shape)) ** power_scale``
+  (``(n_in + n_out + k_h + k_w) / (n_in n_out k_h k_w)`` for a conv kernel), scaled by one
+  ``epsilon`` so that the total number of kept weights is ``(1 - sparsity) * N``. A leaf whose
+  density would exceed 1 is kept dense and epsilon is solved again over the others (the standard
+  rescaling).
+
+  Returns:
+    ``{'a/b/c': leaf sparsity}``, to pass as ``sparsity=`` to :func:`gradual` or
+    :func:`prune_to_sparsity`.
+  """
+  _check_sparsity("sparsity", sparsity)
+  names = magnitude_lib.leaf_names(params)
+  leaves = jax.tree.leaves(params)
+  sel = magnitude_lib.select_leaves(params, select)
+  shapes = {names[i]: tuple(int(d) for d in jnp.shape(leaves[i])) for i in sel}
+  raw = {n: (sum(s) / math.prod(s)) ** power_scale for n, s in shapes.items()}
+  dense: set[str] = set()
+  while True:
+    rhs, divisor = 0.0, 0.0
+    for n, s in shapes.items():
+      size = math.prod(s)
+      if n in dense:
+        rhs -= size * sparsity
+      else:
+        rhs += size * (1.0 - sparsity)
+        divisor += raw[n] * size
+    if divisor == 0.0:
+      raise ValueError(f"No ERK distribution reaches sparsity {sparsity} over these leaves.")
+    eps = rhs / divisor
+    over = [n for n in shapes if n not in dense and eps * raw[n] > 1.0]
+    if not over:
+      break
+    top = max(raw[n] for n in over)
+    dense |= {n for n in over if raw[n] == top}
+  return {n: 0.0 if n in dense else float(1.0 - eps * raw[n]) for n in shapes}
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def magnitude_scores(params: PyTree, grads: PyTree | None = None) -> PyTree:
+  """``|w|`` (the default score)."""
+  del grads
+  return jax.tree.map(jnp.abs, params)
+
+
+def saliency_scores(params: PyTree, grads: PyTree) -> PyTree:
+  """``|w * g|``: first-order saliency (SNIP's connection sensitivity for a batch's gradients).
+
+  Pass as ``scores=saliency_scores`` to :func:`gradual` (it receives each step's gradients).
+  """
+  if grads is None:
+    raise ValueError("saliency_scores needs gradients; under gradual they are each step's "
+                     "gradients, one-shot use snip_scores(loss_fn, params, *batch).")
+  return jax.tree.map(lambda w, g: jnp.abs(w * g), params, grads)
+
+
+def snip_scores(loss_fn: Callable, params: PyTree, *batch) -> PyTree:
+  """SNIP saliency from a batch: ``|w * d loss_fn(params, *batch) / dw|`` (Lee et al. 2019)."""
+  return saliency_scores(params, jax.grad(loss_fn)(params, *batch))
+
+
+# ----------------------------------------------------------------------------- N:M and blocks
+
+
+def _nm_leaf(score, mask, n, m, axis):
+  s = jnp.where(mask, score, -jnp.inf)
+  x = jnp.moveaxis(s, axis, -1)
+  g = x.reshape(x.shape[:-1] + (x.shape[-1] // m, m))
+  order = jnp.argsort(-g, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1, stable=True)
+  keep = (rank < n).reshape(x.shape)
+  return jnp.moveaxis(keep, -1, axis) & mask
+
+
+_NM = jax.jit(lambda scores, masks, *, n, m, axis: [_nm_leaf(s, k, n, m, axis)
+                                                    for s, k in zip(scores, masks)],
+              static_argnames=("n", "m", "axis"))
+
+
+def nm_prune(params: PyTree, weight_masks: PyTree | None = None, n: int = 2, m: int = 4, *,
+             scores: PyTree | None = None, select: Select = None,
+             axis: int = -2) -> tuple[PyTree, PyTree]:
+  """N:M sparsity: in every group of ``m`` consecutive weights along the input axis, the ``n``
+  largest-scored are kept (2:4 is what sparse tensor cores run).
+
+  The input axis is ``-2`` of a flax/haiku kernel (``(in, out)``, ``(kh, kw, in, out)``). Weights
+  already masked count as pruned (so a group may keep fewer than ``n``). Ties go to the lower
+  index.
+
+  Returns:
+    ``(params with pruned weights zeroed, weight_masks)``.
+  """
+  for name, v in (("n", n), ("m", m)):
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+      raise ValueError(f"{name} must be a positive int, got {v!r}.")
+  if n > m:
+    raise ValueError(f"n ({n}) must not exceed m ({m}): N:M keeps n of every m weights.")
+  masks = masks_lib.ones_like(params) if weight_masks is None else weight_masks
+  masks_lib.check_weight_masks(params, masks)
+  selected = magnitude_lib.select_leaves(params, select)
+  names = magnitude_lib.leaf_names(params)
+  leaves = jax.tree.leaves(params)
+  for i in selected:
+    shape = jnp.shape(leaves[i])
+    if not -len(shape) <= axis < len(shape):
+      raise ValueError(f"{names[i]} has shape {shape}: no axis {axis}; pass axis= or select=.")
+    if shape[axis] % m:
+      raise ValueError(f"{names[i]} has {shape[axis]} inputs along axis {axis}, not a multiple "
+                       f"of m={m}; choose m dividing it or exclude the leaf with select=.")
+  sc = _score_leaves(scores, params, None, selected)
+  mleaves, treedef = jax.tree.flatten(masks)
+  kept = _NM(sc, [mleaves[i] for i in selected], n=int(n), m=int(m), axis=int(axis))
+  for i, k in zip(selected, kept):
+    mleaves[i] = k
+  new = jax.tree.unflatten(treedef, mleaves)
+  return masks_lib.apply_masks(params, new), new
+
+
+def _block_view(x, bh, bw):
+  """(..., H, W) -> (..., H/bh, W/bw) block sums."""
+  s = x.shape
+  return x.reshape(s[:-2] + (s[-2] // bh, bh, s[-1] // bw, bw)).sum(axis=(-3, -1))
+
+
+def _unblock(b, bh, bw):
+  return jnp.repeat(jnp.repeat(b, bh, axis=-2), bw, axis=-1)
+
+
+def block_prune(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5, *,
+                block: tuple[int, int] = (4, 4), scores: PyTree | None = None,
+                scope: str | None = None, select: Select = None) -> tuple[PyTree, PyTree]:
+  """Block sparsity: whole ``block`` tiles of the last two axes (``(in, out)``) are removed.
+
+  A block's score is the sum of its kept weights' scores (``|w|`` by default);
+  ``round(s * blocks)`` blocks are removed, globally or per leaf, exactly. A block with any
+  weight already masked counts as kept until removed as a whole.
+
+  Returns:
+    ``(params with pruned weights zeroed, weight_masks)``.
+  """
+  sparsity = _sparsity_map_or_float(sparsity)
+  scope = _check_scope(scope, sparsity)
+  bh, bw = (int(b) for b in block)
+  if bh < 1 or bw < 1:
+    raise ValueError(f"block must be two positive ints, got {block}.")
+  masks = masks_lib.ones_like(params) if weight_masks is None else weight_masks
+  masks_lib.check_weight_masks(params, masks)
+  selected, per_leaf = _selection(params, sparsity, select)
+  names = magnitude_lib.leaf_names(params)
+  leaves = jax.tree.leaves(params)
+  for i in selected:
+    shape = jnp.shape(leaves[i])
+    if len(shape) < 2 or shape[-2] % bh or shape[-1] % bw:
+      raise ValueError(f"{names[i]} has shape {shape}; its last two axes must be multiples of "
+                       f"block={block}. Choose a block that divides them or exclude it with "
+                       "select=.")
+  sc = _score_leaves(scores, params, None, selected)
+  mleaves, treedef = jax.tree.flatten(masks)
+  bscores = [_block_view(jnp.where(mleaves[i], s, 0.0), bh, bw) for i, s in zip(selected, sc)]
+  bkeep = [_block_view(mleaves[i].astype(jnp.int32), bh, bw) > 0 for i in selected]
+  bmasks = jax.tree.unflatten(jax.tree.structure(list(range(len(selected)))), bkeep)
+  new_b = _TO_SPARSITY(bmasks, bscores, sparsity if per_leaf is None else 0.0,
+                       None if per_leaf is None else tuple(per_leaf),
+                       selected=tuple(range(len(selected))), scope=scope)
+  for j, i in enumerate(selected):
+    mleaves[i] = mleaves[i] & _unblock(new_b[j], bh, bw)
+  new = jax.tree.unflatten(treedef, mleaves)
+  return masks_lib.apply_masks(params, new), new
+
+
+# ----------------------------------------------------------------------------- structured pruners
+
+
+def _rooted(params, group: units_lib.UnitGroup):
+  """(tree the group's paths resolve in, unwrap). The optimizer of a flax model often sees
+  ``variables['params']`` while jaxprune groups are rooted at the variables dict."""
+  def resolves(tree):
+    try:
+      for s in group.slices:
+        units_lib.get_path(tree, s.path)
+      return True
+    except KeyError:
+      return False
+
+  if resolves(params):
+    return params, lambda t: t
+  if isinstance(params, Mapping) and resolves({"params": params}):
+    return {"params": params}, lambda t: t["params"]
+  raise ValueError(f"The params do not hold the slices of unit group {group.name!r} "
+                   f"({['/'.join(s.path) for s in group.slices]}); pass the params of the model "
+                   "whose groups these are (the variables dict or its 'params' collection).")
+
+
+def _unit_state(g):
+  return lambda params: {g.name: jnp.ones((g.size,), bool)}
+
+
+def importance_pruner(model_or_groups, group: str, *, norm: str = "rms") -> StepPruner:
+  """Importance-norm pruning of a unit group (Luan) for :func:`gradual`: at each update the
+  least important units are removed until ``round(s_t * size)`` are gone (at least one kept).
+
+  ``gradual(tx, sparsity=0.5, pruner=importance_pruner(model, 'conv_1'), ...)``.
+  """
+  g = _common.get_group(model_or_groups, group)
+  groups = {g.name: g}
+  prune_units = importance_lib.importance_prune(groups, g.name, norm=norm)
+
+  def prune(params, masks, state, grads, target):
+    del grads
+    p, unwrap = _rooted(params, g)
+    m, _ = _rooted(masks, g)
+    mask = state[g.name]
+    k = _n_target(target, g.size) - (g.size - jnp.sum(mask, dtype=jnp.int32))
+    _, umasks, _ = prune_units(p, state, jnp.maximum(k, 0))
+    return params, unwrap(units_lib.expand(p, groups, umasks, m)), umasks
+
+  return StepPruner(_unit_state(g), prune, takes_sparsity=True, changes_params=False)
+
+
+def distinctiveness_pruner(model_or_groups, group: str, *, similar_deg=15.0,
+                           complementary_deg=165.0, source: str = "outgoing",
+                           similar: bool = True, complementary: bool = True,
+                           constants: bool = True, absorb: bool = False,
+                           max_sweeps: int | None = None) -> StepPruner:
+  """Weight distinctiveness of a unit group (Gedeon; Zheng; Dixit) for :func:`scheduled`.
+
+  At each update, sweeps of :func:`jaxprune.weight_distinctiveness` run until no pair of kept
+  units qualifies (at most ``max_sweeps``, default the group size): similar units are merged
+  (the removed unit's outgoing weights added to the kept one's, through the update), and the
+  removed units are masked for the rest of training.
+  """
+  g = _common.get_group(model_or_groups, group)
+  groups = {g.name: g}
+  sweep = weight_distinctiveness(
+      groups, g.name, source=source, similar=similar, complementary=complementary,
+      constants=constants, absorb=absorb)
+  check_thresholds(similar_deg, complementary_deg, similar=similar, complementary=complementary)
+  limit = g.size if max_sweeps is None else int(max_sweeps)
+  if limit < 1:
+    raise ValueError(f"max_sweeps must be at least 1, got {max_sweeps}.")
+
+  def prune(params, masks, state, grads, target):
+    del grads, target
+    p, unwrap = _rooted(params, g)
+    m, _ = _rooted(masks, g)
+
+    def body(carry):
+      i, _, q, um = carry
+      q, um, report = sweep(q, um, similar_deg, complementary_deg)
+      return i + 1, report.count, q, um
+
+    _, _, p, um = jax.lax.while_loop(lambda c: (c[0] < limit) & (c[1] > 0), body,
+                                     (jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32), p,
+                                      dict(state)))
+    m = units_lib.expand(p, groups, um, m)
+    return unwrap(masks_lib.apply_masks(p, m)), unwrap(m), um
+
+  return StepPruner(_unit_state(g), prune, takes_sparsity=False, changes_params=True)

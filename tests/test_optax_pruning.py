@@ -1,0 +1,454 @@
+"""Pruning inside a user's optax loop: keep_masked, gradual, schedules, ERK, N:M, blocks, scores."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxprune
+from jaxprune import optax_pruning as op
+
+
+def _haiku_params(key=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
+  return {"linear": {"w": jax.random.normal(k1, (8, 16)), "b": jnp.zeros(16)},
+          "linear_1": {"w": jax.random.normal(k2, (16, 4)), "b": jnp.zeros(4)},
+          "conv": {"w": jax.random.normal(k3, (3, 3, 2, 4)), "b": jnp.zeros(4)}}
+
+
+def _mlp(params, x):
+  h = jnp.tanh(x @ params["linear"]["w"] + params["linear"]["b"])
+  return h @ params["linear_1"]["w"] + params["linear_1"]["b"]
+
+
+def _data():
+  x = jax.random.normal(jax.random.key(7), (32, 8))
+  y = jax.random.normal(jax.random.key(8), (32, 4))
+  return x, y
+
+
+def _loss(params, x, y):
+  return jnp.mean((_mlp(params, x) - y) ** 2)
+
+
+def _mlp_params():
+  p = _haiku_params()
+  return {"linear": p["linear"], "linear_1": p["linear_1"]}
+
+
+# ----------------------------------------------------------------------------- keep_masked
+
+
+def test_keep_masked_holds_zeros_through_100_adamw_steps_in_a_user_loop():
+  params = _mlp_params()
+  _, masks = jaxprune.prune_to_sparsity(params, None, 0.6)  # default selection: the two 'w's
+  assert bool(jnp.all(masks["linear"]["b"])) and not bool(jnp.all(masks["linear"]["w"]))
+  tx = optax.chain(optax.adamw(1e-2, weight_decay=0.1), jaxprune.keep_masked(masks))
+  traces = []
+
+  @jax.jit
+  def step(params, state, x, y):
+    traces.append(1)
+    loss, grads = jax.value_and_grad(_loss)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  x, y = _data()
+  start = params  # not masked beforehand: the first update zeroes the pruned weights
+  state = tx.init(params)
+  for _ in range(100):
+    params, state, loss = step(params, state, x, y)
+    for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks)):
+      assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
+  assert np.isfinite(float(loss)) and float(loss) < float(_loss(start, x, y))
+  kept = np.asarray(masks["linear"]["w"])
+  assert np.all(np.asarray(params["linear"]["w"])[kept] != np.asarray(start["linear"]["w"])[kept])
+  # New masks in the state: same compiled step.
+  state = (state[0], jaxprune.MaskedState(jaxprune.ones_like(masks)))
+  step(params, state, x, y)
+  assert len(traces) == 1
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
+                                   jaxprune.masks_of(state), jaxprune.ones_like(masks)))
+
+
+def test_keep_masked_bad_masks_and_missing_params():
+  params = _mlp_params()
+  masks = jaxprune.ones_like(params)
+  with pytest.raises(ValueError, match="structure of the params"):
+    jaxprune.keep_masked({"linear": masks["linear"]}).init(params)
+  bad = jax.tree.map(lambda m: m, masks)
+  bad["linear"]["w"] = jnp.ones((8, 15), bool)
+  with pytest.raises(ValueError, match="shape"):
+    jaxprune.keep_masked(bad).init(params)
+  tx = jaxprune.keep_masked(masks)
+  with pytest.raises(ValueError, match="needs the params"):
+    tx.update(params, tx.init(params))
+  with pytest.raises(ValueError, match="holds no masks"):
+    jaxprune.masks_of(optax.adam(1e-3).init(params))
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_polynomial_sparsity_formula():
+  for t in (-3, 0, 1, 4, 9, 10, 20):
+    tc = min(max(t, 2), 10)
+    want = 0.8 + (0.1 - 0.8) * (1 - (tc - 2) / 8) ** 3
+    got = float(op.polynomial_sparsity(t, final=0.8, begin_step=2, end_step=10, initial=0.1))
+    assert got == pytest.approx(want, abs=1e-6)
+  assert float(jax.jit(lambda t: op.polynomial_sparsity(
+      t, final=0.5, begin_step=0, end_step=4, power=1))(2)) == pytest.approx(0.25)
+
+
+def _updates_at(begin, end, freq, t):
+  return begin <= t and (((t - begin) % freq == 0 and t <= end) or t == end)
+
+
+def test_gradual_follows_the_schedule_with_exact_counts_and_one_trace():
+  params = _mlp_params()
+  n = 8 * 16 + 16 * 4
+  begin, end, freq, final = 2, 12, 3, 0.8
+  tx = jaxprune.gradual(optax.adam(1e-2), sparsity=final, begin_step=begin, end_step=end,
+                        frequency=freq)
+  traces = []
+
+  @jax.jit
+  def step(params, state, x, y):
+    traces.append(1)
+    loss, grads = jax.value_and_grad(_loss)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  x, y = _data()
+  state = tx.init(params)
+  pruned_target = 0
+  prev = None
+  for t in range(16):
+    before = params
+    params, state, loss = step(params, state, x, y)
+    assert np.isfinite(float(loss))
+    masks = jaxprune.masks_of(state)
+    if _updates_at(begin, end, freq, t):
+      tc = min(max(t, begin), end)
+      s = final + (0.0 - final) * (1 - (tc - begin) / (end - begin)) ** 3
+      assert abs(s * n - math.floor(s * n) - 0.5) > 1e-3  # no rounding ambiguity in the test
+      pruned_target = round(s * n)
+      # The weights removed at this update are the smallest |w| among those kept (reference).
+      if prev is not None and pruned_target > 0:
+        w = np.concatenate([np.abs(np.asarray(before[k]["w"])).ravel()
+                            for k in ("linear", "linear_1")])
+        kept_prev = np.concatenate([np.asarray(prev[k]["w"]).ravel() for k in ("linear", "linear_1")])
+        order = np.argsort(np.where(kept_prev, w, -1.0), kind="stable")
+        want = kept_prev.copy()
+        want[order[(~kept_prev).sum():pruned_target]] = False
+        got = np.concatenate([np.asarray(masks[k]["w"]).ravel() for k in ("linear", "linear_1")])
+        np.testing.assert_array_equal(got, want)
+    kept = sum(int(masks[k]["w"].sum()) for k in ("linear", "linear_1"))
+    assert n - kept == pruned_target, t
+    assert bool(jnp.all(masks["linear"]["b"]))
+    for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks)):
+      assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
+    prev = masks
+  assert n - kept == round(final * n)
+  assert len(traces) == 1
+
+
+def test_gradual_layer_scope_and_erk_map_reach_each_leaf_target():
+  params = _mlp_params()
+  for sparsity, scope in ((0.5, "layer"), (jaxprune.erk_sparsity(params, 0.7), None)):
+    tx = jaxprune.gradual(optax.sgd(0.1), sparsity=sparsity, begin_step=0, end_step=4,
+                          frequency=2, scope=scope)
+    state = tx.init(params)
+    p = params
+    upd = jax.jit(tx.update)
+    for _ in range(5):
+      u, state = upd(jax.tree.map(jnp.zeros_like, p), state, p)
+      p = optax.apply_updates(p, u)
+    masks = jaxprune.masks_of(state)
+    for k in ("linear", "linear_1"):
+      s = sparsity if isinstance(sparsity, float) else sparsity[f"{k}/w"]
+      size = masks[k]["w"].size
+      assert size - int(masks[k]["w"].sum()) == round(np.float32(s) * size)
+
+
+def test_gradual_with_saliency_scores_uses_gradients():
+  params = _mlp_params()
+  x, y = _data()
+  grads = jax.grad(_loss)(params, x, y)
+  tx = jaxprune.gradual(optax.sgd(0.0), sparsity=0.5, begin_step=0, end_step=1, frequency=1,
+                        scores=jaxprune.saliency_scores)
+  state = tx.init(params)
+  state = state._replace(count=jnp.ones((), jnp.int32))  # straight to end_step
+  _, state = tx.update(grads, state, params)
+  _, want = jaxprune.prune_to_sparsity(params, None, 0.5,
+                                       scores=jaxprune.snip_scores(_loss, params, x, y))
+  for a, b in zip(jax.tree.leaves(jaxprune.masks_of(state)), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_gradual_with_a_score_function_of_params_alone():
+  params = _mlp_params()
+  # Score: distance from 1 (so weights near 1.0 are pruned first, not the smallest).
+  tx = jaxprune.gradual(optax.sgd(0.0), sparsity=0.25, begin_step=0, end_step=1, frequency=1,
+                        scope="layer", scores=lambda p: jax.tree.map(lambda w: jnp.abs(w - 1), p))
+  state = tx.init(params)._replace(count=jnp.ones((), jnp.int32))
+  _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  w = np.abs(np.asarray(params["linear"]["w"]) - 1).ravel()
+  want = np.ones(w.size, bool)
+  want[np.argsort(w, kind="stable")[:round(0.25 * w.size)]] = False
+  np.testing.assert_array_equal(np.asarray(jaxprune.masks_of(state)["linear"]["w"]).ravel(), want)
+
+
+def test_bad_schedule_settings_raise():
+  sgd = optax.sgd(0.1)
+  with pytest.raises(ValueError, match=r"\[0, 1\)"):
+    jaxprune.gradual(sgd, sparsity=1.0, begin_step=0, end_step=10, frequency=1)
+  with pytest.raises(ValueError, match=r"\[0, 1\)"):
+    jaxprune.gradual(sgd, sparsity=-0.1, begin_step=0, end_step=10, frequency=1)
+  with pytest.raises(ValueError, match="greater than begin_step"):
+    jaxprune.gradual(sgd, sparsity=0.5, begin_step=10, end_step=10, frequency=1)
+  with pytest.raises(ValueError, match="frequency must be at least 1"):
+    jaxprune.gradual(sgd, sparsity=0.5, begin_step=0, end_step=10, frequency=0)
+  with pytest.raises(ValueError, match=r"\[0, 1\)"):
+    jaxprune.erk_sparsity(_mlp_params(), 1.5)
+  params = _mlp_params()
+  tx = jaxprune.gradual(sgd, sparsity=0.5, begin_step=0, end_step=2, frequency=1,
+                        scores=lambda p, g: {"linear": p["linear"]})
+  with pytest.raises(ValueError, match="structure of the params"):
+    tx.update(params, tx.init(params), params)
+  tx = jaxprune.gradual(sgd, sparsity=0.5, begin_step=0, end_step=2, frequency=1,
+                        scores=lambda p, g: jax.tree.map(lambda a: a[:1], p))
+  with pytest.raises(ValueError, match="return one score per weight"):
+    tx.update(params, tx.init(params), params)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="structure of the params"):
+    tx.update(params, state._replace(masks={"linear": state.masks["linear"]}), params)
+
+
+# ----------------------------------------------------------------------------- selection, ERK
+
+
+def test_default_selection_on_haiku_dict_and_nnx_state():
+  params = _haiku_params()
+  assert [params_name for params_name in jaxprune.pruners.magnitude.leaf_names(params)] == [
+      "conv/b", "conv/w", "linear/b", "linear/w", "linear_1/b", "linear_1/w"]
+  assert jaxprune.pruners.select_leaves(params) == (1, 3, 5)
+  q, m = jaxprune.magnitude_prune(params, None, 0.5)
+  for k in params:
+    assert bool(jnp.all(m[k]["b"]))
+    assert int(m[k]["w"].sum()) == params[k]["w"].size - round(0.5 * params[k]["w"].size)
+  _, state = nnx.split(nnx.Linear(8, 6, rngs=nnx.Rngs(0)))
+  _, ms = jaxprune.magnitude_prune(state, None, 0.5)
+  _, md = jaxprune.magnitude_prune(nnx.to_pure_dict(state), None, 0.5)
+  np.testing.assert_array_equal(ms["kernel"][...], md["kernel"])
+  assert int(md["kernel"].sum()) == 24 and bool(jnp.all(md["bias"]))
+  _, mg = jaxprune.prune_to_sparsity(state, None, 0.25)
+  assert int(nnx.to_pure_dict(mg)["kernel"].sum()) == 36
+  tx = jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=1, frequency=1)
+  opt = tx.init(state)
+  for _ in range(2):
+    u, opt = tx.update(jax.tree.map(jnp.zeros_like, state), opt, state)
+    state = optax.apply_updates(state, u)
+  assert isinstance(state, nnx.State)
+  kernel = nnx.to_pure_dict(state)["kernel"]
+  np.testing.assert_array_equal(np.asarray(kernel) != 0, md["kernel"])
+
+
+def test_erk_matches_the_formula_with_dense_capping():
+  params = {"a": {"w": jnp.zeros((2, 3))}, "b": {"w": jnp.zeros((40, 50))},
+            "c": {"w": jnp.zeros((3, 3, 16, 32))}}
+  s = 0.8
+  erk = jaxprune.erk_sparsity(params, s)
+  shapes = {"a/w": (2, 3), "b/w": (40, 50), "c/w": (3, 3, 16, 32)}
+  raw = {k: sum(v) / math.prod(v) for k, v in shapes.items()}
+  assert erk["a/w"] == 0.0  # would need a density above 1: kept dense
+  dense_size = 6
+  others = ("b/w", "c/w")
+  total = sum(math.prod(v) for v in shapes.values())
+  eps = ((1 - s) * total - dense_size) / sum(raw[k] * math.prod(shapes[k]) for k in others)
+  for k in others:
+    assert erk[k] == pytest.approx(1 - eps * raw[k], rel=1e-12)
+  kept = sum((1 - erk[k]) * math.prod(v) for k, v in shapes.items())
+  assert kept == pytest.approx((1 - s) * total)
+  assert jaxprune.uniform_sparsity(params, 0.3) == {k: 0.3 for k in shapes}
+
+
+# ----------------------------------------------------------------------------- N:M, blocks
+
+
+def test_nm_keeps_exactly_n_of_every_m_along_the_input_axis():
+  params = _haiku_params(3)
+  params["conv"]["w"] = jax.random.normal(jax.random.key(4), (3, 3, 8, 2))
+  q, m = jaxprune.nm_prune(params, None, n=2, m=4)
+  for k in ("linear", "linear_1"):
+    w = np.asarray(params[k]["w"])
+    mk = np.asarray(m[k]["w"])
+    groups = mk.reshape(w.shape[0] // 4, 4, -1)
+    assert np.all(groups.sum(axis=1) == 2)
+    order = np.argsort(-np.abs(w.reshape(w.shape[0] // 4, 4, -1)), axis=1, kind="stable")
+    want = np.zeros_like(groups)
+    np.put_along_axis(want, order[:, :2], True, axis=1)
+    np.testing.assert_array_equal(groups, want)
+  conv = np.asarray(m["conv"]["w"]).reshape(3, 3, 2, 4, 2)  # groups of 4 input channels
+  assert np.all(conv.sum(axis=3) == 2)
+  _, m1 = jaxprune.nm_prune(params, m, n=1, m=4)  # already-masked weights count as pruned
+  assert np.all(np.asarray(m1["linear"]["w"]).reshape(2, 4, -1).sum(axis=1) == 1)
+  assert not np.any(np.asarray(m1["linear"]["w"]) & ~np.asarray(m["linear"]["w"]))
+  np.testing.assert_array_equal(np.asarray(q["linear"]["w"]),
+                                np.where(np.asarray(m["linear"]["w"]), params["linear"]["w"], 0))
+
+
+def test_nm_bad_settings():
+  params = _haiku_params()
+  with pytest.raises(ValueError, match="must not exceed m"):
+    jaxprune.nm_prune(params, None, n=3, m=2)
+  with pytest.raises(ValueError, match="not a multiple of m=4"):
+    jaxprune.nm_prune(params, None, n=2, m=4)  # conv has 2 inputs
+  with pytest.raises(ValueError, match="not a multiple of m=3"):
+    jaxprune.nm_prune(params, None, n=1, m=3, select=["linear/w"])
+
+
+def test_block_prune_removes_whole_blocks_exactly():
+  params = _mlp_params()
+  q, m = jaxprune.block_prune(params, None, 0.5, block=(4, 4))
+  blocks = {"linear": (2, 4), "linear_1": (4, 1)}
+  total, kept = 0, 0
+  for k, (bh, bw) in blocks.items():
+    mk = np.asarray(m[k]["w"]).reshape(bh, 4, bw, 4)
+    per = mk.sum(axis=(1, 3))
+    assert set(np.unique(per)) <= {0, 16}
+    total += bh * bw
+    kept += int((per == 16).sum())
+  assert total - kept == round(0.5 * total)
+  with pytest.raises(ValueError, match="multiples of block"):
+    jaxprune.block_prune(params, None, 0.5, block=(3, 4))
+
+
+# ----------------------------------------------------------------------------- structured
+
+
+def _dup_mlp():
+  model = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
+  params = model.init(jax.random.key(0))
+  out = params["params"]["out"]["kernel"]
+  out = out.at[1].set(out[0] * 2.0)  # unit 1's outgoing vector parallel to unit 0's
+  h = dict(params["params"]["hidden_0"])
+  h["kernel"] = h["kernel"].at[:, 1].set(h["kernel"][:, 0])  # and the same activation
+  h["bias"] = h["bias"].at[1].set(h["bias"][0])
+  params = {"params": {**params["params"], "hidden_0": h,
+                       "out": {**params["params"]["out"], "kernel": out}}}
+  return model, params
+
+
+def test_scheduled_distinctiveness_merges_inside_the_update():
+  model, params = _dup_mlp()
+  tx = jaxprune.scheduled(optax.sgd(0.0), jaxprune.distinctiveness_pruner(
+      model, "hidden_0", similar_deg=1.0, complementary=False, constants=False),
+      begin_step=1, frequency=5)
+  p = params["params"]  # what a flax optimizer sees
+  state = tx.init(p)
+  zeros = jax.tree.map(jnp.zeros_like, p)
+  upd = jax.jit(tx.update)
+  u, state = upd(zeros, state, p)  # step 0: not scheduled
+  assert bool(jnp.all(jaxprune.unit_masks_of(state)["hidden_0"]))
+  u, state = upd(zeros, state, p)  # step 1: merge unit 1 into unit 0
+  new = optax.apply_updates(p, u)
+  um = np.asarray(jaxprune.unit_masks_of(state)["hidden_0"])
+  np.testing.assert_array_equal(um, [True, False, True, True, True, True])
+  want = np.asarray(p["out"]["kernel"][0]) * 3.0
+  np.testing.assert_allclose(np.asarray(new["out"]["kernel"][0]), want, rtol=1e-6)
+  assert np.all(np.asarray(new["out"]["kernel"][1]) == 0.0)
+  assert np.all(np.asarray(new["hidden_0"]["kernel"][:, 1]) == 0.0)
+  x = jax.random.normal(jax.random.key(3), (5, 4))
+  np.testing.assert_allclose(model.apply({"params": new}, x), model.apply(params, x),
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="scheduled"):
+    jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=2, frequency=1,
+                     pruner=jaxprune.distinctiveness_pruner(model, "hidden_0"))
+
+
+def test_gradual_importance_pruner_reaches_exact_unit_counts():
+  model = jaxprune.LeNet(input_shape=(16, 16, 1))
+  params = model.init(jax.random.key(0))
+  tx = jaxprune.gradual(optax.sgd(0.0), sparsity=0.5, begin_step=0, end_step=4, frequency=2,
+                        pruner=jaxprune.importance_pruner(model, "conv_0"))
+  state = tx.init(params)
+  upd = jax.jit(tx.update)
+  size = model.groups["conv_0"].size
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for t in range(5):
+    _, state = upd(zeros, state, params)
+    um = jaxprune.unit_masks_of(state)["conv_0"]
+    if t in (0, 2, 4):
+      s = 0.5 - 0.5 * (1 - t / 4) ** 3
+      assert size - int(um.sum()) == round(s * size)
+  scores = jaxprune.importance_scores(params, model, "conv_0")
+  removed = np.flatnonzero(~np.asarray(um))
+  np.testing.assert_array_equal(np.sort(removed), np.sort(np.argsort(scores, stable=True)[:size // 2]))
+  for a, b in zip(jax.tree.leaves(jaxprune.masks_of(state)),
+                  jax.tree.leaves(jaxprune.expand(params, model, {"conv_0": um}))):
+    np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- checkpoint, FLOPs
+
+
+def test_orbax_round_trip(tmp_path):
+  model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+  params = model.init(jax.random.key(0))
+  params, masks = jaxprune.magnitude_prune(params, None, 0.5)
+  units = {"hidden_0": jnp.arange(8) % 2 == 0}
+  path = str(tmp_path / "ckpt")
+  jaxprune.save_checkpoint(path, params, masks, unit_masks=units)
+  p2, m2, u2 = jaxprune.load_checkpoint(path, params, with_unit_masks=True)
+  for a, b in zip(jax.tree.leaves((params, masks, units)), jax.tree.leaves((p2, m2, u2))):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  p3, m3 = jaxprune.load_checkpoint(path)
+  assert jax.tree.structure(p3) == jax.tree.structure(params)
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    jaxprune.save_checkpoint(path, params, masks)
+  jaxprune.save_checkpoint(path, params, None, overwrite=True)
+  assert jaxprune.load_checkpoint(path, params)[1] is None
+  with pytest.raises(FileNotFoundError):
+    jaxprune.load_checkpoint(str(tmp_path / "nope"))
+
+
+def test_flops_report_dense_masked_compacted(capsys):
+  model = jaxprune.LeNet(input_shape=(16, 16, 1))
+  params = model.init(jax.random.key(0))
+  units = jaxprune.unit_masks_ones(model)
+  units["conv_0"] = units["conv_0"].at[:4].set(False)
+  masks = jaxprune.expand(params, model, units)
+  rep = jaxprune.flops_report(model, params, masks=masks, unit_masks=units)
+  rows = {r["name"]: r for r in rep["layers"]}
+  k0 = rows["params/conv_0/kernel"]
+  kh, kw, cin, cout = k0["shape"]
+  out = jax.eval_shape(lambda p: model.apply_with_activations(p, jnp.zeros((1, 16, 16, 1)), ["conv_0"])[1],
+                       params)["conv_0"].shape
+  assert k0["flops"] == 2 * math.prod(out) * kh * kw * cin
+  assert k0["masked_flops"] == k0["flops"] * (cout - 4) // cout == k0["compact_flops"]
+  assert k0["compact_params"] == k0["nonzero"] == kh * kw * cin * (cout - 4)
+  n_in, n_out = rows["params/out/kernel"]["shape"]
+  assert rows["params/out/kernel"]["flops"] == 2 * n_in * n_out
+  assert rep["total"]["params"] == sum(np.size(l) for l in jax.tree.leaves(params))
+  assert rep["total"]["xla_flops"] > 0
+  jaxprune.print_summary(masks, units, flops=rep)
+  assert "masked FLOPs" in capsys.readouterr().out
+
+
+def test_fit_trains_with_a_gradual_optimizer():
+  model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+  x = jax.random.normal(jax.random.key(0), (64, 4))
+  y = jnp.arange(64) % 3
+  tx = jaxprune.gradual(optax.adam(1e-2), sparsity=0.5, begin_step=0, end_step=4, frequency=2)
+  params, hist = jaxprune.fit(model, model.init(jax.random.key(1)), x, y, key=jax.random.key(2),
+                              epochs=2, batch_size=16, optimizer=tx, progress=False)
+  assert np.all(np.isfinite(hist["loss"]))
+  kernels = [params["params"][k]["kernel"] for k in ("hidden_0", "out")]
+  zeros = sum(int(np.sum(np.asarray(k) == 0.0)) for k in kernels)
+  assert zeros == round(0.5 * (4 * 8 + 8 * 3))
