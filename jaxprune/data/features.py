@@ -198,21 +198,41 @@ def _lpq_filters(window: int, decorrelate: bool) -> tuple[np.ndarray, np.ndarray
   return filters.astype(np.float32), vt.astype(np.float32)
 
 
-def _lpq_codes_one(image: jax.Array, filters: jax.Array, whiten: jax.Array) -> jax.Array:
+def _taps(x: jax.Array, weights: np.ndarray, axis: int) -> jax.Array:
+  """'valid' correlation of ``x`` with a 1-D filter along ``axis`` (shifted slices, fused)."""
+  n = len(weights)
+  size = x.shape[axis] - n + 1
+  out = None
+  for k, w in enumerate(weights):
+    term = jax.lax.slice_in_dim(x, k, k + size, axis=axis) * float(w)
+    out = term if out is None else out + term
+  return out
+
+
+def _lpq_codes_one(image: jax.Array, window: int, whiten: jax.Array) -> jax.Array:
   # Subtracting the mean changes no response in exact arithmetic (the filters have no DC
   # part) and makes a constant image give exact zeros, hence the single code 0.
   image = image - jnp.mean(image)
-  kernel = filters[:, :, None, :]  # HWIO
-  resp = jax.lax.conv_general_dilated(
-      image[None, :, :, None], kernel, window_strides=(1, 1), padding="VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)[0]
-  resp = resp @ whiten.T
+  x = np.arange(window) - (window - 1) / 2.0
+  box = np.ones(window)
+  cos, sin = np.cos(2 * np.pi * x / window), -np.sin(2 * np.pi * x / window)  # w1 = cos + i sin
+  # The four STFT filters are outer products, so they separate: 3 horizontal passes
+  # (box, cos, sin), then 8 vertical ones, instead of 8 full window x window correlations.
+  a0, ac, as_ = (_taps(image, w, 1) for w in (box, cos, sin))
+  v = lambda w, a: _taps(a, w, 0)
+  f1 = (v(box, ac), v(box, as_))                      # w0(y) w1(x)
+  f2 = (v(cos, a0), v(sin, a0))                       # w1(y) w0(x)
+  cc, ss, cs, sc = v(cos, ac), v(sin, as_), v(cos, as_), v(sin, ac)
+  f3 = (cc - ss, cs + sc)                             # w1(y) w1(x)
+  f4 = (cc + ss, sc - cs)                             # w1(y) conj(w1(x))
+  resp = jnp.stack([*f1, *f2, *f3, *f4], axis=-1)
+  resp = jnp.matmul(resp, whiten.T, precision=jax.lax.Precision.HIGHEST)
   weights = (2 ** jnp.arange(8)).astype(jnp.int32)
   return jnp.sum((resp > 0).astype(jnp.int32) * weights, axis=-1)
 
 
-def _lpq_one(image, filters, whiten, blocks, normalize):
-  codes = _lpq_codes_one(image, filters, whiten)
+def _lpq_one(image, window, whiten, blocks, normalize):
+  codes = _lpq_codes_one(image, window, whiten)
   h, w = codes.shape
   by, bx = blocks
   row = _cell_index(h, by)[:, None]
@@ -225,14 +245,14 @@ def _lpq_one(image, filters, whiten, blocks, normalize):
   return hist.ravel()
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "normalize"))
-def _lpq_batch(images, filters, whiten, blocks, normalize):
-  return jax.vmap(lambda im: _lpq_one(im, filters, whiten, blocks, normalize))(images)
+@functools.partial(jax.jit, static_argnames=("window", "blocks", "normalize"))
+def _lpq_batch(images, window, whiten, blocks, normalize):
+  return jax.vmap(lambda im: _lpq_one(im, window, whiten, blocks, normalize))(images)
 
 
-@jax.jit
-def _lpq_codes_batch(images, filters, whiten):
-  return jax.vmap(lambda im: _lpq_codes_one(im, filters, whiten))(images)
+@functools.partial(jax.jit, static_argnames=("window",))
+def _lpq_codes_batch(images, window, whiten):
+  return jax.vmap(lambda im: _lpq_codes_one(im, window, whiten))(images)
 
 
 def _lpq_setup(images, window, decorrelate):
@@ -245,8 +265,8 @@ def _lpq_setup(images, window, decorrelate):
         f"images of {x.shape[1]}x{x.shape[2]} are smaller than the LPQ window"
         f" {window}x{window}; lower window or use larger images"
     )
-  filters, whiten = _lpq_filters(int(window), bool(decorrelate))
-  return jnp.asarray(x), jnp.asarray(filters), jnp.asarray(whiten)
+  _, whiten = _lpq_filters(int(window), bool(decorrelate))
+  return jnp.asarray(x), int(window), jnp.asarray(whiten)
 
 
 def lpq_codes(images: Any, *, window: int = 7, decorrelate: bool = True) -> jax.Array:
@@ -285,12 +305,12 @@ def lpq(
   blocks = tuple(int(b) for b in blocks)
   if len(blocks) != 2 or min(blocks) < 1:
     raise ValueError(f"blocks must be (rows, cols) positive ints, got {blocks!r}")
-  x, filters, whiten = _lpq_setup(images, window, decorrelate)
+  x, window, whiten = _lpq_setup(images, window, decorrelate)
   valid = (x.shape[1] - window + 1, x.shape[2] - window + 1)
   if valid[0] < blocks[0] or valid[1] < blocks[1]:
     raise ValueError(f"{valid[0]}x{valid[1]} LPQ codes cannot fill {blocks[0]}x{blocks[1]}"
                      " blocks; use fewer blocks or larger images")
-  return _lpq_batch(x, filters, whiten, blocks, bool(normalize))
+  return _lpq_batch(x, window, whiten, blocks, bool(normalize))
 
 
 def _check_positive(name, value):
