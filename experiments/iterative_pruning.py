@@ -98,8 +98,9 @@ class Config:
     _common.check_positive(epochs=self.epochs, retrain_epochs=self.retrain_epochs,
                            batch_size=self.batch_size, ga_population=self.ga_population)
     _common.check_positive(ga_generations=self.ga_generations, minimum=0)
-    if self.ga_population < 4:
-      _common.fail(f"--ga_population must be at least 4, got {self.ga_population}.")
+    if self.ga_population < 6:
+      _common.fail(f"--ga_population must be at least 6 (the hall of fame keeps 5), got "
+                   f"{self.ga_population}.")
     if not self.lr > 0:
       _common.fail(f"--lr must be positive, got {self.lr}.")
     if any(not 0 < f < 1 for f in self.targets):
@@ -203,7 +204,7 @@ def prune_runs(cfg: Config, model, pruner: str, params, masks, folds: mc.Folds, 
   one = lambda tree, r: jax.tree.map(lambda a: a[r], tree)
   info = [{} for _ in range(runs)]
   if pruner == "ga":
-    config = ga.GAConfig(population_size=cfg.ga_population, hof_size=2, tournament_size=3,
+    config = ga.GAConfig(population_size=cfg.ga_population, hof_size=5, tournament_size=3,
                          generations=cfg.ga_generations)
     fitness = TargetFitness(AccuracyFitness(model, GROUP, None, True))
     data = [mc.padded_fitness_data(model, GROUP, one(params, r), folds.x_tr[f], folds.y_tr[f],
@@ -413,11 +414,11 @@ def figures(cfg: Config, per_h: dict, folder: str) -> list[str]:
 
 SEED_DEFAULTS = """\
 - `--lr=0.01` and 300 training epochs: as published for the pruning runs (Tanovic 3.2).
-- `--retrain_epochs=30` per step, `--targets`, the GA at `--ga_population=100`,
-  `--ga_generations=50` (hall of fame 2, tournament 3) and `--ga_lambda=50` (eq. 5): the seeds
-  propose this study but do not run it, so these are this project's choices; the GA settings are
-  the published ones except the hall of fame (2 instead of 5, so that small populations in
-  `--quick` runs still breed).
+- `--retrain_epochs=30` per step and `--targets`: the seeds propose this study but do not run
+  it, so these are this project's choices. The GA uses the published settings (population 100,
+  50 generations, hall of fame 5, tournament 3, crossover 0.8, mutation 0.2 / bit 0.1) with
+  eq. 5 and lambda 50, plus a penalty of 100 points per unit kept beyond the round's target
+  (not in the seeds: it makes the GA's rounds meet the same targets as the other pruners).
 - Rewinding goes back to the initial weights (iteration 0, as the original lottery ticket);
   Renda et al. rewind to an early-training iteration."""
 
