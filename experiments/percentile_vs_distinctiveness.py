@@ -15,6 +15,7 @@ retrained the same way.
 
 from __future__ import annotations
 
+import numpy as np
 from absl import flags
 
 import jaxprune
@@ -47,6 +48,47 @@ def distinctiveness_prune(model, params, groups, angle):
                                            complementary=False, constants=False)
     params, umasks, _ = pruners.until_stable(prune, params, umasks, angle, 180.0)
   return params, umasks, jaxprune.expand(params, model, umasks)
+
+
+def min_angles(model, params, groups) -> dict[str, float]:
+  """The smallest angle (degrees) between two filters' kernels (flattened incoming weights) of
+  each group: below it, weight distinctiveness merges nothing in that layer."""
+  out = {}
+  for g in groups:
+    (path,) = cc.producer_kernel_paths(model, params, [g])[:1]
+    kernel = np.asarray(jaxprune.units.get_path(params, path))
+    vectors = kernel.reshape(-1, kernel.shape[-1]).T
+    ang = np.asarray(pruners.pairwise_angles(vectors), np.float64)
+    ang[np.diag_indices_from(ang)] = np.inf
+    out[g] = float(np.nanmin(ang))
+  return out
+
+
+def overall_fraction(layers: dict) -> float:
+  """Filters removed over all pruned layers, as a fraction of their filters."""
+  units = sum(v["units"] for v in layers.values())
+  return sum(v["units"] - v["kept"] for v in layers.values()) / max(units, 1)
+
+
+def find_angle(model, params, groups, start: float, low=0.2) -> dict:
+  """The first whole angle above ``start`` whose sweeps remove at least ``low`` of the filters
+  (coarse 5-degree steps, then 1-degree steps back); None when not even 179 degrees does."""
+  def frac(a):
+    _, um, _ = distinctiveness_prune(model, params, groups, float(a))
+    return overall_fraction(layer_fractions(model, um))
+  tried = {}
+  coarse = [a for a in range(int(np.floor(start)) + 5, 180, 5)] + [179]
+  prev = int(np.floor(start))
+  for a in coarse:
+    tried[a] = frac(a)
+    if tried[a] >= low:
+      for b in range(prev + 1, a):
+        tried[b] = frac(b)
+        if tried[b] >= low:
+          return {"angle": float(b), "fraction": tried[b], "tried": tried}
+      return {"angle": float(a), "fraction": tried[a], "tried": tried}
+    prev = a
+  return {"angle": None, "fraction": None, "tried": tried}
 
 
 def layer_fractions(model, umasks) -> dict[str, dict]:
@@ -95,6 +137,17 @@ def main(argv):
   unpruned_rec = study.cached("unpruned", unpruned)
   prog.step("unpruned network retrained")
 
+  mins = study.cached("min_angles", lambda: min_angles(model, tuned, groups))
+  search = None
+  first = min(angles)
+  _, um_first, _ = distinctiveness_prune(model, tuned, groups, first)
+  if overall_fraction(layer_fractions(model, um_first)) == 0.0:
+    # Nothing to prune at the smallest angle: find where pruning starts to bite (20-50%).
+    search = study.cached("angle_search", lambda: find_angle(model, tuned, groups, first))
+    if search["angle"] is not None and search["angle"] not in angles:
+      angles.append(search["angle"])
+      prog.total += 2
+
   per_angle, frac_rows, acc_rows = {}, [], []
   for angle in angles:
     def distinct(angle=angle):
@@ -136,13 +189,28 @@ def main(argv):
         hline=("fine-tuned, unpruned", base_acc))
 
   study.write_results({"finetune": tuned_rec, "unpruned": unpruned_rec, "angles": per_angle,
-                       "groups": groups, "description": setup.description})
+                       "groups": groups, "description": setup.description,
+                       "min_angles": mins, "angle_search": search})
   t1 = _common.write_table(study.dir, "layer_fractions", frac_rows,
                            ["angle_deg", "layer", "units", "kept", "fraction_pruned"])
   t2 = _common.write_table(study.dir, "accuracy", acc_rows,
                            ["angle_deg", "fraction", "method", "acc_after_pruning", "acc_final",
                             "acc_best"])
   figs = "\n\n".join(f"![](retrain_{a:g}deg.png)" for a in angles)
+  t_min = _common.markdown_table([{"layer": g, "filters": model.groups[g].size,
+                                   "min_angle_deg": round(v, 2)} for g, v in mins.items()])
+  if search is not None:
+    if search["angle"] is None:
+      t1 += (f"\nAt {first:g} degrees weight-based distinctiveness finds nothing, and no angle "
+             "below 180 removes 20% of the filters.\n")
+    else:
+      t1 += (f"\nAt {first:g} degrees weight-based distinctiveness finds nothing on this "
+             f"network: the smallest angle between two filters of a layer is above it (table "
+             f"below). The study therefore also runs at {search['angle']:g} degrees, the first "
+             f"whole angle that removes at least 20% of the filters "
+             f"({100 * search['fraction']:.1f}% overall"
+             + ("; more than 50%: no whole angle lands in 20-50%" if search["fraction"] > 0.5
+                else "") + ").\n")
   idle = [f"{float(a):g}" for a, rec in per_angle.items() if rec["fraction"] == 0]
   if idle:
     t1 += (f"\nAt {' and '.join(idle)} degrees no two filters of a layer were closer than the "
@@ -156,6 +224,7 @@ def main(argv):
        "angle. Magnitude: the largest per-layer distinctiveness fraction, per layer, on the "
        "same layers' kernels (unstructured)."),
       ("Fraction of filters pruned per layer", t1),
+      ("Smallest angle between two filters, per layer", t_min),
       ("Test accuracy (retrained " + f"{s['retrain_epochs']} epochs)", t2),
       ("Figures", figs),
   ])

@@ -57,6 +57,11 @@ def runs(tmp_path_factory):
   return workdir
 
 
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
 def _check_report(folder, pngs):
   with open(os.path.join(folder, "REPORT.md")) as f:
     report = f.read()
@@ -75,8 +80,22 @@ def test_percentile_vs_distinctiveness(runs):
   res = study_results(runs, PVD)
   assert all_finite(res) and res["settings"]["angles"] == [45.0, 85.0]
   fr = csv_rows(os.path.join(folder, "layer_fractions.csv"))
+  mins, search = res["results"]["min_angles"], res["results"]["angle_search"]
+  assert set(mins) == {"conv_0", "conv_1"} and all(0 <= v <= 180 for v in mins.values())
+  at45 = [r for r in fr if r["angle_deg"] == "45.0"]
+  if min(mins.values()) > 45:  # no two filters closer than 45 degrees: nothing to merge
+    assert all(float(r["fraction_pruned"]) == 0 for r in at45)
+  run_angles = [45.0, 85.0]
+  if search is not None:  # 45 found nothing: the first angle pruning >= 20% is run as well
+    assert all(float(r["fraction_pruned"]) == 0 for r in at45)
+    a = search["angle"]
+    assert search["fraction"] >= 0.2 and search["tried"][f"{a:g}"] == search["fraction"]
+    assert all(f < 0.2 for k, f in search["tried"].items() if float(k) < a)
+    assert str(int(a) - 1) in search["tried"] or a - 1 <= 45
+    run_angles += [a] if a not in run_angles else []
+    assert "finds nothing on this network" in _read(os.path.join(folder, "REPORT.md"))
   assert [(r["angle_deg"], r["layer"]) for r in fr] == [
-      ("45.0", "conv_0"), ("45.0", "conv_1"), ("85.0", "conv_0"), ("85.0", "conv_1")]
+      (f"{a}", layer) for a in run_angles for layer in ("conv_0", "conv_1")]
   for r in fr:
     assert int(r["kept"]) == round(int(r["units"]) * (1 - float(r["fraction_pruned"])))
   a85 = res["results"]["angles"]["85"]
@@ -85,7 +104,7 @@ def test_percentile_vs_distinctiveness(runs):
   kept, total = a85["magnitude"]["weights_kept"]
   assert kept < total
   acc = csv_rows(os.path.join(folder, "accuracy.csv"))
-  assert len(acc) == 6 and {r["method"] for r in acc} == {"distinctiveness", "magnitude",
+  assert len(acc) == 3 * len(run_angles) and {r["method"] for r in acc} == {"distinctiveness", "magnitude",
                                                           "unpruned"}
   for r in acc:
     for k in ("acc_after_pruning", "acc_final", "acc_best"):

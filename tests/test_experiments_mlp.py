@@ -58,7 +58,8 @@ def test_ga_vs_distinctiveness_outputs(gvd_run):
   assert len(ga_rows) == len(cfg.ga_hidden) * 2 * len(cfg.ga_lambdas)
   comp = csv_rows(os.path.join(folder, "comparison.csv"))
   assert [r["method"] for r in comp] == ["unpruned", "distinctiveness 15", "distinctiveness 45",
-                                         "GA eq5 lambda 0", "GA eq5 lambda 50"]
+                                         "GA eq5 lambda 0", "GA eq5 lambda 50",
+                                         "group redundancy 0.1"]
   res = study_results(gvd_run, gvd.STUDY)
   assert all_finite(res)
   s = res["results"]["summary"]
@@ -77,6 +78,9 @@ def test_ga_vs_distinctiveness_outputs(gvd_run):
   assert comp and float(comp[0]["test_acc_mean"]) == pytest.approx(b["test_acc_mean"])
   report = _read(os.path.join(folder, "REPORT.md"))
   assert "![](sweep.png)" in report and "stand-in" in report
+  red = [r for r in s["comparison"] if r["method"] == "group redundancy 0.1"][0]
+  assert 1 <= red["hidden_mean"] <= 8 and 0 <= red["test_acc_mean"] <= 100
+  assert "## Defaults and the seeds" in report and "`--prune_lr=0.01`: as published" in report
 
 
 def test_ga_vs_distinctiveness_resume_is_identical(gvd_run, tmp_path, monkeypatch):

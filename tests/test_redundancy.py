@@ -71,3 +71,24 @@ def test_bad_input():
     prune(params, jaxprune.unit_masks_ones(model), acts, -1.0)
   with pytest.raises(KeyError, match="hidden_0"):
     group_redundancy(model, "dense_0")
+
+
+def test_max_remove_stops_the_same_greedy_path_after_k_removals():
+  model = MLP(in_features=4, hidden=(9,), out_features=3, activation="tanh")
+  params = model.init(jax.random.key(3))
+  x = jax.random.normal(jax.random.key(4), (40, 4))
+  acts = model.activations(params, x, "hidden_0")
+  prune = group_redundancy(model, "hidden_0")
+  ones = jaxprune.unit_masks_ones(model)
+  _, m_all, full = prune(params, ones, acts, float("inf"))
+  assert int(full.count) == 8 and int(np.sum(m_all["hidden_0"])) == 1  # down to one unit
+  for k in (0, 3, 5):
+    p_k, m_k, rep = prune(params, ones, acts, float("inf"), k)
+    assert int(rep.count) == k and int(np.sum(m_k["hidden_0"])) == 9 - k
+    np.testing.assert_array_equal(rep.removed[:k], full.removed[:k])
+    removed = np.asarray(full.removed[:k])
+    assert not np.any(np.asarray(m_k["hidden_0"])[removed])
+    kernel = np.asarray(p_k["params"]["hidden_0"]["kernel"])
+    assert np.all(kernel[:, removed] == 0)
+  with pytest.raises(ValueError, match="max_remove must be >= 0"):
+    prune(params, ones, acts, 1.0, -1)

@@ -13,6 +13,7 @@ Example:
   ((353, 10), (89, 10))
 """
 
+from jaxprune.data import features
 from jaxprune.data.augmentation import augment
 from jaxprune.data.augmentation import augment_image
 from jaxprune.data.bundled import load_features
@@ -47,6 +48,7 @@ __all__ = [
     "augment",
     "augment_image",
     "cross_validate",
+    "features",
     "fit_standardizer",
     "kfold",
     "load",

@@ -71,8 +71,11 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
   """Greedy removal of linearly redundant units of ``group`` (see the module docstring).
 
   Returns:
-    ``prune(params, unit_masks, activations, tol=1e-3) -> (params, unit_masks,
-    RedundancyReport)``, jit-compiled; ``tol`` (relative residual) is traced. Activations are
+    ``prune(params, unit_masks, activations, tol=1e-3, max_remove=None) -> (params,
+    unit_masks, RedundancyReport)``, jit-compiled; ``tol`` (relative residual) and
+    ``max_remove`` (stop after this many removals; None: no limit) are traced. With
+    ``tol=float('inf')`` and ``max_remove=k`` it removes exactly the k best-reconstructed units
+    one by one (pruning to a target size). Activations are
     (N, units) or (N, H, W, units) from the params being pruned. NaN activations raise on
     concrete input; under jit they leave everything unchanged and set ``report.invalid``.
   """
@@ -81,7 +84,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
   h = g.size
 
   @jax.jit
-  def core(params, mask, acts, tol):
+  def core(params, mask, acts, tol, max_remove):
     a = acts.reshape(-1, h).astype(jnp.float32)
     bad = ~jnp.all(jnp.isfinite(jnp.where(mask[None, :], a, 0.0))) | ~(tol >= 0)
     a = jnp.where(jnp.isfinite(a), a, 0.0)
@@ -103,7 +106,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
 
     def cond(c):
       m, _, _, _, _, _, stop = c
-      return ~stop & (jnp.sum(m) > 1)
+      return ~stop & (jnp.sum(m) > 1) & (jnp.sum(mask & ~m) < max_remove)
 
     def body(c):
       m, transfer, consts, rep_j, rep_r, coef, stop = c
@@ -134,13 +137,18 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     rep = RedundancyReport(rep_j, rep_r, coef[:, :h], coef[:, h], count, bad)
     return params, m, rep
 
-  def prune(params, unit_masks, activations, tol=1e-3):
+  def prune(params, unit_masks, activations, tol=1e-3, max_remove=None):
     mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_activation_shape(activations, g)
     _common.check_activations(activations)
     if _common.is_concrete(tol) and not float(tol) >= 0:
       raise ValueError(f"tol must be >= 0 (a relative residual), got {tol}.")
-    params, m, rep = core(params, mask, jnp.asarray(activations), tol)
+    if max_remove is None:
+      max_remove = h
+    elif _common.is_concrete(max_remove) and not int(max_remove) >= 0:
+      raise ValueError(f"max_remove must be >= 0 (a number of units), got {max_remove}.")
+    params, m, rep = core(params, mask, jnp.asarray(activations), tol,
+                          jnp.asarray(max_remove, jnp.int32))
     return params, _common.with_mask(unit_masks, g.name, m), rep
 
   return prune

@@ -1,0 +1,155 @@
+"""The featurize binary: SFEW image tree -> course CSV, read back by load_sfew_features."""
+
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from absl import app
+from PIL import Image
+
+from jaxprune import data
+from jaxprune.data import features
+from experiments import featurize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FOLDERS = ["Angry", "disgust", "FEAR", "Happy", "neutral", "Sad", "SURPRISE"]
+CONFIG = features.DescriptorConfig(phog_levels=2)
+SIZE = (24, 20)
+
+
+def _tree(root, per_class=3, box=False):
+  """An SFEW-like tree of the bundled digit images (class k = digit k), saved as PNG."""
+  ds = data.load_images(size=(30, 26), max_per_class=per_class)
+  root.mkdir(parents=True, exist_ok=True)
+  for folder in FOLDERS:
+    (root / folder).mkdir(exist_ok=True)
+  counts = [0] * 7
+  for img, label in zip(ds.x, ds.y):
+    pixels = (img[..., 0] * 200).astype(np.uint8)
+    j = counts[label]
+    counts[label] += 1
+    if box and j % 2 == 0:
+      pixels[3:20, 4:18] = 255
+    name = f"Movie{label}_{j:09d}_{(label + j) % 4 + 1:08d}.png"
+    Image.fromarray(pixels).save(root / FOLDERS[label] / name)
+  return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+  return _tree(tmp_path_factory.mktemp("sfew") / "SFEW")
+
+
+def _read(path):
+  with open(path) as f:
+    return f.read()
+
+
+def _run(tree, out, **kw):
+  kw = {"config": CONFIG, "size": SIZE, "batch_size": 8, **kw}
+  return featurize.run(str(tree), str(out), **kw)
+
+
+def test_csv_round_trips_through_load_sfew_features(tree, tmp_path):
+  out = tmp_path / "SFEW.csv"
+  result = _run(tree, out)
+  ds = data.load_sfew_features(out)
+  assert len(ds) == 21 and ds.x.shape == (21, 10) and np.all(np.isfinite(ds.x))
+  images = data.load_sfew_images(tree, size=SIZE, expected_size=None)
+  expected, _ = features.extract_features(images.x[..., 0], CONFIG, batch_size=8)
+  np.testing.assert_array_equal(ds.x, expected)  # written with repr: read back exactly
+  np.testing.assert_array_equal(ds.y, images.y)
+  assert list(ds.info["names"]) == [os.path.basename(n) for n in images.info["names"]]
+  np.testing.assert_array_equal(ds.groups, images.groups)
+  assert ds.info["num_dropped"] == 0
+  report = _read(result["report"])
+  assert "PCA fitted on all 21 images" in report and "Skipped (0)" in report
+
+
+def test_bad_files_are_named_or_skipped_and_listed(tmp_path):
+  root = _tree(tmp_path / "SFEW", per_class=2)
+  (root / "Happy" / "notes.txt").write_text("not an image")
+  (root / "Sad" / "broken.png").write_bytes(b"not a png")
+  with pytest.raises(app.UsageError, match="notes.txt: not an image file"):
+    _run(root, tmp_path / "a.csv")
+  (root / "Happy" / "notes.txt").unlink()
+  with pytest.raises(app.UsageError, match="broken.png: not a readable image"):
+    _run(root, tmp_path / "a.csv")
+  (root / "Happy" / "notes.txt").write_text("not an image")
+  result = _run(root, tmp_path / "a.csv", on_error="skip")
+  assert sorted(s["path"] for s in result["skipped"]) == ["Happy/notes.txt", "Sad/broken.png"]
+  assert len(data.load_sfew_features(tmp_path / "a.csv")) == 14
+  report = _read(result["report"])
+  assert "Skipped (2)" in report and "Sad/broken.png" in report
+
+
+def test_missing_or_empty_class_folders_fail(tmp_path):
+  root = _tree(tmp_path / "SFEW", per_class=1)
+  for f in (root / "Sad").iterdir():
+    f.unlink()
+  with pytest.raises(app.UsageError, match="class folder without images"):
+    _run(root, tmp_path / "a.csv")
+  (root / "Sad").rmdir()
+  with pytest.raises(app.UsageError, match="no folder for class"):
+    _run(root, tmp_path / "a.csv")
+  assert not (tmp_path / "a.csv").exists()
+
+
+def test_unwritable_output_fails_before_reading_any_image(tmp_path):
+  missing = tmp_path / "no_such_tree"  # would fail too, but only after the output check
+  with pytest.raises(app.UsageError, match="does not exist; create it first"):
+    _run(missing, tmp_path / "no" / "SFEW.csv")
+  with pytest.raises(app.UsageError, match="is a folder"):
+    _run(missing, tmp_path)
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  locked.chmod(0o500)
+  try:
+    if not os.access(locked, os.W_OK):  # root ignores permissions
+      with pytest.raises(app.UsageError, match="cannot write"):
+        _run(missing, locked / "SFEW.csv")
+  finally:
+    locked.chmod(0o700)
+
+
+def test_frames_without_a_face_are_kept_whole_and_listed(tmp_path, monkeypatch):
+
+  class FakeCascade:  # 'detects' the white box, as in test_data_sfew
+
+    def __init__(self, path):
+      del path
+
+    def empty(self):
+      return False
+
+    def detectMultiScale(self, gray, **kwargs):  # pylint: disable=invalid-name
+      del kwargs
+      rows, cols = np.nonzero(gray == 255)
+      if not rows.size:
+        return ()
+      return np.array([[cols.min(), rows.min(), cols.max() - cols.min() + 1,
+                        rows.max() - rows.min() + 1]])
+
+  monkeypatch.setitem(sys.modules, "cv2", types.SimpleNamespace(
+      CascadeClassifier=FakeCascade, data=types.SimpleNamespace(haarcascades="")))
+  root = _tree(tmp_path / "SFEW", per_class=2, box=True)
+  result = _run(root, tmp_path / "faces.csv", crop_faces=True)
+  assert result["count"] == 14 and len(result["no_face"]) == 7  # every second frame
+  assert "No face detected, kept whole (7)" in _read(result["report"])
+
+
+def test_command_line(tree, tmp_path):
+  out = tmp_path / "cli.csv"
+  cmd = [sys.executable, "-m", "experiments.featurize", f"--data_path={tree}", f"--out={out}",
+         "--size=24,20", "--phog_levels=2", "--batch_size=8"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "Wrote 21 rows" in proc.stdout
+  assert len(data.load_sfew_features(out)) == 21
+  bad = subprocess.run(cmd[:5] + ["--lpq_blocks=4"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, check=False)
+  assert bad.returncode != 0 and "--lpq_blocks needs 2 comma-separated values" in bad.stderr
+  assert "Traceback" not in bad.stderr
