@@ -614,7 +614,7 @@ def make_fitness(model, group: str, fitness: str | Callable = "eq5",
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _best_accuracy(model, group, params, x, y, mask):
+def _best_accuracy(model, group, params, x, y, mask):  # kept for callers of the old API
   return AccuracyFitness(model, group, None, False).accuracy(
       mask[None], {"params": params, "x": x, "y": y})[0]
 
@@ -674,13 +674,42 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
   else:
     if x is None or y is None:
       raise ValueError(f"fitness={fitness!r} needs training inputs x and labels y.")
-    data = fit.prepare(params, x, y)
-  state, history = run(config, fit, num_units, key=key, hyper=hyper, data=data,
-                       progress=progress, mesh=mesh, shard=shard)
-  best = state.hof[0]
-  if x is not None and y is not None and getattr(model, "task", "") == "classification":
-    accuracy = _best_accuracy(model, group, params, jnp.asarray(x), _labels(y), best)
+    jax.eval_shape(fit.prepare, params, x, y)   # the input checks, before compiling
+  check_params(hyper)
+  if mesh is None:
+    mesh = default_mesh(shard)
+  elif not shard:
+    mesh = None
+  if mesh is not None and mesh.size > 1:
+    params = jax.device_put(params, NamedSharding(mesh, PS()))
+  with_accuracy = (x is not None and y is not None
+                   and getattr(model, "task", "") == "classification")
+  _PROGRESS["last"] = -1
+  result = _search_jit(config, fit, num_units, bool(progress), mesh, with_accuracy, hyper,
+                       params, x, y, key)
+  if progress:
+    jax.effects_barrier()  # every report has been printed before we return
+  return result
+
+
+def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh: Mesh | None,
+                    with_accuracy: bool, hyper: GAParams, params: PyTree, x, y,
+                    key: jax.Array):
+  """The whole of :func:`search` as one program: the fast path's activations, the GA's scan
+  and the best mask's accuracy (one XLA compilation for a first call)."""
+  data = params if isinstance(fit, UserFitness) else fit.prepare(params, x, y)
+  if mesh is not None and mesh.size > 1:
+    data = jax.tree.map(lambda a: lax.with_sharding_constraint(a, NamedSharding(mesh, PS())),
+                        data)
+  state, history = _run(config, fit, num_units, progress, mesh, hyper, data, key)
+  if with_accuracy:
+    accuracy = AccuracyFitness(fit.model, fit.group, None, False).accuracy(
+        state.hof[0][None], {"params": params, "x": x, "y": _labels(y)})[0]
   else:
     accuracy = jnp.asarray(jnp.nan, jnp.float32)
+  best = state.hof[0]
   return GAResult(mask=best, fitness=state.hof_fitness[0], accuracy=accuracy,
                   kept=jnp.sum(best, dtype=jnp.int32), history=history, state=state)
+
+
+_search_jit = jax.jit(_search_program, static_argnums=(0, 1, 2, 3, 4, 5))
