@@ -11,8 +11,17 @@ training patterns, H in {100, 500, 1000}:
   in one batch, as one large product ``H @ W_all`` with ``W_all[:, p*O:(p+1)*O] = mask[p][:, None]
   * W`` (the fastest NumPy formulation we know: the stacked ``H @ (mask[:, :, None] * W)`` is
   about 30 times slower, NumPy runs stacked products with a broadcast operand without BLAS);
-* jaxprune: ``jaxprune.ga.run`` with the fast path (the same one product, compiled with
-  selection, crossover, mutation and the hall of fame into one ``lax.scan``).
+* (c) plain JAX: the same GA written directly in JAX (jit of a ``lax.scan``; tournaments,
+  one-point crossover, bit flips, a top-K elite), every individual evaluated in full with the one
+  product each generation: what a JAX user would write without this library (evosax ships no
+  bit-string GA with these operators, so it is not a column);
+* jaxprune: ``jaxprune.ga.run`` with the fast path, incremental evaluation ('inc', see
+  ``jaxprune.ga.incremental``) and full evaluation ('full', ``incremental=False``).
+
+Compilation is reported apart from the run, with the number of XLA compilations of a first
+``ga.search`` call in a fresh process (H=100) against a whole DEAP + NumPy run; and the count of
+fitness values where the incremental evaluation disagrees with the full one at H=1000 (near
+ties, see ``jaxprune.ga.incremental``).
 
 Times are steady state (compiled; the columns are timed in turns and each reports its best
 run, as load from other processes only ever slows a run down); compilation (lowering + XLA,
@@ -179,9 +188,113 @@ def deap_ga(h, w, b, y, num_units, generations, pop_size=100, hof_size=5, seed=0
 # ----------------------------------------------------------------------------- jaxprune
 
 
-def jax_setup(model, params, x, y, config):
+def plain_jax_ga(config, h, w, b, y, num_units, hyper_lam=LAM):
+  """(c) The GA in plain JAX, full evaluation every generation: a jitted ``run(key)``."""
+  p, k, n = config.population_size, config.hof_size, config.population_size - config.hof_size
+  h, w, b, y = map(jnp.asarray, (h, w, b, y))
+
+  def fitness(pop):
+    o = w.shape[1]
+    w_all = (pop.T.astype(jnp.float32)[:, :, None] * w[:, None, :]).reshape(num_units, -1)
+    logits = (h @ w_all).reshape(h.shape[0], p, o) + b
+    acc = 100.0 * jnp.mean(jnp.argmax(logits, -1) == y[:, None], axis=0)
+    return acc - hyper_lam * pop.sum(1) / num_units
+
+  def gen(carry, key):
+    pop, fit = carry
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    cont = jax.random.randint(k1, (n, 3), 0, p)
+    parents = pop[cont[jnp.arange(n), jnp.argmax(fit[cont], axis=1)]]
+    half = n // 2
+    a, bb = parents[0:2 * half:2], parents[1:2 * half:2]
+    cut = jax.random.randint(k2, (half, 1), 1, num_units)
+    swap = (jax.random.uniform(k3, (half, 1)) < 0.8) & (jnp.arange(num_units)[None] >= cut)
+    kids = jnp.stack([jnp.where(swap, bb, a), jnp.where(swap, a, bb)], 1).reshape(-1, num_units)
+    kids = jnp.concatenate([kids, parents[2 * half:]])
+    flip = (jax.random.uniform(k4, (n, 1)) < 0.2) & (jax.random.uniform(k5, (n, num_units)) < 0.1)
+    elite = jnp.argsort(-fit)[:k]
+    pop = jnp.concatenate([kids ^ flip, pop[elite]])
+    fit = fitness(pop)
+    return (pop, fit), jnp.max(fit)
+
+  @jax.jit
+  def run(key):
+    k0, key = jax.random.split(key)
+    pop = jax.random.bernoulli(k0, 0.5, (p, num_units))
+    (pop, fit), best = jax.lax.scan(gen, (pop, fitness(pop)),
+                                    jax.random.split(key, config.generations))
+    return pop[jnp.argmax(fit)], best
+
+  return run
+
+
+class CompileCounter:
+  """Counts XLA compilations (``jax.monitoring``'s backend-compile events) while active."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count, self.seconds = 0, 0.0
+
+  def __call__(self, event, duration, **kwargs):
+    del kwargs
+    if event == self.EVENT:
+      self.count += 1
+      self.seconds += duration
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
+FIRST_CALL = """
+import time, sys
+t0 = time.perf_counter()
+import jax, numpy as np
+sys.path.insert(0, {bench!r})
+import ga as B
+import jaxprune
+from jaxprune import ga
+x, y = B.make_data()
+model = jaxprune.MLP(in_features=B.N_IN, hidden=(100,), out_features=B.N_OUT)
+params = jax.tree.map(np.asarray, model.init(jax.random.key(100)))
+t_import = time.perf_counter() - t0
+with B.CompileCounter() as c:
+  t = time.perf_counter()
+  res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(0),
+                  hyper=ga.GAParams(lam=B.LAM), progress=False)
+  jax.block_until_ready(res)
+  first = time.perf_counter() - t
+t = time.perf_counter()
+jax.block_until_ready(ga.search(model, params, x, y, "hidden_0", key=jax.random.key(1),
+                                hyper=ga.GAParams(lam=B.LAM), progress=False))
+print("FIRST", first, c.count, c.seconds, time.perf_counter() - t, t_import)
+"""
+
+
+def first_call(h_np, w_np, b_np, y_np):
+  """ga.search's first call (fresh process, H=100) against one whole DEAP + NumPy run."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  out = subprocess.run([sys.executable, "-c", FIRST_CALL.format(bench=os.path.dirname(
+      os.path.abspath(__file__)))], capture_output=True, text=True, check=True,
+      env=dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false"))
+  line = [l for l in out.stdout.splitlines() if l.startswith("FIRST")][-1].split()
+  first, count, compile_s, second, t_import = map(float, line[1:])
+  t_np = min(median_time(lambda: numpy_ga(h_np, w_np, b_np, y_np, 100, 50, seed=r), 1)
+             for r in range(3))
+  load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+  print(f"\nFirst call, fresh process, H=100 (load {load}): ga.search {first:.2f}s of which "
+        f"XLA compilation {compile_s:.2f}s in {int(count)} program(s); second call "
+        f"{second:.3f}s; (import jax + jaxprune and set-up {t_import:.1f}s, not counted). "
+        f"A whole DEAP + NumPy run: {t_np:.2f}s -> {t_np / first:.2f}x")
+
+
+def jax_setup(model, params, x, y, config, incremental="auto"):
   """The compiled run and its compilation time (lowering + XLA compilation)."""
-  fit = ga.make_fitness(model, "hidden_0", "eq5")
+  fit = ga.make_fitness(model, "hidden_0", "eq5", incremental=incremental)
   data = fit.prepare(params, x, y)
   hyper = ga.GAParams(lam=LAM)
   num_units = model.hidden[0]
