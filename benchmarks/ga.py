@@ -316,6 +316,20 @@ def eval_rate(fit, data, hyper, num_units, pop_size, repeats):
   return t, 2.0 * N_PATTERNS * num_units * N_OUT * pop_size / t / 1e9
 
 
+def mismatches(model, params, x, y, config):
+  """(disagreeing, total) fitness values of an incremental run against the full evaluation."""
+  inc = importlib.import_module("jaxprune.ga.incremental")
+  fit = ga.make_fitness(model, "hidden_0", "eq5", incremental=True)
+  data = fit.prepare(params, x, y)
+  hyper = ga.GAParams(lam=LAM)
+  plan = inc.plan(model.hidden[0], config.population_size, config.hof_size, x.shape[0], N_OUT)
+  run = jax.jit(lambda d, k: inc.run_scan(plan, config, fit, model.hidden[0], hyper, d, k,
+                                          record=True))
+  _, _, (pops, fits) = run(data, jax.random.key(3))
+  full = jax.jit(jax.vmap(lambda p: fit(p, data, hyper)))(pops)
+  return int(jnp.sum(full != fits)), int(fits.size)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="H=100 and 500 only, fewer repeats")
@@ -338,50 +352,72 @@ def main():
         f"{os.cpu_count()} cores (other processes slow every column)\n")
   x, y = make_data()
   config = ga.GAConfig(generations=gens)
-  header = (f"{'H':>5} | {'jax run':>8} | {'compile':>7} | {'(a) DEAP':>9} | {'x(a)':>6} | "
-            f"{'(b) numpy':>9} | {'x(b)':>5} | {'eval GF/s':>9} | {'% peak':>6}")
+  header = (f"{'H':>5} | {'inc run':>8} | {'full run':>8} | {'compile i/f':>11} | "
+            f"{'(a) DEAP':>9} | {'x(a)':>6} | {'(b) numpy':>9} | {'x(b)':>5} | "
+            f"{'(c) JAX':>8} | {'x(c)':>5} | {'eval GF/s':>9} | {'% peak':>6} | load")
   print(header)
   print("-" * len(header))
   for h in hs:
     model, params = train(h, x, y)
-    fit, data, hyper, run, compile_s = jax_setup(model, params, x, y, config)
+    fit, data, hyper, run_inc, c_inc = jax_setup(model, params, x, y, config, True)
+    _, _, _, run_full, c_full = jax_setup(model, params, x, y, config, False)
     keys = iter(jax.random.split(jax.random.key(1), 100))
     _, rate = eval_rate(fit, data, hyper, h, 100, 10)
     hid = np.asarray(data["h"])
     out = params["params"]["out"]
     w, b, yy = np.asarray(out["kernel"]), np.asarray(out["bias"]), np.asarray(y)
+    plain = plain_jax_ga(config, hid, w, b, yy, h)
+    jax.block_until_ready(plain(jax.random.key(0)))
     # The columns are timed in turns, so that a change in the machine's load hits them alike;
     # each column reports its best time.
-    t_jax, t_b, t_a = [], [], []
+    t_inc, t_full, t_b, t_a, t_c = [], [], [], [], []
     for r in range(repeats):
-      t_jax.append(median_time(lambda: run(next(keys)), 1))
+      t_inc.append(median_time(lambda: run_inc(next(keys)), 1))
+      t_full.append(median_time(lambda: run_full(next(keys)), 1))
+      t_c.append(median_time(lambda: plain(next(keys)), 1))
       t_b.append(median_time(lambda: numpy_ga(hid, w, b, yy, h, gens, seed=r), 1))
       if have_deap and r < 2:
         t_a.append(median_time(lambda: deap_ga(hid, w, b, yy, h, gens, seed=r), 1))
-    t_jax, t_b = min(t_jax), min(t_b)
+    t_inc, t_full, t_b, t_c = min(t_inc), min(t_full), min(t_b), min(t_c)
+    t_jax = min(t_inc, t_full)
     if have_deap:
       t_a = min(t_a)
       a_cols = f"{t_a:8.2f}s | {t_a / t_jax:5.1f}x"
     else:
       a_cols = f"{'skipped':>9} | {'-':>6}"
-    print(f"{h:5d} | {t_jax:7.3f}s | {compile_s:6.2f}s | {a_cols} | {t_b:8.3f}s | "
-          f"{t_b / t_jax:4.1f}x | {rate:9.1f} | {100 * rate / peak:5.0f}%")
+    print(f"{h:5d} | {t_inc:7.3f}s | {t_full:7.3f}s | {c_inc:4.1f}/{c_full:4.1f}s | {a_cols} | "
+          f"{t_b:8.3f}s | {t_b / t_jax:4.1f}x | {t_c:7.3f}s | {t_c / t_jax:4.2f}x | "
+          f"{rate:9.1f} | {100 * rate / peak:5.0f}% | {os.getloadavg()[0]:.1f}", flush=True)
+  print("(x columns: the peer's time over jaxprune's faster of inc and full)")
 
   h = hs[-1]
-  print(f"\njaxprune, H={h}, per generation (population evaluation GFLOP/s vs peak "
-        f"{peak:.0f}):")
   model, params = train(h, x, y)
+  bad, total = mismatches(model, params, x, y, config)
+  print(f"\nIncremental vs full evaluation at H={h}: {bad} of {total} fitness values differ "
+        "(near ties in float summation order)")
+  print(f"\njaxprune, H={h}, per generation, incremental / full (population evaluation GFLOP/s "
+        f"vs peak {peak:.0f}):")
   sizes = (100, 1000) if args.quick else (100, 1000, 10000)
   for p in sizes:
     g = 50 if p <= 1000 else 5
     cfg = ga.GAConfig(population_size=p, generations=g)
-    fit, data, hyper, run, compile_s = jax_setup(model, params, x, y, cfg)
-    keys = iter(jax.random.split(jax.random.key(2), 100))
-    t = median_time(lambda: run(next(keys)), max(1, repeats - 2), np.min)
+    ms = []
+    for incremental in (True, False):
+      fit, data, hyper, run, compile_s = jax_setup(model, params, x, y, cfg, incremental)
+      keys = iter(jax.random.split(jax.random.key(2), 100))
+      t = median_time(lambda: run(next(keys)), max(1, repeats - 2), np.min)
+      ms.append((1e3 * t / (g + 1), compile_s))
     t_eval, rate = eval_rate(fit, data, hyper, h, p, 3)
-    print(f"  population {p:6d}: {1e3 * t / (g + 1):8.2f} ms/generation "
-          f"(evaluation {1e3 * t_eval:8.2f} ms, {rate:6.1f} GFLOP/s, {100 * rate / peak:4.0f}% "
-          f"of peak), compile {compile_s:.2f}s")
+    print(f"  population {p:6d}: {ms[0][0]:8.2f} / {ms[1][0]:8.2f} ms/generation, compile "
+          f"{ms[0][1]:.1f} / {ms[1][1]:.1f}s (full evaluation alone {1e3 * t_eval:8.2f} ms, "
+          f"{rate:6.1f} GFLOP/s, {100 * rate / peak:4.0f}% of peak); load "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+  model, params = train(100, x, y)
+  fit = ga.make_fitness(model, "hidden_0", "eq5")
+  data = fit.prepare(params, x, y)
+  out = params["params"]["out"]
+  first_call(np.asarray(data["h"]), np.asarray(out["kernel"]), np.asarray(out["bias"]),
+             np.asarray(y))
 
 
 if __name__ == "__main__":
