@@ -55,7 +55,7 @@ def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
 
 def test_stage_table_rows_and_total(monkeypatch):
   clock = iter([10.0, 12.5, 13.0, 20.0])
-  monkeypatch.setattr(_speed.time, "perf_counter", lambda: next(clock))
+  monkeypatch.setattr(_speed, "_clock", lambda: next(clock))
   _speed.start()
   _speed.record("1/2 train", "H=10")
   _speed.record("1/2 train", "H=20")
