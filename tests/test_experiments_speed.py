@@ -54,7 +54,7 @@ def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
 
 
 def test_stage_table_rows_and_total(monkeypatch):
-  clock = iter([10.0, 12.5, 13.0, 20.0])
+  clock = iter([10.0, 12.5, 13.0, 20.0, 30.0])
   monkeypatch.setattr(_speed, "_clock", lambda: next(clock))
   _speed.start()
   _speed.record("1/2 train", "H=10")
