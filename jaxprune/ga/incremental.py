@@ -36,7 +36,7 @@ compares every individual of many random generations with the full evaluation (n
 disagreement in its cases) and ``benchmarks/ga.py`` reports the count at H=1000.
 ``incremental=False`` (on :func:`jaxprune.ga.search` or :func:`jaxprune.ga.make_fitness`)
 forces the full evaluation; ``'auto'`` (the default) uses the incremental one from
-:data:`MIN_UNITS` units on.
+:data:`MIN_UNITS` units on, except on CPU (where it was measured no faster; see :func:`applies`).
 
 Scope: one device (with several devices the population is sharded and evaluated in full), a
 fitness object that exposes ``incremental_data(data) -> (h, w, b, y)`` and
@@ -132,8 +132,11 @@ MIN_UNITS = 256
 def applies(fitness_fn, mesh, num_units: int) -> bool:
   """True when ``fitness_fn`` asks for, and supports, incremental evaluation on this mesh.
 
-  ``fitness_fn.incremental`` is True (always), False (never) or ``'auto'`` (from
-  :data:`MIN_UNITS` units on: below, the full product is cheap and compiles faster).
+  ``fitness_fn.incremental`` is True (always), False (never) or ``'auto'``: from
+  :data:`MIN_UNITS` units on, and not on CPU. On XLA:CPU the measured incremental run was not
+  faster than the full one at H=1000 (the block products and gathers are memory-bound there,
+  while the full product runs near the matmul rate; see docs/benchmarks.md) and it compiles
+  2-4x longer, so ``'auto'`` keeps the full evaluation on CPU; pass True to opt in.
   """
   if mesh is not None and mesh.size > 1:
     return False
@@ -142,7 +145,7 @@ def applies(fitness_fn, mesh, num_units: int) -> bool:
     return False
   mode = getattr(fitness_fn, "incremental", False)
   if mode == "auto":
-    return num_units >= MIN_UNITS
+    return num_units >= MIN_UNITS and jax.default_backend() != "cpu"
   return mode is True
 
 
