@@ -11,8 +11,17 @@ training patterns, H in {100, 500, 1000}:
   in one batch, as one large product ``H @ W_all`` with ``W_all[:, p*O:(p+1)*O] = mask[p][:, None]
   * W`` (the fastest NumPy formulation we know: the stacked ``H @ (mask[:, :, None] * W)`` is
   about 30 times slower, NumPy runs stacked products with a broadcast operand without BLAS);
-* jaxprune: ``jaxprune.ga.run`` with the fast path (the same one product, compiled with
-  selection, crossover, mutation and the hall of fame into one ``lax.scan``).
+* (c) plain JAX: the same GA written directly in JAX (jit of a ``lax.scan``; tournaments,
+  one-point crossover, bit flips, a top-K elite), every individual evaluated in full with the one
+  product each generation: what a JAX user would write without this library (evosax ships no
+  bit-string GA with these operators, so it is not a column);
+* jaxprune: ``jaxprune.ga.run`` with the fast path, incremental evaluation ('inc', see
+  ``jaxprune.ga.incremental``) and full evaluation ('full', ``incremental=False``).
+
+Compilation is reported apart from the run, with the number of XLA compilations of a first
+``ga.search`` call in a fresh process (H=100) against a whole DEAP + NumPy run; and the count of
+fitness values where the incremental evaluation disagrees with the full one at H=1000 (near
+ties, see ``jaxprune.ga.incremental``).
 
 Times are steady state (compiled; the columns are timed in turns and each reports its best
 run, as load from other processes only ever slows a run down); compilation (lowering + XLA,
@@ -179,9 +188,113 @@ def deap_ga(h, w, b, y, num_units, generations, pop_size=100, hof_size=5, seed=0
 # ----------------------------------------------------------------------------- jaxprune
 
 
-def jax_setup(model, params, x, y, config):
+def plain_jax_ga(config, h, w, b, y, num_units, hyper_lam=LAM):
+  """(c) The GA in plain JAX, full evaluation every generation: a jitted ``run(key)``."""
+  p, k, n = config.population_size, config.hof_size, config.population_size - config.hof_size
+  h, w, b, y = map(jnp.asarray, (h, w, b, y))
+
+  def fitness(pop):
+    o = w.shape[1]
+    w_all = (pop.T.astype(jnp.float32)[:, :, None] * w[:, None, :]).reshape(num_units, -1)
+    logits = (h @ w_all).reshape(h.shape[0], p, o) + b
+    acc = 100.0 * jnp.mean(jnp.argmax(logits, -1) == y[:, None], axis=0)
+    return acc - hyper_lam * pop.sum(1) / num_units
+
+  def gen(carry, key):
+    pop, fit = carry
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    cont = jax.random.randint(k1, (n, 3), 0, p)
+    parents = pop[cont[jnp.arange(n), jnp.argmax(fit[cont], axis=1)]]
+    half = n // 2
+    a, bb = parents[0:2 * half:2], parents[1:2 * half:2]
+    cut = jax.random.randint(k2, (half, 1), 1, num_units)
+    swap = (jax.random.uniform(k3, (half, 1)) < 0.8) & (jnp.arange(num_units)[None] >= cut)
+    kids = jnp.stack([jnp.where(swap, bb, a), jnp.where(swap, a, bb)], 1).reshape(-1, num_units)
+    kids = jnp.concatenate([kids, parents[2 * half:]])
+    flip = (jax.random.uniform(k4, (n, 1)) < 0.2) & (jax.random.uniform(k5, (n, num_units)) < 0.1)
+    elite = jnp.argsort(-fit)[:k]
+    pop = jnp.concatenate([kids ^ flip, pop[elite]])
+    fit = fitness(pop)
+    return (pop, fit), jnp.max(fit)
+
+  @jax.jit
+  def run(key):
+    k0, key = jax.random.split(key)
+    pop = jax.random.bernoulli(k0, 0.5, (p, num_units))
+    (pop, fit), best = jax.lax.scan(gen, (pop, fitness(pop)),
+                                    jax.random.split(key, config.generations))
+    return pop[jnp.argmax(fit)], best
+
+  return run
+
+
+class CompileCounter:
+  """Counts XLA compilations (``jax.monitoring``'s backend-compile events) while active."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count, self.seconds = 0, 0.0
+
+  def __call__(self, event, duration, **kwargs):
+    del kwargs
+    if event == self.EVENT:
+      self.count += 1
+      self.seconds += duration
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
+FIRST_CALL = """
+import time, sys
+t0 = time.perf_counter()
+import jax, numpy as np
+sys.path.insert(0, {bench!r})
+import ga as B
+import jaxprune
+from jaxprune import ga
+x, y = B.make_data()
+model = jaxprune.MLP(in_features=B.N_IN, hidden=(100,), out_features=B.N_OUT)
+params = jax.tree.map(np.asarray, model.init(jax.random.key(100)))
+t_import = time.perf_counter() - t0
+with B.CompileCounter() as c:
+  t = time.perf_counter()
+  res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(0),
+                  hyper=ga.GAParams(lam=B.LAM), progress=False)
+  jax.block_until_ready(res)
+  first = time.perf_counter() - t
+t = time.perf_counter()
+jax.block_until_ready(ga.search(model, params, x, y, "hidden_0", key=jax.random.key(1),
+                                hyper=ga.GAParams(lam=B.LAM), progress=False))
+print("FIRST", first, c.count, c.seconds, time.perf_counter() - t, t_import)
+"""
+
+
+def first_call(h_np, w_np, b_np, y_np):
+  """ga.search's first call (fresh process, H=100) against one whole DEAP + NumPy run."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  out = subprocess.run([sys.executable, "-c", FIRST_CALL.format(bench=os.path.dirname(
+      os.path.abspath(__file__)))], capture_output=True, text=True, check=True,
+      env=dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false"))
+  line = [l for l in out.stdout.splitlines() if l.startswith("FIRST")][-1].split()
+  first, count, compile_s, second, t_import = map(float, line[1:])
+  t_np = min(median_time(lambda: numpy_ga(h_np, w_np, b_np, y_np, 100, 50, seed=r), 1)
+             for r in range(3))
+  load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+  print(f"\nFirst call, fresh process, H=100 (load {load}): ga.search {first:.2f}s of which "
+        f"XLA compilation {compile_s:.2f}s in {int(count)} program(s); second call "
+        f"{second:.3f}s; (import jax + jaxprune and set-up {t_import:.1f}s, not counted). "
+        f"A whole DEAP + NumPy run: {t_np:.2f}s -> {t_np / first:.2f}x")
+
+
+def jax_setup(model, params, x, y, config, incremental="auto"):
   """The compiled run and its compilation time (lowering + XLA compilation)."""
-  fit = ga.make_fitness(model, "hidden_0", "eq5")
+  fit = ga.make_fitness(model, "hidden_0", "eq5", incremental=incremental)
   data = fit.prepare(params, x, y)
   hyper = ga.GAParams(lam=LAM)
   num_units = model.hidden[0]
@@ -201,6 +314,26 @@ def eval_rate(fit, data, hyper, num_units, pop_size, repeats):
   jax.block_until_ready(f(pop, data, hyper))
   t = median_time(lambda: f(pop, data, hyper), repeats, np.min)
   return t, 2.0 * N_PATTERNS * num_units * N_OUT * pop_size / t / 1e9
+
+
+def mismatches(model, params, x, y, config):
+  """(disagreeing, total) accuracies of an incremental run against the full evaluation.
+
+  Accuracies (fitness 'accuracy'), not eq. 5 values: the size penalty ``lam * kept / U`` can
+  round one unit in the last place differently in two compiled programs (XLA may rewrite the
+  division), which says nothing about the evaluation; at H=1000 about 20% of eq. 5 values
+  differ by 7.6e-6 for that reason alone while every accuracy agrees.
+  """
+  inc = importlib.import_module("jaxprune.ga.incremental")
+  fit = ga.make_fitness(model, "hidden_0", "accuracy", incremental=True)
+  data = fit.prepare(params, x, y)
+  hyper = ga.GAParams(lam=LAM)
+  plan = inc.plan(model.hidden[0], config.population_size, config.hof_size, x.shape[0], N_OUT)
+  run = jax.jit(lambda d, k: inc.run_scan(plan, config, fit, model.hidden[0], hyper, d, k,
+                                          record=True))
+  _, _, (pops, fits) = run(data, jax.random.key(3))
+  full = jax.jit(jax.vmap(lambda p: fit(p, data, hyper)))(pops)
+  return int(jnp.sum(full != fits)), int(fits.size)
 
 
 def main():
@@ -225,50 +358,72 @@ def main():
         f"{os.cpu_count()} cores (other processes slow every column)\n")
   x, y = make_data()
   config = ga.GAConfig(generations=gens)
-  header = (f"{'H':>5} | {'jax run':>8} | {'compile':>7} | {'(a) DEAP':>9} | {'x(a)':>6} | "
-            f"{'(b) numpy':>9} | {'x(b)':>5} | {'eval GF/s':>9} | {'% peak':>6}")
+  header = (f"{'H':>5} | {'inc run':>8} | {'full run':>8} | {'compile i/f':>11} | "
+            f"{'(a) DEAP':>9} | {'x(a)':>6} | {'(b) numpy':>9} | {'x(b)':>5} | "
+            f"{'(c) JAX':>8} | {'x(c)':>5} | {'eval GF/s':>9} | {'% peak':>6} | load")
   print(header)
   print("-" * len(header))
   for h in hs:
     model, params = train(h, x, y)
-    fit, data, hyper, run, compile_s = jax_setup(model, params, x, y, config)
+    fit, data, hyper, run_inc, c_inc = jax_setup(model, params, x, y, config, True)
+    _, _, _, run_full, c_full = jax_setup(model, params, x, y, config, False)
     keys = iter(jax.random.split(jax.random.key(1), 100))
     _, rate = eval_rate(fit, data, hyper, h, 100, 10)
     hid = np.asarray(data["h"])
     out = params["params"]["out"]
     w, b, yy = np.asarray(out["kernel"]), np.asarray(out["bias"]), np.asarray(y)
+    plain = plain_jax_ga(config, hid, w, b, yy, h)
+    jax.block_until_ready(plain(jax.random.key(0)))
     # The columns are timed in turns, so that a change in the machine's load hits them alike;
     # each column reports its best time.
-    t_jax, t_b, t_a = [], [], []
+    t_inc, t_full, t_b, t_a, t_c = [], [], [], [], []
     for r in range(repeats):
-      t_jax.append(median_time(lambda: run(next(keys)), 1))
+      t_inc.append(median_time(lambda: run_inc(next(keys)), 1))
+      t_full.append(median_time(lambda: run_full(next(keys)), 1))
+      t_c.append(median_time(lambda: plain(next(keys)), 1))
       t_b.append(median_time(lambda: numpy_ga(hid, w, b, yy, h, gens, seed=r), 1))
       if have_deap and r < 2:
         t_a.append(median_time(lambda: deap_ga(hid, w, b, yy, h, gens, seed=r), 1))
-    t_jax, t_b = min(t_jax), min(t_b)
+    t_inc, t_full, t_b, t_c = min(t_inc), min(t_full), min(t_b), min(t_c)
+    t_jax = min(t_inc, t_full)
     if have_deap:
       t_a = min(t_a)
       a_cols = f"{t_a:8.2f}s | {t_a / t_jax:5.1f}x"
     else:
       a_cols = f"{'skipped':>9} | {'-':>6}"
-    print(f"{h:5d} | {t_jax:7.3f}s | {compile_s:6.2f}s | {a_cols} | {t_b:8.3f}s | "
-          f"{t_b / t_jax:4.1f}x | {rate:9.1f} | {100 * rate / peak:5.0f}%")
+    print(f"{h:5d} | {t_inc:7.3f}s | {t_full:7.3f}s | {c_inc:4.1f}/{c_full:4.1f}s | {a_cols} | "
+          f"{t_b:8.3f}s | {t_b / t_jax:4.1f}x | {t_c:7.3f}s | {t_c / t_jax:4.2f}x | "
+          f"{rate:9.1f} | {100 * rate / peak:5.0f}% | {os.getloadavg()[0]:.1f}", flush=True)
+  print("(x columns: the peer's time over jaxprune's faster of inc and full)")
 
   h = hs[-1]
-  print(f"\njaxprune, H={h}, per generation (population evaluation GFLOP/s vs peak "
-        f"{peak:.0f}):")
   model, params = train(h, x, y)
+  bad, total = mismatches(model, params, x, y, config)
+  print(f"\nIncremental vs full evaluation at H={h}: {bad} of {total} accuracies differ "
+        "(near ties in float summation order)")
+  print(f"\njaxprune, H={h}, per generation, incremental / full (population evaluation GFLOP/s "
+        f"vs peak {peak:.0f}):")
   sizes = (100, 1000) if args.quick else (100, 1000, 10000)
   for p in sizes:
     g = 50 if p <= 1000 else 5
     cfg = ga.GAConfig(population_size=p, generations=g)
-    fit, data, hyper, run, compile_s = jax_setup(model, params, x, y, cfg)
-    keys = iter(jax.random.split(jax.random.key(2), 100))
-    t = median_time(lambda: run(next(keys)), max(1, repeats - 2), np.min)
+    ms = []
+    for incremental in (True, False):
+      fit, data, hyper, run, compile_s = jax_setup(model, params, x, y, cfg, incremental)
+      keys = iter(jax.random.split(jax.random.key(2), 100))
+      t = median_time(lambda: run(next(keys)), max(1, repeats - 2), np.min)
+      ms.append((1e3 * t / (g + 1), compile_s))
     t_eval, rate = eval_rate(fit, data, hyper, h, p, 3)
-    print(f"  population {p:6d}: {1e3 * t / (g + 1):8.2f} ms/generation "
-          f"(evaluation {1e3 * t_eval:8.2f} ms, {rate:6.1f} GFLOP/s, {100 * rate / peak:4.0f}% "
-          f"of peak), compile {compile_s:.2f}s")
+    print(f"  population {p:6d}: {ms[0][0]:8.2f} / {ms[1][0]:8.2f} ms/generation, compile "
+          f"{ms[0][1]:.1f} / {ms[1][1]:.1f}s (full evaluation alone {1e3 * t_eval:8.2f} ms, "
+          f"{rate:6.1f} GFLOP/s, {100 * rate / peak:4.0f}% of peak); load "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+  model, params = train(100, x, y)
+  fit = ga.make_fitness(model, "hidden_0", "eq5")
+  data = fit.prepare(params, x, y)
+  out = params["params"]["out"]
+  first_call(np.asarray(data["h"]), np.asarray(out["kernel"]), np.asarray(out["bias"]),
+             np.asarray(y))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from experiments import _speed
 from jaxprune import train as train_lib
 
 FLAGS = flags.FLAGS
@@ -72,6 +73,7 @@ def define_common_flags(default_data: str) -> None:
                            message=f"--seed must be an integer in [0, 2^32) = [0, {SEED_LIMIT}).")
   flags.DEFINE_bool("quick", False, "A reduced run for tests and smoke checks (seconds); flags "
                     "given explicitly still win over its reduced defaults.")
+  _speed.define_flags()
 
 
 SEED_LIMIT = 2**32
@@ -197,7 +199,12 @@ def study_main(config_from_flags: Callable[[], Any], run: Callable[..., Any]):
   """
   def main(argv):
     check_no_args(argv)
+    _speed.enable_from_flags()
+    _speed.start()
     run(config_from_flags(), data=FLAGS.data, data_path=FLAGS.data_path, workdir=FLAGS.workdir)
+    table = _speed.stage_table()
+    if table:
+      print("\nTime per stage (wall clock, compilation included):\n" + table, flush=True)
   return main
 
 
@@ -366,6 +373,10 @@ class Progress(train_lib.Progress):
 
   def __init__(self, total: int, stage: str = ""):
     super().__init__(total, stage, unit="")
+
+  def step(self, what: str = "", n: int = 1, **metrics) -> None:
+    _speed.record(self.desc, what)   # one row of the binary's closing time table
+    super().step(what, n, **metrics)
 
 
 def _safe(key: str) -> str:

@@ -190,14 +190,14 @@ def test_elitism_hall_of_fame_is_the_population_tail(result):
 
 def test_deterministic_and_no_recompilation(trained, result):
   model, params, x, y = trained
-  size = search_lib._run_jit._cache_size()
+  size = search_lib._search_jit._cache_size()
   again = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
                     progress=False)
   assert _tree_equal(again, result)
   other = ga.search(model, jax.tree.map(lambda p: p * 1.01, params), x, y, "hidden_0",
                     key=jax.random.key(8), config=CFG, hyper=ga.GAParams(0.5, 0.3, 0.2, 3.0),
                     progress=False)
-  assert search_lib._run_jit._cache_size() == size   # new key, params, lambda: no retrace
+  assert search_lib._search_jit._cache_size() == size   # new key, params, lambda: no retrace
   assert not np.array_equal(other.state.population, result.state.population)
 
 
@@ -295,3 +295,25 @@ def test_bad_params_and_inputs(trained):
   pop = ga.ask(CFG, state, key=jax.random.key(0))
   with pytest.raises(ValueError, match="fitness has shape"):
     ga.tell(CFG, state, pop, jnp.zeros((3,)))
+
+
+def test_first_call_is_one_compiled_program():
+  """A first search (new shapes) compiles exactly one XLA program: activations, scan, accuracy."""
+  events = []
+  listener = lambda event, duration, **kw: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    model = jaxprune.MLP(in_features=3, hidden=(7,), out_features=3)
+    params = model.init(jax.random.key(0))
+    x = np.asarray(jax.random.normal(jax.random.key(1), (29, 3)))
+    y = np.arange(29) % 3
+    cfg = ga.GAConfig(population_size=11, hof_size=2, generations=2)
+    events.clear()
+    res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(2), config=cfg,
+                    progress=False)
+    jax.block_until_ready(res)
+    compiles = [e for e in events if e == "/jax/core/compile/backend_compile_duration"]
+    assert len(compiles) == 1, events
+    assert 0.0 <= float(res.accuracy) <= 100.0
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)

@@ -200,6 +200,18 @@ def update_hall_of_fame(hof: jax.Array, hof_fitness: jax.Array, population: jax.
                         ) -> tuple[jax.Array, jax.Array]:
   """The ``K`` fittest distinct chromosomes among the hall of fame and a population.
 
+  See :func:`hall_of_fame_indices` (this gathers its rows of ``concat([hof, population])``).
+  """
+  idx = hall_of_fame_indices(hof, hof_fitness, population, fitness, hof_valid)
+  cand = jnp.concatenate([hof, population], axis=0)
+  cand_fit = jnp.concatenate([hof_fitness, fitness], axis=0).astype(jnp.float32)
+  return cand[idx], cand_fit[idx]
+
+
+def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax.Array,
+                         fitness: jax.Array, hof_valid: bool | jax.Array = True) -> jax.Array:
+  """The ``K`` fittest distinct chromosomes among the hall of fame and a population.
+
   Like DEAP's ``HallOfFame.update``: an individual identical to one already kept is not kept
   twice; on equal fitness an existing member stays ahead of a newcomer, and among newcomers the
   lower population index wins. If fewer than ``K`` distinct chromosomes exist, the remaining
@@ -218,7 +230,8 @@ def update_hall_of_fame(hof: jax.Array, hof_fitness: jax.Array, population: jax.
       after every real individual).
 
   Returns:
-    The new (hof, hof_fitness).
+    (K,) indices into ``concat([hof, population])`` of the new members, best first (the
+    incremental evaluation gathers the members' partial logits with them).
   """
   k = hof.shape[0]
   cand = jnp.concatenate([hof, population], axis=0)
@@ -241,5 +254,4 @@ def update_hall_of_fame(hof: jax.Array, hof_fitness: jax.Array, population: jax.
   dup = jnp.concatenate([jnp.zeros((1,), bool), same_as_prev]).astype(jnp.int32)
   # Pass 2: real before placeholder, distinct before duplicate, then by (-fitness, order).
   _, _, _, _, best = lax.sort((s_invalid, dup, -s_fit, s_order, s_order), num_keys=4)
-  idx = best[:k]
-  return cand[idx], cand_fit[idx]
+  return best[:k]

@@ -69,6 +69,7 @@ from jax.sharding import PartitionSpec as PS
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
 from jaxprune import validate
+from jaxprune.ga import incremental
 from jaxprune.ga import operators as ops
 
 PyTree = Any
@@ -376,6 +377,10 @@ def _run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, progress: bool
   keys = generation_keys(key, config)
   evaluate = functools.partial(_evaluate, fitness_fn, mesh)
   report = functools.partial(_report_progress, total=config.generations)
+  plan = _incremental_plan(config, fitness_fn, num_units, mesh, data)
+  if plan is not None:   # children scored from their parents' partial logits
+    return incremental.run_scan(plan, config, fitness_fn, num_units, hyper, data, key,
+                                report if progress else None)
 
   def generation(state, population):
     state = tell(config, state, population, evaluate(population, data, hyper))
@@ -397,6 +402,15 @@ def _run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, progress: bool
     state, history = jax.tree.map(lambda a: lax.with_sharding_constraint(a, replicated),
                                   (state, history))
   return state, history
+
+
+def _incremental_plan(config: GAConfig, fitness_fn: FitnessFn, num_units: int,
+                      mesh: Mesh | None, data: PyTree) -> incremental.Plan | None:
+  if not incremental.applies(fitness_fn, mesh, num_units):
+    return None
+  h, w = fitness_fn.incremental_data(data)[:2]
+  return incremental.plan(num_units, config.population_size, config.hof_size, h.shape[0],
+                          w.shape[-1])
 
 
 _run_jit = jax.jit(_run, static_argnums=(0, 1, 2, 3, 4))
@@ -507,7 +521,10 @@ class AccuracyFitness:
   (``acc - lam * N_kept``), ``None`` the accuracy alone. ``fast=True`` scores the population
   from activations computed once (see :func:`fast_path_applies`), as one matrix product
   ``H @ W_all`` with ``W_all[:, p*O:(p+1)*O] = mask[p][:, None] * W_out``; ``fast=False`` runs
-  the full masked forward pass for each individual (``vmap``).
+  the full masked forward pass for each individual (``vmap``). On the fast path,
+  ``incremental`` lets :func:`run` score children from their parents' partial logits
+  (:mod:`jaxprune.ga.incremental`): ``'auto'`` (the default) from
+  ``incremental.MIN_UNITS`` units on, True always, False never (full evaluation).
 
   Use ``prepare(params, x, y)`` to build the ``data`` argument.
   """
@@ -516,6 +533,7 @@ class AccuracyFitness:
   group: str
   penalty: str | None = "ratio"
   fast: bool = False
+  incremental: bool | str = "auto"
 
   def prepare(self, params: PyTree, x: jax.Array, y: jax.Array) -> PyTree:
     y = _labels(y)
@@ -551,12 +569,23 @@ class AccuracyFitness:
 
     return jax.vmap(one)(population)
 
-  def __call__(self, population: jax.Array, data: PyTree, hyper: GAParams) -> jax.Array:
-    acc = self.accuracy(population, data)
+  def incremental_data(self, data: PyTree) -> tuple[jax.Array, ...]:
+    """``(h, w, b, y)`` of the fast path, for :mod:`jaxprune.ga.incremental`."""
+    if not self.fast:
+      raise ValueError("Incremental evaluation needs the fast path (fast=True).")
+    return data["h"], data["w"], data["b"], data["y"]
+
+  def from_accuracy(self, accuracy: jax.Array, population: jax.Array, data: PyTree,
+                    hyper: GAParams) -> jax.Array:
+    """The fitness of each individual given its accuracy (the size penalty, if any)."""
+    del data
     if self.penalty is None:
-      return acc
+      return accuracy
     kept = jnp.sum(population, axis=1, dtype=jnp.int32)
-    return penalized(acc, kept, population.shape[1], hyper.lam, self.penalty)
+    return penalized(accuracy, kept, population.shape[1], hyper.lam, self.penalty)
+
+  def __call__(self, population: jax.Array, data: PyTree, hyper: GAParams) -> jax.Array:
+    return self.from_accuracy(self.accuracy(population, data), population, data, hyper)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -574,8 +603,12 @@ _FITNESS = {"eq5": "ratio", "eq6": "count", "accuracy": None}
 
 
 def make_fitness(model, group: str, fitness: str | Callable = "eq5",
-                 fast_path: bool | str = "auto") -> AccuracyFitness | UserFitness:
+                 fast_path: bool | str = "auto",
+                 incremental: bool | str = "auto") -> AccuracyFitness | UserFitness:
   """The fitness object :func:`search` uses (hashable, so compiled runs are reused)."""
+  if incremental not in (True, False, "auto") or isinstance(incremental, (int, float)) and (
+      not isinstance(incremental, bool)):
+    raise ValueError(f"incremental must be 'auto', True or False, got {incremental!r}.")
   g = units_lib._check_group_name(_groups_of(model), group)
   if callable(fitness):
     return UserFitness(fitness)
@@ -598,20 +631,14 @@ def make_fitness(model, group: str, fitness: str | Callable = "eq5",
     fast = False
   else:
     raise ValueError(f"fast_path must be 'auto', True or False, got {fast_path!r}.")
-  return AccuracyFitness(model, group, _FITNESS[fitness], fast)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _best_accuracy(model, group, params, x, y, mask):
-  """Training accuracy of one mask as a fraction (the fitness works in percent)."""
-  return AccuracyFitness(model, group, None, False).accuracy(
-      mask[None], {"params": params, "x": x, "y": y})[0] / 100.0
+  return AccuracyFitness(model, group, _FITNESS[fitness], fast, incremental)
 
 
 def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, group: str, *,
            key: jax.Array, fitness: str | Callable = "eq5", config: GAConfig = GAConfig(),
            hyper: GAParams = GAParams(), fast_path: bool | str = "auto", progress: bool = True,
-           mesh: Mesh | None = None, shard: bool = True) -> GAResult:
+           mesh: Mesh | None = None, shard: bool = True,
+           incremental: bool | str = "auto") -> GAResult:
   """Evolves a unit mask for ``group`` of a trained model with the published GA.
 
   Args:
@@ -631,6 +658,9 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
       directly; ``False`` forces the general ``vmap`` of the masked forward pass.
     progress: show a progress bar on stderr.
     mesh, shard: see :func:`run`.
+    incremental: on the fast path, score children from their parents' partial logits
+      (:mod:`jaxprune.ga.incremental`, one device): ``'auto'`` from
+      ``incremental.MIN_UNITS`` units on, True always, False forces the full evaluation.
 
   Returns:
     A :class:`GAResult`.
@@ -647,7 +677,7 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     >>> res.mask.shape, res.history.best.shape
     ((20,), (4,))
   """
-  fit = make_fitness(model, group, fitness, fast_path)
+  fit = make_fitness(model, group, fitness, fast_path, incremental)
   if x is None:
     validate.check_params(params)
   else:
@@ -663,13 +693,42 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
   else:
     if x is None or y is None:
       raise ValueError(f"fitness={fitness!r} needs training inputs x and labels y.")
-    data = fit.prepare(params, x, y)
-  state, history = run(config, fit, num_units, key=key, hyper=hyper, data=data,
-                       progress=progress, mesh=mesh, shard=shard)
-  best = state.hof[0]
-  if x is not None and y is not None and getattr(model, "task", "") == "classification":
-    accuracy = _best_accuracy(model, group, params, jnp.asarray(x), _labels(y), best)
+    jax.eval_shape(fit.prepare, params, x, y)   # the input checks, before compiling
+  check_params(hyper)
+  if mesh is None:
+    mesh = default_mesh(shard)
+  elif not shard:
+    mesh = None
+  if mesh is not None and mesh.size > 1:
+    params = jax.device_put(params, NamedSharding(mesh, PS()))
+  with_accuracy = (x is not None and y is not None
+                   and getattr(model, "task", "") == "classification")
+  _PROGRESS["last"] = -1
+  result = _search_jit(config, fit, num_units, bool(progress), mesh, with_accuracy, hyper,
+                       params, x, y, key)
+  if progress:
+    jax.effects_barrier()  # every report has been printed before we return
+  return result
+
+
+def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh: Mesh | None,
+                    with_accuracy: bool, hyper: GAParams, params: PyTree, x, y,
+                    key: jax.Array):
+  """The whole of :func:`search` as one program: the fast path's activations, the GA's scan
+  and the best mask's accuracy (one XLA compilation for a first call)."""
+  data = params if isinstance(fit, UserFitness) else fit.prepare(params, x, y)
+  if mesh is not None and mesh.size > 1:
+    data = jax.tree.map(lambda a: lax.with_sharding_constraint(a, NamedSharding(mesh, PS())),
+                        data)
+  state, history = _run(config, fit, num_units, progress, mesh, hyper, data, key)
+  if with_accuracy:  # a fraction, like evaluate() (the fitness works in percent)
+    accuracy = AccuracyFitness(fit.model, fit.group, None, False).accuracy(
+        state.hof[0][None], {"params": params, "x": x, "y": _labels(y)})[0] / 100.0
   else:
     accuracy = jnp.asarray(jnp.nan, jnp.float32)
+  best = state.hof[0]
   return GAResult(mask=best, fitness=state.hof_fitness[0], accuracy=accuracy,
                   kept=jnp.sum(best, dtype=jnp.int32), history=history, state=state)
+
+
+_search_jit = jax.jit(_search_program, static_argnums=(0, 1, 2, 3, 4, 5))

@@ -1,0 +1,69 @@
+"""experiments/_speed.py: the persistent compilation cache and the per-stage time table."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from experiments import _speed
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp
+    from experiments import _speed
+    hits, compiles = [], []
+    jax.monitoring.register_event_listener(
+        lambda e, **k: hits.append(e) if e == "/jax/compilation_cache/cache_hits" else None)
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda e, d, **k: compiles.append(e)
+        if e == "/jax/core/compile/backend_compile_duration" else None)
+    path = _speed.enable_compilation_cache(sys.argv[1], enabled=sys.argv[2] == "on")
+    f = jax.jit(lambda x: jnp.tanh(x) @ x.T + 17.0)
+    f(jnp.ones((5, 3))).block_until_ready()
+    print("RESULT", path, len(hits), len(compiles))
+""")
+
+
+def _run(folder, mode):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), mode], capture_output=True,
+                       text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1].split()[1:]
+
+
+def test_compilation_cache_second_process_loads_instead_of_compiling(tmp_path):
+  cache = tmp_path / "xla"
+  path, hits, compiles = _run(cache, "on")
+  assert path == str(cache) and int(hits) == 0 and int(compiles) >= 1
+  assert any(cache.iterdir())                       # the program was written
+  _, hits, compiles = _run(cache, "on")
+  # A fresh process loads every program (the compile event also times a cache load).
+  assert int(hits) >= 1 and int(hits) == int(compiles)
+  off = tmp_path / "off"
+  path, hits, _ = _run(off, "off")
+  assert path == "None" and int(hits) == 0 and not off.exists()
+
+
+def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert _speed.default_cache_dir() == os.path.join(str(tmp_path), "jaxprune", "xla")
+  monkeypatch.delenv("XDG_CACHE_HOME")
+  assert _speed.default_cache_dir().endswith(os.path.join(".cache", "jaxprune", "xla"))
+
+
+def test_stage_table_rows_and_total(monkeypatch):
+  clock = iter([10.0, 12.5, 13.0, 20.0, 30.0])
+  monkeypatch.setattr(_speed, "_clock", lambda: next(clock))
+  _speed.start()
+  _speed.record("1/2 train", "H=10")
+  _speed.record("1/2 train", "H=20")
+  _speed.record("2/2 GA", "")
+  table = _speed.stage_table().splitlines()
+  assert table[0].split() == ["stage", "seconds"]
+  rows = [l.rsplit(None, 1) for l in table[2:5]]
+  assert rows == [["1/2 train H=10", "2.5"], ["1/2 train H=20", "0.5"], ["2/2 GA", "7.0"]]
+  assert table[-1].split() == ["total", "10.0"]
+  _speed.start()
+  assert _speed.stage_table() == ""
