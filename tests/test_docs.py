@@ -1,4 +1,5 @@
-"""Every ```python block of every docs/*.md page runs (blocks of one page share a namespace)."""
+"""Every ```python block of every docs/*.md page and of the README runs (blocks of one page share
+a namespace)."""
 
 import pathlib
 import re
@@ -6,7 +7,7 @@ import re
 import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
-PAGES = sorted(DOCS.glob("*.md"))
+PAGES = sorted(DOCS.glob("*.md")) + [DOCS.parent / "README.md"]
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
