@@ -24,3 +24,11 @@ def test_docs_page_runs(page, tmp_path, monkeypatch):
       exec(compile(code, f"{page.name}[block {i}]", "exec"), namespace)  # pylint: disable=exec-used
     except Exception as e:
       raise AssertionError(f"{page.name}, code block {i} failed: {type(e).__name__}: {e}") from e
+
+
+def test_readme_test_command_is_what_ci_runs():
+  root = DOCS.parent
+  (ci_command,) = [l for l in (root / ".ci" / "run").read_text().splitlines()
+                   if l.startswith("python3 ")]
+  readme_bash = re.findall(r"^```bash\n(.*?)^```", (root / "README.md").read_text(), re.S | re.M)
+  assert ci_command in [b.strip() for b in readme_bash], ci_command
