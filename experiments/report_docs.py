@@ -8,7 +8,8 @@ so they are generated here rather than pasted::
       --out=docs/study-ga-vs-distinctiveness.md
 
 Every table in the results (a list of flat dicts: numbers, strings, booleans) becomes a Markdown
-table, headed by its path (``summary.baseline``). ``--tables`` picks some by path; by default
+table, headed by its path (``summary.baseline``); the numbers and strings outside tables form the
+table ``scalars``. ``--tables`` picks some by path; by default
 every table of at most ``--max_rows`` rows is written. The section replaces what lies between the
 page's ``<!-- results:begin -->`` and ``<!-- results:end -->`` markers (appended, with the markers,
 when the page has none), so regenerating it leaves the rest of the page alone.
@@ -48,6 +49,15 @@ def tables(results: Any, path: str = "") -> Iterator[tuple[str, list[Mapping[str
     yield path, list(results)
 
 
+def scalars(results: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+  """Yields ``(dotted path, value)`` for every number, string or boolean outside lists."""
+  if isinstance(results, Mapping):
+    for k in results:
+      yield from scalars(results[k], f"{path}.{k}" if path else str(k))
+  elif isinstance(results, _SCALARS) and results is not None:
+    yield path, results
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
   columns = list(dict.fromkeys(k for r in rows for k in r))
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -63,6 +73,9 @@ def render(doc: Mapping[str, Any], *, source: str, only: Sequence[str] = (),
       raise ValueError(f"{source} has no {key!r} key: it is not a results.json written by an "
                        "experiment binary (expected keys study, settings, results).")
   found = dict(tables(doc["results"]))
+  values = [{"name": k, "value": v} for k, v in scalars(doc["results"])]
+  if values:
+    found["scalars"] = values
   unknown = [t for t in only if t not in found]
   if unknown:
     raise ValueError(f"No table {', '.join(unknown)} in {source}; its tables are: "

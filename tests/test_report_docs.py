@@ -40,7 +40,8 @@ def test_writes_tables_between_markers(tmp_path):
   assert ("`summary.baseline`:\n\n| H | acc | ok | note |\n|---|---|---|---|\n"
           "| 10 | 0.1235 | True | - |\n| 20 | nan | - | x |\n") in text
   assert "summary.big" not in text            # 5 rows > --max_rows 4
-  assert "per_fold" not in text and "scalar" not in text
+  assert "per_fold" not in text                # a list of non-flat dicts is not a table
+  assert "`scalars`:\n\n| name | value |\n|---|---|\n| scalar | 1.5 |\n" in text
   # Regenerating is idempotent.
   report_docs.main(["--workdir", str(tmp_path / "run"), "--out", str(page), "--max_rows", "4"])
   assert page.read_text() == text
@@ -61,7 +62,7 @@ def test_bad_input(tmp_path):
   with pytest.raises(SystemExit, match="no finished study.*finished: none"):
     report_docs.main(["--workdir", str(tmp_path / "nowhere"), "--out", str(page)])
   workdir = write_run(tmp_path)
-  with pytest.raises(SystemExit, match=r"No table summary\.nope.*summary\.baseline, summary\.big"):
+  with pytest.raises(SystemExit, match=r"No table summary\.nope.*summary\.baseline, summary\.big, scalars"):
     report_docs.main(["--workdir", workdir, "--out", str(page), "--tables", "summary.nope"])
   with pytest.raises(ValueError, match="no 'results' key"):
     report_docs.render({"study": "x", "settings": {}}, source="r.json")
