@@ -35,8 +35,8 @@ def test_modules_found():
 
 def test_a_wrong_example_is_reported():
   module = types.ModuleType("fake")
-  exec('def f():\n  """\n  >>> 1 + 1\n  3\n  >>> 2 + 2  # doctest: +SKIP\n  5\n  """\n',  # pylint: disable=exec-used
-       module.__dict__)
+  source = 'def f():\n  """\n  >>> 1 + 1\n  3\n  >>> 2 + 2  # doctest: +SKIP\n  5\n  """\n'
+  exec(source, module.__dict__)  # pylint: disable=exec-used
   module.f.__module__ = "fake"
   (report,) = failures(module)
   assert "Expected:\n    3\nGot:\n    2" in report and "2 + 2" not in report

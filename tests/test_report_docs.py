@@ -62,7 +62,8 @@ def test_bad_input(tmp_path):
   with pytest.raises(SystemExit, match="no finished study.*finished: none"):
     report_docs.main(["--workdir", str(tmp_path / "nowhere"), "--out", str(page)])
   workdir = write_run(tmp_path)
-  with pytest.raises(SystemExit, match=r"No table summary\.nope.*summary\.baseline, summary\.big, scalars"):
+  with pytest.raises(SystemExit,
+                     match=r"No table summary\.nope.*summary\.baseline, summary\.big, scalars"):
     report_docs.main(["--workdir", workdir, "--out", str(page), "--tables", "summary.nope"])
   with pytest.raises(ValueError, match="no 'results' key"):
     report_docs.render({"study": "x", "settings": {}}, source="r.json")

@@ -49,8 +49,9 @@ _BN = dict(momentum=0.9, epsilon=1e-5)
 # torchvision initialises convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-_CONVERT_HINT = ("Make it once, with torch and torchvision: np.savez(path, **{k: v.numpy() for k, v "
-                 "in resnet18(weights=ResNet18_Weights.IMAGENET1K_V1).state_dict().items()}) "
+_CONVERT_HINT = ("Make it once, with torch and torchvision: np.savez(path, **{k: v.numpy() "
+                 "for k, v in resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)"
+                 ".state_dict().items()}) "
                  "(docs/resnet.md).")
 
 
