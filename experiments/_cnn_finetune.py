@@ -36,8 +36,8 @@ def define_flags() -> None:
                     "LeNet-style CNN trained from scratch); 'cnn4' = the 4-conv CNN from scratch; "
                     "'resnet18' without --pretrained trains ResNet-18 from scratch.")
   flags.DEFINE_string("pretrained", None,
-                      "Path to torchvision ResNet-18 ImageNet weights as .npz (see the README "
-                      "section 'ResNet-18 and pretrained weights'); fine-tuned with a new "
+                      "Path to torchvision ResNet-18 ImageNet weights as .npz (docs/resnet.md "
+                      "shows how to make it); fine-tuned with a new "
                       "7-class head.")
   flags.DEFINE_string("image_size", None,
                       "Input HEIGHTxWIDTH. Default per arch: lenet 30x24 (published 90x72), "
@@ -63,7 +63,7 @@ def settings() -> dict[str, Any]:
                  "--arch=auto or --arch=resnet18, or drop --pretrained.")
   if FLAGS.pretrained and not os.path.isfile(FLAGS.pretrained):
     _common.fail(f"--pretrained={FLAGS.pretrained!r} is not a file; make the .npz as shown in "
-                 "the README section 'ResNet-18 and pretrained weights'.")
+                 "docs/resnet.md.")
   if FLAGS.quick and not FLAGS["image_size"].present:
     size = cc.QUICK_SIZE[arch]
   elif FLAGS.image_size:

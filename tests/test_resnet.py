@@ -1,5 +1,8 @@
 """Tests for jaxprune.models.resnet: ResNet-18, its unit groups, training mode and the loader."""
 
+import pathlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -288,8 +291,10 @@ def test_load_compacted_file(model, params, tmp_path):
 
 
 def test_load_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match="README section .ResNet-18 and pretrained weights"):
+  with pytest.raises(FileNotFoundError, match=r"nope\.npz.*np\.savez.*state_dict") as err:
     load_resnet18(tmp_path / "nope.npz")
+  page = re.search(r"docs/[\w-]+\.md", str(err.value)).group()   # the page it names exists
+  assert (pathlib.Path(__file__).resolve().parent.parent / page).is_file(), page
   sd = random_state_dict(num_classes=3)
 
   missing = dict(sd)

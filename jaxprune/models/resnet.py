@@ -3,7 +3,7 @@
 The architecture, padding and batch-norm settings match ``torchvision.models.resnet18``, so
 weights converted from a torchvision state dict give torchvision's outputs (channels-last NHWC
 inputs here, NCHW there). Pretrained weights come from a local ``.npz`` file holding the
-torchvision state dict (see the README section "ResNet-18 and pretrained weights" for the one-off conversion); nothing is
+torchvision state dict (docs/resnet.md shows the one-off conversion); nothing is
 downloaded at run time.
 
 Unit groups: one per basic block, ``layer1_0``, ``layer1_1``, ..., ``layer4_1``: the output
@@ -49,8 +49,10 @@ _BN = dict(momentum=0.9, epsilon=1e-5)
 # torchvision initialises convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-_README_HINT = ("See the README section 'ResNet-18 and pretrained weights' "
-                "for the snippet that converts torchvision's resnet18 state dict into this file.")
+_CONVERT_HINT = ("Make it once, with torch and torchvision: np.savez(path, **{k: v.numpy() "
+                 "for k, v in resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)"
+                 ".state_dict().items()}) "
+                 "(docs/resnet.md).")
 
 
 def _conv(features: int, kernel: int, stride: int, padding: int, name: str) -> nn.Conv:
@@ -302,7 +304,7 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
     >>> ResNet18(num_classes=7).apply(params, images)  # doctest: +SKIP
 
   Args:
-    path: the ``.npz`` file (the README section "ResNet-18 and pretrained weights" says how to make it).
+    path: the ``.npz`` file (docs/resnet.md says how to make it).
     num_classes: outputs of the model the params are for.
     key: PRNG key for a fresh head; required when ``num_classes`` differs from the file's.
     widths: the basic blocks' inner widths, for files saved from a compacted model.
@@ -317,7 +319,7 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
   widths = ResNet18(num_classes=num_classes, widths=tuple(widths)).widths  # validates both
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"No ResNet-18 weights file at {path!r}. {_README_HINT}")
+    raise FileNotFoundError(f"No ResNet-18 weights file at {path!r}. {_CONVERT_HINT}")
   with np.load(path, allow_pickle=False) as f:
     sd = {k: np.asarray(f[k]) for k in f.files if not k.endswith("num_batches_tracked")}
   layout = _layout(widths)
@@ -327,7 +329,7 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
     raise ValueError(
         f"{path!r} is not a torchvision resnet18 state dict: missing keys: "
         f"{_names(missing) or 'none'}; unexpected keys: {_names(unexpected) or 'none'}. "
-        f"{_README_HINT}")
+        f"{_CONVERT_HINT}")
   fc = sd["fc.weight"]
   if fc.ndim != 2:
     raise ValueError(f"fc.weight in {path!r} has shape {fc.shape}; expected (classes, 512).")
