@@ -1,4 +1,4 @@
-"""Tests for jaxprune.pruners.distinctiveness: hand-built cases with known answers."""
+"""Tests for jaxprune.pruners.distinctiveness_pruning: hand-built cases with known answers."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +9,8 @@ import jaxprune
 from jaxprune.models.mlp import MLP, Autoencoder
 from jaxprune.models.cnn import LeNet
 import importlib
-dist_lib = importlib.import_module("jaxprune.pruners.distinctiveness")
-from jaxprune.pruners.distinctiveness import (distinctiveness, pairwise_angles,
+dist_lib = importlib.import_module("jaxprune.pruners.distinctiveness_pruning")
+from jaxprune.pruners.distinctiveness_pruning import (distinctiveness, pairwise_angles,
                                               progressive_distinctiveness, report_actions,
                                               weight_distinctiveness)
 
@@ -553,10 +553,10 @@ def test_vmap_over_thresholds_equals_loop_and_no_recompile(tanh_model):
   # Inside jit with the activations closed over (concrete, checked on the host, not traced).
   _, jm, _ = jax.jit(lambda s: prune(params, _ones(model), acts, s))(45.0)
   np.testing.assert_array_equal(jm["hidden_0"], vm["hidden_0"][9])
-  before = prune.trace_count()
+  before = prune._trace_count()
   prune(params, _ones(model), acts, 33.0)
   prune(params, _ones(model), acts, jnp.float32(44.0))
-  assert prune.trace_count() == before  # new values, no new trace
+  assert prune._trace_count() == before  # new values, no new trace
 
 
 # ----------------------------------------------------------------------------- bad input

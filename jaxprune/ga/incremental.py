@@ -323,7 +323,7 @@ class IncrementalState(NamedTuple):
 
 def _tell(config, state, population, fitness, partials, inc: IncrementalState):
   """:func:`jaxprune.ga.tell` that also carries the members' partial sums."""
-  S = importlib.import_module("jaxprune.ga.search")  # the module, not ga.search
+  S = importlib.import_module("jaxprune.ga.mask_search")
   fitness = fitness.astype(jnp.float32)
   fitness = jnp.where(jnp.isnan(fitness), -jnp.inf, fitness)
   idx = ops.hall_of_fame_indices(state.hof, state.hof_fitness, population, fitness,
@@ -353,7 +353,7 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
     ``(state, history)``, plus ``(populations, fitness)`` of shapes (G+1, P, U) and (G+1, P)
     when ``record``.
   """
-  S = importlib.import_module("jaxprune.ga.search")  # the module, not ga.search
+  S = importlib.import_module("jaxprune.ga.mask_search")
   h, w, b, y = fitness_fn.incremental_data(data)
   blk = _blocks(plan_, h.reshape(h.shape[0], -1), w, b, y)
   keys = S.generation_keys(key, config)

@@ -611,7 +611,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     activations over the patterns, (N, units) or (N, H, W, units) (then each unit's vector is its
     N*H*W values); they must come from the params being pruned. Angles and the tolerance are
     traced. With concrete inputs bad values raise ValueError; under ``jit``/``vmap`` they leave
-    everything unchanged and set ``report.invalid``. ``prune.trace_count()`` counts compilations.
+    everything unchanged and set ``report.invalid``.
 
   Note:
     Merging is exact (outputs unchanged) for exact duplicates and removing constants is exact
@@ -639,7 +639,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
                                       complementary_deg, constant_tol, flags)
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
-  prune.trace_count = trace_count
+  prune._trace_count = trace_count  # for tests: compilations so far (not public API)
   prune.config = ("activations", g, tuple(flags.tolist()))  # same config: same sweep
   return prune
 
@@ -722,7 +722,7 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
                                       constant_tol)
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
-  prune.trace_count = trace_count
+  prune._trace_count = trace_count  # for tests: compilations so far (not public API)
   prune.config = ("weights", g, source, similar, complementary, constants, absorb)
   return prune
 

@@ -39,7 +39,7 @@ uses key ``g`` (the initial population uses key 0). :func:`run` does this inside
   ...   return population.sum(1).astype(jnp.float32)
   >>> state = ga.init(config, num_units=16)
   >>> for k in ga.generation_keys(jax.random.key(0), config):
-  ...   population = ga.ask(config, state, ga.GAParams(), key=k)
+  ...   population = ga.ask(config, state, ga.GAHyperparams(), key=k)
   ...   state = ga.tell(config, state, population, onemax(population, None, None))
   >>> state2, history = ga.run(config, onemax, 16, key=jax.random.key(0), progress=False)
   >>> bool((state.hof == state2.hof).all())
@@ -73,7 +73,7 @@ from jaxprune.ga import incremental
 from jaxprune.ga import operators as ops
 
 PyTree = Any
-FitnessFn = Callable[[jax.Array, PyTree, "GAParams"], jax.Array]
+FitnessFn = Callable[[jax.Array, PyTree, "GAHyperparams"], jax.Array]
 
 # ----------------------------------------------------------------------------- config and state
 
@@ -121,7 +121,7 @@ class GAConfig:
           "tournament_size.")
 
 
-class GAParams(NamedTuple):
+class GAHyperparams(NamedTuple):
   """Numeric (traced) settings: ``vmap`` over them, or change them, without recompiling.
 
   Attributes:
@@ -196,7 +196,7 @@ class GAResult(NamedTuple):
   state: GAState
 
 
-def check_params(hyper: GAParams) -> None:
+def check_params(hyper: GAHyperparams) -> None:
   """Raises ValueError if a concrete probability is outside [0, 1] (traced values pass)."""
   for name in ("crossover_prob", "mutation_prob", "bit_flip_prob"):
     v = getattr(hyper, name)
@@ -204,9 +204,9 @@ def check_params(hyper: GAParams) -> None:
       continue
     a = np.asarray(v)
     if not np.all((a >= 0) & (a <= 1)):
-      raise ValueError(f"GAParams.{name} must be a probability in [0, 1], got {v!r}.")
+      raise ValueError(f"GAHyperparams.{name} must be a probability in [0, 1], got {v!r}.")
   if not isinstance(hyper.lam, jax.core.Tracer) and not np.all(np.isfinite(hyper.lam)):
-    raise ValueError(f"GAParams.lam must be finite, got {hyper.lam!r}.")
+    raise ValueError(f"GAHyperparams.lam must be finite, got {hyper.lam!r}.")
 
 
 # ----------------------------------------------------------------------------- ask / tell
@@ -235,7 +235,7 @@ def initial_population(config: GAConfig, num_units: int, *, key: jax.Array) -> j
   return jax.random.bernoulli(key, 0.5, (config.population_size, num_units))
 
 
-def breed(config: GAConfig, state: GAState, hyper: GAParams, *, key: jax.Array) -> jax.Array:
+def breed(config: GAConfig, state: GAState, hyper: GAHyperparams, *, key: jax.Array) -> jax.Array:
   """The next population: ``P - K`` selected, crossed and mutated children, then the HoF.
 
   One vector of uniform draws per generation feeds the operators, in this order: tournaments
@@ -255,7 +255,7 @@ def breed(config: GAConfig, state: GAState, hyper: GAParams, *, key: jax.Array) 
   return jnp.concatenate([children, state.hof], axis=0)
 
 
-def ask(config: GAConfig, state: GAState, hyper: GAParams = GAParams(), *,
+def ask(config: GAConfig, state: GAState, hyper: GAHyperparams = GAHyperparams(), *,
         key: jax.Array) -> jax.Array:
   """The population to evaluate next: random at generation 0, else bred from ``state``.
 
@@ -350,7 +350,7 @@ def _population_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def _evaluate(fitness_fn: FitnessFn, mesh: Mesh | None, population: jax.Array, data: PyTree,
-              hyper: GAParams) -> jax.Array:
+              hyper: GAHyperparams) -> jax.Array:
   """Scores a population, sharding it over ``mesh`` (padded to a multiple of its size)."""
   p = population.shape[0]
   if mesh is not None and mesh.size > 1:
@@ -372,7 +372,7 @@ def _evaluate(fitness_fn: FitnessFn, mesh: Mesh | None, population: jax.Array, d
 
 
 def _run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, progress: bool,
-         mesh: Mesh | None, hyper: GAParams, data: PyTree,
+         mesh: Mesh | None, hyper: GAHyperparams, data: PyTree,
          key: jax.Array) -> tuple[GAState, GAHistory]:
   keys = generation_keys(key, config)
   evaluate = functools.partial(_evaluate, fitness_fn, mesh)
@@ -425,7 +425,7 @@ def default_mesh(shard: bool = True) -> Mesh | None:
 
 
 def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Array,
-        hyper: GAParams = GAParams(), data: PyTree = None, progress: bool = True,
+        hyper: GAHyperparams = GAHyperparams(), data: PyTree = None, progress: bool = True,
         mesh: Mesh | None = None, shard: bool = True) -> tuple[GAState, GAHistory]:
   """Runs the whole GA as one jit-compiled program (a ``lax.scan`` over generations).
 
@@ -436,7 +436,7 @@ def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Arr
       repeated runs reuse the compiled program.
     num_units: chromosome length ``U``.
     key: PRNG key; the run is deterministic for a key.
-    hyper: numeric settings (:class:`GAParams`), traced.
+    hyper: numeric settings (:class:`GAHyperparams`), traced.
     data: a pytree of arrays passed to ``fitness_fn`` (traced, e.g. params and inputs).
     progress: print a progress bar on stderr (``jax.debug.callback``); turn it off under
       ``vmap``.
@@ -576,7 +576,7 @@ class AccuracyFitness:
     return data["h"], data["w"], data["b"], data["y"]
 
   def from_accuracy(self, accuracy: jax.Array, population: jax.Array, data: PyTree,
-                    hyper: GAParams) -> jax.Array:
+                    hyper: GAHyperparams) -> jax.Array:
     """The fitness of each individual given its accuracy (the size penalty, if any)."""
     del data
     if self.penalty is None:
@@ -584,7 +584,7 @@ class AccuracyFitness:
     kept = jnp.sum(population, axis=1, dtype=jnp.int32)
     return penalized(accuracy, kept, population.shape[1], hyper.lam, self.penalty)
 
-  def __call__(self, population: jax.Array, data: PyTree, hyper: GAParams) -> jax.Array:
+  def __call__(self, population: jax.Array, data: PyTree, hyper: GAHyperparams) -> jax.Array:
     return self.from_accuracy(self.accuracy(population, data), population, data, hyper)
 
 
@@ -594,7 +594,7 @@ class UserFitness:
 
   fn: Callable[[PyTree, jax.Array], jax.Array]
 
-  def __call__(self, population: jax.Array, data: PyTree, hyper: GAParams) -> jax.Array:
+  def __call__(self, population: jax.Array, data: PyTree, hyper: GAHyperparams) -> jax.Array:
     del hyper
     return jax.vmap(lambda m: jnp.asarray(self.fn(data, m), jnp.float32))(population)
 
@@ -636,7 +636,7 @@ def make_fitness(model, group: str, fitness: str | Callable = "eq5",
 
 def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, group: str, *,
            key: jax.Array, fitness: str | Callable = "eq5", config: GAConfig = GAConfig(),
-           hyper: GAParams = GAParams(), fast_path: bool | str = "auto", progress: bool = True,
+           hyper: GAHyperparams = GAHyperparams(), fast_path: bool | str = "auto", progress: bool = True,
            mesh: Mesh | None = None, shard: bool = True,
            incremental: bool | str = "auto") -> GAResult:
   """Evolves a unit mask for ``group`` of a trained model with the published GA.
@@ -653,7 +653,7 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
       population; ``x`` and ``y`` may then be None).
     config: static settings (:class:`GAConfig`): population, hall of fame, tournament size,
       generations.
-    hyper: numeric settings (:class:`GAParams`): probabilities and ``lam``.
+    hyper: numeric settings (:class:`GAHyperparams`): probabilities and ``lam``.
     fast_path: ``'auto'`` uses the one-product evaluation when the group feeds the output layer
       directly; ``False`` forces the general ``vmap`` of the masked forward pass.
     progress: show a progress bar on stderr.
@@ -712,7 +712,7 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
 
 
 def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh: Mesh | None,
-                    with_accuracy: bool, hyper: GAParams, params: PyTree, x, y,
+                    with_accuracy: bool, hyper: GAHyperparams, params: PyTree, x, y,
                     key: jax.Array):
   """The whole of :func:`search` as one program: the fast path's activations, the GA's scan
   and the best mask's accuracy (one XLA compilation for a first call)."""
