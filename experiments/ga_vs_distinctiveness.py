@@ -467,6 +467,7 @@ def figures(cfg: Config, summary: dict, folder: str) -> list[str]:
     ax.errorbar([r["H"] for r in rows], [r["test_acc_mean"] for r in rows],
                 yerr=[r["test_acc_std"] for r in rows], marker="o", capsize=3, label=f"lr {lr:g}")
   ax.set_xscale("log")
+  _common.log_ticks(ax, [r["H"] for r in summary["baseline"]])
   ax.set(xlabel="hidden units H", ylabel="test accuracy (%)",
          title=f"Baseline, {cfg.folds}-fold CV, {cfg.epochs} epochs")
   ax.legend()
@@ -502,10 +503,12 @@ def figures(cfg: Config, summary: dict, folder: str) -> list[str]:
                   yerr=[r[key + "_std"] for r in rows], marker="os^vD<>"[i % 7], capsize=3,
                   label=m)
     ax.set_xscale("log")
+    _common.log_ticks(ax, [r["H"] for r in summary["comparison"]])
     if key == "hidden":
       ax.set_yscale("log")
+      _common.log_ticks(ax, axis="y")
     ax.set(xlabel="initial hidden units H", ylabel=label,
-           title="Unpruned vs distinctiveness vs GA")
+           title="Unpruned vs distinctiveness vs GA vs group redundancy")
     ax.legend(fontsize=8)
     _common.save_figure(fig, f"{folder}/{fname}")
     names.append(fname)
