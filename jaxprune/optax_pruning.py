@@ -49,7 +49,7 @@ from jaxprune import units as units_lib
 from jaxprune.pruners import _common
 from jaxprune.pruners import importance as importance_lib
 from jaxprune.pruners import magnitude as magnitude_lib
-from jaxprune.pruners.distinctiveness_pruning import check_thresholds
+from jaxprune.pruners.angles import check_thresholds
 from jaxprune.pruners.distinctiveness_pruning import weight_distinctiveness
 
 PyTree = Any
