@@ -122,9 +122,9 @@ def _check_targets(model: Model, params, x, y, name: str) -> None:
   """Classifier targets must be integer labels in [0, number of outputs)."""
   if model.task in ("reconstruction", "custom"):
     return
-  if not jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer):
+  if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
     raise ValueError(f"{name} targets must be integer class labels, got dtype "
-                     f"{jnp.asarray(y).dtype}; convert with y.astype(int).")
+                     f"{jnp.result_type(y)}; convert with y.astype(int).")
   n_out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct(
       (1,) + tuple(jnp.shape(x)[1:]), jnp.float32)).shape[-1]
   lo, hi = int(jnp.min(y)), int(jnp.max(y))

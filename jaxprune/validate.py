@@ -135,7 +135,7 @@ def check_data(x, y=None, *, sample_weight=None, num_classes: int | None = None,
   if np.shape(y)[:lead] != np.shape(x)[:lead]:
     n_x, n_y = (np.shape(x)[:lead], np.shape(y)[:lead]) if runs else (len(x), len(y))
     raise ValueError(f"{name} has {n_x} samples but its targets have {n_y}.")
-  if jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer):
+  if jnp.issubdtype(jnp.result_type(y), jnp.integer):
     check_labels(name, y, num_classes, sample_weight)
   else:
     if num_classes is not None:

@@ -118,8 +118,8 @@ class Model(abc.ABC):
           f"{type(self).__name__} takes a batch of shape (N, {', '.join(map(str, want))}); got "
           f"{shape}{what}. Reshape or resize the inputs, or build the model with "
           f"input shape {shape[1:]}.")
-    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
-      raise ValueError(f"Inputs must be floating point, got dtype {jnp.asarray(x).dtype}.")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      raise ValueError(f"Inputs must be floating point, got dtype {jnp.result_type(x)}.")
 
   def init(self, key: jax.Array) -> PyTree:
     """Initial variables for this model (a dict with a ``'params'`` entry)."""
