@@ -54,7 +54,7 @@ from jaxprune import ga  # noqa: E402
 
 N_PATTERNS, N_IN, N_OUT = 1100, 10, 7
 LAM = 10.0
-_SEARCH = importlib.import_module("jaxprune.ga.mask_search")
+_SEARCH = importlib.import_module("jaxprune.ga.loop")
 
 
 def median_time(fn, repeats, reduce=np.median):

@@ -40,7 +40,7 @@ from absl import flags
 
 import jaxprune
 from jaxprune import ga
-from jaxprune.ga.mask_search import AccuracyFitness
+from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.pruners import distinctiveness
 from experiments import _common
 from experiments import _mlp_common as mc

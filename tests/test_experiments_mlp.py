@@ -218,7 +218,7 @@ def test_padded_fitness_matches_unpadded_accuracy():
   import jax
   import jax.numpy as jnp
   import jaxprune
-  from jaxprune.ga.mask_search import AccuracyFitness
+  from jaxprune.ga.fitness import AccuracyFitness
   model = jaxprune.MLP(in_features=10, hidden=(6,), out_features=7)
   params = model.init(jax.random.key(0))
   x = np.asarray(jax.random.normal(jax.random.key(1), (13, 10)))

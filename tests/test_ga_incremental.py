@@ -11,7 +11,7 @@ import pytest
 import jaxprune
 from jaxprune import ga
 
-S = importlib.import_module("jaxprune.ga.mask_search")
+S = importlib.import_module("jaxprune.ga.strategy")
 I = importlib.import_module("jaxprune.ga.incremental")
 
 U, N, O = 60, 96, 4

@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent("""
       assert len(sharded.mask.sharding.device_set) == 4   # replicated result on every device
       assert len(single.mask.sharding.device_set) == 1
     # The evaluation really is partitioned over the 4 devices.
-    S = __import__("importlib").import_module("jaxprune.ga.mask_search")
+    S = __import__("importlib").import_module("jaxprune.ga.loop")
     fit = ga.make_fitness(model, "hidden_0")
     lowered = S._run_jit.lower(cfg, fit, 10, False, ga.default_mesh(), ga.GAHyperparams(),
                                fit.prepare(params, x, y), jax.random.key(0))

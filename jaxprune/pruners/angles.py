@@ -3,14 +3,12 @@ exact duplicates give exactly 0 degrees) and the threshold checks."""
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import units as units_lib
 from jaxprune.pruners import _common
 
 PyTree = Any

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import units as units_lib
 from jaxprune.pruners import _common
 from jaxprune.pruners.angles import pairwise_angles
 from jaxprune.pruners.distinctiveness_pruning import _apply_moves, _check_bias_folds, _check_tol

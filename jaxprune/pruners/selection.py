@@ -3,15 +3,12 @@ locally dominant pairs (see :mod:`jaxprune.pruners.distinctiveness_pruning` for 
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import units as units_lib
-from jaxprune.pruners import _common
 from jaxprune.pruners.angles import _angle_matrix, _gram
 
 PyTree = Any
