@@ -54,7 +54,7 @@ from jaxprune import ga  # noqa: E402
 
 N_PATTERNS, N_IN, N_OUT = 1100, 10, 7
 LAM = 10.0
-_SEARCH = importlib.import_module("jaxprune.ga.search")  # the module (``ga.search`` is a function)
+_SEARCH = importlib.import_module("jaxprune.ga.loop")
 
 
 def median_time(fn, repeats, reduce=np.median):
@@ -265,12 +265,12 @@ t_import = time.perf_counter() - t0
 with B.CompileCounter() as c:
   t = time.perf_counter()
   res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(0),
-                  hyper=ga.GAParams(lam=B.LAM), progress=False)
+                  hyper=ga.GAHyperparams(lam=B.LAM), progress=False)
   jax.block_until_ready(res)
   first = time.perf_counter() - t
 t = time.perf_counter()
 jax.block_until_ready(ga.search(model, params, x, y, "hidden_0", key=jax.random.key(1),
-                                hyper=ga.GAParams(lam=B.LAM), progress=False))
+                                hyper=ga.GAHyperparams(lam=B.LAM), progress=False))
 print("FIRST", first, c.count, c.seconds, time.perf_counter() - t, t_import)
 """
 
@@ -296,7 +296,7 @@ def jax_setup(model, params, x, y, config, incremental="auto"):
   """The compiled run and its compilation time (lowering + XLA compilation)."""
   fit = ga.make_fitness(model, "hidden_0", "eq5", incremental=incremental)
   data = fit.prepare(params, x, y)
-  hyper = ga.GAParams(lam=LAM)
+  hyper = ga.GAHyperparams(lam=LAM)
   num_units = model.hidden[0]
   jax.clear_caches()   # measure a cold compilation every time
   t = time.perf_counter()
@@ -327,7 +327,7 @@ def mismatches(model, params, x, y, config):
   inc = importlib.import_module("jaxprune.ga.incremental")
   fit = ga.make_fitness(model, "hidden_0", "accuracy", incremental=True)
   data = fit.prepare(params, x, y)
-  hyper = ga.GAParams(lam=LAM)
+  hyper = ga.GAHyperparams(lam=LAM)
   plan = inc.plan(model.hidden[0], config.population_size, config.hof_size, x.shape[0], N_OUT)
   run = jax.jit(lambda d, k: inc.run_scan(plan, config, fit, model.hidden[0], hyper, d, k,
                                           record=True))

@@ -334,6 +334,20 @@ def pyplot():
   return plt
 
 
+def log_ticks(ax, values=None, axis: str = "x") -> None:
+  """A log axis labelled in plain numbers: at the plotted ``values`` themselves (e.g. the hidden
+  sizes 20, 50, 100), or at 1-2-5 steps when ``values`` is None; no minor labels (matplotlib's
+  default writes overlapping ``2x10^1 3x10^1 ...``)."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  target = ax.xaxis if axis == "x" else ax.yaxis
+  if values is None:
+    target.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+  else:
+    target.set_major_locator(ticker.FixedLocator(sorted({float(v) for v in values})))
+  target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+  target.set_minor_locator(ticker.NullLocator())
+
+
 # ----------------------------------------------------------------------------- tables
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 import jaxprune
 from jaxprune import data as data_lib
-from jaxprune.ga.search import AccuracyFitness
+from jaxprune.ga.fitness import AccuracyFitness
 from experiments import _common
 
 PyTree = Any

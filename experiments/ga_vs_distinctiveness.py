@@ -40,7 +40,7 @@ from absl import flags
 
 import jaxprune
 from jaxprune import ga
-from jaxprune.ga.search import AccuracyFitness
+from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.pruners import distinctiveness
 from experiments import _common
 from experiments import _mlp_common as mc
@@ -259,7 +259,7 @@ def _ga_program(config: ga.GAConfig, fitness, h: int):
   """jit(vmap over runs (the whole GA)), built once per GA shape."""
   def one(d, hp, k):
     return ga.run(config, fitness, h, key=k, hyper=hp, data=d, progress=False, shard=False)
-  return jax.jit(jax.vmap(one, in_axes=(0, ga.GAParams(None, None, None, 0), 0)))
+  return jax.jit(jax.vmap(one, in_axes=(0, ga.GAHyperparams(None, None, None, 0), 0)))
 
 
 def distinctiveness_hidden(cfg: Config, folds: mc.Folds, h: int, params, base_test,
@@ -313,7 +313,7 @@ def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _common.Study
     data["eq6"] = jnp.asarray([e == "eq6" for e, _, _ in runs])
     lam = jnp.asarray([lam for _, lam, _ in runs], jnp.float32)
     keys = mc.stack_keys([_common.config_key(cfg.seed, "ga", h, e, lam_, f) for e, lam_, f in runs])
-    hyper = ga.GAParams(crossover_prob=cfg.ga_crossover, mutation_prob=cfg.ga_mutation,
+    hyper = ga.GAHyperparams(crossover_prob=cfg.ga_crossover, mutation_prob=cfg.ga_mutation,
                         bit_flip_prob=cfg.ga_bit_flip, lam=lam)
 
     t0 = time.time()
@@ -467,6 +467,7 @@ def figures(cfg: Config, summary: dict, folder: str) -> list[str]:
     ax.errorbar([r["H"] for r in rows], [r["test_acc_mean"] for r in rows],
                 yerr=[r["test_acc_std"] for r in rows], marker="o", capsize=3, label=f"lr {lr:g}")
   ax.set_xscale("log")
+  _common.log_ticks(ax, [r["H"] for r in summary["baseline"]])
   ax.set(xlabel="hidden units H", ylabel="test accuracy (%)",
          title=f"Baseline, {cfg.folds}-fold CV, {cfg.epochs} epochs")
   ax.legend()
@@ -502,10 +503,12 @@ def figures(cfg: Config, summary: dict, folder: str) -> list[str]:
                   yerr=[r[key + "_std"] for r in rows], marker="os^vD<>"[i % 7], capsize=3,
                   label=m)
     ax.set_xscale("log")
+    _common.log_ticks(ax, [r["H"] for r in summary["comparison"]])
     if key == "hidden":
       ax.set_yscale("log")
+      _common.log_ticks(ax, axis="y")
     ax.set(xlabel="initial hidden units H", ylabel=label,
-           title="Unpruned vs distinctiveness vs GA")
+           title="Unpruned vs distinctiveness vs GA vs group redundancy")
     ax.legend(fontsize=8)
     _common.save_figure(fig, f"{folder}/{fname}")
     names.append(fname)

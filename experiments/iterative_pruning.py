@@ -53,7 +53,7 @@ from absl import flags
 
 import jaxprune
 from jaxprune import ga
-from jaxprune.ga.search import AccuracyFitness
+from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.pruners import distinctiveness
 from experiments import _common
 from experiments import _mlp_common as mc
@@ -213,7 +213,7 @@ def prune_runs(cfg: Config, model, pruner: str, params, masks, folds: mc.Folds, 
     data["target"] = jnp.full((runs,), float(target), jnp.float32)
     # Keyed by fold: one-shot runs of one fold (same network) get the same mask in both modes.
     keys = mc.stack_keys([_common.config_key(cfg.seed, "ga", *key_parts, f) for f in run_folds])
-    state, _ = _ga_program(config, fitness, h)(data, ga.GAParams(lam=cfg.ga_lambda), keys)
+    state, _ = _ga_program(config, fitness, h)(data, ga.GAHyperparams(lam=cfg.ga_lambda), keys)
     new_masks = np.asarray(state.hof[:, 0]) & masks
     wm = _expand_many(model)(params, jnp.asarray(new_masks))
     return jax.tree.map(lambda a, m: a * m, params, wm), new_masks, info

@@ -49,8 +49,8 @@ from jaxprune import units as units_lib
 from jaxprune.pruners import _common
 from jaxprune.pruners import importance as importance_lib
 from jaxprune.pruners import magnitude as magnitude_lib
-from jaxprune.pruners.distinctiveness import check_thresholds
-from jaxprune.pruners.distinctiveness import weight_distinctiveness
+from jaxprune.pruners.angles import check_thresholds
+from jaxprune.pruners.distinctiveness_pruning import weight_distinctiveness
 
 PyTree = Any
 Select = Sequence | Callable | None

@@ -1,4 +1,4 @@
-"""Tests for jaxprune.pruners.distinctiveness: hand-built cases with known answers."""
+"""Tests for jaxprune.pruners.distinctiveness_pruning: hand-built cases with known answers."""
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +9,10 @@ import jaxprune
 from jaxprune.models.mlp import MLP, Autoencoder
 from jaxprune.models.cnn import LeNet
 import importlib
-dist_lib = importlib.import_module("jaxprune.pruners.distinctiveness")
-from jaxprune.pruners.distinctiveness import (distinctiveness, pairwise_angles,
-                                              progressive_distinctiveness, report_actions,
-                                              weight_distinctiveness)
+from jaxprune.pruners import distinctiveness_pruning as dist_lib
+from jaxprune.pruners import selection as selection_lib
+from jaxprune.pruners import (distinctiveness, pairwise_angles, progressive_distinctiveness,
+                              report_actions, weight_distinctiveness)
 
 
 H, P = 12, 30  # the shared tanh model's units and patterns (hand-built cases are padded)
@@ -176,7 +176,7 @@ def test_strict_thresholds_at_14_9_and_15_1(tanh_model):
                       _rot(164.9, 2, 3, 4)])
   _, m, rep = prune(params, on, acts, 15.0, 165.0)
   np.testing.assert_array_equal(m["hidden_0"][:4], [0, 0, 1, 1])
-  assert int(rep.kind[0]) == dist_lib.COMPLEMENTARY
+  assert int(rep.kind[0]) == selection_lib.COMPLEMENTARY
   # Rules switched off one at a time (Dixit: similar-only at 45, complementary-only at 140).
   _, m, _ = distinctiveness(model, "hidden_0", complementary=False)(params, on, acts, 45.0)
   np.testing.assert_array_equal(m["hidden_0"][:4], [1, 1, 1, 1])
@@ -220,7 +220,7 @@ def test_similar_before_complementary_on_equal_excess(tanh_model):
   comp = np.float32(big - np.float32(15.0))
   assert big - comp == np.float32(15.0)
   _, m, rep = distinctiveness(model, "hidden_0")(params, on, acts, 15.0, comp)
-  assert int(rep.kind[0]) == dist_lib.SIMILAR and int(rep.count) == 1
+  assert int(rep.kind[0]) == selection_lib.SIMILAR and int(rep.count) == 1
   np.testing.assert_array_equal(m["hidden_0"][:4], [1, 0, 1, 1])
 
 
@@ -337,7 +337,7 @@ def test_matches_float64_reference(tanh_model, absorb):
   ref = _reference_sweep(np.asarray(acts), 40.0, 140.0, absorb)
   _, m, rep = distinctiveness(model, "hidden_0", absorb=absorb)(params, _ones(model), acts,
                                                                 40.0, 140.0)
-  assert int(rep.count) > 3 and not np.any(rep.kind == dist_lib.CONSTANT)
+  assert int(rep.count) > 3 and not np.any(rep.kind == selection_lib.CONSTANT)
   np.testing.assert_array_equal(m["hidden_0"], ref)
 
 
@@ -364,8 +364,8 @@ def test_parallel_rounds_match_sequential_walk_on_adversarial_angles(absorb, min
   """The parallel rounds take exactly the sequential walk's pairs, listed in its order, on
   matrices full of ties and near-threshold angles, with each rule switched on and off; with
   ``min_phase=3`` the working set is compacted (12, 6, 3 units) as it is for large groups."""
-  monkeypatch.setattr(dist_lib, "_MIN_PHASE", min_phase)
-  ordered_pairs = jax.jit(lambda *a, **k: dist_lib._ordered_pairs(*a, **k))
+  monkeypatch.setattr(selection_lib, "_MIN_PHASE", min_phase)
+  ordered_pairs = jax.jit(lambda *a, **k: selection_lib._ordered_pairs(*a, **k))
   rng = np.random.default_rng(11 + absorb)
   for _ in range(100):
     a, ok, sim, comp = _adversarial_angles(rng, h=12)
@@ -374,9 +374,9 @@ def test_parallel_rounds_match_sequential_walk_on_adversarial_angles(absorb, min
         a, ok, sim, comp, use_similar=similar, use_comp=complementary, absorb=absorb))
     got = []
     for f, s_, k in zip(first, second, kind):
-      if k == dist_lib.SIMILAR:
+      if k == selection_lib.SIMILAR:
         got.append(("similar", (int(f),), (int(s_),)))
-      elif k == dist_lib.COMPLEMENTARY:
+      elif k == selection_lib.COMPLEMENTARY:
         got.append(("complementary", (), (int(f), int(s_))))
     _, want = _walk(_ranked_pairs(a, ok, sim, comp, similar, complementary), len(ok), absorb)
     assert got == want, (sim, comp, similar, complementary)
@@ -390,7 +390,7 @@ def test_vmap_rule_batched_and_mapped_agree(monkeypatch):
   a, ok, _, _ = _adversarial_angles(np.random.default_rng(5), h=12)
   sims = jnp.asarray([0.0, 15.0, 45.0, 90.0], jnp.float32)
   comps = jnp.asarray([165.0, 150.0, 135.0, 90.5], jnp.float32)
-  run = lambda s, c: dist_lib._ordered_pairs(a, ok, s, c, use_similar=True, use_comp=True,
+  run = lambda s, c: selection_lib._ordered_pairs(a, ok, s, c, use_similar=True, use_comp=True,
                                              absorb=True)
   mapped = jax.jit(jax.vmap(lambda s, c: run(s, c)))(sims, comps)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -553,10 +553,10 @@ def test_vmap_over_thresholds_equals_loop_and_no_recompile(tanh_model):
   # Inside jit with the activations closed over (concrete, checked on the host, not traced).
   _, jm, _ = jax.jit(lambda s: prune(params, _ones(model), acts, s))(45.0)
   np.testing.assert_array_equal(jm["hidden_0"], vm["hidden_0"][9])
-  before = prune.trace_count()
+  before = prune._trace_count()
   prune(params, _ones(model), acts, 33.0)
   prune(params, _ones(model), acts, jnp.float32(44.0))
-  assert prune.trace_count() == before  # new values, no new trace
+  assert prune._trace_count() == before  # new values, no new trace
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -218,7 +218,7 @@ def test_padded_fitness_matches_unpadded_accuracy():
   import jax
   import jax.numpy as jnp
   import jaxprune
-  from jaxprune.ga.search import AccuracyFitness
+  from jaxprune.ga.fitness import AccuracyFitness
   model = jaxprune.MLP(in_features=10, hidden=(6,), out_features=7)
   params = model.init(jax.random.key(0))
   x = np.asarray(jax.random.normal(jax.random.key(1), (13, 10)))
@@ -227,11 +227,11 @@ def test_padded_fitness_matches_unpadded_accuracy():
   yp, _ = mc.pad_stack([y, np.zeros(17, np.int64)])
   pop = jax.random.bernoulli(jax.random.key(2), 0.5, (9, 6))
   base = AccuracyFitness(model, "hidden_0", "ratio", True)
-  want = base(pop, base.prepare(params, x, y), jaxprune.ga.GAParams(lam=25.0))
+  want = base(pop, base.prepare(params, x, y), jaxprune.ga.GAHyperparams(lam=25.0))
   d = mc.padded_fitness_data(model, "hidden_0", params, xp[0], yp[0], w[0])
   d["eq6"] = jnp.asarray(False)
   got = mc.PaddedFitness(AccuracyFitness(model, "hidden_0", None, True))(
-      pop, d, jaxprune.ga.GAParams(lam=25.0))
+      pop, d, jaxprune.ga.GAHyperparams(lam=25.0))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 

@@ -11,7 +11,7 @@ import pytest
 import jaxprune
 from jaxprune import ga
 
-S = importlib.import_module("jaxprune.ga.search")
+S = importlib.import_module("jaxprune.ga.strategy")
 I = importlib.import_module("jaxprune.ga.incremental")
 
 U, N, O = 60, 96, 4
@@ -52,7 +52,7 @@ def test_incremental_equals_full_evaluation_every_generation(name):
   config = ga.GAConfig(population_size=30, hof_size=3, generations=20)
   full = jax.jit(jax.vmap(lambda p, h: fit(p, data, h), in_axes=(0, None)))
   mismatches, total = 0, 0
-  for seed, hyper in enumerate([ga.GAParams(), ga.GAParams(0.5, 0.6, 0.05, 3.0)]):
+  for seed, hyper in enumerate([ga.GAHyperparams(), ga.GAHyperparams(0.5, 0.6, 0.05, 3.0)]):
     state, history, (pops, fits) = _recorded_run(config, PLANS[name])(
         data, hyper, jax.random.key(10 + seed))
     want = full(pops, hyper)
@@ -100,8 +100,8 @@ def test_lineage_reproduces_breed():
                                    fitness=jax.random.normal(jax.random.key(1), (21,)))
   for seed in range(5):
     k = jax.random.key(100 + seed)
-    lin = I.breed_with_lineage(cfg, state, ga.GAParams(), key=k)
-    bred = ga.breed(cfg, state, ga.GAParams(), key=k)
+    lin = I.breed_with_lineage(cfg, state, ga.GAHyperparams(), key=k)
+    bred = ga.breed(cfg, state, ga.GAHyperparams(), key=k)
     np.testing.assert_array_equal(np.asarray(lin.children), np.asarray(bred[:19]))
     tail = jnp.arange(17)[None, :] >= lin.cut[:, None]
     expect = jnp.where(tail, pop[lin.second], pop[lin.first])

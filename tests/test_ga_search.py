@@ -11,8 +11,8 @@ import pytest
 
 import jaxprune
 from jaxprune import ga
-# ``jaxprune.ga.search`` the function shadows the module of the same name.
-search_lib = importlib.import_module("jaxprune.ga.search")
+# The GA module is jaxprune.ga.mask_search (jaxprune.ga.search is the function).
+search_lib = importlib.import_module("jaxprune.ga.mask_search")
 
 CFG = ga.GAConfig(population_size=16, hof_size=3, tournament_size=3, generations=6)
 
@@ -73,7 +73,7 @@ def _hand_network():
 @pytest.mark.parametrize("fast", [True, False])
 def test_eq5_eq6_hand_checked(fast):
   model, params, x, y, pop = _hand_network()
-  hyper = ga.GAParams(lam=10.0)
+  hyper = ga.GAHyperparams(lam=10.0)
   for penalty, want in [("ratio", [100 - 10, 25 - 5, 100 - 5, 25 - 0]),     # eq. 5
                         ("count", [100 - 20, 25 - 10, 100 - 10, 25 - 0]),   # eq. 6
                         (None, [100, 25, 100, 25])]:
@@ -86,14 +86,14 @@ def test_search_finds_the_hand_checked_optimum():
   model, params, x, y, _ = _hand_network()
   cfg = ga.GAConfig(population_size=8, hof_size=2, generations=3)
   res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(0), fitness="eq5",
-                  config=cfg, hyper=ga.GAParams(lam=10.0), progress=False)
+                  config=cfg, hyper=ga.GAHyperparams(lam=10.0), progress=False)
   np.testing.assert_array_equal(res.mask, [False, True])
   assert float(res.fitness) == pytest.approx(95.0)
   assert float(res.accuracy) == pytest.approx(1.0)  # a fraction, like evaluate()
   assert int(res.kept) == 1
   # eq. 6 with a large lambda prefers the empty mask (bias-only prediction, 25 %).
   res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(0), fitness="eq6",
-                  config=cfg, hyper=ga.GAParams(lam=100.0), progress=False)
+                  config=cfg, hyper=ga.GAHyperparams(lam=100.0), progress=False)
   np.testing.assert_array_equal(res.mask, [False, False])
   assert float(res.fitness) == pytest.approx(25.0)
   assert int(res.kept) == 0
@@ -105,7 +105,7 @@ def test_fast_path_equals_general_path(trained):
   pop = pop.at[0].set(False).at[1].set(True)
   fast = ga.AccuracyFitness(model, "hidden_0", "ratio", True)
   slow = ga.AccuracyFitness(model, "hidden_0", "ratio", False)
-  hyper = ga.GAParams(lam=25.0)
+  hyper = ga.GAHyperparams(lam=25.0)
   f_fast = jax.jit(fast)(pop, fast.prepare(params, x, y), hyper)
   f_slow = jax.jit(slow)(pop, slow.prepare(params, x, y), hyper)
   np.testing.assert_array_equal(f_fast, f_slow)
@@ -163,7 +163,7 @@ def test_scan_equals_ask_tell_loop(trained, result):
   model, params, x, y = trained
   fit = ga.make_fitness(model, "hidden_0", "eq5")
   data = fit.prepare(params, x, y)
-  hyper = ga.GAParams()
+  hyper = ga.GAHyperparams()
   ask = jax.jit(ga.ask, static_argnums=0)
   tell = jax.jit(ga.tell, static_argnums=0)
   evaluate = jax.jit(fit)
@@ -183,7 +183,7 @@ def test_scan_equals_ask_tell_loop(trained, result):
 
 def test_elitism_hall_of_fame_is_the_population_tail(result):
   state = result.state
-  nxt = jax.jit(ga.breed, static_argnums=0)(CFG, state, ga.GAParams(), key=jax.random.key(0))
+  nxt = jax.jit(ga.breed, static_argnums=0)(CFG, state, ga.GAHyperparams(), key=jax.random.key(0))
   assert nxt.shape == state.population.shape
   np.testing.assert_array_equal(nxt[-CFG.hof_size:], state.hof)
 
@@ -195,7 +195,7 @@ def test_deterministic_and_no_recompilation(trained, result):
                     progress=False)
   assert _tree_equal(again, result)
   other = ga.search(model, jax.tree.map(lambda p: p * 1.01, params), x, y, "hidden_0",
-                    key=jax.random.key(8), config=CFG, hyper=ga.GAParams(0.5, 0.3, 0.2, 3.0),
+                    key=jax.random.key(8), config=CFG, hyper=ga.GAHyperparams(0.5, 0.3, 0.2, 3.0),
                     progress=False)
   assert search_lib._search_jit._cache_size() == size   # new key, params, lambda: no retrace
   assert not np.array_equal(other.state.population, result.state.population)
@@ -212,7 +212,7 @@ def test_vmap_over_lambda_equals_loop():
 
   def one(lam):
     state, hist = ga.run(cfg, _onemax_minus_lam, 9, key=jax.random.key(0),
-                         hyper=ga.GAParams(lam=lam), progress=False)
+                         hyper=ga.GAHyperparams(lam=lam), progress=False)
     return state.hof[0], hist.best
 
   masks, bests = jax.vmap(one)(lams)
@@ -272,8 +272,8 @@ def test_bad_config():
 def test_bad_params_and_inputs(trained):
   model, params, x, y = trained
   kw = dict(key=jax.random.key(0), config=CFG, progress=False)
-  for bad in (ga.GAParams(crossover_prob=1.5), ga.GAParams(mutation_prob=-0.1),
-              ga.GAParams(bit_flip_prob=2.0)):
+  for bad in (ga.GAHyperparams(crossover_prob=1.5), ga.GAHyperparams(mutation_prob=-0.1),
+              ga.GAHyperparams(bit_flip_prob=2.0)):
     with pytest.raises(ValueError, match=r"probability in \[0, 1\]"):
       ga.search(model, params, x, y, "hidden_0", hyper=bad, **kw)
   with pytest.raises(KeyError, match="Unknown unit group 'hidden_7'"):

@@ -40,9 +40,9 @@ SCRIPT = textwrap.dedent("""
       assert len(sharded.mask.sharding.device_set) == 4   # replicated result on every device
       assert len(single.mask.sharding.device_set) == 1
     # The evaluation really is partitioned over the 4 devices.
-    S = __import__("importlib").import_module("jaxprune.ga.search")
+    S = __import__("importlib").import_module("jaxprune.ga.loop")
     fit = ga.make_fitness(model, "hidden_0")
-    lowered = S._run_jit.lower(cfg, fit, 10, False, ga.default_mesh(), ga.GAParams(),
+    lowered = S._run_jit.lower(cfg, fit, 10, False, ga.default_mesh(), ga.GAHyperparams(),
                                fit.prepare(params, x, y), jax.random.key(0))
     hlo = lowered.compile().as_text()
     # One device scores 20 / 4 = 5 individuals x 4 outputs: a (48, 20) product, not (48, 80).

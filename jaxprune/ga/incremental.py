@@ -73,6 +73,7 @@ import numpy as np
 from jax import lax
 
 from jaxprune.ga import operators as ops
+from jaxprune.ga import strategy
 
 PyTree = Any
 
@@ -323,7 +324,6 @@ class IncrementalState(NamedTuple):
 
 def _tell(config, state, population, fitness, partials, inc: IncrementalState):
   """:func:`jaxprune.ga.tell` that also carries the members' partial sums."""
-  S = importlib.import_module("jaxprune.ga.search")  # the module, not ga.search
   fitness = fitness.astype(jnp.float32)
   fitness = jnp.where(jnp.isnan(fitness), -jnp.inf, fitness)
   idx = ops.hall_of_fame_indices(state.hof, state.hof_fitness, population, fitness,
@@ -335,7 +335,7 @@ def _tell(config, state, population, fitness, partials, inc: IncrementalState):
   from_hof = (idx < k)[None, :, None, None]
   hof_part = jnp.where(from_hof, inc.hof_partials[:, jnp.minimum(idx, k - 1)],
                        partials[:, jnp.maximum(idx - k, 0)])
-  new = S.GAState(population, fitness, cand[idx], cand_fit[idx], state.generation + 1)
+  new = strategy.GAState(population, fitness, cand[idx], cand_fit[idx], state.generation + 1)
   return new, IncrementalState(partials, hof_part)
 
 
@@ -353,10 +353,10 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
     ``(state, history)``, plus ``(populations, fitness)`` of shapes (G+1, P, U) and (G+1, P)
     when ``record``.
   """
-  S = importlib.import_module("jaxprune.ga.search")  # the module, not ga.search
+  S = importlib.import_module("jaxprune.ga.loop")  # imports this module: loaded lazily
   h, w, b, y = fitness_fn.incremental_data(data)
   blk = _blocks(plan_, h.reshape(h.shape[0], -1), w, b, y)
-  keys = S.generation_keys(key, config)
+  keys = strategy.generation_keys(key, config)
   k = config.hof_size
 
   def score(population, partials):
@@ -372,8 +372,8 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
     return state, inc, out
 
   # Generation 0: the random population, evaluated in full.
-  state0 = S.init(config, num_units)
-  pop0 = S.initial_population(config, num_units, key=keys[0])
+  state0 = strategy.init(config, num_units)
+  pop0 = strategy.initial_population(config, num_units, key=keys[0])
   part0 = full_partials(plan_, blk, pop0)
   inc0 = IncrementalState(part0, jnp.zeros(part0.shape[:1] + (k,) + part0.shape[2:],
                                           part0.dtype))

@@ -1,15 +1,15 @@
 """Pruners: jit-compiled transforms ``(params, masks, ...) -> (params, masks, report)``."""
 
-from jaxprune.pruners.distinctiveness import ProgressiveReport
-from jaxprune.pruners.distinctiveness import StableReport
-from jaxprune.pruners.distinctiveness import SweepReport
-from jaxprune.pruners.distinctiveness import distinctiveness
-from jaxprune.pruners.distinctiveness import pairwise_angles
-from jaxprune.pruners.distinctiveness import progressive_distinctiveness
-from jaxprune.pruners.distinctiveness import report_actions
-from jaxprune.pruners.distinctiveness import until_stable
-from jaxprune.pruners.distinctiveness import weight_distinctiveness
-from jaxprune.pruners.importance import ImportanceResult
+from jaxprune.pruners.angles import pairwise_angles
+from jaxprune.pruners.distinctiveness_pruning import StableReport
+from jaxprune.pruners.distinctiveness_pruning import distinctiveness
+from jaxprune.pruners.distinctiveness_pruning import until_stable
+from jaxprune.pruners.distinctiveness_pruning import weight_distinctiveness
+from jaxprune.pruners.progressive import ProgressiveReport
+from jaxprune.pruners.progressive import progressive_distinctiveness
+from jaxprune.pruners.selection import SweepReport
+from jaxprune.pruners.selection import report_actions
+from jaxprune.pruners.importance import ImportanceReport
 from jaxprune.pruners.importance import IterativeReport
 from jaxprune.pruners.importance import importance_prune
 from jaxprune.pruners.importance import importance_scores

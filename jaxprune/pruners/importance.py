@@ -59,7 +59,7 @@ def _order(scores, mask):
   return jnp.argsort(jnp.where(mask, scores, jnp.inf), stable=True)
 
 
-class ImportanceResult(NamedTuple):
+class ImportanceReport(NamedTuple):
   """One-shot result: ``scores`` (units,), ``removed`` () int32 and ``kept_last`` () bool."""
 
   scores: jax.Array
@@ -71,7 +71,7 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
   """One-shot removal of the k least important kept units of ``group``.
 
   Returns:
-    ``prune(params, unit_masks, k) -> (params, unit_masks, ImportanceResult)``; ``k`` is
+    ``prune(params, unit_masks, k) -> (params, unit_masks, ImportanceReport)``; ``k`` is
     traced. If ``k`` would remove every kept unit, the most important one is kept and
     ``kept_last`` is True.
   """
@@ -89,7 +89,7 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
     rank = jnp.zeros((g.size,), jnp.int32).at[_order(s, mask)].set(jnp.arange(g.size))
     keep = mask & (rank >= kk)
     return (_common.zero_units(params, g, keep), keep,
-            ImportanceResult(s, n - jnp.sum(keep, dtype=jnp.int32), (k >= n) & (n > 0)))
+            ImportanceReport(s, n - jnp.sum(keep, dtype=jnp.int32), (k >= n) & (n > 0)))
 
   def prune(params, unit_masks, k):
     mask = _common.group_mask(unit_masks, g, groups, params)

@@ -1,0 +1,191 @@
+"""GA fitness: data in, scores out. The seeds' eq. 5 / eq. 6 accuracy fitness (one-product fast
+path when the group feeds the output directly; incremental evaluation), and user functions."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune import masks as masks_lib
+from jaxprune import units as units_lib
+from jaxprune.ga import incremental
+from jaxprune.ga.strategy import GAHyperparams
+
+PyTree = Any
+FitnessFn = Callable[[jax.Array, PyTree, "GAHyperparams"], jax.Array]
+
+
+# ----------------------------------------------------------------------------- fitness
+
+
+def penalized(accuracy: jax.Array, kept: jax.Array, num_units: int, lam,
+              penalty: str) -> jax.Array:
+  """Eq. 5 (``'ratio'``: ``acc - lam * kept / num_units``) or eq. 6 (``'count'``:
+  ``acc - lam * kept``); ``accuracy`` in percent."""
+  kept = jnp.asarray(kept, jnp.float32)
+  if penalty == "ratio":
+    return accuracy - lam * kept / num_units
+  if penalty == "count":
+    return accuracy - lam * kept
+  raise ValueError(f"penalty must be 'ratio' (eq. 5) or 'count' (eq. 6), got {penalty!r}.")
+
+
+def readout_slice(target, group: str):
+  """The group's consumer slice if the target's output is an affine function of ``group``'s
+  activations, read directly (the GA's fast path); else None.
+
+  That holds when the group's only consumer is the last linear map before the output, reading
+  exactly the group's activations (the last hidden layer of an MLP, the last dense layer of a
+  CNN). It is found from the target's traced computation (``target.readout``), never from layer
+  names.
+  """
+  units_lib._check_group_name(_groups_of(target), group)
+  readout = getattr(target, "readout", None)
+  return readout(group) if readout is not None else None
+
+
+def fast_path_applies(target, group: str) -> bool:
+  """True if :func:`readout_slice` finds the one-product fast path for ``group``."""
+  return readout_slice(target, group) is not None
+
+
+def _groups_of(target):
+  groups = target.groups if hasattr(target, "groups") else None
+  if not isinstance(groups, Mapping):
+    raise TypeError("The GA needs a pruning target (a jaxprune model or jaxprune.trace(...)), got "
+                    f"{type(target).__name__}.")
+  return groups
+
+
+def _labels(y: jax.Array) -> jax.Array:
+  y = jnp.asarray(y)
+  if y.ndim == 2:
+    y = jnp.argmax(y, axis=-1)
+  if y.ndim != 1 or not jnp.issubdtype(y.dtype, jnp.integer):
+    raise ValueError(f"Labels must be integer class indices of shape (N,) (or one-hot (N, C)); "
+                     f"got shape {tuple(y.shape)} and dtype {y.dtype}.")
+  return y
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracyFitness:
+  """Training accuracy in percent of the masked network, minus a size penalty.
+
+  ``penalty='ratio'`` is eq. 5 (``acc - lam * N_kept / N_initial``), ``'count'`` eq. 6
+  (``acc - lam * N_kept``), ``None`` the accuracy alone. ``fast=True`` scores the population
+  from activations computed once (see :func:`fast_path_applies`), as one matrix product
+  ``H @ W_all`` with ``W_all[:, p*O:(p+1)*O] = mask[p][:, None] * W_out``; ``fast=False`` runs
+  the full masked forward pass for each individual (``vmap``). On the fast path,
+  ``incremental`` lets :func:`run` score children from their parents' partial logits
+  (:mod:`jaxprune.ga.incremental`): ``'auto'`` (the default) from
+  ``incremental.MIN_UNITS`` units on, True always, False never (full evaluation).
+
+  Use ``prepare(params, x, y)`` to build the ``data`` argument.
+  """
+
+  model: Any
+  group: str
+  penalty: str | None = "ratio"
+  fast: bool = False
+  incremental: bool | str = "auto"
+
+  def prepare(self, params: PyTree, x: jax.Array, y: jax.Array) -> PyTree:
+    y = _labels(y)
+    check = getattr(self.model, "check_input", None)
+    if check is not None:
+      check(x)
+    if y.shape[0] != jnp.shape(x)[0]:
+      raise ValueError(f"x has {jnp.shape(x)[0]} patterns but y has {y.shape[0]} labels.")
+    if not self.fast:
+      return {"params": params, "x": jnp.asarray(x), "y": y}
+    s = readout_slice(self.model, self.group)
+    h = self.model.activations(params, x, self.group)
+    w = units_lib.unit_view(units_lib.get_path(params, s.path), s)      # (units, outputs)
+    b = (units_lib.get_path(params, s.bias) if s.bias is not None
+         else jnp.zeros((w.shape[-1],), w.dtype))
+    return {"h": h.reshape(h.shape[0], -1), "w": w.reshape(w.shape[0], -1), "b": b, "y": y}
+
+  def accuracy(self, population: jax.Array, data: PyTree) -> jax.Array:
+    """(P,) training accuracy in percent of each mask of the population."""
+    y = data["y"]
+    if self.fast:
+      h, w, b = data["h"], data["w"], data["b"]
+      p, (u, o) = population.shape[0], w.shape
+      w_all = population.T.astype(w.dtype)[:, :, None] * w[:, None, :]   # (U, P, O)
+      logits = (h @ w_all.reshape(u, p * o)).reshape(h.shape[0], p, o) + b[None, None, :]
+      correct = jnp.argmax(logits, axis=-1) == y[:, None]                 # (N, P)
+      return 100.0 * jnp.mean(correct.astype(jnp.float32), axis=0)
+
+    def one(mask):
+      wm = masks_lib.expand(data["params"], self.model, {self.group: mask})
+      logits = self.model.apply(masks_lib.apply_masks(data["params"], wm), data["x"])
+      return 100.0 * jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(jnp.float32))
+
+    return jax.vmap(one)(population)
+
+  def incremental_data(self, data: PyTree) -> tuple[jax.Array, ...]:
+    """``(h, w, b, y)`` of the fast path, for :mod:`jaxprune.ga.incremental`."""
+    if not self.fast:
+      raise ValueError("Incremental evaluation needs the fast path (fast=True).")
+    return data["h"], data["w"], data["b"], data["y"]
+
+  def from_accuracy(self, accuracy: jax.Array, population: jax.Array, data: PyTree,
+                    hyper: GAHyperparams) -> jax.Array:
+    """The fitness of each individual given its accuracy (the size penalty, if any)."""
+    del data
+    if self.penalty is None:
+      return accuracy
+    kept = jnp.sum(population, axis=1, dtype=jnp.int32)
+    return penalized(accuracy, kept, population.shape[1], hyper.lam, self.penalty)
+
+  def __call__(self, population: jax.Array, data: PyTree, hyper: GAHyperparams) -> jax.Array:
+    return self.from_accuracy(self.accuracy(population, data), population, data, hyper)
+
+
+@dataclasses.dataclass(frozen=True)
+class UserFitness:
+  """A user function ``fn(params, mask) -> scalar`` scored over the population with ``vmap``."""
+
+  fn: Callable[[PyTree, jax.Array], jax.Array]
+
+  def __call__(self, population: jax.Array, data: PyTree, hyper: GAHyperparams) -> jax.Array:
+    del hyper
+    return jax.vmap(lambda m: jnp.asarray(self.fn(data, m), jnp.float32))(population)
+
+
+_FITNESS = {"eq5": "ratio", "eq6": "count", "accuracy": None}
+
+
+def make_fitness(model, group: str, fitness: str | Callable = "eq5",
+                 fast_path: bool | str = "auto",
+                 incremental: bool | str = "auto") -> AccuracyFitness | UserFitness:
+  """The fitness object :func:`search` uses (hashable, so compiled runs are reused)."""
+  if incremental not in (True, False, "auto") or isinstance(incremental, (int, float)) and (
+      not isinstance(incremental, bool)):
+    raise ValueError(f"incremental must be 'auto', True or False, got {incremental!r}.")
+  g = units_lib._check_group_name(_groups_of(model), group)
+  if callable(fitness):
+    return UserFitness(fitness)
+  if fitness not in _FITNESS:
+    raise ValueError(f"fitness must be 'eq5', 'eq6', 'accuracy' or a function "
+                     f"(params, mask) -> scalar; got {fitness!r}.")
+  if getattr(model, "task", "classification") != "classification":
+    raise ValueError(f"Fitness {fitness!r} scores classification accuracy, but this "
+                     f"{type(model).__name__} does {model.task}; pass a function "
+                     "(params, mask) -> scalar instead.")
+  applies = fast_path_applies(model, g.name)
+  if fast_path == "auto":
+    fast = applies
+  elif fast_path is True:
+    if not applies:
+      raise ValueError(f"fast_path=True needs a group read only by the output layer "
+                       f"(e.g. the last hidden layer); {group!r} is not. Use fast_path='auto'.")
+    fast = True
+  elif fast_path is False:
+    fast = False
+  else:
+    raise ValueError(f"fast_path must be 'auto', True or False, got {fast_path!r}.")
+  return AccuracyFitness(model, group, _FITNESS[fitness], fast, incremental)

@@ -1,0 +1,175 @@
+"""Genetic-algorithm search for unit masks: the published GA as one compiled ``lax.scan``.
+
+The algorithm is DEAP's ``eaSimple`` with a hall of fame kept in the population (the elitist
+variant used by the published GA mask search). With population ``P``, hall of fame ``K``,
+tournament size ``T`` and ``G`` generations:
+
+1. Generation 0: ``P`` random chromosomes (each bit True with probability 1/2) are evaluated and
+   the hall of fame is filled with the ``K`` best distinct ones.
+2. Each of the ``G`` following generations:
+
+   a. ``P - K`` parents are chosen by tournaments of size ``T`` (with replacement);
+   b. consecutive parents (0, 1), (2, 3), ... undergo one-point crossover with probability
+      ``crossover_prob`` (an odd last parent is copied);
+   c. each child is mutated with probability ``mutation_prob``, flipping each bit with
+      probability ``bit_flip_prob``;
+   d. the ``K`` hall-of-fame members are appended: the new population is the ``P - K``
+      children followed by the hall of fame (elitism: the hall of fame *replaces* the last ``K``
+      places of the offspring, so the population size stays ``P``);
+   e. the population is evaluated (hall-of-fame members are re-scored; fitness is
+      deterministic, so their values do not change) and the hall of fame is updated with it.
+
+The result is the hall of fame's best, ``hof[0]``: the fittest individual ever evaluated.
+
+Fitness is higher-is-better. NaN fitness is treated as the worst possible value, ``-inf``
+(such individuals lose every tournament and never enter the hall of fame while a finite one
+exists). Built-in fitness functions (``'eq5'``, ``'eq6'``) score training accuracy in percent
+minus ``lam * N_kept / N_initial`` (eq. 5) or ``lam * N_kept`` (eq. 6). An all-False mask is a
+legitimate individual: the masked network then predicts from the output bias alone, and that is
+the accuracy it is given.
+
+Keys: ``generation_keys(key, config)`` splits ``key`` into ``G + 1`` keys; generation ``g``
+uses key ``g`` (the initial population uses key 0). :func:`run` does this inside one
+``lax.scan``; an ask/tell loop over the same keys gives the same result:
+
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxprune import ga
+  >>> config = ga.GAConfig(population_size=20, generations=5)
+  >>> def onemax(population, data, hyper):   # count of True bits
+  ...   return population.sum(1).astype(jnp.float32)
+  >>> state = ga.init(config, num_units=16)
+  >>> for k in ga.generation_keys(jax.random.key(0), config):
+  ...   population = ga.ask(config, state, ga.GAHyperparams(), key=k)
+  ...   state = ga.tell(config, state, population, onemax(population, None, None))
+  >>> state2, history = ga.run(config, onemax, 16, key=jax.random.key(0), progress=False)
+  >>> bool((state.hof == state2.hof).all())
+  True
+
+Several devices: when more than one device is visible (or a ``mesh`` is given), population
+evaluation is sharded over a ``Mesh`` along its population axis; results equal the one-device
+run. A population that does not divide by the device count is padded with all-False
+chromosomes for evaluation only (their scores are discarded), so any size works.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as PS
+
+from jaxprune import validate
+from jaxprune.ga import incremental
+from jaxprune.ga.strategy import GAConfig, GAHyperparams, GAResult, check_params
+from jaxprune.ga.loop import _PROGRESS, _run, default_mesh
+from jaxprune.ga.fitness import AccuracyFitness
+from jaxprune.ga.fitness import UserFitness
+from jaxprune.ga.fitness import _groups_of
+from jaxprune.ga.fitness import _labels
+from jaxprune.ga.fitness import make_fitness
+
+PyTree = Any
+FitnessFn = Callable[[jax.Array, PyTree, "GAHyperparams"], jax.Array]
+
+
+def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, group: str, *,
+           key: jax.Array, fitness: str | Callable = "eq5", config: GAConfig = GAConfig(),
+           hyper: GAHyperparams = GAHyperparams(), fast_path: bool | str = "auto", progress: bool = True,
+           mesh: Mesh | None = None, shard: bool = True,
+           incremental: bool | str = "auto") -> GAResult:
+  """Evolves a unit mask for ``group`` of a trained model with the published GA.
+
+  Args:
+    model: a jaxprune model.
+    params: its trained variables.
+    x: training inputs (N, ...).
+    y: training labels, int class indices (N,) (or one-hot).
+    group: the unit group to prune, e.g. ``'hidden_0'``.
+    key: PRNG key (the run is deterministic for a key).
+    fitness: ``'eq5'`` (accuracy % - lam * kept / units), ``'eq6'`` (accuracy % - lam * kept),
+      ``'accuracy'``, or a function ``(params, mask) -> scalar`` (``vmap``ped over the
+      population; ``x`` and ``y`` may then be None).
+    config: static settings (:class:`GAConfig`): population, hall of fame, tournament size,
+      generations.
+    hyper: numeric settings (:class:`GAHyperparams`): probabilities and ``lam``.
+    fast_path: ``'auto'`` uses the one-product evaluation when the group feeds the output layer
+      directly; ``False`` forces the general ``vmap`` of the masked forward pass.
+    progress: show a progress bar on stderr.
+    mesh, shard: see :func:`run`.
+    incremental: on the fast path, score children from their parents' partial logits
+      (:mod:`jaxprune.ga.incremental`, one device): ``'auto'`` from
+      ``incremental.MIN_UNITS`` units on, True always, False forces the full evaluation.
+
+  Returns:
+    A :class:`GAResult`.
+
+  Example:
+    >>> import jax, jaxprune
+    >>> from jaxprune.ga import GAConfig, search
+    >>> model = jaxprune.MLP(in_features=10, hidden=(20,), out_features=7)
+    >>> params = model.init(jax.random.key(0))
+    >>> x = jax.random.normal(jax.random.key(1), (64, 10))
+    >>> y = jax.random.randint(jax.random.key(2), (64,), 0, 7)
+    >>> res = search(model, params, x, y, 'hidden_0', key=jax.random.key(3),
+    ...              config=GAConfig(population_size=20, generations=3), progress=False)
+    >>> res.mask.shape, res.history.best.shape
+    ((20,), (4,))
+  """
+  fit = make_fitness(model, group, fitness, fast_path, incremental)
+  if x is None:
+    validate.check_params(params)
+  else:
+    validate.check_model_data(model, params, x, y)  # the one shared data check
+  num_units = _groups_of(model)[group].size
+  if isinstance(fit, UserFitness):
+    data = params
+    mask = jnp.ones((num_units,), bool)
+    out = jax.eval_shape(lambda p, m: fit.fn(p, m), params, mask)
+    if not hasattr(out, "shape") or tuple(out.shape) != ():
+      raise ValueError(f"The fitness function must return a scalar for one mask; it returned "
+                       f"shape {tuple(getattr(out, 'shape', ()))}.")
+  else:
+    if x is None or y is None:
+      raise ValueError(f"fitness={fitness!r} needs training inputs x and labels y.")
+    jax.eval_shape(fit.prepare, params, x, y)   # the input checks, before compiling
+  check_params(hyper)
+  if mesh is None:
+    mesh = default_mesh(shard)
+  elif not shard:
+    mesh = None
+  if mesh is not None and mesh.size > 1:
+    params = jax.device_put(params, NamedSharding(mesh, PS()))
+  with_accuracy = (x is not None and y is not None
+                   and getattr(model, "task", "") == "classification")
+  _PROGRESS["last"] = -1
+  result = _search_jit(config, fit, num_units, bool(progress), mesh, with_accuracy, hyper,
+                       params, x, y, key)
+  if progress:
+    jax.effects_barrier()  # every report has been printed before we return
+  return result
+
+
+def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh: Mesh | None,
+                    with_accuracy: bool, hyper: GAHyperparams, params: PyTree, x, y,
+                    key: jax.Array):
+  """The whole of :func:`search` as one program: the fast path's activations, the GA's scan
+  and the best mask's accuracy (one XLA compilation for a first call)."""
+  data = params if isinstance(fit, UserFitness) else fit.prepare(params, x, y)
+  if mesh is not None and mesh.size > 1:
+    data = jax.tree.map(lambda a: lax.with_sharding_constraint(a, NamedSharding(mesh, PS())),
+                        data)
+  state, history = _run(config, fit, num_units, progress, mesh, hyper, data, key)
+  if with_accuracy:  # a fraction, like evaluate() (the fitness works in percent)
+    accuracy = AccuracyFitness(fit.model, fit.group, None, False).accuracy(
+        state.hof[0][None], {"params": params, "x": x, "y": _labels(y)})[0] / 100.0
+  else:
+    accuracy = jnp.asarray(jnp.nan, jnp.float32)
+  best = state.hof[0]
+  return GAResult(mask=best, fitness=state.hof_fitness[0], accuracy=accuracy,
+                  kept=jnp.sum(best, dtype=jnp.int32), history=history, state=state)
+
+
+_search_jit = jax.jit(_search_program, static_argnums=(0, 1, 2, 3, 4, 5))

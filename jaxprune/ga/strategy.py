@@ -1,0 +1,248 @@
+"""The GA strategy: static config, hyperparameters, state, and the ask/tell steps (evosax
+style: hyperparameters apart from state; population operators written for one individual and
+vmapped, in :mod:`jaxprune.ga.operators`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxprune.ga import operators as ops
+
+PyTree = Any
+FitnessFn = Callable[[jax.Array, PyTree, "GAHyperparams"], jax.Array]
+
+
+# ----------------------------------------------------------------------------- config and state
+
+
+@dataclasses.dataclass(frozen=True)
+class GAConfig:
+  """Structural (static) settings of the GA; changing one recompiles.
+
+  Attributes:
+    population_size: individuals per generation (``P``; published: 100).
+    hof_size: hall-of-fame size ``K``; its members are kept in every next population
+      (published: 5).
+    tournament_size: contestants per tournament (published: 3).
+    generations: generations after the initial one (published: 50); ``generations + 1``
+      populations are evaluated.
+  """
+
+  population_size: int = 100
+  hof_size: int = 5
+  tournament_size: int = 3
+  generations: int = 50
+
+  def __post_init__(self):
+    for name in ("population_size", "hof_size", "tournament_size", "generations"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"GAConfig.{name} must be an int, got {v!r}.")
+      object.__setattr__(self, name, int(v))
+    if self.hof_size < 1:
+      raise ValueError(f"GAConfig.hof_size must be at least 1, got {self.hof_size}.")
+    if self.tournament_size < 1:
+      raise ValueError(f"GAConfig.tournament_size must be at least 1, got "
+                       f"{self.tournament_size}.")
+    if self.generations < 0:
+      raise ValueError(f"GAConfig.generations must be >= 0, got {self.generations}.")
+    if self.population_size <= self.hof_size:
+      raise ValueError(
+          f"GAConfig.population_size ({self.population_size}) must be larger than the hall of "
+          f"fame ({self.hof_size}): each generation breeds population_size - hof_size children. "
+          "Increase population_size or decrease hof_size.")
+    if self.population_size < self.tournament_size:
+      raise ValueError(
+          f"GAConfig.population_size ({self.population_size}) is smaller than the tournament "
+          f"size ({self.tournament_size}). Increase population_size or decrease "
+          "tournament_size.")
+
+
+class GAHyperparams(NamedTuple):
+  """Numeric (traced) settings: ``vmap`` over them, or change them, without recompiling.
+
+  Attributes:
+    crossover_prob: probability that a pair of parents is crossed (published: 0.8).
+    mutation_prob: probability that a child is mutated (published: 0.2).
+    bit_flip_prob: probability that each bit of a mutated child flips (published: 0.1).
+    lam: the size penalty ``lambda`` of the built-in fitness functions (eq. 5 / eq. 6). There
+      is no published default; 10 trades 10 accuracy points for the whole layer under eq. 5.
+  """
+
+  crossover_prob: float | jax.Array = 0.8
+  mutation_prob: float | jax.Array = 0.2
+  bit_flip_prob: float | jax.Array = 0.1
+  lam: float | jax.Array = 10.0
+
+
+class GAState(NamedTuple):
+  """The state between generations.
+
+  Attributes:
+    population: (P, U) bool, the last evaluated population.
+    fitness: (P,) float32, its fitness (NaN replaced by -inf).
+    hof: (K, U) bool, the hall of fame, best first.
+    hof_fitness: (K,) float32, non-increasing.
+    generation: int32 scalar, the number of populations told so far.
+  """
+
+  population: jax.Array
+  fitness: jax.Array
+  hof: jax.Array
+  hof_fitness: jax.Array
+  generation: jax.Array
+
+
+class GAHistory(NamedTuple):
+  """Per-generation statistics, each of shape (generations + 1,) (generation 0 first).
+
+  Attributes:
+    max: the population's best fitness.
+    mean: the mean over the population's finite fitness values (-inf if none is finite).
+    min: the smallest finite fitness (-inf if none is finite).
+    best: the hall of fame's best fitness so far (non-decreasing).
+    best_kept: units kept by the hall of fame's best individual.
+  """
+
+  max: jax.Array
+  mean: jax.Array
+  min: jax.Array
+  best: jax.Array
+  best_kept: jax.Array
+
+
+class GAResult(NamedTuple):
+  """What :func:`search` returns.
+
+  Attributes:
+    mask: (U,) bool, the best unit mask found.
+    fitness: its fitness.
+    accuracy: its training accuracy as a fraction in [0, 1], like :func:`jaxprune.evaluate`
+      (NaN when the fitness is a user function and no labels are given, or for a model whose
+      task is not classification). The fitness itself keeps the seeds' percent scale.
+    kept: number of units it keeps.
+    history: a :class:`GAHistory`.
+    state: the final :class:`GAState` (population and hall of fame).
+  """
+
+  mask: jax.Array
+  fitness: jax.Array
+  accuracy: jax.Array
+  kept: jax.Array
+  history: GAHistory
+  state: GAState
+
+
+def check_params(hyper: GAHyperparams) -> None:
+  """Raises ValueError if a concrete probability is outside [0, 1] (traced values pass)."""
+  for name in ("crossover_prob", "mutation_prob", "bit_flip_prob"):
+    v = getattr(hyper, name)
+    if isinstance(v, jax.core.Tracer):
+      continue
+    a = np.asarray(v)
+    if not np.all((a >= 0) & (a <= 1)):
+      raise ValueError(f"GAHyperparams.{name} must be a probability in [0, 1], got {v!r}.")
+  if not isinstance(hyper.lam, jax.core.Tracer) and not np.all(np.isfinite(hyper.lam)):
+    raise ValueError(f"GAHyperparams.lam must be finite, got {hyper.lam!r}.")
+
+
+# ----------------------------------------------------------------------------- ask / tell
+
+
+def generation_keys(key: jax.Array, config: GAConfig) -> jax.Array:
+  """The ``generations + 1`` keys of a run: key ``g`` makes the population of generation g."""
+  return jax.random.split(key, config.generations + 1)
+
+
+def init(config: GAConfig, num_units: int) -> GAState:
+  """An empty state (generation 0): the next :func:`ask` returns the random initial population."""
+  if num_units < 1:
+    raise ValueError(f"num_units must be at least 1, got {num_units}.")
+  p, k = config.population_size, config.hof_size
+  return GAState(
+      population=jnp.zeros((p, num_units), bool),
+      fitness=jnp.full((p,), -jnp.inf, jnp.float32),
+      hof=jnp.zeros((k, num_units), bool),
+      hof_fitness=jnp.full((k,), -jnp.inf, jnp.float32),
+      generation=jnp.zeros((), jnp.int32))
+
+
+def initial_population(config: GAConfig, num_units: int, *, key: jax.Array) -> jax.Array:
+  """``P`` random chromosomes, each bit True with probability 1/2 (DEAP's ``randint(0, 1)``)."""
+  return jax.random.bernoulli(key, 0.5, (config.population_size, num_units))
+
+
+def breed(config: GAConfig, state: GAState, hyper: GAHyperparams, *, key: jax.Array) -> jax.Array:
+  """The next population: ``P - K`` selected, crossed and mutated children, then the HoF.
+
+  One vector of uniform draws per generation feeds the operators, in this order: tournaments
+  ``(P-K, T)``, crossover ``((P-K) // 2, 2)``, mutation ``(P-K, 1 + U)``.
+  """
+  p, k, t = config.population_size, config.hof_size, config.tournament_size
+  n, u = p - k, state.population.shape[1]
+  half = n // 2
+  sizes = (n * t, half * 2, n * (1 + u))
+  draws = jax.random.uniform(key, (sum(sizes),))
+  u_sel, u_cx, u_mut = jnp.split(draws, np.cumsum(sizes)[:-1])
+  idx = jax.vmap(ops.tournament, in_axes=(0, None))(u_sel.reshape(n, t), state.fitness)
+  children = ops.crossover_pairs_from(u_cx.reshape(half, 2), state.population[idx],
+                                      hyper.crossover_prob)
+  children = ops.mutate_from(u_mut.reshape(n, 1 + u), children, hyper.mutation_prob,
+                             hyper.bit_flip_prob)
+  return jnp.concatenate([children, state.hof], axis=0)
+
+
+def ask(config: GAConfig, state: GAState, hyper: GAHyperparams = GAHyperparams(), *,
+        key: jax.Array) -> jax.Array:
+  """The population to evaluate next: random at generation 0, else bred from ``state``.
+
+  Args:
+    config: the static settings.
+    state: the current state (from :func:`init` or :func:`tell`).
+    hyper: the numeric settings.
+    key: this generation's key (see :func:`generation_keys`).
+
+  Returns:
+    (P, U) bool population.
+  """
+  check_params(hyper)
+  num_units = state.population.shape[1]
+  return lax.cond(state.generation == 0,
+                  lambda: initial_population(config, num_units, key=key),
+                  lambda: breed(config, state, hyper, key=key))
+
+
+def tell(config: GAConfig, state: GAState, population: jax.Array,
+         fitness: jax.Array) -> GAState:
+  """Records an evaluated population: updates the hall of fame and the generation counter.
+
+  NaN fitness values are replaced by ``-inf`` (the worst fitness).
+
+  Args:
+    config: the static settings.
+    state: the state :func:`ask` was called with.
+    population: (P, U) bool, as returned by :func:`ask`.
+    fitness: (P,) fitness of each individual, higher is better.
+
+  Returns:
+    The new state.
+  """
+  p, u = config.population_size, state.population.shape[1]
+  if tuple(population.shape) != (p, u):
+    raise ValueError(f"tell: population has shape {tuple(population.shape)}, expected ({p}, {u}).")
+  fitness = jnp.asarray(fitness)
+  if tuple(fitness.shape) != (p,):
+    raise ValueError(f"tell: fitness has shape {tuple(fitness.shape)}; it must have one value "
+                     f"per individual, shape ({p},).")
+  fitness = fitness.astype(jnp.float32)
+  fitness = jnp.where(jnp.isnan(fitness), -jnp.inf, fitness)
+  population = population.astype(bool)
+  hof, hof_fitness = ops.update_hall_of_fame(state.hof, state.hof_fitness, population, fitness,
+                                             hof_valid=state.generation > 0)
+  return GAState(population, fitness, hof, hof_fitness, state.generation + 1)

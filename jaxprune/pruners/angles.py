@@ -1,0 +1,85 @@
+"""Distinctiveness scoring: the angle between every pair of unit vectors (numerically stable:
+exact duplicates give exactly 0 degrees) and the threshold checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.pruners import _common
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------- angles
+
+
+@jax.jit
+def pairwise_angles(vectors: jax.Array) -> jax.Array:
+  """Angles in degrees between the rows of ``vectors`` (units, dim); NaN for zero rows.
+
+  Stable everywhere: rows are normalised, and the angle is
+  ``2 * atan2(|u - v|, |u + v|)`` with the squared norms taken from the Gram matrix, so exact
+  duplicates give exactly 0 and exact opposites exactly 180.
+  """
+  v = jnp.asarray(vectors, jnp.float32)
+  zero = jnp.linalg.norm(v, axis=1) == 0
+  ang = _angle_matrix(*_gram(v))
+  return jnp.where(zero[:, None] | zero[None, :], jnp.nan, ang)
+
+
+def _angle_matrix(g, d):
+  """Symmetric (units, units) angles from the Gram matrix g and its diagonal d: the upper
+  triangle mirrored, so (i, j) and (j, i) are the same float32 value."""
+  ang = _angle(*_pair_terms(g, d[:, None], d[None, :]))
+  idx = jnp.arange(g.shape[0])
+  return jnp.where(idx[:, None] < idx[None, :], ang, ang.T)
+
+
+def _gram(v):
+  """Gram matrix of the normalised rows of v, and its diagonal."""
+  n = jnp.linalg.norm(v, axis=1)
+  u = v / jnp.where(n > 0, n, 1.0)[:, None]
+  g = jnp.matmul(u, u.T, precision=jax.lax.Precision.HIGHEST)
+  return g, jnp.diagonal(g)
+
+
+def _pair_terms(g, di, dj):
+  """|u_i - u_j|^2 and |u_i + u_j|^2 from the Gram entries g and the squared norms di, dj."""
+  s = di + dj
+  return jnp.maximum(s - 2.0 * g, 0.0), jnp.maximum(s + 2.0 * g, 0.0)
+
+
+def _angle(diff2, sum2):
+  """Degrees: 2 atan2(|u - v|, |u + v|)."""
+  return jnp.degrees(2.0 * jnp.arctan2(jnp.sqrt(diff2), jnp.sqrt(sum2)))
+
+
+def _thresholds_ok(sim, comp, use_similar, use_comp):
+  """The rule flags may be Python or traced booleans."""
+  use_similar, use_comp = jnp.asarray(use_similar, bool), jnp.asarray(use_comp, bool)
+  ok = ~use_similar | ((sim >= 0) & (sim <= 180))
+  ok &= ~use_comp | ((comp >= 0) & (comp <= 180))
+  return ok & (~(use_similar & use_comp) | (sim < comp))
+
+
+def check_thresholds(similar_deg, complementary_deg, *, similar: bool = True,
+                     complementary: bool = True) -> None:
+  """Raises ValueError for concrete thresholds outside [0, 180] or similar >= complementary."""
+  for name, val, used in (("similar_deg", similar_deg, similar),
+                          ("complementary_deg", complementary_deg, complementary)):
+    if used and _common.is_concrete(val):
+      v = np.asarray(val)
+      if v.ndim:
+        raise ValueError(f"{name} must be a scalar, got shape {v.shape}; to sweep several "
+                         "values use jax.vmap over the pruner.")
+      if not np.isfinite(v) or v < 0 or v > 180:
+        raise ValueError(f"{name} must be an angle in degrees in [0, 180], got {val}.")
+  if similar and complementary and _common.is_concrete(similar_deg, complementary_deg):
+    if float(similar_deg) >= float(complementary_deg):
+      raise ValueError(f"similar_deg ({similar_deg}) must be smaller than complementary_deg "
+                       f"({complementary_deg}); turn one rule off (similar=False or "
+                       "complementary=False) to use only the other.")

@@ -1,0 +1,395 @@
+"""Distinctiveness pruning (Gedeon and Harris): merge similar units, drop complementary ones.
+
+Each unit of a group is described by a vector: its activations over the P training patterns
+(sigmoid outputs shifted by -0.5 to [-0.5, 0.5]; tanh, relu and linear outputs unshifted), or its
+weights. Two units whose vectors make an angle below ``similar_deg`` compute nearly the same thing:
+one is removed and its outgoing weights are added to the other's. Two units at an angle above
+``complementary_deg`` nearly cancel: both are removed. Units whose activation is constant are
+removed and their constant contribution is folded into the next layer's bias (exact).
+
+One sweep computes all angles once and applies the qualifying actions in a fixed order:
+
+1. constant units (activation range over the patterns ``< constant_tol``), in index order;
+2. pairs, most extreme first, measured by how far the angle is past its threshold
+   (``similar_deg - angle`` or ``angle - complementary_deg``); ties go to similar before
+   complementary, then to the lower unit index (then the lower second index). In a similar pair
+   the lower index is kept. Thresholds are strict. A pair is applied only if neither unit has
+   taken part in an action in this sweep. With ``absorb=True`` a unit kept in a similar merge
+   absorbs further similar units, whatever the indices: a similar pair is taken when neither
+   unit is removed and not both are already keepers; an existing keeper absorbs the other,
+   otherwise the lower index is kept. Complementary pairs always need two untouched units.
+
+This order is a greedy matching under a strict total order on pairs, and it is computed exactly
+in parallel rounds: every free unit finds its best available partner, and pairs that are each
+other's best are taken together (with ``absorb``, a free unit whose best partner is already a
+keeper is absorbed by it), until a round takes nothing (Preis 1999; Manne and Bisseling 2007).
+The taken pairs, sorted by the same order, are the report's actions. See docs/distinctiveness.md.
+
+Masked units (False in the unit mask) never take part. Units with an all-zero vector (after the
+shift) have no angle and take part only as constants. If a sweep would remove every unit, the
+lowest-index non-constant unit it removed (else the lowest-index unit) is kept, without
+compensation, and ``report.kept_last`` says so.
+
+The pruners are factories (optax style): they close over the model's groups and the structural
+options and return a jit-compiled function whose numeric settings (angles, tolerance) are traced,
+so a sweep over thresholds is one ``jax.vmap`` and new values never recompile.
+
+The code is split along the method's seams: scoring (the angles) in
+:mod:`jaxprune.pruners.angles`, selection (vectors -> actions, the parallel rounds) in
+:mod:`jaxprune.pruners.selection`, the pruner factories and :func:`until_stable` here, and
+progressive pruning in :mod:`jaxprune.pruners.progressive`.
+
+The returned params are the merged params with every removed unit's slices (producer and
+consumer) set to zero, so ``model.apply(new_params, x)`` already computes the pruned network.
+
+Example:
+  >>> import jax, jaxprune
+  >>> from jaxprune.pruners import distinctiveness, report_actions
+  >>> model = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
+  >>> params = model.init(jax.random.key(0))
+  >>> x = jax.random.normal(jax.random.key(1), (50, 4))
+  >>> prune = distinctiveness(model, 'hidden_0')
+  >>> acts = model.activations(params, x, 'hidden_0')
+  >>> params, masks, report = prune(params, jaxprune.unit_masks_ones(model), acts, 15.0, 165.0)
+  >>> actions = report_actions(report)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import units as units_lib
+from jaxprune.pruners import _common
+from jaxprune.pruners.angles import _thresholds_ok, check_thresholds
+from jaxprune.pruners.selection import _sweep
+
+PyTree = Any
+
+
+def _apply_moves(params, group, keep, moves, consts, folds_constants):
+  """``_apply`` with the transfer given as sparse row moves (see ``_sweep``): O(units) work."""
+  dst, src, scale = moves
+  out = params
+  for s in group.consumers:
+    leaf = units_lib.get_path(out, s.path)
+    v = units_lib.unit_view(leaf, s)
+    flat = v.reshape(v.shape[0], -1)
+    new = flat.at[dst].add(scale.astype(flat.dtype)[:, None] * flat[src], mode="drop")
+    out = units_lib.set_path(out, s.path, units_lib.from_unit_view(new.reshape(v.shape), s,
+                                                                   leaf))
+  # The constants' contributions (identity transfer), from the original rows; the flag may be
+  # traced.
+  out = _fold_constants(out, params, group, consts, folds_constants)
+  return _common.zero_units(out, group, keep)
+
+
+def _fold_constants(out, params, group, consts, enabled=True):
+  """Adds each consumer's ``sum_j consts[j] * row_j`` (rows of ``params``) to its bias."""
+  for s in group.consumers:
+    if s.bias is None:
+      raise ValueError(f"Group {group.name!r}: consumer {'/'.join(s.path)} has no bias path, "
+                       "so constant units cannot be folded into it.")
+    v = units_lib.unit_view(units_lib.get_path(params, s.path), s)
+    contrib = jnp.tensordot(consts.astype(v.dtype), v, axes=(0, 0))
+    contrib = contrib.reshape(-1, contrib.shape[-1]).sum(0)
+    b = units_lib.get_path(out, s.bias)
+    out = units_lib.set_path(out, s.bias, jnp.where(enabled, b + contrib, b))
+  return out
+
+
+def _counted_jit(fn):
+  """jax.jit(fn) plus a count of how many times it was traced (for recompilation checks)."""
+  traces = [0]
+
+  def counted(*args):
+    traces[0] += 1
+    return fn(*args)
+
+  jitted = jax.jit(counted)
+  return jitted, (lambda: traces[0])
+
+
+# ----------------------------------------------------------------------------- public pruners
+
+
+@functools.lru_cache(maxsize=None)
+def _activation_core(g):
+  """The jitted sweep for one group (shared by every factory of that group: the rule flags are
+  traced arguments, so new flags never recompile)."""
+  shift = _common.SHIFT[g.activation]
+
+  def core(params, mask, acts, sim, comp, tol, flags):
+    similar, complementary, constants, absorb, compensate, fold = flags
+    folds = constants | (complementary & (compensate | fold))
+    cfg = dict(use_similar=similar, use_comp=complementary, use_const=constants, absorb=absorb,
+               fold=fold, compensate=compensate)
+    a = acts.reshape(-1, g.size).T.astype(jnp.float32)
+    mean = jnp.mean(a, axis=1)
+    is_const = (jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol
+    sim = jnp.asarray(sim, jnp.float32)
+    comp = jnp.asarray(comp, jnp.float32)
+    bad = ~_thresholds_ok(sim, comp, similar, complementary) | ~(tol >= 0)
+    bad |= ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], a, 0.0)))
+    keep, moves, consts, report = _sweep(a - shift, mask, is_const, mean, mean, sim, comp,
+                                         bad, **cfg)
+    return _apply_moves(params, g, keep, moves, consts, folds), keep, report
+
+  return _counted_jit(core)
+
+
+def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: bool = False):
+  """Rules that fold contributions into the next layer's bias need an exact fold (a bias, and
+  no zero-padded conv reading the group); otherwise say so before any work."""
+  wanted = [n for n, on in (("constants", constants), ("compensate", compensate),
+                            ("fold", fold)) if on]
+  if wanted and not g.exact_constant_fold:
+    why = ("its consumer has no bias" if any(s.bias is None for s in g.consumers) else
+           "it is read by a zero-padded ('SAME') convolution, where a constant channel "
+           "contributes less at the borders than inside")
+    raise ValueError(
+        f"Group {g.name!r} cannot fold removed units into the next bias exactly ({why}). "
+        f"Pass {', '.join(f'{n}=False' for n in wanted)} (merging similar units and removing "
+        "complementary pairs still work).")
+
+
+def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
+                    complementary: bool = True, constants: bool = True, absorb: bool = False,
+                    compensate: bool = False, fold: bool = False) -> Callable:
+  """Activation-based distinctiveness pruning of one unit group (Gedeon and Harris).
+
+  Args:
+    model_or_groups: a jaxprune model, or its ``groups`` dict.
+    group: the unit group's name, e.g. ``'hidden_0'`` or ``'conv_1'``.
+    similar: merge similar pairs (angle < ``similar_deg``).
+    complementary: remove complementary pairs (angle > ``complementary_deg``).
+    constants: remove constant units, folding their constant output into the next bias.
+    absorb: let a unit kept in a similar merge absorb further similar units in the same sweep,
+      whatever the indices (an existing keeper absorbs; see the module docstring).
+    compensate: when removing a complementary pair, add the two units' mean contributions
+      to the next layer's bias (exact only if their outgoing weights are equal).
+    fold: for a complementary pair, remove only the higher-index unit j: subtract its outgoing
+      weights from the kept unit i's and add ``mean(o_i + o_j)`` times them to the next bias
+      (exact when ``o_i + o_j`` is constant, e.g. sigmoid ``o_j = 1 - o_i``).
+
+  Returns:
+    ``prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
+    constant_tol=1e-6) -> (params, unit_masks, SweepReport)``. ``activations`` are the group's
+    activations over the patterns, (N, units) or (N, H, W, units) (then each unit's vector is its
+    N*H*W values); they must come from the params being pruned. Angles and the tolerance are
+    traced. With concrete inputs bad values raise ValueError; under ``jit``/``vmap`` they leave
+    everything unchanged and set ``report.invalid``.
+
+  Note:
+    Merging is exact (outputs unchanged) for exact duplicates and removing constants is exact
+    when the consumer reads the activations linearly (dense layers, flatten, and conv layers
+    away from 'SAME' padding borders). Through a max-pool only exact duplicates and constants
+    stay exact.
+  """
+  g = _common.get_group(model_or_groups, group)
+  groups = _common.resolve_groups(model_or_groups)
+  if not (similar or complementary or constants):
+    raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
+  _check_bias_folds(g, constants=constants, compensate=compensate, fold=fold)
+  jitted, trace_count = _activation_core(g)
+  flags = np.array([similar, complementary, constants, absorb, compensate, fold], bool)
+
+  def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
+            constant_tol=1e-6):
+    mask = _common.group_mask(unit_masks, g, groups, params)
+    _common.check_activation_shape(activations, g)
+    _common.check_activations(activations)
+    check_thresholds(similar_deg, complementary_deg, similar=similar,
+                     complementary=complementary)
+    _check_tol(constant_tol)
+    new_params, keep, report = jitted(params, mask, jnp.asarray(activations), similar_deg,
+                                      complementary_deg, constant_tol, flags)
+    return new_params, _common.with_mask(unit_masks, g.name, keep), report
+
+  prune._trace_count = trace_count  # for tests: compilations so far (not public API)
+  prune.config = ("activations", g, tuple(flags.tolist()))  # same config: same sweep
+  return prune
+
+
+def _check_tol(tol):
+  if _common.is_concrete(tol) and not float(tol) >= 0:
+    raise ValueError(f"constant_tol must be >= 0, got {tol}.")
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_core(g, source, similar, complementary, constants, absorb):
+  """The jitted weight-based sweep for one group and configuration."""
+  cfg = dict(use_similar=similar, use_comp=complementary, use_const=constants, absorb=absorb,
+             fold=False, compensate=False)
+
+  def core(params, mask, sim, comp, tol):
+    if source == "incoming":
+      v = _common.incoming_vectors(params, g)
+      const_val = _common.constant_output(params, g)
+    else:
+      v = _common.outgoing_vectors(params, g)
+      const_val = jnp.zeros((g.size,), jnp.float32)
+    v = v.astype(jnp.float32)
+    is_const = jnp.linalg.norm(v, axis=1) < tol
+    sim = jnp.asarray(sim, jnp.float32)
+    comp = jnp.asarray(comp, jnp.float32)
+    bad = ~_thresholds_ok(sim, comp, similar, complementary) | ~(tol >= 0)
+    bad |= ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], v, 0.0)))
+    keep, moves, consts, report = _sweep(v, mask, is_const, const_val, None, sim, comp, bad,
+                                         **cfg)
+    return _apply_moves(params, g, keep, moves, consts, constants), keep, report
+
+  return _counted_jit(core)
+
+
+def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incoming",
+                           similar: bool = True, complementary: bool = True,
+                           constants: bool = True, absorb: bool = False) -> Callable:
+  """Weight-based distinctiveness (Zheng; Dixit): the same sweep on weight vectors.
+
+  Each unit's vector is its incoming kernel weights (``source='incoming'``: a dense column, or a
+  conv filter flattened to in_ch x k x k; biases excluded) or its outgoing weights
+  (``source='outgoing'``: every consumer slice concatenated). No shift is applied.
+  "Constant" units are those whose weight vector has norm ``< constant_tol``: with zero incoming
+  weights a unit outputs act(bias) everywhere, which is folded into the next bias (exact); with
+  zero outgoing weights it contributes nothing and is simply removed. Complementary pairs are
+  removed without compensation (no activations to compute a mean from).
+
+  Returns:
+    ``prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6)
+    -> (params, unit_masks, SweepReport)``, jit-compiled with traced thresholds.
+
+  Example:
+    >>> import jax, jaxprune
+    >>> model = jaxprune.LeNet(input_shape=(16, 16, 1))
+    >>> params = model.init(jax.random.key(0))
+    >>> prune = weight_distinctiveness(model, 'conv_0')
+    >>> params, masks, report = prune(params, jaxprune.unit_masks_ones(model), 30.0, 150.0)
+  """
+  g = _common.get_group(model_or_groups, group)
+  groups = _common.resolve_groups(model_or_groups)
+  if source not in ("incoming", "outgoing"):
+    raise ValueError(f"source must be 'incoming' or 'outgoing', got {source!r}.")
+  if not (similar or complementary or constants):
+    raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
+  _check_bias_folds(g, constants=constants)
+  jitted, trace_count = _weight_core(g, source, similar, complementary, constants, absorb)
+
+  sources = g.producers if source == "incoming" else g.consumers
+
+  def prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6):
+    mask = _common.group_mask(unit_masks, g, groups, params)
+    for s in sources:  # the leaves the unit vectors come from (as the activation pruner does)
+      _common.check_finite(f"Weights {'/'.join(s.path)} of group {g.name!r}",
+                           units_lib.get_path(params, s.path))
+    check_thresholds(similar_deg, complementary_deg, similar=similar,
+                     complementary=complementary)
+    _check_tol(constant_tol)
+    new_params, keep, report = jitted(params, mask, similar_deg, complementary_deg,
+                                      constant_tol)
+    return new_params, _common.with_mask(unit_masks, g.name, keep), report
+
+  prune._trace_count = trace_count  # for tests: compilations so far (not public API)
+  prune.config = ("weights", g, source, similar, complementary, constants, absorb)
+  return prune
+
+
+# ----------------------------------------------------------------------------- until stable
+
+
+class StableReport(NamedTuple):
+  """What :func:`until_stable` did.
+
+  Attributes:
+    sweeps: () int32 sweeps run, the last one (which found nothing) included.
+    actions: () int32 actions over all sweeps.
+    stable: () bool, True if the last sweep found no qualifying pair (False if ``max_sweeps``
+      stopped it first, or if the input was bad under ``jit``).
+    invalid: () bool, the first sweep's ``report.invalid``.
+  """
+
+  sweeps: jax.Array
+  actions: jax.Array
+  stable: jax.Array
+  invalid: jax.Array
+
+
+_STABLE_LOOPS = {}
+
+
+def _stable_loop(prune, max_sweeps):
+  """One compiled ``lax.while_loop`` of sweeps per pruner configuration (factories called
+  again with the same group and options share it, as they share the sweep itself)."""
+  key = (getattr(prune, "config", prune), max_sweeps)
+  if key not in _STABLE_LOOPS:
+    _STABLE_LOOPS[key] = _make_stable_loop(prune, max_sweeps)
+  return _STABLE_LOOPS[key]
+
+
+def _make_stable_loop(prune, max_sweeps):
+  limit = np.iinfo(np.int32).max if max_sweeps is None else int(max_sweeps)
+
+  def loop(params, unit_masks, first_count, args):
+    def cond(c):
+      return (c[2] > 0) & (c[3] < limit)
+
+    def body(c):
+      p, m, _, n, total = c
+      p, m, r = prune(p, m, *args)
+      return p, m, r.count, n + 1, total + r.count
+
+    one = jnp.asarray(1, jnp.int32)
+    return jax.lax.while_loop(cond, body, (params, unit_masks, first_count, one, first_count))
+
+  return jax.jit(loop)
+
+
+def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
+                 max_sweeps: int | None = None):
+  """Repeats a distinctiveness sweep until a sweep finds no qualifying pair.
+
+  One sweep computes the angles once, so units merged in it may leave new pairs below the
+  threshold among the kept units (a kept unit's outgoing weights change, and with the default
+  ``absorb=False`` a unit takes part in one action per sweep). Repeating until nothing
+  qualifies is how the CNN studies prune a layer. Every sweep that acts removes at least one
+  unit, so this ends after at most ``units + 1`` sweeps.
+
+  The first sweep runs as an ordinary call (so bad concrete input raises as usual); the rest
+  run as one compiled ``lax.while_loop`` (compiled once per pruner).
+
+  Args:
+    prune: a pruner from :func:`distinctiveness` or :func:`weight_distinctiveness`.
+    params: the params to prune.
+    unit_masks: the unit masks.
+    *args: the pruner's other arguments (activations, thresholds, tolerance), the same for
+      every sweep. Activations stay valid across sweeps: merging changes only outgoing weights,
+      so the kept units' activations do not change.
+    max_sweeps: stop after this many sweeps (None: until stable).
+
+  Returns:
+    ``(params, unit_masks, StableReport)``.
+
+  Example:
+    >>> import jax, jaxprune
+    >>> from jaxprune.pruners import weight_distinctiveness, until_stable
+    >>> model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+    >>> prune = weight_distinctiveness(model, 'hidden_0', complementary=False)
+    >>> params, masks, rep = until_stable(prune, model.init(jax.random.key(0)),
+    ...                                   jaxprune.unit_masks_ones(model), 60.0)
+    >>> bool(rep.stable)
+    True
+  """
+  if max_sweeps is not None and int(max_sweeps) < 1:
+    raise ValueError(f"max_sweeps must be at least 1 (or None), got {max_sweeps}.")
+  params, unit_masks, first = prune(params, unit_masks, *args)
+  if _common.is_concrete(first.count) and int(first.count) == 0:  # stable already: no loop
+    one = jnp.asarray(1, jnp.int32)
+    return params, unit_masks, StableReport(one, first.count, ~first.invalid, first.invalid)
+  loop = _stable_loop(prune, max_sweeps)
+  params, unit_masks, last, sweeps, total = loop(params, unit_masks, first.count, args)
+  return params, unit_masks, StableReport(sweeps, total, (last == 0) & ~first.invalid,
+                                          first.invalid)

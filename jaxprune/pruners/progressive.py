@@ -1,0 +1,155 @@
+"""Progressive distinctiveness: the single most similar pair per step, recording the loss."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.pruners import _common
+from jaxprune.pruners.angles import pairwise_angles
+from jaxprune.pruners.distinctiveness_pruning import _apply_moves, _check_bias_folds, _check_tol
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------- progressive
+
+
+class ProgressiveReport(NamedTuple):
+  """The trajectory of progressive distinctiveness; row 0 is the starting network.
+
+  Rows ``[:count]`` are valid; row s is the network after s steps.
+
+  Attributes:
+    units_kept: (units,) int32 kept units.
+    loss: (units,) float32 ``loss_fn(params)`` of the pruned network.
+    min_angle: (units,) float32 smallest angle between kept units (NaN with fewer than two).
+    unit_masks: (units, units) bool, the group's unit mask at each step.
+    count: () int32 number of valid rows.
+  """
+
+  units_kept: jax.Array
+  loss: jax.Array
+  min_angle: jax.Array
+  unit_masks: jax.Array
+  count: jax.Array
+
+
+def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], jax.Array], *,
+                                complementary: bool = False, constants: bool = True,
+                                compensate: bool = False) -> Callable:
+  """Removes the single most similar pair per step, down to one unit, recording the loss.
+
+  At each step the group's activations on ``x`` are recomputed from the current params; constant
+  units are removed (folded into the next bias), then the pair with the smallest angle is merged
+  (lower index kept). With ``complementary=True`` the pair with the largest angle is removed
+  instead when it is closer to 180 than the smallest angle is to 0 (and at least three units are
+  left). Runs as one compiled ``lax.scan`` of ``units - 1`` steps; ``loss_fn`` must be a JAX
+  function of the params (it sees the pruned params, removed units zeroed).
+
+  Args:
+    model: a jaxprune model (its ``activations`` method is used).
+    group: the unit group's name.
+    loss_fn: ``loss_fn(params) -> scalar``, e.g. the reconstruction error on the training set.
+    complementary: also remove complementary pairs.
+    constants: remove constant units at each step.
+    compensate: fold a removed complementary pair's mean contribution into the next bias.
+
+  Returns:
+    ``run(params, unit_masks, x, constant_tol=1e-6) -> (params, unit_masks,
+    ProgressiveReport)``; the returned params and masks are the final (one-unit) network.
+
+  Example:
+    >>> import jax, jaxprune
+    >>> model = jaxprune.Autoencoder(in_features=11, hidden=(10,))
+    >>> params = model.init(jax.random.key(0))
+    >>> x = jax.random.uniform(jax.random.key(1), (64, 11))
+    >>> loss = lambda p: jax.numpy.mean((model.apply(p, x) - x) ** 2)
+    >>> run = progressive_distinctiveness(model, 'hidden_0', loss)
+    >>> _, _, rep = run(params, jaxprune.unit_masks_ones(model), x)
+    >>> rep.units_kept[:3].tolist()
+    [10, 9, 8]
+  """
+  g = _common.get_group(model, group)
+  groups = _common.resolve_groups(model)
+  _check_bias_folds(g, constants=constants, compensate=compensate)
+  if not hasattr(model, "activations"):
+    raise TypeError("progressive_distinctiveness needs a jaxprune model (to recompute "
+                    "activations), not just its groups.")
+  shift = _common.SHIFT[g.activation]
+  h = g.size
+  triu = np.triu(np.ones((h, h), bool), 1)
+
+  def min_angle(ang, keep):
+    pm = keep[:, None] & keep[None, :] & jnp.asarray(triu) & jnp.isfinite(ang)
+    return jnp.where(jnp.any(pm), jnp.min(jnp.where(pm, ang, jnp.inf)), jnp.nan)
+
+  def step(params, mask, x, tol):
+    a = model.activations(params, x, g.name).reshape(-1, h).T.astype(jnp.float32)
+    mean = jnp.mean(a, axis=1)
+    const = mask & ((jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol) if constants else (
+        jnp.zeros((h,), bool))
+    # Keep at least one unit: never remove the last non-constant one as a constant.
+    const = jnp.where(jnp.sum(mask & ~const) == 0,
+                      const.at[jnp.argmax(mask)].set(False), const)
+    consts = jnp.where(const, mean, 0.0)
+    keep = mask & ~const
+    ang = pairwise_angles(jnp.where(keep[:, None], a - shift, 0.0))
+    pm = keep[:, None] & keep[None, :] & jnp.asarray(triu) & jnp.isfinite(ang)
+    n_kept = jnp.sum(keep)
+    flat = jnp.where(pm, ang, jnp.inf).reshape(-1)
+    p_sim = jnp.argmin(flat)
+    has_pair = jnp.any(pm)
+    if complementary:
+      flat_c = jnp.where(pm, ang, -jnp.inf).reshape(-1)
+      p_comp = jnp.argmax(flat_c)
+      use_comp = has_pair & (n_kept >= 3) & (180.0 - flat_c[p_comp] < flat[p_sim])
+    else:
+      p_comp, use_comp = p_sim, jnp.asarray(False)
+    i_s, j_s = p_sim // h, p_sim % h
+    i_c, j_c = p_comp // h, p_comp % h
+    do_sim = has_pair & ~use_comp
+    # One sparse row move (j's consumer rows into i's), not an (h, h) transfer matrix: each step
+    # is O(h^2) on the angles and O(h) on the consumers.
+    moves = (jnp.where(do_sim, i_s, h)[None], j_s[None], jnp.ones((1,), jnp.float32))
+    keep = keep.at[j_s].set(keep[j_s] & ~do_sim)
+    keep = keep.at[i_c].set(keep[i_c] & ~use_comp).at[j_c].set(keep[j_c] & ~use_comp)
+    if compensate:
+      consts = consts.at[i_c].add(jnp.where(use_comp, mean[i_c], 0.0))
+      consts = consts.at[j_c].add(jnp.where(use_comp, mean[j_c], 0.0))
+    params = _apply_moves(params, g, keep, moves, consts, constants or compensate)
+    return params, keep, min_angle(ang, keep)
+
+  def run_core(params, mask, x, tol):
+    a0 = model.activations(params, x, g.name).reshape(-1, h).T.astype(jnp.float32)
+    ang0 = pairwise_angles(jnp.where(mask[:, None], a0 - shift, 0.0))
+    row0 = (jnp.sum(mask, dtype=jnp.int32), jnp.asarray(loss_fn(params), jnp.float32),
+            min_angle(ang0, mask), mask)
+
+    def body(carry, _):
+      params, mask, count = carry
+      live = jnp.sum(mask) > 1
+      new_p, new_m, ma = step(params, mask, x, tol)
+      params = jax.tree.map(lambda a, b: jnp.where(live, a, b), new_p, params)
+      mask = jnp.where(live, new_m, mask)
+      row = (jnp.sum(mask, dtype=jnp.int32), jnp.asarray(loss_fn(params), jnp.float32),
+             jnp.where(live, ma, jnp.nan), mask)
+      return (params, mask, count + live.astype(jnp.int32)), row
+
+    (params, mask, count), rows = jax.lax.scan(body, (params, mask, jnp.asarray(1, jnp.int32)),
+                                               None, length=h - 1)
+    rows = jax.tree.map(lambda r0, r: jnp.concatenate([r0[None], r]), row0, rows)
+    return params, mask, ProgressiveReport(rows[0], rows[1], rows[2], rows[3], count)
+
+  jitted = jax.jit(run_core)
+
+  def run(params, unit_masks, x, constant_tol=1e-6):
+    mask = _common.group_mask(unit_masks, g, groups, params)
+    _check_tol(constant_tol)
+    params, mask, report = jitted(params, mask, x, constant_tol)
+    return params, _common.with_mask(unit_masks, g.name, mask), report
+
+  return run

@@ -1,0 +1,64 @@
+"""One contract for every structured pruner: ``make(target, group, **static)`` returns
+``prune(params, unit_masks, *data, *traced) -> (params, unit_masks, report)`` with a NamedTuple
+report; it runs under ``jit``, ``vmap``s over a traced setting, zeroes every slice of the units it
+removes, and its new params are already masked by ``expand`` of its new unit masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+
+MODEL = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3, activation="tanh")
+RNG = np.random.default_rng(0)
+PARAMS = jax.tree.map(lambda a: jnp.asarray(RNG.normal(size=a.shape), jnp.float32),
+                      MODEL.init(jax.random.key(0)))
+X = jnp.asarray(RNG.normal(size=(30, 4)), jnp.float32)
+ACTS = MODEL.activations(PARAMS, X, "hidden_0")
+_LOSS = lambda p: jnp.mean(MODEL.apply(p, X) ** 2)
+
+# name -> (factory call, data before the traced setting, the traced settings to vmap over)
+PRUNERS = {
+    "distinctiveness": (lambda: jaxprune.distinctiveness(MODEL, "hidden_0", constants=False),
+                        (ACTS,), jnp.array([30.0, 60.0, 89.0])),
+    "weight_distinctiveness": (lambda: jaxprune.weight_distinctiveness(
+        MODEL, "hidden_0", constants=False), (), jnp.array([40.0, 70.0, 89.0])),
+    "importance_prune": (lambda: jaxprune.importance_prune(MODEL, "hidden_0"), (),
+                         jnp.array([1, 3, 5])),
+    "group_redundancy": (lambda: jaxprune.group_redundancy(MODEL, "hidden_0"), (ACTS,),
+                         jnp.array([1e-3, 0.3, 0.9])),
+    "iterative_importance": (lambda: jaxprune.iterative_importance(MODEL, "hidden_0", _LOSS), (),
+                             jnp.array([0.0, 0.05, 1.0])),
+    "progressive_distinctiveness": (lambda: jaxprune.progressive_distinctiveness(
+        MODEL, "hidden_0", lambda p: _LOSS(p)), (X,), jnp.array([1e-6, 1e-3, 1e-1])),
+}
+
+
+def _check_result(params, unit_masks, report):
+  assert isinstance(report, tuple) and hasattr(report, "_fields")     # a NamedTuple
+  wm = jaxprune.expand(params, MODEL, unit_masks, allow_empty=True)
+  for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(wm)):
+    assert float(jnp.max(jnp.abs(jnp.where(m, 0.0, p)))) == 0.0        # removed slices are zero
+  again = jaxprune.apply_masks(params, wm)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(PRUNERS))
+def test_pruner_contract(name):
+  make, data, settings = PRUNERS[name]
+  prune = make()
+  um = jaxprune.unit_masks_ones(MODEL)
+  eager = prune(PARAMS, um, *data, settings[1])
+  _check_result(*eager)
+  jitted = jax.jit(lambda p, m, s: prune(p, m, *data, s))(PARAMS, um, settings[1])
+  np.testing.assert_array_equal(jitted[1]["hidden_0"], eager[1]["hidden_0"])
+  for a, b in zip(jax.tree.leaves(jitted[0]), jax.tree.leaves(eager[0])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  batched = jax.vmap(lambda s: prune(PARAMS, um, *data, s))(settings)
+  for i, s in enumerate(settings):
+    one = prune(PARAMS, um, *data, s)
+    np.testing.assert_array_equal(batched[1]["hidden_0"][i], one[1]["hidden_0"])
+    _check_result(jax.tree.map(lambda a: a[i], batched[0]),
+                  {"hidden_0": batched[1]["hidden_0"][i]}, one[2])
