@@ -230,14 +230,9 @@ class _Lineage(NamedTuple):
 
 def breed_with_lineage(config, state, hyper, *, key: jax.Array) -> _Lineage:
   """The children of :func:`jaxprune.ga.breed` (same draws) and where their bits came from."""
-  p, k, t = config.population_size, config.hof_size, config.tournament_size
-  n, u = p - k, state.population.shape[1]
+  n, u = config.population_size - config.hof_size, state.population.shape[1]
   half = n // 2
-  sizes = (n * t, half * 2, n * (1 + u))
-  draws = jax.random.uniform(key, (sum(sizes),))
-  u_sel, u_cx, u_mut = jnp.split(draws, np.cumsum(sizes)[:-1])
-  idx = jax.vmap(ops.tournament, in_axes=(0, None))(u_sel.reshape(n, t), state.fitness)
-  u_cx = u_cx.reshape(half, 2)
+  idx, u_cx, u_mut = strategy.select_parents(config, state, key=key)
   crossed = ops.crossover_pairs_from(u_cx, state.population[idx], hyper.crossover_prob)
   children = ops.mutate_from(u_mut.reshape(n, 1 + u), crossed, hyper.mutation_prob,
                              hyper.bit_flip_prob)

@@ -149,6 +149,14 @@ def default_mesh(shard: bool = True) -> Mesh | None:
   return Mesh(np.asarray(devices), ("pop",))
 
 
+def resolve_mesh(mesh: Mesh | None, shard: bool) -> Mesh | None:
+  """The mesh to shard over: ``mesh`` if given (None when ``shard`` is False), else
+  :func:`default_mesh`."""
+  if not shard:
+    return None
+  return default_mesh(shard) if mesh is None else mesh
+
+
 def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Array,
         hyper: GAHyperparams = GAHyperparams(), data: PyTree = None, progress: bool = True,
         mesh: Mesh | None = None, shard: bool = True) -> tuple[GAState, GAHistory]:
@@ -173,10 +181,7 @@ def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Arr
     The final :class:`GAState` and the :class:`GAHistory`.
   """
   check_params(hyper)
-  if mesh is None:
-    mesh = default_mesh(shard)
-  elif not shard:
-    mesh = None
+  mesh = resolve_mesh(mesh, shard)
   if mesh is not None and mesh.size > 1:
     data = jax.device_put(data, NamedSharding(mesh, PS()))
   _PROGRESS["last"] = -1

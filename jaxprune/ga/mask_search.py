@@ -64,7 +64,7 @@ from jax.sharding import PartitionSpec as PS
 from jaxprune import validate
 from jaxprune.ga import incremental
 from jaxprune.ga.strategy import GAConfig, GAHyperparams, GAResult, check_params
-from jaxprune.ga.loop import _PROGRESS, _run, default_mesh
+from jaxprune.ga.loop import _PROGRESS, _run, resolve_mesh
 from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.ga.fitness import UserFitness
 from jaxprune.ga.fitness import _groups_of
@@ -136,10 +136,7 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
       raise ValueError(f"fitness={fitness!r} needs training inputs x and labels y.")
     jax.eval_shape(fit.prepare, params, x, y)   # the input checks, before compiling
   check_params(hyper)
-  if mesh is None:
-    mesh = default_mesh(shard)
-  elif not shard:
-    mesh = None
+  mesh = resolve_mesh(mesh, shard)
   if mesh is not None and mesh.size > 1:
     params = jax.device_put(params, NamedSharding(mesh, PS()))
   with_accuracy = (x is not None and y is not None

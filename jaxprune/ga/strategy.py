@@ -178,11 +178,11 @@ def initial_population(config: GAConfig, num_units: int, *, key: jax.Array) -> j
   return jax.random.bernoulli(key, 0.5, (config.population_size, num_units))
 
 
-def breed(config: GAConfig, state: GAState, hyper: GAHyperparams, *, key: jax.Array) -> jax.Array:
-  """The next population: ``P - K`` selected, crossed and mutated children, then the HoF.
+def select_parents(config: GAConfig, state: GAState, *, key: jax.Array):
+  """One generation's uniform draws, split for the operators, and the tournament winners.
 
-  One vector of uniform draws per generation feeds the operators, in this order: tournaments
-  ``(P-K, T)``, crossover ``((P-K) // 2, 2)``, mutation ``(P-K, 1 + U)``.
+  Returns ``(parent indices (P-K,), crossover draws ((P-K) // 2, 2), mutation draws
+  (P-K * (1 + U),))``.
   """
   p, k, t = config.population_size, config.hof_size, config.tournament_size
   n, u = p - k, state.population.shape[1]
@@ -191,8 +191,18 @@ def breed(config: GAConfig, state: GAState, hyper: GAHyperparams, *, key: jax.Ar
   draws = jax.random.uniform(key, (sum(sizes),))
   u_sel, u_cx, u_mut = jnp.split(draws, np.cumsum(sizes)[:-1])
   idx = jax.vmap(ops.tournament, in_axes=(0, None))(u_sel.reshape(n, t), state.fitness)
-  children = ops.crossover_pairs_from(u_cx.reshape(half, 2), state.population[idx],
-                                      hyper.crossover_prob)
+  return idx, u_cx.reshape(half, 2), u_mut
+
+
+def breed(config: GAConfig, state: GAState, hyper: GAHyperparams, *, key: jax.Array) -> jax.Array:
+  """The next population: ``P - K`` selected, crossed and mutated children, then the HoF.
+
+  One vector of uniform draws per generation feeds the operators, in this order: tournaments
+  ``(P-K, T)``, crossover ``((P-K) // 2, 2)``, mutation ``(P-K, 1 + U)``.
+  """
+  n, u = config.population_size - config.hof_size, state.population.shape[1]
+  idx, u_cx, u_mut = select_parents(config, state, key=key)
+  children = ops.crossover_pairs_from(u_cx, state.population[idx], hyper.crossover_prob)
   children = ops.mutate_from(u_mut.reshape(n, 1 + u), children, hyper.mutation_prob,
                              hyper.bit_flip_prob)
   return jnp.concatenate([children, state.hof], axis=0)
