@@ -209,8 +209,6 @@ class _Contraction:
   out_var: Any
   conv: bool
   padded: bool
-  consumer_axes: tuple       # kernel axes read against the activations
-  producer_axes: tuple       # kernel axes that become output axes
 
 
 class _Walker:
@@ -227,7 +225,6 @@ class _Walker:
     self.first_use: dict[int, tuple] = {}      # leaf -> (kind, path) of its first arithmetic use
     self.users: dict[Any, list] = {}           # var -> [(path, eqn)] in its own jaxpr
     self.producer_of: dict[Any, tuple] = {}    # var -> (path, eqn) that computes it
-    self.var_atoms: dict[tuple, tuple] = {}    # (scope, var) -> atoms per axis
     self.invar_atoms: list = []
     self.out_vars: list = []
     self.scoped_env: dict = {}
@@ -333,18 +330,16 @@ class _Walker:
     A = self.atoms
     out_shapes = [tuple(v.aval.shape) if hasattr(v.aval, "shape") else () for v in eqn.outvars]
 
-    if name in _CALLS or (name.startswith("custom_") and _CALLS.get(name)):
+    if name in _CALLS:
       sub = eqn.params.get(_CALLS[name])
       if sub is not None:
         inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
-        consts = getattr(sub, "consts", ())
         ienv = {}
         n_in = len(inner.invars)
         for v, ax in zip(inner.invars, ins[len(ins) - n_in:]):
           ienv[v] = ax
         for v in inner.constvars:
           ienv[v] = self.fresh(v.aval.shape, "tied to a constant array of fixed shape")
-        del consts
         # Parameter provenance and activation dependence flow into the body.
         for v, w in zip(inner.invars, eqn.invars[len(eqn.invars) - n_in:]):
           if not isinstance(w, jex.core.Literal):
@@ -542,9 +537,7 @@ class _Walker:
               padded):
     stream_var = eqn.invars[1 - kernel_pos]
     self.contractions.append(_Contraction(
-        path, leaf, eqn.invars[kernel_pos], stream_var, eqn.outvars[0], conv, padded,
-        tuple(amap[d] for d in consumer_axes if amap[d] is not None),
-        tuple(amap[d] for d in producer_axes if amap[d] is not None)))
+        path, leaf, eqn.invars[kernel_pos], stream_var, eqn.outvars[0], conv, padded))
     for d in consumer_axes:
       if amap[d] is not None:
         self.uses.setdefault((leaf, amap[d]), _Use(leaf, amap[d], "consumer", "kernel", path))
@@ -604,8 +597,6 @@ class _Walker:
       out[out_spec[1]] = (A.new(out_shape[out_spec[1]]),)
     for d in out_spec[2:]:
       out[d] = (A.new(out_shape[d]),)
-    for a in [lhs[d] for d in lhs_spec[2:]]:
-      pass  # spatial axes are not units
     if kern is not None and kern[0] == 1:
       _, leaf, amap = kern
       spatial = [rhs_spec[d] for d in range(2, len(rhs_spec))]
