@@ -89,7 +89,13 @@ def _apply_moves(params, group, keep, moves, consts, folds_constants):
 
 
 def _fold_constants(out, params, group, consts, enabled=True):
-  """Adds each consumer's ``sum_j consts[j] * row_j`` (rows of ``params``) to its bias."""
+  """Adds each consumer's ``sum_j consts[j] * row_j`` (rows of ``params``) to its bias.
+
+  ``enabled`` may be traced; when it is statically False nothing is folded, so consumers without
+  a bias (convs followed by batch norm, as in ResNet) are fine.
+  """
+  if enabled is False:
+    return out
   for s in group.consumers:
     if s.bias is None:
       raise ValueError(f"Group {group.name!r}: consumer {'/'.join(s.path)} has no bias path, "
