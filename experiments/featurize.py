@@ -28,7 +28,8 @@ from absl import flags
 
 from jaxprune import data as data_lib
 from jaxprune.data import features as features_lib
-from experiments import _common
+from experiments import _flags
+from experiments import _store
 
 FLAGS = flags.FLAGS
 
@@ -63,22 +64,22 @@ def _check_output(path: str) -> str:
   """Fails before any work when ``path`` cannot be written."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(path):
-    _common.fail(f"--out={path} is a folder; pass a file name such as {path}/SFEW.csv.")
+    _flags.fail(f"--out={path} is a folder; pass a file name such as {path}/SFEW.csv.")
   if not path.lower().endswith(".csv"):
-    _common.fail(f"--out={path}: the output is a CSV file; give it the .csv suffix.")
+    _flags.fail(f"--out={path}: the output is a CSV file; give it the .csv suffix.")
   folder = os.path.dirname(path)
   if not os.path.isdir(folder):
-    _common.fail(f"--out={path}: the folder {folder} does not exist; create it first.")
+    _flags.fail(f"--out={path}: the folder {folder} does not exist; create it first.")
   probe = os.path.join(folder, f".featurize-write-test-{os.getpid()}")
   try:
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    _common.fail(f"--out={path}: cannot write to {folder} ({e.strerror}); choose a writable "
+    _flags.fail(f"--out={path}: cannot write to {folder} ({e.strerror}); choose a writable "
                  "folder.")
   if os.path.exists(path) and not os.access(path, os.W_OK):
-    _common.fail(f"--out={path} exists and is read-only; remove it or choose another name.")
+    _flags.fail(f"--out={path} exists and is read-only; remove it or choose another name.")
   return path
 
 
@@ -129,16 +130,16 @@ def run(data_path: str, out: str, *, config: features_lib.DescriptorConfig =
     ds = data_lib.load_sfew_images(data_path, size=size, channels=1, crop_faces=crop_faces,
                                    expected_size=expected_size, on_error=on_error)
   except (FileNotFoundError, ValueError, ImportError) as e:
-    _common.fail(f"Could not read the SFEW images at --data_path={data_path}: {e}")
+    _flags.fail(f"Could not read the SFEW images at --data_path={data_path}: {e}")
   if len(ds) < config.components:
-    _common.fail(f"{data_path}: {len(ds)} images; 5 principal components need at least "
+    _flags.fail(f"{data_path}: {len(ds)} images; 5 principal components need at least "
                  f"{config.components}.")
   x, info = features_lib.extract_features(ds.x[..., 0], config, batch_size=batch_size)
   names = [os.path.basename(n) for n in ds.info["names"]]
-  _common.write_text(out, _csv_text(names, ds.y, x))
+  _store.write_text(out, _csv_text(names, ds.y, x))
   seconds = time.time() - start
   report_path = os.path.splitext(out)[0] + ".report.md"
-  _common.write_text(report_path, _report(out, ds, info, config, seconds))
+  _store.write_text(report_path, _report(out, ds, info, config, seconds))
   print(f"Wrote {len(ds)} rows to {out} ({seconds:.1f} s; PCA fitted on all images); "
         f"skipped {len(ds.info['skipped'])}, no face {len(ds.info['no_face'])}; "
         f"report {report_path}")
@@ -147,31 +148,31 @@ def run(data_path: str, out: str, *, config: features_lib.DescriptorConfig =
 
 
 def _ints(name, values, count):
-  parsed = _common.parse_list(name, values, int, low=1, unique=False)
+  parsed = _flags.parse_list(name, values, int, low=1, unique=False)
   if len(parsed) != count:
-    _common.fail(f"--{name} needs {count} comma-separated values, got {values}.")
+    _flags.fail(f"--{name} needs {count} comma-separated values, got {values}.")
   return parsed
 
 
 def main(argv):
-  _common.check_no_args(argv)
+  _flags.check_no_args(argv)
   if not FLAGS.data_path:
-    _common.fail("--data_path is required: the SFEW folder holding Angry/, Disgust/, ... "
+    _flags.fail("--data_path is required: the SFEW folder holding Angry/, Disgust/, ... "
                  "Surprise/.")
   if not FLAGS.out:
-    _common.fail("--out is required: the CSV to write, e.g. --out=SFEW.csv.")
-  _common.check_positive(phog_bins=FLAGS.phog_bins, lpq_window=FLAGS.lpq_window,
+    _flags.fail("--out is required: the CSV to write, e.g. --out=SFEW.csv.")
+  _flags.check_positive(phog_bins=FLAGS.phog_bins, lpq_window=FLAGS.lpq_window,
                          batch_size=FLAGS.batch_size)
-  _common.check_positive(phog_levels=FLAGS.phog_levels, minimum=0)
+  _flags.check_positive(phog_levels=FLAGS.phog_levels, minimum=0)
   if FLAGS.lpq_window < 2:
-    _common.fail(f"--lpq_window must be at least 2, got {FLAGS.lpq_window}.")
+    _flags.fail(f"--lpq_window must be at least 2, got {FLAGS.lpq_window}.")
   config = features_lib.DescriptorConfig(
       phog_bins=FLAGS.phog_bins, phog_levels=FLAGS.phog_levels, lpq_window=FLAGS.lpq_window,
       lpq_decorrelate=FLAGS.lpq_decorrelate,
       lpq_blocks=_ints("lpq_blocks", FLAGS.lpq_blocks, 2))
   size = _ints("size", FLAGS.size, 2)
   if min(size) < max(config.lpq_window, 2**config.phog_levels):
-    _common.fail(f"--size={size[0]},{size[1]} is too small for --lpq_window="
+    _flags.fail(f"--size={size[0]},{size[1]} is too small for --lpq_window="
                  f"{config.lpq_window} and --phog_levels={config.phog_levels}.")
   run(FLAGS.data_path, FLAGS.out, config=config, size=size, crop_faces=FLAGS.crop_faces,
       expected_size=None if FLAGS.any_size else (576, 720), on_error=FLAGS.on_error, batch_size=FLAGS.batch_size)
@@ -179,4 +180,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  _common.run_binary(main)
+  _flags.run_binary(main)
