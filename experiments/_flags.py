@@ -193,13 +193,15 @@ def _base_type(f: dataclasses.Field) -> str:
   return parts[0].split("[")[0] if parts else "str"
 
 
-def define_flags(config_cls, *, default_data: str,
+def define_flags(config_cls, *, default_data: str = "features", common: bool = True,
                  flag_values: flags.FlagValues = FLAGS) -> None:
-  """Defines the common flags and one flag per field of ``config_cls`` (name, type, default
-  and help from the field; see :func:`field`)."""
-  define_common_flags(default_data, flag_values)
+  """Defines one flag per field of ``config_cls`` (name, type, default and help from the field;
+  see :func:`field`) and, unless ``common`` is False (a tool that is not a study), the common
+  flags of a study (:func:`define_common_flags`)."""
+  if common:
+    define_common_flags(default_data, flag_values)
   for f in dataclasses.fields(config_cls):
-    if f.name in COMMON:
+    if common and f.name in COMMON:
       continue
     meta, default, name = f.metadata, f.default, f.name
     help_text = meta.get("help")
@@ -275,7 +277,9 @@ def config_from_flags(config_cls, flag_values: flags.FlagValues = FLAGS):
     elif "list_opts" in meta:
       value = parse_list(f.name, value, **meta["list_opts"])
     given[f.name] = value
-  return config_cls.quick(**given) if fv["quick"].value else config_cls(**given)
+  if "quick" in fv and fv["quick"].value:
+    return config_cls.quick(**given)
+  return config_cls(**given)
 
 
 def run_main(argv: Sequence[str], config_cls, run: Callable[..., Any]) -> Any:
