@@ -42,7 +42,7 @@ def parse_size(text: str, flag: str) -> tuple[int, int]:
       raise ValueError
   except ValueError:
     _flags.fail(f"--{flag}={text!r} is not an image size; write HEIGHTxWIDTH, e.g. 90x72, "
-                 "or one number for a square.")
+                "or one number for a square.")
   return parts[0], parts[1]
 
 

@@ -105,7 +105,7 @@ def load_features(data: str, data_path: str | None) -> data_lib.Dataset:
   ds = _store.load_data(data, data_path)
   if ds.x.ndim != 2 or ds.x.shape[1] != 10:
     _flags.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs the 10 "
-                 "features (use --data=features, digits_features or sfew_features).")
+                "features (use --data=features, digits_features or sfew_features).")
   return ds
 
 
@@ -115,8 +115,8 @@ def check_folds(ds: data_lib.Dataset, n_splits: int) -> None:
   counts = counts[counts > 0]
   if len(ds) < 2 * n_splits or counts.min() < n_splits:
     _flags.fail(f"--folds={n_splits} needs at least {n_splits} examples of every class; the "
-                 f"data have {len(ds)} examples with class counts {ds.class_counts().tolist()}. "
-                 "Lower --folds.")
+                f"data have {len(ds)} examples with class counts {ds.class_counts().tolist()}. "
+                "Lower --folds.")
 
 
 # ----------------------------------------------------------------------------- evaluation

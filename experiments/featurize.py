@@ -103,7 +103,7 @@ def _check_output(path: str) -> str:
     os.remove(probe)
   except OSError as e:
     _flags.fail(f"--out={path}: cannot write to {folder} ({e.strerror}); choose a writable "
-                 "folder.")
+                "folder.")
   if os.path.exists(path) and not os.access(path, os.W_OK):
     _flags.fail(f"--out={path} exists and is read-only; remove it or choose another name.")
   return path
@@ -159,7 +159,7 @@ def run(data_path: str, out: str, *, config: features_lib.DescriptorConfig =
     _flags.fail(f"Could not read the SFEW images at --data_path={data_path}: {e}")
   if len(ds) < config.components:
     _flags.fail(f"{data_path}: {len(ds)} images; 5 principal components need at least "
-                 f"{config.components}.")
+                f"{config.components}.")
   x, info = features_lib.extract_features(ds.x[..., 0], config, batch_size=batch_size)
   names = [os.path.basename(n) for n in ds.info["names"]]
   _store.write_text(out, _csv_text(names, ds.y, x))

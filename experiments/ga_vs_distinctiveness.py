@@ -115,26 +115,26 @@ class Config:
       extra = sorted(set(getattr(self, name)) - set(self.hidden))
       if extra:
         _flags.fail(f"--{name} has sizes {extra} that the baseline grid does not train; add "
-                     f"them to --hidden (now {list(self.hidden)}).")
+                    f"them to --hidden (now {list(self.hidden)}).")
     if self.sweep_hidden not in self.hidden:
       _flags.fail(f"--sweep_hidden={self.sweep_hidden} is not in --hidden {list(self.hidden)}.")
     if self.prune_lr not in self.lrs:
       _flags.fail(f"--prune_lr={self.prune_lr} is not in --lrs {list(self.lrs)}: the pruned "
-                   "networks are the baseline networks trained at that learning rate.")
+                  "networks are the baseline networks trained at that learning rate.")
     if any(lr <= 0 for lr in self.lrs):
       _flags.fail("--lrs must be positive.")
     _flags.check_positive(folds=self.folds, minimum=2)
     _flags.check_positive(epochs=self.epochs, batch_size=self.batch_size)
     if not 0 <= self.similar_deg < self.complementary_deg <= 180:
       _flags.fail(f"Need 0 <= --similar_deg < --complementary_deg <= 180, got "
-                   f"{self.similar_deg} and {self.complementary_deg}.")
+                  f"{self.similar_deg} and {self.complementary_deg}.")
     if not (0 < self.sweep_step and 0 <= self.sweep_max <= 90):
       _flags.fail(f"Need --sweep_step > 0 and 0 <= --sweep_max <= 90 (complementary = 180 - "
-                   f"angle), got {self.sweep_step} and {self.sweep_max}.")
+                  f"angle), got {self.sweep_step} and {self.sweep_max}.")
     for a in self.compare_angles:
       if not 0 <= a <= 90:
         _flags.fail(f"--compare_angles must lie in [0, 90] (complementary = 180 - angle), "
-                     f"got {a}.")
+                    f"got {a}.")
     if self.compare_fitness not in FITNESS:
       _flags.fail(f"--compare_fitness must be one of {FITNESS}, got {self.compare_fitness!r}.")
     if any(t < 0 for t in self.compare_redundancy_tols):
@@ -145,7 +145,7 @@ class Config:
     _flags.check_positive(ga_hof=self.ga_hof, ga_tournament=self.ga_tournament)
     if self.ga_population <= self.ga_hof or self.ga_population < self.ga_tournament:
       _flags.fail(f"--ga_population ({self.ga_population}) must exceed --ga_hof "
-                   f"({self.ga_hof}) and be at least --ga_tournament ({self.ga_tournament}).")
+                  f"({self.ga_hof}) and be at least --ga_tournament ({self.ga_tournament}).")
     for name in ("ga_crossover", "ga_mutation", "ga_bit_flip"):
       mc.check_probability(name, getattr(self, name))
 

@@ -99,18 +99,18 @@ class Config:
         _flags.fail(f"--hidden: sizes must be at least 2, got {h}.")
     _flags.check_positive(folds=self.folds, minimum=2)
     _flags.check_positive(epochs=self.epochs, retrain_epochs=self.retrain_epochs,
-                           batch_size=self.batch_size, ga_population=self.ga_population)
+                          batch_size=self.batch_size, ga_population=self.ga_population)
     _flags.check_positive(ga_generations=self.ga_generations, minimum=0)
     if self.ga_population < 6:
       _flags.fail(f"--ga_population must be at least 6 (the hall of fame keeps 5), got "
-                   f"{self.ga_population}.")
+                  f"{self.ga_population}.")
     if not self.lr > 0:
       _flags.fail(f"--lr must be positive, got {self.lr}.")
     if any(not 0 < f < 1 for f in self.targets):
       _flags.fail(f"--targets are kept fractions in (0, 1), got {list(self.targets)}.")
     if list(self.targets) != sorted(self.targets, reverse=True):
       _flags.fail(f"--targets must decrease (an iterative schedule prunes further each "
-                   f"round), got {list(self.targets)}.")
+                  f"round), got {list(self.targets)}.")
     bad = sorted(set(self.pruners) - set(PRUNERS))
     if bad or not self.pruners:
       _flags.fail(f"--pruners: unknown {bad}; choose from {', '.join(PRUNERS)}.")
@@ -120,7 +120,7 @@ class Config:
       kept = self.kept(h)
       if len(set(kept)) != len(kept):
         _flags.fail(f"--targets {list(self.targets)} give the same kept count twice for H={h} "
-                     f"({kept}); use fewer or more distinct targets.")
+                    f"({kept}); use fewer or more distinct targets.")
 
   def kept(self, h: int) -> list[int]:
     """Kept units at each target for hidden size h (at least 1)."""
@@ -433,7 +433,7 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
   ds = mc.load_features(data, data_path)
   mc.check_folds(ds, cfg.folds)
   study = _store.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
-                                "data_path": data_path}, workdir)
+                               "data_path": data_path}, workdir)
   t0 = time.time()
   folds = mc.cv_folds(ds, cfg.folds, cfg.seed)
   steps = len(cfg.hidden) * (1 + 2 * len(cfg.targets))

@@ -10,6 +10,9 @@ training loss, training accuracy and the minimum importance among kept kernels, 
 loss and accuracy before and after.
 
   python -m experiments.kernel_importance --workdir=/tmp/work
+  python -m experiments.kernel_importance --quick --workdir=/tmp/work   # the smoke run
+
+From Python: ``kernel_importance.run(kernel_importance.Config.quick(), "/tmp/work")``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from jaxprune import pruners
 
 STUDY = "kernel_importance"
 GROUP = "conv_0"
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:

@@ -10,6 +10,9 @@ accuracy per epoch, one figure per fraction, and the first epoch at which each r
 unpruned (fine-tuned) test accuracy, or 'never'.
 
   python -m experiments.lottery_ticket --workdir=/tmp/work
+  python -m experiments.lottery_ticket --quick --workdir=/tmp/work   # the smoke run
+
+From Python: ``lottery_ticket.run(lottery_ticket.Config.quick(), "/tmp/work")``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from jaxprune import pruners
 
 STUDY = "lottery_ticket"
 METHODS = ("magnitude", "random")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config(ft.Config):

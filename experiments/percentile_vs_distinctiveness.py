@@ -11,6 +11,9 @@ fractions of the weights of every pruned layer's kernel. Both are retrained with
 retrained the same way.
 
   python -m experiments.percentile_vs_distinctiveness --workdir=/tmp/work
+  python -m experiments.percentile_vs_distinctiveness --quick --workdir=/tmp/work   # the smoke run
+
+From Python: ``percentile_vs_distinctiveness.run(percentile_vs_distinctiveness.Config.quick(), "/tmp/work")``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from experiments import _store
 from jaxprune import pruners
 
 STUDY = "percentile_vs_distinctiveness"
+
 
 @dataclasses.dataclass(frozen=True)
 class Config(ft.Config):
@@ -122,7 +126,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
   unknown = [g for g in groups if g not in model.groups or model.groups[g].kind != "conv"]
   if unknown:
     _flags.fail(f"--groups {unknown} are not conv unit groups of {type(model).__name__}; "
-                 f"choose from {cc.conv_groups(model)}.")
+                f"choose from {cc.conv_groups(model)}.")
   study = _store.Study(STUDY, s, workdir)
   steps = 2 + 2 * len(angles)
   prog = _report.Progress(steps, STUDY)

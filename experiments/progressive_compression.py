@@ -86,11 +86,11 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
   ds = _store.load_data(data, data_path)
   if ds.x.ndim != 2:
     _flags.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs "
-                 "feature vectors (use --data=features, digits_features or sfew_features).")
+                "feature vectors (use --data=features, digits_features or sfew_features).")
   d = ds.x.shape[1]
   model = jaxprune.Autoencoder(in_features=d, hidden=(cfg.hidden,))
   study = _store.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
-                                "data_path": data_path}, workdir)
+                               "data_path": data_path}, workdir)
   splits = _splits(ds, cfg)
 
   def train():

@@ -71,7 +71,7 @@ class Config:
   def validate(self) -> None:
     if any(h < 2 for h in self.hidden):
       _flags.fail(f"--hidden sizes must be at least 2 (a pair needs two units), got "
-                   f"{list(self.hidden)}.")
+                  f"{list(self.hidden)}.")
     _flags.check_positive(runs=self.runs, epochs=self.epochs, batch_size=self.batch_size)
     if not self.lr > 0:
       _flags.fail(f"--lr must be positive, got {self.lr}.")
@@ -233,7 +233,7 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
   cfg.validate()
   ds = mc.load_features(data, data_path)
   study = _store.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
-                                "data_path": data_path}, workdir)
+                               "data_path": data_path}, workdir)
   splits = _splits(ds, cfg)
   nets = train_all(cfg, splits, study)
   progress = _report.Progress(len(nets), "prune")

@@ -20,6 +20,9 @@ accuracy per fold and mean, at each check the minimum and maximum angle and the 
 and the parameters and FLOPs of the pruned network (fold 1; dense, masked and compacted).
 
   python -m experiments.training_time_distinctiveness --workdir=/tmp/work
+  python -m experiments.training_time_distinctiveness --quick --workdir=/tmp/work   # the smoke run
+
+From Python: ``training_time_distinctiveness.run(training_time_distinctiveness.Config.quick(), "/tmp/work")``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from jaxprune import pruners
 
 STUDY = "training_time_distinctiveness"
 VARIANTS = ("no_pruning", "pruning")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -205,7 +209,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
   if s["layer"] not in model.groups or model.groups[s["layer"]].kind != "dense":
     dense = [n for n, g in model.groups.items() if g.kind == "dense"]
     _flags.fail(f"--layer={s['layer']!r} is not a dense unit group of the 4-conv CNN; choose "
-                 f"one of {dense}.")
+                f"one of {dense}.")
   ds = cc.load_images(data, data_path, size, s["channels"], max_per_class=config.max_per_class)
   try:
     folds = data_lib.kfold(ds, n_splits=s["folds"], seed=s["seed"],
