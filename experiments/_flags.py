@@ -37,6 +37,9 @@ from absl import flags
 from experiments import _speed
 
 FLAGS = flags.FLAGS
+# The flags this module defines for a study belong to the module that asks for them (the
+# binary's __main__), so that ``--help`` lists them, as when a binary wrote them by hand.
+flags.disclaim_key_flags()
 
 DATA_CHOICES = ("features", "digits_features", "images", "sfew_features", "sfew_images")
 SEED_LIMIT = 2**32

@@ -300,6 +300,9 @@ def test_generated_flags_keep_names_types_and_defaults():
   _flags.define_flags(ki.Config, default_data="images", flag_values=fv)
   assert fv["image_size"].default == "30x24" and fv["norm"].flag_type() == "string enum"
   assert fv["relative"].flag_type() == "bool"
+  # Key flags of the module that defined them (a binary's __main__): --help lists them all.
+  key = {f.name for f in fv.get_key_flags_for_module(sys.modules[__name__])}
+  assert {"norm", "image_size", "max_rise", "workdir", "seed", "quick"} <= key
   with pytest.raises(app.UsageError, match="--angles: values must be <= 180.0"):
     _flags_config(pvd, "--angles=45,200")
   with pytest.raises(app.UsageError, match="not an image size"):
