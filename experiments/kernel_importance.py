@@ -12,7 +12,8 @@ loss and accuracy before and after.
   python -m experiments.kernel_importance --workdir=/tmp/work
   python -m experiments.kernel_importance --quick --workdir=/tmp/work   # the smoke run
 
-From Python: ``kernel_importance.run(kernel_importance.Config.quick(), "/tmp/work")``.
+From Python: ``ki.run(ki.Config.quick(), "/tmp/work")`` after
+``from experiments import kernel_importance as ki``.
 """
 
 from __future__ import annotations
@@ -110,27 +111,27 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
         data_path: str | None = None) -> dict:
   """Runs (or resumes) the study; returns the results written to results.json."""
   config.validate()
-  s = {**dataclasses.asdict(config), "data": data, "data_path": data_path}
-  size = tuple(s["image_size"])
+  settings = {**dataclasses.asdict(config), "data": data, "data_path": data_path}
+  size = tuple(config.image_size)
   ds = cc.load_images(data, data_path, size, 1, max_per_class=config.max_per_class)
-  split = cc.train_test(ds, s["test_fraction"], s["seed"])
+  split = cc.train_test(ds, config.test_fraction, config.seed)
   model = cc.build_model("lenet", size, 1, ds.num_classes)
-  study = _store.Study(STUDY, s, workdir)
+  study = _store.Study(STUDY, settings, workdir)
   prog = _report.Progress(2, STUDY)
-  init = model.init(_store.config_key(s["seed"], "init"))
+  init = model.init(_store.config_key(config.seed, "init"))
 
   def fit():
-    return cc.train(model, init, split, key=_store.config_key(s["seed"], "train"),
-                    epochs=s["epochs"], learning_rate=s["learning_rate"],
-                    batch_size=s["batch_size"], desc="train")
+    return cc.train(model, init, split, key=_store.config_key(config.seed, "train"),
+                    epochs=config.epochs, learning_rate=config.learning_rate,
+                    batch_size=config.batch_size, desc="train")
 
   trained, train_rec = study.cached_with_tree("trained", fit, init)
   prog.step("trained")
 
   def prune():
     pruned, umasks, rows, stopped = prune_kernels(
-        model, trained, split.x_train, split.y_train, max_rise=s["max_rise"],
-        relative=s["relative"], norm=s["norm"])
+        model, trained, split.x_train, split.y_train, max_rise=config.max_rise,
+        relative=config.relative, norm=config.norm)
     before = jaxprune.evaluate(model, trained, split.x_test, split.y_test)
     after = jaxprune.evaluate(model, pruned, split.x_test, split.y_test)
     return {"steps": rows, "rejected_loss": stopped, "test_before": before, "test_after": after,
@@ -159,25 +160,25 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
     ax.plot(xs, [r[key] for r in rows], marker="o")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-  limit = rows[0]["train_loss"] + (s["max_rise"] * abs(rows[0]["train_loss"]) if s["relative"]
-                                   else s["max_rise"])
+  limit = rows[0]["train_loss"] + (config.max_rise * abs(rows[0]["train_loss"]) if config.relative
+                                   else config.max_rise)
   axes[0].axhline(limit, color="red", linestyle="--", label="stop threshold")
   if res["rejected_loss"] is not None:
     axes[0].plot([xs[-1] + 1], [res["rejected_loss"]], "rx", label="rejected removal")
   axes[0].legend(fontsize=8)
   axes[-1].set_xlabel("conv-1 kernels pruned (count)")
-  axes[0].set_title(f"LeNet conv-1 kernels pruned by least {s['norm']} importance")
+  axes[0].set_title(f"LeNet conv-1 kernels pruned by least {config.norm} importance")
   _report.save_figure(fig, study.path("pruning_steps.png"))
 
   results = {"train": train_rec, **res, "kernels_total": model.groups[GROUP].size}
   study.write_results(results)
-  rise = (f"{s['max_rise']:g} x the starting loss" if s["relative"]
-          else f"{s['max_rise']:g} nats")
+  rise = (f"{config.max_rise:g} x the starting loss" if config.relative
+          else f"{config.max_rise:g} nats")
   study.write_report("Kernel importance: pruning LeNet's first conv layer", [
       ("Set-up", f"{cc.data_description(ds, data)} Model: LeNet-style CNN on {size[0]}x{size[1]}x1 "
-       f"inputs trained from scratch for {s['epochs']} epochs (Adam {s['learning_rate']:g}); "
+       f"inputs trained from scratch for {config.epochs} epochs (Adam {config.learning_rate:g}); "
        f"{len(split.y_train)} training and {len(split.y_test)} test images. Conv-1 kernels "
-       f"removed one at a time by least {s['norm']} importance, stopping before the training "
+       f"removed one at a time by least {config.norm} importance, stopping before the training "
        f"loss would rise by more than {rise}. Pruned {rows[-1]['pruned']} of "
        f"{model.groups[GROUP].size} kernels."),
       ("Pruning steps (training set)", table),

@@ -12,7 +12,8 @@ unpruned (fine-tuned) test accuracy, or 'never'.
   python -m experiments.lottery_ticket --workdir=/tmp/work
   python -m experiments.lottery_ticket --quick --workdir=/tmp/work   # the smoke run
 
-From Python: ``lottery_ticket.run(lottery_ticket.Config.quick(), "/tmp/work")``.
+From Python: ``lt.run(lt.Config.quick(), "/tmp/work")`` after
+``from experiments import lottery_ticket as lt``.
 """
 
 from __future__ import annotations
@@ -68,11 +69,11 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
   """Runs (or resumes) the study; returns the results written to results.json."""
   config.validate()
   cc.check_image_data(data)
-  s = config.settings(data, data_path)
   fractions = list(config.fractions)
   setup = ft.prepare(config, data, data_path)
+  c = setup.config  # resolved: arch, image size and channels concrete
   model = setup.model
-  study = _store.Study(STUDY, s, workdir)
+  study = _store.Study(STUDY, config.settings(data, data_path), workdir)
   prog = _report.Progress(1 + len(METHODS) * len(fractions), STUDY)
 
   tuned, tuned_rec = ft.finetune(study, setup)
@@ -85,11 +86,11 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
     for method in METHODS:
       def run(method=method, frac=frac):
         rewound, masks = prune_and_rewind(method, tuned, setup.init_params, frac,
-                                          key=_store.config_key(s["seed"], "random_mask", frac))
+                                          key=_store.config_key(c.seed, "random_mask", frac))
         _, rec = cc.train(model, rewound, setup.split, masks=masks,
-                          key=_store.config_key(s["seed"], "retrain", frac),
-                          epochs=s["retrain_epochs"], learning_rate=s["learning_rate"],
-                          batch_size=s["batch_size"], desc=f"{method} {frac:g}")
+                          key=_store.config_key(c.seed, "retrain", frac),
+                          epochs=c.retrain_epochs, learning_rate=c.learning_rate,
+                          batch_size=c.batch_size, desc=f"{method} {frac:g}")
         kept, total = jaxprune.count_weights(masks)
         return {**rec, "weights_kept": kept, "weights_total": total}
 
@@ -121,7 +122,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
       ("Set-up", setup.description + f" Unpruned (fine-tuned) test accuracy: {target:.4f}. "
        "Pruning: one-shot, per layer, every kernel (biases and batch-norm parameters kept); "
        "kept weights rewound to the initial weights, then retrained with the mask for "
-       f"{s['retrain_epochs']} epochs (same schedule for magnitude and random masks)."),
+       f"{c.retrain_epochs} epochs (same schedule for magnitude and random masks)."),
       ("Test accuracy and the first epoch reaching the unpruned accuracy", table),
       ("Figures", figs),
   ])

@@ -13,7 +13,8 @@ retrained the same way.
   python -m experiments.percentile_vs_distinctiveness --workdir=/tmp/work
   python -m experiments.percentile_vs_distinctiveness --quick --workdir=/tmp/work   # the smoke run
 
-From Python: ``percentile_vs_distinctiveness.run(percentile_vs_distinctiveness.Config.quick(), "/tmp/work")``.
+From Python: ``pvd.run(pvd.Config.quick(), "/tmp/work")`` after
+``from experiments import percentile_vs_distinctiveness as pvd``.
 """
 
 from __future__ import annotations
@@ -118,27 +119,27 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
   """Runs (or resumes) the study; returns the results written to results.json."""
   config.validate()
   cc.check_image_data(data)
-  s = config.settings(data, data_path)
   angles = list(config.angles)
   setup = ft.prepare(config, data, data_path)
+  c = setup.config  # resolved: arch, image size and channels concrete
   model = setup.model
   groups = list(config.groups) or cc.conv_groups(model)
   unknown = [g for g in groups if g not in model.groups or model.groups[g].kind != "conv"]
   if unknown:
     _flags.fail(f"--groups {unknown} are not conv unit groups of {type(model).__name__}; "
                 f"choose from {cc.conv_groups(model)}.")
-  study = _store.Study(STUDY, s, workdir)
+  study = _store.Study(STUDY, config.settings(data, data_path), workdir)
   steps = 2 + 2 * len(angles)
   prog = _report.Progress(steps, STUDY)
 
   tuned, tuned_rec = ft.finetune(study, setup)
   prog.step("fine-tuned")
   base_acc = tuned_rec["test_accuracy"][-1]
-  retrain = dict(epochs=s["retrain_epochs"], learning_rate=s["learning_rate"],
-                 batch_size=s["batch_size"])
+  retrain = dict(epochs=c.retrain_epochs, learning_rate=c.learning_rate,
+                 batch_size=c.batch_size)
 
   def unpruned():
-    _, rec = cc.train(model, tuned, setup.split, key=_store.config_key(s["seed"], "retrain"),
+    _, rec = cc.train(model, tuned, setup.split, key=_store.config_key(c.seed, "retrain"),
                       desc="unpruned", **retrain)
     return rec
 
@@ -161,7 +162,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
     def distinct(angle=angle):
       params, umasks, wmasks = distinctiveness_prune(model, tuned, groups, angle)
       _, rec = cc.train(model, params, setup.split, masks=wmasks,
-                        key=_store.config_key(s["seed"], "retrain"), desc=f"distinct {angle:g}",
+                        key=_store.config_key(c.seed, "retrain"), desc=f"distinct {angle:g}",
                         **retrain)
       return {**rec, "layers": layer_fractions(model, umasks),
               "weights_kept": jaxprune.count_weights(wmasks)}
@@ -173,7 +174,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
     def magnitude(fmax=fmax):
       params, wmasks = magnitude_masks(model, tuned, groups, fmax)
       _, rec = cc.train(model, params, setup.split, masks=wmasks,
-                        key=_store.config_key(s["seed"], "retrain"), desc=f"magnitude {fmax:.3f}",
+                        key=_store.config_key(c.seed, "retrain"), desc=f"magnitude {fmax:.3f}",
                         **retrain)
       return {**rec, "weights_kept": jaxprune.count_weights(wmasks)}
 
@@ -234,7 +235,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
        "same layers' kernels (unstructured)."),
       ("Fraction of filters pruned per layer", t1),
       ("Smallest angle between two filters, per layer", t_min),
-      ("Test accuracy (retrained " + f"{s['retrain_epochs']} epochs)", t2),
+      ("Test accuracy (retrained " + f"{c.retrain_epochs} epochs)", t2),
       ("Figures", figs),
   ])
   print(f"Wrote {study.dir}/REPORT.md")

@@ -22,7 +22,8 @@ and the parameters and FLOPs of the pruned network (fold 1; dense, masked and co
   python -m experiments.training_time_distinctiveness --workdir=/tmp/work
   python -m experiments.training_time_distinctiveness --quick --workdir=/tmp/work   # the smoke run
 
-From Python: ``training_time_distinctiveness.run(training_time_distinctiveness.Config.quick(), "/tmp/work")``.
+From Python: ``ttd.run(ttd.Config.quick(), "/tmp/work")`` after
+``from experiments import training_time_distinctiveness as ttd``.
 """
 
 from __future__ import annotations
