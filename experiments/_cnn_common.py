@@ -1,8 +1,8 @@
 """Orchestration shared by the CNN study binaries (issue 7): image flags, models, caching of
 trained parameters, deterministic keys, curves.
 
-Keys, params files and their resumable caching live in ``experiments/_common.py``
-(:func:`_common.config_key`, :func:`_common.save_tree` / :func:`_common.load_tree`,
+Keys, params files and their resumable caching live in ``experiments/_store.py``
+(:func:`_store.config_key`, :func:`_store.save_tree` / :func:`_store.load_tree`,
 ``Study.cached_with_tree``).
 """
 
@@ -12,12 +12,12 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from absl import flags
 
 import jaxprune
-from experiments import _common
+from experiments import _flags
+from experiments import _report
+from experiments import _store
 
-FLAGS = flags.FLAGS
 PyTree = Any
 
 IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
@@ -29,11 +29,11 @@ IMAGE_DATA = ("images", "sfew_images")  # the --data choices that hold images
 QUICK_SIZE = {"lenet": (16, 16), "cnn4": (64, 64), "resnet18": (32, 32)}
 
 
-# ----------------------------------------------------------------------------- flags
+# ----------------------------------------------------------------------------- sizes
 
 
 def parse_size(text: str, flag: str) -> tuple[int, int]:
-  """'HxW' (or 'N' for N x N) -> (H, W); a clear exit otherwise."""
+  """'HxW' (or 'N' for N x N) -> (H, W); a clear exit otherwise (the ``--image_size`` flag)."""
   try:
     parts = [int(p) for p in str(text).lower().split("x")]
     if len(parts) == 1:
@@ -41,32 +41,52 @@ def parse_size(text: str, flag: str) -> tuple[int, int]:
     if len(parts) != 2 or min(parts) < 1:
       raise ValueError
   except ValueError:
-    _common.fail(f"--{flag}={text!r} is not an image size; write HEIGHTxWIDTH, e.g. 90x72, "
-                 "or one number for a square.")
+    _flags.fail(f"--{flag}={text!r} is not an image size; write HEIGHTxWIDTH, e.g. 90x72, "
+                "or one number for a square.")
   return parts[0], parts[1]
+
+
+def unparse_size(size: Sequence[int]) -> str:
+  """(H, W) -> 'HxW' (the ``--image_size`` flag's default)."""
+  return "x".join(str(int(v)) for v in size)
+
+
+def check_size(size, flag: str = "image_size") -> None:
+  """Fails unless ``size`` is a pair of positive integers (an in-process ``Config``)."""
+  if (not isinstance(size, (tuple, list)) or len(size) != 2
+      or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in size)):
+    _flags.fail(f"--{flag}={size!r} is not an image size; give (HEIGHT, WIDTH), e.g. (90, 72) "
+                "(on the command line 90x72).")
 
 
 # ----------------------------------------------------------------------------- data, models
 
 
-def load_images(size: tuple[int, int], channels: int, *, max_per_class: int | None = None):
-  """Loads --data (bundled digits images or the user's SFEW tree) at ``size`` x ``channels``."""
-  if FLAGS.data in _common.DATA_CHOICES and FLAGS.data not in IMAGE_DATA:
-    _common.fail(f"--data={FLAGS.data} holds feature vectors, but this study trains a CNN on "
-                 f"images; use --data={' or --data='.join(IMAGE_DATA)}.")
+def check_image_data(data: str) -> None:
+  """Fails when ``data`` names feature vectors (before anything is loaded or trained)."""
+  if data in _flags.DATA_CHOICES and data not in IMAGE_DATA:
+    _flags.fail(f"--data={data} holds feature vectors, but this study trains a CNN on "
+                f"images; use --data={' or --data='.join(IMAGE_DATA)}.")
+
+
+def load_images(data: str, data_path: str | None, size: tuple[int, int], channels: int, *,
+                max_per_class: int | None = None):
+  """Loads ``data`` (bundled digits images or the user's SFEW tree at ``data_path``) at
+  ``size`` x ``channels``; ``max_per_class`` caps the bundled images per class."""
+  check_image_data(data)
   kw: dict[str, Any] = {"size": size, "channels": channels}
-  if max_per_class is not None and FLAGS.data == "images":
+  if max_per_class is not None and data == "images":
     kw["max_per_class"] = max_per_class
-  return _common.load_data(FLAGS.data, FLAGS.data_path, **kw)
+  return _store.load_data(data, data_path, **kw)
 
 
-def data_description(ds) -> str:
-  src = ds.info.get("source", FLAGS.data)
+def data_description(ds, data: str) -> str:
+  src = ds.info.get("source", data)
   note = ""
-  if FLAGS.data == "images":
+  if data == "images":
     note = (" These are the bundled scikit-learn digits 0-6 (upscaled grayscale), a stand-in "
             "for SFEW: numbers measured on them are not SFEW results.")
-  return (f"Data: `--data={FLAGS.data}` ({src}), {len(ds)} images of shape "
+  return (f"Data: `--data={data}` ({src}), {len(ds)} images of shape "
           f"{tuple(ds.x.shape[1:])}, {ds.num_classes} classes.{note}")
 
 
@@ -90,7 +110,7 @@ def train_test(ds, test_fraction: float, seed: int, normalise: bool = False) -> 
     train, test = data_lib.train_test_split(ds, test_fraction=test_fraction, seed=seed,
                                             person_independent=ds.groups is not None)
   except ValueError as e:
-    _common.fail(f"Cannot split the data: {e}")
+    _flags.fail(f"Cannot split the data: {e}")
   f = imagenet_normalise if normalise else (lambda a: a)
   return Split(f(train.x), train.y, f(test.x), test.y)
 
@@ -105,7 +125,7 @@ def build_model(arch: str, size: tuple[int, int], channels: int, num_classes: in
       return jaxprune.CNN4(input_shape=shape, out_features=num_classes)
     return jaxprune.ResNet18(num_classes=num_classes, input_shape=shape)
   except ValueError as e:
-    _common.fail(f"--image_size={size[0]}x{size[1]} does not fit --arch={arch}: {e}")
+    _flags.fail(f"--image_size={size[0]}x{size[1]} does not fit --arch={arch}: {e}")
 
 
 def conv_groups(model) -> list[str]:
@@ -162,7 +182,7 @@ def first_epoch_reaching(curve: Sequence[float], target: float, tol: float = 1e-
 def plot_curves(path: str, title: str, curves: Mapping[str, Sequence[float]], *,
                 ylabel: str, xlabel: str = "epoch", hline: tuple[str, float] | None = None,
                 vlines: Sequence[float] = (), vlabel: str = "") -> None:
-  plt = _common.pyplot()
+  plt = _report.pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   for label, ys in curves.items():
     ax.plot(np.arange(len(ys)), ys, marker="o", markersize=3, label=label)
@@ -175,4 +195,4 @@ def plot_curves(path: str, title: str, curves: Mapping[str, Sequence[float]], *,
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  _common.save_figure(fig, path)
+  _report.save_figure(fig, path)

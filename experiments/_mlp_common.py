@@ -19,7 +19,8 @@ import numpy as np
 import jaxprune
 from jaxprune import data as data_lib
 from jaxprune.ga.fitness import AccuracyFitness
-from experiments import _common
+from experiments import _flags
+from experiments import _store
 
 PyTree = Any
 
@@ -36,7 +37,7 @@ def stack_keys(keys: Sequence[jax.Array]) -> jax.Array:
 
 def check_probability(name: str, value) -> None:
   if not 0.0 <= value <= 1.0:
-    _common.fail(f"--{name} must be a probability in [0, 1], got {value}.")
+    _flags.fail(f"--{name} must be a probability in [0, 1], got {value}.")
 
 
 # ----------------------------------------------------------------------------- data
@@ -100,11 +101,11 @@ def cv_folds(ds: data_lib.Dataset, n_splits: int, seed: int) -> Folds:
 
 
 def load_features(data: str, data_path: str | None) -> data_lib.Dataset:
-  """Loads --data through ``_common.load_data``; fails clearly unless it has the 10 features."""
-  ds = _common.load_data(data, data_path)
+  """Loads --data through ``_store.load_data``; fails clearly unless it has the 10 features."""
+  ds = _store.load_data(data, data_path)
   if ds.x.ndim != 2 or ds.x.shape[1] != 10:
-    _common.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs the 10 "
-                 "features (use --data=features, digits_features or sfew_features).")
+    _flags.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs the 10 "
+                "features (use --data=features, digits_features or sfew_features).")
   return ds
 
 
@@ -113,9 +114,9 @@ def check_folds(ds: data_lib.Dataset, n_splits: int) -> None:
   counts = ds.class_counts()
   counts = counts[counts > 0]
   if len(ds) < 2 * n_splits or counts.min() < n_splits:
-    _common.fail(f"--folds={n_splits} needs at least {n_splits} examples of every class; the "
-                 f"data have {len(ds)} examples with class counts {ds.class_counts().tolist()}. "
-                 "Lower --folds.")
+    _flags.fail(f"--folds={n_splits} needs at least {n_splits} examples of every class; the "
+                f"data have {len(ds)} examples with class counts {ds.class_counts().tolist()}. "
+                "Lower --folds.")
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -30,15 +30,16 @@ def default_cache_dir() -> str:
   return os.path.join(base, "jaxprune", "xla")
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   """Defines --compilation_cache and --compilation_cache_dir (once)."""
-  if "compilation_cache" in FLAGS:
+  if "compilation_cache" in flag_values:
     return
   flags.DEFINE_bool("compilation_cache", True,
                     "Keep compiled XLA programs on disk (JAX's persistent compilation cache), so "
-                    "that a rerun skips compilation.")
+                    "that a rerun skips compilation.", flag_values=flag_values)
   flags.DEFINE_string("compilation_cache_dir", None,
-                      f"Folder of the compilation cache (default {default_cache_dir()}).")
+                      f"Folder of the compilation cache (default {default_cache_dir()}).",
+                      flag_values=flag_values)
 
 
 def enable_compilation_cache(path: str | None = None, enabled: bool = True) -> str | None:

@@ -20,65 +20,92 @@ Usage:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import time
 
-from absl import flags
-
 from jaxprune import data as data_lib
 from jaxprune.data import features as features_lib
-from experiments import _common
-
-FLAGS = flags.FLAGS
+from experiments import _flags
+from experiments import _store
 
 HEADER = ["", "label"] + [f"LPQ feature {i}" for i in range(1, 6)] + [
     f"PHOG feature {i}" for i in range(1, 6)]
 
 
-def define_flags() -> None:
-  flags.DEFINE_string("data_path", None, "The SFEW class-folder image tree (Angry/ ... Surprise/).")
-  flags.DEFINE_string("out", None, "The CSV to write (e.g. SFEW.csv); replaced atomically.")
-  flags.DEFINE_bool("crop_faces", False,
-                    "Crop the largest Viola-Jones face before describing (needs OpenCV: "
-                    "pip install jaxprune[face]); frames without a face are kept whole, listed.")
-  flags.DEFINE_list("size", ["576", "720"],
-                    "height,width every image (or face crop) is resized to before describing; "
-                    "the default keeps SFEW's 720x576 frames as they are.")
-  flags.DEFINE_bool("any_size", True, "Accept frames of any size (False: require 720x576).")
-  flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
-                    "An unreadable or non-image file: 'raise' stops naming it; 'skip' skips it "
-                    "and lists it in the report.")
-  flags.DEFINE_integer("phog_bins", 16, "PHOG orientation bins over 0-360 degrees (seeds: 16).")
-  flags.DEFINE_integer("phog_levels", 3, "Finest PHOG pyramid level L (the seeds name L=4).")
-  flags.DEFINE_integer("lpq_window", 7, "LPQ STFT window side.")
-  flags.DEFINE_bool("lpq_decorrelate", True, "Whiten LPQ's STFT coefficients (rho 0.9).")
-  flags.DEFINE_list("lpq_blocks", ["1", "1"],
-                    "rows,cols grid of LPQ histograms (4,4: the seeds' 'block size 4x4' read "
-                    "as a grid).")
-  flags.DEFINE_integer("batch_size", 16, "Images described per compiled call.")
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The command line's settings; each field is also a flag (``_flags.define_flags``)."""
+  data_path: str | None = _flags.field(
+      None, "The SFEW class-folder image tree (Angry/ ... Surprise/).")
+  out: str | None = _flags.field(None, "The CSV to write (e.g. SFEW.csv); replaced atomically.")
+  crop_faces: bool = _flags.field(
+      False, "Crop the largest Viola-Jones face before describing (needs OpenCV: pip install "
+      "jaxprune[face]); frames without a face are kept whole, listed.")
+  size: tuple = _flags.field(
+      (576, 720), "height,width every image (or face crop) is resized to before describing; the "
+      "default keeps SFEW's 720x576 frames as they are.", low=1, unique=False)
+  any_size: bool = _flags.field(True, "Accept frames of any size (False: require 720x576).")
+  on_error: str = _flags.field(
+      "raise", "An unreadable or non-image file: 'raise' stops naming it; 'skip' skips it and "
+      "lists it in the report.", choices=("raise", "skip"))
+  phog_bins: int = _flags.field(16, "PHOG orientation bins over 0-360 degrees (seeds: 16).")
+  phog_levels: int = _flags.field(3, "Finest PHOG pyramid level L (the seeds name L=4).")
+  lpq_window: int = _flags.field(7, "LPQ STFT window side.")
+  lpq_decorrelate: bool = _flags.field(True, "Whiten LPQ's STFT coefficients (rho 0.9).")
+  lpq_blocks: tuple = _flags.field(
+      (1, 1), "rows,cols grid of LPQ histograms (4,4: the seeds' 'block size 4x4' read as a "
+      "grid).", low=1, unique=False)
+  batch_size: int = _flags.field(16, "Images described per compiled call.")
+
+  def validate(self) -> None:
+    """One-line usage errors for missing or impossible settings (before any work)."""
+    if not self.data_path:
+      _flags.fail("--data_path is required: the SFEW folder holding Angry/, Disgust/, ... "
+                  "Surprise/.")
+    if not self.out:
+      _flags.fail("--out is required: the CSV to write, e.g. --out=SFEW.csv.")
+    _flags.check_fields(self)
+    for name in ("lpq_blocks", "size"):
+      if len(getattr(self, name)) != 2:
+        _flags.fail(f"--{name} needs 2 comma-separated values, got "
+                    f"{','.join(map(str, getattr(self, name)))}.")
+    _flags.check_positive(phog_bins=self.phog_bins, lpq_window=self.lpq_window,
+                          batch_size=self.batch_size)
+    _flags.check_positive(phog_levels=self.phog_levels, minimum=0)
+    if self.lpq_window < 2:
+      _flags.fail(f"--lpq_window must be at least 2, got {self.lpq_window}.")
+    if min(self.size) < max(self.lpq_window, 2**self.phog_levels):
+      _flags.fail(f"--size={self.size[0]},{self.size[1]} is too small for --lpq_window="
+                  f"{self.lpq_window} and --phog_levels={self.phog_levels}.")
+
+  def descriptor(self) -> features_lib.DescriptorConfig:
+    return features_lib.DescriptorConfig(
+        phog_bins=self.phog_bins, phog_levels=self.phog_levels, lpq_window=self.lpq_window,
+        lpq_decorrelate=self.lpq_decorrelate, lpq_blocks=tuple(self.lpq_blocks))
 
 
 def _check_output(path: str) -> str:
   """Fails before any work when ``path`` cannot be written."""
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(path):
-    _common.fail(f"--out={path} is a folder; pass a file name such as {path}/SFEW.csv.")
+    _flags.fail(f"--out={path} is a folder; pass a file name such as {path}/SFEW.csv.")
   if not path.lower().endswith(".csv"):
-    _common.fail(f"--out={path}: the output is a CSV file; give it the .csv suffix.")
+    _flags.fail(f"--out={path}: the output is a CSV file; give it the .csv suffix.")
   folder = os.path.dirname(path)
   if not os.path.isdir(folder):
-    _common.fail(f"--out={path}: the folder {folder} does not exist; create it first.")
+    _flags.fail(f"--out={path}: the folder {folder} does not exist; create it first.")
   probe = os.path.join(folder, f".featurize-write-test-{os.getpid()}")
   try:
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    _common.fail(f"--out={path}: cannot write to {folder} ({e.strerror}); choose a writable "
-                 "folder.")
+    _flags.fail(f"--out={path}: cannot write to {folder} ({e.strerror}); choose a writable "
+                "folder.")
   if os.path.exists(path) and not os.access(path, os.W_OK):
-    _common.fail(f"--out={path} exists and is read-only; remove it or choose another name.")
+    _flags.fail(f"--out={path} exists and is read-only; remove it or choose another name.")
   return path
 
 
@@ -129,16 +156,16 @@ def run(data_path: str, out: str, *, config: features_lib.DescriptorConfig =
     ds = data_lib.load_sfew_images(data_path, size=size, channels=1, crop_faces=crop_faces,
                                    expected_size=expected_size, on_error=on_error)
   except (FileNotFoundError, ValueError, ImportError) as e:
-    _common.fail(f"Could not read the SFEW images at --data_path={data_path}: {e}")
+    _flags.fail(f"Could not read the SFEW images at --data_path={data_path}: {e}")
   if len(ds) < config.components:
-    _common.fail(f"{data_path}: {len(ds)} images; 5 principal components need at least "
-                 f"{config.components}.")
+    _flags.fail(f"{data_path}: {len(ds)} images; 5 principal components need at least "
+                f"{config.components}.")
   x, info = features_lib.extract_features(ds.x[..., 0], config, batch_size=batch_size)
   names = [os.path.basename(n) for n in ds.info["names"]]
-  _common.write_text(out, _csv_text(names, ds.y, x))
+  _store.write_text(out, _csv_text(names, ds.y, x))
   seconds = time.time() - start
   report_path = os.path.splitext(out)[0] + ".report.md"
-  _common.write_text(report_path, _report(out, ds, info, config, seconds))
+  _store.write_text(report_path, _report(out, ds, info, config, seconds))
   print(f"Wrote {len(ds)} rows to {out} ({seconds:.1f} s; PCA fitted on all images); "
         f"skipped {len(ds.info['skipped'])}, no face {len(ds.info['no_face'])}; "
         f"report {report_path}")
@@ -146,37 +173,15 @@ def run(data_path: str, out: str, *, config: features_lib.DescriptorConfig =
           "no_face": ds.info["no_face"], "seconds": seconds, **info}
 
 
-def _ints(name, values, count):
-  parsed = _common.parse_list(name, values, int, low=1, unique=False)
-  if len(parsed) != count:
-    _common.fail(f"--{name} needs {count} comma-separated values, got {values}.")
-  return parsed
-
-
 def main(argv):
-  _common.check_no_args(argv)
-  if not FLAGS.data_path:
-    _common.fail("--data_path is required: the SFEW folder holding Angry/, Disgust/, ... "
-                 "Surprise/.")
-  if not FLAGS.out:
-    _common.fail("--out is required: the CSV to write, e.g. --out=SFEW.csv.")
-  _common.check_positive(phog_bins=FLAGS.phog_bins, lpq_window=FLAGS.lpq_window,
-                         batch_size=FLAGS.batch_size)
-  _common.check_positive(phog_levels=FLAGS.phog_levels, minimum=0)
-  if FLAGS.lpq_window < 2:
-    _common.fail(f"--lpq_window must be at least 2, got {FLAGS.lpq_window}.")
-  config = features_lib.DescriptorConfig(
-      phog_bins=FLAGS.phog_bins, phog_levels=FLAGS.phog_levels, lpq_window=FLAGS.lpq_window,
-      lpq_decorrelate=FLAGS.lpq_decorrelate,
-      lpq_blocks=_ints("lpq_blocks", FLAGS.lpq_blocks, 2))
-  size = _ints("size", FLAGS.size, 2)
-  if min(size) < max(config.lpq_window, 2**config.phog_levels):
-    _common.fail(f"--size={size[0]},{size[1]} is too small for --lpq_window="
-                 f"{config.lpq_window} and --phog_levels={config.phog_levels}.")
-  run(FLAGS.data_path, FLAGS.out, config=config, size=size, crop_faces=FLAGS.crop_faces,
-      expected_size=None if FLAGS.any_size else (576, 720), on_error=FLAGS.on_error, batch_size=FLAGS.batch_size)
+  _flags.check_no_args(argv)
+  c = _flags.config_from_flags(Config)
+  c.validate()
+  run(c.data_path, c.out, config=c.descriptor(), size=tuple(c.size), crop_faces=c.crop_faces,
+      expected_size=None if c.any_size else (576, 720), on_error=c.on_error,
+      batch_size=c.batch_size)
 
 
 if __name__ == "__main__":
-  define_flags()
-  _common.run_binary(main)
+  _flags.define_flags(Config, common=False)
+  _flags.run_binary(main)

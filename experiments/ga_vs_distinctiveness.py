@@ -36,13 +36,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
 import jaxprune
 from jaxprune import ga
 from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.pruners import distinctiveness
-from experiments import _common
+from experiments import _flags
+from experiments import _report
+from experiments import _store
 from experiments import _mlp_common as mc
 
 STUDY = "ga_vs_distinctiveness"
@@ -52,34 +53,46 @@ FITNESS = ("eq5", "eq6")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Every setting of the study (see ``define_flags`` for their meaning)."""
-  lrs: tuple = (0.01, 0.001, 0.0001)
-  hidden: tuple = (10, 20, 50, 100, 200, 500, 1000)
-  folds: int = 10
-  epochs: int = 300
-  batch_size: int = 32
-  prune_lr: float = 0.01
-  dist_hidden: tuple = (20, 50, 100, 200, 500)
-  similar_deg: float = 15.0
-  complementary_deg: float = 165.0
-  sweep_hidden: int = 100
-  sweep_step: float = 5.0
-  sweep_max: float = 90.0
-  ga_hidden: tuple = (50, 100, 200, 500)
-  ga_lambdas: tuple = (0.0, 10.0, 25.0, 50.0, 100.0)
-  ga_population: int = 100
-  ga_generations: int = 50
-  ga_hof: int = 5
-  ga_tournament: int = 3
-  ga_crossover: float = 0.8
-  ga_mutation: float = 0.2
-  ga_bit_flip: float = 0.1
-  compare_hidden: tuple = (20, 50, 100, 200, 500)
-  compare_angles: tuple = (15.0, 45.0)
-  compare_lambdas: tuple = (0.0, 50.0)
-  compare_fitness: str = "eq5"
-  compare_redundancy_tols: tuple = (0.1,)
-  seed: int = 0
+  """Every setting of the study; each field is also a flag (``_flags.define_flags``)."""
+  lrs: tuple = _flags.field((0.01, 0.001, 0.0001), "Baseline learning rates (Adam).",
+                            low=0.0, low_open=True)
+  hidden: tuple = _flags.field((10, 20, 50, 100, 200, 500, 1000), "Baseline hidden sizes H.",
+                               low=1)
+  folds: int = _flags.field(10, "Stratified cross-validation folds.")
+  epochs: int = _flags.field(300, "Training epochs.")
+  batch_size: int = _flags.field(32, "Minibatch size.")
+  prune_lr: float = _flags.field(
+      0.01, "Learning rate of the baseline networks that are pruned (must be in --lrs).")
+  dist_hidden: tuple = _flags.field(
+      (20, 50, 100, 200, 500),
+      "Hidden sizes pruned by distinctiveness at --similar_deg/--complementary_deg.", low=1)
+  similar_deg: float = _flags.field(15.0, "Similar threshold (degrees).")
+  complementary_deg: float = _flags.field(165.0, "Complementary threshold (degrees).")
+  sweep_hidden: int = _flags.field(100, "Hidden size of the threshold sweep.")
+  sweep_step: float = _flags.field(5.0, "Sweep step (degrees).")
+  sweep_max: float = _flags.field(90.0, "Largest sweep angle (degrees, <= 90).")
+  ga_hidden: tuple = _flags.field((50, 100, 200, 500), "Hidden sizes of the GA grid.", low=1)
+  ga_lambdas: tuple = _flags.field((0.0, 10.0, 25.0, 50.0, 100.0), "GA size penalties lambda.",
+                                   low=0.0)
+  ga_population: int = _flags.field(100, "GA population size.")
+  ga_generations: int = _flags.field(50, "GA generations.")
+  ga_hof: int = _flags.field(5, "GA hall-of-fame size (elitism).")
+  ga_tournament: int = _flags.field(3, "GA tournament size.")
+  ga_crossover: float = _flags.field(0.8, "GA one-point crossover probability.")
+  ga_mutation: float = _flags.field(0.2, "GA per-individual mutation probability.")
+  ga_bit_flip: float = _flags.field(0.1, "GA per-bit flip probability.")
+  compare_hidden: tuple = _flags.field((20, 50, 100, 200, 500),
+                                       "Hidden sizes of the final comparison.", low=1)
+  compare_angles: tuple = _flags.field(
+      (15.0, 45.0), "Distinctiveness similar thresholds compared (complementary = 180 - angle).",
+      low=0.0)
+  compare_lambdas: tuple = _flags.field((0.0, 50.0), "GA lambdas compared.", low=0.0)
+  compare_fitness: str = _flags.field("eq5", "GA fitness used in the comparison.",
+                                      choices=FITNESS)
+  compare_redundancy_tols: tuple = _flags.field(
+      (0.1,), "Group-redundancy tolerances (relative residual) in the comparison; empty leaves "
+      "group redundancy out.", low=0.0, nonempty=False)
+  seed: int = _flags.field(0, "Random seed.")
 
   @classmethod
   def quick(cls, **kw) -> "Config":
@@ -97,42 +110,42 @@ class Config:
     for name in ("hidden", "dist_hidden", "ga_hidden", "compare_hidden"):
       for h in getattr(self, name):
         if h < 1:
-          _common.fail(f"--{name}: hidden sizes must be positive, got {h}.")
+          _flags.fail(f"--{name}: hidden sizes must be positive, got {h}.")
     for name in ("dist_hidden", "ga_hidden", "compare_hidden"):
       extra = sorted(set(getattr(self, name)) - set(self.hidden))
       if extra:
-        _common.fail(f"--{name} has sizes {extra} that the baseline grid does not train; add "
-                     f"them to --hidden (now {list(self.hidden)}).")
+        _flags.fail(f"--{name} has sizes {extra} that the baseline grid does not train; add "
+                    f"them to --hidden (now {list(self.hidden)}).")
     if self.sweep_hidden not in self.hidden:
-      _common.fail(f"--sweep_hidden={self.sweep_hidden} is not in --hidden {list(self.hidden)}.")
+      _flags.fail(f"--sweep_hidden={self.sweep_hidden} is not in --hidden {list(self.hidden)}.")
     if self.prune_lr not in self.lrs:
-      _common.fail(f"--prune_lr={self.prune_lr} is not in --lrs {list(self.lrs)}: the pruned "
-                   "networks are the baseline networks trained at that learning rate.")
+      _flags.fail(f"--prune_lr={self.prune_lr} is not in --lrs {list(self.lrs)}: the pruned "
+                  "networks are the baseline networks trained at that learning rate.")
     if any(lr <= 0 for lr in self.lrs):
-      _common.fail("--lrs must be positive.")
-    _common.check_positive(folds=self.folds, minimum=2)
-    _common.check_positive(epochs=self.epochs, batch_size=self.batch_size)
+      _flags.fail("--lrs must be positive.")
+    _flags.check_positive(folds=self.folds, minimum=2)
+    _flags.check_positive(epochs=self.epochs, batch_size=self.batch_size)
     if not 0 <= self.similar_deg < self.complementary_deg <= 180:
-      _common.fail(f"Need 0 <= --similar_deg < --complementary_deg <= 180, got "
-                   f"{self.similar_deg} and {self.complementary_deg}.")
+      _flags.fail(f"Need 0 <= --similar_deg < --complementary_deg <= 180, got "
+                  f"{self.similar_deg} and {self.complementary_deg}.")
     if not (0 < self.sweep_step and 0 <= self.sweep_max <= 90):
-      _common.fail(f"Need --sweep_step > 0 and 0 <= --sweep_max <= 90 (complementary = 180 - "
-                   f"angle), got {self.sweep_step} and {self.sweep_max}.")
+      _flags.fail(f"Need --sweep_step > 0 and 0 <= --sweep_max <= 90 (complementary = 180 - "
+                  f"angle), got {self.sweep_step} and {self.sweep_max}.")
     for a in self.compare_angles:
       if not 0 <= a <= 90:
-        _common.fail(f"--compare_angles must lie in [0, 90] (complementary = 180 - angle), "
-                     f"got {a}.")
+        _flags.fail(f"--compare_angles must lie in [0, 90] (complementary = 180 - angle), "
+                    f"got {a}.")
     if self.compare_fitness not in FITNESS:
-      _common.fail(f"--compare_fitness must be one of {FITNESS}, got {self.compare_fitness!r}.")
+      _flags.fail(f"--compare_fitness must be one of {FITNESS}, got {self.compare_fitness!r}.")
     if any(t < 0 for t in self.compare_redundancy_tols):
-      _common.fail("--compare_redundancy_tols must be >= 0 (relative residuals).")
+      _flags.fail("--compare_redundancy_tols must be >= 0 (relative residuals).")
     if any(lam < 0 for lam in self.ga_lambdas + self.compare_lambdas):
-      _common.fail("GA lambdas must be >= 0.")
-    _common.check_positive(ga_generations=self.ga_generations, minimum=0)
-    _common.check_positive(ga_hof=self.ga_hof, ga_tournament=self.ga_tournament)
+      _flags.fail("GA lambdas must be >= 0.")
+    _flags.check_positive(ga_generations=self.ga_generations, minimum=0)
+    _flags.check_positive(ga_hof=self.ga_hof, ga_tournament=self.ga_tournament)
     if self.ga_population <= self.ga_hof or self.ga_population < self.ga_tournament:
-      _common.fail(f"--ga_population ({self.ga_population}) must exceed --ga_hof "
-                   f"({self.ga_hof}) and be at least --ga_tournament ({self.ga_tournament}).")
+      _flags.fail(f"--ga_population ({self.ga_population}) must exceed --ga_hof "
+                  f"({self.ga_hof}) and be at least --ga_tournament ({self.ga_tournament}).")
     for name in ("ga_crossover", "ga_mutation", "ga_bit_flip"):
       mc.check_probability(name, getattr(self, name))
 
@@ -174,8 +187,8 @@ def _model(h: int) -> jaxprune.MLP:
   return jaxprune.MLP(in_features=10, hidden=(h,), out_features=7, activation="sigmoid")
 
 
-def train_hidden(cfg: Config, folds: mc.Folds, h: int, study: _common.Study,
-                 progress: _common.Progress) -> dict:
+def train_hidden(cfg: Config, folds: mc.Folds, h: int, study: _store.Study,
+                 progress: _report.Progress) -> dict:
   """Stage 1 for one hidden size: all learning rates x folds as one vmapped program.
 
   Run ``r = lr_index * folds + fold``. The networks of ``--prune_lr`` are saved (npz) for the
@@ -188,9 +201,9 @@ def train_hidden(cfg: Config, folds: mc.Folds, h: int, study: _common.Study,
 
   def trained():
     if "params" not in memo:
-      init = jax.vmap(model.init)(mc.stack_keys([_common.config_key(cfg.seed, "init", h, f)
+      init = jax.vmap(model.init)(mc.stack_keys([_store.config_key(cfg.seed, "init", h, f)
                                                  for f in range(nf)]))
-      keys = mc.stack_keys([_common.config_key(cfg.seed, "train", h, lr, f)
+      keys = mc.stack_keys([_store.config_key(cfg.seed, "train", h, lr, f)
                             for lr in lrs for f in range(nf)])
       memo["params"], _ = jaxprune.fit_many(
           model, jax.tree.map(rep, init), rep(folds.x_tr), rep(folds.y_tr), rep(folds.w_tr),
@@ -263,7 +276,7 @@ def _ga_program(config: ga.GAConfig, fitness, h: int):
 
 
 def distinctiveness_hidden(cfg: Config, folds: mc.Folds, h: int, params, base_test,
-                           study: _common.Study, progress: _common.Progress) -> dict:
+                           study: _store.Study, progress: _report.Progress) -> dict:
   """Stages 2, 3 and 5 for one hidden size: all folds x threshold pairs in one vmapped call."""
   model = _model(h)
   pairs = cfg.angle_pairs(h)
@@ -292,8 +305,8 @@ def distinctiveness_hidden(cfg: Config, folds: mc.Folds, h: int, params, base_te
   return out
 
 
-def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _common.Study,
-              progress: _common.Progress) -> dict:
+def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _store.Study,
+              progress: _report.Progress) -> dict:
   """Stage 4 for one hidden size: all (fitness, lambda, fold) GA runs as one vmapped program."""
   model = _model(h)
   plan = cfg.ga_runs(h)
@@ -312,7 +325,7 @@ def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _common.Study
     data = jax.tree.map(lambda a: a[idx], fold_data)
     data["eq6"] = jnp.asarray([e == "eq6" for e, _, _ in runs])
     lam = jnp.asarray([lam for _, lam, _ in runs], jnp.float32)
-    keys = mc.stack_keys([_common.config_key(cfg.seed, "ga", h, e, lam_, f) for e, lam_, f in runs])
+    keys = mc.stack_keys([_store.config_key(cfg.seed, "ga", h, e, lam_, f) for e, lam_, f in runs])
     hyper = ga.GAHyperparams(crossover_prob=cfg.ga_crossover, mutation_prob=cfg.ga_mutation,
                         bit_flip_prob=cfg.ga_bit_flip, lam=lam)
 
@@ -334,8 +347,8 @@ def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _common.Study
   return out
 
 
-def redundancy_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _common.Study,
-                      progress: _common.Progress) -> dict:
+def redundancy_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _store.Study,
+                      progress: _report.Progress) -> dict:
   """Comparison stage, group redundancy: every fold's network at every tolerance.
 
   Activations come from each fold's real training rows (no padding: padding rows would enter
@@ -458,7 +471,7 @@ def summarise(cfg: Config, stage1, dist, gas, red) -> dict:
 
 
 def figures(cfg: Config, summary: dict, folder: str) -> list[str]:
-  plt = _common.pyplot()
+  plt = _report.pyplot()
   names = []
 
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -467,11 +480,11 @@ def figures(cfg: Config, summary: dict, folder: str) -> list[str]:
     ax.errorbar([r["H"] for r in rows], [r["test_acc_mean"] for r in rows],
                 yerr=[r["test_acc_std"] for r in rows], marker="o", capsize=3, label=f"lr {lr:g}")
   ax.set_xscale("log")
-  _common.log_ticks(ax, [r["H"] for r in summary["baseline"]])
+  _report.log_ticks(ax, [r["H"] for r in summary["baseline"]])
   ax.set(xlabel="hidden units H", ylabel="test accuracy (%)",
          title=f"Baseline, {cfg.folds}-fold CV, {cfg.epochs} epochs")
   ax.legend()
-  _common.save_figure(fig, f"{folder}/baseline.png")
+  _report.save_figure(fig, f"{folder}/baseline.png")
   names.append("baseline.png")
 
   rows = summary["sweep"]
@@ -490,7 +503,7 @@ def figures(cfg: Config, summary: dict, folder: str) -> list[str]:
   h1, l1 = ax.get_legend_handles_labels()
   h2, l2 = ax2.get_legend_handles_labels()
   ax.legend(h1 + h2, l1 + l2, loc="lower left")
-  _common.save_figure(fig, f"{folder}/sweep.png")
+  _report.save_figure(fig, f"{folder}/sweep.png")
   names.append("sweep.png")
 
   methods = list(dict.fromkeys(r["method"] for r in summary["comparison"]))
@@ -503,14 +516,14 @@ def figures(cfg: Config, summary: dict, folder: str) -> list[str]:
                   yerr=[r[key + "_std"] for r in rows], marker="os^vD<>"[i % 7], capsize=3,
                   label=m)
     ax.set_xscale("log")
-    _common.log_ticks(ax, [r["H"] for r in summary["comparison"]])
+    _report.log_ticks(ax, [r["H"] for r in summary["comparison"]])
     if key == "hidden":
       ax.set_yscale("log")
-      _common.log_ticks(ax, axis="y")
+      _report.log_ticks(ax, axis="y")
     ax.set(xlabel="initial hidden units H", ylabel=label,
            title="Unpruned vs distinctiveness vs GA vs group redundancy")
     ax.legend(fontsize=8)
-    _common.save_figure(fig, f"{folder}/{fname}")
+    _report.save_figure(fig, f"{folder}/{fname}")
     names.append(fname)
   return names
 
@@ -518,30 +531,30 @@ def figures(cfg: Config, summary: dict, folder: str) -> list[str]:
 # ----------------------------------------------------------------------------- main
 
 
-def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
-        workdir: str = "workdir") -> dict:
+def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
+        data_path: str | None = None) -> dict:
   """Runs (or resumes) the whole study; returns the results dict written to results.json."""
   cfg.validate()
   ds = mc.load_features(data, data_path)
   mc.check_folds(ds, cfg.folds)
   settings = {**dataclasses.asdict(cfg), "data": data, "data_path": data_path}
-  study = _common.Study(STUDY, settings, workdir)
+  study = _store.Study(STUDY, settings, workdir)
   folds = mc.cv_folds(ds, cfg.folds, cfg.seed)
   li = cfg.lrs.index(cfg.prune_lr)
 
-  progress = _common.Progress(len(cfg.hidden), "1/3 baseline grid")
+  progress = _report.Progress(len(cfg.hidden), "1/3 baseline grid")
   stage1 = {h: train_hidden(cfg, folds, h, study, progress) for h in cfg.hidden}
   pruned = cfg.pruned_hidden()
   dist_h = [h for h in pruned if cfg.angle_pairs(h)]
-  progress = _common.Progress(len(dist_h), "2/3 distinctiveness")
+  progress = _report.Progress(len(dist_h), "2/3 distinctiveness")
   dist = {h: distinctiveness_hidden(cfg, folds, h, stage1[h]["params"],
                                     stage1[h]["acc"]["test_acc"][li], study, progress)
           for h in dist_h}
   ga_h = [h for h in pruned if cfg.ga_runs(h)]
-  progress = _common.Progress(len(ga_h), "3/3 GA")
+  progress = _report.Progress(len(ga_h), "3/3 GA")
   gas = {h: ga_hidden(cfg, folds, h, stage1[h]["params"], study, progress) for h in ga_h}
   red_h = list(cfg.compare_hidden) if cfg.compare_redundancy_tols else []
-  progress = _common.Progress(len(red_h), "3/3 group redundancy")
+  progress = _report.Progress(len(red_h), "3/3 group redundancy")
   red = {h: redundancy_hidden(cfg, folds, h, stage1[h]["params"], study, progress)
          for h in red_h}
 
@@ -560,11 +573,11 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
 
 def write_outputs(cfg, study, summary, ds, data, seconds):
   folder = study.dir
-  t_base = _common.write_table(folder, "baseline", summary["baseline"])
-  t_dist = _common.write_table(folder, "distinctiveness", summary["distinctiveness"])
-  t_sweep = _common.write_table(folder, "sweep", summary["sweep"])
-  t_ga = _common.write_table(folder, "ga", summary["ga"])
-  t_cmp = _common.write_table(folder, "comparison", summary["comparison"])
+  t_base = _report.write_table(folder, "baseline", summary["baseline"])
+  t_dist = _report.write_table(folder, "distinctiveness", summary["distinctiveness"])
+  t_sweep = _report.write_table(folder, "sweep", summary["sweep"])
+  t_ga = _report.write_table(folder, "ga", summary["ga"])
+  t_cmp = _report.write_table(folder, "comparison", summary["comparison"])
   figs = figures(cfg, summary, folder)
   stand_in = ("" if data.startswith("sfew") else
               " These bundled data are a stand-in for the SFEW features (bring your own SFEW "
@@ -613,65 +626,10 @@ SEED_DEFAULTS = """\
   documents it; none is known to differ from a seed."""
 
 
-def define_flags() -> None:
-  d = Config()
-  _common.define_common_flags("features")
-  flags.DEFINE_list("lrs", [str(v) for v in d.lrs], "Baseline learning rates (Adam).")
-  flags.DEFINE_list("hidden", [str(v) for v in d.hidden], "Baseline hidden sizes H.")
-  flags.DEFINE_integer("folds", d.folds, "Stratified cross-validation folds.")
-  flags.DEFINE_integer("epochs", d.epochs, "Training epochs.")
-  flags.DEFINE_integer("batch_size", d.batch_size, "Minibatch size.")
-  flags.DEFINE_float("prune_lr", d.prune_lr,
-                     "Learning rate of the baseline networks that are pruned (must be in --lrs).")
-  flags.DEFINE_list("dist_hidden", [str(v) for v in d.dist_hidden],
-                    "Hidden sizes pruned by distinctiveness at --similar_deg/--complementary_deg.")
-  flags.DEFINE_float("similar_deg", d.similar_deg, "Similar threshold (degrees).")
-  flags.DEFINE_float("complementary_deg", d.complementary_deg,
-                     "Complementary threshold (degrees).")
-  flags.DEFINE_integer("sweep_hidden", d.sweep_hidden, "Hidden size of the threshold sweep.")
-  flags.DEFINE_float("sweep_step", d.sweep_step, "Sweep step (degrees).")
-  flags.DEFINE_float("sweep_max", d.sweep_max, "Largest sweep angle (degrees, <= 90).")
-  flags.DEFINE_list("ga_hidden", [str(v) for v in d.ga_hidden], "Hidden sizes of the GA grid.")
-  flags.DEFINE_list("ga_lambdas", [str(v) for v in d.ga_lambdas], "GA size penalties lambda.")
-  flags.DEFINE_integer("ga_population", d.ga_population, "GA population size.")
-  flags.DEFINE_integer("ga_generations", d.ga_generations, "GA generations.")
-  flags.DEFINE_integer("ga_hof", d.ga_hof, "GA hall-of-fame size (elitism).")
-  flags.DEFINE_integer("ga_tournament", d.ga_tournament, "GA tournament size.")
-  flags.DEFINE_float("ga_crossover", d.ga_crossover, "GA one-point crossover probability.")
-  flags.DEFINE_float("ga_mutation", d.ga_mutation, "GA per-individual mutation probability.")
-  flags.DEFINE_float("ga_bit_flip", d.ga_bit_flip, "GA per-bit flip probability.")
-  flags.DEFINE_list("compare_hidden", [str(v) for v in d.compare_hidden],
-                    "Hidden sizes of the final comparison.")
-  flags.DEFINE_list("compare_angles", [str(v) for v in d.compare_angles],
-                    "Distinctiveness similar thresholds compared (complementary = 180 - angle).")
-  flags.DEFINE_list("compare_lambdas", [str(v) for v in d.compare_lambdas],
-                    "GA lambdas compared.")
-  flags.DEFINE_enum("compare_fitness", d.compare_fitness, list(FITNESS),
-                    "GA fitness used in the comparison.")
-  flags.DEFINE_list("compare_redundancy_tols", [str(v) for v in d.compare_redundancy_tols],
-                    "Group-redundancy tolerances (relative residual) in the comparison; empty "
-                    "leaves group redundancy out.")
-
-
-def config_from_flags() -> Config:
-  lists = {"lrs": (float, 0.0, True), "hidden": (int, 1, False),
-           "dist_hidden": (int, 1, False), "ga_hidden": (int, 1, False),
-           "ga_lambdas": (float, 0.0, False), "compare_hidden": (int, 1, False),
-           "compare_angles": (float, 0.0, False), "compare_lambdas": (float, 0.0, False),
-           "compare_redundancy_tols": (float, 0.0, False)}
-  return _common.config_from_flags(
-      Config, ("folds", "epochs", "batch_size", "prune_lr", "similar_deg", "complementary_deg",
-               "sweep_hidden", "sweep_step", "sweep_max", "ga_population", "ga_generations",
-               "ga_hof", "ga_tournament", "ga_crossover", "ga_mutation", "ga_bit_flip",
-               "compare_fitness"),
-      lists={name: functools.partial(_common.parse_list, kind=kind, low=low, low_open=low_open,
-                                     nonempty=name != "compare_redundancy_tols")
-             for name, (kind, low, low_open) in lists.items()})
-
-
-main = _common.study_main(config_from_flags, run)
+def main(argv):
+  _flags.run_main(argv, Config, run)
 
 
 if __name__ == "__main__":
-  define_flags()
-  _common.run_binary(main)
+  _flags.define_flags(Config, default_data="features")
+  _flags.run_binary(main)

@@ -49,13 +49,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
 import jaxprune
 from jaxprune import ga
 from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.pruners import distinctiveness
-from experiments import _common
+from experiments import _flags
+from experiments import _report
+from experiments import _store
 from experiments import _mlp_common as mc
 
 STUDY = "iterative_pruning"
@@ -68,19 +69,22 @@ OVER_TARGET_COST = 100.0  # fitness points per unit kept beyond a round's target
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Every setting of the study (see ``define_flags``)."""
-  hidden: tuple = (100, 500)
-  folds: int = 10
-  epochs: int = 300
-  retrain_epochs: int = 30
-  batch_size: int = 32
-  lr: float = 0.01
-  targets: tuple = (0.8, 0.6, 0.4, 0.2, 0.1)
-  pruners: tuple = PRUNERS
-  ga_lambda: float = 50.0
-  ga_population: int = 100
-  ga_generations: int = 50
-  seed: int = 0
+  """Every setting of the study; each field is also a flag (``_flags.define_flags``)."""
+  hidden: tuple = _flags.field((100, 500), "Hidden sizes H.", low=2)
+  folds: int = _flags.field(10, "Stratified cross-validation folds.")
+  epochs: int = _flags.field(300, "Training epochs before pruning.")
+  retrain_epochs: int = _flags.field(
+      30, "Retraining epochs per step (k); one-shot at target t retrains t*k.")
+  batch_size: int = _flags.field(32, "Minibatch size.")
+  lr: float = _flags.field(0.01, "Adam learning rate (training and retraining).")
+  targets: tuple = _flags.field((0.8, 0.6, 0.4, 0.2, 0.1),
+                                "Kept fractions of H, decreasing: the targets of both schedules.",
+                                low=0.0, low_open=True, high=1.0)
+  pruners: tuple = _flags.field(PRUNERS, f"Pruners, from {', '.join(PRUNERS)}.", kind=str)
+  ga_lambda: float = _flags.field(50.0, "GA eq. 5 size penalty lambda.")
+  ga_population: int = _flags.field(100, "GA population size.")
+  ga_generations: int = _flags.field(50, "GA generations per round.")
+  seed: int = _flags.field(0, "Random seed.")
 
   @classmethod
   def quick(cls, **kw) -> "Config":
@@ -92,31 +96,31 @@ class Config:
   def validate(self) -> None:
     for h in self.hidden:
       if h < 2:
-        _common.fail(f"--hidden: sizes must be at least 2, got {h}.")
-    _common.check_positive(folds=self.folds, minimum=2)
-    _common.check_positive(epochs=self.epochs, retrain_epochs=self.retrain_epochs,
-                           batch_size=self.batch_size, ga_population=self.ga_population)
-    _common.check_positive(ga_generations=self.ga_generations, minimum=0)
+        _flags.fail(f"--hidden: sizes must be at least 2, got {h}.")
+    _flags.check_positive(folds=self.folds, minimum=2)
+    _flags.check_positive(epochs=self.epochs, retrain_epochs=self.retrain_epochs,
+                          batch_size=self.batch_size, ga_population=self.ga_population)
+    _flags.check_positive(ga_generations=self.ga_generations, minimum=0)
     if self.ga_population < 6:
-      _common.fail(f"--ga_population must be at least 6 (the hall of fame keeps 5), got "
-                   f"{self.ga_population}.")
+      _flags.fail(f"--ga_population must be at least 6 (the hall of fame keeps 5), got "
+                  f"{self.ga_population}.")
     if not self.lr > 0:
-      _common.fail(f"--lr must be positive, got {self.lr}.")
+      _flags.fail(f"--lr must be positive, got {self.lr}.")
     if any(not 0 < f < 1 for f in self.targets):
-      _common.fail(f"--targets are kept fractions in (0, 1), got {list(self.targets)}.")
+      _flags.fail(f"--targets are kept fractions in (0, 1), got {list(self.targets)}.")
     if list(self.targets) != sorted(self.targets, reverse=True):
-      _common.fail(f"--targets must decrease (an iterative schedule prunes further each "
-                   f"round), got {list(self.targets)}.")
+      _flags.fail(f"--targets must decrease (an iterative schedule prunes further each "
+                  f"round), got {list(self.targets)}.")
     bad = sorted(set(self.pruners) - set(PRUNERS))
     if bad or not self.pruners:
-      _common.fail(f"--pruners: unknown {bad}; choose from {', '.join(PRUNERS)}.")
+      _flags.fail(f"--pruners: unknown {bad}; choose from {', '.join(PRUNERS)}.")
     if self.ga_lambda < 0:
-      _common.fail(f"--ga_lambda must be >= 0, got {self.ga_lambda}.")
+      _flags.fail(f"--ga_lambda must be >= 0, got {self.ga_lambda}.")
     for h in self.hidden:
       kept = self.kept(h)
       if len(set(kept)) != len(kept):
-        _common.fail(f"--targets {list(self.targets)} give the same kept count twice for H={h} "
-                     f"({kept}); use fewer or more distinct targets.")
+        _flags.fail(f"--targets {list(self.targets)} give the same kept count twice for H={h} "
+                    f"({kept}); use fewer or more distinct targets.")
 
   def kept(self, h: int) -> list[int]:
     """Kept units at each target for hidden size h (at least 1)."""
@@ -212,7 +216,7 @@ def prune_runs(cfg: Config, model, pruner: str, params, masks, folds: mc.Folds, 
     data["mask"] = jnp.asarray(masks)
     data["target"] = jnp.full((runs,), float(target), jnp.float32)
     # Keyed by fold: one-shot runs of one fold (same network) get the same mask in both modes.
-    keys = mc.stack_keys([_common.config_key(cfg.seed, "ga", *key_parts, f) for f in run_folds])
+    keys = mc.stack_keys([_store.config_key(cfg.seed, "ga", *key_parts, f) for f in run_folds])
     state, _ = _ga_program(config, fitness, h)(data, ga.GAHyperparams(lam=cfg.ga_lambda), keys)
     new_masks = np.asarray(state.hof[:, 0]) & masks
     wm = _expand_many(model)(params, jnp.asarray(new_masks))
@@ -257,7 +261,7 @@ def retrain(cfg: Config, model, params, masks, init, folds: mc.Folds, run_folds,
   start = jax.tree.map(lambda a, b: jnp.where(
       is_rewind.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), params, rewound)
   idx = np.asarray(run_folds)
-  keys = mc.stack_keys([_common.config_key(cfg.seed, "retrain", *key_parts, r)
+  keys = mc.stack_keys([_store.config_key(cfg.seed, "retrain", *key_parts, r)
                         for r in range(len(idx))])
   new, _ = jaxprune.fit_many(model, start, folds.x_tr[idx], folds.y_tr[idx], folds.w_tr[idx],
                              key=keys, epochs=epochs, batch_size=cfg.batch_size,
@@ -274,16 +278,16 @@ def _test_acc(model, params, folds, run_folds):
 # ----------------------------------------------------------------------------- one hidden size
 
 
-def study_hidden(cfg: Config, folds: mc.Folds, h: int, study: _common.Study,
-                 progress: _common.Progress) -> dict:
+def study_hidden(cfg: Config, folds: mc.Folds, h: int, study: _store.Study,
+                 progress: _report.Progress) -> dict:
   model = _model(h)
   nf = folds.count
   kept = cfg.kept(h)
 
   def train():
-    init = jax.vmap(model.init)(mc.stack_keys([_common.config_key(cfg.seed, "init", h, f)
+    init = jax.vmap(model.init)(mc.stack_keys([_store.config_key(cfg.seed, "init", h, f)
                                                for f in range(nf)]))
-    keys = mc.stack_keys([_common.config_key(cfg.seed, "train", h, f) for f in range(nf)])
+    keys = mc.stack_keys([_store.config_key(cfg.seed, "train", h, f) for f in range(nf)])
     params, _ = jaxprune.fit_many(model, init, folds.x_tr, folds.y_tr, folds.w_tr, key=keys,
                                   epochs=cfg.epochs, batch_size=cfg.batch_size,
                                   learning_rate=cfg.lr, log_every=max(cfg.epochs // 5, 1),
@@ -373,7 +377,7 @@ _STYLE = {("one-shot", "finetune"): ("C0", "o-"), ("one-shot", "rewind"): ("C1",
 
 
 def figures(cfg: Config, per_h: dict, folder: str) -> list[str]:
-  plt = _common.pyplot()
+  plt = _report.pyplot()
   names = []
   for pruner in cfg.pruners:
     fig, axes = plt.subplots(1, len(cfg.hidden), figsize=(5.5 * len(cfg.hidden), 4),
@@ -390,7 +394,7 @@ def figures(cfg: Config, per_h: dict, folder: str) -> list[str]:
       ax.set(xlabel="hidden units kept", ylabel="test accuracy (%)", title=f"{pruner}, H={h}")
       ax.legend(fontsize=7)
     name = f"{pruner}.png"
-    _common.save_figure(fig, f"{folder}/{name}")
+    _report.save_figure(fig, f"{folder}/{name}")
     names.append(name)
   h = 100 if 100 in cfg.hidden else cfg.hidden[0]
   fig, ax = plt.subplots(figsize=(8, 5))
@@ -406,7 +410,7 @@ def figures(cfg: Config, per_h: dict, folder: str) -> list[str]:
          title=f"All pruners and schedules, H={h}")
   ax.legend(fontsize=6, ncol=2)
   name = f"all_H{h}.png"
-  _common.save_figure(fig, f"{folder}/{name}")
+  _report.save_figure(fig, f"{folder}/{name}")
   names.append(name)
   return names
 
@@ -422,18 +426,18 @@ SEED_DEFAULTS = """\
   Renda et al. rewind to an early-training iteration."""
 
 
-def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
-        workdir: str = "workdir") -> dict:
+def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
+        data_path: str | None = None) -> dict:
   """Runs (or resumes) the study; returns the results written to results.json."""
   cfg.validate()
   ds = mc.load_features(data, data_path)
   mc.check_folds(ds, cfg.folds)
-  study = _common.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
-                                "data_path": data_path}, workdir)
+  study = _store.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
+                               "data_path": data_path}, workdir)
   t0 = time.time()
   folds = mc.cv_folds(ds, cfg.folds, cfg.seed)
   steps = len(cfg.hidden) * (1 + 2 * len(cfg.targets))
-  progress = _common.Progress(steps, "iterative pruning")
+  progress = _report.Progress(steps, "iterative pruning")
   per_h = {h: study_hidden(cfg, folds, h, study, progress) for h in cfg.hidden}
   rows = [r for h in cfg.hidden for r in per_h[h]["rows"]]
   unpruned = [per_h[h]["unpruned"] for h in cfg.hidden]
@@ -443,8 +447,8 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
              "data": {"name": data, "source": ds.info.get("source", data), "examples": len(ds),
                       "fold_train_sizes": folds.n_tr, "fold_test_sizes": folds.n_te}}
   study.write_results(results)
-  t_rows = _common.write_table(study.dir, "accuracy", rows)
-  t_base = _common.write_table(study.dir, "unpruned", [
+  t_rows = _report.write_table(study.dir, "accuracy", rows)
+  t_base = _report.write_table(study.dir, "unpruned", [
       {k: u[k] for k in ("H", "test_acc_mean", "test_acc_std")} for u in unpruned])
   figs = figures(cfg, per_h, study.dir)
   stand_in = ("" if data.startswith("sfew") else
@@ -471,37 +475,10 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
   return results
 
 
-def define_flags() -> None:
-  d = Config()
-  _common.define_common_flags("features")
-  flags.DEFINE_list("hidden", [str(v) for v in d.hidden], "Hidden sizes H.")
-  flags.DEFINE_integer("folds", d.folds, "Stratified cross-validation folds.")
-  flags.DEFINE_integer("epochs", d.epochs, "Training epochs before pruning.")
-  flags.DEFINE_integer("retrain_epochs", d.retrain_epochs,
-                       "Retraining epochs per step (k); one-shot at target t retrains t*k.")
-  flags.DEFINE_integer("batch_size", d.batch_size, "Minibatch size.")
-  flags.DEFINE_float("lr", d.lr, "Adam learning rate (training and retraining).")
-  flags.DEFINE_list("targets", [str(v) for v in d.targets],
-                    "Kept fractions of H, decreasing: the targets of both schedules.")
-  flags.DEFINE_list("pruners", list(d.pruners), f"Pruners, from {', '.join(PRUNERS)}.")
-  flags.DEFINE_float("ga_lambda", d.ga_lambda, "GA eq. 5 size penalty lambda.")
-  flags.DEFINE_integer("ga_population", d.ga_population, "GA population size.")
-  flags.DEFINE_integer("ga_generations", d.ga_generations, "GA generations per round.")
-
-
-def config_from_flags() -> Config:
-  return _common.config_from_flags(
-      Config, ("folds", "epochs", "retrain_epochs", "batch_size", "lr", "ga_lambda",
-               "ga_population", "ga_generations"),
-      lists={"hidden": functools.partial(_common.parse_list, kind=int, low=2),
-             "targets": functools.partial(_common.parse_list, kind=float, low=0.0,
-                                          low_open=True, high=1.0),
-             "pruners": functools.partial(_common.parse_list, kind=str)})
-
-
-main = _common.study_main(config_from_flags, run)
+def main(argv):
+  _flags.run_main(argv, Config, run)
 
 
 if __name__ == "__main__":
-  define_flags()
-  _common.run_binary(main)
+  _flags.define_flags(Config, default_data="features")
+  _flags.run_binary(main)

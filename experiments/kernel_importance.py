@@ -10,57 +10,70 @@ training loss, training accuracy and the minimum importance among kept kernels, 
 loss and accuracy before and after.
 
   python -m experiments.kernel_importance --workdir=/tmp/work
+  python -m experiments.kernel_importance --quick --workdir=/tmp/work   # the smoke run
+
+From Python: ``ki.run(ki.Config.quick(), "/tmp/work")`` after
+``from experiments import kernel_importance as ki``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
 import jaxprune
 from experiments import _cnn_common as cc
-from experiments import _common
+from experiments import _flags
+from experiments import _report
+from experiments import _store
 from jaxprune import pruners
 
-FLAGS = flags.FLAGS
 STUDY = "kernel_importance"
 GROUP = "conv_0"
 
-def define_flags() -> None:
-  """Defines this binary's flags (only when run as a program, so tests can import it)."""
-  _common.define_common_flags("images")
-  flags.DEFINE_string("image_size", "30x24", "Input HEIGHTxWIDTH (published 90x72; a third of it per "
-                      "side by default to fit the CPU time budget).")
-  flags.DEFINE_integer("epochs", 20, "Training epochs.")
-  flags.DEFINE_integer("batch_size", 32, "Minibatch size.")
-  flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
-  flags.DEFINE_float("test_fraction", 0.2, "Share of the images held out for testing.")
-  flags.DEFINE_float("max_rise", 0.1, "Stop before the training loss rises by more than this "
-                     "(nats, absolute) above the unpruned network's.")
-  flags.DEFINE_bool("relative", False, "Read --max_rise as a fraction of the starting loss.")
-  flags.DEFINE_enum("norm", "rms", list(pruners.importance.NORMS),
-                    "Importance: rms = sqrt(1/k^2 sum a^2) (the paper), l1 or l2.")
 
-QUICK = {"size": (16, 16), "max_per_class": 8, "epochs": 2}
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every setting of the study; each field is also a flag (``_flags.define_flags``)."""
+  image_size: tuple = _flags.field(
+      (30, 24), "Input HEIGHTxWIDTH (published 90x72; a third of it per side by default to fit "
+      "the CPU time budget).", parse=cc.parse_size, unparse=cc.unparse_size)
+  epochs: int = _flags.field(20, "Training epochs.")
+  batch_size: int = _flags.field(32, "Minibatch size.")
+  learning_rate: float = _flags.field(1e-3, "Adam learning rate.")
+  test_fraction: float = _flags.field(0.2, "Share of the images held out for testing.")
+  max_rise: float = _flags.field(0.1, "Stop before the training loss rises by more than this "
+                                 "(nats, absolute) above the unpruned network's.")
+  relative: bool = _flags.field(False, "Read --max_rise as a fraction of the starting loss.")
+  norm: str = _flags.field("rms", "Importance: rms = sqrt(1/k^2 sum a^2) (the paper), l1 or l2.",
+                           choices=pruners.importance.NORMS)
+  max_per_class: int | None = _flags.field(
+      None, "At most this many bundled images per class (--data=images only; the quick run "
+      "uses 8).")
+  seed: int = _flags.field(0, "Random seed.")
 
+  @classmethod
+  def quick(cls, **kw) -> "Config":
+    """The smoke run: 2 epochs on 8 images per class at 16x16."""
+    base = dict(image_size=(16, 16), max_per_class=8, epochs=2)
+    base.update(kw)
+    return cls(**base)
 
-def settings() -> dict:
-  quick = FLAGS.quick
-  size = cc.parse_size(_common.quick_or_flag("image_size", "x".join(map(str, QUICK["size"]))),
-                       "image_size")
-  _common.check_positive(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size)
-  if not 0.0 < FLAGS.test_fraction < 1.0:
-    _common.fail(f"--test_fraction must lie strictly between 0 and 1, got {FLAGS.test_fraction}.")
-  if not FLAGS.max_rise >= 0:
-    _common.fail(f"--max_rise must be >= 0, got {FLAGS.max_rise}.")
-  if not FLAGS.learning_rate > 0:
-    _common.fail(f"--learning_rate must be positive, got {FLAGS.learning_rate}.")
-  return {"data": FLAGS.data, "data_path": FLAGS.data_path, "seed": FLAGS.seed, "quick": quick,
-          "image_size": list(size), "epochs": _common.quick_or_flag("epochs", QUICK["epochs"]),
-          "batch_size": FLAGS.batch_size, "learning_rate": FLAGS.learning_rate,
-          "test_fraction": FLAGS.test_fraction, "max_rise": FLAGS.max_rise,
-          "relative": FLAGS.relative, "norm": FLAGS.norm}
+  def validate(self) -> None:
+    """One-line usage errors for impossible settings (before any work)."""
+    _flags.check_fields(self)
+    cc.check_size(self.image_size)
+    _flags.check_positive(epochs=self.epochs, batch_size=self.batch_size)
+    if self.max_per_class is not None:
+      _flags.check_positive(max_per_class=self.max_per_class)
+    if not 0.0 < self.test_fraction < 1.0:
+      _flags.fail(f"--test_fraction must lie strictly between 0 and 1, got {self.test_fraction}.")
+    if not self.max_rise >= 0:
+      _flags.fail(f"--max_rise must be >= 0, got {self.max_rise}.")
+    if not self.learning_rate > 0:
+      _flags.fail(f"--learning_rate must be positive, got {self.learning_rate}.")
 
 
 def prune_kernels(model, params, x, y, *, max_rise: float, relative: bool, norm: str):
@@ -94,29 +107,31 @@ def prune_kernels(model, params, x, y, *, max_rise: float, relative: bool, norm:
   return pruned, umasks, rows, (None if np.isnan(stopped) else stopped)
 
 
-def main(argv):
-  _common.check_no_args(argv)
-  s = settings()
-  size = tuple(s["image_size"])
-  ds = cc.load_images(size, 1, max_per_class=QUICK["max_per_class"] if s["quick"] else None)
-  split = cc.train_test(ds, s["test_fraction"], s["seed"])
+def run(config: Config, workdir: str = "workdir", *, data: str = "images",
+        data_path: str | None = None) -> dict:
+  """Runs (or resumes) the study; returns the results written to results.json."""
+  config.validate()
+  settings = {**dataclasses.asdict(config), "data": data, "data_path": data_path}
+  size = tuple(config.image_size)
+  ds = cc.load_images(data, data_path, size, 1, max_per_class=config.max_per_class)
+  split = cc.train_test(ds, config.test_fraction, config.seed)
   model = cc.build_model("lenet", size, 1, ds.num_classes)
-  study = _common.Study(STUDY, s)
-  prog = _common.Progress(2, STUDY)
-  init = model.init(_common.config_key(s["seed"], "init"))
+  study = _store.Study(STUDY, settings, workdir)
+  prog = _report.Progress(2, STUDY)
+  init = model.init(_store.config_key(config.seed, "init"))
 
   def fit():
-    return cc.train(model, init, split, key=_common.config_key(s["seed"], "train"),
-                    epochs=s["epochs"], learning_rate=s["learning_rate"],
-                    batch_size=s["batch_size"], desc="train")
+    return cc.train(model, init, split, key=_store.config_key(config.seed, "train"),
+                    epochs=config.epochs, learning_rate=config.learning_rate,
+                    batch_size=config.batch_size, desc="train")
 
   trained, train_rec = study.cached_with_tree("trained", fit, init)
   prog.step("trained")
 
   def prune():
     pruned, umasks, rows, stopped = prune_kernels(
-        model, trained, split.x_train, split.y_train, max_rise=s["max_rise"],
-        relative=s["relative"], norm=s["norm"])
+        model, trained, split.x_train, split.y_train, max_rise=config.max_rise,
+        relative=config.relative, norm=config.norm)
     before = jaxprune.evaluate(model, trained, split.x_test, split.y_test)
     after = jaxprune.evaluate(model, pruned, split.x_test, split.y_test)
     return {"steps": rows, "rejected_loss": stopped, "test_before": before, "test_after": after,
@@ -126,7 +141,7 @@ def main(argv):
   prog.step("pruned")
 
   rows = res["steps"]
-  table = _common.write_table(study.dir, "pruning_steps", rows,
+  table = _report.write_table(study.dir, "pruning_steps", rows,
                               ["pruned", "units_kept", "removed_unit", "removed_importance",
                                "train_loss", "train_accuracy", "min_importance"])
   tb, ta = res["test_before"], res["test_after"]
@@ -134,9 +149,9 @@ def main(argv):
                    "test_loss": tb["loss"], "test_accuracy": tb["accuracy"]},
                   {"network": "after pruning", "kernels": rows[-1]["units_kept"],
                    "test_loss": ta["loss"], "test_accuracy": ta["accuracy"]}]
-  t2 = _common.write_table(study.dir, "test_before_after", summary_rows,
+  t2 = _report.write_table(study.dir, "test_before_after", summary_rows,
                            ["network", "kernels", "test_loss", "test_accuracy"])
-  plt = _common.pyplot()
+  plt = _report.pyplot()
   fig, axes = plt.subplots(3, 1, figsize=(6.4, 8.0), sharex=True)
   xs = [r["pruned"] for r in rows]
   for ax, key, label in zip(axes, ("train_loss", "train_accuracy", "min_importance"),
@@ -145,24 +160,25 @@ def main(argv):
     ax.plot(xs, [r[key] for r in rows], marker="o")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-  limit = rows[0]["train_loss"] + (s["max_rise"] * abs(rows[0]["train_loss"]) if s["relative"]
-                                   else s["max_rise"])
+  limit = rows[0]["train_loss"] + (config.max_rise * abs(rows[0]["train_loss"]) if config.relative
+                                   else config.max_rise)
   axes[0].axhline(limit, color="red", linestyle="--", label="stop threshold")
   if res["rejected_loss"] is not None:
     axes[0].plot([xs[-1] + 1], [res["rejected_loss"]], "rx", label="rejected removal")
   axes[0].legend(fontsize=8)
   axes[-1].set_xlabel("conv-1 kernels pruned (count)")
-  axes[0].set_title(f"LeNet conv-1 kernels pruned by least {s['norm']} importance")
-  _common.save_figure(fig, study.path("pruning_steps.png"))
+  axes[0].set_title(f"LeNet conv-1 kernels pruned by least {config.norm} importance")
+  _report.save_figure(fig, study.path("pruning_steps.png"))
 
-  study.write_results({"train": train_rec, **res, "kernels_total": model.groups[GROUP].size})
-  rise = (f"{s['max_rise']:g} x the starting loss" if s["relative"]
-          else f"{s['max_rise']:g} nats")
+  results = {"train": train_rec, **res, "kernels_total": model.groups[GROUP].size}
+  study.write_results(results)
+  rise = (f"{config.max_rise:g} x the starting loss" if config.relative
+          else f"{config.max_rise:g} nats")
   study.write_report("Kernel importance: pruning LeNet's first conv layer", [
-      ("Set-up", f"{cc.data_description(ds)} Model: LeNet-style CNN on {size[0]}x{size[1]}x1 "
-       f"inputs trained from scratch for {s['epochs']} epochs (Adam {s['learning_rate']:g}); "
+      ("Set-up", f"{cc.data_description(ds, data)} Model: LeNet-style CNN on {size[0]}x{size[1]}x1 "
+       f"inputs trained from scratch for {config.epochs} epochs (Adam {config.learning_rate:g}); "
        f"{len(split.y_train)} training and {len(split.y_test)} test images. Conv-1 kernels "
-       f"removed one at a time by least {s['norm']} importance, stopping before the training "
+       f"removed one at a time by least {config.norm} importance, stopping before the training "
        f"loss would rise by more than {rise}. Pruned {rows[-1]['pruned']} of "
        f"{model.groups[GROUP].size} kernels."),
       ("Pruning steps (training set)", table),
@@ -170,8 +186,13 @@ def main(argv):
       ("Figure", "![](pruning_steps.png)"),
   ])
   print(f"Wrote {study.dir}/REPORT.md")
+  return results
+
+
+def main(argv):
+  _flags.run_main(argv, Config, run)
 
 
 if __name__ == "__main__":
-  define_flags()
-  _common.run_binary(main)
+  _flags.define_flags(Config, default_data="images")
+  _flags.run_binary(main)

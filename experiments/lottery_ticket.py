@@ -10,27 +10,35 @@ accuracy per epoch, one figure per fraction, and the first epoch at which each r
 unpruned (fine-tuned) test accuracy, or 'never'.
 
   python -m experiments.lottery_ticket --workdir=/tmp/work
+  python -m experiments.lottery_ticket --quick --workdir=/tmp/work   # the smoke run
+
+From Python: ``lt.run(lt.Config.quick(), "/tmp/work")`` after
+``from experiments import lottery_ticket as lt``.
 """
 
 from __future__ import annotations
 
-from absl import flags
+import dataclasses
 
 import jaxprune
 from experiments import _cnn_common as cc
 from experiments import _cnn_finetune as ft
-from experiments import _common
+from experiments import _flags
+from experiments import _report
+from experiments import _store
 from jaxprune import pruners
 
-FLAGS = flags.FLAGS
 STUDY = "lottery_ticket"
 METHODS = ("magnitude", "random")
 
-def define_flags() -> None:
-  """Defines this binary's flags (only when run as a program, so tests can import it)."""
-  ft.define_flags()
-  flags.DEFINE_list("fractions", ["0.2", "0.5", "0.7", "0.9"],
-                    "Fractions of every kernel's weights pruned (one-shot, per layer).")
+
+@dataclasses.dataclass(frozen=True)
+class Config(ft.Config):
+  """Every setting of the study: the fine-tuned network's (``_cnn_finetune.Config``) and the
+  pruned fractions; each field is also a flag (``_flags.define_flags``)."""
+  fractions: tuple = _flags.field((0.2, 0.5, 0.7, 0.9), "Fractions of every kernel's weights "
+                                  "pruned (one-shot, per layer).", low=0.0, high=1.0,
+                                  unique=False)
 
 
 def prune_and_rewind(method: str, trained, init_params, fraction, *, key):
@@ -56,16 +64,17 @@ def prune_and_rewind(method: str, trained, init_params, fraction, *, key):
   return jaxprune.rewind(trained, init_params, masks), masks
 
 
-def main(argv):
-  _common.check_no_args(argv)
-  s = ft.settings()
-  fractions = list(_common.parse_list("fractions", FLAGS.fractions, float, low=0.0, high=1.0,
-                                      unique=False))
-  s["fractions"] = fractions
-  setup = ft.prepare(s)
+def run(config: Config, workdir: str = "workdir", *, data: str = "images",
+        data_path: str | None = None) -> dict:
+  """Runs (or resumes) the study; returns the results written to results.json."""
+  config.validate()
+  cc.check_image_data(data)
+  fractions = list(config.fractions)
+  setup = ft.prepare(config, data, data_path)
+  c = setup.config  # resolved: arch, image size and channels concrete
   model = setup.model
-  study = _common.Study(STUDY, s)
-  prog = _common.Progress(1 + len(METHODS) * len(fractions), STUDY)
+  study = _store.Study(STUDY, config.settings(data, data_path), workdir)
+  prog = _report.Progress(1 + len(METHODS) * len(fractions), STUDY)
 
   tuned, tuned_rec = ft.finetune(study, setup)
   prog.step("fine-tuned")
@@ -77,11 +86,11 @@ def main(argv):
     for method in METHODS:
       def run(method=method, frac=frac):
         rewound, masks = prune_and_rewind(method, tuned, setup.init_params, frac,
-                                          key=_common.config_key(s["seed"], "random_mask", frac))
+                                          key=_store.config_key(c.seed, "random_mask", frac))
         _, rec = cc.train(model, rewound, setup.split, masks=masks,
-                          key=_common.config_key(s["seed"], "retrain", frac),
-                          epochs=s["retrain_epochs"], learning_rate=s["learning_rate"],
-                          batch_size=s["batch_size"], desc=f"{method} {frac:g}")
+                          key=_store.config_key(c.seed, "retrain", frac),
+                          epochs=c.retrain_epochs, learning_rate=c.learning_rate,
+                          batch_size=c.batch_size, desc=f"{method} {frac:g}")
         kept, total = jaxprune.count_weights(masks)
         return {**rec, "weights_kept": kept, "weights_total": total}
 
@@ -102,9 +111,10 @@ def main(argv):
         ylabel="test accuracy (fraction)", xlabel="retraining epoch (0 = rewound)",
         hline=("unpruned (fine-tuned)", target))
 
-  study.write_results({"finetune": tuned_rec, "unpruned_test_accuracy": target,
-                       "fractions": per_fraction, "description": setup.description})
-  table = _common.write_table(study.dir, "lottery", rows,
+  results = {"finetune": tuned_rec, "unpruned_test_accuracy": target,
+             "fractions": per_fraction, "description": setup.description}
+  study.write_results(results)
+  table = _report.write_table(study.dir, "lottery", rows,
                               ["fraction", "method", "acc_rewound", "acc_final", "acc_best",
                                "first_epoch_reaching_unpruned"])
   figs = "\n\n".join(f"![](lottery_{round(100 * f)}pct.png)" for f in fractions)
@@ -112,13 +122,18 @@ def main(argv):
       ("Set-up", setup.description + f" Unpruned (fine-tuned) test accuracy: {target:.4f}. "
        "Pruning: one-shot, per layer, every kernel (biases and batch-norm parameters kept); "
        "kept weights rewound to the initial weights, then retrained with the mask for "
-       f"{s['retrain_epochs']} epochs (same schedule for magnitude and random masks)."),
+       f"{c.retrain_epochs} epochs (same schedule for magnitude and random masks)."),
       ("Test accuracy and the first epoch reaching the unpruned accuracy", table),
       ("Figures", figs),
   ])
   print(f"Wrote {study.dir}/REPORT.md")
+  return results
+
+
+def main(argv):
+  _flags.run_main(argv, Config, run)
 
 
 if __name__ == "__main__":
-  define_flags()
-  _common.run_binary(main)
+  _flags.define_flags(Config, default_data="images")
+  _flags.run_binary(main)

@@ -11,29 +11,38 @@ fractions of the weights of every pruned layer's kernel. Both are retrained with
 retrained the same way.
 
   python -m experiments.percentile_vs_distinctiveness --workdir=/tmp/work
+  python -m experiments.percentile_vs_distinctiveness --quick --workdir=/tmp/work   # the smoke run
+
+From Python: ``pvd.run(pvd.Config.quick(), "/tmp/work")`` after
+``from experiments import percentile_vs_distinctiveness as pvd``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
-from absl import flags
 
 import jaxprune
 from experiments import _cnn_common as cc
 from experiments import _cnn_finetune as ft
-from experiments import _common
+from experiments import _flags
+from experiments import _report
+from experiments import _store
 from jaxprune import pruners
 
-FLAGS = flags.FLAGS
 STUDY = "percentile_vs_distinctiveness"
 
-def define_flags() -> None:
-  """Defines this binary's flags (only when run as a program, so tests can import it)."""
-  ft.define_flags()
-  flags.DEFINE_list("angles", ["45", "50"], "Similarity thresholds in degrees (filters closer than "
-                    "this are merged).")
-  flags.DEFINE_list("groups", [], "Unit groups (conv layers) to prune; default every conv group "
-                    "(LeNet conv_0, conv_1; ResNet-18 the first conv of every block).")
+
+@dataclasses.dataclass(frozen=True)
+class Config(ft.Config):
+  """Every setting of the study: the fine-tuned network's (``_cnn_finetune.Config``), the angles
+  and the pruned groups; each field is also a flag (``_flags.define_flags``)."""
+  angles: tuple = _flags.field((45.0, 50.0), "Similarity thresholds in degrees (filters closer "
+                               "than this are merged).", low=0.0, high=180.0, unique=False)
+  groups: tuple = _flags.field((), "Unit groups (conv layers) to prune; default every conv group "
+                               "(LeNet conv_0, conv_1; ResNet-18 the first conv of every block).",
+                               kind=str, nonempty=False, unique=False)
 
 
 def distinctiveness_prune(model, params, groups, angle):
@@ -105,32 +114,32 @@ def magnitude_masks(model, params, groups, fraction):
   return pruners.magnitude_prune(params, None, fraction, scope="layer", select=paths)
 
 
-def main(argv):
-  _common.check_no_args(argv)
-  s = ft.settings()
-  angles = list(_common.parse_list("angles", FLAGS.angles, float, low=0.0, high=180.0,
-                                   unique=False))
-  s["angles"] = angles
-  s["groups"] = list(FLAGS.groups)
-  setup = ft.prepare(s)
+def run(config: Config, workdir: str = "workdir", *, data: str = "images",
+        data_path: str | None = None) -> dict:
+  """Runs (or resumes) the study; returns the results written to results.json."""
+  config.validate()
+  cc.check_image_data(data)
+  angles = list(config.angles)
+  setup = ft.prepare(config, data, data_path)
+  c = setup.config  # resolved: arch, image size and channels concrete
   model = setup.model
-  groups = list(FLAGS.groups) or cc.conv_groups(model)
+  groups = list(config.groups) or cc.conv_groups(model)
   unknown = [g for g in groups if g not in model.groups or model.groups[g].kind != "conv"]
   if unknown:
-    _common.fail(f"--groups {unknown} are not conv unit groups of {type(model).__name__}; "
-                 f"choose from {cc.conv_groups(model)}.")
-  study = _common.Study(STUDY, s)
+    _flags.fail(f"--groups {unknown} are not conv unit groups of {type(model).__name__}; "
+                f"choose from {cc.conv_groups(model)}.")
+  study = _store.Study(STUDY, config.settings(data, data_path), workdir)
   steps = 2 + 2 * len(angles)
-  prog = _common.Progress(steps, STUDY)
+  prog = _report.Progress(steps, STUDY)
 
   tuned, tuned_rec = ft.finetune(study, setup)
   prog.step("fine-tuned")
   base_acc = tuned_rec["test_accuracy"][-1]
-  retrain = dict(epochs=s["retrain_epochs"], learning_rate=s["learning_rate"],
-                 batch_size=s["batch_size"])
+  retrain = dict(epochs=c.retrain_epochs, learning_rate=c.learning_rate,
+                 batch_size=c.batch_size)
 
   def unpruned():
-    _, rec = cc.train(model, tuned, setup.split, key=_common.config_key(s["seed"], "retrain"),
+    _, rec = cc.train(model, tuned, setup.split, key=_store.config_key(c.seed, "retrain"),
                       desc="unpruned", **retrain)
     return rec
 
@@ -153,7 +162,7 @@ def main(argv):
     def distinct(angle=angle):
       params, umasks, wmasks = distinctiveness_prune(model, tuned, groups, angle)
       _, rec = cc.train(model, params, setup.split, masks=wmasks,
-                        key=_common.config_key(s["seed"], "retrain"), desc=f"distinct {angle:g}",
+                        key=_store.config_key(c.seed, "retrain"), desc=f"distinct {angle:g}",
                         **retrain)
       return {**rec, "layers": layer_fractions(model, umasks),
               "weights_kept": jaxprune.count_weights(wmasks)}
@@ -165,7 +174,7 @@ def main(argv):
     def magnitude(fmax=fmax):
       params, wmasks = magnitude_masks(model, tuned, groups, fmax)
       _, rec = cc.train(model, params, setup.split, masks=wmasks,
-                        key=_common.config_key(s["seed"], "retrain"), desc=f"magnitude {fmax:.3f}",
+                        key=_store.config_key(c.seed, "retrain"), desc=f"magnitude {fmax:.3f}",
                         **retrain)
       return {**rec, "weights_kept": jaxprune.count_weights(wmasks)}
 
@@ -188,16 +197,17 @@ def main(argv):
         ylabel="test accuracy (fraction)", xlabel="retraining epoch (0 = just pruned)",
         hline=("fine-tuned, unpruned", base_acc))
 
-  study.write_results({"finetune": tuned_rec, "unpruned": unpruned_rec, "angles": per_angle,
-                       "groups": groups, "description": setup.description,
-                       "min_angles": mins, "angle_search": search})
-  t1 = _common.write_table(study.dir, "layer_fractions", frac_rows,
+  results = {"finetune": tuned_rec, "unpruned": unpruned_rec, "angles": per_angle,
+             "groups": groups, "description": setup.description, "min_angles": mins,
+             "angle_search": search}
+  study.write_results(results)
+  t1 = _report.write_table(study.dir, "layer_fractions", frac_rows,
                            ["angle_deg", "layer", "units", "kept", "fraction_pruned"])
-  t2 = _common.write_table(study.dir, "accuracy", acc_rows,
+  t2 = _report.write_table(study.dir, "accuracy", acc_rows,
                            ["angle_deg", "fraction", "method", "acc_after_pruning", "acc_final",
                             "acc_best"])
   figs = "\n\n".join(f"![](retrain_{a:g}deg.png)" for a in angles)
-  t_min = _common.markdown_table([{"layer": g, "filters": model.groups[g].size,
+  t_min = _report.markdown_table([{"layer": g, "filters": model.groups[g].size,
                                    "min_angle_deg": round(v, 2)} for g, v in mins.items()])
   if search is not None:
     if search["angle"] is None:
@@ -225,12 +235,17 @@ def main(argv):
        "same layers' kernels (unstructured)."),
       ("Fraction of filters pruned per layer", t1),
       ("Smallest angle between two filters, per layer", t_min),
-      ("Test accuracy (retrained " + f"{s['retrain_epochs']} epochs)", t2),
+      ("Test accuracy (retrained " + f"{c.retrain_epochs} epochs)", t2),
       ("Figures", figs),
   ])
   print(f"Wrote {study.dir}/REPORT.md")
+  return results
+
+
+def main(argv):
+  _flags.run_main(argv, Config, run)
 
 
 if __name__ == "__main__":
-  define_flags()
-  _common.run_binary(main)
+  _flags.define_flags(Config, default_data="images")
+  _flags.run_binary(main)

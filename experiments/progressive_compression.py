@@ -22,12 +22,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
 import jaxprune
 from jaxprune import data as data_lib
 from jaxprune.pruners import progressive_distinctiveness
-from experiments import _common
+from experiments import _flags
+from experiments import _report
+from experiments import _store
 from experiments import _mlp_common as mc
 
 STUDY = "progressive_compression"
@@ -36,15 +37,16 @@ GROUP = "hidden_0"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Every setting of the study (see ``define_flags``)."""
-  hidden: int = 10
-  runs: int = 3
-  epochs: int = 500
-  batch_size: int = 32
-  lr: float = 0.001
-  test_fraction: float = 0.2
-  constant_tol: float = 1e-6
-  seed: int = 0
+  """Every setting of the study; each field is also a flag (``_flags.define_flags``)."""
+  hidden: int = _flags.field(10, "Hidden units of the autoencoder.")
+  runs: int = _flags.field(3, "Runs (own split and initialisation each).")
+  epochs: int = _flags.field(500, "Training epochs.")
+  batch_size: int = _flags.field(32, "Minibatch size.")
+  lr: float = _flags.field(0.001, "Adam learning rate.")
+  test_fraction: float = _flags.field(0.2, "Share of each run's test split.")
+  constant_tol: float = _flags.field(1e-6,
+                                     "A unit whose activation range is below this is constant.")
+  seed: int = _flags.field(0, "Random seed.")
 
   @classmethod
   def quick(cls, **kw) -> "Config":
@@ -53,14 +55,14 @@ class Config:
     return cls(**base)
 
   def validate(self) -> None:
-    _common.check_positive(hidden=self.hidden, minimum=2)
-    _common.check_positive(runs=self.runs, epochs=self.epochs, batch_size=self.batch_size)
+    _flags.check_positive(hidden=self.hidden, minimum=2)
+    _flags.check_positive(runs=self.runs, epochs=self.epochs, batch_size=self.batch_size)
     if not self.lr > 0:
-      _common.fail(f"--lr must be positive, got {self.lr}.")
+      _flags.fail(f"--lr must be positive, got {self.lr}.")
     if not 0 < self.test_fraction < 1:
-      _common.fail(f"--test_fraction must lie in (0, 1), got {self.test_fraction}.")
+      _flags.fail(f"--test_fraction must lie in (0, 1), got {self.test_fraction}.")
     if not self.constant_tol >= 0:
-      _common.fail(f"--constant_tol must be >= 0, got {self.constant_tol}.")
+      _flags.fail(f"--constant_tol must be >= 0, got {self.constant_tol}.")
 
 
 def _splits(ds, cfg: Config):
@@ -78,24 +80,24 @@ def _mse(model, x):
   return lambda p: jnp.mean(jnp.square(model.apply(p, x) - x))
 
 
-def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
-        workdir: str = "workdir") -> dict:
+def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
+        data_path: str | None = None) -> dict:
   cfg.validate()
-  ds = _common.load_data(data, data_path)
+  ds = _store.load_data(data, data_path)
   if ds.x.ndim != 2:
-    _common.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs "
-                 "feature vectors (use --data=features, digits_features or sfew_features).")
+    _flags.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs "
+                "feature vectors (use --data=features, digits_features or sfew_features).")
   d = ds.x.shape[1]
   model = jaxprune.Autoencoder(in_features=d, hidden=(cfg.hidden,))
-  study = _common.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
-                                "data_path": data_path}, workdir)
+  study = _store.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
+                               "data_path": data_path}, workdir)
   splits = _splits(ds, cfg)
 
   def train():
-    init = jax.vmap(model.init)(mc.stack_keys([_common.config_key(cfg.seed, "init", r)
+    init = jax.vmap(model.init)(mc.stack_keys([_store.config_key(cfg.seed, "init", r)
                                                for r in range(cfg.runs)]))
     x, w = mc.pad_stack([s[0] for s in splits])
-    keys = mc.stack_keys([_common.config_key(cfg.seed, "train", r) for r in range(cfg.runs)])
+    keys = mc.stack_keys([_store.config_key(cfg.seed, "train", r) for r in range(cfg.runs)])
     params, _ = jaxprune.fit_many(model, init, x, x, w, key=keys, epochs=cfg.epochs,
                                   batch_size=cfg.batch_size, learning_rate=cfg.lr,
                                   log_every=max(cfg.epochs // 10, 1),
@@ -103,7 +105,7 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
     return params
 
   stacked = study.cached_tree("params", train)
-  progress = _common.Progress(cfg.runs, "progressive removal")
+  progress = _report.Progress(cfg.runs, "progressive removal")
 
   def one(r):
     params = jax.tree.map(lambda a: jnp.asarray(a[r]), stacked)
@@ -154,10 +156,10 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
                        "data": {"name": data, "source": ds.info.get("source", data),
                                 "examples": len(ds), "train_size": len(splits[0][0]),
                                 "test_size": len(splits[0][1])}})
-  t_mean = _common.write_table(study.dir, "summary", mean_rows)
-  t_steps = _common.write_table(study.dir, "steps", rows)
+  t_mean = _report.write_table(study.dir, "summary", mean_rows)
+  t_steps = _report.write_table(study.dir, "steps", rows)
 
-  plt = _common.pyplot()
+  plt = _report.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   for r, res in enumerate(runs):
     ax.plot(res["units_kept"], res["train_loss"], "o-", color=f"C{r}", label=f"run {r} train")
@@ -172,7 +174,7 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
     ax2.plot(res["units_kept"], a, ":", color=f"C{r}", alpha=0.5)
   ax2.set_ylabel("smallest angle between kept units (degrees, dotted)")
   ax.legend(fontsize=7)
-  _common.save_figure(fig, study.path("progressive.png"))
+  _report.save_figure(fig, study.path("progressive.png"))
 
   stand_in = ("" if data.startswith("sfew") else " These bundled data are a stand-in for the "
               "SFEW features; the numbers are not SFEW numbers.")
@@ -193,27 +195,10 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
   return {"summary": mean_rows, "final": final}
 
 
-def define_flags() -> None:
-  d = Config()
-  _common.define_common_flags("features")
-  flags.DEFINE_integer("hidden", d.hidden, "Hidden units of the autoencoder.")
-  flags.DEFINE_integer("runs", d.runs, "Runs (own split and initialisation each).")
-  flags.DEFINE_integer("epochs", d.epochs, "Training epochs.")
-  flags.DEFINE_integer("batch_size", d.batch_size, "Minibatch size.")
-  flags.DEFINE_float("lr", d.lr, "Adam learning rate.")
-  flags.DEFINE_float("test_fraction", d.test_fraction, "Share of each run's test split.")
-  flags.DEFINE_float("constant_tol", d.constant_tol,
-                     "A unit whose activation range is below this is constant.")
-
-
-def config_from_flags() -> Config:
-  return _common.config_from_flags(
-      Config, ("hidden", "runs", "epochs", "batch_size", "lr", "test_fraction", "constant_tol"))
-
-
-main = _common.study_main(config_from_flags, run)
+def main(argv):
+  _flags.run_main(argv, Config, run)
 
 
 if __name__ == "__main__":
-  define_flags()
-  _common.run_binary(main)
+  _flags.define_flags(Config, default_data="features")
+  _flags.run_binary(main)

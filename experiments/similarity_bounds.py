@@ -26,19 +26,19 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
 import jaxprune
 from jaxprune import data as data_lib
 from jaxprune.pruners import distinctiveness
 from jaxprune.pruners import pairwise_angles
 from jaxprune.pruners import report_actions
-from experiments import _common
+from experiments import _flags
+from experiments import _report
+from experiments import _store
 from experiments import _mlp_common as mc
 
 STUDY = "similarity_bounds"
@@ -47,18 +47,20 @@ GROUP = "hidden_0"
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Every setting of the study (see ``define_flags``)."""
-  hidden: tuple = (30, 50, 100)
-  runs: int = 3
-  epochs: int = 1200
-  batch_size: int = 1
-  lr: float = 0.001
-  test_fraction: float = 0.2
-  similar_deg: float = 45.0
-  complementary_deg: float = 140.0
-  default_similar_deg: float = 15.0
-  default_complementary_deg: float = 165.0
-  seed: int = 0
+  """Every setting of the study; each field is also a flag (``_flags.define_flags``)."""
+  hidden: tuple = _flags.field((30, 50, 100), "Hidden sizes H.", low=2)
+  runs: int = _flags.field(3, "Runs per hidden size (own split and initialisation).")
+  epochs: int = _flags.field(1200, "Training epochs.")
+  batch_size: int = _flags.field(1, "Minibatch size (the study uses 1).")
+  lr: float = _flags.field(0.001, "Adam learning rate.")
+  test_fraction: float = _flags.field(0.2, "Share of each run's test split.")
+  similar_deg: float = _flags.field(45.0, "Similar-only bound (degrees).")
+  complementary_deg: float = _flags.field(140.0, "Complementary-only bound (degrees).")
+  default_similar_deg: float = _flags.field(15.0,
+                                            "The default similar bound, also tried (degrees).")
+  default_complementary_deg: float = _flags.field(
+      165.0, "The default complementary bound, also tried (degrees).")
+  seed: int = _flags.field(0, "Random seed.")
 
   @classmethod
   def quick(cls, **kw) -> "Config":
@@ -68,18 +70,18 @@ class Config:
 
   def validate(self) -> None:
     if any(h < 2 for h in self.hidden):
-      _common.fail(f"--hidden sizes must be at least 2 (a pair needs two units), got "
-                   f"{list(self.hidden)}.")
-    _common.check_positive(runs=self.runs, epochs=self.epochs, batch_size=self.batch_size)
+      _flags.fail(f"--hidden sizes must be at least 2 (a pair needs two units), got "
+                  f"{list(self.hidden)}.")
+    _flags.check_positive(runs=self.runs, epochs=self.epochs, batch_size=self.batch_size)
     if not self.lr > 0:
-      _common.fail(f"--lr must be positive, got {self.lr}.")
+      _flags.fail(f"--lr must be positive, got {self.lr}.")
     if not 0 < self.test_fraction < 1:
-      _common.fail(f"--test_fraction must lie in (0, 1), got {self.test_fraction}.")
+      _flags.fail(f"--test_fraction must lie in (0, 1), got {self.test_fraction}.")
     for name in ("similar_deg", "complementary_deg", "default_similar_deg",
                  "default_complementary_deg"):
       v = getattr(self, name)
       if not 0 <= v <= 180:
-        _common.fail(f"--{name} must be an angle in [0, 180] degrees, got {v}.")
+        _flags.fail(f"--{name} must be an angle in [0, 180] degrees, got {v}.")
 
   def experiments(self) -> list[tuple[str, float]]:
     """(rule, threshold) experiments, in report order."""
@@ -114,7 +116,7 @@ def _splits(ds, cfg: Config):
   return out
 
 
-def train_all(cfg: Config, splits, study: _common.Study):
+def train_all(cfg: Config, splits, study: _store.Study):
   """Every (H, run) network, trained as one vmapped program; cached as npz."""
   h_max = max(cfg.hidden)
   big = _model(h_max)
@@ -123,14 +125,14 @@ def train_all(cfg: Config, splits, study: _common.Study):
   def train():
     params, masks = [], []
     for h, r in plan:
-      small = _model(h).init(_common.config_key(cfg.seed, "init", h, r))
+      small = _model(h).init(_store.config_key(cfg.seed, "init", h, r))
       params.append(_embed(small, h_max))
       unit = {GROUP: jnp.arange(h_max) < h}
       masks.append(jaxprune.expand(params[-1], big, unit))
     stack = lambda *a: jnp.stack(a)
     x, w = mc.pad_stack([splits[r][0].x for _, r in plan])
     y, _ = mc.pad_stack([splits[r][0].y for _, r in plan])
-    keys = mc.stack_keys([_common.config_key(cfg.seed, "train", h, r) for h, r in plan])
+    keys = mc.stack_keys([_store.config_key(cfg.seed, "train", h, r) for h, r in plan])
     trained, _ = jaxprune.fit_many(
         big, jax.tree.map(stack, *params), x, y, w, key=keys, epochs=cfg.epochs,
         batch_size=cfg.batch_size, learning_rate=cfg.lr, masks=jax.tree.map(stack, *masks),
@@ -211,7 +213,7 @@ def summarise(cfg: Config, nets: list[dict]) -> tuple[list, list]:
 
 
 def figure(cfg: Config, nets: list[dict], path: str) -> None:
-  plt = _common.pyplot()
+  plt = _report.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   bins = np.linspace(0, 180, 37)
   for i, h in enumerate(cfg.hidden):
@@ -223,18 +225,18 @@ def figure(cfg: Config, nets: list[dict], path: str) -> None:
   ax.set(xlabel="angle between hidden units (degrees)", ylabel="density of unit pairs",
          title="Pairwise angles (dashed: 45/140, dotted: 15/165)")
   ax.legend()
-  _common.save_figure(fig, path)
+  _report.save_figure(fig, path)
 
 
-def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
-        workdir: str = "workdir") -> dict:
+def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
+        data_path: str | None = None) -> dict:
   cfg.validate()
   ds = mc.load_features(data, data_path)
-  study = _common.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
-                                "data_path": data_path}, workdir)
+  study = _store.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
+                               "data_path": data_path}, workdir)
   splits = _splits(ds, cfg)
   nets = train_all(cfg, splits, study)
-  progress = _common.Progress(len(nets), "prune")
+  progress = _report.Progress(len(nets), "prune")
   results = []
   for (h, r), params in nets.items():
     results.append(study.cached(f"prune_H{h}_run{r}",
@@ -245,8 +247,8 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
                        "data": {"name": data, "source": ds.info.get("source", data),
                                 "examples": len(ds),
                                 "train_size": len(splits[0][0]), "test_size": len(splits[0][1])}})
-  t_sum = _common.write_table(study.dir, "summary", rows)
-  t_pairs = _common.write_table(study.dir, "pairs", pair_rows)
+  t_sum = _report.write_table(study.dir, "summary", rows)
+  t_pairs = _report.write_table(study.dir, "pairs", pair_rows)
   figure(cfg, results, study.path("angles.png"))
   none = [f"{r['rule']} {r['threshold_deg']:g}° at H={r['H']}" for r in rows if r["note"]]
   stand_in = ("" if data.startswith("sfew") else " These bundled data are a stand-in for the "
@@ -270,34 +272,10 @@ def run(cfg: Config, *, data: str = "features", data_path: str | None = None,
   return {"summary": rows, "pairs": pair_rows}
 
 
-def define_flags() -> None:
-  d = Config()
-  _common.define_common_flags("features")
-  flags.DEFINE_list("hidden", [str(h) for h in d.hidden], "Hidden sizes H.")
-  flags.DEFINE_integer("runs", d.runs, "Runs per hidden size (own split and initialisation).")
-  flags.DEFINE_integer("epochs", d.epochs, "Training epochs.")
-  flags.DEFINE_integer("batch_size", d.batch_size, "Minibatch size (the study uses 1).")
-  flags.DEFINE_float("lr", d.lr, "Adam learning rate.")
-  flags.DEFINE_float("test_fraction", d.test_fraction, "Share of each run's test split.")
-  flags.DEFINE_float("similar_deg", d.similar_deg, "Similar-only bound (degrees).")
-  flags.DEFINE_float("complementary_deg", d.complementary_deg,
-                     "Complementary-only bound (degrees).")
-  flags.DEFINE_float("default_similar_deg", d.default_similar_deg,
-                     "The default similar bound, also tried (degrees).")
-  flags.DEFINE_float("default_complementary_deg", d.default_complementary_deg,
-                     "The default complementary bound, also tried (degrees).")
-
-
-def config_from_flags() -> Config:
-  return _common.config_from_flags(
-      Config, ("runs", "epochs", "batch_size", "lr", "test_fraction", "similar_deg",
-               "complementary_deg", "default_similar_deg", "default_complementary_deg"),
-      lists={"hidden": functools.partial(_common.parse_list, kind=int, low=2)})
-
-
-main = _common.study_main(config_from_flags, run)
+def main(argv):
+  _flags.run_main(argv, Config, run)
 
 
 if __name__ == "__main__":
-  define_flags()
-  _common.run_binary(main)
+  _flags.define_flags(Config, default_data="features")
+  _flags.run_binary(main)

@@ -20,10 +20,15 @@ accuracy per fold and mean, at each check the minimum and maximum angle and the 
 and the parameters and FLOPs of the pruned network (fold 1; dense, masked and compacted).
 
   python -m experiments.training_time_distinctiveness --workdir=/tmp/work
+  python -m experiments.training_time_distinctiveness --quick --workdir=/tmp/work   # the smoke run
+
+From Python: ``ttd.run(ttd.Config.quick(), "/tmp/work")`` after
+``from experiments import training_time_distinctiveness as ttd``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -31,37 +36,65 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import flags
 
 import jaxprune
 from experiments import _cnn_common as cc
-from experiments import _common
+from experiments import _flags
+from experiments import _report
+from experiments import _store
 from jaxprune import data as data_lib
 from jaxprune import pruners
 
-FLAGS = flags.FLAGS
 STUDY = "training_time_distinctiveness"
 VARIANTS = ("no_pruning", "pruning")
 
-def define_flags() -> None:
-  """Defines this binary's flags (only when run as a program, so tests can import it)."""
-  _common.define_common_flags("images")
-  flags.DEFINE_string("image_size", "64x64",
-                      "Input HEIGHTxWIDTH (published 227x227; 64x64 by default to fit the CPU time "
-                      "budget, CNN4 adapts its flatten size; at least 59x59).")
-  flags.DEFINE_integer("channels", 1, "Image channels, 1 or 3 (published: RGB; the bundled "
-                       "images are gray, so 1 by default).")
-  flags.DEFINE_integer("folds", 5, "Cross-validation folds.")
-  flags.DEFINE_integer("epochs", 30, "Training epochs per fold.")
-  flags.DEFINE_integer("check_every", 5, "Epochs between distinctiveness checks.")
-  flags.DEFINE_float("angle", 25.0, "Units whose outgoing weight vectors are closer than this "
-                     "many degrees are merged.")
-  flags.DEFINE_string("layer", "dense_2", "Dense unit group whose hidden-to-output weights are "
-                      "checked (default: the layer feeding the output layer).")
-  flags.DEFINE_integer("batch_size", 32, "Minibatch size.")
-  flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
 
-QUICK = {"max_per_class": 6, "epochs": 4, "check_every": 2, "folds": 2}
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every setting of the study; each field is also a flag (``_flags.define_flags``)."""
+  image_size: tuple = _flags.field(
+      (64, 64), "Input HEIGHTxWIDTH (published 227x227; 64x64 by default to fit the CPU time "
+      "budget, CNN4 adapts its flatten size; at least 59x59).", parse=cc.parse_size,
+      unparse=cc.unparse_size)
+  channels: int = _flags.field(1, "Image channels, 1 or 3 (published: RGB; the bundled images "
+                               "are gray, so 1 by default).")
+  folds: int = _flags.field(5, "Cross-validation folds.")
+  epochs: int = _flags.field(30, "Training epochs per fold.")
+  check_every: int = _flags.field(5, "Epochs between distinctiveness checks.")
+  angle: float = _flags.field(25.0, "Units whose outgoing weight vectors are closer than this "
+                              "many degrees are merged.")
+  layer: str = _flags.field("dense_2", "Dense unit group whose hidden-to-output weights are "
+                            "checked (default: the layer feeding the output layer).")
+  batch_size: int = _flags.field(32, "Minibatch size.")
+  learning_rate: float = _flags.field(3e-3, "Adam learning rate.")
+  max_per_class: int | None = _flags.field(
+      None, "At most this many bundled images per class (--data=images only; the quick run "
+      "uses 6).")
+  seed: int = _flags.field(0, "Random seed.")
+
+  @classmethod
+  def quick(cls, **kw) -> "Config":
+    """The smoke run: 2 folds of 4 epochs, a check every 2, on 6 images per class."""
+    base = dict(max_per_class=6, epochs=4, check_every=2, folds=2)
+    base.update(kw)
+    return cls(**base)
+
+  def validate(self) -> None:
+    """One-line usage errors for impossible settings (before any work)."""
+    _flags.check_fields(self)
+    cc.check_size(self.image_size)
+    if self.channels not in (1, 3):
+      _flags.fail(f"--channels must be 1 or 3, got {self.channels}.")
+    _flags.check_positive(epochs=self.epochs, check_every=self.check_every,
+                          batch_size=self.batch_size)
+    if self.max_per_class is not None:
+      _flags.check_positive(max_per_class=self.max_per_class)
+    if self.folds < 2:
+      _flags.fail(f"--folds must be at least 2, got {self.folds}.")
+    if not 0.0 <= self.angle <= 180.0:
+      _flags.fail(f"--angle must be in [0, 180] degrees, got {self.angle}.")
+    if not self.learning_rate > 0:
+      _flags.fail(f"--learning_rate must be positive, got {self.learning_rate}.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,7 +180,7 @@ def train_fold(model, params, train, val, *, key, prune: bool, s: dict):
       pending.update(kept_after=kept, pruned_now=pending["kept_before"] - kept,
                      pruned_units=np.flatnonzero(~np.asarray(umask)).tolist())
       rec["checks"].append(pending)
-      _common.Progress(1, f"fold check, epoch {pending['epoch']}").step(
+      _report.Progress(1, f"fold check, epoch {pending['epoch']}").step(
           f"min angle {pending['min_angle']}, max angle {pending['max_angle']}, "
           f"kept {kept}/{group.size}")
       pending = None
@@ -164,57 +197,36 @@ def train_fold(model, params, train, val, *, key, prune: bool, s: dict):
   return state.params, rec
 
 
-def settings() -> dict:
-  size = cc.parse_size(FLAGS.image_size, "image_size")
-  if FLAGS.channels not in (1, 3):
-    _common.fail(f"--channels must be 1 or 3, got {FLAGS.channels}.")
-  _common.check_positive(epochs=FLAGS.epochs, check_every=FLAGS.check_every,
-                         batch_size=FLAGS.batch_size)
-  if FLAGS.folds < 2:
-    _common.fail(f"--folds must be at least 2, got {FLAGS.folds}.")
-  if not 0.0 <= FLAGS.angle <= 180.0:
-    _common.fail(f"--angle must be in [0, 180] degrees, got {FLAGS.angle}.")
-  if not FLAGS.learning_rate > 0:
-    _common.fail(f"--learning_rate must be positive, got {FLAGS.learning_rate}.")
-  quick = FLAGS.quick
-  return {"data": FLAGS.data, "data_path": FLAGS.data_path, "seed": FLAGS.seed, "quick": quick,
-          "image_size": list(size), "channels": FLAGS.channels,
-          "folds": _common.quick_or_flag("folds", QUICK["folds"]),
-          "epochs": _common.quick_or_flag("epochs", QUICK["epochs"]),
-          "check_every": _common.quick_or_flag("check_every", QUICK["check_every"]),
-          "angle": FLAGS.angle, "layer": FLAGS.layer, "batch_size": FLAGS.batch_size,
-          "learning_rate": FLAGS.learning_rate}
-
-
-def main(argv):
-  _common.check_no_args(argv)
-  s = settings()
+def run(config: Config, workdir: str = "workdir", *, data: str = "images",
+        data_path: str | None = None) -> dict:
+  """Runs (or resumes) the study; returns the results written to results.json."""
+  config.validate()
+  s = {**dataclasses.asdict(config), "data": data, "data_path": data_path}
   size = tuple(s["image_size"])
   try:
     model = jaxprune.CNN4(input_shape=(size[0], size[1], s["channels"]))
   except ValueError as e:
-    _common.fail(f"--image_size={size[0]}x{size[1]} is too small for the 4-conv CNN: {e}")
+    _flags.fail(f"--image_size={size[0]}x{size[1]} is too small for the 4-conv CNN: {e}")
   if s["layer"] not in model.groups or model.groups[s["layer"]].kind != "dense":
     dense = [n for n, g in model.groups.items() if g.kind == "dense"]
-    _common.fail(f"--layer={s['layer']!r} is not a dense unit group of the 4-conv CNN; choose "
-                 f"one of {dense}.")
-  ds = cc.load_images(size, s["channels"], max_per_class=QUICK["max_per_class"] if s["quick"]
-                      else None)
+    _flags.fail(f"--layer={s['layer']!r} is not a dense unit group of the 4-conv CNN; choose "
+                f"one of {dense}.")
+  ds = cc.load_images(data, data_path, size, s["channels"], max_per_class=config.max_per_class)
   try:
     folds = data_lib.kfold(ds, n_splits=s["folds"], seed=s["seed"],
                            person_independent=ds.groups is not None)
   except ValueError as e:
-    _common.fail(f"Cannot make {s['folds']} folds: {e}")
-  study = _common.Study(STUDY, s)
-  prog = _common.Progress(len(VARIANTS) * len(folds), STUDY)
-  init = model.init(_common.config_key(s["seed"], "init"))
+    _flags.fail(f"Cannot make {s['folds']} folds: {e}")
+  study = _store.Study(STUDY, s, workdir)
+  prog = _report.Progress(len(VARIANTS) * len(folds), STUDY)
+  init = model.init(_store.config_key(s["seed"], "init"))
 
   records = {v: [] for v in VARIANTS}
   for f, (tr, te) in enumerate(folds):
     for variant in VARIANTS:
       def run(tr=tr, te=te, f=f, variant=variant):
         return train_fold(model, init, (ds.x[tr], ds.y[tr]), (ds.x[te], ds.y[te]),
-                          key=_common.config_key(s["seed"], "fold", f), prune=variant == "pruning",
+                          key=_store.config_key(s["seed"], "fold", f), prune=variant == "pruning",
                           s=s)
 
       final, rec = study.cached_with_tree(f"{variant}_fold{f}", run, init)
@@ -241,10 +253,10 @@ def main(argv):
                            "min_angle": c["min_angle"], "max_angle": c["max_angle"],
                            "pruned_now": c["pruned_now"], "kept_after": c["kept_after"],
                            "pruned_units": " ".join(map(str, c["pruned_units"]))})
-  t_acc = _common.write_table(study.dir, "validation_accuracy", acc_rows,
+  t_acc = _report.write_table(study.dir, "validation_accuracy", acc_rows,
                               ["fold", "val_acc_no_pruning", "val_acc_pruning",
                                "units_kept_pruning"])
-  t_chk = _common.write_table(study.dir, "checks", check_rows,
+  t_chk = _report.write_table(study.dir, "checks", check_rows,
                               ["variant", "fold", "epoch", "min_angle", "max_angle",
                                "pruned_now", "kept_after", "pruned_units"])
 
@@ -263,7 +275,7 @@ def main(argv):
   kept_curves = {f"fold {f + 1}": [model.groups[s["layer"]].size] + [c["kept_after"]
                                                                      for c in r["checks"]]
                  for f, r in enumerate(records["pruning"])}
-  plt = _common.pyplot()
+  plt = _report.pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   for label, ys in kept_curves.items():
     ax.plot([0] + events, ys, marker="o", label=label)
@@ -272,14 +284,15 @@ def main(argv):
   ax.set_title("Units kept after each check (pruning run)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  _common.save_figure(fig, study.path("units_kept.png"))
+  _report.save_figure(fig, study.path("units_kept.png"))
 
   unit0 = {s["layer"]: jnp.asarray(records["pruning"][0]["final_unit_mask"])}
   t_flops = study.write_flops(model, final0, jaxprune.expand(final0, model, unit0), unit0)
-  study.write_results({"folds": records, "mean_val_accuracy": mean,
-                       "layer_size": model.groups[s["layer"]].size})
+  results = {"folds": records, "mean_val_accuracy": mean,
+             "layer_size": model.groups[s["layer"]].size}
+  study.write_results(results)
   study.write_report("Training-time distinctiveness (4-conv + 4-dense sigmoid CNN)", [
-      ("Set-up", f"{cc.data_description(ds)} Model: CNN4 (sigmoid) on "
+      ("Set-up", f"{cc.data_description(ds, data)} Model: CNN4 (sigmoid) on "
        f"{size[0]}x{size[1]}x{s['channels']} inputs, {s['folds']}-fold CV, {s['epochs']} epochs, "
        f"Adam {s['learning_rate']:g}, batch {s['batch_size']}. Every {s['check_every']} epochs "
        f"the angles between the outgoing (hidden-to-output) weight vectors of {s['layer']} are "
@@ -295,8 +308,13 @@ def main(argv):
       ("Figures", "![](loss_curves.png)\n\n![](units_kept.png)"),
   ])
   print(f"Wrote {study.dir}/REPORT.md")
+  return results
+
+
+def main(argv):
+  _flags.run_main(argv, Config, run)
 
 
 if __name__ == "__main__":
-  define_flags()
-  _common.run_binary(main)
+  _flags.define_flags(Config, default_data="images")
+  _flags.run_binary(main)

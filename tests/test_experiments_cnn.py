@@ -1,15 +1,14 @@
-"""End-to-end tests of the CNN study binaries in --quick mode, resume, rewinding, bad input.
+"""End-to-end tests of the CNN studies in their quick configuration, resume, rewinding, bad
+input.
 
-The four binaries run as real command lines (subprocesses, started together so they share the
-machine's cores); their helpers are imported and tested in-process (the binaries define their
-flags only when run as programs).
+The four studies run in-process through ``run(Config.quick(), workdir)`` (sharing compiled
+programs); their command lines (flags generated from the same ``Config``, one-line errors) are
+checked in tests/test_reliability.py.
 """
 
 import glob
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,41 +18,25 @@ from absl import app
 
 import jaxprune
 from conftest import all_finite, csv_rows, study_results
-from experiments import _common
 from experiments import _cnn_common as cc
+from experiments import _store
+from experiments import kernel_importance as ki
 from experiments import lottery_ticket as lt
+from experiments import percentile_vs_distinctiveness as pvd
+from experiments import training_time_distinctiveness as ttd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PVD, LT, TTD, KI = ("percentile_vs_distinctiveness", "lottery_ticket",
                     "training_time_distinctiveness", "kernel_importance")
-EXTRA = {PVD: ["--angles=45,85"], LT: [], TTD: [], KI: []}
-
-
-def _cmd(module, *args):
-  return [sys.executable, "-m", f"experiments.{module}", *args]
-
-
-def _spawn(module, *args):
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.Popen(_cmd(module, *args), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-
-
-def _wait(procs, timeout=600):
-  out = {}
-  for name, p in procs.items():
-    stdout, stderr = p.communicate(timeout=timeout)
-    out[name] = (p.returncode, stdout + stderr)
-  return out
+CONFIGS = {PVD: (pvd, pvd.Config.quick(angles=(45.0, 85.0))), LT: (lt, lt.Config.quick()),
+           TTD: (ttd, ttd.Config.quick()), KI: (ki, ki.Config.quick())}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("cnn"))
-  procs = {m: _spawn(m, "--quick", f"--workdir={workdir}", *EXTRA[m]) for m in (PVD, LT, TTD, KI)}
-  out = _wait(procs)
-  for m, (rc, text) in out.items():
-    assert rc == 0, f"{m} failed:\n{text[-3000:]}"
+  for name, (module, config) in CONFIGS.items():
+    returned = module.run(config, workdir)
+    assert _store.to_jsonable(returned) == study_results(workdir, name)["results"], name
   return workdir
 
 
@@ -155,13 +138,13 @@ def test_training_time_distinctiveness_keeps_pruned_weights_zero(runs):
     assert mask.sum() == rec["final_units_kept"] < 64
     npz = glob.glob(os.path.join(folder, "cache", "*", f"pruning_fold{f}-*.npz"))
     assert len(npz) == 1
-    final = _common.load_tree(npz[0], template)
+    final = _store.load_tree(npz[0], template)
     wm = jaxprune.expand(final, model, {s["layer"]: jnp.asarray(mask)})
     for p, m in zip(jax.tree.leaves(final), jax.tree.leaves(wm)):
       assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
     # Without pruning the same positions hold non-zero weights: the zeros come from the masks.
     npz_free = glob.glob(os.path.join(folder, "cache", "*", f"no_pruning_fold{f}-*.npz"))[0]
-    free = _common.load_tree(npz_free, template)
+    free = _store.load_tree(npz_free, template)
     assert np.abs(np.asarray(free["params"]["out"]["kernel"])[~mask]).min() > 0
     assert np.all(np.asarray(final["params"]["out"]["kernel"])[~mask] == 0.0)
   for rec in res["results"]["folds"]["no_pruning"]:
@@ -206,8 +189,7 @@ def test_resume_gives_identical_results(runs, tmp_path):
   for f in gone:
     os.remove(os.path.join(cache, f))
   os.remove(os.path.join(dst, "results.json"))
-  out = _wait({LT: _spawn(LT, "--quick", f"--workdir={tmp_path}")})
-  assert out[LT][0] == 0, out[LT][1][-3000:]
+  lt.run(lt.Config.quick(), str(tmp_path))
   assert study_results(str(tmp_path), LT) == study_results(runs, LT)
 
 
@@ -250,26 +232,32 @@ def test_helpers():
   assert cc.parse_size("64", "image_size") == (64, 64)
   with pytest.raises(app.UsageError, match="HEIGHTxWIDTH"):
     cc.parse_size("9x", "image_size")
-  k1, k2 = _common.config_key(0, "retrain", 0.5), _common.config_key(0, "retrain", 0.7)
+  k1, k2 = _store.config_key(0, "retrain", 0.5), _store.config_key(0, "retrain", 0.7)
   assert not np.array_equal(jax.random.key_data(k1), jax.random.key_data(k2))
   np.testing.assert_array_equal(jax.random.key_data(k1),
-                                jax.random.key_data(_common.config_key(0, "retrain", 0.5)))
+                                jax.random.key_data(_store.config_key(0, "retrain", 0.5)))
 
 
-def test_bad_flags_exit_with_a_clear_message(tmp_path):
+def test_bad_settings_fail_clearly_before_any_work(tmp_path):
   missing = os.path.join(str(tmp_path), "no_such_folder")
-  cases = {
-      "unknown_data": (KI, ["--data=nope"], "Unknown --data='nope'"),
-      "sfew_without_path": (TTD, ["--data=sfew_images"], "needs --data_path"),
-      "missing_sfew": (LT, ["--data=sfew_images", f"--data_path={missing}"], "Could not load"),
-      "pretrained_lenet": (PVD, ["--arch=lenet", f"--pretrained={missing}"], "--pretrained"),
-      "bad_size": (KI, ["--image_size=big"], "not an image size"),
-      "bad_layer": (TTD, ["--layer=conv_0"], "not a dense unit group"),
-  }
-  procs = {name: _spawn(m, f"--workdir={tmp_path}", *args) for name, (m, args, _) in cases.items()}
-  out = _wait(procs, timeout=300)
-  for name, (_, _, msg) in cases.items():
-    rc, text = out[name]
-    assert rc != 0, name
-    assert msg in text, (name, text[-2000:])
-    assert "Traceback" not in text, (name, text[-2000:])
+  cases = [
+      (ki, ki.Config.quick(), {"data": "nope"}, "Unknown --data='nope'"),
+      (pvd, pvd.Config.quick(), {"data": "features"}, "--data=features holds feature vectors"),
+      (ttd, ttd.Config.quick(), {"data": "sfew_images"}, "needs --data_path"),
+      (lt, lt.Config.quick(), {"data": "sfew_images", "data_path": missing}, "Could not load"),
+      (pvd, pvd.Config(arch="lenet", pretrained=missing), {}, "--pretrained"),
+      (pvd, pvd.Config(pretrained=missing), {}, "is not a file"),
+      (ki, ki.Config(image_size=(0, 5)), {}, "not an image size"),
+      (ki, ki.Config.quick(norm="l3"), {}, "--norm='l3' is not one of"),
+      (ki, ki.Config.quick(test_fraction=1.0), {}, "--test_fraction must lie strictly"),
+      (ttd, ttd.Config.quick(layer="conv_0"), {}, "not a dense unit group"),
+      (ttd, ttd.Config.quick(channels=2), {}, "--channels must be 1 or 3"),
+      (lt, lt.Config.quick(fractions=(0.5, 1.5)), {}, "--fractions: values must be <= 1.0"),
+      (lt, lt.Config.quick(seed=2**32), {}, "--seed must be an integer"),
+      (pvd, pvd.Config.quick(angles=()), {}, "--angles needs at least one value"),
+      (pvd, pvd.Config.quick(groups=("dense_0",)), {}, "not conv unit groups"),
+  ]
+  for module, config, kw, msg in cases:
+    with pytest.raises(app.UsageError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+      module.run(config, str(tmp_path), **kw)
+  assert not list(tmp_path.rglob("settings.json"))  # nothing written by the failures

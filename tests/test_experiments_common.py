@@ -7,18 +7,19 @@ import numpy as np
 import pytest
 from absl import app
 
-from experiments import _common
+from experiments import _report
+from experiments import _store
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
   path = tmp_path / "a.json"
-  _common.write_json(str(path), {"x": np.arange(3), "y": np.float32(0.5)})
+  _store.write_json(str(path), {"x": np.arange(3), "y": np.float32(0.5)})
   assert json.loads(path.read_text()) == {"x": [0, 1, 2], "y": 0.5}
 
   # A write that fails half-way (here: text where bytes are expected, after the temporary file
   # was created) leaves the previous file intact and no temporary file behind.
   with pytest.raises(TypeError):
-    _common.atomic_write_bytes(str(path), "not bytes")
+    _store.atomic_write_bytes(str(path), "not bytes")
   assert json.loads(path.read_text()) == {"x": [0, 1, 2], "y": 0.5}  # old content intact
   assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left behind
 
@@ -30,22 +31,22 @@ def test_cached_runs_once_per_settings_and_resumes(tmp_path):
     calls.append(1)
     return {"acc": np.array([0.25, 0.5])}
 
-  s = _common.Study("demo", {"lr": 0.1}, workdir=str(tmp_path))
+  s = _store.Study("demo", {"lr": 0.1}, workdir=str(tmp_path))
   first = s.cached("cfg lr=0.1/fold 0", work)
-  s2 = _common.Study("demo", {"lr": 0.1}, workdir=str(tmp_path))
+  s2 = _store.Study("demo", {"lr": 0.1}, workdir=str(tmp_path))
   again = s2.cached("cfg lr=0.1/fold 0", work)
   assert first == again == {"acc": [0.25, 0.5]} and len(calls) == 1 and s2.resumed == 1
-  other = _common.Study("demo", {"lr": 0.2}, workdir=str(tmp_path))
+  other = _store.Study("demo", {"lr": 0.2}, workdir=str(tmp_path))
   other.cached("cfg lr=0.1/fold 0", work)
   assert len(calls) == 2 and other.fingerprint != s.fingerprint
 
 
 def test_tables_and_report(tmp_path):
   rows = [{"H": 10, "acc": 0.123456}, {"H": 20, "acc": 0.5}]
-  md = _common.write_table(str(tmp_path), "t", rows)
+  md = _report.write_table(str(tmp_path), "t", rows)
   assert md.splitlines()[0] == "| H | acc |" and "| 10 | 0.1235 |" in md
   assert (tmp_path / "t.csv").read_text().splitlines() == ["H,acc", "10,0.123456", "20,0.5"]
-  s = _common.Study("rep", {"a": 1}, workdir=str(tmp_path))
+  s = _store.Study("rep", {"a": 1}, workdir=str(tmp_path))
   s.write_report("Title", [("Table", md), ("Figure", "![](f.png)")])
   text = (tmp_path / "rep" / "REPORT.md").read_text()
   assert text.startswith("# Title") and "## Figure" in text and '"a": 1' in text
@@ -55,11 +56,11 @@ def test_unwritable_workdir_and_unknown_data_fail_clearly(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a folder")
   with pytest.raises(app.UsageError, match="Pass a writable --workdir"):
-    _common.Study("x", {}, workdir=str(blocker))
+    _store.Study("x", {}, workdir=str(blocker))
   with pytest.raises(app.UsageError, match="Unknown --data='mnist'"):
-    _common.load_data("mnist", None)
+    _store.load_data("mnist", None)
   with pytest.raises(app.UsageError, match="needs --data_path"):
-    _common.load_data("sfew_features", None)
+    _store.load_data("sfew_features", None)
   with pytest.raises(app.UsageError, match="Could not load --data=sfew_features"):
-    _common.load_data("sfew_features", str(tmp_path / "missing.xlsx"))
+    _store.load_data("sfew_features", str(tmp_path / "missing.xlsx"))
   assert not os.path.exists(tmp_path / "x")

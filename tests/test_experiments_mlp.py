@@ -16,7 +16,7 @@ import pytest
 from absl import app
 
 from conftest import all_finite, csv_rows, study_results
-from experiments import _common
+from experiments import _store
 from experiments import _mlp_common as mc
 from experiments import ga_vs_distinctiveness as gvd
 from experiments import progressive_compression as pc
@@ -237,13 +237,13 @@ def test_padded_fitness_matches_unpadded_accuracy():
 
 def test_params_npz_roundtrip_and_keys(tmp_path):
   p = {"params": {"a": {"kernel": np.arange(6.0).reshape(2, 3)}, "b": np.ones(2)}}
-  _common.save_tree(str(tmp_path / "p.npz"), p)
-  q = _common.load_tree(str(tmp_path / "p.npz"))
+  _store.save_tree(str(tmp_path / "p.npz"), p)
+  q = _store.load_tree(str(tmp_path / "p.npz"))
   np.testing.assert_array_equal(q["params"]["a"]["kernel"], p["params"]["a"]["kernel"])
   import jax
-  a = jax.random.key_data(_common.config_key(0, "x", 1))
-  assert np.array_equal(a, jax.random.key_data(_common.config_key(0, "x", 1)))
-  assert not np.array_equal(a, jax.random.key_data(_common.config_key(0, "x", 2)))
+  a = jax.random.key_data(_store.config_key(0, "x", 1))
+  assert np.array_equal(a, jax.random.key_data(_store.config_key(0, "x", 1)))
+  assert not np.array_equal(a, jax.random.key_data(_store.config_key(0, "x", 2)))
 
 
 def test_padded_distinctiveness_equals_per_fold_library_call():

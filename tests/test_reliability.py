@@ -1,8 +1,8 @@
 """Reliability (issue 14): no stale results, no silent nonsense, no tracebacks, nothing left
 half-written.
 
-Library checks run in-process on tiny shapes; the experiment machinery (``experiments/_common``)
-is tested on its own and through short command lines (flags only, no training).
+Library checks run in-process on tiny shapes; the experiment machinery (``experiments/_store``,
+``_flags``) is tested on its own and through short command lines (flags only, no training).
 """
 
 import json
@@ -18,11 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import app
+from absl import flags
 
 import jaxprune
 from jaxprune import ga
 from jaxprune import validate
-from experiments import _common
+from experiments import _flags
+from experiments import _store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
@@ -152,8 +154,8 @@ def test_changed_data_never_reuse_cached_results(tmp_path, monkeypatch):
   work = str(tmp_path / "work")
 
   def study():
-    ds = _common.load_data("sfew_features", "SFEW.csv")
-    return _common.Study("s", settings, work, data=ds)
+    ds = _store.load_data("sfew_features", "SFEW.csv")
+    return _store.Study("s", settings, work, data=ds)
 
   monkeypatch.chdir(a)
   first = study()
@@ -177,9 +179,9 @@ def test_changed_data_never_reuse_cached_results(tmp_path, monkeypatch):
 
 
 def test_study_defaults_to_the_data_loaded_last(tmp_path):
-  ds = _common.load_data("features", None)
-  rec = _common.data_record(ds, "features")
-  s = _common.Study("d", {"seed": 0}, str(tmp_path))
+  ds = _store.load_data("features", None)
+  rec = _store.data_record(ds, "features")
+  s = _store.Study("d", {"seed": 0}, str(tmp_path))
   assert s.data["sha256"] == rec["sha256"]
 
 
@@ -189,12 +191,12 @@ def test_study_defaults_to_the_data_loaded_last(tmp_path):
 def test_seed_outside_range_fails_before_writing(tmp_path):
   for seed in (-1, 2**32):
     with pytest.raises(app.UsageError, match=r"--seed must be an integer in \[0, 2\^32\)"):
-      _common.Study("s", {"seed": seed}, str(tmp_path))
+      _store.Study("s", {"seed": seed}, str(tmp_path))
   assert not os.path.exists(tmp_path / "s")
 
 
 def test_damaged_cache_files_are_named_and_recomputed(tmp_path, capsys):
-  s = _common.Study("c", {"seed": 0}, str(tmp_path))
+  s = _store.Study("c", {"seed": 0}, str(tmp_path))
   s.cached("rec", lambda: {"a": 1})
   s.cached_tree("tree", lambda: {"w": np.arange(3.0)})
   s.cached_with_tree("both", lambda: ({"w": np.ones(2)}, {"b": 2}))
@@ -206,7 +208,7 @@ def test_damaged_cache_files_are_named_and_recomputed(tmp_path, capsys):
       data = fh.read()
     with open(f, "wb") as fh:
       fh.write(data[:len(data) // 2])  # truncated
-  s2 = _common.Study("c", {"seed": 0}, str(tmp_path))
+  s2 = _store.Study("c", {"seed": 0}, str(tmp_path))
   assert s2.cached("rec", lambda: {"a": 10}) == {"a": 10}
   np.testing.assert_array_equal(s2.cached_tree("tree", lambda: {"w": np.arange(4.0)})["w"],
                                 np.arange(4.0))
@@ -224,13 +226,15 @@ def _spawn_binary(module, *args, cwd=ROOT):
 
 
 def test_binaries_give_one_line_errors_not_tracebacks(tmp_path):
-  cases = {
+  cases = {  # one process per binary kind; the flag parsing itself is tested in-process below
       "features_to_cnn": ("kernel_importance", ["--data=features"],
                           "--data=features holds feature vectors"),
-      "seed_negative": ("kernel_importance", ["--quick", "--seed=-1"], "--seed must be"),
       "seed_large": ("lottery_ticket", ["--quick", f"--seed={2**32}"], "--seed must be"),
-      "bad_size": ("kernel_importance", ["--image_size=big"], "not an image size"),
       "mlp_usage": ("similarity_bounds", ["--quick", "--data=sfew_features"], "--data_path"),
+      "pretrained_lenet": ("percentile_vs_distinctiveness",
+                           ["--arch=lenet", "--pretrained=/no/such/file.npz"], "--pretrained"),
+      "bad_layer": ("training_time_distinctiveness", ["--quick", "--layer=conv_0"],
+                    "not a dense unit group"),
   }
   procs = {n: _spawn_binary(m, f"--workdir={tmp_path}", *a) for n, (m, a, _) in cases.items()}
   for name, p in procs.items():
@@ -246,44 +250,66 @@ def test_binaries_give_one_line_errors_not_tracebacks(tmp_path):
 # ----------------------------------------------------------------------------- 7: --quick
 
 
+def _flags_config(module, *argv):
+  """The Config a binary's command line gives (its flags on a fresh FlagValues, no process)."""
+  fv = flags.FlagValues()
+  _flags.define_flags(module.Config, default_data="images", flag_values=fv)
+  fv(["prog", *argv])
+  return _flags.config_from_flags(module.Config, fv)
+
+
 def test_explicit_flags_win_over_quick_defaults():
-  out = _py("""
-      import json
-      from absl import flags
-      from experiments import kernel_importance as ki
-      ki.define_flags()
-      flags.FLAGS(["x", "--quick", "--epochs=5", "--image_size=20x18"])
-      s = ki.settings()
-      flags.FLAGS.unparse_flags()
-      flags.FLAGS(["x", "--quick"])
-      q = ki.settings()
-      print(json.dumps([s["epochs"], s["image_size"], q["epochs"], q["image_size"]]))
-  """)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert json.loads(out.stdout.strip().splitlines()[-1]) == [5, [20, 18], 2, [16, 16]]
-  out = _py("""
-      import json
-      from absl import flags
-      from experiments import lottery_ticket as lt
-      from experiments import _cnn_finetune as ft
-      lt.define_flags()
-      flags.FLAGS(["x", "--quick", "--finetune_epochs=3", "--image_size=20x20"])
-      s = ft.settings()
-      print(json.dumps([s["finetune_epochs"], s["retrain_epochs"], s["image_size"]]))
-  """)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert json.loads(out.stdout.strip().splitlines()[-1]) == [3, 2, [20, 20]]
-  out = _py("""
-      import json
-      from absl import flags
-      from experiments import training_time_distinctiveness as ttd
-      ttd.define_flags()
-      flags.FLAGS(["x", "--quick", "--epochs=6", "--folds=3"])
-      s = ttd.settings()
-      print(json.dumps([s["epochs"], s["folds"]]))
-  """)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert json.loads(out.stdout.strip().splitlines()[-1]) == [6, 3]
+  from experiments import kernel_importance as ki  # pylint: disable=g-import-not-at-top
+  from experiments import lottery_ticket as lt  # pylint: disable=g-import-not-at-top
+  from experiments import training_time_distinctiveness as ttd  # pylint: disable=g-import-not-at-top
+  s = _flags_config(ki, "--quick", "--epochs=5", "--image_size=20x18")
+  q = _flags_config(ki, "--quick")
+  assert (s.epochs, s.image_size, q.epochs, q.image_size) == (5, (20, 18), 2, (16, 16))
+  assert q == ki.Config.quick() and s.max_per_class == q.max_per_class == 8
+  assert _flags_config(ki) == ki.Config()  # no flags: the published study
+  s = _flags_config(lt, "--quick", "--finetune_epochs=3", "--image_size=20x20")
+  assert (s.finetune_epochs, s.retrain_epochs, s.image_size) == (3, 2, (20, 20))
+  s = _flags_config(lt, "--quick", "--arch=cnn4")  # the quick size follows the arch
+  assert s.image_size == (64, 64) and s.resolved().channels == 3
+  s = _flags_config(ttd, "--quick", "--epochs=6", "--folds=3")
+  assert (s.epochs, s.folds, s.check_every) == (6, 3, 2)
+
+
+LIST = "comma separated list of strings"  # absl's name of a DEFINE_list flag's type
+
+
+def test_generated_flags_keep_names_types_and_defaults():
+  """The flags made from each Config field: the documented names, types and defaults."""
+  from experiments import kernel_importance as ki  # pylint: disable=g-import-not-at-top
+  from experiments import percentile_vs_distinctiveness as pvd  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  _flags.define_flags(pvd.Config, default_data="images", flag_values=fv)
+  kinds = {n: (fv[n].flag_type(), fv[n].default) for n in
+           ("arch", "pretrained", "image_size", "channels", "retrain_epochs", "learning_rate",
+            "angles", "groups", "seed", "quick", "data", "workdir")}
+  assert kinds == {
+      "arch": ("string enum", "auto"), "pretrained": ("string", None), "image_size": ("string", None),
+      "channels": ("int", None), "retrain_epochs": ("int", 25), "learning_rate": ("float", 1e-3),
+      "angles": (LIST, ["45.0", "50.0"]), "groups": (LIST, []), "seed": ("int", 0),
+      "quick": ("bool", False), "data": ("string", "images"), "workdir": ("string", "workdir")}
+  assert "closer than this are merged" in fv["angles"].help
+  fv = flags.FlagValues()
+  _flags.define_flags(ki.Config, default_data="images", flag_values=fv)
+  assert fv["image_size"].default == "30x24" and fv["norm"].flag_type() == "string enum"
+  assert fv["relative"].flag_type() == "bool"
+  # Key flags of the module that defined them (a binary's __main__): --help lists them all.
+  key = {f.name for f in fv.get_key_flags_for_module(sys.modules[__name__])}
+  assert {"norm", "image_size", "max_rise", "workdir", "seed", "quick"} <= key
+  with pytest.raises(app.UsageError, match="--angles: values must be <= 180.0"):
+    _flags_config(pvd, "--angles=45,200")
+  with pytest.raises(app.UsageError, match="not an image size"):
+    _flags_config(ki, "--image_size=big")
+  with pytest.raises(flags.IllegalFlagValueError, match="--seed must be an integer"):
+    _flags_config(ki, "--quick", "--seed=-1")
+  from experiments import ga_vs_distinctiveness as gvd  # pylint: disable=g-import-not-at-top
+  with pytest.raises(app.UsageError, match="--lrs: 'x' is not a valid float"):
+    _flags_config(gvd, "--quick", "--lrs=0.1,x")
+  assert _flags_config(gvd, "--quick", "--compare_redundancy_tols=").compare_redundancy_tols == ()
 
 
 # ----------------------------------------------------------------------------- 8: leftovers
@@ -297,7 +323,7 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_results_come_last(tmp_path):
   for f in orphans:
     f.write_text("half")
   (folder / "results.json").write_text("{}")  # killed after results.json, before REPORT.md
-  s = _common.Study("k", {"seed": 0}, str(tmp_path))
+  s = _store.Study("k", {"seed": 0}, str(tmp_path))
   assert not any(f.exists() for f in orphans)
   assert not (folder / "results.json").exists()  # an unfinished run has no results.json
   s.write_results({"v": 1})
@@ -307,11 +333,11 @@ def test_leftovers_of_a_killed_run_are_cleaned_and_results_come_last(tmp_path):
 
 
 def test_resumed_run_reports_the_total_compute_time(tmp_path):
-  s = _common.Study("t", {"seed": 0}, str(tmp_path))
+  s = _store.Study("t", {"seed": 0}, str(tmp_path))
   s.cached("slow", lambda: time.sleep(1.2) or 1)
   s.write_results({})
   s.write_report("T", [])
-  s2 = _common.Study("t", {"seed": 0}, str(tmp_path))
+  s2 = _store.Study("t", {"seed": 0}, str(tmp_path))
   assert s2.cached("slow", None) == 1 and s2.resumed == 1
   assert s2.compute_seconds() - s2.invocation_seconds() >= 1.2  # the first run's time, kept
   s2.write_results({})
@@ -327,7 +353,7 @@ def test_resumed_run_reports_the_total_compute_time(tmp_path):
 def test_write_probe_is_per_process(tmp_path):
   (tmp_path / "p").mkdir()
   (tmp_path / "p" / ".write-test").mkdir()  # another run's probe in the way
-  _common.Study("p", {"seed": 0}, str(tmp_path))
+  _store.Study("p", {"seed": 0}, str(tmp_path))
 
 
 DATA = {"name": "demo", "version": "1", "sha256": "0" * 64}
@@ -340,8 +366,8 @@ def test_concurrent_runs_wait_or_refuse(tmp_path, monkeypatch):
   log = open(tmp_path / "child.log", "w")  # pylint: disable=consider-using-with
   child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
       import os, time
-      from experiments import _common
-      s = _common.Study("c", {{"seed": 0}}, {str(tmp_path)!r}, data={DATA!r})
+      from experiments import _store
+      s = _store.Study("c", {{"seed": 0}}, {str(tmp_path)!r}, data={DATA!r})
       open({str(held)!r}, "w").close()
       t0 = time.time()
       while not os.path.exists({str(release)!r}) and time.time() - t0 < 120:
@@ -356,13 +382,13 @@ def test_concurrent_runs_wait_or_refuse(tmp_path, monkeypatch):
       assert time.time() - t0 < 120
       time.sleep(0.1)
     with pytest.raises(app.UsageError, match="Another run with different settings"):
-      _common.Study("c", {"seed": 1}, str(tmp_path), data=DATA)
-    monkeypatch.setattr(_common, "LOCK_WAIT_S", 1.0)
+      _store.Study("c", {"seed": 1}, str(tmp_path), data=DATA)
+    monkeypatch.setattr(_store, "LOCK_WAIT_S", 1.0)
     with pytest.raises(app.UsageError, match="Another run with the same settings .*still holds"):
-      _common.Study("c", {"seed": 0}, str(tmp_path), data=DATA)
+      _store.Study("c", {"seed": 0}, str(tmp_path), data=DATA)
     release.touch()
-    monkeypatch.setattr(_common, "LOCK_WAIT_S", 120.0)
-    s = _common.Study("c", {"seed": 0}, str(tmp_path), data=DATA)  # waits for the first run to end
+    monkeypatch.setattr(_store, "LOCK_WAIT_S", 120.0)
+    s = _store.Study("c", {"seed": 0}, str(tmp_path), data=DATA)  # waits for the first run to end
     assert child.wait(timeout=120) == 0
     s.write_results({"who": "second"})
     s.write_report("T", [])
@@ -380,8 +406,8 @@ def test_kill_9_leaves_no_stale_lock_and_the_rerun_resumes(tmp_path, monkeypatch
   ready = tmp_path / "ready"
   child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
       import os, time
-      from experiments import _common
-      s = _common.Study("k9", {{"seed": 0}}, {str(tmp_path)!r}, data={DATA!r})
+      from experiments import _store
+      s = _store.Study("k9", {{"seed": 0}}, {str(tmp_path)!r}, data={DATA!r})
       s.cached("done", lambda: {{"v": 1}})
       open(os.path.join(s.dir, ".tmp-%d-xREPORT.md" % os.getpid()), "w").write("half")
       open({str(ready)!r}, "w").close()
@@ -396,7 +422,7 @@ def test_kill_9_leaves_no_stale_lock_and_the_rerun_resumes(tmp_path, monkeypatch
   finally:
     child.kill()  # SIGKILL
     child.wait(timeout=60)
-  monkeypatch.setattr(_common, "LOCK_WAIT_S", 30.0)  # fail, not hang, if a lock outlived the kill
-  s = _common.Study("k9", {"seed": 0}, str(tmp_path), data=DATA)  # no wait: the lock died too
+  monkeypatch.setattr(_store, "LOCK_WAIT_S", 30.0)  # fail, not hang, if a lock outlived the kill
+  s = _store.Study("k9", {"seed": 0}, str(tmp_path), data=DATA)  # no wait: the lock died too
   assert s.cached("done", None) == {"v": 1} and s.resumed == 1
   assert not list((tmp_path / "k9").glob(".tmp-*"))

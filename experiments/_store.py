@@ -1,15 +1,14 @@
-"""What every experiment binary shares: flags, the output folder, resumable atomic results,
-progress with time left, tables, figures and the report.
+"""The result store of the experiment binaries: the output folder, resumable atomic results,
+locks, and a fingerprint of the data each result came from.
 
-A binary stays thin: it defines its flags, validates them with :func:`fail` before any long
-work, and wraps every finished configuration in ``store.cached(key, fn)`` so that a run killed
-at any point and started again with the same flags continues where it stopped.
+A study wraps every finished configuration in ``study.cached(key, fn)`` so that a run killed
+at any point and started again with the same settings continues where it stopped.
 
-Layout of ``--workdir/<study>/``::
+Layout of ``<workdir>/<study>/``::
 
   results.json      every number and the settings used
   REPORT.md         a short report that embeds the tables and figures
-  *.md, *.csv       tables
+  *.md, *.csv       tables (``experiments/_report.py``)
   *.png             figures
   cache/<fingerprint>/<key>.json   one file per finished configuration (resume)
   cache/<fingerprint>/compute_seconds.json, settings.json   run bookkeeping
@@ -26,8 +25,6 @@ message instead of overwriting the first run's files.
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
 import fcntl
 import glob
 import hashlib
@@ -40,172 +37,15 @@ import tempfile
 import time
 import zipfile
 import zlib
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
-from absl import flags
 
-from experiments import _speed
-from jaxprune import train as train_lib
-
-FLAGS = flags.FLAGS
-
-DATA_CHOICES = ("features", "digits_features", "images", "sfew_features", "sfew_images")
-
-
-def define_common_flags(default_data: str) -> None:
-  """Defines --workdir, --data, --data_path, --seed and --quick."""
-  flags.DEFINE_string("workdir", "workdir", "Folder for outputs; results go to WORKDIR/<study>/.")
-  flags.DEFINE_string(
-      "data", default_data,
-      "Dataset: 'features' (bundled diabetes stand-in, 10 features, 7 classes), "
-      "'digits_features' (easy bundled contrast), 'images' (bundled digits images), "
-      "'sfew_features' or 'sfew_images' (your own SFEW copy, with --data_path).")
-  flags.DEFINE_string("data_path", None,
-                      "Path to SFEW.xlsx / SFEW.csv (sfew_features) or the class-folder image "
-                      "tree (sfew_images).")
-  flags.DEFINE_integer("seed", 0, f"Random seed in [0, {SEED_LIMIT}); a run is deterministic "
-                       "for a seed.")
-  flags.register_validator("seed", lambda v: v is not None and 0 <= v < SEED_LIMIT,
-                           message=f"--seed must be an integer in [0, 2^32) = [0, {SEED_LIMIT}).")
-  flags.DEFINE_bool("quick", False, "A reduced run for tests and smoke checks (seconds); flags "
-                    "given explicitly still win over its reduced defaults.")
-  _speed.define_flags()
-
-
-SEED_LIMIT = 2**32
-
-
-def fail(message: str) -> None:
-  """Stops the program with a clear message and a non-zero exit, before any long work."""
-  raise app.UsageError(message)
-
-
-def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
-  """Wraps a binary's ``main`` so that a usage error (:func:`fail`) prints one line and a hint to
-  run ``--help`` (exit status 2) instead of absl's page of flag help before the message."""
-  def wrapped(argv):
-    try:
-      return main(argv)
-    except app.UsageError as e:
-      print(f"Error: {e}\nRun {_program(argv)} --help to see the flags.", file=sys.stderr,
-            flush=True)
-      sys.exit(2)
-  return wrapped
-
-
-def _program(argv: Sequence[str]) -> str:
-  """How the user started this binary: ``python -m experiments.x`` or the script's name."""
-  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-  if spec is not None and spec.name:
-    return f"python -m {spec.name}"
-  return os.path.basename(argv[0]) if argv else "the program"
-
-
-def run_binary(main: Callable[[Sequence[str]], Any]) -> None:
-  """``app.run(main)`` with one-line usage errors (the ``if __name__ == '__main__'`` of every
-  binary)."""
-  app.run(one_line_usage_errors(main))
-
-
-def quick_or_flag(name: str, quick_value: Any) -> Any:
-  """The flag's value, or ``quick_value`` under --quick unless the flag was given explicitly
-  (an explicit flag always wins over --quick's reduced default)."""
-  if FLAGS.quick and not FLAGS[name].present:
-    return quick_value
-  return FLAGS[name].value
-
-
-def check_no_args(argv: Sequence[str]) -> None:
-  """Fails on positional arguments (a binary takes flags only)."""
-  if len(argv) > 1:
-    fail(f"Unexpected arguments: {' '.join(argv[1:])}")
-
-
-def parse_list(name: str, values, kind=float, *, low=None, high=None, low_open=False,
-               nonempty=True, unique=True) -> tuple:
-  """Parses an absl list flag into a tuple of ``kind``; clear errors via :func:`fail`.
-
-  Example:
-    >>> parse_list("angles", ["15", "45"], float, low=0.0, high=90.0)
-    (15.0, 45.0)
-  """
-  out = []
-  for v in values or ():
-    try:
-      x = kind(v)
-    except (TypeError, ValueError):
-      fail(f"--{name}: {v!r} is not a valid {kind.__name__}.")
-    if isinstance(x, float) and not math.isfinite(x):
-      fail(f"--{name}: values must be finite, got {v!r}.")
-    if low is not None and (x <= low if low_open else x < low):
-      fail(f"--{name}: values must be {'>' if low_open else '>='} {low}, got {v!r}.")
-    if high is not None and x > high:
-      fail(f"--{name}: values must be <= {high}, got {v!r}.")
-    out.append(x)
-  if nonempty and not out:
-    fail(f"--{name} needs at least one value.")
-  if unique and len(set(out)) != len(out):
-    fail(f"--{name} lists a value twice: {values}.")
-  return tuple(out)
-
-
-def check_positive(*, minimum: int = 1, **values) -> None:
-  """Fails unless every named flag value is at least ``minimum`` (checked in order).
-
-  Example:
-    >>> check_positive(epochs=3, batch_size=32)
-    >>> check_positive(folds=10, minimum=2)
-  """
-  for name, value in values.items():
-    if value is None or value < minimum:
-      fail(f"--{name} must be at least {minimum}, got {value}.")
-
-
-def config_from_flags(config_cls, names: Sequence[str],
-                      lists: Mapping[str, Callable[[str, Any], Any]] | None = None):
-  """A study's frozen dataclass config from the flags.
-
-  Without --quick every listed flag is read; with --quick the start is ``config_cls.quick()``
-  and only the flags given on the command line replace its values. ``--seed`` is always read.
-
-  Args:
-    config_cls: the dataclass; ``config_cls()`` is the full study, ``config_cls.quick()`` the
-      reduced one.
-    names: flags copied as they are.
-    lists: list flags, each with its parser ``parse(name, values)`` (e.g. a
-      ``functools.partial`` of :func:`parse_list`); read before ``names``.
-  """
-  f = FLAGS
-  base = config_cls.quick() if f.quick else config_cls()
-  kw: dict[str, Any] = {"seed": f.seed}
-  for name, parse in (lists or {}).items():
-    if f[name].present or not f.quick:
-      kw[name] = parse(name, f[name].value)
-  for name in names:
-    if f[name].present or not f.quick:
-      kw[name] = f[name].value
-  return dataclasses.replace(base, **kw)
-
-
-def study_main(config_from_flags: Callable[[], Any], run: Callable[..., Any]):
-  """The ``main(argv)`` of a binary whose study is ``run(config, data=, data_path=, workdir=)``.
-
-  Example:
-    >>> main = study_main(config_from_flags, run)  # then: define_flags(); run_binary(main)
-  """
-  def main(argv):
-    check_no_args(argv)
-    _speed.enable_from_flags()
-    _speed.start()
-    run(config_from_flags(), data=FLAGS.data, data_path=FLAGS.data_path, workdir=FLAGS.workdir)
-    table = _speed.stage_table()
-    if table:
-      print("\nTime per stage (wall clock, compilation included):\n" + table, flush=True)
-  return main
+from experiments._flags import DATA_CHOICES
+from experiments._flags import check_seed
+from experiments._flags import fail
 
 
 def config_key(seed: int, *parts: Any) -> jax.Array:
@@ -317,80 +157,7 @@ class DamagedFile(ValueError):
                      "delete it to have it recomputed.")
 
 
-def save_figure(fig, path: str) -> None:
-  """Saves a matplotlib figure as PNG, atomically, and closes it."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-  plt.close(fig)
-  atomic_write_bytes(path, buf.getvalue())
-
-
-def pyplot():
-  """matplotlib.pyplot with a non-interactive backend (no display needed)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def log_ticks(ax, values=None, axis: str = "x") -> None:
-  """A log axis labelled in plain numbers: at the plotted ``values`` themselves (e.g. the hidden
-  sizes 20, 50, 100), or at 1-2-5 steps when ``values`` is None; no minor labels (matplotlib's
-  default writes overlapping ``2x10^1 3x10^1 ...``)."""
-  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
-  target = ax.xaxis if axis == "x" else ax.yaxis
-  if values is None:
-    target.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-  else:
-    target.set_major_locator(ticker.FixedLocator(sorted({float(v) for v in values})))
-  target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-  target.set_minor_locator(ticker.NullLocator())
-
-
-# ----------------------------------------------------------------------------- tables
-
-
-def _fmt(v: Any) -> str:
-  if isinstance(v, float):
-    return f"{v:.4g}"
-  return str(v)
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-  columns = list(columns or (rows[0].keys() if rows else []))
-  lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-  lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-  return "\n".join(lines) + "\n"
-
-
-def write_table(folder: str, name: str, rows: Sequence[Mapping[str, Any]],
-                columns: Sequence[str] | None = None) -> str:
-  """Writes ``name.md`` and ``name.csv``; returns the Markdown."""
-  columns = list(columns or (rows[0].keys() if rows else []))
-  md = markdown_table(rows, columns)
-  write_text(os.path.join(folder, name + ".md"), md)
-  buf = io.StringIO()
-  w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-  w.writeheader()
-  for r in rows:
-    w.writerow({c: to_jsonable(r.get(c, "")) for c in columns})
-  write_text(os.path.join(folder, name + ".csv"), buf.getvalue())
-  return md
-
-
 # ----------------------------------------------------------------------------- the study
-
-
-class Progress(train_lib.Progress):
-  """Stage / step lines with elapsed time and the time left (``progress.step(what)``)."""
-
-  def __init__(self, total: int, stage: str = ""):
-    super().__init__(total, stage, unit="")
-
-  def step(self, what: str = "", n: int = 1, **metrics) -> None:
-    _speed.record(self.desc, what)   # one row of the binary's closing time table
-    super().step(what, n, **metrics)
 
 
 def _safe(key: str) -> str:
@@ -476,13 +243,6 @@ def data_record(ds, name: str | None = None, path: str | None = None) -> dict[st
           "sha256": h.hexdigest()}
 
 
-def _check_seed(settings: Mapping[str, Any]) -> None:
-  seed = settings.get("seed")
-  if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                           or not 0 <= seed < SEED_LIMIT):
-    fail(f"--seed must be an integer in [0, 2^32) = [0, {SEED_LIMIT}), got {seed!r}.")
-
-
 class Study:
   """One experiment's output folder and its resumable cache.
 
@@ -490,7 +250,7 @@ class Study:
     name: the study's name (the subfolder of --workdir).
     settings: every setting that affects results (flags); results cached under one set of
       settings are never reused under another.
-    workdir: the output root (default ``--workdir``).
+    workdir: the output root (the study writes to ``<workdir>/<name>/``).
     data: the loaded dataset (or its :func:`data_record`); its content hash joins the
       fingerprint, so changed data never reuse old results. Default: the data loaded last
       through :func:`load_data`.
@@ -502,17 +262,17 @@ class Study:
   atomic writes and the previous ``results.json`` (written again, last, when this run ends).
   """
 
-  def __init__(self, name: str, settings: Mapping[str, Any], workdir: str | None = None, *,
+  def __init__(self, name: str, settings: Mapping[str, Any], workdir: str = "workdir", *,
                data: Any = None):
     self.name = name
     self.settings = dict(to_jsonable(settings))
-    _check_seed(self.settings)
+    check_seed(self.settings.get("seed"))
     if data is None:
       data = _LOADED_DATA
     elif not isinstance(data, Mapping):
       data = data_record(data, self.settings.get("data"), self.settings.get("data_path"))
     self.data = None if data is None else dict(data)
-    self.dir = os.path.join(workdir if workdir is not None else FLAGS.workdir, name)
+    self.dir = os.path.join(workdir, name)
     try:
       os.makedirs(self.dir, exist_ok=True)
       fd, probe = tempfile.mkstemp(dir=self.dir, prefix=f".write-test-{os.getpid()}-")

@@ -1,0 +1,303 @@
+"""Command lines of the experiment binaries: flags generated from a study's ``Config``.
+
+Every study is a frozen dataclass ``Config`` (``Config()`` the published study,
+``Config.quick()`` the smoke run) and ``run(config, workdir, *, data=, data_path=)``. Its flags
+are not written by hand: :func:`define_flags` makes one absl flag per ``Config`` field, with the
+field's name, its type (int, float, bool, str, an enum when the field names ``choices``, a
+comma-separated list for tuples), its default and the help text of :func:`field`. The common
+flags (``--workdir``, ``--data``, ``--data_path``, ``--seed``, ``--quick`` and the compilation
+cache's) come with them. :func:`config_from_flags` turns the parsed flags back into a
+``Config``: ``--quick`` starts from ``Config.quick()`` and flags given on the command line win.
+
+Usage errors (:func:`fail`) print one line and a hint to run ``--help`` (exit status 2), never
+a traceback or absl's page of flag help.
+
+A binary's tail::
+
+  def main(argv):
+    _flags.run_main(argv, Config, run)
+
+
+  if __name__ == "__main__":
+    _flags.define_flags(Config, default_data="features")
+    _flags.run_binary(main)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+from absl import app
+from absl import flags
+
+from experiments import _speed
+
+FLAGS = flags.FLAGS
+# The flags this module defines for a study belong to the module that asks for them (the
+# binary's __main__), so that ``--help`` lists them, as when a binary wrote them by hand.
+flags.disclaim_key_flags()
+
+DATA_CHOICES = ("features", "digits_features", "images", "sfew_features", "sfew_images")
+SEED_LIMIT = 2**32
+#: Flags every binary defines itself; a Config field of one of these names (``seed``) is set
+#: from it rather than getting a second flag.
+COMMON = ("workdir", "data", "data_path", "seed", "quick")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def fail(message: str) -> None:
+  """Stops the program with a clear message and a non-zero exit, before any long work."""
+  raise app.UsageError(message)
+
+
+def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
+  """Wraps a binary's ``main`` so that a usage error (:func:`fail`) prints one line and a hint to
+  run ``--help`` (exit status 2) instead of absl's page of flag help before the message."""
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      print(f"Error: {e}\nRun {_program(argv)} --help to see the flags.", file=sys.stderr,
+            flush=True)
+      sys.exit(2)
+  return wrapped
+
+
+def _program(argv: Sequence[str]) -> str:
+  """How the user started this binary: ``python -m experiments.x`` or the script's name."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if spec is not None and spec.name:
+    return f"python -m {spec.name}"
+  return os.path.basename(argv[0]) if argv else "the program"
+
+
+def run_binary(main: Callable[[Sequence[str]], Any]) -> None:
+  """``app.run(main)`` with one-line usage errors (the ``if __name__ == '__main__'`` of every
+  binary)."""
+  app.run(one_line_usage_errors(main))
+
+
+def check_no_args(argv: Sequence[str]) -> None:
+  """Fails on positional arguments (a binary takes flags only)."""
+  if len(argv) > 1:
+    fail(f"Unexpected arguments: {' '.join(argv[1:])}")
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+def parse_list(name: str, values, kind=float, *, low=None, high=None, low_open=False,
+               nonempty=True, unique=True) -> tuple:
+  """Parses a list flag (or checks a tuple setting) into a tuple of ``kind``; clear errors via
+  :func:`fail`.
+
+  Example:
+    >>> parse_list("angles", ["15", "45"], float, low=0.0, high=90.0)
+    (15.0, 45.0)
+  """
+  out = []
+  for v in values or ():
+    try:
+      x = kind(v)
+    except (TypeError, ValueError):
+      fail(f"--{name}: {v!r} is not a valid {kind.__name__}.")
+    if isinstance(x, float) and not math.isfinite(x):
+      fail(f"--{name}: values must be finite, got {v!r}.")
+    if low is not None and (x <= low if low_open else x < low):
+      fail(f"--{name}: values must be {'>' if low_open else '>='} {low}, got {v!r}.")
+    if high is not None and x > high:
+      fail(f"--{name}: values must be <= {high}, got {v!r}.")
+    out.append(x)
+  if nonempty and not out:
+    fail(f"--{name} needs at least one value.")
+  if unique and len(set(out)) != len(out):
+    fail(f"--{name} lists a value twice: {values}.")
+  return tuple(out)
+
+
+def check_positive(*, minimum: int = 1, **values) -> None:
+  """Fails unless every named setting is at least ``minimum`` (checked in order).
+
+  Example:
+    >>> check_positive(epochs=3, batch_size=32)
+    >>> check_positive(folds=10, minimum=2)
+  """
+  for name, value in values.items():
+    if value is None or value < minimum:
+      fail(f"--{name} must be at least {minimum}, got {value}.")
+
+
+def check_fields(config) -> None:
+  """Checks every field of a ``Config`` against what :func:`field` declared: list bounds
+  (:func:`parse_list` with the field's ``list_opts``) and ``choices``; the same one-line
+  messages as the command line's, and ``seed`` in [0, 2^32). A study's ``validate`` calls it
+  first."""
+  for f in dataclasses.fields(config):
+    if f.name == "seed":
+      check_seed(config.seed)
+    meta = f.metadata
+    value = getattr(config, f.name)
+    if "list_opts" in meta:
+      parse_list(f.name, value, **meta["list_opts"])
+    if meta.get("choices") is not None and value not in meta["choices"]:
+      fail(f"--{f.name}={value!r} is not one of {', '.join(map(str, meta['choices']))}.")
+
+
+def check_seed(seed) -> None:
+  """Fails unless ``seed`` is an integer in [0, 2^32)."""
+  if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                           or not 0 <= seed < SEED_LIMIT):
+    fail(f"--seed must be an integer in [0, 2^32) = [0, {SEED_LIMIT}), got {seed!r}.")
+
+
+# ----------------------------------------------------------------------------- Config -> flags
+
+
+def field(default: Any, help: str, *, choices: Sequence[str] | None = None,  # pylint: disable=redefined-builtin
+          kind: type | None = None, parse: Callable[[str, str], Any] | None = None,
+          unparse: Callable[[Any], str] | None = None, **list_opts) -> Any:
+  """A ``Config`` field with the help text of its flag (one source for both).
+
+  Args:
+    default: the published study's value (also the flag's default).
+    help: the flag's help text.
+    choices: for a str field, the allowed values (the flag is an enum).
+    kind: for a tuple field, the element type (default: the type of the default's first
+      element, else float).
+    parse: for a field whose flag is a string in its own syntax (``--image_size=30x24``),
+      ``parse(text, name) -> value``; ``unparse(value) -> text`` gives the flag's default.
+    **list_opts: for a tuple field, bounds passed to :func:`parse_list` (``low``, ``high``,
+      ``low_open``, ``nonempty``, ``unique``).
+  """
+  meta: dict[str, Any] = {"help": help}
+  if choices is not None:
+    meta["choices"] = tuple(choices)
+  if parse is not None:
+    meta["parse"], meta["unparse"] = parse, unparse or str
+  if isinstance(default, tuple) and parse is None:
+    if kind is None:
+      kind = type(default[0]) if default else float
+    meta["list_opts"] = {"kind": kind, **list_opts}
+  return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(f: dataclasses.Field) -> str:
+  """'int', 'float', 'bool', 'str' or 'tuple' from a field's annotation (a string under
+  ``from __future__ import annotations``), ``X | None`` read as X."""
+  t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+  t = t.replace("Optional[", "").replace(" ", "")
+  parts = [p for p in t.split("|") if p != "None"]
+  return parts[0].split("[")[0] if parts else "str"
+
+
+def define_flags(config_cls, *, default_data: str = "features", common: bool = True,
+                 flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines one flag per field of ``config_cls`` (name, type, default and help from the field;
+  see :func:`field`) and, unless ``common`` is False (a tool that is not a study), the common
+  flags of a study (:func:`define_common_flags`)."""
+  if common:
+    define_common_flags(default_data, flag_values)
+  for f in dataclasses.fields(config_cls):
+    if common and f.name in COMMON:
+      continue
+    meta, default, name = f.metadata, f.default, f.name
+    help_text = meta.get("help")
+    if not help_text:
+      raise ValueError(f"{config_cls.__name__}.{name} has no help text; declare it with "
+                       "_flags.field(default, help).")
+    t = _base_type(f)
+    if "parse" in meta:
+      flags.DEFINE_string(name, None if default is None else meta["unparse"](default), help_text,
+                          flag_values=flag_values)
+    elif "list_opts" in meta or t == "tuple":
+      flags.DEFINE_list(name, [str(v) for v in default], help_text, flag_values=flag_values)
+    elif meta.get("choices") is not None:
+      flags.DEFINE_enum(name, default, list(meta["choices"]), help_text, flag_values=flag_values)
+    elif t == "bool":
+      flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
+    elif t == "int":
+      flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+    elif t == "float":
+      flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+    elif t == "str":
+      flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+    else:
+      raise TypeError(f"{config_cls.__name__}.{name}: no flag for a field of type {f.type}.")
+
+
+def define_common_flags(default_data: str, flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines --workdir, --data, --data_path, --seed and --quick (and the compilation cache's)."""
+  fv = flag_values
+  flags.DEFINE_string("workdir", "workdir", "Folder for outputs; results go to WORKDIR/<study>/.",
+                      flag_values=fv)
+  flags.DEFINE_string(
+      "data", default_data,
+      "Dataset: 'features' (bundled diabetes stand-in, 10 features, 7 classes), "
+      "'digits_features' (easy bundled contrast), 'images' (bundled digits images), "
+      "'sfew_features' or 'sfew_images' (your own SFEW copy, with --data_path).", flag_values=fv)
+  flags.DEFINE_string("data_path", None,
+                      "Path to SFEW.xlsx / SFEW.csv (sfew_features) or the class-folder image "
+                      "tree (sfew_images).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, f"Random seed in [0, {SEED_LIMIT}); a run is deterministic "
+                       "for a seed.", flag_values=fv)
+  flags.register_validator("seed", lambda v: v is not None and 0 <= v < SEED_LIMIT,
+                           message=f"--seed must be an integer in [0, 2^32) = [0, {SEED_LIMIT}).",
+                           flag_values=fv)
+  flags.DEFINE_bool("quick", False, "A reduced run for tests and smoke checks (seconds); flags "
+                    "given explicitly still win over its reduced defaults.", flag_values=fv)
+  _speed.define_flags(fv)
+
+
+def config_from_flags(config_cls, flag_values: flags.FlagValues = FLAGS):
+  """The study's ``Config`` from parsed flags: ``config_cls.quick(**given)`` under ``--quick``,
+  else ``config_cls(**given)``, where ``given`` holds the flags given on the command line (an
+  explicit flag always wins over --quick's reduced value). List flags are parsed and
+  range-checked here, with one-line errors.
+
+  Example:
+    >>> from absl import flags
+    >>> from experiments import similarity_bounds as sb
+    >>> fv = flags.FlagValues()
+    >>> define_flags(sb.Config, default_data="features", flag_values=fv)
+    >>> _ = fv(["prog", "--quick", "--epochs=5", "--hidden=4,8"])
+    >>> config_from_flags(sb.Config, fv) == sb.Config.quick(epochs=5, hidden=(4, 8))
+    True
+  """
+  fv = flag_values
+  given: dict[str, Any] = {}
+  for f in dataclasses.fields(config_cls):
+    if f.name not in fv or not fv[f.name].present:
+      continue
+    value, meta = fv[f.name].value, f.metadata
+    if "parse" in meta:
+      value = None if value is None else meta["parse"](value, f.name)
+    elif "list_opts" in meta:
+      value = parse_list(f.name, value, **meta["list_opts"])
+    given[f.name] = value
+  if "quick" in fv and fv["quick"].value:
+    return config_cls.quick(**given)
+  return config_cls(**given)
+
+
+def run_main(argv: Sequence[str], config_cls, run: Callable[..., Any]) -> Any:
+  """The body of a study binary's ``main``: flags -> ``Config`` -> ``run(config, workdir,
+  data=, data_path=)``, with the compilation cache and the closing time-per-stage table.
+
+  Every ``Config`` has the classmethod ``quick(**overrides)`` (the smoke run) and ``run``
+  validates the config first (``config.validate()``), so bad settings stop before any work.
+  """
+  check_no_args(argv)
+  config = config_from_flags(config_cls)
+  _speed.enable_from_flags()
+  _speed.start()
+  out = run(config, FLAGS.workdir, data=FLAGS.data, data_path=FLAGS.data_path)
+  table = _speed.stage_table()
+  if table:
+    print("\nTime per stage (wall clock, compilation included):\n" + table, flush=True)
+  return out
