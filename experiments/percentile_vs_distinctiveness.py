@@ -161,6 +161,11 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
   for angle in angles:
     def distinct(angle=angle):
       params, umasks, wmasks = distinctiveness_prune(model, tuned, groups, angle)
+      if overall_fraction(layer_fractions(model, umasks)) == 0.0:
+        # Nothing merged: the params are the fine-tuned ones and every mask keeps everything, so
+        # retraining would repeat the unpruned run exactly (same key): reuse its curve.
+        return {**unpruned_rec, "layers": layer_fractions(model, umasks),
+                "weights_kept": jaxprune.count_weights(wmasks)}
       _, rec = cc.train(model, params, setup.split, masks=wmasks,
                         key=_store.config_key(c.seed, "retrain"), desc=f"distinct {angle:g}",
                         **retrain)
@@ -173,6 +178,8 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
 
     def magnitude(fmax=fmax):
       params, wmasks = magnitude_masks(model, tuned, groups, fmax)
+      if fmax == 0.0:  # as above: nothing pruned, the unpruned run's curve
+        return {**unpruned_rec, "weights_kept": jaxprune.count_weights(wmasks)}
       _, rec = cc.train(model, params, setup.split, masks=wmasks,
                         key=_store.config_key(c.seed, "retrain"), desc=f"magnitude {fmax:.3f}",
                         **retrain)

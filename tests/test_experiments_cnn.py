@@ -261,3 +261,37 @@ def test_bad_settings_fail_clearly_before_any_work(tmp_path):
     with pytest.raises(app.UsageError, match=msg.replace("(", r"\(").replace(")", r"\)")):
       module.run(config, str(tmp_path), **kw)
   assert not list(tmp_path.rglob("settings.json"))  # nothing written by the failures
+
+
+# ----------------------------------------------------------------------------- ResNet-18 default
+
+
+def test_resnet18_is_the_default_network_with_a_cpu_budget():
+  c = pvd.Config().resolved()
+  assert (c.arch, c.image_size, c.channels) == ("resnet18", (16, 16), 3)
+  assert (c.finetune_epochs, c.retrain_epochs) == (10, 10)          # from scratch, shortened
+  assert lt.Config().resolved().arch == "resnet18"
+  lenet = pvd.Config(arch="lenet").resolved()
+  assert (lenet.image_size, lenet.finetune_epochs, lenet.retrain_epochs) == ((30, 24), 15, 25)
+  given = pvd.Config(retrain_epochs=3).resolved()                    # a given value wins
+  assert (given.finetune_epochs, given.retrain_epochs) == (10, 3)
+  assert pvd.Config.quick().resolved().arch == "lenet"               # the smoke run
+  with pytest.raises(app.UsageError, match="retrain_epochs"):
+    pvd.Config(retrain_epochs=0).validate()
+
+
+def test_filter_merging_on_resnet18_bias_free_blocks():
+  """ResNet's block convs have no bias (batch norm follows): similar-only merging must work."""
+  model = jaxprune.ResNet18(num_classes=7, input_shape=(16, 16, 3))
+  params = model.init(jax.random.key(0))
+  g = "layer4_1"
+  new, umasks, wmasks = pvd.distinctiveness_prune(model, params, [g], 89.0)
+  kept = np.asarray(umasks[g])
+  assert 0 < kept.sum() < model.groups[g].size           # random filters: some closer than 89
+  frac = pvd.layer_fractions(model, umasks)[g]
+  assert frac["kept"] == kept.sum() and frac["units"] == model.groups[g].size
+  conv1 = np.asarray(new["params"][g]["conv1"]["kernel"])
+  conv2 = np.asarray(new["params"][g]["conv2"]["kernel"])
+  assert not conv1[..., ~kept].any() and not conv2[:, :, ~kept, :].any()
+  masked = jaxprune.apply_masks(new, wmasks)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(masked), jax.tree.leaves(new)))
