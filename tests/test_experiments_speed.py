@@ -67,3 +67,19 @@ def test_stage_table_rows_and_total(monkeypatch):
   assert table[-1].split() == ["total", "10.0"]
   _speed.start()
   assert _speed.stage_table() == ""
+
+
+def test_binaries_run_openblas_single_threaded_unless_told_otherwise():
+  # OpenBLAS reads OPENBLAS_NUM_THREADS when it loads: importing the experiments package (first,
+  # as `python -m experiments.<study>` does) must set it before numpy is imported.
+  code = ("import os, sys; import experiments; assert 'numpy' not in sys.modules; "
+          "print(os.environ['OPENBLAS_NUM_THREADS'])")
+  root = os.path.dirname(os.path.dirname(__file__))
+  for preset, want in ((None, "1"), ("2", "2")):
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if preset:
+      env["OPENBLAS_NUM_THREADS"] = preset
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == want
