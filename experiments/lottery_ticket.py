@@ -112,7 +112,8 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
         hline=("unpruned (fine-tuned)", target))
 
   results = {"finetune": tuned_rec, "unpruned_test_accuracy": target,
-             "fractions": per_fraction, "description": setup.description}
+             "fractions": per_fraction, "description": setup.description,
+             "summary": {"lottery": rows}}  # the report's table (for experiments.report_docs)
   study.write_results(results)
   table = _report.write_table(study.dir, "lottery", rows,
                               ["fraction", "method", "acc_rewound", "acc_final", "acc_best",

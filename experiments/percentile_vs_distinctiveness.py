@@ -206,7 +206,11 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
 
   results = {"finetune": tuned_rec, "unpruned": unpruned_rec, "angles": per_angle,
              "groups": groups, "description": setup.description, "min_angles": mins,
-             "angle_search": search}
+             "angle_search": search,
+             # The report's tables, as rows (what `experiments.report_docs` puts in the docs).
+             "summary": {"accuracy": acc_rows, "layer_fractions": frac_rows,
+                         "min_angles": [{"layer": g, "filters": model.groups[g].size,
+                                         "min_angle_deg": v} for g, v in mins.items()]}}
   study.write_results(results)
   t1 = _report.write_table(study.dir, "layer_fractions", frac_rows,
                            ["angle_deg", "layer", "units", "kept", "fraction_pruned"])
