@@ -163,7 +163,7 @@ def main(argv):
     fmax = max(v["fraction_pruned"] for v in drec["layers"].values())
 
     def magnitude(fmax=fmax):
-      params, wmasks = magnitude_masks(model, tuned, groups, fmax)
+      params, wmasks, _ = magnitude_masks(model, tuned, groups, fmax)
       _, rec = cc.train(model, params, setup.split, masks=wmasks,
                         key=_common.config_key(s["seed"], "retrain"), desc=f"magnitude {fmax:.3f}",
                         **retrain)

@@ -14,6 +14,7 @@ from jaxprune.pruners.importance import IterativeReport
 from jaxprune.pruners.importance import importance_prune
 from jaxprune.pruners.importance import importance_scores
 from jaxprune.pruners.importance import iterative_importance
+from jaxprune.pruners.magnitude import MagnitudeReport
 from jaxprune.pruners.magnitude import magnitude_prune
 from jaxprune.pruners.magnitude import random_prune
 from jaxprune.pruners.magnitude import select_leaves
