@@ -612,6 +612,28 @@ def test_progressive_autoencoder():
   assert np.all(np.diff(np.asarray(rep.units_kept)) <= 0)
 
 
+def test_progressive_metrics_equal_separate_runs():
+  model = Autoencoder(in_features=6, hidden=(5,))
+  params = model.init(jax.random.key(4))
+  rng = np.random.default_rng(5)
+  x, x_te = (jnp.asarray(rng.uniform(size=(n, 6)), jnp.float32) for n in (32, 12))
+  mse = lambda data: (lambda p: jnp.mean((model.apply(p, data) - data) ** 2))
+  run = progressive_distinctiveness(model, "hidden_0", mse(x),
+                                    metrics={"test": mse(x_te), "again": mse(x)})
+  p, _, rep = run(params, _ones(model), x)
+  # The same trajectory scored by the test loss as its loss function: the same values.
+  _, _, rep_te = progressive_distinctiveness(model, "hidden_0", mse(x_te))(params, _ones(model), x)
+  np.testing.assert_array_equal(rep.unit_masks, rep_te.unit_masks)
+  np.testing.assert_array_equal(rep.metrics["test"], rep_te.loss)
+  np.testing.assert_array_equal(rep.metrics["again"], rep.loss)
+  assert float(rep.metrics["test"][int(rep.count) - 1]) == pytest.approx(
+      float(mse(x_te)(p)), rel=1e-6)                            # the last row: the final network
+  assert set(progressive_distinctiveness(model, "hidden_0", mse(x))(
+      params, _ones(model), x)[2].metrics) == set()
+  with pytest.raises(TypeError, match="metrics"):
+    progressive_distinctiveness(model, "hidden_0", mse(x), metrics={"bad": 3.0})
+
+
 def test_bias_folds_refused_where_they_cannot_be_exact():
   cnn = jaxprune.CNN4(input_shape=(67, 67, 3), channels=(4, 6, 8, 8), dense=(12, 10, 9))
   with pytest.raises(ValueError, match="'conv_1' cannot fold.*zero-padded.*constants=False"):
