@@ -589,6 +589,88 @@ def test_bad_input(mlp):
   assert bool(rep3.invalid)
 
 
+# ----------------------------------------------------------------------------- sample weights
+
+
+def _weighted_case():
+  """A sigmoid MLP with a duplicate pair (0, 3) and a constant unit (5), 30 real patterns and
+  the same patterns padded with 10 rows of other data."""
+  model = MLP(in_features=5, hidden=(6,), out_features=3, activation="sigmoid")
+  params = model.init(jax.random.key(7))
+  params = _set_unit(params, "hidden_0", 3, _np(params, "hidden_0", "kernel")[:, 0],
+                     _np(params, "hidden_0", "bias")[0])
+  params = _set_unit(params, "hidden_0", 5, np.zeros(5), 0.3)
+  x = _normal(11, (30, 5))
+  xp = jnp.concatenate([x, 5.0 * _normal(12, (10, 5))])
+  w = np.r_[np.ones(30), np.zeros(10)].astype(np.float32)
+  return model, params, x, xp, w
+
+
+def test_sample_weight_zero_rows_give_the_unpadded_sweep():
+  model, params, x, xp, w = _weighted_case()
+  prune = distinctiveness(model, "hidden_0")
+  acts, acts_p = (model.activations(params, d, "hidden_0") for d in (x, xp))
+  p0, m0, r0 = prune(params, _ones(model), acts, 40.0, 140.0)
+  p1, m1, r1 = prune(params, _ones(model), acts_p, 40.0, 140.0, sample_weight=w)
+  assert int(r0.count) >= 2 and 3 in np.asarray(r0.kind)        # a pair and the constant
+  np.testing.assert_array_equal(m0["hidden_0"], m1["hidden_0"])
+  for f in r0._fields:                                             # the same angles, exactly
+    np.testing.assert_array_equal(getattr(r0, f), getattr(r1, f), err_msg=f)
+  for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):      # constant folded: its mean
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # The padding changes the unweighted sweep (it is real data there).
+  _, _, r2 = prune(params, _ones(model), acts_p, 40.0, 140.0)
+  assert not np.array_equal(r2.angle, r0.angle)
+  # vmap over folds of unequal size, padded to one shape: each fold's own sweep.
+  ws = np.stack([w, np.r_[np.ones(20), np.zeros(20)].astype(np.float32)])
+  _, vm, vr = jax.vmap(lambda sw: prune(params, _ones(model), acts_p, 40.0, 140.0,
+                                        sample_weight=sw))(ws)
+  _, m3, r3 = prune(params, _ones(model), acts[:20], 40.0, 140.0)
+  np.testing.assert_array_equal(vm["hidden_0"][1], m3["hidden_0"])
+  np.testing.assert_array_equal(vr.angle[1], r3.angle)
+  np.testing.assert_array_equal(vr.angle[0], r0.angle)
+  # until_stable passes the weights to every sweep.
+  s0 = jaxprune.until_stable(prune, params, _ones(model), acts, 40.0, 140.0)
+  s1 = jaxprune.until_stable(prune, params, _ones(model), acts_p, 40.0, 140.0, sample_weight=w)
+  np.testing.assert_array_equal(s0[1]["hidden_0"], s1[1]["hidden_0"])
+  assert int(s0[2].actions) == int(s1[2].actions)
+
+
+def test_sample_weight_is_the_weighted_cosine():
+  model, params, x, _, _ = _weighted_case()
+  acts = np.asarray(model.activations(params, x, "hidden_0"), np.float64) - 0.5
+  w = np.random.default_rng(3).uniform(0.1, 2.0, size=30)
+  keep = np.array([1, 1, 1, 0, 1, 0], bool)                      # no duplicate, no constant
+  v = acts[:, keep].T * np.sqrt(w)
+  u = v / np.linalg.norm(v, axis=1, keepdims=True)
+  ang = np.degrees(np.arccos(np.clip(u @ u.T, -1, 1)))[np.triu_indices(4, 1)]
+  prune = distinctiveness(model, "hidden_0", constants=False)
+  _, _, rep = prune(params, {"hidden_0": jnp.asarray(keep)}, model.activations(
+      params, x, "hidden_0"), 0.0, 180.0, sample_weight=w)
+  assert int(rep.count) == 0
+  assert float(rep.min_angle) == pytest.approx(ang.min(), abs=1e-3)
+  assert float(rep.max_angle) == pytest.approx(ang.max(), abs=1e-3)
+
+
+def test_sample_weight_errors():
+  model, params, x, _, _ = _weighted_case()
+  acts = model.activations(params, x, "hidden_0")
+  prune = distinctiveness(model, "hidden_0")
+  with pytest.raises(ValueError, match="shape"):
+    prune(params, _ones(model), acts, sample_weight=np.ones(7))
+  with pytest.raises(ValueError, match=">= 0"):
+    prune(params, _ones(model), acts, sample_weight=-np.ones(30))
+  with pytest.raises(ValueError, match="all zero"):
+    prune(params, _ones(model), acts, sample_weight=np.zeros(30))
+  bad = np.asarray(acts).copy()
+  bad[0, 0] = np.nan
+  w = np.ones(30, np.float32)
+  with pytest.raises(ValueError, match="NaN"):
+    prune(params, _ones(model), bad, sample_weight=w)
+  w[0] = 0.0  # NaN in a pattern that does not exist: fine
+  prune(params, _ones(model), bad, sample_weight=w)
+
+
 # ----------------------------------------------------------------------------- progressive
 
 
