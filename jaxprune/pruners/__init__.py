@@ -1,6 +1,7 @@
 """Pruners: jit-compiled transforms ``(params, masks, ...) -> (params, masks, report)``."""
 
 from jaxprune.pruners.angles import pairwise_angles
+from jaxprune.pruners.angles import weight_angles
 from jaxprune.pruners.distinctiveness_pruning import StableReport
 from jaxprune.pruners.distinctiveness_pruning import distinctiveness
 from jaxprune.pruners.distinctiveness_pruning import until_stable

@@ -31,6 +31,25 @@ def pairwise_angles(vectors: jax.Array) -> jax.Array:
   return jnp.where(zero[:, None] | zero[None, :], jnp.nan, ang)
 
 
+def weight_angles(params: PyTree, group, *, source: str = "outgoing") -> jax.Array:
+  """(units, units) angles in degrees between the units' weight vectors (NaN for zero rows).
+
+  The vectors the weight-based pruner (:func:`jaxprune.pruners.weight_distinctiveness`) compares:
+  each unit's outgoing weights (``source='outgoing'``: every consumer slice concatenated) or
+  incoming kernel weights (``'incoming'``: a dense column or a conv filter, biases excluded).
+
+  Args:
+    params: the params.
+    group: a :class:`jaxprune.UnitGroup` (e.g. ``model.groups['dense_2']``).
+    source: ``'outgoing'`` or ``'incoming'``.
+  """
+  if source == "outgoing":
+    return pairwise_angles(_common.outgoing_vectors(params, group))
+  if source == "incoming":
+    return pairwise_angles(_common.incoming_vectors(params, group))
+  raise ValueError(f"source must be 'outgoing' or 'incoming', got {source!r}.")
+
+
 def _angle_matrix(g, d):
   """Symmetric (units, units) angles from the Gram matrix g and its diagonal d: the upper
   triangle mirrored, so (i, j) and (j, i) are the same float32 value."""
