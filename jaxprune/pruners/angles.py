@@ -66,6 +66,32 @@ def _gram(v):
   return g, jnp.diagonal(g)
 
 
+# Patterns per block of the order-fixed Gram matrix (see ``_blocked_gram``).
+GRAM_BLOCK = 256
+
+
+def _blocked_gram(v, block: int = GRAM_BLOCK):
+  """:func:`_gram` with a summation order that does not depend on the number of patterns.
+
+  The pattern axis is cut into blocks of ``block`` (the last one zero-filled); each block's sums
+  (squared norms, then the Gram product of the normalised rows) have one fixed shape, and the
+  blocks are added one after another in a ``lax.scan``. Appending patterns whose entries are 0
+  (padding with sample weight 0) adds only blocks of exact zeros, so the result is bit-for-bit
+  that of the unpadded vectors, whatever XLA's dot product does inside a block.
+  """
+  h, p = v.shape
+  nb = -(-p // block)
+  blocks = jnp.pad(v, ((0, 0), (0, nb * block - p))).reshape(h, nb, block).transpose(1, 0, 2)
+  sq, _ = jax.lax.scan(lambda acc, c: (acc + jnp.sum(c * c, axis=1), None),
+                       jnp.zeros((h,), v.dtype), blocks)
+  n = jnp.sqrt(sq)
+  u = blocks / jnp.where(n > 0, n, 1.0)[None, :, None]
+  g, _ = jax.lax.scan(
+      lambda acc, c: (acc + jnp.matmul(c, c.T, precision=jax.lax.Precision.HIGHEST), None),
+      jnp.zeros((h, h), v.dtype), u)
+  return g, jnp.diagonal(g)
+
+
 def _pair_terms(g, di, dj):
   """|u_i - u_j|^2 and |u_i + u_j|^2 from the Gram entries g and the squared norms di, dj."""
   s = di + dj

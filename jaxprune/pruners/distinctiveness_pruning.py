@@ -141,8 +141,9 @@ def _activation_core(g):
     else:
       vecs, mean, is_const, bad_w = _weighted_vectors(a, weight, acts.shape, shift, tol, mask)
       bad |= bad_w
+    # Blocked Gram sums: padding patterns (weight 0, exact zeros) leave every angle unchanged.
     keep, moves, consts, report = _sweep(vecs, mask, is_const, mean, mean, sim, comp,
-                                         bad, **cfg)
+                                         bad, blocked=True, **cfg)
     return _apply_moves(params, g, keep, moves, consts, folds), keep, report
 
   return _counted_jit(core)
@@ -226,8 +227,9 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     patterns: the angles are those of the weighted inner product, the constant test looks only
     at patterns of weight > 0, and constants fold their weighted mean. A pattern of weight 0
     does not exist, so data padded with zero-weight rows (several folds stacked under ``vmap``)
-    give exactly the angles, masks and report of the unpadded data. None: every pattern counts
-    once. With concrete inputs bad values raise ValueError; under ``jit``/``vmap`` they leave
+    give exactly the angles, masks and report of the unpadded data (bit for bit: the Gram matrix
+    is summed in fixed blocks of patterns, so appended zeros change no rounding). None: every
+    pattern counts once. With concrete inputs bad values raise ValueError; under ``jit``/``vmap`` they leave
     everything unchanged and set ``report.invalid``.
 
   Note:
