@@ -669,6 +669,23 @@ def test_sample_weight_is_the_weighted_cosine():
   assert float(rep.max_angle) == pytest.approx(ang.max(), abs=1e-3)
 
 
+def test_weight_angles_are_the_weight_pruners_vectors():
+  model = LeNet(input_shape=(16, 16, 1))
+  params = model.init(jax.random.key(0))
+  g = model.groups["conv_1"]                                          # read by the output layer
+  out = jaxprune.units.consumer_views(params, g)
+  vec = np.concatenate([np.asarray(v).reshape(g.size, -1) for v in out], axis=1)
+  np.testing.assert_array_equal(jaxprune.pruners.weight_angles(params, g),
+                                pairwise_angles(vec))
+  k = np.asarray(params["params"]["conv_0"]["kernel"])              # (5, 5, in, out)
+  inc = np.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)
+  np.testing.assert_allclose(jaxprune.pruners.weight_angles(params, model.groups["conv_0"],
+                                                            source="incoming"),
+                             pairwise_angles(inc), atol=1e-4)
+  with pytest.raises(ValueError, match="source"):
+    jaxprune.pruners.weight_angles(params, g, source="both")
+
+
 def test_sample_weight_errors():
   model, params, x, _, _ = _weighted_case()
   acts = model.activations(params, x, "hidden_0")

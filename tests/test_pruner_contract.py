@@ -21,6 +21,13 @@ X = jnp.asarray(RNG.normal(size=(30, 4)), jnp.float32)
 ACTS = MODEL.activations(PARAMS, X, "hidden_0")
 _LOSS = lambda p: jnp.mean(MODEL.apply(p, X) ** 2)
 
+_W = jnp.asarray(np.r_[np.ones(22), np.zeros(8)], jnp.float32)
+
+
+def _weighted(prune):
+  return lambda p, m, acts, setting: prune(p, m, acts, setting, sample_weight=_W)
+
+
 # name -> (factory call, data before the traced setting, the traced settings to vmap over)
 PRUNERS = {
     "distinctiveness": (lambda: jaxprune.distinctiveness(MODEL, "hidden_0", constants=False),
@@ -33,6 +40,11 @@ PRUNERS = {
                          jnp.array([1e-3, 0.3, 0.9])),
     "iterative_importance": (lambda: jaxprune.iterative_importance(MODEL, "hidden_0", _LOSS), (),
                              jnp.array([0.0, 0.05, 1.0])),
+    # Sample weights (0 marks padding): the same contract.
+    "distinctiveness_weighted": (lambda: _weighted(jaxprune.distinctiveness(
+        MODEL, "hidden_0", constants=False)), (ACTS,), jnp.array([30.0, 60.0, 89.0])),
+    "group_redundancy_weighted": (lambda: _weighted(jaxprune.group_redundancy(
+        MODEL, "hidden_0")), (ACTS,), jnp.array([1e-3, 0.3, 0.9])),
     "progressive_distinctiveness": (lambda: jaxprune.progressive_distinctiveness(
         MODEL, "hidden_0", lambda p: _LOSS(p)), (X,), jnp.array([1e-6, 1e-3, 1e-1])),
 }
