@@ -240,6 +240,14 @@ def _pruner_program(model):
 
 
 @functools.lru_cache(maxsize=None)
+def _redundancy_program(model):
+  """jit(vmap over folds (group redundancy with sample weights)), built once per model."""
+  prune = jaxprune.group_redundancy(model, GROUP)
+  return jax.jit(jax.vmap(lambda p, m, a, w, tol: prune(p, m, a, tol, sample_weight=w),
+                          in_axes=(0, None, 0, 0, None)))
+
+
+@functools.lru_cache(maxsize=None)
 def _ga_program(config: ga.GAConfig, fitness, h: int):
   """jit(vmap over runs (the whole GA)), built once per GA shape."""
   def one(d, hp, k):
@@ -322,28 +330,25 @@ def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _common.Study
 
 def redundancy_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _common.Study,
                       progress: _common.Progress) -> dict:
-  """Comparison stage, group redundancy: every fold's network at every tolerance.
-
-  Activations come from each fold's real training rows (no padding: padding rows would enter
-  the least-squares fits), so the folds run one after another.
-  """
+  """Comparison stage, group redundancy: every fold's network at every tolerance, the folds
+  in one vmapped call per tolerance (least squares on each fold's training rows: the padding
+  rows have sample weight 0)."""
   model = _model(h)
-  prune = jaxprune.group_redundancy(model, GROUP)
 
   def run():
-    out = []
-    for f in range(folds.count):
-      p = jax.tree.map(lambda a: jnp.asarray(a[f]), params)
-      x_tr, y_tr = folds.train(f)
-      x_te, y_te = folds.test(f)
-      acts = model.activations(p, jnp.asarray(x_tr), GROUP)
-      rows = []
-      for tol in cfg.compare_redundancy_tols:
-        new_p, masks, _ = prune(p, jaxprune.unit_masks_ones(model), acts, tol)
-        rows.append({"tol": tol, "kept": int(np.asarray(masks[GROUP]).sum()),
-                     "test_acc": mc.score(model, new_p, x_te, y_te),
-                     "train_acc": mc.score(model, new_p, x_tr, y_tr)})
-      out.append(rows)
+    nf = folds.count
+    acts = jax.vmap(lambda p, x: model.activations(p, x, GROUP))(params,
+                                                                 jnp.asarray(folds.x_tr))
+    out = [[] for _ in range(nf)]
+    for tol in cfg.compare_redundancy_tols:
+      new_p, masks, _ = _redundancy_program(model)(params, jaxprune.unit_masks_ones(model), acts,
+                                                   jnp.asarray(folds.w_tr), tol)
+      kept = np.asarray(masks[GROUP]).sum(-1)
+      test = mc.score_many(model, new_p, folds.x_te, folds.y_te, folds.w_te)
+      train = mc.score_many(model, new_p, folds.x_tr, folds.y_tr, folds.w_tr)
+      for f in range(nf):
+        out[f].append({"tol": tol, "kept": int(kept[f]), "test_acc": float(test[f]),
+                       "train_acc": float(train[f])})
     return {"folds": out}
 
   out = study.cached(f"redundancy_H{h}", run)
