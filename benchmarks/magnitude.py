@@ -76,7 +76,7 @@ def main():
   repeats = 3 if args.quick else 7
   f = 0.8
   run = lambda: magnitude_prune(params, None, f, scope="global")
-  _, masks = run()  # compile
+  _, masks, _ = run()  # compile
   t_jax = median_time(run, repeats=repeats, min_time=0.0, warmup=False)
   t_np = median_time(lambda: numpy_global(kernels_np, f), repeats=repeats, min_time=0.0,
                      warmup=False)

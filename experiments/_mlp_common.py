@@ -1,7 +1,8 @@
 """Helpers shared by the MLP studies (GA vs distinctiveness, similarity bounds, progressive
-compression): stacked keys, padded cross-validation folds, vmapped evaluation, a GA fitness
-for padded folds, and probability flags (configuration keys, params files and list flags live
-in ``_common``).
+compression, iterative pruning): stacked keys, padded cross-validation folds (sample weight 0 on
+padding rows, which the library's evaluation, pruners and GA fitness take as samples that do not
+exist), scores in the studies' units, and probability flags (configuration keys, params files and
+list flags live in ``_common``).
 
 Everything here is experiment orchestration; the learning and pruning live in ``jaxprune``.
 """
@@ -18,7 +19,6 @@ import numpy as np
 
 import jaxprune
 from jaxprune import data as data_lib
-from jaxprune.ga.fitness import AccuracyFitness
 from experiments import _flags
 from experiments import _store
 
@@ -122,41 +122,34 @@ def check_folds(ds: data_lib.Dataset, n_splits: int) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-@functools.lru_cache(maxsize=None)
-def _eval_fn(model):
-  def one(params, x, y, w):
-    out = model.module.apply(params, x)
-    if model.task == "reconstruction":
-      per = jnp.mean(jnp.square(out - x), axis=-1)
-      return jnp.sum(w * per) / jnp.maximum(jnp.sum(w), 1.0)
-    correct = (jnp.argmax(out, -1) == y).astype(jnp.float32)
-    return 100.0 * jnp.sum(w * correct) / jnp.maximum(jnp.sum(w), 1.0)
-  return jax.jit(one), jax.jit(jax.vmap(one))
+def _percent_or_loss(model, metrics):
+  """Accuracy in percent for classifiers, the mean loss (squared error) for autoencoders."""
+  if model.task == "reconstruction":
+    return metrics["loss"]
+  return 100.0 * np.asarray(metrics["accuracy"], np.float64)
 
 
 def score(model, params, x, y, w=None) -> float:
-  """Accuracy in percent (classifiers) or mean squared error (autoencoders) of one network."""
-  w = np.ones(len(x), np.float32) if w is None else w
-  return float(_eval_fn(model)[0](params, jnp.asarray(x), jnp.asarray(y), jnp.asarray(w)))
+  """Accuracy in percent (classifiers) or mean squared error (autoencoders) of one network;
+  ``w`` are sample weights (0 for padding rows)."""
+  return float(_percent_or_loss(model, jaxprune.evaluate(model, params, x, y, sample_weight=w)))
 
 
 def score_many(model, params, x, y, w) -> np.ndarray:
-  """:func:`score` for stacked runs (leading axis on params and data) as one vmapped call."""
-  return np.asarray(_eval_fn(model)[1](params, jnp.asarray(x), jnp.asarray(y), jnp.asarray(w)))
+  """:func:`score` for stacked runs (leading axis on params and data): one vmapped call."""
+  return np.asarray(_percent_or_loss(model, jaxprune.evaluate_many(model, params, x, y, w)))
 
 
 @functools.lru_cache(maxsize=None)
-def _masked_eval_fn(model, group):
-  def one(params, mask, x, y, w):
-    wm = jaxprune.expand(params, model, {group: mask})
-    return _eval_fn(model)[0](jaxprune.apply_masks(params, wm), x, y, w)
-  return jax.jit(jax.vmap(one))
+def _expand_many(model, group):
+  return jax.jit(jax.vmap(lambda p, m: jaxprune.expand(p, model, {group: m})))
 
 
 def score_masked_many(model, group, params, masks, x, y, w) -> np.ndarray:
   """Accuracy (percent) of stacked networks with their ``group`` unit masks applied."""
-  return np.asarray(_masked_eval_fn(model, group)(params, jnp.asarray(masks), jnp.asarray(x),
-                                                  jnp.asarray(y), jnp.asarray(w)))
+  wm = _expand_many(model, group)(params, jnp.asarray(masks))
+  return np.asarray(_percent_or_loss(model, jaxprune.evaluate_many(model, params, x, y, w,
+                                                                   masks=wm)))
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -167,35 +160,3 @@ def mean_std(values) -> tuple[float, float]:
 def pm(values, digits=2) -> str:
   m, s = mean_std(values)
   return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-# ----------------------------------------------------------------------------- GA on padded folds
-
-
-@dataclasses.dataclass(frozen=True)
-class PaddedFitness:
-  """GA fitness (eq. 5 or eq. 6 per run) on a training fold padded to a common length.
-
-  Uses ``jaxprune.ga``'s one-product fast path for the accuracy; padded rows carry label -1
-  (never correct) and ``data['scale'] = N_padded / N_real`` turns the accuracy over the padded
-  fold into the accuracy over its real rows exactly. ``data['eq6']`` selects eq. 6
-  (``acc - lam * kept``) over eq. 5 (``acc - lam * kept / units``) for this run, so both
-  equations and every lambda run in one vmapped program.
-  """
-
-  base: AccuracyFitness
-
-  def __call__(self, population, data, hyper):
-    acc = self.base.accuracy(population, data) * data["scale"]
-    kept = jnp.sum(population, axis=1).astype(jnp.float32)
-    units = population.shape[1]
-    return acc - jnp.where(data["eq6"], hyper.lam * kept, hyper.lam * kept / units)
-
-
-def padded_fitness_data(model, group, params, x, y, w) -> dict:
-  """The GA's data for one padded training fold (fast path: activations computed once)."""
-  base = AccuracyFitness(model, group, None, True)
-  y = np.where(np.asarray(w) > 0, np.asarray(y), -1).astype(np.int32)
-  d = base.prepare(params, jnp.asarray(x), jnp.asarray(y))
-  d["scale"] = jnp.asarray(len(w) / max(float(np.sum(w)), 1.0), jnp.float32)
-  return d

@@ -49,6 +49,7 @@ from experiments import _mlp_common as mc
 STUDY = "ga_vs_distinctiveness"
 GROUP = "hidden_0"
 FITNESS = ("eq5", "eq6")
+PENALTY = {"eq5": "ratio", "eq6": "count"}  # eq. 5: acc - lam kept / H; eq. 6: acc - lam kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,43 +229,35 @@ def train_hidden(cfg: Config, folds: mc.Folds, h: int, study: _store.Study,
   return {"acc": acc, "params": pruned}
 
 
-CONSTANT_TOL = 1e-6  # the library's default: a unit whose activation range is below is constant
-
-
 def prune_folds(model, params, folds: mc.Folds, sims, comps):
   """Distinctiveness on every fold's network at every threshold pair, one compiled program.
 
-  Activations come from each (padded) training fold; padding rows are set to 0.5, i.e. 0 after
-  the sigmoid shift, so they add nothing to any angle, and the sweep runs without the constant
-  rule (whose range and mean would see the padding). If a fold has a constant unit on its real
-  rows, that fold is redone exactly with the library's per-fold call (constants included).
-  Without constant units both give the same result.
+  Angles come from each fold's training activations; the padding rows of the stacked folds
+  have sample weight 0, so each fold's sweep is exactly that of its own training patterns.
 
   Returns:
     (params, unit masks, report), each with leading axes (folds, thresholds).
   """
   acts = jax.vmap(lambda p, x: model.activations(p, x, GROUP))(params, jnp.asarray(folds.x_tr))
-  real = jnp.asarray(folds.w_tr)[..., None] > 0
-  acts = jnp.where(real, acts, 0.5)
-  big = jnp.where(real, acts, -jnp.inf).max(1) - jnp.where(real, acts, jnp.inf).min(1)
-  has_const = np.asarray(jnp.any(big < CONSTANT_TOL, axis=1))
-  masks = jaxprune.unit_masks_ones(model)
-  out = _pruner_program(model)(params, masks, acts, sims, comps)
-  for f in np.flatnonzero(has_const):  # exact per-fold path with the constant rule
-    exact = jax.vmap(distinctiveness(model, GROUP), in_axes=(None, None, None, 0, 0))
-    p = jax.tree.map(lambda a: a[f], params)
-    x_tr, _ = folds.train(f)
-    res = exact(p, masks, model.activations(p, jnp.asarray(x_tr), GROUP), sims, comps)
-    out = jax.tree.map(lambda a, b: a.at[f].set(b), out, res)
-  return out
+  return _pruner_program(model)(params, jaxprune.unit_masks_ones(model), acts,
+                                jnp.asarray(folds.w_tr), sims, comps)
 
 
 @functools.lru_cache(maxsize=None)
 def _pruner_program(model):
   """jit(vmap over folds (vmap over thresholds (pruner))), built once per model."""
-  per_angle = jax.vmap(distinctiveness(model, GROUP, constants=False),
-                       in_axes=(None, None, None, 0, 0))
-  return jax.jit(jax.vmap(per_angle, in_axes=(0, None, 0, None, None)))
+  prune = distinctiveness(model, GROUP)
+  per_angle = jax.vmap(lambda p, m, a, w, s, c: prune(p, m, a, s, c, sample_weight=w),
+                       in_axes=(None, None, None, None, 0, 0))
+  return jax.jit(jax.vmap(per_angle, in_axes=(0, None, 0, 0, None, None)))
+
+
+@functools.lru_cache(maxsize=None)
+def _redundancy_program(model):
+  """jit(vmap over folds (group redundancy with sample weights)), built once per model."""
+  prune = jaxprune.group_redundancy(model, GROUP)
+  return jax.jit(jax.vmap(lambda p, m, a, w, tol: prune(p, m, a, tol, sample_weight=w),
+                          in_axes=(0, None, 0, 0, None)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -313,17 +306,18 @@ def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _store.Study,
   nf = folds.count
   config = ga.GAConfig(population_size=cfg.ga_population, hof_size=cfg.ga_hof,
                        tournament_size=cfg.ga_tournament, generations=cfg.ga_generations)
-  fitness = mc.PaddedFitness(AccuracyFitness(model, GROUP, None, True))
+  # Training accuracy (weighted: padding rows do not count) minus eq. 5's or eq. 6's penalty,
+  # chosen per run, so every equation, lambda and fold runs in one vmapped GA program.
+  fitness = AccuracyFitness(model, GROUP, "per_run", fast=True, weighted=True)
 
   def run():
-    per_fold = [mc.padded_fitness_data(model, GROUP, jax.tree.map(lambda a: a[f], params),
-                                       folds.x_tr[f], folds.y_tr[f], folds.w_tr[f])
-                for f in range(nf)]
-    fold_data = jax.tree.map(lambda *a: jnp.stack(a), *per_fold)
     runs = [(e, lam, f) for e, lam in plan for f in range(nf)]
     idx = np.asarray([f for _, _, f in runs])
-    data = jax.tree.map(lambda a: a[idx], fold_data)
-    data["eq6"] = jnp.asarray([e == "eq6" for e, _, _ in runs])
+    prepared = {(e, f): fitness.prepare(jax.tree.map(lambda a: a[f], params), folds.x_tr[f],
+                                        folds.y_tr[f], sample_weight=folds.w_tr[f],
+                                        penalty=PENALTY[e])
+                for e in sorted({e for e, _ in plan}) for f in range(nf)}
+    data = jax.tree.map(lambda *a: jnp.stack(a), *[prepared[(e, f)] for e, _, f in runs])
     lam = jnp.asarray([lam for _, lam, _ in runs], jnp.float32)
     keys = mc.stack_keys([_store.config_key(cfg.seed, "ga", h, e, lam_, f) for e, lam_, f in runs])
     hyper = ga.GAHyperparams(crossover_prob=cfg.ga_crossover, mutation_prob=cfg.ga_mutation,
@@ -349,28 +343,25 @@ def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _store.Study,
 
 def redundancy_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _store.Study,
                       progress: _report.Progress) -> dict:
-  """Comparison stage, group redundancy: every fold's network at every tolerance.
-
-  Activations come from each fold's real training rows (no padding: padding rows would enter
-  the least-squares fits), so the folds run one after another.
-  """
+  """Comparison stage, group redundancy: every fold's network at every tolerance, the folds
+  in one vmapped call per tolerance (least squares on each fold's training rows: the padding
+  rows have sample weight 0)."""
   model = _model(h)
-  prune = jaxprune.group_redundancy(model, GROUP)
 
   def run():
-    out = []
-    for f in range(folds.count):
-      p = jax.tree.map(lambda a: jnp.asarray(a[f]), params)
-      x_tr, y_tr = folds.train(f)
-      x_te, y_te = folds.test(f)
-      acts = model.activations(p, jnp.asarray(x_tr), GROUP)
-      rows = []
-      for tol in cfg.compare_redundancy_tols:
-        new_p, masks, _ = prune(p, jaxprune.unit_masks_ones(model), acts, tol)
-        rows.append({"tol": tol, "kept": int(np.asarray(masks[GROUP]).sum()),
-                     "test_acc": mc.score(model, new_p, x_te, y_te),
-                     "train_acc": mc.score(model, new_p, x_tr, y_tr)})
-      out.append(rows)
+    nf = folds.count
+    acts = jax.vmap(lambda p, x: model.activations(p, x, GROUP))(params,
+                                                                 jnp.asarray(folds.x_tr))
+    out = [[] for _ in range(nf)]
+    for tol in cfg.compare_redundancy_tols:
+      new_p, masks, _ = _redundancy_program(model)(params, jaxprune.unit_masks_ones(model), acts,
+                                                   jnp.asarray(folds.w_tr), tol)
+      kept = np.asarray(masks[GROUP]).sum(-1)
+      test = mc.score_many(model, new_p, folds.x_te, folds.y_te, folds.w_te)
+      train = mc.score_many(model, new_p, folds.x_tr, folds.y_tr, folds.w_tr)
+      for f in range(nf):
+        out[f].append({"tol": tol, "kept": int(kept[f]), "test_acc": float(test[f]),
+                       "train_acc": float(train[f])})
     return {"folds": out}
 
   out = study.cached(f"redundancy_H{h}", run)

@@ -136,14 +136,15 @@ def _model(h: int) -> jaxprune.MLP:
 
 @dataclasses.dataclass(frozen=True)
 class TargetFitness:
-  """Eq. 5 (accuracy % - lam kept / H) on a padded fold, over the current network's kept units,
-  minus ``OVER_TARGET_COST`` per unit kept beyond ``data['target']``."""
+  """Eq. 5 (accuracy % - lam kept / H) on a padded fold (sample-weighted accuracy), over the
+  current network's kept units, minus ``OVER_TARGET_COST`` per unit kept beyond
+  ``data['target']``."""
 
   base: AccuracyFitness
 
   def __call__(self, population, data, hyper):
     pop = population & data["mask"][None, :]
-    acc = self.base.accuracy(pop, data) * data["scale"]
+    acc = self.base.accuracy(pop, data)
     kept = jnp.sum(pop, axis=1).astype(jnp.float32)
     over = jnp.maximum(kept - data["target"], 0.0)
     return acc - hyper.lam * kept / population.shape[1] - OVER_TARGET_COST * over
@@ -209,9 +210,9 @@ def prune_runs(cfg: Config, model, pruner: str, params, masks, folds: mc.Folds, 
   if pruner == "ga":
     config = ga.GAConfig(population_size=cfg.ga_population, hof_size=5, tournament_size=3,
                          generations=cfg.ga_generations)
-    fitness = TargetFitness(AccuracyFitness(model, GROUP, None, True))
-    data = [mc.padded_fitness_data(model, GROUP, one(params, r), folds.x_tr[f], folds.y_tr[f],
-                                   folds.w_tr[f]) for r, f in enumerate(run_folds)]
+    fitness = TargetFitness(AccuracyFitness(model, GROUP, None, fast=True, weighted=True))
+    data = [fitness.base.prepare(one(params, r), folds.x_tr[f], folds.y_tr[f],
+                                 sample_weight=folds.w_tr[f]) for r, f in enumerate(run_folds)]
     data = jax.tree.map(lambda *a: jnp.stack(a), *data)
     data["mask"] = jnp.asarray(masks)
     data["target"] = jnp.full((runs,), float(target), jnp.float32)

@@ -56,9 +56,9 @@ def prune_and_rewind(method: str, trained, init_params, fraction, *, key):
     weight and is 0 where it prunes one.
   """
   if method == "magnitude":
-    _, masks = pruners.magnitude_prune(trained, None, fraction, scope="layer")
+    _, masks, _ = pruners.magnitude_prune(trained, None, fraction, scope="layer")
   elif method == "random":
-    _, masks = pruners.random_prune(trained, None, fraction, key=key, scope="layer")
+    _, masks, _ = pruners.random_prune(trained, None, fraction, key=key, scope="layer")
   else:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
   return jaxprune.rewind(trained, init_params, masks), masks

@@ -177,7 +177,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
     fmax = max(v["fraction_pruned"] for v in drec["layers"].values())
 
     def magnitude(fmax=fmax):
-      params, wmasks = magnitude_masks(model, tuned, groups, fmax)
+      params, wmasks, _ = magnitude_masks(model, tuned, groups, fmax)
       if fmax == 0.0:  # as above: nothing pruned, the unpruned run's curve
         return {**unpruned_rec, "weights_kept": jaxprune.count_weights(wmasks)}
       _, rec = cc.train(model, params, setup.split, masks=wmasks,

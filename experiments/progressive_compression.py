@@ -111,18 +111,15 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
     params = jax.tree.map(lambda a: jnp.asarray(a[r]), stacked)
     x_tr, x_te = splits[r]
     masks = jaxprune.unit_masks_ones(model)
-    # The same trajectory twice (it depends on the training activations only), once scoring the
-    # training loss and once the test loss.
-    _, final_m, rep = progressive_distinctiveness(model, GROUP, _mse(model, x_tr))(
-        params, masks, jnp.asarray(x_tr), cfg.constant_tol)
-    _, final_m2, rep_te = progressive_distinctiveness(model, GROUP, _mse(model, x_te))(
-        params, masks, jnp.asarray(x_tr), cfg.constant_tol)
-    assert np.array_equal(np.asarray(rep.unit_masks), np.asarray(rep_te.unit_masks))
+    # One trajectory (angles on the training patterns), scored by the training and test losses.
+    prune = progressive_distinctiveness(model, GROUP, _mse(model, x_tr),
+                                        metrics={"test_loss": _mse(model, x_te)})
+    _, _, rep = prune(params, masks, jnp.asarray(x_tr), cfg.constant_tol)
     n = int(rep.count)
     um = np.asarray(rep.unit_masks)[:n]
     removed = [[]] + [np.flatnonzero(um[s - 1] & ~um[s]).tolist() for s in range(1, n)]
     return {"units_kept": np.asarray(rep.units_kept)[:n], "train_loss": np.asarray(rep.loss)[:n],
-            "test_loss": np.asarray(rep_te.loss)[:n], "min_angle": np.asarray(rep.min_angle)[:n],
+            "test_loss": np.asarray(rep.metrics["test_loss"])[:n], "min_angle": np.asarray(rep.min_angle)[:n],
             "removed": removed}
 
   runs = []

@@ -98,12 +98,6 @@ class Config:
 
 
 @functools.lru_cache(maxsize=None)
-def _chunk_fn(trainer, num_epochs: int):
-  return jax.jit(lambda st, x, y, w, k, val: trainer.epochs(st, None, x, y, w, k, num_epochs,
-                                                             val))
-
-
-@functools.lru_cache(maxsize=None)
 def make_trainer(model, *, prune: bool, steps_between_checks: int, layer: str, angle: float,
                  learning_rate: float, batch_size: int):
   """Adam, wrapped (with pruning) to run distinctiveness every ``steps_between_checks`` steps."""
@@ -119,9 +113,7 @@ def make_trainer(model, *, prune: bool, steps_between_checks: int, layer: str, a
 
 def angle_range(params, group, unit_mask):
   """(min, max) angle in degrees between the outgoing vectors of the kept units."""
-  vecs = jnp.concatenate([v.reshape(v.shape[0], -1)
-                          for v in jaxprune.units.consumer_views(params, group)], axis=1)
-  ang = np.asarray(pruners.pairwise_angles(vecs))
+  ang = np.asarray(pruners.weight_angles(params, group, source="outgoing"))
   keep = np.asarray(unit_mask)
   sel = keep[:, None] & keep[None, :] & ~np.eye(len(keep), dtype=bool) & np.isfinite(ang)
   if not sel.any():
@@ -146,16 +138,12 @@ def train_fold(model, params, train, val, *, key, prune: bool, s: dict):
   layer = s["layer"]
   group = model.groups[layer]
   x, y = jnp.asarray(train[0]), jnp.asarray(train[1])
-  w = jnp.ones((x.shape[0],), jnp.float32)
   steps = math.ceil(x.shape[0] / s["batch_size"]) * s["check_every"]
   trainer = make_trainer(model, prune=prune, steps_between_checks=steps, layer=layer,
                          angle=float(s["angle"]), learning_rate=float(s["learning_rate"]),
                          batch_size=s["batch_size"])
-  state = trainer.init(params)
-  vx, vy = jnp.asarray(val[0]), jnp.asarray(val[1])
-  vdata = (vx, vy, jnp.ones((vx.shape[0],), jnp.float32))
-  rec = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": [],
-         "checks": []}
+  rec = {"checks": []}
+  pending, last = [], {}
 
   def masks_now(st):
     if not prune:
@@ -163,33 +151,34 @@ def train_fold(model, params, train, val, *, key, prune: bool, s: dict):
     return (jaxprune.masks_of(st.opt_state),
             jaxprune.unit_masks_of(st.opt_state)[layer])
 
-  done, e, pending = 0, s["epochs"], None
-  keys = jax.random.split(key, -(-e // s["check_every"]))
-  for k in keys:
-    n = min(s["check_every"], e - done)
-    state, m = _chunk_fn(trainer, n)(state, x, y, w, k, vdata)
-    done += n
-    for name, src in (("train_loss", "loss"), ("train_accuracy", "accuracy"),
-                      ("val_loss", "val_loss"), ("val_accuracy", "val_accuracy")):
-      rec[name] += [float(v) for v in np.asarray(m[src])]
-    if not np.isfinite(rec["train_loss"][-1]):
-      raise FloatingPointError(f"Training diverged by epoch {done}; lower --learning_rate.")
+  def check(done, state):
+    """Between chunks of ``check_every`` epochs: the last check's pruning ran in the first
+    update of this chunk (record what it removed); before the last epoch, measure the next."""
     wmasks, umask = masks_now(state)
-    if pending is not None:  # the check's pruning ran in the first update of this chunk
+    if pending:
+      c = pending.pop()
       kept = int(np.sum(np.asarray(umask)))
-      pending.update(kept_after=kept, pruned_now=pending["kept_before"] - kept,
-                     pruned_units=np.flatnonzero(~np.asarray(umask)).tolist())
-      rec["checks"].append(pending)
-      _report.Progress(1, f"fold check, epoch {pending['epoch']}").step(
-          f"min angle {pending['min_angle']}, max angle {pending['max_angle']}, "
+      c.update(kept_after=kept, pruned_now=c["kept_before"] - kept,
+               pruned_units=np.flatnonzero(~np.asarray(umask)).tolist())
+      rec["checks"].append(c)
+      _report.Progress(1, f"fold check, epoch {c['epoch']}").step(
+          f"min angle {c['min_angle']}, max angle {c['max_angle']}, "
           f"kept {kept}/{group.size}")
-      pending = None
-    if done >= e:
-      break
-    lo, hi = angle_range(state.params, group, umask)
-    pending = {"epoch": done, "min_angle": lo, "max_angle": hi,
-               "kept_before": int(np.sum(np.asarray(umask))),
-               "max_abs_masked_before": max_abs_masked(state.params["params"], wmasks)}
+    if done < s["epochs"]:
+      lo, hi = angle_range(state.params, group, umask)
+      pending.append({"epoch": done, "min_angle": lo, "max_angle": hi,
+                      "kept_before": int(np.sum(np.asarray(umask))),
+                      "max_abs_masked_before": max_abs_masked(state.params["params"], wmasks)})
+    last["state"] = state
+
+  _, hist = jaxprune.fit(model, params, x, y, key=key, epochs=s["epochs"],
+                         learning_rate=float(s["learning_rate"]), validation=val,
+                         log_every=s["check_every"], progress=False, trainer=trainer,
+                         callback=check)
+  for name, src in (("train_loss", "loss"), ("train_accuracy", "accuracy"),
+                    ("val_loss", "val_loss"), ("val_accuracy", "val_accuracy")):
+    rec[name] = [float(v) for v in np.asarray(hist[src])]
+  state = last["state"]
   wmasks, umask = masks_now(state)
   rec["final_max_abs_masked"] = max_abs_masked(state.params["params"], wmasks)
   rec["final_unit_mask"] = np.asarray(umask).tolist()

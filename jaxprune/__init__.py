@@ -77,6 +77,7 @@ __version__ = "0.1.0"
 from jaxprune.train import Trainer
 from jaxprune.train import accuracy
 from jaxprune.train import evaluate
+from jaxprune.train import evaluate_many
 from jaxprune.train import fit
 from jaxprune.train import fit_many
 from jaxprune.train import make_trainer

@@ -7,7 +7,7 @@ Example:
   >>> import tempfile, os, jax, jaxprune
   >>> model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
   >>> params = model.init(jax.random.key(0))
-  >>> params, masks = jaxprune.magnitude_prune(params, None, 0.5)
+  >>> params, masks, _ = jaxprune.magnitude_prune(params, None, 0.5)
   >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt')
   >>> jaxprune.save_checkpoint(path, params, masks)
   >>> params2, masks2 = jaxprune.load_checkpoint(path, params)

@@ -242,7 +242,8 @@ class Trainer:
       return (acc[0] + jnp.sum(wb * self.loss(out, yb)), acc[1] + jnp.sum(wb * _correct(out, yb))), None
 
     (ls, cs), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (xs, ys, ws))
-    count = jnp.maximum(jnp.sum(w), 1.0)
+    total = jnp.sum(w)  # a weighted mean; no sample at all (sum 0) gives 0, not NaN
+    count = jnp.where(total > 0, total, 1.0)
     return {"loss": ls / count, "accuracy": cs / count}
 
   def epochs(self, state, masks, x, y, w, key, num_epochs: int, val=None):
@@ -311,7 +312,20 @@ def _compiled_eval(trainer: Trainer, batch_size: int):
   return jax.jit(lambda p, x, y: trainer.evaluate(p, x, y, batch_size=batch_size))
 
 
-def _run(trainer, state, masks, x, y, w, key, epochs, val, log_every, progress, desc, many):
+@functools.lru_cache(maxsize=256)
+def _compiled_eval_weighted(trainer: Trainer, batch_size: int, many: bool):
+  """Weighted evaluation, optionally vmapped over stacked (params, masks, x, y, w)."""
+
+  def one(params, masks, x, y, w):
+    if masks is not None:
+      params = masks_lib.apply_masks(params, masks)
+    return trainer.evaluate(params, x, y, w, batch_size=batch_size)
+
+  return jax.jit(jax.vmap(one) if many else one)
+
+
+def _run(trainer, state, masks, x, y, w, key, epochs, val, log_every, progress, desc, many,
+         callback=None):
   chunks = []
   done = 0
   bar = Progress(epochs, desc, progress)
@@ -331,6 +345,8 @@ def _run(trainer, state, masks, x, y, w, key, epochs, val, log_every, progress, 
           "learning rate, check the inputs for extreme values, or standardise them.")
     chunks.append(m)
     bar.update(done, **last)
+    if callback is not None:
+      callback(done, state)
   history = {k: np.concatenate([np.asarray(c[k]) for c in chunks], axis=-1) for k in chunks[0]}
   return state, history
 
@@ -339,7 +355,8 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
         batch_size: int = 32, learning_rate: float = 1e-3, masks: PyTree | None = None,
         optimizer: optax.GradientTransformation | None = None, loss: Callable | None = None,
         validation: tuple | None = None, log_every: int = 10, progress: bool = True,
-        trainer: Trainer | None = None, desc: str = "train") -> tuple[PyTree, dict]:
+        trainer: Trainer | None = None, desc: str = "train",
+        callback: Callable[[int, TrainState], None] | None = None) -> tuple[PyTree, dict]:
   """Trains ``params`` with minibatch optax updates; masked weights stay exactly zero.
 
   Args:
@@ -358,6 +375,12 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     log_every: epochs per compiled chunk and per progress line.
     progress: print progress lines.
     trainer: a prebuilt :class:`Trainer` (reuses its compiled programs across calls).
+    callback: optional hook ``callback(epoch, state) -> None`` run on the host between compiled
+      chunks: after epochs ``log_every``, ``2 * log_every``, ... and after the last epoch
+      (``epochs``, also when it is not a multiple of ``log_every``), with ``epoch`` the number
+      of epochs done and ``state`` the :class:`TrainState` (params and optimizer state, e.g.
+      masks that a pruning optimizer keeps) at that point. It cannot change training; without
+      it each chunk is the same compiled program as always.
 
   Returns:
     ``(params, history)``; history maps ``loss``, ``accuracy`` (and ``val_loss``,
@@ -380,14 +403,16 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
            jnp.ones((np.shape(validation[0])[0],), jnp.float32))
   state = init_state(trainer, params, learning_rate)
   state, history = _run(trainer, state, masks, x, y, w, key, epochs, val,
-                        max(1, log_every), progress, desc, many=False)
+                        max(1, log_every), progress, desc, many=False, callback=callback)
   return state.params, history
 
 
 def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: int,
              batch_size: int = 32, learning_rate: float = 1e-3, masks: PyTree | None = None,
              validation: tuple | None = None, log_every: int = 10, progress: bool = True,
-             trainer: Trainer | None = None, desc: str = "train") -> tuple[PyTree, dict]:
+             trainer: Trainer | None = None, desc: str = "train",
+             callback: Callable[[int, TrainState], None] | None = None
+             ) -> tuple[PyTree, dict]:
   """Trains a stack of independent runs (e.g. CV folds) as one ``vmap``\\ ped program.
 
   Every argument that varies per run has a leading axis R: ``params`` (stacked), ``x`` (R, N,
@@ -396,6 +421,8 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   ``learning_rate`` (scalar or (R,)) and ``validation`` = (x_val, y_val, w_val) each with
   axis R.
   Each run's result equals :func:`fit` on its unpadded data with the same key.
+  ``callback(epoch, state)`` is called as in :func:`fit`, with the stacked :class:`TrainState`
+  (a leading run axis on every leaf).
 
   Returns:
     ``(params, history)`` with a leading run axis on every leaf and history array.
@@ -430,15 +457,21 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   state = jax.vmap(lambda p, l: init_state(trainer, p, l))(params, lr)
   val = None if validation is None else tuple(jnp.asarray(a) for a in validation)
   state, history = _run(trainer, state, masks, x, y, w, key, epochs, val, max(1, log_every),
-                        progress, desc, many=True)
+                        progress, desc, many=True, callback=callback)
   return state.params, history
 
 
 def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
-             loss: Callable | None = None, batch_size: int = 1024) -> dict[str, float]:
+             loss: Callable | None = None, batch_size: int = 1024,
+             sample_weight=None) -> dict[str, float]:
   """Mean loss and accuracy (a fraction; 0 for reconstruction tasks) of a (masked) network.
 
   ``model`` is a built-in model, a traced target or an apply function ``fn(params, x)``.
+
+  ``sample_weight`` (N,) makes both weighted means, ``sum(w * v) / sum(w)``: a sample with
+  weight 0 does not exist (padding), 0/1 weights act as a sample mask, and padded data with
+  zero weights give the metrics of the unpadded data (up to float summation order). None: every
+  sample counts once (the unweighted program, unchanged).
 
   A user-supplied ``loss`` should be one function object reused across calls: each new function
   compiles a new program.
@@ -448,8 +481,65 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
   if masks is not None:
     params = masks_lib.apply_masks(params, masks)  # checks the masks against the params
   trainer = make_trainer(model, loss=loss)
-  m = _compiled_eval(trainer, batch_size)(params, jnp.asarray(x), jnp.asarray(y))
+  if sample_weight is None:
+    m = _compiled_eval(trainer, batch_size)(params, jnp.asarray(x), jnp.asarray(y))
+  else:
+    w = validate.check_sample_weight(sample_weight, np.shape(x)[0])
+    m = _compiled_eval_weighted(trainer, batch_size, False)(params, None, jnp.asarray(x),
+                                                            jnp.asarray(y), w)
   return {k: float(v) for k, v in m.items()}
+
+
+def evaluate_many(model: Model, params: PyTree, x, y, sample_weight=None, *,
+                  masks: PyTree | None = None, loss: Callable | None = None,
+                  batch_size: int = 1024) -> dict[str, np.ndarray]:
+  """:func:`evaluate` of a stack of R networks, each on its own data, as one vmapped program.
+
+  The counterpart of :func:`fit_many`: every argument that varies per run has a leading axis R:
+  ``params`` (stacked), ``x`` (R, N, ...), ``y`` (R, N, ...), ``sample_weight`` (R, N) with 0
+  for padding rows (None: all ones), ``masks`` (stacked weight masks, or None). Runs of unequal
+  size are padded to N with weight 0; each run's result equals :func:`evaluate` on its unpadded
+  data (up to float summation order).
+
+  Returns:
+    ``{'loss': (R,), 'accuracy': (R,)}`` NumPy arrays (accuracy a fraction; 0 for
+    reconstruction tasks).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxprune
+    >>> model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+    >>> params = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 2))
+    >>> x = jax.random.normal(jax.random.key(1), (2, 10, 4)); y = jnp.zeros((2, 10), int)
+    >>> jaxprune.evaluate_many(model, params, x, y)['accuracy'].shape
+    (2,)
+  """
+  model = as_model(model, loss)
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  if x.ndim < 2:
+    raise ValueError(f"evaluate_many takes x with a leading run axis, (R, N, ...); got "
+                     f"{x.shape}.")
+  runs, n = x.shape[:2]
+  w = (jnp.ones((runs, n), jnp.float32) if sample_weight is None
+       else jnp.asarray(sample_weight, jnp.float32))
+  if y.shape[:2] != (runs, n) or w.shape != (runs, n):
+    raise ValueError(f"evaluate_many needs y and sample_weight shaped (R, N) = ({runs}, {n}) "
+                     f"like x's leading axes; got y {y.shape} and sample_weight {w.shape}.")
+  lead = {jnp.shape(l)[0] if jnp.ndim(l) else None for l in jax.tree.leaves(params)}
+  if lead != {runs}:
+    raise ValueError(f"evaluate_many needs params stacked with a leading run axis of {runs} "
+                     f"(e.g. jax.vmap(model.init)(keys)); got leading sizes "
+                     f"{sorted(map(str, lead))}.")
+  model.check_input(x[0])
+  validate.check_data(x, y, sample_weight=w, name="x", runs=True)
+  for r in range(runs):
+    validate.check_sample_weight(w[r], n, f"sample_weight of run {r}")
+  _check_targets(model, jax.tree.map(lambda l: l[0], params), x[0], y[w > 0], "y")
+  if masks is not None:
+    masks_lib.check_weight_masks(jax.tree.map(lambda l: l[0], params),
+                                 jax.tree.map(lambda l: l[0], masks))
+  trainer = make_trainer(model, loss=loss)
+  m = _compiled_eval_weighted(trainer, batch_size, True)(params, masks, x, y, w)
+  return {k: np.asarray(v) for k, v in m.items()}
 
 
 def accuracy(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None) -> float:

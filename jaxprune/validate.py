@@ -27,7 +27,7 @@ import numpy as np
 PyTree = Any
 
 __all__ = ["check_data", "check_finite", "check_labels", "check_not_empty", "check_params",
-           "is_concrete"]
+           "check_sample_weight", "is_concrete"]
 
 
 def is_concrete(*xs) -> bool:
@@ -70,6 +70,28 @@ def check_not_empty(name: str, x, sample_weight=None) -> None:
     if w.size == 0 or not bool(xp.any(w != 0)):
       raise ValueError(f"{name} is empty: every sample weight is zero, so there is no real "
                        "sample to learn from or score; give at least one sample weight > 0.")
+
+
+def check_sample_weight(sample_weight, n: int, name: str = "sample_weight"):
+  """Checks per-sample weights for ``n`` samples; returns them as a float32 array.
+
+  Sample weights give each sample's share of a weighted mean: weight 0 means the sample does not
+  exist (padding), 0/1 weights act as a sample mask. They must be a vector of ``n`` finite values
+  >= 0 with a positive sum (concrete values are checked; traced ones are taken as they are).
+  """
+  w = jnp.asarray(sample_weight, jnp.float32)
+  if w.shape != (n,):
+    raise ValueError(f"{name} must have shape ({n},), one weight per sample, got shape "
+                     f"{tuple(w.shape)}.")
+  if is_concrete(sample_weight):
+    v = np.asarray(sample_weight, np.float64)
+    if not np.all(np.isfinite(v)) or np.any(v < 0):
+      raise ValueError(f"{name} must be finite and >= 0 (0 marks a sample that does not exist, "
+                       "e.g. padding), got negative, NaN or infinite values.")
+    if not np.any(v > 0):
+      raise ValueError(f"{name} is all zero: no sample is left to compute anything from; give "
+                       "at least one sample a weight > 0.")
+  return w
 
 
 def check_labels(name: str, y, num_classes: int | None = None, sample_weight=None) -> None:

@@ -8,7 +8,6 @@ import pytest
 import jaxprune
 from jaxprune.models.mlp import MLP, Autoencoder
 from jaxprune.models.cnn import LeNet
-import importlib
 from jaxprune.pruners import distinctiveness_pruning as dist_lib
 from jaxprune.pruners import selection as selection_lib
 from jaxprune.pruners import (distinctiveness, pairwise_angles, progressive_distinctiveness,
@@ -589,6 +588,122 @@ def test_bad_input(mlp):
   assert bool(rep3.invalid)
 
 
+# ----------------------------------------------------------------------------- sample weights
+
+
+def _weighted_case():
+  """A sigmoid MLP with a duplicate pair (0, 3) and a constant unit (5), 30 real patterns and
+  the same patterns padded with 10 rows of other data."""
+  model = MLP(in_features=5, hidden=(6,), out_features=3, activation="sigmoid")
+  params = model.init(jax.random.key(7))
+  params = _set_unit(params, "hidden_0", 3, _np(params, "hidden_0", "kernel")[:, 0],
+                     _np(params, "hidden_0", "bias")[0])
+  params = _set_unit(params, "hidden_0", 5, np.zeros(5), 0.3)
+  x = _normal(11, (30, 5))
+  xp = jnp.concatenate([x, 5.0 * _normal(12, (10, 5))])
+  w = np.r_[np.ones(30), np.zeros(10)].astype(np.float32)
+  return model, params, x, xp, w
+
+
+def test_sample_weight_zero_rows_give_the_unpadded_sweep():
+  model, params, x, xp, w = _weighted_case()
+  prune = distinctiveness(model, "hidden_0")
+  acts, acts_p = (model.activations(params, d, "hidden_0") for d in (x, xp))
+  p0, m0, r0 = prune(params, _ones(model), acts, 40.0, 140.0)
+  p1, m1, r1 = prune(params, _ones(model), acts_p, 40.0, 140.0, sample_weight=w)
+  assert int(r0.count) >= 2 and 3 in np.asarray(r0.kind)        # a pair and the constant
+  np.testing.assert_array_equal(m0["hidden_0"], m1["hidden_0"])
+  for f in r0._fields:                                             # the same angles, exactly
+    np.testing.assert_array_equal(getattr(r0, f), getattr(r1, f), err_msg=f)
+  for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):      # constant folded: its mean
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # The padding changes the unweighted sweep (it is real data there).
+  _, _, r2 = prune(params, _ones(model), acts_p, 40.0, 140.0)
+  assert not np.array_equal(r2.angle, r0.angle)
+  # vmap over folds of unequal size, padded to one shape: each fold's own sweep.
+  ws = np.stack([w, np.r_[np.ones(20), np.zeros(20)].astype(np.float32)])
+  _, vm, vr = jax.vmap(lambda sw: prune(params, _ones(model), acts_p, 40.0, 140.0,
+                                        sample_weight=sw))(ws)
+  _, m3, r3 = prune(params, _ones(model), acts[:20], 40.0, 140.0)
+  np.testing.assert_array_equal(vm["hidden_0"][1], m3["hidden_0"])
+  np.testing.assert_array_equal(vm["hidden_0"][0], m0["hidden_0"])
+  # (A batched product may round differently from an unbatched one: close, not identical.)
+  np.testing.assert_allclose(vr.angle[1], r3.angle, rtol=1e-5)
+  np.testing.assert_allclose(vr.angle[0], r0.angle, rtol=1e-5)
+  # until_stable passes the weights to every sweep.
+  s0 = jaxprune.until_stable(prune, params, _ones(model), acts, 40.0, 140.0)
+  s1 = jaxprune.until_stable(prune, params, _ones(model), acts_p, 40.0, 140.0, sample_weight=w)
+  np.testing.assert_array_equal(s0[1]["hidden_0"], s1[1]["hidden_0"])
+  assert int(s0[2].actions) == int(s1[2].actions)
+
+
+def test_zero_patterns_leave_the_gram_matrix_bit_for_bit():
+  # The plain product's summation order depends on the length; the blocked one's does not.
+  from jaxprune.pruners.angles import _blocked_gram
+  rng = np.random.default_rng(0)
+  gram = jax.jit(_blocked_gram)
+  for h, p, extra in [(7, 30, 10), (13, 250, 300), (5, 513, 1)]:
+    v = jnp.asarray(rng.normal(size=(h, p)), jnp.float32)
+    g0, d0 = gram(v)
+    g1, d1 = gram(jnp.concatenate([v, jnp.zeros((h, extra), jnp.float32)], 1))
+    np.testing.assert_array_equal(g0, g1)
+    np.testing.assert_array_equal(d0, d1)
+    u = np.asarray(v, np.float64) / np.linalg.norm(np.asarray(v, np.float64), axis=1)[:, None]
+    np.testing.assert_allclose(g0, u @ u.T, atol=1e-5)
+
+
+def test_sample_weight_is_the_weighted_cosine():
+  model, params, x, _, _ = _weighted_case()
+  acts = np.asarray(model.activations(params, x, "hidden_0"), np.float64) - 0.5
+  w = np.random.default_rng(3).uniform(0.1, 2.0, size=30)
+  keep = np.array([1, 1, 1, 0, 1, 0], bool)                      # no duplicate, no constant
+  v = acts[:, keep].T * np.sqrt(w)
+  u = v / np.linalg.norm(v, axis=1, keepdims=True)
+  ang = np.degrees(np.arccos(np.clip(u @ u.T, -1, 1)))[np.triu_indices(4, 1)]
+  prune = distinctiveness(model, "hidden_0", constants=False)
+  _, _, rep = prune(params, {"hidden_0": jnp.asarray(keep)}, model.activations(
+      params, x, "hidden_0"), 0.0, 180.0, sample_weight=w)
+  assert int(rep.count) == 0
+  assert float(rep.min_angle) == pytest.approx(ang.min(), abs=1e-3)
+  assert float(rep.max_angle) == pytest.approx(ang.max(), abs=1e-3)
+
+
+def test_weight_angles_are_the_weight_pruners_vectors():
+  model = LeNet(input_shape=(16, 16, 1))
+  params = model.init(jax.random.key(0))
+  g = model.groups["conv_1"]                                          # read by the output layer
+  out = jaxprune.units.consumer_views(params, g)
+  vec = np.concatenate([np.asarray(v).reshape(g.size, -1) for v in out], axis=1)
+  np.testing.assert_array_equal(jaxprune.pruners.weight_angles(params, g),
+                                pairwise_angles(vec))
+  k = np.asarray(params["params"]["conv_0"]["kernel"])              # (5, 5, in, out)
+  inc = np.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)
+  np.testing.assert_allclose(jaxprune.pruners.weight_angles(params, model.groups["conv_0"],
+                                                            source="incoming"),
+                             pairwise_angles(inc), atol=1e-4)
+  with pytest.raises(ValueError, match="source"):
+    jaxprune.pruners.weight_angles(params, g, source="both")
+
+
+def test_sample_weight_errors():
+  model, params, x, _, _ = _weighted_case()
+  acts = model.activations(params, x, "hidden_0")
+  prune = distinctiveness(model, "hidden_0")
+  with pytest.raises(ValueError, match="shape"):
+    prune(params, _ones(model), acts, sample_weight=np.ones(7))
+  with pytest.raises(ValueError, match=">= 0"):
+    prune(params, _ones(model), acts, sample_weight=-np.ones(30))
+  with pytest.raises(ValueError, match="all zero"):
+    prune(params, _ones(model), acts, sample_weight=np.zeros(30))
+  bad = np.asarray(acts).copy()
+  bad[0, 0] = np.nan
+  w = np.ones(30, np.float32)
+  with pytest.raises(ValueError, match="NaN"):
+    prune(params, _ones(model), bad, sample_weight=w)
+  w[0] = 0.0  # NaN in a pattern that does not exist: fine
+  prune(params, _ones(model), bad, sample_weight=w)
+
+
 # ----------------------------------------------------------------------------- progressive
 
 
@@ -610,6 +725,28 @@ def test_progressive_autoencoder():
   assert np.isnan(rep.min_angle[4])
   assert int(np.sum(m["hidden_0"])) == 1
   assert np.all(np.diff(np.asarray(rep.units_kept)) <= 0)
+
+
+def test_progressive_metrics_equal_separate_runs():
+  model = Autoencoder(in_features=6, hidden=(5,))
+  params = model.init(jax.random.key(4))
+  rng = np.random.default_rng(5)
+  x, x_te = (jnp.asarray(rng.uniform(size=(n, 6)), jnp.float32) for n in (32, 12))
+  mse = lambda data: (lambda p: jnp.mean((model.apply(p, data) - data) ** 2))
+  run = progressive_distinctiveness(model, "hidden_0", mse(x),
+                                    metrics={"test": mse(x_te), "again": mse(x)})
+  p, _, rep = run(params, _ones(model), x)
+  # The same trajectory scored by the test loss as its loss function: the same values.
+  _, _, rep_te = progressive_distinctiveness(model, "hidden_0", mse(x_te))(params, _ones(model), x)
+  np.testing.assert_array_equal(rep.unit_masks, rep_te.unit_masks)
+  np.testing.assert_array_equal(rep.metrics["test"], rep_te.loss)
+  np.testing.assert_array_equal(rep.metrics["again"], rep.loss)
+  assert float(rep.metrics["test"][int(rep.count) - 1]) == pytest.approx(
+      float(mse(x_te)(p)), rel=1e-6)                            # the last row: the final network
+  assert set(progressive_distinctiveness(model, "hidden_0", mse(x))(
+      params, _ones(model), x)[2].metrics) == set()
+  with pytest.raises(TypeError, match="metrics"):
+    progressive_distinctiveness(model, "hidden_0", mse(x), metrics={"bad": 3.0})
 
 
 def test_bias_folds_refused_where_they_cannot_be_exact():

@@ -214,25 +214,21 @@ def test_progressive_compression_outputs(tmp_path):
 # ----------------------------------------------------------------------------- helpers
 
 
-def test_padded_fitness_matches_unpadded_accuracy():
+def test_padded_scores_match_unpadded():
   import jax
-  import jax.numpy as jnp
   import jaxprune
-  from jaxprune.ga.fitness import AccuracyFitness
   model = jaxprune.MLP(in_features=10, hidden=(6,), out_features=7)
-  params = model.init(jax.random.key(0))
+  params = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 2))
   x = np.asarray(jax.random.normal(jax.random.key(1), (13, 10)))
   y = np.arange(13) % 7
-  xp, w = mc.pad_stack([x, np.zeros((17, 10), np.float32)])
-  yp, _ = mc.pad_stack([y, np.zeros(17, np.int64)])
-  pop = jax.random.bernoulli(jax.random.key(2), 0.5, (9, 6))
-  base = AccuracyFitness(model, "hidden_0", "ratio", True)
-  want = base(pop, base.prepare(params, x, y), jaxprune.ga.GAHyperparams(lam=25.0))
-  d = mc.padded_fitness_data(model, "hidden_0", params, xp[0], yp[0], w[0])
-  d["eq6"] = jnp.asarray(False)
-  got = mc.PaddedFitness(AccuracyFitness(model, "hidden_0", None, True))(
-      pop, d, jaxprune.ga.GAHyperparams(lam=25.0))
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  xp, w = mc.pad_stack([x, x[:5]])
+  yp, _ = mc.pad_stack([y, y[:5]])
+  got = mc.score_many(model, params, xp, yp, w)
+  for r, n in enumerate((13, 5)):
+    p = jax.tree.map(lambda a: a[r], params)
+    want = 100 * float(np.mean(np.argmax(model.apply(p, x[:n]), -1) == y[:n]))
+    assert got[r] == pytest.approx(want, rel=1e-6)
+    assert mc.score(model, p, xp[r], yp[r], w[r]) == pytest.approx(want, rel=1e-6)
 
 
 def test_params_npz_roundtrip_and_keys(tmp_path):

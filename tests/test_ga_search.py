@@ -114,6 +114,39 @@ def test_fast_path_equals_general_path(trained):
   assert float(f_fast[1]) == pytest.approx(full - 25.0)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_sample_weights_padding_and_per_run_penalty(trained, fast):
+  model, params, x, y = trained
+  pop = jax.random.bernoulli(jax.random.key(2), 0.5, (24, 12))
+  hyper = ga.GAHyperparams(lam=25.0)
+  n = 100
+  xp = jnp.concatenate([x[:n], 3.0 * x[:40]])                  # padding: other patterns
+  yp = jnp.concatenate([y[:n], (y[:40] + 1) % 7])
+  w = np.r_[np.ones(n), np.zeros(40)].astype(np.float32)
+  for penalty in ("ratio", "count"):
+    plain = ga.AccuracyFitness(model, "hidden_0", penalty, fast)
+    ref = jax.jit(plain)(pop, plain.prepare(params, x[:n], y[:n]), hyper)
+    weighted = ga.AccuracyFitness(model, "hidden_0", "per_run", fast, weighted=True)
+    got = jax.jit(weighted)(pop, weighted.prepare(params, xp, yp, sample_weight=w,
+                                                  penalty=penalty), hyper)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)              # the same, to float rounding
+  # Fractional weights: the weighted mean of the correct patterns.
+  acc = ga.AccuracyFitness(model, "hidden_0", None, fast, weighted=True)
+  wf = np.random.default_rng(1).uniform(0, 1, size=x.shape[0]).astype(np.float32)
+  got = acc(pop[:3], acc.prepare(params, x, y, sample_weight=wf), hyper)
+  for i in range(3):
+    wm = jaxprune.expand(params, model, {"hidden_0": pop[i]})
+    correct = np.asarray(jnp.argmax(model.apply(jaxprune.apply_masks(params, wm), x), -1) == y)
+    assert float(got[i]) == pytest.approx(100 * np.sum(wf * correct) / np.sum(wf), rel=1e-5)
+  assert acc.incremental is False
+  with pytest.raises(ValueError, match="weighted=True"):
+    plain.prepare(params, x, y, sample_weight=wf)
+  with pytest.raises(ValueError, match="per_run"):
+    plain.prepare(params, x, y, penalty="count")
+  with pytest.raises(ValueError, match="per_run"):
+    weighted.prepare(params, x, y, sample_weight=wf)
+
+
 def test_fast_path_applicability():
   deep = jaxprune.MLP(in_features=4, hidden=(5, 6), out_features=3)
   assert ga.fast_path_applies(deep, "hidden_1")

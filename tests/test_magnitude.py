@@ -32,7 +32,7 @@ def test_exact_counts_per_layer_and_repeated():
   ref = {n: np.ones(np.shape(p["params"][n]["kernel"]), bool).ravel()
          for n in ("conv", "dense", "out")}
   for _ in range(3):
-    q, m = magnitude_prune(p, m, 0.3)
+    q, m, _ = magnitude_prune(p, m, 0.3)
     for n in ref:
       ref[n] = _numpy_layer(p["params"][n]["kernel"], ref[n], 0.3)
       np.testing.assert_array_equal(np.asarray(m["params"][n]["kernel"]).ravel(), ref[n])
@@ -47,14 +47,14 @@ def test_exact_counts_per_layer_and_repeated():
 
 def test_global_counts_and_threshold():
   p = _tree(1)
-  q, m = magnitude_prune(p, None, 0.6, scope="global")
+  q, m, _ = magnitude_prune(p, None, 0.6, scope="global")
   ws = [np.asarray(p["params"][n]["kernel"]).ravel() for n in ("conv", "dense", "out")]
   ms = [np.asarray(m["params"][n]["kernel"]).ravel() for n in ("conv", "dense", "out")]
   allw, allm = np.concatenate(ws), np.concatenate(ms)
   assert allm.size - allm.sum() == round(0.6 * allw.size)
   assert np.abs(allw[~allm]).max() <= np.abs(allw[allm]).min()
   # Repeated global call prunes 0.6 of what is left.
-  _, m2 = magnitude_prune(p, m, 0.6, scope="global")
+  _, m2, _ = magnitude_prune(p, m, 0.6, scope="global")
   kept = int(sum(np.sum(m2["params"][n]["kernel"]) for n in ("conv", "dense", "out")))
   assert kept == allm.sum() - round(0.6 * allm.sum())
 
@@ -62,27 +62,27 @@ def test_global_counts_and_threshold():
 def test_ties_broken_by_position_exact_count():
   p = {"params": {"a": {"kernel": jnp.array([[3., 1., 2.], [1., 5., 0.5]])},
                   "b": {"kernel": jnp.ones((2, 2))}}}
-  _, m = magnitude_prune(p, None, 0.5, scope="global")  # remove 5 of 10: 0.5 then four 1s
+  _, m, _ = magnitude_prune(p, None, 0.5, scope="global")  # remove 5 of 10: 0.5 then four 1s
   np.testing.assert_array_equal(m["params"]["a"]["kernel"], [[1, 0, 1], [0, 1, 0]])
   np.testing.assert_array_equal(m["params"]["b"]["kernel"], [[0, 0], [1, 1]])
-  _, m = magnitude_prune(p, None, 0.5)
+  _, m, _ = magnitude_prune(p, None, 0.5)
   np.testing.assert_array_equal(m["params"]["b"]["kernel"], [[0, 0], [1, 1]])
-  _, m = magnitude_prune(p, None, 0.0)
+  _, m, _ = magnitude_prune(p, None, 0.0)
   assert all(bool(np.all(x)) for x in jax.tree.leaves(m))
-  _, m = magnitude_prune(p, None, 1.0, scope="global")
+  _, m, _ = magnitude_prune(p, None, 1.0, scope="global")
   assert not any(bool(np.any(x)) for x in jax.tree.leaves(m))
 
 
 def test_random_same_counts_and_key_dependence():
   p = _tree(2)
-  _, mm = magnitude_prune(p, None, 0.45)
-  _, r1 = random_prune(p, None, 0.45, key=jax.random.key(1))
-  _, r2 = random_prune(p, None, 0.45, key=jax.random.key(2))
+  _, mm, _ = magnitude_prune(p, None, 0.45)
+  _, r1, _ = random_prune(p, None, 0.45, key=jax.random.key(1))
+  _, r2, _ = random_prune(p, None, 0.45, key=jax.random.key(2))
   for n in ("conv", "dense", "out"):
     assert int(r1["params"][n]["kernel"].sum()) == int(mm["params"][n]["kernel"].sum())
   assert not np.array_equal(r1["params"]["dense"]["kernel"], r2["params"]["dense"]["kernel"])
   assert not np.array_equal(r1["params"]["dense"]["kernel"], mm["params"]["dense"]["kernel"])
-  _, rg = random_prune(p, None, 0.45, key=jax.random.key(1), scope="global")
+  _, rg, _ = random_prune(p, None, 0.45, key=jax.random.key(1), scope="global")
   total = sum(np.size(p["params"][n]["kernel"]) for n in ("conv", "dense", "out"))
   kept = sum(int(rg["params"][n]["kernel"].sum()) for n in ("conv", "dense", "out"))
   assert total - kept == round(0.45 * total)
@@ -91,17 +91,46 @@ def test_random_same_counts_and_key_dependence():
 def test_select_and_vmap_over_fractions():
   p = _tree(3)
   assert len(select_leaves(p)) == 3
-  _, m = magnitude_prune(p, None, 0.5, select=["params/dense/kernel", ("params", "out", "bias")])
+  _, m, _ = magnitude_prune(p, None, 0.5, select=["params/dense/kernel", ("params", "out", "bias")])
   assert bool(np.all(m["params"]["conv"]["kernel"]))
   assert int(m["params"]["out"]["bias"].sum()) == 1  # 3 -> remove round(1.5) = 2
-  _, m = magnitude_prune(p, None, 0.5, select=lambda path, leaf: path[1] == "conv")
+  _, m, _ = magnitude_prune(p, None, 0.5, select=lambda path, leaf: path[1] == "conv")
   assert int(m["params"]["conv"]["kernel"].sum()) == 36 and int(m["params"]["conv"]["bias"].sum()) == 2
   fr = jnp.array([0.1, 0.5, 0.9])
-  _, vm = jax.vmap(lambda f: magnitude_prune(p, None, f, scope="global"))(fr)
+  _, vm, _ = jax.vmap(lambda f: magnitude_prune(p, None, f, scope="global"))(fr)
   for n, f in enumerate(fr):
-    _, lm = magnitude_prune(p, None, float(f), scope="global")
+    _, lm, _ = magnitude_prune(p, None, float(f), scope="global")
     for a, b in zip(jax.tree.leaves(vm), jax.tree.leaves(lm)):
       np.testing.assert_array_equal(a[n], b)
+
+
+def test_report_on_hand_built_arrays():
+  p = {"params": {"a": {"kernel": jnp.array([[3., 1., 2.], [1., 5., 0.5]])},
+                  "b": {"kernel": jnp.array([[2., 4.], [-6., 8.]])}}}
+  # Per layer: a loses 0.5 and both 1s (cut 1), b loses 2 and 4 (cut 4).
+  _, m, rep = magnitude_prune(p, None, 0.5)
+  assert rep.kept.tolist() == [3, 2] and rep.removed.tolist() == [3, 2]
+  assert rep.threshold.tolist() == [1.0, 4.0] and int(rep.count) == 5
+  # Again on what is left: a removes round(1.5) = 2 of (3, 2, 5), b 1 of (-6, 8).
+  _, m, rep = magnitude_prune(p, m, 0.5)
+  assert rep.kept.tolist() == [1, 1] and rep.removed.tolist() == [2, 1]
+  assert rep.threshold.tolist() == [3.0, 6.0] and int(rep.count) == 3
+  # Global: the 5 smallest of all 10 are 0.5, 1, 1, 2 (a) and 2 (b): one shared cut.
+  _, _, rep = magnitude_prune(p, None, 0.5, scope="global")
+  assert rep.kept.tolist() == [2, 3] and rep.removed.tolist() == [4, 1]
+  assert rep.threshold.tolist() == [2.0, 2.0] and int(rep.count) == 5
+  # Nothing removed: no cut.
+  _, _, rep = magnitude_prune(p, None, 0.0)
+  assert rep.removed.tolist() == [0, 0] and np.isnan(rep.threshold).all()
+  # Random: the same counts; its cut is a uniform score in [0, 1).
+  _, rm, rep = random_prune(p, None, 0.5, key=jax.random.key(0))
+  assert rep.kept.tolist() == [3, 2] and rep.removed.tolist() == [3, 2]
+  assert bool(np.all((rep.threshold >= 0) & (rep.threshold < 1)))
+  # The report counts agree with the masks, also under vmap over the fraction.
+  _, vm, vrep = jax.vmap(lambda f: magnitude_prune(p, None, f))(jnp.array([0.25, 0.75]))
+  for i in range(2):
+    assert vrep.kept[i].tolist() == [int(vm["params"]["a"]["kernel"][i].sum()),
+                                     int(vm["params"]["b"]["kernel"][i].sum())]
 
 
 def test_bad_input():

@@ -237,13 +237,13 @@ def test_default_selection_on_haiku_dict_and_nnx_state():
   assert [params_name for params_name in jaxprune.pruners.magnitude.leaf_names(params)] == [
       "conv/b", "conv/w", "linear/b", "linear/w", "linear_1/b", "linear_1/w"]
   assert jaxprune.pruners.select_leaves(params) == (1, 3, 5)
-  q, m = jaxprune.magnitude_prune(params, None, 0.5)
+  q, m, _ = jaxprune.magnitude_prune(params, None, 0.5)
   for k in params:
     assert bool(jnp.all(m[k]["b"]))
     assert int(m[k]["w"].sum()) == params[k]["w"].size - round(0.5 * params[k]["w"].size)
   _, state = nnx.split(nnx.Linear(8, 6, rngs=nnx.Rngs(0)))
-  _, ms = jaxprune.magnitude_prune(state, None, 0.5)
-  _, md = jaxprune.magnitude_prune(nnx.to_pure_dict(state), None, 0.5)
+  _, ms, _ = jaxprune.magnitude_prune(state, None, 0.5)
+  _, md, _ = jaxprune.magnitude_prune(nnx.to_pure_dict(state), None, 0.5)
   np.testing.assert_array_equal(ms["kernel"][...], md["kernel"])
   assert int(md["kernel"].sum()) == 24 and bool(jnp.all(md["bias"]))
   _, mg = jaxprune.prune_to_sparsity(state, None, 0.25)
@@ -400,7 +400,7 @@ def test_gradual_importance_pruner_reaches_exact_unit_counts():
 def test_orbax_round_trip(tmp_path):
   model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
   params = model.init(jax.random.key(0))
-  params, masks = jaxprune.magnitude_prune(params, None, 0.5)
+  params, masks, _ = jaxprune.magnitude_prune(params, None, 0.5)
   units = {"hidden_0": jnp.arange(8) % 2 == 0}
   path = str(tmp_path / "ckpt")
   jaxprune.save_checkpoint(path, params, masks, unit_masks=units)

@@ -1,7 +1,10 @@
 """One contract for every structured pruner: ``make(target, group, **static)`` returns
 ``prune(params, unit_masks, *data, *traced) -> (params, unit_masks, report)`` with a NamedTuple
 report; it runs under ``jit``, ``vmap``s over a traced setting, zeroes every slice of the units it
-removes, and its new params are already masked by ``expand`` of its new unit masks."""
+removes, and its new params are already masked by ``expand`` of its new unit masks.
+
+The weight-mask family (magnitude and random pruning) keeps the same shape on weight masks:
+``prune(params, weight_masks, fraction) -> (params, weight_masks, report)``."""
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,13 @@ X = jnp.asarray(RNG.normal(size=(30, 4)), jnp.float32)
 ACTS = MODEL.activations(PARAMS, X, "hidden_0")
 _LOSS = lambda p: jnp.mean(MODEL.apply(p, X) ** 2)
 
+_W = jnp.asarray(np.r_[np.ones(22), np.zeros(8)], jnp.float32)
+
+
+def _weighted(prune):
+  return lambda p, m, acts, setting: prune(p, m, acts, setting, sample_weight=_W)
+
+
 # name -> (factory call, data before the traced setting, the traced settings to vmap over)
 PRUNERS = {
     "distinctiveness": (lambda: jaxprune.distinctiveness(MODEL, "hidden_0", constants=False),
@@ -30,6 +40,11 @@ PRUNERS = {
                          jnp.array([1e-3, 0.3, 0.9])),
     "iterative_importance": (lambda: jaxprune.iterative_importance(MODEL, "hidden_0", _LOSS), (),
                              jnp.array([0.0, 0.05, 1.0])),
+    # Sample weights (0 marks padding): the same contract.
+    "distinctiveness_weighted": (lambda: _weighted(jaxprune.distinctiveness(
+        MODEL, "hidden_0", constants=False)), (ACTS,), jnp.array([30.0, 60.0, 89.0])),
+    "group_redundancy_weighted": (lambda: _weighted(jaxprune.group_redundancy(
+        MODEL, "hidden_0")), (ACTS,), jnp.array([1e-3, 0.3, 0.9])),
     "progressive_distinctiveness": (lambda: jaxprune.progressive_distinctiveness(
         MODEL, "hidden_0", lambda p: _LOSS(p)), (X,), jnp.array([1e-6, 1e-3, 1e-1])),
 }
@@ -62,3 +77,36 @@ def test_pruner_contract(name):
     np.testing.assert_array_equal(batched[1]["hidden_0"][i], one[1]["hidden_0"])
     _check_result(jax.tree.map(lambda a: a[i], batched[0]),
                   {"hidden_0": batched[1]["hidden_0"][i]}, one[2])
+
+
+# The weight-mask family: name -> prune(params, weight_masks, fraction).
+WEIGHT_PRUNERS = {
+    "magnitude_prune": jaxprune.magnitude_prune,
+    "magnitude_prune_global": lambda p, m, f: jaxprune.magnitude_prune(p, m, f, scope="global"),
+    "random_prune": lambda p, m, f: jaxprune.random_prune(p, m, f, key=jax.random.key(1)),
+}
+
+
+def _check_weight_result(params, weight_masks, report):
+  assert isinstance(report, tuple) and hasattr(report, "_fields")     # a NamedTuple
+  for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(weight_masks)):
+    assert float(jnp.max(jnp.abs(jnp.where(m, 0.0, p)))) == 0.0        # removed weights are zero
+  kernels = [m for m in jax.tree.leaves(weight_masks) if m.ndim >= 2]
+  np.testing.assert_array_equal(report.kept, [int(m.sum()) for m in kernels])
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHT_PRUNERS))
+def test_weight_pruner_contract(name):
+  prune = WEIGHT_PRUNERS[name]
+  eager = prune(PARAMS, None, 0.5)
+  _check_weight_result(*eager)
+  jitted = jax.jit(lambda p, f: prune(p, None, f))(PARAMS, 0.5)
+  for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
+    np.testing.assert_array_equal(a, b)
+  fractions = jnp.array([0.1, 0.5, 0.9])
+  batched = jax.vmap(lambda f: prune(PARAMS, None, f))(fractions)
+  for i, f in enumerate(fractions):
+    one = prune(PARAMS, None, f)
+    for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(one)):
+      np.testing.assert_array_equal(a[i], b)
+    _check_weight_result(*one)

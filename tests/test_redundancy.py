@@ -92,3 +92,38 @@ def test_max_remove_stops_the_same_greedy_path_after_k_removals():
     assert np.all(kernel[:, removed] == 0)
   with pytest.raises(ValueError, match="max_remove must be >= 0"):
     prune(params, ones, acts, 1.0, -1)
+
+
+def test_sample_weight_padding_gives_the_unpadded_fits():
+  model = MLP(in_features=6, hidden=(6,), out_features=3, activation="linear")
+  params = model.init(jax.random.key(2))
+  k, b = params["params"]["hidden_0"]["kernel"], params["params"]["hidden_0"]["bias"]
+  k = k.at[:, 4].set(2 * k[:, 0] - k[:, 1]).at[:, 5].set(k[:, 2] + k[:, 3])
+  b = b.at[4].set(2 * b[0] - b[1] + 0.5).at[5].set(b[2] + b[3] - 1.0)
+  params["params"]["hidden_0"] = dict(kernel=k, bias=b)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(40, 6)), jnp.float32)
+  pad = jnp.concatenate([x, jnp.asarray(rng.normal(size=(15, 6)) * 9, jnp.float32)])
+  w = np.r_[np.ones(40), np.zeros(15)].astype(np.float32)
+  acts, acts_p = (model.activations(params, d, "hidden_0") for d in (x, pad))
+  prune = group_redundancy(model, "hidden_0")
+  um = jaxprune.unit_masks_ones(model)
+  p0, m0, r0 = prune(params, um, acts, 1e-3)
+  p1, m1, r1 = prune(params, um, acts_p, 1e-3, sample_weight=w)
+  assert int(r0.count) == 2
+  np.testing.assert_array_equal(m0["hidden_0"], m1["hidden_0"])
+  np.testing.assert_array_equal(r0.removed, r1.removed)
+  np.testing.assert_allclose(r0.coef, r1.coef, atol=1e-4)
+  np.testing.assert_allclose(r0.intercept, r1.intercept, atol=1e-4)
+  for a, c in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
+    np.testing.assert_allclose(a, c, atol=1e-4)
+  np.testing.assert_allclose(model.apply(p1, x), model.apply(params, x), atol=5e-4)
+  # Weight 2 on a row is that row twice.
+  w2 = np.r_[np.full(10, 2.0), np.ones(30)].astype(np.float32)
+  twice = jnp.concatenate([acts[:10], acts])
+  _, m2, r2 = prune(params, um, acts, 1e-3, sample_weight=w2)
+  _, m3, r3 = prune(params, um, twice, 1e-3)
+  np.testing.assert_array_equal(m2["hidden_0"], m3["hidden_0"])
+  np.testing.assert_allclose(r2.intercept, r3.intercept, atol=1e-4)
+  with pytest.raises(ValueError, match="shape"):
+    prune(params, um, acts, 1e-3, sample_weight=np.ones(3))

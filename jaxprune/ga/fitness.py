@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
+from jaxprune import validate
 from jaxprune.ga import incremental
 from jaxprune.ga.strategy import GAHyperparams
 
@@ -70,12 +71,28 @@ def _labels(y: jax.Array) -> jax.Array:
   return y
 
 
+def _weighted_percent(correct: jax.Array, w: jax.Array | None) -> jax.Array:
+  """Accuracy in percent over axis 0 of ``correct``; weighted by ``w`` (N,) when given."""
+  correct = correct.astype(jnp.float32)
+  if w is None:
+    return 100.0 * jnp.mean(correct, axis=0)
+  w = w.reshape((-1,) + (1,) * (correct.ndim - 1))
+  return 100.0 * (jnp.sum(w * correct, axis=0) / jnp.sum(w))
+
+
 @dataclasses.dataclass(frozen=True)
 class AccuracyFitness:
   """Training accuracy in percent of the masked network, minus a size penalty.
 
   ``penalty='ratio'`` is eq. 5 (``acc - lam * N_kept / N_initial``), ``'count'`` eq. 6
-  (``acc - lam * N_kept``), ``None`` the accuracy alone. ``fast=True`` scores the population
+  (``acc - lam * N_kept``), ``None`` the accuracy alone, and ``'per_run'`` either equation
+  chosen by the data (``prepare(..., penalty='ratio' | 'count')``), so that runs of both
+  equations share one vmapped program.
+
+  ``weighted=True`` makes the accuracy a weighted mean over the patterns with the sample weights
+  given to ``prepare`` (a pattern of weight 0 does not exist: training folds of unequal size
+  padded to one shape score exactly as their real patterns, to float rounding). Weighted
+  fitness always runs the full product (``incremental`` is off). ``fast=True`` scores the population
   from activations computed once (see :func:`fast_path_applies`), as one matrix product
   ``H @ W_all`` with ``W_all[:, p*O:(p+1)*O] = mask[p][:, None] * W_out``; ``fast=False`` runs
   the full masked forward pass for each individual (``vmap``). On the fast path,
@@ -91,22 +108,50 @@ class AccuracyFitness:
   penalty: str | None = "ratio"
   fast: bool = False
   incremental: bool | str = "auto"
+  weighted: bool = False
 
-  def prepare(self, params: PyTree, x: jax.Array, y: jax.Array) -> PyTree:
+  def __post_init__(self):
+    if self.penalty not in ("ratio", "count", "per_run", None):
+      raise ValueError(f"penalty must be 'ratio' (eq. 5), 'count' (eq. 6), 'per_run' or None, "
+                       f"got {self.penalty!r}.")
+    if self.weighted:  # the incremental evaluation scores unweighted partial logits
+      object.__setattr__(self, "incremental", False)
+
+  def prepare(self, params: PyTree, x: jax.Array, y: jax.Array, *, sample_weight=None,
+              penalty: str | None = None) -> PyTree:
+    """The ``data`` of one run: the network's arrays, the labels, and (``weighted``) the
+    sample weights (None: all ones); ``penalty`` ('ratio' or 'count') picks the equation of a
+    ``'per_run'`` fitness."""
     y = _labels(y)
     check = getattr(self.model, "check_input", None)
     if check is not None:
       check(x)
     if y.shape[0] != jnp.shape(x)[0]:
       raise ValueError(f"x has {jnp.shape(x)[0]} patterns but y has {y.shape[0]} labels.")
+    extra = {}
+    if sample_weight is not None and not self.weighted:
+      raise ValueError("sample_weight needs a weighted fitness: AccuracyFitness(..., "
+                       "weighted=True).")
+    if self.weighted:
+      n = y.shape[0]
+      extra["sample_weight"] = (jnp.ones((n,), jnp.float32) if sample_weight is None else
+                                validate.check_sample_weight(sample_weight, n))
+    if (penalty is None) != (self.penalty != "per_run"):
+      raise ValueError("prepare(..., penalty='ratio' | 'count') goes with penalty='per_run' "
+                       f"(and only with it); this fitness has penalty={self.penalty!r}.")
+    if penalty is not None:
+      if penalty not in ("ratio", "count"):
+        raise ValueError(f"penalty must be 'ratio' (eq. 5) or 'count' (eq. 6), got {penalty!r}.")
+      extra["count_penalty"] = jnp.asarray(penalty == "count")
     if not self.fast:
-      return {"params": params, "x": jnp.asarray(x), "y": y}
+      return {"params": params, "x": jnp.asarray(x), "y": y, **extra}
     s = readout_slice(self.model, self.group)
     h = self.model.activations(params, x, self.group)
     w = units_lib.unit_view(units_lib.get_path(params, s.path), s)      # (units, outputs)
     b = (units_lib.get_path(params, s.bias) if s.bias is not None
          else jnp.zeros((w.shape[-1],), w.dtype))
-    return {"h": h.reshape(h.shape[0], -1), "w": w.reshape(w.shape[0], -1), "b": b, "y": y}
+    return {"h": h.reshape(h.shape[0], -1), "w": w.reshape(w.shape[0], -1), "b": b, "y": y,
+            **extra}
 
   def accuracy(self, population: jax.Array, data: PyTree) -> jax.Array:
     """(P,) training accuracy in percent of each mask of the population."""
@@ -117,12 +162,12 @@ class AccuracyFitness:
       w_all = population.T.astype(w.dtype)[:, :, None] * w[:, None, :]   # (U, P, O)
       logits = (h @ w_all.reshape(u, p * o)).reshape(h.shape[0], p, o) + b[None, None, :]
       correct = jnp.argmax(logits, axis=-1) == y[:, None]                 # (N, P)
-      return 100.0 * jnp.mean(correct.astype(jnp.float32), axis=0)
+      return _weighted_percent(correct, data.get("sample_weight"))
 
     def one(mask):
       wm = masks_lib.expand(data["params"], self.model, {self.group: mask})
       logits = self.model.apply(masks_lib.apply_masks(data["params"], wm), data["x"])
-      return 100.0 * jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(jnp.float32))
+      return _weighted_percent(jnp.argmax(logits, axis=-1) == y, data.get("sample_weight"))
 
     return jax.vmap(one)(population)
 
@@ -130,15 +175,20 @@ class AccuracyFitness:
     """``(h, w, b, y)`` of the fast path, for :mod:`jaxprune.ga.incremental`."""
     if not self.fast:
       raise ValueError("Incremental evaluation needs the fast path (fast=True).")
+    if self.weighted:
+      raise ValueError("Incremental evaluation does not take sample weights (weighted=False).")
     return data["h"], data["w"], data["b"], data["y"]
 
   def from_accuracy(self, accuracy: jax.Array, population: jax.Array, data: PyTree,
                     hyper: GAHyperparams) -> jax.Array:
     """The fitness of each individual given its accuracy (the size penalty, if any)."""
-    del data
     if self.penalty is None:
       return accuracy
     kept = jnp.sum(population, axis=1, dtype=jnp.int32)
+    if self.penalty == "per_run":
+      units = population.shape[1]
+      return jnp.where(data["count_penalty"], penalized(accuracy, kept, units, hyper.lam, "count"),
+                       penalized(accuracy, kept, units, hyper.lam, "ratio"))
     return penalized(accuracy, kept, population.shape[1], hyper.lam, self.penalty)
 
   def __call__(self, population: jax.Array, data: PyTree, hyper: GAHyperparams) -> jax.Array:

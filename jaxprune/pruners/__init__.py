@@ -1,6 +1,7 @@
 """Pruners: jit-compiled transforms ``(params, masks, ...) -> (params, masks, report)``."""
 
 from jaxprune.pruners.angles import pairwise_angles
+from jaxprune.pruners.angles import weight_angles
 from jaxprune.pruners.distinctiveness_pruning import StableReport
 from jaxprune.pruners.distinctiveness_pruning import distinctiveness
 from jaxprune.pruners.distinctiveness_pruning import until_stable
@@ -14,6 +15,7 @@ from jaxprune.pruners.importance import IterativeReport
 from jaxprune.pruners.importance import importance_prune
 from jaxprune.pruners.importance import importance_scores
 from jaxprune.pruners.importance import iterative_importance
+from jaxprune.pruners.magnitude import MagnitudeReport
 from jaxprune.pruners.magnitude import magnitude_prune
 from jaxprune.pruners.magnitude import random_prune
 from jaxprune.pruners.magnitude import select_leaves

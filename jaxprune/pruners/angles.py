@@ -31,6 +31,25 @@ def pairwise_angles(vectors: jax.Array) -> jax.Array:
   return jnp.where(zero[:, None] | zero[None, :], jnp.nan, ang)
 
 
+def weight_angles(params: PyTree, group, *, source: str = "outgoing") -> jax.Array:
+  """(units, units) angles in degrees between the units' weight vectors (NaN for zero rows).
+
+  The vectors the weight-based pruner (:func:`jaxprune.pruners.weight_distinctiveness`) compares:
+  each unit's outgoing weights (``source='outgoing'``: every consumer slice concatenated) or
+  incoming kernel weights (``'incoming'``: a dense column or a conv filter, biases excluded).
+
+  Args:
+    params: the params.
+    group: a :class:`jaxprune.UnitGroup` (e.g. ``model.groups['dense_2']``).
+    source: ``'outgoing'`` or ``'incoming'``.
+  """
+  if source == "outgoing":
+    return pairwise_angles(_common.outgoing_vectors(params, group))
+  if source == "incoming":
+    return pairwise_angles(_common.incoming_vectors(params, group))
+  raise ValueError(f"source must be 'outgoing' or 'incoming', got {source!r}.")
+
+
 def _angle_matrix(g, d):
   """Symmetric (units, units) angles from the Gram matrix g and its diagonal d: the upper
   triangle mirrored, so (i, j) and (j, i) are the same float32 value."""
@@ -44,6 +63,32 @@ def _gram(v):
   n = jnp.linalg.norm(v, axis=1)
   u = v / jnp.where(n > 0, n, 1.0)[:, None]
   g = jnp.matmul(u, u.T, precision=jax.lax.Precision.HIGHEST)
+  return g, jnp.diagonal(g)
+
+
+# Patterns per block of the order-fixed Gram matrix (see ``_blocked_gram``).
+GRAM_BLOCK = 256
+
+
+def _blocked_gram(v, block: int = GRAM_BLOCK):
+  """:func:`_gram` with a summation order that does not depend on the number of patterns.
+
+  The pattern axis is cut into blocks of ``block`` (the last one zero-filled); each block's sums
+  (squared norms, then the Gram product of the normalised rows) have one fixed shape, and the
+  blocks are added one after another in a ``lax.scan``. Appending patterns whose entries are 0
+  (padding with sample weight 0) adds only blocks of exact zeros, so the result is bit-for-bit
+  that of the unpadded vectors, whatever XLA's dot product does inside a block.
+  """
+  h, p = v.shape
+  nb = -(-p // block)
+  blocks = jnp.pad(v, ((0, 0), (0, nb * block - p))).reshape(h, nb, block).transpose(1, 0, 2)
+  sq, _ = jax.lax.scan(lambda acc, c: (acc + jnp.sum(c * c, axis=1), None),
+                       jnp.zeros((h,), v.dtype), blocks)
+  n = jnp.sqrt(sq)
+  u = blocks / jnp.where(n > 0, n, 1.0)[None, :, None]
+  g, _ = jax.lax.scan(
+      lambda acc, c: (acc + jnp.matmul(c, c.T, precision=jax.lax.Precision.HIGHEST), None),
+      jnp.zeros((h, h), v.dtype), u)
   return g, jnp.diagonal(g)
 
 

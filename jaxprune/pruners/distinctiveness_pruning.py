@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import units as units_lib
+from jaxprune import validate
 from jaxprune.pruners import _common
 from jaxprune.pruners.angles import _thresholds_ok, check_thresholds
 from jaxprune.pruners.selection import _sweep
@@ -129,23 +130,64 @@ def _activation_core(g):
   traced arguments, so new flags never recompile)."""
   shift = _common.SHIFT[g.activation]
 
-  def core(params, mask, acts, sim, comp, tol, flags):
+  def core(params, mask, acts, sim, comp, tol, flags, weight):
     similar, complementary, constants, absorb, compensate, fold = flags
     folds = constants | (complementary & (compensate | fold))
     cfg = dict(use_similar=similar, use_comp=complementary, use_const=constants, absorb=absorb,
                fold=fold, compensate=compensate)
     a = acts.reshape(-1, g.size).T.astype(jnp.float32)
-    mean = jnp.mean(a, axis=1)
-    is_const = (jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol
     sim = jnp.asarray(sim, jnp.float32)
     comp = jnp.asarray(comp, jnp.float32)
     bad = ~_thresholds_ok(sim, comp, similar, complementary) | ~(tol >= 0)
-    bad |= ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], a, 0.0)))
-    keep, moves, consts, report = _sweep(a - shift, mask, is_const, mean, mean, sim, comp,
-                                         bad, **cfg)
+    if weight is None:
+      mean = jnp.mean(a, axis=1)
+      is_const = (jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol
+      vecs = a - shift
+      bad |= ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], a, 0.0)))
+    else:
+      vecs, mean, is_const, bad_w = _weighted_vectors(a, weight, acts.shape, shift, tol, mask)
+      bad |= bad_w
+    # Blocked Gram sums: padding patterns (weight 0, exact zeros) leave every angle unchanged.
+    keep, moves, consts, report = _sweep(vecs, mask, is_const, mean, mean, sim, comp,
+                                         bad, blocked=True, **cfg)
     return _apply_moves(params, g, keep, moves, consts, folds), keep, report
 
   return _counted_jit(core)
+
+
+def _weighted_vectors(a, weight, acts_shape, shift, tol, mask):
+  """The sweep's inputs from (units, P) activations and per-sample weights (N,).
+
+  Each sample's weight covers its H*W positions (conv). Returns ``(vectors, mean, is_const,
+  bad)``: the shifted vectors scaled by ``sqrt(w)`` (so the cosine is the weighted one, and a
+  0/1 weight leaves a real entry exactly as it is and makes a padded one exactly 0: the angles
+  of the unpadded data), the weighted mean, the range over samples of positive weight, and
+  whether the input is unusable (NaN among the real activations, or weights that are negative,
+  non-finite or all zero).
+  """
+  w = jnp.asarray(weight, jnp.float32)
+  wv = jnp.broadcast_to(w.reshape((-1,) + (1,) * (len(acts_shape) - 2)),
+                        acts_shape[:-1]).reshape(-1)
+  real = wv > 0
+  a = jnp.where(real[None, :], a, 0.0)                 # padding may hold anything
+  total = jnp.sum(wv)
+  mean = jnp.sum(wv * a, axis=1) / jnp.where(total > 0, total, 1.0)
+  hi = jnp.max(jnp.where(real[None, :], a, -jnp.inf), axis=1)
+  lo = jnp.min(jnp.where(real[None, :], a, jnp.inf), axis=1)
+  is_const = (hi - lo) < tol
+  vecs = jnp.where(real[None, :], (a - shift) * jnp.sqrt(jnp.where(real, wv, 0.0)), 0.0)
+  bad = ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], a, 0.0)))
+  bad |= ~jnp.all(jnp.isfinite(w) & (w >= 0)) | ~(total > 0)
+  return vecs, mean, is_const, bad
+
+
+def _check_sample_weight(sample_weight, activations):
+  """Concrete checks of per-sample weights for ``activations`` (N, ...); returns them as an
+  array, and checks the activations of the samples that count (weight > 0) for NaN."""
+  w = validate.check_sample_weight(sample_weight, jnp.shape(activations)[0])
+  if _common.is_concrete(activations, sample_weight):
+    _common.check_activations(np.asarray(activations)[np.asarray(sample_weight) > 0])
+  return w
 
 
 def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: bool = False):
@@ -184,10 +226,16 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
 
   Returns:
     ``prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
-    constant_tol=1e-6) -> (params, unit_masks, SweepReport)``. ``activations`` are the group's
-    activations over the patterns, (N, units) or (N, H, W, units) (then each unit's vector is its
-    N*H*W values); they must come from the params being pruned. Angles and the tolerance are
-    traced. With concrete inputs bad values raise ValueError; under ``jit``/``vmap`` they leave
+    constant_tol=1e-6, *, sample_weight=None) -> (params, unit_masks, SweepReport)``.
+    ``activations`` are the group's activations over the patterns, (N, units) or
+    (N, H, W, units) (then each unit's vector is its N*H*W values); they must come from the
+    params being pruned. Angles and the tolerance are traced. ``sample_weight`` (N,) weights the
+    patterns: the angles are those of the weighted inner product, the constant test looks only
+    at patterns of weight > 0, and constants fold their weighted mean. A pattern of weight 0
+    does not exist, so data padded with zero-weight rows (several folds stacked under ``vmap``)
+    give exactly the angles, masks and report of the unpadded data (bit for bit: the Gram matrix
+    is summed in fixed blocks of patterns, so appended zeros change no rounding). None: every
+    pattern counts once. With concrete inputs bad values raise ValueError; under ``jit``/``vmap`` they leave
     everything unchanged and set ``report.invalid``.
 
   Note:
@@ -205,15 +253,19 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
   flags = np.array([similar, complementary, constants, absorb, compensate, fold], bool)
 
   def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
-            constant_tol=1e-6):
+            constant_tol=1e-6, *, sample_weight=None):
     mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_activation_shape(activations, g)
-    _common.check_activations(activations)
+    if sample_weight is None:
+      _common.check_activations(activations)
+    else:
+      validate.check_not_empty("Activations", activations)
+      sample_weight = _check_sample_weight(sample_weight, activations)
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
     new_params, keep, report = jitted(params, mask, jnp.asarray(activations), similar_deg,
-                                      complementary_deg, constant_tol, flags)
+                                      complementary_deg, constant_tol, flags, sample_weight)
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
   prune._trace_count = trace_count  # for tests: compilations so far (not public API)
@@ -339,13 +391,13 @@ def _stable_loop(prune, max_sweeps):
 def _make_stable_loop(prune, max_sweeps):
   limit = np.iinfo(np.int32).max if max_sweeps is None else int(max_sweeps)
 
-  def loop(params, unit_masks, first_count, args):
+  def loop(params, unit_masks, first_count, args, kwargs):
     def cond(c):
       return (c[2] > 0) & (c[3] < limit)
 
     def body(c):
       p, m, _, n, total = c
-      p, m, r = prune(p, m, *args)
+      p, m, r = prune(p, m, *args, **kwargs)
       return p, m, r.count, n + 1, total + r.count
 
     one = jnp.asarray(1, jnp.int32)
@@ -355,7 +407,7 @@ def _make_stable_loop(prune, max_sweeps):
 
 
 def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
-                 max_sweeps: int | None = None):
+                 max_sweeps: int | None = None, sample_weight=None):
   """Repeats a distinctiveness sweep until a sweep finds no qualifying pair.
 
   One sweep computes the angles once, so units merged in it may leave new pairs below the
@@ -375,6 +427,8 @@ def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
       every sweep. Activations stay valid across sweeps: merging changes only outgoing weights,
       so the kept units' activations do not change.
     max_sweeps: stop after this many sweeps (None: until stable).
+    sample_weight: the activation pruner's per-pattern weights (see :func:`distinctiveness`),
+      the same for every sweep; None for none (and for weight-based pruners).
 
   Returns:
     ``(params, unit_masks, StableReport)``.
@@ -391,11 +445,12 @@ def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
   """
   if max_sweeps is not None and int(max_sweeps) < 1:
     raise ValueError(f"max_sweeps must be at least 1 (or None), got {max_sweeps}.")
-  params, unit_masks, first = prune(params, unit_masks, *args)
+  kwargs = {} if sample_weight is None else {"sample_weight": sample_weight}
+  params, unit_masks, first = prune(params, unit_masks, *args, **kwargs)
   if _common.is_concrete(first.count) and int(first.count) == 0:  # stable already: no loop
     one = jnp.asarray(1, jnp.int32)
     return params, unit_masks, StableReport(one, first.count, ~first.invalid, first.invalid)
   loop = _stable_loop(prune, max_sweeps)
-  params, unit_masks, last, sweeps, total = loop(params, unit_masks, first.count, args)
+  params, unit_masks, last, sweeps, total = loop(params, unit_masks, first.count, args, kwargs)
   return params, unit_masks, StableReport(sweeps, total, (last == 0) & ~first.invalid,
                                           first.invalid)

@@ -7,6 +7,11 @@ selected layers together (``'global'``). By default every leaf with ``ndim >= 2`
 whatever it is named (flax ``kernel``, haiku ``w``, a plain dict, an nnx ``State``); biases and
 normalisation parameters (vectors) are left alone.
 
+These are the *weight-mask family* of pruners: they act on weight masks (a bool pytree like the
+params), not on unit masks, and take no pruning target. Like the structured pruners they return
+``(params, masks, report)``: the params with every masked weight zeroed, the new masks, and a
+:class:`MagnitudeReport` (per-leaf kept and removed counts, the cut, the total removed).
+
 Counts are exact: the cut is found by an exact two-pass radix select on the bit patterns of
 ``|w|`` (no sort), and ties at the cut are broken by position (lower flat index, in tree order,
 is removed first). ``round`` is round-half-to-even on ``fraction * remaining`` in float32.
@@ -16,15 +21,17 @@ Example:
   >>> from jaxprune.pruners import magnitude_prune
   >>> model = jaxprune.MLP(in_features=10, hidden=(20,), out_features=7)
   >>> params = model.init(jax.random.key(0))
-  >>> params, wmask = magnitude_prune(params, None, 0.5)
+  >>> params, wmask, report = magnitude_prune(params, None, 0.5)
   >>> int(wmask['params']['hidden_0']['kernel'].sum())
   100
+  >>> report.kept.tolist(), int(report.count)
+  ([100, 70], 170)
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +40,30 @@ from jaxprune import masks as masks_lib
 from jaxprune.pruners import _common
 
 PyTree = Any
+
+
+
+class MagnitudeReport(NamedTuple):
+  """What :func:`magnitude_prune` or :func:`random_prune` did, per selected leaf.
+
+  The leaves are the selected ones in ``jax.tree.leaves`` order (:func:`select_leaves` gives
+  their indices and ``leaf_names`` their names).
+
+  Attributes:
+    kept: (L,) int32 weights kept in each selected leaf after this call.
+    removed: (L,) int32 weights removed from each selected leaf by this call.
+    threshold: (L,) float32 the cut: the largest score (``|w|``, or the random score) removed
+      in the leaf's scope (with ``scope='global'`` one value shared by every leaf); every kept
+      weight in scope scores ``>= threshold`` (equal only where ties were broken by position).
+      NaN where the scope removed nothing.
+    count: () int32 weights removed in all.
+  """
+
+  kept: jax.Array
+  removed: jax.Array
+  threshold: jax.Array
+  count: jax.Array
+
 
 _HI_BITS = 16  # first pass: bits 30..15 of the float32 pattern; second pass: bits 14..0
 _LO = 15
@@ -101,6 +132,11 @@ def _remove_smallest(bits: list[jax.Array], keep: list[jax.Array], k: jax.Array)
 
   Ties at the cut go to the lower flat index (leaves concatenated in order).
   """
+  return _remove_smallest_and_cut(bits, keep, k)[0]
+
+
+def _remove_smallest_and_cut(bits: list[jax.Array], keep: list[jax.Array], k: jax.Array):
+  """:func:`_remove_smallest` and the cut: the largest removed score (NaN if k == 0)."""
   nb1, nb2 = 1 << _HI_BITS, 1 << _LO
   hist1 = sum(jnp.bincount(jnp.where(m, b >> _LO, nb1).reshape(-1), length=nb1 + 1)[:nb1]
               for b, m in zip(bits, keep))
@@ -129,7 +165,8 @@ def _remove_smallest(bits: list[jax.Array], keep: list[jax.Array], k: jax.Array)
     return out
 
   removed = jax.lax.cond(r2 == n_eq, all_ties, some_ties, None)
-  return [r & (k > 0) for r in removed]
+  cut_value = jnp.where(k > 0, jax.lax.bitcast_convert_type(cut, jnp.float32), jnp.nan)
+  return [r & (k > 0) for r in removed], cut_value
 
 
 def _n_remove(fraction, remaining):
@@ -161,15 +198,22 @@ def _core(params, scores, weight_masks, fraction, *, selected, scope):
   keep = [mleaves[i] for i in selected]
   if scope == "global":
     remaining = sum(jnp.sum(m, dtype=jnp.int32) for m in keep)
-    removed = _remove_smallest(bits, keep, _n_remove(fraction, remaining))
+    removed, cut = _remove_smallest_and_cut(bits, keep, _n_remove(fraction, remaining))
+    cuts = [cut] * len(keep)
   else:
-    removed = [_remove_smallest([b], [m], _n_remove(fraction, jnp.sum(m, dtype=jnp.int32)))[0]
-               for b, m in zip(bits, keep)]
+    pairs = [_remove_smallest_and_cut([b], [m], _n_remove(fraction, jnp.sum(m, dtype=jnp.int32)))
+             for b, m in zip(bits, keep)]
+    removed, cuts = [p[0][0] for p in pairs], [p[1] for p in pairs]
   new_m = list(mleaves)
   for i, r in zip(selected, removed):
     new_m[i] = mleaves[i] & ~r
   new_masks = jax.tree.unflatten(treedef, new_m)
-  return masks_lib.apply_masks(params, new_masks), new_masks, n_bad
+  n_removed = jnp.stack([jnp.sum(r, dtype=jnp.int32) for r in removed])
+  report = MagnitudeReport(
+      kept=jnp.stack([jnp.sum(new_m[i], dtype=jnp.int32) for i in selected]),
+      removed=n_removed, threshold=jnp.stack(cuts).astype(jnp.float32),
+      count=jnp.sum(n_removed))
+  return masks_lib.apply_masks(params, new_masks), new_masks, report, n_bad
 
 
 def _prune(params, weight_masks, fraction, key, scope, select, random):
@@ -186,14 +230,14 @@ def _prune(params, weight_masks, fraction, key, scope, select, random):
     scores = _uniform_scores(key, shapes=tuple(tuple(jnp.shape(leaves[i])) for i in selected))
   else:
     scores = [leaves[i] for i in selected]
-  new_params, new_masks, n_bad = _core(params, scores, weight_masks,
-                                       jnp.asarray(fraction, jnp.float32), selected=selected,
-                                       scope=scope)
+  new_params, new_masks, report, n_bad = _core(params, scores, weight_masks,
+                                               jnp.asarray(fraction, jnp.float32),
+                                               selected=selected, scope=scope)
   if _common.is_concrete(n_bad) and int(n_bad):
     raise ValueError(f"Parameters hold {int(n_bad)} NaN or infinite values in the leaves to "
                      "prune; magnitudes are undefined there. Fix the params (or exclude those "
                      "leaves with select=).")
-  return new_params, new_masks
+  return new_params, new_masks, report
 
 
 def magnitude_prune(params: PyTree, weight_masks: PyTree | None = None, fraction=0.2, *,
@@ -209,7 +253,8 @@ def magnitude_prune(params: PyTree, weight_masks: PyTree | None = None, fraction
       ``ndim >= 2``).
 
   Returns:
-    ``(params, weight_masks)``: params with every masked weight zeroed, and the new masks.
+    ``(params, weight_masks, MagnitudeReport)``: params with every masked weight zeroed, the
+    new masks, and the per-leaf counts and cut (see :class:`MagnitudeReport`).
     Jit-compiled; a new fraction does not recompile. Bad fractions raise ValueError (on
     concrete values); NaN weights raise ValueError. Under ``jit``/``vmap`` a traced fraction
     outside [0, 1] (or NaN) cannot raise: it removes nothing (the masks come back unchanged),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,8 @@ class ProgressiveReport(NamedTuple):
     min_angle: (units,) float32 smallest angle between kept units (NaN with fewer than two).
     unit_masks: (units, units) bool, the group's unit mask at each step.
     count: () int32 number of valid rows.
+    metrics: dict name -> (units,) float32, each extra metric function (the factory's
+      ``metrics``) of the pruned network at each step; empty if none were given.
   """
 
   units_kept: jax.Array
@@ -36,11 +38,14 @@ class ProgressiveReport(NamedTuple):
   min_angle: jax.Array
   unit_masks: jax.Array
   count: jax.Array
+  metrics: dict = {}
 
 
 def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], jax.Array], *,
                                 complementary: bool = False, constants: bool = True,
-                                compensate: bool = False) -> Callable:
+                                compensate: bool = False,
+                                metrics: Mapping[str, Callable[[PyTree], jax.Array]] | None = None
+                                ) -> Callable:
   """Removes the single most similar pair per step, down to one unit, recording the loss.
 
   At each step the group's activations on ``x`` are recomputed from the current params; constant
@@ -57,6 +62,8 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     complementary: also remove complementary pairs.
     constants: remove constant units at each step.
     compensate: fold a removed complementary pair's mean contribution into the next bias.
+    metrics: optional ``{name: fn(params) -> scalar}`` recorded at every step beside the loss
+      (e.g. the test loss), in ``report.metrics[name]``: one trajectory, several measures.
 
   Returns:
     ``run(params, unit_masks, x, constant_tol=1e-6) -> (params, unit_masks,
@@ -72,6 +79,12 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     >>> _, _, rep = run(params, jaxprune.unit_masks_ones(model), x)
     >>> rep.units_kept[:3].tolist()
     [10, 9, 8]
+    >>> x_test = jax.random.uniform(jax.random.key(2), (16, 11))
+    >>> run = progressive_distinctiveness(model, 'hidden_0', loss, metrics={
+    ...     'test_loss': lambda p: jax.numpy.mean((model.apply(p, x_test) - x_test) ** 2)})
+    >>> _, _, rep = run(params, jaxprune.unit_masks_ones(model), x)
+    >>> rep.metrics['test_loss'].shape
+    (10,)
   """
   g = _common.get_group(model, group)
   groups = _common.resolve_groups(model)
@@ -79,8 +92,16 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
   if not hasattr(model, "activations"):
     raise TypeError("progressive_distinctiveness needs a jaxprune model (to recompute "
                     "activations), not just its groups.")
+  metrics = dict(metrics or {})
+  for name, fn in metrics.items():
+    if not isinstance(name, str) or not callable(fn):
+      raise TypeError("metrics must map names (str) to functions fn(params) -> scalar; got "
+                      f"{name!r}: {type(fn).__name__}.")
   shift = _common.SHIFT[g.activation]
   h = g.size
+
+  def measure(params):
+    return {k: jnp.asarray(fn(params), jnp.float32) for k, fn in metrics.items()}
   triu = np.triu(np.ones((h, h), bool), 1)
 
   def min_angle(ang, keep):
@@ -127,7 +148,7 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     a0 = model.activations(params, x, g.name).reshape(-1, h).T.astype(jnp.float32)
     ang0 = pairwise_angles(jnp.where(mask[:, None], a0 - shift, 0.0))
     row0 = (jnp.sum(mask, dtype=jnp.int32), jnp.asarray(loss_fn(params), jnp.float32),
-            min_angle(ang0, mask), mask)
+            min_angle(ang0, mask), mask, measure(params))
 
     def body(carry, _):
       params, mask, count = carry
@@ -136,13 +157,13 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
       params = jax.tree.map(lambda a, b: jnp.where(live, a, b), new_p, params)
       mask = jnp.where(live, new_m, mask)
       row = (jnp.sum(mask, dtype=jnp.int32), jnp.asarray(loss_fn(params), jnp.float32),
-             jnp.where(live, ma, jnp.nan), mask)
+             jnp.where(live, ma, jnp.nan), mask, measure(params))
       return (params, mask, count + live.astype(jnp.int32)), row
 
     (params, mask, count), rows = jax.lax.scan(body, (params, mask, jnp.asarray(1, jnp.int32)),
                                                None, length=h - 1)
     rows = jax.tree.map(lambda r0, r: jnp.concatenate([r0[None], r]), row0, rows)
-    return params, mask, ProgressiveReport(rows[0], rows[1], rows[2], rows[3], count)
+    return params, mask, ProgressiveReport(rows[0], rows[1], rows[2], rows[3], count, rows[4])
 
   jitted = jax.jit(run_core)
 

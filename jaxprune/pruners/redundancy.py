@@ -32,8 +32,10 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune import units as units_lib
+from jaxprune import validate
 from jaxprune.pruners import _common
 
 _RIDGE = 1e-4
@@ -78,18 +80,35 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     one by one (pruning to a target size). Activations are
     (N, units) or (N, H, W, units) from the params being pruned. NaN activations raise on
     concrete input; under jit they leave everything unchanged and set ``report.invalid``.
+    ``sample_weight`` (N,) makes the fits weighted least squares (weighted means, rows scaled
+    by ``sqrt(w)``): a pattern of weight 0 does not exist, so zero-weight padding rows give the
+    fits of the unpadded data (to float rounding). None: every pattern counts once.
   """
   g = _common.get_group(model_or_groups, group)
   groups = _common.resolve_groups(model_or_groups)
   h = g.size
 
   @jax.jit
-  def core(params, mask, acts, tol, max_remove):
+  def core(params, mask, acts, tol, max_remove, weight):
     a = acts.reshape(-1, h).astype(jnp.float32)
-    bad = ~jnp.all(jnp.isfinite(jnp.where(mask[None, :], a, 0.0))) | ~(tol >= 0)
-    a = jnp.where(jnp.isfinite(a), a, 0.0)
-    mean = jnp.mean(a, axis=0)
-    x = a - mean
+    if weight is None:
+      bad = ~jnp.all(jnp.isfinite(jnp.where(mask[None, :], a, 0.0))) | ~(tol >= 0)
+      a = jnp.where(jnp.isfinite(a), a, 0.0)
+      mean = jnp.mean(a, axis=0)
+      x = a - mean
+    else:  # weighted least squares: rows scaled by sqrt(w), a weight-0 row is exactly zero
+      w = jnp.asarray(weight, jnp.float32)
+      wv = jnp.broadcast_to(w.reshape((-1,) + (1,) * (acts.ndim - 2)),
+                            acts.shape[:-1]).reshape(-1)
+      real = wv > 0
+      a = jnp.where(real[:, None], a, 0.0)
+      bad = ~jnp.all(jnp.isfinite(jnp.where(mask[None, :], a, 0.0))) | ~(tol >= 0)
+      total = jnp.sum(wv)
+      bad |= ~jnp.all(jnp.isfinite(w) & (w >= 0)) | ~(total > 0)
+      a = jnp.where(jnp.isfinite(a), a, 0.0)
+      mean = jnp.sum(wv[:, None] * a, axis=0) / jnp.where(total > 0, total, 1.0)
+      x = jnp.where(real[:, None], (a - mean) * jnp.sqrt(jnp.where(real, wv, 0.0))[:, None],
+                    0.0)
     cov = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
 
     def rank(m):
@@ -137,10 +156,16 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     rep = RedundancyReport(rep_j, rep_r, coef[:, :h], coef[:, h], count, bad)
     return params, m, rep
 
-  def prune(params, unit_masks, activations, tol=1e-3, max_remove=None):
+  def prune(params, unit_masks, activations, tol=1e-3, max_remove=None, *, sample_weight=None):
     mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_activation_shape(activations, g)
-    _common.check_activations(activations)
+    if sample_weight is None:
+      _common.check_activations(activations)
+    else:
+      validate.check_not_empty("Activations", activations)
+      sample_weight = validate.check_sample_weight(sample_weight, jnp.shape(activations)[0])
+      if _common.is_concrete(activations, sample_weight):
+        _common.check_activations(np.asarray(activations)[np.asarray(sample_weight) > 0])
     if _common.is_concrete(tol) and not float(tol) >= 0:
       raise ValueError(f"tol must be >= 0 (a relative residual), got {tol}.")
     if max_remove is None:
@@ -148,7 +173,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     elif _common.is_concrete(max_remove) and not int(max_remove) >= 0:
       raise ValueError(f"max_remove must be >= 0 (a number of units), got {max_remove}.")
     params, m, rep = core(params, mask, jnp.asarray(activations), tol,
-                          jnp.asarray(max_remove, jnp.int32))
+                          jnp.asarray(max_remove, jnp.int32), sample_weight)
     return params, _common.with_mask(unit_masks, g.name, m), rep
 
   return prune

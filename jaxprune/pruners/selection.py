@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.pruners.angles import _angle_matrix, _gram
+from jaxprune.pruners.angles import _angle_matrix, _blocked_gram, _gram
 
 PyTree = Any
 
@@ -293,7 +293,7 @@ _kept_extremes = _map_when_batched(_kept_extremes_one)
 
 
 def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_similar, use_comp,
-           use_const, absorb, fold, compensate):
+           use_const, absorb, fold, compensate, blocked=False):
   """The selection: returns (keep, moves, constants, report). All inputs may be traced,
   the rule flags (``use_*``, ``absorb``, ``fold``, ``compensate``) included: one compiled
   program serves every combination of them.
@@ -301,6 +301,10 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   ``moves = (dst, src, scale)``: row ``dst[n]`` of every consumer slice gains ``scale[n]`` times
   row ``src[n]`` (of the original rows; ``dst == h`` is no move). Equivalent to the transfer
   matrix ``I + sum_n scale[n] e_dst e_src^T`` without building it.
+
+  ``blocked=True`` sums the Gram matrix in fixed-size blocks of the vector axis
+  (:func:`jaxprune.pruners.angles._blocked_gram`), so zero entries appended to every vector
+  (patterns of sample weight 0) leave the angles bit-for-bit unchanged.
   """
   h = vecs.shape[0]
   f32 = jnp.float32
@@ -308,7 +312,7 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
       jnp.asarray(f, bool) for f in (use_similar, use_comp, use_const, absorb, fold, compensate))
   vecs = jnp.where(active[:, None], vecs, 0.0)
   norm = jnp.linalg.norm(vecs, axis=1)
-  g, d = _gram(vecs)
+  g, d = _blocked_gram(vecs) if blocked else _gram(vecs)
   idx = jnp.arange(h, dtype=jnp.int32)
   # One symmetric angle matrix (the upper triangle mirrored, so both units of a pair see the
   # same float32 angle), computed once and shared by every threshold under vmap.

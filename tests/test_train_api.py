@@ -1,0 +1,112 @@
+"""The training API that experiments build on: sample-weighted evaluate, evaluate_many (one
+vmapped program against a Python loop of evaluate), and the hook between training chunks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+from jaxprune import train
+
+MODEL = jaxprune.MLP(in_features=3, hidden=(5,), out_features=3)
+AE = jaxprune.Autoencoder(in_features=3, hidden=(2,))
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(3, 12, 3)).astype(np.float32)           # 3 runs, padded to 12 rows
+Y = RNG.integers(0, 3, size=(3, 12)).astype(np.int32)
+SIZES = (12, 7, 4)
+W = np.stack([(np.arange(12) < n).astype(np.float32) for n in SIZES])
+PARAMS = jax.vmap(MODEL.init)(jax.random.split(jax.random.key(0), 3))
+one = lambda tree, r: jax.tree.map(lambda a: a[r], tree)
+
+
+def test_weighted_evaluate_equals_unpadded_and_weighted_mean():
+  p = one(PARAMS, 1)
+  n = SIZES[1]
+  padded = jaxprune.evaluate(MODEL, p, X[1], Y[1], sample_weight=W[1])
+  real = jaxprune.evaluate(MODEL, p, X[1, :n], Y[1, :n])
+  assert padded["accuracy"] == pytest.approx(real["accuracy"], rel=1e-6)
+  assert padded["loss"] == pytest.approx(real["loss"], rel=1e-6)
+  # Fractional weights: the weighted means against NumPy.
+  w = RNG.uniform(0.0, 0.3, size=12).astype(np.float32)         # sum below 1 on purpose
+  out = np.asarray(MODEL.apply(p, X[1]))
+  logp = out - np.log(np.sum(np.exp(out - out.max(1, keepdims=True)), 1, keepdims=True)) \
+      - out.max(1, keepdims=True)
+  ce = -logp[np.arange(12), Y[1]]
+  correct = (out.argmax(1) == Y[1]).astype(np.float64)
+  m = jaxprune.evaluate(MODEL, p, X[1], Y[1], sample_weight=w)
+  assert m["loss"] == pytest.approx(np.sum(w * ce) / np.sum(w), rel=1e-5)
+  assert m["accuracy"] == pytest.approx(np.sum(w * correct) / np.sum(w), rel=1e-5)
+  # None keeps the unweighted program; all-ones weights agree with it.
+  ones = jaxprune.evaluate(MODEL, p, X[1], Y[1], sample_weight=np.ones(12, np.float32))
+  plain = jaxprune.evaluate(MODEL, p, X[1], Y[1])
+  assert ones == pytest.approx(plain, rel=1e-6)
+
+
+def test_sample_weight_errors():
+  p = one(PARAMS, 0)
+  with pytest.raises(ValueError, match="shape"):
+    jaxprune.evaluate(MODEL, p, X[0], Y[0], sample_weight=np.ones(5))
+  with pytest.raises(ValueError, match=">= 0"):
+    jaxprune.evaluate(MODEL, p, X[0], Y[0], sample_weight=-np.ones(12))
+  with pytest.raises(ValueError, match="all zero"):
+    jaxprune.evaluate(MODEL, p, X[0], Y[0], sample_weight=np.zeros(12))
+
+
+def test_evaluate_many_equals_loop_of_evaluate():
+  masks = jax.vmap(lambda p, k: jaxprune.magnitude_prune(p, None, 0.5)[1])(PARAMS, jnp.arange(3))
+  many = jaxprune.evaluate_many(MODEL, PARAMS, X, Y, W, masks=masks)
+  for r, n in enumerate(SIZES):
+    ref = jaxprune.evaluate(MODEL, one(PARAMS, r), X[r, :n], Y[r, :n], masks=one(masks, r))
+    assert many["accuracy"][r] == pytest.approx(ref["accuracy"], rel=1e-6)
+    assert many["loss"][r] == pytest.approx(ref["loss"], rel=1e-6)
+  # Reconstruction (targets are the inputs), no weights: all rows count.
+  ae = jax.vmap(AE.init)(jax.random.split(jax.random.key(1), 3))
+  many = jaxprune.evaluate_many(AE, ae, X, X)
+  for r in range(3):
+    ref = jaxprune.evaluate(AE, one(ae, r), X[r], X[r])
+    assert many["loss"][r] == pytest.approx(ref["loss"], rel=1e-6)
+    assert many["accuracy"][r] == 0.0
+  with pytest.raises(ValueError, match="leading run axis"):
+    jaxprune.evaluate_many(MODEL, one(PARAMS, 0), X, Y)
+  with pytest.raises(ValueError, match=r"\(R, N\)"):
+    jaxprune.evaluate_many(MODEL, PARAMS, X, Y[:, :5])
+
+
+def test_fit_callback_epochs_and_states():
+  p0 = one(PARAMS, 0)
+  seen = []
+  key = jax.random.key(3)
+  params, hist = jaxprune.fit(MODEL, p0, X[0], Y[0], key=key, epochs=5, log_every=2,
+                              batch_size=4, progress=False,
+                              callback=lambda e, st: seen.append((e, st)))
+  assert [e for e, _ in seen] == [2, 4, 5]
+  assert all(isinstance(st, train.TrainState) for _, st in seen)
+  for a, b in zip(jax.tree.leaves(seen[-1][1].params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  # The state at epoch 2 is the first chunk: fit splits its key into one key per chunk.
+  trainer = jaxprune.make_trainer(MODEL, batch_size=4)
+  state = train.init_state(trainer, p0, 1e-3)
+  w = jnp.ones((12,), jnp.float32)
+  x, y = jnp.asarray(X[0]), jnp.asarray(Y[0])
+  ref, _ = jax.jit(lambda s, k: trainer.epochs(s, None, x, y, w, k, 2))(
+      state, jax.random.split(key, 3)[0])
+  for a, b in zip(jax.tree.leaves(seen[0][1].params), jax.tree.leaves(ref.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # The hook does not change training.
+  again, hist2 = jaxprune.fit(MODEL, p0, X[0], Y[0], key=key, epochs=5, log_every=2,
+                              batch_size=4, progress=False)
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(hist["loss"], hist2["loss"])
+
+
+def test_fit_many_callback_gets_stacked_state():
+  seen = []
+  params, _ = jaxprune.fit_many(MODEL, PARAMS, X, Y, W, key=jax.random.split(jax.random.key(4), 3),
+                                epochs=3, log_every=3, batch_size=4, progress=False,
+                                callback=lambda e, st: seen.append((e, st)))
+  assert [e for e, _ in seen] == [3]
+  for a, b in zip(jax.tree.leaves(seen[0][1].params), jax.tree.leaves(params)):
+    assert a.shape[0] == 3
+    np.testing.assert_array_equal(a, b)
