@@ -533,19 +533,19 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
   folds = mc.cv_folds(ds, cfg.folds, cfg.seed)
   li = cfg.lrs.index(cfg.prune_lr)
 
-  progress = _report.Progress(len(cfg.hidden), "1/3 baseline grid")
+  progress = _report.Progress(len(cfg.hidden), "1/4 baseline grid")
   stage1 = {h: train_hidden(cfg, folds, h, study, progress) for h in cfg.hidden}
   pruned = cfg.pruned_hidden()
   dist_h = [h for h in pruned if cfg.angle_pairs(h)]
-  progress = _report.Progress(len(dist_h), "2/3 distinctiveness")
+  progress = _report.Progress(len(dist_h), "2/4 distinctiveness")
   dist = {h: distinctiveness_hidden(cfg, folds, h, stage1[h]["params"],
                                     stage1[h]["acc"]["test_acc"][li], study, progress)
           for h in dist_h}
   ga_h = [h for h in pruned if cfg.ga_runs(h)]
-  progress = _report.Progress(len(ga_h), "3/3 GA")
+  progress = _report.Progress(len(ga_h), "3/4 GA")
   gas = {h: ga_hidden(cfg, folds, h, stage1[h]["params"], study, progress) for h in ga_h}
   red_h = list(cfg.compare_hidden) if cfg.compare_redundancy_tols else []
-  progress = _report.Progress(len(red_h), "3/3 group redundancy")
+  progress = _report.Progress(len(red_h), "4/4 group redundancy")
   red = {h: redundancy_hidden(cfg, folds, h, stage1[h]["params"], study, progress)
          for h in red_h}
 

@@ -27,7 +27,10 @@ Schedules, at matched numbers of kept units and matched retraining epochs:
   and retrained for ``t * --retrain_epochs`` epochs;
 * ``iterative``: prune to the first target, retrain ``--retrain_epochs``, prune the retrained
   network to the next target, retrain, and so on: at target t it has also retrained
-  ``t * --retrain_epochs`` epochs.
+  ``t * --retrain_epochs`` epochs. (With ``rewind`` each round restarts from the initial
+  weights, so its network has trained ``--retrain_epochs`` since the last rewind, where the
+  one-shot rewound network has trained ``t * --retrain_epochs``: matched in total, not since
+  the rewind.)
 
 Retraining (masked: removed units stay exactly zero) is either ``finetune`` (from the pruned
 weights) or ``rewind`` (the kept weights are rewound to the network's initial weights,
@@ -468,7 +471,11 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
           f"network straight to target t and retrains t x {cfg.retrain_epochs} epochs; "
           f"iterative prunes the previous round's retrained network to target t and retrains "
           f"{cfg.retrain_epochs} epochs, so both have retrained the same number of epochs at "
-          "each target. Distinctiveness and the GA may end below a target (a sweep or a mask "
+          "each target. With rewinding the epochs are matched in total but not since the last "
+          "rewind: an iterative round rewinds its network to the initial weights and trains "
+          f"{cfg.retrain_epochs} epochs (the earlier rounds only choose the mask), while "
+          f"one-shot rewinding trains t x {cfg.retrain_epochs} epochs from the initial weights. "
+          "Distinctiveness and the GA may end below a target (a sweep or a mask "
           "removes several units at once); `kept` is what they kept."),
       ("Accuracy against units kept", "\n".join(f"![]({f})" for f in figs) + "\n\n" + t_rows),
       ("Defaults and the seeds", SEED_DEFAULTS),

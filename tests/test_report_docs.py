@@ -57,6 +57,19 @@ def test_new_page_and_chosen_tables(tmp_path):
   assert "summary.baseline" not in text
 
 
+def test_summary_tables_are_the_default_when_present(tmp_path):
+  doc = json.loads(json.dumps(FAKE))
+  doc["results"]["per_fold"]["runs"] = [{"fold": 0, "acc": 0.5}]   # a flat per-fold table
+  page = tmp_path / "p.md"
+  report_docs.main(["--workdir", write_run(tmp_path, doc), "--out", str(page)])
+  text = page.read_text()
+  assert "`summary.baseline`" in text and "`summary.big`" in text and "`scalars`" in text
+  assert "per_fold.runs" not in text
+  del doc["results"]["summary"]                                     # no summary: every table
+  section = report_docs.render(doc, source="r.json")
+  assert "`per_fold.runs`" in section
+
+
 def test_bad_input(tmp_path):
   page = tmp_path / "p.md"
   with pytest.raises(SystemExit, match="no finished study.*finished: none"):

@@ -393,8 +393,8 @@ def _problem(message: str, relpath: str, on_error: OnError,
              skipped: list[dict[str, str]]) -> None:
   if on_error == "raise":
     raise ValueError(
-        f"{message}. Remove or fix it, or pass on_error='skip' to skip such"
-        " files (they are then listed in info['skipped'])."
+        f"{message}. Remove or fix it, or skip such files with on_error='skip' "
+        "(--on_error=skip for experiments.featurize); they are then listed."
     )
   skipped.append({"path": relpath, "reason": message})
 
