@@ -289,7 +289,7 @@ def test_generated_flags_keep_names_types_and_defaults():
             "angles", "groups", "seed", "quick", "data", "workdir")}
   assert kinds == {
       "arch": ("string enum", "auto"), "pretrained": ("string", None), "image_size": ("string", None),
-      "channels": ("int", None), "retrain_epochs": ("int", 25), "learning_rate": ("float", 1e-3),
+      "channels": ("int", None), "retrain_epochs": ("int", None), "learning_rate": ("float", 1e-3),
       "angles": (LIST, ["45.0", "50.0"]), "groups": (LIST, []), "seed": ("int", 0),
       "quick": ("bool", False), "data": ("string", "images"), "workdir": ("string", "workdir")}
   assert "closer than this are merged" in fv["angles"].help
