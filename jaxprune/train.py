@@ -153,6 +153,17 @@ def _check_learning_rate(learning_rate) -> None:
 # ----------------------------------------------------------------------------- state
 
 
+def _blank_padding(y, w):
+  """``y`` with the targets of weight-0 rows set to 0, so that they stay in range and finite."""
+  keep = (w > 0).reshape(w.shape + (1,) * (jnp.ndim(y) - w.ndim))
+  return jnp.where(keep, y, jnp.zeros_like(y))
+
+
+def _weighted(w, per_sample):
+  """``w * per_sample`` with weight-0 rows exactly 0 (NaN * 0 would be NaN)."""
+  return jnp.where(w > 0, w * per_sample, 0.0)
+
+
 class TrainState(NamedTuple):
   """Everything that changes during training."""
   params: PyTree  # the full variables dict ('params', and 'batch_stats' if any)
@@ -179,15 +190,21 @@ class Trainer:
     return TrainState(params, self.optimizer.init(_trainable(params)))
 
   def step(self, state: TrainState, masks: PyTree | None, x, y, w) -> tuple[TrainState, dict]:
-    """One masked optimizer step on a weighted minibatch; no-op if ``sum(w) == 0``."""
+    """One masked optimizer step on a weighted minibatch; no-op if ``sum(w) == 0``.
+
+    Rows with weight 0 contribute exactly 0 (to the loss, its gradient and the counts) whatever
+    their targets hold, e.g. an out-of-range padding label.
+    """
     params = state.params
     denom = jnp.maximum(jnp.sum(w), 1.0)
+    y = _blank_padding(y, w)
 
     def objective(trainable):
       variables = _with_trainable(params, trainable)
       out, new_vars = self.model.apply_train(variables, x, mask=w > 0)
-      per = self.loss(out, y)
-      return jnp.sum(w * per) / denom, (new_vars, jnp.sum(w * per), jnp.sum(w * _correct(out, y)))
+      per = _weighted(w, self.loss(out, y))
+      correct = _weighted(w, _correct(out, y))
+      return jnp.sum(per) / denom, (new_vars, jnp.sum(per), jnp.sum(correct))
 
     grads, (new_vars, loss_sum, correct) = jax.grad(objective, has_aux=True)(_trainable(params))
     if masks is not None:
@@ -238,8 +255,10 @@ class Trainer:
 
     def body(acc, b):
       xb, yb, wb = b
+      yb = _blank_padding(yb, wb)
       out = self.model.apply(params, xb)
-      return (acc[0] + jnp.sum(wb * self.loss(out, yb)), acc[1] + jnp.sum(wb * _correct(out, yb))), None
+      return (acc[0] + jnp.sum(_weighted(wb, self.loss(out, yb))),
+              acc[1] + jnp.sum(_weighted(wb, _correct(out, yb)))), None
 
     (ls, cs), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (xs, ys, ws))
     total = jnp.sum(w)  # a weighted mean; no sample at all (sum 0) gives 0, not NaN
