@@ -64,7 +64,7 @@ from jax.sharding import PartitionSpec as PS
 from jaxprune import validate
 from jaxprune.ga import incremental
 from jaxprune.ga.strategy import GAConfig, GAHyperparams, GAResult, check_params
-from jaxprune.ga.loop import _PROGRESS, _run, resolve_mesh
+from jaxprune.ga.loop import _DISPLAYS, GAProgress, _run, resolve_mesh
 from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.ga.fitness import UserFitness
 from jaxprune.ga.fitness import _groups_of
@@ -141,24 +141,25 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     params = jax.device_put(params, NamedSharding(mesh, PS()))
   with_accuracy = (x is not None and y is not None
                    and getattr(model, "task", "") == "classification")
-  _PROGRESS["last"] = -1
-  result = _search_jit(config, fit, num_units, bool(progress), mesh, with_accuracy, hyper,
-                       params, x, y, key)
-  if progress:
-    jax.effects_barrier()  # every report has been printed before we return
+  display = GAProgress(config.generations, f"GA {group}") if progress else None
+  with _DISPLAYS.open(display) as token:
+    result = _search_jit(config, fit, num_units, bool(progress), mesh, with_accuracy, hyper,
+                         params, x, y, key, token)
+    if progress:
+      jax.effects_barrier()  # every report has been printed before we return
   return result
 
 
 def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh: Mesh | None,
                     with_accuracy: bool, hyper: GAHyperparams, params: PyTree, x, y,
-                    key: jax.Array):
+                    key: jax.Array, token: jax.Array):
   """The whole of :func:`search` as one program: the fast path's activations, the GA's scan
   and the best mask's accuracy (one XLA compilation for a first call)."""
   data = params if isinstance(fit, UserFitness) else fit.prepare(params, x, y)
   if mesh is not None and mesh.size > 1:
     data = jax.tree.map(lambda a: lax.with_sharding_constraint(a, NamedSharding(mesh, PS())),
                         data)
-  state, history = _run(config, fit, num_units, progress, mesh, hyper, data, key)
+  state, history = _run(config, fit, num_units, progress, mesh, hyper, data, key, token)
   if with_accuracy:  # a fraction, like evaluate() (the fitness works in percent)
     accuracy = AccuracyFitness(fit.model, fit.group, None, False).accuracy(
         state.hof[0][None], {"params": params, "x": x, "y": _labels(y)})[0] / 100.0
