@@ -383,3 +383,38 @@ def test_progress_displays_are_per_run(capsys):
             key=jax.random.key(1), config=ga.GAConfig(population_size=8, generations=2))
   err = capsys.readouterr().err
   assert "[GA hidden_0] gen 0/2" in err and "[GA hidden_0] gen 2/2" in err
+
+
+def test_sample_weight_padding_gives_the_unpadded_search(trained, result):
+  model, params, x, y = trained
+  # 13 padding rows of weight 0 with an out-of-range label and inputs unlike the data.
+  xp = jnp.concatenate([x, 5.0 * jnp.ones((13, x.shape[1]), x.dtype)])
+  yp = jnp.concatenate([y, jnp.full((13,), 99, y.dtype)])
+  w = jnp.concatenate([jnp.ones(x.shape[0]), jnp.zeros(13)])
+  eq6 = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+                  fitness="eq6", fast_path=False, progress=False)
+  for fitness, fast_path, ref in (("eq5", "auto", result), ("eq6", False, eq6)):
+    padded = ga.search(model, params, xp, yp, "hidden_0", key=jax.random.key(7), config=CFG,
+                       fitness=fitness, fast_path=fast_path, progress=False, sample_weight=w)
+    np.testing.assert_array_equal(padded.mask, ref.mask)
+    # Same search; the fitness to float rounding (a weighted mean is not jnp.mean's program).
+    assert float(padded.fitness) == pytest.approx(float(ref.fitness), rel=1e-6)
+    assert float(padded.accuracy) == pytest.approx(float(ref.accuracy), rel=1e-6)
+    np.testing.assert_allclose(padded.history.best, ref.history.best, rtol=1e-6)
+    np.testing.assert_array_equal(padded.history.best_kept, ref.history.best_kept)
+  # Fractional weights: the result's accuracy is the weighted mean of the best mask's hits.
+  wf = jnp.asarray(np.random.default_rng(1).uniform(0.1, 1.0, size=x.shape[0]), jnp.float32)
+  res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+                  fitness="accuracy", progress=False, sample_weight=wf)
+  m = jaxprune.expand(params, model, {"hidden_0": res.mask})
+  pred = np.argmax(np.asarray(model.apply(jaxprune.apply_masks(params, m), x)), -1)
+  hits = (pred == np.asarray(y)).astype(np.float64)
+  assert float(res.accuracy) == pytest.approx(np.sum(wf * hits) / np.sum(wf), rel=1e-5)
+  assert float(res.fitness) == pytest.approx(100 * float(res.accuracy), rel=1e-5)
+  # Bad weights and weights with a fitness function are errors.
+  with pytest.raises(ValueError, match="shape"):
+    ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+              progress=False, sample_weight=jnp.ones(3))
+  with pytest.raises(ValueError, match="inside it"):
+    ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+              fitness=lambda p, m: jnp.sum(m), progress=False, sample_weight=w[:140])
