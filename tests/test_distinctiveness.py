@@ -747,6 +747,15 @@ def test_progressive_metrics_equal_separate_runs():
       params, _ones(model), x)[2].metrics) == set()
   with pytest.raises(TypeError, match="metrics"):
     progressive_distinctiveness(model, "hidden_0", mse(x), metrics={"bad": 3.0})
+  with pytest.raises(TypeError, match="metrics must be a mapping"):
+    progressive_distinctiveness(model, "hidden_0", mse(x), metrics=[mse(x_te)])
+  # A metric (or the loss) that is not one number: said before anything runs.
+  per_sample = lambda p: jnp.mean((model.apply(p, x_te) - x_te) ** 2, axis=1)
+  with pytest.raises(ValueError, match=r"metrics\['per'\] must return a scalar.*\(12,\)"):
+    progressive_distinctiveness(model, "hidden_0", mse(x), metrics={"per": per_sample})(
+        params, _ones(model), x)
+  with pytest.raises(ValueError, match="loss_fn must return a scalar"):
+    progressive_distinctiveness(model, "hidden_0", per_sample)(params, _ones(model), x)
 
 
 def test_bias_folds_refused_where_they_cannot_be_exact():
@@ -791,6 +800,11 @@ def test_until_stable_equals_a_loop_of_sweeps(tanh_model):
     jaxprune.until_stable(prune, params, _ones(model), acts, 50.0, max_sweeps=0)
   with pytest.raises(ValueError, match=r"\[0, 180\]"):
     jaxprune.until_stable(prune, params, _ones(model), acts, 200.0)
+  # Sample weights belong to activation pruners: a weight pruner says so.
+  wprune = weight_distinctiveness(model, "hidden_0", complementary=False)
+  with pytest.raises(ValueError, match="activation pruner.*drop sample_weight"):
+    jaxprune.until_stable(wprune, params, _ones(model), 50.0,
+                          sample_weight=np.ones(acts.shape[0], np.float32))
 
 
 def test_weight_distinctiveness_refuses_nan_weights(lenet):

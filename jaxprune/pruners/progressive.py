@@ -92,6 +92,12 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
   if not hasattr(model, "activations"):
     raise TypeError("progressive_distinctiveness needs a jaxprune model (to recompute "
                     "activations), not just its groups.")
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be a function loss_fn(params) -> scalar, got "
+                    f"{type(loss_fn).__name__}.")
+  if metrics is not None and not isinstance(metrics, Mapping):
+    raise TypeError("metrics must be a mapping {name: fn(params) -> scalar}, e.g. "
+                    f"{{'test_loss': fn}}; got {type(metrics).__name__}.")
   metrics = dict(metrics or {})
   for name, fn in metrics.items():
     if not isinstance(name, str) or not callable(fn):
@@ -167,9 +173,22 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
 
   jitted = jax.jit(run_core)
 
+  def check_scalars(params):
+    """Each of ``loss_fn`` and the metrics must give one number (checked by shape, not run)."""
+    for what, fn in [("loss_fn", loss_fn)] + [(f"metrics[{k!r}]", f) for k, f in
+                                             metrics.items()]:
+      out = jax.eval_shape(fn, params)
+      shape = getattr(out, "shape", None)
+      if shape is None or tuple(shape) != ():
+        got = (f"shape {tuple(shape)}" if shape is not None
+               else f"a {type(out).__name__}")
+        raise ValueError(f"{what} must return a scalar (one number per network, e.g. a mean "
+                         f"loss), got {got}; reduce it, e.g. with jnp.mean.")
+
   def run(params, unit_masks, x, constant_tol=1e-6):
     mask = _common.group_mask(unit_masks, g, groups, params)
     _check_tol(constant_tol)
+    check_scalars(params)
     params, mask, report = jitted(params, mask, x, constant_tol)
     return params, _common.with_mask(unit_masks, g.name, mask), report
 
