@@ -758,6 +758,36 @@ def test_progressive_metrics_equal_separate_runs():
     progressive_distinctiveness(model, "hidden_0", per_sample)(params, _ones(model), x)
 
 
+def test_progressive_sample_weight_is_padding_and_repetition():
+  model = Autoencoder(in_features=6, hidden=(7,))
+  params = model.init(jax.random.key(6))
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.uniform(size=(20, 6)), jnp.float32)
+  loss = lambda p: jnp.mean((model.apply(p, x) - x) ** 2)
+  run = progressive_distinctiveness(model, "hidden_0", loss, complementary=True)
+  _, m_ref, ref = run(params, _ones(model), x)
+  # Weight-0 padding rows (any finite values) change nothing.
+  xp = jnp.concatenate([x, jnp.full((5, 6), 30.0)])
+  w = jnp.r_[jnp.ones(20), jnp.zeros(5)]
+  _, m_pad, rep = run(params, _ones(model), xp, sample_weight=w)
+  np.testing.assert_array_equal(rep.unit_masks, ref.unit_masks)
+  np.testing.assert_allclose(rep.loss, ref.loss, rtol=1e-5)
+  np.testing.assert_allclose(rep.min_angle, ref.min_angle, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(m_pad["hidden_0"], m_ref["hidden_0"])
+  # A weight of 2 is the pattern twice (the weighted angles and means).
+  wi = np.asarray(rng.integers(0, 3, size=20), np.float32)
+  _, _, rep_w = run(params, _ones(model), x, sample_weight=wi)
+  _, _, rep_d = run(params, _ones(model), jnp.asarray(np.repeat(np.asarray(x), wi.astype(int),
+                                                                axis=0)))
+  np.testing.assert_array_equal(rep_w.unit_masks, rep_d.unit_masks)
+  assert not np.array_equal(rep_w.unit_masks, ref.unit_masks)   # the weights matter here
+  _, _, unweighted = run(params, _ones(model), xp)               # and so does the padding
+  assert not np.array_equal(unweighted.unit_masks, ref.unit_masks)
+  np.testing.assert_allclose(rep_w.min_angle, rep_d.min_angle, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="sample_weight"):
+    run(params, _ones(model), x, sample_weight=np.ones(3))
+
+
 def test_bias_folds_refused_where_they_cannot_be_exact():
   cnn = jaxprune.CNN4(input_shape=(67, 67, 3), channels=(4, 6, 8, 8), dense=(12, 10, 9))
   with pytest.raises(ValueError, match="'conv_1' cannot fold.*zero-padded.*constants=False"):
