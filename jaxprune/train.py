@@ -123,21 +123,70 @@ def _check_targets(model: Model, params, x, y, name: str) -> None:
   if model.task in ("reconstruction", "custom"):
     return
   if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
-    raise ValueError(f"{name} targets must be integer class labels, got dtype "
+    raise ValueError(f"{name}: the targets must be integer class labels, got dtype "
                      f"{jnp.result_type(y)}; convert with y.astype(int).")
   n_out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct(
       (1,) + tuple(jnp.shape(x)[1:]), jnp.float32)).shape[-1]
   lo, hi = int(jnp.min(y)), int(jnp.max(y))
   if lo < 0 or hi >= n_out:
-    raise ValueError(f"{name} targets range over [{lo}, {hi}] but the model has {n_out} "
+    raise ValueError(f"{name}: the targets range over [{lo}, {hi}] but the model has {n_out} "
                      f"outputs; labels must be in [0, {n_out - 1}].")
 
 
-def _check_data(model: Model, x, y, name="x", params=None):
+def _check_data(model: Model, x, y, name="x", params=None, y_name="y"):
   model.check_input(x)
   validate.check_data(x, y, name=name)  # not empty, finite, lengths match
   if params is not None:
-    _check_targets(model, params, x, y, name)
+    _check_targets(model, params, x, y, y_name)
+
+
+def _check_callback(callback) -> None:
+  """Checked before any training: a bad hook would otherwise fail after the first chunk."""
+  if callback is not None and not callable(callback):
+    raise TypeError(f"callback must be a function callback(epoch, state) -> None (or None), "
+                    f"got {type(callback).__name__}.")
+
+
+def _leading_sizes(tree) -> set:
+  return {jnp.shape(l)[0] if jnp.ndim(l) else None for l in jax.tree.leaves(tree)}
+
+
+def _check_runs(fn: str, model: Model, params, x, y, w, w_name: str, masks) -> tuple[int, int]:
+  """The leading run axis R of ``fit_many`` / ``evaluate_many`` arguments; returns (R, N)."""
+  stacked_x = x.ndim >= 2
+  if stacked_x:
+    try:
+      model.check_input(x[0])
+    except (ValueError, TypeError):
+      stacked_x = False
+  lead = _leading_sizes(params)
+  if not stacked_x:
+    raise ValueError(f"{fn}: x and y need a leading run axis (R, N, ...), one slice per run; "
+                     f"got x of shape {tuple(x.shape)}. For one run use x[None], y[None] (or "
+                     f"{fn.replace('_many', '')}); stack several with np.stack.")
+  runs, n = x.shape[:2]
+  if len(lead) == 1 and None not in lead and lead != {runs}:
+    raise ValueError(f"{fn}: x and y need a leading run axis (R, N, ...) with R = "
+                     f"{next(iter(lead))}, the params' run axis; got x of shape "
+                     f"{tuple(x.shape)} ({runs} runs).")
+  if lead != {runs}:
+    raise ValueError(f"{fn} needs params stacked with a leading run axis of {runs} (x has {runs} "
+                     "runs; e.g. jax.vmap(model.init)(keys)); got leading sizes "
+                     f"{sorted(map(str, lead))}.")
+  if y.shape[:2] != (runs, n) or w.shape != (runs, n):
+    raise ValueError(f"{fn} needs y and {w_name} shaped (R, N) = ({runs}, {n}) like x's "
+                     f"leading axes (x and y need a leading run axis (R, N, ...)); got y "
+                     f"{tuple(y.shape)} and {w_name} {tuple(w.shape)}.")
+  if masks is not None:
+    mlead = _leading_sizes(masks)
+    if mlead != {runs}:
+      raise ValueError(f"{fn}: masks need a leading run axis of R = {runs}, like params (e.g. "
+                       "jax.vmap(lambda p: jaxprune.magnitude_prune(p, None, 0.5)[1])(params), "
+                       f"or jax.tree.map(lambda m: jnp.stack([m] * {runs}), masks)); got leading "
+                       f"sizes {sorted(map(str, mlead))}.")
+    masks_lib.check_weight_masks(jax.tree.map(lambda l: l[0], params),
+                                 jax.tree.map(lambda l: l[0], masks))
+  return runs, n
 
 
 def _check_learning_rate(learning_rate) -> None:
@@ -151,6 +200,17 @@ def _check_learning_rate(learning_rate) -> None:
 
 
 # ----------------------------------------------------------------------------- state
+
+
+def _blank_padding(y, w):
+  """``y`` with the targets of weight-0 rows set to 0, so that they stay in range and finite."""
+  keep = (w > 0).reshape(w.shape + (1,) * (jnp.ndim(y) - w.ndim))
+  return jnp.where(keep, y, jnp.zeros_like(y))
+
+
+def _weighted(w, per_sample):
+  """``w * per_sample`` with weight-0 rows exactly 0 (NaN * 0 would be NaN)."""
+  return jnp.where(w > 0, w * per_sample, 0.0)
 
 
 class TrainState(NamedTuple):
@@ -179,15 +239,21 @@ class Trainer:
     return TrainState(params, self.optimizer.init(_trainable(params)))
 
   def step(self, state: TrainState, masks: PyTree | None, x, y, w) -> tuple[TrainState, dict]:
-    """One masked optimizer step on a weighted minibatch; no-op if ``sum(w) == 0``."""
+    """One masked optimizer step on a weighted minibatch; no-op if ``sum(w) == 0``.
+
+    Rows with weight 0 contribute exactly 0 (to the loss, its gradient and the counts) whatever
+    their targets hold, e.g. an out-of-range padding label.
+    """
     params = state.params
     denom = jnp.maximum(jnp.sum(w), 1.0)
+    y = _blank_padding(y, w)
 
     def objective(trainable):
       variables = _with_trainable(params, trainable)
       out, new_vars = self.model.apply_train(variables, x, mask=w > 0)
-      per = self.loss(out, y)
-      return jnp.sum(w * per) / denom, (new_vars, jnp.sum(w * per), jnp.sum(w * _correct(out, y)))
+      per = _weighted(w, self.loss(out, y))
+      correct = _weighted(w, _correct(out, y))
+      return jnp.sum(per) / denom, (new_vars, jnp.sum(per), jnp.sum(correct))
 
     grads, (new_vars, loss_sum, correct) = jax.grad(objective, has_aux=True)(_trainable(params))
     if masks is not None:
@@ -238,8 +304,10 @@ class Trainer:
 
     def body(acc, b):
       xb, yb, wb = b
+      yb = _blank_padding(yb, wb)
       out = self.model.apply(params, xb)
-      return (acc[0] + jnp.sum(wb * self.loss(out, yb)), acc[1] + jnp.sum(wb * _correct(out, yb))), None
+      return (acc[0] + jnp.sum(_weighted(wb, self.loss(out, yb))),
+              acc[1] + jnp.sum(_weighted(wb, _correct(out, yb)))), None
 
     (ls, cs), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (xs, ys, ws))
     total = jnp.sum(w)  # a weighted mean; no sample at all (sum 0) gives 0, not NaN
@@ -389,6 +457,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   model = as_model(model, loss)
   if epochs < 1:
     raise ValueError(f"epochs must be at least 1, got {epochs}.")
+  _check_callback(callback)
   _check_learning_rate(learning_rate)
   _check_data(model, x, y, params=params)
   if masks is not None:
@@ -398,7 +467,8 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   w = jnp.ones((x.shape[0],), jnp.float32)
   val = None
   if validation is not None:
-    _check_data(model, validation[0], validation[1], "validation x", params=params)
+    _check_data(model, validation[0], validation[1], "validation x", params=params,
+                y_name="validation y")
     val = (jnp.asarray(validation[0]), jnp.asarray(validation[1]),
            jnp.ones((np.shape(validation[0])[0],), jnp.float32))
   state = init_state(trainer, params, learning_rate)
@@ -416,8 +486,8 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   """Trains a stack of independent runs (e.g. CV folds) as one ``vmap``\\ ped program.
 
   Every argument that varies per run has a leading axis R: ``params`` (stacked), ``x`` (R, N,
-  ...), ``y`` (R, N, ...), ``w`` (R, N) sample weights with 0 for padding rows, ``key`` (R keys),
-  ``key`` (R keys, e.g. ``jax.random.split(key, R)``), ``masks`` (stacked, or None),
+  ...), ``y`` (R, N, ...), ``w`` (R, N) sample weights with 0 for padding rows (whatever their
+  labels), ``key`` (R keys, e.g. ``jax.random.split(key, R)``), ``masks`` (stacked, or None),
   ``learning_rate`` (scalar or (R,)) and ``validation`` = (x_val, y_val, w_val) each with
   axis R.
   Each run's result equals :func:`fit` on its unpadded data with the same key.
@@ -430,24 +500,14 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   model = as_model(model)
   if epochs < 1:
     raise ValueError(f"epochs must be at least 1, got {epochs}.")
+  _check_callback(callback)
   x, y, w = jnp.asarray(x), jnp.asarray(y), jnp.asarray(w, jnp.float32)
-  if x.ndim < 2:
-    raise ValueError(f"fit_many takes x with a leading run axis, (R, N, ...); got {x.shape}.")
-  runs, n = x.shape[:2]
-  model.check_input(x[0])
+  runs, n = _check_runs("fit_many", model, params, x, y, w, "w", masks)
   _check_learning_rate(learning_rate)
-  if y.shape[:2] != (runs, n) or w.shape != (runs, n):
-    raise ValueError(f"fit_many needs y and w shaped (R, N) = ({runs}, {n}) like x's leading "
-                     f"axes; got y {y.shape} and w {w.shape}.")
   key_shape = jnp.shape(key)
   if not key_shape or key_shape[0] != runs:
     raise ValueError(f"fit_many needs one key per run: key of shape ({runs},), e.g. "
                      f"jax.random.split(key, {runs}); got shape {key_shape}.")
-  lead = {jnp.shape(l)[0] if jnp.ndim(l) else None for l in jax.tree.leaves(params)}
-  if lead != {runs}:
-    raise ValueError(f"fit_many needs params stacked with a leading run axis of {runs} (e.g. "
-                     "jax.vmap(model.init)(keys)); got leading sizes "
-                     f"{sorted(map(str, lead))}.")
   validate.check_data(x, y, sample_weight=w, name="x", runs=True)
   _check_targets(model, jax.tree.map(lambda l: l[0], params), x[0], y[w > 0], "y")
   trainer = trainer or make_trainer(model, batch_size=batch_size)
@@ -515,28 +575,13 @@ def evaluate_many(model: Model, params: PyTree, x, y, sample_weight=None, *,
   """
   model = as_model(model, loss)
   x, y = jnp.asarray(x), jnp.asarray(y)
-  if x.ndim < 2:
-    raise ValueError(f"evaluate_many takes x with a leading run axis, (R, N, ...); got "
-                     f"{x.shape}.")
-  runs, n = x.shape[:2]
-  w = (jnp.ones((runs, n), jnp.float32) if sample_weight is None
+  w = (jnp.ones(x.shape[:2], jnp.float32) if sample_weight is None
        else jnp.asarray(sample_weight, jnp.float32))
-  if y.shape[:2] != (runs, n) or w.shape != (runs, n):
-    raise ValueError(f"evaluate_many needs y and sample_weight shaped (R, N) = ({runs}, {n}) "
-                     f"like x's leading axes; got y {y.shape} and sample_weight {w.shape}.")
-  lead = {jnp.shape(l)[0] if jnp.ndim(l) else None for l in jax.tree.leaves(params)}
-  if lead != {runs}:
-    raise ValueError(f"evaluate_many needs params stacked with a leading run axis of {runs} "
-                     f"(e.g. jax.vmap(model.init)(keys)); got leading sizes "
-                     f"{sorted(map(str, lead))}.")
-  model.check_input(x[0])
+  runs, n = _check_runs("evaluate_many", model, params, x, y, w, "sample_weight", masks)
   validate.check_data(x, y, sample_weight=w, name="x", runs=True)
   for r in range(runs):
     validate.check_sample_weight(w[r], n, f"sample_weight of run {r}")
   _check_targets(model, jax.tree.map(lambda l: l[0], params), x[0], y[w > 0], "y")
-  if masks is not None:
-    masks_lib.check_weight_masks(jax.tree.map(lambda l: l[0], params),
-                                 jax.tree.map(lambda l: l[0], masks))
   trainer = make_trainer(model, loss=loss)
   m = _compiled_eval_weighted(trainer, batch_size, True)(params, masks, x, y, w)
   return {k: np.asarray(v) for k, v in m.items()}

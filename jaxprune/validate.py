@@ -172,9 +172,11 @@ def num_outputs(model, params: PyTree, x) -> int:
   return int(out.shape[-1])
 
 
-def check_model_data(model, params: PyTree, x, y=None, *, name: str = "x") -> None:
+def check_model_data(model, params: PyTree, x, y=None, *, name: str = "x",
+                     sample_weight=None) -> None:
   """:func:`check_data` for a model: inputs of its shape, finite params, and for a classifier
-  integer labels (or one-hot rows) within its outputs.
+  integer labels (or one-hot rows) within its outputs (rows of ``sample_weight`` 0 are padding:
+  their labels are not checked).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxprune
@@ -193,4 +195,4 @@ def check_model_data(model, params: PyTree, x, y=None, *, name: str = "x") -> No
     check_finite(f"{name}'s one-hot labels", y)
     y = jnp.argmax(jnp.asarray(y), axis=-1)
   num_classes = num_outputs(model, params, x) if classifier and y is not None else None
-  check_data(x, y, num_classes=num_classes, name=name)
+  check_data(x, y, sample_weight=sample_weight, num_classes=num_classes, name=name)

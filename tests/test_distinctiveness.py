@@ -747,6 +747,45 @@ def test_progressive_metrics_equal_separate_runs():
       params, _ones(model), x)[2].metrics) == set()
   with pytest.raises(TypeError, match="metrics"):
     progressive_distinctiveness(model, "hidden_0", mse(x), metrics={"bad": 3.0})
+  with pytest.raises(TypeError, match="metrics must be a mapping"):
+    progressive_distinctiveness(model, "hidden_0", mse(x), metrics=[mse(x_te)])
+  # A metric (or the loss) that is not one number: said before anything runs.
+  per_sample = lambda p: jnp.mean((model.apply(p, x_te) - x_te) ** 2, axis=1)
+  with pytest.raises(ValueError, match=r"metrics\['per'\] must return a scalar.*\(12,\)"):
+    progressive_distinctiveness(model, "hidden_0", mse(x), metrics={"per": per_sample})(
+        params, _ones(model), x)
+  with pytest.raises(ValueError, match="loss_fn must return a scalar"):
+    progressive_distinctiveness(model, "hidden_0", per_sample)(params, _ones(model), x)
+
+
+def test_progressive_sample_weight_is_padding_and_repetition():
+  model = Autoencoder(in_features=6, hidden=(7,))
+  params = model.init(jax.random.key(6))
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.uniform(size=(20, 6)), jnp.float32)
+  loss = lambda p: jnp.mean((model.apply(p, x) - x) ** 2)
+  run = progressive_distinctiveness(model, "hidden_0", loss, complementary=True)
+  _, m_ref, ref = run(params, _ones(model), x)
+  # Weight-0 padding rows (any finite values) change nothing.
+  xp = jnp.concatenate([x, jnp.full((5, 6), 30.0)])
+  w = jnp.r_[jnp.ones(20), jnp.zeros(5)]
+  _, m_pad, rep = run(params, _ones(model), xp, sample_weight=w)
+  np.testing.assert_array_equal(rep.unit_masks, ref.unit_masks)
+  np.testing.assert_allclose(rep.loss, ref.loss, rtol=1e-5)
+  np.testing.assert_allclose(rep.min_angle, ref.min_angle, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(m_pad["hidden_0"], m_ref["hidden_0"])
+  # A weight of 2 is the pattern twice (the weighted angles and means).
+  wi = np.asarray(rng.integers(0, 3, size=20), np.float32)
+  _, _, rep_w = run(params, _ones(model), x, sample_weight=wi)
+  _, _, rep_d = run(params, _ones(model), jnp.asarray(np.repeat(np.asarray(x), wi.astype(int),
+                                                                axis=0)))
+  np.testing.assert_array_equal(rep_w.unit_masks, rep_d.unit_masks)
+  assert not np.array_equal(rep_w.unit_masks, ref.unit_masks)   # the weights matter here
+  _, _, unweighted = run(params, _ones(model), xp)               # and so does the padding
+  assert not np.array_equal(unweighted.unit_masks, ref.unit_masks)
+  np.testing.assert_allclose(rep_w.min_angle, rep_d.min_angle, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="sample_weight"):
+    run(params, _ones(model), x, sample_weight=np.ones(3))
 
 
 def test_bias_folds_refused_where_they_cannot_be_exact():
@@ -791,6 +830,11 @@ def test_until_stable_equals_a_loop_of_sweeps(tanh_model):
     jaxprune.until_stable(prune, params, _ones(model), acts, 50.0, max_sweeps=0)
   with pytest.raises(ValueError, match=r"\[0, 180\]"):
     jaxprune.until_stable(prune, params, _ones(model), acts, 200.0)
+  # Sample weights belong to activation pruners: a weight pruner says so.
+  wprune = weight_distinctiveness(model, "hidden_0", complementary=False)
+  with pytest.raises(ValueError, match="activation pruner.*drop sample_weight"):
+    jaxprune.until_stable(wprune, params, _ones(model), 50.0,
+                          sample_weight=np.ones(acts.shape[0], np.float32))
 
 
 def test_weight_distinctiveness_refuses_nan_weights(lenet):

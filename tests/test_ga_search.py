@@ -265,7 +265,12 @@ def test_nan_fitness_is_worst_and_progress_bar(capsys):
   cfg = ga.GAConfig(population_size=20, hof_size=3, generations=5)
   state, hist = ga.run(cfg, fn, 8, key=jax.random.key(1), progress=True)
   err = capsys.readouterr().err
-  assert "gen 0/5" in err and "gen 5/5" in err and "best" in err and "mean" in err
+  assert "[GA] gen 0/5" in err and "gen 5/5" in err and "best=" in err and "mean=" in err
+  # A second run with progress on has its own display (no state left over from the first).
+  ga.run(ga.GAConfig(population_size=20, hof_size=3, generations=3), fn, 8,
+         key=jax.random.key(2), progress=True)
+  err = capsys.readouterr().err
+  assert "gen 0/3" in err and "gen 3/3" in err and "/5" not in err
   assert not np.any(np.asarray(state.hof)[:, 0])
   assert np.all(np.isfinite(np.asarray(state.hof_fitness)))
   f = np.asarray(state.fitness)
@@ -350,3 +355,66 @@ def test_first_call_is_one_compiled_program():
     assert 0.0 <= float(res.accuracy) <= 100.0
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_progress_displays_are_per_run(capsys):
+  # No module-level progress state: each run has its own display, reached through its token.
+  loop = importlib.import_module("jaxprune.ga.loop")
+  assert not hasattr(loop, "_PROGRESS")
+  a, b = loop.GAProgress(4, "A"), loop.GAProgress(4, "B")
+  with loop._DISPLAYS.open(a) as ta, loop._DISPLAYS.open(b) as tb:
+    assert int(ta) != int(tb) and int(ta) > 0
+    for g in range(3):   # two runs reporting in turn
+      loop._DISPLAYS.report(ta, np.int32(g), np.float32(g), np.float32(0.5))
+      loop._DISPLAYS.report(tb, np.int32(g + 2), np.float32(10.0), np.float32(1.0))
+    loop._DISPLAYS.report(ta, np.int32(1), np.float32(9.0), np.float32(9.0))  # late: ignored
+  assert (a.last, b.last) == (2, 4)
+  loop._DISPLAYS.report(ta, np.int32(3), np.float32(0.0), np.float32(0.0))  # closed: ignored
+  assert a.last == 2
+  lines = capsys.readouterr().err.splitlines()
+  assert [l.split(" best")[0] for l in lines if l.startswith("[A]")] == [
+      "[A] gen 0/4", "[A] gen 1/4", "[A] gen 2/4"]
+  assert [l.split(" best")[0] for l in lines if l.startswith("[B]")] == [
+      "[B] gen 2/4", "[B] gen 3/4", "[B] gen 4/4"]
+  # A search's display names its group.
+  model = jaxprune.MLP(in_features=3, hidden=(4,), out_features=2)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+  ga.search(model, model.init(jax.random.key(0)), x, jnp.arange(8) % 2, "hidden_0",
+            key=jax.random.key(1), config=ga.GAConfig(population_size=8, generations=2))
+  err = capsys.readouterr().err
+  assert "[GA hidden_0] gen 0/2" in err and "[GA hidden_0] gen 2/2" in err
+
+
+def test_sample_weight_padding_gives_the_unpadded_search(trained, result):
+  model, params, x, y = trained
+  # 13 padding rows of weight 0 with an out-of-range label and inputs unlike the data.
+  xp = jnp.concatenate([x, 5.0 * jnp.ones((13, x.shape[1]), x.dtype)])
+  yp = jnp.concatenate([y, jnp.full((13,), 99, y.dtype)])
+  w = jnp.concatenate([jnp.ones(x.shape[0]), jnp.zeros(13)])
+  eq6 = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+                  fitness="eq6", fast_path=False, progress=False)
+  for fitness, fast_path, ref in (("eq5", "auto", result), ("eq6", False, eq6)):
+    padded = ga.search(model, params, xp, yp, "hidden_0", key=jax.random.key(7), config=CFG,
+                       fitness=fitness, fast_path=fast_path, progress=False, sample_weight=w)
+    np.testing.assert_array_equal(padded.mask, ref.mask)
+    # Same search; the fitness to float rounding (a weighted mean is not jnp.mean's program).
+    assert float(padded.fitness) == pytest.approx(float(ref.fitness), rel=1e-6)
+    assert float(padded.accuracy) == pytest.approx(float(ref.accuracy), rel=1e-6)
+    np.testing.assert_allclose(padded.history.best, ref.history.best, rtol=1e-6)
+    np.testing.assert_array_equal(padded.history.best_kept, ref.history.best_kept)
+  # Fractional weights: the result's accuracy is the weighted mean of the best mask's hits.
+  wf = jnp.asarray(np.random.default_rng(1).uniform(0.1, 1.0, size=x.shape[0]), jnp.float32)
+  res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+                  fitness="accuracy", progress=False, sample_weight=wf)
+  m = jaxprune.expand(params, model, {"hidden_0": res.mask})
+  pred = np.argmax(np.asarray(model.apply(jaxprune.apply_masks(params, m), x)), -1)
+  hits = (pred == np.asarray(y)).astype(np.float64)
+  assert float(res.accuracy) == pytest.approx(np.sum(wf * hits) / np.sum(wf), rel=1e-5)
+  assert float(res.fitness) == pytest.approx(100 * float(res.accuracy), rel=1e-5)
+  # Bad weights and weights with a fitness function are errors.
+  with pytest.raises(ValueError, match="shape"):
+    ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+              progress=False, sample_weight=jnp.ones(3))
+  with pytest.raises(ValueError, match="inside it"):
+    ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+              fitness=lambda p, m: jnp.sum(m), progress=False, sample_weight=w[:140])

@@ -110,3 +110,58 @@ def test_fit_many_callback_gets_stacked_state():
   for a, b in zip(jax.tree.leaves(seen[0][1].params), jax.tree.leaves(params)):
     assert a.shape[0] == 3
     np.testing.assert_array_equal(a, b)
+
+
+def test_padding_rows_with_out_of_range_labels_contribute_nothing():
+  # Padding rows (weight 0) may hold anything: a label of 99 must not turn the loss into NaN.
+  bad_y = np.where(W > 0, Y, 99).astype(np.int32)
+  keys = jax.random.split(jax.random.key(5), 3)
+  clean = jaxprune.evaluate_many(MODEL, PARAMS, X, Y, W)
+  dirty = jaxprune.evaluate_many(MODEL, PARAMS, X, bad_y, W)
+  for k in ("loss", "accuracy"):
+    np.testing.assert_array_equal(dirty[k], clean[k])
+  kw = dict(key=keys, epochs=2, log_every=2, batch_size=4, progress=False)
+  p_clean, h_clean = jaxprune.fit_many(MODEL, PARAMS, X, Y, W, **kw)
+  p_dirty, h_dirty = jaxprune.fit_many(MODEL, PARAMS, X, bad_y, W, **kw)
+  for a, b in zip(jax.tree.leaves(p_dirty), jax.tree.leaves(p_clean)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(h_dirty["loss"], h_clean["loss"])
+  # Each run still equals fit on its unpadded data.
+  n = SIZES[2]
+  p2, _ = jaxprune.fit(MODEL, one(PARAMS, 2), X[2, :n], Y[2, :n], key=keys[2], epochs=2,
+                       log_every=2, batch_size=4, progress=False)
+  for a, b in zip(jax.tree.leaves(one(p_dirty, 2)), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_error_messages_name_the_problem():
+  p0 = one(PARAMS, 0)
+  # Label errors name y (not x).
+  with pytest.raises(ValueError, match=r"^y: the targets range over \[7, 7\]"):
+    jaxprune.fit(MODEL, p0, X[0], np.full(12, 7), key=jax.random.key(0), epochs=1,
+                 progress=False)
+  with pytest.raises(ValueError, match=r"^validation y: the targets range"):
+    jaxprune.fit(MODEL, p0, X[0], Y[0], key=jax.random.key(0), epochs=1, progress=False,
+                 validation=(X[1], np.full(12, -1)))
+  # Unstacked x: a missing run axis, said as such.
+  keys = jax.random.split(jax.random.key(0), 3)
+  for call in (lambda: jaxprune.evaluate_many(MODEL, PARAMS, X[0], Y[0]),
+               lambda: jaxprune.fit_many(MODEL, PARAMS, X[0], Y[0], W[0], key=keys, epochs=1,
+                                         progress=False),
+               lambda: jaxprune.evaluate_many(MODEL, PARAMS, X[:2], Y[:2])):
+    with pytest.raises(ValueError, match=r"x and y need a leading run axis \(R, N, \.\.\.\)"):
+      call()
+  # Masks without the run axis.
+  masks = jaxprune.magnitude_prune(p0, None, 0.5)[1]
+  for call in (lambda: jaxprune.evaluate_many(MODEL, PARAMS, X, Y, masks=masks),
+               lambda: jaxprune.fit_many(MODEL, PARAMS, X, Y, W, key=keys, epochs=1,
+                                         masks=masks, progress=False)):
+    with pytest.raises(ValueError, match="masks need a leading run axis of R = 3"):
+      call()
+  # A callback that is not callable fails before any training.
+  with pytest.raises(TypeError, match="callback must be a function"):
+    jaxprune.fit(MODEL, p0, X[0], Y[0], key=jax.random.key(0), epochs=1, progress=False,
+                 callback=5)
+  with pytest.raises(TypeError, match="callback must be a function"):
+    jaxprune.fit_many(MODEL, PARAMS, X, Y, W, key=keys, epochs=1, progress=False,
+                      callback="print")

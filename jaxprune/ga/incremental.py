@@ -341,7 +341,8 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
   Args:
     plan_: the static sizes (:func:`plan`).
     config, fitness_fn, num_units, hyper, data, key: as for :func:`jaxprune.ga.run`.
-    report: None, or a host callback ``(generation, best, mean)`` for the progress bar.
+    report: None, or a function ``(generation, best, mean)`` called inside the program that
+      reports to the host (:func:`jaxprune.ga.loop._in_program_reporter`).
     record: also return each generation's population and fitness (for tests).
 
   Returns:
@@ -362,7 +363,7 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
     state, inc = _tell(config, state, population, fitness, partials, inc)
     stats = S._stats(state)  # pylint: disable=protected-access
     if report is not None:
-      jax.debug.callback(report, state.generation - 1, stats.best, stats.mean, ordered=True)
+      report(state.generation - 1, stats.best, stats.mean)  # issues the host callback
     out = (stats, (population, state.fitness)) if record else stats
     return state, inc, out
 

@@ -3,8 +3,10 @@ devices when there are several, progress reported from inside the program."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import sys
+import itertools
+import threading
 import time
 from typing import Any, Callable
 
@@ -16,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from jaxprune.ga import incremental
+from jaxprune.progress import Progress
 from jaxprune.ga.strategy import GAConfig
 from jaxprune.ga.strategy import GAHistory
 from jaxprune.ga.strategy import GAHyperparams
@@ -33,28 +36,78 @@ FitnessFn = Callable[[jax.Array, PyTree, "GAHyperparams"], jax.Array]
 # ----------------------------------------------------------------------------- progress
 
 
-_PROGRESS = {"start": 0.0, "last": -1}
+class GAProgress:
+  """The progress display of one GA run: :class:`jaxprune.progress.Progress` lines.
+
+  Each run (:func:`run`, :func:`jaxprune.ga.search`) makes its own, so two runs never share
+  state. A line is printed for generation 0, then about every 5% of the generations and for the
+  last one; the clock starts at generation 0's report, so compilation is not counted. Late,
+  unordered reports (several devices) are ignored.
+  """
+
+  def __init__(self, total: int, desc: str = "GA", enabled: bool = True):
+    self.total = max(int(total), 1)
+    self.bar = Progress(self.total, desc, enabled, unit="gen")
+    self.every = max(1, self.total // 20)
+    self.last = -1
+
+  def __call__(self, gen, best, mean) -> None:
+    gen = int(np.max(gen))
+    if gen <= self.last:
+      return  # a late, unordered report (multi-device runs)
+    if self.last < 0:
+      self.bar.start = time.time()  # compilation is not counted
+    self.last = gen
+    if gen == 0 or gen >= self.total or gen % self.every == 0:
+      self.bar.update(gen, best=float(np.max(best)), mean=float(np.mean(mean)))
 
 
-def _report_progress(gen, best, mean, *, total: int) -> None:
-  """Host side of the progress bar: one line on stderr, rewritten each generation."""
-  gen = int(np.max(gen))
-  best, mean = float(np.max(best)), float(np.mean(mean))
-  now = time.perf_counter()
-  if _PROGRESS["last"] < 0:
-    _PROGRESS["start"] = now  # first report of this run (compilation is not counted)
-  if gen <= _PROGRESS["last"]:
-    return  # a late, unordered report (multi-device runs)
-  _PROGRESS["last"] = gen
-  elapsed = now - _PROGRESS["start"]
-  width = 24
-  done = int(round(width * gen / max(total, 1)))
-  eta = f"{elapsed / gen * (total - gen):.1f}s" if gen else "?"
-  sys.stderr.write(f"\rGA [{'#' * done}{'.' * (width - done)}] gen {gen}/{total} "
-                   f"best {best:.4g} mean {mean:.4g} {elapsed:.1f}s eta {eta}  ")
-  if gen >= total:
-    sys.stderr.write("\n")
-  sys.stderr.flush()
+class _Displays:
+  """The displays of the runs in progress, each under its own token.
+
+  A compiled program is shared by every run with the same static settings, so its host callback
+  cannot hold one run's display; it carries the run's token (a traced int32) instead, and looks
+  the display up here. A run registers its display for its own duration only (:meth:`open`).
+  """
+
+  def __init__(self):
+    self._live: dict[int, GAProgress] = {}
+    self._next = itertools.count(1)
+    self._lock = threading.Lock()
+
+  @contextlib.contextmanager
+  def open(self, display: GAProgress | None):
+    """Registers ``display`` while the block runs; yields its token (0 for no display)."""
+    if display is None:
+      yield jnp.int32(0)
+      return
+    with self._lock:
+      token = next(self._next) % (2**31 - 1) or 1
+      self._live[token] = display
+    try:
+      yield jnp.int32(token)
+    finally:
+      with self._lock:
+        self._live.pop(token, None)
+
+  def report(self, token, gen, best, mean) -> None:
+    """The host callback: forwards one generation's statistics to the run's display."""
+    display = self._live.get(int(np.max(token)))
+    if display is not None:
+      display(gen, best, mean)
+
+
+_DISPLAYS = _Displays()
+
+
+def _in_program_reporter(token: jax.Array, ordered: bool):
+  """A function ``(generation, best, mean)`` that, inside the program, reports to the host."""
+
+  def report(gen, best, mean):
+    # Ordered effects are not supported on several devices; the display ignores late reports.
+    jax.debug.callback(_DISPLAYS.report, token, gen, best, mean, ordered=ordered)
+
+  return report
 
 
 # ----------------------------------------------------------------------------- the run
@@ -97,23 +150,24 @@ def _evaluate(fitness_fn: FitnessFn, mesh: Mesh | None, population: jax.Array, d
 
 
 def _run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, progress: bool,
-         mesh: Mesh | None, hyper: GAHyperparams, data: PyTree,
-         key: jax.Array) -> tuple[GAState, GAHistory]:
+         mesh: Mesh | None, hyper: GAHyperparams, data: PyTree, key: jax.Array,
+         token: jax.Array | None = None) -> tuple[GAState, GAHistory]:
+  """The GA's scan; with ``progress``, each generation is reported to the display registered
+  under ``token`` (see :class:`_Displays`; None or 0: no display)."""
+  token = jnp.int32(0) if token is None else token
   keys = generation_keys(key, config)
   evaluate = functools.partial(_evaluate, fitness_fn, mesh)
-  report = functools.partial(_report_progress, total=config.generations)
+  report = (_in_program_reporter(token, ordered=mesh is None or mesh.size == 1)
+            if progress else None)
   plan = _incremental_plan(config, fitness_fn, num_units, mesh, data)
   if plan is not None:   # children scored from their parents' partial logits
-    return incremental.run_scan(plan, config, fitness_fn, num_units, hyper, data, key,
-                                report if progress else None)
+    return incremental.run_scan(plan, config, fitness_fn, num_units, hyper, data, key, report)
 
   def generation(state, population):
     state = tell(config, state, population, evaluate(population, data, hyper))
     stats = _stats(state)
-    if progress:
-      # Ordered effects are not supported on several devices; the bar ignores late reports.
-      jax.debug.callback(report, state.generation - 1, stats.best, stats.mean,
-                         ordered=mesh is None or mesh.size == 1)
+    if report is not None:
+      report(state.generation - 1, stats.best, stats.mean)
     return state, stats
 
   # Generation 0 (the random population) and the bred generations share one scan body, so the
@@ -171,8 +225,9 @@ def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Arr
     key: PRNG key; the run is deterministic for a key.
     hyper: numeric settings (:class:`GAHyperparams`), traced.
     data: a pytree of arrays passed to ``fitness_fn`` (traced, e.g. params and inputs).
-    progress: print a progress bar on stderr (``jax.debug.callback``); turn it off under
-      ``vmap``.
+    progress: print progress lines on stderr (:class:`GAProgress`, fed by a
+      ``jax.debug.callback``); each run has its own display. Turn it off under ``jit`` or
+      ``vmap`` (the display only lives during this call).
     mesh: shard the population over this mesh's devices (all its axes); by default a mesh
       over all devices when there are several.
     shard: False to never shard.
@@ -184,8 +239,10 @@ def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Arr
   mesh = resolve_mesh(mesh, shard)
   if mesh is not None and mesh.size > 1:
     data = jax.device_put(data, NamedSharding(mesh, PS()))
-  _PROGRESS["last"] = -1
-  out = _run_jit(config, fitness_fn, int(num_units), bool(progress), mesh, hyper, data, key)
-  if progress:
-    jax.effects_barrier()  # every report has been printed before we return
+  display = GAProgress(config.generations) if progress else None
+  with _DISPLAYS.open(display) as token:
+    out = _run_jit(config, fitness_fn, int(num_units), bool(progress), mesh, hyper, data, key,
+                   token)
+    if progress:
+      jax.effects_barrier()  # every report has been printed before we return
   return out

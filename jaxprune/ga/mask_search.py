@@ -53,6 +53,7 @@ chromosomes for evaluation only (their scores are discarded), so any size works.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -64,7 +65,7 @@ from jax.sharding import PartitionSpec as PS
 from jaxprune import validate
 from jaxprune.ga import incremental
 from jaxprune.ga.strategy import GAConfig, GAHyperparams, GAResult, check_params
-from jaxprune.ga.loop import _PROGRESS, _run, resolve_mesh
+from jaxprune.ga.loop import _DISPLAYS, GAProgress, _run, resolve_mesh
 from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.ga.fitness import UserFitness
 from jaxprune.ga.fitness import _groups_of
@@ -79,7 +80,7 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
            key: jax.Array, fitness: str | Callable = "eq5", config: GAConfig = GAConfig(),
            hyper: GAHyperparams = GAHyperparams(), fast_path: bool | str = "auto", progress: bool = True,
            mesh: Mesh | None = None, shard: bool = True,
-           incremental: bool | str = "auto") -> GAResult:
+           incremental: bool | str = "auto", sample_weight=None) -> GAResult:
   """Evolves a unit mask for ``group`` of a trained model with the published GA.
 
   Args:
@@ -102,6 +103,12 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     incremental: on the fast path, score children from their parents' partial logits
       (:mod:`jaxprune.ga.incremental`, one device): ``'auto'`` from
       ``incremental.MIN_UNITS`` units on, True always, False forces the full evaluation.
+    sample_weight: optional (N,) weights >= 0 of the training patterns for the built-in
+      fitness: the accuracy (in the fitness and in the result) is the weighted mean
+      ``sum(w * correct) / sum(w)``. A pattern of weight 0 does not exist, so data padded
+      with weight-0 rows (whatever their labels) give the same search as the unpadded data.
+      Weighted fitness runs the full evaluation (no ``incremental``). None: every pattern
+      counts once.
 
   Returns:
     A :class:`GAResult`.
@@ -119,10 +126,19 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     ((20,), (4,))
   """
   fit = make_fitness(model, group, fitness, fast_path, incremental)
+  if sample_weight is not None:
+    if isinstance(fit, UserFitness):
+      raise ValueError("sample_weight weights the built-in fitness ('eq5', 'eq6', 'accuracy'); "
+                       "a fitness function (params, mask) -> scalar sees no data: weight the "
+                       "patterns inside it instead.")
+    if x is None:
+      raise ValueError("sample_weight weights the training patterns; pass x and y too.")
+    sample_weight = validate.check_sample_weight(sample_weight, jnp.shape(x)[0])
+    fit = dataclasses.replace(fit, weighted=True)
   if x is None:
     validate.check_params(params)
-  else:
-    validate.check_model_data(model, params, x, y)  # the one shared data check
+  else:  # the one shared data check (labels of weight-0 rows are padding: not checked)
+    validate.check_model_data(model, params, x, y, sample_weight=sample_weight)
   num_units = _groups_of(model)[group].size
   if isinstance(fit, UserFitness):
     data = params
@@ -134,34 +150,38 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
   else:
     if x is None or y is None:
       raise ValueError(f"fitness={fitness!r} needs training inputs x and labels y.")
-    jax.eval_shape(fit.prepare, params, x, y)   # the input checks, before compiling
+    jax.eval_shape(lambda p, a, b, w: fit.prepare(p, a, b, sample_weight=w), params, x, y,
+                   sample_weight)   # the input checks, before compiling
   check_params(hyper)
   mesh = resolve_mesh(mesh, shard)
   if mesh is not None and mesh.size > 1:
     params = jax.device_put(params, NamedSharding(mesh, PS()))
   with_accuracy = (x is not None and y is not None
                    and getattr(model, "task", "") == "classification")
-  _PROGRESS["last"] = -1
-  result = _search_jit(config, fit, num_units, bool(progress), mesh, with_accuracy, hyper,
-                       params, x, y, key)
-  if progress:
-    jax.effects_barrier()  # every report has been printed before we return
+  display = GAProgress(config.generations, f"GA {group}") if progress else None
+  with _DISPLAYS.open(display) as token:
+    result = _search_jit(config, fit, num_units, bool(progress), mesh, with_accuracy, hyper,
+                         params, x, y, key, token, sample_weight)
+    if progress:
+      jax.effects_barrier()  # every report has been printed before we return
   return result
 
 
 def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh: Mesh | None,
                     with_accuracy: bool, hyper: GAHyperparams, params: PyTree, x, y,
-                    key: jax.Array):
+                    key: jax.Array, token: jax.Array, sample_weight=None):
   """The whole of :func:`search` as one program: the fast path's activations, the GA's scan
   and the best mask's accuracy (one XLA compilation for a first call)."""
-  data = params if isinstance(fit, UserFitness) else fit.prepare(params, x, y)
+  data = (params if isinstance(fit, UserFitness)
+          else fit.prepare(params, x, y, sample_weight=sample_weight))
   if mesh is not None and mesh.size > 1:
     data = jax.tree.map(lambda a: lax.with_sharding_constraint(a, NamedSharding(mesh, PS())),
                         data)
-  state, history = _run(config, fit, num_units, progress, mesh, hyper, data, key)
+  state, history = _run(config, fit, num_units, progress, mesh, hyper, data, key, token)
   if with_accuracy:  # a fraction, like evaluate() (the fitness works in percent)
     accuracy = AccuracyFitness(fit.model, fit.group, None, False).accuracy(
-        state.hof[0][None], {"params": params, "x": x, "y": _labels(y)})[0] / 100.0
+        state.hof[0][None], {"params": params, "x": x, "y": _labels(y),
+                             "sample_weight": sample_weight})[0] / 100.0
   else:
     accuracy = jnp.asarray(jnp.nan, jnp.float32)
   best = state.hof[0]

@@ -57,6 +57,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -406,6 +407,14 @@ def _make_stable_loop(prune, max_sweeps):
   return jax.jit(loop)
 
 
+def _takes_sample_weight(prune: Callable) -> bool:
+  try:
+    ps = inspect.signature(prune).parameters.values()
+  except (TypeError, ValueError):  # no signature to read: let the call decide
+    return True
+  return any(p.name == "sample_weight" or p.kind is p.VAR_KEYWORD for p in ps)
+
+
 def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
                  max_sweeps: int | None = None, sample_weight=None):
   """Repeats a distinctiveness sweep until a sweep finds no qualifying pair.
@@ -445,6 +454,11 @@ def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
   """
   if max_sweeps is not None and int(max_sweeps) < 1:
     raise ValueError(f"max_sweeps must be at least 1 (or None), got {max_sweeps}.")
+  if sample_weight is not None and not _takes_sample_weight(prune):
+    raise ValueError("sample_weight weights the patterns of an activation pruner "
+                     "(distinctiveness(...)); this pruner takes no data (weight_distinctiveness "
+                     "scores the weights themselves), so it has no sample weights: drop "
+                     "sample_weight.")
   kwargs = {} if sample_weight is None else {"sample_weight": sample_weight}
   params, unit_masks, first = prune(params, unit_masks, *args, **kwargs)
   if _common.is_concrete(first.count) and int(first.count) == 0:  # stable already: no loop

@@ -10,7 +10,9 @@ import numpy as np
 
 from jaxprune.pruners import _common
 from jaxprune.pruners.angles import pairwise_angles
+from jaxprune import validate
 from jaxprune.pruners.distinctiveness_pruning import _apply_moves, _check_bias_folds, _check_tol
+from jaxprune.pruners.distinctiveness_pruning import _weighted_vectors
 
 PyTree = Any
 
@@ -66,8 +68,13 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
       (e.g. the test loss), in ``report.metrics[name]``: one trajectory, several measures.
 
   Returns:
-    ``run(params, unit_masks, x, constant_tol=1e-6) -> (params, unit_masks,
-    ProgressiveReport)``; the returned params and masks are the final (one-unit) network.
+    ``run(params, unit_masks, x, constant_tol=1e-6, *, sample_weight=None) -> (params,
+    unit_masks, ProgressiveReport)``; the returned params and masks are the final (one-unit)
+    network. ``sample_weight`` (N,) weights the patterns of ``x`` as in
+    :func:`jaxprune.pruners.distinctiveness`: weighted angles, the constant test over patterns
+    of weight > 0, constants folding their weighted mean; a pattern of weight 0 does not exist,
+    so padded ``x`` gives the trajectory of the unpadded data. ``loss_fn`` and the metrics see
+    only the params: weight their data in them.
 
   Example:
     >>> import jax, jaxprune
@@ -92,6 +99,12 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
   if not hasattr(model, "activations"):
     raise TypeError("progressive_distinctiveness needs a jaxprune model (to recompute "
                     "activations), not just its groups.")
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be a function loss_fn(params) -> scalar, got "
+                    f"{type(loss_fn).__name__}.")
+  if metrics is not None and not isinstance(metrics, Mapping):
+    raise TypeError("metrics must be a mapping {name: fn(params) -> scalar}, e.g. "
+                    f"{{'test_loss': fn}}; got {type(metrics).__name__}.")
   metrics = dict(metrics or {})
   for name, fn in metrics.items():
     if not isinstance(name, str) or not callable(fn):
@@ -108,17 +121,24 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     pm = keep[:, None] & keep[None, :] & jnp.asarray(triu) & jnp.isfinite(ang)
     return jnp.where(jnp.any(pm), jnp.min(jnp.where(pm, ang, jnp.inf)), jnp.nan)
 
-  def step(params, mask, x, tol):
-    a = model.activations(params, x, g.name).reshape(-1, h).T.astype(jnp.float32)
-    mean = jnp.mean(a, axis=1)
-    const = mask & ((jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol) if constants else (
-        jnp.zeros((h,), bool))
+  def vectors(params, mask, x, tol, weight):
+    """The shifted activation vectors (units, P), their means and the constant test."""
+    acts = model.activations(params, x, g.name)
+    a = acts.reshape(-1, h).T.astype(jnp.float32)
+    if weight is None:
+      return a - shift, jnp.mean(a, axis=1), (jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol
+    vecs, mean, is_const, _ = _weighted_vectors(a, weight, acts.shape, shift, tol, mask)
+    return vecs, mean, is_const
+
+  def step(params, mask, x, tol, weight):
+    vecs, mean, is_const = vectors(params, mask, x, tol, weight)
+    const = mask & is_const if constants else jnp.zeros((h,), bool)
     # Keep at least one unit: never remove the last non-constant one as a constant.
     const = jnp.where(jnp.sum(mask & ~const) == 0,
                       const.at[jnp.argmax(mask)].set(False), const)
     consts = jnp.where(const, mean, 0.0)
     keep = mask & ~const
-    ang = pairwise_angles(jnp.where(keep[:, None], a - shift, 0.0))
+    ang = pairwise_angles(jnp.where(keep[:, None], vecs, 0.0))
     pm = keep[:, None] & keep[None, :] & jnp.asarray(triu) & jnp.isfinite(ang)
     n_kept = jnp.sum(keep)
     flat = jnp.where(pm, ang, jnp.inf).reshape(-1)
@@ -144,16 +164,16 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     params = _apply_moves(params, g, keep, moves, consts, constants or compensate)
     return params, keep, min_angle(ang, keep)
 
-  def run_core(params, mask, x, tol):
-    a0 = model.activations(params, x, g.name).reshape(-1, h).T.astype(jnp.float32)
-    ang0 = pairwise_angles(jnp.where(mask[:, None], a0 - shift, 0.0))
+  def run_core(params, mask, x, tol, weight):
+    vecs0 = vectors(params, mask, x, tol, weight)[0]
+    ang0 = pairwise_angles(jnp.where(mask[:, None], vecs0, 0.0))
     row0 = (jnp.sum(mask, dtype=jnp.int32), jnp.asarray(loss_fn(params), jnp.float32),
             min_angle(ang0, mask), mask, measure(params))
 
     def body(carry, _):
       params, mask, count = carry
       live = jnp.sum(mask) > 1
-      new_p, new_m, ma = step(params, mask, x, tol)
+      new_p, new_m, ma = step(params, mask, x, tol, weight)
       params = jax.tree.map(lambda a, b: jnp.where(live, a, b), new_p, params)
       mask = jnp.where(live, new_m, mask)
       row = (jnp.sum(mask, dtype=jnp.int32), jnp.asarray(loss_fn(params), jnp.float32),
@@ -167,10 +187,25 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
 
   jitted = jax.jit(run_core)
 
-  def run(params, unit_masks, x, constant_tol=1e-6):
+  def check_scalars(params):
+    """Each of ``loss_fn`` and the metrics must give one number (checked by shape, not run)."""
+    for what, fn in [("loss_fn", loss_fn)] + [(f"metrics[{k!r}]", f) for k, f in
+                                             metrics.items()]:
+      out = jax.eval_shape(fn, params)
+      shape = getattr(out, "shape", None)
+      if shape is None or tuple(shape) != ():
+        got = (f"shape {tuple(shape)}" if shape is not None
+               else f"a {type(out).__name__}")
+        raise ValueError(f"{what} must return a scalar (one number per network, e.g. a mean "
+                         f"loss), got {got}; reduce it, e.g. with jnp.mean.")
+
+  def run(params, unit_masks, x, constant_tol=1e-6, *, sample_weight=None):
     mask = _common.group_mask(unit_masks, g, groups, params)
     _check_tol(constant_tol)
-    params, mask, report = jitted(params, mask, x, constant_tol)
+    check_scalars(params)
+    if sample_weight is not None:
+      sample_weight = validate.check_sample_weight(sample_weight, jnp.shape(x)[0])
+    params, mask, report = jitted(params, mask, x, constant_tol, sample_weight)
     return params, _common.with_mask(unit_masks, g.name, mask), report
 
   return run
