@@ -824,7 +824,7 @@ def test_until_stable_equals_a_loop_of_sweeps(tanh_model):
   again = distinctiveness(model, "hidden_0", complementary=False)
   _, m3, rep3 = jaxprune.until_stable(again, params, _ones(model), acts, 50.0, max_sweeps=2)
   assert int(rep3.sweeps) == 2 and not bool(rep3.stable)
-  assert again.config == prune.config
+  assert again._config == prune._config
   assert dist_lib._stable_loop(again, None) is dist_lib._stable_loop(prune, None)
   with pytest.raises(ValueError, match="max_sweeps"):
     jaxprune.until_stable(prune, params, _ones(model), acts, 50.0, max_sweeps=0)

@@ -270,7 +270,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
   prune._trace_count = trace_count  # for tests: compilations so far (not public API)
-  prune.config = ("activations", g, tuple(flags.tolist()))  # same config: same sweep
+  prune._config = ("activations", g, tuple(flags.tolist()))  # same config: same sweep
   return prune
 
 
@@ -353,7 +353,7 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
   prune._trace_count = trace_count  # for tests: compilations so far (not public API)
-  prune.config = ("weights", g, source, similar, complementary, constants, absorb)
+  prune._config = ("weights", g, source, similar, complementary, constants, absorb)
   return prune
 
 
@@ -383,7 +383,7 @@ _STABLE_LOOPS = {}
 def _stable_loop(prune, max_sweeps):
   """One compiled ``lax.while_loop`` of sweeps per pruner configuration (factories called
   again with the same group and options share it, as they share the sweep itself)."""
-  key = (getattr(prune, "config", prune), max_sweeps)
+  key = (getattr(prune, "_config", prune), max_sweeps)
   if key not in _STABLE_LOOPS:
     _STABLE_LOOPS[key] = _make_stable_loop(prune, max_sweeps)
   return _STABLE_LOOPS[key]
