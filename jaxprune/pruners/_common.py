@@ -100,6 +100,22 @@ def check_activations(acts) -> None:
   check_finite("Activations", acts)
 
 
+def check_activation_input(acts, group: units_lib.UnitGroup, sample_weight=None):
+  """The checks an activation pruner makes before any work: shape against ``group``; without
+  ``sample_weight`` every pattern finite; with it, the weights valid for ``acts``' N patterns
+  and (on concrete input) the patterns that count (weight > 0) finite, so padding rows may hold
+  anything. Returns the weights as an array (None stays None)."""
+  check_activation_shape(acts, group)
+  if sample_weight is None:
+    check_activations(acts)
+    return None
+  validate.check_not_empty("Activations", acts)
+  w = validate.check_sample_weight(sample_weight, jnp.shape(acts)[0])
+  if is_concrete(acts, sample_weight):
+    check_activations(np.asarray(acts)[np.asarray(sample_weight) > 0])
+  return w
+
+
 def incoming_vectors(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
   """Each unit's incoming kernel weights, flattened: (units, fan_in) (conv: in_ch x k x k).
 

@@ -65,7 +65,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import units as units_lib
-from jaxprune import validate
 from jaxprune.pruners import _common
 from jaxprune.pruners.angles import _thresholds_ok, check_thresholds
 from jaxprune.pruners.selection import _sweep
@@ -182,15 +181,6 @@ def _weighted_vectors(a, weight, acts_shape, shift, tol, mask):
   return vecs, mean, is_const, bad
 
 
-def _check_sample_weight(sample_weight, activations):
-  """Concrete checks of per-sample weights for ``activations`` (N, ...); returns them as an
-  array, and checks the activations of the samples that count (weight > 0) for NaN."""
-  w = validate.check_sample_weight(sample_weight, jnp.shape(activations)[0])
-  if _common.is_concrete(activations, sample_weight):
-    _common.check_activations(np.asarray(activations)[np.asarray(sample_weight) > 0])
-  return w
-
-
 def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: bool = False):
   """Rules that fold contributions into the next layer's bias need an exact fold (a bias, and
   no zero-padded conv reading the group); otherwise say so before any work."""
@@ -256,12 +246,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
   def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
             constant_tol=1e-6, *, sample_weight=None):
     mask = _common.group_mask(unit_masks, g, groups, params)
-    _common.check_activation_shape(activations, g)
-    if sample_weight is None:
-      _common.check_activations(activations)
-    else:
-      validate.check_not_empty("Activations", activations)
-      sample_weight = _check_sample_weight(sample_weight, activations)
+    sample_weight = _common.check_activation_input(activations, g, sample_weight)
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)

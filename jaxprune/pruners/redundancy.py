@@ -32,10 +32,8 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxprune import units as units_lib
-from jaxprune import validate
 from jaxprune.pruners import _common
 
 _RIDGE = 1e-4
@@ -158,14 +156,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
 
   def prune(params, unit_masks, activations, tol=1e-3, max_remove=None, *, sample_weight=None):
     mask = _common.group_mask(unit_masks, g, groups, params)
-    _common.check_activation_shape(activations, g)
-    if sample_weight is None:
-      _common.check_activations(activations)
-    else:
-      validate.check_not_empty("Activations", activations)
-      sample_weight = validate.check_sample_weight(sample_weight, jnp.shape(activations)[0])
-      if _common.is_concrete(activations, sample_weight):
-        _common.check_activations(np.asarray(activations)[np.asarray(sample_weight) > 0])
+    sample_weight = _common.check_activation_input(activations, g, sample_weight)
     if _common.is_concrete(tol) and not float(tol) >= 0:
       raise ValueError(f"tol must be >= 0 (a relative residual), got {tol}.")
     if max_remove is None:
