@@ -284,7 +284,7 @@ def test_filter_merging_on_resnet18_bias_free_blocks():
   """ResNet's block convs have no bias (batch norm follows): similar-only merging must work."""
   model = jaxprune.ResNet18(num_classes=7, input_shape=(16, 16, 3))
   params = model.init(jax.random.key(0))
-  g = "layer4_1"
+  g = "layer1_0"
   new, umasks, wmasks = pvd.distinctiveness_prune(model, params, [g], 89.0)
   kept = np.asarray(umasks[g])
   assert 0 < kept.sum() < model.groups[g].size           # random filters: some closer than 89
