@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import threading
 from typing import Any, Mapping, Sequence
 
 from experiments import _speed
@@ -83,11 +84,14 @@ def write_table(folder: str, name: str, rows: Sequence[Mapping[str, Any]],
 
 
 class Progress(train_lib.Progress):
-  """Stage / step lines with elapsed time and the time left (``progress.step(what)``)."""
+  """Stage / step lines with elapsed time and the time left (``progress.step(what)``); steps
+  may finish on several threads (:func:`experiments._speed.run_all`)."""
 
   def __init__(self, total: int, stage: str = ""):
     super().__init__(total, stage, unit="")
+    self._lock = threading.Lock()
 
   def step(self, what: str = "", n: int = 1, **metrics) -> None:
     _speed.record(self.desc, what)   # one row of the binary's closing time table
-    super().step(what, n, **metrics)
+    with self._lock:
+      super().step(what, n, **metrics)

@@ -43,6 +43,7 @@ from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.pruners import distinctiveness
 from experiments import _flags
 from experiments import _report
+from experiments import _speed
 from experiments import _store
 from experiments import _mlp_common as mc
 
@@ -253,11 +254,9 @@ def _pruner_program(model):
 
 
 @functools.lru_cache(maxsize=None)
-def _redundancy_program(model):
-  """jit(vmap over folds (group redundancy with sample weights)), built once per model."""
-  prune = jaxprune.group_redundancy(model, GROUP)
-  return jax.jit(jax.vmap(lambda p, m, a, w, tol: prune(p, m, a, tol, sample_weight=w),
-                          in_axes=(0, None, 0, 0, None)))
+def _redundancy_pruner(model):
+  """The library's group-redundancy pruner (jit-compiled), built once per model."""
+  return jaxprune.group_redundancy(model, GROUP)
 
 
 @functools.lru_cache(maxsize=None)
@@ -342,20 +341,30 @@ def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _store.Study,
 
 
 def redundancy_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _store.Study,
-                      progress: _report.Progress) -> dict:
-  """Comparison stage, group redundancy: every fold's network at every tolerance, the folds
-  in one vmapped call per tolerance (least squares on each fold's training rows: the padding
-  rows have sample weight 0)."""
+                      progress: _report.Progress, workers: int | None = None) -> dict:
+  """Comparison stage, group redundancy: every fold's network at every tolerance (least
+  squares on each fold's training rows: the padding rows have sample weight 0).
+
+  One library call per fold, ``workers`` folds at once: the greedy loop is one LAPACK call
+  after another on one core. (Not a vmap over folds: that program, run on two threads at once,
+  hung in XLA:CPU with jax 0.10; and a vmapped loop runs every fold until the slowest stops.)
+  """
   model = _model(h)
+  nf = folds.count
+  prune = _redundancy_pruner(model)
+  acts = jax.vmap(lambda p, x: model.activations(p, x, GROUP))(params, jnp.asarray(folds.x_tr))
+
+  def one(tol, f):
+    new_p, masks, _ = prune(jax.tree.map(lambda a: jnp.asarray(a)[f], params),
+                            jaxprune.unit_masks_ones(model), acts[f], tol,
+                            sample_weight=jnp.asarray(folds.w_tr[f]))
+    return jax.tree.map(np.asarray, (new_p, masks))
 
   def run():
-    nf = folds.count
-    acts = jax.vmap(lambda p, x: model.activations(p, x, GROUP))(params,
-                                                                 jnp.asarray(folds.x_tr))
     out = [[] for _ in range(nf)]
     for tol in cfg.compare_redundancy_tols:
-      new_p, masks, _ = _redundancy_program(model)(params, jaxprune.unit_masks_ones(model), acts,
-                                                   jnp.asarray(folds.w_tr), tol)
+      parts = _speed.run_all([functools.partial(one, tol, f) for f in range(nf)], workers)
+      new_p, masks = jax.tree.map(lambda *a: np.stack(a), *parts)
       kept = np.asarray(masks[GROUP]).sum(-1)
       test = mc.score_many(model, new_p, folds.x_te, folds.y_te, folds.w_te)
       train = mc.score_many(model, new_p, folds.x_tr, folds.y_tr, folds.w_tr)
@@ -523,8 +532,12 @@ def figures(cfg: Config, summary: dict, folder: str) -> list[str]:
 
 
 def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
-        data_path: str | None = None) -> dict:
-  """Runs (or resumes) the whole study; returns the results dict written to results.json."""
+        data_path: str | None = None, workers: int | None = None) -> dict:
+  """Runs (or resumes) the whole study; returns the results dict written to results.json.
+
+  ``workers``: independent steps computed at once (see :func:`experiments._speed.run_all`;
+  None: ``--workers`` or the number of cores); the results do not depend on it.
+  """
   cfg.validate()
   ds = mc.load_features(data, data_path)
   mc.check_folds(ds, cfg.folds)
@@ -533,21 +546,37 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
   folds = mc.cv_folds(ds, cfg.folds, cfg.seed)
   li = cfg.lrs.index(cfg.prune_lr)
 
+  # Independent steps run at once on --workers threads, the longest first; each computes
+  # exactly what it computes alone.
   progress = _report.Progress(len(cfg.hidden), "1/4 baseline grid")
-  stage1 = {h: train_hidden(cfg, folds, h, study, progress) for h in cfg.hidden}
+  order = sorted(cfg.hidden, reverse=True)
+  grids = _speed.run_all([functools.partial(train_hidden, cfg, folds, h, study, progress)
+                          for h in order], workers)
+  stage1 = {h: grids[order.index(h)] for h in cfg.hidden}
   pruned = cfg.pruned_hidden()
   dist_h = [h for h in pruned if cfg.angle_pairs(h)]
-  progress = _report.Progress(len(dist_h), "2/4 distinctiveness")
-  dist = {h: distinctiveness_hidden(cfg, folds, h, stage1[h]["params"],
-                                    stage1[h]["acc"]["test_acc"][li], study, progress)
-          for h in dist_h}
   ga_h = [h for h in pruned if cfg.ga_runs(h)]
-  progress = _report.Progress(len(ga_h), "3/4 GA")
-  gas = {h: ga_hidden(cfg, folds, h, stage1[h]["params"], study, progress) for h in ga_h}
   red_h = list(cfg.compare_hidden) if cfg.compare_redundancy_tols else []
-  progress = _report.Progress(len(red_h), "4/4 group redundancy")
-  red = {h: redundancy_hidden(cfg, folds, h, stage1[h]["params"], study, progress)
-         for h in red_h}
+  p_dist = _report.Progress(len(dist_h), "2/4 distinctiveness")
+  p_ga = _report.Progress(len(ga_h), "3/4 GA")
+  p_red = _report.Progress(len(red_h), "4/4 group redundancy")
+  steps = []
+  for h in sorted(set(dist_h) | set(ga_h) | set(red_h), reverse=True):
+    params = stage1[h]["params"]
+    if h in red_h:
+      steps.append(("red", h, functools.partial(redundancy_hidden, cfg, folds, h, params, study,
+                                                p_red, workers)))
+    if h in ga_h:
+      steps.append(("ga", h, functools.partial(ga_hidden, cfg, folds, h, params, study, p_ga)))
+    if h in dist_h:
+      steps.append(("dist", h, functools.partial(
+          distinctiveness_hidden, cfg, folds, h, params, stage1[h]["acc"]["test_acc"][li],
+          study, p_dist)))
+  done = dict(zip([(k, h) for k, h, _ in steps], _speed.run_all([c for _, _, c in steps],
+                                                                 workers)))
+  dist = {h: done[("dist", h)] for h in dist_h}
+  gas = {h: done[("ga", h)] for h in ga_h}
+  red = {h: done[("red", h)] for h in red_h}
 
   summary = summarise(cfg, stage1, dist, gas, red)
   results = {"summary": summary,

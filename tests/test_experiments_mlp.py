@@ -36,7 +36,7 @@ def _read(path):
 @pytest.fixture(scope="module")
 def gvd_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("gvd"))
-  gvd.run(gvd.Config.quick(), workdir=workdir)
+  gvd.run(gvd.Config.quick(), workdir=workdir, workers=1)   # every step in turn
   return workdir
 
 
@@ -84,7 +84,8 @@ def test_ga_vs_distinctiveness_outputs(gvd_run):
 
 
 def test_ga_vs_distinctiveness_resume_is_identical(gvd_run, tmp_path, monkeypatch):
-  """A run stopped after the distinctiveness stage and restarted ends identical."""
+  """A run stopped after the distinctiveness stage and restarted ends identical, and steps
+  computed two at a time (workers=2) give exactly the numbers of steps computed in turn."""
   workdir = str(tmp_path)
   calls = []
 
@@ -97,7 +98,7 @@ def test_ga_vs_distinctiveness_resume_is_identical(gvd_run, tmp_path, monkeypatc
     gvd.run(gvd.Config.quick(), workdir=workdir)
   assert calls and not os.path.exists(os.path.join(workdir, gvd.STUDY, "results.json"))
   monkeypatch.undo()
-  gvd.run(gvd.Config.quick(), workdir=workdir)
+  gvd.run(gvd.Config.quick(), workdir=workdir, workers=2)
   assert study_results(workdir, gvd.STUDY) == study_results(gvd_run, gvd.STUDY)
   # Restarting a finished run recomputes nothing and gives the same file again.
   before = _read(os.path.join(workdir, gvd.STUDY, "results.json"))

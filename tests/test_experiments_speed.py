@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from experiments import _speed
 
 SCRIPT = textwrap.dedent("""
@@ -54,7 +56,7 @@ def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
 
 
 def test_stage_table_rows_and_total(monkeypatch):
-  clock = iter([10.0, 12.5, 13.0, 20.0, 30.0])
+  clock = iter([10.0, 12.5, 13.0, 20.0, 21.0, 30.0])
   monkeypatch.setattr(_speed, "_clock", lambda: next(clock))
   _speed.start()
   _speed.record("1/2 train", "H=10")
@@ -64,7 +66,8 @@ def test_stage_table_rows_and_total(monkeypatch):
   assert table[0].split() == ["stage", "seconds"]
   rows = [l.rsplit(None, 1) for l in table[2:5]]
   assert rows == [["1/2 train H=10", "2.5"], ["1/2 train H=20", "0.5"], ["2/2 GA", "7.0"]]
-  assert table[-1].split() == ["total", "10.0"]
+  assert table[-2].split() == ["total", "10.0"]
+  assert table[-1].split() == ["wall", "clock", "11.0"]   # start() to the table
   _speed.start()
   assert _speed.stage_table() == ""
 
@@ -83,3 +86,42 @@ def test_binaries_run_openblas_single_threaded_unless_told_otherwise():
                          cwd=root, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == want
+
+
+def test_run_all_keeps_order_and_times_each_step_on_its_own_clock():
+  import threading
+  started = threading.Barrier(2, timeout=30)
+
+  def step(i):
+    def call():
+      if i < 2:
+        started.wait()   # both first steps run at once, on two threads
+      _speed.record("s", f"step {i}")
+      return i * i
+    return call
+
+  _speed.start()
+  assert _speed.run_all([step(i) for i in range(5)], workers=2) == [0, 1, 4, 9, 16]
+  rows = [l.rsplit(None, 1)[0] for l in _speed.stage_table().splitlines()[2:7]]
+  assert sorted(rows) == [f"s step {i}" for i in range(5)]
+  # one worker: in order on this thread, no pool
+  seen = []
+  assert _speed.run_all([lambda i=i: seen.append(threading.current_thread()) or i
+                         for i in range(3)], workers=1) == [0, 1, 2]
+  assert seen == [threading.main_thread()] * 3
+
+
+def test_run_all_raises_the_first_error_and_skips_steps_not_started():
+  ran = []
+
+  def boom():
+    raise RuntimeError("step failed")
+
+  calls = [boom] + [lambda i=i: ran.append(i) for i in range(50)]
+  with pytest.raises(RuntimeError, match="step failed"):
+    _speed.run_all(calls, workers=1)
+  assert ran == []
+  with pytest.raises(RuntimeError, match="step failed"):
+    _speed.run_all(calls, workers=2)
+  with pytest.raises(ValueError, match="workers must be at least 1"):
+    _speed.run_all(calls, workers=0)

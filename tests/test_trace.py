@@ -251,9 +251,9 @@ def test_traced_groups_equal_declared_groups(model, shape):
 
 
 def test_resnet18_declared_groups_and_coupled_stages():
-  model = jaxprune.ResNet18(input_shape=(32, 32, 3), widths=(4, 5, 6, 7, 8, 9, 10, 11))
+  model = jaxprune.ResNet18(input_shape=(8, 8, 3), widths=(4, 5, 6, 7, 8, 9, 10, 11))
   params = model.init(jax.random.key(0))
-  t = jaxprune.trace(model.apply, params, jnp.zeros((2, 32, 32, 3)))
+  t = jaxprune.trace(model.apply, params, jnp.zeros((2, 8, 8, 3)))
   traced = list(t.groups.values())
   for g in model.groups.values():             # every block group, exactly as declared
     assert any(h.slices == g.slices and h.size == g.size for h in traced), g.name
@@ -269,7 +269,7 @@ def test_resnet18_declared_groups_and_coupled_stages():
   # Prune the coupled stage-1 channels: compacting equals masking.
   rng = np.random.default_rng(1)
   params = _perturb(params)
-  x = _randn(2, 32, 32, 3)
+  x = _randn(2, 8, 8, 3)
   um = {"conv1": jnp.asarray(rng.random(64) < 0.5).at[0].set(True)}
   want = model.apply(jaxprune.apply_masks(params, jaxprune.expand(params, t, um)), x)
   small, st = t.compact(params, um)
