@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jaxprune
 from experiments import _cnn_common as cc
@@ -178,6 +178,19 @@ def prepare(config: Config, data: str, data_path: str | None) -> Setup:
              "bundled images are 8x8 digits upsampled) and for 10 + 10 epochs by default, so "
              "that the study runs within 15 minutes on a 2-core CPU.")
   return Setup(c, model, split, init, desc)
+
+
+def start(config: Config, name: str, workdir: str, data: str, data_path: str | None,
+          check: Callable[[Setup], None] | None = None) -> tuple[Setup, _store.Study]:
+  """The opening of both studies' ``run``: validates the config and the data choice, loads
+  the data and the model (:func:`prepare`), runs the study's own ``check(setup)``, and only
+  then opens the study's work folder (bad input leaves nothing behind)."""
+  config.validate()
+  cc.check_image_data(data)
+  setup = prepare(config, data, data_path)
+  if check is not None:
+    check(setup)
+  return setup, _store.Study(name, config.settings(data, data_path), workdir)
 
 
 def finetune(study: _store.Study, setup: Setup):

@@ -67,13 +67,10 @@ def prune_and_rewind(method: str, trained, init_params, fraction, *, key):
 def run(config: Config, workdir: str = "workdir", *, data: str = "images",
         data_path: str | None = None) -> dict:
   """Runs (or resumes) the study; returns the results written to results.json."""
-  config.validate()
-  cc.check_image_data(data)
+  setup, study = ft.start(config, STUDY, workdir, data, data_path)
   fractions = list(config.fractions)
-  setup = ft.prepare(config, data, data_path)
   c = setup.config  # resolved: arch, image size and channels concrete
   model = setup.model
-  study = _store.Study(STUDY, config.settings(data, data_path), workdir)
   prog = _report.Progress(1 + len(METHODS) * len(fractions), STUDY)
 
   tuned, tuned_rec = ft.finetune(study, setup)

@@ -114,21 +114,23 @@ def magnitude_masks(model, params, groups, fraction):
   return pruners.magnitude_prune(params, None, fraction, scope="layer", select=paths)
 
 
-def run(config: Config, workdir: str = "workdir", *, data: str = "images",
-        data_path: str | None = None) -> dict:
-  """Runs (or resumes) the study; returns the results written to results.json."""
-  config.validate()
-  cc.check_image_data(data)
-  angles = list(config.angles)
-  setup = ft.prepare(config, data, data_path)
-  c = setup.config  # resolved: arch, image size and channels concrete
-  model = setup.model
+def _check_groups(config: Config, model) -> None:
   groups = list(config.groups) or cc.conv_groups(model)
   unknown = [g for g in groups if g not in model.groups or model.groups[g].kind != "conv"]
   if unknown:
     _flags.fail(f"--groups {unknown} are not conv unit groups of {type(model).__name__}; "
                 f"choose from {cc.conv_groups(model)}.")
-  study = _store.Study(STUDY, config.settings(data, data_path), workdir)
+
+
+def run(config: Config, workdir: str = "workdir", *, data: str = "images",
+        data_path: str | None = None) -> dict:
+  """Runs (or resumes) the study; returns the results written to results.json."""
+  angles = list(config.angles)
+  setup, study = ft.start(config, STUDY, workdir, data, data_path,
+                          check=lambda s: _check_groups(config, s.model))
+  c = setup.config  # resolved: arch, image size and channels concrete
+  model = setup.model
+  groups = list(config.groups) or cc.conv_groups(model)
   steps = 2 + 2 * len(angles)
   prog = _report.Progress(steps, STUDY)
 
