@@ -352,18 +352,20 @@ def redundancy_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _stor
   model = _model(h)
   nf = folds.count
   prune = _redundancy_pruner(model)
-  acts = jax.vmap(lambda p, x: model.activations(p, x, GROUP))(params, jnp.asarray(folds.x_tr))
 
-  def one(tol, f):
+  def one(acts, tol, f):
     new_p, masks, _ = prune(jax.tree.map(lambda a: jnp.asarray(a)[f], params),
                             jaxprune.unit_masks_ones(model), acts[f], tol,
                             sample_weight=jnp.asarray(folds.w_tr[f]))
     return jax.tree.map(np.asarray, (new_p, masks))
 
   def run():
+    acts = jax.vmap(lambda p, x: model.activations(p, x, GROUP))(params,
+                                                                 jnp.asarray(folds.x_tr))
     out = [[] for _ in range(nf)]
     for tol in cfg.compare_redundancy_tols:
-      parts = _speed.run_all([functools.partial(one, tol, f) for f in range(nf)], workers)
+      parts = _speed.run_all([functools.partial(one, acts, tol, f) for f in range(nf)],
+                             workers)
       new_p, masks = jax.tree.map(lambda *a: np.stack(a), *parts)
       kept = np.asarray(masks[GROUP]).sum(-1)
       test = mc.score_many(model, new_p, folds.x_te, folds.y_te, folds.w_te)
