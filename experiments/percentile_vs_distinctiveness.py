@@ -114,12 +114,14 @@ def magnitude_masks(model, params, groups, fraction):
   return pruners.magnitude_prune(params, None, fraction, scope="layer", select=paths)
 
 
-def _check_groups(config: Config, model) -> None:
+def _groups(config: Config, model) -> list[str]:
+  """The conv groups to prune (``--groups``, or all of them); a one-line error for others."""
   groups = list(config.groups) or cc.conv_groups(model)
   unknown = [g for g in groups if g not in model.groups or model.groups[g].kind != "conv"]
   if unknown:
     _flags.fail(f"--groups {unknown} are not conv unit groups of {type(model).__name__}; "
                 f"choose from {cc.conv_groups(model)}.")
+  return groups
 
 
 def run(config: Config, workdir: str = "workdir", *, data: str = "images",
@@ -127,10 +129,10 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
   """Runs (or resumes) the study; returns the results written to results.json."""
   angles = list(config.angles)
   setup, study = ft.start(config, STUDY, workdir, data, data_path,
-                          check=lambda s: _check_groups(config, s.model))
+                          check=lambda s: _groups(config, s.model))
   c = setup.config  # resolved: arch, image size and channels concrete
   model = setup.model
-  groups = list(config.groups) or cc.conv_groups(model)
+  groups = _groups(config, model)
   steps = 2 + 2 * len(angles)
   prog = _report.Progress(steps, STUDY)
 
