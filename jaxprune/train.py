@@ -127,7 +127,10 @@ def _check_targets(model: Model, params, x, y, name: str) -> None:
                      f"{jnp.result_type(y)}; convert with y.astype(int).")
   n_out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct(
       (1,) + tuple(jnp.shape(x)[1:]), jnp.float32)).shape[-1]
-  lo, hi = int(jnp.min(y)), int(jnp.max(y))
+  y = np.asarray(y)  # on the host: a device array would compile two reductions for this check
+  if y.size == 0:
+    return
+  lo, hi = int(y.min()), int(y.max())
   if lo < 0 or hi >= n_out:
     raise ValueError(f"{name}: the targets range over [{lo}, {hi}] but the model has {n_out} "
                      f"outputs; labels must be in [0, {n_out - 1}].")
@@ -149,6 +152,25 @@ def _check_callback(callback) -> None:
 
 def _leading_sizes(tree) -> set:
   return {jnp.shape(l)[0] if jnp.ndim(l) else None for l in jax.tree.leaves(tree)}
+
+
+def _one_run(tree) -> PyTree:
+  """Shapes and dtypes of one run of a stacked tree (no computation, nothing compiled)."""
+  return jax.tree.map(lambda l: jax.ShapeDtypeStruct(jnp.shape(l)[1:], jnp.result_type(l)), tree)
+
+
+def _host(a, dtype=None) -> np.ndarray:
+  """A host (NumPy) view of data for the checks: reductions and slices on a device array would
+  each compile a small program on their first call."""
+  return np.asarray(a, dtype)
+
+
+def _device(a, host: np.ndarray | None = None) -> jax.Array:
+  """``a`` on the device: a JAX array as it is, anything else transferred (from its ``host``
+  copy when there is one). Not ``jnp.asarray``, which compiles a program per new shape."""
+  if isinstance(a, jax.Array) and (host is None or a.dtype == host.dtype):
+    return a
+  return jax.device_put(np.asarray(a) if host is None else host)
 
 
 def _check_runs(fn: str, model: Model, params, x, y, w, w_name: str, masks) -> tuple[int, int]:
@@ -184,8 +206,7 @@ def _check_runs(fn: str, model: Model, params, x, y, w, w_name: str, masks) -> t
                        "jax.vmap(lambda p: jaxprune.magnitude_prune(p, None, 0.5)[1])(params), "
                        f"or jax.tree.map(lambda m: jnp.stack([m] * {runs}), masks)); got leading "
                        f"sizes {sorted(map(str, mlead))}.")
-    masks_lib.check_weight_masks(jax.tree.map(lambda l: l[0], params),
-                                 jax.tree.map(lambda l: l[0], masks))
+    masks_lib.check_weight_masks(_one_run(params), _one_run(masks))
   return runs, n
 
 
@@ -376,6 +397,29 @@ def _compiled(trainer: Trainer, num_epochs: int, with_val: bool, many: bool):
 
 
 @functools.lru_cache(maxsize=256)
+def _compiled_start(trainer: Trainer, many: bool, num_chunks: int):
+  """One small program for everything before training: the initial state (masked params, the
+  optimizer state with its learning rate) and the key of each of the ``num_chunks`` compiled
+  chunks (``split(key, num_chunks)``, per run when vmapped). Done eagerly, these steps would
+  each compile a program of their own."""
+
+  def start(params, masks, learning_rate, key):
+    if masks is not None:
+      params = masks_lib.apply_masks(params, masks)
+    return init_state(trainer, params, learning_rate), jax.random.split(key, num_chunks)
+
+  def start_one(params, masks, learning_rate, key):
+    state, keys = start(params, masks, learning_rate, key)
+    return state, tuple(keys)
+
+  def start_many(params, masks, learning_rate, key):  # keys (R, num_chunks): chunk i, column i
+    state, keys = jax.vmap(start)(params, masks, learning_rate, key)
+    return state, tuple(keys[:, i] for i in range(num_chunks))
+
+  return jax.jit(start_many if many else start_one)
+
+
+@functools.lru_cache(maxsize=256)
 def _compiled_eval(trainer: Trainer, batch_size: int):
   return jax.jit(lambda p, x, y: trainer.evaluate(p, x, y, batch_size=batch_size))
 
@@ -392,16 +436,14 @@ def _compiled_eval_weighted(trainer: Trainer, batch_size: int, many: bool):
   return jax.jit(jax.vmap(one) if many else one)
 
 
-def _run(trainer, state, masks, x, y, w, key, epochs, val, log_every, progress, desc, many,
-         callback=None):
+def _run(trainer, params, masks, learning_rate, x, y, w, key, epochs, val, log_every, progress,
+         desc, many, callback=None):
   chunks = []
   done = 0
   bar = Progress(epochs, desc, progress)
   nchunks = math.ceil(epochs / log_every)
-  if many:  # one key per run: split each run's key the way fit() splits a single key
-    keys = jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, nchunks))(key), 0, 1)
-  else:
-    keys = jax.random.split(key, nchunks)
+  # fit_many: one key per run, split the way fit() splits its single key
+  state, keys = _compiled_start(trainer, many, nchunks)(params, masks, learning_rate, key)
   for k in keys:
     n = min(log_every, epochs - done)
     state, m = _compiled(trainer, n, val is not None, many)(state, masks, x, y, w, k, val)
@@ -461,18 +503,17 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   _check_learning_rate(learning_rate)
   _check_data(model, x, y, params=params)
   if masks is not None:
-    params = masks_lib.apply_masks(params, masks)  # checks the masks against the params
+    masks_lib.check_weight_masks(params, masks)  # applied in the start program
   trainer = trainer or make_trainer(model, batch_size=batch_size, optimizer=optimizer, loss=loss)
-  x, y = jnp.asarray(x), jnp.asarray(y)
-  w = jnp.ones((x.shape[0],), jnp.float32)
+  x, y = _device(x), _device(y)
+  w = _device(np.ones((x.shape[0],), np.float32))
   val = None
   if validation is not None:
     _check_data(model, validation[0], validation[1], "validation x", params=params,
                 y_name="validation y")
-    val = (jnp.asarray(validation[0]), jnp.asarray(validation[1]),
-           jnp.ones((np.shape(validation[0])[0],), jnp.float32))
-  state = init_state(trainer, params, learning_rate)
-  state, history = _run(trainer, state, masks, x, y, w, key, epochs, val,
+    val = (_device(validation[0]), _device(validation[1]),
+           _device(np.ones((np.shape(validation[0])[0],), np.float32)))
+  state, history = _run(trainer, params, masks, learning_rate, x, y, w, key, epochs, val,
                         max(1, log_every), progress, desc, many=False, callback=callback)
   return state.params, history
 
@@ -501,23 +542,21 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   if epochs < 1:
     raise ValueError(f"epochs must be at least 1, got {epochs}.")
   _check_callback(callback)
-  x, y, w = jnp.asarray(x), jnp.asarray(y), jnp.asarray(w, jnp.float32)
-  runs, n = _check_runs("fit_many", model, params, x, y, w, "w", masks)
+  xh, yh, wh = _host(x), _host(y), _host(w, np.float32)
+  runs, n = _check_runs("fit_many", model, params, xh, yh, wh, "w", masks)
   _check_learning_rate(learning_rate)
   key_shape = jnp.shape(key)
   if not key_shape or key_shape[0] != runs:
     raise ValueError(f"fit_many needs one key per run: key of shape ({runs},), e.g. "
                      f"jax.random.split(key, {runs}); got shape {key_shape}.")
-  validate.check_data(x, y, sample_weight=w, name="x", runs=True)
-  _check_targets(model, jax.tree.map(lambda l: l[0], params), x[0], y[w > 0], "y")
+  validate.check_data(xh, yh, sample_weight=wh, name="x", runs=True)
+  _check_targets(model, _one_run(params), xh[0], yh[wh > 0], "y")
   trainer = trainer or make_trainer(model, batch_size=batch_size)
-  if masks is not None:
-    params = jax.vmap(masks_lib.apply_masks)(params, masks)
-  lr = jnp.broadcast_to(jnp.asarray(learning_rate, jnp.float32), (jnp.shape(x)[0],))
-  state = jax.vmap(lambda p, l: init_state(trainer, p, l))(params, lr)
-  val = None if validation is None else tuple(jnp.asarray(a) for a in validation)
-  state, history = _run(trainer, state, masks, x, y, w, key, epochs, val, max(1, log_every),
-                        progress, desc, many=True, callback=callback)
+  x, y, w = _device(x, xh), _device(y, yh), _device(w, wh)
+  lr = np.broadcast_to(np.asarray(learning_rate, np.float32), (runs,))
+  val = None if validation is None else tuple(_device(a) for a in validation)
+  state, history = _run(trainer, params, masks, lr, x, y, w, key, epochs, val,
+                        max(1, log_every), progress, desc, many=True, callback=callback)
   return state.params, history
 
 
@@ -574,16 +613,17 @@ def evaluate_many(model: Model, params: PyTree, x, y, sample_weight=None, *,
     (2,)
   """
   model = as_model(model, loss)
-  x, y = jnp.asarray(x), jnp.asarray(y)
-  w = (jnp.ones(x.shape[:2], jnp.float32) if sample_weight is None
-       else jnp.asarray(sample_weight, jnp.float32))
-  runs, n = _check_runs("evaluate_many", model, params, x, y, w, "sample_weight", masks)
-  validate.check_data(x, y, sample_weight=w, name="x", runs=True)
+  xh, yh = _host(x), _host(y)
+  wh = (np.ones(xh.shape[:2], np.float32) if sample_weight is None
+        else _host(sample_weight, np.float32))
+  runs, n = _check_runs("evaluate_many", model, params, xh, yh, wh, "sample_weight", masks)
+  validate.check_data(xh, yh, sample_weight=wh, name="x", runs=True)
   for r in range(runs):
-    validate.check_sample_weight(w[r], n, f"sample_weight of run {r}")
-  _check_targets(model, jax.tree.map(lambda l: l[0], params), x[0], y[w > 0], "y")
+    validate.check_sample_weight(wh[r], n, f"sample_weight of run {r}")
+  _check_targets(model, _one_run(params), xh[0], yh[wh > 0], "y")
   trainer = make_trainer(model, loss=loss)
-  m = _compiled_eval_weighted(trainer, batch_size, True)(params, masks, x, y, w)
+  m = _compiled_eval_weighted(trainer, batch_size, True)(params, masks, _device(x, xh),
+                                                         _device(y, yh), _device(wh))
   return {k: np.asarray(v) for k, v in m.items()}
 
 

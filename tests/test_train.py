@@ -92,13 +92,54 @@ def test_fit_many_equals_separate_fits(data, params):
     xs[r, :n], ys[r, :n], ws[r, :n] = x[:n], y[:n], 1.0
   keys = jax.random.split(jax.random.key(5), 2)
   stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)
-  pm, hm = jaxprune.fit_many(MODEL, stacked, xs, ys, ws, key=keys, epochs=3, batch_size=16,
-                             learning_rate=jnp.array(lrs), progress=False)
+  # 5 epochs in chunks of 2, 2 and 1: each chunk's key is split from the run's key in-program
+  pm, hm = jaxprune.fit_many(MODEL, stacked, xs, ys, ws, key=keys, epochs=5, batch_size=16,
+                             learning_rate=jnp.array(lrs), progress=False, log_every=2)
   for r, n in enumerate(sizes):
-    p, h = jaxprune.fit(MODEL, params, x[:n], y[:n], key=keys[r], epochs=3, batch_size=16,
-                        learning_rate=lrs[r], progress=False)
+    p, h = jaxprune.fit(MODEL, params, x[:n], y[:n], key=keys[r], epochs=5, batch_size=16,
+                        learning_rate=lrs[r], progress=False, log_every=2)
     np.testing.assert_allclose(hm["loss"][r], h["loss"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[r], rtol=1e-4, atol=1e-6), p, pm)
+
+
+def _count_compiles(fn):
+  """(fn's result, the number of XLA programs compiled while it ran)."""
+  events = []
+  listener = lambda event, duration, **kw: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    out = jax.block_until_ready(fn())
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  return out, events.count("/jax/core/compile/backend_compile_duration")
+
+
+def test_fit_many_and_evaluate_many_compile_only_their_programs():
+  """Checks and preparation run on the host: a first fit_many on new shapes compiles the start
+  program and one training program per chunk length, nothing eager; evaluate_many one program."""
+  model = jaxprune.MLP(in_features=5, hidden=(13,), out_features=4, activation="sigmoid")
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(3, 37, 5)).astype(np.float32)
+  y = rng.integers(0, 4, size=(3, 37))
+  w = (rng.random((3, 37)) > 0.2).astype(np.float32)
+  keys = jax.random.split(jax.random.key(1), 3)
+  params = jax.vmap(model.init)(keys)
+  masks = jax.vmap(lambda p: jaxprune.magnitude_prune(p, None, 0.3)[1])(params)
+  jax.block_until_ready((params, masks))
+  fit = lambda epochs: jaxprune.fit_many(model, params, x, y, w, key=keys, epochs=epochs,
+                                         learning_rate=np.array([1e-2, 3e-3, 1e-3]),
+                                         masks=masks, log_every=2, progress=False)
+  (trained, hist), n = _count_compiles(lambda: fit(4))
+  assert n == 2, n  # start + the 2-epoch chunk (run twice)
+  assert hist["loss"].shape == (3, 4)
+  _, n = _count_compiles(lambda: fit(5))
+  assert n == 2, n  # start for 3 chunks + the 1-epoch last chunk; the 2-epoch one is reused
+  m, n = _count_compiles(lambda: jaxprune.evaluate_many(model, trained, x, y, w))
+  assert n == 1, n
+  assert m["accuracy"].shape == (3,)
+  # masked weights stayed exactly zero (the start program applied the masks)
+  for p, k in zip(jax.tree.leaves(trained), jax.tree.leaves(masks)):
+    assert np.all(np.asarray(p)[~np.asarray(k)] == 0)
 
 
 def test_padding_never_changes_the_real_runs_shuffle():
