@@ -6,8 +6,9 @@ runs as one vmapped, compiled program (folds padded to one length with zero samp
 baseline is what a JAX user writes: a ``flax.linen`` module, ``optax.adam`` and one jitted
 training step, called for every minibatch of every epoch of every run, with the same data
 order rule (a new permutation per epoch). Both timings include compilation, in one fresh
-process, side by side, and the script prints their ratio and the compile share of ``fit_many``
-(the first call minus a second, warm call).
+process, side by side, and the script prints their ratio, and for the jaxprune grid (the 30
+networks' init and ``fit_many``, as the main job runs it) the number of XLA programs its first
+call compiled, their compilation seconds, and the tracing and lowering seconds.
 
   python benchmarks/train.py [--quick] [--hidden 20,100,1000] [--epochs 300]
 """
@@ -54,21 +55,52 @@ def folds_padded(ds, n_splits=10):
   return np.stack(xs), np.stack(ys), np.stack(ws)
 
 
+class CompileClock:
+  """XLA compilations (count and seconds) and tracing + lowering seconds while active."""
+
+  EVENTS = {"/jax/core/compile/backend_compile_duration": "xla",
+            "/jax/core/compile/jaxpr_trace_duration": "trace",
+            "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower"}
+
+  def __init__(self):
+    self.programs, self.seconds = 0, {"xla": 0.0, "trace": 0.0, "lower": 0.0}
+
+  def __call__(self, event, duration, **kwargs):
+    del kwargs
+    if event in self.EVENTS:
+      self.seconds[self.EVENTS[event]] += duration
+      self.programs += event.endswith("backend_compile_duration")
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
 def jaxprune_grid(h, x, y, w, epochs):
+  """(first call, warm call, compile clock of the first call): fit_many of the whole grid,
+  including the vmapped init of its 30 networks, as a study runs it."""
   model = jaxprune.MLP(in_features=x.shape[-1], hidden=(h,), out_features=7)
   runs = len(LRS) * x.shape[0]
   xr, yr, wr = (np.tile(a, (len(LRS),) + (1,) * (a.ndim - 1)) for a in (x, y, w))
   lr = np.repeat(np.asarray(LRS, np.float32), x.shape[0])
   keys = jax.random.split(jax.random.key(0), runs)
-  params = jax.vmap(model.init)(keys)
-  times = []
+  jax.block_until_ready(keys)
+  times, clocks = [], []
   for _ in range(2):                                # first call compiles; second is warm
     t = time.perf_counter()
-    out, _ = jaxprune.fit_many(model, params, xr, yr, wr, key=keys, epochs=epochs,
-                               learning_rate=lr, progress=False, log_every=epochs)
-    jax.block_until_ready(out)
+    with CompileClock() as init_clock:
+      params = jax.block_until_ready(jax.vmap(model.init)(keys))
+    with CompileClock() as fit_clock:
+      out, _ = jaxprune.fit_many(model, params, xr, yr, wr, key=keys, epochs=epochs,
+                                 learning_rate=lr, progress=False,
+                                 log_every=max(epochs // 5, 1))
+      jax.block_until_ready(out)
     times.append(time.perf_counter() - t)
-  return times
+    clocks.append((init_clock, fit_clock))
+  return times[0], times[1], clocks[0]
 
 
 def flax_grid(h, x, y, w, epochs, batch=32):
@@ -116,13 +148,18 @@ def main():
   print(load_line())
   print(f"grid: {len(LRS)} learning rates x {x.shape[0]} folds, {epochs} epochs, batch 32, "
         f"{int(w.sum(1).max())} training rows per fold")
-  print(f"{'H':>6} {'fit_many (first)':>17} {'compile':>8} {'warm':>7} {'flax loop':>10} "
-        f"{'ratio':>6}")
+  print("jaxprune: the 30 networks' vmapped init, then fit_many in 5 chunks, as the main job "
+        "runs them; 'XLA' is the XLA compilation of the first call (programs / seconds) and "
+        "'trace+lower' the tracing and lowering before it, for fit_many and for the init")
+  print(f"{'H':>6} {'jaxprune first':>15} {'warm':>7} {'fit_many XLA':>13} {'trace+lower':>12} "
+        f"{'init XLA':>12} {'flax loop':>10} {'ratio':>6}")
   for h in hidden:
-    first, warm = jaxprune_grid(h, x, y, w, epochs)
+    first, warm, (init_clock, fit_clock) = jaxprune_grid(h, x, y, w, epochs)
     loop = flax_grid(h, x, y, w, epochs)
-    print(f"{h:>6} {first:>16.1f}s {first - warm:>7.1f}s {warm:>6.1f}s {loop:>9.1f}s "
-          f"{loop / first:>5.1f}x", flush=True)
+    xla = lambda c: f"{c.programs} / {c.seconds['xla']:.2f}s"
+    print(f"{h:>6} {first:>14.1f}s {warm:>6.1f}s {xla(fit_clock):>13} "
+          f"{fit_clock.seconds['trace'] + fit_clock.seconds['lower']:>11.2f}s "
+          f"{xla(init_clock):>12} {loop:>9.1f}s {loop / first:>5.1f}x", flush=True)
   print(load_line())
 
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 
 import jax
@@ -59,6 +60,7 @@ from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.pruners import distinctiveness
 from experiments import _flags
 from experiments import _report
+from experiments import _speed
 from experiments import _store
 from experiments import _mlp_common as mc
 
@@ -204,8 +206,13 @@ def _prune_distinctiveness(model, params, mask, acts, target):
 
 
 def prune_runs(cfg: Config, model, pruner: str, params, masks, folds: mc.Folds, run_folds,
-               target: int, key_parts) -> tuple[object, np.ndarray, list]:
-  """Prunes every run (stacked ``params``, (R, H) ``masks``) down to ``target`` kept units."""
+               target: int, key_parts, workers: int | None = None
+               ) -> tuple[object, np.ndarray, list]:
+  """Prunes every run (stacked ``params``, (R, H) ``masks``) down to ``target`` kept units.
+
+  The GA prunes all runs in one vmapped program; the other pruners run once per distinct run,
+  ``workers`` runs at once (:func:`experiments._speed.run_all`; the results do not depend on
+  it)."""
   h = model.hidden[0]
   runs = len(run_folds)
   one = lambda tree, r: jax.tree.map(lambda a: a[r], tree)
@@ -225,14 +232,14 @@ def prune_runs(cfg: Config, model, pruner: str, params, masks, folds: mc.Folds, 
     new_masks = np.asarray(state.hof[:, 0]) & masks
     wm = _expand_many(model)(params, jnp.asarray(new_masks))
     return jax.tree.map(lambda a, m: a * m, params, wm), new_masks, info
-  out_p, out_m = [], []
-  for r, f in enumerate(run_folds):
+
+  def prune_one(r):
+    f = run_folds[r]
     p, m = one(params, r), np.asarray(masks[r])
     x_tr, _ = folds.train(f)
+    run_info = {}
     if int(m.sum()) <= target:
-      out_p.append(p)
-      out_m.append(m)
-      continue
+      return p, m, run_info
     if pruner == "importance":
       p, um, _ = _importance(model)(p, {GROUP: jnp.asarray(m)},
                                                          int(m.sum()) - target)
@@ -244,10 +251,31 @@ def prune_runs(cfg: Config, model, pruner: str, params, masks, folds: mc.Folds, 
       m = np.asarray(um[GROUP])
     else:
       acts = model.activations(p, jnp.asarray(x_tr), GROUP)
-      p, m, info[r] = _prune_distinctiveness(model, p, m, acts, target)
-    out_p.append(p)
-    out_m.append(m)
-  return jax.tree.map(lambda *a: jnp.stack(a), *out_p), np.stack(out_m), info
+      p, m, run_info = _prune_distinctiveness(model, p, m, acts, target)
+    return jax.tree.map(np.asarray, p), m, run_info
+
+  # Runs with the same fold, network and mask (one-shot: the finetune and rewind runs of a
+  # fold) give the same result: each distinct one is pruned once, `workers` at a time.
+  first = {}
+  for r in range(runs):
+    first.setdefault(_run_digest(run_folds[r], one(params, r), masks[r]), r)
+  unique = sorted(set(first.values()))
+  done = dict(zip(unique, _speed.run_all([functools.partial(prune_one, r) for r in unique],
+                                         workers)))
+  out = [done[first[_run_digest(run_folds[r], one(params, r), masks[r])]] for r in range(runs)]
+  info = [dict(o[2]) for o in out]
+  return (jax.tree.map(lambda *a: jnp.stack(a), *[o[0] for o in out]),
+          np.stack([o[1] for o in out]), info)
+
+
+def _run_digest(fold: int, params, mask) -> tuple:
+  """What a run's pruning depends on, besides the settings: its fold, network and mask."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves((params, mask)):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(str((a.dtype, a.shape)).encode())
+    h.update(a.tobytes())
+  return fold, h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- retraining
@@ -283,7 +311,7 @@ def _test_acc(model, params, folds, run_folds):
 
 
 def study_hidden(cfg: Config, folds: mc.Folds, h: int, study: _store.Study,
-                 progress: _report.Progress) -> dict:
+                 progress: _report.Progress, workers: int | None = None) -> dict:
   model = _model(h)
   nf = folds.count
   kept = cfg.kept(h)
@@ -317,7 +345,7 @@ def study_hidden(cfg: Config, folds: mc.Folds, h: int, study: _store.Study,
       p, m, info = prune_runs(cfg, model, pruner, jax.tree.map(lambda a: a[np.asarray(sel)],
                                                                params),
                               masks[sel], folds, [run_folds[r] for r in sel], target,
-                              (*key_parts, pruner))
+                              (*key_parts, pruner), workers)
       out_p.append(p)
       out_m.append(m)
       infos += info
@@ -431,8 +459,12 @@ SEED_DEFAULTS = """\
 
 
 def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
-        data_path: str | None = None) -> dict:
-  """Runs (or resumes) the study; returns the results written to results.json."""
+        data_path: str | None = None, workers: int | None = None) -> dict:
+  """Runs (or resumes) the study; returns the results written to results.json.
+
+  ``workers``: runs pruned at once (see :func:`prune_runs`; None: ``--workers`` or the number
+  of cores); the results do not depend on it.
+  """
   cfg.validate()
   ds = mc.load_features(data, data_path)
   mc.check_folds(ds, cfg.folds)
@@ -442,7 +474,7 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
   folds = mc.cv_folds(ds, cfg.folds, cfg.seed)
   steps = len(cfg.hidden) * (1 + 2 * len(cfg.targets))
   progress = _report.Progress(steps, "iterative pruning")
-  per_h = {h: study_hidden(cfg, folds, h, study, progress) for h in cfg.hidden}
+  per_h = {h: study_hidden(cfg, folds, h, study, progress, workers) for h in cfg.hidden}
   rows = [r for h in cfg.hidden for r in per_h[h]["rows"]]
   unpruned = [per_h[h]["unpruned"] for h in cfg.hidden]
   results = {"summary": rows, "unpruned": unpruned,

@@ -13,7 +13,7 @@ from experiments import iterative_pruning as ip
 @pytest.fixture(scope="module")
 def ip_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("ip"))
-  ip.run(ip.Config.quick(), workdir=workdir)
+  ip.run(ip.Config.quick(), workdir=workdir, workers=1)   # every run pruned in turn
   return workdir
 
 
@@ -58,6 +58,51 @@ def test_resume_is_identical(ip_run):
   before = _read(os.path.join(ip_run, ip.STUDY, "results.json"))
   ip.run(ip.Config.quick(), workdir=ip_run)  # everything comes from the cache
   assert _read(os.path.join(ip_run, ip.STUDY, "results.json")) == before
+
+
+def test_runs_pruned_at_once_give_the_same_numbers(ip_run, tmp_path, monkeypatch):
+  """Two workers, and each distinct run pruned once (the one-shot finetune and rewind runs of
+  a fold share their pruning): exactly the numbers of every run pruned in turn."""
+  calls = []
+  real = ip.prune_runs
+
+  def counting(cfg, model, pruner, params, masks, folds, run_folds, target, key_parts,
+               workers=None):
+    calls.append((key_parts[1], pruner, len(run_folds), workers))
+    return real(cfg, model, pruner, params, masks, folds, run_folds, target, key_parts, workers)
+
+  monkeypatch.setattr(ip, "prune_runs", counting)
+  ip.run(ip.Config.quick(), workdir=str(tmp_path), workers=2)
+  assert study_results(str(tmp_path), ip.STUDY) == study_results(ip_run, ip.STUDY)
+  assert calls and all(w == 2 for *_, w in calls)
+
+
+def test_identical_runs_are_pruned_once(monkeypatch):
+  """prune_runs calls the pruner once per distinct (fold, network, mask)."""
+  cfg = ip.Config.quick()
+  model = ip._model(6)
+  ds = ip.mc.load_features("features", None)
+  folds = ip.mc.cv_folds(ds, cfg.folds, cfg.seed)
+  import jax
+  params = jax.vmap(model.init)(ip.mc.stack_keys([jax.random.key(0)] * 2 + [jax.random.key(1)]))
+  masks = np.ones((3, 6), bool)
+  seen = []
+  real = ip._importance
+
+  def spy(m):
+    prune = real(m)
+    def wrapped(p, um, k):
+      seen.append(k)
+      return prune(p, um, k)
+    return wrapped
+
+  monkeypatch.setattr(ip, "_importance", spy)
+  p, m, _ = ip.prune_runs(cfg, model, "importance", params, masks, folds, [0, 0, 0], 3,
+                          ("x",), workers=1)
+  assert len(seen) == 2  # runs 0 and 1 are the same network on the same fold
+  assert m.sum(1).tolist() == [3, 3, 3] and (m[0] == m[1]).all()
+  for a in jax.tree.leaves(p):
+    np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(a)[1])
 
 
 @pytest.mark.parametrize("kw,match", [
