@@ -156,13 +156,21 @@ def _leading_sizes(tree) -> set:
 
 def _one_run(tree) -> PyTree:
   """Shapes and dtypes of one run of a stacked tree (no computation, nothing compiled)."""
-  return jax.tree.map(lambda l: jax.ShapeDtypeStruct(jnp.shape(l)[1:], jnp.result_type(l)), tree)
+  dtype = lambda l: l.dtype if hasattr(l, "dtype") else np.result_type(l)  # as the user gave it
+  return jax.tree.map(lambda l: jax.ShapeDtypeStruct(np.shape(l)[1:], dtype(l)), tree)
 
 
 def _host(a, dtype=None) -> np.ndarray:
   """A host (NumPy) view of data for the checks: reductions and slices on a device array would
-  each compile a small program on their first call."""
-  return np.asarray(a, dtype)
+  each compile a small program on their first call. Floating data take the dtype they will
+  have on the device (float64 becomes float32 unless x64 is on), so that a value beyond
+  float32's range is caught as infinite by the checks; integer labels stay as given, so that
+  one beyond int32's range fails the label check instead of wrapping around."""
+  a = np.asarray(a, dtype)
+  if np.issubdtype(a.dtype, np.floating):
+    with np.errstate(over="ignore"):  # an overflow is reported by the finite check
+      a = a.astype(jax.dtypes.canonicalize_dtype(a.dtype), copy=False)
+  return a
 
 
 def _device(a, host: np.ndarray | None = None) -> jax.Array:
@@ -478,7 +486,8 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     key: PRNG key for shuffling.
     epochs: passes over the data.
     batch_size, learning_rate, optimizer, loss: training settings (Adam by default). With a
-      ``loss`` of your own the targets need not be class labels.
+      ``loss`` of your own the targets need not be class labels. The optimizer's ``init`` and
+      ``update`` both run inside compiled programs cached per trainer: they must be traceable.
     masks: optional weight masks (see :func:`jaxprune.expand`); masked weights are zeroed
       before training and stay zero.
     validation: optional ``(x_val, y_val)`` evaluated after every epoch.
@@ -501,18 +510,19 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     raise ValueError(f"epochs must be at least 1, got {epochs}.")
   _check_callback(callback)
   _check_learning_rate(learning_rate)
-  _check_data(model, x, y, params=params)
+  xh, yh = _host(x), _host(y)
+  _check_data(model, xh, yh, params=params)
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)  # applied in the start program
   trainer = trainer or make_trainer(model, batch_size=batch_size, optimizer=optimizer, loss=loss)
-  x, y = _device(x), _device(y)
+  x, y = _device(x, xh), _device(y, yh)
   w = _device(np.ones((x.shape[0],), np.float32))
   val = None
   if validation is not None:
-    _check_data(model, validation[0], validation[1], "validation x", params=params,
-                y_name="validation y")
-    val = (_device(validation[0]), _device(validation[1]),
-           _device(np.ones((np.shape(validation[0])[0],), np.float32)))
+    vx, vy = _host(validation[0]), _host(validation[1])
+    _check_data(model, vx, vy, "validation x", params=params, y_name="validation y")
+    val = (_device(validation[0], vx), _device(validation[1], vy),
+           _device(np.ones((vx.shape[0],), np.float32)))
   state, history = _run(trainer, params, masks, learning_rate, x, y, w, key, epochs, val,
                         max(1, log_every), progress, desc, many=False, callback=callback)
   return state.params, history
@@ -553,7 +563,11 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   _check_targets(model, _one_run(params), xh[0], yh[wh > 0], "y")
   trainer = trainer or make_trainer(model, batch_size=batch_size)
   x, y, w = _device(x, xh), _device(y, yh), _device(w, wh)
-  lr = np.broadcast_to(np.asarray(learning_rate, np.float32), (runs,))
+  lr = np.asarray(learning_rate, np.float32)
+  if lr.shape not in ((), (runs,)):
+    raise ValueError(f"fit_many: learning_rate must be one number or one per run, shape "
+                     f"({runs},); got shape {lr.shape}.")
+  lr = np.broadcast_to(lr, (runs,))
   val = None if validation is None else tuple(_device(a) for a in validation)
   state, history = _run(trainer, params, masks, lr, x, y, w, key, epochs, val,
                         max(1, log_every), progress, desc, many=True, callback=callback)
@@ -576,16 +590,17 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
   compiles a new program.
   """
   model = as_model(model, loss)
-  _check_data(model, x, y, params=params)
+  xh, yh = _host(x), _host(y)
+  _check_data(model, xh, yh, params=params)
   if masks is not None:
     params = masks_lib.apply_masks(params, masks)  # checks the masks against the params
   trainer = make_trainer(model, loss=loss)
+  x, y = _device(x, xh), _device(y, yh)
   if sample_weight is None:
-    m = _compiled_eval(trainer, batch_size)(params, jnp.asarray(x), jnp.asarray(y))
+    m = _compiled_eval(trainer, batch_size)(params, x, y)
   else:
-    w = validate.check_sample_weight(sample_weight, np.shape(x)[0])
-    m = _compiled_eval_weighted(trainer, batch_size, False)(params, None, jnp.asarray(x),
-                                                            jnp.asarray(y), w)
+    w = validate.check_sample_weight(sample_weight, xh.shape[0])
+    m = _compiled_eval_weighted(trainer, batch_size, False)(params, None, x, y, w)
   return {k: float(v) for k, v in m.items()}
 
 

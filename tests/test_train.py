@@ -142,6 +142,37 @@ def test_fit_many_and_evaluate_many_compile_only_their_programs():
     assert np.all(np.asarray(p)[~np.asarray(k)] == 0)
 
 
+def test_fit_many_checks_data_as_the_device_holds_it():
+  """float64 beyond float32's range is infinite on the device: the check says so before any
+  training; a per-run learning rate of the wrong length is named."""
+  model = jaxprune.MLP(in_features=5, hidden=(7,), out_features=3)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 12, 5))
+  y = rng.integers(0, 3, (2, 12))
+  w = np.ones((2, 12), np.float32)
+  keys = jax.random.split(jax.random.key(1), 2)
+  params = jax.vmap(model.init)(keys)
+  big = x.copy()
+  big[1, 2, 3] = 1e39
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    jaxprune.fit_many(model, params, big, y, w, key=keys, epochs=1, progress=False)
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    jaxprune.evaluate_many(model, params, big, y, w)
+  one = jax.tree.map(lambda a: a[1], params)
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    jaxprune.fit(model, one, big[1], y[1], key=keys[1], epochs=1, progress=False)
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    jaxprune.evaluate(model, one, big[1], y[1])
+  with pytest.raises(ValueError, match=r"learning_rate must be one number or one per run"):
+    jaxprune.fit_many(model, params, x, y, w, key=keys, epochs=1, progress=False,
+                      learning_rate=[1e-3, 1e-2, 1e-1])
+  # float64 inputs train as their float32 values did before (same params as float32 inputs)
+  a, _ = jaxprune.fit_many(model, params, x, y, w, key=keys, epochs=2, progress=False)
+  b, _ = jaxprune.fit_many(model, params, x.astype(np.float32), y, w, key=keys, epochs=2,
+                           progress=False)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
 def test_padding_never_changes_the_real_runs_shuffle():
   # Large enough that a naive permutation of the padded length would reorder the real samples.
   model = jaxprune.MLP(in_features=3, hidden=(4,), out_features=2)
