@@ -93,7 +93,7 @@ def check_unit_masks(model_or_groups, unit_masks: Mapping[str, Any], *,
                      f"{type(unit_masks).__name__}.")
   units_lib.check_mask_keys(groups, unit_masks)
   for name, m in unit_masks.items():
-    units_lib.unit_mask(m, groups[name])
+    units_lib.unit_mask(m, groups[name], np)  # a check: nothing compiled
     if not allow_empty and not isinstance(m, jax.core.Tracer) and not bool(np.any(m)):
       raise ValueError(f"Unit mask {name!r} removes every unit of the group; keep at least one.")
 

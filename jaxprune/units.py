@@ -167,27 +167,30 @@ def check_mask_keys(groups: Mapping[str, UnitGroup], unit_masks: Mapping[str, An
                      f"{sorted(groups)}. Fix the key (unit_masks_ones(target) lists them).")
 
 
-def unit_mask(mask: Any, group: UnitGroup) -> jax.Array:
+def unit_mask(mask: Any, group: UnitGroup, xp=jnp) -> jax.Array:
   """``mask`` checked as the unit mask of ``group`` and returned as a bool vector.
 
   A unit mask is a bool vector of length ``group.size``; an integer vector of 0s and 1s is
   accepted (checked when its values are concrete). Anything else (floats such as 0.3, other
-  integers, a wrong shape) raises ValueError.
+  integers, a wrong shape) raises ValueError. ``xp=np`` returns a NumPy vector for a concrete
+  mask (nothing is compiled; a traced one stays a JAX array).
   """
+  if isinstance(mask, jax.core.Tracer):
+    xp = jnp
   shape = tuple(jnp.shape(mask))
   if shape != (group.size,):
     raise ValueError(f"Unit mask {group.name!r} has shape {shape}; group {group.name!r} has "
                      f"{group.size} units, so it needs shape ({group.size},).")
   dtype = jnp.result_type(mask)
   if dtype == jnp.bool_:
-    return jnp.asarray(mask)
+    return xp.asarray(mask)
   if jnp.issubdtype(dtype, jnp.integer):
     if not isinstance(mask, jax.core.Tracer):
       bad = np.setdiff1d(np.unique(np.asarray(mask)), [0, 1])
       if bad.size:
         raise ValueError(f"Unit mask {group.name!r} holds {bad[:5].tolist()}; an integer unit "
                          "mask may hold only 0 and 1 (better: use a bool mask).")
-    return jnp.asarray(mask).astype(bool)
+    return xp.asarray(mask).astype(bool)
   raise ValueError(f"Unit mask {group.name!r} has dtype {dtype}; unit masks must be bool (or "
                    "integer 0/1). Threshold it yourself, e.g. mask > 0.5, if that is meant.")
 
@@ -323,15 +326,15 @@ def _segment_mask(mask, s: Slice, axis_size: int, xp=jnp):
                          xp.ones((axis_size - start - length,), bool)])
 
 
-def _mask_like(mask: jax.Array, leaf_shape, s: Slice) -> jax.Array:
+def _mask_like(mask: jax.Array, leaf_shape, s: Slice, xp=jnp) -> jax.Array:
   """Broadcasts a unit mask (units,) to the leaf's shape along the slice's axis."""
   shape = _view_shape(leaf_shape, s) if s.view is not None else leaf_shape
   ndim = len(shape)
   axis = s.axis % ndim
-  mask = _segment_mask(mask, s, shape[axis])
+  mask = _segment_mask(mask, s, shape[axis], xp)
   bshape = [1] * ndim
   bshape[axis] = shape[axis]
-  full = jnp.broadcast_to(mask.reshape(bshape), shape)
+  full = xp.broadcast_to(mask.reshape(bshape), shape)
   return full.reshape(leaf_shape)
 
 
@@ -356,17 +359,24 @@ def expand(params: PyTree, groups: Mapping[str, UnitGroup], unit_masks: Mapping[
     Weight masks, a pytree of bool arrays shaped like ``params``.
   """
   check_mask_keys(groups, unit_masks)
+  # Concrete masks are combined on the host (bool operations, exact) and moved to the device
+  # once: eager jnp operations would each compile a small program per new shape.
+  concrete = not any(isinstance(l, jax.core.Tracer)
+                     for l in jax.tree.leaves((unit_masks, weight_masks)))
+  xp = np if concrete else jnp
   if weight_masks is None:
-    weight_masks = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+    weight_masks = jax.tree.map(lambda p: xp.ones(np.shape(p), bool), params)
+  elif concrete:
+    weight_masks = jax.tree.map(np.asarray, weight_masks)
   out = weight_masks
   for name, m in unit_masks.items():
     g = groups[name]
     check_group(params, g)
-    m = unit_mask(m, g)
+    m = unit_mask(m, g, xp)
     for s in g.slices:
       leaf = get_path(out, s.path)
-      out = set_path(out, s.path, jnp.logical_and(leaf, _mask_like(m, leaf.shape, s)))
-  return out
+      out = set_path(out, s.path, xp.logical_and(leaf, _mask_like(m, leaf.shape, s, xp)))
+  return jax.device_put(out) if concrete else out
 
 
 def _axis_keep(leaf_shape: tuple[int, ...], s: Slice, keep: np.ndarray) -> tuple[int, np.ndarray]:
@@ -400,7 +410,7 @@ def _kept_indices(params: PyTree, groups: Mapping[str, UnitGroup],
       continue
     g = groups[name]
     check_group(params, g)
-    keep = np.asarray(unit_mask(np.asarray(unit_masks[name]), g))
+    keep = unit_mask(np.asarray(unit_masks[name]), g, np)
     if not keep.any():
       raise ValueError(f"Unit mask {name!r} removes every unit of the group; keep at least one "
                        "unit (a layer with no units disconnects the network).")

@@ -163,7 +163,7 @@ class Model(abc.ABC):
     """
     groups = self.groups
     small = units_lib.compact(params, groups, unit_masks)  # checks keys, shapes and dtypes
-    sizes = {k: int(np.sum(np.asarray(units_lib.unit_mask(np.asarray(m), groups[k]))))
+    sizes = {k: int(np.sum(np.asarray(units_lib.unit_mask(np.asarray(m), groups[k], np))))
              for k, m in unit_masks.items()}
     return small, self.resize(sizes)
 

@@ -49,7 +49,7 @@ def group_mask(unit_masks: Mapping[str, Any], group: units_lib.UnitGroup,
   if params is not None:
     units_lib.check_group(params, group)
   for name, m in unit_masks.items():
-    units_lib.unit_mask(m, groups[name])
+    units_lib.unit_mask(m, groups[name], np)  # a check: nothing compiled
   if group.name not in unit_masks:
     return jnp.ones((group.size,), bool)
   return units_lib.unit_mask(unit_masks[group.name], group)
