@@ -441,10 +441,10 @@ def compact(params: PyTree, groups: Mapping[str, UnitGroup],
   """
   out = params
   for path, axes in _kept_indices(params, groups, unit_masks).items():
-    leaf = jnp.asarray(get_path(params, path))
-    for axis, idx in axes.items():
-      leaf = jnp.take(leaf, idx, axis=axis)
-    out = set_path(out, path, leaf)
+    leaf = np.asarray(get_path(params, path))  # cut on the host: an eager jnp.take would
+    for axis, idx in axes.items():              # compile a program per leaf shape
+      leaf = np.take(leaf, idx, axis=axis)
+    out = set_path(out, path, jax.device_put(leaf))
   return out
 
 
