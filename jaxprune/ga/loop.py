@@ -79,13 +79,13 @@ class _Displays:
   def open(self, display: GAProgress | None):
     """Registers ``display`` while the block runs; yields its token (0 for no display)."""
     if display is None:
-      yield jnp.int32(0)
+      yield np.int32(0)   # NumPy: jnp.int32 would compile a program on a first call
       return
     with self._lock:
       token = next(self._next) % (2**31 - 1) or 1
       self._live[token] = display
     try:
-      yield jnp.int32(token)
+      yield np.int32(token)
     finally:
       with self._lock:
         self._live.pop(token, None)
