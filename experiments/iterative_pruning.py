@@ -256,13 +256,15 @@ def prune_runs(cfg: Config, model, pruner: str, params, masks, folds: mc.Folds, 
 
   # Runs with the same fold, network and mask (one-shot: the finetune and rewind runs of a
   # fold) give the same result: each distinct one is pruned once, `workers` at a time.
+  host = jax.tree.map(np.asarray, params)
+  digests = [_run_digest(run_folds[r], one(host, r), masks[r]) for r in range(runs)]
   first = {}
-  for r in range(runs):
-    first.setdefault(_run_digest(run_folds[r], one(params, r), masks[r]), r)
-  unique = sorted(set(first.values()))
+  for r, d in enumerate(digests):
+    first.setdefault(d, r)
+  unique = sorted(first.values())
   done = dict(zip(unique, _speed.run_all([functools.partial(prune_one, r) for r in unique],
                                          workers)))
-  out = [done[first[_run_digest(run_folds[r], one(params, r), masks[r])]] for r in range(runs)]
+  out = [done[first[d]] for d in digests]
   info = [dict(o[2]) for o in out]
   return (jax.tree.map(lambda *a: jnp.stack(a), *[o[0] for o in out]),
           np.stack([o[1] for o in out]), info)
