@@ -51,7 +51,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
 import jaxprune  # noqa: E402
-from _timing import call_times  # noqa: E402
+from _timing import CompileClock, call_times  # noqa: E402
 from jaxprune import ga  # noqa: E402
 
 N_PATTERNS, N_IN, N_OUT = 1100, 10, 7
@@ -230,28 +230,6 @@ def plain_jax_ga(config, h, w, b, y, num_units, hyper_lam=LAM):
   return run
 
 
-class CompileCounter:
-  """Counts XLA compilations (``jax.monitoring``'s backend-compile events) while active."""
-
-  EVENT = "/jax/core/compile/backend_compile_duration"
-
-  def __init__(self):
-    self.count, self.seconds = 0, 0.0
-
-  def __call__(self, event, duration, **kwargs):
-    del kwargs
-    if event == self.EVENT:
-      self.count += 1
-      self.seconds += duration
-
-  def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self)
-
-
 FIRST_CALL = """
 import time, sys
 t0 = time.perf_counter()
@@ -265,7 +243,7 @@ model = jaxprune.MLP(in_features=B.N_IN, hidden=(100,), out_features=B.N_OUT)
 params = jax.tree.map(np.asarray, model.init(jax.random.key(100)))
 key = jax.block_until_ready(jax.random.key(0))  # the key's own small program is not counted
 t_import = time.perf_counter() - t0
-with B.CompileCounter() as c:
+with B.CompileClock() as c:
   t = time.perf_counter()
   res = ga.search(model, params, x, y, "hidden_0", key=key,
                   hyper=ga.GAHyperparams(lam=B.LAM), progress=False)
@@ -274,7 +252,7 @@ with B.CompileCounter() as c:
 t = time.perf_counter()
 jax.block_until_ready(ga.search(model, params, x, y, "hidden_0", key=jax.random.key(1),
                                 hyper=ga.GAHyperparams(lam=B.LAM), progress=False))
-print("FIRST", first, c.count, c.seconds, time.perf_counter() - t, t_import)
+print("FIRST", first, c.programs, c.seconds["xla"], time.perf_counter() - t, t_import)
 """
 
 

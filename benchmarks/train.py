@@ -26,7 +26,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
 import jaxprune  # noqa: E402
-from _timing import load_line  # noqa: E402
+from _timing import CompileClock, load_line  # noqa: E402
 from jaxprune import data  # noqa: E402
 
 LRS = (0.001, 0.01, 0.1)
@@ -53,30 +53,6 @@ def folds_padded(ds, n_splits=10):
     ys.append(np.concatenate([np.asarray(ds.y[tr]), np.zeros(pad, np.int64)]))
     ws.append(np.concatenate([np.ones(len(tr), np.float32), np.zeros(pad, np.float32)]))
   return np.stack(xs), np.stack(ys), np.stack(ws)
-
-
-class CompileClock:
-  """XLA compilations (count and seconds) and tracing + lowering seconds while active."""
-
-  EVENTS = {"/jax/core/compile/backend_compile_duration": "xla",
-            "/jax/core/compile/jaxpr_trace_duration": "trace",
-            "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower"}
-
-  def __init__(self):
-    self.programs, self.seconds = 0, {"xla": 0.0, "trace": 0.0, "lower": 0.0}
-
-  def __call__(self, event, duration, **kwargs):
-    del kwargs
-    if event in self.EVENTS:
-      self.seconds[self.EVENTS[event]] += duration
-      self.programs += event.endswith("backend_compile_duration")
-
-  def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self)
 
 
 def jaxprune_grid(h, x, y, w, epochs):
