@@ -30,9 +30,9 @@ T = TypeVar("T")
 
 _STAGES: list[tuple[str, str, float]] = []
 _clock = time.perf_counter   # the stage clock (a test replaces it)
-_LAST = {"t": None}
+_START = {"t": None}          # when the run's clock started (start())
 _LOCK = threading.Lock()
-_THREAD = threading.local()   # a worker thread's own stage clock (see run_all)
+_THREAD = threading.local()   # each thread's own stage clock: .last, the time of its last mark
 MAX_DEFAULT_WORKERS = 4
 
 
@@ -129,25 +129,21 @@ def run_all(calls: Sequence[Callable[[], T]], workers: int | None = None) -> lis
 
 
 def start() -> None:
-  """Starts a run's stage clock (and forgets earlier stages)."""
+  """Starts a run's stage clock on this thread (and forgets earlier stages)."""
   with _LOCK:
     _STAGES.clear()
-    _LAST["t"] = _LAST["start"] = _clock()
+    _THREAD.last = _START["t"] = _clock()
 
 
 def record(stage: str, what: str) -> None:
-  """Records that ``what`` of ``stage`` finished now (its time: since the previous record of
-  this thread; in a :func:`run_all` step, since the step started)."""
+  """Records that ``what`` of ``stage`` finished now. Its time: since this thread's previous
+  mark (:func:`start`, the previous record, or in a :func:`run_all` step the step's start);
+  0 on a thread with no mark yet."""
   now = _clock()
+  last = getattr(_THREAD, "last", None)
+  _THREAD.last = now
   with _LOCK:
-    last = getattr(_THREAD, "last", None)
-    if last is None:
-      last = now if _LAST["t"] is None else _LAST["t"]
-    _STAGES.append((stage, what, now - last))
-    if hasattr(_THREAD, "last"):
-      _THREAD.last = now
-    else:
-      _LAST["t"] = now
+    _STAGES.append((stage, what, now - (now if last is None else last)))
 
 
 def stage_table() -> str:
@@ -155,7 +151,7 @@ def stage_table() -> str:
   the wall-clock time since :func:`start` (less than the total when steps ran at once)."""
   with _LOCK:
     stages = list(_STAGES)
-    began = _LAST.get("start")
+    began = _START["t"]
   if not stages:
     return ""
   width = max(len(f"{s} {w}".strip()) for s, w, _ in stages)

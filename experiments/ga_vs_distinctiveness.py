@@ -354,9 +354,9 @@ def redundancy_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _stor
   prune = _redundancy_pruner(model)
 
   def one(acts, tol, f):
-    new_p, masks, _ = prune(jax.tree.map(lambda a: jnp.asarray(a)[f], params),
-                            jaxprune.unit_masks_ones(model), acts[f], tol,
-                            sample_weight=jnp.asarray(folds.w_tr[f]))
+    new_p, masks, _ = prune(jax.tree.map(lambda a: np.asarray(a)[f], params),  # host slices:
+                            jaxprune.unit_masks_ones(model), acts[f], tol,  # nothing compiled
+                            sample_weight=folds.w_tr[f])
     return jax.tree.map(np.asarray, (new_p, masks))
 
   def run():
