@@ -38,10 +38,10 @@ def _recorded_run(config, plan):
 PLANS = {
     # the plan run() would choose
     "default": I.plan(U, 30, 3, N, O),
-    # tiny budgets: cut-slot overflow and several full-evaluation passes every generation
-    "tight": I.Plan(blocks=6, block_size=10, full_slots=1, cut_slots=1),
-    # blocks that do not divide the units (padded last block)
-    "ragged": I.Plan(blocks=7, block_size=9, full_slots=3, cut_slots=2),
+    # tiny budgets: delta overflow, and several full-evaluation passes per generation
+    "tight": I.Plan(split=U // 2, delta_slots=1, full_slots=1),
+    # halves of unequal width
+    "ragged": I.Plan(split=23, delta_slots=3, full_slots=2),
 }
 
 
@@ -111,24 +111,79 @@ def test_lineage_reproduces_breed():
     assert not bool(lin.crossed[-1])   # the odd last child is a copy of its parent
 
 
-def test_accuracy_from_partials_matches_argmax_with_ties_and_nan():
-  plan = I.Plan(blocks=2, block_size=3, full_slots=1, cut_slots=1)
+def test_accuracy_from_logits_matches_argmax_with_ties_and_nan():
   y = jnp.array([0, 1, 2, 1, 0])
-  blk = I._Blocks(ht=None, wb=None, b=jnp.zeros(3), y=y)   # pylint: disable=protected-access
-  parts = jnp.array(np.random.default_rng(0).integers(-2, 3, (2, 4, 3, 5)), jnp.float32)
-  parts = parts.at[0, 1, 2, 3].set(jnp.nan).at[1, 2, :, 0].set(0.0).at[0, 2, :, 0].set(1.0)
-  logits = parts[0] + parts[1]                                    # (Q, O, N)
-  want = 100.0 * jnp.mean((jnp.argmax(logits, axis=1) == y[None]).astype(jnp.float32), 1)
-  got = I.accuracy_from_partials(blk, parts)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  del plan
+  b = jnp.array([0.0, 0.5, -0.5])
+  z = jnp.array(np.random.default_rng(0).integers(-2, 3, (4, 3, 5)), jnp.float32)
+  z = z.at[1, 2, 3].set(jnp.nan).at[2, :, 0].set(1.0).at[3, :, 1].set(-b)   # NaN; exact ties
+  want = 100.0 * jnp.mean((jnp.argmax(z + b[None, :, None], axis=1) == y[None]).astype(
+      jnp.float32), 1)
+  np.testing.assert_array_equal(np.asarray(I.accuracy_from_logits(b, y, z)), np.asarray(want))
 
 
 def test_plan_sizes():
   p = I.plan(1000, 100, 5, 1100, 7)
-  assert (p.blocks, p.block_size) == (11, 91)
-  assert p.blocks * p.block_size >= 1000
-  # Partial sums over the memory limit: fewer blocks, then none.
-  assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 7 * 3).blocks == 3
-  assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 7) is None
+  assert p.split == 500
+  # 47 pairs, each crossed, not both mutated and with its shorter side on a given half with
+  # probability 0.8 * (1 - 0.2**2) / 2: 18.0 + 2 sd; 95 children, each mutated with
+  # probability 0.2: 19 + 1 sd.
+  assert (p.delta_slots, p.full_slots) == (26, 24)
+  # Logits over the memory limit: no plan (full evaluation).
+  assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 7) is not None
+  assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 7 - 1) is None
   assert I.plan(1, 100, 5, 10, 2) is None
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_child_logits_rows_match_full_products(name):
+  """One generation: every child row not flagged for a full evaluation (and every row after
+  the fallback) equals its full product to float rounding; the hall-of-fame rows are copied."""
+  _, _, _, _, fit, data = _problem()
+  h, w, b, y = fit.incremental_data(data)
+  arr = I._Arrays(h.T, w, b, y)   # pylint: disable=protected-access
+  cfg = ga.GAConfig(population_size=30, hof_size=3, generations=1)
+  rng = np.random.default_rng(0)
+  plan = PLANS[name]
+  flagged = mutated = 0
+  for seed in range(6):
+    pop = jnp.asarray(rng.random((30, U)) < 0.5)
+    state = S.init(cfg, U)._replace(population=pop, generation=jnp.int32(1),
+                                    fitness=jnp.asarray(rng.normal(size=30), jnp.float32))
+    z = I.full_logits(arr, pop)
+    hof_rows = jnp.asarray(rng.permutation(30)[:3])
+    lin = I.breed_with_lineage(cfg, state, ga.GAHyperparams(), key=jax.random.key(seed))
+    out, need_full = I.child_logits(plan, arr, pop, z, lin, hof_rows)
+    want = I.full_logits(arr, lin.children)
+    ok = ~np.asarray(need_full)
+    np.testing.assert_allclose(np.asarray(out[:27])[ok], np.asarray(want)[ok], atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(out[27:]), np.asarray(z[hof_rows]))
+    done = I._full_fallback(plan, arr, out, lin.children, need_full)  # pylint: disable=protected-access
+    np.testing.assert_allclose(np.asarray(done[:27]), np.asarray(want), atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(done[27:]), np.asarray(z[hof_rows]))
+    flagged += int(need_full.sum())
+    mutated += int(lin.mutated.sum())
+  if name == "default":        # every mutated child, and nothing else (no overflow here)
+    assert flagged == mutated
+  else:                        # small budgets: pairs overflow into full evaluations
+    assert flagged > mutated
+
+
+def test_auto_on_cpu_needs_enough_work():
+  """'auto' on CPU: incremental only for runs whose full evaluation would cost >= CPU_MIN_WORK."""
+  model = jaxprune.MLP(in_features=5, hidden=(300,), out_features=O)
+  auto = ga.make_fitness(model, "hidden_0", "eq5")
+  assert jax.default_backend() == "cpu"
+  assert not I.applies(auto, None, 300, work=None)
+  assert not I.applies(auto, None, 300, work=I.CPU_MIN_WORK / 2)
+  assert I.applies(auto, None, 300, work=I.CPU_MIN_WORK)
+  assert not I.applies(auto, None, I.MIN_UNITS - 1, work=I.CPU_MIN_WORK)
+  assert I.applies(ga.make_fitness(model, "hidden_0", "eq5", incremental=True), None, 300)
+  assert not I.applies(ga.make_fitness(model, "hidden_0", "eq5", incremental=False), None, 300,
+                       work=I.CPU_MIN_WORK)
+  # The run's work: 2 (G + 1) P U N O.
+  loop = importlib.import_module("jaxprune.ga.loop")
+  params = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (N, 5))
+  data = auto.prepare(params, x, jnp.zeros((N,), jnp.int32))
+  cfg = ga.GAConfig(population_size=30, hof_size=3, generations=20)
+  assert loop._full_work(cfg, auto, data) == 2.0 * 21 * 30 * 300 * N * O  # pylint: disable=protected-access

@@ -1,48 +1,52 @@
 """Incremental fitness for the GA's fast path: children are scored from their parents' logits.
 
 On the fast path (a group read only by the output layer) an individual's output logits are a
-sum over its kept units, ``logits = sum_{u kept} H[:, u] W[u, :] + b``. The units are split
-into ``B`` blocks of ``s`` units, and every individual carries its logits as ``B`` partial sums
-``S[j, p] = (mask_p[block j, None] * W[block j]).T @ H[:, block j].T`` (shape (O, N) each).
-Each generation, every child is scored by the cheapest exact route its lineage allows:
+sum over its kept units, ``z = sum_{u kept} H[:, u] W[u, :]`` (plus the bias). Every
+individual carries its ``z`` (shape (O, N)), and each generation every child is scored by the
+cheapest exact route its lineage allows. Children come in pairs: one-point crossover of parents
+``a`` and ``b`` at cut ``c`` makes ``a[:c] ++ b[c:]`` and ``b[:c] ++ a[c:]``, and the two
+children's logits sum to the parents' (``z0 + z1 = z_a + z_b``). So one product serves the pair:
 
-* a child that is a copy of its parent (no crossover, no mutation) takes the parent's partial
-  sums; nothing is computed;
-* a crossed child ``A[:c] ++ B[c:]`` that was not mutated takes ``A``'s partial sums for the
-  blocks before the cut and ``B``'s after it (one gather), and recomputes only the block that
-  holds the cut, from its own bits (``s`` units instead of ``U``);
-* a mutated child is evaluated in full (all ``B`` blocks from its bits). At the published
-  rates a mutation flips about one bit in ten, so a flipped bit lands in nearly every block
-  (a block of 100 units is left untouched once in 40,000), and on XLA:CPU one dense product
-  per block costs less than gathering the flipped units for ``+-H[:, u] W[u, :]`` updates
-  (measured: 9 ms against 15-45 ms per generation at H=1000). Recomputing also means that no
-  rounding accumulates over generations: every block sum is one product of its bits;
+* ``c`` at or past the middle (the tail ``c..U-1`` is the shorter side):
+  ``d = sum_{u >= c} (b_u - a_u) H[:, u] W[u, :]``, ``z0 = z_a + d``, ``z1 = z_b - d``;
+* ``c`` before the middle (the head ``0..c-1`` is shorter):
+  ``e = sum_{u < c} (a_u - b_u) H[:, u] W[u, :]``, ``z0 = z_b + e``, ``z1 = z_a - e``.
+
+``d`` and ``e`` are products over one half of the units (the tail lies in the second half, the
+head in the first), with ``-1 / 0 / +1`` weights that are nonzero only where the parents differ,
+so a crossed pair costs a quarter of the two children's full evaluation. Further:
+
+* a child that is a copy of its parent (no crossover, no mutation) takes the parent's logits;
+* a mutated child is evaluated in full, from its bits: at the published rates a mutation flips
+  about one bit in ten, spread over all units, so a delta would cost as much as the product;
+  recomputing also resets the rounding of its lineage (below);
 * hall-of-fame members are not re-scored: their fitness is the one recorded when they entered
-  the hall of fame (fitness is deterministic), and their partial sums travel with them.
+  the hall of fame (fitness is deterministic), and their logits travel with them.
 
-Every shape is static and the choice is made inside the compiled program: ``cut_slots``
-children per block have their cut block recomputed (more: full evaluation), and the full
-evaluations go ``full_slots`` children at a time in a ``lax.while_loop`` that runs zero times
-when no child needs one, so the work per generation is bounded by a fixed budget plus the rare
-overflow.
+Every shape is static and the choice is made inside the compiled program: ``delta_slots``
+pairs per half get their delta computed (more: their children are evaluated in full), and the
+full evaluations go ``full_slots`` children at a time in a ``lax.while_loop`` that runs zero
+times when no child needs one, so the work per generation is a fixed budget plus the rare
+overflow. At population 100 and H=1000 a generation costs about half of the full evaluation's
+floating-point work (see docs/benchmarks.md for what that buys on each machine).
 
 Exactness. The accuracies equal the full evaluation's except where float summation order can
-flip an argmax: the full evaluation sums a pattern's logits in one product over all ``U``
-units; the incremental one sums ``B`` block products, then the blocks in block order. The two
-differ by a few units in the last place of the logits, so they can disagree only on a pattern
-whose two largest logits are that close (a near tie); one pattern's prediction then flips, the
-accuracy moves by ``1 / N`` and the two runs part ways. ``tests/test_ga_incremental.py``
-compares every individual of many random generations with the full evaluation (no
-disagreement in its cases) and ``benchmarks/ga.py`` reports the count at H=1000.
+flip an argmax. A child's logits are its parent's logits plus a delta, which were themselves
+a product or a parent's logits plus a delta; the full evaluation sums the same terms in one
+product. The two differ by a few units in the last place of the logits (more along a long
+line of unmutated descent; every mutation starts a fresh product), so they can disagree only
+on a pattern whose two largest logits are that close (a near tie); that pattern's prediction
+then flips, the accuracy moves by ``1 / N`` and the two runs part ways.
+``tests/test_ga_incremental.py`` compares every individual of many random generations with
+the full evaluation and bounds the count, and ``benchmarks/ga.py`` reports it at H=1000.
 ``incremental=False`` (on :func:`jaxprune.ga.search` or :func:`jaxprune.ga.make_fitness`)
-forces the full evaluation; ``'auto'`` (the default) uses the incremental one from
-:data:`MIN_UNITS` units on, except on CPU (where it was measured no faster; see :func:`applies`).
+forces the full evaluation; ``'auto'`` (the default) chooses as :func:`applies` says.
 
 Scope: one device (with several devices the population is sharded and evaluated in full), a
 fitness object that exposes ``incremental_data(data) -> (h, w, b, y)`` and
 ``from_accuracy(accuracy, population, data, hyper)`` (:class:`jaxprune.ga.AccuracyFitness` on
-the fast path does), and partial sums that fit :data:`MEMORY_LIMIT` bytes (fewer blocks are
-used for large populations; none fits: full evaluation).
+the fast path does), and logits that fit :data:`MEMORY_LIMIT` bytes (otherwise the full
+evaluation).
 
 Example (incremental and full evaluation agree on every generation here):
 
@@ -69,7 +73,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxprune.ga import operators as ops
@@ -77,8 +80,8 @@ from jaxprune.ga import strategy
 
 PyTree = Any
 
-#: Largest size in bytes of the population's partial sums (float32, (P, B, O, N)); with more,
-#: fewer blocks are used, and below two blocks the full evaluation.
+#: Largest size in bytes of the population's logits (float32, (P, O, N)); with more, the full
+#: evaluation.
 MEMORY_LIMIT = 1 << 30
 
 
@@ -86,58 +89,64 @@ class Plan(NamedTuple):
   """Static sizes of the incremental evaluation.
 
   Attributes:
-    blocks: ``B``, number of unit blocks.
-    block_size: ``s``, units per block (the last block is padded with zero units).
-    full_slots: children evaluated in full per ``while_loop`` iteration (sized for the
-      mutated children at the published mutation rate, 0.2, plus three standard deviations).
-    cut_slots: children whose cut block is recomputed per block (more: full evaluation).
+    split: the first unit of the second half (``U // 2``): a crossed pair's delta is a product
+      over units ``0 .. split-1`` (cut before ``split``) or ``split .. U-1``.
+    delta_slots: pairs per half whose delta is computed per generation (sized for the
+      published rates, crossover 0.8 and mutation 0.2, plus two standard deviations; pairs
+      beyond it have their children evaluated in full).
+    full_slots: children evaluated in full per ``while_loop`` iteration (sized for the mutated
+      children at the published mutation rate plus one standard deviation).
   """
 
-  blocks: int
-  block_size: int
+  split: int
+  delta_slots: int
   full_slots: int
-  cut_slots: int
 
 
 def plan(num_units: int, population_size: int, hof_size: int, num_patterns: int,
-         num_outputs: int, *, blocks: int | None = None,
-         memory_limit: int = MEMORY_LIMIT) -> Plan | None:
-  """The static sizes for a run, or None when the partial sums would not fit or pay off.
+         num_outputs: int, *, memory_limit: int = MEMORY_LIMIT) -> Plan | None:
+  """The static sizes for a run, or None when the logits would not fit or nothing can pay off.
 
-  About ``sqrt(U) / 3`` blocks (10 for 1,000 units) balance the cut block's recomputation
-  (``s`` units per child) against the copying of ``B`` partial sums per child.
+  Sized for the published rates (crossover 0.8, mutation 0.2): a pair needs a delta on a given
+  half with probability ``0.8 * (1 - 0.2**2) / 2``, and a child a full evaluation with
+  probability 0.2. Other rates still give exact results (overflow goes to the full
+  evaluation), only a different cost.
   """
-  if num_units < 2:
-    return None
-  if blocks is None:
-    blocks = int(np.clip(round(math.sqrt(num_units) / 3), 2, 32))
-  blocks = min(blocks, num_units)
-  per_block = 4 * population_size * num_patterns * num_outputs
-  blocks = min(blocks, memory_limit // max(per_block, 1))
-  if blocks < 2:
-    return None
-  size = -(-num_units // blocks)
   n = population_size - hof_size
+  if num_units < 2 or n < 2:
+    return None
+  if 4 * population_size * num_patterns * num_outputs > memory_limit:
+    return None
+  half = n // 2
+  p = 0.8 * (1 - 0.2 ** 2) / 2
+  mean = half * p
+  delta = int(math.ceil(mean + 2 * math.sqrt(mean * (1 - p)) + 1))
   mean = 0.2 * n
-  full = int(math.ceil(mean + 3 * math.sqrt(mean * 0.8) + 1))
-  per_block = 0.64 * n / blocks   # crossed (0.8) and not mutated (0.8), spread over blocks
-  cut = int(math.ceil(per_block + 3 * math.sqrt(per_block) + 1))
-  return Plan(blocks=blocks, block_size=size, full_slots=min(n, full),
-              cut_slots=min(n, cut))
+  full = int(math.ceil(mean + math.sqrt(mean * 0.8) + 1))
+  return Plan(split=num_units // 2, delta_slots=min(half, delta), full_slots=min(n, full))
 
 
 #: ``incremental='auto'`` uses the incremental evaluation from this many units on.
 MIN_UNITS = 256
 
 
-def applies(fitness_fn, mesh, num_units: int) -> bool:
+#: On CPU, ``incremental='auto'`` also needs a run whose full evaluation would cost at least
+#: this many floating-point operations (``2 G P U N O``): the incremental program compiles
+#: about 1.5 s longer there, and saves about a third of the evaluation (measured at
+#: 150 GFLOP/s: break-even near 1e12).
+CPU_MIN_WORK = 1e12
+
+
+def applies(fitness_fn, mesh, num_units: int, work: float | None = None) -> bool:
   """True when ``fitness_fn`` asks for, and supports, incremental evaluation on this mesh.
 
   ``fitness_fn.incremental`` is True (always), False (never) or ``'auto'``: from
-  :data:`MIN_UNITS` units on, and not on CPU. On XLA:CPU the measured incremental run was not
-  faster than the full one at H=1000 (the block products and gathers are memory-bound there,
-  while the full product runs near the matmul rate; see docs/benchmarks.md) and it compiles
-  2-4x longer, so ``'auto'`` keeps the full evaluation on CPU; pass True to opt in.
+  :data:`MIN_UNITS` units on, and on CPU only for runs whose full evaluation would cost at
+  least :data:`CPU_MIN_WORK` operations (``work``: ``2 * generations * population * units *
+  patterns * outputs``; None: unknown, full evaluation). There the incremental run is faster
+  per generation (1.5x at H=1000, population 100, see docs/benchmarks.md) but compiles about
+  1.5 s longer, which a shorter run does not win back; pass True to opt in (for example with
+  the persistent compilation cache warm).
   """
   if mesh is not None and mesh.size > 1:
     return False
@@ -146,73 +155,55 @@ def applies(fitness_fn, mesh, num_units: int) -> bool:
     return False
   mode = getattr(fitness_fn, "incremental", False)
   if mode == "auto":
-    return num_units >= MIN_UNITS and jax.default_backend() != "cpu"
+    if num_units < MIN_UNITS:
+      return False
+    return jax.default_backend() != "cpu" or (work is not None and work >= CPU_MIN_WORK)
   return mode is True
 
 
-# ----------------------------------------------------------------------------- block algebra
+# ----------------------------------------------------------------------------- algebra
 
 
-class _Blocks(NamedTuple):
-  """The fast path's arrays split into blocks (padded with zero units)."""
+class _Arrays(NamedTuple):
+  """The fast path's arrays, laid out for the products."""
 
-  ht: jax.Array    # (B, s, N) activations of each block, one row per unit
-  wb: jax.Array    # (B, s, O) output kernel rows of each block
+  ht: jax.Array    # (U, N) activations, one row per unit
+  w: jax.Array     # (U, O) output kernel
   b: jax.Array     # (O,) output bias
   y: jax.Array     # (N,) labels
 
 
-def _blocks(plan_: Plan, h, w, b, y) -> _Blocks:
-  pad = plan_.blocks * plan_.block_size - h.shape[1]
-  ht = jnp.pad(h, ((0, 0), (0, pad))).T.reshape(plan_.blocks, plan_.block_size, -1)
-  wb = jnp.pad(w, ((0, pad), (0, 0))).reshape(plan_.blocks, plan_.block_size, -1)
-  return _Blocks(ht, wb, b, y)
+def _product(weights: jax.Array, w: jax.Array, ht: jax.Array) -> jax.Array:
+  """(Q, O, N) logits ``sum_u weights[q, u] W[u, :] H[:, u]`` for (Q, V) weights: one 2-D product.
 
-
-def _pad_bits(plan_: Plan, population: jax.Array) -> jax.Array:
-  pad = plan_.blocks * plan_.block_size - population.shape[-1]
-  return jnp.pad(population, ((0, 0), (0, pad)))
-
-
-def _block_product(blk: _Blocks, j: jax.Array, bits: jax.Array) -> jax.Array:
-  """(Q, O, N) partial sums of block ``j`` for (Q, s) bits: one plain 2-D product.
-
-  ``W_all.T @ H_j.T`` with ``W_all[:, q*O:(q+1)*O] = bits[q][:, None] * W_j``, the fast
-  path's one-product formulation per block (XLA:CPU runs batched products of small matrices
-  far below its GEMM rate), transposed so that the result needs no transpose.
+  ``W_all.T @ H.T`` with ``W_all[:, q*O:(q+1)*O] = weights[q][:, None] * W``, the fast path's
+  one-product formulation (XLA:CPU runs batched products of small matrices far below its GEMM
+  rate), transposed so that the result needs no transpose.
   """
-  q, o = bits.shape[0], blk.wb.shape[-1]
-  wm = bits.astype(blk.wb.dtype)[:, :, None] * blk.wb[j][None, :, :]       # (Q, s, O)
-  lhs = jnp.transpose(wm, (0, 2, 1)).reshape(q * o, -1)                   # (Q*O, s)
-  return (lhs @ blk.ht[j]).reshape(q, o, -1)
+  q, o = weights.shape[0], w.shape[-1]
+  wm = weights.astype(w.dtype)[:, :, None] * w[None, :, :]                 # (Q, V, O)
+  lhs = jnp.transpose(wm, (0, 2, 1)).reshape(q * o, -1)                   # (Q*O, V)
+  return (lhs @ ht).reshape(q, o, -1)
 
 
-def full_partials(plan_: Plan, blk: _Blocks, population: jax.Array) -> jax.Array:
-  """(B, Q, O, N) partial sums of each individual, every block computed from its bits.
-
-  A ``lax.scan`` over the blocks, so that one product is compiled, not ``B``.
-  """
-  q = population.shape[0]
-  m = _pad_bits(plan_, population).reshape(q, plan_.blocks, plan_.block_size)
-  return jnp.stack([_block_product(blk, j, m[:, j]) for j in range(plan_.blocks)])
+def full_logits(arr: _Arrays, population: jax.Array) -> jax.Array:
+  """(Q, O, N) logits (without the bias) of each individual, from its bits."""
+  return _product(population, arr.w, arr.ht)
 
 
-def accuracy_from_partials(blk: _Blocks, partials: jax.Array) -> jax.Array:
-  """(Q,) accuracy in percent from (B, Q, O, N) partial sums (block sums in block order)."""
-  logits = partials[0]
-  for j in range(1, partials.shape[0]):   # block order, the same for every individual
-    logits = logits + partials[j]
-  logits = logits + blk.b[None, :, None]                                   # (Q, O, N)
-  # argmax over the (middle) output axis as an unrolled compare, which XLA:CPU fuses with the
-  # sum (its argmax reduction over a middle axis is ~100x slower here). Same semantics as
-  # jnp.argmax: the first maximum wins, and the first NaN wins over any number.
+def accuracy_from_logits(b: jax.Array, y: jax.Array, z: jax.Array) -> jax.Array:
+  """(Q,) accuracy in percent from (Q, O, N) logits ``z`` (without the bias ``b``)."""
+  logits = z + b[None, :, None]                                            # (Q, O, N)
+  # argmax over the (middle) output axis as an unrolled compare, which XLA:CPU fuses (its
+  # argmax reduction over a middle axis is ~100x slower here). Same semantics as jnp.argmax:
+  # the first maximum wins, and the first NaN wins over any number.
   best, arg = logits[:, 0], jnp.zeros(logits[:, 0].shape, jnp.int32)
   for o in range(1, logits.shape[1]):
     v = logits[:, o]
     better = jnp.logical_or(v > best, jnp.logical_and(jnp.isnan(v), jnp.logical_not(
         jnp.isnan(best))))
     best, arg = jnp.where(better, v, best), jnp.where(better, o, arg)
-  correct = arg == blk.y[None, :]
+  correct = arg == y[None, :]
   return 100.0 * jnp.mean(correct.astype(jnp.float32), axis=1)
 
 
@@ -251,87 +242,103 @@ def breed_with_lineage(config, state, hyper, *, key: jax.Array) -> _Lineage:
   return _Lineage(children, first, second, cut, do, mutated)
 
 
-def child_partials(plan_: Plan, blk: _Blocks, partials: jax.Array,
-                   lin: _Lineage) -> tuple[jax.Array, jax.Array]:
-  """(B, n, O, N) children's partial sums, and (n,) which children need a full evaluation.
+def child_logits(plan_: Plan, arr: _Arrays, population: jax.Array, z: jax.Array,
+                 lin: _Lineage, hof_rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The next generation's (P, O, N) logits, and (n,) which children need a full evaluation.
 
-  Mutated children are flagged for full evaluation: a flipped bit lands in nearly every block
-  at the published rates (``0.9 ** 100``: a block of 100 units is left untouched once in
-  40,000), and on XLA:CPU one dense product per block costs less than gathering the flipped
-  units for ``+-H[:, u] W[u, :]`` updates (measured: 9 ms against 15-45 ms per generation at
-  H=1000), so the recomputation is both the cheaper delta and free of accumulated rounding.
+  Args:
+    plan_: the static sizes.
+    arr: the fast path's arrays.
+    population: (P, U) the parents' generation (``lin.first`` and ``lin.second`` index it).
+    z: (P, O, N) its logits.
+    lin: the n children and their lineage.
+    hof_rows: (K,) the rows of ``z`` that hold the hall of fame, which follows the children.
+
+  A crossed pair whose children are not both mutated gets one delta product over the half
+  that holds its shorter side (``delta_slots`` pairs per half; the rest are flagged); a
+  mutated child is flagged, whatever its pair got. Flagged rows hold a parent's logits.
   """
-  nb, s = plan_.blocks, plan_.block_size
   n = lin.children.shape[0]
-  cb = (lin.cut - 1) // s   # the block holding the last unit taken from the first parent
-  j = jnp.arange(nb)
-  # Blocks up to the cut from the first parent, after it from the second: one gather.
-  src = jnp.where(j[:, None] <= cb[None, :], lin.first[None, :], lin.second[None, :])
-  p = partials.shape[1]
-  flat = partials.reshape((-1,) + partials.shape[2:])
-  out = flat[j[:, None] * p + src]                                         # (B, n, O, N)
-  # The cut block of crossed, unmutated children: grouped by block, ``cut_slots`` per block.
-  need_cut = jnp.logical_and(lin.crossed, jnp.logical_not(lin.mutated))
-  bits = _pad_bits(plan_, lin.children).reshape(n, nb, s)
-  need_full = lin.mutated
-  for jj in range(nb):
-    here = jnp.logical_and(need_cut, cb == jj)
-    members = jnp.nonzero(here, size=plan_.cut_slots, fill_value=n)[0]
-    part = _block_product(blk, jj, bits[jnp.minimum(members, n - 1), jj])
-    out = out.at[jj, members].set(part, mode="drop")
-    need_full = jnp.logical_or(need_full, jnp.logical_and(
-        here, jnp.cumsum(here) > plan_.cut_slots))
+  half, m = n // 2, plan_.split
+  u = population.shape[1]
+  pa, pb = lin.first[0:2 * half:2], lin.first[1:2 * half:2]     # the pair's parents a, b
+  cut, crossed = lin.cut[0:2 * half:2], lin.crossed[0:2 * half:2]
+  mut = lin.mutated[:2 * half].reshape(half, 2)
+  need = jnp.logical_and(crossed, jnp.logical_not(jnp.all(mut, axis=1)))
+  head = cut < m                                   # the shorter side lies in units 0 .. m-1
+  # Bases: z0 = z_a + d and z1 = z_b - d (tail), z0 = z_b + e and z1 = z_a - e (head).
+  swap = jnp.logical_and(crossed, head)
+  base = jnp.stack([jnp.where(swap, pb, pa), jnp.where(swap, pa, pb)], 1).reshape(-1)
+  out = z[jnp.concatenate([base, lin.first[2 * half:], hof_rows])]         # (P, O, N)
+  overflow = jnp.zeros((half,), bool)
+  bits_a, bits_b = population[pa], population[pb]
+  for side, lo, hi in ((jnp.logical_and(need, head), 0, m),
+                       (jnp.logical_and(need, jnp.logical_not(head)), m, u)):
+    members = jnp.nonzero(side, size=plan_.delta_slots, fill_value=half)[0]
+    safe = jnp.minimum(members, half - 1)
+    units = jnp.arange(lo, hi)
+    c = cut[safe][:, None]
+    diff = (bits_a[safe, lo:hi].astype(jnp.int8) - bits_b[safe, lo:hi].astype(jnp.int8))
+    # Head: e from (a - b) on units < c; tail: d from (b - a) on units >= c.
+    weights = (jnp.where(units[None, :] < c, diff, 0) if lo == 0 else
+               jnp.where(units[None, :] >= c, -diff, 0))
+    part = _product(weights, arr.w[lo:hi], arr.ht[lo:hi])
+    rows = jnp.where(members < half, 2 * members, out.shape[0])   # out of range: dropped
+    out = out.at[rows].add(part, mode="drop").at[rows + 1].add(-part, mode="drop")
+    overflow = jnp.logical_or(overflow, jnp.logical_and(side, jnp.cumsum(side) >
+                                                        plan_.delta_slots))
+  need_full = lin.mutated.at[:2 * half].set(jnp.logical_or(
+      lin.mutated[:2 * half], jnp.repeat(overflow, 2)))
   return out, need_full
 
 
-def _full_fallback(plan_: Plan, blk: _Blocks, out: jax.Array, children: jax.Array,
+def _full_fallback(plan_: Plan, arr: _Arrays, out: jax.Array, children: jax.Array,
                    need_full: jax.Array) -> jax.Array:
-  """Recomputes the flagged children in full, ``full_slots`` at a time (zero passes if none)."""
+  """Recomputes the flagged children (rows of ``out``) in full, ``full_slots`` at a time (zero
+  passes if none)."""
   n = children.shape[0]
-
-  def cond(carry):
-    return jnp.any(carry[1])
 
   def body(carry):
     out, need = carry
-    idx = jnp.nonzero(need, size=plan_.full_slots, fill_value=n)[0]
-    part = full_partials(plan_, blk, children[jnp.minimum(idx, n - 1)])
-    out = out.at[:, idx].set(part, mode="drop")
+    idx = jnp.nonzero(need, size=plan_.full_slots, fill_value=out.shape[0])[0]  # P: dropped
+    part = full_logits(arr, children[jnp.minimum(idx, n - 1)])
+    out = out.at[idx].set(part, mode="drop")
     return out, need.at[idx].set(False, mode="drop")
 
-  return lax.while_loop(cond, body, (out, need_full))[0]
+  return lax.while_loop(lambda c: jnp.any(c[1]), body, (out, need_full))[0]
 
 
 # ----------------------------------------------------------------------------- the run
 
 
 class IncrementalState(NamedTuple):
-  """The partial sums carried between generations.
+  """The logits carried between generations.
 
   Attributes:
-    partials: (B, P, O, N) partial sums of the population's logits, block-major.
-    hof_partials: (B, K, O, N) those of the hall of fame.
+    logits: (P, O, N) logits (without the bias) of the population.
+    hof_rows: (K,) the rows of ``logits`` that hold the hall of fame's (every member of the
+      hall of fame is in the population it entered with, or in the one after, which carries
+      the previous hall of fame in its last K rows).
   """
 
-  partials: jax.Array
-  hof_partials: jax.Array
+  logits: jax.Array
+  hof_rows: jax.Array
 
 
-def _tell(config, state, population, fitness, partials, inc: IncrementalState):
-  """:func:`jaxprune.ga.tell` that also carries the members' partial sums."""
+def _tell(config, state, population, fitness, logits):
+  """:func:`jaxprune.ga.tell` that also says where the hall of fame's logits are."""
   fitness = fitness.astype(jnp.float32)
   fitness = jnp.where(jnp.isnan(fitness), -jnp.inf, fitness)
   idx = ops.hall_of_fame_indices(state.hof, state.hof_fitness, population, fitness,
                                  hof_valid=state.generation > 0)
   cand = jnp.concatenate([state.hof, population], axis=0)
   cand_fit = jnp.concatenate([state.hof_fitness, fitness], axis=0)
-  # The K members' partial sums, gathered without concatenating the population's.
-  k = state.hof.shape[0]
-  from_hof = (idx < k)[None, :, None, None]
-  hof_part = jnp.where(from_hof, inc.hof_partials[:, jnp.minimum(idx, k - 1)],
-                       partials[:, jnp.maximum(idx - k, 0)])
+  # A member of the previous hall of fame (index < K; only from generation 1 on) is also in
+  # the population's last K rows.
+  k, n = state.hof.shape[0], population.shape[0] - state.hof.shape[0]
+  rows = jnp.where(idx < k, n + idx, idx - k)
   new = strategy.GAState(population, fitness, cand[idx], cand_fit[idx], state.generation + 1)
-  return new, IncrementalState(partials, hof_part)
+  return new, IncrementalState(logits, rows)
 
 
 def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTree,
@@ -351,16 +358,16 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
   """
   S = importlib.import_module("jaxprune.ga.loop")  # imports this module: loaded lazily
   h, w, b, y = fitness_fn.incremental_data(data)
-  blk = _blocks(plan_, h.reshape(h.shape[0], -1), w, b, y)
+  arr = _Arrays(h.reshape(h.shape[0], -1).T, w, b, y)
   keys = strategy.generation_keys(key, config)
-  k = config.hof_size
+  n = config.population_size - config.hof_size
 
-  def score(population, partials):
-    return fitness_fn.from_accuracy(accuracy_from_partials(blk, partials), population, data,
+  def score(population, z):
+    return fitness_fn.from_accuracy(accuracy_from_logits(arr.b, arr.y, z), population, data,
                                     hyper)
 
-  def finish(state, inc, population, fitness, partials):
-    state, inc = _tell(config, state, population, fitness, partials, inc)
+  def finish(state, population, fitness, z):
+    state, inc = _tell(config, state, population, fitness, z)
     stats = S._stats(state)  # pylint: disable=protected-access
     if report is not None:
       report(state.generation - 1, stats.best, stats.mean)  # issues the host callback
@@ -370,21 +377,18 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
   # Generation 0: the random population, evaluated in full.
   state0 = strategy.init(config, num_units)
   pop0 = strategy.initial_population(config, num_units, key=keys[0])
-  part0 = full_partials(plan_, blk, pop0)
-  inc0 = IncrementalState(part0, jnp.zeros(part0.shape[:1] + (k,) + part0.shape[2:],
-                                          part0.dtype))
-  state, inc, out0 = finish(state0, inc0, pop0, score(pop0, part0), part0)
+  z0 = full_logits(arr, pop0)
+  state, inc, out0 = finish(state0, pop0, score(pop0, z0), z0)
 
   def body(carry, kk):
     state, inc = carry
     lin = breed_with_lineage(config, state, hyper, key=kk)
-    part, need_full = child_partials(plan_, blk, inc.partials, lin)
-    part = _full_fallback(plan_, blk, part, lin.children, need_full)
-    fit_children = score(lin.children, part)
+    z, need_full = child_logits(plan_, arr, state.population, inc.logits, lin, inc.hof_rows)
+    z = _full_fallback(plan_, arr, z, lin.children, need_full)
+    fit_children = score(lin.children, z[:n])
     population = jnp.concatenate([lin.children, state.hof], axis=0)
     fitness = jnp.concatenate([fit_children.astype(jnp.float32), state.hof_fitness])
-    partials = jnp.concatenate([part, inc.hof_partials], axis=1)
-    state, inc, out = finish(state, inc, population, fitness, partials)
+    state, inc, out = finish(state, population, fitness, z)
     return (state, inc), out
 
   (state, inc), outs = lax.scan(body, (state, inc), keys[1:])
