@@ -125,9 +125,9 @@ def test_plan_sizes():
   p = I.plan(1000, 100, 5, 1100, 7)
   assert p.split == 500
   # 47 pairs, each crossed, not both mutated and with its shorter side on a given half with
-  # probability 0.8 * (1 - 0.2**2) / 2: 18.0 + 2 sd; 95 children, each mutated with
+  # probability 0.8 * (1 - 0.2**2) / 2: 18.0 + 1 sd; 95 children, each mutated with
   # probability 0.2: 19 + 1 sd.
-  assert (p.delta_slots, p.full_slots) == (26, 24)
+  assert (p.delta_slots, p.full_slots) == (23, 24)
   # Logits over the memory limit: no plan (full evaluation).
   assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 7) is not None
   assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 7 - 1) is None
@@ -144,7 +144,7 @@ def test_child_logits_rows_match_full_products(name):
   cfg = ga.GAConfig(population_size=30, hof_size=3, generations=1)
   rng = np.random.default_rng(0)
   plan = PLANS[name]
-  flagged = mutated = 0
+  overflowed = 0
   for seed in range(6):
     pop = jnp.asarray(rng.random((30, U)) < 0.5)
     state = S.init(cfg, U)._replace(population=pop, generation=jnp.int32(1),
@@ -160,12 +160,20 @@ def test_child_logits_rows_match_full_products(name):
     done = I._full_fallback(plan, arr, out, lin.children, need_full)  # pylint: disable=protected-access
     np.testing.assert_allclose(np.asarray(done[:27]), np.asarray(want), atol=2e-5)
     np.testing.assert_array_equal(np.asarray(done[27:]), np.asarray(z[hof_rows]))
-    flagged += int(need_full.sum())
-    mutated += int(lin.mutated.sum())
-  if name == "default":        # every mutated child, and nothing else (no overflow here)
-    assert flagged == mutated
-  else:                        # small budgets: pairs overflow into full evaluations
-    assert flagged > mutated
+    # Flagged: exactly the mutated children and both children of each crossed pair (not both
+    # mutated) beyond the first delta_slots pairs of its half.
+    mutated = np.asarray(lin.mutated)
+    crossed, cut = np.asarray(lin.crossed)[0:26:2], np.asarray(lin.cut)[0:26:2]
+    need = crossed & ~(mutated[0:26:2] & mutated[1:26:2])
+    over = np.zeros(13, bool)
+    for side in (need & (cut < plan.split), need & (cut >= plan.split)):
+      over |= side & (np.cumsum(side) > plan.delta_slots)
+    want_flags = mutated.copy()
+    want_flags[:26] |= np.repeat(over, 2)
+    np.testing.assert_array_equal(np.asarray(need_full), want_flags)
+    overflowed += int(over.sum())
+  if name == "tight":   # the overflow path is exercised
+    assert overflowed > 0
 
 
 def test_auto_on_cpu_needs_enough_work():

@@ -96,9 +96,10 @@ class AccuracyFitness:
   from activations computed once (see :func:`fast_path_applies`), as one matrix product
   ``H @ W_all`` with ``W_all[:, p*O:(p+1)*O] = mask[p][:, None] * W_out``; ``fast=False`` runs
   the full masked forward pass for each individual (``vmap``). On the fast path,
-  ``incremental`` lets :func:`run` score children from their parents' partial logits
+  ``incremental`` lets :func:`run` score children from their parents' logits
   (:mod:`jaxprune.ga.incremental`): ``'auto'`` (the default) from
-  ``incremental.MIN_UNITS`` units on, True always, False never (full evaluation).
+  ``incremental.MIN_UNITS`` units on (on CPU only for long runs), True always, False never
+  (full evaluation).
 
   Use ``prepare(params, x, y)`` to build the ``data`` argument.
   """
@@ -114,7 +115,7 @@ class AccuracyFitness:
     if self.penalty not in ("ratio", "count", "per_run", None):
       raise ValueError(f"penalty must be 'ratio' (eq. 5), 'count' (eq. 6), 'per_run' or None, "
                        f"got {self.penalty!r}.")
-    if self.weighted:  # the incremental evaluation scores unweighted partial logits
+    if self.weighted:  # the incremental evaluation scores unweighted logits
       object.__setattr__(self, "incremental", False)
 
   def prepare(self, params: PyTree, x: jax.Array, y: jax.Array, *, sample_weight=None,

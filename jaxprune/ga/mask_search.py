@@ -100,9 +100,10 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
       directly; ``False`` forces the general ``vmap`` of the masked forward pass.
     progress: show a progress bar on stderr.
     mesh, shard: see :func:`run`.
-    incremental: on the fast path, score children from their parents' partial logits
+    incremental: on the fast path, score children from their parents' logits
       (:mod:`jaxprune.ga.incremental`, one device): ``'auto'`` from
-      ``incremental.MIN_UNITS`` units on, True always, False forces the full evaluation.
+      ``incremental.MIN_UNITS`` units on (on CPU only for long runs, see
+      :func:`jaxprune.ga.incremental.applies`), True always, False forces the full evaluation.
     sample_weight: optional (N,) weights >= 0 of the training patterns for the built-in
       fitness: the accuracy (in the fitness and in the result) is the weighted mean
       ``sum(w * correct) / sum(w)``. A pattern of weight 0 does not exist, so data padded
