@@ -131,9 +131,9 @@ MIN_UNITS = 256
 
 
 #: On CPU, ``incremental='auto'`` also needs a run whose full evaluation would cost at least
-#: this many floating-point operations (``2 G P U N O``): the incremental program compiles
-#: about 1.5 s longer there, and saves about a third of the evaluation (measured at
-#: 150 GFLOP/s: break-even near 1e12).
+#: this many floating-point operations (``2 (G + 1) P U N O``): the incremental program
+#: compiles about 1 s longer there and saves about a third of the evaluation's time
+#: (measured at 150-180 GFLOP/s: break-even near 1e12).
 CPU_MIN_WORK = 1e12
 
 
@@ -142,10 +142,10 @@ def applies(fitness_fn, mesh, num_units: int, work: float | None = None) -> bool
 
   ``fitness_fn.incremental`` is True (always), False (never) or ``'auto'``: from
   :data:`MIN_UNITS` units on, and on CPU only for runs whose full evaluation would cost at
-  least :data:`CPU_MIN_WORK` operations (``work``: ``2 * generations * population * units *
+  least :data:`CPU_MIN_WORK` operations (``work``: ``2 * (generations + 1) * population * units *
   patterns * outputs``; None: unknown, full evaluation). There the incremental run is faster
-  per generation (1.5x at H=1000, population 100, see docs/benchmarks.md) but compiles about
-  1.5 s longer, which a shorter run does not win back; pass True to opt in (for example with
+  per generation (1.6x at H=1000, population 100, see docs/benchmarks.md) but compiles about
+  1 s longer, which a shorter run does not win back; pass True to opt in (for example with
   the persistent compilation cache warm).
   """
   if mesh is not None and mesh.size > 1:
