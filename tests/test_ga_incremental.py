@@ -195,3 +195,21 @@ def test_auto_on_cpu_needs_enough_work():
   data = auto.prepare(params, x, jnp.zeros((N,), jnp.int32))
   cfg = ga.GAConfig(population_size=30, hof_size=3, generations=20)
   assert loop._full_work(cfg, auto, data) == 2.0 * 21 * 30 * 300 * N * O  # pylint: disable=protected-access
+
+
+def test_vmapped_incremental_runs_equal_one_at_a_time():
+  """jit(vmap(ga.run)) with incremental fitness over keys and lambdas == each run alone."""
+  _, _, _, _, fit, data = _problem()
+  cfg = ga.GAConfig(population_size=20, hof_size=2, generations=8)
+  keys = jax.random.split(jax.random.key(7), 3)
+  lams = jnp.asarray([0.0, 5.0, 20.0])
+
+  def one(k, lam):
+    return ga.run(cfg, fit, U, key=k, data=data, hyper=ga.GAHyperparams(lam=lam),
+                  progress=False, shard=False)
+
+  batched = jax.jit(jax.vmap(one))(keys, lams)
+  for i in range(3):
+    alone = one(keys[i], lams[i])
+    for u, v in zip(jax.tree.leaves(alone), jax.tree.leaves(batched)):
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(v)[i])
