@@ -157,7 +157,8 @@ def test_child_logits_rows_match_full_products(name):
     ok = ~np.asarray(need_full)
     np.testing.assert_allclose(np.asarray(out[:27])[ok], np.asarray(want)[ok], atol=2e-5)
     np.testing.assert_array_equal(np.asarray(out[27:]), np.asarray(z[hof_rows]))
-    done = I._full_fallback(plan, arr, out, lin.children, need_full)  # pylint: disable=protected-access
+    done = I._full_fallback(  # pylint: disable=protected-access
+        plan, arr, out, lin.children, need_full)
     np.testing.assert_allclose(np.asarray(done[:27]), np.asarray(want), atol=2e-5)
     np.testing.assert_array_equal(np.asarray(done[27:]), np.asarray(z[hof_rows]))
     # Flagged: exactly the mutated children and both children of each crossed pair (not both
@@ -194,7 +195,8 @@ def test_auto_on_cpu_needs_enough_work():
   x = jax.random.normal(jax.random.key(1), (N, 5))
   data = auto.prepare(params, x, jnp.zeros((N,), jnp.int32))
   cfg = ga.GAConfig(population_size=30, hof_size=3, generations=20)
-  assert loop._full_work(cfg, auto, data) == 2.0 * 21 * 30 * 300 * N * O  # pylint: disable=protected-access
+  work = loop._full_work(cfg, auto, data)  # pylint: disable=protected-access
+  assert work == 2.0 * 21 * 30 * 300 * N * O
 
 
 def test_vmapped_incremental_runs_equal_one_at_a_time():
