@@ -300,24 +300,26 @@ def child_logits(plan_: Plan, arr: _Arrays, population: jax.Array, z: jax.Array,
 def _full_fallback(plan_: Plan, arr: _Arrays, out: jax.Array, children: jax.Array,
                    need_full: jax.Array) -> jax.Array:
   """Recomputes the flagged children (rows of ``out``) in full: the first ``full_slots`` of
-  them, then (a ``lax.while_loop`` that runs zero times unless more were flagged) the rest,
-  as many at a time."""
+  them, then the rest (a ``lax.while_loop`` that runs zero times unless more were flagged) in
+  batches of a sixth of that. The small batches matter under ``vmap``: the loop then runs
+  while any run has children left, and with many runs one of them nearly always has."""
   n, rows = children.shape[0], out.shape[0]
 
-  def batch(need):
-    idx = jnp.nonzero(need, size=plan_.full_slots, fill_value=rows)[0]   # unused: P, dropped
+  def batch(need, size):
+    idx = jnp.nonzero(need, size=size, fill_value=rows)[0]     # unused slots: row P, dropped
     return idx, full_logits(arr, children[jnp.minimum(idx, n - 1)])
 
   # The first batch is put in place by a gather (XLA:CPU gathers rows faster than it scatters).
-  idx, part = batch(need_full)
+  idx, part = batch(need_full, plan_.full_slots)
   slot = jnp.full((rows,), plan_.full_slots).at[idx].set(jnp.arange(plan_.full_slots),
                                                           mode="drop")
   part = jnp.concatenate([part, jnp.zeros((1,) + out.shape[1:], out.dtype)])[slot]
   out = jnp.where((slot < plan_.full_slots)[:, None, None], part, out)
+  extra = -(-plan_.full_slots // 6)
 
   def body(carry):
     out, need = carry
-    idx, part = batch(need)
+    idx, part = batch(need, extra)
     return out.at[idx].set(part, mode="drop"), need.at[idx].set(False, mode="drop")
 
   need = need_full.at[idx].set(False, mode="drop")
