@@ -25,9 +25,9 @@ so a crossed pair costs a quarter of the two children's full evaluation. Further
 
 Every shape is static and the choice is made inside the compiled program: ``delta_slots``
 pairs per half get their delta computed (more: their children are evaluated in full), and the
-full evaluations go ``full_slots`` children at a time in a ``lax.while_loop`` that runs zero
-times when no child needs one, so the work per generation is a fixed budget plus the rare
-overflow. At population 100 and H=1000 a generation costs about half of the full evaluation's
+full evaluations go ``full_slots`` children in one batch, then any left over in a
+``lax.while_loop`` that runs zero times when none is, so the work per generation is a fixed
+budget plus the rare overflow. At population 100 and H=1000 a generation costs about half of the full evaluation's
 floating-point work (see docs/benchmarks.md for what that buys on each machine).
 
 Exactness. The accuracies equal the full evaluation's except where float summation order can
@@ -38,7 +38,8 @@ line of unmutated descent; every mutation starts a fresh product), so they can d
 on a pattern whose two largest logits are that close (a near tie); that pattern's prediction
 then flips, the accuracy moves by ``1 / N`` and the two runs part ways.
 ``tests/test_ga_incremental.py`` compares every individual of many random generations with
-the full evaluation and bounds the count, and ``benchmarks/ga.py`` reports it at H=1000.
+the full evaluation (no disagreement in its cases), and ``benchmarks/ga.py`` reports the count
+at H=1000.
 ``incremental=False`` (on :func:`jaxprune.ga.search` or :func:`jaxprune.ga.make_fitness`)
 forces the full evaluation; ``'auto'`` (the default) chooses as :func:`applies` says.
 
