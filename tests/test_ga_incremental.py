@@ -215,3 +215,23 @@ def test_vmapped_incremental_runs_equal_one_at_a_time():
     alone = one(keys[i], lams[i])
     for u, v in zip(jax.tree.leaves(alone), jax.tree.leaves(batched)):
       np.testing.assert_array_equal(np.asarray(u), np.asarray(v)[i])
+
+
+def test_history_identical_to_full_run_on_small_populations():
+  """The generation statistics are summed in one fixed order, so the incremental and the full
+  run agree on ``history.mean`` too (they differed by one ulp in 7 of 12 of these seeds when
+  the mean was a plain reduction compiled into two different programs)."""
+  loop = importlib.import_module("jaxprune.ga.loop")
+  ordered_sum = loop._ordered_sum  # pylint: disable=protected-access
+  for v in (np.arange(1.0, 2.0), np.arange(1.0, 4.0), np.arange(1.0, 101.0)):
+    assert float(ordered_sum(jnp.asarray(v, jnp.float32))) == v.sum()
+  model = jaxprune.MLP(in_features=3, hidden=(7,), out_features=3)
+  cfg = ga.GAConfig(population_size=30, hof_size=1, generations=1, tournament_size=3)
+  for s in range(6):
+    params = model.init(jax.random.key(s))
+    x = jax.random.normal(jax.random.key(s + 1), (33, 3))
+    y = jax.random.randint(jax.random.key(s + 2), (33,), 0, 3)
+    a, b = [ga.search(model, params, x, y, "hidden_0", key=jax.random.key(s), config=cfg,
+                      progress=False, fitness="accuracy", incremental=i) for i in (True, False)]
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(v))

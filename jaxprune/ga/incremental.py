@@ -95,8 +95,9 @@ class Plan(NamedTuple):
     delta_slots: pairs per half whose delta is computed per generation (sized for the
       published rates, crossover 0.8 and mutation 0.2, plus one standard deviation; pairs
       beyond it have their children evaluated in full).
-    full_slots: children evaluated in full per ``while_loop`` iteration (sized for the mutated
-      children at the published mutation rate plus one standard deviation).
+    full_slots: children evaluated in full in one batch (sized for the mutated children at the
+      published mutation rate plus one standard deviation); any left over are evaluated in a
+      ``while_loop``, a sixth as many at a time.
   """
 
   split: int
@@ -133,8 +134,9 @@ MIN_UNITS = 256
 
 #: On CPU, ``incremental='auto'`` also needs a run whose full evaluation would cost at least
 #: this many floating-point operations (``2 (G + 1) P U N O``): the incremental program
-#: compiles about 1 s longer there and saves about a third of the evaluation's time
-#: (measured at 150-180 GFLOP/s: break-even near 1e12).
+#: compiles about 1 s longer there and saves about a third of the evaluation's time (measured
+#: at 150-180 GFLOP/s: break-even near 5e11; twice that, so that 'auto' switches only where
+#: the gain is clear).
 CPU_MIN_WORK = 1e12
 
 
@@ -316,7 +318,7 @@ def _full_fallback(plan_: Plan, arr: _Arrays, out: jax.Array, children: jax.Arra
                                                           mode="drop")
   part = jnp.concatenate([part, jnp.zeros((1,) + out.shape[1:], out.dtype)])[slot]
   out = jnp.where((slot < plan_.full_slots)[:, None, None], part, out)
-  extra = -(-plan_.full_slots // 6)
+  extra = max(1, -(-plan_.full_slots // 6))   # at least one: the loop always progresses
 
   def body(carry):
     out, need = carry
