@@ -27,8 +27,9 @@ Every shape is static and the choice is made inside the compiled program: ``delt
 pairs per half get their delta computed (more: their children are evaluated in full), and the
 full evaluations go ``full_slots`` children in one batch, then any left over in a
 ``lax.while_loop`` that runs zero times when none is, so the work per generation is a fixed
-budget plus the rare overflow. At population 100 and H=1000 a generation costs about half of the full evaluation's
-floating-point work (see docs/benchmarks.md for what that buys on each machine).
+budget plus the rare overflow. At population 100 and H=1000 a generation costs about half of
+the full evaluation's floating-point work (see docs/benchmarks.md for what that buys on each
+machine).
 
 Exactness. The accuracies equal the full evaluation's except where float summation order can
 flip an argmax. A child's logits are its parent's logits plus a delta, which were themselves
