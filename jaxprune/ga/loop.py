@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import threading
 import time
 from typing import Any, Callable
@@ -197,21 +198,19 @@ def _run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, progress: bool
 
 def _incremental_plan(config: GAConfig, fitness_fn: FitnessFn, num_units: int,
                       mesh: Mesh | None, data: PyTree) -> incremental.Plan | None:
-  if not incremental.applies(fitness_fn, mesh, num_units, _full_work(config, fitness_fn, data)):
+  # First whether it is asked for and supported at all (whatever the work), then the work.
+  if not incremental.applies(fitness_fn, mesh, num_units, work=math.inf):
     return None
   h, w = fitness_fn.incremental_data(data)[:2]
+  if not incremental.applies(fitness_fn, mesh, num_units, work=_full_work(config, h, w)):
+    return None
   return incremental.plan(num_units, config.population_size, config.hof_size, h.shape[0],
                           w.shape[-1])
 
 
-def _full_work(config: GAConfig, fitness_fn: FitnessFn, data: PyTree) -> float | None:
-  """Floating-point operations of the run's full evaluations on the fast path, or None."""
-  if not hasattr(fitness_fn, "incremental_data") or not getattr(fitness_fn, "fast", False):
-    return None
-  try:
-    h, w = fitness_fn.incremental_data(data)[:2]
-  except ValueError:   # e.g. weighted fitness: no incremental evaluation
-    return None
+def _full_work(config: GAConfig, h: jax.Array, w: jax.Array) -> float:
+  """Floating-point operations of the run's full evaluations on the fast path (activations
+  ``h``, output kernel ``w``): ``2 (G + 1) P U N O``."""
   units = h.reshape(h.shape[0], -1).shape[1]
   return (2.0 * (config.generations + 1) * config.population_size * units * h.shape[0]
           * w.shape[-1])
