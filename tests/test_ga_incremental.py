@@ -81,10 +81,11 @@ def test_incremental_false_forces_full_evaluation(monkeypatch):
   calls = []
   real = I.run_scan
   monkeypatch.setattr(I, "run_scan", lambda *a, **k: calls.append(1) or real(*a, **k))
-  cfg = ga.GAConfig(population_size=12, hof_size=2, generations=2)
-  for incremental, used in ((False, 0), (True, 1), ("auto", 0)):   # U=60 < MIN_UNITS
+  # A population size of its own per call: each search is traced afresh (run_scan is called
+  # while tracing), without clearing every other test's compiled programs.
+  for size, (incremental, used) in zip((12, 14, 16), ((False, 0), (True, 1), ("auto", 0))):
+    cfg = ga.GAConfig(population_size=size, hof_size=2, generations=2)   # U=60 < MIN_UNITS
     calls.clear()
-    jax.clear_caches()
     ga.search(model, params, x, y, "hidden_0", key=jax.random.key(0), config=cfg,
               progress=False, incremental=incremental)
     assert len(calls) == used, incremental
@@ -98,10 +99,12 @@ def test_lineage_reproduces_breed():
   pop = jax.random.bernoulli(jax.random.key(0), 0.5, (21, 17))
   state = S.init(cfg, 17)._replace(population=pop, generation=jnp.int32(1),
                                    fitness=jax.random.normal(jax.random.key(1), (21,)))
+  lineage = jax.jit(functools.partial(I.breed_with_lineage, cfg, hyper=ga.GAHyperparams()))
+  breed = jax.jit(functools.partial(ga.breed, cfg, hyper=ga.GAHyperparams()))
   for seed in range(5):
     k = jax.random.key(100 + seed)
-    lin = I.breed_with_lineage(cfg, state, ga.GAHyperparams(), key=k)
-    bred = ga.breed(cfg, state, ga.GAHyperparams(), key=k)
+    lin = lineage(state, key=k)
+    bred = breed(state, key=k)
     np.testing.assert_array_equal(np.asarray(lin.children), np.asarray(bred[:19]))
     tail = jnp.arange(17)[None, :] >= lin.cut[:, None]
     expect = jnp.where(tail, pop[lin.second], pop[lin.first])
@@ -144,21 +147,25 @@ def test_child_logits_rows_match_full_products(name):
   cfg = ga.GAConfig(population_size=30, hof_size=3, generations=1)
   rng = np.random.default_rng(0)
   plan = PLANS[name]
+  # Compiled once each (eager, every operation would compile a program of its own).
+  full_logits = jax.jit(I.full_logits)
+  lineage = jax.jit(functools.partial(I.breed_with_lineage, cfg, hyper=ga.GAHyperparams()))
+  child_logits = jax.jit(functools.partial(I.child_logits, plan))
+  fallback = jax.jit(functools.partial(I._full_fallback, plan))  # pylint: disable=protected-access
   overflowed = 0
   for seed in range(6):
     pop = jnp.asarray(rng.random((30, U)) < 0.5)
     state = S.init(cfg, U)._replace(population=pop, generation=jnp.int32(1),
                                     fitness=jnp.asarray(rng.normal(size=30), jnp.float32))
-    z = I.full_logits(arr, pop)
+    z = full_logits(arr, pop)
     hof_rows = jnp.asarray(rng.permutation(30)[:3])
-    lin = I.breed_with_lineage(cfg, state, ga.GAHyperparams(), key=jax.random.key(seed))
-    out, need_full = I.child_logits(plan, arr, pop, z, lin, hof_rows)
-    want = I.full_logits(arr, lin.children)
+    lin = lineage(state, key=jax.random.key(seed))
+    out, need_full = child_logits(arr, pop, z, lin, hof_rows)
+    want = full_logits(arr, lin.children)
     ok = ~np.asarray(need_full)
     np.testing.assert_allclose(np.asarray(out[:27])[ok], np.asarray(want)[ok], atol=2e-5)
     np.testing.assert_array_equal(np.asarray(out[27:]), np.asarray(z[hof_rows]))
-    done = I._full_fallback(  # pylint: disable=protected-access
-        plan, arr, out, lin.children, need_full)
+    done = fallback(arr, out, lin.children, need_full)
     np.testing.assert_allclose(np.asarray(done[:27]), np.asarray(want), atol=2e-5)
     np.testing.assert_array_equal(np.asarray(done[27:]), np.asarray(z[hof_rows]))
     # Flagged: exactly the mutated children and both children of each crossed pair (not both
