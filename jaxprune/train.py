@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune import _compile
 from jaxprune import masks as masks_lib
 from jaxprune import optax_pruning
 from jaxprune.progress import Progress  # pylint: disable=unused-import (re-exported)
@@ -404,21 +405,19 @@ def _compiled(trainer: Trainer, num_epochs: int, with_val: bool, many: bool):
   return jax.jit(jax.vmap(run) if many else run)
 
 
-# The start program's work is a pass over the params; XLA:CPU compiles it 0.3-0.37 s faster at
-# LLVM optimisation level 0 (0.55-0.9 s -> 0.22-0.58 s for 30 MLPs or one to four ResNet-18s)
-# and runs it at most 0.05 s slower (four ResNet-18s), with the same bits (measured,
-# docs/benchmarks.md). The host driver calls it at top level, where per-program options are
-# allowed. Other backends keep their defaults.
-_START_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
 @functools.lru_cache(maxsize=256)
-def _compiled_start(trainer: Trainer, many: bool, num_chunks: int, backend: str = "cpu"):
+def _compiled_start(trainer: Trainer, many: bool, num_chunks: int):
   """One small program for everything before training: the initial state (masked params, the
   optimizer state with its learning rate) and the key of each of the ``num_chunks`` compiled
   chunks (``split(key, num_chunks)``, per run when vmapped). Done eagerly, these steps would
-  each compile a program of their own. On ``backend`` 'cpu' it is compiled with
-  ``_START_OPTIONS``."""
+  each compile a program of their own.
+
+  It is a pass over the params, so on CPU it is compiled at LLVM level 0
+  (``jaxprune._compile``): 0.3-0.37 s less compilation (0.48 -> 0.18 s for 30 MLPs), at most
+  0.05 s more run time (four ResNet-18s). Level 0 does not contract ``a * b + c`` into a fused
+  multiply-add: masks, zeros, copies, learning rates and key splits come out bit for bit as at
+  the default level (tested with Adam, AdamW and gradient clipping); an optimizer of your own
+  whose ``init`` multiplies and adds may differ in the last bit from its default compilation."""
 
   def start(params, masks, learning_rate, key):
     if masks is not None:
@@ -433,8 +432,7 @@ def _compiled_start(trainer: Trainer, many: bool, num_chunks: int, backend: str 
     state, keys = jax.vmap(start)(params, masks, learning_rate, key)
     return state, tuple(keys[:, i] for i in range(num_chunks))
 
-  return jax.jit(start_many if many else start_one,
-                 compiler_options=_START_OPTIONS if backend == "cpu" else None)
+  return _compile.light_jit(start_many if many else start_one, _compile.LEVEL_0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -461,8 +459,7 @@ def _run(trainer, params, masks, learning_rate, x, y, w, key, epochs, val, log_e
   bar = Progress(epochs, desc, progress)
   nchunks = math.ceil(epochs / log_every)
   # fit_many: one key per run, split the way fit() splits its single key
-  state, keys = _compiled_start(trainer, many, nchunks, jax.default_backend())(
-      params, masks, learning_rate, key)
+  state, keys = _compiled_start(trainer, many, nchunks)(params, masks, learning_rate, key)
   for k in keys:
     n = min(log_every, epochs - done)
     state, m = _compiled(trainer, n, val is not None, many)(state, masks, x, y, w, k, val)

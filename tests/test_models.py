@@ -118,3 +118,32 @@ def test_bad_input_errors(built):
     jaxprune.LeNet(input_shape=(8, 8, 1))
   with pytest.raises(ValueError, match="removes every unit"):
     mlp.compact(mp, {"hidden_0": jnp.zeros(12, bool)})
+
+
+def test_init_compiled_lightly_gives_the_default_bits():
+  """model.init is compiled at LLVM level 1 on CPU (jaxprune._compile): eagerly, under vmap and
+  inside a user's jit it gives exactly the params of the default compilation."""
+  keys = jax.random.split(jax.random.key(11), 3)
+  for model in (jaxprune.MLP(in_features=6, hidden=(9, 5), out_features=3),
+                jaxprune.LeNet(input_shape=(20, 16, 1))):
+    shape = (1,) + tuple(model.input_shape)
+    default = jax.jit(jax.vmap(lambda k: dict(model.module.init(k, jnp.zeros(shape)))))(keys)
+    got = {"eager": jax.tree.map(lambda *a: jnp.stack(a), *[model.init(k) for k in keys]),
+           "vmap": jax.vmap(model.init)(keys),
+           "jit": jax.jit(jax.vmap(model.init))(keys)}
+    for how, params in got.items():
+      assert jax.tree.structure(params) == jax.tree.structure(default), how
+      for u, v in zip(jax.tree.leaves(params), jax.tree.leaves(default)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=how)
+
+
+def test_light_jit_raises_the_programs_own_errors():
+  from jaxprune import _compile  # pylint: disable=import-outside-toplevel
+
+  def bad(x):
+    raise ValueError("the program's own message")
+
+  for call in (lambda: _compile.light_jit(bad)(1.0),
+               lambda: jax.jit(lambda x: _compile.light_jit(bad)(x))(1.0)):
+    with pytest.raises(ValueError, match="the program's own message"):
+      call()

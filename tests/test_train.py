@@ -157,9 +157,8 @@ def test_start_program_at_low_optimisation_gives_the_same_bits():
   lrs = jnp.asarray([1e-2, 3e-3, 1e-3])
   one = jax.tree.map(lambda a: a[0], (params, masks))
   for many, args in ((True, (params, masks, lrs, keys)), (False, (*one, lrs[0], keys[0]))):
-    low = train._compiled_start(trainer, many, 3, "cpu")    # pylint: disable=protected-access
-    default = train._compiled_start(trainer, many, 3, "tpu")  # pylint: disable=protected-access
-    a, b = low(*args), default(*args)
+    start = train._compiled_start(trainer, many, 3)    # pylint: disable=protected-access
+    a, b = start.light(*args), start.plain(*args)
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb) > 3
     for u, v in zip(la, lb):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import _compile
 from jaxprune import units as units_lib
 
 PyTree = Any
@@ -62,9 +63,11 @@ def _find(tree: Mapping, name: str):
 
 @functools.lru_cache(maxsize=128)
 def _jitted_init(model: "Model"):
-  """One compiled initialiser per model description (eager flax init is slow)."""
+  """One compiled initialiser per model description (eager flax init is slow), compiled at
+  LLVM level 1 on CPU: the same params, about 4x less compilation (``jaxprune._compile``)."""
   shape = (1,) + tuple(model.input_shape)
-  return jax.jit(lambda key: dict(model.module.init(key, jnp.zeros(shape, jnp.float32))))
+  return _compile.light_jit(lambda key: dict(model.module.init(key, jnp.zeros(shape,
+                                                                              jnp.float32))))
 
 
 @functools.lru_cache(maxsize=64)

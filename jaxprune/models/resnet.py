@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any, Mapping, Sequence
 
@@ -195,11 +194,9 @@ class ResNet18(Model):
     return dataclasses.replace(self, widths=tuple(widths))
 
   def init(self, key: jax.Array) -> PyTree:
-    """Initial variables ``{'params': ..., 'batch_stats': ...}``.
-
-    Compiled once per model configuration (eager initialisation of ResNet-18 is slower).
-    """
-    return _jit_init(self, key)
+    """Initial variables ``{'params': ..., 'batch_stats': ...}`` (one compiled initialiser per
+    model configuration, as for every model)."""
+    return super().init(key)
 
   def apply_train(self, params: PyTree, x: jax.Array,
                   mask: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
@@ -217,11 +214,6 @@ class ResNet18(Model):
     new = dict(params)
     new["batch_stats"] = state["batch_stats"]
     return out, new
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _jit_init(model: ResNet18, key: jax.Array) -> PyTree:
-  return Model.init(model, key)
 
 
 # ----------------------------------------------------------------------------- torchvision layout
