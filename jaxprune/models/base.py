@@ -64,7 +64,7 @@ def _find(tree: Mapping, name: str):
 @functools.lru_cache(maxsize=128)
 def _jitted_init(model: "Model"):
   """One compiled initialiser per model description (eager flax init is slow), compiled at
-  LLVM level 1 on CPU: the same params, about 4x less compilation (``jaxprune._compile``)."""
+  LLVM level 1 on CPU: the same params, 2-4x less compilation (``jaxprune._compile``)."""
   shape = (1,) + tuple(model.input_shape)
   return _compile.light_jit(lambda key: dict(model.module.init(key, jnp.zeros(shape,
                                                                               jnp.float32))))
