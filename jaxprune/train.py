@@ -414,11 +414,11 @@ def _compiled_start(trainer: Trainer, many: bool, num_chunks: int):
 
   It is a pass over the params, so on CPU it is compiled at LLVM level 0
   (``jaxprune._compile``): 0.2-0.37 s less compilation (0.48-0.59 -> 0.18-0.22 s for 30 MLPs,
-  0.80 -> 0.58 s for four ResNet-18s), at most
-  0.05 s more run time (four ResNet-18s). Level 0 does not contract ``a * b + c`` into a fused
-  multiply-add: masks, zeros, copies, learning rates and key splits come out bit for bit as at
-  the default level (tested with Adam, AdamW and gradient clipping); an optimizer of your own
-  whose ``init`` multiplies and adds may differ in the last bit from its default compilation."""
+  0.80 -> 0.58 s for four ResNet-18s) and at most 0.05 s more run time (four ResNet-18s).
+  Level 0 does not contract ``a * b + c`` into a fused multiply-add: masks, zeros, copies,
+  learning rates and key splits come out bit for bit as at the default level (tested with
+  AdamW and gradient clipping); an optimizer of your own whose ``init`` multiplies and adds may
+  differ in the last bit from its default compilation."""
 
   def start(params, masks, learning_rate, key):
     if masks is not None:

@@ -126,16 +126,15 @@ def test_init_compiled_lightly_gives_the_default_bits():
   keep the suite short; CNN4's and ResNet-18's initialisers were checked the same way when the
   level was chosen, docs/benchmarks.md.)"""
   keys = jax.random.split(jax.random.key(11), 3)
-  for model in (jaxprune.MLP(in_features=6, hidden=(9, 5), out_features=3),):
-    shape = (1,) + tuple(model.input_shape)
-    default = jax.jit(jax.vmap(lambda k: dict(model.module.init(k, jnp.zeros(shape)))))(keys)
-    got = {"eager": jax.tree.map(lambda *a: jnp.stack(a), *[model.init(k) for k in keys]),
-           "vmap": jax.vmap(model.init)(keys),
-           "jit": jax.jit(jax.vmap(model.init))(keys)}
-    for how, params in got.items():
-      assert jax.tree.structure(params) == jax.tree.structure(default), how
-      for u, v in zip(jax.tree.leaves(params), jax.tree.leaves(default)):
-        np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=how)
+  model = jaxprune.MLP(in_features=6, hidden=(9, 5), out_features=3)
+  default = jax.jit(jax.vmap(lambda k: dict(model.module.init(k, jnp.zeros((1, 6))))))(keys)
+  got = {"eager": jax.tree.map(lambda *a: jnp.stack(a), *[model.init(k) for k in keys]),
+         "vmap": jax.vmap(model.init)(keys),
+         "jit": jax.jit(jax.vmap(model.init))(keys)}
+  for how, params in got.items():
+    assert jax.tree.structure(params) == jax.tree.structure(default), how
+    for u, v in zip(jax.tree.leaves(params), jax.tree.leaves(default)):
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=how)
 
 
 def test_light_jit_raises_the_programs_own_errors():

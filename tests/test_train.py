@@ -145,7 +145,7 @@ def test_fit_many_and_evaluate_many_compile_only_their_programs():
 def test_start_program_at_low_optimisation_gives_the_same_bits():
   """On CPU the start program is compiled at LLVM level 0 (it is a pass over the params): its
   state and keys equal the default compilation's bit for bit, for one run and for vmapped runs,
-  with masks and an optimizer whose init computes in floats."""
+  with weight masks, gradient clipping and AdamW with an injected learning rate."""
   model = jaxprune.MLP(in_features=5, hidden=(13,), out_features=4)
   opt = optax.chain(optax.clip_by_global_norm(1.0),
                     optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3))
