@@ -349,17 +349,11 @@ class IncrementalState(NamedTuple):
 
 def _tell(config, state, population, fitness, logits):
   """:func:`jaxprune.ga.tell` that also says where the hall of fame's logits are."""
-  fitness = fitness.astype(jnp.float32)
-  fitness = jnp.where(jnp.isnan(fitness), -jnp.inf, fitness)
-  idx = ops.hall_of_fame_indices(state.hof, state.hof_fitness, population, fitness,
-                                 hof_valid=state.generation > 0)
-  cand = jnp.concatenate([state.hof, population], axis=0)
-  cand_fit = jnp.concatenate([state.hof_fitness, fitness], axis=0)
+  new, idx = strategy.tell_with_indices(config, state, population, fitness)
   # A member of the previous hall of fame (index < K; only from generation 1 on) is also in
   # the population's last K rows.
   k, n = state.hof.shape[0], population.shape[0] - state.hof.shape[0]
   rows = jnp.where(idx < k, n + idx, idx - k)
-  new = strategy.GAState(population, fitness, cand[idx], cand_fit[idx], state.generation + 1)
   return new, IncrementalState(logits, rows)
 
 

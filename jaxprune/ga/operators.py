@@ -202,10 +202,16 @@ def update_hall_of_fame(hof: jax.Array, hof_fitness: jax.Array, population: jax.
 
   See :func:`hall_of_fame_indices` (this gathers its rows of ``concat([hof, population])``).
   """
+  return update_hall_of_fame_with_indices(hof, hof_fitness, population, fitness, hof_valid)[:2]
+
+
+def update_hall_of_fame_with_indices(hof, hof_fitness, population, fitness, hof_valid=True):
+  """:func:`update_hall_of_fame`, and the (K,) indices of its members into
+  ``concat([hof, population])`` (:func:`hall_of_fame_indices`)."""
   idx = hall_of_fame_indices(hof, hof_fitness, population, fitness, hof_valid)
   cand = jnp.concatenate([hof, population], axis=0)
   cand_fit = jnp.concatenate([hof_fitness, fitness], axis=0).astype(jnp.float32)
-  return cand[idx], cand_fit[idx]
+  return cand[idx], cand_fit[idx], idx
 
 
 def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax.Array,

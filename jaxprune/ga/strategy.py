@@ -243,6 +243,13 @@ def tell(config: GAConfig, state: GAState, population: jax.Array,
   Returns:
     The new state.
   """
+  return tell_with_indices(config, state, population, fitness)[0]
+
+
+def tell_with_indices(config: GAConfig, state: GAState, population: jax.Array,
+                      fitness: jax.Array) -> tuple[GAState, jax.Array]:
+  """:func:`tell`, and the (K,) indices into ``concat([state.hof, population])`` of the new
+  hall of fame (:func:`jaxprune.ga.operators.hall_of_fame_indices`)."""
   p, u = config.population_size, state.population.shape[1]
   if tuple(population.shape) != (p, u):
     raise ValueError(f"tell: population has shape {tuple(population.shape)}, expected ({p}, {u}).")
@@ -253,6 +260,6 @@ def tell(config: GAConfig, state: GAState, population: jax.Array,
   fitness = fitness.astype(jnp.float32)
   fitness = jnp.where(jnp.isnan(fitness), -jnp.inf, fitness)
   population = population.astype(bool)
-  hof, hof_fitness = ops.update_hall_of_fame(state.hof, state.hof_fitness, population, fitness,
-                                             hof_valid=state.generation > 0)
-  return GAState(population, fitness, hof, hof_fitness, state.generation + 1)
+  hof, hof_fitness, idx = ops.update_hall_of_fame_with_indices(
+      state.hof, state.hof_fitness, population, fitness, hof_valid=state.generation > 0)
+  return GAState(population, fitness, hof, hof_fitness, state.generation + 1), idx
