@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import jax
 
+DEFAULT_LEVEL = {"xla_backend_optimization_level": 2}   # XLA:CPU's default
 LEVEL_1 = {"xla_backend_optimization_level": 1}   # same bits as the default level
 LEVEL_0 = {"xla_backend_optimization_level": 0}   # no multiply-add contraction
 
