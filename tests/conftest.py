@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 
 SUITE_LEVEL = "--xla_backend_optimization_level=1"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
@@ -23,6 +24,14 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # pylint: disable=wrong-import-position
 import numpy as np
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _temporary_files_in_tmp_path(tmp_path, monkeypatch):
+  """``tempfile.mkdtemp()`` and friends write under the test's ``tmp_path``, which pytest
+  cleans up, not into /tmp: the docs pages and docstring examples make folders there, and
+  TFDS leaves an empty ``tmp*tfds`` folder each time it builds an unprepared dataset."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture
