@@ -51,7 +51,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
 import jaxprune  # noqa: E402
-from _timing import CompileClock, call_times  # noqa: E402
+from _timing import call_times  # noqa: E402
 from jaxprune import ga  # noqa: E402
 
 N_PATTERNS, N_IN, N_OUT = 1100, 10, 7

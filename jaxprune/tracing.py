@@ -45,7 +45,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
 from jaxprune import validate
-from jaxprune.ga import incremental
 from jaxprune.ga.strategy import GAHyperparams
 
 PyTree = Any

@@ -63,7 +63,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from jaxprune import validate
-from jaxprune.ga import incremental
 from jaxprune.ga.strategy import GAConfig, GAHyperparams, GAResult, check_params
 from jaxprune.ga.loop import _DISPLAYS, GAProgress, _run, resolve_mesh
 from jaxprune.ga.fitness import AccuracyFitness
@@ -142,7 +141,6 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     validate.check_model_data(model, params, x, y, sample_weight=sample_weight)
   num_units = _groups_of(model)[group].size
   if isinstance(fit, UserFitness):
-    data = params
     mask = jnp.ones((num_units,), bool)
     out = jax.eval_shape(lambda p, m: fit.fn(p, m), params, mask)
     if not hasattr(out, "shape") or tuple(out.shape) != ():
