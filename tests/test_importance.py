@@ -85,3 +85,37 @@ def test_iterative_stops_before_loss_rises(model_params):
       params, jaxprune.unit_masks_ones(model), 0.04)
   np.testing.assert_array_equal(m_abs["hidden_0"], [0, 1, 0, 1, 0])  # 0.05 > 0.04: unit 1 kept
   np.testing.assert_array_equal(m_rel["hidden_0"], [0, 0, 0, 1, 0])  # 0.05 <= 0.08: removed
+
+
+def test_bad_weights_counts_and_losses_raise(model_params):
+  """NaN incoming weights (which would rank their unit last), a fractional k, a non-scalar loss
+  and a NaN starting loss raise with the fix; a NaN loss after a removal stops the loop (it is
+  not within max_rise), so a loss that breaks as units go does not prune to one unit."""
+  model, params = model_params
+  bad = jax.tree.map(lambda a: a, params)
+  bad["params"]["hidden_0"] = dict(bad["params"]["hidden_0"],
+                                   kernel=params["params"]["hidden_0"]["kernel"].at[0, 0].set(
+                                       jnp.nan))
+  ones = jaxprune.unit_masks_ones(model)
+  with pytest.raises(ValueError, match=r"hidden_0/kernel of group 'hidden_0' holds 1 NaN"):
+    importance_prune(model, "hidden_0")(bad, ones, 2)
+  with pytest.raises(ValueError, match="whole number of units"):
+    importance_prune(model, "hidden_0")(params, ones, 1.5)
+  loss_fn = lambda p: jnp.sum(p["params"]["hidden_0"]["kernel"] ** 2)
+  with pytest.raises(ValueError, match=r"hidden_0/kernel of group 'hidden_0' holds 1 NaN"):
+    iterative_importance(model, "hidden_0", loss_fn)(bad, ones, 0.1)
+  per_pattern = lambda p: p["params"]["hidden_0"]["kernel"][0]
+  with pytest.raises(ValueError, match=r"scalar loss.*shape \(5,\)"):
+    iterative_importance(model, "hidden_0", per_pattern)(params, ones, 0.1)
+  with pytest.raises(ValueError, match="gives nan for the unpruned params"):
+    iterative_importance(model, "hidden_0", lambda p: loss_fn(p) * jnp.nan)(params, ones, 0.1)
+  # NaN once unit 0 is gone (the second removal; unit 2 goes first): two rows, then it stops.
+  def breaks(p):
+    k = p["params"]["hidden_0"]["kernel"]
+    return jnp.where(jnp.all(k[:, 0] == 0), jnp.nan, 1.0)
+  _, m, rep = iterative_importance(model, "hidden_0", breaks)(params, ones, 0.1)
+  np.testing.assert_array_equal(m["hidden_0"], [1, 1, 0, 1, 1])
+  assert int(rep.count) == 2 and np.isnan(float(rep.stopped_loss))
+  # Under jit the checks that need values cannot run; the NaN stop still holds.
+  _, m, rep = jax.jit(iterative_importance(model, "hidden_0", breaks))(params, ones, 0.1)
+  np.testing.assert_array_equal(m["hidden_0"], [1, 1, 0, 1, 1])

@@ -94,6 +94,14 @@ def check_finite(name: str, x) -> None:
                      "pruning.") from None
 
 
+def check_finite_slices(params: PyTree, group: units_lib.UnitGroup, slices) -> None:
+  """Raises ValueError if a concrete leaf that ``slices`` of ``group`` read holds NaN or
+  infinite values (the weights a weight-based pruner ranks units by)."""
+  for s in slices:
+    check_finite(f"Weights {'/'.join(s.path)} of group {group.name!r}",
+                 units_lib.get_path(params, s.path))
+
+
 def check_activations(acts) -> None:
   """Activations over the patterns must be finite and cover at least one pattern."""
   validate.check_not_empty("Activations", acts)

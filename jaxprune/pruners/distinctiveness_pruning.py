@@ -327,9 +327,7 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
 
   def prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6):
     mask = _common.group_mask(unit_masks, g, groups, params)
-    for s in sources:  # the leaves the unit vectors come from (as the activation pruner does)
-      _common.check_finite(f"Weights {'/'.join(s.path)} of group {g.name!r}",
-                           units_lib.get_path(params, s.path))
+    _common.check_finite_slices(params, g, sources)   # the leaves the unit vectors come from
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)

@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune.pruners import _common
 
@@ -52,6 +53,11 @@ def _scores(params, g, norm):
   if norm == "l1":
     return jnp.sum(jnp.abs(v), axis=1)
   return jnp.sqrt(jnp.sum(v * v, axis=1))
+
+
+def _check_kernels(params, g) -> None:
+  """Concrete incoming kernels must be finite: a NaN score would rank its unit last."""
+  _common.check_finite_slices(params, g, [s for s in g.producers if s.kind == "kernel"])
 
 
 def _order(scores, mask):
@@ -93,8 +99,10 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
 
   def prune(params, unit_masks, k):
     mask = _common.group_mask(unit_masks, g, groups, params)
-    if _common.is_concrete(k) and (int(k) < 0 or int(k) > g.size):
-      raise ValueError(f"k must be between 0 and the group size {g.size}, got {k}.")
+    if _common.is_concrete(k) and not (float(k) == int(k) and 0 <= int(k) <= g.size):
+      raise ValueError(f"k must be a whole number of units between 0 and the group size "
+                       f"{g.size}, got {k}.")
+    _check_kernels(params, g)
     params, keep, res = core(params, mask, k)
     return params, _common.with_mask(unit_masks, g.name, keep), res
 
@@ -128,8 +136,10 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
 
   The whole loop is one ``lax.while_loop`` with ``loss_fn`` inside, so ``loss_fn`` must be a
   JAX function of the params (it receives them with removed units zeroed); close over the data.
-  A removal is rejected, and the loop stops, when ``loss - loss0 > max_rise`` (or, with
-  ``relative=True``, ``loss - loss0 > max_rise * |loss0|``).
+  A removal is rejected, and the loop stops, unless ``loss - loss0 <= max_rise`` (or, with
+  ``relative=True``, ``loss - loss0 <= max_rise * |loss0|``): a NaN loss stops it too.
+  ``loss_fn`` must return a scalar; NaN kernel weights, or a NaN loss for the unpruned params,
+  raise ValueError on concrete input.
   Importance depends only on a unit's own incoming weights, so the order is fixed up front.
 
   Returns:
@@ -175,7 +185,7 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
       new = mask.at[u].set(False)
       l = loss(new)
       limit = max_rise * jnp.abs(loss0) if relative else max_rise
-      ok = ~(l - loss0 > limit)  # NaN loss also stops
+      ok = l - loss0 <= limit  # a NaN loss is no "within": it stops the loop too
       mask = jnp.where(ok, new, mask)
       pos = jnp.where(ok, step + 1, h)
       rows = (rows[0].at[pos].set(jnp.sum(new, dtype=jnp.int32), mode="drop"),
@@ -196,7 +206,15 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
     if _common.is_concrete(max_rise) and not float(max_rise) >= 0:
       raise ValueError(f"max_rise must be >= 0 (the largest allowed rise of the loss), got "
                        f"{max_rise}.")
+    _check_kernels(params, g)
+    out = jax.eval_shape(loss_fn, params)
+    if not hasattr(out, "shape") or tuple(out.shape) != ():
+      raise ValueError(f"loss_fn must return a scalar loss for the params; it returned shape "
+                       f"{tuple(getattr(out, 'shape', ()))} (average over the patterns).")
     params, mask, rep = core(params, mask, max_rise)
+    if _common.is_concrete(rep.loss) and not np.isfinite(float(rep.loss[0])):
+      raise ValueError(f"loss_fn gives {float(rep.loss[0])} for the unpruned params, so no "
+                       "removal can be judged; check the loss and the data it closes over.")
     return params, _common.with_mask(unit_masks, g.name, mask), rep
 
   return run
