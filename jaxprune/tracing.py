@@ -74,7 +74,7 @@ _WINDOWED = frozenset("reduce_window_sum reduce_window_max reduce_window_min red
 # Call-like primitives whose body is followed, by the name of the param that holds it.
 _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-          "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr"}
+          "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr"}
 # Elementwise ops whose output (as the end of a chain after a kernel) names the activation.
 _ACTIVATION_OPS = {"logistic": "sigmoid", "tanh": "tanh"}
 
@@ -591,9 +591,11 @@ class _Walker:
       A.unify(lhs[cin], rhs[cout], "a depthwise convolution")
       out[out_spec[1]] = lhs[cin]
     else:
+      why = "a grouped convolution (feature_group_count > 1)"
       for a in lhs[cin] + rhs[cout]:
-        A.block(a, "a grouped convolution (feature_group_count > 1)")
-      out[out_spec[1]] = (A.new(out_shape[out_spec[1]]),)
+        A.block(a, why)
+      # Its output channels too: they would otherwise form a group of the bias alone.
+      out[out_spec[1]] = (A.new(out_shape[out_spec[1]], blocked=why),)
     for d in out_spec[2:]:
       out[d] = (A.new(out_shape[d]),)
     if kern is not None and kern[0] == 1:
@@ -787,6 +789,9 @@ def _resolve_concats(w: _Walker) -> None:
       if atoms:
         entries.append((A.find(atoms[0]), offset, size))
       offset += size
+    roots = [r for r, _, _ in entries]
+    for r in {r for r in roots if roots.count(r) > 1}:   # e.g. CReLU: concat([relu(h), relu(-h)])
+      A.block(r, "concatenated with itself (each unit at several offsets of one concatenation)")
     root = A.find(c)
     if root in w.concat_of and w.concat_of[root] != entries:
       for r, _, _ in entries + w.concat_of[root]:
@@ -839,8 +844,11 @@ def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str,
   return tuple(lines)
 
 
-def _sizes_from_inputs(an: _Analysis, leaves) -> dict[int, int]:
-  """Class sizes that make the traced program fit these inputs (params and arguments)."""
+def _sizes_from_inputs(an: _Analysis, leaves, known_sizes=None) -> dict[int, int]:
+  """Class sizes that make the traced program fit these inputs (params and arguments).
+
+  ``known_sizes``: sizes already known by root (a compaction's groups), which pin the axes that
+  a group only shares with other factors of one leaf axis (GroupNorm's groups x channels)."""
   A = an.walker.atoms
   eqs = []
   for ax_list, leaf in zip(an.walker.invar_atoms, leaves):
@@ -851,7 +859,7 @@ def _sizes_from_inputs(an: _Analysis, leaves) -> dict[int, int]:
                        "compact()) and inputs shaped like the example's.")
     for ax, n in zip(ax_list, shape):
       eqs.append(([A.find(a) for a in A.expand(ax)], int(n)))
-  known: dict[int, int] = {}
+  known: dict[int, int] = dict(known_sizes or {})
   progress = True
   while progress:
     progress = False
@@ -885,6 +893,29 @@ def _new_shape(A: _Atoms, sizes: dict, axes) -> tuple[int, ...]:
   return tuple(math.prod(sizes.get(A.find(a), A.size[a]) for a in A.expand(ax)) for ax in axes)
 
 
+def _holds_program(value) -> bool:
+  """True for a (closed) jaxpr, or a tuple or list holding one (``cond``'s branches)."""
+  if isinstance(value, (tuple, list)):
+    return any(_holds_program(v) for v in value)
+  return isinstance(value, (jex.core.ClosedJaxpr, jex.core.Jaxpr))
+
+
+def _check_unfollowed_shapes(eqn, invals) -> None:
+  """A sub-program that :func:`trace` does not follow (``lax.scan``, ``while_loop``, ``cond``)
+  keeps the shapes it was traced with; a clear error instead of XLA's when they changed."""
+  if not any(_holds_program(v) for v in eqn.params.values()):
+    return
+  got = [tuple(np.shape(a)) for a in invals]
+  want = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
+  if got != want:
+    raise TraceError(
+        f"The traced function calls {eqn.primitive.name} (for example lax.scan, while_loop or "
+        f"cond), whose body jaxprune.trace does not follow, so it keeps the shapes it was "
+        f"traced with: {want}, here {got}. This target runs only at the example's batch size "
+        "and uncompacted sizes around that call: pass inputs of the example's batch size, or "
+        "keep the loop out of the traced forward pass (unroll it in Python).")
+
+
 def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset()):
   """Runs the traced program on ``leaves`` with every shape recomputed from ``sizes``."""
   A = an.walker.atoms
@@ -904,6 +935,7 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
         outs = run(inner, getattr(sub, "consts", ()), invals[len(invals) - len(inner.invars):],
                    path)
       else:
+        _check_unfollowed_shapes(eqn, invals)
         params = dict(eqn.params)
         if name in ("broadcast_in_dim", "iota"):
           params["shape"] = _new_shape(A, sizes, an.walker.shapes[path][0])
@@ -983,7 +1015,10 @@ class TracedTarget:
     small = units_lib.compact(params, self._groups, unit_masks)
     leaves = jax.tree.leaves(small) + [jax.ShapeDtypeStruct(s, jnp.float32)
                                        for s in self._an.arg_shapes]
-    return small, TracedTarget(self._an, _sizes_from_inputs(self._an, leaves), None)
+    A = self._an.walker.atoms
+    kept = {A.find(self._site(name).root): int(np.sum(np.asarray(m)))
+            for name, m in unit_masks.items() if name in self._groups}
+    return small, TracedTarget(self._an, _sizes_from_inputs(self._an, leaves, kept), None)
 
   def readout(self, name: str) -> units_lib.Slice | None:
     """The group's consumer slice when its only reader is the affine map to the output and reads
@@ -1015,7 +1050,13 @@ class TracedTarget:
     return leaves
 
   def _eval_leaves(self, capture, *leaves):
-    return _evaluate(self._an, _sizes_from_inputs(self._an, leaves), leaves, capture)
+    try:
+      sizes = _sizes_from_inputs(self._an, leaves)
+    except ValueError:  # an axis only these sizes pin (GroupNorm's channels of a compacted group)
+      if not self._sizes:
+        raise
+      sizes = _sizes_from_inputs(self._an, leaves, self._sizes)
+    return _evaluate(self._an, sizes, leaves, capture)
 
   def _size(self, root):
     return self._sizes.get(root, self._an.walker.atoms.size[root])
@@ -1125,8 +1166,8 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
     p, args = jax.tree.unflatten(in_treedef, leaves)
     return fn(p, *args)
 
-  avals = [jax.ShapeDtypeStruct(_shape(l), getattr(l, "dtype", np.asarray(l).dtype))
-           for l in flat]
+  avals = [jax.ShapeDtypeStruct(_shape(l), l.dtype if hasattr(l, "dtype") else
+                                np.asarray(l).dtype) for l in flat]
   try:
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
   except Exception as e:  # pylint: disable=broad-except

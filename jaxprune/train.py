@@ -144,6 +144,20 @@ def _check_data(model: Model, x, y, name="x", params=None, y_name="y"):
     _check_targets(model, params, x, y, y_name)
 
 
+def _check_trainable(params) -> None:
+  """Every leaf is trained by gradient, so every leaf must be floating point (an nnx model's
+  RNG key or counter, or a step count, cannot be)."""
+  bad = [f"{'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)} ({leaf.dtype})"
+         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+         if hasattr(leaf, "dtype") and not jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  if bad:
+    raise ValueError(
+        f"params hold {len(bad)} leaves that cannot be trained by gradient: "
+        f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Pass only the floating-point "
+        "weights (Flax nnx: graphdef, params, rest = nnx.split(model, nnx.Param, ...); linen: "
+        "variables['params']) and close over the rest in the apply function.")
+
+
 def _check_callback(callback) -> None:
   """Checked before any training: a bad hook would otherwise fail after the first chunk."""
   if callback is not None and not callable(callback):
@@ -518,6 +532,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   if epochs < 1:
     raise ValueError(f"epochs must be at least 1, got {epochs}.")
   _check_callback(callback)
+  _check_trainable(params)
   _check_learning_rate(learning_rate)
   xh, yh = _host(x), _host(y)
   _check_data(model, xh, yh, params=params)
@@ -561,6 +576,7 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   if epochs < 1:
     raise ValueError(f"epochs must be at least 1, got {epochs}.")
   _check_callback(callback)
+  _check_trainable(params)
   xh, yh, wh = _host(x), _host(y), _host(w, np.float32)
   runs, n = _check_runs("fit_many", model, params, xh, yh, wh, "w", masks)
   _check_learning_rate(learning_rate)

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal, Mapping, Sequence
 
 import jax
@@ -275,7 +276,8 @@ def _view_shape(leaf_shape, s: Slice) -> tuple[int, ...]:
   """``s.view``, with its last axis recomputed from the leaf when it is not the unit axis (so a
   flatten consumer stays valid after the consuming layer itself was compacted)."""
   view = list(s.view)
-  if s.axis % len(view) != len(view) - 1 and leaf_shape[-1] != view[-1]:
+  if (s.axis % len(view) != len(view) - 1 and leaf_shape[-1] != view[-1]
+      and math.prod(view[:-1]) == math.prod(leaf_shape[:-1])):  # the view keeps the last axis
     view[-1] = leaf_shape[-1]
   return tuple(view)
 

@@ -93,14 +93,18 @@ def _fold_constants(out, params, group, consts, enabled=True):
   """Adds each consumer's ``sum_j consts[j] * row_j`` (rows of ``params``) to its bias.
 
   ``enabled`` may be traced; when it is statically False nothing is folded, so consumers without
-  a bias (convs followed by batch norm, as in ResNet) are fine.
+  a bias (convs followed by batch norm, as in ResNet) are fine. A traced ``enabled`` on a group
+  with a consumer without a bias is False at run time: the factories refuse every folding rule
+  for such a group (:func:`_check_bias_folds`), so nothing is folded either.
   """
   if enabled is False:
     return out
+  if any(s.bias is None for s in group.consumers):
+    if enabled is True:
+      raise ValueError(f"Group {group.name!r}: a consumer has no bias path, so constant units "
+                       "cannot be folded into it.")
+    return out
   for s in group.consumers:
-    if s.bias is None:
-      raise ValueError(f"Group {group.name!r}: consumer {'/'.join(s.path)} has no bias path, "
-                       "so constant units cannot be folded into it.")
     v = units_lib.unit_view(units_lib.get_path(params, s.path), s)
     contrib = jnp.tensordot(consts.astype(v.dtype), v, axes=(0, 0))
     contrib = contrib.reshape(-1, contrib.shape[-1]).sum(0)
