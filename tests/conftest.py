@@ -63,6 +63,20 @@ def rng():
   return np.random.default_rng(0)
 
 
+def nnx_as_function(module):
+  """An nnx module as a plain JAX function over a dict of arrays, the route docs/any-model.md
+  shows: ``(apply(params, x), params)`` with ``params = nnx.to_pure_dict(state)``."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  graphdef, state = nnx.split(module)
+
+  def apply(p, x):
+    s = jax.tree.map(lambda a: a, state)      # a copy to fill in
+    nnx.replace_by_pure_dict(s, p)
+    return nnx.merge(graphdef, s)(x)
+
+  return apply, nnx.to_pure_dict(state)
+
+
 def csv_rows(path):
   """The rows of a CSV table written by a study, as dicts of strings."""
   with open(path) as f:

@@ -11,6 +11,7 @@ from flax import nnx
 import jaxprune
 from jaxprune import ga
 from jaxprune import units
+from conftest import nnx_as_function
 
 RNG = np.random.default_rng(0)
 
@@ -75,14 +76,7 @@ class _NnxMLP(nnx.Module):
 
 
 def _nnx_case():
-  graphdef, state = nnx.split(_NnxMLP(nnx.Rngs(0)))
-  params = nnx.to_pure_dict(state)
-
-  def apply(p, x):
-    s = jax.tree.map(lambda a: a, state)
-    nnx.replace_by_pure_dict(s, p)
-    return nnx.merge(graphdef, s)(x)
-
+  apply, params = nnx_as_function(_NnxMLP(nnx.Rngs(0)))
   return apply, _perturb(params), _randn(5, 4), {"l1": 8, "l2": 6}
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jaxprune
+from conftest import nnx_as_function
 
 R = np.random.default_rng(0)
 
@@ -132,13 +133,7 @@ def test_key_and_counter_leaves_trace_and_fit_names_them():
     def __call__(self, x):
       return self.l2(self.drop(nnx.relu(self.l1(x))))
 
-  graphdef, state = nnx.split(MLP(nnx.Rngs(0)))
-  p = nnx.to_pure_dict(state)
-
-  def apply(p, x):
-    s = jax.tree.map(lambda a: a, state)
-    nnx.replace_by_pure_dict(s, p)
-    return nnx.merge(graphdef, s)(x)
+  apply, p = nnx_as_function(MLP(nnx.Rngs(0)))
   x = _arr(8, 10)
   t = jaxprune.trace(apply, p, x)
   assert set(t.groups) == {"l1"}
