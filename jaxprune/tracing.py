@@ -74,7 +74,8 @@ _WINDOWED = frozenset("reduce_window_sum reduce_window_max reduce_window_min red
 # Call-like primitives whose body is followed, by the name of the param that holds it.
 _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-          "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr"}
+          "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "remat2": "jaxpr",
+          "checkpoint": "jaxpr"}
 # Elementwise ops whose output (as the end of a chain after a kernel) names the activation.
 _ACTIVATION_OPS = {"logistic": "sigmoid", "tanh": "tanh"}
 
@@ -847,8 +848,8 @@ def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str,
 def _sizes_from_inputs(an: _Analysis, leaves, known_sizes=None) -> dict[int, int]:
   """Class sizes that make the traced program fit these inputs (params and arguments).
 
-  ``known_sizes``: sizes already known by root (a compaction's groups), which pin the axes that
-  a group only shares with other factors of one leaf axis (GroupNorm's groups x channels)."""
+  ``known_sizes``: sizes already known by root (a compacted target's groups), which pin the axes
+  that a group only shares with other factors of one leaf axis (GroupNorm's groups x channels)."""
   A = an.walker.atoms
   eqs = []
   for ax_list, leaf in zip(an.walker.invar_atoms, leaves):
@@ -967,9 +968,13 @@ class TracedTarget:
 
   task = "classification"
 
-  def __init__(self, analysis: _Analysis, sizes: dict, fn: Callable | None):
+  def __init__(self, analysis: _Analysis, sizes: dict, fn: Callable | None,
+               group_sizes: Mapping[int, int] | None = None):
     self._an = analysis
     self._sizes = sizes
+    # Sizes of the compacted groups (by root): they pin axes that the leaves alone leave open
+    # (GroupNorm's channels per group, a factor of one leaf axis with the group).
+    self._group_sizes = dict(group_sizes or {})
     self._fn = fn
     self._eval = jax.jit(self._eval_leaves, static_argnums=(0,))
     self._groups = self._make_groups()
@@ -1016,9 +1021,9 @@ class TracedTarget:
     leaves = jax.tree.leaves(small) + [jax.ShapeDtypeStruct(s, jnp.float32)
                                        for s in self._an.arg_shapes]
     A = self._an.walker.atoms
-    kept = {A.find(self._site(name).root): int(np.sum(np.asarray(m)))
-            for name, m in unit_masks.items() if name in self._groups}
-    return small, TracedTarget(self._an, _sizes_from_inputs(self._an, leaves, kept), None)
+    kept = {**self._group_sizes, **{A.find(self._site(name).root): int(np.sum(np.asarray(m)))
+                                    for name, m in unit_masks.items() if name in self._groups}}
+    return small, TracedTarget(self._an, _sizes_from_inputs(self._an, leaves, kept), None, kept)
 
   def readout(self, name: str) -> units_lib.Slice | None:
     """The group's consumer slice when its only reader is the affine map to the output and reads
@@ -1050,12 +1055,7 @@ class TracedTarget:
     return leaves
 
   def _eval_leaves(self, capture, *leaves):
-    try:
-      sizes = _sizes_from_inputs(self._an, leaves)
-    except ValueError:  # an axis only these sizes pin (GroupNorm's channels of a compacted group)
-      if not self._sizes:
-        raise
-      sizes = _sizes_from_inputs(self._an, leaves, self._sizes)
+    sizes = _sizes_from_inputs(self._an, leaves, self._group_sizes)
     return _evaluate(self._an, sizes, leaves, capture)
 
   def _size(self, root):

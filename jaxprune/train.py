@@ -147,7 +147,7 @@ def _check_data(model: Model, x, y, name="x", params=None, y_name="y"):
 def _check_trainable(params) -> None:
   """Every leaf is trained by gradient, so every leaf must be floating point (an nnx model's
   RNG key or counter, or a step count, cannot be)."""
-  bad = [f"{'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)} ({leaf.dtype})"
+  bad = [f"{jax.tree_util.keystr(path, simple=True, separator='/')} ({leaf.dtype})"
          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
          if hasattr(leaf, "dtype") and not jnp.issubdtype(leaf.dtype, jnp.inexact)]
   if bad:

@@ -120,7 +120,7 @@ def check_params(params: PyTree, name: str = "params") -> None:
   """Raises ValueError if a concrete floating leaf of ``params`` holds NaN or infinite values."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     if hasattr(leaf, "dtype"):
-      where = "/".join(str(getattr(k, "key", k)) for k in path)
+      where = jax.tree_util.keystr(path, simple=True, separator="/")
       try:
         check_finite(f"{name}[{where}]", leaf)
       except ValueError as e:

@@ -166,7 +166,13 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
   def core(params, mask, max_rise):
     s = _scores(params, g, norm)
     order = _order(s, mask)
-    loss = lambda m: jnp.asarray(loss_fn(_common.zero_units(params, g, m)), jnp.float32)
+    def loss(m):
+      value = jnp.asarray(loss_fn(_common.zero_units(params, g, m)), jnp.float32)
+      if value.shape != ():   # found when the loop is traced, before any work
+        raise ValueError(f"loss_fn must return a scalar loss for the params; it returned shape "
+                         f"{value.shape} (average over the patterns).")
+      return value
+
     min_imp = lambda m: jnp.min(jnp.where(m, s, jnp.inf))
     loss0 = loss(mask)
     n0 = jnp.sum(mask, dtype=jnp.int32)
@@ -207,10 +213,6 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
       raise ValueError(f"max_rise must be >= 0 (the largest allowed rise of the loss), got "
                        f"{max_rise}.")
     _check_kernels(params, g)
-    out = jax.eval_shape(loss_fn, params)
-    if not hasattr(out, "shape") or tuple(out.shape) != ():
-      raise ValueError(f"loss_fn must return a scalar loss for the params; it returned shape "
-                       f"{tuple(getattr(out, 'shape', ()))} (average over the patterns).")
     params, mask, rep = core(params, mask, max_rise)
     if _common.is_concrete(rep.loss) and not np.isfinite(float(rep.loss[0])):
       raise ValueError(f"loss_fn gives {float(rep.loss[0])} for the unpruned params, so no "
