@@ -714,7 +714,7 @@ def _rooted(params, group: units_lib.UnitGroup):
   if isinstance(params, Mapping) and resolves({"params": params}):
     return {"params": params}, lambda t: t["params"]
   raise ValueError(f"The params do not hold the slices of unit group {group.name!r} "
-                   f"({['/'.join(s.path) for s in group.slices]}); pass the params of the model "
+                   f"({[units_lib.path_str(s.path) for s in group.slices]}); pass the params of the model "
                    "whose groups these are (the variables dict or its 'params' collection).")
 
 

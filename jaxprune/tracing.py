@@ -620,18 +620,12 @@ class _Walker:
 # ----------------------------------------------------------------------------- targets
 
 
-def _key_str(k) -> str | None:
-  for attr in ("key", "name"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return None
-
-
 def _leaf_paths(params) -> list[Path | None]:
-  """Each leaf's path as dict keys (None where the path goes through a list or tuple)."""
+  """Each leaf's path (dict keys, list or tuple indices, attribute names; None where a
+  custom pytree node gives no addressable key)."""
   paths = []
   for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    keys = [_key_str(k) for k in kp]
+    keys = [units_lib.key_of(k) for k in kp]
     paths.append(None if any(k is None for k in keys) else tuple(keys))
   return paths
 
@@ -729,7 +723,7 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     if not producers:
       why.append("no parameter produces these units")
     if any(leaf_paths[u.leaf] is None for u in us):
-      why.append("a leaf on this axis is not addressed by dict keys")
+      why.append("a leaf on this axis has no addressable path (a custom pytree node)")
     if why:
       reasons[root] = why
       continue
@@ -805,6 +799,9 @@ def _resolve_concats(w: _Walker) -> None:
 
 
 def _name(path: Path, axis: int, taken: set) -> str:
+  path = [str(k) for k in path]
+  if len(path) > 2 and path[-1] == "value":      # an nnx State: layer/kernel/value
+    path = path[:-1]
   parts = list(path[:-1]) or list(path)
   if len(parts) > 1 and parts[0] == "params":
     parts = parts[1:]
@@ -817,7 +814,7 @@ def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str,
   by_root = {s.root: s.name for s in sites}
   lines = []
   for leaf, path in enumerate(leaf_paths):
-    label = "/".join(path) if path is not None else f"leaf {leaf}"
+    label = units_lib.path_str(path) if path is not None else f"leaf {leaf}"
     parts = []
     for axis, ax in enumerate(w.invar_atoms[leaf]):
       atoms = [a for a in A.expand(ax) if A.size[a] > 1]

@@ -6,8 +6,9 @@ several parameters: its incoming kernel slice and bias, and any normalisation pa
 declares each prunable group once, as a :class:`UnitGroup`; everything structured (expanding
 unit masks to weight masks, merging units, compaction) works from that declaration alone.
 
-Paths are tuples of keys into the model's variables dict, e.g.
-``('params', 'hidden_0', 'kernel')``.
+Paths are tuples of keys into the model's variables, e.g. ``('params', 'hidden_0', 'kernel')``:
+dict keys (of any type: an nnx ``Sequential``'s layers are ``0, 1, ...``), list or tuple
+indices, and attribute names (a NamedTuple's fields), as ``jax.tree_util`` names them.
 
 Example:
   >>> import jax.numpy as jnp
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Path = tuple[str, ...]
+Path = tuple[Any, ...]   # dict keys, list/tuple indices, attribute names
 PyTree = Any
 Role = Literal["producer", "consumer"]
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "linear")
@@ -129,26 +130,84 @@ class UnitGroup:
 # ----------------------------------------------------------------------------- tree paths
 
 
+def path_str(path: Path) -> str:
+  """``'a/0/kernel'``: a path written for messages and names."""
+  return "/".join(str(k) for k in path)
+
+
+def _has_child(node: Any, k: Any) -> bool:
+  if isinstance(node, Mapping):
+    return k in node
+  if isinstance(k, int) and not isinstance(k, bool):
+    return isinstance(node, (list, tuple)) and -len(node) <= k < len(node)
+  if not isinstance(k, str) or isinstance(node, (list, np.ndarray, jax.Array)):
+    return False
+  if isinstance(node, tuple):
+    return k in getattr(node, "_fields", ())                      # a NamedTuple's field
+  if k == "value" and hasattr(node, "get_value"):                 # an nnx Variable
+    return True
+  return hasattr(node, k)
+
+
+def _child(node: Any, k: Any) -> Any:
+  if isinstance(node, Mapping) or isinstance(k, int):
+    return node[k]
+  if k == "value" and hasattr(node, "get_value"):     # an nnx Variable ('.value' is deprecated)
+    return node.get_value()
+  return getattr(node, k)
+
+
 def get_path(tree: PyTree, path: Path) -> Any:
-  """Returns ``tree[path[0]][path[1]]...``, with an error that names the missing key."""
+  """Returns ``tree[path[0]][path[1]]...``, with an error that names the missing key.
+
+  A key indexes a mapping (any key type), a list or tuple (an int) or an attribute (a
+  str: a NamedTuple's field, a dataclass's, an nnx ``Variable``'s ``value``), as in the paths
+  of ``jax.tree_util.tree_flatten_with_path``.
+  """
   node = tree
   for i, k in enumerate(path):
-    if not isinstance(node, Mapping) or k not in node:
+    if not _has_child(node, k):
       raise KeyError(
-          f"Parameter path {'/'.join(path)} does not exist: no key {k!r} under "
-          f"{'/'.join(path[:i]) or 'the root'}. Are these params from the same model?")
-    node = node[k]
+          f"Parameter path {path_str(path)} does not exist: no key {k!r} under "
+          f"{path_str(path[:i]) or 'the root'}. Are these params from the same model?")
+    node = _child(node, k)
   return node
 
 
+def key_of(entry: Any) -> Any:
+  """A ``jax.tree_util`` key-path entry as a path key: a dict key, a list or tuple index, or
+  an attribute name (None: not addressable, e.g. a custom node's flattened index)."""
+  if isinstance(entry, jax.tree_util.DictKey):
+    return entry.key
+  if isinstance(entry, jax.tree_util.SequenceKey):
+    return entry.idx
+  if isinstance(entry, jax.tree_util.GetAttrKey):
+    return entry.name
+  return None
+
+
 def set_path(tree: PyTree, path: Path, value: Any) -> PyTree:
-  """Returns a copy of nested dict ``tree`` with the leaf at ``path`` replaced (no mutation)."""
+  """Returns a copy of ``tree`` with the leaf at ``path`` replaced (no mutation). The tree is
+  rebuilt from its own structure, so every container keeps its type (dicts, lists, tuples,
+  NamedTuples, an nnx ``State`` and its ``Variable`` s) and the other leaves are shared."""
+  path = tuple(path)
   if not path:
     return value
-  head, rest = path[0], path[1:]
-  new = dict(tree)
-  new[head] = set_path(tree[head], rest, value)
-  return new
+  head = path[0]
+  if type(tree) is dict and head in tree:                       # the common case, directly
+    return {**tree, head: set_path(tree[head], path[1:], value)}
+  if type(tree) in (list, tuple) and isinstance(head, int) and -len(tree) <= head < len(tree):
+    new = list(tree)
+    new[head] = set_path(tree[head], path[1:], value)
+    return type(tree)(new)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  for i, (kp, _) in enumerate(flat):
+    if tuple(key_of(k) for k in kp) == path:
+      leaves = [leaf for _, leaf in flat]
+      leaves[i] = value
+      return jax.tree_util.tree_unflatten(treedef, leaves)
+  get_path(tree, path)                    # raises the error that names the missing key
+  raise KeyError(f"Parameter path {path_str(path)} is not a leaf of these params.")
 
 
 def _check_group_name(groups: Mapping[str, UnitGroup], name: str) -> UnitGroup:
@@ -218,7 +277,7 @@ def check_group(params: PyTree, group: UnitGroup) -> None:
     raise ValueError(f"Group {group.name!r} has no slices; declare at least its producer and "
                      "consumer slices.")
   for s in group.slices:
-    where = f"Group {group.name!r}, slice {'/'.join(map(str, s.path))} ({s.role}, {s.kind})"
+    where = f"Group {group.name!r}, slice {path_str(s.path)} ({s.role}, {s.kind})"
     try:
       leaf = get_path(params, s.path)
     except KeyError as e:
@@ -510,7 +569,7 @@ def redistribute(params: PyTree, group: UnitGroup, transfer: jax.Array,
     out = set_path(out, s.path, from_unit_view(new, s, leaf))
     if constants is not None:
       if s.bias is None:
-        raise ValueError(f"Group {group.name!r}: consumer {'/'.join(s.path)} has no bias path, "
+        raise ValueError(f"Group {group.name!r}: consumer {path_str(s.path)} has no bias path, "
                          "so constant units cannot be folded into it.")
       # v: (units, ..., out) -> contribution (out,)
       contrib = jnp.tensordot(constants.astype(v.dtype), v, axes=(0, 0))

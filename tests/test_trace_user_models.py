@@ -2,6 +2,8 @@
 either gets correct groups (compact equals masking) or is reported not prunable, with the
 reason; and the errors name the problem."""
 
+import typing
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -141,3 +143,61 @@ def test_key_and_counter_leaves_trace_and_fit_names_them():
   with pytest.raises(ValueError, match=r"2 leaves that cannot be trained.*drop/rngs/key.*nnx\.Param"):
     jaxprune.fit(t, p, x, jnp.zeros((8,), jnp.int32), key=jax.random.key(0), epochs=1,
                  progress=False)
+
+
+class _Layer(typing.NamedTuple):
+  w: jax.Array
+  b: jax.Array
+
+
+def _container_cases():
+  """The same 5-8-6-3 MLP with its params in the containers users write: (params, apply,
+  expected group sizes by name)."""
+  w1, b1, w2, b2, w3, b3 = _arr(5, 8), _arr(8), _arr(8, 6), _arr(6), _arr(6, 3), _arr(3)
+
+  def mlp(l1, l2, l3, x):
+    return jax.nn.relu(jax.nn.relu(x @ l1[0] + l1[1]) @ l2[0] + l2[1]) @ l3[0] + l3[1]
+
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  seq = nnx.Sequential(nnx.Linear(5, 8, rngs=nnx.Rngs(0)), nnx.relu,
+                       nnx.Linear(8, 6, rngs=nnx.Rngs(1)), nnx.relu,
+                       nnx.Linear(6, 3, rngs=nnx.Rngs(2)))
+  seq_fn, seq_params = nnx_as_function(seq)
+  graphdef, state = nnx.split(seq)
+  return {
+      # the JAX tutorials' list of (w, b) tuples
+      "list of tuples": ([(w1, b1), (w2, b2), (w3, b3)], lambda p, x: mlp(*p, x),
+                         {"0": 8, "1": 6}),
+      "list of dicts": ([{"w": w1, "b": b1}, {"w": w2, "b": b2}, {"w": w3, "b": b3}],
+                        lambda p, x: mlp(*[(l["w"], l["b"]) for l in p], x), {"0": 8, "1": 6}),
+      "flat tuple": ((w1, b1, w2, b2, w3, b3),
+                     lambda p, x: mlp(p[0:2], p[2:4], p[4:6], x), {"0": 8, "2": 6}),
+      "NamedTuples": ({"l1": _Layer(w1, b1), "l2": _Layer(w2, b2), "l3": _Layer(w3, b3)},
+                      lambda p, x: mlp(p["l1"], p["l2"], p["l3"], x), {"l1": 8, "l2": 6}),
+      # nnx.Sequential: its layers are keyed 0, 2, 4 (ints); once traced, then failed in
+      # compact with "no key '0' under layers"
+      "nnx Sequential (pure dict)": (seq_params, seq_fn, {"layers/0": 8, "layers/2": 6}),
+      "nnx Sequential (State)": (state, lambda s, x: nnx.merge(graphdef, s)(x),
+                                 {"layers/0": 8, "layers/2": 6}),
+  }
+
+
+@pytest.mark.parametrize("case", list(_container_cases()))
+def test_params_in_lists_tuples_namedtuples_and_int_keyed_dicts(case):
+  """Groups are found, and masks, compaction and a pruner work, whatever containers hold the
+  params (lists and tuples used to give no groups; int keys broke compact)."""
+  params, fn, sizes = _container_cases()[case]
+  x = _arr(32, 5)
+  t = jaxprune.trace(fn, params, x)
+  assert {k: g.size for k, g in t.groups.items()} == sizes
+  first, second = sorted(sizes, key=lambda k: -sizes[k])
+  small = _compact_equals_masked(t, params, x, fn, {first: [1, 4], second: [0]})
+  assert jax.tree.structure(small) == jax.tree.structure(params)   # containers kept
+  shapes = sorted(tuple(l.shape) for l in jax.tree.leaves(small))
+  assert shapes == sorted([(5, 6), (6,), (6, 5), (5,), (5, 3), (3,)])
+  # A pruner writes into the same containers: the 3 smallest-norm units of the first group.
+  pruned, um, _ = jaxprune.importance_prune(t, first)(params, jaxprune.unit_masks_ones(t), 3)
+  assert jax.tree.structure(pruned) == jax.tree.structure(params)
+  assert int(np.sum(um[first])) == sizes[first] - 3
+  np.testing.assert_allclose(fn(pruned, x), fn(jaxprune.apply_masks(
+      params, jaxprune.expand(params, t, um)), x), atol=1e-5)
