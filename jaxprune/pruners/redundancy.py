@@ -132,9 +132,9 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       beta, rel = _fit(x, m, j)
       ok = rel < tol
       icpt = mean[j] - jnp.dot(beta, mean)
-      # rows_new = (I + beta e_j^T) rows; constants are in terms of the original rows.
-      step = jnp.eye(h) + beta[:, None] * jax.nn.one_hot(j, h)[None, :]
-      new_transfer = step @ transfer
+      # rows_new = (I + beta e_j^T) rows, a rank-one update (beta_j = 0, so row j stays);
+      # constants are in terms of the original rows.
+      new_transfer = transfer + beta[:, None] * transfer[j][None, :]
       new_consts = consts + icpt * transfer[j]
       m = jnp.where(ok, m.at[j].set(False), m)
       transfer = jnp.where(ok, new_transfer, transfer)
