@@ -153,7 +153,7 @@ def summary(masks: PyTree, unit_masks: Mapping[str, Any] | None = None) -> str:
   """A per-layer table of kept weights and sparsity (and kept units per group, if given)."""
   rows = []
   for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    name = units_lib.path_str([k if k is not None else "?" for k in map(units_lib.key_of, path)])
     kept, total = int(np.sum(np.asarray(m))), int(np.size(m))
     rows.append((name, f"{tuple(np.shape(m))}", f"{kept}", f"{total}",
                  f"{100.0 * (1 - kept / max(total, 1)):.1f}%"))

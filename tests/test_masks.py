@@ -83,3 +83,13 @@ def test_check_unit_masks_errors():
     jaxprune.check_unit_masks(MODEL, {"hidden_0": jnp.ones(6, jnp.float32)})
   with pytest.raises(ValueError, match="removes every unit"):
     jaxprune.check_unit_masks(MODEL, {"hidden_0": jnp.zeros(6, bool)})
+
+
+def test_summary_names_list_and_attribute_paths():
+  """Rows are named by the path keys (indices and attribute names as they are), not by the
+  reprs of jax's key objects ('[0]', '.w')."""
+  import collections  # pylint: disable=import-outside-toplevel
+  layer = collections.namedtuple("Layer", "w b")
+  masks = [layer(np.ones((2, 3), bool), np.ones(3, bool)), {"k": np.zeros((3, 1), bool)}]
+  rows = [line.split()[0] for line in jaxprune.summary(masks).splitlines()[2:]]
+  assert rows == ["0/w", "0/b", "1/k", "total"]
