@@ -104,6 +104,17 @@ def test_select_and_vmap_over_fractions():
       np.testing.assert_array_equal(a[n], b)
 
 
+def test_select_by_int_keys_and_indices():
+  """Params keyed by ints (an nnx Sequential's layers) or held in lists are selected by the
+  keys as they are, or by their 'a/0/b' names."""
+  k = jnp.arange(12.0).reshape(3, 4)
+  p = {"layers": {0: {"kernel": k}, 2: {"kernel": k + 1}}, "extra": [k, k]}
+  for sel in ([("layers", 2, "kernel"), ("extra", 1)], ["layers/2/kernel", "extra/1"]):
+    _, m, _ = magnitude_prune(p, None, 0.5, select=sel)
+    assert bool(np.all(m["layers"][0]["kernel"])) and bool(np.all(m["extra"][0]))
+    assert int(m["layers"][2]["kernel"].sum()) == 6 and int(m["extra"][1].sum()) == 6
+
+
 def test_report_on_hand_built_arrays():
   p = {"params": {"a": {"kernel": jnp.array([[3., 1., 2.], [1., 5., 0.5]])},
                   "b": {"kernel": jnp.array([[2., 4.], [-6., 8.]])}}}

@@ -109,7 +109,8 @@ def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
   elif callable(select):
     chosen = [i for i, (p, l) in enumerate(zip(paths, leaves)) if select(p, l)]
   else:
-    want = [tuple(s.split("/")) if isinstance(s, str) else tuple(s) for s in select]
+    want = [tuple(s.split("/")) if isinstance(s, str) else tuple(str(k) for k in s)
+            for s in select]                   # keys compare as names: ('layers', 0, 'kernel')
     index = {p: i for i, p in enumerate(paths)}
     missing = [w for w in want if w not in index]
     if missing:
