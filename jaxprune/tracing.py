@@ -51,6 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from jaxprune import units as units_lib
@@ -304,6 +305,15 @@ class _Walker:
       leaf, amap = self.origin[eqn.invars[0]]
       self.origin[eqn.outvars[0]] = (leaf, tuple(amap[p] for p in eqn.params["permutation"]))
       return
+    if name in ("dynamic_slice", "slice") and srcs[0][0] == 0 and all(
+        isinstance(w, jex.core.Literal) or w not in self.stream for w in eqn.invars[1:]):
+      # One layer of stacked params, w[i] (a fori_loop's body): the axes taken whole keep
+      # their leaf axes; the indexed one (size 1, squeezed next) has none.
+      leaf, amap = self.origin[eqn.invars[0]]
+      in_shape, out_shape = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+      self.origin[eqn.outvars[0]] = (leaf, tuple(a if o == n else None for a, o, n in zip(
+          amap, out_shape, in_shape)))
+      return
     if name in ("dot_general", "conv_general_dilated"):
       return  # recorded as contractions
     for i, v in srcs:
@@ -313,16 +323,24 @@ class _Walker:
       others = [w for w in eqn.invars if w is not v]
       on_stream = any(not isinstance(w, jex.core.Literal) and w in self.stream for w in others)
       if name == "add" and on_stream:
-        direct = any(not isinstance(w, jex.core.Literal) and w in self.producer_of
-                     and self.producer_of[w][1].primitive.name in ("dot_general",
-                                                                    "conv_general_dilated")
-                     for w in others)
+        direct = any(self._contracted(w) for w in others)
         kind = "bias" if direct else "shift"
       elif name == "mul":
         kind = "scale"
       else:
         kind = "stat"
       self.first_use[leaf] = (kind, path)
+
+  def _contracted(self, v, depth: int = 8) -> bool:
+    """True if ``v`` is a kernel contraction's output, or a sum of them (``x @ W + h @ U``,
+    an RNN's pre-activation): a parameter added to it is a bias."""
+    if isinstance(v, jex.core.Literal) or v not in self.producer_of or depth == 0:
+      return False
+    eqn = self.producer_of[v][1]
+    if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+      return True
+    return eqn.primitive.name == "add" and all(self._contracted(w, depth - 1)
+                                               for w in eqn.invars)
 
   # -- one equation ----------------------------------------------------------------------------
   def _eqn(self, eqn, ins, env, path):
@@ -353,6 +371,9 @@ class _Walker:
           if not isinstance(w, jex.core.Literal) and w in self.origin:
             self.origin[v] = self.origin[w]
         return outs
+
+    if name == "scan":
+      return self._scan(eqn, ins, path)
 
     if name in _ELEMENTWISE:
       outs = []
@@ -469,6 +490,44 @@ class _Walker:
       return [tuple(x) for x in ins][:len(out_shapes)]
 
     return self._opaque(eqn, ins, out_shapes, f"used by {name} (not followed)")
+
+  def _scan(self, eqn, ins, path):
+    """``lax.scan`` (``nn.scan``, ``nn.RNN``, ``fori_loop`` with fixed bounds): the body is
+    walked once; its constants are the call's, each ``xs`` loses its leading (scanned) axis,
+    and each carry is tied to what the body returns for it, so a unit carried from step to
+    step (an RNN's hidden unit, a layer scanned over its stacked params) is one unit
+    throughout. Every ``ys`` gains a new leading axis."""
+    A = self.atoms
+    closed = eqn.params["jaxpr"]
+    inner = closed.jaxpr
+    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    inner_ins = list(ins[:nc + nk]) + [x[1:] for x in ins[nc + nk:]]
+    ienv = dict(zip(inner.invars, inner_ins))
+    for v in inner.constvars:
+      ienv[v] = self.fresh(v.aval.shape, "tied to a constant array of fixed shape")
+    # Which body inputs depend on the function's inputs: a carry does once any step makes it
+    # so (an RNN's zero initial state, after the first step); a loop counter does not.
+    flags = [not isinstance(w, jex.core.Literal) and w in self.stream for w in eqn.invars]
+    while True:
+      out = _depends(inner, flags)[:nk]
+      new = flags[:nc] + [f or o for f, o in zip(flags[nc:nc + nk], out)] + flags[nc + nk:]
+      if new == flags:
+        break
+      flags = new
+    for i, (v, w) in enumerate(zip(inner.invars, eqn.invars)):
+      if flags[i]:
+        self.stream.add(v)
+      if (not isinstance(w, jex.core.Literal) and w in self.origin
+          and not nc <= i < nc + nk):           # a parameter (stacked: its rows, per step)
+        leaf, amap = self.origin[w]
+        self.origin[v] = (leaf, amap[1:] if i >= nc + nk else amap)
+    self._walk(inner, ienv, path)
+    outs = [self._read(ienv, v) for v in inner.outvars]
+    for k in range(nk):
+      for a, b in zip(inner_ins[nc + k], outs[k]):
+        A.unify(a, b, "carried unevenly by scan")
+    length = eqn.params["length"]
+    return outs[:nk] + [((A.new(length),),) + tuple(y) for y in outs[nk:]]
 
   def _same_except(self, ins, out_shapes, dims, name):
     A = self.atoms
@@ -660,6 +719,16 @@ class _Analysis:
   uses: dict                     # (leaf, axis) -> _Use (all param leaf axes)
   explain_lines: tuple
   arg_shapes: tuple              # example shapes of the argument leaves
+
+
+def _depends(jaxpr, flags) -> list[bool]:
+  """Which outputs of ``jaxpr`` depend on the inputs flagged True (any input of an equation
+  taints all its outputs)."""
+  tainted = {v for v, f in zip(jaxpr.invars, flags) if f}
+  for eqn in jaxpr.eqns:
+    if any(not isinstance(v, jex.core.Literal) and v in tainted for v in eqn.invars):
+      tainted.update(eqn.outvars)
+  return [not isinstance(v, jex.core.Literal) and v in tainted for v in jaxpr.outvars]
 
 
 def _is_elementwise_call(eqn) -> bool:
@@ -914,6 +983,21 @@ def _check_unfollowed_shapes(eqn, invals) -> None:
         "keep the loop out of the traced forward pass (unroll it in Python).")
 
 
+def _check_reduced_sizes(eqn, invals) -> None:
+  """A reduction over an axis whose size changed (a mean over the batch: batch statistics) would
+  still divide by the traced size, a constant of the program: an error instead of a wrong
+  value."""
+  axes = eqn.params.get("axes", (eqn.params.get("axis"),))
+  was, now = eqn.invars[0].aval.shape, np.shape(invals[0])
+  changed = [d for d in axes if d is not None and was[d] != now[d]]
+  if changed:
+    raise TraceError(
+        f"The traced function reduces ({eqn.primitive.name}) over an axis of size {was[changed[0]]}"
+        f" when traced, here {now[changed[0]]}: a mean over the batch (batch statistics, e.g. "
+        "BatchNorm in training mode) keeps dividing by the example's size. Pass inputs of the "
+        "example's batch size to this target, or trace the model in inference mode.")
+
+
 def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset()):
   """Runs the traced program on ``leaves`` with every shape recomputed from ``sizes``."""
   A = an.walker.atoms
@@ -932,13 +1016,31 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
         inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
         outs = run(inner, getattr(sub, "consts", ()), invals[len(invals) - len(inner.invars):],
                    path)
+      elif name == "scan":
+        outs = scan(eqn, invals, path)
       else:
         _check_unfollowed_shapes(eqn, invals)
+        if name in _REDUCTIONS or name in _CUMULATIVE:
+          _check_reduced_sizes(eqn, invals)
         params = dict(eqn.params)
         if name in ("broadcast_in_dim", "iota"):
           params["shape"] = _new_shape(A, sizes, an.walker.shapes[path][0])
         elif name == "reshape":
           params["new_sizes"] = _new_shape(A, sizes, an.walker.shapes[path][0])
+        elif name in ("slice", "dynamic_slice"):
+          # An axis taken whole when traced (x[:, -1] keeps the batch and the units) is taken
+          # whole at the new sizes.
+          was, now = eqn.invars[0].aval.shape, np.shape(invals[0])
+          if name == "slice":
+            whole = [s0 == 0 and l0 == n and (params.get("strides") is None
+                                              or params["strides"][d] == 1)
+                     for d, (s0, l0, n) in enumerate(zip(params["start_indices"],
+                                                         params["limit_indices"], was))]
+            params["limit_indices"] = tuple(now[d] if w else l0 for d, (w, l0) in enumerate(
+                zip(whole, params["limit_indices"])))
+          else:
+            params["slice_sizes"] = tuple(now[d] if sz == was[d] else sz
+                                          for d, sz in enumerate(params["slice_sizes"]))
         elif name == "conv_general_dilated" and params["feature_group_count"] > 1:
           dn = params["dimension_numbers"]
           per = np.shape(invals[1])[dn.rhs_spec[1]]
@@ -951,6 +1053,24 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
         if (scope, v) in capture:
           captured[(scope, v)] = o
     return [read(v) for v in jaxpr.outvars]
+
+  def scan(eqn, invals, path):
+    """``lax.scan`` of the body re-evaluated at the new sizes; values captured inside the body
+    come out stacked along the scanned axis, like its ``ys``."""
+    p, closed = eqn.params, eqn.params["jaxpr"]
+    nc, nk = p["num_consts"], p["num_carry"]
+    consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+    inside = [key for key in capture if key[0][:len(path)] == path]
+
+    def body(carry, x):
+      outs = run(closed.jaxpr, closed.consts, list(consts) + list(carry) + list(x), path)
+      return list(outs[:nk]), (list(outs[nk:]), [captured.pop(key) for key in inside])
+
+    carry, (ys, stacked) = lax.scan(body, list(init), list(xs),
+                                    length=None if xs else p["length"], reverse=p["reverse"],
+                                    unroll=p["unroll"])
+    captured.update(zip(inside, stacked))
+    return list(carry) + list(ys)
 
   outs = run(an.closed.jaxpr, an.closed.consts, list(leaves), ())
   return outs, captured
@@ -1049,6 +1169,14 @@ class TracedTarget:
     if len(leaves) != n:
       raise ValueError(f"Expected params and inputs with {n} array leaves in all (as in the "
                        f"traced example), got {len(leaves)}.")
+    for i, (leaf, want) in enumerate(zip(leaves[self._an.num_params:], self._an.arg_shapes)):
+      got = tuple(np.shape(leaf))
+      if len(got) != len(want) or got[1:] != tuple(want[1:]):
+        raise ValueError(
+            f"Input {i} has shape {got}; this traced target takes (N, "
+            f"{', '.join(map(str, want[1:]))}) like its example: only the batch axis (the "
+            "first) may change (sizes the program was traced with, such as a sequence length "
+            "or an image size, are constants of it). Trace again with an example of this shape.")
     return leaves
 
   def _eval_leaves(self, capture, *leaves):
@@ -1068,7 +1196,9 @@ class TracedTarget:
         if r == site.root:
           unit_dim = len(dims)
         dims.append(sizes.get(r, A.size[a]))
-    return jnp.moveaxis(jnp.reshape(value, dims), unit_dim, -1)
+    # Inside a scan body the value comes stacked over the scanned steps: leading axes.
+    lead = tuple(np.shape(value)[:np.ndim(value) - len(site.act_axes)])
+    return jnp.moveaxis(jnp.reshape(value, lead + tuple(dims)), len(lead) + unit_dim, -1)
 
   def _make_groups(self):
     an, w = self._an, self._an.walker

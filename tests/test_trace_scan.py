@@ -1,0 +1,151 @@
+"""trace follows lax.scan bodies (nn.RNN, nn.scan, fori_loop with fixed bounds): a unit carried
+from step to step is one unit throughout, stacked per-step params are sliced per step, and the
+compacted target re-runs the scan at the new sizes, any batch size and any sequence length."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxprune
+
+R = np.random.default_rng(0)
+F, H, C, L = 5, 8, 4, 3
+
+
+def _arr(*shape, scale=1.0):
+  return jnp.asarray(scale * R.normal(size=shape), jnp.float32)
+
+
+def _masked(target, params, drop):
+  um = jaxprune.unit_masks_ones(target)
+  for name, units in drop.items():
+    um[name] = um[name].at[np.asarray(units)].set(False)
+  return um, jaxprune.apply_masks(params, jaxprune.expand(params, target, um))
+
+
+def _slices(group):
+  return sorted((s.path, s.axis, s.role, s.kind) for s in group.slices)
+
+
+STACKED = {"win": _arr(F, H), "bin": _arr(H), "w": _arr(L, H, H, scale=0.3), "b": _arr(L, H),
+           "wout": _arr(H, C), "bout": _arr(C)}
+
+
+def _stacked(p, x):
+  """L layers with stacked params, scanned (nn.scan's layout)."""
+  h = jax.nn.relu(x @ p["win"] + p["bin"])
+  h, _ = lax.scan(lambda h, wb: (jax.nn.relu(h @ wb[0] + wb[1]), None), h, (p["w"], p["b"]))
+  return h @ p["wout"] + p["bout"]
+
+
+def _fori(p, x):
+  """The same network as a fori_loop indexing the stacked params."""
+  h = jax.nn.relu(x @ p["win"] + p["bin"])
+  h = lax.fori_loop(0, L, lambda i, h: jax.nn.relu(h @ p["w"][i] + p["b"][i]), h)
+  return h @ p["wout"] + p["bout"]
+
+
+@pytest.mark.parametrize("fn", [_stacked, _fori])
+def test_scanned_layers_are_one_group_with_their_stacked_slices(fn):
+  x = _arr(16, F)
+  t = jaxprune.trace(fn, STACKED, x)
+  assert {k: g.size for k, g in t.groups.items()} == {"win": H}
+  assert _slices(t.groups["win"]) == sorted([
+      (("win",), 1, "producer", "kernel"), (("bin",), 0, "producer", "bias"),
+      (("w",), 2, "producer", "kernel"), (("b",), 1, "producer", "bias"),
+      (("w",), 1, "consumer", "kernel"), (("wout",), 0, "consumer", "kernel")])
+  um, masked = _masked(t, STACKED, {"win": [0, 3, 4]})
+  small, small_t = t.compact(masked, um)
+  assert small["w"].shape == (L, H - 3, H - 3) and small["b"].shape == (L, H - 3)
+  x2 = _arr(21, F)                                           # another batch size
+  np.testing.assert_allclose(small_t.apply(small, x2), fn(masked, x2), atol=1e-5)
+  pruned, um2, _ = jaxprune.importance_prune(t, "win")(STACKED, jaxprune.unit_masks_ones(t), 2)
+  assert int(um2["win"].sum()) == H - 2
+  assert float(jnp.abs(pruned["w"][:, ~um2["win"]]).sum()) == 0.0      # every layer's rows
+
+
+RNN = {"wi": _arr(F, H), "wh": _arr(H, H, scale=0.3), "b": _arr(H), "wout": _arr(H, C),
+       "bout": _arr(C)}
+
+
+def _rnn(p, x):
+  """An Elman RNN over (B, T, F) from a zero state; the mean hidden state feeds the output."""
+  def step(h, xt):
+    h = jnp.tanh(xt @ p["wi"] + h @ p["wh"] + p["b"])
+    return h, h
+  _, hs = lax.scan(step, jnp.zeros((x.shape[0], H)), jnp.swapaxes(x, 0, 1))
+  return jnp.mean(hs, 0) @ p["wout"] + p["bout"]
+
+
+def test_rnn_hidden_units_are_a_group_at_any_batch_and_length():
+  x = _arr(16, 6, F)
+  t = jaxprune.trace(_rnn, RNN, x)
+  assert {k: g.size for k, g in t.groups.items()} == {"wi": H}
+  assert t.groups["wi"].activation == "tanh"
+  assert _slices(t.groups["wi"]) == sorted([
+      (("wi",), 1, "producer", "kernel"), (("wh",), 1, "producer", "kernel"),
+      (("b",), 0, "producer", "bias"), (("wh",), 0, "consumer", "kernel"),
+      (("wout",), 0, "consumer", "kernel")])
+  # activations inside the scan come stacked over the steps, units last
+  acts = t.activations(RNN, x, "wi")
+  assert acts.shape == (6, 16, H)
+  def loop(p, x):                                            # the same RNN as a Python loop
+    h, out = jnp.zeros((x.shape[0], H)), []
+    for s in range(x.shape[1]):
+      h = jnp.tanh(x[:, s] @ p["wi"] + h @ p["wh"] + p["b"])
+      out.append(h)
+    return jnp.stack(out)
+  np.testing.assert_allclose(acts, loop(RNN, x), atol=1e-5)
+  um, masked = _masked(t, RNN, {"wi": [1, 6]})
+  small, small_t = t.compact(masked, um)
+  assert small["wh"].shape == (H - 2, H - 2)
+  x2 = _arr(5, 6, F)                                         # another batch size
+  np.testing.assert_allclose(small_t.apply(small, x2), _rnn(masked, x2), atol=1e-5)
+  assert small_t.activations(small, x2, "wi").shape == (6, 5, H - 2)
+  with pytest.raises(ValueError, match="only the batch axis"):        # a sequence length
+    small_t.apply(small, _arr(5, 9, F))                      # is a constant of the program
+  # A pruner from activations reads (steps x batch) patterns. Constants cannot fold exactly
+  # (the recurrent consumer has no bias of its own, and the state starts at zero).
+  with pytest.raises(ValueError, match="constants=False"):
+    jaxprune.distinctiveness(t, "wi")(RNN, jaxprune.unit_masks_ones(t), acts, 15.0, 165.0)
+  dup = {**RNN, "wi": RNN["wi"].at[:, 5].set(RNN["wi"][:, 2]),
+         "wh": RNN["wh"].at[:, 5].set(RNN["wh"][:, 2]),
+         "b": RNN["b"].at[5].set(RNN["b"][2])}                 # unit 5 duplicates unit 2
+  _, um3, _ = jaxprune.distinctiveness(t, "wi", constants=False)(
+      dup, jaxprune.unit_masks_ones(t), t.activations(dup, x, "wi"), 1.0, 179.0)
+  assert (~um3["wi"]).nonzero()[0].tolist() == [5]
+
+
+@pytest.mark.parametrize("cell", ["SimpleCell", "LSTMCell", "GRUCell"])
+def test_flax_rnn_cells(cell):
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.RNN(getattr(nn, cell)(features=H))(x)
+      return nn.Dense(C)(h[:, -1])                            # the last step
+  x = _arr(16, 6, F)
+  v = Net().init(jax.random.key(0), x)
+  t = jaxprune.trace(Net().apply, v, x)
+  assert len(t.groups) == 1
+  name, g = next(iter(t.groups.items()))
+  assert g.size == H and name.startswith(cell)
+  um, masked = _masked(t, v, {name: [0, 2, 7]})
+  small, small_t = t.compact(masked, um)
+  x2 = _arr(7, 6, F)                                         # another batch size
+  np.testing.assert_allclose(small_t.apply(small, x2), Net().apply(masked, x2), atol=1e-5)
+  kernels = [l for l in jax.tree.leaves(small) if l.ndim == 2]
+  assert all(H not in l.shape for l in kernels)              # every gate's kernel was cut
+
+
+def test_units_permuted_inside_the_body_are_not_prunable():
+  def rolled(p, x):
+    def step(h, xt):
+      return jnp.tanh(xt @ p["wi"] + h[:, ::-1] @ p["wh"] + p["b"]), None
+    h, _ = lax.scan(step, jnp.zeros((x.shape[0], H)), jnp.swapaxes(x, 0, 1))
+    return h @ p["wout"] + p["bout"]
+  t = jaxprune.trace(rolled, RNN, _arr(4, 3, F))
+  assert t.groups == {}
+  assert "indexed along by rev" in t.explain()
