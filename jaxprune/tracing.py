@@ -77,6 +77,8 @@ _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_ca
           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
           "custom_vjp_call_jaxpr": "fun_jaxpr", "remat": "jaxpr", "remat2": "jaxpr",
           "checkpoint": "jaxpr"}
+# Ops that only move a value's axes (a unit stays a unit, elementwise).
+_LAYOUT_OPS = frozenset(("transpose", "copy", "copy_p"))
 # Elementwise ops whose output (as the end of a chain after a kernel) names the activation.
 _ACTIVATION_OPS = {"logistic": "sigmoid", "tanh": "tanh"}
 
@@ -339,8 +341,19 @@ class _Walker:
     eqn = self.producer_of[v][1]
     if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
       return True
+    if eqn.primitive.name in _LAYOUT_OPS:               # vmap puts the batch axis in front
+      return self._contracted(eqn.invars[0], depth - 1)
     return eqn.primitive.name == "add" and all(self._contracted(w, depth - 1)
                                                for w in eqn.invars)
+
+  def through_layout(self, v):
+    """``v``, or the end of the chain of layout-only ops (transposes, copies) that is its only
+    use (a ``vmap``ped layer transposes its contraction before the bias is added)."""
+    while True:
+      users = self.users.get(v, [])
+      if len(users) != 1 or users[0][1].primitive.name not in _LAYOUT_OPS:
+        return v
+      v = users[0][1].outvars[0]
 
   # -- one equation ----------------------------------------------------------------------------
   def _eqn(self, eqn, ins, env, path):
@@ -662,7 +675,11 @@ class _Walker:
       _, leaf, amap = kern
       spatial = [rhs_spec[d] for d in range(2, len(rhs_spec))]
       ksize = [eqn.invars[1].aval.shape[d] for d in spatial]
-      padded = any(tuple(p) != (0, 0) for p in eqn.params["padding"]) and any(k > 1 for k in ksize)
+      # A constant input contributes less where the window meets zeros: padding, or the zeros
+      # an input dilation (a transposed conv) inserts between inputs.
+      padded = any(k > 1 for k in ksize) and (
+          any(tuple(p) != (0, 0) for p in eqn.params["padding"])
+          or any(d != 1 for d in (eqn.params.get("lhs_dilation") or ())))
       if groups == 1:
         self._record(eqn, path, 1, leaf, amap, (rhs_in,), (cout,), True, padded)
       elif depthwise:
@@ -810,6 +827,9 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
         if len(nxt) != 1:
           break
         _, eqn = nxt[0]
+        if eqn.primitive.name in _LAYOUT_OPS:
+          var = eqn.outvars[0]
+          continue
         if not (eqn.primitive.name in _ELEMENTWISE or _is_elementwise_call(eqn)):
           break
         out = eqn.outvars[0]
@@ -1246,10 +1266,11 @@ class TracedTarget:
 
   def _consumer_bias(self, con):
     w = self._an.walker
-    users = w.users.get(con.out_var, [])
+    out = w.through_layout(con.out_var)
+    users = w.users.get(out, [])
     if len(users) == 1 and users[0][1].primitive.name == "add":
       for v in users[0][1].invars:
-        if v is not con.out_var and not isinstance(v, jex.core.Literal) and v in w.origin:
+        if v is not out and not isinstance(v, jex.core.Literal) and v in w.origin:
           return self._an.leaf_paths[w.origin[v][0]]
     return None
 

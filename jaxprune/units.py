@@ -55,9 +55,10 @@ class Slice:
       ``view=(H*W, C, out)`` and ``axis=1`` channel c owns rows c, c+C, c+2C, ...
     bias: for a consumer, the path of the consuming layer's bias, so that a removed unit's
       constant contribution can be folded into it.
-    padded: for a consumer, True when it is a zero-padded ('SAME') convolution: a constant
-      input channel then contributes less at the borders than inside, so folding it into a
-      per-channel bias is not exact (see ``UnitGroup.exact_constant_fold``).
+    padded: for a consumer, True when it is a zero-padded ('SAME') or input-dilated
+      (transposed) convolution: a constant input channel then contributes less at the borders,
+      or between inputs, than elsewhere, so folding it into a per-channel bias is not exact
+      (see ``UnitGroup.exact_constant_fold``).
     kind: what the slice is: ``'kernel'`` (weights contracted with activations: a producer's
       columns or a consumer's rows), ``'bias'`` (added to the producer kernel's output),
       ``'scale'``, ``'shift'`` or ``'stat'`` (a normalisation's scale, shift, or running
@@ -571,9 +572,31 @@ def redistribute(params: PyTree, group: UnitGroup, transfer: jax.Array,
       if s.bias is None:
         raise ValueError(f"Group {group.name!r}: consumer {path_str(s.path)} has no bias path, "
                          "so constant units cannot be folded into it.")
-      # v: (units, ..., out) -> contribution (out,)
-      contrib = jnp.tensordot(constants.astype(v.dtype), v, axes=(0, 0))
-      contrib = contrib.reshape(-1, contrib.shape[-1]).sum(0)
       b = get_path(out, s.bias)
-      out = set_path(out, s.bias, b + contrib)
+      out = set_path(out, s.bias, b + bias_contribution(constants, v, jnp.shape(b)))
   return out
+
+
+def bias_contribution(constants: jax.Array, view: jax.Array, bias_shape) -> jax.Array:
+  """What units of constant output ``constants`` (units,) add to a consumer's output, in the
+  shape of its bias: ``sum_j constants[j] * view[j]`` summed over the kernel axes the bias does
+  not have (kernel positions, flattened positions), keeping those it has (the outputs, and e.g.
+  heads or ensemble members of a (heads, out) bias).
+
+  ``view`` is the consumer's :func:`unit_view` (units first). The bias axes are matched to the
+  view's in order, from the last (outputs last, as in Flax and JAX layouts).
+  """
+  contrib = jnp.tensordot(constants.astype(view.dtype), view, axes=(0, 0))
+  bias_shape = tuple(bias_shape)
+  want = [d for d in bias_shape if d != 1]
+  keep, j = [], len(want) - 1
+  for i in range(contrib.ndim - 1, -1, -1):
+    if j >= 0 and contrib.shape[i] == want[j]:
+      keep.append(i)
+      j -= 1
+  if j >= 0:
+    raise ValueError(f"A consumer's bias of shape {bias_shape} does not match the axes of its "
+                     f"kernel's unit rows {tuple(contrib.shape)}, so constants cannot be folded "
+                     "into it; pass constants=False.")
+  summed = jnp.sum(contrib, axis=tuple(d for d in range(contrib.ndim) if d not in keep))
+  return summed.reshape(bias_shape)

@@ -217,3 +217,73 @@ def test_batch_statistics_at_another_batch_size_raise_instead_of_a_wrong_value()
   _, small_t = t.compact(p, {"w1": jnp.arange(8) > 1})
   with pytest.raises(jaxprune.TraceError, match="reduces .* over an axis of size 16 .* here 19"):
     small_t.apply(small, _arr(19, 5))
+
+
+def _constant_unit_removed_exactly(fn, p, x, group, unit, **kw):
+  """Makes ``unit`` of ``group`` constant (zero incoming weights, a bias), removes it with
+  distinctiveness and returns how much the outputs moved."""
+  t = jaxprune.trace(fn, p, x)
+  g = t.groups[group]
+  kern = next(s for s in g.producers if s.kind == "kernel")
+  bias = next(s for s in g.producers if s.kind == "bias")
+  leaf = jaxprune.units.get_path(p, kern.path)
+  p = jaxprune.units.set_path(p, kern.path, jnp.moveaxis(
+      jnp.moveaxis(leaf, kern.axis, 0).at[unit].set(0.0), 0, kern.axis))
+  b = jaxprune.units.get_path(p, bias.path)
+  p = jaxprune.units.set_path(p, bias.path, jnp.moveaxis(
+      jnp.moveaxis(b, bias.axis, 0).at[unit].set(0.3), 0, bias.axis))
+  p2, um, rep = jaxprune.distinctiveness(t, group, **kw)(
+      p, jaxprune.unit_masks_ones(t), t.activations(p, x, group), 1.0, 179.0)
+  assert not bool(um[group][unit]) and int(np.sum(~np.asarray(um[group]))) == 1
+  return float(jnp.max(jnp.abs(fn(p2, x) - fn(p, x))))
+
+
+def test_constant_folds_keep_the_bias_axes_of_the_consumer():
+  """A consumer bias with more axes than the outputs (per head (heads, out); a vmapped
+  ensemble's (members, out)) gets each head's own contribution: the fold summed over the heads
+  and moved the outputs by 1.28."""
+  x = _arr(64, 10)
+  heads = {"w1": _arr(10, 20), "b1": _arr(20), "w2": _arr(20, 4, 3), "b2": _arr(4, 3)}
+  def per_head(p, x):
+    return jnp.einsum("bh,hko->bko", jnp.tanh(x @ p["w1"] + p["b1"]), p["w2"]) + p["b2"]
+  assert _constant_unit_removed_exactly(per_head, heads, x, "w1", 7) < 1e-5
+
+  def layer(p, x):
+    return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+  ens = {"w1": _arr(10, 20), "b1": _arr(20), "w2": _arr(5, 20, 3), "b2": _arr(5, 3)}
+  def ensemble(p, x):      # one hidden layer shared, five output heads vmapped
+    return jax.vmap(lambda w2, b2: layer({**p, "w2": w2, "b2": b2}, x))(p["w2"], p["b2"])
+  assert _constant_unit_removed_exactly(ensemble, ens, x, "w1", 4) < 1e-5
+
+
+def test_input_dilated_convolution_does_not_claim_an_exact_fold():
+  """Between dilated inputs the window sees inserted zeros, so a constant channel's
+  contribution varies by position: folding it moved the output by 0.17."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.tanh(nn.Conv(6, (1, 1), name="prod")(x))
+      h = nn.Conv(4, (2, 2), input_dilation=(2, 2), padding=((0, 0), (0, 0)))(h)
+      return nn.Dense(2)(h.reshape(h.shape[0], -1))
+  x = _arr(8, 6, 6, 2)
+  v = Net().init(jax.random.key(1), x)
+  t = jaxprune.trace(Net().apply, v, x)
+  assert not t.groups["prod"].exact_constant_fold
+  with pytest.raises(ValueError, match="input-dilated"):
+    jaxprune.distinctiveness(t, "prod")
+
+
+def test_activations_of_a_vmapped_ensemble_follow_the_transpose_after_the_contraction():
+  """vmap transposes the members' contraction before the bias is added: activations stopped at
+  the raw contraction (no bias, no sigmoid, 'linear'), so distinctiveness saw other vectors."""
+  x = _arr(64, 10)
+  pe = {"w1": _arr(5, 10, 20), "b1": _arr(5, 20), "w2": _arr(5, 20, 3), "b2": _arr(5, 3)}
+  def single(p, x):
+    return jax.nn.sigmoid(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+  ens = lambda p, x: jax.vmap(single, in_axes=(0, None))(p, x).mean(0)
+  t = jaxprune.trace(ens, pe, x)
+  assert t.groups["w1"].activation == "sigmoid"
+  assert {s.kind for s in t.groups["w1"].producers} == {"kernel", "bias"}
+  true = jax.vmap(lambda p: jax.nn.sigmoid(x @ p["w1"] + p["b1"]))(pe)       # (5, 64, 20)
+  np.testing.assert_allclose(t.activations(pe, x, "w1"), true, atol=1e-6)
+  assert all(s.bias == ("b2",) for s in t.groups["w1"].consumers)

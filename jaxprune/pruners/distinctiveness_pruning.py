@@ -106,9 +106,8 @@ def _fold_constants(out, params, group, consts, enabled=True):
     return out
   for s in group.consumers:
     v = units_lib.unit_view(units_lib.get_path(params, s.path), s)
-    contrib = jnp.tensordot(consts.astype(v.dtype), v, axes=(0, 0))
-    contrib = contrib.reshape(-1, contrib.shape[-1]).sum(0)
     b = units_lib.get_path(out, s.bias)
+    contrib = units_lib.bias_contribution(consts, v, jnp.shape(b))
     out = units_lib.set_path(out, s.bias, jnp.where(enabled, b + contrib, b))
   return out
 
@@ -192,8 +191,9 @@ def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: boo
                             ("fold", fold)) if on]
   if wanted and not g.exact_constant_fold:
     why = ("its consumer has no bias" if any(s.bias is None for s in g.consumers) else
-           "it is read by a zero-padded ('SAME') convolution, where a constant channel "
-           "contributes less at the borders than inside")
+           "it is read by a zero-padded ('SAME') or input-dilated (transposed) convolution, "
+           "where a constant channel contributes less at the borders, or between inputs, than "
+           "elsewhere")
     raise ValueError(
         f"Group {g.name!r} cannot fold removed units into the next bias exactly ({why}). "
         f"Pass {', '.join(f'{n}=False' for n in wanted)} (merging similar units and removing "
