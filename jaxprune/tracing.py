@@ -881,6 +881,25 @@ def _resolve_concats(w: _Walker) -> None:
       for r, _, _ in entries + w.concat_of[root]:
         A.block(r, "tied to concatenations of different layouts")
     w.concat_of[root] = entries
+
+  def flat(root, seen):
+    """A concatenation's parts, with each part that is itself a concatenation (a DenseNet
+    block's running feature map) replaced by its own parts, at their offsets."""
+    out = []
+    for part, offset, length in w.concat_of[root]:
+      p = A.find(part)
+      if p in w.concat_of and p not in seen:
+        out.extend((q, offset + o, n) for q, o, n in flat(p, seen | {p}))
+      else:
+        out.append((part, offset, length))
+    return out
+
+  nested = {r: flat(r, {r}) for r in w.concat_of}
+  for entries in nested.values():
+    roots = [A.find(q) for q, _, _ in entries]
+    for r in {r for r in roots if roots.count(r) > 1}:
+      A.block(r, "concatenated with itself (each unit at several offsets of one concatenation)")
+  w.concat_of = nested
   for root, entries in w.concat_of.items():
     for why in list(A.blocked[A.find(root)]):
       for part, _, _ in entries:

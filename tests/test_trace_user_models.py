@@ -287,3 +287,35 @@ def test_activations_of_a_vmapped_ensemble_follow_the_transpose_after_the_contra
   true = jax.vmap(lambda p: jax.nn.sigmoid(x @ p["w1"] + p["b1"]))(pe)       # (5, 64, 20)
   np.testing.assert_allclose(t.activations(pe, x, "w1"), true, atol=1e-6)
   assert all(s.bias == ("b2",) for s in t.groups["w1"].consumers)
+
+
+def test_nested_concatenation_densenet_block():
+  """A concatenation that is itself part of a later one (a DenseNet block's running map): the
+  outer reader's rows for the inner parts were missing from their groups (a 'removed' unit
+  still reached the output) and compact failed ('reads 12 concatenated units but its parts
+  have 11')."""
+  p = {"wa": _arr(3, 4), "wb": _arr(7, 5), "wo": _arr(12, 2)}
+  def dense(p, x):
+    h = jnp.concatenate([x, jnp.tanh(x @ p["wa"])], -1)        # 3 + 4
+    h = jnp.concatenate([h, jnp.tanh(h @ p["wb"])], -1)        # 7 + 5
+    return h @ p["wo"]
+  x = _arr(8, 3)
+  t = jaxprune.trace(dense, p, x)
+  assert {k: g.size for k, g in t.groups.items()} == {"wa": 4, "wb": 5}
+  assert sorted((s.path, s.segment) for s in t.groups["wa"].consumers) == [
+      (("wb",), (3, 4)), (("wo",), (3, 4))]
+  small = _compact_equals_masked(t, p, x, dense, {"wa": [1], "wb": [0, 4]})
+  assert small["wo"].shape == (9, 2) and small["wb"].shape == (6, 3)
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = jnp.concatenate([x, nn.relu(nn.Conv(4, (3, 3))(x))], -1)
+      h = jnp.concatenate([h, nn.relu(nn.Conv(5, (3, 3))(h))], -1)
+      h = jnp.concatenate([nn.relu(nn.Conv(6, (1, 1))(h)), h], -1)
+      return nn.Dense(2)(h.mean((1, 2)))
+  xi = _arr(4, 6, 6, 3)
+  v = Block().init(jax.random.key(0), xi)
+  t = jaxprune.trace(Block().apply, v, xi)
+  assert {k: g.size for k, g in t.groups.items()} == {"Conv_0": 4, "Conv_1": 5, "Conv_2": 6}
+  _compact_equals_masked(t, v, xi, Block().apply, {"Conv_0": [0, 3], "Conv_1": [2], "Conv_2": [5]})
