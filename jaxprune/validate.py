@@ -43,6 +43,9 @@ def check_finite(name: str, x) -> None:
   """Raises ValueError if a concrete floating array holds NaN or infinite values."""
   if x is None or not is_concrete(x):
     return
+  dtype = getattr(x, "dtype", None)
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+    return            # integers, bools, PRNG keys (an nnx state's RNG: no NumPy array exists)
   # NumPy, not jnp: a concrete array closed over inside jit must not become a tracer here.
   x = np.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):

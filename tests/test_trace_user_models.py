@@ -143,6 +143,11 @@ def test_key_and_counter_leaves_trace_and_fit_names_them():
   with pytest.raises(ValueError, match=r"2 leaves that cannot be trained.*drop/rngs/key.*nnx\.Param"):
     jaxprune.fit(t, p, x, jnp.zeros((8,), jnp.int32), key=jax.random.key(0), epochs=1,
                  progress=False)
+  # The GA checks the params for NaNs: it tried to read the key leaf as a NumPy array.
+  res = jaxprune.ga.search(t, p, x, jnp.arange(8) % 3, "l1", key=jax.random.key(1),
+                           config=jaxprune.ga.GAConfig(population_size=8, generations=1),
+                           progress=False)
+  assert res.mask.shape == (16,)
 
 
 class _Layer(typing.NamedTuple):
