@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -698,24 +699,46 @@ def block_prune(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5
 # ----------------------------------------------------------------------------- structured pruners
 
 
+def _params_only(group: units_lib.UnitGroup) -> units_lib.UnitGroup:
+  """``group`` without its slices outside the ``'params'`` collection (BatchNorm's running
+  statistics in ``'batch_stats'``), for an optimizer that sees ``variables['params']``: the
+  statistics of a removed unit are not read once its scale and shift are masked."""
+  slices = tuple(s for s in group.slices if s.path[:1] == ("params",))
+  if len(slices) == len(group.slices) or not slices:
+    return group
+  return dataclasses.replace(group, slices=slices)
+
+
 def _rooted(params, group: units_lib.UnitGroup):
-  """(tree the group's paths resolve in, unwrap). The optimizer of a flax model often sees
-  ``variables['params']`` while jaxprune groups are rooted at the variables dict."""
-  def resolves(tree):
+  """(tree the group's paths resolve in, unwrap, the group as it applies there). The optimizer
+  of a flax model often sees ``variables['params']`` while jaxprune groups are rooted at the
+  variables dict (and may hold slices of other collections)."""
+  def resolves(tree, g):
     try:
-      for s in group.slices:
+      for s in g.slices:
         units_lib.get_path(tree, s.path)
       return True
     except KeyError:
       return False
 
-  if resolves(params):
-    return params, lambda t: t
-  if isinstance(params, Mapping) and resolves({"params": params}):
-    return {"params": params}, lambda t: t["params"]
+  if resolves(params, group):
+    return params, lambda t: t, group
+  inner = _params_only(group)
+  if isinstance(params, Mapping) and resolves({"params": params}, inner):
+    return {"params": params}, lambda t: t["params"], inner
   raise ValueError(f"The params do not hold the slices of unit group {group.name!r} "
                    f"({[units_lib.path_str(s.path) for s in group.slices]}); pass the params of the model "
                    "whose groups these are (the variables dict or its 'params' collection).")
+
+
+def _per_variant(group: units_lib.UnitGroup, make):
+  """``make(group)`` for the group as given and for its ``'params'``-collection part, by the
+  group :func:`_rooted` returns (built once each, so each compiles once)."""
+  inner = _params_only(group)
+  built = {group: make(group)}
+  if inner != group:
+    built[inner] = make(inner)
+  return lambda used: built[used]
 
 
 def _unit_state(g):
@@ -729,17 +752,17 @@ def importance_pruner(model_or_groups, group: str, *, norm: str = "rms") -> Step
   ``gradual(tx, sparsity=0.5, pruner=importance_pruner(model, 'conv_1'), ...)``.
   """
   g = _common.get_group(model_or_groups, group)
-  groups = {g.name: g}
-  prune_units = importance_lib.importance_prune(groups, g.name, norm=norm)
+  prune_units = _per_variant(g, lambda v: importance_lib.importance_prune({v.name: v}, v.name,
+                                                                        norm=norm))
 
   def prune(params, masks, state, grads, target):
     del grads
-    p, unwrap = _rooted(params, g)
-    m, _ = _rooted(masks, g)
+    p, unwrap, used = _rooted(params, g)
+    m, _, _ = _rooted(masks, g)
     mask = state[g.name]
     k = _n_target(target, g.size) - (g.size - jnp.sum(mask, dtype=jnp.int32))
-    _, umasks, _ = prune_units(p, state, jnp.maximum(k, 0))
-    return params, unwrap(units_lib.expand(p, groups, umasks, m)), umasks
+    _, umasks, _ = prune_units(used)(p, state, jnp.maximum(k, 0))
+    return params, unwrap(units_lib.expand(p, {g.name: used}, umasks, m)), umasks
 
   return StepPruner(_unit_state(g), prune, takes_sparsity=True, changes_params=False)
 
@@ -757,10 +780,9 @@ def distinctiveness_pruner(model_or_groups, group: str, *, similar_deg=15.0,
   removed units are masked for the rest of training.
   """
   g = _common.get_group(model_or_groups, group)
-  groups = {g.name: g}
-  sweep = weight_distinctiveness(
-      groups, g.name, source=source, similar=similar, complementary=complementary,
-      constants=constants, absorb=absorb)
+  sweeps = _per_variant(g, lambda v: weight_distinctiveness(
+      {v.name: v}, v.name, source=source, similar=similar, complementary=complementary,
+      constants=constants, absorb=absorb))
   check_thresholds(similar_deg, complementary_deg, similar=similar, complementary=complementary)
   limit = g.size if max_sweeps is None else int(max_sweeps)
   if limit < 1:
@@ -768,8 +790,9 @@ def distinctiveness_pruner(model_or_groups, group: str, *, similar_deg=15.0,
 
   def prune(params, masks, state, grads, target):
     del grads, target
-    p, unwrap = _rooted(params, g)
-    m, _ = _rooted(masks, g)
+    p, unwrap, used = _rooted(params, g)
+    m, _, _ = _rooted(masks, g)
+    sweep = sweeps(used)
 
     def body(carry):
       i, _, q, um = carry
@@ -779,7 +802,7 @@ def distinctiveness_pruner(model_or_groups, group: str, *, similar_deg=15.0,
     _, _, p, um = jax.lax.while_loop(lambda c: (c[0] < limit) & (c[1] > 0), body,
                                      (jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32), p,
                                       dict(state)))
-    m = units_lib.expand(p, groups, um, m)
+    m = units_lib.expand(p, {g.name: used}, um, m)
     return unwrap(masks_lib.apply_masks(p, m)), unwrap(m), um
 
   return StepPruner(_unit_state(g), prune, takes_sparsity=False, changes_params=True)

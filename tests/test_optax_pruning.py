@@ -394,6 +394,43 @@ def test_gradual_importance_pruner_reaches_exact_unit_counts():
     np.testing.assert_array_equal(a, b)
 
 
+def test_structured_pruners_on_the_params_collection_of_a_batchnorm_model():
+  """A flax TrainState's optimizer sees variables['params']; the traced group also holds
+  BatchNorm's running statistics (in 'batch_stats'), which made both structured pruners raise
+  'The params do not hold the slices'. They now prune the 'params' part of the group."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(20)(x)))
+      return nn.Dense(3)(h)
+  x = jax.random.normal(jax.random.key(0), (64, 10))
+  variables = Net().init(jax.random.key(1), x)
+  target = jaxprune.trace(Net().apply, variables, x)
+  assert any(s.path[0] == "batch_stats" for s in target.groups["Dense_0"].slices)
+  params = variables["params"]
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = jaxprune.gradual(optax.sgd(0.0), sparsity=0.5, begin_step=0, end_step=1, frequency=1,
+                        pruner=jaxprune.importance_pruner(target, "Dense_0"))
+  state = tx.init(params)
+  for _ in range(2):
+    _, state = jax.jit(tx.update)(zeros, state, params)
+  um = np.asarray(jaxprune.unit_masks_of(state)["Dense_0"])
+  assert um.sum() == 10
+  m = jaxprune.masks_of(state)
+  assert not np.asarray(m["Dense_0"]["kernel"])[:, ~um].any()
+  assert not np.asarray(m["BatchNorm_0"]["scale"])[~um].any()
+  assert not np.asarray(m["Dense_1"]["kernel"])[~um].any() and m["Dense_1"]["kernel"][um].all()
+
+  tx = jaxprune.scheduled(optax.sgd(0.0), jaxprune.distinctiveness_pruner(
+      target, "Dense_0", similar_deg=1.0, complementary=False, constants=False, source="incoming"),
+      begin_step=0, frequency=1)
+  state = tx.init(params)
+  _, state = jax.jit(tx.update)(zeros, state, params)   # runs (no pair qualifies at 1 degree)
+  assert jaxprune.unit_masks_of(state)["Dense_0"].shape == (20,)
+
+
 # ----------------------------------------------------------------------------- checkpoint, FLOPs
 
 
