@@ -60,6 +60,9 @@ def default_loss(model: Model) -> Callable[[jax.Array, jax.Array], jax.Array]:
 
 
 def _correct(outputs, targets):
+  if not (hasattr(outputs, "ndim") and hasattr(targets, "ndim")):
+    # A dict or tuple of outputs (several heads): the user's loss reads them; no accuracy.
+    return jnp.zeros(jax.tree.leaves(targets)[0].shape[0], jnp.float32)
   if outputs.ndim == targets.ndim + 1 and jnp.issubdtype(targets.dtype, jnp.integer):
     return (jnp.argmax(outputs, -1) == targets).astype(jnp.float32)
   return jnp.zeros(outputs.shape[0], jnp.float32)
@@ -126,8 +129,7 @@ def _check_targets(model: Model, params, x, y, name: str) -> None:
   if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
     raise ValueError(f"{name}: the targets must be integer class labels, got dtype "
                      f"{jnp.result_type(y)}; convert with y.astype(int).")
-  n_out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct(
-      (1,) + tuple(jnp.shape(x)[1:]), jnp.float32)).shape[-1]
+  n_out = validate.num_outputs(model, params, x)
   y = np.asarray(y)  # on the host: a device array would compile two reductions for this check
   if y.size == 0:
     return

@@ -161,10 +161,10 @@ def check_data(x, y=None, *, sample_weight=None, num_classes: int | None = None,
     n_x, n_y = (np.shape(x)[:lead], np.shape(y)[:lead]) if runs else (len(x), len(y))
     raise ValueError(f"{name} has {n_x} samples but its targets have {n_y}.")
   if jnp.issubdtype(jnp.result_type(y), jnp.integer):
-    check_labels(name, y, num_classes, sample_weight)
+    check_labels(f"{name}'s", y, num_classes, sample_weight)
   else:
     if num_classes is not None:
-      check_labels(name, y, num_classes)  # raises: classifiers need integer labels
+      check_labels(f"{name}'s", y, num_classes)  # raises: classifiers need integer labels
     check_finite(f"{name}'s targets", y)
 
 
@@ -172,6 +172,11 @@ def num_outputs(model, params: PyTree, x) -> int:
   """The size of the model's last output axis for inputs shaped like ``x`` (no computation)."""
   out = jax.eval_shape(model.apply, params,
                        jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), jnp.float32))
+  if not hasattr(out, "shape"):
+    raise ValueError(
+        f"This model returns a {type(out).__name__} of outputs, not one array of class scores, "
+        "which the built-in loss, accuracy and GA fitness need: pass your own loss= (fit, "
+        "evaluate) or fitness function (ga.search), which read the outputs as they are.")
   return int(out.shape[-1])
 
 
@@ -189,7 +194,7 @@ def check_model_data(model, params: PyTree, x, y=None, *, name: str = "x",
     ...   check_model_data(model, params, jnp.ones((2, 3)), jnp.array([0, 5]))
     ... except ValueError as e:
     ...   print(str(e).split(';')[0])
-    x labels range over [0, 5] but the model has 2 outputs (classes)
+    x's labels range over [0, 5] but the model has 2 outputs (classes)
   """
   model.check_input(x)
   check_params(params)

@@ -324,3 +324,30 @@ def test_nested_concatenation_densenet_block():
   t = jaxprune.trace(Block().apply, v, xi)
   assert {k: g.size for k, g in t.groups.items()} == {"Conv_0": 4, "Conv_1": 5, "Conv_2": 6}
   _compact_equals_masked(t, v, xi, Block().apply, {"Conv_0": [0, 3], "Conv_1": [2], "Conv_2": [5]})
+
+
+def test_model_with_a_dict_of_outputs_trains_with_its_own_loss():
+  """fit and evaluate with the user's loss crashed reading .ndim of the dict ('accuracy' is 0,
+  as for reconstruction); without one, fit, evaluate and the GA say what to pass."""
+  import optax  # pylint: disable=import-outside-toplevel
+
+  class TwoHeads(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      a = nn.relu(nn.Dense(7)(x))
+      return {"cls": nn.Dense(3)(a), "reg": nn.Dense(1)(a)}
+  x, y = _arr(32, 10), jnp.arange(32) % 3
+  m = TwoHeads()
+  p = m.init(jax.random.key(2), x)
+  t = jaxprune.trace(m.apply, p, x)
+  loss = lambda out, y: optax.softmax_cross_entropy_with_integer_labels(out["cls"], y)
+  p2, hist = jaxprune.fit(t, p, x, y, key=jax.random.key(3), epochs=3, loss=loss,
+                          progress=False)
+  assert hist["loss"][-1] < hist["loss"][0]
+  res = jaxprune.evaluate(t, p2, x, y, loss=loss)
+  assert res["accuracy"] == 0.0 and abs(res["loss"] - float(loss(m.apply(p2, x), y).mean())) < 1e-5
+  for call in (lambda: jaxprune.evaluate(t, p, x, y),
+               lambda: jaxprune.ga.search(t, p, x, y, "Dense_0", key=jax.random.key(1),
+                                          progress=False)):
+    with pytest.raises(ValueError, match="returns a dict of outputs.*loss=.*fitness"):
+      call()
