@@ -1164,6 +1164,9 @@ class TracedTarget:
     bias, normalisation and the nonlinearity; before pooling or the next layer).
     """
     *args, name = args_and_name
+    if not isinstance(name, str):
+      raise TypeError(f"activations(params, *inputs, name): the last argument must be the name "
+                      f"of a group ({sorted(self._groups)}), got a {type(name).__name__}.")
     site = self._site(name)
     leaves = self._flat(params, tuple(args))
     key = (site.scope, site.act_var)
@@ -1340,10 +1343,15 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
   except Exception as e:  # pylint: disable=broad-except
     lines = [l for l in str(e).strip().splitlines() if l.strip()]
     first = lines[0] if lines else ""
+    hint = ("check that the function runs on these params and that the example inputs have the "
+            "shape the model expects.")
+    if isinstance(e, jax.errors.ConcretizationTypeError):
+      hint = ("every example argument is traced as an array: pass Python settings (a train "
+              "flag, a mode) by closing over them, e.g. trace(functools.partial(model.apply, "
+              "train=False), params, x) or trace(lambda p, x: fn(p, x, False), params, x).")
     raise TraceError(
         f"Could not trace {getattr(fn, '__name__', 'fn')}(params, *example_args): "
-        f"{type(e).__name__}: {first} -- check that the function runs on these params and that "
-        "the example inputs have the shape the model expects.") from e
+        f"{type(e).__name__}: {first} -- {hint}") from e
   w = _Walker(len(param_leaves))
   w.walk(closed, avals[:len(param_leaves)], avals[len(param_leaves):])
   env = {((), v): ax for v, ax in w.env.items()}

@@ -351,3 +351,23 @@ def test_model_with_a_dict_of_outputs_trains_with_its_own_loss():
                                           progress=False)):
     with pytest.raises(ValueError, match="returns a dict of outputs.*loss=.*fitness"):
       call()
+
+
+def test_errors_for_a_static_flag_a_missing_group_name_and_several_ga_inputs():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      h = nn.relu(nn.Dense(6)(x))
+      if train:                                   # a Python flag: must be static
+        h = h * 0.5
+      return nn.Dense(3)(h)
+  x = _arr(8, 4)
+  v = Net().init(jax.random.key(0), x, False)
+  with pytest.raises(jaxprune.TraceError, match="functools.partial"):
+    jaxprune.trace(Net().apply, v, x, False)
+  t = jaxprune.trace(lambda p, x: Net().apply(p, x, False), v, x)
+  with pytest.raises(TypeError, match="last argument must be the name of a group"):
+    t.activations(v, x)                         # the name forgotten: x is not a group
+  with pytest.raises(ValueError, match="one input array x.*fitness function"):
+    jaxprune.ga.search(t, v, (x, x), jnp.arange(8) % 3, list(t.groups)[0],
+                       key=jax.random.key(1), progress=False)

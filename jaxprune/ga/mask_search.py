@@ -125,6 +125,10 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     >>> res.mask.shape, res.history.best.shape
     ((20,), (4,))
   """
+  if isinstance(x, (tuple, list, dict)):
+    raise ValueError("ga.search takes one input array x (the built-in fitness runs "
+                     "model.apply(params, x)); for a model with several inputs pass a fitness "
+                     "function (params, mask) -> scalar that closes over them, and x=None.")
   fit = make_fitness(model, group, fitness, fast_path, incremental)
   if sample_weight is not None:
     if isinstance(fit, UserFitness):
