@@ -233,6 +233,7 @@ class _Walker:
     self.scoped_env: dict = {}
     self.concat: dict[int, list] = {}          # concatenation atom -> its parts' atoms
     self.concat_of: dict[int, list] = {}       # class root -> [(part root, offset, length)]
+    self.jaxpr_at: dict[tuple, Any] = {}       # scope (path of the calling eqn) -> its jaxpr
 
   # -- helpers ---------------------------------------------------------------------------------
   def fresh(self, shape, blocked=None):
@@ -267,6 +268,7 @@ class _Walker:
     return env[v]
 
   def _walk(self, jaxpr, env, scope):
+    self.jaxpr_at[scope] = jaxpr
     for k, eqn in enumerate(jaxpr.eqns):
       path = scope + (k,)
       for v in eqn.invars:
@@ -345,6 +347,42 @@ class _Walker:
       return self._contracted(eqn.invars[0], depth - 1)
     return eqn.primitive.name == "add" and all(self._contracted(w, depth - 1)
                                                for w in eqn.invars)
+
+  def contractions_feeding(self, scope: tuple, var) -> set:
+    """Paths of the kernel contractions whose outputs ``var`` (in the jaxpr at ``scope``)
+    depends on, into and out of called and scanned bodies (by call site: a body shared by two
+    calls, like ``jax.nn.relu``'s, is followed back to the caller it was entered from)."""
+    found, seen, stack, index = set(), set(), [(scope, var)], {}
+    while stack:
+      scope, v = stack.pop()
+      if isinstance(v, jex.core.Literal) or (scope, v) in seen:
+        continue
+      seen.add((scope, v))
+      jaxpr = self.jaxpr_at[scope]
+      if scope not in index:
+        index[scope] = {o: k for k, e in enumerate(jaxpr.eqns) for o in e.outvars}
+      if v in index[scope]:
+        k = index[scope][v]
+        eqn, path = jaxpr.eqns[k], scope + (k,)
+        name = eqn.primitive.name
+        if name in ("dot_general", "conv_general_dilated"):
+          found.add(path)
+        sub = _body(eqn)
+        if sub is not None and path in self.jaxpr_at:
+          stack.append((path, sub.outvars[eqn.outvars.index(v)]))
+        stack.extend((scope, w) for w in eqn.invars)
+      elif scope and v in jaxpr.invars:          # a body's input: back to its call site
+        outer = scope[:-1]
+        eqn = self.jaxpr_at[outer].eqns[scope[-1]]
+        i = jaxpr.invars.index(v)
+        if eqn.primitive.name == "scan":
+          stack.append((outer, eqn.invars[i]))
+          nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+          if nc <= i < nc + nk:                   # from the second step on: the last step's
+            stack.append((scope, jaxpr.outvars[i - nc]))
+        else:
+          stack.append((outer, eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i]))
+    return found
 
   def through_layout(self, v):
     """``v``, or the end of the chain of layout-only ops (transposes, copies) that is its only
@@ -721,6 +759,9 @@ class _GroupSite:
   act_var: Any
   act_axes: tuple                # its atoms per axis
   readout: bool
+  # The activations depend on every kernel that produces the group (not so for a group coupled
+  # by a residual addition, or an LSTM's gates: consumers read another value).
+  complete: bool = True
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -736,6 +777,16 @@ class _Analysis:
   uses: dict                     # (leaf, axis) -> _Use (all param leaf axes)
   explain_lines: tuple
   arg_shapes: tuple              # example shapes of the argument leaves
+
+
+def _body(eqn):
+  """The (open) jaxpr of a followed call or scan, or None."""
+  name = eqn.primitive.name
+  sub = eqn.params.get(_CALLS[name]) if name in _CALLS else (
+      eqn.params["jaxpr"] if name == "scan" else None)
+  if sub is None:
+    return None
+  return sub.jaxpr if hasattr(sub, "jaxpr") else sub
 
 
 def _depends(jaxpr, flags) -> list[bool]:
@@ -850,8 +901,10 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
                  len(var.aval.shape) == 2 and any(out is o for o in w.out_vars) and
                  len(c.kernel_var.aval.shape) == 2)
     act_axes = env.get((scope, var)) if var is not None else None
+    complete = var is not None and {u.where for u in kernels} <= w.contractions_feeding(scope,
+                                                                                           var)
     sites.append(_GroupSite(name, root, activation, "conv" if con is not None and con.conv
-                            else "dense", first.where, scope, var, act_axes, readout))
+                            else "dense", first.where, scope, var, act_axes, readout, complete))
   sites.sort(key=lambda s: s.order)
   return tuple(sites), uses, reasons
 
@@ -1198,6 +1251,12 @@ class TracedTarget:
     return (f"TracedTarget(groups={ {k: g.size for k, g in self._groups.items()} })")
 
   # -- internals --------------------------------------------------------------------------------
+  def activations_complete(self, name: str) -> bool:
+    """Whether ``activations(..., name)`` is what the group's consumers read: False when other
+    kernels add into the units after it (a residual addition couples the group; an LSTM's
+    output mixes four gates). Pruners from activations refuse such a group."""
+    return self._site(name).complete
+
   def _site(self, name):
     for s in self._an.sites:
       if s.name == name:

@@ -149,3 +149,28 @@ def test_units_permuted_inside_the_body_are_not_prunable():
   t = jaxprune.trace(rolled, RNN, _arr(4, 3, F))
   assert t.groups == {}
   assert "indexed along by rev" in t.explain()
+
+
+def test_which_scanned_groups_report_the_activations_their_consumers_read():
+  """An RNN's (and an LSTM's: the chain runs to h = o * tanh(c)) hidden activations are what
+  the next step and the readout read; layers scanned over stacked params share one group whose
+  first layer's activations are not what the later layers read."""
+  assert jaxprune.trace(_rnn, RNN, _arr(4, 3, F)).activations_complete("wi")
+  assert not jaxprune.trace(_stacked, STACKED, _arr(4, F)).activations_complete("win")
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(C)(nn.RNN(nn.LSTMCell(features=H))(x)[:, -1])
+  x = _arr(4, 3, F)
+  v = Net().init(jax.random.key(0), x)
+  t = jaxprune.trace(Net().apply, v, x)
+  assert t.activations_complete("LSTMCell_0/ii")
+  def lstm_h(v, x):                         # the cell's output h at every step, by hand
+    cell = nn.LSTMCell(features=H)
+    c = cell.initialize_carry(jax.random.key(0), x[:, 0].shape)
+    out = []
+    for s in range(x.shape[1]):
+      c, h = cell.apply({"params": v["params"]["LSTMCell_0"]}, c, x[:, s])
+      out.append(h)
+    return jnp.stack(out)
+  np.testing.assert_allclose(t.activations(v, x, "LSTMCell_0/ii"), lstm_h(v, x), atol=1e-5)

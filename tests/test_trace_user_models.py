@@ -371,3 +371,25 @@ def test_errors_for_a_static_flag_a_missing_group_name_and_several_ga_inputs():
   with pytest.raises(ValueError, match="one input array x.*fitness function"):
     jaxprune.ga.search(t, v, (x, x), jnp.arange(8) % 3, list(t.groups)[0],
                        key=jax.random.key(1), progress=False)
+
+
+def test_activation_pruners_refuse_a_residual_coupled_group():
+  """A residual addition couples two layers' units into one group whose activations are the
+  first layer's, while the next layer reads the sum: distinctiveness merged 'duplicates' at
+  angle 0 and moved the outputs by 23.5."""
+  p = {"w0": _arr(10, 6), "b0": _arr(6), "w1": _arr(6, 6), "b1": _arr(6), "wo": _arr(6, 3),
+       "bo": _arr(3)}
+  def res(p, x):
+    h = x @ p["w0"] + p["b0"]
+    s = h + jax.nn.relu(h @ p["w1"] + p["b1"])
+    return jax.nn.relu(s) @ p["wo"] + p["bo"]
+  t = jaxprune.trace(res, p, _arr(64, 10))
+  assert list(t.groups) == ["w0"] and not t.activations_complete("w0")
+  for make in (lambda: jaxprune.distinctiveness(t, "w0", constants=False),
+               lambda: jaxprune.group_redundancy(t, "w0")):
+    with pytest.raises(ValueError, match="residual addition couples it.*from weights"):
+      make()
+  jaxprune.weight_distinctiveness(t, "w0", constants=False)      # from weights: allowed
+  mlp = jaxprune.MLP(in_features=4, hidden=(5, 6), out_features=3)
+  t = jaxprune.trace(mlp.apply, mlp.init(jax.random.key(0)), _arr(8, 4))
+  assert all(t.activations_complete(g) for g in t.groups)

@@ -33,6 +33,21 @@ def get_group(target, name: str) -> units_lib.UnitGroup:
   return units_lib._check_group_name(resolve_groups(target), name)
 
 
+def check_activations_complete(target, name: str) -> None:
+  """Raises ValueError for a traced group whose activations are not what its consumers read
+  (see ``TracedTarget.activations_complete``): pruners from activations would compare other
+  vectors than the network computes with."""
+  complete = getattr(target, "activations_complete", None)
+  if complete is not None and not complete(name):
+    raise ValueError(
+        f"Group {name!r} is produced by several kernels that add into its units after the "
+        "activations it reports (a residual addition couples it, or layers scanned over stacked "
+        "params share it), so its consumers read other values than those activations and a "
+        "pruner from activations would merge or remove the wrong units. Prune it from weights "
+        "(weight_distinctiveness, importance_prune, magnitude_prune) or give each layer its own "
+        "group.")
+
+
 def is_concrete(*xs) -> bool:
   """True if no argument is a tracer (so values can be checked on the host)."""
   return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))

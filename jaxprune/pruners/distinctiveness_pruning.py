@@ -240,6 +240,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     stay exact.
   """
   g = _common.get_group(model_or_groups, group)
+  _common.check_activations_complete(model_or_groups, g.name)
   groups = _common.resolve_groups(model_or_groups)
   if not (similar or complementary or constants):
     raise ValueError("All rules are off (similar, complementary, constants); turn one on.")

@@ -83,6 +83,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     fits of the unpadded data (to float rounding). None: every pattern counts once.
   """
   g = _common.get_group(model_or_groups, group)
+  _common.check_activations_complete(model_or_groups, g.name)
   groups = _common.resolve_groups(model_or_groups)
   h = g.size
 
