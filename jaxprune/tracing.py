@@ -57,7 +57,7 @@ import numpy as np
 from jaxprune import units as units_lib
 
 PyTree = Any
-Path = tuple[str, ...]
+Path = units_lib.Path
 
 # ----------------------------------------------------------------------------- primitive tables
 
@@ -212,6 +212,7 @@ class _Contraction:
   out_var: Any
   conv: bool
   padded: bool
+  out_axes: tuple = ()       # the kernel's leaf axes that are the contraction's outputs
 
 
 class _Walker:
@@ -577,8 +578,13 @@ class _Walker:
     for k in range(nk):
       for a, b in zip(inner_ins[nc + k], outs[k]):
         A.unify(a, b, "carried unevenly by scan")
-    length = eqn.params["length"]
-    return outs[:nk] + [((A.new(length),),) + tuple(y) for y in outs[nk:]]
+    # The ys stack along the scanned axis: the xs' leading axis (the batch, for lax.map), or a
+    # new one of the scan's length.
+    leads = [x[0] for x in ins[nc + nk:]]
+    for other in leads[1:]:
+      A.unify(leads[0], other, "scanned unevenly")
+    lead = leads[0] if leads else (A.new(eqn.params["length"]),)
+    return outs[:nk] + [(lead,) + tuple(y) for y in outs[nk:]]
 
   def _same_except(self, ins, out_shapes, dims, name):
     A = self.atoms
@@ -647,7 +653,8 @@ class _Walker:
               padded):
     stream_var = eqn.invars[1 - kernel_pos]
     self.contractions.append(_Contraction(
-        path, leaf, eqn.invars[kernel_pos], stream_var, eqn.outvars[0], conv, padded))
+        path, leaf, eqn.invars[kernel_pos], stream_var, eqn.outvars[0], conv, padded,
+        tuple(amap[d] for d in producer_axes if amap[d] is not None)))
     for d in consumer_axes:
       if amap[d] is not None:
         self.uses.setdefault((leaf, amap[d]), _Use(leaf, amap[d], "consumer", "kernel", path))
@@ -777,6 +784,7 @@ class _Analysis:
   uses: dict                     # (leaf, axis) -> _Use (all param leaf axes)
   explain_lines: tuple
   arg_shapes: tuple              # example shapes of the argument leaves
+  arg_batch: tuple = ()          # per argument leaf: the axes that may change (the batch)
 
 
 def _body(eqn):
@@ -1060,34 +1068,58 @@ def _holds_program(value) -> bool:
 
 
 def _check_unfollowed_shapes(eqn, invals) -> None:
-  """A sub-program that :func:`trace` does not follow (``lax.scan``, ``while_loop``, ``cond``)
-  keeps the shapes it was traced with; a clear error instead of XLA's when they changed."""
+  """A sub-program that :func:`trace` does not follow (``while_loop``, ``cond``) keeps the
+  shapes it was traced with; a clear error instead of XLA's when they changed."""
   if not any(_holds_program(v) for v in eqn.params.values()):
     return
   got = [tuple(np.shape(a)) for a in invals]
   want = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
   if got != want:
     raise TraceError(
-        f"The traced function calls {eqn.primitive.name} (for example lax.scan, while_loop or "
-        f"cond), whose body jaxprune.trace does not follow, so it keeps the shapes it was "
+        f"The traced function calls {eqn.primitive.name} (a while_loop or cond), whose body "
+        f"jaxprune.trace does not follow, so it keeps the shapes it was "
         f"traced with: {want}, here {got}. This target runs only at the example's batch size "
         "and uncompacted sizes around that call: pass inputs of the example's batch size, or "
         "keep the loop out of the traced forward pass (unroll it in Python).")
 
 
-def _check_reduced_sizes(eqn, invals) -> None:
-  """A reduction over an axis whose size changed (a mean over the batch: batch statistics) would
-  still divide by the traced size, a constant of the program: an error instead of a wrong
-  value."""
-  axes = eqn.params.get("axes", (eqn.params.get("axis"),))
+def _batch_axes(w: _Walker, num_params: int, jaxpr) -> tuple:
+  """Per argument leaf, its batch axes: those tied to the first output's leading axis (a
+  time-major RNN's input (T, B, F) has its batch on axis 1); axis 0 where none is."""
+  A = w.atoms
+  out = w.env.get(jaxpr.outvars[0]) if jaxpr.outvars and not isinstance(
+      jaxpr.outvars[0], jex.core.Literal) else None
+  batch = {A.find(a) for a in A.expand(out[0])} if out else set()
+  axes = []
+  for ax in w.invar_atoms[num_params:]:
+    tied = tuple(d for d, atoms in enumerate(ax)
+                 if any(A.find(a) in batch for a in A.expand(atoms)))
+    axes.append(tied or ((0,) if ax else ()))
+  return tuple(axes)
+
+
+def _check_batch_mean(eqn, invals, users) -> None:
+  """A sum over an axis whose size changed, then scaled by a constant (``jnp.mean``,
+  ``jnp.var``: batch statistics), keeps dividing by the traced size: an error instead of a wrong
+  value. (Sums, maxima, cumulative sums over the batch are right at any batch size.)"""
   was, now = eqn.invars[0].aval.shape, np.shape(invals[0])
-  changed = [d for d in axes if d is not None and was[d] != now[d]]
-  if changed:
-    raise TraceError(
-        f"The traced function reduces ({eqn.primitive.name}) over an axis of size {was[changed[0]]}"
-        f" when traced, here {now[changed[0]]}: a mean over the batch (batch statistics, e.g. "
-        "BatchNorm in training mode) keeps dividing by the example's size. Pass inputs of the "
-        "example's batch size to this target, or trace the model in inference mode.")
+  changed = [d for d in eqn.params["axes"] if was[d] != now[d]]
+  if not changed:
+    return
+  v = eqn.outvars[0]
+  for _ in range(8):                  # through the broadcasts and conversions before the scaling
+    uses = [u for _, u in users.get(v, [])]
+    if any(u.primitive.name in ("div", "mul") and any(isinstance(w, jex.core.Literal)
+                                                      for w in u.invars) for u in uses):
+      raise TraceError(
+          f"The traced function averages over an axis of size {was[changed[0]]} when traced, "
+          f"here {now[changed[0]]} (a mean over the batch: batch statistics, e.g. BatchNorm in "
+          "training mode), and would keep dividing by the traced size. Pass inputs of the "
+          "example's batch size to this target, or trace the model in inference mode.")
+    if len(uses) != 1 or uses[0].primitive.name not in (
+        "convert_element_type", "broadcast_in_dim", "reshape", "squeeze", "expand_dims"):
+      return
+    v = uses[0].outvars[0]
 
 
 def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset()):
@@ -1112,8 +1144,8 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
         outs = scan(eqn, invals, path)
       else:
         _check_unfollowed_shapes(eqn, invals)
-        if name in _REDUCTIONS or name in _CUMULATIVE:
-          _check_reduced_sizes(eqn, invals)
+        if name == "reduce_sum":
+          _check_batch_mean(eqn, invals, an.walker.users)
         params = dict(eqn.params)
         if name in ("broadcast_in_dim", "iota"):
           params["shape"] = _new_shape(A, sizes, an.walker.shapes[path][0])
@@ -1203,12 +1235,22 @@ class TracedTarget:
 
   def check_input(self, x) -> None:
     """Raises ValueError unless ``x`` is shaped like the example's first input (any batch)."""
-    if not self._an.arg_shapes:
-      return
-    want, shape = self._an.arg_shapes[0], tuple(np.shape(x))
-    if len(shape) != len(want) or shape[1:] != tuple(want[1:]):
-      raise ValueError(f"This traced target takes inputs shaped (N, "
-                       f"{', '.join(map(str, want[1:]))}) like its example; got {shape}.")
+    if self._an.arg_shapes:
+      self._check_arg_shape(0, x)
+
+  def _check_arg_shape(self, i: int, x) -> None:
+    """Argument leaf ``i`` must have the example's shape except on its batch axes: sizes the
+    program was traced with (a sequence length, an image size) are constants of it."""
+    want, got = tuple(self._an.arg_shapes[i]), tuple(np.shape(x))
+    batch = self._an.arg_batch[i] if self._an.arg_batch else (0,)
+    if len(got) != len(want) or any(g != n for d, (g, n) in enumerate(zip(got, want))
+                                    if d not in batch):
+      like = ", ".join("N" if d in batch else str(n) for d, n in enumerate(want))
+      raise ValueError(
+          f"Input {i} has shape {got}; this traced target takes inputs shaped ({like}) like its "
+          "example: only the batch may change (sizes the program was traced with, such as a "
+          "sequence length or an image size, are constants of it). Trace again with an example "
+          "of this shape.")
 
   def activations(self, params: PyTree, *args_and_name) -> jax.Array:
     """``activations(params, *args, name)``: a group's activations, units on the last axis.
@@ -1270,14 +1312,8 @@ class TracedTarget:
     if len(leaves) != n:
       raise ValueError(f"Expected params and inputs with {n} array leaves in all (as in the "
                        f"traced example), got {len(leaves)}.")
-    for i, (leaf, want) in enumerate(zip(leaves[self._an.num_params:], self._an.arg_shapes)):
-      got = tuple(np.shape(leaf))
-      if len(got) != len(want) or got[1:] != tuple(want[1:]):
-        raise ValueError(
-            f"Input {i} has shape {got}; this traced target takes (N, "
-            f"{', '.join(map(str, want[1:]))}) like its example: only the batch axis (the "
-            "first) may change (sizes the program was traced with, such as a sequence length "
-            "or an image size, are constants of it). Trace again with an example of this shape.")
+    for i, leaf in enumerate(leaves[self._an.num_params:]):
+      self._check_arg_shape(i, leaf)
     return leaves
 
   def _eval_leaves(self, capture, *leaves):
@@ -1335,12 +1371,13 @@ class TracedTarget:
               [math.prod(after)] if after else [])
           view = tuple(leaf_shape[:use.axis] + parts + leaf_shape[use.axis + 1:])
           axis = use.axis + (1 if before else 0)
-        bias, padded = None, False
+        bias, padded, out_axes = None, False, None
         if use.role == "consumer":
           con = next(c for c in w.contractions if c.path == use.where)
-          bias, padded = self._consumer_bias(con), con.padded
+          bias, padded, out_axes = self._consumer_bias(con), con.padded, con.out_axes
         slices.append(units_lib.Slice(an.leaf_paths[use.leaf], axis, use.role, view=view,
-                                      bias=bias, padded=padded, kind=use.kind, segment=segment))
+                                      bias=bias, padded=padded, kind=use.kind, segment=segment,
+                                      out_axes=out_axes))
       groups[site.name] = units_lib.UnitGroup(site.name, self._size(site.root), tuple(slices),
                                               activation=site.activation, kind=site.kind)
     return groups
@@ -1420,6 +1457,7 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
   an = _Analysis(closed, in_treedef, jax.tree.structure(out_shape), len(param_leaves), w,
                  leaf_paths, sites, uses,
                  _explain(w, leaf_paths, avals, sites, uses, reasons),
-                 tuple(_shape(l) for l in avals[len(param_leaves):]))
+                 tuple(_shape(l) for l in avals[len(param_leaves):]),
+                 _batch_axes(w, len(param_leaves), closed.jaxpr))
   sizes = {}
   return TracedTarget(an, sizes, fn)

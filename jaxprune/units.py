@@ -66,6 +66,9 @@ class Slice:
     segment: for a leaf that several groups share along one axis (a layer reading the
       concatenation of two layers' outputs), ``(start, length)``: this group's units are entries
       ``start .. start + length - 1`` of the (viewed) axis. None: the whole axis.
+    out_axes: for a consumer, the leaf's axes that are the consuming layer's outputs, in the
+      order of its bias's axes (``trace`` records them: (0,) for a PyTorch-layout OIHW conv
+      kernel). None: the outputs are the last axes (Flax and JAX layouts).
   """
 
   path: Path
@@ -76,6 +79,8 @@ class Slice:
   padded: bool = False
   kind: str = "kernel"
   segment: tuple[int, int] | None = None
+  # Not compared: a traced slice records what a declared one leaves implicit (outputs last).
+  out_axes: tuple[int, ...] | None = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
     if self.role not in ("producer", "consumer"):
@@ -87,6 +92,8 @@ class Slice:
       object.__setattr__(self, "view", tuple(int(d) for d in self.view))
     if self.bias is not None:
       object.__setattr__(self, "bias", tuple(self.bias))
+    if self.out_axes is not None:
+      object.__setattr__(self, "out_axes", tuple(int(a) for a in self.out_axes))
     if self.segment is not None:
       start, length = (int(v) for v in self.segment)
       if start < 0 or length < 1:
@@ -573,30 +580,50 @@ def redistribute(params: PyTree, group: UnitGroup, transfer: jax.Array,
         raise ValueError(f"Group {group.name!r}: consumer {path_str(s.path)} has no bias path, "
                          "so constant units cannot be folded into it.")
       b = get_path(out, s.bias)
-      out = set_path(out, s.bias, b + bias_contribution(constants, v, jnp.shape(b)))
+      out = set_path(out, s.bias, b + bias_contribution(constants, v, jnp.shape(b), s, leaf))
   return out
 
 
-def bias_contribution(constants: jax.Array, view: jax.Array, bias_shape) -> jax.Array:
+def bias_contribution(constants: jax.Array, view: jax.Array, bias_shape, s: Slice | None = None,
+                      leaf: Any = None) -> jax.Array:
   """What units of constant output ``constants`` (units,) add to a consumer's output, in the
   shape of its bias: ``sum_j constants[j] * view[j]`` summed over the kernel axes the bias does
-  not have (kernel positions, flattened positions), keeping those it has (the outputs, and e.g.
-  heads or ensemble members of a (heads, out) bias).
+  not have (kernel positions, flattened positions), keeping the output axes (and e.g. heads or
+  ensemble members of a (heads, out) bias).
 
-  ``view`` is the consumer's :func:`unit_view` (units first). The bias axes are matched to the
-  view's in order, from the last (outputs last, as in Flax and JAX layouts).
+  ``view`` is the consumer slice ``s``'s :func:`unit_view` of ``leaf`` (units first). The
+  output axes are ``s.out_axes`` when the slice records them (traced groups); otherwise the
+  bias's axes are matched to the view's from the last (outputs last, as in Flax and JAX).
   """
   contrib = jnp.tensordot(constants.astype(view.dtype), view, axes=(0, 0))
   bias_shape = tuple(bias_shape)
   want = [d for d in bias_shape if d != 1]
-  keep, j = [], len(want) - 1
-  for i in range(contrib.ndim - 1, -1, -1):
-    if j >= 0 and contrib.shape[i] == want[j]:
-      keep.append(i)
-      j -= 1
-  if j >= 0:
-    raise ValueError(f"A consumer's bias of shape {bias_shape} does not match the axes of its "
-                     f"kernel's unit rows {tuple(contrib.shape)}, so constants cannot be folded "
-                     "into it; pass constants=False.")
+  if s is not None and s.out_axes is not None and leaf is not None:
+    keep = [_view_axis(tuple(jnp.shape(leaf)), s, a) for a in s.out_axes]
+  else:
+    keep, j = [], len(want) - 1
+    for i in range(contrib.ndim - 1, -1, -1):
+      if j >= 0 and contrib.shape[i] == want[j]:
+        keep.append(i)
+        j -= 1
+    keep = keep[::-1]
+  if [contrib.shape[i] for i in keep] != want:
+    raise ValueError(f"A consumer's bias of shape {bias_shape} does not match the output axes "
+                     f"of its kernel's unit rows {tuple(contrib.shape)}, so constants cannot be "
+                     "folded into it; pass constants=False.")
   summed = jnp.sum(contrib, axis=tuple(d for d in range(contrib.ndim) if d not in keep))
-  return summed.reshape(bias_shape)
+  order = tuple(int(i) for i in np.argsort(np.argsort(keep)))   # back to the order of keep
+  return jnp.transpose(summed, order).reshape(bias_shape)
+
+
+def _view_axis(leaf_shape: tuple[int, ...], s: Slice, axis: int) -> int:
+  """Where leaf axis ``axis`` (not the units') sits in ``tensordot(c, unit_view(leaf, s))``."""
+  j, rank = axis, len(leaf_shape)
+  if s.view is not None:                       # the units' leaf axis may be split into several
+    view = _view_shape(leaf_shape, s)
+    cum_leaf = np.cumprod([1] + list(leaf_shape)).tolist()
+    cum_view = np.cumprod([1] + list(view)).tolist()
+    j = next(v for v in range(len(view)) if cum_view[v] == cum_leaf[axis]
+             and cum_view[v + 1] == cum_leaf[axis + 1])
+    rank = len(view)
+  return j if j < s.axis % rank else j - 1

@@ -401,7 +401,8 @@ def test_unknown_op_marks_leaves_unprunable_with_its_name():
   assert list(t.groups) == ["v1"]
   text = t.explain()
   assert "w1 (4, 5): " in text and "sorted along by sort" in text
-  assert "used by while (not followed)" in text or "reaches the function's outputs" in text
+  assert ("w2 (5, 3): axis 0 -> not prunable (sorted along by sort); "
+          "axis 1 -> not prunable (used by while (not followed)") in text
 
 
 def test_layer_norm_statistics_block_pruning():

@@ -1,6 +1,7 @@
 """trace follows lax.scan bodies (nn.RNN, nn.scan, fori_loop with fixed bounds): a unit carried
 from step to step is one unit throughout, stacked per-step params are sliced per step, and the
-compacted target re-runs the scan at the new sizes, any batch size and any sequence length."""
+compacted target re-runs the scan at the new sizes and any batch size (the sequence length is
+a constant of the traced program)."""
 
 import flax.linen as nn
 import jax
@@ -80,7 +81,7 @@ def _rnn(p, x):
   return jnp.mean(hs, 0) @ p["wout"] + p["bout"]
 
 
-def test_rnn_hidden_units_are_a_group_at_any_batch_and_length():
+def test_rnn_hidden_units_are_a_group_at_any_batch_size():
   x = _arr(16, 6, F)
   t = jaxprune.trace(_rnn, RNN, x)
   assert {k: g.size for k, g in t.groups.items()} == {"wi": H}
@@ -105,7 +106,7 @@ def test_rnn_hidden_units_are_a_group_at_any_batch_and_length():
   x2 = _arr(5, 6, F)                                         # another batch size
   np.testing.assert_allclose(small_t.apply(small, x2), _rnn(masked, x2), atol=1e-5)
   assert small_t.activations(small, x2, "wi").shape == (6, 5, H - 2)
-  with pytest.raises(ValueError, match="only the batch axis"):        # a sequence length
+  with pytest.raises(ValueError, match="only the batch may change"):  # a sequence length
     small_t.apply(small, _arr(5, 9, F))                      # is a constant of the program
   # A pruner from activations reads (steps x batch) patterns. Constants cannot fold exactly
   # (the recurrent consumer has no bias of its own, and the state starts at zero).
@@ -174,3 +175,33 @@ def test_which_scanned_groups_report_the_activations_their_consumers_read():
       out.append(h)
     return jnp.stack(out)
   np.testing.assert_allclose(t.activations(v, x, "LSTMCell_0/ii"), lstm_h(v, x), atol=1e-5)
+
+
+def test_scan_over_the_batch_and_a_time_major_rnn_run_at_other_batch_sizes():
+  """lax.map scans over the batch: its outputs stack along the batch (they kept the traced
+  size, and the reshape after them failed at another batch size). A time-major RNN takes
+  (T, B, F): its batch is axis 1, which may change (axis 0, the length, may not)."""
+  p = {"w1": _arr(F, H), "b1": _arr(H), "w2": _arr(3 * H, C), "b2": _arr(C)}
+  def mapped(p, x):                                          # x: (B, 3, F)
+    h = lax.map(lambda xi: jnp.tanh(xi @ p["w1"] + p["b1"]), x)
+    return h.reshape(x.shape[0], -1) @ p["w2"] + p["b2"]
+  t = jaxprune.trace(mapped, p, _arr(8, 3, F))
+  assert {k: g.size for k, g in t.groups.items()} == {"w1": H}
+  um, masked = _masked(t, p, {"w1": [2, 5]})
+  small, small_t = t.compact(masked, um)
+  x3 = _arr(3, 3, F)
+  np.testing.assert_allclose(small_t.apply(small, x3), mapped(masked, x3), atol=1e-5)
+
+  def time_major(p, x):                                      # x: (T, B, F)
+    def step(h, xt):
+      h = jnp.tanh(xt @ p["wi"] + h @ p["wh"] + p["b"])
+      return h, None
+    h, _ = lax.scan(step, jnp.zeros((x.shape[1], H)), x)
+    return h @ p["wout"] + p["bout"]
+  t = jaxprune.trace(time_major, RNN, _arr(6, 16, F))
+  um, masked = _masked(t, RNN, {"wi": [0]})
+  small, small_t = t.compact(masked, um)
+  x5 = _arr(6, 5, F)
+  np.testing.assert_allclose(small_t.apply(small, x5), time_major(masked, x5), atol=1e-5)
+  with pytest.raises(ValueError, match=r"inputs shaped \(6, N, 5\)"):
+    small_t.apply(small, _arr(4, 5, F))

@@ -220,8 +220,19 @@ def test_batch_statistics_at_another_batch_size_raise_instead_of_a_wrong_value()
   t = jaxprune.trace(bn, p, x)
   small = _compact_equals_masked(t, p, x, bn, {"w1": [0, 2]})   # the traced batch size: exact
   _, small_t = t.compact(p, {"w1": jnp.arange(8) > 1})
-  with pytest.raises(jaxprune.TraceError, match="reduces .* over an axis of size 16 .* here 19"):
+  with pytest.raises(jaxprune.TraceError, match="averages over an axis of size 16 .* here 19"):
     small_t.apply(small, _arr(19, 5))
+
+  def running(p, x):                     # a sum, a cumulative sum and a max over the batch are
+    h = jax.nn.relu(x @ p["w1"])         # right at any batch size: no false alarm
+    h = h + jnp.cumsum(h, axis=0) + jnp.max(h, axis=0) + jnp.sum(h, axis=0)
+    return h @ p["w2"]
+  t = jaxprune.trace(running, p, x)
+  um = {"w1": jnp.arange(8) > 1}
+  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+  small, small_t = t.compact(masked, um)
+  x5 = _arr(5, 5)
+  np.testing.assert_allclose(small_t.apply(small, x5), running(masked, x5), atol=1e-5)
 
 
 def _constant_unit_removed_exactly(fn, p, x, group, unit, **kw):
@@ -393,3 +404,21 @@ def test_activation_pruners_refuse_a_residual_coupled_group():
   mlp = jaxprune.MLP(in_features=4, hidden=(5, 6), out_features=3)
   t = jaxprune.trace(mlp.apply, mlp.init(jax.random.key(0)), _arr(8, 4))
   assert all(t.activations_complete(g) for g in t.groups)
+
+
+def test_constant_fold_into_a_pytorch_layout_conv_uses_its_output_axis():
+  """An OIHW kernel with 3 outputs and a 3x3 window: matching the bias by size took the window's
+  last axis for the outputs and moved the outputs by 3.16; trace now records the output axis."""
+  from jax import lax  # pylint: disable=import-outside-toplevel
+
+  def conv(x, w):                                  # NCHW / OIHW, VALID padding
+    return lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                    dimension_numbers=("NCHW", "OIHW", "NCHW"))
+  p = {"w1": _arr(6, 2, 3, 3), "b1": _arr(6), "w2": _arr(3, 6, 3, 3), "b2": _arr(3)}
+  def torch_net(p, x):
+    h = jax.nn.relu(conv(x, p["w1"]) + p["b1"][None, :, None, None])
+    return conv(h, p["w2"]) + p["b2"][None, :, None, None]
+  x = _arr(8, 2, 9, 9)
+  t = jaxprune.trace(torch_net, p, x)
+  assert [s.out_axes for s in t.groups["w1"].consumers] == [(0,)]
+  assert _constant_unit_removed_exactly(torch_net, p, x, "w1", 2) < 1e-4

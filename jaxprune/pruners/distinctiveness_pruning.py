@@ -105,9 +105,10 @@ def _fold_constants(out, params, group, consts, enabled=True):
                        "cannot be folded into it.")
     return out
   for s in group.consumers:
-    v = units_lib.unit_view(units_lib.get_path(params, s.path), s)
+    leaf = units_lib.get_path(params, s.path)
+    v = units_lib.unit_view(leaf, s)
     b = units_lib.get_path(out, s.bias)
-    contrib = units_lib.bias_contribution(consts, v, jnp.shape(b))
+    contrib = units_lib.bias_contribution(consts, v, jnp.shape(b), s, leaf)
     out = units_lib.set_path(out, s.bias, jnp.where(enabled, b + contrib, b))
   return out
 
