@@ -377,13 +377,39 @@ class _Walker:
         eqn = self.jaxpr_at[outer].eqns[scope[-1]]
         i = jaxpr.invars.index(v)
         if eqn.primitive.name == "scan":
+          # Within one step: a carry is the previous step's value, which comes from the same
+          # kernels; following it back would count kernels applied after the value in a step.
           stack.append((outer, eqn.invars[i]))
-          nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
-          if nc <= i < nc + nk:                   # from the second step on: the last step's
-            stack.append((scope, jaxpr.outvars[i - nc]))
         else:
           stack.append((outer, eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i]))
     return found
+
+  def reads_carry(self, scope: tuple, var) -> bool:
+    """Whether ``var`` (in the jaxpr at ``scope``) depends on a scan's carry within its step:
+    a recurrent reader, whose input at the first step is the initial state, not the units'
+    values (so a constant unit's contribution cannot be folded into its bias)."""
+    seen, stack, index = set(), [(scope, var)], {}
+    while stack:
+      scope, v = stack.pop()
+      if isinstance(v, jex.core.Literal) or (scope, v) in seen:
+        continue
+      seen.add((scope, v))
+      jaxpr = self.jaxpr_at[scope]
+      if scope not in index:
+        index[scope] = {o: k for k, e in enumerate(jaxpr.eqns) for o in e.outvars}
+      if v in index[scope]:
+        stack.extend((scope, w) for w in jaxpr.eqns[index[scope][v]].invars)
+      elif scope and v in jaxpr.invars:
+        eqn = self.jaxpr_at[scope[:-1]].eqns[scope[-1]]
+        i = jaxpr.invars.index(v)
+        if eqn.primitive.name == "scan":
+          nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+          if nc <= i < nc + nk:
+            return True
+          stack.append((scope[:-1], eqn.invars[i]))
+        else:
+          stack.append((scope[:-1], eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i]))
+    return False
 
   def through_layout(self, v):
     """``v``, or the end of the chain of layout-only ops (transposes, copies) that is its only
@@ -532,7 +558,17 @@ class _Walker:
       return self._same_except(ins[:1], out_shapes, changed, name)
 
     if name == "iota":
-      return self.fresh(out_shapes[0], "indexed along by iota")
+      return [self.fresh(out_shapes[0], "indexed along by iota")]
+
+    if name == "split":
+      d = eqn.params["axis"]
+      for a in ins[0][d]:
+        A.block(a, "split by split")
+      return [tuple((A.new(n, "split by split"),) if k == d else ax
+                    for k, ax in enumerate(ins[0])) for n in eqn.params["sizes"]]
+
+    if name == "gather":
+      return self._gather(eqn, ins, out_shapes)
 
     if name in ("sort", "argsort"):
       d = eqn.params["dimension"]
@@ -585,6 +621,22 @@ class _Walker:
       A.unify(leads[0], other, "scanned unevenly")
     lead = leads[0] if leads else (A.new(eqn.params["length"]),)
     return outs[:nk] + [(lead,) + tuple(y) for y in outs[nk:]]
+
+  def _gather(self, eqn, ins, out_shapes):
+    """A lookup (``nn.Embed``, ``jnp.take``): the operand's axes are not followed (opaque), but
+    the output's batch axes are the indices' (so the target runs at any batch size)."""
+    dn = eqn.params["dimension_numbers"]
+    out = self._opaque(eqn, ins, out_shapes, "gathered from by gather (not followed)")[0]
+    idx = ins[1]
+    batch_in = [ax for k, ax in enumerate(idx) if k != len(idx) - 1]   # index vector last
+    batch_out = [d for d in range(len(out_shapes[0])) if d not in dn.offset_dims]
+    if len(batch_in) != len(batch_out):
+      return [out]
+    out = list(out)
+    for d, ax in zip(batch_out, batch_in):
+      if math.prod(self.atoms.size[a] for a in self.atoms.expand(ax)) == out_shapes[0][d]:
+        out[d] = ax
+    return [tuple(out)]
 
   def _same_except(self, ins, out_shapes, dims, name):
     A = self.atoms
@@ -1083,6 +1135,20 @@ def _check_unfollowed_shapes(eqn, invals) -> None:
         "keep the loop out of the traced forward pass (unroll it in Python).")
 
 
+def _check_not_broadcast(eqn, operand, shape) -> None:
+  """An axis that was not broadcast when traced must not be broadcast now: that happens when
+  the tracer lost a size (an op it does not follow) and rebuilt it at the traced size."""
+  was_in, was_out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+  now_in = np.shape(operand)
+  for k, d in enumerate(eqn.params["broadcast_dimensions"]):
+    if was_in[k] == was_out[d] and now_in[k] != shape[d]:
+      raise TraceError(
+          f"An axis of size {now_in[k]} (traced at {was_in[k]}) reaches a broadcast to the "
+          f"traced size {was_out[d]}: the size was lost through an op the tracer does not "
+          "follow (see target.explain()), so this target runs only at the example's sizes "
+          "there. Pass inputs of the example's batch size.")
+
+
 def _batch_axes(w: _Walker, num_params: int, jaxpr) -> tuple:
   """Per argument leaf, its batch axes: those tied to the first output's leading axis (a
   time-major RNN's input (T, B, F) has its batch on axis 1); axis 0 where none is."""
@@ -1149,6 +1215,8 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
         params = dict(eqn.params)
         if name in ("broadcast_in_dim", "iota"):
           params["shape"] = _new_shape(A, sizes, an.walker.shapes[path][0])
+          if name == "broadcast_in_dim":
+            _check_not_broadcast(eqn, invals[0], params["shape"])
         elif name == "reshape":
           params["new_sizes"] = _new_shape(A, sizes, an.walker.shapes[path][0])
         elif name in ("slice", "dynamic_slice"):
@@ -1375,6 +1443,9 @@ class TracedTarget:
         if use.role == "consumer":
           con = next(c for c in w.contractions if c.path == use.where)
           bias, padded, out_axes = self._consumer_bias(con), con.padded, con.out_axes
+          # A recurrent reader sees the initial state at the first step, not the units' values:
+          # a constant unit's contribution does not fold into its bias exactly either.
+          padded = padded or w.reads_carry(con.path[:-1], con.stream_var)
         slices.append(units_lib.Slice(an.leaf_paths[use.leaf], axis, use.role, view=view,
                                       bias=bias, padded=padded, kind=use.kind, segment=segment,
                                       out_axes=out_axes))

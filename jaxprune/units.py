@@ -55,10 +55,10 @@ class Slice:
       ``view=(H*W, C, out)`` and ``axis=1`` channel c owns rows c, c+C, c+2C, ...
     bias: for a consumer, the path of the consuming layer's bias, so that a removed unit's
       constant contribution can be folded into it.
-    padded: for a consumer, True when it is a zero-padded ('SAME') or input-dilated
-      (transposed) convolution: a constant input channel then contributes less at the borders,
-      or between inputs, than elsewhere, so folding it into a per-channel bias is not exact
-      (see ``UnitGroup.exact_constant_fold``).
+    padded: for a consumer, True when a constant unit's contribution varies with the position
+      or the step: a zero-padded ('SAME') or input-dilated (transposed) convolution (less at the
+      borders, or between inputs), or a recurrent reader (the initial state at the first
+      step), so folding it into a bias is not exact (see ``UnitGroup.exact_constant_fold``).
     kind: what the slice is: ``'kernel'`` (weights contracted with activations: a producer's
       columns or a consumer's rows), ``'bias'`` (added to the producer kernel's output),
       ``'scale'``, ``'shift'`` or ``'stat'`` (a normalisation's scale, shift, or running

@@ -205,3 +205,52 @@ def test_scan_over_the_batch_and_a_time_major_rnn_run_at_other_batch_sizes():
   np.testing.assert_allclose(small_t.apply(small, x5), time_major(masked, x5), atol=1e-5)
   with pytest.raises(ValueError, match=r"inputs shaped \(6, N, 5\)"):
     small_t.apply(small, _arr(4, 5, F))
+
+
+def test_a_residual_inside_the_step_and_recurrent_constant_folds_are_refused():
+  """z = tanh(x W + h U + b); h = z + tanh(z S): the activations z are not the carried h, and
+  following the carry back to the previous step counted S as feeding z (a merge moved the
+  outputs by 1.54). A recurrent reader sees the initial state at the first step, so an LSTM's
+  constant unit does not fold into its bias (the folds moved the outputs by 0.02-0.83)."""
+  p = {"W": _arr(F, H), "U": _arr(H, H, scale=0.3), "b": _arr(H), "S": _arr(H, H), "V": _arr(H, C)}
+  def cell(p, x):
+    def step(h, xt):
+      z = jnp.tanh(xt @ p["W"] + h @ p["U"] + p["b"])
+      h = z + jnp.tanh(z @ p["S"])
+      return h, None
+    h, _ = lax.scan(step, jnp.zeros((x.shape[0], H)), jnp.swapaxes(x, 0, 1))
+    return h @ p["V"]
+  t = jaxprune.trace(cell, p, _arr(4, 3, F))
+  assert not t.activations_complete("W")
+  with pytest.raises(ValueError, match="residual addition"):
+    jaxprune.distinctiveness(t, "W", constants=False)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(C)(nn.RNN(nn.LSTMCell(H, name="cell"))(x)[:, -1])
+  x = _arr(4, 3, F)
+  t = jaxprune.trace(Net().apply, Net().init(jax.random.key(1), x), x)
+  assert not t.groups["cell/ii"].exact_constant_fold
+  for make in (lambda: jaxprune.distinctiveness(t, "cell/ii"),
+               lambda: jaxprune.weight_distinctiveness(t, "cell/ii")):
+    with pytest.raises(ValueError, match="by a recurrence"):
+      make()
+  with pytest.raises(ValueError, match="not exact here"):
+    jaxprune.group_redundancy(t, "cell/ii")
+  jaxprune.distinctiveness(t, "cell/ii", constants=False)        # merging still works
+
+
+def test_an_optimized_lstm_runs_at_other_batch_sizes():
+  """Its gates come from one kernel split in four (not prunable), and the split lost the batch
+  size, so the compacted target crashed at another batch size."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(C)(nn.RNN(nn.OptimizedLSTMCell(H))(x)[:, -1])
+  x = _arr(8, 5, F)
+  v = Net().init(jax.random.key(1), x)
+  t = jaxprune.trace(Net().apply, v, x)
+  assert "split by split" in t.explain()
+  small, small_t = t.compact(v, {})
+  np.testing.assert_allclose(small_t.apply(small, x[:3]), Net().apply(v, x[:3]), atol=1e-6)

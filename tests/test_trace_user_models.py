@@ -422,3 +422,47 @@ def test_constant_fold_into_a_pytorch_layout_conv_uses_its_output_axis():
   t = jaxprune.trace(torch_net, p, x)
   assert [s.out_axes for s in t.groups["w1"].consumers] == [(0,)]
   assert _constant_unit_removed_exactly(torch_net, p, x, "w1", 2) < 1e-4
+
+
+def test_positions_and_token_embeddings_at_other_batch_sizes():
+  """jnp.arange crashed trace (iota's output was not a list); an embedding lookup (gather)
+  lost the batch size, so the target crashed at batch 3 and silently returned 8 rows at
+  batch 1."""
+  p = {"w1": _arr(4, 5), "w2": _arr(5, 2)}
+  def positional(p, x):
+    return jnp.tanh((x + jnp.arange(x.shape[1], dtype=x.dtype)) @ p["w1"]) @ p["w2"]
+  t = jaxprune.trace(positional, p, _arr(3, 4))
+  _compact_equals_masked(t, p, _arr(3, 4), positional, {"w1": [1]})
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, tok):
+      h = nn.LayerNorm()(nn.Embed(20, 16)(tok))
+      h = nn.relu(nn.Dense(12)(h))
+      return nn.Dense(3)(h.mean(1))
+  tok = jax.random.randint(jax.random.key(0), (8, 6), 0, 20)
+  v = Net().init(jax.random.key(1), tok)
+  t = jaxprune.trace(Net().apply, v, tok)
+  assert set(t.groups) == {"Dense_0"}
+  um = {"Dense_0": jnp.arange(12) > 2}
+  masked = jaxprune.apply_masks(v, jaxprune.expand(v, t, um))
+  small, small_t = t.compact(masked, um)
+  for b in (3, 1):
+    np.testing.assert_allclose(small_t.apply(small, tok[:b]), Net().apply(masked, tok[:b]),
+                               atol=1e-5)
+  assert t.activations(v, tok[:3], "Dense_0").shape == (3, 6, 12)
+
+
+def test_a_size_lost_through_an_unfollowed_op_raises_instead_of_broadcasting():
+  """An op the tracer does not follow (here an FFT) loses the batch size; a later broadcast
+  would then be rebuilt at the traced size (silently, at batch 1)."""
+  p = {"w1": _arr(4, 5), "w2": _arr(5, 2)}
+  def spectral(p, x):
+    h = jnp.fft.fft(x).real
+    h = jnp.broadcast_to(h[:, None, :], (h.shape[0], 3, h.shape[1])).sum(1)
+    return jnp.tanh(h @ p["w1"]) @ p["w2"]
+  t = jaxprune.trace(spectral, p, _arr(8, 4))
+  small, small_t = t.compact(p, {"w1": jnp.arange(5) > 0})
+  for b in (3, 1):
+    with pytest.raises(jaxprune.TraceError, match="reaches a broadcast to the traced size 8"):
+      small_t.apply(small, _arr(b, 4))

@@ -194,7 +194,7 @@ def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: boo
     why = ("its consumer has no bias" if any(s.bias is None for s in g.consumers) else
            "it is read by a zero-padded ('SAME') or input-dilated (transposed) convolution, "
            "where a constant channel contributes less at the borders, or between inputs, than "
-           "elsewhere")
+           "elsewhere, or by a recurrence, which reads the initial state at the first step")
     raise ValueError(
         f"Group {g.name!r} cannot fold removed units into the next bias exactly ({why}). "
         f"Pass {', '.join(f'{n}=False' for n in wanted)} (merging similar units and removing "
