@@ -423,12 +423,15 @@ def test_structured_pruners_on_the_params_collection_of_a_batchnorm_model():
   assert not np.asarray(m["BatchNorm_0"]["scale"])[~um].any()
   assert not np.asarray(m["Dense_1"]["kernel"])[~um].any() and m["Dense_1"]["kernel"][um].all()
 
+  k = params["Dense_0"]["kernel"]
+  dup = {**params, "Dense_0": {**params["Dense_0"], "kernel": k.at[:, 7].set(k[:, 3])}}
   tx = jaxprune.scheduled(optax.sgd(0.0), jaxprune.distinctiveness_pruner(
       target, "Dense_0", similar_deg=1.0, complementary=False, constants=False, source="incoming"),
       begin_step=0, frequency=1)
-  state = tx.init(params)
-  _, state = jax.jit(tx.update)(zeros, state, params)   # runs (no pair qualifies at 1 degree)
-  assert jaxprune.unit_masks_of(state)["Dense_0"].shape == (20,)
+  state = tx.init(dup)
+  _, state = jax.jit(tx.update)(zeros, state, dup)      # unit 7 duplicates unit 3: merged
+  assert (~np.asarray(jaxprune.unit_masks_of(state)["Dense_0"])).nonzero()[0].tolist() == [7]
+  assert not np.asarray(jaxprune.masks_of(state)["Dense_0"]["kernel"])[:, 7].any()
 
 
 # ----------------------------------------------------------------------------- checkpoint, FLOPs

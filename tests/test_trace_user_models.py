@@ -397,7 +397,9 @@ def test_activation_pruners_refuse_a_residual_coupled_group():
   t = jaxprune.trace(res, p, _arr(64, 10))
   assert list(t.groups) == ["w0"] and not t.activations_complete("w0")
   for make in (lambda: jaxprune.distinctiveness(t, "w0", constants=False),
-               lambda: jaxprune.group_redundancy(t, "w0")):
+               lambda: jaxprune.group_redundancy(t, "w0"),
+               lambda: jaxprune.pruners.progressive_distinctiveness(
+                   t, "w0", lambda q: jnp.sum(res(q, _arr(4, 10))), constants=False)):
     with pytest.raises(ValueError, match="residual addition couples it.*from weights"):
       make()
   jaxprune.weight_distinctiveness(t, "w0", constants=False)      # from weights: allowed

@@ -40,9 +40,10 @@ def check_activations_complete(target, name: str) -> None:
   complete = getattr(target, "activations_complete", None)
   if complete is not None and not complete(name):
     raise ValueError(
-        f"Group {name!r} is produced by several kernels that add into its units after the "
-        "activations it reports (a residual addition couples it, or layers scanned over stacked "
-        "params share it), so its consumers read other values than those activations and a "
+        f"Group {name!r} is produced by several kernels, and some act on its units after the "
+        "activations it reports (a residual addition couples it, a gate scales it, or layers "
+        "scanned over stacked params share it), so its consumers read other values than those "
+        "activations and a "
         "pruner from activations would merge or remove the wrong units. Prune it from weights "
         "(weight_distinctiveness, importance_prune, magnitude_prune) or give each layer its own "
         "group.")

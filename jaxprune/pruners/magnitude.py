@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import masks as masks_lib
+from jaxprune import units as units_lib
 from jaxprune.pruners import _common
 
 PyTree = Any
@@ -70,10 +71,8 @@ _LO = 15
 
 
 def _key_name(k) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
+  key = units_lib.key_of(k)
+  return str(k) if key is None else str(key)
 
 
 def _leaf_paths(params) -> list[tuple[str, ...]]:
