@@ -349,11 +349,13 @@ class _Walker:
     return eqn.primitive.name == "add" and all(self._contracted(w, depth - 1)
                                                for w in eqn.invars)
 
-  def contractions_feeding(self, scope: tuple, var) -> set:
-    """Paths of the kernel contractions whose outputs ``var`` (in the jaxpr at ``scope``)
-    depends on, into and out of called and scanned bodies (by call site: a body shared by two
-    calls, like ``jax.nn.relu``'s, is followed back to the caller it was entered from)."""
-    found, seen, stack, index = set(), set(), [(scope, var)], {}
+  def _backward(self, scope: tuple, var, descend: bool):
+    """Walks back from ``var`` (in the jaxpr at ``scope``) over what it depends on within one
+    scan step: yields ``(path, eqn)`` for each equation, and ``(None, scan)`` on reaching a
+    scan's carry (the previous step's value is not followed). ``descend``: also into the
+    bodies of called and scanned equations. A body's input leads back to the call site it was
+    entered from (a body shared by two calls, like ``jax.nn.relu``'s, is not mixed up)."""
+    seen, stack, index = set(), [(scope, var)], {}
     while stack:
       scope, v = stack.pop()
       if isinstance(v, jex.core.Literal) or (scope, v) in seen:
@@ -365,51 +367,34 @@ class _Walker:
       if v in index[scope]:
         k = index[scope][v]
         eqn, path = jaxpr.eqns[k], scope + (k,)
-        name = eqn.primitive.name
-        if name in ("dot_general", "conv_general_dilated"):
-          found.add(path)
-        sub = _body(eqn)
+        yield path, eqn
+        sub = _body(eqn) if descend else None
         if sub is not None and path in self.jaxpr_at:
           stack.append((path, sub.outvars[eqn.outvars.index(v)]))
         stack.extend((scope, w) for w in eqn.invars)
       elif scope and v in jaxpr.invars:          # a body's input: back to its call site
-        outer = scope[:-1]
-        eqn = self.jaxpr_at[outer].eqns[scope[-1]]
-        i = jaxpr.invars.index(v)
-        if eqn.primitive.name == "scan":
-          # Within one step: a carry is the previous step's value, which comes from the same
-          # kernels; following it back would count kernels applied after the value in a step.
-          stack.append((outer, eqn.invars[i]))
-        else:
-          stack.append((outer, eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i]))
-    return found
-
-  def reads_carry(self, scope: tuple, var) -> bool:
-    """Whether ``var`` (in the jaxpr at ``scope``) depends on a scan's carry within its step:
-    a recurrent reader, whose input at the first step is the initial state, not the units'
-    values (so a constant unit's contribution cannot be folded into its bias)."""
-    seen, stack, index = set(), [(scope, var)], {}
-    while stack:
-      scope, v = stack.pop()
-      if isinstance(v, jex.core.Literal) or (scope, v) in seen:
-        continue
-      seen.add((scope, v))
-      jaxpr = self.jaxpr_at[scope]
-      if scope not in index:
-        index[scope] = {o: k for k, e in enumerate(jaxpr.eqns) for o in e.outvars}
-      if v in index[scope]:
-        stack.extend((scope, w) for w in jaxpr.eqns[index[scope][v]].invars)
-      elif scope and v in jaxpr.invars:
         eqn = self.jaxpr_at[scope[:-1]].eqns[scope[-1]]
         i = jaxpr.invars.index(v)
         if eqn.primitive.name == "scan":
           nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
           if nc <= i < nc + nk:
-            return True
+            yield None, eqn
           stack.append((scope[:-1], eqn.invars[i]))
         else:
           stack.append((scope[:-1], eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i]))
-    return False
+
+  def contractions_feeding(self, scope: tuple, var) -> set:
+    """Paths of the kernel contractions within one step whose outputs ``var`` depends on (a
+    carry is the previous step's value, from the same kernels: following it back would count
+    kernels applied after ``var`` in a step)."""
+    return {path for path, eqn in self._backward(scope, var, descend=True)
+            if path is not None and eqn.primitive.name in ("dot_general", "conv_general_dilated")}
+
+  def reads_carry(self, scope: tuple, var) -> bool:
+    """Whether ``var`` depends on the carry of a scan it is computed in: a recurrent reader,
+    whose input at the first step is the initial state, not the units' values (so a constant
+    unit's contribution cannot be folded into its bias)."""
+    return any(path is None for path, _ in self._backward(scope, var, descend=False))
 
   def through_layout(self, v):
     """``v``, or the end of the chain of layout-only ops (transposes, copies) that is its only
