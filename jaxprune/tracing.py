@@ -412,9 +412,8 @@ class _Walker:
     out_shapes = [tuple(v.aval.shape) if hasattr(v.aval, "shape") else () for v in eqn.outvars]
 
     if name in _CALLS:
-      sub = eqn.params.get(_CALLS[name])
-      if sub is not None:
-        inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+      inner, _ = _call_body(eqn)
+      if inner is not None:
         ienv = {}
         n_in = len(inner.invars)
         for v, ax in zip(inner.invars, ins[len(ins) - n_in:]):
@@ -824,14 +823,19 @@ class _Analysis:
   arg_batch: tuple = ()          # per argument leaf: the axes that may change (the batch)
 
 
+def _call_body(eqn):
+  """``(open jaxpr, its consts)`` of a followed call (``_CALLS``), or ``(None, ())``."""
+  sub = eqn.params.get(_CALLS.get(eqn.primitive.name, ""), None)
+  if sub is None:
+    return None, ()
+  return (sub.jaxpr, sub.consts) if hasattr(sub, "jaxpr") else (sub, ())
+
+
 def _body(eqn):
   """The (open) jaxpr of a followed call or scan, or None."""
-  name = eqn.primitive.name
-  sub = eqn.params.get(_CALLS[name]) if name in _CALLS else (
-      eqn.params["jaxpr"] if name == "scan" else None)
-  if sub is None:
-    return None
-  return sub.jaxpr if hasattr(sub, "jaxpr") else sub
+  if eqn.primitive.name == "scan":
+    return eqn.params["jaxpr"].jaxpr
+  return _call_body(eqn)[0]
 
 
 def _depends(jaxpr, flags) -> list[bool]:
@@ -845,10 +849,9 @@ def _depends(jaxpr, flags) -> list[bool]:
 
 
 def _is_elementwise_call(eqn) -> bool:
-  sub = eqn.params.get(_CALLS.get(eqn.primitive.name, ""), None)
-  if sub is None:
+  inner, _ = _call_body(eqn)
+  if inner is None:
     return False
-  inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
   return all(e.primitive.name in _ELEMENTWISE or _is_elementwise_call(e) for e in inner.eqns)
 
 
@@ -864,9 +867,7 @@ def _activation_of(eqn, current: str) -> str:
   if name in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
     return current
   if name in _CALLS and _is_elementwise_call(eqn):
-    sub = eqn.params[_CALLS[name]]
-    inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
-    for e in inner.eqns:
+    for e in _call_body(eqn)[0].eqns:
       current = _activation_of(e, current)
     return current
   return "linear"
@@ -1186,11 +1187,9 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
       path = scope + (k,)
       invals = [read(v) for v in eqn.invars]
       name = eqn.primitive.name
-      sub = eqn.params.get(_CALLS[name]) if name in _CALLS else None
-      if sub is not None:
-        inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
-        outs = run(inner, getattr(sub, "consts", ()), invals[len(invals) - len(inner.invars):],
-                   path)
+      inner, consts = _call_body(eqn)
+      if inner is not None:
+        outs = run(inner, consts, invals[len(invals) - len(inner.invars):], path)
       elif name == "scan":
         outs = scan(eqn, invals, path)
       else:
