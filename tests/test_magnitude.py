@@ -160,3 +160,14 @@ def test_bad_input():
   bad["params"]["out"] = dict(bad["params"]["out"], kernel=p["params"]["out"]["kernel"].at[0, 0].set(jnp.nan))
   with pytest.raises(ValueError, match="NaN"):
     magnitude_prune(bad, None, 0.1)
+
+
+def test_default_selection_leaves_2d_biases_alone():
+  """A DenseGeneral's bias is 2-D: the default selection (ndim >= 2) pruned half of it; biases
+  and norm params are not weights, whatever their rank."""
+  import flax.linen as nn
+  m = nn.DenseGeneral(features=(2, 3))
+  p = m.init(jax.random.key(0), jnp.ones((1, 4)))
+  assert p["params"]["bias"].shape == (2, 3)
+  new, masks, _ = magnitude_prune(p, jax.tree.map(lambda l: jnp.ones(l.shape, bool), p), 0.5)
+  assert bool(masks["params"]["bias"].all()) and not bool(masks["params"]["kernel"].all())

@@ -5,7 +5,8 @@ remaining)`` with the smallest ``|w|`` are removed, so repeated calls prune a fr
 left (like ``torch.nn.utils.prune``). Scope is each selected layer on its own (``'layer'``) or all
 selected layers together (``'global'``). By default every leaf with ``ndim >= 2`` is pruned,
 whatever it is named (flax ``kernel``, haiku ``w``, a plain dict, an nnx ``State``); biases and
-normalisation parameters (vectors) are left alone.
+normalisation parameters are left alone: vectors, and any leaf named ``bias``, ``b``,
+``scale``, ``mean``, ``var`` or ``offset`` (a ``DenseGeneral``'s bias is 2-D).
 
 These are the *weight-mask family* of pruners: they act on weight masks (a bool pytree like the
 params), not on unit masks, and take no pruning target. Like the structured pruners they return
@@ -92,19 +93,26 @@ def leaf_names(params) -> list[str]:
   return ["/".join(p) for p in _leaf_paths(params)]
 
 
+# Leaf names that are never weights, whatever their rank: biases (a DenseGeneral's or an
+# attention layer's bias is 2-D) and normalisations' params.
+NOT_WEIGHTS = frozenset(("bias", "b", "scale", "mean", "var", "offset"))
+
+
 def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
   """Indices (in ``jax.tree.leaves`` order) of the leaves to prune.
 
   Args:
     params: the params pytree.
     select: None (every leaf with ``ndim >= 2``: kernels and weight matrices, not biases or
-      norm scales), a predicate ``select(path, leaf) -> bool``
+      norm scales, and not a leaf named in ``NOT_WEIGHTS``, like a ``DenseGeneral``'s 2-D
+      ``bias``), a predicate ``select(path, leaf) -> bool``
       with ``path`` a tuple of keys, or a sequence of paths (tuples or ``'a/b/c'`` strings).
   """
   paths = _leaf_paths(params)
   leaves = jax.tree.leaves(params)
   if select is None:
-    chosen = [i for i, l in enumerate(leaves) if jnp.ndim(l) >= 2]
+    chosen = [i for i, (p, l) in enumerate(zip(paths, leaves))
+              if jnp.ndim(l) >= 2 and not (p and str(p[-1]) in NOT_WEIGHTS)]
   elif callable(select):
     chosen = [i for i, (p, l) in enumerate(zip(paths, leaves)) if select(p, l)]
   else:
