@@ -65,7 +65,8 @@ _ELEMENTWISE = frozenset("""
 abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type copy
 copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow
 is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow real
-reduce_precision rem round rsqrt select_n sign sin sinh sqrt square sub tan tanh xor
+reduce_precision rem round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan
+tanh xor
 optimization_barrier sharding_constraint
 """.split())
 _REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or "
@@ -79,8 +80,6 @@ _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_ca
           "checkpoint": "jaxpr"}
 # Ops that only move a value's axes (a unit stays a unit, elementwise).
 _LAYOUT_OPS = frozenset(("transpose", "copy", "copy_p"))
-# Elementwise ops whose output (as the end of a chain after a kernel) names the activation.
-_ACTIVATION_OPS = {"logistic": "sigmoid", "tanh": "tanh"}
 
 
 class TraceError(ValueError):
@@ -310,6 +309,12 @@ class _Walker:
       leaf, amap = self.origin[eqn.invars[0]]
       self.origin[eqn.outvars[0]] = (leaf, tuple(amap[p] for p in eqn.params["permutation"]))
       return
+    if name == "rev":   # a flipped kernel (ConvTranspose(transpose_kernel=True)): the flipped
+      leaf, amap = self.origin[eqn.invars[0]]      # (window) axes lose their leaf axes
+      flipped = set(eqn.params["dimensions"])
+      self.origin[eqn.outvars[0]] = (leaf, tuple(None if d in flipped else a
+                                                 for d, a in enumerate(amap)))
+      return
     if name in ("dynamic_slice", "slice") and srcs[0][0] == 0 and all(
         isinstance(w, jex.core.Literal) or w not in self.stream for w in eqn.invars[1:]):
       # One layer of stacked params, w[i] (a fori_loop's body): the axes taken whole keep
@@ -395,6 +400,54 @@ class _Walker:
     whose input at the first step is the initial state, not the units' values (so a constant
     unit's contribution cannot be folded into its bias)."""
     return any(path is None for path, _ in self._backward(scope, var, descend=False))
+
+  def passes_constants(self, scope: tuple, var, con) -> bool:
+    """Whether the consumer contraction ``con`` reads, from ``var`` (a group's activations),
+    a constant unit as that same constant at every position it reads: the ops between only
+    move, select, take the max or min of, or average values (a mean: a sum divided by the
+    count; average pooling without padding). A sum, a zero pad, an average that counts its
+    padding, a scaling, an added value or an attention-weighted sum change it, so folding
+    the constant into ``con``'s bias would not be exact."""
+    status = {(scope, var): "ok"}            # 'ok', 'changed', or ('sum', count)
+    stack, reached = [(scope, var)], None
+    while stack:
+      sc, v = stack.pop()
+      st = status[(sc, v)]
+      jaxpr = self.jaxpr_at[sc]
+      if sc and v in jaxpr.outvars:          # out of a followed call or scan
+        parent = self.jaxpr_at[sc[:-1]].eqns[sc[-1]]
+        for j, o in enumerate(jaxpr.outvars):
+          if o is v:
+            stack += self._mark(status, sc[:-1], parent.outvars[j], st)
+      for path, eqn in self.users.get(v, []):
+        if path[:-1] != sc:                  # a body shared by several calls: this call's only
+          continue
+        if path == con.path:
+          reached = st if reached in (None, "ok") else reached
+          continue
+        if path in self.jaxpr_at:            # into a followed call's or scan's body
+          inner = self.jaxpr_at[path]
+          off = len(eqn.invars) - len(inner.invars)
+          for i, w in enumerate(eqn.invars):
+            if w is v and i >= off:
+              stack += self._mark(status, path, inner.invars[i - off], st)
+          continue
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+          continue                           # another reader: its own check
+        out = _constant_step(eqn, v, st)
+        for o in eqn.outvars:
+          stack += self._mark(status, sc, o, out)
+    return reached == "ok"
+
+  @staticmethod
+  def _mark(status, scope, v, st):
+    """Records ``st`` for ``v`` (a changed value stays changed); the node if it is new."""
+    key = (scope, v)
+    old = status.get(key)
+    if old == st or old == "changed":
+      return []
+    status[key] = st if old is None else "changed"
+    return [key]
 
   def through_layout(self, v):
     """``v``, or the end of the chain of layout-only ops (transposes, copies) that is its only
@@ -607,19 +660,35 @@ class _Walker:
     return outs[:nk] + [(lead,) + tuple(y) for y in outs[nk:]]
 
   def _gather(self, eqn, ins, out_shapes):
-    """A lookup (``nn.Embed``, ``jnp.take``): the operand's axes are not followed (opaque), but
-    the output's batch axes are the indices' (so the target runs at any batch size)."""
+    """A lookup (``nn.Embed``, ``jnp.take``, a nearest-neighbour resize): an operand axis that
+    each gathered slice takes whole (a resize's batch and channels) is followed into the output;
+    the axes indexed into are not (opaque). The output's other axes are the indices' batch axes
+    (so the target runs at any batch size)."""
+    A = self.atoms
     dn = eqn.params["dimension_numbers"]
-    out = self._opaque(eqn, ins, out_shapes, "gathered from by gather (not followed)")[0]
+    x, shape, sizes = ins[0], eqn.invars[0].aval.shape, eqn.params["slice_sizes"]
+    skipped = set(dn.collapsed_slice_dims) | set(getattr(dn, "operand_batching_dims", ()))
+    kept = [d for d in range(len(x)) if d not in skipped]       # in order, the offset dims
+    through = {o: d for d, o in zip(kept, dn.offset_dims) if sizes[d] == shape[d]}
+    reason = "gathered from by gather (not followed)"
+    for d, ax in enumerate(x):
+      if d not in through.values():
+        for a in ax:
+          A.block(a, reason)
+    for ax in ins[1:]:
+      for axis in ax:
+        for a in axis:
+          A.block(a, reason)
+    out = list(self.fresh(out_shapes[0], reason))
+    for o, d in through.items():
+      out[o] = x[d]
     idx = ins[1]
     batch_in = [ax for k, ax in enumerate(idx) if k != len(idx) - 1]   # index vector last
     batch_out = [d for d in range(len(out_shapes[0])) if d not in dn.offset_dims]
-    if len(batch_in) != len(batch_out):
-      return [out]
-    out = list(out)
-    for d, ax in zip(batch_out, batch_in):
-      if math.prod(self.atoms.size[a] for a in self.atoms.expand(ax)) == out_shapes[0][d]:
-        out[d] = ax
+    if len(batch_in) == len(batch_out):
+      for d, ax in zip(batch_out, batch_in):
+        if math.prod(A.size[a] for a in A.expand(ax)) == out_shapes[0][d]:
+          out[d] = ax
     return [tuple(out)]
 
   def _same_except(self, ins, out_shapes, dims, name):
@@ -838,6 +907,42 @@ def _body(eqn):
   return _call_body(eqn)[0]
 
 
+_KEEPS_CONSTANTS = frozenset("""
+broadcast_in_dim concatenate convert_element_type copy copy_p dynamic_slice expand_dims gather
+reduce_max reduce_min reduce_precision reduce_window_max reduce_window_min reshape rev slice
+squeeze transpose optimization_barrier sharding_constraint stop_gradient
+""".split())
+
+
+def _constant_step(eqn, v, st):
+  """The status of ``eqn``'s outputs when its input ``v`` has status ``st`` (see
+  :meth:`_Walker.passes_constants`)."""
+  name = eqn.primitive.name
+  if isinstance(st, tuple):                  # a sum: a constant again once divided by its count
+    other = [w for w in eqn.invars if w is not v]
+    if (name in ("div", "mul") and eqn.invars[0] is v and len(other) == 1
+        and isinstance(other[0], jex.core.Literal)):
+      k = float(np.asarray(other[0].val))
+      if np.isclose(k if name == "div" else 1.0 / k if k else 0.0, st[1], rtol=1e-6):
+        return "ok"
+    return "changed"
+  if st != "ok":
+    return st
+  if name in _KEEPS_CONSTANTS:
+    return "ok"
+  if name == "pad":
+    return "ok" if all(lo <= 0 and hi <= 0 and not interior
+                       for lo, hi, interior in eqn.params["padding_config"]) else "changed"
+  if name == "reduce_sum":
+    shape = eqn.invars[0].aval.shape
+    return ("sum", float(math.prod(shape[d] for d in eqn.params["axes"])))
+  if name == "reduce_window_sum" and all(
+      lo == 0 and hi == 0 for lo, hi in eqn.params["padding"]) and all(
+          d == 1 for d in eqn.params["base_dilation"]):
+    return ("sum", float(math.prod(eqn.params["window_dimensions"])))
+  return "changed"
+
+
 def _depends(jaxpr, flags) -> list[bool]:
   """Which outputs of ``jaxpr`` depend on the inputs flagged True (any input of an equation
   taints all its outputs)."""
@@ -848,29 +953,157 @@ def _depends(jaxpr, flags) -> list[bool]:
   return [not isinstance(v, jex.core.Literal) and v in tainted for v in jaxpr.outvars]
 
 
+def _is_scalar_broadcast(eqn) -> bool:
+  """A scalar made into an array (``jnp.where(h > 0, h, 0.0)``): no unit axes to follow."""
+  return eqn.primitive.name == "broadcast_in_dim" and not eqn.invars[0].aval.shape
+
+
 def _is_elementwise_call(eqn) -> bool:
   inner, _ = _call_body(eqn)
   if inner is None:
     return False
-  return all(e.primitive.name in _ELEMENTWISE or _is_elementwise_call(e) for e in inner.eqns)
+  return all(e.primitive.name in _ELEMENTWISE or _is_scalar_broadcast(e)
+             or _is_elementwise_call(e) for e in inner.eqns)
 
 
-def _activation_of(eqn, current: str) -> str:
-  name = eqn.primitive.name
-  if name in _ACTIVATION_OPS:
-    return _ACTIVATION_OPS[name]
-  if name == "custom_jvp_call" and eqn.params.get("name") in ("relu", "sigmoid", "tanh"):
-    return eqn.params["name"]
-  if name == "max" and any(isinstance(v, jex.core.Literal) and np.all(v.val == 0)
-                           for v in eqn.invars):
-    return "relu"
-  if name in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
-    return current
-  if name in _CALLS and _is_elementwise_call(eqn):
-    for e in _call_body(eqn)[0].eqns:
-      current = _activation_of(e, current)
-    return current
-  return "linear"
+def _admissible(eqn, live_ins) -> bool:
+  """An op that keeps a value unit by unit: a layout op, or an elementwise op (or a call of
+  only elementwise ops) whose output has the shape of each unit-carrying input."""
+  if eqn.primitive.name in _LAYOUT_OPS:
+    return True
+  if not (eqn.primitive.name in _ELEMENTWISE or _is_elementwise_call(eqn)):
+    return False
+  shapes = {tuple(v.aval.shape) for v in live_ins}
+  return len(eqn.outvars) == 1 and shapes == {tuple(eqn.outvars[0].aval.shape)}
+
+
+def _activation_chain(w: _Walker, scope: tuple, start):
+  """Where a kernel's output becomes what its readers read, and the nonlinearity on the way.
+
+  Follows, in program order, every op that keeps the value unit by unit (adding the bias,
+  normalising with per-unit params, the nonlinearity, a residual addition), also where the
+  value branches and joins again (``gelu``, ``x * sigmoid(x)``, ``where(x > 0, x, a * x)`` read
+  their input several times), up to the first other reader. Returns ``(var, activation,
+  joined)``: the last value that every path went through, its nonlinearity (see
+  :func:`_identify`), and whether every branch ends there (False when a reader takes a value
+  before the join, e.g. ``relu(h) @ W2 + h @ W3``: then no one value is what all readers read).
+  """
+  jaxpr = w.jaxpr_at[scope]
+  outs = jaxpr.outvars
+  if scope and w.jaxpr_at[scope[:-1]].eqns[scope[-1]].primitive.name == "scan":
+    # A carry is read by the next step's ops, the ones this walk follows within the step (an
+    # LSTM's cell state), so only the ys are readers outside.
+    outs = outs[w.jaxpr_at[scope[:-1]].eqns[scope[-1]].params["num_carry"]:]
+  n_out = {}
+  for v in outs:
+    if not isinstance(v, jex.core.Literal):
+      n_out[v] = n_out.get(v, 0) + 1
+
+  def users(v):          # this call's (a body shared by several calls has all their users)
+    return [path[-1] for path, _ in w.users.get(v, []) if path[:-1] == scope]
+
+  def readers(v):
+    return len(users(v)) + n_out.get(v, 0)
+
+  remaining = {start: readers(start)}
+  pending = set(users(start))
+  done, joins = [], [(start, 0)]
+  while pending:
+    k = min(pending)
+    pending.discard(k)
+    eqn = jaxpr.eqns[k]
+    live = [v for v in eqn.invars if not isinstance(v, jex.core.Literal) and v in remaining]
+    if not _admissible(eqn, live):
+      break
+    for v in live:
+      remaining[v] -= 1
+      if remaining[v] == 0:
+        del remaining[v]
+    done.append(eqn)
+    for o in eqn.outvars:
+      if readers(o):
+        remaining[o] = readers(o)
+        pending.update(users(o))
+    if len(remaining) == 1:
+      joins.append((next(iter(remaining)), len(done)))
+  var, n = joins[-1]
+  return var, _identify(jaxpr, joins, done[:n]), set(remaining) == {var}
+
+
+def _run_eqns(eqns, env: dict, flat: bool = False) -> dict:
+  """Evaluates ``eqns`` (plain ops and calls of them) on the values in ``env``; ``flat``: on
+  a vector of values, so layout ops (a transpose) are skipped."""
+  read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
+  for eqn in eqns:
+    invals = [read(v) for v in eqn.invars]
+    inner, consts = _call_body(eqn)
+    if inner is not None:
+      sub = dict(zip(inner.constvars, consts))
+      sub.update(zip(inner.invars, invals[len(invals) - len(inner.invars):]))
+      sub = _run_eqns(inner.eqns, sub, flat)
+      outs = [v.val if isinstance(v, jex.core.Literal) else sub[v] for v in inner.outvars]
+    elif flat and eqn.primitive.name in _LAYOUT_OPS:
+      outs = invals[:1]
+    else:
+      outs = eqn.primitive.bind(*invals, **eqn.params)
+      outs = outs if eqn.primitive.multiple_results else [outs]
+    env.update(zip(eqn.outvars, outs))
+  return env
+
+
+_REFERENCE = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "relu": jax.nn.relu,
+              "linear": lambda z: z}
+
+
+def _identify(jaxpr, joins, eqns) -> str:
+  """The nonlinearity that ends a chain: the function of one variable computed after the last
+  op that reads anything else (a bias, a norm's params, another layer), evaluated on a grid
+  and compared with sigmoid, tanh, relu and the identity; ``'other'`` (``gelu``, ``silu``, a
+  scaled sigmoid ...) when it is none of them. So ``1 / (1 + exp(-z))`` is a sigmoid however it
+  is written."""
+  var = joins[-1][0]
+  made = {}                                  # arrays made from literals (a where's 0.0)
+  for e in jaxpr.eqns:
+    if (all(isinstance(v, jex.core.Literal) or v in made for v in e.invars)
+        and not _call_body(e)[0]):
+      made.update((o, e) for o in e.outvars)
+  for entry, i in joins:                     # the earliest join after which only it is read
+    tail = eqns[i:]
+    inside = {entry} | {o for e in tail for o in e.outvars}
+    if all(isinstance(v, jex.core.Literal) or v in inside or v in made
+           for e in tail for v in e.invars):
+      break
+  tail = [e for e in jaxpr.eqns if any(o in made for o in e.outvars)] + list(tail)
+  shape = tuple(var.aval.shape)
+  if not tail:
+    return "linear"
+  dtype = entry.aval.dtype
+  grid = np.linspace(-8.0, 8.0, 64, dtype=np.float32)
+  out = None
+  with jax.ensure_compile_time_eval():
+    try:         # on 64 points: ops of scalars and literals run at any shape (and compile once)
+      out = np.asarray(_run_eqns(tail, {entry: jnp.asarray(grid, dtype)}, flat=True)[var],
+                       np.float32)
+      out = out if out.shape == grid.shape else None
+    except Exception:  # pylint: disable=broad-except
+      out = None
+    if out is None:  # an op of the layer's own shape (a where's broadcast 0.0): at that shape
+      if tuple(entry.aval.shape) != shape:   # and a transpose on the way: not compared
+        return "other"
+      n = max(math.prod(shape), 1)
+      grid = np.linspace(-8.0, 8.0, -(-64 // n) * n, dtype=np.float32)
+      try:
+        out = np.concatenate([np.asarray(_run_eqns(
+            tail, {entry: jnp.asarray(z.reshape(shape), dtype)})[var], np.float32).ravel()
+                              for z in grid.reshape(-1, n)])
+      except Exception:  # pylint: disable=broad-except
+        return "other"
+  grid = np.asarray(jnp.asarray(grid, dtype), np.float32)
+  tol = 1e-2 if jnp.finfo(dtype).bits < 32 else 1e-5
+  for name, f in _REFERENCE.items():
+    if np.allclose(out, np.asarray(f(grid)), atol=tol, rtol=tol):
+      return name
+  return "other"
 
 
 def _classify(w: _Walker, leaf_paths, num_params, env):
@@ -917,23 +1150,10 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     name = _name(leaf_paths[first.leaf], first.axis, taken)
     taken.add(name)
     activation, scope, var = "linear", (), None
+    joined = True
     if con is not None:
-      var, scope = con.out_var, con.path[:-1]
-      while True:
-        nxt = w.users.get(var, [])
-        if len(nxt) != 1:
-          break
-        _, eqn = nxt[0]
-        if eqn.primitive.name in _LAYOUT_OPS:
-          var = eqn.outvars[0]
-          continue
-        if not (eqn.primitive.name in _ELEMENTWISE or _is_elementwise_call(eqn)):
-          break
-        out = eqn.outvars[0]
-        if tuple(out.aval.shape) != tuple(var.aval.shape):
-          break
-        activation = _activation_of(eqn, activation)
-        var = out
+      scope = con.path[:-1]
+      var, activation, joined = _activation_chain(w, scope, con.out_var)
     readout = False
     if con is not None and len(consumers) == 1 and scope == ():
       c = next(c for c in w.contractions if c.path == consumers[0].where)
@@ -947,8 +1167,8 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
                  len(var.aval.shape) == 2 and any(out is o for o in w.out_vars) and
                  len(c.kernel_var.aval.shape) == 2)
     act_axes = env.get((scope, var)) if var is not None else None
-    complete = var is not None and {u.where for u in kernels} <= w.contractions_feeding(scope,
-                                                                                           var)
+    complete = joined and var is not None and {u.where for u in kernels} <= (
+        w.contractions_feeding(scope, var))
     sites.append(_GroupSite(name, root, activation, "conv" if con is not None and con.conv
                             else "dense", first.where, scope, var, act_axes, readout, complete))
   sites.sort(key=lambda s: s.order)
@@ -1121,6 +1341,24 @@ def _check_unfollowed_shapes(eqn, invals) -> None:
         "keep the loop out of the traced forward pass (unroll it in Python).")
 
 
+def _raise_mismatch(eqn, invals, error):
+  """An op that fails at the new sizes: one of its inputs kept a size of the example (made
+  without reading the inputs, like a dropout mask drawn from a fixed key); a TraceError that
+  says so, instead of the op's own message."""
+  got = [tuple(np.shape(a)) for a in invals]
+  want = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
+  if got == want:
+    raise error
+  raise TraceError(
+      f"{eqn.primitive.name} was traced with inputs of shapes {want} and gets {got} here: one "
+      "of them kept the example's size because it was made without reading the inputs (a "
+      "dropout mask drawn from a fixed key, an array of the batch size made with jnp.zeros), "
+      "so this target runs only at the example's batch size and unpruned sizes there. Make "
+      "such arrays from the input's shape (x.shape[0]), leave dropout out of the traced "
+      f"function (deterministic=True), or pass inputs of the example's size. ({error})"
+  ) from error
+
+
 def _check_not_broadcast(eqn, operand, shape) -> None:
   """An axis that was not broadcast when traced must not be broadcast now: that happens when
   the tracer lost a size (an op it does not follow) and rebuilt it at the traced size."""
@@ -1217,11 +1455,18 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
           else:
             params["slice_sizes"] = tuple(now[d] if sz == was[d] else sz
                                           for d, sz in enumerate(params["slice_sizes"]))
+        elif name == "gather":      # likewise an operand axis gathered whole (see _gather)
+          was, now = eqn.invars[0].aval.shape, np.shape(invals[0])
+          params["slice_sizes"] = tuple(now[d] if sz == was[d] else sz
+                                        for d, sz in enumerate(params["slice_sizes"]))
         elif name == "conv_general_dilated" and params["feature_group_count"] > 1:
           dn = params["dimension_numbers"]
           per = np.shape(invals[1])[dn.rhs_spec[1]]
           params["feature_group_count"] = np.shape(invals[0])[dn.lhs_spec[1]] // per
-        outs = eqn.primitive.bind(*invals, **params)
+        try:
+          outs = eqn.primitive.bind(*invals, **params)
+        except (TypeError, ValueError) as e:
+          _raise_mismatch(eqn, invals, e)
         if not eqn.primitive.multiple_results:
           outs = [outs]
       for v, o in zip(eqn.outvars, outs):
@@ -1348,7 +1593,8 @@ class TracedTarget:
   def activations_complete(self, name: str) -> bool:
     """Whether ``activations(..., name)`` is what the group's consumers read: False when other
     kernels add into the units after it (a residual addition couples the group; an LSTM's
-    output mixes four gates). Pruners from activations refuse such a group."""
+    output mixes four gates), or when readers read the units at different points
+    (``relu(h) @ W2 + h @ W3``). Pruners from activations refuse such a group."""
     return self._site(name).complete
 
   def _site(self, name):
@@ -1430,6 +1676,9 @@ class TracedTarget:
           # A recurrent reader sees the initial state at the first step, not the units' values:
           # a constant unit's contribution does not fold into its bias exactly either.
           padded = padded or w.reads_carry(con.path[:-1], con.stream_var)
+          # What it reads must carry a constant unit as that constant (not a sum of it).
+          padded = padded or (site.act_var is not None
+                              and not w.passes_constants(site.scope, site.act_var, con))
         slices.append(units_lib.Slice(an.leaf_paths[use.leaf], axis, use.role, view=view,
                                       bias=bias, padded=padded, kind=use.kind, segment=segment,
                                       out_axes=out_axes))

@@ -35,7 +35,7 @@ import numpy as np
 Path = tuple[Any, ...]   # dict keys, list/tuple indices, attribute names
 PyTree = Any
 Role = Literal["producer", "consumer"]
-ACTIVATIONS = ("sigmoid", "tanh", "relu", "linear")
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "linear", "other")
 # What a slice is: a kernel (weights contracted with activations), a bias added to a kernel's
 # output, or a normalisation's scale, shift or statistic (running mean and variance).
 SLICE_KINDS = ("kernel", "bias", "scale", "shift", "stat")
@@ -57,8 +57,10 @@ class Slice:
       constant contribution can be folded into it.
     padded: for a consumer, True when a constant unit's contribution varies with the position
       or the step: a zero-padded ('SAME') or input-dilated (transposed) convolution (less at the
-      borders, or between inputs), or a recurrent reader (the initial state at the first
-      step), so folding it into a bias is not exact (see ``UnitGroup.exact_constant_fold``).
+      borders, or between inputs), a recurrent reader (the initial state at the first
+      step), or a reader through an op that changes a constant (a sum, a zero pad, an
+      average counting padding, a scaling), so folding it into a bias is not exact (see
+      ``UnitGroup.exact_constant_fold``).
     kind: what the slice is: ``'kernel'`` (weights contracted with activations: a producer's
       columns or a consumer's rows), ``'bias'`` (added to the producer kernel's output),
       ``'scale'``, ``'shift'`` or ``'stat'`` (a normalisation's scale, shift, or running
@@ -109,8 +111,10 @@ class UnitGroup:
     name: the group's name (the key of its unit mask).
     size: number of units (neurons or channels).
     slices: every parameter slice indexed by this group's units.
-    activation: the units' nonlinearity (``'sigmoid'``, ``'tanh'``, ``'relu'`` or
-      ``'linear'``); distinctiveness uses it to centre activations.
+    activation: the units' nonlinearity (``'sigmoid'``, ``'tanh'``, ``'relu'``, ``'linear'``,
+      or ``'other'`` for any other, like ``gelu``); distinctiveness uses it to centre
+      activations (sigmoid outputs are shifted by -0.5), and the weight-based constant rule to
+      find a unit's output from its bias (which it cannot for ``'other'``).
     kind: ``'dense'`` for neurons, ``'conv'`` for channels.
   """
 

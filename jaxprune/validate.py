@@ -170,8 +170,10 @@ def check_data(x, y=None, *, sample_weight=None, num_classes: int | None = None,
 
 def num_outputs(model, params: PyTree, x) -> int:
   """The size of the model's last output axis for inputs shaped like ``x`` (no computation)."""
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype  # token ids stay integers
+  dtype = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
   out = jax.eval_shape(model.apply, params,
-                       jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), jnp.float32))
+                       jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), dtype))
   if not hasattr(out, "shape"):
     raise ValueError(
         f"This model returns a {type(out).__name__} of outputs, not one array of class scores, "

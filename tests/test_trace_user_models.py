@@ -468,3 +468,229 @@ def test_a_size_lost_through_an_unfollowed_op_raises_instead_of_broadcasting():
   for b in (3, 1):
     with pytest.raises(jaxprune.TraceError, match="reaches a broadcast to the traced size 8"):
       small_t.apply(small, _arr(b, 4))
+
+
+def _one_layer(act):
+  def fn(p, x):
+    return act(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+  return fn
+
+
+_ONE = {"w1": _arr(4, 6), "b1": _arr(6), "w2": _arr(6, 3), "b2": _arr(3)}
+
+_ACTS = [  # (activation, the tag the tracer must give it)
+    (jax.nn.relu, "relu"), (lambda z: jnp.maximum(z, 0.0), "relu"),
+    (jax.nn.sigmoid, "sigmoid"), (lambda z: 1.0 / (1.0 + jnp.exp(-z)), "sigmoid"),
+    (lambda z: 0.5 * jnp.tanh(z / 2) + 0.5, "sigmoid"), (jnp.tanh, "tanh"),
+    (lambda z: z, "linear"), (jax.nn.relu6, "other"), (jax.nn.hard_sigmoid, "other"),
+    (jax.nn.gelu, "other"), (jax.nn.silu, "other"), (jax.nn.elu, "other"),
+    (jax.nn.hard_tanh, "other"), (lambda z: z * jax.nn.sigmoid(z), "other"),
+    (lambda z: jnp.where(z > 0, z, 0.1 * z), "other"), (lambda z: z * z, "other")]
+
+
+@pytest.mark.parametrize("k", range(len(_ACTS)))
+def test_activations_follow_a_nonlinearity_that_reads_its_input_twice(k):
+  """gelu, silu, elu, where(...) read the pre-activation several times: the activations are
+  taken where the branches join (they were the pre-activation, so a constant unit's fold moved
+  the outputs by 0.06 and group redundancy by 1.0), and the tag names the function, found by
+  evaluating it (a hand-written sigmoid is a sigmoid, so distinctiveness shifts it)."""
+  act, tag = _ACTS[k]
+  fn, x = _one_layer(act), _arr(32, 4)
+  t = jaxprune.trace(fn, _ONE, x)
+  assert t.groups["w1"].activation == tag and t.activations_complete("w1")
+  np.testing.assert_allclose(t.activations(_ONE, x, "w1"), act(x @ _ONE["w1"] + _ONE["b1"]),
+                             atol=1e-6)
+
+
+def test_constant_gelu_unit_folds_exactly_and_weight_constants_are_refused():
+  p = jax.tree.map(np.array, _ONE)
+  p["w1"][:, 2] = 0.0                                   # unit 2 outputs gelu(b1[2]) always
+  fn, x = _one_layer(jax.nn.gelu), _arr(32, 4)
+  t = jaxprune.trace(fn, p, x)
+  new, um, _ = jaxprune.distinctiveness(t, "w1")(p, jaxprune.unit_masks_ones(t),
+                                                 t.activations(p, x, "w1"), 1.0, 179.0)
+  assert not bool(um["w1"][2])
+  np.testing.assert_allclose(fn(new, x), fn(p, x), atol=1e-5)
+  new, um, _ = jaxprune.group_redundancy(t, "w1")(p, jaxprune.unit_masks_ones(t),
+                                                  t.activations(p, x, "w1"), 1e-4)
+  assert np.flatnonzero(~np.asarray(um["w1"])).tolist() == [2]
+  np.testing.assert_allclose(fn(new, x), fn(p, x), atol=1e-5)
+  # From weights, act(bias) is not what a zero-weight gelu unit outputs: refused, with the fix.
+  with pytest.raises(ValueError, match="not one of sigmoid.*'other'.*constants=False"):
+    jaxprune.weight_distinctiveness(t, "w1")
+  jaxprune.weight_distinctiveness(t, "w1", constants=False)
+
+
+def test_weight_constants_refused_after_a_norm_or_a_residual():
+  def bn(p, x):
+    h = (x @ p["w1"] + p["b1"]) * p["scale"] + p["shift"]
+    return jax.nn.relu(h) @ p["w2"] + p["b2"]
+
+  def residual(p, x):
+    h = jax.nn.relu(x @ p["w1"] + p["b1"])
+    h = h + jax.nn.relu(h @ p["wr"] + p["br"])
+    return h @ p["w2"] + p["b2"]
+
+  x = _arr(8, 4)
+  t = jaxprune.trace(bn, dict(_ONE, scale=_arr(6), shift=_arr(6)), x)
+  with pytest.raises(ValueError, match="normalisation or scale"):
+    jaxprune.weight_distinctiveness(t, "w1")
+  t = jaxprune.trace(residual, dict(_ONE, wr=_arr(6, 6), br=_arr(6)), x)
+  with pytest.raises(ValueError, match="constants=False"):   # the residual adds to the units
+    jaxprune.weight_distinctiveness(t, "w1")
+
+  def branches(p, x):                                         # two kernels make each unit
+    h = jax.nn.relu(x @ p["w1"] + p["b1"]) + jax.nn.relu(x @ p["wr"] + p["br"])
+    return h @ p["w2"] + p["b2"]
+
+  t = jaxprune.trace(branches, dict(_ONE, wr=_arr(4, 6), br=_arr(6)), x)
+  assert t.groups["w1"].exact_constant_fold
+  with pytest.raises(ValueError, match="2 kernels produce"):
+    jaxprune.weight_distinctiveness(t, "w1")
+
+
+def test_a_group_read_before_and_after_its_nonlinearity_is_incomplete():
+  def fn(p, x):
+    h = x @ p["w1"] + p["b1"]
+    return jax.nn.relu(h) @ p["w2"] + h @ p["w3"]
+
+  p = dict(_ONE, w3=_arr(6, 3))
+  t = jaxprune.trace(fn, p, _arr(8, 4))
+  assert not t.activations_complete("w1")
+  with pytest.raises(ValueError, match="read it at different points"):
+    jaxprune.distinctiveness(t, "w1")
+
+
+def test_a_gather_that_takes_the_batch_whole_runs_at_other_batch_sizes():
+  """A nearest-neighbour resize and jnp.take along time gather slices that keep the batch and
+  the units whole: at another batch size the target returned the traced batch's rows (3 of 5);
+  now those axes are followed through, and the units before the gather are a group."""
+  class Up(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(4, (3, 3), name="c0")(x))
+      h = jax.image.resize(h, (h.shape[0], 8, 8, 4), "nearest")
+      h = nn.relu(nn.Conv(5, (3, 3), name="c1")(h))
+      return nn.Dense(2)(h.mean(axis=(1, 2)))
+
+  def seq(p, x):
+    h = jnp.tanh(x @ p["w1"])
+    h = jnp.take(h, jnp.array([0, 2, 4]), axis=1)
+    return h.reshape(h.shape[0], -1) @ p["w2"]
+
+  m = Up()
+  p = m.init(jax.random.key(2), _arr(3, 4, 4, 1))
+  t = jaxprune.trace(m.apply, p, _arr(3, 4, 4, 1))
+  assert set(t.groups) == {"c0", "c1"}
+  _compact_equals_masked(t, p, _arr(5, 4, 4, 1), m.apply, {"c0": [1], "c1": [0, 3]})
+  assert t.activations(p, _arr(5, 4, 4, 1), "c0").shape == (5, 4, 4, 4)
+  p = {"w1": _arr(3, 6), "w2": _arr(18, 2)}
+  t = jaxprune.trace(seq, p, _arr(2, 5, 3))
+  _compact_equals_masked(t, p, _arr(4, 5, 3), seq, {"w1": [1, 4]})
+
+
+def test_token_model_trains_evaluates_and_searches():
+  """Integer inputs (token ids): fit, evaluate and ga.search read the model's output size with
+  the input's own dtype (a float32 stand-in crashed nn.Embed)."""
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, tok):
+      x = nn.Embed(20, 8)(tok).mean(axis=1)
+      return nn.Dense(3)(nn.tanh(nn.Dense(6, name="hid")(x)))
+
+  tok = jnp.asarray(R.integers(0, 20, size=(8, 5)))
+  m = M()
+  p = m.init(jax.random.key(0), tok)
+  t = jaxprune.trace(m.apply, p, tok)
+  y = jnp.argmax(m.apply(p, tok), -1)
+  assert float(jaxprune.evaluate(t, p, tok, y)["accuracy"]) == 1.0
+  res = jaxprune.ga.search(t, p, tok, y, "hid", key=jax.random.key(0), progress=False,
+                           config=jaxprune.ga.GAConfig(population_size=6, hof_size=2,
+                                                       generations=2))
+  assert res.mask.shape == (6,)
+  new, _ = jaxprune.fit(t, p, tok, y, key=jax.random.key(1), epochs=1, progress=False)
+  assert jax.tree.structure(new) == jax.tree.structure(p)
+
+
+def _pooled(pool):
+  def fn(p, x):
+    h = jnp.tanh(x @ p["w1"] + p["b1"])                  # (B, T, units)
+    return pool(h) @ p["w2"] + p["b2"]
+  return fn
+
+
+_POOLS = {  # how the consumer reads the units; whether a constant unit reaches it unchanged
+    "mean over time": (lambda h: h.mean(1), True),
+    "max over time": (lambda h: h.max(1), True),
+    "last step": (lambda h: h[:, -1], True),
+    "average pooling, no padding": (
+        lambda h: nn.avg_pool(h, (2,), (1,), "VALID").mean(1), True),
+    "sum over time": (lambda h: h.sum(1), False),
+    "zero pad, then mean": (lambda h: jnp.pad(h, ((0, 0), (1, 1), (0, 0))).mean(1), False),
+    "average pooling counting its padding": (
+        lambda h: nn.avg_pool(h, (3,), (1,), "SAME").mean(1), False),
+    "scaled": (lambda h: 2.0 * h.max(1), False),
+    "sigmoid attention weights": (
+        lambda h: (jax.nn.sigmoid(jnp.arange(25.0).reshape(5, 5) / 9 - 1) @ h)[:, 0], False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_POOLS))
+def test_constant_folds_only_through_ops_that_pass_a_constant_on(case):
+  """A constant unit is folded into the consumer's bias as the constant itself: exact through a
+  mean, a max or a selection; not through a sum (the outputs moved by 0.23), a zero pad or an
+  average counting padding (0.03-0.5), a scaling or attention weights that do not sum to 1
+  (1.0), where the fold is now refused."""
+  pool, exact = _POOLS[case]
+  p = jax.tree.map(np.array, _ONE)
+  p["w1"][:, 2] = 0.0
+  fn, x = _pooled(pool), _arr(8, 5, 4)
+  t = jaxprune.trace(fn, p, x)
+  assert t.groups["w1"].exact_constant_fold == exact
+  if not exact:
+    with pytest.raises(ValueError, match="does not pass a constant on"):
+      jaxprune.distinctiveness(t, "w1")
+    return
+  new, um, _ = jaxprune.distinctiveness(t, "w1", similar=False, complementary=False)(
+      p, jaxprune.unit_masks_ones(t), t.activations(p, x, "w1"))
+  assert np.flatnonzero(~np.asarray(um["w1"])).tolist() == [2]
+  np.testing.assert_allclose(fn(new, x), fn(p, x), atol=1e-5)
+
+
+def test_transposed_conv_with_a_flipped_kernel_is_a_producer():
+  """ConvTranspose(transpose_kernel=True) flips its kernel (rev) before the convolution: the
+  kernel was taken for a computed value, so activations raised a bare KeyError and the weight
+  pruners found no kernel."""
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.ConvTranspose(4, (3, 3), padding="VALID", transpose_kernel=True,
+                                   name="up")(x))
+      return nn.Dense(2)(h.reshape(h.shape[0], -1))
+
+  x = _arr(3, 4, 4, 2)
+  m = M()
+  p = m.init(jax.random.key(1), x)
+  t = jaxprune.trace(m.apply, p, x)
+  kinds = {s.path[-1]: s.kind for s in t.groups["up"].producers}
+  assert kinds == {"kernel": "kernel", "bias": "bias"}
+  acts = t.activations(p, x, "up")
+  assert acts.shape == (3, 6, 6, 4)
+  jaxprune.importance_prune(t, "up")(p, jaxprune.unit_masks_ones(t), 1)
+  _compact_equals_masked(t, p, _arr(5, 4, 4, 2), m.apply, {"up": [1]})
+
+
+def test_dropout_mask_from_a_fixed_key_at_another_batch_size_says_why():
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dropout(0.5, deterministic=False)(nn.relu(nn.Dense(6)(x)))
+      return nn.Dense(2)(nn.relu(nn.Dense(5)(h)))
+
+  m, x = M(), _arr(4, 3)
+  p = m.init(jax.random.key(1), x)
+  t = jaxprune.trace(lambda p, x: m.apply(p, x, rngs={"dropout": jax.random.key(3)}), p, x)
+  assert [g.size for g in t.groups.values()] == [5]   # the 6 units meet the fixed mask
+  small, small_target = t.compact(p, jaxprune.unit_masks_ones(t))
+  with pytest.raises(jaxprune.TraceError, match="dropout mask drawn from a fixed key"):
+    small_target.apply(small, _arr(7, 3))

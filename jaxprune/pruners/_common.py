@@ -16,7 +16,7 @@ PyTree = Any
 
 # Activations whose outputs are centred by distinctiveness: sigmoid lives in [0, 1] and is shifted
 # to [-0.5, 0.5]; the others are used as they are.
-SHIFT = {"sigmoid": 0.5, "tanh": 0.0, "relu": 0.0, "linear": 0.0}
+SHIFT = {"sigmoid": 0.5, "tanh": 0.0, "relu": 0.0, "linear": 0.0, "other": 0.0}
 
 
 def resolve_groups(target) -> Mapping[str, units_lib.UnitGroup]:
@@ -40,10 +40,10 @@ def check_activations_complete(target, name: str) -> None:
   complete = getattr(target, "activations_complete", None)
   if complete is not None and not complete(name):
     raise ValueError(
-        f"Group {name!r} is produced by several kernels, and some act on its units after the "
-        "activations it reports (a residual addition couples it, a gate scales it, or layers "
-        "scanned over stacked params share it), so its consumers read other values than those "
-        "activations and a "
+        f"Group {name!r}: its consumers read other values than the activations it reports "
+        "(other kernels act on its units after them: a residual addition couples it, a gate "
+        "scales it, or layers scanned over stacked params share it; or its readers read it at "
+        "different points, like relu(h) @ W2 + h @ W3), so a "
         "pruner from activations would merge or remove the wrong units. Prune it from weights "
         "(weight_distinctiveness, importance_prune, magnitude_prune) or give each layer its own "
         "group.")

@@ -194,11 +194,32 @@ def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: boo
     why = ("its consumer has no bias" if any(s.bias is None for s in g.consumers) else
            "it is read by a zero-padded ('SAME') or input-dilated (transposed) convolution, "
            "where a constant channel contributes less at the borders, or between inputs, than "
-           "elsewhere, or by a recurrence, which reads the initial state at the first step")
+           "elsewhere; by a recurrence, which reads the initial state at the first step; or "
+           "through an op that does not pass a constant on unchanged, like a sum, a zero pad, "
+           "an average that counts padding, a scaling or an attention-weighted sum")
     raise ValueError(
         f"Group {g.name!r} cannot fold removed units into the next bias exactly ({why}). "
         f"Pass {', '.join(f'{n}=False' for n in wanted)} (merging similar units and removing "
         "complementary pairs still work).")
+
+
+def _check_output_from_bias(g):
+  """A unit with zero incoming weights outputs act(bias) only when nothing else acts between
+  its kernel and its nonlinearity, and that nonlinearity is a known one."""
+  kinds = [s.kind for s in g.producers]
+  why = None
+  if g.activation not in ("sigmoid", "tanh", "relu", "linear"):
+    why = f"its nonlinearity is not one of sigmoid, tanh, relu or none (it is {g.activation!r})"
+  elif kinds.count("kernel") != 1:
+    why = f"{kinds.count('kernel')} kernels produce its units (a residual addition couples it)"
+  elif set(kinds) - {"kernel", "bias"} or kinds.count("bias") > 1:
+    why = "a normalisation or scale acts on its units after the kernel"
+  if why:
+    raise ValueError(
+        f"Group {g.name!r}: a unit with zero incoming weights does not output act(bias) here "
+        f"({why}), so its constant output cannot be folded into the next bias. Pass "
+        "constants=False, use source='outgoing', or find constant units from activations "
+        "(distinctiveness).")
 
 
 def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
@@ -245,6 +266,10 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
   groups = _common.resolve_groups(model_or_groups)
   if not (similar or complementary or constants):
     raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
+  if fold and compensate:
+    raise ValueError("fold and compensate are two treatments of a complementary pair (fold "
+                     "drops one unit exactly, compensate drops both and adds their mean); "
+                     "pass one of them.")
   _check_bias_folds(g, constants=constants, compensate=compensate, fold=fold)
   jitted, trace_count = _activation_core(g)
   flags = np.array([similar, complementary, constants, absorb, compensate, fold], bool)
@@ -327,6 +352,8 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
   if not (similar or complementary or constants):
     raise ValueError("All rules are off (similar, complementary, constants); turn one on.")
   _check_bias_folds(g, constants=constants)
+  if source == "incoming" and constants:
+    _check_output_from_bias(g)
   jitted, trace_count = _weight_core(g, source, similar, complementary, constants, absorb)
 
   sources = g.producers if source == "incoming" else g.consumers
