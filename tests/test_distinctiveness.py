@@ -319,7 +319,11 @@ def _sequential_sweep(vecs, active, sim, comp, *, absorb, similar, complementary
   keep = active & ~removed & ~const
   if active.any() and not keep.any():
     pref = active & ~const
-    keep[np.argmax(pref) if pref.any() else np.argmax(active)] = True
+    last = int(np.argmax(pref) if pref.any() else np.argmax(active))
+    keep[last] = True
+    k = next(k for k, (_, _, gone) in enumerate(actions) if last in gone)   # listed as kept
+    kind, kept, gone = actions[k]
+    actions[k] = (kind, tuple(sorted(kept + (last,))), tuple(u for u in gone if u != last))
   return keep, actions
 
 
@@ -848,3 +852,27 @@ def test_weight_distinctiveness_refuses_nan_weights(lenet):
   # Under jit: nothing changes and the report says so.
   _, m, rep = jax.jit(lambda q: prune(q, _ones(model), 30.0, 150.0))(p)
   assert bool(rep.invalid) and bool(np.all(m["conv_0"]))
+
+
+def test_report_lists_the_unit_kept_last_as_kept():
+  """A sweep that would remove every unit keeps one; report_actions said it was removed."""
+  m = jaxprune.MLP(in_features=3, hidden=(2,), out_features=2, activation="tanh")
+  p = m.init(jax.random.key(0))
+  v = np.random.default_rng(0).normal(size=8)
+  for acts, want in ((np.stack([v, -v], 1), [{"kind": "complementary", "kept": (0,),
+                                             "removed": (1,), "angle": 180.0,
+                                             "kept_last": True}]),
+                     (np.stack([np.full(8, 0.3), np.full(8, -0.2)], 1),
+                      [{"kind": "constant", "kept": (0,), "removed": (), "angle": None,
+                        "kept_last": True},
+                       {"kind": "constant", "kept": (), "removed": (1,), "angle": None}])):
+    _, um, rep = distinctiveness(m, "hidden_0")(p, jaxprune.unit_masks_ones(m),
+                                                jnp.asarray(acts, jnp.float32), 15.0, 165.0)
+    assert np.asarray(um["hidden_0"]).tolist() == [True, False] and bool(rep.kept_last)
+    assert report_actions(rep) == want
+
+
+def test_fold_and_compensate_together_are_refused():
+  m = jaxprune.MLP(in_features=3, hidden=(4,), out_features=2, activation="tanh")
+  with pytest.raises(ValueError, match="pass one of them"):
+    distinctiveness(m, "hidden_0", fold=True, compensate=True)

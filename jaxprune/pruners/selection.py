@@ -58,7 +58,8 @@ def report_actions(report: SweepReport) -> list[dict]:
 
   Each dict has ``kind`` ('similar', 'complementary' or 'constant'), ``kept`` (tuple of unit
   indices kept by the action), ``removed`` (tuple of indices removed) and ``angle`` (degrees,
-  None for constants).
+  None for constants). When the sweep kept its last unit (``report.kept_last``), the action
+  that would have removed it lists it as kept, like the unit mask, and has ``kept_last: True``.
   """
   r = jax.tree.map(np.asarray, report)
   if r.count.ndim:
@@ -75,6 +76,17 @@ def report_actions(report: SweepReport) -> list[dict]:
       kept, removed = (), (i,)
     out.append({"kind": KIND_NAMES[kind], "kept": kept, "removed": removed,
                 "angle": None if kind == CONSTANT else float(r.angle[n])})
+  if bool(r.kept_last) and out:
+    # The sweep kept one unit it would have removed (the lowest-index non-constant one, else
+    # the lowest-index one): its action lists it as kept, as the mask does.
+    pairs = [u for a in out if a["kind"] != "constant" for u in a["removed"]]
+    last = min(pairs) if pairs else min(u for a in out for u in a["removed"])
+    for a in out:
+      if last in a["removed"]:
+        a["removed"] = tuple(u for u in a["removed"] if u != last)
+        a["kept"] = tuple(sorted(a["kept"] + (last,)))
+        a["kept_last"] = True
+        break
   return out
 
 
