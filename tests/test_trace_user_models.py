@@ -694,3 +694,18 @@ def test_dropout_mask_from_a_fixed_key_at_another_batch_size_says_why():
   small, small_target = t.compact(p, jaxprune.unit_masks_ones(t))
   with pytest.raises(jaxprune.TraceError, match="dropout mask drawn from a fixed key"):
     small_target.apply(small, _arr(7, 3))
+
+
+def test_ga_fast_path_on_a_gelu_layer_scores_the_masked_network():
+  """With the activations at gelu's output, the GA's one-product fast path applies to a gelu
+  layer, and the accuracy it reports is that of the masked network."""
+  fn, x = _one_layer(jax.nn.gelu), _arr(64, 4)
+  y = jnp.argmax(fn(_ONE, x) + 0.3 * _arr(64, 3), -1)
+  t = jaxprune.trace(fn, _ONE, x)
+  assert jaxprune.ga.fast_path_applies(t, "w1")
+  res = jaxprune.ga.search(t, _ONE, x, y, "w1", key=jax.random.key(0), progress=False,
+                           config=jaxprune.ga.GAConfig(population_size=10, hof_size=2,
+                                                       generations=4))
+  um = {"w1": jnp.asarray(res.mask, bool)}
+  masked = jaxprune.apply_masks(_ONE, jaxprune.expand(_ONE, t, um))
+  assert float(res.accuracy) == pytest.approx(float(jnp.mean(jnp.argmax(fn(masked, x), -1) == y)))
