@@ -401,14 +401,15 @@ class _Walker:
     unit's contribution cannot be folded into its bias)."""
     return any(path is None for path, _ in self._backward(scope, var, descend=False))
 
-  def passes_constants(self, scope: tuple, var, con) -> bool:
-    """Whether the consumer contraction ``con`` reads, from ``var`` (a group's activations),
-    a constant unit as that same constant at every position it reads: the ops between only
-    move, select, take the max or min of, or average values (a mean: a sum divided by the
-    count; average pooling without padding). A sum, a zero pad, an average that counts its
-    padding, a scaling, an added value or an attention-weighted sum change it, so folding
-    the constant into ``con``'s bias would not be exact."""
-    status = {(scope, var): "ok"}            # 'ok', 'changed', or ('sum', count)
+  def reads(self, scope: tuple, var, con) -> str:
+    """How the consumer contraction ``con`` reads ``var`` (a group's activations): ``'ok'``
+    when every op between is linear and passes a constant unit on unchanged (moves,
+    selections, a mean: a sum divided by its count, average pooling without padding);
+    ``'max'`` when some take a max or min (max pooling: a constant still passes, a linear
+    combination of units does not); ``'changed'`` otherwise (a sum, a zero pad, an average
+    counting its padding, a scaling, an added value, attention weights), where folding a
+    constant unit into ``con``'s bias would not be exact."""
+    status = {(scope, var): "ok"}            # 'ok', 'max', 'changed', or ('sum', count, base)
     stack, reached = [(scope, var)], None
     while stack:
       sc, v = stack.pop()
@@ -423,7 +424,7 @@ class _Walker:
         if path[:-1] != sc:                  # a body shared by several calls: this call's only
           continue
         if path == con.path:
-          reached = st if reached in (None, "ok") else reached
+          reached = _worse(reached or "ok", st if st in ("ok", "max") else "changed")
           continue
         if path in self.jaxpr_at:            # into a followed call's or scan's body
           inner = self.jaxpr_at[path]
@@ -437,16 +438,20 @@ class _Walker:
         out = _constant_step(eqn, v, st)
         for o in eqn.outvars:
           stack += self._mark(status, sc, o, out)
-    return reached == "ok"
+    return reached or "changed"
 
   @staticmethod
   def _mark(status, scope, v, st):
-    """Records ``st`` for ``v`` (a changed value stays changed); the node if it is new."""
+    """Records ``st`` for ``v`` (the worse of two paths' statuses); the node if it changed."""
     key = (scope, v)
     old = status.get(key)
-    if old == st or old == "changed":
+    if old is None or old == st:
+      new = st
+    else:          # two paths: the worse (two different pending sums: changed)
+      new = "changed" if isinstance(old, tuple) or isinstance(st, tuple) else _worse(old, st)
+    if new == old:
       return []
-    status[key] = st if old is None else "changed"
+    status[key] = new
     return [key]
 
   def through_layout(self, v):
@@ -907,16 +912,25 @@ def _body(eqn):
   return _call_body(eqn)[0]
 
 
+# Ops that pass every value on (linear, and a constant stays that constant) ...
 _KEEPS_CONSTANTS = frozenset("""
 broadcast_in_dim concatenate convert_element_type copy copy_p dynamic_slice expand_dims gather
-reduce_max reduce_min reduce_precision reduce_window_max reduce_window_min reshape rev slice
-squeeze transpose optimization_barrier sharding_constraint stop_gradient
+reduce_precision reshape rev slice squeeze transpose optimization_barrier sharding_constraint
+stop_gradient
 """.split())
+# ... and ops that keep a constant but not a linear combination of units (max pooling).
+_MAX_OPS = frozenset("reduce_max reduce_min reduce_window_max reduce_window_min".split())
+
+
+def _worse(a, b):
+  """The worse of two statuses of :meth:`_Walker.reads` (a pending sum counts as changed)."""
+  order = {"ok": 0, "max": 1}
+  return max(a, b, key=lambda st: order.get(st, 2) if isinstance(st, str) else 2)
 
 
 def _constant_step(eqn, v, st):
   """The status of ``eqn``'s outputs when its input ``v`` has status ``st`` (see
-  :meth:`_Walker.passes_constants`)."""
+  :meth:`_Walker.reads`)."""
   name = eqn.primitive.name
   if isinstance(st, tuple):                  # a sum: a constant again once divided by its count
     other = [w for w in eqn.invars if w is not v]
@@ -924,22 +938,24 @@ def _constant_step(eqn, v, st):
         and isinstance(other[0], jex.core.Literal)):
       k = float(np.asarray(other[0].val))
       if np.isclose(k if name == "div" else 1.0 / k if k else 0.0, st[1], rtol=1e-6):
-        return "ok"
+        return st[2]
     return "changed"
-  if st != "ok":
+  if st not in ("ok", "max"):
     return st
   if name in _KEEPS_CONSTANTS:
-    return "ok"
+    return st
+  if name in _MAX_OPS:
+    return "max"
   if name == "pad":
-    return "ok" if all(lo <= 0 and hi <= 0 and not interior
-                       for lo, hi, interior in eqn.params["padding_config"]) else "changed"
+    return st if all(lo <= 0 and hi <= 0 and not interior
+                     for lo, hi, interior in eqn.params["padding_config"]) else "changed"
   if name == "reduce_sum":
     shape = eqn.invars[0].aval.shape
-    return ("sum", float(math.prod(shape[d] for d in eqn.params["axes"])))
+    return ("sum", float(math.prod(shape[d] for d in eqn.params["axes"])), st)
   if name == "reduce_window_sum" and all(
       lo == 0 and hi == 0 for lo, hi in eqn.params["padding"]) and all(
           d == 1 for d in eqn.params["base_dilation"]):
-    return ("sum", float(math.prod(eqn.params["window_dimensions"])))
+    return ("sum", float(math.prod(eqn.params["window_dimensions"])), st)
   return "changed"
 
 
@@ -1669,19 +1685,21 @@ class TracedTarget:
               [math.prod(after)] if after else [])
           view = tuple(leaf_shape[:use.axis] + parts + leaf_shape[use.axis + 1:])
           axis = use.axis + (1 if before else 0)
-        bias, padded, out_axes = None, False, None
+        bias, padded, out_axes, max_pooled = None, False, None, False
         if use.role == "consumer":
           con = next(c for c in w.contractions if c.path == use.where)
           bias, padded, out_axes = self._consumer_bias(con), con.padded, con.out_axes
           # A recurrent reader sees the initial state at the first step, not the units' values:
           # a constant unit's contribution does not fold into its bias exactly either.
           padded = padded or w.reads_carry(con.path[:-1], con.stream_var)
-          # What it reads must carry a constant unit as that constant (not a sum of it).
-          padded = padded or (site.act_var is not None
-                              and not w.passes_constants(site.scope, site.act_var, con))
+          # What it reads must carry a constant unit as that constant (not a sum of it), and
+          # for linear folds a linear combination of units as that combination (not a max).
+          reads = "ok" if site.act_var is None else w.reads(site.scope, site.act_var, con)
+          padded = padded or reads not in ("ok", "max")
+          max_pooled = reads == "max"
         slices.append(units_lib.Slice(an.leaf_paths[use.leaf], axis, use.role, view=view,
                                       bias=bias, padded=padded, kind=use.kind, segment=segment,
-                                      out_axes=out_axes))
+                                      out_axes=out_axes, max_pooled=max_pooled))
       groups[site.name] = units_lib.UnitGroup(site.name, self._size(site.root), tuple(slices),
                                               activation=site.activation, kind=site.kind)
     return groups

@@ -71,6 +71,10 @@ class Slice:
     out_axes: for a consumer, the leaf's axes that are the consuming layer's outputs, in the
       order of its bias's axes (``trace`` records them: (0,) for a PyTorch-layout OIHW conv
       kernel). None: the outputs are the last axes (Flax and JAX layouts).
+    max_pooled: for a consumer, True when it reads the units through a maximum or minimum (max
+      pooling): a constant unit reaches it unchanged, but a linear combination of units does
+      not, so redistributing a unit's weights over others (``group_redundancy``,
+      distinctiveness' ``fold``) is not exact (see ``UnitGroup.exact_linear_fold``).
   """
 
   path: Path
@@ -81,6 +85,7 @@ class Slice:
   padded: bool = False
   kind: str = "kernel"
   segment: tuple[int, int] | None = None
+  max_pooled: bool = False
   # Not compared: a traced slice records what a declared one leaves implicit (outputs last).
   out_axes: tuple[int, ...] | None = dataclasses.field(default=None, compare=False)
 
@@ -137,6 +142,13 @@ class UnitGroup:
     """Whether a constant unit's contribution can be folded exactly into the next biases:
     every consumer has a bias and none is a zero-padded convolution."""
     return all(s.bias is not None and not s.padded for s in self.consumers)
+
+  @property
+  def exact_linear_fold(self) -> bool:
+    """Whether a unit that is a linear combination of others plus a constant can be removed
+    exactly by adding its outgoing weights to theirs and the constant to the next biases:
+    ``exact_constant_fold``, and no consumer reads the units through a max or min."""
+    return self.exact_constant_fold and not any(s.max_pooled for s in self.consumers)
 
 
 # ----------------------------------------------------------------------------- tree paths

@@ -709,3 +709,33 @@ def test_ga_fast_path_on_a_gelu_layer_scores_the_masked_network():
   um = {"w1": jnp.asarray(res.mask, bool)}
   masked = jaxprune.apply_masks(_ONE, jaxprune.expand(_ONE, t, um))
   assert float(res.accuracy) == pytest.approx(float(jnp.mean(jnp.argmax(fn(masked, x), -1) == y)))
+
+
+def test_linear_folds_are_refused_through_max_pooling():
+  """A max passes a constant unit on but not a linear combination of units: group redundancy
+  (and distinctiveness' fold) moved the outputs through a max over time, so they refuse it;
+  constants still fold, and a mean keeps all three."""
+  w1 = np.array(_ONE["w1"])
+  w1[:, 4] = w1[:, 0] + 0.5 * w1[:, 1]                   # unit 4 = unit 0 + 0.5 unit 1
+  p = dict(_ONE, w1=jnp.asarray(w1), b1=jnp.zeros(6))
+
+  def fn(pool):
+    return lambda p, x: pool(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+  x = _arr(16, 5, 4)
+  t = jaxprune.trace(fn(lambda h: h.max(1)), p, x)
+  g = t.groups["w1"]
+  assert g.exact_constant_fold and not g.exact_linear_fold
+  assert [s.max_pooled for s in g.consumers] == [True]
+  with pytest.raises(ValueError, match="max pooling"):
+    jaxprune.group_redundancy(t, "w1")
+  with pytest.raises(ValueError, match="Pass fold=False"):
+    jaxprune.distinctiveness(t, "w1", fold=True)
+  jaxprune.distinctiveness(t, "w1")                      # constants still fold exactly
+  mean = fn(lambda h: h.mean(1))
+  t = jaxprune.trace(mean, p, x)
+  assert t.groups["w1"].exact_linear_fold
+  new, um, _ = jaxprune.group_redundancy(t, "w1")(p, jaxprune.unit_masks_ones(t),
+                                                  t.activations(p, x, "w1"), 1e-4, 1)
+  assert int((~np.asarray(um["w1"])).sum()) == 1
+  np.testing.assert_allclose(mean(new, x), mean(p, x), atol=1e-4)

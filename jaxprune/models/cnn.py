@@ -113,9 +113,10 @@ class _ConvNet(Model):
     # Conv i is read by conv i+1; a 'SAME' (zero-padded) reader makes constant folding inexact.
     padded = tuple(convs[i] for i in range(len(convs) - 1)
                    if self.paddings[i + 1] != "VALID" and self.kernels[i + 1] > 1)
+    pooled = tuple(c for c, pool in zip(convs, self.pools) if pool is not None)
     groups = dense_chain_groups(convs, self.channels, nexts[:len(convs)], self.activation,
                                 consumer_view=view, kind="conv", padded_consumers=padded,
-                                dense_consumers=() if view else convs[-1:])
+                                dense_consumers=() if view else convs[-1:], max_pooled=pooled)
     groups.update(dense_chain_groups(denses, self.dense, nexts[len(convs):], self.activation))
     return groups
 

@@ -40,7 +40,8 @@ def dense_chain_groups(layer_names: tuple[str, ...], sizes: tuple[int, ...],
                        consumer_view: dict[str, tuple[int, ...]] | None = None,
                        kind: str = "dense",
                        padded_consumers: tuple[str, ...] = (),
-                       dense_consumers: tuple[str, ...] = ()) -> dict[str, UnitGroup]:
+                       dense_consumers: tuple[str, ...] = (),
+                       max_pooled: tuple[str, ...] = ()) -> dict[str, UnitGroup]:
   """Unit groups for a chain of layers: layer i's outputs are read by layer ``next_names[i]``.
 
   Each group owns its layer's kernel columns (the last axis: 1 of a dense (in, out) kernel, 3 of
@@ -48,7 +49,8 @@ def dense_chain_groups(layer_names: tuple[str, ...], sizes: tuple[int, ...],
   axis: 0 of a dense kernel, 2 of a conv kernel, 1 of a dense kernel read through flatten with
   ``view=(H*W, C, out)``). Conv groups are read by the next conv, except one with a view.
   Groups named in ``padded_consumers`` are read by a zero-padded convolution, and conv groups
-  named in ``dense_consumers`` by a dense layer without a view (a 1x1 map flattened).
+  named in ``dense_consumers`` by a dense layer without a view (a 1x1 map flattened); groups
+  named in ``max_pooled`` are read through max pooling.
   """
   group_names = group_names or layer_names
   consumer_view = consumer_view or {}
@@ -64,7 +66,7 @@ def dense_chain_groups(layer_names: tuple[str, ...], sizes: tuple[int, ...],
             Slice(("params", nxt, "kernel"),
                   axis=1 if view else (2 if conv and name not in dense_consumers else 0),
                   role="consumer", view=view, bias=("params", nxt, "bias"),
-                  padded=name in padded_consumers),
+                  padded=name in padded_consumers, max_pooled=name in max_pooled),
         ))
   return groups
 

@@ -201,6 +201,11 @@ def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: boo
         f"Group {g.name!r} cannot fold removed units into the next bias exactly ({why}). "
         f"Pass {', '.join(f'{n}=False' for n in wanted)} (merging similar units and removing "
         "complementary pairs still work).")
+  if fold and not g.exact_linear_fold:
+    raise ValueError(
+        f"Group {g.name!r}: fold moves the removed unit's weights onto its complement (o_j = "
+        "1 - o_i), which is exact only where the consumers read the units linearly; here one "
+        "reads them through a max or min (max pooling). Pass fold=False.")
 
 
 def _check_output_from_bias(g):

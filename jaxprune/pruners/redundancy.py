@@ -84,12 +84,13 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
   """
   g = _common.get_group(model_or_groups, group)
   _common.check_activations_complete(model_or_groups, g.name)
-  if not g.exact_constant_fold:
+  if not g.exact_linear_fold:
     raise ValueError(
-        f"Group {g.name!r}: group redundancy folds each removed unit's intercept into the next "
-        "bias, which is not exact here (a consumer without a bias, a zero-padded or dilated "
-        "convolution, or a recurrence). Prune this group with distinctiveness(..., "
-        "constants=False) or from weights.")
+        f"Group {g.name!r}: group redundancy moves each removed unit's weights onto the units "
+        "that rebuild it and its intercept into the next bias, which is not exact here (a "
+        "consumer without a bias, a zero-padded or dilated convolution, a recurrence, or a "
+        "reader through an op that does not pass values on linearly: a sum, a zero pad, max "
+        "pooling). Prune this group with distinctiveness(..., constants=False) or from weights.")
   groups = _common.resolve_groups(model_or_groups)
   h = g.size
 
