@@ -401,7 +401,15 @@ class _Walker:
     unit's contribution cannot be folded into its bias)."""
     return any(path is None for path, _ in self._backward(scope, var, descend=False))
 
-  def reads(self, scope: tuple, var, con) -> str:
+  def _along_units(self, scope, v, eqn, root) -> bool:
+    """Whether ``eqn`` (a concatenation reading ``v``) concatenates along the group's units."""
+    ax = (self.env if not scope else {}).get(v) or self.scoped_env.get((scope, v))
+    if ax is None:
+      return False
+    A = self.atoms
+    return any(A.find(a) == root for a in A.expand(ax[eqn.params["dimension"]]))
+
+  def reads(self, scope: tuple, var, con, root) -> str:
     """How the consumer contraction ``con`` reads ``var`` (a group's activations): ``'ok'``
     when every op between is linear and passes a constant unit on unchanged (moves,
     selections, a mean: a sum divided by its count, average pooling without padding);
@@ -436,6 +444,11 @@ class _Walker:
         if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
           continue                           # another reader: its own check
         out = _constant_step(eqn, v, st)
+        if eqn.primitive.name == "concatenate" and not self._along_units(sc, v, eqn, root):
+          # along time or space, with values that are not the units' (zeros as causal padding)
+          if any(not isinstance(u, jex.core.Literal) and (sc, u) not in status
+                 or isinstance(u, jex.core.Literal) for u in eqn.invars):
+            out = "changed"
         for o in eqn.outvars:
           stack += self._mark(status, sc, o, out)
     return reached or "changed"
@@ -675,6 +688,8 @@ class _Walker:
     skipped = set(dn.collapsed_slice_dims) | set(getattr(dn, "operand_batching_dims", ()))
     kept = [d for d in range(len(x)) if d not in skipped]       # in order, the offset dims
     through = {o: d for d, o in zip(kept, dn.offset_dims) if sizes[d] == shape[d]}
+    if not isinstance(eqn.invars[0], jex.core.Literal) and eqn.invars[0] in self.origin:
+      through = {}          # a lookup in a parameter table (nn.Embed): its axes stay opaque
     reason = "gathered from by gather (not followed)"
     for d, ax in enumerate(x):
       if d not in through.values():
@@ -879,6 +894,9 @@ class _GroupSite:
   # The activations depend on every kernel that produces the group (not so for a group coupled
   # by a residual addition, or an LSTM's gates: consumers read another value).
   complete: bool = True
+  # A unit with zero incoming weights outputs activation(bias): nothing but a bias acts
+  # between the kernel and the nonlinearity (no norm, scalar scale, temperature, constant).
+  plain: bool = True
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -918,6 +936,8 @@ broadcast_in_dim concatenate convert_element_type copy copy_p dynamic_slice expa
 reduce_precision reshape rev slice squeeze transpose optimization_barrier sharding_constraint
 stop_gradient
 """.split())
+_SUM_MOVES = frozenset("reshape broadcast_in_dim expand_dims squeeze convert_element_type copy "
+                       "copy_p transpose".split())
 # ... and ops that keep a constant but not a linear combination of units (max pooling).
 _MAX_OPS = frozenset("reduce_max reduce_min reduce_window_max reduce_window_min".split())
 
@@ -933,15 +953,19 @@ def _constant_step(eqn, v, st):
   :meth:`_Walker.reads`)."""
   name = eqn.primitive.name
   if isinstance(st, tuple):                  # a sum: a constant again once divided by its count
+    if name in _SUM_MOVES:                   # mean(..., keepdims=True): reshaped, then divided
+      return st
     other = [w for w in eqn.invars if w is not v]
-    if (name in ("div", "mul") and eqn.invars[0] is v and len(other) == 1
-        and isinstance(other[0], jex.core.Literal)):
+    if (name in ("div", "mul") and len(other) == 1 and isinstance(other[0], jex.core.Literal)
+        and (name == "mul" or eqn.invars[0] is v)):
       k = float(np.asarray(other[0].val))
       if np.isclose(k if name == "div" else 1.0 / k if k else 0.0, st[1], rtol=1e-6):
         return st[2]
     return "changed"
   if st not in ("ok", "max"):
     return st
+  if name == "gather" and "FILL" in str(eqn.params.get("mode")).upper():
+    return "changed"                         # an index out of range reads the fill value
   if name in _KEEPS_CONSTANTS:
     return st
   if name in _MAX_OPS:
@@ -1000,16 +1024,21 @@ def _activation_chain(w: _Walker, scope: tuple, start):
   normalising with per-unit params, the nonlinearity, a residual addition), also where the
   value branches and joins again (``gelu``, ``x * sigmoid(x)``, ``where(x > 0, x, a * x)`` read
   their input several times), up to the first other reader. Returns ``(var, activation,
-  joined)``: the last value that every path went through, its nonlinearity (see
-  :func:`_identify`), and whether every branch ends there (False when a reader takes a value
-  before the join, e.g. ``relu(h) @ W2 + h @ W3``: then no one value is what all readers read).
+  joined, plain)``: the last value that every path went through, its nonlinearity (see
+  :func:`_identify`), whether every branch ends there (False when a reader takes a value
+  before the join, e.g. ``relu(h) @ W2 + h @ W3``: then no one value is what all readers read),
+  and whether the function follows the kernel with at most a bias added before it.
   """
   jaxpr = w.jaxpr_at[scope]
   outs = jaxpr.outvars
-  if scope and w.jaxpr_at[scope[:-1]].eqns[scope[-1]].primitive.name == "scan":
+  parent = w.jaxpr_at[scope[:-1]].eqns[scope[-1]] if scope else None
+  if parent is not None and parent.primitive.name == "scan":
     # A carry is read by the next step's ops, the ones this walk follows within the step (an
-    # LSTM's cell state), so only the ys are readers outside.
-    outs = outs[w.jaxpr_at[scope[:-1]].eqns[scope[-1]].params["num_carry"]:]
+    # LSTM's cell state), so only the ys, and a final carry read after the scan, are readers.
+    nk = parent.params["num_carry"]
+    outs = [v for j, v in enumerate(outs)
+            if j >= nk or [p for p, _ in w.users.get(parent.outvars[j], [])
+                           if p[:-1] == scope[:-1]]]
   n_out = {}
   for v in outs:
     if not isinstance(v, jex.core.Literal):
@@ -1043,12 +1072,22 @@ def _activation_chain(w: _Walker, scope: tuple, start):
     if len(remaining) == 1:
       joins.append((next(iter(remaining)), len(done)))
   var, n = joins[-1]
-  return var, _identify(jaxpr, joins, done[:n]), set(remaining) == {var}
+  tag, i = _identify(jaxpr, joins, done[:n])
+  # A zero-weight unit outputs act(bias) when only a parameter is added before the function.
+  plain = i == 0 or (i == 1 and done[0].primitive.name == "add" and any(
+      not isinstance(v, jex.core.Literal) and v in w.origin for v in done[0].invars))
+  # Joined: every branch ends at var, and no op that would have gone on from var is left
+  # unread (h @ W3 before relu(h) @ W2 in program order reads h and relu(h)).
+  joined = set(remaining) == {var} and not any(
+      _admissible(jaxpr.eqns[k], [v for v in jaxpr.eqns[k].invars if v is var])
+      for k in pending)
+  return var, tag, joined, plain
 
 
-def _run_eqns(eqns, env: dict, flat: bool = False) -> dict:
-  """Evaluates ``eqns`` (plain ops and calls of them) on the values in ``env``; ``flat``: on
-  a vector of values, so layout ops (a transpose) are skipped."""
+def _run_eqns(eqns, env: dict, flat: tuple | None = None) -> dict:
+  """Evaluates ``eqns`` (plain ops and calls of them) on the values in ``env``; ``flat``: the
+  shape of a vector of values evaluated in place of the layer's own shape (layout ops are
+  skipped, scalars broadcast to it)."""
   read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]
   for eqn in eqns:
     invals = [read(v) for v in eqn.invars]
@@ -1058,8 +1097,10 @@ def _run_eqns(eqns, env: dict, flat: bool = False) -> dict:
       sub.update(zip(inner.invars, invals[len(invals) - len(inner.invars):]))
       sub = _run_eqns(inner.eqns, sub, flat)
       outs = [v.val if isinstance(v, jex.core.Literal) else sub[v] for v in inner.outvars]
-    elif flat and eqn.primitive.name in _LAYOUT_OPS:
+    elif flat is not None and eqn.primitive.name in _LAYOUT_OPS:
       outs = invals[:1]
+    elif flat is not None and _is_scalar_broadcast(eqn):   # a where's 0.0: as long as the grid
+      outs = [jnp.broadcast_to(invals[0], flat)]
     else:
       outs = eqn.primitive.bind(*invals, **eqn.params)
       outs = outs if eqn.primitive.multiple_results else [outs]
@@ -1071,12 +1112,12 @@ _REFERENCE = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "relu": jax.nn.relu,
               "linear": lambda z: z}
 
 
-def _identify(jaxpr, joins, eqns) -> str:
+def _identify(jaxpr, joins, eqns) -> tuple[str, int]:
   """The nonlinearity that ends a chain: the function of one variable computed after the last
   op that reads anything else (a bias, a norm's params, another layer), evaluated on a grid
   and compared with sigmoid, tanh, relu and the identity; ``'other'`` (``gelu``, ``silu``, a
   scaled sigmoid ...) when it is none of them. So ``1 / (1 + exp(-z))`` is a sigmoid however it
-  is written."""
+  is written. Also returns where that function starts in ``eqns``."""
   var = joins[-1][0]
   made = {}                                  # arrays made from literals (a where's 0.0)
   for e in jaxpr.eqns:
@@ -1089,37 +1130,40 @@ def _identify(jaxpr, joins, eqns) -> str:
     if all(isinstance(v, jex.core.Literal) or v in inside or v in made
            for e in tail for v in e.invars):
       break
-  tail = [e for e in jaxpr.eqns if any(o in made for o in e.outvars)] + list(tail)
+  need, stack = set(), [v for e in tail for v in e.invars]
+  while stack:                               # the literal-made arrays this tail reads
+    v = stack.pop()
+    if not isinstance(v, jex.core.Literal) and v in made and made[v] not in need:
+      need.add(made[v])
+      stack.extend(made[v].invars)
+  tail = [e for e in jaxpr.eqns if e in need] + list(tail)
   shape = tuple(var.aval.shape)
   if not tail:
-    return "linear"
+    return "linear", i
   dtype = entry.aval.dtype
-  grid = np.linspace(-8.0, 8.0, 64, dtype=np.float32)
+  if jnp.issubdtype(dtype, jnp.floating):    # wide, so a clip at 20 is not a relu
+    grid = np.concatenate([np.linspace(-8.0, 8.0, 58), [-1e6, -1e3, -64.0, 64.0, 1e3, 1e6]])
+  else:                                      # an integer chain (a quantised layer)
+    grid = np.arange(-32, 32)
+  grid = np.asarray(jnp.asarray(grid, dtype))
   out = None
   with jax.ensure_compile_time_eval():
     try:         # on 64 points: ops of scalars and literals run at any shape (and compile once)
-      out = np.asarray(_run_eqns(tail, {entry: jnp.asarray(grid, dtype)}, flat=True)[var],
+      out = np.asarray(_run_eqns(tail, {entry: jnp.asarray(grid)}, flat=grid.shape)[var],
                        np.float32)
       out = out if out.shape == grid.shape else None
     except Exception:  # pylint: disable=broad-except
       out = None
-    if out is None:  # an op of the layer's own shape (a where's broadcast 0.0): at that shape
-      if tuple(entry.aval.shape) != shape:   # and a transpose on the way: not compared
-        return "other"
-      n = max(math.prod(shape), 1)
-      grid = np.linspace(-8.0, 8.0, -(-64 // n) * n, dtype=np.float32)
-      try:
-        out = np.concatenate([np.asarray(_run_eqns(
-            tail, {entry: jnp.asarray(z.reshape(shape), dtype)})[var], np.float32).ravel()
-                              for z in grid.reshape(-1, n)])
-      except Exception:  # pylint: disable=broad-except
-        return "other"
-  grid = np.asarray(jnp.asarray(grid, dtype), np.float32)
-  tol = 1e-2 if jnp.finfo(dtype).bits < 32 else 1e-5
+  if out is None:    # ops of the layer's own shape (an iota): not compared
+    return "other", i
+  grid = grid.astype(np.float32)
+  narrow = [jnp.finfo(v.aval.dtype).bits for e in tail for v in e.outvars
+            if jnp.issubdtype(v.aval.dtype, jnp.floating)]
+  tol = 1e-2 if min(narrow, default=32) < 32 else 1e-5
   for name, f in _REFERENCE.items():
     if np.allclose(out, np.asarray(f(grid)), atol=tol, rtol=tol):
-      return name
-  return "other"
+      return name, i
+  return "other", i
 
 
 def _classify(w: _Walker, leaf_paths, num_params, env):
@@ -1166,10 +1210,22 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     name = _name(leaf_paths[first.leaf], first.axis, taken)
     taken.add(name)
     activation, scope, var = "linear", (), None
-    joined = True
+    joined, plain = True, True
     if con is not None:
       scope = con.path[:-1]
-      var, activation, joined = _activation_chain(w, scope, con.out_var)
+      var, activation, joined, plain = _activation_chain(w, scope, con.out_var)
+      while scope and joined:   # a layer inside a call (nn.remat, jit) whose output goes on
+        parent = w.jaxpr_at[scope[:-1]].eqns[scope[-1]]
+        inner = w.jaxpr_at[scope].outvars
+        if (parent.primitive.name == "scan" or sum(o is var for o in inner) != 1
+            or [p for p, _ in w.users.get(var, []) if p[:-1] == scope]):
+          break
+        out = parent.outvars[next(j for j, o in enumerate(inner) if o is var)]
+        var2, act2, joined, plain2 = _activation_chain(w, scope[:-1], out)
+        scope, var = scope[:-1], var2
+        if var2 is not out:
+          plain = plain and activation == "linear" and plain2   # the function is act2's alone
+          activation = act2
     readout = False
     if con is not None and len(consumers) == 1 and scope == ():
       c = next(c for c in w.contractions if c.path == consumers[0].where)
@@ -1186,7 +1242,8 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     complete = joined and var is not None and {u.where for u in kernels} <= (
         w.contractions_feeding(scope, var))
     sites.append(_GroupSite(name, root, activation, "conv" if con is not None and con.conv
-                            else "dense", first.where, scope, var, act_axes, readout, complete))
+                            else "dense", first.where, scope, var, act_axes, readout, complete,
+                            plain))
   sites.sort(key=lambda s: s.order)
   return tuple(sites), uses, reasons
 
@@ -1694,14 +1751,16 @@ class TracedTarget:
           padded = padded or w.reads_carry(con.path[:-1], con.stream_var)
           # What it reads must carry a constant unit as that constant (not a sum of it), and
           # for linear folds a linear combination of units as that combination (not a max).
-          reads = "ok" if site.act_var is None else w.reads(site.scope, site.act_var, con)
+          reads = ("ok" if site.act_var is None
+                   else w.reads(site.scope, site.act_var, con, site.root))
           padded = padded or reads not in ("ok", "max")
           max_pooled = reads == "max"
         slices.append(units_lib.Slice(an.leaf_paths[use.leaf], axis, use.role, view=view,
                                       bias=bias, padded=padded, kind=use.kind, segment=segment,
                                       out_axes=out_axes, max_pooled=max_pooled))
       groups[site.name] = units_lib.UnitGroup(site.name, self._size(site.root), tuple(slices),
-                                              activation=site.activation, kind=site.kind)
+                                              activation=site.activation, kind=site.kind,
+                                              act_of_bias=site.plain)
     return groups
 
   def _consumer_bias(self, con):

@@ -121,6 +121,9 @@ class UnitGroup:
       activations (sigmoid outputs are shifted by -0.5), and the weight-based constant rule to
       find a unit's output from its bias (which it cannot for ``'other'``).
     kind: ``'dense'`` for neurons, ``'conv'`` for channels.
+    act_of_bias: whether a unit with zero incoming weights outputs ``activation(bias)``:
+      nothing but the bias acts between the kernel and the nonlinearity (``trace`` sets it
+      False after a norm, a scalar scale, a temperature, a closed-over constant).
   """
 
   name: str
@@ -128,6 +131,8 @@ class UnitGroup:
   slices: tuple[Slice, ...]
   activation: str = "linear"
   kind: Literal["dense", "conv"] = "dense"
+  # Not compared: a declaration leaves it implicit (its norm slices already say as much).
+  act_of_bias: bool = dataclasses.field(default=True, compare=False)
 
   @property
   def producers(self) -> tuple[Slice, ...]:

@@ -533,7 +533,7 @@ def test_weight_constants_refused_after_a_norm_or_a_residual():
 
   x = _arr(8, 4)
   t = jaxprune.trace(bn, dict(_ONE, scale=_arr(6), shift=_arr(6)), x)
-  with pytest.raises(ValueError, match="normalisation or scale"):
+  with pytest.raises(ValueError, match="a normalisation, a scale"):
     jaxprune.weight_distinctiveness(t, "w1")
   t = jaxprune.trace(residual, dict(_ONE, wr=_arr(6, 6), br=_arr(6)), x)
   with pytest.raises(ValueError, match="constants=False"):   # the residual adds to the units
@@ -630,6 +630,10 @@ _POOLS = {  # how the consumer reads the units; whether a constant unit reaches 
     "average pooling counting its padding": (
         lambda h: nn.avg_pool(h, (3,), (1,), "SAME").mean(1), False),
     "scaled": (lambda h: 2.0 * h.max(1), False),
+    "mean, keepdims": (lambda h: h.mean(1, keepdims=True)[:, 0], True),
+    "(1 / T) * sum": (lambda h: (1 / 5) * h.sum(1), True),
+    "causal zeros, concatenated": (
+        lambda h: jnp.concatenate([jnp.zeros_like(h[:, :2]), h], 1).mean(1), False),
     "sigmoid attention weights": (
         lambda h: (jax.nn.sigmoid(jnp.arange(25.0).reshape(5, 5) / 9 - 1) @ h)[:, 0], False),
 }
@@ -739,3 +743,58 @@ def test_linear_folds_are_refused_through_max_pooling():
                                                   t.activations(p, x, "w1"), 1e-4, 1)
   assert int((~np.asarray(um["w1"])).sum()) == 1
   np.testing.assert_allclose(mean(new, x), mean(p, x), atol=1e-4)
+
+
+def test_review_cases_of_the_activation_analysis():
+  """Cases an independent review of the activation analysis found (each failed before)."""
+  x = _arr(16, 4)
+  # A reader of h placed before relu(h) in program order: still two reading points.
+  def rev_order(p, x):
+    h = x @ p["w1"] + p["b1"]
+    y3 = h @ p["w3"]
+    return jax.nn.relu(h) @ p["w2"] + y3
+  t = jaxprune.trace(rev_order, dict(_ONE, w3=_arr(6, 3)), x)
+  assert not t.activations_complete("w1")
+  # A layer inside a jitted call, its nonlinearity outside: activations after the sigmoid.
+  dense = jax.jit(lambda w, b, h: h @ w + b)
+  outside = lambda p, x: jax.nn.sigmoid(dense(p["w1"], p["b1"], x)) @ p["w2"] + p["b2"]
+  t = jaxprune.trace(outside, _ONE, x)
+  assert t.groups["w1"].activation == "sigmoid" and t.activations_complete("w1")
+  np.testing.assert_allclose(t.activations(_ONE, x, "w1"),
+                             jax.nn.sigmoid(x @ _ONE["w1"] + _ONE["b1"]), atol=1e-6)
+  # A cast to bfloat16 before the sigmoid keeps the tag (the tolerance is the narrowest dtype's).
+  bf = lambda p, x: jax.nn.sigmoid((x @ p["w1"] + p["b1"]).astype(jnp.bfloat16)).astype(
+      jnp.float32) @ p["w2"] + p["b2"]
+  assert jaxprune.trace(bf, _ONE, x).groups["w1"].activation == "sigmoid"
+  # An integer chain (a quantised layer) traces.
+  q = lambda p, x: jnp.maximum(jax.lax.dot(x, p["w1"], preferred_element_type=jnp.int32),
+                               0).astype(jnp.float32) @ p["w2"]
+  pq = {"w1": jnp.asarray(R.integers(-3, 3, (4, 6)), jnp.int8), "w2": _arr(6, 3)}
+  t = jaxprune.trace(q, pq, jnp.asarray(R.integers(-3, 3, (8, 4)), jnp.int8))
+  assert t.groups["w1"].activation == "relu"
+  # A clip at 20 is not a relu; a scalar temperature makes act(bias) wrong for weight folds.
+  clip = lambda p, x: jnp.clip(x @ p["w1"] + p["b1"], 0.0, 20.0) @ p["w2"] + p["b2"]
+  assert jaxprune.trace(clip, _ONE, x).groups["w1"].activation == "other"
+  temp = lambda p, x: jax.nn.sigmoid((x @ p["w1"] + p["b1"]) * p["s"]) @ p["w2"] + p["b2"]
+  t = jaxprune.trace(temp, dict(_ONE, s=jnp.float32(2.0)), x)
+  assert t.groups["w1"].activation == "sigmoid" and not t.groups["w1"].act_of_bias
+  with pytest.raises(ValueError, match="a scale or a constant acts"):
+    jaxprune.weight_distinctiveness(t, "w1")
+
+
+def test_tied_embedding_table_is_not_a_group():
+  """Gathering whole rows of a parameter table (nn.Embed) does not pass the table's feature
+  axis through: a tied embedding (emb.attend) made a group whose merge moved the outputs by
+  0.24."""
+  class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, tok):
+      emb = nn.Embed(20, 8)
+      h = nn.relu(nn.Dense(16)(emb(tok)))
+      return emb.attend(nn.Dense(8)(h).mean(1))
+
+  tok = jnp.asarray(R.integers(0, 20, size=(6, 5)))
+  m = Tied()
+  p = m.init(jax.random.key(0), tok)
+  t = jaxprune.trace(m.apply, p, tok)
+  assert [g.size for g in t.groups.values()] == [16]

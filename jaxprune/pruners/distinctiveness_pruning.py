@@ -217,8 +217,9 @@ def _check_output_from_bias(g):
     why = f"its nonlinearity is not one of sigmoid, tanh, relu or none (it is {g.activation!r})"
   elif kinds.count("kernel") != 1:
     why = f"{kinds.count('kernel')} kernels produce its units (a residual addition couples it)"
-  elif set(kinds) - {"kernel", "bias"} or kinds.count("bias") > 1:
-    why = "a normalisation or scale acts on its units after the kernel"
+  elif set(kinds) - {"kernel", "bias"} or kinds.count("bias") > 1 or not g.act_of_bias:
+    why = ("a normalisation, a scale or a constant acts on its units between the kernel and "
+           "the nonlinearity")
   if why:
     raise ValueError(
         f"Group {g.name!r}: a unit with zero incoming weights does not output act(bias) here "

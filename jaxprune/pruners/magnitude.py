@@ -5,8 +5,8 @@ remaining)`` with the smallest ``|w|`` are removed, so repeated calls prune a fr
 left (like ``torch.nn.utils.prune``). Scope is each selected layer on its own (``'layer'``) or all
 selected layers together (``'global'``). By default every leaf with ``ndim >= 2`` is pruned,
 whatever it is named (flax ``kernel``, haiku ``w``, a plain dict, an nnx ``State``); biases and
-normalisation parameters are left alone: vectors, and any leaf named ``bias``, ``b``,
-``scale``, ``mean``, ``var`` or ``offset`` (a ``DenseGeneral``'s bias is 2-D).
+normalisation parameters are left alone: vectors, and any leaf named ``bias``, ``scale``,
+``mean``, ``var`` or ``offset`` (a ``DenseGeneral``'s bias is 2-D).
 
 These are the *weight-mask family* of pruners: they act on weight masks (a bool pytree like the
 params), not on unit masks, and take no pruning target. Like the structured pruners they return
@@ -95,7 +95,7 @@ def leaf_names(params) -> list[str]:
 
 # Leaf names that are never weights, whatever their rank: biases (a DenseGeneral's or an
 # attention layer's bias is 2-D) and normalisations' params.
-NOT_WEIGHTS = frozenset(("bias", "b", "scale", "mean", "var", "offset"))
+NOT_WEIGHTS = frozenset(("bias", "scale", "mean", "var", "offset"))
 
 
 def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
