@@ -401,6 +401,11 @@ class _Walker:
     unit's contribution cannot be folded into its bias)."""
     return any(path is None for path, _ in self._backward(scope, var, descend=False))
 
+  def users_in(self, scope: tuple, v) -> list:
+    """``(path, eqn)`` of the equations that read ``v`` in the jaxpr at ``scope`` (a body shared
+    by several calls, like ``jax.nn.relu``'s, has the users of every call site)."""
+    return [(path, eqn) for path, eqn in self.users.get(v, []) if path[:-1] == scope]
+
   def _along_units(self, scope, v, eqn, root) -> bool:
     """Whether ``eqn`` (a concatenation reading ``v``) concatenates along the group's units."""
     ax = (self.env if not scope else {}).get(v) or self.scoped_env.get((scope, v))
@@ -428,9 +433,7 @@ class _Walker:
         for j, o in enumerate(jaxpr.outvars):
           if o is v:
             stack += self._mark(status, sc[:-1], parent.outvars[j], st)
-      for path, eqn in self.users.get(v, []):
-        if path[:-1] != sc:                  # a body shared by several calls: this call's only
-          continue
+      for path, eqn in self.users_in(sc, v):
         if path == con.path:
           reached = _worse(reached or "ok", st if st in ("ok", "max") else "changed")
           continue
@@ -446,8 +449,8 @@ class _Walker:
         out = _constant_step(eqn, v, st)
         if eqn.primitive.name == "concatenate" and not self._along_units(sc, v, eqn, root):
           # along time or space, with values that are not the units' (zeros as causal padding)
-          if any(not isinstance(u, jex.core.Literal) and (sc, u) not in status
-                 or isinstance(u, jex.core.Literal) for u in eqn.invars):
+          if any(isinstance(u, jex.core.Literal) or (sc, u) not in status
+                 for u in eqn.invars):
             out = "changed"
         for o in eqn.outvars:
           stack += self._mark(status, sc, o, out)
@@ -1037,15 +1040,14 @@ def _activation_chain(w: _Walker, scope: tuple, start):
     # LSTM's cell state), so only the ys, and a final carry read after the scan, are readers.
     nk = parent.params["num_carry"]
     outs = [v for j, v in enumerate(outs)
-            if j >= nk or [p for p, _ in w.users.get(parent.outvars[j], [])
-                           if p[:-1] == scope[:-1]]]
+            if j >= nk or w.users_in(scope[:-1], parent.outvars[j])]
   n_out = {}
   for v in outs:
     if not isinstance(v, jex.core.Literal):
       n_out[v] = n_out.get(v, 0) + 1
 
-  def users(v):          # this call's (a body shared by several calls has all their users)
-    return [path[-1] for path, _ in w.users.get(v, []) if path[:-1] == scope]
+  def users(v):
+    return [path[-1] for path, _ in w.users_in(scope, v)]
 
   def readers(v):
     return len(users(v)) + n_out.get(v, 0)
@@ -1218,7 +1220,7 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
         parent = w.jaxpr_at[scope[:-1]].eqns[scope[-1]]
         inner = w.jaxpr_at[scope].outvars
         if (parent.primitive.name == "scan" or sum(o is var for o in inner) != 1
-            or [p for p, _ in w.users.get(var, []) if p[:-1] == scope]):
+            or w.users_in(scope, var)):
           break
         out = parent.outvars[next(j for j, o in enumerate(inner) if o is var)]
         var2, act2, joined, plain2 = _activation_chain(w, scope[:-1], out)
