@@ -408,7 +408,7 @@ class _Walker:
 
   def _along_units(self, scope, v, eqn, root) -> bool:
     """Whether ``eqn`` (a concatenation reading ``v``) concatenates along the group's units."""
-    ax = (self.env if not scope else {}).get(v) or self.scoped_env.get((scope, v))
+    ax = self.scoped_env.get((scope, v)) if scope else self.env.get(v)
     if ax is None:
       return False
     A = self.atoms
@@ -435,7 +435,7 @@ class _Walker:
             stack += self._mark(status, sc[:-1], parent.outvars[j], st)
       for path, eqn in self.users_in(sc, v):
         if path == con.path:
-          reached = _worse(reached or "ok", st if st in ("ok", "max") else "changed")
+          reached = _worse(reached or "ok", st)
           continue
         if path in self.jaxpr_at:            # into a followed call's or scan's body
           inner = self.jaxpr_at[path]
@@ -461,10 +461,7 @@ class _Walker:
     """Records ``st`` for ``v`` (the worse of two paths' statuses); the node if it changed."""
     key = (scope, v)
     old = status.get(key)
-    if old is None or old == st:
-      new = st
-    else:          # two paths: the worse (two different pending sums: changed)
-      new = "changed" if isinstance(old, tuple) or isinstance(st, tuple) else _worse(old, st)
+    new = st if old is None else _worse(old, st)
     if new == old:
       return []
     status[key] = new
@@ -946,9 +943,12 @@ _MAX_OPS = frozenset("reduce_max reduce_min reduce_window_max reduce_window_min"
 
 
 def _worse(a, b):
-  """The worse of two statuses of :meth:`_Walker.reads` (a pending sum counts as changed)."""
+  """The worse of two statuses of :meth:`_Walker.reads`; two that differ where one is a
+  pending sum (not divided by its count yet) are ``'changed'``."""
+  if a == b:
+    return a
   order = {"ok": 0, "max": 1}
-  return max(a, b, key=lambda st: order.get(st, 2) if isinstance(st, str) else 2)
+  return max(a, b, key=order.get) if a in order and b in order else "changed"
 
 
 def _constant_step(eqn, v, st):
@@ -1139,7 +1139,6 @@ def _identify(jaxpr, joins, eqns) -> tuple[str, int]:
       need.add(made[v])
       stack.extend(made[v].invars)
   tail = [e for e in jaxpr.eqns if e in need] + list(tail)
-  shape = tuple(var.aval.shape)
   if not tail:
     return "linear", i
   dtype = entry.aval.dtype

@@ -49,6 +49,23 @@ def check_activations_complete(target, name: str) -> None:
         "group.")
 
 
+def fold_obstacle(group: units_lib.UnitGroup, *, linear: bool = False) -> str | None:
+  """Why a removed unit's constant (``linear``: also its weights, moved onto other units)
+  cannot be folded into the next bias exactly here, or None when it can."""
+  if any(s.bias is None for s in group.consumers):
+    return "its consumer has no bias"
+  if not group.exact_constant_fold:
+    return ("it is read by a zero-padded ('SAME') or input-dilated (transposed) convolution, "
+            "where a constant channel contributes less at the borders, or between inputs, than "
+            "elsewhere; by a recurrence, which reads the initial state at the first step; or "
+            "through an op that does not pass a constant on unchanged, like a sum, a zero pad, "
+            "an average that counts padding, a scaling or an attention-weighted sum")
+  if linear and not group.exact_linear_fold:
+    return ("it is read through a max or min (max pooling), which passes a constant on "
+            "unchanged but not a sum of units")
+  return None
+
+
 def is_concrete(*xs) -> bool:
   """True if no argument is a tracer (so values can be checked on the host)."""
   return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))

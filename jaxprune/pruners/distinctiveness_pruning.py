@@ -187,25 +187,18 @@ def _weighted_vectors(a, weight, acts_shape, shift, tol, mask):
 
 def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: bool = False):
   """Rules that fold contributions into the next layer's bias need an exact fold (a bias, and
-  no zero-padded conv reading the group); otherwise say so before any work."""
+  no zero-padded conv reading the group; for ``fold``, which moves weights onto the kept unit,
+  also no max pooling); otherwise say so before any work."""
   wanted = [n for n, on in (("constants", constants), ("compensate", compensate),
                             ("fold", fold)) if on]
-  if wanted and not g.exact_constant_fold:
-    why = ("its consumer has no bias" if any(s.bias is None for s in g.consumers) else
-           "it is read by a zero-padded ('SAME') or input-dilated (transposed) convolution, "
-           "where a constant channel contributes less at the borders, or between inputs, than "
-           "elsewhere; by a recurrence, which reads the initial state at the first step; or "
-           "through an op that does not pass a constant on unchanged, like a sum, a zero pad, "
-           "an average that counts padding, a scaling or an attention-weighted sum")
+  why = _common.fold_obstacle(g) if wanted else None
+  if why is None and fold:
+    why, wanted = _common.fold_obstacle(g, linear=True), ["fold"]
+  if why:
     raise ValueError(
         f"Group {g.name!r} cannot fold removed units into the next bias exactly ({why}). "
         f"Pass {', '.join(f'{n}=False' for n in wanted)} (merging similar units and removing "
         "complementary pairs still work).")
-  if fold and not g.exact_linear_fold:
-    raise ValueError(
-        f"Group {g.name!r}: fold moves the removed unit's weights onto its complement (o_j = "
-        "1 - o_i), which is exact only where the consumers read the units linearly; here one "
-        "reads them through a max or min (max pooling). Pass fold=False.")
 
 
 def _check_output_from_bias(g):
@@ -213,8 +206,8 @@ def _check_output_from_bias(g):
   its kernel and its nonlinearity, and that nonlinearity is a known one."""
   kinds = [s.kind for s in g.producers]
   why = None
-  if g.activation not in ("sigmoid", "tanh", "relu", "linear"):
-    why = f"its nonlinearity is not one of sigmoid, tanh, relu or none (it is {g.activation!r})"
+  if g.activation == "other":
+    why = "its nonlinearity is not one of sigmoid, tanh, relu or none (it is 'other')"
   elif kinds.count("kernel") != 1:
     why = f"{kinds.count('kernel')} kernels produce its units (a residual addition couples it)"
   elif set(kinds) - {"kernel", "bias"} or kinds.count("bias") > 1 or not g.act_of_bias:

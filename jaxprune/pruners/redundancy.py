@@ -84,13 +84,12 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
   """
   g = _common.get_group(model_or_groups, group)
   _common.check_activations_complete(model_or_groups, g.name)
-  if not g.exact_linear_fold:
+  why = _common.fold_obstacle(g, linear=True)
+  if why:
     raise ValueError(
         f"Group {g.name!r}: group redundancy moves each removed unit's weights onto the units "
-        "that rebuild it and its intercept into the next bias, which is not exact here (a "
-        "consumer without a bias, a zero-padded or dilated convolution, a recurrence, or a "
-        "reader through an op that does not pass values on linearly: a sum, a zero pad, max "
-        "pooling). Prune this group with distinctiveness(..., constants=False) or from weights.")
+        f"that rebuild it and its intercept into the next bias, which is not exact here ({why})."
+        " Prune this group with distinctiveness(..., constants=False) or from weights.")
   groups = _common.resolve_groups(model_or_groups)
   h = g.size
 
