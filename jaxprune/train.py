@@ -122,10 +122,13 @@ def _with_trainable(params: PyTree, trainable: PyTree) -> PyTree:
 check_finite = validate.check_finite  # kept here for callers that imported it from train
 
 
-def _check_targets(model: Model, params, x, y, name: str) -> None:
-  """Classifier targets must be integer labels in [0, number of outputs)."""
+def _check_targets(model: Model, params, x, y, name: str, one_run=None) -> None:
+  """Classifier targets must be integer labels in [0, number of outputs), a vector per run
+  (``one_run``: one run's targets, for the shape check of stacked runs)."""
   if model.task in ("reconstruction", "custom"):
     return
+  validate.check_label_shape(name if one_run is None else f"{name} of each run",
+                             y if one_run is None else one_run)
   if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
     raise ValueError(f"{name}: the targets must be integer class labels, got dtype "
                      f"{jnp.result_type(y)}; convert with y.astype(int).")
@@ -536,6 +539,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   _check_callback(callback)
   _check_trainable(params)
   _check_learning_rate(learning_rate)
+  validate.check_key(key)
   xh, yh = _host(x), _host(y)
   _check_data(model, xh, yh, params=params)
   if masks is not None:
@@ -582,12 +586,13 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   xh, yh, wh = _host(x), _host(y), _host(w, np.float32)
   runs, n = _check_runs("fit_many", model, params, xh, yh, wh, "w", masks)
   _check_learning_rate(learning_rate)
+  validate.check_key(key)
   key_shape = jnp.shape(key)
   if not key_shape or key_shape[0] != runs:
     raise ValueError(f"fit_many needs one key per run: key of shape ({runs},), e.g. "
                      f"jax.random.split(key, {runs}); got shape {key_shape}.")
   validate.check_data(xh, yh, sample_weight=wh, name="x", runs=True)
-  _check_targets(model, _one_run(params), xh[0], yh[wh > 0], "y")
+  _check_targets(model, _one_run(params), xh[0], yh[wh > 0], "y", one_run=yh[0])
   trainer = trainer or make_trainer(model, batch_size=batch_size)
   x, y, w = _device(x, xh), _device(y, yh), _device(w, wh)
   lr = np.asarray(learning_rate, np.float32)
@@ -662,7 +667,7 @@ def evaluate_many(model: Model, params: PyTree, x, y, sample_weight=None, *,
   validate.check_data(xh, yh, sample_weight=wh, name="x", runs=True)
   for r in range(runs):
     validate.check_sample_weight(wh[r], n, f"sample_weight of run {r}")
-  _check_targets(model, _one_run(params), xh[0], yh[wh > 0], "y")
+  _check_targets(model, _one_run(params), xh[0], yh[wh > 0], "y", one_run=yh[0])
   trainer = make_trainer(model, loss=loss)
   m = _compiled_eval_weighted(trainer, batch_size, True)(params, masks, _device(x, xh),
                                                          _device(y, yh), _device(wh))

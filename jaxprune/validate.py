@@ -2,8 +2,10 @@
 the activation-based pruners.
 
 Each check runs on concrete values only (under ``jit``/``vmap`` a traced array cannot be
-inspected, and is left alone), reads arrays where they live (a device array is not copied to the
-host) and raises ``ValueError`` with a message that names the problem and the fix.
+inspected, and is left alone), reads the inputs ``x`` where they live (a device array is not
+copied to the host; labels and weights, small, are read with NumPy, so that a concrete array
+closed over inside ``jit`` stays concrete) and raises ``ValueError`` with a message that names
+the problem and the fix.
 
 Example:
   >>> import numpy as np
@@ -26,17 +28,13 @@ import numpy as np
 
 PyTree = Any
 
-__all__ = ["check_data", "check_finite", "check_labels", "check_not_empty", "check_params",
-           "check_sample_weight", "is_concrete"]
+__all__ = ["check_data", "check_finite", "check_key", "check_label_shape", "check_labels", "check_not_empty",
+           "check_params", "check_sample_weight", "is_concrete"]
 
 
 def is_concrete(*xs) -> bool:
   """True if no argument (or pytree leaf) is a tracer, so its values can be checked."""
   return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
-
-
-def _xp(x):
-  return np if isinstance(x, (np.ndarray, np.generic)) else jnp
 
 
 def check_finite(name: str, x) -> None:
@@ -68,9 +66,8 @@ def check_not_empty(name: str, x, sample_weight=None) -> None:
   if np.ndim(x) == 0 or np.shape(x)[0] == 0:
     raise ValueError(f"{name} is empty (0 samples); pass at least one sample.")
   if sample_weight is not None and is_concrete(sample_weight):
-    xp = _xp(sample_weight)
-    w = xp.asarray(sample_weight)
-    if w.size == 0 or not bool(xp.any(w != 0)):
+    w = np.asarray(sample_weight)  # small; NumPy keeps a value closed over inside jit concrete
+    if w.size == 0 or not bool(np.any(w != 0)):
       raise ValueError(f"{name} is empty: every sample weight is zero, so there is no real "
                        "sample to learn from or score; give at least one sample weight > 0.")
 
@@ -104,19 +101,75 @@ def check_labels(name: str, y, num_classes: int | None = None, sample_weight=Non
   """
   if y is None or not is_concrete(y, sample_weight):
     return
-  xp = _xp(y)
-  y = xp.asarray(y)
-  if not xp.issubdtype(y.dtype, xp.integer):
+  # NumPy, not jnp (labels are small): a concrete array closed over inside jit must not become
+  # a tracer here.
+  y = np.asarray(y)
+  if not np.issubdtype(y.dtype, np.integer):
     raise ValueError(f"{name} labels must be integer class indices, got dtype {y.dtype}; "
                      "convert with y.astype(int).")
   if sample_weight is not None:
-    y = y[xp.asarray(sample_weight) != 0]
+    y = y[np.asarray(sample_weight) != 0]
   if num_classes is None or y.size == 0:
     return
-  lo, hi = int(xp.min(y)), int(xp.max(y))
+  lo, hi = int(np.min(y)), int(np.max(y))
   if lo < 0 or hi >= num_classes:
     raise ValueError(f"{name} labels range over [{lo}, {hi}] but the model has {num_classes} "
                      f"outputs (classes); labels must be in [0, {num_classes - 1}].")
+
+
+def check_key(key, name: str = "key") -> None:
+  """Raises TypeError unless ``key`` is a PRNG key: a typed key array (``jax.random.key``) or
+  a legacy raw key, uint32 of shape (..., 2) (``jax.random.PRNGKey``); traced keys too."""
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return
+  if dtype == np.uint32 and np.ndim(key) >= 1 and np.shape(key)[-1] == 2:
+    return
+  got = (f"{type(key).__name__} {key!r}" if dtype is None else
+         f"an array of dtype {dtype} and shape {tuple(np.shape(key))}")
+  raise TypeError(f"{name} must be a PRNG key made by jax.random.key(seed) (for several runs: "
+                  f"jax.random.split(jax.random.key(seed), n)); got {got}.")
+
+
+def check_label_shape(name: str, y, num_classes: int | None = None, *,
+                      one_hot: bool = False, sample_weight=None) -> None:
+  """Raises ValueError unless a classifier's labels are class indices, shape (N,).
+
+  With ``one_hot=True`` rows of class scores (N, C) are accepted too (their argmax is the label):
+  C must equal ``num_classes`` (when given) and no concrete row may be all zero (a pattern
+  without a class) unless its ``sample_weight`` is 0 (padding). A column (N, 1) is always refused: its argmax is 0 for every row, so it
+  would silently turn every label into class 0.
+
+  Example:
+    >>> import numpy as np
+    >>> try:
+    ...   check_label_shape("y", np.array([[0], [2], [1]]))
+    ... except ValueError as e:
+    ...   print(str(e).split(';')[0])
+    y labels have shape (3, 1), a column
+  """
+  shape = tuple(np.shape(y))
+  if len(shape) == 1:
+    return
+  if len(shape) == 2 and shape[1] == 1:
+    raise ValueError(f"{name} labels have shape {shape}, a column; pass class indices of shape "
+                     f"({shape[0]},): y.ravel() (or y[:, 0]).")
+  if len(shape) != 2 or not one_hot:
+    fix = " (from one-hot rows: y.argmax(-1))" if len(shape) == 2 else ""
+    raise ValueError(f"{name} labels have shape {shape}; pass integer class indices of shape "
+                     f"(N,){fix}.")
+  if num_classes is not None and shape[1] != num_classes:
+    raise ValueError(f"{name} one-hot labels have {shape[1]} columns but the model has "
+                     f"{num_classes} outputs (classes); give one column per class, or pass "
+                     "integer class indices of shape (N,).")
+  if is_concrete(y, sample_weight):
+    empty = ~np.any(np.asarray(y) != 0, axis=-1)
+    if sample_weight is not None:
+      empty &= np.asarray(sample_weight) != 0
+    if np.any(empty):
+      raise ValueError(f"{name} one-hot labels: {int(np.sum(empty))} row(s) all zero (first: "
+                       f"row {int(np.argmax(empty))}), patterns without a class; drop those rows "
+                       "(or give them sample_weight 0).")
 
 
 def check_params(params: PyTree, name: str = "params") -> None:
@@ -201,8 +254,9 @@ def check_model_data(model, params: PyTree, x, y=None, *, name: str = "x",
   model.check_input(x)
   check_params(params)
   classifier = getattr(model, "task", "classification") == "classification"
-  if y is not None and classifier and np.ndim(y) == 2:  # one-hot rows
-    check_finite(f"{name}'s one-hot labels", y)
-    y = jnp.argmax(jnp.asarray(y), axis=-1)
   num_classes = num_outputs(model, params, x) if classifier and y is not None else None
+  if classifier and y is not None and np.ndim(y) != 1:
+    check_label_shape(f"{name}'s", y, num_classes, one_hot=True, sample_weight=sample_weight)
+    check_finite(f"{name}'s one-hot labels", y)
+    y = np.argmax(np.asarray(y), axis=-1) if is_concrete(y) else jnp.argmax(y, axis=-1)
   check_data(x, y, sample_weight=sample_weight, num_classes=num_classes, name=name)

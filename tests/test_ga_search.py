@@ -293,6 +293,51 @@ def test_user_fitness(trained):
   assert float(res.fitness) == pytest.approx(float(want), rel=1e-6)
 
 
+def test_user_fitness_with_data_reports_the_masks_accuracy(trained):
+  """A fitness function plus x and y: the result's accuracy is the best mask's, as evaluate
+  gives it (it used to fail with an AttributeError)."""
+  model, params, x, y = trained
+  cfg = ga.GAConfig(population_size=12, hof_size=2, generations=3)
+  res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(0), config=cfg,
+                  fitness=lambda p, m: -jnp.sum(m).astype(jnp.float32), progress=False)
+  masks = jaxprune.masks.expand(params, model, {"hidden_0": res.mask})
+  want = jaxprune.evaluate(model, params, x, y, masks=masks)["accuracy"]
+  assert float(res.accuracy) == pytest.approx(float(want), abs=1e-6)
+
+
+def test_label_forms(trained, result):
+  """Labels as class indices, one-hot rows or a Python list give the same search; a column
+  (N, 1) is refused (its argmax made every label class 0), as are one-hot rows of the wrong
+  width or all zero (unless their weight is 0: padding)."""
+  model, params, x, y = trained
+  kw = dict(key=jax.random.key(7), config=CFG, progress=False)
+  for labels in (jax.nn.one_hot(y, 7), np.eye(7, dtype=np.int32)[np.asarray(y)],
+                 [int(v) for v in y]):
+    res = ga.search(model, params, x, labels, "hidden_0", **kw)
+    assert _tree_equal((res.mask, res.fitness, res.accuracy),
+                       (result.mask, result.fitness, result.accuracy))
+  with pytest.raises(ValueError, match=r"shape \(140, 1\), a column; .*y.ravel\(\)"):
+    ga.search(model, params, x, y[:, None], "hidden_0", **kw)
+  with pytest.raises(ValueError, match="8 columns but the model has 7 outputs"):
+    ga.search(model, params, x, jax.nn.one_hot(y, 8), "hidden_0", **kw)
+  holes = jax.nn.one_hot(y, 7).at[3].set(0.0)
+  with pytest.raises(ValueError, match=r"1 row\(s\) all zero \(first: row 3\)"):
+    ga.search(model, params, x, holes, "hidden_0", **kw)
+  w = jnp.ones((140,)).at[3].set(0.0)
+  a = ga.search(model, params, x, holes, "hidden_0", sample_weight=w, **kw)
+  b = ga.search(model, params, x, y, "hidden_0", sample_weight=w, **kw)
+  assert _tree_equal((a.mask, a.fitness, a.accuracy), (b.mask, b.fitness, b.accuracy))
+
+
+def test_search_under_jit_with_closed_over_arrays(trained, result):
+  """Data checks read concrete labels with NumPy, so jax arrays closed over inside jit stay
+  concrete (the label range check used to raise a ConcretizationTypeError there)."""
+  model, params, x, y = trained
+  res = jax.jit(lambda k: ga.search(model, params, x, y, "hidden_0", key=k, config=CFG,
+                                    progress=False))(jax.random.key(7))
+  assert _tree_equal((res.mask, res.fitness), (result.mask, result.fitness))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -314,6 +359,13 @@ def test_bad_params_and_inputs(trained):
               ga.GAHyperparams(bit_flip_prob=2.0)):
     with pytest.raises(ValueError, match=r"probability in \[0, 1\]"):
       ga.search(model, params, x, y, "hidden_0", hyper=bad, **kw)
+  with pytest.raises(ValueError, match=r"lam must be one number, got shape \(2,\).*vmap"):
+    ga.search(model, params, x, y, "hidden_0", hyper=ga.GAHyperparams(lam=jnp.ones(2)), **kw)
+  for key in (3, np.int32(3), jnp.zeros(3, jnp.uint32)):
+    with pytest.raises(TypeError, match=r"key must be a PRNG key made by jax.random.key"):
+      ga.search(model, params, x, y, "hidden_0", **{**kw, "key": key})
+    with pytest.raises(TypeError, match=r"key must be a PRNG key"):
+      ga.run(CFG, lambda pop, d, h: pop.sum(1).astype(float), 5, key=key, progress=False)
   with pytest.raises(KeyError, match="Unknown unit group 'hidden_7'"):
     ga.search(model, params, x, y, "hidden_7", **kw)
   with pytest.raises(ValueError, match="must return a scalar"):
@@ -336,7 +388,12 @@ def test_bad_params_and_inputs(trained):
 
 
 def test_first_call_is_one_compiled_program():
-  """A first search (new shapes) compiles exactly one XLA program: activations, scan, accuracy."""
+  """A first search (new shapes) compiles exactly one XLA program: activations, scan, accuracy.
+
+  Tracing a model the first time in a process compiles a few tiny programs once (it evaluates
+  the activation nonlinearity on 64 points, see docs/any-model.md); another model's trace pays
+  them first, so that this test does not depend on which tests ran before it in its process."""
+  jaxprune.MLP(in_features=2, hidden=(5,), out_features=2).traced()
   events = []
   listener = lambda event, duration, **kw: events.append(event)
   jax.monitoring.register_event_duration_secs_listener(listener)

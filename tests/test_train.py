@@ -287,8 +287,20 @@ def test_bad_input(data, params):
                  progress=False)
   with pytest.raises(ValueError, match="integer class labels"):
     jaxprune.evaluate(MODEL, params, x, y.astype(np.float32))
+  with pytest.raises(ValueError, match=r"shape \(90, 1\), a column; .*y.ravel\(\)"):
+    jaxprune.evaluate(MODEL, params, x, y[:, None])
+  with pytest.raises(ValueError, match=r"shape \(90, 3\); .*y.argmax\(-1\)"):
+    jaxprune.fit(MODEL, params, x, np.eye(3, dtype=np.float32)[y], key=jax.random.key(0),
+                 epochs=1, progress=False)
+  with pytest.raises(TypeError, match="key must be a PRNG key made by jax.random.key"):
+    jaxprune.fit(MODEL, params, x, y, key=0, epochs=1, progress=False)
+  with pytest.raises(TypeError, match="key must be a PRNG key"):
+    MODEL.init(0)
   w = np.ones((2, 90), np.float32)
   stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+  with pytest.raises(ValueError, match=r"y of each run labels have shape \(90, 1\), a column"):
+    jaxprune.fit_many(MODEL, stacked, np.stack([x, x]), np.stack([y, y])[..., None], w,
+                      key=jax.random.split(jax.random.key(0), 2), epochs=1, progress=False)
   with pytest.raises(ValueError, match="one key per run"):
     jaxprune.fit_many(MODEL, stacked, np.stack([x, x]), np.stack([y, y]), w,
                       key=jax.random.key(0), epochs=1, progress=False)

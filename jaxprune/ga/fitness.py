@@ -61,6 +61,7 @@ def _groups_of(target):
 
 
 def _labels(y: jax.Array) -> jax.Array:
+  validate.check_label_shape("y", y, one_hot=True)   # a column (N, 1) is not one-hot
   y = jnp.asarray(y)
   if y.ndim == 2:
     y = jnp.argmax(y, axis=-1)

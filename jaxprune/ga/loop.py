@@ -18,6 +18,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
+from jaxprune import validate
 from jaxprune.ga import incremental
 from jaxprune.progress import Progress
 from jaxprune.ga.strategy import GAConfig
@@ -260,6 +261,7 @@ def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Arr
     The final :class:`GAState` and the :class:`GAHistory`.
   """
   check_params(hyper)
+  validate.check_key(key)
   mesh = resolve_mesh(mesh, shard)
   if mesh is not None and mesh.size > 1:
     data = jax.device_put(data, NamedSharding(mesh, PS()))

@@ -58,6 +58,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
@@ -129,6 +130,8 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     raise ValueError("ga.search takes one input array x (the built-in fitness runs "
                      "model.apply(params, x)); for a model with several inputs pass a fitness "
                      "function (params, mask) -> scalar that closes over them, and x=None.")
+  if isinstance(y, (list, tuple)):  # labels as a Python list, as fit and evaluate take them
+    y = np.asarray(y)
   fit = make_fitness(model, group, fitness, fast_path, incremental)
   if sample_weight is not None:
     if isinstance(fit, UserFitness):
@@ -156,14 +159,17 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     jax.eval_shape(lambda p, a, b, w: fit.prepare(p, a, b, sample_weight=w), params, x, y,
                    sample_weight)   # the input checks, before compiling
   check_params(hyper)
+  validate.check_key(key)
   mesh = resolve_mesh(mesh, shard)
   if mesh is not None and mesh.size > 1:
     params = jax.device_put(params, NamedSharding(mesh, PS()))
-  with_accuracy = (x is not None and y is not None
-                   and getattr(model, "task", "") == "classification")
+  # the best mask's accuracy, also under a user fitness when x and y are given
+  scorer = (AccuracyFitness(model, group, None, False)
+            if x is not None and y is not None
+            and getattr(model, "task", "") == "classification" else None)
   display = GAProgress(config.generations, f"GA {group}") if progress else None
   with _DISPLAYS.open(display) as token:
-    result = _search_jit(config, fit, num_units, bool(progress), mesh, with_accuracy, hyper,
+    result = _search_jit(config, fit, num_units, bool(progress), mesh, scorer, hyper,
                          params, x, y, key, token, sample_weight)
     if progress:
       jax.effects_barrier()  # every report has been printed before we return
@@ -171,7 +177,7 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
 
 
 def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh: Mesh | None,
-                    with_accuracy: bool, hyper: GAHyperparams, params: PyTree, x, y,
+                    scorer: AccuracyFitness | None, hyper: GAHyperparams, params: PyTree, x, y,
                     key: jax.Array, token: jax.Array, sample_weight=None):
   """The whole of :func:`search` as one program: the fast path's activations, the GA's scan
   and the best mask's accuracy (one XLA compilation for a first call)."""
@@ -181,8 +187,8 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
     data = jax.tree.map(lambda a: lax.with_sharding_constraint(a, NamedSharding(mesh, PS())),
                         data)
   state, history = _run(config, fit, num_units, progress, mesh, hyper, data, key, token)
-  if with_accuracy:  # a fraction, like evaluate() (the fitness works in percent)
-    accuracy = AccuracyFitness(fit.model, fit.group, None, False).accuracy(
+  if scorer is not None:  # a fraction, like evaluate() (the fitness works in percent)
+    accuracy = scorer.accuracy(
         state.hof[0][None], {"params": params, "x": x, "y": _labels(y),
                              "sample_weight": sample_weight})[0] / 100.0
   else:

@@ -140,7 +140,15 @@ class GAResult(NamedTuple):
 
 
 def check_params(hyper: GAHyperparams) -> None:
-  """Raises ValueError if a concrete probability is outside [0, 1] (traced values pass)."""
+  """Raises ValueError if a concrete probability is outside [0, 1], or a concrete setting is not
+  one number (several settings run as a ``vmap`` over ``hyper``); traced values pass."""
+  for name in GAHyperparams._fields:
+    v = getattr(hyper, name)
+    if not isinstance(v, jax.core.Tracer) and np.ndim(v) != 0:
+      raise ValueError(
+          f"GAHyperparams.{name} must be one number, got shape {np.shape(v)}. To run several "
+          "settings at once, vmap over hyper: jax.vmap(lambda h: ga.search(..., hyper=h))"
+          "(GAHyperparams(...)) with arrays of settings (see docs/ga.md).")
   for name in ("crossover_prob", "mutation_prob", "bit_flip_prob"):
     v = getattr(hyper, name)
     if isinstance(v, jax.core.Tracer):

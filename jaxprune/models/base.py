@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxprune import _compile
 from jaxprune import units as units_lib
+from jaxprune import validate
 
 PyTree = Any
 
@@ -126,6 +127,7 @@ class Model(abc.ABC):
 
   def init(self, key: jax.Array) -> PyTree:
     """Initial variables for this model (a dict with a ``'params'`` entry)."""
+    validate.check_key(key)
     return _jitted_init(self)(key)
 
   def apply(self, params: PyTree, x: jax.Array) -> jax.Array:
