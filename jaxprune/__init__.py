@@ -42,6 +42,7 @@ from jaxprune.optax_pruning import gradual
 from jaxprune.optax_pruning import importance_pruner
 from jaxprune.optax_pruning import keep_masked
 from jaxprune.optax_pruning import magnitude_scores
+from jaxprune.optax_pruning import masked_optimizer
 from jaxprune.optax_pruning import masks_of
 from jaxprune.optax_pruning import nm_prune
 from jaxprune.optax_pruning import polynomial_sparsity

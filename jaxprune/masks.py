@@ -52,6 +52,23 @@ def _is_target(x) -> bool:
       isinstance(v, units_lib.UnitGroup) for v in x.values()))
 
 
+def _container_difference(params: PyTree, masks: PyTree) -> str:
+  """Where two trees with the same leaf paths differ: the first node of another type (a flax
+  ``FrozenDict`` against a ``dict``, an nnx ``State`` against its pure dict)."""
+  pending = [((), params, masks)]
+  while pending:
+    path, p, m = pending.pop(0)
+    if type(p) is not type(m):
+      where = "".join(f"[{k!r}]" for k in path) or "the root"
+      return (f"at {where} the params are a {type(p).__name__} but the masks a "
+              f"{type(m).__name__}; build the masks in the params' container types")
+    if isinstance(p, Mapping):
+      pending.extend((path + (k,), p[k], m[k]) for k in p if k in m)
+    elif isinstance(p, (list, tuple)) and len(p) == len(m):
+      pending.extend((path + (i,), a, b) for i, (a, b) in enumerate(zip(p, m)))
+  return "the same leaves in different containers"
+
+
 def check_weight_masks(params: PyTree, masks: PyTree) -> None:
   """Raises a ValueError that names the problem if ``masks`` does not fit ``params``.
 
@@ -67,9 +84,10 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
   if jax.tree.structure(params) != jax.tree.structure(masks):
     missing = [jax.tree_util.keystr(k) for k in p_paths if k not in m_paths]
     extra = [jax.tree_util.keystr(k) for k in m_paths if k not in p_paths]
+    why = (f"missing leaves: {missing[:5] or 'none'}; unexpected leaves: {extra[:5] or 'none'}"
+           if missing or extra else _container_difference(params, masks))
     raise ValueError(
-        "Weight masks do not have the structure of the params "
-        f"(missing leaves: {missing[:5] or 'none'}; unexpected leaves: {extra[:5] or 'none'}). "
+        f"Weight masks do not have the structure of the params ({why}). "
         "Create them with jaxprune.ones_like(params) or jaxprune.expand(params, model, ...).")
   for k, p in p_paths.items():
     m = m_paths[k]

@@ -12,7 +12,7 @@
   :func:`distinctiveness_pruner` (merge similar units every k steps) or :func:`importance_pruner`
   (remove the least important units, on the polynomial schedule via ``gradual(pruner=...)``).
 * Unstructured tools over any params pytree (flax, haiku-style ``{'w', 'b'}``, plain dicts, an nnx
-  ``State``): the default selection is every leaf with ``ndim >= 2``; per-leaf sparsity maps with
+  ``State``): the default selection is every floating-point leaf with ``ndim >= 2``; per-leaf sparsity maps with
   :func:`uniform_sparsity` and :func:`erk_sparsity` (Evci et al. 2020); :func:`prune_to_sparsity`
   with custom scores (:func:`saliency_scores` for ``|w * g|``, :func:`snip_scores` from a batch);
   N:M sparsity (:func:`nm_prune`) and block sparsity (:func:`block_prune`).
@@ -47,6 +47,7 @@ import optax
 
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
+from jaxprune import validate
 from jaxprune.pruners import _common
 from jaxprune.pruners import importance as importance_lib
 from jaxprune.pruners import magnitude as magnitude_lib
@@ -70,10 +71,14 @@ def _check_sparsity(name: str, value) -> None:
                      "weight (use e.g. 0.9 to keep 10%).")
 
 
+_STATIC = ("the schedule is static; under optax.inject_hyperparams pass static_args=("
+           "'begin_step', 'end_step', 'frequency', 'power')")
+
+
 def _check_schedule(begin_step, end_step, frequency, *, end_required: bool) -> None:
   for name, v in (("begin_step", begin_step), ("frequency", frequency)):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-      raise TypeError(f"{name} must be an int, got {v!r}.")
+      raise TypeError(f"{name} must be an int, got {v!r} ({_STATIC}).")
   if begin_step < 0:
     raise ValueError(f"begin_step must be >= 0, got {begin_step}.")
   if frequency < 1:
@@ -84,7 +89,7 @@ def _check_schedule(begin_step, end_step, frequency, *, end_required: bool) -> N
       raise ValueError("end_step is required: the step at which the final sparsity is reached.")
     return
   if not isinstance(end_step, (int, np.integer)) or isinstance(end_step, bool):
-    raise TypeError(f"end_step must be an int, got {end_step!r}.")
+    raise TypeError(f"end_step must be an int, got {end_step!r} ({_STATIC}).")
   if end_step <= begin_step:
     raise ValueError(f"end_step ({end_step}) must be greater than begin_step ({begin_step}); "
                      "for one-shot pruning at step T use begin_step=T - 1, end_step=T "
@@ -131,7 +136,11 @@ def keep_masked(weight_masks: PyTree) -> optax.GradientTransformation:
   ``optax.chain(optax.adamw(1e-3), keep_masked(masks))``: the update of a kept weight passes
   unchanged, the update of a masked weight is ``-weight``, so after ``optax.apply_updates`` every
   masked weight is exactly 0.0, whatever the optimizer did (momentum, weight decay). The masks
-  live in the state (:func:`masks_of` reads them, and replacing them does not retrace).
+  live in the state (:func:`masks_of` reads them, and replacing them does not retrace). It must
+  be the chain's last transformation (one after it would rescale the ``-weight``). The optimizer
+  before it still sees the masked weights' gradients: for optimizers that combine elements
+  (``clip_by_global_norm``, ``adafactor``) use :func:`masked_optimizer`, which trains exactly the
+  pruned network.
 
   Args:
     weight_masks: bool pytree with the structure and shapes of the params (True keeps).
@@ -149,6 +158,51 @@ def keep_masked(weight_masks: PyTree) -> optax.GradientTransformation:
     _need_params("keep_masked", params)
     masks_lib.check_weight_masks(params, state.masks)
     return _masked_updates(updates, state.masks, params), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def masked_optimizer(tx: optax.GradientTransformation,
+                     weight_masks: PyTree) -> optax.GradientTransformation:
+  """``tx`` training only the kept weights, as :func:`jaxprune.fit` and :func:`gradual` do.
+
+  The gradients of masked weights are zeroed before ``tx`` sees them, so its statistics
+  (moments, a global-norm clip, Adafactor's factored second moments) are those of the pruned
+  network, and their updates are ``-weight`` after it (masked weights exactly 0.0, as with
+  :func:`keep_masked`). ``optax.chain(tx, keep_masked(m))`` gives the same kept weights for
+  element-wise optimizers (SGD, momentum, Adam, AdamW), but not for those that combine elements
+  (``clip_by_global_norm``, ``adafactor``), which still see the masked weights' gradients there.
+
+  Args:
+    tx: any optax optimizer.
+    weight_masks: bool pytree with the structure and shapes of the params (True keeps).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is ``(MaskedState(masks), tx's state)``
+    (:func:`masks_of` reads the masks); ``update`` needs ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jaxprune
+    >>> params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]])}
+    >>> masks = {"w": jnp.array([[True, False], [True, True]])}
+    >>> tx = jaxprune.masked_optimizer(optax.adafactor(0.1), masks)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
+    >>> optax.apply_updates(params, updates)["w"][0, 1]
+    Array(0., dtype=float32)
+  """
+
+  def init_fn(params):
+    masks_lib.check_weight_masks(params, weight_masks)
+    return (MaskedState(jax.tree.map(jnp.asarray, weight_masks)), tx.init(params))
+
+  def update_fn(updates, state, params=None):
+    _need_params("masked_optimizer", params)
+    masked, inner_state = state
+    masks_lib.check_weight_masks(params, masked.masks)
+    grads = masks_lib.apply_masks(updates, masked.masks)
+    inner, inner_state = tx.update(grads, inner_state, params)
+    return _masked_updates(inner, masked.masks, params), (masked, inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -353,14 +407,16 @@ def _find_state(opt_state, cls):
 
 
 def masks_of(opt_state) -> PyTree:
-  """The weight masks held by a :func:`gradual`, :func:`scheduled` or :func:`keep_masked` state
+  """The weight masks held by a :func:`gradual`, :func:`scheduled`, :func:`keep_masked` or
+  :func:`masked_optimizer` state
   (searched through ``optax.chain`` tuples and other nested states)."""
   found = _find_state(opt_state, PruningState)
   if found is None:
     found = _find_state(opt_state, MaskedState)
   if found is None:
     raise ValueError("This optimizer state holds no masks; build the optimizer with "
-                     "jaxprune.gradual, jaxprune.scheduled or jaxprune.keep_masked.")
+                     "jaxprune.gradual, jaxprune.scheduled, jaxprune.keep_masked or "
+                     "jaxprune.masked_optimizer.")
   return found.masks
 
 
@@ -401,10 +457,31 @@ def _call_scores(fn, params, grads):
   return fn(params, grads)
 
 
+def _check_scores(sc, params, selected, given: bool) -> None:
+  """Concrete scores must be finite (a NaN's bit pattern would rank above every weight, so NaN
+  weights were always kept) and, when the user gave them, non-negative (they are compared as
+  magnitudes). Traced scores (inside ``gradual``) are taken as they are."""
+  if not validate.is_concrete(sc):
+    return
+  names = magnitude_lib.leaf_names(params)
+  what = "scores" if given else "Parameters"
+  for i, s in zip(selected, sc):
+    s = np.asarray(s)        # NumPy: a concrete array closed over inside jit stays concrete
+    bad = int(np.sum(~np.isfinite(s)))
+    if bad:
+      raise ValueError(f"{what} of {names[i]} hold {bad} NaN or infinite values; the ranking is "
+                       "undefined there. Fix them (or exclude that leaf with select=).")
+    if given and np.any(s < 0):
+      raise ValueError(f"The scores of {names[i]} hold negative values; scores are magnitudes "
+                       "(larger kept), >= 0: pass their absolute values (jnp.abs).")
+
+
 def _score_leaves(scores, params, grads, selected):
   leaves = jax.tree.leaves(params)
   if scores is None:
-    return [jnp.abs(leaves[i]) for i in selected]
+    out = [jnp.abs(leaves[i]) for i in selected]
+    _check_scores(out, params, selected, False)
+    return out
   tree = _call_scores(scores, params, grads) if callable(scores) else scores
   if jax.tree.structure(tree) != jax.tree.structure(params):
     raise ValueError("The scores must be a pytree with the structure of the params (one score "
@@ -417,7 +494,9 @@ def _score_leaves(scores, params, grads, selected):
       raise ValueError(f"The score of {name} has shape {tuple(jnp.shape(sl[i]))} but the "
                        f"parameter has shape {tuple(jnp.shape(leaves[i]))}; return one score per "
                        "weight.")
-  return [jnp.asarray(sl[i], jnp.float32) for i in selected]
+  out = [jnp.asarray(sl[i], jnp.float32) for i in selected]
+  _check_scores(out, params, selected, True)
+  return out
 
 
 def _n_target(s, n: int):

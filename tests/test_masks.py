@@ -62,6 +62,11 @@ def test_check_weight_masks_errors(params):
   with_none = {"params": {**good["params"], "out": {"kernel": None, "bias": good["params"]["out"]["bias"]}}}
   with pytest.raises(ValueError, match="structure of the params.*missing leaves.*out.*kernel"):
     jaxprune.check_weight_masks(params, with_none)
+  from flax.core import freeze  # pylint: disable=import-outside-toplevel
+  frozen = {"params": freeze(good["params"])}   # same leaves, another container
+  with pytest.raises(ValueError, match=r"at \['params'\] the params are a dict but the masks a "
+                     "FrozenDict"):
+    jaxprune.check_weight_masks(params, frozen)
   # apply_masks checks too, instead of broadcasting a wrong mask silently.
   with pytest.raises(ValueError, match="has shape \\(6, 4\\)"):
     jaxprune.apply_masks(params, bad_shape)

@@ -229,6 +229,75 @@ def test_bad_schedule_settings_raise():
     tx.update(params, state._replace(masks={"linear": state.masks["linear"]}), params)
 
 
+def test_schedule_under_inject_hyperparams_names_static_args():
+  with pytest.raises(TypeError, match=r"static_args=\('begin_step', 'end_step'"):
+    optax.inject_hyperparams(jaxprune.gradual)(
+        optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=2, frequency=1).init(_mlp_params())
+  tx = optax.inject_hyperparams(jaxprune.gradual, static_args=(
+      "begin_step", "end_step", "frequency", "power"))(
+          optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=2, frequency=1)
+  tx.init(_mlp_params())
+
+
+def test_masked_optimizer_trains_the_pruned_network():
+  """The optimizer sees only the kept weights' gradients: Adafactor (factored moments) and a
+  global-norm clip give the kept weights of the pruned network, i.e. of the same optimizer fed
+  masked gradients; keep_masked after the optimizer does not (it still sees them all)."""
+  params = _mlp_params()
+  _, masks = jaxprune.prune_to_sparsity(params, None, 0.5, scope="layer")
+  x, y = _data()
+  grad = jax.jit(jax.grad(_loss))
+  for inner in (optax.adafactor(0.05, min_dim_size_to_factor=2),   # factored moments
+                optax.chain(optax.clip_by_global_norm(0.05), optax.sgd(0.1, momentum=0.9))):
+    runs = {}
+    for name, tx, masked_grads in (
+        ("masked_optimizer", jaxprune.masked_optimizer(inner, masks), False),
+        ("reference", optax.chain(inner, jaxprune.keep_masked(masks)), True),
+        ("keep_masked", optax.chain(inner, jaxprune.keep_masked(masks)), False)):
+      p, state = params, tx.init(params)
+      for _ in range(5):
+        g = grad(p, x, y)
+        if masked_grads:
+          g = jaxprune.apply_masks(g, masks)
+        u, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, u)
+      runs[name] = p
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
+                                     runs["masked_optimizer"], runs["reference"]))
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
+                                         runs["keep_masked"], runs["reference"]))
+    for leaf, m in zip(jax.tree.leaves(runs["masked_optimizer"]), jax.tree.leaves(masks)):
+      assert bool(jnp.all(jnp.where(m, 0.0, leaf) == 0.0))
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), jaxprune.masks_of(state),
+                                   masks))
+  with pytest.raises(ValueError, match="needs the params"):
+    jaxprune.masked_optimizer(optax.sgd(0.1), masks).update(params, state)
+
+
+def test_unstructured_pruners_refuse_nan_weights_and_negative_scores():
+  """NaN/inf weights used to be kept by every unstructured pruner but magnitude_prune (a NaN's
+  bit pattern ranks above every weight); signed scores were silently made magnitudes."""
+  params = _mlp_params()
+  params["linear"]["w"] = params["linear"]["w"].at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
+  for prune in (lambda p: jaxprune.prune_to_sparsity(p, None, 0.5),
+                lambda p: jaxprune.nm_prune(p, None, n=1, m=2),
+                lambda p: jaxprune.block_prune(p, None, 0.5, block=(2, 2))):
+    with pytest.raises(ValueError, match="linear/w hold 2 NaN or infinite values"):
+      prune(params)
+  params = _mlp_params()
+  with pytest.raises(ValueError, match="linear/w hold negative values.*jnp.abs"):
+    jaxprune.prune_to_sparsity(params, None, 0.5, scores=params)
+
+
+def test_default_selection_leaves_integer_buffers_alone():
+  params = {"k": jnp.arange(1.0, 17.0).reshape(4, 4), "idx": jnp.arange(16).reshape(4, 4)}
+  q, m = jaxprune.prune_to_sparsity(params, None, 0.5)
+  np.testing.assert_array_equal(q["idx"], params["idx"])
+  assert bool(jnp.all(m["idx"])) and int(m["k"].sum()) == 8
+  tx = jaxprune.gradual(optax.sgd(0.0), sparsity=0.5, begin_step=0, end_step=1, frequency=1)
+  assert jaxprune.pruners.select_leaves(params) == (1,)   # leaves: idx, k
+
+
 # ----------------------------------------------------------------------------- selection, ERK
 
 

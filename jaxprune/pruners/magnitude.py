@@ -3,7 +3,8 @@
 Unstructured weight masks: of the weights still kept in scope, the ``round(fraction x
 remaining)`` with the smallest ``|w|`` are removed, so repeated calls prune a fraction of what is
 left (like ``torch.nn.utils.prune``). Scope is each selected layer on its own (``'layer'``) or all
-selected layers together (``'global'``). By default every leaf with ``ndim >= 2`` is pruned,
+selected layers together (``'global'``). By default every floating-point leaf with ``ndim >= 2``
+is pruned (integer buffers such as index tables are not),
 whatever it is named (flax ``kernel``, haiku ``w``, a plain dict, an nnx ``State``); biases and
 normalisation parameters are left alone: vectors, and any leaf named ``bias``, ``scale``,
 ``mean``, ``var`` or ``offset`` (a ``DenseGeneral``'s bias is 2-D).
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
+from jaxprune import validate
 from jaxprune.pruners import _common
 
 PyTree = Any
@@ -103,16 +105,17 @@ def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
 
   Args:
     params: the params pytree.
-    select: None (every leaf with ``ndim >= 2``: kernels and weight matrices, not biases or
-      norm scales, and not a leaf named in ``NOT_WEIGHTS``, like a ``DenseGeneral``'s 2-D
-      ``bias``), a predicate ``select(path, leaf) -> bool``
+    select: None (every floating-point leaf with ``ndim >= 2``: kernels and weight matrices,
+      not biases or norm scales, not integer buffers such as index tables, and not a leaf
+      named in ``NOT_WEIGHTS``, like a ``DenseGeneral``'s 2-D ``bias``), a predicate ``select(path, leaf) -> bool``
       with ``path`` a tuple of keys, or a sequence of paths (tuples or ``'a/b/c'`` strings).
   """
   paths = _leaf_paths(params)
   leaves = jax.tree.leaves(params)
   if select is None:
     chosen = [i for i, (p, l) in enumerate(zip(paths, leaves))
-              if jnp.ndim(l) >= 2 and not (p and str(p[-1]) in NOT_WEIGHTS)]
+              if jnp.ndim(l) >= 2 and jnp.issubdtype(jnp.result_type(l), jnp.floating)
+              and not (p and str(p[-1]) in NOT_WEIGHTS)]
   elif callable(select):
     chosen = [i for i, (p, l) in enumerate(zip(paths, leaves)) if select(p, l)]
   else:
@@ -125,8 +128,8 @@ def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
                      f"{['/'.join(p) for p in paths]}.")
     chosen = sorted(index[w] for w in want)
   if not chosen:
-    raise ValueError("The selection picks no parameter leaf to prune (by default: leaves with "
-                     "ndim >= 2); pass select= (a predicate or a list of paths).")
+    raise ValueError("The selection picks no parameter leaf to prune (by default: floating-point "
+                     "leaves with ndim >= 2); pass select= (a predicate or a list of paths).")
   return tuple(chosen)
 
 
@@ -279,4 +282,5 @@ def random_prune(params: PyTree, weight_masks: PyTree | None = None, fraction=0.
 
   The baseline of the lottery-ticket experiment. ``key`` is a ``jax.random.key``.
   """
+  validate.check_key(key)
   return _prune(params, weight_masks, fraction, key, scope, select, random=True)
