@@ -16,6 +16,8 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -31,16 +33,29 @@ def _checkpointer():
   return ocp, ocp.StandardCheckpointer()
 
 
+def _check_leaves(tree: PyTree) -> None:
+  """Raises a TypeError naming the first leaf orbax cannot write (before anything is written)."""
+  for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float)) and not hasattr(
+        x, "__array__"):
+      raise TypeError(f"Cannot checkpoint the leaf at {jax.tree_util.keystr(k)}: it is of type "
+                      f"{type(x).__name__!r}; every leaf must be an array or a number.")
+
+
 def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
                     unit_masks: dict | None = None, overwrite: bool = False) -> None:
   """Saves params, their weight masks (and unit masks) in one orbax checkpoint at ``path``.
+
+  The checkpoint is written to a temporary folder beside ``path`` and moved into place only once
+  it is complete, so a save that fails leaves whatever was at ``path`` (with ``overwrite``, the old
+  checkpoint) as it was, and no partial folder behind.
 
   Args:
     path: a folder (created; must not exist unless ``overwrite``).
     params: the params pytree.
     masks: weight masks (bool pytree like ``params``), or None.
     unit_masks: optional ``{group: bool vector}``.
-    overwrite: replace an existing checkpoint.
+    overwrite: replace an existing checkpoint (only after the new one is written).
   """
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
@@ -53,9 +68,29 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
     tree["masks"] = masks
   if unit_masks:
     tree["unit_masks"] = dict(unit_masks)
-  _, ckptr = _checkpointer()
-  ckptr.save(path, tree, force=overwrite)
-  ckptr.wait_until_finished()
+  _check_leaves(tree)
+  parent, name = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  # Orbax writes (and, on failure, may leave its own *.orbax-checkpoint-tmp folder) inside a
+  # private sibling folder, so nothing at ``path`` is touched until the new checkpoint is whole.
+  work = tempfile.mkdtemp(prefix=f".{name}.jaxprune-tmp-", dir=parent)
+  try:
+    new = os.path.join(work, "ckpt")
+    _, ckptr = _checkpointer()
+    ckptr.save(new, tree)
+    ckptr.wait_until_finished()
+    old = None
+    if os.path.lexists(path):
+      old = os.path.join(work, "old")
+      os.replace(path, old)
+    try:
+      os.replace(new, path)
+    except BaseException:
+      if old is not None:
+        os.replace(old, path)  # put the old checkpoint back
+      raise
+  finally:
+    shutil.rmtree(work, ignore_errors=True)  # the old checkpoint (after success) or the debris
 
 
 def load_checkpoint(path: str, params_template: PyTree | None = None, *,
