@@ -16,6 +16,8 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -31,16 +33,29 @@ def _checkpointer():
   return ocp, ocp.StandardCheckpointer()
 
 
+def _check_leaves(tree: PyTree) -> None:
+  """Raises a TypeError naming the first leaf orbax cannot write (before anything is written)."""
+  for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float)) and not hasattr(
+        x, "__array__"):
+      raise TypeError(f"Cannot checkpoint the leaf at {jax.tree_util.keystr(k)}: it is of type "
+                      f"{type(x).__name__!r}; every leaf must be an array or a number.")
+
+
 def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
                     unit_masks: dict | None = None, overwrite: bool = False) -> None:
   """Saves params, their weight masks (and unit masks) in one orbax checkpoint at ``path``.
+
+  The checkpoint is written to a temporary folder beside ``path`` and moved into place only once
+  it is complete, so a save that fails leaves whatever was at ``path`` (with ``overwrite``, the old
+  checkpoint) as it was, and no partial folder behind.
 
   Args:
     path: a folder (created; must not exist unless ``overwrite``).
     params: the params pytree.
     masks: weight masks (bool pytree like ``params``), or None.
     unit_masks: optional ``{group: bool vector}``.
-    overwrite: replace an existing checkpoint.
+    overwrite: replace an existing checkpoint (only after the new one is written).
   """
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
@@ -53,9 +68,75 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
     tree["masks"] = masks
   if unit_masks:
     tree["unit_masks"] = dict(unit_masks)
-  _, ckptr = _checkpointer()
-  ckptr.save(path, tree, force=overwrite)
-  ckptr.wait_until_finished()
+  _check_leaves(tree)
+  parent, name = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  # Orbax writes (and, on failure, may leave its own *.orbax-checkpoint-tmp folder) inside a
+  # private sibling folder, so nothing at ``path`` is touched until the new checkpoint is whole.
+  work = tempfile.mkdtemp(prefix=f".{name}.jaxprune-tmp-", dir=parent)
+  try:
+    new = os.path.join(work, "ckpt")
+    _, ckptr = _checkpointer()
+    ckptr.save(new, tree)
+    ckptr.wait_until_finished()
+    old = None
+    if os.path.lexists(path):
+      old = os.path.join(work, "old")
+      os.replace(path, old)
+    try:
+      os.replace(new, path)
+    except BaseException:
+      if old is not None:
+        os.replace(old, path)  # put the old checkpoint back
+      raise
+  finally:
+    shutil.rmtree(work, ignore_errors=True)  # the old checkpoint (after success) or the debris
+
+
+def _name(k) -> str:
+  """One key of a pytree path as orbax names it in a checkpoint."""
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _flat(tree: PyTree, prefix: str) -> dict:
+  """``{names: (display path, leaf)}`` for the leaves of ``tree`` (under the top key ``prefix``)."""
+  return {tuple(_name(k) for k in ks): (f"[{prefix!r}]" + jax.tree_util.keystr(ks), x)
+          for ks, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _describe(x) -> str:
+  return f"shape {tuple(np.shape(x))} {np.result_type(x) if not hasattr(x, 'dtype') else x.dtype}"
+
+
+def _check_template(path: str, saved: PyTree, template: PyTree) -> None:
+  """Raises a ValueError naming the first leaf where ``template`` and the saved params differ in
+  name or shape (dtypes may differ: the restored leaves are cast to the template's)."""
+  have, want = _flat(saved, "params"), _flat(template, "params")
+  fix = ("Pass as params_template the params of the model that was saved (same names and shapes; "
+         "dtypes may differ and are cast), or params_template=None to load it as saved.")
+  for names, (shown, t) in want.items():
+    if names not in have:
+      listed = ", ".join(s for s, _ in list(have.values())[:4]) + (", ..." if len(have) > 4 else "")
+      raise ValueError(f"The checkpoint at {path} does not fit the params template: {shown} is in "
+                       f"the template but not in the checkpoint (which has {listed}). {fix}")
+    s_shown, s = have[names]
+    if tuple(s.shape) != tuple(np.shape(t)):
+      raise ValueError(f"The checkpoint at {path} does not fit the params template: at {shown} the "
+                       f"checkpoint has {_describe(s)}, the template {_describe(t)}. {fix}")
+  for names, (shown, _) in have.items():
+    if names not in want:
+      raise ValueError(f"The checkpoint at {path} does not fit the params template: it has "
+                       f"{shown}, which the template lacks. {fix}")
+
+
+def _abstract(x):
+  """A restore target for one template leaf: its shape and dtype (and sharding, if it has one)."""
+  if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+  return jax.ShapeDtypeStruct(np.shape(x), np.result_type(x))
 
 
 def load_checkpoint(path: str, params_template: PyTree | None = None, *,
@@ -65,7 +146,9 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
   Args:
     path: the checkpoint folder.
     params_template: params of the same model (or ``jax.ShapeDtypeStruct``\\ s): the result gets
-      exactly its structure, shapes and dtypes (containers included); None returns nested dicts.
+      exactly its structure, shapes and dtypes (containers included; saved values are cast to its
+      dtypes); None returns nested dicts as saved. Names and shapes must match the saved params,
+      else a ValueError names the first leaf that differs.
     with_unit_masks: also return the unit masks (None if none were saved).
 
   Returns:
@@ -75,24 +158,34 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
   if not os.path.isdir(path):
     raise FileNotFoundError(f"No checkpoint at {path}; save one with "
                             "jaxprune.save_checkpoint(path, params, masks).")
-  ocp, ckptr = _checkpointer()
-  meta = ckptr.metadata(path)
-  keys = set(getattr(meta, "item_metadata", meta) or ())
+  _, ckptr = _checkpointer()
+  not_ours = (f"{path} is not a jaxprune checkpoint (one written by "
+              "jaxprune.save_checkpoint(path, params, masks), holding 'params' and optionally "
+              "'masks' and 'unit_masks')")
+  try:
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    meta = getattr(meta, "tree", meta)
+  except Exception as e:  # no orbax metadata there at all
+    raise ValueError(f"{not_ours}: orbax cannot read its metadata "
+                     f"({type(e).__name__}: {e}).") from e
+  if not isinstance(meta, dict) or "params" not in meta:
+    found = f"it holds {sorted(meta)}" if isinstance(meta, dict) else "orbax finds no metadata"
+    raise ValueError(f"{not_ours}: {found}.")
   target = None
   if params_template is not None:
-    sds = jax.tree.map(ocp.utils.to_shape_dtype_struct, params_template)
+    _check_template(path, meta["params"], params_template)
+    sds = jax.tree.map(_abstract, params_template)
     target = {"params": sds}
-    if "masks" in keys:
+    if "masks" in meta:
+      if _flat(meta["masks"], "params").keys() != _flat(meta["params"], "params").keys():
+        raise ValueError(f"{not_ours}: its 'masks' do not have the names of its 'params'.")
       target["masks"] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.bool_), sds)
-    if "unit_masks" in keys:
-      target = None  # unit masks' shapes are not known from the params: restore as saved
+    if "unit_masks" in meta:  # their shapes come from the checkpoint: they are not in the params
+      target["unit_masks"] = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta["unit_masks"])
   tree = ckptr.restore(path, target)
   params, masks = tree["params"], tree.get("masks")
-  if params_template is not None and target is None:
-    treedef = jax.tree.structure(params_template)
-    params = jax.tree.unflatten(treedef, jax.tree.leaves(params))
-    if masks is not None:
-      masks = jax.tree.unflatten(treedef, jax.tree.leaves(masks))
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
   if with_unit_masks:

@@ -1,0 +1,143 @@
+"""save_checkpoint / load_checkpoint: the template decides names, shapes and dtypes; a failed
+overwrite keeps the old checkpoint; mismatches and foreign checkpoints raise jaxprune errors."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+
+
+def _params():
+  return {"a": {"kernel": jnp.arange(6.).reshape(2, 3)},
+          "b": {"kernel": jnp.arange(6., 12.).reshape(3, 2)}}
+
+
+def _save(tmp_path, unit_masks=None, name="c"):
+  params = _params()
+  _, masks = jaxprune.prune_to_sparsity(params, None, 0.5, scope="layer")
+  path = str(tmp_path / name)
+  jaxprune.save_checkpoint(path, params, masks, unit_masks=unit_masks)
+  return path, params, masks
+
+
+UNITS = {"g": jnp.array([True, False, True])}
+WRONG_SHAPES = {"a": {"kernel": jnp.zeros((3, 2))}, "b": {"kernel": jnp.zeros((2, 3))}}
+RENAMED = {"x": {"kernel": jnp.zeros((2, 3))}, "y": {"kernel": jnp.zeros((3, 2))}}
+
+
+# ----------------------------------------------------------------- the template decides (finding 1)
+
+
+@pytest.mark.parametrize("units", [None, UNITS], ids=["no-unit-masks", "unit-masks"])
+def test_template_with_wrong_shapes_is_refused_naming_path_and_shapes(tmp_path, units):
+  path, _, _ = _save(tmp_path, units)
+  with pytest.raises(ValueError) as e:
+    jaxprune.load_checkpoint(path, WRONG_SHAPES)
+  msg = str(e.value)
+  assert "['params']['a']['kernel']" in msg and "(2, 3)" in msg and "(3, 2)" in msg, msg
+  assert "ArrayRestoreArgs" not in msg and "strict" not in msg, msg   # orbax advice users can't use
+  assert "params_template" in msg, msg                                 # says what to do
+
+
+@pytest.mark.parametrize("units", [None, UNITS], ids=["no-unit-masks", "unit-masks"])
+def test_renamed_template_is_refused_naming_the_params_path(tmp_path, units):
+  path, _, _ = _save(tmp_path, units)
+  with pytest.raises(ValueError) as e:
+    jaxprune.load_checkpoint(path, RENAMED)
+  msg = str(e.value)
+  assert "['params']['x']['kernel']" in msg and "not in the checkpoint" in msg, msg
+  assert "['masks']" not in msg, msg                       # the params differ, not the masks
+  assert "['params']['a']['kernel']" in msg, msg           # shows what the checkpoint does have
+
+
+@pytest.mark.parametrize("units", [None, UNITS], ids=["no-unit-masks", "unit-masks"])
+def test_result_takes_the_template_dtypes_and_a_wrong_nesting_is_refused(tmp_path, units):
+  path, params, masks = _save(tmp_path, units)
+  template = [jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)]  # other container, bf16
+  with pytest.raises(ValueError):                 # a list is not the dict that was saved
+    jaxprune.load_checkpoint(path, template)
+  bf16 = template[0]
+  p2, m2, u2 = jaxprune.load_checkpoint(path, bf16, with_unit_masks=True)
+  assert jax.tree.structure(p2) == jax.tree.structure(bf16)
+  for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(params)):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(a, np.float32), b)
+  for a, b in zip(jax.tree.leaves(m2), jax.tree.leaves(masks)):
+    assert a.dtype == jnp.bool_
+    np.testing.assert_array_equal(a, b)
+  if units is None:
+    assert u2 is None
+  else:
+    np.testing.assert_array_equal(u2["g"], UNITS["g"])
+    assert u2["g"].dtype == jnp.bool_
+
+
+def test_shape_dtype_structs_are_a_template_with_unit_masks(tmp_path):
+  path, params, _ = _save(tmp_path, UNITS)
+  sds = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  p2, _ = jaxprune.load_checkpoint(path, sds)
+  np.testing.assert_array_equal(p2["b"]["kernel"], params["b"]["kernel"])
+
+
+# ---------------------------------------------------- a failed overwrite loses nothing (finding 2)
+
+
+def test_failed_overwrite_keeps_the_old_checkpoint_and_leaves_no_temp_folder(tmp_path):
+  path, params, masks = _save(tmp_path, UNITS)
+  with pytest.raises((TypeError, ValueError)):
+    jaxprune.save_checkpoint(path, {"a": object()}, overwrite=True)
+  assert os.listdir(tmp_path) == ["c"]
+  p2, m2, u2 = jaxprune.load_checkpoint(path, params, with_unit_masks=True)
+  np.testing.assert_array_equal(p2["a"]["kernel"], params["a"]["kernel"])
+  np.testing.assert_array_equal(u2["g"], UNITS["g"])
+
+
+def test_failure_during_the_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+  """A failure past jaxprune's own checks (inside orbax's write) is also rolled back."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path, params, _ = _save(tmp_path)
+
+  def boom(self, *args, **kwargs):
+    raise OSError("disk full")
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", boom)
+  with pytest.raises(OSError, match="disk full"):
+    jaxprune.save_checkpoint(path, params, None, overwrite=True)
+  monkeypatch.undo()
+  assert os.listdir(tmp_path) == ["c"]
+  assert jaxprune.load_checkpoint(path, params)[1] is not None   # still the old one, masks and all
+
+
+def test_overwrite_replaces_and_leaves_only_the_checkpoint(tmp_path):
+  path, params, _ = _save(tmp_path, UNITS)
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    jaxprune.save_checkpoint(path, params)
+  new = jax.tree.map(lambda a: a + 1, params)
+  jaxprune.save_checkpoint(path, new, None, overwrite=True)
+  assert os.listdir(tmp_path) == ["c"]
+  p2, m2, u2 = jaxprune.load_checkpoint(path, params, with_unit_masks=True)
+  np.testing.assert_array_equal(p2["a"]["kernel"], new["a"]["kernel"])
+  assert m2 is None and u2 is None
+
+
+# ------------------------------------------------------------ not a jaxprune checkpoint (finding 3)
+
+
+@pytest.mark.parametrize("with_template", [False, True])
+def test_foreign_orbax_checkpoint_is_named_as_such(tmp_path, with_template):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "foreign")
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, {"w": jnp.ones(3)})
+  ckptr.wait_until_finished()
+  with pytest.raises(ValueError, match="not a jaxprune checkpoint"):
+    jaxprune.load_checkpoint(path, _params() if with_template else None)
+
+
+def test_folder_that_is_no_checkpoint_is_named_as_such(tmp_path):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="not a jaxprune checkpoint"):
+    jaxprune.load_checkpoint(str(tmp_path / "empty"))
