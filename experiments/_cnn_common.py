@@ -104,13 +104,11 @@ class Split:
 
 
 def train_test(ds, test_fraction: float, seed: int, normalise: bool = False) -> Split:
-  """A stratified split (person-independent when the data carry persons)."""
-  from jaxprune import data as data_lib  # pylint: disable=g-import-not-at-top
-  try:
-    train, test = data_lib.train_test_split(ds, test_fraction=test_fraction, seed=seed,
-                                            person_independent=ds.groups is not None)
-  except ValueError as e:
-    _flags.fail(f"Cannot split the data: {e}")
+  """A stratified split (person-independent when the data carry persons); a one-line usage
+  error naming --test_fraction when the data cannot be split."""
+  from experiments import _mlp_common  # pylint: disable=g-import-not-at-top
+  train, test = _mlp_common.train_test_or_fail(ds, test_fraction, seed,
+                                               person_independent=ds.groups is not None)
   f = imagenet_normalise if normalise else (lambda a: a)
   return Split(f(train.x), train.y, f(test.x), test.y)
 

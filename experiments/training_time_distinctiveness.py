@@ -205,7 +205,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
     folds = data_lib.kfold(ds, n_splits=s["folds"], seed=s["seed"],
                            person_independent=ds.groups is not None)
   except ValueError as e:
-    _flags.fail(f"Cannot make {s['folds']} folds: {e}")
+    _flags.fail(f"Cannot make --folds={s['folds']} folds: {e} (--folds on the command line).")
   study = _store.Study(STUDY, s, workdir)
   prog = _report.Progress(len(VARIANTS) * len(folds), STUDY)
   init = model.init(_store.config_key(s["seed"], "init"))
