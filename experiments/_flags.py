@@ -296,7 +296,12 @@ def run_main(argv: Sequence[str], config_cls, run: Callable[..., Any]) -> Any:
   config = config_from_flags(config_cls)
   _speed.enable_from_flags()
   _speed.start()
-  out = run(config, FLAGS.workdir, data=FLAGS.data, data_path=FLAGS.data_path)
+  try:
+    out = run(config, FLAGS.workdir, data=FLAGS.data, data_path=FLAGS.data_path)
+  except BaseException:
+    from experiments import _store  # pylint: disable=g-import-not-at-top
+    _store.release_all_locks()  # a failed run leaves no held lock behind, even in-process
+    raise
   table = _speed.stage_table()
   if table:
     print("\nTime per stage (wall clock, compilation included):\n" + table, flush=True)
