@@ -181,7 +181,8 @@ def test_sheet_choice(tmp_path):
   path = write_xlsx(tmp_path / "two.xlsx", _rows(), sheets=("notes", "SFEW.csv"))
   assert len(data.load_sfew_features(path)) == sum(COUNTS) - 1
   path = write_xlsx(tmp_path / "amb.xlsx", _rows(), sheets=("a", "b"))
-  with pytest.raises(ValueError, match="sheet"):
+  with pytest.raises(ValueError, match=r"pass sheet=\.\.\. to load_sfew_features.*binaries"
+                     r".*named SFEW or SFEW.csv.*as --data_path"):
     data.load_sfew_features(path)
   assert len(data.load_sfew_features(path, sheet="b")) == sum(COUNTS) - 1
   with pytest.raises(ValueError, match="no sheet 'c'"):
@@ -377,6 +378,20 @@ def test_tree_layout_errors(tmp_path, tree):
   (tree / "Sad").rmdir()
   with pytest.raises(FileNotFoundError, match="no folder for class\\(es\\) sad"):
     data.load_sfew_images(tree, size=(8, 8), expected_size=None)
+
+
+def test_nested_train_and_val_parts_name_the_path_to_pass(tmp_path):
+  write_tree(tmp_path / "SFEW" / "Train")
+  write_tree(tmp_path / "SFEW" / "Val")
+  with pytest.raises(ValueError, match=r"'Train' is not a class.*Train/ holds class folders"
+                     r" itself: pass .*SFEW/Train as the path \(--data_path="):
+    data.load_sfew_images(tmp_path / "SFEW", size=(8, 8), expected_size=None)
+  with pytest.raises(FileNotFoundError, match=r"no folder for class.*pass .*SFEW/Train.*"
+                     r"pass .*SFEW/Val"):
+    data.load_sfew_images(tmp_path / "SFEW", size=(8, 8), expected_size=None,
+                          on_error="skip")
+  assert len(data.load_sfew_images(tmp_path / "SFEW" / "Train", size=(8, 8),
+                                   expected_size=None)) == 20
 
 
 def test_image_argument_errors(tree):

@@ -155,7 +155,10 @@ def _read_xlsx(path: Path, sheet: str | None) -> list[list[Any]]:
       preferred = [n for n in names if n.lower() in ("sfew.csv", "sfew")]
       if len(preferred) != 1:
         raise ValueError(
-            f"{path} has sheets {names}; pass sheet=... to choose one"
+            f"{path} has sheets {names}; pass sheet=... to load_sfew_features to"
+            " choose one. The experiment binaries read a workbook's only sheet,"
+            " or the one named SFEW or SFEW.csv: rename that sheet, or export it"
+            " as SFEW.csv and pass the CSV as --data_path"
         )
       chosen = preferred[0]
     return [list(row) for row in book[chosen].iter_rows(values_only=True)]
@@ -400,6 +403,18 @@ def _problem(message: str, relpath: str, on_error: OnError,
   skipped.append({"path": relpath, "reason": message})
 
 
+def _nested_hint(folder: Path) -> str:
+  """A hint when ``folder`` holds class folders itself (SFEW's Train/ and Val/ parts)."""
+  try:
+    inside = {e.name.strip().lower() for e in folder.iterdir() if e.is_dir()}
+  except OSError:
+    return ""
+  if not inside & set(SFEW_CLASS_NAMES):
+    return ""
+  return (f"; {folder.name}/ holds class folders itself: pass {folder} as the path"
+          f" (--data_path={folder} for the binaries), one part at a time")
+
+
 def scan_sfew_tree(
     root: str | os.PathLike, *, on_error: OnError = "raise"
 ) -> tuple[list[ImageItem], list[dict[str, str]]]:
@@ -439,8 +454,12 @@ def scan_sfew_tree(
       continue
     key = entry.name.strip().lower()
     if key not in SFEW_CLASS_NAMES:
-      _problem(f"{entry}: folder {entry.name!r} is not a class"
-               f" ({', '.join(SFEW_CLASS_NAMES)})", entry.name, on_error, skipped)
+      message = (f"{entry}: folder {entry.name!r} is not a class"
+                 f" ({', '.join(SFEW_CLASS_NAMES)})")
+      hint = _nested_hint(entry)
+      if hint and on_error == "raise":  # a Train/ or Val/ part: skipping is not the fix
+        raise ValueError(message + hint)
+      _problem(message, entry.name, on_error, skipped)
       continue
     label = SFEW_CLASS_NAMES.index(key)
     if label in folders:
@@ -452,8 +471,10 @@ def scan_sfew_tree(
   missing = [SFEW_CLASS_NAMES[k] for k in range(len(SFEW_CLASS_NAMES))
              if k not in folders]
   if missing:
+    nested = "".join(_nested_hint(e) for e in sorted(root.iterdir())
+                     if e.is_dir() and not e.name.startswith("."))
     raise FileNotFoundError(
-        f"{root}: no folder for class(es) {', '.join(missing)}. Expected:"
+        f"{root}: no folder for class(es) {', '.join(missing)}{nested}. Expected:"
         f" {IMAGES_LAYOUT}."
     )
   items: list[ImageItem] = []
