@@ -168,6 +168,22 @@ def test_labels_as_class_names_and_headerless(tmp_path):
   assert ds.info["dropped"][0]["row"] == MISSING_ROW + 1
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_headerless_file_with_a_typo_in_its_first_row(tmp_path, strict):
+  rows = _rows()
+  rows[0][4] = "0.1x"  # LPQ feature 3 of the first data row
+  path = write_csv(tmp_path / "bare.csv", rows, header=None)
+  with pytest.raises(ValueError, match=r"row 1 \(Movie0_\S+\), column 5 \(LPQ feature 3\): "
+                     r"'0.1x' is not a finite number"):
+    data.load_sfew_features(path, strict_header=strict)
+  with pytest.raises(ValueError, match=r"row 2 .*column 5 \(LPQ feature 3\): '0.1x'"):
+    data.load_sfew_features(write_csv(tmp_path / "h.csv", rows), strict_header=strict)
+  renamed = [None, "y"] + [f"f{i}" for i in range(10)]  # other names: still a header
+  ds = data.load_sfew_features(write_csv(tmp_path / "r.csv", _rows(), header=renamed),
+                               strict_header=False)
+  assert len(ds) == sum(COUNTS) - 1 and ds.info["header"][1] == "y"
+
+
 def test_blank_rows_and_trailing_columns_are_reported(tmp_path):
   rows = _rows()
   rows.insert(3, [None] * 12)

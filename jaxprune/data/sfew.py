@@ -200,6 +200,18 @@ def _as_float(value: Any) -> float | None:
   return number if math.isfinite(number) else None
 
 
+def _looks_like_header(row: list[Any]) -> bool:
+  """Whether the first row is a header: its label cell names a label column, or most of its
+  non-empty feature cells are text. A row of numbers with one bad cell (a typo such as
+  '0.1x') is a data row, so that its bad value is reported rather than the row being taken as
+  a header (and silently lost, or blamed on misnamed columns)."""
+  if len(row) > 1 and str("" if row[1] is None else row[1]).strip().lower() in _LABEL_HEADERS:
+    return True
+  cells = [v for v in row[2:] if not _is_empty(v)]
+  text = sum(1 for v in cells if _as_float(v) is None)
+  return text > len(cells) - text
+
+
 def _check_header(header: list[Any], path: Path) -> None:
   def text(c: int) -> str:
     return "" if header[c] is None else str(header[c]).strip()
@@ -286,10 +298,7 @@ def load_sfew_features(
     width -= 1
   rows = [r[:width] for r in rows]
 
-  has_header = any(
-      isinstance(v, str) and not _is_empty(v) and _as_float(v) is None
-      for v in rows[0][2:]
-  ) or str(rows[0][1] if width > 1 else "").strip().lower() in _LABEL_HEADERS
+  has_header = _looks_like_header(rows[0])
   header = rows[0] if has_header else None
   if width != _NUM_COLUMNS:
     shown = f" (header {header})" if header is not None else ""
