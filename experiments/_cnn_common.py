@@ -70,14 +70,28 @@ def check_image_data(data: str) -> None:
 
 
 def load_images(data: str, data_path: str | None, size: tuple[int, int], channels: int, *,
-                max_per_class: int | None = None):
+                max_per_class: int | None = None, any_size: bool = False,
+                on_error: str = "raise"):
   """Loads ``data`` (bundled digits images or the user's SFEW tree at ``data_path``) at
-  ``size`` x ``channels``; ``max_per_class`` caps the bundled images per class."""
+  ``size`` x ``channels``; ``max_per_class`` caps the bundled images per class (only those:
+  see :func:`applied_settings`); ``any_size`` and ``on_error`` (the ``--any_size`` and
+  ``--on_error`` flags) apply to the SFEW tree."""
   check_image_data(data)
   kw: dict[str, Any] = {"size": size, "channels": channels}
   if max_per_class is not None and data == "images":
     kw["max_per_class"] = max_per_class
+  if data == "sfew_images":
+    kw["expected_size"] = None if any_size else (576, 720)
+    kw["on_error"] = on_error
   return _store.load_data(data, data_path, **kw)
+
+
+def applied_settings(settings: dict[str, Any], data: str) -> dict[str, Any]:
+  """The settings as applied to ``data``, for the fingerprint and results.json:
+  ``max_per_class`` caps the bundled images only, so it is recorded as None for SFEW."""
+  if data != "images" and "max_per_class" in settings:
+    settings = {**settings, "max_per_class": None}
+  return settings
 
 
 def data_description(ds, data: str) -> str:
@@ -86,6 +100,10 @@ def data_description(ds, data: str) -> str:
   if data == "images":
     note = (" These are the bundled scikit-learn digits 0-6 (upscaled grayscale), a stand-in "
             "for SFEW: numbers measured on them are not SFEW results.")
+  skipped = ds.info.get("skipped") or []
+  if skipped:
+    note += (f" Skipped {len(skipped)} entries of the tree: "
+             + "; ".join(f"`{s['path']}` ({s['reason']})" for s in skipped) + ".")
   return (f"Data: `--data={data}` ({src}), {len(ds)} images of shape "
           f"{tuple(ds.x.shape[1:])}, {ds.num_classes} classes.{note}")
 
@@ -104,13 +122,11 @@ class Split:
 
 
 def train_test(ds, test_fraction: float, seed: int, normalise: bool = False) -> Split:
-  """A stratified split (person-independent when the data carry persons)."""
-  from jaxprune import data as data_lib  # pylint: disable=g-import-not-at-top
-  try:
-    train, test = data_lib.train_test_split(ds, test_fraction=test_fraction, seed=seed,
-                                            person_independent=ds.groups is not None)
-  except ValueError as e:
-    _flags.fail(f"Cannot split the data: {e}")
+  """A stratified split (person-independent when the data carry persons); a one-line usage
+  error naming --test_fraction when the data cannot be split."""
+  from experiments import _mlp_common  # pylint: disable=g-import-not-at-top
+  train, test = _mlp_common.train_test_or_fail(ds, test_fraction, seed,
+                                               person_independent=ds.groups is not None)
   f = imagenet_normalise if normalise else (lambda a: a)
   return Split(f(train.x), train.y, f(test.x), test.y)
 

@@ -78,6 +78,8 @@ class Config:
   max_per_class: int | None = _flags.field(
       None, "At most this many bundled images per class (--data=images only; the quick run "
       "uses 8).")
+  any_size: bool = _flags.any_size_field(False)
+  on_error: str = _flags.on_error_field()
   seed: int = _flags.field(0, "Random seed.")
 
   @classmethod
@@ -137,7 +139,7 @@ class Config:
     config (the weights file by its name only) and the data."""
     s = dataclasses.asdict(self.resolved())
     s["pretrained"] = os.path.basename(self.pretrained) if self.pretrained else None
-    return {**s, "data": data, "data_path": data_path}
+    return cc.applied_settings({**s, "data": data, "data_path": data_path}, data)
 
 
 @dataclasses.dataclass
@@ -153,7 +155,8 @@ def prepare(config: Config, data: str, data_path: str | None) -> Setup:
   """Loads the data and builds the model and its initial (pretrained or random) weights."""
   c = config.resolved()
   size, channels = c.image_size, c.channels
-  ds = cc.load_images(data, data_path, size, channels, max_per_class=c.max_per_class)
+  ds = cc.load_images(data, data_path, size, channels, max_per_class=c.max_per_class,
+                      any_size=c.any_size, on_error=c.on_error)
   split = cc.train_test(ds, c.test_fraction, c.seed, normalise=bool(c.pretrained))
   model = cc.build_model(c.arch, size, channels, ds.num_classes)
   if c.pretrained:

@@ -187,6 +187,23 @@ def field(default: Any, help: str, *, choices: Sequence[str] | None = None,  # p
   return dataclasses.field(default=default, metadata=meta)
 
 
+def any_size_field(default: bool) -> Any:
+  """The ``--any_size`` field of a binary that reads the SFEW image tree (one help text for
+  experiments.featurize and the CNN studies)."""
+  return field(default, "Accept SFEW frames of any size (False: every frame must be 720x576, "
+               "as in SFEW; --data=sfew_images and experiments.featurize).")
+
+
+ON_ERROR_CHOICES = ("raise", "skip")
+
+
+def on_error_field() -> Any:
+  """The ``--on_error`` field of a binary that reads the SFEW image tree."""
+  return field("raise", "A non-image, unreadable or (without --any_size) wrongly sized file in "
+               "the SFEW tree: 'raise' stops naming it; 'skip' skips it and lists it in the "
+               "report.", choices=ON_ERROR_CHOICES)
+
+
 def _base_type(f: dataclasses.Field) -> str:
   """'int', 'float', 'bool', 'str' or 'tuple' from a field's annotation (a string under
   ``from __future__ import annotations``), ``X | None`` read as X."""
@@ -296,7 +313,12 @@ def run_main(argv: Sequence[str], config_cls, run: Callable[..., Any]) -> Any:
   config = config_from_flags(config_cls)
   _speed.enable_from_flags()
   _speed.start()
-  out = run(config, FLAGS.workdir, data=FLAGS.data, data_path=FLAGS.data_path)
+  try:
+    out = run(config, FLAGS.workdir, data=FLAGS.data, data_path=FLAGS.data_path)
+  except BaseException:
+    from experiments import _store  # pylint: disable=g-import-not-at-top
+    _store.release_all_locks()  # a failed run leaves no held lock behind, even in-process
+    raise
   table = _speed.stage_table()
   if table:
     print("\nTime per stage (wall clock, compilation included):\n" + table, flush=True)

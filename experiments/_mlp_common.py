@@ -109,6 +109,19 @@ def load_features(data: str, data_path: str | None) -> data_lib.Dataset:
   return ds
 
 
+def train_test_or_fail(ds: data_lib.Dataset, test_fraction: float, seed: int, *,
+                       person_independent: bool = False):
+  """``data_lib.train_test_split`` with a one-line usage error (naming --test_fraction) when
+  the data cannot be split; call it before opening the study's folder, so that bad input
+  leaves nothing behind."""
+  try:
+    return data_lib.train_test_split(ds, test_fraction=test_fraction, seed=seed,
+                                     person_independent=person_independent)
+  except ValueError as e:
+    _flags.fail(f"Cannot split the data into training and test parts: {e} "
+                f"(test_fraction is --test_fraction, now {test_fraction:g}).")
+
+
 def check_folds(ds: data_lib.Dataset, n_splits: int) -> None:
   """Fails clearly when the data cannot be split into ``n_splits`` stratified folds."""
   counts = ds.class_counts()

@@ -66,13 +66,30 @@ def config_key(seed: int, *parts: Any) -> jax.Array:
 TMP_PREFIX = ".tmp-"  # temporary files of atomic writes: .tmp-<pid>-<random><name>
 
 
+def _umask() -> int:
+  """The process's umask, read without changing it where the system allows (Linux)."""
+  with contextlib.suppress(OSError, ValueError):
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+  os.umask(mask)
+  return mask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` atomically: a kill never leaves a truncated file."""
+  """Writes ``data`` to ``path`` atomically: a kill never leaves a truncated file.
+
+  The file gets the permissions a plain ``open(path, 'w')`` would give it (0666 less the
+  umask), not ``mkstemp``'s private 0600.
+  """
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.getpid()}-",
                              suffix=os.path.basename(path))
   try:
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
@@ -202,10 +219,19 @@ class _Lock:
   def release(self) -> None:
     if self.fd is not None:
       with contextlib.suppress(OSError):
+        os.ftruncate(self.fd, 0)  # still ours: an unheld .lock names no process
+      with contextlib.suppress(OSError):
         os.close(self.fd)  # closing the descriptor releases the flock
       self.fd = None
     if _Lock._held.get(self.path) is self:
       del _Lock._held[self.path]
+
+
+def release_all_locks() -> None:
+  """Releases every study lock this process holds (a run that failed after opening its study;
+  the binaries call it on any error, as process exit would)."""
+  for lock in list(_Lock._held.values()):  # pylint: disable=protected-access
+    lock.release()
 
 
 #: Seconds a run waits for another run with the same settings (None: as long as it takes).

@@ -46,10 +46,8 @@ class Config:
   size: tuple = _flags.field(
       (576, 720), "height,width every image (or face crop) is resized to before describing; the "
       "default keeps SFEW's 720x576 frames as they are.", low=1, unique=False)
-  any_size: bool = _flags.field(True, "Accept frames of any size (False: require 720x576).")
-  on_error: str = _flags.field(
-      "raise", "An unreadable or non-image file: 'raise' stops naming it; 'skip' skips it and "
-      "lists it in the report.", choices=("raise", "skip"))
+  any_size: bool = _flags.any_size_field(True)
+  on_error: str = _flags.on_error_field()
   phog_bins: int = _flags.field(16, "PHOG orientation bins over 0-360 degrees (seeds: 16).")
   phog_levels: int = _flags.field(3, "Finest PHOG pyramid level L (the seeds name L=4).")
   lpq_window: int = _flags.field(7, "LPQ STFT window side.")

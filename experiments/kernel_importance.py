@@ -52,6 +52,8 @@ class Config:
   max_per_class: int | None = _flags.field(
       None, "At most this many bundled images per class (--data=images only; the quick run "
       "uses 8).")
+  any_size: bool = _flags.any_size_field(False)
+  on_error: str = _flags.on_error_field()
   seed: int = _flags.field(0, "Random seed.")
 
   @classmethod
@@ -111,9 +113,11 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
         data_path: str | None = None) -> dict:
   """Runs (or resumes) the study; returns the results written to results.json."""
   config.validate()
-  settings = {**dataclasses.asdict(config), "data": data, "data_path": data_path}
+  settings = cc.applied_settings(
+      {**dataclasses.asdict(config), "data": data, "data_path": data_path}, data)
   size = tuple(config.image_size)
-  ds = cc.load_images(data, data_path, size, 1, max_per_class=config.max_per_class)
+  ds = cc.load_images(data, data_path, size, 1, max_per_class=config.max_per_class,
+                      any_size=config.any_size, on_error=config.on_error)
   split = cc.train_test(ds, config.test_fraction, config.seed)
   model = cc.build_model("lenet", size, 1, ds.num_classes)
   study = _store.Study(STUDY, settings, workdir)

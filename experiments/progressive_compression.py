@@ -68,8 +68,7 @@ class Config:
 def _splits(ds, cfg: Config):
   out = []
   for r in range(cfg.runs):
-    train, test = data_lib.train_test_split(ds, test_fraction=cfg.test_fraction,
-                                            seed=cfg.seed * 1000 + r)
+    train, test = mc.train_test_or_fail(ds, cfg.test_fraction, cfg.seed * 1000 + r)
     train, test, _ = data_lib.standardize_split(train, test)
     out.append((train.x, test.x))
   return out
@@ -89,9 +88,9 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
                 "feature vectors (use --data=features, digits_features or sfew_features).")
   d = ds.x.shape[1]
   model = jaxprune.Autoencoder(in_features=d, hidden=(cfg.hidden,))
+  splits = _splits(ds, cfg)  # before the study's folder: a split error leaves nothing behind
   study = _store.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
                                "data_path": data_path}, workdir)
-  splits = _splits(ds, cfg)
 
   def train():
     init = jax.vmap(model.init)(mc.stack_keys([_store.config_key(cfg.seed, "init", r)

@@ -109,8 +109,7 @@ def _embed(small, h_max: int):
 def _splits(ds, cfg: Config):
   out = []
   for r in range(cfg.runs):
-    train, test = data_lib.train_test_split(ds, test_fraction=cfg.test_fraction,
-                                            seed=cfg.seed * 1000 + r)
+    train, test = mc.train_test_or_fail(ds, cfg.test_fraction, cfg.seed * 1000 + r)
     train, test, _ = data_lib.standardize_split(train, test)
     out.append((train, test))
   return out
@@ -232,9 +231,9 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
         data_path: str | None = None) -> dict:
   cfg.validate()
   ds = mc.load_features(data, data_path)
+  splits = _splits(ds, cfg)  # before the study's folder: a split error leaves nothing behind
   study = _store.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
                                "data_path": data_path}, workdir)
-  splits = _splits(ds, cfg)
   nets = train_all(cfg, splits, study)
   progress = _report.Progress(len(nets), "prune")
   results = []

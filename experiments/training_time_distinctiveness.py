@@ -70,6 +70,8 @@ class Config:
   max_per_class: int | None = _flags.field(
       None, "At most this many bundled images per class (--data=images only; the quick run "
       "uses 6).")
+  any_size: bool = _flags.any_size_field(False)
+  on_error: str = _flags.on_error_field()
   seed: int = _flags.field(0, "Random seed.")
 
   @classmethod
@@ -190,7 +192,8 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
         data_path: str | None = None) -> dict:
   """Runs (or resumes) the study; returns the results written to results.json."""
   config.validate()
-  s = {**dataclasses.asdict(config), "data": data, "data_path": data_path}
+  s = cc.applied_settings({**dataclasses.asdict(config), "data": data,
+                           "data_path": data_path}, data)
   size = tuple(s["image_size"])
   try:
     model = jaxprune.CNN4(input_shape=(size[0], size[1], s["channels"]))
@@ -200,12 +203,13 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
     dense = [n for n, g in model.groups.items() if g.kind == "dense"]
     _flags.fail(f"--layer={s['layer']!r} is not a dense unit group of the 4-conv CNN; choose "
                 f"one of {dense}.")
-  ds = cc.load_images(data, data_path, size, s["channels"], max_per_class=config.max_per_class)
+  ds = cc.load_images(data, data_path, size, s["channels"], max_per_class=config.max_per_class,
+                      any_size=config.any_size, on_error=config.on_error)
   try:
     folds = data_lib.kfold(ds, n_splits=s["folds"], seed=s["seed"],
                            person_independent=ds.groups is not None)
   except ValueError as e:
-    _flags.fail(f"Cannot make {s['folds']} folds: {e}")
+    _flags.fail(f"Cannot make --folds={s['folds']} folds: {e} (--folds on the command line).")
   study = _store.Study(STUDY, s, workdir)
   prog = _report.Progress(len(VARIANTS) * len(folds), STUDY)
   init = model.init(_store.config_key(s["seed"], "init"))

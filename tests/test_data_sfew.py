@@ -168,6 +168,22 @@ def test_labels_as_class_names_and_headerless(tmp_path):
   assert ds.info["dropped"][0]["row"] == MISSING_ROW + 1
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_headerless_file_with_a_typo_in_its_first_row(tmp_path, strict):
+  rows = _rows()
+  rows[0][4] = "0.1x"  # LPQ feature 3 of the first data row
+  path = write_csv(tmp_path / "bare.csv", rows, header=None)
+  with pytest.raises(ValueError, match=r"row 1 \(Movie0_\S+\), column 5 \(LPQ feature 3\): "
+                     r"'0.1x' is not a finite number"):
+    data.load_sfew_features(path, strict_header=strict)
+  with pytest.raises(ValueError, match=r"row 2 .*column 5 \(LPQ feature 3\): '0.1x'"):
+    data.load_sfew_features(write_csv(tmp_path / "h.csv", rows), strict_header=strict)
+  renamed = [None, "y"] + [f"f{i}" for i in range(10)]  # other names: still a header
+  ds = data.load_sfew_features(write_csv(tmp_path / "r.csv", _rows(), header=renamed),
+                               strict_header=False)
+  assert len(ds) == sum(COUNTS) - 1 and ds.info["header"][1] == "y"
+
+
 def test_blank_rows_and_trailing_columns_are_reported(tmp_path):
   rows = _rows()
   rows.insert(3, [None] * 12)
@@ -181,7 +197,8 @@ def test_sheet_choice(tmp_path):
   path = write_xlsx(tmp_path / "two.xlsx", _rows(), sheets=("notes", "SFEW.csv"))
   assert len(data.load_sfew_features(path)) == sum(COUNTS) - 1
   path = write_xlsx(tmp_path / "amb.xlsx", _rows(), sheets=("a", "b"))
-  with pytest.raises(ValueError, match="sheet"):
+  with pytest.raises(ValueError, match=r"pass sheet=\.\.\. to load_sfew_features.*binaries"
+                     r".*named SFEW or SFEW.csv.*as --data_path"):
     data.load_sfew_features(path)
   assert len(data.load_sfew_features(path, sheet="b")) == sum(COUNTS) - 1
   with pytest.raises(ValueError, match="no sheet 'c'"):
@@ -379,6 +396,20 @@ def test_tree_layout_errors(tmp_path, tree):
     data.load_sfew_images(tree, size=(8, 8), expected_size=None)
 
 
+def test_nested_train_and_val_parts_name_the_path_to_pass(tmp_path):
+  write_tree(tmp_path / "SFEW" / "Train")
+  write_tree(tmp_path / "SFEW" / "Val")
+  with pytest.raises(ValueError, match=r"'Train' is not a class.*Train/ holds class folders"
+                     r" itself: pass .*SFEW/Train as the path \(--data_path="):
+    data.load_sfew_images(tmp_path / "SFEW", size=(8, 8), expected_size=None)
+  with pytest.raises(FileNotFoundError, match=r"no folder for class.*pass .*SFEW/Train.*"
+                     r"pass .*SFEW/Val"):
+    data.load_sfew_images(tmp_path / "SFEW", size=(8, 8), expected_size=None,
+                          on_error="skip")
+  assert len(data.load_sfew_images(tmp_path / "SFEW" / "Train", size=(8, 8),
+                                   expected_size=None)) == 20
+
+
 def test_image_argument_errors(tree):
   with pytest.raises(ValueError, match="channels"):
     data.load_sfew_images(tree, size=(8, 8), channels=4)
@@ -433,6 +464,59 @@ def test_crop_faces_with_a_detector(tmp_path, monkeypatch):
   whole = ds.info["names"].index("Angry/Movie0_000000001_00000002.png")
   assert ds.info["names"][whole] in ds.info["no_face"]
   assert ds.x[whole].max() < 1.0
+
+
+def write_gray_tree(root, depth, size=(H, W), seed=0):
+  """One gray frame per class: 8-bit, or the same picture at 16 bits (x 257)."""
+  rng = np.random.default_rng(seed)
+  for label, folder in enumerate(FOLDERS):
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    pixels = rng.integers(0, 256, size=size).astype(np.uint8)
+    pixels[0, 0], pixels[0, 1] = 0, 255
+    image = Image.fromarray(pixels if depth == 8 else pixels.astype(np.uint16) * 257)
+    suffix = ".tif" if depth == "tiff" else ".png"
+    image.save(root / folder / f"Movie{label}_000000000_0000000{label + 1}{suffix}")
+  return root
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("depth", [16, "tiff"])
+def test_16bit_frames_load_like_their_8bit_version(tmp_path, depth, channels):
+  eight = write_gray_tree(tmp_path / "eight", 8)
+  deep = write_gray_tree(tmp_path / "deep", depth)
+  with Image.open(next((deep / "Angry").iterdir())) as im:
+    assert im.mode.startswith("I;16")  # what PIL makes of 16-bit PNG and TIFF
+  kw = dict(channels=channels, expected_size=None)
+  a = data.load_sfew_images(eight, size=(H, W), **kw)
+  b = data.load_sfew_images(deep, size=(H, W), **kw)
+  np.testing.assert_array_equal(a.x, b.x)  # no resizing: exactly the same values
+  assert b.x.max() == 1.0 and b.x.mean() < 0.75  # not clipped to white
+  a = data.load_sfew_images(eight, size=(5, 7), **kw)
+  b = data.load_sfew_images(deep, size=(5, 7), **kw)
+  np.testing.assert_allclose(a.x, b.x, atol=1 / 255)  # 8 bits round after resizing
+
+
+def test_32bit_frames_in_16bit_range_load_and_others_are_refused(tmp_path):
+  eight = data.load_sfew_images(write_gray_tree(tmp_path / "eight", 8), size=(H, W),
+                                expected_size=None)
+  root = write_gray_tree(tmp_path / "int", 8)
+  for f in root.glob("*/*.png"):  # 32-bit integer TIFFs holding 16-bit values
+    with Image.open(f) as im:
+      Image.fromarray(np.asarray(im).astype(np.int32) * 257).save(f.with_suffix(".tif"))
+    f.unlink()
+  with Image.open(next((root / "Angry").iterdir())) as im:
+    assert im.mode == "I"
+  ds = data.load_sfew_images(root, size=(H, W), expected_size=None)
+  np.testing.assert_array_equal(ds.x, eight.x)
+  Image.fromarray(np.full((H, W), 70000, np.int32)).save(root / "Sad" / "big.tif")
+  with pytest.raises(ValueError, match=r"Sad/.*mode I\) with values 70000\.\.70000.*"
+                     r"8-bit or 16-bit PNG.*on_error='skip'"):
+    data.load_sfew_images(root, size=(H, W), expected_size=None)
+  Image.fromarray(np.full((H, W), 0.5, np.float32)).save(root / "Happy" / "float.tif")
+  ds = data.load_sfew_images(root, size=(H, W), expected_size=None, on_error="skip",
+                             num_threads=1)
+  reasons = " ".join(s["reason"] for s in ds.info["skipped"])
+  assert len(ds) == 7 and "mode F" in reasons and "mode I" in reasons
 
 
 # ---------------------------------------------------------------------------

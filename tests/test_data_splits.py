@@ -155,3 +155,16 @@ def test_cross_validate_bad_metrics():
     data.cross_validate(lambda tr, te, f: 0.5, ds, n_splits=2, seed=0)
   with pytest.raises(ValueError, match="fold 1 returned metrics"):
     data.cross_validate(lambda tr, te, f: {f"m{f}": 1.0}, ds, n_splits=2, seed=0)
+
+
+def test_impossible_splits_say_what_to_change():
+  y = np.repeat(np.arange(7), 2)
+  with pytest.raises(ValueError, match=r"test part would hold 3 examples.*raise test_fraction"):
+    data.train_test_split(y, test_fraction=0.2)
+  with pytest.raises(ValueError, match=r"class 2 has 1 example.*more examples per class"):
+    data.train_test_split(np.array([0, 0, 1, 1, 2, 0, 1]), test_fraction=0.5)
+  with pytest.raises(ValueError, match=r"person-independent.*= 5 stratified person folds.*"
+                     r"more examples per class or a larger test_fraction"):
+    data.train_test_split(y, test_fraction=0.2, groups=np.arange(14))
+  with pytest.raises(ValueError, match=r"cannot make 5 stratified folds.*fewer folds"):
+    data.kfold(y, n_splits=5)

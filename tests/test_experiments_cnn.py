@@ -295,3 +295,57 @@ def test_filter_merging_on_resnet18_bias_free_blocks():
   assert not conv1[..., ~kept].any() and not conv2[:, :, ~kept, :].any()
   masked = jaxprune.apply_masks(new, wmasks)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(masked), jax.tree.leaves(new)))
+
+
+# ----------------------------------------------------------------------------- the SFEW tree
+
+
+def _sfew_tree(root, per_class, size=(20, 16)):
+  """A small SFEW-like tree: frames of ``size`` (not SFEW's 720x576), person j+1 for frame j."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for label, folder in enumerate(["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad",
+                                  "Surprise"]):
+    (root / folder).mkdir(parents=True)
+    for j in range(per_class):
+      pixels = rng.integers(0, 256, size=size, dtype=np.uint8)
+      Image.fromarray(pixels).save(root / folder / f"Movie{label}_{j:09d}_{j + 1:08d}.png")
+  return root
+
+
+def test_cnn_binaries_have_the_sfew_tree_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from experiments import _flags  # pylint: disable=g-import-not-at-top
+  from experiments import featurize  # pylint: disable=g-import-not-at-top
+  for module in (ki, lt, pvd, ttd, featurize):
+    fv = flags.FlagValues()
+    _flags.define_flags(module.Config, flag_values=fv, common=module is not featurize)
+    assert fv["on_error"].help.endswith(featurize.Config.__dataclass_fields__[
+        "on_error"].metadata["help"]), module.__name__  # one definition, shared
+    assert "any_size" in fv, module.__name__
+
+
+def test_sfew_frames_of_any_size_and_bad_files_through_the_flags(tmp_path):
+  tree = _sfew_tree(tmp_path / "SFEW", per_class=5)
+  (tree / "Sad" / "notes.txt").write_text("not an image")
+  work = str(tmp_path / "w")
+  kw = dict(data="sfew_images", data_path=str(tree))
+  with pytest.raises(app.UsageError, match=r"expected 576x720 .*--any_size"):
+    ki.run(ki.Config.quick(on_error="skip"), work, **kw)
+  with pytest.raises(app.UsageError, match=r"notes.txt: not an image file.*--on_error=skip"):
+    ki.run(ki.Config.quick(any_size=True), work, **kw)
+  assert not os.path.exists(work)
+  ki.run(ki.Config.quick(any_size=True, on_error="skip", epochs=1), work, **kw)
+  saved = study_results(work, KI)
+  assert saved["data"]["examples"] == 35
+  assert saved["settings"]["max_per_class"] is None  # only caps the bundled images
+  assert "`Sad/notes.txt` (" in _read(os.path.join(work, KI, "REPORT.md"))
+
+
+def test_too_few_sfew_frames_per_class_name_the_flag(tmp_path):
+  tree = _sfew_tree(tmp_path / "SFEW", per_class=2)
+  with pytest.raises(app.UsageError, match=r"person-independent.*more examples per class or a "
+                     r"larger test_fraction.*--test_fraction, now 0.2"):
+    ki.run(ki.Config.quick(any_size=True), str(tmp_path / "w"), data="sfew_images",
+           data_path=str(tree))
+  assert not os.path.exists(tmp_path / "w")

@@ -64,3 +64,42 @@ def test_unwritable_workdir_and_unknown_data_fail_clearly(tmp_path):
   with pytest.raises(app.UsageError, match="Could not load --data=sfew_features"):
     _store.load_data("sfew_features", str(tmp_path / "missing.xlsx"))
   assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_output_files_honour_the_umask(tmp_path, umask):
+  old = os.umask(umask)
+  try:
+    _store.write_text(str(tmp_path / "t.md"), "x")
+    _store.save_tree(str(tmp_path / "p.npz"), {"a": np.zeros(2)})
+    _store.write_text(str(tmp_path / "t.md"), "replaced")  # a replaced file too
+    with open(tmp_path / "plain", "w") as f:  # what a plain open gives
+      f.write("x")
+  finally:
+    os.umask(old)
+  want = 0o666 & ~umask
+  assert (tmp_path / "plain").stat().st_mode & 0o777 == want
+  for name in ("t.md", "p.npz"):
+    assert (tmp_path / name).stat().st_mode & 0o777 == want, name
+
+
+def _locked(path) -> bool:
+  """Whether some open file description holds the flock on ``path``."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  fd = os.open(path, os.O_RDWR)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return False
+  except BlockingIOError:
+    return True
+  finally:
+    os.close(fd)
+
+
+def test_a_failed_run_releases_its_locks(tmp_path):
+  s = _store.Study("fails", {"a": 1}, workdir=str(tmp_path))
+  lock = tmp_path / "fails" / ".lock"
+  assert _locked(lock) and lock.read_text().startswith(f"pid {os.getpid()}")
+  _store.release_all_locks()  # what _flags.run_main does when run() raises
+  assert not _locked(lock) and not _locked(os.path.join(s.cache_dir, ".lock"))
+  assert lock.read_text() == ""  # an unheld lock file names no process

@@ -115,30 +115,48 @@ def test_unwritable_output_fails_before_reading_any_image(tmp_path):
     locked.chmod(0o700)
 
 
-def test_frames_without_a_face_are_kept_whole_and_listed(tmp_path, monkeypatch):
+class FakeCascade:  # 'detects' the white box, as in test_data_sfew
 
-  class FakeCascade:  # 'detects' the white box, as in test_data_sfew
+  def __init__(self, path):
+    del path
 
-    def __init__(self, path):
-      del path
+  def empty(self):
+    return False
 
-    def empty(self):
-      return False
+  def detectMultiScale(self, gray, **kwargs):  # pylint: disable=invalid-name
+    del kwargs
+    rows, cols = np.nonzero(gray == 255)
+    if not rows.size:
+      return ()
+    return np.array([[cols.min(), rows.min(), cols.max() - cols.min() + 1,
+                      rows.max() - rows.min() + 1]])
 
-    def detectMultiScale(self, gray, **kwargs):  # pylint: disable=invalid-name
-      del kwargs
-      rows, cols = np.nonzero(gray == 255)
-      if not rows.size:
-        return ()
-      return np.array([[cols.min(), rows.min(), cols.max() - cols.min() + 1,
-                        rows.max() - rows.min() + 1]])
 
+@pytest.fixture
+def fake_cv2(monkeypatch):
   monkeypatch.setitem(sys.modules, "cv2", types.SimpleNamespace(
       CascadeClassifier=FakeCascade, data=types.SimpleNamespace(haarcascades="")))
+
+
+def test_frames_without_a_face_are_kept_whole_and_listed(tmp_path, fake_cv2):
   root = _tree(tmp_path / "SFEW", per_class=2, box=True)
   result = _run(root, tmp_path / "faces.csv", crop_faces=True)
   assert result["count"] == 14 and len(result["no_face"]) == 7  # every second frame
   assert "No face detected, kept whole (7)" in _read(result["report"])
+
+
+def test_16bit_frames_give_the_features_of_their_8bit_version(tmp_path, fake_cv2):
+  eight = _tree(tmp_path / "SFEW8", per_class=2, box=True)
+  deep = tmp_path / "SFEW16"
+  for f in eight.glob("*/*.png"):
+    (deep / f.parent.name).mkdir(parents=True, exist_ok=True)
+    with Image.open(f) as im:
+      Image.fromarray(np.asarray(im).astype(np.uint16) * 257).save(deep / f.parent.name / f.name)
+  for crop in (False, True):  # native size: no resizing, so exactly the same pixels
+    kw = dict(size=(30, 26), crop_faces=crop)
+    a = _run(eight, tmp_path / f"a{crop}.csv", **kw)
+    b = _run(deep, tmp_path / f"b{crop}.csv", **kw)
+    assert _read(a["out"]) == _read(b["out"]) and a["no_face"] == b["no_face"]
 
 
 def test_command_line(tree, tmp_path):

@@ -144,6 +144,31 @@ def test_bad_data_and_workdir(tmp_path):
     pc.run(pc.Config.quick(), workdir=str(blocker))
 
 
+def _tiny_sfew_csv(path, per_class):
+  rng = np.random.default_rng(0)
+  lines = [",label," + ",".join([f"LPQ feature {i}" for i in range(1, 6)]
+                                + [f"PHOG feature {i}" for i in range(1, 6)])]
+  for label in range(1, 8):
+    for j in range(per_class[label - 1]):
+      lines.append(f"M{label}_{j}_{j:08d}.mat,{label}," + ",".join(map(str, rng.normal(size=10))))
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("study", [sb, pc])
+@pytest.mark.parametrize("per_class, match", [
+    ((2,) * 7, r"test part would hold 3 examples, fewer than one per class.*raise "
+               r"test_fraction \(test_fraction is --test_fraction, now 0.2\)"),
+    ((3, 1, 3, 3, 3, 3, 3), r"class 'disgust' has 1 example"),
+])
+def test_unsplittable_data_fail_before_the_study_folder(study, per_class, match, tmp_path):
+  path = _tiny_sfew_csv(tmp_path / "SFEW.csv", per_class)
+  with pytest.raises(app.UsageError, match=r"^Cannot split the data .*" + match):
+    study.run(study.Config.quick(), data="sfew_features", data_path=path,
+              workdir=str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")  # no folder, .lock or cache left behind
+
+
 @pytest.mark.parametrize("module, args, match", [
     ("ga_vs_distinctiveness", ["--lrs=0.01,abc"], "--lrs"),
     ("similarity_bounds", ["--data=sfew_features"], "--data_path"),

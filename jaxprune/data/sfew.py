@@ -155,7 +155,10 @@ def _read_xlsx(path: Path, sheet: str | None) -> list[list[Any]]:
       preferred = [n for n in names if n.lower() in ("sfew.csv", "sfew")]
       if len(preferred) != 1:
         raise ValueError(
-            f"{path} has sheets {names}; pass sheet=... to choose one"
+            f"{path} has sheets {names}; pass sheet=... to load_sfew_features to"
+            " choose one. The experiment binaries read a workbook's only sheet,"
+            " or the one named SFEW or SFEW.csv: rename that sheet, or export it"
+            " as SFEW.csv and pass the CSV as --data_path"
         )
       chosen = preferred[0]
     return [list(row) for row in book[chosen].iter_rows(values_only=True)]
@@ -195,6 +198,18 @@ def _as_float(value: Any) -> float | None:
   except (TypeError, ValueError):
     return None
   return number if math.isfinite(number) else None
+
+
+def _looks_like_header(row: list[Any]) -> bool:
+  """Whether the first row is a header: its label cell names a label column, or most of its
+  non-empty feature cells are text. A row of numbers with one bad cell (a typo such as
+  '0.1x') is a data row, so that its bad value is reported rather than the row being taken as
+  a header (and silently lost, or blamed on misnamed columns)."""
+  if len(row) > 1 and str("" if row[1] is None else row[1]).strip().lower() in _LABEL_HEADERS:
+    return True
+  cells = [v for v in row[2:] if not _is_empty(v)]
+  text = sum(1 for v in cells if _as_float(v) is None)
+  return text > len(cells) - text
 
 
 def _check_header(header: list[Any], path: Path) -> None:
@@ -283,10 +298,7 @@ def load_sfew_features(
     width -= 1
   rows = [r[:width] for r in rows]
 
-  has_header = any(
-      isinstance(v, str) and not _is_empty(v) and _as_float(v) is None
-      for v in rows[0][2:]
-  ) or str(rows[0][1] if width > 1 else "").strip().lower() in _LABEL_HEADERS
+  has_header = _looks_like_header(rows[0])
   header = rows[0] if has_header else None
   if width != _NUM_COLUMNS:
     shown = f" (header {header})" if header is not None else ""
@@ -394,9 +406,22 @@ def _problem(message: str, relpath: str, on_error: OnError,
   if on_error == "raise":
     raise ValueError(
         f"{message}. Remove or fix it, or skip such files with on_error='skip' "
-        "(--on_error=skip for experiments.featurize); they are then listed."
+        "(--on_error=skip on the command line of experiments.featurize and the"
+        " CNN studies); they are then listed."
     )
   skipped.append({"path": relpath, "reason": message})
+
+
+def _nested_hint(folder: Path) -> str:
+  """A hint when ``folder`` holds class folders itself (SFEW's Train/ and Val/ parts)."""
+  try:
+    inside = {e.name.strip().lower() for e in folder.iterdir() if e.is_dir()}
+  except OSError:
+    return ""
+  if not inside & set(SFEW_CLASS_NAMES):
+    return ""
+  return (f"; {folder.name}/ holds class folders itself: pass {folder} as the path"
+          f" (--data_path={folder} for the binaries), one part at a time")
 
 
 def scan_sfew_tree(
@@ -438,8 +463,12 @@ def scan_sfew_tree(
       continue
     key = entry.name.strip().lower()
     if key not in SFEW_CLASS_NAMES:
-      _problem(f"{entry}: folder {entry.name!r} is not a class"
-               f" ({', '.join(SFEW_CLASS_NAMES)})", entry.name, on_error, skipped)
+      message = (f"{entry}: folder {entry.name!r} is not a class"
+                 f" ({', '.join(SFEW_CLASS_NAMES)})")
+      hint = _nested_hint(entry)
+      if hint and on_error == "raise":  # a Train/ or Val/ part: skipping is not the fix
+        raise ValueError(message + hint)
+      _problem(message, entry.name, on_error, skipped)
       continue
     label = SFEW_CLASS_NAMES.index(key)
     if label in folders:
@@ -451,8 +480,10 @@ def scan_sfew_tree(
   missing = [SFEW_CLASS_NAMES[k] for k in range(len(SFEW_CLASS_NAMES))
              if k not in folders]
   if missing:
+    nested = "".join(_nested_hint(e) for e in sorted(root.iterdir())
+                     if e.is_dir() and not e.name.startswith("."))
     raise FileNotFoundError(
-        f"{root}: no folder for class(es) {', '.join(missing)}. Expected:"
+        f"{root}: no folder for class(es) {', '.join(missing)}{nested}. Expected:"
         f" {IMAGES_LAYOUT}."
     )
   items: list[ImageItem] = []
@@ -503,16 +534,59 @@ def _face_detector() -> Any:
   return cascade
 
 
-def _crop_face(image: Image.Image, cascade: Any) -> Image.Image | None:
-  """Crops the largest frontal face (Viola-Jones); None when none is found."""
-  gray = np.asarray(image.convert("L"), dtype=np.uint8)
+def _face_box(image: Image.Image, cascade: Any) -> tuple[int, int, int, int] | None:
+  """The box of the largest frontal face (Viola-Jones); None when none is found."""
+  if image.mode == "F":  # a high-bit-depth frame, scaled to [0, 1]: detect on 8 bits
+    gray = np.round(np.asarray(image, np.float32) * 255.0).astype(np.uint8)
+  else:
+    gray = np.asarray(image.convert("L"), dtype=np.uint8)
   faces = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
                                    minSize=(30, 30))
   if len(faces) == 0:
     return None
   x, y, w, h = max((tuple(int(v) for v in f) for f in faces),
                    key=lambda f: f[2] * f[3])
-  return image.crop((x, y, x + w, y + h))
+  return (x, y, x + w, y + h)
+
+
+#: PIL modes of 16-bit grayscale frames (16-bit PNG and TIFF).
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class BitDepthError(ValueError):
+  """A frame whose pixel values have no defined white level (see `unit_gray`)."""
+
+
+def unit_gray(im: Image.Image) -> np.ndarray | None:
+  """A high-bit-depth grayscale image as float32 in [0, 1]; None for 8-bit modes.
+
+  ``convert('L')`` would clip such values at 255 (a 16-bit frame turns almost
+  white), so they are scaled by their real bit depth instead: 16-bit modes
+  (``I;16*``) by 1/65535; 32-bit integer mode ``I`` (how some readers return
+  16-bit PNGs) by 1/65535 when every value lies in 0..65535. Other ``I``
+  images and 32-bit float (``F``) images have no defined white level and
+  raise ValueError saying to save the frame as an 8- or 16-bit PNG.
+
+  Example:
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> unit_gray(Image.fromarray(np.array([[0, 65535]], np.uint16))).tolist()
+    [[0.0, 1.0]]
+  """
+  mode = im.mode
+  if mode not in _MODES_16BIT + ("I", "F"):
+    return None
+  a = np.asarray(im)
+  if mode == "F":
+    raise BitDepthError(
+        "32-bit floating-point image (PIL mode F): its white level is"
+        " undefined; save it as an 8-bit or 16-bit PNG")
+  if mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+    raise BitDepthError(
+        f"32-bit integer image (PIL mode I) with values {a.min()}..{a.max()},"
+        " outside the 16-bit range 0..65535: its white level is undefined;"
+        " save it as an 8-bit or 16-bit PNG")
+  return a.astype(np.float32) / np.float32(65535.0)
 
 
 def _read_image(
@@ -522,27 +596,42 @@ def _read_image(
     expected_size: tuple[int, int] | None,
     cascade: Any,
 ) -> tuple[np.ndarray | None, str | None, bool]:
-  """Returns (image or None, problem or None, face found)."""
+  """Returns (image or None, problem or None, face found).
+
+  8-bit frames are converted to ``mode`` ('L' or 'RGB'), resized and divided
+  by 255; 16-bit grayscale frames (`unit_gray`) are scaled by 1/65535 and
+  resized as float images (gray repeated for RGB), so both give the same
+  values for the same picture.
+  """
   try:
     with Image.open(item.path) as im:
       im.load()
-      image = im.convert(mode)
+      deep = unit_gray(im)
+      image = Image.fromarray(deep, mode="F") if deep is not None else im.convert(mode)
+  except BitDepthError as e:
+    return None, f"{item.path}: {e}", True
   except Exception as e:  # PIL raises many types for bad files
     return None, f"{item.path}: not a readable image ({type(e).__name__}: {e})", True
   if expected_size is not None and image.size != (expected_size[1], expected_size[0]):
     return None, (
         f"{item.path}: image is {image.size[1]}x{image.size[0]} (height x"
         f" width), expected {expected_size[0]}x{expected_size[1]} (pass"
-        " expected_size=None to accept any size)"
+        " expected_size=None, or --any_size on the command line, to accept any"
+        " size)"
     ), True
   found = True
   if cascade is not None:
-    face = _crop_face(image, cascade)
-    found = face is not None
-    if face is not None:
-      image = face
+    box = _face_box(image, cascade)
+    found = box is not None
+    if box is not None:
+      image = image.crop(box)
   image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-  array = np.asarray(image, dtype=np.float32) / 255.0
+  if image.mode == "F":
+    array = np.asarray(image, dtype=np.float32)
+    if mode == "RGB":
+      array = np.repeat(array[..., None], 3, axis=-1)
+  else:
+    array = np.asarray(image, dtype=np.float32) / 255.0
   if array.ndim == 2:
     array = array[..., None]
   return array, None, found

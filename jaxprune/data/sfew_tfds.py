@@ -42,6 +42,7 @@ from jaxprune.data.sfew import (
     load_sfew_features,
     person_id,
     scan_sfew_tree,
+    unit_gray,
 )
 
 __all__ = ["MANUAL_DOWNLOAD_INSTRUCTIONS", "Sfew", "load_sfew_tfds"]
@@ -164,7 +165,11 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
       try:
         with Image.open(item.path) as im:
           im.load()  # decodes: a truncated or broken file fails here
-          if im.format == "PNG" and im.mode == "RGB":
+          deep = unit_gray(im)  # 16-bit gray: scaled to 8 bits, not clipped
+          if deep is not None:
+            image = Image.fromarray(
+                np.round(deep * 255.0).astype(np.uint8)).convert("RGB")
+          elif im.format == "PNG" and im.mode == "RGB":
             image = item.path.read_bytes()  # stored as is, no re-encoding
           else:
             image = im.convert("RGB")  # TFDS encodes it as PNG with PIL

@@ -9,6 +9,7 @@ of a dataset: for SFEW the last field of the image name) on one side only.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, overload
 
@@ -50,6 +51,53 @@ def _labels_and_groups(
 def _check_fraction(test_fraction: float) -> None:
   if not 0.0 < test_fraction < 1.0:
     raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+
+
+def _class_name(data, label) -> str:
+  names = getattr(data, "class_names", None)
+  if names is not None and 0 <= int(label) < len(names):
+    return repr(names[int(label)])
+  return str(label)
+
+
+def _check_split(data, y: np.ndarray, test_fraction: float,
+                 groups: np.ndarray | None) -> None:
+  """Raises a ValueError saying what to change when a split is impossible.
+
+  scikit-learn's own errors name its internals ("n_splits=5 cannot be greater
+  than the number of members in each class"); these name the data and the
+  settings a caller controls.
+  """
+  labels, counts = np.unique(y, return_counts=True)
+  shown = ", ".join(f"{_class_name(data, l)}: {c}" for l, c in zip(labels, counts))
+  if groups is None:
+    n, k = len(y), len(labels)
+    n_test = int(math.ceil(test_fraction * n))
+    smallest = int(np.argmin(counts))
+    if counts[smallest] < 2:
+      raise ValueError(
+          f"cannot make a stratified train/test split: class"
+          f" {_class_name(data, labels[smallest])} has {counts[smallest]} example"
+          f" (examples per class: {shown}); every class needs at least 2, one"
+          " for each part. Use more examples per class")
+    if n_test < k or n - n_test < k:
+      part, fix = (("test", "raise test_fraction") if n_test < k else
+                   ("training", "lower test_fraction"))
+      raise ValueError(
+          f"cannot make a stratified train/test split of {n} examples in {k}"
+          f" classes with test_fraction={test_fraction:g}: the {part} part would"
+          f" hold {n_test if n_test < k else n - n_test} examples, fewer than"
+          f" one per class. Use more examples per class or {fix}")
+  else:
+    folds = int(round(1.0 / test_fraction))
+    if counts.max() < folds:
+      raise ValueError(
+          f"cannot make a person-independent split with test_fraction="
+          f"{test_fraction:g}: it is the first of round(1/test_fraction) ="
+          f" {folds} stratified person folds, which needs at least {folds}"
+          f" examples in some class, and every class has fewer (examples per"
+          f" class: {shown}). Use more examples per class or a larger"
+          f" test_fraction (at most 0.5)")
 
 
 @overload
@@ -104,6 +152,7 @@ def train_test_split(
   if groups is None:
     splitter = model_selection.StratifiedShuffleSplit(
         n_splits=1, test_size=test_fraction, random_state=seed)
+    _check_split(data, y, test_fraction, None)
     train, test = next(splitter.split(np.zeros(len(y)), y))
   else:
     k = int(round(1.0 / test_fraction))
@@ -112,6 +161,7 @@ def train_test_split(
           f"test_fraction={test_fraction} is too large for a person-independent"
           " split (it is made as 1 of round(1/test_fraction) folds)"
       )
+    _check_split(data, y, test_fraction, groups)
     train, test = _folds(y, k, seed, groups)[0]
   train, test = np.sort(train), np.sort(test)
   if isinstance(data, Dataset):
@@ -123,6 +173,12 @@ def _folds(y: np.ndarray, n_splits: int, seed: int,
            groups: np.ndarray | None) -> list[Fold]:
   if n_splits < 2:
     raise ValueError(f"n_splits must be at least 2, got {n_splits}")
+  counts = np.unique(y, return_counts=True)[1]
+  if counts.max() < n_splits:
+    raise ValueError(
+        f"cannot make {n_splits} stratified folds: every class has fewer than"
+        f" {n_splits} examples (the largest has {counts.max()}). Use more"
+        " examples per class or fewer folds")
   x = np.zeros(len(y))
   if groups is None:
     splitter = model_selection.StratifiedKFold(
