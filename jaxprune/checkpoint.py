@@ -48,7 +48,9 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
 
   The checkpoint is written to a temporary folder beside ``path`` and moved into place only once
   it is complete, so a save that fails leaves whatever was at ``path`` (with ``overwrite``, the old
-  checkpoint) as it was, and no partial folder behind.
+  checkpoint) as it was, and no partial folder behind (a process killed while saving leaves a
+  ``.NAME.jaxprune-tmp-*`` folder beside it, which can be deleted). A ``path`` that is a symbolic
+  link is written through: the link's target is replaced. One process writes the checkpoint.
 
   Args:
     path: a folder (created; must not exist unless ``overwrite``).
@@ -59,7 +61,7 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
   """
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
-  path = os.path.abspath(path)
+  path = os.path.realpath(path)   # through a link ('latest' -> 'step_N'): replace its target
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True to replace it or choose a new "
                           "path.")
@@ -81,6 +83,9 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
     ckptr.wait_until_finished()
     old = None
     if os.path.lexists(path):
+      if not overwrite:  # made by someone else while we wrote
+        raise FileExistsError(f"{path} appeared while saving; pass overwrite=True to replace it "
+                              "or choose a new path.")
       old = os.path.join(work, "old")
       os.replace(path, old)
     try:
@@ -136,7 +141,8 @@ def _abstract(x):
   """A restore target for one template leaf: its shape and dtype (and sharding, if it has one)."""
   if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-  return jax.ShapeDtypeStruct(np.shape(x), np.result_type(x))
+  # a Python or NumPy number: its dtype as JAX would make it (float32 unless x64 is on)
+  return jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(np.result_type(x)))
 
 
 def load_checkpoint(path: str, params_template: PyTree | None = None, *,

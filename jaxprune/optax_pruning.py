@@ -12,9 +12,10 @@
   :func:`distinctiveness_pruner` (merge similar units every k steps) or :func:`importance_pruner`
   (remove the least important units, on the polynomial schedule via ``gradual(pruner=...)``).
 * Unstructured tools over any params pytree (flax, haiku-style ``{'w', 'b'}``, plain dicts, an nnx
-  ``State``): the default selection is every floating-point leaf with ``ndim >= 2``; per-leaf sparsity maps with
-  :func:`uniform_sparsity` and :func:`erk_sparsity` (Evci et al. 2020); :func:`prune_to_sparsity`
-  with custom scores (:func:`saliency_scores` for ``|w * g|``, :func:`snip_scores` from a batch);
+  ``State``): the default selection is every floating-point leaf with ``ndim >= 2``; per-leaf
+  sparsity maps with :func:`uniform_sparsity` and :func:`erk_sparsity` (Evci et al. 2020);
+  :func:`prune_to_sparsity` with custom scores (:func:`saliency_scores` for ``|w * g|``,
+  :func:`snip_scores` from a batch);
   N:M sparsity (:func:`nm_prune`) and block sparsity (:func:`block_prune`).
 
 Counts are exact everywhere: a target sparsity ``s`` over ``N`` weights removes ``round(s * N)``
@@ -340,7 +341,7 @@ def gradual(tx: optax.GradientTransformation, *, sparsity, begin_step: int, end_
     scores: optional ``scores(params, grads)`` or ``scores(params)`` returning a pytree like
       params of non-negative saliencies (larger is kept); default ``|params|``. E.g.
       :func:`saliency_scores` for ``|w * g|`` with each step's gradients.
-    select: which leaves (default every leaf with ``ndim >= 2``; see
+    select: which leaves (default every floating-point leaf with ``ndim >= 2``; see
       :func:`jaxprune.pruners.select_leaves`).
     pruner: a structured :class:`StepPruner` instead (e.g. :func:`importance_pruner`).
 
@@ -463,17 +464,24 @@ def _check_scores(sc, params, selected, given: bool) -> None:
   magnitudes). Traced scores (inside ``gradual``) are taken as they are."""
   if not validate.is_concrete(sc):
     return
+  bad, negative = (np.asarray(a) for a in _score_problems(sc))  # two small vectors to the host
   names = magnitude_lib.leaf_names(params)
   what = "scores" if given else "Parameters"
-  for i, s in zip(selected, sc):
-    s = np.asarray(s)        # NumPy: a concrete array closed over inside jit stays concrete
-    bad = int(np.sum(~np.isfinite(s)))
-    if bad:
-      raise ValueError(f"{what} of {names[i]} hold {bad} NaN or infinite values; the ranking is "
-                       "undefined there. Fix them (or exclude that leaf with select=).")
-    if given and np.any(s < 0):
+  for i, b, n in zip(selected, bad, negative):
+    if b:
+      raise ValueError(f"{what} of {names[i]} hold {int(b)} NaN or infinite values; the ranking "
+                       "is undefined there. Fix them (or exclude that leaf with select=).")
+    if given and n:
       raise ValueError(f"The scores of {names[i]} hold negative values; scores are magnitudes "
                        "(larger kept), >= 0: pass their absolute values (jnp.abs).")
+
+
+@jax.jit
+def _score_problems(sc):
+  """Per score leaf: how many values are not finite, and whether any is negative (reduced where
+  the scores live: a device array is not copied to the host)."""
+  return (jnp.stack([jnp.sum(~jnp.isfinite(s)) for s in sc]),
+          jnp.stack([jnp.any(s < 0) for s in sc]))
 
 
 def _score_leaves(scores, params, grads, selected):
@@ -568,7 +576,7 @@ def prune_to_sparsity(params: PyTree, weight_masks: PyTree | None = None, sparsi
     scores: None (``|w|``) or a pytree like params of non-negative scores (larger kept), e.g.
       :func:`saliency_scores` or :func:`snip_scores`.
     scope: ``'global'`` (default) or ``'layer'``.
-    select: which leaves (default: every leaf with ``ndim >= 2``).
+    select: which leaves (default: every floating-point leaf with ``ndim >= 2``).
 
   Returns:
     ``(params with pruned weights zeroed, weight_masks)``.
@@ -594,7 +602,8 @@ _TO_SPARSITY = jax.jit(lambda masks, scores, target, per_leaf, *, selected, scop
 
 
 def uniform_sparsity(params: PyTree, sparsity: float, *, select: Select = None) -> dict:
-  """``{'a/b/c': sparsity}`` for every selected leaf (default: every leaf with ndim >= 2)."""
+  """``{'a/b/c': sparsity}`` for every selected leaf (default: every floating-point leaf with
+  ndim >= 2)."""
   _check_sparsity("sparsity", sparsity)
   names = magnitude_lib.leaf_names(params)
   return {names[i]: float(sparsity) for i in magnitude_lib.select_leaves(params, select)}

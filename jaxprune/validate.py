@@ -28,8 +28,8 @@ import numpy as np
 
 PyTree = Any
 
-__all__ = ["check_data", "check_finite", "check_key", "check_label_shape", "check_labels", "check_not_empty",
-           "check_params", "check_sample_weight", "is_concrete"]
+__all__ = ["check_data", "check_finite", "check_key", "check_label_shape", "check_labels",
+           "check_not_empty", "check_params", "check_sample_weight", "is_concrete"]
 
 
 def is_concrete(*xs) -> bool:
@@ -119,11 +119,12 @@ def check_labels(name: str, y, num_classes: int | None = None, sample_weight=Non
 
 def check_key(key, name: str = "key") -> None:
   """Raises TypeError unless ``key`` is a PRNG key: a typed key array (``jax.random.key``) or
-  a legacy raw key, uint32 of shape (..., 2) (``jax.random.PRNGKey``); traced keys too."""
+  a legacy raw key (``jax.random.PRNGKey``), uint32 of shape (..., 2) (threefry) or (..., 4)
+  (``rbg``); traced keys too."""
   dtype = getattr(key, "dtype", None)
   if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
     return
-  if dtype == np.uint32 and np.ndim(key) >= 1 and np.shape(key)[-1] == 2:
+  if dtype == np.uint32 and np.ndim(key) >= 1 and np.shape(key)[-1] in (2, 4):
     return
   got = (f"{type(key).__name__} {key!r}" if dtype is None else
          f"an array of dtype {dtype} and shape {tuple(np.shape(key))}")
@@ -137,8 +138,8 @@ def check_label_shape(name: str, y, num_classes: int | None = None, *,
 
   With ``one_hot=True`` rows of class scores (N, C) are accepted too (their argmax is the label):
   C must equal ``num_classes`` (when given) and no concrete row may be all zero (a pattern
-  without a class) unless its ``sample_weight`` is 0 (padding). A column (N, 1) is always refused: its argmax is 0 for every row, so it
-  would silently turn every label into class 0.
+  without a class) unless its ``sample_weight`` is 0 (padding). A column (N, 1) is always
+  refused: its argmax is 0 for every row, so it would silently turn every label into class 0.
 
   Example:
     >>> import numpy as np

@@ -123,6 +123,27 @@ def test_overwrite_replaces_and_leaves_only_the_checkpoint(tmp_path):
   assert m2 is None and u2 is None
 
 
+def test_overwrite_through_a_symbolic_link_replaces_its_target(tmp_path):
+  """A 'latest' link to a checkpoint: overwriting through it writes the target (the link used to
+  be replaced by a folder, and the target silently kept the old weights)."""
+  path, params, _ = _save(tmp_path)
+  os.symlink(path, tmp_path / "latest")
+  new = jax.tree.map(lambda a: a + 1, params)
+  jaxprune.save_checkpoint(str(tmp_path / "latest"), new, None, overwrite=True)
+  assert os.path.islink(tmp_path / "latest")
+  for where in (path, str(tmp_path / "latest")):
+    np.testing.assert_array_equal(jaxprune.load_checkpoint(where, params)[0]["b"]["kernel"],
+                                  new["b"]["kernel"])
+  assert sorted(os.listdir(tmp_path)) == ["c", "latest"]
+
+
+def test_python_number_leaves_restore_as_jax_makes_them(tmp_path):
+  path = str(tmp_path / "n")
+  jaxprune.save_checkpoint(path, {"t": 1.5, "w": jnp.ones((2,))})
+  out = jaxprune.load_checkpoint(path, {"t": 1.5, "w": jnp.ones((2,))})[0]
+  assert out["t"].dtype == jnp.asarray(1.5).dtype and float(out["t"]) == 1.5
+
+
 # ------------------------------------------------------------ not a jaxprune checkpoint (finding 3)
 
 

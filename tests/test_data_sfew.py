@@ -182,6 +182,15 @@ def test_headerless_file_with_a_typo_in_its_first_row(tmp_path, strict):
   ds = data.load_sfew_features(write_csv(tmp_path / "r.csv", _rows(), header=renamed),
                                strict_header=False)
   assert len(ds) == sum(COUNTS) - 1 and ds.info["header"][1] == "y"
+  partly_numeric = ["img", "emo"] + [f"lpq{i}" for i in range(1, 6)] + [str(i) for i in range(1, 6)]
+  ds = data.load_sfew_features(write_csv(tmp_path / "p.csv", _rows(), header=partly_numeric),
+                               strict_header=False)
+  assert len(ds) == sum(COUNTS) - 1 and ds.info["header"][1] == "emo"
+  rows = _rows()
+  rows[0][1] = "angy"  # a misspelt label in a headerless file's first row: a data row
+  with pytest.raises(ValueError, match=r"row 1 .*'angy'"):
+    data.load_sfew_features(write_csv(tmp_path / "l.csv", rows, header=None),
+                            strict_header=strict)
 
 
 def test_blank_rows_and_trailing_columns_are_reported(tmp_path):
@@ -494,6 +503,16 @@ def test_16bit_frames_load_like_their_8bit_version(tmp_path, depth, channels):
   a = data.load_sfew_images(eight, size=(5, 7), **kw)
   b = data.load_sfew_images(deep, size=(5, 7), **kw)
   np.testing.assert_allclose(a.x, b.x, atol=1 / 255)  # 8 bits round after resizing
+
+
+def test_16bit_frame_with_8bit_content_warns_that_it_loads_dark(tmp_path):
+  root = write_gray_tree(tmp_path / "low", 8)
+  for f in root.glob("*/*.png"):  # 8-bit values in a 16-bit container
+    with Image.open(f) as im:
+      Image.fromarray(np.asarray(im).astype(np.uint16)).save(f)
+  with pytest.warns(UserWarning, match="values only up to 255 of 65535, so it loads dark"):
+    ds = data.load_sfew_images(root, size=(H, W), expected_size=None, num_threads=1)
+  assert ds.x.max() == np.float32(255 / 65535)
 
 
 def test_32bit_frames_in_16bit_range_load_and_others_are_refused(tmp_path):

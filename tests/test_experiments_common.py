@@ -96,10 +96,23 @@ def _locked(path) -> bool:
     os.close(fd)
 
 
-def test_a_failed_run_releases_its_locks(tmp_path):
-  s = _store.Study("fails", {"a": 1}, workdir=str(tmp_path))
+def test_a_failed_run_releases_its_locks(tmp_path, monkeypatch):
+  from experiments import _flags  # pylint: disable=import-outside-toplevel
+  made = {}
+
+  def failing_run(config, workdir, **kw):
+    del config, kw
+    made["study"] = _store.Study("fails", {"a": 1}, workdir=workdir)
+    lock = tmp_path / "fails" / ".lock"
+    assert _locked(lock) and lock.read_text().startswith(f"pid {os.getpid()}")
+    raise RuntimeError("boom")
+
+  monkeypatch.setattr(_flags, "config_from_flags", lambda cls: None)
+  monkeypatch.setattr(_flags, "FLAGS", type("F", (), {"workdir": str(tmp_path), "data": None,
+                                                      "data_path": None})())
+  monkeypatch.setattr(_flags._speed, "enable_from_flags", lambda: None)
+  with pytest.raises(RuntimeError, match="boom"):
+    _flags.run_main(["binary"], None, failing_run)
   lock = tmp_path / "fails" / ".lock"
-  assert _locked(lock) and lock.read_text().startswith(f"pid {os.getpid()}")
-  _store.release_all_locks()  # what _flags.run_main does when run() raises
-  assert not _locked(lock) and not _locked(os.path.join(s.cache_dir, ".lock"))
+  assert not _locked(lock) and not _locked(os.path.join(made["study"].cache_dir, ".lock"))
   assert lock.read_text() == ""  # an unheld lock file names no process

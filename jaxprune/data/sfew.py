@@ -201,14 +201,18 @@ def _as_float(value: Any) -> float | None:
 
 
 def _looks_like_header(row: list[Any]) -> bool:
-  """Whether the first row is a header: its label cell names a label column, or most of its
-  non-empty feature cells are text. A row of numbers with one bad cell (a typo such as
-  '0.1x') is a data row, so that its bad value is reported rather than the row being taken as
-  a header (and silently lost, or blamed on misnamed columns)."""
-  if len(row) > 1 and str("" if row[1] is None else row[1]).strip().lower() in _LABEL_HEADERS:
+  """Whether the first row is a header: its label cell names a label column; or it is not a
+  label and some feature cell is text (a header with other names, some of them numbers); or
+  most of its non-empty feature cells are text. A row of numbers with one bad cell (a typo such
+  as '0.1x', or a misspelt label) is a data row, so that its bad value is reported rather than
+  the row being taken as a header (and silently lost, or blamed on misnamed columns)."""
+  label = None if len(row) < 2 or _is_empty(row[1]) else row[1]
+  if label is not None and str(label).strip().lower() in _LABEL_HEADERS:
     return True
   cells = [v for v in row[2:] if not _is_empty(v)]
   text = sum(1 for v in cells if _as_float(v) is None)
+  if label is not None and parse_label(label) is None and text:
+    return True
   return text > len(cells) - text
 
 
@@ -565,7 +569,10 @@ def unit_gray(im: Image.Image) -> np.ndarray | None:
   (``I;16*``) by 1/65535; 32-bit integer mode ``I`` (how some readers return
   16-bit PNGs) by 1/65535 when every value lies in 0..65535. Other ``I``
   images and 32-bit float (``F``) images have no defined white level and
-  raise ValueError saying to save the frame as an 8- or 16-bit PNG.
+  raise ValueError saying to save the frame as an 8- or 16-bit PNG. A 16-bit frame whose
+  values all fit in 12 bits (below 4096: likely 8- or 12-bit content in a 16-bit container, as
+  some cameras write it) warns that it loads dark (PNG's sBIT chunk, which would say so, is not
+  read by PIL).
 
   Example:
     >>> import numpy as np
@@ -586,6 +593,11 @@ def unit_gray(im: Image.Image) -> np.ndarray | None:
         f"32-bit integer image (PIL mode I) with values {a.min()}..{a.max()},"
         " outside the 16-bit range 0..65535: its white level is undefined;"
         " save it as an 8-bit or 16-bit PNG")
+  if a.size and int(a.max()) < 4096:
+    warnings.warn(
+        f"A 16-bit frame holds values only up to {int(a.max())} of 65535, so it loads dark "
+        "(scaled by 1/65535). If its content is 8- or 12-bit, rescale it to the full 16-bit "
+        "range or save it as an 8-bit PNG first.", stacklevel=2)
   return a.astype(np.float32) / np.float32(65535.0)
 
 

@@ -60,8 +60,9 @@ def _groups_of(target):
   return groups
 
 
-def _labels(y: jax.Array) -> jax.Array:
-  validate.check_label_shape("y", y, one_hot=True)   # a column (N, 1) is not one-hot
+def _labels(y: jax.Array, sample_weight=None) -> jax.Array:
+  # a column (N, 1) is not one-hot; all-zero one-hot rows are refused unless their weight is 0
+  validate.check_label_shape("y", y, one_hot=True, sample_weight=sample_weight)
   y = jnp.asarray(y)
   if y.ndim == 2:
     y = jnp.argmax(y, axis=-1)
@@ -123,7 +124,7 @@ class AccuracyFitness:
     """The ``data`` of one run: the network's arrays, the labels, and (``weighted``) the
     sample weights (None: all ones); ``penalty`` ('ratio' or 'count') picks the equation of a
     ``'per_run'`` fitness."""
-    y = _labels(y)
+    y = _labels(y, sample_weight)
     check = getattr(self.model, "check_input", None)
     if check is not None:
       check(x)

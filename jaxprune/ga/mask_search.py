@@ -189,7 +189,7 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
   state, history = _run(config, fit, num_units, progress, mesh, hyper, data, key, token)
   if scorer is not None:  # a fraction, like evaluate() (the fitness works in percent)
     accuracy = scorer.accuracy(
-        state.hof[0][None], {"params": params, "x": x, "y": _labels(y),
+        state.hof[0][None], {"params": params, "x": x, "y": _labels(y, sample_weight),
                              "sample_weight": sample_weight})[0] / 100.0
   else:
     accuracy = jnp.asarray(jnp.nan, jnp.float32)

@@ -107,8 +107,9 @@ def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
     params: the params pytree.
     select: None (every floating-point leaf with ``ndim >= 2``: kernels and weight matrices,
       not biases or norm scales, not integer buffers such as index tables, and not a leaf
-      named in ``NOT_WEIGHTS``, like a ``DenseGeneral``'s 2-D ``bias``), a predicate ``select(path, leaf) -> bool``
-      with ``path`` a tuple of keys, or a sequence of paths (tuples or ``'a/b/c'`` strings).
+      named in ``NOT_WEIGHTS``, like a ``DenseGeneral``'s 2-D ``bias``), a predicate
+      ``select(path, leaf) -> bool`` with ``path`` a tuple of keys, or a sequence of paths
+      (tuples or ``'a/b/c'`` strings).
   """
   paths = _leaf_paths(params)
   leaves = jax.tree.leaves(params)
@@ -260,8 +261,8 @@ def magnitude_prune(params: PyTree, weight_masks: PyTree | None = None, fraction
     weight_masks: current weight masks (bool pytree like ``params``), or None for all-True.
     fraction: traced, in [0, 1]: the fraction of the *remaining* weights in scope to remove.
     scope: ``'layer'`` (each selected leaf on its own) or ``'global'`` (all together).
-    select: which leaves to prune; see :func:`select_leaves` (default: every leaf with
-      ``ndim >= 2``).
+    select: which leaves to prune; see :func:`select_leaves` (default: every floating-point
+      leaf with ``ndim >= 2``).
 
   Returns:
     ``(params, weight_masks, MagnitudeReport)``: params with every masked weight zeroed, the
