@@ -731,6 +731,41 @@ def test_progressive_autoencoder():
   assert np.all(np.diff(np.asarray(rep.units_kept)) <= 0)
 
 
+def test_progressive_row_zero_scores_the_masked_network():
+  """Starting from a mask that already removes a unit whose weights are not zero: row 0 is
+  the loss of the network the mask describes (it used to be the unmasked params' loss, so an
+  exact duplicate merge looked like a drop in loss)."""
+  model = Autoencoder(in_features=6, hidden=(5,))
+  params = model.init(jax.random.key(0))
+  params = _set_unit(params, "hidden_0", 3, _np(params, "hidden_0", "kernel")[:, 0],
+                     _np(params, "hidden_0", "bias")[0])  # 0 and 3 duplicate
+  x = jnp.asarray(np.random.default_rng(1).uniform(size=(32, 6)), jnp.float32)
+  loss = lambda p: jnp.mean((model.apply(p, x) - x) ** 2)
+  masks = {"hidden_0": jnp.asarray([True, True, False, True, True])}
+  _, _, rep = progressive_distinctiveness(model, "hidden_0", loss)(params, masks, x)
+  masked = jaxprune.apply_masks(params, jaxprune.expand(params, model, masks))
+  assert float(rep.loss[0]) == pytest.approx(float(loss(masked)), rel=1e-6)
+  assert float(rep.loss[0]) != pytest.approx(float(loss(params)), rel=1e-3)
+  assert float(rep.loss[1]) == pytest.approx(float(rep.loss[0]), rel=1e-5)  # the duplicate
+
+
+def test_masked_units_activations_are_not_checked():
+  """Masked units never take part, so their activations may hold anything, concretely as under
+  jit (the concrete check used to refuse a NaN in a masked unit's column)."""
+  model = jaxprune.MLP(in_features=2, hidden=(4,), out_features=2)
+  params = model.init(jax.random.key(0))
+  acts = jnp.ones((5, 4)).at[:, 0].set(jnp.arange(5.0)).at[1, 1].set(jnp.inf)
+  masks = {"hidden_0": jnp.asarray([True, False, True, True])}
+  for prune in (jaxprune.distinctiveness(model, "hidden_0"),
+                jaxprune.pruners.group_redundancy(model, "hidden_0")):
+    eager = prune(params, masks, acts)
+    jitted = jax.jit(prune)(params, masks, acts)
+    assert not bool(eager[2].invalid)
+    np.testing.assert_array_equal(eager[1]["hidden_0"], jitted[1]["hidden_0"])
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+      prune(params, jaxprune.unit_masks_ones(model), acts)
+
+
 def test_progressive_metrics_equal_separate_runs():
   model = Autoencoder(in_features=6, hidden=(5,))
   params = model.init(jax.random.key(4))

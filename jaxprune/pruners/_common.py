@@ -135,25 +135,23 @@ def check_finite_slices(params: PyTree, group: units_lib.UnitGroup, slices) -> N
                  units_lib.get_path(params, s.path))
 
 
-def check_activations(acts) -> None:
-  """Activations over the patterns must be finite and cover at least one pattern."""
-  validate.check_not_empty("Activations", acts)
-  check_finite("Activations", acts)
-
-
-def check_activation_input(acts, group: units_lib.UnitGroup, sample_weight=None):
-  """The checks an activation pruner makes before any work: shape against ``group``; without
-  ``sample_weight`` every pattern finite; with it, the weights valid for ``acts``' N patterns
-  and (on concrete input) the patterns that count (weight > 0) finite, so padding rows may hold
-  anything. Returns the weights as an array (None stays None)."""
+def check_activation_input(acts, group: units_lib.UnitGroup, sample_weight=None, mask=None):
+  """The checks an activation pruner makes before any work: shape against ``group``; with
+  ``sample_weight``, the weights valid for ``acts``' N patterns; and (on concrete input) the
+  activations that take part finite: those of the patterns that count (weight > 0, so padding
+  rows may hold anything) and of the kept units (``mask``; masked units never take part, as in
+  the jitted cores). Returns the weights as an array (None stays None)."""
   check_activation_shape(acts, group)
-  if sample_weight is None:
-    check_activations(acts)
-    return None
   validate.check_not_empty("Activations", acts)
-  w = validate.check_sample_weight(sample_weight, jnp.shape(acts)[0])
-  if is_concrete(acts, sample_weight):
-    check_activations(np.asarray(acts)[np.asarray(sample_weight) > 0])
+  w = (None if sample_weight is None else
+       validate.check_sample_weight(sample_weight, jnp.shape(acts)[0]))
+  if is_concrete(acts, sample_weight, mask):
+    a = np.asarray(acts)
+    if sample_weight is not None:
+      a = a[np.asarray(sample_weight) > 0]
+    if mask is not None:
+      a = a[..., np.asarray(mask, bool)]
+    check_finite("Activations", a)
   return w
 
 

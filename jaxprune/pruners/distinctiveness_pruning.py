@@ -276,7 +276,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
   def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
             constant_tol=1e-6, *, sample_weight=None):
     mask = _common.group_mask(unit_masks, g, groups, params)
-    sample_weight = _common.check_activation_input(activations, g, sample_weight)
+    sample_weight = _common.check_activation_input(activations, g, sample_weight, mask)
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)

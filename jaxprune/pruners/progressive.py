@@ -73,7 +73,8 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     network. ``sample_weight`` (N,) weights the patterns of ``x`` as in
     :func:`jaxprune.pruners.distinctiveness`: weighted angles, the constant test over patterns
     of weight > 0, constants folding their weighted mean; a pattern of weight 0 does not exist,
-    so padded ``x`` gives the trajectory of the unpadded data. ``loss_fn`` and the metrics see
+    so padded ``x`` gives the trajectory of the unpadded data, to float rounding (near-tied
+    pairs may be taken in another order). ``loss_fn`` and the metrics see
     only the params: weight their data in them.
 
   Example:
@@ -166,6 +167,7 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     return params, keep, min_angle(ang, keep)
 
   def run_core(params, mask, x, tol, weight):
+    params = _common.zero_units(params, g, mask)  # row 0 scores the network the mask describes
     vecs0 = vectors(params, mask, x, tol, weight)[0]
     ang0 = pairwise_angles(jnp.where(mask[:, None], vecs0, 0.0))
     row0 = (jnp.sum(mask, dtype=jnp.int32), jnp.asarray(loss_fn(params), jnp.float32),

@@ -163,7 +163,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
 
   def prune(params, unit_masks, activations, tol=1e-3, max_remove=None, *, sample_weight=None):
     mask = _common.group_mask(unit_masks, g, groups, params)
-    sample_weight = _common.check_activation_input(activations, g, sample_weight)
+    sample_weight = _common.check_activation_input(activations, g, sample_weight, mask)
     if _common.is_concrete(tol) and not float(tol) >= 0:
       raise ValueError(f"tol must be >= 0 (a relative residual), got {tol}.")
     if max_remove is None:
