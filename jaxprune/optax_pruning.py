@@ -119,9 +119,14 @@ class MaskedState(NamedTuple):
 
 
 def _masked_updates(updates: PyTree, masks: PyTree, params: PyTree) -> PyTree:
-  """``where(mask, update, -param)``: after ``apply_updates`` masked weights are exactly 0."""
-  return jax.tree.map(lambda u, m, p: jnp.where(m, u, -jnp.asarray(p).astype(u.dtype)),
-                      updates, masks, params)
+  """``where(mask, update, -param)``: after ``apply_updates`` masked weights are exactly 0.
+
+  In the wider of the two dtypes: ``-param`` rounded to narrower updates (bfloat16 updates of
+  float32 params) would leave a masked weight at its rounding error."""
+  def one(u, m, p):
+    dt = jnp.promote_types(jnp.result_type(u), jnp.result_type(p))
+    return jnp.where(m, jnp.asarray(u, dt), -jnp.asarray(p, dt))
+  return jax.tree.map(one, updates, masks, params)
 
 
 def _need_params(name: str, params) -> None:
@@ -325,7 +330,8 @@ def gradual(tx: optax.GradientTransformation, *, sparsity, begin_step: int, end_
   are zeroed before ``tx`` sees them, and the returned updates zero the pruned weights.
 
   One-shot pruning at step T is ``begin_step=0, end_step=T, frequency=T``; iterative pruning in k
-  equal steps is ``power=1, frequency=(end_step - begin_step) // k``.
+  equal steps is ``power=1, frequency=(end_step - begin_step) // k`` when ``end_step -
+  begin_step`` is a multiple of k (otherwise a last, smaller step comes at ``end_step``).
 
   Args:
     tx: the optimizer to wrap.

@@ -229,6 +229,20 @@ def test_bad_schedule_settings_raise():
     tx.update(params, state._replace(masks={"linear": state.masks["linear"]}), params)
 
 
+def test_masked_weights_exactly_zero_with_narrower_updates():
+  """bfloat16 updates of float32 params: the update of a masked weight is -weight in float32
+  (rounded to bfloat16 it left the weight at its rounding error)."""
+  p = {"a": jax.random.normal(jax.random.key(0), (7, 5))}
+  m = {"a": jax.random.bernoulli(jax.random.key(1), 0.4, (7, 5))}
+  for tx in (optax.chain(optax.sgd(0.1), jaxprune.keep_masked(m)),
+             jaxprune.masked_optimizer(optax.sgd(0.1), m)):
+    u, _ = tx.update({"a": jnp.ones((7, 5), jnp.bfloat16)}, tx.init(p), p)
+    q = optax.apply_updates(p, u)["a"]
+    assert q.dtype == jnp.float32 and bool(jnp.all(jnp.where(m["a"], 0.0, q) == 0.0))
+    kept = np.asarray(m["a"])
+    assert np.all(np.asarray(q)[kept] != np.asarray(p["a"])[kept])   # the kept weights train
+
+
 def test_schedule_under_inject_hyperparams_names_static_args():
   with pytest.raises(TypeError, match=r"static_args=\('begin_step', 'end_step'"):
     optax.inject_hyperparams(jaxprune.gradual)(
