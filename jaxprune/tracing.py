@@ -1086,6 +1086,41 @@ def _activation_chain(w: _Walker, scope: tuple, start):
   return var, tag, joined, plain
 
 
+def _np_logistic(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+#: Elementwise ops evaluated with NumPy on the grid of :func:`_identify` (float32/64 only), so
+#: identifying a layer's nonlinearity compiles no XLA program (a first ``ga.search`` stays one
+#: compiled program); other ops, and other dtypes, run as JAX ops.
+_NUMPY_OPS = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
+    "neg": np.negative, "max": np.maximum, "min": np.minimum, "exp": np.exp, "log": np.log,
+    "log1p": np.log1p, "expm1": np.expm1, "tanh": np.tanh, "logistic": _np_logistic,
+    "abs": np.abs, "sqrt": np.sqrt, "sign": np.sign, "square": np.square,
+    "rsqrt": lambda x: 1.0 / np.sqrt(x), "integer_pow": lambda x, *, y: x ** y,
+    "pow": np.power, "gt": np.greater, "ge": np.greater_equal, "lt": np.less,
+    "le": np.less_equal, "eq": np.equal, "ne": np.not_equal,
+    "select_n": lambda p, *cases: np.choose(np.asarray(p, np.int32), cases),
+    "convert_element_type": lambda x, *, new_dtype, **_: np.asarray(x, new_dtype),
+}
+_NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.bool_))
+
+
+def _numpy_op(eqn, invals):
+  """``eqn`` on the grid with NumPy, or None where :data:`_NUMPY_OPS` does not cover it."""
+  f = _NUMPY_OPS.get(eqn.primitive.name)
+  if f is None or eqn.primitive.multiple_results:
+    return None
+  dtypes = [np.dtype(v.aval.dtype) for v in list(eqn.invars) + list(eqn.outvars)]
+  if any(d not in _NUMPY_DTYPES for d in dtypes):
+    return None
+  params = {k: eqn.params[k] for k in ("y", "new_dtype") if k in eqn.params}
+  with np.errstate(all="ignore"):   # exp(1e6) is inf, as in XLA
+    out = f(*[np.asarray(v) for v in invals], **params)
+  return np.asarray(out, eqn.outvars[0].aval.dtype)
+
+
 def _run_eqns(eqns, env: dict, flat: tuple | None = None) -> dict:
   """Evaluates ``eqns`` (plain ops and calls of them) on the values in ``env``; ``flat``: the
   shape of a vector of values evaluated in place of the layer's own shape (layout ops are
@@ -1102,7 +1137,9 @@ def _run_eqns(eqns, env: dict, flat: tuple | None = None) -> dict:
     elif flat is not None and eqn.primitive.name in _LAYOUT_OPS:
       outs = invals[:1]
     elif flat is not None and _is_scalar_broadcast(eqn):   # a where's 0.0: as long as the grid
-      outs = [jnp.broadcast_to(invals[0], flat)]
+      outs = [np.broadcast_to(np.asarray(invals[0]), flat)]
+    elif flat is not None and (out := _numpy_op(eqn, invals)) is not None:
+      outs = [out]
     else:
       outs = eqn.primitive.bind(*invals, **eqn.params)
       outs = outs if eqn.primitive.multiple_results else [outs]
@@ -1110,8 +1147,8 @@ def _run_eqns(eqns, env: dict, flat: tuple | None = None) -> dict:
   return env
 
 
-_REFERENCE = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "relu": jax.nn.relu,
-              "linear": lambda z: z}
+_REFERENCE = {"sigmoid": _np_logistic, "tanh": np.tanh, "relu": lambda z: np.maximum(z, 0.0),
+              "linear": lambda z: z}   # NumPy: compared on the grid without compiling anything
 
 
 def _identify(jaxpr, joins, eqns) -> tuple[str, int]:
@@ -1146,12 +1183,11 @@ def _identify(jaxpr, joins, eqns) -> tuple[str, int]:
     grid = np.concatenate([np.linspace(-8.0, 8.0, 58), [-1e6, -1e3, -64.0, 64.0, 1e3, 1e6]])
   else:                                      # an integer chain (a quantised layer)
     grid = np.arange(-32, 32)
-  grid = np.asarray(jnp.asarray(grid, dtype))
+  grid = grid.astype(np.dtype(dtype))          # NumPy (ml_dtypes for bfloat16): nothing compiled
   out = None
   with jax.ensure_compile_time_eval():
     try:         # on 64 points: ops of scalars and literals run at any shape (and compile once)
-      out = np.asarray(_run_eqns(tail, {entry: jnp.asarray(grid)}, flat=grid.shape)[var],
-                       np.float32)
+      out = np.asarray(_run_eqns(tail, {entry: grid}, flat=grid.shape)[var], np.float32)
       out = out if out.shape == grid.shape else None
     except Exception:  # pylint: disable=broad-except
       out = None
@@ -1162,7 +1198,9 @@ def _identify(jaxpr, joins, eqns) -> tuple[str, int]:
             if jnp.issubdtype(v.aval.dtype, jnp.floating)]
   tol = 1e-2 if min(narrow, default=32) < 32 else 1e-5
   for name, f in _REFERENCE.items():
-    if np.allclose(out, np.asarray(f(grid)), atol=tol, rtol=tol):
+    with np.errstate(over="ignore"):
+      want = np.asarray(f(grid))
+    if np.allclose(out, want, atol=tol, rtol=tol):
       return name, i
   return "other", i
 
