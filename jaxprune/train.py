@@ -64,7 +64,8 @@ def _correct(outputs, targets):
     # A dict or tuple of outputs (several heads): the user's loss reads them; no accuracy.
     return jnp.zeros(jax.tree.leaves(targets)[0].shape[0], jnp.float32)
   if outputs.ndim == targets.ndim + 1 and jnp.issubdtype(targets.dtype, jnp.integer):
-    return (jnp.argmax(outputs, -1) == targets).astype(jnp.float32)
+    c = (jnp.argmax(outputs, -1) == targets).astype(jnp.float32)
+    return c.reshape(c.shape[0], -1).mean(-1)   # per sample (labels per token: their mean)
   return jnp.zeros(outputs.shape[0], jnp.float32)
 
 

@@ -156,9 +156,10 @@ def check_label_shape(name: str, y, num_classes: int | None = None, *,
     raise ValueError(f"{name} labels have shape {shape}, a column; pass class indices of shape "
                      f"({shape[0]},): y.ravel() (or y[:, 0]).")
   if len(shape) != 2 or not one_hot:
-    fix = " (from one-hot rows: y.argmax(-1))" if len(shape) == 2 else ""
+    fix = "from one-hot rows: y.argmax(-1); " if len(shape) == 2 else ""
     raise ValueError(f"{name} labels have shape {shape}; pass integer class indices of shape "
-                     f"(N,){fix}.")
+                     f"(N,), one label per sample ({fix}labels per token or pixel need your own "
+                     "loss=).")
   if num_classes is not None and shape[1] != num_classes:
     raise ValueError(f"{name} one-hot labels have {shape[1]} columns but the model has "
                      f"{num_classes} outputs (classes); give one column per class, or pass "

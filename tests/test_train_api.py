@@ -165,3 +165,21 @@ def test_error_messages_name_the_problem():
   with pytest.raises(TypeError, match="callback must be a function"):
     jaxprune.fit_many(MODEL, PARAMS, X, Y, W, key=keys, epochs=1, progress=False,
                       callback="print")
+
+
+def test_labels_per_token_train_with_a_custom_loss():
+  """Per-token integer labels (N, T) with outputs (N, T, C): the built-in loss refuses them
+  naming loss=, and a custom per-sample loss trains; accuracy is the samples' mean token
+  accuracy."""
+  import optax  # pylint: disable=import-outside-toplevel
+  p = {"w": jax.random.normal(jax.random.key(0), (4, 3))}
+  f = lambda p, x: x @ p["w"]
+  x = jax.random.normal(jax.random.key(1), (8, 5, 4))
+  y = jax.random.randint(jax.random.key(2), (8, 5), 0, 3)
+  with pytest.raises(ValueError, match=r"shape \(8, 5\).*your own loss="):
+    jaxprune.fit(f, p, x, y, key=jax.random.key(0), epochs=1, progress=False)
+  loss = lambda out, t: optax.softmax_cross_entropy_with_integer_labels(out, t).mean(-1)
+  q, _ = jaxprune.fit(f, p, x, y, key=jax.random.key(0), epochs=2, progress=False, loss=loss)
+  got = jaxprune.evaluate(f, q, x, y, loss=loss)["accuracy"]
+  want = float(jnp.mean(jnp.argmax(f(q, x), -1) == y))
+  assert got == pytest.approx(want, abs=1e-6)
