@@ -96,3 +96,24 @@ def all_finite(x):
   if isinstance(x, list):
     return all(all_finite(v) for v in x)
   return not isinstance(x, float) or math.isfinite(x)
+
+
+class FakeCascade:
+  """A stand-in for OpenCV's ``CascadeClassifier`` that 'detects' the white box of a frame
+  (its pixels equal to 255); ``FakeCascade.paths`` records the cascade files it was given."""
+
+  paths: list = []
+
+  def __init__(self, path):
+    FakeCascade.paths.append(path)
+
+  def empty(self):
+    return False
+
+  def detectMultiScale(self, gray, **kwargs):  # pylint: disable=invalid-name
+    del kwargs
+    rows, cols = np.nonzero(gray == 255)
+    if not rows.size:
+      return ()
+    return np.array([[cols.min(), rows.min(), cols.max() - cols.min() + 1,
+                      rows.max() - rows.min() + 1]])

@@ -15,6 +15,7 @@ import openpyxl
 import pytest
 from PIL import Image
 
+from conftest import FakeCascade
 from jaxprune import data
 
 HEADER = [None, "label"] + [f"LPQ feature {i}" for i in range(1, 6)] + [
@@ -443,30 +444,13 @@ def test_crop_faces_with_opencv_5(tree, monkeypatch):
 
 def test_crop_faces_with_a_detector(tmp_path, monkeypatch):
   """A stand-in for OpenCV's cascade that 'detects' the white box."""
-  calls = {}
-
-  class FakeCascade:
-
-    def __init__(self, path):
-      calls["path"] = path
-
-    def empty(self):
-      return False
-
-    def detectMultiScale(self, gray, **kwargs):  # pylint: disable=invalid-name
-      del kwargs
-      rows, cols = np.nonzero(gray == 255)
-      if not rows.size:
-        return ()
-      return np.array([[cols.min(), rows.min(), cols.max() - cols.min() + 1,
-                        rows.max() - rows.min() + 1]])
-
+  monkeypatch.setattr(FakeCascade, "paths", [])
   fake = types.SimpleNamespace(CascadeClassifier=FakeCascade,
                                data=types.SimpleNamespace(haarcascades="cascades/"))
   monkeypatch.setitem(sys.modules, "cv2", fake)
   tree = write_tree(tmp_path / "faces", box=True)
   ds = data.load_sfew_images(tree, size=(5, 6), crop_faces=True, expected_size=None)
-  assert calls["path"] == "cascades/haarcascade_frontalface_default.xml"
+  assert FakeCascade.paths[-1] == "cascades/haarcascade_frontalface_default.xml"
   assert len(ds.info["no_face"]) == 7  # the second frame of every class
   face = ds.info["names"].index("Angry/Movie0_000000000_00000001.png")
   np.testing.assert_allclose(ds.x[face], 1.0)  # the white box, cropped exactly

@@ -711,13 +711,18 @@ def test_sample_weight_errors():
 # ----------------------------------------------------------------------------- progressive
 
 
-def test_progressive_autoencoder():
+def _autoencoder_with_a_duplicate():
+  """A 6-5-6 autoencoder whose hidden units 0 and 3 duplicate, its data and its loss."""
   model = Autoencoder(in_features=6, hidden=(5,))
   params = model.init(jax.random.key(0))
   params = _set_unit(params, "hidden_0", 3, _np(params, "hidden_0", "kernel")[:, 0],
                      _np(params, "hidden_0", "bias")[0])  # 0 and 3 duplicate
   x = jnp.asarray(np.random.default_rng(1).uniform(size=(32, 6)), jnp.float32)
-  loss = lambda p: jnp.mean((model.apply(p, x) - x) ** 2)
+  return model, params, x, lambda p: jnp.mean((model.apply(p, x) - x) ** 2)
+
+
+def test_progressive_autoencoder():
+  model, params, x, loss = _autoencoder_with_a_duplicate()
   run = progressive_distinctiveness(model, "hidden_0", loss)
   p, m, rep = run(params, _ones(model), x)
   assert int(rep.count) == 5
@@ -735,12 +740,7 @@ def test_progressive_row_zero_scores_the_masked_network():
   """Starting from a mask that already removes a unit whose weights are not zero: row 0 is
   the loss of the network the mask describes (it used to be the unmasked params' loss, so an
   exact duplicate merge looked like a drop in loss)."""
-  model = Autoencoder(in_features=6, hidden=(5,))
-  params = model.init(jax.random.key(0))
-  params = _set_unit(params, "hidden_0", 3, _np(params, "hidden_0", "kernel")[:, 0],
-                     _np(params, "hidden_0", "bias")[0])  # 0 and 3 duplicate
-  x = jnp.asarray(np.random.default_rng(1).uniform(size=(32, 6)), jnp.float32)
-  loss = lambda p: jnp.mean((model.apply(p, x) - x) ** 2)
+  model, params, x, loss = _autoencoder_with_a_duplicate()
   masks = {"hidden_0": jnp.asarray([True, True, False, True, True])}
   _, _, rep = progressive_distinctiveness(model, "hidden_0", loss)(params, masks, x)
   masked = jaxprune.apply_masks(params, jaxprune.expand(params, model, masks))

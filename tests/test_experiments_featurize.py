@@ -10,6 +10,7 @@ import pytest
 from absl import app
 from PIL import Image
 
+from conftest import FakeCascade
 from jaxprune import data
 from jaxprune.data import features
 from experiments import featurize
@@ -115,21 +116,6 @@ def test_unwritable_output_fails_before_reading_any_image(tmp_path):
     locked.chmod(0o700)
 
 
-class FakeCascade:  # 'detects' the white box, as in test_data_sfew
-
-  def __init__(self, path):
-    del path
-
-  def empty(self):
-    return False
-
-  def detectMultiScale(self, gray, **kwargs):  # pylint: disable=invalid-name
-    del kwargs
-    rows, cols = np.nonzero(gray == 255)
-    if not rows.size:
-      return ()
-    return np.array([[cols.min(), rows.min(), cols.max() - cols.min() + 1,
-                      rows.max() - rows.min() + 1]])
 
 
 @pytest.fixture
