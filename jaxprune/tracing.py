@@ -1117,8 +1117,9 @@ def _numpy_op(eqn, invals):
     return None
   params = {k: eqn.params[k] for k in ("y", "new_dtype") if k in eqn.params}
   with np.errstate(all="ignore"):   # exp(1e6) is inf, as in XLA
-    out = f(*[np.asarray(v) for v in invals], **params)
-  return np.asarray(out, eqn.outvars[0].aval.dtype)
+    # in the op's own dtypes: a literal 2.0 is a float32 operand of a float32 op, as in XLA
+    args = [np.asarray(v, var.aval.dtype) for v, var in zip(invals, eqn.invars)]
+    return np.asarray(f(*args, **params), eqn.outvars[0].aval.dtype)
 
 
 def _run_eqns(eqns, env: dict, flat: tuple | None = None) -> dict:
@@ -1183,11 +1184,14 @@ def _identify(jaxpr, joins, eqns) -> tuple[str, int]:
     grid = np.concatenate([np.linspace(-8.0, 8.0, 58), [-1e6, -1e3, -64.0, 64.0, 1e3, 1e6]])
   else:                                      # an integer chain (a quantised layer)
     grid = np.arange(-32, 32)
-  grid = grid.astype(np.dtype(dtype))          # NumPy (ml_dtypes for bfloat16): nothing compiled
+  with np.errstate(over="ignore"):            # float16: +-1e6 is inf, as JAX would make it
+    grid = grid.astype(np.dtype(dtype))        # NumPy (ml_dtypes for bfloat16): nothing compiled
   out = None
   with jax.ensure_compile_time_eval():
     try:         # on 64 points: ops of scalars and literals run at any shape (and compile once)
-      out = np.asarray(_run_eqns(tail, {entry: grid}, flat=grid.shape)[var], np.float32)
+      out = _run_eqns(tail, {entry: grid}, flat=grid.shape)[var]
+      with np.errstate(over="ignore"):        # a float64 chain's 2**1e3: inf in float32
+        out = np.asarray(out, np.float32)
       out = out if out.shape == grid.shape else None
     except Exception:  # pylint: disable=broad-except
       out = None

@@ -798,3 +798,16 @@ def test_tied_embedding_table_is_not_a_group():
   p = m.init(jax.random.key(0), tok)
   t = jaxprune.trace(m.apply, p, tok)
   assert [g.size for g in t.groups.values()] == [16]
+
+
+def test_activation_tags_of_float16_layers_and_float_literals_without_warnings():
+  """The 64-point grid reaches +-1e6, which overflows float16, and a literal 2.0 in a float32
+  op is a float32 operand: identifying the nonlinearity raises no warning (the suite turns
+  warnings into errors) and tags a float16 sigmoid as one."""
+  for dt in (jnp.float32, jnp.float16, jnp.bfloat16):
+    p = {"w1": jnp.ones((3, 4), dt) * jnp.arange(4, dtype=dt), "w2": jnp.ones((4, 2), dt)}
+    x = jnp.ones((5, 3), dt)
+    sig = jaxprune.trace(lambda p, x: jax.nn.sigmoid(x @ p["w1"]) @ p["w2"], p, x)
+    assert sig.groups["w1"].activation == "sigmoid", dt
+    two = jaxprune.trace(lambda p, x: jnp.power(2.0, x @ p["w1"]) @ p["w2"], p, x)
+    assert two.groups["w1"].activation == "other", dt
