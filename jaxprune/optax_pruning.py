@@ -129,6 +129,15 @@ def _masked_updates(updates: PyTree, masks: PyTree, params: PyTree) -> PyTree:
   return jax.tree.map(one, updates, masks, params)
 
 
+def masked_update(tx: optax.GradientTransformation, grads: PyTree, tx_state: optax.OptState,
+                  params: PyTree, masks: PyTree) -> tuple[PyTree, optax.OptState]:
+  """One step of ``tx`` on the pruned network: the masked weights' gradients zeroed before it,
+  their updates ``-weight`` after it. The step of :func:`masked_optimizer` and of
+  :func:`jaxprune.fit` with masks."""
+  inner, tx_state = tx.update(masks_lib.apply_masks(grads, masks), tx_state, params)
+  return _masked_updates(inner, masks, params), tx_state
+
+
 def _need_params(name: str, params) -> None:
   if params is None:
     raise ValueError(f"{name} needs the params: call tx.update(grads, opt_state, params) (it "
@@ -206,9 +215,8 @@ def masked_optimizer(tx: optax.GradientTransformation,
     _need_params("masked_optimizer", params)
     masked, inner_state = state
     masks_lib.check_weight_masks(params, masked.masks)
-    grads = masks_lib.apply_masks(updates, masked.masks)
-    inner, inner_state = tx.update(grads, inner_state, params)
-    return _masked_updates(inner, masked.masks, params), (masked, inner_state)
+    out, inner_state = masked_update(tx, updates, inner_state, params, masked.masks)
+    return out, (masked, inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -306,12 +306,11 @@ class Trainer:
       return jnp.sum(per) / denom, (new_vars, jnp.sum(per), jnp.sum(correct))
 
     grads, (new_vars, loss_sum, correct) = jax.grad(objective, has_aux=True)(_trainable(params))
-    if masks is not None:
-      grads = masks_lib.apply_masks(grads, _trainable(masks))
-    updates, opt_state = self.optimizer.update(grads, state.opt_state, _trainable(params))
-    if masks is not None:  # masked weights stay exactly zero, as in any optax loop
-      keep = optax_pruning.keep_masked(_trainable(masks))
-      updates, _ = keep.update(updates, keep.init(_trainable(params)), _trainable(params))
+    if masks is None:
+      updates, opt_state = self.optimizer.update(grads, state.opt_state, _trainable(params))
+    else:  # the optimizer sees the kept weights only; masked weights stay exactly zero
+      updates, opt_state = optax_pruning.masked_update(
+          self.optimizer, grads, state.opt_state, _trainable(params), _trainable(masks))
     trainable = optax.apply_updates(_trainable(params), updates)
     new_params = _with_trainable(new_vars, trainable)
     if masks is not None:
