@@ -811,3 +811,34 @@ def test_activation_tags_of_float16_layers_and_float_literals_without_warnings()
     assert sig.groups["w1"].activation == "sigmoid", dt
     two = jaxprune.trace(lambda p, x: jnp.power(2.0, x @ p["w1"]) @ p["w2"], p, x)
     assert two.groups["w1"].activation == "other", dt
+
+
+def test_weight_distinctiveness_incoming_without_constants_on_gelu_and_multi_axis_bias():
+  """constants=False needs no constant output act(bias): a gelu layer and a DenseGeneral whose
+  units each have several biases prune from incoming weights; with constants=True both are
+  refused with errors that name constants=False (the 2-D bias was a bare reshape TypeError)."""
+
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.gelu(nn.Dense(16, name="fc")(x))
+      g = nn.relu(nn.DenseGeneral((2, 4), name="heads")(x))
+      return nn.Dense(3, name="out")(h) + nn.DenseGeneral(3, axis=(-2, -1), name="out2")(g)
+
+  x = jax.random.normal(jax.random.key(0), (32, 5))
+  params = M().init(jax.random.key(1), x)
+  fc = params["params"]["fc"]
+  # unit 5 duplicates unit 2 from incoming weights: the sweep merges it
+  params["params"]["fc"] = {"kernel": fc["kernel"].at[:, 5].set(fc["kernel"][:, 2]),
+                            "bias": fc["bias"].at[5].set(fc["bias"][2])}
+  t = jaxprune.trace(M().apply, params, x)
+  ones = jaxprune.unit_masks_ones(t)
+  _, masks, _ = jaxprune.weight_distinctiveness(t, "fc", source="incoming", constants=False)(
+      params, ones, 1.0, 180.0)
+  assert not bool(masks["fc"][5]) and bool(masks["fc"][2])
+  jaxprune.weight_distinctiveness(t, "heads", source="incoming", constants=False)(
+      params, ones, 30.0, 150.0)
+  for name in ("fc", "heads"):
+    with pytest.raises(ValueError, match="constants=False"):
+      jaxprune.weight_distinctiveness(t, name, source="incoming", constants=True)(
+          params, ones, 30.0, 150.0)

@@ -303,9 +303,13 @@ def _weight_core(g, source, similar, complementary, constants, absorb):
   def core(params, mask, sim, comp, tol):
     if source == "incoming":
       v = _common.incoming_vectors(params, g)
-      const_val = _common.constant_output(params, g)
     else:
       v = _common.outgoing_vectors(params, g)
+    if source == "incoming" and constants:
+      # only the constants rule reads a zero-weight unit's constant output act(bias); without
+      # it, groups whose activation or bias layout has no such value (gelu, a 2-D bias) prune
+      const_val = _common.constant_output(params, g)
+    else:
       const_val = jnp.zeros((g.size,), jnp.float32)
     v = v.astype(jnp.float32)
     is_const = jnp.linalg.norm(v, axis=1) < tol
