@@ -842,3 +842,28 @@ def test_weight_distinctiveness_incoming_without_constants_on_gelu_and_multi_axi
     with pytest.raises(ValueError, match="constants=False"):
       jaxprune.weight_distinctiveness(t, name, source="incoming", constants=True)(
           params, ones, 30.0, 150.0)
+
+
+def test_constant_unit_folds_into_a_one_output_head():
+  """A Dense(1) regression head: a constant hidden unit folds into its (1,) bias exactly (the
+  size-1 output axis was dropped on the bias's side only, so every fold, and distinctiveness even
+  with constants=False, was refused)."""
+
+  class Regressor(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1, name="out")(nn.tanh(nn.Dense(8, name="hidden")(x)))
+
+  x = jax.random.normal(jax.random.key(0), (32, 4))
+  params = Regressor().init(jax.random.key(2), x)
+  hid = params["params"]["hidden"]
+  params["params"]["hidden"] = {"kernel": hid["kernel"].at[:, 3].set(0.0),
+                                "bias": hid["bias"].at[3].set(0.7)}   # unit 3 outputs tanh(0.7)
+  t = jaxprune.trace(Regressor().apply, params, x)
+  acts = t.activations(params, x, "hidden")
+  new, masks, _ = jaxprune.distinctiveness(t, "hidden", similar=False, complementary=False)(
+      params, jaxprune.unit_masks_ones(t), acts, 15.0, 165.0)
+  assert np.asarray(masks["hidden"]).tolist() == [True] * 3 + [False] + [True] * 4
+  np.testing.assert_allclose(Regressor().apply(new, x), Regressor().apply(params, x), atol=1e-5)
+  jaxprune.distinctiveness(t, "hidden", constants=False)(
+      params, jaxprune.unit_masks_ones(t), acts, 15.0, 165.0)
