@@ -628,7 +628,8 @@ def bias_contribution(constants: jax.Array, view: jax.Array, bias_shape, s: Slic
         keep.append(i)
         j -= 1
     keep = keep[::-1]
-  if [contrib.shape[i] for i in keep if contrib.shape[i] != 1] != want:  # size-1 axes: either
+  # size-1 axes broadcast (a Dense(1) head's (1,) bias): compare without them on both sides
+  if [contrib.shape[i] for i in keep if contrib.shape[i] != 1] != want:
     raise ValueError(f"A consumer's bias of shape {bias_shape} does not match the output axes "
                      f"of its kernel's unit rows {tuple(contrib.shape)}, so constants cannot be "
                      "folded into it; pass constants=False.")

@@ -301,11 +301,9 @@ def _weight_core(g, source, similar, complementary, constants, absorb):
              fold=False, compensate=False)
 
   def core(params, mask, sim, comp, tol):
-    if source == "incoming":
-      v = _common.incoming_vectors(params, g)
-    else:
-      v = _common.outgoing_vectors(params, g)
-    if source == "incoming" and constants:
+    incoming = source == "incoming"
+    v = (_common.incoming_vectors if incoming else _common.outgoing_vectors)(params, g)
+    if incoming and constants:
       # only the constants rule reads a zero-weight unit's constant output act(bias); without
       # it, groups whose activation or bias layout has no such value (gelu, a 2-D bias) prune
       const_val = _common.constant_output(params, g)
