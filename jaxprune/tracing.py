@@ -1788,7 +1788,8 @@ class TracedTarget:
         bias, padded, out_axes, max_pooled = None, False, None, False
         if use.role == "consumer":
           con = next(c for c in w.contractions if c.path == use.where)
-          bias, padded, out_axes = self._consumer_bias(con), con.padded, con.out_axes
+          bias, padded = self._consumer_bias(con), con.padded
+          out_axes = self._bias_ordered(con)
           # A recurrent reader sees the initial state at the first step, not the units' values:
           # a constant unit's contribution does not fold into its bias exactly either.
           padded = padded or w.reads_carry(con.path[:-1], con.stream_var)
@@ -1806,15 +1807,49 @@ class TracedTarget:
                                               act_of_bias=site.plain)
     return groups
 
-  def _consumer_bias(self, con):
+  def _consumer_bias_leaf(self, con):
     w = self._an.walker
     out = w.through_layout(con.out_var)
     users = w.users.get(out, [])
     if len(users) == 1 and users[0][1].primitive.name == "add":
       for v in users[0][1].invars:
         if v is not out and not isinstance(v, jex.core.Literal) and v in w.origin:
-          return self._an.leaf_paths[w.origin[v][0]]
+          return w.origin[v][0]
     return None
+
+  def _consumer_bias(self, con):
+    leaf = self._consumer_bias_leaf(con)
+    return None if leaf is None else self._an.leaf_paths[leaf]
+
+  def _bias_ordered(self, con):
+    """The kernel's output axes in the order of its bias's axes (a vmapped ensemble's kernel
+    (members, in, out) contracts to (members, batch, out) but a transposed layout may not), by
+    matching their atoms; the contraction's output order when they do not all match. None when
+    they are the kernel's last axes in order: what a declared slice leaves implicit (so traced
+    and declared groups are equal, and equal groups fold the same way)."""
+    axes = self._bias_order(con)
+    rank = len(self._an.walker.invar_atoms[con.kernel])
+    return None if axes == tuple(range(rank - len(axes), rank)) else axes
+
+  def _bias_order(self, con):
+    w = self._an.walker
+    A = w.atoms
+    leaf = self._consumer_bias_leaf(con)
+    if leaf is None or len(con.out_axes) < 2:
+      return con.out_axes
+
+    def key(lf, axis):
+      return tuple(A.find(a) for a in A.expand(w.invar_atoms[lf][axis]) if A.size[a] > 1)
+
+    bias_keys = [key(leaf, d) for d in range(len(w.invar_atoms[leaf]))]
+    bias_keys = [k for k in bias_keys if k]
+    pos = {}
+    for a in con.out_axes:
+      k = key(con.kernel, a)
+      if k not in bias_keys or k in pos.values():
+        return con.out_axes
+      pos[a] = k
+    return tuple(sorted(con.out_axes, key=lambda a: bias_keys.index(pos[a])))
 
 
 def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:

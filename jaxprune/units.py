@@ -69,8 +69,9 @@ class Slice:
       concatenation of two layers' outputs), ``(start, length)``: this group's units are entries
       ``start .. start + length - 1`` of the (viewed) axis. None: the whole axis.
     out_axes: for a consumer, the leaf's axes that are the consuming layer's outputs, in the
-      order of its bias's axes (``trace`` records them: (0,) for a PyTorch-layout OIHW conv
-      kernel). None: the outputs are the last axes (Flax and JAX layouts).
+      order of its bias's axes (``trace`` records them where they are not the last axes: (0,)
+      for a PyTorch-layout OIHW conv kernel, (0, 2) for a vmapped ensemble's (members, in, out)
+      kernel). None: the outputs are the last axes in order (Flax and JAX layouts).
     max_pooled: for a consumer, True when it reads the units through a maximum or minimum (max
       pooling): a constant unit reaches it unchanged, but a linear combination of units does
       not, so redistributing a unit's weights over others (``group_redundancy``,
@@ -86,8 +87,8 @@ class Slice:
   kind: str = "kernel"
   segment: tuple[int, int] | None = None
   max_pooled: bool = False
-  # Not compared: a traced slice records what a declared one leaves implicit (outputs last).
-  out_axes: tuple[int, ...] | None = dataclasses.field(default=None, compare=False)
+  # Compared: groups are cache keys of the jitted pruners, and the axes decide the fold.
+  out_axes: tuple[int, ...] | None = None
 
   def __post_init__(self):
     if self.role not in ("producer", "consumer"):

@@ -867,3 +867,31 @@ def test_constant_unit_folds_into_a_one_output_head():
   np.testing.assert_allclose(Regressor().apply(new, x), Regressor().apply(params, x), atol=1e-5)
   jaxprune.distinctiveness(t, "hidden", constants=False)(
       params, jaxprune.unit_masks_ones(t), acts, 15.0, 165.0)
+
+
+@pytest.mark.parametrize("layout", ["members_first", "transposed"])
+def test_constant_unit_folds_into_a_batched_ensemble_head(layout):
+  """A shared hidden layer read by a vmapped ensemble of heads (kernel (members, in, out), bias
+  (members, out)): the contraction's outputs were recorded as (out, members), so the fold
+  compared (3, 5) with the (5, 3) bias and every fold was refused with advice (constants=False)
+  distinctiveness cannot honour. A transposed layout (bias (out, members)) folds too."""
+  def f(p, x):
+    h = jax.nn.sigmoid(x @ p["w1"] + p["b1"])
+    hs = jnp.broadcast_to(h, (5,) + h.shape)
+    if layout == "members_first":
+      return jax.vmap(lambda k, b, a: a @ k + b)(p["w2"], p["b2"], hs)     # (5, N, 3)
+    return jnp.einsum("enh,eho->noe", hs, p["w2"]) + p["b2"]               # (N, 3, 5)
+
+  p = {"w1": _arr(4, 6).at[:, 2].set(0.0), "b1": _arr(6), "w2": _arr(5, 6, 3),
+       "b2": _arr(5, 3) if layout == "members_first" else _arr(3, 5)}
+  x = _arr(16, 4)
+  t = jaxprune.trace(f, p, x)
+  acts = t.activations(p, x, "w1")
+  new, masks, _ = jaxprune.distinctiveness(t, "w1", similar=False, complementary=False)(
+      p, jaxprune.unit_masks_ones(t), acts)
+  assert np.asarray(masks["w1"]).tolist() == [True, True, False, True, True, True]
+  np.testing.assert_allclose(f(new, x), f(p, x), atol=1e-5)
+  new, masks, _ = jaxprune.group_redundancy(t, "w1")(p, jaxprune.unit_masks_ones(t), acts,
+                                                     float("inf"), 1)
+  assert not np.asarray(masks["w1"])[2]
+  np.testing.assert_allclose(f(new, x), f(p, x), atol=1e-4)
