@@ -379,9 +379,11 @@ class Trainer:
 @functools.lru_cache(maxsize=None)
 def _default_trainer(model: Model, batch_size: int, loss: Callable) -> Trainer:
   # The learning rate lives in the optimizer state (inject_hyperparams), so one compiled
-  # program serves every learning rate, and a grid over learning rates can be vmapped.
-  return Trainer(model, optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), loss,
-                 batch_size)
+  # program serves every learning rate, and a grid over learning rates can be vmapped. Only the
+  # learning rate: injected hyperparameters take the params' dtype, and in bfloat16 Adam's
+  # b2 = 0.999 rounds to 1.0 (nu stays 0: every update NaN).
+  adam = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps", "eps_root"))
+  return Trainer(model, adam(learning_rate=1e-3), loss, batch_size)
 
 
 def make_trainer(model: Model, *, batch_size: int = 32,

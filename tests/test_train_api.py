@@ -4,6 +4,7 @@ vmapped program against a Python loop of evaluate), and the hook between trainin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxprune
@@ -183,3 +184,22 @@ def test_labels_per_token_train_with_a_custom_loss():
   got = jaxprune.evaluate(f, q, x, y, loss=loss)["accuracy"]
   want = float(jnp.mean(jnp.argmax(f(q, x), -1) == y))
   assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_default_optimizer_trains_bfloat16_params_like_plain_adam():
+  """Injected hyperparameters take the params' dtype: in bfloat16 Adam's b2 = 0.999 became 1.0,
+  every update was NaN, and fit blamed the learning rate. Only the learning rate is injected
+  now, so the default trainer steps exactly as optax.adam does."""
+  x = jax.random.normal(jax.random.key(0), (64, 4))
+  y = (x[:, 0] > 0).astype(jnp.int32) + (x[:, 1] > 0)
+  fn = lambda p, a: jnp.tanh(a.astype(p["w1"].dtype) @ p["w1"]) @ p["w2"]
+  params = {"w1": jax.random.normal(jax.random.key(1), (4, 8), jnp.bfloat16),
+            "w2": jax.random.normal(jax.random.key(2), (8, 3), jnp.bfloat16)}
+  kw = dict(key=jax.random.key(3), epochs=5, progress=False)
+  ours, hist = jaxprune.fit(fn, params, x, y, **kw)
+  plain, _ = jaxprune.fit(fn, params, x, y, optimizer=optax.adam(1e-3), **kw)
+  assert np.isfinite(hist["loss"]).all()
+  for a, b, p in zip(jax.tree.leaves(ours), jax.tree.leaves(plain), jax.tree.leaves(params)):
+    assert a.dtype == jnp.bfloat16
+    assert not np.array_equal(np.asarray(a, np.float32), np.asarray(p, np.float32))
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
