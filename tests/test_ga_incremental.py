@@ -242,3 +242,22 @@ def test_history_identical_to_full_run_on_small_populations():
                       progress=False, fitness="accuracy", incremental=i) for i in (True, False)]
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_children_without_units_score_the_empty_network_exactly(units=3):
+  """Tiny groups breed children with no unit left. Their logits are exactly 0 in the full
+  evaluation (the output bias alone: every class tied on a fresh network), but a delta left
+  rounding remainders that picked the argmax: a third of all fitness values differed."""
+  model = jaxprune.MLP(in_features=5, hidden=(units,), out_features=O)
+  params = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (N, 5))
+  y = jax.random.randint(jax.random.key(2), (N,), 0, O)
+  fit = ga.make_fitness(model, "hidden_0", "eq5", incremental=True)
+  data = fit.prepare(params, x, y)
+  config, hyper = ga.GAConfig(population_size=30, hof_size=3, generations=20), ga.GAHyperparams()
+  _, _, (pops, fits) = jax.jit(lambda d, h, k: I.run_scan(
+      I.plan(units, 30, 3, N, O), config, fit, units, h, d, k, record=True))(
+          data, hyper, jax.random.key(0))
+  want = jax.jit(jax.vmap(lambda p, h: fit(p, data, h), in_axes=(0, None)))(pops, hyper)
+  assert int(jnp.sum(~jnp.any(pops, -1))) > 20          # the case occurs
+  np.testing.assert_array_equal(np.asarray(fits), np.asarray(want))

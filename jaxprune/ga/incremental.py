@@ -401,6 +401,11 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
     lin = breed_with_lineage(config, state, hyper, key=kk)
     z, need_full = child_logits(plan_, arr, state.population, inc.logits, lin, inc.hof_rows)
     z = _full_fallback(plan_, arr, z, lin.children, need_full)
+    # A child with no unit left has logits of exactly 0, the empty sum the full evaluation
+    # computes; a delta leaves rounding remainders there, which decide every argmax when the
+    # output bias has ties (a fresh network's zero bias). Tiny groups breed such children often.
+    kept = jnp.any(lin.children, axis=1)[:, None, None]
+    z = jnp.concatenate([jnp.where(kept, z[:n], 0), z[n:]])
     fit_children = score(lin.children, z[:n])
     population = jnp.concatenate([lin.children, state.hof], axis=0)
     fitness = jnp.concatenate([fit_children.astype(jnp.float32), state.hof_fitness])
