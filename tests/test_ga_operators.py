@@ -160,9 +160,11 @@ def test_hall_of_fame_first_update_ignores_placeholders_and_fills_with_duplicate
   pop = _b([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
   fit = jnp.asarray([2.0, 2.0, 2.0, -jnp.inf])
   new, new_fit = update_hall_of_fame(hof, hof_fit, pop, fit, hof_valid=False)
-  # Two distinct real individuals, then the best duplicate; placeholders never enter.
-  np.testing.assert_array_equal(new, _b([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]]))
-  np.testing.assert_array_equal(new_fit, [2.0, -np.inf, 2.0])
+  # Two distinct real individuals and the best duplicate (placeholders never enter), best
+  # first: the duplicate follows the distinct member of its fitness (it came after the -inf
+  # individual, so hof_fitness was not sorted).
+  np.testing.assert_array_equal(new, _b([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]))
+  np.testing.assert_array_equal(new_fit, [2.0, 2.0, -np.inf])
 
 
 def test_hall_of_fame_never_loses_its_best():

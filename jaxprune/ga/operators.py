@@ -218,10 +218,13 @@ def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax
                          fitness: jax.Array, hof_valid: bool | jax.Array = True) -> jax.Array:
   """The ``K`` fittest distinct chromosomes among the hall of fame and a population.
 
-  Like DEAP's ``HallOfFame.update``: an individual identical to one already kept is not kept
-  twice; on equal fitness an existing member stays ahead of a newcomer, and among newcomers the
+  The members DEAP's ``HallOfFame.update`` keeps: an individual identical to one already kept
+  is not kept twice, and a newcomer that only ties the worst member does not displace it. The
+  order differs: on equal fitness an existing member stays ahead of a newcomer (DEAP inserts
+  the newcomer ahead), so ``hof[0]`` changes only on a strict improvement; among newcomers the
   lower population index wins. If fewer than ``K`` distinct chromosomes exist, the remaining
-  places are filled with the best duplicates. Identical chromosomes are found by sorting on
+  places are filled with the best duplicates (each after the distinct members of its fitness,
+so the members stay sorted best first). Identical chromosomes are found by sorting on
   (fitness, a 64-bit hash of the bits) and comparing neighbours bit for bit: exact, except that a
   hash collision between two different chromosomes of equal fitness (probability about
   ``2**-64`` per pair) could let a duplicate through. Members are sorted best first, so ``hof[0]`` is the best
@@ -258,6 +261,11 @@ def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax
   same_as_prev = jnp.logical_and(jnp.all(s_words[1:] == s_words[:-1], axis=1),
                                  s_fit[1:] == s_fit[:-1])
   dup = jnp.concatenate([jnp.zeros((1,), bool), same_as_prev]).astype(jnp.int32)
-  # Pass 2: real before placeholder, distinct before duplicate, then by (-fitness, order).
-  _, _, _, _, best = lax.sort((s_invalid, dup, -s_fit, s_order, s_order), num_keys=4)
-  return best[:k]
+  # Pass 2: the K members: real before placeholder, distinct before duplicate, then by
+  # (-fitness, order).
+  pos = jnp.arange(n, dtype=jnp.int32)
+  chosen = lax.sort((s_invalid, dup, -s_fit, s_order, pos), num_keys=4)[-1][:k]
+  # Pass 3: the members best first (duplicates, taken only when fewer than K distinct
+  # chromosomes exist, go after the distinct members of their fitness, not after all of them).
+  return lax.sort((s_invalid[chosen], -s_fit[chosen], dup[chosen], s_order[chosen]),
+                  num_keys=4)[-1]
