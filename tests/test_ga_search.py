@@ -474,3 +474,42 @@ def test_sample_weight_padding_gives_the_unpadded_search(trained, result):
   with pytest.raises(ValueError, match="inside it"):
     ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
               fitness=lambda p, m: jnp.sum(m), progress=False, sample_weight=w[:140])
+
+
+def test_inputs_as_nested_lists_and_an_unhashable_fitness_object():
+  """x written as nested lists is one input (it was refused as 'several inputs'); a callable
+  object with __eq__ and no __hash__ is a fitness (it failed with JAX's static-argument error),
+  cached by identity, while a hashable one fetched again reuses its compiled run."""
+  model = jaxprune.MLP(in_features=3, hidden=(6,), out_features=2)
+  params = model.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(10, 3)).round(2).tolist(), rng.integers(0, 2, 10).tolist()
+  cfg = ga.GAConfig(population_size=8, hof_size=2, generations=2)
+  kw = dict(key=jax.random.key(1), config=cfg, progress=False)
+  a = ga.search(model, params, x, y, "hidden_0", **kw)
+  b = ga.search(model, params, np.asarray(x, np.float32), np.asarray(y), "hidden_0", **kw)
+  assert _tree_equal(a, b)
+
+  class Weighted:
+    def __init__(self, w):
+      self.w = jnp.asarray(w, jnp.float32)
+
+    def __eq__(self, other):                 # defines equality, so Python drops __hash__
+      return isinstance(other, Weighted) and bool(jnp.all(other.w == self.w))
+
+    def __call__(self, p, m):
+      return jnp.sum(m * self.w)
+
+  w = np.arange(6.0)
+  res = ga.search(model, params, None, None, "hidden_0", fitness=Weighted(w), **kw)
+  assert float(res.fitness) == float(np.sum(np.asarray(res.mask) * w))
+  f1, f2 = ga.make_fitness(model, "hidden_0", Weighted(w)), ga.make_fitness(
+      model, "hidden_0", Weighted(w))
+  assert f1 == f1 and f1 != f2 and hash(f1) == hash(f1)
+
+  class Scorer:
+    def score(self, p, m):
+      return jnp.sum(m)
+
+  s = Scorer()
+  assert ga.make_fitness(model, "hidden_0", s.score) == ga.make_fitness(model, "hidden_0", s.score)

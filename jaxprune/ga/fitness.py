@@ -197,11 +197,32 @@ class AccuracyFitness:
     return self.from_accuracy(self.accuracy(population, data), population, data, hyper)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class UserFitness:
-  """A user function ``fn(params, mask) -> scalar`` scored over the population with ``vmap``."""
+  """A user function ``fn(params, mask) -> scalar`` scored over the population with ``vmap``.
+
+  Compiled runs are cached by it: by the function's own equality where it is hashable (a bound
+  method fetched again is the same fitness), by identity where it is not (a callable object
+  that defines ``__eq__`` without ``__hash__``).
+  """
 
   fn: Callable[[PyTree, jax.Array], jax.Array]
+
+  def _key(self):
+    try:
+      hash(self.fn)
+      return (True, self.fn)
+    except TypeError:
+      return (False, id(self.fn))
+
+  def __eq__(self, other):
+    if not isinstance(other, UserFitness):
+      return NotImplemented
+    a, b = self._key(), other._key()
+    return a == b if a[0] and b[0] else self.fn is other.fn
+
+  def __hash__(self):
+    return hash(self._key())
 
   def __call__(self, population: jax.Array, data: PyTree, hyper: GAHyperparams) -> jax.Array:
     del hyper

@@ -126,6 +126,8 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     >>> res.mask.shape, res.history.best.shape
     ((20,), (4,))
   """
+  if isinstance(x, list) and not any(hasattr(e, "shape") for e in x):
+    x = np.asarray(x)   # one input written as nested lists of numbers
   if isinstance(x, (tuple, list, dict)):
     raise ValueError("ga.search takes one input array x (the built-in fitness runs "
                      "model.apply(params, x)); for a model with several inputs pass a fitness "
