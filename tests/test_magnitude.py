@@ -171,3 +171,27 @@ def test_default_selection_leaves_2d_biases_alone():
   assert p["params"]["bias"].shape == (2, 3)
   new, masks, _ = magnitude_prune(p, jax.tree.map(lambda l: jnp.ones(l.shape, bool), p), 0.5)
   assert bool(masks["params"]["bias"].all()) and not bool(masks["params"]["kernel"].all())
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_float64_weights_rank_at_full_precision(scope):
+  """Under jax_enable_x64 float64 weights were ranked through float32 bit patterns: weights
+  differing beyond float32 precision tied, and position, not magnitude, chose the cut."""
+  rng = np.random.default_rng(3)
+  with jax.enable_x64(True):
+    # Magnitudes 1 + j * 1e-12 in a shuffled order: all equal in float32.
+    p = {"a": {"kernel": 1.0 + rng.permutation(12).reshape(3, 4) * 1e-12},
+         "b": {"kernel": -(1.0 + (12 + rng.permutation(6)).reshape(2, 3) * 1e-12)}}
+    p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p)
+    for fraction in (0.25, 0.5, 0.75):
+      q, m, rep = magnitude_prune(p, None, fraction, scope=scope)
+      if scope == "layer":
+        for n in ("a", "b"):
+          want = _numpy_layer(p[n]["kernel"], np.ones(p[n]["kernel"].shape, bool), fraction)
+          np.testing.assert_array_equal(np.asarray(m[n]["kernel"]).ravel(), want)
+      else:
+        w = np.concatenate([np.asarray(p[n]["kernel"]).ravel() for n in ("a", "b")])
+        keep = np.concatenate([np.asarray(m[n]["kernel"]).ravel() for n in ("a", "b")])
+        assert keep.size - keep.sum() == round(fraction * 18)
+        assert np.abs(w[~keep]).max() < np.abs(w[keep]).min()
+      assert q["a"]["kernel"].dtype == jnp.float64

@@ -135,7 +135,11 @@ def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
 
 
 def _bits(scores: jax.Array) -> jax.Array:
-  """Non-negative float32 scores -> int32 bit patterns with the same order."""
+  """Non-negative scores -> bit patterns with the same order: int32 (float32 and narrower
+  scores), int64 for float64 scores (under ``jax_enable_x64``; a float32 cast would tie weights
+  that differ beyond float32 precision)."""
+  if jnp.asarray(scores).dtype == jnp.float64:
+    return jax.lax.bitcast_convert_type(jnp.abs(scores), jnp.int64)
   return jax.lax.bitcast_convert_type(jnp.abs(scores.astype(jnp.float32)), jnp.int32)
 
 
@@ -149,6 +153,8 @@ def _remove_smallest(bits: list[jax.Array], keep: list[jax.Array], k: jax.Array)
 
 def _remove_smallest_and_cut(bits: list[jax.Array], keep: list[jax.Array], k: jax.Array):
   """:func:`_remove_smallest` and the cut: the largest removed score (NaN if k == 0)."""
+  if any(b.dtype == jnp.int64 for b in bits):
+    return _remove_smallest_sorted(bits, keep, k)
   nb1, nb2 = 1 << _HI_BITS, 1 << _LO
   hist1 = sum(jnp.bincount(jnp.where(m, b >> _LO, nb1).reshape(-1), length=nb1 + 1)[:nb1]
               for b, m in zip(bits, keep))
@@ -179,6 +185,24 @@ def _remove_smallest_and_cut(bits: list[jax.Array], keep: list[jax.Array], k: ja
   removed = jax.lax.cond(r2 == n_eq, all_ties, some_ties, None)
   cut_value = jnp.where(k > 0, jax.lax.bitcast_convert_type(cut, jnp.float32), jnp.nan)
   return [r & (k > 0) for r in removed], cut_value
+
+
+def _remove_smallest_sorted(bits: list[jax.Array], keep: list[jax.Array], k: jax.Array):
+  """:func:`_remove_smallest_and_cut` by one sort on (not kept, bits, flat index): for 64-bit
+  patterns, where two 16-bit histogram passes do not reach every bit."""
+  flat = jnp.concatenate([b.astype(jnp.int64).reshape(-1) for b in bits])
+  kept = jnp.concatenate([m.reshape(-1) for m in keep])
+  index = jnp.arange(flat.shape[0], dtype=jnp.int32)
+  order = jax.lax.sort((~kept, flat, index), num_keys=3)[-1]
+  rank = jnp.zeros_like(index).at[order].set(index)
+  removed = kept & (rank < k)
+  cut = flat[order[jnp.clip(k - 1, 0, flat.shape[0] - 1)]]
+  cut_value = jnp.where(k > 0, jax.lax.bitcast_convert_type(cut, jnp.float64), jnp.nan)
+  out, start = [], 0
+  for b in bits:
+    out.append(removed[start:start + b.size].reshape(b.shape))
+    start += b.size
+  return out, cut_value
 
 
 def _n_remove(fraction, remaining):
