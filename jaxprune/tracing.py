@@ -214,6 +214,11 @@ class _Contraction:
   out_axes: tuple = ()       # the kernel's leaf axes that are the contraction's outputs
 
 
+_CLOSED_OVER = ("tied to an array fn closes over (not in params); pass per-unit variables such "
+                "as batch statistics in params (linen: the whole variables; nnx: "
+                "nnx.split(model, (nnx.Param, nnx.BatchStat), ...))")
+
+
 class _Walker:
   """Walks a closed jaxpr once, giving every value's axes as atom lists."""
 
@@ -253,7 +258,7 @@ class _Walker:
         for a in ax:
           self.atoms.block(a[0], "an axis of the function's inputs")
     for v in jaxpr.constvars:
-      env[v] = self.fresh(v.aval.shape, "tied to a constant array of fixed shape")
+      env[v] = self.fresh(v.aval.shape, _CLOSED_OVER)
     self._walk(jaxpr, env, ())
     for ax in (self._read(env, v) for v in jaxpr.outvars):
       for atoms in ax:

@@ -895,3 +895,32 @@ def test_constant_unit_folds_into_a_batched_ensemble_head(layout):
                                                      float("inf"), 1)
   assert not np.asarray(masks["w1"])[2]
   np.testing.assert_allclose(f(new, x), f(p, x), atol=1e-4)
+
+
+def test_nnx_batch_statistics_closed_over_are_named_as_the_reason():
+  """An nnx model split with nnx.Param alone closes over its BatchNorm statistics: every group
+  is lost, and explain() said only 'a constant array'; it names the fix, which recovers them."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(6, 8, rngs=rngs)
+      self.bn = nnx.BatchNorm(8, use_running_average=True, rngs=rngs)
+      self.l2 = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(nnx.relu(self.bn(self.l1(x))))
+
+  net, x = Net(nnx.Rngs(0)), _arr(8, 6)
+  for split, groups in (((nnx.Param,), set()), ((nnx.Param, nnx.BatchStat), {"l1"})):
+    graphdef, state, rest = nnx.split(net, split if len(split) > 1 else split[0], ...)
+
+    def fn(p, a, graphdef=graphdef, state=state, rest=rest):
+      s = jax.tree.map(lambda v: v, state)
+      nnx.replace_by_pure_dict(s, p)
+      return nnx.merge(graphdef, s, rest)(a)
+
+    t = jaxprune.trace(fn, nnx.to_pure_dict(state), x)
+    assert set(t.groups) == groups
+    if not groups:
+      assert "nnx.BatchStat" in t.explain() and "closes over" in t.explain()
