@@ -224,7 +224,7 @@ def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax
   the newcomer ahead), so ``hof[0]`` changes only on a strict improvement; among newcomers the
   lower population index wins. If fewer than ``K`` distinct chromosomes exist, the remaining
   places are filled with the best duplicates (each after the distinct members of its fitness,
-so the members stay sorted best first). Identical chromosomes are found by sorting on
+  so the members stay sorted best first). Identical chromosomes are found by sorting on
   (fitness, a 64-bit hash of the bits) and comparing neighbours bit for bit: exact, except that a
   hash collision between two different chromosomes of equal fitness (probability about
   ``2**-64`` per pair) could let a duplicate through. Members are sorted best first, so ``hof[0]`` is the best
