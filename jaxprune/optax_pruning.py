@@ -243,11 +243,13 @@ def polynomial_sparsity(step, *, final, begin_step: int, end_step: int, initial=
   return sf + (jnp.asarray(initial, jnp.float32) - sf) * decay
 
 
-def _is_update_step(count, begin_step, end_step, frequency):
+def _is_update_step(count, begin_step, end_step, frequency, at_end):
+  """Steps ``begin_step + k * frequency`` up to ``end_step``, and ``end_step`` itself when
+  ``at_end`` (gradual's schedule reaches its target there; scheduled's grid alone)."""
   on = (count >= begin_step) & ((count - begin_step) % frequency == 0)
   if end_step is None:
     return on
-  return (on & (count <= end_step)) | (count == end_step)
+  return (on & (count <= end_step)) | (at_end & (count == end_step))
 
 
 # ----------------------------------------------------------------------------- pruners on a schedule
@@ -289,7 +291,7 @@ class PruningState(NamedTuple):
 
 
 def _wrap(tx: optax.GradientTransformation, pruner: StepPruner, target_fn, begin_step, end_step,
-          frequency) -> optax.GradientTransformation:
+          frequency, at_end: bool) -> optax.GradientTransformation:
 
   def init_fn(params):
     return PruningState(jnp.zeros((), jnp.int32), masks_lib.ones_like(params),
@@ -299,7 +301,7 @@ def _wrap(tx: optax.GradientTransformation, pruner: StepPruner, target_fn, begin
     _need_params("gradual/scheduled", params)
     masks_lib.check_weight_masks(params, state.masks)
     count = state.count
-    now = _is_update_step(count, begin_step, end_step, frequency)
+    now = _is_update_step(count, begin_step, end_step, frequency, at_end)
     target = None if target_fn is None else target_fn(count)
 
     if pruner.changes_params:
@@ -387,7 +389,7 @@ def gradual(tx: optax.GradientTransformation, *, sparsity, begin_step: int, end_
         count, final=s, begin_step=begin_step, end_step=end_step, initial=initial_sparsity,
         power=power), sparsity)
 
-  return _wrap(tx, pruner, target_fn, begin_step, end_step, frequency)
+  return _wrap(tx, pruner, target_fn, begin_step, end_step, frequency, at_end=True)
 
 
 def scheduled(tx: optax.GradientTransformation, pruner: StepPruner, *, begin_step: int,
@@ -395,7 +397,8 @@ def scheduled(tx: optax.GradientTransformation, pruner: StepPruner, *, begin_ste
   """Wraps ``tx`` to run a pruner that decides its own counts every ``frequency`` steps.
 
   The pruner runs inside the update at steps ``begin_step + k * frequency`` (up to ``end_step``
-  when given); e.g. :func:`distinctiveness_pruner` merges similar units each time. Masks live in
+  when given, and not at ``end_step`` unless it is one of them: unlike :func:`gradual`, there is
+  no target to reach there); e.g. :func:`distinctiveness_pruner` merges similar units each time. Masks live in
   the state as under :func:`gradual`.
   """
   _check_schedule(begin_step, end_step, frequency, end_required=False)
@@ -404,7 +407,7 @@ def scheduled(tx: optax.GradientTransformation, pruner: StepPruner, *, begin_ste
   if pruner.takes_sparsity:
     raise ValueError("This pruner needs a sparsity schedule; use jaxprune.gradual(tx, "
                      "sparsity=..., pruner=pruner, ...).")
-  return _wrap(tx, pruner, None, begin_step, end_step, frequency)
+  return _wrap(tx, pruner, None, begin_step, end_step, frequency, at_end=False)
 
 
 def _find_state(opt_state, cls):

@@ -574,3 +574,30 @@ def test_fit_trains_with_a_gradual_optimizer():
   kernels = [params["params"][k]["kernel"] for k in ("hidden_0", "out")]
   zeros = sum(int(np.sum(np.asarray(k) == 0.0)) for k in kernels)
   assert zeros == round(0.5 * (4 * 8 + 8 * 3))
+
+
+def test_scheduled_runs_on_its_grid_only_gradual_also_at_end_step():
+  """scheduled runs its pruner at begin_step + k * frequency up to end_step; an end_step off
+  that grid got one more (undocumented) run, the extra step gradual takes to reach its target."""
+  calls = jaxprune.StepPruner(init=lambda p: jnp.zeros((), jnp.int32),
+                              prune=lambda p, m, s, g, t: (p, m, s + 1),
+                              takes_sparsity=False, changes_params=True)
+  p = {"w": jnp.ones((2, 2))}
+
+  def steps(tx, read):
+    st, ran, update = tx.init(p), [], jax.jit(tx.update)
+    for t in range(20):
+      before = read(st)
+      _, st = update(jax.tree.map(jnp.zeros_like, p), st, p)
+      if read(st) != before:
+        ran.append(t)
+    return ran
+
+  tx = jaxprune.scheduled(optax.sgd(0.1), calls, begin_step=0, frequency=10, end_step=15)
+  assert steps(tx, lambda s: int(s.pruner_state)) == [0, 10]
+  tx = jaxprune.scheduled(optax.sgd(0.1), calls, begin_step=2, frequency=4, end_step=10)
+  assert steps(tx, lambda s: int(s.pruner_state)) == [2, 6, 10]
+  tx = jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=15, frequency=10,
+                        select=lambda path, leaf: True)
+  p = {"w": jnp.arange(1.0, 101.0).reshape(10, 10)}   # kept: 52 at step 10, 50 at step 15
+  assert steps(tx, lambda s: int(jnp.sum(s.masks["w"]))) == [10, 15]   # step 0: sparsity 0
