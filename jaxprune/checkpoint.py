@@ -116,6 +116,15 @@ def _describe(x) -> str:
   return f"shape {tuple(np.shape(x))} {np.result_type(x) if not hasattr(x, 'dtype') else x.dtype}"
 
 
+def _stored_shape(x) -> tuple:
+  """The shape a leaf has in a checkpoint: a typed PRNG key (``jax.random.key``) is stored as
+  its key data, with the implementation's trailing axis (``(2,)`` for threefry)."""
+  dtype = getattr(x, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return tuple(jax.eval_shape(jax.random.key_data, x).shape)
+  return tuple(np.shape(x))
+
+
 def _check_template(path: str, saved: PyTree, template: PyTree) -> None:
   """Raises a ValueError naming the first leaf where ``template`` and the saved params differ in
   name or shape (dtypes may differ: the restored leaves are cast to the template's)."""
@@ -128,7 +137,7 @@ def _check_template(path: str, saved: PyTree, template: PyTree) -> None:
       raise ValueError(f"The checkpoint at {path} does not fit the params template: {shown} is in "
                        f"the template but not in the checkpoint (which has {listed}). {fix}")
     s_shown, s = have[names]
-    if tuple(s.shape) != tuple(np.shape(t)):
+    if tuple(s.shape) != _stored_shape(t):
       raise ValueError(f"The checkpoint at {path} does not fit the params template: at {shown} the "
                        f"checkpoint has {_describe(s)}, the template {_describe(t)}. {fix}")
   for names, (shown, _) in have.items():

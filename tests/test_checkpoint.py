@@ -162,3 +162,18 @@ def test_folder_that_is_no_checkpoint_is_named_as_such(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="not a jaxprune checkpoint"):
     jaxprune.load_checkpoint(str(tmp_path / "empty"))
+
+
+def test_typed_prng_key_leaf_loads_with_its_own_params_as_template(tmp_path):
+  """A typed key (jax.random.key) is stored as its key data, shape + (2,): the template check
+  compared that with the key's own shape and told the user the model differed."""
+  params = {"w": jnp.ones(2), "rng": jax.random.key(3)}
+  path = str(tmp_path / "c")
+  jaxprune.save_checkpoint(path, params)
+  for template in (params, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)):
+    loaded, _ = jaxprune.load_checkpoint(path, template)
+    assert loaded["rng"].dtype == params["rng"].dtype
+    np.testing.assert_array_equal(jax.random.key_data(loaded["rng"]),
+                                  jax.random.key_data(params["rng"]))
+  with pytest.raises(ValueError, match=r"\['rng'\].*shape \(2,\) uint32.*\(3,\) key"):
+    jaxprune.load_checkpoint(path, {"w": jnp.ones(2), "rng": jax.random.split(params["rng"], 3)})
