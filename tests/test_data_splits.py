@@ -96,6 +96,24 @@ def test_person_independent_folds_and_split():
   assert len(np.unique(test.y)) == 7  # stratified over persons
 
 
+def test_person_independent_split_without_a_class_to_train_on_raises():
+  """One person per class: the persons in the test part take their classes with them, and
+  the training part had none of them (silently: a model never saw 'fear' or 'sad')."""
+  y = np.repeat(np.arange(7), 6)
+  ds = data.Dataset(np.zeros((42, 2)), y, data.SFEW_CLASS_NAMES,
+                    groups=np.repeat([f"p{c}" for c in range(7)], 6))
+  with pytest.raises(ValueError, match=r"split has no training example of classes 'fear', "
+                     r"'sad'.*person_independent=False"):
+    data.train_test_split(ds, test_fraction=0.2, seed=0, person_independent=True)
+  with pytest.raises(ValueError, match=r"fold 1 of 5 has no training example of"):
+    data.kfold(ds, n_splits=5, seed=0, person_independent=True)
+  # Two persons per class: every training part keeps every class.
+  two = data.Dataset(ds.x, y, data.SFEW_CLASS_NAMES,
+                     groups=np.asarray([f"p{c}{i // 3}" for c, i in zip(y, range(42))]))
+  for tr, _ in data.kfold(two, n_splits=2, seed=0, person_independent=True):
+    assert len(np.unique(y[tr])) == 7
+
+
 def test_person_independent_errors():
   ds = data.load_features("diabetes")
   with pytest.raises(ValueError, match="person ids"):

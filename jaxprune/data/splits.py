@@ -163,10 +163,34 @@ def train_test_split(
       )
     _check_split(data, y, test_fraction, groups)
     train, test = _folds(y, k, seed, groups)[0]
+    _check_person_parts(data, y, [(train, test)], "split")
   train, test = np.sort(train), np.sort(test)
   if isinstance(data, Dataset):
     return split(data, train, test)
   return train, test
+
+
+def _check_person_parts(data, y: np.ndarray, folds: Sequence[Fold],
+                        what: str) -> None:
+  """Raises a ValueError when a person-independent training part lacks a class.
+
+  Persons are not divisible: a class whose examples all come from persons of
+  one test part has none left to train on, and a model never sees it.
+  """
+  labels = np.unique(y)
+  for i, (train, _) in enumerate(folds):
+    missing = np.setdiff1d(labels, np.unique(y[train]))
+    if missing.size:
+      names = ", ".join(_class_name(data, l) for l in missing)
+      where = what if len(folds) == 1 else f"{what} {i + 1} of {len(folds)}"
+      one = missing.size == 1
+      raise ValueError(
+          f"the person-independent {where} has no training example of"
+          f" {'class' if one else 'classes'} {names}: every example of"
+          f" {'it' if one else 'them'} comes from persons in the test part"
+          f" (persons per class decide this split, not examples). Use data with"
+          f" more persons per class, fewer folds or a smaller test_fraction, or"
+          f" person_independent=False")
 
 
 def _folds(y: np.ndarray, n_splits: int, seed: int,
@@ -230,7 +254,10 @@ def kfold(
     (5, [14, 14, 14, 14, 14])
   """
   y, groups = _labels_and_groups(data, groups, person_independent)
-  return _folds(y, n_splits, seed, groups)
+  folds = _folds(y, n_splits, seed, groups)
+  if groups is not None:
+    _check_person_parts(data, y, folds, "fold")
+  return folds
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
