@@ -25,7 +25,7 @@ IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
 
 # Published input sizes and the defaults used on this project's 2-core CPU (see the docs).
 PUBLISHED_SIZE = {"lenet": (90, 72), "cnn4": (227, 227), "resnet18": (224, 224)}
-IMAGE_DATA = ("images", "sfew_images")  # the --data choices that hold images
+IMAGE_DATA = _flags.IMAGE_DATA
 QUICK_SIZE = {"lenet": (16, 16), "cnn4": (64, 64), "resnet18": (32, 32)}
 
 

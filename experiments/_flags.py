@@ -42,6 +42,7 @@ FLAGS = flags.FLAGS
 flags.disclaim_key_flags()
 
 DATA_CHOICES = ("features", "digits_features", "images", "sfew_features", "sfew_images")
+IMAGE_DATA = ("images", "sfew_images")  # the --data choices that hold images
 SEED_LIMIT = 2**32
 #: Flags every binary defines itself; a Config field of one of these names (``seed``) is set
 #: from it rather than getting a second flag.

@@ -116,3 +116,17 @@ def test_a_failed_run_releases_its_locks(tmp_path, monkeypatch):
   lock = tmp_path / "fails" / ".lock"
   assert not _locked(lock) and not _locked(os.path.join(made["study"].cache_dir, ".lock"))
   assert lock.read_text() == ""  # an unheld lock file names no process
+
+
+def test_feature_studies_refuse_image_data_before_loading_it(tmp_path):
+  """--data=sfew_images on an MLP study loaded the whole tree first and then failed on the
+  frame size, advising --any_size, a flag these binaries do not have."""
+  from experiments import _mlp_common  # pylint: disable=import-outside-toplevel
+  from experiments import progressive_compression  # pylint: disable=import-outside-toplevel
+  tree = tmp_path / "no_such_tree"            # never read: the check comes first
+  with pytest.raises(app.UsageError, match="holds images.*sfew_features.*featurize"):
+    _mlp_common.load_features("sfew_images", str(tree))
+  with pytest.raises(app.UsageError, match="holds images.*sfew_features"):
+    progressive_compression.run(progressive_compression.Config.quick(), str(tmp_path / "w"),
+                                data="images")
+  assert not (tmp_path / "w").exists()
