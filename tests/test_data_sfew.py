@@ -269,6 +269,25 @@ def test_non_numeric_feature(tmp_path):
     data.load_sfew_features(path)
 
 
+def test_feature_file_errors_name_the_fix(tmp_path):
+  """A Latin-1 export, decimal commas and Excel's #N/A (a missing value: dropped)."""
+  rows = _rows()
+  rows[0][0] = "Amélie_000000001_00000001.mat"
+  latin = tmp_path / "latin.csv"
+  write_csv(tmp_path / "u.csv", rows)
+  latin.write_bytes((tmp_path / "u.csv").read_text(encoding="utf-8").encode("latin-1"))
+  with pytest.raises(ValueError, match="not a UTF-8 text CSV.*save it again as UTF-8"):
+    data.load_sfew_features(latin)
+  rows = _rows()
+  rows[2][4] = "0,1257"
+  with pytest.raises(ValueError, match=r"'0,1257' is not a finite number; it has a decimal comma"):
+    data.load_sfew_features(write_csv(tmp_path / "comma.csv", rows))
+  rows = _rows()
+  rows[2][4] = "#N/A"
+  ds = data.load_sfew_features(write_csv(tmp_path / "na.csv", rows))
+  assert 4 in {d["row"] for d in ds.info["dropped"]}
+
+
 def test_empty_class(tmp_path):
   rows = [r for r in _rows() if r[1] != 2]
   path = write_csv(tmp_path / "SFEW.csv", rows)
@@ -373,6 +392,8 @@ def test_hidden_and_stray_entries_are_reported(tree):
   (tree / "SFEW.xlsx").write_bytes(b"x")
   (tree / "Happy" / ".hidden.png").write_bytes(b"x")
   (tree / "Happy" / "extra").mkdir()
+  (tree / "Sad" / "Thumbs.db").write_bytes(b"x")       # hidden on Windows, no leading dot
+  (tree / "Angry" / "desktop.ini").write_bytes(b"x")
   ds = data.load_sfew_images(tree, size=(8, 8), expected_size=None)
   assert len(ds) == 20
   reasons = {s["path"]: s["reason"] for s in ds.info["skipped"]}
@@ -381,6 +402,8 @@ def test_hidden_and_stray_entries_are_reported(tree):
       "SFEW.xlsx": "file beside the class folders",
       "Happy/.hidden.png": "hidden entry",
       "Happy/extra": "sub-folder inside a class folder",
+      "Sad/Thumbs.db": "hidden entry",
+      "Angry/desktop.ini": "hidden entry",
   }
 
 
@@ -394,12 +417,12 @@ def test_tree_layout_errors(tmp_path, tree):
                                    on_error="skip")) == 20
   (tree / "Contempt").rmdir()
   (tree / "ANGRY").mkdir()
-  with pytest.raises(ValueError, match="two folders for class 'angry'"):
+  with pytest.raises(ValueError, match="two folders for class 'angry'.*merge them"):
     data.load_sfew_images(tree, size=(8, 8), expected_size=None)
   (tree / "ANGRY").rmdir()
   for f in (tree / "Sad").iterdir():
     f.unlink()
-  with pytest.raises(ValueError, match="empty class"):
+  with pytest.raises(ValueError, match="empty class.*put this class's images there"):
     data.load_sfew_images(tree, size=(8, 8), expected_size=None)
   (tree / "Sad").rmdir()
   with pytest.raises(FileNotFoundError, match="no folder for class\\(es\\) sad"):

@@ -64,7 +64,10 @@ IMAGES_LAYOUT = (
 )
 
 _LABEL_HEADERS = ("label", "labels", "class", "emotion", "expression", "target")
-_MISSING = ("", "nan", "na", "n/a", "null", "none", "?", "-")
+_MISSING = ("", "nan", "na", "n/a", "#n/a", "null", "none", "?", "-")
+# Files the operating system writes into folders (hidden on Windows, though their names do not
+# start with a dot): skipped like hidden entries.
+_SYSTEM_FILES = ("thumbs.db", "ehthumbs.db", "desktop.ini")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif",
                    ".ppm", ".pgm")
 _NUM_COLUMNS = 12
@@ -171,7 +174,8 @@ def _read_csv(path: Path) -> list[list[Any]]:
     with open(path, newline="", encoding="utf-8-sig") as f:
       text = f.read()
   except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not a UTF-8 text CSV file ({e})") from e
+    raise ValueError(f"{path}: not a UTF-8 text CSV file ({e}); save it again as UTF-8"
+                     " (in Excel: Save As, 'CSV UTF-8'), or pass the .xlsx workbook") from e
   try:
     dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
   except csv.Error:
@@ -344,9 +348,13 @@ def load_sfew_features(
     for c in range(2, _NUM_COLUMNS):
       number = _as_float(row[c])
       if number is None:
+        comma = isinstance(row[c], str) and _as_float(row[c].replace(",", ".")) is not None
         raise ValueError(
             f"{path}, row {row_no} ({name or 'no name'}), column {c + 1}"
             f" ({column_name(c)}): {row[c]!r} is not a finite number"
+            + ("; it has a decimal comma: save the file with decimal points (or pass the"
+               " .xlsx workbook)" if comma else
+               "; fix that cell, or leave it empty to drop the row")
         )
       if math.isnan(number):
         reasons.append(f"missing {column_name(c)}")
@@ -433,7 +441,8 @@ def scan_sfew_tree(
 ) -> tuple[list[ImageItem], list[dict[str, str]]]:
   """Lists the images of an SFEW class-folder tree, checking its layout.
 
-  Hidden entries, files beside the class folders and sub-folders inside them
+  Hidden entries (a leading dot, and Windows' ``Thumbs.db`` and
+  ``desktop.ini``), files beside the class folders and sub-folders inside them
   are skipped and reported. A file without an image extension in a class
   folder is an error (or skipped with ``on_error='skip'``).
 
@@ -478,7 +487,8 @@ def scan_sfew_tree(
     if label in folders:
       raise ValueError(
           f"{root}: two folders for class {key!r}: {folders[label].name!r} and"
-          f" {entry.name!r}"
+          f" {entry.name!r}; merge them into one folder (folder names are"
+          " matched without regard to case)"
       )
     folders[label] = entry
   missing = [SFEW_CLASS_NAMES[k] for k in range(len(SFEW_CLASS_NAMES))
@@ -496,7 +506,7 @@ def scan_sfew_tree(
     count = 0
     for entry in sorted(folder.iterdir()):
       rel = f"{folder.name}/{entry.name}"
-      if entry.name.startswith("."):
+      if entry.name.startswith(".") or entry.name.lower() in _SYSTEM_FILES:
         skipped.append({"path": rel, "reason": "hidden entry"})
       elif entry.is_dir():
         skipped.append({"path": rel, "reason": "sub-folder inside a class folder"})
@@ -507,7 +517,9 @@ def scan_sfew_tree(
         items.append(ImageItem(entry, rel, label))
         count += 1
     if count == 0:
-      raise ValueError(f"{folder}: class folder without images (empty class)")
+      raise ValueError(f"{folder}: class folder without images (empty class); every class"
+                       " needs images: put this class's images there, or use a copy of"
+                       " SFEW that has all seven classes")
   return items, skipped
 
 
