@@ -621,6 +621,26 @@ def test_tfds_missing_manual_files(tmp_path):
     _source("images", tmp_path / "tfds3", manual)
 
 
+def test_tfds_loader_errors_name_a_fix_it_has(tmp_path):
+  """A missing manual folder (TFDS asserts), a bad file (the advice was on_error='skip',
+  which the builder does not take) and frames of several sizes with size=None (a bare NumPy
+  stacking error)."""
+  from jaxprune.data import sfew_tfds
+  with pytest.raises(FileNotFoundError, match="SFEW"):
+    sfew_tfds.load_sfew_tfds("features", data_dir=tmp_path / "t0", manual_dir=tmp_path / "none")
+  bad = write_tree(tmp_path / "bad")
+  (bad / "Angry" / "notes.txt").write_text("x")
+  with pytest.raises(ValueError, match="notes.txt: not an image.*builder prepares every file") as e:
+    sfew_tfds.load_sfew_tfds("images", data_dir=tmp_path / "t1", manual_dir=bad)
+  assert "--on_error" not in str(e.value)
+  mixed = write_tree(tmp_path / "mixed")
+  Image.fromarray(np.zeros((7, 5, 3), np.uint8)).save(mixed / "Happy" / "Movie3_small_00000009.png")
+  with pytest.raises(ValueError, match=r"2 sizes .*7x5 .*12x15 .*pass size=\(height, width\)"):
+    sfew_tfds.load_sfew_tfds("images", data_dir=tmp_path / "t2", manual_dir=mixed)
+  ds = sfew_tfds.load_sfew_tfds("images", data_dir=tmp_path / "t2", manual_dir=mixed, size=(6, 4))
+  assert ds.x.shape == (21, 6, 4, 3)
+
+
 def test_tfds_registration_and_instructions():
   from jaxprune.data import sfew_tfds
   assert "sfew" in tfds.list_builders(with_community_datasets=False)

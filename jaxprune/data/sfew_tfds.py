@@ -159,7 +159,11 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
       }
 
   def _images(self, root: epath.Path):
-    items, skipped = scan_sfew_tree(os.fspath(root), on_error="raise")
+    try:
+      items, skipped = scan_sfew_tree(os.fspath(root), on_error="raise")
+    except ValueError as e:  # its advice to skip names an option this builder has not
+      message = str(e).split(". Remove or fix it, or skip")[0]
+      raise ValueError(f"{message}. {_FIX}") from e
     self.info.metadata["skipped"] = skipped
     for i, item in enumerate(items):
       try:
@@ -175,7 +179,7 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
             image = im.convert("RGB")  # TFDS encodes it as PNG with PIL
       except Exception as e:  # PIL raises many types for bad files
         raise ValueError(
-            f"{item.path}: not a readable image ({type(e).__name__}: {e})"
+            f"{item.path}: not a readable image ({type(e).__name__}: {e}). {_FIX}"
         ) from e
       yield i, {
           "image": image,
@@ -183,6 +187,11 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
           "name": item.relpath,
           "person": person_id(item.path.name),
       }
+
+
+_FIX = ("Remove or fix it: the TFDS builder prepares every file of the manual folder"
+        " (load_sfew_images(..., on_error='skip') reads the tree directly and skips such"
+        " files)")
 
 
 def load_sfew_tfds(
@@ -214,11 +223,14 @@ def load_sfew_tfds(
     raise ValueError(f"channels must be 1 or 3, got {channels!r}")
   download_config = tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None else os.path.expanduser(manual_dir))
-  source = tfds.data_source(
-      f"sfew/{config}",
-      data_dir=os.path.expanduser(data_dir),
-      download_and_prepare_kwargs={"download_config": download_config},
-  )["train"]
+  try:
+    source = tfds.data_source(
+        f"sfew/{config}",
+        data_dir=os.path.expanduser(data_dir),
+        download_and_prepare_kwargs={"download_config": download_config},
+    )["train"]
+  except AssertionError as e:  # TFDS asserts that the manual folder exists
+    raise FileNotFoundError(str(e)) from e
   examples = [source[i] for i in range(len(source))]
   names = tuple(_text(e["name"]) for e in examples)
   y = np.asarray([e["label"] for e in examples], dtype=np.int32)
@@ -237,6 +249,14 @@ def load_sfew_tfds(
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
       array = np.asarray(image, dtype=np.float32) / 255.0
       images.append(array[..., None] if array.ndim == 2 else array)
+    shapes = sorted({a.shape[:2] for a in images})
+    if len(shapes) > 1:
+      first = {a.shape[:2]: n for a, n in zip(images, names)}
+      shown = ", ".join(f"{h}x{w} ({first[(h, w)]})" for h, w in shapes[:3])
+      raise ValueError(
+          f"sfew/images holds frames of {len(shapes)} sizes (height x width: {shown}"
+          f"{', ...' if len(shapes) > 3 else ''}); pass size=(height, width) to"
+          " resize them all")
     x = np.stack(images)
   return Dataset(x, y, SFEW_CLASS_NAMES, groups=groups, info=info)
 
