@@ -252,7 +252,10 @@ def data_record(ds, name: str | None = None, path: str | None = None) -> dict[st
     >>> from jaxprune import data
     >>> rec = data_record(data.load("features"), "features")
     >>> sorted(rec)
-    ['examples', 'name', 'path', 'sha256', 'source', 'version']
+    ['dropped', 'examples', 'name', 'path', 'sha256', 'skipped', 'source', 'version']
+
+  ``dropped`` (feature rows with a missing value) and ``skipped`` (entries of an image tree)
+  are what the loader left out, so that a report says what its data lacked.
   """
   import jaxprune  # pylint: disable=g-import-not-at-top
   h = hashlib.sha256()
@@ -266,7 +269,14 @@ def data_record(ds, name: str | None = None, path: str | None = None) -> dict[st
   return {"name": name, "source": str(info.get("source", name)),
           "version": str(info.get("version", f"jaxprune {jaxprune.__version__}")),
           "path": os.path.abspath(path) if path else None, "examples": int(len(ds.y)),
-          "sha256": h.hexdigest()}
+          "sha256": h.hexdigest(),
+          "dropped": [{k: _plain(v) for k, v in d.items()} for d in info.get("dropped") or []],
+          "skipped": [{k: _plain(v) for k, v in d.items()} for d in info.get("skipped") or []]}
+
+
+def _plain(value):
+  """A JSON-ready copy of a loader's report value (NumPy integers become ints)."""
+  return value.item() if isinstance(value, np.generic) else value
 
 
 class Study:
@@ -521,6 +531,15 @@ class Study:
       run.append(f"Data: `{d.get('name')}` ({d.get('source')}, {d.get('version')}), "
                  f"{d.get('examples')} examples, SHA-256 of the loaded arrays "
                  f"`{d.get('sha256')}`.")
+      for key, one, many in (("dropped", "row", "rows"), ("skipped", "entry", "entries")):
+        left = d.get(key) or []
+        if left:
+          shown = "; ".join(
+              (f"row {e['row']} ({e.get('name') or 'no name'}): {e['reason']}" if "row" in e
+               else f"`{e.get('path')}` ({e.get('reason')})") for e in left[:20])
+          more = f"; and {len(left) - 20} more" if len(left) > 20 else ""
+          run.append(f"The loader {key} {len(left)} {one if len(left) == 1 else many}: "
+                     f"{shown}{more}.")
     parts.append("## Run\n\n" + "\n\n".join(run) + "\n")
     parts.append("## Settings\n\n```json\n" + json.dumps(self.settings, indent=1, sort_keys=True)
                  + "\n```\n")

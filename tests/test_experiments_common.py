@@ -130,3 +130,21 @@ def test_feature_studies_refuse_image_data_before_loading_it(tmp_path):
     progressive_compression.run(progressive_compression.Config.quick(), str(tmp_path / "w"),
                                 data="images")
   assert not (tmp_path / "w").exists()
+
+
+def test_report_and_results_say_what_the_loader_left_out(tmp_path):
+  """A feature row dropped for a NaN was recorded only in the log: REPORT.md and results.json
+  said '69 examples' and nothing of the row left out."""
+  from jaxprune import data  # pylint: disable=import-outside-toplevel
+  ds = data.Dataset(np.zeros((6, 2), np.float32), np.arange(6) % 2, ("a", "b"), info={
+      "source": "test", "dropped": [{"row": np.int64(4), "name": "x.mat",
+                                     "reason": "missing PHOG feature 3"}],
+      "skipped": [{"path": "Sad/Thumbs.db", "reason": "hidden entry"}]})
+  s = _store.Study("rep", {"a": 1}, workdir=str(tmp_path), data=ds)
+  s.write_report("Title", [("Table", "x")])
+  text = (tmp_path / "rep" / "REPORT.md").read_text()
+  assert "The loader dropped 1 row: row 4 (x.mat): missing PHOG feature 3." in text
+  assert "The loader skipped 1 entry: `Sad/Thumbs.db` (hidden entry)." in text
+  record = _store.data_record(ds, "test")
+  assert record["dropped"] == [{"row": 4, "name": "x.mat", "reason": "missing PHOG feature 3"}]
+  json.dumps(record)
