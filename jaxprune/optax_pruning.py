@@ -398,8 +398,8 @@ def scheduled(tx: optax.GradientTransformation, pruner: StepPruner, *, begin_ste
 
   The pruner runs inside the update at steps ``begin_step + k * frequency`` (up to ``end_step``
   when given, and not at ``end_step`` unless it is one of them: unlike :func:`gradual`, there is
-  no target to reach there); e.g. :func:`distinctiveness_pruner` merges similar units each time. Masks live in
-  the state as under :func:`gradual`.
+  no target to reach there); e.g. :func:`distinctiveness_pruner` merges similar units each
+  time. Masks live in the state as under :func:`gradual`.
   """
   _check_schedule(begin_step, end_step, frequency, end_required=False)
   if not isinstance(pruner, StepPruner):

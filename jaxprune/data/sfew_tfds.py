@@ -162,7 +162,9 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
     try:
       items, skipped = scan_sfew_tree(os.fspath(root), on_error="raise")
     except ValueError as e:  # its advice to skip names an option this builder has not
-      message = str(e).split(". Remove or fix it, or skip")[0]
+      message, advice, _ = str(e).partition(". Remove or fix it, or skip")
+      if not advice:
+        raise
       raise ValueError(f"{message}. {_FIX}") from e
     self.info.metadata["skipped"] = skipped
     for i, item in enumerate(items):
