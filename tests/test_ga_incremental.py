@@ -42,6 +42,8 @@ PLANS = {
     "tight": I.Plan(split=U // 2, delta_slots=1, full_slots=1),
     # halves of unequal width
     "ragged": I.Plan(split=23, delta_slots=3, full_slots=2),
+    # two delta budgets: generations with at most one pair per half take the smaller
+    "two_sizes": I.Plan(split=U // 2, delta_slots=4, full_slots=3, sparse_delta_slots=1),
 }
 
 
@@ -131,6 +133,9 @@ def test_plan_sizes():
   # probability 0.8 * (1 - 0.2**2) / 2: 18.0 + 1 sd; 95 children, each mutated with
   # probability 0.2: 19 + 1 sd.
   assert (p.delta_slots, p.full_slots) == (23, 24)
+  # A converged generation (most children copy an individual) takes a quarter of the deltas.
+  assert p.sparse_delta_slots == 6 and I.plan(60, 30, 3, 96, 4).sparse_delta_slots == 2
+  assert I.plan(8, 10, 2, 96, 4).sparse_delta_slots == 0      # too few slots to split
   # Logits over the memory limit: no plan (full evaluation).
   assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 7) is not None
   assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 7 - 1) is None
@@ -152,7 +157,7 @@ def test_child_logits_rows_match_full_products(name):
   lineage = jax.jit(functools.partial(I.breed_with_lineage, cfg, hyper=ga.GAHyperparams()))
   child_logits = jax.jit(functools.partial(I.child_logits, plan))
   fallback = jax.jit(functools.partial(I._full_fallback, plan))  # pylint: disable=protected-access
-  overflowed = 0
+  overflowed = copies = 0
   for seed in range(6):
     pop = jnp.asarray(rng.random((30, U)) < 0.5)
     state = S.init(cfg, U)._replace(population=pop, generation=jnp.int32(1),
@@ -169,19 +174,25 @@ def test_child_logits_rows_match_full_products(name):
     np.testing.assert_allclose(np.asarray(done[:27]), np.asarray(want), atol=2e-5)
     np.testing.assert_array_equal(np.asarray(done[27:]), np.asarray(z[hof_rows]))
     # Flagged: exactly the mutated children and both children of each crossed pair (not both
-    # mutated) beyond the first delta_slots pairs of its half.
+    # mutated or copies) beyond the first delta_slots pairs of its half; never a copy (a child
+    # equal to an individual of the population, which takes its logits).
     mutated = np.asarray(lin.mutated)
+    kids = np.asarray(lin.children)
+    copied = (kids[:, None, :] == np.asarray(pop)[None, :, :]).all(-1).any(-1)
+    served = mutated | copied
     crossed, cut = np.asarray(lin.crossed)[0:26:2], np.asarray(lin.cut)[0:26:2]
-    need = crossed & ~(mutated[0:26:2] & mutated[1:26:2])
+    need = crossed & ~(served[0:26:2] & served[1:26:2])
     over = np.zeros(13, bool)
     for side in (need & (cut < plan.split), need & (cut >= plan.split)):
       over |= side & (np.cumsum(side) > plan.delta_slots)
     want_flags = mutated.copy()
     want_flags[:26] |= np.repeat(over, 2)
-    np.testing.assert_array_equal(np.asarray(need_full), want_flags)
+    np.testing.assert_array_equal(np.asarray(need_full), want_flags & ~copied)
     overflowed += int(over.sum())
+    copies += int(copied.sum())
   if name == "tight":   # the overflow path is exercised
     assert overflowed > 0
+  assert copies > 0       # and children that copy an individual
 
 
 def test_auto_on_cpu_needs_enough_work():

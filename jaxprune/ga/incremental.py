@@ -16,7 +16,9 @@ children's logits sum to the parents' (``z0 + z1 = z_a + z_b``). So one product 
 head in the first), with ``-1 / 0 / +1`` weights that are nonzero only where the parents differ,
 so a crossed pair costs a quarter of the two children's full evaluation. Further:
 
-* a child that is a copy of its parent (no crossover, no mutation) takes the parent's logits;
+* a child whose bits equal an individual of the previous generation (a copy of its parent, or,
+  in a converged population, most children: :func:`copies`) takes that individual's logits, and
+  a pair whose children are all copies or mutated gets no delta;
 * a mutated child is evaluated in full, from its bits: at the published rates a mutation flips
   about one bit in ten, spread over all units, so a delta would cost as much as the product;
   recomputing also resets the rounding of its lineage (below);
@@ -27,9 +29,11 @@ Every shape is static and the choice is made inside the compiled program: ``delt
 pairs per half get their delta computed (more: their children are evaluated in full), and the
 full evaluations go ``full_slots`` children in one batch, then any left over in a
 ``lax.while_loop`` that runs zero times when none is, so the work per generation is a fixed
-budget plus the rare overflow. At population 100 and H=1000 a generation costs about half of
-the full evaluation's floating-point work (see docs/benchmarks.md for what that buys on each
-machine).
+budget plus the rare overflow. A generation whose pairs fit in ``sparse_delta_slots`` per
+half takes a smaller program of the same kind (a ``lax.cond``): a converged population needs
+few deltas. At population 100 and H=1000 a generation costs about half of the full
+evaluation's floating-point work at first, and about a quarter once the population has
+converged (see docs/benchmarks.md for what that buys on each machine).
 
 Exactness. The accuracies equal the full evaluation's except where float summation order can
 flip an argmax. A child's logits are its parent's logits plus a delta, which were themselves
@@ -99,11 +103,16 @@ class Plan(NamedTuple):
     full_slots: children evaluated in full in one batch (sized for the mutated children at the
       published mutation rate plus one standard deviation); any left over are evaluated in a
       ``while_loop``, a sixth as many at a time.
+    sparse_delta_slots: a second, smaller number of delta slots per half, taken by a generation
+      whose pairs all fit in it (a ``lax.cond`` between the two sizes): once the population
+      converges most children copy an individual (:func:`copies`) and few pairs need a delta.
+      0: one size only.
   """
 
   split: int
   delta_slots: int
   full_slots: int
+  sparse_delta_slots: int = 0
 
 
 def plan(num_units: int, population_size: int, hof_size: int, num_patterns: int,
@@ -126,7 +135,9 @@ def plan(num_units: int, population_size: int, hof_size: int, num_patterns: int,
   delta = int(math.ceil(mean + 1 * math.sqrt(mean * (1 - p)) + 1))
   mean = 0.2 * n
   full = int(math.ceil(mean + math.sqrt(mean * 0.8) + 1))
-  return Plan(split=num_units // 2, delta_slots=min(half, delta), full_slots=min(n, full))
+  delta = min(half, delta)
+  return Plan(split=num_units // 2, delta_slots=delta, full_slots=min(n, full),
+              sparse_delta_slots=-(-delta // 4) if delta >= 8 else 0)
 
 
 #: ``incremental='auto'`` uses the incremental evaluation from this many units on.
@@ -246,8 +257,38 @@ def breed_with_lineage(config, state, hyper, *, key: jax.Array) -> _Lineage:
   return _Lineage(children, first, second, cut, do, mutated)
 
 
+def copies(population: jax.Array, children: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(n,) whether each child's bits equal an individual of ``population``, and (n,) the row of
+  one such individual (meaningful where True).
+
+  Found by a 32-bit hash of the packed bits (one sort of the population, a binary search per
+  child) and checked bit for bit, so a match is exact; a hash collision can only hide a copy
+  (the child is then evaluated as any other). A converged population breeds many copies: at
+  H=1000 with the published settings, 40-70% of the children from the tenth generation on.
+  """
+  words_p, words_c = ops.pack_bits(population), ops.pack_bits(children)
+  hash_p, hash_c = ops._hash_words(words_p)[0], ops._hash_words(words_c)[0]  # pylint: disable=protected-access
+  order = jnp.argsort(hash_p)
+  pos = jnp.minimum(jnp.searchsorted(hash_p[order], hash_c), population.shape[0] - 1)
+  row = order[pos]
+  same = jnp.logical_and(hash_p[row] == hash_c, jnp.all(words_p[row] == words_c, axis=1))
+  return same, row
+
+
+def _pairs_needing_delta(lin: _Lineage, copied: jax.Array, split: int):
+  """(half,) which pairs need a delta, and (half,) whether its side is the head."""
+  half = lin.children.shape[0] // 2
+  crossed, cut = lin.crossed[0:2 * half:2], lin.cut[0:2 * half:2]
+  # A copy needs nothing computed; a pair needs its delta for a child that is neither a copy
+  # nor mutated (a mutated child is evaluated in full).
+  served = jnp.logical_or(lin.mutated, copied)[:2 * half].reshape(half, 2)
+  return jnp.logical_and(crossed, jnp.logical_not(jnp.all(served, axis=1))), cut < split
+
+
 def child_logits(plan_: Plan, arr: _Arrays, population: jax.Array, z: jax.Array,
-                 lin: _Lineage, hof_rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+                 lin: _Lineage, hof_rows: jax.Array,
+                 copy: tuple[jax.Array, jax.Array] | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
   """The next generation's (P, O, N) logits, and (n,) which children need a full evaluation.
 
   Args:
@@ -257,19 +298,21 @@ def child_logits(plan_: Plan, arr: _Arrays, population: jax.Array, z: jax.Array,
     z: (P, O, N) its logits.
     lin: the n children and their lineage.
     hof_rows: (K,) the rows of ``z`` that hold the hall of fame, which follows the children.
+    copy: :func:`copies` of the children in ``population``, if already found.
 
   A crossed pair whose children are not both mutated gets one delta product over the half
   that holds its shorter side (``delta_slots`` pairs per half; the rest are flagged); a
-  mutated child is flagged, whatever its pair got. Flagged rows hold a parent's logits.
+  mutated child is flagged, whatever its pair got. Flagged rows hold a parent's logits. A child
+  whose bits equal an individual of ``population`` (:func:`copies`) takes that individual's
+  logits: it is never flagged, and a pair of two such children gets no delta.
   """
   n = lin.children.shape[0]
   half, m = n // 2, plan_.split
   u = population.shape[1]
   pa, pb = lin.first[0:2 * half:2], lin.first[1:2 * half:2]     # the pair's parents a, b
   cut, crossed = lin.cut[0:2 * half:2], lin.crossed[0:2 * half:2]
-  mut = lin.mutated[:2 * half].reshape(half, 2)
-  need = jnp.logical_and(crossed, jnp.logical_not(jnp.all(mut, axis=1)))
-  head = cut < m                                   # the shorter side lies in units 0 .. m-1
+  copied, source = copies(population, lin.children) if copy is None else copy
+  need, head = _pairs_needing_delta(lin, copied, m)   # head: the shorter side is units < m
   # Bases: z0 = z_a + d and z1 = z_b - d (tail), z0 = z_b + e and z1 = z_a - e (head).
   swap = jnp.logical_and(crossed, head)
   base = jnp.stack([jnp.where(swap, pb, pa), jnp.where(swap, pa, pb)], 1).reshape(-1)
@@ -296,9 +339,10 @@ def child_logits(plan_: Plan, arr: _Arrays, population: jax.Array, z: jax.Array,
   delta = jnp.concatenate(parts + [jnp.zeros((1,) + z.shape[1:], z.dtype)])[slot]
   signed = jnp.stack([delta, -delta], 1).reshape((2 * half,) + z.shape[1:])
   out = jnp.concatenate([out[:2 * half] + signed, out[2 * half:]])
+  out = jnp.concatenate([jnp.where(copied[:, None, None], z[source], out[:n]), out[n:]])
   need_full = lin.mutated.at[:2 * half].set(jnp.logical_or(
       lin.mutated[:2 * half], jnp.repeat(overflow, 2)))
-  return out, need_full
+  return out, jnp.logical_and(need_full, jnp.logical_not(copied))
 
 
 def _full_fallback(plan_: Plan, arr: _Arrays, out: jax.Array, children: jax.Array,
@@ -399,8 +443,19 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
   def body(carry, kk):
     state, inc = carry
     lin = breed_with_lineage(config, state, hyper, key=kk)
-    z, need_full = child_logits(plan_, arr, state.population, inc.logits, lin, inc.hof_rows)
-    z = _full_fallback(plan_, arr, z, lin.children, need_full)
+    copy = copies(state.population, lin.children)
+
+    def evaluate(p):
+      z, need_full = child_logits(p, arr, state.population, inc.logits, lin, inc.hof_rows, copy)
+      return _full_fallback(p, arr, z, lin.children, need_full)
+
+    if plan_.sparse_delta_slots:
+      need, head = _pairs_needing_delta(lin, copy[0], plan_.split)
+      few = jnp.maximum(jnp.sum(need & head), jnp.sum(need & ~head)) <= plan_.sparse_delta_slots
+      sparse = plan_._replace(delta_slots=plan_.sparse_delta_slots, sparse_delta_slots=0)
+      z = lax.cond(few, lambda: evaluate(sparse), lambda: evaluate(plan_))
+    else:
+      z = evaluate(plan_)
     # A child with no unit left has logits of exactly 0, the empty sum the full evaluation
     # computes; a delta leaves rounding remainders there, which decide every argmax when the
     # output bias has ties (a fresh network's zero bias). Tiny groups breed such children often.
