@@ -146,9 +146,9 @@ MIN_UNITS = 256
 
 #: On CPU, ``incremental='auto'`` also needs a run whose full evaluation would cost at least
 #: this many floating-point operations (``2 (G + 1) P U N O``): the incremental program
-#: compiles about 1 s longer there and saves about a third of the evaluation's time (measured
-#: at 150-180 GFLOP/s: break-even near 5e11; twice that, so that 'auto' switches only where
-#: the gain is clear).
+#: compiles about 2 s longer there and saves about half of the evaluation's time (measured
+#: at 150-180 GFLOP/s: break-even near 6e11; about twice that, so that 'auto' switches only
+#: where the gain is clear).
 CPU_MIN_WORK = 1e12
 
 
@@ -159,9 +159,9 @@ def applies(fitness_fn, mesh, num_units: int, work: float | None = None) -> bool
   :data:`MIN_UNITS` units on, and on CPU only for runs whose full evaluation would cost at
   least :data:`CPU_MIN_WORK` operations (``work``: ``2 * (generations + 1) * population * units *
   patterns * outputs``; None: unknown, full evaluation). There the incremental run is faster
-  per generation (1.6x at H=1000, population 100, see docs/benchmarks.md) but compiles about
-  1 s longer, which a shorter run does not win back; pass True to opt in (for example with
-  the persistent compilation cache warm).
+  (2.2x over 50 generations at H=1000, population 100, see docs/benchmarks.md) but compiles
+  about 2 s longer, which a shorter run does not win back; pass True to opt in (for example
+  with the persistent compilation cache warm).
   """
   if mesh is not None and mesh.size > 1:
     return False
