@@ -272,3 +272,23 @@ def test_children_without_units_score_the_empty_network_exactly(units=3):
   want = jax.jit(jax.vmap(lambda p, h: fit(p, data, h), in_axes=(0, None)))(pops, hyper)
   assert int(jnp.sum(~jnp.any(pops, -1))) > 20          # the case occurs
   np.testing.assert_array_equal(np.asarray(fits), np.asarray(want))
+
+
+def test_two_sizes_plan_takes_both_budgets(monkeypatch):
+  """The 'two_sizes' plan of the every-generation test really runs both programs: some
+  generations need at most one delta per half (the small budget), others more."""
+  seen = []
+  orig = I._pairs_needing_delta  # pylint: disable=protected-access
+
+  def counted(lin, copied, split):
+    need, head = orig(lin, copied, split)
+    jax.debug.callback(lambda a, b: seen.append(max(int(a), int(b))),
+                       jnp.sum(need & head), jnp.sum(need & ~head))
+    return need, head
+
+  monkeypatch.setattr(I, "_pairs_needing_delta", counted)
+  _, _, _, _, fit, data = _problem()
+  cfg = ga.GAConfig(population_size=30, hof_size=3, generations=20)
+  jax.block_until_ready(jax.jit(lambda d, k: I.run_scan(
+      PLANS["two_sizes"], cfg, fit, U, ga.GAHyperparams(), d, k))(data, jax.random.key(10)))
+  assert min(seen) <= PLANS["two_sizes"].sparse_delta_slots < max(seen)
