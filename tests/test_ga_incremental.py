@@ -133,8 +133,8 @@ def test_plan_sizes():
   # probability 0.8 * (1 - 0.2**2) / 2: 18.0 + 1 sd; 95 children, each mutated with
   # probability 0.2: 19 + 1 sd.
   assert (p.delta_slots, p.full_slots) == (23, 24)
-  # A converged generation (most children copy an individual) takes a quarter of the deltas.
-  assert p.sparse_delta_slots == 6 and I.plan(60, 30, 3, 96, 4).sparse_delta_slots == 2
+  # A converged generation (most children copy an individual) takes an eighth of the deltas.
+  assert p.sparse_delta_slots == 3 and I.plan(60, 30, 3, 96, 4).sparse_delta_slots == 1
   assert I.plan(8, 10, 2, 96, 4).sparse_delta_slots == 0      # too few slots to split
   # Logits over the memory limit: no plan (full evaluation).
   assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 7) is not None

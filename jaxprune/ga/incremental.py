@@ -137,7 +137,7 @@ def plan(num_units: int, population_size: int, hof_size: int, num_patterns: int,
   full = int(math.ceil(mean + math.sqrt(mean * 0.8) + 1))
   delta = min(half, delta)
   return Plan(split=num_units // 2, delta_slots=delta, full_slots=min(n, full),
-              sparse_delta_slots=-(-delta // 4) if delta >= 8 else 0)
+              sparse_delta_slots=-(-delta // 8) if delta >= 8 else 0)
 
 
 #: ``incremental='auto'`` uses the incremental evaluation from this many units on.
