@@ -57,6 +57,14 @@ def fail(message: str) -> None:
   raise app.UsageError(message)
 
 
+def refuse_image_data(data: str, needs: str, hint: str = "") -> None:
+  """Fails when ``data`` names images but the study ``needs`` feature vectors (before an image
+  tree is loaded only to be refused)."""
+  if data in IMAGE_DATA:
+    fail(f"--data={data} holds images, but this study {needs}; use --data=features, "
+         f"digits_features or sfew_features{hint}.")
+
+
 def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
   """Wraps a binary's ``main`` so that a usage error (:func:`fail`) prints one line and a hint to
   run ``--help`` (exit status 2) instead of absl's page of flag help before the message."""

@@ -103,10 +103,8 @@ def cv_folds(ds: data_lib.Dataset, n_splits: int, seed: int) -> Folds:
 def load_features(data: str, data_path: str | None) -> data_lib.Dataset:
   """Loads --data through ``_store.load_data``; fails clearly unless it has the 10 features
   (before loading anything when --data names images)."""
-  if data in _flags.IMAGE_DATA:
-    _flags.fail(f"--data={data} holds images, but this study trains the MLP on the 10 "
-                "features; use --data=features, digits_features or sfew_features (python -m "
-                "experiments.featurize computes the features of an SFEW image tree).")
+  _flags.refuse_image_data(data, "trains the MLP on the 10 features", " (python -m "
+                           "experiments.featurize computes the features of an SFEW image tree)")
   ds = _store.load_data(data, data_path)
   if ds.x.ndim != 2 or ds.x.shape[1] != 10:
     _flags.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs the 10 "

@@ -82,9 +82,7 @@ def _mse(model, x):
 def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
         data_path: str | None = None) -> dict:
   cfg.validate()
-  if data in _flags.IMAGE_DATA:   # before loading a whole image tree
-    _flags.fail(f"--data={data} holds images, but this study needs feature vectors (use "
-                "--data=features, digits_features or sfew_features).")
+  _flags.refuse_image_data(data, "needs feature vectors")
   ds = _store.load_data(data, data_path)
   if ds.x.ndim != 2:
     _flags.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs "

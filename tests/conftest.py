@@ -63,16 +63,17 @@ def rng():
   return np.random.default_rng(0)
 
 
-def nnx_as_function(module):
+def nnx_as_function(module, *filters):
   """An nnx module as a plain JAX function over a dict of arrays, the route docs/any-model.md
-  shows: ``(apply(params, x), params)`` with ``params = nnx.to_pure_dict(state)``."""
+  shows: ``(apply(params, x), params)`` with ``params = nnx.to_pure_dict(state)``. With
+  ``filters`` (e.g. ``nnx.Param``) only those variables are params; the rest is closed over."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  graphdef, state = nnx.split(module)
+  graphdef, state, *rest = nnx.split(module, *filters, ...) if filters else nnx.split(module)
 
   def apply(p, x):
     s = jax.tree.map(lambda a: a, state)      # a copy to fill in
     nnx.replace_by_pure_dict(s, p)
-    return nnx.merge(graphdef, s)(x)
+    return nnx.merge(graphdef, s, *rest)(x)
 
   return apply, nnx.to_pure_dict(state)
 

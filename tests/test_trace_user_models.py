@@ -912,15 +912,9 @@ def test_nnx_batch_statistics_closed_over_are_named_as_the_reason():
       return self.l2(nnx.relu(self.bn(self.l1(x))))
 
   net, x = Net(nnx.Rngs(0)), _arr(8, 6)
-  for split, groups in (((nnx.Param,), set()), ((nnx.Param, nnx.BatchStat), {"l1"})):
-    graphdef, state, rest = nnx.split(net, split if len(split) > 1 else split[0], ...)
-
-    def fn(p, a, graphdef=graphdef, state=state, rest=rest):
-      s = jax.tree.map(lambda v: v, state)
-      nnx.replace_by_pure_dict(s, p)
-      return nnx.merge(graphdef, s, rest)(a)
-
-    t = jaxprune.trace(fn, nnx.to_pure_dict(state), x)
+  for split, groups in ((nnx.Param, set()), ((nnx.Param, nnx.BatchStat), {"l1"})):
+    fn, p = nnx_as_function(net, split)
+    t = jaxprune.trace(fn, p, x)
     assert set(t.groups) == groups
     if not groups:
       assert "nnx.BatchStat" in t.explain() and "closes over" in t.explain()

@@ -413,14 +413,15 @@ class ImageItem:
   label: int
 
 
+_SKIP_FIX = ("Remove or fix it, or skip such files with on_error='skip' (--on_error=skip on"
+             " the command line of experiments.featurize and the CNN studies); they are then"
+             " listed.")
+
+
 def _problem(message: str, relpath: str, on_error: OnError,
-             skipped: list[dict[str, str]]) -> None:
+             skipped: list[dict[str, str]], fix: str = _SKIP_FIX) -> None:
   if on_error == "raise":
-    raise ValueError(
-        f"{message}. Remove or fix it, or skip such files with on_error='skip' "
-        "(--on_error=skip on the command line of experiments.featurize and the"
-        " CNN studies); they are then listed."
-    )
+    raise ValueError(f"{message}. {fix}")
   skipped.append({"path": relpath, "reason": message})
 
 
@@ -437,7 +438,7 @@ def _nested_hint(folder: Path) -> str:
 
 
 def scan_sfew_tree(
-    root: str | os.PathLike, *, on_error: OnError = "raise"
+    root: str | os.PathLike, *, on_error: OnError = "raise", fix: str | None = None
 ) -> tuple[list[ImageItem], list[dict[str, str]]]:
   """Lists the images of an SFEW class-folder tree, checking its layout.
 
@@ -449,6 +450,8 @@ def scan_sfew_tree(
   Args:
     root: the folder holding the class folders.
     on_error: ``'raise'`` or ``'skip'`` for files that are not images.
+    fix: what the error for such a file advises (None: skipping them with
+      ``on_error='skip'``; a caller without that option says its own).
 
   Returns:
     ``(items, skipped)``: the image files sorted by class then name, and the
@@ -481,7 +484,7 @@ def scan_sfew_tree(
       hint = _nested_hint(entry)
       if hint and on_error == "raise":  # a Train/ or Val/ part: skipping is not the fix
         raise ValueError(message + hint)
-      _problem(message, entry.name, on_error, skipped)
+      _problem(message, entry.name, on_error, skipped, fix or _SKIP_FIX)
       continue
     label = SFEW_CLASS_NAMES.index(key)
     if label in folders:
@@ -512,7 +515,7 @@ def scan_sfew_tree(
         skipped.append({"path": rel, "reason": "sub-folder inside a class folder"})
       elif entry.suffix.lower() not in _IMAGE_SUFFIXES:
         _problem(f"{entry}: not an image file (expected one of"
-                 f" {', '.join(_IMAGE_SUFFIXES)})", rel, on_error, skipped)
+                 f" {', '.join(_IMAGE_SUFFIXES)})", rel, on_error, skipped, fix or _SKIP_FIX)
       else:
         items.append(ImageItem(entry, rel, label))
         count += 1

@@ -159,13 +159,7 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
       }
 
   def _images(self, root: epath.Path):
-    try:
-      items, skipped = scan_sfew_tree(os.fspath(root), on_error="raise")
-    except ValueError as e:  # its advice to skip names an option this builder has not
-      message, advice, _ = str(e).partition(". Remove or fix it, or skip")
-      if not advice:
-        raise
-      raise ValueError(f"{message}. {_FIX}") from e
+    items, skipped = scan_sfew_tree(os.fspath(root), on_error="raise", fix=_FIX)
     self.info.metadata["skipped"] = skipped
     for i, item in enumerate(items):
       try:

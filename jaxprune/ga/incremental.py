@@ -264,15 +264,15 @@ def copies(population: jax.Array, children: jax.Array) -> tuple[jax.Array, jax.A
   Found by a 32-bit hash of the packed bits (one sort of the population, a binary search per
   child) and checked bit for bit, so a match is exact; a hash collision can only hide a copy
   (the child is then evaluated as any other). A converged population breeds many copies: at
-  H=1000 with the published settings, 40-70% of the children from the tenth generation on.
+  H=1000 with the published settings, 44-76% of the children from the tenth generation on.
   """
   words_p, words_c = ops.pack_bits(population), ops.pack_bits(children)
-  hash_p, hash_c = ops._hash_words(words_p)[0], ops._hash_words(words_c)[0]  # pylint: disable=protected-access
+  hash_ = ops._hash_words  # pylint: disable=protected-access
+  hash_p, hash_c = hash_(words_p)[0], hash_(words_c)[0]
   order = jnp.argsort(hash_p)
   pos = jnp.minimum(jnp.searchsorted(hash_p[order], hash_c), population.shape[0] - 1)
   row = order[pos]
-  same = jnp.logical_and(hash_p[row] == hash_c, jnp.all(words_p[row] == words_c, axis=1))
-  return same, row
+  return jnp.all(words_p[row] == words_c, axis=1), row
 
 
 def _pairs_needing_delta(lin: _Lineage, copied: jax.Array, split: int):
