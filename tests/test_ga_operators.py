@@ -186,3 +186,13 @@ def test_hall_of_fame_never_loses_its_best():
       assert seen[h.tobytes()] == f
   top5 = sorted(seen.values(), reverse=True)[:5]
   np.testing.assert_allclose(np.asarray(hof_fit), top5)
+
+
+def test_uniform_draws_equal_jax_random_uniform_for_odd_and_even_lengths():
+  # ops.uniform draws an odd length as the next even one (5x faster on XLA:CPU) and must give
+  # exactly jax.random.uniform's values, so the GA's random stream does not depend on it.
+  key = jax.random.key(7)
+  for n in (1, 2, 7, 1001, 95475):
+    got = jax.jit(ops.uniform, static_argnums=1)(key, n)
+    assert got.shape == (n,)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.random.uniform(key, (n,))))

@@ -42,6 +42,18 @@ from jax import lax
 # compiles about three times faster on CPU.
 
 
+def uniform(key: jax.Array, n: int) -> jax.Array:
+  """``jax.random.uniform(key, (n,))``, the same values, drawn faster for odd ``n``.
+
+  With the partitionable threefry (JAX's default) a 1-D draw of odd length runs about 5x
+  slower on XLA:CPU than one of the next even length (2.0 ms against 0.42 ms for 95,475
+  values), whose first ``n`` values are the same; so an odd ``n`` is drawn as ``n + 1``.
+  """
+  if n % 2 and jax.config.jax_threefry_partitionable:
+    return jax.random.uniform(key, (n + 1,))[:n]
+  return jax.random.uniform(key, (n,))
+
+
 def _index(u: jax.Array, n: int) -> jax.Array:
   """Uniform draws in [0, 1) -> integers uniform in 0 .. n-1."""
   return jnp.minimum(jnp.floor(u * n).astype(jnp.int32), n - 1)

@@ -196,7 +196,7 @@ def select_parents(config: GAConfig, state: GAState, *, key: jax.Array):
   n, u = p - k, state.population.shape[1]
   half = n // 2
   sizes = (n * t, half * 2, n * (1 + u))
-  draws = jax.random.uniform(key, (sum(sizes),))
+  draws = ops.uniform(key, sum(sizes))
   u_sel, u_cx, u_mut = jnp.split(draws, np.cumsum(sizes)[:-1])
   idx = jax.vmap(ops.tournament, in_axes=(0, None))(u_sel.reshape(n, t), state.fitness)
   return idx, u_cx.reshape(half, 2), u_mut
