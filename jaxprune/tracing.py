@@ -1232,8 +1232,9 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       if A.size[a] > 1:
         members.setdefault(A.find(a), []).append(use)
   for root, parts in w.concat_of.items():       # a concatenation's readers read each part
-    for part, _, _ in parts:
-      members.setdefault(part, []).extend(members.get(root, []))
+    for part, _, n in parts:
+      if n > 1:
+        members.setdefault(part, []).extend(members.get(root, []))
   reasons: dict[int, list[str]] = {}
   sites, taken = [], set()
   for root, us in members.items():
@@ -1310,8 +1311,9 @@ def _resolve_concats(w: _Walker) -> None:
     entries, offset = [], 0
     for p, atoms in zip(parts, part_atoms):
       size = math.prod(A.size[a] for a in A.expand(p))
-      if atoms:
-        entries.append((A.find(atoms[0]), offset, size))
+      # A piece one unit wide (an input channel, a ones column, a scalar head) is no group,
+      # but it is kept as an entry: the offsets and the total width count it.
+      entries.append((A.find((atoms or A.expand(p))[0]), offset, size))
       offset += size
     roots = [r for r, _, _ in entries]
     for r in {r for r in roots if roots.count(r) > 1}:   # e.g. CReLU: concat([relu(h), relu(-h)])
@@ -1371,10 +1373,10 @@ def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str,
         r, u = A.find(a), uses.get((leaf, axis))
         if r in by_root:
           descs.append(f"group {by_root[r]!r} ({u.role}, {u.kind})")
-        elif r in w.concat_of and all(p in by_root for p, _, _ in w.concat_of[r]):
+        elif r in w.concat_of and all(p in by_root or n == 1 for p, _, n in w.concat_of[r]):
           descs.append("the concatenation of " + ", ".join(
-              f"group {by_root[p]!r} [{o}:{o + n}]" for p, o, n in w.concat_of[r]) +
-                       f" ({u.role}, {u.kind})")
+              f"group {by_root[p]!r} [{o}:{o + n}]" if p in by_root else f"a fixed unit [{o}]"
+              for p, o, n in w.concat_of[r]) + f" ({u.role}, {u.kind})")
         elif u is not None and u.role == "window":
           descs.append("a convolution window axis")
         else:

@@ -918,3 +918,50 @@ def test_nnx_batch_statistics_closed_over_are_named_as_the_reason():
     assert set(t.groups) == groups
     if not groups:
       assert "nnx.BatchStat" in t.explain() and "closes over" in t.explain()
+
+
+def _joined(p, x, piece):
+  h = jax.nn.relu(x @ p["w1"] + p["b1"])
+  one = {"input-column": x[:, :1], "ones-column": jnp.ones((x.shape[0], 1)),
+         "scalar-head": h @ p["v"]}[piece]
+  joined = jnp.concatenate([one, h] if piece == "input-column" else [h, one], -1)
+  return joined @ p["w2"] + p["b2"]
+
+
+@pytest.mark.parametrize("piece", ["input-column", "ones-column", "scalar-head"])
+def test_a_one_unit_piece_joined_to_a_layer(piece):
+  """A piece one unit wide in a concatenation with a group was dropped from the layout: the
+  group was found, then activations and compact raised ('reads 9 concatenated units but its
+  parts have 8') even on the unpruned params."""
+  p = {"w1": _arr(10, 8), "b1": _arr(8), "w2": _arr(9, 3), "b2": _arr(3), "v": _arr(8, 1)}
+  fn = lambda p, x: _joined(p, x, piece)
+  x = _arr(16, 10)
+  t = jaxprune.trace(fn, p, x)
+  assert set(t.groups) == {"w1"}
+  np.testing.assert_allclose(t.activations(p, x, "w1"), jax.nn.relu(x @ p["w1"] + p["b1"]),
+                             atol=1e-6)
+  small = _compact_equals_masked(t, p, x, fn, {"w1": [0, 4, 7]})
+  assert small["w1"].shape == (10, 5) and small["w2"].shape == (6, 3)
+
+
+def test_grayscale_input_skip_into_a_conv_and_a_shift_along_time():
+  class UNet(nn.Module):     # a U-Net style skip: the 1-channel image joins the features
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(6, (3, 3))(x))
+      h = nn.relu(nn.Conv(5, (3, 3))(jnp.concatenate([h, x], -1)))
+      return nn.Dense(3)(h.reshape(h.shape[0], -1))
+  x = _arr(2, 8, 8, 1)
+  v = UNet().init(jax.random.key(0), x)
+  t = jaxprune.trace(UNet().apply, v, x)
+  assert set(t.groups) == {"Conv_0", "Conv_1"}
+  small = _compact_equals_masked(t, v, x, UNet().apply, {"Conv_0": [1, 5], "Conv_1": [0]})
+  assert small["params"]["Conv_1"]["kernel"].shape == (3, 3, 5, 4)
+
+  def shifted(p, x):          # (B, T, F): each step sees the previous step's units
+    h = jax.nn.relu(x @ p["w1"] + p["b1"])
+    return jnp.concatenate([jnp.zeros_like(h[:, :1]), h[:, :-1]], 1) @ p["w2"]
+  p = {"w1": _arr(4, 6), "b1": _arr(6), "w2": _arr(6, 3)}
+  x = _arr(2, 5, 4)
+  t = jaxprune.trace(shifted, p, x)
+  _compact_equals_masked(t, p, x, shifted, {"w1": [2]})
