@@ -137,8 +137,8 @@ def test_plan_sizes():
   assert p.sparse_delta_slots == 3 and I.plan(60, 30, 3, 96, 4).sparse_delta_slots == 1
   assert I.plan(8, 10, 2, 96, 4).sparse_delta_slots == 0      # too few slots to split
   # Logits over the memory limit: no plan (full evaluation).
-  assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 7) is not None
-  assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 7 - 1) is None
+  assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 8) is not None
+  assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 8 - 1) is None
   assert I.plan(1, 100, 5, 10, 2) is None
 
 
@@ -148,7 +148,7 @@ def test_child_logits_rows_match_full_products(name):
   the fallback) equals its full product to float rounding; the hall-of-fame rows are copied."""
   _, _, _, _, fit, data = _problem()
   h, w, b, y = fit.incremental_data(data)
-  arr = I._Arrays(h.T, w, b, y)   # pylint: disable=protected-access
+  arr = I.arrays(h, w, b, y)
   cfg = ga.GAConfig(population_size=30, hof_size=3, generations=1)
   rng = np.random.default_rng(0)
   plan = PLANS[name]
@@ -272,6 +272,40 @@ def test_children_without_units_score_the_empty_network_exactly(units=3):
   want = jax.jit(jax.vmap(lambda p, h: fit(p, data, h), in_axes=(0, None)))(pops, hyper)
   assert int(jnp.sum(~jnp.any(pops, -1))) > 20          # the case occurs
   np.testing.assert_array_equal(np.asarray(fits), np.asarray(want))
+
+
+def test_patterns_where_every_kept_relu_unit_is_off_score_exactly():
+  """A fresh ReLU network (zero output bias) with few units: on many patterns all of a child's
+  kept units are off, so the full product's logits there are exactly 0 and every class ties;
+  a delta left remainders that picked the argmax (1,194 of 2,440 accuracies differed at U=11).
+  The carried count of live units makes those logits exactly 0."""
+  units, n = 11, 64
+  model = jaxprune.MLP(in_features=6, hidden=(units,), out_features=3, activation="relu")
+  params = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (n, 6))
+  y = jax.random.randint(jax.random.key(2), (n,), 0, 3)
+  fit = ga.make_fitness(model, "hidden_0", "accuracy", incremental=True)
+  data = fit.prepare(params, x, y)
+  config = ga.GAConfig(population_size=40, hof_size=5, generations=30)
+  _, _, (pops, fits) = jax.jit(lambda d, k: I.run_scan(
+      I.plan(units, 40, 5, n, 3), config, fit, units, ga.GAHyperparams(), d, k, record=True))(
+          data, jax.random.key(3))
+  want = jax.jit(jax.vmap(lambda p: fit(p, data, ga.GAHyperparams())))(pops)
+  h = np.asarray(data["h"])
+  off = ~((np.asarray(pops)[..., None, :] & (h != 0)[None, None]).any(-1))   # (G, P, N)
+  assert off[np.asarray(pops).any(-1)].sum() > 1000   # common, and not only in empty children
+  np.testing.assert_array_equal(np.asarray(fits), np.asarray(want))
+
+
+def test_live_unit_counts_are_exact_signed_sums():
+  h = jnp.asarray(np.random.default_rng(0).normal(size=(20, 9)) * (
+      np.random.default_rng(1).random((20, 9)) < 0.5), jnp.float32)
+  arr = I.arrays(h, jnp.ones((9, 2)), jnp.zeros(2), jnp.zeros(20, jnp.int32))
+  weights = jnp.asarray(np.random.default_rng(2).integers(-1, 2, (5, 9)), jnp.int8)
+  out = I._product(weights, arr.w, arr.ht, arr.live)   # pylint: disable=protected-access
+  assert out.shape == (5, 3, 20)
+  np.testing.assert_array_equal(np.asarray(out[:, 2]),
+                                np.asarray(weights, np.float32) @ (np.asarray(h) != 0).T)
 
 
 def test_two_sizes_plan_takes_both_budgets(monkeypatch):

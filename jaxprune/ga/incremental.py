@@ -41,7 +41,13 @@ a product or a parent's logits plus a delta; the full evaluation sums the same t
 product. The two differ by a few units in the last place of the logits (more along a long
 line of unmutated descent; every mutation starts a fresh product), so they can disagree only
 on a pattern whose two largest logits are that close (a near tie); that pattern's prediction
-then flips, the accuracy moves by ``1 / N`` and the two runs part ways.
+then flips, the accuracy moves by ``1 / N`` and the two runs part ways. Exact ties are kept
+exact where they are common: each individual also carries, per pattern, the count of its kept
+units whose activation is nonzero (an integer, exact under any order), and where that count is
+0 its logits are exactly 0, as in the full product (a ReLU group's child whose kept units are
+all off on a pattern; a child with no unit left). Without it, a delta's rounding remainders
+decided those patterns' argmax against a zero bias: at U=11, 1,194 of 2,440 accuracies of a
+fresh ReLU network differed from the full evaluation.
 ``tests/test_ga_incremental.py`` compares every individual of many random generations with
 the full evaluation (no disagreement in its cases), and ``benchmarks/ga.py`` reports the count
 at H=1000.
@@ -86,8 +92,8 @@ from jaxprune.ga import strategy
 
 PyTree = Any
 
-#: Largest size in bytes of the population's logits (float32, (P, O, N)); with more, the full
-#: evaluation.
+#: Largest size in bytes of the population's logits and live-unit counts (float32,
+#: (P, O + 1, N)); with more, the full evaluation.
 MEMORY_LIMIT = 1 << 30
 
 
@@ -127,7 +133,7 @@ def plan(num_units: int, population_size: int, hof_size: int, num_patterns: int,
   n = population_size - hof_size
   if num_units < 2 or n < 2:
     return None
-  if 4 * population_size * num_patterns * num_outputs > memory_limit:
+  if 4 * population_size * num_patterns * (num_outputs + 1) > memory_limit:
     return None
   half = n // 2
   p = 0.8 * (1 - 0.2 ** 2) / 2
@@ -180,34 +186,64 @@ def applies(fitness_fn, mesh, num_units: int, work: float | None = None) -> bool
 
 
 class _Arrays(NamedTuple):
-  """The fast path's arrays, laid out for the products."""
+  """The fast path's arrays, laid out for the products (see :func:`arrays`)."""
 
   ht: jax.Array    # (U, N) activations, one row per unit
   w: jax.Array     # (U, O) output kernel
   b: jax.Array     # (O,) output bias
   y: jax.Array     # (N,) labels
+  live: jax.Array  # (U, N) 1.0 where the activation is nonzero, else 0.0
+  any_off: jax.Array  # () bool: some activation is exactly 0
 
 
-def _product(weights: jax.Array, w: jax.Array, ht: jax.Array) -> jax.Array:
-  """(Q, O, N) logits ``sum_u weights[q, u] W[u, :] H[:, u]`` for (Q, V) weights: one 2-D product.
+def arrays(h: jax.Array, w: jax.Array, b: jax.Array, y: jax.Array) -> _Arrays:
+  """The fast path's arrays from (N, U) activations ``h``, the (U, O) output kernel ``w``,
+  the (O,) bias ``b`` and the (N,) labels ``y``."""
+  ht = h.reshape(h.shape[0], -1).T
+  return _Arrays(ht, w, b, y, (ht != 0).astype(ht.dtype), jnp.any(ht == 0))
 
-  ``W_all.T @ H.T`` with ``W_all[:, q*O:(q+1)*O] = weights[q][:, None] * W``, the fast path's
-  one-product formulation (XLA:CPU runs batched products of small matrices far below its GEMM
-  rate), transposed so that the result needs no transpose.
+
+def _product(weights: jax.Array, w: jax.Array, ht: jax.Array, live: jax.Array,
+             any_off: jax.Array | bool = True) -> jax.Array:
+  """(Q, O + 1, N): the logits ``sum_u weights[q, u] W[u, :] H[:, u]`` for (Q, V) weights, and
+  in row O the signed count of live units ``sum_u weights[q, u] [H[:, u] != 0]``.
+
+  The logits are one 2-D product, ``W_all.T @ H.T`` with ``W_all[:, q*O:(q+1)*O] =
+  weights[q][:, None] * W`` (XLA:CPU runs batched products of small matrices far below its
+  GEMM rate), transposed so that the result needs no transpose. The counts are integers, exact
+  in float32 (below 2**24 units) under any summation order, so they add up exactly along a
+  line of deltas: a pattern where a child has no live unit gets exactly the full evaluation's
+  logits there, zero (see :func:`accuracy_from_logits`). Where no activation is 0
+  (``any_off`` False: sigmoid units, most trained networks) the count is the signed number of
+  units, no product (a ``lax.cond``).
   """
   q, o = weights.shape[0], w.shape[-1]
   wm = weights.astype(w.dtype)[:, :, None] * w[None, :, :]                 # (Q, V, O)
   lhs = jnp.transpose(wm, (0, 2, 1)).reshape(q * o, -1)                   # (Q*O, V)
-  return (lhs @ ht).reshape(q, o, -1)
+  wf = weights.astype(live.dtype)
+  count = lax.cond(any_off, lambda: wf @ live,                            # (Q, N)
+                   lambda: jnp.broadcast_to(jnp.sum(wf, axis=1)[:, None], (q, live.shape[1])))
+  return jnp.concatenate([(lhs @ ht).reshape(q, o, -1), count[:, None, :]], axis=1)
 
 
 def full_logits(arr: _Arrays, population: jax.Array) -> jax.Array:
-  """(Q, O, N) logits (without the bias) of each individual, from its bits."""
-  return _product(population, arr.w, arr.ht)
+  """(Q, O + 1, N) logits (without the bias) of each individual, from its bits, and the count
+  of its live units per pattern (:func:`_product`)."""
+  return _product(population, arr.w, arr.ht, arr.live, arr.any_off)
 
 
-def accuracy_from_logits(b: jax.Array, y: jax.Array, z: jax.Array) -> jax.Array:
-  """(Q,) accuracy in percent from (Q, O, N) logits ``z`` (without the bias ``b``)."""
+def accuracy_from_logits(b: jax.Array, y: jax.Array, z: jax.Array,
+                         live: jax.Array | None = None) -> jax.Array:
+  """(Q,) accuracy in percent from (Q, O, N) logits ``z`` (without the bias ``b``).
+
+  ``live`` (Q, N): the count of each individual's live units per pattern; where it is 0 the
+  logits are taken as exactly 0, as the full product computes them (a sum of exact zeros),
+  whatever rounding remainders the deltas left. Those remainders decide an argmax when the
+  bias has ties (a fresh network's zero bias, a readout without bias): with ReLU units, a
+  pattern on which every kept unit is off is common in small groups.
+  """
+  if live is not None:
+    z = jnp.where((live == 0)[:, None, :], jnp.zeros((), z.dtype), z)
   logits = z + b[None, :, None]                                            # (Q, O, N)
   # argmax over the (middle) output axis as an unrolled compare, which XLA:CPU fuses (its
   # argmax reduction over a middle axis is ~100x slower here). Same semantics as jnp.argmax:
@@ -329,7 +365,7 @@ def child_logits(plan_: Plan, arr: _Arrays, population: jax.Array, z: jax.Array,
     # Head: e from (a - b) on units < c; tail: d from (b - a) on units >= c.
     weights = (jnp.where(units[None, :] < c, diff, 0) if lo == 0 else
                jnp.where(units[None, :] >= c, -diff, 0))
-    parts.append(_product(weights, arr.w[lo:hi], arr.ht[lo:hi]))
+    parts.append(_product(weights, arr.w[lo:hi], arr.ht[lo:hi], arr.live[lo:hi], arr.any_off))
     slot = slot.at[members].set(i * plan_.delta_slots + jnp.arange(plan_.delta_slots),
                                 mode="drop")
     overflow = jnp.logical_or(overflow, jnp.logical_and(side, jnp.cumsum(side) >
@@ -423,13 +459,13 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
   """
   S = importlib.import_module("jaxprune.ga.loop")  # imports this module: loaded lazily
   h, w, b, y = fitness_fn.incremental_data(data)
-  arr = _Arrays(h.reshape(h.shape[0], -1).T, w, b, y)
+  arr = arrays(h, w, b, y)
   keys = strategy.generation_keys(key, config)
   n = config.population_size - config.hof_size
 
   def score(population, z):
-    return fitness_fn.from_accuracy(accuracy_from_logits(arr.b, arr.y, z), population, data,
-                                    hyper)
+    acc = accuracy_from_logits(arr.b, arr.y, z[:, :-1], z[:, -1])
+    return fitness_fn.from_accuracy(acc, population, data, hyper)
 
   def finish(state, population, fitness, z):
     state, inc = _tell(config, state, population, fitness, z)
@@ -461,11 +497,6 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
       z = lax.cond(few, lambda: evaluate(sparse), lambda: evaluate(plan_))
     else:
       z = evaluate(plan_)
-    # A child with no unit left has logits of exactly 0, the empty sum the full evaluation
-    # computes; a delta leaves rounding remainders there, which decide every argmax when the
-    # output bias has ties (a fresh network's zero bias). Tiny groups breed such children often.
-    kept = jnp.any(lin.children, axis=1)[:, None, None]
-    z = jnp.concatenate([jnp.where(kept, z[:n], 0), z[n:]])
     fit_children = score(lin.children, z[:n])
     population = jnp.concatenate([lin.children, state.hof], axis=0)
     fitness = jnp.concatenate([fit_children.astype(jnp.float32), state.hof_fitness])
