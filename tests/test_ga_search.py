@@ -386,6 +386,17 @@ def test_bad_params_and_inputs(trained):
   pop = ga.ask(CFG, state, key=jax.random.key(0))
   with pytest.raises(ValueError, match="fitness has shape"):
     ga.tell(CFG, state, pop, jnp.zeros((3,)))
+  # A traced target runs params of another width; the GA's chromosome would not fit them (it
+  # raised a broadcasting TypeError from inside the program, or a bare KeyError).
+  f = lambda p, x: jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+  mk = lambda u: {"w1": jnp.ones((10, u)), "b1": jnp.zeros(u), "w2": jnp.ones((u, 7)),
+                  "b2": jnp.zeros(7)}
+  target = jaxprune.trace(f, mk(20), x)
+  with pytest.raises(ValueError, match=r"do not fit TracedTarget's group 'w1'.*has 25 entries "
+                     r"but the group has 20 units. Pass the params"):
+    ga.search(target, mk(25), x, y, "w1", **kw)
+  with pytest.raises(ValueError, match=r"do not fit .*'b2' does not exist|do not fit .*no key"):
+    ga.search(target, {k: v for k, v in mk(20).items() if k != "b2"}, x, y, "w1", **kw)
 
 
 def test_first_call_is_one_compiled_program():
@@ -513,3 +524,19 @@ def test_inputs_as_nested_lists_and_an_unhashable_fitness_object():
 
   s = Scorer()
   assert ga.make_fitness(model, "hidden_0", s.score) == ga.make_fitness(model, "hidden_0", s.score)
+
+
+def test_unusable_data_under_jit_flag_the_result(trained):
+  """Under jit the input checks cannot raise (the values are traced): NaN inputs or labels
+  outside the classes used to give a plausible-looking fitness; now the result says so."""
+  model, params, x, y = trained
+  run = jax.jit(lambda xx, yy, pp: ga.search(model, pp, xx, yy, "hidden_0",
+                                             key=jax.random.key(7), config=CFG, progress=False))
+  good = run(x, y, params)
+  assert not bool(good.invalid) and np.isfinite(float(good.fitness))
+  np.testing.assert_array_equal(np.asarray(good.mask), np.asarray(
+      ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+                progress=False).mask))
+  for bad in (run(x.at[3, 2].set(jnp.nan), y, params), run(x, y.at[0].set(7), params),
+              run(x, y, jax.tree.map(lambda a: a.at[0].set(jnp.inf), params))):
+    assert bool(bad.invalid) and np.isnan(float(bad.fitness)) and np.isnan(float(bad.accuracy))

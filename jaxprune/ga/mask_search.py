@@ -63,6 +63,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
+from jaxprune import units as units_lib
 from jaxprune import validate
 from jaxprune.ga.strategy import GAConfig, GAHyperparams, GAResult, check_params
 from jaxprune.ga.loop import _DISPLAYS, GAProgress, _run, resolve_mesh
@@ -135,6 +136,14 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
   if isinstance(y, (list, tuple)):  # labels as a Python list, as fit and evaluate take them
     y = np.asarray(y)
   fit = make_fitness(model, group, fitness, fast_path, incremental)
+  if not isinstance(fit, UserFitness):   # (a fitness function may take any pytree as params)
+    try:   # a traced target runs params of other sizes; the chromosome has the group's size
+      units_lib.check_group(params, _groups_of(model)[group])
+    except ValueError as e:
+      why = str(e).split(" Fix ")[0]   # the advice is for hand-declared groups
+      raise ValueError(f"These params do not fit {type(model).__name__}'s group {group!r}: "
+                       f"{why} Pass the params the model was built or traced with, or trace it "
+                       "again with these params.") from None
   if sample_weight is not None:
     if isinstance(fit, UserFitness):
       raise ValueError("sample_weight weights the built-in fitness ('eq5', 'eq6', 'accuracy'); "
@@ -196,8 +205,27 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
   else:
     accuracy = jnp.asarray(jnp.nan, jnp.float32)
   best = state.hof[0]
-  return GAResult(mask=best, fitness=state.hof_fitness[0], accuracy=accuracy,
-                  kept=jnp.sum(best, dtype=jnp.int32), history=history, state=state)
+  invalid = (jnp.zeros((), bool) if isinstance(fit, UserFitness)
+             else _unusable(fit.model, params, x, y, sample_weight))
+  nan = jnp.asarray(jnp.nan, jnp.float32)
+  return GAResult(mask=best, fitness=jnp.where(invalid, nan, state.hof_fitness[0]),
+                  accuracy=jnp.where(invalid, nan, accuracy),
+                  kept=jnp.sum(best, dtype=jnp.int32), history=history, state=state,
+                  invalid=invalid)
+
+
+def _unusable(model, params: PyTree, x, y, sample_weight=None) -> jax.Array:
+  """() bool, inside the program: what :func:`validate.check_model_data` refuses outside jit
+  (NaN or infinite inputs or params, labels outside the classes of weight > 0 rows)."""
+  floats = [a for a in jax.tree.leaves((params, x)) if jnp.issubdtype(a.dtype, jnp.floating)]
+  bad = jnp.zeros((), bool)
+  for a in floats:
+    bad = bad | ~jnp.all(jnp.isfinite(a))
+  labels = _labels(y, sample_weight)
+  out = (labels < 0) | (labels >= validate.num_outputs(model, params, x))
+  if sample_weight is not None:
+    out = out & (jnp.asarray(sample_weight) > 0)
+  return bad | jnp.any(out)
 
 
 _search_jit = jax.jit(_search_program, static_argnums=(0, 1, 2, 3, 4, 5))

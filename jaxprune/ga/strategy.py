@@ -129,6 +129,10 @@ class GAResult(NamedTuple):
     kept: number of units it keeps.
     history: a :class:`GAHistory`.
     state: the final :class:`GAState` (population and hall of fame).
+    invalid: True when the built-in fitness was given unusable data: NaN or infinite inputs or
+      params, or labels outside the model's classes. Outside ``jit`` such data raise before
+      anything runs; under ``jit`` (traced inputs) they cannot, so the run goes on, this flag
+      is set and ``fitness`` and ``accuracy`` are NaN. Always False for a fitness function.
   """
 
   mask: jax.Array
@@ -137,6 +141,7 @@ class GAResult(NamedTuple):
   kept: jax.Array
   history: GAHistory
   state: GAState
+  invalid: jax.Array = False
 
 
 def check_params(hyper: GAHyperparams) -> None:
@@ -148,7 +153,8 @@ def check_params(hyper: GAHyperparams) -> None:
       raise ValueError(
           f"GAHyperparams.{name} must be one number, got shape {np.shape(v)}. To run several "
           "settings at once, vmap over hyper: jax.vmap(lambda h: ga.search(..., hyper=h))"
-          "(GAHyperparams(...)) with arrays of settings (see docs/ga.md).")
+          "(GAHyperparams(...)) with every field an array of the same length, or only some "
+          "fields mapped with in_axes=GAHyperparams(None, None, None, 0) (see docs/ga.md).")
   for name in ("crossover_prob", "mutation_prob", "bit_flip_prob"):
     v = getattr(hyper, name)
     if isinstance(v, jax.core.Tracer):
