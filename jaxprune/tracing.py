@@ -230,6 +230,7 @@ class _Walker:
     self.stream: set = set()                   # vars that depend on the non-param arguments
     self.contractions: list[_Contraction] = []
     self.uses: dict[tuple[int, int], _Use] = {}
+    self.tied: set[tuple[int, int]] = set()     # (leaf, axis) both producer and consumer
     self.first_use: dict[int, tuple] = {}      # leaf -> (kind, path) of its first arithmetic use
     self.users: dict[Any, list] = {}           # var -> [(path, eqn)] in its own jaxpr
     self.producer_of: dict[Any, tuple] = {}    # var -> (path, eqn) that computes it
@@ -785,12 +786,12 @@ class _Walker:
     self.contractions.append(_Contraction(
         path, leaf, eqn.invars[kernel_pos], stream_var, eqn.outvars[0], conv, padded,
         tuple(amap[d] for d in producer_axes if amap[d] is not None)))
-    for d in consumer_axes:
-      if amap[d] is not None:
-        self.uses.setdefault((leaf, amap[d]), _Use(leaf, amap[d], "consumer", "kernel", path))
-    for d in producer_axes:
-      if amap[d] is not None:
-        self.uses.setdefault((leaf, amap[d]), _Use(leaf, amap[d], "producer", "kernel", path))
+    for axes, role in ((consumer_axes, "consumer"), (producer_axes, "producer")):
+      for d in axes:
+        if amap[d] is not None:
+          use = self.uses.setdefault((leaf, amap[d]), _Use(leaf, amap[d], role, "kernel", path))
+          if use.role != role:      # tied weights: one kernel axis produces and reads units
+            self.tied.add((leaf, amap[d]))
 
   def _dot(self, eqn, ins, path):
     A = self.atoms
@@ -1243,7 +1244,10 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       why.append("a concatenation of other groups (each part is pruned as its own group)")
     producers = [u for u in us if u.role == "producer"]
     consumers = [u for u in us if u.role == "consumer"]
-    if not consumers:
+    if any((u.leaf, u.axis) in w.tied for u in us):
+      why.append("tied weights: one kernel axis both produces and reads these units (a tied "
+                 "autoencoder's W and W.T), which pruning by groups does not support")
+    elif not consumers:
       why.append("no kernel reads these units")
     if not producers:
       why.append("no parameter produces these units")

@@ -965,3 +965,14 @@ def test_grayscale_input_skip_into_a_conv_and_a_shift_along_time():
   x = _arr(2, 5, 4)
   t = jaxprune.trace(shifted, p, x)
   _compact_equals_masked(t, p, x, shifted, {"w1": [2]})
+
+
+def test_tied_autoencoder_says_its_weights_are_tied():
+  """h = sigmoid(x W + b), y = h W.T + c: W's unit axis produces and reads the units. It is not
+  a group, and the reason said 'no kernel reads these units', which is false."""
+  p = {"W": _arr(6, 4), "b": jnp.zeros(4), "c": jnp.zeros(6)}
+  t = jaxprune.trace(lambda p, x: jax.nn.sigmoid(x @ p["W"] + p["b"]) @ p["W"].T + p["c"], p,
+                     _arr(8, 6))
+  assert not t.groups
+  line = next(s for s in t.explain().splitlines() if s.startswith("W "))
+  assert "axis 1 -> not prunable (tied weights" in line and "no kernel reads" not in line

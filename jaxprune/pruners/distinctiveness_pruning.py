@@ -209,7 +209,8 @@ def _check_output_from_bias(g):
   if g.activation == "other":
     why = "its nonlinearity is not one of sigmoid, tanh, relu or none (it is 'other')"
   elif kinds.count("kernel") != 1:
-    why = f"{kinds.count('kernel')} kernels produce its units (a residual addition couples it)"
+    why = (f"{kinds.count('kernel')} kernels produce its units (a residual addition or a "
+           "gate a * sigmoid(b) couples them)")
   elif set(kinds) - {"kernel", "bias"} or kinds.count("bias") > 1 or not g.act_of_bias:
     why = ("a normalisation, a scale or a constant acts on its units between the kernel and "
            "the nonlinearity")
