@@ -297,6 +297,28 @@ def test_patterns_where_every_kept_relu_unit_is_off_score_exactly():
   np.testing.assert_array_equal(np.asarray(fits), np.asarray(want))
 
 
+def test_an_unknown_nonlinearity_with_zeros_looks_at_the_activations():
+  """relu6 written as a clip is identified as 'other': whether activations are 0 is then read
+  from the data (a lax.cond), and a readout without bias keeps every all-off pattern exact."""
+  units, n = 11, 64
+  k = jax.random.split(jax.random.key(3), 4)   # 387 of 1,240 differ if counted as 'kept'
+  params = {"w1": 0.3 * jax.random.normal(k[0], (6, units)), "b1": jnp.zeros(units),
+            "w2": 0.3 * jax.random.normal(k[1], (units, 3))}
+  fn = lambda p, x: jnp.clip(x @ p["w1"] + p["b1"], 0.0, 6.0) @ p["w2"]
+  x = jax.random.normal(k[2], (n, 6))
+  y = jax.random.randint(k[3], (n,), 0, 3)
+  target = jaxprune.trace(fn, params, x)
+  fit = ga.make_fitness(target, "w1", "accuracy", incremental=True)
+  assert fit.unit_activation() == "other"
+  data = fit.prepare(params, x, y)
+  config = ga.GAConfig(population_size=40, hof_size=5, generations=30)
+  _, _, (pops, fits) = jax.jit(lambda d, kk: I.run_scan(
+      I.plan(units, 40, 5, n, 3), config, fit, units, ga.GAHyperparams(), d, kk, record=True))(
+          data, jax.random.key(3))
+  want = jax.jit(jax.vmap(lambda p: fit(p, data, ga.GAHyperparams())))(pops)
+  np.testing.assert_array_equal(np.asarray(fits), np.asarray(want))
+
+
 def test_live_unit_counts_are_exact_signed_sums():
   h = jnp.asarray(np.random.default_rng(0).normal(size=(20, 9)) * (
       np.random.default_rng(1).random((20, 9)) < 0.5), jnp.float32)

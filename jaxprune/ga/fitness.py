@@ -181,6 +181,10 @@ class AccuracyFitness:
       raise ValueError("Incremental evaluation does not take sample weights (weighted=False).")
     return data["h"], data["w"], data["b"], data["y"]
 
+  def unit_activation(self) -> str:
+    """The group's nonlinearity (``'sigmoid'``, ``'relu'``, ..., ``'other'``)."""
+    return _groups_of(self.model)[self.group].activation
+
   def from_accuracy(self, accuracy: jax.Array, population: jax.Array, data: PyTree,
                     hyper: GAHyperparams) -> jax.Array:
     """The fitness of each individual given its accuracy (the size penalty, if any)."""

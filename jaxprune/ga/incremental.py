@@ -47,7 +47,8 @@ units whose activation is nonzero (an integer, exact under any order), and where
 0 its logits are exactly 0, as in the full product (a ReLU group's child whose kept units are
 all off on a pattern; a child with no unit left). Without it, a delta's rounding remainders
 decided those patterns' argmax against a zero bias: at U=11, 1,194 of 2,440 accuracies of a
-fresh ReLU network differed from the full evaluation.
+fresh ReLU network differed from the full evaluation. (For sigmoid, tanh and linear units the
+count is the number of kept units, see :func:`arrays`.)
 ``tests/test_ga_incremental.py`` compares every individual of many random generations with
 the full evaluation (no disagreement in its cases), and ``benchmarks/ga.py`` reports the count
 at H=1000.
@@ -193,14 +194,24 @@ class _Arrays(NamedTuple):
   b: jax.Array     # (O,) output bias
   y: jax.Array     # (N,) labels
   live: jax.Array  # (U, N) 1.0 where the activation is nonzero, else 0.0
-  any_off: jax.Array  # () bool: some activation is exactly 0
+  any_off: jax.Array | bool  # some activation is exactly 0 (a bool: known from the function)
 
 
-def arrays(h: jax.Array, w: jax.Array, b: jax.Array, y: jax.Array) -> _Arrays:
+#: Unit nonlinearities that are 0 only at isolated points (or never): their activations are
+#: taken as never exactly 0, and a child's live-unit count is its number of kept units.
+NONZERO_ACTIVATIONS = ("sigmoid", "tanh", "linear")
+
+
+def arrays(h: jax.Array, w: jax.Array, b: jax.Array, y: jax.Array,
+           activation: str | None = None) -> _Arrays:
   """The fast path's arrays from (N, U) activations ``h``, the (U, O) output kernel ``w``,
-  the (O,) bias ``b`` and the (N,) labels ``y``."""
+  the (O,) bias ``b`` and the (N,) labels ``y``; ``activation`` (the units' nonlinearity, if
+  known) says whether some activations are exactly 0: ``'relu'`` yes, one of
+  :data:`NONZERO_ACTIVATIONS` no, otherwise the activations are looked at."""
   ht = h.reshape(h.shape[0], -1).T
-  return _Arrays(ht, w, b, y, (ht != 0).astype(ht.dtype), jnp.any(ht == 0))
+  any_off = (True if activation == "relu" else False if activation in NONZERO_ACTIVATIONS
+             else jnp.any(ht == 0))
+  return _Arrays(ht, w, b, y, (ht != 0).astype(ht.dtype), any_off)
 
 
 def _product(weights: jax.Array, w: jax.Array, ht: jax.Array, live: jax.Array,
@@ -214,15 +225,19 @@ def _product(weights: jax.Array, w: jax.Array, ht: jax.Array, live: jax.Array,
   in float32 (below 2**24 units) under any summation order, so they add up exactly along a
   line of deltas: a pattern where a child has no live unit gets exactly the full evaluation's
   logits there, zero (see :func:`accuracy_from_logits`). Where no activation is 0
-  (``any_off`` False: sigmoid units, most trained networks) the count is the signed number of
-  units, no product (a ``lax.cond``).
+  (``any_off`` False: sigmoid units) the count is the signed number of units, no product; an
+  ``any_off`` known only from the data chooses in a ``lax.cond`` (which costs 8% of an
+  incremental run at H=1000, so a known nonlinearity decides it statically).
   """
   q, o = weights.shape[0], w.shape[-1]
   wm = weights.astype(w.dtype)[:, :, None] * w[None, :, :]                 # (Q, V, O)
   lhs = jnp.transpose(wm, (0, 2, 1)).reshape(q * o, -1)                   # (Q*O, V)
   wf = weights.astype(live.dtype)
-  count = lax.cond(any_off, lambda: wf @ live,                            # (Q, N)
-                   lambda: jnp.broadcast_to(jnp.sum(wf, axis=1)[:, None], (q, live.shape[1])))
+  kept = lambda: jnp.broadcast_to(jnp.sum(wf, axis=1)[:, None], (q, live.shape[1]))
+  if isinstance(any_off, bool):
+    count = wf @ live if any_off else kept()                              # (Q, N)
+  else:
+    count = lax.cond(any_off, lambda: wf @ live, kept)
   return jnp.concatenate([(lhs @ ht).reshape(q, o, -1), count[:, None, :]], axis=1)
 
 
@@ -459,7 +474,8 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
   """
   S = importlib.import_module("jaxprune.ga.loop")  # imports this module: loaded lazily
   h, w, b, y = fitness_fn.incremental_data(data)
-  arr = arrays(h, w, b, y)
+  activation = getattr(fitness_fn, "unit_activation", lambda: None)()
+  arr = arrays(h, w, b, y, activation)
   keys = strategy.generation_keys(key, config)
   n = config.population_size - config.hof_size
 
