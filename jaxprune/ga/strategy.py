@@ -154,7 +154,7 @@ def check_params(hyper: GAHyperparams) -> None:
           f"GAHyperparams.{name} must be one number, got shape {np.shape(v)}. To run several "
           "settings at once, vmap over hyper: jax.vmap(lambda h: ga.search(..., hyper=h))"
           "(GAHyperparams(...)) with every field an array of the same length, or only some "
-          "fields mapped with in_axes=GAHyperparams(None, None, None, 0) (see docs/ga.md).")
+          "fields mapped with in_axes=(GAHyperparams(None, None, None, 0),) (see docs/ga.md).")
   for name in ("crossover_prob", "mutation_prob", "bit_flip_prob"):
     v = getattr(hyper, name)
     if isinstance(v, jax.core.Tracer):

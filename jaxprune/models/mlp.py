@@ -121,7 +121,7 @@ class MLP(Model):
 class Autoencoder(MLP):
   """An n-H-n autoencoder: sigmoid hidden layer, linear output of the input's size.
 
-  The progressive image compression study uses 11-10-11. Train it with
+  The progressive compression study uses 10-10-10 (the 10 features). Train it with
   ``loss='mse'`` (the default for models whose ``task`` is ``'reconstruction'``).
   """
 
