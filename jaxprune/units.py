@@ -292,12 +292,14 @@ def _refines(shape: Sequence[int], view: Sequence[int]) -> bool:
   return all(c in cum_view for c in np.cumprod([1] + list(shape)).tolist())
 
 
-def check_group(params: PyTree, group: UnitGroup) -> None:
+def check_group(params: PyTree, group: UnitGroup, fix: str | None = None) -> None:
   """Raises ValueError, naming the group, the slice and the fix, unless ``group`` fits ``params``.
 
   Checks that every slice's path exists, that its ``view`` only splits the leaf's axes, that its
   axis is in range and indexes exactly ``group.size`` entries, that kernels have two or more
   dimensions, and that a consumer's bias path exists. Only shapes are read (works under jit).
+  ``fix``: the advice that ends every message, in place of the advice for a hand-declared group
+  (a caller that checks params against a model's own groups knows the fix is in the params).
   """
   if not isinstance(group, UnitGroup):
     raise TypeError(f"Expected a UnitGroup, got {type(group).__name__}.")
@@ -306,41 +308,43 @@ def check_group(params: PyTree, group: UnitGroup) -> None:
   if not group.slices:
     raise ValueError(f"Group {group.name!r} has no slices; declare at least its producer and "
                      "consumer slices.")
+
+  def fail(what: str, advice: str):
+    raise ValueError(f"{what} {fix or advice}")
+
   for s in group.slices:
     where = f"Group {group.name!r}, slice {path_str(s.path)} ({s.role}, {s.kind})"
     try:
       leaf = get_path(params, s.path)
     except KeyError as e:
-      raise ValueError(f"{where}: {e.args[0]} Fix the slice's path.") from None
+      fail(f"{where}: {e.args[0]}", "Fix the slice's path.")
     shape = tuple(jnp.shape(leaf))
     indexed = shape
     if s.view is not None:
       indexed = _view_shape(shape, s) if len(s.view) else s.view
       if int(np.prod(indexed)) != int(np.prod(shape)) or not _refines(shape, indexed):
-        raise ValueError(f"{where}: view {s.view} does not fit the leaf's shape {shape}; a view "
-                         "may only split the leaf's axes (same total size). For a dense layer "
-                         "after flatten of (H, W, C), use view=(H*W, C, out) with axis=1.")
+        fail(f"{where}: view {s.view} does not fit the leaf's shape {shape}; a view may only "
+             "split the leaf's axes (same total size).", "For a dense layer after flatten of "
+             "(H, W, C), use view=(H*W, C, out) with axis=1.")
     if not -len(indexed) <= s.axis < len(indexed):
-      raise ValueError(f"{where}: axis {s.axis} is out of range for shape {indexed}; use an "
-                       f"axis in [{-len(indexed)}, {len(indexed)}).")
+      fail(f"{where}: axis {s.axis} is out of range for shape {indexed}.",
+           f"Use an axis in [{-len(indexed)}, {len(indexed)}).")
     if s.segment is not None:
       start, length = s.segment
       if start + length > indexed[s.axis] or length != group.size:
-        raise ValueError(f"{where}: segment {s.segment} of axis {s.axis} (shape {indexed}) "
-                         f"must lie inside the axis and hold the group's {group.size} units.")
+        fail(f"{where}: segment {s.segment} of axis {s.axis} (shape {indexed}) must lie inside "
+             f"the axis and hold the group's {group.size} units.", "Fix the segment.")
     elif indexed[s.axis] != group.size:
-      raise ValueError(f"{where}: axis {s.axis} of shape {indexed} has {indexed[s.axis]} "
-                       f"entries but the group has {group.size} units. Fix the axis (or the "
-                       "group size, or the view).")
+      fail(f"{where}: axis {s.axis} of shape {indexed} has {indexed[s.axis]} entries but the "
+           f"group has {group.size} units.", "Fix the axis (or the group size, or the view).")
     if s.kind == "kernel" and len(shape) < 2:
-      raise ValueError(f"{where}: a {len(shape)}-D leaf cannot be a kernel; declare "
-                       "kind='bias' (or 'scale', 'shift', 'stat').")
+      fail(f"{where}: a {len(shape)}-D leaf cannot be a kernel.",
+           "Declare kind='bias' (or 'scale', 'shift', 'stat').")
     if s.bias is not None:
       try:
         get_path(params, s.bias)
       except KeyError as e:
-        raise ValueError(f"{where}: its bias {e.args[0]} Fix the slice's bias path (or None).") \
-            from None
+        fail(f"{where}: its bias {e.args[0]}", "Fix the slice's bias path (or None).")
 
 
 def check_groups(params: PyTree, groups: Mapping[str, UnitGroup]) -> None:

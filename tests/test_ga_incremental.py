@@ -255,6 +255,18 @@ def test_history_identical_to_full_run_on_small_populations():
       np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
+def _recorded_and_full(fit, data, units, population, hof, generations, key):
+  """Every individual of an incremental run (recorded) and its full evaluation:
+  ``(populations, recorded fitness, full fitness)``."""
+  config, hyper = ga.GAConfig(population_size=population, hof_size=hof,
+                              generations=generations), ga.GAHyperparams()
+  n, outputs = data["h"].shape[0], data["w"].shape[-1]
+  _, _, (pops, fits) = jax.jit(lambda d, k: I.run_scan(
+      I.plan(units, population, hof, n, outputs), config, fit, units, hyper, d, k,
+      record=True))(data, key)
+  return pops, fits, jax.jit(jax.vmap(lambda p: fit(p, data, hyper)))(pops)
+
+
 def test_children_without_units_score_the_empty_network_exactly(units=3):
   """Tiny groups breed children with no unit left. Their logits are exactly 0 in the full
   evaluation (the output bias alone: every class tied on a fresh network), but a delta left
@@ -265,11 +277,7 @@ def test_children_without_units_score_the_empty_network_exactly(units=3):
   y = jax.random.randint(jax.random.key(2), (N,), 0, O)
   fit = ga.make_fitness(model, "hidden_0", "eq5", incremental=True)
   data = fit.prepare(params, x, y)
-  config, hyper = ga.GAConfig(population_size=30, hof_size=3, generations=20), ga.GAHyperparams()
-  _, _, (pops, fits) = jax.jit(lambda d, h, k: I.run_scan(
-      I.plan(units, 30, 3, N, O), config, fit, units, h, d, k, record=True))(
-          data, hyper, jax.random.key(0))
-  want = jax.jit(jax.vmap(lambda p, h: fit(p, data, h), in_axes=(0, None)))(pops, hyper)
+  pops, fits, want = _recorded_and_full(fit, data, units, 30, 3, 20, jax.random.key(0))
   assert int(jnp.sum(~jnp.any(pops, -1))) > 20          # the case occurs
   np.testing.assert_array_equal(np.asarray(fits), np.asarray(want))
 
@@ -286,11 +294,7 @@ def test_patterns_where_every_kept_relu_unit_is_off_score_exactly():
   y = jax.random.randint(jax.random.key(2), (n,), 0, 3)
   fit = ga.make_fitness(model, "hidden_0", "accuracy", incremental=True)
   data = fit.prepare(params, x, y)
-  config = ga.GAConfig(population_size=40, hof_size=5, generations=30)
-  _, _, (pops, fits) = jax.jit(lambda d, k: I.run_scan(
-      I.plan(units, 40, 5, n, 3), config, fit, units, ga.GAHyperparams(), d, k, record=True))(
-          data, jax.random.key(3))
-  want = jax.jit(jax.vmap(lambda p: fit(p, data, ga.GAHyperparams())))(pops)
+  pops, fits, want = _recorded_and_full(fit, data, units, 40, 5, 30, jax.random.key(3))
   h = np.asarray(data["h"])
   off = ~((np.asarray(pops)[..., None, :] & (h != 0)[None, None]).any(-1))   # (G, P, N)
   assert off[np.asarray(pops).any(-1)].sum() > 1000   # common, and not only in empty children
@@ -310,12 +314,8 @@ def test_an_unknown_nonlinearity_with_zeros_looks_at_the_activations():
   target = jaxprune.trace(fn, params, x)
   fit = ga.make_fitness(target, "w1", "accuracy", incremental=True)
   assert fit.unit_activation() == "other"
-  data = fit.prepare(params, x, y)
-  config = ga.GAConfig(population_size=40, hof_size=5, generations=30)
-  _, _, (pops, fits) = jax.jit(lambda d, kk: I.run_scan(
-      I.plan(units, 40, 5, n, 3), config, fit, units, ga.GAHyperparams(), d, kk, record=True))(
-          data, jax.random.key(3))
-  want = jax.jit(jax.vmap(lambda p: fit(p, data, ga.GAHyperparams())))(pops)
+  _, fits, want = _recorded_and_full(fit, fit.prepare(params, x, y), units, 40, 5, 30,
+                                     jax.random.key(3))
   np.testing.assert_array_equal(np.asarray(fits), np.asarray(want))
 
 

@@ -137,13 +137,10 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     y = np.asarray(y)
   fit = make_fitness(model, group, fitness, fast_path, incremental)
   if not isinstance(fit, UserFitness):   # (a fitness function may take any pytree as params)
-    try:   # a traced target runs params of other sizes; the chromosome has the group's size
-      units_lib.check_group(params, _groups_of(model)[group])
-    except ValueError as e:
-      why = str(e).split(" Fix ")[0]   # the advice is for hand-declared groups
-      raise ValueError(f"These params do not fit {type(model).__name__}'s group {group!r}: "
-                       f"{why} Pass the params the model was built or traced with, or trace it "
-                       "again with these params.") from None
+    # A traced target runs params of other sizes; the chromosome has the group's size.
+    units_lib.check_group(params, _groups_of(model)[group], fix=(
+        f"These params do not fit {type(model).__name__}'s group {group!r}: pass the params "
+        "the model was built or traced with, or trace it again with these params."))
   if sample_weight is not None:
     if isinstance(fit, UserFitness):
       raise ValueError("sample_weight weights the built-in fitness ('eq5', 'eq6', 'accuracy'); "
