@@ -215,12 +215,13 @@ def check_data(x, y=None, *, sample_weight=None, num_classes: int | None = None,
   if np.shape(y)[:lead] != np.shape(x)[:lead]:
     n_x, n_y = (np.shape(x)[:lead], np.shape(y)[:lead]) if runs else (len(x), len(y))
     raise ValueError(f"{name} has {n_x} samples but its targets have {n_y}.")
+  of = "y" if name == "x" else f"{name}'s"   # the targets of x are the argument y
   if jnp.issubdtype(jnp.result_type(y), jnp.integer):
-    check_labels(f"{name}'s", y, num_classes, sample_weight)
+    check_labels(of, y, num_classes, sample_weight)
   else:
     if num_classes is not None:
-      check_labels(f"{name}'s", y, num_classes)  # raises: classifiers need integer labels
-    check_finite(f"{name}'s targets", y)
+      check_labels(of, y, num_classes)  # raises: classifiers need integer labels
+    check_finite(f"{of} targets", y)
 
 
 def num_outputs(model, params: PyTree, x) -> int:
@@ -251,14 +252,15 @@ def check_model_data(model, params: PyTree, x, y=None, *, name: str = "x",
     ...   check_model_data(model, params, jnp.ones((2, 3)), jnp.array([0, 5]))
     ... except ValueError as e:
     ...   print(str(e).split(';')[0])
-    x's labels range over [0, 5] but the model has 2 outputs (classes)
+    y labels range over [0, 5] but the model has 2 outputs (classes)
   """
   model.check_input(x)
   check_params(params)
   classifier = getattr(model, "task", "classification") == "classification"
   num_classes = num_outputs(model, params, x) if classifier and y is not None else None
   if classifier and y is not None and np.ndim(y) != 1:
-    check_label_shape(f"{name}'s", y, num_classes, one_hot=True, sample_weight=sample_weight)
-    check_finite(f"{name}'s one-hot labels", y)
+    of = "y" if name == "x" else f"{name}'s"
+    check_label_shape(of, y, num_classes, one_hot=True, sample_weight=sample_weight)
+    check_finite(f"{of} one-hot labels", y)
     y = np.argmax(np.asarray(y), axis=-1) if is_concrete(y) else jnp.argmax(y, axis=-1)
   check_data(x, y, sample_weight=sample_weight, num_classes=num_classes, name=name)
