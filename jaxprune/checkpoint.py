@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from jaxprune import masks as masks_lib
+from jaxprune import units as units_lib
 
 PyTree = Any
 
@@ -43,7 +44,8 @@ def _check_leaves(tree: PyTree) -> None:
 
 
 def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
-                    unit_masks: dict | None = None, overwrite: bool = False) -> None:
+                    unit_masks: dict | None = None, overwrite: bool = False,
+                    target=None) -> None:
   """Saves params, their weight masks (and unit masks) in one orbax checkpoint at ``path``.
 
   The checkpoint is written to a temporary folder beside ``path`` and moved into place only once
@@ -58,9 +60,17 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
     masks: weight masks (bool pytree like ``params``), or None.
     unit_masks: optional ``{group: bool vector}``.
     overwrite: replace an existing checkpoint (only after the new one is written).
+    target: the model (or ``jaxprune.trace(...)`` target) the masks belong to; when given,
+      each unit mask is checked against its group (a name it lacks, a wrong length) before
+      anything is written. Without it only the weight masks can be checked (against params).
   """
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
+  if target is not None and unit_masks:
+    groups = masks_lib._groups(target)  # pylint: disable=protected-access
+    units_lib.check_mask_keys(groups, unit_masks)
+    for name, mask in unit_masks.items():
+      units_lib.unit_mask(mask, groups[name])
   path = os.path.realpath(path)   # through a link ('latest' -> 'step_N'): replace its target
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True to replace it or choose a new "

@@ -177,3 +177,21 @@ def test_typed_prng_key_leaf_loads_with_its_own_params_as_template(tmp_path):
                                   jax.random.key_data(params["rng"]))
   with pytest.raises(ValueError, match=r"\['rng'\].*shape \(2,\) uint32.*\(3,\) key"):
     jaxprune.load_checkpoint(path, {"w": jnp.ones(2), "rng": jax.random.split(params["rng"], 3)})
+
+
+def test_unit_masks_are_checked_against_the_target_when_given(tmp_path):
+  """Unit masks cannot be checked against params (a group's size is the model's): given the
+  target, a mask of the wrong length or for no group is refused before anything is written."""
+  model = jaxprune.MLP(in_features=4, hidden=(12,), out_features=3)
+  params = model.init(jax.random.key(0))
+  short = {"hidden_0": jnp.ones(11, bool)}
+  with pytest.raises(ValueError, match=r"'hidden_0' has shape \(11,\).*needs shape \(12,\)"):
+    jaxprune.save_checkpoint(str(tmp_path / "a"), params, unit_masks=short, target=model)
+  with pytest.raises(KeyError, match="names no unit group"):
+    jaxprune.save_checkpoint(str(tmp_path / "b"), params, unit_masks={"hidden_9": short[
+        "hidden_0"]}, target=model)
+  assert not os.listdir(tmp_path)                        # nothing written
+  good = {"hidden_0": jnp.arange(12) % 2 == 0}
+  jaxprune.save_checkpoint(str(tmp_path / "c"), params, unit_masks=good, target=model)
+  loaded = jaxprune.load_checkpoint(str(tmp_path / "c"), params, with_unit_masks=True)[2]
+  np.testing.assert_array_equal(np.asarray(loaded["hidden_0"]), np.asarray(good["hidden_0"]))
