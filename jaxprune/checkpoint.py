@@ -24,7 +24,6 @@ import jax
 import numpy as np
 
 from jaxprune import masks as masks_lib
-from jaxprune import units as units_lib
 
 PyTree = Any
 
@@ -67,10 +66,7 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
   if target is not None and unit_masks:
-    groups = masks_lib._groups(target)  # pylint: disable=protected-access
-    units_lib.check_mask_keys(groups, unit_masks)
-    for name, mask in unit_masks.items():
-      units_lib.unit_mask(mask, groups[name])
+    masks_lib.check_unit_masks(target, unit_masks, allow_empty=True)
   path = os.path.realpath(path)   # through a link ('latest' -> 'step_N'): replace its target
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True to replace it or choose a new "

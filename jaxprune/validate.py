@@ -215,13 +215,18 @@ def check_data(x, y=None, *, sample_weight=None, num_classes: int | None = None,
   if np.shape(y)[:lead] != np.shape(x)[:lead]:
     n_x, n_y = (np.shape(x)[:lead], np.shape(y)[:lead]) if runs else (len(x), len(y))
     raise ValueError(f"{name} has {n_x} samples but its targets have {n_y}.")
-  of = "y" if name == "x" else f"{name}'s"   # the targets of x are the argument y
+  of = _targets_of(name)
   if jnp.issubdtype(jnp.result_type(y), jnp.integer):
     check_labels(of, y, num_classes, sample_weight)
   else:
     if num_classes is not None:
       check_labels(of, y, num_classes)  # raises: classifiers need integer labels
     check_finite(f"{of} targets", y)
+
+
+def _targets_of(name: str) -> str:
+  """How messages name the targets of the data called ``name``: the argument ``y`` for ``x``."""
+  return "y" if name == "x" else f"{name}'s"
 
 
 def num_outputs(model, params: PyTree, x) -> int:
@@ -259,7 +264,7 @@ def check_model_data(model, params: PyTree, x, y=None, *, name: str = "x",
   classifier = getattr(model, "task", "classification") == "classification"
   num_classes = num_outputs(model, params, x) if classifier and y is not None else None
   if classifier and y is not None and np.ndim(y) != 1:
-    of = "y" if name == "x" else f"{name}'s"
+    of = _targets_of(name)
     check_label_shape(of, y, num_classes, one_hot=True, sample_weight=sample_weight)
     check_finite(f"{of} one-hot labels", y)
     y = np.argmax(np.asarray(y), axis=-1) if is_concrete(y) else jnp.argmax(y, axis=-1)
