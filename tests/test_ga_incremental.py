@@ -239,10 +239,11 @@ def test_history_identical_to_full_run_on_small_populations():
   """The generation statistics are summed in one fixed order, so the incremental and the full
   run agree on ``history.mean`` too (they differed by one ulp in 7 of 12 of these seeds when
   the mean was a plain reduction compiled into two different programs)."""
-  loop = importlib.import_module("jaxprune.ga.loop")
-  ordered_sum = loop._ordered_sum  # pylint: disable=protected-access
+  ordered_sum = importlib.import_module("jaxprune.ga.operators").ordered_sum
   for v in (np.arange(1.0, 2.0), np.arange(1.0, 4.0), np.arange(1.0, 101.0)):
     assert float(ordered_sum(jnp.asarray(v, jnp.float32))) == v.sum()
+  m = np.arange(1.0, 22.0).reshape(7, 3)
+  np.testing.assert_array_equal(ordered_sum(jnp.asarray(m, jnp.float32)), m.sum(0))
   model = jaxprune.MLP(in_features=3, hidden=(7,), out_features=3)
   cfg = ga.GAConfig(population_size=30, hof_size=1, generations=1, tournament_size=3)
   for s in range(6):
@@ -264,7 +265,10 @@ def _recorded_and_full(fit, data, units, population, hof, generations, key):
   _, _, (pops, fits) = jax.jit(lambda d, k: I.run_scan(
       I.plan(units, population, hof, n, outputs), config, fit, units, hyper, d, k,
       record=True))(data, key)
-  return pops, fits, jax.jit(jax.vmap(lambda p: fit(p, data, hyper)))(pops)
+  # data as an argument, as in a run (closed over, its sums fold into constants, and XLA
+  # turns a division by a constant into a multiplication: one ulp apart)
+  return pops, fits, jax.jit(jax.vmap(lambda p, d: fit(p, d, hyper), in_axes=(0, None)))(
+      pops, data)
 
 
 def test_children_without_units_score_the_empty_network_exactly(units=3):
@@ -348,3 +352,75 @@ def test_two_sizes_plan_takes_both_budgets(monkeypatch):
   jax.block_until_ready(jax.jit(lambda d, k: I.run_scan(
       PLANS["two_sizes"], cfg, fit, U, ga.GAHyperparams(), d, k))(data, jax.random.key(10)))
   assert min(seen) <= PLANS["two_sizes"].sparse_delta_slots < max(seen)
+
+
+def test_cond_all_takes_one_branch_for_every_member_under_vmap():
+  """Unbatched: lax.cond. Batched predicate: the true branch only when every member's holds,
+  else the false branch for all (a plain lax.cond would mix them member by member)."""
+  up, down = (lambda x, d: x + d), (lambda x, d: x - d)
+  f = lambda p, x, d: I.cond_all(p, up, down, x, d)
+  x = jnp.asarray([10.0, 20.0])
+  assert float(f(True, 1.0, 2.0)) == 3.0 and float(f(False, 1.0, 2.0)) == -1.0
+  np.testing.assert_array_equal(jax.vmap(f)(jnp.asarray([True, True]), x, x / 10), [11, 22])
+  np.testing.assert_array_equal(jax.vmap(f)(jnp.asarray([True, False]), x, x / 10), [9, 18])
+  # an unbatched predicate and a broadcast operand keep their meaning
+  np.testing.assert_array_equal(jax.vmap(f, in_axes=(None, 0, None))(True, x, 1.0), [11, 21])
+  np.testing.assert_array_equal(jax.jit(jax.vmap(f, in_axes=(0, 0, None)))(
+      jnp.asarray([False, True]), x, 1.0), [9, 19])
+  # nested vmaps reduce over both axes
+  p = jnp.asarray([[True, True], [True, False]])
+  np.testing.assert_array_equal(jax.vmap(jax.vmap(f))(p, jnp.ones((2, 2)), jnp.ones((2, 2))),
+                                jnp.zeros((2, 2)))
+  np.testing.assert_array_equal(jax.vmap(jax.vmap(f))(p | True, jnp.ones((2, 2)),
+                                                      jnp.ones((2, 2))), 2 * jnp.ones((2, 2)))
+  # pytrees pass through
+  g = lambda p, t: I.cond_all(p, lambda t: {"a": t["a"] + 1, "b": t["b"]},
+                              lambda t: {"a": t["a"] - 1, "b": 2 * t["b"]}, t)
+  out = jax.vmap(g, in_axes=(0, {"a": 0, "b": None}))(jnp.asarray([True, False]),
+                                                       {"a": x, "b": jnp.ones(3)})
+  np.testing.assert_array_equal(out["a"], [9, 19])
+  np.testing.assert_array_equal(out["b"], 2 * np.ones((2, 3)))
+
+
+def test_vmapped_two_sizes_runs_score_every_individual_exactly():
+  """Under vmap the two delta budgets are one branch for all runs (see cond_all); every
+  recorded fitness of every run still equals its full evaluation."""
+  _, _, _, _, fit, data = _problem()
+  cfg = ga.GAConfig(population_size=30, hof_size=3, generations=20)
+  keys = jax.random.split(jax.random.key(21), 4)
+  hyper = ga.GAHyperparams()
+  _, _, (pops, fits) = jax.jit(jax.vmap(lambda k: I.run_scan(
+      PLANS["two_sizes"], cfg, fit, U, hyper, data, k, record=True)))(keys)
+  full = jax.jit(jax.vmap(jax.vmap(lambda p: fit(p, data, hyper))))(pops)
+  np.testing.assert_array_equal(np.asarray(fits), np.asarray(full))
+  # and the vmapped program holds one evaluation per budget, not a select over both: the
+  # products under its conds are those of the one-run program
+  text = jax.jit(jax.vmap(lambda k: I.run_scan(PLANS["two_sizes"], cfg, fit, U, hyper, data,
+                                              k))).lower(keys).as_text()
+  assert "custom_vmap" not in text and text.count("stablehlo.case") >= 1
+
+
+@pytest.mark.parametrize("weights", ["padding", "float"])
+def test_weighted_incremental_equals_weighted_full_evaluation(weights):
+  """Sample weights (0/1 padding, or arbitrary floats): the incremental run's recorded fitness
+  equals the weighted full evaluation's for every individual, bit for bit, and the run
+  takes the incremental path."""
+  model, params, x, y, _, _ = _problem()
+  w = (np.r_[np.ones(N - 17), np.zeros(17)] if weights == "padding" else
+       np.asarray(jax.random.uniform(jax.random.key(3), (N,), minval=0.0, maxval=3.0)))
+  fit = ga.AccuracyFitness(model, "hidden_0", "ratio", fast=True, weighted=True,
+                           incremental=True)
+  data = fit.prepare(params, x, y, sample_weight=jnp.asarray(w, jnp.float32))
+  assert len(fit.incremental_data(data)) == 5
+  for seed in range(3):
+    pops, fits, full = _recorded_and_full(fit, data, U, 30, 3, 15, jax.random.key(seed))
+    np.testing.assert_array_equal(np.asarray(fits), np.asarray(full))
+  # a weight-0 pattern does not count: the padded data score as the unpadded ones
+  if weights == "padding":
+    plain = ga.AccuracyFitness(model, "hidden_0", "ratio", fast=True, incremental=True)
+    real = plain.prepare(params, x[:N - 17], y[:N - 17])
+    np.testing.assert_allclose(np.asarray(plain(pops[-1], real, ga.GAHyperparams())),
+                               np.asarray(fits[-1]), rtol=1e-6)
+  loop = importlib.import_module("jaxprune.ga.loop")
+  cfg = ga.GAConfig(population_size=30, hof_size=3, generations=3)
+  assert loop._incremental_plan(cfg, fit, U, None, data) is not None  # pylint: disable=protected-access

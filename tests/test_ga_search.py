@@ -138,7 +138,9 @@ def test_sample_weights_padding_and_per_run_penalty(trained, fast):
     wm = jaxprune.expand(params, model, {"hidden_0": pop[i]})
     correct = np.asarray(jnp.argmax(model.apply(jaxprune.apply_masks(params, wm), x), -1) == y)
     assert float(got[i]) == pytest.approx(100 * np.sum(wf * correct) / np.sum(wf), rel=1e-5)
-  assert acc.incremental is False
+  assert acc.incremental == "auto"     # weighted fitness takes the incremental path too
+  if fast:
+    assert len(acc.incremental_data(acc.prepare(params, x, y, sample_weight=wf))) == 5
   with pytest.raises(ValueError, match="weighted=True"):
     plain.prepare(params, x, y, sample_weight=wf)
   with pytest.raises(ValueError, match="per_run"):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
 from jaxprune import validate
+from jaxprune.ga import operators as ops
 from jaxprune.ga.strategy import GAHyperparams
 
 PyTree = Any
@@ -72,13 +73,15 @@ def _labels(y: jax.Array, sample_weight=None) -> jax.Array:
   return y
 
 
-def _weighted_percent(correct: jax.Array, w: jax.Array | None) -> jax.Array:
+def weighted_percent(correct: jax.Array, w: jax.Array | None) -> jax.Array:
   """Accuracy in percent over axis 0 of ``correct``; weighted by ``w`` (N,) when given."""
   correct = correct.astype(jnp.float32)
   if w is None:
     return 100.0 * jnp.mean(correct, axis=0)
+  # Sums in one fixed order, so that the full and the incremental evaluation (other layouts,
+  # other fusions) give the same float whatever the weights.
   w = w.reshape((-1,) + (1,) * (correct.ndim - 1))
-  return 100.0 * (jnp.sum(w * correct, axis=0) / jnp.sum(w))
+  return 100.0 * (ops.ordered_sum(w * correct) / ops.ordered_sum(w))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +95,9 @@ class AccuracyFitness:
 
   ``weighted=True`` makes the accuracy a weighted mean over the patterns with the sample weights
   given to ``prepare`` (a pattern of weight 0 does not exist: training folds of unequal size
-  padded to one shape score exactly as their real patterns, to float rounding). Weighted
-  fitness always runs the full product (``incremental`` is off). ``fast=True`` scores the population
+  padded to one shape score exactly as their real patterns, to float rounding); its sums are
+  added in one fixed order, so the incremental evaluation gives the same floats as the full
+  one. ``fast=True`` scores the population
   from activations computed once (see :func:`fast_path_applies`), as one matrix product
   ``H @ W_all`` with ``W_all[:, p*O:(p+1)*O] = mask[p][:, None] * W_out``; ``fast=False`` runs
   the full masked forward pass for each individual (``vmap``). On the fast path,
@@ -116,8 +120,6 @@ class AccuracyFitness:
     if self.penalty not in ("ratio", "count", "per_run", None):
       raise ValueError(f"penalty must be 'ratio' (eq. 5), 'count' (eq. 6), 'per_run' or None, "
                        f"got {self.penalty!r}.")
-    if self.weighted:  # the incremental evaluation scores unweighted logits
-      object.__setattr__(self, "incremental", False)
 
   def prepare(self, params: PyTree, x: jax.Array, y: jax.Array, *, sample_weight=None,
               penalty: str | None = None) -> PyTree:
@@ -164,21 +166,22 @@ class AccuracyFitness:
       w_all = population.T.astype(w.dtype)[:, :, None] * w[:, None, :]   # (U, P, O)
       logits = (h @ w_all.reshape(u, p * o)).reshape(h.shape[0], p, o) + b[None, None, :]
       correct = jnp.argmax(logits, axis=-1) == y[:, None]                 # (N, P)
-      return _weighted_percent(correct, data.get("sample_weight"))
+      return weighted_percent(correct, data.get("sample_weight"))
 
     def one(mask):
       wm = masks_lib.expand(data["params"], self.model, {self.group: mask})
       logits = self.model.apply(masks_lib.apply_masks(data["params"], wm), data["x"])
-      return _weighted_percent(jnp.argmax(logits, axis=-1) == y, data.get("sample_weight"))
+      return weighted_percent(jnp.argmax(logits, axis=-1) == y, data.get("sample_weight"))
 
     return jax.vmap(one)(population)
 
   def incremental_data(self, data: PyTree) -> tuple[jax.Array, ...]:
-    """``(h, w, b, y)`` of the fast path, for :mod:`jaxprune.ga.incremental`."""
+    """``(h, w, b, y)`` of the fast path, for :mod:`jaxprune.ga.incremental`, and
+    ``sample_weight`` last when the fitness is weighted."""
     if not self.fast:
       raise ValueError("Incremental evaluation needs the fast path (fast=True).")
     if self.weighted:
-      raise ValueError("Incremental evaluation does not take sample weights (weighted=False).")
+      return data["h"], data["w"], data["b"], data["y"], data["sample_weight"]
     return data["h"], data["w"], data["b"], data["y"]
 
   def unit_activation(self) -> str:

@@ -31,7 +31,8 @@ full evaluations go ``full_slots`` children in one batch, then any left over in 
 ``lax.while_loop`` that runs zero times when none is, so the work per generation is a fixed
 budget plus the rare overflow. A generation whose pairs fit in ``sparse_delta_slots`` per
 half takes a smaller program of the same kind (a ``lax.cond``): a converged population needs
-few deltas. At population 100 and H=1000 a generation costs about half of the full
+few deltas. Under ``vmap`` that choice is made once for all runs (:func:`cond_all`: the small
+budget only when every run fits it), not by a ``select`` that would run both programs. At population 100 and H=1000 a generation costs about half of the full
 evaluation's floating-point work at first, and about a quarter once the population has
 converged (see docs/benchmarks.md for what that buys on each machine).
 
@@ -56,7 +57,7 @@ at H=1000.
 forces the full evaluation; ``'auto'`` (the default) chooses as :func:`applies` says.
 
 Scope: one device (with several devices the population is sharded and evaluated in full), a
-fitness object that exposes ``incremental_data(data) -> (h, w, b, y)`` and
+fitness object that exposes ``incremental_data(data) -> (h, w, b, y[, sample_weight])`` and
 ``from_accuracy(accuracy, population, data, hyper)`` (:class:`jaxprune.ga.AccuracyFitness` on
 the fast path does), and logits that fit :data:`MEMORY_LIMIT` bytes (otherwise the full
 evaluation).
@@ -80,14 +81,17 @@ Example (incremental and full evaluation agree on every generation here):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
 from jax import lax
 
+from jaxprune.ga import fitness as fitness_lib
 from jaxprune.ga import operators as ops
 from jaxprune.ga import strategy
 
@@ -248,8 +252,10 @@ def full_logits(arr: _Arrays, population: jax.Array) -> jax.Array:
 
 
 def accuracy_from_logits(b: jax.Array, y: jax.Array, z: jax.Array,
-                         live: jax.Array | None = None) -> jax.Array:
-  """(Q,) accuracy in percent from (Q, O, N) logits ``z`` (without the bias ``b``).
+                         live: jax.Array | None = None,
+                         sample_weight: jax.Array | None = None) -> jax.Array:
+  """(Q,) accuracy in percent from (Q, O, N) logits ``z`` (without the bias ``b``); with
+  ``sample_weight`` (N,), the weighted accuracy, summed as the full evaluation sums it.
 
   ``live`` (Q, N): the count of each individual's live units per pattern; where it is 0 the
   logits are taken as exactly 0, as the full product computes them (a sum of exact zeros),
@@ -270,6 +276,8 @@ def accuracy_from_logits(b: jax.Array, y: jax.Array, z: jax.Array,
         jnp.isnan(best))))
     best, arg = jnp.where(better, v, best), jnp.where(better, o, arg)
   correct = arg == y[None, :]
+  if sample_weight is not None:   # the full evaluation's (N, Q) layout and reduction
+    return fitness_lib.weighted_percent(correct.T, sample_weight)
   return 100.0 * jnp.mean(correct.astype(jnp.float32), axis=1)
 
 
@@ -430,6 +438,31 @@ def _full_fallback(plan_: Plan, arr: _Arrays, out: jax.Array, children: jax.Arra
   return lax.while_loop(lambda c: jnp.any(c[1]), body, (out, need))[0]
 
 
+def cond_all(pred: jax.Array, true_fn, false_fn, *operands):
+  """``lax.cond(pred, true_fn, false_fn, *operands)`` that stays one branch under ``vmap``.
+
+  ``vmap`` turns a ``lax.cond`` whose predicate is batched into a ``select`` that runs both
+  branches for every member. Here a batched predicate is reduced instead: ``true_fn`` runs
+  (vmapped) when it holds for every member, else ``false_fn`` for all. So both branches must
+  give an acceptable answer wherever the other one would (here: two exact evaluations of
+  different budgets). The branches may not close over batched values: pass them in
+  ``operands``.
+  """
+  @custom_batching.custom_vmap
+  def call(pred, *ops):
+    return lax.cond(pred, true_fn, false_fn, *ops)
+
+  @call.def_vmap
+  def _rule(axis_size, in_batched, pred, *ops):
+    axes = tuple(jax.tree.map(lambda batched: 0 if batched else None, in_batched[1:]))
+    pred = jnp.all(pred) if in_batched[0] else pred
+    out = cond_all(pred, jax.vmap(true_fn, in_axes=axes, axis_size=axis_size),
+                   jax.vmap(false_fn, in_axes=axes, axis_size=axis_size), *ops)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return call(pred, *operands)
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -473,14 +506,16 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
     when ``record``.
   """
   S = importlib.import_module("jaxprune.ga.loop")  # imports this module: loaded lazily
-  h, w, b, y = fitness_fn.incremental_data(data)
+  h, w, b, y, *weight = fitness_fn.incremental_data(data)
+  weight = weight[0] if weight else None
   activation = getattr(fitness_fn, "unit_activation", lambda: None)()
   arr = arrays(h, w, b, y, activation)
+  static_off = isinstance(arr.any_off, bool)
   keys = strategy.generation_keys(key, config)
   n = config.population_size - config.hof_size
 
   def score(population, z):
-    acc = accuracy_from_logits(arr.b, arr.y, z[:, :-1], z[:, -1])
+    acc = accuracy_from_logits(arr.b, arr.y, z[:, :-1], z[:, -1], weight)
     return fitness_fn.from_accuracy(acc, population, data, hyper)
 
   def finish(state, population, fitness, z):
@@ -502,17 +537,25 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
     lin = breed_with_lineage(config, state, hyper, key=kk)
     copy = copies(state.population, lin.children)
 
-    def evaluate(p):
-      z, need_full = child_logits(p, arr, state.population, inc.logits, lin, inc.hof_rows, copy)
-      return _full_fallback(p, arr, z, lin.children, need_full)
+    # Everything the evaluation reads is passed in (not closed over): under vmap the choice
+    # below is a custom_vmap rule, whose branches may not close over batched values.
+    operands = (arr._replace(any_off=None) if static_off else arr, state.population,
+                inc.logits, lin, inc.hof_rows, copy)
+
+    def evaluate(p, operands):
+      a, population, logits, lin_, hof_rows, copy_ = operands
+      a = a._replace(any_off=arr.any_off) if static_off else a
+      z, need_full = child_logits(p, a, population, logits, lin_, hof_rows, copy_)
+      return _full_fallback(p, a, z, lin_.children, need_full)
 
     if plan_.sparse_delta_slots:
       need, head = _pairs_needing_delta(lin, copy[0], plan_.split)
       few = jnp.maximum(jnp.sum(need & head), jnp.sum(need & ~head)) <= plan_.sparse_delta_slots
       sparse = plan_._replace(delta_slots=plan_.sparse_delta_slots, sparse_delta_slots=0)
-      z = lax.cond(few, lambda: evaluate(sparse), lambda: evaluate(plan_))
+      z = cond_all(few, functools.partial(evaluate, sparse), functools.partial(evaluate, plan_),
+                   operands)
     else:
-      z = evaluate(plan_)
+      z = evaluate(plan_, operands)
     fit_children = score(lin.children, z[:n])
     population = jnp.concatenate([lin.children, state.hof], axis=0)
     fitness = jnp.concatenate([fit_children.astype(jnp.float32), state.hof_fitness])

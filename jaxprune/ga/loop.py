@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as PS
 
 from jaxprune import validate
 from jaxprune.ga import incremental
+from jaxprune.ga import operators as ops
 from jaxprune.progress import Progress
 from jaxprune.ga.strategy import GAConfig
 from jaxprune.ga.strategy import GAHistory
@@ -115,22 +116,11 @@ def _in_program_reporter(token: jax.Array, ordered: bool):
 # ----------------------------------------------------------------------------- the run
 
 
-def _ordered_sum(v: jax.Array) -> jax.Array:
-  """The sum of a 1-D array added in one fixed order (halves, pairwise), so that every program
-  that computes it gets the same float: XLA may order a reduction differently in differently
-  fused programs (the incremental and the full GA computed ``mean`` one ulp apart)."""
-  size = 1 << max(v.shape[0] - 1, 0).bit_length()
-  v = jnp.pad(v, (0, size - v.shape[0]))
-  while v.shape[0] > 1:
-    v = v[: v.shape[0] // 2] + v[v.shape[0] // 2:]
-  return v[0]
-
-
 def _stats(state: GAState) -> GAHistory:
   f = state.fitness
   finite = jnp.isfinite(f)
   n = jnp.sum(finite)
-  mean = jnp.where(n > 0, _ordered_sum(jnp.where(finite, f, 0.0)) / jnp.maximum(n, 1),
+  mean = jnp.where(n > 0, ops.ordered_sum(jnp.where(finite, f, 0.0)) / jnp.maximum(n, 1),
                    -jnp.inf)
   mn = jnp.where(n > 0, jnp.min(jnp.where(finite, f, jnp.inf)), -jnp.inf)
   return GAHistory(max=jnp.max(f), mean=mean, min=mn, best=state.hof_fitness[0],

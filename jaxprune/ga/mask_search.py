@@ -109,8 +109,7 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
       fitness: the accuracy (in the fitness and in the result) is the weighted mean
       ``sum(w * correct) / sum(w)``. A pattern of weight 0 does not exist, so data padded
       with weight-0 rows (whatever their labels) give the same search as the unpadded data.
-      Weighted fitness runs the full evaluation (no ``incremental``). None: every pattern
-      counts once.
+      None: every pattern counts once.
 
   Returns:
     A :class:`GAResult`.

@@ -54,6 +54,18 @@ def uniform(key: jax.Array, n: int) -> jax.Array:
   return jax.random.uniform(key, (n,))
 
 
+def ordered_sum(v: jax.Array) -> jax.Array:
+  """The sum over axis 0, added in one fixed order (halves, pairwise), so that every program
+  that computes it gets the same float: XLA orders a reduction by the layout and fusion it is
+  compiled into (the incremental and the full GA computed a mean, and a weighted accuracy,
+  one ulp apart)."""
+  size = 1 << max(v.shape[0] - 1, 0).bit_length()
+  v = jnp.pad(v, [(0, size - v.shape[0])] + [(0, 0)] * (v.ndim - 1))
+  while v.shape[0] > 1:
+    v = v[: v.shape[0] // 2] + v[v.shape[0] // 2:]
+  return v[0]
+
+
 def _index(u: jax.Array, n: int) -> jax.Array:
   """Uniform draws in [0, 1) -> integers uniform in 0 .. n-1."""
   return jnp.minimum(jnp.floor(u * n).astype(jnp.int32), n - 1)
