@@ -43,7 +43,10 @@ PLANS = {
     # halves of unequal width
     "ragged": I.Plan(split=23, delta_slots=3, full_slots=2),
     # two delta budgets: generations with at most one pair per half take the smaller
-    "two_sizes": I.Plan(split=U // 2, delta_slots=4, full_slots=3, sparse_delta_slots=1),
+    "two_sizes": I.Plan(split=U // 2, delta_slots=4, full_slots=3, delta_sizes=(1,)),
+    # several sizes of both budgets
+    "levels": I.Plan(split=U // 2, delta_slots=5, full_slots=4, delta_sizes=(1, 2, 4),
+                     full_sizes=(1, 3)),
 }
 
 
@@ -133,9 +136,14 @@ def test_plan_sizes():
   # probability 0.8 * (1 - 0.2**2) / 2: 18.0 + 1 sd; 95 children, each mutated with
   # probability 0.2: 19 + 1 sd.
   assert (p.delta_slots, p.full_slots) == (23, 24)
-  # A converged generation (most children copy an individual) takes an eighth of the deltas.
-  assert p.sparse_delta_slots == 3 and I.plan(60, 30, 3, 96, 4).sparse_delta_slots == 1
-  assert I.plan(8, 10, 2, 96, 4).sparse_delta_slots == 0      # too few slots to split
+  # Large products: five sizes of each budget, from an eighth of the deltas (a converged
+  # generation, where most children copy an individual) and a quarter of the batch.
+  assert (p.delta_sizes, p.full_sizes) == ((3, 8, 13, 18), (6, 10, 15, 20))
+  # Small products (each size is a program to compile): two delta budgets, one batch size.
+  small = I.plan(60, 30, 3, 96, 4)
+  assert (small.delta_sizes, small.full_sizes) == ((1,), ())
+  assert I.plan(8, 10, 2, 96, 4).delta_sizes == ()      # too few slots to split
+  assert I._sizes(1, 4, 5) == (1, 2, 3) and I._sizes(3, 3, 5) == ()  # pylint: disable=protected-access
   # Logits over the memory limit: no plan (full evaluation).
   assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 8) is not None
   assert I.plan(1000, 100, 5, 1100, 7, memory_limit=4 * 100 * 1100 * 8 - 1) is None
@@ -351,51 +359,75 @@ def test_two_sizes_plan_takes_both_budgets(monkeypatch):
   cfg = ga.GAConfig(population_size=30, hof_size=3, generations=20)
   jax.block_until_ready(jax.jit(lambda d, k: I.run_scan(
       PLANS["two_sizes"], cfg, fit, U, ga.GAHyperparams(), d, k))(data, jax.random.key(10)))
-  assert min(seen) <= PLANS["two_sizes"].sparse_delta_slots < max(seen)
+  assert min(seen) <= PLANS["two_sizes"].delta_sizes[0] < max(seen)
 
 
-def test_cond_all_takes_one_branch_for_every_member_under_vmap():
-  """Unbatched: lax.cond. Batched predicate: the true branch only when every member's holds,
-  else the false branch for all (a plain lax.cond would mix them member by member)."""
-  up, down = (lambda x, d: x + d), (lambda x, d: x - d)
-  f = lambda p, x, d: I.cond_all(p, up, down, x, d)
+def test_levels_plan_takes_several_sizes_of_both_budgets(monkeypatch):
+  """The 'levels' plan of the every-generation test really runs several programs of each
+  budget: the generations' indices into delta_sizes and full_sizes vary."""
+  seen = {}
+  orig = I._fitting  # pylint: disable=protected-access
+
+  def recorded(sizes, count):
+    index = orig(sizes, count)
+    jax.debug.callback(lambda i: seen.setdefault(sizes, set()).add(int(i)), index)
+    return index
+
+  monkeypatch.setattr(I, "_fitting", recorded)
+  _, _, _, _, fit, data = _problem()
+  cfg = ga.GAConfig(population_size=30, hof_size=3, generations=20)
+  plan = PLANS["levels"]
+  jax.block_until_ready(jax.jit(lambda d, k: I.run_scan(
+      plan, cfg, fit, U, ga.GAHyperparams(), d, k))(data, jax.random.key(10)))
+  assert len(seen[plan.delta_sizes + (plan.delta_slots,)]) >= 3
+  assert len(seen[plan.full_sizes + (plan.full_slots,)]) >= 2
+
+
+def test_switch_max_takes_one_branch_for_every_member_under_vmap():
+  """Unbatched: lax.switch. Batched index: the branch of the largest index for every member
+  (a plain lax.switch would pick member by member, by running every branch)."""
+  branches = [lambda x, d, k=k: x + k * d for k in (1, 2, 3)]
+  f = lambda i, x, d: I.switch_max(i, branches, x, d)
   x = jnp.asarray([10.0, 20.0])
-  assert float(f(True, 1.0, 2.0)) == 3.0 and float(f(False, 1.0, 2.0)) == -1.0
-  np.testing.assert_array_equal(jax.vmap(f)(jnp.asarray([True, True]), x, x / 10), [11, 22])
-  np.testing.assert_array_equal(jax.vmap(f)(jnp.asarray([True, False]), x, x / 10), [9, 18])
-  # an unbatched predicate and a broadcast operand keep their meaning
-  np.testing.assert_array_equal(jax.vmap(f, in_axes=(None, 0, None))(True, x, 1.0), [11, 21])
+  assert [float(f(i, 1.0, 2.0)) for i in range(3)] == [3.0, 5.0, 7.0]
+  np.testing.assert_array_equal(jax.vmap(f)(jnp.asarray([0, 0]), x, x / 10), [11, 22])
+  np.testing.assert_array_equal(jax.vmap(f)(jnp.asarray([0, 2]), x, x / 10), [13, 26])
+  # an unbatched index and a broadcast operand keep their meaning
+  np.testing.assert_array_equal(jax.vmap(f, in_axes=(None, 0, None))(1, x, 1.0), [12, 22])
   np.testing.assert_array_equal(jax.jit(jax.vmap(f, in_axes=(0, 0, None)))(
-      jnp.asarray([False, True]), x, 1.0), [9, 19])
+      jnp.asarray([1, 0]), x, 1.0), [12, 22])
   # nested vmaps reduce over both axes
-  p = jnp.asarray([[True, True], [True, False]])
-  np.testing.assert_array_equal(jax.vmap(jax.vmap(f))(p, jnp.ones((2, 2)), jnp.ones((2, 2))),
-                                jnp.zeros((2, 2)))
-  np.testing.assert_array_equal(jax.vmap(jax.vmap(f))(p | True, jnp.ones((2, 2)),
-                                                      jnp.ones((2, 2))), 2 * jnp.ones((2, 2)))
-  # pytrees pass through
-  g = lambda p, t: I.cond_all(p, lambda t: {"a": t["a"] + 1, "b": t["b"]},
-                              lambda t: {"a": t["a"] - 1, "b": 2 * t["b"]}, t)
-  out = jax.vmap(g, in_axes=(0, {"a": 0, "b": None}))(jnp.asarray([True, False]),
+  i = jnp.asarray([[0, 0], [0, 1]])
+  np.testing.assert_array_equal(jax.vmap(jax.vmap(f))(i, jnp.zeros((2, 2)), jnp.ones((2, 2))),
+                                2 * jnp.ones((2, 2)))
+  np.testing.assert_array_equal(jax.vmap(jax.vmap(f))(i * 0, jnp.zeros((2, 2)),
+                                                      jnp.ones((2, 2))), jnp.ones((2, 2)))
+  # pytrees pass through; one branch is a plain call
+  g = lambda i, t: I.switch_max(i, [lambda t: {"a": t["a"] + 1, "b": t["b"]},
+                                    lambda t: {"a": t["a"] - 1, "b": 2 * t["b"]}], t)
+  out = jax.vmap(g, in_axes=(0, {"a": 0, "b": None}))(jnp.asarray([0, 1]),
                                                        {"a": x, "b": jnp.ones(3)})
   np.testing.assert_array_equal(out["a"], [9, 19])
   np.testing.assert_array_equal(out["b"], 2 * np.ones((2, 3)))
+  assert float(I.switch_max(jnp.asarray(5), branches[:1], 1.0, 2.0)) == 3.0
+  assert [int(I._fitting((2, 5, 9), c)) for c in (0, 2, 3, 9, 10)] == [0, 0, 1, 2, 2]  # pylint: disable=protected-access
 
 
-def test_vmapped_two_sizes_runs_score_every_individual_exactly():
-  """Under vmap the two delta budgets are one branch for all runs (see cond_all); every
-  recorded fitness of every run still equals its full evaluation."""
+@pytest.mark.parametrize("name", ["two_sizes", "levels"])
+def test_vmapped_runs_with_several_budgets_score_every_individual_exactly(name):
+  """Under vmap the budgets are one branch for all runs (see switch_max); every recorded
+  fitness of every run still equals its full evaluation."""
   _, _, _, _, fit, data = _problem()
   cfg = ga.GAConfig(population_size=30, hof_size=3, generations=20)
   keys = jax.random.split(jax.random.key(21), 4)
   hyper = ga.GAHyperparams()
   _, _, (pops, fits) = jax.jit(jax.vmap(lambda k: I.run_scan(
-      PLANS["two_sizes"], cfg, fit, U, hyper, data, k, record=True)))(keys)
+      PLANS[name], cfg, fit, U, hyper, data, k, record=True)))(keys)
   full = jax.jit(jax.vmap(jax.vmap(lambda p: fit(p, data, hyper))))(pops)
   np.testing.assert_array_equal(np.asarray(fits), np.asarray(full))
-  # and the vmapped program holds one evaluation per budget, not a select over both: the
-  # products under its conds are those of the one-run program
-  text = jax.jit(jax.vmap(lambda k: I.run_scan(PLANS["two_sizes"], cfg, fit, U, hyper, data,
+  # and the vmapped program branches (stablehlo.case), as the one-run program does, rather
+  # than computing every budget and selecting
+  text = jax.jit(jax.vmap(lambda k: I.run_scan(PLANS[name], cfg, fit, U, hyper, data,
                                               k))).lower(keys).as_text()
   assert "custom_vmap" not in text and text.count("stablehlo.case") >= 1
 

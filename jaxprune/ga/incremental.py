@@ -29,12 +29,14 @@ Every shape is static and the choice is made inside the compiled program: ``delt
 pairs per half get their delta computed (more: their children are evaluated in full), and the
 full evaluations go ``full_slots`` children in one batch, then any left over in a
 ``lax.while_loop`` that runs zero times when none is, so the work per generation is a fixed
-budget plus the rare overflow. A generation whose pairs fit in ``sparse_delta_slots`` per
-half takes a smaller program of the same kind (a ``lax.cond``): a converged population needs
-few deltas. Under ``vmap`` that choice is made once for all runs (:func:`cond_all`: the small
-budget only when every run fits it), not by a ``select`` that would run both programs. At population 100 and H=1000 a generation costs about half of the full
-evaluation's floating-point work at first, and about a quarter once the population has
-converged (see docs/benchmarks.md for what that buys on each machine).
+budget plus the rare overflow. Each budget comes in a few sizes (``delta_sizes``,
+``full_sizes``, each a compiled program of its own, chosen by a ``lax.switch``): a generation
+takes the smallest that holds its pairs and its children to evaluate in full, so it computes
+about what it needs, and a converged population needs few deltas. Under ``vmap`` the choice
+is made once for all runs (:func:`switch_max`: the size the largest run needs), not by a
+``select`` that would run every size. At population 100 and H=1000 a generation costs about
+half of the full evaluation's floating-point work at first, and about a quarter once the
+population has converged (see docs/benchmarks.md for what that buys on each machine).
 
 Exactness. The accuracies equal the full evaluation's except where float summation order can
 flip an argmax. A child's logits are its parent's logits plus a delta, which were themselves
@@ -114,16 +116,37 @@ class Plan(NamedTuple):
     full_slots: children evaluated in full in one batch (sized for the mutated children at the
       published mutation rate plus one standard deviation); any left over are evaluated in a
       ``while_loop``, a sixth as many at a time.
-    sparse_delta_slots: a second, smaller number of delta slots per half, taken by a generation
-      whose pairs all fit in it (a ``lax.cond`` between the two sizes): once the population
-      converges most children copy an individual (:func:`copies`) and few pairs need a delta.
-      0: one size only.
+    delta_sizes: smaller numbers of delta slots per half (ascending), each taken by a
+      generation whose pairs all fit in it (a ``lax.switch`` over the sizes): the pairs that
+      need a delta vary from generation to generation, and once the population converges most
+      children copy an individual (:func:`copies`) and few pairs need one. (): one size only.
+    full_sizes: smaller full-evaluation batches (ascending), likewise chosen per generation
+      by the number of children to evaluate in full.
   """
 
   split: int
   delta_slots: int
   full_slots: int
-  sparse_delta_slots: int = 0
+  delta_sizes: tuple[int, ...] = ()
+  full_sizes: tuple[int, ...] = ()
+
+
+#: ``plan`` gives a run this many delta budgets and this many full-evaluation batch sizes
+#: (the largest included) when one full-evaluation batch costs at least
+#: :data:`LEVELS_MIN_FLOPS`: each generation then computes about what it needs (H=1000,
+#: population 100: 15% less run time than two delta budgets and one batch size, for about 2 s
+#: more compilation); below that, two delta budgets (when there are at least 8 slots) and one
+#: batch size, as each size is a compiled program of its own.
+BUDGET_LEVELS = 5
+LEVELS_MIN_FLOPS = 5e7
+
+
+def _sizes(low: int, high: int, levels: int) -> tuple[int, ...]:
+  """Up to ``levels`` sizes from ``low`` to ``high`` (included), evenly spaced, without the
+  last (the plan's budget itself)."""
+  low = max(1, min(low, high))
+  steps = [round(low + (high - low) * k / (levels - 1)) for k in range(levels)]
+  return tuple(sorted(set(steps) - {high}))
 
 
 def plan(num_units: int, population_size: int, hof_size: int, num_patterns: int,
@@ -146,9 +169,14 @@ def plan(num_units: int, population_size: int, hof_size: int, num_patterns: int,
   delta = int(math.ceil(mean + 1 * math.sqrt(mean * (1 - p)) + 1))
   mean = 0.2 * n
   full = int(math.ceil(mean + math.sqrt(mean * 0.8) + 1))
-  delta = min(half, delta)
-  return Plan(split=num_units // 2, delta_slots=delta, full_slots=min(n, full),
-              sparse_delta_slots=-(-delta // 8) if delta >= 8 else 0)
+  delta, full = min(half, delta), min(n, full)
+  sparse = -(-delta // 8) if delta >= 8 else 0
+  if 2.0 * full * num_units * num_patterns * (num_outputs + 1) >= LEVELS_MIN_FLOPS:
+    return Plan(split=num_units // 2, delta_slots=delta, full_slots=full,
+                delta_sizes=_sizes(max(sparse, 1), delta, BUDGET_LEVELS),
+                full_sizes=_sizes(-(-full // 4), full, BUDGET_LEVELS))
+  return Plan(split=num_units // 2, delta_slots=delta, full_slots=full,
+              delta_sizes=(sparse,) if sparse else ())
 
 
 #: ``incremental='auto'`` uses the incremental evaluation from this many units on.
@@ -157,10 +185,10 @@ MIN_UNITS = 256
 
 #: On CPU, ``incremental='auto'`` also needs a run whose full evaluation would cost at least
 #: this many floating-point operations (``2 (G + 1) P U N O``): the incremental program
-#: compiles about 2 s longer there and saves about half of the evaluation's time (measured
-#: at 150-180 GFLOP/s: break-even near 6e11; about twice that, so that 'auto' switches only
-#: where the gain is clear).
-CPU_MIN_WORK = 1e12
+#: compiles about 3.4 s longer there (several budget sizes, see :func:`plan`) and saves
+#: about 60% of the evaluation's time (measured at 150-180 GFLOP/s: break-even near 9e11;
+#: about twice that, so that 'auto' switches only where the gain is clear).
+CPU_MIN_WORK = 2e12
 
 
 def applies(fitness_fn, mesh, num_units: int, work: float | None = None) -> bool:
@@ -344,6 +372,42 @@ def _pairs_needing_delta(lin: _Lineage, copied: jax.Array, split: int):
   return jnp.logical_and(crossed, jnp.logical_not(jnp.all(served, axis=1))), cut < split
 
 
+def _operand(arr: _Arrays):
+  """``arr`` as an operand of :func:`switch_max` (whose branches may not close over batched
+  values), and the function that restores it: a static ``any_off`` stays out."""
+  if isinstance(arr.any_off, bool):
+    static = arr.any_off
+    return arr._replace(any_off=None), lambda a: a._replace(any_off=static)
+  return arr, lambda a: a
+
+
+def _delta_table(slots: int, rows: int, split: int, restore, arr: _Arrays, need: jax.Array,
+                 head: jax.Array, cut: jax.Array, bits_a: jax.Array, bits_b: jax.Array):
+  """The deltas of the first ``slots`` pairs of each half that need one, laid out for a
+  budget of ``rows``: ``(table, slot, overflow)`` with ``table`` (2 rows + 1, O + 1, N) (the
+  head's deltas from row 0, the tail's from row ``rows``, zeros elsewhere and in the last row),
+  ``slot`` (half,) each pair's row (2 rows: none), ``overflow`` (half,) the pairs left out."""
+  arr = restore(arr)
+  half, u = need.shape[0], bits_a.shape[1]
+  parts, slot, overflow = [], jnp.full((half,), 2 * rows), jnp.zeros((half,), bool)
+  for i, (side, lo, hi) in enumerate(((jnp.logical_and(need, head), 0, split),
+                                      (jnp.logical_and(need, jnp.logical_not(head)), split, u))):
+    members = jnp.nonzero(side, size=slots, fill_value=half)[0]
+    safe = jnp.minimum(members, half - 1)
+    units = jnp.arange(lo, hi)
+    c = cut[safe][:, None]
+    diff = (bits_a[safe, lo:hi].astype(jnp.int8) - bits_b[safe, lo:hi].astype(jnp.int8))
+    # Head: e from (a - b) on units < c; tail: d from (b - a) on units >= c.
+    weights = (jnp.where(units[None, :] < c, diff, 0) if lo == 0 else
+               jnp.where(units[None, :] >= c, -diff, 0))
+    part = _product(weights, arr.w[lo:hi], arr.ht[lo:hi], arr.live[lo:hi], arr.any_off)
+    parts.append(jnp.pad(part, ((0, rows - slots), (0, 0), (0, 0))))
+    slot = slot.at[members].set(i * rows + jnp.arange(slots), mode="drop")
+    overflow = jnp.logical_or(overflow, jnp.logical_and(side, jnp.cumsum(side) > slots))
+  parts.append(jnp.zeros((1,) + parts[0].shape[1:], parts[0].dtype))
+  return jnp.concatenate(parts), slot, overflow                           # (2 rows + 1, O, N)
+
+
 def child_logits(plan_: Plan, arr: _Arrays, population: jax.Array, z: jax.Array,
                  lin: _Lineage, hof_rows: jax.Array,
                  copy: tuple[jax.Array, jax.Array] | None = None
@@ -377,26 +441,18 @@ def child_logits(plan_: Plan, arr: _Arrays, population: jax.Array, z: jax.Array,
   base = jnp.stack([jnp.where(swap, pb, pa), jnp.where(swap, pa, pb)], 1).reshape(-1)
   base = jnp.where(copied, source, jnp.concatenate([base, lin.first[2 * half:]]))
   bits_a, bits_b = population[pa], population[pb]
-  parts, slot, overflow = [], jnp.full((half,), 2 * plan_.delta_slots), jnp.zeros((half,), bool)
-  for i, (side, lo, hi) in enumerate(((jnp.logical_and(need, head), 0, m),
-                                      (jnp.logical_and(need, jnp.logical_not(head)), m, u))):
-    members = jnp.nonzero(side, size=plan_.delta_slots, fill_value=half)[0]
-    safe = jnp.minimum(members, half - 1)
-    units = jnp.arange(lo, hi)
-    c = cut[safe][:, None]
-    diff = (bits_a[safe, lo:hi].astype(jnp.int8) - bits_b[safe, lo:hi].astype(jnp.int8))
-    # Head: e from (a - b) on units < c; tail: d from (b - a) on units >= c.
-    weights = (jnp.where(units[None, :] < c, diff, 0) if lo == 0 else
-               jnp.where(units[None, :] >= c, -diff, 0))
-    parts.append(_product(weights, arr.w[lo:hi], arr.ht[lo:hi], arr.live[lo:hi], arr.any_off))
-    slot = slot.at[members].set(i * plan_.delta_slots + jnp.arange(plan_.delta_slots),
-                                mode="drop")
-    overflow = jnp.logical_or(overflow, jnp.logical_and(side, jnp.cumsum(side) >
-                                                        plan_.delta_slots))
+  # The products, with the smallest delta budget that holds this generation's pairs (each
+  # size a program of its own; the table keeps the largest budget's layout).
+  sizes = plan_.delta_sizes + (plan_.delta_slots,)
+  count = jnp.maximum(jnp.sum(need & head), jnp.sum(need & ~head))
+  ops_arr, restore = _operand(arr)
+  table, slot, overflow = switch_max(
+      _fitting(sizes, count),
+      [functools.partial(_delta_table, d, plan_.delta_slots, m, restore) for d in sizes],
+      ops_arr, need, head, cut, bits_a, bits_b)
   # Each row's base logits plus its signed delta (zero for a row without one: a copy, the odd
   # child, a hall-of-fame member), both gathered rather than scattered (XLA:CPU runs a gather of
   # rows about twice as fast), in one pass over the (P, O, N) logits.
-  table = jnp.concatenate(parts + [jnp.zeros((1,) + z.shape[1:], z.dtype)])   # (R, O, N)
   r, zero = table.shape[0], 2 * plan_.delta_slots
   signed = jnp.stack([slot, r + slot], 1).reshape(-1)      # child 1 of a pair: -delta, row r + s
   signed = jnp.concatenate([signed, jnp.full((n - 2 * half,), zero, signed.dtype)])
@@ -417,12 +473,23 @@ def _full_fallback(plan_: Plan, arr: _Arrays, out: jax.Array, children: jax.Arra
   while any run has children left, and with many runs one of them nearly always has."""
   n, rows = children.shape[0], out.shape[0]
 
-  def batch(need, size):
+  def batch(need, size, arr, children):
     idx = jnp.nonzero(need, size=size, fill_value=rows)[0]     # unused slots: row P, dropped
     return idx, full_logits(arr, children[jnp.minimum(idx, n - 1)])
 
-  # The first batch is put in place by a gather (XLA:CPU gathers rows faster than it scatters).
-  idx, part = batch(need_full, plan_.full_slots)
+  def first(size, restore, arr, children, need):   # padded to the largest batch's layout
+    idx, part = batch(need, size, restore(arr), children)
+    pad = plan_.full_slots - size
+    return (jnp.pad(idx, (0, pad), constant_values=rows),
+            jnp.pad(part, ((0, pad), (0, 0), (0, 0))))
+
+  # The first batch, of the smallest size that holds the flagged children (each size a program
+  # of its own), is put in place by a gather (XLA:CPU gathers rows faster than it scatters).
+  sizes = plan_.full_sizes + (plan_.full_slots,)
+  ops_arr, restore = _operand(arr)
+  idx, part = switch_max(_fitting(sizes, jnp.sum(need_full)),
+                         [functools.partial(first, f, restore) for f in sizes], ops_arr, children,
+                         need_full)
   slot = jnp.full((rows,), plan_.full_slots).at[idx].set(jnp.arange(plan_.full_slots),
                                                           mode="drop")
   part = jnp.concatenate([part, jnp.zeros((1,) + out.shape[1:], out.dtype)])[slot]
@@ -431,36 +498,43 @@ def _full_fallback(plan_: Plan, arr: _Arrays, out: jax.Array, children: jax.Arra
 
   def body(carry):
     out, need = carry
-    idx, part = batch(need, extra)
+    idx, part = batch(need, extra, arr, children)
     return out.at[idx].set(part, mode="drop"), need.at[idx].set(False, mode="drop")
 
   need = need_full.at[idx].set(False, mode="drop")
   return lax.while_loop(lambda c: jnp.any(c[1]), body, (out, need))[0]
 
 
-def cond_all(pred: jax.Array, true_fn, false_fn, *operands):
-  """``lax.cond(pred, true_fn, false_fn, *operands)`` that stays one branch under ``vmap``.
+def _fitting(sizes: tuple[int, ...], count: jax.Array) -> jax.Array:
+  """The index of the smallest of the ascending ``sizes`` that holds ``count``, else the last."""
+  return jnp.minimum(jnp.sum(jnp.asarray(sizes) < count), len(sizes) - 1)
 
-  ``vmap`` turns a ``lax.cond`` whose predicate is batched into a ``select`` that runs both
-  branches for every member. Here a batched predicate is reduced instead: ``true_fn`` runs
-  (vmapped) when it holds for every member, else ``false_fn`` for all. So both branches must
-  give an acceptable answer wherever the other one would (here: two exact evaluations of
-  different budgets). The branches may not close over batched values: pass them in
-  ``operands``.
+
+def switch_max(index: jax.Array, branches, *operands):
+  """``lax.switch(index, branches, *operands)`` that stays one branch under ``vmap``.
+
+  ``vmap`` turns a ``lax.switch`` whose index is batched into a ``select`` that runs every
+  branch for every member. Here a batched index is reduced instead: the branch of the largest
+  index runs (vmapped) for all members. So each branch must give an acceptable answer wherever
+  a lower one would (here: exact evaluations with budgets that grow with the index). The
+  branches may not close over batched values: pass them in ``operands``.
   """
+  if len(branches) == 1:
+    return branches[0](*operands)
+
   @custom_batching.custom_vmap
-  def call(pred, *ops):
-    return lax.cond(pred, true_fn, false_fn, *ops)
+  def call(index, *ops):
+    return lax.switch(index, branches, *ops)
 
   @call.def_vmap
-  def _rule(axis_size, in_batched, pred, *ops):
+  def _rule(axis_size, in_batched, index, *ops):
     axes = tuple(jax.tree.map(lambda batched: 0 if batched else None, in_batched[1:]))
-    pred = jnp.all(pred) if in_batched[0] else pred
-    out = cond_all(pred, jax.vmap(true_fn, in_axes=axes, axis_size=axis_size),
-                   jax.vmap(false_fn, in_axes=axes, axis_size=axis_size), *ops)
+    index = jnp.max(index) if in_batched[0] else index
+    out = switch_max(index, [jax.vmap(b, in_axes=axes, axis_size=axis_size) for b in branches],
+                     *ops)
     return out, jax.tree.map(lambda _: True, out)
 
-  return call(pred, *operands)
+  return call(index, *operands)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -510,7 +584,6 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
   weight = weight[0] if weight else None
   activation = getattr(fitness_fn, "unit_activation", lambda: None)()
   arr = arrays(h, w, b, y, activation)
-  static_off = isinstance(arr.any_off, bool)
   keys = strategy.generation_keys(key, config)
   n = config.population_size - config.hof_size
 
@@ -537,25 +610,9 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
     lin = breed_with_lineage(config, state, hyper, key=kk)
     copy = copies(state.population, lin.children)
 
-    # Everything the evaluation reads is passed in (not closed over): under vmap the choice
-    # below is a custom_vmap rule, whose branches may not close over batched values.
-    operands = (arr._replace(any_off=None) if static_off else arr, state.population,
-                inc.logits, lin, inc.hof_rows, copy)
-
-    def evaluate(p, operands):
-      a, population, logits, lin_, hof_rows, copy_ = operands
-      a = a._replace(any_off=arr.any_off) if static_off else a
-      z, need_full = child_logits(p, a, population, logits, lin_, hof_rows, copy_)
-      return _full_fallback(p, a, z, lin_.children, need_full)
-
-    if plan_.sparse_delta_slots:
-      need, head = _pairs_needing_delta(lin, copy[0], plan_.split)
-      few = jnp.maximum(jnp.sum(need & head), jnp.sum(need & ~head)) <= plan_.sparse_delta_slots
-      sparse = plan_._replace(delta_slots=plan_.sparse_delta_slots, sparse_delta_slots=0)
-      z = cond_all(few, functools.partial(evaluate, sparse), functools.partial(evaluate, plan_),
-                   operands)
-    else:
-      z = evaluate(plan_, operands)
+    z, need_full = child_logits(plan_, arr, state.population, inc.logits, lin, inc.hof_rows,
+                                copy)
+    z = _full_fallback(plan_, arr, z, lin.children, need_full)
     fit_children = score(lin.children, z[:n])
     population = jnp.concatenate([lin.children, state.hof], axis=0)
     fitness = jnp.concatenate([fit_children.astype(jnp.float32), state.hof_fitness])
