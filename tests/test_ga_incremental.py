@@ -160,11 +160,12 @@ def test_child_logits_rows_match_full_products(name):
   cfg = ga.GAConfig(population_size=30, hof_size=3, generations=1)
   rng = np.random.default_rng(0)
   plan = PLANS[name]
-  # Compiled once each (eager, every operation would compile a program of its own).
-  full_logits = jax.jit(I.full_logits)
+  # Compiled once each (eager, every operation would compile a program of its own); the
+  # arrays are closed over (their any_off is a static bool).
+  full_logits = jax.jit(lambda a, p: I.full_logits(arr, p))
   lineage = jax.jit(functools.partial(I.breed_with_lineage, cfg, hyper=ga.GAHyperparams()))
-  child_logits = jax.jit(functools.partial(I.child_logits, plan))
-  fallback = jax.jit(functools.partial(I._full_fallback, plan))  # pylint: disable=protected-access
+  child_logits = jax.jit(lambda a, *r: I.child_logits(plan, arr, *r))
+  fallback = jax.jit(lambda a, *r: I._full_fallback(plan, arr, *r))  # pylint: disable=protected-access
   overflowed = copies = 0
   for seed in range(6):
     pop = jnp.asarray(rng.random((30, U)) < 0.5)
@@ -456,3 +457,46 @@ def test_weighted_incremental_equals_weighted_full_evaluation(weights):
   loop = importlib.import_module("jaxprune.ga.loop")
   cfg = ga.GAConfig(population_size=30, hof_size=3, generations=3)
   assert loop._incremental_plan(cfg, fit, U, None, data) is not None  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "linear"])
+def test_exact_zero_activations_of_smooth_units_score_exactly(activation):
+  """tanh(0) on sparse inputs and a pruned kernel, a saturated sigmoid (float32 0 below about
+  -104), a linear unit: activations exactly 0 on every kept unit of a pattern make the full
+  product's logits exactly 0 there. The carried kept-unit count would leave that pattern to a
+  delta's remainders (a user audit: 24 of 1,890 fitness values differed for tanh); such runs
+  count the live units from the bits."""
+  units, n, o = 8, 96, 4
+  model = jaxprune.MLP(in_features=8, hidden=(units,), out_features=o, activation=activation)
+  params = model.init(jax.random.key(0))
+  k = jax.random.split(jax.random.key(9), 3)
+  kernel = params["params"]["hidden_0"]["kernel"]
+  sparse = jax.random.uniform(k[0], (8, units)) < 0.3
+  x = (jax.random.uniform(k[1], (n, 8)) < 0.25).astype(jnp.float32)
+  if activation == "sigmoid":   # saturated: pre-activations -200 (exactly 0) or >= 100 (1)
+    params["params"]["hidden_0"]["kernel"] = 300.0 * sparse
+    params["params"]["hidden_0"]["bias"] = jnp.full((units,), -200.0)
+  else:
+    params["params"]["hidden_0"]["kernel"] = kernel * sparse
+  y = jax.random.randint(k[2], (n,), 0, o)
+  fit = ga.make_fitness(model, "hidden_0", "accuracy", incremental=True)
+  data = fit.prepare(params, x, y)
+  assert fit.unit_activation() == activation and bool(jnp.any(data["h"] == 0))
+  for seed in range(2):
+    _, fits, want = _recorded_and_full(fit, data, units, 30, 3, 20, jax.random.key(seed))
+    np.testing.assert_array_equal(np.asarray(fits), np.asarray(want))
+  # and a search returns what the full evaluation returns
+  cfg = ga.GAConfig(population_size=30, hof_size=3, generations=20)
+  a, b = [ga.search(model, params, x, y, "hidden_0", key=jax.random.key(1), config=cfg,
+                    progress=False, fitness="accuracy", incremental=i) for i in (True, False)]
+  np.testing.assert_array_equal(np.asarray(a.mask), np.asarray(b.mask))
+  assert float(a.fitness) == float(b.fitness)
+
+
+def test_vmap_over_no_runs_gives_empty_results():
+  """switch_max under a vmap of size 0 (an empty batch of keys) takes branch 0."""
+  _, _, _, _, fit, data = _problem()
+  cfg = ga.GAConfig(population_size=30, hof_size=3, generations=3)
+  state, history = jax.vmap(lambda k: ga.run(cfg, fit, U, key=k, data=data, progress=False,
+                                             shard=False))(jax.random.split(jax.random.key(0), 0))
+  assert state.hof.shape == (0, 3, U) and history.best.shape == (0, 4)

@@ -50,8 +50,9 @@ units whose activation is nonzero (an integer, exact under any order), and where
 0 its logits are exactly 0, as in the full product (a ReLU group's child whose kept units are
 all off on a pattern; a child with no unit left). Without it, a delta's rounding remainders
 decided those patterns' argmax against a zero bias: at U=11, 1,194 of 2,440 accuracies of a
-fresh ReLU network differed from the full evaluation. (For sigmoid, tanh and linear units the
-count is the number of kept units, see :func:`arrays`.)
+fresh ReLU network differed from the full evaluation. (For units that are not ReLU the count
+carried is the number of kept units, recounted from the bits when some activation is exactly
+0, see :func:`arrays`.)
 ``tests/test_ga_incremental.py`` compares every individual of many random generations with
 the full evaluation (no disagreement in its cases), and ``benchmarks/ga.py`` reports the count
 at H=1000.
@@ -226,28 +227,40 @@ class _Arrays(NamedTuple):
   b: jax.Array     # (O,) output bias
   y: jax.Array     # (N,) labels
   live: jax.Array  # (U, N) 1.0 where the activation is nonzero, else 0.0
-  any_off: jax.Array | bool  # some activation is exactly 0 (a bool: known from the function)
-
-
-#: Unit nonlinearities that are 0 only at isolated points (or never): their activations are
-#: taken as never exactly 0, and a child's live-unit count is its number of kept units.
-NONZERO_ACTIVATIONS = ("sigmoid", "tanh", "linear")
+  any_off: bool    # ReLU units: zeros are common, each product also counts the live units
+  zeros: jax.Array | bool  # otherwise: some activation is exactly 0 (read from the data)
 
 
 def arrays(h: jax.Array, w: jax.Array, b: jax.Array, y: jax.Array,
            activation: str | None = None) -> _Arrays:
   """The fast path's arrays from (N, U) activations ``h``, the (U, O) output kernel ``w``,
-  the (O,) bias ``b`` and the (N,) labels ``y``; ``activation`` (the units' nonlinearity, if
-  known) says whether some activations are exactly 0: ``'relu'`` yes, one of
-  :data:`NONZERO_ACTIVATIONS` no, otherwise the activations are looked at."""
+  the (O,) bias ``b`` and the (N,) labels ``y``. ``activation`` (the units' nonlinearity, if
+  known): ``'relu'`` units are often exactly 0, so every product also counts the live units
+  (carried along the deltas); for any other the count carried is the number of kept units,
+  and in a run whose activations hold an exact 0 anywhere (``tanh(0)``, a sigmoid below
+  about -104 in float32, a linear unit) each generation counts them from the bits instead
+  (:func:`live_counts`)."""
   ht = h.reshape(h.shape[0], -1).T
-  any_off = (True if activation == "relu" else False if activation in NONZERO_ACTIVATIONS
-             else jnp.any(ht == 0))
-  return _Arrays(ht, w, b, y, (ht != 0).astype(ht.dtype), any_off)
+  relu = activation == "relu"
+  return _Arrays(ht, w, b, y, (ht != 0).astype(ht.dtype), relu,
+                 False if relu else jnp.any(ht == 0))
+
+
+def live_counts(arr: _Arrays, population: jax.Array, z: jax.Array) -> jax.Array:
+  """(Q, N) each individual's count of live units per pattern: the count carried in row O of
+  its logits ``z``, or, for units that are not ReLU when some activation is exactly 0, the
+  count from its bits (one product per generation, 1/O the size of a full evaluation; under
+  ``vmap`` for every run when any run has such a zero)."""
+  count = z[:, -1]
+  if arr.any_off or arr.zeros is False:
+    return count
+  return switch_max(jnp.asarray(arr.zeros, jnp.int32),
+                    [lambda c, p, live: c, lambda c, p, live: p.astype(live.dtype) @ live],
+                    count, population, arr.live)
 
 
 def _product(weights: jax.Array, w: jax.Array, ht: jax.Array, live: jax.Array,
-             any_off: jax.Array | bool = True) -> jax.Array:
+             any_off: bool = True) -> jax.Array:
   """(Q, O + 1, N): the logits ``sum_u weights[q, u] W[u, :] H[:, u]`` for (Q, V) weights, and
   in row O the signed count of live units ``sum_u weights[q, u] [H[:, u] != 0]``.
 
@@ -256,20 +269,15 @@ def _product(weights: jax.Array, w: jax.Array, ht: jax.Array, live: jax.Array,
   GEMM rate), transposed so that the result needs no transpose. The counts are integers, exact
   in float32 (below 2**24 units) under any summation order, so they add up exactly along a
   line of deltas: a pattern where a child has no live unit gets exactly the full evaluation's
-  logits there, zero (see :func:`accuracy_from_logits`). Where no activation is 0
-  (``any_off`` False: sigmoid units) the count is the signed number of units, no product; an
-  ``any_off`` known only from the data chooses in a ``lax.cond`` (which costs 8% of an
-  incremental run at H=1000, so a known nonlinearity decides it statically).
+  logits there, zero (see :func:`accuracy_from_logits`). With ``any_off`` False (units that
+  are not ReLU) the count is the signed number of units, no product (see :func:`arrays`).
   """
   q, o = weights.shape[0], w.shape[-1]
   wm = weights.astype(w.dtype)[:, :, None] * w[None, :, :]                 # (Q, V, O)
   lhs = jnp.transpose(wm, (0, 2, 1)).reshape(q * o, -1)                   # (Q*O, V)
   wf = weights.astype(live.dtype)
-  kept = lambda: jnp.broadcast_to(jnp.sum(wf, axis=1)[:, None], (q, live.shape[1]))
-  if isinstance(any_off, bool):
-    count = wf @ live if any_off else kept()                              # (Q, N)
-  else:
-    count = lax.cond(any_off, lambda: wf @ live, kept)
+  count = (wf @ live if any_off else                                      # (Q, N)
+           jnp.broadcast_to(jnp.sum(wf, axis=1)[:, None], (q, live.shape[1])))
   return jnp.concatenate([(lhs @ ht).reshape(q, o, -1), count[:, None, :]], axis=1)
 
 
@@ -374,11 +382,12 @@ def _pairs_needing_delta(lin: _Lineage, copied: jax.Array, split: int):
 
 def _operand(arr: _Arrays):
   """``arr`` as an operand of :func:`switch_max` (whose branches may not close over batched
-  values), and the function that restores it: a static ``any_off`` stays out."""
-  if isinstance(arr.any_off, bool):
-    static = arr.any_off
-    return arr._replace(any_off=None), lambda a: a._replace(any_off=static)
-  return arr, lambda a: a
+  values), and the function that restores it: the static ``any_off`` (and a static
+  ``zeros``) stay out."""
+  static = (arr.any_off, arr.zeros if isinstance(arr.zeros, bool) else None)
+  trimmed = arr._replace(any_off=None, zeros=None if static[1] is not None else arr.zeros)
+  return trimmed, lambda a: a._replace(any_off=static[0],
+                                       zeros=static[1] if static[1] is not None else a.zeros)
 
 
 def _delta_table(slots: int, rows: int, split: int, restore, arr: _Arrays, need: jax.Array,
@@ -529,7 +538,7 @@ def switch_max(index: jax.Array, branches, *operands):
   @call.def_vmap
   def _rule(axis_size, in_batched, index, *ops):
     axes = tuple(jax.tree.map(lambda batched: 0 if batched else None, in_batched[1:]))
-    index = jnp.max(index) if in_batched[0] else index
+    index = jnp.max(index, initial=0) if in_batched[0] else index   # (no members: branch 0)
     out = switch_max(index, [jax.vmap(b, in_axes=axes, axis_size=axis_size) for b in branches],
                      *ops)
     return out, jax.tree.map(lambda _: True, out)
@@ -588,7 +597,8 @@ def run_scan(plan_: Plan, config, fitness_fn, num_units: int, hyper, data: PyTre
   n = config.population_size - config.hof_size
 
   def score(population, z):
-    acc = accuracy_from_logits(arr.b, arr.y, z[:, :-1], z[:, -1], weight)
+    acc = accuracy_from_logits(arr.b, arr.y, z[:, :-1], live_counts(arr, population, z),
+                               weight)
     return fitness_fn.from_accuracy(acc, population, data, hyper)
 
   def finish(state, population, fitness, z):
