@@ -382,12 +382,9 @@ def _pairs_needing_delta(lin: _Lineage, copied: jax.Array, split: int):
 
 def _operand(arr: _Arrays):
   """``arr`` as an operand of :func:`switch_max` (whose branches may not close over batched
-  values), and the function that restores it: the static ``any_off`` (and a static
-  ``zeros``) stay out."""
-  static = (arr.any_off, arr.zeros if isinstance(arr.zeros, bool) else None)
-  trimmed = arr._replace(any_off=None, zeros=None if static[1] is not None else arr.zeros)
-  return trimmed, lambda a: a._replace(any_off=static[0],
-                                       zeros=static[1] if static[1] is not None else a.zeros)
+  values), and the function that restores it: the static ``any_off`` stays out, and
+  ``zeros`` (read only by :func:`live_counts`, outside the branches) is left behind."""
+  return arr._replace(any_off=None, zeros=None), lambda a: a._replace(any_off=arr.any_off)
 
 
 def _delta_table(slots: int, rows: int, split: int, restore, arr: _Arrays, need: jax.Array,
