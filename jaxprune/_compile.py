@@ -9,30 +9,73 @@ the tests check for an MLP's initialiser, not a guarantee of XLA's). Level 0 com
 still but does not contract, so float results can differ in the last bit; it is only for
 programs without float arithmetic to contract (copies, masks, zeros, integer key splits).
 
+XLA:CPU also has two emitters for its fused elementwise loops: the MLIR fusion emitters (its
+default) and the older LLVM IR emitter (``xla_cpu_use_fusion_emitters=False``), which compiles
+about a third faster (the GA search program at H=100: 1.6 -> 1.1 s; a tiny eager op 0.040 ->
+0.026 s) and gave the same bits and the same run time in every program measured (the GA at
+H=100 and H=1000, full and incremental; the initialisers; docs/benchmarks.md). :data:`FAST`
+asks for it at XLA's default LLVM level: the GA's programs, whose first call is mostly
+compilation, use it; the initialisers and set-up passes add it to their lower level.
+
 JAX allows per-program options only on a top-level ``jax.jit``. :func:`light_jit` therefore
 compiles with them when it is called eagerly (or under ``vmap``) on CPU, and as a plain jit
 when it is traced inside another jit, or on other backends. Nesting is recognised by the
 ``ValueError`` JAX raises for it (its message names ``compiler_options``); should a later JAX
-word it otherwise, calls inside a jit would raise, which tests/test_models.py would show.
+word it otherwise, calls inside a jit would raise, which tests/test_models.py would show. An
+option this jaxlib does not know (``No such compile option``, as a later XLA may drop the older
+emitter) is then left out (:func:`supported`), never an error.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
-DEFAULT_LEVEL = {"xla_backend_optimization_level": 2}   # XLA:CPU's default
-LEVEL_1 = {"xla_backend_optimization_level": 1}   # same bits as the default level
-LEVEL_0 = {"xla_backend_optimization_level": 0}   # no multiply-add contraction
+_EMITTER = "xla_cpu_use_fusion_emitters"
+
+DEFAULT_LEVEL = {"xla_backend_optimization_level": 2, _EMITTER: True}   # XLA:CPU's defaults
+FAST = {_EMITTER: False}          # the older loop emitter: faster compilation, same bits
+LEVEL_1 = {"xla_backend_optimization_level": 1, **FAST}   # same bits as the defaults
+LEVEL_0 = {"xla_backend_optimization_level": 0, **FAST}   # no multiply-add contraction
+
+
+@functools.lru_cache(maxsize=None)
+def _known(name: str, value: Any) -> bool:
+  """Whether this jaxlib's XLA:CPU accepts the compile option ``name=value`` (one tiny
+  compilation, once per process)."""
+  try:
+    jax.jit(lambda v: v + 1, compiler_options={name: value}).lower(np.float32(0)).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "No such compile option" in str(e):
+      return False
+    raise
+  return True
+
+
+def supported(options: dict[str, Any]) -> dict[str, Any]:
+  """``options`` without those this jaxlib does not know."""
+  return {k: v for k, v in options.items() if _known(k, v)}
 
 
 class LightJit:
   """``jax.jit(fn)`` compiled with ``options`` where JAX allows it (see the module doc)."""
 
   def __init__(self, fn: Callable, options: dict[str, Any], **jit_kwargs):
+    self._fn, self._jit_kwargs = fn, jit_kwargs
     self.light = jax.jit(fn, compiler_options=dict(options), **jit_kwargs)
     self.plain = jax.jit(fn, **jit_kwargs)
+    self._options = dict(options)
+
+  @property
+  def active(self):
+    """The jit that an eager call on this backend uses."""
+    return self.light if jax.default_backend() == "cpu" else self.plain
+
+  def lower(self, *args, **kwargs):
+    return self.active.lower(*args, **kwargs)
 
   def __call__(self, *args, **kwargs):
     if jax.default_backend() != "cpu":
@@ -43,8 +86,15 @@ class LightJit:
       if "compiler_options" not in str(e):
         raise
       return self.plain(*args, **kwargs)
+    except jax.errors.JaxRuntimeError as e:   # an option this jaxlib does not know
+      if "No such compile option" not in str(e):
+        raise
+      self.light = jax.jit(self._fn, compiler_options=supported(self._options),
+                           **self._jit_kwargs)
+      return self.light(*args, **kwargs)
 
 
 def light_jit(fn: Callable, options: dict[str, Any] = LEVEL_1, **jit_kwargs) -> LightJit:
-  """A jit of ``fn`` compiled at a lower LLVM level on CPU (``LEVEL_1`` keeps the bits)."""
+  """A jit of ``fn`` compiled with lighter ``options`` on CPU (``LEVEL_1``, ``FAST``: the
+  default bits)."""
   return LightJit(fn, options, **jit_kwargs)

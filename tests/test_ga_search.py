@@ -225,20 +225,39 @@ def test_elitism_hall_of_fame_is_the_population_tail(result):
 
 def test_deterministic_and_no_recompilation(trained, result):
   model, params, x, y = trained
-  size = search_lib._search_jit._cache_size()
+  size = search_lib._search_jit.active._cache_size()
   again = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
                     progress=False)
   assert _tree_equal(again, result)
   other = ga.search(model, jax.tree.map(lambda p: p * 1.01, params), x, y, "hidden_0",
                     key=jax.random.key(8), config=CFG, hyper=ga.GAHyperparams(0.5, 0.3, 0.2, 3.0),
                     progress=False)
-  assert search_lib._search_jit._cache_size() == size   # new key, params, lambda: no retrace
+  assert search_lib._search_jit.active._cache_size() == size   # new key, params, lambda: no retrace
   assert not np.array_equal(other.state.population, result.state.population)
 
 
 def _onemax_minus_lam(population, data, hyper):
   del data
   return population.sum(1).astype(jnp.float32) - hyper.lam * population[:, 0]
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_run_compiled_for_faster_compilation_gives_the_default_bits(trained, incremental):
+  """The GA's programs compile with XLA:CPU's older loop emitter (jaxprune._compile.FAST):
+  the same run at XLA's default options (whatever flags the suite compiles with) gives the
+  same bits, state and history, on the full and on the incremental path."""
+  from jaxprune import _compile  # pylint: disable=import-outside-toplevel
+  S = importlib.import_module("jaxprune.ga.loop")
+  model, params, x, y = trained
+  fit = ga.make_fitness(model, "hidden_0", incremental=incremental)
+  args = (CFG, fit, 12, False, None, ga.GAHyperparams(), fit.prepare(params, x, y),
+          jax.random.key(5))
+  got = S._run_jit.lower(*args).compile()(*args[5:])
+  want = S._run_jit.plain.lower(*args).compile(_compile.supported(_compile.DEFAULT_LEVEL))(
+      *args[5:])
+  assert _tree_equal(got, want)
+  assert _tree_equal(got, ga.run(CFG, fit, 12, key=jax.random.key(5), data=args[6],
+                                 progress=False))
 
 
 def test_vmap_over_lambda_equals_loop():

@@ -130,7 +130,7 @@ def test_init_compiled_lightly_gives_the_default_bits():
   keys = jax.random.split(jax.random.key(11), 3)
   model = jaxprune.MLP(in_features=6, hidden=(9, 5), out_features=3)
   reference = jax.jit(jax.vmap(lambda k: dict(model.module.init(k, jnp.zeros((1, 6))))))
-  default = reference.lower(keys).compile(_compile.DEFAULT_LEVEL)(keys)   # XLA's level 2
+  default = reference.lower(keys).compile(_compile.supported(_compile.DEFAULT_LEVEL))(keys)   # XLA's level 2
   got = {"eager": jax.tree.map(lambda *a: jnp.stack(a), *[model.init(k) for k in keys]),
          "vmap": jax.vmap(model.init)(keys),
          "jit": jax.jit(jax.vmap(model.init))(keys)}
@@ -138,6 +138,18 @@ def test_init_compiled_lightly_gives_the_default_bits():
     assert jax.tree.structure(params) == jax.tree.structure(default), how
     for u, v in zip(jax.tree.leaves(params), jax.tree.leaves(default)):
       np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=how)
+
+
+def test_light_jit_leaves_out_options_this_jaxlib_does_not_know():
+  """A later XLA may drop an option (the older loop emitter, say): the program then compiles
+  without it instead of failing."""
+  from jaxprune import _compile  # pylint: disable=import-outside-toplevel
+  level = {"xla_backend_optimization_level": 1}
+  unknown = {"xla_cpu_no_such_option_in_any_jaxlib": True}
+  assert _compile.supported({**unknown, **level}) == level
+  f = _compile.light_jit(lambda x: x * 2.0 + 1.0, {**level, **unknown})
+  np.testing.assert_array_equal(np.asarray(f(jnp.arange(3.0))), [1.0, 3.0, 5.0])
+  np.testing.assert_array_equal(np.asarray(f(jnp.arange(4.0))), [1.0, 3.0, 5.0, 7.0])
 
 
 def test_light_jit_raises_the_programs_own_errors():

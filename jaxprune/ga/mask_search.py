@@ -63,6 +63,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
+from jaxprune import _compile
 from jaxprune import units as units_lib
 from jaxprune import validate
 from jaxprune.ga.strategy import GAConfig, GAHyperparams, GAResult, check_params
@@ -224,4 +225,5 @@ def _unusable(model, params: PyTree, x, y, sample_weight=None) -> jax.Array:
   return bad | jnp.any(out)
 
 
-_search_jit = jax.jit(_search_program, static_argnums=(0, 1, 2, 3, 4, 5))
+_search_jit = _compile.light_jit(_search_program, _compile.FAST,   # as ga.loop._run_jit
+                                static_argnums=(0, 1, 2, 3, 4, 5))
