@@ -78,6 +78,8 @@ class LightJit:
     return self.light if jax.default_backend() == "cpu" else self.plain
 
   def lower(self, *args, **kwargs):
+    """``lower`` of :attr:`active` (an option this jaxlib does not know fails its
+    ``compile``; a call leaves it out)."""
     return self.active.lower(*args, **kwargs)
 
   def __call__(self, *args, **kwargs):

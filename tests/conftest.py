@@ -16,7 +16,9 @@ tests' subprocesses:
   once, and the answer travels to the test workers in the environment.
 
 So what the tests assert holds at the users' default flags too; the tests that compare
-compilation levels name level 2 explicitly (``jaxprune._compile.DEFAULT_LEVEL``). To run the
+compilation options compile their reference with XLA's defaults named per program
+(``jaxprune._compile.DEFAULT_LEVEL``: level 2 and the fusion emitters; a per-program option
+overrides ``XLA_FLAGS``, which a training program's run time confirms). To run the
 suite at XLA's defaults, set the flags yourself, e.g. ``XLA_FLAGS=
 "--xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=true" python3 -m pytest -q
 -n 2``.

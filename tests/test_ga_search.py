@@ -232,7 +232,8 @@ def test_deterministic_and_no_recompilation(trained, result):
   other = ga.search(model, jax.tree.map(lambda p: p * 1.01, params), x, y, "hidden_0",
                     key=jax.random.key(8), config=CFG, hyper=ga.GAHyperparams(0.5, 0.3, 0.2, 3.0),
                     progress=False)
-  assert search_lib._search_jit.active._cache_size() == size   # new key, params, lambda: no retrace
+  # new key, params, lambda: no retrace
+  assert search_lib._search_jit.active._cache_size() == size
   assert not np.array_equal(other.state.population, result.state.population)
 
 

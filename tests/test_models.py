@@ -130,7 +130,8 @@ def test_init_compiled_lightly_gives_the_default_bits():
   keys = jax.random.split(jax.random.key(11), 3)
   model = jaxprune.MLP(in_features=6, hidden=(9, 5), out_features=3)
   reference = jax.jit(jax.vmap(lambda k: dict(model.module.init(k, jnp.zeros((1, 6))))))
-  default = reference.lower(keys).compile(_compile.supported(_compile.DEFAULT_LEVEL))(keys)   # XLA's level 2
+  default = reference.lower(keys).compile(   # XLA's default options
+      _compile.supported(_compile.DEFAULT_LEVEL))(keys)
   got = {"eager": jax.tree.map(lambda *a: jnp.stack(a), *[model.init(k) for k in keys]),
          "vmap": jax.vmap(model.init)(keys),
          "jit": jax.jit(jax.vmap(model.init))(keys)}

@@ -161,7 +161,8 @@ def test_start_program_at_low_optimisation_gives_the_same_bits():
   for many, args in ((True, (params, masks, lrs, keys)), (False, (*one, lrs[0], keys[0]))):
     start = train._compiled_start(trainer, many, 3)    # pylint: disable=protected-access
     a = start.light(*args)
-    b = start.plain.lower(*args).compile(_compile.supported(_compile.DEFAULT_LEVEL))(*args)   # XLA's level 2
+    b = start.plain.lower(*args).compile(   # XLA's default options
+        _compile.supported(_compile.DEFAULT_LEVEL))(*args)
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb) > 3
     for u, v in zip(la, lb):
