@@ -259,14 +259,6 @@ def _redundancy_pruner(model):
   return jaxprune.group_redundancy(model, GROUP)
 
 
-@functools.lru_cache(maxsize=None)
-def _ga_program(config: ga.GAConfig, fitness, h: int):
-  """jit(vmap over runs (the whole GA)), built once per GA shape."""
-  def one(d, hp, k):
-    return ga.run(config, fitness, h, key=k, hyper=hp, data=d, progress=False, shard=False)
-  return jax.jit(jax.vmap(one, in_axes=(0, ga.GAHyperparams(None, None, None, 0), 0)))
-
-
 def distinctiveness_hidden(cfg: Config, folds: mc.Folds, h: int, params, base_test,
                            study: _store.Study, progress: _report.Progress) -> dict:
   """Stages 2, 3 and 5 for one hidden size: all folds x threshold pairs in one vmapped call."""
@@ -323,7 +315,7 @@ def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _store.Study,
                         bit_flip_prob=cfg.ga_bit_flip, lam=lam)
 
     t0 = time.time()
-    state, _ = _ga_program(config, fitness, h)(data, hyper, keys)
+    state, _ = mc.ga_program(config, fitness, h, True)(data, hyper, keys)
     best = np.asarray(state.hof[:, 0])
     stacked = jax.tree.map(lambda a: np.asarray(a)[idx], params)
     test = mc.score_masked_many(model, GROUP, stacked, best, folds.x_te[idx], folds.y_te[idx],

@@ -156,13 +156,6 @@ class TargetFitness:
 
 
 @functools.lru_cache(maxsize=None)
-def _ga_program(config: ga.GAConfig, fitness, h: int):
-  def one(d, hp, k):
-    return ga.run(config, fitness, h, key=k, hyper=hp, data=d, progress=False, shard=False)
-  return jax.jit(jax.vmap(one, in_axes=(0, None, 0)))
-
-
-@functools.lru_cache(maxsize=None)
 def _angle_program(model):
   prune = distinctiveness(model, GROUP)
   return jax.jit(jax.vmap(prune, in_axes=(None, None, None, 0, 0)))
@@ -228,7 +221,8 @@ def prune_runs(cfg: Config, model, pruner: str, params, masks, folds: mc.Folds, 
     data["target"] = jnp.full((runs,), float(target), jnp.float32)
     # Keyed by fold: one-shot runs of one fold (same network) get the same mask in both modes.
     keys = mc.stack_keys([_store.config_key(cfg.seed, "ga", *key_parts, f) for f in run_folds])
-    state, _ = _ga_program(config, fitness, h)(data, ga.GAHyperparams(lam=cfg.ga_lambda), keys)
+    state, _ = mc.ga_program(config, fitness, h, False)(data, ga.GAHyperparams(lam=cfg.ga_lambda),
+                                                        keys)
     new_masks = np.asarray(state.hof[:, 0]) & masks
     wm = _expand_many(model)(params, jnp.asarray(new_masks))
     return jax.tree.map(lambda a, m: a * m, params, wm), new_masks, info
