@@ -162,24 +162,24 @@ def test_child_logits_rows_match_full_products(name):
   plan = PLANS[name]
   # Compiled once each (eager, every operation would compile a program of its own); the
   # arrays are closed over (their any_off is a static bool).
-  full_logits = jax.jit(lambda a, p: I.full_logits(arr, p))
+  full_logits = jax.jit(lambda p: I.full_logits(arr, p))
   lineage = jax.jit(functools.partial(I.breed_with_lineage, cfg, hyper=ga.GAHyperparams()))
-  child_logits = jax.jit(lambda a, *r: I.child_logits(plan, arr, *r))
-  fallback = jax.jit(lambda a, *r: I._full_fallback(plan, arr, *r))  # pylint: disable=protected-access
+  child_logits = jax.jit(lambda *r: I.child_logits(plan, arr, *r))
+  fallback = jax.jit(lambda *r: I._full_fallback(plan, arr, *r))  # pylint: disable=protected-access
   overflowed = copies = 0
   for seed in range(6):
     pop = jnp.asarray(rng.random((30, U)) < 0.5)
     state = S.init(cfg, U)._replace(population=pop, generation=jnp.int32(1),
                                     fitness=jnp.asarray(rng.normal(size=30), jnp.float32))
-    z = full_logits(arr, pop)
+    z = full_logits(pop)
     hof_rows = jnp.asarray(rng.permutation(30)[:3])
     lin = lineage(state, key=jax.random.key(seed))
-    out, need_full = child_logits(arr, pop, z, lin, hof_rows)
-    want = full_logits(arr, lin.children)
+    out, need_full = child_logits(pop, z, lin, hof_rows)
+    want = full_logits(lin.children)
     ok = ~np.asarray(need_full)
     np.testing.assert_allclose(np.asarray(out[:27])[ok], np.asarray(want)[ok], atol=2e-5)
     np.testing.assert_array_equal(np.asarray(out[27:]), np.asarray(z[hof_rows]))
-    done = fallback(arr, out, lin.children, need_full)
+    done = fallback(out, lin.children, need_full)
     np.testing.assert_allclose(np.asarray(done[:27]), np.asarray(want), atol=2e-5)
     np.testing.assert_array_equal(np.asarray(done[27:]), np.asarray(z[hof_rows]))
     # Flagged: exactly the mutated children and both children of each crossed pair (not both

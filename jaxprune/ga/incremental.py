@@ -136,8 +136,8 @@ class Plan(NamedTuple):
 #: (the largest included) when one full-evaluation batch costs at least
 #: :data:`LEVELS_MIN_FLOPS`: each generation then computes about what it needs (H=1000,
 #: population 100: 13% less run time on the median key than two delta budgets and one batch
-#: size, for about 1 s more compilation); below that, two delta budgets (when there are at least 8 slots) and one
-#: batch size, as each size is a compiled program of its own.
+#: size, for about 1 s more compilation); below that, two delta budgets (when there are at
+#: least 8 slots) and one batch size, as each size is a compiled program of its own.
 BUDGET_LEVELS = 5
 LEVELS_MIN_FLOPS = 5e7
 
