@@ -12,13 +12,17 @@ programs without float arithmetic to contract (copies, masks, zeros, integer key
 XLA:CPU also has two emitters for its fused elementwise loops: the MLIR fusion emitters (its
 default) and the older LLVM IR emitter (``xla_cpu_use_fusion_emitters=False``), which compiles
 about a third faster (the GA search program at H=100: 1.6 -> 1.1 s; a tiny eager op 0.040 ->
-0.026 s) and gave the same bits in every program measured (the GA at H=100 and H=1000, full
-and incremental; the initialisers; the training program; docs/benchmarks.md). Its code is not
-always as fast: the GA ran at the same speed at H=1000 and 4-8% slower at H=100, but the
-training program ran 1.5x slower at H=100, so it is chosen per program. :data:`FAST` asks for
-it at XLA's default LLVM level: the GA's programs, whose first call is mostly compilation, use
-it; the initialisers and set-up passes add it to their lower level; training and the pruners
-keep XLA's defaults.
+0.026 s) and gave the same bits in the GA (H=100 and H=1000, full and incremental), the
+initialisers and the main job's training grids, but not in every program: a few epochs of
+small MLPs with Adam ended 3-270 of about 400 values 1 ulp apart (a fused reduction's order).
+Its code is not always as fast either: the GA ran at the same speed at H=1000 and 4-8% slower at
+H=100, the training program 1.3-1.7x slower. So it is chosen per program. :data:`FAST` asks
+for it at XLA's default LLVM level: the GA's programs, whose first call is mostly compilation,
+use it (their tests check the bits); the initialisers and set-up passes add it to their lower
+level. Level 1 is not the same bits everywhere either: it kept them in the initialisers, the
+GA and MLP training, but a ResNet-18 trained to other bits and ``evaluate_many``'s loss and
+accuracy sums came out otherwise (measured; the cause is not traced). So training keeps XLA's
+defaults (at level 1 it compiled in half the time with the same run time).
 
 JAX allows per-program options only on a top-level ``jax.jit``. :func:`light_jit` therefore
 compiles with them when it is called eagerly (or under ``vmap``) on CPU, and as a plain jit
