@@ -14,7 +14,7 @@ default) and the older LLVM IR emitter (``xla_cpu_use_fusion_emitters=False``), 
 about a third faster (the GA search program at H=100: 1.6 -> 1.1 s; a tiny eager op 0.040 ->
 0.026 s) and gave the same bits in the GA (H=100 and H=1000, full and incremental), the
 initialisers and the main job's training grids, but not in every program: a few epochs of
-small MLPs with Adam ended 3-270 of about 400 values 1 ulp apart (a fused reduction's order).
+small MLPs with Adam ended 3-273 of about 400 values with other low bits.
 Its code is not always as fast either: the GA ran at the same speed at H=1000 and 4-8% slower at
 H=100, the training program 1.3-1.7x slower. So it is chosen per program. :data:`FAST` asks
 for it at XLA's default LLVM level: the GA's programs, whose first call is mostly compilation,
