@@ -2,10 +2,11 @@
 
 An initialiser or a set-up pass runs for milliseconds but XLA:CPU compiles it at its default
 LLVM optimisation level (2) for up to seconds: 14 s for a ResNet-18 initialiser of small,
-distinct widths, 3.5 s for CNN4's. At level 1 the same programs compile 2-4x faster and
-computed the same bits in every program measured: level 1 still contracts ``a * b + c`` into
+distinct widths, 3.5 s for CNN4's. At level 1 these programs compile 2-4x faster and
+computed the same bits in every initialiser measured: level 1 still contracts ``a * b + c`` into
 one fused multiply-add, as level 2 does (docs/benchmarks.md; an observation on this CPU that
-the tests check for an MLP's initialiser, not a guarantee of XLA's). Level 0 compiles faster
+the tests check for an MLP's initialiser, not a guarantee of XLA's; see below for programs
+where it differs). Level 0 compiles faster
 still but does not contract, so float results can differ in the last bit; it is only for
 programs without float arithmetic to contract (copies, masks, zeros, integer key splits).
 
