@@ -2,28 +2,29 @@
 
 An initialiser or a set-up pass runs for milliseconds but XLA:CPU compiles it at its default
 LLVM optimisation level (2) for up to seconds: 14 s for a ResNet-18 initialiser of small,
-distinct widths, 3.5 s for CNN4's. At level 1 these programs compile 2-4x faster and
-computed the same bits in every initialiser measured: level 1 still contracts ``a * b + c`` into
-one fused multiply-add, as level 2 does (docs/benchmarks.md; an observation on this CPU that
-the tests check for an MLP's initialiser, not a guarantee of XLA's; see below for programs
-where it differs). Level 0 compiles faster
-still but does not contract, so float results can differ in the last bit; it is only for
-programs without float arithmetic to contract (copies, masks, zeros, integer key splits).
+distinct widths, 3.5 s for CNN4's. At level 1 these programs compile 2-4x faster and computed
+the same bits in every initialiser measured: level 1 still contracts ``a * b + c`` into one
+fused multiply-add, as level 2 does (docs/benchmarks.md; an observation on this CPU that the
+tests check for an MLP's initialiser, not a guarantee of XLA's; see below for programs where it
+differs). Level 0 compiles faster still but does not contract, so float results can differ in
+the last bit; it is only for programs without float arithmetic to contract (copies, masks,
+zeros, integer key splits).
 
 XLA:CPU also has two emitters for its fused elementwise loops: the MLIR fusion emitters (its
 default) and the older LLVM IR emitter (``xla_cpu_use_fusion_emitters=False``), which compiles
 about a third faster (the GA search program at H=100: 1.6 -> 1.1 s; a tiny eager op 0.040 ->
 0.026 s) and gave the same bits in the GA (H=100 and H=1000, full and incremental), the
-initialisers and the main job's training grids, but not in every program: a few epochs of
-small MLPs with Adam ended 3-273 of about 400 values with other low bits.
-Its code is not always as fast either: the GA ran at the same speed at H=1000 and 4-8% slower at
-H=100, the training program 1.3-1.7x slower. So it is chosen per program. :data:`FAST` asks
-for it at XLA's default LLVM level: the GA's programs, whose first call is mostly compilation,
-use it (their tests check the bits); the initialisers and set-up passes add it to their lower
-level. Level 1 is not the same bits everywhere either: it kept them in the initialisers, the
-GA and MLP training, but a ResNet-18 trained to other bits and ``evaluate_many``'s loss and
-accuracy sums came out otherwise (measured; the cause is not traced). So training keeps XLA's
-defaults (at level 1 it compiled in half the time with the same run time).
+initialisers and the main job's training grids, but not in every program: a few epochs of small
+MLPs with Adam ended 3-273 of about 400 values with other low bits. Its code is not always as
+fast either: the GA ran at the same speed at H=1000 and 4-8% slower at H=100, the training
+program 1.3-1.7x slower. So it is chosen per program. :data:`FAST` asks for it at XLA's default
+LLVM level: the GA's programs, whose first call is mostly compilation, use it (their tests check
+the bits); the initialisers and set-up passes add it to their lower level. Level 1 is not the
+same bits everywhere either: it kept them in the initialisers, the GA and MLP training, but a
+ResNet-18 trained to other bits and ``evaluate_many``'s loss and accuracy sums came out
+otherwise (measured; the cause is not traced). So training keeps XLA's defaults (at level 1 it
+compiled in half the time with the same run time), as do the pruners (the older emitter
+changed a distinctiveness sweep's bits).
 
 JAX allows per-program options only on a top-level ``jax.jit``. :func:`light_jit` therefore
 compiles with them when it is called eagerly (or under ``vmap``) on CPU, and as a plain jit
