@@ -1896,6 +1896,10 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
       raise ValueError(f"Use an example batch of at least 2 samples (got an input of shape "
                        f"{shape}): with one sample the batch axis cannot be told apart from "
                        "broadcast axes.")
+    if shape and shape[0] == 0:
+      raise ValueError(f"Use an example batch of at least 2 samples (got an empty input of "
+                       f"shape {shape}): an empty batch has no activations to trace, and "
+                       "shapes traced from it do not fit real batches.")
   flat, in_treedef = jax.tree.flatten((params, example_args))
 
   def flat_fn(*leaves):

@@ -797,6 +797,27 @@ def test_progressive_metrics_equal_separate_runs():
     progressive_distinctiveness(model, "hidden_0", per_sample)(params, _ones(model), x)
 
 
+def test_progressive_checks_its_data():
+  """A NaN in x made every angle NaN: no step removed a unit, yet the report counted every
+  step, with no error. Now x is checked as fit checks it: NaN, empty, wrong width raise and
+  name the problem; under jit (x traced) the run goes on as before."""
+  model, params, x, loss = _autoencoder_with_a_duplicate()
+  run = progressive_distinctiveness(model, "hidden_0", loss)
+  with pytest.raises(ValueError, match="x holds 1 NaN or infinite"):
+    run(params, _ones(model), x.at[0, 0].set(jnp.nan))
+  with pytest.raises(ValueError, match="x is empty"):
+    run(params, _ones(model), x[:0])
+  with pytest.raises(ValueError, match="sample_weight is all zero"):
+    run(params, _ones(model), x, sample_weight=jnp.zeros(x.shape[0]))
+  with pytest.raises(ValueError, match="6"):
+    run(params, _ones(model), x[:, :4])
+  bad = jax.tree.map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), params)
+  with pytest.raises(ValueError, match="NaN"):
+    run(bad, _ones(model), x)
+  _, m_jit, rep_jit = jax.jit(run)(params, _ones(model), x)
+  np.testing.assert_array_equal(rep_jit.units_kept, [5, 4, 3, 2, 1])
+
+
 def test_progressive_sample_weight_is_padding_and_repetition():
   model = Autoencoder(in_features=6, hidden=(7,))
   params = model.init(jax.random.key(6))
@@ -874,6 +895,15 @@ def test_until_stable_equals_a_loop_of_sweeps(tanh_model):
   with pytest.raises(ValueError, match="activation pruner.*drop sample_weight"):
     jaxprune.until_stable(wprune, params, _ones(model), 50.0,
                           sample_weight=np.ones(acts.shape[0], np.float32))
+  # Another pruner (it chooses its own number of units) is named, not an attribute error; a
+  # wrapper returning what a distinctiveness pruner returns still works.
+  with pytest.raises(TypeError, match="returned ImportanceReport as its report"):
+    jaxprune.until_stable(jaxprune.importance_prune(model, "hidden_0"), params, _ones(model), 2)
+  with pytest.raises(TypeError, match="returned a dict"):
+    jaxprune.until_stable(lambda p, m, a: {"p": p}, params, _ones(model), acts)
+  _, m4, _ = jaxprune.until_stable(lambda p, m, a, s: prune(p, m, a, s), params, _ones(model),
+                                   acts, 50.0)
+  np.testing.assert_array_equal(m4["hidden_0"], m2["hidden_0"])
 
 
 def test_weight_distinctiveness_refuses_nan_weights(lenet):

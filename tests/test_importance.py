@@ -119,3 +119,14 @@ def test_bad_weights_counts_and_losses_raise(model_params):
   # Under jit the checks that need values cannot run; the NaN stop still holds.
   _, m, rep = jax.jit(iterative_importance(model, "hidden_0", breaks))(params, ones, 0.1)
   np.testing.assert_array_equal(m["hidden_0"], [1, 1, 0, 1, 1])
+
+
+def test_traced_k_out_of_range_is_clamped_as_documented():
+  """docs/errors.md: under jit a k below 0 removes nothing and a k above the group size removes
+  all units but one, as k = size does."""
+  model = jaxprune.MLP(in_features=4, hidden=(12,), out_features=3)
+  params = model.init(jax.random.key(0))
+  prune = jax.jit(jaxprune.importance_prune(model, "hidden_0"))
+  kept = {k: int(np.sum(prune(params, jaxprune.unit_masks_ones(model), k)[1]["hidden_0"]))
+          for k in (-3, 0, 5, 12, 50)}
+  assert kept == {-3: 12, 0: 12, 5: 7, 12: 1, 50: 1}

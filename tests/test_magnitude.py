@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxprune
 from jaxprune.pruners.magnitude import magnitude_prune, random_prune, select_leaves
 
 
@@ -195,3 +196,18 @@ def test_float64_weights_rank_at_full_precision(scope):
         assert keep.size - keep.sum() == round(fraction * 18)
         assert np.abs(w[~keep]).max() < np.abs(w[keep]).min()
       assert q["a"]["kernel"].dtype == jnp.float64
+
+
+def test_invalid_traced_fractions_remove_nothing():
+  """docs/errors.md: under vmap/jit a fraction outside [0, 1] or NaN cannot raise; it removes
+  nothing (every mask all True), while the valid fractions beside it prune as eagerly."""
+  model = jaxprune.MLP(in_features=4, hidden=(12,), out_features=3)
+  params = model.init(jax.random.key(0))
+  fractions = jnp.asarray([0.2, -0.5, 1.5, jnp.nan])
+  masks = jax.vmap(lambda f: magnitude_prune(params, None, f)[1])(fractions)
+  for i in (1, 2, 3):
+    assert all(bool(np.all(np.asarray(m[i]))) for m in jax.tree.leaves(masks))
+  eager = magnitude_prune(params, None, 0.2)[1]
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(masks)):
+    np.testing.assert_array_equal(a, b[0])
+  assert not all(bool(np.all(np.asarray(m))) for m in jax.tree.leaves(eager))

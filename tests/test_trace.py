@@ -381,6 +381,9 @@ def test_wrong_example_batch_shape():
     jaxprune.trace(fn, params, jnp.ones((5, 9)))
   with pytest.raises(ValueError, match="at least 2 samples"):
     jaxprune.trace(fn, params, jnp.ones((1, 4)))
+  # An empty batch used to be accepted; the traced shapes then failed deep in a reshape.
+  with pytest.raises(ValueError, match="at least 2 samples.*empty input of shape \\(0, 4\\)"):
+    jaxprune.trace(fn, params, jnp.ones((0, 4)))
   t = jaxprune.trace(fn, params, jnp.ones((5, 4)))
   with pytest.raises(ValueError, match="inputs shaped \\(N, 4\\)"):
     t.check_input(jnp.ones((5, 3)))

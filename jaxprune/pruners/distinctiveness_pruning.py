@@ -67,7 +67,7 @@ import numpy as np
 from jaxprune import units as units_lib
 from jaxprune.pruners import _common
 from jaxprune.pruners.angles import _thresholds_ok, check_thresholds
-from jaxprune.pruners.selection import _sweep
+from jaxprune.pruners.selection import SweepReport, _sweep
 
 PyTree = Any
 
@@ -478,7 +478,17 @@ def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
                      "scores the weights themselves), so it has no sample weights: drop "
                      "sample_weight.")
   kwargs = {} if sample_weight is None else {"sample_weight": sample_weight}
-  params, unit_masks, first = prune(params, unit_masks, *args, **kwargs)
+  out = prune(params, unit_masks, *args, **kwargs)
+  triple = isinstance(out, tuple) and len(out) == 3
+  if not (triple and isinstance(out[2], SweepReport)):
+    got = (f"{type(out[2]).__name__} as its report" if triple
+           else f"a {type(out).__name__}")
+    raise TypeError(
+        "until_stable repeats a distinctiveness sweep: prune must be a pruner from "
+        "distinctiveness(...) or weight_distinctiveness(...) (or a function returning what they "
+        f"return, (params, unit_masks, SweepReport)); it returned {got}. Other pruners choose "
+        "their own number of units: call them once.")
+  params, unit_masks, first = out
   if _common.is_concrete(first.count) and int(first.count) == 0:  # stable already: no loop
     one = jnp.asarray(1, jnp.int32)
     return params, unit_masks, StableReport(one, first.count, ~first.invalid, first.invalid)

@@ -208,6 +208,9 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     check_scalars(params)
     if sample_weight is not None:
       sample_weight = validate.check_sample_weight(sample_weight, jnp.shape(x)[0])
+    # x of the model's shape, not empty, finite (a NaN would make every angle NaN: no step
+    # would remove a unit); params finite
+    validate.check_model_data(model, params, x, sample_weight=sample_weight)
     params, mask, report = jitted(params, mask, x, constant_tol, sample_weight)
     return params, _common.with_mask(unit_masks, g.name, mask), report
 
