@@ -46,8 +46,8 @@ import numpy as np
 _EMITTER = "xla_cpu_use_fusion_emitters"
 
 DEFAULT_LEVEL = {"xla_backend_optimization_level": 2, _EMITTER: True}   # XLA:CPU's defaults
-FAST = {_EMITTER: False}          # the older loop emitter: faster compilation, same bits
-LEVEL_1 = {"xla_backend_optimization_level": 1, **FAST}   # same bits as the defaults
+FAST = {_EMITTER: False}          # the older loop emitter: faster compilation (bits: see above)
+LEVEL_1 = {"xla_backend_optimization_level": 1, **FAST}   # initialisers: the default bits
 LEVEL_0 = {"xla_backend_optimization_level": 0, **FAST}   # no multiply-add contraction
 
 
@@ -106,6 +106,6 @@ class LightJit:
 
 
 def light_jit(fn: Callable, options: dict[str, Any] = LEVEL_1, **jit_kwargs) -> LightJit:
-  """A jit of ``fn`` compiled with lighter ``options`` on CPU (``LEVEL_1``, ``FAST``: the
-  default bits)."""
+  """A jit of ``fn`` compiled with lighter ``options`` on CPU (``LEVEL_1``, ``FAST``); whether
+  they keep the default bits depends on the program (see the module doc): test it."""
   return LightJit(fn, options, **jit_kwargs)
