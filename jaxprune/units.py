@@ -536,11 +536,19 @@ def compact(params: PyTree, groups: Mapping[str, UnitGroup],
   """
   out = params
   for path, axes in _kept_indices(params, groups, unit_masks).items():
-    leaf = np.asarray(get_path(params, path))  # cut on the host: an eager jnp.take would
-    for axis, idx in axes.items():              # compile a program per leaf shape
+    given = get_path(params, path)
+    leaf = np.asarray(given)         # cut on the host: an eager jnp.take would
+    for axis, idx in axes.items():   # compile a program per leaf shape
       leaf = np.take(leaf, idx, axis=axis)
-    out = set_path(out, path, jax.device_put(leaf))
+    out = set_path(out, path, _same_kind(given, leaf))
   return out
+
+
+def _same_kind(given: Any, host: np.ndarray) -> Any:
+  """``host`` as the kind of array ``given`` was: a jax array stays a jax array (on the default
+  device), anything else comes back as NumPy, so a cut leaf keeps its type and dtype (a float64
+  NumPy leaf is not turned into float32 when x64 is off, next to uncut float64 leaves)."""
+  return jax.device_put(host) if isinstance(given, jax.Array) else host
 
 
 def uncompact(small_params: PyTree, params: PyTree, groups: Mapping[str, UnitGroup],
@@ -558,10 +566,16 @@ def uncompact(small_params: PyTree, params: PyTree, groups: Mapping[str, UnitGro
   """
   out = small_params
   for path, axes in _kept_indices(params, groups, unit_masks).items():
-    small = jnp.asarray(get_path(small_params, path))
+    given = get_path(small_params, path)
     full = tuple(jnp.shape(get_path(params, path)))
     index = tuple(np.ix_(*[axes.get(a, np.arange(n)) for a, n in enumerate(full)]))
-    out = set_path(out, path, jnp.zeros(full, small.dtype).at[index].set(small))
+    if isinstance(given, jax.core.Tracer):   # under a caller's jit (masks concrete)
+      out = set_path(out, path, jnp.zeros(full, given.dtype).at[index].set(given))
+      continue
+    small = np.asarray(given)
+    leaf = np.zeros(full, small.dtype)   # on the host, as compact
+    leaf[index] = small
+    out = set_path(out, path, _same_kind(given, leaf))
   return out
 
 

@@ -43,6 +43,29 @@ def test_compact_removes_exact_slices_and_does_not_mutate():
   np.testing.assert_array_equal(p["params"]["b"]["kernel"], before)
 
 
+def test_compact_and_uncompact_keep_each_leaf_kind_and_dtype():
+  # NumPy float64 params (x64 off): every leaf, cut or not, stays a float64 NumPy array; jax
+  # arrays stay jax arrays. (Cut leaves used to come back as float32 jax arrays next to uncut
+  # float64 NumPy ones.)
+  import jax
+  host = jax.tree.map(lambda a: np.asarray(a, np.float64), _params())
+  keep = {"h": np.array([True, False, True])}
+  small = units.compact(host, {"h": GROUP}, keep)
+  for leaf in jax.tree.leaves(small):
+    assert type(leaf) is np.ndarray and leaf.dtype == np.float64
+  back = units.uncompact(small, host, {"h": GROUP}, keep)
+  for leaf, full in zip(jax.tree.leaves(back), jax.tree.leaves(host)):
+    assert type(leaf) is np.ndarray and leaf.dtype == np.float64 and leaf.shape == full.shape
+  np.testing.assert_array_equal(back["params"]["a"]["kernel"], [[0, 0, 2], [3, 0, 5]])
+  dev = units.compact(_params(), {"h": GROUP}, keep)
+  assert all(isinstance(leaf, jax.Array) and leaf.dtype == jnp.float32
+             for leaf in jax.tree.leaves(dev))
+  # uncompact also runs under a caller's jit (the masks are concrete there).
+  jitted = jax.jit(lambda sp: units.uncompact(sp, _params(), {"h": GROUP}, keep))(dev)
+  np.testing.assert_array_equal(jitted["params"]["b"]["kernel"][1], np.zeros(4))
+  np.testing.assert_array_equal(jitted["params"]["b"]["kernel"][2], _params()["params"]["b"]["kernel"][2])
+
+
 def test_flatten_view_channel_owns_strided_rows():
   # A dense layer after flatten of a (2 positions, 3 channels) map: rows c, c+3 are channel c.
   k = jnp.arange(6.0 * 2).reshape(6, 2)
