@@ -121,12 +121,26 @@ def test_bad_weights_counts_and_losses_raise(model_params):
   np.testing.assert_array_equal(m["hidden_0"], [1, 1, 0, 1, 1])
 
 
-def test_traced_k_out_of_range_is_clamped_as_documented():
-  """docs/errors.md: under jit a k below 0 removes nothing and a k above the group size removes
-  all units but one, as k = size does."""
+def test_traced_bad_k_or_nan_kernel_changes_nothing_and_sets_invalid():
+  """docs/errors.md: under jit a k that is not a whole number in [0, size], or a NaN kernel,
+  changes nothing and sets report.invalid; k = size (or more than the kept units) removes all
+  units but one (kept_last)."""
   model = jaxprune.MLP(in_features=4, hidden=(12,), out_features=3)
   params = model.init(jax.random.key(0))
+  ones = jaxprune.unit_masks_ones(model)
   prune = jax.jit(jaxprune.importance_prune(model, "hidden_0"))
-  kept = {k: int(np.sum(prune(params, jaxprune.unit_masks_ones(model), k)[1]["hidden_0"]))
-          for k in (-3, 0, 5, 12, 50)}
-  assert kept == {-3: 12, 0: 12, 5: 7, 12: 1, 50: 1}
+  got = {}
+  for k in (-3, 0, 5, 12, 50, 2.5):
+    p, m, rep = prune(params, ones, k)
+    got[k] = (int(np.sum(m["hidden_0"])), bool(rep.invalid), bool(rep.kept_last))
+    if bool(rep.invalid):   # nothing changed: the params come back as given
+      for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+  assert got == {-3: (12, True, False), 0: (12, False, False), 5: (7, False, False),
+                 12: (1, False, True), 50: (12, True, False), 2.5: (12, True, False)}
+  bad = jax.tree.map(lambda a: a, params)
+  bad["params"]["hidden_0"]["kernel"] = bad["params"]["hidden_0"]["kernel"].at[0, 3].set(jnp.nan)
+  p, m, rep = prune(bad, ones, 4)
+  assert bool(rep.invalid) and int(rep.removed) == 0 and bool(np.all(m["hidden_0"]))
+  with pytest.raises(ValueError, match="NaN"):
+    jaxprune.importance_prune(model, "hidden_0")(bad, ones, 4)

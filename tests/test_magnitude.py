@@ -204,9 +204,20 @@ def test_invalid_traced_fractions_remove_nothing():
   model = jaxprune.MLP(in_features=4, hidden=(12,), out_features=3)
   params = model.init(jax.random.key(0))
   fractions = jnp.asarray([0.2, -0.5, 1.5, jnp.nan])
-  masks = jax.vmap(lambda f: magnitude_prune(params, None, f)[1])(fractions)
+  masks, reports = jax.vmap(lambda f: magnitude_prune(params, None, f)[1:])(fractions)
   for i in (1, 2, 3):
     assert all(bool(np.all(np.asarray(m[i]))) for m in jax.tree.leaves(masks))
+  np.testing.assert_array_equal(reports.invalid, [False, True, True, True])
+  np.testing.assert_array_equal(reports.count[1:], [0, 0, 0])
+  # NaN weights cannot raise under jit either: nothing removed, invalid set (eagerly: ValueError).
+  bad = jax.tree.map(lambda a: a, params)
+  bad["params"]["hidden_0"]["kernel"] = bad["params"]["hidden_0"]["kernel"].at[1, 2].set(jnp.nan)
+  _, m, rep = jax.jit(lambda p: magnitude_prune(p, None, 0.5))(bad)
+  assert bool(rep.invalid) and int(rep.count) == 0
+  assert all(bool(np.all(np.asarray(leaf))) for leaf in jax.tree.leaves(m))
+  assert not bool(magnitude_prune(params, None, 0.5)[2].invalid)
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    magnitude_prune(bad, None, 0.5)
   eager = magnitude_prune(params, None, 0.2)[1]
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(masks)):
     np.testing.assert_array_equal(a, b[0])

@@ -66,11 +66,21 @@ def _order(scores, mask):
 
 
 class ImportanceReport(NamedTuple):
-  """One-shot result: ``scores`` (units,), ``removed`` () int32 and ``kept_last`` () bool."""
+  """One-shot result of :func:`importance_prune`.
+
+  Attributes:
+    scores: (units,) the units' importance.
+    removed: () int32 units removed by this call.
+    kept_last: () bool, True if ``k`` asked for every kept unit and the most important was kept.
+    invalid: () bool, True if the input was bad under ``jit``/``vmap`` (a traced ``k`` that is
+      not a whole number in [0, size]; NaN or infinite scores): nothing was changed. On
+      concrete values bad input raises instead.
+  """
 
   scores: jax.Array
   removed: jax.Array
   kept_last: jax.Array
+  invalid: jax.Array
 
 
 def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Callable:
@@ -79,7 +89,9 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
   Returns:
     ``prune(params, unit_masks, k) -> (params, unit_masks, ImportanceReport)``; ``k`` is
     traced. If ``k`` would remove every kept unit, the most important one is kept and
-    ``kept_last`` is True.
+    ``kept_last`` is True. A ``k`` that is not a whole number in [0, group size] or NaN
+    kernels raise ValueError on concrete values; under ``jit``/``vmap`` they change nothing
+    and set ``report.invalid``.
   """
   g = _common.get_group(model_or_groups, group)
   groups = _common.resolve_groups(model_or_groups)
@@ -90,12 +102,16 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
   def core(params, mask, k):
     s = _scores(params, g, norm)
     n = jnp.sum(mask, dtype=jnp.int32)
-    k = jnp.asarray(k, jnp.int32)
+    kf = jnp.asarray(k, jnp.float32)
+    valid = (kf >= 0) & (kf <= g.size) & (kf == jnp.round(kf)) & jnp.all(jnp.isfinite(s))
+    k = jnp.where(valid, kf, 0).astype(jnp.int32)
     kk = jnp.clip(k, 0, jnp.maximum(n - 1, 0))
     rank = jnp.zeros((g.size,), jnp.int32).at[_order(s, mask)].set(jnp.arange(g.size))
     keep = mask & (rank >= kk)
-    return (_common.zero_units(params, g, keep), keep,
-            ImportanceReport(s, n - jnp.sum(keep, dtype=jnp.int32), (k >= n) & (n > 0)))
+    pruned = jax.tree.map(lambda new, old: jnp.where(valid, new, old),
+                          _common.zero_units(params, g, keep), params)
+    return (pruned, keep, ImportanceReport(s, n - jnp.sum(keep, dtype=jnp.int32),
+                                           (k >= n) & (n > 0), ~valid))
 
   def prune(params, unit_masks, k):
     mask = _common.group_mask(unit_masks, g, groups, params)

@@ -61,12 +61,16 @@ class MagnitudeReport(NamedTuple):
       weight in scope scores ``>= threshold`` (equal only where ties were broken by position).
       NaN where the scope removed nothing.
     count: () int32 weights removed in all.
+    invalid: () bool, True if the input was bad under ``jit``/``vmap`` (a traced fraction
+      outside [0, 1] or NaN; NaN or infinite weights to rank): nothing was removed. On
+      concrete values bad input raises instead.
   """
 
   kept: jax.Array
   removed: jax.Array
   threshold: jax.Array
   count: jax.Array
+  invalid: jax.Array
 
 
 _HI_BITS = 16  # first pass: bits 30..15 of the float32 pattern; second pass: bits 14..0
@@ -205,12 +209,12 @@ def _remove_smallest_sorted(bits: list[jax.Array], keep: list[jax.Array], k: jax
   return out, cut_value
 
 
-def _n_remove(fraction, remaining):
-  # A traced fraction outside [0, 1] (or NaN) cannot raise: it removes nothing, as the
-  # distinctiveness and redundancy pruners leave everything unchanged on bad traced settings.
+def _n_remove(fraction, remaining, valid):
+  # Bad traced input (a fraction outside [0, 1] or NaN, non-finite scores) cannot raise: it
+  # removes nothing and sets report.invalid, as the distinctiveness and redundancy pruners do.
   fraction = jnp.asarray(fraction, jnp.float32)
   n = jnp.round(fraction * remaining.astype(jnp.float32)).astype(jnp.int32)
-  return jnp.where((fraction >= 0) & (fraction <= 1), n, 0)
+  return jnp.where(valid, n, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("shapes",))
@@ -230,14 +234,16 @@ def _core(params, scores, weight_masks, fraction, *, selected, scope):
     weight_masks = masks_lib.ones_like(params)
   mleaves = jax.tree.leaves(weight_masks)
   n_bad = sum(jnp.sum(~jnp.isfinite(s), dtype=jnp.int32) for s in scores)
+  valid = (fraction >= 0) & (fraction <= 1) & (n_bad == 0)
   bits = [_bits(s) for s in scores]
   keep = [mleaves[i] for i in selected]
   if scope == "global":
     remaining = sum(jnp.sum(m, dtype=jnp.int32) for m in keep)
-    removed, cut = _remove_smallest_and_cut(bits, keep, _n_remove(fraction, remaining))
+    removed, cut = _remove_smallest_and_cut(bits, keep, _n_remove(fraction, remaining, valid))
     cuts = [cut] * len(keep)
   else:
-    pairs = [_remove_smallest_and_cut([b], [m], _n_remove(fraction, jnp.sum(m, dtype=jnp.int32)))
+    pairs = [_remove_smallest_and_cut([b], [m], _n_remove(fraction, jnp.sum(m, dtype=jnp.int32),
+                                                          valid))
              for b, m in zip(bits, keep)]
     removed, cuts = [p[0][0] for p in pairs], [p[1] for p in pairs]
   new_m = list(mleaves)
@@ -248,7 +254,7 @@ def _core(params, scores, weight_masks, fraction, *, selected, scope):
   report = MagnitudeReport(
       kept=jnp.stack([jnp.sum(new_m[i], dtype=jnp.int32) for i in selected]),
       removed=n_removed, threshold=jnp.stack(cuts).astype(jnp.float32),
-      count=jnp.sum(n_removed))
+      count=jnp.sum(n_removed), invalid=~valid)
   return masks_lib.apply_masks(params, new_masks), new_masks, report, n_bad
 
 
@@ -293,9 +299,9 @@ def magnitude_prune(params: PyTree, weight_masks: PyTree | None = None, fraction
     new masks, and the per-leaf counts and cut (see :class:`MagnitudeReport`).
     Jit-compiled; a new fraction does not recompile. Bad fractions raise ValueError (on
     concrete values); NaN weights raise ValueError. Under ``jit``/``vmap`` a traced fraction
-    outside [0, 1] (or NaN) cannot raise: it removes nothing (the masks come back unchanged),
-    as the distinctiveness and redundancy pruners leave everything unchanged on bad traced
-    settings; check ``0 <= fraction <= 1`` yourself before tracing.
+    outside [0, 1] (or NaN), or NaN weights, cannot raise: nothing is removed (the masks come
+    back unchanged) and ``report.invalid`` is True, as with the distinctiveness and
+    redundancy pruners.
   """
   return _prune(params, weight_masks, fraction, None, scope, select, random=False)
 
