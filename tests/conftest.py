@@ -63,6 +63,39 @@ import jax  # pylint: disable=wrong-import-position
 import numpy as np
 import pytest
 
+_CACHE_ENV = "JAXPRUNE_SUITE_XLA_CACHE"
+
+
+def _suite_cache() -> str | None:
+  """A persistent compilation cache for this run of the suite, shared by the xdist workers.
+
+  Many tests compile programs another test (or the other worker) already compiled: the same
+  HLO from a fresh closure or model object, which jit's in-memory caches cannot recognise.
+  JAX's persistent cache is keyed on the program and the compile options, so they are loaded
+  instead. A fresh folder per run (made by the controller, removed at its end), so nothing
+  is reused from an earlier run. ``JAXPRUNE_SUITE_XLA_CACHE=off`` turns it off."""
+  path = os.environ.get(_CACHE_ENV)
+  if path == "off":
+    return None
+  if not path:
+    path = tempfile.mkdtemp(prefix="jaxprune-suite-xla-")
+    os.environ[_CACHE_ENV] = path   # inherited by the workers
+    os.environ[_CACHE_ENV + "_OWNER"] = str(os.getpid())
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
+
+_SUITE_CACHE = _suite_cache()
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _SUITE_CACHE and os.environ.get(_CACHE_ENV + "_OWNER") == str(os.getpid()):
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(_SUITE_CACHE, ignore_errors=True)
+
 
 @pytest.fixture(autouse=True)
 def _temporary_files_in_tmp_path(tmp_path, monkeypatch):
