@@ -58,7 +58,8 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
     params: the params pytree.
     masks: weight masks (bool pytree like ``params``), or None.
     unit_masks: optional ``{group: bool vector}``.
-    overwrite: replace an existing checkpoint (only after the new one is written).
+    overwrite: replace an existing checkpoint (only after the new one is written); a folder
+      that holds anything but a checkpoint, or a file, is refused (FileExistsError).
     target: the model (or ``jaxprune.trace(...)`` target) the masks belong to; when given,
       each unit mask is checked against its group (a name it lacks, a wrong length) before
       anything is written. Without it only the weight masks can be checked (against params).
@@ -71,6 +72,7 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True to replace it or choose a new "
                           "path.")
+  _check_replaceable(path)
   tree = {"params": params}
   if masks is not None:
     tree["masks"] = masks
@@ -92,6 +94,7 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
       if not overwrite:  # made by someone else while we wrote
         raise FileExistsError(f"{path} appeared while saving; pass overwrite=True to replace it "
                               "or choose a new path.")
+      _check_replaceable(path)
       old = os.path.join(work, "old")
       os.replace(path, old)
     try:
@@ -102,6 +105,34 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
       raise
   finally:
     shutil.rmtree(work, ignore_errors=True)  # the old checkpoint (after success) or the debris
+
+
+# Files orbax writes at the top of a checkpoint folder (any of its formats).
+_ORBAX_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "commit_success.txt")
+
+
+def _check_replaceable(path: str) -> None:
+  """``overwrite=True`` replaces a checkpoint or an empty folder, nothing else: a mistyped path
+  must not delete a folder of results."""
+  if not os.path.lexists(path):
+    return
+  if os.path.isdir(path):
+    entries = sorted(os.listdir(path))
+    if not entries or any(f in entries for f in _ORBAX_FILES):
+      return
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    n = len(entries)
+    what = f"a folder that is not a checkpoint (it holds {n} entr{'y' if n == 1 else 'ies'}: {shown})"
+  else:
+    what = "a file, not a checkpoint folder"
+  raise FileExistsError(f"{path} is {what}; overwrite=True only replaces a checkpoint (or an "
+                        "empty folder). Choose another path, or move it away yourself.")
+
+
+def _damaged(path: str, why: str) -> str:
+  return (f"The checkpoint at {path} is incomplete or damaged ({why}): files were lost or cut "
+          "short after it was written. Restore the folder from a copy, or save the checkpoint "
+          "again.")
 
 
 def _name(k) -> str:
@@ -190,6 +221,8 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
   except Exception as e:  # no orbax metadata there at all
     raise ValueError(f"{not_ours}: orbax cannot read its metadata "
                      f"({type(e).__name__}: {e}).") from e
+  if meta is None and any(os.path.exists(os.path.join(path, f)) for f in _ORBAX_FILES):
+    raise ValueError(_damaged(path, "orbax finds its files but no metadata of the saved tree"))
   if not isinstance(meta, dict) or "params" not in meta:
     found = f"it holds {sorted(meta)}" if isinstance(meta, dict) else "orbax finds no metadata"
     raise ValueError(f"{not_ours}: {found}.")
@@ -205,7 +238,10 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
     if "unit_masks" in meta:  # their shapes come from the checkpoint: they are not in the params
       target["unit_masks"] = jax.tree.map(
           lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta["unit_masks"])
-  tree = ckptr.restore(path, target)
+  try:
+    tree = ckptr.restore(path, target)
+  except Exception as e:  # metadata readable, data not: lost or cut-short files
+    raise ValueError(_damaged(path, f"{type(e).__name__}: {e}")) from e
   params, masks = tree["params"], tree.get("masks")
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)

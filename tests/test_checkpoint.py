@@ -195,3 +195,42 @@ def test_unit_masks_are_checked_against_the_target_when_given(tmp_path):
   jaxprune.save_checkpoint(str(tmp_path / "c"), params, unit_masks=good, target=model)
   loaded = jaxprune.load_checkpoint(str(tmp_path / "c"), params, with_unit_masks=True)[2]
   np.testing.assert_array_equal(np.asarray(loaded["hidden_0"]), np.asarray(good["hidden_0"]))
+
+
+# ------------------------------------------------------------------ overwrite and damaged folders
+
+
+def test_overwrite_refuses_a_folder_or_file_that_is_not_a_checkpoint(tmp_path):
+  """overwrite=True replaced whatever was at the path: a mistyped path deleted a folder of
+  results. Now only a checkpoint or an empty folder is replaced; nothing is touched otherwise."""
+  results = tmp_path / "results"
+  results.mkdir()
+  (results / "table.csv").write_text("1,2\n")
+  with pytest.raises(FileExistsError, match=r"not a checkpoint \(it holds 1 entry: table.csv\)"):
+    jaxprune.save_checkpoint(str(results), _params(), overwrite=True)
+  assert (results / "table.csv").read_text() == "1,2\n"
+  (tmp_path / "notes.txt").write_text("x")
+  with pytest.raises(FileExistsError, match="a file, not a checkpoint folder"):
+    jaxprune.save_checkpoint(str(tmp_path / "notes.txt"), _params(), overwrite=True)
+  assert (tmp_path / "notes.txt").read_text() == "x"
+  assert sorted(os.listdir(tmp_path)) == ["notes.txt", "results"]   # no temporary folder left
+  (tmp_path / "empty").mkdir()
+  jaxprune.save_checkpoint(str(tmp_path / "empty"), _params(), overwrite=True)
+  np.testing.assert_array_equal(jaxprune.load_checkpoint(str(tmp_path / "empty"))[0]["a"]["kernel"],
+                                _params()["a"]["kernel"])
+
+
+@pytest.mark.parametrize("damage", ["lost data files", "garbage data files"])
+def test_damaged_checkpoint_is_named_as_damaged_not_foreign(tmp_path, damage):
+  path, params, _ = _save(tmp_path)
+  chunks = [os.path.join(root, f) for root, _, files in os.walk(path)
+            if os.path.basename(root) == "d" for f in files]
+  assert chunks
+  for f in chunks:
+    if damage == "lost data files":
+      os.remove(f)
+    else:
+      with open(f, "wb") as out:
+        out.write(b"\0garbage" * 3)
+  with pytest.raises(ValueError, match="is incomplete or damaged.*save the checkpoint again"):
+    jaxprune.load_checkpoint(path, params)
