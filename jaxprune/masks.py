@@ -35,6 +35,10 @@ def ones_like(params: PyTree) -> PyTree:
 def unit_masks_ones(model_or_groups) -> dict[str, jax.Array]:
   """All-True unit masks, one bool vector per unit group of a model."""
   groups = _groups(model_or_groups)
+  if not all(isinstance(g, units_lib.UnitGroup) for g in groups.values()):
+    raise TypeError("unit_masks_ones takes a pruning target (a jaxprune model, or "
+                    "jaxprune.trace(fn, params, x)) or its `groups` dict (name -> UnitGroup), "
+                    "not params; for weight masks of params use jaxprune.ones_like(params).")
   return {name: jnp.ones((g.size,), dtype=bool) for name, g in groups.items()}
 
 
@@ -63,6 +67,22 @@ def _container_difference(params: PyTree, masks: PyTree) -> str:
       return (f"at {where} the params are a {type(p).__name__} but the masks a "
               f"{type(m).__name__}; build the masks in the params' container types")
     if isinstance(p, Mapping):
+      where = lambda k: "".join(f"[{j!r}]" for j in path + (k,))
+      for k in p:
+        if k not in m:   # a node without leaves: None, optax.MaskedNode(), an empty dict
+          what = type(p[k]).__name__ if p[k] is not None else "None"
+          hint = (" (inside optax.multi_transform or optax.masked each branch sees "
+                  "optax.MaskedNode() for the other branches' leaves: wrap the whole optimizer, "
+                  "jaxprune.masked_optimizer(optax.multi_transform(...), masks), or put "
+                  "optax.MaskedNode() at the same places in the masks)"
+                  if what == "MaskedNode" else "")
+          return (f"at {where(k)} the params hold a {what}, which has no leaves, and the masks "
+                  f"nothing; give the masks the same node there{hint}")
+      for k in m:
+        if k not in p:
+          what = type(m[k]).__name__ if m[k] is not None else "None"
+          return (f"at {where(k)} the masks hold a {what}, which has no leaves, and the params "
+                  "nothing; remove it from the masks")
       pending.extend((path + (k,), p[k], m[k]) for k in p if k in m)
     elif isinstance(p, (list, tuple)) and len(p) == len(m):
       pending.extend((path + (i,), a, b) for i, (a, b) in enumerate(zip(p, m)))
@@ -86,6 +106,12 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
     extra = [jax.tree_util.keystr(k) for k in m_paths if k not in p_paths]
     why = (f"missing leaves: {missing[:5] or 'none'}; unexpected leaves: {extra[:5] or 'none'}"
            if missing or extra else _container_difference(params, masks))
+    if extra and any(type(x).__name__ == "MaskedNode" for x in jax.tree.leaves(
+        params, is_leaf=lambda x: type(x).__name__ == "MaskedNode")):
+      why += ("; the params hold optax.MaskedNode() placeholders (optax.multi_transform or "
+              "optax.masked): wrap the whole optimizer, jaxprune.masked_optimizer("
+              "optax.multi_transform(...), masks), or put optax.MaskedNode() in the masks where "
+              "the params have it")
     raise ValueError(
         f"Weight masks do not have the structure of the params ({why}). "
         "Create them with jaxprune.ones_like(params) or jaxprune.expand(params, model, ...).")
@@ -154,21 +180,40 @@ def count_units(unit_masks: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
   return {k: (int(np.sum(np.asarray(m))), int(np.size(m))) for k, m in unit_masks.items()}
 
 
+def _check_mask_leaves(masks: PyTree, fn: str) -> None:
+  """Every leaf of a weight mask is a bool array, and there is at least one (params passed
+  where masks belong used to give a 'sparsity' of -2.0, an empty tree 100%)."""
+  flat = jax.tree_util.tree_flatten_with_path(masks)[0]
+  if not flat:
+    raise ValueError(f"{fn} got a tree with no leaves; pass weight masks (a bool pytree like "
+                     "the params, e.g. from jaxprune.ones_like(params) or a pruner).")
+  for k, m in flat:
+    dtype = getattr(m, "dtype", None)
+    if dtype is None or dtype != jnp.bool_:
+      raise TypeError(f"{fn} takes weight masks (bool leaves); the leaf at "
+                      f"{jax.tree_util.keystr(k)} is {dtype if dtype is not None else type(m).__name__}"
+                      ". Pass the masks (e.g. the second output of a pruner), not the params, or "
+                      "mask.astype(bool).")
+
+
 def count_weights(masks: PyTree) -> tuple[int, int]:
-  """(kept, total) over every leaf of a weight mask."""
+  """(kept, total) over every leaf of a weight mask (bool leaves)."""
+  _check_mask_leaves(masks, "count_weights")
   leaves = jax.tree.leaves(masks)
   return (int(sum(int(np.sum(np.asarray(m))) for m in leaves)),
           int(sum(int(np.size(m)) for m in leaves)))
 
 
 def sparsity(masks: PyTree) -> float:
-  """Fraction of weights removed."""
+  """Fraction of weights removed (``masks``: bool leaves)."""
+  _check_mask_leaves(masks, "sparsity")
   kept, total = count_weights(masks)
   return 1.0 - kept / max(total, 1)
 
 
 def summary(masks: PyTree, unit_masks: Mapping[str, Any] | None = None) -> str:
   """A per-layer table of kept weights and sparsity (and kept units per group, if given)."""
+  _check_mask_leaves(masks, "summary")
   rows = []
   for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
     name = units_lib.path_str([k if k is not None else "?" for k in map(units_lib.key_of, path)])

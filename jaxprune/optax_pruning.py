@@ -68,8 +68,26 @@ def _check_sparsity(name: str, value) -> None:
     return
   v = np.asarray(value, np.float64)
   if v.ndim or not np.isfinite(v) or not 0.0 <= float(v) < 1.0:
-    raise ValueError(f"{name} must be a number in [0, 1), got {value!r}; 1.0 would remove every "
-                     "weight (use e.g. 0.9 to keep 10%).")
+    raise ValueError(f"{name} must be a number in [0, 1) (the fraction of weights removed; "
+                     f"e.g. 0.9 keeps 10%, 1.0 would remove every weight), got {value!r}.")
+
+
+def _check_power(power) -> None:
+  """A concrete schedule exponent must be a positive number: with ``power <= 0`` the schedule
+  would stay at its initial sparsity (or jump to infinity) instead of reaching the final one."""
+  if not _common.is_concrete(power):
+    return
+  v = np.asarray(power, np.float64)
+  if v.ndim or not np.isfinite(v) or float(v) <= 0:
+    raise ValueError(f"power must be a positive number (3 in Zhu and Gupta's schedule, 1 for "
+                     f"equal steps), got {power!r}; with power <= 0 the sparsity would not "
+                     "reach its final value at end_step.")
+
+
+def _check_tx(tx) -> None:
+  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+    raise TypeError(f"tx must be an optax GradientTransformation (e.g. optax.adam(1e-3)), got "
+                    f"{type(tx).__name__} {tx!r}.")
 
 
 _STATIC = ("the schedule is static; under optax.inject_hyperparams pass static_args=("
@@ -145,6 +163,21 @@ def _need_params(name: str, params) -> None:
                      "exactly zero).")
 
 
+def _check_masked_finite(params, weight_masks, fn: str) -> None:
+  """A masked weight is zeroed by the update ``-w``, which cannot cancel NaN or infinity
+  (``w + (-w)`` is NaN): refuse such concrete params at ``init``, naming the fix."""
+  for (k, p), m in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                       jax.tree.leaves(weight_masks)):
+    if not (_common.is_concrete(p, m) and jnp.issubdtype(jnp.result_type(p), jnp.floating)):
+      continue
+    bad = int(np.sum(~np.asarray(m) & ~np.isfinite(np.asarray(p))))
+    if bad:
+      raise ValueError(f"{fn}: params{jax.tree_util.keystr(k)} hold {bad} NaN or infinite "
+                       "values where the masks remove weights; the update that zeroes a masked "
+                       "weight (-w) cannot cancel them. Apply the masks once first: "
+                       "params = jaxprune.apply_masks(params, masks).")
+
+
 def keep_masked(weight_masks: PyTree) -> optax.GradientTransformation:
   """Keeps masked weights exactly zero; chain it after any optimizer.
 
@@ -162,11 +195,13 @@ def keep_masked(weight_masks: PyTree) -> optax.GradientTransformation:
 
   Returns:
     An ``optax.GradientTransformation``; ``init`` raises ValueError if the masks do not fit the
-    params, ``update`` needs ``params``.
+    params, or if concrete params hold NaN or infinite values where the masks remove weights
+    (apply the masks first); ``update`` needs ``params``.
   """
 
   def init_fn(params):
     masks_lib.check_weight_masks(params, weight_masks)
+    _check_masked_finite(params, weight_masks, "keep_masked")
     return MaskedState(jax.tree.map(jnp.asarray, weight_masks))
 
   def update_fn(updates, state, params=None):
@@ -207,8 +242,11 @@ def masked_optimizer(tx: optax.GradientTransformation,
     Array(0., dtype=float32)
   """
 
+  _check_tx(tx)
+
   def init_fn(params):
     masks_lib.check_weight_masks(params, weight_masks)
+    _check_masked_finite(params, weight_masks, "masked_optimizer")
     return (MaskedState(jax.tree.map(jnp.asarray, weight_masks)), tx.init(params))
 
   def update_fn(updates, state, params=None):
@@ -236,6 +274,7 @@ def polynomial_sparsity(step, *, final, begin_step: int, end_step: int, initial=
     0.7
   """
   _check_schedule(begin_step, end_step, 1, end_required=True)
+  _check_power(power)
   t = jnp.clip(jnp.asarray(step, jnp.float32), begin_step, end_step)
   x = (t - jnp.float32(begin_step)) / jnp.float32(end_step - begin_step)
   decay = (1.0 - x) ** power
@@ -292,6 +331,7 @@ class PruningState(NamedTuple):
 
 def _wrap(tx: optax.GradientTransformation, pruner: StepPruner, target_fn, begin_step, end_step,
           frequency, at_end: bool) -> optax.GradientTransformation:
+  _check_tx(tx)
 
   def init_fn(params):
     return PruningState(jnp.zeros((), jnp.int32), masks_lib.ones_like(params),
@@ -364,7 +404,9 @@ def gradual(tx: optax.GradientTransformation, *, sparsity, begin_step: int, end_
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`PruningState`.
   """
+  _check_tx(tx)
   _check_schedule(begin_step, end_step, frequency, end_required=True)
+  _check_power(power)
   _check_sparsity("initial_sparsity", initial_sparsity)
   sparsity = _sparsity_map_or_float(sparsity)
   finals = list(sparsity.values()) if isinstance(sparsity, Mapping) else [sparsity]
@@ -773,6 +815,10 @@ def block_prune(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5
   """
   sparsity = _sparsity_map_or_float(sparsity)
   scope = _check_scope(scope, sparsity)
+  if (not isinstance(block, (tuple, list)) or len(block) != 2
+      or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in block)):
+    raise ValueError(f"block must be two positive ints (rows, columns of the last two axes), "
+                     f"e.g. block=(4, 4); got {block!r}.")
   bh, bw = (int(b) for b in block)
   if bh < 1 or bw < 1:
     raise ValueError(f"block must be two positive ints, got {block}.")
@@ -814,10 +860,32 @@ def _params_only(group: units_lib.UnitGroup) -> units_lib.UnitGroup:
   return dataclasses.replace(group, slices=slices)
 
 
+def _without_value(group: units_lib.UnitGroup) -> units_lib.UnitGroup:
+  """``group`` with a trailing ``'value'`` dropped from its paths: a target traced on an nnx
+  ``State`` names its leaves through their Variables (``l1/kernel/value``), while
+  ``nnx.Optimizer`` hands the transformation a ``State`` of plain arrays (``l1/kernel``)."""
+  def strip(path):
+    return path[:-1] if path is not None and path[-1:] == ("value",) else path
+  slices = tuple(dataclasses.replace(s, path=strip(s.path), bias=strip(s.bias))
+                 for s in group.slices)
+  return group if slices == group.slices else dataclasses.replace(group, slices=slices)
+
+
+def _variants(group: units_lib.UnitGroup):
+  """(wraps in ``{'params': ...}``, the group as it applies there), in the order tried."""
+  out = []
+  for v in (group, _without_value(group)):
+    for wrap, used in ((False, v), (True, _params_only(v))):
+      if (wrap, used) not in out:
+        out.append((wrap, used))
+  return out
+
+
 def _rooted(params, group: units_lib.UnitGroup):
   """(tree the group's paths resolve in, unwrap, the group as it applies there). The optimizer
   of a flax model often sees ``variables['params']`` while jaxprune groups are rooted at the
-  variables dict (and may hold slices of other collections)."""
+  variables dict (and may hold slices of other collections); ``nnx.Optimizer`` sees plain
+  arrays where a target traced on an nnx ``State`` has Variables."""
   def resolves(tree, g):
     try:
       for s in g.slices:
@@ -826,24 +894,29 @@ def _rooted(params, group: units_lib.UnitGroup):
     except KeyError:
       return False
 
-  if resolves(params, group):
-    return params, lambda t: t, group
-  inner = _params_only(group)
-  if isinstance(params, Mapping) and resolves({"params": params}, inner):
-    return {"params": params}, lambda t: t["params"], inner
+  for wrap, used in _variants(group):
+    if not wrap and resolves(params, used):
+      return params, lambda t: t, used
+    if wrap and isinstance(params, Mapping) and resolves({"params": params}, used):
+      return {"params": params}, lambda t: t["params"], used
   raise ValueError(f"The params do not hold the slices of unit group {group.name!r} "
                    f"({[units_lib.path_str(s.path) for s in group.slices]}); pass the params of the model "
-                   "whose groups these are (the variables dict or its 'params' collection).")
+                   "whose groups these are (the variables dict or its 'params' collection; "
+                   "for an nnx model, the State the target was traced on or its plain arrays).")
 
 
 def _per_variant(group: units_lib.UnitGroup, make):
-  """``make(group)`` for the group as given and for its ``'params'``-collection part, by the
-  group :func:`_rooted` returns (built once each, so each compiles once)."""
-  inner = _params_only(group)
+  """``make(group)`` for each form of the group :func:`_rooted` can return: the group as given
+  now (so its settings are checked when the pruner is made), the others on first use; once
+  each, so each compiles once."""
   built = {group: make(group)}
-  if inner != group:
-    built[inner] = make(inner)
-  return lambda used: built[used]
+
+  def get(used):
+    if used not in built:
+      built[used] = make(used)
+    return built[used]
+
+  return get
 
 
 def _unit_state(g):

@@ -150,6 +150,19 @@ def _check_data(model: Model, x, y, name="x", params=None, y_name="y"):
     _check_targets(model, params, x, y, y_name)
 
 
+def _check_start_params(params, masks=None) -> None:
+  """Concrete params are finite where the masks keep them (a masked weight is zeroed before
+  use): NaN weights used to train to a NaN loss blamed on the learning rate, and to evaluate
+  to an accuracy of NaN logits."""
+  if masks is None:
+    validate.check_params(params)
+    return
+  validate.check_params(jax.tree.map(
+      lambda p, m: np.where(np.asarray(m), np.asarray(p), 0) if validate.is_concrete(p) and
+      validate.is_concrete(m) and jnp.issubdtype(jnp.result_type(p), jnp.floating) else p,
+      params, masks))
+
+
 def _check_trainable(params) -> None:
   """Every leaf is trained by gradient, so every leaf must be floating point (an nnx model's
   RNG key or counter, or a step count, cannot be)."""
@@ -546,6 +559,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   _check_data(model, xh, yh, params=params)
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)  # applied in the start program
+  _check_start_params(params, masks)
   trainer = trainer or make_trainer(model, batch_size=batch_size, optimizer=optimizer, loss=loss)
   x, y = _device(x, xh), _device(y, yh)
   w = _device(np.ones((x.shape[0],), np.float32))
@@ -587,6 +601,7 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   _check_trainable(params)
   xh, yh, wh = _host(x), _host(y), _host(w, np.float32)
   runs, n = _check_runs("fit_many", model, params, xh, yh, wh, "w", masks)
+  _check_start_params(params, masks)
   _check_learning_rate(learning_rate)
   validate.check_key(key)
   key_shape = jnp.shape(key)
@@ -627,7 +642,10 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
   xh, yh = _host(x), _host(y)
   _check_data(model, xh, yh, params=params)
   if masks is not None:
-    params = masks_lib.apply_masks(params, masks)  # checks the masks against the params
+    masks_lib.check_weight_masks(params, masks)
+  _check_start_params(params, masks)
+  if masks is not None:
+    params = masks_lib.apply_masks(params, masks)
   trainer = make_trainer(model, loss=loss)
   x, y = _device(x, xh), _device(y, yh)
   if sample_weight is None:
@@ -666,6 +684,7 @@ def evaluate_many(model: Model, params: PyTree, x, y, sample_weight=None, *,
   wh = (np.ones(xh.shape[:2], np.float32) if sample_weight is None
         else _host(sample_weight, np.float32))
   runs, n = _check_runs("evaluate_many", model, params, xh, yh, wh, "sample_weight", masks)
+  _check_start_params(params, masks)
   validate.check_data(xh, yh, sample_weight=wh, name="x", runs=True)
   for r in range(runs):
     validate.check_sample_weight(wh[r], n, f"sample_weight of run {r}")

@@ -182,8 +182,9 @@ def check_params(params: PyTree, name: str = "params") -> None:
       try:
         check_finite(f"{name}[{where}]", leaf)
       except ValueError as e:
-        raise ValueError(f"{e} A network with such weights gives meaningless results; train it "
-                         "again (lower the learning rate) or load sound weights.") from None
+        found = str(e).split(";")[0]   # '<name> holds N NaN or infinite values'
+        raise ValueError(f"{found}. A network with such weights gives meaningless results; "
+                         "train it again (lower the learning rate) or load sound weights.") from None
 
 
 def check_data(x, y=None, *, sample_weight=None, num_classes: int | None = None,

@@ -448,6 +448,12 @@ def test_image_argument_errors(tree):
     data.load_sfew_images(tree, size=(8, 8), channels=4)
   with pytest.raises(ValueError, match="size"):
     data.load_sfew_images(tree, size=(8, 0))
+  # One number, a float, a string: the message names the form (12 used to fail in len()).
+  for size in (12, (8.5, 8), "88", (8, 8, 1)):
+    with pytest.raises(ValueError, match=r"size must be \(height, width\), two positive ints"):
+      data.load_sfew_images(tree, size=size)
+  with pytest.raises(ValueError, match=r"expected_size must be \(height, width\)"):
+    data.load_sfew_images(tree, size=(8, 8), expected_size=576)
   with pytest.raises(ValueError, match="on_error"):
     data.load_sfew_images(tree, size=(8, 8), on_error="ignore")
 

@@ -98,3 +98,17 @@ def test_summary_names_list_and_attribute_paths():
   masks = [layer(np.ones((2, 3), bool), np.ones(3, bool)), {"k": np.zeros((3, 1), bool)}]
   rows = [line.split()[0] for line in jaxprune.summary(masks).splitlines()[2:]]
   assert rows == ["0/w", "0/b", "1/k", "total"]
+
+
+def test_counts_and_summaries_refuse_what_is_not_a_weight_mask(params):
+  """Params where masks belong gave a 'sparsity' of -2.0 (and kept counts that were sums of
+  weights); an empty tree gave 100%."""
+  for fn in (jaxprune.sparsity, jaxprune.summary, jaxprune.count_weights):
+    with pytest.raises(TypeError, match=r"takes weight masks \(bool leaves\); the leaf at "
+                                        r"\['params'\]\['hidden_0'\]\['bias'\] is float32"):
+      fn(params)
+    with pytest.raises(ValueError, match="got a tree with no leaves"):
+      fn({})
+  with pytest.raises(TypeError, match="takes a pruning target.*not params.*ones_like"):
+    jaxprune.unit_masks_ones(params)
+  assert jaxprune.sparsity({"w": np.array([True, False, False, False])}) == 0.75

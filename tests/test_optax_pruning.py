@@ -601,3 +601,126 @@ def test_scheduled_runs_on_its_grid_only_gradual_also_at_end_step():
                         select=lambda path, leaf: True)
   p = {"w": jnp.arange(1.0, 101.0).reshape(10, 10)}   # kept: 52 at step 10, 50 at step 15
   assert steps(tx, lambda s: int(jnp.sum(s.masks["w"]))) == [10, 15]   # step 0: sparsity 0
+
+
+class _NnxNet(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(8, 12, rngs=rngs)
+    self.l2 = nnx.Linear(12, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(nnx.sigmoid(self.l1(x)))
+
+
+@pytest.mark.parametrize("kind", ["importance", "distinctiveness"])
+def test_structured_pruners_in_nnx_optimizer_traced_on_state_or_pure_dict(kind):
+  """A target traced on an nnx State names leaves through their Variables (l1/kernel/value);
+  nnx.Optimizer hands the transformation plain arrays (l1/kernel). Both tracings give the
+  same unit masks and params (this used to fail with 'the params do not hold the slices')."""
+  x = jax.random.normal(jax.random.key(0), (32, 8))
+  y = jnp.arange(32) % 3
+
+  def train(on_state):
+    net = _NnxNet(nnx.Rngs(0))
+    if kind == "distinctiveness":   # make units 1 and 4 duplicates: a similar pair to merge
+      kernel, bias = net.l1.kernel.get_value(), net.l1.bias.get_value()
+      net.l1.kernel.set_value(kernel.at[:, 4].set(kernel[:, 1]))
+      net.l1.bias.set_value(bias.at[4].set(bias[1]))
+    graph, state = nnx.split(net, nnx.Param)
+    if on_state:
+      target = jaxprune.trace(lambda s, x: nnx.merge(graph, s)(x), state, x)
+      assert any(s.path[-1] == "value" for s in target.groups["l1"].slices)
+    else:
+      def apply(p, x):
+        s = jax.tree.map(lambda a: a, state)
+        nnx.replace_by_pure_dict(s, p)
+        return nnx.merge(graph, s)(x)
+      target = jaxprune.trace(apply, nnx.to_pure_dict(state), x)
+    base = optax.sgd(0.0) if kind == "distinctiveness" else optax.adam(1e-2)
+    if kind == "importance":
+      tx = jaxprune.gradual(base, sparsity=0.5, begin_step=0, end_step=4, frequency=2,
+                            pruner=jaxprune.importance_pruner(target, "l1"))
+    else:
+      tx = jaxprune.scheduled(base, jaxprune.distinctiveness_pruner(target, "l1", source="incoming"),
+                              begin_step=0, frequency=2)
+    opt = nnx.Optimizer(net, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(net, opt):
+      loss = lambda n: optax.softmax_cross_entropy_with_integer_labels(n(x), y).mean()
+      opt.update(net, nnx.grad(loss)(net))
+
+    for _ in range(5):
+      step(net, opt)
+    return (np.asarray(jaxprune.unit_masks_of(opt.opt_state)["l1"]),
+            np.asarray(net.l1.kernel.get_value()), np.asarray(net.l2.kernel.get_value()))
+
+  (m_state, k1_state, k2_state), (m_dict, k1_dict, k2_dict) = train(True), train(False)
+  np.testing.assert_array_equal(m_state, m_dict)
+  if kind == "importance":
+    assert m_state.sum() == 6
+  else:
+    assert not m_state[4] and m_state[1] and m_state.sum() < 12
+  np.testing.assert_array_equal(k1_state, k1_dict)
+  np.testing.assert_array_equal(k2_state, k2_dict)
+  assert np.all(k1_state[:, ~m_state] == 0) and np.all(k2_state[~m_state] == 0)
+
+
+def test_schedule_optimizer_and_block_settings_are_checked_up_front():
+  p = {"w": jnp.arange(1., 17.).reshape(4, 4)}
+  for power in (0, -1, float("nan")):
+    with pytest.raises(ValueError, match="power must be a positive number"):
+      jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=4, frequency=1,
+                       power=power)
+    with pytest.raises(ValueError, match="power must be a positive number"):
+      jaxprune.polynomial_sparsity(2, final=0.5, begin_step=0, end_step=4, power=power)
+  for make in (lambda tx: jaxprune.gradual(tx, sparsity=0.5, begin_step=0, end_step=2, frequency=1),
+               lambda tx: jaxprune.masked_optimizer(tx, jaxprune.ones_like(p))):
+    with pytest.raises(TypeError, match="tx must be an optax GradientTransformation.*got float"):
+      make(0.1)
+  for block in (2, (1.5, 2), (2, 2, 2), "22"):
+    with pytest.raises(ValueError, match="block must be two positive ints"):
+      jaxprune.block_prune(p, None, 0.5, block=block)
+  with pytest.raises(ValueError, match=r"must be a number in \[0, 1\) \(the fraction of weights "
+                                       r"removed.*got -0.1"):
+    jaxprune.prune_to_sparsity(p, None, -0.1)
+
+
+def test_masked_nan_weight_is_refused_at_init_not_left_in_place():
+  """An update -w cannot zero a NaN or infinite masked weight (NaN + -NaN is NaN): it stayed in
+  the network while masks_of said it was pruned. init now refuses, naming apply_masks."""
+  p = {"w": jnp.ones((2, 2)).at[0, 0].set(jnp.inf)}
+  m = {"w": jnp.ones((2, 2), bool).at[0, 0].set(False)}
+  for tx in (optax.chain(optax.sgd(0.1), jaxprune.keep_masked(m)),
+             jaxprune.masked_optimizer(optax.sgd(0.1), m)):
+    with pytest.raises(ValueError, match=r"params\['w'\] hold 1 NaN or infinite values where the "
+                                         r"masks remove.*jaxprune.apply_masks"):
+      tx.init(p)
+    q = jaxprune.apply_masks(p, m)
+    state = tx.init(q)
+    u, _ = tx.update({"w": jnp.ones((2, 2))}, state, q)
+    assert float(optax.apply_updates(q, u)["w"][0, 0]) == 0.0
+  # A NaN where the masks keep the weight is the user's training problem, not refused here.
+  jaxprune.keep_masked(jaxprune.ones_like(p)).init(p)
+
+
+def test_masks_inside_multi_transform_errors_name_the_fix_and_the_fix_works():
+  params = {"l1": {"w": jnp.arange(1., 33.).reshape(8, 4), "b": jnp.ones(4)}}
+  _, masks = jaxprune.prune_to_sparsity(params, None, 0.5)
+  labels = {"l1": {"w": "prune", "b": "plain"}}
+  for branch_masks, match in (({"l1": {"w": masks["l1"]["w"]}}, r"at \['l1'\]\['b'\] the params "
+                                                                r"hold a MaskedNode"),
+                              (masks, "the params hold optax.MaskedNode")):
+    tx = optax.multi_transform({"prune": jaxprune.masked_optimizer(optax.adam(0.1), branch_masks),
+                                "plain": optax.sgd(0.1)}, labels)
+    with pytest.raises(ValueError, match=match + r".*masked_optimizer\(optax.multi_transform"):
+      tx.init(params)
+  # The fix the message names: masks over every leaf around the whole multi_transform.
+  tx = jaxprune.masked_optimizer(optax.multi_transform(
+      {"prune": optax.adam(0.1), "plain": optax.sgd(0.1)}, labels), masks)
+  state, p = tx.init(params), params
+  for _ in range(3):
+    u, state = tx.update(jax.tree.map(jnp.ones_like, p), state, p)
+    p = optax.apply_updates(p, u)
+  assert np.all(np.asarray(p["l1"]["w"])[~np.asarray(masks["l1"]["w"])] == 0)
+  np.testing.assert_allclose(p["l1"]["b"], 1.0 - 3 * 0.1, rtol=1e-6)

@@ -321,3 +321,32 @@ def test_load_errors(tmp_path):
 
   with pytest.raises(ValueError, match="not ResNet-18 variables"):
     save_resnet18(tmp_path / "x.npz", {"params": {}})
+
+
+def test_npz_round_trip_edges(model, params, tmp_path):
+  """A name without .npz loads as numpy saved it; NaN params are refused before writing; a file
+  that is not an archive, a compacted file at full widths and a seed for a key get errors that
+  name the fix."""
+  save_resnet18(tmp_path / "finetuned", params)           # numpy appends .npz
+  back = load_resnet18(tmp_path / "finetuned", num_classes=7)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+
+  nan = jax.tree.map(lambda a: a, params)
+  nan["params"]["conv1"]["kernel"] = nan["params"]["conv1"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match=r"NaN or infinite values at params/conv1/kernel "
+                                       r"\(conv1\.weight\); nothing was written"):
+    save_resnet18(tmp_path / "nan.npz", nan)
+  assert not (tmp_path / "nan.npz").exists()
+
+  (tmp_path / "junk.npz").write_bytes(b"not a zip")
+  with pytest.raises(ValueError, match=r"junk\.npz' is not a readable \.npz archive") as err:
+    load_resnet18(tmp_path / "junk.npz")
+  assert "allow_pickle" not in str(err.value)
+
+  small, small_model = model.compact(params, random_unit_masks(model, 2))
+  save_resnet18(tmp_path / "small.npz", small)
+  with pytest.raises(ValueError, match=r"load_resnet18\(path, widths=small_model\.widths\)"):
+    load_resnet18(tmp_path / "small.npz", num_classes=7)
+
+  with pytest.raises(TypeError, match=r"key must be a PRNG key made by jax\.random\.key"):
+    load_resnet18(tmp_path / "finetuned.npz", num_classes=3, key=0)

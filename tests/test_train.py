@@ -315,3 +315,30 @@ def test_bad_input(data, params):
     # A loss that diverges (here: log of a negative number) is caught at the epoch's end.
     jaxprune.fit(MODEL, params, x, y, key=jax.random.key(0), epochs=2, progress=False,
                  optimizer=optax.sgd(1e-2), loss=lambda o, t: jnp.log(o[:, 0] - 1e9))
+
+
+def test_nan_params_are_named_before_training_or_evaluating(data, params):
+  """NaN params trained to a NaN loss blamed on the learning rate, and evaluated to the
+  accuracy of NaN logits. A NaN where the masks remove the weight is zeroed first: accepted."""
+  x, y = data
+  bad = jax.tree.map(lambda a: a, params)
+  bad["params"]["hidden_0"]["kernel"] = bad["params"]["hidden_0"]["kernel"].at[1, 2].set(jnp.nan)
+  match = r"params\[params/hidden_0/kernel\] holds 1 NaN or infinite values\. A network"
+  with pytest.raises(ValueError, match=match):
+    jaxprune.fit(MODEL, bad, x, y, key=jax.random.key(0), epochs=1, progress=False)
+  with pytest.raises(ValueError, match=match):
+    jaxprune.evaluate(MODEL, bad, x, y)
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a]), bad)
+  xs, ys, ws = np.stack([x, x]), np.stack([y, y]), np.ones((2, len(y)), np.float32)
+  with pytest.raises(ValueError, match=r"holds 2 NaN or infinite values"):
+    jaxprune.fit_many(MODEL, stacked, xs, ys, ws, key=jax.random.split(jax.random.key(0), 2),
+                      epochs=1, progress=False)
+  with pytest.raises(ValueError, match=r"holds 2 NaN or infinite values"):
+    jaxprune.evaluate_many(MODEL, stacked, xs, ys)
+  masks = jaxprune.ones_like(params)
+  masks["params"]["hidden_0"]["kernel"] = masks["params"]["hidden_0"]["kernel"].at[1, 2].set(False)
+  clean = jaxprune.apply_masks(params, masks)
+  assert jaxprune.evaluate(MODEL, bad, x, y, masks=masks) == jaxprune.evaluate(MODEL, clean, x, y)
+  p, _ = jaxprune.fit(MODEL, bad, x, y, key=jax.random.key(0), epochs=1, masks=masks,
+                      progress=False)
+  assert all(bool(np.all(np.isfinite(np.asarray(a)))) for a in jax.tree.leaves(p))

@@ -664,6 +664,20 @@ def _read_image(
   return array, None, found
 
 
+def _pair(name: str, value) -> tuple[int, int]:
+  """``(height, width)`` as two positive ints, or a ValueError naming ``name``."""
+  ok = isinstance(value, (tuple, list)) and len(value) == 2
+  if ok:
+    try:
+      ok = all(not isinstance(v, bool) and int(v) == v and v >= 1 for v in value)
+    except (TypeError, ValueError):
+      ok = False
+  if not ok:
+    raise ValueError(f"{name} must be (height, width), two positive ints, e.g. (90, 72); "
+                     f"got {value!r}")
+  return int(value[0]), int(value[1])
+
+
 def load_sfew_images(
     root: str | os.PathLike,
     *,
@@ -709,11 +723,9 @@ def load_sfew_images(
   """
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-  if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
-    raise ValueError(f"size must be (height, width) positive ints, got {size!r}")
-  size = (int(size[0]), int(size[1]))
+  size = _pair("size", size)
   if expected_size is not None:
-    expected_size = (int(expected_size[0]), int(expected_size[1]))
+    expected_size = _pair("expected_size", expected_size)
   cascade = _face_detector() if crop_faces else None
   items, skipped = scan_sfew_tree(root, on_error=on_error)
   mode = "L" if channels == 1 else "RGB"

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import validate
 from jaxprune.models.base import ACT_SUFFIX, Model
 from jaxprune.units import Slice, UnitGroup, get_path
 
@@ -309,11 +310,25 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
     ValueError: keys are missing or unexpected, shapes do not match, or values are not finite.
   """
   widths = ResNet18(num_classes=num_classes, widths=tuple(widths)).widths  # validates both
+  if key is not None:
+    validate.check_key(key)
   path = os.fspath(path)
+  if not os.path.exists(path) and os.path.exists(path + ".npz"):
+    path += ".npz"   # np.savez (and save_resnet18) append the suffix to a name without it
   if not os.path.exists(path):
     raise FileNotFoundError(f"No ResNet-18 weights file at {path!r}. {_CONVERT_HINT}")
-  with np.load(path, allow_pickle=False) as f:
-    sd = {k: np.asarray(f[k]) for k in f.files if not k.endswith("num_batches_tracked")}
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      sd = {k: np.asarray(f[k]) for k in f.files if not k.endswith("num_batches_tracked")}
+  except Exception as e:  # not a zip archive, a pickle, a cut-short file
+    why = ("numpy finds no zip archive there and would read it as a pickle, which is never "
+           "loaded" if "pickle" in str(e) else f"{type(e).__name__}: {e}")
+    raise ValueError(f"{path!r} is not a readable .npz archive of arrays ({why}); write it "
+                     f"with np.savez(path, **state_dict) or jaxprune.save_resnet18. "
+                     f"{_CONVERT_HINT}") from None
+  if not isinstance(sd, dict):   # np.load of a .npy file gives one array
+    raise ValueError(f"{path!r} holds a single array, not a state dict; write it with "
+                     f"np.savez(path, **state_dict). {_CONVERT_HINT}")
   layout = _layout(widths)
   wanted = {row[0] for row in layout}
   missing, unexpected = wanted - set(sd), set(sd) - wanted
@@ -329,7 +344,9 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
   for tk, _, _, shape in _layout(widths, file_classes):
     if tuple(sd[tk].shape) != shape:
       raise ValueError(f"{tk} in {path!r} has shape {tuple(sd[tk].shape)}; ResNet-18 "
-                       f"(widths={tuple(widths)}) expects {shape}.")
+                       f"(widths={tuple(widths)}) expects {shape}. A compacted model's file "
+                       "loads with the widths it was saved with: "
+                       "load_resnet18(path, widths=small_model.widths).")
     if not np.all(np.isfinite(sd[tk])):
       raise ValueError(f"{tk} in {path!r} contains NaN or infinite values; the file is "
                        "corrupt. Re-create it from the torchvision state dict.")
@@ -374,4 +391,8 @@ def save_resnet18(path: str | os.PathLike, params: PyTree) -> None:
     except KeyError as e:
       raise ValueError(f"params are not ResNet-18 variables: {e.args[0]}") from None
     out[tk] = np.ascontiguousarray(_to_torch(kind, np.asarray(leaf)))
+    if not np.all(np.isfinite(out[tk])):   # load_resnet18 would refuse the file
+      raise ValueError(f"params hold NaN or infinite values at {'/'.join(fpath)} ({tk}); "
+                       "nothing was written. Save finite params (e.g. from before training "
+                       "diverged).")
   np.savez(path, **out)
