@@ -240,8 +240,10 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
           lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta["unit_masks"])
   try:
     tree = ckptr.restore(path, target)
-  except Exception as e:  # metadata readable, data not: lost or cut-short files
-    raise ValueError(_damaged(path, f"{type(e).__name__}: {e}")) from e
+  except Exception as e:  # metadata readable, data not: most often lost or cut-short files
+    raise ValueError(f"The checkpoint at {path} could not be read ({type(e).__name__}: {e}). "
+                     "If its files were lost or cut short after it was written, restore the "
+                     "folder from a copy or save the checkpoint again.") from e
   params, masks = tree["params"], tree.get("masks")
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)

@@ -404,7 +404,6 @@ def gradual(tx: optax.GradientTransformation, *, sparsity, begin_step: int, end_
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`PruningState`.
   """
-  _check_tx(tx)
   _check_schedule(begin_step, end_step, frequency, end_required=True)
   _check_power(power)
   _check_sparsity("initial_sparsity", initial_sparsity)
