@@ -859,32 +859,11 @@ def _params_only(group: units_lib.UnitGroup) -> units_lib.UnitGroup:
   return dataclasses.replace(group, slices=slices)
 
 
-def _without_value(group: units_lib.UnitGroup) -> units_lib.UnitGroup:
-  """``group`` with a trailing ``'value'`` dropped from its paths: a target traced on an nnx
-  ``State`` names its leaves through their Variables (``l1/kernel/value``), while
-  ``nnx.Optimizer`` hands the transformation a ``State`` of plain arrays (``l1/kernel``)."""
-  def strip(path):
-    return path[:-1] if path is not None and path[-1:] == ("value",) else path
-  slices = tuple(dataclasses.replace(s, path=strip(s.path), bias=strip(s.bias))
-                 for s in group.slices)
-  return group if slices == group.slices else dataclasses.replace(group, slices=slices)
-
-
-def _variants(group: units_lib.UnitGroup):
-  """(wraps in ``{'params': ...}``, the group as it applies there), in the order tried."""
-  out = []
-  for v in (group, _without_value(group)):
-    for wrap, used in ((False, v), (True, _params_only(v))):
-      if (wrap, used) not in out:
-        out.append((wrap, used))
-  return out
-
-
 def _rooted(params, group: units_lib.UnitGroup):
   """(tree the group's paths resolve in, unwrap, the group as it applies there). The optimizer
   of a flax model often sees ``variables['params']`` while jaxprune groups are rooted at the
-  variables dict (and may hold slices of other collections); ``nnx.Optimizer`` sees plain
-  arrays where a target traced on an nnx ``State`` has Variables."""
+  variables dict (and may hold slices of other collections). (A target traced on an nnx
+  ``State`` also reads the plain arrays ``nnx.Optimizer`` passes: ``units.get_path``.)"""
   def resolves(tree, g):
     try:
       for s in g.slices:
@@ -893,29 +872,24 @@ def _rooted(params, group: units_lib.UnitGroup):
     except KeyError:
       return False
 
-  for wrap, used in _variants(group):
-    if not wrap and resolves(params, used):
-      return params, lambda t: t, used
-    if wrap and isinstance(params, Mapping) and resolves({"params": params}, used):
-      return {"params": params}, lambda t: t["params"], used
+  if resolves(params, group):
+    return params, lambda t: t, group
+  inner = _params_only(group)
+  if isinstance(params, Mapping) and resolves({"params": params}, inner):
+    return {"params": params}, lambda t: t["params"], inner
   raise ValueError(f"The params do not hold the slices of unit group {group.name!r} "
                    f"({[units_lib.path_str(s.path) for s in group.slices]}); pass the params of the model "
-                   "whose groups these are (the variables dict or its 'params' collection; "
-                   "for an nnx model, the State the target was traced on or its plain arrays).")
+                   "whose groups these are (the variables dict or its 'params' collection).")
 
 
 def _per_variant(group: units_lib.UnitGroup, make):
-  """``make(group)`` for each form of the group :func:`_rooted` can return: the group as given
-  now (so its settings are checked when the pruner is made), the others on first use; once
-  each, so each compiles once."""
+  """``make(group)`` for the group as given and for its ``'params'``-collection part, by the
+  group :func:`_rooted` returns (built once each, so each compiles once)."""
+  inner = _params_only(group)
   built = {group: make(group)}
-
-  def get(used):
-    if used not in built:
-      built[used] = make(used)
-    return built[used]
-
-  return get
+  if inner != group:
+    built[inner] = make(inner)
+  return lambda used: built[used]
 
 
 def _unit_state(g):

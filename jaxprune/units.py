@@ -187,15 +187,26 @@ def _child(node: Any, k: Any) -> Any:
   return getattr(node, k)
 
 
+def _is_value_of_array(node: Any, path: Path, i: int) -> bool:
+  """Whether ``path[i]`` is a final ``'value'`` reached at an array: a path traced through an
+  nnx ``Variable`` (``l1/kernel/value``) read in the same tree holding plain arrays (the
+  ``State`` an ``nnx.Optimizer`` hands its transformation, or ``nnx.to_pure_dict``)."""
+  return (i == len(path) - 1 and path[i] == "value"
+          and isinstance(node, (jax.Array, np.ndarray, jax.core.Tracer)))
+
+
 def get_path(tree: PyTree, path: Path) -> Any:
   """Returns ``tree[path[0]][path[1]]...``, with an error that names the missing key.
 
   A key indexes a mapping (any key type), a list or tuple (an int) or an attribute (a
   str: a NamedTuple's field, a dataclass's, an nnx ``Variable``'s ``value``), as in the paths
-  of ``jax.tree_util.tree_flatten_with_path``.
+  of ``jax.tree_util.tree_flatten_with_path``. A final ``value`` reached at an array is that
+  array, so a target traced on an nnx ``State`` also reads the same tree of plain arrays.
   """
   node = tree
   for i, k in enumerate(path):
+    if _is_value_of_array(node, path, i):
+      return node
     if not _has_child(node, k):
       raise KeyError(
           f"Parameter path {path_str(path)} does not exist: no key {k!r} under "
@@ -223,6 +234,12 @@ def set_path(tree: PyTree, path: Path, value: Any) -> PyTree:
   path = tuple(path)
   if not path:
     return value
+  if path[-1] == "value" and len(path) > 1:
+    try:
+      if _is_value_of_array(get_path(tree, path[:-1]), path, len(path) - 1):
+        return set_path(tree, path[:-1], value)   # the array itself (see _is_value_of_array)
+    except KeyError:
+      pass
   head = path[0]
   if type(tree) is dict and head in tree:                       # the common case, directly
     return {**tree, head: set_path(tree[head], path[1:], value)}

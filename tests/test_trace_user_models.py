@@ -976,3 +976,36 @@ def test_tied_autoencoder_says_its_weights_are_tied():
   assert not t.groups
   line = next(s for s in t.explain().splitlines() if s.startswith("W "))
   assert "axis 1 -> not prunable (tied weights" in line and "no kernel reads" not in line
+
+
+def test_target_traced_on_nnx_state_reads_the_plain_arrays_too():
+  """Its paths end in a Variable's 'value' (l1/kernel/value); every entry point also reads the
+  same tree of plain arrays (nnx.to_pure_dict, or the State nnx.Optimizer hands an optax
+  transformation), with the same results (this was a KeyError)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(8, 12, rngs=rngs)
+      self.l2 = nnx.Linear(12, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(nnx.sigmoid(self.l1(x)))
+
+  graph, state = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+  x = jax.random.normal(jax.random.key(0), (16, 8))
+  target = jaxprune.trace(lambda s, x: nnx.merge(graph, s)(x), state, x)
+  assert target.groups["l1"].slices[0].path[-1] == "value"
+  pure = nnx.to_pure_dict(state)
+  um = {"l1": jnp.arange(12) % 3 != 0}
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  same(jaxprune.expand(pure, target, um), nnx.to_pure_dict(jaxprune.expand(state, target, um)))
+  small, _ = target.compact(pure, um)
+  same(small, nnx.to_pure_dict(target.compact(state, um)[0]))
+  assert small["l1"]["kernel"].shape == (8, 8)
+  prune = jaxprune.importance_prune(target, "l1")
+  p_pure, m_pure, _ = prune(pure, jaxprune.unit_masks_ones(target), 5)
+  p_state, m_state, _ = prune(state, jaxprune.unit_masks_ones(target), 5)
+  np.testing.assert_array_equal(m_pure["l1"], m_state["l1"])
+  same(p_pure, nnx.to_pure_dict(p_state))
+  assert isinstance(p_pure, dict) and int(np.sum(m_pure["l1"])) == 7
