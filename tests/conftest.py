@@ -149,6 +149,22 @@ def nnx_as_function(module, *filters):
   return apply, nnx.to_pure_dict(state)
 
 
+def nnx_sigmoid_mlp(seed=0):
+  """A small nnx module, 8 -> 12 (sigmoid) -> 3, with its hidden layer ``l1``: the shape of the
+  tests that trace an nnx ``State`` and train it with ``nnx.Optimizer``."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(8, 12, rngs=rngs)
+      self.l2 = nnx.Linear(12, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(nnx.sigmoid(self.l1(x)))
+
+  return Net(nnx.Rngs(seed))
+
+
 def csv_rows(path):
   """The rows of a CSV table written by a study, as dicts of strings."""
   with open(path) as f:

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxprune
+from conftest import nnx_sigmoid_mlp
 from jaxprune import optax_pruning as op
 
 
@@ -603,15 +604,6 @@ def test_scheduled_runs_on_its_grid_only_gradual_also_at_end_step():
   assert steps(tx, lambda s: int(jnp.sum(s.masks["w"]))) == [10, 15]   # step 0: sparsity 0
 
 
-class _NnxNet(nnx.Module):
-  def __init__(self, rngs):
-    self.l1 = nnx.Linear(8, 12, rngs=rngs)
-    self.l2 = nnx.Linear(12, 3, rngs=rngs)
-
-  def __call__(self, x):
-    return self.l2(nnx.sigmoid(self.l1(x)))
-
-
 @pytest.mark.parametrize("kind", ["importance", "distinctiveness"])
 def test_structured_pruners_in_nnx_optimizer_traced_on_state_or_pure_dict(kind):
   """A target traced on an nnx State names leaves through their Variables (l1/kernel/value);
@@ -621,7 +613,7 @@ def test_structured_pruners_in_nnx_optimizer_traced_on_state_or_pure_dict(kind):
   y = jnp.arange(32) % 3
 
   def train(on_state):
-    net = _NnxNet(nnx.Rngs(0))
+    net = nnx_sigmoid_mlp(0)
     if kind == "distinctiveness":   # make units 1 and 4 duplicates: a similar pair to merge
       kernel, bias = net.l1.kernel.get_value(), net.l1.bias.get_value()
       net.l1.kernel.set_value(kernel.at[:, 4].set(kernel[:, 1]))

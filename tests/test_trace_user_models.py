@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from conftest import nnx_as_function
+from conftest import nnx_as_function, nnx_sigmoid_mlp
 
 R = np.random.default_rng(0)
 
@@ -983,16 +983,7 @@ def test_target_traced_on_nnx_state_reads_the_plain_arrays_too():
   same tree of plain arrays (nnx.to_pure_dict, or the State nnx.Optimizer hands an optax
   transformation), with the same results (this was a KeyError)."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.l1 = nnx.Linear(8, 12, rngs=rngs)
-      self.l2 = nnx.Linear(12, 3, rngs=rngs)
-
-    def __call__(self, x):
-      return self.l2(nnx.sigmoid(self.l1(x)))
-
-  graph, state = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+  graph, state = nnx.split(nnx_sigmoid_mlp(0), nnx.Param)
   x = jax.random.normal(jax.random.key(0), (16, 8))
   target = jaxprune.trace(lambda s, x: nnx.merge(graph, s)(x), state, x)
   assert target.groups["l1"].slices[0].path[-1] == "value"
