@@ -56,6 +56,12 @@ def _is_target(x) -> bool:
       isinstance(v, units_lib.UnitGroup) for v in x.values()))
 
 
+_MASKED_NODE_FIX = ("inside optax.multi_transform or optax.masked each branch sees "
+                    "optax.MaskedNode() for the other branches' leaves: wrap the whole optimizer, "
+                    "jaxprune.masked_optimizer(optax.multi_transform(...), masks), or put "
+                    "optax.MaskedNode() at the same places in the masks")
+
+
 def _container_difference(params: PyTree, masks: PyTree) -> str:
   """Where two trees with the same leaf paths differ: the first node of another type (a flax
   ``FrozenDict`` against a ``dict``, an nnx ``State`` against its pure dict)."""
@@ -71,11 +77,7 @@ def _container_difference(params: PyTree, masks: PyTree) -> str:
       for k in p:
         if k not in m:   # a node without leaves: None, optax.MaskedNode(), an empty dict
           what = type(p[k]).__name__ if p[k] is not None else "None"
-          hint = (" (inside optax.multi_transform or optax.masked each branch sees "
-                  "optax.MaskedNode() for the other branches' leaves: wrap the whole optimizer, "
-                  "jaxprune.masked_optimizer(optax.multi_transform(...), masks), or put "
-                  "optax.MaskedNode() at the same places in the masks)"
-                  if what == "MaskedNode" else "")
+          hint = f" ({_MASKED_NODE_FIX})" if what == "MaskedNode" else ""
           return (f"at {where(k)} the params hold a {what}, which has no leaves, and the masks "
                   f"nothing; give the masks the same node there{hint}")
       for k in m:
@@ -108,10 +110,7 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
            if missing or extra else _container_difference(params, masks))
     if extra and any(type(x).__name__ == "MaskedNode" for x in jax.tree.leaves(
         params, is_leaf=lambda x: type(x).__name__ == "MaskedNode")):
-      why += ("; the params hold optax.MaskedNode() placeholders (optax.multi_transform or "
-              "optax.masked): wrap the whole optimizer, jaxprune.masked_optimizer("
-              "optax.multi_transform(...), masks), or put optax.MaskedNode() in the masks where "
-              "the params have it")
+      why += f"; {_MASKED_NODE_FIX}"
     raise ValueError(
         f"Weight masks do not have the structure of the params ({why}). "
         "Create them with jaxprune.ones_like(params) or jaxprune.expand(params, model, ...).")
@@ -199,6 +198,10 @@ def _check_mask_leaves(masks: PyTree, fn: str) -> None:
 def count_weights(masks: PyTree) -> tuple[int, int]:
   """(kept, total) over every leaf of a weight mask (bool leaves)."""
   _check_mask_leaves(masks, "count_weights")
+  return _counts(masks)
+
+
+def _counts(masks: PyTree) -> tuple[int, int]:
   leaves = jax.tree.leaves(masks)
   return (int(sum(int(np.sum(np.asarray(m))) for m in leaves)),
           int(sum(int(np.size(m)) for m in leaves)))
@@ -207,7 +210,7 @@ def count_weights(masks: PyTree) -> tuple[int, int]:
 def sparsity(masks: PyTree) -> float:
   """Fraction of weights removed (``masks``: bool leaves)."""
   _check_mask_leaves(masks, "sparsity")
-  kept, total = count_weights(masks)
+  kept, total = _counts(masks)
   return 1.0 - kept / max(total, 1)
 
 
@@ -220,7 +223,7 @@ def summary(masks: PyTree, unit_masks: Mapping[str, Any] | None = None) -> str:
     kept, total = int(np.sum(np.asarray(m))), int(np.size(m))
     rows.append((name, f"{tuple(np.shape(m))}", f"{kept}", f"{total}",
                  f"{100.0 * (1 - kept / max(total, 1)):.1f}%"))
-  kept, total = count_weights(masks)
+  kept, total = _counts(masks)
   rows.append(("total", "", f"{kept}", f"{total}", f"{100.0 * (1 - kept / max(total, 1)):.1f}%"))
   header = ("layer", "shape", "kept", "total", "sparsity")
   widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
