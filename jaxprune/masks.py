@@ -110,7 +110,7 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
            if missing or extra else _container_difference(params, masks))
     if extra and any(type(x).__name__ == "MaskedNode" for x in jax.tree.leaves(
         params, is_leaf=lambda x: type(x).__name__ == "MaskedNode")):
-      why += f"; {_MASKED_NODE_FIX}"
+      why += f"; the params hold optax.MaskedNode() placeholders ({_MASKED_NODE_FIX})"
     raise ValueError(
         f"Weight masks do not have the structure of the params ({why}). "
         "Create them with jaxprune.ones_like(params) or jaxprune.expand(params, model, ...).")
