@@ -2,6 +2,10 @@
 
 One checkpoint folder holds ``{'params': ..., 'masks': ...}`` (weight masks as bool arrays, and
 optionally unit masks), so a pruned network is restored with the masks that keep it pruned.
+Beside orbax's files, ``jaxprune_files.json`` lists every file with its size and CRC-32, so a
+checkpoint whose files were lost, cut short or changed after it was written is named as damaged
+(which file, how) before orbax reads anything: orbax itself fails on such data in ways that
+depend on which file is hit, and leaves asyncio errors behind in the process.
 
 Example:
   >>> import tempfile, os, jax, jaxprune
@@ -15,9 +19,11 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import zlib
 from typing import Any
 
 import jax
@@ -89,6 +95,7 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
     _, ckptr = _checkpointer()
     ckptr.save(new, tree)
     ckptr.wait_until_finished()
+    _write_manifest(new)
     old = None
     if os.path.lexists(path):
       if not overwrite:  # made by someone else while we wrote
@@ -109,6 +116,59 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
 
 # Files orbax writes at the top of a checkpoint folder (any of its formats).
 _ORBAX_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "commit_success.txt")
+# jaxprune's list of the checkpoint's files: {relative path: [size in bytes, CRC-32]}.
+_MANIFEST = "jaxprune_files.json"
+
+
+def _crc32(file: str) -> int:
+  crc = 0
+  with open(file, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _files(folder: str) -> list:
+  """Every file under ``folder``, as sorted paths relative to it (the manifest left out)."""
+  out = []
+  for root, _, names in os.walk(folder):
+    for n in names:
+      rel = os.path.relpath(os.path.join(root, n), folder)
+      if rel != _MANIFEST:
+        out.append(rel)
+  return sorted(out)
+
+
+def _write_manifest(folder: str) -> None:
+  files = {rel: [os.path.getsize(os.path.join(folder, rel)), _crc32(os.path.join(folder, rel))]
+           for rel in _files(folder)}
+  with open(os.path.join(folder, _MANIFEST), "w") as f:
+    json.dump({"format": 1, "files": files}, f, indent=0, sort_keys=True)
+
+
+def _check_manifest(path: str) -> None:
+  """Raises the 'incomplete or damaged' ValueError naming the first file that is missing, of
+  another size or with other bytes than when the checkpoint was written. A checkpoint without
+  the manifest (written by another program, or by jaxprune before it kept one) is not checked."""
+  file = os.path.join(path, _MANIFEST)
+  if not os.path.exists(file):
+    return
+  try:
+    with open(file) as f:
+      files = json.load(f)["files"]
+    listed = {str(rel): (int(size), int(crc)) for rel, (size, crc) in files.items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ValueError(_damaged(path, f"its file list {_MANIFEST} cannot be read: "
+                                    f"{type(e).__name__}: {e}")) from e
+  for rel, (size, crc) in sorted(listed.items()):
+    here = os.path.join(path, rel)
+    if not os.path.isfile(here):
+      raise ValueError(_damaged(path, f"{rel} is missing"))
+    have = os.path.getsize(here)
+    if have != size:
+      raise ValueError(_damaged(path, f"{rel} has {have} bytes, {size} when written"))
+    if _crc32(here) != crc:
+      raise ValueError(_damaged(path, f"the bytes of {rel} changed after it was written"))
 
 
 def _check_replaceable(path: str) -> None:
@@ -205,11 +265,17 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
 
   Returns:
     ``(params, masks)`` (masks None if none were saved), or ``(params, masks, unit_masks)``.
+
+  Raises:
+    ValueError: the folder is not a jaxprune checkpoint, the template does not fit, or a file
+      listed in its ``jaxprune_files.json`` is missing, of another size or changed (checked
+      before orbax reads anything; a checkpoint without that list is read unchecked).
   """
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"No checkpoint at {path}; save one with "
                             "jaxprune.save_checkpoint(path, params, masks).")
+  _check_manifest(path)
   _, ckptr = _checkpointer()
   not_ours = (f"{path} is not a jaxprune checkpoint (one written by "
               "jaxprune.save_checkpoint(path, params, masks), holding 'params' and optionally "

@@ -1,8 +1,11 @@
 """save_checkpoint / load_checkpoint: the template decides names, shapes and dtypes; a failed
 overwrite keeps the old checkpoint; mismatches and foreign checkpoints raise jaxprune errors."""
 
+import json
 import os
+import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,13 +223,63 @@ def test_overwrite_refuses_a_folder_or_file_that_is_not_a_checkpoint(tmp_path):
                                 _params()["a"]["kernel"])
 
 
+def _data_files(path):
+  return sorted(os.path.join(root, f) for root, _, files in os.walk(path)
+                if os.path.basename(root) == "d" for f in files)
+
+
+@pytest.mark.parametrize("damage", ["lost", "cut", "changed", "list"])
+def test_damaged_checkpoint_names_the_file_before_orbax_reads_it(tmp_path, damage):
+  # Orbax reading lost or garbled data fails in ways that depend on the file hit and leaves
+  # asyncio errors behind ('Event loop is closed', which this suite's warning filter turns
+  # into failures): the file list written at save time names the damage first.
+  path, params, _ = _save(tmp_path)
+  chunk = _data_files(path)[0]
+  rel = os.path.relpath(chunk, path)
+  if damage == "lost":
+    os.remove(chunk)
+    why = f"{rel} is missing"
+  elif damage == "cut":
+    size = os.path.getsize(chunk)
+    with open(chunk, "r+b") as f:
+      f.truncate(size - 1)
+    why = f"{rel} has {size - 1} bytes, {size} when written"
+  elif damage == "changed":
+    with open(chunk, "r+b") as f:
+      b = f.read(1)
+      f.seek(0)
+      f.write(bytes([b[0] ^ 0xFF]))
+    why = f"the bytes of {rel} changed after it was written"
+  else:
+    with open(os.path.join(path, "jaxprune_files.json"), "w") as f:
+      f.write("{")
+    why = "its file list jaxprune_files.json cannot be read: JSONDecodeError"
+  with pytest.raises(ValueError, match=re.escape(why) + ".*incomplete or damaged|"
+                     "incomplete or damaged.*" + re.escape(why) + ".*save the checkpoint again"):
+    jaxprune.load_checkpoint(path, params)
+  with pytest.raises(ValueError, match=re.escape(why)):   # also without a template
+    jaxprune.load_checkpoint(path)
+
+
+def test_checkpoint_file_list_covers_every_file_and_old_checkpoints_still_load(tmp_path):
+  path, params, masks = _save(tmp_path)
+  with open(os.path.join(path, "jaxprune_files.json")) as f:
+    listed = json.load(f)["files"]
+  on_disk = sorted(os.path.relpath(os.path.join(r, n), path) for r, _, ns in os.walk(path)
+                   for n in ns if n != "jaxprune_files.json")
+  assert sorted(listed) == on_disk and len(on_disk) > 4
+  for rel, (size, _) in listed.items():
+    assert os.path.getsize(os.path.join(path, rel)) == size
+  os.remove(os.path.join(path, "jaxprune_files.json"))  # as written before the list existed
+  p2, m2 = jaxprune.load_checkpoint(path, params)
+  chex.assert_trees_all_equal(p2, params)
+  chex.assert_trees_all_equal(m2, masks)
+
+
 def test_damaged_checkpoint_is_named_as_damaged_not_foreign(tmp_path, monkeypatch):
   path, params, _ = _save(tmp_path)
-  chunks = [os.path.join(root, f) for root, _, files in os.walk(path)
-            if os.path.basename(root) == "d" for f in files]
-  assert chunks
-  for f in chunks:   # the data files lost: orbax then reads no metadata of the tree
-    os.remove(f)
+  os.remove(os.path.join(path, "jaxprune_files.json"))
+  os.remove(os.path.join(path, "_METADATA"))  # no tree metadata, orbax's other files kept
   with pytest.raises(ValueError, match="is incomplete or damaged.*save the checkpoint again"):
     jaxprune.load_checkpoint(path, params)
   # Data orbax cannot read (garbage files make orbax fail inside its event loop, which leaves
