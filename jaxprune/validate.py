@@ -28,7 +28,7 @@ import numpy as np
 
 PyTree = Any
 
-__all__ = ["check_data", "check_finite", "check_key", "check_label_shape", "check_labels",
+__all__ = ["check_data", "check_finite", "check_key", "check_label_shape", "check_labels", "one_hot_rows",
            "check_not_empty", "check_params", "check_sample_weight", "is_concrete"]
 
 
@@ -136,10 +136,12 @@ def check_label_shape(name: str, y, num_classes: int | None = None, *,
                       one_hot: bool = False, sample_weight=None) -> None:
   """Raises ValueError unless a classifier's labels are class indices, shape (N,).
 
-  With ``one_hot=True`` rows of class scores (N, C) are accepted too (their argmax is the label):
-  C must equal ``num_classes`` (when given) and no concrete row may be all zero (a pattern
-  without a class) unless its ``sample_weight`` is 0 (padding). A column (N, 1) is always
-  refused: its argmax is 0 for every row, so it would silently turn every label into class 0.
+  With ``one_hot=True`` one-hot rows (N, C) are accepted too (the column of the 1 is the label):
+  C must equal ``num_classes`` (when given) and every concrete row must hold one 1 and zeros
+  otherwise (a row of class scores, soft or smoothed labels, several 1s or none would turn into
+  a label by an argmax that hides the problem), unless its ``sample_weight`` is 0 (padding).
+  A column (N, 1) is always refused: its argmax is 0 for every row, so it would silently turn
+  every label into class 0.
 
   Example:
     >>> import numpy as np
@@ -165,13 +167,28 @@ def check_label_shape(name: str, y, num_classes: int | None = None, *,
                      f"{num_classes} outputs (classes); give one column per class, or pass "
                      "integer class indices of shape (N,).")
   if is_concrete(y, sample_weight):
-    empty = ~np.any(np.asarray(y) != 0, axis=-1)
-    if sample_weight is not None:
-      empty &= np.asarray(sample_weight) != 0
+    a = np.asarray(y)
+    real = np.ones(shape[0], bool) if sample_weight is None else np.asarray(sample_weight) != 0
+    empty = ~np.any(a != 0, axis=-1) & real
     if np.any(empty):
       raise ValueError(f"{name} one-hot labels: {int(np.sum(empty))} row(s) all zero (first: "
                        f"row {int(np.argmax(empty))}), patterns without a class; drop those rows "
                        "(or give them sample_weight 0).")
+    other = ~np.asarray(one_hot_rows(a)) & real
+    if np.any(other):
+      r = int(np.argmax(other))
+      raise ValueError(f"{name} one-hot labels: {int(np.sum(other))} row(s) are not one-hot "
+                       f"(first: row {r}, {np.array2string(a[r], precision=3, threshold=8)}); "
+                       "each row must hold one 1 and zeros. For class scores or soft labels "
+                       "pass the class indices you mean, e.g. y.argmax(-1).")
+
+
+def one_hot_rows(y) -> Any:
+  """(N,) bool: which rows of ``y`` (N, C) hold exactly one 1 and zeros elsewhere (NumPy for a
+  NumPy array, else a JAX array; works under jit)."""
+  xp = np if isinstance(y, np.ndarray) else jnp
+  ones = xp.sum(y == 1, axis=-1)
+  return xp.all((y == 0) | (y == 1), axis=-1) & (ones == 1)
 
 
 def check_params(params: PyTree, name: str = "params") -> None:

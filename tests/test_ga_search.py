@@ -562,3 +562,68 @@ def test_unusable_data_under_jit_flag_the_result(trained):
   for bad in (run(x.at[3, 2].set(jnp.nan), y, params), run(x, y.at[0].set(7), params),
               run(x, y, jax.tree.map(lambda a: a.at[0].set(jnp.inf), params))):
     assert bool(bad.invalid) and np.isnan(float(bad.fitness)) and np.isnan(float(bad.accuracy))
+
+
+@pytest.mark.parametrize("rows", ["uniform", "multi_hot", "negated", "smoothed"])
+def test_one_hot_rows_that_are_not_one_hot_are_refused(trained, result, rows):
+  """Rows that are not one-hot used to become labels by an argmax (uniform rows: every label
+  class 0, accuracy 1.0); they are refused outside jit and flag the result under jit. Bool
+  one-hot rows are one-hot; weight-0 rows are padding and not looked at."""
+  model, params, x, y = trained
+  kw = dict(key=jax.random.key(7), config=CFG, progress=False)
+  onehot = jax.nn.one_hot(y, 7)
+  bad = {"uniform": jnp.full((140, 7), 1 / 7), "multi_hot": onehot.at[:, 0].set(1.0),
+         "negated": -onehot, "smoothed": onehot * 0.9 + 0.1 / 7}[rows]
+  with pytest.raises(ValueError, match=r"row\(s\) are not one-hot \(first: row 0, .*"
+                                       r"y\.argmax\(-1\)"):
+    ga.search(model, params, x, bad, "hidden_0", **kw)
+  flagged = jax.jit(lambda yy: ga.search(model, params, x, yy, "hidden_0", **kw))(bad)
+  assert bool(flagged.invalid) and np.isnan(float(flagged.fitness))
+  res = ga.search(model, params, x, onehot.astype(bool), "hidden_0", **kw)
+  assert _tree_equal((res.mask, res.fitness), (result.mask, result.fitness))
+  one_bad = onehot.at[5].set(bad[5])    # one such row, as padding (weight 0): accepted
+  w = jnp.ones((140,)).at[5].set(0.0)
+  padded = ga.search(model, params, x, one_bad, "hidden_0", sample_weight=w, **kw)
+  plain = ga.search(model, params, x, onehot, "hidden_0", sample_weight=w, **kw)
+  assert _tree_equal((padded.mask, padded.fitness), (plain.mask, plain.fitness))
+  assert not bool(jax.jit(lambda yy: ga.search(model, params, x, yy, "hidden_0",
+                                               sample_weight=w, **kw))(one_bad).invalid)
+
+
+def test_traced_hyperparameters_out_of_range_flag_their_run(trained):
+  """A vmap over GAHyperparams cannot raise for one bad setting: a NaN, infinite or negative lam
+  and a probability outside [0, 1] flag that run only (they used to give a plausible result:
+  NaN lam a -inf fitness with a normal accuracy, crossover 1.5 acting as 1)."""
+  model, params, x, y = trained
+  kw = dict(key=jax.random.key(7), config=CFG, progress=False)
+  nan, inf = float("nan"), float("inf")
+  cases = [(0.8, 0.2, 0.1, 10.0), (0.8, 0.2, 0.1, nan), (0.8, 0.2, 0.1, -1.0),
+           (0.8, 0.2, 0.1, inf), (1.5, 0.2, 0.1, 10.0), (0.8, -1.0, 0.1, 10.0),
+           (0.8, 0.2, nan, 10.0), (0.8, 0.2, 0.1, 0.0)]
+  hyper = ga.GAHyperparams(*(jnp.asarray(c, jnp.float32) for c in zip(*cases)))
+  many = jax.vmap(lambda h: ga.search(model, params, x, y, "hidden_0", hyper=h, **kw))(hyper)
+  assert many.invalid.tolist() == [False, True, True, True, True, True, True, False]
+  bad = np.asarray(many.invalid)
+  assert np.all(np.isnan(np.asarray(many.fitness)[bad]))
+  assert np.all(np.isnan(np.asarray(many.accuracy)[bad]))
+  for i in (0, 7):   # the good runs are the searches run one at a time
+    one = ga.search(model, params, x, y, "hidden_0", hyper=ga.GAHyperparams(*cases[i]), **kw)
+    np.testing.assert_array_equal(np.asarray(many.mask[i]), np.asarray(one.mask))
+    np.testing.assert_allclose(float(many.fitness[i]), float(one.fitness), rtol=1e-6)
+  # A fitness function of one's own reads lam as it likes: its sign is not checked.
+  user = lambda p, m: jnp.sum(m).astype(jnp.float32)
+  mine = jax.vmap(lambda h: ga.search(model, params, None, None, "hidden_0", fitness=user,
+                                      hyper=h, **kw))(hyper)
+  assert mine.invalid.tolist() == [False, True, False, True, True, True, True, False]
+
+
+def test_negative_lam_is_refused_for_the_built_in_fitness_only(trained):
+  model, params, x, y = trained
+  kw = dict(key=jax.random.key(7), config=CFG, progress=False,
+            hyper=ga.GAHyperparams(lam=-10.0))
+  for fitness in ("eq5", "eq6"):
+    with pytest.raises(ValueError, match=r"lam must be >= 0, got -10\.0.*lam=0"):
+      ga.search(model, params, x, y, "hidden_0", fitness=fitness, **kw)
+  user = lambda p, m: -jnp.sum(m).astype(jnp.float32)
+  res = ga.search(model, params, None, None, "hidden_0", fitness=user, **kw)
+  assert not bool(res.invalid) and float(res.fitness) == -int(res.kept)

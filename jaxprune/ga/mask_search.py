@@ -67,6 +67,7 @@ from jaxprune import _compile
 from jaxprune import units as units_lib
 from jaxprune import validate
 from jaxprune.ga.strategy import GAConfig, GAHyperparams, GAResult, check_params
+from jaxprune.ga.strategy import check_penalty, unusable_hyper
 from jaxprune.ga.loop import _DISPLAYS, GAProgress, _run, resolve_mesh
 from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.ga.fitness import UserFitness
@@ -167,6 +168,8 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     jax.eval_shape(lambda p, a, b, w: fit.prepare(p, a, b, sample_weight=w), params, x, y,
                    sample_weight)   # the input checks, before compiling
   check_params(hyper)
+  if not isinstance(fit, UserFitness):
+    check_penalty(hyper)
   validate.check_key(key)
   mesh = resolve_mesh(mesh, shard)
   if mesh is not None and mesh.size > 1:
@@ -202,8 +205,10 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
   else:
     accuracy = jnp.asarray(jnp.nan, jnp.float32)
   best = state.hof[0]
-  invalid = (jnp.zeros((), bool) if isinstance(fit, UserFitness)
-             else _unusable(fit.model, params, x, y, sample_weight))
+  user = isinstance(fit, UserFitness)
+  invalid = unusable_hyper(hyper, penalty=not user)
+  if not user:
+    invalid = invalid | _unusable(fit.model, params, x, y, sample_weight)
   nan = jnp.asarray(jnp.nan, jnp.float32)
   return GAResult(mask=best, fitness=jnp.where(invalid, nan, state.hof_fitness[0]),
                   accuracy=jnp.where(invalid, nan, accuracy),
@@ -213,13 +218,16 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
 
 def _unusable(model, params: PyTree, x, y, sample_weight=None) -> jax.Array:
   """() bool, inside the program: what :func:`validate.check_model_data` refuses outside jit
-  (NaN or infinite inputs or params, labels outside the classes of weight > 0 rows)."""
+  (NaN or infinite inputs or params, labels outside the classes or one-hot rows that are not
+  one-hot, of weight > 0 rows)."""
   floats = [a for a in jax.tree.leaves((params, x)) if jnp.issubdtype(a.dtype, jnp.floating)]
   bad = jnp.zeros((), bool)
   for a in floats:
     bad = bad | ~jnp.all(jnp.isfinite(a))
   labels = _labels(y, sample_weight)
   out = (labels < 0) | (labels >= validate.num_outputs(model, params, x))
+  if jnp.ndim(y) == 2:
+    out = out | ~validate.one_hot_rows(jnp.asarray(y))
   if sample_weight is not None:
     out = out & (jnp.asarray(sample_weight) > 0)
   return bad | jnp.any(out)

@@ -129,10 +129,12 @@ class GAResult(NamedTuple):
     kept: number of units it keeps.
     history: a :class:`GAHistory`.
     state: the final :class:`GAState` (population and hall of fame).
-    invalid: True when the built-in fitness was given unusable data: NaN or infinite inputs or
-      params, or labels outside the model's classes. Outside ``jit`` such data raise before
-      anything runs; under ``jit`` (traced inputs) they cannot, so the run goes on, this flag
-      is set and ``fitness`` and ``accuracy`` are NaN. Always False for a fitness function.
+    invalid: True when the run was given unusable input: for the built-in fitness, NaN or
+      infinite inputs or params, labels outside the model's classes or one-hot rows that are
+      not one-hot, a ``lam`` that is NaN, infinite or negative; for any fitness, a probability
+      of ``hyper`` outside [0, 1] or NaN. Outside ``jit`` such input raises before anything
+      runs; under ``jit`` or ``vmap`` (traced values) it cannot, so the run goes on, this flag
+      is set and ``fitness`` and ``accuracy`` are NaN.
   """
 
   mask: jax.Array
@@ -164,6 +166,32 @@ def check_params(hyper: GAHyperparams) -> None:
       raise ValueError(f"GAHyperparams.{name} must be a probability in [0, 1], got {v!r}.")
   if not isinstance(hyper.lam, jax.core.Tracer) and not np.all(np.isfinite(hyper.lam)):
     raise ValueError(f"GAHyperparams.lam must be finite, got {hyper.lam!r}.")
+
+
+def check_penalty(hyper: GAHyperparams) -> None:
+  """Raises ValueError if a concrete ``lam`` is negative: the built-in fitness subtracts it as a
+  size penalty, so a negative one would reward keeping units (a fitness function of your own
+  may read ``lam`` as it likes; :func:`check_params` leaves its sign alone)."""
+  if not isinstance(hyper.lam, jax.core.Tracer) and not np.all(np.asarray(hyper.lam) >= 0):
+    raise ValueError(f"GAHyperparams.lam must be >= 0, got {hyper.lam!r}: the built-in fitness "
+                     "subtracts lam as a penalty on the units kept (eq. 5 / eq. 6), so a "
+                     "negative lam rewards keeping units. Use lam=0 (or fitness='accuracy') for "
+                     "accuracy alone.")
+
+
+def unusable_hyper(hyper: GAHyperparams, penalty: bool) -> jax.Array:
+  """() bool, inside a program: what :func:`check_params` (and with ``penalty``,
+  :func:`check_penalty`) refuses outside jit: a probability outside [0, 1] or NaN, a lam that
+  is not finite (or negative)."""
+  bad = jnp.zeros((), bool)
+  for name in ("crossover_prob", "mutation_prob", "bit_flip_prob"):
+    v = jnp.asarray(getattr(hyper, name))
+    bad = bad | ~((v >= 0) & (v <= 1))
+  lam = jnp.asarray(hyper.lam)
+  bad = bad | ~jnp.isfinite(lam)
+  if penalty:
+    bad = bad | (lam < 0)
+  return bad
 
 
 # ----------------------------------------------------------------------------- ask / tell
