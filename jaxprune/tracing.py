@@ -1403,25 +1403,27 @@ def _sizes_from_inputs(an: _Analysis, leaves, known_sizes=None) -> dict[int, int
   that a group only shares with other factors of one leaf axis (GroupNorm's groups x channels)."""
   A = an.walker.atoms
   eqs = []
-  for ax_list, leaf in zip(an.walker.invar_atoms, leaves):
+  for i, (ax_list, leaf) in enumerate(zip(an.walker.invar_atoms, leaves)):
     shape = _shape(leaf)
     if len(shape) != len(ax_list):
-      raise ValueError(f"An input has shape {shape} but the traced function took rank "
-                       f"{len(ax_list)} there. Pass params of this target (or of its "
+      raise ValueError(f"{_leaf_name(an, i)} has shape {shape} but the traced function took "
+                       f"rank {len(ax_list)} there. Pass params of this target (or of its "
                        "compact()) and inputs shaped like the example's.")
-    for ax, n in zip(ax_list, shape):
-      eqs.append(([A.find(a) for a in A.expand(ax)], int(n)))
+    for d, (ax, n) in enumerate(zip(ax_list, shape)):
+      eqs.append(([A.find(a) for a in A.expand(ax)], int(n), (i, d)))
   known: dict[int, int] = dict(known_sizes or {})
+  source: dict[int, tuple] = {}     # root -> the (leaf, axis) its size was read from
   progress = True
   while progress:
     progress = False
-    for roots, n in eqs:
+    for roots, n, where in eqs:
       unknown = {r for r in roots if r not in known}
       if len(unknown) == 1:
         r = unknown.pop()
         prod = math.prod(known[x] for x in roots if x in known)
         if roots.count(r) == 1 and prod and n % prod == 0:
           known[r] = n // prod
+          source[r] = where
           progress = True
   for root, parts in an.walker.concat_of.items():
     total = sum(known.get(p, A.size[p]) for p, _, _ in parts)
@@ -1432,13 +1434,33 @@ def _sizes_from_inputs(an: _Analysis, leaves, known_sizes=None) -> dict[int, int
                        f"{known[root]} concatenated units but its parts have {total}. Compact "
                        "every group with target.compact so that readers and parts agree.")
   size = lambda r: known.get(r, A.size[r])
-  for roots, n in eqs:
-    if math.prod(size(r) for r in roots) != n:
+  for roots, n, (i, d) in eqs:
+    want = math.prod(size(r) for r in roots)
+    if want != n:
+      read = [source[r] for r in roots if r in source and source[r][0] != i]
+      if read:
+        why = (f", the size that {_leaf_name(an, read[0][0])} axis {read[0][1]} gives the same "
+               "axis of the computation")
+      elif any(r in (known_sizes or {}) for r in roots):
+        why = ", this compacted target's size (pass the params compact() returned with it)"
+      else:
+        why = ", as traced"
+      example = " (the example's shape: compact() keeps it)" if i >= an.num_params else ""
       raise ValueError(
-          f"These params/inputs do not fit the traced computation: an axis of size {n} should "
-          f"have size {math.prod(size(r) for r in roots)}. Pass params of this target (or of its "
-          "compact()) and inputs shaped like the example's (any batch size).")
+          f"These params/inputs do not fit the traced computation: {_leaf_name(an, i)}"
+          f"{example} has size {n} on axis {d}, where the computation needs {want}{why}. Pass "
+          "params of this target (or of its compact()) and inputs shaped like the example's "
+          "(any batch size), or trace again with these params.")
   return known
+
+
+def _leaf_name(an: "_Analysis", i: int) -> str:
+  """Leaf ``i`` of (params, inputs) as a user reads it: ``params['Dense_0']['kernel']`` or
+  ``input 0``."""
+  if i >= an.num_params:
+    return f"input {i - an.num_params}"
+  path = an.leaf_paths[i]
+  return "params" + ("".join(f"[{k!r}]" for k in path) if path is not None else f" leaf {i}")
 
 
 def _new_shape(A: _Atoms, sizes: dict, axes) -> tuple[int, ...]:
@@ -1733,13 +1755,39 @@ class TracedTarget:
 
   def _flat(self, params, args):
     leaves = jax.tree.leaves((params, args))
-    n = self._an.num_params + len(self._an.arg_shapes)
+    an = self._an
+    n = an.num_params + len(an.arg_shapes)
     if len(leaves) != n:
       raise ValueError(f"Expected params and inputs with {n} array leaves in all (as in the "
                        f"traced example), got {len(leaves)}.")
-    for i, leaf in enumerate(leaves[self._an.num_params:]):
+    for i, leaf in enumerate(leaves[an.num_params:]):
       self._check_arg_shape(i, leaf)
-    return leaves
+    return self._check_dtypes(leaves)
+
+  def _check_dtypes(self, leaves):
+    """The traced program runs at the example's dtypes. A params leaf of another dtype (bf16
+    params on a float32 trace) is refused by name; an input of another numeric dtype is cast
+    to the traced one when that is floating (as ``x @ w`` would promote it), else refused."""
+    an, out = self._an, list(leaves)
+    for i, (leaf, var) in enumerate(zip(leaves, an.closed.jaxpr.invars)):
+      want = var.aval.dtype
+      have = getattr(leaf, "dtype", None)
+      if jax.dtypes.issubdtype(want, jax.dtypes.extended) or (
+          have is not None and jax.dtypes.issubdtype(have, jax.dtypes.extended)):
+        continue   # typed PRNG keys: their own errors
+      have = jax.dtypes.canonicalize_dtype(have if have is not None else np.result_type(leaf))
+      if have == want:
+        continue
+      if i >= an.num_params and jnp.issubdtype(want, jnp.floating) and (
+          jnp.issubdtype(have, jnp.number) or have == jnp.bool_):
+        out[i] = jnp.asarray(leaf, want)
+        continue
+      fix = ("trace again with params of this dtype (jaxprune.trace(fn, params, *example_inputs)), "
+             f"or cast them: jax.tree.map(lambda a: a.astype(jnp.{want}), params)"
+             if i < an.num_params else f"pass {want} inputs, as traced")
+      raise TypeError(f"{_leaf_name(an, i)} is {have} but this target was traced with {want} "
+                      f"there, and runs the traced program at its dtypes: {fix}.")
+    return out
 
   def _eval_leaves(self, capture, *leaves):
     sizes = _sizes_from_inputs(self._an, leaves, self._group_sizes)

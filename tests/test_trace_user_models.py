@@ -1000,3 +1000,63 @@ def test_target_traced_on_nnx_state_reads_the_plain_arrays_too():
   np.testing.assert_array_equal(m_pure["l1"], m_state["l1"])
   same(p_pure, nnx.to_pure_dict(p_state))
   assert isinstance(p_pure, dict) and int(np.sum(m_pure["l1"])) == 7
+
+
+def _three_dense():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Dense(16, name="a")(x))
+      return nn.Dense(4, name="c")(nn.sigmoid(nn.Dense(12, name="b")(h)))
+  net = Net()
+  x = _arr(8, 10)
+  return net, net.init(jax.random.key(0), x), x
+
+
+def test_params_of_another_dtype_are_named_and_inputs_are_cast():
+  """The traced program runs at the example's dtypes: bf16 params on a float32 trace used to
+  fail with lax's 'add requires arguments to have the same dtypes', or (at another batch size)
+  with an error blaming a dropout mask; now the leaf and both dtypes are named. Inputs of
+  another numeric dtype are cast, as x @ w would promote them."""
+  net, v, x = _three_dense()
+  t = jaxprune.trace(net.apply, v, x)
+  bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), v)
+  for xx in (x, _arr(32, 10)):
+    with pytest.raises(TypeError, match=r"params\['params'\]\['a'\]\['bias'\] is bfloat16 but "
+                                        r"this target was traced with float32.*a\.astype"):
+      t.activations(bf16, xx, "a")
+  want = t.activations(v, x[:5], "a")
+  for dtype in (np.float64, np.float16, np.int32):
+    xx = np.asarray(x[:5]).astype(dtype)
+    np.testing.assert_allclose(t.activations(v, xx, "a"),
+                               t.activations(v, jnp.asarray(xx.astype(np.float32)), "a"),
+                               rtol=1e-6)
+  np.testing.assert_allclose(t.activations(v, np.asarray(x[:5], np.float64), "a"), want,
+                             rtol=1e-6)
+
+  def embed(p, tokens):
+    return jnp.take(p["emb"], tokens, axis=0).sum(1) @ p["w"]
+  pe = {"emb": _arr(20, 6), "w": _arr(6, 3)}
+  te = jaxprune.trace(embed, pe, jnp.zeros((4, 5), jnp.int32))
+  small, st = te.compact(pe, jaxprune.unit_masks_ones(te))   # runs the traced program
+  assert st.apply(small, jnp.zeros((2, 5), jnp.int32)).shape == (2, 3)
+  with pytest.raises(TypeError, match="input 0 is float32 but this target was traced with int32"):
+    st.apply(small, jnp.zeros((4, 5), jnp.float32))
+
+
+def test_params_that_do_not_fit_name_the_leaf_and_where_the_size_comes_from():
+  net, v, x = _three_dense()
+  t = jaxprune.trace(net.apply, v, x)
+  wide = {"params": {**v["params"], "a": {"kernel": _arr(11, 16), "bias": _arr(16)}}}
+  um = jaxprune.unit_masks_ones(t)
+  with pytest.raises(ValueError, match=r"input 0 \(the example's shape.*has size 10 on axis 1, "
+                                       r"where the computation needs 11, the size that "
+                                       r"params\['params'\]\['a'\]\['kernel'\] axis 0 gives"):
+    t.compact(wide, um)
+  um["b"] = um["b"].at[0].set(False)
+  small, st = t.compact(v, um)
+  assert st.apply(small, x[:3]).shape == (3, 4)
+  with pytest.raises(ValueError, match=r"params\['params'\]\['b'\]\['bias'\] has size 12 on "
+                                       r"axis 0, where the computation needs 11, this compacted "
+                                       r"target's size \(pass the params compact\(\) returned"):
+    st.apply(v, x[:3])
