@@ -34,20 +34,24 @@ def ones_like(params: PyTree) -> PyTree:
 
 def unit_masks_ones(model_or_groups) -> dict[str, jax.Array]:
   """All-True unit masks, one bool vector per unit group of a model."""
-  groups = _groups(model_or_groups)
-  if not all(isinstance(g, units_lib.UnitGroup) for g in groups.values()):
-    raise TypeError("unit_masks_ones takes a pruning target (a jaxprune model, or "
-                    "jaxprune.trace(fn, params, x)) or its `groups` dict (name -> UnitGroup), "
-                    "not params; for weight masks of params use jaxprune.ones_like(params).")
+  groups = groups_of(model_or_groups, "unit_masks_ones",
+                     " For weight masks of params use jaxprune.ones_like(params).")
   return {name: jnp.ones((g.size,), dtype=bool) for name, g in groups.items()}
 
 
-def _groups(model_or_groups) -> Mapping[str, units_lib.UnitGroup]:
-  """A target's ``groups`` (built-in model or traced), or the groups mapping itself."""
+def groups_of(model_or_groups, who: str = "This function",
+              hint: str = "") -> Mapping[str, units_lib.UnitGroup]:
+  """A target's ``groups`` (built-in model or traced), or the groups mapping itself; a
+  TypeError naming ``who`` for anything else (params passed where the model belongs)."""
   groups = model_or_groups.groups if hasattr(model_or_groups, "groups") else model_or_groups
   if not isinstance(groups, Mapping):
-    raise TypeError("Pass a pruning target (a jaxprune model, or jaxprune.trace(...)) or its "
-                    f"`groups` dict (name -> UnitGroup), got {type(model_or_groups).__name__}.")
+    raise TypeError(f"{who} takes a pruning target (a jaxprune model, or jaxprune.trace(fn, "
+                    f"params, x)) or its `groups` dict (name -> UnitGroup), got "
+                    f"{type(model_or_groups).__name__}.{hint}")
+  if not all(isinstance(g, units_lib.UnitGroup) for g in groups.values()):
+    raise TypeError(f"{who} takes a pruning target (a jaxprune model, or jaxprune.trace(fn, "
+                    "params, x)) or its `groups` dict (name -> UnitGroup), not params: pass the "
+                    f"model (or trace your function) first.{hint}")
   return groups
 
 
@@ -130,7 +134,7 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
 def check_unit_masks(model_or_groups, unit_masks: Mapping[str, Any], *,
                      allow_empty: bool = False) -> None:
   """Raises if a unit mask names an unknown group, has the wrong shape or dtype, or is empty."""
-  groups = _groups(model_or_groups)
+  groups = groups_of(model_or_groups)
   if not isinstance(unit_masks, Mapping):
     raise ValueError(f"Unit masks must be a dict from group name to bool vector, got "
                      f"{type(unit_masks).__name__}.")
@@ -171,7 +175,7 @@ def expand(params: PyTree, target, unit_masks: Mapping[str, Any],
                        "unit (or pass allow_empty=True to mask the whole layer on purpose).")
   if weight_masks is not None:
     check_weight_masks(params, weight_masks)
-  return units_lib.expand(params, _groups(target), unit_masks, weight_masks)
+  return units_lib.expand(params, groups_of(target), unit_masks, weight_masks)
 
 
 def count_units(unit_masks: Mapping[str, Any]) -> dict[str, tuple[int, int]]:

@@ -941,3 +941,24 @@ def test_fold_and_compensate_together_are_refused():
   m = jaxprune.MLP(in_features=3, hidden=(4,), out_features=2, activation="tanh")
   with pytest.raises(ValueError, match="pass one of them"):
     distinctiveness(m, "hidden_0", fold=True, compensate=True)
+
+
+def test_one_pattern_or_integer_activations_are_refused():
+  """Over one pattern every unit is constant: the pruners used to remove the whole layer as
+  constants (outputs off by up to 0.5 elsewhere); integer activations likewise. Both are
+  refused, by the activation pruners alike; two patterns are accepted."""
+  model = MLP(in_features=4, hidden=(6,), out_features=3)
+  params = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (16, 4))
+  ones = jaxprune.unit_masks_ones(model)
+  for prune in (distinctiveness(model, "hidden_0"), jaxprune.pruners.group_redundancy(
+      model, "hidden_0")):
+    with pytest.raises(ValueError, match=r"Activations hold 1 pattern\(s\).*at least 2"):
+      prune(params, ones, model.activations(params, x[:1], "hidden_0"))
+    with pytest.raises(ValueError, match=r"Activations hold 1 pattern\(s\) \(with weight > 0\)"):
+      prune(params, ones, model.activations(params, x, "hidden_0"),
+            sample_weight=jnp.zeros(16).at[3].set(1.0))
+    with pytest.raises(TypeError, match=r"Activations are int32, not floating point.*"
+                                        r"model\.activations\(params, x, 'hidden_0'\)"):
+      prune(params, ones, jnp.ones((8, 6), jnp.int32))
+    prune(params, ones, model.activations(params, x[:2], "hidden_0"))

@@ -112,3 +112,20 @@ def test_counts_and_summaries_refuse_what_is_not_a_weight_mask(params):
   with pytest.raises(TypeError, match="takes a pruning target.*not params.*ones_like"):
     jaxprune.unit_masks_ones(params)
   assert jaxprune.sparsity({"w": np.array([True, False, False, False])}) == 0.75
+
+
+def test_params_and_targets_swapped_are_named():
+  """Params passed where the model belongs (a structured pruner) used to give 'this model's
+  groups are ['params']' (the dict taken as groups), and a model passed where params belong
+  (magnitude_prune) 'the selection picks no parameter leaf'."""
+  model = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
+  params = model.init(jax.random.key(0))
+  for make in (jaxprune.importance_prune, jaxprune.distinctiveness,
+               jaxprune.pruners.group_redundancy):
+    with pytest.raises(TypeError, match=r"A structured pruner takes a pruning target.*not "
+                                        r"params: pass the model"):
+      make(params, "hidden_0")
+  for prune in (jaxprune.magnitude_prune, jaxprune.random_prune):
+    kw = {"key": jax.random.key(1)} if prune is jaxprune.random_prune else {}
+    with pytest.raises(TypeError, match=r"Got a pruning target \(MLP\) where params belong"):
+      prune(model, None, 0.5, **kw)

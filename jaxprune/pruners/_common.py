@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
 from jaxprune import validate
 from jaxprune.models.base import activation_fn
@@ -21,11 +22,7 @@ SHIFT = {"sigmoid": 0.5, "tanh": 0.0, "relu": 0.0, "linear": 0.0, "other": 0.0}
 
 def resolve_groups(target) -> Mapping[str, units_lib.UnitGroup]:
   """A pruning target's ``groups`` (built-in model or traced), or the groups mapping itself."""
-  groups = target.groups if hasattr(target, "groups") else target
-  if not isinstance(groups, Mapping):
-    raise TypeError("Pass a pruning target (a jaxprune model or jaxprune.trace(...)) or its "
-                    f"`groups` dict (name -> UnitGroup), got {type(target).__name__}.")
-  return dict(groups)
+  return dict(masks_lib.groups_of(target, "A structured pruner"))
 
 
 def get_group(target, name: str) -> units_lib.UnitGroup:
@@ -143,8 +140,21 @@ def check_activation_input(acts, group: units_lib.UnitGroup, sample_weight=None,
   the jitted cores). Returns the weights as an array (None stays None)."""
   check_activation_shape(acts, group)
   validate.check_not_empty("Activations", acts)
+  dtype = getattr(acts, "dtype", None)
+  dtype = np.asarray(acts).dtype if dtype is None else dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"Activations are {dtype}, not floating point: pass the activations the "
+                    f"model computes, model.activations(params, x, {group.name!r}).")
   w = (None if sample_weight is None else
        validate.check_sample_weight(sample_weight, jnp.shape(acts)[0]))
+  patterns = int(np.prod(jnp.shape(acts)[:-1]))
+  if is_concrete(sample_weight) and sample_weight is not None:
+    patterns = int(np.sum(np.asarray(sample_weight) > 0)) * int(np.prod(jnp.shape(acts)[1:-1]))
+  if patterns < 2:
+    raise ValueError(f"Activations hold {patterns} pattern(s) (with weight > 0): over fewer than "
+                     "2 every unit is constant, so every unit would be removed. Pass the "
+                     "activations over the training set (at least 2 patterns; many more for "
+                     "angles that mean anything).")
   if is_concrete(acts, sample_weight, mask):
     a = np.asarray(acts)
     if sample_weight is not None:

@@ -115,6 +115,10 @@ def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
       ``select(path, leaf) -> bool`` with ``path`` a tuple of keys, or a sequence of paths
       (tuples or ``'a/b/c'`` strings).
   """
+  if hasattr(params, "groups"):   # a model or traced target where params belong
+    raise TypeError(f"Got a pruning target ({type(params).__name__}) where params belong: "
+                    "magnitude and random pruning take the params pytree first, e.g. "
+                    "magnitude_prune(params, masks, fraction).")
   paths = _leaf_paths(params)
   leaves = jax.tree.leaves(params)
   if select is None:
