@@ -204,8 +204,8 @@ def _name(k) -> str:
 
 
 def _flat(tree: PyTree, prefix: str) -> dict:
-  """``{names: (display path, leaf)}`` for the leaves of ``tree`` (under the top key ``prefix``)."""
-  return {tuple(_name(k) for k in ks): (f"[{prefix!r}]" + jax.tree_util.keystr(ks), x)
+  """``{names: (display path, leaf)}`` for the leaves of ``tree``, shown as ``prefix[...]``."""
+  return {tuple(_name(k) for k in ks): (prefix + jax.tree_util.keystr(ks), x)
           for ks, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

@@ -1363,6 +1363,17 @@ def _name(path: Path, axis: int, taken: set) -> str:
   return f"{name}:{axis}" if name in taken else name
 
 
+def _draws_random(jaxpr) -> bool:
+  """Whether the program (or a call or scan inside it) draws random bits."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("random_bits", "threefry2x32"):
+      return True
+    inner = _body(eqn)
+    if inner is not None and _draws_random(inner):
+      return True
+  return False
+
+
 def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str, ...]:
   A = w.atoms
   by_root = {s.root: s.name for s in sites}
@@ -1976,9 +1987,14 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
   env.update(w.scoped_env)
   leaf_paths = tuple(_leaf_paths(params))
   sites, uses, reasons = _classify(w, leaf_paths, len(param_leaves), env)
+  lines = _explain(w, leaf_paths, avals, sites, uses, reasons)
+  if _draws_random(closed.jaxpr):
+    lines += ("note: the function draws random numbers (random_bits): a dropout in training "
+              "mode ties its random mask to the units it drops, and they are not followed "
+              "through it; trace the model in evaluation mode (nnx: model.eval(); linen: "
+              "deterministic=True).",)
   an = _Analysis(closed, in_treedef, jax.tree.structure(out_shape), len(param_leaves), w,
-                 leaf_paths, sites, uses,
-                 _explain(w, leaf_paths, avals, sites, uses, reasons),
+                 leaf_paths, sites, uses, lines,
                  tuple(_shape(l) for l in avals[len(param_leaves):]),
                  _batch_axes(w, len(param_leaves), closed.jaxpr))
   sizes = {}

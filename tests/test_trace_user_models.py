@@ -1060,3 +1060,29 @@ def test_params_that_do_not_fit_name_the_leaf_and_where_the_size_comes_from():
                                        r"axis 0, where the computation needs 11, this compacted "
                                        r"target's size \(pass the params compact\(\) returned"):
     st.apply(v, x[:3])
+
+
+def test_dropout_in_training_mode_is_named_by_explain():
+  """An nnx Dropout left in training mode ties its random mask to the hidden units: no group,
+  and explain() used to say only 'used by bitcast_convert_type (not followed)'."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(8, 12, rngs=rngs)
+      self.drop = nnx.Dropout(0.5, rngs=rngs)
+      self.l2 = nnx.Linear(12, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(self.drop(nnx.relu(self.l1(x))))
+
+  net = Net(nnx.Rngs(0))
+  apply, params = nnx_as_function(net)
+  t = jaxprune.trace(apply, params, _arr(4, 8))
+  assert not t.groups
+  assert "draws random numbers (random_bits)" in t.explain()
+  assert "model.eval()" in t.explain().splitlines()[-1]
+  net.eval()
+  apply, params = nnx_as_function(net)
+  t = jaxprune.trace(apply, params, _arr(4, 8))
+  assert list(t.groups) == ["l1"] and "random" not in t.explain()
