@@ -1703,11 +1703,15 @@ class TracedTarget:
     if len(got) != len(want) or any(g != n for d, (g, n) in enumerate(zip(got, want))
                                     if d not in batch):
       like = ", ".join("N" if d in batch else str(n) for d, n in enumerate(want))
+      axes = " and ".join(str(d) for d in batch) or "none"
       raise ValueError(
           f"Input {i} has shape {got}; this traced target takes inputs shaped ({like}) like its "
           "example: only the batch may change (sizes the program was traced with, such as a "
           "sequence length or an image size, are constants of it). Trace again with an example "
-          "of this shape.")
+          f"of this shape. (The batch was read as axis {axes} of this input: the input axis "
+          "that becomes the leading axis of the function's first output, else axis 0; a "
+          "function whose outputs put the batch last, like W @ x with x of shape (features, N), "
+          "runs at the example's batch size only.)")
 
   def activations(self, params: PyTree, *args_and_name) -> jax.Array:
     """``activations(params, *args, name)``: a group's activations, units on the last axis.

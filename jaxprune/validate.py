@@ -28,8 +28,9 @@ import numpy as np
 
 PyTree = Any
 
-__all__ = ["check_data", "check_finite", "check_key", "check_label_shape", "check_labels", "one_hot_rows",
-           "check_not_empty", "check_params", "check_sample_weight", "is_concrete"]
+__all__ = ["check_data", "check_finite", "check_key", "check_label_shape", "check_labels",
+           "check_not_empty", "check_params", "check_sample_weight", "is_concrete",
+           "one_hot_rows"]
 
 
 def is_concrete(*xs) -> bool:

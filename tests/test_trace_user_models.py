@@ -1086,3 +1086,15 @@ def test_dropout_in_training_mode_is_named_by_explain():
   apply, params = nnx_as_function(net)
   t = jaxprune.trace(apply, params, _arr(4, 8))
   assert list(t.groups) == ["l1"] and "random" not in t.explain()
+
+
+def test_batch_last_function_says_which_axis_was_taken_as_the_batch():
+  f = lambda p, x: p["W2"] @ jax.nn.relu(p["W1"] @ x + p["b1"][:, None]) + p["b2"][:, None]
+  p = {"W1": _arr(16, 10), "b1": _arr(16), "W2": _arr(3, 16), "b2": _arr(3)}
+  t = jaxprune.trace(f, p, _arr(10, 8))
+  small, st = t.compact(p, jaxprune.unit_masks_ones(t))
+  np.testing.assert_allclose(st.apply(small, _arr(10, 8) * 0 + 1), f(p, jnp.ones((10, 8))),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match=r"shaped \(N, 8\).*The batch was read as axis 0 of this "
+                                       r"input.*runs at the example's batch size only"):
+    st.apply(small, _arr(10, 5))
