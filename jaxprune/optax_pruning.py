@@ -148,12 +148,23 @@ def _masked_updates(updates: PyTree, masks: PyTree, params: PyTree) -> PyTree:
 
 
 def masked_update(tx: optax.GradientTransformation, grads: PyTree, tx_state: optax.OptState,
-                  params: PyTree, masks: PyTree) -> tuple[PyTree, optax.OptState]:
-  """One step of ``tx`` on the pruned network: the masked weights' gradients zeroed before it,
-  their updates ``-weight`` after it. The step of :func:`masked_optimizer` and of
-  :func:`jaxprune.fit` with masks."""
-  inner, tx_state = tx.update(masks_lib.apply_masks(grads, masks), tx_state, params)
+                  params: PyTree, masks: PyTree, **extra_args) -> tuple[PyTree, optax.OptState]:
+  """One step of ``tx`` on the pruned network: ``tx`` sees the masked weights' gradients and
+  the weights themselves as zeros (optimizers that read the params, like LAMB's trust ratio,
+  Adafactor's scale or schedule-free's averages, see the pruned network), and the masked
+  weights' updates are ``-weight`` after it. Extra arguments (``value=`` for
+  ``reduce_on_plateau``, ``value_fn=`` for L-BFGS) pass on to ``tx``. The step of
+  :func:`masked_optimizer` and of :func:`jaxprune.fit` with masks."""
+  inner, tx_state = optax.with_extra_args_support(tx).update(
+      masks_lib.apply_masks(grads, masks), tx_state, masks_lib.apply_masks(params, masks),
+      **extra_args)
   return _masked_updates(inner, masks, params), tx_state
+
+
+def _own_copy(masks: PyTree) -> PyTree:
+  """The masks as arrays of the optimizer state's own: a caller that donates the state
+  (``jax.jit(step, donate_argnums=...)``) must not free the masks it passed in."""
+  return jax.tree.map(lambda m: jnp.array(m, copy=True), masks)
 
 
 def _need_params(name: str, params) -> None:
@@ -202,14 +213,15 @@ def keep_masked(weight_masks: PyTree) -> optax.GradientTransformation:
   def init_fn(params):
     masks_lib.check_weight_masks(params, weight_masks)
     _check_masked_finite(params, weight_masks, "keep_masked")
-    return MaskedState(jax.tree.map(jnp.asarray, weight_masks))
+    return MaskedState(_own_copy(weight_masks))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args   # (value=, grad=, ... of the optimizers chained before it)
     _need_params("keep_masked", params)
     masks_lib.check_weight_masks(params, state.masks)
     return _masked_updates(updates, state.masks, params), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def masked_optimizer(tx: optax.GradientTransformation,
@@ -247,16 +259,18 @@ def masked_optimizer(tx: optax.GradientTransformation,
   def init_fn(params):
     masks_lib.check_weight_masks(params, weight_masks)
     _check_masked_finite(params, weight_masks, "masked_optimizer")
-    return (MaskedState(jax.tree.map(jnp.asarray, weight_masks)), tx.init(params))
+    return (MaskedState(_own_copy(weight_masks)),
+            tx.init(masks_lib.apply_masks(params, weight_masks)))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     _need_params("masked_optimizer", params)
     masked, inner_state = state
     masks_lib.check_weight_masks(params, masked.masks)
-    out, inner_state = masked_update(tx, updates, inner_state, params, masked.masks)
+    out, inner_state = masked_update(tx, updates, inner_state, params, masked.masks,
+                                     **extra_args)
     return out, (masked, inner_state)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -337,7 +351,7 @@ def _wrap(tx: optax.GradientTransformation, pruner: StepPruner, target_fn, begin
     return PruningState(jnp.zeros((), jnp.int32), masks_lib.ones_like(params),
                         pruner.init(params), tx.init(params))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     _need_params("gradual/scheduled", params)
     masks_lib.check_weight_masks(params, state.masks)
     count = state.count
@@ -357,13 +371,14 @@ def _wrap(tx: optax.GradientTransformation, pruner: StepPruner, target_fn, begin
                                    (state.masks, state.pruner_state))
       new_params = None
     grads = masks_lib.apply_masks(updates, masks)
-    inner, inner_state = tx.update(grads, state.inner_state, params)
+    inner, inner_state = optax.with_extra_args_support(tx).update(
+        grads, state.inner_state, masks_lib.apply_masks(params, masks), **extra_args)
     if new_params is not None:
       inner = jax.tree.map(lambda u, n, p: u + (n - p).astype(u.dtype), inner, new_params, params)
     out = _masked_updates(inner, masks, params)
     return out, PruningState(optax.safe_int32_increment(count), masks, pstate, inner_state)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def gradual(tx: optax.GradientTransformation, *, sparsity, begin_step: int, end_step: int,

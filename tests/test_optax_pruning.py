@@ -269,7 +269,8 @@ def test_masked_optimizer_trains_the_pruned_network():
         ("masked_optimizer", jaxprune.masked_optimizer(inner, masks), False),
         ("reference", optax.chain(inner, jaxprune.keep_masked(masks)), True),
         ("keep_masked", optax.chain(inner, jaxprune.keep_masked(masks)), False)):
-      p, state = params, tx.init(params)
+      p = jaxprune.apply_masks(params, masks)   # the pruned network (dense starts: below)
+      state = tx.init(p)
       for _ in range(5):
         g = grad(p, x, y)
         if masked_grads:
@@ -716,3 +717,38 @@ def test_masks_inside_multi_transform_errors_name_the_fix_and_the_fix_works():
     p = optax.apply_updates(p, u)
   assert np.all(np.asarray(p["l1"]["w"])[~np.asarray(masks["l1"]["w"])] == 0)
   np.testing.assert_allclose(p["l1"]["b"], 1.0 - 3 * 0.1, rtol=1e-6)
+
+
+def test_inner_optimizer_sees_the_pruned_network_extra_args_and_donation():
+  """From an outside probe: (1) optax's extra arguments (reduce_on_plateau's value=) were
+  refused; (2) the inner optimizer got the dense params, so Adafactor/LAMB trained the kept
+  weights differently from dense and pre-masked starts and schedule-free's evaluation params
+  brought a pruned weight back; (3) donating the optimizer state freed the caller's masks."""
+  p = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]])}
+  m = {"w": jnp.array([[True, False], [True, True]])}
+  g = {"w": jnp.ones((2, 2))}
+  plateau = optax.chain(optax.adam(1e-2), optax.contrib.reduce_on_plateau())
+  for tx in (jaxprune.masked_optimizer(plateau, m),
+             jaxprune.gradual(plateau, sparsity=0.5, begin_step=0, end_step=2, frequency=1),
+             optax.chain(plateau, jaxprune.keep_masked(m))):
+    state = tx.init(p)
+    for _ in range(2):
+      u, state = tx.update(g, state, p, value=jnp.asarray(1.0))
+    assert np.isfinite(np.asarray(u["w"])).all()
+  for inner in (optax.adafactor(0.1), optax.lamb(0.1)):
+    def one_step(p0, inner=inner):
+      tx = jaxprune.masked_optimizer(inner, m)
+      u, _ = tx.update(g, tx.init(p0), p0)
+      return optax.apply_updates(p0, u)["w"]
+    np.testing.assert_array_equal(one_step(p), one_step(jaxprune.apply_masks(p, m)))
+  tx = jaxprune.masked_optimizer(optax.contrib.schedule_free_sgd(0.1), m)
+  state, q = tx.init(p), p
+  for _ in range(5):
+    u, state = tx.update(g, state, q)
+    q = optax.apply_updates(q, u)
+  assert float(optax.contrib.schedule_free_eval_params(state[1], q)["w"][0, 1]) == 0.0
+  masks = {"w": jnp.array([[True, False], [True, True]])}
+  for tx in (jaxprune.masked_optimizer(optax.adam(0.1), masks), jaxprune.keep_masked(masks)):
+    step = jax.jit(lambda st, pp, tx=tx: tx.update(g, st, pp), donate_argnums=0)
+    step(tx.init(p), p)
+    assert masks["w"].tolist() == [[True, False], [True, True]]   # not deleted
