@@ -270,6 +270,13 @@ def define_common_flags(default_data: str, flag_values: flags.FlagValues = FLAGS
   flags.DEFINE_string("data_path", None,
                       "Path to SFEW.xlsx / SFEW.csv (sfew_features) or the class-folder image "
                       "tree (sfew_images).", flag_values=fv)
+  flags.register_multi_flags_validator(
+      ["data", "data_path"],
+      lambda f: f["data_path"] is None or str(f["data"]).startswith("sfew_"),
+      message="--data_path reads your own SFEW copy, which only --data=sfew_features (SFEW.xlsx "
+              "/ .csv) or --data=sfew_images (the class-folder tree) loads; the bundled data "
+              "would be used instead. Add --data=sfew_features or --data=sfew_images.",
+      flag_values=fv)
   flags.DEFINE_integer("seed", 0, f"Random seed in [0, {SEED_LIMIT}); a run is deterministic "
                        "for a seed.", flag_values=fv)
   flags.register_validator("seed", lambda v: v is not None and 0 <= v < SEED_LIMIT,

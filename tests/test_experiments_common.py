@@ -148,3 +148,18 @@ def test_report_and_results_say_what_the_loader_left_out(tmp_path):
   record = _store.data_record(ds, "test")
   assert record["dropped"] == [{"row": 4, "name": "x.mat", "reason": "missing PHOG feature 3"}]
   json.dumps(record)
+
+
+def test_data_path_without_an_sfew_dataset_is_refused():
+  """--data_path alone used to run on the bundled data (results.json then recorded the user's
+  path beside the bundled name)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from experiments import _flags, similarity_bounds as sb  # pylint: disable=import-outside-toplevel
+  fv = flags.FlagValues()
+  _flags.define_flags(sb.Config, default_data="features", flag_values=fv)
+  with pytest.raises(flags.IllegalFlagValueError, match="only --data=sfew_features"):
+    fv(["prog", "--data_path=/my/SFEW.csv"])
+  fv2 = flags.FlagValues()
+  _flags.define_flags(sb.Config, default_data="features", flag_values=fv2)
+  fv2(["prog", "--data_path=/my/SFEW.csv", "--data=sfew_features"])
+  assert fv2.data_path == "/my/SFEW.csv"

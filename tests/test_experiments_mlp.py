@@ -180,6 +180,7 @@ def test_unsplittable_data_fail_before_the_study_folder(study, per_class, match,
 @pytest.mark.parametrize("module, args, match", [
     ("ga_vs_distinctiveness", ["--lrs=0.01,abc"], "--lrs"),
     ("similarity_bounds", ["--data=sfew_features"], "--data_path"),
+    ("kernel_importance", ["--data_path=SFEW.csv"], "Add --data=sfew_features or"),
     ("progressive_compression", ["--hidden=1"], "--hidden"),
 ])
 def test_command_line_errors(module, args, match, tmp_path):
