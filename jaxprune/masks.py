@@ -152,8 +152,14 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
   than broadcasting a wrong-shaped or non-bool mask silently.
   """
   check_weight_masks(params, masks)
+  return zero_masked(params, masks)
+
+
+def zero_masked(tree: PyTree, masks: PyTree) -> PyTree:
+  """:func:`apply_masks` without the check, for callers that checked the masks once already
+  (an optimizer step zeroes both the gradients and the params it hands on)."""
   return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.asarray(p).dtype)),
-                      params, masks)
+                      tree, masks)
 
 
 def expand(params: PyTree, target, unit_masks: Mapping[str, Any],

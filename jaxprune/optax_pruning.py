@@ -154,9 +154,10 @@ def masked_update(tx: optax.GradientTransformation, grads: PyTree, tx_state: opt
   Adafactor's scale or schedule-free's averages, see the pruned network), and the masked
   weights' updates are ``-weight`` after it. Extra arguments (``value=`` for
   ``reduce_on_plateau``, ``value_fn=`` for L-BFGS) pass on to ``tx``. The step of
-  :func:`masked_optimizer` and of :func:`jaxprune.fit` with masks."""
+  :func:`masked_optimizer` and of :func:`jaxprune.fit` with masks (both check the masks
+  against the params first; the gradients are checked here)."""
   inner, tx_state = optax.with_extra_args_support(tx).update(
-      masks_lib.apply_masks(grads, masks), tx_state, masks_lib.apply_masks(params, masks),
+      masks_lib.apply_masks(grads, masks), tx_state, masks_lib.zero_masked(params, masks),
       **extra_args)
   return _masked_updates(inner, masks, params), tx_state
 
@@ -370,9 +371,9 @@ def _wrap(tx: optax.GradientTransformation, pruner: StepPruner, target_fn, begin
       masks, pstate = jax.lax.cond(now, do_masks, lambda op: op,
                                    (state.masks, state.pruner_state))
       new_params = None
-    grads = masks_lib.apply_masks(updates, masks)
+    grads = masks_lib.apply_masks(updates, masks)   # (params and masks were checked above)
     inner, inner_state = optax.with_extra_args_support(tx).update(
-        grads, state.inner_state, masks_lib.apply_masks(params, masks), **extra_args)
+        grads, state.inner_state, masks_lib.zero_masked(params, masks), **extra_args)
     if new_params is not None:
       inner = jax.tree.map(lambda u, n, p: u + (n - p).astype(u.dtype), inner, new_params, params)
     out = _masked_updates(inner, masks, params)
