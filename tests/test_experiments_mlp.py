@@ -309,3 +309,39 @@ def test_padded_distinctiveness_equals_per_fold_library_call():
   assert int(np.sum(np.asarray(report.kind[1]) == 3)) == 2  # the constant unit, both angles
   assert not np.any(np.asarray(report.kind[0]) == 3)
   assert np.all(np.any(np.asarray(report.kind[:, 0]) == 1, axis=-1))  # similar pair at 15 deg
+
+
+def test_ga_program_chunks_give_each_run_its_own_result(monkeypatch):
+  """The studies' GA program maps its runs in chunks (lax.map): 5 runs in chunks of 2 (the last
+  one short) give every run exactly what ga.run computes for it alone."""
+  import jax
+  import jax.numpy as jnp
+  import jaxprune
+  from jaxprune import ga
+  model = jaxprune.MLP(in_features=3, hidden=(6,), out_features=3)
+  fitness = ga.AccuracyFitness(model, "hidden_0", "per_run", fast=True, weighted=True)
+  config = ga.GAConfig(population_size=8, hof_size=2, tournament_size=3, generations=3)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(12, 3)).astype(np.float32)
+  y = rng.integers(0, 3, 12)
+  w = (rng.random(12) > 0.2).astype(np.float32)
+  params = [model.init(jax.random.key(f)) for f in range(5)]
+  data = [fitness.prepare(p, x, y, sample_weight=w, penalty="ratio" if f % 2 else "count")
+          for f, p in enumerate(params)]
+  lam = jnp.asarray([0.0, 10.0, 25.0, 50.0, 100.0], jnp.float32)
+  keys = jax.random.split(jax.random.key(7), 5)
+  hyper = ga.GAHyperparams(crossover_prob=0.8, mutation_prob=0.2, bit_flip_prob=0.1, lam=lam)
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *data)
+  # one run's product: 2 * 12 patterns * 6 units * 3 outputs * 8 individuals = 3456 operations
+  assert mc.runs_per_chunk(stacked, 8, 5) == 5           # small runs: all vmapped at once
+  monkeypatch.setattr(mc, "CHUNK_FLOPS", 3456.0)
+  assert mc.runs_per_chunk(stacked, 8, 5) == 1
+  assert mc.runs_per_chunk({"params": 0, "x": 0}, 8, 5) == 5   # not the fast path: all at once
+  monkeypatch.setattr(mc, "CHUNK_FLOPS", 2 * 3456.0)
+  assert mc.runs_per_chunk(stacked, 8, 5) == 2
+  state, _ = mc.ga_program(config, fitness, 6, True)(stacked, hyper, keys)
+  for r in range(5):
+    alone, _ = ga.run(config, fitness, 6, key=keys[r], hyper=hyper._replace(lam=lam[r]),
+                      data=data[r], progress=False, shard=False)
+    np.testing.assert_array_equal(np.asarray(state.hof[r]), np.asarray(alone.hof))
+    np.testing.assert_array_equal(np.asarray(state.hof_fitness[r]), np.asarray(alone.hof_fitness))
