@@ -95,6 +95,26 @@ def _container_difference(params: PyTree, masks: PyTree) -> str:
   return "the same leaves in different containers"
 
 
+def _nesting_hint(missing: list, extra: list) -> str:
+  """When the masks hold exactly the params' leaves one key deeper (masks over a flax model's
+  whole variables, given where only ``variables['params']`` is seen, as by an optimizer inside
+  :func:`jaxprune.fit`), or one key shallower: the fix, else ''."""
+  if not missing or len(missing) != len(extra):
+    return ""
+  for deeper, shallower, fix in ((extra, missing, "pass masks[{k!r}] (an optimizer given to "
+                                  "jaxprune.fit, or a TrainState's, sees only "
+                                  "variables['params'], the trained collection)"),
+                                 (missing, extra, "pass {{{k!r}: masks}}")):
+    heads = {p[0] for p in deeper}
+    if len(heads) == 1 and {p[1:] for p in deeper} == set(shallower):
+      (head,) = heads
+      k = getattr(head, "key", getattr(head, "idx", getattr(head, "name", head)))
+      where = "under an extra" if deeper is extra else "without the"
+      return (f"The masks hold the params' leaves {where} key {jax.tree_util.keystr((head,))}: "
+              + fix.format(k=k))
+  return ""
+
+
 def check_weight_masks(params: PyTree, masks: PyTree) -> None:
   """Raises a ValueError that names the problem if ``masks`` does not fit ``params``.
 
@@ -112,12 +132,15 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
     extra = [jax.tree_util.keystr(k) for k in m_paths if k not in p_paths]
     why = (f"missing leaves: {missing[:5] or 'none'}; unexpected leaves: {extra[:5] or 'none'}"
            if missing or extra else _container_difference(params, masks))
+    hint = _nesting_hint([k for k in p_paths if k not in m_paths],
+                         [k for k in m_paths if k not in p_paths])
     if extra and any(type(x).__name__ == "MaskedNode" for x in jax.tree.leaves(
         params, is_leaf=lambda x: type(x).__name__ == "MaskedNode")):
       why += f"; the params hold optax.MaskedNode() placeholders ({_MASKED_NODE_FIX})"
     raise ValueError(
-        f"Weight masks do not have the structure of the params ({why}). "
-        "Create them with jaxprune.ones_like(params) or jaxprune.expand(params, model, ...).")
+        f"Weight masks do not have the structure of the params ({why}"
+        + (f"). {hint}." if hint else "). Create them with jaxprune.ones_like(params) or "
+           "jaxprune.expand(params, model, ...)."))
   for k, p in p_paths.items():
     m = m_paths[k]
     if m is None or not hasattr(m, "shape"):

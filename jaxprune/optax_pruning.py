@@ -235,6 +235,8 @@ def masked_optimizer(tx: optax.GradientTransformation,
   :func:`keep_masked`). ``optax.chain(tx, keep_masked(m))`` gives the same kept weights for
   element-wise optimizers (SGD, momentum, Adam, AdamW), but not for those that combine elements
   (``clip_by_global_norm``, ``adafactor``), which still see the masked weights' gradients there.
+  Wrapped in ``optax.MultiSteps`` the first update applied is the k-th call's: start from
+  ``apply_masks(params, weight_masks)`` to have the masked weights zero throughout.
 
   Args:
     tx: any optax optimizer.
@@ -481,29 +483,89 @@ def _find_state(opt_state, cls):
   return None
 
 
-def masks_of(opt_state) -> PyTree:
+def _holder_state(opt_state):
+  """The optimizer state of a flax ``TrainState`` or an ``nnx.Optimizer`` (their
+  ``.opt_state``); anything else as it is."""
+  if not isinstance(opt_state, (Mapping, tuple, list)) and hasattr(opt_state, "opt_state"):
+    return opt_state.opt_state
+  return opt_state
+
+
+def _nnx_opt_types():
+  try:
+    from flax.nnx.training import optimizer as nnx_optimizer
+  except ImportError:  # pragma: no cover - flax without nnx
+    return None
+  return nnx_optimizer.OptState, nnx_optimizer.OptVariable
+
+
+def _from_nnx_optimizer(tree, like=None):
+  """Masks as the user built them from a state that ``nnx.Optimizer`` stored: it keeps every
+  array of its optax state in an ``OptVariable`` (from a variable such as ``nnx.Param``) or
+  ``OptArray`` container, which ``apply_masks`` and ``masked_optimizer`` would refuse against
+  the model's ``nnx.Param`` state. ``OptVariable`` becomes ``nnx.Param`` (the optimizer's usual
+  ``wrt``), ``OptArray`` its plain array; with ``like`` (the state the optimizer updates) the
+  masks take ``like``'s containers instead."""
+  types = _nnx_opt_types()
+  if types is None:
+    return tree
+  opt_state_cls, opt_variable_cls = types
+  is_opt = lambda x: isinstance(x, opt_state_cls)
+  if not any(is_opt(x) for x in jax.tree.leaves(tree, is_leaf=is_opt)):
+    return tree
+  if like is not None:
+    values = [x.get_value() if is_opt(x) else x for x in jax.tree.leaves(tree, is_leaf=is_opt)]
+    n = len(jax.tree.leaves(like))
+    if len(values) != n:
+      raise ValueError(f"masks_of(..., like=): the optimizer's masks have {len(values)} leaves "
+                       f"but like has {n}; pass the state the optimizer updates "
+                       "(nnx.state(model, wrt)).")
+    out = jax.tree.unflatten(jax.tree.structure(like), values)
+    masks_lib.check_weight_masks(like, out)
+    return out
+  from flax import nnx
+
+  def unwrap(x):
+    if isinstance(x, opt_variable_cls):
+      return nnx.Param(x.get_value())
+    return x.get_value() if is_opt(x) else x
+
+  return jax.tree.map(unwrap, tree, is_leaf=is_opt)
+
+
+def masks_of(opt_state, *, like: PyTree | None = None) -> PyTree:
   """The weight masks held by a :func:`gradual`, :func:`scheduled`, :func:`keep_masked` or
-  :func:`masked_optimizer` state
-  (searched through ``optax.chain`` tuples and other nested states)."""
-  found = _find_state(opt_state, PruningState)
+  :func:`masked_optimizer` state (searched through ``optax.chain`` tuples and other nested
+  states).
+
+  ``opt_state`` may also be a flax ``TrainState`` or an ``nnx.Optimizer`` (their
+  ``.opt_state`` is searched). ``nnx.Optimizer`` stores its state's arrays in its own
+  containers; the masks come back in ``nnx.Param`` containers, or in the containers of
+  ``like`` when given (the state the optimizer updates, ``nnx.state(model, wrt)``: pass it when
+  ``wrt`` is not ``nnx.Param``), so they fit ``apply_masks`` and ``masked_optimizer``."""
+  state = _holder_state(opt_state)
+  found = _find_state(state, PruningState)
   if found is None:
-    found = _find_state(opt_state, MaskedState)
+    found = _find_state(state, MaskedState)
   if found is None:
-    raise ValueError("This optimizer state holds no masks; build the optimizer with "
-                     "jaxprune.gradual, jaxprune.scheduled, jaxprune.keep_masked or "
-                     "jaxprune.masked_optimizer.")
-  return found.masks
+    raise ValueError(f"This optimizer state ({type(opt_state).__name__}) holds no masks; build "
+                     "the optimizer with jaxprune.gradual, jaxprune.scheduled, "
+                     "jaxprune.keep_masked or jaxprune.masked_optimizer.")
+  return _from_nnx_optimizer(found.masks, like)
 
 
 def unit_masks_of(opt_state) -> dict:
   """The unit masks of a structured pruner's state inside a :func:`gradual` or
-  :func:`scheduled` state."""
-  found = _find_state(opt_state, PruningState)
+  :func:`scheduled` state (or a ``TrainState`` / ``nnx.Optimizer`` holding one)."""
+  found = _find_state(_holder_state(opt_state), PruningState)
   if found is None or not isinstance(found.pruner_state, Mapping):
     raise ValueError("This optimizer state holds no unit masks; build the optimizer with a "
                      "structured pruner (jaxprune.importance_pruner, "
                      "jaxprune.distinctiveness_pruner).")
-  return dict(found.pruner_state)
+  types = _nnx_opt_types()
+  unwrap = ((lambda x: x.get_value() if isinstance(x, types[0]) else x) if types else
+            (lambda x: x))
+  return {k: unwrap(v) for k, v in found.pruner_state.items()}
 
 
 # ----------------------------------------------------------------------------- unstructured core

@@ -752,3 +752,54 @@ def test_inner_optimizer_sees_the_pruned_network_extra_args_and_donation():
     step = jax.jit(lambda st, pp, tx=tx: tx.update(g, st, pp), donate_argnums=0)
     step(tx.init(p), p)
     assert masks["w"].tolist() == [[True, False], [True, True]]   # not deleted
+
+
+def test_masks_of_an_nnx_optimizer_or_train_state_fit_the_params_they_update():
+  """nnx.Optimizer keeps its optax state's arrays in OptVariable containers: masks_of used to
+  return those, which apply_masks and masked_optimizer refused against the model's Param state.
+  A flax TrainState (or the nnx.Optimizer itself) is searched through its .opt_state."""
+  net = nnx_sigmoid_mlp(0)
+  params = nnx.state(net, nnx.Param)
+  _, m = jaxprune.prune_to_sparsity(params, None, 0.6, scope="layer")
+  for tx in (jaxprune.masked_optimizer(optax.adam(1e-2), m),
+             jaxprune.keep_masked(m)):
+    opt = nnx.Optimizer(net, tx, wrt=nnx.Param)
+    for got in (jaxprune.masks_of(opt), jaxprune.masks_of(opt.opt_state),
+                jaxprune.masks_of(opt.opt_state, like=params)):
+      assert jax.tree.structure(got) == jax.tree.structure(m)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(m)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      pruned = jaxprune.apply_masks(params, got)            # refused before
+      assert float(jnp.abs(pruned["l1"]["kernel"][...][~m["l1"]["kernel"][...]]).max()) == 0.0
+      jaxprune.masked_optimizer(optax.sgd(0.1), got).init(params)
+  with pytest.raises(ValueError, match="like has 3"):
+    jaxprune.masks_of(opt, like={"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)})
+
+  from flax.training import train_state
+  model = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
+  variables = model.init(jax.random.key(0))
+  tx = jaxprune.gradual(optax.adam(1e-2), sparsity=0.5, begin_step=0, end_step=2, frequency=1)
+  ts = train_state.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
+  assert jax.tree.structure(jaxprune.masks_of(ts)) == jax.tree.structure(variables["params"])
+  with pytest.raises(ValueError, match=r"\(dict\) holds no masks"):
+    jaxprune.masks_of({"not": "an optimizer state"})
+
+
+def test_masks_one_key_off_the_params_name_the_fix():
+  """fit() hands an optimizer variables['params'] only: masks over the whole variables given
+  to masked_optimizer inside fit were refused with advice that led back to the same masks."""
+  model = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
+  variables = model.init(jax.random.key(0))
+  _, m = jaxprune.prune_to_sparsity(variables, None, 0.5)
+  x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+  y = np.arange(16) % 3
+  with pytest.raises(ValueError, match=r"under an extra key \['params'\]: pass masks\['params'\]"):
+    jaxprune.fit(model, variables, x, y, key=jax.random.key(1), epochs=1, progress=False,
+                 optimizer=jaxprune.masked_optimizer(optax.adam(1e-3), m))
+  with pytest.raises(ValueError, match=r"without the key \['params'\]: pass \{'params': masks\}"):
+    jaxprune.apply_masks(variables, m["params"])
+  params, _ = jaxprune.fit(model, variables, x, y, key=jax.random.key(1), epochs=1,
+                           progress=False,
+                           optimizer=jaxprune.masked_optimizer(optax.adam(1e-3), m["params"]))
+  kernel = params["params"]["hidden_0"]["kernel"]
+  assert float(jnp.abs(kernel[~m["params"]["hidden_0"]["kernel"]]).max()) == 0.0
