@@ -67,7 +67,8 @@ def refuse_image_data(data: str, needs: str, hint: str = "") -> None:
 
 def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
   """Wraps a binary's ``main`` so that a usage error (:func:`fail`) prints one line and a hint to
-  run ``--help`` (exit status 2) instead of absl's page of flag help before the message."""
+  run ``--help`` (exit status 2) instead of absl's page of flag help before the message, and
+  Ctrl-C prints how to resume (exit status 130) instead of a traceback."""
   def wrapped(argv):
     try:
       return main(argv)
@@ -75,6 +76,10 @@ def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Seq
       print(f"Error: {e}\nRun {_program(argv)} --help to see the flags.", file=sys.stderr,
             flush=True)
       sys.exit(2)
+    except KeyboardInterrupt:
+      print("\nInterrupted. Every step that finished is saved in the workdir; run the same "
+            "command again to resume from them.", file=sys.stderr, flush=True)
+      sys.exit(130)
   return wrapped
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import sys
 import threading
 import time
 from typing import Callable, Sequence, TypeVar
@@ -122,9 +123,14 @@ def run_all(calls: Sequence[Callable[[], T]], workers: int | None = None) -> lis
     futures = [pool.submit(timed, c) for c in calls]
     try:
       return [f.result() for f in futures]
-    except BaseException:
+    except BaseException as e:
       for f in futures:
         f.cancel()
+      running = sum(f.running() for f in futures)
+      if isinstance(e, KeyboardInterrupt) and running:
+        print(f"\nStopping: waiting for the {running} step(s) now running to finish (their "
+              "results are saved; computations already running in XLA cannot be cut short).",
+              file=sys.stderr, flush=True)
       raise
 
 

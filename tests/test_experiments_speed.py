@@ -125,3 +125,34 @@ def test_run_all_raises_the_first_error_and_skips_steps_not_started():
     _speed.run_all(calls, workers=2)
   with pytest.raises(ValueError, match="workers must be at least 1"):
     _speed.run_all(calls, workers=0)
+
+
+def test_ctrl_c_says_what_it_waits_for_and_how_to_resume(capsys):
+  """Ctrl-C used to end a binary with a KeyboardInterrupt traceback after the running steps
+  finished, without a word while it waited; now run_all says what it waits for and the
+  binary's wrapper says how to resume, exit status 130."""
+  import threading
+  from experiments import _flags
+  started, release = threading.Event(), threading.Event()
+
+  def interrupted():
+    started.wait(10)   # the other step is running when Ctrl-C arrives
+    raise KeyboardInterrupt
+
+  def running():
+    started.set()
+    release.wait(10)
+    return "done"
+
+  def main(argv):
+    del argv
+    timer = threading.Timer(0.3, release.set)
+    timer.start()
+    return _speed.run_all([interrupted, running], workers=2)
+
+  with pytest.raises(SystemExit) as e:
+    _flags.one_line_usage_errors(main)(["prog"])
+  assert e.value.code == 130
+  err = capsys.readouterr().err
+  assert "waiting for the 1 step(s) now running to finish" in err
+  assert "run the same command again to resume" in err and "Traceback" not in err
