@@ -548,8 +548,11 @@ def masks_of(opt_state, *, like: PyTree | None = None) -> PyTree:
   if found is None:
     found = _find_state(state, MaskedState)
   if found is None:
-    raise ValueError(f"This optimizer state ({type(opt_state).__name__}) holds no masks; build "
-                     "the optimizer with jaxprune.gradual, jaxprune.scheduled, "
+    hint = (" (nnx.state(optimizer) turns the optimizer's state into plain dicts: pass the "
+            "nnx.Optimizer itself, or its .opt_state)" if type(opt_state).__name__ == "State"
+            else "")
+    raise ValueError(f"This optimizer state ({type(opt_state).__name__}) holds no masks{hint}; "
+                     "build the optimizer with jaxprune.gradual, jaxprune.scheduled, "
                      "jaxprune.keep_masked or jaxprune.masked_optimizer.")
   return _from_nnx_optimizer(found.masks, like)
 

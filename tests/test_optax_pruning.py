@@ -772,6 +772,8 @@ def test_masks_of_an_nnx_optimizer_or_train_state_fit_the_params_they_update():
       pruned = jaxprune.apply_masks(params, got)            # refused before
       assert float(jnp.abs(pruned["l1"]["kernel"][...][~m["l1"]["kernel"][...]]).max()) == 0.0
       jaxprune.masked_optimizer(optax.sgd(0.1), got).init(params)
+  with pytest.raises(ValueError, match=r"pass the nnx.Optimizer itself, or its .opt_state"):
+    jaxprune.masks_of(nnx.state(opt))
   with pytest.raises(ValueError, match="like has 3"):
     jaxprune.masks_of(opt, like={"a": jnp.ones(2), "b": jnp.ones(2), "c": jnp.ones(2)})
 
