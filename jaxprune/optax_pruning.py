@@ -597,37 +597,44 @@ def _call_scores(fn, params, grads):
   return fn(params, grads)
 
 
-def _check_scores(sc, params, selected, given: bool) -> None:
-  """Concrete scores must be finite (a NaN's bit pattern would rank above every weight, so NaN
-  weights were always kept) and, when the user gave them, non-negative (they are compared as
-  magnitudes). Traced scores (inside ``gradual``) are taken as they are."""
+def _check_scores(sc, params, selected, given: bool, keep=None) -> None:
+  """Concrete scores must be finite where ``keep`` (the selected leaves' masks; None: all)
+  keeps weights (a NaN's bit pattern would rank above every weight, so NaN weights were always
+  kept; one the masks already remove is not ranked) and, when the user gave them,
+  non-negative (they are compared as magnitudes). Traced scores (inside ``gradual``) are taken
+  as they are."""
   if not validate.is_concrete(sc):
     return
-  bad, negative = (np.asarray(a) for a in _score_problems(sc))  # two small vectors to the host
+  keep = [True] * len(sc) if keep is None else keep
+  bad, negative = (np.asarray(a) for a in _score_problems(sc, keep))  # two small vectors
   names = magnitude_lib.leaf_names(params)
   what = "scores" if given else "Parameters"
   for i, b, n in zip(selected, bad, negative):
     if b:
-      raise ValueError(f"{what} of {names[i]} hold {int(b)} NaN or infinite values; the ranking "
-                       "is undefined there. Fix them (or exclude that leaf with select=).")
+      raise ValueError(f"{what} of {names[i]} hold {int(b)} NaN or infinite values where the "
+                       "masks keep weights; the ranking is undefined there. Fix them, remove "
+                       "those weights with the masks, or exclude that leaf with select=.")
     if given and n:
       raise ValueError(f"The scores of {names[i]} hold negative values; scores are magnitudes "
                        "(larger kept), >= 0: pass their absolute values (jnp.abs).")
 
 
 @jax.jit
-def _score_problems(sc):
-  """Per score leaf: how many values are not finite, and whether any is negative (reduced where
-  the scores live: a device array is not copied to the host)."""
-  return (jnp.stack([jnp.sum(~jnp.isfinite(s)) for s in sc]),
+def _score_problems(sc, keep):
+  """Per score leaf: how many values are not finite where ``keep`` is True, and whether any is
+  negative (reduced where the scores live: a device array is not copied to the host)."""
+  return (jnp.stack([jnp.sum(~jnp.isfinite(s) & k) for s, k in zip(sc, keep)]),
           jnp.stack([jnp.any(s < 0) for s in sc]))
 
 
-def _score_leaves(scores, params, grads, selected):
+def _score_leaves(scores, params, grads, selected, masks=None):
+  """One score array per selected leaf (``|w|`` by default), checked (see
+  :func:`_check_scores`; only where ``masks`` keep weights)."""
   leaves = jax.tree.leaves(params)
+  keep = None if masks is None else [jax.tree.leaves(masks)[i] for i in selected]
   if scores is None:
     out = [jnp.abs(leaves[i]) for i in selected]
-    _check_scores(out, params, selected, False)
+    _check_scores(out, params, selected, False, keep)
     return out
   tree = _call_scores(scores, params, grads) if callable(scores) else scores
   if jax.tree.structure(tree) != jax.tree.structure(params):
@@ -642,7 +649,7 @@ def _score_leaves(scores, params, grads, selected):
                        f"parameter has shape {tuple(jnp.shape(leaves[i]))}; return one score per "
                        "weight.")
   out = [jnp.asarray(sl[i], jnp.float32) for i in selected]
-  _check_scores(out, params, selected, True)
+  _check_scores(out, params, selected, True, keep)
   return out
 
 
@@ -725,7 +732,7 @@ def prune_to_sparsity(params: PyTree, weight_masks: PyTree | None = None, sparsi
   masks = masks_lib.ones_like(params) if weight_masks is None else weight_masks
   masks_lib.check_weight_masks(params, masks)
   selected, per_leaf = _selection(params, sparsity, select)
-  sc = _score_leaves(scores, params, None, selected)
+  sc = _score_leaves(scores, params, None, selected, masks)
   new = _TO_SPARSITY(masks, sc, sparsity if per_leaf is None else 0.0,
                      None if per_leaf is None else tuple(per_leaf), selected=selected,
                      scope=scope)
@@ -862,7 +869,7 @@ def nm_prune(params: PyTree, weight_masks: PyTree | None = None, n: int = 2, m: 
     if shape[axis] % m:
       raise ValueError(f"{names[i]} has {shape[axis]} inputs along axis {axis}, not a multiple "
                        f"of m={m}; choose m dividing it or exclude the leaf with select=.")
-  sc = _score_leaves(scores, params, None, selected)
+  sc = _score_leaves(scores, params, None, selected, masks)
   mleaves, treedef = jax.tree.flatten(masks)
   kept = _NM(sc, [mleaves[i] for i in selected], n=int(n), m=int(m), axis=int(axis))
   for i, k in zip(selected, kept):
@@ -913,7 +920,7 @@ def block_prune(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5
       raise ValueError(f"{names[i]} has shape {shape}; its last two axes must be multiples of "
                        f"block={block}. Choose a block that divides them or exclude it with "
                        "select=.")
-  sc = _score_leaves(scores, params, None, selected)
+  sc = _score_leaves(scores, params, None, selected, masks)
   mleaves, treedef = jax.tree.flatten(masks)
   bscores = [_block_view(jnp.where(mleaves[i], s, 0.0), bh, bw) for i, s in zip(selected, sc)]
   bkeep = [_block_view(mleaves[i].astype(jnp.int32), bh, bw) > 0 for i in selected]

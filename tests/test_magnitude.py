@@ -222,3 +222,32 @@ def test_invalid_traced_fractions_remove_nothing():
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(masks)):
     np.testing.assert_array_equal(a, b[0])
   assert not all(bool(np.all(np.asarray(m))) for m in jax.tree.leaves(eager))
+
+
+def test_nan_weight_the_masks_already_remove_is_not_ranked():
+  """A NaN where the masks already remove the weight is not ranked (the pruners refused it and
+  advised select=, which would drop the whole layer); the result is that of any finite value
+  there, with the weight zeroed. A NaN the masks keep still raises."""
+  import jaxprune
+  rng = np.random.default_rng(0)
+  kernel = rng.normal(size=(8, 8)).astype(np.float32)
+  masks = {"d": {"kernel": jnp.asarray(rng.random((8, 8)) > 0.3).at[0, 0].set(False)}}
+  nan = {"d": {"kernel": jnp.asarray(kernel).at[0, 0].set(jnp.nan)}}
+  finite = {"d": {"kernel": jnp.asarray(kernel).at[0, 0].set(123.0)}}
+  calls = [lambda p: magnitude_prune(p, masks, 0.5)[:2],
+           lambda p: magnitude_prune(p, masks, 0.5, scope="global")[:2],
+           lambda p: jaxprune.prune_to_sparsity(p, masks, 0.6),
+           lambda p: jaxprune.prune_to_sparsity(p, masks, 0.6, scope="layer"),
+           lambda p: jaxprune.nm_prune(p, masks, 2, 4),
+           lambda p: jaxprune.block_prune(p, masks, 0.5, block=(2, 2))]
+  for call in calls:
+    (p_nan, m_nan), (p_fin, m_fin) = call(nan), call(finite)
+    np.testing.assert_array_equal(np.asarray(m_nan["d"]["kernel"]), np.asarray(m_fin["d"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(p_nan["d"]["kernel"]), np.asarray(p_fin["d"]["kernel"]))
+    assert float(p_nan["d"]["kernel"][0, 0]) == 0.0
+  kept_nan = {"d": {"kernel": jnp.asarray(kernel).at[1, 1].set(jnp.nan)}}
+  kept = {"d": {"kernel": masks["d"]["kernel"].at[1, 1].set(True)}}
+  for call in (lambda: magnitude_prune(kept_nan, kept, 0.5),
+               lambda: jaxprune.prune_to_sparsity(kept_nan, kept, 0.6)):
+    with pytest.raises(ValueError, match="where the masks keep weights"):
+      call()

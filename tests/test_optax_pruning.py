@@ -645,6 +645,8 @@ def test_structured_pruners_in_nnx_optimizer_traced_on_state_or_pure_dict(kind):
 
     for _ in range(5):
       step(net, opt)
+    # an array, not nnx.Optimizer's OptArray container; the optimizer itself is searched too
+    assert isinstance(jaxprune.unit_masks_of(opt)["l1"], jax.Array)
     return (np.asarray(jaxprune.unit_masks_of(opt.opt_state)["l1"]),
             np.asarray(net.l1.kernel.get_value()), np.asarray(net.l2.kernel.get_value()))
 

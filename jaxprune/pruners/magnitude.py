@@ -237,10 +237,11 @@ def _core(params, scores, weight_masks, fraction, *, selected, scope):
   if weight_masks is None:  # all-keep masks built inside the program, not op by op
     weight_masks = masks_lib.ones_like(params)
   mleaves = jax.tree.leaves(weight_masks)
-  n_bad = sum(jnp.sum(~jnp.isfinite(s), dtype=jnp.int32) for s in scores)
+  keep = [mleaves[i] for i in selected]
+  # only the weights still kept are ranked: a NaN the masks already remove is zeroed below
+  n_bad = sum(jnp.sum(~jnp.isfinite(s) & m, dtype=jnp.int32) for s, m in zip(scores, keep))
   valid = (fraction >= 0) & (fraction <= 1) & (n_bad == 0)
   bits = [_bits(s) for s in scores]
-  keep = [mleaves[i] for i in selected]
   if scope == "global":
     remaining = sum(jnp.sum(m, dtype=jnp.int32) for m in keep)
     removed, cut = _remove_smallest_and_cut(bits, keep, _n_remove(fraction, remaining, valid))
@@ -280,9 +281,10 @@ def _prune(params, weight_masks, fraction, key, scope, select, random):
                                                jnp.asarray(fraction, jnp.float32),
                                                selected=selected, scope=scope)
   if _common.is_concrete(n_bad) and int(n_bad):
-    raise ValueError(f"Parameters hold {int(n_bad)} NaN or infinite values in the leaves to "
-                     "prune; magnitudes are undefined there. Fix the params (or exclude those "
-                     "leaves with select=).")
+    raise ValueError(f"Parameters hold {int(n_bad)} NaN or infinite values where the masks "
+                     "keep weights in the leaves to prune; magnitudes are undefined there. Fix "
+                     "the params, remove those weights with the masks, or exclude those leaves "
+                     "with select=.")
   return new_params, new_masks, report
 
 
