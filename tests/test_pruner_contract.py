@@ -79,6 +79,15 @@ def test_pruner_contract(name):
                   {"hidden_0": batched[1]["hidden_0"][i]}, one[2])
 
 
+@pytest.mark.parametrize("name", sorted(PRUNERS))
+def test_pruner_refuses_a_unit_mask_that_keeps_no_unit(name):
+  """A concrete all-False unit mask of the pruned group is refused (check_unit_masks and
+  compact refuse one; the activation pruners used to return it as it was)."""
+  make, data, settings = PRUNERS[name]
+  with pytest.raises(ValueError, match="'hidden_0' keeps no unit"):
+    make()(PARAMS, {"hidden_0": jnp.zeros((8,), bool)}, *data, settings[1])
+
+
 # The weight-mask family: name -> prune(params, weight_masks, fraction).
 WEIGHT_PRUNERS = {
     "magnitude_prune": jaxprune.magnitude_prune,

@@ -123,7 +123,9 @@ class Model(abc.ABC):
           f"{shape}{what}. Reshape or resize the inputs, or build the model with "
           f"input shape {shape[1:]}.")
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-      raise ValueError(f"Inputs must be floating point, got dtype {jnp.result_type(x)}.")
+      raise ValueError(f"Inputs must be floating point, got dtype {jnp.result_type(x)}: pass "
+                       "x.astype(jnp.float32) (scaled as the model was trained, e.g. images "
+                       "/ 255).")
 
   def init(self, key: jax.Array) -> PyTree:
     """Initial variables for this model (a dict with a ``'params'`` entry)."""

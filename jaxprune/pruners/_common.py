@@ -82,7 +82,12 @@ def group_mask(unit_masks: Mapping[str, Any], group: units_lib.UnitGroup,
     units_lib.unit_mask(m, groups[name], np)  # a check: nothing compiled
   if group.name not in unit_masks:
     return jnp.ones((group.size,), bool)
-  return units_lib.unit_mask(unit_masks[group.name], group)
+  m = unit_masks[group.name]
+  if is_concrete(m) and not bool(np.any(np.asarray(m))):
+    raise ValueError(f"Unit mask {group.name!r} keeps no unit: there is nothing to prune, and a "
+                     "layer without units cuts the network. Pass the unit masks of a network "
+                     "that still has units there (jaxprune.unit_masks_ones(target) to start).")
+  return units_lib.unit_mask(m, group)
 
 
 def with_mask(unit_masks: Mapping[str, Any], name: str, mask: jax.Array) -> dict:
@@ -100,17 +105,19 @@ def check_fraction(name: str, value) -> None:
 
 
 def check_activation_shape(acts, group: units_lib.UnitGroup) -> None:
-  """Raises unless ``acts`` is (N, units) or (N, H, W, units) for ``group`` (no array work)."""
+  """Raises unless ``acts`` is (N, ..., units) for ``group``: (N, units), (N, L, units) or
+  (N, H, W, units), units last; every position of every pattern is one pattern of the unit
+  (no array work)."""
   shape = tuple(jnp.shape(acts))
   if len(shape) < 2 or shape[-1] != group.size:
     raise ValueError(
         f"Activations of shape {shape} do not match group {group.name!r}: it has {group.size} "
-        "units, so activations need shape (N, units) or (N, H, W, units) with units last. Get "
-        f"them with model.activations(params, x, {group.name!r}).")
+        "units, so activations need shape (N, units), (N, L, units) or (N, H, W, units) with "
+        f"units last. Get them with model.activations(params, x, {group.name!r}).")
 
 
 def activation_vectors(acts: jax.Array, group: units_lib.UnitGroup) -> jax.Array:
-  """(N, units) or (N, H, W, units) activations -> (units, P) with P = N*H*W, unshifted."""
+  """(N, ..., units) activations -> (units, P) with P = N * (positions), unshifted."""
   check_activation_shape(acts, group)
   return jnp.asarray(acts).reshape(-1, group.size).T
 

@@ -245,7 +245,8 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     ``prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
     constant_tol=1e-6, *, sample_weight=None) -> (params, unit_masks, SweepReport)``.
     ``activations`` are the group's activations over the patterns, (N, units) or
-    (N, H, W, units) (then each unit's vector is its N*H*W values); they must come from the
+    (N, ..., units) such as (N, H, W, units) (then each unit's vector is its values at every
+    position of every pattern, N*H*W); they must come from the
     params being pruned. Angles and the tolerance are traced. ``sample_weight`` (N,) weights the
     patterns: the angles are those of the weighted inner product, the constant test looks only
     at patterns of weight > 0, and constants fold their weighted mean. A pattern of weight 0

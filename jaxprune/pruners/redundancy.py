@@ -76,7 +76,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     ``max_remove`` (stop after this many removals; None: no limit) are traced. With
     ``tol=float('inf')`` and ``max_remove=k`` it removes exactly the k best-reconstructed units
     one by one (pruning to a target size). Activations are
-    (N, units) or (N, H, W, units) from the params being pruned. NaN activations raise on
+    (N, units) or (N, ..., units), e.g. (N, H, W, units), from the params being pruned. NaN activations raise on
     concrete input; under jit they leave everything unchanged and set ``report.invalid``.
     ``sample_weight`` (N,) makes the fits weighted least squares (weighted means, rows scaled
     by ``sqrt(w)``): a pattern of weight 0 does not exist, so zero-weight padding rows give the
