@@ -119,3 +119,39 @@ def test_weight_pruner_contract(name):
     for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(one)):
       np.testing.assert_array_equal(a[i], b)
     _check_weight_result(*one)
+
+
+def test_traced_bad_settings_and_weights_set_invalid_and_change_nothing():
+  """Found by an outside review: under jit, sample weights with a single positive entry made
+  distinctiveness remove 7 of 8 units and group_redundancy all but one (every unit is constant
+  over one pattern), with invalid False; progressive_distinctiveness had no invalid flag at all
+  (a NaN constant_tol ran as 0); group_redundancy truncated a max_remove of 2.7 to 2 and took a
+  traced -1 silently. Each now flags the run and changes nothing; eager calls raise."""
+  one = jnp.zeros((30,)).at[3].set(1.0)
+  um = jaxprune.unit_masks_ones(MODEL)
+  dist = jaxprune.distinctiveness(MODEL, "hidden_0", constants=False)
+  red = jaxprune.group_redundancy(MODEL, "hidden_0")
+  prog = jaxprune.progressive_distinctiveness(MODEL, "hidden_0", _LOSS)
+  for prune, args in ((dist, (ACTS, 60.0)), (red, (ACTS, 0.3))):
+    p, m, rep = jax.jit(lambda w: prune(PARAMS, um, *args, sample_weight=w))(one)
+    assert bool(rep.invalid) and bool(jnp.all(m["hidden_0"]))
+    with pytest.raises(ValueError, match="1 pattern"):
+      prune(PARAMS, um, *args, sample_weight=one)
+  for w, tol in ((one, 1e-6), (jnp.ones((30,)), jnp.nan), (-jnp.ones((30,)), 1e-6)):
+    _, m, rep = jax.jit(lambda w, t: prog(PARAMS, um, X, t, sample_weight=w))(w, tol)
+    assert bool(rep.invalid) and int(rep.count) == 1 and bool(jnp.all(m["hidden_0"]))
+  _, _, rep = prog(PARAMS, um, X)
+  assert not bool(rep.invalid) and int(rep.count) == 8
+  with pytest.raises(ValueError, match="1 pattern"):
+    prog(PARAMS, um, X[:1])
+  with pytest.raises(ValueError, match="1 pattern"):
+    prog(PARAMS, um, X, sample_weight=one)
+
+  for k in (2.7, -1.0, jnp.nan):
+    _, m, rep = jax.jit(lambda k: red(PARAMS, um, ACTS, jnp.inf, k))(k)
+    assert bool(rep.invalid) and int(rep.count) == 0 and bool(jnp.all(m["hidden_0"]))
+    with pytest.raises(ValueError, match="max_remove must be a whole number"):
+      red(PARAMS, um, ACTS, jnp.inf, k)
+  for k in (2, 2.0, jnp.inf):
+    _, _, rep = jax.jit(lambda k: red(PARAMS, um, ACTS, jnp.inf, k))(k)
+    assert not bool(rep.invalid) and int(rep.count) == (7 if k == jnp.inf else 2)

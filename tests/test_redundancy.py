@@ -90,7 +90,7 @@ def test_max_remove_stops_the_same_greedy_path_after_k_removals():
     assert not np.any(np.asarray(m_k["hidden_0"])[removed])
     kernel = np.asarray(p_k["params"]["hidden_0"]["kernel"])
     assert np.all(kernel[:, removed] == 0)
-  with pytest.raises(ValueError, match="max_remove must be >= 0"):
+  with pytest.raises(ValueError, match="max_remove must be a whole number >= 0"):
     prune(params, ones, acts, 1.0, -1)
 
 

@@ -166,8 +166,8 @@ def _weighted_vectors(a, weight, acts_shape, shift, tol, mask):
   bad)``: the shifted vectors scaled by ``sqrt(w)`` (so the cosine is the weighted one, and a
   0/1 weight leaves a real entry exactly as it is and makes a padded one exactly 0: the angles
   of the unpadded data), the weighted mean, the range over samples of positive weight, and
-  whether the input is unusable (NaN among the real activations, or weights that are negative,
-  non-finite or all zero).
+  whether the input is unusable (NaN among the real activations, weights that are negative or
+  non-finite, or fewer than 2 patterns of weight > 0).
   """
   w = jnp.asarray(weight, jnp.float32)
   wv = jnp.broadcast_to(w.reshape((-1,) + (1,) * (len(acts_shape) - 2)),
@@ -181,7 +181,8 @@ def _weighted_vectors(a, weight, acts_shape, shift, tol, mask):
   is_const = (hi - lo) < tol
   vecs = jnp.where(real[None, :], (a - shift) * jnp.sqrt(jnp.where(real, wv, 0.0)), 0.0)
   bad = ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], a, 0.0)))
-  bad |= ~jnp.all(jnp.isfinite(w) & (w >= 0)) | ~(total > 0)
+  # fewer than 2 patterns of weight > 0 (all zero included): every unit would be constant
+  bad |= ~jnp.all(jnp.isfinite(w) & (w >= 0)) | ~(jnp.sum(real) >= 2)
   return vecs, mean, is_const, bad
 
 

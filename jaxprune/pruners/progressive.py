@@ -33,6 +33,9 @@ class ProgressiveReport(NamedTuple):
     count: () int32 number of valid rows.
     metrics: dict name -> (units,) float32, each extra metric function (the factory's
       ``metrics``) of the pruned network at each step; empty if none were given.
+    invalid: () bool, bad input under ``jit``/``vmap`` (a negative or NaN ``constant_tol``,
+      NaN activations, sample weights that are negative or non-finite or leave fewer than 2
+      patterns): no step was taken (``count`` 1, the params and masks as given).
   """
 
   units_kept: jax.Array
@@ -41,6 +44,7 @@ class ProgressiveReport(NamedTuple):
   unit_masks: jax.Array
   count: jax.Array
   metrics: dict = {}
+  invalid: jax.Array = False
 
 
 def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], jax.Array], *,
@@ -124,16 +128,18 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     return jnp.where(jnp.any(pm), jnp.min(jnp.where(pm, ang, jnp.inf)), jnp.nan)
 
   def vectors(params, mask, x, tol, weight):
-    """The shifted activation vectors (units, P), their means and the constant test."""
+    """The shifted activation vectors (units, P), their means, the constant test and whether
+    the input is unusable (see :class:`ProgressiveReport`'s ``invalid``)."""
     acts = model.activations(params, x, g.name)
     a = acts.reshape(-1, h).T.astype(jnp.float32)
     if weight is None:
-      return a - shift, jnp.mean(a, axis=1), (jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol
-    vecs, mean, is_const, _ = _weighted_vectors(a, weight, acts.shape, shift, tol, mask)
-    return vecs, mean, is_const
+      bad = ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], a, 0.0)))
+      return (a - shift, jnp.mean(a, axis=1),
+              (jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol, bad)
+    return _weighted_vectors(a, weight, acts.shape, shift, tol, mask)
 
   def step(params, mask, x, tol, weight):
-    vecs, mean, is_const = vectors(params, mask, x, tol, weight)
+    vecs, mean, is_const, _ = vectors(params, mask, x, tol, weight)
     const = mask & is_const if constants else jnp.zeros((h,), bool)
     # Keep at least one unit: never remove the last non-constant one as a constant.
     const = jnp.where(jnp.sum(mask & ~const) == 0,
@@ -168,14 +174,15 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
 
   def run_core(params, mask, x, tol, weight):
     params = _common.zero_units(params, g, mask)  # row 0 scores the network the mask describes
-    vecs0 = vectors(params, mask, x, tol, weight)[0]
+    vecs0, _, _, bad = vectors(params, mask, x, tol, weight)
+    bad |= ~(tol >= 0)
     ang0 = pairwise_angles(jnp.where(mask[:, None], vecs0, 0.0))
     row0 = (jnp.sum(mask, dtype=jnp.int32), jnp.asarray(loss_fn(params), jnp.float32),
             min_angle(ang0, mask), mask, measure(params))
 
     def body(carry, _):
       params, mask, count = carry
-      live = jnp.sum(mask) > 1
+      live = (jnp.sum(mask) > 1) & ~bad
       new_p, new_m, ma = step(params, mask, x, tol, weight)
       params = jax.tree.map(lambda a, b: jnp.where(live, a, b), new_p, params)
       mask = jnp.where(live, new_m, mask)
@@ -186,7 +193,8 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     (params, mask, count), rows = jax.lax.scan(body, (params, mask, jnp.asarray(1, jnp.int32)),
                                                None, length=h - 1)
     rows = jax.tree.map(lambda r0, r: jnp.concatenate([r0[None], r]), row0, rows)
-    return params, mask, ProgressiveReport(rows[0], rows[1], rows[2], rows[3], count, rows[4])
+    return params, mask, ProgressiveReport(rows[0], rows[1], rows[2], rows[3], count, rows[4],
+                                           bad)
 
   jitted = jax.jit(run_core)
 
@@ -211,6 +219,17 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     # x of the model's shape, not empty, finite (a NaN would make every angle NaN: no step
     # would remove a unit); params finite
     validate.check_model_data(model, params, x, sample_weight=sample_weight)
+    # fewer than 2 patterns (of weight > 0): every unit would be constant and removed
+    shape = jax.eval_shape(lambda p, x: model.activations(p, x, g.name), params, x).shape
+    positions = int(np.prod(shape[1:-1]))
+    rows = shape[0]
+    if sample_weight is not None and _common.is_concrete(sample_weight):
+      rows = int(np.sum(np.asarray(sample_weight) > 0))
+    if rows * positions < 2:
+      raise ValueError(f"x gives {rows * positions} pattern(s) (with weight > 0) of group "
+                       f"{g.name!r}: over fewer than 2 every unit is constant, so every unit "
+                       "would be removed at the first step. Pass the training set (at least 2 "
+                       "patterns; many more for angles that mean anything).")
     params, mask, report = jitted(params, mask, x, constant_tol, sample_weight)
     return params, _common.with_mask(unit_masks, g.name, mask), report
 

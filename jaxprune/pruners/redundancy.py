@@ -8,10 +8,13 @@ intercept c is folded into the next bias, so the network is unchanged when the d
 exact. Constant units are the special case with no coefficients.
 
 Greedy: at each step the best-reconstructed kept unit is found (ranked by a ridge-regularised
-inverse of the kept units' correlation matrix, ``delta = 1e-4``), its exact least-squares fit
-(SVD, on the centred activations) is computed, and it is removed if its relative residual
-``|a_j - fit| / |a_j - mean(a_j)|`` (the square root of the unexplained variance fraction;
-0 for a constant unit) is below ``tol``. Then the next; it stops when the best candidate fails
+inverse of the kept units' correlation matrix, ``delta = 1e-4``; candidates whose scores differ
+only by float rounding, such as the copies of an exact duplicate, are ordered by that rounding),
+its exact least-squares fit (SVD, minimum norm, on the centred activations) is computed, and it
+is removed if its relative residual ``|a_j - fit| / |a_j - mean(a_j)|`` (the square root of the
+unexplained variance fraction) is below ``tol``. A unit is constant, with residual 0 and only
+its mean folded, when the norm of its centred activations is at most ``1e-6`` times the largest
+among the kept units' (constants are ranked first). Then the next; it stops when the best candidate fails
 or one unit is left. The activations are those of the starting network; removal does not
 change the other units' activations.
 
@@ -32,6 +35,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune import units as units_lib
 from jaxprune.pruners import _common
@@ -42,7 +46,9 @@ _RIDGE = 1e-4
 class RedundancyReport(NamedTuple):
   """Removals in order: ``removed[:count]`` unit indices, ``residual[:count]`` their relative
   residuals, ``coef`` (units, units) row n = the coefficients used for removal n,
-  ``intercept[:count]``, and ``invalid`` (NaN activations or negative tol under jit)."""
+  ``intercept[:count]``, and ``invalid`` (under jit: NaN activations, a negative or NaN tol, a
+  negative max_remove, sample weights that are negative or non-finite or leave fewer than 2
+  patterns; then nothing was changed)."""
 
   removed: jax.Array
   residual: jax.Array
@@ -109,7 +115,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       a = jnp.where(real[:, None], a, 0.0)
       bad = ~jnp.all(jnp.isfinite(jnp.where(mask[None, :], a, 0.0))) | ~(tol >= 0)
       total = jnp.sum(wv)
-      bad |= ~jnp.all(jnp.isfinite(w) & (w >= 0)) | ~(total > 0)
+      bad |= ~jnp.all(jnp.isfinite(w) & (w >= 0)) | ~(jnp.sum(real) >= 2)
       a = jnp.where(jnp.isfinite(a), a, 0.0)
       mean = jnp.sum(wv[:, None] * a, axis=0) / jnp.where(total > 0, total, 1.0)
       x = jnp.where(real[:, None], (a - mean) * jnp.sqrt(jnp.where(real, wv, 0.0))[:, None],
@@ -152,6 +158,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       coef = coef.at[pos].set(jnp.concatenate([beta, icpt[None]]), mode="drop")
       return m, transfer, consts, rep_j, rep_r, coef, ~ok
 
+    bad |= ~(max_remove >= 0)
     init = (mask, jnp.eye(h), jnp.zeros((h,)), jnp.full((h,), -1, jnp.int32),
             jnp.full((h,), jnp.nan), jnp.zeros((h, h + 1)), bad)
     m, transfer, consts, rep_j, rep_r, coef, _ = jax.lax.while_loop(cond, body, init)
@@ -168,10 +175,18 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       raise ValueError(f"tol must be >= 0 (a relative residual), got {tol}.")
     if max_remove is None:
       max_remove = h
-    elif _common.is_concrete(max_remove) and not int(max_remove) >= 0:
-      raise ValueError(f"max_remove must be >= 0 (a number of units), got {max_remove}.")
+    elif _common.is_concrete(max_remove):
+      v = np.asarray(max_remove)
+      if v.ndim or not (np.issubdtype(v.dtype, np.integer) or float(v) == np.floor(float(v))) \
+          or not float(v) >= 0:
+        raise ValueError(f"max_remove must be a whole number >= 0 (of units), got "
+                         f"{max_remove!r}.")
+    max_remove = jnp.asarray(max_remove)
+    if jnp.issubdtype(max_remove.dtype, jnp.floating):  # traced: not a whole number -> invalid
+      whole = max_remove == jnp.floor(max_remove)   # NaN is not; inf is (no limit)
+      max_remove = jnp.where(whole, jnp.clip(max_remove, -1, h), -1)
     params, m, rep = core(params, mask, jnp.asarray(activations), tol,
-                          jnp.asarray(max_remove, jnp.int32), sample_weight)
+                          max_remove.astype(jnp.int32), sample_weight)
     return params, _common.with_mask(unit_masks, g.name, m), rep
 
   return prune
