@@ -605,7 +605,8 @@ def _check_scores(sc, params, selected, given: bool, keep=None) -> None:
   as they are."""
   if not validate.is_concrete(sc):
     return
-  keep = [True] * len(sc) if keep is None else keep
+  if keep is None or not validate.is_concrete(keep):   # traced masks: check every weight
+    keep = [True] * len(sc)
   bad, negative = (np.asarray(a) for a in _score_problems(sc, keep))  # two small vectors
   names = magnitude_lib.leaf_names(params)
   what = "scores" if given else "Parameters"

@@ -242,9 +242,14 @@ def test_nan_weight_the_masks_already_remove_is_not_ranked():
            lambda p: jaxprune.block_prune(p, masks, 0.5, block=(2, 2))]
   for call in calls:
     (p_nan, m_nan), (p_fin, m_fin) = call(nan), call(finite)
-    np.testing.assert_array_equal(np.asarray(m_nan["d"]["kernel"]), np.asarray(m_fin["d"]["kernel"]))
-    np.testing.assert_array_equal(np.asarray(p_nan["d"]["kernel"]), np.asarray(p_fin["d"]["kernel"]))
+    for a, b in ((m_nan, m_fin), (p_nan, p_fin)):
+      np.testing.assert_array_equal(np.asarray(a["d"]["kernel"]), np.asarray(b["d"]["kernel"]))
     assert float(p_nan["d"]["kernel"][0, 0]) == 0.0
+  # masks traced (inside jit) with concrete scores: the check looks at every weight
+  scores = {"d": {"kernel": np.abs(kernel)}}
+  traced = jax.jit(lambda m: jaxprune.prune_to_sparsity(finite, m, 0.6, scores=scores)[1])(masks)
+  np.testing.assert_array_equal(np.asarray(traced["d"]["kernel"]), np.asarray(
+      jaxprune.prune_to_sparsity(finite, masks, 0.6, scores=scores)[1]["d"]["kernel"]))
   kept_nan = {"d": {"kernel": jnp.asarray(kernel).at[1, 1].set(jnp.nan)}}
   kept = {"d": {"kernel": masks["d"]["kernel"].at[1, 1].set(True)}}
   for call in (lambda: magnitude_prune(kept_nan, kept, 0.5),

@@ -14,9 +14,9 @@ its exact least-squares fit (SVD, minimum norm, on the centred activations) is c
 is removed if its relative residual ``|a_j - fit| / |a_j - mean(a_j)|`` (the square root of the
 unexplained variance fraction) is below ``tol``. A unit is constant, with residual 0 and only
 its mean folded, when the norm of its centred activations is at most ``1e-6`` times the largest
-among the kept units' (constants are ranked first). Then the next; it stops when the best candidate fails
-or one unit is left. The activations are those of the starting network; removal does not
-change the other units' activations.
+among the kept units' (constants are ranked first). Then the next; it stops when the best
+candidate fails or one unit is left. The activations are those of the starting network;
+removal does not change the other units' activations.
 
 Example:
   >>> import jax, jaxprune
@@ -81,9 +81,9 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     unit_masks, RedundancyReport)``, jit-compiled; ``tol`` (relative residual) and
     ``max_remove`` (stop after this many removals; None: no limit) are traced. With
     ``tol=float('inf')`` and ``max_remove=k`` it removes exactly the k best-reconstructed units
-    one by one (pruning to a target size). Activations are
-    (N, units) or (N, ..., units), e.g. (N, H, W, units), from the params being pruned. NaN activations raise on
-    concrete input; under jit they leave everything unchanged and set ``report.invalid``.
+    one by one (pruning to a target size). Activations are (N, units) or (N, ..., units),
+    e.g. (N, H, W, units), from the params being pruned. NaN activations raise on concrete
+    input; under jit they leave everything unchanged and set ``report.invalid``.
     ``sample_weight`` (N,) makes the fits weighted least squares (weighted means, rows scaled
     by ``sqrt(w)``): a pattern of weight 0 does not exist, so zero-weight padding rows give the
     fits of the unpadded data (to float rounding). None: every pattern counts once.
