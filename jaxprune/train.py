@@ -587,7 +587,9 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   labels), ``key`` (R keys, e.g. ``jax.random.split(key, R)``), ``masks`` (stacked, or None),
   ``learning_rate`` (scalar or (R,)) and ``validation`` = (x_val, y_val, w_val) each with
   axis R.
-  Each run's result equals :func:`fit` on its unpadded data with the same key.
+  Each run's result equals :func:`fit` on its unpadded data with the same key, to float
+  rounding (batched products round differently). Adam and the model's default loss; for
+  another optimizer or loss pass ``trainer=make_trainer(model, optimizer=..., loss=...)``.
   ``callback(epoch, state)`` is called as in :func:`fit`, with the stacked :class:`TrainState`
   (a leading run axis on every leaf).
 
@@ -640,7 +642,14 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
   """
   model = as_model(model, loss)
   xh, yh = _host(x), _host(y)
-  _check_data(model, xh, yh, params=params)
+  if sample_weight is None:
+    _check_data(model, xh, yh, params=params)
+  else:  # rows of weight 0 do not exist: their labels are not checked (as evaluate_many)
+    model.check_input(xh)
+    w = validate.check_sample_weight(sample_weight, xh.shape[0])
+    wh = np.asarray(w)
+    validate.check_data(xh, yh, sample_weight=wh, name="x")
+    _check_targets(model, params, xh, yh[wh > 0], "y", one_run=yh)
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
   _check_start_params(params, masks)
@@ -651,7 +660,6 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
   if sample_weight is None:
     m = _compiled_eval(trainer, batch_size)(params, x, y)
   else:
-    w = validate.check_sample_weight(sample_weight, xh.shape[0])
     m = _compiled_eval_weighted(trainer, batch_size, False)(params, None, x, y, w)
   return {k: float(v) for k, v in m.items()}
 

@@ -514,7 +514,10 @@ def _axis_keep(leaf_shape: tuple[int, ...], s: Slice, keep: np.ndarray) -> tuple
 
 def _kept_indices(params: PyTree, groups: Mapping[str, UnitGroup],
                   unit_masks: Mapping[str, Any]) -> dict[Path, dict[int, np.ndarray]]:
-  """For every leaf a group touches: leaf axis -> the indices kept along it (all groups)."""
+  """For every leaf a group touches: leaf axis -> the indices kept along it (all groups).
+  ``groups`` may also be a target (a model or traced target): its ``.groups`` are read."""
+  if not isinstance(groups, Mapping) and isinstance(getattr(groups, "groups", None), Mapping):
+    groups = groups.groups
   check_mask_keys(groups, unit_masks)
   keeps: dict[Path, dict[int, np.ndarray]] = {}
   for name in groups:
@@ -545,7 +548,8 @@ def compact(params: PyTree, groups: Mapping[str, UnitGroup],
 
   Args:
     params: the model's variables.
-    groups: the model's unit groups; checked against ``params``.
+    groups: the model's unit groups (or the target, whose ``.groups`` are read); checked
+      against ``params``.
     unit_masks: group name -> bool vector; groups not named keep all their units.
 
   Returns:
@@ -576,7 +580,8 @@ def uncompact(small_params: PyTree, params: PyTree, groups: Mapping[str, UnitGro
   Args:
     small_params: what ``compact(params, groups, unit_masks)`` returned (values may differ).
     params: the full-size params (only shapes and structure are read for the cut leaves).
-    groups, unit_masks: as given to :func:`compact`.
+    groups, unit_masks: as given to :func:`compact` (``groups`` may also be the target, a
+      model or traced target, whose ``.groups`` are read).
 
   Returns:
     Params shaped like ``params``: uncut leaves from ``small_params``, cut ones scattered back.

@@ -108,8 +108,10 @@ def test_bad_input_errors(built):
   mlp, mp, _ = built["mlp"]
   with pytest.raises(ValueError, match=r"batch of shape \(N, 10\); got \(2, 9\)"):
     mlp.apply(mp, jnp.zeros((2, 9)))
-  with pytest.raises(ValueError, match="floating point"):
+  with pytest.raises(ValueError, match=r"floating point, got dtype int32: pass x.astype"):
     mlp.apply(mp, jnp.zeros((2, 10), jnp.int32))
+  with pytest.raises(ValueError, match=r"one example of shape \(10,\): add the batch axis"):
+    mlp.apply(mp, jnp.zeros((10,)))   # said "build the model with input shape ()"
   with pytest.raises(KeyError, match="Unknown unit group 'conv_9'"):
     m.activations(p, jnp.zeros((2, 20, 16, 1)), "conv_9")
   with pytest.raises(ValueError, match="Unknown activation"):

@@ -203,3 +203,19 @@ def test_default_optimizer_trains_bfloat16_params_like_plain_adam():
     assert a.dtype == jnp.bfloat16
     assert not np.array_equal(np.asarray(a, np.float32), np.asarray(p, np.float32))
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_evaluate_ignores_the_labels_of_weight_zero_rows():
+  """evaluate(sample_weight=w) refused padding rows' labels (evaluate_many, fit_many and the GA
+  took them): a row of weight 0 does not exist, so its label is not checked."""
+  model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+  params = model.init(jax.random.key(1))
+  x = jax.random.normal(jax.random.key(0), (40, 4))
+  y = (jnp.arange(40) % 3).at[30:].set(99)
+  w = np.r_[np.ones(30), np.zeros(10)].astype(np.float32)
+  assert jaxprune.evaluate(model, params, x, y, sample_weight=w) == pytest.approx(
+      jaxprune.evaluate(model, params, x[:30], y[:30]), rel=1e-6)
+  with pytest.raises(ValueError, match=r"range over \[0, 99\]"):
+    jaxprune.evaluate(model, params, x, y.at[3].set(99), sample_weight=w)
+  with pytest.raises(ValueError, match=r"range over \[0, 99\]"):
+    jaxprune.evaluate(model, params, x, y)

@@ -130,3 +130,20 @@ def test_constant_fold_is_exact_for_valid_conv_consumer_and_flagged_for_same():
   cnn = jaxprune.CNN4()
   assert not cnn.groups["conv_1"].exact_constant_fold  # read by a zero-padded 'SAME' conv
   assert cnn.groups["conv_3"].exact_constant_fold and cnn.groups["dense_0"].exact_constant_fold
+
+
+def test_compact_and_uncompact_take_the_target_as_well_as_its_groups():
+  """jaxprune.compact / uncompact(..., model, masks) failed with "argument of type 'MLP' is
+  not iterable"; they read the target's groups now, as expand takes a target."""
+  import jax
+  import jaxprune
+  model = jaxprune.MLP(in_features=3, hidden=(5,), out_features=2)
+  params = model.init(jax.random.key(0))
+  keep = {"hidden_0": jnp.array([True, False, True, True, False])}
+  small = jaxprune.compact(params, model, keep)
+  assert small["params"]["hidden_0"]["kernel"].shape == (3, 3)
+  by_target = units.uncompact(small, params, model, keep)
+  by_groups = units.uncompact(small, params, model.groups, keep)
+  for a, b in zip(jax.tree.leaves(by_target), jax.tree.leaves(by_groups)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert by_target["params"]["hidden_0"]["kernel"].shape == (3, 5)

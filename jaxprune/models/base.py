@@ -118,6 +118,10 @@ class Model(abc.ABC):
       what = ""
       if len(want) == 3 and len(shape) == 4 and shape[1:3] == want[:2]:
         what = f" (it has {shape[-1]} channels, the model takes {want[-1]})"
+      if shape == want:   # one example without its batch axis
+        raise ValueError(
+            f"{type(self).__name__} takes a batch of shape (N, {', '.join(map(str, want))}); got "
+            f"one example of shape {shape}: add the batch axis, x[None].")
       raise ValueError(
           f"{type(self).__name__} takes a batch of shape (N, {', '.join(map(str, want))}); got "
           f"{shape}{what}. Reshape or resize the inputs, or build the model with "
