@@ -162,8 +162,9 @@ def score_many(model, params, x, y, w) -> np.ndarray:
 #: about this many floating-point operations: XLA:CPU runs a batched product far below its
 #: GEMM rate (at H=500, 100 runs vmapped at once: 112 GFLOP/s, against 211 for one run's
 #: product), while chunks much smaller pay the per-step cost of many small ops. Measured on the
-#: main job's GA grid (2 cores): H=500 11.7 -> 6.1-6.4 s, H=200 4.4 -> 2.7-2.9 s, H=100
-#: 2.2 -> 1.8 s, H=50 1.5 -> 1.3 s, the same bits.
+#: main job's GA grid (2 cores, three turns each in one process): H=500 10.5-11.1 s wall /
+#: 18.8-20.0 s CPU -> 7.4-9.4 s / 13.1-14.4 s CPU; single first runs: H=200 4.4 -> 2.7 s, H=100
+#: 2.2 -> 1.8 s, H=50 1.5 -> 1.3 s; the same bits.
 CHUNK_FLOPS = 3e8
 
 
