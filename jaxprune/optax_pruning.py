@@ -565,10 +565,7 @@ def unit_masks_of(opt_state) -> dict:
     raise ValueError("This optimizer state holds no unit masks; build the optimizer with a "
                      "structured pruner (jaxprune.importance_pruner, "
                      "jaxprune.distinctiveness_pruner).")
-  types = _nnx_opt_types()
-  unwrap = ((lambda x: x.get_value() if isinstance(x, types[0]) else x) if types else
-            (lambda x: x))
-  return {k: unwrap(v) for k, v in found.pruner_state.items()}
+  return _from_nnx_optimizer(dict(found.pruner_state))   # nnx.Optimizer's OptArray -> arrays
 
 
 # ----------------------------------------------------------------------------- unstructured core

@@ -143,11 +143,14 @@ def _check_targets(model: Model, params, x, y, name: str, one_run=None) -> None:
                      f"outputs; labels must be in [0, {n_out - 1}].")
 
 
-def _check_data(model: Model, x, y, name="x", params=None, y_name="y"):
+def _check_data(model: Model, x, y, name="x", params=None, y_name="y", sample_weight=None):
+  """Inputs of the model's shape, not empty, finite, lengths matching; with ``params`` the
+  targets too, those of rows of weight > 0 only (a row of weight 0 does not exist)."""
   model.check_input(x)
-  validate.check_data(x, y, name=name)  # not empty, finite, lengths match
+  validate.check_data(x, y, name=name, sample_weight=sample_weight)
   if params is not None:
-    _check_targets(model, params, x, y, y_name)
+    real = slice(None) if sample_weight is None else np.asarray(sample_weight) > 0
+    _check_targets(model, params, x, np.asarray(y)[real], y_name)
 
 
 def _check_start_params(params, masks=None) -> None:
@@ -642,14 +645,9 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
   """
   model = as_model(model, loss)
   xh, yh = _host(x), _host(y)
-  if sample_weight is None:
-    _check_data(model, xh, yh, params=params)
-  else:  # rows of weight 0 do not exist: their labels are not checked (as evaluate_many)
-    model.check_input(xh)
-    w = validate.check_sample_weight(sample_weight, xh.shape[0])
-    wh = np.asarray(w)
-    validate.check_data(xh, yh, sample_weight=wh, name="x")
-    _check_targets(model, params, xh, yh[wh > 0], "y", one_run=yh)
+  w = (None if sample_weight is None else
+       validate.check_sample_weight(sample_weight, xh.shape[0]))
+  _check_data(model, xh, yh, params=params, sample_weight=None if w is None else np.asarray(w))
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
   _check_start_params(params, masks)

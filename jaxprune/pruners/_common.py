@@ -139,6 +139,20 @@ def check_finite_slices(params: PyTree, group: units_lib.UnitGroup, slices) -> N
                  units_lib.get_path(params, s.path))
 
 
+def check_patterns(shape, sample_weight, what: str) -> None:
+  """Raises unless activations of ``shape`` (N, ..., units) hold at least 2 patterns (rows of
+  weight > 0 when concrete ``sample_weight`` is given, times the positions of each row): over
+  fewer every unit is constant, and every unit would be removed."""
+  rows = shape[0]
+  if sample_weight is not None and is_concrete(sample_weight):
+    rows = int(np.sum(np.asarray(sample_weight) > 0))
+  patterns = rows * int(np.prod(shape[1:-1]))
+  if patterns < 2:
+    raise ValueError(f"{what} {patterns} pattern(s) (with weight > 0): over fewer than 2 every "
+                     "unit is constant, so every unit would be removed. Pass the training set "
+                     "(at least 2 patterns; many more for angles that mean anything).")
+
+
 def check_activation_input(acts, group: units_lib.UnitGroup, sample_weight=None, mask=None):
   """The checks an activation pruner makes before any work: shape against ``group``; with
   ``sample_weight``, the weights valid for ``acts``' N patterns; and (on concrete input) the
@@ -154,14 +168,7 @@ def check_activation_input(acts, group: units_lib.UnitGroup, sample_weight=None,
                     f"model computes, model.activations(params, x, {group.name!r}).")
   w = (None if sample_weight is None else
        validate.check_sample_weight(sample_weight, jnp.shape(acts)[0]))
-  patterns = int(np.prod(jnp.shape(acts)[:-1]))
-  if is_concrete(sample_weight) and sample_weight is not None:
-    patterns = int(np.sum(np.asarray(sample_weight) > 0)) * int(np.prod(jnp.shape(acts)[1:-1]))
-  if patterns < 2:
-    raise ValueError(f"Activations hold {patterns} pattern(s) (with weight > 0): over fewer than "
-                     "2 every unit is constant, so every unit would be removed. Pass the "
-                     "activations over the training set (at least 2 patterns; many more for "
-                     "angles that mean anything).")
+  check_patterns(jnp.shape(acts), sample_weight, "Activations hold")
   if is_concrete(acts, sample_weight, mask):
     a = np.asarray(acts)
     if sample_weight is not None:

@@ -219,17 +219,8 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     # x of the model's shape, not empty, finite (a NaN would make every angle NaN: no step
     # would remove a unit); params finite
     validate.check_model_data(model, params, x, sample_weight=sample_weight)
-    # fewer than 2 patterns (of weight > 0): every unit would be constant and removed
     shape = jax.eval_shape(lambda p, x: model.activations(p, x, g.name), params, x).shape
-    positions = int(np.prod(shape[1:-1]))
-    rows = shape[0]
-    if sample_weight is not None and _common.is_concrete(sample_weight):
-      rows = int(np.sum(np.asarray(sample_weight) > 0))
-    if rows * positions < 2:
-      raise ValueError(f"x gives {rows * positions} pattern(s) (with weight > 0) of group "
-                       f"{g.name!r}: over fewer than 2 every unit is constant, so every unit "
-                       "would be removed at the first step. Pass the training set (at least 2 "
-                       "patterns; many more for angles that mean anything).")
+    _common.check_patterns(shape, sample_weight, f"x gives group {g.name!r}")
     params, mask, report = jitted(params, mask, x, constant_tol, sample_weight)
     return params, _common.with_mask(unit_masks, g.name, mask), report
 
