@@ -127,3 +127,115 @@ def test_sample_weight_padding_gives_the_unpadded_fits():
   np.testing.assert_allclose(r2.intercept, r3.intercept, atol=1e-4)
   with pytest.raises(ValueError, match="shape"):
     prune(params, um, acts, 1e-3, sample_weight=np.ones(3))
+
+
+def _reference_fit(x, kept, j):
+  """Float64 minimum-norm least squares of centred column j on the kept others (NumPy)."""
+  others = kept.copy()
+  others[j] = False
+  beta = np.zeros(x.shape[1])
+  beta[others] = np.linalg.lstsq(x[:, others], x[:, j], rcond=None)[0]
+  res = np.linalg.norm(x[:, j] - x @ beta) / np.linalg.norm(x[:, j])
+  return beta, res
+
+
+def _wide_case():
+  """40 tanh units seen on 24 patterns: the centred activations have rank 23, so the first 17
+  removals are exact (units rebuilt from the null space of the others' columns)."""
+  model = MLP(in_features=5, hidden=(40,), out_features=3, activation="tanh")
+  params = model.init(jax.random.key(7))
+  x = jax.random.normal(jax.random.key(8), (24, 5)) * 2.0
+  return model, params, x, model.activations(params, x, "hidden_0")
+
+
+def test_fewer_patterns_than_units_every_fit_is_the_min_norm_least_squares():
+  model, params, x, acts = _wide_case()
+  a = np.asarray(acts, np.float64)
+  xc = a - a.mean(0)
+  prune = group_redundancy(model, "hidden_0")
+  p2, m, rep = prune(params, jaxprune.unit_masks_ones(model), acts, 0.2)
+  count = int(rep.count)
+  assert count > 17  # the exact ones, then some within 20%
+  kept = np.ones(40, bool)
+  for t in range(count):
+    j = int(rep.removed[t])
+    beta, res = _reference_fit(xc, kept, j)
+    np.testing.assert_allclose(rep.coef[t], beta, atol=2e-3 * max(1.0, np.abs(beta).max()))
+    assert abs(float(rep.residual[t]) - res) < 1e-4 + 1e-3 * res, t
+    if t < 17:
+      assert res < 1e-6 and float(rep.residual[t]) < 1e-4
+    kept[j] = False
+  np.testing.assert_array_equal(np.asarray(m["hidden_0"]), kept)
+  # Only exact removals: the network's outputs on its patterns do not change.
+  p17, _, _ = prune(params, jaxprune.unit_masks_ones(model), acts, float("inf"), 17)
+  np.testing.assert_allclose(model.apply(p17, x), model.apply(params, x), atol=1e-4)
+
+
+def test_null_space_fits_agree_with_svd_fits_and_are_used(monkeypatch):
+  """The exact fits come from a null basis carried from step to step; forcing an SVD at every
+  step gives the same removals and coefficients, and a wrong null-space fit changes them (so
+  the carried basis is what the exact removals use)."""
+  from jaxprune.pruners import redundancy
+  model, params, _, acts = _wide_case()
+  um = jaxprune.unit_masks_ones(model)
+
+  def run():
+    return group_redundancy(model, "hidden_0")(params, um, acts, 0.2)[2]
+
+  fast = run()
+  monkeypatch.setattr(redundancy, "_NULL_MIN", 2.0)  # P_jj <= 1: never from the basis
+  svd = run()
+  np.testing.assert_array_equal(fast.removed, svd.removed)
+  np.testing.assert_allclose(fast.coef, svd.coef, atol=1e-3)
+  monkeypatch.setattr(redundancy, "_NULL_MIN", 1e-3)
+  real = redundancy._null_fit
+  monkeypatch.setattr(redundancy, "_null_fit",
+                      lambda basis, others, j: (lambda b, p, n: (b * 1.01, p, n))(
+                          *real(basis, others, j)))
+  wrong = run()  # 1% off: the explicit residual check sends every step to the SVD...
+  np.testing.assert_allclose(wrong.coef, svd.coef, atol=1e-3)
+  monkeypatch.setattr(redundancy, "_NULL_RESIDUAL", 1.0)  # ...unless it lets the error through
+  assert np.abs(np.asarray(run().coef) - np.asarray(svd.coef)).max() > 1e-3
+
+
+def test_null_fit_is_the_min_norm_solution_and_drops_one_direction():
+  from jaxprune.pruners import redundancy
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(6, 10)).astype(np.float32)  # rank 6: a 4-dimensional null space
+  _, _, vt = np.linalg.svd(x)
+  basis = jnp.asarray(np.concatenate([np.zeros((10, 6)), vt[6:].T], 1), jnp.float32)
+  others = jnp.ones(10, bool).at[3].set(False)
+  beta, p, new = redundancy._null_fit(basis, others, 3)
+  ref = np.zeros(10)
+  keep = np.asarray(others)
+  ref[keep] = np.linalg.lstsq(x[:, keep].astype(np.float64), x[:, 3], rcond=None)[0]
+  np.testing.assert_allclose(beta, ref, atol=1e-4)
+  assert float(p) == pytest.approx(float(np.sum(vt[6:, 3] ** 2)), rel=1e-5)
+  new = np.asarray(new)
+  live = np.abs(new).sum(0) > 0
+  assert live.sum() == 3  # one direction fewer
+  np.testing.assert_allclose(new[:, live].T @ new[:, live], np.eye(3), atol=1e-5)
+  np.testing.assert_allclose(new[3], 0.0, atol=1e-6)  # unit 3 has left the null space
+  np.testing.assert_allclose(x @ new[:, live], 0.0, atol=1e-4)
+
+
+def test_null_space_fits_never_use_directions_the_svd_cuts(monkeypatch):
+  """Near the end of the exact removals the other units' activations can have a singular value
+  below the SVD's cut (eps * max(N, units) of the largest): the SVD fit leaves that direction
+  out, an exact fit from the carried null basis would use it (larger coefficients, which
+  generalise worse; on this case 6.4 apart). The null basis is used only when deleting the
+  column provably keeps every singular value it uses above the cut."""
+  from jaxprune.pruners import redundancy
+  model = MLP(in_features=10, hidden=(300,), out_features=7, activation="sigmoid")
+  params = model.init(jax.random.key(1))
+  rng = np.random.default_rng(1)
+  mix = rng.normal(size=(10, 10)) / np.sqrt(10)
+  x = (rng.normal(size=(200, 10)) @ mix * 2.0).astype(np.float32)
+  acts = model.activations(params, x, "hidden_0")
+  um = jaxprune.unit_masks_ones(model)
+  fast = group_redundancy(model, "hidden_0")(params, um, acts, 0.1)[2]
+  monkeypatch.setattr(redundancy, "_NULL_MIN", 2.0)
+  svd = group_redundancy(model, "hidden_0")(params, um, acts, 0.1)[2]
+  assert int(svd.count) > 200
+  np.testing.assert_array_equal(fast.removed, svd.removed)
+  np.testing.assert_allclose(fast.coef, svd.coef, atol=1e-3)

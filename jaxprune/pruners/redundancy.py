@@ -10,13 +10,25 @@ exact. Constant units are the special case with no coefficients.
 Greedy: at each step the best-reconstructed kept unit is found (ranked by a ridge-regularised
 inverse of the kept units' correlation matrix, ``delta = 1e-4``; candidates whose scores differ
 only by float rounding, such as the copies of an exact duplicate, are ordered by that rounding),
-its exact least-squares fit (SVD, minimum norm, on the centred activations) is computed, and it
+its exact least-squares fit (minimum norm, on the centred activations, singular values below
+``eps * max(N, units)`` of the largest left out as ``jnp.linalg.lstsq`` does) is computed, and it
 is removed if its relative residual ``|a_j - fit| / |a_j - mean(a_j)|`` (the square root of the
 unexplained variance fraction) is below ``tol``. A unit is constant, with residual 0 and only
 its mean folded, when the norm of its centred activations is at most ``1e-6`` times the largest
 among the kept units' (constants are ranked first). Then the next; it stops when the best
 candidate fails or one unit is left. The activations are those of the starting network;
 removal does not change the other units' activations.
+
+How the fit is computed: by an SVD of the other kept units' activations, which also gives the
+null space of those columns. When there are fewer patterns than units, most removals are exact
+(the unit is a combination of the others on these patterns); such a unit's minimum-norm fit is
+read off that null space (the shortest null vector whose entry for the unit is 1), and the
+null space of the units that remain is one Householder reflection away, so the fit costs
+O(units^2) instead of an SVD. It is taken only when it is the SVD's fit too: its residual
+is at most 1e-4 (and ``tol``), and deleting the unit's column provably keeps every singular
+value the fit uses above the SVD's cut (each deletion leaves them at least ``sqrt(P_jj)`` times
+the smallest before, ``P_jj`` the unit's share of the null space). Otherwise the SVD runs. The
+two agree to float rounding (tested against an SVD at every removal).
 
 Example:
   >>> import jax, jaxprune
@@ -41,6 +53,8 @@ from jaxprune import units as units_lib
 from jaxprune.pruners import _common
 
 _RIDGE = 1e-4
+_NULL_MIN = 1e-3   # P_jj below this: fit by SVD (the null direction is too short to trust)
+_NULL_RESIDUAL = 1e-4  # a null-basis fit must rebuild the unit to this relative residual
 
 
 class RedundancyReport(NamedTuple):
@@ -58,19 +72,44 @@ class RedundancyReport(NamedTuple):
   invalid: jax.Array
 
 
-def _fit(x, mask, j):
-  """Least squares of centred column j on the other kept centred columns."""
-  others = mask.at[j].set(False)
+def _svd_fit(x, others, y, rcond):
+  """Minimum-norm least squares of y on the ``others`` columns of x (SVD, singular values
+  below ``rcond`` times the largest cut, as jnp.linalg.lstsq). Also returns an orthonormal
+  basis of those columns' null space, (h, h) with zero columns where unused (columns of units
+  outside ``others`` are zero, so their coordinate axes are in it; the fits never use them),
+  the smallest singular value kept, and the cut."""
+  h = x.shape[1]
+  hi = jax.lax.Precision.HIGHEST
   xo = jnp.where(others[None, :], x, 0.0)
-  y = x[:, j]
-  beta = jnp.linalg.lstsq(xo, y)[0]
-  beta = jnp.where(others, beta, 0.0)
-  res = y - xo @ beta
-  ny = jnp.linalg.norm(y)
-  scale = jnp.max(jnp.linalg.norm(jnp.where(mask[None, :], x, 0.0), axis=0))
-  const = ny <= 1e-6 * jnp.maximum(scale, 1e-30)
-  rel = jnp.where(const, 0.0, jnp.linalg.norm(res) / jnp.where(const, 1.0, ny))
-  return jnp.where(const, 0.0, beta), rel
+  n = x.shape[0]
+  u, s, vt = jnp.linalg.svd(xo, full_matrices=n < h)  # vt (h, h) either way
+  k = s.shape[0]
+  keep = (s > 0) & (s >= rcond * s[0])
+  s_inv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
+  beta = jnp.matmul(vt[:k].T, s_inv * jnp.matmul(u[:, :k].T, y, precision=hi), precision=hi)
+  null = jnp.concatenate([~keep, jnp.ones((h - k,), bool)])
+  floor = jnp.min(jnp.where(keep, s, jnp.inf))
+  return (jnp.where(others, beta, 0.0), vt.T * null[None, :],
+          jnp.where(jnp.isfinite(floor), floor, 0.0), rcond * s[0])
+
+
+def _null_fit(basis, others, j):
+  """The minimum-norm exact fit of unit j from the null space of the kept units' columns
+  (orthonormal ``basis``, zero columns unused): v = P e_j / P_jj with P = basis basis^T is the
+  shortest null vector with v_j = 1, so x_j = -X_o v_o; beta = -v_o. Returns beta, P_jj, and
+  the basis of the null space without unit j (one Householder reflection in basis
+  coordinates maps row j onto one basis vector, which is dropped)."""
+  hi = jax.lax.Precision.HIGHEST
+  b = basis[j]
+  p = jnp.dot(b, b, precision=hi)
+  u = jnp.matmul(basis, b, precision=hi)
+  beta = jnp.where(others, -u / jnp.where(p > 0, p, 1.0), 0.0)
+  c = jnp.argmax(jnp.abs(b))
+  w = b.at[c].add(jnp.where(b[c] >= 0, 1.0, -1.0) * jnp.sqrt(p))
+  ww = jnp.dot(w, w, precision=hi)
+  reflected = basis - (2.0 / jnp.where(ww > 0, ww, 1.0)) * (
+      jnp.matmul(basis, w, precision=hi)[:, None] * w[None, :])
+  return beta, p, reflected.at[:, c].set(0.0)
 
 
 def group_redundancy(model_or_groups, group: str) -> Callable:
@@ -120,7 +159,8 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       mean = jnp.sum(wv[:, None] * a, axis=0) / jnp.where(total > 0, total, 1.0)
       x = jnp.where(real[:, None], (a - mean) * jnp.sqrt(jnp.where(real, wv, 0.0))[:, None],
                     0.0)
-    cov = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+    hi = jax.lax.Precision.HIGHEST
+    cov = jnp.matmul(x.T, x, precision=hi)
 
     def rank(m):
       d = jnp.where(m, jnp.diagonal(cov), 1.0)
@@ -134,15 +174,46 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       score = jnp.where(tiny, -1.0, r2)  # constants first
       return jnp.argmin(jnp.where(m, score, jnp.inf))
 
+    rcond = float(jnp.finfo(jnp.float32).eps) * max(x.shape)  # as jnp.linalg.lstsq
+
+    def fit(m, basis, floor, cut, j):
+      """beta and relative residual of unit j on the other kept units, and what the next
+      step needs: the null basis of the other kept units' columns, a lower bound on their
+      smallest kept singular value and the SVD's cut.
+
+      From the carried null basis when j is rebuilt exactly from it *and* that is the SVD's
+      fit too: deleting column j (P_jj = p) leaves every singular value of the kept columns'
+      range at least sqrt(p) times the smallest before, so when sqrt(p) * floor >= cut the
+      SVD of the other columns would cut nothing the fit uses (fits through directions the
+      SVD cuts rebuild the training patterns but generalise worse). Else from an SVD of the
+      other kept columns, which renews all three."""
+      others = m.at[j].set(False)
+      y = x[:, j]
+      beta_n, p, basis_n = _null_fit(basis, others, j)
+      ny = jnp.linalg.norm(y)
+      rel_n = jnp.linalg.norm(y - jnp.matmul(x, beta_n, precision=hi)) / jnp.where(
+          ny > 0, ny, 1.0)
+      floor_n = jnp.sqrt(jnp.maximum(p, 0.0)) * floor
+      exact = ((p > _NULL_MIN) & (floor_n >= cut)
+               & (rel_n <= jnp.minimum(_NULL_RESIDUAL, tol)))
+      beta, basis, floor, cut = jax.lax.cond(
+          exact, lambda: (beta_n, basis_n, floor_n, cut),
+          lambda: _svd_fit(x, others, y, rcond))
+      res = y - jnp.matmul(x, beta, precision=hi)
+      scale = jnp.max(jnp.linalg.norm(jnp.where(m[None, :], x, 0.0), axis=0))
+      const = ny <= 1e-6 * jnp.maximum(scale, 1e-30)
+      rel = jnp.where(const, 0.0, jnp.linalg.norm(res) / jnp.where(const, 1.0, ny))
+      return jnp.where(const, 0.0, beta), rel, (basis, floor, cut)
+
     def cond(c):
-      m, _, _, _, _, _, stop = c
+      m, _, _, _, _, _, _, _, _, stop = c
       return ~stop & (jnp.sum(m) > 1) & (jnp.sum(mask & ~m) < max_remove)
 
     def body(c):
-      m, transfer, consts, rep_j, rep_r, coef, stop = c
+      m, basis, floor, cut, transfer, consts, rep_j, rep_r, coef, stop = c
       n = jnp.sum(~m & mask, dtype=jnp.int32)
       j = rank(m)
-      beta, rel = _fit(x, m, j)
+      beta, rel, (basis, floor, cut) = fit(m, basis, floor, cut, j)
       ok = rel < tol
       icpt = mean[j] - jnp.dot(beta, mean)
       # rows_new = (I + beta e_j^T) rows, a rank-one update (beta_j = 0, so row j stays);
@@ -156,12 +227,13 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       rep_j = rep_j.at[pos].set(j.astype(jnp.int32), mode="drop")
       rep_r = rep_r.at[pos].set(rel, mode="drop")
       coef = coef.at[pos].set(jnp.concatenate([beta, icpt[None]]), mode="drop")
-      return m, transfer, consts, rep_j, rep_r, coef, ~ok
+      return m, basis, floor, cut, transfer, consts, rep_j, rep_r, coef, ~ok
 
     bad |= ~(max_remove >= 0)
-    init = (mask, jnp.eye(h), jnp.zeros((h,)), jnp.full((h,), -1, jnp.int32),
+    # The null basis starts empty: the first fit is an SVD, which renews it.
+    init = (mask, jnp.zeros((h, h)), jnp.float32(0.0), jnp.float32(0.0), jnp.eye(h), jnp.zeros((h,)), jnp.full((h,), -1, jnp.int32),
             jnp.full((h,), jnp.nan), jnp.zeros((h, h + 1)), bad)
-    m, transfer, consts, rep_j, rep_r, coef, _ = jax.lax.while_loop(cond, body, init)
+    m, _, _, _, transfer, consts, rep_j, rep_r, coef, _ = jax.lax.while_loop(cond, body, init)
     count = jnp.sum(mask & ~m, dtype=jnp.int32)
     params = units_lib.redistribute(params, g, transfer, consts)
     params = _common.zero_units(params, g, m)

@@ -1,0 +1,82 @@
+"""Group redundancy: exact fits from a carried null basis vs an SVD at every removal.
+
+The case of the main job's comparison stage: a 10-H-7 sigmoid MLP seen on fewer patterns than
+it has hidden units (N=398 and H=500 by default), so the first ~N removals are exact (each
+removed unit is a linear combination of the others on these patterns) and the rest are
+least-squares fits within ``--tol``. ``group_redundancy`` fits an exact removal from the null
+space of the other kept units' activations, carried from removal to removal (one Householder
+reflection each), and the other removals by SVD. Printed side by side in one process: that
+pruner, and the same pruner forced to an SVD at every removal (the previous implementation's
+fit; same ranking); their removals must be the same and their coefficients agree to float
+rounding. Run: python benchmarks/redundancy.py [--quick]
+"""
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+# This checkout's jaxprune, not whichever one is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jaxprune  # noqa: E402
+from jaxprune.pruners import redundancy  # noqa: E402
+from _timing import call_times, load_line  # noqa: E402
+
+
+def case(hidden: int, patterns: int, seed: int = 0):
+  """A sigmoid MLP with the study's shape whose inputs are correlated like image features."""
+  model = jaxprune.MLP(in_features=10, hidden=(hidden,), out_features=7, activation="sigmoid")
+  params = model.init(jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+  mix = rng.normal(size=(10, 10)) / np.sqrt(10)
+  x = (rng.normal(size=(patterns, 10)) @ mix * 4.0).astype(np.float32)
+  return model, params, model.activations(params, x, "hidden_0")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--hidden", type=int, default=500)
+  ap.add_argument("--patterns", type=int, default=398)
+  ap.add_argument("--tol", type=float, default=0.1)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--quick", action="store_true", help="H=120 on 80 patterns, one repeat")
+  a = ap.parse_args()
+  if a.quick:
+    a.hidden, a.patterns, a.repeats = 120, 80, 1
+  model, params, acts = case(a.hidden, a.patterns)
+  um = jaxprune.unit_masks_ones(model)
+  print(f"group redundancy, 10-{a.hidden}-7 sigmoid MLP, {a.patterns} patterns, tol {a.tol} "
+        f"({load_line()})")
+  results = {}
+  default = redundancy._NULL_MIN
+  for name, null_min in (("null basis + SVD", default), ("SVD every removal", 2.0)):
+    redundancy._NULL_MIN = null_min  # read when the pruner is built (P_jj <= 1: never exact)
+    prune = jaxprune.group_redundancy(model, "hidden_0")
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(prune(params, um, acts, a.tol))
+    first = time.perf_counter() - t0
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+    times = call_times(prune, params, um, acts, a.tol, repeats=a.repeats, min_time=0.0,
+                       warmup=False)
+    cpu = (resource.getrusage(resource.RUSAGE_SELF).ru_utime - cpu0) / len(times)
+    rep = out[2]
+    count = int(rep.count)
+    exact = int(np.sum(np.asarray(rep.residual[:count]) < 1e-4))
+    t = float(np.median(times))
+    results[name] = rep
+    print(f"  {name:20s} {t:7.3f} s ({1e3 * t / max(count, 1):5.1f} ms per removal, CPU "
+          f"{cpu:6.3f} s)  first call {first:6.2f} s  removed {count} ({exact} exact)")
+  redundancy._NULL_MIN = default
+  fast, svd = results.values()
+  same = np.array_equal(np.asarray(fast.removed), np.asarray(svd.removed))
+  diff = float(np.max(np.abs(np.asarray(fast.coef) - np.asarray(svd.coef))))
+  print(f"  same removals: {same}; largest coefficient difference {diff:.1e}")
+
+
+if __name__ == "__main__":
+  main()
