@@ -239,3 +239,26 @@ def test_null_space_fits_never_use_directions_the_svd_cuts(monkeypatch):
   assert int(svd.count) > 200
   np.testing.assert_array_equal(fast.removed, svd.removed)
   np.testing.assert_allclose(fast.coef, svd.coef, atol=1e-3)
+
+
+@pytest.mark.parametrize("hidden", [3, 8, 13])
+def test_svd_of_the_kept_columns_gathered_at_any_width_gives_the_same_fits(monkeypatch, hidden):
+  """The SVD fits gather the kept columns into one of _SVD_WIDTHS static widths (the narrowest
+  that holds them); one width (all columns, the removed ones zero) or a width per count give
+  the same removals and coefficients to float rounding, down to the last unit."""
+  from jaxprune.pruners import redundancy
+  model = MLP(in_features=3, hidden=(hidden,), out_features=2, activation="tanh")
+  params = model.init(jax.random.key(hidden))
+  x = jax.random.normal(jax.random.key(0), (30, 3))
+  acts = model.activations(params, x, "hidden_0")
+  um = jaxprune.unit_masks_ones(model)
+  monkeypatch.setattr(redundancy, "_NULL_MIN", 2.0)  # every fit an SVD
+  reps = []
+  for widths in (1, redundancy._SVD_WIDTHS, hidden):
+    monkeypatch.setattr(redundancy, "_SVD_WIDTHS", widths)
+    reps.append(group_redundancy(model, "hidden_0")(params, um, acts, float("inf"))[2])
+  for rep in reps:
+    assert int(rep.count) == hidden - 1
+    np.testing.assert_array_equal(rep.removed, reps[0].removed)
+    np.testing.assert_allclose(rep.coef, reps[0].coef, atol=1e-4)
+    np.testing.assert_allclose(rep.residual, reps[0].residual, atol=1e-5)

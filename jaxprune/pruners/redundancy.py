@@ -27,8 +27,10 @@ null space of the units that remain is one Householder reflection away, so the f
 O(units^2) instead of an SVD. It is taken only when it is the SVD's fit too: its residual
 is at most 1e-4 (and ``tol``), and deleting the unit's column provably keeps every singular
 value the fit uses above the SVD's cut (each deletion leaves them at least ``sqrt(P_jj)`` times
-the smallest before, ``P_jj`` the unit's share of the null space). Otherwise the SVD runs. The
-two agree to float rounding (tested against an SVD at every removal).
+the smallest before, ``P_jj`` the unit's share of the null space). Otherwise the SVD runs, on
+the kept columns only, gathered into the narrowest of 4 static widths (h, 3h/4, h/2, h/4) that
+holds them, so it gets cheaper as units go. All of these agree to float rounding (tested
+against a full-width SVD at every removal; ``benchmarks/redundancy.py`` times them).
 
 Example:
   >>> import jax, jaxprune
@@ -55,6 +57,7 @@ from jaxprune.pruners import _common
 _RIDGE = 1e-4
 _NULL_MIN = 1e-3   # P_jj below this: fit by SVD (the null direction is too short to trust)
 _NULL_RESIDUAL = 1e-4  # a null-basis fit must rebuild the unit to this relative residual
+_SVD_WIDTHS = 4  # static widths the kept columns are gathered into for an SVD: h, 3h/4, ...
 
 
 class RedundancyReport(NamedTuple):
@@ -77,11 +80,35 @@ def _svd_fit(x, others, y, rcond):
   below ``rcond`` times the largest cut, as jnp.linalg.lstsq). Also returns an orthonormal
   basis of those columns' null space, (h, h) with zero columns where unused (columns of units
   outside ``others`` are zero, so their coordinate axes are in it; the fits never use them),
-  the smallest singular value kept, and the cut."""
+  the smallest singular value kept, and the cut.
+
+  The SVD is of the kept columns only, gathered into the narrowest of a few static widths
+  (h, 7h/8, ..., h/8) that holds them: its cost falls with the units kept, not the group's
+  size. The result is the same to float rounding at every width."""
   h = x.shape[1]
+  count = jnp.sum(others)
+  order = jnp.argsort(~others, stable=True)  # the kept units first, in index order
+  widths = sorted({max(1, -(-h * (_SVD_WIDTHS - b) // _SVD_WIDTHS)) for b in range(_SVD_WIDTHS)})
+
+  def at_width(w):
+    def fit():
+      idx = order[:w]
+      valid = jnp.arange(w) < count
+      beta, basis, floor, cut = _svd_fit_dense(jnp.where(valid[None, :], x[:, idx], 0.0), y,
+                                               rcond)
+      full = jnp.zeros((h, h), basis.dtype).at[idx, :w].set(basis)
+      return jnp.zeros((h,), beta.dtype).at[idx].set(jnp.where(valid, beta, 0.0)), full, \
+          floor, cut
+    return fit
+
+  branch = jnp.searchsorted(jnp.asarray(widths), count)
+  return jax.lax.switch(branch, [at_width(w) for w in widths])
+
+
+def _svd_fit_dense(xo, y, rcond):
+  """_svd_fit on the columns given (all of them)."""
+  n, h = xo.shape
   hi = jax.lax.Precision.HIGHEST
-  xo = jnp.where(others[None, :], x, 0.0)
-  n = x.shape[0]
   u, s, vt = jnp.linalg.svd(xo, full_matrices=n < h)  # vt (h, h) either way
   k = s.shape[0]
   keep = (s > 0) & (s >= rcond * s[0])
@@ -89,8 +116,7 @@ def _svd_fit(x, others, y, rcond):
   beta = jnp.matmul(vt[:k].T, s_inv * jnp.matmul(u[:, :k].T, y, precision=hi), precision=hi)
   null = jnp.concatenate([~keep, jnp.ones((h - k,), bool)])
   floor = jnp.min(jnp.where(keep, s, jnp.inf))
-  return (jnp.where(others, beta, 0.0), vt.T * null[None, :],
-          jnp.where(jnp.isfinite(floor), floor, 0.0), rcond * s[0])
+  return beta, vt.T * null[None, :], jnp.where(jnp.isfinite(floor), floor, 0.0), rcond * s[0]
 
 
 def _null_fit(basis, others, j):
