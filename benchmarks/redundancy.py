@@ -56,12 +56,12 @@ def main():
   print(f"group redundancy, 10-{a.hidden}-7 sigmoid MLP, {a.patterns} patterns, tol {a.tol} "
         f"({load_line()})")
   results = {}
-  defaults = redundancy._NULL_MIN, redundancy._SVD_WIDTHS
+  defaults = redundancy._NULL_MIN, redundancy._WIDTHS
   variants = (("null basis + narrow SVD", defaults), ("narrow SVD every removal", (2.0, 4)),
               ("full SVD every removal", (2.0, 1)))  # P_jj <= 1 < 2: never from the basis
   for name, (null_min, widths) in variants:
     # read when the pruner is traced, at its first call below
-    redundancy._NULL_MIN, redundancy._SVD_WIDTHS = null_min, widths
+    redundancy._NULL_MIN, redundancy._WIDTHS = null_min, widths
     prune = jaxprune.group_redundancy(model, "hidden_0")
     t0 = time.perf_counter()
     out = jax.block_until_ready(prune(params, um, acts, a.tol))
@@ -77,7 +77,7 @@ def main():
     results[name] = (rep, t)
     print(f"  {name:25s} {t:7.3f} s ({1e3 * t / max(count, 1):5.1f} ms per removal, CPU "
           f"{cpu:6.3f} s)  first call {first:6.2f} s  removed {count} ({exact} exact)")
-  redundancy._NULL_MIN, redundancy._SVD_WIDTHS = defaults
+  redundancy._NULL_MIN, redundancy._WIDTHS = defaults
   (_, t_fast), _, (full, t_full) = results.values()
   same = all(np.array_equal(np.asarray(r.removed), np.asarray(full.removed))
              for r, _ in results.values())

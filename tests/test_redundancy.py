@@ -243,7 +243,7 @@ def test_null_space_fits_never_use_directions_the_svd_cuts(monkeypatch):
 
 @pytest.mark.parametrize("hidden", [3, 8, 13])
 def test_svd_of_the_kept_columns_gathered_at_any_width_gives_the_same_fits(monkeypatch, hidden):
-  """The SVD fits gather the kept columns into one of _SVD_WIDTHS static widths (the narrowest
+  """The SVD fits gather the kept columns into one of _WIDTHS static widths (the narrowest
   that holds them); one width (all columns, the removed ones zero) or a width per count give
   the same removals and coefficients to float rounding, down to the last unit."""
   from jaxprune.pruners import redundancy
@@ -254,8 +254,8 @@ def test_svd_of_the_kept_columns_gathered_at_any_width_gives_the_same_fits(monke
   um = jaxprune.unit_masks_ones(model)
   monkeypatch.setattr(redundancy, "_NULL_MIN", 2.0)  # every fit an SVD
   reps = []
-  for widths in (1, redundancy._SVD_WIDTHS, hidden):
-    monkeypatch.setattr(redundancy, "_SVD_WIDTHS", widths)
+  for widths in (1, redundancy._WIDTHS, hidden):
+    monkeypatch.setattr(redundancy, "_WIDTHS", widths)
     reps.append(group_redundancy(model, "hidden_0")(params, um, acts, float("inf"))[2])
   for rep in reps:
     assert int(rep.count) == hidden - 1

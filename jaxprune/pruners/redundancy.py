@@ -57,7 +57,7 @@ from jaxprune.pruners import _common
 _RIDGE = 1e-4
 _NULL_MIN = 1e-3   # P_jj below this: fit by SVD (the null direction is too short to trust)
 _NULL_RESIDUAL = 1e-4  # a null-basis fit must rebuild the unit to this relative residual
-_SVD_WIDTHS = 4  # static widths the kept columns are gathered into for an SVD: h, 3h/4, ...
+_WIDTHS = 4  # static widths the kept columns are gathered into for an SVD: h, 3h/4, ...
 
 
 class RedundancyReport(NamedTuple):
@@ -75,34 +75,37 @@ class RedundancyReport(NamedTuple):
   invalid: jax.Array
 
 
+def _gathered(keep, fn):
+  """``fn(idx, valid)`` on the units of ``keep`` gathered, in index order, into the narrowest
+  of ``_WIDTHS`` static widths (h, 3h/4, h/2, h/4) that holds them: ``idx`` (w,) unit indices,
+  the kept ones first; ``valid`` marks the positions that hold a kept unit. The linear algebra
+  per removal then costs what the units kept need, not what the group's size needs."""
+  h = keep.shape[0]
+  count = jnp.sum(keep)
+  order = jnp.argsort(~keep, stable=True)
+  widths = sorted({max(1, -(-h * (_WIDTHS - b) // _WIDTHS)) for b in range(_WIDTHS)})
+  branches = [lambda w=w: fn(order[:w], jnp.arange(w) < count) for w in widths]
+  return jax.lax.switch(jnp.searchsorted(jnp.asarray(widths), count), branches)
+
+
 def _svd_fit(x, others, y, rcond):
   """Minimum-norm least squares of y on the ``others`` columns of x (SVD, singular values
-  below ``rcond`` times the largest cut, as jnp.linalg.lstsq). Also returns an orthonormal
-  basis of those columns' null space, (h, h) with zero columns where unused (columns of units
-  outside ``others`` are zero, so their coordinate axes are in it; the fits never use them),
-  the smallest singular value kept, and the cut.
-
-  The SVD is of the kept columns only, gathered into the narrowest of a few static widths
-  (h, 7h/8, ..., h/8) that holds them: its cost falls with the units kept, not the group's
-  size. The result is the same to float rounding at every width."""
+  below ``rcond`` times the largest cut, as jnp.linalg.lstsq), on those columns gathered
+  (:func:`_gathered`). Also returns an orthonormal basis of their null space, (h, h) with zero
+  columns where unused (a gathered position beyond the kept units holds a zero column, so its
+  unit's coordinate axis is in it; the fits never use those), the smallest singular value
+  kept, and the cut."""
   h = x.shape[1]
-  count = jnp.sum(others)
-  order = jnp.argsort(~others, stable=True)  # the kept units first, in index order
-  widths = sorted({max(1, -(-h * (_SVD_WIDTHS - b) // _SVD_WIDTHS)) for b in range(_SVD_WIDTHS)})
 
-  def at_width(w):
-    def fit():
-      idx = order[:w]
-      valid = jnp.arange(w) < count
-      beta, basis, floor, cut = _svd_fit_dense(jnp.where(valid[None, :], x[:, idx], 0.0), y,
-                                               rcond)
-      full = jnp.zeros((h, h), basis.dtype).at[idx, :w].set(basis)
-      return jnp.zeros((h,), beta.dtype).at[idx].set(jnp.where(valid, beta, 0.0)), full, \
-          floor, cut
-    return fit
+  def fit(idx, valid):
+    w = idx.shape[0]
+    beta, basis, floor, cut = _svd_fit_dense(jnp.where(valid[None, :], x[:, idx], 0.0), y,
+                                             rcond)
+    full = jnp.zeros((h, h), basis.dtype).at[idx, :w].set(basis)
+    return (jnp.zeros((h,), beta.dtype).at[idx].set(jnp.where(valid, beta, 0.0)), full,
+            floor, cut)
 
-  branch = jnp.searchsorted(jnp.asarray(widths), count)
-  return jax.lax.switch(branch, [at_width(w) for w in widths])
+  return _gathered(others, fit)
 
 
 def _svd_fit_dense(xo, y, rcond):
@@ -188,7 +191,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     hi = jax.lax.Precision.HIGHEST
     cov = jnp.matmul(x.T, x, precision=hi)
 
-    def rank(m):
+    def rank(m):  # all h units in place (gathered, i.e. permuted, the LU rounds ties otherwise)
       d = jnp.where(m, jnp.diagonal(cov), 1.0)
       sd = jnp.sqrt(jnp.maximum(d, 0.0))
       tiny = sd <= 1e-6 * jnp.maximum(jnp.max(jnp.where(m, sd, 0.0)), 1e-30)
