@@ -262,3 +262,24 @@ def test_svd_of_the_kept_columns_gathered_at_any_width_gives_the_same_fits(monke
     np.testing.assert_array_equal(rep.removed, reps[0].removed)
     np.testing.assert_allclose(rep.coef, reps[0].coef, atol=1e-4)
     np.testing.assert_allclose(rep.residual, reps[0].residual, atol=1e-5)
+
+
+def test_vmap_over_tol_and_activations_agrees_with_a_loop():
+  """Under vmap every fit is a full-width SVD (a batched cond or switch would run every branch
+  for every member); the removals are the loop's and the coefficients agree to rounding."""
+  model, params, x, acts = _wide_case()
+  um = jaxprune.unit_masks_ones(model)
+  prune = group_redundancy(model, "hidden_0")
+  tols = jnp.asarray([1e-3, 0.2, jnp.inf])
+  batched = jax.vmap(lambda t: prune(params, um, acts, t, 30))(tols)
+  acts2 = jnp.stack([acts, model.activations(params, x[::-1] * 0.5, "hidden_0")])
+  by_acts = jax.vmap(lambda a: prune(params, um, a, 0.2))(acts2)
+  for out, i, (a, t, k) in [(batched, 0, (acts, 1e-3, 30)), (batched, 1, (acts, 0.2, 30)),
+                            (batched, 2, (acts, float("inf"), 30)), (by_acts, 0, (acts, 0.2, None)),
+                            (by_acts, 1, (acts2[1], 0.2, None))]:
+    one = prune(params, um, a, t, k)
+    np.testing.assert_array_equal(out[1]["hidden_0"][i], one[1]["hidden_0"])
+    np.testing.assert_array_equal(out[2].removed[i], one[2].removed)
+    np.testing.assert_allclose(out[2].coef[i], one[2].coef, atol=2e-3)
+    for b, o in zip(jax.tree.leaves(out[0]), jax.tree.leaves(one[0])):
+      np.testing.assert_allclose(b[i], o, atol=2e-3)

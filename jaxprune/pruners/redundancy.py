@@ -30,7 +30,9 @@ value the fit uses above the SVD's cut (each deletion leaves them at least ``sqr
 the smallest before, ``P_jj`` the unit's share of the null space). Otherwise the SVD runs, on
 the kept columns only, gathered into the narrowest of 4 static widths (h, 3h/4, h/2, h/4) that
 holds them, so it gets cheaper as units go. All of these agree to float rounding (tested
-against a full-width SVD at every removal; ``benchmarks/redundancy.py`` times them).
+against a full-width SVD at every removal; ``benchmarks/redundancy.py`` times them). Under
+``vmap`` every removal is a full-width SVD: a batched choice of branch would run every branch
+for every member, so a Python loop over settings is the faster sweep here.
 
 Example:
   >>> import jax, jaxprune
@@ -141,6 +143,49 @@ def _null_fit(basis, others, j):
   return beta, p, reflected.at[:, c].set(0.0)
 
 
+def _fit(x, m, basis, floor, cut, j, tol, rcond):
+  """beta and relative residual of unit j on the other kept units, and what the next step
+  needs: the null basis of the other kept units' columns, a lower bound on their smallest
+  kept singular value and the SVD's cut.
+
+  From the carried null basis when j is rebuilt exactly from it *and* that is the SVD's fit
+  too: deleting column j (P_jj = p) leaves every singular value of the kept columns' range at
+  least sqrt(p) times the smallest before, so when sqrt(p) * floor >= cut the SVD of the other
+  columns would cut nothing the fit uses (fits through directions the SVD cuts rebuild the
+  training patterns but generalise worse). Else from an SVD of the other kept columns, which
+  renews all three."""
+  hi = jax.lax.Precision.HIGHEST
+  others = m.at[j].set(False)
+  y = x[:, j]
+  beta_n, p, basis_n = _null_fit(basis, others, j)
+  ny = jnp.linalg.norm(y)
+  rel_n = jnp.linalg.norm(y - jnp.matmul(x, beta_n, precision=hi)) / jnp.where(ny > 0, ny, 1.0)
+  floor_n = jnp.sqrt(jnp.maximum(p, 0.0)) * floor
+  exact = (p > _NULL_MIN) & (floor_n >= cut) & (rel_n <= jnp.minimum(_NULL_RESIDUAL, tol))
+  beta, basis, floor, cut = jax.lax.cond(
+      exact, lambda: (beta_n, basis_n, floor_n, cut), lambda: _svd_fit(x, others, y, rcond))
+  return _residual(x, m, j, beta) + ((basis, floor, cut),)
+
+
+def _fit_plain(x, m, j, rcond):
+  """:func:`_fit` by an SVD of all the columns, the other kept ones in place (for vmap)."""
+  others = m.at[j].set(False)
+  beta, basis, floor, cut = _svd_fit_dense(jnp.where(others[None, :], x, 0.0), x[:, j], rcond)
+  return _residual(x, m, j, jnp.where(others, beta, 0.0)) + ((basis, floor, cut),)
+
+
+def _residual(x, m, j, beta):
+  """(beta, relative residual) of unit j's fit; a constant unit (centred norm at most 1e-6 of
+  the largest kept unit's) has residual 0 and no coefficients."""
+  y = x[:, j]
+  ny = jnp.linalg.norm(y)
+  res = y - jnp.matmul(x, beta, precision=jax.lax.Precision.HIGHEST)
+  scale = jnp.max(jnp.linalg.norm(jnp.where(m[None, :], x, 0.0), axis=0))
+  const = ny <= 1e-6 * jnp.maximum(scale, 1e-30)
+  rel = jnp.where(const, 0.0, jnp.linalg.norm(res) / jnp.where(const, 1.0, ny))
+  return jnp.where(const, 0.0, beta), rel
+
+
 def group_redundancy(model_or_groups, group: str) -> Callable:
   """Greedy removal of linearly redundant units of ``group`` (see the module docstring).
 
@@ -205,34 +250,18 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
 
     rcond = float(jnp.finfo(jnp.float32).eps) * max(x.shape)  # as jnp.linalg.lstsq
 
-    def fit(m, basis, floor, cut, j):
-      """beta and relative residual of unit j on the other kept units, and what the next
-      step needs: the null basis of the other kept units' columns, a lower bound on their
-      smallest kept singular value and the SVD's cut.
+    fit = jax.custom_batching.custom_vmap(
+        lambda x, m, basis, floor, cut, j, tol: _fit(x, m, basis, floor, cut, j, tol, rcond))
 
-      From the carried null basis when j is rebuilt exactly from it *and* that is the SVD's
-      fit too: deleting column j (P_jj = p) leaves every singular value of the kept columns'
-      range at least sqrt(p) times the smallest before, so when sqrt(p) * floor >= cut the
-      SVD of the other columns would cut nothing the fit uses (fits through directions the
-      SVD cuts rebuild the training patterns but generalise worse). Else from an SVD of the
-      other kept columns, which renews all three."""
-      others = m.at[j].set(False)
-      y = x[:, j]
-      beta_n, p, basis_n = _null_fit(basis, others, j)
-      ny = jnp.linalg.norm(y)
-      rel_n = jnp.linalg.norm(y - jnp.matmul(x, beta_n, precision=hi)) / jnp.where(
-          ny > 0, ny, 1.0)
-      floor_n = jnp.sqrt(jnp.maximum(p, 0.0)) * floor
-      exact = ((p > _NULL_MIN) & (floor_n >= cut)
-               & (rel_n <= jnp.minimum(_NULL_RESIDUAL, tol)))
-      beta, basis, floor, cut = jax.lax.cond(
-          exact, lambda: (beta_n, basis_n, floor_n, cut),
-          lambda: _svd_fit(x, others, y, rcond))
-      res = y - jnp.matmul(x, beta, precision=hi)
-      scale = jnp.max(jnp.linalg.norm(jnp.where(m[None, :], x, 0.0), axis=0))
-      const = ny <= 1e-6 * jnp.maximum(scale, 1e-30)
-      rel = jnp.where(const, 0.0, jnp.linalg.norm(res) / jnp.where(const, 1.0, ny))
-      return jnp.where(const, 0.0, beta), rel, (basis, floor, cut)
+    @fit.def_vmap
+    def _(axis_size, in_batched, x, m, basis, floor, cut, j, tol):
+      """Under vmap every removal is an SVD of all the columns (the kept ones in place): a
+      batched cond or switch would run every branch for every member, slower than this."""
+      del basis, floor, cut, tol
+      x, m, j = (a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                 for a, b in zip((x, m, j), (in_batched[0], in_batched[1], in_batched[5])))
+      out = jax.vmap(lambda x, m, j: _fit_plain(x, m, j, rcond))(x, m, j)
+      return out, jax.tree.map(lambda _: True, out)
 
     def cond(c):
       m, _, _, _, _, _, _, _, _, stop = c
@@ -242,7 +271,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       m, basis, floor, cut, transfer, consts, rep_j, rep_r, coef, stop = c
       n = jnp.sum(~m & mask, dtype=jnp.int32)
       j = rank(m)
-      beta, rel, (basis, floor, cut) = fit(m, basis, floor, cut, j)
+      beta, rel, (basis, floor, cut) = fit(x, m, basis, floor, cut, j, tol)
       ok = rel < tol
       icpt = mean[j] - jnp.dot(beta, mean)
       # rows_new = (I + beta e_j^T) rows, a rank-one update (beta_j = 0, so row j stays);
