@@ -241,6 +241,53 @@ def test_null_space_fits_never_use_directions_the_svd_cuts(monkeypatch):
   np.testing.assert_allclose(fast.coef, svd.coef, atol=1e-3)
 
 
+@pytest.mark.parametrize("hidden,patterns,smallest,seed",
+                         [(32, 20, -6, 0), (32, 20, -6, 1), (24, 12, -6, 0), (24, 12, -6, 1),
+                          (40, 30, -7, 1)])
+def test_null_space_fits_agree_with_svd_fits_on_graded_spectra(monkeypatch, hidden, patterns,
+                                                               smallest, seed):
+  """Activations whose singular values fall evenly (on a log scale) from 1 to 1e-6: some sit
+  just below the SVD's cut and rise above the cut of a later, smaller subset, some just above
+  it fall close to those below. The null basis is used only when the SVD of the other units
+  would split the directions as the basis does, and far enough apart that the two fits agree;
+  without those checks these cases differ by 3e-2 to 3e-1 of the largest coefficient."""
+  from jaxprune.pruners import redundancy
+  rng = np.random.default_rng(seed)
+  r = min(patterns, hidden)
+  u = np.linalg.qr(rng.normal(size=(patterns, r)))[0]
+  v = np.linalg.qr(rng.normal(size=(hidden, r)))[0]
+  acts = jnp.asarray((u * np.logspace(0, smallest, r)) @ v.T + 0.5, jnp.float32)
+  model = MLP(in_features=3, hidden=(hidden,), out_features=2, activation="tanh")
+  params = model.init(jax.random.key(0))
+  um = jaxprune.unit_masks_ones(model)
+
+  def run():
+    return group_redundancy(model, "hidden_0")(params, um, acts, float("inf"), patterns)[2]
+
+  fast = run()
+  monkeypatch.setattr(redundancy, "_NULL_MIN", 2.0)  # every fit an SVD
+  svd = run()
+  np.testing.assert_array_equal(fast.removed, svd.removed)
+  scale = np.maximum(1.0, np.abs(np.asarray(svd.coef)).max(1, keepdims=True))
+  np.testing.assert_allclose(np.asarray(fast.coef) / scale, np.asarray(svd.coef) / scale,
+                             atol=2e-3)
+
+
+def test_float64_mode_prunes_as_float32():
+  """Under jax_enable_x64 the carried null basis has the activations' dtype (float32), so the
+  branches agree; the removals are those of the default mode."""
+  model, params, _, acts = _wide_case()
+  um = jaxprune.unit_masks_ones(model)
+  want = group_redundancy(model, "hidden_0")(params, um, acts, 0.2)[2]
+  jax.config.update("jax_enable_x64", True)
+  try:
+    got = group_redundancy(model, "hidden_0")(params, um, acts, 0.2)[2]
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  np.testing.assert_array_equal(got.removed, want.removed)
+  np.testing.assert_allclose(got.coef, want.coef, atol=1e-3)
+
+
 @pytest.mark.parametrize("hidden", [3, 8, 13])
 def test_svd_of_the_kept_columns_gathered_at_any_width_gives_the_same_fits(monkeypatch, hidden):
   """The SVD fits gather the kept columns into one of _WIDTHS static widths (the narrowest

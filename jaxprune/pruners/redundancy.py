@@ -25,9 +25,12 @@ null space of those columns. When there are fewer patterns than units, most remo
 read off that null space (the shortest null vector whose entry for the unit is 1), and the
 null space of the units that remain is one Householder reflection away, so the fit costs
 O(units^2) instead of an SVD. It is taken only when it is the SVD's fit too: its residual
-is at most 1e-4 (and ``tol``), and deleting the unit's column provably keeps every singular
-value the fit uses above the SVD's cut (each deletion leaves them at least ``sqrt(P_jj)`` times
-the smallest before, ``P_jj`` the unit's share of the null space). Otherwise the SVD runs, on
+is at most 1e-4 (and ``tol``); deleting the unit's column provably keeps every singular value
+the fit uses above the SVD's cut (each deletion leaves them at least ``sqrt(P_jj)`` times the
+smallest before, ``P_jj`` the unit's share of the null space); and the directions the basis
+treats as null stay below that cut (their largest singular value, carried with the basis, is
+below the cut's lower bound and 10x below the range's smallest), so the SVD would split the
+columns into fit and null space the same way. Otherwise the SVD runs, on
 the kept columns only, gathered into the narrowest of 4 static widths (h, 3h/4, h/2, h/4) that
 holds them, so it gets cheaper as units go. All of these agree to float rounding (tested
 against a full-width SVD at every removal; ``benchmarks/redundancy.py`` times them). Under
@@ -59,6 +62,7 @@ from jaxprune.pruners import _common
 _RIDGE = 1e-4
 _NULL_MIN = 1e-3   # P_jj below this: fit by SVD (the null direction is too short to trust)
 _NULL_RESIDUAL = 1e-4  # a null-basis fit must rebuild the unit to this relative residual
+_GAP = 0.1  # the null basis's largest singular value must be this far below the range's
 _WIDTHS = 4  # static widths the kept columns are gathered into for an SVD: h, 3h/4, ...
 
 
@@ -77,6 +81,21 @@ class RedundancyReport(NamedTuple):
   invalid: jax.Array
 
 
+class _Basis(NamedTuple):
+  """What an SVD of the kept units' columns leaves for the exact fits of the next steps:
+  ``basis`` an orthonormal basis of the null space (h, h; zero columns unused), the singular
+  vectors it cut included; ``floor`` a lower bound on the smallest singular value kept;
+  ``cut`` the SVD's cut (upper bound on any later one: deleting columns lowers every singular
+  value); ``top_cut`` the largest singular value cut (0 if none); ``top_vec`` the top right
+  singular vector, whose image bounds the largest singular value of later subsets from below."""
+
+  basis: jax.Array
+  floor: jax.Array
+  cut: jax.Array
+  top_cut: jax.Array
+  top_vec: jax.Array
+
+
 def _gathered(keep, fn):
   """``fn(idx, valid)`` on the units of ``keep`` gathered, in index order, into the narrowest
   of ``_WIDTHS`` static widths (h, 3h/4, h/2, h/4) that holds them: ``idx`` (w,) unit indices,
@@ -93,19 +112,17 @@ def _gathered(keep, fn):
 def _svd_fit(x, others, y, rcond):
   """Minimum-norm least squares of y on the ``others`` columns of x (SVD, singular values
   below ``rcond`` times the largest cut, as jnp.linalg.lstsq), on those columns gathered
-  (:func:`_gathered`). Also returns an orthonormal basis of their null space, (h, h) with zero
-  columns where unused (a gathered position beyond the kept units holds a zero column, so its
-  unit's coordinate axis is in it; the fits never use those), the smallest singular value
-  kept, and the cut."""
+  (:func:`_gathered`). Also returns what the null-basis fits of the next steps need (a
+  :class:`_Basis`, in unit coordinates; a gathered position beyond the kept units holds a zero
+  column, so its unit's coordinate axis is in the null space, and the fits never use it)."""
   h = x.shape[1]
 
   def fit(idx, valid):
     w = idx.shape[0]
-    beta, basis, floor, cut = _svd_fit_dense(jnp.where(valid[None, :], x[:, idx], 0.0), y,
-                                             rcond)
-    full = jnp.zeros((h, h), basis.dtype).at[idx, :w].set(basis)
-    return (jnp.zeros((h,), beta.dtype).at[idx].set(jnp.where(valid, beta, 0.0)), full,
-            floor, cut)
+    beta, st = _svd_fit_dense(jnp.where(valid[None, :], x[:, idx], 0.0), y, rcond)
+    return (jnp.zeros((h,), beta.dtype).at[idx].set(jnp.where(valid, beta, 0.0)),
+            st._replace(basis=jnp.zeros((h, h), st.basis.dtype).at[idx, :w].set(st.basis),
+                        top_vec=jnp.zeros((h,), st.top_vec.dtype).at[idx].set(st.top_vec)))
 
   return _gathered(others, fit)
 
@@ -121,7 +138,8 @@ def _svd_fit_dense(xo, y, rcond):
   beta = jnp.matmul(vt[:k].T, s_inv * jnp.matmul(u[:, :k].T, y, precision=hi), precision=hi)
   null = jnp.concatenate([~keep, jnp.ones((h - k,), bool)])
   floor = jnp.min(jnp.where(keep, s, jnp.inf))
-  return beta, vt.T * null[None, :], jnp.where(jnp.isfinite(floor), floor, 0.0), rcond * s[0]
+  return beta, _Basis(vt.T * null[None, :], jnp.where(jnp.isfinite(floor), floor, 0.0),
+                      rcond * s[0], jnp.max(jnp.where(keep, 0.0, s)), vt[0])
 
 
 def _null_fit(basis, others, j):
@@ -143,35 +161,43 @@ def _null_fit(basis, others, j):
   return beta, p, reflected.at[:, c].set(0.0)
 
 
-def _fit(x, m, basis, floor, cut, j, tol, rcond):
-  """beta and relative residual of unit j on the other kept units, and what the next step
-  needs: the null basis of the other kept units' columns, a lower bound on their smallest
-  kept singular value and the SVD's cut.
+def _fit(x, m, st, j, tol, rcond):
+  """beta and relative residual of unit j on the other kept units, and the :class:`_Basis`
+  of the other kept units' columns for the next step.
 
   From the carried null basis when j is rebuilt exactly from it *and* that is the SVD's fit
-  too: deleting column j (P_jj = p) leaves every singular value of the kept columns' range at
-  least sqrt(p) times the smallest before, so when sqrt(p) * floor >= cut the SVD of the other
-  columns would cut nothing the fit uses (fits through directions the SVD cuts rebuild the
-  training patterns but generalise worse). Else from an SVD of the other kept columns, which
-  renews all three."""
+  too, i.e. an SVD of the other columns would keep exactly the directions outside the basis:
+  (1) deleting column j (P_jj = p) leaves every singular value outside the basis at least
+  sqrt(p) times the smallest before, so when sqrt(p) * floor >= cut none of them is cut
+  (fits through directions the SVD cuts rebuild the training patterns but generalise worse);
+  (2) every direction in the basis has a singular value at most ``top_cut``, and the SVD's cut
+  now is at least rcond * |X_o t| / |t| (t the carried top singular vector restricted to the
+  other units), so when ``top_cut`` is below that none of them is kept. Else from an SVD of
+  the other kept columns, which renews the basis."""
   hi = jax.lax.Precision.HIGHEST
   others = m.at[j].set(False)
   y = x[:, j]
-  beta_n, p, basis_n = _null_fit(basis, others, j)
+  beta_n, p, basis_n = _null_fit(st.basis, others, j)
   ny = jnp.linalg.norm(y)
   rel_n = jnp.linalg.norm(y - jnp.matmul(x, beta_n, precision=hi)) / jnp.where(ny > 0, ny, 1.0)
-  floor_n = jnp.sqrt(jnp.maximum(p, 0.0)) * floor
-  exact = (p > _NULL_MIN) & (floor_n >= cut) & (rel_n <= jnp.minimum(_NULL_RESIDUAL, tol))
-  beta, basis, floor, cut = jax.lax.cond(
-      exact, lambda: (beta_n, basis_n, floor_n, cut), lambda: _svd_fit(x, others, y, rcond))
-  return _residual(x, m, j, beta) + ((basis, floor, cut),)
+  floor_n = jnp.sqrt(jnp.maximum(p, 0.0)) * st.floor
+  t = jnp.where(others, st.top_vec, 0.0)
+  nt = jnp.linalg.norm(t)
+  top_n = jnp.linalg.norm(jnp.matmul(x, t, precision=hi)) / jnp.where(nt > 0, nt, 1.0)
+  exact = ((p > _NULL_MIN) & (floor_n >= st.cut) & (st.top_cut < rcond * top_n)
+           & (st.top_cut <= _GAP * floor_n)
+           & (rel_n <= jnp.minimum(_NULL_RESIDUAL, tol)))
+  beta, st = jax.lax.cond(
+      exact, lambda: (beta_n, st._replace(basis=basis_n, floor=floor_n)),
+      lambda: _svd_fit(x, others, y, rcond))
+  return _residual(x, m, j, beta) + (st,)
 
 
 def _fit_plain(x, m, j, rcond):
   """:func:`_fit` by an SVD of all the columns, the other kept ones in place (for vmap)."""
   others = m.at[j].set(False)
-  beta, basis, floor, cut = _svd_fit_dense(jnp.where(others[None, :], x, 0.0), x[:, j], rcond)
-  return _residual(x, m, j, jnp.where(others, beta, 0.0)) + ((basis, floor, cut),)
+  beta, st = _svd_fit_dense(jnp.where(others[None, :], x, 0.0), x[:, j], rcond)
+  return _residual(x, m, j, jnp.where(others, beta, 0.0)) + (st,)
 
 
 def _residual(x, m, j, beta):
@@ -251,27 +277,27 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     rcond = float(jnp.finfo(jnp.float32).eps) * max(x.shape)  # as jnp.linalg.lstsq
 
     fit = jax.custom_batching.custom_vmap(
-        lambda x, m, basis, floor, cut, j, tol: _fit(x, m, basis, floor, cut, j, tol, rcond))
+        lambda x, m, st, j, tol: _fit(x, m, st, j, tol, rcond))
 
     @fit.def_vmap
-    def _(axis_size, in_batched, x, m, basis, floor, cut, j, tol):
+    def _(axis_size, in_batched, x, m, st, j, tol):
       """Under vmap every removal is an SVD of all the columns (the kept ones in place): a
       batched cond or switch would run every branch for every member, slower than this."""
-      del basis, floor, cut, tol
+      del st, tol
       x, m, j = (a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
-                 for a, b in zip((x, m, j), (in_batched[0], in_batched[1], in_batched[5])))
+                 for a, b in zip((x, m, j), (in_batched[0], in_batched[1], in_batched[3])))
       out = jax.vmap(lambda x, m, j: _fit_plain(x, m, j, rcond))(x, m, j)
       return out, jax.tree.map(lambda _: True, out)
 
     def cond(c):
-      m, _, _, _, _, _, _, _, _, stop = c
+      m, _, _, _, _, _, _, stop = c
       return ~stop & (jnp.sum(m) > 1) & (jnp.sum(mask & ~m) < max_remove)
 
     def body(c):
-      m, basis, floor, cut, transfer, consts, rep_j, rep_r, coef, stop = c
+      m, st, transfer, consts, rep_j, rep_r, coef, stop = c
       n = jnp.sum(~m & mask, dtype=jnp.int32)
       j = rank(m)
-      beta, rel, (basis, floor, cut) = fit(x, m, basis, floor, cut, j, tol)
+      beta, rel, st = fit(x, m, st, j, tol)
       ok = rel < tol
       icpt = mean[j] - jnp.dot(beta, mean)
       # rows_new = (I + beta e_j^T) rows, a rank-one update (beta_j = 0, so row j stays);
@@ -285,13 +311,16 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       rep_j = rep_j.at[pos].set(j.astype(jnp.int32), mode="drop")
       rep_r = rep_r.at[pos].set(rel, mode="drop")
       coef = coef.at[pos].set(jnp.concatenate([beta, icpt[None]]), mode="drop")
-      return m, basis, floor, cut, transfer, consts, rep_j, rep_r, coef, ~ok
+      return m, st, transfer, consts, rep_j, rep_r, coef, ~ok
 
     bad |= ~(max_remove >= 0)
-    # The null basis starts empty: the first fit is an SVD, which renews it.
-    init = (mask, jnp.zeros((h, h)), jnp.float32(0.0), jnp.float32(0.0), jnp.eye(h), jnp.zeros((h,)), jnp.full((h,), -1, jnp.int32),
-            jnp.full((h,), jnp.nan), jnp.zeros((h, h + 1)), bad)
-    m, _, _, _, transfer, consts, rep_j, rep_r, coef, _ = jax.lax.while_loop(cond, body, init)
+    # The null basis starts empty (and its top_cut infinite): the first fit is an SVD.
+    zero = jnp.zeros((), x.dtype)
+    st = _Basis(jnp.zeros((h, h), x.dtype), zero, zero, zero + jnp.inf, jnp.zeros((h,), x.dtype))
+    init = (mask, st, jnp.eye(h, dtype=x.dtype), jnp.zeros((h,), x.dtype),
+            jnp.full((h,), -1, jnp.int32), jnp.full((h,), jnp.nan, x.dtype),
+            jnp.zeros((h, h + 1), x.dtype), bad)
+    m, _, transfer, consts, rep_j, rep_r, coef, _ = jax.lax.while_loop(cond, body, init)
     count = jnp.sum(mask & ~m, dtype=jnp.int32)
     params = units_lib.redistribute(params, g, transfer, consts)
     params = _common.zero_units(params, g, m)
