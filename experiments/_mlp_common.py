@@ -31,7 +31,10 @@ PyTree = Any
 
 
 def stack_keys(keys: Sequence[jax.Array]) -> jax.Array:
-  return jnp.stack(list(keys))
+  """The keys stacked on the host (``jnp.stack`` compiles a program per number of keys)."""
+  keys = list(keys)
+  data = np.stack([np.asarray(jax.random.key_data(k)) for k in keys])
+  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys[0]))
 
 
 # ----------------------------------------------------------------------------- flags
@@ -153,9 +156,50 @@ def score(model, params, x, y, w=None) -> float:
   return float(_percent_or_loss(model, jaxprune.evaluate(model, params, x, y, sample_weight=w)))
 
 
-def score_many(model, params, x, y, w) -> np.ndarray:
-  """:func:`score` for stacked runs (leading axis on params and data): one vmapped call."""
-  return np.asarray(_percent_or_loss(model, jaxprune.evaluate_many(model, params, x, y, w)))
+#: Runs per evaluation call of :func:`score_many`. Every call for one model then has the same
+#: shapes, so it is one compiled program however many runs a stage scores: the main job's
+#: evaluations went from 44 programs (a shape per stage, hidden size and data part; 10 s of
+#: compilation on 2 cores) to one per hidden size. Evaluating a run is milliseconds.
+EVAL_RUNS = 20
+
+
+def score_many(model, params, x, y, w, *, group: str | None = None,
+               unit_masks=None) -> np.ndarray:
+  """:func:`score` for stacked runs (leading axis on params and data), with ``group``'s unit
+  masks (R, units) applied when ``group`` is given (None: all units), as vmapped calls of
+  :data:`EVAL_RUNS` runs each (the last chunk filled with copies of the last run)."""
+  runs = np.shape(x)[0]
+  if group is not None and unit_masks is None:
+    unit_masks = np.ones((runs, model.groups[group].size), bool)
+  out = []
+  for start in range(0, runs, EVAL_RUNS):
+    idx = np.minimum(np.arange(start, start + EVAL_RUNS), runs - 1)
+    p = jax.tree.map(lambda a: np.asarray(a)[idx], params)
+    wm = None if group is None else _expand_many(model, group)(p, np.asarray(unit_masks)[idx])
+    m = jaxprune.evaluate_many(model, p, np.asarray(x)[idx], np.asarray(y)[idx],
+                               np.asarray(w)[idx], masks=wm)
+    out.append(np.asarray(_percent_or_loss(model, m))[:min(EVAL_RUNS, runs - start)])
+  return np.concatenate(out)
+
+
+def score_folds(model, params, folds: Folds, fold, *, group: str,
+                unit_masks=None) -> tuple[np.ndarray, np.ndarray]:
+  """(test, train) scores of stacked networks, run r on fold ``fold[r]``, with ``group``'s unit
+  masks (R, units) applied (None: all units). Both parts go through :func:`score_many` in one
+  batch, the test rows padded to the training rows' count with weight 0: one program per
+  model for every stage."""
+  fold = np.asarray(fold)
+  runs = len(fold)
+  n = max(folds.x_tr.shape[1], folds.x_te.shape[1])
+  pad = lambda a: np.pad(a, [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+  both = lambda te, tr: np.concatenate([pad(te)[fold], pad(tr)[fold]])
+  if unit_masks is None:
+    unit_masks = np.ones((runs, model.groups[group].size), bool)
+  scores = score_many(model, jax.tree.map(lambda a: np.concatenate([np.asarray(a)] * 2), params),
+                      both(folds.x_te, folds.x_tr), both(folds.y_te, folds.y_tr),
+                      both(folds.w_te, folds.w_tr), group=group,
+                      unit_masks=np.concatenate([np.asarray(unit_masks)] * 2))
+  return scores[:runs], scores[runs:]
 
 
 #: The GA programs go through their runs in chunks (``lax.map``) whose fitness product is
@@ -205,13 +249,6 @@ def ga_program(config, fitness, h: int, lam_per_run: bool):
 @functools.lru_cache(maxsize=None)
 def _expand_many(model, group):
   return jax.jit(jax.vmap(lambda p, m: jaxprune.expand(p, model, {group: m})))
-
-
-def score_masked_many(model, group, params, masks, x, y, w) -> np.ndarray:
-  """Accuracy (percent) of stacked networks with their ``group`` unit masks applied."""
-  wm = _expand_many(model, group)(params, jnp.asarray(masks))
-  return np.asarray(_percent_or_loss(model, jaxprune.evaluate_many(model, params, x, y, w,
-                                                                   masks=wm)))
 
 
 def mean_std(values) -> tuple[float, float]:

@@ -34,7 +34,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jaxprune
@@ -216,8 +215,8 @@ def train_hidden(cfg: Config, folds: mc.Folds, h: int, study: _store.Study,
 
   def scores():
     params = trained()
-    test = mc.score_many(model, params, rep(folds.x_te), rep(folds.y_te), rep(folds.w_te))
-    train = mc.score_many(model, params, rep(folds.x_tr), rep(folds.y_tr), rep(folds.w_tr))
+    test, train = mc.score_folds(model, params, folds, np.tile(np.arange(nf), len(lrs)),
+                                 group=GROUP)
     return {"test_acc": test.reshape(len(lrs), nf), "train_acc": train.reshape(len(lrs), nf)}
 
   pruned = None
@@ -239,9 +238,9 @@ def prune_folds(model, params, folds: mc.Folds, sims, comps):
   Returns:
     (params, unit masks, report), each with leading axes (folds, thresholds).
   """
-  acts = jax.vmap(lambda p, x: model.activations(p, x, GROUP))(params, jnp.asarray(folds.x_tr))
+  acts = jax.vmap(lambda p, x: model.activations(p, x, GROUP))(params, folds.x_tr)
   return _pruner_program(model)(params, jaxprune.unit_masks_ones(model), acts,
-                                jnp.asarray(folds.w_tr), sims, comps)
+                                folds.w_tr, sims, comps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -264,17 +263,16 @@ def distinctiveness_hidden(cfg: Config, folds: mc.Folds, h: int, params, base_te
   """Stages 2, 3 and 5 for one hidden size: all folds x threshold pairs in one vmapped call."""
   model = _model(h)
   pairs = cfg.angle_pairs(h)
-  sims = jnp.asarray([p[0] for p in pairs], jnp.float32)
-  comps = jnp.asarray([p[1] for p in pairs], jnp.float32)
+  sims = np.asarray([p[0] for p in pairs], np.float32)
+  comps = np.asarray([p[1] for p in pairs], np.float32)
 
   def run():
     nf, na = folds.count, len(pairs)
-    new_p, masks, report = prune_folds(model, jax.tree.map(jnp.asarray, params), folds, sims,
+    new_p, masks, report = prune_folds(model, jax.tree.map(np.asarray, params), folds, sims,
                                        comps)
-    flat = jax.tree.map(lambda a: a.reshape((nf * na,) + a.shape[2:]), new_p)
-    tile = lambda a: np.repeat(np.asarray(a), na, axis=0)  # run = fold * na + angle
-    test = mc.score_many(model, flat, tile(folds.x_te), tile(folds.y_te), tile(folds.w_te))
-    train = mc.score_many(model, flat, tile(folds.x_tr), tile(folds.y_tr), tile(folds.w_tr))
+    flat = jax.tree.map(lambda a: np.asarray(a).reshape((nf * na,) + a.shape[2:]), new_p)
+    test, train = mc.score_folds(model, flat, folds, np.repeat(np.arange(nf), na),  # run =
+                                 group=GROUP)                                # fold * na + angle
     test, train = test.reshape(nf, na), train.reshape(nf, na)
     kind = np.asarray(report.kind)
     kept = np.asarray(masks[GROUP]).sum(-1)
@@ -308,22 +306,20 @@ def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _store.Study,
                                         folds.y_tr[f], sample_weight=folds.w_tr[f],
                                         penalty=PENALTY[e])
                 for e in sorted({e for e, _ in plan}) for f in range(nf)}
-    data = jax.tree.map(lambda *a: jnp.stack(a), *[prepared[(e, f)] for e, _, f in runs])
-    lam = jnp.asarray([lam for _, lam, _ in runs], jnp.float32)
+    data = jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]),  # on the host: a
+                        *[prepared[(e, f)] for e, _, f in runs])      # stack compiles per count
+    lam = np.asarray([lam for _, lam, _ in runs], np.float32)
     keys = mc.stack_keys([_store.config_key(cfg.seed, "ga", h, e, lam_, f) for e, lam_, f in runs])
     hyper = ga.GAHyperparams(crossover_prob=cfg.ga_crossover, mutation_prob=cfg.ga_mutation,
                         bit_flip_prob=cfg.ga_bit_flip, lam=lam)
 
     t0 = time.time()
     state, _ = mc.ga_program(config, fitness, h, True)(data, hyper, keys)
-    best = np.asarray(state.hof[:, 0])
+    best = np.asarray(state.hof)[:, 0]
     stacked = jax.tree.map(lambda a: np.asarray(a)[idx], params)
-    test = mc.score_masked_many(model, GROUP, stacked, best, folds.x_te[idx], folds.y_te[idx],
-                                folds.w_te[idx])
-    train = mc.score_masked_many(model, GROUP, stacked, best, folds.x_tr[idx], folds.y_tr[idx],
-                                 folds.w_tr[idx])
+    test, train = mc.score_folds(model, stacked, folds, idx, group=GROUP, unit_masks=best)
     return {"runs": [{"fitness": e, "lambda": lam_, "fold": f} for e, lam_, f in runs],
-            "kept": best.sum(1), "fitness": np.asarray(state.hof_fitness[:, 0]),
+            "kept": best.sum(1), "fitness": np.asarray(state.hof_fitness)[:, 0],
             "test_acc": test, "train_acc": train, "seconds": time.time() - t0}
 
   out = study.cached(f"ga_H{h}", run)
@@ -352,16 +348,14 @@ def redundancy_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _stor
     return jax.tree.map(np.asarray, (new_p, masks))
 
   def run():
-    acts = jax.vmap(lambda p, x: model.activations(p, x, GROUP))(params,
-                                                                 jnp.asarray(folds.x_tr))
+    acts = jax.vmap(lambda p, x: model.activations(p, x, GROUP))(params, folds.x_tr)
     out = [[] for _ in range(nf)]
     for tol in cfg.compare_redundancy_tols:
       parts = _speed.run_all([functools.partial(one, acts, tol, f) for f in range(nf)],
                              workers)
       new_p, masks = jax.tree.map(lambda *a: np.stack(a), *parts)
       kept = np.asarray(masks[GROUP]).sum(-1)
-      test = mc.score_many(model, new_p, folds.x_te, folds.y_te, folds.w_te)
-      train = mc.score_many(model, new_p, folds.x_tr, folds.y_tr, folds.w_tr)
+      test, train = mc.score_folds(model, new_p, folds, np.arange(nf), group=GROUP)
       for f in range(nf):
         out[f].append({"tol": tol, "kept": int(kept[f]), "test_acc": float(test[f]),
                        "train_acc": float(train[f])})

@@ -266,6 +266,44 @@ def test_padded_scores_match_unpadded():
     assert mc.score(model, p, xp[r], yp[r], w[r]) == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.parametrize("runs", [1, 20, 23, 41])
+def test_chunked_scores_match_one_call_per_run(runs):
+  """score_many's chunks of EVAL_RUNS (last one filled with copies) and score_folds's padded
+  test rows give every run the score it gets alone, unit masks applied."""
+  import jax
+  import jaxprune
+  model = jaxprune.MLP(in_features=10, hidden=(6,), out_features=7)
+  params = jax.vmap(model.init)(jax.random.split(jax.random.key(0), runs))
+  rng = np.random.default_rng(runs)
+  x_tr, w_tr = mc.pad_stack([rng.normal(size=(n, 10)).astype(np.float32) for n in (30, 27, 29)])
+  y_tr, _ = mc.pad_stack([rng.integers(0, 7, n) for n in (30, 27, 29)])
+  x_te, w_te = mc.pad_stack([rng.normal(size=(n, 10)).astype(np.float32) for n in (9, 8, 9)])
+  y_te, _ = mc.pad_stack([rng.integers(0, 7, n) for n in (9, 8, 9)])
+  folds = mc.Folds(x_tr, y_tr, w_tr, x_te, y_te, w_te, (30, 27, 29), (9, 8, 9))
+  fold = rng.integers(0, 3, runs)
+  units = rng.random((runs, 6)) < 0.6
+  test, train = mc.score_folds(model, params, folds, fold, group="hidden_0", unit_masks=units)
+  plain = mc.score_many(model, params, x_tr[fold], y_tr[fold], w_tr[fold])
+  assert test.shape == train.shape == plain.shape == (runs,)
+  for r in range(runs):
+    p = jax.tree.map(lambda a: a[r], params)
+    masked = jaxprune.apply_masks(p, jaxprune.expand(p, model, {"hidden_0": units[r]}))
+    for got, (x, y), q in ((test[r], folds.test(fold[r]), masked),
+                              (train[r], folds.train(fold[r]), masked),
+                              (plain[r], folds.train(fold[r]), p)):
+      want = 100 * float(np.mean(np.argmax(model.apply(q, x), -1) == y))
+      assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_stacked_keys_are_the_keys():
+  import jax
+  keys = [_store.config_key(0, "t", i) for i in range(5)]
+  got = mc.stack_keys(keys)
+  assert got.shape == (5,) and jax.dtypes.issubdtype(got.dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(got),
+                                np.stack([jax.random.key_data(k) for k in keys]))
+
+
 def test_params_npz_roundtrip_and_keys(tmp_path):
   p = {"params": {"a": {"kernel": np.arange(6.0).reshape(2, 3)}, "b": np.ones(2)}}
   _store.save_tree(str(tmp_path / "p.npz"), p)

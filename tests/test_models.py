@@ -72,6 +72,32 @@ def test_activations_of_every_group(built, name):
     np.testing.assert_allclose(acts["hidden_0"], h0, rtol=1e-5, atol=1e-6)
 
 
+def test_eager_activations_are_one_compiled_program():
+  """Called eagerly, a forward pass with activations compiles one program per new shape (not
+  one per flax operation), and gives what it gives inside a jit and under vmap."""
+  m = jaxprune.MLP(in_features=3, hidden=(9, 4), out_features=2, activation="sigmoid")
+  p = m.init(jax.random.key(0))
+  x = np.asarray(jax.random.normal(jax.random.key(1), (17, 3)))
+  events = []
+  listener = lambda event, duration, **kw: events.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    out, acts = m.apply_with_activations(p, x, ["hidden_0", "hidden_1"])
+    again = m.activations(p, x, "hidden_1")
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  compiles = [e for e in events if e == "/jax/core/compile/backend_compile_duration"]
+  assert len(compiles) == 2, events   # two name tuples; the second call compiles nothing more
+  np.testing.assert_array_equal(again, acts["hidden_1"])
+  inside = jax.jit(lambda p, x: m.apply_with_activations(p, x, ["hidden_0", "hidden_1"]))(p, x)
+  jax.tree.map(np.testing.assert_array_equal, (out, acts), inside)
+  stacked = jax.tree.map(lambda a: np.stack([a, 2 * a]), p)
+  batched = jax.vmap(lambda q: m.activations(q, x, "hidden_0"))(stacked)
+  np.testing.assert_allclose(batched[0], acts["hidden_0"], rtol=1e-6)
+  np.testing.assert_allclose(batched[1], m.activations(jax.tree.map(lambda a: 2 * a, p), x,
+                                                       "hidden_0"), rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", list(SMALL_MODELS))
 def test_expand_of_all_ones_is_all_ones(built, name):
   m, p, _ = built[name]
