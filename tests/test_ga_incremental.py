@@ -204,11 +204,21 @@ def test_child_logits_rows_match_full_products(name):
   assert copies > 0       # and children that copy an individual
 
 
-def test_auto_on_cpu_needs_enough_work():
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_auto_is_full_evaluation_off_cpu(monkeypatch, backend):
+  """'auto' elsewhere than on CPU: the full evaluation, however long the run (measured faster
+  on a GPU at populations 100 to 10,000); True still opts in."""
+  model = jaxprune.MLP(in_features=5, hidden=(300,), out_features=O)
+  monkeypatch.setattr(I.jax, "default_backend", lambda: backend)
+  assert not I.applies(ga.make_fitness(model, "hidden_0", "eq5"), None, 300, work=1e30)
+  assert I.applies(ga.make_fitness(model, "hidden_0", "eq5", incremental=True), None, 300)
+
+
+def test_auto_on_cpu_needs_enough_work(monkeypatch):
   """'auto' on CPU: incremental only for runs whose full evaluation would cost >= CPU_MIN_WORK."""
   model = jaxprune.MLP(in_features=5, hidden=(300,), out_features=O)
   auto = ga.make_fitness(model, "hidden_0", "eq5")
-  assert jax.default_backend() == "cpu"
+  monkeypatch.setattr(I.jax, "default_backend", lambda: "cpu")
   assert not I.applies(auto, None, 300, work=None)
   assert not I.applies(auto, None, 300, work=I.CPU_MIN_WORK / 2)
   assert I.applies(auto, None, 300, work=I.CPU_MIN_WORK)
