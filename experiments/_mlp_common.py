@@ -169,6 +169,8 @@ def score_many(model, params, x, y, w, *, group: str | None = None,
   masks (R, units) applied when ``group`` is given (None: all units), as vmapped calls of
   :data:`EVAL_RUNS` runs each (the last chunk filled with copies of the last run)."""
   runs = np.shape(x)[0]
+  if group is None and unit_masks is not None:
+    raise ValueError("score_many: unit_masks need the group they mask (group=...).")
   if group is not None and unit_masks is None:
     unit_masks = np.ones((runs, model.groups[group].size), bool)
   out = []

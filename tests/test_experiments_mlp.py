@@ -284,6 +284,8 @@ def test_chunked_scores_match_one_call_per_run(runs):
   units = rng.random((runs, 6)) < 0.6
   test, train = mc.score_folds(model, params, folds, fold, group="hidden_0", unit_masks=units)
   plain = mc.score_many(model, params, x_tr[fold], y_tr[fold], w_tr[fold])
+  with pytest.raises(ValueError, match="need the group"):
+    mc.score_many(model, params, x_tr[fold], y_tr[fold], w_tr[fold], unit_masks=units)
   assert test.shape == train.shape == plain.shape == (runs,)
   for r in range(runs):
     p = jax.tree.map(lambda a: a[r], params)
