@@ -102,9 +102,9 @@ class AccuracyFitness:
   ``H @ W_all`` with ``W_all[:, p*O:(p+1)*O] = mask[p][:, None] * W_out``; ``fast=False`` runs
   the full masked forward pass for each individual (``vmap``). On the fast path,
   ``incremental`` lets :func:`run` score children from their parents' logits
-  (:mod:`jaxprune.ga.incremental`): ``'auto'`` (the default) from
-  ``incremental.MIN_UNITS`` units on (on CPU only for long runs), True always, False never
-  (full evaluation).
+  (:mod:`jaxprune.ga.incremental`): ``'auto'`` (the default) on CPU, from
+  ``incremental.MIN_UNITS`` units on, for long runs (elsewhere the full evaluation), True
+  always, False never (full evaluation).
 
   Use ``prepare(params, x, y)`` to build the ``data`` argument.
   """

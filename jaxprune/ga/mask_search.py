@@ -104,8 +104,8 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     progress: show a progress bar on stderr.
     mesh, shard: see :func:`run`.
     incremental: on the fast path, score children from their parents' logits
-      (:mod:`jaxprune.ga.incremental`, one device): ``'auto'`` from
-      ``incremental.MIN_UNITS`` units on (on CPU only for long runs, see
+      (:mod:`jaxprune.ga.incremental`, one device): ``'auto'`` on CPU, from
+      ``incremental.MIN_UNITS`` units on, for long runs (elsewhere the full evaluation, see
       :func:`jaxprune.ga.incremental.applies`), True always, False forces the full evaluation.
     sample_weight: optional (N,) weights >= 0 of the training patterns for the built-in
       fitness: the accuracy (in the fitness and in the result) is the weighted mean
