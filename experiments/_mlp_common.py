@@ -177,7 +177,7 @@ def score_many(model, params, x, y, w, *, group: str | None = None,
   for start in range(0, runs, EVAL_RUNS):
     idx = np.minimum(np.arange(start, start + EVAL_RUNS), runs - 1)
     p = jax.tree.map(lambda a: np.asarray(a)[idx], params)
-    wm = None if group is None else _expand_many(model, group)(p, np.asarray(unit_masks)[idx])
+    wm = None if group is None else expand_many(model, group)(p, np.asarray(unit_masks)[idx])
     m = jaxprune.evaluate_many(model, p, np.asarray(x)[idx], np.asarray(y)[idx],
                                np.asarray(w)[idx], masks=wm)
     out.append(np.asarray(_percent_or_loss(model, m))[:min(EVAL_RUNS, runs - start)])
@@ -249,7 +249,8 @@ def ga_program(config, fitness, h: int, lam_per_run: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _expand_many(model, group):
+def expand_many(model, group):
+  """jit(vmap(expand)): weight masks of stacked params from (R, units) unit masks of ``group``."""
   return jax.jit(jax.vmap(lambda p, m: jaxprune.expand(p, model, {group: m})))
 
 

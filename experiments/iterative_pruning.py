@@ -171,11 +171,6 @@ def _redundancy(model):
   return jaxprune.group_redundancy(model, GROUP)
 
 
-@functools.lru_cache(maxsize=None)
-def _expand_many(model):
-  return jax.jit(jax.vmap(lambda p, m: jaxprune.expand(p, model, {GROUP: m})))
-
-
 _ANGLES = np.arange(1.0, 91.0)
 
 
@@ -224,7 +219,7 @@ def prune_runs(cfg: Config, model, pruner: str, params, masks, folds: mc.Folds, 
     state, _ = mc.ga_program(config, fitness, h, False)(data, ga.GAHyperparams(lam=cfg.ga_lambda),
                                                         keys)
     new_masks = np.asarray(state.hof[:, 0]) & masks
-    wm = _expand_many(model)(params, jnp.asarray(new_masks))
+    wm = mc.expand_many(model, GROUP)(params, jnp.asarray(new_masks))
     return jax.tree.map(lambda a, m: a * m, params, wm), new_masks, info
 
   def prune_one(r):
@@ -283,7 +278,7 @@ _rewind_many = jax.jit(jax.vmap(jaxprune.rewind))
 def retrain(cfg: Config, model, params, masks, init, folds: mc.Folds, run_folds, run_modes,
             epochs: int, key_parts, desc: str):
   """Masked retraining of every run in one fit_many program; rewound runs start from ``init``."""
-  wm = _expand_many(model)(params, jnp.asarray(masks))
+  wm = mc.expand_many(model, GROUP)(params, jnp.asarray(masks))
   rewound = _rewind_many(params, init, wm)
   is_rewind = np.asarray([m == "rewind" for m in run_modes])
   start = jax.tree.map(lambda a, b: jnp.where(
