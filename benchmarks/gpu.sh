@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 16 as one prepared run that fits a 10-minute device lease (about 8 min
+# on an H200): the GA at H=1000 up to population 100,000, the training grid (the Flax loop timed
+# on 2 of its 30 runs and scaled), group redundancy, and the incremental GA's exactness tests at
+# JAX's default matmul precision and at 'highest' (on an H200 two of them failed at the default:
+# this tells the tensor cores' float32 precision apart from summation order). Each step has its
+# own time limit, so that one slow step leaves the others their time; logs go to $OUT (or
+# ./gpu-logs). Run from the repository root: bash benchmarks/gpu.sh
+set -u
+out=${OUT:-gpu-logs}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+}
+(nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())") 2>&1 \
+  | tee "$out/env.txt"
+step ga 200 python3 benchmarks/ga.py --hidden 1000 --repeats 3 \
+  --populations 100,1000,10000,100000
+step train 120 python3 benchmarks/train.py --loop_runs 2
+step redundancy 40 python3 benchmarks/redundancy.py --quick
+tests=(tests/test_ga_incremental.py -q -p no:cacheprovider -k "relu or nonlinearity or history")
+step tests-default 60 python3 -m pytest "${tests[@]}"
+JAX_DEFAULT_MATMUL_PRECISION=highest step tests-highest 60 python3 -m pytest "${tests[@]}"
