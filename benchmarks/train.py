@@ -80,16 +80,19 @@ def jaxprune_grid(h, x, y, w, epochs):
 
 
 def flax_grid(h, x, y, w, epochs, batch=32, runs=None):
-  """Seconds of the per-run Flax loop over the grid (learning rate major, then fold), or over
-  its first ``runs`` runs only (then scaled to the whole grid by the caller)."""
+  """The per-run Flax loop over the grid (learning rate major, then fold), or over its first
+  ``runs`` runs: the seconds of each run, and of each learning rate's first step (its
+  compilation)."""
   module = _MLP(h)
   todo = [(lr, f) for lr in LRS for f in range(x.shape[0])][:runs]
 
   def loss_fn(p, xb, yb):
     return optax.softmax_cross_entropy_with_integer_labels(module.apply(p, xb), yb).mean()
 
-  t = time.perf_counter()
+  first, per_run = [], []
+  seen = []
   for lr in sorted({lr for lr, _ in todo}, key=LRS.index):
+    seen.append(lr)
     tx = optax.adam(lr)
 
     @jax.jit
@@ -99,6 +102,7 @@ def flax_grid(h, x, y, w, epochs, batch=32, runs=None):
       return optax.apply_updates(p, u), s
 
     for f in [f for l, f in todo if l == lr]:
+      t_run = time.perf_counter()
       real = w[f] > 0
       xf, yf = jnp.asarray(x[f][real]), jnp.asarray(y[f][real])
       p = module.init(jax.random.key(f), xf[:1])
@@ -109,9 +113,15 @@ def flax_grid(h, x, y, w, epochs, batch=32, runs=None):
         perm = rng.permutation(n)
         for i in range(0, n - batch + 1, batch):     # full batches: one compiled shape
           idx = perm[i:i + batch]
-          p, s = step(p, s, xf[idx], yf[idx])
-    jax.block_until_ready(p)
-  return time.perf_counter() - t
+          if len(first) < len(seen):                 # this learning rate's first step
+            t0 = time.perf_counter()
+            p, s = jax.block_until_ready(step(p, s, xf[idx], yf[idx]))
+            first.append(time.perf_counter() - t0)
+          else:
+            p, s = step(p, s, xf[idx], yf[idx])
+      jax.block_until_ready(p)
+      per_run.append(time.perf_counter() - t_run)
+  return per_run, first
 
 
 def main():
@@ -120,9 +130,11 @@ def main():
   ap.add_argument("--hidden", default="20,100,1000")
   ap.add_argument("--epochs", type=int, default=300)
   ap.add_argument("--loop_runs", type=int, default=None,
-                  help="time the Flax loop on its first N of the 30 runs and scale it to the "
-                       "grid (where one step is slow to dispatch, as on a GPU)")
+                  help="time the Flax loop on its first N >= 2 of the 30 runs and scale it to "
+                       "the grid (where one step is slow to dispatch, as on a GPU)")
   args = ap.parse_args()
+  if args.loop_runs is not None and args.loop_runs < 2:
+    ap.error("--loop_runs needs at least 2 runs (the first one carries the one-time costs).")
   hidden = [20] if args.quick else [int(v) for v in args.hidden.split(",")]
   epochs = 20 if args.quick else args.epochs
   ds = data.load("features")
@@ -139,7 +151,11 @@ def main():
     first, warm, (init_clock, fit_clock) = jaxprune_grid(h, x, y, w, epochs)
     total = len(LRS) * x.shape[0]
     part = min(args.loop_runs or total, total)
-    loop = flax_grid(h, x, y, w, epochs, runs=part) * total / part
+    per_run, first_steps = flax_grid(h, x, y, w, epochs, runs=part)
+    loop = sum(per_run)
+    if part < total:   # the first run (with one-time costs), then runs like the others, each
+      loop = (per_run[0] + float(np.mean(per_run[1:])) * (total - 1)   # other learning rate
+              + float(np.mean(first_steps)) * (len(LRS) - 1))          # compiling its step
     xla = lambda c: f"{c.programs} / {c.seconds['xla']:.2f}s"
     print(f"{h:>6} {first:>14.1f}s {warm:>6.1f}s {xla(fit_clock):>13} "
           f"{fit_clock.seconds['trace'] + fit_clock.seconds['lower']:>11.2f}s "

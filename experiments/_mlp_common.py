@@ -163,6 +163,16 @@ def score(model, params, x, y, w=None) -> float:
 EVAL_RUNS = 20
 
 
+def _check_runs(fn: str, runs: int, params, unit_masks) -> None:
+  """Stacked params and unit masks must have one entry per run (chunks would cut them)."""
+  got = {np.shape(a)[0] for a in jax.tree.leaves(params)}
+  if unit_masks is not None:
+    got.add(np.shape(unit_masks)[0])
+  if got != {runs}:
+    raise ValueError(f"{fn}: params and unit masks need a leading axis of {runs} runs, like "
+                     f"the data; got {sorted(got)}.")
+
+
 def score_many(model, params, x, y, w, *, group: str | None = None,
                unit_masks=None) -> np.ndarray:
   """:func:`score` for stacked runs (leading axis on params and data), with ``group``'s unit
@@ -171,6 +181,7 @@ def score_many(model, params, x, y, w, *, group: str | None = None,
   runs = np.shape(x)[0]
   if group is None and unit_masks is not None:
     raise ValueError("score_many: unit_masks need the group they mask (group=...).")
+  _check_runs("score_many", runs, params, unit_masks)
   if group is not None and unit_masks is None:
     unit_masks = np.ones((runs, model.groups[group].size), bool)
   out = []
@@ -192,6 +203,7 @@ def score_folds(model, params, folds: Folds, fold, *, group: str,
   model for every stage."""
   fold = np.asarray(fold)
   runs = len(fold)
+  _check_runs("score_folds", runs, params, unit_masks)
   n = max(folds.x_tr.shape[1], folds.x_te.shape[1])
   pad = lambda a: np.pad(a, [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
   both = lambda te, tr: np.concatenate([pad(te)[fold], pad(tr)[fold]])

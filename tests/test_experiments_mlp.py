@@ -286,6 +286,11 @@ def test_chunked_scores_match_one_call_per_run(runs):
   plain = mc.score_many(model, params, x_tr[fold], y_tr[fold], w_tr[fold])
   with pytest.raises(ValueError, match="need the group"):
     mc.score_many(model, params, x_tr[fold], y_tr[fold], w_tr[fold], unit_masks=units)
+  with pytest.raises(ValueError, match=f"leading axis of {runs + 1} runs"):
+    mc.score_many(model, params, x_tr[np.r_[fold, 0]], y_tr[np.r_[fold, 0]],
+                  w_tr[np.r_[fold, 0]])
+  with pytest.raises(ValueError, match=f"leading axis of {runs} runs"):
+    mc.score_folds(model, params, folds, fold, group="hidden_0", unit_masks=units[:-1])
   assert test.shape == train.shape == plain.shape == (runs,)
   for r in range(runs):
     p = jax.tree.map(lambda a: a[r], params)

@@ -203,8 +203,9 @@ def applies(fitness_fn, mesh, num_units: int, work: float | None = None) -> bool
   (2.2x over 50 generations at H=1000, population 100, see docs/benchmarks.md) but compiles
   about 2 s longer, which a shorter run does not win back; pass True to opt in (for example
   with the persistent compilation cache warm). On other backends 'auto' is the full
-  evaluation: on an H200 it was faster at populations 100 to 10,000 (H=1000: 0.005 against
-  0.016 s for the published run) and 12% slower only at 100,000.
+  evaluation: on an H200 at H=1000 it was 3x faster over the published run (0.005 against
+  0.016 s, best of 3) and, in single timed calls, faster per generation at populations 1,000
+  and 10,000 and slower at 100 and 100,000.
   """
   if mesh is not None and mesh.size > 1:
     return False
