@@ -207,12 +207,10 @@ def score_folds(model, params, folds: Folds, fold, *, group: str,
   n = max(folds.x_tr.shape[1], folds.x_te.shape[1])
   pad = lambda a: np.pad(a, [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
   both = lambda te, tr: np.concatenate([pad(te)[fold], pad(tr)[fold]])
-  if unit_masks is None:
-    unit_masks = np.ones((runs, model.groups[group].size), bool)
-  scores = score_many(model, jax.tree.map(lambda a: np.concatenate([np.asarray(a)] * 2), params),
-                      both(folds.x_te, folds.x_tr), both(folds.y_te, folds.y_tr),
-                      both(folds.w_te, folds.w_tr), group=group,
-                      unit_masks=np.concatenate([np.asarray(unit_masks)] * 2))
+  twice = lambda a: None if a is None else np.concatenate([np.asarray(a)] * 2)
+  scores = score_many(model, jax.tree.map(twice, params), both(folds.x_te, folds.x_tr),
+                      both(folds.y_te, folds.y_tr), both(folds.w_te, folds.w_tr), group=group,
+                      unit_masks=twice(unit_masks))
   return scores[:runs], scores[runs:]
 
 

@@ -206,8 +206,8 @@ def test_child_logits_rows_match_full_products(name):
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_auto_is_full_evaluation_off_cpu(monkeypatch, backend):
-  """'auto' elsewhere than on CPU: the full evaluation, however long the run (measured faster
-  on a GPU at populations 100 to 10,000); True still opts in."""
+  """'auto' elsewhere than on CPU: the full evaluation, however long the run (on an H200 it
+  was 3x faster over the published run, see docs/benchmarks.md); True still opts in."""
   model = jaxprune.MLP(in_features=5, hidden=(300,), out_features=O)
   monkeypatch.setattr(I.jax, "default_backend", lambda: backend)
   assert not I.applies(ga.make_fitness(model, "hidden_0", "eq5"), None, 300, work=1e30)
