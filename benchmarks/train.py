@@ -90,9 +90,7 @@ def flax_grid(h, x, y, w, epochs, batch=32, runs=None):
     return optax.softmax_cross_entropy_with_integer_labels(module.apply(p, xb), yb).mean()
 
   first, per_run = [], []
-  seen = []
-  for lr in sorted({lr for lr, _ in todo}, key=LRS.index):
-    seen.append(lr)
+  for k, lr in enumerate(sorted({lr for lr, _ in todo}, key=LRS.index)):
     tx = optax.adam(lr)
 
     @jax.jit
@@ -113,7 +111,7 @@ def flax_grid(h, x, y, w, epochs, batch=32, runs=None):
         perm = rng.permutation(n)
         for i in range(0, n - batch + 1, batch):     # full batches: one compiled shape
           idx = perm[i:i + batch]
-          if len(first) < len(seen):                 # this learning rate's first step
+          if len(first) == k:                        # this learning rate's first step
             t0 = time.perf_counter()
             p, s = jax.block_until_ready(step(p, s, xf[idx], yf[idx]))
             first.append(time.perf_counter() - t0)

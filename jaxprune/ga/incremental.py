@@ -54,9 +54,9 @@ fresh ReLU network differed from the full evaluation. (For units that are not Re
 carried is the number of kept units, recounted from the bits when some activation is exactly
 0, see :func:`arrays`.)
 ``tests/test_ga_incremental.py`` compares every individual of many random generations with
-the full evaluation (no disagreement in its cases on CPU; on an H200 GPU two of them, ReLU and
-clip networks, disagreed: not yet diagnosed, see docs/benchmarks.md), and ``benchmarks/ga.py``
-reports the count at H=1000.
+the full evaluation (no disagreement in its cases; they run at 'highest' matmul precision: on
+an H200 GPU at the default, TF32 operands, 2 of 1,240 accuracies of two small ReLU and clip
+cases differed, see docs/ga.md), and ``benchmarks/ga.py`` reports the count at H=1000.
 ``incremental=False`` (on :func:`jaxprune.ga.search` or :func:`jaxprune.ga.make_fitness`)
 forces the full evaluation; ``'auto'`` (the default) chooses as :func:`applies` says.
 
@@ -203,9 +203,9 @@ def applies(fitness_fn, mesh, num_units: int, work: float | None = None) -> bool
   (2.2x over 50 generations at H=1000, population 100, see docs/benchmarks.md) but compiles
   about 2 s longer, which a shorter run does not win back; pass True to opt in (for example
   with the persistent compilation cache warm). On other backends 'auto' is the full
-  evaluation: on an H200 at H=1000 it was 3x faster over the published run (0.005 against
-  0.016 s, best of 3) and, in single timed calls, faster per generation at populations 1,000
-  and 10,000 and slower at 100 and 100,000.
+  evaluation: on an H200 at H=1000 it was about 3x faster over the published run (0.005
+  against 0.014-0.016 s) and as fast or faster per generation at populations 100 to 100,000
+  (docs/benchmarks.md).
   """
   if mesh is not None and mesh.size > 1:
     return False
