@@ -84,9 +84,19 @@ class LightJit:
     return self.light if jax.default_backend() == "cpu" else self.plain
 
   def lower(self, *args, **kwargs):
-    """``lower`` of :attr:`active` (an option this jaxlib does not know fails its
-    ``compile``; a call leaves it out)."""
-    return self.active.lower(*args, **kwargs)
+    """``lower`` of :attr:`active`, with the options this jaxlib knows (:func:`supported`), so
+    that its ``compile`` works where a later XLA has dropped one (jax 0.11's XLA:CPU no longer
+    knows ``xla_cpu_use_fusion_emitters``)."""
+    if jax.default_backend() != "cpu":
+      return self.plain.lower(*args, **kwargs)
+    self._known_options_only()
+    return self.light.lower(*args, **kwargs)
+
+  def _known_options_only(self):
+    options = supported(self._options)
+    if options != self._options:
+      self._options = options
+      self.light = jax.jit(self._fn, compiler_options=dict(options), **self._jit_kwargs)
 
   def __call__(self, *args, **kwargs):
     if jax.default_backend() != "cpu":
@@ -100,8 +110,7 @@ class LightJit:
     except jax.errors.JaxRuntimeError as e:   # an option this jaxlib does not know
       if "No such compile option" not in str(e):
         raise
-      self.light = jax.jit(self._fn, compiler_options=supported(self._options),
-                           **self._jit_kwargs)
+      self._known_options_only()
       return self.light(*args, **kwargs)
 
 
