@@ -7,19 +7,24 @@
 # tests/test_ga_incremental.py runs its products at 'highest' precision: at the default, TF32,
 # two of its small ReLU cases differed in 2 of 1,240 accuracies on an H200). Each step has its
 # own time limit, so that one slow step leaves the others their time; logs go to $OUT (or
-# ./gpu-logs). Run from the repository root: bash benchmarks/gpu.sh
+# ./gpu-logs). Run from the repository root: bash benchmarks/gpu.sh [STEP ...], where the
+# steps are parts (benchmarks/ga_parts.py: a population-100 generation's time, part by part,
+# against plain JAX), ga, train, redundancy and tests; no argument runs them all.
 set -u
+steps=${*:-parts ga train redundancy tests}
 out=${OUT:-gpu-logs}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
+  [[ " $steps " == *" $name "* ]] || return 0
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
 }
 (nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())") 2>&1 \
   | tee "$out/env.txt"
+step parts 90 python3 benchmarks/ga_parts.py --hidden 1000 --population 100
 step ga 200 python3 benchmarks/ga.py --hidden 1000 --repeats 3 \
   --populations 100,1000,10000,100000
 step train 120 python3 benchmarks/train.py --loop_runs 2

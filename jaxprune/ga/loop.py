@@ -27,10 +27,11 @@ from jaxprune.ga.strategy import GAConfig
 from jaxprune.ga.strategy import GAHistory
 from jaxprune.ga.strategy import GAHyperparams
 from jaxprune.ga.strategy import GAState
-from jaxprune.ga.strategy import ask
+from jaxprune.ga.strategy import breed
 from jaxprune.ga.strategy import check_params
 from jaxprune.ga.strategy import generation_keys
 from jaxprune.ga.strategy import init
+from jaxprune.ga.strategy import initial_population
 from jaxprune.ga.strategy import tell
 
 PyTree = Any
@@ -176,11 +177,20 @@ def _run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, progress: bool
     return state, stats
 
   # Generation 0 (the random population) and the bred generations share one scan body, so the
-  # evaluation and the hall of fame are compiled once.
-  def body(state, k):
-    return generation(state, ask(config, state, hyper, key=k))
+  # evaluation and the hall of fame are compiled once. The body evaluates the population it is
+  # given and breeds the next from the new state, so it needs no branch on the generation (what
+  # `ask` does with `lax.cond`, which a GPU runs by reading the predicate back to the host
+  # every generation). The last step breeds one population that is never evaluated.
 
-  state, history = lax.scan(body, init(config, num_units), keys)
+  def body(carry, k):
+    state, population = carry
+    state, stats = generation(state, population)
+    return (state, breed(config, state, hyper, key=k)), stats
+
+  population0 = initial_population(config, num_units, key=keys[0])
+  # Any key serves the unused last breed; keys[0] keeps the scan's inputs one array.
+  next_keys = jnp.concatenate([keys[1:], keys[:1]])
+  (state, _), history = lax.scan(body, (init(config, num_units), population0), next_keys)
   if mesh is not None and mesh.size > 1:
     replicated = NamedSharding(mesh, PS())
     state, history = jax.tree.map(lambda a: lax.with_sharding_constraint(a, replicated),
