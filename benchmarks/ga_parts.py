@@ -8,6 +8,9 @@ same trained 10-H-7 MLP (H=1000 by default) and the same evaluation (``ga.make_f
 incremental=False)``), except plain JAX, which is the GA of ``benchmarks/ga.py`` (column (c)):
 
 * ``ga.run``: the library's compiled run (``incremental=False``);
+* ``ga.run, hall of fame by sorting`` / ``by ranking``: the same with the hall of fame's
+  members found by the other route than this backend's default
+  (``jaxprune.ga.operators.RANK_BELOW``: pairwise ranks or three sorts; the same members);
 * ``ask/tell body``: the generation written as ``tell(ask(...))`` in the scan, which branches
   on the generation with ``lax.cond`` (the library's body before it bred the next population
   at the end of each step);
@@ -106,10 +109,18 @@ def main():
   config = ga.GAConfig(population_size=args.population, generations=50)
   model, params = B.train(h, x, y)
   fit, data, hyper, run_lib, _ = B.jax_setup(model, params, x, y, config, incremental=False)
+  ops = L.ops
+  saved = ops.RANK_BELOW, ops.RANK_BELOW_CPU
+  ranks = config.population_size + config.hof_size <= (
+      saved[1] if jax.default_backend() == "cpu" else saved[0])
+  ops.RANK_BELOW = ops.RANK_BELOW_CPU = 0 if ranks else 10**9   # the other route
+  other = B.jax_setup(model, params, x, y, config, incremental=False)[3]
+  ops.RANK_BELOW, ops.RANK_BELOW_CPU = saved
   out = params["params"]["out"]
   plain = B.plain_jax_ga(config, np.asarray(data["h"]), np.asarray(out["kernel"]),
                          np.asarray(out["bias"]), np.asarray(y), h)
-  rows = {"ga.run (incremental=False)": run_lib,
+  rows = {f"ga.run (incremental=False{', ranks' if ranks else ', sorts'})": run_lib,
+          f"ga.run, hall of fame by {'sorting' if ranks else 'ranking'}": other,
           **variants(config, fit, data, hyper, h), "plain JAX": plain}
   for f in rows.values():
     jax.block_until_ready(f(jax.random.key(0)))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxprune.ga import operators as ops
 
@@ -196,3 +197,41 @@ def test_uniform_draws_equal_jax_random_uniform_for_odd_and_even_lengths():
     got = jax.jit(ops.uniform, static_argnums=1)(key, n)
     assert got.shape == (n,)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.random.uniform(key, (n,))))
+
+
+def _reference_hall_of_fame(hof, hof_fit, pop, fit, valid):
+  """hall_of_fame_indices' documented semantics in plain Python."""
+  k = len(hof)
+  bits = [r.tobytes() for r in np.concatenate([hof, pop])]
+  f = np.concatenate([hof_fit, fit]).astype(np.float32)
+  invalid = [0 if (valid or i >= k) else 1 for i in range(len(bits))]
+  dup = [int(any(invalid[j] == invalid[i] and f[j] == f[i] and bits[j] == bits[i]
+                 for j in range(i))) for i in range(len(bits))]
+  chosen = sorted(range(len(bits)), key=lambda i: (invalid[i], dup[i], -f[i], i))[:k]
+  return sorted(chosen, key=lambda i: (invalid[i], -f[i], dup[i], i))
+
+
+@pytest.mark.parametrize("rank_below", [0, 10**6], ids=["sorting", "ranking"])
+def test_hall_of_fame_both_routes_equal_the_documented_semantics(monkeypatch, rank_below):
+  """Small candidate sets are ranked by pairwise comparisons, large ones sorted: each route
+  gives the members of the Python reference, in its order, on cases full of duplicates, ties
+  between distinct chromosomes, -inf fitness and placeholders."""
+  monkeypatch.setattr(ops, "RANK_BELOW", rank_below)
+  monkeypatch.setattr(ops, "RANK_BELOW_CPU", rank_below)
+  rng = np.random.default_rng(7)
+  for k, p in ((1, 4), (3, 10), (5, 40), (5, 95)):
+    indices = jax.jit(lambda *a: ops.hall_of_fame_indices(*a))   # a fresh trace per route
+    for case in range(12):
+      m = (2, 3, 6)[case % 3]   # a pool of 2 or 3: fewer distinct masks than members
+      pool = rng.random((m, 37)) < 0.5
+      pool_fit = np.sum(pool, axis=1).astype(np.float32) % 3   # ties between distinct masks
+      pool_fit[rng.random(m) < 0.2] = -np.inf
+      hi, pi = rng.integers(0, m, k), rng.integers(0, m, p)
+      valid = bool(case % 4)
+      hof, hof_fit = pool[hi], pool_fit[hi]
+      if not valid:
+        hof, hof_fit = np.zeros_like(hof), np.full(k, -np.inf, np.float32)
+      got = indices(jnp.asarray(hof), jnp.asarray(hof_fit), jnp.asarray(pool[pi]),
+                    jnp.asarray(pool_fit[pi]), valid)
+      want = _reference_hall_of_fame(hof, hof_fit, pool[pi], pool_fit[pi], valid)
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"k={k} p={p} case={case}")
