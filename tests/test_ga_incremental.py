@@ -17,16 +17,6 @@ I = importlib.import_module("jaxprune.ga.incremental")
 U, N, O = 60, 96, 4
 
 
-@pytest.fixture(autouse=True)
-def _float32_products():
-  """Every product in float32, as on CPU. A GPU's default matmul precision rounds float32
-  operands on its tensor cores (TF32 on NVIDIA): there, on an H200, 2 of 1,240 accuracies of
-  two of the small ReLU/clip cases below differed from the full evaluation, and under
-  'highest' they passed. On CPU this changes nothing. (docs/ga.md, exactness.)"""
-  with jax.default_matmul_precision("highest"):
-    yield
-
-
 @functools.lru_cache(maxsize=None)
 def _problem():
   model = jaxprune.MLP(in_features=5, hidden=(U,), out_features=O)

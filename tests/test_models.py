@@ -62,7 +62,9 @@ def test_published_layer_sizes():
 def test_activations_of_every_group(built, name):
   m, p, x = built[name]
   out, acts = m.apply_with_activations(p, x, list(m.groups))
-  np.testing.assert_allclose(out, m.apply(p, x), rtol=1e-6)
+  # One compiled program against another: a few float32 ulps apart where they fuse otherwise
+  # (a GPU's elementwise functions did).
+  np.testing.assert_allclose(out, m.apply(p, x), rtol=1e-5, atol=1e-6)
   for g, a in acts.items():
     assert a.shape[0] == 5 and a.shape[-1] == m.groups[g].size
   if m.activation == "sigmoid":

@@ -499,7 +499,7 @@ def test_activations_follow_a_nonlinearity_that_reads_its_input_twice(k):
   t = jaxprune.trace(fn, _ONE, x)
   assert t.groups["w1"].activation == tag and t.activations_complete("w1")
   np.testing.assert_allclose(t.activations(_ONE, x, "w1"), act(x @ _ONE["w1"] + _ONE["b1"]),
-                             atol=1e-6)
+                             atol=1e-6, rtol=1e-6)   # z * z reaches 19: float32's ulp there
 
 
 def test_constant_gelu_unit_folds_exactly_and_weight_constants_are_refused():
