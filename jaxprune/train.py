@@ -37,6 +37,7 @@ from jaxprune import optax_pruning
 from jaxprune.progress import Progress  # pylint: disable=unused-import (re-exported)
 from jaxprune import validate
 from jaxprune.models.base import Model
+from jaxprune.models.mlp import MLP
 
 PyTree = Any
 
@@ -439,7 +440,10 @@ def _compiled(trainer: Trainer, num_epochs: int, with_val: bool, many: bool):
   def run(state, masks, x, y, w, key, val):
     return trainer.epochs(state, masks, x, y, w, key, num_epochs, val if with_val else None)
 
-  return jax.jit(jax.vmap(run) if many else run)
+  fn = jax.vmap(run) if many else run
+  if isinstance(trainer.model, MLP):   # the built-in MLP: see _compile.TRAIN_MLP
+    return _compile.light_jit(fn, _compile.TRAIN_MLP)
+  return jax.jit(fn)
 
 
 @functools.lru_cache(maxsize=256)
