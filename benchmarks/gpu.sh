@@ -5,7 +5,7 @@
 # redundancy, and the library's tests on the GPU (8 workers; the experiments' and docs' tests
 # need packages the GPU image lacks, such as tensorflow-datasets and openpyxl; tests/conftest.py
 # runs float32 products at 'highest' precision unless JAX_DEFAULT_MATMUL_PRECISION is set: at
-# the default, TF32, 31 of these 422 tests failed their float32 tolerances on an H200). Each step has its
+# the default, TF32, 31 of these 422 tests failed on an H200, 29 on float32 tolerances). Each step has its
 # own time limit, so that one slow step leaves the others their time; logs go to $OUT (or
 # ./gpu-logs). Run from the repository root: bash benchmarks/gpu.sh [STEP ...], where the
 # steps are parts (benchmarks/ga_parts.py: a population-100 generation's time, part by part,

@@ -25,8 +25,10 @@ ResNet-18 trained to other bits and ``evaluate_many``'s loss and accuracy sums c
 otherwise (measured; the cause is not traced). So the built-in MLP's training program compiles
 at level 1 (:data:`TRAIN_MLP`: half the compilation, the same run time, and the default bits in
 every case measured: the main job's grids at H = 20, 100 and 1000, 24 small MLPs with Adam,
-AdamW and clipping, and the cases ``tests/test_train.py`` checks), while other models' training
-keeps XLA's defaults, as do the evaluation programs and the pruners (the older emitter changed a
+AdamW and clipping, and the cases ``tests/test_train.py`` checks, all with cross-entropy; other
+losses and optimizers are not measured, and may end a few last bits apart from a default
+compilation, as any change of compilation may), while other models' training (subclasses of
+the MLP included) keeps XLA's defaults, as do the evaluation programs and the pruners (the older emitter changed a
 distinctiveness sweep's bits).
 
 JAX allows per-program options only on a top-level ``jax.jit``. :func:`light_jit` therefore
@@ -98,9 +100,9 @@ class LightJit:
 
   def _known_options_only(self):
     options = supported(self._options)
-    if options != self._options:
-      self._options = options
+    if options != self._options:   # the new jit first: another thread reads _options, then light
       self.light = jax.jit(self._fn, compiler_options=dict(options), **self._jit_kwargs)
+      self._options = options
 
   def __call__(self, *args, **kwargs):
     if jax.default_backend() != "cpu":

@@ -441,7 +441,7 @@ def _compiled(trainer: Trainer, num_epochs: int, with_val: bool, many: bool):
     return trainer.epochs(state, masks, x, y, w, key, num_epochs, val if with_val else None)
 
   fn = jax.vmap(run) if many else run
-  if isinstance(trainer.model, MLP):   # the built-in MLP: see _compile.TRAIN_MLP
+  if type(trainer.model) is MLP:   # the built-in MLP, not a subclass: see _compile.TRAIN_MLP
     return _compile.light_jit(fn, _compile.TRAIN_MLP)
   return jax.jit(fn)
 

@@ -19,15 +19,6 @@ tests' subprocesses:
   knows the flag (an unknown flag in ``XLA_FLAGS`` aborts the process): a subprocess tries it
   once, and the answer travels to the test workers in the environment.
 
-On a GPU, JAX's default precision for float32 products rounds their operands on the tensor
-cores (TF32 on NVIDIA), about 1e-3 relative: there, on an H200, 31 of 422 library tests failed
-their float32 tolerances (masked against compacted networks, merged units, exact fits, and 2 of
-1,240 incremental GA accuracies); under 'highest', 3 of 389 (two tolerances too tight for
-fused against unfused elementwise functions, since widened, and an angle the GPU sums in
-another order, since allowed 0.1 degrees there). So the suite sets
-``JAX_DEFAULT_MATMUL_PRECISION=highest`` unless it is set already (XLA:CPU computes float32
-products in float32 either way); set it to ``default`` to run the suite at a GPU's default.
-
 So what the tests assert holds at the users' default flags too; the tests that compare
 compilation options compile their reference with XLA's defaults named per program
 (``jaxprune._compile.DEFAULT_LEVEL``: level 2 and the fusion emitters; a per-program option
@@ -35,6 +26,15 @@ overrides ``XLA_FLAGS``, which a training program's run time confirms). To run t
 suite at XLA's defaults, set the flags yourself, e.g. ``XLA_FLAGS=
 "--xla_backend_optimization_level=2 --xla_cpu_use_fusion_emitters=true" python3 -m pytest -q
 -n 2``.
+
+On a GPU, JAX's default precision for float32 products rounds their operands on the tensor
+cores (TF32 on NVIDIA), about 1e-3 relative: there, on an H200, 31 of 422 library tests failed,
+29 of them on float32 tolerances (masked against compacted networks, merged units, exact fits,
+and 2 of 1,240 incremental GA accuracies); under 'highest', 3 of 389 (two tolerances too tight for
+fused against unfused elementwise functions, since widened, and an angle the GPU sums in
+another order, since allowed 0.1 degrees there). So the suite sets
+``JAX_DEFAULT_MATMUL_PRECISION=highest`` unless it is set already (XLA:CPU computes float32
+products in float32 either way); set it to ``default`` to run the suite at a GPU's default.
 """
 
 import csv

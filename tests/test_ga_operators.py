@@ -204,6 +204,7 @@ def _reference_hall_of_fame(hof, hof_fit, pop, fit, valid):
   k = len(hof)
   bits = [r.tobytes() for r in np.concatenate([hof, pop])]
   f = np.concatenate([hof_fit, fit]).astype(np.float32)
+  f = np.where(np.isnan(f), -np.inf, f)
   invalid = [0 if (valid or i >= k) else 1 for i in range(len(bits))]
   dup = [int(any(invalid[j] == invalid[i] and f[j] == f[i] and bits[j] == bits[i]
                  for j in range(i))) for i in range(len(bits))]
@@ -235,3 +236,16 @@ def test_hall_of_fame_both_routes_equal_the_documented_semantics(monkeypatch, ra
                     jnp.asarray(pool_fit[pi]), valid)
       want = _reference_hall_of_fame(hof, hof_fit, pool[pi], pool_fit[pi], valid)
       np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"k={k} p={p} case={case}")
+  # The operator alone (the GA always has P > K): fewer newcomers than members, a placeholder
+  # equal to a real newcomer (all bits False) at its fitness, NaN and -0.0 fitness.
+  indices = jax.jit(lambda *a: ops.hall_of_fame_indices(*a), static_argnums=4)
+  zero, one = np.zeros(9, bool), np.ones(9, bool)
+  cases = [(np.stack([zero, one, zero, one]), np.full(4, -np.inf, np.float32), zero[None],
+            np.asarray([-np.inf], np.float32), False),
+           (np.stack([zero, one, one]), np.asarray([1.0, np.nan, 0.0], np.float32),
+            np.stack([zero, one, zero]), np.asarray([np.nan, -0.0, 1.0], np.float32), True)]
+  for hof, hof_fit, pop, fit, valid in cases:
+    got = indices(jnp.asarray(hof), jnp.asarray(hof_fit), jnp.asarray(pop), jnp.asarray(fit),
+                  valid)
+    np.testing.assert_array_equal(np.asarray(got),
+                                  _reference_hall_of_fame(hof, hof_fit, pop, fit, valid))

@@ -259,7 +259,7 @@ def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax
     hof: (K, U) current members.
     hof_fitness: (K,) their fitness.
     population: (P, U) newly evaluated individuals.
-    fitness: (P,) their fitness (NaN already mapped to ``-inf``).
+    fitness: (P,) their fitness (NaN, here or in ``hof_fitness``, ranks as ``-inf``).
     hof_valid: False before the first update (the members are placeholders and are ranked
       after every real individual).
 
@@ -270,6 +270,7 @@ def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax
   k = hof.shape[0]
   cand = jnp.concatenate([hof, population], axis=0)
   cand_fit = jnp.concatenate([hof_fitness, fitness], axis=0).astype(jnp.float32)
+  cand_fit = jnp.where(jnp.isnan(cand_fit), -jnp.inf, cand_fit)   # NaN ranks as the worst
   n = cand.shape[0]
   invalid = jnp.concatenate([jnp.full((k,), jnp.logical_not(hof_valid)),
                              jnp.zeros((population.shape[0],), bool)]).astype(jnp.int32)
@@ -284,9 +285,9 @@ def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax
 # every pair (n^2 comparisons in a few fused kernels), above it by three sorts (n log n). On a
 # GPU each sort is kernel launches of its own, which cost more than the comparisons: on an
 # H200 at H=1000 a whole generation took 61 against 93 us at population 100, 180 against 221
-# us at 1,000 (benchmarks/ga_parts.py). On XLA:CPU the sorts are the faster route at every
-# size (at population 100: 144 against 218 us for the whole update, measured on 2 cores). Both
-# give the same members in the same order.
+# us at 1,000 (benchmarks/ga_parts.py). On XLA:CPU the sorts were the faster route at each
+# size measured (the whole update on 2 cores: 144 against 218 us at population 100, 635 against
+# 1,159 at 500, 1,355 against 4,051 at 1,000). Both give the same members in the same order.
 RANK_BELOW = 1024
 RANK_BELOW_CPU = 0
 
@@ -336,8 +337,8 @@ def _hof_by_sorting(k, invalid, cand_fit, words, h1, h2):
   sorted_ops = lax.sort((invalid, -cand_fit, h1, h2, order), num_keys=5)
   s_invalid, s_fit, s_order = sorted_ops[0], -sorted_ops[1], sorted_ops[-1]
   s_words = words[s_order]
-  same_as_prev = jnp.logical_and(jnp.all(s_words[1:] == s_words[:-1], axis=1),
-                                 s_fit[1:] == s_fit[:-1])
+  same_as_prev = (jnp.all(s_words[1:] == s_words[:-1], axis=1) & (s_fit[1:] == s_fit[:-1])
+                  & (s_invalid[1:] == s_invalid[:-1]))   # a placeholder is no copy of a real one
   dup = jnp.concatenate([jnp.zeros((1,), bool), same_as_prev]).astype(jnp.int32)
   # Pass 2: the K members: real before placeholder, distinct before duplicate, then by
   # (-fitness, order).
