@@ -143,6 +143,17 @@ def test_fit_many_and_evaluate_many_compile_only_their_programs():
     assert np.all(np.asarray(p)[~np.asarray(k)] == 0)
 
 
+def _assert_same_bits(a, b, more_than: int):
+  """Two pytrees of the same structure (more than ``more_than`` leaves, PRNG keys included)
+  hold the same bits."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) > more_than
+  for u, v in zip(la, lb):
+    if jnp.issubdtype(u.dtype, jax.dtypes.prng_key):
+      u, v = jax.random.key_data(u), jax.random.key_data(v)
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason="the lighter compile options are XLA:CPU's; elsewhere it is a plain jit")
 def test_start_program_at_low_optimisation_gives_the_same_bits():
@@ -165,12 +176,7 @@ def test_start_program_at_low_optimisation_gives_the_same_bits():
     a = start.light(*args)
     b = start.plain.lower(*args).compile(   # XLA's default options
         _compile.supported(_compile.DEFAULT_LEVEL))(*args)
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb) > 3
-    for u, v in zip(la, lb):
-      if jnp.issubdtype(u.dtype, jax.dtypes.prng_key):
-        u, v = jax.random.key_data(u), jax.random.key_data(v)
-      np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    _assert_same_bits(a, b, more_than=3)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu",
@@ -203,12 +209,7 @@ def test_mlp_training_program_at_level_1_gives_the_default_bits(activation, opt)
     light = {**_compile.DEFAULT_LEVEL, **_compile.TRAIN_MLP}   # level 1, default emitters
     a = compiled.plain.lower(*args).compile(_compile.supported(light))(*args)
     b = compiled.plain.lower(*args).compile(_compile.supported(_compile.DEFAULT_LEVEL))(*args)
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb) > 5
-    for u, v in zip(la, lb):
-      if jnp.issubdtype(u.dtype, jax.dtypes.prng_key):
-        u, v = jax.random.key_data(u), jax.random.key_data(v)
-      np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    _assert_same_bits(a, b, more_than=5)
 
 
 def test_fit_many_checks_data_as_the_device_holds_it():
