@@ -28,8 +28,8 @@ every case measured: the main job's grids at H = 20, 100 and 1000, 24 small MLPs
 AdamW and clipping, and the cases ``tests/test_train.py`` checks, all with cross-entropy; other
 losses and optimizers are not measured, and may end a few last bits apart from a default
 compilation, as any change of compilation may), while other models' training (subclasses of
-the MLP included) keeps XLA's defaults, as do the evaluation programs and the pruners (the older emitter changed a
-distinctiveness sweep's bits).
+the MLP included) keeps XLA's defaults, as do the evaluation programs and the pruners (the
+older emitter changed a distinctiveness sweep's bits).
 
 JAX allows per-program options only on a top-level ``jax.jit``. :func:`light_jit` therefore
 compiles with them when it is called eagerly (or under ``vmap``) on CPU, and as a plain jit

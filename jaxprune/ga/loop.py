@@ -181,7 +181,6 @@ def _run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, progress: bool
   # given and breeds the next from the new state, so it needs no branch on the generation (what
   # `ask` does with `lax.cond`, which a GPU runs by reading the predicate back to the host
   # every generation). The last step breeds one population that is never evaluated.
-
   def body(carry, k):
     state, population = carry
     state, stats = generation(state, population)

@@ -252,8 +252,8 @@ def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax
   64-bit hash of the bits (sorted on them and neighbours compared, or, for up to
   :data:`RANK_BELOW` candidates off CPU, compared pairwise), then checked bit for bit: exact,
   except that a hash collision between two different chromosomes of equal fitness (probability
-  about ``2**-64`` per pair) could let a duplicate through. Members are sorted best first, so ``hof[0]`` is the best
-  individual ever evaluated and its fitness never decreases.
+  about ``2**-64`` per pair) could let a duplicate through. Members are sorted best first, so
+  ``hof[0]`` is the best individual ever evaluated and its fitness never decreases.
 
   Args:
     hof: (K, U) current members.
