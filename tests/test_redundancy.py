@@ -281,11 +281,10 @@ def test_float64_mode_prunes_as_float32():
   model, params, _, acts = _wide_case()
   um = jaxprune.unit_masks_ones(model)
   want = group_redundancy(model, "hidden_0")(params, um, acts, 0.2)[2]
-  jax.config.update("jax_enable_x64", True)
-  try:
+  # Scoped: the previous setting comes back, whatever it was (jax.experimental's before 0.6).
+  enable_x64 = getattr(jax, "enable_x64", None) or jax.experimental.enable_x64
+  with enable_x64(True):
     got = group_redundancy(model, "hidden_0")(params, um, acts, 0.2)[2]
-  finally:
-    jax.config.update("jax_enable_x64", False)
   np.testing.assert_array_equal(got.removed, want.removed)
   np.testing.assert_allclose(got.coef, want.coef, atol=1e-3)
 
