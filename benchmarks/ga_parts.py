@@ -44,21 +44,6 @@ from jaxprune.ga import loop as L  # noqa: E402
 from jaxprune.ga import strategy as S  # noqa: E402
 
 
-def _scan(config, num_units, evaluate, generation_of):
-  """A jitted run(key) whose scan body is ``generation_of(evaluate)``, breeding at the end."""
-
-  @jax.jit
-  def run(key):
-    keys = S.generation_keys(key, config)
-    pop0 = S.initial_population(config, num_units, key=keys[0])
-    body = generation_of(evaluate)
-    (state, _), hist = lax.scan(body, (S.init(config, num_units), pop0),
-                                jnp.concatenate([keys[1:], keys[:1]]))
-    return state.hof[0], hist
-
-  return run
-
-
 def variants(config, fit, data, hyper, num_units):
   """{name: run(key)} of the rows between ``ga.run`` and plain JAX."""
   evaluate = lambda pop: fit(pop, data, hyper)
@@ -74,17 +59,24 @@ def variants(config, fit, data, hyper, num_units):
     return state.hof[0], hist
 
   def top_k_elite(stats):
-    def generation_of(evaluate):
-      def body(carry, kk):
-        state, pop = carry
-        f = evaluate(pop).astype(jnp.float32)
-        f = jnp.where(jnp.isnan(f), -jnp.inf, f)
-        best, idx = lax.top_k(f, k)
-        state = S.GAState(pop, f, pop[idx], best, state.generation + 1)
-        out = L._stats(state) if stats else best[0]  # pylint: disable=protected-access
-        return (state, S.breed(config, state, hyper, key=kk)), out
-      return body
-    return _scan(config, num_units, evaluate, generation_of)
+    """The library's body (evaluate, record, breed) with a top_k elite as the hall of fame."""
+    def body(carry, kk):
+      state, pop = carry
+      f = evaluate(pop).astype(jnp.float32)
+      f = jnp.where(jnp.isnan(f), -jnp.inf, f)
+      best, idx = lax.top_k(f, k)
+      state = S.GAState(pop, f, pop[idx], best, state.generation + 1)
+      out = L._stats(state) if stats else best[0]  # pylint: disable=protected-access
+      return (state, S.breed(config, state, hyper, key=kk)), out
+
+    def run(key):
+      keys = S.generation_keys(key, config)
+      pop0 = S.initial_population(config, num_units, key=keys[0])
+      (state, _), hist = lax.scan(body, (S.init(config, num_units), pop0),
+                                  jnp.concatenate([keys[1:], keys[:1]]))
+      return state.hof[0], hist
+
+    return run
 
   def eval_only(key):
     pop = S.initial_population(config, num_units, key=key)
@@ -93,8 +85,8 @@ def variants(config, fit, data, hyper, num_units):
     return lax.scan(body, jnp.float32(0), None, length=config.generations + 1)[0]
 
   return {"ask/tell body (lax.cond)": jax.jit(ask_tell),
-          "elite by top_k": top_k_elite(True),
-          "elite by top_k, no statistics": top_k_elite(False),
+          "elite by top_k": jax.jit(top_k_elite(True)),
+          "elite by top_k, no statistics": jax.jit(top_k_elite(False)),
           "evaluation only": jax.jit(eval_only)}
 
 

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 16 as one prepared run that fits a 10-minute device lease (on an H200
-# about 4 minutes before the tests, which are allowed 4 more): the GA at H=1000 up to population
-# 100,000, the training grid (the Flax loop timed on 2 of its 30 runs and scaled), group
-# redundancy, and the library's tests on the GPU (8 workers; the experiments' and docs' tests
-# need packages the GPU image lacks, such as tensorflow-datasets and openpyxl; tests/conftest.py
-# runs float32 products at 'highest' precision unless JAX_DEFAULT_MATMUL_PRECISION is set: at
-# the default, TF32, 31 of these 422 tests failed on an H200, 29 on float32 tolerances). Each step has its
-# own time limit, so that one slow step leaves the others their time; logs go to $OUT (or
-# ./gpu-logs). Run from the repository root: bash benchmarks/gpu.sh [STEP ...], where the
-# steps are parts (benchmarks/ga_parts.py: a population-100 generation's time, part by part,
-# against plain JAX), ga, train, redundancy and tests; no argument runs them all.
+# about 5 minutes before the tests, which are allowed 4 more): a population-100 generation part
+# by part, the GA at H=1000 up to population 100,000, the training grid (the Flax loop timed on
+# 2 of its 30 runs and scaled), group redundancy, and the library's tests on the GPU (8
+# workers; the experiments' and docs' tests need packages the GPU image lacks, such as
+# tensorflow-datasets and openpyxl; tests/conftest.py runs float32 products at 'highest'
+# precision unless JAX_DEFAULT_MATMUL_PRECISION is set: at the default, TF32, 31 of these 422
+# tests failed on an H200, 29 on float32 tolerances). Each step has its own time limit, so
+# that one slow step leaves the others their time; logs go to $OUT (or ./gpu-logs). Run from
+# the repository root: bash benchmarks/gpu.sh [STEP ...], where the steps are parts
+# (benchmarks/ga_parts.py), ga, train, redundancy and tests; no argument runs them all.
 set -u
 steps=${*:-parts ga train redundancy tests}
 out=${OUT:-gpu-logs}

@@ -281,8 +281,12 @@ def test_float64_mode_prunes_as_float32():
   model, params, _, acts = _wide_case()
   um = jaxprune.unit_masks_ones(model)
   want = group_redundancy(model, "hidden_0")(params, um, acts, 0.2)[2]
-  # Scoped: the previous setting comes back, whatever it was (jax.experimental's before 0.6).
-  enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
+  # Scoped: the previous setting comes back, whatever it was (older JAX has the context
+  # manager in jax.experimental only).
+  if hasattr(jax, "enable_x64"):
+    enable_x64 = jax.enable_x64
+  else:
+    from jax.experimental import enable_x64  # pylint: disable=import-outside-toplevel
   with enable_x64(True):
     got = group_redundancy(model, "hidden_0")(params, um, acts, 0.2)[2]
   np.testing.assert_array_equal(got.removed, want.removed)
