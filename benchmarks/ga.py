@@ -301,8 +301,8 @@ def jax_setup(model, params, x, y, config, incremental="auto"):
   num_units = model.hidden[0]
   jax.clear_caches()   # measure a cold compilation every time
   t = time.perf_counter()
-  compiled = _SEARCH._run_jit.lower(config, fit, num_units, False, None, hyper, data,
-                                    jax.random.key(0)).compile()
+  compiled = _SEARCH.run_program(config, fit, num_units, None, data).lower(
+      config, fit, num_units, False, None, hyper, data, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - t
   run = lambda key: compiled(hyper, data, key)
   jax.block_until_ready(run(jax.random.key(0)))

@@ -225,7 +225,8 @@ def test_elitism_hall_of_fame_is_the_population_tail(result):
 
 def test_deterministic_and_no_recompilation(trained, result):
   model, params, x, y = trained
-  size = search_lib._search_jit.active._cache_size()
+  sizes = lambda: [program.active._cache_size() for program in search_lib._SEARCH_JIT.values()]
+  size = sizes()
   again = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
                     progress=False)
   assert _tree_equal(again, result)
@@ -233,7 +234,7 @@ def test_deterministic_and_no_recompilation(trained, result):
                     key=jax.random.key(8), config=CFG, hyper=ga.GAHyperparams(0.5, 0.3, 0.2, 3.0),
                     progress=False)
   # new key, params, lambda: no retrace
-  assert search_lib._search_jit.active._cache_size() == size
+  assert sizes() == size
   assert not np.array_equal(other.state.population, result.state.population)
 
 
@@ -244,21 +245,39 @@ def _onemax_minus_lam(population, data, hyper):
 
 @pytest.mark.parametrize("incremental", [False, True])
 def test_run_compiled_for_faster_compilation_gives_the_default_bits(trained, incremental):
-  """The GA's programs compile with XLA:CPU's older loop emitter (jaxprune._compile.FAST):
-  the same run at XLA's default options (whatever flags the suite compiles with) gives the
-  same bits, state and history, on the full and on the incremental path."""
+  """The GA's programs compile with XLA:CPU's older loop emitter (jaxprune._compile.FAST),
+  the full evaluation's also at LLVM level 1: the same run at XLA's default options (whatever
+  flags the suite compiles with) gives the same bits, state and history, on the full and on the
+  incremental path."""
   from jaxprune import _compile  # pylint: disable=import-outside-toplevel
   S = importlib.import_module("jaxprune.ga.loop")
   model, params, x, y = trained
   fit = ga.make_fitness(model, "hidden_0", incremental=incremental)
-  args = (CFG, fit, 12, False, None, ga.GAHyperparams(), fit.prepare(params, x, y),
-          jax.random.key(5))
-  got = S._run_jit.lower(*args).compile()(*args[5:])
-  want = S._run_jit.plain.lower(*args).compile(_compile.supported(_compile.DEFAULT_LEVEL))(
+  data = fit.prepare(params, x, y)
+  args = (CFG, fit, 12, False, None, ga.GAHyperparams(), data, jax.random.key(5))
+  program = S.run_program(CFG, fit, 12, None, data)
+  assert program is S._RUN_JIT[incremental]
+  assert S.uses_incremental(CFG, fit, 12, None, jax.eval_shape(lambda d: d, data)) is incremental
+  got = program.lower(*args).compile()(*args[5:])
+  want = program.plain.lower(*args).compile(_compile.supported(_compile.DEFAULT_LEVEL))(
       *args[5:])
   assert _tree_equal(got, want)
   assert _tree_equal(got, ga.run(CFG, fit, 12, key=jax.random.key(5), data=args[6],
                                  progress=False))
+
+
+def test_search_program_compiled_lighter_gives_the_default_bits(trained, result, monkeypatch):
+  """ga.search's one program (activations, the GA and the best mask's accuracy) with the full
+  evaluation compiles at level 1 with the older emitter: XLA's default options give the same
+  bits."""
+  from jaxprune import _compile  # pylint: disable=import-outside-toplevel
+  model, params, x, y = trained
+  monkeypatch.setitem(search_lib._SEARCH_JIT, False, _compile.light_jit(
+      search_lib._search_program, _compile.DEFAULT_LEVEL, static_argnums=(0, 1, 2, 3, 4, 5)))
+  default = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+                      progress=False)
+  assert search_lib._SEARCH_JIT[False].active._cache_size() == 1   # it ran this program
+  assert _tree_equal(default, result)
 
 
 def test_vmap_over_lambda_equals_loop():

@@ -42,8 +42,9 @@ SCRIPT = textwrap.dedent("""
     # The evaluation really is partitioned over the 4 devices.
     S = __import__("importlib").import_module("jaxprune.ga.loop")
     fit = ga.make_fitness(model, "hidden_0")
-    lowered = S._run_jit.lower(cfg, fit, 10, False, ga.default_mesh(), ga.GAHyperparams(),
-                               fit.prepare(params, x, y), jax.random.key(0))
+    data = fit.prepare(params, x, y)
+    lowered = S.run_program(cfg, fit, 10, ga.default_mesh(), data).lower(
+        cfg, fit, 10, False, ga.default_mesh(), ga.GAHyperparams(), data, jax.random.key(0))
     hlo = lowered.compile().as_text()
     # One device scores 20 / 4 = 5 individuals x 4 outputs: a (48, 20) product, not (48, 80).
     assert "f32[48,20]{1,0} dot(" in hlo and "f32[48,80]{1,0} dot(" not in hlo, hlo[:2000]

@@ -212,14 +212,32 @@ def _incremental_plan(config: GAConfig, fitness_fn: FitnessFn, num_units: int,
 def _full_work(config: GAConfig, h: jax.Array, w: jax.Array) -> float:
   """Floating-point operations of the run's full evaluations on the fast path (activations
   ``h``, output kernel ``w``): ``2 (G + 1) P U N O``."""
-  units = h.reshape(h.shape[0], -1).shape[1]
+  units = math.prod(h.shape[1:])
   return (2.0 * (config.generations + 1) * config.population_size * units * h.shape[0]
           * w.shape[-1])
 
 
 # The GA's programs compile with XLA:CPU's older loop emitter (jaxprune._compile.FAST: a third
-# less compilation, the same bits; the same run time at H=1000, 4-8% more at H=100).
-_run_jit = _compile.light_jit(_run, _compile.FAST, static_argnums=(0, 1, 2, 3, 4))
+# less compilation, the same bits; the same run time at H=1000, 4-8% more at H=100). A run that
+# evaluates every child in full also compiles at LLVM level 1 (half the compilation again, the
+# same bits and run time); the incremental run keeps level 2, where it ran 9-70% faster
+# (docs/benchmarks.md). {incremental: options}; :func:`run_program` picks the program.
+RUN_OPTIONS = {False: _compile.LEVEL_1, True: _compile.FAST}
+_RUN_JIT = {inc: _compile.light_jit(_run, options, static_argnums=(0, 1, 2, 3, 4))
+            for inc, options in RUN_OPTIONS.items()}
+
+
+def uses_incremental(config: GAConfig, fitness_fn: FitnessFn, num_units: int,
+                     mesh: Mesh | None, data: PyTree) -> bool:
+  """Whether :func:`run` scores children incrementally; ``data`` may be abstract
+  (``jax.ShapeDtypeStruct`` leaves: only shapes are read)."""
+  return _incremental_plan(config, fitness_fn, num_units, mesh, data) is not None
+
+
+def run_program(config: GAConfig, fitness_fn: FitnessFn, num_units: int, mesh: Mesh | None,
+                data: PyTree) -> _compile.LightJit:
+  """The jitted :func:`_run` that :func:`run` calls for these settings (see ``_RUN_JIT``)."""
+  return _RUN_JIT[uses_incremental(config, fitness_fn, num_units, mesh, data)]
 
 
 def default_mesh(shard: bool = True) -> Mesh | None:
@@ -269,8 +287,8 @@ def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Arr
     data = jax.device_put(data, NamedSharding(mesh, PS()))
   display = GAProgress(config.generations) if progress else None
   with _DISPLAYS.open(display) as token:
-    out = _run_jit(config, fitness_fn, int(num_units), bool(progress), mesh, hyper, data, key,
-                   token)
+    out = run_program(config, fitness_fn, int(num_units), mesh, data)(
+        config, fitness_fn, int(num_units), bool(progress), mesh, hyper, data, key, token)
     if progress:
       jax.effects_barrier()  # every report has been printed before we return
   return out

@@ -68,7 +68,8 @@ from jaxprune import units as units_lib
 from jaxprune import validate
 from jaxprune.ga.strategy import GAConfig, GAHyperparams, GAResult, check_params
 from jaxprune.ga.strategy import check_penalty, unusable_hyper
-from jaxprune.ga.loop import _DISPLAYS, GAProgress, _run, resolve_mesh
+from jaxprune.ga.loop import _DISPLAYS, RUN_OPTIONS, GAProgress, _run, resolve_mesh
+from jaxprune.ga.loop import uses_incremental
 from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.ga.fitness import UserFitness
 from jaxprune.ga.fitness import _groups_of
@@ -156,6 +157,7 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
   else:  # the one shared data check (labels of weight-0 rows are padding: not checked)
     validate.check_model_data(model, params, x, y, sample_weight=sample_weight)
   num_units = _groups_of(model)[group].size
+  data = params   # the GA's data (abstract for the built-in fitness), for the program's choice
   if isinstance(fit, UserFitness):
     mask = jnp.ones((num_units,), bool)
     out = jax.eval_shape(lambda p, m: fit.fn(p, m), params, mask)
@@ -165,8 +167,8 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
   else:
     if x is None or y is None:
       raise ValueError(f"fitness={fitness!r} needs training inputs x and labels y.")
-    jax.eval_shape(lambda p, a, b, w: fit.prepare(p, a, b, sample_weight=w), params, x, y,
-                   sample_weight)   # the input checks, before compiling
+    data = jax.eval_shape(lambda p, a, b, w: fit.prepare(p, a, b, sample_weight=w), params, x,
+                          y, sample_weight)   # the input checks, before compiling
   check_params(hyper)
   if not isinstance(fit, UserFitness):
     check_penalty(hyper)
@@ -180,8 +182,9 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
             and getattr(model, "task", "") == "classification" else None)
   display = GAProgress(config.generations, f"GA {group}") if progress else None
   with _DISPLAYS.open(display) as token:
-    result = _search_jit(config, fit, num_units, bool(progress), mesh, scorer, hyper,
-                         params, x, y, key, token, sample_weight)
+    program = _SEARCH_JIT[uses_incremental(config, fit, num_units, mesh, data)]
+    result = program(config, fit, num_units, bool(progress), mesh, scorer, hyper, params, x, y,
+                     key, token, sample_weight)
     if progress:
       jax.effects_barrier()  # every report has been printed before we return
   return result
@@ -233,5 +236,7 @@ def _unusable(model, params: PyTree, x, y, sample_weight=None) -> jax.Array:
   return bad | jnp.any(out)
 
 
-_search_jit = _compile.light_jit(_search_program, _compile.FAST,   # as ga.loop._run_jit
-                                static_argnums=(0, 1, 2, 3, 4, 5))
+# {incremental: program}, compiled with ga.loop's options for the GA's programs (see there).
+_SEARCH_JIT = {inc: _compile.light_jit(_search_program, options,
+                                       static_argnums=(0, 1, 2, 3, 4, 5))
+               for inc, options in RUN_OPTIONS.items()}
