@@ -14,6 +14,10 @@ incremental=False)``), except plain JAX, which is the GA of ``benchmarks/ga.py``
 * ``ask/tell body``: the generation written as ``tell(ask(...))`` in the scan, which branches
   on the generation with ``lax.cond`` (the library's body before it bred the next population
   at the end of each step);
+* ``statistics in the scan``: the library's body computing each generation's statistics in the
+  scan (as a run with a progress display does; without one the library records the fitness
+  rows and computes them after the scan, ``jaxprune.ga.loop.RECORD_FITNESS_MAX``);
+* ``library body, no statistics``: the library's body recording only the best fitness;
 * ``elite by top_k``: the library's body with the hall of fame replaced by ``lax.top_k`` of the
   fitness (no duplicate check: not the library's semantics, only its cost);
 * ``... no statistics``: the same without the per-generation statistics;
@@ -78,6 +82,23 @@ def variants(config, fit, data, hyper, num_units):
 
     return run
 
+  def library_body(record):
+    """The library's body (evaluate, tell, breed) recording ``record(state)`` each generation
+    and nothing else."""
+    def run(key):
+      def body(carry, kk):
+        state, pop = carry
+        state = S.tell(config, state, pop, evaluate(pop))
+        return (state, S.breed(config, state, hyper, key=kk)), record(state)
+
+      keys = S.generation_keys(key, config)
+      pop0 = S.initial_population(config, num_units, key=keys[0])
+      (state, _), out = lax.scan(body, (S.init(config, num_units), pop0),
+                                 jnp.concatenate([keys[1:], keys[:1]]))
+      return state.hof[0], out
+
+    return run
+
   def eval_only(key):
     pop = S.initial_population(config, num_units, key=key)
     def body(c, _):
@@ -85,6 +106,8 @@ def variants(config, fit, data, hyper, num_units):
     return lax.scan(body, jnp.float32(0), None, length=config.generations + 1)[0]
 
   return {"ask/tell body (lax.cond)": jax.jit(ask_tell),
+          "statistics in the scan": jax.jit(library_body(L._stats)),  # pylint: disable=protected-access
+          "library body, no statistics": jax.jit(library_body(lambda s: s.hof_fitness[0])),
           "elite by top_k": jax.jit(top_k_elite(True)),
           "elite by top_k, no statistics": jax.jit(top_k_elite(False)),
           "evaluation only": jax.jit(eval_only)}

@@ -21,6 +21,7 @@ import jaxprune
 from jaxprune import _compile
 from jaxprune import data as data_lib
 from jaxprune import ga
+from jaxprune.ga import loop as ga_loop
 from experiments import _flags
 from experiments import _store
 
@@ -239,9 +240,11 @@ def ga_program(config, fitness, h: int, lam_per_run: bool):
   """jit(map over runs of the whole GA): ``program(data, hyper, keys)`` with a leading run axis
   on ``data`` and ``keys``, and on ``hyper.lam`` when ``lam_per_run``; built once per GA shape.
   The runs are vmapped in chunks of :func:`runs_per_chunk` (``lax.map``; every run computes
-  exactly what it computes alone). Compiled with XLA:CPU's older loop emitter, as the library's
-  own GA programs (``jaxprune._compile.FAST``): at H=500, 20 runs, compilation 2.4-3.0 ->
-  2.1-2.2 s, the run 3.44 -> 3.34-3.41 s, the same bits."""
+  exactly what it computes alone). Compiled with the options of the library's own GA program
+  for one run of this data (``jaxprune.ga.loop.RUN_OPTIONS``): XLA:CPU's older loop emitter
+  (at H=500, 20 runs, compilation 2.4-3.0 -> 2.1-2.2 s, the run 3.44 -> 3.34-3.41 s), and LLVM
+  level 1 where the runs evaluate in full (at H=500, 100 runs, 1.94 -> 0.88 s, the run 18.5 s
+  either way); the same bits."""
   def one(d, hp, k):
     return ga.run(config, fitness, h, key=k, hyper=hp, data=d, progress=False, shard=False)
 
@@ -255,7 +258,14 @@ def ga_program(config, fitness, h: int, lam_per_run: bool):
     chunk = runs_per_chunk(data, config.population_size, keys.shape[0])
     return jax.lax.map(one_run, (data, keys, lam), batch_size=chunk)
 
-  return _compile.light_jit(program, _compile.FAST)
+  programs = {inc: _compile.light_jit(program, options)
+              for inc, options in ga_loop.RUN_OPTIONS.items()}
+
+  def call(data, hyper, keys):
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype), data)
+    return programs[ga_loop.uses_incremental(config, fitness, h, None, one)](data, hyper, keys)
+
+  return call
 
 
 @functools.lru_cache(maxsize=None)

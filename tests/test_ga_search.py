@@ -319,6 +319,41 @@ def test_nan_fitness_is_worst_and_progress_bar(capsys):
   assert np.all(np.isfinite(np.asarray(hist.mean)))
 
 
+def test_statistics_after_the_scan_equal_the_statistics_in_it(capsys, monkeypatch):
+  """Without progress the run computes its history after the scan from recorded fitness rows
+  (up to loop.RECORD_FITNESS_MAX values); with progress, or above the limit, inside it. Both
+  give the same bits, here with NaN (-inf) and all-non-finite generations, and equal a Python
+  computation of the documented statistics."""
+  S = importlib.import_module("jaxprune.ga.loop")
+
+  def fn(population, data, hyper):
+    del data, hyper
+    f = population.sum(1).astype(jnp.float32) / 7.0
+    f = jnp.where(population[:, 0] & population[:, 1], jnp.nan, f)
+    return jnp.where(population[:, 2] & population[:, 3], -jnp.inf, f)
+
+  cfg = ga.GAConfig(population_size=23, hof_size=3, generations=6)
+  recorded = ga.run(cfg, fn, 8, key=jax.random.key(4), progress=False)
+  shown = ga.run(cfg, fn, 8, key=jax.random.key(4), progress=True)
+  assert "gen 6/6" in capsys.readouterr().err
+  monkeypatch.setattr(S, "RECORD_FITNESS_MAX", 0)
+  jax.clear_caches()
+  in_scan = ga.run(cfg, fn, 8, key=jax.random.key(4), progress=False)
+  assert _tree_equal(recorded, shown) and _tree_equal(recorded, in_scan)
+  # One generation recomputed by hand from the final state (the last row of the history).
+  state, hist = recorded
+  f = np.asarray(state.fitness, np.float32)
+  fin = f[np.isfinite(f)]
+  assert hist.max[-1] == f.max() and hist.min[-1] == (fin.min() if fin.size else -np.inf)
+  np.testing.assert_allclose(hist.mean[-1], fin.mean() if fin.size else -np.inf, rtol=1e-6)
+  assert hist.best[-1] == state.hof_fitness[0]
+  assert hist.best_kept[-1] == np.asarray(state.hof[0]).sum()
+  # And all-non-finite generations: every individual scores -inf.
+  all_bad = ga.run(cfg, lambda p, d, h: jnp.full(p.shape[:1], -jnp.inf), 8,
+                   key=jax.random.key(4), progress=False)[1]
+  assert np.all(np.isneginf(all_bad.mean)) and np.all(np.isneginf(all_bad.min))
+
+
 def test_user_fitness(trained):
   model, params, x, y = trained
 

@@ -119,14 +119,29 @@ def _in_program_reporter(token: jax.Array, ordered: bool):
 
 
 def _stats(state: GAState) -> GAHistory:
-  f = state.fitness
+  return _stats_of(*_stats_inputs(state))
+
+
+def _stats_inputs(state: GAState) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """What a generation's :class:`GAHistory` entry is computed from: the population's fitness,
+  the best member's fitness and its number of kept units."""
+  return state.fitness, state.hof_fitness[0], jnp.sum(state.hof[0], dtype=jnp.int32)
+
+
+def _stats_of(f: jax.Array, best: jax.Array, best_kept: jax.Array) -> GAHistory:
   finite = jnp.isfinite(f)
   n = jnp.sum(finite)
   mean = jnp.where(n > 0, ops.ordered_sum(jnp.where(finite, f, 0.0)) / jnp.maximum(n, 1),
                    -jnp.inf)
   mn = jnp.where(n > 0, jnp.min(jnp.where(finite, f, jnp.inf)), -jnp.inf)
-  return GAHistory(max=jnp.max(f), mean=mean, min=mn, best=state.hof_fitness[0],
-                   best_kept=jnp.sum(state.hof[0], dtype=jnp.int32))
+  return GAHistory(max=jnp.max(f), mean=mean, min=mn, best=best, best_kept=best_kept)
+
+
+# Without a progress display, a run records each generation's fitness row and computes the
+# statistics after the scan (the same values: an element-wise batch of the same operations)
+# when the rows hold at most this many values (64 MB of float32): a generation then launches
+# fewer kernels on a GPU (62 -> 55 us per generation on an H200 at H=1000, population 100).
+RECORD_FITNESS_MAX = 1 << 24
 
 
 def _population_sharding(mesh: Mesh) -> NamedSharding:
@@ -169,8 +184,13 @@ def _run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, progress: bool
   if plan is not None:   # children scored from their parents' partial logits
     return incremental.run_scan(plan, config, fitness_fn, num_units, hyper, data, key, report)
 
+  record = report is None and (config.generations + 1) * config.population_size <= (
+      RECORD_FITNESS_MAX)
+
   def generation(state, population):
     state = tell(config, state, population, evaluate(population, data, hyper))
+    if record:
+      return state, _stats_inputs(state)
     stats = _stats(state)
     if report is not None:
       report(state.generation - 1, stats.best, stats.mean)
@@ -190,6 +210,8 @@ def _run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, progress: bool
   # Any key serves the unused last breed; keys[0] keeps the scan's inputs one array.
   next_keys = jnp.concatenate([keys[1:], keys[:1]])
   (state, _), history = lax.scan(body, (init(config, num_units), population0), next_keys)
+  if record:
+    history = jax.vmap(_stats_of)(*history)
   if mesh is not None and mesh.size > 1:
     replicated = NamedSharding(mesh, PS())
     state, history = jax.tree.map(lambda a: lax.with_sharding_constraint(a, replicated),

@@ -78,11 +78,14 @@ def _blocked_gram(v, block: int = GRAM_BLOCK):
   (squared norms, then the Gram product of the normalised rows) have one fixed shape, and the
   blocks are added one after another in a ``lax.scan``. Appending patterns whose entries are 0
   (padding with sample weight 0) adds only blocks of exact zeros, so the result is bit-for-bit
-  that of the unpadded vectors, whatever XLA's dot product does inside a block.
+  that of the unpadded vectors, whatever XLA's dot product does inside a block. The zero-filled
+  blocks pass an optimisation barrier: otherwise XLA may see through the padding and sum only
+  the ``p`` real patterns, in an order that depends on ``p`` (it did on a GPU).
   """
   h, p = v.shape
   nb = -(-p // block)
   blocks = jnp.pad(v, ((0, 0), (0, nb * block - p))).reshape(h, nb, block).transpose(1, 0, 2)
+  blocks = jax.lax.optimization_barrier(blocks)
   sq, _ = jax.lax.scan(lambda acc, c: (acc + jnp.sum(c * c, axis=1), None),
                        jnp.zeros((h,), v.dtype), blocks)
   n = jnp.sqrt(sq)
