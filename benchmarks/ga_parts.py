@@ -11,6 +11,8 @@ incremental=False)``), except plain JAX, which is the GA of ``benchmarks/ga.py``
 * ``ga.run, hall of fame by sorting`` / ``by ranking``: the same with the hall of fame's
   members found by the other route than this backend's default
   (``jaxprune.ga.operators.RANK_BELOW``: pairwise ranks or three sorts; the same members);
+* ``ga.run, data as constants``: the library's program with the data and settings closed
+  over, as every row below and plain JAX have them (``ga.run`` takes them as arguments);
 * ``ask/tell body``: the generation written as ``tell(ask(...))`` in the scan, which branches
   on the generation with ``lax.cond`` (the library's body before it bred the next population
   at the end of each step);
@@ -105,7 +107,11 @@ def variants(config, fit, data, hyper, num_units):
       return c + jnp.sum(evaluate(pop ^ (c > 1e30))), None
     return lax.scan(body, jnp.float32(0), None, length=config.generations + 1)[0]
 
-  return {"ask/tell body (lax.cond)": jax.jit(ask_tell),
+  def closed_over(key):
+    return L._run(config, fit, num_units, False, None, hyper, data, key)  # pylint: disable=protected-access
+
+  return {"ga.run, data as constants": jax.jit(closed_over),
+          "ask/tell body (lax.cond)": jax.jit(ask_tell),
           "statistics in the scan": jax.jit(library_body(L._stats)),  # pylint: disable=protected-access
           "library body, no statistics": jax.jit(library_body(lambda s: s.hof_fitness[0])),
           "elite by top_k": jax.jit(top_k_elite(True)),
