@@ -26,6 +26,10 @@ incremental=False)``), except plain JAX, which is the GA of ``benchmarks/ga.py``
 * ``evaluation only``: 51 evaluations of a fixed population (a floor for every row);
 * ``plain JAX``.
 
+On CPU the two ``ga.run`` rows compile with the library's options for the GA
+(``jaxprune.ga.loop.RUN_OPTIONS``: LLVM level 1 and XLA:CPU's older loop emitter for the full
+evaluation), the other rows with XLA's defaults; on a GPU every row is a plain jit.
+
 Each row reports its best of ``--repeats`` runs timed in turns, in microseconds per generation,
 and its ratio to plain JAX. Run: ``python benchmarks/ga_parts.py [--hidden 1000]
 [--population 100]``.

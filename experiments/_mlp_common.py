@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxprune
-from jaxprune import _compile
 from jaxprune import data as data_lib
 from jaxprune import ga
 from jaxprune.ga import loop as ga_loop
@@ -258,12 +257,12 @@ def ga_program(config, fitness, h: int, lam_per_run: bool):
     chunk = runs_per_chunk(data, config.population_size, keys.shape[0])
     return jax.lax.map(one_run, (data, keys, lam), batch_size=chunk)
 
-  programs = {inc: _compile.light_jit(program, options)
-              for inc, options in ga_loop.RUN_OPTIONS.items()}
+  programs = ga_loop.programs_by_path(program)
 
   def call(data, hyper, keys):
-    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype), data)
-    return programs[ga_loop.uses_incremental(config, fitness, h, None, one)](data, hyper, keys)
+    per_run = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype), data)
+    return programs[ga_loop.uses_incremental(config, fitness, h, None, per_run)](
+        data, hyper, keys)
 
   return call
 

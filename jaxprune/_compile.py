@@ -18,8 +18,10 @@ initialisers and the main job's training grids, but not in every program: a few 
 MLPs with Adam ended 3-273 of about 400 values with other low bits. Its code is not always as
 fast either: the GA ran at the same speed at H=1000 and 4-8% slower at H=100, the training
 program 1.3-1.7x slower. So it is chosen per program. :data:`FAST` asks for it at XLA's default
-LLVM level: the GA's programs, whose first call is mostly compilation, use it (their tests check
-the bits); the initialisers and set-up passes add it to their lower level. Level 1 is not the
+LLVM level: the incremental GA's programs, whose first call is mostly compilation, use it
+(level 1 ran them 9-70% slower); the GA's full-evaluation programs, the initialisers and the
+set-up passes add it to a lower level (:data:`LEVEL_1`; for the GA half the XLA time, the same
+run time, and the bits, which their tests check). Level 1 is not the
 same bits everywhere either: it kept them in the initialisers, the GA and MLP training, but a
 ResNet-18 trained to other bits and ``evaluate_many``'s loss and accuracy sums came out
 otherwise (measured; the cause is not traced). So the built-in MLP's training program compiles

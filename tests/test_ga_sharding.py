@@ -37,6 +37,10 @@ SCRIPT = textwrap.dedent("""
       sharded = ga.search(model, params, x, y, "hidden_0", progress=True, **kw)
       single = ga.search(model, params, x, y, "hidden_0", progress=False, shard=False, **kw)
       assert same(sharded, single), (pop, fast)
+      # Without a display the sharded run computes its history after the scan.
+      quiet = ga.search(model, params, x, y, "hidden_0", progress=False, **kw)
+      assert same(quiet, single) and same(quiet, sharded), (pop, fast)
+      assert len(quiet.history.mean.sharding.device_set) == 4
       assert len(sharded.mask.sharding.device_set) == 4   # replicated result on every device
       assert len(single.mask.sharding.device_set) == 1
     # The evaluation really is partitioned over the 4 devices.

@@ -187,9 +187,10 @@ MIN_UNITS = 256
 
 #: On CPU, ``incremental='auto'`` also needs a run whose full evaluation would cost at least
 #: this many floating-point operations (``2 (G + 1) P U N O``): the incremental program
-#: compiles about 3.4 s longer there (several budget sizes, see :func:`plan`) and saves
-#: about 60% of the evaluation's time (measured at 150-180 GFLOP/s: break-even near 9e11;
-#: about twice that, so that 'auto' switches only where the gain is clear).
+#: compiles 3-5 s longer there (several budget sizes, see :func:`plan`; the full program
+#: compiles at LLVM level 1 in about 1 s) and saves about 60% of the evaluation's time
+#: (measured at 150-180 GFLOP/s: break-even near 1e12; about twice that, so that 'auto'
+#: switches only where the gain is clear).
 CPU_MIN_WORK = 2e12
 
 
@@ -201,7 +202,7 @@ def applies(fitness_fn, mesh, num_units: int, work: float | None = None) -> bool
   :data:`CPU_MIN_WORK` operations (``work``: ``2 * (generations + 1) * population * units *
   patterns * outputs``; None: unknown, full evaluation). There the incremental run is faster
   (2.2x over 50 generations at H=1000, population 100, see docs/benchmarks.md) but compiles
-  about 2 s longer, which a shorter run does not win back; pass True to opt in (for example
+  3-5 s longer, which a shorter run does not win back; pass True to opt in (for example
   with the persistent compilation cache warm). On other backends 'auto' is the full
   evaluation: on an H200 at H=1000 it was about 3x faster over the published run (0.005
   against 0.014-0.016 s) and as fast or faster per generation at populations 100 to 100,000

@@ -137,10 +137,13 @@ def _stats_of(f: jax.Array, best: jax.Array, best_kept: jax.Array) -> GAHistory:
   return GAHistory(max=jnp.max(f), mean=mean, min=mn, best=best, best_kept=best_kept)
 
 
-# Without a progress display, a run records each generation's fitness row and computes the
-# statistics after the scan (the same values: an element-wise batch of the same operations)
-# when the rows hold at most this many values (64 MB of float32): a generation then launches
-# fewer kernels on a GPU (62 -> 55 us per generation on an H200 at H=1000, population 100).
+# Without a progress display, a run that evaluates in full records each generation's fitness
+# row and computes the statistics after the scan (the same values: an element-wise batch of the
+# same operations) when one run's rows hold at most this many values (64 MB of float32; a vmap
+# of runs records that much per run): a generation then launches fewer kernels on a GPU (57
+# against 65 us per generation on an H200 at H=1000, population 100, both with the data closed
+# over; within the spread of ga.run's own row across leases). The incremental scan computes
+# them in the scan.
 RECORD_FITNESS_MAX = 1 << 24
 
 
@@ -245,14 +248,26 @@ def _full_work(config: GAConfig, h: jax.Array, w: jax.Array) -> float:
 # same bits and run time); the incremental run keeps level 2, where it ran 9-70% faster
 # (docs/benchmarks.md). {incremental: options}; :func:`run_program` picks the program.
 RUN_OPTIONS = {False: _compile.LEVEL_1, True: _compile.FAST}
-_RUN_JIT = {inc: _compile.light_jit(_run, options, static_argnums=(0, 1, 2, 3, 4))
-            for inc, options in RUN_OPTIONS.items()}
+
+
+def programs_by_path(fn: Callable, **jit_kwargs) -> dict[bool, _compile.LightJit]:
+  """``{incremental: light_jit(fn, RUN_OPTIONS[incremental])}``: a program that runs the GA
+  compiled with the options of its evaluation path (pick one with :func:`uses_incremental`)."""
+  return {inc: _compile.light_jit(fn, options, **jit_kwargs)
+          for inc, options in RUN_OPTIONS.items()}
+
+
+_RUN_JIT = programs_by_path(_run, static_argnums=(0, 1, 2, 3, 4))
 
 
 def uses_incremental(config: GAConfig, fitness_fn: FitnessFn, num_units: int,
                      mesh: Mesh | None, data: PyTree) -> bool:
-  """Whether :func:`run` scores children incrementally; ``data`` may be abstract
-  (``jax.ShapeDtypeStruct`` leaves: only shapes are read)."""
+  """Whether one run of :func:`run` on ``data`` scores children incrementally.
+
+  ``data`` may be abstract (``jax.ShapeDtypeStruct`` leaves): only the shapes that
+  ``fitness_fn.incremental_data(data)`` returns are read, so that method must only pick arrays
+  out of ``data`` (as the built-in fitness does), not compute.
+  """
   return _incremental_plan(config, fitness_fn, num_units, mesh, data) is not None
 
 

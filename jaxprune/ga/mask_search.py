@@ -63,13 +63,12 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from jaxprune import _compile
 from jaxprune import units as units_lib
 from jaxprune import validate
 from jaxprune.ga.strategy import GAConfig, GAHyperparams, GAResult, check_params
 from jaxprune.ga.strategy import check_penalty, unusable_hyper
-from jaxprune.ga.loop import _DISPLAYS, RUN_OPTIONS, GAProgress, _run, resolve_mesh
-from jaxprune.ga.loop import uses_incremental
+from jaxprune.ga.loop import _DISPLAYS, GAProgress, _run, resolve_mesh
+from jaxprune.ga.loop import programs_by_path, uses_incremental
 from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.ga.fitness import UserFitness
 from jaxprune.ga.fitness import _groups_of
@@ -237,6 +236,4 @@ def _unusable(model, params: PyTree, x, y, sample_weight=None) -> jax.Array:
 
 
 # {incremental: program}, compiled with ga.loop's options for the GA's programs (see there).
-_SEARCH_JIT = {inc: _compile.light_jit(_search_program, options,
-                                       static_argnums=(0, 1, 2, 3, 4, 5))
-               for inc, options in RUN_OPTIONS.items()}
+_SEARCH_JIT = programs_by_path(_search_program, static_argnums=(0, 1, 2, 3, 4, 5))
