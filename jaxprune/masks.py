@@ -24,6 +24,8 @@ import numpy as np
 
 from jaxprune import units as units_lib
 
+groups_of = units_lib.groups_of   # in units: compact and uncompact resolve targets too
+
 PyTree = Any
 
 
@@ -37,22 +39,6 @@ def unit_masks_ones(model_or_groups) -> dict[str, jax.Array]:
   groups = groups_of(model_or_groups, "unit_masks_ones",
                      " For weight masks of params use jaxprune.ones_like(params).")
   return {name: jnp.ones((g.size,), dtype=bool) for name, g in groups.items()}
-
-
-def groups_of(model_or_groups, who: str = "This function",
-              hint: str = "") -> Mapping[str, units_lib.UnitGroup]:
-  """A target's ``groups`` (built-in model or traced), or the groups mapping itself; a
-  TypeError naming ``who`` for anything else (params passed where the model belongs)."""
-  groups = model_or_groups.groups if hasattr(model_or_groups, "groups") else model_or_groups
-  if not isinstance(groups, Mapping):
-    raise TypeError(f"{who} takes a pruning target (a jaxprune model, or jaxprune.trace(fn, "
-                    f"params, x)) or its `groups` dict (name -> UnitGroup), got "
-                    f"{type(model_or_groups).__name__}.{hint}")
-  if not all(isinstance(g, units_lib.UnitGroup) for g in groups.values()):
-    raise TypeError(f"{who} takes a pruning target (a jaxprune model, or jaxprune.trace(fn, "
-                    "params, x)) or its `groups` dict (name -> UnitGroup), not params: pass the "
-                    f"model (or trace your function) first.{hint}")
-  return groups
 
 
 def _is_target(x) -> bool:

@@ -512,12 +512,27 @@ def _axis_keep(leaf_shape: tuple[int, ...], s: Slice, keep: np.ndarray) -> tuple
   return k, np.broadcast_to(keep.reshape(bshape), sub).reshape(-1)
 
 
+def groups_of(model_or_groups, who: str = "This function",
+              hint: str = "") -> Mapping[str, UnitGroup]:
+  """A target's ``groups`` (built-in model or traced), or the groups mapping itself; a
+  TypeError naming ``who`` for anything else (params passed where the model belongs)."""
+  groups = model_or_groups.groups if hasattr(model_or_groups, "groups") else model_or_groups
+  if not isinstance(groups, Mapping):
+    raise TypeError(f"{who} takes a pruning target (a jaxprune model, or jaxprune.trace(fn, "
+                    f"params, x)) or its `groups` dict (name -> UnitGroup), got "
+                    f"{type(model_or_groups).__name__}.{hint}")
+  if not all(isinstance(g, UnitGroup) for g in groups.values()):
+    raise TypeError(f"{who} takes a pruning target (a jaxprune model, or jaxprune.trace(fn, "
+                    "params, x)) or its `groups` dict (name -> UnitGroup), not params: pass the "
+                    f"model (or trace your function) first.{hint}")
+  return groups
+
+
 def _kept_indices(params: PyTree, groups: Mapping[str, UnitGroup],
-                  unit_masks: Mapping[str, Any]) -> dict[Path, dict[int, np.ndarray]]:
+                  unit_masks: Mapping[str, Any], who: str) -> dict[Path, dict[int, np.ndarray]]:
   """For every leaf a group touches: leaf axis -> the indices kept along it (all groups).
   ``groups`` may also be a target (a model or traced target): its ``.groups`` are read."""
-  if not isinstance(groups, Mapping) and isinstance(getattr(groups, "groups", None), Mapping):
-    groups = groups.groups
+  groups = groups_of(groups, who)
   check_mask_keys(groups, unit_masks)
   keeps: dict[Path, dict[int, np.ndarray]] = {}
   for name in groups:
@@ -556,7 +571,7 @@ def compact(params: PyTree, groups: Mapping[str, UnitGroup],
     A new variables dict with the masked units' slices removed.
   """
   out = params
-  for path, axes in _kept_indices(params, groups, unit_masks).items():
+  for path, axes in _kept_indices(params, groups, unit_masks, "compact").items():
     given = get_path(params, path)
     leaf = np.asarray(given)         # cut on the host: an eager jnp.take would
     for axis, idx in axes.items():   # compile a program per leaf shape
@@ -587,7 +602,7 @@ def uncompact(small_params: PyTree, params: PyTree, groups: Mapping[str, UnitGro
     Params shaped like ``params``: uncut leaves from ``small_params``, cut ones scattered back.
   """
   out = small_params
-  for path, axes in _kept_indices(params, groups, unit_masks).items():
+  for path, axes in _kept_indices(params, groups, unit_masks, "uncompact").items():
     given = get_path(small_params, path)
     full = tuple(jnp.shape(get_path(params, path)))
     index = tuple(np.ix_(*[axes.get(a, np.arange(n)) for a, n in enumerate(full)]))

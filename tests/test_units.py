@@ -147,3 +147,10 @@ def test_compact_and_uncompact_take_the_target_as_well_as_its_groups():
   for a, b in zip(jax.tree.leaves(by_target), jax.tree.leaves(by_groups)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert by_target["params"]["hidden_0"]["kernel"].shape == (3, 5)
+  # Params where the target belongs: the error names the function and the fix (it was a
+  # KeyError saying "this model's groups are ['params']").
+  for name, call in (("compact", lambda: jaxprune.compact(params, params, keep)),
+                     ("uncompact", lambda: units.uncompact(small, params, params, keep)),
+                     ("compact", lambda: units.compact(params, [model], keep))):
+    with pytest.raises(TypeError, match=f"^{name} takes a pruning target.*"):
+      call()
