@@ -68,33 +68,13 @@ def variants(config, fit, data, hyper, num_units):
     state, hist = lax.scan(body, S.init(config, num_units), S.generation_keys(key, config))
     return state.hof[0], hist
 
-  def top_k_elite(stats):
-    """The library's body (evaluate, record, breed) with a top_k elite as the hall of fame."""
-    def body(carry, kk):
-      state, pop = carry
-      f = evaluate(pop).astype(jnp.float32)
-      f = jnp.where(jnp.isnan(f), -jnp.inf, f)
-      best, idx = lax.top_k(f, k)
-      state = S.GAState(pop, f, pop[idx], best, state.generation + 1)
-      out = L._stats(state) if stats else best[0]  # pylint: disable=protected-access
-      return (state, S.breed(config, state, hyper, key=kk)), out
-
-    def run(key):
-      keys = S.generation_keys(key, config)
-      pop0 = S.initial_population(config, num_units, key=keys[0])
-      (state, _), hist = lax.scan(body, (S.init(config, num_units), pop0),
-                                  jnp.concatenate([keys[1:], keys[:1]]))
-      return state.hof[0], hist
-
-    return run
-
-  def library_body(record):
-    """The library's body (evaluate, tell, breed) recording ``record(state)`` each generation
-    and nothing else."""
+  def library_body(update, record):
+    """The library's body: ``update(state, population)`` (evaluate, tell), record
+    ``record(state)``, breed the next population."""
     def run(key):
       def body(carry, kk):
         state, pop = carry
-        state = S.tell(config, state, pop, evaluate(pop))
+        state = update(state, pop)
         return (state, S.breed(config, state, hyper, key=kk)), record(state)
 
       keys = S.generation_keys(key, config)
@@ -104,6 +84,19 @@ def variants(config, fit, data, hyper, num_units):
       return state.hof[0], out
 
     return run
+
+  def tell(state, pop):
+    return S.tell(config, state, pop, evaluate(pop))
+
+  def top_k_elite(state, pop):
+    """A top_k elite as the hall of fame (no duplicate check)."""
+    f = evaluate(pop).astype(jnp.float32)
+    f = jnp.where(jnp.isnan(f), -jnp.inf, f)
+    best, idx = lax.top_k(f, k)
+    return S.GAState(pop, f, pop[idx], best, state.generation + 1)
+
+  stats = L._stats  # pylint: disable=protected-access
+  best = lambda state: state.hof_fitness[0]
 
   def eval_only(key):
     pop = S.initial_population(config, num_units, key=key)
@@ -116,10 +109,10 @@ def variants(config, fit, data, hyper, num_units):
 
   return {"ga.run, data as constants": jax.jit(closed_over),
           "ask/tell body (lax.cond)": jax.jit(ask_tell),
-          "statistics in the scan": jax.jit(library_body(L._stats)),  # pylint: disable=protected-access
-          "library body, no statistics": jax.jit(library_body(lambda s: s.hof_fitness[0])),
-          "elite by top_k": jax.jit(top_k_elite(True)),
-          "elite by top_k, no statistics": jax.jit(top_k_elite(False)),
+          "statistics in the scan": jax.jit(library_body(tell, stats)),
+          "library body, no statistics": jax.jit(library_body(tell, best)),
+          "elite by top_k": jax.jit(library_body(top_k_elite, stats)),
+          "elite by top_k, no statistics": jax.jit(library_body(top_k_elite, best)),
           "evaluation only": jax.jit(eval_only)}
 
 
