@@ -24,7 +24,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 (nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())") 2>&1 \
   | tee "$out/env.txt"
-step parts 150 python3 benchmarks/ga_parts.py --hidden 1000 --population 100
+step parts 90 python3 benchmarks/ga_parts.py --hidden 1000 --population 100
 step ga 200 python3 benchmarks/ga.py --hidden 1000 --repeats 3 \
   --populations 100,1000,10000,100000
 step train 120 python3 benchmarks/train.py --loop_runs 2
