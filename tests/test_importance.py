@@ -99,8 +99,11 @@ def test_bad_weights_counts_and_losses_raise(model_params):
   ones = jaxprune.unit_masks_ones(model)
   with pytest.raises(ValueError, match=r"hidden_0/kernel of group 'hidden_0' holds 1 NaN"):
     importance_prune(model, "hidden_0")(bad, ones, 2)
-  with pytest.raises(ValueError, match="whole number of units"):
-    importance_prune(model, "hidden_0")(params, ones, 1.5)
+  for k in (1.5, -1, 6, float("inf"), float("nan"), True, np.ones(2)):
+    with pytest.raises(ValueError, match="whole number of units"):
+      importance_prune(model, "hidden_0")(params, ones, k)
+  for k in (0, 5, 2.0, np.int32(3)):  # whole numbers from 0 to the group's size pass
+    importance_prune(model, "hidden_0")(params, ones, k)
   loss_fn = lambda p: jnp.sum(p["params"]["hidden_0"]["kernel"] ** 2)
   with pytest.raises(ValueError, match=r"hidden_0/kernel of group 'hidden_0' holds 1 NaN"):
     iterative_importance(model, "hidden_0", loss_fn)(bad, ones, 0.1)

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -115,7 +116,7 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
 
   def prune(params, unit_masks, k):
     mask = _common.group_mask(unit_masks, g, groups, params)
-    if _common.is_concrete(k) and not (float(k) == int(k) and 0 <= int(k) <= g.size):
+    if _common.is_concrete(k) and not _whole_in_range(k, g.size):
       raise ValueError(f"k must be a whole number of units between 0 and the group size "
                        f"{g.size}, got {k}.")
     _check_kernels(params, g)
@@ -123,6 +124,17 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
     return params, _common.with_mask(unit_masks, g.name, keep), res
 
   return prune
+
+
+def _whole_in_range(k, size: int) -> bool:
+  """Whether a concrete ``k`` is a whole number of units in ``0 .. size`` (a real scalar:
+  not a bool, NaN or infinity)."""
+  v = np.asarray(k)
+  if v.ndim or v.dtype == bool or not (np.issubdtype(v.dtype, np.integer)
+                                       or np.issubdtype(v.dtype, np.floating)):
+    return False
+  f = float(v)
+  return math.isfinite(f) and f == math.floor(f) and 0 <= f <= size
 
 
 class IterativeReport(NamedTuple):
