@@ -212,7 +212,15 @@ class _Contraction:
   conv: bool
   padded: bool
   out_axes: tuple = ()       # the kernel's leaf axes that are the contraction's outputs
+  padded_why: str = ""       # what makes it padded, in words (Slice.padded_why)
 
+
+# Why a consumer is padded (Slice.padded_why), besides a zero-padded convolution.
+_DILATED_CONV = ("an input-dilated (transposed) convolution, where a constant channel adds less "
+                 "between inputs than at them")
+_RECURRENCE = "a recurrence, which reads the initial state, not the units, at the first step"
+_CHANGES_CONSTANTS = ("an op that does not pass a constant on unchanged (a sum, a zero pad, an "
+                      "average that counts padding, a scaling or an attention-weighted sum)")
 
 _CLOSED_OVER = ("tied to an array fn closes over (not in params); pass per-unit variables such "
                 "as batch statistics in params (linen: the whole variables; nnx: "
@@ -784,8 +792,8 @@ class _Walker:
               padded):
     stream_var = eqn.invars[1 - kernel_pos]
     self.contractions.append(_Contraction(
-        path, leaf, eqn.invars[kernel_pos], stream_var, eqn.outvars[0], conv, padded,
-        tuple(amap[d] for d in producer_axes if amap[d] is not None)))
+        path, leaf, eqn.invars[kernel_pos], stream_var, eqn.outvars[0], conv, bool(padded),
+        tuple(amap[d] for d in producer_axes if amap[d] is not None), padded or ""))
     for axes, role in ((consumer_axes, "consumer"), (producer_axes, "producer")):
       for d in axes:
         if amap[d] is not None:
@@ -853,9 +861,11 @@ class _Walker:
       ksize = [eqn.invars[1].aval.shape[d] for d in spatial]
       # A constant input contributes less where the window meets zeros: padding, or the zeros
       # an input dilation (a transposed conv) inserts between inputs.
+      dilated = any(d != 1 for d in (eqn.params.get("lhs_dilation") or ()))
       padded = any(k > 1 for k in ksize) and (
-          any(tuple(p) != (0, 0) for p in eqn.params["padding"])
-          or any(d != 1 for d in (eqn.params.get("lhs_dilation") or ())))
+          any(tuple(p) != (0, 0) for p in eqn.params["padding"]) or dilated)
+      if padded:
+        padded = _DILATED_CONV if dilated else units_lib.ZERO_PADDED_CONV
       if groups == 1:
         self._record(eqn, path, 1, leaf, amap, (rhs_in,), (cout,), True, padded)
       elif depthwise:
@@ -1859,23 +1869,26 @@ class TracedTarget:
               [math.prod(after)] if after else [])
           view = tuple(leaf_shape[:use.axis] + parts + leaf_shape[use.axis + 1:])
           axis = use.axis + (1 if before else 0)
-        bias, padded, out_axes, max_pooled = None, False, None, False
+        bias, why, out_axes, max_pooled = None, "", None, False
         if use.role == "consumer":
           con = next(c for c in w.contractions if c.path == use.where)
-          bias, padded = self._consumer_bias(con), con.padded
+          bias, why = self._consumer_bias(con), con.padded_why
           out_axes = self._bias_ordered(con)
           # A recurrent reader sees the initial state at the first step, not the units' values:
           # a constant unit's contribution does not fold into its bias exactly either.
-          padded = padded or w.reads_carry(con.path[:-1], con.stream_var)
+          if not why and w.reads_carry(con.path[:-1], con.stream_var):
+            why = _RECURRENCE
           # What it reads must carry a constant unit as that constant (not a sum of it), and
           # for linear folds a linear combination of units as that combination (not a max).
           reads = ("ok" if site.act_var is None
                    else w.reads(site.scope, site.act_var, con, site.root))
-          padded = padded or reads not in ("ok", "max")
+          if not why and reads not in ("ok", "max"):
+            why = _CHANGES_CONSTANTS
           max_pooled = reads == "max"
         slices.append(units_lib.Slice(an.leaf_paths[use.leaf], axis, use.role, view=view,
-                                      bias=bias, padded=padded, kind=use.kind, segment=segment,
-                                      out_axes=out_axes, max_pooled=max_pooled))
+                                      bias=bias, padded=bool(why), kind=use.kind,
+                                      segment=segment, out_axes=out_axes,
+                                      max_pooled=max_pooled, padded_why=why or None))
       groups[site.name] = units_lib.UnitGroup(site.name, self._size(site.root), tuple(slices),
                                               activation=site.activation, kind=site.kind,
                                               act_of_bias=site.plain)

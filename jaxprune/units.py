@@ -39,6 +39,9 @@ ACTIVATIONS = ("sigmoid", "tanh", "relu", "linear", "other")
 # What a slice is: a kernel (weights contracted with activations), a bias added to a kernel's
 # output, or a normalisation's scale, shift or statistic (running mean and variance).
 SLICE_KINDS = ("kernel", "bias", "scale", "shift", "stat")
+# A padded consumer's reason (Slice.padded_why) for a zero-padded convolution.
+ZERO_PADDED_CONV = ("a zero-padded ('SAME') convolution, where a constant channel adds less at "
+                    "the borders than elsewhere")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,9 @@ class Slice:
       step), or a reader through an op that changes a constant (a sum, a zero pad, an
       average counting padding, a scaling), so folding it into a bias is not exact (see
       ``UnitGroup.exact_constant_fold``).
+    padded_why: for a padded consumer, what it reads the units through, in words, for the
+      errors that refuse a fold (``trace`` records it; the built-in models say "a zero-padded
+      ('SAME') convolution"). None: the errors list every possible cause. Not compared.
     kind: what the slice is: ``'kernel'`` (weights contracted with activations: a producer's
       columns or a consumer's rows), ``'bias'`` (added to the producer kernel's output),
       ``'scale'``, ``'shift'`` or ``'stat'`` (a normalisation's scale, shift, or running
@@ -89,6 +95,7 @@ class Slice:
   max_pooled: bool = False
   # Compared: groups are cache keys of the jitted pruners, and the axes decide the fold.
   out_axes: tuple[int, ...] | None = None
+  padded_why: str | None = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
     if self.role not in ("producer", "consumer"):

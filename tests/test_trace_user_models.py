@@ -684,6 +684,34 @@ def test_transposed_conv_with_a_flipped_kernel_is_a_producer():
   _compact_equals_masked(t, p, _arr(5, 4, 4, 2), m.apply, {"up": [1]})
 
 
+@pytest.mark.parametrize("reader,why", [
+    (lambda: nn.Conv(3, (3, 3), padding="SAME", name="next"),
+     r"its consumer params/next/kernel reads it through a zero-padded \('SAME'\) convolution"),
+    (lambda: nn.ConvTranspose(3, (3, 3), strides=(2, 2), padding="VALID", name="next"),
+     r"its consumer params/next/kernel reads it through an input-dilated \(transposed\) "
+     r"convolution"),
+])
+def test_refused_folds_name_the_reader_and_what_it_is(reader, why):
+  """A fold that cannot be exact is refused with the consumer that stops it and why, not a list
+  of every possible cause."""
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(4, (1, 1), name="c")(x))
+      h = reader()(h)
+      return nn.Dense(2)(h.reshape(h.shape[0], -1))
+
+  x = _arr(2, 5, 5, 2)
+  m = M()
+  p = m.init(jax.random.key(1), x)
+  t = jaxprune.trace(m.apply, p, x)
+  for make in (lambda: jaxprune.distinctiveness(t, "c"),
+               lambda: jaxprune.group_redundancy(t, "c")):
+    with pytest.raises(ValueError, match=why) as e:
+      make()
+    assert "recurrence" not in str(e.value)
+
+
 def test_dropout_mask_from_a_fixed_key_at_another_batch_size_says_why():
   class M(nn.Module):
     @nn.compact

@@ -17,7 +17,7 @@ from typing import Mapping
 import flax.linen as nn
 
 from jaxprune.models.base import Model, activation_fn
-from jaxprune.units import Slice, UnitGroup
+from jaxprune.units import ZERO_PADDED_CONV, Slice, UnitGroup
 
 
 class _MLPModule(nn.Module):
@@ -66,7 +66,8 @@ def dense_chain_groups(layer_names: tuple[str, ...], sizes: tuple[int, ...],
             Slice(("params", nxt, "kernel"),
                   axis=1 if view else (2 if conv and name not in dense_consumers else 0),
                   role="consumer", view=view, bias=("params", nxt, "bias"),
-                  padded=name in padded_consumers, max_pooled=name in max_pooled),
+                  padded=name in padded_consumers, max_pooled=name in max_pooled,
+                  padded_why=ZERO_PADDED_CONV if name in padded_consumers else None),
         ))
   return groups
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxprune import validate
 from jaxprune.models.base import ACT_SUFFIX, Model
-from jaxprune.units import Slice, UnitGroup, get_path
+from jaxprune.units import ZERO_PADDED_CONV, Slice, UnitGroup, get_path
 
 PyTree = Any
 
@@ -182,7 +182,7 @@ class ResNet18(Model):
               # conv2 (3x3, zero-padded) has no bias (batch norm follows), so nothing can be
               # folded into it.
               Slice(("params", name, "conv2", "kernel"), axis=2, role="consumer", bias=None,
-                    padded=True),
+                    padded=True, padded_why=ZERO_PADDED_CONV),
           ))
     return groups
 

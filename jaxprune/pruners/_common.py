@@ -52,6 +52,15 @@ def fold_obstacle(group: units_lib.UnitGroup, *, linear: bool = False) -> str | 
   if any(s.bias is None for s in group.consumers):
     return "its consumer has no bias"
   if not group.exact_constant_fold:
+    padded = [s for s in group.consumers if s.padded]
+    if padded and all(s.padded_why for s in padded):  # what each reader is, where known
+      by_why = {}
+      for s in padded:
+        by_why.setdefault(s.padded_why, []).append("/".join(map(str, s.path)))
+      return "; ".join(
+          (f"its consumer {paths[0]} reads" if len(paths) == 1 else
+           f"its consumers {', '.join(paths)} read") + f" it through {why}"
+          for why, paths in by_why.items())
     return ("it is read by a zero-padded ('SAME') or input-dilated (transposed) convolution, "
             "where a constant channel contributes less at the borders, or between inputs, than "
             "elsewhere; by a recurrence, which reads the initial state at the first step; or "
