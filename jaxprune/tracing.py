@@ -1895,14 +1895,29 @@ class TracedTarget:
     return groups
 
   def _consumer_bias_leaf(self, con):
+    """The params leaf added to the contraction's output, when it holds a value per output (an
+    axis for each of the kernel's output axes longer than 1), so that a unit's per-output
+    contribution can be folded into it; None otherwise (a scalar offset, or a bias shared
+    across heads, cannot hold it)."""
     w = self._an.walker
     out = w.through_layout(con.out_var)
     users = w.users.get(out, [])
     if len(users) == 1 and users[0][1].primitive.name == "add":
       for v in users[0][1].invars:
         if v is not out and not isinstance(v, jex.core.Literal) and v in w.origin:
-          return w.origin[v][0]
+          leaf = w.origin[v][0]
+          bias_keys = {self._atom_key(leaf, d) for d in range(len(w.invar_atoms[leaf]))}
+          if all(not k or k in bias_keys
+                 for k in (self._atom_key(con.kernel, a) for a in con.out_axes)):
+            return leaf
+          return None
     return None
+
+  def _atom_key(self, leaf, axis):
+    """The atoms (longer than 1) of ``leaf``'s ``axis``: equal for axes of one extent."""
+    w = self._an.walker
+    A = w.atoms
+    return tuple(A.find(a) for a in A.expand(w.invar_atoms[leaf][axis]) if A.size[a] > 1)
 
   def _consumer_bias(self, con):
     leaf = self._consumer_bias_leaf(con)
@@ -1920,14 +1935,10 @@ class TracedTarget:
 
   def _bias_order(self, con):
     w = self._an.walker
-    A = w.atoms
     leaf = self._consumer_bias_leaf(con)
     if leaf is None or len(con.out_axes) < 2:
       return con.out_axes
-
-    def key(lf, axis):
-      return tuple(A.find(a) for a in A.expand(w.invar_atoms[lf][axis]) if A.size[a] > 1)
-
+    key = self._atom_key
     bias_keys = [key(leaf, d) for d in range(len(w.invar_atoms[leaf]))]
     bias_keys = [k for k in bias_keys if k]
     pos = {}

@@ -691,8 +691,11 @@ def bias_contribution(constants: jax.Array, view: jax.Array, bias_shape, s: Slic
         keep.append(i)
         j -= 1
     keep = keep[::-1]
-  # size-1 axes broadcast (a Dense(1) head's (1,) bias): compare without them on both sides
-  if [contrib.shape[i] for i in keep if contrib.shape[i] != 1] != want:
+  # size-1 axes broadcast (a Dense(1) head's (1,) bias): compare without them on both sides;
+  # the last axis is an output (outputs last), so a bias without it (a scalar) cannot hold it
+  last_out = s is None or s.out_axes is None
+  if [contrib.shape[i] for i in keep if contrib.shape[i] != 1] != want or (
+      last_out and contrib.ndim and contrib.shape[-1] != 1 and contrib.ndim - 1 not in keep):
     raise ValueError(f"A consumer's bias of shape {bias_shape} does not match the output axes "
                      f"of its kernel's unit rows {tuple(contrib.shape)}, so constants cannot be "
                      "folded into it; pass constants=False.")

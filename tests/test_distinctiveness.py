@@ -860,7 +860,8 @@ def test_bias_folds_refused_where_they_cannot_be_exact():
     distinctiveness(cnn, "conv_1")
   with pytest.raises(ValueError, match="Pass constants=False, compensate=False"):
     distinctiveness(cnn, "conv_2", compensate=True)
-  with pytest.raises(ValueError, match="consumer has no bias"):
+  with pytest.raises(ValueError, match=r"its consumer params/layer1_0/conv2/kernel adds no "
+                     "bias with a value for each of its outputs"):
     jaxprune.weight_distinctiveness(jaxprune.ResNet18(input_shape=(32, 32, 3)), "layer1_0")
   # Merging and complementary removal stay available there; VALID-read groups fold as usual.
   distinctiveness(cnn, "conv_1", constants=False)

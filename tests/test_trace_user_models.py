@@ -712,6 +712,51 @@ def test_refused_folds_name_the_reader_and_what_it_is(reader, why):
     assert "recurrence" not in str(e.value)
 
 
+@pytest.mark.parametrize("case", ["scalar offset", "bias shared by heads", "(1, C) bias",
+                                  "one output, scalar bias"])
+def test_only_a_bias_with_a_value_per_output_takes_folded_constants(case):
+  """A params value added after the consumer is its bias only when it holds a value for each
+  output: a shared scalar offset, or one bias shared by every head, cannot take a removed
+  unit's per-output contribution (it was folded into them, moving the outputs by 0.85), so
+  folds are refused up front; a (1, C) bias, or a scalar for a single output, takes them
+  exactly."""
+  rng = np.random.default_rng(0)
+  outs = 1 if case == "one output, scalar bias" else 4
+  p = {"w1": rng.normal(size=(6, 10)).astype(np.float32), "b1": np.zeros(10, np.float32)}
+  p["w1"][:, 2], p["b1"][2] = 0.0, 0.7                  # unit 2 is constant: tanh(0.7)
+  if case == "bias shared by heads":
+    p["w2"] = rng.normal(size=(10, 3, outs)).astype(np.float32)
+    p["c"] = np.full((outs,), 0.3, np.float32)
+    head = lambda p, h: jnp.einsum("bu,uho->bho", h, p["w2"]) + p["c"]
+  else:
+    p["w2"] = rng.normal(size=(10, outs)).astype(np.float32)
+    p["c"] = np.full((1, outs) if case == "(1, C) bias" else (), 0.3, np.float32)
+    head = lambda p, h: h @ p["w2"] + p["c"]
+
+  def f(p, x):
+    return jnp.tanh(head(p, jnp.tanh(x @ p["w1"] + p["b1"])))
+
+  x = _arr(60, 6)
+  t = jaxprune.trace(f, p, x)
+  um = jaxprune.unit_masks_ones(t)
+  acts = t.activations(p, x, "w1")
+  exact = case in ("(1, C) bias", "one output, scalar bias")
+  assert t.groups["w1"].exact_constant_fold == exact
+  if not exact:
+    for make in (lambda: jaxprune.distinctiveness(t, "w1"),
+                 lambda: jaxprune.group_redundancy(t, "w1")):
+      with pytest.raises(ValueError, match="its consumer w2 adds no bias with a value for each"):
+        make()
+    return
+  new, um2, _ = jaxprune.distinctiveness(t, "w1", similar=False, complementary=False)(
+      p, um, acts)
+  assert np.flatnonzero(~np.asarray(um2["w1"])).tolist() == [2]
+  np.testing.assert_allclose(f(new, x), f(p, x), atol=1e-6)
+  new, um3, _ = jaxprune.group_redundancy(t, "w1")(p, um, acts, 1e-4)
+  assert not bool(um3["w1"][2])
+  np.testing.assert_allclose(f(new, x), f(p, x), atol=1e-5)
+
+
 def test_dropout_mask_from_a_fixed_key_at_another_batch_size_says_why():
   class M(nn.Module):
     @nn.compact

@@ -49,8 +49,10 @@ def check_activations_complete(target, name: str) -> None:
 def fold_obstacle(group: units_lib.UnitGroup, *, linear: bool = False) -> str | None:
   """Why a removed unit's constant (``linear``: also its weights, moved onto other units)
   cannot be folded into the next bias exactly here, or None when it can."""
-  if any(s.bias is None for s in group.consumers):
-    return "its consumer has no bias"
+  no_bias = [s for s in group.consumers if s.bias is None]
+  if no_bias:
+    return (f"its consumer {'/'.join(map(str, no_bias[0].path))} adds no bias with a value for "
+            "each of its outputs")
   if not group.exact_constant_fold:
     padded = [s for s in group.consumers if s.padded]
     if padded and all(s.padded_why for s in padded):  # what each reader is, where known
