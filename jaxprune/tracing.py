@@ -604,7 +604,9 @@ class _Walker:
       dim = eqn.params["dimension"]
       out = list(self._same_except(ins, out_shapes, {dim}, "concatenate")[0])
       c = A.new(out_shapes[0][dim])
-      self.concat[c] = [tuple(x[dim]) for x in ins]
+      # Zero-width pieces hold nothing (jnp.pad's 'edge' mode concatenates some).
+      self.concat[c] = [tuple(x[dim]) for x, v in zip(ins, eqn.invars)
+                        if v.aval.shape[dim] > 0]
       out[dim] = (c,)
       return [tuple(out)]
 

@@ -757,6 +757,33 @@ def test_only_a_bias_with_a_value_per_output_takes_folded_constants(case):
   np.testing.assert_allclose(f(new, x), f(p, x), atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["edge", "reflect", "wrap", "constant"])
+def test_padding_modes_between_layers_trace(mode):
+  """jnp.pad's 'edge' mode concatenates zero-width pieces (slices of every axis broadcast to
+  size 0), which made trace fail with an IndexError. They hold nothing and are skipped; the
+  slices of the units that feed them still leave the group unprunable (explained), while the
+  other modes give a group whose compacted network computes the masked one's outputs."""
+  rng = np.random.default_rng(0)
+  p = {"w1": rng.normal(size=(4, 6)).astype(np.float32), "b1": np.zeros(6, np.float32),
+       "w2": rng.normal(size=(6, 3)).astype(np.float32)}
+
+  def f(p, x):
+    h = jnp.tanh(x @ p["w1"] + p["b1"])
+    return (jnp.pad(h, ((0, 0), (1, 1), (0, 0)), mode=mode) @ p["w2"]).mean(1)
+
+  x = _arr(5, 7, 4)
+  t = jaxprune.trace(f, p, x)
+  if mode == "edge":
+    assert "w1" not in t.groups
+    assert "w1 (4, 6): axis 0 -> not prunable" in t.explain()
+    return
+  assert t.groups["w1"].size == 6
+  um = {"w1": np.array([1, 0, 1, 1, 0, 1], bool)}
+  small, st = t.compact(p, um)
+  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+  np.testing.assert_allclose(st.apply(small, x), f(masked, x), atol=1e-5)
+
+
 def test_dropout_mask_from_a_fixed_key_at_another_batch_size_says_why():
   class M(nn.Module):
     @nn.compact
