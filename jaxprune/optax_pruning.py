@@ -945,12 +945,34 @@ def _params_only(group: units_lib.UnitGroup) -> units_lib.UnitGroup:
   return dataclasses.replace(group, slices=slices)
 
 
+def _without_stats(group: units_lib.UnitGroup) -> units_lib.UnitGroup:
+  """``group`` without its running-statistics slices (kind ``'stat'``), for an optimizer that
+  sees only the trainable variables of a tree that also held them: ``nnx.Optimizer(...,
+  wrt=nnx.Param)`` on a target traced from the whole ``nnx.State`` (BatchStat included)."""
+  slices = tuple(s for s in group.slices if s.kind != "stat")
+  if len(slices) == len(group.slices) or not slices:
+    return group
+  return dataclasses.replace(group, slices=slices)
+
+
+def _variants(group: units_lib.UnitGroup):
+  """``(wrap, unwrap, group)`` for each tree a step pruner may be given: the tree the group's
+  paths are rooted in; a flax ``variables['params']`` (wrapped back under ``'params'``, the
+  group's other collections dropped); the trainable variables alone (its statistics dropped)."""
+  same = lambda t: t
+  return ((same, same, group),
+          (lambda t: {"params": t} if isinstance(t, Mapping) else None, lambda t: t["params"],
+           _params_only(group)),
+          (same, same, _without_stats(group)))
+
+
 def _rooted(params, group: units_lib.UnitGroup):
-  """(tree the group's paths resolve in, unwrap, the group as it applies there). The optimizer
-  of a flax model often sees ``variables['params']`` while jaxprune groups are rooted at the
-  variables dict (and may hold slices of other collections). (A target traced on an nnx
-  ``State`` also reads the plain arrays ``nnx.Optimizer`` passes: ``units.get_path``.)"""
+  """(tree the group's paths resolve in, unwrap, the group as it applies there), from
+  :func:`_variants`. (A target traced on an nnx ``State`` also reads the plain arrays
+  ``nnx.Optimizer`` passes: ``units.get_path``.)"""
   def resolves(tree, g):
+    if tree is None:
+      return False
     try:
       for s in g.slices:
         units_lib.get_path(tree, s.path)
@@ -958,23 +980,23 @@ def _rooted(params, group: units_lib.UnitGroup):
     except KeyError:
       return False
 
-  if resolves(params, group):
-    return params, lambda t: t, group
-  inner = _params_only(group)
-  if isinstance(params, Mapping) and resolves({"params": params}, inner):
-    return {"params": params}, lambda t: t["params"], inner
+  for wrap, unwrap, used in _variants(group):
+    tree = wrap(params)
+    if resolves(tree, used):
+      return tree, unwrap, used
   raise ValueError(f"The params do not hold the slices of unit group {group.name!r} "
                    f"({[units_lib.path_str(s.path) for s in group.slices]}); pass the params of the model "
-                   "whose groups these are (the variables dict or its 'params' collection).")
+                   "whose groups these are (the variables dict, its 'params' collection, or an "
+                   "nnx model's Param state).")
 
 
 def _per_variant(group: units_lib.UnitGroup, make):
-  """``make(group)`` for the group as given and for its ``'params'``-collection part, by the
-  group :func:`_rooted` returns (built once each, so each compiles once)."""
-  inner = _params_only(group)
-  built = {group: make(group)}
-  if inner != group:
-    built[inner] = make(inner)
+  """``make(group)`` for each variant of the group (:func:`_variants`), by the group
+  :func:`_rooted` returns (built once each, so each compiles once)."""
+  built = {}
+  for _, _, used in _variants(group):
+    if used not in built:
+      built[used] = make(used)
   return lambda used: built[used]
 
 

@@ -661,6 +661,52 @@ def test_structured_pruners_in_nnx_optimizer_traced_on_state_or_pure_dict(kind):
   assert np.all(k1_state[:, ~m_state] == 0) and np.all(k2_state[~m_state] == 0)
 
 
+@pytest.mark.parametrize("kind", ["importance", "distinctiveness"])
+def test_structured_pruners_in_nnx_optimizer_with_batch_norm(kind):
+  """A target traced on the whole nnx State (BatchStat included, as docs/any-model.md asks)
+  holds the running statistics' slices, which nnx.Optimizer(wrt=nnx.Param) does not hand the
+  transformation: the step pruners drop them (a removed unit's statistics are not read once
+  its scale and shift are zero) instead of failing with 'the params do not hold the slices'."""
+  class CNN(nnx.Module):
+    def __init__(self, rngs):
+      self.c1 = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+      self.bn1 = nnx.BatchNorm(8, rngs=rngs)
+      self.l1 = nnx.Linear(8 * 36, 3, rngs=rngs)
+
+    def __call__(self, x):
+      h = nnx.relu(self.bn1(self.c1(x)))
+      return self.l1(h.reshape(h.shape[0], -1))
+
+  x = jax.random.normal(jax.random.key(0), (8, 6, 6, 3))
+  y = jnp.arange(8) % 3
+  net = CNN(nnx.Rngs(0))
+  net.eval()
+  if kind == "distinctiveness":   # filter 5 a copy of filter 1: a similar pair to merge
+    kernel, bias = net.c1.kernel.get_value(), net.c1.bias.get_value()
+    net.c1.kernel.set_value(kernel.at[..., 5].set(kernel[..., 1]))
+    net.c1.bias.set_value(bias.at[5].set(bias[1]))
+  graph, state = nnx.split(net)
+  target = jaxprune.trace(lambda s, x: nnx.merge(graph, s)(x), state, x)
+  assert {s.kind for s in target.groups["c1"].slices} >= {"stat", "scale", "shift"}
+  if kind == "importance":
+    tx = jaxprune.gradual(optax.adam(1e-2), sparsity=0.5, begin_step=0, end_step=4,
+                          frequency=2, pruner=jaxprune.importance_pruner(target, "c1"))
+  else:
+    tx = jaxprune.scheduled(optax.sgd(0.0), jaxprune.distinctiveness_pruner(
+        target, "c1", source="incoming", constants=False), begin_step=0, frequency=2)
+  opt = nnx.Optimizer(net, tx, wrt=nnx.Param)
+  loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+  for _ in range(5):
+    opt.update(net, nnx.grad(loss)(net))
+  keep = np.asarray(jaxprune.unit_masks_of(opt.opt_state)["c1"])
+  if kind == "distinctiveness":
+    assert keep[1] and not keep[5]
+  else:
+    assert keep.sum() == 4
+  for leaf in (net.c1.kernel, net.c1.bias, net.bn1.scale, net.bn1.bias):
+    assert np.all(np.asarray(leaf.get_value())[..., ~keep] == 0)
+
+
 def test_schedule_optimizer_and_block_settings_are_checked_up_front():
   p = {"w": jnp.arange(1., 17.).reshape(4, 4)}
   for power in (0, -1, float("nan")):
