@@ -173,6 +173,73 @@ def test_deep_model_general_path_search():
   assert float(res.fitness) == pytest.approx(acc) == pytest.approx(100 * float(res.accuracy))
 
 
+def _tanh_hidden(p, x):
+  return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+
+
+# Readouts of traced functions whose bias is not a (C,) vector: name -> (b2's shape, scale, fn).
+# A scalar does not change which class is largest except by rounding: at 5e7 the logits are
+# rounded to multiples of 4, so ties decide many patterns and a fast path that left it out (or
+# crashed on it) is seen.
+_READOUT_BIASES = {
+    "vector": ((4,), 2.0, lambda p, x: _tanh_hidden(p, x) + p["b2"]),
+    "row": ((1, 4), 2.0, lambda p, x: _tanh_hidden(p, x) + p["b2"]),
+    "scalar": ((), 1e8, lambda p, x: _tanh_hidden(p, x) + p["b2"]),
+    "column_transposed": ((4, 1), 2.0, lambda p, x: _tanh_hidden(p, x) + p["b2"].T),
+    "row_of_a_matrix": ((2, 4), 2.0, lambda p, x: _tanh_hidden(p, x) + p["b2"][1]),
+    "flipped": ((4,), 2.0, lambda p, x: _tanh_hidden(p, x) + p["b2"][::-1]),
+    "per_pattern": ((60, 4), 2.0, lambda p, x: _tanh_hidden(p, x) + p["b2"]),
+    "none": ((4,), 2.0, _tanh_hidden),
+}
+
+
+@pytest.mark.parametrize("case,incremental",
+                         [(c, True) for c in sorted(_READOUT_BIASES)]
+                         + [(c, False) for c in ("per_pattern", "row", "scalar")])
+def test_readout_bias_of_any_shape_scores_as_the_function(case, incremental):
+  """A traced function's readout bias of shape (1, C), () or (C, 1).T (it crashed the fast path,
+  or was left out), a row of a larger leaf, a flipped vector (the trace records no bias: it was
+  left out) or a per-pattern (N, C) array: the GA's fast path
+  (full and incremental evaluation) scores the best mask as the function with the pruned units'
+  outgoing weights zeroed does."""
+  shape, scale, fn = _READOUT_BIASES[case]
+  rng = np.random.default_rng(0)
+  params = {"w1": jnp.asarray(rng.normal(size=(6, 10)), jnp.float32), "b1": jnp.zeros(10),
+            "w2": jnp.asarray(rng.normal(size=(10, 4)), jnp.float32),
+            "b2": jnp.asarray(scale * rng.normal(size=shape), jnp.float32)}
+  x = jax.random.normal(jax.random.key(0), (60, 6))
+  y = jnp.arange(60) % 4
+  t = jaxprune.trace(fn, params, x)
+  assert ga.make_fitness(t, "w1").fast
+  res = ga.search(t, params, x, y, "w1", key=jax.random.key(3), fitness="accuracy",
+                  config=ga.GAConfig(population_size=16, generations=3), progress=False,
+                  incremental=incremental)
+  pruned = {**params, "w2": params["w2"] * res.mask[:, None]}
+  direct = float(jnp.mean(jnp.argmax(fn(pruned, x), -1) == y))
+  masked = jaxprune.apply_masks(params, jaxprune.expand(params, t, {"w1": res.mask}))
+  assert float(jnp.mean(jnp.argmax(t.apply(masked, x), -1) == y)) == direct
+  assert float(res.fitness) == pytest.approx(100 * direct)       # the fast path's score
+  assert float(res.accuracy) == pytest.approx(direct)            # the general path's
+
+
+def test_readout_bias_brings_a_recorded_bias_to_one_value_per_output():
+  """A bias leaf recorded on the readout slice is broadcast (one value) or reshaped (C values
+  along one axis) to (C,); any other shape is read from the function, pattern by pattern."""
+  fn = lambda p, x: x @ p["w"] + p["b"]
+  x = jnp.arange(6.0).reshape(2, 3)
+  target = jaxprune.trace(fn, {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}, x)
+  s = jaxprune.units.Slice(("w",), axis=0, role="consumer", bias=("b",))
+  fitness = importlib.import_module("jaxprune.ga.fitness")
+  for b, want in [(jnp.float32(3.0), np.full(4, 3.0)), (jnp.full((1, 1), 2.0), np.full(4, 2.0)),
+                  (jnp.arange(4.0)[None], np.arange(4.0)), (jnp.arange(4.0)[:, None],
+                                                            np.arange(4.0))]:
+    got = fitness.readout_bias(target, {"w": jnp.ones((3, 4)), "b": b}, x, s, 4)
+    np.testing.assert_array_equal(got, want)
+  per_pattern = jnp.arange(8.0).reshape(2, 4)
+  got = fitness.readout_bias(target, {"w": jnp.ones((3, 4)), "b": per_pattern}, x, s, 4)
+  np.testing.assert_array_equal(got, per_pattern)
+
+
 # ----------------------------------------------------------------------------- the run
 
 

@@ -48,6 +48,32 @@ def readout_slice(target, group: str):
   return readout(group) if readout is not None else None
 
 
+def readout_bias(target, params: PyTree, x: jax.Array, s, outputs: int) -> jax.Array:
+  """What the readout adds to ``H @ W`` (the fast path's ``b``), as the target's function adds
+  it: (outputs,) when it is the same for every pattern, else (N, outputs).
+
+  ``s`` is the group's readout slice (:func:`readout_slice`). A bias leaf recorded on it
+  (``s.bias``: its output axis matched to the kernel's, see ``units.Slice``) is brought to
+  (outputs,): a leaf of one value (a scalar, a (1, 1) bias) is broadcast to every output, one
+  of ``outputs`` values along one axis (a (1, C) bias, a (C, 1) bias transposed) is reshaped.
+  Anything else (no bias recorded although the function may add one: a scalar the trace
+  does not record, a flipped or indexed vector; a leaf of another shape: a per-pattern
+  (N, C) "bias", a row of a larger leaf) is read from the function itself: its output with the
+  readout kernel zeroed is exactly what it adds, ``0 + B``, pattern by pattern (one forward
+  pass; a readout without bias gives zeros).
+  """
+  if s.bias is not None:
+    leaf = jnp.asarray(units_lib.get_path(params, s.bias))
+    if leaf.size == 1:
+      return jnp.broadcast_to(leaf.reshape(()), (outputs,))
+    if [d for d in leaf.shape if d != 1] == [outputs]:
+      return leaf.reshape(outputs)
+  kernel = units_lib.get_path(params, s.path)
+  zeroed = units_lib.set_path(params, s.path, jnp.zeros_like(kernel))
+  b = jnp.asarray(target.apply(zeroed, x))
+  return b.reshape(b.shape[0], -1)
+
+
 def fast_path_applies(target, group: str) -> bool:
   """True if :func:`readout_slice` finds the one-product fast path for ``group``."""
   return readout_slice(target, group) is not None
@@ -99,7 +125,8 @@ class AccuracyFitness:
   added in one fixed order, so the incremental evaluation gives the same floats as the full
   one. ``fast=True`` scores the population
   from activations computed once (see :func:`fast_path_applies`), as one matrix product
-  ``H @ W_all`` with ``W_all[:, p*O:(p+1)*O] = mask[p][:, None] * W_out``; ``fast=False`` runs
+  ``H @ W_all`` with ``W_all[:, p*O:(p+1)*O] = mask[p][:, None] * W_out``, plus the readout's
+  bias as the function adds it (:func:`readout_bias`); ``fast=False`` runs
   the full masked forward pass for each individual (``vmap``). On the fast path,
   ``incremental`` lets :func:`run` score children from their parents' logits
   (:mod:`jaxprune.ga.incremental`): ``'auto'`` (the default) on CPU, from
@@ -152,10 +179,9 @@ class AccuracyFitness:
     s = readout_slice(self.model, self.group)
     h = self.model.activations(params, x, self.group)
     w = units_lib.unit_view(units_lib.get_path(params, s.path), s)      # (units, outputs)
-    b = (units_lib.get_path(params, s.bias) if s.bias is not None
-         else jnp.zeros((w.shape[-1],), w.dtype))
-    return {"h": h.reshape(h.shape[0], -1), "w": w.reshape(w.shape[0], -1), "b": b, "y": y,
-            **extra}
+    w = w.reshape(w.shape[0], -1)
+    return {"h": h.reshape(h.shape[0], -1), "w": w,
+            "b": readout_bias(self.model, params, x, s, w.shape[-1]), "y": y, **extra}
 
   def accuracy(self, population: jax.Array, data: PyTree) -> jax.Array:
     """(P,) training accuracy in percent of each mask of the population."""
@@ -164,7 +190,9 @@ class AccuracyFitness:
       h, w, b = data["h"], data["w"], data["b"]
       p, (u, o) = population.shape[0], w.shape
       w_all = population.T.astype(w.dtype)[:, :, None] * w[:, None, :]   # (U, P, O)
-      logits = (h @ w_all.reshape(u, p * o)).reshape(h.shape[0], p, o) + b[None, None, :]
+      # b: (O,) the same for every pattern, or (N, O) (see readout_bias)
+      logits = (h @ w_all.reshape(u, p * o)).reshape(h.shape[0], p, o) + (
+          b[None, None, :] if b.ndim == 1 else b[:, None, :])
       correct = jnp.argmax(logits, axis=-1) == y[:, None]                 # (N, P)
       return weighted_percent(correct, data.get("sample_weight"))
 

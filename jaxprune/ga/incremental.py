@@ -228,7 +228,7 @@ class _Arrays(NamedTuple):
 
   ht: jax.Array    # (U, N) activations, one row per unit
   w: jax.Array     # (U, O) output kernel
-  b: jax.Array     # (O,) output bias
+  b: jax.Array     # (O,) output bias, or (N, O) where it varies per pattern
   y: jax.Array     # (N,) labels
   live: jax.Array  # (U, N) 1.0 where the activation is nonzero, else 0.0
   any_off: bool    # ReLU units: zeros are common, each product also counts the live units
@@ -238,12 +238,12 @@ class _Arrays(NamedTuple):
 def arrays(h: jax.Array, w: jax.Array, b: jax.Array, y: jax.Array,
            activation: str | None = None) -> _Arrays:
   """The fast path's arrays from (N, U) activations ``h``, the (U, O) output kernel ``w``,
-  the (O,) bias ``b`` and the (N,) labels ``y``. ``activation`` (the units' nonlinearity, if
-  known): ``'relu'`` units are often exactly 0, so every product also counts the live units
-  (carried along the deltas); for any other the count carried is the number of kept units,
-  and in a run whose activations hold an exact 0 anywhere (``tanh(0)``, a sigmoid below
-  about -104 in float32, a linear unit) each generation counts them from the bits instead
-  (:func:`live_counts`)."""
+  the (O,) bias ``b`` ((N, O) where it varies per pattern) and the (N,) labels ``y``.
+  ``activation`` (the units' nonlinearity, if known): ``'relu'`` units are often exactly 0,
+  so every product also counts the live units (carried along the deltas); for any other the
+  count carried is the number of kept units, and in a run whose activations hold an exact 0
+  anywhere (``tanh(0)``, a sigmoid below about -104 in float32, a linear unit) each
+  generation counts them from the bits instead (:func:`live_counts`)."""
   ht = h.reshape(h.shape[0], -1).T
   relu = activation == "relu"
   return _Arrays(ht, w, b, y, (ht != 0).astype(ht.dtype), relu,
@@ -294,8 +294,9 @@ def full_logits(arr: _Arrays, population: jax.Array) -> jax.Array:
 def accuracy_from_logits(b: jax.Array, y: jax.Array, z: jax.Array,
                          live: jax.Array | None = None,
                          sample_weight: jax.Array | None = None) -> jax.Array:
-  """(Q,) accuracy in percent from (Q, O, N) logits ``z`` (without the bias ``b``); with
-  ``sample_weight`` (N,), the weighted accuracy, summed as the full evaluation sums it.
+  """(Q,) accuracy in percent from (Q, O, N) logits ``z`` (without the bias ``b``: (O,), or
+  (N, O) where it varies per pattern); with ``sample_weight`` (N,), the weighted accuracy,
+  summed as the full evaluation sums it.
 
   ``live`` (Q, N): the count of each individual's live units per pattern; where it is 0 the
   logits are taken as exactly 0, as the full product computes them (a sum of exact zeros),
@@ -305,7 +306,8 @@ def accuracy_from_logits(b: jax.Array, y: jax.Array, z: jax.Array,
   """
   if live is not None:
     z = jnp.where((live == 0)[:, None, :], jnp.zeros((), z.dtype), z)
-  logits = z + b[None, :, None]                                            # (Q, O, N)
+  # b: (O,) the same for every pattern, or (N, O) (see fitness.readout_bias)
+  logits = z + (b[None, :, None] if b.ndim == 1 else b.T[None])            # (Q, O, N)
   # argmax over the (middle) output axis as an unrolled compare, which XLA:CPU fuses (its
   # argmax reduction over a middle axis is ~100x slower here). Same semantics as jnp.argmax:
   # the first maximum wins, and the first NaN wins over any number.
