@@ -613,6 +613,12 @@ def uncompact(small_params: PyTree, params: PyTree, groups: Mapping[str, UnitGro
     given = get_path(small_params, path)
     full = tuple(jnp.shape(get_path(params, path)))
     index = tuple(np.ix_(*[axes.get(a, np.arange(n)) for a, n in enumerate(full)]))
+    want = tuple(len(axes.get(a, range(n))) for a, n in enumerate(full))
+    if tuple(jnp.shape(given)) != want:
+      raise ValueError(
+          f"uncompact: small_params leaf {path_str(path)} has shape {tuple(jnp.shape(given))}, "
+          f"but these unit masks keep {want} of its full shape {full}. Pass the unit masks that "
+          "were given to compact (and the small params it returned).")
     if isinstance(given, jax.core.Tracer):   # under a caller's jit (masks concrete)
       out = set_path(out, path, jnp.zeros(full, given.dtype).at[index].set(given))
       continue
@@ -620,7 +626,25 @@ def uncompact(small_params: PyTree, params: PyTree, groups: Mapping[str, UnitGro
     leaf = np.zeros(full, small.dtype)   # on the host, as compact
     leaf[index] = small
     out = set_path(out, path, _same_kind(given, leaf))
+  _check_shaped_like(out, params)
   return out
+
+
+def _check_shaped_like(out: PyTree, params: PyTree) -> None:
+  """uncompact's result must be shaped like ``params`` leaf by leaf; else name the first leaf
+  that is not (unit masks other than compact's leave a leaf small)."""
+  got = jax.tree_util.tree_flatten_with_path(out)[0]
+  ref = jax.tree_util.tree_flatten_with_path(params)[0]
+  if len(got) != len(ref):
+    raise ValueError(f"uncompact: small_params hold {len(got)} leaves, params {len(ref)}. Pass "
+                     "the params that compact returned, and the full-size params they came "
+                     "from.")
+  for (kp, a), (_, b) in zip(got, ref):
+    if tuple(jnp.shape(a)) != tuple(jnp.shape(b)):
+      raise ValueError(
+          f"uncompact: leaf {jax.tree_util.keystr(kp)} comes back with shape "
+          f"{tuple(jnp.shape(a))}, not params' {tuple(jnp.shape(b))}: the unit masks do not "
+          "cut it as compact did. Pass the unit masks that were given to compact.")
 
 
 # ----------------------------------------------------------------------------- consumer algebra

@@ -154,3 +154,25 @@ def test_compact_and_uncompact_take_the_target_as_well_as_its_groups():
                      ("compact", lambda: units.compact(params, [model], keep))):
     with pytest.raises(TypeError, match=f"^{name} takes a pruning target.*"):
       call()
+
+
+def test_uncompact_checks_the_small_params_against_the_masks():
+  """Unit masks other than compact's raised NumPy's 'could not be broadcast' (more units kept)
+  or returned params still small (no masks): both now name the leaf and the fix."""
+  import jax
+  import jaxprune
+  model = jaxprune.MLP(in_features=5, hidden=(6,), out_features=3)
+  params = model.init(jax.random.key(0))
+  keep = {"hidden_0": np.array([1, 0, 1, 1, 0, 1], bool)}
+  small = jaxprune.compact(params, model, keep)
+  back = units.uncompact(small, params, model, keep)
+  assert jax.tree.map(np.shape, back) == jax.tree.map(np.shape, params)
+  with pytest.raises(ValueError, match=r"small_params leaf params/hidden_0/kernel has shape "
+                     r"\(5, 4\), but these unit masks keep \(5, 5\).*given to compact"):
+    units.uncompact(small, params, model, {"hidden_0": np.array([1, 1, 1, 1, 0, 1], bool)})
+  with pytest.raises(ValueError, match=r"leaf \['params'\]\['hidden_0'\]\['bias'\] comes back "
+                     r"with shape \(4,\), not params' \(6,\)"):
+    units.uncompact(small, params, model, {})
+  with pytest.raises(ValueError, match="small_params hold 3 leaves, params 4"):
+    no_bias = {"params": {**small["params"], "out": {"kernel": small["params"]["out"]["kernel"]}}}
+    units.uncompact(no_bias, params, model, keep)
