@@ -52,32 +52,76 @@ _MASKED_NODE_FIX = ("inside optax.multi_transform or optax.masked each branch se
                     "optax.MaskedNode() at the same places in the masks")
 
 
+def _is_array_leaf(x) -> bool:
+  """A pytree leaf (an array), not a node: not ``None``, an empty container or a node type."""
+  treedef = jax.tree.structure(x)
+  return treedef.num_nodes == 1 and treedef.num_leaves == 1
+
+
+def _node_children(node) -> list:
+  """One level of a pytree node: its ``(key, child)`` pairs, leafless children (``None``, an
+  empty container, ``optax.MaskedNode()``) included."""
+  return jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+
+
+def _leafless_difference(path: tuple, params_child, masks_child) -> str:
+  """The message for a node without leaves (None, ``optax.MaskedNode()``, an empty dict) that
+  one tree holds at ``path`` and the other lacks (``_MISSING``)."""
+  where = jax.tree_util.keystr(path)
+  if masks_child is _MISSING:
+    what = _kind(params_child)
+    hint = f" ({_MASKED_NODE_FIX})" if what == "MaskedNode" else ""
+    return (f"at {where} the params hold a {what}, which has no leaves, and the masks "
+            f"nothing; give the masks the same node there{hint}")
+  what = _kind(masks_child)
+  return (f"at {where} the masks hold a {what}, which has no leaves, and the params "
+          "nothing; remove it from the masks")
+
+
+_MISSING = object()
+
+
+def _kind(x) -> str:
+  return "None" if x is None else type(x).__name__
+
+
 def _container_difference(params: PyTree, masks: PyTree) -> str:
-  """Where two trees with the same leaf paths differ: the first node of another type (a flax
-  ``FrozenDict`` against a ``dict``, an nnx ``State`` against its pure dict)."""
+  """Where two trees with the same leaf paths differ, breadth first: the first node of another
+  type (a flax ``FrozenDict`` against a ``dict``, an nnx ``State`` against its pure dict), or
+  the first leafless child (``None``, ``optax.MaskedNode()``, an empty container) one holds
+  and the other lacks, in a dict, a list, a tuple or any other pytree node."""
   pending = [((), params, masks)]
   while pending:
     path, p, m = pending.pop(0)
+    if _is_array_leaf(p) and _is_array_leaf(m):   # a jax against a NumPy array: same structure
+      continue
     if type(p) is not type(m):
-      where = "".join(f"[{k!r}]" for k in path) or "the root"
-      return (f"at {where} the params are a {type(p).__name__} but the masks a "
-              f"{type(m).__name__}; build the masks in the params' container types")
+      where = jax.tree_util.keystr(path) or "the root"
+      return (f"at {where} the params are a {_kind(p)} but the masks a "
+              f"{_kind(m)}; build the masks in the params' container types")
     if isinstance(p, Mapping):
-      where = lambda k: "".join(f"[{j!r}]" for j in path + (k,))
       for k in p:
-        if k not in m:   # a node without leaves: None, optax.MaskedNode(), an empty dict
-          what = type(p[k]).__name__ if p[k] is not None else "None"
-          hint = f" ({_MASKED_NODE_FIX})" if what == "MaskedNode" else ""
-          return (f"at {where(k)} the params hold a {what}, which has no leaves, and the masks "
-                  f"nothing; give the masks the same node there{hint}")
+        if k not in m:
+          return _leafless_difference(path + (jax.tree_util.DictKey(k),), p[k], _MISSING)
       for k in m:
         if k not in p:
-          what = type(m[k]).__name__ if m[k] is not None else "None"
-          return (f"at {where(k)} the masks hold a {what}, which has no leaves, and the params "
-                  "nothing; remove it from the masks")
-      pending.extend((path + (k,), p[k], m[k]) for k in p if k in m)
-    elif isinstance(p, (list, tuple)) and len(p) == len(m):
-      pending.extend((path + (i,), a, b) for i, (a, b) in enumerate(zip(p, m)))
+          return _leafless_difference(path + (jax.tree_util.DictKey(k),), _MISSING, m[k])
+      pending.extend((path + (jax.tree_util.DictKey(k),), p[k], m[k]) for k in p)
+      continue
+    p_children, m_children = dict(_node_children(p)), dict(_node_children(m))
+    for k, child in p_children.items():   # k: a key path one key long
+      if k not in m_children:   # e.g. a tuple's trailing None the masks' shorter tuple lacks
+        return _leafless_difference(path + k, child, _MISSING)
+    for k, child in m_children.items():
+      if k not in p_children:
+        return _leafless_difference(path + k, _MISSING, child)
+    if (jax.tree.structure(p, is_leaf=lambda x: x is not p)
+        != jax.tree.structure(m, is_leaf=lambda x: x is not m)):
+      where = jax.tree_util.keystr(path) or "the root"
+      return (f"at {where} the params' and the masks' {type(p).__name__} nodes differ in their "
+              "static (non-array) fields; build the masks from the params, e.g. "
+              "jaxprune.ones_like(params)")
+    pending.extend((path + k, child, m_children[k]) for k, child in p_children.items())
   return "the same leaves in different containers"
 
 
@@ -226,24 +270,38 @@ def _counts(masks: PyTree) -> tuple[int, int]:
           int(sum(int(np.size(m)) for m in leaves)))
 
 
+def _removed_fraction(kept: int, total: int) -> float:
+  """``1 - kept / total``; 0.0 when there are no weights (an empty leaf: 0 of 0 removed)."""
+  return 1.0 - kept / total if total else 0.0
+
+
 def sparsity(masks: PyTree) -> float:
-  """Fraction of weights removed (``masks``: bool leaves)."""
+  """Fraction of weights removed (``masks``: bool leaves).
+
+  Empty (size-0) leaves hold no weights: they count as 0 of 0, so a tree of only empty leaves
+  has sparsity 0.0 (nothing was pruned), not 1.0.
+  """
   _check_mask_leaves(masks, "sparsity")
   kept, total = _counts(masks)
-  return 1.0 - kept / max(total, 1)
+  return _removed_fraction(kept, total)
 
 
 def summary(masks: PyTree, unit_masks: Mapping[str, Any] | None = None) -> str:
-  """A per-layer table of kept weights and sparsity (and kept units per group, if given)."""
+  """A per-layer table of kept weights and sparsity (and kept units per group, if given).
+
+  An empty (size-0) leaf has no weights: its row reads 0 kept of 0, sparsity 0.0% (as
+  :func:`sparsity`), not 100%.
+  """
   _check_mask_leaves(masks, "summary")
   rows = []
   for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
     name = units_lib.path_str([k if k is not None else "?" for k in map(units_lib.key_of, path)])
     kept, total = int(np.sum(np.asarray(m))), int(np.size(m))
     rows.append((name, f"{tuple(np.shape(m))}", f"{kept}", f"{total}",
-                 f"{100.0 * (1 - kept / max(total, 1)):.1f}%"))
+                 f"{100.0 * _removed_fraction(kept, total):.1f}%"))
   kept, total = _counts(masks)
-  rows.append(("total", "", f"{kept}", f"{total}", f"{100.0 * (1 - kept / max(total, 1)):.1f}%"))
+  rows.append(("total", "", f"{kept}", f"{total}",
+               f"{100.0 * _removed_fraction(kept, total):.1f}%"))
   header = ("layer", "shape", "kept", "total", "sparsity")
   widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
   fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))
@@ -251,7 +309,8 @@ def summary(masks: PyTree, unit_masks: Mapping[str, Any] | None = None) -> str:
   if unit_masks:
     lines.append("")
     for name, (k, t) in count_units(unit_masks).items():
-      lines.append(f"units {name}: {k}/{t} kept ({100.0 * (1 - k / max(t, 1)):.1f}% removed)")
+      lines.append(f"units {name}: {k}/{t} kept "
+                   f"({100.0 * _removed_fraction(k, t):.1f}% removed)")
   return "\n".join(lines)
 
 

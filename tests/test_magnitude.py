@@ -256,3 +256,48 @@ def test_nan_weight_the_masks_already_remove_is_not_ranked():
                lambda: jaxprune.prune_to_sparsity(kept_nan, kept, 0.6)):
     with pytest.raises(ValueError, match="where the masks keep weights"):
       call()
+
+
+def _mixed_dtype_tree():
+  """Leaves of four float dtypes: large float32 weights, small float64 ones, bfloat16 and
+  float16 between them, float32 subnormals between float64 ones, and values equal across
+  dtypes (0.5 and 3.0: ties broken by tree order)."""
+  return {"a32": jnp.array([[10., -20., 0.5], [30., 1e-40, 40.]], jnp.float32),
+          "b64": jnp.array([[0.1, -0.2], [0.3, 0.4], [1e-41, 1e-39], [0.5, 3.0]], jnp.float64),
+          "c16": jnp.array([[1., 2.], [-50., 60.]], jnp.bfloat16),
+          "d16": jnp.array([[3., 0.5], [70., 0.05]], jnp.float16)}
+
+
+def test_global_ranking_across_float_dtypes_under_x64():
+  """Under jax_enable_x64 a global scope over float32 and float64 leaves compared the float32
+  bit patterns, cast to int64, with the float64 ones: every float32 weight ranked below every
+  float64 weight (the large float32 weights were removed, the small float64 ones kept, the
+  threshold 0). The ranking is by |w| across every float dtype, ties by tree order then flat
+  index, for magnitude_prune and prune_to_sparsity; random_prune removes the same counts."""
+  with jax.enable_x64(True):
+    p = _mixed_dtype_tree()
+    leaves = jax.tree.leaves(p)
+    w = np.abs(np.concatenate([np.asarray(l, np.float64).ravel() for l in leaves]))
+    order = np.lexsort((np.arange(w.size), w))   # numpy widens subnormals exactly
+    for fraction in (0.05, 0.25, 0.45, 0.5, 0.75):   # the cut: 0.05 between subnormals,
+                                                      # 0.45 among the three 0.5s
+      k = int(np.round(np.float32(fraction) * np.float32(w.size)))
+      want = np.ones(w.size, bool)
+      want[order[:k]] = False
+      _, m, rep = magnitude_prune(p, None, fraction, scope="global")
+      got = np.concatenate([np.asarray(l).ravel() for l in jax.tree.leaves(m)])
+      np.testing.assert_array_equal(got, want)
+      if w[order[k - 1]] >= np.finfo(np.float32).tiny:   # (XLA flushes a subnormal cut to 0)
+        np.testing.assert_array_equal(rep.threshold, np.float32(w[order[k - 1]]))
+      _, m2 = jaxprune.prune_to_sparsity(p, None, fraction)
+      got2 = np.concatenate([np.asarray(l).ravel() for l in jax.tree.leaves(m2)])
+      np.testing.assert_array_equal(got2, want)
+      _, m3, rep3 = random_prune(p, None, fraction, key=jax.random.key(1), scope="global")
+      assert int(rep3.count) == k == sum(int((~np.asarray(l)).sum())
+                                         for l in jax.tree.leaves(m3))
+    # The reported case: removing half (11 of 22) takes every weight below 1 (the three 0.5s
+    # tie at the cut); the float32 weights of 10 or more stay, the small float64 ones go.
+    _, m, rep = magnitude_prune(p, None, 0.5, scope="global")
+    np.testing.assert_array_equal(m["a32"], [[True, True, False], [True, False, True]])
+    np.testing.assert_array_equal(m["b64"], [[False] * 2] * 3 + [[False, True]])
+    np.testing.assert_array_equal(rep.threshold, 0.5)

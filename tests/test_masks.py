@@ -114,6 +114,46 @@ def test_counts_and_summaries_refuse_what_is_not_a_weight_mask(params):
   assert jaxprune.sparsity({"w": np.array([True, False, False, False])}) == 0.75
 
 
+def test_structure_errors_name_where_a_sequence_or_node_lacks_a_leafless_entry():
+  """Masks whose tuple lacked the params' trailing None said only 'the same leaves in different
+  containers' (lists and tuples of other lengths were not walked): the message names the path
+  of the first entry one tree holds and the other lacks, in any pytree node."""
+  import collections  # pylint: disable=import-outside-toplevel
+  w, b = jnp.ones((4, 5)), jnp.ones((4, 5), bool)
+  cases = [({"a": (w, None), "b": jnp.ones(3)}, {"a": (b,), "b": jnp.ones(3, bool)},
+            r"at \['a'\]\[1\] the params hold a None, which has no leaves, and the masks "
+            "nothing; give the masks the same node there"),
+           ({"a": [w]}, {"a": [np.ones((4, 5), bool), None, ()]},   # NumPy against jax leaves
+            r"at \['a'\]\[1\] the masks hold a None, which has no leaves, and the params "
+            "nothing; remove it from the masks"),
+           ({"a": (w, [None])}, {"a": (b, [])}, r"at \['a'\]\[1\]\[0\] the params hold a None")]
+  layer = collections.namedtuple("Layer", "w extra")
+  cases.append(([layer(w, None)], [layer(b, ())],
+                r"at \[0\]\.extra the params are a None but the masks a tuple"))
+  for p, m, match in cases:
+    with pytest.raises(ValueError, match=match):
+      jaxprune.check_weight_masks(p, m)
+    with pytest.raises(ValueError, match=match):
+      jaxprune.apply_masks(p, m)
+
+
+def test_empty_leaves_count_as_zero_of_zero():
+  """An empty (size-0) leaf holds no weights: it was reported 100% sparse, and a tree of only
+  empty leaves had sparsity 1.0; it counts as 0 of 0 removed (0.0, 0.0%), documented in
+  docs/concepts.md, and leaves the other counts as they were."""
+  empty = jnp.zeros((0, 5), bool)
+  assert jaxprune.sparsity({"empty": empty}) == 0.0
+  assert jaxprune.sparsity({"w": np.array([True, False, False, False]), "empty": empty}) == 0.75
+  assert jaxprune.count_weights({"w": jnp.ones((2, 2), bool), "empty": empty}) == (4, 4)
+  rows = {r.split()[0]: r.split()[1:] for r in jaxprune.summary(
+      {"w": np.array([[True, False], [True, True]]), "empty": empty}).splitlines()[2:]}
+  assert rows["empty"] == ["(0,", "5)", "0", "0", "0.0%"]
+  assert rows["w"] == ["(2,", "2)", "3", "4", "25.0%"]
+  assert rows["total"] == ["3", "4", "25.0%"]
+  only_empty = jaxprune.summary({"empty": empty}).splitlines()
+  assert only_empty[-1].split() == ["total", "0", "0", "0.0%"]
+
+
 def test_params_and_targets_swapped_are_named():
   """Params passed where the model belongs (a structured pruner) used to give 'this model's
   groups are ['params']' (the dict taken as groups), and a model passed where params belong

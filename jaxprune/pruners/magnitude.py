@@ -145,10 +145,30 @@ def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
 def _bits(scores: jax.Array) -> jax.Array:
   """Non-negative scores -> bit patterns with the same order: int32 (float32 and narrower
   scores), int64 for float64 scores (under ``jax_enable_x64``; a float32 cast would tie weights
-  that differ beyond float32 precision)."""
+  that differ beyond float32 precision). Patterns of both widths are ranked together by
+  :func:`_remove_smallest_and_cut`, which widens the int32 ones (:func:`_float64_bits`)."""
   if jnp.asarray(scores).dtype == jnp.float64:
     return jax.lax.bitcast_convert_type(jnp.abs(scores), jnp.int64)
   return jax.lax.bitcast_convert_type(jnp.abs(scores.astype(jnp.float32)), jnp.int32)
+
+
+def _float64_bits(bits: jax.Array) -> jax.Array:
+  """Float32 bit patterns (int32, sign bit clear) -> the float64 patterns (int64) of the same
+  values, so that they compare with float64 patterns; int64 patterns come back as they are.
+
+  Integer arithmetic, not a float conversion (which flushes subnormals to zero on some
+  backends): rebias the exponent (127 -> 1023) and shift the mantissa (23 -> 52 bits); a
+  subnormal's mantissa is normalised at its highest set bit; inf and NaN keep exponent 2047.
+  """
+  if bits.dtype == jnp.int64:
+    return bits
+  b = bits.astype(jnp.int64)
+  exp, man = b >> 23, b & 0x7FFFFF
+  rebias = jnp.where(exp == 255, jnp.int64(2047 - 255), jnp.int64(1023 - 127))
+  normal = (b << 29) + (rebias << 52)
+  top = jnp.maximum(63 - jax.lax.clz(man), 0)          # highest set bit of a subnormal
+  subnormal = ((top + (1023 - 149)) << 52) | ((man - (jnp.int64(1) << top)) << (52 - top))
+  return jnp.where(exp > 0, normal, jnp.where(man > 0, subnormal, jnp.int64(0)))
 
 
 def _remove_smallest(bits: list[jax.Array], keep: list[jax.Array], k: jax.Array):
@@ -197,8 +217,11 @@ def _remove_smallest_and_cut(bits: list[jax.Array], keep: list[jax.Array], k: ja
 
 def _remove_smallest_sorted(bits: list[jax.Array], keep: list[jax.Array], k: jax.Array):
   """:func:`_remove_smallest_and_cut` by one sort on (not kept, bits, flat index): for 64-bit
-  patterns, where two 16-bit histogram passes do not reach every bit."""
-  flat = jnp.concatenate([b.astype(jnp.int64).reshape(-1) for b in bits])
+  patterns, where two 16-bit histogram passes do not reach every bit. Float32 patterns among
+  them (leaves of other float dtypes in a global scope) are first widened to the float64
+  patterns of the same values: compared as raw integers of different widths, every float32
+  weight would rank below every float64 one."""
+  flat = jnp.concatenate([_float64_bits(b).reshape(-1) for b in bits])
   kept = jnp.concatenate([m.reshape(-1) for m in keep])
   index = jnp.arange(flat.shape[0], dtype=jnp.int32)
   order = jax.lax.sort((~kept, flat, index), num_keys=3)[-1]
