@@ -131,8 +131,7 @@ class Config:
       _flags.check_positive(max_per_class=self.max_per_class)
     if not 0.0 < self.test_fraction < 1.0:
       _flags.fail(f"--test_fraction must lie strictly between 0 and 1, got {self.test_fraction}.")
-    if not self.learning_rate > 0:
-      _flags.fail(f"--learning_rate must be positive, got {self.learning_rate}.")
+    _flags.check_finite("learning_rate", self.learning_rate, positive=True)
 
   def settings(self, data: str, data_path: str | None) -> dict[str, Any]:
     """What the results depend on, for the cache fingerprint and results.json: the resolved

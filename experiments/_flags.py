@@ -57,6 +57,14 @@ def fail(message: str) -> None:
   raise app.UsageError(message)
 
 
+def check_finite(name: str, value: float, *, positive: bool = False) -> None:
+  """Fails unless the scalar flag ``--name`` is a finite number (``positive``: also > 0). NaN
+  and infinity parse as floats; a learning rate or a penalty of either would only fail, or give
+  meaningless results, after the study had started writing."""
+  if not (math.isfinite(value) and (value > 0 or not positive)):
+    fail(f"--{name} must be a {'positive ' if positive else ''}finite number, got {value}.")
+
+
 def refuse_image_data(data: str, needs: str, hint: str = "") -> None:
   """Fails when ``data`` names images but the study ``needs`` feature vectors (before an image
   tree is loaded only to be refused)."""

@@ -109,8 +109,7 @@ class Config:
     if self.ga_population < 6:
       _flags.fail(f"--ga_population must be at least 6 (the hall of fame keeps 5), got "
                   f"{self.ga_population}.")
-    if not self.lr > 0:
-      _flags.fail(f"--lr must be positive, got {self.lr}.")
+    _flags.check_finite("lr", self.lr, positive=True)
     if any(not 0 < f < 1 for f in self.targets):
       _flags.fail(f"--targets are kept fractions in (0, 1), got {list(self.targets)}.")
     if list(self.targets) != sorted(self.targets, reverse=True):
@@ -119,6 +118,7 @@ class Config:
     bad = sorted(set(self.pruners) - set(PRUNERS))
     if bad or not self.pruners:
       _flags.fail(f"--pruners: unknown {bad}; choose from {', '.join(PRUNERS)}.")
+    _flags.check_finite("ga_lambda", self.ga_lambda)
     if self.ga_lambda < 0:
       _flags.fail(f"--ga_lambda must be >= 0, got {self.ga_lambda}.")
     for h in self.hidden:

@@ -74,8 +74,7 @@ class Config:
       _flags.fail(f"--test_fraction must lie strictly between 0 and 1, got {self.test_fraction}.")
     if not self.max_rise >= 0:
       _flags.fail(f"--max_rise must be >= 0, got {self.max_rise}.")
-    if not self.learning_rate > 0:
-      _flags.fail(f"--learning_rate must be positive, got {self.learning_rate}.")
+    _flags.check_finite("learning_rate", self.learning_rate, positive=True)
 
 
 def prune_kernels(model, params, x, y, *, max_rise: float, relative: bool, norm: str):

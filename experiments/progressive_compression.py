@@ -57,8 +57,7 @@ class Config:
   def validate(self) -> None:
     _flags.check_positive(hidden=self.hidden, minimum=2)
     _flags.check_positive(runs=self.runs, epochs=self.epochs, batch_size=self.batch_size)
-    if not self.lr > 0:
-      _flags.fail(f"--lr must be positive, got {self.lr}.")
+    _flags.check_finite("lr", self.lr, positive=True)
     if not 0 < self.test_fraction < 1:
       _flags.fail(f"--test_fraction must lie in (0, 1), got {self.test_fraction}.")
     if not self.constant_tol >= 0:

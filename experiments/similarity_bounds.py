@@ -73,8 +73,7 @@ class Config:
       _flags.fail(f"--hidden sizes must be at least 2 (a pair needs two units), got "
                   f"{list(self.hidden)}.")
     _flags.check_positive(runs=self.runs, epochs=self.epochs, batch_size=self.batch_size)
-    if not self.lr > 0:
-      _flags.fail(f"--lr must be positive, got {self.lr}.")
+    _flags.check_finite("lr", self.lr, positive=True)
     if not 0 < self.test_fraction < 1:
       _flags.fail(f"--test_fraction must lie in (0, 1), got {self.test_fraction}.")
     for name in ("similar_deg", "complementary_deg", "default_similar_deg",

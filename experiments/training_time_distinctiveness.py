@@ -95,8 +95,7 @@ class Config:
       _flags.fail(f"--folds must be at least 2, got {self.folds}.")
     if not 0.0 <= self.angle <= 180.0:
       _flags.fail(f"--angle must be in [0, 180] degrees, got {self.angle}.")
-    if not self.learning_rate > 0:
-      _flags.fail(f"--learning_rate must be positive, got {self.learning_rate}.")
+    _flags.check_finite("learning_rate", self.learning_rate, positive=True)
 
 
 @functools.lru_cache(maxsize=None)

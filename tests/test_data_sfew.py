@@ -169,6 +169,19 @@ def test_labels_as_class_names_and_headerless(tmp_path):
   assert ds.info["dropped"][0]["row"] == MISSING_ROW + 1
 
 
+def test_a_feature_beyond_float32_is_refused_not_loaded_as_infinity(tmp_path):
+  """1e40 is a finite float64 but infinity in the float32 features: it loaded as inf, and
+  standardising failed later naming no cell."""
+  rows = _rows()
+  rows[2][4] = "1e40"
+  path = write_csv(tmp_path / "big.csv", rows)
+  with pytest.raises(ValueError, match=r"row 4 .*column 5 \(LPQ feature 3\): '1e40' is not a "
+                     r"finite number in float32"):
+    data.load_sfew_features(path)
+  rows[2][4] = "3e38"   # within range: loads
+  assert np.isfinite(data.load_sfew_features(write_csv(tmp_path / "ok.csv", rows)).x).all()
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_headerless_file_with_a_typo_in_its_first_row(tmp_path, strict):
   rows = _rows()

@@ -163,3 +163,23 @@ def test_data_path_without_an_sfew_dataset_is_refused():
   _flags.define_flags(sb.Config, default_data="features", flag_values=fv2)
   fv2(["prog", "--data_path=/my/SFEW.csv", "--data=sfew_features"])
   assert fv2.data_path == "/my/SFEW.csv"
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0, 0.0])
+def test_learning_rates_and_penalties_must_be_finite(value):
+  """--lr=inf passed the 'positive' check (inf > 0) and failed with a traceback after the study
+  had written its lock and settings; --ga_lambda=nan ran a GA on NaN fitness and exited 0. Both
+  are usage errors now, raised by validate() before anything is written."""
+  import dataclasses
+  import importlib
+  studies = {"iterative_pruning": "lr", "kernel_importance": "learning_rate",
+             "progressive_compression": "lr", "similarity_bounds": "lr",
+             "training_time_distinctiveness": "learning_rate", "lottery_ticket": "learning_rate"}
+  for name, flag in studies.items():
+    config = importlib.import_module(f"experiments.{name}").Config()
+    with pytest.raises(app.UsageError, match=f"--{flag} must be a positive finite number"):
+      dataclasses.replace(config, **{flag: value}).validate()
+  if not (abs(value) < float("inf") and value >= 0):   # 0 is a valid penalty
+    config = importlib.import_module("experiments.iterative_pruning").Config(ga_lambda=value)
+    with pytest.raises(app.UsageError, match="--ga_lambda must be"):
+      config.validate()

@@ -192,7 +192,8 @@ def _is_empty(value: Any) -> bool:
 
 
 def _as_float(value: Any) -> float | None:
-  """A finite float, NaN for a missing value, or None when not a number."""
+  """A finite float, NaN for a missing value, or None when not a number (or one too large for
+  the float32 features it becomes: 1e40 would load as infinity)."""
   if _is_empty(value):
     return math.nan
   if isinstance(value, bool):
@@ -201,7 +202,19 @@ def _as_float(value: Any) -> float | None:
     number = float(value)
   except (TypeError, ValueError):
     return None
-  return number if math.isfinite(number) else None
+  return number if math.isfinite(number) and abs(number) <= _FLOAT32_MAX else None
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _too_large(value: Any) -> bool:
+  """Whether ``value`` is a finite number beyond float32's range."""
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    return False
+  return math.isfinite(number) and abs(number) > _FLOAT32_MAX
 
 
 def _looks_like_header(row: list[Any]) -> bool:
@@ -352,6 +365,8 @@ def load_sfew_features(
         raise ValueError(
             f"{path}, row {row_no} ({name or 'no name'}), column {c + 1}"
             f" ({column_name(c)}): {row[c]!r} is not a finite number"
+            + (" in float32 (the features' type; at most 3.4e38 in size)"
+               if _too_large(row[c]) else "")
             + ("; it has a decimal comma: save the file with decimal points (or pass the"
                " .xlsx workbook)" if comma else
                "; fix that cell, or leave it empty to drop the row")
