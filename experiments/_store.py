@@ -308,6 +308,9 @@ class Study:
     elif not isinstance(data, Mapping):
       data = data_record(data, self.settings.get("data"), self.settings.get("data_path"))
     self.data = None if data is None else dict(data)
+    if not str(workdir).strip():
+      fail("--workdir is empty. Pass the folder to write the study to (--workdir=. for the "
+           "current one).")
     self.dir = os.path.join(workdir, name)
     try:
       os.makedirs(self.dir, exist_ok=True)

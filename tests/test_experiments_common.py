@@ -57,6 +57,8 @@ def test_unwritable_workdir_and_unknown_data_fail_clearly(tmp_path):
   blocker.write_text("not a folder")
   with pytest.raises(app.UsageError, match="Pass a writable --workdir"):
     _store.Study("x", {}, workdir=str(blocker))
+  with pytest.raises(app.UsageError, match=r"--workdir is empty.*--workdir=\. for the current"):
+    _store.Study("x", {}, workdir="")   # it wrote the study into the current folder
   with pytest.raises(app.UsageError, match="Unknown --data='mnist'"):
     _store.load_data("mnist", None)
   with pytest.raises(app.UsageError, match="needs --data_path"):
