@@ -72,6 +72,12 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
   """
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
+  if unit_masks:   # vectors as arrays (a list of bools would be saved as a list of scalars)
+    unit_masks = {k: v if hasattr(v, "shape") else np.asarray(v) for k, v in unit_masks.items()}
+    for k, v in unit_masks.items():
+      if np.ndim(v) != 1:
+        raise ValueError(f"Unit mask {k!r} has shape {tuple(np.shape(v))}; a unit mask is a "
+                         "vector with one bool per unit of its group.")
   if target is not None and unit_masks:
     masks_lib.check_unit_masks(target, unit_masks, allow_empty=True)
   path = os.path.realpath(path)   # through a link ('latest' -> 'step_N'): replace its target
@@ -86,7 +92,14 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
     tree["unit_masks"] = dict(unit_masks)
   _check_leaves(tree)
   parent, name = os.path.split(path)
-  os.makedirs(parent, exist_ok=True)
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except (FileExistsError, NotADirectoryError) as e:
+    blocker = parent
+    while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
+      blocker = os.path.dirname(blocker)   # the nearest existing ancestor: a file
+    raise FileExistsError(f"Cannot make the folder {parent} for the checkpoint {path}: "
+                          f"{blocker} is a file. Choose a path under a folder.") from e
   # Orbax writes (and, on failure, may leave its own *.orbax-checkpoint-tmp folder) inside a
   # private sibling folder, so nothing at ``path`` is touched until the new checkpoint is whole.
   work = tempfile.mkdtemp(prefix=f".{name}.jaxprune-tmp-", dir=parent)

@@ -200,6 +200,32 @@ def test_unit_masks_are_checked_against_the_target_when_given(tmp_path):
   np.testing.assert_array_equal(np.asarray(loaded["hidden_0"]), np.asarray(good["hidden_0"]))
 
 
+def test_unit_masks_given_as_lists_round_trip_as_vectors(tmp_path):
+  """A unit mask given as a list of bools came back as a list of 0-d arrays (and with the
+  target, failed inside jax with 'Cannot determine dtype'); it is saved as the vector it is. A
+  mask that is no vector is refused before anything is written."""
+  model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+  params = model.init(jax.random.key(0))
+  given = [True] * 7 + [False]
+  for name, target in (("a", None), ("b", model)):
+    jaxprune.save_checkpoint(str(tmp_path / name), params, unit_masks={"hidden_0": given},
+                             target=target)
+    loaded = jaxprune.load_checkpoint(str(tmp_path / name), params, with_unit_masks=True)[2]
+    np.testing.assert_array_equal(np.asarray(loaded["hidden_0"]), given)
+    assert np.shape(loaded["hidden_0"]) == (8,)
+  with pytest.raises(ValueError, match=r"Unit mask 'hidden_0' has shape \(2, 4\)"):
+    jaxprune.save_checkpoint(str(tmp_path / "c"), params,
+                             unit_masks={"hidden_0": np.ones((2, 4), bool)})
+  assert not os.path.exists(tmp_path / "c")
+
+
+def test_a_file_where_the_checkpoint_folder_belongs_is_named(tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(FileExistsError, match=r"Cannot make the folder .*file/sub for the "
+                     r"checkpoint .*: .*file is a file"):
+    jaxprune.save_checkpoint(str(tmp_path / "file" / "sub" / "ck"), _params())
+
+
 # ------------------------------------------------------------------ overwrite and damaged folders
 
 
