@@ -126,8 +126,13 @@ check_finite = validate.check_finite  # kept here for callers that imported it f
 
 def _check_targets(model: Model, params, x, y, name: str, one_run=None) -> None:
   """Classifier targets must be integer labels in [0, number of outputs), a vector per run
-  (``one_run``: one run's targets, for the shape check of stacked runs)."""
-  if model.task in ("reconstruction", "custom"):
+  (``one_run``: one run's targets, for the shape check of stacked runs); a reconstruction
+  model's targets must be shaped like its outputs."""
+  if model.task == "custom":
+    return
+  if model.task == "reconstruction":
+    _check_reconstruction_targets(model, params, x, y if one_run is None else one_run,
+                                  name if one_run is None else f"{name} of each run")
     return
   validate.check_label_shape(name if one_run is None else f"{name} of each run",
                              y if one_run is None else one_run)
@@ -142,6 +147,18 @@ def _check_targets(model: Model, params, x, y, name: str, one_run=None) -> None:
   if lo < 0 or hi >= n_out:
     raise ValueError(f"{name}: the targets range over [{lo}, {hi}] but the model has {n_out} "
                      f"outputs; labels must be in [0, {n_out - 1}].")
+
+
+def _check_reconstruction_targets(model: Model, params, x, y, name: str) -> None:
+  """An autoencoder is trained towards targets of its outputs' shape (its inputs, ``y = x``):
+  class labels would fail inside the loss with a broadcasting error."""
+  out = validate.output_shape(model, params, x)
+  shape = tuple(np.shape(y))
+  if out is not None and shape[1:] != out[1:]:
+    raise ValueError(
+        f"{name}: the targets have shape {shape} but the model's outputs have shape "
+        f"{shape[:1] + out[1:]}; a reconstruction model (autoencoder) is trained to reproduce "
+        "its inputs: pass the inputs as the targets (y = x), or use a classifier for labels.")
 
 
 def _check_data(model: Model, x, y, name="x", params=None, y_name="y", sample_weight=None):
@@ -219,32 +236,44 @@ def _device(a, host: np.ndarray | None = None) -> jax.Array:
   return jax.device_put(np.asarray(a) if host is None else host)
 
 
-def _check_runs(fn: str, model: Model, params, x, y, w, w_name: str, masks) -> tuple[int, int]:
-  """The leading run axis R of ``fit_many`` / ``evaluate_many`` arguments; returns (R, N)."""
-  stacked_x = x.ndim >= 2
-  if stacked_x:
-    try:
-      model.check_input(x[0])
-    except (ValueError, TypeError):
-      stacked_x = False
+def _runs_of_inputs(model: Model, x) -> bool:
+  """Whether every slice ``x[r]`` has the shape of a batch of the model's inputs, whatever its
+  dtype (a dtype the model refuses is a problem of the inputs, not of the run axis)."""
+  if x.ndim < 2:
+    return False
+  try:
+    model.check_input(np.broadcast_to(np.zeros((), np.float32), x.shape[1:]))  # no memory
+  except (ValueError, TypeError):
+    return False
+  return True
+
+
+def _check_runs(fn: str, model: Model, params, x, y, w, w_name: str, masks, *, x_name="x",
+                y_name="y") -> tuple[int, int]:
+  """The leading run axis R of ``fit_many`` / ``evaluate_many`` arguments, and each run's inputs
+  as :func:`fit` checks them; returns (R, N). ``x_name``, ``y_name``: what messages call the
+  data (e.g. ``validation x``)."""
   lead = _leading_sizes(params)
-  if not stacked_x:
-    raise ValueError(f"{fn}: x and y need a leading run axis (R, N, ...), one slice per run; "
-                     f"got x of shape {tuple(x.shape)}. For one run use x[None], y[None] (or "
-                     f"{fn.replace('_many', '')}); stack several with np.stack.")
+  if not _runs_of_inputs(model, x):
+    raise ValueError(f"{fn}: {x_name} and {y_name} need a leading run axis (R, N, ...), one "
+                     f"slice per run; got {x_name} of shape {tuple(x.shape)}. For one run use "
+                     f"x[None], y[None] (or {fn.replace('_many', '')}); stack several with "
+                     "np.stack.")
+  model.check_input(x[0])  # the dtype, with fit's message
   runs, n = x.shape[:2]
   if len(lead) == 1 and None not in lead and lead != {runs}:
-    raise ValueError(f"{fn}: x and y need a leading run axis (R, N, ...) with R = "
-                     f"{next(iter(lead))}, the params' run axis; got x of shape "
+    raise ValueError(f"{fn}: {x_name} and {y_name} need a leading run axis (R, N, ...) with R = "
+                     f"{next(iter(lead))}, the params' run axis; got {x_name} of shape "
                      f"{tuple(x.shape)} ({runs} runs).")
   if lead != {runs}:
-    raise ValueError(f"{fn} needs params stacked with a leading run axis of {runs} (x has {runs} "
-                     "runs; e.g. jax.vmap(model.init)(keys)); got leading sizes "
+    raise ValueError(f"{fn} needs params stacked with a leading run axis of {runs} ({x_name} has "
+                     f"{runs} runs; e.g. jax.vmap(model.init)(keys)); got leading sizes "
                      f"{sorted(map(str, lead))}.")
   if y.shape[:2] != (runs, n) or w.shape != (runs, n):
-    raise ValueError(f"{fn} needs y and {w_name} shaped (R, N) = ({runs}, {n}) like x's "
-                     f"leading axes (x and y need a leading run axis (R, N, ...)); got y "
-                     f"{tuple(y.shape)} and {w_name} {tuple(w.shape)}.")
+    raise ValueError(f"{fn} needs {y_name} and {w_name} shaped (R, N) = ({runs}, {n}) like "
+                     f"{x_name}'s leading axes ({x_name} and {y_name} need a leading run axis "
+                     f"(R, N, ...)); got {y_name} {tuple(y.shape)} and {w_name} "
+                     f"{tuple(w.shape)}.")
   if masks is not None:
     mlead = _leading_sizes(masks)
     if mlead != {runs}:
@@ -254,6 +283,39 @@ def _check_runs(fn: str, model: Model, params, x, y, w, w_name: str, masks) -> t
                        f"sizes {sorted(map(str, mlead))}.")
     masks_lib.check_weight_masks(_one_run(params), _one_run(masks))
   return runs, n
+
+
+def _check_runs_data(model: Model, params, x, y, w, w_name: str, *, x_name="x",
+                     y_name="y") -> None:
+  """Stacked runs' data (after :func:`_check_runs`) as :func:`evaluate` checks one run's: not
+  empty, finite inputs, each run's weights finite and >= 0, the targets of rows of weight > 0."""
+  runs, n = x.shape[:2]
+  validate.check_data(x, y, sample_weight=w, name=x_name, runs=True)
+  for r in range(runs):
+    validate.check_sample_weight(w[r], n, f"{w_name} of run {r}")
+  _check_targets(model, _one_run(params), x[0], y[w > 0], y_name, one_run=y[0])
+
+
+def _check_validation_runs(model: Model, params, validation) -> None:
+  """``fit_many``'s ``validation = (x_val, y_val[, w_val])``, each with the run axis R, checked
+  per run as :func:`fit` checks its validation data (w_val: all ones when left out)."""
+  if not isinstance(validation, (tuple, list)) or len(validation) not in (2, 3):
+    got = (f"{len(validation)} items" if isinstance(validation, (tuple, list)) else
+           f"a {type(validation).__name__}")
+    raise ValueError("fit_many: validation must be a tuple (x_val, y_val, w_val), each with a "
+                     "leading run axis R (w_val: (R, N_val) sample weights, 0 for padding); got "
+                     f"{got}.")
+  vx, vy = _host(validation[0]), _host(validation[1])
+  vw = (_host(validation[2], np.float32) if len(validation) == 3 else
+        np.ones(vx.shape[:2], np.float32))
+  names = dict(x_name="validation x", y_name="validation y")
+  _check_runs("fit_many", model, params, vx, vy, vw, "validation w", None, **names)
+  _check_runs_data(model, params, vx, vy, vw, "validation w", **names)
+
+
+def _check_batch_size(batch_size) -> None:
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
 
 
 def _check_learning_rate(learning_rate) -> None:
@@ -393,14 +455,19 @@ class Trainer:
     return jax.lax.scan(body, state, jax.random.split(key, num_epochs))
 
 
+# The default trainers' Adam, one object for all of them (so that fit tells it from an optimizer
+# of the user's). The learning rate lives in the optimizer state (inject_hyperparams), so one
+# compiled program serves every learning rate, and a grid over learning rates can be vmapped.
+# Only the learning rate: injected hyperparameters take the params' dtype, and in bfloat16
+# Adam's b2 = 0.999 rounds to 1.0 (nu stays 0: every update NaN).
+_DEFAULT_LEARNING_RATE = 1e-3
+_DEFAULT_OPTIMIZER = optax.inject_hyperparams(
+    optax.adam, static_args=("b1", "b2", "eps", "eps_root"))(learning_rate=_DEFAULT_LEARNING_RATE)
+
+
 @functools.lru_cache(maxsize=None)
 def _default_trainer(model: Model, batch_size: int, loss: Callable) -> Trainer:
-  # The learning rate lives in the optimizer state (inject_hyperparams), so one compiled
-  # program serves every learning rate, and a grid over learning rates can be vmapped. Only the
-  # learning rate: injected hyperparameters take the params' dtype, and in bfloat16 Adam's
-  # b2 = 0.999 rounds to 1.0 (nu stays 0: every update NaN).
-  adam = optax.inject_hyperparams(optax.adam, static_args=("b1", "b2", "eps", "eps_root"))
-  return Trainer(model, adam(learning_rate=1e-3), loss, batch_size)
+  return Trainer(model, _DEFAULT_OPTIMIZER, loss, batch_size)
 
 
 def make_trainer(model: Model, *, batch_size: int = 32,
@@ -412,12 +479,21 @@ def make_trainer(model: Model, *, batch_size: int = 32,
   :func:`fit` calls reuse their compiled programs.
   """
   model = as_model(model, loss)
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+  _check_batch_size(batch_size)
   loss = loss or default_loss(model)
   if optimizer is None:
     return _default_trainer(model, int(batch_size), loss)
   return Trainer(model, optimizer, loss, int(batch_size))
+
+
+def _learning_rate_to_set(trainer: Trainer, learning_rate):
+  """The learning rate :func:`fit` writes into the optimizer state: the one given; when none is
+  given (None), 1e-3 for the default Adam and nothing for an optimizer of the user's, which
+  keeps the rate it was built with (``optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)``
+  trains at 0.5)."""
+  if learning_rate is None and trainer.optimizer is _DEFAULT_OPTIMIZER:
+    return _DEFAULT_LEARNING_RATE
+  return learning_rate
 
 
 def init_state(trainer: Trainer, params: PyTree, learning_rate=None) -> TrainState:
@@ -520,7 +596,7 @@ def _run(trainer, params, masks, learning_rate, x, y, w, key, epochs, val, log_e
 
 
 def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
-        batch_size: int = 32, learning_rate: float = 1e-3, masks: PyTree | None = None,
+        batch_size: int = 32, learning_rate: float | None = None, masks: PyTree | None = None,
         optimizer: optax.GradientTransformation | None = None, loss: Callable | None = None,
         validation: tuple | None = None, log_every: int = 10, progress: bool = True,
         trainer: Trainer | None = None, desc: str = "train",
@@ -538,6 +614,10 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     batch_size, learning_rate, optimizer, loss: training settings (Adam by default). With a
       ``loss`` of your own the targets need not be class labels. The optimizer's ``init`` and
       ``update`` both run inside compiled programs cached per trainer: they must be traceable.
+      ``learning_rate`` left as None is 1e-3 for the default Adam; an ``optimizer`` (or
+      ``trainer``) of your own keeps the learning rate it was built with. Given, it is written
+      into an optimizer state that holds it (``optax.inject_hyperparams``, as the default Adam
+      does); an optimizer built with a fixed rate (``optax.sgd(0.1)``) keeps its own.
     masks: optional weight masks (see :func:`jaxprune.expand`); masked weights are zeroed
       before training and stay zero.
     validation: optional ``(x_val, y_val)`` evaluated after every epoch.
@@ -576,15 +656,17 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     _check_data(model, vx, vy, "validation x", params=params, y_name="validation y")
     val = (_device(validation[0], vx), _device(validation[1], vy),
            _device(np.ones((vx.shape[0],), np.float32)))
-  state, history = _run(trainer, params, masks, learning_rate, x, y, w, key, epochs, val,
-                        max(1, log_every), progress, desc, many=False, callback=callback)
+  state, history = _run(trainer, params, masks, _learning_rate_to_set(trainer, learning_rate),
+                        x, y, w, key, epochs, val, max(1, log_every), progress, desc, many=False,
+                        callback=callback)
   return state.params, history
 
 
 def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: int,
-             batch_size: int = 32, learning_rate: float = 1e-3, masks: PyTree | None = None,
-             validation: tuple | None = None, log_every: int = 10, progress: bool = True,
-             trainer: Trainer | None = None, desc: str = "train",
+             batch_size: int = 32, learning_rate: float | None = None,
+             masks: PyTree | None = None, validation: tuple | None = None,
+             log_every: int = 10, progress: bool = True, trainer: Trainer | None = None,
+             desc: str = "train",
              callback: Callable[[int, TrainState], None] | None = None
              ) -> tuple[PyTree, dict]:
   """Trains a stack of independent runs (e.g. CV folds) as one ``vmap``\\ ped program.
@@ -592,8 +674,9 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   Every argument that varies per run has a leading axis R: ``params`` (stacked), ``x`` (R, N,
   ...), ``y`` (R, N, ...), ``w`` (R, N) sample weights with 0 for padding rows (whatever their
   labels), ``key`` (R keys, e.g. ``jax.random.split(key, R)``), ``masks`` (stacked, or None),
-  ``learning_rate`` (scalar or (R,)) and ``validation`` = (x_val, y_val, w_val) each with
-  axis R.
+  ``learning_rate`` (scalar or (R,); None: 1e-3 for the default Adam, the optimizer's own
+  for a ``trainer`` of your own, as in :func:`fit`) and ``validation`` = (x_val, y_val, w_val)
+  each with axis R (checked per run as :func:`fit` checks its validation data).
   Each run's result equals :func:`fit` on its unpadded data with the same key, to float
   rounding (batched products round differently). Adam and the model's default loss; for
   another optimizer or loss pass ``trainer=make_trainer(model, optimizer=..., loss=...)``.
@@ -609,7 +692,7 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   _check_callback(callback)
   _check_trainable(params)
   xh, yh, wh = _host(x), _host(y), _host(w, np.float32)
-  runs, n = _check_runs("fit_many", model, params, xh, yh, wh, "w", masks)
+  runs, _ = _check_runs("fit_many", model, params, xh, yh, wh, "w", masks)
   _check_start_params(params, masks)
   _check_learning_rate(learning_rate)
   validate.check_key(key)
@@ -617,15 +700,18 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   if not key_shape or key_shape[0] != runs:
     raise ValueError(f"fit_many needs one key per run: key of shape ({runs},), e.g. "
                      f"jax.random.split(key, {runs}); got shape {key_shape}.")
-  validate.check_data(xh, yh, sample_weight=wh, name="x", runs=True)
-  _check_targets(model, _one_run(params), xh[0], yh[wh > 0], "y", one_run=yh[0])
+  _check_runs_data(model, params, xh, yh, wh, "w")
+  if validation is not None:
+    _check_validation_runs(model, params, validation)
   trainer = trainer or make_trainer(model, batch_size=batch_size)
   x, y, w = _device(x, xh), _device(y, yh), _device(w, wh)
-  lr = np.asarray(learning_rate, np.float32)
-  if lr.shape not in ((), (runs,)):
-    raise ValueError(f"fit_many: learning_rate must be one number or one per run, shape "
-                     f"({runs},); got shape {lr.shape}.")
-  lr = np.broadcast_to(lr, (runs,))
+  lr = _learning_rate_to_set(trainer, learning_rate)
+  if lr is not None:
+    lr = np.asarray(lr, np.float32)
+    if lr.shape not in ((), (runs,)):
+      raise ValueError(f"fit_many: learning_rate must be one number or one per run, shape "
+                       f"({runs},); got shape {lr.shape}.")
+    lr = np.broadcast_to(lr, (runs,))
   val = None if validation is None else tuple(_device(a) for a in validation)
   state, history = _run(trainer, params, masks, lr, x, y, w, key, epochs, val,
                         max(1, log_every), progress, desc, many=True, callback=callback)
@@ -648,6 +734,7 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
   compiles a new program.
   """
   model = as_model(model, loss)
+  _check_batch_size(batch_size)
   xh, yh = _host(x), _host(y)
   w = (None if sample_weight is None else
        validate.check_sample_weight(sample_weight, xh.shape[0]))
@@ -690,15 +777,13 @@ def evaluate_many(model: Model, params: PyTree, x, y, sample_weight=None, *,
     (2,)
   """
   model = as_model(model, loss)
+  _check_batch_size(batch_size)
   xh, yh = _host(x), _host(y)
   wh = (np.ones(xh.shape[:2], np.float32) if sample_weight is None
         else _host(sample_weight, np.float32))
-  runs, n = _check_runs("evaluate_many", model, params, xh, yh, wh, "sample_weight", masks)
+  _check_runs("evaluate_many", model, params, xh, yh, wh, "sample_weight", masks)
   _check_start_params(params, masks)
-  validate.check_data(xh, yh, sample_weight=wh, name="x", runs=True)
-  for r in range(runs):
-    validate.check_sample_weight(wh[r], n, f"sample_weight of run {r}")
-  _check_targets(model, _one_run(params), xh[0], yh[wh > 0], "y", one_run=yh[0])
+  _check_runs_data(model, params, xh, yh, wh, "sample_weight")
   trainer = make_trainer(model, loss=loss)
   m = _compiled_eval_weighted(trainer, batch_size, True)(params, masks, _device(x, xh),
                                                          _device(y, yh), _device(wh))

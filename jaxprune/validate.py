@@ -248,12 +248,25 @@ def _targets_of(name: str) -> str:
   return "y" if name == "x" else f"{name}'s"
 
 
-def num_outputs(model, params: PyTree, x) -> int:
-  """The size of the model's last output axis for inputs shaped like ``x`` (no computation)."""
+def _outputs(model, params: PyTree, x):
+  """The shape and dtype of the model's outputs for one sample shaped like a row of ``x``
+  (no computation)."""
   dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype  # token ids stay integers
   dtype = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
-  out = jax.eval_shape(model.apply, params,
-                       jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), dtype))
+  return jax.eval_shape(model.apply, params,
+                        jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), dtype))
+
+
+def output_shape(model, params: PyTree, x) -> tuple | None:
+  """The shape of the model's outputs for a batch of one sample shaped like a row of ``x``
+  (no computation); None when the model returns several outputs (a dict or tuple)."""
+  out = _outputs(model, params, x)
+  return tuple(out.shape) if hasattr(out, "shape") else None
+
+
+def num_outputs(model, params: PyTree, x) -> int:
+  """The size of the model's last output axis for inputs shaped like ``x`` (no computation)."""
+  out = _outputs(model, params, x)
   if not hasattr(out, "shape"):
     raise ValueError(
         f"This model returns a {type(out).__name__} of outputs, not one array of class scores, "

@@ -219,3 +219,116 @@ def test_evaluate_ignores_the_labels_of_weight_zero_rows():
     jaxprune.evaluate(model, params, x, y.at[3].set(99), sample_weight=w)
   with pytest.raises(ValueError, match=r"range over \[0, 99\]"):
     jaxprune.evaluate(model, params, x, y)
+
+
+def test_a_user_optimizer_keeps_its_injected_learning_rate():
+  """fit's default learning rate overwrote the rate of any optimizer state holding one:
+  optax.inject_hyperparams(optax.sgd)(learning_rate=0.5) trained at 1e-3. Now the user's
+  optimizer keeps its rate unless learning_rate= is given; the default Adam still gets 1e-3."""
+  p0 = one(PARAMS, 0)
+  kw = dict(key=jax.random.key(2), epochs=2, batch_size=4, progress=False)
+  run = lambda **k: jax.tree.leaves(jaxprune.fit(MODEL, p0, X[0], Y[0], **kw, **k)[0])
+  injected = lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
+  ours = run(optimizer=injected())
+  for a, b, c in zip(ours, run(optimizer=optax.sgd(0.5)), run(optimizer=optax.sgd(1e-3))):
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+  # Given explicitly, the learning rate is written into the optimizer's state.
+  for a, b in zip(run(optimizer=injected(), learning_rate=1e-3), run(optimizer=optax.sgd(1e-3))):
+    np.testing.assert_array_equal(a, b)
+  # The default Adam: no learning_rate is 1e-3, bit for bit.
+  for a, b in zip(run(), run(learning_rate=1e-3)):
+    np.testing.assert_array_equal(a, b)
+  # fit_many with a trainer of the user's keeps its rate too; per-run rates still apply.
+  keys = jax.random.split(jax.random.key(4), 3)
+  many = lambda opt, **k: jax.tree.leaves(jaxprune.fit_many(
+      MODEL, PARAMS, X, Y, W, key=keys, epochs=2, progress=False,
+      trainer=jaxprune.make_trainer(MODEL, batch_size=4, optimizer=opt), **k)[0])
+  for a, b in zip(many(injected()), many(optax.sgd(0.5))):
+    np.testing.assert_array_equal(a, b)
+  lrs = np.array([0.5, 1e-3, 0.5], np.float32)
+  for a, b, c in zip(many(injected(), learning_rate=lrs), many(optax.sgd(0.5)),
+                     many(optax.sgd(1e-3))):
+    a, b, c = np.asarray(a), np.asarray(b), np.asarray(c)
+    np.testing.assert_array_equal(a[[0, 2]], b[[0, 2]])
+    np.testing.assert_array_equal(a[1], c[1])
+
+
+def test_fit_many_checks_each_runs_sample_weights():
+  """Negative weights were accepted (that run never trained) and NaN or infinite ones ended
+  in a FloatingPointError blaming the learning rate; evaluate_many refused them."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  for bad in (-1.0, np.nan, np.inf):
+    w = W.copy()
+    w[1, 2] = bad
+    with pytest.raises(ValueError, match=r"^w of run 1 must be finite and >= 0"):
+      jaxprune.fit_many(MODEL, PARAMS, X, Y, w, key=keys, epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"^sample_weight of run 1 must be finite and >= 0"):
+      jaxprune.evaluate_many(MODEL, PARAMS, X, Y, w)
+
+
+def test_fit_many_checks_validation_data_per_run():
+  """fit_many took any validation data (an out-of-range label or NaN inputs ended in a
+  FloatingPointError blaming the learning rate); fit checked its own."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  fit = lambda val: jaxprune.fit_many(MODEL, PARAMS, X, Y, W, key=keys, epochs=1,
+                                      progress=False, validation=val)
+  bad_y = Y.copy()
+  bad_y[1, 0] = 7
+  with pytest.raises(ValueError, match=r"^validation y: the targets range over \[0, 7\]"):
+    fit((X, bad_y, W))
+  nan_x = X.copy()
+  nan_x[2, 0, 1] = np.nan
+  with pytest.raises(ValueError, match=r"^validation x holds 1 NaN or infinite values"):
+    fit((nan_x, Y, W))
+  with pytest.raises(ValueError, match=r"^validation w of run 0 must be finite and >= 0"):
+    fit((X, Y, -W))
+  with pytest.raises(ValueError, match=r"validation x and validation y need a leading run axis"):
+    fit((X[0], Y[0], W[0]))
+  with pytest.raises(ValueError, match=r"validation y and validation w shaped \(R, N\)"):
+    fit((X, Y[:, :5], W))
+  with pytest.raises(ValueError, match=r"validation must be a tuple \(x_val, y_val, w_val\)"):
+    fit((X,))
+  # Valid data, with or without weights (all ones), trains as before.
+  _, h = fit((X, Y))
+  assert h["val_loss"].shape == (3, 1)
+
+
+def test_integer_inputs_of_stacked_runs_get_fits_message():
+  """Integer x of shape (R, N, F) was said to lack its run axis."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  match = r"Inputs must be floating point, got dtype int.*x\.astype\(jnp\.float32\)"
+  xi = np.ones(X.shape, int)
+  with pytest.raises(ValueError, match=match):
+    jaxprune.fit_many(MODEL, PARAMS, xi, Y, W, key=keys, epochs=1, progress=False)
+  with pytest.raises(ValueError, match=match):
+    jaxprune.evaluate_many(MODEL, PARAMS, xi, Y, W)
+  with pytest.raises(ValueError, match=match):
+    jaxprune.fit(MODEL, one(PARAMS, 0), xi[0], Y[0], key=keys[0], epochs=1, progress=False)
+
+
+def test_evaluate_batch_size_and_autoencoder_targets_are_checked():
+  """evaluate(batch_size=0) raised ZeroDivisionError (-1: a reshape error); an autoencoder
+  given class labels as targets failed with a broadcasting error inside the loss."""
+  p0 = one(PARAMS, 0)
+  for bs in (0, -1):
+    with pytest.raises(ValueError, match=f"batch_size must be at least 1, got {bs}"):
+      jaxprune.evaluate(MODEL, p0, X[0], Y[0], batch_size=bs)
+    with pytest.raises(ValueError, match=f"batch_size must be at least 1, got {bs}"):
+      jaxprune.evaluate_many(MODEL, PARAMS, X, Y, W, batch_size=bs)
+  ae = AE.init(jax.random.key(1))
+  match = (r"^y: the targets have shape \(12,\) but the model's outputs have shape \(12, 3\); "
+           r".*\(y = x\)")
+  with pytest.raises(ValueError, match=match):
+    jaxprune.fit(AE, ae, X[0], Y[0], key=jax.random.key(0), epochs=1, progress=False)
+  with pytest.raises(ValueError, match=match):
+    jaxprune.evaluate(AE, ae, X[0], Y[0])
+  with pytest.raises(ValueError, match=r"^validation y: the targets have shape \(12,\)"):
+    jaxprune.fit(AE, ae, X[0], X[0], key=jax.random.key(0), epochs=1, progress=False,
+                 validation=(X[1], Y[1]))
+  stacked = jax.vmap(AE.init)(jax.random.split(jax.random.key(1), 3))
+  with pytest.raises(ValueError, match=r"^y of each run: the targets have shape \(12,\)"):
+    jaxprune.fit_many(AE, stacked, X, Y, W, key=jax.random.split(jax.random.key(0), 3),
+                      epochs=1, progress=False)
+  with pytest.raises(ValueError, match=r"^y of each run: the targets have shape \(12, 2\)"):
+    jaxprune.evaluate_many(AE, stacked, X, X[..., :2])
