@@ -400,17 +400,20 @@ class Trainer:
     return new_state, {"loss_sum": loss_sum, "correct": correct, "count": jnp.sum(w)}
 
   def epoch(self, state: TrainState, masks: PyTree | None, x, y, w, key) -> tuple[TrainState, dict]:
-    """One pass over the data in a random order (real samples first, padding last)."""
+    """One pass over the data in a random order (real samples first, padding last). A batch
+    size above the number of samples is one batch of all of them (the same step: rows of
+    padding count 0), not a batch padded to that size."""
     n = x.shape[0]
-    nb = math.ceil(n / self.batch_size)
+    bs = min(self.batch_size, n)
+    nb = math.ceil(n / bs)
     # Each sample's sort key depends only on its index, so the real samples (w > 0) come out in
     # the same random order whatever padding follows them; padding goes last.
     u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(jnp.arange(n))
     perm = jnp.argsort(jnp.where(w > 0, u, 2.0))
-    pad = nb * self.batch_size - n
-    idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(nb, self.batch_size)
+    pad = nb * bs - n
+    idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(nb, bs)
     valid = jnp.concatenate([jnp.ones((n,), bool), jnp.zeros((pad,), bool)])
-    valid = valid.reshape(nb, self.batch_size)
+    valid = valid.reshape(nb, bs)
 
     def body(st, batch):
       i, v = batch
