@@ -697,6 +697,29 @@ def test_unusable_data_under_jit_flag_the_result(trained):
     assert bool(bad.invalid) and np.isnan(float(bad.fitness)) and np.isnan(float(bad.accuracy))
 
 
+def test_unusable_weights_and_a_user_fitness_on_unusable_x_flag_the_result_under_vmap(trained):
+  """Negative, NaN or all-zero sample weights under vmap gave invalid=False with a plausible
+  (or -inf) fitness; a user fitness with NaN x reported an accuracy computed from them. Both
+  flag the result now, as outside jit they raise."""
+  model, params, x, y = trained
+  n = x.shape[0]
+  kw = dict(key=jax.random.key(7), config=CFG, progress=False)
+  run = lambda w: ga.search(model, params, x, y, "hidden_0", sample_weight=w, **kw)
+  ws = jnp.stack([jnp.ones(n), jnp.ones(n).at[0].set(-5.0), jnp.zeros(n),
+                  jnp.ones(n).at[0].set(jnp.nan)])
+  res = jax.vmap(run)(ws)
+  np.testing.assert_array_equal(np.asarray(res.invalid), [False, True, True, True])
+  assert np.isfinite(float(res.fitness[0])) and np.isnan(np.asarray(res.fitness[1:])).all()
+  assert np.isnan(np.asarray(res.accuracy[1:])).all()
+  for w in ws[1:]:
+    with pytest.raises(ValueError, match="sample_weight"):
+      run(w)
+  user = lambda p, mask: jnp.sum(mask).astype(jnp.float32)
+  nan_x = jax.jit(lambda xx: ga.search(model, params, xx, y, "hidden_0", fitness=user, **kw))(
+      x.at[0, 0].set(jnp.nan))
+  assert bool(nan_x.invalid) and np.isnan(float(nan_x.accuracy))
+
+
 @pytest.mark.parametrize("rows", ["uniform", "multi_hot", "negated", "smoothed"])
 def test_one_hot_rows_that_are_not_one_hot_are_refused(trained, result, rows):
   """Rows that are not one-hot used to become labels by an argmax (uniform rows: every label

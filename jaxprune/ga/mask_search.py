@@ -211,6 +211,8 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
   invalid = unusable_hyper(hyper, penalty=not user)
   if not user:
     invalid = invalid | _unusable(fit.model, params, x, y, sample_weight)
+  elif scorer is not None:   # a user fitness's run reports the accuracy on x: checked as well
+    invalid = invalid | _unusable(scorer.model, params, x, y, sample_weight)
   nan = jnp.asarray(jnp.nan, jnp.float32)
   return GAResult(mask=best, fitness=jnp.where(invalid, nan, state.hof_fitness[0]),
                   accuracy=jnp.where(invalid, nan, accuracy),
@@ -221,7 +223,7 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
 def _unusable(model, params: PyTree, x, y, sample_weight=None) -> jax.Array:
   """() bool, inside the program: what :func:`validate.check_model_data` refuses outside jit
   (NaN or infinite inputs or params, labels outside the classes or one-hot rows that are not
-  one-hot, of weight > 0 rows)."""
+  one-hot, of weight > 0 rows; sample weights that are negative or not finite, or sum to 0)."""
   floats = [a for a in jax.tree.leaves((params, x)) if jnp.issubdtype(a.dtype, jnp.floating)]
   bad = jnp.zeros((), bool)
   for a in floats:
@@ -231,7 +233,9 @@ def _unusable(model, params: PyTree, x, y, sample_weight=None) -> jax.Array:
   if jnp.ndim(y) == 2:
     out = out | ~validate.one_hot_rows(jnp.asarray(y))
   if sample_weight is not None:
-    out = out & (jnp.asarray(sample_weight) > 0)
+    w = jnp.asarray(sample_weight)
+    out = out & (w > 0)
+    bad = bad | ~jnp.all(jnp.isfinite(w) & (w >= 0)) | ~(jnp.sum(w) > 0)
   return bad | jnp.any(out)
 
 
