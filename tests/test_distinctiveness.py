@@ -913,6 +913,33 @@ def test_until_stable_equals_a_loop_of_sweeps(tanh_model):
   np.testing.assert_array_equal(m4["hidden_0"], m2["hidden_0"])
 
 
+@pytest.mark.parametrize("by", ["activations", "weights"])
+def test_until_stable_on_two_models_sharing_an_equal_group(by):
+  """The compiled loop was cached by the group and options alone: a second model whose
+  'conv_0' equals the first's but whose 'conv_1' is wider ran the first model's sweep, which
+  refused the second model's masks ("'conv_1' has shape (8,); group 'conv_1' has 6 units")."""
+  x = jax.random.normal(jax.random.key(1), (3, 16, 16, 1))
+  for channels in ((5, 6), (5, 8)):
+    model = LeNet(input_shape=(16, 16, 1), channels=channels)
+    params = model.init(jax.random.key(0))
+    kernel = params["params"]["conv_0"]["kernel"]
+    for copy in (2, 4):   # three copies of filter 0: the second sweep still merges one
+      kernel = kernel.at[..., copy].set(kernel[..., 0])
+    params["params"]["conv_0"]["kernel"] = kernel
+    bias = params["params"]["conv_0"]["bias"]
+    params["params"]["conv_0"]["bias"] = bias.at[2].set(bias[0]).at[4].set(bias[0])
+    if by == "activations":
+      prune = distinctiveness(model, "conv_0", complementary=False)
+      args = (model.activations(params, x, "conv_0"), 1e-3)
+    else:
+      prune = jaxprune.weight_distinctiveness(model, "conv_0", source="incoming",
+                                              complementary=False, constants=False)
+      args = (1e-3,)
+    _, m, rep = jaxprune.until_stable(prune, params, _ones(model), *args)
+    assert np.flatnonzero(~np.asarray(m["conv_0"])).tolist() == [2, 4]
+    assert m["conv_1"].shape == (channels[1],) and bool(rep.stable)
+
+
 def test_weight_distinctiveness_refuses_nan_weights(lenet):
   model, params, *_ = lenet
   p = jax.tree.map(np.array, params)

@@ -288,7 +288,8 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
   prune._trace_count = trace_count  # for tests: compilations so far (not public API)
-  prune._config = ("activations", g, tuple(flags.tolist()))  # same config: same sweep
+  # same config: same sweep (the model's other groups too: prune checks masks against them)
+  prune._config = ("activations", g, tuple(flags.tolist()), tuple(sorted(groups.items())))
   return prune
 
 
@@ -373,7 +374,8 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
   prune._trace_count = trace_count  # for tests: compilations so far (not public API)
-  prune._config = ("weights", g, source, similar, complementary, constants, absorb)
+  prune._config = ("weights", g, source, similar, complementary, constants, absorb,
+                   tuple(sorted(groups.items())))
   return prune
 
 
