@@ -14,8 +14,9 @@ its exact least-squares fit (minimum norm, on the centred activations, singular 
 ``eps * max(N, units)`` of the largest left out as ``jnp.linalg.lstsq`` does) is computed, and it
 is removed if its relative residual ``|a_j - fit| / |a_j - mean(a_j)|`` (the square root of the
 unexplained variance fraction) is below ``tol``. A unit is constant, with residual 0 and only
-its mean folded, when the norm of its centred activations is at most ``1e-6`` times the largest
-among the kept units' (constants are ranked first). Then the next; it stops when the best
+its mean folded, when its activations are one value on every pattern, or the norm of its
+centred activations is at most ``1e-6`` times the largest among the kept units' (constants are
+ranked first). Then the next; it stops when the best
 candidate fails or one unit is left. The activations are those of the starting network;
 removal does not change the other units' activations.
 
@@ -212,6 +213,21 @@ def _residual(x, m, j, beta):
   return jnp.where(const, 0.0, beta), rel
 
 
+def _exact_constants(a, mean, real):
+  """``(mean, flat)``: the units whose activations are one value on every pattern that counts
+  (``real``; None: all) are ``flat``, and their mean is that value. A float32 mean of equal
+  values can be an ulp off, which left such a unit a centred norm of about 1e-6 of its value:
+  above the constant test's 1e-6 of the largest unit's when the others vary little, so an
+  exactly constant unit was neither constant nor rebuilt, and stopped the removals."""
+  if real is None:
+    lo, hi = jnp.min(a, axis=0), jnp.max(a, axis=0)
+  else:
+    lo = jnp.min(jnp.where(real[:, None], a, jnp.inf), axis=0)
+    hi = jnp.max(jnp.where(real[:, None], a, -jnp.inf), axis=0)
+  flat = lo == hi
+  return jnp.where(flat, hi, mean), flat
+
+
 def group_redundancy(model_or_groups, group: str) -> Callable:
   """Greedy removal of linearly redundant units of ``group`` (see the module docstring).
 
@@ -244,8 +260,8 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     if weight is None:
       bad = ~jnp.all(jnp.isfinite(jnp.where(mask[None, :], a, 0.0))) | ~(tol >= 0)
       a = jnp.where(jnp.isfinite(a), a, 0.0)
-      mean = jnp.mean(a, axis=0)
-      x = a - mean
+      mean, flat = _exact_constants(a, jnp.mean(a, axis=0), None)
+      x = jnp.where(flat[None, :], 0.0, a - mean)
     else:  # weighted least squares: rows scaled by sqrt(w), a weight-0 row is exactly zero
       w = jnp.asarray(weight, jnp.float32)
       wv = jnp.broadcast_to(w.reshape((-1,) + (1,) * (acts.ndim - 2)),
@@ -256,9 +272,10 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       total = jnp.sum(wv)
       bad |= ~jnp.all(jnp.isfinite(w) & (w >= 0)) | ~(jnp.sum(real) >= 2)
       a = jnp.where(jnp.isfinite(a), a, 0.0)
-      mean = jnp.sum(wv[:, None] * a, axis=0) / jnp.where(total > 0, total, 1.0)
-      x = jnp.where(real[:, None], (a - mean) * jnp.sqrt(jnp.where(real, wv, 0.0))[:, None],
-                    0.0)
+      mean, flat = _exact_constants(
+          a, jnp.sum(wv[:, None] * a, axis=0) / jnp.where(total > 0, total, 1.0), real)
+      x = jnp.where(real[:, None] & ~flat[None, :],
+                    (a - mean) * jnp.sqrt(jnp.where(real, wv, 0.0))[:, None], 0.0)
     hi = jax.lax.Precision.HIGHEST
     cov = jnp.matmul(x.T, x, precision=hi)
 
