@@ -935,24 +935,26 @@ def block_prune(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5
 # ----------------------------------------------------------------------------- structured pruners
 
 
+def _filtered(group: units_lib.UnitGroup, keep) -> units_lib.UnitGroup:
+  """``group`` with the slices ``keep(slice)`` accepts (all of them when it accepts none)."""
+  slices = tuple(s for s in group.slices if keep(s))
+  if len(slices) == len(group.slices) or not slices:
+    return group
+  return dataclasses.replace(group, slices=slices)
+
+
 def _params_only(group: units_lib.UnitGroup) -> units_lib.UnitGroup:
   """``group`` without its slices outside the ``'params'`` collection (BatchNorm's running
   statistics in ``'batch_stats'``), for an optimizer that sees ``variables['params']``: the
   statistics of a removed unit are not read once its scale and shift are masked."""
-  slices = tuple(s for s in group.slices if s.path[:1] == ("params",))
-  if len(slices) == len(group.slices) or not slices:
-    return group
-  return dataclasses.replace(group, slices=slices)
+  return _filtered(group, lambda s: s.path[:1] == ("params",))
 
 
 def _without_stats(group: units_lib.UnitGroup) -> units_lib.UnitGroup:
   """``group`` without its running-statistics slices (kind ``'stat'``), for an optimizer that
   sees only the trainable variables of a tree that also held them: ``nnx.Optimizer(...,
   wrt=nnx.Param)`` on a target traced from the whole ``nnx.State`` (BatchStat included)."""
-  slices = tuple(s for s in group.slices if s.kind != "stat")
-  if len(slices) == len(group.slices) or not slices:
-    return group
-  return dataclasses.replace(group, slices=slices)
+  return _filtered(group, lambda s: s.kind != "stat")
 
 
 def _variants(group: units_lib.UnitGroup):

@@ -642,7 +642,7 @@ def _check_shaped_like(out: PyTree, params: PyTree) -> None:
   for (kp, a), (_, b) in zip(got, ref):
     if tuple(jnp.shape(a)) != tuple(jnp.shape(b)):
       raise ValueError(
-          f"uncompact: leaf {jax.tree_util.keystr(kp)} comes back with shape "
+          f"uncompact: leaf {path_str([key_of(k) for k in kp])} comes back with shape "
           f"{tuple(jnp.shape(a))}, not params' {tuple(jnp.shape(b))}: the unit masks do not "
           "cut it as compact did. Pass the unit masks that were given to compact.")
 
@@ -716,10 +716,11 @@ def bias_contribution(constants: jax.Array, view: jax.Array, bias_shape, s: Slic
         j -= 1
     keep = keep[::-1]
   # size-1 axes broadcast (a Dense(1) head's (1,) bias): compare without them on both sides;
-  # the last axis is an output (outputs last), so a bias without it (a scalar) cannot hold it
-  last_out = s is None or s.out_axes is None
+  # a bias of one value (a scalar) holds no output axis: with outputs last (declared slices) it
+  # cannot take a contribution whose last axis is longer than 1
+  scalar_bias = not want and (s is None or s.out_axes is None)
   if [contrib.shape[i] for i in keep if contrib.shape[i] != 1] != want or (
-      last_out and contrib.ndim and contrib.shape[-1] != 1 and contrib.ndim - 1 not in keep):
+      scalar_bias and contrib.ndim and contrib.shape[-1] != 1):
     raise ValueError(f"A consumer's bias of shape {bias_shape} does not match the output axes "
                      f"of its kernel's unit rows {tuple(contrib.shape)}, so constants cannot be "
                      "folded into it; pass constants=False.")

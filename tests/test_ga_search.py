@@ -211,6 +211,8 @@ def test_readout_bias_of_any_shape_scores_as_the_function(case, incremental):
   y = jnp.arange(60) % 4
   t = jaxprune.trace(fn, params, x)
   assert ga.make_fitness(t, "w1").fast
+  if case in ("flipped", "scalar"):   # no value per output in its order: not the layer's bias
+    assert t.groups["w1"].consumers[0].bias is None   # (a flipped one was, read unflipped)
   res = ga.search(t, params, x, y, "w1", key=jax.random.key(3), fitness="accuracy",
                   config=ga.GAConfig(population_size=16, generations=3), progress=False,
                   incremental=incremental)

@@ -170,9 +170,26 @@ def test_uncompact_checks_the_small_params_against_the_masks():
   with pytest.raises(ValueError, match=r"small_params leaf params/hidden_0/kernel has shape "
                      r"\(5, 4\), but these unit masks keep \(5, 5\).*given to compact"):
     units.uncompact(small, params, model, {"hidden_0": np.array([1, 1, 1, 1, 0, 1], bool)})
-  with pytest.raises(ValueError, match=r"leaf \['params'\]\['hidden_0'\]\['bias'\] comes back "
+  with pytest.raises(ValueError, match=r"leaf params/hidden_0/bias comes back "
                      r"with shape \(4,\), not params' \(6,\)"):
     units.uncompact(small, params, model, {})
   with pytest.raises(ValueError, match="small_params hold 3 leaves, params 4"):
     no_bias = {"params": {**small["params"], "out": {"kernel": small["params"]["out"]["kernel"]}}}
     units.uncompact(no_bias, params, model, keep)
+
+
+def test_bias_contribution_with_outputs_first_and_a_scalar_bias():
+  """A declared OIHW consumer (outputs first) with an (O,) bias takes the contribution summed
+  over its window; a scalar bias cannot take a contribution with several outputs."""
+  import jax.numpy as jnp
+  k = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 2, 2)), jnp.float32)
+  s = units.Slice(("k",), axis=1, role="consumer", bias=("b",))
+  c = jnp.array([0.0, 1.0, 0.0, 0.0])
+  got = units.bias_contribution(c, units.unit_view(k, s), (3,), s, k)
+  np.testing.assert_allclose(got, np.asarray(k)[:, 1].sum((1, 2)), rtol=1e-6)
+  dense = jnp.ones((4, 5))
+  d = units.Slice(("w",), axis=0, role="consumer", bias=("c",))
+  with pytest.raises(ValueError, match=r"bias of shape \(\) does not match"):
+    units.bias_contribution(c, units.unit_view(dense, d), (), d, dense)
+  np.testing.assert_allclose(units.bias_contribution(c, units.unit_view(dense[:, :1], d), (), d,
+                                                     dense[:, :1]), 1.0)   # one output

@@ -51,14 +51,14 @@ def fold_obstacle(group: units_lib.UnitGroup, *, linear: bool = False) -> str | 
   cannot be folded into the next bias exactly here, or None when it can."""
   no_bias = [s for s in group.consumers if s.bias is None]
   if no_bias:
-    return (f"its consumer {'/'.join(map(str, no_bias[0].path))} adds no bias with a value for "
+    return (f"its consumer {units_lib.path_str(no_bias[0].path)} adds no bias with a value for "
             "each of its outputs")
   if not group.exact_constant_fold:
     padded = [s for s in group.consumers if s.padded]
     if padded and all(s.padded_why for s in padded):  # what each reader is, where known
       by_why = {}
       for s in padded:
-        by_why.setdefault(s.padded_why, []).append("/".join(map(str, s.path)))
+        by_why.setdefault(s.padded_why, []).append(units_lib.path_str(s.path))
       return "; ".join(
           (f"its consumer {paths[0]} reads" if len(paths) == 1 else
            f"its consumers {', '.join(paths)} read") + f" it through {why}"
