@@ -296,9 +296,10 @@ def _check_runs_data(model: Model, params, x, y, w, w_name: str, *, x_name="x",
   _check_targets(model, _one_run(params), x[0], y[w > 0], y_name, one_run=y[0])
 
 
-def _check_validation_runs(model: Model, params, validation) -> None:
+def _check_validation_runs(model: Model, params, validation) -> tuple:
   """``fit_many``'s ``validation = (x_val, y_val[, w_val])``, each with the run axis R, checked
-  per run as :func:`fit` checks its validation data (w_val: all ones when left out)."""
+  per run as :func:`fit` checks its validation data (w_val: all ones when left out); returns
+  the host arrays checked, one per item given."""
   if not isinstance(validation, (tuple, list)) or len(validation) not in (2, 3):
     got = (f"{len(validation)} items" if isinstance(validation, (tuple, list)) else
            f"a {type(validation).__name__}")
@@ -311,6 +312,7 @@ def _check_validation_runs(model: Model, params, validation) -> None:
   names = dict(x_name="validation x", y_name="validation y")
   _check_runs("fit_many", model, params, vx, vy, vw, "validation w", None, **names)
   _check_runs_data(model, params, vx, vy, vw, "validation w", **names)
+  return (vx, vy, vw)[:len(validation)]
 
 
 def _check_batch_size(batch_size) -> None:
@@ -704,8 +706,7 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
     raise ValueError(f"fit_many needs one key per run: key of shape ({runs},), e.g. "
                      f"jax.random.split(key, {runs}); got shape {key_shape}.")
   _check_runs_data(model, params, xh, yh, wh, "w")
-  if validation is not None:
-    _check_validation_runs(model, params, validation)
+  val_host = None if validation is None else _check_validation_runs(model, params, validation)
   trainer = trainer or make_trainer(model, batch_size=batch_size)
   x, y, w = _device(x, xh), _device(y, yh), _device(w, wh)
   lr = _learning_rate_to_set(trainer, learning_rate)
@@ -715,7 +716,7 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
       raise ValueError(f"fit_many: learning_rate must be one number or one per run, shape "
                        f"({runs},); got shape {lr.shape}.")
     lr = np.broadcast_to(lr, (runs,))
-  val = None if validation is None else tuple(_device(a) for a in validation)
+  val = None if validation is None else tuple(_device(a, h) for a, h in zip(validation, val_host))
   state, history = _run(trainer, params, masks, lr, x, y, w, key, epochs, val,
                         max(1, log_every), progress, desc, many=True, callback=callback)
   return state.params, history

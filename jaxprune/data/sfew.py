@@ -191,18 +191,24 @@ def _is_empty(value: Any) -> bool:
   return isinstance(value, str) and value.strip().lower() in _MISSING
 
 
-def _as_float(value: Any) -> float | None:
-  """A finite float, NaN for a missing value, or None when not a number (or one too large for
-  the float32 features it becomes: 1e40 would load as infinity)."""
-  if _is_empty(value):
-    return math.nan
+def _finite_float(value: Any) -> float | None:
+  """``value`` as a finite float, or None when it is not a number (or is NaN or infinite)."""
   if isinstance(value, bool):
     return None
   try:
     number = float(value)
   except (TypeError, ValueError):
     return None
-  return number if math.isfinite(number) and abs(number) <= _FLOAT32_MAX else None
+  return number if math.isfinite(number) else None
+
+
+def _as_float(value: Any) -> float | None:
+  """A finite float, NaN for a missing value, or None when not a number (or one too large for
+  the float32 features it becomes: 1e40 would load as infinity)."""
+  if _is_empty(value):
+    return math.nan
+  number = _finite_float(value)
+  return None if number is None or _too_large(number) else number
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -210,11 +216,8 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 def _too_large(value: Any) -> bool:
   """Whether ``value`` is a finite number beyond float32's range."""
-  try:
-    number = float(value)
-  except (TypeError, ValueError):
-    return False
-  return math.isfinite(number) and abs(number) > _FLOAT32_MAX
+  number = _finite_float(value)
+  return number is not None and abs(number) > _FLOAT32_MAX
 
 
 def _looks_like_header(row: list[Any]) -> bool:
