@@ -501,13 +501,54 @@ def _learning_rate_to_set(trainer: Trainer, learning_rate):
   return learning_rate
 
 
-def init_state(trainer: Trainer, params: PyTree, learning_rate=None) -> TrainState:
-  """The trainer's initial state; sets the learning rate where the optimizer exposes it."""
-  state = trainer.init(params)
-  if learning_rate is not None and hasattr(state.opt_state, "hyperparams"):
-    hp = dict(state.opt_state.hyperparams)
+_INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _is_injected(node) -> bool:
+  return isinstance(node, _INJECTED)
+
+
+def with_learning_rate(opt_state: PyTree, learning_rate) -> PyTree:
+  """``opt_state`` with ``learning_rate`` written where ``optax.inject_hyperparams`` keeps it.
+
+  The injected state is looked for anywhere in the state (the outermost transformation, or
+  inside ``optax.chain``, :func:`scheduled`, :func:`gradual`, ``optax.MultiSteps``...). A rate
+  that cannot be set is refused rather than ignored: an optimizer with no injected learning
+  rate (``optax.sgd(0.1)``), one whose injected rate is a schedule (recomputed at every step),
+  and one with several injected rates (``optax.multi_transform``).
+  """
+  found = [node for node in jax.tree.leaves(opt_state, is_leaf=_is_injected)
+           if _is_injected(node) and "learning_rate" in node.hyperparams]
+  keep = ("leave learning_rate=None to train at the rate the optimizer was built with, or "
+          "build it with optax.inject_hyperparams(...)(learning_rate=<a number>)")
+  if not found:
+    raise ValueError("learning_rate= was given, but the optimizer keeps no learning rate in its "
+                     f"state to set (optax.sgd(0.1) fixes its rate when built): {keep}.")
+  if len(found) > 1:
+    raise ValueError(f"learning_rate= was given, but the optimizer holds {len(found)} injected "
+                     "learning rates (optax.multi_transform?), and one number cannot say which: "
+                     "set them in the optimizer and leave learning_rate=None.")
+  if "learning_rate" in getattr(found[0], "hyperparams_states", {}):
+    raise ValueError("learning_rate= was given, but the optimizer's injected learning rate is a "
+                     "schedule, recomputed at every step, so a number written into its state "
+                     f"would be overwritten: {keep}.")
+
+  def put(node):
+    if not (_is_injected(node) and "learning_rate" in node.hyperparams):
+      return node
+    hp = dict(node.hyperparams)
     hp["learning_rate"] = jnp.asarray(learning_rate, jnp.asarray(hp["learning_rate"]).dtype)
-    state = state._replace(opt_state=state.opt_state._replace(hyperparams=hp))
+    return node._replace(hyperparams=hp)
+
+  return jax.tree.map(put, opt_state, is_leaf=_is_injected)
+
+
+def init_state(trainer: Trainer, params: PyTree, learning_rate=None) -> TrainState:
+  """The trainer's initial state, with ``learning_rate`` set (:func:`with_learning_rate`)
+  unless it is None."""
+  state = trainer.init(params)
+  if learning_rate is not None:
+    state = state._replace(opt_state=with_learning_rate(state.opt_state, learning_rate))
   return state
 
 

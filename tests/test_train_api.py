@@ -254,6 +254,47 @@ def test_a_user_optimizer_keeps_its_injected_learning_rate():
     np.testing.assert_array_equal(a[1], c[1])
 
 
+def test_a_learning_rate_that_cannot_be_set_is_refused_and_a_nested_one_is_set():
+  """learning_rate= was silently ignored unless the outermost state was injected: an optimizer
+  built with a fixed rate, or with inject_hyperparams inside a chain, scheduled or MultiSteps,
+  trained at its own rate whatever was asked. A nested injected rate is now set; a rate with
+  nowhere to go (none injected, a schedule, several) is refused."""
+  p0 = one(PARAMS, 0)
+  kw = dict(key=jax.random.key(2), epochs=2, batch_size=4, progress=False)
+  run = lambda **k: jax.tree.leaves(jaxprune.fit(MODEL, p0, X[0], Y[0], **kw, **k)[0])
+  injected = lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
+  clip = lambda: optax.clip_by_global_norm(1.0)
+  for a, b in zip(run(optimizer=optax.chain(clip(), injected()), learning_rate=0.05),
+                  run(optimizer=optax.chain(clip(), optax.sgd(0.05)))):
+    np.testing.assert_array_equal(a, b)
+  pruner = jaxprune.distinctiveness_pruner(MODEL, "hidden_0", similar_deg=15.0,
+                                           complementary=False, constants=False,
+                                           source="outgoing")
+  for a, b in zip(
+      run(optimizer=jaxprune.scheduled(injected(), pruner, begin_step=1, frequency=2),
+          learning_rate=0.05),
+      run(optimizer=jaxprune.scheduled(optax.sgd(0.05), pruner, begin_step=1, frequency=2))):
+    np.testing.assert_array_equal(a, b)
+  ms = train.with_learning_rate(optax.MultiSteps(injected(), 2).init(p0["params"]), 0.05)
+  assert float(ms.inner_opt_state.hyperparams["learning_rate"]) == np.float32(0.05)
+  with pytest.raises(ValueError, match="keeps no learning rate.*inject_hyperparams"):
+    run(optimizer=optax.sgd(0.1), learning_rate=0.05)
+  schedule = optax.linear_schedule(0.1, 0.0, 10)
+  with pytest.raises(ValueError, match="is a schedule"):
+    run(optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=schedule), learning_rate=0.05)
+  two = optax.multi_transform({"a": injected(), "b": injected()},
+                              {"hidden_0": "a", "out": "b"})
+  with pytest.raises(ValueError, match="2 injected learning rates"):
+    run(optimizer=two, learning_rate=0.05)
+  run(optimizer=two)   # without learning_rate= it trains at its own rates
+  keys = jax.random.split(jax.random.key(4), 3)
+  with pytest.raises(ValueError, match="keeps no learning rate"):
+    jaxprune.fit_many(MODEL, PARAMS, X, Y, W, key=keys, epochs=1, progress=False,
+                      trainer=jaxprune.make_trainer(MODEL, batch_size=4,
+                                                    optimizer=optax.sgd(0.1)),
+                      learning_rate=np.full(3, 0.05, np.float32))
+
+
 def test_fit_many_checks_each_runs_sample_weights():
   """Negative weights were accepted (that run never trained) and NaN or infinite ones ended
   in a FloatingPointError blaming the learning rate; evaluate_many refused them."""
