@@ -260,7 +260,9 @@ def _abstract(x):
   """A restore target for one template leaf: its shape and dtype (and sharding, if it has one)."""
   if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-  # a Python or NumPy number: its dtype as JAX would make it (float32 unless x64 is on)
+  if isinstance(x, (np.ndarray, np.generic)):   # NumPy keeps its own dtype (float64 included)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+  # a Python number: its dtype as JAX would make it (float32 unless x64 is on)
   return jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(np.result_type(x)))
 
 

@@ -97,9 +97,14 @@ def xla_flops(apply_fn: Callable, params: PyTree, x) -> float | None:
 
 
 def _example(model_or_apply, x):
-  if x is not None:
-    return jnp.asarray(x)
   shape = getattr(model_or_apply, "input_shape", None)
+  if x is not None:
+    x = jnp.asarray(x)
+    if shape is not None and x.ndim == len(shape) + 1 and x.shape[0] != 1:
+      raise ValueError(f"flops_report counts the FLOPs of one example, but x holds a batch of "
+                       f"{x.shape[0]} (shape {tuple(x.shape)}), which would count them "
+                       f"{x.shape[0]} times: pass one example, x[:1].")
+    return x
   if shape is None:
     raise ValueError("Pass an example input x (one example, with its batch axis: shape "
                      "(1, ...)) when the model has no input_shape.")

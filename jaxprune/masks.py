@@ -238,8 +238,18 @@ def expand(params: PyTree, target, unit_masks: Mapping[str, Any],
 
 
 def count_units(unit_masks: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-  """Group name -> (kept, total)."""
-  return {k: (int(np.sum(np.asarray(m))), int(np.size(m))) for k, m in unit_masks.items()}
+  """Group name -> (kept, total) of concrete unit masks (bool vectors, or integer 0/1 ones)."""
+  if not isinstance(unit_masks, Mapping):
+    raise ValueError(f"count_units takes unit masks, a dict from group name to bool vector; "
+                     f"got {type(unit_masks).__name__}.")
+  out = {}
+  for k, m in unit_masks.items():
+    if np.ndim(m) != 1:
+      raise ValueError(f"Unit mask {k!r} has shape {np.shape(m)}; a unit mask is a vector, one "
+                       "entry per unit of its group.")
+    m = units_lib.bool_unit_mask(np.asarray(m), k, np)
+    out[k] = (int(np.sum(m)), int(np.size(m)))
+  return out
 
 
 def _check_mask_leaves(masks: PyTree, fn: str) -> None:

@@ -289,12 +289,18 @@ def unit_mask(mask: Any, group: UnitGroup, xp=jnp) -> jax.Array:
   integers, a wrong shape) raises ValueError. ``xp=np`` returns a NumPy vector for a concrete
   mask (nothing is compiled; a traced one stays a JAX array).
   """
-  if isinstance(mask, jax.core.Tracer):
-    xp = jnp
   shape = tuple(jnp.shape(mask))
   if shape != (group.size,):
     raise ValueError(f"Unit mask {group.name!r} has shape {shape}; group {group.name!r} has "
                      f"{group.size} units, so it needs shape ({group.size},).")
+  return bool_unit_mask(mask, group.name, xp)
+
+
+def bool_unit_mask(mask: Any, name: str, xp=jnp) -> jax.Array:
+  """The dtype and value half of :func:`unit_mask` (no group to check the length against):
+  ``mask`` as a bool array, an integer one of 0s and 1s converted, anything else refused."""
+  if isinstance(mask, jax.core.Tracer):
+    xp = jnp
   dtype = jnp.result_type(mask)
   if dtype == jnp.bool_:
     return xp.asarray(mask)
@@ -302,10 +308,10 @@ def unit_mask(mask: Any, group: UnitGroup, xp=jnp) -> jax.Array:
     if not isinstance(mask, jax.core.Tracer):
       bad = np.setdiff1d(np.unique(np.asarray(mask)), [0, 1])
       if bad.size:
-        raise ValueError(f"Unit mask {group.name!r} holds {bad[:5].tolist()}; an integer unit "
+        raise ValueError(f"Unit mask {name!r} holds {bad[:5].tolist()}; an integer unit "
                          "mask may hold only 0 and 1 (better: use a bool mask).")
     return xp.asarray(mask).astype(bool)
-  raise ValueError(f"Unit mask {group.name!r} has dtype {dtype}; unit masks must be bool (or "
+  raise ValueError(f"Unit mask {name!r} has dtype {dtype}; unit masks must be bool (or "
                    "integer 0/1). Threshold it yourself, e.g. mask > 0.5, if that is meant.")
 
 
@@ -547,6 +553,11 @@ def _kept_indices(params: PyTree, groups: Mapping[str, UnitGroup],
       continue
     g = groups[name]
     check_group(params, g)
+    if isinstance(unit_masks[name], jax.core.Tracer):
+      raise ValueError(f"{who} changes the shapes of the params, so it runs on the host with "
+                       f"concrete unit masks, but unit mask {name!r} is traced (inside jax.jit "
+                       f"or vmap). Call {who} outside the transformation, on the masks a jitted "
+                       "pruner returned.")
     keep = unit_mask(np.asarray(unit_masks[name]), g, np)
     if not keep.any():
       raise ValueError(f"Unit mask {name!r} removes every unit of the group; keep at least one "

@@ -328,3 +328,16 @@ def test_damaged_checkpoint_is_named_as_damaged_not_foreign(tmp_path, monkeypatc
   with pytest.raises(ValueError, match=r"could not be read \(OSError: chunk 1 of 4.*restore the "
                                        r"folder from a copy or save the checkpoint again"):
     jaxprune.load_checkpoint(path, params)
+
+
+def test_a_float64_numpy_template_keeps_float64(tmp_path):
+  """A float64 NumPy template's leaves came back float32 (its dtype was canonicalised as a
+  Python number's), losing 1e-12 silently; NumPy leaves keep their own dtype, Python numbers
+  still take JAX's."""
+  params = {"params": {"dense": {"kernel": np.array([[1.0 + 1e-12, 2.0]], np.float64),
+                                 "bias": np.zeros(2, np.float64)}}}
+  jaxprune.save_checkpoint(str(tmp_path / "c"), params)
+  loaded, _ = jaxprune.load_checkpoint(str(tmp_path / "c"), params)
+  chex.assert_trees_all_equal_dtypes(loaded, params)
+  np.testing.assert_array_equal(loaded["params"]["dense"]["kernel"],
+                                params["params"]["dense"]["kernel"])

@@ -169,3 +169,16 @@ def test_params_and_targets_swapped_are_named():
     kw = {"key": jax.random.key(1)} if prune is jaxprune.random_prune else {}
     with pytest.raises(TypeError, match=r"Got a pruning target \(MLP\) where params belong"):
       prune(model, None, 0.5, **kw)
+
+
+def test_count_units_refuses_masks_that_are_not_bool_or_0_1():
+  """count_units summed whatever it was given: [2, 2, 1, 0] was '5 of 4 kept' (summary printed
+  -25% removed) and float probabilities were summed and truncated."""
+  assert jaxprune.count_units({"h": np.array([1, 0, 1, 1])}) == {"h": (3, 4)}
+  assert jaxprune.count_units({"h": jnp.array([True, False])}) == {"h": (1, 2)}
+  with pytest.raises(ValueError, match=r"holds \[2\]"):
+    jaxprune.count_units({"h": np.array([2, 2, 1, 0])})
+  with pytest.raises(ValueError, match="dtype float32.*mask > 0.5"):
+    jaxprune.count_units({"h": jnp.array([0.3, 0.9, 0.2, 0.6])})
+  with pytest.raises(ValueError, match=r"shape \(2, 2\)"):
+    jaxprune.count_units({"h": np.ones((2, 2), bool)})

@@ -143,6 +143,12 @@ def test_bad_input_errors(built):
     mlp.apply(mp, jnp.zeros((2, 10), jnp.int32))
   with pytest.raises(ValueError, match=r"one example of shape \(10,\): add the batch axis"):
     mlp.apply(mp, jnp.zeros((10,)))   # said "build the model with input shape ()"
+  # channels first: it said to build the model with input shape (1, 20, 16), which fails
+  with pytest.raises(ValueError, match=r"channels first \(NCHW\). Transpose it: x.transpose"):
+    m.apply(p, jnp.zeros((2, 1, 20, 16)))
+  with pytest.raises(ValueError, match=r"compact changes the shapes .* traced"):
+    jax.jit(lambda u: mlp.compact(mp, {"hidden_0": u})[0])(
+        jnp.ones(mlp.groups["hidden_0"].size, bool))   # was NumPy's TracerArrayConversionError
   with pytest.raises(KeyError, match="Unknown unit group 'conv_9'"):
     m.activations(p, jnp.zeros((2, 20, 16, 1)), "conv_9")
   with pytest.raises(ValueError, match="Unknown activation"):

@@ -542,6 +542,16 @@ def test_orbax_round_trip(tmp_path):
     jaxprune.load_checkpoint(str(tmp_path / "nope"))
 
 
+def test_flops_report_refuses_a_batch_of_examples():
+  """A batch of 5 counted every layer's FLOPs 5 times (560 for a 4-8-3 MLP's 112)."""
+  model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3)
+  params = model.init(jax.random.key(0))
+  one = jaxprune.flops_report(model, params)["total"]["flops"]
+  assert jaxprune.flops_report(model, params, jnp.ones((1, 4)))["total"]["flops"] == one
+  with pytest.raises(ValueError, match=r"batch of 5 .* pass one example, x\[:1\]"):
+    jaxprune.flops_report(model, params, jnp.zeros((5, 4)))
+
+
 def test_flops_report_dense_masked_compacted(capsys):
   model = jaxprune.LeNet(input_shape=(16, 16, 1))
   params = model.init(jax.random.key(0))

@@ -350,3 +350,23 @@ def test_npz_round_trip_edges(model, params, tmp_path):
 
   with pytest.raises(TypeError, match=r"key must be a PRNG key made by jax\.random\.key"):
     load_resnet18(tmp_path / "finetuned.npz", num_classes=3, key=0)
+
+
+def test_bfloat16_params_save_as_float32_and_a_raw_byte_file_is_named(tmp_path):
+  """bfloat16 params were written as raw 2-byte voids (neither NumPy nor torch reads them) and
+  load_resnet18 then failed inside np.isfinite; they are written as float32 (exactly), and a
+  file holding arrays that are not numbers is named with the fix."""
+  model = ResNet18(input_shape=SHAPE, widths=(4,) * 8)
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), model.init(jax.random.key(0)))
+  save_resnet18(tmp_path / "bf16.npz", params)
+  with np.load(tmp_path / "bf16.npz") as f:
+    assert f["conv1.weight"].dtype == np.float32
+  back = load_resnet18(tmp_path / "bf16.npz", num_classes=model.num_classes, widths=model.widths)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))
+  with np.load(tmp_path / "bf16.npz") as f:
+    raw = dict(f)
+  raw["conv1.weight"] = raw["conv1.weight"].astype(jnp.bfloat16)   # what the old save wrote
+  np.savez(tmp_path / "raw.npz", **raw)
+  with pytest.raises(ValueError, match=r"conv1\.weight .* not numbers NumPy can read"):
+    load_resnet18(tmp_path / "raw.npz", num_classes=model.num_classes, widths=model.widths)

@@ -347,6 +347,10 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
                        f"(widths={tuple(widths)}) expects {shape}. A compacted model's file "
                        "loads with the widths it was saved with: "
                        "load_resnet18(path, widths=small_model.widths).")
+    if sd[tk].dtype.kind not in "fiub":
+      raise ValueError(f"{tk} in {path!r} holds {sd[tk].dtype} values, not numbers NumPy can "
+                       "read (e.g. bfloat16 written as raw bytes); write the state dict with "
+                       "float32 arrays, e.g. {k: v.float().numpy() for k, v in sd.items()}.")
     if not np.all(np.isfinite(sd[tk])):
       raise ValueError(f"{tk} in {path!r} contains NaN or infinite values; the file is "
                        "corrupt. Re-create it from the torchvision state dict.")
@@ -382,7 +386,8 @@ def save_resnet18(path: str | os.PathLike, params: PyTree) -> None:
 
   Args:
     path: the file to write (``.npz`` is appended by numpy if missing).
-    params: variables of a :class:`ResNet18` (``'params'`` and ``'batch_stats'``).
+    params: variables of a :class:`ResNet18` (``'params'`` and ``'batch_stats'``); bfloat16
+      and other dtypes ``.npz`` cannot hold are written as float32 (exactly).
   """
   out = {}
   for tk, fpath, kind, _ in _layout():
@@ -390,7 +395,10 @@ def save_resnet18(path: str | os.PathLike, params: PyTree) -> None:
       leaf = get_path(params, fpath)
     except KeyError as e:
       raise ValueError(f"params are not ResNet-18 variables: {e.args[0]}") from None
-    out[tk] = np.ascontiguousarray(_to_torch(kind, np.asarray(leaf)))
+    leaf = np.asarray(leaf)
+    if leaf.dtype.kind not in "fiub":   # bfloat16 and other ml_dtypes: npz stores raw bytes
+      leaf = leaf.astype(np.float32)    # exact; torch loads float32 (torch.from_numpy)
+    out[tk] = np.ascontiguousarray(_to_torch(kind, leaf))
     if not np.all(np.isfinite(out[tk])):   # load_resnet18 would refuse the file
       raise ValueError(f"params hold NaN or infinite values at {'/'.join(fpath)} ({tk}); "
                        "nothing was written. Save finite params (e.g. from before training "
