@@ -147,3 +147,20 @@ def test_traced_bad_k_or_nan_kernel_changes_nothing_and_sets_invalid():
   assert bool(rep.invalid) and int(rep.removed) == 0 and bool(np.all(m["hidden_0"]))
   with pytest.raises(ValueError, match="NaN"):
     jaxprune.importance_prune(model, "hidden_0")(bad, ones, 4)
+
+
+def test_importance_prune_under_x64_warns_nothing_and_ranks_as_in_float32():
+  """Under jax_enable_x64 the rank scatter wrote int64 positions into an int32 array: JAX's
+  FutureWarning (an error in later JAX, and today under warnings-as-errors)."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  p = {"w1": rng.normal(size=(6, 5)), "b1": np.zeros(5), "w2": rng.normal(size=(5, 3)),
+       "b2": np.zeros(3)}
+  f = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+  x = rng.normal(size=(8, 6))
+  want = np.linalg.norm(p["w1"], axis=0).argsort()[2:]     # the 3 largest L2 norms kept
+  with jax.enable_x64(True), warnings.catch_warnings():
+    warnings.simplefilter("error")
+    t = jaxprune.trace(f, p, x)
+    _, um, _ = importance_prune(t, "w1", norm="l2")(p, jaxprune.unit_masks_ones(t), 2)
+  np.testing.assert_array_equal(np.flatnonzero(um["w1"]), np.sort(want))

@@ -107,7 +107,8 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
     valid = (kf >= 0) & (kf <= g.size) & (kf == jnp.round(kf)) & jnp.all(jnp.isfinite(s))
     k = jnp.where(valid, kf, 0).astype(jnp.int32)
     kk = jnp.clip(k, 0, jnp.maximum(n - 1, 0))
-    rank = jnp.zeros((g.size,), jnp.int32).at[_order(s, mask)].set(jnp.arange(g.size))
+    rank = jnp.zeros((g.size,), jnp.int32).at[_order(s, mask)].set(
+        jnp.arange(g.size, dtype=jnp.int32))   # int64 under x64: a FutureWarning, later an error
     keep = mask & (rank >= kk)
     pruned = jax.tree.map(lambda new, old: jnp.where(valid, new, old),
                           _common.zero_units(params, g, keep), params)
