@@ -292,6 +292,8 @@ def polynomial_sparsity(step, *, final, begin_step: int, end_step: int, initial=
   """
   _check_schedule(begin_step, end_step, 1, end_required=True)
   _check_power(power)
+  _check_sparsity("final", final)
+  _check_sparsity("initial", initial)
   t = jnp.clip(jnp.asarray(step, jnp.float32), begin_step, end_step)
   x = (t - jnp.float32(begin_step)) / jnp.float32(end_step - begin_step)
   decay = (1.0 - x) ** power
@@ -351,6 +353,11 @@ def _wrap(tx: optax.GradientTransformation, pruner: StepPruner, target_fn, begin
   _check_tx(tx)
 
   def init_fn(params):
+    for k, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+      validate.check_finite(f"gradual/scheduled: params{jax.tree_util.keystr(k)}", leaf,
+                            "a pruner cannot rank NaN (a NaN weight would be kept forever). "
+                            "Repair them (e.g. load the params from before training "
+                            "diverged).")
     return PruningState(jnp.zeros((), jnp.int32), masks_lib.ones_like(params),
                         pruner.init(params), tx.init(params))
 
@@ -646,9 +653,17 @@ def _score_leaves(scores, params, grads, selected, masks=None):
       raise ValueError(f"The score of {name} has shape {tuple(jnp.shape(sl[i]))} but the "
                        f"parameter has shape {tuple(jnp.shape(leaves[i]))}; return one score per "
                        "weight.")
-  out = [jnp.asarray(sl[i], jnp.float32) for i in selected]
+  out = [_wide(sl[i]) for i in selected]
   _check_scores(out, params, selected, True, keep)
   return out
+
+
+def _wide(x) -> jax.Array:
+  """``x`` as float32, or float64 if it is float64 (under x64: a float32 cast would tie scores
+  that differ beyond its precision); bfloat16 / float16 widened (their sums round and
+  overflow)."""
+  x = jnp.asarray(x)
+  return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
 
 
 def _n_target(s, n: int):
@@ -671,10 +686,36 @@ def _to_sparsity(masks, scores, target, per_leaf, selected, scope):
     kept = sum(jnp.sum(m, dtype=jnp.int32) for m in keep)
     k = _n_target(target, total) - (total - kept)
     removed = magnitude_lib._remove_smallest(bits, keep, jnp.maximum(k, 0))
+  ok = _valid_targets(target, per_leaf)   # traced values outside [0, 1): nothing removed
   new = list(mleaves)
   for i, r in zip(selected, removed):
-    new[i] = mleaves[i] & ~r
+    new[i] = mleaves[i] & ~(r & ok)
   return jax.tree.unflatten(treedef, new)
+
+
+def _valid_targets(target, per_leaf) -> jax.Array:
+  """Whether every sparsity target is a finite number in [0, 1) (concrete ones were checked
+  on the host; traced ones are checked here)."""
+  values = [target] if per_leaf is None else list(per_leaf)
+  ok = jnp.bool_(True)
+  for s in values:
+    s = jnp.asarray(s, jnp.float32)
+    ok = ok & jnp.all(jnp.isfinite(s) & (s >= 0) & (s < 1))
+  return ok
+
+
+def _flag_invalid(params, sparsity, per_leaf, selected):
+  """Pruned ``params`` with the selected leaves NaN when a traced sparsity is not in [0, 1)
+  (which prunes nothing): there is no report to carry the flag, as ``jnp.sqrt(-1.0)`` is NaN.
+  Concrete sparsities were refused on the host and leave ``params`` as they are."""
+  values = [sparsity] if per_leaf is None else list(per_leaf)
+  if all(_common.is_concrete(v) for v in values):
+    return params
+  ok = _valid_targets(sparsity if per_leaf is None else 0.0, per_leaf)
+  leaves, treedef = jax.tree.flatten(params)
+  for i in selected:
+    leaves[i] = jnp.where(ok, leaves[i], jnp.nan)
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def _check_scope(scope, sparsity):
@@ -734,7 +775,7 @@ def prune_to_sparsity(params: PyTree, weight_masks: PyTree | None = None, sparsi
   new = _TO_SPARSITY(masks, sc, sparsity if per_leaf is None else 0.0,
                      None if per_leaf is None else tuple(per_leaf), selected=selected,
                      scope=scope)
-  return masks_lib.apply_masks(params, new), new
+  return _flag_invalid(masks_lib.apply_masks(params, new), sparsity, per_leaf, selected), new
 
 
 _TO_SPARSITY = jax.jit(lambda masks, scores, target, per_leaf, *, selected, scope: _to_sparsity(
@@ -920,7 +961,8 @@ def block_prune(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5
                        "select=.")
   sc = _score_leaves(scores, params, None, selected, masks)
   mleaves, treedef = jax.tree.flatten(masks)
-  bscores = [_block_view(jnp.where(mleaves[i], s, 0.0), bh, bw) for i, s in zip(selected, sc)]
+  bscores = [_block_view(jnp.where(mleaves[i], _wide(s), 0.0), bh, bw)   # summed in float32+
+             for i, s in zip(selected, sc)]
   bkeep = [_block_view(mleaves[i].astype(jnp.int32), bh, bw) > 0 for i in selected]
   bmasks = jax.tree.unflatten(jax.tree.structure(list(range(len(selected)))), bkeep)
   new_b = _TO_SPARSITY(bmasks, bscores, sparsity if per_leaf is None else 0.0,
@@ -929,7 +971,7 @@ def block_prune(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5
   for j, i in enumerate(selected):
     mleaves[i] = mleaves[i] & _unblock(new_b[j], bh, bw)
   new = jax.tree.unflatten(treedef, mleaves)
-  return masks_lib.apply_masks(params, new), new
+  return _flag_invalid(masks_lib.apply_masks(params, new), sparsity, per_leaf, selected), new
 
 
 # ----------------------------------------------------------------------------- structured pruners

@@ -38,8 +38,12 @@ def is_concrete(*xs) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
 
 
-def check_finite(name: str, x) -> None:
-  """Raises ValueError if a concrete floating array holds NaN or infinite values."""
+_DATA_FIX = "clean or impute them first (e.g. drop those rows)."
+
+
+def check_finite(name: str, x, fix: str = _DATA_FIX) -> None:
+  """Raises ValueError if a concrete floating array holds NaN or infinite values; the message
+  ends with ``fix`` (by default advice for data)."""
   if x is None or not is_concrete(x):
     return
   dtype = getattr(x, "dtype", None)
@@ -51,8 +55,7 @@ def check_finite(name: str, x) -> None:
     return
   bad = int(np.sum(~np.isfinite(x)))
   if bad:
-    raise ValueError(f"{name} holds {bad} NaN or infinite values; clean or impute them "
-                     "first (e.g. drop those rows).")
+    raise ValueError(f"{name} holds {bad} NaN or infinite values; {fix}")
 
 
 def check_not_empty(name: str, x, sample_weight=None) -> None:

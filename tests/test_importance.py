@@ -164,3 +164,24 @@ def test_importance_prune_under_x64_warns_nothing_and_ranks_as_in_float32():
     t = jaxprune.trace(f, p, x)
     _, um, _ = importance_prune(t, "w1", norm="l2")(p, jaxprune.unit_masks_ones(t), 2)
   np.testing.assert_array_equal(np.flatnonzero(um["w1"]), np.sort(want))
+
+
+def test_float64_kernels_rank_at_float64_and_a_nan_kernel_gets_weight_advice():
+  """Scores were cast to float32: kernels of 1 + 3e-12, 1 + 1e-12, 1 + 2e-12 tied and unit 0
+  was removed, not unit 1. A NaN kernel got data advice ('drop those rows')."""
+  with jax.enable_x64(True):
+    model = MLP(in_features=1, hidden=(3,), out_features=2)
+    params = model.init(jax.random.key(0))
+    k = jnp.asarray([[1 + 3e-12, 1 + 1e-12, 1 + 2e-12]], jnp.float64)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    params["params"]["hidden_0"]["kernel"] = k
+    assert importance_scores(params, model, "hidden_0").dtype == jnp.float64
+    _, um, _ = importance_prune(model, "hidden_0")(params, jaxprune.unit_masks_ones(model), 1)
+    np.testing.assert_array_equal(um["hidden_0"], [True, False, True])
+  model = MLP(in_features=4, hidden=(5,), out_features=2)
+  params = model.init(jax.random.key(0))
+  params["params"]["hidden_0"]["kernel"] = params["params"]["hidden_0"]["kernel"].at[0, 0].set(
+      jnp.nan)
+  with pytest.raises(ValueError, match="Weight leaf .* holds 1 NaN .* repair them") as e:
+    importance_prune(model, "hidden_0")(params, jaxprune.unit_masks_ones(model), 1)
+  assert "rows" not in str(e.value)

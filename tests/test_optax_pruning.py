@@ -863,3 +863,56 @@ def test_masks_one_key_off_the_params_name_the_fix():
                            optimizer=jaxprune.masked_optimizer(optax.adam(1e-3), m["params"]))
   kernel = params["params"]["hidden_0"]["kernel"]
   assert float(jnp.abs(kernel[~m["params"]["hidden_0"]["kernel"]]).max()) == 0.0
+
+
+def test_float64_scores_and_low_precision_block_sums_rank_exactly():
+  """Custom scores were cast to float32 (float64 ones that differ beyond its precision tied,
+  and the lowest index lost), and block_prune summed bfloat16 / float16 scores in their own
+  dtype (1 + 2^-9 and 1.0 tied; float16 blocks of 16 x 5000 overflowed to inf)."""
+  w = np.array([[1 + 1e-12, 1.0], [1 + 2e-12, 1 + 3e-12]])
+  with jax.enable_x64(True):
+    p = {"a": {"kernel": jnp.asarray(w)}}
+    for kw in ({}, {"scores": jax.tree.map(jnp.abs, p)}):
+      _, m = jaxprune.prune_to_sparsity(p, None, 0.25, **kw)
+      np.testing.assert_array_equal(np.argwhere(~np.asarray(m["a"]["kernel"])), [[0, 1]])
+  for dtype, big in ((jnp.bfloat16, 2.0 ** -9), (jnp.float16, 2.0 ** -12)):
+    k = np.zeros((2, 8), np.float32)
+    k[0, 0], k[0, 1], k[1, 0] = 1.0, big, 1.0      # block sums 1 + big and 1.0
+    _, m = jaxprune.block_prune({"k": jnp.asarray(k, dtype)}, None, 0.5, block=(1, 8))
+    np.testing.assert_array_equal(np.asarray(m["k"]).all(axis=1), [True, False])
+  k = np.full((2, 16), 5000.0, np.float32)
+  k[1] = 4500.0
+  _, m = jaxprune.block_prune({"k": jnp.asarray(k, jnp.float16)}, None, 0.5, block=(1, 16))
+  np.testing.assert_array_equal(np.asarray(m["k"]).all(axis=1), [True, False])
+
+
+def test_traced_sparsity_outside_0_1_prunes_nothing_and_flags_the_params():
+  """Under vmap a sparsity of 1.0 or 1.5 removed every weight (and -0.5 or NaN none) with no
+  sign; now nothing is removed and the pruned leaves come back NaN, like jnp.sqrt(-1.0)."""
+  rng = np.random.default_rng(0)
+  params = {"a": {"kernel": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32),
+                  "bias": jnp.ones(8)}}
+  ss = jnp.array([0.5, 1.0, 1.5, -0.5, jnp.nan])
+  for fn in (jaxprune.prune_to_sparsity,
+             lambda p, m, s: jaxprune.block_prune(p, m, s, block=(2, 2))):
+    p, m = jax.vmap(lambda s: fn(params, None, s))(ss)
+    np.testing.assert_array_equal(np.asarray(m["a"]["kernel"]).sum(axis=(1, 2)),
+                                  [32, 64, 64, 64, 64])
+    nan = np.isnan(np.asarray(p["a"]["kernel"])).all(axis=(1, 2))
+    np.testing.assert_array_equal(nan, [False, True, True, True, True])
+    np.testing.assert_array_equal(p["a"]["bias"], np.ones((5, 8)))   # not selected: untouched
+  one, _ = jax.jit(jaxprune.prune_to_sparsity)(params, None, 0.5)     # valid: no NaN
+  assert np.isfinite(np.asarray(one["a"]["kernel"])).all()
+
+
+def test_gradual_refuses_nan_params_and_polynomial_sparsity_its_range():
+  """gradual kept a NaN weight forever (its bit pattern ranks above every finite weight);
+  polynomial_sparsity returned final=1.5 or NaN as the sparsity."""
+  params = {"a": {"kernel": jnp.ones((4, 4)).at[0, 0].set(jnp.nan)}}
+  tx = jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=2, frequency=1)
+  with pytest.raises(ValueError, match=r"params\['a'\]\['kernel'\] holds 1 NaN.*cannot rank"):
+    tx.init(params)
+  for bad in (dict(final=1.5), dict(final=float("nan")), dict(final=0.5, initial=2.0),
+              dict(final=-0.1)):
+    with pytest.raises(ValueError, match="must be a number in \\[0, 1\\)"):
+      jaxprune.polynomial_sparsity(1, begin_step=0, end_step=4, **bad)

@@ -146,8 +146,10 @@ def check_finite_slices(params: PyTree, group: units_lib.UnitGroup, slices) -> N
   """Raises ValueError if a concrete leaf that ``slices`` of ``group`` read holds NaN or
   infinite values (the weights a weight-based pruner ranks units by)."""
   for s in slices:
-    check_finite(f"Weights {units_lib.path_str(s.path)} of group {group.name!r}",
-                 units_lib.get_path(params, s.path))
+    validate.check_finite(f"Weight leaf {units_lib.path_str(s.path)} of group {group.name!r}",
+                          units_lib.get_path(params, s.path),
+                          "repair them (e.g. load the params from before training diverged) "
+                          "before pruning.")
 
 
 def check_patterns(shape, sample_weight, what: str) -> None:

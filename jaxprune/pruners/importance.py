@@ -48,7 +48,10 @@ def importance_scores(params: PyTree, model_or_groups, group: str, norm: str = "
 def _scores(params, g, norm):
   if norm not in NORMS:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
-  v = _common.incoming_vectors(params, g).astype(jnp.float32)
+  v = _common.incoming_vectors(params, g)
+  # float32 at least (bfloat16 norms would tie), float64 kept (a float32 cast ties units that
+  # differ beyond its precision)
+  v = v.astype(jnp.float64 if v.dtype == jnp.float64 else jnp.float32)
   if norm == "rms":
     return jnp.sqrt(jnp.mean(v * v, axis=1))
   if norm == "l1":
