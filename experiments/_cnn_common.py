@@ -9,6 +9,7 @@ Keys, params files and their resumable caching live in ``experiments/_store.py``
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -104,6 +105,15 @@ def data_description(ds, data: str) -> str:
   if skipped:
     note += (f" Skipped {len(skipped)} entries of the tree: "
              + "; ".join(f"`{s['path']}` ({s['reason']})" for s in skipped) + ".")
+  dark = ds.info.get("dark") or []
+  if dark:
+    note += (f" {len(dark)} 16-bit frame(s) hold only values below 4096 and load dark "
+             "(rescale them to the full 16-bit range, or save them as 8-bit PNGs): "
+             + ", ".join(f"`{n}`" for n in dark) + ".")
+  no_person = ds.info.get("no_person") or []
+  if no_person:
+    note += (f" {len(no_person)} file name(s) carry no person id (e.g. `{no_person[0]}`), so "
+             "the data have no persons and the split is stratified, not person-independent.")
   return (f"Data: `--data={data}` ({src}), {len(ds)} images of shape "
           f"{tuple(ds.x.shape[1:])}, {ds.num_classes} classes.{note}")
 
@@ -123,12 +133,45 @@ class Split:
 
 def train_test(ds, test_fraction: float, seed: int, normalise: bool = False) -> Split:
   """A stratified split (person-independent when the data carry persons); a one-line usage
-  error naming --test_fraction when the data cannot be split."""
+  error when the data cannot be split: naming --test_fraction, and for a person-independent
+  split how persons are read from the file names and what would allow the split."""
   from experiments import _mlp_common  # pylint: disable=g-import-not-at-top
-  train, test = _mlp_common.train_test_or_fail(ds, test_fraction, seed,
-                                               person_independent=ds.groups is not None)
+  if ds.groups is None:
+    train, test = _mlp_common.train_test_or_fail(ds, test_fraction, seed)
+  else:
+    try:
+      train, test = jaxprune.data.train_test_split(ds, test_fraction=test_fraction, seed=seed,
+                                                   person_independent=True)
+    except ValueError as e:
+      _flags.fail(person_split_error(ds, e, test_fraction))
   f = imagenet_normalise if normalise else (lambda a: a)
   return Split(f(train.x), train.y, f(test.x), test.y)
+
+
+def person_split_error(ds, error: Exception, test_fraction: float) -> str:
+  """The one-line message for a person-independent split that failed with ``error``: where the
+  persons come from, how many there are, and what the user can change (with flags, or in the
+  data)."""
+  persons, counts = np.unique(ds.groups, return_counts=True)
+  p, folds = len(persons), int(round(1.0 / test_fraction))
+  shown = ", ".join(f"{q}: {c} images" for q, c in list(zip(persons, counts))[:5])
+  have = (f"the file names carry {p} person{'' if p == 1 else 's'} ({shown}"
+          f"{', ...' if p > 5 else ''}); persons come from the file names "
+          f"({jaxprune.data.sfew.PERSON_NAMING})")
+  head = "Cannot split the data person-independently into training and test parts"
+  if p < 2:
+    return (f"{head}: {have}. A person-independent split needs images of at least 2 persons: "
+            "add images of other persons; if these names do not name persons, rename the "
+            "files so that their last '_' field is not a number (data without persons are "
+            "split stratified, not person-independently).")
+  if p < folds:
+    return (f"{head}: {have}. The split is 1 of round(1/--test_fraction) = {folds} person "
+            f"folds (--test_fraction, now {test_fraction:g}), each needing persons of its own: "
+            f"pass --test_fraction={math.ceil(100.0 / p) / 100:g} or larger, or add images of "
+            "other persons.")
+  return (f"{head}: {error}. Here {have}. Add images of more persons per class, or change "
+          f"--test_fraction (now {test_fraction:g}; the split is 1 of round(1/--test_fraction) "
+          f"= {folds} person folds).")
 
 
 def build_model(arch: str, size: tuple[int, int], channels: int, num_classes: int):

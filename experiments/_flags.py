@@ -73,6 +73,30 @@ def refuse_image_data(data: str, needs: str, hint: str = "") -> None:
          f"digits_features or sfew_features{hint}.")
 
 
+def _inside(path: str, folder: str) -> bool:
+  """Whether ``path`` is ``folder`` or lies inside it (``~`` expanded, links resolved)."""
+  path = os.path.realpath(os.path.expanduser(path))
+  folder = os.path.realpath(os.path.expanduser(folder))
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_workdir_outside_data(workdir: str, data: str | None, data_path: str | None,
+                               study: str | None = None) -> None:
+  """Fails when the study's output folder (``<workdir>/<study>``; with ``study`` None, anything
+  under ``workdir``) would lie inside the SFEW image tree ``data_path``: the next run would read
+  that folder as a class folder. Called before anything is loaded or written."""
+  if data not in IMAGE_DATA or not data_path or not str(workdir).strip():
+    return
+  out = os.path.join(workdir, study) if study else workdir
+  if _inside(out, data_path):
+    shown = os.path.join(workdir, study or "<study>")
+    tree = os.path.abspath(os.path.expanduser(data_path))
+    fail(f"--workdir={workdir} would put the study's folder ({shown}) inside "
+         f"--data_path={data_path}, the SFEW image tree, where the next run would read it as a "
+         "class folder; pass a --workdir outside the image tree (e.g. "
+         f"--workdir={os.path.join(os.path.dirname(tree), 'work')}).")
+
+
 def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
   """Wraps a binary's ``main`` so that a usage error (:func:`fail`) prints one line and a hint to
   run ``--help`` (exit status 2) instead of absl's page of flag help before the message, and
@@ -339,6 +363,7 @@ def run_main(argv: Sequence[str], config_cls, run: Callable[..., Any]) -> Any:
   validates the config first (``config.validate()``), so bad settings stop before any work.
   """
   check_no_args(argv)
+  check_workdir_outside_data(FLAGS.workdir, FLAGS.data, FLAGS.data_path)
   config = config_from_flags(config_cls)
   _speed.enable_from_flags()
   _speed.start()

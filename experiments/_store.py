@@ -45,6 +45,7 @@ import numpy as np
 
 from experiments._flags import DATA_CHOICES
 from experiments._flags import check_seed
+from experiments._flags import check_workdir_outside_data
 from experiments._flags import fail
 
 
@@ -268,7 +269,8 @@ def data_record(ds, name: str | None = None, path: str | None = None) -> dict[st
   info = getattr(ds, "info", {}) or {}
   return {"name": name, "source": str(info.get("source", name)),
           "version": str(info.get("version", f"jaxprune {jaxprune.__version__}")),
-          "path": os.path.abspath(path) if path else None, "examples": int(len(ds.y)),
+          "path": os.path.abspath(os.path.expanduser(path)) if path else None,
+          "examples": int(len(ds.y)),
           "sha256": h.hexdigest(),
           "dropped": [{k: _plain(v) for k, v in d.items()} for d in info.get("dropped") or []],
           "skipped": [{k: _plain(v) for k, v in d.items()} for d in info.get("skipped") or []]}
@@ -291,7 +293,9 @@ class Study:
       fingerprint, so changed data never reuse old results. Default: the data loaded last
       through :func:`load_data`.
 
-  Starting a study checks the folder is writable (with a probe named per process), takes an
+  Starting a study refuses an output folder inside the SFEW image tree it reads
+  (``--data=sfew_images``; the next run would read it as a class folder), checks the folder is
+  writable (with a probe named per process), takes an
   advisory lock on ``cache/<fingerprint>/`` (a second run with the same settings waits for the
   first, then resumes from its cache) and one on the study folder (a concurrent run with other
   settings stops with a message), then removes leftovers of killed runs: temporary files of
@@ -311,6 +315,8 @@ class Study:
     if not str(workdir).strip():
       fail("--workdir is empty. Pass the folder to write the study to (--workdir=. for the "
            "current one).")
+    check_workdir_outside_data(workdir, self.settings.get("data"),
+                               self.settings.get("data_path"), name)
     self.dir = os.path.join(workdir, name)
     try:
       os.makedirs(self.dir, exist_ok=True)

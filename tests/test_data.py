@@ -37,6 +37,39 @@ def test_dataset_casts_and_validates():
     data.Dataset(np.zeros((2, 2)), np.array([0, 1]), ("a", "b"), groups=[1])
 
 
+def test_per_row_info_follows_the_rows_of_subsets_and_splits():
+  """info['names'] listed every row of the whole dataset after subset/split, so test.info
+  ['names'][0] named another image than test row 0."""
+  assert data.PER_ROW_INFO == ("names",)
+  ds = _toy()
+  names = tuple(f"img_{i}.png" for i in range(len(ds)))
+  ds = data.Dataset(ds.x, ds.y, ds.class_names, groups=ds.groups,
+                    info={"source": "toy", "names": list(names), "skipped": ["a", "b"]})
+  assert ds.info["names"] == names  # stored as a tuple
+  sub = ds.subset([5, 2, 9])
+  assert sub.info["names"] == ("img_5.png", "img_2.png", "img_9.png")
+  assert sub.info["skipped"] == ["a", "b"]  # describes the load: copied as it is
+  assert ds.subset(ds.y == 3).info["names"] == ("img_3.png", "img_10.png")
+  assert sub.subset([2]).info["names"] == ("img_9.png",)
+  train, test = data.train_test_split(ds, test_fraction=0.5, seed=0)
+  for part in (train, test):
+    assert len(part.info["names"]) == len(part)
+    for i, name in enumerate(part.info["names"]):  # the row's own name
+      row = names.index(name)
+      np.testing.assert_array_equal(part.x[i], ds.x[row])
+  with pytest.raises(ValueError, match=r"info\['names'\] holds one value per row"):
+    data.Dataset(ds.x, ds.y, ds.class_names, info={"names": names[:3]})
+  # A dataset with a learned transform (refit) keeps its per-row entries too.
+  digits = data.load_features("digits")
+  digits = data.Dataset(digits.x, digits.y, digits.class_names,
+                        info=dict(digits.info, names=[str(i) for i in range(len(digits))]),
+                        refit=digits.refit)
+  tr, te = data.split(digits, np.arange(0, 100), np.arange(100, 150))
+  assert tr.info["names"] == tuple(map(str, range(100)))
+  assert te.info["names"] == tuple(map(str, range(100, 150)))
+  assert te.info["fitted_on"] == "training split"
+
+
 def test_dataset_is_frozen():
   ds = _toy()
   with pytest.raises(AttributeError):

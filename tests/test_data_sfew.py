@@ -341,6 +341,59 @@ def test_person_id_and_parse_label():
   assert data.parse_label(True) is None and data.parse_label("x") is None
 
 
+def test_header_error_gives_a_fix_a_binary_user_can_apply(tmp_path, capsys):
+  """The header error said only 'pass strict_header=False', which no binary flag offers."""
+  header = list(HEADER)
+  header[1] = "Class label"
+  path = write_csv(tmp_path / "SFEW.csv", _rows(), header=header)
+  with pytest.raises(ValueError, match=r"column 2 is 'Class label'.*rename the header cells "
+                     r"\(column 2 to 'label'.*'LPQ feature 1'.*'PHOG feature 5'\) or delete "
+                     r"the header row; in Python, load_sfew_features\(\.\.\., "
+                     r"strict_header=False\)"):
+    data.load_sfew_features(path)
+  # Both fixes work: the renamed header, and no header at all.
+  header[1] = "label"
+  assert len(data.load_sfew_features(write_csv(tmp_path / "a.csv", _rows(), header=header))) \
+      == sum(COUNTS) - 1
+  assert len(data.load_sfew_features(write_csv(tmp_path / "b.csv", _rows(), header=None))) \
+      == sum(COUNTS) - 1
+
+
+def test_folder_with_both_xlsx_and_csv_is_ambiguous(tmp_path):
+  """A folder holding SFEW.xlsx and SFEW.csv silently loaded the workbook."""
+  write_xlsx(tmp_path / "SFEW.xlsx", _rows())
+  write_csv(tmp_path / "sfew.csv", _rows(seed=1))
+  with pytest.raises(ValueError, match=r"holds SFEW.xlsx and sfew.csv.*ambiguous.*Pass the "
+                     r"path of the file to read"):
+    data.load_sfew_features(tmp_path)
+  with pytest.raises(ValueError, match="ambiguous"):
+    data.load("sfew_features", path=tmp_path)
+  assert data.load_sfew_features(tmp_path / "sfew.csv").info["path"].endswith("sfew.csv")
+
+
+def test_names_without_persons_give_no_groups(tmp_path, caplog):
+  """Names outside SFEW's <movie>_<frame>_<person> naming gave nonsense persons (every
+  'Angry1_face.png' was person 'face'), so a person-independent split found one person."""
+  assert data.person_id("Angry1_face.png") is None
+  assert data.person_id("smile.jpg") is None and data.person_id("0001.png") is None
+  assert data.person_id("img_0001.png") == "0001"
+  rows = _rows()
+  for k, row in enumerate(rows):
+    row[0] = f"face{k}_{'happy' if k % 2 else 'x'}.mat"
+  with caplog.at_level(logging.WARNING):
+    ds = data.load_sfew_features(write_csv(tmp_path / "a.csv", rows))
+  assert ds.groups is None and len(ds.info["no_person"]) == len(ds)
+  assert "carry no person id" in caplog.text and "face0_x.mat" in caplog.text
+  with pytest.raises(ValueError, match="person ids"):
+    data.train_test_split(ds, test_fraction=0.25, seed=0, person_independent=True)
+  data.train_test_split(ds, test_fraction=0.25, seed=0)  # stratified
+  rows = _rows()
+  rows[0][0] = "odd_name.mat"  # one name without a person: no persons at all
+  ds = data.load_sfew_features(write_csv(tmp_path / "b.csv", rows))
+  assert ds.groups is None and ds.info["no_person"] == ["odd_name.mat"]
+  assert data.load_sfew_features(write_csv(tmp_path / "c.csv", _rows())).info["no_person"] == []
+
+
 # ---------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------
@@ -501,6 +554,34 @@ def test_crop_faces_with_a_detector(tmp_path, monkeypatch):
   assert ds.x[whole].max() < 1.0
 
 
+def test_names_without_persons_in_an_image_tree(tmp_path):
+  root = write_tree(tmp_path / "faces")
+  for f in sorted(root.glob("*/*.png")):
+    f.rename(f.with_name(f"{f.parent.name}{f.stem[-1]}_face.png"))
+  ds = data.load_sfew_images(root, size=(4, 4), expected_size=None)
+  assert ds.groups is None and len(ds.info["no_person"]) == 20
+  assert "Angry/Angry1_face.png" in ds.info["no_person"]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+  """A JPEG whose EXIF says 'rotate 180' (as phones write them) loaded as stored, upside
+  down; viewers, and now the loaders, turn it first."""
+  root = write_tree(tmp_path / "exif", counts=(1,) * 7)
+  ramp = np.tile(np.arange(W, dtype=np.uint8)[None, :] * 16, (H, 1))
+  exif = Image.Exif()
+  exif[0x0112] = 3  # rotate 180
+  Image.fromarray(ramp).save(root / "Angry" / "Movie9_000000001_00000009.jpg",
+                             exif=exif.tobytes(), quality=100)
+  exif[0x0112] = 6  # rotate 90 clockwise: the stored 12x15 frame is shown 15x12
+  Image.fromarray(ramp).save(root / "Sad" / "Movie9_000000002_00000009.jpg",
+                             exif=exif.tobytes(), quality=100)
+  ds = data.load_sfew_images(root, size=(H, W), expected_size=None, num_threads=1)
+  row = ds.x[ds.info["names"].index("Angry/Movie9_000000001_00000009.jpg"), :, :, 0]
+  np.testing.assert_allclose(row * 255, ramp[:, ::-1], atol=3)  # turned: bright on the left
+  with pytest.raises(ValueError, match=r"Sad/Movie9_000000002_00000009.jpg: image is 15x12"):
+    data.load_sfew_images(root, size=(H, W), expected_size=(H, W))
+
+
 def write_gray_tree(root, depth, size=(H, W), seed=0):
   """One gray frame per class: 8-bit, or the same picture at 16 bits (x 257)."""
   rng = np.random.default_rng(seed)
@@ -539,6 +620,21 @@ def test_16bit_frame_with_8bit_content_warns_that_it_loads_dark(tmp_path):
   with pytest.warns(UserWarning, match="values only up to 255 of 65535, so it loads dark"):
     ds = data.load_sfew_images(root, size=(H, W), expected_size=None, num_threads=1)
   assert ds.x.max() == np.float32(255 / 65535)
+
+
+def test_dark_16bit_frames_are_named_and_listed(tmp_path):
+  """The 'loads dark' warning did not say which file; such frames are now named in it and
+  listed in info['dark'] (which the binaries' report shows)."""
+  root = write_gray_tree(tmp_path / "low", 8)
+  dark = root / "Sad" / "Movie5_000000000_00000006.png"
+  with Image.open(dark) as im:
+    Image.fromarray(np.asarray(im).astype(np.uint16) * 16).save(dark)  # 12-bit content
+  with pytest.warns(UserWarning, match=r"Sad/Movie5_000000000_00000006.png: 16-bit frame "
+                    r"holding values only up to 4080 of 65535"):
+    ds = data.load_sfew_images(root, size=(H, W), expected_size=None)
+  assert ds.info["dark"] == ["Sad/Movie5_000000000_00000006.png"]
+  assert data.load_sfew_images(write_gray_tree(tmp_path / "ok", 16), size=(H, W),
+                               expected_size=None).info["dark"] == []
 
 
 def test_32bit_frames_in_16bit_range_load_and_others_are_refused(tmp_path):
@@ -667,3 +763,74 @@ def test_tfds_registration_and_instructions():
   for needle in ("SFEW.xlsx", "SFEW.csv", "<manual_dir>/Angry/", "Surprise"):
     assert needle in text
   assert [c.name for c in sfew_tfds.Sfew.BUILDER_CONFIGS] == ["features", "images"]
+
+
+def test_tfds_prepared_data_follow_the_manual_folder(tmp_path, caplog):
+  """Once a data_dir was prepared, another manual_dir or edited files in the same folder were
+  ignored: load_sfew_tfds returned the first copy's data."""
+  from jaxprune.data import sfew_tfds
+  first = write_tree(tmp_path / "first")
+  other = write_tree(tmp_path / "other", counts=(2,) * 7, seed=1)
+  kw = dict(data_dir=tmp_path / "tfds", size=(4, 4))
+  assert len(sfew_tfds.load_sfew_tfds("images", manual_dir=first, **kw)) == 20
+  with caplog.at_level(logging.WARNING):
+    ds = sfew_tfds.load_sfew_tfds("images", manual_dir=other, **kw)
+  assert len(ds) == 14 and "preparing it again" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):  # unchanged: reused, not prepared again
+    assert len(sfew_tfds.load_sfew_tfds("images", manual_dir=other, **kw)) == 14
+  assert "preparing it again" not in caplog.text
+  Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(
+      other / "Sad" / "Movie5_000000009_00000009.png")  # a file added
+  assert len(sfew_tfds.load_sfew_tfds("images", manual_dir=other, **kw)) == 15
+  # An edited spreadsheet, in the same folder, for the features config.
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  path = write_csv(manual / "SFEW.csv", _rows())
+  a = sfew_tfds.load_sfew_tfds("features", data_dir=tmp_path / "tfds", manual_dir=manual)
+  rows = _rows()
+  rows[0][2] = 123.0
+  write_csv(path, rows)
+  b = sfew_tfds.load_sfew_tfds("features", data_dir=tmp_path / "tfds", manual_dir=manual)
+  name = rows[0][0]
+  assert a.x[a.info["names"].index(name), 0] != 123.0
+  assert b.x[b.info["names"].index(name), 0] == 123.0
+  builder = tfds.builder("sfew/features", data_dir=str(tmp_path / "tfds"))
+  assert builder.info.metadata["manual_fingerprint"] == sfew_tfds.manual_fingerprint(
+      "features", manual)
+  # A manual folder that is gone cannot be compared: the prepared data are read, with a warning.
+  path.unlink()
+  manual.rmdir()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    c = sfew_tfds.load_sfew_tfds("features", data_dir=tmp_path / "tfds", manual_dir=manual)
+  assert len(c) == len(b) and "does not exist" in caplog.text
+
+
+def test_tfds_checks_size_first_and_reads_like_the_direct_loader(tmp_path):
+  """size=(0, 5) was only refused after the data had been prepared; EXIF orientation was
+  ignored; dark 16-bit frames and files without persons were not listed."""
+  from jaxprune.data import sfew_tfds
+  manual = write_tree(tmp_path / "manual")
+  with pytest.raises(ValueError, match=r"size must be \(height, width\)"):
+    sfew_tfds.load_sfew_tfds("images", data_dir=tmp_path / "tfds", manual_dir=manual,
+                             size=(0, 5))
+  assert not (tmp_path / "tfds").exists()  # nothing prepared
+  ramp = np.tile(np.arange(W, dtype=np.uint8)[None, :] * 16, (H, 1))
+  exif = Image.Exif()
+  exif[0x0112] = 3  # rotate 180
+  Image.fromarray(np.stack([ramp] * 3, -1)).save(manual / "Angry" / "phone_shot.png",
+                                                  exif=exif.tobytes())
+  Image.fromarray(ramp.astype(np.uint16)).save(manual / "Sad" / "Movie5_000000009_00000009.png")
+  with pytest.warns(UserWarning, match="Movie5_000000009_00000009.png: 16-bit frame"):
+    ds = sfew_tfds.load_sfew_tfds("images", data_dir=tmp_path / "tfds", manual_dir=manual,
+                                  size=(H, W), channels=1)
+  with pytest.warns(UserWarning, match="loads dark"):
+    direct = data.load_sfew_images(manual, size=(H, W), expected_size=None)
+  order_a, order_b = np.argsort(ds.info["names"]), np.argsort(direct.info["names"])
+  np.testing.assert_allclose(ds.x[order_a], direct.x[order_b], atol=1 / 255 + 1e-6)
+  row = ds.x[ds.info["names"].index("Angry/phone_shot.png"), :, :, 0]
+  np.testing.assert_allclose(row * 255, ramp[:, ::-1], atol=1)  # turned as EXIF says
+  assert ds.info["dark"] == direct.info["dark"] == ["Sad/Movie5_000000009_00000009.png"]
+  assert ds.groups is None and direct.groups is None  # phone_shot.png names no person
+  assert ds.info["no_person"] == direct.info["no_person"] == ["Angry/phone_shot.png"]

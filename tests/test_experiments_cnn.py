@@ -343,9 +343,67 @@ def test_sfew_frames_of_any_size_and_bad_files_through_the_flags(tmp_path):
 
 
 def test_too_few_sfew_frames_per_class_name_the_flag(tmp_path):
-  tree = _sfew_tree(tmp_path / "SFEW", per_class=2)
-  with pytest.raises(app.UsageError, match=r"person-independent.*more examples per class or a "
-                     r"larger test_fraction.*--test_fraction, now 0.2"):
+  tree = _sfew_tree(tmp_path / "SFEW", per_class=2)  # persons 00000001 and 00000002
+  with pytest.raises(app.UsageError, match=r"person-independently.*2 persons.*persons come "
+                     r"from the file names.*last '_' field.*1 of round\(1/--test_fraction\) = "
+                     r"5 person folds \(--test_fraction, now 0.2\).*--test_fraction=0.5 or "
+                     r"larger"):
     ki.run(ki.Config.quick(any_size=True), str(tmp_path / "w"), data="sfew_images",
            data_path=str(tree))
   assert not os.path.exists(tmp_path / "w")
+
+
+def _rename(tree, name):
+  for k, f in enumerate(sorted(tree.glob("*/*.png"))):
+    f.rename(f.with_name(name(f, k)))
+  return tree
+
+
+def test_person_split_error_says_where_persons_come_from(tmp_path):
+  """One person ('Movie_..._00000001.png' everywhere): the error suggested --test_fraction,
+  which cannot help, and did not say how persons are read."""
+  one = _rename(_sfew_tree(tmp_path / "one", per_class=3), lambda f, k: f"M_{k}_00000001.png")
+  ds = cc.load_images("sfew_images", str(one), (8, 8), 1, any_size=True)
+  with pytest.raises(app.UsageError, match=r"the file names carry 1 person \(00000001: 21 "
+                     r"images\); persons come from the file names \(SFEW names its frames "
+                     r"<movie>_<frame>_<person>.*at least 2 persons: add images of other "
+                     r"persons") as e:
+    cc.train_test(ds, 0.2, 0)
+  assert "larger test_fraction" not in str(e.value)
+  # Names outside SFEW's naming carry no persons (they gave one person 'face'): stratified.
+  face = _rename(_sfew_tree(tmp_path / "face", per_class=3),
+                 lambda f, k: f"{f.parent.name}{k}_face.png")
+  ds = cc.load_images("sfew_images", str(face), (8, 8), 1, any_size=True)
+  assert ds.groups is None
+  split = cc.train_test(ds, 0.34, 0)
+  assert np.bincount(split.y_test, minlength=7).min() >= 1  # stratified
+  assert "carry no person id (e.g. `Angry/Angry0_face.png`)" in cc.data_description(
+      ds, "sfew_images")
+
+
+def test_workdir_inside_the_image_tree_is_refused_before_anything_is_written(tmp_path):
+  """--workdir inside --data_path's tree: the first run wrote its study folder into the tree,
+  and the rerun read it as a class folder (the error told the user to remove it)."""
+  tree = _sfew_tree(tmp_path / "SFEW", per_class=5)
+  before = sorted(p.name for p in tree.iterdir())
+  for workdir in (tree, tree / "runs", tmp_path / "link"):
+    if workdir.name == "link":
+      workdir.symlink_to(tree)
+    with pytest.raises(app.UsageError, match=r"--workdir=.* would put the study's folder "
+                       r"\(.*kernel_importance\) inside --data_path=.*pass a --workdir outside "
+                       r"the image tree"):
+      ki.run(ki.Config.quick(any_size=True), str(workdir), data="sfew_images",
+             data_path=str(tree))
+  assert sorted(p.name for p in tree.iterdir()) == before  # nothing written into the tree
+  # The study's folder itself passed as the image tree (data_path = workdir/<study>).
+  study_dir = tmp_path / "w" / KI
+  shutil.copytree(tree, study_dir)
+  with pytest.raises(app.UsageError, match="would put the study's folder"):
+    ki.run(ki.Config.quick(any_size=True), str(tmp_path / "w"), data="sfew_images",
+           data_path=str(study_dir))
+  assert sorted(p.name for p in study_dir.iterdir()) == before
+  # Beside the tree, and with the feature data, is fine.
+  from experiments import _flags  # pylint: disable=import-outside-toplevel
+  _flags.check_workdir_outside_data(str(tmp_path / "work"), "sfew_images", str(tree), KI)
+  _flags.check_workdir_outside_data(str(tmp_path), "sfew_images", str(tree), KI)
+  _flags.check_workdir_outside_data(str(tree), "sfew_features", str(tree), KI)

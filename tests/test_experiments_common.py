@@ -185,3 +185,60 @@ def test_learning_rates_and_penalties_must_be_finite(value):
     config = importlib.import_module("experiments.iterative_pruning").Config(ga_lambda=value)
     with pytest.raises(app.UsageError, match="--ga_lambda must be"):
       config.validate()
+
+
+def _tiny_tree(root, per_class=3):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for label, folder in enumerate(["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad",
+                                  "Surprise"]):
+    (root / folder).mkdir(parents=True)
+    for j in range(per_class):
+      Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(
+          root / folder / f"Movie{label}_{j:09d}_{j + 1:08d}.png")
+  return root
+
+
+def test_workdir_inside_the_image_tree_is_refused_on_the_command_line(tmp_path):
+  """The rerun of a binary whose --workdir lay inside --data_path read the study folder as a
+  class folder and told the user to remove it; the binary now stops first, in one line, naming
+  both flags, before loading or writing anything."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  tree = _tiny_tree(tmp_path / "SFEW")
+  (tree / "kernel_importance").mkdir()  # left by a run from before this check
+  before = sorted(p.name for p in tree.iterdir())
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.kernel_importance", "--quick", "--any_size",
+       "--data=sfew_images", f"--data_path={tree}", f"--workdir={tree}"],
+      cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 2, out.stderr
+  error = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+  assert len(error) == 1 and "--workdir=" in error[0] and "--data_path=" in error[0]
+  assert "not a class" not in out.stderr and "pass a --workdir outside" in error[0]
+  assert sorted(p.name for p in tree.iterdir()) == before
+
+
+def test_data_path_with_a_tilde_is_recorded_expanded(tmp_path, monkeypatch):
+  """--data_path=~/x was recorded in results.json as <cwd>/~/x."""
+  from jaxprune import data  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.chdir(tmp_path)
+  ds = data.Dataset(np.zeros((4, 2), np.float32), np.arange(4) % 2, ("a", "b"))
+  record = _store.data_record(ds, "sfew_features", "~/x/SFEW.csv")
+  assert record["path"] == os.path.join(str(tmp_path), "x", "SFEW.csv")
+  s = _store.Study("tilde", {"data": "sfew_features", "data_path": "~/x/SFEW.csv"},
+                   workdir=str(tmp_path / "w"), data=ds)
+  assert s.data["path"] == os.path.join(str(tmp_path), "x", "SFEW.csv")
+
+
+def test_report_lists_dark_frames_and_missing_persons():
+  from jaxprune import data  # pylint: disable=import-outside-toplevel
+  from experiments import _cnn_common as cc  # pylint: disable=import-outside-toplevel
+  ds = data.Dataset(np.zeros((2, 4, 4, 1), np.float32), [0, 1], ("a", "b"), info={
+      "source": "SFEW images", "dark": ["Sad/x_1_00000002.png"], "no_person": ["Angry/a.png"]})
+  text = cc.data_description(ds, "sfew_images")
+  assert "1 16-bit frame(s) hold only values below 4096 and load dark" in text
+  assert "`Sad/x_1_00000002.png`" in text and "e.g. `Angry/a.png`" in text

@@ -21,6 +21,7 @@ from jaxprune.data.bundled import load_images
 from jaxprune.data.bundled import resize_images
 from jaxprune.data.catalog import NAMES
 from jaxprune.data.catalog import load
+from jaxprune.data.dataset import PER_ROW_INFO
 from jaxprune.data.dataset import SFEW_CLASS_NAMES
 from jaxprune.data.dataset import Dataset
 from jaxprune.data.dataset import split
@@ -41,6 +42,7 @@ from jaxprune.data.splits import train_test_split
 __all__ = [
     "FEATURE_BLOCKS",
     "NAMES",
+    "PER_ROW_INFO",
     "SFEW_CLASS_NAMES",
     "CrossValidation",
     "Dataset",

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SFEW_CLASS_NAMES", "Dataset", "split"]
+__all__ = ["PER_ROW_INFO", "SFEW_CLASS_NAMES", "Dataset", "split"]
 
 #: The seven SFEW expression classes, in label order (SFEW label 1 is index 0).
 SFEW_CLASS_NAMES: tuple[str, ...] = (
@@ -20,6 +20,12 @@ SFEW_CLASS_NAMES: tuple[str, ...] = (
     "sad",
     "surprise",
 )
+
+#: The ``info`` entries that hold one value per row, in row order (the loaders' ``names``:
+#: each row's image name). `Dataset.subset` (and so `split` and every split helper) indexes
+#: them with the rows; every other entry describes the load as a whole (``source``,
+#: ``dropped``, ``skipped``, ``no_face``, ...) and is copied as it is.
+PER_ROW_INFO: tuple[str, ...] = ("names",)
 
 # A `refit` function: given training-row indices, returns x for every row,
 # with the dataset's learned feature transform (e.g. a PCA) fitted on those
@@ -39,7 +45,10 @@ class Dataset:
       splits), or None when the source has no person information.
     info: metadata: ``source``, and for loaders that can drop or skip items,
       ``dropped``/``skipped`` lists (never silently lost), ``blocks`` (the
-      descriptor blocks of a feature vector), and what was fitted where.
+      descriptor blocks of a feature vector), and what was fitted where. The
+      entries named in `PER_ROW_INFO` (``names``) hold one value per row and
+      are indexed with the rows by `subset`; the others describe the whole
+      load and are copied as they are.
     refit: None, or a function ``train_indices -> x`` that recomputes every
       row's features with the learned transform (e.g. the digits PCA) fitted
       on ``train_indices`` only. `split` uses it so that nothing is fitted on
@@ -79,11 +88,18 @@ class Dataset:
     groups = None if self.groups is None else np.asarray(self.groups)
     if groups is not None and groups.shape != y.shape:
       raise ValueError(f"groups has shape {groups.shape}, expected {y.shape}")
+    info = dict(self.info)
+    for key in PER_ROW_INFO:
+      if key in info and info[key] is not None:
+        info[key] = tuple(info[key])
+        if len(info[key]) != len(y):
+          raise ValueError(f"info[{key!r}] holds one value per row, but has"
+                           f" {len(info[key])} values for {len(y)} rows")
     object.__setattr__(self, "x", x)
     object.__setattr__(self, "y", y)
     object.__setattr__(self, "class_names", class_names)
     object.__setattr__(self, "groups", groups)
-    object.__setattr__(self, "info", dict(self.info))
+    object.__setattr__(self, "info", info)
 
   def __len__(self) -> int:
     return len(self.y)
@@ -107,8 +123,9 @@ class Dataset:
   def subset(self, indices: Sequence[int] | np.ndarray) -> Dataset:
     """The rows at ``indices`` (integer indices or a boolean mask), in order.
 
-    ``info`` is copied; a ``refit`` function is carried over so that a subset
-    can itself be split without fitting on its test rows.
+    ``info`` is copied, its per-row entries (`PER_ROW_INFO`: ``names``)
+    indexed with the rows; a ``refit`` function is carried over so that a
+    subset can itself be split without fitting on its test rows.
 
     Args:
       indices: integer row indices or a boolean mask of length ``len(self)``.
@@ -129,12 +146,16 @@ class Dataset:
     def refit(train: np.ndarray) -> np.ndarray:
       return parent_refit(idx[np.asarray(train, dtype=np.int64)])[idx]
 
+    info = dict(self.info)
+    for key in PER_ROW_INFO:
+      if info.get(key) is not None:
+        info[key] = tuple(info[key][i] for i in idx)
     return dataclasses.replace(
         self,
         x=self.x[idx],
         y=self.y[idx],
         groups=None if self.groups is None else self.groups[idx],
-        info=dict(self.info),
+        info=info,
         refit=None if parent_refit is None else refit,
     )
 
@@ -178,7 +199,8 @@ def split(
   test = dataset.subset(test_idx)
   if dataset.refit is not None:
     x = dataset.refit(train_idx)
-    info = dict(dataset.info, fitted_on="training split")
-    train = dataclasses.replace(train, x=x[train_idx], info=info)
-    test = dataclasses.replace(test, x=x[test_idx], info=dict(info))
+    train = dataclasses.replace(train, x=x[train_idx],
+                                info=dict(train.info, fitted_on="training split"))
+    test = dataclasses.replace(test, x=x[test_idx],
+                               info=dict(test.info, fitted_on="training split"))
   return train, test

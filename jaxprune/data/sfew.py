@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 from absl import logging
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from jaxprune.data.dataset import SFEW_CLASS_NAMES, Dataset
 
@@ -42,7 +42,10 @@ __all__ = [
     "load_sfew_images",
     "parse_label",
     "person_id",
+    "persons",
     "scan_sfew_tree",
+    "unit_gray",
+    "upright",
 ]
 
 #: Column ranges of SFEW's two descriptor blocks in ``x``: LPQ, then PHOG.
@@ -76,15 +79,60 @@ _FACE_HINT = "pip install jaxprune[face]"
 OnError = Literal["raise", "skip"]
 
 
-def person_id(name: str) -> str:
-  """The person id of an SFEW image name: the last ``_`` field of its stem.
+#: How SFEW's file names carry persons, quoted in messages.
+PERSON_NAMING = ("SFEW names its frames <movie>_<frame>_<person>, e.g."
+                 " Movie_000519240_00000005.png is person 00000005: the person is the"
+                 " last '_' field of the file name (without its extension), a number")
+
+
+def person_id(name: str) -> str | None:
+  """The person id of an SFEW image name: the last ``_`` field of its stem, a number.
+
+  SFEW names its frames ``<movie>_<frame>_<person>``. A name without ``_``, or
+  whose last ``_`` field is not all digits (``Angry1_face.png``, ``smile.jpg``),
+  names no person: None.
 
   Example:
     >>> person_id("Movie_000519240_00000005.mat")
     '00000005'
+    >>> person_id("Angry1_face.png") is None
+    True
   """
   stem = os.path.splitext(os.path.basename(str(name).strip()))[0]
-  return stem.rsplit("_", 1)[-1]
+  if "_" not in stem:
+    return None
+  last = stem.rsplit("_", 1)[-1]
+  return last if re.fullmatch(r"[0-9]+", last) else None
+
+
+def persons(names: Sequence[str], where: str = "SFEW") -> tuple[np.ndarray | None, list[str]]:
+  """The person ids of ``names`` (`person_id`), or None when some name carries none.
+
+  Persons are all or nothing: a person-independent split cannot place a row of
+  unknown person, and names that do not follow SFEW's naming would give
+  nonsense persons. So when any name has no person id the data have no persons
+  (``groups=None``: splits are stratified, not person-independent), which is
+  logged with absl naming such a file.
+
+  Returns:
+    ``(groups, no_person)``: the ``(N,)`` array of person ids or None, and the
+    names that carry no person id.
+
+  Example:
+    >>> persons(["a_1_00000002.png", "b_7_00000003.png"])[0].tolist()
+    ['00000002', '00000003']
+    >>> persons(["a_1_00000002.png", "Angry1_face.png"])
+    (None, ['Angry1_face.png'])
+  """
+  ids = [person_id(n) for n in names]
+  missing = [str(n) for n, p in zip(names, ids) if p is None]
+  if missing:
+    logging.warning(
+        "%s: %d of %d file names carry no person id (e.g. %s; %s), so the data have no"
+        " persons: splits are stratified, not person-independent", where, len(missing),
+        len(ids), missing[0], PERSON_NAMING)
+    return None, missing
+  return np.asarray(ids), []
 
 
 def parse_label(value: Any) -> int | None:
@@ -120,10 +168,16 @@ def parse_label(value: Any) -> int | None:
 def _resolve_features_path(path: str | os.PathLike) -> Path:
   path = Path(path).expanduser()
   if path.is_dir():
-    candidates = {p.name.lower(): p for p in path.iterdir() if p.is_file()}
-    for name in ("sfew.xlsx", "sfew.csv"):
-      if name in candidates:
-        return candidates[name]
+    candidates = sorted(p for p in path.iterdir()
+                        if p.is_file() and p.name.lower() in ("sfew.xlsx", "sfew.csv"))
+    if len(candidates) > 1:
+      raise ValueError(
+          f"The folder {path} holds {' and '.join(p.name for p in candidates)}: which one to"
+          " read is ambiguous. Pass the path of the file to read (e.g."
+          f" --data_path={candidates[-1]} for the binaries), or keep only one of them in"
+          " the folder (the TFDS builder's manual folder must hold one)")
+    if candidates:
+      return candidates[0]
     raise FileNotFoundError(
         f"No SFEW.xlsx or SFEW.csv in the folder {path}. Expected: "
         f"{FEATURES_LAYOUT}."
@@ -255,8 +309,11 @@ def _check_header(header: list[Any], path: Path) -> None:
   if problems:
     raise ValueError(
         f"{path}: misnamed or misplaced columns: " + "; ".join(problems) +
-        f". Expected: {FEATURES_LAYOUT}. If only the names differ, pass"
-        " strict_header=False (columns are read by position)."
+        f". Expected: {FEATURES_LAYOUT}. If the columns are in this order and only their"
+        " names differ, rename the header cells (column 2 to 'label', columns 3-7 to"
+        " 'LPQ feature 1' .. 'LPQ feature 5', columns 8-12 to 'PHOG feature 1' .. 'PHOG"
+        " feature 5') or delete the header row; in Python, load_sfew_features(...,"
+        " strict_header=False) reads other names by position."
     )
 
 
@@ -290,8 +347,9 @@ def load_sfew_features(
 
   Returns:
     A `Dataset`: ``x`` ``(N, 10)`` (LPQ 1-5, PHOG 1-5), ``y`` in 0..6,
-    ``groups`` the person ids (last field of each image name), and ``info``
-    with ``names``, ``blocks``, ``dropped``, ``num_dropped``, ``blank_rows``.
+    ``groups`` the person ids (`persons`: the last field of each image name;
+    None when some name carries none), and ``info`` with ``names``,
+    ``blocks``, ``dropped``, ``num_dropped``, ``blank_rows``, ``no_person``.
 
   Raises:
     FileNotFoundError: the file (or a SFEW file in the folder) is missing.
@@ -399,6 +457,7 @@ def load_sfew_features(
         path.name, len(dropped),
         "; ".join(f"row {d['row']} {d['name']}: {d['reason']}" for d in dropped[:10]),
     )
+  groups, no_person = persons(names, f"SFEW features {path.name}")
   info = {
       "source": f"SFEW features ({path.name})",
       "path": str(path),
@@ -409,10 +468,10 @@ def load_sfew_features(
       "dropped": dropped,
       "num_dropped": len(dropped),
       "blank_rows": blank,
+      "no_person": no_person,
       "fitted_on": "nothing (raw PCA scores from the file; scale them on the"
       " training split with standardize_split)",
   }
-  groups = np.asarray([person_id(n) for n in names])
   return Dataset(np.asarray(xs, dtype=np.float32), y, SFEW_CLASS_NAMES,
                  groups=groups, info=info)
 
@@ -594,7 +653,34 @@ class BitDepthError(ValueError):
   """A frame whose pixel values have no defined white level (see `unit_gray`)."""
 
 
-def unit_gray(im: Image.Image) -> np.ndarray | None:
+#: A 16-bit frame whose values all lie below this (12 bits) loads dark (see `unit_gray`).
+_DARK_BELOW = 4096
+
+
+def upright(im: Image.Image) -> Image.Image:
+  """``im`` turned as its EXIF Orientation tag says; ``im`` itself when it has none.
+
+  Phones and cameras store a frame as the sensor read it and record the turn in
+  EXIF; viewers apply it, and so does every SFEW reader here (PIL's
+  ``ImageOps.exif_transpose``). A tag that cannot be read counts as none.
+
+  Example:
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> im = Image.fromarray(np.zeros((2, 3), np.uint8))
+    >>> upright(im) is im
+    True
+  """
+  try:
+    orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+  except Exception:  # pylint: disable=broad-except  # a damaged EXIF block: no turn
+    return im
+  if orientation in (None, 1):
+    return im
+  return ImageOps.exif_transpose(im)
+
+
+def unit_gray(im: Image.Image, name: str | None = None) -> np.ndarray | None:
   """A high-bit-depth grayscale image as float32 in [0, 1]; None for 8-bit modes.
 
   ``convert('L')`` would clip such values at 255 (a 16-bit frame turns almost
@@ -605,7 +691,7 @@ def unit_gray(im: Image.Image) -> np.ndarray | None:
   raise ValueError saying to save the frame as an 8- or 16-bit PNG. A 16-bit frame whose
   values all fit in 12 bits (below 4096: likely 8- or 12-bit content in a 16-bit container, as
   some cameras write it) warns that it loads dark (PNG's sBIT chunk, which would say so, is not
-  read by PIL).
+  read by PIL); the warning names the frame as ``name`` (a path) when given.
 
   Example:
     >>> import numpy as np
@@ -626,12 +712,18 @@ def unit_gray(im: Image.Image) -> np.ndarray | None:
         f"32-bit integer image (PIL mode I) with values {a.min()}..{a.max()},"
         " outside the 16-bit range 0..65535: its white level is undefined;"
         " save it as an 8-bit or 16-bit PNG")
-  if a.size and int(a.max()) < 4096:
+  if _is_dark(a):
     warnings.warn(
-        f"A 16-bit frame holds values only up to {int(a.max())} of 65535, so it loads dark "
-        "(scaled by 1/65535). If its content is 8- or 12-bit, rescale it to the full 16-bit "
-        "range or save it as an 8-bit PNG first.", stacklevel=2)
+        f"{name or 'A 16-bit frame'}: 16-bit frame holding values only up to {int(a.max())}"
+        " of 65535, so it loads dark (scaled by 1/65535). If its content is 8- or 12-bit,"
+        " rescale it to the full 16-bit range or save it as an 8-bit PNG first.",
+        stacklevel=2)
   return a.astype(np.float32) / np.float32(65535.0)
+
+
+def _is_dark(values: np.ndarray) -> bool:
+  """Whether 16-bit ``values`` (integers) all lie below 4096: 8- or 12-bit content."""
+  return bool(values.size) and int(values.max()) < _DARK_BELOW
 
 
 def _read_image(
@@ -640,30 +732,33 @@ def _read_image(
     mode: str,
     expected_size: tuple[int, int] | None,
     cascade: Any,
-) -> tuple[np.ndarray | None, str | None, bool]:
-  """Returns (image or None, problem or None, face found).
+) -> tuple[np.ndarray | None, str | None, bool, bool]:
+  """Returns (image or None, problem or None, face found, a dark 16-bit frame).
 
-  8-bit frames are converted to ``mode`` ('L' or 'RGB'), resized and divided
+  Frames are first turned as their EXIF orientation says (`upright`). 8-bit frames are converted to ``mode`` ('L' or 'RGB'), resized and divided
   by 255; 16-bit grayscale frames (`unit_gray`) are scaled by 1/65535 and
   resized as float images (gray repeated for RGB), so both give the same
   values for the same picture.
   """
+  dark = False
   try:
     with Image.open(item.path) as im:
       im.load()
-      deep = unit_gray(im)
-      image = Image.fromarray(deep, mode="F") if deep is not None else im.convert(mode)
+      turned = upright(im)
+      deep = unit_gray(turned, str(item.path))
+      dark = deep is not None and _is_dark(np.asarray(turned))
+      image = Image.fromarray(deep, mode="F") if deep is not None else turned.convert(mode)
   except BitDepthError as e:
-    return None, f"{item.path}: {e}", True
+    return None, f"{item.path}: {e}", True, False
   except Exception as e:  # PIL raises many types for bad files
-    return None, f"{item.path}: not a readable image ({type(e).__name__}: {e})", True
+    return None, f"{item.path}: not a readable image ({type(e).__name__}: {e})", True, False
   if expected_size is not None and image.size != (expected_size[1], expected_size[0]):
     return None, (
         f"{item.path}: image is {image.size[1]}x{image.size[0]} (height x"
         f" width), expected {expected_size[0]}x{expected_size[1]} (pass"
         " expected_size=None, or --any_size on the command line, to accept any"
         " size)"
-    ), True
+    ), True, False
   found = True
   if cascade is not None:
     box = _face_box(image, cascade)
@@ -679,7 +774,7 @@ def _read_image(
     array = np.asarray(image, dtype=np.float32) / 255.0
   if array.ndim == 2:
     array = array[..., None]
-  return array, None, found
+  return array, None, found, dark
 
 
 def _pair(name: str, value) -> tuple[int, int]:
@@ -725,8 +820,10 @@ def load_sfew_images(
 
   Returns:
     A `Dataset` with ``x`` ``(N, h, w, channels)`` float32 in [0, 1], ``y`` in
-    0..6, ``groups`` the person ids (last ``_`` field of each file name), and
-    ``info`` with ``names`` (``Class/file`` paths), ``skipped``, ``no_face``.
+    0..6, ``groups`` the person ids (`persons`: the last ``_`` field of each
+    file name; None when some name carries none), and ``info`` with ``names``
+    (``Class/file`` paths), ``skipped``, ``no_face``, ``dark`` (16-bit frames
+    that load dark, see `unit_gray`) and ``no_person``.
 
   Raises:
     FileNotFoundError: ``root`` or a class folder is missing.
@@ -757,8 +854,8 @@ def load_sfew_images(
   else:
     results = [read(item) for item in items]
 
-  xs, ys, names, no_face = [], [], [], []
-  for item, (array, problem, found) in zip(items, results):
+  xs, ys, names, no_face, dark = [], [], [], [], []
+  for item, (array, problem, found, is_dark) in zip(items, results):
     if problem is not None:
       _problem(problem, item.relpath, on_error, skipped)
       continue
@@ -767,6 +864,8 @@ def load_sfew_images(
     names.append(item.relpath)
     if not found:
       no_face.append(item.relpath)
+    if is_dark:
+      dark.append(item.relpath)
   y, _, empty = _labels_and_empty_classes(ys)
   if empty:
     raise ValueError(
@@ -782,6 +881,10 @@ def load_sfew_images(
   if no_face:
     logging.warning("SFEW images: no face found in %d frame(s), kept whole: %s",
                     len(no_face), ", ".join(no_face[:10]))
+  if dark:
+    logging.warning("SFEW images: %d 16-bit frame(s) hold only values below 4096 and load"
+                    " dark: %s", len(dark), ", ".join(dark[:10]))
+  groups, no_person = persons(names, f"SFEW images {root}")
   info = {
       "source": "SFEW images",
       "path": str(root),
@@ -790,9 +893,10 @@ def load_sfew_images(
       "channels": channels,
       "crop_faces": crop_faces,
       "no_face": no_face,
+      "dark": dark,
+      "no_person": no_person,
       "skipped": skipped,
       "num_skipped": len(skipped),
       "fitted_on": "nothing",
   }
-  groups = np.asarray([person_id(n) for n in names])
   return Dataset(np.stack(xs), y, SFEW_CLASS_NAMES, groups=groups, info=info)

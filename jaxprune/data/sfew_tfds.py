@@ -26,11 +26,15 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 from PIL import Image
 
@@ -39,13 +43,18 @@ from jaxprune.data.sfew import (
     FEATURE_BLOCKS,
     FEATURES_LAYOUT,
     IMAGES_LAYOUT,
+    _is_dark,
+    _pair,
+    _resolve_features_path,
     load_sfew_features,
     person_id,
+    persons,
     scan_sfew_tree,
     unit_gray,
+    upright,
 )
 
-__all__ = ["MANUAL_DOWNLOAD_INSTRUCTIONS", "Sfew", "load_sfew_tfds"]
+__all__ = ["MANUAL_DOWNLOAD_INSTRUCTIONS", "Sfew", "load_sfew_tfds", "manual_fingerprint"]
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 SFEW is licensed: request it from its authors and place your copy in the
@@ -80,8 +89,12 @@ _CITATION = """\
 class Sfew(tfds.core.GeneratorBasedBuilder):
   """SFEW: Static Facial Expressions in the Wild (7 classes, manual download)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Features (LPQ + PHOG PCA) and images configs."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Features (LPQ + PHOG PCA) and images configs.",
+      "1.1.0": "Frames turned as their EXIF orientation says; the manual folder's"
+               " fingerprint, dark 16-bit frames and persons recorded.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(
@@ -138,7 +151,12 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    return {"train": self._generate_examples(epath.Path(dl_manager.manual_dir))}
+    root = epath.Path(dl_manager.manual_dir)
+    # What the prepared data come from, taken before reading them: load_sfew_tfds compares
+    # it with the manual folder's files to find prepared data that no longer match them.
+    self.info.metadata["manual_fingerprint"] = manual_fingerprint(
+        self.builder_config.name, os.fspath(root))
+    return {"train": self._generate_examples(root)}
 
   def _generate_examples(self, root: epath.Path):
     if self.builder_config.name == "features":
@@ -155,24 +173,30 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
           "features": dataset.x[i],
           "label": int(dataset.y[i]),
           "name": name,
-          "person": person_id(name),
+          "person": person_id(name) or "",
       }
 
   def _images(self, root: epath.Path):
     items, skipped = scan_sfew_tree(os.fspath(root), on_error="raise", fix=_FIX)
     self.info.metadata["skipped"] = skipped
+    dark: list[str] = []
+    self.info.metadata["dark"] = dark  # filled in as the frames are read
     for i, item in enumerate(items):
       try:
         with Image.open(item.path) as im:
           im.load()  # decodes: a truncated or broken file fails here
-          deep = unit_gray(im)  # 16-bit gray: scaled to 8 bits, not clipped
+          turned = upright(im)  # as its EXIF orientation says
+          # 16-bit gray: scaled to 8 bits, not clipped
+          deep = unit_gray(turned, str(item.path))
           if deep is not None:
+            if _is_dark(np.asarray(turned)):
+              dark.append(item.relpath)
             image = Image.fromarray(
                 np.round(deep * 255.0).astype(np.uint8)).convert("RGB")
-          elif im.format == "PNG" and im.mode == "RGB":
+          elif turned is im and im.format == "PNG" and im.mode == "RGB":
             image = item.path.read_bytes()  # stored as is, no re-encoding
           else:
-            image = im.convert("RGB")  # TFDS encodes it as PNG with PIL
+            image = turned.convert("RGB")  # TFDS encodes it as PNG with PIL
       except Exception as e:  # PIL raises many types for bad files
         raise ValueError(
             f"{item.path}: not a readable image ({type(e).__name__}: {e}). {_FIX}"
@@ -181,13 +205,55 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
           "image": image,
           "label": item.label,
           "name": item.relpath,
-          "person": person_id(item.path.name),
+          "person": person_id(item.path.name) or "",
       }
 
 
 _FIX = ("Remove or fix it: the TFDS builder prepares every file of the manual folder"
         " (load_sfew_images(..., on_error='skip') reads the tree directly and skips such"
         " files)")
+
+
+def manual_fingerprint(config: str, manual_dir: str | os.PathLike) -> str:
+  """A fingerprint of the files ``sfew/<config>`` prepares from ``manual_dir``.
+
+  It covers, for each file the builder reads, its path relative to
+  ``manual_dir``, its size and its modification time (nanoseconds): for
+  ``'features'`` the ``SFEW.xlsx`` or ``SFEW.csv`` file, for ``'images'`` every
+  entry of the folders in ``manual_dir`` (the class folders, and folders the
+  builder reports as skipped). Recorded in the prepared data's metadata
+  (``info.metadata['manual_fingerprint']``); `load_sfew_tfds` prepares the data
+  again when it no longer matches the folder.
+
+  Args:
+    config: ``'features'`` or ``'images'``.
+    manual_dir: the manual folder.
+
+  Returns:
+    A SHA-256 hex digest.
+
+  Raises:
+    FileNotFoundError: for ``'features'``, no SFEW file in the folder.
+    ValueError: for ``'features'``, both ``SFEW.xlsx`` and ``SFEW.csv`` in it.
+  """
+  root = Path(manual_dir).expanduser()
+  entries: list[list[Any]] = []
+
+  def add(path: Path) -> None:
+    st = path.stat()
+    rel = path.relative_to(root).as_posix()
+    entries.append([rel, "dir"] if path.is_dir() else [rel, st.st_size, st.st_mtime_ns])
+
+  if config == "features":
+    add(_resolve_features_path(root))
+  else:
+    for top in sorted(root.iterdir()):
+      if top.is_dir() and not top.name.startswith((".", "__")):
+        add(top)
+        for entry in sorted(top.iterdir()):
+          add(entry)
+  blob = json.dumps({"config": config, "files": entries}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def load_sfew_tfds(
@@ -200,6 +266,14 @@ def load_sfew_tfds(
 ) -> Dataset:
   """Builds (if needed) and reads ``sfew/<config>`` through `tfds.data_source`.
 
+  Prepared data are reused only while they match the manual folder: a
+  fingerprint of its files (`manual_fingerprint`: relative paths, sizes,
+  modification times) is recorded beside the prepared data, and when the
+  folder now holds other files (another ``manual_dir``, or files added,
+  removed or edited) the data are prepared again, logged with absl. A manual
+  folder that no longer exists cannot be compared: the prepared data are read
+  as they are, with a warning.
+
   Args:
     config: ``'features'`` or ``'images'``.
     data_dir: the TFDS data directory (where the prepared files go).
@@ -211,32 +285,68 @@ def load_sfew_tfds(
     channels: for images, 1 (grayscale, PIL's ``L`` conversion) or 3.
 
   Returns:
-    A `Dataset` like `load_sfew_features` / `load_sfew_images` give.
+    A `Dataset` like `load_sfew_features` / `load_sfew_images` give; its
+    ``info`` has ``names``, ``no_person``, ``manual_dir``, ``data_dir`` and the
+    prepared data's ``dropped`` (features) or ``skipped`` and ``dark`` (images).
   """
   if config not in ("features", "images"):
     raise ValueError(f"config must be 'features' or 'images', got {config!r}")
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-  download_config = tfds.download.DownloadConfig(
-      manual_dir=None if manual_dir is None else os.path.expanduser(manual_dir))
+  if size is not None:
+    size = _pair("size", size)
+  data_dir = os.path.expanduser(os.fspath(data_dir))
+  manual = (os.path.join(data_dir, "downloads", "manual") if manual_dir is None
+            else os.path.expanduser(os.fspath(manual_dir)))
+  name = f"sfew/{config}"
+  builder = tfds.builder(name, data_dir=data_dir)
+  mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  stale = False
+  if builder.is_prepared():
+    if os.path.isdir(manual):
+      recorded = builder.info.metadata.get("manual_fingerprint")
+      if recorded != manual_fingerprint(config, manual):
+        stale = True
+        mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # delete, prepare again
+        logging.warning(
+            "%s in %s was prepared from other files than the manual folder %s holds now"
+            " (%s); preparing it again", name, builder.data_dir, manual,
+            "another folder, or files added, removed or changed" if recorded else
+            "no record of the files it was prepared from")
+    else:
+      logging.warning(
+          "The manual folder %s does not exist: reading %s as it was prepared in %s,"
+          " without checking it against your SFEW copy", manual, name, builder.data_dir)
+  download_config = tfds.download.DownloadConfig(manual_dir=manual, download_mode=mode)
   try:
-    source = tfds.data_source(
-        f"sfew/{config}",
-        data_dir=os.path.expanduser(data_dir),
-        download_and_prepare_kwargs={"download_config": download_config},
-    )["train"]
+    builder.download_and_prepare(download_config=download_config)
   except AssertionError as e:  # TFDS asserts that the manual folder exists
-    raise FileNotFoundError(str(e)) from e
+    raise FileNotFoundError(f"{e}") from e
+  except OSError as e:
+    if not stale:
+      raise
+    raise OSError(
+        f"{name} in {builder.data_dir} no longer matches the manual folder {manual} and could"
+        f" not be prepared again ({type(e).__name__}: {e}). Delete {builder.data_dir}, or pass"
+        " a data_dir you can write to") from e
+  builder = tfds.builder(name, data_dir=data_dir)  # the prepared data as written
+  source = builder.as_data_source()["train"]
+  metadata = builder.info.metadata
   examples = [source[i] for i in range(len(source))]
   names = tuple(_text(e["name"]) for e in examples)
   y = np.asarray([e["label"] for e in examples], dtype=np.int32)
-  groups = np.asarray([_text(e["person"]) for e in examples])
-  info: dict[str, Any] = {"source": f"SFEW via TFDS (sfew/{config})",
-                          "names": names, "fitted_on": "nothing"}
+  groups, no_person = persons(names, f"SFEW via TFDS ({name})")
+  info: dict[str, Any] = {"source": f"SFEW via TFDS ({name})",
+                          "names": names, "no_person": no_person,
+                          "manual_dir": manual, "data_dir": data_dir,
+                          "fitted_on": "nothing"}
   if config == "features":
     x = np.stack([e["features"] for e in examples]).astype(np.float32)
     info["blocks"] = FEATURE_BLOCKS
+    info["dropped"] = list(metadata.get("dropped", []))
   else:
+    info["skipped"] = list(metadata.get("skipped", []))
+    info["dark"] = list(metadata.get("dark", []))
     mode = "L" if channels == 1 else "RGB"
     images = []
     for e in examples:

@@ -212,8 +212,11 @@ def _folds(y: np.ndarray, n_splits: int, seed: int,
     num_groups = len(np.unique(groups))
     if num_groups < n_splits:
       raise ValueError(
-          f"only {num_groups} persons (groups) for {n_splits} person-independent"
-          " folds"
+          f"only {num_groups} person{'' if num_groups == 1 else 's'} (groups) for"
+          f" {n_splits} person-independent folds: every fold needs persons of its own."
+          " Use data with more persons, fewer folds (a person-independent"
+          " train/test split is 1 of round(1/test_fraction) folds: a larger"
+          " test_fraction), or person_independent=False"
       )
     splitter = model_selection.StratifiedGroupKFold(
         n_splits=n_splits, shuffle=True, random_state=seed)
