@@ -315,6 +315,7 @@ class Study:
     if not str(workdir).strip():
       fail("--workdir is empty. Pass the folder to write the study to (--workdir=. for the "
            "current one).")
+    workdir = os.path.expanduser(str(workdir))   # --workdir=~/runs: the shell left ~ as it is
     check_workdir_outside_data(workdir, self.settings.get("data"),
                                self.settings.get("data_path"), name)
     self.dir = os.path.join(workdir, name)

@@ -232,6 +232,9 @@ def test_data_path_with_a_tilde_is_recorded_expanded(tmp_path, monkeypatch):
   s = _store.Study("tilde", {"data": "sfew_features", "data_path": "~/x/SFEW.csv"},
                    workdir=str(tmp_path / "w"), data=ds)
   assert s.data["path"] == os.path.join(str(tmp_path), "x", "SFEW.csv")
+  s = _store.Study("tilde", {"data": "features"}, workdir="~/runs", data=ds)   # --workdir=~/runs
+  assert s.dir == os.path.join(str(tmp_path), "runs", "tilde") and os.path.isdir(s.dir)
+  assert not os.path.exists(tmp_path / "~")
 
 
 def test_report_lists_dark_frames_and_missing_persons():
