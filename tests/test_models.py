@@ -143,6 +143,8 @@ def test_bad_input_errors(built):
     mlp.apply(mp, jnp.zeros((2, 10), jnp.int32))
   with pytest.raises(ValueError, match=r"one example of shape \(10,\): add the batch axis"):
     mlp.apply(mp, jnp.zeros((10,)))   # said "build the model with input shape ()"
+  with pytest.raises(ValueError, match=r"2 axes; got 1 axes, shape \(7,\)"):
+    mlp.apply(mp, jnp.zeros((7,)))     # said "build the model with input shape ()"
   # channels first: it said to build the model with input shape (1, 20, 16), which fails
   with pytest.raises(ValueError, match=r"channels first \(NCHW\). Transpose it: x.transpose"):
     m.apply(p, jnp.zeros((2, 1, 20, 16)))

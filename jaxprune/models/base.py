@@ -135,6 +135,11 @@ class Model(abc.ABC):
         raise ValueError(
             f"{type(self).__name__} takes a batch of shape (N, {', '.join(map(str, want))}); got "
             f"one example of shape {shape}: add the batch axis, x[None].")
+      if len(shape) != len(want) + 1:   # "build the model with input shape ()" helps no one
+        raise ValueError(
+            f"{type(self).__name__} takes a batch of shape (N, {', '.join(map(str, want))}), "
+            f"{len(want) + 1} axes; got {len(shape)} axes, shape {shape}. Reshape the inputs "
+            f"to (N, {', '.join(map(str, want))}).")
       if len(want) == 3 and len(shape) == 4 and shape[1:] == (want[2], want[0], want[1]):
         raise ValueError(      # channels first (PyTorch's NCHW): the model takes NHWC
             f"{type(self).__name__} takes a batch of shape (N, {', '.join(map(str, want))}), "
