@@ -519,3 +519,36 @@ def test_vmap_over_no_runs_gives_empty_results():
   state, history = jax.vmap(lambda k: ga.run(cfg, fit, U, key=k, data=data, progress=False,
                                              shard=False))(jax.random.split(jax.random.key(0), 0))
   assert state.hof.shape == (0, 3, U) and history.best.shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_params_below_32_bits_take_the_full_evaluation(dtype):
+  """bfloat16 / float16 params: the logits of the fast path round to 8 (11) bits, once in the
+  full product but again at every ``z_parent + delta``, so the incremental run scored
+  individuals differently and returned other masks (here: fitness 28.6875 against 30.25 for
+  bfloat16, and histories that parted ways). Such runs take the full evaluation, also with
+  incremental=True, and run_scan itself refuses them."""
+  units = 40
+  model = jaxprune.MLP(in_features=6, hidden=(units,), out_features=5, activation="relu")
+  params = jax.tree.map(lambda a: a.astype(dtype), model.init(jax.random.key(9)))
+  x = jax.random.normal(jax.random.key(109), (64, 6), dtype)
+  y = jax.random.randint(jax.random.key(209), (64,), 0, 5)
+  cfg = ga.GAConfig(population_size=20, hof_size=2, generations=8)
+  kw = dict(key=jax.random.key(9), config=cfg, progress=False,
+            hyper=ga.GAHyperparams(lam=2.0))
+  a = ga.search(model, params, x, y, "hidden_0", incremental=True, **kw)
+  b = ga.search(model, params, x, y, "hidden_0", incremental=False, **kw)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+  # the reported fitness is the reported accuracy's (eq. 5)
+  assert float(a.fitness) == pytest.approx(100 * float(a.accuracy) - 2.0 * int(a.kept) / units,
+                                           abs=1e-4)
+  fit = ga.make_fitness(model, "hidden_0", "eq5", incremental=True)
+  data = fit.prepare(params, x, y)
+  loop = importlib.import_module("jaxprune.ga.loop")
+  assert not loop.uses_incremental(cfg, fit, units, None, data)
+  assert not I.exact_dtype(data["h"], data["w"])
+  assert I.exact_dtype(data["h"].astype(jnp.float32), data["w"])   # float32 logits: exact
+  with pytest.raises(ValueError, match=r"at least 32 bits.*cast params and inputs to float32"):
+    I.run_scan(I.plan(units, 20, 2, 64, 5), cfg, fit, units, ga.GAHyperparams(), data,
+               jax.random.key(0))

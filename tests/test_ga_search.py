@@ -785,3 +785,156 @@ def test_negative_lam_is_refused_for_the_built_in_fitness_only(trained):
   user = lambda p, m: -jnp.sum(m).astype(jnp.float32)
   res = ga.search(model, params, None, None, "hidden_0", fitness=user, **kw)
   assert not bool(res.invalid) and float(res.fitness) == -int(res.kept)
+
+
+# ----------------------------------------------------------------------------- extreme scales
+
+
+def test_sample_weights_of_any_scale_give_the_same_search(trained):
+  """The weighted accuracy does not depend on the weights' scale: weights of 1e37 each (whose
+  float32 sum overflows: accuracy 0.0, fitness -inf) or subnormal ones (1e-40, which XLA:CPU
+  flushes to 0: NaN and invalid=True under jit although the host check accepts them) score as
+  weights of 1; weights times a power of two give the same bits (ordinary weights keep theirs)."""
+  model, params, x, y = trained
+  small = ga.GAConfig(population_size=10, hof_size=2, generations=3)
+  kw = dict(key=jax.random.key(3), config=small, progress=False)
+  n = x.shape[0]
+  ones = ga.search(model, params, x, y, "hidden_0", sample_weight=np.ones(n, np.float32), **kw)
+  scales = (1e37, 1e-40, 1e-44, 3e38)
+  for scale in scales:
+    res = ga.search(model, params, x, y, "hidden_0",
+                    sample_weight=np.full(n, scale, np.float32), **kw)
+    np.testing.assert_array_equal(np.asarray(res.mask), np.asarray(ones.mask))
+    assert not bool(res.invalid)
+    assert float(res.accuracy) == pytest.approx(float(ones.accuracy), rel=1e-6)
+    np.testing.assert_allclose(res.history.max, ones.history.max, rtol=1e-6)
+  # float64 weights beyond float32's range (they rounded to 0 or inf)
+  for scale in (1e-50, 1e300):
+    res = ga.search(model, params, x, y, "hidden_0", sample_weight=np.full(n, scale), **kw)
+    assert not bool(res.invalid)
+    assert float(res.accuracy) == pytest.approx(float(ones.accuracy), rel=1e-6)
+  # traced weights (under vmap): scaled inside the program, judged as on the host
+  ws = jnp.asarray([np.full(n, s, np.float32) for s in (1.0,) + scales])
+  many = jax.vmap(lambda w: ga.search(model, params, x, y, "hidden_0", sample_weight=w,
+                                      **kw))(ws)
+  assert not np.any(np.asarray(many.invalid))
+  np.testing.assert_allclose(np.asarray(many.accuracy), float(ones.accuracy), rtol=1e-6)
+  neg = jnp.ones(n).at[0].set(-1e-40)     # a negative subnormal weight: refused, and flagged
+  with pytest.raises(ValueError, match="sample_weight must be finite and >= 0"):
+    ga.search(model, params, x, y, "hidden_0", sample_weight=neg, **kw)
+  assert bool(jax.jit(lambda w: ga.search(model, params, x, y, "hidden_0", sample_weight=w,
+                                          **kw))(neg).invalid)
+  # Ordinary weights times 2**k: the same bits, also where the unscaled sums overflow (k=120).
+  wf = np.random.default_rng(2).uniform(0.1, 1.0, size=n).astype(np.float32)
+  fit = ga.AccuracyFitness(model, "hidden_0", None, fast=True, weighted=True)
+  pop = jax.random.bernoulli(jax.random.key(4), 0.5, (16, 12))
+  score = jax.jit(lambda w: fit.accuracy(pop, fit.prepare(params, x, y, sample_weight=w)))
+  ref = np.asarray(score(wf))
+  for k in (-100, 120):
+    np.testing.assert_array_equal(np.asarray(score(wf * np.float32(2.0 ** k))), ref)
+  F = importlib.import_module("jaxprune.ga.fitness")
+  correct = jax.random.bernoulli(jax.random.key(5), 0.5, (n, 7))
+  plain = lambda c, w: 100.0 * (F.ops.ordered_sum(w[:, None] * c.astype(jnp.float32))
+                                / F.ops.ordered_sum(w[:, None]))   # the unscaled formula
+  np.testing.assert_array_equal(np.asarray(jax.jit(F.weighted_percent)(correct, wf)),
+                                np.asarray(jax.jit(plain)(correct, wf)))
+
+
+def test_eq5_does_not_overflow_for_large_lam(trained):
+  """Eq. 5 computed ``lam * kept`` first: lam=1e38 (finite, accepted) overflowed to -inf
+  although ``lam * kept / U`` is finite, so every individual scored -inf. At ordinary lam the
+  bits are those of ``lam * kept / U``."""
+  model, params, x, y = trained
+  kept = jnp.asarray([0, 2, 6, 12])
+  for lam in (1e38, 3.4e38):
+    got = np.asarray(jax.jit(lambda l: ga.penalized(jnp.zeros(4), kept, 12, l, "ratio"))(lam))
+    want = -np.float64(np.float32(lam)) * np.asarray(kept) / 12
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  acc = jnp.asarray(np.random.default_rng(0).uniform(0, 100, 13), jnp.float32)
+  for lam in (0.0, 0.7, 10.0, 123.456, 1e19):
+    got = jax.jit(lambda a, l: ga.penalized(a, jnp.arange(13), 12, l, "ratio"))(acc, lam)
+    want = jax.jit(lambda a, l: a - l * jnp.arange(13).astype(jnp.float32) / 12)(acc, lam)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(3), progress=False,
+                  config=ga.GAConfig(population_size=10, hof_size=2, generations=3),
+                  hyper=ga.GAHyperparams(lam=1e38))
+  assert np.all(np.isfinite(np.asarray(res.history.max)))
+  assert float(res.fitness) == pytest.approx(
+      100 * float(res.accuracy) - np.float64(np.float32(1e38)) * int(res.kept) / 12, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- typed settings
+
+
+def test_wrongly_typed_settings_are_refused_before_compiling(trained):
+  """A string lam failed in NumPy's isfinite, None in a comparison, a dict for hyper or config
+  with an AttributeError or JAX's static-argument error; ga.run with an AccuracyFitness and
+  no data failed inside the trace, and with the wrong num_units with a broadcasting error."""
+  model, params, x, y = trained
+  kw = dict(key=jax.random.key(0), config=CFG, progress=False)
+  cases = [
+      (dict(hyper=ga.GAHyperparams(lam="10")), TypeError,
+       r"GAHyperparams\.lam must be a number.*got '10'.*GAHyperparams\(lam=10\.0\)"),
+      (dict(hyper=ga.GAHyperparams(crossover_prob=None)), TypeError,
+       r"GAHyperparams\.crossover_prob must be a number.*None.*crossover_prob=0\.8"),
+      (dict(hyper={"lam": 1.0}), TypeError,
+       r"hyper must be a ga\.GAHyperparams.*got dict.*ga\.GAHyperparams\(\*\*\{'lam': 1\.0\}\)"),
+      (dict(config={"population_size": 10}), TypeError,
+       r"config must be a ga\.GAConfig.*ga\.GAConfig\(\*\*\{'population_size': 10\}\)"),
+  ]
+  for extra, error, message in cases:
+    with pytest.raises(error, match=message):
+      ga.search(model, params, x, y, "hidden_0", **{**kw, **extra})
+  f = lambda pop, d, h: pop.sum(1).astype(jnp.float32)
+  with pytest.raises(TypeError, match=r"hyper must be a ga\.GAHyperparams"):
+    ga.run(CFG, f, 5, key=jax.random.key(0), hyper={"lam": 1.0}, progress=False)
+  with pytest.raises(TypeError, match=r"config must be a ga\.GAConfig"):
+    ga.run({"generations": 2}, f, 5, key=jax.random.key(0), progress=False)
+  with pytest.raises(TypeError, match=r"config must be a ga\.GAConfig"):
+    ga.init({"generations": 2}, 5)
+  for fast in (False, True):
+    fit = ga.AccuracyFitness(model, "hidden_0", fast=fast)
+    with pytest.raises(ValueError, match=r"got data=None\. Pass data=fitness\.prepare"):
+      ga.run(CFG, fit, 12, key=jax.random.key(0), progress=False)
+    with pytest.raises(ValueError, match=r"num_units is 10 but group 'hidden_0' of this "
+                       r"fitness has 12 units.*num_units=12"):
+      ga.run(CFG, fit, 10, key=jax.random.key(0), progress=False,
+             data=fit.prepare(params, x, y))
+  weighted = ga.AccuracyFitness(model, "hidden_0", weighted=True)
+  with pytest.raises(ValueError, match=r"'sample_weight'.*sample_weight=w"):
+    ga.run(CFG, weighted, 12, key=jax.random.key(0), progress=False,
+           data=ga.AccuracyFitness(model, "hidden_0").prepare(params, x, y))
+  # numbers of any kind pass: ints, NumPy scalars, 0-d arrays
+  strategy = importlib.import_module("jaxprune.ga.strategy")
+  strategy.check_params(ga.GAHyperparams(1, np.float32(0.2), jnp.asarray(0.1), np.int64(3)))
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_progress_of_zero_generations_and_under_jit(capsys, monkeypatch, caplog):
+  """generations=0 showed 'gen 0/1' for its one population; under jit nothing is shown (the
+  display lives during the call only), which a warning now says, once."""
+  f = lambda pop, d, h: pop.sum(1).astype(jnp.float32)
+  ga.run(ga.GAConfig(population_size=6, hof_size=1, generations=0), f, 5,
+         key=jax.random.key(0), progress=True)
+  err = capsys.readouterr().err
+  assert "[GA] gen 0/0 best=" in err and "/1" not in err
+  loop = importlib.import_module("jaxprune.ga.loop")
+  monkeypatch.setattr(loop, "_NOT_SHOWN_WARNED", False)
+  cfg = ga.GAConfig(population_size=6, hof_size=1, generations=2)
+  with caplog.at_level("WARNING"):
+    jitted = jax.jit(lambda k: ga.run(cfg, f, 5, key=k, progress=True))
+    jitted(jax.random.key(0))
+    jax.jit(lambda k: ga.run(cfg, f, 6, key=k, progress=True))(jax.random.key(0))
+  assert capsys.readouterr().err.count("gen ") == 0
+  warned = [r for r in caplog.records if "progress=True shows nothing" in r.getMessage()]
+  assert len(warned) == 1 and "progress=False" in warned[0].getMessage()
+  caplog.clear()
+  monkeypatch.setattr(loop, "_NOT_SHOWN_WARNED", False)
+  with caplog.at_level("WARNING"):   # run eagerly (also under vmap) it is shown: no warning
+    jax.vmap(lambda k: ga.run(cfg, f, 5, key=k, progress=True))(
+        jax.random.split(jax.random.key(0), 2))
+  assert "gen 2/2" in capsys.readouterr().err
+  assert not [r for r in caplog.records if "progress=True" in r.getMessage()]

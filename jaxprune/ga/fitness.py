@@ -8,6 +8,8 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
@@ -22,13 +24,27 @@ FitnessFn = Callable[[jax.Array, PyTree, "GAHyperparams"], jax.Array]
 # ----------------------------------------------------------------------------- fitness
 
 
+#: Eq. 5 scales a ``lam`` above this by ``2**-64`` before ``lam * kept`` (see :func:`penalized`).
+_LAM_SCALE_ABOVE = 2.0 ** 64
+
+
 def penalized(accuracy: jax.Array, kept: jax.Array, num_units: int, lam,
               penalty: str) -> jax.Array:
   """Eq. 5 (``'ratio'``: ``acc - lam * kept / num_units``) or eq. 6 (``'count'``:
-  ``acc - lam * kept``); ``accuracy`` in percent."""
+  ``acc - lam * kept``); ``accuracy`` in percent.
+
+  Eq. 5 is computed in that order (``lam * kept`` first, then the division), and without its
+  overflow: a ``lam`` above ``2**64`` is multiplied by ``2**-64`` first and the quotient by
+  ``2**64`` after, which is exact (powers of two), so every ``lam`` gets the float that
+  ``lam * kept / num_units`` rounds to with no exponent limit (``lam=1e38`` with 10 of 20
+  units kept: ``-5e37``, not ``-inf``); an ordinary ``lam`` gets the same bits as before.
+  Eq. 6 overflows only where its value itself is beyond float32.
+  """
   kept = jnp.asarray(kept, jnp.float32)
   if penalty == "ratio":
-    return accuracy - lam * kept / num_units
+    big = jnp.abs(lam) > _LAM_SCALE_ABOVE
+    scaled = jnp.where(big, lam * 2.0 ** -64, lam) * kept / num_units
+    return accuracy - jnp.where(big, scaled * 2.0 ** 64, scaled)
   if penalty == "count":
     return accuracy - lam * kept
   raise ValueError(f"penalty must be 'ratio' (eq. 5) or 'count' (eq. 6), got {penalty!r}.")
@@ -99,14 +115,90 @@ def _labels(y: jax.Array, sample_weight=None) -> jax.Array:
   return y
 
 
+def _pow2(k: jax.Array) -> jax.Array:
+  """``2.0 ** k`` as float32, exactly, for integers ``k`` in [-126, 127] (from its bits)."""
+  return lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
+
+
+def scale_weights(w: jax.Array) -> jax.Array:
+  """``w * 2**k`` exactly, inside a program, with ``k`` such that the largest ``|w|`` lies in
+  [1, 2) (below 1 if it is subnormal): a weighted mean of the result is the weighted mean of
+  ``w``, without its sums overflowing (``1e37`` per pattern) or vanishing (subnormal weights
+  such as ``1e-40``, which XLA:CPU flushes to 0 in arithmetic).
+
+  Scaling by a power of two changes no significant bit, so for weights that neither overflow
+  nor underflow every sum of the weighted mean is the same float times ``2**k``, and the mean
+  the same float: results at ordinary scales keep their bits. Computed from the bits
+  (exponent and significand as integers), so subnormal inputs are read as they are. A weight
+  below ``2**-126`` times the largest becomes 0 (it cannot change a float32 mean). Weights
+  with a NaN or an infinity, and weights of another dtype than float32 (``prepare`` makes
+  float32 weights), are returned as they are.
+  """
+  w = jnp.asarray(w)
+  if w.dtype != jnp.float32:
+    return w
+  bits = lax.bitcast_convert_type(w, jnp.int32)
+  mag = bits & 0x7FFFFFFF
+  field = mag >> 23                                   # biased exponent (0: zero, subnormal)
+  sig = jnp.where(field > 0, (mag & 0x7FFFFF) | 0x800000, mag & 0x7FFFFF)   # < 2**24: exact
+  top = jnp.maximum(jnp.max(field, initial=0), 1)
+  d = jnp.maximum(field, 1) - top                     # <= 0
+  # |w| * 2**(127 - top) = sig * 2**-23 * 2**d, each product exact where it is normal
+  s = sig.astype(jnp.float32) * jnp.float32(2.0 ** -23) * _pow2(jnp.maximum(d, -126))
+  s = jnp.where(d < -126, jnp.float32(0), s)
+  s = jnp.where(bits < 0, -s, s)
+  return jnp.where(jnp.all(field < 255), s, w)
+
+
+def host_sample_weight(sample_weight, n: int) -> jax.Array:
+  """:func:`jaxprune.validate.check_sample_weight`, for the GA's weighted accuracy: concrete
+  weights are first scaled by a power of two (in float64, exactly) so that the largest lies in
+  [1, 2), so that weights the check accepts keep their ratios in float32 (float64 weights of
+  ``1e-50`` or ``1e300`` would round to 0 or ``inf``); traced weights are scaled inside the
+  program (:func:`scale_weights`)."""
+  if sample_weight is not None and validate.is_concrete(sample_weight):
+    v = np.asarray(sample_weight)
+    if v.dtype.kind in "biuf" and v.ndim == 1 and v.size:
+      v = v.astype(np.float64)
+      top = np.max(np.abs(v)) if np.all(np.isfinite(v)) else 0.0
+      if top > 0 and np.all(v >= 0):
+        sample_weight = np.ldexp(v, 1 - np.frexp(top)[1])   # exact: a power of two
+  return validate.check_sample_weight(sample_weight, n)
+
+
+def nonzero_weights(w: jax.Array) -> jax.Array:
+  """(N,) bool, inside a program: ``w != 0`` as the host computes it (float32 weights are read
+  from their bits: XLA:CPU compares a subnormal weight such as ``1e-40`` as 0)."""
+  w = jnp.asarray(w)
+  if w.dtype != jnp.float32:
+    return w != 0
+  return (lax.bitcast_convert_type(w, jnp.int32) & 0x7FFFFFFF) != 0
+
+
+def weights_unusable(w: jax.Array) -> jax.Array:
+  """() bool, inside a program: what :func:`jaxprune.validate.check_sample_weight` refuses
+  (a weight that is NaN, infinite or negative, or none above 0), read from the bits so that
+  subnormal weights (which XLA:CPU compares as 0) are judged as on the host."""
+  w = jnp.asarray(w)
+  if w.dtype != jnp.float32:
+    return ~jnp.all(jnp.isfinite(w) & (w >= 0)) | ~jnp.any(w > 0)
+  bits = lax.bitcast_convert_type(w, jnp.int32)
+  negative = (bits < 0) & ((bits & 0x7FFFFFFF) != 0)    # -0.0 is not negative
+  return ~jnp.all(jnp.isfinite(w)) | jnp.any(negative) | ~jnp.any(bits > 0)
+
+
 def weighted_percent(correct: jax.Array, w: jax.Array | None) -> jax.Array:
-  """Accuracy in percent over axis 0 of ``correct``; weighted by ``w`` (N,) when given."""
+  """Accuracy in percent over axis 0 of ``correct``; weighted by ``w`` (N,) when given.
+
+  The weights are scaled first (:func:`scale_weights`: by a power of two, exactly), so that
+  the mean does not depend on their scale: weights of ``1e37`` or ``1e-40`` per pattern give
+  the accuracy of weights of 1, to the bit."""
   correct = correct.astype(jnp.float32)
   if w is None:
     return 100.0 * jnp.mean(correct, axis=0)
   # Sums in one fixed order, so that the full and the incremental evaluation (other layouts,
   # other fusions) give the same float whatever the weights.
-  w = w.reshape((-1,) + (1,) * (correct.ndim - 1))
+  w = scale_weights(w).reshape((-1,) + (1,) * (correct.ndim - 1))
   return 100.0 * (ops.ordered_sum(w * correct) / ops.ordered_sum(w))
 
 
@@ -131,9 +223,13 @@ class AccuracyFitness:
   ``incremental`` lets :func:`run` score children from their parents' logits
   (:mod:`jaxprune.ga.incremental`): ``'auto'`` (the default) on CPU, from
   ``incremental.MIN_UNITS`` units on, for long runs (elsewhere the full evaluation), True
-  always, False never (full evaluation).
+  always, False never (full evaluation); logits below 32 bits (bfloat16, float16 params and
+  inputs) are always evaluated in full (:func:`jaxprune.ga.incremental.exact_dtype`).
+  Sample weights are scaled by a power of two before use (:func:`scale_weights`), so the
+  weighted accuracy does not depend on their scale.
 
-  Use ``prepare(params, x, y)`` to build the ``data`` argument.
+  Use ``prepare(params, x, y)`` to build the ``data`` argument (:func:`jaxprune.ga.run`
+  checks it with :meth:`check_data`).
   """
 
   model: Any
@@ -166,7 +262,7 @@ class AccuracyFitness:
     if self.weighted:
       n = y.shape[0]
       extra["sample_weight"] = (jnp.ones((n,), jnp.float32) if sample_weight is None else
-                                validate.check_sample_weight(sample_weight, n))
+                                host_sample_weight(sample_weight, n))
     if (penalty is None) != (self.penalty != "per_run"):
       raise ValueError("prepare(..., penalty='ratio' | 'count') goes with penalty='per_run' "
                        f"(and only with it); this fitness has penalty={self.penalty!r}.")
@@ -182,6 +278,32 @@ class AccuracyFitness:
     w = w.reshape(w.shape[0], -1)
     return {"h": h.reshape(h.shape[0], -1), "w": w,
             "b": readout_bias(self.model, params, x, s, w.shape[-1]), "y": y, **extra}
+
+  def check_data(self, data: PyTree, num_units: int) -> None:
+    """Raises ValueError unless ``data`` is what :meth:`prepare` makes for this fitness and
+    ``num_units`` (the chromosome's length, :func:`jaxprune.ga.run`'s argument) is the group's
+    size. Reads only keys and shapes (``data`` may be traced or abstract)."""
+    need = ("h", "w", "b", "y") if self.fast else ("params", "x", "y")
+    if self.weighted:
+      need += ("sample_weight",)
+    if self.penalty == "per_run":
+      need += ("count_penalty",)
+    if not isinstance(data, Mapping) or any(k not in data for k in need):
+      got = (f"a dict with keys {sorted(data)}" if isinstance(data, Mapping) else
+             "data=None" if data is None else f"a {type(data).__name__}")
+      raise ValueError(
+          f"This AccuracyFitness (fast={self.fast}, weighted={self.weighted}, "
+          f"penalty={self.penalty!r}) scores the data its prepare() makes, a dict with keys "
+          f"{list(need)}; got {got}. Pass data=fitness.prepare(params, x, y"
+          f"{', sample_weight=w' if self.weighted else ''}"
+          f"{', penalty=...' if self.penalty == 'per_run' else ''}) with this same fitness "
+          "object.")
+    units = (int(jnp.shape(data["w"])[0]) if self.fast else
+             _groups_of(self.model)[self.group].size)
+    if int(num_units) != units:
+      raise ValueError(f"num_units is {num_units} but group {self.group!r} of this fitness has "
+                       f"{units} units (the chromosome has one bit per unit): pass "
+                       f"num_units={units}.")
 
   def accuracy(self, population: jax.Array, data: PyTree) -> jax.Array:
     """(P,) training accuracy in percent of each mask of the population."""

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
@@ -28,6 +29,7 @@ from jaxprune.ga.strategy import GAHistory
 from jaxprune.ga.strategy import GAHyperparams
 from jaxprune.ga.strategy import GAState
 from jaxprune.ga.strategy import breed
+from jaxprune.ga.strategy import check_config
 from jaxprune.ga.strategy import check_params
 from jaxprune.ga.strategy import generation_keys
 from jaxprune.ga.strategy import init
@@ -51,8 +53,9 @@ class GAProgress:
   """
 
   def __init__(self, total: int, desc: str = "GA", enabled: bool = True):
-    self.total = max(int(total), 1)
+    self.total = max(int(total), 0)   # generations: a run of 0 shows "gen 0/0"
     self.bar = Progress(self.total, desc, enabled, unit="gen")
+    self.bar.total = self.total       # (Progress counts at least 1 step)
     self.every = max(1, self.total // 20)
     self.last = -1
 
@@ -65,6 +68,22 @@ class GAProgress:
     self.last = gen
     if gen == 0 or gen >= self.total or gen % self.every == 0:
       self.bar.update(gen, best=float(np.max(best)), mean=float(np.mean(mean)))
+
+
+_NOT_SHOWN_WARNED = False
+
+
+def warn_if_not_shown(display: GAProgress) -> None:
+  """Logs a warning (once per process, with absl) when a run with a progress display got no
+  report while it ran: the call was traced (under ``jax.jit``, ``lax.map``, ...), its program
+  runs later, when the display is gone, so nothing is printed."""
+  global _NOT_SHOWN_WARNED
+  if display.last >= 0 or _NOT_SHOWN_WARNED:
+    return
+  _NOT_SHOWN_WARNED = True
+  logging.warning("jaxprune.ga: progress=True shows nothing when the GA is called under "
+                  "jax.jit (or another transformation that compiles the call for later): the "
+                  "run's display only lives during the call. Pass progress=False there.")
 
 
 class _Displays:
@@ -228,6 +247,8 @@ def _incremental_plan(config: GAConfig, fitness_fn: FitnessFn, num_units: int,
   if not incremental.applies(fitness_fn, mesh, num_units, work=math.inf):
     return None
   h, w = fitness_fn.incremental_data(data)[:2]
+  if not incremental.exact_dtype(h, w):   # logits below 32 bits: the full evaluation
+    return None
   if not incremental.applies(fitness_fn, mesh, num_units, work=_full_work(config, h, w)):
     return None
   return incremental.plan(num_units, config.population_size, config.hof_size, h.shape[0],
@@ -308,8 +329,9 @@ def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Arr
     hyper: numeric settings (:class:`GAHyperparams`), traced.
     data: a pytree of arrays passed to ``fitness_fn`` (traced, e.g. params and inputs).
     progress: print progress lines on stderr (:class:`GAProgress`, fed by a
-      ``jax.debug.callback``); each run has its own display. Turn it off under ``jit`` or
-      ``vmap`` (the display only lives during this call).
+      ``jax.debug.callback``); each run has its own display. The display only lives during
+      this call: under ``jit`` nothing is shown (a warning is logged once, with absl), so
+      turn it off there; under a plain ``vmap`` it is shown.
     mesh: shard the population over this mesh's devices (all its axes); by default a mesh
       over all devices when there are several.
     shard: False to never shard.
@@ -317,8 +339,19 @@ def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Arr
   Returns:
     The final :class:`GAState` and the :class:`GAHistory`.
   """
+  check_config(config)
   check_params(hyper)
   validate.check_key(key)
+  try:
+    hash(fitness_fn)
+  except TypeError:
+    raise TypeError(f"fitness_fn must be hashable (the compiled run is cached by it), got an "
+                    f"unhashable {type(fitness_fn).__name__}: use a module-level function, a "
+                    "frozen dataclass (@dataclasses.dataclass(frozen=True)) or an object that "
+                    "defines __hash__ and __eq__.") from None
+  check_data = getattr(fitness_fn, "check_data", None)
+  if check_data is not None:   # the built-in fitness: its data and the chromosome's length
+    check_data(data, int(num_units))
   mesh = resolve_mesh(mesh, shard)
   if mesh is not None and mesh.size > 1:
     data = jax.device_put(data, NamedSharding(mesh, PS()))
@@ -328,4 +361,6 @@ def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Arr
         config, fitness_fn, int(num_units), bool(progress), mesh, hyper, data, key, token)
     if progress:
       jax.effects_barrier()  # every report has been printed before we return
+  if display is not None:
+    warn_if_not_shown(display)
   return out

@@ -66,13 +66,16 @@ from jax.sharding import PartitionSpec as PS
 from jaxprune import units as units_lib
 from jaxprune import validate
 from jaxprune.ga.strategy import GAConfig, GAHyperparams, GAResult, check_params
-from jaxprune.ga.strategy import check_penalty, unusable_hyper
-from jaxprune.ga.loop import _DISPLAYS, GAProgress, _run, resolve_mesh
+from jaxprune.ga.strategy import check_config, check_penalty, unusable_hyper
+from jaxprune.ga.loop import _DISPLAYS, GAProgress, _run, resolve_mesh, warn_if_not_shown
 from jaxprune.ga.loop import programs_by_path, uses_incremental
 from jaxprune.ga.fitness import AccuracyFitness
 from jaxprune.ga.fitness import UserFitness
 from jaxprune.ga.fitness import _groups_of
 from jaxprune.ga.fitness import _labels
+from jaxprune.ga.fitness import host_sample_weight
+from jaxprune.ga.fitness import nonzero_weights
+from jaxprune.ga.fitness import weights_unusable
 from jaxprune.ga.fitness import make_fitness
 
 PyTree = Any
@@ -101,16 +104,20 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
     hyper: numeric settings (:class:`GAHyperparams`): probabilities and ``lam``.
     fast_path: ``'auto'`` uses the one-product evaluation when the group feeds the output layer
       directly; ``False`` forces the general ``vmap`` of the masked forward pass.
-    progress: show a progress bar on stderr.
+    progress: show a progress bar on stderr (not under ``jit``, see :func:`run`).
     mesh, shard: see :func:`run`.
     incremental: on the fast path, score children from their parents' logits
       (:mod:`jaxprune.ga.incremental`, one device): ``'auto'`` on CPU, from
       ``incremental.MIN_UNITS`` units on, for long runs (elsewhere the full evaluation, see
-      :func:`jaxprune.ga.incremental.applies`), True always, False forces the full evaluation.
+      :func:`jaxprune.ga.incremental.applies`), True always (except for logits below 32 bits,
+      bfloat16 or float16 params and inputs, which are evaluated in full:
+      :func:`jaxprune.ga.incremental.exact_dtype`), False forces the full evaluation.
     sample_weight: optional (N,) weights >= 0 of the training patterns for the built-in
       fitness: the accuracy (in the fitness and in the result) is the weighted mean
       ``sum(w * correct) / sum(w)``. A pattern of weight 0 does not exist, so data padded
       with weight-0 rows (whatever their labels) give the same search as the unpadded data.
+      The weights are first scaled by a power of two (exactly), so their scale does not
+      matter (:func:`jaxprune.ga.fitness.scale_weights`).
       None: every pattern counts once.
 
   Returns:
@@ -136,6 +143,8 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
                      "function (params, mask) -> scalar that closes over them, and x=None.")
   if isinstance(y, (list, tuple)):  # labels as a Python list, as fit and evaluate take them
     y = np.asarray(y)
+  check_config(config)
+  check_params(hyper)   # (its types, before anything compiles; again with the data below)
   fit = make_fitness(model, group, fitness, fast_path, incremental)
   if not isinstance(fit, UserFitness):   # (a fitness function may take any pytree as params)
     # A traced target runs params of other sizes; the chromosome has the group's size.
@@ -149,7 +158,8 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
                        "patterns inside it instead.")
     if x is None:
       raise ValueError("sample_weight weights the training patterns; pass x and y too.")
-    sample_weight = validate.check_sample_weight(sample_weight, jnp.shape(x)[0])
+    # (scaled by a power of two, so that weights of any scale the check accepts work)
+    sample_weight = host_sample_weight(sample_weight, jnp.shape(x)[0])
     fit = dataclasses.replace(fit, weighted=True)
   if x is None:
     validate.check_params(params)
@@ -186,6 +196,8 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
                      key, token, sample_weight)
     if progress:
       jax.effects_barrier()  # every report has been printed before we return
+  if display is not None:
+    warn_if_not_shown(display)
   return result
 
 
@@ -234,8 +246,8 @@ def _unusable(model, params: PyTree, x, y, sample_weight=None) -> jax.Array:
     out = out | ~validate.one_hot_rows(jnp.asarray(y))
   if sample_weight is not None:
     w = jnp.asarray(sample_weight)
-    out = out & (w > 0)
-    bad = bad | ~jnp.all(jnp.isfinite(w) & (w >= 0)) | ~(jnp.sum(w) > 0)
+    out = out & nonzero_weights(w)   # padding rows (weight 0) are not checked
+    bad = bad | weights_unusable(w)
   return bad | jnp.any(out)
 
 

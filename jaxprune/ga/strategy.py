@@ -5,7 +5,7 @@ vmapped, in :mod:`jaxprune.ga.operators`)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -146,9 +146,58 @@ class GAResult(NamedTuple):
   invalid: jax.Array = False
 
 
+def check_config(config) -> None:
+  """Raises TypeError unless ``config`` is a :class:`GAConfig` (a dict of its fields, say)."""
+  if isinstance(config, GAConfig):
+    return
+  fix = (f"ga.GAConfig(**{dict(config)!r})" if isinstance(config, Mapping) else
+         "ga.GAConfig(population_size=100, generations=50)")
+  raise TypeError(f"config must be a ga.GAConfig (the GA's static settings), got "
+                  f"{type(config).__name__} {config!r}; pass config={fix}.")
+
+
+def _is_number(v) -> bool:
+  """Whether a concrete setting is a real number or an array of them (not bool, str, None)."""
+  dtype = getattr(v, "dtype", None)
+  if dtype is None:
+    if not isinstance(v, (int, float, np.number, list, tuple)) or isinstance(v, bool):
+      return False
+    try:
+      dtype = np.asarray(v).dtype
+    except (TypeError, ValueError):
+      return False
+  try:
+    return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+  except TypeError:
+    return False
+
+
+def _check_types(hyper) -> None:
+  """Raises TypeError unless ``hyper`` is a :class:`GAHyperparams` of numbers (or tracers)."""
+  if not isinstance(hyper, GAHyperparams):
+    fix = (f"ga.GAHyperparams(**{dict(hyper)!r})" if isinstance(hyper, Mapping) else
+           "ga.GAHyperparams(lam=10.0)")
+    raise TypeError(f"hyper must be a ga.GAHyperparams (the GA's numeric settings), got "
+                    f"{type(hyper).__name__} {hyper!r}; pass hyper={fix}.")
+  for name, default in zip(GAHyperparams._fields, GAHyperparams._field_defaults.values()):
+    v = getattr(hyper, name)
+    if isinstance(v, jax.core.Tracer) or _is_number(v):
+      continue
+    try:
+      example = float(v)   # a number written as a string, say
+    except (TypeError, ValueError):
+      example = default
+    raise TypeError(f"GAHyperparams.{name} must be a number (a Python float, or a JAX or "
+                    f"NumPy array of floats), got {v!r} ({type(v).__name__}); e.g. "
+                    f"GAHyperparams({name}={example!r}).")
+
+
 def check_params(hyper: GAHyperparams) -> None:
   """Raises ValueError if a concrete probability is outside [0, 1], or a concrete setting is not
-  one number (several settings run as a ``vmap`` over ``hyper``); traced values pass."""
+  one number (several settings run as a ``vmap`` over ``hyper``), TypeError if ``hyper`` is not
+  a :class:`GAHyperparams` or a setting is not a number (a string, None, a bool); traced values
+  pass."""
+  _check_types(hyper)
   for name in GAHyperparams._fields:
     v = getattr(hyper, name)
     if not isinstance(v, jax.core.Tracer) and np.ndim(v) != 0:
@@ -204,6 +253,7 @@ def generation_keys(key: jax.Array, config: GAConfig) -> jax.Array:
 
 def init(config: GAConfig, num_units: int) -> GAState:
   """An empty state (generation 0): the next :func:`ask` returns the random initial population."""
+  check_config(config)
   if num_units < 1:
     raise ValueError(f"num_units must be at least 1, got {num_units}.")
   p, k = config.population_size, config.hof_size
@@ -263,6 +313,7 @@ def ask(config: GAConfig, state: GAState, hyper: GAHyperparams = GAHyperparams()
   Returns:
     (P, U) bool population.
   """
+  check_config(config)
   check_params(hyper)
   num_units = state.population.shape[1]
   return lax.cond(state.generation == 0,
