@@ -218,13 +218,43 @@ class _Contraction:
 # Why a consumer is padded (Slice.padded_why), besides a zero-padded convolution.
 _DILATED_CONV = ("an input-dilated (transposed) convolution, where a constant channel adds less "
                  "between inputs than at them")
+_GROWING_CONV = ("a convolution whose zero padding makes its output larger than its input (a "
+                 "transposed convolution, 'VALID' included, pads by its kernel size minus one), "
+                 "where a constant channel adds less at the borders than elsewhere")
 _RECURRENCE = "a recurrence, which reads the initial state, not the units, at the first step"
 _CHANGES_CONSTANTS = ("an op that does not pass a constant on unchanged (a sum, a zero pad, an "
                       "average that counts padding, a scaling or an attention-weighted sum)")
 
+_READ_TWICE = ("a product of the units with themselves (each unit read at two places, as in "
+               "h[:, :, None] * h[:, None, :] or einsum('bi,bj,ijk->bk', h, h, W)), where a "
+               "constant unit's rows still read the other units")
+
 _CLOSED_OVER = ("tied to an array fn closes over (not in params); pass per-unit variables such "
                 "as batch statistics in params (linen: the whole variables; nnx: "
                 "nnx.split(model, (nnx.Param, nnx.BatchStat), ...))")
+
+
+def _padded_conv_why(eqn) -> str:
+  """Why a zero-padded convolution (no input dilation) does not pass a constant channel on as
+  one value, in words: 'SAME' padding, other explicit padding, or padding that makes the output
+  larger than the input (a transposed convolution, which pads by its kernel size minus one)."""
+  dn, p = eqn.params["dimension_numbers"], eqn.params
+  in_shape, k_shape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+  out_shape = eqn.outvars[0].aval.shape
+  pads = tuple(tuple(int(v) for v in pad) for pad in p["padding"])
+  same = True
+  for i, (ld, kd, od) in enumerate(zip(dn.lhs_spec[2:], dn.rhs_spec[2:], dn.out_spec[2:])):
+    if out_shape[od] > in_shape[ld]:
+      return _GROWING_CONV
+    stride = (p.get("window_strides") or (1,) * len(pads))[i]
+    dil = (p.get("rhs_dilation") or (1,) * len(pads))[i]
+    n, k = in_shape[ld], (k_shape[kd] - 1) * dil + 1
+    total = max((-(-n // stride) - 1) * stride + k - n, 0)
+    same = same and pads[i] == (total // 2, total - total // 2)
+  if same:
+    return units_lib.ZERO_PADDED_CONV
+  return (f"a zero-padded convolution (padding {pads}), where a constant channel adds less at "
+          "the borders than elsewhere")
 
 
 class _Walker:
@@ -438,7 +468,19 @@ class _Walker:
     constant unit into ``con``'s bias would not be exact."""
     status = {(scope, var): "ok"}            # 'ok', 'max', 'changed', or ('sum', count, base)
     stack, reached = [(scope, var)], None
-    while stack:
+    joins = {}     # concatenations along time or space, checked once every piece is reached
+    while True:
+      if not stack:
+        # A concatenation along other axes than the units' passes a constant on only if every
+        # piece carries the units (reflect padding: flipped slices of the value itself); a
+        # piece never reached holds other values (zeros as causal padding). Checked after the
+        # walk: a piece computed inside a call (jnp.pad's flip) is reached after the join.
+        for (sc, path), eqn in joins.items():
+          if any(isinstance(u, jex.core.Literal) or (sc, u) not in status for u in eqn.invars):
+            for o in eqn.outvars:
+              stack += self._mark(status, sc, o, "changed")
+        if not stack:
+          break
       sc, v = stack.pop()
       st = status[(sc, v)]
       jaxpr = self.jaxpr_at[sc]
@@ -462,10 +504,7 @@ class _Walker:
           continue                           # another reader: its own check
         out = _constant_step(eqn, v, st)
         if eqn.primitive.name == "concatenate" and not self._along_units(sc, v, eqn, root):
-          # along time or space, with values that are not the units' (zeros as causal padding)
-          if any(isinstance(u, jex.core.Literal) or (sc, u) not in status
-                 for u in eqn.invars):
-            out = "changed"
+          joins[(sc, path)] = eqn
         for o in eqn.outvars:
           stack += self._mark(status, sc, o, out)
     return reached or "changed"
@@ -867,7 +906,7 @@ class _Walker:
       padded = any(k > 1 for k in ksize) and (
           any(tuple(p) != (0, 0) for p in eqn.params["padding"]) or dilated)
       if padded:
-        padded = _DILATED_CONV if dilated else units_lib.ZERO_PADDED_CONV
+        padded = _DILATED_CONV if dilated else _padded_conv_why(eqn)
       if groups == 1:
         self._record(eqn, path, 1, leaf, amap, (rhs_in,), (cout,), True, padded)
       elif depthwise:
@@ -1825,7 +1864,9 @@ class TracedTarget:
 
   def _units_last(self, value, site, leaves):
     A = self._an.walker.atoms
-    sizes = _sizes_from_inputs(self._an, leaves)
+    # As apply() and compact(): a compacted group's size pins the axes it shares with other
+    # factors of one leaf axis (GroupNorm's groups x channels per group).
+    sizes = _sizes_from_inputs(self._an, leaves, self._group_sizes)
     dims, unit_dim = [], None
     for ax in site.act_axes:
       for a in A.expand(ax):
@@ -1852,49 +1893,75 @@ class TracedTarget:
           continue
         expanded = [a for a in A.expand(w.invar_atoms[use.leaf][use.axis]) if A.size[a] > 1]
         roots = [A.find(a) for a in expanded]
-        segment, unit_root = None, site.root
-        if site.root not in roots:
-          held = [r for r in roots if r in holders]
-          if not held:
-            continue
-          unit_root = held[0]
-          parts = w.concat_of[unit_root]
-          k = [p[0] for p in parts].index(site.root)
-          segment = (sum(self._size(p[0]) for p in parts[:k]), self._size(site.root))
-        view, axis = None, use.axis
-        if len(expanded) > 1:
-          pos = roots.index(unit_root)
-          sizes = [self._size(r) for r in roots]
-          leaf_shape = list(_new_shape(A, self._sizes, w.invar_atoms[use.leaf]))
-          before, after = sizes[:pos], sizes[pos + 1:]
-          parts = ([math.prod(before)] if before else []) + [sizes[pos]] + (
-              [math.prod(after)] if after else [])
-          view = tuple(leaf_shape[:use.axis] + parts + leaf_shape[use.axis + 1:])
-          axis = use.axis + (1 if before else 0)
-        bias, why, out_axes, max_pooled = None, "", None, False
-        if use.role == "consumer":
-          con = next(c for c in w.contractions if c.path == use.where)
-          bias, why = self._consumer_bias(con), con.padded_why
-          out_axes = self._bias_ordered(con)
-          # A recurrent reader sees the initial state at the first step, not the units' values:
-          # a constant unit's contribution does not fold into its bias exactly either.
-          if not why and w.reads_carry(con.path[:-1], con.stream_var):
-            why = _RECURRENCE
-          # What it reads must carry a constant unit as that constant (not a sum of it), and
-          # for linear folds a linear combination of units as that combination (not a max).
-          reads = ("ok" if site.act_var is None
-                   else w.reads(site.scope, site.act_var, con, site.root))
-          if not why and reads not in ("ok", "max"):
-            why = _CHANGES_CONSTANTS
-          max_pooled = reads == "max"
-        slices.append(units_lib.Slice(an.leaf_paths[use.leaf], axis, use.role, view=view,
-                                      bias=bias, padded=bool(why), kind=use.kind,
-                                      segment=segment, out_axes=out_axes,
-                                      max_pooled=max_pooled, padded_why=why or None))
+        # Every place the units sit on this leaf axis: a layer read on two axes of one
+        # flattened product (h[:, :, None] * h[:, None, :], flattened) owns a slice at each.
+        places = [pos for pos, r in enumerate(roots) if r == site.root or r in holders]
+        if not places:
+          continue
+        twice = self._read_twice(site, holders, use)
+        for pos in places:
+          slices.append(self._slice(site, use, roots, pos, twice))
       groups[site.name] = units_lib.UnitGroup(site.name, self._size(site.root), tuple(slices),
                                               activation=site.activation, kind=site.kind,
                                               act_of_bias=site.plain)
     return groups
+
+  def _read_twice(self, site, holders, use) -> bool:
+    """Whether ``use``'s leaf reads the group's units at more than one place (two atoms of one
+    axis, or two axes: the kernel of ``einsum('bi,bj,ijk->bk', h, h, W)``)."""
+    if use.role != "consumer":
+      return False
+    an, w = self._an, self._an.walker
+    A = w.atoms
+    count = sum(1 for d, ax in enumerate(w.invar_atoms[use.leaf])
+                if an.uses.get((use.leaf, d)) is not None
+                and an.uses[(use.leaf, d)].role == "consumer"
+                for a in A.expand(ax)
+                if A.size[a] > 1 and (A.find(a) == site.root or A.find(a) in holders))
+    return count > 1
+
+  def _slice(self, site, use, roots, pos, twice) -> units_lib.Slice:
+    """The slice of ``use``'s leaf that holds the group's units at atom ``pos`` of its axis
+    (``roots``: the class of each atom of the axis)."""
+    an, w = self._an, self._an.walker
+    A = w.atoms
+    segment, unit_root = None, roots[pos]
+    if unit_root != site.root:                   # a part of a concatenation
+      parts = w.concat_of[unit_root]
+      k = [p[0] for p in parts].index(site.root)
+      segment = (sum(self._size(p[0]) for p in parts[:k]), self._size(site.root))
+    view, axis = None, use.axis
+    if len(roots) > 1:
+      sizes = [self._size(r) for r in roots]
+      leaf_shape = list(_new_shape(A, self._sizes, w.invar_atoms[use.leaf]))
+      before, after = sizes[:pos], sizes[pos + 1:]
+      parts = ([math.prod(before)] if before else []) + [sizes[pos]] + (
+          [math.prod(after)] if after else [])
+      view = tuple(leaf_shape[:use.axis] + parts + leaf_shape[use.axis + 1:])
+      axis = use.axis + (1 if before else 0)
+    bias, why, out_axes, max_pooled = None, "", None, False
+    if use.role == "consumer":
+      con = next(c for c in w.contractions if c.path == use.where)
+      bias, why = self._consumer_bias(con), con.padded_why
+      out_axes = self._bias_ordered(con)
+      # A recurrent reader sees the initial state at the first step, not the units' values:
+      # a constant unit's contribution does not fold into its bias exactly either.
+      if not why and w.reads_carry(con.path[:-1], con.stream_var):
+        why = _RECURRENCE
+      # A reader of products of units (each unit at two places): a constant unit's rows
+      # still read the other units.
+      if not why and twice:
+        why = _READ_TWICE
+      # What it reads must carry a constant unit as that constant (not a sum of it), and
+      # for linear folds a linear combination of units as that combination (not a max).
+      reads = ("ok" if site.act_var is None
+               else w.reads(site.scope, site.act_var, con, site.root))
+      if not why and reads not in ("ok", "max"):
+        why = _CHANGES_CONSTANTS
+      max_pooled = reads == "max"
+    return units_lib.Slice(an.leaf_paths[use.leaf], axis, use.role, view=view, bias=bias,
+                           padded=bool(why), kind=use.kind, segment=segment,
+                           out_axes=out_axes, max_pooled=max_pooled, padded_why=why or None)
 
   def _consumer_bias_leaf(self, con):
     """The params leaf added to the contraction's output, when it holds a value per output (an

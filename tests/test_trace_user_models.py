@@ -80,6 +80,106 @@ def test_group_norm_groups_are_units_and_compact():
   assert small["params"]["GroupNorm_0"]["scale"].shape == (4,)
 
 
+def test_group_norm_groups_prune_again_after_compaction():
+  """activations() on a compacted target sized the leaves without the compacted groups' sizes,
+  so a GroupNorm group (a unit is (groups, channels per group) of one channel axis) could not
+  be sized and raised 'bias has size 4 on axis 0, where the computation needs 8'. Prune,
+  compact, read the small target's activations and prune again, for every group."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.GroupNorm(num_groups=4)(nn.Conv(8, (3, 3), padding="VALID")(x)))
+      x = nn.relu(nn.Conv(5, (1, 1))(x))
+      return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+  x = _arr(6, 5, 5, 2)
+  net = Net()
+  v = net.init(jax.random.key(1), x)
+  t = jaxprune.trace(net.apply, v, x)
+  assert {k: g.size for k, g in t.groups.items()} == {"Conv_0": 4, "Conv_1": 5}
+  for name in t.groups:
+    params, target = v, t
+    for _ in range(2):        # prune -> compact -> activations of the small target -> prune
+      acts = target.activations(params, x, name)
+      assert acts.shape[-1] == target.groups[name].size
+      um = jaxprune.unit_masks_ones(target)
+      um[name] = um[name].at[0].set(False)
+      masked = jaxprune.apply_masks(params, jaxprune.expand(params, target, um))
+      params, small_target = target.compact(masked, um)
+      np.testing.assert_allclose(small_target.apply(params, x), target.apply(masked, x),
+                                 atol=1e-5)
+      target = small_target
+    assert target.groups[name].size == t.groups[name].size - 2
+    acts = target.activations(params, x, name)
+    ones = jaxprune.unit_masks_ones(target)
+    if target.activations_complete(name):
+      new, um, _ = jaxprune.distinctiveness(target, name, constants=False)(
+          params, ones, acts, 90.0, 179.0)
+    else:                     # the norm acts after these activations: prune from weights
+      new, um, _ = jaxprune.importance_prune(target, name)(params, ones, 1)
+    assert int(np.sum(um[name])) < target.groups[name].size
+    small, st = target.compact(new, um)
+    masked = jaxprune.apply_masks(new, jaxprune.expand(new, target, um))
+    np.testing.assert_allclose(st.apply(small, x), target.apply(masked, x), atol=1e-5)
+
+
+_PRODUCTS = {   # a layer read on two axes of one product, flattened or not
+    "outer, flattened": lambda h, w2: (h[:, :, None] * h[:, None, :]).reshape(
+        h.shape[0], -1) @ w2.reshape(-1, w2.shape[-1]),
+    "pairwise difference, flattened": lambda h, w2: (h[:, :, None] - h[:, None, :]).reshape(
+        h.shape[0], -1) @ w2.reshape(-1, w2.shape[-1]),
+    "einsum": lambda h, w2: jnp.einsum("bi,bj,ijk->bk", h, h, w2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_PRODUCTS))
+def test_a_layer_read_on_two_axes_of_one_product_owns_both(case):
+  """o = (h[:, :, None] * h[:, None, :]).reshape(B, -1) @ w2: the group held w2's rows (k, .)
+  but not (., k), so the masked network still read a removed unit (0.48 off the network
+  without it), merging exact duplicates moved the outputs by 0.38 and compact failed. Each
+  place a unit sits on the leaf is a slice; masked, removed and compacted agree, merging a
+  duplicate is exact, and constant folds are refused with the reason."""
+  n = 5
+  product = _PRODUCTS[case]
+  flat = case != "einsum"
+
+  def f(p, x):
+    return product(jax.nn.sigmoid(x @ p["w1"] + p["b1"]), p["w2"]) + p["b2"]
+
+  rng = np.random.default_rng(0)
+  p = {"w1": rng.normal(size=(6, n)), "b1": rng.normal(size=n),
+       "w2": rng.normal(size=(n * n, 3) if flat else (n, n, 3)), "b2": rng.normal(size=3)}
+  p = jax.tree.map(lambda a: jnp.asarray(a * 0.5, jnp.float32), p)
+  x = _arr(16, 6)
+  t = jaxprune.trace(f, p, x)
+  g = t.groups["w1"]
+  assert [s.path for s in g.consumers] == [("w2",), ("w2",)]
+  keep = np.array([1, 1, 0, 1, 1], bool)
+  um = {"w1": jnp.asarray(keep)}
+  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+  w2 = np.asarray(p["w2"]).reshape(n, n, 3)[keep][:, keep]     # the network without unit 2
+  removed = {"w1": p["w1"][:, keep], "b1": p["b1"][keep], "b2": p["b2"],
+             "w2": jnp.asarray(w2.reshape(-1, 3) if flat else w2)}
+  np.testing.assert_allclose(f(masked, x), f(removed, x), atol=1e-5)
+  small, st = t.compact(masked, um)
+  assert small["w2"].shape == removed["w2"].shape
+  np.testing.assert_allclose(st.apply(small, x), f(masked, x), atol=1e-5)
+  # unit 1 an exact copy of unit 0: merging it leaves the outputs as they were
+  dup = dict(p, w1=p["w1"].at[:, 1].set(p["w1"][:, 0]), b1=p["b1"].at[1].set(p["b1"][0]))
+  new, um2, _ = jaxprune.distinctiveness(t, "w1", complementary=False, constants=False)(
+      dup, jaxprune.unit_masks_ones(t), t.activations(dup, x, "w1"), 1.0, 179.0)
+  assert np.asarray(um2["w1"]).tolist() == [True, False, True, True, True]
+  np.testing.assert_allclose(f(new, x), f(dup, x), atol=1e-5)
+  small, st = t.compact(new, um2)
+  np.testing.assert_allclose(st.apply(small, x), f(dup, x), atol=1e-5)
+  # a constant unit's rows (k, j) still read unit j: no fold into the bias
+  assert not g.exact_constant_fold
+  for make in (lambda: jaxprune.distinctiveness(t, "w1"),
+               lambda: jaxprune.group_redundancy(t, "w1")):
+    with pytest.raises(ValueError, match=r"its consumer w2 reads it through a product of the "
+                                         r"units with themselves"):
+      make()
+
+
 def test_bias_free_consumer_with_constants_off():
   """The documented fix for a consumer without a bias, constants=False, works for the
   activation pruner too (the jitted sweep used to refuse the group)."""
@@ -690,6 +790,13 @@ def test_transposed_conv_with_a_flipped_kernel_is_a_producer():
     (lambda: nn.ConvTranspose(3, (3, 3), strides=(2, 2), padding="VALID", name="next"),
      r"its consumer params/next/kernel reads it through an input-dilated \(transposed\) "
      r"convolution"),
+    # a stride-1 transposed conv pads by kernel - 1: it was called a 'SAME' convolution
+    (lambda: nn.ConvTranspose(3, (3, 3), padding="VALID", name="next"),
+     r"its consumer params/next/kernel reads it through a convolution whose zero padding "
+     r"makes its output larger than its input \(a transposed convolution, 'VALID' included"),
+    (lambda: nn.Conv(3, (3, 3), padding=((1, 0), (0, 2)), name="next"),
+     r"its consumer params/next/kernel reads it through a zero-padded convolution \(padding "
+     r"\(\(1, 0\), \(0, 2\)\)\)"),
 ])
 def test_refused_folds_name_the_reader_and_what_it_is(reader, why):
   """A fold that cannot be exact is refused with the consumer that stops it and why, not a list
@@ -710,6 +817,38 @@ def test_refused_folds_name_the_reader_and_what_it_is(reader, why):
     with pytest.raises(ValueError, match=why) as e:
       make()
     assert "recurrence" not in str(e.value)
+
+
+@pytest.mark.parametrize("pad", ["REFLECT", "CIRCULAR", "symmetric"])
+def test_constants_fold_exactly_through_reflect_and_circular_padding(pad):
+  """Reflect padding copies values of the map itself, so a constant channel stays that
+  constant, as circular padding does; it was refused as 'an op that does not pass a constant
+  on unchanged' (the flipped pieces, computed inside a call, were reached after the
+  concatenation that joins them). Zeros concatenated as padding are still refused."""
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(4, (3, 3), padding="VALID", name="c")(x))
+      if pad == "symmetric":
+        h = nn.Conv(3, (3, 3), padding="VALID", name="next")(
+            jnp.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="symmetric"))
+      else:
+        h = nn.Conv(3, (3, 3), padding=pad, name="next")(h)
+      return nn.Dense(2)(h.reshape(h.shape[0], -1))
+
+  x = _arr(4, 8, 8, 2)
+  m = M()
+  v = m.init(jax.random.key(1), x)
+  v["params"]["c"]["kernel"] = v["params"]["c"]["kernel"].at[..., 2].set(0.0)
+  v["params"]["c"]["bias"] = v["params"]["c"]["bias"].at[2].set(0.3)   # channel 2: relu(0.3)
+  t = jaxprune.trace(m.apply, v, x)
+  assert t.groups["c"].exact_constant_fold
+  new, um, _ = jaxprune.distinctiveness(t, "c", similar=False, complementary=False)(
+      v, jaxprune.unit_masks_ones(t), t.activations(v, x, "c"))
+  assert np.flatnonzero(~np.asarray(um["c"])).tolist() == [2]
+  np.testing.assert_allclose(m.apply(new, x), m.apply(v, x), atol=1e-5)
+  small, st = t.compact(new, um)
+  np.testing.assert_allclose(st.apply(small, x), m.apply(new, x), atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["scalar offset", "bias shared by heads", "(1, C) bias",

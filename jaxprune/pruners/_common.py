@@ -57,8 +57,10 @@ def fold_obstacle(group: units_lib.UnitGroup, *, linear: bool = False) -> str | 
     padded = [s for s in group.consumers if s.padded]
     if padded and all(s.padded_why for s in padded):  # what each reader is, where known
       by_why = {}
-      for s in padded:
-        by_why.setdefault(s.padded_why, []).append(units_lib.path_str(s.path))
+      for s in padded:      # a leaf read at two places (an outer product) is named once
+        paths = by_why.setdefault(s.padded_why, [])
+        if units_lib.path_str(s.path) not in paths:
+          paths.append(units_lib.path_str(s.path))
       return "; ".join(
           (f"its consumer {paths[0]} reads" if len(paths) == 1 else
            f"its consumers {', '.join(paths)} read") + f" it through {why}"
