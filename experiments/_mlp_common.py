@@ -91,9 +91,12 @@ def pad_stack(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cv_folds(ds: data_lib.Dataset, n_splits: int, seed: int) -> Folds:
-  """Stratified folds; each standardised with statistics of its training part only."""
+  """Stratified folds, person-independent when the data carry persons (``ds.groups``: every
+  person's rows in one test fold); each standardised with statistics of its training part
+  only."""
   parts = []
-  for tr, te in data_lib.kfold(ds, n_splits=n_splits, seed=seed):
+  for tr, te in data_lib.kfold(ds, n_splits=n_splits, seed=seed,
+                               person_independent=ds.groups is not None):
     train, test = data_lib.split(ds, tr, te)
     train, test, _ = data_lib.standardize_split(train, test)
     parts.append((train, test))
@@ -118,10 +121,12 @@ def load_features(data: str, data_path: str | None) -> data_lib.Dataset:
 
 
 def train_test_or_fail(ds: data_lib.Dataset, test_fraction: float, seed: int, *,
-                       person_independent: bool = False):
+                       person_independent: bool | None = None):
   """``data_lib.train_test_split`` with a one-line usage error (naming --test_fraction) when
   the data cannot be split; call it before opening the study's folder, so that bad input
-  leaves nothing behind."""
+  leaves nothing behind. Person-independent by default when the data carry persons."""
+  if person_independent is None:
+    person_independent = ds.groups is not None
   try:
     return data_lib.train_test_split(ds, test_fraction=test_fraction, seed=seed,
                                      person_independent=person_independent)
@@ -138,6 +143,12 @@ def check_folds(ds: data_lib.Dataset, n_splits: int) -> None:
     _flags.fail(f"--folds={n_splits} needs at least {n_splits} examples of every class; the "
                 f"data have {len(ds)} examples with class counts {ds.class_counts().tolist()}. "
                 "Lower --folds.")
+  if ds.groups is not None:   # person-independent folds: every person in one test fold
+    persons = len(np.unique(np.asarray(ds.groups)))
+    if persons < n_splits:
+      _flags.fail(f"--folds={n_splits} person-independent folds need at least {n_splits} "
+                  f"persons; the data have {persons} (persons are read from the file names, "
+                  "see docs/data.md). Lower --folds.")
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -130,6 +130,7 @@ class Config:
     if not 0 <= self.similar_deg < self.complementary_deg <= 180:
       _flags.fail(f"Need 0 <= --similar_deg < --complementary_deg <= 180, got "
                   f"{self.similar_deg} and {self.complementary_deg}.")
+    _flags.check_finite("sweep_step", self.sweep_step, positive=True)
     if not (0 < self.sweep_step and 0 <= self.sweep_max <= 90):
       _flags.fail(f"Need --sweep_step > 0 and 0 <= --sweep_max <= 90 (complementary = 180 - "
                   f"angle), got {self.sweep_step} and {self.sweep_max}.")
@@ -167,10 +168,8 @@ class Config:
       pairs += [(a, 180.0 - a) for a in self.sweep_angles()]
     out = []
     for s, c in pairs:
-      if s >= c:  # 90/90: the pruner needs similar < complementary; nudge by one float step
-        c = float(np.nextafter(np.float32(s), np.float32(180.0)))
-      if (s, c) not in out:
-        out.append((float(s), float(c)))
+      if _run_pair(s, c) not in out:
+        out.append(_run_pair(s, c))
     return out
 
   def ga_runs(self, h: int) -> list[tuple[str, float]]:
@@ -376,9 +375,20 @@ def redundancy_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _stor
 # ----------------------------------------------------------------------------- summaries
 
 
+def _run_pair(s, c) -> tuple[float, float]:
+  """The (similar, complementary) thresholds run for the asked pair: as asked, except 90/90,
+  where the pruner needs similar < complementary: complementary is nudged by one float step."""
+  if s >= c:
+    c = float(np.nextafter(np.float32(s), np.float32(180.0)))
+  return float(s), float(c)
+
+
 def _pair_index(pairs, s, c):
+  """The index of the asked pair's run among ``pairs`` (its nudged form for 90/90; another
+  pair with the same similar angle, e.g. --similar_deg=90 --complementary_deg=100, is not it)."""
+  s, c = _run_pair(s, c)
   for i, (ps, pc) in enumerate(pairs):
-    if abs(ps - s) < 1e-9 and (abs(pc - c) < 1e-9 or (s >= c and pc > ps)):  # 90/90 nudged
+    if abs(ps - s) < 1e-9 and abs(pc - c) < 1e-9:
       return i
   raise KeyError((s, c))
 

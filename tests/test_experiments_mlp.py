@@ -124,11 +124,28 @@ def test_ga_vs_distinctiveness_resume_is_identical(gvd_run, tmp_path, monkeypatc
     (dict(similar_deg=170.0), "similar_deg"),
     (dict(ga_population=2), "ga_population"),
     (dict(ga_mutation=1.5), "ga_mutation"),
+    (dict(sweep_step=math.inf), "sweep_step"),   # ran everything, then a TypeError
 ])
 def test_ga_vs_distinctiveness_contradictory_settings(kw, match, tmp_path):
   with pytest.raises(app.UsageError, match=match):
     gvd.run(gvd.Config.quick(**kw), workdir=str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, gvd.STUDY))  # before any work
+
+
+def test_a_sweep_row_reads_its_own_pair_not_one_with_the_same_similar_angle():
+  """--similar_deg=90 --complementary_deg=100: the 90-degree sweep row (90 / 90, run as 90 /
+  90 + one float step) took the (90, 100) pair's results, listed first with the same similar
+  angle."""
+  cfg = gvd.Config.quick(similar_deg=90.0, complementary_deg=100.0, sweep_hidden=8,
+                         dist_hidden=(8,), sweep_step=30.0, sweep_max=90.0)
+  pairs = cfg.angle_pairs(8)
+  nudged = float(np.nextafter(np.float32(90), np.float32(180)))
+  assert pairs[0] == (90.0, 100.0) and (90.0, nudged) in pairs
+  assert gvd._pair_index(pairs, 90.0, 90.0) == pairs.index((90.0, nudged))
+  assert gvd._pair_index(pairs, 90.0, 100.0) == 0
+  assert gvd._pair_index(pairs, 30.0, 150.0) == pairs.index((30.0, 150.0))
+  with pytest.raises(KeyError):
+    gvd._pair_index(pairs, 90.0, 120.0)
 
 
 def test_bad_data_and_workdir(tmp_path):
@@ -390,3 +407,26 @@ def test_ga_program_chunks_give_each_run_its_own_result(monkeypatch):
                       data=data[r], progress=False, shard=False)
     np.testing.assert_array_equal(np.asarray(state.hof[r]), np.asarray(alone.hof))
     np.testing.assert_array_equal(np.asarray(state.hof_fitness[r]), np.asarray(alone.hof_fitness))
+
+
+def test_mlp_studies_split_by_person_when_the_data_carry_persons():
+  """docs/data.md promises person-independent splits when the data carry persons; the MLP
+  studies' folds and train/test splits were stratified only (17 of 20 persons on both sides)."""
+  from jaxprune import data  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  persons = np.repeat(np.arange(20), 7)                       # 20 persons x 7 expressions
+  x = rng.normal(size=(140, 10)).astype(np.float32)
+  x[:, 0] = persons          # feature 0 names the person (standardised per fold, still 1:1)
+  ds = data.Dataset(x, np.tile(np.arange(7), 20), tuple("abcdefg"),
+                    groups=persons.astype(str))
+  folds = mc.cv_folds(ds, 5, seed=0)
+  for f in range(5):
+    train = set(folds.x_tr[f, :folds.n_tr[f], 0].tolist())
+    test = set(folds.x_te[f, :folds.n_te[f], 0].tolist())
+    assert len(test) == folds.n_te[f] // 7 and not train & test
+  tr, te = mc.train_test_or_fail(ds, 0.2, seed=0)
+  assert not set(tr.groups) & set(te.groups)
+  mc.check_folds(ds, 5)
+  nine = data.Dataset(x, ds.y, ds.class_names, groups=(persons % 9).astype(str))
+  with pytest.raises(app.UsageError, match="person-independent folds need at least 10 persons"):
+    mc.check_folds(nine, 10)          # 20 examples per class: enough for 10 stratified folds
