@@ -12,12 +12,14 @@ Layout of ``<workdir>/<study>/``::
   *.png             figures
   cache/<fingerprint>/<key>.json   one file per finished configuration (resume)
   cache/<fingerprint>/compute_seconds.json, settings.json   run bookkeeping
+  cache/outputs.json  the files above this study wrote, with their settings' fingerprint
   .lock, cache/<fingerprint>/.lock   advisory locks (see below)
 
 Reliability (see docs/reliability.md): the fingerprint covers the settings and a content hash
 of the data actually loaded; ``results.json`` is written last, so its presence means the run
 finished; a damaged cache file is reported and recomputed; the study's own temporary files are
-removed at start; an advisory lock per cache folder makes a second run with the same settings
+removed at start, and so are the outputs of an earlier run with other settings (only files
+``cache/outputs.json`` says the study wrote, and only while they still hold what it wrote); an advisory lock per cache folder makes a second run with the same settings
 wait, and one on the study folder makes a concurrent run with other settings stop with a
 message instead of overwriting the first run's files.
 """
@@ -61,6 +63,18 @@ def config_key(seed: int, *parts: Any) -> jax.Array:
   return key
 
 
+def split_seed(seed: int, run: int) -> int:
+  """The data-split seed of run ``run`` of a study seeded ``seed``: ``seed * 1000 + run``
+  reduced modulo 2^32 (what the splitters accept), so every ``--seed`` in [0, 2^32) works and
+  a seed whose ``seed * 1000 + run`` already fits keeps exactly the split it had.
+
+  Example:
+    >>> split_seed(3, 1), split_seed(2**32 - 1, 0)
+    (3001, 4294966296)
+  """
+  return (int(seed) * 1000 + int(run)) % 2**32
+
+
 # ----------------------------------------------------------------------------- atomic files
 
 
@@ -100,6 +114,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+  _note_output(path, data)
 
 
 def to_jsonable(x: Any) -> Any:
@@ -238,6 +253,31 @@ def release_all_locks() -> None:
 #: Seconds a run waits for another run with the same settings (None: as long as it takes).
 LOCK_WAIT_S: float | None = None
 
+#: The record of the files a study wrote in its folder (under ``cache/``).
+OUTPUTS_MANIFEST = "outputs.json"
+
+# Open studies by absolute folder: files written there through :func:`atomic_write_bytes`
+# (tables, figures, REPORT.md, results.json, flops files) are recorded as the study's outputs.
+_STUDY_DIRS: dict[str, "Study"] = {}
+
+
+def _note_output(path: str, data: bytes) -> None:
+  """Records ``path`` as an output of the open study whose folder holds it, if any."""
+  study = _STUDY_DIRS.get(os.path.dirname(os.path.abspath(path)))
+  if study is not None:
+    study._record_output(os.path.basename(path), hashlib.sha256(data).hexdigest())  # pylint: disable=protected-access
+
+
+def _file_sha256(path: str) -> str | None:
+  h = hashlib.sha256()
+  try:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  except OSError:
+    return None
+  return h.hexdigest()
+
 # The data loaded last through :func:`load_data` (its fingerprint record), used by a Study
 # that is not given its data explicitly.
 _LOADED_DATA: dict[str, Any] | None = None
@@ -300,6 +340,11 @@ class Study:
   first, then resumes from its cache) and one on the study folder (a concurrent run with other
   settings stops with a message), then removes leftovers of killed runs: temporary files of
   atomic writes and the previous ``results.json`` (written again, last, when this run ends).
+  When the previous run in the folder had other settings, it also removes that run's outputs
+  (REPORT.md, tables, figures, flops files): only files recorded in ``cache/outputs.json`` as
+  written by the study and still holding the bytes it wrote, so a stale table or figure of
+  other settings never sits beside the new results and no file of the user's is touched. The
+  cache is kept as it is.
   """
 
   def __init__(self, name: str, settings: Mapping[str, Any], workdir: str = "workdir", *,
@@ -336,7 +381,9 @@ class Study:
     self._lock_cache = _Lock(os.path.join(self.cache_dir, ".lock"))
     self._lock_outputs = _Lock(os.path.join(self.dir, ".lock"))
     self._acquire_locks()
+    self._outputs: dict[str, str] = {}
     self._clean_leftovers()
+    _STUDY_DIRS[os.path.abspath(self.dir)] = self
     write_json(os.path.join(self.cache_dir, "settings.json"),
                {**self.settings, **({"_data": self.data} if self.data else {})})
     self.resumed = 0
@@ -367,9 +414,11 @@ class Study:
            "Wait for it to finish, or pass another --workdir.")
 
   def _clean_leftovers(self) -> None:
-    """Removes what killed runs left: temp files of atomic writes and stale results.json
-    (we hold the study folder's lock, so no other run is writing here)."""
+    """Removes what killed runs left: temp files of atomic writes and stale results.json,
+    and the previous run's outputs when its settings differ (:meth:`_clean_previous_outputs`;
+    we hold the study folder's lock, so no other run is writing here)."""
     patterns = [os.path.join(self.dir, TMP_PREFIX + "*"), os.path.join(self.dir, ".write-test*"),
+                os.path.join(self.dir, "cache", TMP_PREFIX + "*"),
                 os.path.join(self.dir, "cache", "*", TMP_PREFIX + "*")]
     for pattern in patterns:
       for f in glob.glob(pattern):
@@ -378,6 +427,49 @@ class Study:
             os.remove(f)
     with contextlib.suppress(FileNotFoundError):
       os.remove(self.path("results.json"))
+    self._clean_previous_outputs()
+
+  def _manifest_file(self) -> str:
+    return os.path.join(self.dir, "cache", OUTPUTS_MANIFEST)
+
+  def _clean_previous_outputs(self) -> None:
+    """Removes the outputs of the previous run in this folder when it had other settings:
+    the files ``cache/outputs.json`` lists, each only if it still holds the bytes the study
+    wrote there (a file the user replaced or added is never touched). With the same settings
+    the list carries on (this run writes the same files again)."""
+    try:
+      with open(self._manifest_file(), "rb") as f:
+        manifest = json.loads(f.read().decode())
+      previous = str(manifest["fingerprint"])
+      files = {str(k): str(v) for k, v in dict(manifest["files"]).items()}
+    except FileNotFoundError:
+      return
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+      _warn(f"{self._manifest_file()} is damaged ({type(e).__name__}: {e}); the outputs of "
+            "the previous run are left in place.")
+      return
+    if previous == self.fingerprint:
+      self._outputs = files
+      return
+    for name, digest in files.items():
+      path = self.path(name)
+      if os.path.basename(name) != name or name in ("", ".", "..") or os.path.islink(path):
+        continue
+      if not os.path.isfile(path) or _file_sha256(path) != digest:
+        continue  # gone, or no longer what the study wrote
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    self._outputs = {}
+    self._write_manifest()
+
+  def _write_manifest(self) -> None:
+    write_json(self._manifest_file(), {"fingerprint": self.fingerprint, "files": self._outputs})
+
+  def _record_output(self, name: str, digest: str) -> None:
+    """Adds a file this study wrote in its folder to ``cache/outputs.json``."""
+    if self._outputs.get(name) != digest:
+      self._outputs[name] = digest
+      self._write_manifest()
 
   def release(self) -> None:
     """Releases the study's locks (done when results.json is written)."""

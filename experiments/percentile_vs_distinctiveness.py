@@ -39,7 +39,7 @@ class Config(ft.Config):
   """Every setting of the study: the fine-tuned network's (``_cnn_finetune.Config``), the angles
   and the pruned groups; each field is also a flag (``_flags.define_flags``)."""
   angles: tuple = _flags.field((45.0, 50.0), "Similarity thresholds in degrees (filters closer "
-                               "than this are merged).", low=0.0, high=180.0, unique=False)
+                               "than this are merged).", low=0.0, high=180.0)
   groups: tuple = _flags.field((), "Unit groups (conv layers) to prune; default every conv group "
                                "(LeNet conv_0, conv_1; ResNet-18 the first conv of every block).",
                                kind=str, nonempty=False, unique=False)

@@ -55,6 +55,7 @@ class Config:
     return cls(**base)
 
   def validate(self) -> None:
+    _flags.check_seed(self.seed)
     _flags.check_positive(hidden=self.hidden, minimum=2)
     _flags.check_positive(runs=self.runs, epochs=self.epochs, batch_size=self.batch_size)
     _flags.check_finite("lr", self.lr, positive=True)
@@ -67,7 +68,7 @@ class Config:
 def _splits(ds, cfg: Config):
   out = []
   for r in range(cfg.runs):
-    train, test = mc.train_test_or_fail(ds, cfg.test_fraction, cfg.seed * 1000 + r)
+    train, test = mc.train_test_or_fail(ds, cfg.test_fraction, _store.split_seed(cfg.seed, r))
     train, test, _ = data_lib.standardize_split(train, test)
     out.append((train.x, test.x))
   return out
@@ -80,6 +81,7 @@ def _mse(model, x):
 
 def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
         data_path: str | None = None) -> dict:
+  """Runs (or resumes) the study; returns the results written to results.json."""
   cfg.validate()
   _flags.refuse_image_data(data, "needs feature vectors")
   ds = _store.load_data(data, data_path)
@@ -148,10 +150,10 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
            "test_loss_final": mc.mean_std([res["test_loss"][-1] for res in runs]),
            "units_final": [int(res["units_kept"][-1]) for res in runs]}
 
-  study.write_results({"summary": mean_rows, "steps": rows, "final": final, "runs": runs,
-                       "data": {"name": data, "source": ds.info.get("source", data),
-                                "examples": len(ds), "train_size": len(splits[0][0]),
-                                "test_size": len(splits[0][1])}})
+  out = {"summary": mean_rows, "steps": rows, "final": final, "runs": runs,
+         "data": {"name": data, "source": ds.info.get("source", data), "examples": len(ds),
+                  "train_size": len(splits[0][0]), "test_size": len(splits[0][1])}}
+  study.write_results(out)
   t_mean = _report.write_table(study.dir, "summary", mean_rows)
   t_steps = _report.write_table(study.dir, "steps", rows)
 
@@ -188,7 +190,7 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
       ("Every step", "Removal order: at each step constant units first, then the more similar "
                      "pair's higher-index unit (merged into the lower one).\n\n" + t_steps),
   ])
-  return {"summary": mean_rows, "final": final}
+  return out
 
 
 def main(argv):

@@ -69,6 +69,7 @@ class Config:
     return cls(**base)
 
   def validate(self) -> None:
+    _flags.check_seed(self.seed)
     if any(h < 2 for h in self.hidden):
       _flags.fail(f"--hidden sizes must be at least 2 (a pair needs two units), got "
                   f"{list(self.hidden)}.")
@@ -108,7 +109,7 @@ def _embed(small, h_max: int):
 def _splits(ds, cfg: Config):
   out = []
   for r in range(cfg.runs):
-    train, test = mc.train_test_or_fail(ds, cfg.test_fraction, cfg.seed * 1000 + r)
+    train, test = mc.train_test_or_fail(ds, cfg.test_fraction, _store.split_seed(cfg.seed, r))
     train, test, _ = data_lib.standardize_split(train, test)
     out.append((train, test))
   return out
@@ -210,6 +211,12 @@ def summarise(cfg: Config, nets: list[dict]) -> tuple[list, list]:
   return rows, pair_rows
 
 
+def figure_title(cfg: Config) -> str:
+  """The angle figure's title, naming the bounds drawn (the flags' values)."""
+  return (f"Pairwise angles (dashed: {cfg.similar_deg:g}/{cfg.complementary_deg:g}, "
+          f"dotted: {cfg.default_similar_deg:g}/{cfg.default_complementary_deg:g})")
+
+
 def figure(cfg: Config, nets: list[dict], path: str) -> None:
   plt = _report.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -221,13 +228,14 @@ def figure(cfg: Config, nets: list[dict], path: str) -> None:
                   (cfg.default_similar_deg, ":"), (cfg.default_complementary_deg, ":")):
     ax.axvline(thr, color="k", ls=ls, lw=1)
   ax.set(xlabel="angle between hidden units (degrees)", ylabel="density of unit pairs",
-         title="Pairwise angles (dashed: 45/140, dotted: 15/165)")
+         title=figure_title(cfg))
   ax.legend()
   _report.save_figure(fig, path)
 
 
 def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
         data_path: str | None = None) -> dict:
+  """Runs (or resumes) the study; returns the results written to results.json."""
   cfg.validate()
   ds = mc.load_features(data, data_path)
   splits = _splits(ds, cfg)  # before the study's folder: a split error leaves nothing behind
@@ -241,10 +249,10 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
                                 lambda: prune_one(cfg, h, r, params, splits[r])))
     progress.step(f"H={h} run {r}")
   rows, pair_rows = summarise(cfg, results)
-  study.write_results({"summary": rows, "pairs": pair_rows, "networks": results,
-                       "data": {"name": data, "source": ds.info.get("source", data),
-                                "examples": len(ds),
-                                "train_size": len(splits[0][0]), "test_size": len(splits[0][1])}})
+  out = {"summary": rows, "pairs": pair_rows, "networks": results,
+         "data": {"name": data, "source": ds.info.get("source", data), "examples": len(ds),
+                  "train_size": len(splits[0][0]), "test_size": len(splits[0][1])}}
+  study.write_results(out)
   t_sum = _report.write_table(study.dir, "summary", rows)
   t_pairs = _report.write_table(study.dir, "pairs", pair_rows)
   figure(cfg, results, study.path("angles.png"))
@@ -267,7 +275,7 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
       ("Pairs found", t_pairs),
       ("Angles", "![](angles.png)"),
   ])
-  return {"summary": rows, "pairs": pair_rows}
+  return out
 
 
 def main(argv):

@@ -89,6 +89,10 @@ class Config:
       _flags.fail(f"--channels must be 1 or 3, got {self.channels}.")
     _flags.check_positive(epochs=self.epochs, check_every=self.check_every,
                           batch_size=self.batch_size)
+    if self.check_every >= self.epochs:
+      _flags.fail(f"--check_every={self.check_every} must be smaller than "
+                  f"--epochs={self.epochs}: checks run every --check_every epochs before the "
+                  "last epoch, so none would run and the pruning run would prune nothing.")
     if self.max_per_class is not None:
       _flags.check_positive(max_per_class=self.max_per_class)
     if self.folds < 2:
