@@ -439,6 +439,46 @@ class _Walker:
     return {path for path, eqn in self._backward(scope, var, descend=True)
             if path is not None and eqn.primitive.name in ("dot_general", "conv_general_dilated")}
 
+  def acting_points(self, leaf: int) -> set:
+    """Paths of the equations where parameter ``leaf`` first meets the values computed from the
+    function's inputs: followed forward through what it computes with other params and
+    constants alone (a reshape, a broadcast, ``rsqrt(var + eps) * scale``) into followed calls'
+    and scans' bodies. A bias acts at its add, a kernel at its contraction."""
+    top = self.jaxpr_at[()]
+    if leaf >= len(top.invars):
+      return set()
+    found, seen, stack = set(), set(), [((), top.invars[leaf])]
+    while stack:
+      scope, v = stack.pop()
+      if isinstance(v, jex.core.Literal) or (scope, v) in seen:
+        continue
+      seen.add((scope, v))
+      jaxpr = self.jaxpr_at[scope]
+      if scope and v in jaxpr.outvars:       # out of a followed call or scan
+        parent = self.jaxpr_at[scope[:-1]].eqns[scope[-1]]
+        stack += [(scope[:-1], parent.outvars[j]) for j, o in enumerate(jaxpr.outvars)
+                  if o is v]
+      for path, eqn in self.users_in(scope, v):
+        if path in self.jaxpr_at:            # into a followed call's or scan's body
+          inner = self.jaxpr_at[path]
+          off = len(eqn.invars) - len(inner.invars)
+          stack += [(path, inner.invars[i - off]) for i, u in enumerate(eqn.invars)
+                    if u is v and i >= off]
+          continue
+        if any(not isinstance(u, jex.core.Literal) and u in self.stream for u in eqn.invars):
+          found.add(path)
+        else:
+          stack += [(scope, o) for o in eqn.outvars]
+    return found
+
+  def acts_after(self, scope: tuple, var, leaves) -> bool:
+    """Whether one of the parameter ``leaves`` acts where ``var`` does not depend on it (a
+    per-unit shift added after an op that ends the activation chain, ``tanh(h.mean(1) + b)``;
+    a layer applied again, ``f(x1) @ W2 + f(x2) @ W3``): then ``var`` does not determine what
+    the units pass on."""
+    before = {path for path, _ in self._backward(scope, var, descend=True) if path is not None}
+    return any(not self.acting_points(leaf) <= before for leaf in leaves)
+
   def reads_carry(self, scope: tuple, var) -> bool:
     """Whether ``var`` depends on the carry of a scan it is computed in: a recurrent reader,
     whose input at the first step is the initial state, not the units' values (so a constant
@@ -1077,17 +1117,37 @@ def _admissible(eqn, live_ins) -> bool:
   return len(eqn.outvars) == 1 and shapes == {tuple(eqn.outvars[0].aval.shape)}
 
 
-def _activation_chain(w: _Walker, scope: tuple, start):
+def _keeps_units(w: _Walker, scope: tuple, eqn, root) -> bool:
+  """Whether ``eqn`` is a reshape that keeps the units of class ``root`` on one axis of their
+  own, in and out (it only adds or drops size-1 axes, or splits or merges other axes), so each
+  unit's values stay that unit's: ``h.reshape(B, C, 1)``, ``(B, H, W, C) -> (B, H * W, C)``."""
+  if root is None or eqn.primitive.name != "reshape" or len(eqn.outvars) != 1:
+    return False
+  A = w.atoms
+
+  def whole(v):
+    ax = w.scoped_env.get((scope, v))
+    if ax is None:
+      return False
+    roots = [[A.find(a) for a in A.expand(atoms) if A.size[a] > 1] for atoms in ax]
+    return sum(r.count(root) for r in roots) == 1 and [root] in roots
+
+  return whole(eqn.invars[0]) and whole(eqn.outvars[0])
+
+
+def _activation_chain(w: _Walker, scope: tuple, start, root=None):
   """Where a kernel's output becomes what its readers read, and the nonlinearity on the way.
 
   Follows, in program order, every op that keeps the value unit by unit (adding the bias,
   normalising with per-unit params, the nonlinearity, a residual addition), also where the
   value branches and joins again (``gelu``, ``x * sigmoid(x)``, ``where(x > 0, x, a * x)`` read
-  their input several times), up to the first other reader. Returns ``(var, activation,
-  joined, plain)``: the last value that every path went through, its nonlinearity (see
-  :func:`_identify`), whether every branch ends there (False when a reader takes a value
-  before the join, e.g. ``relu(h) @ W2 + h @ W3``: then no one value is what all readers read),
-  and whether the function follows the kernel with at most a bias added before it.
+  their input several times), and reshapes that keep the units on an axis of their own
+  (:func:`_keeps_units`, given the group's class ``root``), up to the first other reader.
+  Returns ``(var, activation, joined, plain)``: the last value that every path went through,
+  its nonlinearity (see :func:`_identify`), whether every branch ends there (False when a
+  reader takes a value before the join, e.g. ``relu(h) @ W2 + h @ W3``: then no one value is
+  what all readers read), and whether the function follows the kernel with at most a bias
+  added before it.
   """
   jaxpr = w.jaxpr_at[scope]
   outs = jaxpr.outvars
@@ -1117,7 +1177,7 @@ def _activation_chain(w: _Walker, scope: tuple, start):
     pending.discard(k)
     eqn = jaxpr.eqns[k]
     live = [v for v in eqn.invars if not isinstance(v, jex.core.Literal) and v in remaining]
-    if not _admissible(eqn, live):
+    if not (_admissible(eqn, live) or _keeps_units(w, scope, eqn, root)):
       break
     for v in live:
       remaining[v] -= 1
@@ -1139,7 +1199,7 @@ def _activation_chain(w: _Walker, scope: tuple, start):
   # unread (h @ W3 before relu(h) @ W2 in program order reads h and relu(h)).
   joined = set(remaining) == {var} and not any(
       _admissible(jaxpr.eqns[k], [v for v in jaxpr.eqns[k].invars if v is var])
-      for k in pending)
+      or _keeps_units(w, scope, jaxpr.eqns[k], root) for k in pending)
   return var, tag, joined, plain
 
 
@@ -1192,8 +1252,9 @@ def _run_eqns(eqns, env: dict, flat: tuple | None = None) -> dict:
       sub.update(zip(inner.invars, invals[len(invals) - len(inner.invars):]))
       sub = _run_eqns(inner.eqns, sub, flat)
       outs = [v.val if isinstance(v, jex.core.Literal) else sub[v] for v in inner.outvars]
-    elif flat is not None and eqn.primitive.name in _LAYOUT_OPS:
-      outs = invals[:1]
+    elif flat is not None and (eqn.primitive.name in _LAYOUT_OPS or (
+        eqn.primitive.name == "reshape" and np.size(invals[0]) == math.prod(flat))):
+      outs = invals[:1]                      # a reshape of the chain's own values too
     elif flat is not None and _is_scalar_broadcast(eqn):   # a where's 0.0: as long as the grid
       outs = [np.broadcast_to(np.asarray(invals[0]), flat)]
     elif flat is not None and (out := _numpy_op(eqn, invals)) is not None:
@@ -1317,7 +1378,7 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     joined, plain = True, True
     if con is not None:
       scope = con.path[:-1]
-      var, activation, joined, plain = _activation_chain(w, scope, con.out_var)
+      var, activation, joined, plain = _activation_chain(w, scope, con.out_var, root)
       while scope and joined:   # a layer inside a call (nn.remat, jit) whose output goes on
         parent = w.jaxpr_at[scope[:-1]].eqns[scope[-1]]
         inner = w.jaxpr_at[scope].outvars
@@ -1325,7 +1386,7 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
             or w.users_in(scope, var)):
           break
         out = parent.outvars[next(j for j, o in enumerate(inner) if o is var)]
-        var2, act2, joined, plain2 = _activation_chain(w, scope[:-1], out)
+        var2, act2, joined, plain2 = _activation_chain(w, scope[:-1], out, root)
         scope, var = scope[:-1], var2
         if var2 is not out:
           plain = plain and activation == "linear" and plain2   # the function is act2's alone
@@ -1343,8 +1404,12 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
                  len(var.aval.shape) == 2 and any(out is o for o in w.out_vars) and
                  len(c.kernel_var.aval.shape) == 2)
     act_axes = env.get((scope, var)) if var is not None else None
-    complete = joined and var is not None and {u.where for u in kernels} <= (
+    # Complete: every kernel of the group feeds var, and every parameter of the group acts
+    # before it (a per-unit shift or scale acting later treats units with equal activations
+    # differently: merging them would change the outputs).
+    complete = (joined and var is not None and {u.where for u in kernels} <= (
         w.contractions_feeding(scope, var))
+        and not w.acts_after(scope, var, {u.leaf for u in producers}))
     sites.append(_GroupSite(name, root, activation, "conv" if con is not None and con.conv
                             else "dense", first.where, scope, var, act_axes, readout, complete,
                             plain))
@@ -1768,7 +1833,8 @@ class TracedTarget:
     """``activations(params, *args, name)``: a group's activations, units on the last axis.
 
     The value is the end of the chain of elementwise ops after the group's first kernel (after
-    bias, normalisation and the nonlinearity; before pooling or the next layer).
+    bias, normalisation and the nonlinearity, also through reshapes that keep the units on an
+    axis of their own; before pooling or the next layer).
     """
     *args, name = args_and_name
     if not isinstance(name, str):
@@ -1808,8 +1874,11 @@ class TracedTarget:
   def activations_complete(self, name: str) -> bool:
     """Whether ``activations(..., name)`` is what the group's consumers read: False when other
     kernels add into the units after it (a residual addition couples the group; an LSTM's
-    output mixes four gates), or when readers read the units at different points
-    (``relu(h) @ W2 + h @ W3``). Pruners from activations refuse such a group."""
+    output mixes four gates), when readers read the units at different points
+    (``relu(h) @ W2 + h @ W3``), or when a parameter of the group acts after it (a per-unit
+    shift after a mean over time; a layer applied again, ``f(x1) @ W2 + f(x2) @ W3``). Pruners
+    from activations
+    refuse such a group."""
     return self._site(name).complete
 
   def _site(self, name):

@@ -1337,3 +1337,62 @@ def test_batch_last_function_says_which_axis_was_taken_as_the_batch():
   with pytest.raises(ValueError, match=r"shaped \(N, 8\).*The batch was read as axis 0 of this "
                                        r"input.*runs at the example's batch size only"):
     st.apply(small, _arr(10, 5))
+
+
+def test_a_per_unit_parameter_after_the_activations_moves_them_or_refuses():
+  """tanh(h.reshape(B, 5, 1) + b3.reshape(1, 5, 1)): the reshape ended the activation chain,
+  so a per-unit shift acted after the reported activations. Two units with equal activations
+  but different b3 were merged by distinctiveness (outputs off by 0.19) while the group said
+  its activations were complete. The chain now follows a reshape that keeps the units on an
+  axis of their own (activations after the shift and tanh); where it cannot go on (a mean over
+  time before the shift; a layer applied to two inputs read apart), the group reports
+  incomplete activations and is refused."""
+  rng = np.random.default_rng(0)
+  P = lambda *s: jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32)
+  x = jax.random.normal(jax.random.key(0), (64, 6))
+  p = {"w1": P(6, 5), "b1": P(5), "b3": P(5), "w2": P(5, 3), "b2": P(3)}
+
+  def shifted(p, x):
+    h = jax.nn.sigmoid(x @ p["w1"] + p["b1"])
+    o = jnp.tanh(h.reshape(h.shape[0], 5, 1) + p["b3"].reshape(1, 5, 1))
+    return o.reshape(h.shape[0], 5) @ p["w2"] + p["b2"]
+
+  t = jaxprune.trace(shifted, p, x)
+  assert list(t.groups) == ["w1"] and t.activations_complete("w1")
+  assert t.groups["w1"].activation == "tanh"
+  dup = lambda p, j: dict(p, w1=p["w1"].at[:, 1].set(p["w1"][:, 0]),
+                          b1=p["b1"].at[1].set(p["b1"][0]), b3=p["b3"].at[1].set(p["b3"][j]))
+  for p2, merged in ((dup(p, 1), False), (dup(p, 0), True)):   # b3 differs / b3 equal too
+    acts = t.activations(p2, x, "w1")
+    np.testing.assert_allclose(acts.reshape(64, 5), shifted(dict(
+        p2, w2=jnp.eye(5), b2=jnp.zeros(5)), x), atol=1e-6)
+    new, um, _ = jaxprune.distinctiveness(t, "w1", complementary=False, constants=False)(
+        p2, jaxprune.unit_masks_ones(t), acts, 1.0, 179.0)
+    assert bool(um["w1"][1]) is not merged
+    np.testing.assert_allclose(shifted(new, x), shifted(p2, x), atol=1e-5)
+    _compact_equals_masked(t, new, x, shifted, {"w1": [1]} if merged else {})
+
+  def pooled(p, x):                                  # x: (batch, steps, features)
+    h = jax.nn.sigmoid(x @ p["w1"] + p["b1"])
+    return jnp.tanh(h.mean(axis=1) + p["b3"]) @ p["w2"] + p["b2"]
+
+  xs = jax.random.normal(jax.random.key(1), (32, 4, 6))
+  t = jaxprune.trace(pooled, p, xs)
+  assert list(t.groups) == ["w1"] and not t.activations_complete("w1")
+  p2 = dup(p, 1)
+  acts = t.activations(p2, xs, "w1")
+  np.testing.assert_allclose(acts[..., 0], acts[..., 1])
+  with pytest.raises(ValueError, match="other values than the activations"):
+    jaxprune.distinctiveness(t, "w1", complementary=False, constants=False)(
+        p2, jaxprune.unit_masks_ones(t), acts, 1.0, 179.0)
+  with pytest.raises(ValueError, match="other values than the activations"):
+    jaxprune.group_redundancy(t, "w1")(p2, jaxprune.unit_masks_ones(t), acts)
+  new, um, _ = jaxprune.importance_prune(t, "w1")(p2, jaxprune.unit_masks_ones(t), 1)
+  assert int(np.sum(um["w1"])) == 4
+
+  def twice(p, x):                                   # one layer applied to two inputs, read apart
+    f = lambda z: jax.nn.sigmoid(z @ p["w1"] + p["b1"])
+    return f(x) @ p["w2"] + f(x * x) @ p["w3"] + p["b2"]
+
+  t = jaxprune.trace(twice, dict(p, w3=P(5, 3)), x)
+  assert list(t.groups) == ["w1"] and not t.activations_complete("w1")

@@ -40,7 +40,8 @@ def check_activations_complete(target, name: str) -> None:
         f"Group {name!r}: its consumers read other values than the activations it reports "
         "(other kernels act on its units after them: a residual addition couples it, a gate "
         "scales it, or layers scanned over stacked params share it; or its readers read it at "
-        "different points, like relu(h) @ W2 + h @ W3), so a "
+        "different points, like relu(h) @ W2 + h @ W3; or a per-unit parameter of the group "
+        "acts after them, like tanh(h.mean(1) + b)), so a "
         "pruner from activations would merge or remove the wrong units. Prune it from weights "
         "(weight_distinctiveness, importance_prune, magnitude_prune) or give each layer its own "
         "group.")
