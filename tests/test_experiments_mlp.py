@@ -175,7 +175,8 @@ def _tiny_sfew_csv(path, per_class):
                                 + [f"PHOG feature {i}" for i in range(1, 6)])]
   for label in range(1, 8):
     for j in range(per_class[label - 1]):
-      lines.append(f"M{label}_{j}_{j:08d}.mat,{label}," + ",".join(map(str, rng.normal(size=10))))
+      # names without a person id (last field not a number): a stratified split's errors
+      lines.append(f"M{label}_{j}_x.mat,{label}," + ",".join(map(str, rng.normal(size=10))))
   path.write_text("\n".join(lines) + "\n")
   return str(path)
 
