@@ -256,8 +256,9 @@ LOCK_WAIT_S: float | None = None
 #: The record of the files a study wrote in its folder (under ``cache/``).
 OUTPUTS_MANIFEST = "outputs.json"
 
-# Open studies by absolute folder: files written there through :func:`atomic_write_bytes`
-# (tables, figures, REPORT.md, results.json, flops files) are recorded as the study's outputs.
+# Open studies by absolute folder, from start to :meth:`Study.release`: files written there
+# through :func:`atomic_write_bytes` (tables, figures, REPORT.md, results.json, flops files)
+# are recorded as the study's outputs.
 _STUDY_DIRS: dict[str, "Study"] = {}
 
 
@@ -472,7 +473,10 @@ class Study:
       self._write_manifest()
 
   def release(self) -> None:
-    """Releases the study's locks (done when results.json is written)."""
+    """Releases the study's locks (done when results.json is written) and stops recording its
+    outputs (the registry of open studies would otherwise keep every finished one)."""
+    if _STUDY_DIRS.get(os.path.abspath(self.dir)) is self:
+      del _STUDY_DIRS[os.path.abspath(self.dir)]
     self._lock_outputs.release()
     self._lock_cache.release()
 
