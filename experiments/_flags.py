@@ -164,6 +164,15 @@ def parse_list(name: str, values, kind=float, *, low=None, high=None, low_open=F
     fail(f"--{name} needs at least one value.")
   if unique and len(set(out)) != len(out):
     fail(f"--{name} lists a value twice: {values}.")
+  if unique:
+    # Float settings name cached steps, results keys, table rows and figures by ``f"{x:g}"``:
+    # two values equal to 6 significant digits would share one cached result.
+    shown = {}
+    for x in out:
+      if isinstance(x, float) and shown.setdefault(f"{x:g}", x) != x:
+        fail(f"--{name}: {shown[f'{x:g}']!r} and {x!r} agree to 6 significant digits (both "
+             f"{x:g}), the precision the results are keyed and shown by; give values that "
+             "differ within 6 significant digits.")
   return tuple(out)
 
 

@@ -18,6 +18,13 @@ from experiments._store import write_text
 from jaxprune import train as train_lib
 
 
+# Below a table with a column `acc_best_on_test` (the CNN studies' retraining curves).
+BEST_ON_TEST_NOTE = (
+    "`acc_best_on_test` is the highest test accuracy over the retraining epochs: the epoch is "
+    "picked on the test split, so the figure is optimistic, a description of the curve (as the "
+    "published figures show it) and not a held-out estimate; `acc_final`, the last epoch, is.")
+
+
 def save_figure(fig, path: str) -> None:
   """Saves a matplotlib figure as PNG, atomically, and closes it."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -42,7 +42,7 @@ class Config(ft.Config):
                                "than this are merged).", low=0.0, high=180.0)
   groups: tuple = _flags.field((), "Unit groups (conv layers) to prune; default every conv group "
                                "(LeNet conv_0, conv_1; ResNet-18 the first conv of every block).",
-                               kind=str, nonempty=False, unique=False)
+                               kind=str, nonempty=False)
 
 
 def distinctiveness_prune(model, params, groups, angle):
@@ -198,7 +198,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
       acc_rows.append({"angle_deg": angle, "fraction": fmax, "method": name,
                        "acc_after_pruning": rec["test_accuracy"][0],
                        "acc_final": rec["test_accuracy"][-1],
-                       "acc_best": max(rec["test_accuracy"][1:])})
+                       "acc_best_on_test": max(rec["test_accuracy"][1:])})
     cc.plot_curves(
         study.path(f"retrain_{angle:g}deg.png"),
         f"Retraining after pruning {100 * fmax:.1f}% (distinctiveness < {angle:g} deg)",
@@ -220,7 +220,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
                            ["angle_deg", "layer", "units", "kept", "fraction_pruned"])
   t2 = _report.write_table(study.dir, "accuracy", acc_rows,
                            ["angle_deg", "fraction", "method", "acc_after_pruning", "acc_final",
-                            "acc_best"])
+                            "acc_best_on_test"])
   figs = "\n\n".join(f"![](retrain_{a:g}deg.png)" for a in angles)
   t_min = _report.markdown_table([{"layer": g, "filters": model.groups[g].size,
                                    "min_angle_deg": round(v, 2)} for g, v in mins.items()])
@@ -250,7 +250,8 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
        "same layers' kernels (unstructured)."),
       ("Fraction of filters pruned per layer", t1),
       ("Smallest angle between two filters, per layer", t_min),
-      ("Test accuracy (retrained " + f"{c.retrain_epochs} epochs)", t2),
+      ("Test accuracy (retrained " + f"{c.retrain_epochs} epochs)",
+       t2 + "\n" + _report.BEST_ON_TEST_NOTE + "\n"),
       ("Figures", figs),
   ])
   print(f"Wrote {study.dir}/REPORT.md")

@@ -90,8 +90,16 @@ def test_percentile_vs_distinctiveness(runs):
   assert len(acc) == 3 * len(run_angles) and {r["method"] for r in acc} == {"distinctiveness", "magnitude",
                                                           "unpruned"}
   for r in acc:
-    for k in ("acc_after_pruning", "acc_final", "acc_best"):
+    for k in ("acc_after_pruning", "acc_final", "acc_best_on_test"):
       assert 0.0 <= float(r[k]) <= 1.0
+  # The peak of the test curve is labelled as picked on the test split, in the table and report.
+  for row in res["results"]["summary"]["accuracy"]:
+    rec = res["results"]["angles"][f"{row['angle_deg']:g}"]
+    curve = (rec["magnitude"] if row["method"] == "magnitude" else
+             rec["distinctiveness"] if row["method"] == "distinctiveness" else
+             res["results"]["unpruned"])["test_accuracy"]
+    assert row["acc_best_on_test"] == max(curve[1:]) and row["acc_final"] == curve[-1]
+  assert "picked on the test split" in _read(os.path.join(folder, "REPORT.md"))
   for m in ("distinctiveness", "magnitude"):
     assert len(a85[m]["test_accuracy"]) == res["settings"]["retrain_epochs"] + 1
 
@@ -105,6 +113,10 @@ def test_lottery_ticket(runs):
   assert [(r["fraction"], r["method"]) for r in rows] == [
       (f, m) for f in ("0.2", "0.5", "0.7", "0.9") for m in ("magnitude", "random")]
   epochs = res["settings"]["retrain_epochs"]
+  for row in res["results"]["summary"]["lottery"]:
+    curve = res["results"]["fractions"][f"{row['fraction']:g}"][row["method"]]["test_accuracy"]
+    assert row["acc_best_on_test"] == max(curve[1:]) and row["acc_final"] == curve[-1]
+  assert "picked on the test split" in _read(os.path.join(folder, "REPORT.md"))
   for r in rows:
     assert r["first_epoch_reaching_unpruned"] in {"never"} | {str(e) for e in range(1, epochs + 1)}
   kept = [res["results"]["fractions"][f]["magnitude"]["weights_kept"] for f in ("0.2", "0.9")]

@@ -127,6 +127,24 @@ def test_percentile_angles_must_be_distinct():
     pv.Config.quick(angles=(45.0, 45.0)).validate()
 
 
+def test_cnn_study_lists_must_be_distinct():
+  """A group or fraction given twice ran (or reported) the same setting twice."""
+  from experiments import lottery_ticket as lt
+  pv.Config.quick(groups=("conv_0", "conv_1")).validate()
+  with pytest.raises(app.UsageError, match="--groups lists a value twice"):
+    pv.Config.quick(groups=("conv_0", "conv_0")).validate()
+  lt.Config.quick(fractions=(0.2, 0.5)).validate()
+  with pytest.raises(app.UsageError, match="--fractions lists a value twice"):
+    lt.Config.quick(fractions=(0.5, 0.5)).validate()
+  # Values equal to 6 significant digits shared one cached run and one results key (f"{x:g}"):
+  # the second angle reported the first one's 16 kept filters where it keeps 15 alone.
+  pv.Config.quick(angles=(56.2583, 56.2584)).validate()
+  with pytest.raises(app.UsageError, match="agree to 6 significant digits"):
+    pv.Config.quick(angles=(56.2583, 56.25834)).validate()
+  with pytest.raises(app.UsageError, match="--fractions: 0.5 and 0.5000001 agree"):
+    lt.Config.quick(fractions=(0.5, 0.5000001)).validate()
+
+
 # ----------------------------------------------------------------------------- stale outputs
 
 
