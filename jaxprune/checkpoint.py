@@ -266,6 +266,15 @@ def _abstract(x):
   return jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(np.result_type(x)))
 
 
+def _as_template(value, template):
+  """A restored leaf in its template leaf's dtype and kind: orbax restores saved float32 as a JAX
+  array even for a NumPy float64 template (JAX cannot hold float64 with x64 off)."""
+  if isinstance(template, (np.ndarray, np.generic)):
+    return np.asarray(value, template.dtype)
+  want = _abstract(template).dtype
+  return value if value.dtype == want else value.astype(want)
+
+
 def load_checkpoint(path: str, params_template: PyTree | None = None, *,
                     with_unit_masks: bool = False):
   """Loads what :func:`save_checkpoint` wrote.
@@ -326,6 +335,8 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
                      "If its files were lost or cut short after it was written, restore the "
                      "folder from a copy or save the checkpoint again.") from e
   params, masks = tree["params"], tree.get("masks")
+  if params_template is not None:
+    params = jax.tree.map(_as_template, params, params_template)
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
   if with_unit_masks:

@@ -670,6 +670,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     log_every: epochs per compiled chunk and per progress line.
     progress: print progress lines.
     trainer: a prebuilt :class:`Trainer` (reuses its compiled programs across calls).
+    desc: the label of the progress lines.
     callback: optional hook ``callback(epoch, state) -> None`` run on the host between compiled
       chunks: after epochs ``log_every``, ``2 * log_every``, ... and after the last epoch
       (``epochs``, also when it is not a multiple of ``log_every``), with ``epoch`` the number

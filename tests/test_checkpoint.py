@@ -341,3 +341,19 @@ def test_a_float64_numpy_template_keeps_float64(tmp_path):
   chex.assert_trees_all_equal_dtypes(loaded, params)
   np.testing.assert_array_equal(loaded["params"]["dense"]["kernel"],
                                 params["params"]["dense"]["kernel"])
+
+
+def test_the_template_dtype_wins_over_the_saved_one(tmp_path):
+  """Saved as JAX float32 and loaded with a NumPy float64 template, the leaves came back as
+  float32 JAX arrays although the docstring promises the template's dtypes; a JAX template of
+  another float dtype is cast too."""
+  path = str(tmp_path / "c")
+  jaxprune.save_checkpoint(path, {"w": jnp.array([1.5, 2.0]), "b": jnp.array([0.25])})
+  loaded, _ = jaxprune.load_checkpoint(path, {"w": np.zeros(2, np.float64),
+                                              "b": jnp.zeros(1, jnp.bfloat16)})
+  assert isinstance(loaded["w"], np.ndarray) and loaded["w"].dtype == np.float64
+  np.testing.assert_array_equal(loaded["w"], [1.5, 2.0])
+  assert loaded["b"].dtype == jnp.bfloat16 and float(loaded["b"][0]) == 0.25
+  shapes, _ = jaxprune.load_checkpoint(path, {"w": jax.ShapeDtypeStruct((2,), jnp.float16),
+                                              "b": jax.ShapeDtypeStruct((1,), jnp.float32)})
+  assert shapes["w"].dtype == jnp.float16 and shapes["b"].dtype == jnp.float32

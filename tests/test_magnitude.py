@@ -196,6 +196,13 @@ def test_float64_weights_rank_at_full_precision(scope):
         assert keep.size - keep.sum() == round(fraction * 18)
         assert np.abs(w[~keep]).max() < np.abs(w[keep]).min()
       assert q["a"]["kernel"].dtype == jnp.float64
+      # The cut in float64 too: rounded to float32 it read 1.0, above the kept weights.
+      assert rep.threshold.dtype == jnp.float64
+      for n, cut in zip(("a", "b"), np.asarray(rep.threshold)):
+        w, keep = np.abs(np.asarray(p[n]["kernel"])), np.asarray(m[n]["kernel"])
+        if scope == "layer":
+          assert cut == w[~keep].max()
+        assert (w[keep] >= cut).all() and cut < 1.0 + 18e-12
 
 
 def test_invalid_traced_fractions_remove_nothing():
@@ -288,7 +295,8 @@ def test_global_ranking_across_float_dtypes_under_x64():
       got = np.concatenate([np.asarray(l).ravel() for l in jax.tree.leaves(m)])
       np.testing.assert_array_equal(got, want)
       if w[order[k - 1]] >= np.finfo(np.float32).tiny:   # (XLA flushes a subnormal cut to 0)
-        np.testing.assert_array_equal(rep.threshold, np.float32(w[order[k - 1]]))
+        assert rep.threshold.dtype == jnp.float64   # a float64 leaf in scope: the cut in float64
+        np.testing.assert_array_equal(rep.threshold, w[order[k - 1]])
       _, m2 = jaxprune.prune_to_sparsity(p, None, fraction)
       got2 = np.concatenate([np.asarray(l).ravel() for l in jax.tree.leaves(m2)])
       np.testing.assert_array_equal(got2, want)

@@ -18,7 +18,7 @@ Example:
   >>> model = jaxprune.LeNet(input_shape=(16, 16, 1))
   >>> params = model.init(jax.random.key(0))
   >>> prune = importance_prune(model, 'conv_0')
-  >>> params, masks, scores = prune(params, jaxprune.unit_masks_ones(model), 4)
+  >>> params, masks, report = prune(params, jaxprune.unit_masks_ones(model), 4)
   >>> int(masks['conv_0'].sum())
   12
 """

@@ -56,7 +56,7 @@ class MagnitudeReport(NamedTuple):
   Attributes:
     kept: (L,) int32 weights kept in each selected leaf after this call.
     removed: (L,) int32 weights removed from each selected leaf by this call.
-    threshold: (L,) float32 the cut: the largest score (``|w|``, or the random score) removed
+    threshold: (L,) float32 (float64 when a scored leaf is float64, under x64) the cut: the largest score (``|w|``, or the random score) removed
       in the leaf's scope (with ``scope='global'`` one value shared by every leaf); every kept
       weight in scope scores ``>= threshold`` (equal only where ties were broken by position).
       NaN where the scope removed nothing.
@@ -252,6 +252,12 @@ def _uniform_scores(key, *, shapes):
   return [jax.random.uniform(kk, shape) for kk, shape in zip(keys, shapes)]
 
 
+def _threshold_dtype(scores):
+  """float32, or float64 when a score is float64: a float64 cut rounded to float32 can exceed
+  the kept weights just above it (1 - 5e-13 kept, the cut shown as 1.0)."""
+  return functools.reduce(jnp.promote_types, [s.dtype for s in scores], jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("selected", "scope"))
 def _core(params, scores, weight_masks, fraction, *, selected, scope):
   """Masks removing the smallest ``scores`` (one array per selected leaf), masked params, and
@@ -281,7 +287,7 @@ def _core(params, scores, weight_masks, fraction, *, selected, scope):
   n_removed = jnp.stack([jnp.sum(r, dtype=jnp.int32) for r in removed])
   report = MagnitudeReport(
       kept=jnp.stack([jnp.sum(new_m[i], dtype=jnp.int32) for i in selected]),
-      removed=n_removed, threshold=jnp.stack(cuts).astype(jnp.float32),
+      removed=n_removed, threshold=jnp.stack(cuts).astype(_threshold_dtype(scores)),
       count=jnp.sum(n_removed), invalid=~valid)
   return masks_lib.apply_masks(params, new_masks), new_masks, report, n_bad
 
