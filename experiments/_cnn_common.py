@@ -129,6 +129,30 @@ class Split:
   y_train: np.ndarray
   x_test: np.ndarray
   y_test: np.ndarray
+  # The persons of each part (sorted) for a person-independent split; None for a stratified
+  # one (data without persons).
+  persons_train: tuple | None = None
+  persons_test: tuple | None = None
+
+
+def split_description(split: Split, test_fraction: float) -> str:
+  """One sentence for a report: the kind of split, the test persons and the test share as
+  made (a person-independent split is 1 of round(1 / test_fraction) person folds, so its share
+  differs from ``test_fraction``)."""
+  n_train, n_test = len(split.y_train), len(split.y_test)
+  share = f"{100.0 * n_test / (n_train + n_test):.0f}% test"
+  if split.persons_test is None:
+    return (f"Split: stratified by class (the data carry no persons): {n_train} training and "
+            f"{n_test} test images ({share}, --test_fraction={test_fraction:g}).")
+  shown = ", ".join(f"`{p}`" for p in split.persons_test[:10])
+  more = f" and {len(split.persons_test) - 10} more" if len(split.persons_test) > 10 else ""
+  folds = int(round(1.0 / test_fraction))
+  return (f"Split: person-independent (no person on both sides): {n_train} training and "
+          f"{n_test} test images ({share}; --test_fraction={test_fraction:g} asks for about "
+          f"{100.0 * test_fraction:.0f}%: the test part is 1 of round(1/--test_fraction) = "
+          f"{folds} stratified person folds, and persons are not divided); test persons "
+          f"{shown}{more} ({len(split.persons_test)} of "
+          f"{len(split.persons_test) + len(split.persons_train)}).")
 
 
 def train_test(ds, test_fraction: float, seed: int, normalise: bool = False) -> Split:
@@ -145,7 +169,11 @@ def train_test(ds, test_fraction: float, seed: int, normalise: bool = False) -> 
     except ValueError as e:
       _flags.fail(person_split_error(ds, e, test_fraction))
   f = imagenet_normalise if normalise else (lambda a: a)
-  return Split(f(train.x), train.y, f(test.x), test.y)
+  persons = {}
+  if ds.groups is not None:
+    persons = dict(persons_train=tuple(str(p) for p in np.unique(train.groups)),
+                   persons_test=tuple(str(p) for p in np.unique(test.groups)))
+  return Split(f(train.x), train.y, f(test.x), test.y, **persons)
 
 
 def person_split_error(ds, error: Exception, test_fraction: float) -> str:
@@ -159,6 +187,15 @@ def person_split_error(ds, error: Exception, test_fraction: float) -> str:
           f"{', ...' if p > 5 else ''}); persons come from the file names "
           f"({jaxprune.data.sfew.PERSON_NAMING})")
   head = "Cannot split the data person-independently into training and test parts"
+  if folds < 2 and p >= 2:
+    # round(1/f) >= 2 for f <= 2/3; round(1/f) <= p for f >= 1/p (and a little less).
+    low, high = math.ceil(100.0 / p) / 100, math.floor(200.0 / 3) / 100
+    return (f"{head}: --test_fraction={test_fraction:g} is too large: the split is 1 of "
+            f"round(1/--test_fraction) = {folds} person fold{'' if folds == 1 else 's'}, and it "
+            f"needs at least 2 (one for testing, the rest for training). Here {have}: pass a "
+            f"--test_fraction between {low:g} and {high:g}, which makes 2 to {p} folds for "
+            f"these {p} persons (0.5 tests on about half of them); more persons would not "
+            "help.")
   if p < 2:
     return (f"{head}: {have}. A person-independent split needs images of at least 2 persons: "
             "add images of other persons; if these names do not name persons, rename the "
@@ -177,6 +214,9 @@ def person_split_error(ds, error: Exception, test_fraction: float) -> str:
 def build_model(arch: str, size: tuple[int, int], channels: int, num_classes: int):
   """A model by name; a clear exit if the image size is too small for it."""
   shape = (size[0], size[1], channels)
+  if arch == "resnet18" and channels != 3:   # a --channels problem, not an --image_size one
+    _flags.fail(f"--channels={channels} does not fit --arch=resnet18: ResNet-18 takes RGB "
+                "input; use --channels=3 (grey frames are repeated over the 3 channels).")
   try:
     if arch == "lenet":
       return jaxprune.LeNet(input_shape=shape, out_features=num_classes)

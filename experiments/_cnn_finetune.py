@@ -5,17 +5,22 @@ common settings (:class:`Config`, which each study's ``Config`` extends), the da
 ResNet-18, as published: from ``--pretrained=PATH`` (torchvision weights as .npz, ImageNet
 normalisation, a new head for the 7 classes) when given, otherwise trained from scratch at 16x16
 (the bundled images are 8x8 digits upsampled; a CPU budget of 15 minutes per study). The smaller
-CNNs stay available with ``--arch=lenet`` or ``--arch=cnn4``; ``--quick`` uses LeNet. The initial weights (pretrained, or the from-scratch initialisation) are
-what the lottery-ticket study rewinds to.
+CNNs stay available with ``--arch=lenet`` or ``--arch=cnn4``; ``--quick`` uses LeNet, or
+ResNet-18 when ``--pretrained`` is given (those weights are ResNet-18's). The initial weights
+(pretrained, or the from-scratch initialisation) are what the lottery-ticket study rewinds to.
+The weights file enters the settings (and so the cache fingerprint) by its name and the SHA-256
+of its bytes: another file of the same name, or the file rewritten, is a new setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any, Callable
 
 import jaxprune
+from jaxprune.models.resnet import WeightsShapeError
 from experiments import _cnn_common as cc
 from experiments import _flags
 from experiments import _store
@@ -54,7 +59,7 @@ class Config:
   arch: str = _flags.field(
       "auto", "Network: 'auto' = resnet18, as published (--pretrained weights when given, "
       "else trained from scratch); 'lenet' = the LeNet-style CNN and 'cnn4' = the 4-conv CNN, "
-      "both from scratch (--quick uses lenet).", choices=ARCHS)
+      "both from scratch (--quick uses lenet, or resnet18 with --pretrained).", choices=ARCHS)
   pretrained: str | None = _flags.field(
       None, "Path to torchvision ResNet-18 ImageNet weights as .npz (docs/resnet.md shows how to "
       "make it); fine-tuned with a new 7-class head.")
@@ -84,9 +89,11 @@ class Config:
 
   @classmethod
   def quick(cls, **kw):
-    """The smoke run: LeNet (unless ``arch`` is given), 2 + 2 epochs on 8 images per class at a
-    small per-arch size."""
-    base = dict(arch="lenet", finetune_epochs=2, retrain_epochs=2, max_per_class=8)
+    """The smoke run: LeNet (unless ``arch`` is given; ResNet-18 when ``pretrained`` weights
+    are, since they are ResNet-18's), 2 + 2 epochs on 8 images per class at a small per-arch
+    size."""
+    base = dict(arch="auto" if kw.get("pretrained") else "lenet", finetune_epochs=2,
+                retrain_epochs=2, max_per_class=8)
     base.update(kw)
     if base.get("image_size") is None:
       arch = resolve_arch(base.get("arch", "auto"), base.get("pretrained"))
@@ -122,8 +129,11 @@ class Config:
     channels = self.resolved().channels
     if channels not in (1, 3):
       _flags.fail(f"--channels must be 1 or 3, got {channels}.")
-    if self.pretrained and channels != 3:
-      _flags.fail("--pretrained ResNet-18 weights need RGB input: use --channels=3.")
+    if arch == "resnet18" and channels != 3:
+      net = "--arch=resnet18" if self.arch == arch else f"ResNet-18 (--arch={self.arch})"
+      other = "" if self.pretrained else ", or --arch=lenet for single-channel images"
+      _flags.fail(f"--channels={channels} does not fit {net}: ResNet-18 takes RGB input; use "
+                  f"--channels=3 (grey frames are repeated over the 3 channels){other}.")
     r = self.resolved()
     _flags.check_positive(finetune_epochs=r.finetune_epochs, retrain_epochs=r.retrain_epochs,
                           batch_size=self.batch_size)
@@ -135,10 +145,27 @@ class Config:
 
   def settings(self, data: str, data_path: str | None) -> dict[str, Any]:
     """What the results depend on, for the cache fingerprint and results.json: the resolved
-    config (the weights file by its name only) and the data."""
+    config and the data. The weights file enters by its name and the SHA-256 of its bytes
+    (``pretrained_sha256``), not its folder: the same file moved resumes, another file of the
+    same name or the file rewritten in place starts afresh."""
     s = dataclasses.asdict(self.resolved())
     s["pretrained"] = os.path.basename(self.pretrained) if self.pretrained else None
+    if self.pretrained:
+      s["pretrained_sha256"] = file_sha256(self.pretrained)
     return cc.applied_settings({**s, "data": data, "data_path": data_path}, data)
+
+
+def file_sha256(path: str) -> str:
+  """The SHA-256 of a file's bytes (read in 1 MiB blocks; about 0.1 s for ResNet-18's 45 MB);
+  a one-line usage error when it cannot be read."""
+  h = hashlib.sha256()
+  try:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  except OSError as e:
+    _flags.fail(f"Could not read --pretrained={path!r}: {e.strerror or e}.")
+  return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -162,15 +189,23 @@ def prepare(config: Config, data: str, data_path: str | None) -> Setup:
     try:
       init = jaxprune.load_resnet18(c.pretrained, num_classes=ds.num_classes,
                                     key=_store.config_key(c.seed, "head"))
+    except WeightsShapeError as e:
+      if e.file_widths is None:   # the library's advice is about how the file was written
+        _flags.fail(f"Could not load --pretrained={c.pretrained!r}: {e}")
+      _flags.fail(f"Could not load --pretrained={c.pretrained!r}: {e.reason} The file holds a "
+                  f"compacted ResNet-18 (block widths {e.file_widths}), but --pretrained needs "
+                  "uncompacted torchvision resnet18 weights (the studies fine-tune and prune "
+                  "the full network); make them as docs/resnet.md shows.")
     except (FileNotFoundError, ValueError, KeyError) as e:
       _flags.fail(f"Could not load --pretrained={c.pretrained!r}: {e}")
-    how = (f"ResNet-18 from ImageNet weights (`{os.path.basename(c.pretrained)}`, ImageNet "
-           f"normalisation, new {ds.num_classes}-class head), fine-tuned")
+    how = (f"ResNet-18 from ImageNet weights (`{os.path.basename(c.pretrained)}`, SHA-256 "
+           f"`{file_sha256(c.pretrained)[:16]}...`, ImageNet normalisation, new "
+           f"{ds.num_classes}-class head), fine-tuned")
   else:
     init = model.init(_store.config_key(c.seed, "init"))
     how = f"{type(model).__name__} trained from scratch (no --pretrained given)"
-  desc = (f"{cc.data_description(ds, data)} Model: {how} on {size[0]}x{size[1]}x{channels} "
-          f"inputs; {len(split.y_train)} training and {len(split.y_test)} test images.")
+  desc = (f"{cc.data_description(ds, data)} {cc.split_description(split, c.test_fraction)} "
+          f"Model: {how} on {size[0]}x{size[1]}x{channels} inputs.")
   if c.arch != "resnet18":
     desc += (f" The published study used ResNet-18 (the default); --arch={c.arch} chose the "
              "smaller network.")

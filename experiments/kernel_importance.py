@@ -178,9 +178,10 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
   rise = (f"{config.max_rise:g} x the starting loss" if config.relative
           else f"{config.max_rise:g} nats")
   study.write_report("Kernel importance: pruning LeNet's first conv layer", [
-      ("Set-up", f"{cc.data_description(ds, data)} Model: LeNet-style CNN on {size[0]}x{size[1]}x1 "
-       f"inputs trained from scratch for {config.epochs} epochs (Adam {config.learning_rate:g}); "
-       f"{len(split.y_train)} training and {len(split.y_test)} test images. Conv-1 kernels "
+      ("Set-up", f"{cc.data_description(ds, data)} "
+       f"{cc.split_description(split, config.test_fraction)} Model: LeNet-style CNN on "
+       f"{size[0]}x{size[1]}x1 inputs trained from scratch for {config.epochs} epochs (Adam "
+       f"{config.learning_rate:g}). Conv-1 kernels "
        f"removed one at a time by least {config.norm} importance, stopping before the training "
        f"loss would rise by more than {rise}. Pruned {rows[-1]['pruned']} of "
        f"{model.groups[GROUP].size} kernels."),

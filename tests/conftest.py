@@ -215,3 +215,16 @@ class FakeCascade:
       return ()
     return np.array([[cols.min(), rows.min(), cols.max() - cols.min() + 1,
                       rows.max() - rows.min() + 1]])
+
+
+def sfew_tree(root, per_class, size=(20, 16)):
+  """A small SFEW-like tree: frames of ``size`` (not SFEW's 720x576), person j+1 for frame j."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for label, folder in enumerate(["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad",
+                                  "Surprise"]):
+    (root / folder).mkdir(parents=True)
+    for j in range(per_class):
+      pixels = rng.integers(0, 256, size=size, dtype=np.uint8)
+      Image.fromarray(pixels).save(root / folder / f"Movie{label}_{j:09d}_{j + 1:08d}.png")
+  return root

@@ -17,7 +17,7 @@ import pytest
 from absl import app
 
 import jaxprune
-from conftest import all_finite, csv_rows, study_results
+from conftest import all_finite, csv_rows, sfew_tree as _sfew_tree, study_results
 from experiments import _cnn_common as cc
 from experiments import _store
 from experiments import kernel_importance as ki
@@ -166,6 +166,8 @@ def test_training_time_distinctiveness_keeps_pruned_weights_zero(runs):
 def test_kernel_importance(runs):
   folder = os.path.join(runs, KI)
   _check_report(folder, ["pruning_steps.png"])
+  assert "Split: stratified by class (the data carry no persons)" in _read(
+      os.path.join(folder, "REPORT.md"))
   res = study_results(runs, KI)
   steps = res["results"]["steps"]
   rows = csv_rows(os.path.join(folder, "pruning_steps.csv"))
@@ -310,19 +312,6 @@ def test_filter_merging_on_resnet18_bias_free_blocks():
 
 
 # ----------------------------------------------------------------------------- the SFEW tree
-
-
-def _sfew_tree(root, per_class, size=(20, 16)):
-  """A small SFEW-like tree: frames of ``size`` (not SFEW's 720x576), person j+1 for frame j."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  for label, folder in enumerate(["Angry", "Disgust", "Fear", "Happy", "Neutral", "Sad",
-                                  "Surprise"]):
-    (root / folder).mkdir(parents=True)
-    for j in range(per_class):
-      pixels = rng.integers(0, 256, size=size, dtype=np.uint8)
-      Image.fromarray(pixels).save(root / folder / f"Movie{label}_{j:09d}_{j + 1:08d}.png")
-  return root
 
 
 def test_cnn_binaries_have_the_sfew_tree_flags():

@@ -10,7 +10,8 @@ import pytest
 
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
-from jaxprune.models.resnet import BLOCK_NAMES, ResNet18, load_resnet18, save_resnet18
+from jaxprune.models.resnet import (BLOCK_NAMES, ResNet18, WeightsShapeError, load_resnet18,
+                                    save_resnet18)
 
 SHAPE = (32, 32, 3)
 
@@ -345,7 +346,8 @@ def test_npz_round_trip_edges(model, params, tmp_path):
 
   small, small_model = model.compact(params, random_unit_masks(model, 2))
   save_resnet18(tmp_path / "small.npz", small)
-  with pytest.raises(ValueError, match=r"load_resnet18\(path, widths=small_model\.widths\)"):
+  with pytest.raises(ValueError, match=re.escape(
+      f"load_resnet18(path, widths={small_model.widths})")):
     load_resnet18(tmp_path / "small.npz", num_classes=7)
 
   with pytest.raises(TypeError, match=r"key must be a PRNG key made by jax\.random\.key"):
@@ -370,3 +372,121 @@ def test_bfloat16_params_save_as_float32_and_a_raw_byte_file_is_named(tmp_path):
   np.savez(tmp_path / "raw.npz", **raw)
   with pytest.raises(ValueError, match=r"conv1\.weight .* not numbers NumPy can read"):
     load_resnet18(tmp_path / "raw.npz", num_classes=model.num_classes, widths=model.widths)
+
+
+# ----------------------------------------------------------------------------- probe mends
+
+
+def test_too_small_inputs_name_the_computed_minimum():
+  """'too small for this network ... Use larger images' gave no size; the minimum is computed
+  from the layers (and checked here against a search over sizes)."""
+  from jaxprune.models.cnn import CNN4, LeNet  # pylint: disable=import-outside-toplevel
+
+  def smallest(make):
+    n = 1
+    while True:
+      try:
+        make(n)
+        return n
+      except ValueError:
+        n += 1
+
+  cases = [(LeNet, 1, {}), (CNN4, 3, {}), (LeNet, 1, {"kernels": (3, 7)}),
+           (CNN4, 3, {"strides": (2, 2, 1, 1)})]
+  for cls, c, kw in cases:
+    m = smallest(lambda n, cls=cls, c=c, kw=kw: cls(input_shape=(n, 200, c), **kw))
+    assert cls(input_shape=(m, m, c), **kw).min_input_size() == (m, m), (cls, kw)
+    with pytest.raises(ValueError, match=rf"too small for {cls.__name__}: .*needs inputs of "
+                       rf"at least {m}x{m} \(height x width\)"):
+      cls(input_shape=(m - 1, 200, c), **kw)
+  assert LeNet().min_input_size() == (16, 16) and CNN4().min_input_size() == (59, 59)
+  assert ResNet18(input_shape=(1, 1, 3)).feature_map_shape() == (1, 1)
+  with pytest.raises(ValueError, match=r"too small for ResNet-18: .*at least 1x1"):
+    ResNet18(input_shape=(0, 32, 3))
+
+
+def test_negative_running_var_is_refused(tmp_path, model, params):
+  """A file with a negative running_var loaded and gave NaN logits."""
+  sd = random_state_dict()
+  sd["layer2.1.bn1.running_var"][3] = -0.5
+  np.savez(tmp_path / "neg.npz", **sd)
+  with pytest.raises(ValueError, match=r"layer2\.1\.bn1\.running_var in .* holds negative "
+                     r"values \(1 of 128, the smallest -0\.5\).*file is corrupt"):
+    load_resnet18(tmp_path / "neg.npz", num_classes=1000)
+  bad = jax.tree.map(lambda a: a, params)
+  bad["batch_stats"]["bn1"]["var"] = -bad["batch_stats"]["bn1"]["var"]
+  with pytest.raises(ValueError, match=r"negative running variances at batch_stats/bn1/var "
+                     r"\(bn1\.running_var\); nothing was written"):
+    save_resnet18(tmp_path / "neg_saved.npz", bad)
+  assert not (tmp_path / "neg_saved.npz").exists()
+
+
+def test_npy_files_are_named_as_single_arrays(tmp_path):
+  """The '.npy' message could not be reached: np.load gave an ndarray, which the 'with' failed
+  on, and the file was called an unreadable archive."""
+  np.save(tmp_path / "one.npy", np.zeros(3, np.float32))
+  np.save(tmp_path / "dict.npy", random_state_dict(num_classes=3))   # np.save of the dict
+  for name in ("one.npy", "dict.npy"):
+    with pytest.raises(ValueError, match=rf"{name}' holds a single array \(a \.npy file, as "
+                       r"np\.save writes\), not an archive.*np\.savez\(path, \*\*state_dict\)"):
+      load_resnet18(tmp_path / name)
+
+
+def test_shape_errors_give_advice_for_their_cause(tmp_path, model, params):
+  """Every shape error ended 'load_resnet18(path, widths=small_model.widths)', also for
+  mistakes that have nothing to do with compaction."""
+  sd = random_state_dict(num_classes=7)
+
+  def error(**changed):
+    np.savez(tmp_path / "f.npz", **dict(sd, **changed))
+    with pytest.raises(ValueError) as e:
+      load_resnet18(tmp_path / "f.npz", num_classes=7)
+    return str(e.value)
+
+  hwio = error(**{"layer3.1.conv1.weight": np.transpose(sd["layer3.1.conv1.weight"],
+                                                        (2, 3, 1, 0))})
+  assert re.search(r"layer3\.1\.conv1\.weight .* has shape \(3, 3, 256, 256\); ResNet-18 "
+                   r"expects \(256, 256, 3, 3\)\. It looks like a Flax/TensorFlow HWIO kernel",
+                   hwio), hwio
+  bias = error(**{"fc.bias": sd["fc.bias"][:5]})
+  assert "The head's bias has 5 entries but fc.weight has 7 rows" in bias, bias
+  fc = error(**{"fc.weight": sd["fc.weight"].T})
+  assert "It looks stored (in, out)" in fc, fc
+  other = error(**{"layer3.1.conv1.weight": sd["layer3.1.conv1.weight"][:, :, :1, :1]})
+  assert "does not hold torchvision's resnet18 layout" in other, other
+  stem = error(**{"conv1.weight": sd["conv1.weight"][:59]})   # a residual channel removed
+  assert "stem or stage (residual) channels are (59, 128, 256, 512)" in stem, stem
+  for text in (hwio, bias, fc, other, stem):
+    assert "widths=" not in text.split("expects")[-1], text   # no compaction advice
+  # A compacted model's file: the advice names the widths it holds, and so does the error.
+  small, small_model = model.compact(params, random_unit_masks(model, 3))
+  save_resnet18(tmp_path / "small.npz", small)
+  with pytest.raises(WeightsShapeError, match=re.escape(
+      f"load_resnet18(path, widths={small_model.widths})")) as e:
+    load_resnet18(tmp_path / "small.npz", num_classes=7)
+  assert e.value.file_widths == small_model.widths and e.value.key.endswith("conv1.weight")
+  assert "load_resnet18" not in e.value.reason
+
+
+def test_save_refuses_params_compacted_through_residual_groups(tmp_path):
+  """save_resnet18 wrote params whose stem/residual channels a traced target had compacted,
+  and load_resnet18 then refused the file (with advice no traced target can follow)."""
+  model = ResNet18(input_shape=SHAPE, widths=(4,) * 8)
+  params = model.init(jax.random.key(0))
+  target = model.traced()
+  for group in ("conv1", "layer3_0/conv2"):    # the stem + layer1, and stage 3's residual
+    keep = {n: np.ones(g.size, bool) for n, g in target.groups.items()}
+    keep[group][:5] = False
+    small, _ = target.compact(params, keep)
+    with pytest.raises(ValueError, match=r"the stem or stage \(residual\) channels are "
+                       r"\(\d+, \d+, \d+, \d+\), not ResNet-18's \(64, 128, 256, 512\).*"
+                       r"nothing was written.*save_checkpoint"):
+      save_resnet18(tmp_path / "residual.npz", small)
+    assert not (tmp_path / "residual.npz").exists()
+  # A traced block group (a block's inner width) is what ResNet18.compact does: saved, loaded.
+  keep = {n: np.ones(g.size, bool) for n, g in target.groups.items()}
+  keep["layer1_0/conv1"][:2] = False
+  small, _ = target.compact(params, keep)
+  save_resnet18(tmp_path / "block.npz", small)
+  back = load_resnet18(tmp_path / "block.npz", num_classes=7, widths=(2,) + (4,) * 7)
+  jax.tree.map(np.testing.assert_array_equal, back, small)

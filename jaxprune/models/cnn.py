@@ -80,8 +80,12 @@ class _ConvNet(Model):
                        f"dense={self.dense}.")
     h, w, _ = self.feature_map_shape()
     if h < 1 or w < 1:
-      raise ValueError(f"Input {self.input_shape} is too small for this network: the feature "
-                       "map shrinks to nothing. Use larger images.")
+      mh, mw = self.min_input_size()
+      name = type(self).__name__
+      raise ValueError(f"Input {self.input_shape} is too small for {name}: its feature map "
+                       f"shrinks to nothing ({max(h, 0)}x{max(w, 0)} after the last conv "
+                       f"block). {name} with these kernels, strides, paddings and pools needs "
+                       f"inputs of at least {mh}x{mw} (height x width).")
 
   def feature_map_shape(self) -> tuple[int, int, int]:
     """(H, W, C) of the last conv block's output (after pooling), as flatten sees it."""
@@ -94,6 +98,17 @@ class _ConvNet(Model):
       if pool is not None:
         h, w = (h - pool[0]) // pool[1] + 1, (w - pool[0]) // pool[1] + 1
     return h, w, self.channels[-1]
+
+  def min_input_size(self) -> tuple[int, int]:
+    """The smallest (H, W) input whose last feature map is at least 1x1, computed from the
+    kernels, strides, paddings and pools (LeNet: 16x16; CNN4: 59x59)."""
+    n = 1  # walk back from a 1x1 map: the smallest input giving n outputs, layer by layer
+    for k, s, p, pool in reversed(list(zip(self.kernels, self.strides, self.paddings,
+                                           self.pools))):
+      if pool is not None:
+        n = (n - 1) * pool[1] + pool[0]
+      n = (n - 1) * s + (k if p == "VALID" else 1)
+    return n, n
 
   @property
   def module(self):

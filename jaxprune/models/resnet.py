@@ -108,6 +108,12 @@ def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
   return (n + 2 * padding - kernel) // stride + 1
 
 
+# (kernel, stride, padding) of every step that shrinks the feature map: the stem conv, the
+# max-pool and the first 3x3 conv of the stride-2 blocks of stages 2-4 (their 1x1 downsample
+# gives the same size).
+_SHRINKING = ((7, 2, 3), (3, 2, 1), (3, 2, 1), (3, 2, 1), (3, 2, 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class ResNet18(Model):
   """ResNet-18 as in torchvision (channels-last), with one unit group per basic block.
@@ -148,20 +154,27 @@ class ResNet18(Model):
                        f"{self.input_shape[2]}. Repeat grey images over 3 channels.")
     h, w = self.feature_map_shape()
     if h < 1 or w < 1:
-      raise ValueError(f"Input {self.input_shape} is too small for ResNet-18: the feature map "
-                       "shrinks to nothing. Use images of at least 1x1 after five halvings "
-                       "(e.g. 32x32).")
+      mh, mw = self.min_input_size()
+      raise ValueError(f"Input {self.input_shape} is too small for ResNet-18: its feature map "
+                       f"shrinks to nothing ({max(h, 0)}x{max(w, 0)} after the last stage). "
+                       f"ResNet-18 needs inputs of at least {mh}x{mw} (height x width).")
 
   def feature_map_shape(self) -> tuple[int, int]:
     """(H, W) of the last stage's feature map, before global average pooling."""
     dims = []
     for n in self.input_shape[:2]:
-      n = _conv_out(n, 7, 2, 3)   # stem conv
-      n = _conv_out(n, 3, 2, 1)   # max-pool
-      for _ in range(3):          # stride-2 blocks of stages 2-4
-        n = _conv_out(n, 3, 2, 1)
+      for kernel, stride, padding in _SHRINKING:
+        n = _conv_out(n, kernel, stride, padding)
       dims.append(n)
     return tuple(dims)
+
+  def min_input_size(self) -> tuple[int, int]:
+    """The smallest (H, W) input whose last feature map is at least 1x1 (computed from the
+    stem, the max-pool and the stride-2 blocks)."""
+    n = 1  # walk back from a 1x1 map: the smallest input giving n outputs, layer by layer
+    for kernel, stride, padding in reversed(_SHRINKING):
+      n = max(1, (n - 1) * stride + kernel - 2 * padding)
+    return n, n
 
   @property
   def module(self):
@@ -277,6 +290,107 @@ def _names(keys, limit: int = 8) -> str:
   return ", ".join(keys[:limit]) + more
 
 
+class WeightsShapeError(ValueError):
+  """A tensor of a weights file has the wrong shape (raised by :func:`load_resnet18`).
+
+  Attributes:
+    key: the state-dict key.
+    reason: the message without the advice (what is wrong, not what to do).
+    file_widths: the blocks' inner widths the file holds when it is complete at those widths
+      (saved from a model compacted by :meth:`ResNet18.compact`), else None.
+  """
+
+  def __init__(self, message: str, *, key: str, reason: str,
+               file_widths: tuple[int, ...] | None):
+    super().__init__(message)
+    self.key, self.reason, self.file_widths = key, reason, file_widths
+
+
+def _not_readable(path: str, why: str) -> ValueError:
+  return ValueError(f"{path!r} is not a readable .npz archive of arrays ({why}); write it "
+                    f"with np.savez(path, **state_dict) or jaxprune.save_resnet18. "
+                    f"{_CONVERT_HINT}")
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """The arrays of an ``.npz`` (``num_batches_tracked`` left out); a ValueError naming the
+  problem for anything else (a ``.npy`` file, a pickle, a cut-short archive)."""
+  single = ValueError(f"{path!r} holds a single array (a .npy file, as np.save writes), not an "
+                      "archive of the state dict's tensors; write it with "
+                      f"np.savez(path, **state_dict). {_CONVERT_HINT}")
+  try:
+    f = np.load(path, allow_pickle=False)
+  except Exception as e:  # not a zip archive nor an array file, or an object array
+    try:
+      with open(path, "rb") as head:
+        npy = head.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
+    except OSError:
+      npy = False
+    if npy:   # e.g. np.save(path, state_dict): one pickled object
+      raise single from None
+    why = ("numpy finds no zip archive there and would read it as a pickle, which is never "
+           "loaded" if "pickle" in str(e) else f"{type(e).__name__}: {e}")
+    raise _not_readable(path, why) from None
+  if not isinstance(f, np.lib.npyio.NpzFile):   # np.load of a .npy file gives one array
+    raise single
+  try:
+    with f:
+      return {k: np.asarray(f[k]) for k in f.files if not k.endswith("num_batches_tracked")}
+  except Exception as e:  # a cut-short or damaged member
+    raise _not_readable(path, f"{type(e).__name__}: {e}") from None
+
+
+def _file_widths(sd: Mapping[str, np.ndarray]) -> tuple[int, ...] | None:
+  """The blocks' inner widths a state dict holds (rows of each block's conv1), if readable."""
+  out = []
+  for name in BLOCK_NAMES:
+    s, b = name[len("layer"):].split("_")
+    w = sd.get(f"layer{s}.{b}.conv1.weight")
+    if w is None or w.ndim != 4 or w.shape[0] < 1:
+      return None
+    out.append(int(w.shape[0]))
+  return tuple(out)
+
+
+def _shape_advice(sd, tk: str, kind: str, found: tuple, expected: tuple,
+                  widths: Sequence[int], file_classes: int) -> tuple[str, tuple | None]:
+  """(what to do, the file's block widths when it is a compacted model's file) for tensor
+  ``tk`` of shape ``found`` where ``expected`` was wanted."""
+  if kind == "conv" and found == (expected[2], expected[3], expected[1], expected[0]):
+    return ("It looks like a Flax/TensorFlow HWIO kernel (height, width, in, out); torchvision "
+            "stores conv weights OIHW (out, in, height, width): transpose it with "
+            "np.transpose(kernel, (3, 2, 0, 1)) (save_resnet18 converts Flax params).", None)
+  if tk == "fc.bias":
+    return (f"The head's bias has {found[0] if found else 0} entries but fc.weight has "
+            f"{file_classes} rows (classes): both must come from the same layer.", None)
+  file_widths = _file_widths(sd)
+  if (file_widths is not None and file_widths != tuple(widths)
+      and all(tuple(sd[k].shape) == shp for k, _, _, shp in _layout(file_widths, file_classes))):
+    return (f"The file holds a ResNet-18 whose blocks have inner widths {file_widths} (as "
+            "saved from a model compacted by ResNet18.compact); load it with those widths: "
+            f"load_resnet18(path, widths={file_widths}).", file_widths)
+  stages = _file_stages(sd)
+  if stages is not None and stages != STAGES:
+    return (f"Its stem or stage (residual) channels are {stages}, not torchvision's {STAGES}, "
+            "as in params compacted through a traced residual group "
+            "(model.traced().compact); ResNet18 and load_resnet18 only vary the blocks' inner "
+            "widths. Keep such params with jaxprune.save_checkpoint.", None)
+  return ("The file does not hold torchvision's resnet18 layout; re-create it from the "
+          "torchvision state dict (docs/resnet.md).", None)
+
+
+def _file_stages(sd: Mapping[str, np.ndarray]) -> tuple[int, ...] | None:
+  """The output channels of the stem and of each stage's blocks, as the file holds them."""
+  out = []
+  for key in ("conv1.weight",) + tuple(f"layer{s + 1}.0.conv2.weight"
+                                       for s in range(1, len(STAGES))):
+    w = sd.get(key)
+    if w is None or w.ndim != 4:
+      return None
+    out.append(int(w.shape[0]))
+  return tuple(out)
+
+
 def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
                   key: jax.Array | None = None,
                   widths: Sequence[int] = DEFAULT_WIDTHS) -> PyTree:
@@ -307,7 +421,11 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
 
   Raises:
     FileNotFoundError: the file does not exist.
-    ValueError: keys are missing or unexpected, shapes do not match, or values are not finite.
+    ValueError: the file is not an ``.npz`` archive of arrays (e.g. a ``.npy`` file), keys are
+      missing or unexpected, values are not finite, or a running variance is negative.
+    WeightsShapeError: (a ValueError) a tensor has the wrong shape; the message says what the
+      shape suggests (a compacted model's file and the widths to load it with, HWIO kernels,
+      stem or residual channels that no ResNet-18 has).
   """
   widths = ResNet18(num_classes=num_classes, widths=tuple(widths)).widths  # validates both
   if key is not None:
@@ -317,18 +435,7 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
     path += ".npz"   # np.savez (and save_resnet18) append the suffix to a name without it
   if not os.path.exists(path):
     raise FileNotFoundError(f"No ResNet-18 weights file at {path!r}. {_CONVERT_HINT}")
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      sd = {k: np.asarray(f[k]) for k in f.files if not k.endswith("num_batches_tracked")}
-  except Exception as e:  # not a zip archive, a pickle, a cut-short file
-    why = ("numpy finds no zip archive there and would read it as a pickle, which is never "
-           "loaded" if "pickle" in str(e) else f"{type(e).__name__}: {e}")
-    raise ValueError(f"{path!r} is not a readable .npz archive of arrays ({why}); write it "
-                     f"with np.savez(path, **state_dict) or jaxprune.save_resnet18. "
-                     f"{_CONVERT_HINT}") from None
-  if not isinstance(sd, dict):   # np.load of a .npy file gives one array
-    raise ValueError(f"{path!r} holds a single array, not a state dict; write it with "
-                     f"np.savez(path, **state_dict). {_CONVERT_HINT}")
+  sd = _read_npz(path)
   layout = _layout(widths)
   wanted = {row[0] for row in layout}
   missing, unexpected = wanted - set(sd), set(sd) - wanted
@@ -338,15 +445,25 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
         f"{_names(missing) or 'none'}; unexpected keys: {_names(unexpected) or 'none'}. "
         f"{_CONVERT_HINT}")
   fc = sd["fc.weight"]
-  if fc.ndim != 2:
-    raise ValueError(f"fc.weight in {path!r} has shape {fc.shape}; expected (classes, 512).")
+  if fc.ndim != 2 or (fc.shape[0] == STAGES[-1] and fc.shape[1] != STAGES[-1]):
+    reason = (f"fc.weight in {path!r} has shape {fc.shape}; ResNet-18 expects (classes, "
+              f"{STAGES[-1]}).")
+    advice = ("It looks stored (in, out), as a Flax or TensorFlow dense kernel is, where "
+              "torchvision stores nn.Linear weights (out, in): write its transpose "
+              "(save_resnet18 converts Flax params)." if fc.ndim == 2 else
+              "Re-create the file from the torchvision state dict (docs/resnet.md).")
+    raise WeightsShapeError(f"{reason} {advice}", key="fc.weight", reason=reason,
+                            file_widths=None)
   file_classes = int(fc.shape[0])
-  for tk, _, _, shape in _layout(widths, file_classes):
-    if tuple(sd[tk].shape) != shape:
-      raise ValueError(f"{tk} in {path!r} has shape {tuple(sd[tk].shape)}; ResNet-18 "
-                       f"(widths={tuple(widths)}) expects {shape}. A compacted model's file "
-                       "loads with the widths it was saved with: "
-                       "load_resnet18(path, widths=small_model.widths).")
+  for tk, _, kind, shape in _layout(widths, file_classes):
+    found = tuple(sd[tk].shape)
+    if found != shape:
+      net = ("ResNet-18" if tuple(widths) == DEFAULT_WIDTHS
+             else f"ResNet-18 with widths={tuple(widths)}")
+      reason = f"{tk} in {path!r} has shape {found}; {net} expects {shape}."
+      advice, file_widths = _shape_advice(sd, tk, kind, found, shape, widths, file_classes)
+      raise WeightsShapeError(f"{reason} {advice}", key=tk, reason=reason,
+                              file_widths=file_widths)
     if sd[tk].dtype.kind not in "fiub":
       raise ValueError(f"{tk} in {path!r} holds {sd[tk].dtype} values, not numbers NumPy can "
                        "read (e.g. bfloat16 written as raw bytes); write the state dict with "
@@ -354,6 +471,13 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
     if not np.all(np.isfinite(sd[tk])):
       raise ValueError(f"{tk} in {path!r} contains NaN or infinite values; the file is "
                        "corrupt. Re-create it from the torchvision state dict.")
+    if tk.endswith(".running_var") and np.any(sd[tk] < 0):
+      neg = sd[tk] < 0
+      raise ValueError(f"{tk} in {path!r} holds negative values ({int(neg.sum())} of "
+                       f"{neg.size}, the smallest {float(sd[tk].min()):g}); a batch norm's "
+                       "running variance is never negative (its square root would give NaN "
+                       "outputs), so the file is corrupt. Re-create it from the torchvision "
+                       "state dict.")
   new_head = num_classes != file_classes
   if new_head and key is None:
     raise ValueError(f"{path!r} has a {file_classes}-class head but num_classes={num_classes}: "
@@ -376,8 +500,12 @@ def save_resnet18(path: str | os.PathLike, params: PyTree) -> None:
   """Writes ResNet-18 variables as an ``.npz`` in torchvision's state-dict layout.
 
   The inverse of :func:`load_resnet18` (``num_batches_tracked`` entries are not written;
-  ``torch``'s ``load_state_dict`` fills them in). Compacted models are written with their
-  smaller shapes; load them with ``load_resnet18(..., widths=model.widths)``.
+  ``torch``'s ``load_state_dict`` fills them in). Params compacted by
+  :meth:`ResNet18.compact` are written with their smaller block widths; load them with
+  ``load_resnet18(..., widths=model.widths)`` (in torch, into a model built with those widths).
+  Params whose stem or stage (residual) channels were compacted, through a traced target's
+  residual groups, are refused before anything is written: no ResNet-18 layout holds them
+  (keep them with :func:`jaxprune.save_checkpoint`).
 
   Example:
     >>> save_resnet18('finetuned.npz', params)  # doctest: +SKIP
@@ -388,19 +516,48 @@ def save_resnet18(path: str | os.PathLike, params: PyTree) -> None:
     path: the file to write (``.npz`` is appended by numpy if missing).
     params: variables of a :class:`ResNet18` (``'params'`` and ``'batch_stats'``); bfloat16
       and other dtypes ``.npz`` cannot hold are written as float32 (exactly).
+
+  Raises:
+    ValueError: the params are not ResNet-18 variables (a missing leaf, a stem or stage
+      channel count other than torchvision's), or hold NaN, infinite values or negative
+      running variances; nothing is written then.
   """
-  out = {}
-  for tk, fpath, kind, _ in _layout():
+  rows, out = _layout(), {}
+  for tk, fpath, kind, shape in rows:
     try:
       leaf = get_path(params, fpath)
     except KeyError as e:
       raise ValueError(f"params are not ResNet-18 variables: {e.args[0]}") from None
     leaf = np.asarray(leaf)
+    if leaf.ndim != len(shape):
+      raise ValueError(f"params at {'/'.join(fpath)} ({tk}) have shape {leaf.shape}; "
+                       f"ResNet-18 has a {len(shape)}-D array there. Nothing was written.")
     if leaf.dtype.kind not in "fiub":   # bfloat16 and other ml_dtypes: npz stores raw bytes
       leaf = leaf.astype(np.float32)    # exact; torch loads float32 (torch.from_numpy)
     out[tk] = np.ascontiguousarray(_to_torch(kind, leaf))
-    if not np.all(np.isfinite(out[tk])):   # load_resnet18 would refuse the file
+  # The shapes load_resnet18 reads back: block widths and head size from the params; the stem
+  # and stage (residual) channels fixed at torchvision's.
+  widths, classes = _file_widths(out) or DEFAULT_WIDTHS, int(out["fc.weight"].shape[0])
+  for tk, fpath, kind, shape in _layout(widths, classes):
+    if tuple(out[tk].shape) != shape:
+      stages = _file_stages(out)
+      why = (f"the stem or stage (residual) channels are {stages}, not ResNet-18's {STAGES} "
+             "(params compacted through a traced residual group, e.g. by "
+             "model.traced().compact, remove channels tied by residual additions)"
+             if stages != STAGES else "they do not form a ResNet-18")
+      raise ValueError(f"params at {'/'.join(fpath)} ({tk}) have the torch shape "
+                       f"{tuple(out[tk].shape)} where a ResNet-18 with block widths {widths} "
+                       f"has {shape}: {why}. Neither load_resnet18 nor torchvision's resnet18 "
+                       "could read such a file, so nothing was written; keep these params with "
+                       "jaxprune.save_checkpoint (ResNet18.compact changes only the blocks' "
+                       "inner widths, which save_resnet18 writes).")
+  for tk, fpath, _, _ in rows:   # load_resnet18 would refuse the file
+    if not np.all(np.isfinite(out[tk])):
       raise ValueError(f"params hold NaN or infinite values at {'/'.join(fpath)} ({tk}); "
                        "nothing was written. Save finite params (e.g. from before training "
                        "diverged).")
+    if tk.endswith(".running_var") and np.any(out[tk] < 0):
+      raise ValueError(f"params hold negative running variances at {'/'.join(fpath)} ({tk}); "
+                       "nothing was written. A batch norm's variance is never negative: "
+                       "these statistics are damaged.")
   np.savez(path, **out)
