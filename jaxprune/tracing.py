@@ -11,6 +11,9 @@ into the same atoms). Operations tie atoms together with a union-find:
 * ``dot_general`` and ``conv_general_dilated`` tie the contracted axes of their two operands; the
   kernel's free axis becomes the output's axis (a depthwise conv ties input and output channels);
 * residual additions tie the channels of several layers into one coupled group;
+* a kernel computed from params alone (a weight norm ``w / norm(w, axis=0)``, a standardised
+  kernel, ``w * 0.5``) makes the contraction that reads it the producer of the units that the
+  params' axes are tied to; the axes it contracts are not prunable;
 * ``reshape`` regroups atoms (flatten) and ``transpose`` permutes them;
 * pooling and reductions over *other* axes keep the unit axis; sub-jaxprs (``jit``,
   ``custom_jvp``/``custom_vjp`` calls, ``remat``) are followed.
@@ -80,6 +83,10 @@ _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_ca
           "checkpoint": "jaxpr"}
 # Ops that only move a value's axes (a unit stays a unit, elementwise).
 _LAYOUT_OPS = frozenset(("transpose", "copy", "copy_p"))
+# Ops through which a kernel computed from a param stays that param times a scalar (moves,
+# casts, a sign): see _Walker._scaled.
+_SCALED_MOVES = frozenset("reshape broadcast_in_dim transpose squeeze expand_dims "
+                          "convert_element_type copy copy_p neg".split())
 
 
 class TraceError(ValueError):
@@ -200,6 +207,9 @@ class _Use:
   role: str          # 'producer' or 'consumer'
   kind: str          # 'kernel', 'bias', 'scale', 'shift', 'stat'
   where: tuple       # eqn path of the op that decided it (program order)
+  # For a param that a contraction's kernel is computed from (a weight norm w / |w|, a
+  # standardised kernel (w - mean) / std, w * 0.5): the ops that compute it, in words.
+  computed: str = ""
 
 
 @dataclasses.dataclass
@@ -213,6 +223,10 @@ class _Contraction:
   padded: bool
   out_axes: tuple = ()       # the kernel's leaf axes that are the contraction's outputs
   padded_why: str = ""       # what makes it padded, in words (Slice.padded_why)
+  # A kernel computed from params (see _Walker._computed_kernel): the ops, in words ('' for a
+  # kernel read as it is); ``scaled``: it is the leaf times a scalar common to all its entries.
+  computed: str = ""
+  scaled: bool = False
 
 
 # Why a consumer is padded (Slice.padded_why), besides a zero-padded convolution.
@@ -232,6 +246,12 @@ _READ_TWICE = ("a product of the units with themselves (each unit read at two pl
 _CLOSED_OVER = ("tied to an array fn closes over (not in params); pass per-unit variables such "
                 "as batch statistics in params (linen: the whole variables; nnx: "
                 "nnx.split(model, (nnx.Param, nnx.BatchStat), ...))")
+
+
+def _computed_why(how: str) -> str:
+  """Why the axis a kernel computed from params contracts is not prunable, in words."""
+  return (f"read by a kernel computed from params (by {how}), not by the params themselves: "
+          "removing a row of the params does not remove that row of the kernel")
 
 
 def _padded_conv_why(eqn) -> str:
@@ -278,6 +298,7 @@ class _Walker:
     self.concat: dict[int, list] = {}          # concatenation atom -> its parts' atoms
     self.concat_of: dict[int, list] = {}       # class root -> [(part root, offset, length)]
     self.jaxpr_at: dict[tuple, Any] = {}       # scope (path of the calling eqn) -> its jaxpr
+    self._eqn_index: dict[tuple, dict] = {}    # scope -> {outvar: eqn index} (_definition)
 
   # -- helpers ---------------------------------------------------------------------------------
   def fresh(self, shape, blocked=None):
@@ -882,15 +903,168 @@ class _Walker:
           if use.role != role:      # tied weights: one kernel axis produces and reads units
             self.tied.add((leaf, amap[d]))
 
+  # -- kernels computed from params ------------------------------------------------------------
+  def _definition(self, scope: tuple, v):
+    """Where ``v`` (in the jaxpr at ``scope``) is computed: ``('eqn', path, eqn)``, or
+    ``('in', outer scope, operand)`` for the input of a followed call's body (its call site's
+    operand, or a scan's constant); None for anything else (a top-level input, a closed-over
+    constant, a scan's carry or ``xs``)."""
+    jaxpr = self.jaxpr_at[scope]
+    index = self._eqn_index.get(scope)
+    if index is None:
+      index = self._eqn_index[scope] = {o: k for k, e in enumerate(jaxpr.eqns)
+                                        for o in e.outvars}
+    if v in index:
+      return "eqn", scope + (index[v],), jaxpr.eqns[index[v]]
+    if scope and v in jaxpr.invars:
+      eqn = self.jaxpr_at[scope[:-1]].eqns[scope[-1]]
+      i = jaxpr.invars.index(v)
+      if eqn.primitive.name == "scan":
+        return ("in", scope[:-1], eqn.invars[i]) if i < eqn.params["num_consts"] else None
+      return "in", scope[:-1], eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i]
+    return None
+
+  def _param_cone(self, scope: tuple, var):
+    """``(leaves, eqns)``: the parameter leaves (as read, after layout ops: ``self.origin``)
+    and the equations ``var`` is computed from, when it is computed from params and constants
+    alone; None when it also depends on the inputs or on what tracing does not follow back (a
+    scan's carry)."""
+    leaves, eqns, seen, stack = set(), [], set(), [(scope, var)]
+    while stack:
+      sc, v = stack.pop()
+      if isinstance(v, jex.core.Literal) or (sc, v) in seen:
+        continue
+      seen.add((sc, v))
+      if v in self.origin:
+        leaves.add(self.origin[v][0])
+        continue
+      if v in self.stream:
+        return None
+      where = self._definition(sc, v)
+      if where is None:
+        if v in self.jaxpr_at[sc].constvars:   # a closed-over constant
+          continue
+        return None
+      if where[0] == "in":
+        stack.append(where[1:])
+        continue
+      _, path, eqn = where
+      eqns.append((path, eqn))
+      stack.extend((sc, u) for u in eqn.invars)
+    return leaves, sorted(eqns, key=lambda pe: pe[0])
+
+  def _scaled(self, scope: tuple, v, leaf: int, depth: int = 64) -> bool:
+    """Whether ``v`` is parameter ``leaf`` (moved, cast, negated) times scalars computed from
+    params and constants alone (``w * 0.5``, ``w / s`` for a scalar param ``s``): a kernel
+    whose units' weight vectors keep their angles and the order of their norms."""
+    if depth == 0 or isinstance(v, jex.core.Literal):
+      return False
+    if v in self.origin:
+      return self.origin[v][0] == leaf
+    where = self._definition(scope, v)
+    if where is None:
+      return False
+    if where[0] == "in":
+      return self._scaled(where[1], where[2], leaf, depth - 1)
+    eqn = where[2]
+    name = eqn.primitive.name
+    if name in _SCALED_MOVES:
+      return self._scaled(scope, eqn.invars[0], leaf, depth - 1)
+    if name in ("mul", "div"):
+      a, b = eqn.invars
+      if self._scaled(scope, a, leaf, depth - 1) and self._scalar(scope, b, leaf):
+        return True
+      return (name == "mul" and self._scaled(scope, b, leaf, depth - 1)
+              and self._scalar(scope, a, leaf))
+    return False
+
+  def _scalar(self, scope: tuple, v, leaf: int) -> bool:
+    """Whether ``v`` is one number computed from params and constants alone, without ``leaf``."""
+    if isinstance(v, jex.core.Literal):
+      return np.size(v.val) == 1
+    if math.prod(getattr(v.aval, "shape", ())) != 1:
+      return False
+    cone = self._param_cone(scope, v)
+    return cone is not None and leaf not in cone[0]
+
+  def _computed_kernel(self, eqn, path, ins, conv: bool):
+    """A contraction whose kernel operand is computed from params alone (a weight norm
+    ``w / norm(w, axis=0)``, a standardised kernel ``(w - mean) / std``, ``w * 0.5``) and whose
+    other operand depends on the inputs: ``(kernel index in invars, {leaf: {operand axis: leaf
+    axis}} for the leaves whose axes are tied to the operand's, the leaf whose axes all are
+    (None unless exactly one), the ops that compute it in words, whether it is that leaf times
+    scalars)``; None otherwise."""
+    A = self.atoms
+    scope = path[:-1]
+    for pos in ((1,) if conv else (0, 1)):
+      k, x = eqn.invars[pos], eqn.invars[1 - pos]
+      if (isinstance(k, jex.core.Literal) or isinstance(x, jex.core.Literal)
+          or x not in self.stream or k in self.stream or k in self.origin):
+        continue
+      cone = self._param_cone(scope, k)
+      if not cone or not cone[0]:
+        continue
+      leaves, eqns = cone
+      roots = lambda atoms: tuple(A.find(a) for a in A.expand(atoms) if A.size[a] > 1)
+      kax = [roots(ax) for ax in ins[pos]]
+      maps = {}
+      for leaf in sorted(leaves):
+        lax = [roots(ax) for ax in self.invar_atoms[leaf]]
+        m = {d: lax.index(r) for d, r in enumerate(kax) if r and lax.count(r) == 1}
+        if m:
+          maps[leaf] = m
+      full = [leaf for leaf, m in maps.items() if len(m) == sum(1 for r in kax if r)]
+      kernel = full[0] if len(full) == 1 else None
+      names = []
+      for _, e in eqns:
+        n = e.primitive.name
+        n = str(e.params.get("name", n)) if n in _CALLS else n
+        if n not in _SCALED_MOVES and n not in names:
+          names.append(n)
+      scaled = kernel is not None and self._scaled(scope, k, kernel)
+      return pos, maps, kernel, ", ".join(names) or "a reshape", scaled
+    return None
+
+  def _record_computed(self, eqn, path, comp, producer_axes, conv, padded, window_axes=()):
+    """Records a contraction whose kernel is computed from params (``_computed_kernel``): the
+    leaves' axes tied to its output axes produce its units, as kind ``'kernel'`` when the
+    kernel is one leaf times scalars and ``'scale'`` otherwise (a weight-normed kernel's raw
+    weights are not its weights, so weight-based pruners must not read them as a kernel). The
+    axes it contracts are not recorded: they stay blocked."""
+    pos, maps, kernel, how, scaled = comp
+    leaf = kernel if kernel is not None else next(
+        (l for l, m in maps.items() if any(d in m for d in producer_axes)), None)
+    if leaf is None:
+      return
+    m = maps[leaf]
+    self.contractions.append(_Contraction(
+        path, leaf, eqn.invars[pos], eqn.invars[1 - pos], eqn.outvars[0], conv, bool(padded),
+        tuple(m[d] for d in producer_axes if d in m), padded or "", computed=how, scaled=scaled))
+    for l, lm in maps.items():
+      for d in producer_axes:
+        if d in lm:
+          kind = "kernel" if scaled and l == kernel else "scale"
+          use = self.uses.setdefault((l, lm[d]), _Use(l, lm[d], "producer", kind, path, how))
+          if use.role == "consumer":
+            self.tied.add((l, lm[d]))
+      if l == kernel:
+        for d in window_axes:
+          if d in lm:
+            self.uses.setdefault((l, lm[d]), _Use(l, lm[d], "window", "kernel", path, how))
+
+
   def _dot(self, eqn, ins, path):
     A = self.atoms
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = ins
     kern = self._kernel_operand(eqn)
+    comp = self._computed_kernel(eqn, path, ins, conv=False) if kern is None else None
+    why = (_computed_why(comp[3]) if comp is not None else
+           "contracted between two activations or two computed parameters")
     for i, j in zip(lc, rc):
       if kern is None:
         for a in lhs[i] + rhs[j]:
-          A.block(a, "contracted between two activations or two computed parameters")
+          A.block(a, why)
       A.unify(lhs[i], rhs[j], "contracted unevenly")
     for i, j in zip(lb, rb):
       A.unify(lhs[i], rhs[j], "batched unevenly")
@@ -901,6 +1075,9 @@ class _Walker:
       contracted, batch, free = (lc, lb, lfree) if pos == 0 else (rc, rb, rfree)
       self._record(eqn, path, pos, leaf, amap, contracted, tuple(free) + tuple(batch), False,
                    False)
+    elif comp is not None:
+      batch, free = (lb, lfree) if comp[0] == 0 else (rb, rfree)
+      self._record_computed(eqn, path, comp, tuple(free) + tuple(batch), False, False)
     return tuple([lhs[d] for d in lb] + [lhs[d] for d in lfree] + [rhs[d] for d in rfree])
 
   def _conv(self, eqn, ins, path):
@@ -911,6 +1088,7 @@ class _Walker:
     out_shape = eqn.outvars[0].aval.shape
     groups = eqn.params["feature_group_count"]
     kern = self._kernel_operand(eqn)
+    comp = self._computed_kernel(eqn, path, ins, conv=True) if kern is None else None
     cin, cout = lhs_spec[1], rhs_spec[0]
     out = [None] * len(out_shape)
     out[out_spec[0]] = lhs[lhs_spec[0]]
@@ -922,7 +1100,8 @@ class _Walker:
     if groups == 1:
       if kern is None:
         for a in lhs[cin] + rhs[rhs_in]:
-          A.block(a, "convolved between two activations or computed parameters")
+          A.block(a, _computed_why(comp[3]) if comp is not None else
+                  "convolved between two activations or computed parameters")
       A.unify(lhs[cin], rhs[rhs_in], "contracted unevenly")
       out[out_spec[1]] = rhs[cout]
     elif depthwise:
@@ -936,9 +1115,8 @@ class _Walker:
       out[out_spec[1]] = (A.new(out_shape[out_spec[1]], blocked=why),)
     for d in out_spec[2:]:
       out[d] = (A.new(out_shape[d]),)
-    if kern is not None and kern[0] == 1:
-      _, leaf, amap = kern
-      spatial = [rhs_spec[d] for d in range(2, len(rhs_spec))]
+    spatial = [rhs_spec[d] for d in range(2, len(rhs_spec))]
+    if (kern is not None and kern[0] == 1) or comp is not None:
       ksize = [eqn.invars[1].aval.shape[d] for d in spatial]
       # A constant input contributes less where the window meets zeros: padding, or the zeros
       # an input dilation (a transposed conv) inserts between inputs.
@@ -947,6 +1125,10 @@ class _Walker:
           any(tuple(p) != (0, 0) for p in eqn.params["padding"]) or dilated)
       if padded:
         padded = _DILATED_CONV if dilated else _padded_conv_why(eqn)
+    if comp is not None and (groups == 1 or depthwise):
+      self._record_computed(eqn, path, comp, (cout,), True, padded, spatial)
+    elif kern is not None and kern[0] == 1:
+      _, leaf, amap = kern
       if groups == 1:
         self._record(eqn, path, 1, leaf, amap, (rhs_in,), (cout,), True, padded)
       elif depthwise:
@@ -1192,6 +1374,8 @@ def _activation_chain(w: _Walker, scope: tuple, start, root=None):
       joins.append((next(iter(remaining)), len(done)))
   var, n = joins[-1]
   tag, i = _identify(jaxpr, joins, done[:n])
+  if tag == "linear" and _gated(w, jaxpr, start, done[:n]):
+    tag = "other"       # silu(x W1) * (x W3): a product of two activations, not no function
   # A zero-weight unit outputs act(bias) when only a parameter is added before the function.
   plain = i == 0 or (i == 1 and done[0].primitive.name == "add" and any(
       not isinstance(v, jex.core.Literal) and v in w.origin for v in done[0].invars))
@@ -1201,6 +1385,25 @@ def _activation_chain(w: _Walker, scope: tuple, start, root=None):
       _admissible(jaxpr.eqns[k], [v for v in jaxpr.eqns[k].invars if v is var])
       or _keeps_units(w, scope, jaxpr.eqns[k], root) for k in pending)
   return var, tag, joined, plain
+
+
+def _gated(w: _Walker, jaxpr, start, eqns) -> bool:
+  """Whether one of the chain's ``eqns`` does more than add a value computed from the inputs
+  that does not depend on the chain's own values: a gate (SwiGLU's ``silu(x W1) * (x W3)``, an
+  LSTM's ``o * tanh(c)``) multiplies the units by other activations, so the units are not the
+  identity of their pre-activation ('linear'). A residual sum (``add``, ``sub``) and a
+  normalisation by the units' own statistics (batch norm in training mode) are not gates."""
+  tainted = {start}
+  for e in jaxpr.eqns:
+    if any(not isinstance(v, jex.core.Literal) and v in tainted for v in e.invars):
+      tainted.update(e.outvars)
+  for e in eqns:
+    if e.primitive.name in ("add", "sub") or e.primitive.name in _LAYOUT_OPS:
+      continue
+    if any(not isinstance(v, jex.core.Literal) and v in w.stream and v not in tainted
+           for v in e.invars):
+      return True
+  return False
 
 
 def _np_logistic(x):
@@ -1368,10 +1571,15 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     if why:
       reasons[root] = why
       continue
-    kernels = sorted((u for u in producers if u.kind == "kernel"), key=lambda u: u.where)
+    # Kernels: read as they are, or computed from params (a weight norm): the contraction
+    # whose output the units are, either way.
+    kernels = sorted((u for u in producers if u.kind == "kernel" or u.computed),
+                     key=lambda u: u.where)
     first = kernels[0] if kernels else min(producers, key=lambda u: u.where)
-    con = next((c for c in w.contractions if c.path == first.where and c.kernel == first.leaf),
-               None)
+    con = next((c for c in w.contractions if c.path == first.where
+                and (c.kernel == first.leaf or c.computed)), None)
+    if con is not None and con.computed:     # named after the leaf the kernel is computed from
+      first = next((u for u in kernels if u.where == con.path and u.leaf == con.kernel), first)
     name = _name(leaf_paths[first.leaf], first.axis, taken)
     taken.add(name)
     activation, scope, var = "linear", (), None
@@ -1403,6 +1611,10 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       readout = (not c.conv and c.stream_var is var and c.path[:-1] == () and
                  len(var.aval.shape) == 2 and any(out is o for o in w.out_vars) and
                  len(c.kernel_var.aval.shape) == 2)
+    # A kernel computed from params (other than one param times a scalar): a unit whose
+    # params are zero does not output act(bias) (w / norm(w) is not zero, or is NaN).
+    if any(u.computed and u.kind != "kernel" for u in producers):
+      plain = False
     act_axes = env.get((scope, var)) if var is not None else None
     # Complete: every kernel of the group feeds var, and every parameter of the group acts
     # before it (a per-unit shift or scale acting later treats units with equal activations
@@ -1490,6 +1702,18 @@ def _draws_random(jaxpr) -> bool:
   return False
 
 
+def _computed_role(u: _Use) -> str:
+  """What a producer slice of a kernel computed from params is, in words (explain())."""
+  if u.kind == "kernel":
+    return (f"the kernel is this param times a scalar ({u.computed}): the units' incoming "
+            "weights keep their angles and the order of their norms")
+  return (f"a kernel is computed from it ({u.computed}), as a weight norm or a weight "
+          "standardisation computes one, so its slices are not the units' incoming weights "
+          "and the pruners from incoming weights (importance_prune, "
+          "weight_distinctiveness(source='incoming')) do not read them, refusing a group with "
+          "no other kernel slice; activations and outgoing weights work")
+
+
 def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str, ...]:
   A = w.atoms
   by_root = {s.root: s.name for s in sites}
@@ -1502,7 +1726,9 @@ def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str,
       descs = []
       for a in atoms:
         r, u = A.find(a), uses.get((leaf, axis))
-        if r in by_root:
+        if r in by_root and u.computed:
+          descs.append(f"group {by_root[r]!r} ({u.role}, {u.kind}: {_computed_role(u)})")
+        elif r in by_root:
           descs.append(f"group {by_root[r]!r} ({u.role}, {u.kind})")
         elif r in w.concat_of and all(p in by_root or n == 1 for p, _, n in w.concat_of[r]):
           descs.append("the concatenation of " + ", ".join(
@@ -1832,15 +2058,27 @@ class TracedTarget:
   def activations(self, params: PyTree, *args_and_name) -> jax.Array:
     """``activations(params, *args, name)``: a group's activations, units on the last axis.
 
-    The value is the end of the chain of elementwise ops after the group's first kernel (after
-    bias, normalisation and the nonlinearity, also through reshapes that keep the units on an
-    axis of their own; before pooling or the next layer).
+    The value is the end of the chain of elementwise ops after the group's first kernel (a
+    param, or a kernel computed from params such as a weight norm's) (after bias,
+    normalisation and the nonlinearity, also through reshapes that keep the units on an axis
+    of their own; before pooling or the next layer).
+
+    Raises:
+      ValueError: no kernel contraction makes the group's units (per-unit params alone do).
     """
     *args, name = args_and_name
     if not isinstance(name, str):
       raise TypeError(f"activations(params, *inputs, name): the last argument must be the name "
                       f"of a group ({sorted(self._groups)}), got a {type(name).__name__}.")
     site = self._site(name)
+    if site.act_var is None:
+      raise ValueError(
+          f"Group {name!r} has no activations that trace can capture: activations are taken "
+          "where the elementwise ops after a group's kernel end, and no kernel contraction, "
+          "read as a param or computed from params, makes its units (per-unit parameters "
+          "alone do, as in tanh(x.sum(1, keepdims=True) * a + b); see target.explain()). "
+          f"Prune it from its outgoing weights (weight_distinctiveness(target, {name!r}, "
+          "source='outgoing')) or with magnitude_prune.")
     leaves = self._flat(params, tuple(args))
     key = (site.scope, site.act_var)
     _, cap = self._eval(frozenset({key}), *leaves)

@@ -1396,3 +1396,250 @@ def test_a_per_unit_parameter_after_the_activations_moves_them_or_refuses():
 
   t = jaxprune.trace(twice, dict(p, w3=P(5, 3)), x)
   assert list(t.groups) == ["w1"] and not t.activations_complete("w1")
+
+
+def _weight_norm(w):
+  return w / jnp.sqrt(jnp.sum(w * w, axis=0, keepdims=True) + 1e-12)
+
+
+def _weight_normed_mlp(p, x):
+  h = jax.nn.relu(x @ p["w1"] + p["b1"])
+  g = jnp.tanh(h @ _weight_norm(p["w2"]) + p["b2"])
+  return g @ p["w3"] + p["b3"]
+
+
+def _weight_normed_by_hand(p, x, keep, merge=None):
+  """The weight-normed MLP in NumPy with only the units ``keep`` of its middle layer; ``merge``
+  (i, j): unit j's outgoing row added to unit i's first (distinctiveness' merge)."""
+  p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+  w3 = p["w3"].copy()
+  if merge:
+    w3[merge[0]] += w3[merge[1]]
+  h = np.maximum(np.asarray(x, np.float64) @ p["w1"] + p["b1"], 0)
+  w = p["w2"][:, keep]
+  g = np.tanh(h @ (w / np.sqrt((w * w).sum(0, keepdims=True) + 1e-12)) + p["b2"][keep])
+  return g @ w3[keep] + p["b3"], g
+
+
+def test_weight_normed_kernel_has_activations_and_is_not_read_as_incoming_weights():
+  """h @ (w2 / norm(w2, axis=0)): the group w2 was found, but activations() raised a bare
+  KeyError ((), None) (no activation site: w2 is not the contraction's kernel operand itself,
+  and its tag was 'linear' though a tanh follows). The contraction whose kernel is computed from
+  w2 is now the group's site. w2's slices are not the units' incoming weights (a per-unit
+  1 / norm scales them), so they are not kind 'kernel': importance would rank units by norms
+  that the network never sees, and weight-based pruners refuse."""
+  def repro(p, x):                                   # the probe's repro, no epsilon
+    w = p["w2"] / jnp.linalg.norm(p["w2"], axis=0, keepdims=True)
+    return jnp.tanh(jax.nn.relu(x @ p["w1"] + p["b1"]) @ w + p["b2"]) @ p["w3"] + p["b3"]
+  rng = np.random.default_rng(0)
+  P = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  p = {"w1": P(5, 8), "b1": P(8), "w2": P(8, 6), "b2": P(6), "w3": P(6, 3), "b3": P(3)}
+  x = P(64, 5)
+  t = jaxprune.trace(repro, p, x)
+  assert list(t.groups) == ["w2"] and t.activations_complete("w2")
+  np.testing.assert_allclose(t.activations(p, x, "w2"),
+                             _weight_normed_by_hand(p, x, list(range(6)))[1], atol=1e-5)
+
+  t = jaxprune.trace(_weight_normed_mlp, p, x)
+  g = t.groups["w2"]
+  assert (g.kind, g.activation, g.act_of_bias) == ("dense", "tanh", False)
+  assert [(s.path, s.kind) for s in g.producers] == [(("w2",), "scale"), (("b2",), "bias")]
+  assert "w2 (8, 6): axis 0 -> not prunable (read by a kernel computed from params" in t.explain()
+  assert "group 'w2' (producer, scale: a kernel is computed from it (mul, reduce_sum" in t.explain()
+  for prune, args in ((jaxprune.importance_prune(t, "w2"), (1,)),
+                      (jaxprune.weight_distinctiveness(t, "w2", constants=False), (1.0, 179.0))):
+    with pytest.raises(ValueError, match="no producer kernel slice"):
+      prune(p, jaxprune.unit_masks_ones(t), *args)
+  with pytest.raises(ValueError, match="does not output act"):       # the constant rule
+    jaxprune.weight_distinctiveness(t, "w2")
+
+
+def test_weight_normed_duplicates_are_merged_from_activations():
+  """The activation pruners now run on a weight-normed group: unit 3 has twice unit 1's raw
+  weights (the same normed kernel) and its bias; distinctiveness merges it, and the result is
+  the network without unit 3 whose outgoing row went to unit 1 (a NumPy forward pass)."""
+  rng = np.random.default_rng(0)
+  P = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  p = {"w1": P(5, 8), "b1": P(8), "w2": P(8, 6), "b2": P(6), "w3": P(6, 3), "b3": P(3)}
+  x = P(64, 5)
+  t = jaxprune.trace(_weight_normed_mlp, p, x)
+  w2, b2 = np.array(p["w2"]), np.array(p["b2"])
+  w2[:, 3], b2[3] = 2.0 * w2[:, 1], b2[1]
+  p2 = dict(p, w2=jnp.asarray(w2), b2=jnp.asarray(b2))
+  acts = t.activations(p2, x, "w2")
+  np.testing.assert_allclose(acts, _weight_normed_by_hand(p2, x, list(range(6)))[1], atol=1e-5)
+  new, um, _ = jaxprune.distinctiveness(t, "w2", constants=False, complementary=False)(
+      p2, jaxprune.unit_masks_ones(t), acts, 1.0, 179.0)
+  assert np.flatnonzero(~np.asarray(um["w2"])).tolist() == [3]
+  merged = _weight_normed_by_hand(p2, x, [0, 1, 2, 4, 5], merge=(1, 3))[0]
+  np.testing.assert_allclose(merged, _weight_normed_by_hand(p2, x, list(range(6)))[0],
+                             atol=1e-5)                  # an exact duplicate: nothing changes
+  small, small_t = t.compact(new, um)
+  np.testing.assert_allclose(small_t.apply(small, x), merged, atol=1e-5)
+  np.testing.assert_allclose(small["w3"][1], p2["w3"][1] + p2["w3"][3], atol=1e-6)
+
+
+def test_weight_standardised_conv_is_its_contractions_group():
+  """A weight-standardised conv's kernel was listed as a 'stat', its group said kind 'dense'
+  and activation 'linear' (the relu after it was missed), and activations() raised a bare
+  KeyError. The group now takes its kind, nonlinearity and activations from the convolution
+  that reads the computed kernel; its raw kernel is no incoming weights ('scale')."""
+  class WSConv(nn.Module):                           # (w - mean) / std over (kh, kw, in)
+    @nn.compact
+    def __call__(self, x):
+      w = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], 5))
+      w = (w - w.mean((0, 1, 2), keepdims=True)) / (w.std((0, 1, 2), keepdims=True) + 1e-5)
+      h = lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return h + self.param("bias", nn.initializers.normal(0.5), (5,))
+
+  class WS(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(4, (3, 3), padding="VALID", name="c1")(x))
+      h = nn.relu(WSConv(name="ws")(x))
+      return nn.Dense(3, name="out")(h.mean((1, 2)))
+
+  from jax import lax
+  x = _arr(6, 7, 7, 2)
+  v = {"params": {"c1": {"kernel": _arr(3, 3, 2, 4), "bias": _arr(4)},
+                  "ws": {"kernel": _arr(3, 3, 4, 5), "bias": _arr(5)},
+                  "out": {"kernel": _arr(5, 3), "bias": _arr(3)}}}
+  t = jaxprune.trace(WS().apply, v, x)
+  assert list(t.groups) == ["ws"]   # the standardisation reduces over c1's channels
+  g = t.groups["ws"]
+  assert (g.kind, g.activation) == ("conv", "relu") and t.activations_complete("ws")
+  assert [(s.path[-1], s.kind) for s in g.producers] == [("kernel", "scale"), ("bias", "bias")]
+  pv = v["params"]
+  w = np.asarray(pv["ws"]["kernel"], np.float64)
+  w = (w - w.mean((0, 1, 2), keepdims=True)) / (w.std((0, 1, 2), keepdims=True) + 1e-5)
+  h = jax.nn.relu(lax.conv_general_dilated(x, pv["c1"]["kernel"], (1, 1), "VALID",
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                  + pv["c1"]["bias"])
+  want = jax.nn.relu(lax.conv_general_dilated(h, jnp.asarray(w, jnp.float32), (1, 1), "VALID",
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                     + pv["ws"]["bias"])
+  np.testing.assert_allclose(t.activations(v, x, "ws"), want, atol=1e-4)
+  _compact_equals_masked(t, v, x, WS().apply, {"ws": [2]})
+  with pytest.raises(ValueError, match="no producer kernel slice"):
+    jaxprune.importance_prune(t, "ws")(v, jaxprune.unit_masks_ones(t), 1)
+
+
+def test_linen_weight_norm_is_its_contractions_group():
+  """nn.WeightNorm(nn.Dense): its kernel was listed as a 'scale' of a group with no activation
+  site (activations() raised a bare KeyError) and tag 'linear' before a relu."""
+  class WN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Dense(8, name="d1")(x))
+      return nn.Dense(3, name="out")(nn.relu(nn.WeightNorm(nn.Dense(6), name="wn")(h)))
+
+  x = _arr(64, 5)
+  v = {"params": {"d1": {"kernel": _arr(5, 8), "bias": _arr(8)},
+                  "Dense_0": {"kernel": _arr(8, 6), "bias": _arr(6)},
+                  "wn": {"Dense_0/kernel/scale": _arr(6)},
+                  "out": {"kernel": _arr(6, 3), "bias": _arr(3)}}}
+  assert jax.tree.structure(v) == jax.tree.structure(jax.eval_shape(
+      WN().init, jax.random.key(1), x))
+  t = jaxprune.trace(WN().apply, v, x)
+  (name,) = t.groups
+  g = t.groups[name]
+  assert (g.kind, g.activation) == ("dense", "relu") and t.activations_complete(name)
+  assert [s.kind for s in g.producers] == ["scale", "scale", "bias"]
+  pv = v["params"]
+  vk, scale = pv["Dense_0"]["kernel"], pv["wn"]["Dense_0/kernel/scale"]
+  h = jax.nn.relu(x @ pv["d1"]["kernel"] + pv["d1"]["bias"])
+  kern = vk / jnp.sqrt(jnp.sum(vk * vk, 0) + 1e-12) * scale
+  np.testing.assert_allclose(t.activations(v, x, name),
+                             jax.nn.relu(h @ kern + pv["Dense_0"]["bias"]), atol=1e-5)
+  _compact_equals_masked(t, v, x, WN().apply, {name: [1, 4]})
+
+
+def test_a_kernel_times_a_constant_is_read_as_a_kernel():
+  """x @ (w1 * 0.5) (an equalised learning rate): the kernel is w1 times a scalar, so w1's
+  columns keep their angles and the order of their norms: w1 is kind 'kernel' and the
+  weight-based pruners give what they give on the effective kernel (here they refused: no
+  kernel slice; activations raised a bare KeyError)."""
+  def scaled(p, x):
+    return jnp.tanh(x @ (p["w1"] * 0.5) + p["b1"]) @ p["w2"] + p["b2"]
+
+  def by_hand(p, x, keep, fold=None):
+    p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+    b2 = p["b2"] + (np.tanh(p["b1"][fold]) * p["w2"][fold] if fold is not None else 0.0)
+    g = np.tanh(np.asarray(x, np.float64) @ (0.5 * p["w1"][:, keep]) + p["b1"][keep])
+    return g @ p["w2"][keep] + b2, g
+
+  rng = np.random.default_rng(1)
+  P = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  p = {"w1": P(5, 7), "b1": P(7), "w2": P(7, 3), "b2": P(3)}
+  x = P(64, 5)
+  t = jaxprune.trace(scaled, p, x)
+  g = t.groups["w1"]
+  assert [(s.path, s.kind) for s in g.producers] == [(("w1",), "kernel"), (("b1",), "bias")]
+  assert g.activation == "tanh" and g.act_of_bias and t.activations_complete("w1")
+  np.testing.assert_allclose(t.activations(p, x, "w1"), by_hand(p, x, range(7))[1], atol=1e-5)
+  new, um, rep = jaxprune.importance_prune(t, "w1")(p, jaxprune.unit_masks_ones(t), 2)
+  effective = np.sqrt(np.mean((0.5 * np.asarray(p["w1"])) ** 2, axis=0))
+  removed = np.flatnonzero(~np.asarray(um["w1"])).tolist()
+  assert removed == sorted(np.argsort(effective)[:2].tolist())
+  np.testing.assert_allclose(scaled(new, x), by_hand(
+      p, x, [k for k in range(7) if k not in removed])[0], atol=1e-5)
+  w1 = np.array(p["w1"])
+  w1[:, 4] = 0.0
+  p0 = dict(p, w1=jnp.asarray(w1))                   # unit 4 outputs tanh(b1[4]): folded
+  new, um, _ = jaxprune.weight_distinctiveness(t, "w1", similar=False, complementary=False)(
+      p0, jaxprune.unit_masks_ones(t), 1.0, 179.0)
+  assert np.flatnonzero(~np.asarray(um["w1"])).tolist() == [4]
+  np.testing.assert_allclose(scaled(new, x), by_hand(p0, x, [0, 1, 2, 3, 5, 6], fold=4)[0],
+                             atol=1e-5)
+
+
+def test_a_gated_unit_is_tagged_other_not_linear():
+  """silu(x W1) * (x W3) (SwiGLU) was tagged 'linear', which the docs give as no
+  nonlinearity: a product with another layer's activations is 'other'. The folds are decided by
+  the consumers as before (allowed from activations), the weight-based constant rule stays
+  refused; a sum of kernels and batch statistics keep 'linear'."""
+  def swiglu(p, x):
+    return (jax.nn.silu(x @ p["w1"] + p["b1"]) * (x @ p["w3"] + p["b3"])) @ p["w2"] + p["b2"]
+
+  rng = np.random.default_rng(2)
+  P = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  p = {"w1": P(5, 6), "b1": P(6), "w3": P(5, 6), "b3": P(6), "w2": P(6, 3), "b2": P(3)}
+  x = P(64, 5)
+  t = jaxprune.trace(swiglu, p, x)
+  g = t.groups["w1"]
+  assert g.activation == "other" and not g.act_of_bias and g.exact_linear_fold
+  np.testing.assert_allclose(t.activations(p, x, "w1"), jax.nn.silu(x @ p["w1"] + p["b1"]) * (
+      x @ p["w3"] + p["b3"]), atol=1e-5)
+  jaxprune.distinctiveness(t, "w1", compensate=True)  # folds from activations: allowed, as before
+  jaxprune.distinctiveness(t, "w1", fold=True)
+  jaxprune.group_redundancy(t, "w1")
+  with pytest.raises(ValueError, match="does not output act"):   # refused, as before
+    jaxprune.weight_distinctiveness(t, "w1")
+
+  def bilinear(p, x):
+    return ((x @ p["w1"]) * (x @ p["w3"])) @ p["w2"]
+
+  def summed_and_batch_normed(p, x):     # two kernels summed, normalised by batch statistics
+    z = x @ p["w1"] + p["b1"] + x @ p["w3"]
+    z = (z - z.mean(0)) / jnp.sqrt(z.var(0) + 1e-5)
+    return z @ p["w2"]
+
+  assert jaxprune.trace(bilinear, p, x).groups["w1"].activation == "other"
+  assert jaxprune.trace(summed_and_batch_normed, p, x).groups["w1"].activation == "linear"
+
+
+def test_activations_of_a_group_no_kernel_makes_say_why():
+  """Units made by per-unit parameters alone, tanh(x.sum(1, keepdims=True) * a + b): no kernel
+  contraction computes them, so there is no activation site; activations() raised a bare
+  KeyError ((), None), now a ValueError naming the group and what to use instead."""
+  def f(p, x):
+    return jnp.tanh(x.sum(1, keepdims=True) * p["a"] + p["b"]) @ p["w"] + p["c"]
+
+  p = {"a": _arr(6), "b": _arr(6), "w": _arr(6, 3), "c": _arr(3)}
+  x = _arr(16, 5)
+  t = jaxprune.trace(f, p, x)
+  assert list(t.groups) == ["a"] and not t.activations_complete("a")
+  with pytest.raises(ValueError, match="Group 'a' has no activations that trace can capture"):
+    t.activations(p, x, "a")
+  _compact_equals_masked(t, p, x, f, {"a": [1, 4]})
