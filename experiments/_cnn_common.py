@@ -252,14 +252,16 @@ def train(model, params, split: Split, *, key, epochs: int, masks=None, learning
   Always passes weight masks (all-True when none are given) so that the fine-tuning and every
   retraining share one compiled program.
   """
+  from experiments import _mlp_common  # pylint: disable=g-import-not-at-top
   if masks is None:
     masks = jaxprune.ones_like(params)
   params = jaxprune.apply_masks(params, masks)
   before = jaxprune.evaluate(model, params, split.x_test, split.y_test)
-  new, hist = jaxprune.fit(model, params, split.x_train, split.y_train, key=key, epochs=epochs,
-                           batch_size=batch_size, learning_rate=learning_rate, masks=masks,
-                           validation=(split.x_test, split.y_test), log_every=log_every,
-                           desc=desc)
+  with _mlp_common.diverging_training_fails("learning_rate", learning_rate):
+    new, hist = jaxprune.fit(model, params, split.x_train, split.y_train, key=key,
+                             epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                             masks=masks, validation=(split.x_test, split.y_test),
+                             log_every=log_every, desc=desc)
   record = {
       "train_loss": [float(v) for v in hist["loss"]],
       "train_accuracy": [float(v) for v in hist["accuracy"]],

@@ -9,6 +9,7 @@ Everything here is experiment orchestration; the learning and pruning live in ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Sequence
@@ -43,6 +44,30 @@ def stack_keys(keys: Sequence[jax.Array]) -> jax.Array:
 def check_probability(name: str, value) -> None:
   if not 0.0 <= value <= 1.0:
     _flags.fail(f"--{name} must be a probability in [0, 1], got {value}.")
+
+
+@contextlib.contextmanager
+def diverging_training_fails(flag: str, value):
+  """Turns the library's refusal of a NaN or infinite training loss (the ``FloatingPointError``
+  of ``jaxprune.fit`` and ``fit_many``, whose message names the epoch and the fixes) into the
+  binaries' one-line usage error, naming the learning-rate flag ``--flag`` and its ``value``
+  (a number, or a list flag's values): a diverging ``--lr=1e30`` printed a traceback.
+
+  Example:
+    >>> from absl import app
+    >>> try:
+    ...   with diverging_training_fails("lr", 1e30):
+    ...     raise FloatingPointError("Training produced a NaN or infinite loss by epoch 1.")
+    ... except app.UsageError as e:
+    ...   print(e)
+    Training produced a NaN or infinite loss by epoch 1 (--lr=1e+30).
+  """
+  try:
+    yield
+  except FloatingPointError as e:
+    shown = (",".join(f"{v:g}" for v in value) if isinstance(value, (tuple, list))
+             else f"{value:g}")
+    _flags.fail(f"{str(e).rstrip('.')} (--{flag}={shown}).")
 
 
 # ----------------------------------------------------------------------------- data
@@ -140,15 +165,22 @@ def check_folds(ds: data_lib.Dataset, n_splits: int) -> None:
   counts = ds.class_counts()
   counts = counts[counts > 0]
   if len(ds) < 2 * n_splits or counts.min() < n_splits:
+    # --folds is at least 2: lowering it helps only when every class has 2 examples or more.
+    most = min(int(counts.min()), len(ds) // 2)
+    fix = (f"Lower --folds to at most {most}." if most >= 2 else
+           "No --folds can split them (the fewest is 2): add examples, at least 2 of every "
+           "class.")
     _flags.fail(f"--folds={n_splits} needs at least {n_splits} examples of every class; the "
                 f"data have {len(ds)} examples with class counts {ds.class_counts().tolist()}. "
-                "Lower --folds.")
+                + fix)
   if ds.groups is not None:   # person-independent folds: every person in one test fold
     persons = len(np.unique(np.asarray(ds.groups)))
     if persons < n_splits:
+      fix = (f"Lower --folds to at most {persons}." if persons >= 2 else
+             "No --folds can split them (the fewest is 2): add examples of other persons.")
       _flags.fail(f"--folds={n_splits} person-independent folds need at least {n_splits} "
                   f"persons; the data have {persons} (persons are read from the file names, "
-                  "see docs/data.md). Lower --folds.")
+                  f"see docs/data.md). {fix}")
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -118,7 +118,12 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def to_jsonable(x: Any) -> Any:
-  """Converts numpy/jax arrays and scalars (nested in dicts, lists, tuples) to JSON values."""
+  """Converts numpy/jax arrays and scalars (nested in dicts, lists, tuples) to JSON values.
+
+  Strict JSON has no NaN or infinity: NaN becomes None and +-inf becomes +-1e308, which reads
+  back as a finite number. A study whose cached numbers are averaged or printed must refuse a
+  non-finite metric before caching it (progressive_compression refuses an infinite test
+  loss), or the summary reports the stand-in as a result."""
   if isinstance(x, Mapping):
     return {str(k): to_jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):

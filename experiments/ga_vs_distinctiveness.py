@@ -220,11 +220,12 @@ def train_hidden(cfg: Config, folds: mc.Folds, h: int, study: _store.Study,
     return {"test_acc": test.reshape(len(lrs), nf), "train_acc": train.reshape(len(lrs), nf)}
 
   pruned = None
-  if h in cfg.pruned_hidden():
-    li = cfg.lrs.index(cfg.prune_lr)
-    pruned = study.cached_tree(f"params_H{h}", lambda: jax.tree.map(
-        lambda a: np.asarray(a)[li * nf:(li + 1) * nf], trained()))
-  acc = study.cached(f"train_H{h}", scores)
+  with mc.diverging_training_fails("lrs", lrs):
+    if h in cfg.pruned_hidden():
+      li = cfg.lrs.index(cfg.prune_lr)
+      pruned = study.cached_tree(f"params_H{h}", lambda: jax.tree.map(
+          lambda a: np.asarray(a)[li * nf:(li + 1) * nf], trained()))
+    acc = study.cached(f"train_H{h}", scores)
   progress.step(f"H={h} trained")
   return {"acc": acc, "params": pruned}
 

@@ -143,7 +143,14 @@ def _model(h: int) -> jaxprune.MLP:
 class TargetFitness:
   """Eq. 5 (accuracy % - lam kept / H) on a padded fold (sample-weighted accuracy), over the
   current network's kept units, minus ``OVER_TARGET_COST`` per unit kept beyond
-  ``data['target']``."""
+  ``data['target']``; a mask that keeps no unit scores ``-inf``, the GA's worst fitness.
+
+  The empty mask is ruled out because a pruned network must keep a unit (as the other
+  pruners and ``Config.kept`` do): at small H eq. 5 charges ``lam / H`` points per unit (50 / 6
+  = 8.3 at H=6), more than any unit adds to the accuracy, and the bias-only network won. Any
+  mask with a unit beats it, so the GA picks an empty mask only if it never scored another
+  (see :func:`prune_runs`); the other masks score exactly as before.
+  """
 
   base: AccuracyFitness
 
@@ -152,7 +159,8 @@ class TargetFitness:
     acc = self.base.accuracy(pop, data)
     kept = jnp.sum(pop, axis=1).astype(jnp.float32)
     over = jnp.maximum(kept - data["target"], 0.0)
-    return acc - hyper.lam * kept / population.shape[1] - OVER_TARGET_COST * over
+    fitness = acc - hyper.lam * kept / population.shape[1] - OVER_TARGET_COST * over
+    return jnp.where(kept > 0, fitness, -jnp.inf)
 
 
 @functools.lru_cache(maxsize=None)
@@ -219,6 +227,10 @@ def prune_runs(cfg: Config, model, pruner: str, params, masks, folds: mc.Folds, 
     state, _ = mc.ga_program(config, fitness, h, False)(data, ga.GAHyperparams(lam=cfg.ga_lambda),
                                                         keys)
     new_masks = np.asarray(state.hof[:, 0]) & masks
+    # A run whose search scored only empty masks (all -inf; possible only with very few kept
+    # units and a tiny population) keeps its current units: a network keeps at least one.
+    empty = ~new_masks.any(axis=1)
+    new_masks[empty] = masks[empty]
     wm = mc.expand_many(model, GROUP)(params, jnp.asarray(new_masks))
     return jax.tree.map(lambda a, m: a * m, params, wm), new_masks, info
 
@@ -465,7 +477,8 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
   folds = mc.cv_folds(ds, cfg.folds, cfg.seed)
   steps = len(cfg.hidden) * (1 + 2 * len(cfg.targets))
   progress = _report.Progress(steps, "iterative pruning")
-  per_h = {h: study_hidden(cfg, folds, h, study, progress, workers) for h in cfg.hidden}
+  with mc.diverging_training_fails("lr", cfg.lr):
+    per_h = {h: study_hidden(cfg, folds, h, study, progress, workers) for h in cfg.hidden}
   rows = [r for h in cfg.hidden for r in per_h[h]["rows"]]
   unpruned = [per_h[h]["unpruned"] for h in cfg.hidden]
   results = {"summary": rows, "unpruned": unpruned,

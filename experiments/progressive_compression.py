@@ -79,6 +79,38 @@ def _mse(model, x):
   return lambda p: jnp.mean(jnp.square(model.apply(p, x) - x))
 
 
+def _finite(values) -> bool:
+  """Whether every value is a finite number: None (NaN read back from JSON) and the +-1e308
+  that ``_store.to_jsonable`` writes for an infinity (a result cached before this check) are
+  not."""
+  a = np.asarray([np.nan if v is None else v for v in np.ravel(np.asarray(values, object))],
+                 np.float64)
+  return bool(np.all(np.isfinite(a) & (np.abs(a) < 1e308)))
+
+
+def _overflow_cause(model, params, ds, cfg: Config, r: int, x_te) -> str:
+  """Which value of run ``r``'s test part (``x_te``, standardised) makes the squared
+  reconstruction error overflow float32: the first test cell whose squared error is not
+  finite, else (the mean overflowed) the largest standardised value; named by the example's
+  name and the feature's column header where the data have them, with its value as loaded."""
+  _, test = mc.train_test_or_fail(ds, cfg.test_fraction, _store.split_seed(cfg.seed, r))
+  with np.errstate(over="ignore", invalid="ignore"):
+    err = np.asarray(model.apply(params, jnp.asarray(x_te)), np.float32) - x_te
+    bad = ~np.isfinite(np.square(err))
+  i, j = (np.argwhere(bad)[0] if bad.any()
+          else np.unravel_index(np.argmax(np.abs(x_te)), x_te.shape))
+  names = test.info.get("names")
+  row = f"test example {names[i]}" if names is not None else f"test row {i}"
+  header = ds.info.get("header")
+  shown = ""
+  if header is not None and len(header) == x_te.shape[1] + 2 and header[j + 2]:
+    shown = f" ({header[j + 2]})"   # SFEW layout: name, label, then the features
+  what = ("its squared reconstruction error" if bad.any() else "the sum of squared errors")
+  what += " overflows float32 (whose largest value is 3.4e38)"
+  return (f"{row} has feature {j + 1}{shown} = {float(test.x[i, j]):.3g}, "
+          f"{float(x_te[i, j]):.3g} after standardising on the training part, and {what}")
+
+
 def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
         data_path: str | None = None) -> dict:
   """Runs (or resumes) the study; returns the results written to results.json."""
@@ -105,8 +137,25 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
                                   desc=f"train autoencoder ({cfg.runs} runs)")
     return params
 
-  stacked = study.cached_tree("params", train)
+  with mc.diverging_training_fails("lr", cfg.lr):
+    stacked = study.cached_tree("params", train)
   progress = _report.Progress(cfg.runs, "progressive removal")
+
+  def check_finite(r, res):
+    """Refuses a run whose losses are not all finite (before it is cached, and again when it
+    is read back): the cache writes an infinity as 1e308, which the summary would average
+    into a finite-looking number. A diverging training is refused by ``fit_many`` already;
+    what is left is a test input so far out that its reconstruction error overflows."""
+    if not _finite(res["train_loss"]):
+      _flags.fail(f"Run {r}'s training reconstruction loss is not finite "
+                  f"({[float(v) for v in np.ravel(res['train_loss'])][:3]}...) during "
+                  "progressive removal; lower --lr, or check the data for extreme values.")
+    if not _finite(res["test_loss"]):
+      params = jax.tree.map(lambda a: jnp.asarray(a[r]), stacked)
+      cause = _overflow_cause(model, params, ds, cfg, r, splits[r][1])
+      _flags.fail(f"Run {r}'s test reconstruction loss is not finite: {cause}. The study does "
+                  "not report an infinite loss as a number: fix or remove that value in the "
+                  "data (or rescale that feature), then run again.")
 
   def one(r):
     params = jax.tree.map(lambda a: jnp.asarray(a[r]), stacked)
@@ -119,13 +168,16 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
     n = int(rep.count)
     um = np.asarray(rep.unit_masks)[:n]
     removed = [[]] + [np.flatnonzero(um[s - 1] & ~um[s]).tolist() for s in range(1, n)]
-    return {"units_kept": np.asarray(rep.units_kept)[:n], "train_loss": np.asarray(rep.loss)[:n],
-            "test_loss": np.asarray(rep.metrics["test_loss"])[:n], "min_angle": np.asarray(rep.min_angle)[:n],
-            "removed": removed}
+    res = {"units_kept": np.asarray(rep.units_kept)[:n], "train_loss": np.asarray(rep.loss)[:n],
+           "test_loss": np.asarray(rep.metrics["test_loss"])[:n], "min_angle": np.asarray(rep.min_angle)[:n],
+           "removed": removed}
+    check_finite(r, res)
+    return res
 
   runs = []
   for r in range(cfg.runs):
     runs.append(study.cached(f"progressive_run{r}", lambda: one(r)))
+    check_finite(r, runs[-1])
     progress.step(f"run {r}")
 
   rows = []

@@ -139,7 +139,8 @@ def train_all(cfg: Config, splits, study: _store.Study):
         desc=f"train {len(plan)} networks (H {list(cfg.hidden)} x {cfg.runs} runs)")
     return trained
 
-  stacked = study.cached_tree("params", train)
+  with mc.diverging_training_fails("lr", cfg.lr):
+    stacked = study.cached_tree("params", train)
   out = {}
   for i, (h, r) in enumerate(plan):
     p = jax.tree.map(lambda a: jnp.asarray(a[i]), stacked)

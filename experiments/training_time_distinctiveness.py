@@ -40,6 +40,7 @@ import optax
 import jaxprune
 from experiments import _cnn_common as cc
 from experiments import _flags
+from experiments import _mlp_common as mc
 from experiments import _report
 from experiments import _store
 from jaxprune import data as data_lib
@@ -225,7 +226,8 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
                           key=_store.config_key(s["seed"], "fold", f), prune=variant == "pruning",
                           s=s)
 
-      final, rec = study.cached_with_tree(f"{variant}_fold{f}", run, init)
+      with mc.diverging_training_fails("learning_rate", s["learning_rate"]):
+        final, rec = study.cached_with_tree(f"{variant}_fold{f}", run, init)
       records[variant].append(rec)
       if f == 0 and variant == "pruning":
         final0 = final

@@ -186,3 +186,52 @@ def test_impossible_splits_say_what_to_change():
     data.train_test_split(y, test_fraction=0.2, groups=np.arange(14))
   with pytest.raises(ValueError, match=r"cannot make 5 stratified folds.*fewer folds"):
     data.kfold(y, n_splits=5)
+
+
+def test_split_hints_suggest_only_fractions_that_split_the_data():
+  """One example per class: the hint was 'a larger test_fraction (at most 0.5)', and 0.5
+  failed the same way. Hints are now computed for the data, and what they name works."""
+  one_each = np.arange(7)
+  for fraction in (0.2, 0.5):
+    with pytest.raises(ValueError, match=r"too few examples per class: a person-independent "
+                       r"split needs at least 2 examples in some class") as e:
+      data.train_test_split(one_each, test_fraction=fraction, groups=np.arange(7))
+    assert "larger test_fraction" not in str(e.value)
+  # Two per class: the suggested test_fraction makes the split.
+  y = np.repeat(np.arange(7), 2)
+  with pytest.raises(ValueError, match=r"or test_fraction=0.5 \(round\(1/0.5\) = 2 person "
+                     r"folds\), which splits these data"):
+    data.train_test_split(y, test_fraction=0.2, groups=np.arange(14))
+  data.train_test_split(y, test_fraction=0.5, groups=np.arange(14))
+  # Three per class at 0.1: 3 folds (0.33), the fraction nearest the request that works.
+  y3 = np.repeat(np.arange(7), 3)
+  with pytest.raises(ValueError, match=r"or test_fraction=0.33 \(round\(1/0.33\) = 3"):
+    data.train_test_split(y3, test_fraction=0.1, groups=np.arange(21))
+  data.train_test_split(y3, test_fraction=0.33, groups=np.arange(21))
+  # One person: no test_fraction can help, and none is suggested.
+  with pytest.raises(ValueError, match=r"no larger test_fraction splits these data") as e:
+    data.train_test_split(y, test_fraction=0.2, groups=np.zeros(14))
+  assert "or a larger test_fraction" not in str(e.value)
+  # Stratified: the range given is exactly what works (to two decimals).
+  with pytest.raises(ValueError, match=r"one per class \(a test_fraction from 0.43 to 0.5 "
+                     r"splits these data\)\. Use more examples per class or raise test_fraction"):
+    data.train_test_split(y, test_fraction=0.2)
+  for f in (0.43, 0.5):
+    data.train_test_split(y, test_fraction=f)
+  for f in (0.42, 0.51):
+    with pytest.raises(ValueError, match=r"from 0.43 to 0.5"):
+      data.train_test_split(y, test_fraction=f)
+
+
+def test_fold_hints_do_not_suggest_impossible_fold_counts():
+  with pytest.raises(ValueError, match=r"too few examples per class for any folds: use at "
+                     r"least 2 examples in some class") as e:
+    data.kfold(np.arange(7), n_splits=3)
+  assert "fewer folds" not in str(e.value)
+  with pytest.raises(ValueError, match=r"fewer folds \(at most 2\)"):
+    data.kfold(np.repeat(np.arange(7), 2), n_splits=3)
+  data.kfold(np.repeat(np.arange(7), 2), n_splits=2)
+  with pytest.raises(ValueError, match=r"only 1 person.*more persons \(at least 2, for 2 "
+                     r"folds, the fewest\)") as e:
+    data.kfold(np.repeat(np.arange(7), 3), n_splits=3, groups=np.zeros(21))
+  assert "fewer folds" not in str(e.value)

@@ -60,13 +60,56 @@ def _class_name(data, label) -> str:
   return str(label)
 
 
+def _fractions_shown(ok: Callable[[float], bool]) -> tuple[float, float] | None:
+  """The smallest and largest test fractions for which ``ok`` holds, among the
+  fractions with two decimals (then three, ... six, for very large data); None
+  when none does. ``ok`` must hold on one interval of fractions, as the size
+  checks below do."""
+  for digits in range(2, 7):
+    scale = 10 ** digits
+    good = [i / scale for i in range(1, scale) if ok(i / scale)]
+    if good:
+      return good[0], good[-1]
+  return None
+
+
+def _stratified_parts_ok(n: int, k: int, test_fraction: float) -> bool:
+  """Whether a stratified split of ``n`` examples in ``k`` classes (each with
+  at least 2) gives both parts one example per class at ``test_fraction``."""
+  n_test = int(math.ceil(test_fraction * n))
+  return k <= n_test and n - n_test >= k
+
+
+def _person_fraction(data, y: np.ndarray, groups: np.ndarray,
+                     seed: int | None) -> tuple[int, float] | None:
+  """``(folds, test_fraction)`` of the person-independent split of these data
+  with the most folds (the smallest test part) that works, or None: numbers
+  of folds from the largest class count down to 2 (at most 20 of them), each
+  tried with ``seed`` through the checks of `train_test_split` (enough
+  examples and persons, every class in the training part). ``test_fraction``
+  is the shortest decimal whose ``round(1 / f)`` gives the folds."""
+  persons = len(np.unique(groups))
+  top = min(int(np.unique(y, return_counts=True)[1].max()), persons)
+  for k in sorted(set(range(top, max(top - 20, 1), -1)) | ({2} if top >= 2 else set()),
+                  reverse=True):
+    try:
+      folds = _folds(y, k, 0 if seed is None else seed, groups)
+      _check_person_parts(data, y, folds[:1], "split")
+    except ValueError:
+      continue
+    return k, next(v for v in (round(1.0 / k, d) for d in range(2, 8))
+                   if int(round(1.0 / v)) == k)
+  return None
+
+
 def _check_split(data, y: np.ndarray, test_fraction: float,
-                 groups: np.ndarray | None) -> None:
+                 groups: np.ndarray | None, seed: int | None = None) -> None:
   """Raises a ValueError saying what to change when a split is impossible.
 
   scikit-learn's own errors name its internals ("n_splits=5 cannot be greater
   than the number of members in each class"); these name the data and the
-  settings a caller controls.
+  settings a caller controls, and suggest only changes that would work for
+  these data (computed, not a fixed hint).
   """
   labels, counts = np.unique(y, return_counts=True)
   shown = ", ".join(f"{_class_name(data, l)}: {c}" for l, c in zip(labels, counts))
@@ -81,23 +124,55 @@ def _check_split(data, y: np.ndarray, test_fraction: float,
           f" (examples per class: {shown}); every class needs at least 2, one"
           " for each part. Use more examples per class")
     if n_test < k or n - n_test < k:
+      # Every class has 2 examples or more, so n >= 2k and some fraction works.
       part, fix = (("test", "raise test_fraction") if n_test < k else
                    ("training", "lower test_fraction"))
+      span = _fractions_shown(lambda f: _stratified_parts_ok(n, k, f))
+      works = ("" if span is None else
+               f" (test_fraction={span[0]:g} splits these data)" if span[0] == span[1] else
+               f" (a test_fraction from {span[0]:g} to {span[1]:g} splits these data)")
       raise ValueError(
           f"cannot make a stratified train/test split of {n} examples in {k}"
           f" classes with test_fraction={test_fraction:g}: the {part} part would"
           f" hold {n_test if n_test < k else n - n_test} examples, fewer than"
-          f" one per class. Use more examples per class or {fix}")
+          f" one per class{works}. Use more examples per class or {fix}")
   else:
     folds = int(round(1.0 / test_fraction))
     if counts.max() < folds:
+      head = (f"cannot make a person-independent split with test_fraction="
+              f"{test_fraction:g}: it is the first of round(1/test_fraction) ="
+              f" {folds} stratified person folds, which needs at least {folds}"
+              f" examples in some class, and every class has fewer (examples per"
+              f" class: {shown})")
+      good = _person_fraction(data, y, groups, seed)
+      if good:
+        k, f = good
+        raise ValueError(
+            f"{head}. Use more examples per class or a larger test_fraction:"
+            f" at least {folds} examples in some class, or test_fraction={f:g}"
+            f" (round(1/{f:g}) = {k} person folds), which splits these data")
+      m = int(counts.max())
+      try:   # a stratified split instead: suggested only where it would work
+        _check_split(data, y, test_fraction, None)
+        stratified = "; or use person_independent=False (a stratified split)"
+      except ValueError:
+        stratified = ""
+      if m < 2:
+        need = ("at least 2 examples in some class at test_fraction=0.5 (2"
+                " person folds, the fewest)")
+        if folds > 2:
+          need += (f", and at least {folds} at test_fraction={test_fraction:g}"
+                   f" ({folds} person folds)")
+        raise ValueError(
+            f"{head}. The data have too few examples per class: a"
+            f" person-independent split needs {need}. Use more examples per"
+            f" class{stratified}")
       raise ValueError(
-          f"cannot make a person-independent split with test_fraction="
-          f"{test_fraction:g}: it is the first of round(1/test_fraction) ="
-          f" {folds} stratified person folds, which needs at least {folds}"
-          f" examples in some class, and every class has fewer (examples per"
-          f" class: {shown}). Use more examples per class or a larger"
-          f" test_fraction (at most 0.5)")
+          f"{head}. Use more examples per class (at least {folds} in some"
+          f" class): no larger test_fraction splits these data (with"
+          f" {2 if m == 2 else f'2 to {m}'} person folds there are fewer persons"
+          " than folds, or some class has no training example), so they also"
+          f" need more persons per class{stratified}")
 
 
 @overload
@@ -161,7 +236,7 @@ def train_test_split(
           f"test_fraction={test_fraction} is too large for a person-independent"
           " split (it is made as 1 of round(1/test_fraction) folds)"
       )
-    _check_split(data, y, test_fraction, groups)
+    _check_split(data, y, test_fraction, groups, seed)
     train, test = _folds(y, k, seed, groups)[0]
     _check_person_parts(data, y, [(train, test)], "split")
   train, test = np.sort(train), np.sort(test)
@@ -199,10 +274,14 @@ def _folds(y: np.ndarray, n_splits: int, seed: int,
     raise ValueError(f"n_splits must be at least 2, got {n_splits}")
   counts = np.unique(y, return_counts=True)[1]
   if counts.max() < n_splits:
+    # n_splits is at least 2: fewer folds help only when some class has 2 or more.
+    fix = (f"Use more examples per class or fewer folds (at most {counts.max()})"
+           if counts.max() >= 2 else
+           "The data have too few examples per class for any folds: use at least"
+           " 2 examples in some class (2 folds, the fewest)")
     raise ValueError(
         f"cannot make {n_splits} stratified folds: every class has fewer than"
-        f" {n_splits} examples (the largest has {counts.max()}). Use more"
-        " examples per class or fewer folds")
+        f" {n_splits} examples (the largest has {counts.max()}). {fix}")
   x = np.zeros(len(y))
   if groups is None:
     splitter = model_selection.StratifiedKFold(
@@ -211,12 +290,16 @@ def _folds(y: np.ndarray, n_splits: int, seed: int,
   else:
     num_groups = len(np.unique(groups))
     if num_groups < n_splits:
+      fix = (" Use data with more persons, fewer folds (at most"
+             f" {num_groups}; a person-independent train/test split is 1 of"
+             " round(1/test_fraction) folds: a larger test_fraction), or"
+             " person_independent=False" if num_groups >= 2 else
+             " Use data with more persons (at least 2, for 2 folds, the fewest),"
+             " or person_independent=False")
       raise ValueError(
           f"only {num_groups} person{'' if num_groups == 1 else 's'} (groups) for"
-          f" {n_splits} person-independent folds: every fold needs persons of its own."
-          " Use data with more persons, fewer folds (a person-independent"
-          " train/test split is 1 of round(1/test_fraction) folds: a larger"
-          " test_fraction), or person_independent=False"
+          f" {n_splits} person-independent folds: every fold needs persons of its"
+          f" own.{fix}"
       )
     splitter = model_selection.StratifiedGroupKFold(
         n_splits=n_splits, shuffle=True, random_state=seed)
