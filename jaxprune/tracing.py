@@ -1749,11 +1749,13 @@ def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str,
   return tuple(lines)
 
 
-def _sizes_from_inputs(an: _Analysis, leaves, known_sizes=None) -> dict[int, int]:
+def _sizes_from_inputs(an: _Analysis, leaves, known_sizes=None, traced=False) -> dict[int, int]:
   """Class sizes that make the traced program fit these inputs (params and arguments).
 
   ``known_sizes``: sizes already known by root (a compacted target's groups), which pin the axes
-  that a group only shares with other factors of one leaf axis (GroupNorm's groups x channels)."""
+  that a group only shares with other factors of one leaf axis (GroupNorm's groups x channels).
+  ``traced``: ``known_sizes`` are the traced sizes (an uncompacted target pins its params' axes
+  to them), which a mismatch names as such."""
   A = an.walker.atoms
   eqs = []
   for i, (ax_list, leaf) in enumerate(zip(an.walker.invar_atoms, leaves)):
@@ -1794,7 +1796,7 @@ def _sizes_from_inputs(an: _Analysis, leaves, known_sizes=None) -> dict[int, int
       if read:
         why = (f", the size that {_leaf_name(an, read[0][0])} axis {read[0][1]} gives the same "
                "axis of the computation")
-      elif any(r in (known_sizes or {}) for r in roots):
+      elif not traced and any(r in (known_sizes or {}) for r in roots):
         why = ", this compacted target's size (pass the params compact() returned with it)"
       else:
         why = ", as traced"
@@ -2016,6 +2018,14 @@ class TracedTarget:
     # (GroupNorm's channels per group, a factor of one leaf axis with the group).
     self._group_sizes = dict(group_sizes or {})
     self._fn = fn
+    # An uncompacted target runs ``fn`` itself, which may accept params and inputs of other
+    # sizes: its params' axes are pinned to the traced sizes, checked on the host (by shapes,
+    # once per set of shapes) before ``fn`` runs, as the compacted target's program checks them.
+    A = analysis.walker.atoms
+    self._traced_sizes = {} if fn is None else {
+        A.find(a): A.size[A.find(a)] for ax in analysis.walker.invar_atoms[:analysis.num_params]
+        for atoms in ax for a in A.expand(atoms)}
+    self._fitting_shapes: set = set()
     self._eval = jax.jit(self._eval_leaves, static_argnums=(0,))
     self._groups = self._make_groups()
 
@@ -2028,6 +2038,7 @@ class TracedTarget:
   def apply(self, params: PyTree, *args) -> Any:
     """The traced function on ``params`` (this target's sizes) and inputs (any batch size)."""
     if self._fn is not None:
+      self._leaves(params, args)     # host-side shape checks only: fn runs the user's code
       return self._fn(params, *args)
     outs, _ = self._eval(frozenset(), *self._flat(params, args))
     return jax.tree.unflatten(self._an.out_treedef, outs)
@@ -2127,6 +2138,11 @@ class TracedTarget:
                    f"{list(self._groups)}.")
 
   def _flat(self, params, args):
+    return self._check_dtypes(self._leaves(params, args))
+
+  def _leaves(self, params, args):
+    """The leaves of (params, args), checked by shape: their number, the inputs' non-batch axes
+    and, on an uncompacted target, the params' sizes against the traced ones."""
     leaves = jax.tree.leaves((params, args))
     an = self._an
     n = an.num_params + len(an.arg_shapes)
@@ -2135,7 +2151,14 @@ class TracedTarget:
                        f"traced example), got {len(leaves)}.")
     for i, leaf in enumerate(leaves[an.num_params:]):
       self._check_arg_shape(i, leaf)
-    return self._check_dtypes(leaves)
+    if self._fn is not None:
+      # The params only (the inputs' batch is fn's to handle: a per-pattern param tied to the
+      # traced batch still broadcasts against a batch of one, as fn does).
+      shapes = tuple(_shape(leaf) for leaf in leaves[:an.num_params])
+      if shapes not in self._fitting_shapes:
+        _sizes_from_inputs(an, leaves[:an.num_params], self._traced_sizes, traced=True)
+        self._fitting_shapes.add(shapes)
+    return leaves
 
   def _check_dtypes(self, leaves):
     """The traced program runs at the example's dtypes. A params leaf of another dtype (bf16

@@ -238,7 +238,8 @@ def test_readout_bias_brings_a_recorded_bias_to_one_value_per_output():
     got = fitness.readout_bias(target, {"w": jnp.ones((3, 4)), "b": b}, x, s, 4)
     np.testing.assert_array_equal(got, want)
   per_pattern = jnp.arange(8.0).reshape(2, 4)
-  got = fitness.readout_bias(target, {"w": jnp.ones((3, 4)), "b": per_pattern}, x, s, 4)
+  p = {"w": jnp.ones((3, 4)), "b": per_pattern}
+  got = fitness.readout_bias(jaxprune.trace(fn, p, x), p, x, s, 4)   # traced with these params
   np.testing.assert_array_equal(got, per_pattern)
 
 

@@ -1301,6 +1301,73 @@ def test_params_that_do_not_fit_name_the_leaf_and_where_the_size_comes_from():
     st.apply(v, x[:3])
 
 
+def _traced_mlp():
+  def f(p, x):
+    h = jnp.tanh(x @ p["l1"]["w"] + p["l1"]["b"])
+    return h @ p["l2"]["w"] + p["l2"]["b"]
+  p = {"l1": {"w": _arr(3, 6), "b": _arr(6)}, "l2": {"w": _arr(6, 2), "b": _arr(2)}}
+  x = _arr(8, 3)
+  return f, p, x, jaxprune.trace(f, p, x)
+
+
+_OTHER_WIDTH = (r"params\['l1'\]\['b'\] has size 5 on axis 0, where the computation needs 6, "
+                r"as traced\. Pass params of this target")
+
+
+def test_an_uncompacted_traced_target_refuses_params_of_another_width():
+  """t.apply on a target straight from trace called fn directly, so params of another width gave
+  outputs; activations took them too (as (8, 5) activations)."""
+  f, p, x, t = _traced_mlp()
+  bad = {"l1": {"w": _arr(3, 5), "b": _arr(5)}, "l2": {"w": _arr(5, 2), "b": _arr(2)}}
+  with pytest.raises(ValueError, match=_OTHER_WIDTH):
+    t.apply(bad, x)
+  with pytest.raises(ValueError, match=_OTHER_WIDTH):
+    t.activations(bad, x, "l1")
+  with pytest.raises(ValueError, match=r"params\['l2'\]\['b'\] has size 3 on axis 0, where "
+                                       r"the computation needs 2, as traced"):  # not a group
+    t.apply({**p, "l2": {"w": _arr(6, 2), "b": _arr(3)}}, x)
+  with pytest.raises(ValueError, match="Expected params and inputs with 5 array leaves"):
+    t.apply(p, x, x)
+  np.testing.assert_allclose(t.apply(p, x[:3]), f(p, x[:3]), rtol=1e-6)
+  half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)     # dtypes: as fn takes them
+  assert t.apply(half, x).dtype == f(half, x).dtype
+
+
+def test_an_uncompacted_traced_target_refuses_inputs_of_other_non_batch_sizes():
+  """An input of another width gave JAX's raw TypeError; another sequence length ran in apply
+  while activations on it raised."""
+  _, p, _, t = _traced_mlp()
+  with pytest.raises(ValueError, match=r"Input 0 has shape \(8, 4\).*shaped \(N, 3\)"):
+    t.apply(p, _arr(8, 4))
+
+  def seq(p, x):                                  # x (N, T, 3); a mean over time
+    return jnp.tanh(x @ p["w"] + p["b"]).mean(1) @ p["v"]
+  q = {"w": _arr(3, 4), "b": _arr(4), "v": _arr(4, 2)}
+  ts = jaxprune.trace(seq, q, _arr(4, 5, 3))
+  np.testing.assert_allclose(ts.apply(q, _arr(2, 5, 3) * 0 + 1), seq(q, jnp.ones((2, 5, 3))),
+                             rtol=1e-6)
+  for call in (lambda x7: ts.apply(q, x7), lambda x7: ts.activations(q, x7, "w")):
+    with pytest.raises(ValueError, match=r"Input 0 has shape \(4, 7, 3\).*shaped \(N, 5, 3\)"):
+      call(_arr(4, 7, 3))
+
+
+def test_an_uncompacted_traced_target_checks_shapes_under_jit_and_vmap():
+  """The checks read shapes on the host, so apply still runs under jit and vmap (a population
+  of params, a stack of batches: per example, the traced shapes), as the compacted one does."""
+  f, p, x, t = _traced_mlp()
+  np.testing.assert_allclose(jax.jit(t.apply)(p, x), f(p, x), rtol=1e-6)
+  pop = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), p)
+  np.testing.assert_allclose(jax.vmap(t.apply, (0, None))(pop, x)[1],
+                             f(jax.tree.map(lambda a: 2 * a, p), x), rtol=1e-6)
+  np.testing.assert_allclose(jax.vmap(t.apply, (None, 0))(p, jnp.stack([x, -x]))[1], f(p, -x),
+                             rtol=1e-6)
+  bad = {**p, "l1": {"w": _arr(3, 5), "b": _arr(5)}, "l2": {"w": _arr(5, 2), "b": _arr(2)}}
+  with pytest.raises(ValueError, match=_OTHER_WIDTH):
+    jax.jit(t.apply)(bad, x)
+  with pytest.raises(ValueError, match=r"Input 0 has shape \(3,\)"):   # as the compacted one
+    jax.vmap(t.apply, (None, 0))(p, x)
+
+
 def test_dropout_in_training_mode_is_named_by_explain():
   """An nnx Dropout left in training mode ties its random mask to the hidden units: no group,
   and explain() used to say only 'used by bitcast_convert_type (not followed)'."""
