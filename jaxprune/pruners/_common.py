@@ -208,8 +208,14 @@ def incoming_vectors(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
       v = units_lib.unit_view(leaf, s)
       parts.append(v.reshape(v.shape[0], -1))
   if not parts:
-    raise ValueError(f"Group {group.name!r} has no producer kernel slice to take incoming "
-                     "weights from.")
+    kinds = sorted({s.kind for s in group.producers}) or ["none"]
+    raise ValueError(
+        f"Group {group.name!r} has no producer kernel slice to take incoming weights from (its "
+        f"producer slices are of kind {', '.join(kinds)}). Where the units' kernel is computed "
+        "from params (a weight norm, weight standardisation), the raw params are not their "
+        "incoming weights and target.explain() names the ops; prune such a group from "
+        "activations (distinctiveness, group_redundancy), from outgoing weights "
+        "(weight_distinctiveness(source='outgoing')) or by magnitude.")
   return jnp.concatenate(parts, axis=1)
 
 
