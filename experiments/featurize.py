@@ -22,11 +22,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 import os
 import time
 
+from absl import logging
+
 from jaxprune import data as data_lib
 from jaxprune.data import features as features_lib
+from jaxprune.data import sfew as sfew_lib
 from experiments import _flags
 from experiments import _store
 
@@ -74,9 +78,7 @@ class Config:
     _flags.check_positive(phog_levels=self.phog_levels, minimum=0)
     if self.lpq_window < 2:
       _flags.fail(f"--lpq_window must be at least 2, got {self.lpq_window}.")
-    if min(self.size) < max(self.lpq_window, 2**self.phog_levels):
-      _flags.fail(f"--size={self.size[0]},{self.size[1]} is too small for --lpq_window="
-                  f"{self.lpq_window} and --phog_levels={self.phog_levels}.")
+    _check_settings(self.descriptor(), tuple(self.size))
 
   def descriptor(self) -> features_lib.DescriptorConfig:
     return features_lib.DescriptorConfig(
@@ -84,9 +86,42 @@ class Config:
         lpq_decorrelate=self.lpq_decorrelate, lpq_blocks=tuple(self.lpq_blocks))
 
 
-def _check_output(path: str) -> str:
-  """Fails before any work when ``path`` cannot be written."""
+def _check_settings(config: features_lib.DescriptorConfig, size) -> None:
+  """Fails before any work when the descriptors cannot be computed at ``size`` or give too
+  few values for ``config.components`` principal components."""
+  h, w = size
+  window, (rows, cols) = config.lpq_window, config.lpq_blocks
+  if min(h, w) < max(window, 2**config.phog_levels):
+    _flags.fail(f"--size={h},{w} is too small for --lpq_window={window} and --phog_levels="
+                f"{config.phog_levels}: both sides need at least "
+                f"{max(window, 2**config.phog_levels)} pixels; raise --size or lower them.")
+  if h - window + 1 < rows or w - window + 1 < cols:
+    _flags.fail(f"--lpq_blocks={rows},{cols} does not fit --size={h},{w}: LPQ has "
+                f"{h - window + 1}x{w - window + 1} codes there (--lpq_window={window}), one "
+                "block needs at least one; use fewer blocks or a larger --size.")
+  phog_size = config.phog_bins * sum(4**l for l in range(config.phog_levels + 1))
+  if phog_size < config.components:
+    _flags.fail(f"--phog_bins={config.phog_bins} and --phog_levels={config.phog_levels} give "
+                f"{phog_size} PHOG values, fewer than the {config.components} principal "
+                "components written; raise --phog_bins or --phog_levels.")
+
+
+def _inside(path: str, folder: str) -> bool:
+  """Whether ``path`` lies strictly inside ``folder`` (both absolute, symlinks resolved)."""
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def _check_output(path: str, data_path: str | None = None) -> str:
+  """Fails before any work when ``path`` cannot be written (or would land in a class folder
+  of ``data_path``, where the next run would read it as a bad image file)."""
   path = os.path.abspath(os.path.expanduser(path))
+  if data_path is not None:
+    root = os.path.abspath(os.path.expanduser(data_path))
+    if _inside(os.path.dirname(path), root):
+      _flags.fail(f"--out={path} lies inside a folder of --data_path={root}: the next run "
+                  "would read the CSV and its report as (bad) image files. Write it beside "
+                  f"or outside the class folders, e.g. --out={os.path.join(root, 'SFEW.csv')}.")
   if os.path.isdir(path):
     _flags.fail(f"--out={path} is a folder; pass a file name such as {path}/SFEW.csv.")
   if not path.lower().endswith(".csv"):
@@ -116,6 +151,30 @@ def _csv_text(names, labels, x) -> str:
   return buf.getvalue()
 
 
+def _stretched(source_sizes, size, tolerance=0.05):
+  """The ``((h, w), count)`` entries whose aspect ratio resizing to ``size`` changes by more
+  than ``tolerance`` (PHOG's orientations then change: a stretched face is another face)."""
+  target = size[1] / size[0]
+  return [(hw, n) for hw, n in source_sizes
+          if abs(math.log((hw[1] / hw[0]) / target)) > math.log1p(tolerance)]
+
+
+def _stretch_note(ds) -> str | None:
+  """A sentence saying how many frames resizing stretches, and the --size that would not."""
+  stretched = _stretched(ds.info.get("source_sizes", ()), ds.info["size"])
+  if not stretched:
+    return None
+  count = sum(n for _, n in stretched)
+  (h, w), _ = max(ds.info["source_sizes"], key=lambda kv: kv[1])
+  shown = ", ".join(f"{n} of {hh}x{ww}" for (hh, ww), n in stretched[:5])
+  more = "" if len(stretched) <= 5 else f" and {len(stretched) - 5} more sizes"
+  size = ds.info["size"]
+  return (f"{count} of {len(ds)} images ({shown}{more}; height x width) were resized to "
+          f"{size[0]}x{size[1]}, which changes their aspect ratio by more than 5 %: their "
+          f"PHOG orientations are those of stretched faces. Pass --size with their shape, "
+          f"e.g. --size={h},{w} (the most common size, described as it is).")
+
+
 def _report(out, ds, info, config, seconds) -> str:
   lines = [
       "# SFEW features from images\n",
@@ -131,9 +190,27 @@ def _report(out, ds, info, config, seconds) -> str:
       + ", ".join(f"{v:.3f}" for v in info["lpq_explained_variance_ratio"]) + "; PHOG "
       + ", ".join(f"{v:.3f}" for v in info["phog_explained_variance_ratio"]) + ".",
       f"- Image size described: {ds.info['size'][0]}x{ds.info['size'][1]} (height x width); "
-      f"face cropping {'on' if ds.info['crop_faces'] else 'off'}.",
+      f"face cropping {'on' if ds.info['crop_faces'] else 'off'}; sizes before resizing: "
+      + ", ".join(f"{h}x{w} ({n})" for (h, w), n in ds.info.get("source_sizes", ())[:5])
+      + (" ..." if len(ds.info.get("source_sizes", ())) > 5 else "") + ".",
       f"- Time: {seconds:.1f} s.",
   ]
+  stretch = _stretch_note(ds)
+  if stretch:
+    lines.append(f"- **Stretched**: {stretch}")
+  no_person = ds.info.get("no_person", [])
+  if ds.groups is not None:
+    lines.append(f"- Persons: {len(set(ds.groups.tolist()))} (the last '_' field of each file "
+                 "name); the studies split by person.")
+  else:
+    lines.append(f"- Persons: none; {len(no_person)} file name(s) carry no person id (e.g. "
+                 f"{no_person[0] if no_person else '?'}), so the studies split stratified, not "
+                 f"person-independently ({sfew_lib.PERSON_NAMING}).")
+  dark = ds.info.get("dark", [])
+  if dark:
+    lines.append(f"- Dark 16-bit frames ({len(dark)}; values below 4096 of 65535, likely 8- or "
+                 "12-bit content): " + ", ".join(dark[:20]) + (" ..." if len(dark) > 20 else "")
+                 + ". Rescale them to the full 16-bit range or save them as 8-bit PNGs.")
   skipped = ds.info.get("skipped", [])
   lines.append(f"\n## Skipped ({len(skipped)})\n")
   lines += [f"- {s['path']}: {s['reason']}" for s in skipped] or ["None."]
@@ -144,12 +221,31 @@ def _report(out, ds, info, config, seconds) -> str:
   return "\n".join(lines) + "\n"
 
 
+class _Progress:
+  """Prints how many images are described, at most every ``every`` seconds (and at the end)."""
+
+  def __init__(self, start: float, every: float = 10.0):
+    self.start, self.every, self.last = start, every, start
+
+  def __call__(self, done: int, total: int) -> None:
+    now = time.time()
+    if done < total and now - self.last < self.every:
+      return
+    self.last = now
+    rate = done / max(now - self.start, 1e-9)
+    left = f", about {(total - done) / rate:.0f} s left" if done < total else ""
+    print(f"  described {done}/{total} images ({now - self.start:.0f} s, "
+          f"{rate:.1f} images/s{left})", flush=True)
+
+
 def run(data_path: str, out: str, *, config: features_lib.DescriptorConfig =
         features_lib.DescriptorConfig(), size=(576, 720), crop_faces: bool = False,
         expected_size=None, on_error: str = "raise", batch_size: int = 16) -> dict:
   """Writes the features CSV and its report; returns a summary dict."""
-  out = _check_output(out)
+  out = _check_output(out, data_path)
+  _check_settings(config, size)
   start = time.time()
+  print(f"Reading the SFEW images in {data_path} ...", flush=True)
   try:
     ds = data_lib.load_sfew_images(data_path, size=size, channels=1, crop_faces=crop_faces,
                                    expected_size=expected_size, on_error=on_error)
@@ -158,7 +254,13 @@ def run(data_path: str, out: str, *, config: features_lib.DescriptorConfig =
   if len(ds) < config.components:
     _flags.fail(f"{data_path}: {len(ds)} images; 5 principal components need at least "
                 f"{config.components}.")
-  x, info = features_lib.extract_features(ds.x[..., 0], config, batch_size=batch_size)
+  stretch = _stretch_note(ds)
+  if stretch:
+    logging.warning("%s", stretch)
+  print(f"Read {len(ds)} images in {time.time() - start:.1f} s; describing them (LPQ, PHOG) in "
+        f"batches of {batch_size} ...", flush=True)
+  x, info = features_lib.extract_features(ds.x[..., 0], config, batch_size=batch_size,
+                                          progress=_Progress(time.time()))
   names = [os.path.basename(n) for n in ds.info["names"]]
   _store.write_text(out, _csv_text(names, ds.y, x))
   seconds = time.time() - start

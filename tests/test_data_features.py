@@ -208,3 +208,12 @@ def test_features_of_the_bundled_images_are_finite_and_learnable():
 def test_extract_features_needs_enough_images():
   with pytest.raises(ValueError, match="at least 5 images"):
     features.extract_features(np.random.default_rng(0).random((3, 16, 16)).astype(np.float32))
+
+
+def test_describe_reports_progress_after_every_batch():
+  images = np.random.default_rng(0).random((11, 16, 16), dtype=np.float32)
+  calls = []
+  lpq_d, phog_d = features.describe(images, batch_size=4,
+                                    progress=lambda done, total: calls.append((done, total)))
+  assert calls == [(4, 11), (8, 11), (11, 11)]
+  assert lpq_d.shape == (11, 256) and phog_d.shape == (11, 1360)

@@ -834,3 +834,19 @@ def test_tfds_checks_size_first_and_reads_like_the_direct_loader(tmp_path):
   assert ds.info["dark"] == direct.info["dark"] == ["Sad/Movie5_000000009_00000009.png"]
   assert ds.groups is None and direct.groups is None  # phone_shot.png names no person
   assert ds.info["no_person"] == direct.info["no_person"] == ["Angry/phone_shot.png"]
+
+
+@pytest.mark.parametrize("num_threads", [1, 4])
+def test_rows_keep_their_pixels_when_files_are_skipped(tmp_path, num_threads):
+  root = write_tree(tmp_path / "SFEW")
+  (root / "FEAR" / "Movie2_000000001_00000004.png").write_bytes(b"not a png")  # in the middle
+  write_tree(root, counts=(0, 0, 0, 0, 0, 2, 0), size=(9, 15), seed=3)  # two smaller frames
+  ds = data.load_sfew_images(root, size=(6, 5), expected_size=None, on_error="skip",
+                             num_threads=num_threads)
+  assert len(ds) == 19 and [s["path"] for s in ds.info["skipped"]] == [
+      "FEAR/Movie2_000000001_00000004.png"]
+  for name, x in zip(ds.info["names"], ds.x):  # each row: its own file, as PIL resizes it
+    with Image.open(root / name) as im:
+      ref = np.asarray(im.convert("L").resize((5, 6), Image.Resampling.BILINEAR)) / 255.0
+    np.testing.assert_allclose(x[..., 0], ref, atol=1e-6)
+  assert ds.info["source_sizes"] == (((H, W), 17), ((9, 15), 2))

@@ -157,3 +157,51 @@ def test_command_line(tree, tmp_path):
                        timeout=120, check=False)
   assert bad.returncode != 0 and "--lpq_blocks needs 2 comma-separated values" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_impossible_descriptor_settings_fail_before_reading_any_image(tmp_path):
+  missing = tmp_path / "no_such_tree"  # reading it would fail with another message
+  out = tmp_path / "SFEW.csv"
+  too_many_blocks = features.DescriptorConfig(phog_levels=2, lpq_blocks=(19, 2))  # 18 rows
+  with pytest.raises(app.UsageError, match=r"--lpq_blocks=19,2 does not fit --size=24,20"):
+    _run(missing, out, config=too_many_blocks)
+  too_few_phog = features.DescriptorConfig(phog_bins=4, phog_levels=0)  # 4 values < 5 PCs
+  with pytest.raises(app.UsageError, match=r"give 4 PHOG values, fewer than the 5"):
+    _run(missing, out, config=too_few_phog)
+  with pytest.raises(app.UsageError, match=r"--size=6,20 is too small"):
+    _run(missing, out, size=(6, 20))
+  assert not out.exists()
+
+
+def test_output_inside_a_class_folder_is_refused_before_reading(tmp_path):
+  root = _tree(tmp_path / "SFEW", per_class=1)
+  with pytest.raises(app.UsageError, match=r"lies inside a folder of --data_path"):
+    _run(root, root / "Happy" / "SFEW.csv")
+  assert not (root / "Happy" / "SFEW.csv").exists()
+  # Beside the class folders it is fine: the next run skips it and lists it.
+  _run(root, root / "SFEW.csv")
+  again = _run(root, root / "SFEW.csv")
+  assert {"SFEW.csv", "SFEW.report.md"} <= {s["path"] for s in again["skipped"]}
+
+
+def test_progress_is_printed_while_describing(tree, tmp_path, capsys):
+  _run(tree, tmp_path / "p.csv")
+  printed = capsys.readouterr().out
+  assert "Reading the SFEW images" in printed and "Read 21 images" in printed
+  assert "described 21/21 images" in printed
+
+
+def test_report_names_stretched_frames_and_persons(tree, tmp_path):
+  # The tree's frames are 30x26 (height x width): 24x20 keeps their shape within 5 %.
+  report = _read(_run(tree, tmp_path / "a.csv")["report"])
+  assert "Stretched" not in report and "sizes before resizing: 30x26 (21)" in report
+  persons = {(k + j) % 4 + 1 for k in range(7) for j in range(3)}
+  assert f"Persons: {len(persons)} " in report
+  # 20x20 squeezes their width / height ratio from 0.87 to 1.
+  report = _read(_run(tree, tmp_path / "b.csv", size=(20, 20))["report"])
+  assert "**Stretched**: 21 of 21 images (21 of 30x26" in report
+  assert "--size=30,26" in report
+  root = _tree(tmp_path / "SFEW", per_class=1)
+  next((root / "Sad").iterdir()).rename(root / "Sad" / "smile.png")
+  report = _read(_run(root, tmp_path / "c.csv")["report"])
+  assert "Persons: none; 1 file name(s) carry no person id (e.g. Sad/smile.png)" in report

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -343,9 +343,17 @@ class DescriptorConfig:
 
 
 def describe(
-    images: Any, config: DescriptorConfig = DescriptorConfig(), *, batch_size: int = 32
+    images: Any, config: DescriptorConfig = DescriptorConfig(), *, batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """LPQ and PHOG descriptors of ``images``, computed ``batch_size`` images at a time.
+
+  Args:
+    images: ``(N, H, W)`` or ``(N, H, W, C)`` (converted with `to_gray`).
+    config: the descriptors' settings.
+    batch_size: images per compiled call.
+    progress: called as ``progress(done, total)`` after each batch (e.g. to print
+      how far a long run is); None: silent.
 
   Returns:
     ``(lpq, phog)`` as NumPy float32 arrays, one row per image.
@@ -365,6 +373,8 @@ def describe(
                                blocks=config.lpq_blocks))[:n])
     phogs.append(np.asarray(phog(chunk, bins=config.phog_bins,
                                  levels=config.phog_levels))[:n])
+    if progress is not None:
+      progress(start + n, len(x))
   return np.concatenate(lpqs), np.concatenate(phogs)
 
 
@@ -383,12 +393,16 @@ def fit_pca(descriptors: np.ndarray, components: int, *, seed: int = 0):
 
 
 def extract_features(
-    images: Any, config: DescriptorConfig = DescriptorConfig(), *, batch_size: int = 32
+    images: Any, config: DescriptorConfig = DescriptorConfig(), *, batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
   """The seeds' 10 features: top principal components of LPQ, then of PHOG.
 
   The PCA of each descriptor is fitted on all ``images`` (as the course
   spreadsheet was); the studies still fit their scaling on training folds only.
+
+  ``progress`` is passed to `describe` (``progress(done, total)`` after each
+  batch).
 
   Returns:
     ``(features, info)``: ``(N, 2 * components)`` float32 (LPQ components
@@ -402,7 +416,7 @@ def extract_features(
     >>> x.shape
     (12, 10)
   """
-  lpq_d, phog_d = describe(images, config, batch_size=batch_size)
+  lpq_d, phog_d = describe(images, config, batch_size=batch_size, progress=progress)
   parts, info = [], {"fitted_on": f"all {len(lpq_d)} images",
                      "config": dataclasses.asdict(config)}
   for name, d in (("lpq", lpq_d), ("phog", phog_d)):
