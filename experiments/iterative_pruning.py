@@ -49,6 +49,7 @@ import dataclasses
 import functools
 import hashlib
 import time
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +154,8 @@ class TargetFitness:
   """
 
   base: AccuracyFitness
+  #: Scores each row on its own: a sharded run pads the population evenly (jaxprune.ga.loop).
+  per_individual: ClassVar[bool] = True
 
   def __call__(self, population, data, hyper):
     pop = population & data["mask"][None, :]

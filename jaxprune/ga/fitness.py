@@ -4,7 +4,7 @@ path when the group feeds the output directly; incremental evaluation), and user
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -232,6 +232,10 @@ class AccuracyFitness:
   checks it with :meth:`check_data`).
   """
 
+  #: Each individual is scored on its own (a sharded run may pad the population, see
+  #: :func:`jaxprune.ga.loop.scores_rows_independently`).
+  per_individual: ClassVar[bool] = True
+
   model: Any
   group: str
   penalty: str | None = "ratio"
@@ -364,6 +368,7 @@ class UserFitness:
   """
 
   fn: Callable[[PyTree, jax.Array], jax.Array]
+  per_individual: ClassVar[bool] = True   # vmapped over the rows (see AccuracyFitness)
 
   def _key(self):
     try:
@@ -396,6 +401,10 @@ def make_fitness(model, group: str, fitness: str | Callable = "eq5",
   if incremental not in (True, False, "auto") or isinstance(incremental, (int, float)) and (
       not isinstance(incremental, bool)):
     raise ValueError(f"incremental must be 'auto', True or False, got {incremental!r}.")
+  if not (fast_path is True or fast_path is False or
+          (isinstance(fast_path, str) and fast_path == "auto")):
+    # (checked for a fitness function too, which takes no fast path: a typo is not ignored)
+    raise ValueError(f"fast_path must be 'auto', True or False, got {fast_path!r}.")
   g = units_lib._check_group_name(_groups_of(model), group)
   if callable(fitness):
     return UserFitness(fitness)

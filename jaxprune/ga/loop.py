@@ -170,12 +170,27 @@ def _population_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PS(tuple(mesh.axis_names)))
 
 
+def scores_rows_independently(fitness_fn: FitnessFn) -> bool:
+  """Whether ``fitness_fn`` scores each row of the population on its own (a ``vmap`` over the
+  rows: the built-in :class:`jaxprune.ga.AccuracyFitness` and the ``(params, mask)`` functions
+  of :func:`jaxprune.ga.search`, which set ``per_individual = True``), so that rows added to the
+  population cannot change the others' scores."""
+  return getattr(fitness_fn, "per_individual", False) is True
+
+
 def _evaluate(fitness_fn: FitnessFn, mesh: Mesh | None, population: jax.Array, data: PyTree,
               hyper: GAHyperparams) -> jax.Array:
-  """Scores a population, sharding it over ``mesh`` (padded to a multiple of its size)."""
+  """Scores a population, sharding it over ``mesh``.
+
+  A fitness that scores each row on its own (:func:`scores_rows_independently`) gets the
+  population padded to a multiple of the device count with all-False rows, whose scores are
+  dropped (an even split: one product per device on the fast path). Any other function
+  ``(population, data, hyper) -> (P,)`` may read the population as a whole (a rank, a mean,
+  its size), so it gets the ``P`` rows as they are, split unevenly over the devices.
+  """
   p = population.shape[0]
   if mesh is not None and mesh.size > 1:
-    pad = (-p) % mesh.size
+    pad = (-p) % mesh.size if scores_rows_independently(fitness_fn) else 0
     population = jnp.pad(population, ((0, pad), (0, 0)))
     population = lax.with_sharding_constraint(population, _population_sharding(mesh))
   fitness = fitness_fn(population, data, hyper)
@@ -333,7 +348,10 @@ def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Arr
       this call: under ``jit`` nothing is shown (a warning is logged once, with absl), so
       turn it off there; under a plain ``vmap`` it is shown.
     mesh: shard the population over this mesh's devices (all its axes); by default a mesh
-      over all devices when there are several.
+      over all devices when there are several. ``fitness_fn`` still sees the ``P`` rows as
+      they are (split unevenly where ``P`` does not divide by the device count), unless it
+      sets ``per_individual = True`` (scores each row on its own: then padded with all-False
+      rows whose scores are dropped, see :func:`scores_rows_independently`).
     shard: False to never shard.
 
   Returns:

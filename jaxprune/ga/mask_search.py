@@ -47,8 +47,10 @@ uses key ``g`` (the initial population uses key 0). :func:`run` does this inside
 
 Several devices: when more than one device is visible (or a ``mesh`` is given), population
 evaluation is sharded over a ``Mesh`` along its population axis; results equal the one-device
-run. A population that does not divide by the device count is padded with all-False
-chromosomes for evaluation only (their scores are discarded), so any size works.
+run. For a fitness that scores each individual on its own (the built-in ones, a
+``(params, mask)`` function), a population that does not divide by the device count is padded
+with all-False chromosomes for evaluation only (their scores are discarded), so any size works;
+a ``ga.run`` fitness of the whole population gets its ``P`` rows, split unevenly.
 """
 
 from __future__ import annotations
@@ -170,9 +172,7 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
   if isinstance(fit, UserFitness):
     mask = jnp.ones((num_units,), bool)
     out = jax.eval_shape(lambda p, m: fit.fn(p, m), params, mask)
-    if not hasattr(out, "shape") or tuple(out.shape) != ():
-      raise ValueError(f"The fitness function must return a scalar for one mask; it returned "
-                       f"shape {tuple(getattr(out, 'shape', ()))}.")
+    _check_user_score(out)
   else:
     if x is None or y is None:
       raise ValueError(f"fitness={fitness!r} needs training inputs x and labels y.")
@@ -199,6 +199,27 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
   if display is not None:
     warn_if_not_shown(display)
   return result
+
+
+def _check_user_score(out) -> None:
+  """Raises ValueError unless ``out`` (the abstract value of a fitness function's result for
+  one mask) is one real number: a scalar of a float, integer or bool dtype."""
+  if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+    what = ("None" if out is None else
+            f"a {type(out).__name__} of {len(out)} values" if isinstance(out, (tuple, list))
+            else f"a {type(out).__name__}")
+    raise ValueError(f"The fitness function must return one number (a scalar array) for one "
+                     f"mask; it returned {what}. Return the score alone, e.g. "
+                     "jnp.mean(correct) - lam * mask.sum().")
+  if tuple(out.shape) != ():
+    raise ValueError(f"The fitness function must return a scalar for one mask; it returned "
+                     f"shape {tuple(out.shape)}. Reduce it to one number per mask (the GA "
+                     "vmaps the function over the population itself).")
+  if not (jnp.issubdtype(out.dtype, jnp.floating) or jnp.issubdtype(out.dtype, jnp.integer)
+          or out.dtype == jnp.bool_):
+    raise ValueError(f"The fitness function must return a real number for one mask; it "
+                     f"returned dtype {out.dtype}. Return a float score (for a complex value, "
+                     "say which part counts: jnp.real(z) or jnp.abs(z)).")
 
 
 def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh: Mesh | None,

@@ -213,8 +213,24 @@ def check_params(hyper: GAHyperparams) -> None:
     a = np.asarray(v)
     if not np.all((a >= 0) & (a <= 1)):
       raise ValueError(f"GAHyperparams.{name} must be a probability in [0, 1], got {v!r}.")
-  if not isinstance(hyper.lam, jax.core.Tracer) and not np.all(np.isfinite(hyper.lam)):
-    raise ValueError(f"GAHyperparams.lam must be finite, got {hyper.lam!r}.")
+  if not isinstance(hyper.lam, jax.core.Tracer):
+    if not np.all(np.isfinite(hyper.lam)):
+      raise ValueError(f"GAHyperparams.lam must be finite, got {hyper.lam!r}.")
+    if not np.all(np.isfinite(_as_jax_float(hyper.lam))):
+      raise ValueError(
+          f"GAHyperparams.lam={hyper.lam!r} is finite here but not in "
+          f"{jax.dtypes.canonicalize_dtype(np.float64)}, the dtype the GA computes in (its "
+          "largest value is about 3.4e38): the penalty would be infinite and every fitness "
+          "-inf or NaN. Pass a lam below 3.4e38 (eq. 5 takes one as large as 1e38).")
+
+
+def _as_jax_float(v) -> np.ndarray:
+  """A concrete float setting in the dtype JAX gives it (float32 unless x64 is enabled)."""
+  a = np.asarray(v)
+  if a.dtype.kind != "f":
+    return a
+  with np.errstate(over="ignore"):
+    return a.astype(jax.dtypes.canonicalize_dtype(a.dtype))
 
 
 def check_penalty(hyper: GAHyperparams) -> None:
