@@ -141,6 +141,27 @@ def _whole_in_range(k, size: int) -> bool:
   return math.isfinite(f) and f == math.floor(f) and 0 <= f <= size
 
 
+def _check_max_rise(max_rise) -> None:
+  """Raises unless ``max_rise`` is one real number (concrete: >= 0, NaN refused)."""
+  if isinstance(max_rise, (str, bytes)) or max_rise is None:
+    raise TypeError(f"max_rise must be a number >= 0 (the largest allowed rise of the loss), "
+                    f"got {type(max_rise).__name__} {max_rise!r}.")
+  try:
+    dtype = jnp.result_type(max_rise)
+  except TypeError:
+    raise TypeError(f"max_rise must be a number >= 0 (the largest allowed rise of the loss), "
+                    f"got {type(max_rise).__name__}.") from None
+  if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+    raise TypeError(f"max_rise must be a real number >= 0, got an array of {dtype}.")
+  if jnp.shape(max_rise) != ():
+    raise ValueError(f"max_rise must be one number, got shape {jnp.shape(max_rise)}; to run "
+                     "several thresholds, vmap over them: jax.vmap(run, in_axes=(None, None, "
+                     "0))(params, unit_masks, max_rises).")
+  if _common.is_concrete(max_rise) and not float(max_rise) >= 0:
+    raise ValueError(f"max_rise must be >= 0 (the largest allowed rise of the loss), got "
+                     f"{max_rise}.")
+
+
 class IterativeReport(NamedTuple):
   """Per step of iterative importance pruning; row 0 is the start, rows ``[:count]`` valid.
 
@@ -192,6 +213,9 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
   groups = _common.resolve_groups(model_or_groups)
   if norm not in NORMS:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be a function loss_fn(params) -> scalar loss (close over the "
+                    f"data), got {type(loss_fn).__name__}.")
   h = g.size
 
   @jax.jit
@@ -241,9 +265,7 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
 
   def run(params, unit_masks, max_rise=0.1):
     mask = _common.group_mask(unit_masks, g, groups, params)
-    if _common.is_concrete(max_rise) and not float(max_rise) >= 0:
-      raise ValueError(f"max_rise must be >= 0 (the largest allowed rise of the loss), got "
-                       f"{max_rise}.")
+    _check_max_rise(max_rise)
     _check_kernels(params, g)
     params, mask, rep = core(params, mask, max_rise)
     if _common.is_concrete(rep.loss) and not np.isfinite(float(rep.loss[0])):

@@ -37,6 +37,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
@@ -112,8 +113,8 @@ def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
     select: None (every floating-point leaf with ``ndim >= 2``: kernels and weight matrices,
       not biases or norm scales, not integer buffers such as index tables, and not a leaf
       named in ``NOT_WEIGHTS``, like a ``DenseGeneral``'s 2-D ``bias``), a predicate
-      ``select(path, leaf) -> bool`` with ``path`` a tuple of keys, or a sequence of paths
-      (tuples or ``'a/b/c'`` strings).
+      ``select(path, leaf) -> bool`` with ``path`` a tuple of keys, a sequence of paths
+      (tuples or ``'a/b/c'`` strings), or one ``'a/b/c'`` string.
   """
   if hasattr(params, "groups"):   # a model or traced target where params belong
     raise TypeError(f"Got a pruning target ({type(params).__name__}) where params belong: "
@@ -128,6 +129,8 @@ def select_leaves(params: PyTree, select=None) -> tuple[int, ...]:
   elif callable(select):
     chosen = [i for i, (p, l) in enumerate(zip(paths, leaves)) if select(p, l)]
   else:
+    if isinstance(select, str):   # one 'a/b/c' path, not a list of one-letter paths
+      select = [select]
     want = [tuple(s.split("/")) if isinstance(s, str) else tuple(str(k) for k in s)
             for s in select]                   # keys compare as names: ('layers', 0, 'kernel')
     index = {p: i for i, p in enumerate(paths)}
@@ -147,6 +150,8 @@ def _bits(scores: jax.Array) -> jax.Array:
   scores), int64 for float64 scores (under ``jax_enable_x64``; a float32 cast would tie weights
   that differ beyond float32 precision). Patterns of both widths are ranked together by
   :func:`_remove_smallest_and_cut`, which widens the int32 ones (:func:`_float64_bits`)."""
+  if jnp.iscomplexobj(scores):   # |w| is the modulus: a float cast would keep the real part
+    scores = jnp.abs(scores)
   if jnp.asarray(scores).dtype == jnp.float64:
     return jax.lax.bitcast_convert_type(jnp.abs(scores), jnp.int64)
   return jax.lax.bitcast_convert_type(jnp.abs(scores.astype(jnp.float32)), jnp.int32)
@@ -239,8 +244,11 @@ def _remove_smallest_sorted(bits: list[jax.Array], keep: list[jax.Array], k: jax
 def _n_remove(fraction, remaining, valid):
   # Bad traced input (a fraction outside [0, 1] or NaN, non-finite scores) cannot raise: it
   # removes nothing and sets report.invalid, as the distinctiveness and redundancy pruners do.
+  # float32(remaining) rounds above 2**24 weights: a fraction of 1 removes every one exactly,
+  # and no count exceeds what is left.
   fraction = jnp.asarray(fraction, jnp.float32)
   n = jnp.round(fraction * remaining.astype(jnp.float32)).astype(jnp.int32)
+  n = jnp.where(fraction == 1, remaining, jnp.minimum(n, remaining))
   return jnp.where(valid, n, 0)
 
 
@@ -255,7 +263,8 @@ def _uniform_scores(key, *, shapes):
 def _threshold_dtype(scores):
   """float32, or float64 when a score is float64: a float64 cut rounded to float32 can exceed
   the kept weights just above it (1 - 5e-13 kept, the cut shown as 1.0)."""
-  return functools.reduce(jnp.promote_types, [s.dtype for s in scores], jnp.float32)
+  real = [jnp.finfo(s.dtype).dtype if jnp.iscomplexobj(s) else s.dtype for s in scores]
+  return functools.reduce(jnp.promote_types, real, jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("selected", "scope"))
@@ -292,10 +301,33 @@ def _core(params, scores, weight_masks, fraction, *, selected, scope):
   return masks_lib.apply_masks(params, new_masks), new_masks, report, n_bad
 
 
+def _check_fraction_value(fraction) -> None:
+  """Raises unless ``fraction`` is one real number (concrete: in [0, 1]); a sequence of
+  fractions is a sweep, which is a ``jax.vmap``."""
+  shape = jnp.shape(fraction) if hasattr(fraction, "shape") else None
+  if shape is None:
+    v = np.asarray(fraction) if not isinstance(fraction, (str, bytes)) else None
+    if v is None or not (np.issubdtype(v.dtype, np.integer) or np.issubdtype(v.dtype, np.floating)
+                         or v.dtype == bool):
+      raise TypeError(f"fraction must be a number in [0, 1] (the share of the remaining weights "
+                      f"to remove), got {type(fraction).__name__} {fraction!r}.")
+    shape = v.shape
+  else:
+    dtype = jnp.result_type(fraction)
+    if not (jnp.issubdtype(dtype, jnp.number) or dtype == bool) or jnp.issubdtype(
+        dtype, jnp.complexfloating):
+      raise TypeError(f"fraction must be a real number in [0, 1], got an array of {dtype}.")
+  if tuple(shape) != ():
+    raise ValueError(f"fraction must be one number, got shape {tuple(shape)}; to prune at several "
+                     "fractions, vmap over them: jax.vmap(lambda f: magnitude_prune(params, "
+                     "masks, f))(fractions).")
+  _common.check_fraction("fraction", fraction)
+
+
 def _prune(params, weight_masks, fraction, key, scope, select, random):
   if scope not in ("layer", "global"):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
-  _common.check_fraction("fraction", fraction)
+  _check_fraction_value(fraction)
   if weight_masks is not None:
     masks_lib.check_weight_masks(params, weight_masks)
   selected = select_leaves(params, select)
