@@ -397,10 +397,12 @@ def gradual(tx: optax.GradientTransformation, *, sparsity, begin_step: int, end_
             pruner: StepPruner | None = None) -> optax.GradientTransformation:
   """Wraps ``tx`` into an optimizer that prunes while it trains (Zhu and Gupta 2017).
 
-  At update ``t`` (the ``t``-th call of ``update``, from 0) with ``t = begin_step + k *
-  frequency <= end_step`` and at ``t = end_step``, the masks are recomputed from the params
-  passed to ``update``: the smallest-scored kept weights are removed until ``round(s_t * N)`` of
-  the ``N`` selected weights are pruned, with ``s_t`` from :func:`polynomial_sparsity`. Pruned
+  At update ``t`` (the ``t``-th call of this transformation's ``update``, from 0: under
+  ``optax.MultiSteps`` one per accumulated step, and a step that ``optax.apply_if_finite``
+  skips is not counted) with ``t = begin_step + k * frequency <= end_step`` and at
+  ``t = end_step``, the masks are recomputed from the params passed to ``update``: the
+  smallest-scored kept weights are removed until ``round(s_t * N)`` of the ``N`` selected
+  weights are pruned, with ``s_t`` from :func:`polynomial_sparsity`. Pruned
   weights stay pruned. The target is reached exactly at ``end_step``. Gradients of pruned weights
   are zeroed before ``tx`` sees them, and the returned updates zero the pruned weights.
 
@@ -540,6 +542,50 @@ def _from_nnx_optimizer(tree, like=None):
   return jax.tree.map(unwrap, tree, is_leaf=is_opt)
 
 
+_is_masked_node = lambda x: isinstance(x, optax.MaskedNode)
+
+
+def _has_masked_node(tree) -> bool:
+  return any(_is_masked_node(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked_node))
+
+
+def _all_holders(opt_state) -> list:
+  """Every :class:`PruningState` and :class:`MaskedState` in ``opt_state``, outermost first
+  (not searched inside one another)."""
+  if isinstance(opt_state, (PruningState, MaskedState)):
+    return [opt_state]
+  children = (opt_state.values() if isinstance(opt_state, Mapping) else
+              opt_state if isinstance(opt_state, (tuple, list)) else ())
+  return [h for c in children for h in _all_holders(c)]
+
+
+def _merge_branches(masks: PyTree, state) -> PyTree:
+  """``masks`` from one branch of ``optax.multi_transform`` / ``optax.masked`` (the other
+  branches' leaves are ``optax.MaskedNode()``), completed with the masks the other branches'
+  pruning states hold at those places (two masks at one leaf: a weight either removes is
+  removed). Places no branch prunes stay ``MaskedNode()``."""
+  structure = jax.tree.structure(masks, is_leaf=_is_masked_node)
+  for h in _all_holders(state):
+    if h.masks is masks or jax.tree.structure(h.masks, is_leaf=_is_masked_node) != structure:
+      continue
+    masks = jax.tree.map(
+        lambda a, b: b if _is_masked_node(a) else a if _is_masked_node(b) else a & b,
+        masks, h.masks, is_leaf=_is_masked_node)
+  return masks
+
+
+def _fill_masked_nodes(masks: PyTree, like: PyTree) -> PyTree:
+  """``MaskedNode()`` places (leaves no branch prunes) as all-True masks shaped like ``like``."""
+  try:
+    filled = jax.tree.map(lambda m, p: jnp.ones(jnp.shape(p), bool) if _is_masked_node(m) else m,
+                          masks, like, is_leaf=_is_masked_node)
+  except ValueError as e:
+    raise ValueError("masks_of(..., like=): the optimizer's masks do not have the structure of "
+                     f"like ({e}); pass the params the optimizer updates.") from None
+  masks_lib.check_weight_masks(like, filled)
+  return filled
+
+
 def masks_of(opt_state, *, like: PyTree | None = None) -> PyTree:
   """The weight masks held by a :func:`gradual`, :func:`scheduled`, :func:`keep_masked` or
   :func:`masked_optimizer` state (searched through ``optax.chain`` tuples and other nested
@@ -549,7 +595,12 @@ def masks_of(opt_state, *, like: PyTree | None = None) -> PyTree:
   ``.opt_state`` is searched). ``nnx.Optimizer`` stores its state's arrays in its own
   containers; the masks come back in ``nnx.Param`` containers, or in the containers of
   ``like`` when given (the state the optimizer updates, ``nnx.state(model, wrt)``: pass it when
-  ``wrt`` is not ``nnx.Param``), so they fit ``apply_masks`` and ``masked_optimizer``."""
+  ``wrt`` is not ``nnx.Param``), so they fit ``apply_masks`` and ``masked_optimizer``.
+
+  Inside ``optax.multi_transform`` (or ``optax.masked``) each branch prunes its own leaves and
+  sees ``optax.MaskedNode()`` at the others: the masks of every branch are merged into one
+  tree; leaves that no branch prunes stay ``MaskedNode()``, or become all-True masks with
+  ``like=params``, so that the result fits the params."""
   state = _holder_state(opt_state)
   found = _find_state(state, PruningState)
   if found is None:
@@ -561,7 +612,12 @@ def masks_of(opt_state, *, like: PyTree | None = None) -> PyTree:
     raise ValueError(f"This optimizer state ({type(opt_state).__name__}) holds no masks{hint}; "
                      "build the optimizer with jaxprune.gradual, jaxprune.scheduled, "
                      "jaxprune.keep_masked or jaxprune.masked_optimizer.")
-  return _from_nnx_optimizer(found.masks, like)
+  masks = found.masks
+  if _has_masked_node(masks):
+    masks = _merge_branches(masks, state)
+    if like is not None and _has_masked_node(masks):
+      return _fill_masked_nodes(_from_nnx_optimizer(masks), like)
+  return _from_nnx_optimizer(masks, like)
 
 
 def unit_masks_of(opt_state) -> dict:
@@ -746,7 +802,11 @@ def unstructured_pruner(sparsity, *, scope: str | None = None, scores: Callable 
       per_leaf = None
     return params, _to_sparsity(masks, sc, target, per_leaf, selected, scope), state
 
-  return StepPruner(lambda params: (), prune, takes_sparsity=True, changes_params=False)
+  def init(params):
+    _selection(params, sparsity, select)   # a map key or select= naming no leaf: refused here
+    return ()
+
+  return StepPruner(init, prune, takes_sparsity=True, changes_params=False)
 
 
 def prune_to_sparsity(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5, *,
@@ -809,6 +869,10 @@ def erk_sparsity(params: PyTree, sparsity: float, *, select: Select = None,
     :func:`prune_to_sparsity`.
   """
   _check_sparsity("sparsity", sparsity)
+  if (isinstance(power_scale, bool) or not isinstance(power_scale, (int, float, np.number))
+      or not math.isfinite(power_scale) or power_scale < 0):
+    raise ValueError(f"power_scale must be a finite number >= 0 (1 is ERK, 0 gives every leaf "
+                     f"the same sparsity), got {power_scale!r}.")
   names = magnitude_lib.leaf_names(params)
   leaves = jax.tree.leaves(params)
   sel = magnitude_lib.select_leaves(params, select)

@@ -916,3 +916,122 @@ def test_gradual_refuses_nan_params_and_polynomial_sparsity_its_range():
               dict(final=-0.1)):
     with pytest.raises(ValueError, match="must be a number in \\[0, 1\\)"):
       jaxprune.polynomial_sparsity(1, begin_step=0, end_step=4, **bad)
+
+
+# ---------------------------------------------------------------------- outside probe (optax)
+
+
+def _branch_params():
+  k = jax.random.split(jax.random.key(11), 3)
+  return {"enc": {"w": jax.random.normal(k[0], (4, 6))},
+          "dec": {"w": jax.random.normal(k[1], (6, 8)), "b": jnp.ones(8)},
+          "head": {"w": jax.random.normal(k[2], (8, 2))}}
+
+
+def _first_k_pruner():
+  """A StepPruner that removes the first ``round(s * size)`` weights of every leaf in flat
+  order: an exact, cheap stand-in (no radix select to compile) for schedule tests."""
+  def prune(params, masks, state, grads, target):
+    del grads
+    def one(m):
+      k = jnp.round(jnp.float32(target) * m.size).astype(jnp.int32)
+      return m & (jnp.arange(m.size).reshape(m.shape) >= k)
+    return params, jax.tree.map(one, masks), state
+  return op.StepPruner(lambda params: (), prune, takes_sparsity=True, changes_params=False)
+
+
+def _first_k(shape, s):
+  """Reference of :func:`_first_k_pruner` for one leaf (NumPy)."""
+  size = math.prod(shape)
+  return (np.arange(size) >= round(s * size)).reshape(shape)
+
+
+def test_masks_of_merges_every_branch_of_multi_transform():
+  """masks_of returned only the first branch's masks under optax.multi_transform (the others
+  as MaskedNode placeholders): jaxprune.sparsity of them reported the first branch alone and
+  apply_masks refused them."""
+  params = _branch_params()
+  labels = {"enc": {"w": "e"}, "dec": {"w": "d", "b": "d"}, "head": {"w": "plain"}}
+  sched = dict(begin_step=0, end_step=1, frequency=1, pruner=_first_k_pruner())
+  tx = optax.multi_transform({"e": jaxprune.gradual(optax.adam(0.1), sparsity=0.5, **sched),
+                              "d": jaxprune.gradual(optax.sgd(0.1), sparsity=0.75, **sched),
+                              "plain": optax.adam(0.1)}, labels)
+  g = jax.tree.map(lambda a: 0.01 * jnp.ones_like(a), params)
+  step = jax.jit(lambda p, st: tx.update(g, st, p))
+  state, p = tx.init(params), params
+  for _ in range(2):
+    u, state = step(p, state)
+    p = optax.apply_updates(p, u)
+  got = jaxprune.masks_of(state)
+  assert isinstance(got["head"]["w"], optax.MaskedNode)        # pruned by no branch
+  want = {"enc": {"w": _first_k((4, 6), 0.5)},
+          "dec": {"w": _first_k((6, 8), 0.75), "b": _first_k((8,), 0.75)}}
+  for k in ("enc", "dec"):
+    for leaf in want[k]:
+      np.testing.assert_array_equal(np.asarray(got[k][leaf]), want[k][leaf])
+      np.testing.assert_array_equal(np.asarray(p[k][leaf]) == 0, ~want[k][leaf])
+  full = jaxprune.masks_of(state, like=params)
+  assert jax.tree.structure(full) == jax.tree.structure(params)
+  assert bool(full["head"]["w"].all()) and full["head"]["w"].shape == (8, 2)
+  np.testing.assert_array_equal(np.asarray(full["dec"]["w"]), want["dec"]["w"])
+  assert jaxprune.sparsity(full) == pytest.approx((12 + 36 + 6) / (24 + 48 + 8 + 16))
+  jaxprune.apply_masks(p, full)
+  with pytest.raises(ValueError, match="masks_of.*like="):
+    jaxprune.masks_of(state, like={"enc": params["enc"]})
+  # optax.masked: one pruned subtree, the rest filled as kept with like=.
+  tx = optax.masked(jaxprune.gradual(optax.adam(0.1), sparsity=0.5, **sched),
+                    {"enc": {"w": True}, "dec": {"w": False, "b": False}, "head": {"w": False}})
+  state = tx.init(params)
+  for _ in range(2):
+    u, state = jax.jit(tx.update)(g, state, params)
+  full = jaxprune.masks_of(state, like=params)
+  np.testing.assert_array_equal(np.asarray(full["enc"]["w"]), _first_k((4, 6), 0.5))
+  assert all(bool(jnp.all(m)) for m in (full["dec"]["w"], full["dec"]["b"], full["head"]["w"]))
+
+
+def test_erk_power_scale_and_a_sparsity_map_naming_no_leaf_are_refused_up_front():
+  """erk_sparsity returned NaN sparsities for power_scale=nan (and nonsense for negative ones);
+  gradual with a sparsity map key that names no leaf failed only inside the first update."""
+  params = {"a": {"w": jnp.ones((4, 4))}, "b": {"w": jnp.ones((8, 8))}}
+  for bad in (float("nan"), -1.0, float("inf"), "1"):
+    with pytest.raises(ValueError, match="power_scale must be a finite number >= 0"):
+      jaxprune.erk_sparsity(params, 0.5, power_scale=bad)
+  # power_scale=0: every leaf the same density (hand-computed), 1: ERK.
+  assert jaxprune.erk_sparsity(params, 0.5, power_scale=0) == pytest.approx({"a/w": 0.5,
+                                                                             "b/w": 0.5})
+  assert jaxprune.erk_sparsity(params, 0.5) == pytest.approx({"a/w": 1 / 6, "b/w": 7 / 12})
+  tx = jaxprune.gradual(optax.sgd(0.1), sparsity={"a/x": 0.5}, begin_step=0, end_step=2,
+                        frequency=1)
+  with pytest.raises(KeyError, match=r"No parameter at \['a/x'\]; available leaves"):
+    tx.init(params)
+
+
+def _removed(state):
+  return sum(int((~m).sum()) for m in jax.tree.leaves(jaxprune.masks_of(state)))
+
+
+def test_schedule_counts_the_updates_gradual_receives_multisteps_and_apply_if_finite():
+  """Pins what docs/training.md says: under optax.MultiSteps(every_k_schedule=k) the schedule's
+  step t is the t-th *accumulated* update (call k * (t + 1) - 1), and a step that
+  optax.apply_if_finite skips does not advance it."""
+  params = {"w": jax.random.normal(jax.random.key(3), (8, 8))}
+  g = {"w": jnp.full((8, 8), 0.01)}
+  sched = dict(sparsity=0.5, begin_step=0, end_step=2, frequency=1)
+  target = [round((0.5 - 0.5 * (1 - min(t, 2) / 2) ** 3) * 64) for t in range(4)]  # 0, 28, 32
+  sched["pruner"] = _first_k_pruner()
+  tx = optax.MultiSteps(jaxprune.gradual(optax.sgd(0.1), **sched), every_k_schedule=3)
+  state, p, seen = tx.init(params), params, []
+  for _ in range(9):
+    u, state = jax.jit(tx.update)(g, state, p)
+    p = optax.apply_updates(p, u)
+    seen.append(_removed(state))
+  assert seen == [0, 0, target[0], target[0], target[0], target[1], target[1], target[1],
+                  target[2]]
+  np.testing.assert_array_equal(np.asarray(p["w"]) == 0, ~_first_k((8, 8), 0.5))
+  tx = optax.apply_if_finite(jaxprune.gradual(optax.sgd(0.1), **sched), 5)
+  state, p, seen = tx.init(params), params, []
+  for i in range(4):
+    u, state = jax.jit(tx.update)({"w": g["w"] * (jnp.nan if i == 1 else 1.0)}, state, p)
+    p = optax.apply_updates(p, u)
+    seen.append(_removed(state))
+  assert seen == [target[0], target[0], target[1], target[2]]
