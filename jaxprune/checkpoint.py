@@ -24,12 +24,13 @@ import os
 import shutil
 import tempfile
 import zlib
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 
 from jaxprune import masks as masks_lib
+from jaxprune import units as units_lib
 
 PyTree = Any
 
@@ -40,12 +41,28 @@ def _checkpointer():
 
 
 def _check_leaves(tree: PyTree) -> None:
-  """Raises a TypeError naming the first leaf orbax cannot write (before anything is written)."""
+  """Raises naming the first leaf orbax cannot write, or two leaves it would store under one
+  name (before anything is written)."""
+  named = {}
   for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float)) and not hasattr(
         x, "__array__"):
       raise TypeError(f"Cannot checkpoint the leaf at {jax.tree_util.keystr(k)}: it is of type "
                       f"{type(x).__name__!r}; every leaf must be an array or a number.")
+    if not isinstance(x, (int, float)) and 0 in tuple(np.shape(x)):
+      raise ValueError(f"Cannot checkpoint the leaf at {jax.tree_util.keystr(k)}: it has shape "
+                       f"{tuple(np.shape(x))}, no elements, and orbax-checkpoint cannot store an "
+                       "empty array. Leave it out of what you save and rebuild it after loading "
+                       "(it holds no values).")
+    # orbax names a leaf by its keys joined with '.': {'a.b': x} and {'a': {'b': y}} would be
+    # one entry, and both would load as the same values.
+    name = ".".join(_name(p) for p in k)
+    if name in named:
+      raise ValueError(f"Cannot checkpoint both {jax.tree_util.keystr(named[name])} and "
+                       f"{jax.tree_util.keystr(k)}: orbax stores a leaf under its keys joined "
+                       f"with '.', and both are {name!r}, so one would overwrite the other. "
+                       "Rename a key so that no key with a '.' spells another leaf's path.")
+    named[name] = k
 
 
 def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
@@ -78,9 +95,10 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
       if np.ndim(v) != 1:
         raise ValueError(f"Unit mask {k!r} has shape {tuple(np.shape(v))}; a unit mask is a "
                          "vector with one bool per unit of its group.")
+      units_lib.bool_unit_mask(v, k, np)   # a check: bool, or integer 0/1 (not float scores)
   if target is not None and unit_masks:
     masks_lib.check_unit_masks(target, unit_masks, allow_empty=True)
-  path = os.path.realpath(path)   # through a link ('latest' -> 'step_N'): replace its target
+  path = os.path.realpath(os.path.expanduser(path))   # through a link ('latest' -> 'step_N'): replace its target
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True to replace it or choose a new "
                           "path.")
@@ -216,13 +234,21 @@ def _name(k) -> str:
   return str(k)
 
 
-def _flat(tree: PyTree, prefix: str) -> dict:
+def _leafless(x) -> bool:
+  """A node without leaves that orbax keeps in a checkpoint's structure: None or an empty
+  dict, list or tuple (a template must have one where the checkpoint has one)."""
+  return x is None or (isinstance(x, (Mapping, list, tuple)) and not x)
+
+
+def _flat(tree: PyTree, prefix: str, is_leaf=None) -> dict:
   """``{names: (display path, leaf)}`` for the leaves of ``tree``, shown as ``prefix[...]``."""
   return {tuple(_name(k) for k in ks): (prefix + jax.tree_util.keystr(ks), x)
-          for ks, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+          for ks, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
 def _describe(x) -> str:
+  if _leafless(x):
+    return "None" if x is None else f"an empty {type(x).__name__}"
   return f"shape {tuple(np.shape(x))} {np.result_type(x) if not hasattr(x, 'dtype') else x.dtype}"
 
 
@@ -238,22 +264,42 @@ def _stored_shape(x) -> tuple:
 def _check_template(path: str, saved: PyTree, template: PyTree) -> None:
   """Raises a ValueError naming the first leaf where ``template`` and the saved params differ in
   name or shape (dtypes may differ: the restored leaves are cast to the template's)."""
-  have, want = _flat(saved, "params"), _flat(template, "params")
+  have = _flat(saved, "params", is_leaf=_leafless)
+  want = _flat(template, "params", is_leaf=_leafless)
   fix = ("Pass as params_template the params of the model that was saved (same names and shapes; "
          "dtypes may differ and are cast), or params_template=None to load it as saved.")
   for names, (shown, t) in want.items():
     if names not in have:
       listed = ", ".join(s for s, _ in list(have.values())[:4]) + (", ..." if len(have) > 4 else "")
       raise ValueError(f"The checkpoint at {path} does not fit the params template: {shown} is in "
-                       f"the template but not in the checkpoint (which has {listed}). {fix}")
+                       f"the template but not in the checkpoint (which has {listed}). "
+                       f"{_nnx_hint(names, have) or fix}")
     s_shown, s = have[names]
-    if tuple(s.shape) != _stored_shape(t):
+    if _leafless(s) and _leafless(t):   # None and an empty container alike: no values
+      continue
+    if _leafless(s) or _leafless(t) or tuple(s.shape) != _stored_shape(t):
       raise ValueError(f"The checkpoint at {path} does not fit the params template: at {shown} the "
                        f"checkpoint has {_describe(s)}, the template {_describe(t)}. {fix}")
-  for names, (shown, _) in have.items():
+  for names, (shown, s) in have.items():
     if names not in want:
+      what = f" ({_describe(s)})" if _leafless(s) else ""
       raise ValueError(f"The checkpoint at {path} does not fit the params template: it has "
-                       f"{shown}, which the template lacks. {fix}")
+                       f"{shown}{what}, which the template lacks. {fix}")
+
+
+def _nnx_hint(names: tuple, have: dict) -> str:
+  """The fix when a flax nnx ``State`` (whose leaves sit one ``value`` deeper, in their
+  Variables) meets the same params saved as its pure dict, or the other way round; else ''."""
+  if names[-1:] == ("value",) and names[:-1] in have:
+    return ("The checkpoint holds plain arrays where the template (an nnx State) holds "
+            "Variables: it was saved from nnx.to_pure_dict(state). Load it with "
+            "nnx.to_pure_dict(state) as params_template, then "
+            "nnx.replace_by_pure_dict(state, params).")
+  if names + ("value",) in have:
+    return ("The checkpoint holds nnx Variables (their arrays one 'value' deeper) where the "
+            "template holds plain arrays: it was saved from an nnx State. Pass that State "
+            "(e.g. nnx.state(model, nnx.Param)) as params_template.")
+  return ""
 
 
 def _abstract(x):
@@ -295,7 +341,7 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
       listed in its ``jaxprune_files.json`` is missing, of another size or changed (checked
       before orbax reads anything; a checkpoint without that list is read unchecked).
   """
-  path = os.path.abspath(path)
+  path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f"No checkpoint at {path}; save one with "
                             "jaxprune.save_checkpoint(path, params, masks).")

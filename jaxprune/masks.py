@@ -269,15 +269,18 @@ def _check_mask_leaves(masks: PyTree, fn: str) -> None:
 
 
 def count_weights(masks: PyTree) -> tuple[int, int]:
-  """(kept, total) over every leaf of a weight mask (bool leaves)."""
+  """(kept, total) over every leaf of a weight mask (bool leaves). Under ``jit``/``vmap``
+  (traced masks) ``kept`` is a traced int32 scalar; ``total`` is always an int."""
   _check_mask_leaves(masks, "count_weights")
   return _counts(masks)
 
 
 def _counts(masks: PyTree) -> tuple[int, int]:
   leaves = jax.tree.leaves(masks)
-  return (int(sum(int(np.sum(np.asarray(m))) for m in leaves)),
-          int(sum(int(np.size(m)) for m in leaves)))
+  total = int(sum(int(np.size(m)) for m in leaves))
+  if any(isinstance(m, jax.core.Tracer) for m in leaves):   # inside jit / vmap
+    return sum((jnp.sum(m, dtype=jnp.int32) for m in leaves), jnp.int32(0)), total
+  return int(sum(int(np.sum(np.asarray(m))) for m in leaves)), total
 
 
 def _removed_fraction(kept: int, total: int) -> float:
@@ -286,7 +289,8 @@ def _removed_fraction(kept: int, total: int) -> float:
 
 
 def sparsity(masks: PyTree) -> float:
-  """Fraction of weights removed (``masks``: bool leaves).
+  """Fraction of weights removed (``masks``: bool leaves); a traced float32 scalar under
+  ``jit``/``vmap``.
 
   Empty (size-0) leaves hold no weights: they count as 0 of 0, so a tree of only empty leaves
   has sparsity 0.0 (nothing was pruned), not 1.0.
@@ -303,6 +307,13 @@ def summary(masks: PyTree, unit_masks: Mapping[str, Any] | None = None) -> str:
   :func:`sparsity`), not 100%.
   """
   _check_mask_leaves(masks, "summary")
+  traced = [k for k, m in jax.tree_util.tree_flatten_with_path(masks)[0]
+            if isinstance(m, jax.core.Tracer)]
+  if traced:
+    raise TypeError(f"summary makes a text table from concrete masks, but the leaf at "
+                    f"{jax.tree_util.keystr(traced[0])} is traced (inside jax.jit or jax.vmap). "
+                    "Call it outside the jitted function, on the masks it returns; inside, "
+                    "jaxprune.sparsity and jaxprune.count_weights work on traced masks.")
   rows = []
   for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
     name = units_lib.path_str([k if k is not None else "?" for k in map(units_lib.key_of, path)])

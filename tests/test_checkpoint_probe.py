@@ -1,0 +1,182 @@
+"""Probes of checkpoint.py and masks.py as an outside user meets them: exact round trips, and
+clear errors (naming the leaf and the fix) where orbax would fail obscurely or lose data."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+
+
+def _leftovers(folder):
+  return sorted(os.listdir(folder))
+
+
+def test_keys_whose_dotted_names_collide_are_refused_not_merged(tmp_path):
+  # orbax names leaves by their keys joined with '.': {'a.b'} and {'a': {'b'}} were one entry,
+  # and both loaded as the zeros (the ones were lost without a word).
+  params = {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}
+  with pytest.raises(ValueError, match=r"\['params'\]\['a'\]\['b'\].*\['params'\]\['a\.b'\]"
+                     r".*Rename a key"):
+    jaxprune.save_checkpoint(str(tmp_path / "c"), params)
+  assert _leftovers(tmp_path) == []
+  # a dotted key that spells no other leaf's path still round-trips exactly
+  ok = {"a.b": jnp.array([1.0, 2.0]), "c": jnp.array([3.0])}
+  jaxprune.save_checkpoint(str(tmp_path / "ok"), ok)
+  back, _ = jaxprune.load_checkpoint(str(tmp_path / "ok"), ok)
+  assert np.array_equal(back["a.b"], [1.0, 2.0]) and np.array_equal(back["c"], [3.0])
+
+
+def test_a_size_zero_leaf_is_refused_before_anything_is_written(tmp_path):
+  params = {"s": jnp.zeros((0, 3)), "w": jnp.ones(2)}
+  with pytest.raises(ValueError, match=r"\['s'\].*shape \(0, 3\).*empty array"):
+    jaxprune.save_checkpoint(str(tmp_path / "c"), params)
+  assert _leftovers(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def with_none(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("ck") / "c")
+  params = {"a": [jnp.arange(3.0)], "n": None, "e": {}}
+  jaxprune.save_checkpoint(path, params, {"a": [jnp.array([True, False, True])], "n": None,
+                                           "e": {}})
+  return path
+
+
+@pytest.mark.parametrize("template, named", [
+    ({"a": [jnp.ones(3)], "e": {}}, r"it has params\['n'\] \(None\), which the template lacks"),
+    ({"a": [jnp.ones(3)], "n": None}, r"params\['e'\] \(an empty dict\)"),
+    ({"a": [jnp.ones(3), None], "n": None, "e": {}}, r"params\['a'\]\[1\] is in the template"),
+    ({"a": [jnp.ones(3)], "n": jnp.ones(2), "e": {}}, r"at params\['n'\] the checkpoint has None"),
+])
+def test_a_template_that_differs_in_a_leafless_node_is_named_not_called_damaged(
+    with_none, template, named):
+  # These failed inside orbax's restore, reported as files "lost or cut short".
+  with pytest.raises(ValueError, match="does not fit the params template") as e:
+    jaxprune.load_checkpoint(with_none, template)
+  assert "cut short" not in str(e.value)
+  import re
+  assert re.search(named, str(e.value)), str(e.value)
+
+
+def test_a_leafless_node_loads_with_its_template_exactly(with_none):
+  params, masks = jaxprune.load_checkpoint(with_none, {"a": [jnp.ones(3)], "n": None, "e": {}})
+  assert params["n"] is None and params["e"] == {} and masks["n"] is None
+  assert np.array_equal(params["a"][0], [0.0, 1.0, 2.0])
+  assert masks["a"][0].tolist() == [True, False, True]
+
+
+def test_nnx_state_against_its_pure_dict_says_how_to_load(tmp_path):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  net = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  state = nnx.state(net, nnx.Param)
+  pure = str(tmp_path / "pure")
+  jaxprune.save_checkpoint(pure, nnx.to_pure_dict(state))
+  with pytest.raises(ValueError, match=r"saved from nnx\.to_pure_dict.*replace_by_pure_dict"):
+    jaxprune.load_checkpoint(pure, state)
+  # the advice works: the values come back into another network
+  other = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+  st = nnx.state(other, nnx.Param)
+  params, _ = jaxprune.load_checkpoint(pure, nnx.to_pure_dict(st))
+  nnx.replace_by_pure_dict(st, params)
+  nnx.update(other, st)
+  assert np.array_equal(other.kernel[...], net.kernel[...])
+  whole = str(tmp_path / "state")
+  jaxprune.save_checkpoint(whole, state)
+  with pytest.raises(ValueError, match=r"saved from an nnx State.*Pass that State"):
+    jaxprune.load_checkpoint(whole, nnx.to_pure_dict(state))
+
+
+def test_a_path_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
+  home, work = tmp_path / "home", tmp_path / "work"
+  home.mkdir()
+  work.mkdir()
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.chdir(work)
+  params = {"w": jnp.array([1.0, -2.0])}
+  jaxprune.save_checkpoint("~/ck", params)
+  assert _leftovers(work) == [] and "ck" in _leftovers(home)   # not a folder named '~'
+  back, _ = jaxprune.load_checkpoint("~/ck", params)
+  assert np.array_equal(back["w"], [1.0, -2.0])
+
+
+def test_unit_masks_of_float_scores_are_refused_without_a_target(tmp_path):
+  with pytest.raises(ValueError, match="Unit mask 'g' has dtype.*bool"):
+    jaxprune.save_checkpoint(str(tmp_path / "c"), {"w": jnp.ones(2)},
+                             unit_masks={"g": np.array([0.2, 1.0])})
+  assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.int32, jnp.uint8, np.bool_])
+def test_leaves_of_every_dtype_round_trip_exactly(tmp_path, dtype):
+  params = {"w": jnp.arange(6).reshape(2, 3).astype(dtype), "s": jnp.asarray(3).astype(dtype)}
+  masks = {"w": jnp.array([[True, False, True], [False, True, False]]), "s": jnp.array(True)}
+  jaxprune.save_checkpoint(str(tmp_path / "c"), params, masks)
+  for template in (params, None):
+    back, m = jaxprune.load_checkpoint(str(tmp_path / "c"), template)
+    for k in params:
+      assert back[k].dtype == params[k].dtype
+      assert np.array_equal(np.asarray(back[k]), np.asarray(params[k]))
+      assert np.array_equal(np.asarray(m[k]), np.asarray(masks[k]))
+
+
+def test_a_float64_numpy_leaf_round_trips_without_loss(tmp_path):
+  params = {"w": np.array([1.0 + 2.0 ** -40, np.pi])}
+  jaxprune.save_checkpoint(str(tmp_path / "c"), params)
+  back, _ = jaxprune.load_checkpoint(str(tmp_path / "c"), params)
+  assert back["w"].dtype == np.float64 and np.array_equal(back["w"], params["w"])
+
+
+def _reference_counts(masks):
+  kept = total = 0
+  for m in jax.tree.leaves(masks):
+    for v in np.asarray(m).ravel():
+      kept += int(bool(v))
+      total += 1
+  return kept, total
+
+
+def test_sparsity_and_count_weights_work_under_jit_and_vmap():
+  masks = {"w": jnp.array([[True, False], [False, False]]), "b": jnp.array([False, True, True])}
+  kept, total = _reference_counts(masks)   # 3 of 7
+  assert (kept, total) == (3, 7)
+  assert float(jax.jit(jaxprune.sparsity)(masks)) == pytest.approx(1 - 3 / 7, abs=1e-6)
+  k, t = jax.jit(jaxprune.count_weights)(masks)
+  assert (int(k), int(t)) == (3, 7)
+  population = jax.tree.map(lambda x: jnp.stack([x, ~x, jnp.ones_like(x)]), masks)
+  per_member = jax.vmap(jaxprune.sparsity)(population)
+  want = [1 - _reference_counts(jax.tree.map(lambda x, i=i: x[i], population))[0] / 7
+          for i in range(3)]
+  np.testing.assert_allclose(np.asarray(per_member), want, atol=1e-6)
+  assert jaxprune.sparsity(masks) == 1 - 3 / 7   # outside jit: a Python float, as before
+  assert jaxprune.count_weights(jax.tree.map(np.asarray, masks)) == (3, 7)
+
+
+def test_summary_under_jit_says_to_call_it_outside():
+  masks = {"w": jnp.array([True, False])}
+  with pytest.raises(TypeError, match=r"\['w'\] is traced.*outside the jitted function"):
+    jax.jit(jaxprune.summary)(masks)
+
+
+def test_apply_masks_matches_a_hand_loop_for_numpy_and_jax_masks_and_under_vmap():
+  params = {"w": jnp.array([[1.0, -2.0], [3.0, 4.0]]), "b": jnp.array([5.0, 6.0])}
+  masks = {"w": np.array([[True, False], [False, True]]), "b": np.array([False, True])}
+
+  def by_hand(p, m):
+    out = np.array(p, dtype=np.float32)
+    for i in np.ndindex(out.shape):
+      if not m[i]:
+        out[i] = 0.0
+    return out
+
+  for mk in (masks, jax.tree.map(jnp.asarray, masks)):
+    got = jax.jit(jaxprune.apply_masks)(params, mk)
+    for k in params:
+      assert np.array_equal(np.asarray(got[k]), by_hand(params[k], masks[k]))
+  stacked = jax.tree.map(lambda m: jnp.stack([m, ~m]), masks)
+  got = jax.vmap(jaxprune.apply_masks, in_axes=(None, 0))(params, stacked)
+  for k in params:
+    assert np.array_equal(np.asarray(got[k][1]), by_hand(params[k], ~masks[k]))
