@@ -311,7 +311,8 @@ def bool_unit_mask(mask: Any, name: str, xp=jnp) -> jax.Array:
         raise ValueError(f"Unit mask {name!r} holds {bad[:5].tolist()}; an integer unit "
                          "mask may hold only 0 and 1 (better: use a bool mask).")
     return xp.asarray(mask).astype(bool)
-  raise ValueError(f"Unit mask {name!r} has dtype {dtype}; unit masks must be bool (or "
+  shown = getattr(mask, "dtype", dtype)   # a NumPy float64 mask is named float64, not float32
+  raise ValueError(f"Unit mask {name!r} has dtype {shown}; unit masks must be bool (or "
                    "integer 0/1). Threshold it yourself, e.g. mask > 0.5, if that is meant.")
 
 

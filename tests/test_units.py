@@ -193,3 +193,9 @@ def test_bias_contribution_with_outputs_first_and_a_scalar_bias():
     units.bias_contribution(c, units.unit_view(dense, d), (), d, dense)
   np.testing.assert_allclose(units.bias_contribution(c, units.unit_view(dense[:, :1], d), (), d,
                                                      dense[:, :1]), 1.0)   # one output
+
+
+def test_a_float_unit_mask_is_refused_naming_its_own_dtype():
+  with pytest.raises(ValueError, match="has dtype float64; unit masks must be bool"):
+    units.bool_unit_mask(np.array([0.0, 1.0]), "g")   # not 'float32' (JAX's canonical dtype)
+  assert units.bool_unit_mask(np.array([0, 1, 1]), "g").tolist() == [False, True, True]
