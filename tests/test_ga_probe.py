@@ -221,3 +221,16 @@ def test_a_bad_fast_path_is_refused_with_a_fitness_function_too(small, fast_path
   with pytest.raises(ValueError, match=r"fast_path must be 'auto', True or False, got"):
     ga.search(model, params, None, None, "hidden_0", key=jax.random.key(3), config=CFG,
               fitness=lambda p, m: jnp.sum(m), fast_path=fast_path, progress=False)
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_batch_of_keys_says_to_vmap_the_search(raw):
+  model = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
+  params = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (20, 4))
+  y = jax.random.randint(jax.random.key(2), (20,), 0, 3)
+  keys = jax.random.split(jax.random.PRNGKey(3) if raw else jax.random.key(3), 2)
+  with pytest.raises(ValueError, match=r"ga.search takes one key, got a batch of keys of shape "
+                     r"\(2,\); for several runs, vmap"):
+    ga.search(model, params, x, y, "hidden_0", key=keys, progress=False,
+              config=ga.GAConfig(population_size=6, generations=1))

@@ -359,7 +359,7 @@ def run(config: GAConfig, fitness_fn: FitnessFn, num_units: int, *, key: jax.Arr
   """
   check_config(config)
   check_params(hyper)
-  validate.check_key(key)
+  validate.check_key(key, single="ga.run")
   try:
     hash(fitness_fn)
   except TypeError:

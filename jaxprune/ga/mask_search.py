@@ -181,7 +181,7 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
   check_params(hyper)
   if not isinstance(fit, UserFitness):
     check_penalty(hyper)
-  validate.check_key(key)
+  validate.check_key(key, single="ga.search")
   mesh = resolve_mesh(mesh, shard)
   if mesh is not None and mesh.size > 1:
     params = jax.device_put(params, NamedSharding(mesh, PS()))
