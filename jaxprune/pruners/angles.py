@@ -19,7 +19,8 @@ PyTree = Any
 
 @jax.jit
 def pairwise_angles(vectors: jax.Array) -> jax.Array:
-  """Angles in degrees between the rows of ``vectors`` (units, dim); NaN for zero rows.
+  """Angles in degrees between the rows of ``vectors`` (units, dim); NaN for zero rows (and
+  rows too long for a float32 norm, entries of about 1e19 and more).
 
   Stable everywhere: rows are normalised, and the angle is
   ``2 * atan2(|u - v|, |u + v|)`` with the squared norms taken from the Gram matrix, so exact
@@ -27,7 +28,14 @@ def pairwise_angles(vectors: jax.Array) -> jax.Array:
   Gram matrix's entries in other orders: an H200 gave 0.028 degrees for a duplicate).
   """
   v = jnp.asarray(vectors, jnp.float32)
-  zero = jnp.linalg.norm(v, axis=1) == 0
+  if v.ndim != 2:  # checked while tracing: free at run time
+    raise ValueError(f"pairwise_angles takes a 2-D (units, dim) array, one row per unit; got "
+                     f"shape {v.shape}. Stack the units' vectors as rows (for activations "
+                     "(N, units), pass their transpose).")
+  n = jnp.linalg.norm(v, axis=1)
+  # no angle for a zero row, nor for one too long for a float32 norm (entries ~1e19 and up: it
+  # would normalise to zero and read as a duplicate of every other such row)
+  zero = (n == 0) | jnp.isinf(n)
   ang = _angle_matrix(*_gram(v))
   return jnp.where(zero[:, None] | zero[None, :], jnp.nan, ang)
 
@@ -44,6 +52,9 @@ def weight_angles(params: PyTree, group, *, source: str = "outgoing") -> jax.Arr
     group: a :class:`jaxprune.UnitGroup` (e.g. ``model.groups['dense_2']``).
     source: ``'outgoing'`` or ``'incoming'``.
   """
+  if not hasattr(group, "consumers"):
+    raise TypeError(f"group must be a jaxprune.UnitGroup, e.g. model.groups['hidden_0'], not "
+                    f"{type(group).__name__} {group!r}.")
   if source == "outgoing":
     return pairwise_angles(_common.outgoing_vectors(params, group))
   if source == "incoming":

@@ -67,7 +67,7 @@ import numpy as np
 from jaxprune import units as units_lib
 from jaxprune.pruners import _common
 from jaxprune.pruners.angles import _thresholds_ok, check_thresholds
-from jaxprune.pruners.selection import SweepReport, _sweep
+from jaxprune.pruners.selection import CONSTANT, SweepReport, _sweep
 
 PyTree = Any
 
@@ -387,9 +387,9 @@ class StableReport(NamedTuple):
 
   Attributes:
     sweeps: () int32 sweeps run, the last one (which found nothing) included.
-    actions: () int32 actions over all sweeps.
-    stable: () bool, True if the last sweep found no qualifying pair (False if ``max_sweeps``
-      stopped it first, or if the input was bad under ``jit``).
+    actions: () int32 actions over all sweeps (a last sweep that removed nothing adds none).
+    stable: () bool, True if the last sweep found no qualifying pair or removed nothing (False
+      if ``max_sweeps`` stopped it first, or if the input was bad under ``jit``).
     invalid: () bool, the first sweep's ``report.invalid``.
   """
 
@@ -421,12 +421,21 @@ def _make_stable_loop(prune, max_sweeps):
     def body(c):
       p, m, _, n, total = c
       p, m, r = prune(p, m, *args, **kwargs)
-      return p, m, r.count, n + 1, total + r.count
+      acted = _acted(r)
+      return p, m, acted, n + 1, total + acted
 
     one = jnp.asarray(1, jnp.int32)
     return jax.lax.while_loop(cond, body, (params, unit_masks, first_count, one, first_count))
 
   return jax.jit(loop)
+
+
+def _acted(report: SweepReport) -> jax.Array:
+  """The sweep's action count, or 0 if it removed nothing: when the only unit left in play is
+  constant, the sweep removes it and then keeps it (``kept_last``), one action that changes
+  nothing, and repeating it would never end."""
+  idle = report.kept_last & (report.count == 1) & (report.kind[0] == CONSTANT)
+  return jnp.where(idle, jnp.zeros_like(report.count), report.count)
 
 
 def _takes_sample_weight(prune: Callable) -> bool:
@@ -445,7 +454,9 @@ def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
   threshold among the kept units (a kept unit's outgoing weights change, and with the default
   ``absorb=False`` a unit takes part in one action per sweep). Repeating until nothing
   qualifies is how the CNN studies prune a layer. Every sweep that acts removes at least one
-  unit, so this ends after at most ``units + 1`` sweeps.
+  unit, so this ends after at most ``units + 1`` sweeps. A sweep that removes nothing counts as
+  finding nothing: that is the case when the only unit left is constant (the sweep removes it,
+  then keeps it as the last unit, ``report.kept_last``); it adds no actions.
 
   The first sweep runs as an ordinary call (so bad concrete input raises as usual); the rest
   run as one compiled ``lax.while_loop`` (compiled once per pruner).
@@ -493,10 +504,11 @@ def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
         f"return, (params, unit_masks, SweepReport)); it returned {got}. Other pruners choose "
         "their own number of units: call them once.")
   params, unit_masks, first = out
-  if _common.is_concrete(first.count) and int(first.count) == 0:  # stable already: no loop
+  first_count = _acted(first)
+  if _common.is_concrete(first_count) and int(first_count) == 0:  # stable already: no loop
     one = jnp.asarray(1, jnp.int32)
-    return params, unit_masks, StableReport(one, first.count, ~first.invalid, first.invalid)
+    return params, unit_masks, StableReport(one, first_count, ~first.invalid, first.invalid)
   loop = _stable_loop(prune, max_sweeps)
-  params, unit_masks, last, sweeps, total = loop(params, unit_masks, first.count, args, kwargs)
+  params, unit_masks, last, sweeps, total = loop(params, unit_masks, first_count, args, kwargs)
   return params, unit_masks, StableReport(sweeps, total, (last == 0) & ~first.invalid,
                                           first.invalid)

@@ -37,7 +37,8 @@ class SweepReport(NamedTuple):
     max_angle: () float32, largest such angle.
     kept_last: () bool, True if the sweep would have removed every unit and one was kept.
     invalid: () bool, True if the input was bad under ``jit`` (NaN activations, thresholds
-      outside [0, 180] or ``similar_deg >= complementary_deg``): nothing was changed.
+      outside [0, 180] or ``similar_deg >= complementary_deg``) or a unit's vector is too long
+      for a float32 norm (entries of about 1e19 and more): nothing was changed.
     folded: () bool, True if complementary pairs were folded (only ``second`` removed).
   """
 
@@ -324,6 +325,9 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
       jnp.asarray(f, bool) for f in (use_similar, use_comp, use_const, absorb, fold, compensate))
   vecs = jnp.where(active[:, None], vecs, 0.0)
   norm = jnp.linalg.norm(vecs, axis=1)
+  # A vector too long for a float32 norm (entries ~1e19 and up) would normalise to zero and
+  # read as a duplicate of every other such vector: refuse it rather than merge them all.
+  bad = bad | jnp.any(jnp.isinf(norm))
   g, d = _blocked_gram(vecs) if blocked else _gram(vecs)
   idx = jnp.arange(h, dtype=jnp.int32)
   # One symmetric angle matrix (the upper triangle mirrored, so both units of a pair see the
