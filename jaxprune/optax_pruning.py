@@ -478,18 +478,22 @@ def scheduled(tx: optax.GradientTransformation, pruner: StepPruner, *, begin_ste
   return _wrap(tx, pruner, None, begin_step, end_step, frequency, at_end=False)
 
 
-def _find_state(opt_state, cls):
-  if isinstance(opt_state, cls):
-    return opt_state
-  if isinstance(opt_state, PruningState) and cls is not PruningState:
-    return None
+def _states(opt_state, classes) -> list:
+  """Every state of ``classes`` in ``opt_state`` (through ``optax.chain`` tuples and other
+  nested containers), outermost first; found ones, and a :class:`PruningState`, are not
+  searched inside."""
+  if isinstance(opt_state, classes):
+    return [opt_state]
+  if isinstance(opt_state, PruningState):
+    return []
   children = (opt_state.values() if isinstance(opt_state, Mapping) else
               opt_state if isinstance(opt_state, (tuple, list)) else ())
-  for c in children:
-    found = _find_state(c, cls)
-    if found is not None:
-      return found
-  return None
+  return [s for c in children for s in _states(c, classes)]
+
+
+def _find_state(opt_state, cls):
+  """The first state of class ``cls`` in ``opt_state`` (see :func:`_states`), or None."""
+  return next(iter(_states(opt_state, cls)), None)
 
 
 def _holder_state(opt_state):
@@ -549,23 +553,13 @@ def _has_masked_node(tree) -> bool:
   return any(_is_masked_node(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked_node))
 
 
-def _all_holders(opt_state) -> list:
-  """Every :class:`PruningState` and :class:`MaskedState` in ``opt_state``, outermost first
-  (not searched inside one another)."""
-  if isinstance(opt_state, (PruningState, MaskedState)):
-    return [opt_state]
-  children = (opt_state.values() if isinstance(opt_state, Mapping) else
-              opt_state if isinstance(opt_state, (tuple, list)) else ())
-  return [h for c in children for h in _all_holders(c)]
-
-
 def _merge_branches(masks: PyTree, state) -> PyTree:
   """``masks`` from one branch of ``optax.multi_transform`` / ``optax.masked`` (the other
   branches' leaves are ``optax.MaskedNode()``), completed with the masks the other branches'
   pruning states hold at those places (two masks at one leaf: a weight either removes is
   removed). Places no branch prunes stay ``MaskedNode()``."""
   structure = jax.tree.structure(masks, is_leaf=_is_masked_node)
-  for h in _all_holders(state):
+  for h in _states(state, (PruningState, MaskedState)):
     if h.masks is masks or jax.tree.structure(h.masks, is_leaf=_is_masked_node) != structure:
       continue
     masks = jax.tree.map(
