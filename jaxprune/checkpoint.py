@@ -98,7 +98,8 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
       units_lib.bool_unit_mask(v, k, np)   # a check: bool, or integer 0/1 (not float scores)
   if target is not None and unit_masks:
     masks_lib.check_unit_masks(target, unit_masks, allow_empty=True)
-  path = os.path.realpath(os.path.expanduser(path))   # through a link ('latest' -> 'step_N'): replace its target
+  # through a link ('latest' -> 'step_N'): replace its target
+  path = os.path.realpath(os.path.expanduser(path))
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True to replace it or choose a new "
                           "path.")
