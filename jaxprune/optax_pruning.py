@@ -703,6 +703,12 @@ def _score_leaves(scores, params, grads, selected, masks=None):
       raise ValueError(f"The score of {name} has shape {tuple(jnp.shape(sl[i]))} but the "
                        f"parameter has shape {tuple(jnp.shape(leaves[i]))}; return one score per "
                        "weight.")
+  for i in selected:
+    if jnp.iscomplexobj(sl[i]):   # a float cast would keep the real part alone
+      name = magnitude_lib.leaf_names(params)[i]
+      raise TypeError(f"The score of {name} is complex ({jnp.result_type(sl[i])}); scores must "
+                      "be real (larger kept): return jnp.abs(z) or jnp.real(z), whichever is "
+                      "meant.")
   out = [_wide(sl[i]) for i in selected]
   _check_scores(out, params, selected, True, keep)
   return out

@@ -303,6 +303,10 @@ def test_unstructured_pruners_refuse_nan_weights_and_negative_scores():
   params = _mlp_params()
   with pytest.raises(ValueError, match="linear/w hold negative values.*jnp.abs"):
     jaxprune.prune_to_sparsity(params, None, 0.5, scores=params)
+  # complex scores: a float cast kept their real part (3j and -4j scored 0)
+  scores = jax.tree.map(lambda a: jnp.abs(a) * 1j, params)
+  with pytest.raises(TypeError, match="linear/w is complex.*jnp.abs"):
+    jaxprune.prune_to_sparsity(params, None, 0.5, scores=scores)
 
 
 def test_default_selection_leaves_integer_buffers_alone():
