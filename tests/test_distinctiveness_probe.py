@@ -244,8 +244,14 @@ def test_vectors_too_long_for_float32_norms_merge_nothing(tanh_model):
   a = np.random.default_rng(0).normal(size=(P, H))
   ang = _ref_angles(a.T)
   assert not np.any(ang[np.triu_indices(H, 1)] < 15.0)
-  _, m, rep = distinctiveness(model, "hidden_0", complementary=False)(
-      params, jaxprune.unit_masks_ones(model), (a * 1e19).astype(np.float32))
+  prune = distinctiveness(model, "hidden_0", complementary=False)
+  um = jaxprune.unit_masks_ones(model)
+  big = (a * 1e19).astype(np.float32)
+  with pytest.raises(ValueError, match=r"Activations of 10 unit\(s\) of group 'hidden_0' .* "
+                     "too large for float32"):
+    prune(params, um, big)                             # concrete: refused before any work
+  prune(params, um, (a * 1e17).astype(np.float32))    # large but within range: runs
+  _, m, rep = jax.jit(prune)(params, um, big)          # traced: nothing changed, flagged
   assert np.asarray(m["hidden_0"]).all() and int(rep.count) == 0
   assert bool(rep.invalid)
 

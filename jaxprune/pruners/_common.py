@@ -192,7 +192,29 @@ def check_activation_input(acts, group: units_lib.UnitGroup, sample_weight=None,
     if mask is not None:
       a = a[..., np.asarray(mask, bool)]
     check_finite("Activations", a)
+    check_norms(a, group)
   return w
+
+
+def check_norms(a: np.ndarray, group: units_lib.UnitGroup) -> None:
+  """Raises ValueError if a unit's activations (concrete, units last) are too large for a
+  float32 norm: the sum of their squares overflows, the vector normalises to zero, and every such
+  unit would read as a duplicate of the others (the jitted sweeps then set ``invalid``)."""
+  if a.size == 0:
+    return
+  top = float(np.max(np.abs(a)))
+  limit = float(np.finfo(np.float32).max)
+  if top * top * (a.size // a.shape[-1]) <= limit:   # cannot overflow: the usual case, one pass
+    return
+  flat = a.reshape(-1, a.shape[-1]).astype(np.float64)
+  sums = np.einsum("nu,nu->u", flat, flat)
+  over = np.flatnonzero(sums > limit)
+  if over.size:
+    raise ValueError(f"Activations of {over.size} unit(s) of group {group.name!r} (e.g. unit "
+                     f"{int(over[0])}) are too large for float32 (largest |value| {top:.3g}): the "
+                     "sum of their squares overflows, so their angles cannot be computed and "
+                     "they would all read as duplicates. Rescale the inputs or the weights "
+                     "(diverged training?) before pruning.")
 
 
 def incoming_vectors(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
