@@ -118,6 +118,26 @@ def check_fraction(name: str, value) -> None:
       raise ValueError(f"{name} must lie in [0, 1], got {value}.")
 
 
+def check_real_scalar(name: str, value, expect: str, sweep: str) -> None:
+  """Raises unless ``value`` is one real number (bool, integer or float; concrete or traced):
+  ``TypeError`` for anything else (a string, None, a complex number), saying it must be
+  ``expect``; ``ValueError`` for several numbers, ending with ``sweep`` (how to run a sweep)."""
+  dtype = None
+  if not isinstance(value, (str, bytes)) and value is not None:
+    try:
+      dtype = np.asarray(value).dtype if not hasattr(value, "dtype") else jnp.result_type(value)
+    except (TypeError, ValueError):
+      dtype = None
+  if dtype is None or not (jnp.issubdtype(dtype, jnp.integer) or
+                           jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.bool_):
+    got = f"an array of {dtype}" if hasattr(value, "dtype") else (
+        f"{type(value).__name__} {value!r}")
+    raise TypeError(f"{name} must be {expect}, got {got}.")
+  shape = tuple(value.shape) if hasattr(value, "shape") else tuple(np.shape(value))
+  if shape != ():
+    raise ValueError(f"{name} must be one number, got shape {shape}; {sweep}")
+
+
 def check_activation_shape(acts, group: units_lib.UnitGroup) -> None:
   """Raises unless ``acts`` is (N, ..., units) for ``group``: (N, units), (N, L, units) or
   (N, H, W, units), units last; every position of every pattern is one pattern of the unit

@@ -143,20 +143,10 @@ def _whole_in_range(k, size: int) -> bool:
 
 def _check_max_rise(max_rise) -> None:
   """Raises unless ``max_rise`` is one real number (concrete: >= 0, NaN refused)."""
-  if isinstance(max_rise, (str, bytes)) or max_rise is None:
-    raise TypeError(f"max_rise must be a number >= 0 (the largest allowed rise of the loss), "
-                    f"got {type(max_rise).__name__} {max_rise!r}.")
-  try:
-    dtype = jnp.result_type(max_rise)
-  except TypeError:
-    raise TypeError(f"max_rise must be a number >= 0 (the largest allowed rise of the loss), "
-                    f"got {type(max_rise).__name__}.") from None
-  if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
-    raise TypeError(f"max_rise must be a real number >= 0, got an array of {dtype}.")
-  if jnp.shape(max_rise) != ():
-    raise ValueError(f"max_rise must be one number, got shape {jnp.shape(max_rise)}; to run "
-                     "several thresholds, vmap over them: jax.vmap(run, in_axes=(None, None, "
-                     "0))(params, unit_masks, max_rises).")
+  _common.check_real_scalar(
+      "max_rise", max_rise, "a number >= 0 (the largest allowed rise of the loss)",
+      "to run several thresholds, vmap over them: jax.vmap(run, in_axes=(None, None, "
+      "0))(params, unit_masks, max_rises).")
   if _common.is_concrete(max_rise) and not float(max_rise) >= 0:
     raise ValueError(f"max_rise must be >= 0 (the largest allowed rise of the loss), got "
                      f"{max_rise}.")

@@ -37,7 +37,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
@@ -304,23 +303,10 @@ def _core(params, scores, weight_masks, fraction, *, selected, scope):
 def _check_fraction_value(fraction) -> None:
   """Raises unless ``fraction`` is one real number (concrete: in [0, 1]); a sequence of
   fractions is a sweep, which is a ``jax.vmap``."""
-  shape = jnp.shape(fraction) if hasattr(fraction, "shape") else None
-  if shape is None:
-    v = np.asarray(fraction) if not isinstance(fraction, (str, bytes)) else None
-    if v is None or not (np.issubdtype(v.dtype, np.integer) or np.issubdtype(v.dtype, np.floating)
-                         or v.dtype == bool):
-      raise TypeError(f"fraction must be a number in [0, 1] (the share of the remaining weights "
-                      f"to remove), got {type(fraction).__name__} {fraction!r}.")
-    shape = v.shape
-  else:
-    dtype = jnp.result_type(fraction)
-    if not (jnp.issubdtype(dtype, jnp.number) or dtype == bool) or jnp.issubdtype(
-        dtype, jnp.complexfloating):
-      raise TypeError(f"fraction must be a real number in [0, 1], got an array of {dtype}.")
-  if tuple(shape) != ():
-    raise ValueError(f"fraction must be one number, got shape {tuple(shape)}; to prune at several "
-                     "fractions, vmap over them: jax.vmap(lambda f: magnitude_prune(params, "
-                     "masks, f))(fractions).")
+  _common.check_real_scalar(
+      "fraction", fraction, "a real number in [0, 1] (the share of the remaining weights to "
+      "remove)", "to prune at several fractions, vmap over them: jax.vmap(lambda f: "
+      "magnitude_prune(params, masks, f))(fractions).")
   _common.check_fraction("fraction", fraction)
 
 
