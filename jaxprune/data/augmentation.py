@@ -93,6 +93,34 @@ def _check(images: jax.Array, rank: int, fill_mode: str,
     raise ValueError(f"fill_mode must be one of {_FILL_MODES}, got {fill_mode!r}")
   if value_range is not None and len(value_range) != 2:
     raise ValueError(f"value_range must be (low, high) or None, got {value_range}")
+  if value_range is not None:
+    try:  # concrete bounds only: traced ones (inside a caller's jit) cannot be checked
+      low, high = float(value_range[0]), float(value_range[1])
+    except (TypeError, jax.errors.ConcretizationTypeError):
+      return
+    if not low < high:
+      # Clipping to (high, low) would set every pixel to one value without a word.
+      raise ValueError(f"value_range must be (low, high) with low < high, got {value_range};"
+                       " e.g. (0.0, 1.0) for images in [0, 1], or None for no clipping")
+
+
+def _check_key(key, what: str) -> None:
+  """One random key (typed, ``jax.random.key(seed)``, or a raw ``PRNGKey`` array); JAX's own
+  errors for a batch of keys or a plain int name its internals (``split``, key data)."""
+  shape = getattr(key, "shape", None)
+  dtype = getattr(key, "dtype", None)
+  if shape is None or dtype is None:
+    raise ValueError(f"key must be a JAX random key, e.g. key=jax.random.key(step); got"
+                     f" {type(key).__name__} {key!r}")
+  typed = jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+  if (typed and len(shape) != 0) or (not typed and len(shape) != 1):
+    raise ValueError(
+        f"{what} takes one random key, got keys of shape {tuple(shape)}"
+        + (" (a batch of keys)" if len(shape) > (0 if typed else 1) else "")
+        + ": pass a single key, e.g. key=jax.random.key(step); "
+        + ("each image of the batch gets its own draw from it (image i uses"
+           " jax.random.split(key, N)[i])" if what == "augment" else
+           "for several images use augment, or jax.vmap augment_image over the keys"))
 
 
 @functools.partial(jax.jit, static_argnames="fill_mode")
@@ -147,6 +175,7 @@ def augment_image(
     value_range: tuple[float, float] | None = (0.0, 1.0),
 ) -> jax.Array:
   """Augments one ``(H, W, C)`` image; see `augment` for the arguments."""
+  _check_key(key, "augment_image")
   image, settings = _prepare(image, 3, flip, max_shift, max_scale, max_rotate_deg,
                              blur_prob, brightness, contrast, fill_mode, value_range)
   return _augment_one_jit(image, key, settings, fill_mode=fill_mode)
@@ -197,6 +226,7 @@ def augment(
     >>> augment(x, key=jax.random.key(0)).shape
     (4, 90, 72, 1)
   """
+  _check_key(key, "augment")
   images, settings = _prepare(images, 4, flip, max_shift, max_scale, max_rotate_deg,
                               blur_prob, brightness, contrast, fill_mode, value_range)
   return _augment_batch_jit(images, key, settings, fill_mode=fill_mode)

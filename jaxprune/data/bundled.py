@@ -142,6 +142,9 @@ def resize_images(
   """
   images = np.asarray(images, dtype=np.float32)
   h, w = _check_size(size)
+  if images.ndim != 4:
+    raise ValueError(f"images must be (N, H, W, C) (channels last), got shape {images.shape};"
+                     " add a leading axis for one image, a trailing one for grayscale")
   n, _, _, c = images.shape
   if images.shape[1:3] == (h, w):
     return images
@@ -153,8 +156,15 @@ def resize_images(
 
 
 def _check_size(size: Sequence[int]) -> tuple[int, int]:
-  if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
-    raise ValueError(f"size must be (height, width) positive ints, got {size!r}")
+  try:
+    ok = (len(size) == 2 and not isinstance(size, (str, bytes))
+          and all(not isinstance(s, (bool, np.bool_)) and int(s) == s and s >= 1
+                  for s in size))
+  except (TypeError, ValueError):  # size=None or 16 (no len), ("16", 16), ...
+    ok = False
+  if not ok:
+    raise ValueError(f"size must be (height, width), two positive ints, e.g. (90, 72);"
+                     f" got {size!r}")
   return int(size[0]), int(size[1])
 
 
@@ -192,8 +202,10 @@ def load_images(
   h, w = _check_size(size)
   images, y = _digits_images()
   if max_per_class is not None:
-    if max_per_class < 1:
-      raise ValueError(f"max_per_class must be positive, got {max_per_class}")
+    if (isinstance(max_per_class, (bool, np.bool_))
+        or not isinstance(max_per_class, (int, np.integer)) or max_per_class < 1):
+      raise ValueError(f"max_per_class must be a positive int (or None for all images),"
+                       f" got {max_per_class!r}")
     keep = np.concatenate(
         [np.flatnonzero(y == k)[:max_per_class] for k in range(_NUM_CLASSES)]
     )

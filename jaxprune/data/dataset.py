@@ -133,14 +133,7 @@ class Dataset:
     Returns:
       A new `Dataset` with the selected rows.
     """
-    idx = np.asarray(indices)
-    if idx.dtype == bool:
-      if idx.shape != (len(self),):
-        raise ValueError(f"boolean mask must have shape ({len(self)},)")
-      idx = np.flatnonzero(idx)
-    idx = idx.astype(np.int64).reshape(-1)
-    if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
-      raise IndexError(f"indices out of range for a dataset of {len(self)}")
+    idx = _row_indices(indices, len(self))
     parent_refit = self.refit
 
     def refit(train: np.ndarray) -> np.ndarray:
@@ -158,6 +151,33 @@ class Dataset:
         info=info,
         refit=None if parent_refit is None else refit,
     )
+
+
+def _row_indices(indices: Sequence[int] | np.ndarray, n: int, what: str = "indices"
+                 ) -> np.ndarray:
+  """``indices`` (integers, negative ones counted from the end, or a boolean mask of length
+  ``n``) as non-negative int64 row numbers; an IndexError for rows out of range or indices
+  that are not whole numbers (a float such as 2.9 would otherwise be cut to row 2)."""
+  idx = np.asarray(indices)
+  if idx.dtype == bool:
+    if idx.shape != (n,):
+      raise ValueError(f"boolean mask must have shape ({n},), got {idx.shape}")
+    return np.flatnonzero(idx).astype(np.int64)
+  idx = idx.reshape(-1)
+  if idx.size and not np.issubdtype(idx.dtype, np.integer):
+    try:
+      fractional = np.mod(idx.astype(np.float64), 1.0) != 0.0
+    except (TypeError, ValueError):
+      raise IndexError(f"{what} must be ints or a boolean mask, got {idx.dtype}") from None
+    if fractional.any():
+      raise IndexError(f"{what} must be whole row numbers (ints) or a boolean mask, got"
+                       f" {idx[fractional][0].item()!r}; round or cast them to int first")
+  idx = idx.astype(np.int64)
+  if idx.size and (idx.min() < -n or idx.max() >= n):
+    raise IndexError(f"{what} out of range for a dataset of {n} rows: they run from"
+                     f" {idx.min()} to {idx.max()}")
+  # Negative indices count from the end: as row numbers, -1 and n - 1 are the same row.
+  return np.where(idx < 0, idx + n, idx)
 
 
 def split(
@@ -188,12 +208,16 @@ def split(
     >>> train.info["fitted_on"]
     'training split'
   """
-  train_idx = np.asarray(train_indices, dtype=np.int64).reshape(-1)
-  test_idx = np.asarray(test_indices, dtype=np.int64).reshape(-1)
+  # As row numbers (negative ones counted from the end), so that the overlap check sees
+  # that -1 and len(dataset) - 1 are the same row.
+  train_idx = _row_indices(train_indices, len(dataset), "train_indices")
+  test_idx = _row_indices(test_indices, len(dataset), "test_indices")
   overlap = np.intersect1d(train_idx, test_idx)
   if overlap.size:
     raise ValueError(
-        f"{overlap.size} rows are in both train and test, e.g. {overlap[:5]}"
+        f"{overlap.size} row{'s are' if overlap.size > 1 else ' is'} in both train and"
+        f" test, e.g. rows {overlap[:5].tolist()} (negative indices count from the end):"
+        " the test part would not be held out; pass disjoint train and test indices"
     )
   train = dataset.subset(train_idx)
   test = dataset.subset(test_idx)

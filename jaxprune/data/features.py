@@ -27,6 +27,12 @@ images (so they run on a GPU when there is one), and reduces them with PCA.
   ``blocks=(4, 4)`` computes one histogram per block of a 4x4 grid and
   concatenates them (4096 values); the default ``(1, 1)`` is one histogram of
   the whole image. (The other reading, a 4x4 STFT window, is ``window=4``.)
+  The STFT here is a correlation (the window's offsets weighted by
+  ``exp(-2 pi i u.d)``); the reference code convolves (``conv2``), which gives the
+  complex conjugate of each response. So every code is the reference code's code
+  XOR one constant of the window (with or without decorrelation), and a histogram
+  is the reference's with its 256 bins permuted: the same information, the
+  same principal components up to their signs.
 
 Blur invariance is LPQ's reason to exist: a centrally symmetric blur multiplies
 the spectrum by a real, (for a Gaussian) positive factor, which leaves the

@@ -36,12 +36,32 @@ class Standardizer(NamedTuple):
     return standardize(x, self.mean, self.std)
 
 
+_BLOCKS_HINT = ("blocks is a sequence of (start, stop) column ranges, e.g. ((0, 5), (5, 10));"
+                " one block is ((0, 10),), and None scales every column on its own")
+
+
+def _is_int(value) -> bool:
+  return (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)))
+
+
 def _check_blocks(blocks: Blocks, num_features: int) -> list[tuple[int, int]]:
+  try:
+    blocks = list(blocks)
+  except TypeError:
+    raise ValueError(f"{_BLOCKS_HINT}; got {blocks!r}") from None
+  if not blocks:
+    # An empty sequence would leave every column unscaled (mean 0, std 1) without a word.
+    raise ValueError(f"blocks is empty, so no column would be scaled; {_BLOCKS_HINT}")
   out = []
   seen = np.zeros(num_features, dtype=bool)
   for block in blocks:
-    if len(block) != 2:
-      raise ValueError(f"each block must be (start, stop), got {block!r}")
+    if _is_int(block):  # blocks=(0, 5): one pair, not a sequence of pairs
+      raise ValueError(f"{_BLOCKS_HINT}; got {tuple(blocks)!r}, a single pair: for one"
+                       f" block pass ({tuple(blocks)!r},)")
+    if (isinstance(block, (str, bytes)) or not hasattr(block, "__len__") or len(block) != 2
+        or not all(_is_int(v) for v in block)):
+      raise ValueError(f"each block must be (start, stop), two ints, got {block!r};"
+                       f" {_BLOCKS_HINT}")
     start, stop = int(block[0]), int(block[1])
     if not 0 <= start < stop <= num_features:
       raise ValueError(

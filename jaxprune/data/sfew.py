@@ -178,8 +178,15 @@ def _resolve_features_path(path: str | os.PathLike) -> Path:
           " the folder (the TFDS builder's manual folder must hold one)")
     if candidates:
       return candidates[0]
+    others = sorted(p.name for p in path.iterdir()
+                    if p.is_file() and not p.name.startswith((".", "~$"))
+                    and p.suffix.lower() in (".xlsx", ".xlsm", ".csv", ".tsv", ".txt"))
+    hint = ("" if not others else
+            f" It holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}: pass the"
+            f" path of the file to read (e.g. --data_path={path / others[0]} for the"
+            " binaries), or rename it SFEW.xlsx or SFEW.csv.")
     raise FileNotFoundError(
-        f"No SFEW.xlsx or SFEW.csv in the folder {path}. Expected: "
+        f"No SFEW.xlsx or SFEW.csv in the folder {path}.{hint} Expected: "
         f"{FEATURES_LAYOUT}."
     )
   if not path.exists():
@@ -218,7 +225,12 @@ def _read_xlsx(path: Path, sheet: str | None) -> list[list[Any]]:
             " as SFEW.csv and pass the CSV as --data_path"
         )
       chosen = preferred[0]
-    return [list(row) for row in book[chosen].iter_rows(values_only=True)]
+    sheet_ = book[chosen]
+    # Read-only mode believes the sheet's stored dimension (its used range, e.g. A1:L676);
+    # some writers store a wrong one (A1:A1, or fewer rows), and rows or columns outside it
+    # would be cut off without a word. Forget it: every row and cell in the file is read.
+    sheet_.reset_dimensions()
+    return [list(row) for row in sheet_.iter_rows(values_only=True)]
   finally:
     book.close()
 
@@ -349,7 +361,8 @@ def load_sfew_features(
     A `Dataset`: ``x`` ``(N, 10)`` (LPQ 1-5, PHOG 1-5), ``y`` in 0..6,
     ``groups`` the person ids (`persons`: the last field of each image name;
     None when some name carries none), and ``info`` with ``names``,
-    ``blocks``, ``dropped``, ``num_dropped``, ``blank_rows``, ``no_person``.
+    ``blocks``, ``dropped``, ``num_dropped``, ``blank_rows``, ``duplicates``
+    (image names on more than one row, with their rows), ``no_person``.
 
   Raises:
     FileNotFoundError: the file (or a SFEW file in the folder) is missing.
@@ -399,6 +412,7 @@ def load_sfew_features(
 
   first = 2 if has_header else 1  # spreadsheet row number of the first data row
   xs, ys, names, dropped, blank = [], [], [], [], []
+  rows_of: dict[str, list[int]] = {}  # the rows of each image name, to find repeated ones
   for offset, row in enumerate(rows[1 if has_header else 0:]):
     row_no = first + offset
     if all(_is_empty(v) for v in row):
@@ -441,6 +455,7 @@ def load_sfew_features(
     xs.append(values)
     ys.append(label)
     names.append(name)
+    rows_of.setdefault(name, []).append(row_no)
 
   if not ys:
     raise ValueError(f"{path}: no complete rows. Expected: {FEATURES_LAYOUT}.")
@@ -457,6 +472,15 @@ def load_sfew_features(
         path.name, len(dropped),
         "; ".join(f"row {d['row']} {d['name']}: {d['reason']}" for d in dropped[:10]),
     )
+  duplicates = [{"name": n, "rows": r} for n, r in rows_of.items() if len(r) > 1]
+  if duplicates:
+    # One image on two rows can land in both parts of a stratified split (a test example the
+    # model was trained on); person-independent splits keep them together.
+    logging.warning(
+        "SFEW features %s: %d image name(s) appear on more than one row (e.g. %s on rows %s):"
+        " a stratified split can put copies of one image in both the training and the test"
+        " part; remove the repeated rows (listed in info['duplicates'])", path.name,
+        len(duplicates), duplicates[0]["name"], ", ".join(map(str, duplicates[0]["rows"])))
   groups, no_person = persons(names, f"SFEW features {path.name}")
   info = {
       "source": f"SFEW features ({path.name})",
@@ -468,6 +492,7 @@ def load_sfew_features(
       "dropped": dropped,
       "num_dropped": len(dropped),
       "blank_rows": blank,
+      "duplicates": duplicates,
       "no_person": no_person,
       "fitted_on": "nothing (raw PCA scores from the file; scale them on the"
       " training split with standardize_split)",
@@ -576,6 +601,16 @@ def scan_sfew_tree(
   if missing:
     nested = "".join(_nested_hint(e) for e in sorted(root.iterdir())
                      if e.is_dir() and not e.name.startswith("."))
+    archives = [e.name for e in sorted(root.iterdir()) if e.is_file()
+                and e.name.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz", ".7z", ".rar"))]
+    if not folders and archives:
+      nested += (f"; it holds the archive(s) {', '.join(archives[:3])}: unpack the class"
+                 " folders first and pass the folder that holds them")
+    if not folders and root.name.strip().lower() in SFEW_CLASS_NAMES:
+      # The path of one class folder (SFEW/Angry) instead of the folder holding all seven.
+      nested += (f"; {root.name}/ is itself a class folder: pass the folder that holds all"
+                 f" seven, {root.resolve().parent} (--data_path={root.resolve().parent} for"
+                 " the binaries)")
     raise FileNotFoundError(
         f"{root}: no folder for class(es) {', '.join(missing)}{nested}. Expected:"
         f" {IMAGES_LAYOUT}."

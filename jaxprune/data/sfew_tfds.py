@@ -89,11 +89,14 @@ _CITATION = """\
 class Sfew(tfds.core.GeneratorBasedBuilder):
   """SFEW: Static Facial Expressions in the Wild (7 classes, manual download)."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.1.1")
   RELEASE_NOTES = {
       "1.0.0": "Features (LPQ + PHOG PCA) and images configs.",
       "1.1.0": "Frames turned as their EXIF orientation says; the manual folder's"
                " fingerprint, dark 16-bit frames and persons recorded.",
+      "1.1.1": "16-bit RGB PNGs and PNGs with a transparent colour stored as plain 8-bit"
+               " RGB PNGs (OpenCV, which TFDS decodes with when installed, read them"
+               " wrongly).",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
@@ -193,10 +196,13 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
               dark.append(item.relpath)
             image = Image.fromarray(
                 np.round(deep * 255.0).astype(np.uint8)).convert("RGB")
-          elif turned is im and im.format == "PNG" and im.mode == "RGB":
-            image = item.path.read_bytes()  # stored as is, no re-encoding
+          elif turned is im and _plain_rgb_png(im, raw := item.path.read_bytes()):
+            image = raw  # stored as is, no re-encoding
           else:
             image = turned.convert("RGB")  # TFDS encodes it as PNG with PIL
+            # A transparent colour (RGB or palette PNGs) would be written as a tRNS chunk,
+            # which OpenCV decodes as a fourth channel: the frame's colours are what count.
+            image.info.pop("transparency", None)
       except Exception as e:  # PIL raises many types for bad files
         raise ValueError(
             f"{item.path}: not a readable image ({type(e).__name__}: {e}). {_FIX}"
@@ -207,6 +213,18 @@ class Sfew(tfds.core.GeneratorBasedBuilder):
           "name": item.relpath,
           "person": person_id(item.path.name) or "",
       }
+
+
+def _plain_rgb_png(im: Image.Image, raw: bytes) -> bool:
+  """Whether ``raw`` (the file ``im`` was read from) can be stored as it is: an 8-bit RGB PNG
+  without a transparent colour. PIL reads a 16-bit RGB PNG as mode RGB (8 bits), but TFDS
+  decodes stored bytes with OpenCV when it is installed (the [face] extra), which keeps 16
+  bits and then casts them to uint8 (their low byte: noise); and OpenCV gives an RGB PNG with
+  a tRNS chunk a fourth channel. Such files are converted with PIL instead."""
+  return (im.format == "PNG" and im.mode == "RGB" and "transparency" not in im.info
+          # IHDR is the first chunk: bit depth at byte 24, colour type (2: RGB) at byte 25.
+          and len(raw) > 25 and raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[24] == 8
+          and raw[25] == 2)
 
 
 _FIX = ("Remove or fix it: the TFDS builder prepares every file of the manual folder"
