@@ -264,3 +264,23 @@ def test_pairwise_angles_has_no_angle_for_overflowing_rows():
   a = np.asarray(pairwise_angles(big))
   assert np.isnan(a[:2]).all() and np.isnan(a[:, :2]).all()
   np.testing.assert_allclose(a[2, 2], 0.0)
+
+
+@pytest.mark.parametrize("source", ["activations", "weights"])
+def test_a_tolerance_that_is_not_one_number_is_named(tanh_model, source):
+  """None, a string or an array of tolerances failed with NumPy's or jit's own message."""
+  model, params = tanh_model
+  masks = {"hidden_0": jnp.ones(H, bool)}
+  if source == "activations":
+    prune = distinctiveness(model, "hidden_0")
+    acts = model.activations(params, jnp.ones((P, 3)), "hidden_0")
+    call = lambda tol: prune(params, masks, acts, 15.0, 165.0, tol)
+  else:
+    prune = weight_distinctiveness(model, "hidden_0")
+    call = lambda tol: prune(params, masks, 15.0, 165.0, tol)
+  for tol in (None, "1e-6"):
+    with pytest.raises(TypeError, match="constant_tol must be a number >= 0"):
+      call(tol)
+  with pytest.raises(ValueError, match=r"constant_tol must be one number, got shape \(2,\); "
+                     "to run several tolerances, jax.vmap"):
+    call(jnp.asarray([1e-6, 1e-3]))

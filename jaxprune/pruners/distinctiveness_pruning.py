@@ -294,6 +294,12 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
 
 
 def _check_tol(tol):
+  """One real ``constant_tol`` >= 0 (a TypeError / ValueError naming it, not NumPy's or jit's
+  own message, for None, a string or an array of tolerances)."""
+  _common.check_real_scalar(
+      "constant_tol", tol, "a number >= 0 (a unit whose activation range is below it is "
+      "constant)", "to run several tolerances, jax.vmap the pruner over them (in_axes 0 for "
+      "constant_tol, None for the rest).")
   if _common.is_concrete(tol) and not float(tol) >= 0:
     raise ValueError(f"constant_tol must be >= 0, got {tol}.")
 

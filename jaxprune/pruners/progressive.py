@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxprune.pruners import _common
 from jaxprune.pruners.angles import pairwise_angles
+from jaxprune import units as units_lib
 from jaxprune import validate
 from jaxprune.pruners.distinctiveness_pruning import _apply_moves, _check_bias_folds, _check_tol
 from jaxprune.pruners.distinctiveness_pruning import _weighted_vectors
@@ -23,19 +24,25 @@ PyTree = Any
 class ProgressiveReport(NamedTuple):
   """The trajectory of progressive distinctiveness; row 0 is the starting network.
 
-  Rows ``[:count]`` are valid; row s is the network after s steps.
+  Rows ``[:count]`` are valid; row s is the network after s steps. Rows from ``count`` on
+  repeat the last network (``min_angle`` NaN).
 
   Attributes:
     units_kept: (units,) int32 kept units.
     loss: (units,) float32 ``loss_fn(params)`` of the pruned network.
     min_angle: (units,) float32 smallest angle between kept units (NaN with fewer than two).
     unit_masks: (units, units) bool, the group's unit mask at each step.
-    count: () int32 number of valid rows.
+    count: () int32 number of valid rows: steps that removed a unit, plus row 0. The trajectory
+      ends at one unit, or earlier when a step can remove nothing (the units left have no
+      angle between them and none is constant: all-zero activation vectors, such as dead relu
+      units with ``constants=False`` or ``constant_tol=0``).
     metrics: dict name -> (units,) float32, each extra metric function (the factory's
       ``metrics``) of the pruned network at each step; empty if none were given.
-    invalid: () bool, bad input under ``jit``/``vmap`` (a negative or NaN ``constant_tol``,
-      NaN activations, sample weights that are negative or non-finite or leave fewer than 2
-      patterns): no step was taken (``count`` 1, the params and masks as given).
+    invalid: () bool, bad input (a negative or NaN ``constant_tol``, NaN activations,
+      activations too large for a float32 norm, and under ``jit``/``vmap`` sample weights that
+      are negative or non-finite or leave fewer than 2 patterns, a unit mask that keeps no
+      unit of the group): no step was taken (``count`` 1, the masks as given, the params with
+      the masked units zeroed).
   """
 
   units_kept: jax.Array
@@ -56,10 +63,12 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
 
   At each step the group's activations on ``x`` are recomputed from the current params; constant
   units are removed (folded into the next bias), then the pair with the smallest angle is merged
-  (lower index kept). With ``complementary=True`` the pair with the largest angle is removed
-  instead when it is closer to 180 than the smallest angle is to 0 (and at least three units are
-  left). Runs as one compiled ``lax.scan`` of ``units - 1`` steps; ``loss_fn`` must be a JAX
-  function of the params (it sees the pruned params, removed units zeroed).
+  (lower index kept; among equal angles the pair with the lowest ``(i, j)``). With
+  ``complementary=True`` the pair with the largest angle (same tie rule) is removed instead when
+  it is closer to 180 than the smallest angle is to 0 (strictly: equally close merges) and at
+  least three units are left. Runs as one compiled ``lax.scan`` of ``units - 1`` steps;
+  ``loss_fn`` must be a JAX function of the params (it sees the pruned params, removed units
+  zeroed).
 
   Args:
     model: a jaxprune model (its ``activations`` method is used).
@@ -73,8 +82,11 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
 
   Returns:
     ``run(params, unit_masks, x, constant_tol=1e-6, *, sample_weight=None) -> (params,
-    unit_masks, ProgressiveReport)``; the returned params and masks are the final (one-unit)
-    network. ``sample_weight`` (N,) weights the patterns of ``x`` as in
+    unit_masks, ProgressiveReport)``; the returned params and masks are the final network
+    (one unit, unless the trajectory ended earlier: see ``ProgressiveReport.count``). Every
+    group named in ``unit_masks`` is applied first (its removed units zeroed, as
+    ``expand`` + ``apply_masks`` do), so the activations, angles and losses are those of the
+    network the masks describe. ``sample_weight`` (N,) weights the patterns of ``x`` as in
     :func:`jaxprune.pruners.distinctiveness`: weighted angles, the constant test over patterns
     of weight > 0, constants folding their weighted mean; a pattern of weight 0 does not exist,
     so padded ``x`` gives the trajectory of the unpadded data, to float rounding (near-tied
@@ -172,18 +184,30 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     params = _apply_moves(params, g, keep, moves, consts, constants or compensate)
     return params, keep, min_angle(ang, keep)
 
-  def run_core(params, mask, x, tol, weight):
-    params = _common.zero_units(params, g, mask)  # row 0 scores the network the mask describes
+  def run_core(params, mask, others, x, tol, weight):
+    # Row 0 scores the network the masks describe: the group's removed units, and those of the
+    # other groups named in the unit masks (their activations feed this group's, or this
+    # group's feed theirs), zeroed as expand + apply_masks would.
+    for name, m in others.items():
+      params = _common.zero_units(params, groups[name], m)
+    params = _common.zero_units(params, g, mask)
     vecs0, _, _, bad = vectors(params, mask, x, tol, weight)
-    bad |= ~(tol >= 0)
+    bad |= ~(tol >= 0) | ~jnp.any(mask)
+    # a kept unit whose activations overflow a float32 norm has no angle (it would never be
+    # merged, and the trajectory would end early, silently)
+    bad |= jnp.any(mask & jnp.isinf(jnp.linalg.norm(jnp.where(mask[:, None], vecs0, 0.0),
+                                                    axis=1)))
     ang0 = pairwise_angles(jnp.where(mask[:, None], vecs0, 0.0))
     row0 = (jnp.sum(mask, dtype=jnp.int32), jnp.asarray(loss_fn(params), jnp.float32),
             min_angle(ang0, mask), mask, measure(params))
 
     def body(carry, _):
       params, mask, count = carry
-      live = (jnp.sum(mask) > 1) & ~bad
       new_p, new_m, ma = step(params, mask, x, tol, weight)
+      # A step that removes nothing ends the trajectory (the units left have no angle between
+      # them and none is constant, e.g. a dead relu unit with constants=False or
+      # constant_tol=0): it would only repeat the last row, so it is not counted.
+      live = (jnp.sum(mask) > 1) & ~bad & jnp.any(mask & ~new_m)
       params = jax.tree.map(lambda a, b: jnp.where(live, a, b), new_p, params)
       mask = jnp.where(live, new_m, mask)
       row = (jnp.sum(mask, dtype=jnp.int32), jnp.asarray(loss_fn(params), jnp.float32),
@@ -211,17 +235,32 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
                          f"loss), got {got}; reduce it, e.g. with jnp.mean.")
 
   def run(params, unit_masks, x, constant_tol=1e-6, *, sample_weight=None):
+    if isinstance(x, (tuple, dict)):
+      raise TypeError(
+          f"x must be one array of input patterns (the model's input), got a "
+          f"{type(x).__name__}: progressive_distinctiveness recomputes the group's activations "
+          "from a single input. For a model of several inputs, trace a function of one array "
+          "that splits it, e.g. jaxprune.trace(lambda p, x: fn(p, x[:, :3], x[:, 3:]), params, "
+          "jnp.concatenate([x1, x2], axis=1)), and pass the concatenated inputs.")
     mask = _common.group_mask(unit_masks, g, groups, params)
+    others = {name: units_lib.unit_mask(m, groups[name]) for name, m in unit_masks.items()
+              if name != g.name}
     _check_tol(constant_tol)
     check_scalars(params)
     if sample_weight is not None:
       sample_weight = validate.check_sample_weight(sample_weight, jnp.shape(x)[0])
     # x of the model's shape, not empty, finite (a NaN would make every angle NaN: no step
-    # would remove a unit); params finite
-    validate.check_model_data(model, params, x, sample_weight=sample_weight)
+    # would remove a unit); params finite. Rows of weight 0 do not exist: they may hold
+    # anything, as under jit (the core never reads them).
+    x_real = x
+    if sample_weight is not None and _common.is_concrete(x, sample_weight):
+      xa = np.asarray(x)
+      real = np.asarray(sample_weight) > 0
+      x_real = np.where(real.reshape((-1,) + (1,) * (xa.ndim - 1)), xa, np.zeros((), xa.dtype))
+    validate.check_model_data(model, params, x_real, sample_weight=sample_weight)
     shape = jax.eval_shape(lambda p, x: model.activations(p, x, g.name), params, x).shape
     _common.check_patterns(shape, sample_weight, f"x gives group {g.name!r}")
-    params, mask, report = jitted(params, mask, x, constant_tol, sample_weight)
+    params, mask, report = jitted(params, mask, others, x, constant_tol, sample_weight)
     return params, _common.with_mask(unit_masks, g.name, mask), report
 
   return run
