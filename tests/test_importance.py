@@ -185,3 +185,28 @@ def test_float64_kernels_rank_at_float64_and_a_nan_kernel_gets_weight_advice():
   with pytest.raises(ValueError, match="Weight leaf .* holds 1 NaN .* repair them") as e:
     importance_prune(model, "hidden_0")(params, jaxprune.unit_masks_ones(model), 1)
   assert "rows" not in str(e.value)
+
+
+def test_iterative_losses_are_of_the_network_the_unit_masks_describe():
+  """With another group masked in unit_masks (its units not zeroed in the params), the losses
+  were those of the unmasked network: row 0 must equal the loss of expand + apply_masks."""
+  model = MLP(in_features=3, hidden=(4, 5), out_features=2, activation="tanh")
+  params = model.init(jax.random.key(3))
+  x = jax.random.normal(jax.random.key(4), (16, 3))
+  y = jax.random.normal(jax.random.key(5), (16, 2))
+  loss_fn = lambda p: jnp.mean((model.apply(p, x) - y) ** 2)
+  masks = dict(jaxprune.unit_masks_ones(model), hidden_0=jnp.array([1, 0, 1, 0], bool))
+  masked = jaxprune.apply_masks(params, jaxprune.expand(params, model, masks))
+  assert float(loss_fn(masked)) != pytest.approx(float(loss_fn(params)))
+  new, m, rep = iterative_importance(model, "hidden_1", loss_fn)(params, masks, 10.0)
+  assert float(rep.loss[0]) == pytest.approx(float(loss_fn(masked)), rel=1e-6)
+  np.testing.assert_array_equal(m["hidden_0"], masks["hidden_0"])
+  # Each row's loss is that of the masked network with the units removed so far.
+  removed = rep.removed[1:int(rep.count)]
+  keep = np.ones(5, bool)
+  for step, u in enumerate(np.asarray(removed), start=1):
+    keep[u] = False
+    ref = jaxprune.apply_masks(params, jaxprune.expand(
+        params, model, dict(masks, hidden_1=jnp.asarray(keep))))
+    assert float(rep.loss[step]) == pytest.approx(float(loss_fn(ref)), rel=1e-5)
+  assert float(loss_fn(new)) == pytest.approx(float(rep.loss[int(rep.count) - 1]), rel=1e-5)

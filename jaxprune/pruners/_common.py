@@ -297,3 +297,21 @@ def zero_units(params: PyTree, group: units_lib.UnitGroup, keep: jax.Array) -> P
     m = units_lib._mask_like(keep, jnp.shape(leaf), s)
     out = units_lib.set_path(out, s.path, jnp.where(m, leaf, jnp.zeros((), leaf.dtype)))
   return out
+
+
+def other_unit_masks(unit_masks: Mapping[str, Any], group: units_lib.UnitGroup,
+                     groups: Mapping[str, units_lib.UnitGroup]) -> dict:
+  """The unit masks of the groups named in ``unit_masks`` other than ``group`` (bool (units,))."""
+  return {name: units_lib.unit_mask(m, groups[name]) for name, m in unit_masks.items()
+          if name != group.name}
+
+
+def zero_other_units(params: PyTree, groups: Mapping[str, units_lib.UnitGroup],
+                     others: Mapping[str, jax.Array]) -> PyTree:
+  """``params`` with the removed units of every group in ``others`` zeroed (as ``expand`` +
+  ``apply_masks`` would): a loss or an activation of them is that of the network the unit
+  masks describe, not of the unmasked params."""
+  for name, m in others.items():
+    params = zero_units(params, groups[name], m)
+  return params
+

@@ -187,7 +187,8 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
 
   Returns:
     ``run(params, unit_masks, max_rise=0.1) -> (params, unit_masks, IterativeReport)``;
-    ``max_rise`` is traced.
+    ``max_rise`` is traced. Every group named in ``unit_masks`` is applied first (its removed
+    units zeroed), so the losses are those of the network the masks describe.
 
   Example:
     >>> import jax, jaxprune
@@ -209,7 +210,10 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
   h = g.size
 
   @jax.jit
-  def core(params, mask, max_rise):
+  def core(params, mask, others, max_rise):
+    # The losses are those of the network the unit masks describe: other groups' removed
+    # units zeroed too (their activations feed this group's, or this group's feed theirs).
+    params = _common.zero_other_units(params, groups, others)
     s = _scores(params, g, norm)
     order = _order(s, mask)
     def loss(m):
@@ -257,7 +261,8 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
     mask = _common.group_mask(unit_masks, g, groups, params)
     _check_max_rise(max_rise)
     _check_kernels(params, g)
-    params, mask, rep = core(params, mask, max_rise)
+    params, mask, rep = core(params, mask, _common.other_unit_masks(unit_masks, g, groups),
+                             max_rise)
     if _common.is_concrete(rep.loss) and not np.isfinite(float(rep.loss[0])):
       raise ValueError(f"loss_fn gives {float(rep.loss[0])} for the unpruned params, so no "
                        "removal can be judged; check the loss and the data it closes over.")

@@ -10,7 +10,6 @@ import numpy as np
 
 from jaxprune.pruners import _common
 from jaxprune.pruners.angles import pairwise_angles
-from jaxprune import units as units_lib
 from jaxprune import validate
 from jaxprune.pruners.distinctiveness_pruning import _apply_moves, _check_bias_folds, _check_tol
 from jaxprune.pruners.distinctiveness_pruning import _weighted_vectors
@@ -188,8 +187,7 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     # Row 0 scores the network the masks describe: the group's removed units, and those of the
     # other groups named in the unit masks (their activations feed this group's, or this
     # group's feed theirs), zeroed as expand + apply_masks would.
-    for name, m in others.items():
-      params = _common.zero_units(params, groups[name], m)
+    params = _common.zero_other_units(params, groups, others)
     params = _common.zero_units(params, g, mask)
     vecs0, _, _, bad = vectors(params, mask, x, tol, weight)
     bad |= ~(tol >= 0) | ~jnp.any(mask)
@@ -243,8 +241,7 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
           "that splits it, e.g. jaxprune.trace(lambda p, x: fn(p, x[:, :3], x[:, 3:]), params, "
           "jnp.concatenate([x1, x2], axis=1)), and pass the concatenated inputs.")
     mask = _common.group_mask(unit_masks, g, groups, params)
-    others = {name: units_lib.unit_mask(m, groups[name]) for name, m in unit_masks.items()
-              if name != g.name}
+    others = _common.other_unit_masks(unit_masks, g, groups)
     _check_tol(constant_tol)
     check_scalars(params)
     if sample_weight is not None:
