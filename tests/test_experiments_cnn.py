@@ -296,7 +296,8 @@ def test_resnet18_is_the_default_network_with_a_cpu_budget():
 
 def test_filter_merging_on_resnet18_bias_free_blocks():
   """ResNet's block convs have no bias (batch norm follows): similar-only merging must work."""
-  model = jaxprune.ResNet18(num_classes=7, input_shape=(16, 16, 3))
+  # tests/test_resnet.py's network (the same initialiser: compiled once for the suite)
+  model = jaxprune.ResNet18(input_shape=(32, 32, 3))
   params = model.init(jax.random.key(0))
   g = "layer1_0"
   new, umasks, wmasks = pvd.distinctiveness_prune(model, params, [g], 89.0)

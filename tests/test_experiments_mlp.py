@@ -5,6 +5,7 @@ in one process; the studies are run in-process through ``run(Config, ...)`` (sha
 programs), and so are the command lines' errors (their flags parsed on a fresh FlagValues).
 """
 
+import functools
 import glob
 import json
 import math
@@ -273,11 +274,32 @@ def test_progressive_compression_outputs(tmp_path):
 # ----------------------------------------------------------------------------- helpers
 
 
-def test_padded_scores_match_unpadded():
+@functools.lru_cache(maxsize=None)
+def _stacked_mlps():
+  """A 10-6-7 MLP and 41 random inits of it stacked (NumPy): tests take the first R runs, so
+  that one vmapped initialiser is compiled for every run count (one per count took 1.2 s)."""
   import jax
   import jaxprune
   model = jaxprune.MLP(in_features=10, hidden=(6,), out_features=7)
-  params = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 2))
+  params = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 41))
+  return model, jax.tree.map(np.asarray, params)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply():
+  import jax
+  return jax.jit(_stacked_mlps()[0].apply)
+
+
+def _first_runs(runs):
+  import jax
+  model, params = _stacked_mlps()
+  return model, jax.tree.map(lambda a: a[:runs], params)
+
+
+def test_padded_scores_match_unpadded():
+  import jax
+  model, params = _first_runs(2)
   x = np.asarray(jax.random.normal(jax.random.key(1), (13, 10)))
   y = np.arange(13) % 7
   xp, w = mc.pad_stack([x, x[:5]])
@@ -296,8 +318,7 @@ def test_chunked_scores_match_one_call_per_run(runs):
   test rows give every run the score it gets alone, unit masks applied."""
   import jax
   import jaxprune
-  model = jaxprune.MLP(in_features=10, hidden=(6,), out_features=7)
-  params = jax.vmap(model.init)(jax.random.split(jax.random.key(0), runs))
+  model, params = _first_runs(runs)
   rng = np.random.default_rng(runs)
   x_tr, w_tr = mc.pad_stack([rng.normal(size=(n, 10)).astype(np.float32) for n in (30, 27, 29)])
   y_tr, _ = mc.pad_stack([rng.integers(0, 7, n) for n in (30, 27, 29)])
@@ -316,13 +337,16 @@ def test_chunked_scores_match_one_call_per_run(runs):
   with pytest.raises(ValueError, match=f"leading axis of {runs} runs"):
     mc.score_folds(model, params, folds, fold, group="hidden_0", unit_masks=units[:-1])
   assert test.shape == train.shape == plain.shape == (runs,)
+  apply = _jitted_apply()
   for r in range(runs):
     p = jax.tree.map(lambda a: a[r], params)
     masked = jaxprune.apply_masks(p, jaxprune.expand(p, model, {"hidden_0": units[r]}))
     for got, (x, y), q in ((test[r], folds.test(fold[r]), masked),
                               (train[r], folds.train(fold[r]), masked),
                               (plain[r], folds.train(fold[r]), p)):
-      want = 100 * float(np.mean(np.argmax(model.apply(q, x), -1) == y))
+      # rows of zeros up to 30 (one compiled forward pass for every part), then cut off
+      logits = apply(q, np.pad(x, [(0, 30 - len(x)), (0, 0)]))[:len(x)]
+      want = 100 * float(np.mean(np.argmax(logits, -1) == y))
       assert got == pytest.approx(want, rel=1e-6)
 
 

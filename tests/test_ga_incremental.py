@@ -86,14 +86,17 @@ def test_incremental_false_forces_full_evaluation(monkeypatch):
   calls = []
   real = I.run_scan
   monkeypatch.setattr(I, "run_scan", lambda *a, **k: calls.append(1) or real(*a, **k))
-  # A population size of its own per call: each search is traced afresh (run_scan is called
-  # while tracing), without clearing every other test's compiled programs.
+  # The path is chosen on the host and run_scan is called while tracing, so each search is
+  # only traced (jax.eval_shape: nothing compiles), with a population size of its own per call
+  # so that it is traced afresh, without clearing every other test's compiled programs.
   for size, (incremental, used) in zip((12, 14, 16), ((False, 0), (True, 1), ("auto", 0))):
     cfg = ga.GAConfig(population_size=size, hof_size=2, generations=2)   # U=60 < MIN_UNITS
     calls.clear()
-    ga.search(model, params, x, y, "hidden_0", key=jax.random.key(0), config=cfg,
-              progress=False, incremental=incremental)
+    out = jax.eval_shape(lambda: ga.search(  # pylint: disable=cell-var-from-loop
+        model, params, x, y, "hidden_0", key=jax.random.key(0), config=cfg, progress=False,
+        incremental=incremental))
     assert len(calls) == used, incremental
+    assert out.mask.shape == (U,)
   with pytest.raises(ValueError, match="incremental must be"):
     ga.make_fitness(model, "hidden_0", incremental="yes")
 
