@@ -129,8 +129,10 @@ def angle_range(params, group, unit_mask):
 
 def max_abs_masked(params, wmasks) -> float:
   """Largest |w| over masked-out positions (0.0 when pruned weights are exactly zero)."""
-  vals = jax.tree.leaves(jax.tree.map(lambda p, m: jnp.max(jnp.where(m, 0.0, jnp.abs(p)),
-                                                           initial=0.0), params, wmasks))
+  # On the host: eager jnp ops would compile a program per leaf shape and op, for a check.
+  vals = jax.tree.leaves(jax.tree.map(
+      lambda p, m: np.max(np.where(np.asarray(m), 0.0, np.abs(np.asarray(p, np.float32))),
+                          initial=0.0), params, wmasks))
   return float(max(vals)) if vals else 0.0
 
 

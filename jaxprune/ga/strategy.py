@@ -5,6 +5,7 @@ vmapped, in :mod:`jaxprune.ga.operators`)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -331,6 +332,13 @@ def ask(config: GAConfig, state: GAState, hyper: GAHyperparams = GAHyperparams()
   """
   check_config(config)
   check_params(hyper)
+  return _ask(config, state, hyper, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _ask(config: GAConfig, state: GAState, hyper: GAHyperparams, key: jax.Array) -> jax.Array:
+  # Compiled once per config and shapes: called eagerly (a user's ask/tell loop), a bare
+  # lax.cond of fresh lambdas was traced and lowered again at every generation.
   num_units = state.population.shape[1]
   return lax.cond(state.generation == 0,
                   lambda: initial_population(config, num_units, key=key),
@@ -366,6 +374,13 @@ def tell_with_indices(config: GAConfig, state: GAState, population: jax.Array,
   if tuple(fitness.shape) != (p,):
     raise ValueError(f"tell: fitness has shape {tuple(fitness.shape)}; it must have one value "
                      f"per individual, shape ({p},).")
+  return _tell(state, population, fitness)
+
+
+@jax.jit
+def _tell(state: GAState, population: jax.Array, fitness: jax.Array
+          ) -> tuple[GAState, jax.Array]:
+  # One program per shape rather than a dispatch per op in an eager ask/tell loop.
   fitness = fitness.astype(jnp.float32)
   fitness = jnp.where(jnp.isnan(fitness), -jnp.inf, fitness)
   population = population.astype(bool)
