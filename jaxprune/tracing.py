@@ -88,6 +88,9 @@ _LAYOUT_OPS = frozenset(("transpose", "copy", "copy_p"))
 _SCALED_MOVES = frozenset("reshape broadcast_in_dim transpose squeeze expand_dims "
                           "convert_element_type copy copy_p neg".split())
 
+# Collections that linen's apply(..., mutable=[...]) returns updated (see trace's note).
+_RETURNED_VARIABLES = frozenset(("batch_stats", "intermediates", "cache"))
+
 
 class TraceError(ValueError):
   """``fn`` could not be traced with the example arguments."""
@@ -2420,6 +2423,15 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
               "mode ties its random mask to the units it drops, and they are not followed "
               "through it; trace the model in evaluation mode (nnx: model.eval(); linen: "
               "deterministic=True).",)
+  returned = sorted({units_lib.path_str([units_lib.key_of(k) for k in kp][:i + 1])
+                     for kp, _ in jax.tree_util.tree_flatten_with_path(out_shape)[0]
+                     for i, k in enumerate(kp) if units_lib.key_of(k) in _RETURNED_VARIABLES})
+  if returned:
+    lines += (f"note: the function returns updated variables (at output {', '.join(returned)}; linen's "
+              "apply(..., mutable=[...]) returns (outputs, updates)): their per-unit values "
+              "reach the function's outputs, so no unit they hold is prunable. Trace the "
+              "prediction alone, e.g. trace(lambda v, x: module.apply(v, x, train=True, "
+              "mutable=['batch_stats'])[0], variables, x), or the model in inference mode.",)
   an = _Analysis(closed, in_treedef, jax.tree.structure(out_shape), len(param_leaves), w,
                  leaf_paths, sites, uses, lines,
                  tuple(_shape(l) for l in avals[len(param_leaves):]),

@@ -1,0 +1,159 @@
+"""User models probed from the outside (each written by hand, as a user would bring it): the
+unit groups are the slices a careful user expects, and compaction gives the network that
+masking does, with the hand-computed smaller params."""
+
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+
+R = np.random.default_rng(0)
+
+
+def _arr(*shape):
+  return jnp.asarray(R.normal(size=shape), jnp.float32)
+
+
+def _slices(group):
+  return {(jaxprune.units.path_str(s.path), s.axis, s.role, s.segment) for s in group.slices}
+
+
+def _masked_and_small(target, params, um):
+  masked = jaxprune.apply_masks(params, jaxprune.expand(params, target, um))
+  small, small_target = target.compact(masked, um)
+  return masked, small, small_target
+
+
+def test_concatenation_plus_a_projection_cuts_the_projection_by_segment():
+  """concat([a, b]) + x @ wc: each branch owns its segment of the projection's columns."""
+  def fn(p, x):
+    a = jax.nn.relu(x @ p["wa"] + p["ba"])
+    b = jax.nn.relu(x @ p["wb"] + p["bb"])
+    h = jax.nn.relu(jnp.concatenate([a, b], -1) + x @ p["wc"] + p["bc"])
+    return h @ p["wo"] + p["bo"]
+  p = {"wa": _arr(4, 6), "ba": _arr(6), "wb": _arr(4, 5), "bb": _arr(5), "wc": _arr(4, 11),
+       "bc": _arr(11), "wo": _arr(11, 3), "bo": _arr(3)}
+  x = _arr(5, 4)
+  t = jaxprune.trace(fn, p, x)
+  assert {k: g.size for k, g in t.groups.items()} == {"wa": 6, "wb": 5}
+  assert {("wc", 1, "producer", (6, 5)), ("bc", 0, "producer", (6, 5)),
+          ("wo", 0, "consumer", (6, 5))} <= _slices(t.groups["wb"])
+  keep_a, keep_b = np.array([1, 0, 1, 1, 0, 1], bool), np.array([0, 1, 1, 0, 1], bool)
+  masked, small, st = _masked_and_small(t, p, {"wa": keep_a, "wb": keep_b})
+  cols = np.flatnonzero(np.concatenate([keep_a, keep_b]))
+  np.testing.assert_array_equal(small["wc"], np.asarray(p["wc"])[:, cols])
+  np.testing.assert_array_equal(small["wo"], np.asarray(p["wo"])[cols])
+  np.testing.assert_allclose(st.apply(small, x[:3]), fn(masked, x[:3]),
+                             atol=1e-5)
+
+
+def test_pytorch_layout_depthwise_conv_joins_the_group_it_reads():
+  """NCHW/OIHW: a depthwise conv's (C, 1, kh, kw) kernel is cut with the channels it reads."""
+  dn = ("NCHW", "OIHW", "NCHW")
+  def fn(p, x):
+    conv = lambda h, k, g=1: jax.lax.conv_general_dilated(h, k, (1, 1), "SAME",
+                                                          dimension_numbers=dn,
+                                                          feature_group_count=g)
+    h = jax.nn.relu(conv(x, p["k1"]) + p["b1"][:, None, None])
+    h = jax.nn.relu(conv(h, p["dw"], 6) + p["bdw"][:, None, None])
+    return h.mean((2, 3)) @ p["w"]
+  p = {"k1": _arr(6, 2, 3, 3), "b1": _arr(6), "dw": _arr(6, 1, 3, 3), "bdw": _arr(6),
+       "w": _arr(6, 3)}
+  x = _arr(3, 2, 5, 5)
+  t = jaxprune.trace(fn, p, x)
+  assert list(t.groups) == ["k1"]
+  assert _slices(t.groups["k1"]) == {("k1", 0, "producer", None), ("dw", 0, "producer", None),
+                                     ("b1", 0, "producer", None), ("bdw", 0, "producer", None),
+                                     ("w", 0, "consumer", None)}
+  keep = np.array([1, 1, 0, 1, 0, 1], bool)
+  masked, small, st = _masked_and_small(t, p, {"k1": keep})
+  np.testing.assert_array_equal(small["dw"], np.asarray(p["dw"])[keep])
+  np.testing.assert_allclose(st.apply(small, x[:2]), fn(masked, x[:2]), atol=1e-5)
+
+
+def test_nnx_scan_over_stacked_residual_blocks():
+  """nnx.vmap-made blocks run by nnx.scan: the residual stream is one group through every
+  block (stacked kernels' columns and rows), each block's hidden layer another."""
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(6, 10, rngs=rngs)
+      self.l2 = nnx.Linear(10, 6, rngs=rngs)
+    def __call__(self, h):
+      return h + self.l2(nnx.relu(self.l1(h)))
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return Block(nnx.Rngs(key))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.inp = nnx.Linear(4, 6, rngs=rngs)
+      self.blocks = make(jax.random.split(jax.random.key(0), 3))
+      self.out = nnx.Linear(6, 2, rngs=rngs)
+    def __call__(self, x):
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def step(h, blk):
+        return blk(h)
+      return self.out(step(self.inp(x), self.blocks))
+
+  graph, state = nnx.split(nnx.jit(lambda: Net(nnx.Rngs(1)))())
+  fn = lambda s, x: nnx.merge(graph, s)(x)
+  x = _arr(5, 4)
+  t = jaxprune.trace(fn, state, x)
+  assert {k: g.size for k, g in t.groups.items()} == {"inp": 6, "blocks/l1": 10}
+  assert {("blocks/l2/kernel/value", 2, "producer", None),
+          ("blocks/l1/kernel/value", 1, "consumer", None),
+          ("out/kernel/value", 0, "consumer", None)} <= _slices(t.groups["inp"])
+  keep_s, keep_h = np.arange(6) % 2 == 0, np.arange(10) < 7
+  masked, small, st = _masked_and_small(t, state, {"inp": keep_s, "blocks/l1": keep_h})
+  l1 = np.asarray(state["blocks"]["l1"]["kernel"].get_value())
+  np.testing.assert_array_equal(small["blocks"]["l1"]["kernel"].get_value(),
+                                l1[:, keep_s][:, :, keep_h])
+  np.testing.assert_allclose(st.apply(small, x[:2]), jax.jit(fn)(masked, x[:2]), atol=1e-5)
+
+
+def test_instance_norm_layer_compacts_and_refuses_activation_pruners_by_name():
+  """Conv -> GroupNorm(group_size=1) -> relu: the norm's scale and shift are the channels'
+  producers; activations are taken before the norm's per-unit params act, so a pruner from
+  activations is refused with the alternatives, never run on the wrong values."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.GroupNorm(num_groups=None, group_size=1)(nn.Conv(5, (3, 3))(x)))
+      return nn.Dense(2)(nn.relu(nn.Conv(4, (3, 3))(h)).mean((1, 2)))
+  x = _arr(3, 5, 5, 2)
+  v = jax.jit(Net().init)(jax.random.key(0), x)
+  t = jaxprune.trace(Net().apply, v, x)
+  assert {k: g.size for k, g in t.groups.items()} == {"Conv_0": 5, "Conv_1": 4}
+  assert {("params/GroupNorm_0/scale", 0, "producer", None),
+          ("params/GroupNorm_0/bias", 0, "producer", None)} <= _slices(t.groups["Conv_0"])
+  with pytest.raises(ValueError, match="Prune it from weights"):
+    jaxprune.distinctiveness(t, "Conv_0", constants=False)
+  keep = np.array([1, 0, 1, 1, 0], bool)
+  masked, small, st = _masked_and_small(t, v, {"Conv_0": keep})
+  np.testing.assert_array_equal(small["params"]["GroupNorm_0"]["scale"],
+                                np.asarray(v["params"]["GroupNorm_0"]["scale"])[keep])
+  np.testing.assert_allclose(st.apply(small, x[:2]), jax.jit(Net().apply)(masked, x[:2]), atol=1e-5)
+
+
+def test_training_mode_apply_that_returns_updated_batch_stats_says_what_to_trace():
+  """apply(..., mutable=['batch_stats']) returns (outputs, updates): the updated statistics
+  reach the outputs, so every group through them is lost; explain() says what to trace."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.BatchNorm(use_running_average=False)(nn.Dense(6)(x)))
+      return nn.Dense(2)(h)
+  x = _arr(4, 3)
+  v = jax.jit(Net().init)(jax.random.key(0), x)
+  t = jaxprune.trace(lambda v, x: Net().apply(v, x, mutable=["batch_stats"]), v, x)
+  assert t.groups == {}
+  assert "returns updated variables (at output 1/batch_stats" in t.explain()
+  assert "[0]" in t.explain()
+  t = jaxprune.trace(lambda v, x: Net().apply(v, x, mutable=["batch_stats"])[0], v, x)
+  assert {k: g.size for k, g in t.groups.items()} == {"Dense_0": 6}
+  assert "updated variables" not in t.explain()
