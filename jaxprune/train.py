@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -198,6 +199,51 @@ def _check_trainable(params) -> None:
         "variables['params']) and close over the rest in the apply function.")
 
 
+def _check_one_key(key) -> None:
+  """``fit`` trains one run: a batch of keys (one per run) is ``fit_many``'s."""
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  batch = tuple(np.shape(key))[:np.ndim(key) - (0 if typed else 1)]
+  if batch:
+    raise ValueError(f"fit takes one PRNG key, got a batch of keys of shape {batch}; to train "
+                     "one run per key, use fit_many (runs stacked on a leading axis).")
+
+
+def _same_model(a, b) -> bool:
+  """Whether two models (built-in, or adapted targets and apply functions) are the same one;
+  True when it cannot be told (an ``==`` that fails)."""
+  a, b = (m.target if isinstance(m, _Adapted) else m for m in (a, b))
+  if a is b:
+    return True
+  try:
+    return bool(a == b)
+  except Exception:  # pylint: disable=broad-except
+    return True
+
+
+def _check_trainer_settings(fn: str, model, trainer, batch_size, optimizer, loss) -> None:
+  """A ``trainer`` fixes the model, optimizer, loss and batch size it was built with; settings
+  passed beside it that say otherwise used to be dropped without a word."""
+  if trainer is None:
+    return
+  if not isinstance(trainer, Trainer):
+    raise TypeError(f"{fn}: trainer must be a jaxprune Trainer (jaxprune.make_trainer(model, "
+                    f"...)), got {type(trainer).__name__}.")
+  clash = []
+  if not _same_model(trainer.model, model):
+    clash.append("the model")
+  if optimizer is not None and optimizer is not trainer.optimizer:
+    clash.append("optimizer=")
+  if loss is not None and loss is not trainer.loss:
+    clash.append("loss=")
+  if _whole_number("batch_size", batch_size, 1) not in (32, trainer.batch_size):
+    clash.append(f"batch_size={batch_size} (the trainer's is {trainer.batch_size})")
+  if clash:
+    raise ValueError(f"{fn}: {', '.join(clash)} differ(s) from what trainer= was built with, "
+                     "and the trainer's settings are the ones that train: pass them to "
+                     f"jaxprune.make_trainer(model, batch_size=..., optimizer=..., loss=...) and "
+                     f"only trainer= to {fn}, or leave trainer=None.")
+
+
 def _check_callback(callback) -> None:
   """Checked before any training: a bad hook would otherwise fail after the first chunk."""
   if callback is not None and not callable(callback):
@@ -315,9 +361,27 @@ def _check_validation_runs(model: Model, params, validation) -> tuple:
   return (vx, vy, vw)[:len(validation)]
 
 
-def _check_batch_size(batch_size) -> None:
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+def _whole_number(name: str, value, minimum: int | None = None) -> int:
+  """``value`` as a Python int: an int (NumPy's too) or a float with no fractional part. Epoch
+  and batch counts key the cache of compiled programs: a 2.0 that got in as a float was cached
+  as equal to 2 and broke every later call with 2 epochs."""
+  try:
+    v = operator.index(value)
+  except TypeError:
+    v = None
+    if (isinstance(value, (float, np.floating)) and not isinstance(value, bool)
+        and math.isfinite(value) and float(value).is_integer()):
+      v = int(value)
+  if v is None or isinstance(value, bool):
+    raise TypeError(f"{name} must be a whole number (an int), got {value!r}; pass e.g. "
+                    f"{name}=int({name}).")
+  if minimum is not None and v < minimum:
+    raise ValueError(f"{name} must be at least {minimum}, got {v}.")
+  return int(v)
+
+
+def _check_batch_size(batch_size) -> int:
+  return _whole_number("batch_size", batch_size, 1)
 
 
 def _check_learning_rate(learning_rate) -> None:
@@ -342,6 +406,12 @@ def _blank_padding(y, w):
 def _weighted(w, per_sample):
   """``w * per_sample`` with weight-0 rows exactly 0 (NaN * 0 would be NaN)."""
   return jnp.where(w > 0, w * per_sample, 0.0)
+
+
+def _real_rank(w):
+  """Each sample's rank among the samples of weight > 0 (0, 1, ...; the index itself when every
+  weight is > 0), the number its shuffling key is folded from."""
+  return jnp.cumsum(w > 0, dtype=jnp.int32) - 1
 
 
 class TrainState(NamedTuple):
@@ -370,13 +440,15 @@ class Trainer:
     return TrainState(params, self.optimizer.init(_trainable(params)))
 
   def step(self, state: TrainState, masks: PyTree | None, x, y, w) -> tuple[TrainState, dict]:
-    """One masked optimizer step on a weighted minibatch; no-op if ``sum(w) == 0``.
+    """One masked optimizer step on the weighted mean loss ``sum(w * loss) / sum(w)`` of a
+    minibatch; no-op if ``sum(w) == 0``.
 
     Rows with weight 0 contribute exactly 0 (to the loss, its gradient and the counts) whatever
     their targets hold, e.g. an out-of-range padding label.
     """
     params = state.params
-    denom = jnp.maximum(jnp.sum(w), 1.0)
+    total = jnp.sum(w)   # a weighted mean also when the weights sum below 1 (not / max(sum, 1))
+    denom = jnp.where(total > 0, total, 1.0)
     y = _blank_padding(y, w)
 
     def objective(trainable):
@@ -401,16 +473,20 @@ class Trainer:
     new_state = jax.tree.map(lambda n, o: jnp.where(has_data, n, o), new_state, state)
     return new_state, {"loss_sum": loss_sum, "correct": correct, "count": jnp.sum(w)}
 
-  def epoch(self, state: TrainState, masks: PyTree | None, x, y, w, key) -> tuple[TrainState, dict]:
+  def epoch(self, state: TrainState, masks: PyTree | None, x, y, w, key,
+            rank=None) -> tuple[TrainState, dict]:
     """One pass over the data in a random order (real samples first, padding last). A batch
     size above the number of samples is one batch of all of them (the same step: rows of
-    padding count 0), not a batch padded to that size."""
+    padding count 0), not a batch padded to that size. ``rank``: :func:`_real_rank` of ``w``
+    (computed here when None; :meth:`epochs` computes it once for all its epochs)."""
     n = x.shape[0]
     bs = min(self.batch_size, n)
     nb = math.ceil(n / bs)
-    # Each sample's sort key depends only on its index, so the real samples (w > 0) come out in
-    # the same random order whatever padding follows them; padding goes last.
-    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(jnp.arange(n))
+    # Each real sample's (w > 0) sort key depends only on its rank among the real samples, so
+    # they come out in the same random order as without the weight-0 rows, wherever those are
+    # (after them or between them); padding goes last.
+    rank = _real_rank(w) if rank is None else rank
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(rank)
     perm = jnp.argsort(jnp.where(w > 0, u, 2.0))
     pad = nb * bs - n
     idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(nb, bs)
@@ -422,7 +498,8 @@ class Trainer:
       return self.step(st, masks, x[i], y[i], jnp.where(v, w[i], 0.0))
 
     state, m = jax.lax.scan(body, state, (idx, valid))
-    count = jnp.maximum(jnp.sum(m["count"]), 1.0)
+    count = jnp.sum(m["count"])
+    count = jnp.where(count > 0, count, 1.0)
     return state, {"loss": jnp.sum(m["loss_sum"]) / count, "accuracy": jnp.sum(m["correct"]) / count}
 
   def evaluate(self, params: PyTree, x, y, w=None, *, batch_size: int = 1024) -> dict:
@@ -450,8 +527,10 @@ class Trainer:
   def epochs(self, state, masks, x, y, w, key, num_epochs: int, val=None):
     """``num_epochs`` epochs as one scan; per-epoch metrics (and validation metrics)."""
 
+    rank = _real_rank(w)   # once per chunk, not once per epoch
+
     def body(st, k):
-      st, m = self.epoch(st, masks, x, y, w, k)
+      st, m = self.epoch(st, masks, x, y, w, k, rank)
       if val is not None:
         vm = self.evaluate(st.params, *val)
         m = {**m, "val_loss": vm["loss"], "val_accuracy": vm["accuracy"]}
@@ -484,11 +563,11 @@ def make_trainer(model: Model, *, batch_size: int = 32,
   :func:`fit` calls reuse their compiled programs.
   """
   model = as_model(model, loss)
-  _check_batch_size(batch_size)
+  batch_size = _check_batch_size(batch_size)
   loss = loss or default_loss(model)
   if optimizer is None:
-    return _default_trainer(model, int(batch_size), loss)
-  return Trainer(model, optimizer, loss, int(batch_size))
+    return _default_trainer(model, batch_size, loss)
+  return Trainer(model, optimizer, loss, batch_size)
 
 
 def _learning_rate_to_set(trainer: Trainer, learning_rate):
@@ -666,10 +745,14 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
       does); an optimizer built with a fixed rate (``optax.sgd(0.1)``) keeps its own.
     masks: optional weight masks (see :func:`jaxprune.expand`); masked weights are zeroed
       before training and stay zero.
-    validation: optional ``(x_val, y_val)`` evaluated after every epoch.
-    log_every: epochs per compiled chunk and per progress line.
+    validation: optional ``(x_val, y_val)`` or ``(x_val, y_val, w_val)`` (sample weights, as
+      in :func:`evaluate`) evaluated after every epoch.
+    log_every: epochs per compiled chunk and per progress line (whole numbers, as ``epochs``
+      and ``batch_size``).
     progress: print progress lines.
-    trainer: a prebuilt :class:`Trainer` (reuses its compiled programs across calls).
+    trainer: a prebuilt :class:`Trainer` (reuses its compiled programs across calls); its
+      model, optimizer, loss and batch size are the ones that train, and any of them passed
+      here as well must agree.
     desc: the label of the progress lines.
     callback: optional hook ``callback(epoch, state) -> None`` run on the host between compiled
       chunks: after epochs ``log_every``, ``2 * log_every``, ... and after the last epoch
@@ -683,12 +766,18 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     ``val_accuracy``) to per-epoch arrays.
   """
   model = as_model(model, loss)
-  if epochs < 1:
-    raise ValueError(f"epochs must be at least 1, got {epochs}.")
+  epochs = _whole_number("epochs", epochs, 1)
+  log_every = max(1, _whole_number("log_every", log_every))
   _check_callback(callback)
   _check_trainable(params)
+  _check_trainer_settings("fit", model, trainer, batch_size, optimizer, loss)
   _check_learning_rate(learning_rate)
+  if learning_rate is not None and np.ndim(learning_rate) != 0:
+    raise ValueError(f"fit: learning_rate must be one number, got shape "
+                     f"{np.shape(learning_rate)}; to train one run per learning rate, use "
+                     "fit_many (one learning rate per run).")
   validate.check_key(key)
+  _check_one_key(key)
   xh, yh = _host(x), _host(y)
   _check_data(model, xh, yh, params=params)
   if masks is not None:
@@ -699,12 +788,23 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   w = _device(np.ones((x.shape[0],), np.float32))
   val = None
   if validation is not None:
+    if not isinstance(validation, (tuple, list)) or len(validation) not in (2, 3):
+      got = (f"{len(validation)} items" if isinstance(validation, (tuple, list)) else
+             f"a {type(validation).__name__}")
+      raise ValueError("fit: validation must be a tuple (x_val, y_val) or (x_val, y_val, w_val) "
+                       f"(w_val: (N_val,) sample weights, 0 for padding); got {got}.")
     vx, vy = _host(validation[0]), _host(validation[1])
-    _check_data(model, vx, vy, "validation x", params=params, y_name="validation y")
+    vw = None
+    if len(validation) == 3:   # weighted validation metrics, as fit_many's w_val
+      model.check_input(vx)
+      vw = _host(validation[2], np.float32)
+      validate.check_sample_weight(vw, vx.shape[0], "validation w")
+    _check_data(model, vx, vy, "validation x", params=params, y_name="validation y",
+                sample_weight=vw)
     val = (_device(validation[0], vx), _device(validation[1], vy),
-           _device(np.ones((vx.shape[0],), np.float32)))
+           _device(np.ones((vx.shape[0],), np.float32) if vw is None else vw))
   state, history = _run(trainer, params, masks, _learning_rate_to_set(trainer, learning_rate),
-                        x, y, w, key, epochs, val, max(1, log_every), progress, desc, many=False,
+                        x, y, w, key, epochs, val, log_every, progress, desc, many=False,
                         callback=callback)
   return state.params, history
 
@@ -724,7 +824,10 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   ``learning_rate`` (scalar or (R,); None: 1e-3 for the default Adam, the optimizer's own
   for a ``trainer`` of your own, as in :func:`fit`) and ``validation`` = (x_val, y_val, w_val)
   each with axis R (checked per run as :func:`fit` checks its validation data).
-  Each run's result equals :func:`fit` on its unpadded data with the same key, to float
+  Each minibatch step descends the weighted mean ``sum(w * loss) / sum(w)`` of its batch, and
+  the rows of weight 0 may be anywhere (after the real ones, or between them as in a fold given
+  as a 0/1 mask): each run's result equals :func:`fit` on its rows of weight > 0 with the same
+  key, to float
   rounding (batched products round differently). Adam and the model's default loss; for
   another optimizer or loss pass ``trainer=make_trainer(model, optimizer=..., loss=...)``.
   ``callback(epoch, state)`` is called as in :func:`fit`, with the stacked :class:`TrainState`
@@ -734,10 +837,11 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
     ``(params, history)`` with a leading run axis on every leaf and history array.
   """
   model = as_model(model)
-  if epochs < 1:
-    raise ValueError(f"epochs must be at least 1, got {epochs}.")
+  epochs = _whole_number("epochs", epochs, 1)
+  log_every = max(1, _whole_number("log_every", log_every))
   _check_callback(callback)
   _check_trainable(params)
+  _check_trainer_settings("fit_many", model, trainer, batch_size, None, None)
   xh, yh, wh = _host(x), _host(y), _host(w, np.float32)
   runs, _ = _check_runs("fit_many", model, params, xh, yh, wh, "w", masks)
   _check_start_params(params, masks)
@@ -753,14 +857,14 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   x, y, w = _device(x, xh), _device(y, yh), _device(w, wh)
   lr = _learning_rate_to_set(trainer, learning_rate)
   if lr is not None:
-    lr = np.asarray(lr, np.float32)
+    lr = _host(lr, np.float64)   # float32 unless x64 is on (then float64 params keep every bit)
     if lr.shape not in ((), (runs,)):
       raise ValueError(f"fit_many: learning_rate must be one number or one per run, shape "
                        f"({runs},); got shape {lr.shape}.")
     lr = np.broadcast_to(lr, (runs,))
   val = None if validation is None else tuple(_device(a, h) for a, h in zip(validation, val_host))
   state, history = _run(trainer, params, masks, lr, x, y, w, key, epochs, val,
-                        max(1, log_every), progress, desc, many=True, callback=callback)
+                        log_every, progress, desc, many=True, callback=callback)
   return state.params, history
 
 
@@ -780,7 +884,7 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
   compiles a new program.
   """
   model = as_model(model, loss)
-  _check_batch_size(batch_size)
+  batch_size = _check_batch_size(batch_size)
   xh, yh = _host(x), _host(y)
   w = (None if sample_weight is None else
        validate.check_sample_weight(sample_weight, xh.shape[0]))
@@ -823,7 +927,7 @@ def evaluate_many(model: Model, params: PyTree, x, y, sample_weight=None, *,
     (2,)
   """
   model = as_model(model, loss)
-  _check_batch_size(batch_size)
+  batch_size = _check_batch_size(batch_size)
   xh, yh = _host(x), _host(y)
   wh = (np.ones(xh.shape[:2], np.float32) if sample_weight is None
         else _host(sample_weight, np.float32))

@@ -228,13 +228,16 @@ def test_a_user_optimizer_keeps_its_injected_learning_rate():
   p0 = one(PARAMS, 0)
   kw = dict(key=jax.random.key(2), epochs=2, batch_size=4, progress=False)
   run = lambda **k: jax.tree.leaves(jaxprune.fit(MODEL, p0, X[0], Y[0], **kw, **k)[0])
-  injected = lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
-  ours = run(optimizer=injected())
-  for a, b, c in zip(ours, run(optimizer=optax.sgd(0.5)), run(optimizer=optax.sgd(1e-3))):
+  # One object per optimizer: trainers made with the same object share their compiled programs
+  # (the learning rate is state, not part of the program).
+  injected = optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
+  sgd_half, sgd_small = optax.sgd(0.5), optax.sgd(1e-3)
+  ours = run(optimizer=injected)
+  for a, b, c in zip(ours, run(optimizer=sgd_half), run(optimizer=sgd_small)):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
   # Given explicitly, the learning rate is written into the optimizer's state.
-  for a, b in zip(run(optimizer=injected(), learning_rate=1e-3), run(optimizer=optax.sgd(1e-3))):
+  for a, b in zip(run(optimizer=injected, learning_rate=1e-3), run(optimizer=sgd_small)):
     np.testing.assert_array_equal(a, b)
   # The default Adam: no learning_rate is 1e-3, bit for bit.
   for a, b in zip(run(), run(learning_rate=1e-3)):
@@ -244,11 +247,11 @@ def test_a_user_optimizer_keeps_its_injected_learning_rate():
   many = lambda opt, **k: jax.tree.leaves(jaxprune.fit_many(
       MODEL, PARAMS, X, Y, W, key=keys, epochs=2, progress=False,
       trainer=jaxprune.make_trainer(MODEL, batch_size=4, optimizer=opt), **k)[0])
-  for a, b in zip(many(injected()), many(optax.sgd(0.5))):
+  many_half = many(sgd_half)
+  for a, b in zip(many(injected), many_half):
     np.testing.assert_array_equal(a, b)
   lrs = np.array([0.5, 1e-3, 0.5], np.float32)
-  for a, b, c in zip(many(injected(), learning_rate=lrs), many(optax.sgd(0.5)),
-                     many(optax.sgd(1e-3))):
+  for a, b, c in zip(many(injected, learning_rate=lrs), many_half, many(sgd_small)):
     a, b, c = np.asarray(a), np.asarray(b), np.asarray(c)
     np.testing.assert_array_equal(a[[0, 2]], b[[0, 2]])
     np.testing.assert_array_equal(a[1], c[1])
