@@ -60,7 +60,7 @@ def main():
   variants = (("null basis + narrow SVD", defaults), ("narrow SVD every removal", (2.0, 4)),
               ("full SVD every removal", (2.0, 1)))  # P_jj <= 1 < 2: never from the basis
   for name, (null_min, widths) in variants:
-    # read when the pruner is traced, at its first call below
+    # _NULL_MIN is read at every call (passed as a value), _WIDTHS when the pruner is traced
     redundancy._NULL_MIN, redundancy._WIDTHS = null_min, widths
     prune = jaxprune.group_redundancy(model, "hidden_0")
     t0 = time.perf_counter()

@@ -11,7 +11,8 @@ Greedy: at each step the best-reconstructed kept unit is found (ranked by a ridg
 inverse of the kept units' correlation matrix, ``delta = 1e-4``; candidates whose scores differ
 only by float rounding, such as the copies of an exact duplicate, are ordered by that rounding),
 its exact least-squares fit (minimum norm, on the centred activations, singular values below
-``eps * max(N, units)`` of the largest left out as ``jnp.linalg.lstsq`` does) is computed, and it
+``eps * max(N, units)`` of the largest left out as ``jnp.linalg.lstsq`` does, N the patterns of
+weight > 0 under ``sample_weight``) is computed, and it
 is removed if its relative residual ``|a_j - fit| / |a_j - mean(a_j)|`` (the square root of the
 unexplained variance fraction) is below ``tol``. A unit is constant, with residual 0 and only
 its mean folded, when its activations are one value on every pattern, or the norm of its
@@ -162,7 +163,7 @@ def _null_fit(basis, others, j):
   return beta, p, reflected.at[:, c].set(0.0)
 
 
-def _fit(x, m, st, j, tol, rcond):
+def _fit(x, m, st, j, tol, rcond, null):
   """beta and relative residual of unit j on the other kept units, and the :class:`_Basis`
   of the other kept units' columns for the next step.
 
@@ -174,7 +175,8 @@ def _fit(x, m, st, j, tol, rcond):
   (2) every direction in the basis has a singular value at most ``top_cut``, and the SVD's cut
   now is at least rcond * |X_o t| / |t| (t the carried top singular vector restricted to the
   other units), so when ``top_cut`` is below that none of them is kept. Else from an SVD of
-  the other kept columns, which renews the basis."""
+  the other kept columns, which renews the basis. ``null``: (_NULL_MIN, _NULL_RESIDUAL), passed
+  as values (the tests change them without compiling another program)."""
   hi = jax.lax.Precision.HIGHEST
   others = m.at[j].set(False)
   y = x[:, j]
@@ -185,9 +187,9 @@ def _fit(x, m, st, j, tol, rcond):
   t = jnp.where(others, st.top_vec, 0.0)
   nt = jnp.linalg.norm(t)
   top_n = jnp.linalg.norm(jnp.matmul(x, t, precision=hi)) / jnp.where(nt > 0, nt, 1.0)
-  exact = ((p > _NULL_MIN) & (floor_n >= st.cut) & (st.top_cut < rcond * top_n)
+  exact = ((p > null[0]) & (floor_n >= st.cut) & (st.top_cut < rcond * top_n)
            & (st.top_cut <= _GAP * floor_n)
-           & (rel_n <= jnp.minimum(_NULL_RESIDUAL, tol)))
+           & (rel_n <= jnp.minimum(null[1], tol)))
   beta, st = jax.lax.cond(
       exact, lambda: (beta_n, st._replace(basis=basis_n, floor=floor_n)),
       lambda: _svd_fit(x, others, y, rcond))
@@ -241,7 +243,10 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     input; under jit they leave everything unchanged and set ``report.invalid``.
     ``sample_weight`` (N,) makes the fits weighted least squares (weighted means, rows scaled
     by ``sqrt(w)``): a pattern of weight 0 does not exist, so zero-weight padding rows give the
-    fits of the unpadded data (to float rounding). None: every pattern counts once.
+    fits of the unpadded data (to float rounding; the SVD's cut counts only the patterns of
+    weight > 0). The weights' scale does not matter (they are divided by the largest; traced
+    weights below float32's smallest normal number, 1.2e-38, read as 0). None: every pattern
+    counts once.
   """
   g = _common.get_group(model_or_groups, group)
   _common.check_activations_complete(model_or_groups, g.name)
@@ -255,7 +260,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
   h = g.size
 
   @jax.jit
-  def core(params, mask, acts, tol, max_remove, weight):
+  def core(params, mask, acts, tol, max_remove, weight, null):
     a = acts.reshape(-1, h).astype(jnp.float32)
     if weight is None:
       bad = ~jnp.all(jnp.isfinite(jnp.where(mask[None, :], a, 0.0))) | ~(tol >= 0)
@@ -264,6 +269,10 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       x = jnp.where(flat[None, :], 0.0, a - mean)
     else:  # weighted least squares: rows scaled by sqrt(w), a weight-0 row is exactly zero
       w = jnp.asarray(weight, jnp.float32)
+      # Weighted least squares does not depend on the weights' scale; float32 does (weights
+      # near 1e-38 or 1e37 underflowed or overflowed the norms: every unit read as constant).
+      top = jnp.max(w)
+      w = w / jnp.where(top > 0, top, 1.0)
       wv = jnp.broadcast_to(w.reshape((-1,) + (1,) * (acts.ndim - 2)),
                             acts.shape[:-1]).reshape(-1)
       real = wv > 0
@@ -291,19 +300,25 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       score = jnp.where(tiny, -1.0, r2)  # constants first
       return jnp.argmin(jnp.where(m, score, jnp.inf))
 
-    rcond = float(jnp.finfo(jnp.float32).eps) * max(x.shape)  # as jnp.linalg.lstsq
+    # As jnp.linalg.lstsq: eps * max(patterns, units), the patterns those that exist (weight
+    # > 0), so zero-weight padding rows do not move the cut.
+    eps = float(jnp.finfo(jnp.float32).eps)
+    if weight is None:
+      rcond = jnp.float32(eps * max(x.shape))
+    else:
+      rcond = eps * jnp.maximum(jnp.sum(real), h).astype(jnp.float32)
 
-    fit = jax.custom_batching.custom_vmap(
-        lambda x, m, st, j, tol: _fit(x, m, st, j, tol, rcond))
+    fit = jax.custom_batching.custom_vmap(_fit)
 
     @fit.def_vmap
-    def _(axis_size, in_batched, x, m, st, j, tol):
+    def _(axis_size, in_batched, x, m, st, j, tol, rcond, null):
       """Under vmap every removal is an SVD of all the columns (the kept ones in place): a
       batched cond or switch would run every branch for every member, slower than this."""
-      del st, tol
-      x, m, j = (a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
-                 for a, b in zip((x, m, j), (in_batched[0], in_batched[1], in_batched[3])))
-      out = jax.vmap(lambda x, m, j: _fit_plain(x, m, j, rcond))(x, m, j)
+      del st, tol, null
+      x, m, j, rcond = (a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                        for a, b in zip((x, m, j, rcond), (in_batched[0], in_batched[1],
+                                                           in_batched[3], in_batched[5])))
+      out = jax.vmap(_fit_plain)(x, m, j, rcond)
       return out, jax.tree.map(lambda _: True, out)
 
     def cond(c):
@@ -314,7 +329,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       m, st, transfer, consts, rep_j, rep_r, coef, stop = c
       n = jnp.sum(~m & mask, dtype=jnp.int32)
       j = rank(m)
-      beta, rel, st = fit(x, m, st, j, tol)
+      beta, rel, st = fit(x, m, st, j, tol, rcond, null)
       ok = rel < tol
       icpt = mean[j] - jnp.dot(beta, mean)
       # rows_new = (I + beta e_j^T) rows, a rank-one update (beta_j = 0, so row j stays);
@@ -346,7 +361,13 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
 
   def prune(params, unit_masks, activations, tol=1e-3, max_remove=None, *, sample_weight=None):
     mask = _common.group_mask(unit_masks, g, groups, params)
+    raw_weight = sample_weight
     sample_weight = _common.check_activation_input(activations, g, sample_weight, mask)
+    if sample_weight is not None and _common.is_concrete(raw_weight):
+      # Scaled to a largest weight of 1 in float64 (the results do not depend on the scale):
+      # weights that are subnormal in float32 (below 1.2e-38) read as 0 on the device.
+      v = np.asarray(raw_weight, np.float64)
+      sample_weight = jnp.asarray(v / v.max(), jnp.float32)
     if _common.is_concrete(tol) and not float(tol) >= 0:
       raise ValueError(f"tol must be >= 0 (a relative residual), got {tol}.")
     if max_remove is None:
@@ -362,7 +383,8 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       whole = max_remove == jnp.floor(max_remove)   # NaN is not; inf is (no limit)
       max_remove = jnp.where(whole, jnp.clip(max_remove, -1, h), -1)
     params, m, rep = core(params, mask, jnp.asarray(activations), tol,
-                          max_remove.astype(jnp.int32), sample_weight)
+                          max_remove.astype(jnp.int32), sample_weight,
+                          np.asarray([_NULL_MIN, _NULL_RESIDUAL], np.float32))
     return params, _common.with_mask(unit_masks, g.name, m), rep
 
   return prune
