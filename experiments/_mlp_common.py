@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -120,8 +121,7 @@ def cv_folds(ds: data_lib.Dataset, n_splits: int, seed: int) -> Folds:
   person's rows in one test fold); each standardised with statistics of its training part
   only."""
   parts = []
-  for tr, te in data_lib.kfold(ds, n_splits=n_splits, seed=seed,
-                               person_independent=ds.groups is not None):
+  for tr, te in _kfold_or_fail(ds, n_splits, seed):
     train, test = data_lib.split(ds, tr, te)
     train, test, _ = data_lib.standardize_split(train, test)
     parts.append((train, test))
@@ -133,11 +133,61 @@ def cv_folds(ds: data_lib.Dataset, n_splits: int, seed: int) -> Folds:
                tuple(len(p[1]) for p in parts))
 
 
+def _kfold_or_fail(ds: data_lib.Dataset, n_splits: int, seed: int):
+  """``data_lib.kfold`` (person-independent when the data carry persons) with a one-line usage
+  error naming --folds when the folds cannot be made: with persons, a class whose examples all
+  come from persons of one test fold would have no training example there. The message gives
+  the largest smaller --folds that works for these data and this seed, if any."""
+  person = ds.groups is not None
+  try:
+    return data_lib.kfold(ds, n_splits=n_splits, seed=seed, person_independent=person)
+  except ValueError as e:
+    works = None
+    for k in range(n_splits - 1, 1, -1):
+      try:
+        data_lib.kfold(ds, n_splits=k, seed=seed, person_independent=person)
+      except ValueError:
+        continue
+      works = k
+      break
+    fix = (f"Lower --folds to {works} (the most that splits these data with --seed={seed})"
+           if works else "No smaller --folds splits these data either: add examples of other "
+           "persons for that class")
+    # The library's own advice names its arguments (test_fraction, person_independent=False),
+    # which the binaries do not have: keep what happened, give the flag to change.
+    what = str(e).split(". Use data with")[0].rstrip(".")
+    _flags.fail(f"Cannot make --folds={n_splits} cross-validation folds: {what}. {fix}.")
+
+
+def _refuse_image_tree(data: str, data_path: str | None) -> None:
+  """Fails, naming the fix, when --data=sfew_features is given the SFEW image tree (a folder of
+  class folders) instead of the features file: the loader's own message only said that the
+  folder held no SFEW.xlsx or SFEW.csv."""
+  if data != "sfew_features" or not data_path:
+    return
+  folder = os.path.expanduser(data_path)
+  if not os.path.isdir(folder):
+    return
+  with contextlib.suppress(OSError):
+    names = os.listdir(folder)
+    if any(n.lower() in ("sfew.csv", "sfew.xlsx") for n in names):
+      return   # the features file is there: the loader reads it
+    classes = sorted(n for n in names if n.lower() in data_lib.SFEW_CLASS_NAMES
+                     and os.path.isdir(os.path.join(folder, n)))
+    if classes:
+      _flags.fail(f"--data_path={data_path} is the SFEW image tree (it holds the class folders "
+                  f"{', '.join(classes)}), but --data=sfew_features reads the features file "
+                  "(SFEW.xlsx or SFEW.csv). Compute it with python -m experiments.featurize "
+                  f"--data_path={data_path} --out=SFEW.csv and pass --data_path=SFEW.csv, or "
+                  "give the tree to a CNN study (--data=sfew_images).")
+
+
 def load_features(data: str, data_path: str | None) -> data_lib.Dataset:
   """Loads --data through ``_store.load_data``; fails clearly unless it has the 10 features
   (before loading anything when --data names images)."""
   _flags.refuse_image_data(data, "trains the MLP on the 10 features", " (python -m "
                            "experiments.featurize computes the features of an SFEW image tree)")
+  _refuse_image_tree(data, data_path)
   ds = _store.load_data(data, data_path)
   if ds.x.ndim != 2 or ds.x.shape[1] != 10:
     _flags.fail(f"--data={data} has inputs of shape {ds.x.shape[1:]}; this study needs the 10 "
@@ -160,8 +210,17 @@ def train_test_or_fail(ds: data_lib.Dataset, test_fraction: float, seed: int, *,
                 f"(test_fraction is --test_fraction, now {test_fraction:g}).")
 
 
-def check_folds(ds: data_lib.Dataset, n_splits: int) -> None:
-  """Fails clearly when the data cannot be split into ``n_splits`` stratified folds."""
+def split_kind(ds: data_lib.Dataset) -> str:
+  """How the studies split ``ds``, for their reports: by person when the data carry persons
+  (the shares of a person split are then approximate), else stratified by class."""
+  return "person-independent" if ds.groups is not None else "stratified"
+
+
+def check_folds(ds: data_lib.Dataset, n_splits: int, seed: int | None = None) -> None:
+  """Fails clearly when the data cannot be split into ``n_splits`` stratified folds; with
+  ``seed``, also when the folds of that seed cannot be made (person-independent folds where a
+  class's persons all fall in one test fold), so that a study calling it before opening its
+  folder leaves nothing behind."""
   counts = ds.class_counts()
   counts = counts[counts > 0]
   if len(ds) < 2 * n_splits or counts.min() < n_splits:
@@ -181,6 +240,8 @@ def check_folds(ds: data_lib.Dataset, n_splits: int) -> None:
       _flags.fail(f"--folds={n_splits} person-independent folds need at least {n_splits} "
                   f"persons; the data have {persons} (persons are read from the file names, "
                   f"see docs/data.md). {fix}")
+  if seed is not None:
+    _kfold_or_fail(ds, n_splits, seed)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -298,11 +298,16 @@ def data_record(ds, name: str | None = None, path: str | None = None) -> dict[st
   Example:
     >>> from jaxprune import data
     >>> rec = data_record(data.load("features"), "features")
-    >>> sorted(rec)
-    ['dropped', 'examples', 'name', 'path', 'sha256', 'skipped', 'source', 'version']
+    >>> sorted(rec)[:6]
+    ['dropped', 'examples', 'name', 'no_person', 'path', 'persons']
+    >>> sorted(rec)[6:]
+    ['sha256', 'skipped', 'source', 'version']
 
   ``dropped`` (feature rows with a missing value) and ``skipped`` (entries of an image tree)
-  are what the loader left out, so that a report says what its data lacked.
+  are what the loader left out, so that a report says what its data lacked. ``persons`` is the
+  number of persons the file names carry (None without persons: every split is then stratified,
+  not person-independent) and ``no_person`` the file names that carry no person id (SFEW copies
+  only), so that a report says how the data were split.
   """
   import jaxprune  # pylint: disable=g-import-not-at-top
   h = hashlib.sha256()
@@ -319,7 +324,9 @@ def data_record(ds, name: str | None = None, path: str | None = None) -> dict[st
           "examples": int(len(ds.y)),
           "sha256": h.hexdigest(),
           "dropped": [{k: _plain(v) for k, v in d.items()} for d in info.get("dropped") or []],
-          "skipped": [{k: _plain(v) for k, v in d.items()} for d in info.get("skipped") or []]}
+          "skipped": [{k: _plain(v) for k, v in d.items()} for d in info.get("skipped") or []],
+          "persons": None if ds.groups is None else int(len(np.unique(np.asarray(ds.groups)))),
+          "no_person": [str(n) for n in info.get("no_person") or []]}
 
 
 def _plain(value):
@@ -374,7 +381,8 @@ class Study:
       os.makedirs(self.dir, exist_ok=True)
       fd, probe = tempfile.mkstemp(dir=self.dir, prefix=f".write-test-{os.getpid()}-")
       os.close(fd)
-      os.remove(probe)
+      with contextlib.suppress(FileNotFoundError):  # a run starting beside us cleaned it up
+        os.remove(probe)
     except OSError as e:
       fail(f"Cannot write to the work folder {self.dir!r} ({e.strerror}). Pass a writable "
            "--workdir.")
@@ -639,9 +647,18 @@ class Study:
            f"{self.resumed} steps taken from the cache `cache/{self.fingerprint}/`."]
     if self.data is not None:
       d = self.data
-      run.append(f"Data: `{d.get('name')}` ({d.get('source')}, {d.get('version')}), "
+      where = f" read from `{d['path']}`" if d.get("path") else ""
+      run.append(f"Data: `{d.get('name')}` ({d.get('source')}, {d.get('version')}){where}, "
                  f"{d.get('examples')} examples, SHA-256 of the loaded arrays "
                  f"`{d.get('sha256')}`.")
+      no_person = d.get("no_person") or []
+      if d.get("persons"):
+        run.append(f"Persons: {d['persons']}, read from the file names; every split and fold "
+                   "is person-independent (no person on both sides).")
+      elif no_person:
+        run.append(f"Persons: none. {len(no_person)} file name(s) carry no person id (e.g. "
+                   f"`{no_person[0]}`; SFEW names its frames `<movie>_<frame>_<person>`), so "
+                   "every split and fold is stratified by class, not person-independent.")
       for key, one, many in (("dropped", "row", "rows"), ("skipped", "entry", "entries")):
         left = d.get(key) or []
         if left:
@@ -679,6 +696,13 @@ def load_data(name: str, path: str | None, **kwargs):
     fail(f"Unknown --data={name!r}; choose one of {', '.join(DATA_CHOICES)}.")
   if name.startswith("sfew") and not path:
     fail(f"--data={name} needs --data_path pointing to your SFEW copy.")
+  if path and not name.startswith("sfew"):
+    # The command line refuses this pair (a flag validator); ``run`` called from Python did
+    # not: it ran on the bundled data and recorded the user's path as their source.
+    fail(f"--data_path={path} reads your own SFEW copy, which only --data=sfew_features "
+         f"(SFEW.xlsx / .csv) or --data=sfew_images (the class-folder tree) loads; --data={name} "
+         "is bundled and would be used instead. Pass data='sfew_features' or 'sfew_images' "
+         "(--data on the command line), or no data_path.")
   global _LOADED_DATA
   try:
     ds = data_lib.load(name, path=path, **kwargs)

@@ -60,7 +60,7 @@ class Config:
                             low=0.0, low_open=True)
   hidden: tuple = _flags.field((10, 20, 50, 100, 200, 500, 1000), "Baseline hidden sizes H.",
                                low=1)
-  folds: int = _flags.field(10, "Stratified cross-validation folds.")
+  folds: int = _flags.field(10, "Cross-validation folds (stratified; person-independent when the data carry persons).")
   epochs: int = _flags.field(300, "Training epochs.")
   batch_size: int = _flags.field(32, "Minibatch size.")
   prune_lr: float = _flags.field(
@@ -545,7 +545,7 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
   """
   cfg.validate()
   ds = mc.load_features(data, data_path)
-  mc.check_folds(ds, cfg.folds)
+  mc.check_folds(ds, cfg.folds, seed=cfg.seed)
   settings = {**dataclasses.asdict(cfg), "data": data, "data_path": data_path}
   study = _store.Study(STUDY, settings, workdir)
   folds = mc.cv_folds(ds, cfg.folds, cfg.seed)
@@ -612,7 +612,7 @@ def write_outputs(cfg, study, summary, ds, data, seconds):
     sweep_note = "\n\nSome sweep thresholds were rejected by the pruner (invalid)."
   sections = [
       ("Data", f"`--data={data}`: {ds.info.get('source', data)}, {len(ds)} examples, "
-               f"{cfg.folds}-fold stratified CV; features standardised on each training fold "
+               f"{cfg.folds}-fold {mc.split_kind(ds)} CV; features standardised on each training fold "
                f"only.{stand_in} Accuracies in percent, mean ± std over folds.\n\n"
                f"Compute time (all invocations, cached steps included): {seconds:.0f} s."),
       ("Baseline grid", f"10-H-7 MLP, sigmoid hidden, softmax output, Adam, batch "

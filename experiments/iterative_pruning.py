@@ -77,7 +77,7 @@ OVER_TARGET_COST = 100.0  # fitness points per unit kept beyond a round's target
 class Config:
   """Every setting of the study; each field is also a flag (``_flags.define_flags``)."""
   hidden: tuple = _flags.field((100, 500), "Hidden sizes H.", low=2)
-  folds: int = _flags.field(10, "Stratified cross-validation folds.")
+  folds: int = _flags.field(10, "Cross-validation folds (stratified; person-independent when the data carry persons).")
   epochs: int = _flags.field(300, "Training epochs before pruning.")
   retrain_epochs: int = _flags.field(
       30, "Retraining epochs per step (k); one-shot at target t retrains t*k.")
@@ -473,7 +473,7 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
   """
   cfg.validate()
   ds = mc.load_features(data, data_path)
-  mc.check_folds(ds, cfg.folds)
+  mc.check_folds(ds, cfg.folds, seed=cfg.seed)
   study = _store.Study(STUDY, {**dataclasses.asdict(cfg), "data": data,
                                "data_path": data_path}, workdir)
   t0 = time.time()
@@ -500,7 +500,7 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
               " the numbers are not SFEW numbers.")
   study.write_report("Iterative versus one-shot pruning, fine-tuning versus rewinding", [
       ("Data", f"`--data={data}`: {ds.info.get('source', data)}, {len(ds)} examples, "
-               f"{cfg.folds}-fold stratified CV (standardised on each training fold).{stand_in}"
+               f"{cfg.folds}-fold {mc.split_kind(ds)} CV (standardised on each training fold).{stand_in}"
                f" Test accuracy in percent, mean ± std over folds.\n\nWall time of this "
                f"invocation: {time.time() - t0:.0f} s."),
       ("Unpruned", f"10-H-7 MLP, Adam lr {cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} "
