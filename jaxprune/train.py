@@ -199,15 +199,6 @@ def _check_trainable(params) -> None:
         "variables['params']) and close over the rest in the apply function.")
 
 
-def _check_one_key(key) -> None:
-  """``fit`` trains one run: a batch of keys (one per run) is ``fit_many``'s."""
-  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-  batch = tuple(np.shape(key))[:np.ndim(key) - (0 if typed else 1)]
-  if batch:
-    raise ValueError(f"fit takes one PRNG key, got a batch of keys of shape {batch}; to train "
-                     "one run per key, use fit_many (runs stacked on a leading axis).")
-
-
 def _same_model(a, b) -> bool:
   """Whether two models (built-in, or adapted targets and apply functions) are the same one;
   True when it cannot be told (an ``==`` that fails)."""
@@ -776,8 +767,8 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     raise ValueError(f"fit: learning_rate must be one number, got shape "
                      f"{np.shape(learning_rate)}; to train one run per learning rate, use "
                      "fit_many (one learning rate per run).")
-  validate.check_key(key)
-  _check_one_key(key)
+  validate.check_key(key, single="fit", batch_fix="to train one run per key, use fit_many "
+                     "(runs stacked on a leading axis).")
   xh, yh = _host(x), _host(y)
   _check_data(model, xh, yh, params=params)
   if masks is not None:

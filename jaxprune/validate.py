@@ -121,20 +121,22 @@ def check_labels(name: str, y, num_classes: int | None = None, sample_weight=Non
                      f"outputs (classes); labels must be in [0, {num_classes - 1}].")
 
 
-def check_key(key, name: str = "key", *, single: str | None = None) -> None:
+def check_key(key, name: str = "key", *, single: str | None = None,
+              batch_fix: str | None = None) -> None:
   """Raises TypeError unless ``key`` is a PRNG key: a typed key array (``jax.random.key``) or
   a legacy raw key (``jax.random.PRNGKey``), uint32 of shape (..., 2) (threefry) or (..., 4)
   (``rbg``); traced keys too. With ``single`` (the call's name, e.g. ``'ga.search'``) a batch
-  of keys raises ValueError saying to ``jax.vmap`` the call over them."""
+  of keys raises ValueError saying to ``jax.vmap`` the call over them, or ``batch_fix`` (what
+  to do instead, for calls where that is something else)."""
   dtype = getattr(key, "dtype", None)
   typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
   raw = not typed and dtype == np.uint32 and np.ndim(key) >= 1 and np.shape(key)[-1] in (2, 4)
   if typed or raw:
     batch = tuple(np.shape(key))[:np.ndim(key) - (0 if typed else 1)]
     if single and batch:
-      raise ValueError(f"{single} takes one {name}, got a batch of keys of shape {batch}; for "
-                       f"several runs, vmap over them: jax.vmap(lambda k: {single}(..., "
-                       f"{name}=k))(keys).")
+      fix = batch_fix or (f"for several runs, vmap over them: jax.vmap(lambda k: {single}(..., "
+                          f"{name}=k))(keys).")
+      raise ValueError(f"{single} takes one {name}, got a batch of keys of shape {batch}; {fix}")
     return
   got = (f"{type(key).__name__} {key!r}" if dtype is None else
          f"an array of dtype {dtype} and shape {tuple(np.shape(key))}")

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy import ndimage
 
+from jaxprune import validate
+
 __all__ = ["augment", "augment_image"]
 
 _FILL_MODES = ("nearest", "constant", "reflect", "mirror", "wrap")
@@ -105,22 +107,11 @@ def _check(images: jax.Array, rank: int, fill_mode: str,
 
 
 def _check_key(key, what: str) -> None:
-  """One random key (typed, ``jax.random.key(seed)``, or a raw ``PRNGKey`` array); JAX's own
-  errors for a batch of keys or a plain int name its internals (``split``, key data)."""
-  shape = getattr(key, "shape", None)
-  dtype = getattr(key, "dtype", None)
-  if shape is None or dtype is None:
-    raise ValueError(f"key must be a JAX random key, e.g. key=jax.random.key(step); got"
-                     f" {type(key).__name__} {key!r}")
-  typed = jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-  if (typed and len(shape) != 0) or (not typed and len(shape) != 1):
-    raise ValueError(
-        f"{what} takes one random key, got keys of shape {tuple(shape)}"
-        + (" (a batch of keys)" if len(shape) > (0 if typed else 1) else "")
-        + ": pass a single key, e.g. key=jax.random.key(step); "
-        + ("each image of the batch gets its own draw from it (image i uses"
-           " jax.random.split(key, N)[i])" if what == "augment" else
-           "for several images use augment, or jax.vmap augment_image over the keys"))
+  """One random key (JAX's own errors for a batch of keys or a plain int name its internals)."""
+  validate.check_key(key, single=what, batch_fix=(
+      "pass a single key, e.g. key=jax.random.key(step); each image of the batch gets its own "
+      "draw from it (image i uses jax.random.split(key, N)[i])" if what == "augment" else
+      "for several images use augment, or jax.vmap augment_image over the keys"))
 
 
 @functools.partial(jax.jit, static_argnames="fill_mode")
