@@ -309,3 +309,42 @@ def test_global_ranking_across_float_dtypes_under_x64():
     np.testing.assert_array_equal(m["a32"], [[True, True, False], [True, False, True]])
     np.testing.assert_array_equal(m["b64"], [[False] * 2] * 3 + [[False, True]])
     np.testing.assert_array_equal(rep.threshold, 0.5)
+
+
+@pytest.mark.parametrize("sort_max", [0, 1 << 15], ids=["histograms", "sort"])
+def test_both_selection_paths_remove_the_k_smallest_with_ties_to_the_lower_index(
+    monkeypatch, sort_max):
+  """Few weights are selected by one sort, many by two histogram passes (``_SORT_MAX``): both
+  must remove exactly the k smallest kept weights, ties going to the lower flat index, against
+  a NumPy stable sort. Values share their high 16 bits (the histograms' first pass) and repeat
+  exactly (ties at the cut)."""
+  from jaxprune.pruners import magnitude as mag  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(mag, "_SORT_MAX", sort_max)
+  rng = np.random.default_rng(7)
+  base = np.float32(0.75)
+  shapes = [(6, 5), (7,), (3, 4)]
+  vals = [np.where(rng.random(s) < 0.4, base,   # exact ties
+                   np.nextafter(base, np.float32(1), dtype=np.float32)
+                   * (1 + rng.integers(0, 40, s) * np.float32(2 ** -20))).astype(np.float32)
+          for s in shapes]
+  keep = [rng.random(s) < 0.8 for s in shapes]
+  bits = [mag._bits(jnp.asarray(v)) for v in vals]
+  flat_v = np.concatenate([v.reshape(-1) for v in vals])
+  flat_k = np.concatenate([k.reshape(-1) for k in keep])
+  order = np.lexsort((np.arange(flat_v.size), flat_v, ~flat_k))   # not kept last, then value
+  run = jax.jit(lambda k: mag._remove_smallest_and_cut(bits, [jnp.asarray(m) for m in keep], k))
+  for k in (0, 1, 5, 17, int(flat_k.sum())):
+    removed, cut = run(jnp.int32(k))
+    want = np.zeros(flat_v.size, bool)
+    want[order[:k]] = True
+    np.testing.assert_array_equal(np.concatenate([np.asarray(r).reshape(-1) for r in removed]),
+                                  want)
+    if k:
+      assert float(cut) == flat_v[order[k - 1]]
+    else:
+      assert np.isnan(float(cut))
+  # A size-0 leaf beside a real one (the sort of no weight has no cut): nothing of it removed.
+  p = {"v": jnp.asarray(vals[0]), "w": jnp.zeros((0, 3))}
+  for scope in ("layer", "global"):
+    m = magnitude_prune(p, None, 0.5, scope=scope)[1]
+    assert m["w"].shape == (0, 3) and int(m["v"].sum()) == vals[0].size - round(0.5 * 30)
