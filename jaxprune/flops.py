@@ -74,6 +74,10 @@ def _conv_flops(eqn) -> int:
   return 2 * n_cout * taps
 
 
+def _is_literal(v) -> bool:
+  return isinstance(v, jax.extend.core.Literal)
+
+
 def _walk(jaxpr, owner: dict, data: set, flops: dict, mult: int = 1,
           sizes: Mapping[int, int] | None = None) -> None:
   """Adds the FLOPs of contractions that read a param leaf to ``flops[leaf index]``.
@@ -86,9 +90,8 @@ def _walk(jaxpr, owner: dict, data: set, flops: dict, mult: int = 1,
   sizes = sizes or {}
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
-    lit = lambda v: isinstance(v, jax.extend.core.Literal)
-    ins = [None if lit(v) else owner.get(v) for v in eqn.invars]
-    dat = [False if lit(v) else v in data for v in eqn.invars]
+    ins = [None if _is_literal(v) else owner.get(v) for v in eqn.invars]
+    dat = [False if _is_literal(v) else v in data for v in eqn.invars]
     if name in _CONTRACTIONS:
       lhs, rhs = ins[0], ins[1]
       leaf = rhs if rhs is not None else lhs   # x @ w, conv(x, kernel): the weight is rhs
@@ -131,7 +134,7 @@ def _walk(jaxpr, owner: dict, data: set, flops: dict, mult: int = 1,
         branch_flops.append(target)
       if is_call:
         for o, so in zip(eqn.outvars, sub.outvars):
-          if lit(so):
+          if _is_literal(so):
             continue
           if so in sub_data:
             data.add(o)

@@ -333,16 +333,20 @@ def _check_runs_data(model: Model, params, x, y, w, w_name: str, *, x_name="x",
   _check_targets(model, _one_run(params), x[0], y[w > 0], y_name, one_run=y[0])
 
 
+def _check_validation_form(fn: str, validation, form: str) -> None:
+  """``validation`` must be a tuple (or list) of 2 or 3 items; ``form`` says which."""
+  if not isinstance(validation, (tuple, list)) or len(validation) not in (2, 3):
+    got = (f"{len(validation)} items" if isinstance(validation, (tuple, list)) else
+           f"a {type(validation).__name__}")
+    raise ValueError(f"{fn}: validation must be {form}; got {got}.")
+
+
 def _check_validation_runs(model: Model, params, validation) -> tuple:
   """``fit_many``'s ``validation = (x_val, y_val[, w_val])``, each with the run axis R, checked
   per run as :func:`fit` checks its validation data (w_val: all ones when left out); returns
   the host arrays checked, one per item given."""
-  if not isinstance(validation, (tuple, list)) or len(validation) not in (2, 3):
-    got = (f"{len(validation)} items" if isinstance(validation, (tuple, list)) else
-           f"a {type(validation).__name__}")
-    raise ValueError("fit_many: validation must be a tuple (x_val, y_val, w_val), each with a "
-                     "leading run axis R (w_val: (R, N_val) sample weights, 0 for padding); got "
-                     f"{got}.")
+  _check_validation_form("fit_many", validation, "a tuple (x_val, y_val, w_val), each with a "
+                         "leading run axis R (w_val: (R, N_val) sample weights, 0 for padding)")
   vx, vy = _host(validation[0]), _host(validation[1])
   vw = (_host(validation[2], np.float32) if len(validation) == 3 else
         np.ones(vx.shape[:2], np.float32))
@@ -779,11 +783,8 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   w = _device(np.ones((x.shape[0],), np.float32))
   val = None
   if validation is not None:
-    if not isinstance(validation, (tuple, list)) or len(validation) not in (2, 3):
-      got = (f"{len(validation)} items" if isinstance(validation, (tuple, list)) else
-             f"a {type(validation).__name__}")
-      raise ValueError("fit: validation must be a tuple (x_val, y_val) or (x_val, y_val, w_val) "
-                       f"(w_val: (N_val,) sample weights, 0 for padding); got {got}.")
+    _check_validation_form("fit", validation, "a tuple (x_val, y_val) or (x_val, y_val, "
+                           "w_val) (w_val: (N_val,) sample weights, 0 for padding)")
     vx, vy = _host(validation[0]), _host(validation[1])
     vw = None
     if len(validation) == 3:   # weighted validation metrics, as fit_many's w_val
