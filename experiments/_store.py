@@ -27,6 +27,7 @@ message instead of overwriting the first run's files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
@@ -135,8 +136,11 @@ def to_jsonable(x: Any) -> Any:
   return x
 
 
-def write_json(path: str, obj: Any) -> None:
-  atomic_write_bytes(path, json.dumps(to_jsonable(obj), indent=1, sort_keys=True).encode())
+def write_json(path: str, obj: Any, *, sort_keys: bool = True) -> None:
+  """Writes ``obj`` as JSON, atomically; ``sort_keys=False`` keeps the dicts' own key order
+  (the cache files: a resumed step must return its dicts in the order a fresh one does)."""
+  atomic_write_bytes(path, json.dumps(to_jsonable(obj), indent=1,
+                                      sort_keys=sort_keys).encode())
 
 
 def write_text(path: str, text: str) -> None:
@@ -191,6 +195,7 @@ class DamagedFile(ValueError):
 
   def __init__(self, path: str, error: BaseException):
     self.path = path
+    self.error = error
     super().__init__(f"{path} is damaged and cannot be read ({type(error).__name__}: {error}); "
                      "delete it to have it recomputed.")
 
@@ -377,6 +382,11 @@ class Study:
     check_workdir_outside_data(workdir, self.settings.get("data"),
                                self.settings.get("data_path"), name)
     self.dir = os.path.join(workdir, name)
+    blocker = _not_a_folder(self.dir)
+    if blocker is not None:
+      fail(f"Cannot use the work folder {self.dir!r}: {blocker!r} is a file, not a folder. "
+           "Pass a writable --workdir (a folder, or a path that does not exist yet), or move that "
+           "file away.")
     try:
       os.makedirs(self.dir, exist_ok=True)
       fd, probe = tempfile.mkstemp(dir=self.dir, prefix=f".write-test-{os.getpid()}-")
@@ -391,12 +401,16 @@ class Study:
       blob["data"] = {k: self.data.get(k) for k in ("name", "version", "sha256")}
     self.fingerprint = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
     self.cache_dir = os.path.join(self.dir, "cache", self.fingerprint)
-    os.makedirs(self.cache_dir, exist_ok=True)
     self._lock_cache = _Lock(os.path.join(self.cache_dir, ".lock"))
     self._lock_outputs = _Lock(os.path.join(self.dir, ".lock"))
-    self._acquire_locks()
     self._outputs: dict[str, str] = {}
-    self._clean_leftovers()
+    try:  # a damaged folder (a file where a folder belongs, or the reverse): one clear line
+      os.makedirs(self.cache_dir, exist_ok=True)
+      self._acquire_locks()
+      self._clean_leftovers()
+    except OSError as e:
+      self.release()
+      _folder_damaged(self.dir, e)
     _STUDY_DIRS[os.path.abspath(self.dir)] = self
     write_json(os.path.join(self.cache_dir, "settings.json"),
                {**self.settings, **({"_data": self.data} if self.data else {})})
@@ -500,13 +514,16 @@ class Study:
 
   def _read_seconds(self) -> float:
     try:
-      with open(self._seconds_file()) as f:
-        return float(json.load(f)["seconds"])
+      with open(self._seconds_file(), "rb") as f:
+        seconds = float(json.loads(f.read().decode())["seconds"])
     except FileNotFoundError:
       return 0.0
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, OSError):
+      seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):  # NaN, infinite or negative: not a time
       _warn(f"{self._seconds_file()} is damaged; the compute time restarts from 0.")
       return 0.0
+    return seconds
 
   def invocation_seconds(self) -> float:
     """Seconds since this study started (this invocation only)."""
@@ -547,6 +564,8 @@ class Study:
     except (ValueError, UnicodeDecodeError) as e:
       _discard_damaged(f, e)
       return False, None
+    except OSError as e:  # a folder where the file belongs, an unreadable file
+      _folder_damaged(self.dir, e)
 
   def cached(self, key: str, fn: Callable[[], Any]) -> Any:
     """Returns the saved result of ``key`` if this configuration finished before, else runs
@@ -558,9 +577,10 @@ class Study:
       self.resumed += 1
       return value
     result = to_jsonable(fn())
-    write_json(f, result)
+    write_json(f, result, sort_keys=False)
     self._save_seconds()
-    # Round-trip through JSON so a fresh and a resumed run return identical values.
+    # Round-trip through JSON so a fresh and a resumed run return identical values (the file
+    # keeps the dicts' key order, so both return their keys in the same order too).
     return json.loads(json.dumps(result))
 
   def cached_tree(self, key: str, fn: Callable[[], Any], template: Any = None) -> Any:
@@ -570,9 +590,12 @@ class Study:
     path = self._tree_file(key)
     if os.path.exists(path):
       try:
-        return load_tree(path, template)
+        tree = load_tree(path, template)
       except DamagedFile as e:
         _discard_damaged(path, e)
+      else:
+        self.resumed += 1  # a step taken from the cache, as in ``cached``
+        return tree
     save_tree(path, fn())
     self._save_seconds()
     return load_tree(path, template)
@@ -616,7 +639,8 @@ class Study:
       self._finish()
 
   def _finish(self) -> None:
-    self._save_seconds()
+    # The compute time is saved by the steps that compute (``cached``, ``cached_tree``), not
+    # here: a fully resumed rerun would otherwise add its own few seconds to the total each time.
     body = {"study": self.name, "settings": self.settings, "results": self._pending_results}
     if self.data is not None:
       body["data"] = self.data
@@ -677,12 +701,51 @@ class Study:
       self._finish()
 
 
+def _not_a_folder(path: str) -> str | None:
+  """The first existing part of ``path`` (``~`` expanded) that is not a folder, or None."""
+  part = os.path.abspath(os.path.expanduser(path))
+  parts = []
+  while True:
+    parts.append(part)
+    parent = os.path.dirname(part)
+    if parent == part:
+      break
+    part = parent
+  for part in reversed(parts):
+    if not os.path.exists(part):
+      return None
+    if not os.path.isdir(part):
+      return part
+  return None
+
+
+def _folder_damaged(folder: str, error: OSError) -> None:
+  """Stops with one line naming what in a study folder cannot be used, and the fix."""
+  where = str(error.filename or folder)
+  restart = (f"Move it away, or delete {folder!r} to start the study again (or pass another "
+             "--workdir).")
+  if isinstance(error, IsADirectoryError):
+    fail(f"Cannot use the work folder {folder!r}: {where!r} is a folder, where the study keeps "
+         f"a file. {restart}")
+  if isinstance(error, (NotADirectoryError, FileExistsError)):
+    fail(f"Cannot use the work folder {folder!r}: {_not_a_folder(where) or where!r} is a file, "
+         f"where the study keeps a folder. {restart}")
+  what = error.strerror or str(error)
+  if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+    fail(f"Cannot lock {where!r} ({what}): the file system of --workdir does not support file "
+         "locks (fcntl.flock). Pass a --workdir on a local disk.")
+  fail(f"Cannot use the work folder {folder!r}: {where!r} ({what}). Check its permissions and "
+       "free space, or pass another --workdir.")
+
+
 def _warn(message: str) -> None:
   print(f"Warning: {message}", file=sys.stderr, flush=True)
 
 
 def _discard_damaged(path: str, error: BaseException) -> None:
   """Names a damaged cache file on stderr and removes it, so that its step is recomputed."""
+  if isinstance(error, DamagedFile):  # its own message names the path and says "delete it"
+    error = error.error
   _warn(f"the cache file {path} is damaged ({type(error).__name__}: {error}); removing it and "
         "computing that step again.")
   with contextlib.suppress(FileNotFoundError):
