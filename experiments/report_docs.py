@@ -27,6 +27,8 @@ import os
 import sys
 from typing import Any, Iterator, Mapping, Sequence
 
+from experiments import _store
+
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
 _SCALARS = (str, int, float, bool, type(None))
@@ -130,8 +132,11 @@ def main(argv: Sequence[str] | None = None) -> None:
              f"(finished: {', '.join(studies) or 'none'}); run the study first, and pass "
              "--study when there are several.")
   source = os.path.join(args.workdir, study, "results.json")
-  with open(source) as f:
-    doc = json.load(f)
+  try:
+    with open(source, "rb") as f:
+      doc = json.loads(f.read().decode())
+  except (ValueError, UnicodeDecodeError) as e:
+    sys.exit(f"report_docs: {source} is not valid JSON ({e}); run the study again to rewrite it.")
   only = [t for t in args.tables.split(",") if t]
   try:
     section = render(doc, source=source, only=only, max_rows=args.max_rows)
@@ -142,8 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     page = update_page(page, section)
   except ValueError as e:
     sys.exit(f"report_docs: {e}")
-  with open(args.out, "w") as f:
-    f.write(page)
+  _store.write_text(args.out, page)      # atomically: a kill leaves the old page whole
 
 
 if __name__ == "__main__":

@@ -84,3 +84,17 @@ def test_bad_input(tmp_path):
   with pytest.raises(SystemExit, match="at most one"):
     report_docs.main(["--workdir", workdir, "--out", str(page)])
   assert not page.read_text().count("Generated")   # a refused page is left as it was
+
+
+def test_invalid_results_json_is_one_line_and_the_page_is_written_whole(tmp_path):
+  """A hand-edited results.json that is not JSON: one line naming it (was a JSONDecodeError
+  traceback); and a written page leaves no temporary file beside it."""
+  workdir = write_run(tmp_path)
+  page = tmp_path / "docs" / "p.md"
+  page.parent.mkdir()
+  report_docs.main(["--workdir", workdir, "--out", str(page)])
+  assert report_docs.BEGIN in page.read_text()
+  assert sorted(p.name for p in page.parent.iterdir()) == ["p.md"]
+  (tmp_path / "run" / "toy" / "results.json").write_text('{"study": "toy", ')
+  with pytest.raises(SystemExit, match=r"results\.json is not valid JSON .*run the study again"):
+    report_docs.main(["--workdir", workdir, "--out", str(page)])
