@@ -717,6 +717,15 @@ class _Walker:
       x = ins[0]
       changed = {d for d in range(len(x))
                  if math.prod(A.size[a] for a in A.expand(x[d])) != out_shapes[0][d]}
+      if name == "slice" and len(changed) == 1 and not any(
+          s not in (None, 1) for s in eqn.params.get("strides") or ()):
+        (d,) = changed
+        n, start = out_shapes[0][d], eqn.params["start_indices"][d]
+        size = eqn.invars[0].aval.shape[d]
+        if start % n == 0 and size % n == 0:
+          parts = self._equal_parts(x, eqn.invars[0].aval.shape, d, [n] * (size // n))
+          if parts is not None:
+            return [parts]
       if name == "pad":
         changed |= {d for d, (lo, hi, interior) in enumerate(eqn.params["padding_config"])
                     if lo or hi or interior}
@@ -736,6 +745,9 @@ class _Walker:
 
     if name == "split":
       d = eqn.params["axis"]
+      parts = self._equal_parts(ins[0], eqn.invars[0].aval.shape, d, eqn.params["sizes"])
+      if parts is not None:
+        return [parts] * len(eqn.params["sizes"])
       for a in ins[0][d]:
         A.block(a, "split by split")
       return [tuple((A.new(n, "split by split"),) if k == d else ax
@@ -873,6 +885,29 @@ class _Walker:
           return None
       out.append(tuple(group))
     return tuple(out)
+
+  def _equal_parts(self, x, shape, d, sizes):
+    """Axis ``d`` cut into equal parts (``jnp.split``, ``h[:, :H]`` and ``h[:, H:]``): read as a
+    reshape of the axis to (parts, size) followed by indexing the parts axis, so unit ``i`` of
+    every part is one atom (a GLU's gate and value, an LSTM's four fused gates). The atoms of
+    the axis are refined alike (a fused kernel's columns ``i, H + i, ...``: a view); the parts
+    axis is blocked. None when the parts differ in size or the axis does not factor so."""
+    k, n = len(sizes), sizes[0] if sizes else 0
+    if k < 2 or n < 2 or any(s != n for s in sizes):
+      return None
+    # Only an axis that parameters produce (a fused kernel's columns): a cut of the batch or
+    # of time steps stays an index, as it was.
+    A = self.atoms
+    produced = {A.find(a) for leaf in self.invar_atoms[:self.num_params] for ax in leaf
+                for a in A.expand(ax) if A.size[a] > 1}
+    if not all(A.find(a) in produced for a in A.expand(x[d]) if A.size[a] > 1):
+      return None
+    out = self._reshape(x, tuple(shape[:d]) + (k, n) + tuple(shape[d + 1:]))
+    if out is None:
+      return None
+    for a in out[d]:
+      self.atoms.block(a, "indexed along by split")
+    return tuple(x[:d]) + (out[d + 1],) + tuple(x[d + 1:])
 
   def _opaque(self, eqn, ins, out_shapes, reason):
     for x in ins:
@@ -1305,19 +1340,31 @@ def _admissible(eqn, live_ins) -> bool:
 def _keeps_units(w: _Walker, scope: tuple, eqn, root) -> bool:
   """Whether ``eqn`` is a reshape that keeps the units of class ``root`` on one axis of their
   own, in and out (it only adds or drops size-1 axes, or splits or merges other axes), so each
-  unit's values stay that unit's: ``h.reshape(B, C, 1)``, ``(B, H, W, C) -> (B, H * W, C)``."""
-  if root is None or eqn.primitive.name != "reshape" or len(eqn.outvars) != 1:
+  unit's values stay that unit's: ``h.reshape(B, C, 1)``, ``(B, H, W, C) -> (B, H * W, C)``;
+  or a split (or slice) of the units' axis into equal parts, each part holding every unit once
+  (a GLU's gate and value, an LSTM's fused gates)."""
+  name = eqn.primitive.name
+  if root is None or name not in ("reshape", "split", "slice") or (
+      name != "split" and len(eqn.outvars) != 1):
     return False
   A = w.atoms
 
-  def whole(v):
+  def roots(v):
     ax = w.scoped_env.get((scope, v))
     if ax is None:
-      return False
-    roots = [[A.find(a) for a in A.expand(atoms) if A.size[a] > 1] for atoms in ax]
-    return sum(r.count(root) for r in roots) == 1 and [root] in roots
+      return None
+    return [[A.find(a) for a in A.expand(atoms) if A.size[a] > 1] for atoms in ax]
 
-  return whole(eqn.invars[0]) and whole(eqn.outvars[0])
+  def whole(v):
+    r = roots(v)
+    return r is not None and sum(x.count(root) for x in r) == 1 and [root] in r
+
+  if name == "reshape":
+    return whole(eqn.invars[0]) and whole(eqn.outvars[0])
+  # Equal parts of the units' axis (see _Walker._equal_parts): unit i of each part is unit i.
+  r = roots(eqn.invars[0])
+  return (r is not None and sum(x.count(root) for x in r) == 1 and [root] not in r
+          and all(whole(o) for o in eqn.outvars))
 
 
 def _activation_chain(w: _Walker, scope: tuple, start, root=None):
@@ -1959,9 +2006,21 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
                                                          params["limit_indices"], was))]
             params["limit_indices"] = tuple(now[d] if w else l0 for d, (w, l0) in enumerate(
                 zip(whole, params["limit_indices"])))
+            # One of equal parts of the units' axis (h[:, H:]): the same part of the new axis.
+            new = _new_shape(A, sizes, an.walker.shapes[path][0])
+            starts, limits = list(params["start_indices"]), list(params["limit_indices"])
+            for d, (s0, n) in enumerate(zip(starts, eqn.outvars[0].aval.shape)):
+              if not whole[d] and new[d] != n and was[d] % n == 0 and s0 % n == 0:
+                starts[d], limits[d] = s0 // n * new[d], (s0 // n + 1) * new[d]
+            params["start_indices"], params["limit_indices"] = tuple(starts), tuple(limits)
           else:
             params["slice_sizes"] = tuple(now[d] if sz == was[d] else sz
                                           for d, sz in enumerate(params["slice_sizes"]))
+        elif name == "split":       # equal parts (of the units, of the batch) stay equal parts
+          d, k = params["axis"], len(params["sizes"])
+          now = np.shape(invals[0])[d]
+          if len(set(params["sizes"])) == 1 and now % k == 0:
+            params["sizes"] = (now // k,) * k
         elif name == "gather":      # likewise an operand axis gathered whole (see _gather)
           was, now = eqn.invars[0].aval.shape, np.shape(invals[0])
           params["slice_sizes"] = tuple(now[d] if sz == was[d] else sz

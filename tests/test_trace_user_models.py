@@ -1711,3 +1711,122 @@ def test_activations_of_a_group_no_kernel_makes_say_why():
   with pytest.raises(ValueError, match="Group 'a' has no activations that trace can capture"):
     t.activations(p, x, "a")
   _compact_equals_masked(t, p, x, f, {"a": [1, 4]})
+
+
+# -- a unit axis cut into equal parts: fused GLU and LSTM kernels --------------------------------
+
+def _glu_split(p, x):          # one kernel for gate and value, cut in two (T5, PaLM-style MLPs)
+  g, u = jnp.split(x @ p["wi"] + p["bi"], 2, axis=-1)
+  return (jax.nn.silu(g) * u) @ p["wo"] + p["bo"]
+
+
+def _glu_sliced(p, x):         # the same, cut by slicing
+  h = x @ p["wi"] + p["bi"]
+  n = h.shape[-1] // 2
+  return (jax.nn.silu(h[:, :n]) * h[:, n:]) @ p["wo"] + p["bo"]
+
+
+def _glu_params(d=5, h=6, o=3):
+  return {"wi": _arr(d, 2 * h), "bi": _arr(2 * h), "wo": _arr(h, o), "bo": _arr(o)}
+
+
+@pytest.mark.parametrize("fn", [_glu_split, _glu_sliced], ids=["split", "slices"])
+def test_fused_glu_unit_i_owns_columns_i_and_h_plus_i(fn):
+  """A fused GLU kernel (D, 2H) cut into gate and value: unit i is columns i and H + i of the
+  kernel and the bias, and row i of the reader. Both were not prunable ('split by split')."""
+  p, x = _glu_params(), _arr(16, 5)
+  t = jaxprune.trace(fn, p, x)
+  assert list(t.groups) == ["wi"]
+  g = t.groups["wi"]
+  assert g.size == 6 and g.activation == "other" and t.activations_complete("wi")
+  assert {(s.path, s.role, s.kind) for s in g.slices} == {
+      (("wi",), "producer", "kernel"), (("bi",), "producer", "bias"),
+      (("wo",), "consumer", "kernel")}
+  h = np.asarray(x @ p["wi"] + p["bi"])
+  want = h[:, :6] / (1 + np.exp(-h[:, :6])) * h[:, 6:]            # silu(gate) * value
+  np.testing.assert_allclose(t.activations(p, x, "wi"), want, rtol=1e-5, atol=1e-6)
+  um = jaxprune.unit_masks_ones(t)
+  um["wi"] = um["wi"].at[np.asarray([1, 4])].set(False)
+  m = jaxprune.expand(p, t, um)
+  keep = np.ones(12, bool)
+  keep[[1, 4, 7, 10]] = False
+  np.testing.assert_array_equal(np.asarray(m["wi"]), np.broadcast_to(keep, (5, 12)))
+  np.testing.assert_array_equal(np.asarray(m["bi"]), keep)
+  small = _compact_equals_masked(t, p, x, fn, {"wi": [1, 4]})
+  np.testing.assert_array_equal(small["wi"], np.asarray(p["wi"])[:, keep])
+  np.testing.assert_array_equal(small["wo"], np.asarray(p["wo"])[[0, 2, 3, 5]])
+  xb = _arr(9, 5)                                    # another batch size, compacted sizes
+  small_t = t.compact(jaxprune.apply_masks(p, m), um)[1]
+  np.testing.assert_allclose(small_t.apply(small, xb), fn(jaxprune.apply_masks(p, m), xb),
+                             atol=1e-5)
+
+
+def test_fused_glu_duplicate_unit_is_merged_exactly():
+  """Unit 4 a copy of unit 1 (gate and value columns, biases): distinctiveness merges it into
+  unit 1 (its outgoing row added to unit 1's) and the outputs do not move."""
+  p, x = _glu_params(), _arr(32, 5)
+  for col in (0, 6):
+    p["wi"] = p["wi"].at[:, col + 4].set(p["wi"][:, col + 1])
+    p["bi"] = p["bi"].at[col + 4].set(p["bi"][col + 1])
+  t = jaxprune.trace(_glu_split, p, x)
+  p2, um, _ = jaxprune.distinctiveness(t, "wi", complementary=False, constants=False)(
+      p, jaxprune.unit_masks_ones(t), t.activations(p, x, "wi"), 1.0, 179.0)
+  np.testing.assert_array_equal(np.asarray(um["wi"]), [True] * 4 + [False, True])
+  np.testing.assert_allclose(p2["wo"][1], p["wo"][1] + p["wo"][4], rtol=1e-6)
+  masked = jaxprune.apply_masks(p2, jaxprune.expand(p2, t, um))
+  np.testing.assert_allclose(_glu_split(masked, x), _glu_split(p, x), atol=1e-5)
+
+
+def test_fused_lstm_gates_cut_in_four_are_one_group_of_hidden_units():
+  """A hand-written LSTM with one kernel for its four gates (flax's OptimizedLSTMCell computes
+  its kernel by concatenating params, which stays not prunable): hidden unit i is columns
+  i, H + i, 2H + i, 3H + i of both kernels and the bias, row i of the recurrent kernel and of
+  the readout; compact equals masking."""
+  def lstm(p, xs):
+    def step(carry, x):
+      h, c = carry
+      i, f, g, o = jnp.split(x @ p["wx"] + h @ p["wh"] + p["b"], 4, axis=-1)
+      c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+      h = jax.nn.sigmoid(o) * jnp.tanh(c)
+      return (h, c), h
+    z = jnp.zeros((xs.shape[0], p["wh"].shape[0]), xs.dtype)
+    (h, _), _ = jax.lax.scan(step, (z, z), jnp.swapaxes(xs, 0, 1))
+    return h @ p["out"]
+
+  p = {"wx": _arr(5, 24), "wh": _arr(6, 24), "b": _arr(24), "out": _arr(6, 3)}
+  xs = _arr(3, 7, 5)
+  t = jaxprune.trace(lstm, p, xs)
+  assert list(t.groups) == ["wx"] and t.groups["wx"].size == 6
+  um = jaxprune.unit_masks_ones(t)
+  um["wx"] = um["wx"].at[2].set(False)
+  m = jaxprune.expand(p, t, um)
+  cols = np.ones(24, bool)
+  cols[[2, 8, 14, 20]] = False
+  np.testing.assert_array_equal(np.asarray(m["b"]), cols)
+  np.testing.assert_array_equal(np.asarray(m["wh"]), np.outer(np.arange(6) != 2, cols))
+  small = _compact_equals_masked(t, p, xs, lstm, {"wx": [2]})
+  assert small["wh"].shape == (5, 20) and small["out"].shape == (5, 3)
+
+
+def test_unequal_cuts_and_cuts_of_the_batch_stay_as_they_were():
+  """Only equal parts of an axis that parameters produce are read as units: an uneven cut of a
+  kernel's columns is not prunable (with the reason), and a split of the batch keeps working
+  at another batch size."""
+  def uneven(p, x):
+    h = x @ p["wi"]
+    return jnp.tanh(h[:, :3]) @ p["d1"] + h[:, 3:] @ p["d2"]
+
+  t = jaxprune.trace(uneven, {"wi": _arr(5, 12), "d1": _arr(3, 2), "d2": _arr(9, 2)},
+                     _arr(4, 5))
+  assert not t.groups and "indexed along by slice" in t.explain()
+
+  def halves(p, x):                   # a batch cut in two (pairs of examples)
+    a, b = jnp.split(jnp.tanh(x @ p["w1"]), 2, axis=0)
+    return (a - b) @ p["w2"]
+
+  p = {"w1": _arr(5, 6), "w2": _arr(6, 3)}
+  t = jaxprune.trace(halves, p, _arr(4, 5))
+  assert list(t.groups) == ["w1"]
+  x8 = _arr(8, 5)
+  np.testing.assert_allclose(t.apply(p, x8), halves(p, x8), atol=1e-6)
+  _compact_equals_masked(t, p, x8, halves, {"w1": [0, 3]})
