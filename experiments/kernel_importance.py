@@ -67,6 +67,11 @@ class Config:
     """One-line usage errors for impossible settings (before any work)."""
     _flags.check_fields(self)
     cc.check_size(self.image_size)
+    try:  # before the images are read (this binary has no --arch: LeNet is the study's)
+      jaxprune.LeNet(input_shape=(*self.image_size, 1), out_features=2)
+    except ValueError as e:
+      _flags.fail(f"--image_size={self.image_size[0]}x{self.image_size[1]} is too small for "
+                  f"the study's LeNet-style CNN: {e}")
     _flags.check_positive(epochs=self.epochs, batch_size=self.batch_size)
     if self.max_per_class is not None:
       _flags.check_positive(max_per_class=self.max_per_class)
@@ -106,6 +111,18 @@ def prune_kernels(model, params, x, y, *, max_rise: float, relative: bool, norm:
                  "min_importance": float(scores[keep].min())})
   stopped = float(rep.stopped_loss)
   return pruned, umasks, rows, (None if np.isnan(stopped) else stopped)
+
+
+def stop_reason(rows: list[dict], rejected_loss: float | None, limit: float) -> str:
+  """Why the removals stopped, for the report: the rejected removal's training loss past the
+  limit, the layer's last kernel (never removed), or a removal whose loss was NaN."""
+  if rejected_loss is not None:
+    return (f"Stopped because removing the next kernel would raise the training loss to "
+            f"{rejected_loss:.4g}, past the limit {limit:.4g}.")
+  if rows[-1]["units_kept"] == 1:
+    return (f"Stopped at the last kernel: the layer always keeps one (no removal raised the "
+            f"training loss past the limit {limit:.4g}).")
+  return "Stopped because removing the next kernel made the training loss NaN."
 
 
 def run(config: Config, workdir: str = "workdir", *, data: str = "images",
@@ -184,7 +201,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
        f"{config.learning_rate:g}). Conv-1 kernels "
        f"removed one at a time by least {config.norm} importance, stopping before the training "
        f"loss would rise by more than {rise}. Pruned {rows[-1]['pruned']} of "
-       f"{model.groups[GROUP].size} kernels."),
+       f"{model.groups[GROUP].size} kernels. {stop_reason(rows, res['rejected_loss'], limit)}"),
       ("Pruning steps (training set)", table),
       ("Test loss and accuracy", t2),
       ("Figure", "![](pruning_steps.png)"),

@@ -19,6 +19,7 @@ From Python: ``lt.run(lt.Config.quick(), "/tmp/work")`` after
 from __future__ import annotations
 
 import dataclasses
+import decimal
 
 import jaxprune
 from experiments import _cnn_common as cc
@@ -38,6 +39,14 @@ class Config(ft.Config):
   pruned fractions; each field is also a flag (``_flags.define_flags``)."""
   fractions: tuple = _flags.field((0.2, 0.5, 0.7, 0.9), "Fractions of every kernel's weights "
                                   "pruned (one-shot, per layer).", low=0.0, high=1.0)
+
+
+def figure_name(fraction: float) -> str:
+  """The figure of one fraction: ``lottery_<percent>pct.png``, the percent written exactly from
+  the fraction's 6 significant digits (0.2 -> ``lottery_20pct.png``, 0.201 ->
+  ``lottery_20.1pct.png``), so that fractions the flags tell apart never share a figure."""
+  pct = decimal.Decimal(f"{fraction:g}").scaleb(2).normalize()
+  return f"lottery_{pct:f}pct.png"
 
 
 def prune_and_rewind(method: str, trained, init_params, fraction, *, key):
@@ -101,7 +110,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
       prog.step(f"{method} {frac:g} retrained")
     per_fraction[f"{frac:g}"] = recs
     cc.plot_curves(
-        study.path(f"lottery_{round(100 * frac)}pct.png"),
+        study.path(figure_name(frac)),
         f"{100 * frac:g}% of each kernel pruned, rewound to initial weights",
         {f"{m} pruning, rewound": recs[m]["test_accuracy"] for m in METHODS},
         ylabel="test accuracy (fraction)", xlabel="retraining epoch (0 = rewound)",
@@ -114,7 +123,7 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
   table = _report.write_table(study.dir, "lottery", rows,
                               ["fraction", "method", "acc_rewound", "acc_final", "acc_best_on_test",
                                "first_epoch_reaching_unpruned"])
-  figs = "\n\n".join(f"![](lottery_{round(100 * f)}pct.png)" for f in fractions)
+  figs = "\n\n".join(f"![]({figure_name(f)})" for f in fractions)
   study.write_report("Lottery tickets: percentile pruning with rewinding", [
       ("Set-up", setup.description + f" Unpruned (fine-tuned) test accuracy: {target:.4f}. "
        "Pruning: one-shot, per layer, every kernel (biases and batch-norm parameters kept); "

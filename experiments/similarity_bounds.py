@@ -1,9 +1,9 @@
 r"""Similar and complementary bounds (Dixit): which hidden-unit pairs do wider angle bounds find?
 
 A 10-H-7 MLP (sigmoid hidden, softmax output), trained with batch 1, Adam at learning rate
-0.001 for 1200 epochs, for H in {30, 50, 100} and several runs (each run its own stratified
-train/test split and initialisation). Then, as separate experiments on the trained network,
-without retraining:
+0.001 for 1200 epochs, for H in {30, 50, 100} and several runs (each run its own train/test
+split, stratified by class or by person when the data carry persons, and initialisation).
+Then, as separate experiments on the trained network, without retraining:
 
 * similar-only pruning at 45 degrees (pairs with angle < 45 merged);
 * complementary-only pruning at 140 degrees (pairs with angle > 140 removed);
@@ -43,6 +43,8 @@ from experiments import _mlp_common as mc
 
 STUDY = "similarity_bounds"
 GROUP = "hidden_0"
+LAST_UNIT_NOTE = ("the kept unit is the layer's last: a sweep that would remove every unit "
+                  "keeps one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +71,16 @@ class Config:
     return cls(**base)
 
   def validate(self) -> None:
-    _flags.check_seed(self.seed)
+    for name in ("hidden", "runs", "epochs", "batch_size"):
+      v = getattr(self, name)
+      if any(isinstance(x, bool) or not isinstance(x, (int, np.integer))
+             for x in (v if name == "hidden" else (v,))):
+        _flags.fail(f"--{name} must be whole numbers, got {v!r}." if name == "hidden" else
+                    f"--{name} must be a whole number, got {v!r}.")
     if any(h < 2 for h in self.hidden):
       _flags.fail(f"--hidden sizes must be at least 2 (a pair needs two units), got "
                   f"{list(self.hidden)}.")
+    _flags.check_fields(self)  # the seed; --hidden: at least one size, none twice
     _flags.check_positive(runs=self.runs, epochs=self.epochs, batch_size=self.batch_size)
     _flags.check_finite("lr", self.lr, positive=True)
     if not 0 < self.test_fraction < 1:
@@ -171,7 +179,10 @@ def prune_one(cfg: Config, h: int, r: int, params, split) -> dict:
       new_p, new_m, report = prune(params, masks, acts, thr, 180.0)
     else:
       new_p, new_m, report = prune(params, masks, acts, 0.0, thr)
-    pairs = [{"kept": list(a["kept"]), "removed": list(a["removed"]), "angle": a["angle"]}
+    # A sweep never empties the layer: when it would remove every unit, the action that would
+    # have removed the last one lists it as kept (``kept_last``), as the unit mask does.
+    pairs = [{"kept": list(a["kept"]), "removed": list(a["removed"]), "angle": a["angle"],
+              **({"kept_last": True} if a.get("kept_last") else {})}
              for a in report_actions(report)]
     qualifying = int(np.sum(angles < thr) if rule == "similar" else np.sum(angles > thr))
     out["experiments"].append({
@@ -208,7 +219,8 @@ def summarise(cfg: Config, nets: list[dict]) -> tuple[list, list]:
           pair_rows.append({"rule": rule, "threshold_deg": thr, "H": h, "run": n["run"],
                             "kept": " ".join(map(str, p["kept"])) or "-",
                             "removed": " ".join(map(str, p["removed"])),
-                            "angle_deg": round(p["angle"], 3), "note": ""})
+                            "angle_deg": round(p["angle"], 3),
+                            "note": LAST_UNIT_NOTE if p.get("kept_last") else ""})
   return rows, pair_rows
 
 
@@ -268,7 +280,8 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
                f"{cfg.epochs} epochs. Compute time (all invocations, cached "
                f"steps included): {study.compute_seconds():.0f} s."),
       ("Summary", "Each rule alone (similar-only merges the pair, keeping the lower index; "
-                  "complementary-only removes both), constants not removed, no retraining. "
+                  "complementary-only removes both, except that a sweep never removes the layer's "
+                  "last unit), constants not removed, no retraining. "
                   "Accuracies in percent (mean ± std over runs). *qualifying* counts pairs past "
                   "the threshold; *applied* counts those used (a unit acts once per sweep).\n\n"
                   + t_sum + ("\n\nNo pair qualifies for: " + "; ".join(none) + "." if none
