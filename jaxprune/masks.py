@@ -228,13 +228,16 @@ def expand(params: PyTree, target, unit_masks: Mapping[str, Any],
   if _is_target(params) and not _is_target(target):
     raise TypeError("jaxprune.expand takes (params, target, unit_masks): the params come first. "
                     "Swap the first two arguments.")
+  groups = groups_of(target, "jaxprune.expand")
+  units_lib.check_mask_keys(groups, unit_masks)   # a dict, every key a group: before the rest
   for name, m in unit_masks.items():
     if not allow_empty and not isinstance(m, jax.core.Tracer) and np.size(m) and not np.any(m):
+      units_lib.unit_mask(m, groups[name], np)   # a wrong shape or dtype is the error to name
       raise ValueError(f"Unit mask {name!r} removes every unit of the group; keep at least one "
                        "unit (or pass allow_empty=True to mask the whole layer on purpose).")
   if weight_masks is not None:
     check_weight_masks(params, weight_masks)
-  return units_lib.expand(params, groups_of(target), unit_masks, weight_masks)
+  return units_lib.expand(params, groups, unit_masks, weight_masks)
 
 
 def count_units(unit_masks: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
@@ -244,6 +247,10 @@ def count_units(unit_masks: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
                      f"got {type(unit_masks).__name__}.")
   out = {}
   for k, m in unit_masks.items():
+    if isinstance(m, jax.core.Tracer):
+      raise TypeError(f"count_units counts concrete unit masks, but unit mask {k!r} is traced "
+                      "(inside jax.jit or jax.vmap). Call it outside the transformation, on the "
+                      "masks it returns; inside, jnp.sum(mask) counts the kept units.")
     if np.ndim(m) != 1:
       raise ValueError(f"Unit mask {k!r} has shape {np.shape(m)}; a unit mask is a vector, one "
                        "entry per unit of its group.")

@@ -323,12 +323,18 @@ def _refines(shape: Sequence[int], view: Sequence[int]) -> bool:
   return all(c in cum_view for c in np.cumprod([1] + list(shape)).tolist())
 
 
+_OTHER_PARAMS = (" If the group is a model's or a traced target's (jaxprune.trace), these params "
+                 "are not the ones it was built or traced with: pass those, or trace again with "
+                 "these params.")
+
+
 def check_group(params: PyTree, group: UnitGroup, fix: str | None = None) -> None:
   """Raises ValueError, naming the group, the slice and the fix, unless ``group`` fits ``params``.
 
   Checks that every slice's path exists, that its ``view`` only splits the leaf's axes, that its
-  axis is in range and indexes exactly ``group.size`` entries, that kernels have two or more
-  dimensions, and that a consumer's bias path exists. Only shapes are read (works under jit).
+  axis is in range and indexes exactly ``group.size`` entries, that no slice is listed twice,
+  that kernels have two or more dimensions, and that a consumer's bias path exists. Only
+  shapes are read (works under jit).
   ``fix``: the advice that ends every message, in place of the advice for a hand-declared group
   (a caller that checks params against a model's own groups knows the fix is in the params).
   """
@@ -340,9 +346,11 @@ def check_group(params: PyTree, group: UnitGroup, fix: str | None = None) -> Non
     raise ValueError(f"Group {group.name!r} has no slices; declare at least its producer and "
                      "consumer slices.")
 
-  def fail(what: str, advice: str):
-    raise ValueError(f"{what} {fix or advice}")
+  def fail(what: str, advice: str, changed: bool = False):
+    # changed: the params may have other sizes than the groups' model or trace was made for
+    raise ValueError(f"{what} {fix or advice + (_OTHER_PARAMS if changed else '')}")
 
+  seen = set()
   for s in group.slices:
     where = f"Group {group.name!r}, slice {path_str(s.path)} ({s.role}, {s.kind})"
     try:
@@ -356,7 +364,7 @@ def check_group(params: PyTree, group: UnitGroup, fix: str | None = None) -> Non
       if int(np.prod(indexed)) != int(np.prod(shape)) or not _refines(shape, indexed):
         fail(f"{where}: view {s.view} does not fit the leaf's shape {shape}; a view may only "
              "split the leaf's axes (same total size).", "For a dense layer after flatten of "
-             "(H, W, C), use view=(H*W, C, out) with axis=1.")
+             "(H, W, C), use view=(H*W, C, out) with axis=1.", changed=True)
     if not -len(indexed) <= s.axis < len(indexed):
       fail(f"{where}: axis {s.axis} is out of range for shape {indexed}.",
            f"Use an axis in [{-len(indexed)}, {len(indexed)}).")
@@ -367,7 +375,15 @@ def check_group(params: PyTree, group: UnitGroup, fix: str | None = None) -> Non
              f"the axis and hold the group's {group.size} units.", "Fix the segment.")
     elif indexed[s.axis] != group.size:
       fail(f"{where}: axis {s.axis} of shape {indexed} has {indexed[s.axis]} entries but the "
-           f"group has {group.size} units.", "Fix the axis (or the group size, or the view).")
+           f"group has {group.size} units.", "Fix the axis (or the group size, or the view).",
+           changed=True)
+    entries = (s.path, tuple(indexed), s.axis % len(indexed), s.segment)
+    if entries in seen:   # merging and folding would add the unit's weights twice
+      fail(f"{where}: the group lists these entries (axis {s.axis}"
+           + (f", view {s.view}" if s.view is not None else "")
+           + (f", segment {s.segment}" if s.segment is not None else "") + ") twice.",
+           "Declare each slice once.")
+    seen.add(entries)
     if s.kind == "kernel" and len(shape) < 2:
       fail(f"{where}: a {len(shape)}-D leaf cannot be a kernel.",
            "Declare kind='bias' (or 'scale', 'shift', 'stat').")
@@ -687,7 +703,22 @@ def redistribute(params: PyTree, group: UnitGroup, transfer: jax.Array,
 
   Returns:
     New params; the input is not modified.
+
+  Raises:
+    ValueError: ``group`` does not fit ``params`` (see :func:`check_group`), or ``transfer`` is
+      not (units, units) or ``constants`` not (units,).
   """
+  check_group(params, group)
+  n = group.size
+  if tuple(jnp.shape(transfer)) != (n, n):
+    raise ValueError(f"redistribute: transfer has shape {tuple(jnp.shape(transfer))}; group "
+                     f"{group.name!r} has {n} units, so it needs shape ({n}, {n}) (row i: how "
+                     "much of each unit's outgoing weights unit i receives; jnp.eye(n) changes "
+                     "nothing).")
+  if constants is not None and tuple(jnp.shape(constants)) != (n,):
+    raise ValueError(f"redistribute: constants has shape {tuple(jnp.shape(constants))}; group "
+                     f"{group.name!r} has {n} units, so it needs shape ({n},): one constant "
+                     "output per unit (0 for a unit that is not folded).")
   out = params
   for s in group.consumers:
     leaf = get_path(out, s.path)
