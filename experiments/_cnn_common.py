@@ -9,7 +9,6 @@ Keys, params files and their resumable caching live in ``experiments/_store.py``
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -177,38 +176,15 @@ def train_test(ds, test_fraction: float, seed: int, normalise: bool = False) -> 
 
 
 def person_split_error(ds, error: Exception, test_fraction: float) -> str:
-  """The one-line message for a person-independent split that failed with ``error``: where the
-  persons come from, how many there are, and what the user can change (with flags, or in the
-  data)."""
-  persons, counts = np.unique(ds.groups, return_counts=True)
-  p, folds = len(persons), int(round(1.0 / test_fraction))
-  shown = ", ".join(f"{q}: {c} images" for q, c in list(zip(persons, counts))[:5])
-  have = (f"the file names carry {p} person{'' if p == 1 else 's'} ({shown}"
-          f"{', ...' if p > 5 else ''}); persons come from the file names "
-          f"({jaxprune.data.sfew.PERSON_NAMING})")
-  head = "Cannot split the data person-independently into training and test parts"
-  if folds < 2 and p >= 2:
-    # round(1/f) >= 2 for f <= 2/3; round(1/f) <= p for f >= 1/p (and a little less).
-    low, high = math.ceil(100.0 / p) / 100, math.floor(200.0 / 3) / 100
-    return (f"{head}: --test_fraction={test_fraction:g} is too large: the split is 1 of "
-            f"round(1/--test_fraction) = {folds} person fold{'' if folds == 1 else 's'}, and it "
-            f"needs at least 2 (one for testing, the rest for training). Here {have}: pass a "
-            f"--test_fraction between {low:g} and {high:g}, which makes 2 to {p} folds for "
-            f"these {p} persons (0.5 tests on about half of them); more persons would not "
-            "help.")
-  if p < 2:
-    return (f"{head}: {have}. A person-independent split needs images of at least 2 persons: "
-            "add images of other persons; if these names do not name persons, rename the "
-            "files so that their last '_' field is not a number (data without persons are "
-            "split stratified, not person-independently).")
-  if p < folds:
-    return (f"{head}: {have}. The split is 1 of round(1/--test_fraction) = {folds} person "
-            f"folds (--test_fraction, now {test_fraction:g}), each needing persons of its own: "
-            f"pass --test_fraction={math.ceil(100.0 / p) / 100:g} or larger, or add images of "
-            "other persons.")
-  return (f"{head}: {error}. Here {have}. Add images of more persons per class, or change "
-          f"--test_fraction (now {test_fraction:g}; the split is 1 of round(1/--test_fraction) "
-          f"= {folds} person folds).")
+  """The one-line message for a person-independent split of images that failed with
+  ``error`` (persons come from the file names): see ``_mlp_common.person_split_error``."""
+  from experiments import _mlp_common  # pylint: disable=g-import-not-at-top
+  return _mlp_common.person_split_error(
+      ds, error, test_fraction,
+      where=f"persons come from the file names ({jaxprune.data.sfew.PERSON_NAMING})",
+      unnamed="if these names do not name persons, rename the files so that their last '_' "
+              "field is not a number (data without persons are split stratified, not "
+              "person-independently)", items="images", carrier="the file names")
 
 
 def build_model(arch: str, size: tuple[int, int], channels: int, num_classes: int):

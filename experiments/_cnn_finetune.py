@@ -207,8 +207,9 @@ def prepare(config: Config, data: str, data_path: str | None) -> Setup:
   desc = (f"{cc.data_description(ds, data)} {cc.split_description(split, c.test_fraction)} "
           f"Model: {how} on {size[0]}x{size[1]}x{channels} inputs.")
   if c.arch != "resnet18":
-    desc += (f" The published study used ResNet-18 (the default); --arch={c.arch} chose the "
-             "smaller network.")
+    desc += (f" The published study used ResNet-18 (the default); this run used the smaller "
+             f"network of --arch={c.arch}"
+             + (" (which --quick sets when no --arch is given)." if c.arch == "lenet" else "."))
   elif not c.pretrained:
     desc += (" The published study fine-tuned ImageNet-pretrained ResNet-18 at 224x224; without "
              "--pretrained weights it is trained from scratch here, at 16x16 by default (the "

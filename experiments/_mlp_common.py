@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 from typing import Any, Sequence
 
@@ -206,8 +207,47 @@ def train_test_or_fail(ds: data_lib.Dataset, test_fraction: float, seed: int, *,
     return data_lib.train_test_split(ds, test_fraction=test_fraction, seed=seed,
                                      person_independent=person_independent)
   except ValueError as e:
+    if person_independent and ds.groups is not None:
+      _flags.fail(person_split_error(
+          ds, e, test_fraction, where="persons come from the data's person column",
+          unnamed="if that column does not name persons, leave it out (data without persons "
+                  "are split stratified)"))
     _flags.fail(f"Cannot split the data into training and test parts: {e} "
                 f"(test_fraction is --test_fraction, now {test_fraction:g}).")
+
+
+def person_split_error(ds: data_lib.Dataset, error: Exception, test_fraction: float, *,
+                       where: str, unnamed: str, items: str = "examples",
+                       carrier: str = "the data") -> str:
+  """The one-line message for a person-independent split that failed with ``error``: how many
+  persons ``carrier`` holds, ``where`` they come from, and what the user can change
+  (--test_fraction, or the data; ``unnamed``: what to do when the persons are not persons)."""
+  persons, counts = np.unique(ds.groups, return_counts=True)
+  p, folds = len(persons), int(round(1.0 / test_fraction))
+  shown = ", ".join(f"{q}: {c} {items}" for q, c in list(zip(persons, counts))[:5])
+  have = (f"{carrier} carry {p} person{'' if p == 1 else 's'} ({shown}"
+          f"{', ...' if p > 5 else ''}); {where}")
+  head = "Cannot split the data person-independently into training and test parts"
+  if folds < 2 and p >= 2:
+    # round(1/f) >= 2 for f <= 2/3; round(1/f) <= p for f >= 1/p (and a little less).
+    low, high = math.ceil(100.0 / p) / 100, math.floor(200.0 / 3) / 100
+    return (f"{head}: --test_fraction={test_fraction:g} is too large: the split is 1 of "
+            f"round(1/--test_fraction) = {folds} person fold{'' if folds == 1 else 's'}, and it "
+            f"needs at least 2 (one for testing, the rest for training). Here {have}: pass a "
+            f"--test_fraction between {low:g} and {high:g}, which makes 2 to {p} folds for "
+            f"these {p} persons (0.5 tests on about half of them); more persons would not "
+            "help.")
+  if p < 2:
+    return (f"{head}: {have}. A person-independent split needs {items} of at least 2 "
+            f"persons: add {items} of other persons; {unnamed}.")
+  if p < folds:
+    return (f"{head}: {have}. The split is 1 of round(1/--test_fraction) = {folds} person "
+            f"folds (--test_fraction, now {test_fraction:g}), each needing persons of its own: "
+            f"pass --test_fraction={math.ceil(100.0 / p) / 100:g} or larger, or add {items} of "
+            "other persons.")
+  return (f"{head}: {error}. Here {have}. Add {items} of more persons per class, or change "
+          f"--test_fraction (now {test_fraction:g}; the split is 1 of round(1/--test_fraction) "
+          f"= {folds} person folds).")
 
 
 def split_kind(ds: data_lib.Dataset) -> str:

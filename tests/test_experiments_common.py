@@ -245,3 +245,21 @@ def test_report_lists_dark_frames_and_missing_persons():
   text = cc.data_description(ds, "sfew_images")
   assert "1 16-bit frame(s) hold only values below 4096 and load dark" in text
   assert "`Sad/x_1_00000002.png`" in text and "e.g. `Angry/a.png`" in text
+
+
+def test_feature_studies_person_split_names_the_test_fraction_flag():
+  """3 persons and --test_fraction=0.2 (5 person folds): the MLP studies' message named
+  'fewer folds' and 'person_independent=False', which are no flags of theirs; it now says
+  which --test_fraction works, as the image studies' message does."""
+  from experiments import _mlp_common as mc   # pylint: disable=import-outside-toplevel
+  import jaxprune   # pylint: disable=import-outside-toplevel
+  x = np.random.default_rng(0).normal(size=(30, 10)).astype(np.float32)
+  ds = jaxprune.data.Dataset(x, np.arange(30) % 7, [str(i) for i in range(7)],
+                             groups=np.arange(30) % 3)
+  with pytest.raises(app.UsageError, match=r"the data carry 3 persons \(0: 10 examples, .*"
+                     r"person column.*5 person folds \(--test_fraction, now 0\.2\).*pass "
+                     r"--test_fraction=0\.34 or larger") as e:
+    mc.train_test_or_fail(ds, 0.2, 0)
+  assert "person_independent" not in str(e.value) and "fewer folds" not in str(e.value)
+  train, test = mc.train_test_or_fail(ds, 0.34, 0)
+  assert not set(train.groups.tolist()) & set(test.groups.tolist())
