@@ -315,11 +315,31 @@ def _abstract(x):
 
 def _as_template(value, template):
   """A restored leaf in its template leaf's dtype and kind: orbax restores saved float32 as a JAX
-  array even for a NumPy float64 template (JAX cannot hold float64 with x64 off)."""
+  array even for a NumPy float64 template (JAX cannot hold float64 with x64 off), and a leaf
+  saved from NumPy as a NumPy array even for a ``ShapeDtypeStruct`` template. Any template leaf
+  but a NumPy one (a JAX array, a ``ShapeDtypeStruct``, a Python number) gives a JAX array."""
   if isinstance(template, (np.ndarray, np.generic)):
     return np.asarray(value, template.dtype)
   want = _abstract(template).dtype
+  value = _device(value, getattr(template, "sharding", None))
   return value if value.dtype == want else value.astype(want)
+
+
+def _device(value, sharding=None) -> jax.Array:
+  """``value`` as a JAX array (on ``sharding`` when given), not copied when it is one."""
+  if isinstance(value, jax.Array):
+    return value if sharding is None or value.sharding == sharding else (
+        jax.device_put(value, sharding))
+  return jax.device_put(np.asarray(value), sharding)
+
+
+def _mask_as_template(mask, template):
+  """A restored weight mask of the kind of its params' template leaf (see :func:`_as_template`):
+  orbax restores a leaf as the kind it was saved as (masks saved as JAX arrays came back as JAX
+  arrays for a NumPy template, and NumPy masks for a JAX one)."""
+  if isinstance(template, (np.ndarray, np.generic)):
+    return np.asarray(mask, np.bool_)
+  return _device(mask, getattr(template, "sharding", None))
 
 
 def load_checkpoint(path: str, params_template: PyTree | None = None, *,
@@ -330,8 +350,12 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
     path: the checkpoint folder.
     params_template: params of the same model (or ``jax.ShapeDtypeStruct``\\ s): the result gets
       exactly its structure, shapes and dtypes (containers included; saved values are cast to its
-      dtypes); None returns nested dicts as saved. Names and shapes must match the saved params,
-      else a ValueError names the first leaf that differs.
+      dtypes), and the kind of its leaves, whatever kind was saved: a NumPy leaf loads as a NumPy
+      array, any other (a JAX array, a ``ShapeDtypeStruct``, a Python number) as a JAX array (on
+      its sharding, if it has one); each weight mask takes the kind of its params leaf, and the
+      unit masks are NumPy arrays when every template leaf is one, else JAX arrays. None returns
+      nested dicts as saved. Names and shapes must match the saved params, else a ValueError
+      names the first leaf that differs.
     with_unit_masks: also return the unit masks (None if none were saved).
 
   Returns:
@@ -371,7 +395,8 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
     if "masks" in meta:
       if _flat(meta["masks"], "params").keys() != _flat(meta["params"], "params").keys():
         raise ValueError(f"{not_ours}: its 'masks' do not have the names of its 'params'.")
-      target["masks"] = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.bool_), sds)
+      target["masks"] = jax.tree.map(
+          lambda s: jax.ShapeDtypeStruct(s.shape, np.bool_, sharding=s.sharding), sds)
     if "unit_masks" in meta:  # their shapes come from the checkpoint: they are not in the params
       target["unit_masks"] = jax.tree.map(
           lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta["unit_masks"])
@@ -381,11 +406,17 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
     raise ValueError(f"The checkpoint at {path} could not be read ({type(e).__name__}: {e}). "
                      "If its files were lost or cut short after it was written, restore the "
                      "folder from a copy or save the checkpoint again.") from e
-  params, masks = tree["params"], tree.get("masks")
+  params, masks, units = tree["params"], tree.get("masks"), tree.get("unit_masks")
   if params_template is not None:
     params = jax.tree.map(_as_template, params, params_template)
+    if masks is not None:
+      masks = jax.tree.map(_mask_as_template, masks, params_template)
+    if units is not None:
+      numpy = all(isinstance(t, (np.ndarray, np.generic))
+                  for t in jax.tree.leaves(params_template))
+      units = {k: np.asarray(v) if numpy else _device(v) for k, v in units.items()}
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
   if with_unit_masks:
-    return params, masks, tree.get("unit_masks")
+    return params, masks, units
   return params, masks

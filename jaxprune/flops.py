@@ -214,7 +214,10 @@ def flops_report(model_or_apply, params: PyTree, x=None, masks: PyTree | None = 
     params: the params.
     x: one example input with a batch axis of 1 (default zeros of ``model.input_shape``).
     masks: weight masks (default: none, all kept).
-    unit_masks: with a model, the unit masks to compact with (``model.compact``).
+    unit_masks: with a model (or traced target), the unit masks to compact with
+      (``model.compact``). They also count in the masked columns: expanded to weight masks
+      (:func:`jaxprune.expand`) and combined with ``masks`` (logical and), so ``nonzero`` and
+      ``masked_flops`` leave out the removed units' weights as the compacted counts do.
     compacted: or ``(apply, small_params)`` of the compacted network, for any apply function.
 
   Returns:
@@ -229,6 +232,15 @@ def flops_report(model_or_apply, params: PyTree, x=None, masks: PyTree | None = 
   x = _example(model_or_apply, x)
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
+  if unit_masks is not None:
+    if not hasattr(model_or_apply, "groups"):
+      raise ValueError("unit_masks needs a model with unit groups (a jaxprune model or "
+                       "jaxprune.trace(...)); for a plain apply function pass the weight masks "
+                       "as masks= (and the compacted network as compacted=(small_apply, "
+                       "small_params)).")
+    # the masked counts are those of the network without the removed units, as compaction's
+    # (an empty group is the compaction's to refuse, with its own message)
+    masks = masks_lib.expand(params, model_or_apply, unit_masks, masks, allow_empty=True)
   if unit_masks is not None and compacted is None:
     if not hasattr(model_or_apply, "compact"):
       raise ValueError("unit_masks needs a model with compact(); for a plain apply function "

@@ -252,6 +252,45 @@ def _one_run(tree) -> PyTree:
   return jax.tree.map(lambda l: jax.ShapeDtypeStruct(np.shape(l)[1:], dtype(l)), tree)
 
 
+def _batch_spec(x) -> jax.ShapeDtypeStruct:
+  """One sample shaped like a row of ``x``, as a batch of 1 (floating inputs as float32)."""
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+  dtype = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
+  return jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), dtype)
+
+
+def _runs_one_sample(model: Model, params, spec) -> bool:
+  """Whether ``model.apply(params, spec)`` traces (shapes only, nothing computed) to outputs
+  with the batch axis of ``spec`` (1) leading every output array."""
+  try:
+    out = jax.eval_shape(model.apply, params, spec)
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return all(np.ndim(o) >= 1 and np.shape(o)[0] == 1 for o in jax.tree.leaves(out))
+
+
+def _check_not_stacked(fn: str, model: Model, params, x) -> None:
+  """``fit`` / ``evaluate`` take one network: params stacked with a leading run axis (as
+  ``fit_many`` takes them) used to fail deep inside the model (Flax's ScopeParamShapeError) or
+  the training step (a broadcasting error, for an apply function that broadcasts). Only params
+  whose leaves all share one leading size R are looked at further (two shape traces, no
+  computation): stacked if the model does not run on them as they are, but does on one run's
+  slice ``params[r]``."""
+  lead = _leading_sizes(params)
+  if len(lead) != 1 or None in lead:
+    return   # the common case: leaves of different leading sizes cannot be stacked runs
+  spec = _batch_spec(x)
+  if _runs_one_sample(model, params, spec) or not _runs_one_sample(model, _one_run(params), spec):
+    return
+  runs = next(iter(lead))
+  many = "fit_many" if fn == "fit" else "evaluate_many"
+  raise ValueError(
+      f"{fn}: the params look stacked, with a leading run axis of {runs} on every leaf (as "
+      f"{many} takes them): the model runs on one run's slice but not on the stack. {fn} "
+      f"takes one network: pass one run, jax.tree.map(lambda a: a[r], params), "
+      f"or use {many} for all {runs} runs at once.")
+
+
 def _host(a, dtype=None) -> np.ndarray:
   """A host (NumPy) view of data for the checks: reductions and slices on a device array would
   each compile a small program on their first call. Floating data take the dtype they will
@@ -727,7 +766,9 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     model: the network: a built-in model, a traced target (:func:`jaxprune.trace`) or an apply
       function ``fn(params, x)``. Params may be Flax variables (``'params'`` is trained, other
       collections carried) or any pytree (all of it is trained).
-    params: initial variables (not modified).
+    params: initial variables (not modified) of one network. Params stacked with a leading
+      run axis (as :func:`fit_many` takes them) raise a ValueError that says so: pass one run,
+      ``jax.tree.map(lambda a: a[r], params)``, or use :func:`fit_many`.
     x, y: training inputs and targets (labels, or the inputs themselves for autoencoders).
     key: PRNG key for shuffling.
     epochs: passes over the data.
@@ -743,7 +784,10 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     validation: optional ``(x_val, y_val)`` or ``(x_val, y_val, w_val)`` (sample weights, as
       in :func:`evaluate`) evaluated after every epoch.
     log_every: epochs per compiled chunk and per progress line (whole numbers, as ``epochs``
-      and ``batch_size``).
+      and ``batch_size``). ``key`` is split once per chunk and each chunk's key once per
+      epoch, so the shuffles depend on ``log_every`` as they do on ``batch_size``: the same
+      key, epochs and ``log_every`` train the same network; another ``log_every`` shuffles
+      otherwise.
     progress: print progress lines.
     trainer: a prebuilt :class:`Trainer` (reuses its compiled programs across calls); its
       model, optimizer, loss and batch size are the ones that train, and any of them passed
@@ -774,6 +818,8 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   validate.check_key(key, single="fit", batch_fix="to train one run per key, use fit_many "
                      "(runs stacked on a leading axis).")
   xh, yh = _host(x), _host(y)
+  model.check_input(xh)
+  _check_not_stacked("fit", model, params, xh)
   _check_data(model, xh, yh, params=params)
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)  # applied in the start program
@@ -865,7 +911,9 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
              sample_weight=None) -> dict[str, float]:
   """Mean loss and accuracy (a fraction; 0 for reconstruction tasks) of a (masked) network.
 
-  ``model`` is a built-in model, a traced target or an apply function ``fn(params, x)``.
+  ``model`` is a built-in model, a traced target or an apply function ``fn(params, x)``;
+  ``params`` are one network's (stacked runs raise a ValueError pointing to
+  :func:`evaluate_many`).
 
   ``sample_weight`` (N,) makes both weighted means, ``sum(w * v) / sum(w)``: a sample with
   weight 0 does not exist (padding), 0/1 weights act as a sample mask, and padded data with
@@ -880,6 +928,8 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
   xh, yh = _host(x), _host(y)
   w = (None if sample_weight is None else
        validate.check_sample_weight(sample_weight, xh.shape[0]))
+  model.check_input(xh)
+  _check_not_stacked("evaluate", model, params, xh)
   _check_data(model, xh, yh, params=params, sample_weight=None if w is None else np.asarray(w))
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)

@@ -130,6 +130,33 @@ def test_a_float64_numpy_leaf_round_trips_without_loss(tmp_path):
   assert back["w"].dtype == np.float64 and np.array_equal(back["w"], params["w"])
 
 
+@pytest.mark.parametrize("saved_as", [np.asarray, jnp.asarray])
+def test_loaded_leaves_take_the_template_leafs_kind_masks_and_unit_masks_too(tmp_path, saved_as):
+  """Orbax restores a leaf as the kind it was saved as: masks saved from JAX loaded as JAX arrays
+  into a NumPy template (NumPy masks into a JAX one), and params saved from NumPy as NumPy arrays
+  for a ShapeDtypeStruct template. Each leaf now takes its template leaf's kind."""
+  params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+  masks = {"w": np.array([[True, False, True], [False, True, True]]),
+           "b": np.array([True, False, True])}
+  units = {"g": np.array([True, False])}
+  path = str(tmp_path / "c")
+  jaxprune.save_checkpoint(path, jax.tree.map(saved_as, params), jax.tree.map(saved_as, masks),
+                           unit_masks=jax.tree.map(saved_as, units))
+  sds = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  mixed = {"w": params["w"], "b": jnp.asarray(params["b"])}
+  for template, kind in ((params, {"w": np.ndarray, "b": np.ndarray, "g": np.ndarray}),
+                         (jax.tree.map(jnp.asarray, params),
+                          {"w": jax.Array, "b": jax.Array, "g": jax.Array}),
+                         (sds, {"w": jax.Array, "b": jax.Array, "g": jax.Array}),
+                         (mixed, {"w": np.ndarray, "b": jax.Array, "g": jax.Array})):
+    p, m, u = jaxprune.load_checkpoint(path, template, with_unit_masks=True)
+    for k in ("w", "b"):
+      assert isinstance(p[k], kind[k]) and isinstance(m[k], kind[k]), (k, type(p[k]), type(m[k]))
+      assert np.array_equal(np.asarray(p[k]), params[k]) and p[k].dtype == np.float32
+      assert np.array_equal(np.asarray(m[k]), masks[k]) and m[k].dtype == np.bool_
+    assert isinstance(u["g"], kind["g"]) and np.array_equal(np.asarray(u["g"]), units["g"])
+
+
 def _reference_counts(masks):
   kept = total = 0
   for m in jax.tree.leaves(masks):

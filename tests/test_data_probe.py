@@ -339,3 +339,21 @@ def test_sfew_images_folder_holding_only_an_archive_says_to_unpack_it(tmp_path):
   (tmp_path / "SFEW.zip").write_bytes(b"PK\x03\x04")
   with pytest.raises(FileNotFoundError, match=r"archive\(s\) SFEW\.zip: unpack the class folders"):
     data.load_sfew_images(tmp_path)
+
+
+def test_stratified_split_refuses_a_training_part_without_a_rare_class():
+  """98 examples of class 0 and 2 of class 1 at test_fraction=0.8: the training part of 20 holds
+  2 examples in total (one per class is possible) but class 1's share is 20 * 2 / 100 = 0.4,
+  rounded to 0, so it had no training example and no error was raised."""
+  y = np.repeat([0, 1], [98, 2])
+  with pytest.raises(ValueError, match=r"training part of 20 examples has no example of class 1 "
+                     r"\(2 of 100 examples\).*smaller test_fraction \(a test_fraction from 0\.02 "
+                     r"to 0\.49 gives every class a training example\)"):
+    data.train_test_split(y, test_fraction=0.8, seed=0)
+  # the bounds, by hand: 2 test examples (one per class) need ceil(100 f) >= 2; class 1's share
+  # n_train * 2 / 100 must reach 1, so n_train >= 51
+  for f in (0.02, 0.3, 0.49):
+    for seed in range(4):
+      train, test = data.train_test_split(y, test_fraction=f, seed=seed)
+      assert set(y[train].tolist()) == {0, 1}
+      assert len(test) == int(np.ceil(f * 100)) and len(train) + len(test) == 100

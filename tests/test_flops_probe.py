@@ -238,3 +238,30 @@ def test_mismatched_masks_name_the_leaf():
   bad = jax.tree.map(lambda a: a[..., :1], jaxprune.ones_like(params))
   with pytest.raises(ValueError, match=r"hidden_0.*has shape"):
     flops_lib.flops_report(model, params, masks=bad)
+
+
+def test_unit_masks_alone_count_in_the_masked_columns():
+  """A 4-8-3 MLP with 3 of its 8 hidden units removed by unit masks (no weight masks): the
+  masked counts were the dense ones (67 parameters, 112 FLOPs) while compaction counted 43 and
+  70. By hand, 5 hidden units: 4*5 + 5 + 5*3 + 3 = 43 parameters, 2 * (4*5 + 5*3) = 70 FLOPs."""
+  model, params = _mlp()
+  units = jaxprune.unit_masks_ones(model)
+  units["hidden_0"] = units["hidden_0"].at[:3].set(False)
+  total = jaxprune.flops_report(model, params, unit_masks=units)["total"]
+  assert (total["params"], total["flops"]) == (4 * 8 + 8 + 8 * 3 + 3, 2 * (4 * 8 + 8 * 3))
+  assert total["nonzero"] == total["compact_params"] == 43
+  assert total["masked_flops"] == total["compact_flops"] == 70
+  # with weight masks as well, both count (logical and): the output kernel's row of hidden
+  # unit 7 removed by hand takes another 3 weights and 6 FLOPs
+  wm = jax.tree.map(lambda a: np.ones(np.shape(a), bool), params)
+  wm["params"]["out"]["kernel"][7] = False
+  total = jaxprune.flops_report(model, params, masks=wm, unit_masks=units)["total"]
+  assert (total["nonzero"], total["masked_flops"]) == (40, 64)
+
+
+def test_unit_masks_with_a_plain_apply_function_name_the_fix():
+  model, params = _mlp()
+  units = jaxprune.unit_masks_ones(model)
+  with pytest.raises(ValueError, match=r"unit_masks needs a model with unit groups.*masks="):
+    jaxprune.flops_report(model.apply, params, jnp.zeros((1, 4)), unit_masks=units,
+                          compacted=(model.apply, params))

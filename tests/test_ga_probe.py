@@ -1,6 +1,7 @@
 """The GA as an outside user drives it: a NumPy reference of the documented algorithm, fitness
 functions of one's own (also sharded over forced CPU devices), and settings the GA cannot use."""
 
+import importlib
 import inspect
 import os
 import subprocess
@@ -234,3 +235,33 @@ def test_a_batch_of_keys_says_to_vmap_the_search(raw):
                      r"\(2,\); for several runs, vmap"):
     ga.search(model, params, x, y, "hidden_0", key=keys, progress=False,
               config=ga.GAConfig(population_size=6, generations=1))
+
+
+# ----------------------------------------------------------------------------- history
+
+
+_INF, _NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("in_scan", [False, True])
+@pytest.mark.parametrize("row, want", [
+    # every fitness +inf (min and mean used to read -inf, below the max of +inf)
+    (lambda i: jnp.full(i.shape, _INF), (_INF, _INF, _INF)),
+    (lambda i: jnp.full(i.shape, _NAN), (-_INF, -_INF, -_INF)),          # NaN ranks as -inf
+    (lambda i: jnp.where(i % 2 == 0, _INF, _NAN), (_INF, -_INF, _NAN)),  # +inf, -inf: no mean
+    (lambda i: jnp.where(i == 0, _INF, i.astype(jnp.float32)), (_INF, 1.0, None)),  # 1 .. P-1
+])
+def test_history_min_and_mean_of_a_generation_without_finite_fitness(monkeypatch, in_scan, row,
+                                                                     want):
+  """Fitness by population position, the same every generation, so (max, min, mean) are known
+  by hand: min and mean over the finite values, over all values where none is finite. Every
+  +inf gave a min and mean of -inf, below the max."""
+  pop = 8 if in_scan else 7   # another program: not one compiled before the patch
+  if in_scan:   # the statistics computed inside the scan, not from the recorded rows
+    monkeypatch.setattr(importlib.import_module("jaxprune.ga.loop"), "RECORD_FITNESS_MAX", 0)
+  want = want[:2] + ((pop / 2) if want[2] is None else want[2],)   # mean of 1 .. P-1: P / 2
+  cfg = ga.GAConfig(population_size=pop, hof_size=2, generations=2)
+  fn = lambda population, data, hyper: row(jnp.arange(population.shape[0]))
+  _, hist = ga.run(cfg, fn, 5, key=jax.random.key(0), progress=False)
+  for name, got, w in zip(("max", "min", "mean"), (hist.max, hist.min, hist.mean), want):
+    np.testing.assert_array_equal(np.asarray(got), np.full(3, w, np.float32), err_msg=name)

@@ -202,3 +202,45 @@ def test_fit_many_keeps_a_float64_learning_rate_under_x64():
                          tx=optax.sgd(lr))
     assert {a.dtype for a in jax.tree.leaves(got)} == {np.dtype(np.float64)}
     _close(one(got, 0), ref, rtol=1e-13, atol=1e-15)
+
+
+def test_fit_and_evaluate_name_stacked_params_and_point_to_fit_many():
+  """Params stacked with a leading run axis (fit_many's form) given to fit or evaluate failed
+  inside Flax with ScopeParamShapeError, which names neither the run axis nor the fix."""
+  params = jax.vmap(MODEL.init)(jax.random.split(jax.random.key(1), 3))
+  with pytest.raises(ValueError, match=r"fit: the params look stacked, with a leading run axis "
+                     r"of 3.*a\[r\].*fit_many"):
+    jaxprune.fit(MODEL, params, X, Y, key=jax.random.key(0), epochs=1, progress=False)
+  with pytest.raises(ValueError, match=r"evaluate: the params look stacked.*evaluate_many"):
+    jaxprune.evaluate(MODEL, params, X, Y)
+
+
+def test_fit_refuses_stacked_params_that_an_apply_function_would_broadcast():
+  """An apply function x @ w with stacked w (R, 4, 2) broadcasts to (R, N, 2) outputs: fit
+  failed inside its compiled step with "mul got incompatible shapes for broadcasting: (13,),
+  (3,)", which points at neither the params nor fit_many."""
+  apply = lambda p, x: x @ p["w"]
+  loss = lambda out, y: jnp.mean((out - y) ** 2, axis=-1)
+  w = jnp.asarray(RNG.normal(size=(3, 4, 2)), jnp.float32)
+  y = RNG.normal(size=(13, 2)).astype(np.float32)
+  with pytest.raises(ValueError, match=r"fit: the params look stacked.*of 3"):
+    jaxprune.fit(apply, {"w": w}, X, y, key=jax.random.key(0), epochs=1, loss=loss,
+                 progress=False)
+  # one run's params train as always
+  got, _ = jaxprune.fit(apply, {"w": w[0]}, X, y, key=jax.random.key(0), epochs=1, loss=loss,
+                        progress=False, batch_size=13, optimizer=optax.sgd(0.1))
+  grad = 2 * X.T @ (X @ np.asarray(w[0]) - y) / (13 * 2)   # the gradient of the mean, by hand
+  np.testing.assert_allclose(np.asarray(got["w"]), np.asarray(w[0]) - 0.1 * grad, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_unstacked_params_whose_leaves_share_a_leading_size_are_not_taken_for_runs():
+  """An MLP 4-4-4 has every leaf of leading size 4, like 4 stacked runs: it must still train and
+  evaluate (the check traces the model before blaming a run axis)."""
+  model = jaxprune.MLP(in_features=4, hidden=(4,), out_features=4)
+  p0 = model.init(jax.random.key(1))
+  y = RNG.integers(0, 4, 13).astype(np.int32)
+  assert {np.shape(a)[0] for a in jax.tree.leaves(p0)} == {4}
+  want = np.mean(np.argmax(np.asarray(model.apply(p0, X)), -1) == y)
+  assert jaxprune.evaluate(model, p0, X, y)["accuracy"] == pytest.approx(want)
+  jaxprune.fit(model, p0, X, y, key=jax.random.key(0), epochs=1, progress=False)

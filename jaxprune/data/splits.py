@@ -229,6 +229,7 @@ def train_test_split(
         n_splits=1, test_size=test_fraction, random_state=seed)
     _check_split(data, y, test_fraction, None)
     train, test = next(splitter.split(np.zeros(len(y)), y))
+    _check_stratified_training_part(data, y, train, test_fraction)
   else:
     k = int(round(1.0 / test_fraction))
     if k < 2:
@@ -243,6 +244,46 @@ def train_test_split(
   if isinstance(data, Dataset):
     return split(data, train, test)
   return train, test
+
+
+def _check_stratified_training_part(data, y: np.ndarray, train: np.ndarray,
+                                    test_fraction: float) -> None:
+  """Raises a ValueError when a stratified training part lacks a class.
+
+  `_check_split` checks the totals only. scikit-learn shares the training part
+  out among the classes in proportion to their counts, so at a large
+  ``test_fraction`` a rare class (2 examples of 100 at 0.75) can get no
+  training example although the part holds one per class in total; a model
+  trained on it never sees that class. Its share is at least one when
+  ``n_train * count > n`` (the floor of ``n_train * count / n``; strict, so
+  float rounding cannot take it below 1), which is what the suggested
+  fractions guarantee for the rarest class.
+  """
+  labels, counts = np.unique(y, return_counts=True)
+  missing = np.setdiff1d(labels, np.unique(y[train]))
+  if not missing.size:
+    return
+  n, k, rarest = len(y), len(labels), int(counts.min())
+  one = missing.size == 1
+  names = ", ".join(
+      f"{_class_name(data, l)} ({int(counts[labels == l][0])} of {n} examples)"
+      for l in missing)
+  span = _fractions_shown(
+      lambda f: _stratified_parts_ok(n, k, f)
+      and (n - int(math.ceil(f * n))) * rarest > n)
+  works = ("" if span is None else
+           f" (test_fraction={span[0]:g} gives every class a training example)"
+           if span[0] == span[1] else
+           f" (a test_fraction from {span[0]:g} to {span[1]:g} gives every class"
+           " a training example)")
+  raise ValueError(
+      f"cannot make a stratified train/test split with test_fraction="
+      f"{test_fraction:g}: its training part of {len(train)} examples has no"
+      f" example of {'class' if one else 'classes'} {names}, so a model"
+      f" trained on it would never see {'it' if one else 'them'} (every class"
+      f" gets a share of the training part in proportion to its count, and a"
+      f" rare class's share can round to 0). Use a smaller test_fraction{works} or more examples of"
+      f" {'that class' if one else 'those classes'}")
 
 
 def _check_person_parts(data, y: np.ndarray, folds: Sequence[Fold],

@@ -148,12 +148,22 @@ def _stats_inputs(state: GAState) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _stats_of(f: jax.Array, best: jax.Array, best_kept: jax.Array) -> GAHistory:
+  """One generation's statistics. ``mean`` and ``min`` are over the finite fitness values; in
+  a generation with none (``f`` holds only -inf, NaN's stand-in, and +inf, which a fitness
+  function of one's own can return) they are those of all values: all +inf gives +inf, all
+  -inf gives -inf, and a mix gives a ``min`` of -inf and a ``mean`` of NaN (+inf and -inf have
+  none)."""
   finite = jnp.isfinite(f)
   n = jnp.sum(finite)
+  mx = jnp.max(f)
+  # No more reductions than before: -inf enters the min as the largest finite float, so the
+  # min is the finite values' when there are any, and else tells whether any value is -inf.
+  lowest = jnp.min(jnp.where(finite, f, jnp.where(f == -jnp.inf, jnp.finfo(f.dtype).max,
+                                                  jnp.inf)))
+  mn = jnp.where(n > 0, lowest, jnp.where(lowest == jnp.inf, jnp.inf, -jnp.inf))
   mean = jnp.where(n > 0, ops.ordered_sum(jnp.where(finite, f, 0.0)) / jnp.maximum(n, 1),
-                   -jnp.inf)
-  mn = jnp.where(n > 0, jnp.min(jnp.where(finite, f, jnp.inf)), -jnp.inf)
-  return GAHistory(max=jnp.max(f), mean=mean, min=mn, best=best, best_kept=best_kept)
+                   jnp.where(mx == mn, mx, jnp.nan))
+  return GAHistory(max=mx, mean=mean, min=mn, best=best, best_kept=best_kept)
 
 
 # Without a progress display, a run that evaluates in full records each generation's fitness

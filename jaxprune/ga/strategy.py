@@ -105,8 +105,9 @@ class GAHistory(NamedTuple):
 
   Attributes:
     max: the population's best fitness.
-    mean: the mean over the population's finite fitness values (-inf if none is finite).
-    min: the smallest finite fitness (-inf if none is finite).
+    mean: the mean over the population's finite fitness values; with none finite, over all
+      values (all +inf: +inf; all -inf, NaN's stand-in: -inf; a mix of both: NaN).
+    min: the smallest finite fitness; with none finite, the smallest value.
     best: the hall of fame's best fitness so far (non-decreasing).
     best_kept: units kept by the hall of fame's best individual.
   """
