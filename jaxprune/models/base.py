@@ -49,6 +49,31 @@ def activation_fn(name: str):
   return _ACTS[name]
 
 
+def whole_number(value: Any, what: str) -> int:
+  """``value`` as a Python int: an int, a NumPy integer or a float with no fractional part
+  (``5.0``); a ValueError naming ``what`` for anything else (``6.5`` is not silently cut to 6,
+  ``True`` is not taken for 1)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, np.integer, float, np.floating)):
+    raise ValueError(f"{what} must be a whole number, got {value!r} "
+                     f"({type(value).__name__}).")
+  if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+    raise ValueError(f"{what} must be a whole number, got {value!r}: a layer has a whole "
+                     f"number of units (or pixels); pass round({value!r}) or int({value!r}) "
+                     "if that is meant.")
+  return int(value)
+
+
+def whole_numbers(values: Any, what: str, example: str) -> tuple[int, ...]:
+  """``values`` (a sequence of whole numbers) as a tuple of ints; a ValueError naming ``what``
+  and showing ``example`` for a single number, a string or a non-sequence."""
+  if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+    one = isinstance(values, (int, np.integer, float, np.floating))
+    raise ValueError(f"{what} must be a sequence with one entry per layer, e.g. {example}; got "
+                     f"{values!r}" + (f": for one layer write ({values!r},)." if one else "."))
+  return tuple(whole_number(v, f"{what}[{i}]") for i, v in enumerate(values))
+
+
 def _find(tree: Mapping, name: str):
   """Finds ``name`` anywhere in a nested intermediates dict (sow stores a tuple)."""
   if name in tree:
@@ -125,6 +150,9 @@ class Model(abc.ABC):
 
   def check_input(self, x) -> None:
     """Raises ValueError if ``x`` is not a batch of this model's inputs."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):   # a list: "Cannot determine dtype"
+      raise TypeError(f"{type(self).__name__} takes an array of inputs, got a "
+                      f"{type(x).__name__}: pass jnp.asarray(x, jnp.float32).")
     shape = tuple(jnp.shape(x))
     want = self.input_shape
     if len(shape) != len(want) + 1 or shape[1:] != want:
@@ -154,6 +182,39 @@ class Model(abc.ABC):
                        "x.astype(jnp.float32) (scaled as the model was trained, e.g. images "
                        "/ 255).")
 
+  def _check_sizes(self, sizes: Mapping[str, Any]) -> dict[str, int]:
+    """``sizes`` for :meth:`resize`: names of this model's groups, whole numbers (a KeyError
+    or ValueError naming the problem otherwise)."""
+    groups = self.groups
+    out = {}
+    for k, v in sizes.items():
+      units_lib._check_group_name(groups, k)
+      out[k] = whole_number(v, f"size of group {k!r}")
+    return out
+
+  def check_variables(self, params: PyTree) -> None:
+    """Raises ValueError if ``params`` is not a variables dict as :meth:`init` returns it
+    (``{'params': ...}``, plus ``'batch_stats'`` for models with batch norm)."""
+    if not isinstance(params, Mapping):
+      raise ValueError(f"{type(self).__name__} takes the variables dict that init returns "
+                       f"({{'params': ...}}), got a {type(params).__name__}.")
+    want = self._collections
+    missing = [c for c in want if c not in params]
+    if not missing:
+      return
+    keys = sorted(map(str, params))
+    layers = [k for k in keys if k not in ("params", "batch_stats")]
+    inner = ("; it looks like the inner params (layer names at the top): pass the whole "
+             "variables dict, e.g. model.apply({'params': params"
+             + (", 'batch_stats': batch_stats" if "batch_stats" in want else "") + "}, x)"
+             if layers and "params" in missing else
+             ": pass the whole variables dict that init (or load_resnet18) returns")
+    raise ValueError(f"{type(self).__name__} takes a variables dict with "
+                     f"{' and '.join(repr(c) for c in want)}; the one given has keys {keys}, "
+                     f"without {', '.join(repr(c) for c in missing)}{inner}.")
+
+  _collections = ("params",)   # the variables' collections apply needs (not a field)
+
   def init(self, key: jax.Array) -> PyTree:
     """Initial variables for this model (a dict with a ``'params'`` entry)."""
     validate.check_key(key)
@@ -162,12 +223,17 @@ class Model(abc.ABC):
   def apply(self, params: PyTree, x: jax.Array) -> jax.Array:
     """Inference: outputs for a batch ``x`` (logits, or reconstructions for autoencoders)."""
     self.check_input(x)
+    self.check_variables(params)
     return self.module.apply(params, x)
 
   def apply_with_activations(self, params: PyTree, x: jax.Array,
                              names: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Outputs and the activations of the named unit groups (units on the last axis)."""
     self.check_input(x)
+    self.check_variables(params)
+    if isinstance(names, str):   # iterating it would look up groups 'h', 'i', ...
+      raise TypeError(f"names must be a sequence of group names, got the string {names!r}: "
+                      f"pass ({names!r},), or call activations(params, x, {names!r}).")
     groups = self.groups
     for n in names:
       units_lib._check_group_name(groups, n)
@@ -184,8 +250,22 @@ class Model(abc.ABC):
     ``mask`` (N,) bool marks the real samples of a padded batch; models with batch statistics
     compute them over those samples only (others ignore it).
     """
-    del mask
+    self.check_batch_mask(x, mask)
     return self.apply(params, x), params
+
+  def check_batch_mask(self, x, mask) -> None:
+    """Raises ValueError unless ``mask`` is None or a bool (or integer 0/1) vector with one
+    entry per example of ``x`` (a shape check: it also works inside ``jax.jit``)."""
+    if mask is None:
+      return
+    shape, n = tuple(jnp.shape(mask)), jnp.shape(x)[0]
+    if shape != (n,):   # was a broadcasting error from inside the batch norms
+      raise ValueError(f"mask must have shape ({n},), one bool per example of the batch x "
+                       f"(True for the real examples of a padded batch); got shape {shape}.")
+    dtype = jnp.result_type(mask)
+    if not (dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)):
+      raise ValueError(f"mask must be bool (True for the real examples), got dtype {dtype}; "
+                       "threshold it, e.g. mask > 0.")
 
   def compact(self, params: PyTree, unit_masks: Mapping[str, Any]) -> tuple[PyTree, "Model"]:
     """Removes masked units: returns (smaller params, the resized model that runs them).

@@ -19,7 +19,7 @@ from typing import Mapping
 
 import flax.linen as nn
 
-from jaxprune.models.base import Model, activation_fn
+from jaxprune.models.base import Model, activation_fn, whole_number, whole_numbers
 from jaxprune.models.mlp import dense_chain_groups
 
 
@@ -51,6 +51,41 @@ class _ConvNetModule(nn.Module):
     return nn.Dense(self.out_features, name="out")(x)
 
 
+def _paddings(paddings) -> tuple[str, ...]:
+  """'VALID' or 'SAME' per conv (any case, as flax takes them), upper-cased: the feature-map
+  arithmetic and the unit groups' flatten view follow them, so other paddings are refused."""
+  if isinstance(paddings, str):
+    raise ValueError(f"paddings needs one entry per conv, e.g. ('VALID', 'SAME'); got the "
+                     f"string {paddings!r}.")
+  out = []
+  for i, p in enumerate(paddings):
+    if not isinstance(p, str) or p.upper() not in ("VALID", "SAME"):
+      raise ValueError(f"paddings[{i}] is {p!r}; the built-in conv nets take 'VALID' or 'SAME' "
+                       "(for other paddings write your own model and jaxprune.trace it).")
+    out.append(p.upper())   # 'valid' was taken for 'SAME' by the feature-map arithmetic
+  return tuple(out)
+
+
+def _pools(pools) -> tuple[tuple[int, int] | None, ...]:
+  """None or (window, stride) per conv, as whole positive numbers."""
+  if isinstance(pools, str) or not isinstance(pools, (tuple, list)):
+    raise ValueError(f"pools needs one entry per conv, each None or (window, stride), e.g. "
+                     f"((2, 2), None); got {pools!r}.")
+  out = []
+  for i, p in enumerate(pools):
+    if p is None:
+      out.append(None)
+      continue
+    if isinstance(p, str) or not isinstance(p, (tuple, list)) or len(p) != 2:
+      raise ValueError(f"pools[{i}] is {p!r}; each entry is None or (window, stride), e.g. "
+                       "(2, 2) for 2x2 max-pooling with stride 2.")
+    w, st = (whole_number(v, f"pools[{i}][{j}]") for j, v in enumerate(p))
+    if w < 1 or st < 1:
+      raise ValueError(f"pools[{i}] is {p!r}; window and stride must be positive.")
+    out.append((w, st))
+  return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class _ConvNet(Model):
   """Shared machinery; see :class:`LeNet` and :class:`CNN4`."""
@@ -66,18 +101,28 @@ class _ConvNet(Model):
   activation: str = "relu"
 
   def __post_init__(self):
-    for f in ("input_shape", "channels", "kernels", "strides", "paddings", "dense"):
-      object.__setattr__(self, f, tuple(getattr(self, f)))
-    object.__setattr__(self, "pools", tuple(None if p is None else tuple(p) for p in self.pools))
+    examples = {"input_shape": "(90, 72, 1)", "channels": "(16, 32)", "kernels": "(5, 5)",
+                "strides": "(1, 1)", "dense": "(512, 128)"}
+    for f, example in examples.items():   # whole numbers: 6.5 raised a flax shape error
+      object.__setattr__(self, f, whole_numbers(getattr(self, f), f, example))
+    object.__setattr__(self, "out_features", whole_number(self.out_features, "out_features"))
+    object.__setattr__(self, "paddings", _paddings(self.paddings))
+    object.__setattr__(self, "pools", _pools(self.pools))
     activation_fn(self.activation)
     n = len(self.channels)
+    if n < 1:
+      raise ValueError(f"{type(self).__name__} needs at least one conv layer; channels is "
+                       f"{self.channels}.")
     if not (len(self.kernels) == len(self.strides) == len(self.paddings) == len(self.pools) == n):
       raise ValueError("channels, kernels, strides, paddings and pools need one entry per conv.")
     if len(self.input_shape) != 3:
       raise ValueError(f"input_shape must be (height, width, channels), got {self.input_shape}.")
-    if any(c < 1 for c in self.channels + self.dense):
+    if any(c < 1 for c in self.channels + self.dense) or self.out_features < 1:
       raise ValueError(f"Layer sizes must be positive: channels={self.channels}, "
-                       f"dense={self.dense}.")
+                       f"dense={self.dense}, out_features={self.out_features}.")
+    if any(d < 1 for d in self.input_shape + self.kernels + self.strides):
+      raise ValueError(f"input_shape, kernels and strides must be positive: input_shape="
+                       f"{self.input_shape}, kernels={self.kernels}, strides={self.strides}.")
     h, w, _ = self.feature_map_shape()
     if h < 1 or w < 1:
       mh, mw = self.min_input_size()
@@ -137,7 +182,8 @@ class _ConvNet(Model):
 
   def resize(self, sizes: Mapping[str, int]):
     channels, dense = list(self.channels), list(self.dense)
-    for k, v in sizes.items():
+    # Checked: a name of no group ('hidden_0') resized dense_0, or raised an IndexError.
+    for k, v in self._check_sizes(sizes).items():
       kind, i = k.split("_")
       (channels if kind == "conv" else dense)[int(i)] = int(v)
     return dataclasses.replace(self, channels=tuple(channels), dense=tuple(dense))

@@ -16,7 +16,7 @@ from typing import Mapping
 
 import flax.linen as nn
 
-from jaxprune.models.base import Model, activation_fn
+from jaxprune.models.base import Model, activation_fn, whole_number, whole_numbers
 from jaxprune.units import ZERO_PADDED_CONV, Slice, UnitGroup
 
 
@@ -92,7 +92,9 @@ class MLP(Model):
   activation: str = "sigmoid"
 
   def __post_init__(self):
-    object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+    object.__setattr__(self, "hidden", whole_numbers(self.hidden, "hidden", "(100,)"))
+    for f in ("in_features", "out_features"):   # 5.0 -> 5; 6.5 raises (was a flax shape error)
+      object.__setattr__(self, f, whole_number(getattr(self, f), f))
     activation_fn(self.activation)
     if any(h < 1 for h in self.hidden) or self.in_features < 1 or self.out_features < 1:
       raise ValueError(f"Layer sizes must be positive, got in={self.in_features}, "
@@ -113,7 +115,8 @@ class MLP(Model):
 
   def resize(self, sizes: Mapping[str, int]) -> "MLP":
     hidden = list(self.hidden)
-    for k, v in sizes.items():
+    # Checked: a name of no group resized hidden_0 ('conv_0') or raised an IndexError.
+    for k, v in self._check_sizes(sizes).items():
       hidden[int(k.split("_")[1])] = int(v)
     return dataclasses.replace(self, hidden=tuple(hidden))
 
@@ -133,7 +136,7 @@ class Autoencoder(MLP):
   activation: str = "sigmoid"
 
   def __post_init__(self):
-    if self.out_features != self.in_features:
+    if self.out_features != self.in_features:   # (a bad in_features raises in MLP's check)
       object.__setattr__(self, "out_features", self.in_features)
     super().__post_init__()
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import validate
-from jaxprune.models.base import ACT_SUFFIX, Model
+from jaxprune.models.base import ACT_SUFFIX, Model, whole_number, whole_numbers
 from jaxprune.units import ZERO_PADDED_CONV, Slice, UnitGroup, get_path
 
 PyTree = Any
@@ -139,8 +139,12 @@ class ResNet18(Model):
   widths: tuple[int, ...] = DEFAULT_WIDTHS
 
   def __post_init__(self):
-    object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
-    object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+    # Whole numbers: int() cut widths=3.7 to 3 and input 32.5 to 32; num_classes=7.0 raised a
+    # flax shape error.
+    object.__setattr__(self, "input_shape",
+                       whole_numbers(self.input_shape, "input_shape", "(224, 224, 3)"))
+    object.__setattr__(self, "widths", whole_numbers(self.widths, "widths", str(DEFAULT_WIDTHS)))
+    object.__setattr__(self, "num_classes", whole_number(self.num_classes, "num_classes"))
     if len(self.widths) != len(BLOCK_NAMES):
       raise ValueError(f"widths needs one entry per basic block ({len(BLOCK_NAMES)}: "
                        f"{', '.join(BLOCK_NAMES)}), got {len(self.widths)}.")
@@ -176,6 +180,8 @@ class ResNet18(Model):
       n = max(1, (n - 1) * stride + kernel - 2 * padding)
     return n, n
 
+  _collections = ("params", "batch_stats")   # checked by apply (not a field)
+
   @property
   def module(self):
     return _ResNet18Module(self.widths, self.num_classes)
@@ -204,7 +210,7 @@ class ResNet18(Model):
     for k, v in sizes.items():
       if k not in BLOCK_NAMES:
         raise KeyError(f"Unknown unit group {k!r}; ResNet-18's groups are {list(BLOCK_NAMES)}.")
-      widths[BLOCK_NAMES.index(k)] = int(v)
+      widths[BLOCK_NAMES.index(k)] = whole_number(v, f"size of group {k!r}")
     return dataclasses.replace(self, widths=tuple(widths))
 
   def init(self, key: jax.Array) -> PyTree:
@@ -217,13 +223,16 @@ class ResNet18(Model):
     """Training-mode pass: batch statistics in every batch norm.
 
     ``mask`` (N,) bool limits the batch statistics to the marked samples (padding rows of a
-    minibatch are left out, so padded and unpadded training agree).
+    minibatch are left out, so padded and unpadded training agree). It must mark at least one
+    sample: statistics over none are NaN.
 
     Returns:
       ``(logits, params)`` where ``params`` is the input variables with ``'batch_stats'``
       replaced by the updated running averages (the input is not modified).
     """
     self.check_input(x)
+    self.check_variables(params)
+    self.check_batch_mask(x, mask)
     out, state = self.module.apply(params, x, train=True, mask=mask, mutable=["batch_stats"])
     new = dict(params)
     new["batch_stats"] = state["batch_stats"]
@@ -340,6 +349,20 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     raise _not_readable(path, f"{type(e).__name__}: {e}") from None
 
 
+def _prefix_hint(unexpected: set[str], wanted: set[str]) -> str:
+  """Advice when every wanted key is in the file under one prefix (``module.`` from
+  ``nn.DataParallel``, ``model.`` or ``backbone.`` from a wrapper module), else ''."""
+  for u in sorted(unexpected):
+    for w in wanted:
+      if len(u) > len(w) and u.endswith("." + w):
+        p = u[:len(u) - len(w)]
+        if wanted <= {k[len(p):] for k in unexpected if k.startswith(p)}:
+          return (f"Every expected key is there under the prefix {p!r} (as nn.DataParallel "
+                  "or a wrapper module saves them): write the file without it, e.g. "
+                  f"np.savez(path, **{{k.removeprefix({p!r}): v for k, v in sd.items()}}).")
+  return ""
+
+
 def _file_widths(sd: Mapping[str, np.ndarray]) -> tuple[int, ...] | None:
   """The blocks' inner widths a state dict holds (rows of each block's conv1), if readable."""
   out = []
@@ -427,7 +450,8 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
       shape suggests (a compacted model's file and the widths to load it with, HWIO kernels,
       stem or residual channels that no ResNet-18 has).
   """
-  widths = ResNet18(num_classes=num_classes, widths=tuple(widths)).widths  # validates both
+  spec = ResNet18(num_classes=num_classes, widths=widths)   # validates both (whole numbers)
+  widths, num_classes = spec.widths, spec.num_classes
   if key is not None:
     validate.check_key(key)
   path = os.fspath(path)
@@ -443,7 +467,7 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
     raise ValueError(
         f"{path!r} is not a torchvision resnet18 state dict: missing keys: "
         f"{_names(missing) or 'none'}; unexpected keys: {_names(unexpected) or 'none'}. "
-        f"{_CONVERT_HINT}")
+        f"{_prefix_hint(unexpected, wanted) or _CONVERT_HINT}")
   fc = sd["fc.weight"]
   if fc.ndim != 2 or (fc.shape[0] == STAGES[-1] and fc.shape[1] != STAGES[-1]):
     reason = (f"fc.weight in {path!r} has shape {fc.shape}; ResNet-18 expects (classes, "
@@ -468,7 +492,15 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 7,
       raise ValueError(f"{tk} in {path!r} holds {sd[tk].dtype} values, not numbers NumPy can "
                        "read (e.g. bfloat16 written as raw bytes); write the state dict with "
                        "float32 arrays, e.g. {k: v.float().numpy() for k, v in sd.items()}.")
+    given = sd[tk]
+    with np.errstate(over="ignore"):   # checked below, on the float32 values that are loaded
+      sd[tk] = np.asarray(given, np.float32)
     if not np.all(np.isfinite(sd[tk])):
+      if np.all(np.isfinite(given)):   # e.g. float64 1e39: was loaded as inf
+        raise ValueError(f"{tk} in {path!r} holds values beyond float32's range (the largest "
+                         f"magnitude {float(np.max(np.abs(given))):g}; float32 ends at "
+                         "3.4e38), which would load as infinite; the file is corrupt. "
+                         "Re-create it from the torchvision state dict.")
       raise ValueError(f"{tk} in {path!r} contains NaN or infinite values; the file is "
                        "corrupt. Re-create it from the torchvision state dict.")
     if tk.endswith(".running_var") and np.any(sd[tk] < 0):
