@@ -357,3 +357,16 @@ def test_stratified_split_refuses_a_training_part_without_a_rare_class():
       train, test = data.train_test_split(y, test_fraction=f, seed=seed)
       assert set(y[train].tolist()) == {0, 1}
       assert len(test) == int(np.ceil(f * 100)) and len(train) + len(test) == 100
+
+
+def test_kfold_refuses_a_class_of_one_example():
+  """A class with one example sits in one test fold, whose training part then lacks it (only
+  scikit-learn's warning said so); two examples put it in every training part."""
+  y = np.r_[np.repeat([0, 1], 10), 2]
+  ds = data.Dataset(np.zeros((21, 2), np.float32), y, ["a", "b", "rare"])
+  with pytest.raises(ValueError, match=r"class 'rare' has one example only, so the fold that "
+                     r"tests it trains a model that never sees it"):
+    data.kfold(ds, n_splits=5, seed=0)
+  y2 = np.r_[y, 2]
+  for train, _ in data.kfold(y2, n_splits=2, seed=0):
+    assert set(y2[train]) == {0, 1, 2}

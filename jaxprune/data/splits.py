@@ -381,10 +381,31 @@ def kfold(
     (5, [14, 14, 14, 14, 14])
   """
   y, groups = _labels_and_groups(data, groups, person_independent)
+  if groups is None and n_splits >= 2 and np.unique(y, return_counts=True)[1].max() >= n_splits:
+    # (else _folds names the fold count); before scikit-learn, which only warns
+    _check_no_single_example_class(data, y, n_splits)
   folds = _folds(y, n_splits, seed, groups)
   if groups is not None:
     _check_person_parts(data, y, folds, "fold")
   return folds
+
+
+def _check_no_single_example_class(data, y: np.ndarray, n_splits: int) -> None:
+  """A class of one example is in one test fold, so that fold trains without it (scikit-learn
+  only warns): a ValueError naming the class, as a train/test split whose training part lacks
+  a class gets one."""
+  labels, counts = np.unique(y, return_counts=True)
+  single = labels[counts == 1]
+  if not single.size:
+    return
+  one = single.size == 1
+  names = ", ".join(_class_name(data, l) for l in single)
+  raise ValueError(
+      f"cannot make {n_splits} stratified folds whose training parts all hold every class:"
+      f" {'class' if one else 'classes'} {names} {'has' if one else 'have'} one example"
+      f" only, so the fold that tests {'it' if one else 'each'} trains a model that never sees"
+      f" {'it' if one else 'them'}. Add examples of {'that class' if one else 'those classes'}"
+      f" (2 or more each), or leave {'it' if one else 'them'} out of the data")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
