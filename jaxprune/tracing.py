@@ -606,6 +606,7 @@ class _Walker:
         n_in = len(inner.invars)
         for v, ax in zip(inner.invars, ins[len(ins) - n_in:]):
           ienv[v] = ax
+          self.scoped_env[(path, v)] = ax     # the body's inputs, as its ops' outputs are
         for v in inner.constvars:
           ienv[v] = self.fresh(v.aval.shape, "tied to a constant array of fixed shape")
         # Parameter provenance and activation dependence flow into the body.
@@ -1367,6 +1368,23 @@ def _keeps_units(w: _Walker, scope: tuple, eqn, root) -> bool:
           and all(whole(o) for o in eqn.outvars))
 
 
+def _unitwise_call(w: _Walker, scope: tuple, k: int, eqn, root) -> bool:
+  """Whether ``eqn`` (equation ``k`` of ``scope``) is a followed call whose body only keeps
+  values unit by unit (elementwise ops, moves, and cuts into equal parts that keep the units:
+  ``jax.nn.glu``, a jitted activation), so the activations run on through it."""
+  inner, _ = _call_body(eqn)
+  if inner is None or root is None or len(eqn.outvars) != 1:
+    return False
+  iscope = scope + (k,)
+  for e in inner.eqns:
+    live = [v for v in e.invars if not isinstance(v, jex.core.Literal)]
+    if not (_admissible(e, live) or _is_scalar_broadcast(e)
+            or _keeps_units(w, iscope, e, root) or _unitwise_call(w, iscope, inner.eqns.index(e),
+                                                                   e, root)):
+      return False
+  return True
+
+
 def _activation_chain(w: _Walker, scope: tuple, start, root=None):
   """Where a kernel's output becomes what its readers read, and the nonlinearity on the way.
 
@@ -1409,7 +1427,8 @@ def _activation_chain(w: _Walker, scope: tuple, start, root=None):
     pending.discard(k)
     eqn = jaxpr.eqns[k]
     live = [v for v in eqn.invars if not isinstance(v, jex.core.Literal) and v in remaining]
-    if not (_admissible(eqn, live) or _keeps_units(w, scope, eqn, root)):
+    if not (_admissible(eqn, live) or _keeps_units(w, scope, eqn, root)
+            or _unitwise_call(w, scope, k, eqn, root)):
       break
     for v in live:
       remaining[v] -= 1
@@ -1433,7 +1452,8 @@ def _activation_chain(w: _Walker, scope: tuple, start, root=None):
   # unread (h @ W3 before relu(h) @ W2 in program order reads h and relu(h)).
   joined = set(remaining) == {var} and not any(
       _admissible(jaxpr.eqns[k], [v for v in jaxpr.eqns[k].invars if v is var])
-      or _keeps_units(w, scope, jaxpr.eqns[k], root) for k in pending)
+      or _keeps_units(w, scope, jaxpr.eqns[k], root)
+      or _unitwise_call(w, scope, k, jaxpr.eqns[k], root) for k in pending)
   return var, tag, joined, plain
 
 

@@ -1830,3 +1830,31 @@ def test_unequal_cuts_and_cuts_of_the_batch_stay_as_they_were():
   x8 = _arr(8, 5)
   np.testing.assert_allclose(t.apply(p, x8), halves(p, x8), atol=1e-6)
   _compact_equals_masked(t, p, x8, halves, {"w1": [0, 3]})
+
+
+def test_glu_inside_a_jitted_call_and_a_conv_glu_run_their_activations_through():
+  """jax.nn.glu is a jitted call holding the cut: the activations run on through its body (they
+  stopped before it, at the kernel's output, and were reported complete); a conv's channels cut
+  in two are one group likewise."""
+  def nn_glu(p, x):
+    return jax.nn.glu(x @ p["wi"] + p["bi"]) @ p["wo"]
+
+  p, x = _glu_params(), _arr(16, 5)
+  t = jaxprune.trace(nn_glu, p, x)
+  assert t.groups["wi"].activation == "other" and t.activations_complete("wi")
+  h = np.asarray(x @ p["wi"] + p["bi"])
+  np.testing.assert_allclose(t.activations(p, x, "wi"), h[:, :6] / (1 + np.exp(-h[:, 6:])),
+                             rtol=1e-5, atol=1e-6)
+  _compact_equals_masked(t, p, x, nn_glu, {"wi": [0, 5]})
+
+  def conv_glu(p, x):
+    h = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    a, b = jnp.split(h, 2, axis=-1)
+    return (a * jax.nn.sigmoid(b)).mean((1, 2)) @ p["w"]
+
+  pc, xc = {"k": _arr(3, 3, 2, 8), "w": _arr(4, 3)}, _arr(4, 6, 6, 2)
+  t = jaxprune.trace(conv_glu, pc, xc)
+  assert list(t.groups) == ["k"] and t.groups["k"].size == 4
+  small = _compact_equals_masked(t, pc, xc, conv_glu, {"k": [1]})
+  assert small["k"].shape == (3, 3, 2, 6)
