@@ -503,11 +503,26 @@ class _Walker:
     before = {path for path, _ in self._backward(scope, var, descend=True) if path is not None}
     return any(not self.acting_points(leaf) <= before for leaf in leaves)
 
-  def reads_carry(self, scope: tuple, var) -> bool:
+  def reads_carry(self, scope: tuple, var, root=None) -> bool:
     """Whether ``var`` depends on the carry of a scan it is computed in: a recurrent reader,
     whose input at the first step is the initial state, not the units' values (so a constant
-    unit's contribution cannot be folded into its bias)."""
-    return any(path is None for path, _ in self._backward(scope, var, descend=False))
+    unit's contribution cannot be folded into its bias). With ``root``, only a carry that
+    holds those units counts (an RNN's hidden state; not the residual stream of layers
+    scanned over stacked params, whose units each step computes anew)."""
+    if not any(path is None for path, _ in self._backward(scope, var, descend=False)):
+      return False
+    if root is None or not scope:
+      return True
+    parent = self.jaxpr_at[scope[:-1]].eqns[scope[-1]]
+    if parent.primitive.name != "scan":
+      return True
+    nc, nk = parent.params["num_consts"], parent.params["num_carry"]
+    A = self.atoms
+    for v in self.jaxpr_at[scope].invars[nc:nc + nk]:
+      ax = self.scoped_env.get((scope, v))
+      if ax is None or any(A.find(a) == root for atoms in ax for a in A.expand(atoms)):
+        return True
+    return False
 
   def users_in(self, scope: tuple, v) -> list:
     """``(path, eqn)`` of the equations that read ``v`` in the jaxpr at ``scope`` (a body shared
@@ -778,6 +793,8 @@ class _Walker:
     nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
     inner_ins = list(ins[:nc + nk]) + [x[1:] for x in ins[nc + nk:]]
     ienv = dict(zip(inner.invars, inner_ins))
+    for v, ax in ienv.items():
+      self.scoped_env[(path, v)] = ax      # the body's inputs, as its ops' outputs are
     for v in inner.constvars:
       ienv[v] = self.fresh(v.aval.shape, "tied to a constant array of fixed shape")
     # Which body inputs depend on the function's inputs: a carry does once any step makes it
@@ -1338,6 +1355,9 @@ def _admissible(eqn, live_ins) -> bool:
   return len(eqn.outvars) == 1 and shapes == {tuple(eqn.outvars[0].aval.shape)}
 
 
+_UNIT_MOVES = frozenset("reshape split slice squeeze dynamic_slice expand_dims".split())
+
+
 def _keeps_units(w: _Walker, scope: tuple, eqn, root) -> bool:
   """Whether ``eqn`` is a reshape that keeps the units of class ``root`` on one axis of their
   own, in and out (it only adds or drops size-1 axes, or splits or merges other axes), so each
@@ -1345,8 +1365,7 @@ def _keeps_units(w: _Walker, scope: tuple, eqn, root) -> bool:
   or a split (or slice) of the units' axis into equal parts, each part holding every unit once
   (a GLU's gate and value, an LSTM's fused gates)."""
   name = eqn.primitive.name
-  if root is None or name not in ("reshape", "split", "slice") or (
-      name != "split" and len(eqn.outvars) != 1):
+  if root is None or name not in _UNIT_MOVES or (name != "split" and len(eqn.outvars) != 1):
     return False
   A = w.atoms
 
@@ -1360,12 +1379,15 @@ def _keeps_units(w: _Walker, scope: tuple, eqn, root) -> bool:
     r = roots(v)
     return r is not None and sum(x.count(root) for x in r) == 1 and [root] in r
 
-  if name == "reshape":
-    return whole(eqn.invars[0]) and whole(eqn.outvars[0])
-  # Equal parts of the units' axis (see _Walker._equal_parts): unit i of each part is unit i.
   r = roots(eqn.invars[0])
-  return (r is not None and sum(x.count(root) for x in r) == 1 and [root] not in r
-          and all(whole(o) for o in eqn.outvars))
+  once = r is not None and sum(x.count(root) for x in r) == 1
+  if name in ("reshape", "split", "slice") and once and [root] not in r:
+    # Equal parts of the units' axis (see _Walker._equal_parts), or that axis reshaped to
+    # (parts, units): unit i of each part is unit i (a GLU's gate and value).
+    return all(whole(o) for o in eqn.outvars)
+  # A move of the units' own axis, or an index into other axes (a part of a GLU's (B, 2, H),
+  # a strided map): each unit's values stay that unit's.
+  return whole(eqn.invars[0]) and whole(eqn.outvars[0])
 
 
 def _unitwise_call(w: _Walker, scope: tuple, k: int, eqn, root) -> bool:
@@ -1526,8 +1548,9 @@ def _run_eqns(eqns, env: dict, flat: tuple | None = None) -> dict:
       sub = _run_eqns(inner.eqns, sub, flat)
       outs = [v.val if isinstance(v, jex.core.Literal) else sub[v] for v in inner.outvars]
     elif flat is not None and (eqn.primitive.name in _LAYOUT_OPS or (
-        eqn.primitive.name == "reshape" and np.size(invals[0]) == math.prod(flat))):
-      outs = invals[:1]                      # a reshape of the chain's own values too
+        eqn.primitive.name in _UNIT_MOVES and np.size(invals[0]) == math.prod(flat))):
+      # a move or an index of the chain's own values too (each part of a cut: the grid)
+      outs = invals[:1] * len(eqn.outvars)
     elif flat is not None and _is_scalar_broadcast(eqn):   # a where's 0.0: as long as the grid
       outs = [np.broadcast_to(np.asarray(invals[0]), flat)]
     elif flat is not None and (out := _numpy_op(eqn, invals)) is not None:
@@ -2358,7 +2381,7 @@ class TracedTarget:
       out_axes = self._bias_ordered(con)
       # A recurrent reader sees the initial state at the first step, not the units' values:
       # a constant unit's contribution does not fold into its bias exactly either.
-      if not why and w.reads_carry(con.path[:-1], con.stream_var):
+      if not why and w.reads_carry(con.path[:-1], con.stream_var, site.root):
         why = _RECURRENCE
       # A reader of products of units (each unit at two places): a constant unit's rows
       # still read the other units.
@@ -2382,16 +2405,25 @@ class TracedTarget:
     across heads, cannot hold it)."""
     w = self._an.walker
     out = w.through_layout(con.out_var)
-    users = w.users.get(out, [])
-    if len(users) == 1 and users[0][1].primitive.name == "add":
-      for v in users[0][1].invars:
-        if v is not out and not isinstance(v, jex.core.Literal) and v in w.origin:
-          leaf = w.origin[v][0]
-          bias_keys = {self._atom_key(leaf, d) for d in range(len(w.invar_atoms[leaf]))}
-          if all(not k or k in bias_keys
-                 for k in (self._atom_key(con.kernel, a) for a in con.out_axes)):
-            return leaf
-          return None
+    for _ in range(4):   # through sums with other values first: (x + h @ W) + b, a residual
+      users = w.users.get(out, [])
+      if len(users) != 1 or users[0][1].primitive.name != "add":
+        return None
+      add = users[0][1]
+      others = [v for v in add.invars if v is not out]
+      if len(others) != 1 or isinstance(others[0], jex.core.Literal):
+        return None
+      v = others[0]
+      if v in w.origin and v not in w.stream:
+        leaf = w.origin[v][0]
+        bias_keys = {self._atom_key(leaf, d) for d in range(len(w.invar_atoms[leaf]))}
+        if all(not k or k in bias_keys
+               for k in (self._atom_key(con.kernel, a) for a in con.out_axes)):
+          return leaf
+        return None
+      if tuple(add.outvars[0].aval.shape) != tuple(out.aval.shape):
+        return None      # a sum that broadcasts the output: no longer one value per output
+      out = w.through_layout(add.outvars[0])
     return None
 
   def _atom_key(self, leaf, axis):
@@ -2487,6 +2519,10 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
       hint = ("every example argument is traced as an array: pass Python settings (a train "
               "flag, a mode) by closing over them, e.g. trace(functools.partial(model.apply, "
               "train=False), params, x) or trace(lambda p, x: fn(p, x, False), params, x).")
+    elif type(e).__name__ == "TraceContextError":
+      hint = ("an nnx model in training mode (Dropout, or a BatchNorm that updates its "
+              "statistics) changes its own state while traced: call model.eval() before "
+              "nnx.split, so that it runs as a function of its params.")
     raise TraceError(
         f"Could not trace {getattr(fn, '__name__', 'fn')}(params, *example_args): "
         f"{type(e).__name__}: {first} -- {hint}") from e

@@ -185,9 +185,30 @@ def _check_start_params(params, masks=None) -> None:
       params, masks))
 
 
+def _check_no_nnx_statistics(params) -> None:
+  """An nnx state holding ``BatchStat`` (or other non-``Param``) variables among the trained
+  leaves: every trained leaf is trained by gradient, so the running statistics would drift with
+  the optimizer (a traced target needs them in its params to find the groups through them)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  held = [f"{jax.tree_util.keystr(path, simple=True, separator='/')} "
+          f"({type(leaf).__name__})"
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_var)[0]
+          if is_var(leaf) and not isinstance(leaf, nnx.Param)]
+  if held:
+    raise ValueError(
+        f"params hold {len(held)} nnx variables that are not nnx.Param: "
+        f"{', '.join(held[:4])}{' ...' if len(held) > 4 else ''}. Every leaf given to train is "
+        "trained by gradient, so running statistics would be changed by the optimizer. Keep "
+        "them apart as the variables' 'batch_stats': graphdef, params, stats = "
+        "nnx.split(model, nnx.Param, nnx.BatchStat); trace fn(v, x) = nnx.merge(graphdef, "
+        "v['params'], v['batch_stats'])(x) with v = {'params': params, 'batch_stats': stats} "
+        "(fit trains v['params'] and carries the rest).")
+
+
 def _check_trainable(params) -> None:
   """Every leaf is trained by gradient, so every leaf must be floating point (an nnx model's
-  RNG key or counter, or a step count, cannot be)."""
+  RNG key or counter, or a step count, cannot be), and no nnx statistics are among them."""
   bad = [f"{jax.tree_util.keystr(path, simple=True, separator='/')} ({leaf.dtype})"
          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
          if hasattr(leaf, "dtype") and not jnp.issubdtype(leaf.dtype, jnp.inexact)]
@@ -197,6 +218,7 @@ def _check_trainable(params) -> None:
         f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Pass only the floating-point "
         "weights (Flax nnx: graphdef, params, rest = nnx.split(model, nnx.Param, ...); linen: "
         "variables['params']) and close over the rest in the apply function.")
+  _check_no_nnx_statistics(_trainable(params))
 
 
 def _same_model(a, b) -> bool:
