@@ -55,7 +55,6 @@ _EMITTER = "xla_cpu_use_fusion_emitters"
 DEFAULT_LEVEL = {"xla_backend_optimization_level": 2, _EMITTER: True}   # XLA:CPU's defaults
 FAST = {_EMITTER: False}          # the older loop emitter: faster compilation (bits: see above)
 LEVEL_1 = {"xla_backend_optimization_level": 1, **FAST}   # initialisers: the default bits
-LEVEL_0 = {"xla_backend_optimization_level": 0, **FAST}   # no multiply-add contraction
 TRAIN_MLP = {"xla_backend_optimization_level": 1}   # the built-in MLP's training program
 
 

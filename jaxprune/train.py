@@ -710,13 +710,14 @@ def _compiled_start(trainer: Trainer, many: bool, num_chunks: int):
   chunks (``split(key, num_chunks)``, per run when vmapped). Done eagerly, these steps would
   each compile a program of their own.
 
-  It is a pass over the params, so on CPU it is compiled at LLVM level 0
-  (``jaxprune._compile``): 0.2-0.37 s less compilation (0.48-0.59 -> 0.18-0.22 s for 30 MLPs,
-  0.80 -> 0.58 s for four ResNet-18s) and at most 0.05 s more run time (four ResNet-18s).
-  Level 0 does not contract ``a * b + c`` into a fused multiply-add: masks, zeros, copies,
-  learning rates and key splits come out bit for bit as at the default level (tested with
-  AdamW and gradient clipping); an optimizer of your own whose ``init`` multiplies and adds may
-  differ in the last bit from its default compilation."""
+  It is a pass over the params, so on CPU it is compiled at LLVM level 1 with the older loop
+  emitter (``jaxprune._compile.LEVEL_1``, as the initialisers are): less compilation than XLA's
+  default. It was level 0 (0.2-0.37 s less than the default), until XLA:CPU crashed three times
+  (a segmentation fault in compiling or serialising that program) in full test-suite runs, never
+  at level 1, which compiles the initialisers of every test. Masks, zeros, copies, learning
+  rates and key splits come out bit for bit as at the default level (tested with AdamW and
+  gradient clipping); an optimizer of your own whose ``init`` multiplies and adds may differ in
+  the last bit from its default compilation (a fused multiply-add)."""
 
   def start(params, masks, learning_rate, key):
     if masks is not None:
@@ -731,7 +732,7 @@ def _compiled_start(trainer: Trainer, many: bool, num_chunks: int):
     state, keys = jax.vmap(start)(params, masks, learning_rate, key)
     return state, tuple(keys[:, i] for i in range(num_chunks))
 
-  return _compile.light_jit(start_many if many else start_one, _compile.LEVEL_0)
+  return _compile.light_jit(start_many if many else start_one, _compile.LEVEL_1)
 
 
 @functools.lru_cache(maxsize=256)
