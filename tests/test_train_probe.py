@@ -3,6 +3,9 @@ input checks found missing by probing them as an outside user."""
 
 import functools
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -203,7 +206,20 @@ def test_fit_refuses_what_belongs_to_fit_many_and_trainer_clashes():
 
 
 def test_fit_many_keeps_a_float64_learning_rate_under_x64():
-  """Per-run learning rates were cast to float32 before reaching float64 params."""
+  """Per-run learning rates were cast to float32 before reaching float64 params. Run in a
+  process of its own: three full suite runs lost a worker to a segmentation fault inside
+  XLA:CPU (compiling or serialising a fit start program) in this module, the last in this
+  test, after toggling x64 in a worker that had compiled float32 programs; never alone."""
+  code = ("import sys; sys.path.insert(0, 'tests'); import test_train_probe as m; "
+          "m.float64_learning_rate_check()")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300, check=False, cwd=os.path.dirname(os.path.dirname(
+                            os.path.abspath(__file__))))
+  assert done.returncode == 0, done.stderr[-3000:]
+
+
+def float64_learning_rate_check():
+  """The body of the test above, in a fresh process."""
   with jax.enable_x64(True):
     p0 = jax.tree.map(lambda a: a.astype(jnp.float64), MODEL.init(jax.random.key(1)))
     x, lr, key = X.astype(np.float64), 0.1 / 3, jax.random.key(5)
