@@ -1398,11 +1398,10 @@ def _unitwise_call(w: _Walker, scope: tuple, k: int, eqn, root) -> bool:
   if inner is None or root is None or len(eqn.outvars) != 1:
     return False
   iscope = scope + (k,)
-  for e in inner.eqns:
+  for j, e in enumerate(inner.eqns):
     live = [v for v in e.invars if not isinstance(v, jex.core.Literal)]
     if not (_admissible(e, live) or _is_scalar_broadcast(e)
-            or _keeps_units(w, iscope, e, root) or _unitwise_call(w, iscope, inner.eqns.index(e),
-                                                                   e, root)):
+            or _keeps_units(w, iscope, e, root) or _unitwise_call(w, iscope, j, e, root)):
       return False
   return True
 

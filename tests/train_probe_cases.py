@@ -16,20 +16,6 @@ import pytest
 import jaxprune
 
 MODEL = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
-
-
-@pytest.fixture(autouse=True)
-def _no_persistent_cache_writes():
-  """Programs of this module are not written to the suite's shared persistent cache (read from
-  it, they still are). Three times in full suite runs a worker died compiling a fit or fit_many
-  start program of this module at LLVM level 0, twice in XLA's executable.serialize() inside
-  JAX's cache write (never in a run of the module alone, nor in 300 serializations of that
-  program in one process). The start program is now compiled at level 1, and nothing here is
-  serialized."""
-  old = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
-  yield
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old)
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(13, 4)).astype(np.float32)
 Y = RNG.integers(0, 3, 13).astype(np.int32)
