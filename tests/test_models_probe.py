@@ -126,6 +126,13 @@ def test_autoencoder_is_n_h_n_with_a_linear_output():
                              atol=1e-5, rtol=1e-5)
 
 
+def test_autoencoder_refuses_another_output_size():
+  with pytest.raises(ValueError, match=r"reconstructs its input.*out_features=4.*jaxprune.MLP"):
+    jaxprune.Autoencoder(in_features=5, hidden=(3,), out_features=4)
+  assert jaxprune.Autoencoder(in_features=5, hidden=(3,), out_features=5).out_features == 5
+  assert jaxprune.Autoencoder(in_features=5, hidden=(3,)).resize({"hidden_0": 2}).out_features == 5
+
+
 @pytest.mark.parametrize("model", [
     jaxprune.LeNet(input_shape=(23, 21, 2), channels=(3, 4), activation="sigmoid"),
     # odd sizes: 'SAME' with stride > 1 pads more at the end; 'VALID' drops the remainder

@@ -136,6 +136,11 @@ class Autoencoder(MLP):
   activation: str = "sigmoid"
 
   def __post_init__(self):
+    if self.out_features not in (-1, self.in_features):
+      raise ValueError(
+          f"An Autoencoder reconstructs its input, so its output size is in_features "
+          f"({self.in_features!r}); got out_features={self.out_features!r}. Leave out_features "
+          "out, or use jaxprune.MLP for another output size.")
     if self.out_features != self.in_features:   # (a bad in_features raises in MLP's check)
       object.__setattr__(self, "out_features", self.in_features)
     super().__post_init__()
