@@ -210,9 +210,25 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
 def zero_masked(tree: PyTree, masks: PyTree) -> PyTree:
   """:func:`apply_masks` without the check, for callers that checked the masks once already
-  (an optimizer step zeroes both the gradients and the params it hands on)."""
+  (an optimizer step zeroes both the gradients and the params it hands on).
+
+  Called eagerly on arrays (no tracer among the leaves), the whole tree is zeroed by one
+  compiled program per tree structure, shapes and dtypes (``_zero_masked_jit``) instead of one
+  small program per leaf shape; under ``jit``/``vmap`` it is the same ``where`` leaf by leaf.
+  """
+  leaves = jax.tree.leaves(tree) + jax.tree.leaves(masks)
+  if leaves and all(isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
+                    for x in leaves):
+    return _zero_masked_jit(tree, masks)
+  return _zero_masked_leaves(tree, masks)
+
+
+def _zero_masked_leaves(tree: PyTree, masks: PyTree) -> PyTree:
   return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.asarray(p).dtype)),
                       tree, masks)
+
+
+_zero_masked_jit = jax.jit(_zero_masked_leaves)
 
 
 def expand(params: PyTree, target, unit_masks: Mapping[str, Any],

@@ -125,6 +125,17 @@ def _counted_jit(fn):
   return jitted, (lambda: traces[0])
 
 
+class _Sweep(NamedTuple):
+  """A distinctiveness pruner's two halves, for :func:`until_stable`: ``prepare`` (the pruner's
+  signature) runs the host-side checks and returns ``(mask, rest)``; ``core(params, mask,
+  *rest)`` is the jitted sweep, returning ``(params, keep, SweepReport)``; ``group`` names the
+  unit mask that ``keep`` replaces."""
+
+  prepare: Callable
+  core: Callable
+  group: str
+
+
 # ----------------------------------------------------------------------------- public pruners
 
 
@@ -276,18 +287,30 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
   jitted, trace_count = _activation_core(g)
   flags = np.array([similar, complementary, constants, absorb, compensate, fold], bool)
 
-  def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
-            constant_tol=1e-6, *, sample_weight=None):
+  def prepare(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
+              constant_tol=1e-6, *, sample_weight=None):
+    """The host-side checks (nothing compiled); returns the group's mask and the sweep's
+    other arguments, ``jitted(params, mask, *rest)``."""
     mask = _common.group_mask(unit_masks, g, groups, params)
     sample_weight = _common.check_activation_input(activations, g, sample_weight, mask)
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
-    new_params, keep, report = jitted(params, mask, jnp.asarray(activations), similar_deg,
-                                      complementary_deg, constant_tol, flags, sample_weight)
+    if not isinstance(activations, (np.ndarray, jax.Array)):
+      activations = jnp.asarray(activations)   # an array already goes to jit as it is: jnp's
+      # conversion of a NumPy array is one more compiled program per shape, the same values
+    return mask, (activations, similar_deg, complementary_deg, constant_tol, flags,
+                  sample_weight)
+
+  def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
+            constant_tol=1e-6, *, sample_weight=None):
+    mask, rest = prepare(params, unit_masks, activations, similar_deg, complementary_deg,
+                         constant_tol, sample_weight=sample_weight)
+    new_params, keep, report = jitted(params, mask, *rest)
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
   prune._trace_count = trace_count  # for tests: compilations so far (not public API)
+  prune._sweep = _Sweep(prepare, jitted, g.name)   # for until_stable (not public API)
   # same config: same sweep (the model's other groups too: prune checks masks against them)
   prune._config = ("activations", g, tuple(flags.tolist()), tuple(sorted(groups.items())))
   return prune
@@ -369,17 +392,24 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
 
   sources = g.producers if source == "incoming" else g.consumers
 
-  def prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6):
+  def prepare(params, unit_masks, similar_deg=15.0, complementary_deg=165.0,
+              constant_tol=1e-6):
+    """The host-side checks (nothing compiled); returns the group's mask and the sweep's
+    other arguments, ``jitted(params, mask, *rest)``."""
     mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_finite_slices(params, g, sources)   # the leaves the unit vectors come from
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
-    new_params, keep, report = jitted(params, mask, similar_deg, complementary_deg,
-                                      constant_tol)
+    return mask, (similar_deg, complementary_deg, constant_tol)
+
+  def prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6):
+    mask, rest = prepare(params, unit_masks, similar_deg, complementary_deg, constant_tol)
+    new_params, keep, report = jitted(params, mask, *rest)
     return new_params, _common.with_mask(unit_masks, g.name, keep), report
 
   prune._trace_count = trace_count  # for tests: compilations so far (not public API)
+  prune._sweep = _Sweep(prepare, jitted, g.name)   # for until_stable (not public API)
   prune._config = ("weights", g, source, similar, complementary, constants, absorb,
                    tuple(sorted(groups.items())))
   return prune
@@ -410,11 +440,57 @@ _STABLE_LOOPS = {}
 
 def _stable_loop(prune, max_sweeps):
   """One compiled ``lax.while_loop`` of sweeps per pruner configuration (factories called
-  again with the same group and options share it, as they share the sweep itself)."""
+  again with the same group and options share it, as they share the sweep itself). For the
+  library's pruners it runs every sweep, the first included (:func:`_make_sweep_loop`);
+  for another function, the sweeps after a first ordinary call."""
   key = (getattr(prune, "_config", prune), max_sweeps)
   if key not in _STABLE_LOOPS:
-    _STABLE_LOOPS[key] = _make_stable_loop(prune, max_sweeps)
+    sweep = getattr(prune, "_sweep", None)
+    _STABLE_LOOPS[key] = (_make_sweep_loop(sweep.core, max_sweeps) if isinstance(sweep, _Sweep)
+                          else _make_stable_loop(prune, max_sweeps))
   return _STABLE_LOOPS[key]
+
+
+def _same_types(a, b) -> bool:
+  """Whether two pytrees of arrays / avals have the same structure, shapes, dtypes and weak
+  types (a ``lax.while_loop`` carry must keep them)."""
+  def aval(x):
+    return (tuple(jnp.shape(x)), jnp.result_type(x),
+            bool(getattr(getattr(x, "aval", x), "weak_type", False)))
+  return (jax.tree.structure(a) == jax.tree.structure(b)
+          and all(aval(x) == aval(y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+
+
+def _make_sweep_loop(core, max_sweeps):
+  """``loop(params, mask, rest) -> (params, keep, StableReport)``: every sweep of
+  :func:`until_stable` in one compiled program, the sweep compiled once (as the loop's body).
+
+  The first sweep runs in the body too (``n == 0``; the carry's ``acted`` starts at 1 so it
+  always runs), so results are those of one ordinary call followed by the loop. Only when the
+  sweep returns params of other types than it is given (a dtype promoted, a weak type made
+  strong) is the first sweep run before the loop, as the carry must keep its types.
+  """
+  limit = np.iinfo(np.int32).max if max_sweeps is None else int(max_sweeps)
+
+  def loop(params, mask, rest):
+    def cond(c):
+      return (c[2] > 0) & (c[3] < limit)
+
+    def body(c):
+      p, m, _, n, total, invalid = c
+      p, m, r = core(p, m, *rest)
+      acted = _acted(r)
+      return p, m, acted, n + 1, total + acted, jnp.where(n == 0, r.invalid, invalid)
+
+    zero = jnp.asarray(0, jnp.int32)
+    out = jax.eval_shape(core, params, mask, *rest)   # traced once: the body reuses the trace
+    init = (params, mask, jnp.asarray(1, jnp.int32), zero, zero, jnp.asarray(False))
+    if not _same_types(out[:2], (params, mask)):
+      init = body(init)
+    params, mask, last, sweeps, total, invalid = jax.lax.while_loop(cond, body, init)
+    return params, mask, StableReport(sweeps, total, (last == 0) & ~invalid, invalid)
+
+  return jax.jit(loop)
 
 
 def _make_stable_loop(prune, max_sweeps):
@@ -464,8 +540,10 @@ def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
   finding nothing: that is the case when the only unit left is constant (the sweep removes it,
   then keeps it as the last unit, ``report.kept_last``); it adds no actions.
 
-  The first sweep runs as an ordinary call (so bad concrete input raises as usual); the rest
-  run as one compiled ``lax.while_loop`` (compiled once per pruner).
+  Bad concrete input raises as in an ordinary call of ``prune`` (its checks run first); then
+  every sweep, the first included, runs in one compiled ``lax.while_loop`` (compiled once per
+  pruner configuration and input shapes). The results are those of a first call of ``prune``
+  followed by the loop.
 
   Args:
     prune: a pruner from :func:`distinctiveness` or :func:`weight_distinctiveness`.
@@ -499,6 +577,16 @@ def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
                      "scores the weights themselves), so it has no sample weights: drop "
                      "sample_weight.")
   kwargs = {} if sample_weight is None else {"sample_weight": sample_weight}
+  sweep = getattr(prune, "_sweep", None)
+  if isinstance(sweep, _Sweep):   # a library pruner: its checks here, every sweep compiled
+    try:
+      inspect.signature(prune).bind(params, unit_masks, *args, **kwargs)
+    except TypeError:   # wrong arguments: the pruner's own message (nothing runs before it)
+      prune(params, unit_masks, *args, **kwargs)
+      raise
+    mask, rest = sweep.prepare(params, unit_masks, *args, **kwargs)
+    params, keep, report = _stable_loop(prune, max_sweeps)(params, mask, rest)
+    return params, _common.with_mask(unit_masks, sweep.group, keep), report
   out = prune(params, unit_masks, *args, **kwargs)
   triple = isinstance(out, tuple) and len(out) == 3
   if not (triple and isinstance(out[2], SweepReport)):

@@ -1,0 +1,269 @@
+"""How many XLA programs a first call compiles: ``until_stable`` (every sweep, the first
+included, in one program) and eager ``apply_masks`` / ``zero_masked`` (one program per tree).
+
+Each tiny program costs about 0.03-0.8 s of compilation on a CPU; these tests count the
+programs lowered (a persistent compilation cache skips the compilation, never the lowering),
+and check the results against references computed the plain way, bit for bit.
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+from jaxprune import masks as masks_lib
+from jaxprune.pruners import distinctiveness, until_stable, weight_distinctiveness
+from jaxprune.pruners.selection import CONSTANT
+
+_LOWERED = [0]
+
+
+def _listen(name, *_, **__):
+  if name == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+    _LOWERED[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_listen)
+
+
+@contextlib.contextmanager
+def _count_programs():
+  """Counts the programs lowered (each compiled, or loaded from a persistent cache) inside."""
+  got = []
+  start = _LOWERED[0]
+  yield got
+  got.append(_LOWERED[0] - start)
+
+
+def _bits(tree):
+  """Leaves as (path, dtype, shape, bytes): equal only if bit for bit equal."""
+  return [(jax.tree_util.keystr(k), np.asarray(x).dtype, np.shape(x), np.asarray(x).tobytes())
+          for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _sweeps_by_hand(prune, params, unit_masks, *args, max_sweeps=None, **kwargs):
+  """The reference: ordinary calls of ``prune`` until a sweep removes nothing (a sweep whose
+  one action is keeping back the last, constant unit removes nothing)."""
+  sweeps = actions = 0
+  invalid = None
+  while True:
+    params, unit_masks, r = prune(params, unit_masks, *args, **kwargs)
+    sweeps += 1
+    invalid = bool(r.invalid) if invalid is None else invalid
+    n = int(r.count)
+    if bool(r.kept_last) and n == 1 and int(r.kind[0]) == CONSTANT:
+      n = 0
+    actions += n
+    if n == 0 or sweeps == max_sweeps:
+      return params, unit_masks, (sweeps, actions, n == 0 and not invalid, invalid)
+
+
+def _report(rep):
+  return (int(rep.sweeps), int(rep.actions), bool(rep.stable), bool(rep.invalid))
+
+
+# A model of its own (odd widths): no other test compiles its programs first in this process.
+@pytest.fixture(scope="module")
+def net():
+  model = jaxprune.MLP(in_features=5, hidden=(11,), out_features=3, activation="tanh")
+  params = model.init(jax.random.key(3))
+  x = np.asarray(jax.random.normal(jax.random.key(4), (23, 5)))
+  acts = np.asarray(model.activations(params, x, "hidden_0"))
+  return model, params, acts
+
+
+def _pruner(model, by):
+  if by == "weights":
+    return weight_distinctiveness(model, "hidden_0", complementary=False), ()
+  return distinctiveness(model, "hidden_0", complementary=False), None
+
+
+def _args(by, acts, angle):
+  return (angle,) if by == "weights" else (acts, angle)
+
+
+@pytest.mark.parametrize("by", ["weights", "activations"])
+def test_until_stable_compiles_one_program_and_equals_sweeps_by_hand(net, by):
+  """The first sweep was an ordinary call (its sweep compiled alone, then again inside the
+  loop, plus a few small eager programs on its report): 9-10 programs. Now one."""
+  model, params, acts = net
+  prune, _ = _pruner(model, by)
+  ones = jaxprune.unit_masks_ones(model)
+  with _count_programs() as n:
+    p, m, rep = until_stable(prune, params, ones, *_args(by, acts, 75.0))
+    jax.block_until_ready((p, m, rep))
+  assert n == [1]
+  want_p, want_m, want_rep = _sweeps_by_hand(prune, params, ones, *_args(by, acts, 75.0))
+  assert want_rep[0] >= 3 and want_rep[2]   # several sweeps, then stable
+  assert _report(rep) == want_rep
+  assert _bits(p) == _bits(want_p) and _bits(m) == _bits(want_m)
+  # A first sweep that acts on nothing: one sweep, stable, the ordinary call's params.
+  with _count_programs() as n:
+    p, m, rep = until_stable(prune, params, ones, *_args(by, acts, 1.0))
+  assert n == [0]   # the same program: the angle is traced
+  want_p, want_m, _ = prune(params, ones, *_args(by, acts, 1.0))
+  assert _report(rep) == (1, 0, True, False)
+  assert _bits(p) == _bits(want_p) and _bits(m) == _bits(want_m)
+
+
+def test_until_stable_max_sweeps_and_sample_weight(net):
+  model, params, acts = net
+  prune, _ = _pruner(model, "activations")
+  ones = jaxprune.unit_masks_ones(model)
+  for kwargs in ({"max_sweeps": 2}, {"sample_weight": np.linspace(0.0, 2.0, acts.shape[0])}):
+    with _count_programs() as n:
+      p, m, rep = until_stable(prune, params, ones, acts, 75.0, **kwargs)
+    # with weights: one more, validate.check_sample_weight's jnp.asarray of the weights
+    assert n == [2 if "sample_weight" in kwargs else 1]
+    want_p, want_m, want_rep = _sweeps_by_hand(prune, params, ones, acts, 75.0, **kwargs)
+    assert _report(rep) == want_rep
+    assert _bits(p) == _bits(want_p) and _bits(m) == _bits(want_m)
+    if "max_sweeps" in kwargs:
+      assert want_rep[0] == 2 and not want_rep[2]   # stopped while still acting
+
+
+def test_until_stable_params_whose_types_a_sweep_changes(net):
+  """A bfloat16 bias read with a float32 kernel leaves the sweep as float32 (the constants'
+  fold adds float32 contributions): the loop's carry cannot start from it, so the first sweep
+  runs before the loop (in the same program), as in the ordinary first call."""
+  model, params, acts = net
+  params = jax.tree.map(lambda x: x, params)
+  params["params"]["out"]["bias"] = params["params"]["out"]["bias"].astype(jnp.bfloat16)
+  prune, _ = _pruner(model, "activations")
+  ones = jaxprune.unit_masks_ones(model)
+  assert prune(params, ones, acts, 75.0)[0]["params"]["out"]["bias"].dtype == jnp.float32
+  p, m, rep = until_stable(prune, params, ones, acts, 75.0)
+  want_p, want_m, want_rep = _sweeps_by_hand(prune, params, ones, acts, 75.0)
+  assert _report(rep) == want_rep and want_rep[0] >= 3
+  assert _bits(p) == _bits(want_p) and _bits(m) == _bits(want_m)
+
+
+def test_until_stable_under_jit_and_vmap_equals_the_first_call_then_loop_path(net):
+  """Traced thresholds and params: the same as the path a wrapper function still takes (an
+  ordinary first call, then the loop)."""
+  model, params, _ = net
+  prune, _ = _pruner(model, "weights")
+  ones = jaxprune.unit_masks_ones(model)
+  wrapper = lambda *a, **k: prune(*a, **k)   # not a library pruner: the first-call path
+
+  def run(fn):
+    return jax.jit(jax.vmap(lambda p, s: until_stable(fn, p, ones, s), in_axes=(None, 0)))(
+        params, jnp.asarray([1.0, 60.0, 75.0]))
+
+  new, old = run(prune), run(wrapper)
+  assert _bits(new) == _bits(old)
+  assert np.asarray(new[2].sweeps).tolist()[0] == 1 and np.asarray(new[2].stable).all()
+
+
+def _same_error(fn, reference):
+  with pytest.raises(Exception) as want:
+    reference()
+  with _count_programs() as n:
+    with pytest.raises(type(want.value)) as got:
+      fn()
+  assert str(got.value) == str(want.value)
+  return n[0]
+
+
+def test_until_stable_bad_input_raises_the_pruners_errors_before_compiling(net):
+  model, params, acts = net
+  ones = jaxprune.unit_masks_ones(model)
+  aprune, _ = _pruner(model, "activations")
+  wprune, _ = _pruner(model, "weights")
+  nan_acts = acts.copy()
+  nan_acts[3, 2] = np.nan
+  nan_params = jax.tree.map(np.array, params)
+  nan_params["params"]["hidden_0"]["kernel"][0, 1] = np.nan
+  cases = [
+      (aprune, params, ones, (acts[:, :5], 40.0), {}),                 # wrong width
+      (aprune, params, ones, (nan_acts, 40.0), {}),                    # NaN activations
+      (aprune, params, ones, (acts, 200.0), {}),                       # threshold
+      (aprune, params, ones, (acts, 40.0, 165.0, -1.0), {}),           # tolerance
+      (aprune, params, ones, (acts, 40.0), {"sample_weight": np.ones(4)}),
+      (aprune, params, {"hidden_0": np.ones(4, bool)}, (acts, 40.0), {}),   # mask shape
+      (aprune, params, {"hidden_0": np.zeros(11, bool)}, (acts, 40.0), {}),  # keeps none
+      (aprune, params, {"hiden_0": np.ones(11, bool)}, (acts, 40.0), {}),   # misspelt
+      (wprune, nan_params, ones, (40.0,), {}),                         # NaN weights
+      (distinctiveness(model, "hidden_0"), params, ones, (acts, 40.0, 30.0), {}),  # sim >= comp
+      (wprune, params, ones, ("40",), {}),                             # a string angle
+      (wprune, params, ones, (acts, 40.0, 165.0, 1e-6), {}),          # activations: no
+  ]
+  for prune, p, m, args, kwargs in cases:
+    assert _same_error(lambda: until_stable(prune, p, m, *args, **kwargs),
+                       lambda: prune(p, m, *args, **kwargs)) == 0
+  with pytest.raises(TypeError, match="returned ImportanceReport as its report"):
+    until_stable(jaxprune.importance_prune(model, "hidden_0"), params, ones, 2)
+  with pytest.raises(ValueError, match="max_sweeps"):
+    until_stable(wprune, params, ones, 40.0, max_sweeps=0)
+
+
+# ----------------------------------------------------------------------------- apply_masks
+
+
+def _where_by_hand(tree, masks):
+  """The reference: NumPy's where leaf by leaf, in each leaf's dtype as JAX canonicalises it."""
+  def one(p, m):
+    dtype = jnp.asarray(p).dtype
+    return np.where(np.asarray(m), np.asarray(p, dtype), np.zeros((), dtype))
+  return jax.tree.map(one, tree, masks)
+
+
+def _resnet_sized_tree():
+  """102 leaves of ResNet-18's kinds of shapes (odd channel counts: programs of their own)."""
+  rng = np.random.default_rng(0)
+  tree = {}
+  for i in range(20):
+    c = 7 + i
+    tree[f"conv{i}"] = {"kernel": rng.normal(size=(3, 3, c, c + 1)).astype(np.float32),
+                        "scale": rng.normal(size=(c + 1,)).astype(np.float32),
+                        "bias": rng.normal(size=(c + 1,)).astype(np.float32),
+                        "mean": rng.normal(size=(c + 1,)).astype(np.float32),
+                        "var": jnp.asarray(rng.random(size=(c + 1,)), jnp.float32)}
+  tree["dense"] = {"kernel": rng.normal(size=(27, 5)).astype(np.float32),
+                   "bias": rng.normal(size=(5,)).astype(np.float32)}
+  masks = jax.tree.map(lambda p: rng.random(np.shape(p)) > 0.5, tree)
+  return tree, masks
+
+
+def test_apply_masks_eager_is_one_program_per_tree():
+  tree, masks = _resnet_sized_tree()
+  assert len(jax.tree.leaves(tree)) == 102
+  with _count_programs() as n:
+    out = jaxprune.apply_masks(tree, masks)
+    jax.block_until_ready(out)
+  assert n == [1]                       # was one small program per distinct leaf shape: 62
+  assert _bits(out) == _bits(_where_by_hand(tree, masks))
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(out))
+  other = jax.tree.map(lambda x: np.asarray(x) + 1, tree)
+  with _count_programs() as n:          # the same structure again: nothing new
+    jaxprune.apply_masks(other, masks)
+  assert n == [0]
+
+
+def test_zero_masked_dtypes_and_traced_calls_unchanged():
+  """Integer, bfloat16, weakly typed and NumPy float64 leaves keep the dtype (and weak type)
+  the leaf-by-leaf where gave; under jit the masking is traced leaf by leaf as before."""
+  tree = {"i": np.arange(6, dtype=np.int32).reshape(2, 3),
+          "b": jnp.arange(4, dtype=jnp.bfloat16) + 1,
+          "w": jnp.full((3,), 0.5),
+          "f": np.linspace(1.0, 2.0, 5)}
+  masks = {"i": np.array([[True, False, True], [False, True, False]]),
+           "b": jnp.asarray([True, False, False, True]),
+           "w": np.array([False, True, True]),
+           "f": np.array([True, True, False, True, False])}
+  got = masks_lib.zero_masked(tree, masks)
+  leafwise = jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.asarray(p).dtype)),
+                          tree, masks)
+  assert _bits(got) == _bits(_where_by_hand(tree, masks)) == _bits(leafwise)
+  for k in tree:
+    assert got[k].dtype == leafwise[k].dtype and got[k].weak_type == leafwise[k].weak_type, k
+  jitted = jax.jit(masks_lib.zero_masked)(tree, masks)
+  assert _bits(jitted) == _bits(got)
+  # Errors unchanged: a bad mask is named by apply_masks' check, before any program.
+  with pytest.raises(ValueError, match=r"Weight mask at \['f'\] has shape \(4,\)"):
+    jaxprune.apply_masks(tree, dict(masks, f=np.ones(4, bool)))
+  with pytest.raises(ValueError, match="dtype float32; masks must be bool"):
+    jaxprune.apply_masks(tree, dict(masks, f=np.ones(5, np.float32)))
