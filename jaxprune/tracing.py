@@ -1232,6 +1232,8 @@ class _GroupSite:
   # A unit with zero incoming weights outputs activation(bias): nothing but a bias acts
   # between the kernel and the nonlinearity (no norm, scalar scale, temperature, constant).
   plain: bool = True
+  # When not complete: (joined, the kernels, the producers) that _incomplete_why puts in words.
+  incomplete: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -1406,7 +1408,59 @@ def _unitwise_call(w: _Walker, scope: tuple, k: int, eqn, root) -> bool:
   return True
 
 
+_STAT_REDUCTIONS = frozenset(("reduce_sum", "reduce_max", "reduce_min"))
+
+
+def _per_unit_stat(w: _Walker, scope: tuple, eqn, live, stats: set, root) -> bool:
+  """Whether ``eqn`` computes or applies statistics of each unit over its own values alone
+  (instance norm, GroupNorm with one channel per group: a mean and a variance over space, for
+  each unit): a sum, max or min over axes other than the units', a move or broadcast of such a
+  statistic (``stats``: the chain's values computed from statistics alone), or an elementwise
+  op that broadcasts one back onto the units' values. Each unit's values then stay a function
+  of that unit's own values and params, as for a bias or an activation."""
+  if root is None or len(eqn.outvars) != 1:
+    return False
+  A = w.atoms
+
+  def axis_of_units(v):
+    """The axis that holds the units alone, or None (also when they are on several axes)."""
+    ax = w.scoped_env.get((scope, v))
+    if ax is None:
+      return None
+    roots = [[A.find(a) for a in A.expand(atoms) if A.size[a] > 1] for atoms in ax]
+    if sum(r.count(root) for r in roots) != 1 or [root] not in roots:
+      return None
+    return roots.index([root])
+
+  out = eqn.outvars[0]
+  if axis_of_units(out) is None or any(axis_of_units(v) is None for v in live):
+    return False
+  name = eqn.primitive.name
+  if name in _STAT_REDUCTIONS:
+    return len(live) == 1 and axis_of_units(live[0]) not in eqn.params["axes"]
+  if name in ("broadcast_in_dim", "reshape", "squeeze", "expand_dims"):
+    return len(live) == 1 and live[0] in stats
+  if name not in _ELEMENTWISE:
+    return False
+  shape = tuple(out.aval.shape)
+  return all(tuple(v.aval.shape) == shape or (
+      v in stats and len(v.aval.shape) == len(shape) and all(
+          d in (1, n) for d, n in zip(v.aval.shape, shape))) for v in live)
+
+
 def _activation_chain(w: _Walker, scope: tuple, start, root=None):
+  """The activation chain of :func:`_chain`; where it does not join (a normalisation reads the
+  units' values twice: for its statistics and to normalise them), again with per-unit
+  statistics followed (:func:`_per_unit_stat`), taken when every branch then joins."""
+  *found, stat_read = _chain(w, scope, start, root, False)
+  if not found[2] and stat_read:
+    *again, _ = _chain(w, scope, start, root, True)
+    if again[2]:
+      return tuple(again)
+  return tuple(found)
+
+
+def _chain(w: _Walker, scope: tuple, start, root, stats: bool):
   """Where a kernel's output becomes what its readers read, and the nonlinearity on the way.
 
   Follows, in program order, every op that keeps the value unit by unit (adding the bias,
@@ -1443,14 +1497,24 @@ def _activation_chain(w: _Walker, scope: tuple, start, root=None):
   remaining = {start: readers(start)}
   pending = set(users(start))
   done, joins = [], [(start, 0)]
+  # With ``stats``: values computed from per-unit statistics alone, and the values of the
+  # chain those statistics are of.
+  stat_vars: dict = {}
+  stopped = None
   while pending:
     k = min(pending)
     pending.discard(k)
     eqn = jaxpr.eqns[k]
     live = [v for v in eqn.invars if not isinstance(v, jex.core.Literal) and v in remaining]
     if not (_admissible(eqn, live) or _keeps_units(w, scope, eqn, root)
-            or _unitwise_call(w, scope, k, eqn, root)):
+            or _unitwise_call(w, scope, k, eqn, root)
+            or (stats and _per_unit_stat(w, scope, eqn, live, stat_vars, root))):
+      stopped = k
       break
+    if stats and (eqn.primitive.name in _STAT_REDUCTIONS or (
+        live and all(v in stat_vars for v in live))):
+      src = set().union(*(stat_vars[v] if v in stat_vars else {v} for v in live))
+      stat_vars.update((o, src) for o in eqn.outvars)
     for v in live:
       remaining[v] -= 1
       if remaining[v] == 0:
@@ -1460,7 +1524,7 @@ def _activation_chain(w: _Walker, scope: tuple, start, root=None):
       if readers(o):
         remaining[o] = readers(o)
         pending.update(users(o))
-    if len(remaining) == 1:
+    if len(remaining) == 1 and next(iter(remaining)) not in stat_vars:
       joins.append((next(iter(remaining)), len(done)))
   var, n = joins[-1]
   tag, i = _identify(jaxpr, joins, done[:n])
@@ -1471,11 +1535,22 @@ def _activation_chain(w: _Walker, scope: tuple, start, root=None):
       not isinstance(v, jex.core.Literal) and v in w.origin for v in done[0].invars))
   # Joined: every branch ends at var, and no op that would have gone on from var is left
   # unread (h @ W3 before relu(h) @ W2 in program order reads h and relu(h)).
-  joined = set(remaining) == {var} and not any(
+  # With ``stats``, statistics left unread by the chain are readers of var (average pooling
+  # after an instance norm), if they are statistics of var alone.
+  left = {v for v in remaining if not (v in stat_vars and stat_vars[v] <= {var})}
+  joined = (left == {var} or (not left and bool(remaining))) and not any(
       _admissible(jaxpr.eqns[k], [v for v in jaxpr.eqns[k].invars if v is var])
       or _keeps_units(w, scope, jaxpr.eqns[k], root)
-      or _unitwise_call(w, scope, k, jaxpr.eqns[k], root) for k in pending)
-  return var, tag, joined, plain
+      or _unitwise_call(w, scope, k, jaxpr.eqns[k], root)
+      or (stats and _per_unit_stat(w, scope, jaxpr.eqns[k],
+                                   [v for v in jaxpr.eqns[k].invars if v is var], stat_vars,
+                                   root)) for k in pending)
+  # Whether a reduction reads the chain's values where it stops (a normalisation's statistics:
+  # worth following them, see _activation_chain).
+  stat_read = not joined and root is not None and not stats and any(
+      jaxpr.eqns[k].primitive.name in _STAT_REDUCTIONS
+      for k in pending | ({stopped} if stopped is not None else set()))
+  return var, tag, joined, plain, stat_read
 
 
 def _gated(w: _Walker, jaxpr, start, eqns) -> bool:
@@ -1644,7 +1719,7 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       if n > 1:
         members.setdefault(part, []).extend(members.get(root, []))
   reasons: dict[int, list[str]] = {}
-  sites, taken = [], set()
+  sites, taken = [], {}
   for root, us in members.items():
     why = list(A.blocked[root])
     if root in w.concat_of:
@@ -1673,7 +1748,7 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     if con is not None and con.computed:     # named after the leaf the kernel is computed from
       first = next((u for u in kernels if u.where == con.path and u.leaf == con.kernel), first)
     name = _name(leaf_paths[first.leaf], first.axis, taken)
-    taken.add(name)
+    taken[name] = tuple(leaf_paths[first.leaf])
     activation, scope, var = "linear", (), None
     joined, plain = True, True
     if con is not None:
@@ -1714,11 +1789,63 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     complete = (joined and var is not None and {u.where for u in kernels} <= (
         w.contractions_feeding(scope, var))
         and not w.acts_after(scope, var, {u.leaf for u in producers}))
+    # Why not complete: worked out when asked (TracedTarget.activations_incomplete_why).
+    why = () if complete else (joined, tuple(kernels), tuple(producers))
     sites.append(_GroupSite(name, root, activation, "conv" if con is not None and con.conv
                             else "dense", first.where, scope, var, act_axes, readout, complete,
-                            plain))
+                            plain, why))
   sites.sort(key=lambda s: s.order)
   return tuple(sites), uses, reasons
+
+
+def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, producers) -> str:
+  """Why a group's activations (``var``) are not what its consumers read, naming the params
+  that act on its units after them (see ``TracedTarget.activations_incomplete_why``)."""
+  if var is None:
+    return "no kernel contraction makes its units, so there are no activations to compare"
+  name = lambda leaf: units_lib.path_str(leaf_paths[leaf])
+  parts = []
+  if not joined:
+    parts.append("its readers read it at different points (as in relu(h) @ W2 + "
+                 "h @ W3), so no one value is what they all read")
+  feeding = w.contractions_feeding(scope, var)
+  late = [u for u in kernels if u.where not in feeding]
+  depthwise, other = [], []
+  for u in late:
+    eqn = _eqn_at(w, u.where)
+    if (eqn is not None and eqn.primitive.name == "conv_general_dilated"
+        and eqn.params["feature_group_count"] > 1):
+      depthwise.append(name(u.leaf))
+    elif name(u.leaf) not in other:
+      other.append(name(u.leaf))
+  if depthwise:
+    parts.append(f"a depthwise convolution ({', '.join(dict.fromkeys(depthwise))}: one "
+                 "kernel per channel, feature_group_count equal to the channels) acts on its "
+                 "units after the activations, so two channels with equal activations still "
+                 "pass on different values")
+  if other:
+    parts.append(f"other kernels ({', '.join(other)}) act on its units after the activations "
+                 "(a residual addition couples it with other layers, a gate scales it, or "
+                 "layers scanned over stacked params share it)")
+  kernel_leaves = {u.leaf for u in late}
+  before = {path for path, _ in w._backward(scope, var, descend=True) if path is not None}
+  after = [name(u.leaf) for u in producers if u.leaf not in kernel_leaves
+           and not w.acting_points(u.leaf) <= before]
+  if after and late:
+    parts.append(f"per-unit parameters ({', '.join(dict.fromkeys(after))}) also act after "
+                 "them")
+  elif after:
+    parts.append(f"per-unit parameters of the group ({', '.join(dict.fromkeys(after))}) act "
+                 "on its units after the activations (as b in tanh(h.mean(1) + b), or a "
+                 "layer applied again to another input)")
+  return "; ".join(parts) or ("other kernels or parameters act on its units after the "
+                              "activations")
+
+
+def _eqn_at(w: _Walker, path: tuple):
+  """The equation at ``path`` (a scope and an index), or None."""
+  jaxpr = w.jaxpr_at.get(path[:-1])
+  return None if jaxpr is None or path[-1] >= len(jaxpr.eqns) else jaxpr.eqns[path[-1]]
 
 
 def _resolve_concats(w: _Walker) -> None:
@@ -1772,15 +1899,24 @@ def _resolve_concats(w: _Walker) -> None:
         A.block(part, why)
 
 
-def _name(path: Path, axis: int, taken: set) -> str:
+def _name(path: Path, axis: int, taken: Mapping[str, tuple]) -> str:
+  """A group's name: the path of the layer that holds its first kernel (the leaf's path less
+  its own key: ``Conv_0``, ``blocks/0``). Where another group of the same layer has that name,
+  one made by another leaf is named after that leaf (``blocks/0/w2`` for a plain dict layer
+  with two kernels ``w1`` and ``w2``), a second group of one leaf after its axis
+  (``blocks/0:2``). ``taken``: the names given so far, each to the path of its leaf."""
+  leaf_path = tuple(path)
   path = [str(k) for k in path]
   if len(path) > 2 and path[-1] == "value":      # an nnx State: layer/kernel/value
     path = path[:-1]
-  parts = list(path[:-1]) or list(path)
-  if len(parts) > 1 and parts[0] == "params":
-    parts = parts[1:]
-  name = "/".join(parts)
-  return f"{name}:{axis}" if name in taken else name
+  strip = lambda parts: parts[1:] if len(parts) > 1 and parts[0] == "params" else parts
+  name = "/".join(strip(list(path[:-1]) or list(path)))
+  if name not in taken:
+    return name
+  full = "/".join(strip(list(path)))
+  if taken[name] != leaf_path and full not in taken:
+    return full
+  return f"{name}:{axis}"
 
 
 def _draws_random(jaxpr) -> bool:
@@ -2234,6 +2370,16 @@ class TracedTarget:
     refuse such a group."""
     return self._site(name).complete
 
+  def activations_incomplete_why(self, name: str) -> str | None:
+    """Why ``activations(..., name)`` is not what the group's consumers read, naming the params
+    that act on its units after the activations (a depthwise conv's kernel, the other layers
+    of a residual sum, a late per-unit shift); None when it is (``activations_complete``)."""
+    site = self._site(name)
+    if site.complete:
+      return None
+    an = self._an
+    return _incomplete_why(an.walker, an.leaf_paths, site.scope, site.act_var, *site.incomplete)
+
   def _site(self, name):
     for s in self._an.sites:
       if s.name == name:
@@ -2301,15 +2447,23 @@ class TracedTarget:
     # As apply() and compact(): a compacted group's size pins the axes it shares with other
     # factors of one leaf axis (GroupNorm's groups x channels per group).
     sizes = _sizes_from_inputs(self._an, leaves, self._group_sizes)
+    # Inside a scan body the value comes stacked over the scanned steps: leading axes.
+    shape = np.shape(value)
+    lead = tuple(shape[:len(shape) - len(site.act_axes)])
+    # Only the axis that holds the units is split into its atoms (a flattened (positions,
+    # channels) axis, GroupNorm's (groups, channels per group)); every other axis keeps the
+    # size the value has (a Mixer's tokens stay one axis, not the patch grid they came from).
     dims, unit_dim = [], None
-    for ax in site.act_axes:
-      for a in A.expand(ax):
-        r = A.find(a)
+    for d, ax in enumerate(site.act_axes):
+      atoms = A.expand(ax)
+      roots = [A.find(a) for a in atoms]
+      if site.root not in roots:
+        dims.append(shape[len(lead) + d])
+        continue
+      for a, r in zip(atoms, roots):
         if r == site.root:
           unit_dim = len(dims)
         dims.append(sizes.get(r, A.size[a]))
-    # Inside a scan body the value comes stacked over the scanned steps: leading axes.
-    lead = tuple(np.shape(value)[:np.ndim(value) - len(site.act_axes)])
     return jnp.moveaxis(jnp.reshape(value, lead + tuple(dims)), len(lead) + unit_dim, -1)
 
   def _make_groups(self):

@@ -116,10 +116,10 @@ def test_nnx_scan_over_stacked_residual_blocks():
   np.testing.assert_allclose(st.apply(small, x[:2]), jax.jit(fn)(masked, x[:2]), atol=1e-5)
 
 
-def test_instance_norm_layer_compacts_and_refuses_activation_pruners_by_name():
+def test_instance_norm_layer_compacts_and_its_activations_are_after_the_norm():
   """Conv -> GroupNorm(group_size=1) -> relu: the norm's scale and shift are the channels'
-  producers; activations are taken before the norm's per-unit params act, so a pruner from
-  activations is refused with the alternatives, never run on the wrong values."""
+  producers; each channel is normalised by its own statistics, so the activations are taken
+  after the norm (what the next conv reads) and pruners from activations apply."""
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -131,8 +131,7 @@ def test_instance_norm_layer_compacts_and_refuses_activation_pruners_by_name():
   assert {k: g.size for k, g in t.groups.items()} == {"Conv_0": 5, "Conv_1": 4}
   assert {("params/GroupNorm_0/scale", 0, "producer", None),
           ("params/GroupNorm_0/bias", 0, "producer", None)} <= _slices(t.groups["Conv_0"])
-  with pytest.raises(ValueError, match="Prune it from weights"):
-    jaxprune.distinctiveness(t, "Conv_0", constants=False)
+  assert t.activations_complete("Conv_0") and t.groups["Conv_0"].activation == "relu"
   keep = np.array([1, 0, 1, 1, 0], bool)
   masked, small, st = _masked_and_small(t, v, {"Conv_0": keep})
   np.testing.assert_array_equal(small["params"]["GroupNorm_0"]["scale"],

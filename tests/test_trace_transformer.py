@@ -251,12 +251,12 @@ def _make_cases():
        "wh": jnp.asarray(rng.normal(size=(D, C)) / 4, jnp.float32), "bh": jnp.zeros(C)}
   cases["plain_loop"] = Case("plain_loop", plain_loop, p, lambda q: _plain_to_ref(q, False),
                              lambda q, ls: _plain_set_mlp(q, False, ls),
-                             {"blocks/0:1": [0], "blocks/1:1": [1]},
+                             {"blocks/0/w1": [0], "blocks/1/w1": [1]},
                              {"blocks/0": [0], "blocks/1": [1]})
   p = {"blocks": jax.tree.map(lambda *a: jnp.stack(a), *[_plain_params(rng) for _ in range(L)]),
        "wh": jnp.asarray(rng.normal(size=(D, C)) / 4, jnp.float32), "bh": jnp.zeros(C)}
   cases["plain_scan"] = Case("plain_scan", plain_scan, p, lambda q: _plain_to_ref(q, True),
-                             lambda q, ls: _plain_set_mlp(q, True, ls), {"blocks:2": [0, 1]},
+                             lambda q, ls: _plain_set_mlp(q, True, ls), {"blocks/w1": [0, 1]},
                              {"blocks": [0, 1]})
   return cases
 

@@ -312,10 +312,6 @@ def test_activations_equal_a_hand_recomputation(model, group):
   np.testing.assert_allclose(got.reshape(want.shape), want, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "activations() of a Mixer's channel MLP come back as (B, 4, 4, HC), the patch grid the "
-    "tokens were reshaped from, instead of the (B, T, HC) the function computes: _units_last "
-    "expands every axis into its atoms, not only the one that holds the units"))
 def test_mixer_channel_mlp_activations_keep_the_token_axis(mixer):
   _, v, t = mixer
   assert t.activations(v, X5, "ch1").shape == (5, 16, HC)
@@ -361,18 +357,11 @@ def test_distinctiveness_merges_an_exact_duplicate_or_refuses(model, group):
   np.testing.assert_allclose(small_t.apply(small, X5), fn(vd, X5), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the refusal for MobileNet's expand group lists a residual addition, a gate, scanned "
-    "layers, two read points and a late per-unit param as the causes, but not the one that "
-    "applies to every inverted residual: a depthwise conv (a second per-channel kernel, "
-    "params/dw/kernel) acts on the units after their activations. The message should name it "
-    "(the kernels of the group that do not feed the activations are known in tracing.py where "
-    "`complete` is computed)"))
 def test_refusal_for_an_expand_conv_names_the_depthwise_conv(mobilenet):
   _, _, t = mobilenet
   with pytest.raises(ValueError) as e:
     jaxprune.distinctiveness(t, "expand", constants=False)
-  assert "depthwise" in str(e.value) or "params/dw/kernel" in str(e.value)
+  assert "depthwise" in str(e.value) and "params/dw/kernel" in str(e.value)
 
 
 @pytest.mark.parametrize("model,group,unit", [("convnext", "pw1", 5), ("mixer", "tok1", 2),

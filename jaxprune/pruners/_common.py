@@ -36,12 +36,15 @@ def check_activations_complete(target, name: str) -> None:
   vectors than the network computes with."""
   complete = getattr(target, "activations_complete", None)
   if complete is not None and not complete(name):
+    why = getattr(target, "activations_incomplete_why", None)
+    why = why(name) if why is not None else None
     raise ValueError(
         f"Group {name!r}: its consumers read other values than the activations it reports "
-        "(other kernels act on its units after them: a residual addition couples it, a gate "
-        "scales it, or layers scanned over stacked params share it; or its readers read it at "
-        "different points, like relu(h) @ W2 + h @ W3; or a per-unit parameter of the group "
-        "acts after them, like tanh(h.mean(1) + b)), so a "
+        + (f"({why})" if why else
+           "(other kernels act on its units after them: a residual addition couples it, a "
+           "gate scales it, or layers scanned over stacked params share it; or its readers "
+           "read it at different points, like relu(h) @ W2 + h @ W3; or a per-unit parameter "
+           "of the group acts after them, like tanh(h.mean(1) + b))") + ", so a "
         "pruner from activations would merge or remove the wrong units. Prune it from weights "
         "(weight_distinctiveness, importance_prune, magnitude_prune) or give each layer its own "
         "group.")

@@ -1,0 +1,252 @@
+"""Limits of ``jaxprune.trace`` an outside user hits: the shape of activations read through a
+reshape of other axes, why a group's activations are refused, instance norm (GroupNorm with one
+channel per group) before the activations, and the names of groups in plain-JAX layer lists.
+References are hand-written NumPy loops or hand-built cases with known answers."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+
+_RNG = np.random.default_rng(0)
+
+
+def _arr(*shape, scale=1.0):
+  return jnp.asarray(scale * _RNG.normal(size=shape), jnp.float32)
+
+
+# ------------------------------------------------------- activations keep non-unit axes whole
+
+def test_activations_keep_a_token_axis_made_by_a_reshape_whole():
+  """Tokens made from a patch grid ((B, 4, 4, D) -> (B, 16, D)), then a per-token hidden layer:
+  its activations are (B, 16, H), as the function computes them, not (B, 4, 4, H)."""
+  def fn(p, x):                                   # x: (B, 4, 4, 3)
+    tok = (x @ p["w0"] + p["b0"]).reshape(x.shape[0], -1, 5)          # (B, 16, 5)
+    h = jnp.tanh(tok @ p["w1"] + p["b1"])                              # (B, 16, 7)
+    return (h @ p["w2"]).mean(1) + p["b2"]
+
+  p = {"w0": _arr(3, 5), "b0": _arr(5), "w1": _arr(5, 7), "b1": _arr(7), "w2": _arr(7, 2),
+       "b2": _arr(2)}
+  x = _arr(6, 4, 4, 3)
+  t = jaxprune.trace(fn, p, x)
+  assert t.groups["w1"].size == 7
+  got = np.asarray(t.activations(p, x[:3], "w1"))
+  xn, pn = np.asarray(x[:3], np.float64), {k: np.asarray(v, np.float64) for k, v in p.items()}
+  want = np.empty((3, 16, 7))
+  for b in range(3):
+    for i in range(4):
+      for j in range(4):
+        tok = xn[b, i, j] @ pn["w0"] + pn["b0"]
+        want[b, i * 4 + j] = np.tanh(tok @ pn["w1"] + pn["b1"])
+  assert got.shape == (3, 16, 7)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# ------------------------------------------------------------- why activations are refused
+
+class _Inverted(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(6, (1, 1), name="expand")(x))
+    h = nn.Conv(6, (3, 3), feature_group_count=6, padding="VALID", name="dw")(h)
+    return nn.Dense(2, name="head")(nn.relu(h).mean(axis=(1, 2)))
+
+
+def test_refusal_reason_names_the_depthwise_conv_after_the_activations():
+  m = _Inverted()
+  x = _arr(4, 6, 6, 3)
+  v = jax.tree.map(lambda s: _arr(*s.shape), jax.eval_shape(m.init, jax.random.key(0), x))
+  t = jaxprune.trace(m.apply, v, x)
+  assert not t.activations_complete("expand")
+  why = t.activations_incomplete_why("expand")
+  assert "depthwise" in why and "params/dw/kernel" in why
+
+
+def test_refusal_reason_for_two_read_points_and_a_residual():
+  def two_points(p, x):
+    h = x @ p["w1"] + p["b1"]
+    return jax.nn.relu(h) @ p["w2"] + h @ p["w3"]
+
+  p = {"w1": _arr(4, 6), "b1": _arr(6), "w2": _arr(6, 3), "w3": _arr(6, 3)}
+  t = jaxprune.trace(two_points, p, _arr(8, 4))
+  assert "read it at different points" in t.activations_incomplete_why("w1")
+
+  def residual(p, x):
+    h = jnp.tanh(x @ p["w1"] + p["b1"])
+    h = h + jnp.tanh(h @ p["w2"] + p["b2"])
+    return h @ p["w3"]
+
+  p = {"w1": _arr(4, 6), "b1": _arr(6), "w2": _arr(6, 6), "b2": _arr(6), "w3": _arr(6, 3)}
+  t = jaxprune.trace(residual, p, _arr(8, 4))
+  (name,) = t.groups
+  assert "w2" in t.activations_incomplete_why(name)
+
+
+# ------------------------------------------------------------------ instance norm (GroupNorm)
+
+C = 4
+
+
+class _GNNet(nn.Module):
+  groups: int = C
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Conv(C, (3, 3), padding="VALID", name="c1")(x)
+    h = nn.relu(nn.GroupNorm(num_groups=self.groups, name="gn")(h))
+    h = nn.Conv(3, (3, 3), padding="VALID", name="c2")(h)
+    return nn.Dense(2, name="head")(h.mean(axis=(1, 2)))
+
+
+def _gn_params(groups):
+  """The module, params (init's shapes, random values: no norm parameter at its initial
+  constant) and inputs."""
+  m = _GNNet(groups)
+  x = _arr(5, 7, 7, 2)
+  shapes = jax.eval_shape(m.init, jax.random.key(1), x)
+  v = jax.tree.map(lambda s: jnp.asarray(0.4 * _RNG.normal(size=s.shape) + 0.2, s.dtype), shapes)
+  return m, v, x
+
+
+def _np_conv_valid(x, k, b):
+  """A 'VALID' 2-D convolution, NHWC with an HWIO kernel, as a loop."""
+  kh, kw, _, co = k.shape
+  B, H, W, _ = x.shape
+  out = np.zeros((B, H - kh + 1, W - kw + 1, co))
+  for i in range(H - kh + 1):
+    for j in range(W - kw + 1):
+      out[:, i, j] = np.einsum("bhwc,hwco->bo", x[:, i:i + kh, j:j + kw], k)
+  return out + b
+
+
+def test_instance_norm_activations_are_after_the_norm():
+  m, v, x = _gn_params(C)
+  t = jaxprune.trace(m.apply, v, x)
+  assert t.activations_complete("c1") and t.groups["c1"].activation == "relu"
+  assert t.activations_incomplete_why("c1") is None
+  pn = jax.tree.map(lambda a: np.asarray(a, np.float64), v)["params"]
+  h = _np_conv_valid(np.asarray(x, np.float64), pn["c1"]["kernel"], pn["c1"]["bias"])
+  want = np.empty_like(h)
+  for b in range(h.shape[0]):
+    for c in range(C):                     # each channel by its own mean and variance
+      z = h[b, :, :, c]
+      z = (z - z.mean()) / np.sqrt(z.var() + 1e-6)
+      want[b, :, :, c] = np.maximum(z * pn["gn"]["scale"][c] + pn["gn"]["bias"][c], 0.0)
+  got = np.asarray(t.activations(v, x, "c1"))
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_instance_norm_duplicate_channel_is_merged_exactly():
+  m, v, x = _gn_params(C)
+  p = jax.tree.map(lambda a: a, v)
+  c1, gn = dict(p["params"]["c1"]), dict(p["params"]["gn"])
+  c1["kernel"] = c1["kernel"].at[..., 3].set(c1["kernel"][..., 1])
+  c1["bias"] = c1["bias"].at[3].set(c1["bias"][1])
+  gn["scale"] = gn["scale"].at[3].set(gn["scale"][1])
+  gn["bias"] = gn["bias"].at[3].set(gn["bias"][1])
+  p["params"] = {**p["params"], "c1": c1, "gn": gn}
+  t = jaxprune.trace(m.apply, p, x)
+  acts = t.activations(p, x, "c1")
+  np.testing.assert_array_equal(np.asarray(acts[..., 3]), np.asarray(acts[..., 1]))
+  p2, um, _ = jaxprune.distinctiveness(t, "c1", complementary=False, constants=False)(
+      p, jaxprune.unit_masks_ones(t), acts, 1.0, 179.0)
+  assert np.asarray(um["c1"]).tolist() == [True, True, True, False]
+  apply = jax.jit(m.apply)
+  np.testing.assert_allclose(apply(p2, x), apply(p, x), atol=1e-5)
+  small, small_t = t.compact(p2, um)
+  assert small["params"]["gn"]["scale"].shape == (3,)
+  np.testing.assert_allclose(small_t.apply(small, x), apply(p, x), atol=1e-5)
+
+
+def test_group_norm_with_several_channels_per_group_is_still_refused():
+  m, v, x = _gn_params(2)
+  t = jaxprune.trace(m.apply, v, x)
+  assert not t.activations_complete("c1")
+  with pytest.raises(ValueError, match="consumers read other values"):
+    jaxprune.distinctiveness(t, "c1", constants=False)
+
+
+def test_instance_norm_then_average_pooling_into_the_head():
+  """Instance norm, ReLU, a mean over space and a dense head: the mean is the head's way of
+  reading the units, not part of their activations."""
+  def fn(p, x):
+    h = jnp.einsum("bhwc,cd->bhwd", x, p["w1"]) + p["b1"]
+    mu = h.mean(axis=(1, 2), keepdims=True)
+    var = ((h - mu) ** 2).mean(axis=(1, 2), keepdims=True)
+    h = jax.nn.relu((h - mu) / jnp.sqrt(var + 1e-5) * p["s"] + p["t"])
+    return h.mean(axis=(1, 2)) @ p["w2"] + p["b2"]
+
+  p = {"w1": _arr(3, 5), "b1": _arr(5), "s": _arr(5), "t": _arr(5), "w2": _arr(5, 2),
+       "b2": _arr(2)}
+  x = _arr(4, 5, 5, 3)
+  t = jaxprune.trace(fn, p, x)
+  assert t.activations_complete("w1")
+  xn, pn = np.asarray(x, np.float64), {k: np.asarray(a, np.float64) for k, a in p.items()}
+  h = xn @ pn["w1"] + pn["b1"]
+  mu, var = h.mean(axis=(1, 2), keepdims=True), h.var(axis=(1, 2), keepdims=True)
+  want = np.maximum((h - mu) / np.sqrt(var + 1e-5) * pn["s"] + pn["t"], 0.0)
+  np.testing.assert_allclose(np.asarray(t.activations(p, x, "w1")), want, atol=1e-4)
+
+
+# ---------------------------------------------------------------- plain-JAX group names
+
+def _two_kernel_blocks(p, x):
+  for blk in p["blocks"]:
+    x = jnp.tanh(jnp.tanh(x @ blk["w1"] + blk["b1"]) @ blk["w2"] + blk["b2"])
+  return x @ p["head"]
+
+
+def test_a_layer_list_with_two_kernels_a_layer_names_each_kernel():
+  blocks = [{"w1": _arr(4, 6), "b1": _arr(6), "w2": _arr(6, 5), "b2": _arr(5)},
+            {"w1": _arr(5, 7), "b1": _arr(7), "w2": _arr(7, 4), "b2": _arr(4)}]
+  p = {"blocks": blocks, "head": _arr(4, 3)}
+  t = jaxprune.trace(_two_kernel_blocks, p, _arr(8, 4))
+  sizes = {n: g.size for n, g in t.groups.items()}
+  assert sizes == {"blocks/0": 6, "blocks/0/w2": 5, "blocks/1": 7, "blocks/1/w2": 4}
+  producer = lambda n: {s.path for s in t.groups[n].producers if s.kind == "kernel"}
+  assert producer("blocks/0/w2") == {("blocks", 0, "w2")}
+  assert producer("blocks/1") == {("blocks", 1, "w1")}
+  # The same layers in a dict of dicts: the same names, keyed by the dict's keys.
+  pd = {"blocks": {"a": blocks[0], "b": blocks[1]}, "head": p["head"]}
+  td = jaxprune.trace(lambda q, x: _two_kernel_blocks(
+      {"blocks": list(q["blocks"].values()), "head": q["head"]}, x), pd, _arr(8, 4))
+  assert list(td.groups) == ["blocks/a", "blocks/a/w2", "blocks/b", "blocks/b/w2"]
+
+
+def test_one_kernel_a_layer_keeps_the_layer_names():
+  layers = [{"w": _arr(4, 6), "b": _arr(6)}, {"w": _arr(6, 5), "b": _arr(5)},
+            {"w": _arr(5, 3), "b": _arr(3)}]
+
+  def fn(p, x):
+    for layer in p["layers"][:-1]:
+      x = jnp.tanh(x @ layer["w"] + layer["b"])
+    return x @ p["layers"][-1]["w"] + p["layers"][-1]["b"]
+
+  t = jaxprune.trace(fn, {"layers": layers}, _arr(8, 4))
+  assert list(t.groups) == ["layers/0", "layers/1"]
+
+
+def test_a_dict_layer_with_two_kernels_names_the_second_by_its_key():
+  def fn(p, x):
+    h = jnp.tanh(x @ p["l"]["w0"])
+    g = jnp.tanh(h @ p["l"]["w"] + p["l"]["b"])
+    return g @ p["out"]
+
+  p = {"l": {"w0": _arr(4, 6), "w": _arr(6, 5), "b": _arr(5)}, "out": _arr(5, 2)}
+  t = jaxprune.trace(fn, p, _arr(8, 4))
+  assert list(t.groups) == ["l", "l/w"]
+
+
+def test_a_second_group_of_one_kernel_is_named_by_its_axis():
+  """Two groups made by one leaf (a kernel (D, 3, 5) with two unit axes) keep 'name:axis'."""
+  def fn(p, x):
+    h = jnp.tanh(jnp.einsum("bd,dgh->bgh", x, p["l"]["w"]) + p["l"]["b"])
+    return jnp.einsum("bgh,ghk->bk", h, p["out"])
+
+  p = {"l": {"w": _arr(4, 3, 5), "b": _arr(3, 5)}, "out": _arr(3, 5, 2)}
+  t = jaxprune.trace(fn, p, _arr(8, 4))
+  assert {n: g.size for n, g in t.groups.items()} == {"l": 3, "l:2": 5}
