@@ -442,14 +442,15 @@ def test_vmapped_runs_with_several_budgets_score_every_individual_exactly(name):
   cfg = ga.GAConfig(population_size=30, hof_size=3, generations=20)
   keys = jax.random.split(jax.random.key(21), 4)
   hyper = ga.GAHyperparams()
-  _, _, (pops, fits) = jax.jit(jax.vmap(lambda k: I.run_scan(
-      PLANS[name], cfg, fit, U, hyper, data, k, record=True)))(keys)
+  # one lowering serves both the run and the look at its program text
+  lowered = jax.jit(jax.vmap(lambda k: I.run_scan(
+      PLANS[name], cfg, fit, U, hyper, data, k, record=True))).lower(keys)
+  _, _, (pops, fits) = lowered.compile()(keys)
   full = jax.jit(jax.vmap(jax.vmap(lambda p: fit(p, data, hyper))))(pops)
   np.testing.assert_array_equal(np.asarray(fits), np.asarray(full))
   # and the vmapped program branches (stablehlo.case), as the one-run program does, rather
   # than computing every budget and selecting
-  text = jax.jit(jax.vmap(lambda k: I.run_scan(PLANS[name], cfg, fit, U, hyper, data,
-                                              k))).lower(keys).as_text()
+  text = lowered.as_text()
   assert "custom_vmap" not in text and text.count("stablehlo.case") >= 1
 
 

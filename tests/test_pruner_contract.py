@@ -137,8 +137,10 @@ def test_traced_bad_settings_and_weights_set_invalid_and_change_nothing():
     assert bool(rep.invalid) and bool(jnp.all(m["hidden_0"]))
     with pytest.raises(ValueError, match="1 pattern"):
       prune(PARAMS, um, *args, sample_weight=one)
+  # One jitted function per pruner, so that cases of the same types share one compilation.
+  traced_prog = jax.jit(lambda w, t: prog(PARAMS, um, X, t, sample_weight=w))
   for w, tol in ((one, 1e-6), (jnp.ones((30,)), jnp.nan), (-jnp.ones((30,)), 1e-6)):
-    _, m, rep = jax.jit(lambda w, t: prog(PARAMS, um, X, t, sample_weight=w))(w, tol)
+    _, m, rep = traced_prog(w, tol)
     assert bool(rep.invalid) and int(rep.count) == 1 and bool(jnp.all(m["hidden_0"]))
   _, _, rep = prog(PARAMS, um, X)
   assert not bool(rep.invalid) and int(rep.count) == 8
@@ -147,11 +149,12 @@ def test_traced_bad_settings_and_weights_set_invalid_and_change_nothing():
   with pytest.raises(ValueError, match="1 pattern"):
     prog(PARAMS, um, X, sample_weight=one)
 
+  traced_red = jax.jit(lambda k: red(PARAMS, um, ACTS, jnp.inf, k))
   for k in (2.7, -1.0, jnp.nan):
-    _, m, rep = jax.jit(lambda k: red(PARAMS, um, ACTS, jnp.inf, k))(k)
+    _, m, rep = traced_red(k)
     assert bool(rep.invalid) and int(rep.count) == 0 and bool(jnp.all(m["hidden_0"]))
     with pytest.raises(ValueError, match="max_remove must be a whole number"):
       red(PARAMS, um, ACTS, jnp.inf, k)
   for k in (2, 2.0, jnp.inf):
-    _, _, rep = jax.jit(lambda k: red(PARAMS, um, ACTS, jnp.inf, k))(k)
+    _, _, rep = traced_red(k)
     assert not bool(rep.invalid) and int(rep.count) == (7 if k == jnp.inf else 2)
