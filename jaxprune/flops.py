@@ -191,7 +191,9 @@ def xla_flops(apply_fn: Callable, params: PyTree, x) -> float | None:
 def _example(model_or_apply, x):
   shape = getattr(model_or_apply, "input_shape", None)
   if x is not None:
-    x = jnp.asarray(x)
+    # A NumPy array is put on the device as it is (jnp.asarray would compile a staging program
+    # for it; the dtype is the same canonical one).
+    x = jax.device_put(x) if isinstance(x, np.ndarray) else jnp.asarray(x)
     if shape is not None and x.ndim == len(shape) + 1 and x.shape[0] != 1:
       raise ValueError(f"flops_report counts the FLOPs of one example, but x holds a batch of "
                        f"{x.shape[0]} (shape {tuple(x.shape)}), which would count them "

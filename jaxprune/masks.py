@@ -31,14 +31,19 @@ PyTree = Any
 
 def ones_like(params: PyTree) -> PyTree:
   """All-True weight masks with the structure and shapes of ``params``."""
-  return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), dtype=bool), params)
+  # Built on the host and put on the device: ``jnp.ones`` would compile two small XLA programs
+  # per new shape on a first call. Inside a trace the masks are built the traced way.
+  if any(isinstance(p, jax.core.Tracer) for p in jax.tree.leaves(params)):
+    return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), dtype=bool), params)
+  return jax.tree.map(lambda p: jax.device_put(np.ones(np.shape(p), dtype=bool)), params)
 
 
 def unit_masks_ones(model_or_groups) -> dict[str, jax.Array]:
   """All-True unit masks, one bool vector per unit group of a model."""
   groups = groups_of(model_or_groups, "unit_masks_ones",
                      " For weight masks of params use jaxprune.ones_like(params).")
-  return {name: jnp.ones((g.size,), dtype=bool) for name, g in groups.items()}
+  # Host-built (``jnp.ones`` would compile two small XLA programs per new group size).
+  return {name: jax.device_put(np.ones((g.size,), dtype=bool)) for name, g in groups.items()}
 
 
 def _is_target(x) -> bool:
@@ -247,7 +252,10 @@ def expand(params: PyTree, target, unit_masks: Mapping[str, Any],
   groups = groups_of(target, "jaxprune.expand")
   units_lib.check_mask_keys(groups, unit_masks)   # a dict, every key a group: before the rest
   for name, m in unit_masks.items():
-    if not allow_empty and not isinstance(m, jax.core.Tracer) and np.size(m) and not np.any(m):
+    # np.asarray: a unit mask is one small vector; np.any on a jax Array would compile a
+    # reduction program.
+    if (not allow_empty and not isinstance(m, jax.core.Tracer) and np.size(m)
+        and not np.any(np.asarray(m))):
       units_lib.unit_mask(m, groups[name], np)   # a wrong shape or dtype is the error to name
       raise ValueError(f"Unit mask {name!r} removes every unit of the group; keep at least one "
                        "unit (or pass allow_empty=True to mask the whole layer on purpose).")

@@ -165,7 +165,13 @@ def masked_update(tx: optax.GradientTransformation, grads: PyTree, tx_state: opt
 def _own_copy(masks: PyTree) -> PyTree:
   """The masks as arrays of the optimizer state's own: a caller that donates the state
   (``jax.jit(step, donate_argnums=...)``) must not free the masks it passed in."""
-  return jax.tree.map(lambda m: jnp.array(m, copy=True), masks)
+  # A concrete array is copied by the runtime (``jnp.array(m, copy=True)`` would compile a copy
+  # program per new shape); a tracer or anything else takes the jnp path.
+  def copy(m):
+    if isinstance(m, jax.Array) and not isinstance(m, jax.core.Tracer):
+      return jax.device_put(m, may_alias=False)
+    return jnp.array(m, copy=True)
+  return jax.tree.map(copy, masks)
 
 
 def _need_params(name: str, params) -> None:

@@ -37,6 +37,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune import masks as masks_lib
 from jaxprune import units as units_lib
@@ -332,8 +333,11 @@ def _prune(params, weight_masks, fraction, key, scope, select, random):
     scores = _uniform_scores(key, shapes=tuple(tuple(jnp.shape(leaves[i])) for i in selected))
   else:
     scores = [leaves[i] for i in selected]
-  new_params, new_masks, report, n_bad = _core(params, scores, weight_masks,
-                                               jnp.asarray(fraction, jnp.float32),
+  # A concrete fraction goes in as a NumPy float32 (the same value and dtype that
+  # ``jnp.asarray(fraction, jnp.float32)`` gives, without compiling a conversion program).
+  fraction = (jnp.asarray(fraction, jnp.float32) if isinstance(fraction, jax.core.Tracer)
+              else np.asarray(fraction, np.float32))
+  new_params, new_masks, report, n_bad = _core(params, scores, weight_masks, fraction,
                                                selected=selected, scope=scope)
   if _common.is_concrete(n_bad) and int(n_bad):
     raise ValueError(f"Parameters hold {int(n_bad)} NaN or infinite values where the masks "

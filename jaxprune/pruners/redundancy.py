@@ -230,6 +230,17 @@ def _exact_constants(a, mean, real):
   return jnp.where(flat, hi, mean), flat
 
 
+def _host_count(max_remove, h: int):
+  """A concrete, already checked ``max_remove`` (a whole number >= 0, or inf) as the int32
+  NumPy scalar the traced path computes (``clip(max_remove, -1, h)``), or None where that path
+  must decide (an integer outside int32)."""
+  v = np.asarray(max_remove)
+  if np.issubdtype(v.dtype, np.integer) or v.dtype == bool:
+    info = np.iinfo(np.int32)
+    return np.asarray(v, np.int32) if info.min <= int(v) <= info.max else None
+  return np.asarray(min(float(v), h), np.int32)    # whole and >= 0; inf -> h
+
+
 def group_redundancy(model_or_groups, group: str) -> Callable:
   """Greedy removal of linearly redundant units of ``group`` (see the module docstring).
 
@@ -367,7 +378,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       # Scaled to a largest weight of 1 in float64 (the results do not depend on the scale):
       # weights that are subnormal in float32 (below 1.2e-38) read as 0 on the device.
       v = np.asarray(raw_weight, np.float64)
-      sample_weight = jnp.asarray(v / v.max(), jnp.float32)
+      sample_weight = np.asarray(v / v.max(), np.float32)   # host-side, as jnp.asarray does
     if _common.is_concrete(tol) and not float(tol) >= 0:
       raise ValueError(f"tol must be >= 0 (a relative residual), got {tol}.")
     if max_remove is None:
@@ -378,12 +389,20 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
           or not float(v) >= 0:
         raise ValueError(f"max_remove must be a whole number >= 0 (of units), got "
                          f"{max_remove!r}.")
-    max_remove = jnp.asarray(max_remove)
-    if jnp.issubdtype(max_remove.dtype, jnp.floating):  # traced: not a whole number -> invalid
-      whole = max_remove == jnp.floor(max_remove)   # NaN is not; inf is (no limit)
-      max_remove = jnp.where(whole, jnp.clip(max_remove, -1, h), -1)
-    params, m, rep = core(params, mask, jnp.asarray(activations), tol,
-                          max_remove.astype(jnp.int32), sample_weight,
+    host = _host_count(max_remove, h) if _common.is_concrete(max_remove) else None
+    if host is not None:
+      max_remove = host       # checked above: computed on the host, no conversion programs
+    else:
+      max_remove = jnp.asarray(max_remove)
+      if jnp.issubdtype(max_remove.dtype, jnp.floating):  # traced: not whole -> invalid
+        whole = max_remove == jnp.floor(max_remove)   # NaN is not; inf is (no limit)
+        max_remove = jnp.where(whole, jnp.clip(max_remove, -1, h), -1)
+      max_remove = max_remove.astype(jnp.int32)
+    # A NumPy array goes to the jitted core as it is (the same canonical dtype that
+    # jnp.asarray gives, without compiling a staging program).
+    if not isinstance(activations, np.ndarray):
+      activations = jnp.asarray(activations)
+    params, m, rep = core(params, mask, activations, tol, max_remove, sample_weight,
                           np.asarray([_NULL_MIN, _NULL_RESIDUAL], np.float32))
     return params, _common.with_mask(unit_masks, g.name, m), rep
 
