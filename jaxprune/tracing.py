@@ -2267,6 +2267,8 @@ class TracedTarget:
         for atoms in ax for a in A.expand(atoms)}
     self._fitting_shapes: set = set()
     self._eval = jax.jit(self._eval_leaves, static_argnums=(0,))
+    # activations(): the capture with its units moved last, in one program per group and shapes
+    self._acts = jax.jit(self._activation_leaves, static_argnums=(0,))
     self._groups = self._make_groups()
 
   # -- the pruning-target interface --------------------------------------------------------------
@@ -2330,10 +2332,7 @@ class TracedTarget:
           "alone do, as in tanh(x.sum(1, keepdims=True) * a + b); see target.explain()). "
           f"Prune it from its outgoing weights (weight_distinctiveness(target, {name!r}, "
           "source='outgoing')) or with magnitude_prune.")
-    leaves = self._flat(params, tuple(args))
-    key = (site.scope, site.act_var)
-    _, cap = self._eval(frozenset({key}), *leaves)
-    return self._units_last(cap[key], site, leaves)
+    return self._acts(name, *self._flat(params, tuple(args)))
 
   def compact(self, params: PyTree, unit_masks: Mapping[str, Any]) -> tuple[PyTree, "TracedTarget"]:
     """Removes masked units: ``(smaller params, the target that runs them)``; the small target's
@@ -2438,6 +2437,12 @@ class TracedTarget:
   def _eval_leaves(self, capture, *leaves):
     sizes = _sizes_from_inputs(self._an, leaves, self._group_sizes)
     return _evaluate(self._an, sizes, leaves, capture)
+
+  def _activation_leaves(self, name, *leaves):
+    site = self._site(name)
+    key = (site.scope, site.act_var)
+    _, cap = self._eval_leaves(frozenset({key}), *leaves)
+    return self._units_last(cap[key], site, leaves)
 
   def _size(self, root):
     return self._sizes.get(root, self._an.walker.atoms.size[root])
