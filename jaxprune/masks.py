@@ -219,13 +219,21 @@ def zero_masked(tree: PyTree, masks: PyTree) -> PyTree:
 
   Called eagerly on arrays (no tracer among the leaves), the whole tree is zeroed by one
   compiled program per tree structure, shapes and dtypes (``_zero_masked_jit``) instead of one
-  small program per leaf shape; under ``jit``/``vmap`` it is the same ``where`` leaf by leaf.
+  small program per leaf shape, unless its leaves live on different devices (each is zeroed
+  where it lives); under ``jit``/``vmap`` it is the same ``where`` leaf by leaf.
   """
   leaves = jax.tree.leaves(tree) + jax.tree.leaves(masks)
   if leaves and all(isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
-                    for x in leaves):
+                    for x in leaves) and _one_device_set(leaves):
     return _zero_masked_jit(tree, masks)
   return _zero_masked_leaves(tree, masks)
+
+
+def _one_device_set(leaves) -> bool:
+  """Whether the device arrays among ``leaves`` all live on the same devices (one program can
+  take them); leaves placed by hand on different devices are zeroed each where it lives."""
+  return len({frozenset(x.sharding.device_set) for x in leaves
+              if isinstance(x, jax.Array)}) <= 1
 
 
 def _zero_masked_leaves(tree: PyTree, masks: PyTree) -> PyTree:

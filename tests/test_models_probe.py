@@ -2,6 +2,7 @@
 documented architectures, hand counts of parameters, the traced unit groups, torchvision's
 state-dict layout; and the errors for bad configurations and bad inputs."""
 
+import dataclasses
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,11 @@ def test_autoencoder_refuses_another_output_size():
     jaxprune.Autoencoder(in_features=5, hidden=(3,), out_features=4)
   assert jaxprune.Autoencoder(in_features=5, hidden=(3,), out_features=5).out_features == 5
   assert jaxprune.Autoencoder(in_features=5, hidden=(3,)).resize({"hidden_0": 2}).out_features == 5
+  # out_features follows in_features through dataclasses.replace (it is no init field)
+  grown = dataclasses.replace(jaxprune.Autoencoder(in_features=5, hidden=(3,)), in_features=8)
+  assert (grown.in_features, grown.out_features, grown.hidden) == (8, 8, (3,))
+  assert jaxprune.Autoencoder(5, (3,), 5, "tanh") == jaxprune.Autoencoder(
+      in_features=5, hidden=(3,), activation="tanh")
 
 
 @pytest.mark.parametrize("model", [

@@ -121,27 +121,31 @@ class MLP(Model):
     return dataclasses.replace(self, hidden=tuple(hidden))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class Autoencoder(MLP):
   """An n-H-n autoencoder: sigmoid hidden layer, linear output of the input's size.
 
   The progressive compression study uses 10-10-10 (the 10 features). Train it with
   ``loss='mse'`` (the default for models whose ``task`` is ``'reconstruction'``).
+  ``out_features`` is always ``in_features``; giving another value raises.
   """
 
   task = "reconstruction"
   in_features: int = 11
   hidden: tuple[int, ...] = (10,)
-  out_features: int = -1  # set to in_features
+  # Not an init field, so dataclasses.replace(model, in_features=...) makes it follow.
+  out_features: int = dataclasses.field(default=-1, init=False)
   activation: str = "sigmoid"
 
-  def __post_init__(self):
-    if self.out_features not in (-1, self.in_features):
+  def __init__(self, in_features: int = 11, hidden: tuple[int, ...] = (10,),
+               out_features: int | None = None, activation: str = "sigmoid"):
+    if out_features is not None and out_features != in_features:
       raise ValueError(
           f"An Autoencoder reconstructs its input, so its output size is in_features "
-          f"({self.in_features!r}); got out_features={self.out_features!r}. Leave out_features "
+          f"({in_features!r}); got out_features={out_features!r}. Leave out_features "
           "out, or use jaxprune.MLP for another output size.")
-    if self.out_features != self.in_features:   # (a bad in_features raises in MLP's check)
-      object.__setattr__(self, "out_features", self.in_features)
-    super().__post_init__()
+    for name, value in (("in_features", in_features), ("hidden", hidden),
+                        ("out_features", in_features), ("activation", activation)):
+      object.__setattr__(self, name, value)
+    self.__post_init__()   # MLP's checks (a bad in_features raises there)
 
