@@ -1807,7 +1807,9 @@ def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, produce
   parts = []
   if not joined:
     parts.append("its readers read it at different points (as in relu(h) @ W2 + "
-                 "h @ W3), so no one value is what they all read")
+                 "h @ W3), or a statistic that the tracer does not follow reads its units "
+                 "(a norm over several units, as GroupNorm with several channels per group; "
+                 "jnp.var or jnp.std, nested calls), so no one value is what they all read")
   feeding = w.contractions_feeding(scope, var)
   late = [u for u in kernels if u.where not in feeding]
   depthwise, other = [], []

@@ -192,6 +192,25 @@ def test_instance_norm_then_average_pooling_into_the_head():
   np.testing.assert_allclose(np.asarray(t.activations(p, x, "w1")), want, atol=1e-4)
 
 
+def test_a_variance_taken_with_jnp_var_is_refused_with_its_reason():
+  """jnp.var is a nested call the chain does not follow: the group stays refused (never run on
+  the wrong values), and the refusal names that cause; the same norm written with plain
+  reductions is followed."""
+  def fn(p, x, use_var):
+    y = x @ p["w1"]
+    m = y.mean(1, keepdims=True)
+    v = y.var(1, keepdims=True) if use_var else ((y - m) ** 2).mean(1, keepdims=True)
+    return jax.nn.relu((y - m) / jnp.sqrt(v + 1e-5)).mean(1) @ p["w2"]
+
+  p, x = {"w1": _arr(4, 6), "w2": _arr(6, 2)}, _arr(3, 5, 4)
+  plain = jaxprune.trace(lambda p, x: fn(p, x, False), p, x)
+  assert plain.activations_complete("w1") and plain.activations_incomplete_why("w1") is None
+  nested = jaxprune.trace(lambda p, x: fn(p, x, True), p, x)
+  assert not nested.activations_complete("w1")
+  with pytest.raises(ValueError, match=r"jnp\.var or jnp\.std"):
+    jaxprune.distinctiveness(nested, "w1", constants=False)
+
+
 # ---------------------------------------------------------------- plain-JAX group names
 
 def _two_kernel_blocks(p, x):
