@@ -133,10 +133,13 @@ def test_host_count_matches_the_traced_conversion():
     got = redundancy_lib._host_count(v, h)
     if np.issubdtype(np.asarray(v).dtype, np.floating):
       want = np.asarray(traced(jnp.asarray(v)))
-    else:
-      want = np.asarray(jnp.asarray(v).astype(jnp.int32))
+    else:   # the traced path passes an integer on as it is; any limit >= h removes alike
+      want = min(int(np.asarray(jnp.asarray(v).astype(jnp.int32))), h)
     assert got.dtype == np.int32 and got.shape == () and int(got) == int(want), v
-  assert redundancy_lib._host_count(np.int64(2**40), h) is None   # left to the jnp path
+  # an integer beyond int32 is no limit, as inf (it wrapped to 0 on the device: nothing removed)
+  for big in (np.int64(2**40), np.uint64(2**63), 2**70):
+    got = redundancy_lib._host_count(big, h)
+    assert got.dtype == np.int32 and int(got) == h
 
 
 def test_group_redundancy_compiles_only_its_program_and_matches_traced(net):
@@ -166,6 +169,10 @@ def test_group_redundancy_compiles_only_its_program_and_matches_traced(net):
   assert np.array_equal(np.asarray(m3["hidden_0"]), np.asarray(m4["hidden_0"]))
   with pytest.raises(ValueError, match="max_remove must be a whole number"):
     prune(params, um, acts, 1e-4, 1.5)
+  # A limit beyond int32 is no limit (np.int64(2**40) removed nothing: it wrapped to 0).
+  _, m5, rep5 = prune(params, um, acts, 1e-4, np.int64(2**40))
+  assert int(rep5.count) == 1 and np.array_equal(np.asarray(m5["hidden_0"]),
+                                                  np.asarray(m4["hidden_0"]))
 
 
 def test_flops_report_numpy_example_compiles_only_its_program(net):

@@ -232,12 +232,12 @@ def _exact_constants(a, mean, real):
 
 def _host_count(max_remove, h: int):
   """A concrete, already checked ``max_remove`` (a whole number >= 0, or inf) as the int32
-  NumPy scalar the traced path computes (``clip(max_remove, -1, h)``), or None where that path
-  must decide (an integer outside int32)."""
+  NumPy scalar the traced path computes (``clip(max_remove, -1, h)``): at most ``h``, so an
+  integer beyond int32 (``np.int64(2**40)``) means no limit, as inf does (it wrapped to 0 on
+  the device and removed nothing)."""
   v = np.asarray(max_remove)
   if np.issubdtype(v.dtype, np.integer) or v.dtype == bool:
-    info = np.iinfo(np.int32)
-    return np.asarray(v, np.int32) if info.min <= int(v) <= info.max else None
+    return np.asarray(min(int(v), h), np.int32)
   return np.asarray(min(float(v), h), np.int32)    # whole and >= 0; inf -> h
 
 
