@@ -123,6 +123,10 @@ def test_until_stable_max_sweeps_and_sample_weight(net):
     assert _bits(p) == _bits(want_p) and _bits(m) == _bits(want_m)
     if "max_sweeps" in kwargs:
       assert want_rep[0] == 2 and not want_rep[2]   # stopped while still acting
+  # A bound beyond the int32 counter is no bound (it was an OverflowError from jit).
+  p, m, rep = until_stable(prune, params, ones, acts, 75.0, max_sweeps=2**40)
+  want_p, want_m, want_rep = _sweeps_by_hand(prune, params, ones, acts, 75.0)
+  assert _report(rep) == want_rep and _bits(m) == _bits(want_m)
 
 
 def test_until_stable_params_whose_types_a_sweep_changes(net):

@@ -451,6 +451,13 @@ def _stable_loop(prune, max_sweeps):
   return _STABLE_LOOPS[key]
 
 
+def _sweep_limit(max_sweeps) -> int:
+  """The loop's bound on sweeps, an int32 like its counter (a larger ``max_sweeps`` is no
+  bound: there are never more sweeps than units + 1)."""
+  top = int(np.iinfo(np.int32).max)
+  return top if max_sweeps is None else min(int(max_sweeps), top)
+
+
 def _same_types(a, b) -> bool:
   """Whether two pytrees of arrays / avals have the same structure, shapes, dtypes and weak
   types (a ``lax.while_loop`` carry must keep them)."""
@@ -470,7 +477,7 @@ def _make_sweep_loop(core, max_sweeps):
   sweep returns params of other types than it is given (a dtype promoted, a weak type made
   strong) is the first sweep run before the loop, as the carry must keep its types.
   """
-  limit = np.iinfo(np.int32).max if max_sweeps is None else int(max_sweeps)
+  limit = _sweep_limit(max_sweeps)
 
   def loop(params, mask, rest):
     def cond(c):
@@ -494,7 +501,7 @@ def _make_sweep_loop(core, max_sweeps):
 
 
 def _make_stable_loop(prune, max_sweeps):
-  limit = np.iinfo(np.int32).max if max_sweeps is None else int(max_sweeps)
+  limit = _sweep_limit(max_sweeps)
 
   def loop(params, unit_masks, first_count, args, kwargs):
     def cond(c):
