@@ -354,6 +354,15 @@ class PruningState(NamedTuple):
   inner_state: optax.OptState
 
 
+def _host_or_traced(params, value: np.ndarray) -> jax.Array:
+  """``value`` (built on the host) as a device array: ``jnp.zeros``/``jnp.ones`` would compile
+  small programs per new shape on a first call. Inside a trace (tracer params) it is built the
+  traced way, as part of the traced init."""
+  if not validate.is_concrete(params):
+    return jnp.asarray(value)
+  return jax.device_put(value)
+
+
 def _wrap(tx: optax.GradientTransformation, pruner: StepPruner, target_fn, begin_step, end_step,
           frequency, at_end: bool) -> optax.GradientTransformation:
   _check_tx(tx)
@@ -364,8 +373,8 @@ def _wrap(tx: optax.GradientTransformation, pruner: StepPruner, target_fn, begin
                             "a pruner cannot rank NaN (a NaN weight would be kept forever). "
                             "Repair them (e.g. load the params from before training "
                             "diverged).")
-    return PruningState(jnp.zeros((), jnp.int32), masks_lib.ones_like(params),
-                        pruner.init(params), tx.init(params))
+    return PruningState(_host_or_traced(params, np.zeros((), np.int32)),
+                        masks_lib.ones_like(params), pruner.init(params), tx.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     _need_params("gradual/scheduled", params)
@@ -667,7 +676,12 @@ def _check_scores(sc, params, selected, given: bool, keep=None) -> None:
     return
   if keep is None or not validate.is_concrete(keep):   # traced masks: check every weight
     keep = [True] * len(sc)
-  bad, negative = (np.asarray(a) for a in _score_problems(sc, keep))  # two small vectors
+  _raise_score_problems(_score_problems(sc, keep), params, selected, given)
+
+
+def _raise_score_problems(problems, params, selected, given: bool) -> None:
+  """Raises for the first leaf :func:`_problems_of` flags (see :func:`_check_scores`)."""
+  bad, negative = (np.asarray(a) for a in problems)  # two small vectors
   names = magnitude_lib.leaf_names(params)
   what = "scores" if given else "Parameters"
   for i, b, n in zip(selected, bad, negative):
@@ -680,12 +694,22 @@ def _check_scores(sc, params, selected, given: bool, keep=None) -> None:
                        "(larger kept), >= 0: pass their absolute values (jnp.abs).")
 
 
-@jax.jit
-def _score_problems(sc, keep):
+def _problems_of(sc, keep):
   """Per score leaf: how many values are not finite where ``keep`` is True, and whether any is
   negative (reduced where the scores live: a device array is not copied to the host)."""
   return (jnp.stack([jnp.sum(~jnp.isfinite(s) & k) for s, k in zip(sc, keep)]),
           jnp.stack([jnp.any(s < 0) for s in sc]))
+
+
+_score_problems = jax.jit(_problems_of)
+
+
+@jax.jit
+def _abs_scores(leaves, keep):
+  """``|w|`` of the selected leaves and their :func:`_problems_of`, in one program (eager
+  ``jnp.abs`` would compile one small program per leaf shape first)."""
+  sc = [jnp.abs(x) for x in leaves]
+  return sc, _problems_of(sc, keep)
 
 
 def _score_leaves(scores, params, grads, selected, masks=None):
@@ -694,8 +718,14 @@ def _score_leaves(scores, params, grads, selected, masks=None):
   leaves = jax.tree.leaves(params)
   keep = None if masks is None else [jax.tree.leaves(masks)[i] for i in selected]
   if scores is None:
-    out = [jnp.abs(leaves[i]) for i in selected]
-    _check_scores(out, params, selected, False, keep)
+    chosen = [leaves[i] for i in selected]
+    if not validate.is_concrete(chosen):   # traced (inside gradual): the jnp path, unchecked
+      return [jnp.abs(x) for x in chosen]
+    if keep is None or not validate.is_concrete(keep):
+      keep = [True] * len(chosen)
+    out, problems = _abs_scores(chosen, keep)
+    if validate.is_concrete(problems):   # (inside an outer trace they are traced: unchecked)
+      _raise_score_problems(problems, params, selected, False)
     return out
   tree = _call_scores(scores, params, grads) if callable(scores) else scores
   if jax.tree.structure(tree) != jax.tree.structure(params):
@@ -997,6 +1027,20 @@ def _unblock(b, bh, bw):
   return jnp.repeat(jnp.repeat(b, bh, axis=-2), bw, axis=-1)
 
 
+def _block_masks(keep, sc, target, per_leaf, bh, bw, scope):
+  """The selected leaves' new masks: ``round(s * blocks)`` blocks removed by block score."""
+  bscores = [_block_view(jnp.where(m, _wide(s), 0.0), bh, bw)   # summed in float32+
+             for m, s in zip(keep, sc)]
+  bkeep = [_block_view(m.astype(jnp.int32), bh, bw) > 0 for m in keep]
+  new_b = _to_sparsity(bkeep, bscores, target, None if per_leaf is None else list(per_leaf),
+                       tuple(range(len(keep))), scope)
+  return [m & _unblock(b, bh, bw) for m, b in zip(keep, new_b)]
+
+
+# One program (eagerly, each reshape, sum, comparison and repeat compiled its own per shape).
+_BLOCKS = jax.jit(_block_masks, static_argnames=("bh", "bw", "scope"))
+
+
 def block_prune(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5, *,
                 block: tuple[int, int] = (4, 4), scores: PyTree | None = None,
                 scope: str | None = None, select: Select = None) -> tuple[PyTree, PyTree]:
@@ -1031,15 +1075,10 @@ def block_prune(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5
                        "select=.")
   sc = _score_leaves(scores, params, None, selected, masks)
   mleaves, treedef = jax.tree.flatten(masks)
-  bscores = [_block_view(jnp.where(mleaves[i], _wide(s), 0.0), bh, bw)   # summed in float32+
-             for i, s in zip(selected, sc)]
-  bkeep = [_block_view(mleaves[i].astype(jnp.int32), bh, bw) > 0 for i in selected]
-  bmasks = jax.tree.unflatten(jax.tree.structure(list(range(len(selected)))), bkeep)
-  new_b = _TO_SPARSITY(bmasks, bscores, sparsity if per_leaf is None else 0.0,
-                       None if per_leaf is None else tuple(per_leaf),
-                       selected=tuple(range(len(selected))), scope=scope)
-  for j, i in enumerate(selected):
-    mleaves[i] = mleaves[i] & _unblock(new_b[j], bh, bw)
+  kept = _BLOCKS([mleaves[i] for i in selected], sc, sparsity if per_leaf is None else 0.0,
+                 None if per_leaf is None else tuple(per_leaf), bh=bh, bw=bw, scope=scope)
+  for i, k in zip(selected, kept):
+    mleaves[i] = k
   new = jax.tree.unflatten(treedef, mleaves)
   return _flag_invalid(masks_lib.apply_masks(params, new), sparsity, per_leaf, selected), new
 
@@ -1115,7 +1154,7 @@ def _per_variant(group: units_lib.UnitGroup, make):
 
 
 def _unit_state(g):
-  return lambda params: {g.name: jnp.ones((g.size,), bool)}
+  return lambda params: {g.name: _host_or_traced(params, np.ones((g.size,), bool))}
 
 
 def importance_pruner(model_or_groups, group: str, *, norm: str = "rms") -> StepPruner:

@@ -1,0 +1,178 @@
+"""First calls of the optax-side tools compile one program, not one per op and leaf shape.
+
+Eager jnp on concrete arrays compiles a small XLA program per new shape (5-30 ms each): the
+default ``|w|`` scores, block sums, and the pruning wrappers' counters and masks ran that way. The
+counts use shapes no other test uses (or a fresh process, for programs any earlier caller may
+already have compiled), and the results are compared with references built independently or
+the old way (eager ops).
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxprune
+
+_LOWERED = [0]
+
+
+def _listen(name, *_, **__):
+  if name == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+    _LOWERED[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_listen)
+
+
+def _count(fn):
+  start = _LOWERED[0]
+  out = jax.block_until_ready(fn())
+  return out, _LOWERED[0] - start
+
+
+def _params(seed, shapes):
+  rng = np.random.default_rng(seed)
+  return {f"l{i}": {"kernel": jax.device_put(rng.standard_normal(s).astype(np.float32)),
+                    "bias": jax.device_put(np.zeros(s[-1], np.float32))}
+          for i, s in enumerate(shapes)}
+
+
+def test_prune_to_sparsity_default_scores_in_one_program_and_exact():
+  # Shapes of this test's own: three programs (scores and checks, selection, zeroing), not
+  # one more |w| program per kernel shape.
+  params = _params(0, [(9, 17), (17, 21), (21, 3)])
+  (p, m), n = _count(lambda: jaxprune.prune_to_sparsity(params, None, 0.6))
+  assert n <= 3, n
+  # Reference: global, round(0.6 * N) smallest |w| over the kernels removed.
+  names = sorted(params)
+  w = np.concatenate([np.asarray(params[k]["kernel"]).ravel() for k in names])
+  order = np.argsort(np.abs(w), kind="stable")
+  keep = np.ones(w.size, bool)
+  keep[order[:int(np.round(np.float32(0.6) * np.float32(w.size)))]] = False
+  got = np.concatenate([np.asarray(m[k]["kernel"]).ravel() for k in names])
+  assert np.array_equal(got, keep)
+  for k in names:
+    assert np.asarray(m[k]["bias"]).all()
+    assert np.array_equal(np.asarray(p[k]["kernel"]),
+                          np.where(np.asarray(m[k]["kernel"]), np.asarray(params[k]["kernel"]), 0))
+  # The traced path (a traced sparsity) agrees bit for bit.
+  tm = jax.jit(lambda s: jaxprune.prune_to_sparsity(params, None, s)[1])(0.6)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tm), jax.tree.leaves(m)))
+
+
+def test_prune_to_sparsity_default_scores_still_refuse_nan_where_kept():
+  params = _params(1, [(5, 6)])
+  bad = dict(params, l0=dict(params["l0"], kernel=params["l0"]["kernel"].at[2, 3].set(jnp.nan)))
+  try:
+    jaxprune.prune_to_sparsity(bad, None, 0.5)
+  except ValueError as e:
+    assert "1 NaN or infinite" in str(e) and "l0/kernel" in str(e)
+  else:
+    raise AssertionError("NaN weights were ranked")
+  masks = jaxprune.ones_like(bad)
+  masks["l0"]["kernel"] = masks["l0"]["kernel"].at[2, 3].set(False)
+  _, m = jaxprune.prune_to_sparsity(bad, masks, 0.5)   # removed already: not ranked
+  assert not bool(m["l0"]["kernel"][2, 3])
+
+
+def test_block_prune_in_one_program_and_matches_a_numpy_reference():
+  params = _params(2, [(12, 10), (10, 6)])
+  rng = np.random.default_rng(3)
+  masks = jax.tree.map(lambda p: jax.device_put(rng.random(np.shape(p)) > 0.2), params)
+  (p, m), n = _count(lambda: jaxprune.block_prune(params, masks, 0.5, block=(2, 2)))
+  assert n <= 3, n
+  # Reference: a block's score is the sum of its kept |w|; the round(0.5 * blocks) lowest-scored
+  # blocks are removed over both kernels (no ties with random weights).
+  blocks = []
+  for k in sorted(params):
+    w, mk = np.abs(np.asarray(params[k]["kernel"])), np.asarray(masks[k]["kernel"])
+    r, c = w.shape
+    for i in range(0, r, 2):
+      for j in range(0, c, 2):
+        blocks.append((np.float32(np.where(mk, w, 0)[i:i + 2, j:j + 2].sum()), k, i, j))
+  removed = sorted(blocks, key=lambda b: b[0])[:int(np.round(0.5 * len(blocks)))]
+  want = {k: np.asarray(masks[k]["kernel"]).copy() for k in params}
+  for _, k, i, j in removed:
+    want[k][i:i + 2, j:j + 2] = False
+  for k in params:
+    assert np.array_equal(np.asarray(m[k]["kernel"]), want[k]), k
+    assert np.array_equal(np.asarray(m[k]["bias"]), np.asarray(masks[k]["bias"]))
+    assert np.array_equal(np.asarray(p[k]["kernel"]),
+                          np.where(want[k], np.asarray(params[k]["kernel"]), 0))
+
+
+_FRESH = """
+import jax, jax.numpy as jnp, numpy as np, optax, jaxprune
+lowered = [0]
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *a, **k: lowered.__setitem__(0, lowered[0] + (
+        name == "/jax/core/compile/jaxpr_to_mlir_module_duration")))
+model = jaxprune.MLP(in_features=7, hidden=(13, 11), out_features=5)
+params = model.init(jax.random.key(0))["params"]
+masks = jax.tree.map(lambda p: jax.device_put(np.asarray(p) > 0), params)
+jax.block_until_ready((params, masks))
+
+def count(fn):
+  start = lowered[0]
+  out = jax.block_until_ready(fn())
+  return out, lowered[0] - start
+
+def same(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return (jax.tree.structure(a) == jax.tree.structure(b) and all(
+      type(x) is type(y) and x.dtype == y.dtype and x.weak_type == y.weak_type
+      and x._committed == y._committed and np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(la, lb)))
+
+counts = []
+gst, n = count(lambda: jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0,
+                                        end_step=4, frequency=1).init(params))
+counts.append(n)   # the count is put on the device from the host; sgd's state is empty
+ist, n = count(lambda: jaxprune.gradual(
+    optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=4, frequency=1,
+    pruner=jaxprune.importance_pruner(model, "hidden_0")).init(params))
+counts.append(n)   # so are the unit masks
+print("COUNTS", *counts)
+# The old way: eager ops.
+assert same(gst.inner_state, optax.sgd(0.1).init(params)), "gradual init"
+assert same(gst.count, jnp.zeros((), jnp.int32)) and same(ist.count, jnp.zeros((), jnp.int32))
+assert same(gst.masks, jax.tree.map(lambda p: jnp.ones(p.shape, bool), params))
+assert same(ist.pruner_state, {"hidden_0": jnp.ones((13,), bool)})
+# Under an outer jit (tracers take the traced way) the state is the same.
+jgst = jax.jit(jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=4,
+                                frequency=1).init)(params)
+assert jax.tree.structure(jgst) == jax.tree.structure(gst)
+assert all(np.array_equal(a, b) and a.dtype == b.dtype and a.weak_type == b.weak_type
+           for a, b in zip(jax.tree.leaves(jgst), jax.tree.leaves(gst)))
+print("OK")
+"""
+
+
+def test_gradual_inits_compile_nothing_of_their_own_in_a_fresh_process():
+  """gradual's init compiles nothing of its own (its count and an importance pruner's unit
+  masks are put on the device from the host); states identical to the eager ops'."""
+  env = dict(os.environ, JAXPRUNE_SUITE_XLA_CACHE="off")
+  r = subprocess.run([sys.executable, "-c", _FRESH], env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  (line,) = [l for l in r.stdout.splitlines() if l.startswith("COUNTS")]
+  assert line.split()[1:] == ["0", "0"], r.stdout
+  assert "OK" in r.stdout.splitlines()
+
+
+def test_optimizer_init_keeps_python_values_in_the_state():
+  # An init returning Python values and closed-over arrays: the state keeps them as they are.
+  const = jnp.arange(3.0)
+  tx = optax.GradientTransformation(lambda p: {"n": 0, "c": const, "z": jnp.zeros(())},
+                                    lambda u, s, p=None: (u, s))
+  params = _params(4, [(3, 4)])
+  masks = jaxprune.ones_like(params)
+  st = jaxprune.masked_optimizer(tx, masks).init(params)[1]
+  assert st["n"] == 0 and type(st["n"]) is int and st["c"] is const
+  st = jaxprune.gradual(tx, sparsity=0.5, begin_step=0, end_step=2, frequency=1).init(params)
+  assert type(st.inner_state["n"]) is int and st.inner_state["c"] is const
