@@ -1357,6 +1357,16 @@ def _admissible(eqn, live_ins) -> bool:
   return len(eqn.outvars) == 1 and shapes == {tuple(eqn.outvars[0].aval.shape)}
 
 
+def _axis_roots(w: _Walker, scope: tuple, v):
+  """Per axis of ``v``: the classes of its atoms larger than 1, or None when ``v`` has no
+  recorded axes."""
+  ax = w.scoped_env.get((scope, v))
+  if ax is None:
+    return None
+  A = w.atoms
+  return [[A.find(a) for a in A.expand(atoms) if A.size[a] > 1] for atoms in ax]
+
+
 _UNIT_MOVES = frozenset("reshape split slice squeeze dynamic_slice expand_dims".split())
 
 
@@ -1369,13 +1379,7 @@ def _keeps_units(w: _Walker, scope: tuple, eqn, root) -> bool:
   name = eqn.primitive.name
   if root is None or name not in _UNIT_MOVES or (name != "split" and len(eqn.outvars) != 1):
     return False
-  A = w.atoms
-
-  def roots(v):
-    ax = w.scoped_env.get((scope, v))
-    if ax is None:
-      return None
-    return [[A.find(a) for a in A.expand(atoms) if A.size[a] > 1] for atoms in ax]
+  roots = lambda v: _axis_roots(w, scope, v)
 
   def whole(v):
     r = roots(v)
@@ -1420,15 +1424,11 @@ def _per_unit_stat(w: _Walker, scope: tuple, eqn, live, stats: set, root) -> boo
   of that unit's own values and params, as for a bias or an activation."""
   if root is None or len(eqn.outvars) != 1:
     return False
-  A = w.atoms
 
   def axis_of_units(v):
     """The axis that holds the units alone, or None (also when they are on several axes)."""
-    ax = w.scoped_env.get((scope, v))
-    if ax is None:
-      return None
-    roots = [[A.find(a) for a in A.expand(atoms) if A.size[a] > 1] for atoms in ax]
-    if sum(r.count(root) for r in roots) != 1 or [root] not in roots:
+    roots = _axis_roots(w, scope, v)
+    if roots is None or sum(r.count(root) for r in roots) != 1 or [root] not in roots:
       return None
     return roots.index([root])
 

@@ -6,7 +6,6 @@ programs lowered (a persistent compilation cache skips the compilation, never th
 and check the results against references computed the plain way, bit for bit.
 """
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -14,29 +13,10 @@ import numpy as np
 import pytest
 
 import jaxprune
+from conftest import count_programs
 from jaxprune import masks as masks_lib
 from jaxprune.pruners import distinctiveness, until_stable, weight_distinctiveness
 from jaxprune.pruners.selection import CONSTANT
-
-_LOWERED = [0]
-
-
-def _listen(name, *_, **__):
-  if name == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-    _LOWERED[0] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_listen)
-
-
-@contextlib.contextmanager
-def _count_programs():
-  """Counts the programs lowered (each compiled, or loaded from a persistent cache) inside."""
-  got = []
-  start = _LOWERED[0]
-  yield got
-  got.append(_LOWERED[0] - start)
-
 
 def _bits(tree):
   """Leaves as (path, dtype, shape, bytes): equal only if bit for bit equal."""
@@ -92,7 +72,7 @@ def test_until_stable_compiles_one_program_and_equals_sweeps_by_hand(net, by):
   model, params, acts = net
   prune, _ = _pruner(model, by)
   ones = jaxprune.unit_masks_ones(model)
-  with _count_programs() as n:
+  with count_programs() as n:
     p, m, rep = until_stable(prune, params, ones, *_args(by, acts, 75.0))
     jax.block_until_ready((p, m, rep))
   assert n == [1]
@@ -101,7 +81,7 @@ def test_until_stable_compiles_one_program_and_equals_sweeps_by_hand(net, by):
   assert _report(rep) == want_rep
   assert _bits(p) == _bits(want_p) and _bits(m) == _bits(want_m)
   # A first sweep that acts on nothing: one sweep, stable, the ordinary call's params.
-  with _count_programs() as n:
+  with count_programs() as n:
     p, m, rep = until_stable(prune, params, ones, *_args(by, acts, 1.0))
   assert n == [0]   # the same program: the angle is traced
   want_p, want_m, _ = prune(params, ones, *_args(by, acts, 1.0))
@@ -114,7 +94,7 @@ def test_until_stable_max_sweeps_and_sample_weight(net):
   prune, _ = _pruner(model, "activations")
   ones = jaxprune.unit_masks_ones(model)
   for kwargs in ({"max_sweeps": 2}, {"sample_weight": np.linspace(0.0, 2.0, acts.shape[0])}):
-    with _count_programs() as n:
+    with count_programs() as n:
       p, m, rep = until_stable(prune, params, ones, acts, 75.0, **kwargs)
     # with weights: one more, validate.check_sample_weight's jnp.asarray of the weights
     assert n == [2 if "sample_weight" in kwargs else 1]
@@ -165,7 +145,7 @@ def test_until_stable_under_jit_and_vmap_equals_the_first_call_then_loop_path(ne
 def _same_error(fn, reference):
   with pytest.raises(Exception) as want:
     reference()
-  with _count_programs() as n:
+  with count_programs() as n:
     with pytest.raises(type(want.value)) as got:
       fn()
   assert str(got.value) == str(want.value)
@@ -235,14 +215,14 @@ def _resnet_sized_tree():
 def test_apply_masks_eager_is_one_program_per_tree():
   tree, masks = _resnet_sized_tree()
   assert len(jax.tree.leaves(tree)) == 102
-  with _count_programs() as n:
+  with count_programs() as n:
     out = jaxprune.apply_masks(tree, masks)
     jax.block_until_ready(out)
   assert n == [1]                       # was one small program per distinct leaf shape: 62
   assert _bits(out) == _bits(_where_by_hand(tree, masks))
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(out))
   other = jax.tree.map(lambda x: np.asarray(x) + 1, tree)
-  with _count_programs() as n:          # the same structure again: nothing new
+  with count_programs() as n:          # the same structure again: nothing new
     jaxprune.apply_masks(other, masks)
   assert n == [0]
 

@@ -7,7 +7,6 @@ persistent compilation cache skips the compilation, never the lowering, so they 
 either way), and compare the results with references built independently.
 """
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -16,26 +15,8 @@ import optax
 import pytest
 
 import jaxprune
+from conftest import count_programs
 from jaxprune.pruners import redundancy as redundancy_lib
-
-_LOWERED = [0]
-
-
-def _listen(name, *_, **__):
-  if name == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-    _LOWERED[0] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_listen)
-
-
-@contextlib.contextmanager
-def _count_programs():
-  got = []
-  start = _LOWERED[0]
-  yield got
-  got.append(_LOWERED[0] - start)
-
 
 @pytest.fixture(scope="module")
 def net():
@@ -49,7 +30,7 @@ def net():
 
 def test_unit_masks_ones_compiles_nothing():
   model = jaxprune.MLP(in_features=3, hidden=(17, 19), out_features=2)
-  with _count_programs() as n:
+  with count_programs() as n:
     um = jaxprune.unit_masks_ones(model)
   assert n == [0]
   assert sorted(um) == ["hidden_0", "hidden_1"]
@@ -60,7 +41,7 @@ def test_unit_masks_ones_compiles_nothing():
 
 def test_ones_like_compiles_nothing_and_traces_under_jit():
   params = {"a": np.zeros((23, 3), np.float32), "b": {"c": jnp.zeros((31,))}, "s": 2.0}
-  with _count_programs() as n:
+  with count_programs() as n:
     ones = jaxprune.ones_like(params)
   assert n == [0]
   for got, shape in ((ones["a"], (23, 3)), (ones["b"]["c"], (31,)), (ones["s"], ())):
@@ -148,7 +129,7 @@ def test_group_redundancy_compiles_only_its_program_and_matches_traced(net):
   acts[:, 4] = 2.0 * acts[:, 1] - acts[:, 7]      # unit 4 is a combination of 1 and 7
   prune = jaxprune.group_redundancy(model, "hidden_0")
   um = jaxprune.unit_masks_ones(model)
-  with _count_programs() as n:
+  with count_programs() as n:
     p, m, rep = prune(params, um, acts, 1e-4, 2)
   assert n == [1]
   # one of the three dependent units goes (any of them is the other two combined), no other
@@ -160,7 +141,7 @@ def test_group_redundancy_compiles_only_its_program_and_matches_traced(net):
     assert np.asarray(a).dtype == np.asarray(b).dtype
     assert np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
   # A float max_remove and no limit go the host way too, with the same results.
-  with _count_programs() as n:
+  with count_programs() as n:
     p2, m2, _ = prune(params, um, acts, 1e-4, 2.0)
     p3, m3, _ = prune(params, um, acts, 1e-4, np.inf)
     p4, m4, _ = prune(params, um, acts, 1e-4)
@@ -177,7 +158,7 @@ def test_group_redundancy_compiles_only_its_program_and_matches_traced(net):
 
 def test_flops_report_numpy_example_compiles_only_its_program(net):
   model, params, x, _ = net
-  with _count_programs() as n:
+  with count_programs() as n:
     rep = jaxprune.flops_report(model, params, x[:1])
   assert n == [1]
   # The same report as from a device array (the jnp path), and 2*in*out per kernel.
@@ -191,7 +172,7 @@ def test_masked_optimizer_init_copies_masks_without_programs(net):
   _, params, _, _ = net
   masks = jax.tree.map(lambda p: jax.device_put(np.asarray(p) > 0), params)
   tx = jaxprune.masked_optimizer(optax.sgd(0.1), masks)
-  with _count_programs() as n:
+  with count_programs() as n:
     state = tx.init(params)
   assert n == [0] or n[0] <= 1       # sgd's own (empty) state; no copy programs per shape
   got = jaxprune.masks_of(state)

@@ -17,22 +17,12 @@ import numpy as np
 import optax
 
 import jaxprune
-
-_LOWERED = [0]
-
-
-def _listen(name, *_, **__):
-  if name == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-    _LOWERED[0] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_listen)
-
+from conftest import count_programs
 
 def _count(fn):
-  start = _LOWERED[0]
-  out = jax.block_until_ready(fn())
-  return out, _LOWERED[0] - start
+  with count_programs() as n:
+    out = jax.block_until_ready(fn())
+  return out, n[0]
 
 
 def _params(seed, shapes):
