@@ -389,9 +389,8 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
           or not float(v) >= 0:
         raise ValueError(f"max_remove must be a whole number >= 0 (of units), got "
                          f"{max_remove!r}.")
-    host = _host_count(max_remove, h) if _common.is_concrete(max_remove) else None
-    if host is not None:
-      max_remove = host       # checked above: computed on the host, no conversion programs
+    if _common.is_concrete(max_remove):
+      max_remove = _host_count(max_remove, h)   # checked above: no conversion programs
     else:
       max_remove = jnp.asarray(max_remove)
       if jnp.issubdtype(max_remove.dtype, jnp.floating):  # traced: not whole -> invalid
