@@ -141,6 +141,35 @@ def count_programs():
   got.append(_LOWERED[0] - start)
 
 
+# The lines a script run by run_fresh starts with to count programs: ``count(fn)`` returns
+# ``(fn()'s result, the programs lowered while it ran)``.
+FRESH_COUNTER = """
+import jax
+_lowered = [0]
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *a, **k: _lowered.__setitem__(0, _lowered[0] + (
+        name == "/jax/core/compile/jaxpr_to_mlir_module_duration")))
+
+def count(fn):
+  start = _lowered[0]
+  out = jax.block_until_ready(fn())
+  return out, _lowered[0] - start
+"""
+
+
+def run_fresh(script: str, tag: str, xla_flags: str = "") -> list[list[str]]:
+  """Runs ``script`` in a fresh Python process without the suite's compilation cache (so
+  nothing an earlier test compiled is there), with ``xla_flags`` added, and returns the
+  fields after ``tag`` of each line of its output that starts with it. A failed script fails
+  the test with the end of its error output."""
+  env = dict(os.environ, JAXPRUNE_SUITE_XLA_CACHE="off",
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip())
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return [l.split()[1:] for l in out.stdout.splitlines() if l.split()[:1] == [tag]]
+
+
 @pytest.fixture(autouse=True)
 def _temporary_files_in_tmp_path(tmp_path, monkeypatch):
   """``tempfile.mkdtemp()`` and friends write under the test's ``tmp_path``, which pytest

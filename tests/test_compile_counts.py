@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from conftest import count_programs
+from conftest import count_programs, run_fresh
 from jaxprune import masks as masks_lib
 from jaxprune.pruners import distinctiveness, until_stable, weight_distinctiveness
 from jaxprune.pruners.selection import CONSTANT
@@ -272,13 +272,7 @@ for tree in (out, new):
 def test_leaves_placed_on_different_devices_are_zeroed_where_they_live():
   """Params placed by hand on two devices (one program cannot take them): each leaf is zeroed
   on its own device, eagerly and in the masked optimizer's eager update."""
-  import os, subprocess, sys   # pylint: disable=import-outside-toplevel,multiple-imports
-  env = dict(os.environ, JAXPRUNE_SUITE_XLA_CACHE="off", XLA_FLAGS=os.environ.get(
-      "XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
-  out = subprocess.run([sys.executable, "-c", _TWO_DEVICES], env=env, capture_output=True,
-                       text=True, timeout=300, check=False)
-  assert out.returncode == 0, out.stderr[-2000:]
-  lines = [l.split()[1:] for l in out.stdout.splitlines() if l.startswith("LEAF")]
+  lines = run_fresh(_TWO_DEVICES, "LEAF", "--xla_force_host_platform_device_count=2")
   # a: 8 of 12 entries kept, each 2.0 (16.0); b: 4 of 5 kept (4.0). One sgd(0.5) step on
   # gradients of ones: kept weights 2 -> 1.5 and 1 -> 0.5, the masked ones stay 0.
-  assert lines == [["a:0:16.0", "b:1:4.0"], ["a:0:12.0", "b:1:2.0"]], out.stdout
+  assert lines == [["a:0:16.0", "b:1:4.0"], ["a:0:12.0", "b:1:2.0"]]

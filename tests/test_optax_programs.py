@@ -7,17 +7,13 @@ already have compiled), and the results are compared with references built indep
 the old way (eager ops).
 """
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import jaxprune
-from conftest import count_programs
+from conftest import FRESH_COUNTER, count_programs, run_fresh
 
 def _count(fn):
   with count_programs() as n:
@@ -96,21 +92,12 @@ def test_block_prune_in_one_program_and_matches_a_numpy_reference():
                           np.where(want[k], np.asarray(params[k]["kernel"]), 0))
 
 
-_FRESH = """
-import jax, jax.numpy as jnp, numpy as np, optax, jaxprune
-lowered = [0]
-jax.monitoring.register_event_duration_secs_listener(
-    lambda name, *a, **k: lowered.__setitem__(0, lowered[0] + (
-        name == "/jax/core/compile/jaxpr_to_mlir_module_duration")))
+_FRESH = FRESH_COUNTER + """
+import jax.numpy as jnp, numpy as np, optax, jaxprune
 model = jaxprune.MLP(in_features=7, hidden=(13, 11), out_features=5)
 params = model.init(jax.random.key(0))["params"]
 masks = jax.tree.map(lambda p: jax.device_put(np.asarray(p) > 0), params)
 jax.block_until_ready((params, masks))
-
-def count(fn):
-  start = lowered[0]
-  out = jax.block_until_ready(fn())
-  return out, lowered[0] - start
 
 def same(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
@@ -139,20 +126,13 @@ jgst = jax.jit(jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_
 assert jax.tree.structure(jgst) == jax.tree.structure(gst)
 assert all(np.array_equal(a, b) and a.dtype == b.dtype and a.weak_type == b.weak_type
            for a, b in zip(jax.tree.leaves(jgst), jax.tree.leaves(gst)))
-print("OK")
 """
 
 
 def test_gradual_inits_compile_nothing_of_their_own_in_a_fresh_process():
   """gradual's init compiles nothing of its own (its count and an importance pruner's unit
   masks are put on the device from the host); states identical to the eager ops'."""
-  env = dict(os.environ, JAXPRUNE_SUITE_XLA_CACHE="off")
-  r = subprocess.run([sys.executable, "-c", _FRESH], env=env, capture_output=True, text=True,
-                     timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-  (line,) = [l for l in r.stdout.splitlines() if l.startswith("COUNTS")]
-  assert line.split()[1:] == ["0", "0"], r.stdout
-  assert "OK" in r.stdout.splitlines()
+  assert run_fresh(_FRESH, "COUNTS") == [["0", "0"]]   # (a failed assert there fails here)
 
 
 def test_optimizer_init_keeps_python_values_in_the_state():
