@@ -860,23 +860,39 @@ def prune_to_sparsity(params: PyTree, weight_masks: PyTree | None = None, sparsi
     select: which leaves (default: every floating-point leaf with ``ndim >= 2``).
 
   Returns:
-    ``(params with pruned weights zeroed, weight_masks)``.
+    ``(params with pruned weights zeroed, weight_masks)``. Leaves placed by hand on different
+    devices are ranked together on the first leaf's device and returned where they were.
   """
+  arrays = [x for x in jax.tree.leaves((params, weight_masks, scores))
+            if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)]
+  if not masks_lib._one_device_set(arrays):
+    one = lambda t: jax.device_put(t, list(arrays[0].devices())[0])
+    pruned, new = prune_to_sparsity(one(params), one(weight_masks), sparsity,
+                                    scores=one(scores), scope=scope, select=select)
+    back = lambda out, like: jax.tree.map(
+        lambda o, l: jax.device_put(o, l.sharding) if isinstance(l, jax.Array) else o, out, like)
+    return back(pruned, params), back(new, params if weight_masks is None else weight_masks)
   sparsity = _sparsity_map_or_float(sparsity)
   scope = _check_scope(scope, sparsity)
   masks = masks_lib.ones_like(params) if weight_masks is None else weight_masks
   masks_lib.check_weight_masks(params, masks)
   selected, per_leaf = _selection(params, sparsity, select)
   sc = _score_leaves(scores, params, None, selected, masks)
-  new = _TO_SPARSITY(masks, sc, sparsity if per_leaf is None else 0.0,
-                     None if per_leaf is None else tuple(per_leaf), selected=selected,
-                     scope=scope)
-  return _flag_invalid(masks_lib.apply_masks(params, new), sparsity, per_leaf, selected), new
+  pruned, new = _TO_SPARSITY_ZEROED(params, masks, sc, sparsity if per_leaf is None else 0.0,
+                                    None if per_leaf is None else tuple(per_leaf),
+                                    selected=selected, scope=scope)
+  return _flag_invalid(pruned, sparsity, per_leaf, selected), new
 
 
-_TO_SPARSITY = jax.jit(lambda masks, scores, target, per_leaf, *, selected, scope: _to_sparsity(
-    masks, scores, target, None if per_leaf is None else list(per_leaf), selected, scope),
-                       static_argnames=("selected", "scope"))
+def _to_sparsity_zeroed(params, masks, scores, target, per_leaf, *, selected, scope):
+  """The new masks and the params zeroed by them, in one program (the zeroing is the same
+  ``where`` as :func:`jaxprune.masks.apply_masks`)."""
+  new = _to_sparsity(masks, scores, target, None if per_leaf is None else list(per_leaf),
+                     selected, scope)
+  return masks_lib.zero_masked(params, new), new
+
+
+_TO_SPARSITY_ZEROED = jax.jit(_to_sparsity_zeroed, static_argnames=("selected", "scope"))
 
 
 # ----------------------------------------------------------------------------- distributions
@@ -941,7 +957,7 @@ def erk_sparsity(params: PyTree, sparsity: float, *, select: Select = None,
 def magnitude_scores(params: PyTree, grads: PyTree | None = None) -> PyTree:
   """``|w|`` (the default score)."""
   del grads
-  return jax.tree.map(jnp.abs, params)
+  return _abs_tree(params)
 
 
 def saliency_scores(params: PyTree, grads: PyTree) -> PyTree:
@@ -952,7 +968,14 @@ def saliency_scores(params: PyTree, grads: PyTree) -> PyTree:
   if grads is None:
     raise ValueError("saliency_scores needs gradients; under gradual they are each step's "
                      "gradients, one-shot use snip_scores(loss_fn, params, *batch).")
-  return jax.tree.map(lambda w, g: jnp.abs(w * g), params, grads)
+  return _abs_product(params, grads)
+
+
+# One compiled program per tree (eager jax.tree.map would compile one per leaf shape); under an
+# outer jit or vmap they are traced into it as the same ops.
+_abs_tree = jax.jit(lambda params: jax.tree.map(jnp.abs, params))
+_abs_product = jax.jit(lambda params, grads: jax.tree.map(lambda w, g: jnp.abs(w * g), params,
+                                                          grads))
 
 
 def snip_scores(loss_fn: Callable, params: PyTree, *batch) -> PyTree:

@@ -29,11 +29,11 @@ def _params(seed, shapes):
 
 
 def test_prune_to_sparsity_default_scores_in_one_program_and_exact():
-  # Shapes of this test's own: three programs (scores and checks, selection, zeroing), not
+  # Shapes of this test's own: two programs (scores and checks; selection and zeroing), not
   # one more |w| program per kernel shape.
   params = _params(0, [(9, 17), (17, 21), (21, 3)])
   (p, m), n = _count(lambda: jaxprune.prune_to_sparsity(params, None, 0.6))
-  assert n <= 3, n
+  assert n == 2, n
   # Reference: global, round(0.6 * N) smallest |w| over the kernels removed.
   names = sorted(params)
   w = np.concatenate([np.asarray(params[k]["kernel"]).ravel() for k in names])
@@ -64,6 +64,19 @@ def test_prune_to_sparsity_default_scores_still_refuse_nan_where_kept():
   masks["l0"]["kernel"] = masks["l0"]["kernel"].at[2, 3].set(False)
   _, m = jaxprune.prune_to_sparsity(bad, masks, 0.5)   # removed already: not ranked
   assert not bool(m["l0"]["kernel"][2, 3])
+
+
+def test_score_helpers_compile_one_program_per_tree():
+  params = _params(5, [(7, 19), (19, 23), (23, 2)])
+  grads = jax.tree.map(lambda a: -2.0 * a + 1.0, params)
+  got, n = _count(lambda: jaxprune.magnitude_scores(params))
+  assert n == 1, n
+  assert all(np.array_equal(g, np.abs(np.asarray(a)))
+             for g, a in zip(jax.tree.leaves(got), jax.tree.leaves(params)))
+  got, n = _count(lambda: jaxprune.saliency_scores(params, grads))
+  assert n == 1, n
+  assert all(np.array_equal(s, np.abs(np.asarray(a) * np.asarray(g))) for s, a, g in zip(
+      jax.tree.leaves(got), jax.tree.leaves(params), jax.tree.leaves(grads)))
 
 
 def test_block_prune_in_one_program_and_matches_a_numpy_reference():
