@@ -236,6 +236,24 @@ def _one_device_set(leaves) -> bool:
               if isinstance(x, jax.Array)}) <= 1
 
 
+def on_one_device(*trees):
+  """``trees`` with every array moved to the first array's device when their arrays live on
+  different device sets (params placed by hand on several devices, which no one compiled
+  program takes), else None. A pruner that ranks weights across leaves then runs there, and
+  :func:`placed_like` puts its outputs back where the inputs were."""
+  arrays = [x for x in jax.tree.leaves(trees)
+            if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)]
+  if _one_device_set(arrays):
+    return None
+  return jax.device_put(trees, list(arrays[0].devices())[0])
+
+
+def placed_like(out: PyTree, like: PyTree) -> PyTree:
+  """``out`` with each array placed as the matching leaf of ``like`` is."""
+  return jax.tree.map(lambda o, l: jax.device_put(o, l.sharding) if isinstance(l, jax.Array)
+                      else o, out, like)
+
+
 def _zero_masked_leaves(tree: PyTree, masks: PyTree) -> PyTree:
   return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.asarray(p).dtype)),
                       tree, masks)

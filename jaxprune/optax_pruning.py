@@ -863,15 +863,10 @@ def prune_to_sparsity(params: PyTree, weight_masks: PyTree | None = None, sparsi
     ``(params with pruned weights zeroed, weight_masks)``. Leaves placed by hand on different
     devices are ranked together on the first leaf's device and returned where they were.
   """
-  arrays = [x for x in jax.tree.leaves((params, weight_masks, scores))
-            if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)]
-  if not masks_lib._one_device_set(arrays):
-    one = lambda t: jax.device_put(t, list(arrays[0].devices())[0])
-    pruned, new = prune_to_sparsity(one(params), one(weight_masks), sparsity,
-                                    scores=one(scores), scope=scope, select=select)
-    back = lambda out, like: jax.tree.map(
-        lambda o, l: jax.device_put(o, l.sharding) if isinstance(l, jax.Array) else o, out, like)
-    return back(pruned, params), back(new, params if weight_masks is None else weight_masks)
+  moved = masks_lib.on_one_device(params, weight_masks, scores)
+  if moved is not None:
+    out = prune_to_sparsity(*moved[:2], sparsity, scores=moved[2], scope=scope, select=select)
+    return masks_lib.placed_like(out, (params, params))
   sparsity = _sparsity_map_or_float(sparsity)
   scope = _check_scope(scope, sparsity)
   masks = masks_lib.ones_like(params) if weight_masks is None else weight_masks
@@ -1074,8 +1069,14 @@ def block_prune(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5
   weight already masked counts as kept until removed as a whole.
 
   Returns:
-    ``(params with pruned weights zeroed, weight_masks)``.
+    ``(params with pruned weights zeroed, weight_masks)``. Leaves placed by hand on different
+    devices are ranked together on the first leaf's device and returned where they were.
   """
+  moved = masks_lib.on_one_device(params, weight_masks, scores)
+  if moved is not None:
+    out = block_prune(*moved[:2], sparsity, block=block, scores=moved[2], scope=scope,
+                      select=select)
+    return masks_lib.placed_like(out, (params, params))
   sparsity = _sparsity_map_or_float(sparsity)
   scope = _check_scope(scope, sparsity)
   if (not isinstance(block, (tuple, list)) or len(block) != 2

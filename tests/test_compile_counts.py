@@ -268,20 +268,24 @@ for tree in (out, new):
   print("LEAF", *(f"{k}:{list(v.devices())[0].id}:{float(v.sum())}" for k, v in tree.items()))
 two = {"a": jax.device_put(jnp.arange(12.0).reshape(3, 4), d0),
        "b": jax.device_put(jnp.arange(10.0).reshape(2, 5) + 0.5, d1)}
-pruned, kept = jaxprune.prune_to_sparsity(two, None, 0.5)
-print("LEAF", *(f"{k}:{list(v.devices())[0].id}:{float(v.sum())}:"
-                f"{list(kept[k].devices())[0].id}:{int(kept[k].sum())}" for k, v in pruned.items()))
+for pruned, kept, *_ in (jaxprune.prune_to_sparsity(two, None, 0.5),
+                         jaxprune.block_prune(two, None, 0.5, block=(1, 1)),
+                         jaxprune.magnitude_prune(two, None, 0.5, scope="global")):
+  print("LEAF", *(f"{k}:{list(v.devices())[0].id}:{float(v.sum())}:"
+                  f"{list(kept[k].devices())[0].id}:{int(kept[k].sum())}"
+                  for k, v in pruned.items()))
 """
 
 
 def test_leaves_placed_on_different_devices_are_zeroed_where_they_live():
   """Params placed by hand on two devices (one program cannot take them): each leaf is zeroed
-  on its own device, eagerly and in the masked optimizer's eager update; prune_to_sparsity
-  ranks them on one device and returns each where it was (it raised JAX's device error)."""
+  on its own device, eagerly and in the masked optimizer's eager update; the one-shot pruners
+  rank them on one device and return each where it was (they raised JAX's device error)."""
   lines = run_fresh(_TWO_DEVICES, "LEAF", "--xla_force_host_platform_device_count=2")
   # a: 8 of 12 entries kept, each 2.0 (16.0); b: 4 of 5 kept (4.0). One sgd(0.5) step on
   # gradients of ones: kept weights 2 -> 1.5 and 1 -> 0.5, the masked ones stay 0.
   assert lines[:2] == [["a:0:16.0", "b:1:4.0"], ["a:0:12.0", "b:1:2.0"]]
-  # prune_to_sparsity ranks them together (global): the 11 smallest of 22 are a's 0..5 and
-  # b's 0.5..4.5; each leaf and its mask come back on its own device.
-  assert lines[2] == ["a:0:51.0:0:6", "b:1:37.5:1:5"]
+  # prune_to_sparsity, block_prune (1 x 1 blocks) and magnitude_prune rank them together
+  # (global): the 11 smallest of 22 are a's 0..5 and b's 0.5..4.5; each leaf and its mask come
+  # back on its own device.
+  assert lines[2:] == [["a:0:51.0:0:6", "b:1:37.5:1:5"]] * 3

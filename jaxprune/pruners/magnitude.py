@@ -320,6 +320,10 @@ def _check_fraction_value(fraction) -> None:
 
 
 def _prune(params, weight_masks, fraction, key, scope, select, random):
+  moved = masks_lib.on_one_device(params, weight_masks)
+  if moved is not None:   # leaves placed by hand on several devices: ranked on one
+    p, m, report = _prune(*moved, fraction, key, scope, select, random)
+    return (*masks_lib.placed_like((p, m), (params, params)), report)
   if scope not in ("layer", "global"):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
   _check_fraction_value(fraction)
@@ -361,8 +365,9 @@ def magnitude_prune(params: PyTree, weight_masks: PyTree | None = None, fraction
 
   Returns:
     ``(params, weight_masks, MagnitudeReport)``: params with every masked weight zeroed, the
-    new masks, and the per-leaf counts and cut (see :class:`MagnitudeReport`).
-    Jit-compiled; a new fraction does not recompile. Bad fractions raise ValueError (on
+    new masks, and the per-leaf counts and cut (see :class:`MagnitudeReport`); leaves placed
+    by hand on different devices are ranked on the first leaf's device and returned where they
+    were. Jit-compiled; a new fraction does not recompile. Bad fractions raise ValueError (on
     concrete values); NaN weights raise ValueError. Under ``jit``/``vmap`` a traced fraction
     outside [0, 1] (or NaN), or NaN weights, cannot raise: nothing is removed (the masks come
     back unchanged) and ``report.invalid`` is True, as with the distinctiveness and
