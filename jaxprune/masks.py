@@ -130,6 +130,18 @@ def _container_difference(params: PyTree, masks: PyTree) -> str:
   return "the same leaves in different containers"
 
 
+def _unit_mask_hint(params, masks) -> str:
+  """When ``masks`` look like unit masks (a flat dict of 1-D masks, one per group, none of its
+  keys a key of the params): how to make weight masks of them, else ''."""
+  if (not isinstance(masks, Mapping) or not masks or not isinstance(params, Mapping)
+      or any(k in params for k in masks)
+      or not all(hasattr(m, "shape") and len(m.shape) == 1 for m in masks.values())):
+    return ""
+  return ("These look like unit masks (group name -> one bool per unit); weight masks hold one "
+          "bool per weight, in the params' structure: make them with "
+          "jaxprune.expand(params, target, unit_masks)")
+
+
 def _nesting_hint(missing: list, extra: list) -> str:
   """When the masks hold exactly the params' leaves one key deeper (masks over a flax model's
   whole variables, given where only ``variables['params']`` is seen, as by an optimizer inside
@@ -167,8 +179,9 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
     extra = [jax.tree_util.keystr(k) for k in m_paths if k not in p_paths]
     why = (f"missing leaves: {missing[:5] or 'none'}; unexpected leaves: {extra[:5] or 'none'}"
            if missing or extra else _container_difference(params, masks))
-    hint = _nesting_hint([k for k in p_paths if k not in m_paths],
-                         [k for k in m_paths if k not in p_paths])
+    hint = (_nesting_hint([k for k in p_paths if k not in m_paths],
+                          [k for k in m_paths if k not in p_paths])
+            or _unit_mask_hint(params, masks))
     if extra and any(type(x).__name__ == "MaskedNode" for x in jax.tree.leaves(
         params, is_leaf=lambda x: type(x).__name__ == "MaskedNode")):
       why += f"; the params hold optax.MaskedNode() placeholders ({_MASKED_NODE_FIX})"

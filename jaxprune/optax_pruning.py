@@ -94,7 +94,16 @@ _STATIC = ("the schedule is static; under optax.inject_hyperparams pass static_a
            "'begin_step', 'end_step', 'frequency', 'power')")
 
 
-def _check_schedule(begin_step, end_step, frequency, *, end_required: bool) -> None:
+_ONE_SHOT = {"gradual": "; for one-shot pruning at step T use begin_step=0, end_step=T, "
+                         "frequency=T",
+             "scheduled": "; to run the pruner once, at step T, pass begin_step=T and a "
+                          "frequency longer than the rest of training (end_step may be left "
+                          "out)",
+             "schedule": ""}
+
+
+def _check_schedule(begin_step, end_step, frequency, *, end_required: bool,
+                    caller: str = "schedule") -> None:
   for name, v in (("begin_step", begin_step), ("frequency", frequency)):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
       raise TypeError(f"{name} must be an int, got {v!r} ({_STATIC}).")
@@ -110,9 +119,8 @@ def _check_schedule(begin_step, end_step, frequency, *, end_required: bool) -> N
   if not isinstance(end_step, (int, np.integer)) or isinstance(end_step, bool):
     raise TypeError(f"end_step must be an int, got {end_step!r} ({_STATIC}).")
   if end_step <= begin_step:
-    raise ValueError(f"end_step ({end_step}) must be greater than begin_step ({begin_step}); "
-                     "for one-shot pruning at step T use begin_step=T - 1, end_step=T "
-                     "with initial_sparsity=0, or frequency=end_step - begin_step.")
+    raise ValueError(f"end_step ({end_step}) must be greater than begin_step ({begin_step})"
+                     f"{_ONE_SHOT[caller]}.")
 
 
 def _sparsity_map_or_float(sparsity, name="sparsity"):
@@ -446,7 +454,7 @@ def gradual(tx: optax.GradientTransformation, *, sparsity, begin_step: int, end_
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`PruningState`.
   """
-  _check_schedule(begin_step, end_step, frequency, end_required=True)
+  _check_schedule(begin_step, end_step, frequency, end_required=True, caller="gradual")
   _check_power(power)
   _check_sparsity("initial_sparsity", initial_sparsity)
   sparsity = _sparsity_map_or_float(sparsity)
@@ -484,7 +492,7 @@ def scheduled(tx: optax.GradientTransformation, pruner: StepPruner, *, begin_ste
   no target to reach there); e.g. :func:`distinctiveness_pruner` merges similar units each
   time. Masks live in the state as under :func:`gradual`.
   """
-  _check_schedule(begin_step, end_step, frequency, end_required=False)
+  _check_schedule(begin_step, end_step, frequency, end_required=False, caller="scheduled")
   if not isinstance(pruner, StepPruner):
     raise TypeError(f"pruner must be a jaxprune StepPruner, got {type(pruner).__name__}.")
   if pruner.takes_sparsity:

@@ -36,6 +36,14 @@ def test_scores_rms_l1_l2(model_params):
                              np.sqrt((k ** 2).reshape(-1, 32).mean(0)), rtol=1e-5)
 
 
+def test_scores_called_in_the_factories_order_say_the_params_come_first(model_params):
+  model, params = model_params
+  with pytest.raises(TypeError, match=r"takes \(params, target, group\): the params come first"):
+    importance_scores(model, "hidden_0")
+  with pytest.raises(TypeError, match="needs the group's name"):
+    importance_scores(params, model)
+
+
 def test_one_shot_ranking_ties_and_keep_one(model_params):
   model, params = model_params
   prune = importance_prune(model, "hidden_0")

@@ -114,6 +114,22 @@ def test_counts_and_summaries_refuse_what_is_not_a_weight_mask(params):
   assert jaxprune.sparsity({"w": np.array([True, False, False, False])}) == 0.75
 
 
+def test_unit_masks_given_as_weight_masks_point_to_expand():
+  model = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
+  params = model.init(jax.random.key(0))
+  um = jaxprune.unit_masks_ones(model)
+  x, y = np.ones((4, 4), np.float32), np.arange(4) % 3
+  for call in (lambda: jaxprune.apply_masks(params, um),
+               lambda: jaxprune.evaluate(model, params, x, y, masks=um)):
+    with pytest.raises(ValueError, match=r"These look like unit masks .*jaxprune\.expand\("
+                       r"params, target, unit_masks\)"):
+      call()
+  # Weight masks of another structure get the general advice, not the unit-mask hint.
+  with pytest.raises(ValueError, match="ones_like") as e:
+    jaxprune.apply_masks(params, {"params": {"out": jaxprune.ones_like(params)["params"]["out"]}})
+  assert "unit masks" not in str(e.value)
+
+
 def test_structure_errors_name_where_a_sequence_or_node_lacks_a_leafless_entry():
   """Masks whose tuple lacked the params' trailing None said only 'the same leaves in different
   containers' (lists and tuples of other lengths were not walked): the message names the path

@@ -210,8 +210,15 @@ def test_bad_schedule_settings_raise():
     jaxprune.gradual(sgd, sparsity=1.0, begin_step=0, end_step=10, frequency=1)
   with pytest.raises(ValueError, match=r"\[0, 1\)"):
     jaxprune.gradual(sgd, sparsity=-0.1, begin_step=0, end_step=10, frequency=1)
-  with pytest.raises(ValueError, match="greater than begin_step"):
+  with pytest.raises(ValueError, match="greater than begin_step.*one-shot pruning at step T use "
+                     "begin_step=0, end_step=T, frequency=T"):
     jaxprune.gradual(sgd, sparsity=0.5, begin_step=10, end_step=10, frequency=1)
+  # scheduled has no target or initial sparsity: its own advice.
+  with pytest.raises(ValueError, match="greater than begin_step.*once, at step T, pass "
+                     "begin_step=T and a frequency longer"):
+    jaxprune.scheduled(sgd, jaxprune.distinctiveness_pruner(
+        jaxprune.MLP(in_features=2, hidden=(3,), out_features=2), "hidden_0"), begin_step=5,
+        end_step=2, frequency=1)
   with pytest.raises(ValueError, match="frequency must be at least 1"):
     jaxprune.gradual(sgd, sparsity=0.5, begin_step=0, end_step=10, frequency=0)
   with pytest.raises(ValueError, match=r"\[0, 1\)"):

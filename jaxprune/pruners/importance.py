@@ -32,14 +32,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import masks as masks_lib
 from jaxprune.pruners import _common
 
 PyTree = Any
 NORMS = ("rms", "l1", "l2")
 
 
-def importance_scores(params: PyTree, model_or_groups, group: str, norm: str = "rms"):
-  """(units,) importance of each unit of ``group`` from its incoming kernel weights."""
+def importance_scores(params: PyTree, model_or_groups, group: str | None = None,
+                      norm: str = "rms"):
+  """(units,) importance of each unit of ``group`` from its incoming kernel weights.
+
+  A function of the params, so they come first: ``importance_scores(params, model, group)``.
+  """
+  if masks_lib._is_target(params) and not masks_lib._is_target(model_or_groups):
+    raise TypeError("importance_scores takes (params, target, group): the params come first "
+                    "(unlike the pruner factories, which take (target, group) and then the "
+                    "params). Call importance_scores(params, target, group).")
+  if group is None:
+    raise TypeError("importance_scores needs the group's name: importance_scores(params, "
+                    "target, group).")
   g = _common.get_group(model_or_groups, group)
   _common.units_lib.check_group(params, g)
   return _scores(params, g, norm)
