@@ -130,6 +130,25 @@ def _container_difference(params: PyTree, masks: PyTree) -> str:
   return "the same leaves in different containers"
 
 
+def _nnx_variable_hint(missing: list, extra: list) -> str:
+  """When one tree holds nnx Variables where the other holds their plain arrays (the same paths
+  but for a trailing ``.value``: an ``nnx.State`` against ``nnx.to_pure_dict``): the fix."""
+  def bare(paths):
+    if not paths or not all(p and isinstance(p[-1], jax.tree_util.GetAttrKey)
+                            and p[-1].name == "value" for p in paths):
+      return None
+    return {p[:-1] for p in paths}
+  if missing and bare(missing) == set(extra):
+    return ("The params are nnx Variables (an nnx.State, as nnx.Optimizer holds them) and the "
+            "masks plain arrays (nnx.to_pure_dict): make the masks from the same state, "
+            "jaxprune.ones_like(nnx.state(model, nnx.Param)), or pass plain-dict params too")
+  if extra and bare(extra) == set(missing):
+    return ("The masks are nnx Variables (an nnx.State) and the params plain arrays: make the "
+            "masks from the plain params (jaxprune.ones_like(params)), or convert them with "
+            "nnx.to_pure_dict(masks)")
+  return ""
+
+
 def _unit_mask_hint(params, masks) -> str:
   """When ``masks`` look like unit masks (a flat dict of 1-D masks, one per group, none of its
   keys a key of the params): how to make weight masks of them, else ''."""
@@ -181,6 +200,8 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
            if missing or extra else _container_difference(params, masks))
     hint = (_nesting_hint([k for k in p_paths if k not in m_paths],
                           [k for k in m_paths if k not in p_paths])
+            or _nnx_variable_hint([k for k in p_paths if k not in m_paths],
+                                  [k for k in m_paths if k not in p_paths])
             or _unit_mask_hint(params, masks))
     if extra and any(type(x).__name__ == "MaskedNode" for x in jax.tree.leaves(
         params, is_leaf=lambda x: type(x).__name__ == "MaskedNode")):

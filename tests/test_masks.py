@@ -130,6 +130,19 @@ def test_unit_masks_given_as_weight_masks_point_to_expand():
   assert "unit masks" not in str(e.value)
 
 
+def test_nnx_state_against_plain_dict_masks_says_which_is_which():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from conftest import nnx_sigmoid_mlp  # pylint: disable=import-outside-toplevel
+  state = nnx.state(nnx_sigmoid_mlp(), nnx.Param)
+  plain = nnx.to_pure_dict(state)
+  with pytest.raises(ValueError, match=r"The params are nnx Variables .* and the masks plain "
+                     r"arrays .*jaxprune\.ones_like\(nnx\.state\(model, nnx\.Param\)\)"):
+    jaxprune.apply_masks(state, jaxprune.ones_like(plain))
+  with pytest.raises(ValueError, match=r"The masks are nnx Variables .* and the params plain "
+                     r"arrays"):
+    jaxprune.apply_masks(plain, jaxprune.ones_like(state))
+
+
 def test_structure_errors_name_where_a_sequence_or_node_lacks_a_leafless_entry():
   """Masks whose tuple lacked the params' trailing None said only 'the same leaves in different
   containers' (lists and tuples of other lengths were not walked): the message names the path
