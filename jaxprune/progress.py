@@ -23,10 +23,11 @@ class Progress:
     if not self.enabled:
       return
     el = time.time() - self.start
-    left = el / max(done, 1) * (self.total - done)
+    # Nothing done yet (a GA's generation 0): no rate to tell the time left from.
+    left = f", ~{el / done * (self.total - done):.0f}s left" if done > 0 else ""
     parts = [f"[{self.desc}]", f"{self.unit} {done}/{self.total}" if self.unit else
              f"{done}/{self.total}", what, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
-             f"({el:.0f}s elapsed, ~{left:.0f}s left)"]
+             f"({el:.0f}s elapsed{left})"]
     print(" ".join(p for p in parts if p), file=sys.stderr, flush=True)
 
   def step(self, what: str = "", n: int = 1, **metrics) -> None:

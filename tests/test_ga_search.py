@@ -601,6 +601,10 @@ def test_progress_displays_are_per_run(capsys):
       "[A] gen 0/4", "[A] gen 1/4", "[A] gen 2/4"]
   assert [l.split(" best")[0] for l in lines if l.startswith("[B]")] == [
       "[B] gen 2/4", "[B] gen 3/4", "[B] gen 4/4"]
+  # Generation 0 has no rate to tell the time left from (it said ~(0.02 s x 1500) left).
+  a_lines = [l for l in lines if l.startswith("[A]")]
+  assert "left" not in a_lines[0] and a_lines[0].endswith("s elapsed)"), a_lines[0]
+  assert all(l.endswith("s left)") for l in a_lines[1:]), a_lines
   # A search's display names its group.
   model = jaxprune.MLP(in_features=3, hidden=(4,), out_features=2)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
