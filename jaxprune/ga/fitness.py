@@ -187,19 +187,21 @@ def weights_unusable(w: jax.Array) -> jax.Array:
   return ~jnp.all(jnp.isfinite(w)) | jnp.any(negative) | ~jnp.any(bits > 0)
 
 
-def weighted_percent(correct: jax.Array, w: jax.Array | None) -> jax.Array:
-  """Accuracy in percent over axis 0 of ``correct``; weighted by ``w`` (N,) when given.
+def weighted_percent(correct: jax.Array, w: jax.Array | None, scale: float = 100.0) -> jax.Array:
+  """Accuracy in percent over axis 0 of ``correct``; weighted by ``w`` (N,) when given
+  (``scale=1.0``: a fraction, rounded once, as :func:`jaxprune.evaluate` gives it; a percent
+  divided by 100 can be an ulp off).
 
   The weights are scaled first (:func:`scale_weights`: by a power of two, exactly), so that
   the mean does not depend on their scale: weights of ``1e37`` or ``1e-40`` per pattern give
   the accuracy of weights of 1, to the bit."""
   correct = correct.astype(jnp.float32)
   if w is None:
-    return 100.0 * jnp.mean(correct, axis=0)
+    return scale * jnp.mean(correct, axis=0)
   # Sums in one fixed order, so that the full and the incremental evaluation (other layouts,
   # other fusions) give the same float whatever the weights.
   w = scale_weights(w).reshape((-1,) + (1,) * (correct.ndim - 1))
-  return 100.0 * (ops.ordered_sum(w * correct) / ops.ordered_sum(w))
+  return scale * (ops.ordered_sum(w * correct) / ops.ordered_sum(w))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,8 +311,9 @@ class AccuracyFitness:
                        f"{units} units (the chromosome has one bit per unit): pass "
                        f"num_units={units}.")
 
-  def accuracy(self, population: jax.Array, data: PyTree) -> jax.Array:
-    """(P,) training accuracy in percent of each mask of the population."""
+  def accuracy(self, population: jax.Array, data: PyTree, scale: float = 100.0) -> jax.Array:
+    """(P,) training accuracy in percent of each mask of the population (``scale=1.0``: as a
+    fraction, see :func:`weighted_percent`)."""
     y = data["y"]
     if self.fast:
       h, w, b = data["h"], data["w"], data["b"]
@@ -320,12 +323,13 @@ class AccuracyFitness:
       logits = (h @ w_all.reshape(u, p * o)).reshape(h.shape[0], p, o) + (
           b[None, None, :] if b.ndim == 1 else b[:, None, :])
       correct = jnp.argmax(logits, axis=-1) == y[:, None]                 # (N, P)
-      return weighted_percent(correct, data.get("sample_weight"))
+      return weighted_percent(correct, data.get("sample_weight"), scale)
 
     def one(mask):
       wm = masks_lib.expand(data["params"], self.model, {self.group: mask})
       logits = self.model.apply(masks_lib.apply_masks(data["params"], wm), data["x"])
-      return weighted_percent(jnp.argmax(logits, axis=-1) == y, data.get("sample_weight"))
+      return weighted_percent(jnp.argmax(logits, axis=-1) == y, data.get("sample_weight"),
+                              scale)
 
     return jax.vmap(one)(population)
 

@@ -236,7 +236,7 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
   if scorer is not None:  # a fraction, like evaluate() (the fitness works in percent)
     accuracy = scorer.accuracy(
         state.hof[0][None], {"params": params, "x": x, "y": _labels(y, sample_weight),
-                             "sample_weight": sample_weight})[0] / 100.0
+                             "sample_weight": sample_weight}, scale=1.0)[0]
   else:
     accuracy = jnp.asarray(jnp.nan, jnp.float32)
   best = state.hof[0]
