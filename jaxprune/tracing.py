@@ -280,6 +280,21 @@ def _padded_conv_why(eqn) -> str:
           "the borders than elsewhere")
 
 
+_ZERO_MOVES = ("broadcast_in_dim", "convert_element_type", "reshape", "squeeze", "transpose",
+               "copy", "copy_p")
+
+
+def _makes_zeros(eqn, zeros: set) -> bool:
+  """Whether ``eqn`` makes an array of zeros from a literal 0 (``jnp.zeros``,
+  ``jnp.zeros_like``, an nnx cell's ``initialize_carry``) or moves one."""
+  if eqn.primitive.name not in _ZERO_MOVES or not eqn.invars:
+    return False
+  v = eqn.invars[0]
+  if isinstance(v, jex.core.Literal):
+    return eqn.primitive.name == "broadcast_in_dim" and not np.any(np.asarray(v.val))
+  return v in zeros
+
+
 class _Walker:
   """Walks a closed jaxpr once, giving every value's axes as atom lists."""
 
@@ -289,6 +304,7 @@ class _Walker:
     self.shapes: dict[tuple, list] = {}       # eqn path -> atoms of each output (for resizing)
     self.origin: dict[Any, tuple] = {}         # var -> (leaf, axis map) for pure layout of a leaf
     self.stream: set = set()                   # vars that depend on the non-param arguments
+    self.zeros: set = set()                    # arrays of zeros made in the function
     self.contractions: list[_Contraction] = []
     self.uses: dict[tuple[int, int], _Use] = {}
     self.tied: set[tuple[int, int]] = set()     # (leaf, axis) both producer and consumer
@@ -347,6 +363,8 @@ class _Walker:
       ins = [self._read(env, v) for v in eqn.invars]
       if any(not isinstance(v, jex.core.Literal) and v in self.stream for v in eqn.invars):
         self.stream.update(eqn.outvars)
+      elif _makes_zeros(eqn, self.zeros):
+        self.zeros.update(eqn.outvars)
       outs = self._eqn(eqn, ins, env, path)
       self.shapes[path] = outs
       for v, ax in zip(eqn.outvars, outs):
@@ -631,8 +649,12 @@ class _Walker:
               self.origin[v] = self.origin[w]
             if w in self.stream:
               self.stream.add(v)
+            if w in self.zeros:
+              self.zeros.add(v)
         self._walk(inner, ienv, path)
         outs = [self._read(ienv, v) for v in inner.outvars]
+        self.zeros.update(v for v, w in zip(eqn.outvars, inner.outvars)
+                          if not isinstance(w, jex.core.Literal) and w in self.zeros)
         for v, w in zip(eqn.outvars, inner.outvars):
           if not isinstance(w, jex.core.Literal) and w in self.origin:
             self.origin[v] = self.origin[w]
@@ -937,12 +959,19 @@ class _Walker:
   # -- contractions ----------------------------------------------------------------------------
   def _kernel_operand(self, eqn):
     """(kernel index in invars, leaf, axis map) if one operand is a pure parameter leaf and the
-    other depends on the inputs; else None."""
+    other depends on the inputs, or is an array of zeros made in the function and read by a
+    kernel of two or more axes of its leaf (an unrolled RNN's zero initial state,
+    ``jnp.zeros((B, H)) @ w_h``: it reads the units as every later step does, and its shape
+    is recomputed from its atoms); else None. Other arrays made from literals (``jnp.eye(n) @
+    w``, a basis times coefficients) compute a kernel rather than read units."""
     a, b = eqn.invars[:2]
     for idx, (k, x) in enumerate(((a, b), (b, a))):
       if (not isinstance(k, jex.core.Literal) and k in self.origin
-          and not isinstance(x, jex.core.Literal) and x in self.stream and k not in self.stream):
+          and not isinstance(x, jex.core.Literal) and (x in self.stream or x in self.zeros)
+          and k not in self.stream):
         leaf, amap = self.origin[k]
+        if x not in self.stream and (len(amap) < 2 or None in amap):
+          continue
         return idx, leaf, amap
     return None
 
@@ -2623,6 +2652,29 @@ class TracedTarget:
     return tuple(sorted(con.out_axes, key=lambda a: bias_keys.index(pos[a])))
 
 
+_MODULE_HINTS = {
+    "linen": ("fn is the linen module {name} itself, which cannot run unbound on params: "
+              "trace its apply function, trace(model.apply, variables, x)."),
+    "nnx": ("fn is the nnx module {name} itself, called as fn(params, x): trace a function "
+            "of its state, graphdef, state = nnx.split(model); trace(lambda s, x: "
+            "nnx.merge(graphdef, s)(x), state, x) (see docs/any-model.md), or "
+            "trace(lambda m, x: m(x), model, x)."),
+}
+
+
+def _flax_module_kind(fn) -> str | None:
+  """``'linen'`` or ``'nnx'`` when ``fn`` is a Flax module instance (passed where its apply
+  function belongs: the failed trace then says what to pass); None otherwise. Read from the
+  class's module path, so flax is not imported here."""
+  for cls in type(fn).__mro__:
+    mod = getattr(cls, "__module__", "") or ""
+    if mod.startswith("flax.linen"):
+      return "linen"
+    if mod.startswith("flax.nnx"):
+      return "nnx"
+  return None
+
+
 def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
   """A pruning target for any JAX function ``fn(params, *args)``, its unit groups found by
   following every parameter axis through ``fn``'s jaxpr.
@@ -2679,6 +2731,8 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
       hint = ("every example argument is traced as an array: pass Python settings (a train "
               "flag, a mode) by closing over them, e.g. trace(functools.partial(model.apply, "
               "train=False), params, x) or trace(lambda p, x: fn(p, x, False), params, x).")
+    elif _flax_module_kind(fn):
+      hint = _MODULE_HINTS[_flax_module_kind(fn)].format(name=type(fn).__name__)
     elif type(e).__name__ == "TraceContextError":
       hint = ("an nnx model in training mode (Dropout, or a BatchNorm that updates its "
               "statistics) changes its own state while traced: call model.eval() before "

@@ -333,7 +333,8 @@ def check_group(params: PyTree, group: UnitGroup, fix: str | None = None) -> Non
 
   Checks that every slice's path exists, that its ``view`` only splits the leaf's axes, that its
   axis is in range and indexes exactly ``group.size`` entries, that no slice is listed twice,
-  that kernels have two or more dimensions, and that a consumer's bias path exists. Only
+  that producer kernels have two or more dimensions (a consumer's may be a vector: the readout
+  ``h @ v`` of a one-output head), and that a consumer's bias path exists. Only
   shapes are read (works under jit).
   ``fix``: the advice that ends every message, in place of the advice for a hand-declared group
   (a caller that checks params against a model's own groups knows the fix is in the params).
@@ -384,7 +385,7 @@ def check_group(params: PyTree, group: UnitGroup, fix: str | None = None) -> Non
            + (f", segment {s.segment}" if s.segment is not None else "") + ") twice.",
            "Declare each slice once.")
     seen.add(entries)
-    if s.kind == "kernel" and len(shape) < 2:
+    if s.kind == "kernel" and len(shape) < (2 if s.role == "producer" else 1):
       fail(f"{where}: a {len(shape)}-D leaf cannot be a kernel.",
            "Declare kind='bias' (or 'scale', 'shift', 'stat').")
     if s.bias is not None:

@@ -156,3 +156,60 @@ def test_training_mode_apply_that_returns_updated_batch_stats_says_what_to_trace
   t = jaxprune.trace(lambda v, x: Net().apply(v, x, mutable=["batch_stats"])[0], v, x)
   assert {k: g.size for k, g in t.groups.items()} == {"Dense_0": 6}
   assert "updated variables" not in t.explain()
+
+
+def test_unrolled_rnn_from_a_zero_state_is_one_group_at_any_batch_size():
+  """h = jnp.zeros((B, H)); a Python loop of tanh(x_t @ wx + h @ wh + b): the first step's
+  zeros @ wh reads the units as every later step does (it blocked them, 'contracted between
+  two activations', and the model had no group)."""
+  def fn(p, x):
+    h = jnp.zeros((x.shape[0], p["wh"].shape[0]))
+    for t in range(x.shape[1]):
+      h = jnp.tanh(x[:, t] @ p["wx"] + h @ p["wh"] + p["b"])
+    return h @ p["wo"] + p["bo"]
+  p = {"wx": _arr(3, 5), "wh": _arr(5, 5), "b": _arr(5), "wo": _arr(5, 2), "bo": _arr(2)}
+  x = _arr(4, 3, 3)
+  t = jaxprune.trace(fn, p, x)
+  assert {k: g.size for k, g in t.groups.items()} == {"wx": 5}
+  assert _slices(t.groups["wx"]) == {("wx", 1, "producer", None), ("wh", 1, "producer", None),
+                                     ("b", 0, "producer", None), ("wh", 0, "consumer", None),
+                                     ("wo", 0, "consumer", None)}
+  keep = np.array([1, 0, 1, 1, 0], bool)
+  masked, small, st = _masked_and_small(t, p, {"wx": keep})
+  np.testing.assert_array_equal(small["wh"], np.asarray(p["wh"])[keep][:, keep])
+  np.testing.assert_allclose(st.apply(small, x[:2]), fn(masked, x[:2]), atol=1e-5)
+
+
+def test_a_vector_readout_is_a_consumer_kernel_the_pruners_use():
+  """A one-output head h @ v with v of shape (H,): v is the group's consumer kernel, which
+  check_group refused ('a 1-D leaf cannot be a kernel'), so every use of the target failed; a
+  constant unit folds into the scalar bias exactly."""
+  def fn(p, x):
+    return jax.nn.relu(x @ p["w"] + p["b"]) @ p["v"] + p["c"]
+  p = {"w": _arr(3, 4).at[:, 2].set(0.0), "b": jnp.array([2.0, 2.5, 0.7, 3.0]),
+       "v": _arr(4), "c": jnp.float32(0.5)}
+  x = _arr(6, 3)
+  t = jaxprune.trace(fn, p, x)
+  assert _slices(t.groups["w"]) == {("w", 1, "producer", None), ("b", 0, "producer", None),
+                                    ("v", 0, "consumer", None)}
+  acts = t.activations(p, x, "w")
+  p2, um, _ = jaxprune.distinctiveness(t, "w", similar=False, complementary=False)(
+      p, jaxprune.unit_masks_ones(t), acts)
+  assert np.asarray(um["w"]).tolist() == [True, True, False, True]
+  np.testing.assert_allclose(p2["c"], 0.5 + 0.7 * p["v"][2], rtol=1e-6)
+  small, st = t.compact(p2, um)
+  assert small["v"].shape == (3,)
+  np.testing.assert_allclose(st.apply(small, x[:2]), fn(p, x[:2]), atol=1e-5)
+
+
+def test_a_flax_module_passed_as_fn_says_to_trace_its_apply():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(x)
+  x = _arr(2, 3)
+  with pytest.raises(jaxprune.TraceError, match=r"linen module Net itself.*trace\(model\.apply"):
+    jaxprune.trace(Net(), Net().init(jax.random.key(0), x), x)
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  with pytest.raises(jaxprune.TraceError, match=r"nnx module Linear itself.*nnx\.split\(model\)"):
+    jaxprune.trace(model, nnx.state(model), x)
