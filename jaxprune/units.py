@@ -289,6 +289,8 @@ def unit_mask(mask: Any, group: UnitGroup, xp=jnp) -> jax.Array:
   integers, a wrong shape) raises ValueError. ``xp=np`` returns a NumPy vector for a concrete
   mask (nothing is compiled; a traced one stays a JAX array).
   """
+  if isinstance(mask, (list, tuple)):   # a Python sequence, as compact and count_units take
+    mask = np.asarray(mask)
   shape = tuple(jnp.shape(mask))
   if shape != (group.size,):
     raise ValueError(f"Unit mask {group.name!r} has shape {shape}; group {group.name!r} has "
@@ -301,6 +303,8 @@ def bool_unit_mask(mask: Any, name: str, xp=jnp) -> jax.Array:
   ``mask`` as a bool array, an integer one of 0s and 1s converted, anything else refused."""
   if isinstance(mask, jax.core.Tracer):
     xp = jnp
+  if isinstance(mask, (list, tuple)):   # a Python sequence, as compact and count_units take
+    mask = np.asarray(mask)
   dtype = jnp.result_type(mask)
   if dtype == jnp.bool_:
     return xp.asarray(mask)

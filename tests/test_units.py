@@ -1,9 +1,11 @@
 """Unit groups: views, expand, compact and the consumer algebra on hand-built params."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxprune
 from jaxprune import units
 from jaxprune.units import Slice, UnitGroup
 
@@ -199,3 +201,19 @@ def test_a_float_unit_mask_is_refused_naming_its_own_dtype():
   with pytest.raises(ValueError, match="has dtype float64; unit masks must be bool"):
     units.bool_unit_mask(np.array([0.0, 1.0]), "g")   # not 'float32' (JAX's canonical dtype)
   assert units.bool_unit_mask(np.array([0, 1, 1]), "g").tolist() == [False, True, True]
+
+
+def test_unit_masks_as_python_sequences_work_everywhere_compact_takes_them():
+  """expand and check_unit_masks raised JAX's raw 'Cannot determine dtype' for a list or tuple
+  that compact and count_units took."""
+  model = jaxprune.MLP(in_features=3, hidden=(5,), out_features=2)
+  params = model.init(jax.random.key(0))
+  want = jaxprune.expand(params, model, {"hidden_0": np.array([True, False, True, True, True])})
+  for mask in ([True, False, True, True, True], (1, 0, 1, 1, 1)):
+    jaxprune.check_unit_masks(model, {"hidden_0": mask})
+    got = jaxprune.expand(params, model, {"hidden_0": mask})
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+  with pytest.raises(ValueError, match="holds \\[2\\]; an integer unit mask may hold only 0 and 1"):
+    jaxprune.expand(params, model, {"hidden_0": [1, 2, 1, 1, 1]})
+  with pytest.raises(ValueError, match="has dtype float64; unit masks must be bool"):
+    jaxprune.check_unit_masks(model, {"hidden_0": [1.0, 0.0, 1.0, 1.0, 1.0]})
