@@ -1444,15 +1444,19 @@ def _unitwise_call(w: _Walker, scope: tuple, k: int, eqn, root) -> bool:
 _STAT_REDUCTIONS = frozenset(("reduce_sum", "reduce_max", "reduce_min"))
 
 
-def _per_unit_stat(w: _Walker, scope: tuple, eqn, live, stats: set, root) -> bool:
+def _per_unit_stat(w: _Walker, scope: tuple, eqn, live, stats: set, root, k=None) -> bool:
   """Whether ``eqn`` computes or applies statistics of each unit over its own values alone
   (instance norm, GroupNorm with one channel per group: a mean and a variance over space, for
   each unit): a sum, max or min over axes other than the units', a move or broadcast of such a
-  statistic (``stats``: the chain's values computed from statistics alone), or an elementwise
-  op that broadcasts one back onto the units' values. Each unit's values then stay a function
-  of that unit's own values and params, as for a bias or an activation."""
+  statistic (``stats``: the chain's values computed from statistics alone), an elementwise
+  op that broadcasts one back onto the units' values, or a followed call (equation ``k`` of
+  ``scope``) that computes one (:func:`_stat_call`: ``jnp.var``, ``jnp.std``). Each unit's
+  values then stay a function of that unit's own values and params, as for a bias or an
+  activation."""
   if root is None or len(eqn.outvars) != 1:
     return False
+  if _call_body(eqn)[0] is not None:
+    return k is not None and _stat_call(w, scope, k, eqn, live, stats, root) is not None
 
   def axis_of_units(v):
     """The axis that holds the units alone, or None (also when they are on several axes)."""
@@ -1475,6 +1479,45 @@ def _per_unit_stat(w: _Walker, scope: tuple, eqn, live, stats: set, root) -> boo
   return all(tuple(v.aval.shape) == shape or (
       v in stats and len(v.aval.shape) == len(shape) and all(
           d in (1, n) for d, n in zip(v.aval.shape, shape))) for v in live)
+
+
+def _stat_call(w: _Walker, scope: tuple, k: int, eqn, live, stats, root) -> str | None:
+  """Whether ``eqn``, equation ``k`` of ``scope``, is a followed call with one output that
+  keeps each unit a function of its own values, with statistics over the other axes on the
+  way: every op of its body that reads the chain's ``live`` values is one
+  :func:`_per_unit_stat` allows or an elementwise op on the units' values, and ops on other
+  values alone (the count it divides by) are left as they are. ``'stat'`` when it returns a
+  statistic (``jnp.var``, ``jnp.std``: a nested call around a mean and a sum of squares over
+  the other axes), ``'value'`` when it returns the units' values (``jax.nn.softmax`` over
+  time), None when it is not such a call."""
+  inner, _ = _call_body(eqn)
+  if inner is None or root is None or len(eqn.outvars) != 1 or not live:
+    return None
+  iscope = scope + (k,)
+  values, istats = set(), {}
+  for o, i in zip(eqn.invars, inner.invars):
+    if not isinstance(o, jex.core.Literal) and o in live:
+      if o in stats:
+        istats[i] = {i}
+      else:
+        values.add(i)
+  for j, e in enumerate(inner.eqns):
+    elive = [v for v in e.invars if not isinstance(v, jex.core.Literal)
+             and (v in values or v in istats)]
+    if not elive:
+      continue                                   # the count, a fill value: not the units'
+    if not (_per_unit_stat(w, iscope, e, elive, istats, root, j) or _admissible(e, elive)):
+      return None
+    if (e.primitive.name in _STAT_REDUCTIONS or all(v in istats for v in elive) or (
+        _call_body(e)[0] is not None
+        and _stat_call(w, iscope, j, e, elive, istats, root) == "stat")):
+      istats.update((o, set()) for o in e.outvars)
+    else:
+      values.update(e.outvars)
+  out = inner.outvars[0]
+  if isinstance(out, jex.core.Literal):
+    return None
+  return "stat" if out in istats else "value" if out in values else None
 
 
 def _activation_chain(w: _Walker, scope: tuple, start, root=None):
@@ -1535,13 +1578,15 @@ def _chain(w: _Walker, scope: tuple, start, root, stats: bool):
     pending.discard(k)
     eqn = jaxpr.eqns[k]
     live = [v for v in eqn.invars if not isinstance(v, jex.core.Literal) and v in remaining]
-    if not (_admissible(eqn, live) or _keeps_units(w, scope, eqn, root)
-            or _unitwise_call(w, scope, k, eqn, root)
-            or (stats and _per_unit_stat(w, scope, eqn, live, stat_vars, root))):
+    unitwise = _unitwise_call(w, scope, k, eqn, root)
+    if not (_admissible(eqn, live) or _keeps_units(w, scope, eqn, root) or unitwise
+            or (stats and _per_unit_stat(w, scope, eqn, live, stat_vars, root, k))):
       stopped = k
       break
     if stats and (eqn.primitive.name in _STAT_REDUCTIONS or (
-        live and all(v in stat_vars for v in live))):
+        live and all(v in stat_vars for v in live)) or (
+            not unitwise and _call_body(eqn)[0] is not None
+            and _stat_call(w, scope, k, eqn, live, stat_vars, root) == "stat")):
       src = set().union(*(stat_vars[v] if v in stat_vars else {v} for v in live))
       stat_vars.update((o, src) for o in eqn.outvars)
     for v in live:
@@ -1573,11 +1618,11 @@ def _chain(w: _Walker, scope: tuple, start, root, stats: bool):
       or _unitwise_call(w, scope, k, jaxpr.eqns[k], root)
       or (stats and _per_unit_stat(w, scope, jaxpr.eqns[k],
                                    [v for v in jaxpr.eqns[k].invars if v is var], stat_vars,
-                                   root)) for k in pending)
+                                   root, k)) for k in pending)
   # Whether a reduction reads the chain's values where it stops (a normalisation's statistics:
   # worth following them, see _activation_chain).
   stat_read = not joined and root is not None and not stats and any(
-      jaxpr.eqns[k].primitive.name in _STAT_REDUCTIONS
+      jaxpr.eqns[k].primitive.name in _STAT_REDUCTIONS or _call_body(jaxpr.eqns[k])[0] is not None
       for k in pending | ({stopped} if stopped is not None else set()))
   return var, tag, joined, plain, stat_read
 
@@ -1837,8 +1882,8 @@ def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, produce
   if not joined:
     parts.append("its readers read it at different points (as in relu(h) @ W2 + "
                  "h @ W3), or a statistic that the tracer does not follow reads its units "
-                 "(a norm over several units, as GroupNorm with several channels per group; "
-                 "jnp.var or jnp.std, nested calls), so no one value is what they all read")
+                 "(a norm over several units, as GroupNorm with several channels per group), "
+                 "so no one value is what they all read")
   feeding = w.contractions_feeding(scope, var)
   late = [u for u in kernels if u.where not in feeding]
   depthwise, other = [], []

@@ -192,23 +192,53 @@ def test_instance_norm_then_average_pooling_into_the_head():
   np.testing.assert_allclose(np.asarray(t.activations(p, x, "w1")), want, atol=1e-4)
 
 
-def test_a_variance_taken_with_jnp_var_is_refused_with_its_reason():
-  """jnp.var is a nested call the chain does not follow: the group stays refused (never run on
-  the wrong values), and the refusal names that cause; the same norm written with plain
-  reductions is followed."""
-  def fn(p, x, use_var):
-    y = x @ p["w1"]
+def test_statistics_in_nested_calls_are_followed_and_exact():
+  """jnp.var and jnp.std are nested calls (as is a jitted helper): the chain follows a call that
+  computes a statistic of each unit over the other axes, so the norm's activations are the
+  same as with plain reductions and a duplicate unit merges exactly. A variance over the units
+  (a LayerNorm written with jnp.var) mixes them: no group."""
+  def fn(p, x, how):
+    y = x @ p["w1"] + p["b1"]
     m = y.mean(1, keepdims=True)
-    v = y.var(1, keepdims=True) if use_var else ((y - m) ** 2).mean(1, keepdims=True)
-    return jax.nn.relu((y - m) / jnp.sqrt(v + 1e-5)).mean(1) @ p["w2"]
+    if how == "var":
+      z = (y - m) / jnp.sqrt(y.var(1, keepdims=True) + 1e-5)
+    elif how == "std":
+      z = (y - m) / (y.std(1, keepdims=True) + 1e-5)
+    elif how == "jit_max":
+      z = jax.jit(lambda v: v.max(1, keepdims=True))(y) - y      # >= 0
+    else:
+      z = (y - m) / jnp.sqrt(((y - m) ** 2).mean(1, keepdims=True) + 1e-5)
+    return jax.nn.relu(z).mean(1) @ p["w2"]
 
-  p, x = {"w1": _arr(4, 6), "w2": _arr(6, 2)}, _arr(3, 5, 4)
-  plain = jaxprune.trace(lambda p, x: fn(p, x, False), p, x)
-  assert plain.activations_complete("w1") and plain.activations_incomplete_why("w1") is None
-  nested = jaxprune.trace(lambda p, x: fn(p, x, True), p, x)
-  assert not nested.activations_complete("w1")
-  with pytest.raises(ValueError, match=r"jnp\.var or jnp\.std"):
-    jaxprune.distinctiveness(nested, "w1", constants=False)
+  p, x = {"w1": _arr(4, 6), "b1": _arr(6), "w2": _arr(6, 2)}, _arr(3, 5, 4)
+  plain = jaxprune.trace(lambda p, x: fn(p, x, "plain"), p, x)
+  q = dict(p, b1=p["b1"].at[4].set(p["b1"][1]), w1=p["w1"].at[:, 4].set(p["w1"][:, 1]))
+  for how in ("var", "std", "jit_max"):
+    t = jaxprune.trace(lambda p, x, how=how: fn(p, x, how), p, x)
+    assert t.activations_complete("w1") and t.activations_incomplete_why("w1") is None, how
+    if how == "var":                  # the same norm as the plain one
+      np.testing.assert_allclose(t.activations(p, x, "w1"), plain.activations(p, x, "w1"),
+                                 atol=1e-5)
+    acts = t.activations(q, x, "w1")
+    q2, um, _ = jaxprune.distinctiveness(t, "w1", complementary=False, constants=False)(
+        q, jaxprune.unit_masks_ones(t), acts, 1.0, 179.0)
+    assert np.asarray(um["w1"]).tolist() == [True] * 4 + [False, True], how
+    np.testing.assert_allclose(fn(q2, x, how), fn(q, x, how), atol=1e-5)
+
+  def layer_norm(p, x):
+    y = x @ p["w1"] + p["b1"]
+    z = (y - y.mean(-1, keepdims=True)) / jnp.sqrt(y.var(-1, keepdims=True) + 1e-5)
+    return jax.nn.relu(z).mean(1) @ p["w2"]
+  assert "w1" not in jaxprune.trace(layer_norm, p, x).groups
+
+  def batch_norm(p, x, nested):          # batch statistics: per unit, over the batch
+    z = x @ p["w1"] + p["b1"]
+    m = z.mean(0)
+    v = z.var(0) if nested else ((z - m) ** 2).mean(0)
+    return ((z - m) / jnp.sqrt(v + 1e-5)) @ p["w2"]
+  got = [(t.groups["w1"].activation, t.activations_complete("w1")) for t in (
+      jaxprune.trace(lambda p, x, n=n: batch_norm(p, x, n), p, _arr(16, 4)) for n in (1, 0))]
+  assert got[0] == got[1] == ("other", True), got
 
 
 # ---------------------------------------------------------------- plain-JAX group names
