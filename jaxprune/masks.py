@@ -140,8 +140,9 @@ def _nnx_variable_hint(missing: list, extra: list) -> str:
     return {p[:-1] for p in paths}
   if missing and bare(missing) == set(extra):
     return ("The params are nnx Variables (an nnx.State, as nnx.Optimizer holds them) and the "
-            "masks plain arrays (nnx.to_pure_dict): make the masks from the same state, "
-            "jaxprune.ones_like(nnx.state(model, nnx.Param)), or pass plain-dict params too")
+            "masks plain arrays (nnx.to_pure_dict): make the masks from that same state, "
+            "jaxprune.ones_like(state) (e.g. state = nnx.state(model, nnx.Param)), or pass "
+            "plain-dict params too")
   if extra and bare(extra) == set(missing):
     return ("The masks are nnx Variables (an nnx.State) and the params plain arrays: make the "
             "masks from the plain params (jaxprune.ones_like(params)), or convert them with "
@@ -150,11 +151,13 @@ def _nnx_variable_hint(missing: list, extra: list) -> str:
 
 
 def _unit_mask_hint(params, masks) -> str:
-  """When ``masks`` look like unit masks (a flat dict of 1-D masks, one per group, none of its
-  keys a key of the params): how to make weight masks of them, else ''."""
+  """When ``masks`` look like unit masks (a flat dict of 1-D masks, one per group, none of
+  them the shape of a params entry of its key; a traced target's groups are named after their
+  kernels' keys): how to make weight masks of them, else ''."""
   if (not isinstance(masks, Mapping) or not masks or not isinstance(params, Mapping)
-      or any(k in params for k in masks)
-      or not all(hasattr(m, "shape") and len(m.shape) == 1 for m in masks.values())):
+      or not all(hasattr(m, "shape") and len(m.shape) == 1 for m in masks.values())
+      or any(k in params and tuple(jnp.shape(params[k])) == tuple(m.shape)
+             for k, m in masks.items() if not isinstance(params.get(k), Mapping))):
     return ""
   return ("These look like unit masks (group name -> one bool per unit); weight masks hold one "
           "bool per weight, in the params' structure: make them with "
@@ -271,21 +274,25 @@ def _one_device_set(leaves) -> bool:
 
 
 def on_one_device(*trees):
-  """``trees`` with every array moved to the first array's device when their arrays live on
-  different device sets (params placed by hand on several devices, which no one compiled
+  """``trees`` with every array moved to one device of the first array (its lowest id) when
+  their arrays live on different device sets (params placed by hand on several devices, which no one compiled
   program takes), else None. A pruner that ranks weights across leaves then runs there, and
   :func:`placed_like` puts its outputs back where the inputs were."""
   arrays = [x for x in jax.tree.leaves(trees)
             if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)]
   if _one_device_set(arrays):
     return None
-  return jax.device_put(trees, list(arrays[0].devices())[0])
+  device = min(arrays[0].devices(), key=lambda d: d.id)
+  return jax.tree.map(lambda x: jax.device_put(x, device) if isinstance(x, jax.Array) else x,
+                      trees)
 
 
 def placed_like(out: PyTree, like: PyTree) -> PyTree:
-  """``out`` with each array placed as the matching leaf of ``like`` is."""
-  return jax.tree.map(lambda o, l: jax.device_put(o, l.sharding) if isinstance(l, jax.Array)
-                      else o, out, like)
+  """``out`` with each array placed as the matching leaf of ``like`` is (values traced inside
+  an outer ``jit`` stay where that program puts them)."""
+  return jax.tree.map(
+      lambda o, l: jax.device_put(o, l.sharding) if isinstance(l, jax.Array) and not isinstance(
+          o, jax.core.Tracer) and not isinstance(l, jax.core.Tracer) else o, out, like)
 
 
 def _zero_masked_leaves(tree: PyTree, masks: PyTree) -> PyTree:

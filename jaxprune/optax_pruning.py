@@ -871,9 +871,10 @@ def prune_to_sparsity(params: PyTree, weight_masks: PyTree | None = None, sparsi
     ``(params with pruned weights zeroed, weight_masks)``. Leaves placed by hand on different
     devices are ranked together on the first leaf's device and returned where they were.
   """
-  moved = masks_lib.on_one_device(params, weight_masks, scores)
+  moved = masks_lib.on_one_device(params, weight_masks, None if callable(scores) else scores)
   if moved is not None:
-    out = prune_to_sparsity(*moved[:2], sparsity, scores=moved[2], scope=scope, select=select)
+    out = prune_to_sparsity(*moved[:2], sparsity, scores=scores if callable(scores) else moved[2],
+                            scope=scope, select=select)
     return masks_lib.placed_like(out, (params, params))
   sparsity = _sparsity_map_or_float(sparsity)
   scope = _check_scope(scope, sparsity)
@@ -960,6 +961,9 @@ def erk_sparsity(params: PyTree, sparsity: float, *, select: Select = None,
 def magnitude_scores(params: PyTree, grads: PyTree | None = None) -> PyTree:
   """``|w|`` (the default score)."""
   del grads
+  moved = masks_lib.on_one_device(params)
+  if moved is not None:   # leaves placed by hand on several devices
+    return masks_lib.placed_like(_abs_tree(*moved), params)
   return _abs_tree(params)
 
 
@@ -971,6 +975,9 @@ def saliency_scores(params: PyTree, grads: PyTree) -> PyTree:
   if grads is None:
     raise ValueError("saliency_scores needs gradients; under gradual they are each step's "
                      "gradients, one-shot use snip_scores(loss_fn, params, *batch).")
+  moved = masks_lib.on_one_device(params, grads)
+  if moved is not None:   # leaves placed by hand on several devices
+    return masks_lib.placed_like(_abs_product(*moved), params)
   return _abs_product(params, grads)
 
 
@@ -1080,10 +1087,10 @@ def block_prune(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5
     ``(params with pruned weights zeroed, weight_masks)``. Leaves placed by hand on different
     devices are ranked together on the first leaf's device and returned where they were.
   """
-  moved = masks_lib.on_one_device(params, weight_masks, scores)
+  moved = masks_lib.on_one_device(params, weight_masks, None if callable(scores) else scores)
   if moved is not None:
-    out = block_prune(*moved[:2], sparsity, block=block, scores=moved[2], scope=scope,
-                      select=select)
+    out = block_prune(*moved[:2], sparsity, block=block,
+                      scores=scores if callable(scores) else moved[2], scope=scope, select=select)
     return masks_lib.placed_like(out, (params, params))
   sparsity = _sparsity_map_or_float(sparsity)
   scope = _check_scope(scope, sparsity)

@@ -2708,10 +2708,10 @@ _MODULE_HINTS = {
 
 
 def _flax_module_kind(fn) -> str | None:
-  """``'linen'`` or ``'nnx'`` when ``fn`` is a Flax module instance (passed where its apply
+  """``'linen'`` or ``'nnx'`` when ``fn`` is a Flax module or its class (passed where its apply
   function belongs: the failed trace then says what to pass); None otherwise. Read from the
   class's module path, so flax is not imported here."""
-  for cls in type(fn).__mro__:
+  for cls in (fn if isinstance(fn, type) else type(fn)).__mro__:   # an instance or the class
     mod = getattr(cls, "__module__", "") or ""
     if mod.startswith("flax.linen"):
       return "linen"
@@ -2777,7 +2777,8 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
               "flag, a mode) by closing over them, e.g. trace(functools.partial(model.apply, "
               "train=False), params, x) or trace(lambda p, x: fn(p, x, False), params, x).")
     elif _flax_module_kind(fn):
-      hint = _MODULE_HINTS[_flax_module_kind(fn)].format(name=type(fn).__name__)
+      name = fn.__name__ + " class" if isinstance(fn, type) else type(fn).__name__
+      hint = _MODULE_HINTS[_flax_module_kind(fn)].format(name=name)
     elif type(e).__name__ == "TraceContextError":
       hint = ("an nnx model in training mode (Dropout, or a BatchNorm that updates its "
               "statistics) changes its own state while traced: call model.eval() before "

@@ -270,17 +270,25 @@ two = {"a": jax.device_put(jnp.arange(12.0).reshape(3, 4), d0),
        "b": jax.device_put(jnp.arange(10.0).reshape(2, 5) + 0.5, d1)}
 for pruned, kept, *_ in (jaxprune.prune_to_sparsity(two, None, 0.5),
                          jaxprune.block_prune(two, None, 0.5, block=(1, 1)),
-                         jaxprune.magnitude_prune(two, None, 0.5, scope="global")):
+                         jaxprune.magnitude_prune(two, None, 0.5, scope="global"),
+                         jaxprune.prune_to_sparsity(two, None, 0.5,
+                                                    scores=jaxprune.magnitude_scores)):
   print("LEAF", *(f"{k}:{list(v.devices())[0].id}:{float(v.sum())}:"
                   f"{list(kept[k].devices())[0].id}:{int(kept[k].sum())}"
                   for k, v in pruned.items()))
+sc = jaxprune.saliency_scores(two, jax.tree.map(lambda a: -2 * a, two))
+print("LEAF", *(f"{k}:{list(v.devices())[0].id}:{float(v.sum())}" for k, v in sc.items()))
+# Under an outer jit that closes over them, the program places them: nothing is put back.
+kept = jax.jit(lambda s: jaxprune.prune_to_sparsity(two, None, s)[1])(0.5)
+print("LEAF", *(f"{k}:{int(v.sum())}" for k, v in kept.items()))
 """
 
 
 def test_leaves_placed_on_different_devices_are_zeroed_where_they_live():
   """Params placed by hand on two devices (one program cannot take them): each leaf is zeroed
   on its own device, eagerly and in the masked optimizer's eager update; the one-shot pruners
-  rank them on one device and return each where it was (they raised JAX's device error)."""
+  and score helpers rank them on one device and return each where it was (they raised JAX's
+  device error), also with scores given as a function, and under an outer jit."""
   lines = run_fresh(_TWO_DEVICES, "LEAF", "--xla_force_host_platform_device_count=2")
   # a: 8 of 12 entries kept, each 2.0 (16.0); b: 4 of 5 kept (4.0). One sgd(0.5) step on
   # gradients of ones: kept weights 2 -> 1.5 and 1 -> 0.5, the masked ones stay 0.
@@ -288,4 +296,7 @@ def test_leaves_placed_on_different_devices_are_zeroed_where_they_live():
   # prune_to_sparsity, block_prune (1 x 1 blocks) and magnitude_prune rank them together
   # (global): the 11 smallest of 22 are a's 0..5 and b's 0.5..4.5; each leaf and its mask come
   # back on its own device.
-  assert lines[2:] == [["a:0:51.0:0:6", "b:1:37.5:1:5"]] * 3
+  assert lines[2:6] == [["a:0:51.0:0:6", "b:1:37.5:1:5"]] * 4      # the last with callable scores
+  # |w * -2w| = 2 w^2: 2 * (0^2 + ... + 11^2) and 2 * (0.5^2 + ... + 9.5^2); on their devices.
+  assert lines[6] == ["a:0:1012.0", "b:1:665.0"]
+  assert lines[7] == ["a:6", "b:5"]

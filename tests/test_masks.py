@@ -124,6 +124,12 @@ def test_unit_masks_given_as_weight_masks_point_to_expand():
     with pytest.raises(ValueError, match=r"These look like unit masks .*jaxprune\.expand\("
                        r"params, target, unit_masks\)"):
       call()
+  # A traced target's groups are named after their kernels' keys: still unit masks.
+  f = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"][None]) @ p["w2"]
+  flat = {"w1": jnp.ones((4, 6)), "b1": jnp.zeros(6), "w2": jnp.ones((6, 2))}
+  t = jaxprune.trace(f, flat, jnp.ones((3, 4)))
+  with pytest.raises(ValueError, match="These look like unit masks"):
+    jaxprune.apply_masks(flat, jaxprune.unit_masks_ones(t))
   # Weight masks of another structure get the general advice, not the unit-mask hint.
   with pytest.raises(ValueError, match="ones_like") as e:
     jaxprune.apply_masks(params, {"params": {"out": jaxprune.ones_like(params)["params"]["out"]}})
@@ -136,7 +142,8 @@ def test_nnx_state_against_plain_dict_masks_says_which_is_which():
   state = nnx.state(nnx_sigmoid_mlp(), nnx.Param)
   plain = nnx.to_pure_dict(state)
   with pytest.raises(ValueError, match=r"The params are nnx Variables .* and the masks plain "
-                     r"arrays .*jaxprune\.ones_like\(nnx\.state\(model, nnx\.Param\)\)"):
+                     r"arrays .*make the masks from that same state, jaxprune\.ones_like\("
+                     r"state\)"):
     jaxprune.apply_masks(state, jaxprune.ones_like(plain))
   with pytest.raises(ValueError, match=r"The masks are nnx Variables .* and the params plain "
                      r"arrays"):

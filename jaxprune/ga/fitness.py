@@ -189,8 +189,9 @@ def weights_unusable(w: jax.Array) -> jax.Array:
 
 def weighted_percent(correct: jax.Array, w: jax.Array | None, scale: float = 100.0) -> jax.Array:
   """Accuracy in percent over axis 0 of ``correct``; weighted by ``w`` (N,) when given
-  (``scale=1.0``: a fraction, rounded once, as :func:`jaxprune.evaluate` gives it; a percent
-  divided by 100 can be an ulp off).
+  (``scale=1.0``: a fraction, rounded once; unweighted, the same float as
+  :func:`jaxprune.evaluate` gives, where a percent divided by 100 can be an ulp off; weighted,
+  the sums below run in their own order, so it can differ from evaluate's by an ulp or two).
 
   The weights are scaled first (:func:`scale_weights`: by a power of two, exactly), so that
   the mean does not depend on their scale: weights of ``1e37`` or ``1e-40`` per pattern give
