@@ -275,9 +275,9 @@ def _one_device_set(leaves) -> bool:
 
 def on_one_device(*trees):
   """``trees`` with every array moved to one device of the first array (its lowest id) when
-  their arrays live on different device sets (params placed by hand on several devices, which no one compiled
-  program takes), else None. A pruner that ranks weights across leaves then runs there, and
-  :func:`placed_like` puts its outputs back where the inputs were."""
+  their arrays live on different device sets (params placed by hand on several devices, which
+  no one compiled program takes), else None. A pruner that ranks weights across leaves then
+  runs there, and :func:`placed_like` puts its outputs back where the inputs were."""
   arrays = [x for x in jax.tree.leaves(trees)
             if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)]
   if _one_device_set(arrays):
