@@ -2797,7 +2797,10 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
     lines += ("note: the function draws random numbers (random_bits): a dropout in training "
               "mode ties its random mask to the units it drops, and they are not followed "
               "through it; trace the model in evaluation mode (nnx: model.eval(); linen: "
-              "deterministic=True).",)
+              "deterministic=True). Noise drawn in the units' shape on purpose (a VAE's "
+              "sampled latent: mu + sigma * eps) fixes their number the same way, so those "
+              "units are not prunable (the axes 'used by bitcast_convert_type' and other "
+              "random-bit ops).",)
   returned = sorted({units_lib.path_str([units_lib.key_of(k) for k in kp][:i + 1])
                      for kp, _ in jax.tree_util.tree_flatten_with_path(out_shape)[0]
                      for i, k in enumerate(kp) if units_lib.key_of(k) in _RETURNED_VARIABLES})

@@ -213,3 +213,18 @@ def test_a_flax_module_passed_as_fn_says_to_trace_its_apply():
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
   with pytest.raises(jaxprune.TraceError, match=r"nnx module Linear itself.*nnx\.split\(model\)"):
     jaxprune.trace(model, nnx.state(model), x)
+  with pytest.raises(jaxprune.TraceError, match=r"linen module Net class itself"):
+    jaxprune.trace(Net, Net().init(jax.random.key(0), x), x)     # the class, not an instance
+
+
+def test_a_vae_latent_is_not_prunable_and_explain_names_the_noise():
+  def vae(p, x):
+    h = jnp.tanh(x @ p["we"] + p["be"])
+    mu, logv = h @ p["wm"], h @ p["wv"]
+    z = mu + jnp.exp(0.5 * logv) * jax.random.normal(jax.random.key(0), mu.shape)
+    return jnp.tanh(z @ p["wd"] + p["bd"]) @ p["wo"]
+  p = {"we": _arr(6, 8), "be": _arr(8), "wm": _arr(8, 3), "wv": _arr(8, 3), "wd": _arr(3, 5),
+       "bd": _arr(5), "wo": _arr(5, 6)}
+  t = jaxprune.trace(vae, p, _arr(4, 6))
+  assert {n: g.size for n, g in t.groups.items()} == {"we": 8, "wd": 5}   # not the latent's 3
+  assert "a VAE's sampled latent" in t.explain()
