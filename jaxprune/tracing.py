@@ -1493,6 +1493,19 @@ def _stat_call(w: _Walker, scope: tuple, k: int, eqn, live, stats, root) -> str 
   inner, _ = _call_body(eqn)
   if inner is None or root is None or len(eqn.outvars) != 1 or not live:
     return None
+  # Asked again for the same call (by _per_unit_stat, then for its output's kind): remembered,
+  # so that calls nested in calls are walked once each, not twice per level.
+  cache = w.__dict__.setdefault("_stat_calls", {})
+  key = (scope, k, root, tuple((not isinstance(v, jex.core.Literal) and v in live,
+                                not isinstance(v, jex.core.Literal) and v in stats)
+                               for v in eqn.invars))
+  if key not in cache:
+    cache[key] = _stat_call_walk(w, scope, k, eqn, inner, live, stats, root)
+  return cache[key]
+
+
+def _stat_call_walk(w: _Walker, scope: tuple, k: int, eqn, inner, live, stats, root):
+  """:func:`_stat_call`'s walk of the call's body."""
   iscope = scope + (k,)
   values, istats = set(), {}
   for o, i in zip(eqn.invars, inner.invars):
