@@ -871,11 +871,10 @@ def prune_to_sparsity(params: PyTree, weight_masks: PyTree | None = None, sparsi
     ``(params with pruned weights zeroed, weight_masks)``. Leaves placed by hand on different
     devices are ranked together on the first leaf's device and returned where they were.
   """
-  moved = masks_lib.on_one_device(params, weight_masks, None if callable(scores) else scores)
-  if moved is not None:
-    out = prune_to_sparsity(*moved[:2], sparsity, scores=scores if callable(scores) else moved[2],
-                            scope=scope, select=select)
-    return masks_lib.placed_like(out, (params, params))
+  out = _ranked_on_one_device(prune_to_sparsity, params, weight_masks, scores, sparsity,
+                              scope=scope, select=select)
+  if out is not None:
+    return out
   sparsity = _sparsity_map_or_float(sparsity)
   scope = _check_scope(scope, sparsity)
   masks = masks_lib.ones_like(params) if weight_masks is None else weight_masks
@@ -886,6 +885,18 @@ def prune_to_sparsity(params: PyTree, weight_masks: PyTree | None = None, sparsi
                                     None if per_leaf is None else tuple(per_leaf),
                                     selected=selected, scope=scope)
   return _flag_invalid(pruned, sparsity, per_leaf, selected), new
+
+
+def _ranked_on_one_device(prune, params, weight_masks, scores, *args, **kwargs):
+  """``prune(params, weight_masks, *args, scores=..., **kwargs)`` on one device, its outputs
+  placed back like the params, when the leaves were placed by hand on different devices
+  (:func:`jaxprune.masks.on_one_device`); None when they were not. Scores given as a function
+  are called there."""
+  moved = masks_lib.on_one_device(params, weight_masks, None if callable(scores) else scores)
+  if moved is None:
+    return None
+  out = prune(*moved[:2], *args, scores=scores if callable(scores) else moved[2], **kwargs)
+  return masks_lib.placed_like(out, (params, params))
 
 
 def _to_sparsity_zeroed(params, masks, scores, target, per_leaf, *, selected, scope):
@@ -1087,11 +1098,10 @@ def block_prune(params: PyTree, weight_masks: PyTree | None = None, sparsity=0.5
     ``(params with pruned weights zeroed, weight_masks)``. Leaves placed by hand on different
     devices are ranked together on the first leaf's device and returned where they were.
   """
-  moved = masks_lib.on_one_device(params, weight_masks, None if callable(scores) else scores)
-  if moved is not None:
-    out = block_prune(*moved[:2], sparsity, block=block,
-                      scores=scores if callable(scores) else moved[2], scope=scope, select=select)
-    return masks_lib.placed_like(out, (params, params))
+  out = _ranked_on_one_device(block_prune, params, weight_masks, scores, sparsity, block=block,
+                              scope=scope, select=select)
+  if out is not None:
+    return out
   sparsity = _sparsity_map_or_float(sparsity)
   scope = _check_scope(scope, sparsity)
   if (not isinstance(block, (tuple, list)) or len(block) != 2

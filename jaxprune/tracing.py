@@ -305,6 +305,7 @@ class _Walker:
     self.origin: dict[Any, tuple] = {}         # var -> (leaf, axis map) for pure layout of a leaf
     self.stream: set = set()                   # vars that depend on the non-param arguments
     self.zeros: set = set()                    # arrays of zeros made in the function
+    self.stat_calls: dict = {}                 # _stat_call's answers, per call and inputs
     self.contractions: list[_Contraction] = []
     self.uses: dict[tuple[int, int], _Use] = {}
     self.tied: set[tuple[int, int]] = set()     # (leaf, axis) both producer and consumer
@@ -1495,7 +1496,7 @@ def _stat_call(w: _Walker, scope: tuple, k: int, eqn, live, stats, root) -> str 
     return None
   # Asked again for the same call (by _per_unit_stat, then for its output's kind): remembered,
   # so that calls nested in calls are walked once each, not twice per level.
-  cache = w.__dict__.setdefault("_stat_calls", {})
+  cache = w.stat_calls
   key = (scope, k, root, tuple((not isinstance(v, jex.core.Literal) and v in live,
                                 not isinstance(v, jex.core.Literal) and v in stats)
                                for v in eqn.invars))
@@ -2789,9 +2790,9 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
       hint = ("every example argument is traced as an array: pass Python settings (a train "
               "flag, a mode) by closing over them, e.g. trace(functools.partial(model.apply, "
               "train=False), params, x) or trace(lambda p, x: fn(p, x, False), params, x).")
-    elif _flax_module_kind(fn):
+    elif kind := _flax_module_kind(fn):
       name = fn.__name__ + " class" if isinstance(fn, type) else type(fn).__name__
-      hint = _MODULE_HINTS[_flax_module_kind(fn)].format(name=name)
+      hint = _MODULE_HINTS[kind].format(name=name)
     elif type(e).__name__ == "TraceContextError":
       hint = ("an nnx model in training mode (Dropout, or a BatchNorm that updates its "
               "statistics) changes its own state while traced: call model.eval() before "
