@@ -95,7 +95,14 @@ def _suite_cache() -> str | None:
   HLO from a fresh closure or model object, which jit's in-memory caches cannot recognise.
   JAX's persistent cache is keyed on the program and the compile options, so they are loaded
   instead. A fresh folder per run (made by the controller, removed at its end), so nothing
-  is reused from an earlier run. ``JAXPRUNE_SUITE_XLA_CACHE=off`` turns it off."""
+  is reused from an earlier run. ``JAXPRUNE_SUITE_XLA_CACHE=off`` turns it off.
+
+  JAX writes an entry without a lock (``write_bytes``; it locks only when the cache has a size
+  limit, which needs the ``filelock`` package): a worker that reads an entry the other is still
+  writing gets a truncated zlib stream, warns "Error reading persistent compilation cache
+  entry" and compiles the program itself (a truncated stream never decompresses). That
+  warning is ignored in ``pyproject.toml``: with warnings as errors it failed a run at
+  collection, when both workers compile the same small programs at once."""
   path = os.environ.get(_CACHE_ENV)
   if path == "off":
     return None
