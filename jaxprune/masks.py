@@ -29,21 +29,27 @@ groups_of = units_lib.groups_of   # in units: compact and uncompact resolve targ
 PyTree = Any
 
 
+def host_built(like: PyTree, value: np.ndarray) -> jax.Array:
+  """``value`` (built on the host) as a device array: ``jnp.ones`` / ``jnp.zeros`` would compile
+  small XLA programs per new shape on a first call. When ``like`` holds a tracer (inside a
+  trace: ``jit``, ``vmap``, an optimizer's traced init) it is built the traced way."""
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(like)):
+    return jnp.asarray(value)
+  return jax.device_put(value)
+
+
 def ones_like(params: PyTree) -> PyTree:
   """All-True weight masks with the structure and shapes of ``params``."""
-  # Built on the host and put on the device: ``jnp.ones`` would compile two small XLA programs
-  # per new shape on a first call. Inside a trace the masks are built the traced way.
-  if any(isinstance(p, jax.core.Tracer) for p in jax.tree.leaves(params)):
-    return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), dtype=bool), params)
-  return jax.tree.map(lambda p: jax.device_put(np.ones(np.shape(p), dtype=bool)), params)
+  leaves = jax.tree.leaves(params)
+  tracer = next((x for x in leaves if isinstance(x, jax.core.Tracer)), ())   # looked for once
+  return jax.tree.map(lambda p: host_built(tracer, np.ones(np.shape(p), dtype=bool)), params)
 
 
 def unit_masks_ones(model_or_groups) -> dict[str, jax.Array]:
   """All-True unit masks, one bool vector per unit group of a model."""
   groups = groups_of(model_or_groups, "unit_masks_ones",
                      " For weight masks of params use jaxprune.ones_like(params).")
-  # Host-built (``jnp.ones`` would compile two small XLA programs per new group size).
-  return {name: jax.device_put(np.ones((g.size,), dtype=bool)) for name, g in groups.items()}
+  return {name: host_built((), np.ones((g.size,), dtype=bool)) for name, g in groups.items()}
 
 
 def _is_target(x) -> bool:
@@ -197,15 +203,14 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
     raise ValueError(f"Weight masks are not a pytree: {e}") from e
   m_paths = dict(m_flat)
   if jax.tree.structure(params) != jax.tree.structure(masks):
-    missing = [jax.tree_util.keystr(k) for k in p_paths if k not in m_paths]
-    extra = [jax.tree_util.keystr(k) for k in m_paths if k not in p_paths]
+    missing_keys = [k for k in p_paths if k not in m_paths]
+    extra_keys = [k for k in m_paths if k not in p_paths]
+    missing = [jax.tree_util.keystr(k) for k in missing_keys]
+    extra = [jax.tree_util.keystr(k) for k in extra_keys]
     why = (f"missing leaves: {missing[:5] or 'none'}; unexpected leaves: {extra[:5] or 'none'}"
            if missing or extra else _container_difference(params, masks))
-    hint = (_nesting_hint([k for k in p_paths if k not in m_paths],
-                          [k for k in m_paths if k not in p_paths])
-            or _nnx_variable_hint([k for k in p_paths if k not in m_paths],
-                                  [k for k in m_paths if k not in p_paths])
-            or _unit_mask_hint(params, masks))
+    hint = (_nesting_hint(missing_keys, extra_keys)
+            or _nnx_variable_hint(missing_keys, extra_keys) or _unit_mask_hint(params, masks))
     if extra and any(type(x).__name__ == "MaskedNode" for x in jax.tree.leaves(
         params, is_leaf=lambda x: type(x).__name__ == "MaskedNode")):
       why += f"; the params hold optax.MaskedNode() placeholders ({_MASKED_NODE_FIX})"

@@ -362,15 +362,6 @@ class PruningState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _host_or_traced(params, value: np.ndarray) -> jax.Array:
-  """``value`` (built on the host) as a device array: ``jnp.zeros``/``jnp.ones`` would compile
-  small programs per new shape on a first call. Inside a trace (tracer params) it is built the
-  traced way, as part of the traced init."""
-  if not validate.is_concrete(params):
-    return jnp.asarray(value)
-  return jax.device_put(value)
-
-
 def _wrap(tx: optax.GradientTransformation, pruner: StepPruner, target_fn, begin_step, end_step,
           frequency, at_end: bool) -> optax.GradientTransformation:
   _check_tx(tx)
@@ -381,7 +372,7 @@ def _wrap(tx: optax.GradientTransformation, pruner: StepPruner, target_fn, begin
                             "a pruner cannot rank NaN (a NaN weight would be kept forever). "
                             "Repair them (e.g. load the params from before training "
                             "diverged).")
-    return PruningState(_host_or_traced(params, np.zeros((), np.int32)),
+    return PruningState(masks_lib.host_built(params, np.zeros((), np.int32)),
                         masks_lib.ones_like(params), pruner.init(params), tx.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -1203,7 +1194,7 @@ def _per_variant(group: units_lib.UnitGroup, make):
 
 
 def _unit_state(g):
-  return lambda params: {g.name: _host_or_traced(params, np.ones((g.size,), bool))}
+  return lambda params: {g.name: masks_lib.host_built(params, np.ones((g.size,), bool))}
 
 
 def importance_pruner(model_or_groups, group: str, *, norm: str = "rms") -> StepPruner:
