@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
 import sys
 from typing import Any, Callable, Sequence
 
@@ -43,6 +44,7 @@ flags.disclaim_key_flags()
 
 DATA_CHOICES = ("features", "digits_features", "images", "sfew_features", "sfew_images")
 IMAGE_DATA = ("images", "sfew_images")  # the --data choices that hold images
+BUNDLED_DATA = tuple(d for d in DATA_CHOICES if not d.startswith("sfew_"))  # need no path
 SEED_LIMIT = 2**32
 #: Flags every binary defines itself; a Config field of one of these names (``seed``) is set
 #: from it rather than getting a second flag.
@@ -94,7 +96,7 @@ def check_workdir_outside_data(workdir: str, data: str | None, data_path: str | 
     fail(f"--workdir={workdir} would put the study's folder ({shown}) inside "
          f"--data_path={data_path}, the SFEW image tree, where the next run would read it as a "
          "class folder; pass a --workdir outside the image tree (e.g. "
-         f"--workdir={os.path.join(os.path.dirname(tree), 'work')}).")
+         f"--workdir={shlex.quote(os.path.join(os.path.dirname(tree), 'work'))}).")
 
 
 def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
@@ -129,10 +131,43 @@ def run_binary(main: Callable[[Sequence[str]], Any]) -> None:
   app.run(one_line_usage_errors(main))
 
 
-def check_no_args(argv: Sequence[str]) -> None:
-  """Fails on positional arguments (a binary takes flags only)."""
+def check_no_args(argv: Sequence[str], command_line: Sequence[str] | None = None) -> None:
+  """Fails on positional arguments (a binary takes flags only). ``command_line`` (default
+  ``sys.argv``) is the command as typed: when the stray words continue a flag's value (a path
+  with a space, unquoted), the error shows the value quoted."""
   if len(argv) > 1:
-    fail(f"Unexpected arguments: {' '.join(argv[1:])}")
+    fail(f"Unexpected arguments: {' '.join(argv[1:])}"
+         f"{split_value_hint(argv[1:], sys.argv if command_line is None else command_line)}")
+
+
+def split_value_hint(extra: Sequence[str], command_line: Sequence[str]) -> str:
+  """A hint when the stray words ``extra`` follow a flag's value on ``command_line``: the shell
+  split an unquoted value with spaces (``--data_path=/data/my SFEW``), so the flag got only
+  its first word. '' when they follow no flag value.
+
+  Example:
+    >>> split_value_hint(["SFEW"], ["prog", "--data_path=/data/my", "SFEW", "--quick"])[-40:]
+    "so quote it: --data_path='/data/my SFEW'"
+    >>> split_value_hint(["x"], ["prog", "--quick", "x"])
+    ''
+  """
+  words = list(command_line)
+  for i in range(1, len(words) - len(extra) + 1):
+    if words[i:i + len(extra)] != list(extra):
+      continue
+    before = words[i - 1]
+    if before.startswith("--") and "=" in before:
+      name, value = before[2:].split("=", 1)
+      shown = before
+    elif i >= 3 and words[i - 2].startswith("--") and "=" not in words[i - 2]:
+      name, value = words[i - 2][2:], before
+      shown = f"{words[i - 2]} {before}"
+    else:
+      continue
+    whole = " ".join([value, *extra])
+    return (f". They continue {shown}: the shell splits a value at spaces, so quote it: "
+            f"--{name}={shlex.quote(whole)}")
+  return ""
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -318,7 +353,9 @@ def define_common_flags(default_data: str, flag_values: flags.FlagValues = FLAGS
                       "tree (sfew_images).", flag_values=fv)
   flags.register_multi_flags_validator(
       ["data", "data_path"],
-      lambda f: f["data_path"] is None or str(f["data"]).startswith("sfew_"),
+      # Only a bundled name is refused here; an unknown one (SFEW_features) gets the clearer
+      # "Unknown --data" error, which lists the names, when the data are loaded.
+      lambda f: f["data_path"] is None or f["data"] not in BUNDLED_DATA,
       message="--data_path reads your own SFEW copy, which only --data=sfew_features (SFEW.xlsx "
               "/ .csv) or --data=sfew_images (the class-folder tree) loads; the bundled data "
               "would be used instead. Add --data=sfew_features or --data=sfew_images.",

@@ -176,10 +176,11 @@ def _refuse_image_tree(data: str, data_path: str | None) -> None:
     classes = sorted(n for n in names if n.lower() in data_lib.SFEW_CLASS_NAMES
                      and os.path.isdir(os.path.join(folder, n)))
     if classes:
-      _flags.fail(f"--data_path={data_path} is the SFEW image tree (it holds the class folders "
+      arg = data_lib.sfew.flag_arg("data_path", data_path)   # quoted: pasted into a shell
+      _flags.fail(f"{arg} is the SFEW image tree (it holds the class folders "
                   f"{', '.join(classes)}), but --data=sfew_features reads the features file "
                   "(SFEW.xlsx or SFEW.csv). Compute it with python -m experiments.featurize "
-                  f"--data_path={data_path} --out=SFEW.csv and pass --data_path=SFEW.csv, or "
+                  f"{arg} --out=SFEW.csv and pass --data_path=SFEW.csv, or "
                   "give the tree to a CNN study (--data=sfew_images).")
 
 

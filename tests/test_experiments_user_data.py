@@ -107,6 +107,11 @@ def test_image_tree_given_to_an_mlp_study_names_featurize(tmp_path):
                      r"python -m experiments\.featurize --data_path=.*--data=sfew_images\)\.$"):
     gvd.run(gvd.Config.quick(), str(work), data="sfew_features", data_path=tree)
   assert not work.exists()
+  # A path with a space is quoted, so that the suggested command can be pasted into a shell.
+  spaced = _image_tree(tmp_path / "my SFEW")
+  with pytest.raises(app.UsageError, match=r"^--data_path='.*/my SFEW' is the SFEW image tree "
+                     r".*python -m experiments\.featurize --data_path='.*/my SFEW' --out="):
+    gvd.run(gvd.Config.quick(), str(work), data="sfew_features", data_path=spaced)
   # A folder that holds the features file beside the class folders still loads it.
   _features_csv(tmp_path / "SFEW" / "SFEW.csv", lambda label, j: j % 3)
   assert len(mc.load_features("sfew_features", tree)) == 42

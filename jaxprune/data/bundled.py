@@ -27,7 +27,7 @@ import threadpoolctl
 from sklearn import datasets as sk_datasets
 from sklearn.decomposition import PCA
 
-from jaxprune.data.dataset import Dataset
+from jaxprune.data.dataset import Dataset, check_images_fit
 
 __all__ = ["FEATURE_NAMES", "load_features", "load_images"]
 
@@ -211,6 +211,9 @@ def load_images(
     )
     keep.sort()
     images, y = images[keep], y[keep]
+  check_images_fit(len(y), (h, w), channels,
+                   fix="pass a smaller size, e.g. size=(90, 72) (--image_size=90x72 in the CNN"
+                   " studies), or keep fewer images with max_per_class (--max_per_class)")
   x = resize_images(images[..., None], (h, w))
   if channels == 3:
     x = np.repeat(x, 3, axis=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -228,3 +229,28 @@ def split(
     test = dataclasses.replace(test, x=x[test_idx],
                                info=dict(test.info, fitted_on="training split"))
   return train, test
+
+
+def _memory_bytes() -> int | None:
+  """This machine's physical memory in bytes; None where the system does not say."""
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (AttributeError, OSError, ValueError):
+    return None
+
+
+def check_images_fit(count: int, size: tuple[int, int], channels: int, fix: str) -> None:
+  """Raises a ValueError when ``count`` float32 images of ``size`` and ``channels`` would take
+  more than this machine's memory, before any is made: numpy would stop with a MemoryError
+  traceback or, where memory is overcommitted, the system would kill the process half-way
+  (a mistyped size such as 9000x7200 for 90x72). ``fix`` says what to change.
+
+  Example:
+    >>> check_images_fit(675, (90, 72), 1, fix="pass a smaller size")
+  """
+  need = count * size[0] * size[1] * channels * 4
+  total = _memory_bytes()
+  if total and need > total:
+    raise ValueError(
+        f"{count} images of {size[0]}x{size[1]}x{channels} take {need / 2**30:.1f} GiB as"
+        f" float32, more than this machine's {total / 2**30:.1f} GiB of memory: {fix}")

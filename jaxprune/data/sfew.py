@@ -17,12 +17,15 @@ returned ``Dataset.info`` (``dropped``, ``skipped``) and logged with absl.
 
 from __future__ import annotations
 
+import codecs
 import concurrent.futures
 import csv
 import dataclasses
+import difflib
 import math
 import os
 import re
+import shlex
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +35,7 @@ import numpy as np
 from absl import logging
 from PIL import ExifTags, Image, ImageOps
 
-from jaxprune.data.dataset import SFEW_CLASS_NAMES, Dataset
+from jaxprune.data.dataset import SFEW_CLASS_NAMES, Dataset, check_images_fit
 
 __all__ = [
     "FEATURE_BLOCKS",
@@ -174,7 +177,7 @@ def _resolve_features_path(path: str | os.PathLike) -> Path:
       raise ValueError(
           f"The folder {path} holds {' and '.join(p.name for p in candidates)}: which one to"
           " read is ambiguous. Pass the path of the file to read (e.g."
-          f" --data_path={candidates[-1]} for the binaries), or keep only one of them in"
+          f" {flag_arg('data_path', candidates[-1])} for the binaries), or keep only one of them in"
           " the folder (the TFDS builder's manual folder must hold one)")
     if candidates:
       return candidates[0]
@@ -183,7 +186,7 @@ def _resolve_features_path(path: str | os.PathLike) -> Path:
                     and p.suffix.lower() in (".xlsx", ".xlsm", ".csv", ".tsv", ".txt"))
     hint = ("" if not others else
             f" It holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}: pass the"
-            f" path of the file to read (e.g. --data_path={path / others[0]} for the"
+            f" path of the file to read (e.g. {flag_arg('data_path', path / others[0])} for the"
             " binaries), or rename it SFEW.xlsx or SFEW.csv.")
     raise FileNotFoundError(
         f"No SFEW.xlsx or SFEW.csv in the folder {path}.{hint} Expected: "
@@ -236,9 +239,12 @@ def _read_xlsx(path: Path, sheet: str | None) -> list[list[Any]]:
 
 
 def _read_csv(path: Path) -> list[list[Any]]:
+  """The rows of a CSV (or tab-separated) text file: UTF-8, or UTF-16 with its byte-order
+  mark, which is what Excel's "Unicode Text" export writes (tab-separated)."""
+  raw = path.read_bytes()
+  encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
   try:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-      text = f.read()
+    text = raw.decode(encoding)
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not a UTF-8 text CSV file ({e}); save it again as UTF-8"
                      " (in Excel: Save As, 'CSV UTF-8'), or pass the .xlsx workbook") from e
@@ -300,6 +306,29 @@ def _looks_like_header(row: list[Any]) -> bool:
   if label is not None and parse_label(label) is None and text:
     return True
   return text > len(cells) - text
+
+
+def _stray_cells_hint(rows: list[list[Any]]) -> str:
+  """Where the cells beyond the 12 columns are, when only some rows have them (a note typed
+  beside a row): the file is then right but for those cells, and they are what to delete."""
+  stray = [(i + 1, c) for i, r in enumerate(rows) for c in range(_NUM_COLUMNS, len(r))
+           if not _is_empty(r[c])]
+  numbers = sorted({i for i, _ in stray})
+  if not numbers or len(numbers) > len(rows) // 2:
+    return ""
+  row, column = stray[0]
+  shown = ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
+  return (f"; only row(s) {shown} of {len(rows)} have cells beyond column {_NUM_COLUMNS}"
+          f" (row {row}, column {column + 1}: {rows[row - 1][column]!r}): delete those cells")
+
+
+def _label_hint(value: Any) -> str:
+  """A fix for an unknown label that is a known mistake: 0 (labels counted from 0)."""
+  if _finite_float(value) == 0:
+    return (". SFEW numbers its classes from 1 (1 angry ... 7 surprise); a label 0 means the"
+            " file counts them from 0 (0 angry ... 6 surprise): add 1 to every label, or"
+            " write the class names instead")
+  return ""
 
 
 def _check_header(header: list[Any], path: Path) -> None:
@@ -399,8 +428,8 @@ def load_sfew_features(
     shown = f" (header {header})" if header is not None else ""
     what = "missing columns" if width < _NUM_COLUMNS else "unexpected extra columns"
     raise ValueError(
-        f"{path}: {what}: found {width} columns, expected {_NUM_COLUMNS}{shown}."
-        f" Expected: {FEATURES_LAYOUT}."
+        f"{path}: {what}: found {width} columns, expected {_NUM_COLUMNS}{shown}"
+        f"{_stray_cells_hint(rows)}. Expected: {FEATURES_LAYOUT}."
     )
   if header is not None and strict_header:
     _check_header(header, path)
@@ -431,6 +460,7 @@ def load_sfew_features(
         raise ValueError(
             f"{path}, row {row_no} ({name or 'no name'}): unknown label"
             f" {row[1]!r}; expected 1..7 or one of {', '.join(SFEW_CLASS_NAMES)}"
+            + _label_hint(row[1])
         )
     values = []
     for c in range(2, _NUM_COLUMNS):
@@ -527,16 +557,92 @@ def _problem(message: str, relpath: str, on_error: OnError,
   skipped.append({"path": relpath, "reason": message})
 
 
-def _nested_hint(folder: Path) -> str:
-  """A hint when ``folder`` holds class folders itself (SFEW's Train/ and Val/ parts)."""
+def flag_arg(name: str, value: Any) -> str:
+  """``--name=value`` as a shell reads it back: quoted when ``value`` holds spaces or other
+  characters a shell would split or expand (a path the user may paste into a command line).
+
+  Example:
+    >>> flag_arg("data_path", "/data/my SFEW/Train")
+    "--data_path='/data/my SFEW/Train'"
+    >>> flag_arg("data_path", "/data/SFEW")
+    '--data_path=/data/SFEW'
+  """
+  return f"--{name}={shlex.quote(str(value))}"
+
+
+def _holds_classes(folder: Path) -> bool:
+  """Whether ``folder`` holds at least one class folder (any letter case)."""
   try:
-    inside = {e.name.strip().lower() for e in folder.iterdir() if e.is_dir()}
+    return any(e.is_dir() and e.name.strip().lower() in SFEW_CLASS_NAMES
+               for e in folder.iterdir())
   except OSError:
+    return False
+
+
+def _class_trees(folder: Path, depth: int = 1) -> list[Path]:
+  """The folders at most ``depth`` levels down from ``folder`` (itself included) that hold
+  class folders: where an SFEW copy's parts are (``SFEW 2.0/Train``, ``SFEW 2.0/Val``)."""
+  if _holds_classes(folder):
+    return [folder]
+  if depth <= 0:
+    return []
+  try:
+    subs = sorted(e for e in folder.iterdir() if e.is_dir() and not e.name.startswith((".", "__")))
+  except OSError:
+    return []
+  return [t for e in subs for t in _class_trees(e, depth - 1)]
+
+
+def _nested_hint(folder: Path) -> str:
+  """A hint when ``folder`` holds class folders itself (SFEW's Train/ and Val/ parts), or one
+  level further down (an unpacked ``SFEW 2.0/`` holding ``Train/`` and ``Val/``)."""
+  trees = _class_trees(folder, depth=1)
+  if not trees:
     return ""
-  if not inside & set(SFEW_CLASS_NAMES):
-    return ""
-  return (f"; {folder.name}/ holds class folders itself: pass {folder} as the path"
-          f" (--data_path={folder} for the binaries), one part at a time")
+  if trees == [folder]:
+    return (f"; {folder.name}/ holds class folders itself: pass {folder} as the path"
+            f" ({flag_arg('data_path', folder)} for the binaries), one part at a time")
+  shown = ", ".join(str(t) for t in trees[:4])
+  return (f"; {folder.name}/ holds the class folders one level down, in {shown}: pass one of"
+          f" them as the path (e.g. {flag_arg('data_path', trees[0])} for the binaries), one"
+          " part at a time")
+
+
+#: Other names of SFEW's classes, as other facial-expression data sets name their folders
+#: (FER-2013, RAF-DB, CK+, AffectNet): a folder so named is a class folder misnamed, not a
+#: stray folder to skip.
+_CLASS_SYNONYMS = {
+    "anger": "angry", "angered": "angry", "disgusted": "disgust", "fearful": "fear",
+    "afraid": "fear", "scared": "fear", "happiness": "happy", "joy": "happy",
+    "sadness": "sad", "surprised": "surprise", "neutrality": "neutral",
+}
+
+
+def _class_like(name: str) -> int | None:
+  """The class a folder name that is not a class name stands for, or None: a synonym
+  (``Anger``, ``Happiness``), a misspelling (``Suprise``) or a numbered name (``3_Fear``)."""
+  key = re.sub(r"^[\d\W_]+", "", name.strip().lower())  # "3_fear", "01 - Fear"
+  key = _CLASS_SYNONYMS.get(key, key)
+  if key in SFEW_CLASS_NAMES:
+    return SFEW_CLASS_NAMES.index(key)
+  close = difflib.get_close_matches(key, SFEW_CLASS_NAMES, n=1, cutoff=0.8)
+  return SFEW_CLASS_NAMES.index(close[0]) if close else None
+
+
+def _not_a_tree_hint(path: Path) -> str:
+  """What a ``path`` that is not a folder probably is, and what to pass instead."""
+  suffix = path.suffix.lower()
+  if path.is_file() and suffix in (".csv", ".xlsx", ".xlsm", ".tsv", ".txt"):
+    return (" but a file; a features file (SFEW.xlsx or SFEW.csv) is read with"
+            " --data=sfew_features by the MLP studies (load_sfew_features in Python), the"
+            " image tree is the folder holding Angry/, Disgust/, ...")
+  if path.is_file() and suffix in _IMAGE_SUFFIXES:
+    tree = path.resolve().parent.parent
+    return (f" but an image; pass the folder that holds the class folders, e.g. {tree}"
+            f" ({flag_arg('data_path', tree)} for the binaries)")
+  if not path.exists():
+    return " (it does not exist)"
+  return ""
 
 
 def scan_sfew_tree(
@@ -567,11 +673,11 @@ def scan_sfew_tree(
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
   root = Path(root).expanduser()
   if not root.is_dir():
-    raise FileNotFoundError(
-        f"{root} is not a folder. Expected: {IMAGES_LAYOUT}."
-    )
+    raise FileNotFoundError(f"{root} is not a folder{_not_a_tree_hint(root)}. Expected:"
+                            f" {IMAGES_LAYOUT}.")
   skipped: list[dict[str, str]] = []
   folders: dict[int, Path] = {}
+  others: list[Path] = []  # folders that are not named after a class
   for entry in sorted(root.iterdir()):
     if entry.name.startswith(".") or entry.name.startswith("__"):
       skipped.append({"path": entry.name, "reason": "hidden entry"})
@@ -581,12 +687,7 @@ def scan_sfew_tree(
       continue
     key = entry.name.strip().lower()
     if key not in SFEW_CLASS_NAMES:
-      message = (f"{entry}: folder {entry.name!r} is not a class"
-                 f" ({', '.join(SFEW_CLASS_NAMES)})")
-      hint = _nested_hint(entry)
-      if hint and on_error == "raise":  # a Train/ or Val/ part: skipping is not the fix
-        raise ValueError(message + hint)
-      _problem(message, entry.name, on_error, skipped, fix or _SKIP_FIX)
+      others.append(entry)
       continue
     label = SFEW_CLASS_NAMES.index(key)
     if label in folders:
@@ -596,6 +697,21 @@ def scan_sfew_tree(
           " matched without regard to case)"
       )
     folders[label] = entry
+  for entry in others:
+    message = (f"{entry}: folder {entry.name!r} is not a class"
+               f" ({', '.join(SFEW_CLASS_NAMES)})")
+    like = _class_like(entry.name)
+    if like is not None and like not in folders:
+      # Skipping it would only fail later for the class it holds; renaming is the fix.
+      proper = SFEW_CLASS_NAMES[like].capitalize()
+      raise ValueError(
+          f"{message}, and there is no {proper} folder: {entry.name!r} looks like the class"
+          f" {proper} misnamed; rename the folder to {proper} (class folders are named"
+          f" {', '.join(c.capitalize() for c in SFEW_CLASS_NAMES)}, in any letter case)")
+    hint = _nested_hint(entry)
+    if hint and on_error == "raise":  # a Train/ or Val/ part: skipping is not the fix
+      raise ValueError(message + hint)
+    _problem(message, entry.name, on_error, skipped, fix or _SKIP_FIX)
   missing = [SFEW_CLASS_NAMES[k] for k in range(len(SFEW_CLASS_NAMES))
              if k not in folders]
   if missing:
@@ -608,9 +724,9 @@ def scan_sfew_tree(
                  " folders first and pass the folder that holds them")
     if not folders and root.name.strip().lower() in SFEW_CLASS_NAMES:
       # The path of one class folder (SFEW/Angry) instead of the folder holding all seven.
+      parent = root.resolve().parent
       nested += (f"; {root.name}/ is itself a class folder: pass the folder that holds all"
-                 f" seven, {root.resolve().parent} (--data_path={root.resolve().parent} for"
-                 " the binaries)")
+                 f" seven, {parent} ({flag_arg('data_path', parent)} for the binaries)")
     raise FileNotFoundError(
         f"{root}: no folder for class(es) {', '.join(missing)}{nested}. Expected:"
         f" {IMAGES_LAYOUT}."
@@ -632,8 +748,13 @@ def scan_sfew_tree(
         items.append(ImageItem(entry, rel, label))
         count += 1
     if count == 0:
-      raise ValueError(f"{folder}: class folder without images (empty class); every class"
-                       " needs images: put this class's images there, or use a copy of"
+      inner = [e.name for e in sorted(folder.iterdir())
+               if e.is_dir() and not e.name.startswith(".")]
+      where = ("" if not inner else
+               f" (it holds only the sub-folder(s) {', '.join(inner[:3])}, which are not read:"
+               " move their images up into the class folder)")
+      raise ValueError(f"{folder}: class folder without images (empty class){where}; every"
+                       " class needs images: put this class's images there, or use a copy of"
                        " SFEW that has all seven classes")
   return items, skipped
 
@@ -885,6 +1006,9 @@ def load_sfew_images(
   cascade = _face_detector() if crop_faces else None
   items, skipped = scan_sfew_tree(root, on_error=on_error)
   mode = "L" if channels == 1 else "RGB"
+  check_images_fit(len(items), size, channels,
+                   fix="pass a smaller size, e.g. size=(90, 72) (--image_size=90x72 in the CNN"
+                   " studies)")
   # Each frame goes straight into its row: holding the frames in a list and stacking them
   # would need twice the memory (2.3 GB instead of 1.2 GB for 675 frames at 720x576).
   out = np.empty((len(items), size[0], size[1], channels), np.float32)
