@@ -39,10 +39,19 @@ def host_built(like: PyTree, value: np.ndarray) -> jax.Array:
 
 
 def ones_like(params: PyTree) -> PyTree:
-  """All-True weight masks with the structure and shapes of ``params``."""
+  """All-True weight masks with the structure and shapes of ``params``; each mask of a param
+  placed on purpose (a committed array: sharded over devices, or put on one) is placed as its
+  param is, so the masks of leaves a pruner leaves alone sit with them too."""
   leaves = jax.tree.leaves(params)
-  tracer = next((x for x in leaves if isinstance(x, jax.core.Tracer)), ())   # looked for once
-  return jax.tree.map(lambda p: host_built(tracer, np.ones(np.shape(p), dtype=bool)), params)
+  tracer = next((x for x in leaves if isinstance(x, jax.core.Tracer)), None)   # looked for once
+
+  def one(p):
+    value = np.ones(np.shape(p), dtype=bool)
+    if tracer is None and isinstance(p, jax.Array) and p.committed:
+      return jax.device_put(value, p.sharding)
+    return host_built(() if tracer is None else tracer, value)
+
+  return jax.tree.map(one, params)
 
 
 def unit_masks_ones(model_or_groups) -> dict[str, jax.Array]:

@@ -281,6 +281,11 @@ print("LEAF", *(f"{k}:{list(v.devices())[0].id}:{float(v.sum())}" for k, v in sc
 # Under an outer jit that closes over them, the program places them: nothing is put back.
 kept = jax.jit(lambda s: jaxprune.prune_to_sparsity(two, None, s)[1])(0.5)
 print("LEAF", *(f"{k}:{int(v.sum())}" for k, v in kept.items()))
+# A leaf a pruner does not select (a bias) keeps its all-True mask beside it, on its device.
+three = dict(two, bias=jax.device_put(jnp.ones(3), d1))
+for kept in (jaxprune.block_prune(three, None, 0.5, block=(1, 1))[1],
+             jaxprune.nm_prune(three, None, 1, 2, select=["b"])[1], jaxprune.ones_like(three)):
+  print("LEAF", *(f"{k}:{list(v.devices())[0].id}:{v.committed}" for k, v in kept.items()))
 """
 
 
@@ -300,3 +305,5 @@ def test_leaves_placed_on_different_devices_are_zeroed_where_they_live():
   # |w * -2w| = 2 w^2: 2 * (0^2 + ... + 11^2) and 2 * (0.5^2 + ... + 9.5^2); on their devices.
   assert lines[6] == ["a:0:1012.0", "b:1:665.0"]
   assert lines[7] == ["a:6", "b:5"]
+  # The all-True masks of unselected leaves sit on their leaves' devices (they were on device 0).
+  assert lines[8:11] == [["a:0:True", "b:1:True", "bias:1:True"]] * 3
