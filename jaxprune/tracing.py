@@ -688,6 +688,15 @@ class _Walker:
           ax[d] = x[k]
       return [tuple(a if a is not None else (A.new(shape[d]),) for d, a in enumerate(ax))]
 
+    if name == "tile":
+      # jnp.tile over axes of size 1 (a ViT's class token, jnp.tile(cls, (n, 1, 1))) is a
+      # broadcast; repeating an axis of size > 1 puts each unit at several offsets: opaque.
+      (x,), reps, in_shape = ins[:1], eqn.params["reps"], eqn.invars[0].aval.shape
+      if any(r > 1 and n > 1 for r, n in zip(reps, in_shape)):
+        return self._opaque(eqn, ins, out_shapes, "repeated by tile")
+      return [tuple(x[d] if r == 1 and n > 1 else (A.new(out_shapes[0][d]),)
+                    for d, (r, n) in enumerate(zip(reps, in_shape)))]
+
     if name == "reshape":
       if eqn.params.get("dimensions") is not None:
         return self._opaque(eqn, ins, out_shapes, "used by a reshape with a transpose")
@@ -1301,7 +1310,7 @@ def _body(eqn):
 _KEEPS_CONSTANTS = frozenset("""
 broadcast_in_dim concatenate convert_element_type copy copy_p dynamic_slice expand_dims gather
 reduce_precision reshape rev slice squeeze transpose optimization_barrier sharding_constraint
-stop_gradient
+stop_gradient tile
 """.split())
 _SUM_MOVES = frozenset("reshape broadcast_in_dim expand_dims squeeze convert_element_type copy "
                        "copy_p transpose".split())
@@ -2263,6 +2272,10 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
             _check_not_broadcast(eqn, invals[0], params["shape"])
         elif name == "reshape":
           params["new_sizes"] = _new_shape(A, sizes, an.walker.shapes[path][0])
+        elif name == "tile":        # a tile of size-1 axes: repeated to the new output's sizes
+          new, now = _new_shape(A, sizes, an.walker.shapes[path][0]), np.shape(invals[0])
+          params["reps"] = tuple(m // n if n and m % n == 0 else r
+                                 for m, n, r in zip(new, now, params["reps"]))
         elif name in ("slice", "dynamic_slice"):
           # An axis taken whole when traced (x[:, -1] keeps the batch and the units) is taken
           # whole at the new sizes.
@@ -2793,6 +2806,12 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
     elif kind := _flax_module_kind(fn):
       name = fn.__name__ + " class" if isinstance(fn, type) else type(fn).__name__
       hint = _MODULE_HINTS[kind].format(name=name)
+    elif type(e).__name__ == "TraceContextError" and "Rng" in first:
+      hint = ("the model draws random numbers from its nnx.Rngs while it runs (nnx.RNN's "
+              "initial carry does, in eval mode too; Dropout in training mode), which advances "
+              "their count: trace the whole state, graphdef, state = nnx.split(model) and "
+              "trace(lambda s, x: nnx.merge(graphdef, s)(x), state, x), so that the Rngs are "
+              "traced with the params; or call model.eval() where that stops the draws.")
     elif type(e).__name__ == "TraceContextError":
       hint = ("an nnx model in training mode (Dropout, or a BatchNorm that updates its "
               "statistics) changes its own state while traced: call model.eval() before "
