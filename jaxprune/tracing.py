@@ -811,6 +811,15 @@ class _Walker:
           A.block(a, f"sorted along by {name}")
       return [tuple(x) for x in ins][:len(out_shapes)]
 
+    if name == "top_k":
+      # k-max pooling (the k largest over time, per unit): the ranked axis is blocked, as a
+      # sort's is; the others (batch, units) pass to both outputs, the k axis is new.
+      x, d = ins[0], eqn.params.get("axis", len(ins[0]) - 1) % len(ins[0])
+      for a in x[d]:
+        A.block(a, "ranked along by top_k")
+      out = tuple((A.new(out_shapes[0][d]),) if k == d else ax for k, ax in enumerate(x))
+      return [out, out]
+
     return self._opaque(eqn, ins, out_shapes, f"used by {name} (not followed)")
 
   def _scan(self, eqn, ins, path):

@@ -642,3 +642,25 @@ def test_a_tile_that_repeats_the_units_keeps_them_out_of_every_group():
   assert "repeated by tile" in t.explain()
   um = {"v1": _half_mask(4, 1)}
   _compact_matches_masking(t, jax.jit(fn), p, um, [x, x[:2]])
+
+
+def test_k_max_pooling_over_time_is_followed_and_top_k_over_the_units_is_refused():
+  """``lax.top_k`` ranks along its last axis: k-max pooling over time (a text CNN's) keeps each
+  unit a unit (it was refused as 'not followed'); ranking across the units mixes them."""
+  r = np.random.default_rng(1)
+  p = {"w1": jnp.asarray(r.normal(size=(3, 6)), jnp.float32),
+       "w2": jnp.asarray(r.normal(size=(6, 2)), jnp.float32),
+       "v1": jnp.asarray(r.normal(size=(3, 5)), jnp.float32),
+       "v2": jnp.asarray(r.normal(size=(2, 2)), jnp.float32)}
+  x = jnp.asarray(r.normal(size=(4, 7, 3)), jnp.float32)        # (batch, time, features)
+
+  def fn(p, x):
+    h = jnp.swapaxes(jnp.tanh(x @ p["w1"]), 1, 2)               # (B, units, T)
+    kmax = jax.lax.top_k(h, 3)[0].mean(-1) @ p["w2"]            # 3 largest over time, per unit
+    g = jnp.tanh(x @ p["v1"]).mean(1)                           # (B, 5)
+    return kmax + jax.lax.top_k(g, 2)[0] @ p["v2"]              # 2 largest units: mixed
+
+  t = jaxprune.trace(fn, p, x)
+  assert _sizes(t) == {"w1": 6}
+  assert "ranked along by top_k" in t.explain()
+  _compact_matches_masking(t, jax.jit(fn), p, {"w1": _half_mask(6, 2)}, [x, x[:2]])
