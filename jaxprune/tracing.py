@@ -781,8 +781,13 @@ class _Walker:
         changed |= set(eqn.params["dimensions"])
       if name == "dynamic_update_slice":
         upd = ins[1]
-        changed |= {d for d in range(len(x)) if math.prod(
-            A.size[a] for a in A.expand(upd[d])) != math.prod(A.size[a] for a in A.expand(x[d]))}
+        size = lambda ax: math.prod(A.size[a] for a in A.expand(ax))
+        changed |= {d for d in range(len(x)) if size(upd[d]) != size(x[d])}
+        for d in set(range(len(x))) - changed:   # the update's whole axes are the operand's
+          A.unify(x[d], upd[d], "tied unevenly by dynamic_update_slice")
+        for d in changed:
+          for a in upd[d]:
+            A.block(a, "indexed along by dynamic_update_slice")
       for d in changed:
         for a in x[d]:
           A.block(a, f"indexed along by {name}")
@@ -2199,6 +2204,18 @@ def _raise_mismatch(eqn, invals, error):
   ) from error
 
 
+def _raise_partial_slice(eqn, d: int, was: int, now: int):
+  """A slice that took part of an axis whose size changed (``h[1:] - h[:-1]`` or
+  ``jnp.roll`` along the batch): its bounds were traced as numbers, so whether they count from
+  the start or from the end is lost, and re-running them at the new size would give rows of
+  the traced count silently."""
+  raise TraceError(
+      f"The traced function slices axis {d} (of size {was} when traced, {now} here) in part, "
+      f"with bounds {eqn.params['start_indices'][d]}:{eqn.params['limit_indices'][d]} fixed "
+      "when traced (e.g. h[1:] - h[:-1] or jnp.roll along the batch), so it cannot be re-run "
+      "at another size of that axis. Pass inputs of the example's batch size to this target.")
+
+
 def _check_not_broadcast(eqn, operand, shape) -> None:
   """An axis that was not broadcast when traced must not be broadcast now: that happens when
   the tracer lost a size (an op it does not follow) and rebuilt it at the traced size."""
@@ -2302,6 +2319,8 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
             for d, (s0, n) in enumerate(zip(starts, eqn.outvars[0].aval.shape)):
               if not whole[d] and new[d] != n and was[d] % n == 0 and s0 % n == 0:
                 starts[d], limits[d] = s0 // n * new[d], (s0 // n + 1) * new[d]
+              elif not whole[d] and now[d] != was[d]:
+                _raise_partial_slice(eqn, d, was[d], now[d])
             params["start_indices"], params["limit_indices"] = tuple(starts), tuple(limits)
           else:
             params["slice_sizes"] = tuple(now[d] if sz == was[d] else sz
