@@ -809,6 +809,9 @@ class _Walker:
     if name == "gather":
       return self._gather(eqn, ins, out_shapes)
 
+    if name in _SCATTERS:
+      return self._scatter(eqn, ins, out_shapes)
+
     if name in ("sort", "argsort"):
       d = eqn.params["dimension"]
       for x in ins:
@@ -905,6 +908,35 @@ class _Walker:
         if math.prod(A.size[a] for a in A.expand(ax)) == out_shapes[0][d]:
           out[d] = ax
     return [tuple(out)]
+
+  def _scatter(self, eqn, ins, out_shapes):
+    """A write into an array (``h.at[:, 1:3].set(0.0)``, ``segment_sum`` over a graph's
+    nodes): an operand axis that every update window covers whole (the units, the batch) is
+    tied to the update's axis and passes to the output; the axes written into at the indices
+    (the operand's indexed axes, the update's scatter axes, the indices) are not followed."""
+    A = self.atoms
+    name, dn = eqn.primitive.name, eqn.params["dimension_numbers"]
+    x, upd = ins[0], ins[2]
+    shape, ushape = eqn.invars[0].aval.shape, eqn.invars[2].aval.shape
+    skipped = set(dn.inserted_window_dims) | set(getattr(dn, "operand_batching_dims", ()))
+    window = [d for d in range(len(x)) if d not in skipped]   # in order, the update window dims
+    through = {d: u for d, u in zip(window, dn.update_window_dims)
+               if ushape[u] == shape[d] and d not in dn.scatter_dims_to_operand_dims}
+    reason = f"written into by {name}"
+    for d, ax in enumerate(x):
+      if d in through:
+        A.unify(ax, upd[through[d]], f"tied unevenly by {name}")
+      else:
+        for a in ax:
+          A.block(a, reason)
+    for u, ax in enumerate(upd):
+      if u not in through.values():
+        for a in ax:
+          A.block(a, reason)
+    for ax in ins[1]:
+      for a in ax:
+        A.block(a, reason)
+    return [tuple(x)]
 
   def _same_except(self, ins, out_shapes, dims, name):
     A = self.atoms
@@ -1319,6 +1351,10 @@ def _body(eqn):
     return eqn.params["jaxpr"].jaxpr
   return _call_body(eqn)[0]
 
+
+# Writes at indices, followed by _Walker._scatter.
+_SCATTERS = frozenset("scatter scatter-add scatter_add scatter-mul scatter_mul scatter-min "
+                      "scatter_min scatter-max scatter_max".split())
 
 # Ops that pass every value on (linear, and a constant stays that constant) ...
 _KEEPS_CONSTANTS = frozenset("""
@@ -2172,8 +2208,10 @@ def _holds_program(value) -> bool:
 
 def _check_unfollowed_shapes(eqn, invals) -> None:
   """A sub-program that :func:`trace` does not follow (``while_loop``, ``cond``) keeps the
-  shapes it was traced with; a clear error instead of XLA's when they changed."""
-  if not any(_holds_program(v) for v in eqn.params.values()):
+  shapes it was traced with; a clear error instead of XLA's when they changed. (A scatter's
+  ``update_jaxpr`` combines two scalars: it has no shapes to keep.)"""
+  if eqn.primitive.name in _SCATTERS or not any(_holds_program(v)
+                                                 for v in eqn.params.values()):
     return
   got = [tuple(np.shape(a)) for a in invals]
   want = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
@@ -2413,8 +2451,30 @@ class TracedTarget:
     if self._fn is not None:
       self._leaves(params, args)     # host-side shape checks only: fn runs the user's code
       return self._fn(params, *args)
-    outs, _ = self._eval(frozenset(), *self._flat(params, args))
+    leaves = self._flat(params, args)
+    outs, _ = self._eval(frozenset(), *leaves)
+    self._check_batch_followed(leaves[self._an.num_params:], outs)
     return jax.tree.unflatten(self._an.out_treedef, outs)
+
+  def _check_batch_followed(self, args, outs) -> None:
+    """At another batch size, the first output's leading axis (the batch when traced) must
+    follow it: one that keeps the traced size was made from the batch size as a number
+    (``num_segments=x.shape[0]``, ``jnp.zeros((n, ...))`` with ``n`` read from a shape), and
+    would give rows of the traced count, silently."""
+    an = self._an
+    traced = an.closed.out_avals[0].shape if an.closed.out_avals else ()
+    if not outs or not traced or not np.shape(outs[0]):
+      return
+    for i, x in enumerate(args):
+      for d in (an.arg_batch[i] if an.arg_batch else ()):
+        was, now = an.arg_shapes[i][d], np.shape(x)[d]
+        if was != now and traced[0] == was and np.shape(outs[0])[0] == was:
+          raise TraceError(
+              f"At a batch of {now} (input {i}, axis {d}; traced with {was}) the function's "
+              f"first output keeps {was} rows: it was made from the batch size as a number "
+              "(num_segments=x.shape[0], an array of x.shape[0] rows made apart from x), "
+              "which is a constant of the traced program. Pass inputs of the example's batch "
+              "size to this target, or trace it again at this size.")
 
   def check_input(self, x) -> None:
     """Raises ValueError unless ``x`` is shaped like the example's first input (any batch)."""
