@@ -794,7 +794,11 @@ class _Walker:
       return self._same_except(ins[:1], out_shapes, changed, name)
 
     if name == "iota":
-      return [self.fresh(out_shapes[0], "indexed along by iota")]
+      # Only its dimension counts (0, 1, 2, ...); along the others it is a broadcast, which an
+      # argsort's sort ties to the operand's axes (its batch, its units).
+      d = eqn.params.get("dimension", 0)
+      return [tuple((A.new(n, "indexed along by iota" if k == d else None),)
+                    for k, n in enumerate(out_shapes[0]))]
 
     if name == "split":
       d = eqn.params["axis"]
@@ -889,11 +893,22 @@ class _Walker:
     if not isinstance(eqn.invars[0], jex.core.Literal) and eqn.invars[0] in self.origin:
       through = {}          # a lookup in a parameter table (nn.Embed): its axes stay opaque
     reason = "gathered from by gather (not followed)"
+    # Batching dims (jnp.take_along_axis: out[b, k, u] = h[b, i[b, k, u], u]) pair an operand
+    # axis with an axis of the indices, element by element: each unit stays a unit.
+    table = not isinstance(eqn.invars[0], jex.core.Literal) and eqn.invars[0] in self.origin
+    paired = {} if table else dict(zip(getattr(dn, "operand_batching_dims", ()),
+                                       getattr(dn, "start_indices_batching_dims", ())))
+    for od, id_ in paired.items():
+      A.unify(x[od], ins[1][id_], "tied unevenly by gather")
     for d, ax in enumerate(x):
-      if d not in through.values():
+      if d not in through.values() and d not in paired:
         for a in ax:
           A.block(a, reason)
-    for ax in ins[1:]:
+    for k, axis in enumerate(ins[1]):
+      if k not in paired.values():
+        for a in axis:
+          A.block(a, reason)
+    for ax in ins[2:]:
       for axis in ax:
         for a in axis:
           A.block(a, reason)
