@@ -754,12 +754,20 @@ class _Walker:
     if name == "concatenate":
       dim = eqn.params["dimension"]
       out = list(self._same_except(ins, out_shapes, {dim}, "concatenate")[0])
-      c = A.new(out_shapes[0][dim])
       # Zero-width pieces hold nothing (jnp.pad's 'edge' mode concatenates some).
-      self.concat[c] = [tuple(x[dim]) for x, v in zip(ins, eqn.invars)
-                        if v.aval.shape[dim] > 0]
+      pieces = [tuple(x[dim]) for x, v in zip(ins, eqn.invars) if v.aval.shape[dim] > 0]
+      if len(pieces) == 1:     # the one piece with entries is the output (the batch of an
+        out[dim] = pieces[0]   # input padded in 'edge' mode stays the batch)
+        return [tuple(out)]
+      c = A.new(out_shapes[0][dim])
+      self.concat[c] = pieces
       out[dim] = (c,)
       return [tuple(out)]
+
+    if name == "slice" and _only_empty_uses(self.jaxpr_at[path[:-1]], eqn.outvars[0]):
+      # jnp.pad's 'edge' mode slices the first and last entry of every axis and broadcasts
+      # the ones it does not pad to width 0: no value of them is used, nothing is tied.
+      return [self.fresh(out_shapes[0])]
 
     if name in ("slice", "pad", "dynamic_slice", "rev", "dynamic_update_slice"):
       x = ins[0]
@@ -973,8 +981,8 @@ class _Walker:
     flat = [a for ax in x for a in A.expand(ax) if A.size[a] > 1]
     out, i = [], 0
     for size in out_shape:
-      if size == 1:
-        out.append((A.new(1),))
+      if size <= 1:     # an axis of 0 keeps its 0 (jnp.pad's 'edge' mode makes such pieces)
+        out.append((A.new(size),))
         continue
       group, prod = [], 1
       while prod < size:
@@ -2257,6 +2265,24 @@ def _raise_mismatch(eqn, invals, error):
   ) from error
 
 
+def _only_empty_uses(jaxpr, v) -> bool:
+  """Whether ``v`` is used in ``jaxpr`` only to make arrays with no entries (and is not one of
+  its outputs)."""
+  if any(v is o for o in jaxpr.outvars):
+    return False
+  uses = [e for e in jaxpr.eqns if any(v is w for w in e.invars)]
+  return bool(uses) and all(any(0 in tuple(getattr(o.aval, "shape", ())) for o in u.outvars)
+                            for u in uses)
+
+
+def _feeds_only_empty(v, users) -> bool:
+  """Whether every use of ``v`` makes an array with no entries (jnp.pad's 'edge' mode slices
+  the first row of every axis, the batch's too, and broadcasts it to width 0)."""
+  uses = [eqn for _, eqn in users.get(v, [])]
+  return bool(uses) and all(any(0 in tuple(getattr(o.aval, "shape", ())) for o in u.outvars)
+                            for u in uses)
+
+
 def _raise_partial_slice(eqn, d: int, was: int, now: int):
   """A slice that took part of an axis whose size changed (``h[1:] - h[:-1]`` or
   ``jnp.roll`` along the batch): its bounds were traced as numbers, so whether they count from
@@ -2373,7 +2399,9 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
               if not whole[d] and new[d] != n and was[d] % n == 0 and s0 % n == 0:
                 starts[d], limits[d] = s0 // n * new[d], (s0 // n + 1) * new[d]
               elif not whole[d] and now[d] != was[d]:
-                _raise_partial_slice(eqn, d, was[d], now[d])
+                if not _feeds_only_empty(eqn.outvars[0], an.walker.users):
+                  _raise_partial_slice(eqn, d, was[d], now[d])
+                starts[d], limits[d] = 0, min(limits[d] - starts[d], now[d])  # unused rows
             params["start_indices"], params["limit_indices"] = tuple(starts), tuple(limits)
           else:
             params["slice_sizes"] = tuple(now[d] if sz == was[d] else sz

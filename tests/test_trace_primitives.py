@@ -3,8 +3,8 @@ model ``op(tanh(x @ w1 + b1)) @ w2 + b2`` with ONE op under test, applied along 
 (time, batch) or along the units. The outcome is exact either way: the group is found and the
 compacted target computes what masking does (at the example's batch size and at another; at
 another sequence length it refuses), or the layer is refused with the reason the op gives.
-The cases marked xfail are findings not handled yet (needless refusals; see their reasons):
-each passes once the tracer handles its op. Four more were found here and fixed (``_FIXED``)."""
+The sweep's findings, fixed, are in ``_FIXED`` (wrong answers at another batch size, groups
+accepted that failed to compact, needless refusals)."""
 
 import jax
 import jax.numpy as jnp
@@ -217,10 +217,6 @@ _REFUSED = {
 }
 
 
-def _xfail(reason):
-  return pytest.mark.xfail(strict=True, reason=reason)
-
-
 # Found by this sweep and fixed: a slice of the batch kept its traced bounds at another batch
 # size (the compacted target returned the traced count of rows, silently), and
 # dynamic_update_slice did not tie its update's axes to the operand's (the group was accepted
@@ -245,17 +241,15 @@ _FIXED = {   # name: (model, groups, the TraceError at another batch size, or No
     # dims), which were refused: each unit stays a unit.
     "take_along_axis_time": (_plain(
         lambda h: jnp.take_along_axis(h, _along_time(_IDX_T, h), 1), BT), {"w1"}, None),
+    # jnp.pad's 'edge' mode slices the first and last entry of every axis (the units' too)
+    # and broadcasts the ones it does not pad to width 0: those unused slices were read as
+    # cuts of the units, so edge padding along time was refused.
+    "pad_edge_time": (_plain(lambda h: jnp.pad(h, ((0, 0), (1, 2), (0, 0)), "edge"), BT),
+                      {"w1"}, None),
     "take_along_axis_of_its_own_order_time": (_plain(
         lambda h: jnp.take_along_axis(h, jnp.argsort(h, 1), 1)[:, -1], BT), {"w1"}, None),
 }
 
-# Findings not handled yet (see the reasons): each case says what the tracer should do.
-_FINDINGS = [
-    pytest.param("pad_edge_time", _plain(
-        lambda h: jnp.pad(h, ((0, 0), (1, 2), (0, 0)), "edge"), BT), {"w1"}, marks=_xfail(
-        "jnp.pad 'edge' slices the first and last entry of every axis, the units' too (then "
-        "broadcast to width 0): edge padding along time is refused (documented)")),
-]
 
 
 def _traced(name, model):
@@ -298,11 +292,6 @@ def test_op_refuses_the_layer_and_says_why(name):
   assert why in line.split("axis 1 ->")[1], line
 
 
-@pytest.mark.parametrize("name,model,groups", _FINDINGS, ids=[p.values[0] for p in _FINDINGS])
-def test_findings(name, model, groups):
-  _check_compact_equals_masking(name, model, groups)
-
-
 @pytest.mark.parametrize("name", list(_FIXED))
 def test_fixed_findings(name):
   """Slicing the batch in part, or an output made from the batch size as a number, raises at
@@ -320,3 +309,26 @@ def test_fixed_findings(name):
   np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), atol=1e-5)
   with pytest.raises(jaxprune.TraceError, match=error):
     small_t.apply(small, _arr(rng, 7, D))
+
+
+def test_an_input_padded_in_edge_mode_compacts_and_runs_at_any_batch_size():
+  """A conv net whose input is padded in 'edge' mode (PyTorch's replicate padding): its
+  compacted target failed with a TraceError even at the example's batch size (a reshape to an
+  axis of 0 read it as 1), and the batch's unused edge slices would have kept its size."""
+  rng = np.random.default_rng(3)
+  p = {"w1": _arr(rng, 3, 3, 2, 4), "w2": _arr(rng, 4, 2)}
+
+  def fn(p, x):
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), "edge")
+    h = lax.conv_general_dilated(x, p["w1"], (1, 1), "VALID",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.tanh(h).mean((1, 2)) @ p["w2"]
+
+  x = _arr(rng, 4, 6, 6, 2)
+  t = jaxprune.trace(fn, p, x)
+  assert set(t.groups) == {"w1"}
+  um = {"w1": jnp.asarray([True, False, True, False])}
+  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+  small, small_t = t.compact(masked, um)
+  for xx in (x, x[:3], _arr(rng, 9, 6, 6, 2)):
+    np.testing.assert_allclose(small_t.apply(small, xx), fn(masked, xx), atol=1e-5)
