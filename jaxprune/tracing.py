@@ -2267,18 +2267,11 @@ def _raise_mismatch(eqn, invals, error):
 
 def _only_empty_uses(jaxpr, v) -> bool:
   """Whether ``v`` is used in ``jaxpr`` only to make arrays with no entries (and is not one of
-  its outputs)."""
+  its outputs): jnp.pad's 'edge' mode slices the first and last entry of every axis, the
+  batch's and the units' too, and broadcasts the ones it does not pad to width 0."""
   if any(v is o for o in jaxpr.outvars):
     return False
   uses = [e for e in jaxpr.eqns if any(v is w for w in e.invars)]
-  return bool(uses) and all(any(0 in tuple(getattr(o.aval, "shape", ())) for o in u.outvars)
-                            for u in uses)
-
-
-def _feeds_only_empty(v, users) -> bool:
-  """Whether every use of ``v`` makes an array with no entries (jnp.pad's 'edge' mode slices
-  the first row of every axis, the batch's too, and broadcasts it to width 0)."""
-  uses = [eqn for _, eqn in users.get(v, [])]
   return bool(uses) and all(any(0 in tuple(getattr(o.aval, "shape", ())) for o in u.outvars)
                             for u in uses)
 
@@ -2399,7 +2392,7 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
               if not whole[d] and new[d] != n and was[d] % n == 0 and s0 % n == 0:
                 starts[d], limits[d] = s0 // n * new[d], (s0 // n + 1) * new[d]
               elif not whole[d] and now[d] != was[d]:
-                if not _feeds_only_empty(eqn.outvars[0], an.walker.users):
+                if not _only_empty_uses(jaxpr, eqn.outvars[0]):
                   _raise_partial_slice(eqn, d, was[d], now[d])
                 starts[d], limits[d] = 0, min(limits[d] - starts[d], now[d])  # unused rows
             params["start_indices"], params["limit_indices"] = tuple(starts), tuple(limits)
