@@ -1358,6 +1358,7 @@ class _Analysis:
   explain_lines: tuple
   arg_shapes: tuple              # example shapes of the argument leaves
   arg_batch: tuple = ()          # per argument leaf: the axes that may change (the batch)
+  batch_later: bool = False      # the first output holds the batch on a later axis, not first
 
 
 def _call_body(eqn):
@@ -2302,19 +2303,24 @@ def _check_not_broadcast(eqn, operand, shape) -> None:
           "there. Pass inputs of the example's batch size.")
 
 
-def _batch_axes(w: _Walker, num_params: int, jaxpr) -> tuple:
+def _batch_axes(w: _Walker, num_params: int, jaxpr) -> tuple[tuple, bool]:
   """Per argument leaf, its batch axes: those tied to the first output's leading axis (a
-  time-major RNN's input (T, B, F) has its batch on axis 1); axis 0 where none is."""
+  time-major RNN's input (T, B, F) has its batch on axis 1); axis 0 where none is. And whether
+  the first output carries those batch axes on a later axis only (an output laid out
+  (classes, N)): its leading axis is then not the batch, whatever its traced size."""
   A = w.atoms
   out = w.env.get(jaxpr.outvars[0]) if jaxpr.outvars and not isinstance(
       jaxpr.outvars[0], jex.core.Literal) else None
-  batch = {A.find(a) for a in A.expand(out[0])} if out else set()
-  axes = []
+  roots = lambda atoms: {A.find(a) for a in A.expand(atoms)}
+  batch = roots(out[0]) if out else set()
+  axes, fallback = [], set()
   for ax in w.invar_atoms[num_params:]:
-    tied = tuple(d for d, atoms in enumerate(ax)
-                 if any(A.find(a) in batch for a in A.expand(atoms)))
+    tied = tuple(d for d, atoms in enumerate(ax) if roots(atoms) & batch)
+    if not tied and ax:
+      fallback |= roots(ax[0])
     axes.append(tied or ((0,) if ax else ()))
-  return tuple(axes)
+  later = bool(out) and any(roots(atoms) & fallback for atoms in out[1:])
+  return tuple(axes), later
 
 
 def _check_batch_mean(eqn, invals, users) -> None:
@@ -2499,7 +2505,7 @@ class TracedTarget:
     would give rows of the traced count, silently."""
     an = self._an
     traced = an.closed.out_avals[0].shape if an.closed.out_avals else ()
-    if not outs or not traced or not np.shape(outs[0]):
+    if not outs or not traced or not np.shape(outs[0]) or an.batch_later:
       return
     for i, x in enumerate(args):
       for d in (an.arg_batch[i] if an.arg_batch else ()):
@@ -2970,6 +2976,6 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
   an = _Analysis(closed, in_treedef, jax.tree.structure(out_shape), len(param_leaves), w,
                  leaf_paths, sites, uses, lines,
                  tuple(_shape(l) for l in avals[len(param_leaves):]),
-                 _batch_axes(w, len(param_leaves), closed.jaxpr))
+                 *_batch_axes(w, len(param_leaves), closed.jaxpr))
   sizes = {}
   return TracedTarget(an, sizes, fn)

@@ -332,3 +332,25 @@ def test_an_input_padded_in_edge_mode_compacts_and_runs_at_any_batch_size():
   small, small_t = t.compact(masked, um)
   for xx in (x, x[:3], _arr(rng, 9, 6, 6, 2)):
     np.testing.assert_allclose(small_t.apply(small, xx), fn(masked, xx), atol=1e-5)
+
+
+def test_an_output_with_the_batch_on_a_later_axis_runs_at_any_batch_size():
+  """A first output laid out (classes, N), traced with as many examples as classes: its leading
+  axis had the traced batch's size by chance, and the batch check refused every other batch
+  size (it took the classes for rows made from the batch size as a number). The batch is on
+  the output's axis 1, so the leading axis is not it."""
+  rng = np.random.default_rng(4)
+  p = {"w1": _arr(rng, D, H), "w2": _arr(rng, H, 4)}
+
+  def fn(p, x):
+    return (jnp.tanh(x @ p["w1"]) @ p["w2"]).T
+
+  x = _arr(rng, 4, D)
+  t = jaxprune.trace(fn, p, x)
+  assert set(t.groups) == {"w1"}
+  um = {"w1": jnp.asarray([True, False, True, True, False, True])}
+  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+  small, small_t = t.compact(masked, um)
+  for xx in (x, x[:3], _arr(rng, 9, D)):
+    np.testing.assert_allclose(t.apply(masked, xx), fn(masked, xx), atol=1e-5)
+    np.testing.assert_allclose(small_t.apply(small, xx), fn(masked, xx), atol=1e-5)
