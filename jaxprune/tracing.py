@@ -1500,6 +1500,13 @@ def _keeps_units(w: _Walker, scope: tuple, eqn, root) -> bool:
 
   r = roots(eqn.invars[0])
   once = r is not None and sum(x.count(root) for x in r) == 1
+  if name == "reshape" and once:
+    # A reshape only relabels positions: while the units stay one atom, in and out, each
+    # unit's values stay that unit's, also on an axis shared with other atoms (a group
+    # norm's (B, groups, channels per group) back to (B, channels)).
+    ro = roots(eqn.outvars[0])
+    if ro is not None and sum(x.count(root) for x in ro) == 1:
+      return True
   if name in ("reshape", "split", "slice") and once and [root] not in r:
     # Equal parts of the units' axis (see _Walker._equal_parts), or that axis reshaped to
     # (parts, units): unit i of each part is unit i (a GLU's gate and value).
@@ -1530,7 +1537,7 @@ _STAT_REDUCTIONS = frozenset(("reduce_sum", "reduce_max", "reduce_min"))
 
 def _per_unit_stat(w: _Walker, scope: tuple, eqn, live, stats: set, root, k=None) -> bool:
   """Whether ``eqn`` computes or applies statistics of each unit over its own values alone
-  (instance norm, GroupNorm with one channel per group: a mean and a variance over space, for
+  (instance norm, GroupNorm: a mean and a variance over space and the group's channels, for
   each unit): a sum, max or min over axes other than the units', a move or broadcast of such a
   statistic (``stats``: the chain's values computed from statistics alone), an elementwise
   op that broadcasts one back onto the units' values, or a followed call (equation ``k`` of
@@ -1543,11 +1550,13 @@ def _per_unit_stat(w: _Walker, scope: tuple, eqn, live, stats: set, root, k=None
     return k is not None and _stat_call(w, scope, k, eqn, live, stats, root) is not None
 
   def axis_of_units(v):
-    """The axis that holds the units alone, or None (also when they are on several axes)."""
+    """The axis that holds the units, or None (also when they are on several axes). The axis
+    may hold other atoms beside them, each unit then owning several entries of it: GroupNorm's
+    channels read as (groups, channels per group), each norm group a unit."""
     roots = _axis_roots(w, scope, v)
-    if roots is None or sum(r.count(root) for r in roots) != 1 or [root] not in roots:
+    if roots is None or sum(r.count(root) for r in roots) != 1:
       return None
-    return roots.index([root])
+    return next(d for d, r in enumerate(roots) if root in r)
 
   out = eqn.outvars[0]
   if axis_of_units(out) is None or any(axis_of_units(v) is None for v in live):
@@ -1978,8 +1987,7 @@ def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, produce
   parts = []
   if not joined:
     parts.append("its readers read it at different points (as in relu(h) @ W2 + "
-                 "h @ W3), or a statistic that the tracer does not follow reads its units "
-                 "(a norm over several units, as GroupNorm with several channels per group), "
+                 "h @ W3), or a statistic that the tracer does not follow reads its units, "
                  "so no one value is what they all read")
   feeding = w.contractions_feeding(scope, var)
   late = [u for u in kernels if u.where not in feeding]

@@ -1,7 +1,7 @@
 """Limits of ``jaxprune.trace`` an outside user hits: the shape of activations read through a
-reshape of other axes, why a group's activations are refused, instance norm (GroupNorm with one
-channel per group) before the activations, and the names of groups in plain-JAX layer lists.
-References are hand-written NumPy loops or hand-built cases with known answers."""
+reshape of other axes, why a group's activations are refused, instance and group norms (flax's
+GroupNorm with one or several channels per group, and by hand) before the activations, and the
+names of groups in plain-JAX layer lists. References are hand-written NumPy loops or hand-built cases with known answers."""
 
 import flax.linen as nn
 import jax
@@ -92,10 +92,11 @@ C = 4
 
 class _GNNet(nn.Module):
   groups: int = C
+  channels: int = C
 
   @nn.compact
   def __call__(self, x):
-    h = nn.Conv(C, (3, 3), padding="VALID", name="c1")(x)
+    h = nn.Conv(self.channels, (3, 3), padding="VALID", name="c1")(x)
     h = nn.relu(nn.GroupNorm(num_groups=self.groups, name="gn")(h))
     h = nn.Conv(3, (3, 3), padding="VALID", name="c2")(h)
     return nn.Dense(2, name="head")(h.mean(axis=(1, 2)))
@@ -162,12 +163,90 @@ def test_instance_norm_duplicate_channel_is_merged_exactly():
   np.testing.assert_allclose(small_t.apply(small, x), apply(p, x), atol=1e-5)
 
 
-def test_group_norm_with_several_channels_per_group_is_still_refused():
+def test_group_norm_with_several_channels_per_group_activations_and_exact_merge():
+  """Flax's GroupNorm with 2 channels per group (statistics over space and the group's channels,
+  broadcast back onto the channels by jnp.repeat): each norm group is one unit whose values are
+  its 2 channels, so its activations are after the norm and the ReLU, (B, H, W, 2, groups),
+  as a NumPy loop computes them, and a norm group that repeats another channel for channel
+  merges exactly. The chain stopped at the repeat (a unit spread over an axis with its
+  channels), so the activation pruners refused the group."""
   m, v, x = _gn_params(2)
   t = jaxprune.trace(m.apply, v, x)
-  assert not t.activations_complete("c1")
-  with pytest.raises(ValueError, match="consumers read other values"):
-    jaxprune.distinctiveness(t, "c1", constants=False)
+  assert t.groups["c1"].size == 2
+  assert t.activations_complete("c1") and t.groups["c1"].activation == "relu"
+  pn = jax.tree.map(lambda a: np.asarray(a, np.float64), v)["params"]
+  h = _np_conv_valid(np.asarray(x, np.float64), pn["c1"]["kernel"], pn["c1"]["bias"])
+  want = np.empty(h.shape[:3] + (2, 2))
+  for b in range(h.shape[0]):
+    for g in range(2):                     # each group by the mean and variance of its channels
+      z = h[b, :, :, 2 * g:2 * g + 2]
+      z = (z - z.mean()) / np.sqrt(z.var() + 1e-6)
+      want[b, :, :, :, g] = np.maximum(
+          z * pn["gn"]["scale"][2 * g:2 * g + 2] + pn["gn"]["bias"][2 * g:2 * g + 2], 0.0)
+  np.testing.assert_allclose(np.asarray(t.activations(v, x, "c1")), want, atol=1e-4)
+
+  groups = 3                               # 6 channels: group 2 repeats group 0
+  m = _GNNet(groups, channels=6)
+  shapes = jax.eval_shape(m.init, jax.random.key(1), x)
+  p = jax.tree.map(lambda s: jnp.asarray(0.4 * _RNG.normal(size=s.shape) + 0.2, s.dtype), shapes)
+  c1, gn = dict(p["params"]["c1"]), dict(p["params"]["gn"])
+  c1["kernel"] = c1["kernel"].at[..., 4:].set(c1["kernel"][..., :2])
+  c1["bias"] = c1["bias"].at[4:].set(c1["bias"][:2])
+  gn["scale"] = gn["scale"].at[4:].set(gn["scale"][:2])
+  gn["bias"] = gn["bias"].at[4:].set(gn["bias"][:2])
+  p["params"] = {**p["params"], "c1": c1, "gn": gn}
+  t = jaxprune.trace(m.apply, p, x)
+  acts = t.activations(p, x, "c1")
+  assert acts.shape[-2:] == (2, 3)
+  np.testing.assert_array_equal(np.asarray(acts[..., 2]), np.asarray(acts[..., 0]))
+  p2, um, _ = jaxprune.distinctiveness(t, "c1", complementary=False, constants=False)(
+      p, jaxprune.unit_masks_ones(t), acts, 1.0, 179.0)
+  assert np.asarray(um["c1"]).tolist() == [True, True, False]
+  apply = jax.jit(m.apply)
+  np.testing.assert_allclose(apply(p2, x), apply(p, x), atol=1e-5)
+  small, small_t = t.compact(p2, um)
+  assert small["params"]["gn"]["scale"].shape == (4,)
+  np.testing.assert_allclose(small_t.apply(small, x), apply(p, x), atol=1e-5)
+
+
+def test_a_group_norm_over_interleaved_channels_merges_exactly():
+  """A hand-written group norm whose groups interleave: channels read as (channels per group,
+  groups), group g owning channels g, G + g, ... Each unit's statistics are of its own
+  channels, so its activations (B, 2, groups) are after the norm, as NumPy computes them, and a
+  unit that repeats another channel for channel merges exactly."""
+  G, cpg, eps = 3, 2, 1e-5
+
+  def fn(p, x):
+    h = x @ p["w1"] + p["b1"]                                      # (B, cpg * G)
+    g = h.reshape(x.shape[0], cpg, G)
+    m = g.mean(1, keepdims=True)
+    var = ((g - m) ** 2).mean(1, keepdims=True)
+    h = ((g - m) / jnp.sqrt(var + eps)).reshape(x.shape[0], cpg * G)
+    return jnp.tanh(h * p["s"] + p["t"]) @ p["w2"] + p["b2"]
+
+  p = {"w1": _arr(4, cpg * G), "b1": _arr(cpg * G), "s": _arr(cpg * G), "t": _arr(cpg * G),
+       "w2": _arr(cpg * G, 2), "b2": _arr(2)}
+  x = _arr(9, 4)
+  t = jaxprune.trace(fn, p, x)
+  assert t.groups["w1"].size == G and t.activations_complete("w1")
+  pn = {k: np.asarray(a, np.float64) for k, a in p.items()}
+  h = (np.asarray(x, np.float64) @ pn["w1"] + pn["b1"]).reshape(9, cpg, G)
+  z = (h - h.mean(1, keepdims=True)) / np.sqrt(h.var(1, keepdims=True) + eps)
+  want = np.tanh(z * pn["s"].reshape(cpg, G) + pn["t"].reshape(cpg, G))
+  np.testing.assert_allclose(np.asarray(t.activations(p, x, "w1")), want, atol=1e-5)
+
+  cols = np.arange(cpg) * G                # unit 2 (columns 2, 5) repeats unit 0 (0, 3)
+  p = {k: (a.at[..., cols + 2].set(a[..., cols]) if k in ("w1", "b1", "s", "t") else a)
+       for k, a in p.items()}
+  acts = t.activations(p, x, "w1")
+  np.testing.assert_array_equal(np.asarray(acts[..., 2]), np.asarray(acts[..., 0]))
+  p2, um, _ = jaxprune.distinctiveness(t, "w1", complementary=False, constants=False)(
+      p, jaxprune.unit_masks_ones(t), acts, 1.0, 179.0)
+  assert np.asarray(um["w1"]).tolist() == [True, True, False]
+  np.testing.assert_allclose(fn(p2, x), fn(p, x), atol=1e-5)
+  small, small_t = t.compact(p2, um)
+  assert small["w2"].shape == (cpg * 2, 2)
+  np.testing.assert_allclose(small_t.apply(small, x), fn(p, x), atol=1e-5)
 
 
 def test_instance_norm_then_average_pooling_into_the_head():
