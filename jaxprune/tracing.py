@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from jaxprune import _unfuse
 from jaxprune import units as units_lib
 
 PyTree = Any
@@ -2957,6 +2958,7 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
     raise TraceError(
         f"Could not trace {getattr(fn, '__name__', 'fn')}(params, *example_args): "
         f"{type(e).__name__}: {first} -- {hint}") from e
+  closed = _unfuse.unfuse(closed)   # a fused kernel concatenated from params: its layers
   w = _Walker(len(param_leaves))
   w.walk(closed, avals[:len(param_leaves)], avals[len(param_leaves):])
   env = {((), v): ax for v, ax in w.env.items()}
