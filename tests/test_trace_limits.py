@@ -141,26 +141,35 @@ def test_instance_norm_activations_are_after_the_norm():
   np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_instance_norm_duplicate_channel_is_merged_exactly():
-  m, v, x = _gn_params(C)
-  p = jax.tree.map(lambda a: a, v)
+def _check_repeated_channels_merge(m, p, x, dst, src, keep, twin):
+  """Channels ``dst`` of conv ``c1`` and norm ``gn`` repeat channels ``src``: the unit that holds
+  them has the activations of unit ``twin``, distinctiveness merges them to the unit mask ``keep`` with the
+  outputs unchanged, and the compacted network computes the same."""
   c1, gn = dict(p["params"]["c1"]), dict(p["params"]["gn"])
-  c1["kernel"] = c1["kernel"].at[..., 3].set(c1["kernel"][..., 1])
-  c1["bias"] = c1["bias"].at[3].set(c1["bias"][1])
-  gn["scale"] = gn["scale"].at[3].set(gn["scale"][1])
-  gn["bias"] = gn["bias"].at[3].set(gn["bias"][1])
-  p["params"] = {**p["params"], "c1": c1, "gn": gn}
+  c1["kernel"] = c1["kernel"].at[..., dst].set(c1["kernel"][..., src])
+  for leaf, key in ((c1, "bias"), (gn, "scale"), (gn, "bias")):
+    leaf[key] = leaf[key].at[dst].set(leaf[key][src])
+  p = {"params": {**p["params"], "c1": c1, "gn": gn}}
   t = jaxprune.trace(m.apply, p, x)
   acts = t.activations(p, x, "c1")
-  np.testing.assert_array_equal(np.asarray(acts[..., 3]), np.asarray(acts[..., 1]))
+  gone = keep.index(False)
+  np.testing.assert_array_equal(np.asarray(acts[..., gone]), np.asarray(acts[..., twin]))
   p2, um, _ = jaxprune.distinctiveness(t, "c1", complementary=False, constants=False)(
       p, jaxprune.unit_masks_ones(t), acts, 1.0, 179.0)
-  assert np.asarray(um["c1"]).tolist() == [True, True, True, False]
+  assert np.asarray(um["c1"]).tolist() == keep
   apply = jax.jit(m.apply)
   np.testing.assert_allclose(apply(p2, x), apply(p, x), atol=1e-5)
   small, small_t = t.compact(p2, um)
-  assert small["params"]["gn"]["scale"].shape == (3,)
+  assert small["params"]["gn"]["scale"].shape == (p["params"]["gn"]["scale"].shape[0]
+                                                  * (len(keep) - 1) // len(keep),)
   np.testing.assert_allclose(small_t.apply(small, x), apply(p, x), atol=1e-5)
+  return acts
+
+
+def test_instance_norm_duplicate_channel_is_merged_exactly():
+  m, v, x = _gn_params(C)
+  _check_repeated_channels_merge(m, v, x, np.array([3]), np.array([1]),
+                                 [True, True, True, False], twin=1)
 
 
 def test_group_norm_with_several_channels_per_group_activations_and_exact_merge():
@@ -185,28 +194,12 @@ def test_group_norm_with_several_channels_per_group_activations_and_exact_merge(
           z * pn["gn"]["scale"][2 * g:2 * g + 2] + pn["gn"]["bias"][2 * g:2 * g + 2], 0.0)
   np.testing.assert_allclose(np.asarray(t.activations(v, x, "c1")), want, atol=1e-4)
 
-  groups = 3                               # 6 channels: group 2 repeats group 0
-  m = _GNNet(groups, channels=6)
+  m = _GNNet(3, channels=6)                # 6 channels: group 2 repeats group 0
   shapes = jax.eval_shape(m.init, jax.random.key(1), x)
   p = jax.tree.map(lambda s: jnp.asarray(0.4 * _RNG.normal(size=s.shape) + 0.2, s.dtype), shapes)
-  c1, gn = dict(p["params"]["c1"]), dict(p["params"]["gn"])
-  c1["kernel"] = c1["kernel"].at[..., 4:].set(c1["kernel"][..., :2])
-  c1["bias"] = c1["bias"].at[4:].set(c1["bias"][:2])
-  gn["scale"] = gn["scale"].at[4:].set(gn["scale"][:2])
-  gn["bias"] = gn["bias"].at[4:].set(gn["bias"][:2])
-  p["params"] = {**p["params"], "c1": c1, "gn": gn}
-  t = jaxprune.trace(m.apply, p, x)
-  acts = t.activations(p, x, "c1")
+  acts = _check_repeated_channels_merge(m, p, x, np.arange(4, 6), np.arange(2), [True, True, False],
+                                        twin=0)
   assert acts.shape[-2:] == (2, 3)
-  np.testing.assert_array_equal(np.asarray(acts[..., 2]), np.asarray(acts[..., 0]))
-  p2, um, _ = jaxprune.distinctiveness(t, "c1", complementary=False, constants=False)(
-      p, jaxprune.unit_masks_ones(t), acts, 1.0, 179.0)
-  assert np.asarray(um["c1"]).tolist() == [True, True, False]
-  apply = jax.jit(m.apply)
-  np.testing.assert_allclose(apply(p2, x), apply(p, x), atol=1e-5)
-  small, small_t = t.compact(p2, um)
-  assert small["params"]["gn"]["scale"].shape == (4,)
-  np.testing.assert_allclose(small_t.apply(small, x), apply(p, x), atol=1e-5)
 
 
 def test_a_group_norm_over_interleaved_channels_merges_exactly():
