@@ -9,8 +9,8 @@ cell is prunable, though ``LSTMCell``, the same function, is.
 :func:`unfuse` rewrites such a program into the product per piece, which it equals exactly
 (each output column is the same dot product): a concatenation is kept unmade while what reads
 it works piece by piece (a product along a free axis of its kernel, a reshape that only adds or
-drops size-1 axes, a broadcast, a dtype conversion, an elementwise op with a concatenation of the same cut
-or with a value broadcast along the cut), and a ``split`` at the concatenation's own cuts takes
+drops size-1 axes, a broadcast, a dtype conversion, an elementwise op with a concatenation of
+the same cut or with a value broadcast along the cut), and a ``split`` at the concatenation's own cuts takes
 the pieces back. Anything else reads the concatenation made. Only programs (and the bodies of
 ``jit`` and ``scan`` calls in them) where a split takes pieces back are rewritten; all others
 are returned as they are.

@@ -1,7 +1,8 @@
 """Limits of ``jaxprune.trace`` an outside user hits: the shape of activations read through a
 reshape of other axes, why a group's activations are refused, instance and group norms (flax's
 GroupNorm with one or several channels per group, and by hand) before the activations, and the
-names of groups in plain-JAX layer lists. References are hand-written NumPy loops or hand-built cases with known answers."""
+names of groups in plain-JAX layer lists. References are hand-written NumPy loops or
+hand-built cases with known answers."""
 
 import flax.linen as nn
 import jax
@@ -143,8 +144,8 @@ def test_instance_norm_activations_are_after_the_norm():
 
 def _check_repeated_channels_merge(m, p, x, dst, src, keep, twin):
   """Channels ``dst`` of conv ``c1`` and norm ``gn`` repeat channels ``src``: the unit that holds
-  them has the activations of unit ``twin``, distinctiveness merges them to the unit mask ``keep`` with the
-  outputs unchanged, and the compacted network computes the same."""
+  them has the activations of unit ``twin``, distinctiveness merges them to the unit mask
+  ``keep`` with the outputs unchanged, and the compacted network computes the same."""
   c1, gn = dict(p["params"]["c1"]), dict(p["params"]["gn"])
   c1["kernel"] = c1["kernel"].at[..., dst].set(c1["kernel"][..., src])
   for leaf, key in ((c1, "bias"), (gn, "scale"), (gn, "bias")):
@@ -197,8 +198,8 @@ def test_group_norm_with_several_channels_per_group_activations_and_exact_merge(
   m = _GNNet(3, channels=6)                # 6 channels: group 2 repeats group 0
   shapes = jax.eval_shape(m.init, jax.random.key(1), x)
   p = jax.tree.map(lambda s: jnp.asarray(0.4 * _RNG.normal(size=s.shape) + 0.2, s.dtype), shapes)
-  acts = _check_repeated_channels_merge(m, p, x, np.arange(4, 6), np.arange(2), [True, True, False],
-                                        twin=0)
+  acts = _check_repeated_channels_merge(m, p, x, np.arange(4, 6), np.arange(2),
+                                        [True, True, False], twin=0)
   assert acts.shape[-2:] == (2, 3)
 
 
