@@ -6,20 +6,19 @@ the result into the four gates again. For the tracer that is a kernel computed f
 (by ``concatenate``), whose rows no param owns, and a concatenation split again: no unit of the
 cell is prunable, though ``LSTMCell``, the same function, is.
 
-:func:`unfuse` rewrites such a program into the product per piece, which it equals exactly
-(each output column is the same dot product): a concatenation is kept unmade while what reads
-it works piece by piece (a product along a free axis of its kernel, a reshape that only adds or
-drops size-1 axes, a broadcast, a dtype conversion, an elementwise op with a concatenation of
-the same cut or with a value broadcast along the cut), and a ``split`` at the concatenation's own cuts takes
-the pieces back. Anything else reads the concatenation made. Only programs (and the bodies of
-``jit`` and ``scan`` calls in them) where a split takes pieces back are rewritten; all others
+:func:`unfuse` rewrites such a program into the product per piece, which it equals exactly (each
+output column is the same dot product): a concatenation is kept unmade while what reads it works
+piece by piece (a product along a free axis of its kernel, a reshape that only adds or drops
+size-1 axes, a broadcast, a dtype conversion, an elementwise op with a concatenation of the same
+cut or with a value broadcast along the cut), and a ``split`` at the concatenation's own cuts
+takes the pieces back. Anything else reads the concatenation made. Only programs (and the bodies
+of ``jit`` and ``scan`` calls in them) where a split takes pieces back are rewritten; all others
 are returned as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 from jax import lax
