@@ -1359,7 +1359,7 @@ class _Analysis:
   explain_lines: tuple
   arg_shapes: tuple              # example shapes of the argument leaves
   arg_batch: tuple = ()          # per argument leaf: the axes that may change (the batch)
-  batch_later: bool = False      # the first output holds the batch on a later axis, not first
+  lead_of_params: bool = False   # the first output's leading axis is a param's (its classes)
 
 
 def _call_body(eqn):
@@ -2315,21 +2315,20 @@ def _check_not_broadcast(eqn, operand, shape) -> None:
 def _batch_axes(w: _Walker, num_params: int, jaxpr) -> tuple[tuple, bool]:
   """Per argument leaf, its batch axes: those tied to the first output's leading axis (a
   time-major RNN's input (T, B, F) has its batch on axis 1); axis 0 where none is. And whether
-  the first output carries those batch axes on a later axis only (an output laid out
-  (classes, N)): its leading axis is then not the batch, whatever its traced size."""
+  that leading axis is a parameter's axis (the classes of an output laid out (classes, N)): its
+  size is then known, whatever it was when traced, so it is not rows made from the batch size
+  as a number."""
   A = w.atoms
   out = w.env.get(jaxpr.outvars[0]) if jaxpr.outvars and not isinstance(
       jaxpr.outvars[0], jex.core.Literal) else None
   roots = lambda atoms: {A.find(a) for a in A.expand(atoms)}
   batch = roots(out[0]) if out else set()
-  axes, fallback = [], set()
+  axes = []
   for ax in w.invar_atoms[num_params:]:
     tied = tuple(d for d, atoms in enumerate(ax) if roots(atoms) & batch)
-    if not tied and ax:
-      fallback |= roots(ax[0])
     axes.append(tied or ((0,) if ax else ()))
-  later = bool(out) and any(roots(atoms) & fallback for atoms in out[1:])
-  return tuple(axes), later
+  params = set().union(*(roots(ax) for leaf in w.invar_atoms[:num_params] for ax in leaf))
+  return tuple(axes), bool(batch) and batch <= params
 
 
 def _check_batch_mean(eqn, invals, users) -> None:
@@ -2514,7 +2513,7 @@ class TracedTarget:
     would give rows of the traced count, silently."""
     an = self._an
     traced = an.closed.out_avals[0].shape if an.closed.out_avals else ()
-    if not outs or not traced or not np.shape(outs[0]) or an.batch_later:
+    if not outs or not traced or not np.shape(outs[0]) or an.lead_of_params:
       return
     for i, x in enumerate(args):
       for d in (an.arg_batch[i] if an.arg_batch else ()):

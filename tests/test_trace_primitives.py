@@ -337,8 +337,9 @@ def test_an_input_padded_in_edge_mode_compacts_and_runs_at_any_batch_size():
 def test_an_output_with_the_batch_on_a_later_axis_runs_at_any_batch_size():
   """A first output laid out (classes, N), traced with as many examples as classes: its leading
   axis had the traced batch's size by chance, and the batch check refused every other batch
-  size (it took the classes for rows made from the batch size as a number). The batch is on
-  the output's axis 1, so the leading axis is not it."""
+  size (it took the classes for rows made from the batch size as a number). The leading axis
+  is the readout's columns, a param's axis, so its size is known. An output of N rows made
+  from the batch size as a number, with the batch on its axis 1, still raises."""
   rng = np.random.default_rng(4)
   p = {"w1": _arr(rng, D, H), "w2": _arr(rng, H, 4)}
 
@@ -354,3 +355,14 @@ def test_an_output_with_the_batch_on_a_later_axis_runs_at_any_batch_size():
   for xx in (x, x[:3], _arr(rng, 9, D)):
     np.testing.assert_allclose(t.apply(masked, xx), fn(masked, xx), atol=1e-5)
     np.testing.assert_allclose(small_t.apply(small, xx), fn(masked, xx), atol=1e-5)
+
+  def rows_of_the_batch_size(p, x):
+    h = jnp.tanh(x @ p["w1"])
+    s = jax.ops.segment_sum(h, jnp.argmax(x, axis=1), num_segments=x.shape[0])
+    return (s @ p["w1"].T @ p["w1"]) @ h.T                   # (N as a number, N)
+
+  t = jaxprune.trace(rows_of_the_batch_size, p, x)
+  small, small_t = t.compact(p, {})
+  np.testing.assert_allclose(small_t.apply(small, x), rows_of_the_batch_size(p, x), atol=1e-5)
+  with pytest.raises(jaxprune.TraceError, match="first output keeps 4 rows"):
+    small_t.apply(small, _arr(rng, 7, D))
