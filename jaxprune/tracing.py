@@ -252,6 +252,10 @@ _CLOSED_OVER = ("tied to an array fn closes over (not in params); pass per-unit 
                 "nnx.split(model, (nnx.Param, nnx.BatchStat), ...))")
 
 
+_POSITIONS = ("a convolution's or pooling's output positions (their number follows the "
+              "input's size)")
+
+
 def _computed_why(how: str) -> str:
   """Why the axis a kernel computed from params contracts is not prunable, in words."""
   return (f"read by a kernel computed from params (by {how}), not by the params themselves: "
@@ -748,7 +752,7 @@ class _Walker:
         else:
           for a in x[d]:
             A.block(a, f"pooled over by {name}")
-          out.append((A.new(size),))
+          out.append((A.new(size, _POSITIONS),))
       outs = [tuple(out)] * len(out_shapes)
       return outs
 
@@ -1279,7 +1283,9 @@ class _Walker:
       # Its output channels too: they would otherwise form a group of the bias alone.
       out[out_spec[1]] = (A.new(out_shape[out_spec[1]], blocked=why),)
     for d in out_spec[2:]:
-      out[d] = (A.new(out_shape[d]),)
+      # The output's positions: their number follows the input's size, so a param that holds
+      # a value per position (a position embedding, ConvLocal's kernel) has none to prune.
+      out[d] = (A.new(out_shape[d], _POSITIONS),)
     spatial = [rhs_spec[d] for d in range(2, len(rhs_spec))]
     if (kern is not None and kern[0] == 1) or comp is not None:
       ksize = [eqn.invars[1].aval.shape[d] for d in spatial]

@@ -550,3 +550,36 @@ def test_batch_norm_convnext_couples_the_residual_channels_through_depthwise_con
   small, small_t = t.compact(masked, um)
   assert small["params"]["dw1"]["kernel"].shape == (7, 7, 1, int(um["stem"].sum()))
   np.testing.assert_allclose(small_t.apply(small, X5), fn(masked, X5), atol=2e-5, rtol=1e-5)
+
+
+def test_a_convolution_s_output_positions_are_no_group():
+  """A param with a value per output position of a conv or a pooling (a position embedding
+  added before the flatten, ConvLocal's per-position kernel): the positions made groups of
+  their own ('params' and 'params:1', 'local:0' and 'local:1'), whose compaction failed (the
+  patches, computed from the input, keep every position). Their number follows the input's
+  size, so they are blocked: only the channels are groups, and they compact exactly."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Conv(4, (3, 3), padding="VALID", name="conv")(x)
+      h = nn.relu(h + self.param("pos", nn.initializers.normal(1.0), h.shape[1:]))
+      h = nn.avg_pool(h, (2, 2), (2, 2))
+      h = h + self.param("pooled_pos", nn.initializers.normal(1.0), h.shape[1:])
+      g = nn.tanh(nn.ConvLocal(5, (3, 3), strides=(3, 3), padding="VALID", name="local")(x))
+      flat = lambda a: a.reshape(a.shape[0], -1)
+      return nn.Dense(3, name="head")(flat(h)) + nn.Dense(3, name="head2")(flat(g))
+
+  x = jax.random.normal(jax.random.key(1), (4, 10, 10, 3))
+  m = Net()
+  v = m.init(jax.random.key(0), x)
+  t = jaxprune.trace(m.apply, v, x)
+  assert {n: g.size for n, g in t.groups.items()} == {"conv": 4, "local": 5}
+  assert "output positions" in [l for l in t.explain().splitlines() if "params/pos " in l][0]
+  um = {"conv": jnp.asarray([True, False, True, False]),
+        "local": jnp.asarray([False, True, True, False, True])}
+  masked = jaxprune.apply_masks(v, jaxprune.expand(v, t, um))
+  small, small_t = t.compact(masked, um)
+  assert small["params"]["pos"].shape == (8, 8, 2)
+  assert small["params"]["local"]["kernel"].shape == (3, 3, 27, 3)
+  for xx in (x, jax.random.normal(jax.random.key(2), (6, 10, 10, 3))):
+    np.testing.assert_allclose(small_t.apply(small, xx), m.apply(masked, xx), atol=1e-5)
