@@ -732,7 +732,9 @@ class _Walker:
       axes = set(eqn.params["axes"])
       for d in axes:
         for a in ins[0][d]:
-          A.block(a, f"reduced over by {name}")
+          A.block(a, f"reduced over by {name}: a statistic across this axis, such as a "
+                  "LayerNorm's, an RMSNorm's or a softmax's over the units, reads all its "
+                  "entries together")
       return [tuple(a for d, a in enumerate(ins[0]) if d not in axes)]
 
     if name in _CUMULATIVE:
