@@ -2518,7 +2518,8 @@ class TracedTarget:
     """At another batch size, the first output's leading axis (the batch when traced) must
     follow it: one that keeps the traced size was made from the batch size as a number
     (``num_segments=x.shape[0]``, ``jnp.zeros((n, ...))`` with ``n`` read from a shape), and
-    would give rows of the traced count, silently."""
+    would give rows of the traced count, silently. A leading axis that is a param's (the
+    classes of a ``(classes, N)`` output) has its own size and is not checked."""
     an = self._an
     traced = an.closed.out_avals[0].shape if an.closed.out_avals else ()
     if not outs or not traced or not np.shape(outs[0]) or an.lead_of_params:
