@@ -826,7 +826,7 @@ class _Walker:
                     for k, ax in enumerate(ins[0])) for n in eqn.params["sizes"]]
 
     if name == "gather":
-      return self._gather(eqn, ins, out_shapes)
+      return self._gather(eqn, ins, out_shapes, path)
 
     if name in _SCATTERS:
       return self._scatter(eqn, ins, out_shapes)
@@ -894,7 +894,7 @@ class _Walker:
     lead = leads[0] if leads else (A.new(eqn.params["length"]),)
     return outs[:nk] + [(lead,) + tuple(y) for y in outs[nk:]]
 
-  def _gather(self, eqn, ins, out_shapes):
+  def _gather(self, eqn, ins, out_shapes, path):
     """A lookup (``nn.Embed``, ``jnp.take``, a nearest-neighbour resize): an operand axis that
     each gathered slice takes whole (a resize's batch and channels) is followed into the output;
     the axes indexed into are not (opaque). The output's other axes are the indices' batch axes
@@ -905,12 +905,20 @@ class _Walker:
     skipped = set(dn.collapsed_slice_dims) | set(getattr(dn, "operand_batching_dims", ()))
     kept = [d for d in range(len(x)) if d not in skipped]       # in order, the offset dims
     through = {o: d for d, o in zip(kept, dn.offset_dims) if sizes[d] == shape[d]}
-    if not isinstance(eqn.invars[0], jex.core.Literal) and eqn.invars[0] in self.origin:
-      through = {}          # a lookup in a parameter table (nn.Embed): its axes stay opaque
+    table = not isinstance(eqn.invars[0], jex.core.Literal) and eqn.invars[0] in self.origin
+    if table:
+      # A lookup in a parameter table (nn.Embed) is a product with one-hot rows: the axes each
+      # lookup takes whole (the features) are the table's units, the table their kernel.
+      leaf, amap = self.origin[eqn.invars[0]]
+      for d in through.values():
+        if amap[d] is not None:
+          use = self.uses.setdefault((leaf, amap[d]),
+                                     _Use(leaf, amap[d], "producer", "kernel", path))
+          if use.role != "producer":     # a tied embedding read by its own attend first
+            self.tied.add((leaf, amap[d]))
     reason = "gathered from by gather (not followed)"
     # Batching dims (jnp.take_along_axis: out[b, k, u] = h[b, i[b, k, u], u]) pair an operand
     # axis with an axis of the indices, element by element: each unit stays a unit.
-    table = not isinstance(eqn.invars[0], jex.core.Literal) and eqn.invars[0] in self.origin
     paired = {} if table else dict(zip(getattr(dn, "operand_batching_dims", ()),
                                        getattr(dn, "start_indices_batching_dims", ())))
     for od, id_ in paired.items():
@@ -2574,6 +2582,15 @@ class TracedTarget:
       raise TypeError(f"activations(params, *inputs, name): the last argument must be the name "
                       f"of a group ({sorted(self._groups)}), got a {type(name).__name__}.")
     site = self._site(name)
+    if site.act_var is None and any(s.role == "producer" and s.kind == "kernel"
+                                    for s in self._groups[name].slices):
+      raise ValueError(
+          f"Group {name!r} has no activations that trace can capture: its units are looked up "
+          "in a parameter table (nn.Embed, jnp.take of a param), not made by a kernel "
+          "contraction, so there is no value after a kernel to compare. Prune it from its "
+          f"weights: importance_prune(target, {name!r}), weight_distinctiveness(target, "
+          f"{name!r}) (the table's columns are its incoming weights, source='outgoing' the "
+          "next layer's rows), or magnitude_prune.")
     if site.act_var is None:
       raise ValueError(
           f"Group {name!r} has no activations that trace can capture: activations are taken "

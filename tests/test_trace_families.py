@@ -315,7 +315,7 @@ def test_nnx_text_classifier_with_masked_mean_pooling():
 
   tok = jnp.asarray(R.integers(0, 30, size=(6, 7)))
   t = jaxprune.trace(fn, p, tok)
-  assert _sizes(t) == {"l1": 16}                      # the embedding table is not a group
+  assert _sizes(t) == {"emb": 8, "l1": 16}            # the embedding's features are units
   jfn = jax.jit(fn)
   _every_group(t, jfn, p, [tok, tok[:2]])
   _pruners(t, jfn, p, tok, "l1", distinct=False)

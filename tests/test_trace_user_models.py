@@ -1035,6 +1035,48 @@ def test_tied_embedding_table_is_not_a_group():
   assert [g.size for g in t.groups.values()] == [16]
 
 
+def test_an_embedding_s_features_are_units_with_the_table_as_their_kernel():
+  """A lookup in a table is a product with one-hot rows: the features of nn.Embed (and of a
+  position table looked up with arange, added to it) are one group whose kernels are the
+  tables' columns, so compaction cuts them and the next kernel's rows, exactly, and the weight
+  pruners read the columns as incoming weights. It used to be no group (the table's axes were
+  opaque). A tied table (attend) stays refused, whichever use comes first."""
+  class Bag(nn.Module):
+    attend_first: bool = False
+
+    @nn.compact
+    def __call__(self, tok):
+      emb = nn.Embed(20, 6, name="tok")
+      if self.attend_first:                         # logits read through the same table
+        tied = emb.attend(jnp.tanh(jnp.repeat(tok[:, :1], 6, 1).astype(jnp.float32)))[:, :3]
+      e = emb(tok)
+      e = (e + nn.Embed(tok.shape[1], 6, name="pos")(jnp.arange(tok.shape[1]))).mean(1)
+      out = nn.Dense(3, name="head")(nn.tanh(nn.Dense(5, name="hid")(e)))
+      return out + tied if self.attend_first else out
+
+  tok = jnp.asarray(R.integers(0, 20, size=(6, 5)))
+  m = Bag()
+  p = m.init(jax.random.key(0), tok)
+  t = jaxprune.trace(m.apply, p, tok)
+  assert {n: g.size for n, g in t.groups.items()} == {"tok": 6, "hid": 5}
+  assert {(s.path[-2:], s.axis, s.role) for s in t.groups["tok"].slices} == {
+      (("tok", "embedding"), 1, "producer"), (("pos", "embedding"), 1, "producer"),
+      (("hid", "kernel"), 0, "consumer")}
+  p2, um, _ = jaxprune.importance_prune(t, "tok")(p, jaxprune.unit_masks_ones(t), 2)
+  norms = np.linalg.norm(np.concatenate([np.asarray(p["params"]["tok"]["embedding"]),
+                                         np.asarray(p["params"]["pos"]["embedding"])]), axis=0)
+  assert np.asarray(um["tok"]).tolist() == (norms > np.sort(norms)[1]).tolist()
+  small, small_t = t.compact(p2, um)
+  assert small["params"]["pos"]["embedding"].shape == (5, 4)
+  for tt in (tok, jnp.asarray(R.integers(0, 20, size=(9, 5)))):
+    np.testing.assert_allclose(small_t.apply(small, tt), m.apply(p2, tt), atol=1e-5)
+  with pytest.raises(ValueError, match="looked up in a parameter table"):
+    t.activations(p, tok, "tok")
+  tied = Bag(attend_first=True)
+  t = jaxprune.trace(tied.apply, tied.init(jax.random.key(0), tok), tok)
+  assert "tok" not in t.groups and "tied weights" in t.explain()
+
+
 def test_activation_tags_of_float16_layers_and_float_literals_without_warnings():
   """The 64-point grid reaches +-1e6, which overflows float16, and a literal 2.0 in a float32
   op is a float32 operand: identifying the nonlinearity raises no warning (the suite turns
