@@ -1923,9 +1923,12 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       why.append("a concatenation of other groups (each part is pruned as its own group)")
     producers = [u for u in us if u.role == "producer"]
     consumers = [u for u in us if u.role == "consumer"]
+    tied = sorted({units_lib.path_str(leaf_paths[u.leaf]) for u in us
+                   if (u.leaf, u.axis) in w.tied and leaf_paths[u.leaf] is not None})
     if any((u.leaf, u.axis) in w.tied for u in us):
-      why.append("tied weights: one kernel axis both produces and reads these units (a tied "
-                 "autoencoder's W and W.T), which pruning by groups does not support")
+      why.append(f"tied weights: one kernel axis ({', '.join(tied) or 'a leaf without a path'}) "
+                 "both produces and reads these units (a tied autoencoder's W and W.T, an "
+                 "embedding read back by attend), which pruning by groups does not support")
     elif not consumers:
       why.append("no kernel reads these units")
     if not producers:
@@ -2108,7 +2111,9 @@ def _name(path: Path, axis: int, taken: Mapping[str, tuple]) -> str:
   if len(path) > 2 and path[-1] == "value":      # an nnx State: layer/kernel/value
     path = path[:-1]
   strip = lambda parts: parts[1:] if len(parts) > 1 and parts[0] == "params" else parts
-  name = "/".join(strip(list(path[:-1]) or list(path)))
+  layer = list(path[:-1])
+  # A top-level param of a linen module (self.param('w', ...): params/w) is its own layer.
+  name = "/".join(strip(layer if layer and layer != ["params"] else list(path)))
   if name not in taken:
     return name
   full = "/".join(strip(list(path)))

@@ -583,3 +583,18 @@ def test_a_convolution_s_output_positions_are_no_group():
   assert small["params"]["local"]["kernel"].shape == (3, 3, 27, 3)
   for xx in (x, jax.random.normal(jax.random.key(2), (6, 10, 10, 3))):
     np.testing.assert_allclose(small_t.apply(small, xx), m.apply(masked, xx), atol=1e-5)
+
+
+def test_a_top_level_param_s_group_is_named_after_it():
+  """A linen module's own param (self.param('mix', ...), at params/mix) named its group
+  'params', the collection; it is named 'mix'."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = jnp.tanh(x @ self.param("mix", nn.initializers.normal(1.0), (3, 4)))
+      return nn.Dense(2, name="head")(h)
+
+  x = jnp.ones((5, 3))
+  m = Net()
+  t = jaxprune.trace(m.apply, m.init(jax.random.key(0), x), x)
+  assert list(t.groups) == ["mix"]
