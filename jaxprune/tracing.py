@@ -1196,6 +1196,9 @@ class _Walker:
       kernel = full[0] if len(full) == 1 else None
       names = []
       for _, e in eqns:
+        if not any(jnp.issubdtype(getattr(o.aval, "dtype", np.int32), jnp.inexact)
+                   for o in e.outvars):
+          continue        # index arithmetic (jnp's wrap of negative indices), not the kernel's
         n = e.primitive.name
         n = str(e.params.get("name", n)) if n in _CALLS else n
         if n not in _SCALED_MOVES and n not in names:

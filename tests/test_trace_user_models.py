@@ -1078,6 +1078,15 @@ def test_an_embedding_s_features_are_units_with_the_table_as_their_kernel():
   assert "tied weights: one kernel axis (params/tok/embedding)" in t.explain()
 
 
+def test_a_kernel_gathered_from_a_param_names_the_gather_alone():
+  """``x @ w[idx].T``: the reason names the ops that compute the kernel (by gather), not jnp's
+  index arithmetic on idx (it read 'by lt, add, select_n, gather')."""
+  p = {"w": jnp.ones((4, 5)), "w2": jnp.ones((4, 2))}
+  idx = np.array([2, 0, 1, 3])
+  t = jaxprune.trace(lambda p, x: jnp.tanh(x @ p["w"][idx].T) @ p["w2"], p, jnp.ones((3, 5)))
+  assert "computed from params (by gather)," in t.explain()
+
+
 def test_activation_tags_of_float16_layers_and_float_literals_without_warnings():
   """The 64-point grid reaches +-1e6, which overflows float16, and a literal 2.0 in a float32
   op is a float32 operand: identifying the nonlinearity raises no warning (the suite turns
