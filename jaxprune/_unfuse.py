@@ -40,6 +40,7 @@ class _Concat:
 
 
 def _made(x):
+  """``x``, with a concatenation not yet made made (each reader that needs it whole)."""
   return lax.concatenate(x.pieces, x.dim) if isinstance(x, _Concat) else x
 
 
@@ -79,6 +80,8 @@ def unfuse(closed):
 
 
 def _eval(jaxpr, consts, args, taken) -> list:
+  """Runs ``jaxpr`` (under ``make_jaxpr``) with concatenations kept unmade; ``taken[0]`` counts
+  the rewrites that took pieces back."""
   env: dict = {}
 
   def read(v):
@@ -101,6 +104,8 @@ def _bind(eqn, ins, params=None):
 
 
 def _step(eqn, ins, taken) -> list:
+  """One equation's outputs: a concatenation kept unmade, an op made piece by piece, or the op
+  as it was (a jit or scan body rewritten when it holds the pattern)."""
   name, params = eqn.primitive.name, eqn.params
   if name == "concatenate" and len(ins) > 1:
     return [_Concat([_made(x) for x in ins], params["dimension"])]
@@ -130,8 +135,7 @@ def _piecewise(eqn, ins, c: _Concat) -> list | None:
       return list(c.pieces)
     return None
   if name == "dot_general" and ins[1] is c and not isinstance(ins[0], _Concat):
-    (_, rc), (lb, rb) = params["dimension_numbers"][0], params["dimension_numbers"][1]
-    lc = params["dimension_numbers"][0][0]
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
     if c.dim in rc or c.dim in rb:
       return None
     lhs_free = len(ins[0].shape) - len(lc) - len(lb)
