@@ -1277,8 +1277,11 @@ class _Walker:
     rhs_in = rhs_spec[1]
     if eqn.params["batch_group_count"] != 1:
       return self._opaque(eqn, ins, [out_shape], "a batch-grouped convolution")[0]
-    depthwise = groups > 1 and eqn.invars[1].aval.shape[rhs_in] == 1 and (
-        eqn.invars[1].aval.shape[cout] == groups)
+    one_in = groups > 1 and eqn.invars[1].aval.shape[rhs_in] == 1   # a channel per group
+    depthwise = one_in and eqn.invars[1].aval.shape[cout] == groups
+    # A channel multiplier (M outputs per input channel; also the identity kernel of
+    # conv_general_dilated_patches, nn.ConvLocal's patches): output c * M + m reads input c.
+    multiplier = one_in and not depthwise
     if groups == 1:
       if kern is None:
         for a in lhs[cin] + rhs[rhs_in]:
@@ -1289,6 +1292,11 @@ class _Walker:
     elif depthwise:
       A.unify(lhs[cin], rhs[cout], "a depthwise convolution")
       out[out_spec[1]] = lhs[cin]
+    elif multiplier:
+      m = A.new(eqn.invars[1].aval.shape[cout] // groups,
+                "a channel multiplier's index (the outputs of each input channel)")
+      A.unify(rhs[cout], tuple(lhs[cin]) + (m,), "a channel multiplier")
+      out[out_spec[1]] = rhs[cout]
     else:
       why = "a grouped convolution (feature_group_count > 1)"
       for a in lhs[cin] + rhs[cout]:
@@ -1309,13 +1317,13 @@ class _Walker:
           any(tuple(p) != (0, 0) for p in eqn.params["padding"]) or dilated)
       if padded:
         padded = _DILATED_CONV if dilated else _padded_conv_why(eqn)
-    if comp is not None and (groups == 1 or depthwise):
+    if comp is not None and (groups == 1 or one_in):
       self._record_computed(eqn, path, comp, (cout,), True, padded, spatial)
     elif kern is not None and kern[0] == 1:
       _, leaf, amap = kern
       if groups == 1:
         self._record(eqn, path, 1, leaf, amap, (rhs_in,), (cout,), True, padded)
-      elif depthwise:
+      elif one_in:
         self._record(eqn, path, 1, leaf, amap, (), (cout,), True, padded)
       for d in spatial:
         if amap[d] is not None:

@@ -45,6 +45,9 @@ def test_layer_concatenated_with_itself_is_not_prunable():
 
 @pytest.mark.parametrize("groups,features", [(2, 8), (8, 16)])   # grouped; depthwise x2
 def test_grouped_convolution_output_is_not_a_bias_only_group(groups, features):
+  """A grouped conv (2 groups) blocks its channels, its output's too (no group of its bias
+  alone). A depthwise conv with a channel multiplier (8 groups of 1 channel, 2 outputs each)
+  passes the channels before it on: Conv_0's units own 2 outputs each (since 2026-12-05)."""
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -55,9 +58,15 @@ def test_grouped_convolution_output_is_not_a_bias_only_group(groups, features):
   x = _arr(4, 6, 6, 3)
   v = Net().init(jax.random.key(1), x)
   t = jaxprune.trace(Net().apply, v, x)
-  assert set(t.groups) == {"Conv_2"}
-  assert "Conv_1/bias (%d,): axis 0 -> not prunable (a grouped convolution" % features in t.explain()
-  _compact_equals_masked(t, v, x, Net().apply, {"Conv_2": [0, 3]})
+  if groups == 2:
+    assert set(t.groups) == {"Conv_2"}
+    assert ("Conv_1/bias (%d,): axis 0 -> not prunable (a grouped convolution" % features
+            in t.explain())
+    _compact_equals_masked(t, v, x, Net().apply, {"Conv_2": [0, 3]})
+    return
+  assert set(t.groups) == {"Conv_0", "Conv_2"}
+  assert "Conv_1/bias (16,): axis 0 (read as 8 x 2) -> [8] group 'Conv_0'" in t.explain()
+  _compact_equals_masked(t, v, x, Net().apply, {"Conv_0": [1, 6], "Conv_2": [0, 3]})
 
 
 def test_group_norm_groups_are_units_and_compact():

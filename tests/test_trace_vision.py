@@ -598,3 +598,55 @@ def test_a_top_level_param_s_group_is_named_after_it():
   m = Net()
   t = jaxprune.trace(m.apply, m.init(jax.random.key(0), x), x)
   assert list(t.groups) == ["mix"]
+
+
+def test_a_channel_multiplier_and_conv_local_patches_keep_the_channels_before_them():
+  """A conv with one input channel per group and M outputs each (a depthwise conv with a
+  channel multiplier, and the identity kernel with which nn.ConvLocal cuts its patches): output
+  c * M + m reads input c alone, so the channels before it are a group whose units own M
+  outputs each. Both were refused as "a grouped convolution". Compacting equals masking; a
+  repeated channel merges exactly before ConvLocal (its patches kernel is a constant), while
+  the multiplier's kernel, one per channel, still refuses merging, as a depthwise conv's does."""
+  class Net(nn.Module):
+    multiplier: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(4, (3, 3), padding="VALID", name="c1")(x))
+      b = nn.ConvLocal(3, (3, 3), padding="VALID", name="local")(h)
+      out = nn.Dense(2, name="head2")(nn.tanh(b).mean((1, 2)))
+      if self.multiplier:
+        a = nn.Conv(8, (3, 3), feature_group_count=4, name="mult")(h)      # M = 2
+        out = out + nn.Dense(2, name="head")(nn.tanh(a).mean((1, 2)))
+      return out
+
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  for multiplier in (True, False):
+    m = Net(multiplier)
+    v = m.init(jax.random.key(0), x)
+    c1 = dict(v["params"]["c1"])                         # channel 3 repeats channel 1
+    c1["kernel"] = c1["kernel"].at[..., 3].set(c1["kernel"][..., 1])
+    c1["bias"] = c1["bias"].at[3].set(c1["bias"][1])
+    v = {"params": {**v["params"], "c1": c1}}
+    t = jaxprune.trace(m.apply, v, x)
+    # mult's outputs are c1's units, M = 2 each (its multiplier index is not a unit)
+    assert {n: g.size for n, g in t.groups.items()} == {"c1": 4, "local": 3}
+    um = {"c1": jnp.asarray([True, False, True, True]),
+          "local": jnp.asarray([True, False, True])}
+    masked = jaxprune.apply_masks(v, jaxprune.expand(v, t, um))
+    small, small_t = t.compact(masked, um)
+    assert small["params"]["local"]["kernel"].shape == (4, 4, 27, 2)
+    if multiplier:
+      assert small["params"]["mult"]["kernel"].shape == (3, 3, 1, 6)
+      for xx in (x, jax.random.normal(jax.random.key(2), (6, 8, 8, 3))):
+        np.testing.assert_allclose(small_t.apply(small, xx), m.apply(masked, xx), atol=1e-5)
+      with pytest.raises(ValueError, match="a depthwise convolution"):
+        jaxprune.distinctiveness(t, "c1", constants=False)
+      continue
+    acts = t.activations(v, x, "c1")
+    p2, um2, _ = jaxprune.distinctiveness(t, "c1", complementary=False, constants=False)(
+        v, jaxprune.unit_masks_ones(t), acts, 1.0, 179.0)
+    assert np.asarray(um2["c1"]).tolist() == [True, True, True, False]
+    np.testing.assert_allclose(m.apply(p2, x), m.apply(v, x), atol=1e-5)
+    small, small_t = t.compact(p2, um2)
+    np.testing.assert_allclose(small_t.apply(small, x), m.apply(v, x), atol=1e-5)
