@@ -650,3 +650,35 @@ def test_a_channel_multiplier_and_conv_local_patches_keep_the_channels_before_th
     np.testing.assert_allclose(m.apply(p2, x), m.apply(v, x), atol=1e-5)
     small, small_t = t.compact(p2, um2)
     np.testing.assert_allclose(small_t.apply(small, x), m.apply(v, x), atol=1e-5)
+
+
+def test_weight_distinctiveness_reads_a_weight_normed_depthwise_kernel_after_the_units():
+  """Conv c1 then a weight-normed depthwise conv (a kernel computed from params, recorded as a
+  'scale' of c1's units). Channel 3 of c1 repeats channel 1: while the depthwise kernels of
+  the two differ, incoming weight distinctiveness must not merge them (it did, moving the
+  outputs by 0.27); once they are equal too, the merge is exact."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(4, (3, 3), padding="VALID", name="c1")(x))
+      h = nn.WeightNorm(nn.Conv(4, (3, 3), feature_group_count=4, name="dw"))(h)
+      return nn.Dense(2, name="head")(nn.relu(h).mean((1, 2)))
+
+  x = jax.random.normal(jax.random.key(1), (4, 9, 9, 3))
+  m = Net()
+  v = m.init(jax.random.key(0), x)
+  c1 = dict(v["params"]["c1"])
+  c1["kernel"] = c1["kernel"].at[..., 3].set(c1["kernel"][..., 1])
+  c1["bias"] = c1["bias"].at[3].set(c1["bias"][1])
+  v = {"params": {**v["params"], "c1": c1}}
+  t = jaxprune.trace(m.apply, v, x)
+  prune = jaxprune.weight_distinctiveness(t, "c1", constants=False, complementary=False)
+  _, um, _ = prune(v, jaxprune.unit_masks_ones(t), 1.0, 179.0)
+  assert np.asarray(um["c1"]).tolist() == [True] * 4
+  dw = dict(v["params"]["dw"])                 # (WeightNorm's scales start equal: ones)
+  dw["kernel"] = dw["kernel"].at[..., 3].set(dw["kernel"][..., 1])
+  dw["bias"] = dw["bias"].at[3].set(dw["bias"][1])
+  same = {"params": {**v["params"], "dw": dw}}
+  p2, um, _ = prune(same, jaxprune.unit_masks_ones(t), 1.0, 179.0)
+  assert np.asarray(um["c1"]).tolist() == [True, True, True, False]
+  np.testing.assert_allclose(m.apply(p2, x), m.apply(same, x), atol=1e-5)

@@ -240,18 +240,26 @@ def check_norms(a: np.ndarray, group: units_lib.UnitGroup) -> None:
                      "(diverged training?) before pruning.")
 
 
-def incoming_vectors(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
+def incoming_vectors(params: PyTree, group: units_lib.UnitGroup,
+                     acting_later: bool = False) -> jax.Array:
   """Each unit's incoming kernel weights, flattened: (units, fan_in) (conv: in_ch x k x k).
 
-  Only producer slices of kind ``'kernel'`` are used; biases and normalisation parameters are
-  left out.
+  Producer slices of kind ``'kernel'`` are used; biases and normalisation parameters are left
+  out. With ``acting_later`` (weight distinctiveness, which merges units whose vectors agree),
+  where the group has a kernel, a ``'scale'`` slice with several numbers per unit is used too:
+  a kernel computed from params that acts on the units later (a weight-normed depthwise conv
+  after them), so that units whose vectors agree also compute the same (two units with equal
+  first kernels read by different weight-normed depthwise kernels were merged).
   """
   parts = []
+  kernels = any(s.kind == "kernel" for s in group.producers)
   for s in group.producers:
     leaf = units_lib.get_path(params, s.path)
-    if s.kind == "kernel":
+    if s.kind in ("kernel", "scale"):
       v = units_lib.unit_view(leaf, s)
-      parts.append(v.reshape(v.shape[0], -1))
+      v = v.reshape(v.shape[0], -1)
+      if s.kind == "kernel" or (acting_later and kernels and v.shape[1] > 1):
+        parts.append(v)
   if not parts:
     kinds = sorted({s.kind for s in group.producers}) or ["none"]
     raise ValueError(

@@ -58,7 +58,7 @@ def weight_angles(params: PyTree, group, *, source: str = "outgoing") -> jax.Arr
   if source == "outgoing":
     return pairwise_angles(_common.outgoing_vectors(params, group))
   if source == "incoming":
-    return pairwise_angles(_common.incoming_vectors(params, group))
+    return pairwise_angles(_common.incoming_vectors(params, group, acting_later=True))
   raise ValueError(f"source must be 'outgoing' or 'incoming', got {source!r}.")
 
 

@@ -335,7 +335,8 @@ def _weight_core(g, source, similar, complementary, constants, absorb):
 
   def core(params, mask, sim, comp, tol):
     incoming = source == "incoming"
-    v = (_common.incoming_vectors if incoming else _common.outgoing_vectors)(params, g)
+    v = (functools.partial(_common.incoming_vectors, acting_later=True) if incoming
+         else _common.outgoing_vectors)(params, g)
     if incoming and constants:
       # only the constants rule reads a zero-weight unit's constant output act(bias); without
       # it, groups whose activation or bias layout has no such value (gelu, a 2-D bias) prune
