@@ -255,10 +255,10 @@ def incoming_vectors(params: PyTree, group: units_lib.UnitGroup,
   kernels = any(s.kind == "kernel" for s in group.producers)
   for s in group.producers:
     leaf = units_lib.get_path(params, s.path)
-    if s.kind in ("kernel", "scale"):
+    if s.kind == "kernel" or (acting_later and kernels and s.kind == "scale"):
       v = units_lib.unit_view(leaf, s)
       v = v.reshape(v.shape[0], -1)
-      if s.kind == "kernel" or (acting_later and kernels and v.shape[1] > 1):
+      if s.kind == "kernel" or v.shape[1] > 1:
         parts.append(v)
   if not parts:
     kinds = sorted({s.kind for s in group.producers}) or ["none"]
