@@ -11,9 +11,9 @@ output column is the same dot product): a concatenation is kept unmade while wha
 piece by piece (a product along a free axis of its kernel, a reshape that only adds or drops
 size-1 axes, a broadcast, a dtype conversion, an elementwise op with a concatenation of the same
 cut or with a value broadcast along the cut), and a ``split`` at the concatenation's own cuts
-takes the pieces back. Anything else reads the concatenation made. Only programs (and the bodies
-of ``jit`` and ``scan`` calls in them) where a split takes pieces back are rewritten; all others
-are returned as they are.
+(or a slice of exactly one piece) takes the pieces back. Anything else reads the concatenation
+made. Only programs (and the bodies of ``jit`` and ``scan`` calls in them) where a split takes
+pieces back are rewritten; all others are returned as they are.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _subjaxprs(jaxpr):
 def _may_apply(jaxpr) -> bool:
   """Whether a concatenation and a split both occur in one (sub)program: the pattern's sign."""
   names = {e.primitive.name for e in jaxpr.eqns}
-  return ("concatenate" in names and "split" in names) or any(
+  return ("concatenate" in names and ("split" in names or "slice" in names)) or any(
       _may_apply(j) for j in _subjaxprs(jaxpr))
 
 
@@ -121,7 +121,7 @@ def _step(eqn, ins, taken) -> list:
     return _bind(eqn, ins)
   out = _piecewise(eqn, ins, cat[0])
   if out is not None:
-    if name == "split":
+    if name in ("split", "slice"):
       taken[0] += 1
     return out
   return _bind(eqn, ins)
@@ -133,6 +133,17 @@ def _piecewise(eqn, ins, c: _Concat) -> list | None:
   if name == "split" and ins[0] is c:
     if params["axis"] == c.dim and tuple(params["sizes"]) == c.sizes:
       return list(c.pieces)
+    return None
+  if name == "slice" and ins[0] is c and not any(s not in (None, 1) for s in
+                                                  params.get("strides") or ()):
+    start, limit = params["start_indices"], params["limit_indices"]
+    shape = c.pieces[0].shape
+    if any((start[d], limit[d]) != (0, shape[d]) for d in range(len(shape)) if d != c.dim):
+      return None
+    bounds = [sum(c.sizes[:k]) for k in range(len(c.sizes) + 1)]
+    for k in range(len(c.pieces)):               # exactly one piece: h[:, :H], h[:, H:2 * H]
+      if (start[c.dim], limit[c.dim]) == (bounds[k], bounds[k + 1]):
+        return [c.pieces[k]]
     return None
   if name == "dot_general" and ins[1] is c and not isinstance(ins[0], _Concat):
     (lc, rc), (lb, rb) = params["dimension_numbers"]

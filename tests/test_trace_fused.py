@@ -93,16 +93,18 @@ def test_optimized_lstm_cell_in_bfloat16_is_traced_too():
   assert len(t.groups) == 1 and next(iter(t.groups.values())).size == H
 
 
-def test_a_fused_kernel_written_by_hand_prunes_each_half_as_one_unit():
-  """concat([Wa, Wb], 1) and concat([ba, bb]): one product, split into a GLU's value and gate.
-  Unit i of both halves is one unit; compacting equals masking at any batch size."""
+@pytest.mark.parametrize("cut", ["split", "slices"])
+def test_a_fused_kernel_written_by_hand_prunes_each_half_as_one_unit(cut):
+  """concat([Wa, Wb], 1) and concat([ba, bb]): one product, cut into a GLU's value and gate by
+  jnp.split or by slices y[:, :H], y[:, H:]. Unit i of both halves is one unit; compacting
+  equals masking at any batch size."""
   rng = np.random.default_rng(0)
   p = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in
        {"wa": (D, H), "wb": (D, H), "ba": (H,), "bb": (H,), "w2": (H, 2)}.items()}
 
   def fn(p, x):
     y = x @ jnp.concatenate([p["wa"], p["wb"]], 1) + jnp.concatenate([p["ba"], p["bb"]])
-    a, b = jnp.split(y, 2, axis=-1)
+    a, b = jnp.split(y, 2, axis=-1) if cut == "split" else (y[:, :H], y[:, H:])
     return (a * jax.nn.sigmoid(b)) @ p["w2"]
 
   x = jnp.asarray(rng.normal(size=(5, D)), jnp.float32)
