@@ -1512,32 +1512,28 @@ _UNIT_MOVES = frozenset("reshape split slice squeeze dynamic_slice expand_dims".
 
 
 def _keeps_units(w: _Walker, scope: tuple, eqn, root) -> bool:
-  """Whether ``eqn`` is a reshape that keeps the units of class ``root`` on one axis of their
-  own, in and out (it only adds or drops size-1 axes, or splits or merges other axes), so each
-  unit's values stay that unit's: ``h.reshape(B, C, 1)``, ``(B, H, W, C) -> (B, H * W, C)``;
-  or a split (or slice) of the units' axis into equal parts, each part holding every unit once
-  (a GLU's gate and value, an LSTM's fused gates)."""
+  """Whether ``eqn`` moves values without mixing the units of class ``root``, so each unit's
+  values stay that unit's: a reshape that keeps the units one atom, in and out (it adds or drops
+  size-1 axes, splits or merges other axes, or regroups the units' axis with others: a group
+  norm's (B, groups, channels per group) back to (B, channels)); a split (or slice) of the
+  units' axis into equal parts, each part holding every unit once (a GLU's gate and value, an
+  LSTM's fused gates); or a move of the units' own axis, an index into other axes."""
   name = eqn.primitive.name
   if root is None or name not in _UNIT_MOVES or (name != "split" and len(eqn.outvars) != 1):
     return False
   roots = lambda v: _axis_roots(w, scope, v)
 
-  def whole(v):
+  def once(v):
     r = roots(v)
-    return r is not None and sum(x.count(root) for x in r) == 1 and [root] in r
+    return r is not None and sum(x.count(root) for x in r) == 1
 
-  r = roots(eqn.invars[0])
-  once = r is not None and sum(x.count(root) for x in r) == 1
-  if name == "reshape" and once:
-    # A reshape only relabels positions: while the units stay one atom, in and out, each
-    # unit's values stay that unit's, also on an axis shared with other atoms (a group
-    # norm's (B, groups, channels per group) back to (B, channels)).
-    ro = roots(eqn.outvars[0])
-    if ro is not None and sum(x.count(root) for x in ro) == 1:
-      return True
-  if name in ("reshape", "split", "slice") and once and [root] not in r:
-    # Equal parts of the units' axis (see _Walker._equal_parts), or that axis reshaped to
-    # (parts, units): unit i of each part is unit i (a GLU's gate and value).
+  def whole(v):
+    return once(v) and [root] in roots(v)
+
+  if name == "reshape":          # a reshape only relabels positions
+    return once(eqn.invars[0]) and once(eqn.outvars[0])
+  if name in ("split", "slice") and once(eqn.invars[0]) and [root] not in roots(eqn.invars[0]):
+    # Equal parts of the units' axis (see _Walker._equal_parts): unit i of each part is unit i.
     return all(whole(o) for o in eqn.outvars)
   # A move of the units' own axis, or an index into other axes (a part of a GLU's (B, 2, H),
   # a strided map): each unit's values stay that unit's.
@@ -1934,10 +1930,11 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       why.append("a concatenation of other groups (each part is pruned as its own group)")
     producers = [u for u in us if u.role == "producer"]
     consumers = [u for u in us if u.role == "consumer"]
-    tied = sorted({units_lib.path_str(leaf_paths[u.leaf]) for u in us
-                   if (u.leaf, u.axis) in w.tied and leaf_paths[u.leaf] is not None})
-    if any((u.leaf, u.axis) in w.tied for u in us):
-      why.append(f"tied weights: one kernel axis ({', '.join(tied) or 'a leaf without a path'}) "
+    tied = [u for u in us if (u.leaf, u.axis) in w.tied]
+    if tied:
+      names = sorted({units_lib.path_str(leaf_paths[u.leaf]) for u in tied
+                      if leaf_paths[u.leaf] is not None})
+      why.append(f"tied weights: one kernel axis ({', '.join(names) or 'a leaf without a path'}) "
                  "both produces and reads these units (a tied autoencoder's W and W.T, an "
                  "embedding read back by attend), which pruning by groups does not support")
     elif not consumers:
