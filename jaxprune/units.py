@@ -747,11 +747,22 @@ def bias_contribution(constants: jax.Array, view: jax.Array, bias_shape, s: Slic
   not have (kernel positions, flattened positions), keeping the output axes (and e.g. heads or
   ensemble members of a (heads, out) bias).
 
+  ``constants`` may also be (units, P): a value per unit and position of the units' map (P =
+  the positions of one example, e.g. H*W). Where the axes summed above are P positions (a
+  dense layer after a flatten reads each position with its own rows), position p meets the
+  rows of position p; elsewhere (a conv reading every position with one kernel) each unit's
+  mean over the positions is used, as a (units,) constant.
+
   ``view`` is the consumer slice ``s``'s :func:`unit_view` of ``leaf`` (units first). The
   output axes are ``s.out_axes`` when the slice records them (traced groups); otherwise the
   bias's axes are matched to the view's from the last (outputs last, as in Flax and JAX).
   """
-  contrib = jnp.tensordot(constants.astype(view.dtype), view, axes=(0, 0))
+  constants = jnp.asarray(constants)
+  per_position = constants.ndim == 2
+  if per_position:                    # (units, P): the per-position values; first their means
+    contrib = jnp.tensordot(jnp.mean(constants, axis=1).astype(view.dtype), view, axes=(0, 0))
+  else:
+    contrib = jnp.tensordot(constants.astype(view.dtype), view, axes=(0, 0))
   bias_shape = tuple(bias_shape)
   want = [d for d in bias_shape if d != 1]
   if s is not None and s.out_axes is not None and leaf is not None:
@@ -772,7 +783,16 @@ def bias_contribution(constants: jax.Array, view: jax.Array, bias_shape, s: Slic
     raise ValueError(f"A consumer's bias of shape {bias_shape} does not match the output axes "
                      f"of its kernel's unit rows {tuple(contrib.shape)}, so constants cannot be "
                      "folded into it; pass constants=False.")
-  summed = jnp.sum(contrib, axis=tuple(d for d in range(contrib.ndim) if d not in keep))
+  summed_axes = tuple(d for d in range(contrib.ndim) if d not in keep)
+  if per_position and math.prod(contrib.shape[d] for d in summed_axes) == constants.shape[1] > 1:
+    # The consumer reads position p of each unit with its own weights (a dense layer after a
+    # flatten, a 'VALID' conv whose kernel covers the map): each position's value meets the
+    # rows of that position, in the order of the view (the flatten's order).
+    rows = jnp.moveaxis(view, [1 + d for d in summed_axes], list(range(1, 1 + len(summed_axes))))
+    rows = rows.reshape((view.shape[0], constants.shape[1]) + rows.shape[1 + len(summed_axes):])
+    summed = jnp.tensordot(constants.astype(view.dtype), rows, axes=((0, 1), (0, 1)))
+  else:
+    summed = jnp.sum(contrib, axis=summed_axes)
   order = tuple(int(i) for i in np.argsort(np.argsort(keep)))   # back to the order of keep
   return jnp.transpose(summed, order).reshape(bias_shape)
 

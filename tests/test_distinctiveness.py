@@ -150,6 +150,55 @@ def test_planted_complementary_pair(mlp):
   assert not np.allclose(apply(p5, x), apply(pe, x), atol=1e-3)
 
 
+def _conv_flatten_dense(layout):
+  """A sigmoid conv whose channel 1 is 1 - channel 0, read through a flatten by a dense layer
+  (each position with its own rows), in Flax's NHWC order or PyTorch's NCHW flatten."""
+  def fn(p, x):
+    y = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.sigmoid(y + p["kb"])
+    if layout == "NCHW":
+      h = h.transpose(0, 3, 1, 2)
+    return h.reshape(h.shape[0], -1) @ p["w"] + p["b"]
+  rng = np.random.default_rng(0)
+  k, kb = rng.normal(size=(3, 3, 2, 3)), rng.normal(size=3)
+  k[..., 1], kb[1] = -k[..., 0], -kb[0]
+  p = {"k": k, "kb": kb, "w": rng.normal(size=(48, 3)), "b": np.zeros(3)}
+  p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+  x = jnp.asarray(rng.normal(size=(20, 6, 6, 2)), jnp.float32)
+  return fn, p, x
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_compensate_through_a_flatten_keeps_the_mean_output(layout):
+  """compensate adds the removed units' mean contribution: through a flatten each position has
+  its own rows, so the means are taken per position (the mean output over the patterns stays
+  where it was; the overall mean times the rows' sum moved it by about 0.4)."""
+  fn, p, x = _conv_flatten_dense(layout)
+  t = jaxprune.trace(fn, p, x)
+  acts = t.activations(p, x, "k")
+  before = np.asarray(t.apply(p, x)).mean(0)
+  ones = jaxprune.unit_masks_ones(t)
+  prune = distinctiveness(t, "k", similar=False, compensate=True)
+  p2, m2, _ = prune(p, ones, acts, 15.0, 165.0)
+  np.testing.assert_array_equal(m2["k"], [False, False, True])
+  np.testing.assert_allclose(np.asarray(t.apply(p2, x)).mean(0), before, atol=2e-5)
+  # Sample weights: weight 0 drops a pattern, weight 2 counts it twice.
+  w = np.ones(20, np.float32)
+  w[:5], w[5:8] = 0.0, 2.0
+  xs = np.concatenate([x[5:], x[5:8]])
+  p3, m3, _ = prune(p, ones, acts, 15.0, 165.0, sample_weight=w)
+  np.testing.assert_array_equal(m3["k"], m2["k"])
+  np.testing.assert_allclose(np.asarray(t.apply(p3, xs)).mean(0),
+                             np.asarray(t.apply(p, xs)).mean(0), atol=2e-5)
+  # Progressive, one step: the complementary pair goes first (3 units left), same mean output.
+  mean_moved = lambda q: jnp.max(jnp.abs(t.apply(q, x).mean(0) - before))
+  _, _, rep = progressive_distinctiveness(t, "k", mean_moved, complementary=True,
+                                         compensate=True)(p, ones, x)
+  np.testing.assert_array_equal(rep.unit_masks[1], [False, False, True])
+  assert float(rep.loss[1]) < 2e-5
+
+
 def test_constant_unit_removed_exactly(mlp):
   model, params, x, apply, activations = mlp
   p = _set_unit(params, "hidden_0", 2, np.zeros(5), 0.7)

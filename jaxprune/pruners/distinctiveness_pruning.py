@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -155,7 +156,7 @@ def _activation_core(g):
     comp = jnp.asarray(comp, jnp.float32)
     bad = ~_thresholds_ok(sim, comp, similar, complementary) | ~(tol >= 0)
     if weight is None:
-      mean = jnp.mean(a, axis=1)
+      mean = position_means(a, acts.shape)
       is_const = (jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol
       vecs = a - shift
       bad |= ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], a, 0.0)))
@@ -168,6 +169,22 @@ def _activation_core(g):
     return _apply_moves(params, g, keep, moves, consts, folds), keep, report
 
   return _counted_jit(core)
+
+
+def position_means(a, acts_shape, weight=None):
+  """Each unit's mean activation at each position of its map, over the examples: (units, P)
+  from ``a`` (units, N * P), where ``acts_shape`` is (N, ..., units) and P the product of its
+  middle axes (1 for a dense layer). ``weight`` (N,) weighs the examples (its sum must be > 0
+  where it is used). A consumer that reads each position with its own weights (a dense layer
+  after a flatten) takes the folded means position by position, so ``compensate`` adds the
+  units' mean contribution there, not their overall mean times the rows' sum."""
+  p = math.prod(acts_shape[1:-1])
+  per = a.reshape(a.shape[0], -1, p)
+  if weight is None:
+    return jnp.mean(per, axis=1)
+  w = jnp.asarray(weight, jnp.float32)
+  total = jnp.sum(w)
+  return jnp.einsum("unp,n->up", per, w) / jnp.where(total > 0, total, 1.0)
 
 
 def _weighted_vectors(a, weight, acts_shape, shift, tol, mask):
@@ -185,8 +202,7 @@ def _weighted_vectors(a, weight, acts_shape, shift, tol, mask):
                         acts_shape[:-1]).reshape(-1)
   real = wv > 0
   a = jnp.where(real[None, :], a, 0.0)                 # padding may hold anything
-  total = jnp.sum(wv)
-  mean = jnp.sum(wv * a, axis=1) / jnp.where(total > 0, total, 1.0)
+  mean = position_means(a, acts_shape, jnp.where(w > 0, w, 0.0))
   hi = jnp.max(jnp.where(real[None, :], a, -jnp.inf), axis=1)
   lo = jnp.min(jnp.where(real[None, :], a, jnp.inf), axis=1)
   is_const = (hi - lo) < tol

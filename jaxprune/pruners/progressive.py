@@ -12,7 +12,7 @@ from jaxprune.pruners import _common
 from jaxprune.pruners.angles import pairwise_angles
 from jaxprune import validate
 from jaxprune.pruners.distinctiveness_pruning import _apply_moves, _check_bias_folds, _check_tol
-from jaxprune.pruners.distinctiveness_pruning import _weighted_vectors
+from jaxprune.pruners.distinctiveness_pruning import _weighted_vectors, position_means
 
 PyTree = Any
 
@@ -145,7 +145,7 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     a = acts.reshape(-1, h).T.astype(jnp.float32)
     if weight is None:
       bad = ~jnp.all(jnp.isfinite(jnp.where(mask[:, None], a, 0.0)))
-      return (a - shift, jnp.mean(a, axis=1),
+      return (a - shift, position_means(a, acts.shape),
               (jnp.max(a, axis=1) - jnp.min(a, axis=1)) < tol, bad)
     return _weighted_vectors(a, weight, acts.shape, shift, tol, mask)
 
@@ -155,7 +155,7 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     # Keep at least one unit: never remove the last non-constant one as a constant.
     const = jnp.where(jnp.sum(mask & ~const) == 0,
                       const.at[jnp.argmax(mask)].set(False), const)
-    consts = jnp.where(const, mean, 0.0)
+    consts = jnp.where(const[:, None], mean, 0.0)            # (h, P): a value per position
     keep = mask & ~const
     ang = pairwise_angles(jnp.where(keep[:, None], vecs, 0.0))
     pm = keep[:, None] & keep[None, :] & jnp.asarray(triu) & jnp.isfinite(ang)

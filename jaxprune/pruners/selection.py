@@ -318,6 +318,9 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   ``blocked=True`` sums the Gram matrix in fixed-size blocks of the vector axis
   (:func:`jaxprune.pruners.angles._blocked_gram`), so zero entries appended to every vector
   (patterns of sample weight 0) leave the angles bit-for-bit unchanged.
+
+  ``const_val`` and ``mean`` are (h,), or (h, P) with a value per position of a unit's map
+  (the returned constants then have that shape too; see :func:`jaxprune.units.bias_contribution`).
   """
   h = vecs.shape[0]
   f32 = jnp.float32
@@ -365,7 +368,9 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   t_add = jnp.where(is_s, 1.0, jnp.where(fold, -1.0, 0.0))
   t_add = jnp.where(gi < h, t_add, 0.0).astype(f32)
   removed = const | jnp.zeros((h,), bool).at[gj].set(True, mode="drop")
-  consts = jnp.where(const, const_val, 0.0).astype(f32)
+  # A unit's folded value: (h,), or (h, P) with a value per position (activation sweeps).
+  col = (lambda v: v[:, None]) if jnp.ndim(const_val) == 2 else (lambda v: v)
+  consts = jnp.where(col(const), const_val, 0.0).astype(f32)
   removed = removed.at[jnp.where(is_c & ~fold, first, h)].set(True, mode="drop")
   if mean is not None:
     # Complementary compensation (fold or compensate); index h drops the update.
