@@ -179,10 +179,29 @@ def _unit_mask_hint(params, masks) -> str:
           "jaxprune.expand(params, target, unit_masks)")
 
 
-def _nesting_hint(missing: list, extra: list) -> str:
+def _nesting_hint(missing: list, extra: list, masks: Any = None) -> str:
   """When the masks hold exactly the params' leaves one key deeper (masks over a flax model's
   whole variables, given where only ``variables['params']`` is seen, as by an optimizer inside
   :func:`jaxprune.fit`), or one key shallower: the fix, else ''."""
+  if missing and len(extra) > len(missing):
+    # masks over a linen model's whole variables: the params' leaves under 'params', other
+    # collections (batch statistics) beside them
+    for head in {p[0] for p in extra}:
+      if {p[1:] for p in extra if p[0] == head} == set(missing):
+        k = getattr(head, "key", getattr(head, "idx", getattr(head, "name", head)))
+        return (f"The masks hold the params' leaves under an extra key "
+                f"{jax.tree_util.keystr((head,))}, beside other collections (masks made over a "
+                f"model's whole variables): pass masks[{k!r}] (an optimizer sees only "
+                "variables['params'], the trained collection)")
+  if not missing and extra:
+    # masks over an nnx model's whole state (batch statistics, RNG counts) given where only its
+    # nnx.Param state is seen
+    nnx_state = type(masks).__name__ == "State"
+    return ("The masks hold every leaf of the params and more (masks made over a model's whole "
+            "state, batch statistics or RNG state included, given where only its trained params "
+            "are seen): filter them as the params were filtered, "
+            + ("nnx.filter_state(masks, nnx.Param) for an nnx.Optimizer(..., wrt=nnx.Param)" if nnx_state
+               else "keeping only the leaves the params have"))
   if not missing or len(missing) != len(extra):
     return ""
   for deeper, shallower, fix in ((extra, missing, "pass masks[{k!r}] (an optimizer given to "
@@ -218,7 +237,7 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
     extra = [jax.tree_util.keystr(k) for k in extra_keys]
     why = (f"missing leaves: {missing[:5] or 'none'}; unexpected leaves: {extra[:5] or 'none'}"
            if missing or extra else _container_difference(params, masks))
-    hint = (_nesting_hint(missing_keys, extra_keys)
+    hint = (_nesting_hint(missing_keys, extra_keys, masks)
             or _nnx_variable_hint(missing_keys, extra_keys) or _unit_mask_hint(params, masks))
     if extra and any(type(x).__name__ == "MaskedNode" for x in jax.tree.leaves(
         params, is_leaf=lambda x: type(x).__name__ == "MaskedNode")):

@@ -2983,6 +2983,11 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
     elif kind := _flax_module_kind(fn):
       name = fn.__name__ + " class" if isinstance(fn, type) else type(fn).__name__
       hint = _MODULE_HINTS[kind].format(name=name)
+    elif type(e).__name__ == "ScopeCollectionNotFound":
+      hint = ("a flax module's apply takes the whole variables dict that model.init returned "
+              "({'params': ..., 'batch_stats': ...}), not variables['params'] or a part of it: "
+              "trace(model.apply, variables, x); the pruners then take and return the same "
+              "variables dict.")
     elif type(e).__name__ == "TraceContextError" and "Rng" in first:
       hint = ("the model draws random numbers from its nnx.Rngs while it runs (nnx.RNN's "
               "initial carry does, in eval mode too; Dropout in training mode), which advances "

@@ -270,15 +270,25 @@ def _check_group_name(groups: Mapping[str, UnitGroup], name: str) -> UnitGroup:
   return groups[name]
 
 
+_WEIGHT_MASKS_HINT = (" These look like weight masks (the params' structure, one bool per "
+                      "weight): pass unit masks, one bool vector per group, e.g. from "
+                      "jaxprune.unit_masks_ones(target) or a pruner.")
+
+
 def check_mask_keys(groups: Mapping[str, UnitGroup], unit_masks: Mapping[str, Any]) -> None:
   """Raises KeyError if a unit mask names no group (a misspelt key never passes silently)."""
   if not isinstance(unit_masks, Mapping):
     raise TypeError(f"Unit masks must be a dict from group name to bool vector, got "
                     f"{type(unit_masks).__name__}.")
+  weightlike = any(isinstance(v, Mapping) for v in unit_masks.values())
   for name in unit_masks:
     if name not in groups:
       raise KeyError(f"Unit mask {name!r} names no unit group; this model's groups are "
-                     f"{sorted(groups)}. Fix the key (unit_masks_ones(target) lists them).")
+                     f"{sorted(groups)}. Fix the key (unit_masks_ones(target) lists them)."
+                     + (_WEIGHT_MASKS_HINT if weightlike else ""))
+    if isinstance(unit_masks[name], Mapping):
+      raise ValueError(f"Unit mask {name!r} is a {type(unit_masks[name]).__name__}, not a bool "
+                       f"vector of the group's {groups[name].size} units." + _WEIGHT_MASKS_HINT)
 
 
 def unit_mask(mask: Any, group: UnitGroup, xp=jnp) -> jax.Array:
@@ -294,7 +304,8 @@ def unit_mask(mask: Any, group: UnitGroup, xp=jnp) -> jax.Array:
   shape = tuple(jnp.shape(mask))
   if shape != (group.size,):
     raise ValueError(f"Unit mask {group.name!r} has shape {shape}; group {group.name!r} has "
-                     f"{group.size} units, so it needs shape ({group.size},).")
+                     f"{group.size} units, so it needs shape ({group.size},)."
+                     + (_WEIGHT_MASKS_HINT if len(shape) > 1 else ""))
   return bool_unit_mask(mask, group.name, xp)
 
 

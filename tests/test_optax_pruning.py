@@ -876,6 +876,46 @@ def test_masks_one_key_off_the_params_name_the_fix():
   assert float(jnp.abs(kernel[~m["params"]["hidden_0"]["kernel"]]).max()) == 0.0
 
 
+def test_masks_over_whole_variables_or_nnx_state_name_the_filter():
+  """Masks over a model's whole variables (linen, batch_stats beside params) or whole nnx state
+  (BatchStat and RNG leaves) given to an optimizer of the params alone: the message said to
+  make them with expand(params, ...), which fails there too."""
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(8)(x))))
+
+  x = jnp.ones((4, 5))
+  v = Net().init(jax.random.key(0), x)
+  t = jaxprune.trace(Net().apply, v, x)
+  wm = jaxprune.expand(v, t, jaxprune.unit_masks_ones(t))
+  with pytest.raises(ValueError, match=r"beside other collections .*pass masks\['params'\]"):
+    jaxprune.masked_optimizer(optax.adam(1e-3), wm).init(v["params"])
+  jaxprune.masked_optimizer(optax.adam(1e-3), wm["params"]).init(v["params"])
+
+  class M(nnx.Module):
+    def __init__(self, rngs):
+      self.l1, self.bn = nnx.Linear(5, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+      self.do, self.l2 = nnx.Dropout(0.3, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(self.do(nnx.relu(self.bn(self.l1(x)))))
+
+  m = M(nnx.Rngs(0))
+  m.eval()
+  g, state = nnx.split(m)
+  t = jaxprune.trace(lambda s, x: nnx.merge(g, s)(x), state, x)
+  wm = jaxprune.expand(state, t, jaxprune.unit_masks_ones(t))
+  with pytest.raises(ValueError, match=r"hold every leaf of the params and more.*"
+                     r"nnx\.filter_state\(masks, nnx\.Param\)"):
+    jaxprune.apply_masks(nnx.state(m, nnx.Param), wm)
+  jaxprune.apply_masks(nnx.state(m, nnx.Param), nnx.filter_state(wm, nnx.Param))
+  with pytest.raises(ValueError, match="keeping only the leaves the params have"):
+    jaxprune.apply_masks({"a": jnp.ones(2)}, {"a": jnp.ones(2, bool), "b": jnp.ones(2, bool)})
+
+
 def test_float64_scores_and_low_precision_block_sums_rank_exactly():
   """Custom scores were cast to float32 (float64 ones that differ beyond its precision tied,
   and the lowest index lost), and block_prune summed bfloat16 / float16 scores in their own

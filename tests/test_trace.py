@@ -361,6 +361,34 @@ def test_misspelt_unit_mask_key_raises_everywhere(call):
     call(_mlp_params(), um)
 
 
+def test_weight_masks_where_unit_masks_belong_say_so():
+  """compact(params, expand(...)) named a params key as a unit mask with no other word."""
+  p = _mlp_params()
+  wm = jaxprune.expand(p, MLP, {"hidden_0": jnp.arange(6) < 3})
+  hint = "These look like weight masks"
+  with pytest.raises(KeyError, match=hint):
+    MLP.compact(p, {"out": wm["params"]["out"]})
+  with pytest.raises(ValueError, match=hint):
+    MLP.compact(p, wm["params"])                               # {'hidden_0': {...}, 'out': ...}
+  with pytest.raises(ValueError, match="Unit mask 'hidden_0' is a dict.*" + hint):
+    MLP.compact(p, {"hidden_0": wm["params"]["hidden_0"]})
+  with pytest.raises(ValueError, match=r"has shape \(4, 6\).*" + hint):
+    MLP.compact(p, {"hidden_0": wm["params"]["hidden_0"]["kernel"]})
+
+
+def test_flax_apply_traced_on_part_of_its_variables_says_to_pass_them_all():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(8)(x))))
+
+  x = jnp.ones((4, 5))
+  v = Net().init(jax.random.key(0), x)
+  for part in (v["params"], {"params": v["params"]}):
+    with pytest.raises(jaxprune.TraceError, match="takes the whole variables dict"):
+      jaxprune.trace(Net().apply, part, x)
+
+
 def test_unit_masks_must_be_bool_or_01_integers():
   p = _mlp_params()
   with pytest.raises(ValueError, match="dtype float32; unit masks must be bool"):
