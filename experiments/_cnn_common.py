@@ -102,7 +102,8 @@ def data_description(ds, data: str) -> str:
             "for SFEW: numbers measured on them are not SFEW results.")
   skipped = ds.info.get("skipped") or []
   if skipped:
-    note += (f" Skipped {len(skipped)} entries of the tree: "
+    note += (f" Skipped {len(skipped)} {'entry' if len(skipped) == 1 else 'entries'} of the "
+             "tree: "
              + "; ".join(f"`{s['path']}` ({s['reason']})" for s in skipped) + ".")
   dark = ds.info.get("dark") or []
   if dark:

@@ -257,6 +257,26 @@ def split_kind(ds: data_lib.Dataset) -> str:
   return "person-independent" if ds.groups is not None else "stratified"
 
 
+def split_share(splits, test_fraction: float, by_person: bool) -> str:
+  """The train/test shares the runs' splits (``[(train, test), ...]``) really have, for the
+  reports: ``'80%/20%'``, a range where the runs differ, and what ``--test_fraction`` asked
+  for where they are not it (a person split keeps each person whole; a stratified one rounds
+  each class's share).
+
+  Example:
+    >>> split_share([(range(56), range(28))], 0.2, by_person=True)
+    '67%/33% (--test_fraction=0.2 asked for about 20%; each person is kept whole)'
+  """
+  tests = sorted({round(100.0 * len(te) / (len(tr) + len(te))) for tr, te in splits})
+  lo, hi = tests[0], tests[-1]
+  shown = (f"{100 - lo}%/{lo}%" if lo == hi else f"{100 - hi}-{100 - lo}%/{lo}-{hi}%")
+  if lo == hi == round(100.0 * test_fraction):
+    return shown
+  why = "each person is kept whole" if by_person else "each class's share is rounded"
+  return (f"{shown} (--test_fraction={test_fraction:g} asked for about "
+          f"{100.0 * test_fraction:.0f}%; {why})")
+
+
 def check_folds(ds: data_lib.Dataset, n_splits: int, seed: int | None = None) -> None:
   """Fails clearly when the data cannot be split into ``n_splits`` stratified folds; with
   ``seed``, also when the folds of that seed cannot be made (person-independent folds where a

@@ -165,14 +165,21 @@ def _stretch_note(ds) -> str | None:
   if not stretched:
     return None
   count = sum(n for _, n in stretched)
-  (h, w), _ = max(ds.info["source_sizes"], key=lambda kv: kv[1])
+  sources = list(ds.info["source_sizes"])
+  # The source size whose shape stretches the fewest images (ties: the most common one).
+  (h, w), _ = min(sources, key=lambda kv: (sum(n for _, n in _stretched(sources, kv[0])),
+                                           -kv[1]))
   shown = ", ".join(f"{n} of {hh}x{ww}" for (hh, ww), n in stretched[:5])
   more = "" if len(stretched) <= 5 else f" and {len(stretched) - 5} more sizes"
   size = ds.info["size"]
+  fewer = sum(n for _, n in _stretched(sources, (h, w)))
+  advice = (f"Pass --size with their shape, e.g. --size={h},{w} (it stretches "
+            f"{fewer or 'none'} of them)." if fewer < count else
+            "No --size keeps every aspect ratio here, and this one stretches the fewest: crop "
+            "the images to one shape if that matters.")
   return (f"{count} of {len(ds)} images ({shown}{more}; height x width) were resized to "
           f"{size[0]}x{size[1]}, which changes their aspect ratio by more than 5 %: their "
-          f"PHOG orientations are those of stretched faces. Pass --size with their shape, "
-          f"e.g. --size={h},{w} (the most common size, described as it is).")
+          f"PHOG orientations are those of stretched faces. {advice}")
 
 
 def _report(out, ds, info, config, seconds) -> str:

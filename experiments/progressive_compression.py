@@ -231,7 +231,8 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
   (u_m, u_s), (f_m, f_s) = final["test_loss_unpruned"], final["test_loss_final"]
   study.write_report(f"Progressive compression ({d}-{cfg.hidden}-{d} autoencoder)", [
       ("Data", f"`--data={data}`: {ds.info.get('source', data)}; {cfg.runs} runs, each with its "
-               f"own {1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} split (standardised on "
+               f"own {mc.split_kind(ds)} {mc.split_share(splits, cfg.test_fraction, ds.groups is not None)} split "
+               f"(standardised on "
                f"its training part) and initialisation.{stand_in}\n\nTraining: Adam lr "
                f"{cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs, MSE. Compute time (all "
                f"invocations, cached steps included): {study.compute_seconds():.0f} s."),

@@ -274,7 +274,7 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
               "SFEW features; the numbers are not SFEW numbers.")
   study.write_report("Similar and complementary bounds (10-H-7 MLP)", [
       ("Data", f"`--data={data}`: {ds.info.get('source', data)}; {cfg.runs} runs, each with its "
-               f"own {mc.split_kind(ds)} {1 - cfg.test_fraction:.0%}/{cfg.test_fraction:.0%} split "
+               f"own {mc.split_kind(ds)} {mc.split_share(splits, cfg.test_fraction, ds.groups is not None)} split "
                f"(standardised on its training part) and initialisation.{stand_in}\n\n"
                f"Training: sigmoid hidden layer, Adam lr {cfg.lr:g}, batch {cfg.batch_size}, "
                f"{cfg.epochs} epochs. Compute time (all invocations, cached "

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from absl import app
 
+from experiments import _mlp_common
 from experiments import _report
 from experiments import _store
 
@@ -263,3 +264,13 @@ def test_feature_studies_person_split_names_the_test_fraction_flag():
   assert "person_independent" not in str(e.value) and "fewer folds" not in str(e.value)
   train, test = mc.train_test_or_fail(ds, 0.34, 0)
   assert not set(train.groups.tolist()) & set(test.groups.tolist())
+
+
+def test_reports_give_the_split_shares_the_runs_have():
+  """A person split of 84 rows (6 persons) has 28 test rows: the reports said '80%/20%'."""
+  share = _mlp_common.split_share
+  assert share([(range(80), range(20))] * 3, 0.2, by_person=False) == "80%/20%"
+  assert share([(range(56), range(28))], 0.2, by_person=True) == (
+      "67%/33% (--test_fraction=0.2 asked for about 20%; each person is kept whole)")
+  assert share([(range(80), range(20)), (range(79), range(21))], 0.2, by_person=False) == (
+      "79-80%/20-21% (--test_fraction=0.2 asked for about 20%; each class's share is rounded)")

@@ -205,3 +205,19 @@ def test_report_names_stretched_frames_and_persons(tree, tmp_path):
   next((root / "Sad").iterdir()).rename(root / "Sad" / "smile.png")
   report = _read(_run(root, tmp_path / "c.csv")["report"])
   assert "Persons: none; 1 file name(s) carry no person id (e.g. Sad/smile.png)" in report
+
+
+def test_stretch_advice_names_a_size_that_stretches_fewer_or_says_none_does():
+  """Three shapes of 14 images each at --size=48,60 (the shape of one of them): the advice was
+  --size=48,60, the size already passed."""
+  class _Data:
+    info = {"source_sizes": [((64, 80), 14), ((48, 60), 14), ((70, 70), 14)], "size": (48, 60)}
+
+    def __len__(self):
+      return 42
+
+  note = featurize._stretch_note(_Data())
+  assert note.startswith("14 of 42 images (14 of 70x70") and "--size=" not in note
+  assert "No --size keeps every aspect ratio here" in note
+  _Data.info = dict(_Data.info, size=(70, 70))
+  assert "e.g. --size=64,80 (it stretches 14 of them)" in featurize._stretch_note(_Data())

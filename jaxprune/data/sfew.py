@@ -603,9 +603,11 @@ def _nested_hint(folder: Path) -> str:
     return (f"; {folder.name}/ holds class folders itself: pass {folder} as the path"
             f" ({flag_arg('data_path', folder)} for the binaries), one part at a time")
   shown = ", ".join(str(t) for t in trees[:4])
-  return (f"; {folder.name}/ holds the class folders one level down, in {shown}: pass one of"
-          f" them as the path (e.g. {flag_arg('data_path', trees[0])} for the binaries), one"
-          " part at a time")
+  several = len(trees) > 1
+  return (f"; {folder.name}/ holds the class folders one level down, in {shown}: pass "
+          + ("one of them" if several else "it") + f" as the path (e.g. "
+          f"{flag_arg('data_path', trees[0])} for the binaries)"
+          + (", one part at a time" if several else ""))
 
 
 #: Other names of SFEW's classes, as other facial-expression data sets name their folders
