@@ -135,10 +135,22 @@ class Split:
   persons_test: tuple | None = None
 
 
-def split_description(split: Split, test_fraction: float) -> str:
+def split_description(split: Split, test_fraction: float, class_names=None) -> str:
   """One sentence for a report: the kind of split, the test persons and the test share as
   made (a person-independent split is 1 of round(1 / test_fraction) person folds, so its share
-  differs from ``test_fraction``)."""
+  differs from ``test_fraction``), and the classes the test part has no image of (a class with
+  fewer images, or persons, than folds), named by ``class_names`` when given."""
+  absent = sorted(set(np.unique(split.y_train).tolist()) - set(np.unique(split.y_test).tolist()))
+  if absent:
+    names = ", ".join(str(class_names[c]) if class_names is not None and c < len(class_names)
+                      else str(c) for c in absent)
+    return (_split_sentence(split, test_fraction) + f" The test part has no image of {names} "
+            "(too few images or persons of it for the folds); its accuracy leaves "
+            + ("that class" if len(absent) == 1 else "those classes") + " out.")
+  return _split_sentence(split, test_fraction)
+
+
+def _split_sentence(split: Split, test_fraction: float) -> str:
   n_train, n_test = len(split.y_train), len(split.y_test)
   share = f"{100.0 * n_test / (n_train + n_test):.0f}% test"
   if split.persons_test is None:

@@ -204,7 +204,8 @@ def prepare(config: Config, data: str, data_path: str | None) -> Setup:
   else:
     init = model.init(_store.config_key(c.seed, "init"))
     how = f"{type(model).__name__} trained from scratch (no --pretrained given)"
-  desc = (f"{cc.data_description(ds, data)} {cc.split_description(split, c.test_fraction)} "
+  desc = (f"{cc.data_description(ds, data)} "
+          f"{cc.split_description(split, c.test_fraction, ds.class_names)} "
           f"Model: {how} on {size[0]}x{size[1]}x{channels} inputs.")
   if c.arch != "resnet18":
     desc += (f" The published study used ResNet-18 (the default); this run used the smaller "

@@ -196,7 +196,8 @@ def run(config: Config, workdir: str = "workdir", *, data: str = "images",
           else f"{config.max_rise:g} nats")
   study.write_report("Kernel importance: pruning LeNet's first conv layer", [
       ("Set-up", f"{cc.data_description(ds, data)} "
-       f"{cc.split_description(split, config.test_fraction)} Model: LeNet-style CNN on "
+       f"{cc.split_description(split, config.test_fraction, ds.class_names)} Model: "
+       f"LeNet-style CNN on "
        f"{size[0]}x{size[1]}x1 inputs trained from scratch for {config.epochs} epochs (Adam "
        f"{config.learning_rate:g}). Conv-1 kernels "
        f"removed one at a time by least {config.norm} importance, stopping before the training "

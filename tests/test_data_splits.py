@@ -235,3 +235,25 @@ def test_fold_hints_do_not_suggest_impossible_fold_counts():
                      r"folds, the fewest\)") as e:
     data.kfold(np.repeat(np.arange(7), 3), n_splits=3, groups=np.zeros(21))
   assert "fewer folds" not in str(e.value)
+
+
+def test_a_class_with_fewer_examples_than_folds_splits_without_sklearn_s_warning():
+  """Allowed (a test part need not hold every class): scikit-learn's UserWarning about it
+  leaked into the binaries' output (and fails here, where warnings are errors)."""
+  y = np.array([0] * 10 + [1] * 10 + [2] * 2)
+  folds = data.kfold(y, n_splits=5, seed=0)
+  assert sorted(np.concatenate([te for _, te in folds]).tolist()) == list(range(22))
+  groups = np.arange(22) % 7
+  folds = data.kfold(y, n_splits=5, seed=0, groups=groups, person_independent=True)
+  assert sorted(np.concatenate([te for _, te in folds]).tolist()) == list(range(22))
+
+
+def test_cnn_reports_name_the_classes_their_test_part_lacks():
+  from experiments import _cnn_common  # pylint: disable=import-outside-toplevel
+  split = _cnn_common.Split(np.zeros((5, 1)), np.array([0, 1, 2, 2, 1]), np.zeros((2, 1)),
+                            np.array([0, 1]))
+  text = _cnn_common.split_description(split, 0.2, ("angry", "happy", "fear"))
+  assert "The test part has no image of fear" in text and "leaves that class out" in text
+  assert "no image of" not in _cnn_common.split_description(  # every class tested
+      _cnn_common.Split(np.zeros((2, 1)), np.array([0, 1]), np.zeros((2, 1)), np.array([1, 0])),
+      0.5)
