@@ -229,6 +229,20 @@ def nnx_as_function(module, *filters):
   return apply, nnx.to_pure_dict(state)
 
 
+def linen_batch_norm_mlp():
+  """A linen 5 -> 8 (batch norm, relu) -> 3 module, its variables (``params`` and
+  ``batch_stats``) and an example input: ``(module, variables, x)``."""
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(8)(x))))
+
+  x = jax.numpy.ones((4, 5))
+  return Net(), Net().init(jax.random.key(0), x), x
+
+
 def nnx_sigmoid_mlp(seed=0):
   """A small nnx module, 8 -> 12 (sigmoid) -> 3, with its hidden layer ``l1``: the shape of the
   tests that trace an nnx ``State`` and train it with ``nnx.Optimizer``."""

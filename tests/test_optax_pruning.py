@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxprune
-from conftest import nnx_sigmoid_mlp
+from conftest import linen_batch_norm_mlp, nnx_sigmoid_mlp
 from jaxprune import optax_pruning as op
 
 
@@ -880,16 +880,8 @@ def test_masks_over_whole_variables_or_nnx_state_name_the_filter():
   """Masks over a model's whole variables (linen, batch_stats beside params) or whole nnx state
   (BatchStat and RNG leaves) given to an optimizer of the params alone: the message said to
   make them with expand(params, ...), which fails there too."""
-  from flax import linen as nn  # pylint: disable=import-outside-toplevel
-
-  class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(3)(nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(8)(x))))
-
-  x = jnp.ones((4, 5))
-  v = Net().init(jax.random.key(0), x)
-  t = jaxprune.trace(Net().apply, v, x)
+  net, v, x = linen_batch_norm_mlp()
+  t = jaxprune.trace(net.apply, v, x)
   wm = jaxprune.expand(v, t, jaxprune.unit_masks_ones(t))
   with pytest.raises(ValueError, match=r"beside other collections .*pass masks\['params'\]"):
     jaxprune.masked_optimizer(optax.adam(1e-3), wm).init(v["params"])

@@ -11,7 +11,7 @@ from flax import nnx
 import jaxprune
 from jaxprune import ga
 from jaxprune import units
-from conftest import nnx_as_function
+from conftest import linen_batch_norm_mlp, nnx_as_function
 
 RNG = np.random.default_rng(0)
 
@@ -377,16 +377,10 @@ def test_weight_masks_where_unit_masks_belong_say_so():
 
 
 def test_flax_apply_traced_on_part_of_its_variables_says_to_pass_them_all():
-  class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(3)(nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(8)(x))))
-
-  x = jnp.ones((4, 5))
-  v = Net().init(jax.random.key(0), x)
+  net, v, x = linen_batch_norm_mlp()
   for part in (v["params"], {"params": v["params"]}):
     with pytest.raises(jaxprune.TraceError, match="takes the whole variables dict"):
-      jaxprune.trace(Net().apply, part, x)
+      jaxprune.trace(net.apply, part, x)
 
 
 def test_unit_masks_must_be_bool_or_01_integers():
