@@ -177,6 +177,19 @@ def small():
 CFG = ga.GAConfig(population_size=6, hof_size=2, generations=1)
 
 
+def test_prepare_refuses_the_data_search_refuses(small):
+  """ga.run on fit.prepare(...) data scored labels beyond the model's classes and NaN inputs
+  (a plausible fitness, no flag), where ga.search refuses them before compiling."""
+  model, params, x, y = small
+  fit = ga.make_fitness(model, "hidden_0", "eq5")
+  with pytest.raises(ValueError, match=r"labels range over \[0, 7\] but the model has 3"):
+    fit.prepare(params, x, y.at[0].set(7))
+  with pytest.raises(ValueError, match="x holds 2 NaN or infinite values"):
+    fit.prepare(params, x.at[0, :2].set(jnp.nan), y)
+  data = fit.prepare(params, x, y)                       # good data: as before
+  assert data["h"].shape == (16, 6) and data["y"].shape == (16,)
+
+
 @pytest.mark.parametrize("lam", [1e39, np.float64(1e300)])
 def test_lam_beyond_float32_is_refused_before_running(small, lam):
   """A lam finite in float64 but infinite in float32 (where the GA computes) used to pass the

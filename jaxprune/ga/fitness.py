@@ -255,13 +255,17 @@ class AccuracyFitness:
               penalty: str | None = None) -> PyTree:
     """The ``data`` of one run: the network's arrays, the labels, and (``weighted``) the
     sample weights (None: all ones); ``penalty`` ('ratio' or 'count') picks the equation of a
-    ``'per_run'`` fitness."""
+    ``'per_run'`` fitness. Concrete data are checked as :func:`jaxprune.ga.search` checks
+    them (labels within the model's outputs, finite inputs and params, matching lengths), so
+    ``run`` never scores data that ``search`` refuses."""
     y = _labels(y, sample_weight)
     check = getattr(self.model, "check_input", None)
     if check is not None:
       check(x)
     if y.shape[0] != jnp.shape(x)[0]:
       raise ValueError(f"x has {jnp.shape(x)[0]} patterns but y has {y.shape[0]} labels.")
+    if check is not None:            # a pruning target: the one shared data check
+      validate.check_model_data(self.model, params, x, y, sample_weight=sample_weight)
     extra = {}
     if sample_weight is not None and not self.weighted:
       raise ValueError("sample_weight needs a weighted fitness: AccuracyFitness(..., "
