@@ -89,6 +89,12 @@ _LAYOUT_OPS = frozenset(("transpose", "copy", "copy_p"))
 _SCALED_MOVES = frozenset("reshape broadcast_in_dim transpose squeeze expand_dims "
                           "convert_element_type copy copy_p neg".split())
 
+# Ops after which each position of a map is still where it was, in row-major order (no flip,
+# roll, shift, transpose or gather), or that reduce positions (pooling: the count then differs,
+# which no later op in this set restores): see _Walker.keeps_positions.
+_KEEPS_POSITIONS = (_ELEMENTWISE | _REDUCTIONS | _WINDOWED
+                    | frozenset("reshape squeeze expand_dims".split()))
+
 # Collections that linen's apply(..., mutable=[...]) returns updated (see trace's note).
 _RETURNED_VARIABLES = frozenset(("batch_stats", "intermediates", "cache"))
 
@@ -611,6 +617,47 @@ class _Walker:
         for o in eqn.outvars:
           stack += self._mark(status, sc, o, out)
     return reached or "changed"
+
+  def keeps_positions(self, scope: tuple, var, con) -> bool:
+    """Whether the consumer contraction ``con`` reads ``var`` (a group's activations) with its
+    positions in their own row-major order: every op between only casts, reshapes or acts
+    elementwise (followed through calls), so a flatten's row p is the activations' position p;
+    or reduces positions (pooling, whose count of positions then differs from the map's).
+    False through a flip, a roll or shift, a transpose, a gather, an upsampling or a scan."""
+    moved = {(scope, var): False}
+    stack, reached = [(scope, var)], False
+    while stack:
+      sc, v = stack.pop()
+      mv = moved[(sc, v)]
+      nxt = []
+      jaxpr = self.jaxpr_at[sc]
+      if sc and v in jaxpr.outvars:          # out of a followed call
+        parent = self.jaxpr_at[sc[:-1]].eqns[sc[-1]]
+        nxt += [(sc[:-1], parent.outvars[j], mv or parent.primitive.name == "scan")
+                for j, o in enumerate(jaxpr.outvars) if o is v]
+      for path, eqn in self.users_in(sc, v):
+        if path == con.path:
+          reached |= mv
+          continue
+        if path in self.jaxpr_at:            # into a followed call's (or a scan's) body
+          inner = self.jaxpr_at[path]
+          off = len(eqn.invars) - len(inner.invars)
+          nxt += [(path, inner.invars[i - off], mv or eqn.primitive.name == "scan")
+                  for i, w in enumerate(eqn.invars) if w is v and i >= off]
+          continue
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+          continue                           # another reader
+        # a broadcast that only adds axes of size 1 keeps positions; one that repeats a value
+        # over positions (an upsampling) does not
+        step = mv or not (eqn.primitive.name in _KEEPS_POSITIONS or (
+            eqn.primitive.name == "broadcast_in_dim"
+            and math.prod(eqn.outvars[0].aval.shape) == math.prod(v.aval.shape)))
+        nxt += [(sc, o, step) for o in eqn.outvars]
+      for a, b, m in nxt:
+        if (a, b) not in moved or (m and not moved[(a, b)]):
+          moved[(a, b)] = moved.get((a, b), False) or m
+          stack.append((a, b))
+    return not reached
 
   @staticmethod
   def _mark(status, scope, v, st):
@@ -2832,9 +2879,13 @@ class TracedTarget:
       if not why and reads not in ("ok", "max"):
         why = _CHANGES_CONSTANTS
       max_pooled = reads == "max"
+      in_order = site.act_var is None or w.keeps_positions(site.scope, site.act_var, con)
+    else:
+      in_order = True
     return units_lib.Slice(an.leaf_paths[use.leaf], axis, use.role, view=view, bias=bias,
                            padded=bool(why), kind=use.kind, segment=segment,
-                           out_axes=out_axes, max_pooled=max_pooled, padded_why=why or None)
+                           out_axes=out_axes, max_pooled=max_pooled,
+                           padded_why=why or None, positions_in_order=in_order)
 
   def _consumer_bias_leaf(self, con):
     """The params leaf added to the contraction's output, when it holds a value per output (an

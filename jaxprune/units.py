@@ -82,6 +82,11 @@ class Slice:
       pooling): a constant unit reaches it unchanged, but a linear combination of units does
       not, so redistributing a unit's weights over others (``group_redundancy``,
       distinctiveness' ``fold``) is not exact (see ``UnitGroup.exact_linear_fold``).
+    positions_in_order: for a consumer, False when it reads the units' map with its positions
+      moved (a flip, a roll, a transpose or a gather between the activations and a flatten):
+      then its rows of position p do not read the activations' position p, and values per
+      position (``compensate``'s means) are averaged over the positions before they are folded
+      (see :func:`bias_contribution`). ``trace`` records it; declared slices keep True.
   """
 
   path: Path
@@ -95,6 +100,7 @@ class Slice:
   max_pooled: bool = False
   # Compared: groups are cache keys of the jitted pruners, and the axes decide the fold.
   out_axes: tuple[int, ...] | None = None
+  positions_in_order: bool = True
   padded_why: str | None = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
@@ -761,8 +767,9 @@ def bias_contribution(constants: jax.Array, view: jax.Array, bias_shape, s: Slic
   ``constants`` may also be (units, P): a value per unit and position of the units' map (P =
   the positions of one example, e.g. H*W). Where the axes summed above are P positions (a
   dense layer after a flatten reads each position with its own rows), position p meets the
-  rows of position p; elsewhere (a conv reading every position with one kernel) each unit's
-  mean over the positions is used, as a (units,) constant.
+  rows of position p (when ``s.positions_in_order``: nothing moved the positions on the way);
+  elsewhere (a conv reading every position with one kernel, a pooling) each unit's mean over
+  the positions is used, as a (units,) constant.
 
   ``view`` is the consumer slice ``s``'s :func:`unit_view` of ``leaf`` (units first). The
   output axes are ``s.out_axes`` when the slice records them (traced groups); otherwise the
@@ -795,7 +802,8 @@ def bias_contribution(constants: jax.Array, view: jax.Array, bias_shape, s: Slic
                      f"of its kernel's unit rows {tuple(contrib.shape)}, so constants cannot be "
                      "folded into it; pass constants=False.")
   summed_axes = tuple(d for d in range(contrib.ndim) if d not in keep)
-  if per_position and math.prod(contrib.shape[d] for d in summed_axes) == constants.shape[1] > 1:
+  if (per_position and (s is None or s.positions_in_order)
+      and math.prod(contrib.shape[d] for d in summed_axes) == constants.shape[1] > 1):
     # The consumer reads position p of each unit with its own weights (a dense layer after a
     # flatten, a 'VALID' conv whose kernel covers the map): each position's value meets the
     # rows of that position, in the order of the view (the flatten's order).

@@ -159,6 +159,8 @@ def _conv_flatten_dense(layout):
     h = jax.nn.sigmoid(y + p["kb"])
     if layout == "NCHW":
       h = h.transpose(0, 3, 1, 2)
+    if layout == "flipped":
+      h = h[:, :, ::-1]
     return h.reshape(h.shape[0], -1) @ p["w"] + p["b"]
   rng = np.random.default_rng(0)
   k, kb = rng.normal(size=(3, 3, 2, 3)), rng.normal(size=3)
@@ -176,6 +178,7 @@ def test_compensate_through_a_flatten_keeps_the_mean_output(layout):
   where it was; the overall mean times the rows' sum moved it by about 0.4)."""
   fn, p, x = _conv_flatten_dense(layout)
   t = jaxprune.trace(fn, p, x)
+  assert t.groups["k"].consumers[0].positions_in_order
   acts = t.activations(p, x, "k")
   before = np.asarray(t.apply(p, x)).mean(0)
   ones = jaxprune.unit_masks_ones(t)
@@ -197,6 +200,24 @@ def test_compensate_through_a_flatten_keeps_the_mean_output(layout):
                                          compensate=True)(p, ones, x)
   np.testing.assert_array_equal(rep.unit_masks[1], [False, False, True])
   assert float(rep.loss[1]) < 2e-5
+
+
+def test_compensate_through_a_flip_before_the_flatten_folds_overall_means():
+  """The tracer reports the activations before the flip, the flatten reads them flipped: a
+  position's mean would meet another position's rows, so each unit's mean over all positions
+  is folded (times the rows' sum), as for a consumer that reads every position alike."""
+  fn, p, x = _conv_flatten_dense("flipped")
+  t = jaxprune.trace(fn, p, x)
+  (con,) = t.groups["k"].consumers
+  assert not con.positions_in_order
+  acts = t.activations(p, x, "k")
+  p2, m2, _ = distinctiveness(t, "k", similar=False, compensate=True)(
+      p, jaxprune.unit_masks_ones(t), acts, 15.0, 165.0)
+  np.testing.assert_array_equal(m2["k"], [False, False, True])
+  a = np.asarray(acts, np.float64).reshape(-1, 3)
+  rows = np.asarray(p["w"], np.float64).reshape(16, 3, 3)
+  want = sum(a[:, c].mean() * rows[:, c].sum(0) for c in (0, 1))
+  np.testing.assert_allclose(np.asarray(p2["b"]), want, rtol=1e-5, atol=1e-5)
 
 
 def test_constant_unit_removed_exactly(mlp):

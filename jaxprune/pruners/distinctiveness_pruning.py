@@ -184,6 +184,8 @@ def position_means(a, acts_shape, weight=None):
     return jnp.mean(per, axis=1)
   w = jnp.asarray(weight, jnp.float32)
   total = jnp.sum(w)
+  if p == 1:                    # a dense layer: the weighted sum as it always was (same bits)
+    return (jnp.sum(w * a, axis=1) / jnp.where(total > 0, total, 1.0))[:, None]
   return jnp.einsum("unp,n->up", per, w) / jnp.where(total > 0, total, 1.0)
 
 
