@@ -248,13 +248,23 @@ def _check_trainer_settings(fn: str, model, trainer, batch_size, optimizer, loss
     clash.append("optimizer=")
   if loss is not None and loss is not trainer.loss:
     clash.append("loss=")
-  if _whole_number("batch_size", batch_size, 1) not in (32, trainer.batch_size):
+  if batch_size is not None and _whole_number("batch_size", batch_size, 1) != trainer.batch_size:
     clash.append(f"batch_size={batch_size} (the trainer's is {trainer.batch_size})")
   if clash:
     raise ValueError(f"{fn}: {', '.join(clash)} differ(s) from what trainer= was built with, "
                      "and the trainer's settings are the ones that train: pass them to "
                      f"jaxprune.make_trainer(model, batch_size=..., optimizer=..., loss=...) and "
                      f"only trainer= to {fn}, or leave trainer=None.")
+
+
+def _check_optimizer(optimizer) -> None:
+  """Checked before any training: a name or a factory (``"adam"``, ``optax.adam``) failed
+  inside the first compiled program with an AttributeError."""
+  if optimizer is not None and not (callable(getattr(optimizer, "init", None))
+                                    and callable(getattr(optimizer, "update", None))):
+    made = " (a factory: call it, e.g. optax.adam(1e-3))" if callable(optimizer) else ""
+    raise TypeError(f"optimizer must be an optax GradientTransformation (e.g. "
+                    f"optax.adam(1e-3)), got {type(optimizer).__name__} {optimizer!r}{made}.")
 
 
 def _check_callback(callback) -> None:
@@ -620,6 +630,7 @@ def make_trainer(model: Model, *, batch_size: int = 32,
   """
   model = as_model(model, loss)
   batch_size = _check_batch_size(batch_size)
+  _check_optimizer(optimizer)
   loss = loss or default_loss(model)
   if optimizer is None:
     return _default_trainer(model, batch_size, loss)
@@ -773,12 +784,23 @@ def _run(trainer, params, masks, learning_rate, x, y, w, key, epochs, val, log_e
     bar.update(done, **last)
     if callback is not None:
       callback(done, state)
+  # A chunk's loss is measured before each of its steps, so the last step is checked here: it
+  # can leave NaN or infinite params behind a finite loss (a too-large step at the end).
+  bad = sum(int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            for a in map(np.asarray, jax.tree.leaves(state.params))
+            if np.issubdtype(a.dtype, np.inexact))
+  if bad:
+    raise FloatingPointError(
+        f"Training produced {bad} NaN or infinite parameter values by epoch {done} (its last "
+        "step, after the loss was measured); lower the learning rate, check the inputs for "
+        "extreme values, or standardise them.")
   history = {k: np.concatenate([np.asarray(c[k]) for c in chunks], axis=-1) for k in chunks[0]}
   return state, history
 
 
 def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
-        batch_size: int = 32, learning_rate: float | None = None, masks: PyTree | None = None,
+        batch_size: int | None = None, learning_rate: float | None = None,
+        masks: PyTree | None = None,
         optimizer: optax.GradientTransformation | None = None, loss: Callable | None = None,
         validation: tuple | None = None, log_every: int = 10, progress: bool = True,
         trainer: Trainer | None = None, desc: str = "train",
@@ -795,8 +817,9 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     x, y: training inputs and targets (labels, or the inputs themselves for autoencoders).
     key: PRNG key for shuffling.
     epochs: passes over the data.
-    batch_size, learning_rate, optimizer, loss: training settings (Adam by default). With a
-      ``loss`` of your own the targets need not be class labels. The optimizer's ``init`` and
+    batch_size, learning_rate, optimizer, loss: training settings (Adam and batch size 32
+      by default). With a ``loss`` of your own the targets need not be class labels. The
+      optimizer's ``init`` and
       ``update`` both run inside compiled programs cached per trainer: they must be traceable.
       ``learning_rate`` left as None is 1e-3 for the default Adam; an ``optimizer`` (or
       ``trainer``) of your own keeps the learning rate it was built with. Given, it is written
@@ -829,7 +852,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   """
   model = as_model(model, loss)
   epochs = _whole_number("epochs", epochs, 1)
-  log_every = max(1, _whole_number("log_every", log_every))
+  log_every = _whole_number("log_every", log_every, 1)
   _check_callback(callback)
   _check_trainable(params)
   _check_trainer_settings("fit", model, trainer, batch_size, optimizer, loss)
@@ -847,7 +870,8 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)  # applied in the start program
   _check_start_params(params, masks)
-  trainer = trainer or make_trainer(model, batch_size=batch_size, optimizer=optimizer, loss=loss)
+  trainer = trainer or make_trainer(model, batch_size=32 if batch_size is None else batch_size,
+                                    optimizer=optimizer, loss=loss)
   x, y = _device(x, xh), _device(y, yh)
   w = _device(np.ones((x.shape[0],), np.float32))
   val = None
@@ -871,7 +895,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
 
 
 def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: int,
-             batch_size: int = 32, learning_rate: float | None = None,
+             batch_size: int | None = None, learning_rate: float | None = None,
              masks: PyTree | None = None, validation: tuple | None = None,
              log_every: int = 10, progress: bool = True, trainer: Trainer | None = None,
              desc: str = "train",
@@ -899,7 +923,7 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   """
   model = as_model(model)
   epochs = _whole_number("epochs", epochs, 1)
-  log_every = max(1, _whole_number("log_every", log_every))
+  log_every = _whole_number("log_every", log_every, 1)
   _check_callback(callback)
   _check_trainable(params)
   _check_trainer_settings("fit_many", model, trainer, batch_size, None, None)
@@ -914,7 +938,7 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
                      f"jax.random.split(key, {runs}); got shape {key_shape}.")
   _check_runs_data(model, params, xh, yh, wh, "w")
   val_host = None if validation is None else _check_validation_runs(model, params, validation)
-  trainer = trainer or make_trainer(model, batch_size=batch_size)
+  trainer = trainer or make_trainer(model, batch_size=32 if batch_size is None else batch_size)
   x, y, w = _device(x, xh), _device(y, yh), _device(w, wh)
   lr = _learning_rate_to_set(trainer, learning_rate)
   if lr is not None:
@@ -1022,4 +1046,10 @@ def rewind(params: PyTree, init_params: PyTree, masks: PyTree) -> PyTree:
   if jax.tree.structure(params) != jax.tree.structure(init_params):
     raise ValueError("params and init_params have different structures: rewind needs the "
                      "saved params of the same model.")
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                          jax.tree.leaves(init_params)):
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(f"init_params{jax.tree_util.keystr(path)} has shape {jnp.shape(b)}, the "
+                       f"trained params' {jnp.shape(a)}: rewind needs the saved params of the "
+                       "same model (of the same sizes).")
   return masks_lib.apply_masks(init_params, masks)

@@ -246,6 +246,12 @@ def check_data(x, y=None, *, sample_weight=None, num_classes: int | None = None,
     n_x, n_y = (np.shape(x)[:lead], np.shape(y)[:lead]) if runs else (len(x), len(y))
     raise ValueError(f"{name} has {n_x} samples but its targets have {n_y}.")
   of = _targets_of(name)
+  kind = getattr(np.asarray(y) if is_concrete(y) else y, "dtype", None)
+  if kind is not None and not (np.issubdtype(kind, np.number) or np.issubdtype(kind, np.bool_)
+                               or jnp.issubdtype(kind, jnp.number)):
+    raise ValueError(f"{of} targets have dtype {kind}: class labels must be integer indices "
+                     "0..C-1; map names to indices first, e.g. np.unique(y, return_inverse=True)"
+                     "[1].")
   if jnp.issubdtype(jnp.result_type(y), jnp.integer):
     check_labels(of, y, num_classes, sample_weight)
   else:

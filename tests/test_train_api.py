@@ -376,3 +376,35 @@ def test_evaluate_batch_size_and_autoencoder_targets_are_checked():
                       epochs=1, progress=False)
   with pytest.raises(ValueError, match=r"^y of each run: the targets have shape \(12, 2\)"):
     jaxprune.evaluate_many(AE, stacked, X, X[..., :2])
+
+
+def test_a_last_step_that_leaves_nan_params_raises():
+  """The loss is measured before each step: a run whose last step went to NaN returned NaN
+  params without a word."""
+  model = jaxprune.MLP(in_features=5, hidden=(7,), out_features=3)
+  x = np.asarray(jax.random.normal(jax.random.key(0), (20, 5)))
+  y = np.arange(20) % 3
+  with pytest.raises(FloatingPointError, match="NaN or infinite parameter values by epoch 1"):
+    jaxprune.fit(model, model.init(jax.random.key(1)), x, y, key=jax.random.key(2), epochs=1,
+                 batch_size=20, optimizer=optax.sgd(float("inf")), progress=False)
+
+
+def test_bad_optimizer_log_every_labels_and_rewind_sizes_are_named():
+  model = jaxprune.MLP(in_features=5, hidden=(7,), out_features=3)
+  p = model.init(jax.random.key(1))
+  x, y = np.zeros((8, 5), np.float32), np.arange(8) % 3
+  fit = lambda **kw: jaxprune.fit(model, p, x, kw.pop("y", y), key=jax.random.key(0), epochs=1,
+                                  progress=False, **kw)
+  with pytest.raises(TypeError, match="optimizer must be an optax GradientTransformation.*str"):
+    fit(optimizer="adam")
+  with pytest.raises(TypeError, match=r"a factory: call it, e\.g\. optax\.adam\(1e-3\)"):
+    fit(optimizer=optax.adam)
+  for bad in (0, -3):
+    with pytest.raises(ValueError, match=f"log_every must be at least 1, got {bad}"):
+      fit(log_every=bad)
+  with pytest.raises(ValueError, match=r"dtype <U1: class labels must be integer indices"):
+    fit(y=np.array(["a"] * 8))
+  big = jaxprune.MLP(in_features=5, hidden=(9,), out_features=3).init(jax.random.key(0))
+  with pytest.raises(ValueError, match=r"init_params\['params'\]\['hidden_0'\]\['bias'\] "
+                     r"has shape \(9,\), the trained params' \(7,\)"):
+    jaxprune.rewind(p, big, jaxprune.ones_like(p))

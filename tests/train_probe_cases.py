@@ -181,6 +181,8 @@ def test_fit_refuses_what_belongs_to_fit_many_and_trainer_clashes():
     fit(trainer=trainer, optimizer=optax.sgd(0.1))
   with pytest.raises(ValueError, match=r"batch_size=4 \(the trainer's is 8\)"):
     fit(trainer=trainer, batch_size=4)
+  with pytest.raises(ValueError, match=r"batch_size=32 \(the trainer's is 8\)"):
+    fit(trainer=trainer, batch_size=32)                   # the old default: was dropped
   other = jaxprune.MLP(in_features=4, hidden=(7,), out_features=3)
   with pytest.raises(ValueError, match="the model differ"):
     fit(trainer=jaxprune.make_trainer(other))
