@@ -2933,7 +2933,9 @@ class TracedTarget:
     and declared groups are equal, and equal groups fold the same way)."""
     axes = self._bias_order(con)
     rank = len(self._an.walker.invar_atoms[con.kernel])
-    return None if axes == tuple(range(rank - len(axes), rank)) else axes
+    # () stays (): a vector readout has no output axis, and its kernel's last axis may be the
+    # positions of a flattened map (``h.reshape(n, -1) @ w + b`` with a scalar b)
+    return None if axes and axes == tuple(range(rank - len(axes), rank)) else axes
 
   def _bias_order(self, con):
     w = self._an.walker

@@ -1165,6 +1165,29 @@ def test_constant_unit_folds_into_a_one_output_head():
       params, jaxprune.unit_masks_ones(t), acts, 15.0, 165.0)
 
 
+def test_constant_channel_folds_into_a_vector_readout_of_a_flattened_map():
+  """``h.reshape(n, -1) @ w + b`` with w a vector and b a scalar: the view's last axis is the
+  map's positions, not outputs, and the fold was refused ("bias of shape () does not match")."""
+  def fn(p, x):
+    y = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.sigmoid(y + p["kb"])
+    return h.reshape(h.shape[0], -1) @ p["w"] + p["b"]
+
+  rng = np.random.default_rng(0)
+  k, kb = rng.normal(size=(3, 3, 2, 5)), rng.normal(size=5)
+  k[..., 2], kb[2] = 0.0, 0.4                                   # channel 2 is sigmoid(0.4)
+  p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
+                   {"k": k, "kb": kb, "w": rng.normal(size=80), "b": np.zeros(())})
+  x = jnp.asarray(rng.normal(size=(20, 6, 6, 2)), jnp.float32)
+  t = jaxprune.trace(fn, p, x)
+  new, masks, _ = jaxprune.distinctiveness(t, "k")(p, jaxprune.unit_masks_ones(t),
+                                                     t.activations(p, x, "k"))
+  np.testing.assert_array_equal(masks["k"], [True, True, False, True, True])
+  assert new["b"].shape == ()
+  np.testing.assert_allclose(t.apply(new, x), t.apply(p, x), atol=5e-6)
+
+
 @pytest.mark.parametrize("layout", ["members_first", "transposed"])
 def test_constant_unit_folds_into_a_batched_ensemble_head(layout):
   """A shared hidden layer read by a vmapped ensemble of heads (kernel (members, in, out), bias
