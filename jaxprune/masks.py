@@ -182,7 +182,9 @@ def _unit_mask_hint(params, masks) -> str:
 def _nesting_hint(missing: list, extra: list, masks: Any = None) -> str:
   """When the masks hold exactly the params' leaves one key deeper (masks over a flax model's
   whole variables, given where only ``variables['params']`` is seen, as by an optimizer inside
-  :func:`jaxprune.fit`), or one key shallower: the fix, else ''."""
+  :func:`jaxprune.fit`; also beside other collections such as ``batch_stats``), one key
+  shallower, or every leaf of the params and more (masks over an nnx model's whole state given
+  to an optimizer of its ``nnx.Param`` state): the fix, else ''."""
   if missing and len(extra) > len(missing):
     # masks over a linen model's whole variables: the params' leaves under 'params', other
     # collections (batch statistics) beside them
@@ -196,12 +198,11 @@ def _nesting_hint(missing: list, extra: list, masks: Any = None) -> str:
   if not missing and extra:
     # masks over an nnx model's whole state (batch statistics, RNG counts) given where only its
     # nnx.Param state is seen
-    nnx_state = type(masks).__name__ == "State"
+    fix = ("nnx.filter_state(masks, nnx.Param) for an nnx.Optimizer(..., wrt=nnx.Param)"
+           if type(masks).__name__ == "State" else "keeping only the leaves the params have")
     return ("The masks hold every leaf of the params and more (masks made over a model's whole "
             "state, batch statistics or RNG state included, given where only its trained params "
-            "are seen): filter them as the params were filtered, "
-            + ("nnx.filter_state(masks, nnx.Param) for an nnx.Optimizer(..., wrt=nnx.Param)" if nnx_state
-               else "keeping only the leaves the params have"))
+            f"are seen): filter them as the params were filtered, {fix}")
   if not missing or len(missing) != len(extra):
     return ""
   for deeper, shallower, fix in ((extra, missing, "pass masks[{k!r}] (an optimizer given to "

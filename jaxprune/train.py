@@ -786,9 +786,9 @@ def _run(trainer, params, masks, learning_rate, x, y, w, key, epochs, val, log_e
       callback(done, state)
   # A chunk's loss is measured before each of its steps, so the last step is checked here: it
   # can leave NaN or infinite params behind a finite loss (a too-large step at the end).
-  bad = sum(int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-            for a in map(np.asarray, jax.tree.leaves(state.params))
-            if np.issubdtype(a.dtype, np.inexact))
+  bad = sum(int(np.size(a) - np.count_nonzero(np.isfinite(np.asarray(a))))
+            for a in jax.tree.leaves(state.params)
+            if jnp.issubdtype(getattr(a, "dtype", np.int32), jnp.inexact))  # not keys, counts
   if bad:
     raise FloatingPointError(
         f"Training produced {bad} NaN or infinite parameter values by epoch {done} (its last "
@@ -819,8 +819,8 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     epochs: passes over the data.
     batch_size, learning_rate, optimizer, loss: training settings (Adam and batch size 32
       by default). With a ``loss`` of your own the targets need not be class labels. The
-      optimizer's ``init`` and
-      ``update`` both run inside compiled programs cached per trainer: they must be traceable.
+      optimizer's ``init`` and ``update`` both run inside compiled programs cached per
+      trainer: they must be traceable.
       ``learning_rate`` left as None is 1e-3 for the default Adam; an ``optimizer`` (or
       ``trainer``) of your own keeps the learning rate it was built with. Given, it is written
       into an optimizer state that holds it (``optax.inject_hyperparams``, as the default Adam
