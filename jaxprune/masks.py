@@ -200,9 +200,9 @@ def _nesting_hint(missing: list, extra: list, masks: Any = None) -> str:
     # nnx.Param state is seen
     fix = ("nnx.filter_state(masks, nnx.Param) for an nnx.Optimizer(..., wrt=nnx.Param)"
            if type(masks).__name__ == "State" else "keeping only the leaves the params have")
-    return ("The masks hold every leaf of the params and more (masks made over a model's whole "
-            "state, batch statistics or RNG state included, given where only its trained params "
-            f"are seen): filter them as the params were filtered, {fix}")
+    return ("The masks hold every leaf of the params and more: masks made over more than these "
+            "params (e.g. over a model's whole state, batch statistics or RNG state included, "
+            f"given where only its trained params are seen); filter them to the params, {fix}")
   if not missing or len(missing) != len(extra):
     return ""
   for deeper, shallower, fix in ((extra, missing, "pass masks[{k!r}] (an optimizer given to "
