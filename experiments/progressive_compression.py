@@ -229,11 +229,11 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
   stand_in = ("" if data.startswith("sfew") else " These bundled data are a stand-in for the "
               "SFEW features; the numbers are not SFEW numbers.")
   (u_m, u_s), (f_m, f_s) = final["test_loss_unpruned"], final["test_loss_final"]
+  share = mc.split_share(splits, cfg.test_fraction, ds.groups is not None)
   study.write_report(f"Progressive compression ({d}-{cfg.hidden}-{d} autoencoder)", [
       ("Data", f"`--data={data}`: {ds.info.get('source', data)}; {cfg.runs} runs, each with its "
-               f"own {mc.split_kind(ds)} {mc.split_share(splits, cfg.test_fraction, ds.groups is not None)} split "
-               f"(standardised on "
-               f"its training part) and initialisation.{stand_in}\n\nTraining: Adam lr "
+               f"own {mc.split_kind(ds)} {share} split (standardised on its training "
+               f"part) and initialisation.{stand_in}\n\nTraining: Adam lr "
                f"{cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs, MSE. Compute time (all "
                f"invocations, cached steps included): {study.compute_seconds():.0f} s."),
       ("Result", f"Test loss of the trained autoencoder: {u_m:.4f} ± {u_s:.4f}; after removing "

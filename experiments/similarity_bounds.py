@@ -272,9 +272,10 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
   none = [f"{r['rule']} {r['threshold_deg']:g}° at H={r['H']}" for r in rows if r["note"]]
   stand_in = ("" if data.startswith("sfew") else " These bundled data are a stand-in for the "
               "SFEW features; the numbers are not SFEW numbers.")
+  share = mc.split_share(splits, cfg.test_fraction, ds.groups is not None)
   study.write_report("Similar and complementary bounds (10-H-7 MLP)", [
       ("Data", f"`--data={data}`: {ds.info.get('source', data)}; {cfg.runs} runs, each with its "
-               f"own {mc.split_kind(ds)} {mc.split_share(splits, cfg.test_fraction, ds.groups is not None)} split "
+               f"own {mc.split_kind(ds)} {share} split "
                f"(standardised on its training part) and initialisation.{stand_in}\n\n"
                f"Training: sigmoid hidden layer, Adam lr {cfg.lr:g}, batch {cfg.batch_size}, "
                f"{cfg.epochs} epochs. Compute time (all invocations, cached "

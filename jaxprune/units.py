@@ -282,7 +282,8 @@ _WEIGHT_MASKS_HINT = (" These look like weight masks (the params' structure, one
 
 
 def check_mask_keys(groups: Mapping[str, UnitGroup], unit_masks: Mapping[str, Any]) -> None:
-  """Raises KeyError if a unit mask names no group (a misspelt key never passes silently)."""
+  """Raises KeyError if a unit mask names no group (a misspelt key never passes silently), and
+  ValueError if one is a dict (weight masks given where unit masks belong)."""
   if not isinstance(unit_masks, Mapping):
     raise TypeError(f"Unit masks must be a dict from group name to bool vector, got "
                     f"{type(unit_masks).__name__}.")
