@@ -279,8 +279,19 @@ def _check_template(path: str, saved: PyTree, template: PyTree) -> None:
     if _leafless(s) and _leafless(t):   # None and an empty container alike: no values
       continue
     if _leafless(s) or _leafless(t) or tuple(s.shape) != _stored_shape(t):
+      size = ""
+      if not (_leafless(s) or _leafless(t)) and len(s.shape) == len(_stored_shape(t)):
+        smaller = all(a <= b for a, b in zip(_stored_shape(t), s.shape))
+        larger = all(a >= b for a, b in zip(_stored_shape(t), s.shape))
+        if smaller:
+          size = (" The template is smaller along an axis, as compacted params are: pruned params "
+                  "are saved at full size (with their masks); load them with the full model's "
+                  "template, then compact (model.compact(params, unit_masks)).")
+        elif larger:
+          size = (" The template is larger along an axis: the checkpoint may hold compacted "
+                  "params; pass the compacted model's params as the template.")
       raise ValueError(f"The checkpoint at {path} does not fit the params template: at {shown} the "
-                       f"checkpoint has {_describe(s)}, the template {_describe(t)}. {fix}")
+                       f"checkpoint has {_describe(s)}, the template {_describe(t)}.{size} {fix}")
   for names, (shown, s) in have.items():
     if names not in want:
       what = f" ({_describe(s)})" if _leafless(s) else ""

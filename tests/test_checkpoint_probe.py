@@ -62,6 +62,14 @@ def test_a_template_that_differs_in_a_leafless_node_is_named_not_called_damaged(
   assert re.search(named, str(e.value)), str(e.value)
 
 
+def test_a_compacted_template_for_full_size_params_says_to_compact_after_loading(with_none):
+  with pytest.raises(ValueError, match=r"smaller along an axis, as compacted params are.*"
+                     r"then compact"):
+    jaxprune.load_checkpoint(with_none, {"a": [jnp.ones(2)], "n": None, "e": {}})
+  with pytest.raises(ValueError, match="larger along an axis: the checkpoint may hold compacted"):
+    jaxprune.load_checkpoint(with_none, {"a": [jnp.ones(5)], "n": None, "e": {}})
+
+
 def test_a_leafless_node_loads_with_its_template_exactly(with_none):
   params, masks = jaxprune.load_checkpoint(with_none, {"a": [jnp.ones(3)], "n": None, "e": {}})
   assert params["n"] is None and params["e"] == {} and masks["n"] is None
