@@ -264,7 +264,7 @@ class AccuracyFitness:
       check(x)
     if y.shape[0] != jnp.shape(x)[0]:
       raise ValueError(f"x has {jnp.shape(x)[0]} patterns but y has {y.shape[0]} labels.")
-    if check is not None:            # a pruning target: the one shared data check
+    if check is not None and validate.is_concrete(params, x, y):   # (search checked already)
       validate.check_model_data(self.model, params, x, y, sample_weight=sample_weight)
     extra = {}
     if sample_weight is not None and not self.weighted:
