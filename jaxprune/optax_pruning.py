@@ -84,10 +84,14 @@ def _check_power(power) -> None:
                      "reach its final value at end_step.")
 
 
-def _check_tx(tx) -> None:
+def _check_tx(tx, name: str = "tx") -> None:
+  """Raises TypeError unless ``tx`` is an optax GradientTransformation (``init`` and
+  ``update``); a name (``"adam"``) or an uncalled factory (``optax.adam``) would otherwise fail
+  inside the first compiled program with an AttributeError."""
   if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-    raise TypeError(f"tx must be an optax GradientTransformation (e.g. optax.adam(1e-3)), got "
-                    f"{type(tx).__name__} {tx!r}.")
+    made = " (a factory: call it, e.g. optax.adam(1e-3))" if callable(tx) else ""
+    raise TypeError(f"{name} must be an optax GradientTransformation (e.g. optax.adam(1e-3)), "
+                    f"got {type(tx).__name__} {tx!r}{made}.")
 
 
 _STATIC = ("the schedule is static; under optax.inject_hyperparams pass static_args=("

@@ -567,6 +567,28 @@ class _Walker:
     A = self.atoms
     return any(A.find(a) == root for a in A.expand(ax[eqn.params["dimension"]]))
 
+  def _hops(self, sc: tuple, v) -> tuple[list, list]:
+    """Where ``v`` (in the jaxpr at ``sc``) flows without an op of its own: ``(passes,
+    users)``. ``passes`` are ``(scope, var, call)`` for the outputs of the followed call whose
+    body returns ``v`` and for the inputs of followed calls' (and scans') bodies that ``v`` is
+    passed to (``call``: that call's equation); ``users`` are ``(path, eqn)`` of the other
+    equations that read ``v``."""
+    passes, users = [], []
+    jaxpr = self.jaxpr_at[sc]
+    if sc and v in jaxpr.outvars:          # out of a followed call or scan
+      parent = self.jaxpr_at[sc[:-1]].eqns[sc[-1]]
+      passes += [(sc[:-1], parent.outvars[j], parent)
+                 for j, o in enumerate(jaxpr.outvars) if o is v]
+    for path, eqn in self.users_in(sc, v):
+      if path in self.jaxpr_at:            # into a followed call's or scan's body
+        inner = self.jaxpr_at[path]
+        off = len(eqn.invars) - len(inner.invars)
+        passes += [(path, inner.invars[i - off], eqn)
+                   for i, w in enumerate(eqn.invars) if w is v and i >= off]
+      else:
+        users.append((path, eqn))
+    return passes, users
+
   def reads(self, scope: tuple, var, con, root) -> str:
     """How the consumer contraction ``con`` reads ``var`` (a group's activations): ``'ok'``
     when every op between is linear and passes a constant unit on unchanged (moves,
@@ -592,22 +614,12 @@ class _Walker:
           break
       sc, v = stack.pop()
       st = status[(sc, v)]
-      jaxpr = self.jaxpr_at[sc]
-      if sc and v in jaxpr.outvars:          # out of a followed call or scan
-        parent = self.jaxpr_at[sc[:-1]].eqns[sc[-1]]
-        for j, o in enumerate(jaxpr.outvars):
-          if o is v:
-            stack += self._mark(status, sc[:-1], parent.outvars[j], st)
-      for path, eqn in self.users_in(sc, v):
+      passes, users = self._hops(sc, v)
+      for nsc, nv, _ in passes:
+        stack += self._mark(status, nsc, nv, st)
+      for path, eqn in users:
         if path == con.path:
           reached = _worse(reached or "ok", st)
-          continue
-        if path in self.jaxpr_at:            # into a followed call's or scan's body
-          inner = self.jaxpr_at[path]
-          off = len(eqn.invars) - len(inner.invars)
-          for i, w in enumerate(eqn.invars):
-            if w is v and i >= off:
-              stack += self._mark(status, path, inner.invars[i - off], st)
           continue
         if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
           continue                           # another reader: its own check
@@ -629,21 +641,11 @@ class _Walker:
     while stack:
       sc, v = stack.pop()
       mv = moved[(sc, v)]
-      nxt = []
-      jaxpr = self.jaxpr_at[sc]
-      if sc and v in jaxpr.outvars:          # out of a followed call
-        parent = self.jaxpr_at[sc[:-1]].eqns[sc[-1]]
-        nxt += [(sc[:-1], parent.outvars[j], mv or parent.primitive.name == "scan")
-                for j, o in enumerate(jaxpr.outvars) if o is v]
-      for path, eqn in self.users_in(sc, v):
+      passes, users = self._hops(sc, v)
+      nxt = [(nsc, nv, mv or call.primitive.name == "scan") for nsc, nv, call in passes]
+      for path, eqn in users:
         if path == con.path:
           reached |= mv
-          continue
-        if path in self.jaxpr_at:            # into a followed call's (or a scan's) body
-          inner = self.jaxpr_at[path]
-          off = len(eqn.invars) - len(inner.invars)
-          nxt += [(path, inner.invars[i - off], mv or eqn.primitive.name == "scan")
-                  for i, w in enumerate(eqn.invars) if w is v and i >= off]
           continue
         if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
           continue                           # another reader

@@ -257,16 +257,6 @@ def _check_trainer_settings(fn: str, model, trainer, batch_size, optimizer, loss
                      f"only trainer= to {fn}, or leave trainer=None.")
 
 
-def _check_optimizer(optimizer) -> None:
-  """Checked before any training: a name or a factory (``"adam"``, ``optax.adam``) failed
-  inside the first compiled program with an AttributeError."""
-  if optimizer is not None and not (callable(getattr(optimizer, "init", None))
-                                    and callable(getattr(optimizer, "update", None))):
-    made = " (a factory: call it, e.g. optax.adam(1e-3))" if callable(optimizer) else ""
-    raise TypeError(f"optimizer must be an optax GradientTransformation (e.g. "
-                    f"optax.adam(1e-3)), got {type(optimizer).__name__} {optimizer!r}{made}.")
-
-
 def _check_callback(callback) -> None:
   """Checked before any training: a bad hook would otherwise fail after the first chunk."""
   if callback is not None and not callable(callback):
@@ -630,7 +620,8 @@ def make_trainer(model: Model, *, batch_size: int = 32,
   """
   model = as_model(model, loss)
   batch_size = _check_batch_size(batch_size)
-  _check_optimizer(optimizer)
+  if optimizer is not None:
+    optax_pruning._check_tx(optimizer, "optimizer")  # pylint: disable=protected-access
   loss = loss or default_loss(model)
   if optimizer is None:
     return _default_trainer(model, batch_size, loss)
