@@ -200,10 +200,10 @@ def _check_no_nnx_statistics(params) -> None:
         f"params hold {len(held)} nnx variables that are not nnx.Param: "
         f"{', '.join(held[:4])}{' ...' if len(held) > 4 else ''}. Every leaf given to train is "
         "trained by gradient, so running statistics would be changed by the optimizer. Keep "
-        "them apart as the variables' 'batch_stats': graphdef, params, stats = "
-        "nnx.split(model, nnx.Param, nnx.BatchStat); trace fn(v, x) = nnx.merge(graphdef, "
-        "v['params'], v['batch_stats'])(x) with v = {'params': params, 'batch_stats': stats} "
-        "(fit trains v['params'] and carries the rest).")
+        "them apart as the variables' 'batch_stats': graphdef, params, stats, rest = "
+        "nnx.split(model, nnx.Param, nnx.BatchStat, ...); trace fn(v, x) = nnx.merge("
+        "graphdef, v['params'], v['batch_stats'], rest)(x) with v = {'params': params, "
+        "'batch_stats': stats} (fit trains v['params'] and carries the statistics).")
 
 
 def _check_trainable(params) -> None:

@@ -59,22 +59,24 @@ SUITE_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 SUITE_SPLIT = "--xla_cpu_parallel_codegen_split_count=1"
 
 
-def _xla_accepts(flag: str) -> bool:
-  """Whether this jaxlib's XLA starts with ``flag`` in ``XLA_FLAGS`` (one short subprocess)."""
-  env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+def _xla_accepts(flags: list[str]) -> set[str]:
+  """Which of ``flags`` this jaxlib's XLA starts with in ``XLA_FLAGS`` (one short subprocess
+  each, run side by side: an unknown flag aborts its process)."""
   code = "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"
-  return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                        check=False, timeout=120).returncode == 0
+  procs = {f: subprocess.Popen([sys.executable, "-c", code],
+                               env=dict(os.environ, XLA_FLAGS=f, JAX_PLATFORMS="cpu"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           for f in flags}
+  return {f for f, p in procs.items() if p.wait(timeout=120) == 0}
 
 
 def _suite_flags() -> str:
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_backend_optimization_level" not in flags:
     flags = f"{flags} {SUITE_LEVEL}"
-  if "xla_cpu_use_fusion_emitters" not in flags and _xla_accepts(SUITE_EMITTERS):
-    flags = f"{flags} {SUITE_EMITTERS}"
-  if "xla_cpu_parallel_codegen_split_count" not in flags and _xla_accepts(SUITE_SPLIT):
-    flags = f"{flags} {SUITE_SPLIT}"
+  wanted = [f for f in (SUITE_EMITTERS, SUITE_SPLIT) if f.split("=")[0].lstrip("-") not in flags]
+  accepted = _xla_accepts(wanted) if wanted else set()
+  flags = " ".join([flags] + [f for f in wanted if f in accepted])
   return flags.strip()
 
 

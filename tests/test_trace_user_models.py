@@ -657,6 +657,14 @@ def test_weight_constants_refused_after_a_norm_or_a_residual():
   with pytest.raises(ValueError, match="2 kernels produce"):
     jaxprune.weight_distinctiveness(t, "w1")
 
+  def shared(p, x):             # one layer applied to two inputs, its outputs summed: a unit
+    enc = lambda xi: jax.nn.relu(xi @ p["w1"] + p["b1"])   # with zero weights outputs 2 relu(b)
+    return (enc(x) + enc(2 * x)) @ p["w2"] + p["b2"]
+
+  t = jaxprune.trace(shared, _ONE, x)
+  with pytest.raises(ValueError, match="applied twice and its outputs summed.*constants=False"):
+    jaxprune.weight_distinctiveness(t, "w1")
+
 
 def test_a_group_read_before_and_after_its_nonlinearity_is_incomplete():
   def fn(p, x):

@@ -242,8 +242,9 @@ def _check_output_from_bias(g):
     why = (f"{kinds.count('kernel')} kernels produce its units (a residual addition or a "
            "gate a * sigmoid(b) couples them)")
   elif set(kinds) - {"kernel", "bias"} or kinds.count("bias") > 1 or not g.act_of_bias:
-    why = ("a normalisation, a scale or a constant acts on its units between the kernel and "
-           "the nonlinearity")
+    why = ("something acts on its units between the kernel and the nonlinearity: a "
+           "normalisation, a scale, a constant, or another branch added, as when one layer is "
+           "applied twice and its outputs summed")
   if why:
     raise ValueError(
         f"Group {g.name!r}: a unit with zero incoming weights does not output act(bias) here "
