@@ -1032,7 +1032,8 @@ def rewind(params: PyTree, init_params: PyTree, masks: PyTree) -> PyTree:
     params: the trained params (only their structure is used; kept for symmetry with the
       literature's ``rewind(trained, initial, mask)``).
     init_params: the saved earlier params (e.g. the pretrained or initial weights).
-    masks: weight masks of the pruned network.
+    masks: weight masks of the pruned network (None: no masks, every weight kept, as the
+      pruners read None).
   """
   if jax.tree.structure(params) != jax.tree.structure(init_params):
     raise ValueError("params and init_params have different structures: rewind needs the "
@@ -1043,4 +1044,6 @@ def rewind(params: PyTree, init_params: PyTree, masks: PyTree) -> PyTree:
       raise ValueError(f"init_params{jax.tree_util.keystr(path)} has shape {jnp.shape(b)}, the "
                        f"trained params' {jnp.shape(a)}: rewind needs the saved params of the "
                        "same model (of the same sizes).")
+  if masks is None:
+    return init_params
   return masks_lib.apply_masks(init_params, masks)

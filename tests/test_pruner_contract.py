@@ -158,3 +158,35 @@ def test_traced_bad_settings_and_weights_set_invalid_and_change_nothing():
   for k in (2, 2.0, jnp.inf):
     _, _, rep = traced_red(k)
     assert not bool(rep.invalid) and int(rep.count) == (7 if k == jnp.inf else 2)
+
+
+def test_integer_params_are_refused_where_a_pruner_would_fold_fractions_into_them():
+  """Folding sigmoid(0) = 0.5 times an int32 row into an int32 bias truncated it: a constant
+  unit was removed and the output moved, without a word (weight_distinctiveness failed inside
+  jax on the logistic of an int bias). Every rule that writes fractional values now names the
+  leaves and the fix; the rules that only merge (whole rows added) or zero units still run."""
+  model = jaxprune.MLP(in_features=4, hidden=(3,), out_features=2)   # sigmoid
+  p = jax.tree.map(lambda a: jnp.round(a * 4).astype(jnp.int32), model.init(jax.random.key(0)))
+  p["params"]["hidden_0"]["kernel"] = p["params"]["hidden_0"]["kernel"].at[:, 1].set(0)
+  um = jaxprune.unit_masks_ones(model)
+  x = jnp.arange(24.0).reshape(6, 4)
+  acts = model.activations(p, x, "hidden_0")            # unit 1 is constant: sigmoid(bias)
+  fix = r"integer leaf would truncate.*astype\(jnp.float32\)"
+  for call in (lambda: jaxprune.distinctiveness(model, "hidden_0")(p, um, acts),
+               lambda: jaxprune.weight_distinctiveness(model, "hidden_0")(p, um),
+               lambda: jaxprune.group_redundancy(model, "hidden_0")(p, um, acts),
+               lambda: jaxprune.progressive_distinctiveness(
+                   model, "hidden_0", lambda q: jnp.float32(0.0))(p, um, x)):
+    with pytest.raises(ValueError, match=r"params/out/(kernel|bias) \(int32\).*" + fix):
+      call()
+  with pytest.raises(ValueError, match="constants=False"):
+    jaxprune.weight_distinctiveness(model, "hidden_0")(p, um)
+  # the same network in float32: the fold is exact there, and int merges/zeroing still run
+  pf = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+  out, masks, _ = jaxprune.distinctiveness(model, "hidden_0", similar=False,
+                                           complementary=False)(pf, um, acts)
+  assert not bool(masks["hidden_0"][1])
+  np.testing.assert_allclose(model.apply(out, x), model.apply(pf, x), atol=1e-6)
+  jaxprune.distinctiveness(model, "hidden_0", constants=False)(p, um, acts)
+  jaxprune.weight_distinctiveness(model, "hidden_0", source="outgoing", constants=False)(p, um)
+  jaxprune.importance_prune(model, "hidden_0")(p, um, 1)

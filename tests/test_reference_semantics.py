@@ -19,7 +19,7 @@ import pytest
 import jaxprune
 from jaxprune import ga
 from jaxprune.pruners import (distinctiveness, importance_prune, importance_scores,
-                              iterative_importance, magnitude_prune, random_prune,
+                              iterative_importance, magnitude_prune, random_prune, until_stable,
                               weight_distinctiveness)
 
 P, H = 8, 6          # patterns and units of the shared distinctiveness cases
@@ -652,6 +652,89 @@ def test_importance_scores_and_prune_match_reference(mlp):
                                   np.where(want, pz["params"]["hidden_0"]["kernel"], 0), tag)
     np.testing.assert_array_equal(np.asarray(got["params"]["out"]["kernel"]),
                                   np.where(want[:, None], pz["params"]["out"]["kernel"], 0), tag)
+
+
+def test_weight_pruners_see_the_network_the_masks_of_other_groups_describe():
+  """A removed unit of the layer before keeps its row in this group's kernel until something
+  zeroes it. weight_distinctiveness and importance_prune ignored it being removed, unlike
+  iterative_importance: hidden_1's units 0 and 1 are duplicates only without that row, and
+  their importance order flips with it. Every pruner from weights now gives what it gives on the
+  masked params (apply_masks(params, expand(params, model, unit_masks))), and returns those params."""
+  model = jaxprune.MLP(in_features=4, hidden=(3, 3), out_features=2)
+  p = jax.tree.map(np.array, model.init(jax.random.key(0)))
+  um = {"hidden_0": jnp.asarray([True, True, False]), "hidden_1": jnp.ones(3, bool)}
+  tree_equal = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
+  dup = np.array([[1., 1., .3], [2., 2., -1.], [5., -5., .7]], np.float32)  # row 2: removed unit
+  rank = np.array([[1., 2., 1.2], [1., 2., 1.2], [5., 0., 0.]], np.float32)
+  for prune, kernel, args, want in (
+      (weight_distinctiveness(model, "hidden_1"), dup, (15.0, 165.0), [1, 0, 1]),
+      (importance_prune(model, "hidden_1"), rank, (1,), [0, 1, 1])):
+    p["params"]["hidden_1"]["kernel"] = kernel
+    masked = jaxprune.apply_masks(p, jaxprune.expand(p, model, um))
+    out, ref = prune(p, um, *args), prune(masked, um, *args)
+    assert tree_equal(out[0], ref[0]) and tree_equal(out[1], ref[1])
+    assert np.asarray(out[1]["hidden_1"]).astype(int).tolist() == want
+  # the other direction (outgoing vectors read the next group's masks) and until_stable
+  um2 = {"hidden_0": jnp.ones(3, bool), "hidden_1": jnp.asarray([True, False, True])}
+  p["params"]["hidden_1"]["kernel"] = np.array([[1., 9., 2.], [1., -7., 2.], [3., 0., 1.]],
+                                               np.float32)   # rows 0 and 1 equal but column 1
+  masked2 = jaxprune.apply_masks(p, jaxprune.expand(p, model, um2))
+  wd = weight_distinctiveness(model, "hidden_0", source="outgoing", constants=False)
+  out = wd(p, um2, 15.0, 165.0)
+  assert np.asarray(out[1]["hidden_0"]).astype(int).tolist() == [1, 0, 1]
+  assert tree_equal(out[0], wd(masked2, um2, 15.0, 165.0)[0])
+  st = until_stable(wd, p, um2, 15.0, 165.0)
+  assert tree_equal(st[:2], until_stable(wd, masked2, um2, 15.0, 165.0)[:2])
+  assert np.asarray(st[1]["hidden_0"]).astype(int).tolist() == [1, 0, 1]
+
+
+def test_importance_of_huge_and_tiny_weights_and_the_plain_formula_s_bits():
+  """Squares of float32 weights of 1e19 and more overflowed: every score inf, importance_prune
+  changed nothing (invalid) and iterative_importance removed units in index order. Scaled by a
+  power of two per unit, the scores are the true RMS / L2 there and for tiny weights, and the
+  plain formula's bits elsewhere."""
+  model = jaxprune.MLP(in_features=4, hidden=(3,), out_features=2)
+  um = jaxprune.unit_masks_ones(model)
+  p = model.init(jax.random.key(0))
+  for scale in (1e19, 1e-25):
+    k = np.array([[3., 1., 2.]] * 4, np.float32) * np.float32(scale)
+    p["params"]["hidden_0"]["kernel"] = jnp.asarray(k)
+    for norm in ("rms", "l2"):
+      np.testing.assert_allclose(np.asarray(importance_scores(p, model, "hidden_0", norm=norm)),
+                                 ref_importance(k.astype(np.float64), norm), rtol=1e-6)
+    _, masks, rep = importance_prune(model, "hidden_0")(p, um, 1)
+    assert np.asarray(masks["hidden_0"]).tolist() == [True, False, True]
+    assert not bool(rep.invalid)
+    _, _, rep = iterative_importance(model, "hidden_0", lambda q: jnp.float32(0.0))(p, um, 0.1)
+    assert np.asarray(rep.removed)[1:int(rep.count)].tolist() == [1, 2]
+  rng = np.random.default_rng(3)
+  for _ in range(5):
+    p["params"]["hidden_0"]["kernel"] = jnp.asarray(
+        rng.normal(size=(4, 3)) * 10.0 ** rng.integers(-3, 4, size=3), jnp.float32)
+    plain = jnp.sqrt(jnp.mean(p["params"]["hidden_0"]["kernel"] ** 2, axis=0))
+    np.testing.assert_array_equal(importance_scores(p, model, "hidden_0"), plain)
+
+
+def test_iterative_importance_flags_bad_traced_input_and_changes_nothing(mlp):
+  """Under jit NaN kernels, a NaN or negative max_rise and a non-finite starting loss cannot
+  raise: the run used to rank NaN scores or stop without a word. It now removes nothing,
+  returns the params as given and sets report.invalid (concrete values still raise)."""
+  model, params = mlp
+  um = jaxprune.unit_masks_ones(model)
+  x = jnp.ones((4, IN))
+  good = lambda q: jnp.mean(model.apply(q, x) ** 2)
+  nan_kernel = jax.tree.map(np.array, params)
+  nan_kernel["params"]["hidden_0"]["kernel"][0, 1] = np.nan
+  for p, loss, rise in ((params, good, jnp.nan), (params, good, -1.0),
+                        (nan_kernel, lambda q: jnp.float32(0.0), 0.1),
+                        (params, lambda q: jnp.float32(jnp.inf), 0.1)):
+    run = iterative_importance(model, "hidden_0", loss)
+    out, masks, rep = jax.jit(run)(p, um, rise)
+    assert bool(rep.invalid) and int(rep.count) == 1
+    assert bool(jnp.all(masks["hidden_0"]))
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b, equal_nan=True), out, p))
+  _, masks, rep = jax.jit(iterative_importance(model, "hidden_0", good))(params, um, 10.0)
+  assert not bool(rep.invalid) and int(rep.count) == H and int(masks["hidden_0"].sum()) == 1
 
 
 def test_iterative_importance_stops_at_the_exact_step(mlp):

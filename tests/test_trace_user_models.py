@@ -1030,7 +1030,7 @@ def test_review_cases_of_the_activation_analysis():
   temp = lambda p, x: jax.nn.sigmoid((x @ p["w1"] + p["b1"]) * p["s"]) @ p["w2"] + p["b2"]
   t = jaxprune.trace(temp, dict(_ONE, s=jnp.float32(2.0)), x)
   assert t.groups["w1"].activation == "sigmoid" and not t.groups["w1"].act_of_bias
-  with pytest.raises(ValueError, match="a scale or a constant acts"):
+  with pytest.raises(ValueError, match="a scale, a constant"):
     jaxprune.weight_distinctiveness(t, "w1")
 
 

@@ -290,6 +290,9 @@ def test_rewind_restores_kept_weights_and_zeroes_pruned(data, params):
     a, m, init = map(np.asarray, (a, m, init))
     np.testing.assert_array_equal(a[m], init[m])
     assert np.all(a[~m] == 0)
+  # None is no masks, as the pruners read it (it was refused as missing every leaf)
+  assert jax.tree.all(jax.tree.map(np.array_equal, jaxprune.rewind(trained, params, None),
+                                   params))
 
 
 def test_autoencoder_trains_on_squared_error():

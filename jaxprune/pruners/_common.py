@@ -178,6 +178,29 @@ def check_finite_slices(params: PyTree, group: units_lib.UnitGroup, slices) -> N
                           "before pruning.")
 
 
+def check_floating_writes(params: PyTree, group: units_lib.UnitGroup, paths, rule: str,
+                          fix: str) -> None:
+  """Raises ValueError if a leaf at ``paths`` (the leaves ``rule`` adds computed, fractional
+  values to: a folded constant, a redistribution by coefficients) is not floating point; an
+  integer leaf would truncate them without a word (sigmoid(0) * w folded as 0)."""
+  bad = []
+  for path in dict.fromkeys(paths):
+    dtype = jnp.result_type(units_lib.get_path(params, path))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      bad.append(f"{units_lib.path_str(path)} ({dtype})")
+  if bad:
+    raise ValueError(
+        f"Group {group.name!r}: {rule} adds fractional values to {', '.join(bad)}, which an "
+        "integer leaf would truncate. Cast the params to floating point first "
+        f"(jax.tree.map(lambda a: a.astype(jnp.float32), params)), or {fix}.")
+
+
+def consumer_write_paths(group: units_lib.UnitGroup) -> list:
+  """The leaves a fold or a redistribution into ``group``'s consumers writes: their kernels
+  (the contributions are computed in a kernel's dtype) and their biases."""
+  return [p for s in group.consumers for p in (s.path, s.bias) if p is not None]
+
+
 def check_patterns(shape, sample_weight, what: str) -> None:
   """Raises unless activations of ``shape`` (N, ..., units) hold at least 2 patterns (rows of
   weight > 0 when concrete ``sample_weight`` is given, times the positions of each row): over

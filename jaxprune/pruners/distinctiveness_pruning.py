@@ -315,6 +315,11 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
+    if constants or compensate or fold:
+      _common.check_floating_writes(
+          params, g, _common.consumer_write_paths(g), "folding removed units into the next "
+          "bias", "pass " + ", ".join(f"{n}=False" for n, on in (
+              ("constants", constants), ("compensate", compensate), ("fold", fold)) if on))
     if not isinstance(activations, (np.ndarray, jax.Array)):
       activations = jnp.asarray(activations)   # an array already goes to jit as it is: jnp's
       # conversion of a NumPy array is one more compiled program per shape, the same values
@@ -347,12 +352,17 @@ def _check_tol(tol):
 
 
 @functools.lru_cache(maxsize=None)
-def _weight_core(g, source, similar, complementary, constants, absorb):
-  """The jitted weight-based sweep for one group and configuration."""
+def _weight_core(g, source, similar, complementary, constants, absorb, groups):
+  """The jitted weight-based sweep for one group and configuration (``groups``: the model's
+  groups as sorted ``(name, group)`` pairs, for the other groups' masks)."""
   cfg = dict(use_similar=similar, use_comp=complementary, use_const=constants, absorb=absorb,
              fold=False, compensate=False)
+  groups = dict(groups)
 
-  def core(params, mask, sim, comp, tol):
+  def core(params, mask, sim, comp, tol, others):
+    # The vectors of the network the unit masks describe: other groups' removed units zeroed
+    # (a removed unit of the layer before still has a row in this group's incoming kernels).
+    params = _common.zero_other_units(params, groups, others)
     incoming = source == "incoming"
     v = (functools.partial(_common.incoming_vectors, acting_later=True) if incoming
          else _common.outgoing_vectors)(params, g)
@@ -386,7 +396,9 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
   "Constant" units are those whose weight vector has norm ``< constant_tol``: with zero incoming
   weights a unit outputs act(bias) everywhere, which is folded into the next bias (exact); with
   zero outgoing weights it contributes nothing and is simply removed. Complementary pairs are
-  removed without compensation (no activations to compute a mean from).
+  removed without compensation (no activations to compute a mean from). Every group named in
+  ``unit_masks`` is applied first (its removed units zeroed, in the params returned too), so
+  the vectors are those of the network the masks describe.
 
   Returns:
     ``prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6)
@@ -408,7 +420,8 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
   _check_bias_folds(g, constants=constants)
   if source == "incoming" and constants:
     _check_output_from_bias(g)
-  jitted, trace_count = _weight_core(g, source, similar, complementary, constants, absorb)
+  jitted, trace_count = _weight_core(g, source, similar, complementary, constants, absorb,
+                                     tuple(sorted(groups.items())))
 
   sources = g.producers if source == "incoming" else g.consumers
 
@@ -418,10 +431,16 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     other arguments, ``jitted(params, mask, *rest)``."""
     mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_finite_slices(params, g, sources)   # the leaves the unit vectors come from
+    if source == "incoming" and constants:   # act(bias) of zero-weight units, folded
+      _common.check_floating_writes(
+          params, g, [s.path for s in g.producers if s.kind == "bias"]
+          + _common.consumer_write_paths(g), "folding act(bias) of units with zero incoming "
+          "weights into the next bias", "pass constants=False")
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
-    return mask, (similar_deg, complementary_deg, constant_tol)
+    return mask, (similar_deg, complementary_deg, constant_tol,
+                  _common.other_unit_masks(unit_masks, g, groups))
 
   def prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6):
     mask, rest = prepare(params, unit_masks, similar_deg, complementary_deg, constant_tol)

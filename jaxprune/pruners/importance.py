@@ -64,11 +64,16 @@ def _scores(params, g, norm):
   # float32 at least (bfloat16 norms would tie), float64 kept (a float32 cast ties units that
   # differ beyond its precision)
   v = v.astype(jnp.float64 if v.dtype == jnp.float64 else jnp.float32)
-  if norm == "rms":
-    return jnp.sqrt(jnp.mean(v * v, axis=1))
   if norm == "l1":
     return jnp.sum(jnp.abs(v), axis=1)
-  return jnp.sqrt(jnp.sum(v * v, axis=1))
+  # Each unit's weights scaled by a power of two (exact) that brings the largest to [0.5, 1):
+  # squares of float32 weights of 1e19 and more no longer overflow to inf (nor tiny ones
+  # underflow to 0), and wherever the plain sqrt(mean(a^2)) is finite and normal its bits are
+  # the same (scaling by 4^-e commutes with every rounding, and sqrt(4^-e x) = 2^-e sqrt(x)).
+  _, e = jnp.frexp(jnp.max(jnp.abs(v), axis=1, keepdims=True))
+  v = jnp.ldexp(v, -e)
+  sq = jnp.mean(v * v, axis=1) if norm == "rms" else jnp.sum(v * v, axis=1)
+  return jnp.ldexp(jnp.sqrt(sq), e[:, 0])
 
 
 def _check_kernels(params, g) -> None:
@@ -105,7 +110,9 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
   Returns:
     ``prune(params, unit_masks, k) -> (params, unit_masks, ImportanceReport)``; ``k`` is
     traced. If ``k`` would remove every kept unit, the most important one is kept and
-    ``kept_last`` is True. A ``k`` that is not a whole number in [0, group size] or NaN
+    ``kept_last`` is True. Every group named in ``unit_masks`` is applied first (its removed
+    units zeroed, in the params returned too), so the scores are those of the network the
+    masks describe, as in :func:`iterative_importance`. A ``k`` that is not a whole number in [0, group size] or NaN
     kernels raise ValueError on concrete values; under ``jit``/``vmap`` they change nothing
     and set ``report.invalid``.
   """
@@ -115,7 +122,10 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
 
   @jax.jit
-  def core(params, mask, k):
+  def core(params, mask, others, k):
+    # Scores of the network the unit masks describe: other groups' removed units zeroed (a
+    # removed unit of the layer before still has a row in this group's kernels).
+    params = _common.zero_other_units(params, groups, others)
     s = _scores(params, g, norm)
     n = jnp.sum(mask, dtype=jnp.int32)
     kf = jnp.asarray(k, jnp.float32)
@@ -136,7 +146,7 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
       raise ValueError(f"k must be a whole number of units between 0 and the group size "
                        f"{g.size}, got {k}.")
     _check_kernels(params, g)
-    params, keep, res = core(params, mask, k)
+    params, keep, res = core(params, mask, _common.other_unit_masks(unit_masks, g, groups), k)
     return params, _common.with_mask(unit_masks, g.name, keep), res
 
   return prune
@@ -175,6 +185,10 @@ class IterativeReport(NamedTuple):
     count: () int32.
     stopped_loss: () float32 the loss of the rejected removal that stopped the loop (NaN if
       it stopped because one unit was left).
+    invalid: () bool, True if the input was bad under ``jit``/``vmap`` (NaN or infinite
+      importance of a kept unit, a ``max_rise`` that is NaN or negative, a loss that is not
+      finite for the unpruned params): nothing was removed and the params come back as given
+      (``count`` 1). On concrete values bad input raises instead.
   """
 
   units_kept: jax.Array
@@ -183,6 +197,7 @@ class IterativeReport(NamedTuple):
   removed: jax.Array
   count: jax.Array
   stopped_loss: jax.Array
+  invalid: jax.Array
 
 
 def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree], jax.Array],
@@ -223,6 +238,7 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
 
   @jax.jit
   def core(params, mask, others, max_rise):
+    given = params
     # The losses are those of the network the unit masks describe: other groups' removed
     # units zeroed too (their activations feed this group's, or this group's feed theirs).
     params = _common.zero_other_units(params, groups, others)
@@ -237,6 +253,9 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
 
     min_imp = lambda m: jnp.min(jnp.where(m, s, jnp.inf))
     loss0 = loss(mask)
+    # Bad traced input (concrete input raises in run): change nothing.
+    valid = (jnp.all(jnp.isfinite(jnp.where(mask, s, 0.0))) & (jnp.asarray(max_rise) >= 0)
+             & jnp.isfinite(loss0))
     n0 = jnp.sum(mask, dtype=jnp.int32)
     rows = (jnp.zeros((h,), jnp.int32).at[0].set(n0),
             jnp.full((h,), jnp.nan, jnp.float32).at[0].set(loss0),
@@ -245,7 +264,7 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
 
     def cond(c):
       mask, step, _, stop, _ = c
-      return ~stop & (jnp.sum(mask) > 1)
+      return valid & ~stop & (jnp.sum(mask) > 1)
 
     def body(c):
       mask, step, rows, _, _ = c
@@ -266,8 +285,10 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
             jnp.asarray(jnp.nan, jnp.float32))
     mask, step, rows, stop, stopped = jax.lax.while_loop(cond, body, init)
     count = jnp.where(stop, step, step + 1)
-    return (_common.zero_units(params, g, mask), mask,
-            IterativeReport(rows[0], rows[1], rows[2], rows[3], count, stopped))
+    out = jax.tree.map(lambda new, old: jnp.where(valid, new, old),
+                       _common.zero_units(params, g, mask), given)
+    return (out, mask, IterativeReport(rows[0], rows[1], rows[2], rows[3], count, stopped,
+                                       ~valid))
 
   def run(params, unit_masks, max_rise=0.1):
     mask = _common.group_mask(unit_masks, g, groups, params)

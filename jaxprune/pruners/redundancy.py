@@ -372,6 +372,10 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
 
   def prune(params, unit_masks, activations, tol=1e-3, max_remove=None, *, sample_weight=None):
     mask = _common.group_mask(unit_masks, g, groups, params)
+    _common.check_floating_writes(
+        params, g, _common.consumer_write_paths(g), "redistributing a removed unit's outgoing "
+        "weights by least-squares coefficients", "prune this group with a rule that only "
+        "merges or zeroes units (distinctiveness with constants=False, importance_prune)")
     raw_weight = sample_weight
     sample_weight = _common.check_activation_input(activations, g, sample_weight, mask)
     if sample_weight is not None and _common.is_concrete(raw_weight):
