@@ -190,3 +190,10 @@ def test_integer_params_are_refused_where_a_pruner_would_fold_fractions_into_the
   jaxprune.distinctiveness(model, "hidden_0", constants=False)(p, um, acts)
   jaxprune.weight_distinctiveness(model, "hidden_0", source="outgoing", constants=False)(p, um)
   jaxprune.importance_prune(model, "hidden_0")(p, um, 1)
+  # an integer bias that is only read (act(b1) of the zero-weight unit) is not refused
+  pb = {"params": {**pf["params"], "hidden_0": {**pf["params"]["hidden_0"],
+                                                "bias": p["params"]["hidden_0"]["bias"]}}}
+  out, masks, _ = jaxprune.weight_distinctiveness(model, "hidden_0", similar=False,
+                                                  complementary=False)(pb, um)
+  assert not bool(masks["hidden_0"][1])
+  np.testing.assert_allclose(model.apply(out, x), model.apply(pb, x), atol=1e-5)

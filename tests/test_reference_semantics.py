@@ -687,6 +687,25 @@ def test_weight_pruners_see_the_network_the_masks_of_other_groups_describe():
   assert tree_equal(st[:2], until_stable(wd, masked2, um2, 15.0, 165.0)[:2])
   assert np.asarray(st[1]["hidden_0"]).astype(int).tolist() == [1, 0, 1]
 
+  # A layer that reads and feeds the same group keeps rows of the group's own removed units
+  # (found by review: unit 0's row of w1 made unit 1 the most important)
+  def selfcoupled(q, x):
+    h = x @ q["w0"]
+    h = h + jnp.tanh(h @ q["w1"])
+    return h @ q["w2"]
+
+  q = {"w0": jnp.ones((2, 3)), "w1": jnp.array([[0., 9., 0.], [0., 1., 0.], [0., 0., 1.]]),
+       "w2": jnp.ones((3, 2))}
+  t = jaxprune.trace(selfcoupled, q, jnp.ones((4, 2)))
+  (g,) = t.groups
+  um3 = {g: jnp.asarray([False, True, True])}
+  ref = jaxprune.apply_masks(q, jaxprune.expand(q, t, um3))
+  for prune, args in ((importance_prune(t, g), (1,)), (weight_distinctiveness(
+      t, g, constants=False, complementary=False), (50.0,))):
+    out, want = prune(q, um3, *args), prune(ref, um3, *args)
+    assert tree_equal(out[:2], want[:2])
+  assert np.asarray(importance_prune(t, g)(q, um3, 1)[1][g]).tolist() == [False, False, True]
+
 
 def test_importance_of_huge_and_tiny_weights_and_the_plain_formula_s_bits():
   """Squares of float32 weights of 1e19 and more overflowed: every score inf, importance_prune

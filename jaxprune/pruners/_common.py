@@ -319,8 +319,12 @@ def producer_bias(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
 
 
 def constant_output(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
-  """What each unit outputs if its incoming kernel is zero: act(bias)."""
-  return activation_fn(group.activation)(producer_bias(params, group))
+  """What each unit outputs if its incoming kernel is zero: act(bias) (an integer bias is read
+  as float32: only the next bias is written)."""
+  b = producer_bias(params, group)
+  if not jnp.issubdtype(jnp.result_type(b), jnp.inexact):
+    b = jnp.asarray(b, jnp.float32)
+  return activation_fn(group.activation)(b)
 
 
 def zero_units(params: PyTree, group: units_lib.UnitGroup, keep: jax.Array) -> PyTree:
@@ -348,4 +352,13 @@ def zero_other_units(params: PyTree, groups: Mapping[str, units_lib.UnitGroup],
   for name, m in others.items():
     params = zero_units(params, groups[name], m)
   return params
+
+
+def masked_network(params: PyTree, groups: Mapping[str, units_lib.UnitGroup],
+                   group: units_lib.UnitGroup, mask: jax.Array,
+                   others: Mapping[str, jax.Array]) -> PyTree:
+  """``params`` with every removed unit zeroed, ``group``'s own (``mask``) included: a layer
+  that reads and feeds the same group (``h + tanh(h @ w1)``) still has rows of the group's
+  removed units among its kept units' weights until they are zeroed."""
+  return zero_units(zero_other_units(params, groups, others), group, mask)
 

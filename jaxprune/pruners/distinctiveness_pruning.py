@@ -360,9 +360,9 @@ def _weight_core(g, source, similar, complementary, constants, absorb, groups):
   groups = dict(groups)
 
   def core(params, mask, sim, comp, tol, others):
-    # The vectors of the network the unit masks describe: other groups' removed units zeroed
-    # (a removed unit of the layer before still has a row in this group's incoming kernels).
-    params = _common.zero_other_units(params, groups, others)
+    # The vectors of the network the unit masks describe: every removed unit zeroed (a
+    # removed unit of the layer before still has a row in this group's incoming kernels).
+    params = _common.masked_network(params, groups, g, mask, others)
     incoming = source == "incoming"
     v = (functools.partial(_common.incoming_vectors, acting_later=True) if incoming
          else _common.outgoing_vectors)(params, g)
@@ -433,9 +433,8 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     _common.check_finite_slices(params, g, sources)   # the leaves the unit vectors come from
     if source == "incoming" and constants:   # act(bias) of zero-weight units, folded
       _common.check_floating_writes(
-          params, g, [s.path for s in g.producers if s.kind == "bias"]
-          + _common.consumer_write_paths(g), "folding act(bias) of units with zero incoming "
-          "weights into the next bias", "pass constants=False")
+          params, g, _common.consumer_write_paths(g), "folding act(bias) of units with zero "
+          "incoming weights into the next bias", "pass constants=False")
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)

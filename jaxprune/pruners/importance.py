@@ -123,9 +123,9 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
 
   @jax.jit
   def core(params, mask, others, k):
-    # Scores of the network the unit masks describe: other groups' removed units zeroed (a
-    # removed unit of the layer before still has a row in this group's kernels).
-    params = _common.zero_other_units(params, groups, others)
+    # Scores of the network the unit masks describe: every removed unit zeroed (a removed
+    # unit of the layer before still has a row in this group's kernels).
+    params = _common.masked_network(params, groups, g, mask, others)
     s = _scores(params, g, norm)
     n = jnp.sum(mask, dtype=jnp.int32)
     kf = jnp.asarray(k, jnp.float32)
@@ -239,9 +239,9 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
   @jax.jit
   def core(params, mask, others, max_rise):
     given = params
-    # The losses are those of the network the unit masks describe: other groups' removed
-    # units zeroed too (their activations feed this group's, or this group's feed theirs).
-    params = _common.zero_other_units(params, groups, others)
+    # The losses and scores are those of the network the unit masks describe: every removed
+    # unit zeroed (other groups' activations feed this group's, or this group's feed theirs).
+    params = _common.masked_network(params, groups, g, mask, others)
     s = _scores(params, g, norm)
     order = _order(s, mask)
     def loss(m):
