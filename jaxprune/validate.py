@@ -109,8 +109,8 @@ def check_labels(name: str, y, num_classes: int | None = None, sample_weight=Non
   # a tracer here.
   y = np.asarray(y)
   if not np.issubdtype(y.dtype, np.integer):
-    raise ValueError(f"{name} labels must be integer class indices, got dtype {y.dtype}; "
-                     "convert with y.astype(int).")
+    raise ValueError(f"{name} labels must be integer class indices, got "
+                     f"{float_labels_fix(y)}")
   if sample_weight is not None:
     y = y[np.asarray(sample_weight) != 0]
   if num_classes is None or y.size == 0:
@@ -118,7 +118,29 @@ def check_labels(name: str, y, num_classes: int | None = None, sample_weight=Non
   lo, hi = int(np.min(y)), int(np.max(y))
   if lo < 0 or hi >= num_classes:
     raise ValueError(f"{name} labels range over [{lo}, {hi}] but the model has {num_classes} "
-                     f"outputs (classes); labels must be in [0, {num_classes - 1}].")
+                     f"outputs (classes); {label_range_fix(num_classes)}")
+
+
+def float_labels_fix(y) -> str:
+  """The end of the message for class labels given as floats: whole numbers convert, others
+  (regression targets, scores) do not."""
+  whole = True
+  if is_concrete(y):
+    y = np.asarray(y)
+    whole = np.issubdtype(y.dtype, np.number) and bool(np.all(np.mod(y, 1) == 0))
+  return ("floating-point values; convert with y.astype(int)." if whole else
+          "floating-point values that are not all whole numbers (regression targets, or "
+          "scores?): class labels are 0..C-1; map them first, e.g. np.unique(y, "
+          "return_inverse=True)[1].")
+
+
+def label_range_fix(num_classes: int) -> str:
+  """What to do about labels outside [0, num_classes): the range, the mapping, and for a
+  one-output model the output count a softmax classifier needs."""
+  hint = ("; a softmax classifier of C classes needs C outputs (out_features=2 for binary "
+          "labels)" if num_classes == 1 else "")
+  return (f"labels must be in [0, {num_classes - 1}]{hint}. Labels of other values (1-based, "
+          "or codes like 3, 7, 9) map to 0..C-1 with np.unique(y, return_inverse=True)[1].")
 
 
 def check_key(key, name: str = "key", *, single: str | None = None,
@@ -242,6 +264,10 @@ def check_data(x, y=None, *, sample_weight=None, num_classes: int | None = None,
   if y is None:
     return
   lead = 2 if runs else 1
+  if np.ndim(y) < lead:
+    raise ValueError(f"{_targets_of(name)} targets have shape {np.shape(y)}; pass one target "
+                     f"per sample, shape {np.shape(x)[:lead]} (a single sample's label as "
+                     "y[:1], not y[0]).")
   if np.shape(y)[:lead] != np.shape(x)[:lead]:
     n_x, n_y = (np.shape(x)[:lead], np.shape(y)[:lead]) if runs else (len(x), len(y))
     raise ValueError(f"{name} has {n_x} samples but its targets have {n_y}.")

@@ -1,5 +1,6 @@
 """Tests of jaxprune.data: the Dataset container, scaling, bundled data, `load`."""
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -35,6 +36,26 @@ def test_dataset_casts_and_validates():
     data.Dataset(np.zeros((2, 2)), np.array([0.5, 1.0]), ("a", "b"))
   with pytest.raises(ValueError, match="groups"):
     data.Dataset(np.zeros((2, 2)), np.array([0, 1]), ("a", "b"), groups=[1])
+  # found by a user on scikit-learn data: names and codes as labels get the mapping that works
+  names = np.array(["setosa", "versicolor", "setosa"])
+  with pytest.raises(ValueError, match=r"dtype <U10.*np.unique\(y, return_inverse=True\)"):
+    data.Dataset(np.zeros((3, 2)), names, ("setosa", "versicolor"))
+  with pytest.raises(ValueError, match=r"got 3..9; .*np.unique\(y, return_inverse=True\)\[1\]"):
+    data.Dataset(np.zeros((3, 2)), np.array([3, 7, 9]), ("a", "b", "c"))
+  kept, y = np.unique(names, return_inverse=True)
+  assert data.Dataset(np.zeros((3, 2)), y, tuple(kept)).y.tolist() == [0, 1, 0]
+
+
+def test_standardize_split_names_nan_in_either_split():
+  ds = _toy()
+  train, test = data.split(ds, np.arange(10), np.arange(10, 14))
+  for part, which in (("training", train), ("test", test)):
+    x = np.array(which.x)
+    x[1, 0] = np.nan
+    bad = dataclasses.replace(which, x=x)
+    pair = (bad, test) if part == "training" else (train, bad)
+    with pytest.raises(ValueError, match=f"The {part} split's x holds 1 NaN.*impute"):
+      data.standardize_split(*pair)
 
 
 def test_per_row_info_follows_the_rows_of_subsets_and_splits():

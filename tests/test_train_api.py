@@ -408,3 +408,25 @@ def test_bad_optimizer_log_every_labels_and_rewind_sizes_are_named():
   with pytest.raises(ValueError, match=r"init_params\['params'\]\['hidden_0'\]\['bias'\] "
                      r"has shape \(9,\), the trained params' \(7,\)"):
     jaxprune.rewind(p, big, jaxprune.ones_like(p))
+
+
+def test_label_mistakes_of_a_first_time_user_get_the_fix():
+  """Found on scikit-learn data: one row's label passed as y[0] failed inside the check with
+  'len() of unsized object'; fractional labels were told to .astype(int) (which truncates
+  them); codes like 3, 7, 9 and a one-output model for binary labels got no way out."""
+  model = jaxprune.MLP(in_features=5, hidden=(7,), out_features=3)
+  p = model.init(jax.random.key(1))
+  x, y = np.zeros((8, 5), np.float32), np.arange(8) % 3
+  with pytest.raises(ValueError, match=r"shape \(\); pass one target per sample, shape \(1,\)"
+                     r".*y\[:1\], not y\[0\]"):
+    jaxprune.evaluate(model, p, x[:1], y[0])
+  with pytest.raises(ValueError, match="not all whole numbers"):
+    jaxprune.evaluate(model, p, x, y + 0.5)
+  with pytest.raises(ValueError, match=r"floating-point values; convert with y.astype\(int\)"):
+    jaxprune.evaluate(model, p, x, y.astype(np.float64))
+  with pytest.raises(ValueError, match=r"range over \[3, 9\].*np.unique\(y, return_inverse"):
+    jaxprune.evaluate(model, p, x, np.array([3, 7, 9, 3, 7, 9, 3, 7]))
+  one = jaxprune.MLP(in_features=5, hidden=(7,), out_features=1)
+  with pytest.raises(ValueError, match=r"out_features=2 for binary labels"):
+    jaxprune.fit(one, one.init(jax.random.key(0)), x, y % 2, key=jax.random.key(0), epochs=1,
+                 progress=False)

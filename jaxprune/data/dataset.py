@@ -74,6 +74,10 @@ class Dataset:
     y = np.asarray(self.y)
     if y.ndim != 1:
       raise ValueError(f"y must be 1-D, got shape {y.shape}")
+    if y.size and not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+      raise ValueError(f"y has dtype {y.dtype}: class labels must be integer indices 0..C-1; map "
+                       "names to indices first, e.g. names, y = np.unique(y, "
+                       "return_inverse=True), and pass class_names=tuple(names).")
     if y.size and not np.issubdtype(y.dtype, np.integer):
       if not np.all(np.equal(np.mod(y, 1), 0)):
         raise ValueError("y must hold integer class indices")
@@ -84,7 +88,8 @@ class Dataset:
     if y.size and (y.min() < 0 or y.max() >= len(class_names)):
       raise ValueError(
           f"labels must be in 0..{len(class_names) - 1}, got"
-          f" {int(y.min())}..{int(y.max())}"
+          f" {int(y.min())}..{int(y.max())}; labels of other values (1-based, or codes like"
+          " 3, 7, 9) map to 0..C-1 with np.unique(y, return_inverse=True)[1]"
       )
     groups = None if self.groups is None else np.asarray(self.groups)
     if groups is not None and groups.shape != y.shape:
