@@ -658,8 +658,9 @@ def test_weight_pruners_see_the_network_the_masks_of_other_groups_describe():
   """A removed unit of the layer before keeps its row in this group's kernel until something
   zeroes it. weight_distinctiveness and importance_prune ignored it being removed, unlike
   iterative_importance: hidden_1's units 0 and 1 are duplicates only without that row, and
-  their importance order flips with it. Every pruner from weights now gives what it gives on the
-  masked params (apply_masks(params, expand(params, model, unit_masks))), and returns those params."""
+  their importance order flips with it. Every pruner from weights now gives what it gives on
+  the masked params (apply_masks(params, expand(params, model, unit_masks))), and returns
+  those params."""
   model = jaxprune.MLP(in_features=4, hidden=(3, 3), out_features=2)
   p = jax.tree.map(np.array, model.init(jax.random.key(0)))
   um = {"hidden_0": jnp.asarray([True, True, False]), "hidden_1": jnp.ones(3, bool)}

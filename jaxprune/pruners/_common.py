@@ -361,4 +361,3 @@ def masked_network(params: PyTree, groups: Mapping[str, units_lib.UnitGroup],
   that reads and feeds the same group (``h + tanh(h @ w1)``) still has rows of the group's
   removed units among its kept units' weights until they are zeroed."""
   return zero_units(zero_other_units(params, groups, others), group, mask)
-

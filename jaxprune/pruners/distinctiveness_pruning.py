@@ -231,6 +231,16 @@ def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: boo
         "complementary pairs still work).")
 
 
+def _check_fold_dtypes(params, g, **rules):
+  """The rules among ``rules`` (name -> on) that fold removed units into the next bias write
+  fractional values there: refused on integer consumer leaves, naming the rules to turn off."""
+  on = [n for n, v in rules.items() if v]
+  if on:
+    _common.check_floating_writes(params, g, _common.consumer_write_paths(g),
+                                  "folding removed units into the next bias",
+                                  "pass " + ", ".join(f"{n}=False" for n in on))
+
+
 def _check_output_from_bias(g):
   """A unit with zero incoming weights outputs act(bias) only when nothing else acts between
   its kernel and its nonlinearity, and that nonlinearity is a known one."""
@@ -315,11 +325,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
-    if constants or compensate or fold:
-      _common.check_floating_writes(
-          params, g, _common.consumer_write_paths(g), "folding removed units into the next "
-          "bias", "pass " + ", ".join(f"{n}=False" for n, on in (
-              ("constants", constants), ("compensate", compensate), ("fold", fold)) if on))
+    _check_fold_dtypes(params, g, constants=constants, compensate=compensate, fold=fold)
     if not isinstance(activations, (np.ndarray, jax.Array)):
       activations = jnp.asarray(activations)   # an array already goes to jit as it is: jnp's
       # conversion of a NumPy array is one more compiled program per shape, the same values

@@ -112,9 +112,9 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
     traced. If ``k`` would remove every kept unit, the most important one is kept and
     ``kept_last`` is True. Every group named in ``unit_masks`` is applied first (its removed
     units zeroed, in the params returned too), so the scores are those of the network the
-    masks describe, as in :func:`iterative_importance`. A ``k`` that is not a whole number in [0, group size] or NaN
-    kernels raise ValueError on concrete values; under ``jit``/``vmap`` they change nothing
-    and set ``report.invalid``.
+    masks describe, as in :func:`iterative_importance`. A ``k`` that is not a whole number in
+    [0, group size] or NaN kernels raise ValueError on concrete values; under ``jit``/``vmap``
+    they change nothing and set ``report.invalid``.
   """
   g = _common.get_group(model_or_groups, group)
   groups = _common.resolve_groups(model_or_groups)
