@@ -157,6 +157,13 @@ def test_bad_input_errors(built):
     jaxprune.MLP(activation="swish")
   with pytest.raises(ValueError, match="too small"):
     jaxprune.LeNet(input_shape=(8, 8, 1))
+  # 8x8 digits: it said to build the model with input shape (8, 8, 1), which the line above
+  # refuses; a size that can be built is still offered
+  with pytest.raises(ValueError, match=r"got \(2, 8, 8, 1\). Resize the inputs; no model of "
+                     r"input shape \(8, 8, 1\) can be built: .*at least 16x16"):
+    m.apply(p, jnp.zeros((2, 8, 8, 1)))
+  with pytest.raises(ValueError, match=r"or build the model with input shape \(24, 24, 1\)"):
+    m.apply(p, jnp.zeros((2, 24, 24, 1)))
   with pytest.raises(ValueError, match="removes every unit"):
     mlp.compact(mp, {"hidden_0": jnp.zeros(12, bool)})
 

@@ -148,6 +148,18 @@ class Model(abc.ABC):
   def group_sizes(self) -> dict[str, int]:
     return {k: g.size for k, g in self.groups.items()}
 
+  def _rebuild_hint(self, shape) -> str:
+    """What to do about inputs of another ``shape``: build the model for it, where such a model
+    can be built (an 8x8 image is too small for a LeNet: say so, not to build one)."""
+    hint = f"Reshape or resize the inputs, or build the model with input shape {shape}."
+    if dataclasses.is_dataclass(self) and "input_shape" in {
+        f.name for f in dataclasses.fields(self)}:
+      try:
+        dataclasses.replace(self, input_shape=shape)
+      except (ValueError, TypeError) as e:
+        hint = f"Resize the inputs; no model of input shape {shape} can be built: {e}"
+    return hint
+
   def check_input(self, x) -> None:
     """Raises ValueError if ``x`` is not a batch of this model's inputs."""
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):   # a list: "Cannot determine dtype"
@@ -175,8 +187,7 @@ class Model(abc.ABC):
             "x.transpose(0, 2, 3, 1).")
       raise ValueError(
           f"{type(self).__name__} takes a batch of shape (N, {', '.join(map(str, want))}); got "
-          f"{shape}{what}. Reshape or resize the inputs, or build the model with "
-          f"input shape {shape[1:]}.")
+          f"{shape}{what}. {self._rebuild_hint(shape[1:])}")
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
       raise ValueError(f"Inputs must be floating point, got dtype {jnp.result_type(x)}: pass "
                        "x.astype(jnp.float32) (scaled as the model was trained, e.g. images "
