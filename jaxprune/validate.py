@@ -122,14 +122,23 @@ def check_labels(name: str, y, num_classes: int | None = None, sample_weight=Non
 
 
 def float_labels_fix(y) -> str:
-  """The end of the message for class labels given as floats: whole numbers convert, others
-  (regression targets, scores) do not."""
-  whole = True
-  if is_concrete(y):
-    y = np.asarray(y)
-    whole = np.issubdtype(y.dtype, np.number) and bool(np.all(np.mod(y, 1) == 0))
-  return ("floating-point values; convert with y.astype(int)." if whole else
-          "floating-point values that are not all whole numbers (regression targets, or "
+  """The end of the message for class labels that are not integers: whole numbers (floats of
+  any width, bools) convert; NaN must be cleaned first (np.unique would make it a class);
+  fractional values (regression targets, scores) map or are the wrong targets."""
+  if not is_concrete(y):
+    return "non-integer values; convert with y.astype(int)."
+  y = np.asarray(y)
+  try:
+    v = y.astype(np.float64)
+  except (TypeError, ValueError):
+    return (f"dtype {y.dtype}; map names to indices first, e.g. np.unique(y, "
+            "return_inverse=True)[1].")
+  if not np.all(np.isfinite(v)):
+    return (f"{int(np.sum(~np.isfinite(v)))} NaN or infinite labels; clean or impute them first "
+            "(e.g. drop those rows).")
+  if np.all(np.mod(v, 1) == 0):
+    return f"dtype {y.dtype}; convert with y.astype(int)."
+  return (f"dtype {y.dtype} values that are not all whole numbers (regression targets, or "
           "scores?): class labels are 0..C-1; map them first, e.g. np.unique(y, "
           "return_inverse=True)[1].")
 

@@ -42,6 +42,9 @@ def test_dataset_casts_and_validates():
     data.Dataset(np.zeros((3, 2)), names, ("setosa", "versicolor"))
   with pytest.raises(ValueError, match=r"got 3..9; .*np.unique\(y, return_inverse=True\)\[1\]"):
     data.Dataset(np.zeros((3, 2)), np.array([3, 7, 9]), ("a", "b", "c"))
+  # whole numbers in an object array (a pandas nullable column's .to_numpy()) are still labels
+  assert data.Dataset(np.zeros((3, 2)), np.array([0, 1, 1], object), ("a", "b")).y.tolist() \
+      == [0, 1, 1]
   kept, y = np.unique(names, return_inverse=True)
   assert data.Dataset(np.zeros((3, 2)), y, tuple(kept)).y.tolist() == [0, 1, 0]
 

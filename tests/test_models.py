@@ -159,11 +159,18 @@ def test_bad_input_errors(built):
     jaxprune.LeNet(input_shape=(8, 8, 1))
   # 8x8 digits: it said to build the model with input shape (8, 8, 1), which the line above
   # refuses; a size that can be built is still offered
-  with pytest.raises(ValueError, match=r"got \(2, 8, 8, 1\). Resize the inputs; no model of "
-                     r"input shape \(8, 8, 1\) can be built: .*at least 16x16"):
+  with pytest.raises(ValueError, match=r"got \(2, 8, 8, 1\). Reshape or resize the inputs; no "
+                     r"model with input_shape=\(8, 8, 1\) can be built: .*at least 16x16"):
     m.apply(p, jnp.zeros((2, 8, 8, 1)))
-  with pytest.raises(ValueError, match=r"or build the model with input shape \(24, 24, 1\)"):
+  with pytest.raises(ValueError, match=r"or build the model with input_shape=\(24, 24, 1\)"):
     m.apply(p, jnp.zeros((2, 24, 24, 1)))
+  # the review: an MLP was told to build with input shape (9,), which its constructor does not
+  # take; channels are converted, not resized
+  with pytest.raises(ValueError, match=r"or build the model with in_features=9\."):
+    mlp.apply(mp, jnp.zeros((2, 9)))
+  with pytest.raises(ValueError, match=r"Convert the inputs to 1 channels \(x.mean\(-1, "
+                     r"keepdims=True\) makes grey\), or build the model with input_shape="):
+    m.apply(p, jnp.zeros((2, 20, 16, 3)))
   with pytest.raises(ValueError, match="removes every unit"):
     mlp.compact(mp, {"hidden_0": jnp.zeros(12, bool)})
 

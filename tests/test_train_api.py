@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import jaxprune
-from jaxprune import train
+from jaxprune import ga, train
 
 MODEL = jaxprune.MLP(in_features=3, hidden=(5,), out_features=3)
 AE = jaxprune.Autoencoder(in_features=3, hidden=(2,))
@@ -422,8 +422,12 @@ def test_label_mistakes_of_a_first_time_user_get_the_fix():
     jaxprune.evaluate(model, p, x[:1], y[0])
   with pytest.raises(ValueError, match="not all whole numbers"):
     jaxprune.evaluate(model, p, x, y + 0.5)
-  with pytest.raises(ValueError, match=r"floating-point values; convert with y.astype\(int\)"):
-    jaxprune.evaluate(model, p, x, y.astype(np.float64))
+  for dtype in (np.float64, bool, jnp.bfloat16):      # whole values of any dtype convert
+    with pytest.raises(ValueError, match=r"; convert with y.astype\(int\)"):
+      jaxprune.evaluate(model, p, x, (y % 2).astype(dtype))
+  with pytest.raises(ValueError, match="2 NaN or infinite labels; clean"):   # not np.unique:
+    ga.search(model, p, x, np.where(y == 2, np.nan, y), "hidden_0",  # NaN would become a class
+              key=jax.random.key(0), progress=False)
   with pytest.raises(ValueError, match=r"range over \[3, 9\].*np.unique\(y, return_inverse"):
     jaxprune.evaluate(model, p, x, np.array([3, 7, 9, 3, 7, 9, 3, 7]))
   one = jaxprune.MLP(in_features=5, hidden=(7,), out_features=1)

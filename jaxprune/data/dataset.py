@@ -74,12 +74,14 @@ class Dataset:
     y = np.asarray(self.y)
     if y.ndim != 1:
       raise ValueError(f"y must be 1-D, got shape {y.shape}")
-    if y.size and not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
-      raise ValueError(f"y has dtype {y.dtype}: class labels must be integer indices 0..C-1; map "
-                       "names to indices first, e.g. names, y = np.unique(y, "
-                       "return_inverse=True), and pass class_names=tuple(names).")
     if y.size and not np.issubdtype(y.dtype, np.integer):
-      if not np.all(np.equal(np.mod(y, 1), 0)):
+      try:
+        v = y.astype(np.float64)
+      except (TypeError, ValueError):
+        raise ValueError(f"y has dtype {y.dtype}: class labels must be integer indices 0..C-1; "
+                         "map names to indices first, e.g. names, y = np.unique(y, "
+                         "return_inverse=True), and pass class_names=tuple(names).") from None
+      if not np.all(np.equal(np.mod(v, 1), 0)):
         raise ValueError("y must hold integer class indices")
     y = y.astype(np.int32)
     class_names = tuple(str(c) for c in self.class_names)

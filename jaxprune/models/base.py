@@ -148,17 +148,24 @@ class Model(abc.ABC):
   def group_sizes(self) -> dict[str, int]:
     return {k: g.size for k, g in self.groups.items()}
 
-  def _rebuild_hint(self, shape) -> str:
-    """What to do about inputs of another ``shape``: build the model for it, where such a model
-    can be built (an 8x8 image is too small for a LeNet: say so, not to build one)."""
-    hint = f"Reshape or resize the inputs, or build the model with input shape {shape}."
-    if dataclasses.is_dataclass(self) and "input_shape" in {
-        f.name for f in dataclasses.fields(self)}:
-      try:
-        dataclasses.replace(self, input_shape=shape)
-      except (ValueError, TypeError) as e:
-        hint = f"Resize the inputs; no model of input shape {shape} can be built: {e}"
-    return hint
+  def _rebuild_hint(self, shape, convert: str = "Reshape or resize the inputs") -> str:
+    """What to do about inputs of another ``shape``: ``convert`` them, or build the model for
+    it where such a model can be built (an 8x8 image is too small for a LeNet: say so, not to
+    build one). The model's field is named as its constructor takes it."""
+    fields = ({f.name: f for f in dataclasses.fields(self) if f.init}
+              if dataclasses.is_dataclass(self) else {})
+    if "input_shape" in fields:
+      change = {"input_shape": tuple(shape)}
+    elif "in_features" in fields and len(shape) == 1:
+      change = {"in_features": shape[0]}
+    else:
+      return f"{convert}, or build the model with input shape {shape}."
+    args = ", ".join(f"{k}={v}" for k, v in change.items())
+    try:
+      dataclasses.replace(self, **change)
+    except Exception as e:  # pylint: disable=broad-except  (any reason the constructor gives)
+      return f"{convert}; no model with {args} can be built: {e}"
+    return f"{convert}, or build the model with {args}."
 
   def check_input(self, x) -> None:
     """Raises ValueError if ``x`` is not a batch of this model's inputs."""
@@ -185,9 +192,15 @@ class Model(abc.ABC):
             f"{type(self).__name__} takes a batch of shape (N, {', '.join(map(str, want))}), "
             f"channels last; got {shape}, channels first (NCHW). Transpose it: "
             "x.transpose(0, 2, 3, 1).")
+      convert = "Reshape or resize the inputs"
+      if what:
+        tip = {(4, 3): "x[..., :3] drops an alpha channel", (1, 3): "np.repeat(x, 3, axis=-1) "
+               "repeats grey", (3, 1): "x.mean(-1, keepdims=True) makes grey"}.get(
+                   (shape[-1], want[-1]))
+        convert = f"Convert the inputs to {want[-1]} channels" + (f" ({tip})" if tip else "")
       raise ValueError(
           f"{type(self).__name__} takes a batch of shape (N, {', '.join(map(str, want))}); got "
-          f"{shape}{what}. {self._rebuild_hint(shape[1:])}")
+          f"{shape}{what}. {self._rebuild_hint(shape[1:], convert)}")
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
       raise ValueError(f"Inputs must be floating point, got dtype {jnp.result_type(x)}: pass "
                        "x.astype(jnp.float32) (scaled as the model was trained, e.g. images "
