@@ -254,8 +254,9 @@ _READ_TWICE = ("a product of the units with themselves (each unit read at two pl
                "constant unit's rows still read the other units")
 
 _CLOSED_OVER = ("tied to an array fn closes over (not in params); pass per-unit variables such "
-                "as batch statistics in params (linen: the whole variables; nnx: "
-                "nnx.split(model, (nnx.Param, nnx.BatchStat), ...))")
+                "as batch statistics in params (linen: the whole variables; nnx: graphdef, "
+                "params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...) and "
+                "v = {'params': params, 'batch_stats': stats}, see docs/any-model.md)")
 
 
 _POSITIONS = ("a convolution's or pooling's output positions (their number follows the "

@@ -34,6 +34,8 @@ def test_dataset_casts_and_validates():
     data.Dataset(np.zeros((2, 2)), np.array([0, 2]), ("a", "b"))
   with pytest.raises(ValueError, match="integer"):
     data.Dataset(np.zeros((2, 2)), np.array([0.5, 1.0]), ("a", "b"))
+  with pytest.raises(ValueError, match="1 NaN or infinite labels; clean or impute"):
+    data.Dataset(np.zeros((2, 2)), np.array([0.0, np.nan]), ("a", "b"))
   with pytest.raises(ValueError, match="groups"):
     data.Dataset(np.zeros((2, 2)), np.array([0, 1]), ("a", "b"), groups=[1])
   # found by a user on scikit-learn data: names and codes as labels get the mapping that works

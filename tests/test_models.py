@@ -168,7 +168,7 @@ def test_bad_input_errors(built):
   # take; channels are converted, not resized
   with pytest.raises(ValueError, match=r"or build the model with in_features=9\."):
     mlp.apply(mp, jnp.zeros((2, 9)))
-  with pytest.raises(ValueError, match=r"Convert the inputs to 1 channels \(x.mean\(-1, "
+  with pytest.raises(ValueError, match=r"Convert the inputs to 1 channel \(x.mean\(-1, "
                      r"keepdims=True\) makes grey\), or build the model with input_shape="):
     m.apply(p, jnp.zeros((2, 20, 16, 3)))
   with pytest.raises(ValueError, match="removes every unit"):

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxprune import validate
+
 __all__ = ["PER_ROW_INFO", "SFEW_CLASS_NAMES", "Dataset", "split"]
 
 #: The seven SFEW expression classes, in label order (SFEW label 1 is index 0).
@@ -81,8 +83,8 @@ class Dataset:
         raise ValueError(f"y has dtype {y.dtype}: class labels must be integer indices 0..C-1; "
                          "map names to indices first, e.g. names, y = np.unique(y, "
                          "return_inverse=True), and pass class_names=tuple(names).") from None
-      if not np.all(np.equal(np.mod(v, 1), 0)):
-        raise ValueError("y must hold integer class indices")
+      if not np.all(np.equal(np.mod(v, 1), 0)):   # NaN or fractional: the fix for each
+        raise ValueError(f"y must hold integer class indices, got {validate.float_labels_fix(y)}")
     y = y.astype(np.int32)
     class_names = tuple(str(c) for c in self.class_names)
     if len(x) != len(y):

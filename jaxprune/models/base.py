@@ -197,7 +197,8 @@ class Model(abc.ABC):
         tip = {(4, 3): "x[..., :3] drops an alpha channel", (1, 3): "np.repeat(x, 3, axis=-1) "
                "repeats grey", (3, 1): "x.mean(-1, keepdims=True) makes grey"}.get(
                    (shape[-1], want[-1]))
-        convert = f"Convert the inputs to {want[-1]} channels" + (f" ({tip})" if tip else "")
+        convert = (f"Convert the inputs to {want[-1]} channel{'s' * (want[-1] != 1)}"
+                   + (f" ({tip})" if tip else ""))
       raise ValueError(
           f"{type(self).__name__} takes a batch of shape (N, {', '.join(map(str, want))}); got "
           f"{shape}{what}. {self._rebuild_hint(shape[1:], convert)}")

@@ -339,8 +339,9 @@ def zero_units(params: PyTree, group: units_lib.UnitGroup, keep: jax.Array) -> P
 
 def other_unit_masks(unit_masks: Mapping[str, Any], group: units_lib.UnitGroup,
                      groups: Mapping[str, units_lib.UnitGroup]) -> dict:
-  """The unit masks of the groups named in ``unit_masks`` other than ``group`` (bool (units,))."""
-  return {name: units_lib.unit_mask(m, groups[name]) for name, m in unit_masks.items()
+  """The unit masks of the groups named in ``unit_masks`` other than ``group`` (bool (units,);
+  host masks stay NumPy, so nothing is compiled or run outside the pruner's program)."""
+  return {name: units_lib.unit_mask(m, groups[name], np) for name, m in unit_masks.items()
           if name != group.name}
 
 

@@ -437,10 +437,8 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     other arguments, ``jitted(params, mask, *rest)``."""
     mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_finite_slices(params, g, sources)   # the leaves the unit vectors come from
-    if source == "incoming" and constants:   # act(bias) of zero-weight units, folded
-      _common.check_floating_writes(
-          params, g, _common.consumer_write_paths(g), "folding act(bias) of units with zero "
-          "incoming weights into the next bias", "pass constants=False")
+    # act(bias) of zero-weight units is folded (computed in the consumer kernel's dtype)
+    _check_fold_dtypes(params, g, constants=source == "incoming" and constants)
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
