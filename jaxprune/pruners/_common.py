@@ -327,10 +327,12 @@ def constant_output(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
   return activation_fn(group.activation)(b)
 
 
-def zero_units(params: PyTree, group: units_lib.UnitGroup, keep: jax.Array) -> PyTree:
-  """Zeroes every slice (producer and consumer) of the units with ``keep`` False."""
+def zero_units(params: PyTree, group: units_lib.UnitGroup, keep: jax.Array,
+               slices=None) -> PyTree:
+  """Zeroes every slice (producer and consumer; or those in ``slices``) of the units with
+  ``keep`` False."""
   out = params
-  for s in group.slices:
+  for s in (group.slices if slices is None else slices):
     leaf = units_lib.get_path(out, s.path)
     m = units_lib._mask_like(keep, jnp.shape(leaf), s)
     out = units_lib.set_path(out, s.path, jnp.where(m, leaf, jnp.zeros((), leaf.dtype)))
@@ -341,8 +343,13 @@ def other_unit_masks(unit_masks: Mapping[str, Any], group: units_lib.UnitGroup,
                      groups: Mapping[str, units_lib.UnitGroup]) -> dict:
   """The unit masks of the groups named in ``unit_masks`` other than ``group`` (bool (units,);
   host masks stay NumPy, so nothing is compiled or run outside the pruner's program)."""
-  return {name: units_lib.unit_mask(m, groups[name], np) for name, m in unit_masks.items()
-          if name != group.name}
+  out = {}
+  for name, m in unit_masks.items():
+    if name != group.name:
+      m = units_lib.unit_mask(m, groups[name], np)
+      if not (isinstance(m, np.ndarray) and m.all()):   # a concrete mask that keeps every
+        out[name] = m                                    # unit zeroes nothing: left out
+  return out
 
 
 def zero_other_units(params: PyTree, groups: Mapping[str, units_lib.UnitGroup],
@@ -358,7 +365,15 @@ def zero_other_units(params: PyTree, groups: Mapping[str, units_lib.UnitGroup],
 def masked_network(params: PyTree, groups: Mapping[str, units_lib.UnitGroup],
                    group: units_lib.UnitGroup, mask: jax.Array,
                    others: Mapping[str, jax.Array]) -> PyTree:
-  """``params`` with every removed unit zeroed, ``group``'s own (``mask``) included: a layer
-  that reads and feeds the same group (``h + tanh(h @ w1)``) still has rows of the group's
-  removed units among its kept units' weights until they are zeroed."""
-  return zero_units(zero_other_units(params, groups, others), group, mask)
+  """The params as the network the masks describe, for a pruner of ``group`` to read: every
+  other group's removed units zeroed (``others``), and ``group``'s own (``mask``) where a leaf
+  both produces and reads it (``h + tanh(h @ w1)``: rows of its removed units among its kept
+  units' weights); elsewhere the pruner ignores its removed units' vectors, so nothing more
+  is compiled for the common case."""
+  params = zero_other_units(params, groups, others)
+  # Only a leaf that both produces and reads the group holds rows of its own removed units
+  # among its kept units' weights (elsewhere the pruner ignores removed units' vectors).
+  own = {s.path for s in group.producers} & {s.path for s in group.consumers}
+  if not own:
+    return params
+  return zero_units(params, group, mask, [s for s in group.slices if s.path in own])
