@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxprune import validate
 from jaxprune.data.dataset import Dataset
 
 __all__ = ["Standardizer", "fit_standardizer", "standardize", "standardize_split"]
@@ -101,11 +102,8 @@ def fit_standardizer(
   x = np.asarray(x, dtype=np.float64)
   if x.ndim != 2 or len(x) == 0:
     raise ValueError(f"x must be a non-empty (N, D) array, got shape {x.shape}")
-  if not np.all(np.isfinite(x)):
-    bad = ~np.isfinite(x)
-    raise ValueError(f"x holds {int(bad.sum())} NaN or infinite values (in "
-                     f"{int(bad.any(1).sum())} rows); clean or impute them first (e.g. drop "
-                     "those rows) before fitting the scaling.")
+  validate.check_finite("x", x, "clean or impute them first (e.g. drop those rows) before "
+                        "fitting the scaling.")
   d = x.shape[1]
   if blocks is None:
     mean, std = x.mean(axis=0), x.std(axis=0)
@@ -169,11 +167,7 @@ def standardize_split(
     True
   """
   for part, ds in (("training", train), ("test", test)):
-    bad = ~np.isfinite(np.asarray(ds.x, np.float64))
-    if bad.any():
-      raise ValueError(f"The {part} split's x holds {int(bad.sum())} NaN or infinite values (in "
-                       f"{int(bad.any(axis=tuple(range(1, bad.ndim))).sum())} rows); clean or "
-                       "impute them first (e.g. drop those rows).")
+    validate.check_finite(f"The {part} split's x", ds.x)
   scaler = fit_standardizer(train.x, blocks=blocks)
   kind = "per-feature z-score" if blocks is None else f"per-block z-score {tuple(blocks)}"
   note = f"{kind}, fitted on the training split ({len(train)} rows)"
