@@ -109,6 +109,16 @@ def as_model(target, loss: Callable | None = None):
   return _Adapted(target, task)
 
 
+def _targets_as(model, loss: Callable | None):
+  """``model`` as the target checks see it. A loss of the user's own (``loss=``, or a trainer's
+  that is not the model's default) reads whatever targets it was written for, so they are not
+  checked as class labels (or as reconstructions): the built-in models' ``task`` no longer
+  refuses the regression targets that such a loss trains on."""
+  if loss is None or model.task == "custom" or loss is default_loss(model):
+    return model
+  return _Adapted(model, "custom")
+
+
 def _trainable(params: PyTree) -> PyTree:
   """The trained part of the variables: ``params['params']`` for Flax variables, else all."""
   return params["params"] if isinstance(params, dict) and "params" in params else params
@@ -402,10 +412,11 @@ def _check_validation_form(fn: str, validation, form: str) -> None:
     raise ValueError(f"{fn}: validation must be {form}; got {got}.")
 
 
-def _check_validation_runs(model: Model, params, validation) -> tuple:
+def _check_validation_runs(model: Model, params, validation, checked=None) -> tuple:
   """``fit_many``'s ``validation = (x_val, y_val[, w_val])``, each with the run axis R, checked
-  per run as :func:`fit` checks its validation data (w_val: all ones when left out); returns
-  the host arrays checked, one per item given."""
+  per run as :func:`fit` checks its validation data (w_val: all ones when left out; the
+  targets as ``checked`` sees them, see :func:`_targets_as`); returns the host arrays checked,
+  one per item given."""
   _check_validation_form("fit_many", validation, "a tuple (x_val, y_val, w_val), each with a "
                          "leading run axis R (w_val: (R, N_val) sample weights, 0 for padding)")
   vx, vy = _host(validation[0]), _host(validation[1])
@@ -413,7 +424,7 @@ def _check_validation_runs(model: Model, params, validation) -> tuple:
         np.ones(vx.shape[:2], np.float32))
   names = dict(x_name="validation x", y_name="validation y")
   _check_runs("fit_many", model, params, vx, vy, vw, "validation w", None, **names)
-  _check_runs_data(model, params, vx, vy, vw, "validation w", **names)
+  _check_runs_data(checked or model, params, vx, vy, vw, "validation w", **names)
   return (vx, vy, vw)[:len(validation)]
 
 
@@ -857,7 +868,8 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
   xh, yh = _host(x), _host(y)
   model.check_input(xh)
   _check_not_stacked("fit", model, params, xh)
-  _check_data(model, xh, yh, params=params)
+  checked = _targets_as(model, loss if trainer is None else trainer.loss)
+  _check_data(checked, xh, yh, params=params)
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)  # applied in the start program
   _check_start_params(params, masks)
@@ -875,7 +887,7 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
       model.check_input(vx)
       vw = _host(validation[2], np.float32)
       validate.check_sample_weight(vw, vx.shape[0], "validation w")
-    _check_data(model, vx, vy, "validation x", params=params, y_name="validation y",
+    _check_data(checked, vx, vy, "validation x", params=params, y_name="validation y",
                 sample_weight=vw)
     val = (_device(validation[0], vx), _device(validation[1], vy),
            _device(np.ones((vx.shape[0],), np.float32) if vw is None else vw))
@@ -927,8 +939,10 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   if not key_shape or key_shape[0] != runs:
     raise ValueError(f"fit_many needs one key per run: key of shape ({runs},), e.g. "
                      f"jax.random.split(key, {runs}); got shape {key_shape}.")
-  _check_runs_data(model, params, xh, yh, wh, "w")
-  val_host = None if validation is None else _check_validation_runs(model, params, validation)
+  checked = _targets_as(model, None if trainer is None else trainer.loss)
+  _check_runs_data(checked, params, xh, yh, wh, "w")
+  val_host = (None if validation is None else
+              _check_validation_runs(model, params, validation, checked))
   trainer = trainer or make_trainer(model, batch_size=32 if batch_size is None else batch_size)
   x, y, w = _device(x, xh), _device(y, yh), _device(w, wh)
   lr = _learning_rate_to_set(trainer, learning_rate)
@@ -968,7 +982,8 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
        validate.check_sample_weight(sample_weight, xh.shape[0]))
   model.check_input(xh)
   _check_not_stacked("evaluate", model, params, xh)
-  _check_data(model, xh, yh, params=params, sample_weight=None if w is None else np.asarray(w))
+  _check_data(_targets_as(model, loss), xh, yh, params=params,
+              sample_weight=None if w is None else np.asarray(w))
   if masks is not None:
     masks_lib.check_weight_masks(params, masks)
   _check_start_params(params, masks)
@@ -1013,7 +1028,7 @@ def evaluate_many(model: Model, params: PyTree, x, y, sample_weight=None, *,
         else _host(sample_weight, np.float32))
   _check_runs("evaluate_many", model, params, xh, yh, wh, "sample_weight", masks)
   _check_start_params(params, masks)
-  _check_runs_data(model, params, xh, yh, wh, "sample_weight")
+  _check_runs_data(_targets_as(model, loss), params, xh, yh, wh, "sample_weight")
   trainer = make_trainer(model, loss=loss)
   m = _compiled_eval_weighted(trainer, batch_size, True)(params, masks, _device(x, xh),
                                                          _device(y, yh), _device(wh))

@@ -434,3 +434,62 @@ def test_label_mistakes_of_a_first_time_user_get_the_fix():
   with pytest.raises(ValueError, match=r"out_features=2 for binary labels"):
     jaxprune.fit(one, one.init(jax.random.key(0)), x, y % 2, key=jax.random.key(0), epochs=1,
                  progress=False)
+
+
+def _mse(outputs, targets):
+  return jnp.mean(jnp.square(outputs - targets), axis=-1)
+
+
+def test_a_loss_of_your_own_trains_a_built_in_model_on_targets_that_are_not_labels():
+  """fit's docs say a loss of your own takes targets that are not class labels; a built-in
+  classifier's label check refused them anyway (its task), loss= or a trainer's loss beside it.
+  Now fit, fit_many, evaluate and evaluate_many check them only with the model's default loss,
+  and train and score as the same model given as an apply function does."""
+  model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=2)
+  params = model.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(24, 4)).astype(np.float32)
+  t = np.stack([x[:, 0] - x[:, 1], 0.5 * x[:, 2]], 1).astype(np.float32)   # regression
+  kw = dict(key=jax.random.key(1), epochs=4, batch_size=8, progress=False)
+  trained, hist = jaxprune.fit(model, params, x, t, loss=_mse, **kw)
+  assert hist["loss"][-1] < hist["loss"][0]
+  assert np.all(np.asarray(hist["accuracy"]) == 0)        # no labels: no accuracy
+  by_fn, _ = jaxprune.fit(model.apply, params, x, t, loss=_mse, **kw)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               trained, by_fn)
+  trainer = jaxprune.make_trainer(model, batch_size=8, loss=_mse)
+  via_trainer, _ = jaxprune.fit(model, params, x, t, trainer=trainer, **{
+      k: v for k, v in kw.items() if k != "batch_size"})
+  jax.tree.map(np.testing.assert_array_equal, via_trainer, trained)
+  want = float(np.mean(np.square(np.asarray(model.apply(trained, x)) - t)))
+  got = jaxprune.evaluate(model, trained, x, t, loss=_mse)
+  assert got["loss"] == pytest.approx(want, rel=1e-5) and got["accuracy"] == 0
+  stacked = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+  many, _ = jaxprune.fit_many(model, stacked, np.stack([x, x]), np.stack([t, t]),
+                              np.ones((2, 24), np.float32), key=jax.random.split(kw["key"], 2),
+                              epochs=4, trainer=trainer, progress=False,
+                              validation=(np.stack([x, x]), np.stack([t, t]),
+                                          np.ones((2, 24), np.float32)))
+  assert all(np.isfinite(a).all() for a in jax.tree.leaves(many))
+  m = jaxprune.evaluate_many(model, many, np.stack([x, x]), np.stack([t, t]), loss=_mse)
+  each = [float(np.mean(np.square(np.asarray(model.apply(jax.tree.map(lambda a: a[r], many), x))
+                                  - t))) for r in range(2)]
+  np.testing.assert_allclose(m["loss"], each, rtol=1e-5)
+  # fit_many of an apply function with a trainer of that loss (its runs' targets were refused)
+  fn_trainer = jaxprune.make_trainer(model.apply, batch_size=8, loss=_mse)
+  by_fn_many, _ = jaxprune.fit_many(model.apply, stacked, np.stack([x, x]), np.stack([t, t]),
+                                    np.ones((2, 24), np.float32),
+                                    key=jax.random.split(kw["key"], 2), epochs=4,
+                                    trainer=fn_trainer, progress=False)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               by_fn_many, many)
+  # The model's own loss still checks them, given or by default.
+  for extra in ({}, {"loss": train.cross_entropy}):
+    with pytest.raises(ValueError, match=r"y labels have shape \(24, 2\)"):
+      jaxprune.fit(model, params, x, t, **kw, **extra)
+    with pytest.raises(ValueError, match=r"y labels have shape \(24, 2\)"):
+      jaxprune.evaluate(model, params, x, t, **extra)
+  with pytest.raises(ValueError, match="labels"):
+    jaxprune.fit_many(model, stacked, np.stack([x, x]), np.stack([t, t]),
+                      np.ones((2, 24), np.float32), key=jax.random.split(kw["key"], 2),
+                      epochs=1, progress=False)
