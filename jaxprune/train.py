@@ -147,17 +147,8 @@ def _check_targets(model: Model, params, x, y, name: str, one_run=None) -> None:
     return
   validate.check_label_shape(name if one_run is None else f"{name} of each run",
                              y if one_run is None else one_run)
-  if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
-    raise ValueError(f"{name}: the targets must be integer class labels, got "
-                     f"{validate.float_labels_fix(y)}")
-  n_out = validate.num_outputs(model, params, x)
-  y = np.asarray(y)  # on the host: a device array would compile two reductions for this check
-  if y.size == 0:
-    return
-  lo, hi = int(y.min()), int(y.max())
-  if lo < 0 or hi >= n_out:
-    raise ValueError(f"{name}: the targets range over [{lo}, {hi}] but the model has {n_out} "
-                     f"outputs; {validate.label_range_fix(n_out)}")
+  # the shared label check (on the host: a device array would compile two reductions)
+  validate.check_labels(name, np.asarray(y), validate.num_outputs(model, params, x))
 
 
 def _check_reconstruction_targets(model: Model, params, x, y, name: str) -> None:

@@ -329,10 +329,10 @@ def test_bad_input(data, params):
     wm = jaxprune.ones_like(params)
     wm["params"]["out"]["bias"] = jnp.ones(4, bool)
     jaxprune.fit(MODEL, params, x, y, key=jax.random.key(0), epochs=1, masks=wm, progress=False)
-  with pytest.raises(ValueError, match=r"targets range over \[0, 3\] but the model has 3"):
+  with pytest.raises(ValueError, match=r"y labels range over \[0, 3\] but the model has 3"):
     jaxprune.fit(MODEL, params, x, np.where(y == 2, 3, y), key=jax.random.key(0), epochs=1,
                  progress=False)
-  with pytest.raises(ValueError, match="integer class labels"):
+  with pytest.raises(ValueError, match="y labels must be integer class indices"):
     jaxprune.evaluate(MODEL, params, x, y.astype(np.float32))
   with pytest.raises(ValueError, match=r"shape \(90, 1\), a column; .*y.ravel\(\)"):
     jaxprune.evaluate(MODEL, params, x, y[:, None])

@@ -138,10 +138,10 @@ def test_padding_rows_with_out_of_range_labels_contribute_nothing():
 def test_error_messages_name_the_problem():
   p0 = one(PARAMS, 0)
   # Label errors name y (not x).
-  with pytest.raises(ValueError, match=r"^y: the targets range over \[7, 7\]"):
+  with pytest.raises(ValueError, match=r"^y labels range over \[7, 7\]"):
     jaxprune.fit(MODEL, p0, X[0], np.full(12, 7), key=jax.random.key(0), epochs=1,
                  progress=False)
-  with pytest.raises(ValueError, match=r"^validation y: the targets range"):
+  with pytest.raises(ValueError, match=r"^validation y labels range"):
     jaxprune.fit(MODEL, p0, X[0], Y[0], key=jax.random.key(0), epochs=1, progress=False,
                  validation=(X[1], np.full(12, -1)))
   # Unstacked x: a missing run axis, said as such.
@@ -319,7 +319,7 @@ def test_fit_many_checks_validation_data_per_run():
                                       progress=False, validation=val)
   bad_y = Y.copy()
   bad_y[1, 0] = 7
-  with pytest.raises(ValueError, match=r"^validation y: the targets range over \[0, 7\]"):
+  with pytest.raises(ValueError, match=r"^validation y labels range over \[0, 7\]"):
     fit((X, bad_y, W))
   nan_x = X.copy()
   nan_x[2, 0, 1] = np.nan
