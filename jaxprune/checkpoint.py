@@ -40,6 +40,12 @@ def _checkpointer():
   return ocp, ocp.StandardCheckpointer()
 
 
+def _where(k) -> str:
+  """A leaf of the saved ``{'params': ..., 'masks': ..., 'unit_masks': ...}`` named as the
+  caller indexes it: ``params['o']`` (the argument, then the keys within it)."""
+  return _name(k[0]) + jax.tree_util.keystr(tuple(k[1:]))
+
+
 def _check_leaves(tree: PyTree) -> None:
   """Raises naming the first leaf orbax cannot write, or two leaves it would store under one
   name (before anything is written)."""
@@ -47,10 +53,10 @@ def _check_leaves(tree: PyTree) -> None:
   for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float)) and not hasattr(
         x, "__array__"):
-      raise TypeError(f"Cannot checkpoint the leaf at {jax.tree_util.keystr(k)}: it is of type "
+      raise TypeError(f"Cannot checkpoint the leaf {_where(k)}: it is of type "
                       f"{type(x).__name__!r}; every leaf must be an array or a number.")
     if not isinstance(x, (int, float)) and 0 in tuple(np.shape(x)):
-      raise ValueError(f"Cannot checkpoint the leaf at {jax.tree_util.keystr(k)}: it has shape "
+      raise ValueError(f"Cannot checkpoint the leaf {_where(k)}: it has shape "
                        f"{tuple(np.shape(x))}, no elements, and orbax-checkpoint cannot store an "
                        "empty array. Leave it out of what you save and rebuild it after loading "
                        "(it holds no values).")
@@ -58,8 +64,8 @@ def _check_leaves(tree: PyTree) -> None:
     # one entry, and both would load as the same values.
     name = ".".join(_name(p) for p in k)
     if name in named:
-      raise ValueError(f"Cannot checkpoint both {jax.tree_util.keystr(named[name])} and "
-                       f"{jax.tree_util.keystr(k)}: orbax stores a leaf under its keys joined "
+      raise ValueError(f"Cannot checkpoint both {_where(named[name])} and "
+                       f"{_where(k)}: orbax stores a leaf under its keys joined "
                        f"with '.', and both are {name!r}, so one would overwrite the other. "
                        "Rename a key so that no key with a '.' spells another leaf's path.")
     named[name] = k
@@ -72,8 +78,11 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
 
   The checkpoint is written to a temporary folder beside ``path`` and moved into place only once
   it is complete, so a save that fails leaves whatever was at ``path`` (with ``overwrite``, the old
-  checkpoint) as it was, and no partial folder behind (a process killed while saving leaves a
-  ``.NAME.jaxprune-tmp-*`` folder beside it, which can be deleted). A ``path`` that is a symbolic
+  checkpoint) as it was, and no partial folder behind. A process killed while saving leaves a
+  ``.NAME.jaxprune-tmp-*`` folder beside it: with ``NAME`` in place it is debris and can be
+  deleted; killed with ``overwrite`` between moving the old checkpoint aside and moving the new
+  one in (two renames), ``NAME`` is missing and that folder holds both, the old one in ``old``
+  and the complete new one in ``ckpt``: move either back to ``NAME`` first. A ``path`` that is a symbolic
   link is written through: the link's target is replaced. One process writes the checkpoint.
 
   Args:
@@ -378,6 +387,9 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
       before orbax reads anything; a checkpoint without that list is read unchecked).
   """
   path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isfile(path):
+    raise FileNotFoundError(f"{path} is a file, not a checkpoint folder; pass the folder "
+                            "jaxprune.save_checkpoint(path, params, masks) wrote.")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"No checkpoint at {path}; save one with "
                             "jaxprune.save_checkpoint(path, params, masks).")

@@ -91,7 +91,8 @@ def test_shape_dtype_structs_are_a_template_with_unit_masks(tmp_path):
 
 def test_failed_overwrite_keeps_the_old_checkpoint_and_leaves_no_temp_folder(tmp_path):
   path, params, masks = _save(tmp_path, UNITS)
-  with pytest.raises((TypeError, ValueError)):
+  # named as the caller indexes it (it read ['params']['a'], a path of no tree of theirs)
+  with pytest.raises(TypeError, match=r"the leaf params\['a'\]: it is of type 'object'"):
     jaxprune.save_checkpoint(path, {"a": object()}, overwrite=True)
   assert os.listdir(tmp_path) == ["c"]
   p2, m2, u2 = jaxprune.load_checkpoint(path, params, with_unit_masks=True)
@@ -221,6 +222,8 @@ def test_unit_masks_given_as_lists_round_trip_as_vectors(tmp_path):
 
 def test_a_file_where_the_checkpoint_folder_belongs_is_named(tmp_path):
   (tmp_path / "file").write_text("x")
+  with pytest.raises(FileNotFoundError, match=r"file is a file, not a checkpoint folder"):
+    jaxprune.load_checkpoint(str(tmp_path / "file"))
   with pytest.raises(FileExistsError, match=r"Cannot make the folder .*file/sub for the "
                      r"checkpoint .*: .*file is a file"):
     jaxprune.save_checkpoint(str(tmp_path / "file" / "sub" / "ck"), _params())

@@ -19,7 +19,7 @@ def test_keys_whose_dotted_names_collide_are_refused_not_merged(tmp_path):
   # orbax names leaves by their keys joined with '.': {'a.b'} and {'a': {'b'}} were one entry,
   # and both loaded as the zeros (the ones were lost without a word).
   params = {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}
-  with pytest.raises(ValueError, match=r"\['params'\]\['a'\]\['b'\].*\['params'\]\['a\.b'\]"
+  with pytest.raises(ValueError, match=r"both params\['a'\]\['b'\] and params\['a\.b'\]"
                      r".*Rename a key"):
     jaxprune.save_checkpoint(str(tmp_path / "c"), params)
   assert _leftovers(tmp_path) == []
@@ -32,7 +32,7 @@ def test_keys_whose_dotted_names_collide_are_refused_not_merged(tmp_path):
 
 def test_a_size_zero_leaf_is_refused_before_anything_is_written(tmp_path):
   params = {"s": jnp.zeros((0, 3)), "w": jnp.ones(2)}
-  with pytest.raises(ValueError, match=r"\['s'\].*shape \(0, 3\).*empty array"):
+  with pytest.raises(ValueError, match=r"leaf params\['s'\]: it has shape \(0, 3\).*empty array"):
     jaxprune.save_checkpoint(str(tmp_path / "c"), params)
   assert _leftovers(tmp_path) == []
 
