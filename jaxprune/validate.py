@@ -292,6 +292,9 @@ def check_data(x, y=None, *, sample_weight=None, num_classes: int | None = None,
   else:
     if num_classes is not None:
       check_labels(of, y, num_classes)  # raises: classifiers need integer labels
+    if (sample_weight is not None and is_concrete(y, sample_weight)
+        and np.shape(sample_weight) == np.shape(y)[:np.ndim(sample_weight)]):
+      y = np.asarray(y)[np.asarray(sample_weight) != 0]   # a row of weight 0 does not exist
     check_finite(f"{of} targets", y)
 
 

@@ -125,8 +125,9 @@ class MLP(Model):
 class Autoencoder(MLP):
   """An n-H-n autoencoder: sigmoid hidden layer, linear output of the input's size.
 
-  The progressive compression study uses 10-10-10 (the 10 features). Train it with
-  ``loss='mse'`` (the default for models whose ``task`` is ``'reconstruction'``).
+  The progressive compression study uses 10-10-10 (the 10 features). ``jaxprune.fit`` trains it
+  towards its inputs (``y = x``) with the squared error, the default loss of models whose
+  ``task`` is ``'reconstruction'`` (``jaxprune.train.squared_error``).
   ``out_features`` is always ``in_features``; giving another value raises.
   """
 
