@@ -139,12 +139,14 @@ def _per_sample(loss, outputs, targets, batch: int) -> jax.Array:
 
 def _targets_as(model, loss: Callable | None):
   """``model`` as the target checks see it. A loss of the user's own (``loss=``, or a trainer's
-  that is not the model's default) reads whatever targets it was written for, so they are not
-  checked as class labels (or as reconstructions): the built-in models' ``task`` no longer
-  refuses the regression targets that such a loss trains on."""
+  that is not the model's default) reads whatever targets it was written for: the built-in
+  models' ``task`` no longer refuses the regression targets that such a loss trains on. A
+  classifier's targets that are class labels (integers, one per sample) are still checked
+  against its outputs (``'own_loss_labels'``): a class-weighted, focal or smoothed
+  cross-entropy meets a label out of range as the default loss does, and gave NaN without it."""
   if loss is None or model.task == "custom" or loss is default_loss(model):
     return model
-  return _Adapted(model, "custom")
+  return _Adapted(model, "own_loss_labels" if model.task == "classification" else "custom")
 
 
 def _trainable(params: PyTree) -> PyTree:
@@ -174,13 +176,31 @@ def _check_targets(model: Model, params, x, y, name: str, one_run=None) -> None:
                                   name if one_run is None else f"{name} of each run")
     return
   y = np.asarray(y)   # on the host: a device array would compile two reductions here
+  if model.task == "own_loss_labels":   # see _targets_as: only class labels are checked
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+      try:
+        validate.check_labels(name, y, validate.num_outputs(model, params, x))
+      except ValueError as e:
+        raise ValueError(f"{e} (Integer targets that are not class indices, e.g. counts, "
+                         "reach a loss of your own as floats: y.astype(np.float32).)") from None
+    return
+  validate.check_label_shape(name if one_run is None else f"{name} of each run",
+                             y if one_run is None else one_run)
   try:
-    validate.check_label_shape(name if one_run is None else f"{name} of each run",
-                               y if one_run is None else one_run)
     validate.check_labels(name, y)   # integers (the range below)
   except ValueError as e:
-    raise ValueError(f"{e} {_OWN_LOSS}") from None
+    if _fractional(y):   # regression values, most likely: how to train on them
+      raise ValueError(f"{e} {_OWN_LOSS}") from None
+    raise
   validate.check_labels(name, y, validate.num_outputs(model, params, x))   # the shared check
+
+
+def _fractional(y: np.ndarray) -> bool:
+  """Finite float values not all whole numbers (not labels in a float dtype, nor NaN)."""
+  if not np.issubdtype(y.dtype, np.floating):
+    return False
+  v = y.astype(np.float64)
+  return bool(np.all(np.isfinite(v)) and not np.all(np.mod(v, 1) == 0))
 
 
 _OWN_LOSS = ("(Targets that are not class labels, e.g. regression values, train with a loss of "

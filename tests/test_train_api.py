@@ -483,6 +483,18 @@ def test_a_loss_of_your_own_trains_a_built_in_model_on_targets_that_are_not_labe
                                     trainer=fn_trainer, progress=False)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                by_fn_many, many)
+  # Class labels (integers, one per sample) meet a loss of your own with the range check still:
+  # a class-weighted cross-entropy gave NaN for a label out of range, and fit blamed the rate.
+  labels = np.arange(24) % 2
+  labels[0] = 2
+  weighted = lambda o, yy: train.cross_entropy(o, yy) * jnp.array([1.0, 2.0])[yy]
+  for call in (lambda: jaxprune.evaluate(model, params, x, labels, loss=weighted),
+               lambda: jaxprune.fit(model, params, x, labels, loss=weighted, **kw)):
+    with pytest.raises(ValueError, match=r"y labels range over \[0, 2\] but the model has 2 .*"
+                       r"counts.*as floats"):
+      call()
+  ok = jaxprune.evaluate(model, params, x, labels % 2, loss=weighted)
+  assert np.isfinite(ok["loss"]) and ok["accuracy"] > 0
   # The model's own loss still checks them, given or by default.
   for extra in ({}, {"loss": train.cross_entropy}):
     with pytest.raises(ValueError, match=r"y labels have shape \(24, 2\)"):
@@ -531,9 +543,9 @@ def test_fit_many_takes_optimizer_and_loss_as_fit_does_and_padding_targets_may_b
   t = np.concatenate([x[..., :1] * 2, x[..., 1:2]], -1)
   w = np.ones((2, 12), np.float32)
   w[1, 9:] = 0
-  with pytest.raises(ValueError, match=r"y of each run labels have shape \(12, 2\).*"
-                     r"fit_many\(\.\.\., loss=fn\)"):
-    jaxprune.fit_many(model, params, x, t, w, key=jax.random.split(jax.random.key(2), 2),
+  with pytest.raises(ValueError, match=r"y labels must be integer class indices.*regression "
+                     r"targets.*fit_many\(\.\.\., loss=fn\)"):
+    jaxprune.fit_many(model, params, x, t[..., 0], w, key=jax.random.split(jax.random.key(2), 2),
                       epochs=1, progress=False)
   tx = optax.sgd(0.05)
   kw = dict(key=jax.random.split(jax.random.key(2), 2), epochs=3, progress=False)
