@@ -278,3 +278,21 @@ def test_history_min_and_mean_of_a_generation_without_finite_fitness(monkeypatch
   _, hist = ga.run(cfg, fn, 5, key=jax.random.key(0), progress=False)
   for name, got, w in zip(("max", "min", "mean"), (hist.max, hist.min, hist.mean), want):
     np.testing.assert_array_equal(np.asarray(got), np.full(3, w, np.float32), err_msg=name)
+
+
+def test_a_fitness_wider_than_float32_warns_that_the_ga_rounds_it():
+  """Scores are float32 throughout the GA: a float64 fitness (under x64) of 1 + 1e-12 * kept
+  tied every mask at 1.0 without a word, so the search found nothing; now it warns, and the
+  docs say so."""
+  model = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
+  params = model.init(jax.random.key(0))
+  cfg = ga.GAConfig(population_size=8, hof_size=2, generations=2)
+  with jax.enable_x64(True):
+    with pytest.warns(UserWarning, match=r"returns float64; the GA keeps every score as "
+                      r"float32.*subtract a large constant"):
+      res = ga.search(model, params, None, None, "hidden_0", key=jax.random.key(3), config=cfg,
+                      progress=False, fitness=lambda p, m: 1.0 + 1e-12 * jnp.sum(m))
+  assert res.fitness.dtype == jnp.float32 and float(res.fitness) == 1.0   # the tie it warns of
+  res = ga.search(model, params, None, None, "hidden_0", key=jax.random.key(3), config=cfg,
+                  progress=False, fitness=lambda p, m: jnp.sum(m))   # int32: no warning
+  assert int(res.kept) == float(res.fitness)

@@ -413,3 +413,32 @@ def test_load_resnet18_refuses_values_float32_cannot_hold(tmp_path):
   assert k.dtype == jnp.float32
   np.testing.assert_array_equal(k, sd["layer2.1.conv2.weight"].astype(np.float32)
                                 .transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("other", [dict(out_features=5), dict(in_features=8)],
+                         ids=["outputs", "inputs"])
+def test_params_of_a_model_of_another_width_are_refused_naming_leaf_and_fix(other):
+  """Params of an MLP with another output (or input) width failed inside Flax with its
+  ScopeParamShapeError in apply, fit, evaluate, activations and the GA, with no word on what
+  to do; every one of them now names the leaf, both shapes and the fix."""
+  model = jaxprune.MLP(in_features=6, hidden=(12,), out_features=3)
+  params = dataclasses.replace(model, **other).init(jax.random.key(0))
+  x = jnp.ones((4, 6))
+  y = jnp.arange(4) % 3
+  leaf = (r"params\['params'\]\['out'\]\['bias'\] has shape \(5,\), the model's is \(3,\)"
+          if "out_features" in other else
+          r"params\['params'\]\['hidden_0'\]\['kernel'\] has shape \(8, 12\), the model's is "
+          r"\(6, 12\)")
+  calls = [lambda: model.apply(params, x), lambda: model.activations(params, x, "hidden_0"),
+           lambda: jaxprune.evaluate(model, params, x, y),
+           lambda: jaxprune.fit(model, params, x, y, key=jax.random.key(1), epochs=1,
+                                progress=False),
+           lambda: jaxprune.ga.search(model, params, x, y, "hidden_0", key=jax.random.key(1),
+                                      config=jaxprune.ga.GAConfig(population_size=8,
+                                                                  generations=1),
+                                      progress=False),
+           lambda: jax.jit(model.apply)(params, x)]
+  for call in calls:
+    with pytest.raises(ValueError, match=r"These params do not fit MLP: " + leaf +
+                       r".*model.init\(key\).*\(its in_features, hidden, out_features\)"):
+      call()

@@ -56,6 +56,7 @@ a ``ga.run`` fitness of the whole population gets its ``P`` rows, split unevenly
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -220,6 +221,12 @@ def _check_user_score(out) -> None:
     raise ValueError(f"The fitness function must return a real number for one mask; it "
                      f"returned dtype {out.dtype}. Return a float score (for a complex value, "
                      "say which part counts: jnp.real(z) or jnp.abs(z)).")
+  if jnp.dtype(out.dtype).itemsize > 4:
+    warnings.warn(f"The fitness function returns {out.dtype}; the GA keeps every score as "
+                  "float32, so scores that differ by less than float32 resolves at their size "
+                  "tie (e.g. 1 + 1e-12 * kept, or integers above 2**24). Return a score whose "
+                  "differences float32 holds (subtract a large constant first), then cast it: "
+                  "jnp.float32(score).", UserWarning, stacklevel=3)
 
 
 def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh: Mesh | None,

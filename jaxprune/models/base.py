@@ -109,6 +109,14 @@ def _jitted_apply_with_activations(model: "Model", names: tuple[str, ...]):
   return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=128)
+def _init_shapes(model: "Model") -> dict:
+  """``{path: shape}`` of the variables :meth:`Model.init` makes (abstract: nothing computed)."""
+  tree = jax.eval_shape(model.init, jax.random.key(0))
+  return {jax.tree_util.keystr(k): tuple(v.shape)
+          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 @functools.lru_cache(maxsize=64)
 def _traced(model: "Model"):
   from jaxprune import tracing  # pylint: disable=g-import-not-at-top
@@ -226,6 +234,7 @@ class Model(abc.ABC):
     want = self._collections
     missing = [c for c in want if c not in params]
     if not missing:
+      self._check_shapes(params)
       return
     keys = sorted(map(str, params))
     layers = [k for k in keys if k not in ("params", "batch_stats")]
@@ -237,6 +246,25 @@ class Model(abc.ABC):
     raise ValueError(f"{type(self).__name__} takes a variables dict with "
                      f"{' and '.join(repr(c) for c in want)}; the one given has keys {keys}, "
                      f"without {', '.join(repr(c) for c in missing)}{inner}.")
+
+  def _check_shapes(self, params: PyTree) -> None:
+    """Raises ValueError naming the first leaf whose shape is not the one this model makes
+    (params of a model of another input, output or hidden width failed inside Flax, with its
+    ``ScopeParamShapeError`` and no word on what to do)."""
+    want = _init_shapes(self)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+      key = jax.tree_util.keystr(path)
+      shape = tuple(jnp.shape(leaf))
+      if key in want and shape != want[key]:
+        fields = [f.name for f in dataclasses.fields(self) if f.init and f.name in (
+            "in_features", "hidden", "out_features", "input_shape", "channels", "features",
+            "num_classes")] if dataclasses.is_dataclass(self) else []
+        build = (f" (its {', '.join(fields)})" if fields else "")
+        raise ValueError(
+            f"These params do not fit {type(self).__name__}: params{key} has shape {shape}, "
+            f"the model's is {want[key]}. Pass the params of this model (model.init(key), or "
+            f"the ones it was trained with), or build the model with the sizes these params "
+            f"have{build}; a compacted network's sizes: model.resize(sizes).")
 
   _collections = ("params",)   # the variables' collections apply needs (not a field)
 
