@@ -505,9 +505,18 @@ def test_search_under_jit_with_closed_over_arrays(trained, result):
 # ----------------------------------------------------------------------------- bad input
 
 
+def test_a_tournament_larger_than_the_population_draws_with_replacement(trained):
+  """Contestants are drawn with replacement (DEAP's selTournament too), so a tournament of 6 in
+  a population of 4 is a tournament; it was refused as impossible."""
+  model, params, x, y = trained
+  cfg = ga.GAConfig(population_size=4, hof_size=1, tournament_size=6, generations=3)
+  runs = [ga.search(model, params, x, y, "hidden_0", key=jax.random.key(5), config=cfg,
+                    progress=False, incremental=inc) for inc in (True, False)]
+  np.testing.assert_array_equal(runs[0].mask, runs[1].mask)
+  assert float(runs[0].fitness) == float(runs[1].fitness) == float(runs[0].history.best[-1])
+
+
 def test_bad_config():
-  with pytest.raises(ValueError, match="smaller than the tournament"):
-    ga.GAConfig(population_size=3, hof_size=1, tournament_size=4)
   with pytest.raises(ValueError, match="larger than the hall of fame"):
     ga.GAConfig(population_size=5, hof_size=5)
   with pytest.raises(ValueError, match="hof_size must be at least 1"):

@@ -30,7 +30,8 @@ class GAConfig:
     population_size: individuals per generation (``P``; published: 100).
     hof_size: hall-of-fame size ``K``; its members are kept in every next population
       (published: 5).
-    tournament_size: contestants per tournament (published: 3).
+    tournament_size: contestants per tournament (published: 3), drawn with replacement,
+      so it may exceed the population (as DEAP's ``selTournament`` allows).
     generations: generations after the initial one (published: 50); ``generations + 1``
       populations are evaluated.
   """
@@ -58,11 +59,6 @@ class GAConfig:
           f"GAConfig.population_size ({self.population_size}) must be larger than the hall of "
           f"fame ({self.hof_size}): each generation breeds population_size - hof_size children. "
           "Increase population_size or decrease hof_size.")
-    if self.population_size < self.tournament_size:
-      raise ValueError(
-          f"GAConfig.population_size ({self.population_size}) is smaller than the tournament "
-          f"size ({self.tournament_size}). Increase population_size or decrease "
-          "tournament_size.")
 
 
 class GAHyperparams(NamedTuple):
