@@ -105,6 +105,12 @@ def _kind(x) -> str:
   return "None" if x is None else type(x).__name__
 
 
+def _a_kind(x) -> str:
+  """``x``'s type with its article: 'a dict', 'an OrderedDict', 'None'."""
+  kind = _kind(x)
+  return kind if x is None else f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
+
+
 def _container_difference(params: PyTree, masks: PyTree) -> str:
   """Where two trees with the same leaf paths differ, breadth first: the first node of another
   type (a flax ``FrozenDict`` against a ``dict``, an nnx ``State`` against its pure dict), or
@@ -117,8 +123,8 @@ def _container_difference(params: PyTree, masks: PyTree) -> str:
       continue
     if type(p) is not type(m):
       where = jax.tree_util.keystr(path) or "the root"
-      return (f"at {where} the params are a {_kind(p)} but the masks a "
-              f"{_kind(m)}; build the masks in the params' container types")
+      return (f"at {where} the params are {_a_kind(p)} but the masks {_a_kind(m)}; build "
+              "the masks in the params' container types")
     if isinstance(p, Mapping):
       for k in p:
         if k not in m:

@@ -67,6 +67,10 @@ def test_check_weight_masks_errors(params):
   with pytest.raises(ValueError, match=r"at \['params'\] the params are a dict but the masks a "
                      "FrozenDict"):
     jaxprune.check_weight_masks(params, frozen)
+  import collections  # pylint: disable=import-outside-toplevel
+  ordered = {"params": collections.OrderedDict(good["params"])}
+  with pytest.raises(ValueError, match=r"the params are a dict but the masks an OrderedDict"):
+    jaxprune.check_weight_masks(params, ordered)
   # apply_masks checks too, instead of broadcasting a wrong mask silently.
   with pytest.raises(ValueError, match="has shape \\(6, 4\\)"):
     jaxprune.apply_masks(params, bad_shape)
@@ -165,7 +169,7 @@ def test_structure_errors_name_where_a_sequence_or_node_lacks_a_leafless_entry()
            ({"a": (w, [None])}, {"a": (b, [])}, r"at \['a'\]\[1\]\[0\] the params hold a None")]
   layer = collections.namedtuple("Layer", "w extra")
   cases.append(([layer(w, None)], [layer(b, ())],
-                r"at \[0\]\.extra the params are a None but the masks a tuple"))
+                r"at \[0\]\.extra the params are None but the masks a tuple"))
   for p, m, match in cases:
     with pytest.raises(ValueError, match=match):
       jaxprune.check_weight_masks(p, m)

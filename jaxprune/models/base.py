@@ -16,10 +16,12 @@ as pure functions over a variables pytree:
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -103,7 +105,8 @@ def _jitted_apply_with_activations(model: "Model", names: tuple[str, ...]):
   programs in 4-6 s of compilation on 2 cores); inside a jit it is inlined as before."""
 
   def run(params, x):
-    out, state = model.module.apply(params, x, mutable=["intermediates"])
+    with model.named_shape_errors(params):
+      out, state = model.module.apply(params, x, mutable=["intermediates"])
     return out, {n: _find(state["intermediates"], n + ACT_SUFFIX) for n in names}
 
   return jax.jit(run)
@@ -234,7 +237,6 @@ class Model(abc.ABC):
     want = self._collections
     missing = [c for c in want if c not in params]
     if not missing:
-      self._check_shapes(params)
       return
     keys = sorted(map(str, params))
     layers = [k for k in keys if k not in ("params", "batch_stats")]
@@ -247,10 +249,22 @@ class Model(abc.ABC):
                      f"{' and '.join(repr(c) for c in want)}; the one given has keys {keys}, "
                      f"without {', '.join(repr(c) for c in missing)}{inner}.")
 
+  @contextlib.contextmanager
+  def named_shape_errors(self, params: PyTree):
+    """Around ``self.module.apply(params, ...)``: Flax's ``ScopeParamShapeError`` (params of a
+    model of another input, output or hidden width; it said what, not what to do) becomes the
+    ValueError of :meth:`_check_shapes`. Costs nothing when the params fit."""
+    try:
+      yield
+    except flax.errors.ScopeParamShapeError:
+      try:
+        self._check_shapes(params)
+      except ValueError as named:
+        raise named from None
+      raise
+
   def _check_shapes(self, params: PyTree) -> None:
-    """Raises ValueError naming the first leaf whose shape is not the one this model makes
-    (params of a model of another input, output or hidden width failed inside Flax, with its
-    ``ScopeParamShapeError`` and no word on what to do)."""
+    """Raises ValueError naming the first leaf whose shape is not the one this model makes."""
     want = _init_shapes(self)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
       key = jax.tree_util.keystr(path)
@@ -277,7 +291,8 @@ class Model(abc.ABC):
     """Inference: outputs for a batch ``x`` (logits, or reconstructions for autoencoders)."""
     self.check_input(x)
     self.check_variables(params)
-    return self.module.apply(params, x)
+    with self.named_shape_errors(params):
+      return self.module.apply(params, x)
 
   def apply_with_activations(self, params: PyTree, x: jax.Array,
                              names: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -233,7 +233,8 @@ class ResNet18(Model):
     self.check_input(x)
     self.check_variables(params)
     self.check_batch_mask(x, mask)
-    out, state = self.module.apply(params, x, train=True, mask=mask, mutable=["batch_stats"])
+    with self.named_shape_errors(params):
+      out, state = self.module.apply(params, x, train=True, mask=mask, mutable=["batch_stats"])
     new = dict(params)
     new["batch_stats"] = state["batch_stats"]
     return out, new
