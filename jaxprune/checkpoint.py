@@ -82,8 +82,9 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
   ``.NAME.jaxprune-tmp-*`` folder beside it: with ``NAME`` in place it is debris and can be
   deleted; killed with ``overwrite`` between moving the old checkpoint aside and moving the new
   one in (two renames), ``NAME`` is missing and that folder holds both, the old one in ``old``
-  and the complete new one in ``ckpt``: move either back to ``NAME`` first. A ``path`` that is a symbolic
-  link is written through: the link's target is replaced. One process writes the checkpoint.
+  and the complete new one in ``ckpt``: move either back to ``NAME`` first. A ``path`` that is
+  a symbolic link is written through: the link's target is replaced. One process writes the
+  checkpoint.
 
   Args:
     path: a folder (created; must not exist unless ``overwrite``).

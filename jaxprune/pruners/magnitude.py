@@ -368,10 +368,10 @@ def magnitude_prune(params: PyTree, weight_masks: PyTree | None = None, fraction
     new masks, and the per-leaf counts and cut (see :class:`MagnitudeReport`); leaves placed
     by hand on different devices are ranked on the first leaf's device and returned where they
     were. Jit-compiled; a new fraction does not recompile. Bad fractions raise ValueError (on
-    concrete values); NaN or infinite weights raise ValueError. Under ``jit``/``vmap`` a traced fraction
-    outside [0, 1] (or NaN), or NaN or infinite weights, cannot raise: nothing is removed (the masks come
-    back unchanged) and ``report.invalid`` is True, as with the distinctiveness and
-    redundancy pruners.
+    concrete values); NaN or infinite weights raise ValueError. Under ``jit``/``vmap`` a
+    traced fraction outside [0, 1] (or NaN), or NaN or infinite weights, cannot raise: nothing
+    is removed (the masks come back unchanged) and ``report.invalid`` is True, as with the
+    distinctiveness and redundancy pruners.
   """
   return _prune(params, weight_masks, fraction, None, scope, select, random=False)
 
