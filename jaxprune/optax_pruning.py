@@ -471,9 +471,15 @@ def gradual(tx: optax.GradientTransformation, *, sparsity, begin_step: int, end_
                        "pruner carries its own settings.")
 
   def target_fn(count):
-    return jax.tree.map(lambda s: polynomial_sparsity(
-        count, final=s, begin_step=begin_step, end_step=end_step, initial=initial_sparsity,
-        power=power), sparsity)
+    def one(s):
+      s_t = polynomial_sparsity(count, final=s, begin_step=begin_step, end_step=end_step,
+                                initial=initial_sparsity, power=power)
+      # A traced final sparsity outside [0, 1) (refused when concrete) makes every step's
+      # target NaN, so no step prunes: the early steps' targets were inside [0, 1) and pruned
+      # towards it (a final 1.5 left 63 of 64 weights pruned, unflagged).
+      f = jnp.asarray(s, jnp.float32)
+      return jnp.where(jnp.isfinite(f) & (f >= 0) & (f < 1), s_t, jnp.nan)
+    return jax.tree.map(one, sparsity)
 
   return _wrap(tx, pruner, target_fn, begin_step, end_step, frequency, at_end=True)
 
@@ -679,7 +685,13 @@ def _check_scores(sc, params, selected, given: bool, keep=None) -> None:
     return
   if keep is None or not validate.is_concrete(keep):   # traced masks: check every weight
     keep = [True] * len(sc)
-  _raise_score_problems(_score_problems(sc, keep), params, selected, given)
+  problems = _score_problems(sc, keep)
+  if not validate.is_concrete(problems):
+    # Inside a traced step (gradual's lax.cond, a jit) the jitted check is staged into the
+    # step even for concrete scores (SNIP scores computed once): check them on the host.
+    problems = ([int(np.sum(~np.isfinite(np.asarray(s)) & np.asarray(k))) for s, k in
+                 zip(sc, keep)], [bool(np.any(np.asarray(s) < 0)) for s in sc])
+  _raise_score_problems(problems, params, selected, given)
 
 
 def _raise_score_problems(problems, params, selected, given: bool) -> None:

@@ -1078,3 +1078,61 @@ def test_schedule_counts_the_updates_gradual_receives_multisteps_and_apply_if_fi
     p = optax.apply_updates(p, u)
     seen.append(_removed(state))
   assert seen == [target[0], target[0], target[1], target[2]]
+
+
+def _gradual_zeros(tx, p, grads, steps):
+  q, st, zeros = p, tx.init(p), []
+  for _ in range(steps):
+    u, st = tx.update(grads, st, q)
+    q = optax.apply_updates(q, u)
+    zeros.append(jnp.sum(q["w"] == 0))
+  return jnp.stack(zeros), st
+
+
+def test_gradual_takes_scores_computed_once_and_checks_them_inside_the_step():
+  """Scores that exist before the step (SNIP scores computed once, as training.md shows) were
+  checked by a jitted program staged inside gradual's cond, and np.asarray of its traced result
+  crashed (TracerArrayConversionError) in a jitted and in an eager update alike; they are
+  checked on the host now, so negative ones are refused there too."""
+  p = {"w": jax.random.normal(jax.random.key(0), (8, 4)), "b": jnp.zeros(4)}
+  xb = jax.random.normal(jax.random.key(1), (16, 8))
+  loss = lambda q, x: jnp.mean(jnp.tanh(x @ q["w"] + q["b"]) ** 2)
+  snip = jaxprune.snip_scores(loss, p, xb)
+  tx = jaxprune.gradual(optax.sgd(0.0), sparsity=0.5, begin_step=0, end_step=2, frequency=1,
+                        scores=lambda params: snip)
+  zeros = {"w": jnp.zeros((8, 4)), "b": jnp.zeros(4)}
+  jitted = jax.jit(tx.update)
+  st, q = tx.init(p), p
+  for _ in range(3):
+    u, st = jitted(zeros, st, q)
+    q = optax.apply_updates(q, u)
+  kept = np.asarray(jaxprune.masks_of(st)["w"])
+  order = np.argsort(np.asarray(snip["w"]).ravel(), kind="stable")   # lowest scores go
+  want = np.ones(32, bool)
+  want[order[:16]] = False
+  np.testing.assert_array_equal(kept.ravel(), want)
+  eager, _ = _gradual_zeros(tx, p, zeros, 3)
+  assert eager.tolist() == [int(np.round(32 * float(jaxprune.polynomial_sparsity(
+      t, final=0.5, begin_step=0, end_step=2)))) for t in range(3)] == [0, 14, 16]
+  signed = jaxprune.gradual(optax.sgd(0.0), sparsity=0.5, begin_step=0, end_step=2,
+                            frequency=1, scores=lambda params: p)   # concrete, signed
+  with pytest.raises(ValueError, match="The scores of w hold negative values"):
+    jax.jit(signed.update)(zeros, signed.init(p), p)
+
+
+def test_gradual_with_a_traced_final_sparsity_outside_0_1_prunes_at_no_step():
+  """training.md: a traced sparsity outside [0, 1) removes nothing. gradual checked each
+  step's own target, so a final 1.5 pruned on the steps whose target was still below 1 (63 of
+  64 weights) without a flag; now no step prunes, and a valid one in the same vmap is as
+  before."""
+  p = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
+  g = {"w": jnp.zeros((8, 8))}
+
+  def run(s):
+    tx = jaxprune.gradual(optax.sgd(0.1), sparsity=s, begin_step=0, end_step=10, frequency=1)
+    return _gradual_zeros(tx, p, g, 11)[0]
+
+  many = jax.vmap(run)(jnp.array([0.5, 1.5, jnp.nan]))
+  np.testing.assert_array_equal(many[0], run(0.5))
+  assert many[0].tolist()[-1] == 32
+  assert many[1].tolist() == [0] * 11 and many[2].tolist() == [0] * 11
