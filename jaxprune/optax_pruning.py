@@ -685,12 +685,10 @@ def _check_scores(sc, params, selected, given: bool, keep=None) -> None:
     return
   if keep is None or not validate.is_concrete(keep):   # traced masks: check every weight
     keep = [True] * len(sc)
-  problems = _score_problems(sc, keep)
-  if not validate.is_concrete(problems):
-    # Inside a traced step (gradual's lax.cond, a jit) the jitted check is staged into the
-    # step even for concrete scores (SNIP scores computed once): check them on the host.
-    problems = ([int(np.sum(~np.isfinite(np.asarray(s)) & np.asarray(k))) for s, k in
-                 zip(sc, keep)], [bool(np.any(np.asarray(s) < 0)) for s in sc])
+  # Run now, also inside a traced step (gradual's lax.cond, a jit), where the check of
+  # concrete scores (SNIP scores computed once) was staged into the step and unreadable.
+  with jax.ensure_compile_time_eval():
+    problems = _score_problems(sc, keep)
   _raise_score_problems(problems, params, selected, given)
 
 

@@ -189,18 +189,10 @@ def _check_targets(model: Model, params, x, y, name: str, one_run=None) -> None:
   try:
     validate.check_labels(name, y)   # integers (the range below)
   except ValueError as e:
-    if _fractional(y):   # regression values, most likely: how to train on them
+    if validate.fractional(y):   # regression values, most likely: how to train on them
       raise ValueError(f"{e} {_OWN_LOSS}") from None
     raise
   validate.check_labels(name, y, validate.num_outputs(model, params, x))   # the shared check
-
-
-def _fractional(y: np.ndarray) -> bool:
-  """Finite float values not all whole numbers (not labels in a float dtype, nor NaN)."""
-  if not np.issubdtype(y.dtype, np.floating):
-    return False
-  v = y.astype(np.float64)
-  return bool(np.all(np.isfinite(v)) and not np.all(np.mod(v, 1) == 0))
 
 
 _OWN_LOSS = ("(Targets that are not class labels, e.g. regression values, train with a loss of "

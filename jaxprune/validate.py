@@ -121,6 +121,16 @@ def check_labels(name: str, y, num_classes: int | None = None, sample_weight=Non
                      f"outputs (classes); {label_range_fix(num_classes)}")
 
 
+def fractional(y) -> bool:
+  """Whether ``y`` holds finite values that are not all whole numbers (regression targets or
+  scores, most likely; not class labels in a float dtype, nor NaN)."""
+  try:
+    v = np.asarray(y).astype(np.float64)
+  except (TypeError, ValueError):
+    return False
+  return bool(np.all(np.isfinite(v)) and not np.all(np.mod(v, 1) == 0))
+
+
 def float_labels_fix(y) -> str:
   """The end of the message for class labels that are not integers: whole numbers (floats of
   any width, bools) convert; NaN must be cleaned first (np.unique would make it a class);
@@ -136,7 +146,7 @@ def float_labels_fix(y) -> str:
   if not np.all(np.isfinite(v)):
     return (f"{int(np.sum(~np.isfinite(v)))} NaN or infinite labels; clean or impute them first "
             "(e.g. drop those rows).")
-  if np.all(np.mod(v, 1) == 0):
+  if not fractional(y):
     return f"dtype {y.dtype}; convert with y.astype(int)."
   return (f"dtype {y.dtype} values that are not all whole numbers (regression targets, or "
           "scores?): class labels are 0..C-1; map them first, e.g. np.unique(y, "
