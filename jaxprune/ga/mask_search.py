@@ -221,7 +221,8 @@ def _check_user_score(out) -> None:
     raise ValueError(f"The fitness function must return a real number for one mask; it "
                      f"returned dtype {out.dtype}. Return a float score (for a complex value, "
                      "say which part counts: jnp.real(z) or jnp.abs(z)).")
-  if jnp.dtype(out.dtype).itemsize > 4:
+  if jnp.issubdtype(out.dtype, jnp.floating) and jnp.dtype(out.dtype).itemsize > 4:
+    # (not a 64-bit integer: x64 makes a mask's count int64, and counts fit float32 exactly)
     warnings.warn(f"The fitness function returns {out.dtype}; the GA keeps every score as "
                   "float32, so scores that differ by less than float32 resolves at their size "
                   "tie (e.g. 1 + 1e-12 * kept, or integers above 2**24). Return a score whose "
