@@ -134,7 +134,8 @@ def _sparsity_map_or_float(sparsity, name="sparsity"):
       raise ValueError(f"{name} is an empty map; give at least one leaf ('a/b/c': value).")
     for k, v in sparsity.items():
       _check_sparsity(f"{name}[{k!r}]", v)
-    return {str(k): float(v) for k, v in sparsity.items()}
+    # (a traced value, under vmap or jit, stays as it is, as a single float does)
+    return {str(k): float(v) if _common.is_concrete(v) else v for k, v in sparsity.items()}
   _check_sparsity(name, sparsity)
   return sparsity if not _common.is_concrete(sparsity) else float(sparsity)
 

@@ -1136,3 +1136,28 @@ def test_gradual_with_a_traced_final_sparsity_outside_0_1_prunes_at_no_step():
   np.testing.assert_array_equal(many[0], run(0.5))
   assert many[0].tolist()[-1] == 32
   assert many[1].tolist() == [0] * 11 and many[2].tolist() == [0] * 11
+
+
+def test_a_per_leaf_sparsity_map_may_hold_traced_values():
+  """A vmap over one leaf's sparsity in a per-leaf map failed (float() of a tracer) where a
+  single traced sparsity works; each run now equals its own call, and a value outside [0, 1)
+  prunes nothing in its run, as a single traced one does."""
+  p = {"a": jax.random.normal(jax.random.key(0), (8, 8)),
+       "b": jax.random.normal(jax.random.key(1), (8, 8))}
+  g = jax.tree.map(jnp.zeros_like, p)
+
+  def run(s):
+    tx = jaxprune.gradual(optax.sgd(0.1), sparsity={"a": s, "b": 0.5}, begin_step=0,
+                          end_step=4, frequency=1)
+    q, st = p, tx.init(p)
+    for _ in range(5):
+      u, st = tx.update(g, st, q)
+      q = optax.apply_updates(q, u)
+    return jnp.stack([jnp.sum(q["a"] == 0), jnp.sum(q["b"] == 0)])
+
+  many = jax.vmap(run)(jnp.array([0.25, 0.75, 1.5]))
+  np.testing.assert_array_equal(many[:2], np.stack([run(0.25), run(0.75)]))
+  assert many[:2].tolist() == [[16, 32], [48, 32]] and many[2].tolist() == [0, 0]
+  kept = jax.vmap(lambda s: jaxprune.prune_to_sparsity(p, None, {"a": s, "b": 0.5})[1]["a"].sum())(
+      jnp.array([0.25, 1.5]))
+  assert kept.tolist() == [48, 64]
