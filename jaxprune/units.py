@@ -616,8 +616,9 @@ def compact(params: PyTree, groups: Mapping[str, UnitGroup],
 
   The result, run through the target resized to the kept unit counts (``target.compact``),
   gives the same outputs as the masked network. Every leaf is cut once, along each axis that
-  any group indexes, so the result does not depend on the groups' order. Not jit-compatible
-  (output shapes depend on the mask values); the input params are not modified.
+  any group indexes, so the result does not depend on the groups' order. The output shapes
+  depend on the mask values, so the unit masks must be concrete; under ``jax.jit`` with masks
+  closed over, traced params are cut inside the program. The input params are not modified.
 
   Args:
     params: the model's variables.
@@ -631,6 +632,12 @@ def compact(params: PyTree, groups: Mapping[str, UnitGroup],
   out = params
   for path, axes in _kept_indices(params, groups, unit_masks, "compact").items():
     given = get_path(params, path)
+    if isinstance(given, jax.core.Tracer):   # under a caller's jit (masks concrete): in the
+      leaf = given                           # program, as uncompact does (it was np.asarray
+      for axis, idx in axes.items():         # of a tracer, a TracerArrayConversionError)
+        leaf = jnp.take(leaf, jnp.asarray(idx), axis=axis)
+      out = set_path(out, path, leaf)
+      continue
     leaf = np.asarray(given)         # cut on the host: an eager jnp.take would
     for axis, idx in axes.items():   # compile a program per leaf shape
       leaf = np.take(leaf, idx, axis=axis)

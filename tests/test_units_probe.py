@@ -176,3 +176,26 @@ def test_counts_of_a_coupled_group_match_a_hand_count():
   assert jaxprune.sparsity(w) == pytest.approx(removed / total)
   assert jaxprune.count_units(um) == {"r": (4, 6)}
   assert "units r: 4/6 kept" in jaxprune.summary(w, um)
+
+
+def test_compact_under_jit_with_closed_over_masks_cuts_in_the_program():
+  """compact under a caller's jit (params traced, unit masks closed over) was np.asarray of a
+  tracer (a TracerArrayConversionError) while uncompact works there; it now cuts the traced
+  leaves in the program, equal to the eager cut, and traced masks are still refused clearly."""
+  model = jaxprune.MLP(in_features=4, hidden=(5,), out_features=3)
+  params = model.init(jax.random.key(0))
+  um = {"hidden_0": jnp.array([True, False, True, True, False])}
+  small, small_model = model.compact(params, um)
+  jitted = jax.jit(lambda p: model.compact(p, um)[0])(params)
+  jax.tree.map(np.testing.assert_array_equal, jitted, small)
+  x = jnp.ones((2, 4))
+  np.testing.assert_array_equal(small_model.apply(jitted, x), small_model.apply(small, x))
+  fn = lambda p, xx: jnp.tanh(xx @ p["w1"]) @ p["w2"]
+  p = {"w1": jnp.arange(20.0).reshape(4, 5), "w2": jnp.arange(15.0).reshape(5, 3)}
+  target = jaxprune.trace(fn, p, x)
+  (g,) = target.groups
+  tum = {g: um["hidden_0"]}
+  jax.tree.map(np.testing.assert_array_equal, jax.jit(lambda q: target.compact(q, tum)[0])(p),
+               target.compact(p, tum)[0])
+  with pytest.raises(ValueError, match="compact changes the shapes of the params"):
+    jax.jit(lambda q, m: model.compact(q, m)[0])(params, um)
