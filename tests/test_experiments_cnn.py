@@ -409,3 +409,18 @@ def test_workdir_inside_the_image_tree_is_refused_before_anything_is_written(tmp
   _flags.check_workdir_outside_data(str(tmp_path / "work"), "sfew_images", str(tree), KI)
   _flags.check_workdir_outside_data(str(tmp_path), "sfew_images", str(tree), KI)
   _flags.check_workdir_outside_data(str(tree), "sfew_features", str(tree), KI)
+
+
+def test_training_time_folds_it_cannot_make_name_only_what_its_flags_change(tmp_path):
+  """A class with one image: the binary's message suggested fewer folds (2 already failed), a
+  smaller test_fraction and person_independent=False (it has neither flag); it now gives the
+  MLP studies' one-line message, that no --folds splits these data and what to add."""
+  tree = _sfew_tree(tmp_path / "SFEW", per_class=4)
+  for extra in sorted((tree / "Fear").iterdir())[1:]:
+    extra.unlink()
+  work = str(tmp_path / "w")
+  with pytest.raises(app.UsageError, match=r"--folds=2 needs at least 2 examples of every "
+                     r"class.*No --folds can split them \(the fewest is 2\): add examples") as e:
+    ttd.run(ttd.Config.quick(any_size=True), work, data="sfew_images", data_path=str(tree))
+  assert "test_fraction" not in str(e.value) and "person_independent" not in str(e.value)
+  assert not os.path.exists(work)
