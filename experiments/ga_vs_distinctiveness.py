@@ -592,11 +592,11 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
              "data": {"name": data, "source": ds.info.get("source", data), "examples": len(ds),
                       "fold_train_sizes": folds.n_tr, "fold_test_sizes": folds.n_te}}
   study.write_results(results)
-  write_outputs(cfg, study, summary, ds, data, study.compute_seconds())
+  write_outputs(cfg, study, summary, ds, data)
   return results
 
 
-def write_outputs(cfg, study, summary, ds, data, seconds):
+def write_outputs(cfg, study, summary, ds, data):
   folder = study.dir
   t_base = _report.write_table(folder, "baseline", summary["baseline"])
   t_dist = _report.write_table(folder, "distinctiveness", summary["distinctiveness"])
@@ -613,8 +613,7 @@ def write_outputs(cfg, study, summary, ds, data, seconds):
   sections = [
       ("Data", f"`--data={data}`: {ds.info.get('source', data)}, {len(ds)} examples, "
                f"{cfg.folds}-fold {mc.split_kind(ds)} CV; features standardised on each training fold "
-               f"only.{stand_in} Accuracies in percent, mean ± std over folds.\n\n"
-               f"Compute time (all invocations, cached steps included): {seconds:.0f} s."),
+               f"only.{stand_in} Accuracies in percent, mean ± std over folds."),
       ("Baseline grid", f"10-H-7 MLP, sigmoid hidden, softmax output, Adam, batch "
                         f"{cfg.batch_size}, {cfg.epochs} epochs.\n\n{t_base}\n![](baseline.png)"),
       ("Distinctiveness", f"Networks trained at lr {cfg.prune_lr:g}; similar < "

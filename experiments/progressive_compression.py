@@ -234,8 +234,7 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
       ("Data", f"`--data={data}`: {ds.info.get('source', data)}; {cfg.runs} runs, each with its "
                f"own {mc.split_kind(ds)} {share} split (standardised on its training "
                f"part) and initialisation.{stand_in}\n\nTraining: Adam lr "
-               f"{cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs, MSE. Compute time (all "
-               f"invocations, cached steps included): {study.compute_seconds():.0f} s."),
+               f"{cfg.lr:g}, batch {cfg.batch_size}, {cfg.epochs} epochs, MSE."),
       ("Result", f"Test loss of the trained autoencoder: {u_m:.4f} ± {u_s:.4f}; after removing "
                  f"units down to {final['units_final']} unit(s) without retraining: "
                  f"{f_m:.4f} ± {f_s:.4f} (mean ± std over runs).\n\n![](progressive.png)"),

@@ -278,8 +278,7 @@ def run(cfg: Config, workdir: str = "workdir", *, data: str = "features",
                f"own {mc.split_kind(ds)} {share} split "
                f"(standardised on its training part) and initialisation.{stand_in}\n\n"
                f"Training: sigmoid hidden layer, Adam lr {cfg.lr:g}, batch {cfg.batch_size}, "
-               f"{cfg.epochs} epochs. Compute time (all invocations, cached "
-               f"steps included): {study.compute_seconds():.0f} s."),
+               f"{cfg.epochs} epochs."),
       ("Summary", "Each rule alone (similar-only merges the pair, keeping the lower index; "
                   "complementary-only removes both, except that a sweep never removes the layer's "
                   "last unit), constants not removed, no retraining. "
