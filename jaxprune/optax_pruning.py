@@ -478,8 +478,7 @@ def gradual(tx: optax.GradientTransformation, *, sparsity, begin_step: int, end_
       # A traced final sparsity outside [0, 1) (refused when concrete) makes every step's
       # target NaN, so no step prunes: the early steps' targets were inside [0, 1) and pruned
       # towards it (a final 1.5 left 63 of 64 weights pruned, unflagged).
-      f = jnp.asarray(s, jnp.float32)
-      return jnp.where(jnp.isfinite(f) & (f >= 0) & (f < 1), s_t, jnp.nan)
+      return jnp.where(_sparsity_ok(s), s_t, jnp.nan)
     return jax.tree.map(one, sparsity)
 
   return _wrap(tx, pruner, target_fn, begin_step, end_step, frequency, at_end=True)
@@ -805,9 +804,14 @@ def _valid_targets(target, per_leaf) -> jax.Array:
   values = [target] if per_leaf is None else list(per_leaf)
   ok = jnp.bool_(True)
   for s in values:
-    s = jnp.asarray(s, jnp.float32)
-    ok = ok & jnp.all(jnp.isfinite(s) & (s >= 0) & (s < 1))
+    ok = ok & jnp.all(_sparsity_ok(s))
   return ok
+
+
+def _sparsity_ok(s) -> jax.Array:
+  """Elementwise: a finite sparsity in [0, 1) (as float32)."""
+  s = jnp.asarray(s, jnp.float32)
+  return jnp.isfinite(s) & (s >= 0) & (s < 1)
 
 
 def _flag_invalid(params, sparsity, per_leaf, selected):
