@@ -43,6 +43,13 @@ def ones_like(params: PyTree) -> PyTree:
   placed on purpose (a committed array: sharded over devices, or put on one) is placed as its
   param is, so the masks of leaves a pruner leaves alone sit with them too."""
   leaves = jax.tree.leaves(params)
+  bad = next((x for x in leaves if not (hasattr(x, "shape") or isinstance(
+      x, (int, float, complex, np.generic)))), None)
+  if bad is not None:
+    raise TypeError(
+        f"ones_like takes params (a pytree of arrays) and gives their weight masks; it got "
+        f"a leaf of type {type(bad).__name__}. For a model's unit masks use jaxprune.unit_masks_ones(model); for weight masks "
+        "pass the params, jaxprune.ones_like(params).")
   tracer = next((x for x in leaves if isinstance(x, jax.core.Tracer)), None)   # looked for once
 
   def one(p):

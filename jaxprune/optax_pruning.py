@@ -63,7 +63,11 @@ Select = Sequence | Callable | None
 
 
 def _check_sparsity(name: str, value) -> None:
-  """A concrete sparsity must lie in [0, 1)."""
+  """A sparsity is a number (TypeError for a string, which NumPy would parse); a concrete one
+  must lie in [0, 1)."""
+  if not validate.is_real(value, bool_ok=False):
+    raise TypeError(f"{name} must be a number in [0, 1) (the fraction of weights removed, e.g. "
+                    f"0.9), got {type(value).__name__} {value!r}.")
   if not _common.is_concrete(value):
     return
   v = np.asarray(value, np.float64)
@@ -75,6 +79,9 @@ def _check_sparsity(name: str, value) -> None:
 def _check_power(power) -> None:
   """A concrete schedule exponent must be a positive number: with ``power <= 0`` the schedule
   would stay at its initial sparsity (or jump to infinity) instead of reaching the final one."""
+  if not validate.is_real(power, bool_ok=False):
+    raise TypeError(f"power must be a positive number (3 in Zhu and Gupta's schedule), got "
+                    f"{type(power).__name__} {power!r}.")
   if not _common.is_concrete(power):
     return
   v = np.asarray(power, np.float64)

@@ -271,6 +271,12 @@ def set_path(tree: PyTree, path: Path, value: Any) -> PyTree:
 
 
 def _check_group_name(groups: Mapping[str, UnitGroup], name: str) -> UnitGroup:
+  if not isinstance(name, str):
+    what = (f"a {type(name).__name__} (unit masks?)" if isinstance(name, Mapping) else
+            f"{type(name).__name__} {name!r}")
+    raise TypeError(f"The group is named by a string, one of {sorted(groups)}; got {what}. "
+                    "A pruner factory takes (target, group name), e.g. distinctiveness(model, "
+                    "'hidden_0'); the unit masks go to the pruner it returns.")
   if name not in groups:
     raise KeyError(f"Unknown unit group {name!r}; this model's groups are {sorted(groups)}.")
   return groups[name]

@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Any
 
 import jax
@@ -29,13 +31,63 @@ import numpy as np
 PyTree = Any
 
 __all__ = ["check_data", "check_finite", "check_key", "check_label_shape", "check_labels",
-           "check_not_empty", "check_params", "check_sample_weight", "is_concrete",
-           "one_hot_rows"]
+           "check_not_empty", "check_params", "check_real_scalar", "check_sample_weight",
+           "is_concrete", "is_real", "one_hot_rows", "whole_number"]
 
 
 def is_concrete(*xs) -> bool:
   """True if no argument (or pytree leaf) is a tracer, so its values can be checked."""
   return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+
+
+def is_real(value, *, bool_ok: bool = True) -> bool:
+  """Whether ``value`` (concrete or traced, any shape) holds real numbers: integers or floats,
+  and bools when ``bool_ok``; not a string (NumPy would parse ``"0.5"``), None, a complex
+  number or an object."""
+  if value is None or isinstance(value, (str, bytes)):
+    return False
+  try:
+    dtype = jnp.result_type(value) if hasattr(value, "dtype") else np.asarray(value).dtype
+  except (TypeError, ValueError):
+    return False
+  if dtype == np.bool_:
+    return bool_ok
+  return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+
+
+def check_real_scalar(name: str, value, expect: str, sweep: str, *,
+                      bool_ok: bool = True) -> None:
+  """Raises unless ``value`` is one real number (integer or float, and bool when ``bool_ok``;
+  concrete or traced): ``TypeError`` for anything else (a string, None, a complex number),
+  saying it must be ``expect``; ``ValueError`` for several numbers, ending with ``sweep`` (how
+  to run a sweep)."""
+  if not is_real(value, bool_ok=bool_ok):
+    got = (f"an array of {jnp.result_type(value)}" if hasattr(value, "dtype") else
+           f"{type(value).__name__} {value!r}")
+    raise TypeError(f"{name} must be {expect}, got {got}.")
+  shape = tuple(value.shape) if hasattr(value, "shape") else tuple(np.shape(value))
+  if shape != ():
+    raise ValueError(f"{name} must be one number, got shape {shape}; {sweep}")
+
+
+def whole_number(name: str, value, minimum: int | None = None) -> int:
+  """``value`` as a Python int: an int (NumPy's too) or a float with no fractional part, else
+  a TypeError (a bool, a string, 2.5) naming ``name``; below ``minimum``, a ValueError. Counts
+  such as epochs key caches of compiled programs: a 2.0 that got in as a float was cached as
+  equal to 2 and broke every later call with 2 epochs."""
+  try:
+    v = operator.index(value)
+  except TypeError:
+    v = None
+    if (isinstance(value, (float, np.floating)) and not isinstance(value, bool)
+        and math.isfinite(value) and float(value).is_integer()):
+      v = int(value)
+  if v is None or isinstance(value, bool):
+    raise TypeError(f"{name} must be a whole number (an int), got {value!r}; pass e.g. "
+                    f"{name}=int({name}).")
+  if minimum is not None and v < minimum:
+    raise ValueError(f"{name} must be at least {minimum}, got {v}.")
+  return int(v)
 
 
 _DATA_FIX = "clean or impute them first (e.g. drop those rows)."

@@ -284,7 +284,8 @@ class Model(abc.ABC):
 
   def init(self, key: jax.Array) -> PyTree:
     """Initial variables for this model (a dict with a ``'params'`` entry)."""
-    validate.check_key(key)
+    validate.check_key(key, single="init", batch_fix=(
+        "for one network per key, vmap over them: jax.vmap(model.init)(keys)."))
     return _jitted_init(self)(key)
 
   def apply(self, params: PyTree, x: jax.Array) -> jax.Array:

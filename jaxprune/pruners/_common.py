@@ -56,7 +56,8 @@ def fold_obstacle(group: units_lib.UnitGroup, *, linear: bool = False) -> str | 
   no_bias = [s for s in group.consumers if s.bias is None]
   if no_bias:
     return (f"its consumer {units_lib.path_str(no_bias[0].path)} adds no bias with a value for "
-            "each of its outputs")
+            "each of its outputs directly to its product (a bias added after another op, such "
+            "as a scaling 2 * (h @ W) + b, cannot take the fold)")
   if not group.exact_constant_fold:
     padded = [s for s in group.consumers if s.padded]
     if padded and all(s.padded_why for s in padded):  # what each reader is, where known
@@ -119,26 +120,6 @@ def check_fraction(name: str, value) -> None:
     v = np.asarray(value)
     if np.any(~np.isfinite(v)) or np.any(v < 0) or np.any(v > 1):
       raise ValueError(f"{name} must lie in [0, 1], got {value}.")
-
-
-def check_real_scalar(name: str, value, expect: str, sweep: str) -> None:
-  """Raises unless ``value`` is one real number (bool, integer or float; concrete or traced):
-  ``TypeError`` for anything else (a string, None, a complex number), saying it must be
-  ``expect``; ``ValueError`` for several numbers, ending with ``sweep`` (how to run a sweep)."""
-  dtype = None
-  if not isinstance(value, (str, bytes)) and value is not None:
-    try:
-      dtype = np.asarray(value).dtype if not hasattr(value, "dtype") else jnp.result_type(value)
-    except (TypeError, ValueError):
-      dtype = None
-  if dtype is None or not (jnp.issubdtype(dtype, jnp.integer) or
-                           jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.bool_):
-    got = f"an array of {dtype}" if hasattr(value, "dtype") else (
-        f"{type(value).__name__} {value!r}")
-    raise TypeError(f"{name} must be {expect}, got {got}.")
-  shape = tuple(value.shape) if hasattr(value, "shape") else tuple(np.shape(value))
-  if shape != ():
-    raise ValueError(f"{name} must be one number, got shape {shape}; {sweep}")
 
 
 def check_activation_shape(acts, group: units_lib.UnitGroup) -> None:

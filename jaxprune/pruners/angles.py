@@ -131,6 +131,10 @@ def check_thresholds(similar_deg, complementary_deg, *, similar: bool = True,
   """Raises ValueError for concrete thresholds outside [0, 180] or similar >= complementary."""
   for name, val, used in (("similar_deg", similar_deg, similar),
                           ("complementary_deg", complementary_deg, complementary)):
+    if used:
+      _common.validate.check_real_scalar(
+          name, val, "an angle in degrees in [0, 180] (a number)",
+          "to sweep several values use jax.vmap over the pruner.", bool_ok=False)
     if used and _common.is_concrete(val):
       v = np.asarray(val)
       if v.ndim:

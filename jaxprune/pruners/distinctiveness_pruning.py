@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import units as units_lib
+from jaxprune import validate
 from jaxprune.pruners import _common
 from jaxprune.pruners.angles import _thresholds_ok, check_thresholds
 from jaxprune.pruners.selection import CONSTANT, SweepReport, _sweep
@@ -349,7 +350,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
 def _check_tol(tol):
   """One real ``constant_tol`` >= 0 (a TypeError / ValueError naming it, not NumPy's or jit's
   own message, for None, a string or an array of tolerances)."""
-  _common.check_real_scalar(
+  validate.check_real_scalar(
       "constant_tol", tol, "a number >= 0 (a unit whose activation range is below it is "
       "constant)", "to run several tolerances, jax.vmap the pruner over them (in_axes 0 for "
       "constant_tol, None for the rest).")
@@ -618,8 +619,8 @@ def until_stable(prune: Callable, params: PyTree, unit_masks, *args,
     >>> bool(rep.stable)
     True
   """
-  if max_sweeps is not None and int(max_sweeps) < 1:
-    raise ValueError(f"max_sweeps must be at least 1 (or None), got {max_sweeps}.")
+  if max_sweeps is not None:   # (an int: it keys the cache of compiled loops)
+    max_sweeps = validate.whole_number("max_sweeps", max_sweeps, 1)
   if sample_weight is not None and not _takes_sample_weight(prune):
     raise ValueError("sample_weight weights the patterns of an activation pruner "
                      "(distinctiveness(...)); this pruner takes no data (weight_distinctiveness "

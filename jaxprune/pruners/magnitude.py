@@ -312,7 +312,7 @@ def _core(params, scores, weight_masks, fraction, *, selected, scope):
 def _check_fraction_value(fraction) -> None:
   """Raises unless ``fraction`` is one real number (concrete: in [0, 1]); a sequence of
   fractions is a sweep, which is a ``jax.vmap``."""
-  _common.check_real_scalar(
+  validate.check_real_scalar(
       "fraction", fraction, "a real number in [0, 1] (the share of the remaining weights to "
       "remove)", "to prune at several fractions, vmap over them: jax.vmap(lambda f: "
       "magnitude_prune(params, masks, f))(fractions).")
@@ -383,5 +383,5 @@ def random_prune(params: PyTree, weight_masks: PyTree | None = None, fraction=0.
 
   The baseline of the lottery-ticket experiment. ``key`` is a ``jax.random.key``.
   """
-  validate.check_key(key)
+  validate.check_key(key, single="random_prune")
   return _prune(params, weight_masks, fraction, key, scope, select, random=True)
