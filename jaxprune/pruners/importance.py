@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import masks as masks_lib
+from jaxprune import validate
 from jaxprune.pruners import _common
 
 PyTree = Any
@@ -137,6 +138,8 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
     keep = mask & (rank >= kk)
     pruned = jax.tree.map(lambda new, old: jnp.where(valid, new, old),
                           _common.zero_units(params, g, keep), params)
+    # (a unit the masks removed has zero weights in the network they describe: score 0)
+    s = jnp.where(mask, s, jnp.zeros((), s.dtype))
     return (pruned, keep, ImportanceReport(s, n - jnp.sum(keep, dtype=jnp.int32),
                                            (k >= n) & (n > 0), ~valid))
 
@@ -144,7 +147,7 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
     mask = _common.group_mask(unit_masks, g, groups, params)
     if _common.is_concrete(k) and not _whole_in_range(k, g.size):
       raise ValueError(f"k must be a whole number of units between 0 and the group size "
-                       f"{g.size}, got {k}.")
+                       f"{g.size}, got {k!r}.")
     _check_kernels(params, g)
     params, keep, res = core(params, mask, _common.other_unit_masks(unit_masks, g, groups), k)
     return params, _common.with_mask(unit_masks, g.name, keep), res
@@ -165,7 +168,7 @@ def _whole_in_range(k, size: int) -> bool:
 
 def _check_max_rise(max_rise) -> None:
   """Raises unless ``max_rise`` is one real number (concrete: >= 0, NaN refused)."""
-  _common.check_real_scalar(
+  validate.check_real_scalar(
       "max_rise", max_rise, "a number >= 0 (the largest allowed rise of the loss)",
       "to run several thresholds, vmap over them: jax.vmap(run, in_axes=(None, None, "
       "0))(params, unit_masks, max_rises).")
@@ -210,7 +213,9 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
   ``relative=True``, ``loss - loss0 <= max_rise * |loss0|``): a NaN loss stops it too.
   ``loss_fn`` must return a scalar; NaN kernel weights, or a NaN loss for the unpruned params,
   raise ValueError on concrete input.
-  Importance depends only on a unit's own incoming weights, so the order is fixed up front.
+  Importance depends on a unit's own incoming weights, so the order is fixed up front, except
+  in a group that reads itself (a recurrent layer, ``h + tanh(h @ w1)``): there a removed unit's
+  rows leave its kept units' kernels, and the scores are computed again after each removal.
 
   Returns:
     ``run(params, unit_masks, max_rise=0.1) -> (params, unit_masks, IterativeReport)``;
@@ -244,6 +249,11 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
     params = _common.masked_network(params, groups, g, mask, others)
     s = _scores(params, g, norm)
     order = _order(s, mask)
+    # A group that reads itself: a removal zeroes rows of the kept units' kernels too.
+    own = [sl for sl in g.slices if sl.path in {p.path for p in g.producers}
+           and sl.path in {c.path for c in g.consumers}]
+    scores = ((lambda m: _scores(_common.zero_units(params, g, m, own), g, norm)) if own else
+              (lambda m: s))
     def loss(m):
       value = jnp.asarray(loss_fn(_common.zero_units(params, g, m)), jnp.float32)
       if value.shape != ():   # found when the loop is traced, before any work
@@ -251,7 +261,7 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
                          f"{value.shape} (average over the patterns).")
       return value
 
-    min_imp = lambda m: jnp.min(jnp.where(m, s, jnp.inf))
+    min_imp = lambda m: jnp.min(jnp.where(m, scores(m), jnp.inf))
     loss0 = loss(mask)
     # Bad traced input (concrete input raises in run): change nothing.
     valid = (jnp.all(jnp.isfinite(jnp.where(mask, s, 0.0))) & (jnp.asarray(max_rise) >= 0)
@@ -268,7 +278,8 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
 
     def body(c):
       mask, step, rows, _, _ = c
-      u = order[step]
+      # (ties: the lower index, as the stable order; a rejected removal ends the loop)
+      u = order[step] if not own else jnp.argmin(jnp.where(mask, scores(mask), jnp.inf))
       new = mask.at[u].set(False)
       l = loss(new)
       limit = max_rise * jnp.abs(loss0) if relative else max_rise
