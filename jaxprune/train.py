@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import operator
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -241,19 +240,28 @@ def _check_no_nnx_statistics(params) -> None:
   the optimizer (a traced target needs them in its params to find the groups through them)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   is_var = lambda x: isinstance(x, nnx.Variable)
-  held = [f"{jax.tree_util.keystr(path, simple=True, separator='/')} "
-          f"({type(leaf).__name__})"
-          for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_var)[0]
-          if is_var(leaf) and not isinstance(leaf, nnx.Param)]
-  if held:
+  found = [(path, type(leaf))
+           for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_var)[0]
+           if is_var(leaf) and not isinstance(leaf, nnx.Param)]
+  if found:
+    held = [f"{jax.tree_util.keystr(path, simple=True, separator='/')} ({kind.__name__})"
+            for path, kind in found]
+    # the split's filter for what was found: nnx's own classes as nnx.<name>, the user's by name
+    kinds = list(dict.fromkeys(
+        ("nnx." if getattr(nnx, kind.__name__, None) is kind else "") + kind.__name__
+        for _, kind in found))
+    stat = kinds[0] if len(kinds) == 1 else f"({', '.join(kinds)})"
+    own = [k for k in kinds if not k.startswith("nnx.")]
     raise ValueError(
         f"params hold {len(held)} nnx variables that are not nnx.Param: "
         f"{', '.join(held[:4])}{' ...' if len(held) > 4 else ''}. Every leaf given to train is "
         "trained by gradient, so running statistics would be changed by the optimizer. Keep "
         "them apart as the variables' 'batch_stats': graphdef, params, stats, rest = "
-        "nnx.split(model, nnx.Param, nnx.BatchStat, ...); trace fn(v, x) = nnx.merge("
+        f"nnx.split(model, nnx.Param, {stat}, ...); trace fn(v, x) = nnx.merge("
         "graphdef, v['params'], v['batch_stats'], rest)(x) with v = {'params': params, "
-        "'batch_stats': stats} (fit trains v['params'] and carries the statistics).")
+        "'batch_stats': stats} (fit trains v['params'] and carries the statistics)."
+        + (f" If {', '.join(own)} should be trained, make it a subclass of nnx.Param instead."
+           if own else ""))
 
 
 def _check_trainable(params) -> None:
@@ -298,7 +306,7 @@ def _check_trainer_settings(fn: str, model, trainer, batch_size, optimizer, loss
     clash.append("optimizer=")
   if loss is not None and loss is not trainer.loss:
     clash.append("loss=")
-  if batch_size is not None and _whole_number("batch_size", batch_size, 1) != trainer.batch_size:
+  if batch_size is not None and validate.whole_number("batch_size", batch_size, 1) != trainer.batch_size:
     clash.append(f"batch_size={batch_size} (the trainer's is {trainer.batch_size})")
   if clash:
     raise ValueError(f"{fn}: {', '.join(clash)} differ(s) from what trainer= was built with, "
@@ -468,32 +476,18 @@ def _check_validation_runs(model: Model, params, validation, checked=None) -> tu
   return (vx, vy, vw)[:len(validation)]
 
 
-def _whole_number(name: str, value, minimum: int | None = None) -> int:
-  """``value`` as a Python int: an int (NumPy's too) or a float with no fractional part. Epoch
-  and batch counts key the cache of compiled programs: a 2.0 that got in as a float was cached
-  as equal to 2 and broke every later call with 2 epochs."""
-  try:
-    v = operator.index(value)
-  except TypeError:
-    v = None
-    if (isinstance(value, (float, np.floating)) and not isinstance(value, bool)
-        and math.isfinite(value) and float(value).is_integer()):
-      v = int(value)
-  if v is None or isinstance(value, bool):
-    raise TypeError(f"{name} must be a whole number (an int), got {value!r}; pass e.g. "
-                    f"{name}=int({name}).")
-  if minimum is not None and v < minimum:
-    raise ValueError(f"{name} must be at least {minimum}, got {v}.")
-  return int(v)
-
-
 def _check_batch_size(batch_size) -> int:
-  return _whole_number("batch_size", batch_size, 1)
+  return validate.whole_number("batch_size", batch_size, 1)
 
 
 def _check_learning_rate(learning_rate) -> None:
   """A concrete learning rate must be finite and >= 0 (a negative one climbs the loss)."""
-  if learning_rate is None or not validate.is_concrete(learning_rate):
+  if learning_rate is None:
+    return
+  if not validate.is_real(learning_rate, bool_ok=False):
+    raise TypeError(f"learning_rate must be a number (e.g. 1e-3), or for fit_many an array of "
+                    f"numbers, got {type(learning_rate).__name__} {learning_rate!r}.")
+  if not validate.is_concrete(learning_rate):
     return
   lr = np.asarray(learning_rate, np.float64)
   if lr.size == 0 or not np.all(np.isfinite(lr)) or np.any(lr < 0):
@@ -805,6 +799,20 @@ def _compiled_eval_weighted(trainer: Trainer, batch_size: int, many: bool):
   return jax.jit(jax.vmap(one) if many else one)
 
 
+def _nan_advice(params: PyTree) -> str:
+  """What to try after training diverged; for float16 params, their dtype first: Adam's
+  ``eps`` (1e-8) and squared gradients below about 6e-8 round to 0 in float16, so its updates
+  divide by zero at any learning rate."""
+  usual = ("lower the learning rate, check the inputs for extreme values, or standardise them.")
+  if any(getattr(a, "dtype", None) == jnp.float16 for a in jax.tree.leaves(params)):
+    return ("the params are float16, where an optimizer's small constants and squared "
+            "gradients round to 0 (Adam's eps=1e-8 does: its updates then divide by zero at "
+            "any learning rate): train in float32 or bfloat16 (jax.tree.map(lambda a: "
+            "a.astype(jnp.float32), params)), or pass an optimizer built for float16, e.g. "
+            "optax.adam(1e-3, eps=1e-4); otherwise " + usual)
+  return usual
+
+
 def _run(trainer, params, masks, learning_rate, x, y, w, key, epochs, val, log_every, progress,
          desc, many, callback=None):
   chunks = []
@@ -820,8 +828,8 @@ def _run(trainer, params, masks, learning_rate, x, y, w, key, epochs, val, log_e
     last = {kk: float(np.mean(np.asarray(v)[..., -1])) for kk, v in m.items()}
     if not all(math.isfinite(v) for v in last.values()):
       raise FloatingPointError(
-          f"Training produced a NaN or infinite loss by epoch {done} ({last}); lower the "
-          "learning rate, check the inputs for extreme values, or standardise them.")
+          f"Training produced a NaN or infinite loss by epoch {done} ({last}); "
+          f"{_nan_advice(state.params)}")
     chunks.append(m)
     bar.update(done, **last)
     if callback is not None:
@@ -834,8 +842,7 @@ def _run(trainer, params, masks, learning_rate, x, y, w, key, epochs, val, log_e
   if bad:
     raise FloatingPointError(
         f"Training produced {bad} NaN or infinite parameter values by epoch {done} (its last "
-        "step, after the loss was measured); lower the learning rate, check the inputs for "
-        "extreme values, or standardise them.")
+        f"step, after the loss was measured); {_nan_advice(state.params)}")
   history = {k: np.concatenate([np.asarray(c[k]) for c in chunks], axis=-1) for k in chunks[0]}
   return state, history
 
@@ -893,8 +900,8 @@ def fit(model: Model, params: PyTree, x, y, *, key: jax.Array, epochs: int,
     ``val_accuracy``) to per-epoch arrays.
   """
   model = as_model(model, loss)
-  epochs = _whole_number("epochs", epochs, 1)
-  log_every = _whole_number("log_every", log_every, 1)
+  epochs = validate.whole_number("epochs", epochs, 1)
+  log_every = validate.whole_number("log_every", log_every, 1)
   _check_callback(callback)
   _check_trainable(params)
   _check_trainer_settings("fit", model, trainer, batch_size, optimizer, loss)
@@ -967,8 +974,8 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
     ``(params, history)`` with a leading run axis on every leaf and history array.
   """
   model = as_model(model, loss)
-  epochs = _whole_number("epochs", epochs, 1)
-  log_every = _whole_number("log_every", log_every, 1)
+  epochs = validate.whole_number("epochs", epochs, 1)
+  log_every = validate.whole_number("log_every", log_every, 1)
   _check_callback(callback)
   _check_trainable(params)
   _check_trainer_settings("fit_many", model, trainer, batch_size, optimizer, loss)
@@ -1001,6 +1008,18 @@ def fit_many(model: Model, params: PyTree, x, y, w, *, key: jax.Array, epochs: i
   return state.params, history
 
 
+def _refuse_traced(fn: str, *args) -> None:
+  """Raises TypeError when an argument is traced: ``fn`` runs on the host and returns host
+  numbers (a pruner's ``loss_fn`` built on it would fail deep in JAX)."""
+  if not validate.is_concrete(*args):
+    raise TypeError(
+        f"{fn} runs on the host and returns host numbers, so it cannot run inside jax.jit, "
+        "grad or vmap, nor as a pruner's loss_fn (which runs inside its compiled loop). Write "
+        "the loss as a JAX function of the params instead, closing over the data, e.g. "
+        "loss_fn = lambda p: jaxprune.train.cross_entropy(model.apply(p, x), y).mean() "
+        "(jaxprune.train.squared_error for an autoencoder).")
+
+
 def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
              loss: Callable | None = None, batch_size: int = 1024,
              sample_weight=None) -> dict[str, float]:
@@ -1018,6 +1037,7 @@ def evaluate(model: Model, params: PyTree, x, y, *, masks: PyTree | None = None,
   A user-supplied ``loss`` should be one function object reused across calls: each new function
   compiles a new program.
   """
+  _refuse_traced("evaluate", params, x, y, masks, sample_weight)
   model = as_model(model, loss)
   batch_size = _check_batch_size(batch_size)
   xh, yh = _host(x), _host(y)
@@ -1064,6 +1084,7 @@ def evaluate_many(model: Model, params: PyTree, x, y, sample_weight=None, *,
     >>> jaxprune.evaluate_many(model, params, x, y)['accuracy'].shape
     (2,)
   """
+  _refuse_traced("evaluate_many", params, x, y, masks, sample_weight)
   model = as_model(model, loss)
   batch_size = _check_batch_size(batch_size)
   xh, yh = _host(x), _host(y)

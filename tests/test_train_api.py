@@ -569,3 +569,63 @@ def test_fit_many_takes_optimizer_and_loss_as_fit_does_and_padding_targets_may_b
   nan_pad[1, 0] = np.nan   # a row of weight 1: refused
   with pytest.raises(ValueError, match="NaN or infinite"):
     jaxprune.evaluate(model, one, x[1], nan_pad[1], loss=_mse, sample_weight=w[1])
+
+
+def test_evaluate_inside_a_compiled_loss_is_named_with_the_fix():
+  """A pruner's loss_fn built on evaluate (a host function) failed with JAX's
+  ConcretizationTypeError deep in the pruner's loop; under jit too."""
+  p = one(PARAMS, 0)
+  loss = lambda q: jaxprune.evaluate(MODEL, q, X[0], Y[0])["loss"]
+  assert np.isfinite(loss(p))                    # fine on the host
+  for run in (lambda: jax.jit(loss)(p),
+              lambda: jaxprune.pruners.iterative_importance(MODEL, "hidden_0", loss)(
+                  p, jaxprune.unit_masks_ones(MODEL), 0.1),
+              lambda: jax.jit(lambda q: jaxprune.evaluate_many(MODEL, q, X, Y)["loss"])(
+                  PARAMS)):
+    with pytest.raises(TypeError, match="runs on the host.*train.cross_entropy"):
+      run()
+
+
+def test_learning_rates_that_are_not_numbers_are_refused():
+  """A string was parsed by NumPy: fit failed inside jit, fit_many trained at 0.01 silently;
+  True trained at a rate of 1."""
+  p = one(PARAMS, 0)
+  for lr in ("0.01", True, 1e-3 + 0j):
+    with pytest.raises(TypeError, match="learning_rate must be a number"):
+      jaxprune.fit(MODEL, p, X[0], Y[0], key=jax.random.key(0), epochs=1, learning_rate=lr,
+                   progress=False)
+  with pytest.raises(TypeError, match="learning_rate must be a number"):
+    jaxprune.fit_many(MODEL, PARAMS, X, Y, W, key=jax.random.split(jax.random.key(0), 3),
+                      epochs=1, learning_rate=np.array(["0.01"] * 3), progress=False)
+
+
+def test_float16_divergence_names_the_dtype_not_only_the_learning_rate():
+  """Adam's eps (1e-8) rounds to 0 in float16: training diverged at any learning rate while
+  the message advised a lower one."""
+  p16 = jax.tree.map(lambda a: a.astype(jnp.float16), one(PARAMS, 0))
+  with pytest.raises(FloatingPointError, match="params are float16.*eps=1e-4"):
+    jaxprune.fit(MODEL, p16, X[0].astype(np.float16), Y[0], key=jax.random.key(0), epochs=3,
+                 batch_size=4, progress=False)
+
+
+def test_a_variable_class_of_the_users_own_is_named_in_the_split_it_needs():
+  """fit's advice named only nnx.BatchStat: followed for a Variable class of the user's own,
+  the class stayed in the closed-over rest and the group disappeared."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Gain(nnx.Variable):
+    pass
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.a, self.g = nnx.Linear(3, 4, rngs=rngs), Gain(jnp.linspace(0.5, 1.5, 4))
+      self.out = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(nnx.relu(self.a(x)) * self.g[...])
+
+  graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+  t = jaxprune.trace(lambda s, x: nnx.merge(graphdef, s)(x), state, X[0])
+  with pytest.raises(ValueError, match=r"nnx.split\(model, nnx.Param, Gain, \.\.\.\).*If Gain "
+                     "should be trained, make it a subclass of nnx.Param"):
+    jaxprune.fit(t, state, X[0], Y[0], key=jax.random.key(0), epochs=1, progress=False)
