@@ -27,6 +27,7 @@ import zlib
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import masks as masks_lib
@@ -302,11 +303,32 @@ def _check_template(path: str, saved: PyTree, template: PyTree) -> None:
                   "params; pass the compacted model's params as the template.")
       raise ValueError(f"The checkpoint at {path} does not fit the params template: at {shown} the "
                        f"checkpoint has {_describe(s)}, the template {_describe(t)}.{size} {fix}")
+    lossy = _lossy_cast(s, t)
+    if lossy:
+      raise ValueError(f"The checkpoint at {path} does not fit the params template: at {shown} the "
+                       f"checkpoint has {lossy}, which casting to the template's dtype would lose "
+                       "(weight masks passed as the params template?). Pass the params of the "
+                       "model that was saved as params_template (a float dtype of your choice "
+                       "casts), or params_template=None to load it as saved.")
   for names, (shown, s) in have.items():
     if names not in want:
       what = f" ({_describe(s)})" if _leafless(s) else ""
       raise ValueError(f"The checkpoint at {path} does not fit the params template: it has "
                        f"{shown}{what}, which the template lacks. {fix}")
+
+
+def _lossy_cast(saved, template) -> str:
+  """'' when the saved leaf's values survive a cast to the template leaf's dtype as the
+  template asks (a float width of the user's choice: bfloat16 params from float32 ones);
+  else what would be lost: floating values cast to a bool or integer template (weight masks
+  given as the params template turn every weight into True)."""
+  have = getattr(saved, "dtype", None)
+  want = _abstract(template).dtype
+  if have is None or jax.dtypes.issubdtype(want, jax.dtypes.prng_key):
+    return ""
+  if jnp.issubdtype(have, jnp.inexact) and not jnp.issubdtype(want, jnp.inexact):
+    return f"{have} values and the template {want}"
+  return ""
 
 
 def _nnx_hint(names: tuple, have: dict) -> str:

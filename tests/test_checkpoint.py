@@ -46,6 +46,20 @@ def test_template_with_wrong_shapes_is_refused_naming_path_and_shapes(tmp_path, 
   assert "params_template" in msg, msg                                 # says what to do
 
 
+def test_a_template_that_would_lose_the_values_is_refused(tmp_path):
+  """The weight masks (bool) or int params as the template: the float params loaded as True /
+  0 without a word. A float dtype of the user's choice still casts."""
+  path, params, masks = _save(tmp_path)
+  for template, kind in ((masks, "bool"), (jax.tree.map(lambda a: a.astype(jnp.int32), params),
+                                           "int32")):
+    with pytest.raises(ValueError, match=rf"float32 values and the template {kind}.*weight "
+                       "masks passed as the params template"):
+      jaxprune.load_checkpoint(path, template)
+  loaded, _ = jaxprune.load_checkpoint(path, jax.tree.map(lambda a: a.astype(jnp.bfloat16),
+                                                          params))
+  assert loaded["a"]["kernel"].dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("units", [None, UNITS], ids=["no-unit-masks", "unit-masks"])
 def test_renamed_template_is_refused_naming_the_params_path(tmp_path, units):
   path, _, _ = _save(tmp_path, units)
