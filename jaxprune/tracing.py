@@ -2044,11 +2044,14 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     # Complete: every kernel of the group feeds var, and every parameter of the group acts
     # before it (a per-unit shift or scale acting later treats units with equal activations
     # differently: merging them would change the outputs).
+    # Nor is it complete when a consumer reads a parameter of the group directly: a recurrent
+    # reader meets a learned initial state (h0) at the first step, not the activations.
     complete = (joined and var is not None and {u.where for u in kernels} <= (
         w.contractions_feeding(scope, var))
-        and not w.acts_after(scope, var, {u.leaf for u in producers}))
+        and not w.acts_after(scope, var, {u.leaf for u in producers})
+        and not _initial_states(w, producers, consumers))
     # Why not complete: worked out when asked (TracedTarget.activations_incomplete_why).
-    why = () if complete else (joined, tuple(kernels), tuple(producers))
+    why = () if complete else (joined, tuple(kernels), tuple(producers), tuple(consumers))
     sites.append(_GroupSite(name, root, activation, "conv" if con is not None and con.conv
                             else "dense", first.where, scope, var, act_axes, readout, complete,
                             plain, why))
@@ -2056,13 +2059,31 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
   return tuple(sites), uses, reasons
 
 
-def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, producers) -> str:
+def _initial_states(w: _Walker, producers, consumers) -> list:
+  """The group's non-kernel parameters that its consumers' contractions read directly: a
+  learned initial state of a recurrence (``h0``), which a recurrent reader meets at the first
+  step in place of the units' activations."""
+  reads = {u.where for u in consumers}
+  return [u for u in producers if u.kind != "kernel" and not u.computed
+          and w.acting_points(u.leaf) & reads]
+
+
+def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, producers,
+                    consumers=()) -> str:
   """Why a group's activations (``var``) are not what its consumers read, naming the params
   that act on its units after them (see ``TracedTarget.activations_incomplete_why``)."""
   if var is None:
     return "no kernel contraction makes its units, so there are no activations to compare"
   name = lambda leaf: units_lib.path_str(leaf_paths[leaf])
   parts = []
+  initial = _initial_states(w, producers, consumers)
+  if initial:
+    readers = [name(u.leaf) for u in consumers if u.where in set().union(
+        *(w.acting_points(i.leaf) for i in initial))]
+    parts.append(f"its recurrent readers ({', '.join(dict.fromkeys(readers))}) read the "
+                 f"initial state ({', '.join(dict.fromkeys(name(u.leaf) for u in initial))}) "
+                 "at the first step, not the activations, so two units with equal activations "
+                 "but different initial values pass on different values")
   if not joined:
     parts.append("its readers read it at different points (as in relu(h) @ W2 + "
                  "h @ W3), or a statistic that the tracer does not follow reads its units, "
@@ -2410,6 +2431,30 @@ def _batch_axes(w: _Walker, num_params: int, jaxpr) -> tuple[tuple, bool]:
   return tuple(axes), bool(batch) and batch <= params
 
 
+def _check_batch_reaches_outputs(w: _Walker, num_params: int, jaxpr) -> None:
+  """Raises ValueError when every axis of the first input is a parameter's axis (contracted
+  with a kernel) and none reaches an axis of the outputs (some output having axes): the input
+  holds no batch. The example was one sample without its batch axis (``x[0]``), whose
+  features the first kernel reads as if they were the batch. (A batch axis that an op
+  resizes, a padding or a loop, is not a parameter's axis, and passes.)"""
+  A = w.atoms
+  roots = lambda atoms: {A.find(a) for a in A.expand(atoms)}
+  outs = [w.env.get(v) for v in jaxpr.outvars if not isinstance(v, jex.core.Literal)]
+  out_roots = set().union(*(roots(atoms) for ax in outs if ax for atoms in ax))
+  first = w.invar_atoms[num_params] if len(w.invar_atoms) > num_params else ()
+  params = set().union(*(roots(atoms) for leaf in w.invar_atoms[:num_params] for atoms in leaf))
+  if (not out_roots or not first or any(roots(atoms) & out_roots for atoms in first)
+      or not all(roots(atoms) & params for atoms in first)):
+    return
+  shape = tuple(jaxpr.invars[num_params].aval.shape)
+  raise ValueError(
+      f"Input 0 of the example has shape {shape}, and none of its axes reaches the function's "
+      "outputs (each is contracted with a parameter or reduced away), so it holds no batch: it "
+      "looks like one sample without its batch axis. Trace with a batch of at least 2 samples, "
+      "e.g. trace(fn, params, x[:2]) rather than x[0]; the batch is the input axis that the "
+      "outputs keep.")
+
+
 def _check_batch_mean(eqn, invals, users) -> None:
   """A sum over an axis whose size changed, then scaled by a constant (``jnp.mean``,
   ``jnp.var``: batch statistics), keeps dividing by the traced size: an error instead of a wrong
@@ -2556,6 +2601,7 @@ class TracedTarget:
     # (GroupNorm's channels per group, a factor of one leaf axis with the group).
     self._group_sizes = dict(group_sizes or {})
     self._fn = fn
+    self._module_params = False   # traced with an nnx module as its params (set by trace)
     # An uncompacted target runs ``fn`` itself, which may accept params and inputs of other
     # sizes: its params' axes are pinned to the traced sizes, checked on the host (by shapes,
     # once per set of shapes) before ``fn`` runs, as the compacted target's program checks them.
@@ -2579,6 +2625,8 @@ class TracedTarget:
     """The traced function on ``params`` (this target's sizes) and inputs (any batch size)."""
     if self._fn is not None:
       self._leaves(params, args)     # host-side shape checks only: fn runs the user's code
+      if _is_nnx_module(params) and not self._module_params:
+        raise TypeError(_MODULE_AS_STATE)
       return self._fn(params, *args)
     leaves = self._flat(params, args)
     outs, _ = self._eval(frozenset(), *leaves)
@@ -2967,6 +3015,18 @@ _MODULE_HINTS = {
 }
 
 
+_MODULE_AS_STATE = (
+    "params is an nnx module, where this function takes the module's state (it merges it: "
+    "nnx.merge(graphdef, state)). Pass the state: graphdef, state = nnx.split(model), and "
+    "give state as the params (to trace the module itself, trace lambda m, x: m(x) with the "
+    "module as params; see docs/any-model.md).")
+
+
+def _is_nnx_module(x) -> bool:
+  """Whether ``x`` is an nnx module instance (flax imported only if it is loaded already)."""
+  return not isinstance(x, type) and _flax_module_kind(x) == "nnx" and hasattr(x, "__call__")
+
+
 def _flax_module_kind(fn) -> str | None:
   """``'linen'`` or ``'nnx'`` when ``fn`` is a Flax module or its class (passed where its apply
   function belongs: the failed trace then says what to pass); None otherwise. Read from the
@@ -3036,6 +3096,8 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
       hint = ("every example argument is traced as an array: pass Python settings (a train "
               "flag, a mode) by closing over them, e.g. trace(functools.partial(model.apply, "
               "train=False), params, x) or trace(lambda p, x: fn(p, x, False), params, x).")
+    elif _is_nnx_module(params) and "number of leaves" in first:   # nnx.merge met a module
+      hint = _MODULE_AS_STATE
     elif kind := _flax_module_kind(fn):
       name = fn.__name__ + " class" if isinstance(fn, type) else type(fn).__name__
       hint = _MODULE_HINTS[kind].format(name=name)
@@ -3082,9 +3144,12 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
               "reach the function's outputs, so no unit they hold is prunable. Trace the "
               "prediction alone, e.g. trace(lambda v, x: module.apply(v, x, train=True, "
               "mutable=['batch_stats'])[0], variables, x), or the model in inference mode.",)
+  _check_batch_reaches_outputs(w, len(param_leaves), closed.jaxpr)
   an = _Analysis(closed, in_treedef, jax.tree.structure(out_shape), len(param_leaves), w,
                  leaf_paths, sites, uses, lines,
                  tuple(_shape(l) for l in avals[len(param_leaves):]),
                  *_batch_axes(w, len(param_leaves), closed.jaxpr))
   sizes = {}
-  return TracedTarget(an, sizes, fn)
+  target = TracedTarget(an, sizes, fn)
+  target._module_params = _is_nnx_module(params)  # pylint: disable=protected-access
+  return target

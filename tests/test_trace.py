@@ -11,7 +11,7 @@ from flax import nnx
 import jaxprune
 from jaxprune import ga
 from jaxprune import units
-from conftest import linen_batch_norm_mlp, nnx_as_function
+from conftest import linen_batch_norm_mlp, nnx_as_function, nnx_sigmoid_mlp
 
 RNG = np.random.default_rng(0)
 
@@ -420,6 +420,30 @@ def test_wrong_example_batch_shape():
   t = jaxprune.trace(fn, params, jnp.ones((5, 4)))
   with pytest.raises(ValueError, match="inputs shaped \\(N, 4\\)"):
     t.check_input(jnp.ones((5, 3)))
+  # One sample without its batch axis (x[0]): its features were read as the batch, and the
+  # target then refused every real batch as "shaped (N)".
+  mlp = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+  with pytest.raises(ValueError, match=r"shape \(4,\).*holds no batch.*x\[:2\]"):
+    jaxprune.trace(mlp, params, jnp.ones((4,)))
+
+
+def test_an_nnx_module_where_the_function_takes_its_state_is_named():
+  """fn merges a state (nnx.merge(graphdef, s)): the module itself passed as params failed in
+  flax ('Incorrect number of leaves') at trace, apply and fit."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  module = nnx_sigmoid_mlp()
+  graphdef, state = nnx.split(module)
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)
+  x = jnp.ones((4, 8))
+  with pytest.raises(jaxprune.TraceError, match="params is an nnx module.*nnx.split"):
+    jaxprune.trace(fn, module, x)
+  t = jaxprune.trace(fn, state, x)
+  with pytest.raises(TypeError, match="params is an nnx module.*nnx.split"):
+    t.apply(module, x)
+  np.testing.assert_allclose(t.apply(state, x), module(x), rtol=1e-6)
+  # the documented route with the module as params still runs
+  tm = jaxprune.trace(lambda m, x: m(x), module, x)
+  np.testing.assert_allclose(tm.apply(module, x), module(x), rtol=1e-6)
 
 
 def test_unknown_op_marks_leaves_unprunable_with_its_name():

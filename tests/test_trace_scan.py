@@ -256,3 +256,34 @@ def test_an_optimized_lstm_runs_at_other_batch_sizes():
   assert list(t.groups) == ["OptimizedLSTMCell_0/hi"]
   small, small_t = t.compact(v, {})
   np.testing.assert_allclose(small_t.apply(small, x[:3]), Net().apply(v, x[:3]), atol=1e-6)
+
+
+def test_a_learned_initial_state_makes_the_activations_incomplete():
+  """A recurrent reader meets the initial state at the first step, not the activations: with
+  a learned h0, units 1 and 5 of equal activations (equal incoming weights) but unequal h0
+  merged moved the outputs by 0.17. The group is incomplete, naming h0; with a zero initial
+  state the same merge is exact."""
+  wx, wh, b = _arr(F, H), _arr(H, H, scale=0.5), _arr(H)
+  p = {"Wx": wx.at[:, 5].set(wx[:, 1]), "Wh": wh.at[:, 5].set(wh[:, 1]),
+       "b": b.at[5].set(b[1]), "h0": _arr(H), "Wo": _arr(H, C)}
+
+  def rnn(p, xs, learned=True):
+    h0 = (jnp.broadcast_to(p["h0"], (xs.shape[0], H)) if learned else
+          jnp.zeros((xs.shape[0], H)))
+    step = lambda h, xt: (jnp.tanh(xt @ p["Wx"] + h @ p["Wh"] + p["b"]),) * 2
+    return lax.scan(step, h0, jnp.swapaxes(xs, 0, 1))[0] @ p["Wo"]
+  xs = _arr(6, 4, F)
+  t = jaxprune.trace(rnn, p, xs)
+  assert not t.activations_complete("Wx")
+  assert "initial state (h0)" in t.activations_incomplete_why("Wx")
+  with pytest.raises(ValueError, match=r"recurrent readers \(Wh\) read the initial state"):
+    jaxprune.distinctiveness(t, "Wx", constants=False)
+
+  zero = lambda q, xs: rnn(dict(q, h0=None), xs, learned=False)
+  q = {k: v for k, v in p.items() if k != "h0"}
+  t0 = jaxprune.trace(zero, q, xs)
+  acts = t0.activations(q, xs, "Wx")
+  merged, um, rep = jaxprune.distinctiveness(t0, "Wx", constants=False, complementary=False)(
+      q, jaxprune.unit_masks_ones(t0), acts, 1e-3, 180.0)
+  assert not bool(um["Wx"][5])
+  np.testing.assert_allclose(zero(merged, xs), zero(q, xs), atol=1e-5)
