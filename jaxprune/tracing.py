@@ -246,8 +246,10 @@ _GROWING_CONV = ("a convolution whose zero padding makes its output larger than 
                  "transposed convolution, 'VALID' included, pads by its kernel size minus one), "
                  "where a constant channel adds less at the borders than elsewhere")
 _RECURRENCE = "a recurrence, which reads the initial state, not the units, at the first step"
-_CHANGES_CONSTANTS = ("an op that does not pass a constant on unchanged (a sum, a zero pad, an "
-                      "average that counts padding, a scaling or an attention-weighted sum)")
+_CHANGES_CONSTANTS = ("an op that is not known to pass a constant on unchanged (a sum, a zero "
+                      "pad, an average that counts padding, a scaling or an attention-weighted "
+                      "sum; an interpolating resize and a padded average over the real "
+                      "positions only do pass it, but are not recognised)")
 
 _READ_TWICE = ("a product of the units with themselves (each unit read at two places, as in "
                "h[:, :, None] * h[:, None, :] or einsum('bi,bj,ijk->bk', h, h, W)), where a "
@@ -2060,12 +2062,44 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
 
 
 def _initial_states(w: _Walker, producers, consumers) -> list:
-  """The group's non-kernel parameters that its consumers' contractions read directly: a
-  learned initial state of a recurrence (``h0``), which a recurrent reader meets at the first
-  step in place of the units' activations."""
-  reads = {u.where for u in consumers}
-  return [u for u in producers if u.kind != "kernel" and not u.computed
-          and w.acting_points(u.leaf) & reads]
+  """The group's non-kernel parameters that a consumer contraction reads through a scan's
+  carry at the first step: a learned initial state of a recurrence (``h0``, read as it is or
+  through ops, ``relu(h) @ Wh``), which a recurrent reader meets there in place of the units'
+  activations. (A carry the readers do not read, an LSTM's ``c0``, does not count.)"""
+  candidates = {u.leaf: u for u in producers if u.kind != "kernel" and not u.computed}
+  if not candidates:
+    return []
+  top = w.jaxpr_at[()].invars
+  found = set()
+  for u in consumers:
+    con = next((c for c in w.contractions if c.path == u.where), None)
+    if con is None or not con.path[:-1]:        # a reader outside any scan body
+      continue
+    stack, seen = [(con.path[:-1], con.stream_var, False)], set()
+    while stack:
+      scope, v, carried = stack.pop()
+      if isinstance(v, jex.core.Literal) or (scope, v, carried) in seen:
+        continue
+      seen.add((scope, v, carried))
+      jaxpr = w.jaxpr_at[scope]
+      if not scope:
+        if carried and v in top and top.index(v) in candidates:
+          found.add(top.index(v))
+      if scope and v in jaxpr.invars:            # a body's input: back to its call site
+        eqn = w.jaxpr_at[scope[:-1]].eqns[scope[-1]]
+        i = jaxpr.invars.index(v)
+        if eqn.primitive.name == "scan":
+          nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+          stack.append((scope[:-1], eqn.invars[i], carried or nc <= i < nc + nk))
+        else:
+          stack.append((scope[:-1], eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i],
+                        carried))
+        continue
+      eqn = next((e for e in jaxpr.eqns if v in e.outvars), None)
+      if eqn is None or eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        continue                                 # another layer's output: not the carry's
+      stack.extend((scope, x, carried) for x in eqn.invars)
+  return [candidates[leaf] for leaf in sorted(found)]
 
 
 def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, producers,
@@ -2078,8 +2112,7 @@ def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, produce
   parts = []
   initial = _initial_states(w, producers, consumers)
   if initial:
-    readers = [name(u.leaf) for u in consumers if u.where in set().union(
-        *(w.acting_points(i.leaf) for i in initial))]
+    readers = [name(u.leaf) for u in consumers if _initial_states(w, initial, [u])]
     parts.append(f"its recurrent readers ({', '.join(dict.fromkeys(readers))}) read the "
                  f"initial state ({', '.join(dict.fromkeys(name(u.leaf) for u in initial))}) "
                  "at the first step, not the activations, so two units with equal activations "
@@ -2432,26 +2465,27 @@ def _batch_axes(w: _Walker, num_params: int, jaxpr) -> tuple[tuple, bool]:
 
 
 def _check_batch_reaches_outputs(w: _Walker, num_params: int, jaxpr) -> None:
-  """Raises ValueError when every axis of the first input is a parameter's axis (contracted
-  with a kernel) and none reaches an axis of the outputs (some output having axes): the input
-  holds no batch. The example was one sample without its batch axis (``x[0]``), whose
-  features the first kernel reads as if they were the batch. (A batch axis that an op
-  resizes, a padding or a loop, is not a parameter's axis, and passes.)"""
+  """Raises ValueError when every axis of every input is a parameter's axis (contracted with
+  a kernel) and none reaches an axis of the outputs (some output having axes): no input holds
+  a batch. The example was one sample without its batch axis (``x[0]``), whose features the
+  first kernel reads as if they were the batch. (An input shared by the batch, such as a
+  normalisation's mean, passes beside a batched one; a batch axis that an op resizes or
+  reduces, a padding or a loop, is not a parameter's axis, and passes too.)"""
   A = w.atoms
   roots = lambda atoms: {A.find(a) for a in A.expand(atoms)}
   outs = [w.env.get(v) for v in jaxpr.outvars if not isinstance(v, jex.core.Literal)]
   out_roots = set().union(*(roots(atoms) for ax in outs if ax for atoms in ax))
-  first = w.invar_atoms[num_params] if len(w.invar_atoms) > num_params else ()
+  axes = [atoms for leaf in w.invar_atoms[num_params:] for atoms in leaf]
   params = set().union(*(roots(atoms) for leaf in w.invar_atoms[:num_params] for atoms in leaf))
-  if (not out_roots or not first or any(roots(atoms) & out_roots for atoms in first)
-      or not all(roots(atoms) & params for atoms in first)):
+  if (not out_roots or not axes or any(roots(atoms) & out_roots for atoms in axes)
+      or not all(roots(atoms) & params for atoms in axes)):
     return
-  shape = tuple(jaxpr.invars[num_params].aval.shape)
+  shapes = ", ".join(str(tuple(v.aval.shape)) for v in jaxpr.invars[num_params:])
   raise ValueError(
-      f"Input 0 of the example has shape {shape}, and none of its axes reaches the function's "
-      "outputs (each is contracted with a parameter or reduced away), so it holds no batch: it "
-      "looks like one sample without its batch axis. Trace with a batch of at least 2 samples, "
-      "e.g. trace(fn, params, x[:2]) rather than x[0]; the batch is the input axis that the "
+      f"The example inputs have shapes {shapes}, and no axis of theirs reaches the function's "
+      "outputs (each is contracted with a parameter), so none holds a batch: they look like "
+      "one sample without its batch axis. Trace with a batch of at least 2 samples, e.g. "
+      "trace(fn, params, x[:2]) rather than x[0]; the batch is the input axis that the "
       "outputs keep.")
 
 

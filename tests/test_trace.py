@@ -423,8 +423,12 @@ def test_wrong_example_batch_shape():
   # One sample without its batch axis (x[0]): its features were read as the batch, and the
   # target then refused every real batch as "shaped (N)".
   mlp = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
-  with pytest.raises(ValueError, match=r"shape \(4,\).*holds no batch.*x\[:2\]"):
+  with pytest.raises(ValueError, match=r"shapes \(4,\),.*none holds a batch.*x\[:2\]"):
     jaxprune.trace(mlp, params, jnp.ones((4,)))
+  # An input shared by the batch (a normalisation's mean) beside the batch traces as before.
+  shared = lambda p, mu, x: mlp(p, x - mu)
+  t = jaxprune.trace(shared, params, jnp.ones((4,)), jnp.ones((5, 4)))
+  assert t.activations(params, jnp.ones((4,)), jnp.ones((7, 4)), "w1").shape == (7, 7)
 
 
 def test_an_nnx_module_where_the_function_takes_its_state_is_named():
