@@ -1262,7 +1262,7 @@ def distinctiveness_pruner(model_or_groups, group: str, *, similar_deg=15.0,
       {v.name: v}, v.name, source=source, similar=similar, complementary=complementary,
       constants=constants, absorb=absorb))
   check_thresholds(similar_deg, complementary_deg, similar=similar, complementary=complementary)
-  limit = g.size if max_sweeps is None else int(max_sweeps)
+  limit = g.size if max_sweeps is None else validate.whole_number("max_sweeps", max_sweeps)
   if limit < 1:
     raise ValueError(f"max_sweeps must be at least 1, got {max_sweeps}.")
 

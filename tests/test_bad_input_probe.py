@@ -37,6 +37,8 @@ def test_counts_group_names_and_keys():
   with pytest.raises(TypeError, match="max_sweeps must be a whole number.*2.5"):
     pruners.until_stable(pruners.distinctiveness(MODEL, "hidden_0"), PARAMS, UNITS, ACTS,
                          max_sweeps=2.5)
+  with pytest.raises(TypeError, match="max_sweeps must be a whole number.*2.5"):
+    jaxprune.distinctiveness_pruner(MODEL, "hidden_0", max_sweeps=2.5)
   # the unit masks where the group's name belongs: unhashable type 'dict' from units.py
   with pytest.raises(TypeError, match="group is named by a string.*got a dict.*unit masks go "
                      "to the pruner it returns"):
