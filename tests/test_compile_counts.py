@@ -307,3 +307,25 @@ def test_leaves_placed_on_different_devices_are_zeroed_where_they_live():
   assert lines[7] == ["a:6", "b:5"]
   # The all-True masks of unselected leaves sit on their leaves' devices (they were on device 0).
   assert lines[8:11] == [["a:0:True", "b:1:True", "bias:1:True"]] * 3
+
+
+def test_a_setting_of_another_type_compiles_no_new_program():
+  """A Python float, an int, a NumPy and a JAX scalar of one setting were four programs (each
+  its own abstract value); now each concrete setting reaches the sweep as a Python float."""
+  model = jaxprune.MLP(in_features=3, hidden=(5,), out_features=2)
+  params = model.init(jax.random.key(0))
+  units = jaxprune.unit_masks_ones(model)
+  acts = model.activations(params, jnp.ones((6, 3)), "hidden_0")
+  d = distinctiveness(model, "hidden_0")
+  w = weight_distinctiveness(model, "hidden_0")
+  imp = jaxprune.pruners.importance_prune(model, "hidden_0")
+  red = jaxprune.pruners.group_redundancy(model, "hidden_0")
+  calls = [lambda v: d(params, units, acts, v, 165.0), lambda v: w(params, units, v, 165.0),
+           lambda v: imp(params, units, v), lambda v: red(params, units, acts, v)]
+  for call in calls:
+    first = call(2.0)
+    with count_programs() as n:
+      others = [call(v) for v in (np.float32(2.0), 2, jnp.float32(2.0), np.int64(2))]
+    assert n == [0]
+    for out in others:
+      assert _bits(out) == _bits(first)

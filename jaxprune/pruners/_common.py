@@ -81,6 +81,13 @@ def fold_obstacle(group: units_lib.UnitGroup, *, linear: bool = False) -> str | 
   return None
 
 
+def setting(value):
+  """A checked numeric setting as the compiled sweep takes it: a concrete one as a Python
+  float (weakly typed, as a Python float literal), whatever type it came in (an int, a NumPy
+  or JAX scalar), so a new type of value compiles no new program; a traced one as it is."""
+  return value if isinstance(value, jax.core.Tracer) else float(value)
+
+
 def is_concrete(*xs) -> bool:
   """True if no argument is a tracer (so values can be checked on the host)."""
   return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))

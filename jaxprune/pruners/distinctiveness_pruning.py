@@ -330,8 +330,8 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     if not isinstance(activations, (np.ndarray, jax.Array)):
       activations = jnp.asarray(activations)   # an array already goes to jit as it is: jnp's
       # conversion of a NumPy array is one more compiled program per shape, the same values
-    return mask, (activations, similar_deg, complementary_deg, constant_tol, flags,
-                  sample_weight)
+    return mask, (activations, _common.setting(similar_deg), _common.setting(complementary_deg),
+                  _common.setting(constant_tol), flags, sample_weight)
 
   def prune(params, unit_masks, activations, similar_deg=15.0, complementary_deg=165.0,
             constant_tol=1e-6, *, sample_weight=None):
@@ -443,8 +443,8 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
-    return mask, (similar_deg, complementary_deg, constant_tol,
-                  _common.other_unit_masks(unit_masks, g, groups))
+    return mask, (_common.setting(similar_deg), _common.setting(complementary_deg),
+                  _common.setting(constant_tol), _common.other_unit_masks(unit_masks, g, groups))
 
   def prune(params, unit_masks, similar_deg=15.0, complementary_deg=165.0, constant_tol=1e-6):
     mask, rest = prepare(params, unit_masks, similar_deg, complementary_deg, constant_tol)

@@ -149,7 +149,8 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
       raise ValueError(f"k must be a whole number of units between 0 and the group size "
                        f"{g.size}, got {k!r}.")
     _check_kernels(params, g)
-    params, keep, res = core(params, mask, _common.other_unit_masks(unit_masks, g, groups), k)
+    params, keep, res = core(params, mask, _common.other_unit_masks(unit_masks, g, groups),
+                             _common.setting(k))
     return params, _common.with_mask(unit_masks, g.name, keep), res
 
   return prune
@@ -306,7 +307,7 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
     _check_max_rise(max_rise)
     _check_kernels(params, g)
     params, mask, rep = core(params, mask, _common.other_unit_masks(unit_masks, g, groups),
-                             max_rise)
+                             _common.setting(max_rise))
     if _common.is_concrete(rep.loss) and not np.isfinite(float(rep.loss[0])):
       raise ValueError(f"loss_fn gives {float(rep.loss[0])} for the unpruned params, so no "
                        "removal can be judged; check the loss and the data it closes over.")

@@ -259,7 +259,8 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     validate.check_model_data(model, params, x_real, sample_weight=sample_weight)
     shape = jax.eval_shape(lambda p, x: model.activations(p, x, g.name), params, x).shape
     _common.check_patterns(shape, sample_weight, f"x gives group {g.name!r}")
-    params, mask, report = jitted(params, mask, others, x, constant_tol, sample_weight)
+    params, mask, report = jitted(params, mask, others, x, _common.setting(constant_tol),
+                                  sample_weight)
     return params, _common.with_mask(unit_masks, g.name, mask), report
 
   return run

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import units as units_lib
+from jaxprune import validate
 from jaxprune.pruners import _common
 
 _RIDGE = 1e-4
@@ -383,8 +384,13 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       # weights that are subnormal in float32 (below 1.2e-38) read as 0 on the device.
       v = np.asarray(raw_weight, np.float64)
       sample_weight = np.asarray(v / v.max(), np.float32)   # host-side, as jnp.asarray does
+    validate.check_real_scalar(
+        "tol", tol, "a number >= 0 (the largest relative residual of a removal)",
+        "to run several tolerances, loop over them (under vmap every removal is a full-width "
+        "SVD: see the module's docstring).")
     if _common.is_concrete(tol) and not float(tol) >= 0:
       raise ValueError(f"tol must be >= 0 (a relative residual), got {tol}.")
+    tol = _common.setting(tol)
     if max_remove is None:
       max_remove = h
     elif _common.is_concrete(max_remove):
