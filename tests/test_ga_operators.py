@@ -155,6 +155,16 @@ def test_hall_of_fame_hand_case_distinct_and_ties():
   np.testing.assert_array_equal(new_fit, [5.0, 5.0, 4.0])
 
 
+def test_hall_of_fame_tie_at_the_cut_keeps_the_earlier_individual_unlike_deap():
+  """docs/ga-reference.md's example: from an empty hall of fame of 2, X and Y (3) then Z (4)
+  keep Z and X here; DEAP's one-at-a-time update keeps Z and Y. The fitness values agree."""
+  pop = _b([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+  new, new_fit = update_hall_of_fame(jnp.zeros((2, 3), bool), jnp.full((2,), -jnp.inf), pop,
+                                     jnp.asarray([3.0, 3.0, 4.0]), hof_valid=False)
+  np.testing.assert_array_equal(new, _b([[0, 0, 1], [1, 0, 0]]))
+  np.testing.assert_array_equal(new_fit, [4.0, 3.0])
+
+
 def test_hall_of_fame_first_update_ignores_placeholders_and_fills_with_duplicates():
   hof = jnp.zeros((3, 4), bool)
   hof_fit = jnp.full((3,), -jnp.inf)

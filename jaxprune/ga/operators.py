@@ -242,11 +242,14 @@ def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax
                          fitness: jax.Array, hof_valid: bool | jax.Array = True) -> jax.Array:
   """The ``K`` fittest distinct chromosomes among the hall of fame and a population.
 
-  The members DEAP's ``HallOfFame.update`` keeps: an individual identical to one already kept
-  is not kept twice, and a newcomer that only ties the worst member does not displace it. The
-  order differs: on equal fitness an existing member stays ahead of a newcomer (DEAP inserts
-  the newcomer ahead), so ``hof[0]`` changes only on a strict improvement; among newcomers the
-  lower population index wins. If fewer than ``K`` distinct chromosomes exist, the remaining
+  As DEAP's ``HallOfFame.update``, an individual identical to one already kept is not kept
+  twice, a newcomer that only ties the worst member does not displace it, and the fitness
+  values kept are DEAP's. Ties are broken once for the whole update: on equal fitness an
+  existing member stays ahead of a newcomer, so ``hof[0]`` changes only on a strict
+  improvement, and among newcomers the lower population index wins. DEAP, which inserts one
+  individual at a time, puts a newcomer ahead of the members it ties and evicts the oldest of
+  the tied worst, so where chromosomes tie at the cut the members kept can differ from DEAP's
+  (docs/ga-reference.md gives an example and how often). If fewer than ``K`` distinct chromosomes exist, the remaining
   places are filled with the best duplicates (each after the distinct members of its fitness,
   so the members stay sorted best first). Identical chromosomes are found by their fitness and a
   64-bit hash of the bits (sorted on them and neighbours compared, or, for up to
