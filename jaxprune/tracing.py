@@ -2684,9 +2684,10 @@ class TracedTarget:
           raise TraceError(
               f"At a batch of {now} (input {i}, axis {d}; traced with {was}) the function's "
               f"first output keeps {was} rows: it was made from the batch size as a number "
-              "(num_segments=x.shape[0], an array of x.shape[0] rows made apart from x), "
-              "which is a constant of the traced program. Pass inputs of the example's batch "
-              "size to this target, or trace it again at this size.")
+              "(num_segments=x.shape[0], an array of x.shape[0] rows made apart from x, in your "
+              "code or inside a layer: flax's nn.RNN with seq_lengths indexes with "
+              "jnp.arange(batch)), which is a constant of the traced program. Pass inputs of "
+              "the example's batch size to this target, or trace it again at this size.")
 
   def check_input(self, x) -> None:
     """Raises ValueError unless ``x`` is shaped like the example's first input (any batch)."""
