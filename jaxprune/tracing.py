@@ -2051,7 +2051,7 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     complete = (joined and var is not None and {u.where for u in kernels} <= (
         w.contractions_feeding(scope, var))
         and not w.acts_after(scope, var, {u.leaf for u in producers})
-        and not _initial_states(w, producers, consumers))
+        and not _initial_states(w, scope, var, producers, consumers))
     # Why not complete: worked out when asked (TracedTarget.activations_incomplete_why).
     why = () if complete else (joined, tuple(kernels), tuple(producers), tuple(consumers))
     sites.append(_GroupSite(name, root, activation, "conv" if con is not None and con.conv
@@ -2061,45 +2061,77 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
   return tuple(sites), uses, reasons
 
 
-def _initial_states(w: _Walker, producers, consumers) -> list:
-  """The group's non-kernel parameters that a consumer contraction reads through a scan's
-  carry at the first step: a learned initial state of a recurrence (``h0``, read as it is or
-  through ops, ``relu(h) @ Wh``), which a recurrent reader meets there in place of the units'
-  activations. (A carry the readers do not read, an LSTM's ``c0``, does not count.)"""
+def _initial_states(w: _Walker, scope, var, producers, consumers) -> list:
+  """The group's non-kernel parameters that a consumer contraction reads at the first step of
+  a scan in place of the units' activations ``var`` (at ``scope``): a learned initial state
+  (``h0``) that starts the carry the reader reads (as it is or through ops, ``relu(h) @ Wh``,
+  however it was broadcast: ``ones @ h0`` too), or that the step reads itself
+  (``where(t == 0, h0, h) @ Wh``). A carry started from values the inputs compute (the
+  activations themselves, another layer's output) does not count, nor does a carry the
+  readers do not read (an LSTM's ``c0``)."""
   candidates = {u.leaf: u for u in producers if u.kind != "kernel" and not u.computed}
-  if not candidates:
+  if not candidates or var is None:
     return []
   top = w.jaxpr_at[()].invars
   found = set()
   for u in consumers:
     con = next((c for c in w.contractions if c.path == u.where), None)
-    if con is None or not con.path[:-1]:        # a reader outside any scan body
+    if con is None or not con.path[:-1]:        # a reader outside any loop body
       continue
-    stack, seen = [(con.path[:-1], con.stream_var, False)], set()
+    stack, seen = [(con.path[:-1], con.stream_var)], set()
     while stack:
-      scope, v, carried = stack.pop()
-      if isinstance(v, jex.core.Literal) or (scope, v, carried) in seen:
+      sc, v = stack.pop()
+      if isinstance(v, jex.core.Literal) or (sc, v) in seen or (sc, v) == (scope, var):
+        continue                                  # (the activations themselves: what it should read)
+      seen.add((sc, v))
+      if not sc and v in top:
+        found.add(top.index(v))                  # a parameter read within the step
         continue
-      seen.add((scope, v, carried))
-      jaxpr = w.jaxpr_at[scope]
-      if not scope:
-        if carried and v in top and top.index(v) in candidates:
-          found.add(top.index(v))
-      if scope and v in jaxpr.invars:            # a body's input: back to its call site
-        eqn = w.jaxpr_at[scope[:-1]].eqns[scope[-1]]
+      jaxpr = w.jaxpr_at[sc]
+      if sc and v in jaxpr.invars:               # a body's input: back to its call site
+        eqn = w.jaxpr_at[sc[:-1]].eqns[sc[-1]]
         i = jaxpr.invars.index(v)
         if eqn.primitive.name == "scan":
           nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
-          stack.append((scope[:-1], eqn.invars[i], carried or nc <= i < nc + nk))
+          if nc <= i < nc + nk:                  # the carry: at the first step, its start
+            start = eqn.invars[i]
+            if not isinstance(start, jex.core.Literal) and start not in w.stream:
+              found |= _param_sources(w, sc[:-1], start)
+            continue
+          stack.append((sc[:-1], eqn.invars[i]))
         else:
-          stack.append((scope[:-1], eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i],
-                        carried))
+          stack.append((sc[:-1], eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i]))
         continue
       eqn = next((e for e in jaxpr.eqns if v in e.outvars), None)
-      if eqn is None or eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-        continue                                 # another layer's output: not the carry's
-      stack.extend((scope, x, carried) for x in eqn.invars)
-  return [candidates[leaf] for leaf in sorted(found)]
+      if eqn is None or eqn.primitive.name in ("dot_general", "conv_general_dilated", "scan",
+                                               "while"):
+        continue                                 # another layer's or loop's output
+      stack.extend((sc, x) for x in eqn.invars)
+  return [candidates[leaf] for leaf in sorted(found & set(candidates))]
+
+
+def _param_sources(w: _Walker, scope: tuple, var) -> set:
+  """The top-level argument leaves (by index) that ``var`` at ``scope`` is computed from,
+  through any op (a value no input computes: params and constants only)."""
+  top = w.jaxpr_at[()].invars
+  found, stack, seen = set(), [(scope, var)], set()
+  while stack:
+    sc, v = stack.pop()
+    if isinstance(v, jex.core.Literal) or (sc, v) in seen:
+      continue
+    seen.add((sc, v))
+    jaxpr = w.jaxpr_at[sc]
+    if not sc and v in top:
+      found.add(top.index(v))
+    elif sc and v in jaxpr.invars:
+      eqn = w.jaxpr_at[sc[:-1]].eqns[sc[-1]]
+      stack.append((sc[:-1], eqn.invars[len(eqn.invars) - len(jaxpr.invars)
+                                        + jaxpr.invars.index(v)]))
+    else:
+      eqn = next((e for e in jaxpr.eqns if v in e.outvars), None)
+      if eqn is not None:
+        stack.extend((sc, x) for x in eqn.invars)
+  return found
 
 
 def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, producers,
@@ -2110,13 +2142,14 @@ def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, produce
     return "no kernel contraction makes its units, so there are no activations to compare"
   name = lambda leaf: units_lib.path_str(leaf_paths[leaf])
   parts = []
-  initial = _initial_states(w, producers, consumers)
+  initial = _initial_states(w, scope, var, producers, consumers)
   if initial:
-    readers = [name(u.leaf) for u in consumers if _initial_states(w, initial, [u])]
-    parts.append(f"its recurrent readers ({', '.join(dict.fromkeys(readers))}) read the "
-                 f"initial state ({', '.join(dict.fromkeys(name(u.leaf) for u in initial))}) "
-                 "at the first step, not the activations, so two units with equal activations "
-                 "but different initial values pass on different values")
+    readers = [name(u.leaf) for u in consumers if _initial_states(w, scope, var, initial, [u])]
+    parts.append(f"its recurrent readers ({', '.join(dict.fromkeys(readers))}) read "
+                 f"parameters of the group ({', '.join(dict.fromkeys(name(u.leaf) for u in initial))}) "
+                 "beside the activations (a learned initial state at the first step, or a "
+                 "per-unit value added to what they read), so two units with equal activations "
+                 "can pass on different values")
   if not joined:
     parts.append("its readers read it at different points (as in relu(h) @ W2 + "
                  "h @ W3), or a statistic that the tracer does not follow reads its units, "

@@ -261,29 +261,51 @@ def test_an_optimized_lstm_runs_at_other_batch_sizes():
 def test_a_learned_initial_state_makes_the_activations_incomplete():
   """A recurrent reader meets the initial state at the first step, not the activations: with
   a learned h0, units 1 and 5 of equal activations (equal incoming weights) but unequal h0
-  merged moved the outputs by 0.17. The group is incomplete, naming h0; with a zero initial
-  state the same merge is exact."""
+  merged moved the outputs by 0.17. The group is incomplete, naming h0, however h0 reaches
+  the reader (through relu, broadcast by a product, or read in the step); with a zero initial
+  state, or a carry started from the activations themselves, the same merge is exact."""
   wx, wh, b = _arr(F, H), _arr(H, H, scale=0.5), _arr(H)
   p = {"Wx": wx.at[:, 5].set(wx[:, 1]), "Wh": wh.at[:, 5].set(wh[:, 1]),
        "b": b.at[5].set(b[1]), "h0": _arr(H), "Wo": _arr(H, C)}
-
-  def rnn(p, xs, learned=True):
-    h0 = (jnp.broadcast_to(p["h0"], (xs.shape[0], H)) if learned else
-          jnp.zeros((xs.shape[0], H)))
-    step = lambda h, xt: (jnp.tanh(xt @ p["Wx"] + h @ p["Wh"] + p["b"]),) * 2
-    return lax.scan(step, h0, jnp.swapaxes(xs, 0, 1))[0] @ p["Wo"]
   xs = _arr(6, 4, F)
-  t = jaxprune.trace(rnn, p, xs)
-  assert not t.activations_complete("Wx")
-  assert "initial state (h0)" in t.activations_incomplete_why("Wx")
-  with pytest.raises(ValueError, match=r"recurrent readers \(Wh\) read the initial state"):
-    jaxprune.distinctiveness(t, "Wx", constants=False)
 
-  zero = lambda q, xs: rnn(dict(q, h0=None), xs, learned=False)
+  def rnn(start, read=lambda p, h, t: h):
+    def fn(p, xs):
+      def step(h, xt_t):
+        xt, t = xt_t
+        return jnp.tanh(xt @ p["Wx"] + read(p, h, t) @ p["Wh"] + p["b"]), None
+      steps = (jnp.swapaxes(xs, 0, 1), jnp.arange(xs.shape[1]))
+      return lax.scan(step, start(p, xs), steps)[0] @ p["Wo"]
+    return fn
+  learned = {
+      "as_is": rnn(lambda p, xs: jnp.broadcast_to(p["h0"], (xs.shape[0], H))),
+      "through_relu": rnn(lambda p, xs: jnp.broadcast_to(p["h0"], (xs.shape[0], H)),
+                          lambda p, h, t: jax.nn.relu(h)),
+      "ones_product": rnn(lambda p, xs: jnp.ones((xs.shape[0], 1)) @ p["h0"][None]),
+      "read_in_step": rnn(lambda p, xs: jnp.zeros((xs.shape[0], H)),
+                          lambda p, h, t: jnp.where(t == 0, p["h0"], h))}
+  for name, fn in learned.items():
+    t = jaxprune.trace(fn, p, xs)
+    assert not t.activations_complete("Wx"), name
+    assert "parameters of the group (h0)" in t.activations_incomplete_why("Wx"), name
+  with pytest.raises(ValueError, match=r"recurrent readers \(Wh\) read parameters of the "
+                     r"group \(h0\)"):
+    jaxprune.distinctiveness(jaxprune.trace(learned["as_is"], p, xs), "Wx", constants=False)
+
   q = {k: v for k, v in p.items() if k != "h0"}
-  t0 = jaxprune.trace(zero, q, xs)
-  acts = t0.activations(q, xs, "Wx")
-  merged, um, rep = jaxprune.distinctiveness(t0, "Wx", constants=False, complementary=False)(
-      q, jaxprune.unit_masks_ones(t0), acts, 1e-3, 180.0)
-  assert not bool(um["Wx"][5])
-  np.testing.assert_allclose(zero(merged, xs), zero(q, xs), atol=1e-5)
+  # A carry started from the activations themselves: the reader reads them at step 0 (the
+  # first version took the layer's bias for an initial state and refused the group).
+  def carried(p, x):
+    feat = jnp.tanh(x @ p["Wx"] + p["b"])
+    return lax.scan(lambda h, _: (h * 0.5, h @ p["Wo"]), feat, None, length=3)[1].sum(0)
+  tc = jaxprune.trace(carried, p, xs[:, 0])
+  assert tc.activations_complete("Wx"), tc.activations_incomplete_why("Wx")
+  exact = {"zero": rnn(lambda p, xs: jnp.zeros((xs.shape[0], H)))}
+  for name, fn in exact.items():
+    t0 = jaxprune.trace(fn, q, xs)
+    assert t0.activations_complete("Wx"), name
+    acts = t0.activations(q, xs, "Wx")
+    merged, um, _ = jaxprune.distinctiveness(t0, "Wx", constants=False, complementary=False)(
+        q, jaxprune.unit_masks_ones(t0), acts, 1e-3, 180.0)
+    assert not bool(um["Wx"][5]), name
+    np.testing.assert_allclose(fn(merged, xs), fn(q, xs), atol=1e-5)
