@@ -79,9 +79,9 @@ def whole_number(name: str, value, minimum: int | None = None) -> int:
     v = operator.index(value)
   except TypeError:
     v = None
-    if (isinstance(value, (float, np.floating)) and not isinstance(value, bool)
-        and math.isfinite(value) and float(value).is_integer()):
-      v = int(value)
+    if (is_real(value, bool_ok=False) and np.ndim(value) == 0 and is_concrete(value)
+        and math.isfinite(float(value)) and float(value).is_integer()):
+      v = int(float(value))        # 2.0, np.float32(2), jnp.float32(2), np.array(2.0)
   if v is None or isinstance(value, bool):
     raise TypeError(f"{name} must be a whole number (an int), got {value!r}; pass e.g. "
                     f"{name}=int({name}).")

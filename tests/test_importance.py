@@ -262,3 +262,40 @@ def test_one_shot_report_scores_removed_units_as_zero(model_params):
   t, p, g = _self_reading_rnn()
   _, _, rep = importance_prune(t, g)(p, {g: jnp.array([True, True, False])}, 0)
   assert float(rep.scores[2]) == 0.0
+
+
+def test_a_float64_setting_under_x64_gives_the_jitted_calls_answer():
+  """Each concrete setting reaches the sweep as a Python float, except a float64 one under x64:
+  it stays strong, so a rise of exactly float32(0.1) against max_rise=np.float64(0.1) is
+  compared in float64, eagerly as under the user's own jit (float(...) made it one answer
+  eagerly and another under jit)."""
+  with jax.enable_x64(True):
+    model = MLP(in_features=2, hidden=(3,), out_features=1)
+    params = model.init(jax.random.key(0))
+    units = jaxprune.unit_masks_ones(model)
+
+    def loss_fn(p):
+      zeroed = jnp.sum(jnp.all(p["params"]["hidden_0"]["kernel"] == 0, axis=0))
+      return jnp.float32(0.1) * (zeroed > 0)
+    run = iterative_importance(model, "hidden_0", loss_fn)
+    eager = run(params, units, np.float64(0.1))[1]["hidden_0"]
+    jitted = jax.jit(run)(params, units, np.float64(0.1))[1]["hidden_0"]
+    np.testing.assert_array_equal(eager, jitted)
+    assert bool(np.all(eager))          # 0.1f > 0.1 in float64: the first removal rejected
+
+
+def test_float64_losses_are_judged_at_float64_and_warn_nothing():
+  """Under x64 with float64 params, the float64 scores were written into float32 report rows
+  (JAX's FutureWarning, an error under the suite's warnings) and the loss was rounded to
+  float32: rises of 1e-10 passed max_rise=0 and 5 of 6 units went."""
+  with jax.enable_x64(True):
+    model = MLP(in_features=4, hidden=(6,), out_features=3)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), model.init(jax.random.key(0)))
+    x = jax.random.normal(jax.random.key(1), (32, 4), jnp.float64)
+    y0 = model.apply(params, x)
+    loss = lambda p: 1.0 + 1e-10 * jnp.sum(jnp.abs(model.apply(p, x) - y0)) / jnp.sum(
+        jnp.abs(y0))
+    _, masks, rep = iterative_importance(model, "hidden_0", loss)(
+        params, jaxprune.unit_masks_ones(model), 0.0)
+    assert bool(np.all(masks["hidden_0"])) and int(rep.count) == 1
+    assert rep.loss.dtype == jnp.float64 and rep.min_importance.dtype == jnp.float64

@@ -84,8 +84,18 @@ def fold_obstacle(group: units_lib.UnitGroup, *, linear: bool = False) -> str | 
 def setting(value):
   """A checked numeric setting as the compiled sweep takes it: a concrete one as a Python
   float (weakly typed, as a Python float literal), whatever type it came in (an int, a NumPy
-  or JAX scalar), so a new type of value compiles no new program; a traced one as it is."""
-  return value if isinstance(value, jax.core.Tracer) else float(value)
+  or JAX scalar), so a new type of value compiles no new program; a traced one as it is.
+
+  The same arithmetic either way, except for a float64 value under ``jax_enable_x64``: a
+  strongly typed float64 setting makes comparisons with float32 losses or angles float64,
+  where a weak one is rounded to float32 first; it stays a (NumPy) float64, as it would be
+  under the user's own ``jit``. (Without x64 JAX holds it as float32 anyway.)"""
+  if isinstance(value, jax.core.Tracer):
+    return value
+  if (jax.config.jax_enable_x64 and type(value) is not float   # (np.float64 subclasses float)
+      and np.result_type(value) == np.float64):
+    return np.asarray(value, np.float64)
+  return float(value)
 
 
 def is_concrete(*xs) -> bool:
