@@ -587,7 +587,9 @@ class Trainer:
     # they come out in the same random order as without the weight-0 rows, wherever those are
     # (after them or between them); padding goes last.
     rank = _real_rank(w) if rank is None else rank
-    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(rank)
+    # (float32 draws: under x64 too, so a key orders the batches as it does without it)
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (), jnp.float32))(
+        rank)
     perm = jnp.argsort(jnp.where(w > 0, u, 2.0))
     pad = nb * bs - n
     idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(nb, bs)

@@ -348,3 +348,29 @@ def test_both_selection_paths_remove_the_k_smallest_with_ties_to_the_lower_index
   for scope in ("layer", "global"):
     m = magnitude_prune(p, None, 0.5, scope=scope)[1]
     assert m["w"].shape == (0, 3) and int(m["v"].sum()) == vals[0].size - round(0.5 * 30)
+
+
+def test_random_masks_batch_order_and_ga_draws_are_the_same_under_x64():
+  """Under x64 the uniform draws were float64: the same key gave other random masks (36 of 72
+  weights), another batch order in fit and another GA population. They are float32 draws now."""
+  from jaxprune import ga  # pylint: disable=import-outside-toplevel
+  model = jaxprune.MLP(in_features=3, hidden=(6,), out_features=2)
+  x = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
+  y = np.arange(12) % 2
+
+  def run():
+    params = model.init(jax.random.key(0))
+    _, masks, _ = jaxprune.pruners.random_prune(params, None, 0.5, key=jax.random.key(1))
+    trained, _ = jaxprune.fit(model, params, x, y, key=jax.random.key(2), epochs=1,
+                              batch_size=4, progress=False)
+    cfg = ga.GAConfig(population_size=6, hof_size=1, generations=1)
+    pop = ga.initial_population(cfg, 6, key=jax.random.key(3))
+    return masks, trained, pop, ga.mutate(jax.random.key(4), pop, 1.0, 0.5)
+  off = run()
+  with jax.enable_x64(True):
+    on = run()
+  for a, b in zip(jax.tree.leaves((off[0], off[2], off[3])), jax.tree.leaves((on[0], on[2],
+                                                                             on[3]))):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(off[1]), jax.tree.leaves(on[1])):
+    np.testing.assert_allclose(a, b, atol=1e-6)

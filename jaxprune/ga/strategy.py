@@ -281,7 +281,8 @@ def init(config: GAConfig, num_units: int) -> GAState:
 
 def initial_population(config: GAConfig, num_units: int, *, key: jax.Array) -> jax.Array:
   """``P`` random chromosomes, each bit True with probability 1/2 (DEAP's ``randint(0, 1)``)."""
-  return jax.random.bernoulli(key, 0.5, (config.population_size, num_units))
+  # (a float32 p: the draws are float32 under x64 too, so a key gives the same population)
+  return jax.random.bernoulli(key, jnp.float32(0.5), (config.population_size, num_units))
 
 
 def select_parents(config: GAConfig, state: GAState, *, key: jax.Array):

@@ -183,11 +183,12 @@ class IterativeReport(NamedTuple):
 
   Attributes:
     units_kept: (units,) int32.
-    loss: (units,) float32 loss of the pruned network.
-    min_importance: (units,) float32 smallest importance among kept units.
+    loss: (units,) loss of the pruned network (float32; float64 for a float64 loss).
+    min_importance: (units,) smallest importance among kept units (float32; float64 for
+      float64 kernels).
     removed: (units,) int32 the unit removed at step s (row s; -1 in row 0 and past count).
     count: () int32.
-    stopped_loss: () float32 the loss of the rejected removal that stopped the loop (NaN if
+    stopped_loss: () the loss of the rejected removal that stopped the loop (NaN if
       it stopped because one unit was left).
     invalid: () bool, True if the input was bad under ``jit``/``vmap`` (NaN or infinite
       importance of a kept unit, a ``max_rise`` that is NaN or negative, a loss that is not
@@ -256,7 +257,9 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
     scores = ((lambda m: _scores(_common.zero_units(params, g, m, own), g, norm)) if own else
               (lambda m: s))
     def loss(m):
-      value = jnp.asarray(loss_fn(_common.zero_units(params, g, m)), jnp.float32)
+      value = jnp.asarray(loss_fn(_common.zero_units(params, g, m)))
+      # float32, or float64 for a float64 loss (under x64): rises are judged at its precision
+      value = value.astype(jnp.promote_types(value.dtype, jnp.float32))
       if value.shape != ():   # found when the loop is traced, before any work
         raise ValueError(f"loss_fn must return a scalar loss for the params; it returned shape "
                          f"{value.shape} (average over the patterns).")
@@ -269,8 +272,8 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
              & jnp.isfinite(loss0))
     n0 = jnp.sum(mask, dtype=jnp.int32)
     rows = (jnp.zeros((h,), jnp.int32).at[0].set(n0),
-            jnp.full((h,), jnp.nan, jnp.float32).at[0].set(loss0),
-            jnp.full((h,), jnp.nan, jnp.float32).at[0].set(min_imp(mask)),
+            jnp.full((h,), jnp.nan, loss0.dtype).at[0].set(loss0),
+            jnp.full((h,), jnp.nan, s.dtype).at[0].set(min_imp(mask)),
             jnp.full((h,), -1, jnp.int32))
 
     def cond(c):
@@ -294,7 +297,7 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
       return mask, step + 1, rows, ~ok, jnp.where(ok, jnp.nan, l)
 
     init = (mask, jnp.asarray(0, jnp.int32), rows, jnp.asarray(False),
-            jnp.asarray(jnp.nan, jnp.float32))
+            jnp.asarray(jnp.nan, loss0.dtype))
     mask, step, rows, stop, stopped = jax.lax.while_loop(cond, body, init)
     count = jnp.where(stop, step, step + 1)
     out = jax.tree.map(lambda new, old: jnp.where(valid, new, old),

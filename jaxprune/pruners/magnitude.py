@@ -265,7 +265,8 @@ def _uniform_scores(key, *, shapes):
   """One uniform [0, 1) score array per selected leaf (compiled apart from the mask-making, so
   random and magnitude pruning share one compiled ``_core``)."""
   keys = jax.random.split(key, len(shapes))
-  return [jax.random.uniform(kk, shape) for kk, shape in zip(keys, shapes)]
+  # float32 draws (under x64 too: a key gives the masks it gives without x64)
+  return [jax.random.uniform(kk, shape, jnp.float32) for kk, shape in zip(keys, shapes)]
 
 
 def _threshold_dtype(scores):
