@@ -2064,11 +2064,12 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
 def _initial_states(w: _Walker, scope, var, producers, consumers) -> list:
   """The group's non-kernel parameters that a consumer contraction reads at the first step of
   a scan in place of the units' activations ``var`` (at ``scope``): a learned initial state
-  (``h0``) that starts the carry the reader reads (as it is or through ops, ``relu(h) @ Wh``,
-  however it was broadcast: ``ones @ h0`` too), or that the step reads itself
-  (``where(t == 0, h0, h) @ Wh``). A carry started from values the inputs compute (the
-  activations themselves, another layer's output) does not count, nor does a carry the
-  readers do not read (an LSTM's ``c0``)."""
+  (``h0``) that goes into the start of the carry the reader reads (as it is or through ops:
+  ``relu(h) @ Wh``, ``ones @ h0``, ``where(first, h0, 0)``), or that the step reads itself
+  (``where(t == 0, h0, h) @ Wh``). The walk back from the reader stops at the activations
+  themselves (a carry started from them is read as they are), at another layer's output (a
+  contraction of the data), and at another loop; a carry the readers do not read (an LSTM's
+  ``c0``) does not count."""
   candidates = {u.leaf: u for u in producers if u.kind != "kernel" and not u.computed}
   if not candidates or var is None:
     return []
@@ -2085,53 +2086,21 @@ def _initial_states(w: _Walker, scope, var, producers, consumers) -> list:
         continue                                  # (the activations themselves: what it should read)
       seen.add((sc, v))
       if not sc and v in top:
-        found.add(top.index(v))                  # a parameter read within the step
+        found.add(top.index(v))                  # a parameter read at the first step
         continue
       jaxpr = w.jaxpr_at[sc]
-      if sc and v in jaxpr.invars:               # a body's input: back to its call site
-        eqn = w.jaxpr_at[sc[:-1]].eqns[sc[-1]]
+      if sc and v in jaxpr.invars:               # a body's input: back to its call site (a
+        eqn = w.jaxpr_at[sc[:-1]].eqns[sc[-1]]   # scan's carry: to its start)
         i = jaxpr.invars.index(v)
-        if eqn.primitive.name == "scan":
-          nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
-          if nc <= i < nc + nk:                  # the carry: at the first step, its start
-            start = eqn.invars[i]
-            if not isinstance(start, jex.core.Literal) and start not in w.stream:
-              found |= _param_sources(w, sc[:-1], start)
-            continue
-          stack.append((sc[:-1], eqn.invars[i]))
-        else:
-          stack.append((sc[:-1], eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i]))
+        off = 0 if eqn.primitive.name == "scan" else len(eqn.invars) - len(jaxpr.invars)
+        stack.append((sc[:-1], eqn.invars[off + i]))
         continue
       eqn = next((e for e in jaxpr.eqns if v in e.outvars), None)
-      if eqn is None or eqn.primitive.name in ("dot_general", "conv_general_dilated", "scan",
-                                               "while"):
-        continue                                 # another layer's or loop's output
-      stack.extend((sc, x) for x in eqn.invars)
+      if eqn is None or eqn.primitive.name in ("scan", "while") or (
+          eqn.primitive.name in ("dot_general", "conv_general_dilated") and v in w.stream):
+        continue                                 # another loop, or a layer applied to the data
+      stack.extend((sc, x) for x in eqn.invars)  # (a product of params builds a start: ones @ h0)
   return [candidates[leaf] for leaf in sorted(found & set(candidates))]
-
-
-def _param_sources(w: _Walker, scope: tuple, var) -> set:
-  """The top-level argument leaves (by index) that ``var`` at ``scope`` is computed from,
-  through any op (a value no input computes: params and constants only)."""
-  top = w.jaxpr_at[()].invars
-  found, stack, seen = set(), [(scope, var)], set()
-  while stack:
-    sc, v = stack.pop()
-    if isinstance(v, jex.core.Literal) or (sc, v) in seen:
-      continue
-    seen.add((sc, v))
-    jaxpr = w.jaxpr_at[sc]
-    if not sc and v in top:
-      found.add(top.index(v))
-    elif sc and v in jaxpr.invars:
-      eqn = w.jaxpr_at[sc[:-1]].eqns[sc[-1]]
-      stack.append((sc[:-1], eqn.invars[len(eqn.invars) - len(jaxpr.invars)
-                                        + jaxpr.invars.index(v)]))
-    else:
-      eqn = next((e for e in jaxpr.eqns if v in e.outvars), None)
-      if eqn is not None:
-        stack.extend((sc, x) for x in eqn.invars)
-  return found
 
 
 def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, producers,

@@ -262,7 +262,8 @@ def test_a_learned_initial_state_makes_the_activations_incomplete():
   """A recurrent reader meets the initial state at the first step, not the activations: with
   a learned h0, units 1 and 5 of equal activations (equal incoming weights) but unequal h0
   merged moved the outputs by 0.17. The group is incomplete, naming h0, however h0 reaches
-  the reader (through relu, broadcast by a product, or read in the step); with a zero initial
+  the reader (through relu, broadcast by a product, mixed with an input, or read in the step);
+  with a zero initial
   state, or a carry started from the activations themselves, the same merge is exact."""
   wx, wh, b = _arr(F, H), _arr(H, H, scale=0.5), _arr(H)
   p = {"Wx": wx.at[:, 5].set(wx[:, 1]), "Wh": wh.at[:, 5].set(wh[:, 1]),
@@ -282,6 +283,7 @@ def test_a_learned_initial_state_makes_the_activations_incomplete():
       "through_relu": rnn(lambda p, xs: jnp.broadcast_to(p["h0"], (xs.shape[0], H)),
                           lambda p, h, t: jax.nn.relu(h)),
       "ones_product": rnn(lambda p, xs: jnp.ones((xs.shape[0], 1)) @ p["h0"][None]),
+      "mixed_with_input": rnn(lambda p, xs: jnp.where(xs[:, 0, :1] > 0, p["h0"], 0.0)),
       "read_in_step": rnn(lambda p, xs: jnp.zeros((xs.shape[0], H)),
                           lambda p, h, t: jnp.where(t == 0, p["h0"], h))}
   for name, fn in learned.items():

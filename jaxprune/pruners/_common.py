@@ -89,7 +89,8 @@ def setting(value):
   The same arithmetic either way, except for a float64 value under ``jax_enable_x64``: a
   strongly typed float64 setting makes comparisons with float32 losses or angles float64,
   where a weak one is rounded to float32 first; it stays a (NumPy) float64, as it would be
-  under the user's own ``jit``. (Without x64 JAX holds it as float32 anyway.)"""
+  under the user's own ``jit`` (one program more). (Without x64 JAX holds it as float32
+  anyway.)"""
   if isinstance(value, jax.core.Tracer):
     return value
   if (jax.config.jax_enable_x64 and type(value) is not float   # (np.float64 subclasses float)
