@@ -48,8 +48,9 @@ def ones_like(params: PyTree) -> PyTree:
   if bad is not None:
     raise TypeError(
         f"ones_like takes params (a pytree of arrays) and gives their weight masks; it got "
-        f"a leaf of type {type(bad).__name__}. For a model's unit masks use jaxprune.unit_masks_ones(model); for weight masks "
-        "pass the params, jaxprune.ones_like(params).")
+        f"a leaf of type {type(bad).__name__}. For a model's unit masks use "
+        "jaxprune.unit_masks_ones(model); for weight masks pass the params, "
+        "jaxprune.ones_like(params).")
   tracer = next((x for x in leaves if isinstance(x, jax.core.Tracer)), None)   # looked for once
 
   def one(p):

@@ -2083,7 +2083,7 @@ def _initial_states(w: _Walker, scope, var, producers, consumers) -> list:
     while stack:
       sc, v = stack.pop()
       if isinstance(v, jex.core.Literal) or (sc, v) in seen or (sc, v) == (scope, var):
-        continue                                  # (the activations themselves: what it should read)
+        continue                                  # (the activations: what it should read)
       seen.add((sc, v))
       if not sc and v in top:
         found.add(top.index(v))                  # a parameter read at the first step
@@ -2114,8 +2114,9 @@ def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, produce
   initial = _initial_states(w, scope, var, producers, consumers)
   if initial:
     readers = [name(u.leaf) for u in consumers if _initial_states(w, scope, var, initial, [u])]
+    params = ", ".join(dict.fromkeys(name(u.leaf) for u in initial))
     parts.append(f"its recurrent readers ({', '.join(dict.fromkeys(readers))}) read "
-                 f"parameters of the group ({', '.join(dict.fromkeys(name(u.leaf) for u in initial))}) "
+                 f"parameters of the group ({params}) "
                  "beside the activations (a learned initial state at the first step, or a "
                  "per-unit value added to what they read), so two units with equal activations "
                  "can pass on different values")

@@ -306,7 +306,8 @@ def _check_trainer_settings(fn: str, model, trainer, batch_size, optimizer, loss
     clash.append("optimizer=")
   if loss is not None and loss is not trainer.loss:
     clash.append("loss=")
-  if batch_size is not None and validate.whole_number("batch_size", batch_size, 1) != trainer.batch_size:
+  if (batch_size is not None
+      and validate.whole_number("batch_size", batch_size, 1) != trainer.batch_size):
     clash.append(f"batch_size={batch_size} (the trainer's is {trainer.batch_size})")
   if clash:
     raise ValueError(f"{fn}: {', '.join(clash)} differ(s) from what trainer= was built with, "
@@ -805,7 +806,7 @@ def _nan_advice(params: PyTree) -> str:
   """What to try after training diverged; for float16 params, their dtype first: Adam's
   ``eps`` (1e-8) and squared gradients below about 6e-8 round to 0 in float16, so its updates
   divide by zero at any learning rate."""
-  usual = ("lower the learning rate, check the inputs for extreme values, or standardise them.")
+  usual = "lower the learning rate, check the inputs for extreme values, or standardise them."
   if any(getattr(a, "dtype", None) == jnp.float16 for a in jax.tree.leaves(params)):
     return ("the params are float16, where an optimizer's small constants and squared "
             "gradients round to 0 (Adam's eps=1e-8 does: its updates then divide by zero at "

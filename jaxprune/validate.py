@@ -82,7 +82,7 @@ def whole_number(name: str, value, minimum: int | None = None) -> int:
     if (is_real(value, bool_ok=False) and np.ndim(value) == 0 and is_concrete(value)
         and math.isfinite(float(value)) and float(value).is_integer()):
       v = int(float(value))        # 2.0, np.float32(2), jnp.float32(2), np.array(2.0)
-  if v is None or isinstance(value, bool):
+  if v is None or isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == bool:
     raise TypeError(f"{name} must be a whole number (an int), got {value!r}; pass e.g. "
                     f"{name}=int({name}).")
   if minimum is not None and v < minimum:

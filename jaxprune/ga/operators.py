@@ -251,14 +251,15 @@ def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax
   improvement, and among newcomers the lower population index wins. DEAP, which inserts one
   individual at a time, puts a newcomer ahead of the members it ties and evicts the oldest of
   the tied worst, so where chromosomes tie at the cut the members kept can differ from DEAP's
-  (docs/ga-reference.md gives an example and how often). If fewer than ``K`` distinct chromosomes exist, the remaining
-  places are filled with the best duplicates (each after the distinct members of its fitness,
-  so the members stay sorted best first). Identical chromosomes are found by their fitness and a
-  64-bit hash of the bits (sorted on them and neighbours compared, or, for up to
-  :data:`RANK_BELOW` candidates off CPU, compared pairwise), then checked bit for bit: exact,
-  except that a hash collision between two different chromosomes of equal fitness (probability
-  about ``2**-64`` per pair) could let a duplicate through. Members are sorted best first, so
-  ``hof[0]`` is the best individual ever evaluated and its fitness never decreases.
+  (docs/ga-reference.md gives an example and how often). If fewer than ``K`` distinct
+  chromosomes exist, the remaining places are filled with the best duplicates (each after the
+  distinct members of its fitness, so the members stay sorted best first). Identical chromosomes
+  are found by their fitness and a 64-bit hash of the bits (sorted on them and neighbours
+  compared, or, for up to :data:`RANK_BELOW` candidates off CPU, compared pairwise), then
+  checked bit for bit: exact, except that a hash collision between two different chromosomes of
+  equal fitness (probability about ``2**-64`` per pair) could let a duplicate through. Members
+  are sorted best first, so ``hof[0]`` is the best individual ever evaluated and its fitness
+  never decreases.
 
   Args:
     hof: (K, U) current members.

@@ -370,9 +370,13 @@ def masked_network(params: PyTree, groups: Mapping[str, units_lib.UnitGroup],
   units' weights); elsewhere the pruner ignores its removed units' vectors, so nothing more
   is compiled for the common case."""
   params = zero_other_units(params, groups, others)
-  # Only a leaf that both produces and reads the group holds rows of its own removed units
-  # among its kept units' weights (elsewhere the pruner ignores removed units' vectors).
+  own = own_slices(group)
+  return zero_units(params, group, mask, own) if own else params
+
+
+def own_slices(group: units_lib.UnitGroup) -> list:
+  """The slices of ``group`` on leaves that both produce and read it (``h + tanh(h @ w1)``, a
+  recurrence): only there do rows of its removed units sit among its kept units' weights
+  (elsewhere a pruner ignores removed units' vectors)."""
   own = {s.path for s in group.producers} & {s.path for s in group.consumers}
-  if not own:
-    return params
-  return zero_units(params, group, mask, [s for s in group.slices if s.path in own])
+  return [s for s in group.slices if s.path in own]

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import validate
 from jaxprune.pruners import _common
 
 PyTree = Any
@@ -132,7 +133,7 @@ def check_thresholds(similar_deg, complementary_deg, *, similar: bool = True,
   for name, val, used in (("similar_deg", similar_deg, similar),
                           ("complementary_deg", complementary_deg, complementary)):
     if used:
-      _common.validate.check_real_scalar(
+      validate.check_real_scalar(
           name, val, "an angle in degrees in [0, 180] (a number)",
           "to sweep several values use jax.vmap over the pruner.", bool_ok=False)
     if used and _common.is_concrete(val):

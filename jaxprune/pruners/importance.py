@@ -252,8 +252,7 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
     s = _scores(params, g, norm)
     order = _order(s, mask)
     # A group that reads itself: a removal zeroes rows of the kept units' kernels too.
-    own = [sl for sl in g.slices if sl.path in {p.path for p in g.producers}
-           and sl.path in {c.path for c in g.consumers}]
+    own = _common.own_slices(g)
     scores = ((lambda m: _scores(_common.zero_units(params, g, m, own), g, norm)) if own else
               (lambda m: s))
     def loss(m):
