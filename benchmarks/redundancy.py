@@ -6,10 +6,11 @@ as nonlinear as the study's trained ones), so the first ~N removals are exact (e
 is a linear combination of the others on these patterns) and the rest are least-squares fits
 within ``--tol``. ``group_redundancy`` fits an exact removal from the null space of the other
 kept units' activations, carried from removal to removal (one Householder reflection each),
-whenever that is provably the SVD's fit, and the other removals by an SVD of the kept columns
+whenever that is provably the SVD's fit; once an SVD has found the kept columns of full rank
+(nothing cut), the later fits by a QR; the other removals by an SVD of the kept columns
 gathered into the narrowest of 4 static widths. Printed side by side in one process: that
-pruner; the same forced to an SVD at every removal; and forced to an SVD of all H columns at
-every removal (the implementation before both changes; same ranking). Their removals must be
+pruner; the same without the QR fits; forced to an SVD at every removal; and forced to an SVD
+of all H columns at every removal (the implementation before these changes; same ranking). Their removals must be
 the same and their coefficients agree to float rounding. Run: python benchmarks/redundancy.py
 [--quick]
 """
@@ -56,12 +57,15 @@ def main():
   print(f"group redundancy, 10-{a.hidden}-7 sigmoid MLP, {a.patterns} patterns, tol {a.tol} "
         f"({load_line()})")
   results = {}
-  defaults = redundancy._NULL_MIN, redundancy._WIDTHS
-  variants = (("null basis + narrow SVD", defaults), ("narrow SVD every removal", (2.0, 4)),
-              ("full SVD every removal", (2.0, 1)))  # P_jj <= 1 < 2: never from the basis
-  for name, (null_min, widths) in variants:
-    # _NULL_MIN is read at every call (passed as a value), _WIDTHS when the pruner is traced
-    redundancy._NULL_MIN, redundancy._WIDTHS = null_min, widths
+  defaults = redundancy._NULL_MIN, redundancy._WIDTHS, redundancy._QR_FITS
+  variants = (("null basis + QR + SVD", defaults),
+              ("null basis + narrow SVD", defaults[:2] + (0.0,)),
+              ("narrow SVD every removal", (2.0, 4, 0.0)),
+              ("full SVD every removal", (2.0, 1, 0.0)))  # P_jj <= 1 < 2: never from the basis
+  for name, (null_min, widths, qr) in variants:
+    # _NULL_MIN and _QR_FITS are read at every call (passed as values), _WIDTHS when the
+    # pruner is traced
+    redundancy._NULL_MIN, redundancy._WIDTHS, redundancy._QR_FITS = null_min, widths, qr
     prune = jaxprune.group_redundancy(model, "hidden_0")
     t0 = time.perf_counter()
     out = jax.block_until_ready(prune(params, um, acts, a.tol))
@@ -77,14 +81,15 @@ def main():
     results[name] = (rep, t)
     print(f"  {name:25s} {t:7.3f} s ({1e3 * t / max(count, 1):5.1f} ms per removal, CPU "
           f"{cpu:6.3f} s)  first call {first:6.2f} s  removed {count} ({exact} exact)")
-  redundancy._NULL_MIN, redundancy._WIDTHS = defaults
-  (_, t_fast), _, (full, t_full) = results.values()
+  redundancy._NULL_MIN, redundancy._WIDTHS, redundancy._QR_FITS = defaults
+  (_, t_fast), (_, t_before), _, (full, t_full) = results.values()
   same = all(np.array_equal(np.asarray(r.removed), np.asarray(full.removed))
              for r, _ in results.values())
   diff = max(float(np.max(np.abs(np.asarray(r.coef) - np.asarray(full.coef))))
              for r, _ in results.values())
   print(f"  same removals: {same}; largest coefficient difference {diff:.1e}; "
-        f"{t_full / t_fast:.2f}x the full SVD at every removal")
+        f"{t_before / t_fast:.2f}x without the QR fits, {t_full / t_fast:.2f}x the full SVD at "
+        "every removal")
 
 
 if __name__ == "__main__":

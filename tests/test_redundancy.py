@@ -251,6 +251,72 @@ def test_null_space_fits_never_use_directions_the_svd_cuts(monkeypatch):
   np.testing.assert_allclose(fast.coef, svd.coef, atol=1e-3)
 
 
+def test_only_an_svd_that_keeps_every_real_column_certifies_full_rank():
+  """``_Basis.full`` (later fits by QR) is set only when no real column's singular value is
+  cut: a duplicate column, more columns than patterns, or a column far below the cut clear it;
+  zero padding columns (the gathered widths) do not."""
+  from jaxprune.pruners import redundancy
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(12, 5)).astype(np.float32)
+  y = rng.normal(size=(12,)).astype(np.float32)
+  rcond = np.float32(np.finfo(np.float32).eps * 12)
+  full = lambda xo, count: bool(redundancy._svd_fit_dense(
+      jnp.asarray(xo), jnp.asarray(y[:xo.shape[0]]), rcond, count)[1].full)
+  assert full(x, 5)
+  assert full(np.concatenate([x, np.zeros((12, 3), np.float32)], 1), 5)   # padding columns
+  assert not full(np.concatenate([x, x[:, :1]], 1), 6)                   # a duplicate
+  assert not full(rng.normal(size=(4, 5)).astype(np.float32), 5)         # wider than tall
+  tiny = x.copy()
+  tiny[:, 4] = x[:, 0] + 1e-9 * x[:, 1]                                  # below the cut
+  assert not full(tiny, 5)
+
+
+@pytest.mark.parametrize("hidden,patterns,count", [(6, 10, 4), (20, 8, 6), (9, 30, 9)])
+def test_qr_fit_is_numpys_least_squares_at_every_gathered_width(hidden, patterns, count):
+  """``_qr_fit`` on the kept columns gathered into a static width (padding columns after them,
+  also where the width exceeds the patterns, (20, 8, 6): width 10) is NumPy's float64
+  least-squares fit; the coefficients of the other units are exactly 0."""
+  from jaxprune.pruners import redundancy
+  rng = np.random.default_rng(hidden)
+  x = rng.normal(size=(patterns, hidden)).astype(np.float32)
+  y = rng.normal(size=(patterns,)).astype(np.float32)
+  others = np.zeros(hidden, bool)
+  others[rng.choice(hidden, count, replace=False)] = True
+  got = np.asarray(redundancy._qr_fit(jnp.asarray(x), jnp.asarray(others), jnp.asarray(y)))
+  want = np.linalg.lstsq(x[:, others].astype(np.float64), y.astype(np.float64), rcond=None)[0]
+  np.testing.assert_allclose(got[others], want, rtol=1e-4, atol=1e-5)
+  assert np.all(got[~others] == 0)
+
+
+def test_qr_fits_after_a_full_rank_svd_agree_with_svd_fits_and_are_used(monkeypatch):
+  """More patterns than units: the first fit's SVD finds the columns of full rank, and every
+  later fit (on a subset of them) comes from a QR. Forcing an SVD at every step gives the
+  same removals, coefficients and residuals to float rounding, and a wrong QR fit changes
+  them (so the QR is what those steps use)."""
+  from jaxprune.pruners import redundancy
+  model = MLP(in_features=6, hidden=(30,), out_features=3, activation="tanh")
+  params = model.init(jax.random.key(3))
+  x = jax.random.normal(jax.random.key(4), (60, 6)) * 1.5
+  acts = model.activations(params, x, "hidden_0")
+  um = jaxprune.unit_masks_ones(model)
+  prune = group_redundancy(model, "hidden_0")
+  qr = prune(params, um, acts, float("inf"), 25)
+  monkeypatch.setattr(redundancy, "_QR_FITS", 0.0)
+  svd = prune(params, um, acts, float("inf"), 25)
+  assert int(qr[2].count) == int(svd[2].count) == 25
+  np.testing.assert_array_equal(qr[2].removed, svd[2].removed)
+  np.testing.assert_allclose(qr[2].coef, svd[2].coef, atol=1e-4)
+  np.testing.assert_allclose(qr[2].residual, svd[2].residual, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(qr[0]), jax.tree.leaves(svd[0])):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+  monkeypatch.setattr(redundancy, "_QR_FITS", 1.0)
+  real = redundancy._qr_fit
+  monkeypatch.setattr(redundancy, "_qr_fit", lambda x, o, y: real(x, o, y) * 1.01)
+  wrong = group_redundancy(model, "hidden_0")(params, um, acts, float("inf"), 25)[2]
+  assert np.abs(np.asarray(wrong.coef[1:]) - np.asarray(svd[2].coef[1:])).max() > 1e-3
+  np.testing.assert_allclose(wrong.coef[0], svd[2].coef[0], atol=1e-4)  # the first: an SVD
+
+
 @pytest.mark.parametrize("hidden,patterns,smallest,seed",
                          [(32, 20, -6, 0), (32, 20, -6, 1), (24, 12, -6, 0), (24, 12, -6, 1),
                           (40, 30, -7, 1)])
