@@ -7,9 +7,15 @@ is well reconstructed by a least-squares fit on the other kept units *plus a con
 intercept c is folded into the next bias, so the network is unchanged when the dependency is
 exact. Constant units are the special case with no coefficients.
 
-Greedy: at each step the best-reconstructed kept unit is found (ranked by a ridge-regularised
-inverse of the kept units' correlation matrix, ``delta = 1e-4``; candidates whose scores differ
-only by float rounding, such as the copies of an exact duplicate, are ordered by that rounding),
+Greedy: at each step the best-reconstructed kept unit is found. Once an SVD has found the
+kept units' columns of full rank with nothing below its cut (below), that is the unit of the
+smallest exact least-squares residual (all of them from one QR of the kept columns); before
+(fewer patterns than units, exact dependencies), the unit whose ridge-regularised fit (on the
+correlation matrix, ``delta = 1e-5``) leaves the smallest residual, candidates whose residuals
+differ only by float rounding, such as the copies of an exact duplicate, ordered by that
+rounding. (Ranking by the ridge's regularised minimum instead, which adds ``delta * (1 +
+|coefficients|^2)``, tried a unit rebuilt to 5e-3 before an exact duplicate, and stopped
+there at a tol of 1e-3.) Then
 its exact least-squares fit (minimum norm, on the centred activations, singular values below
 ``eps * max(N, units)`` of the largest left out as ``jnp.linalg.lstsq`` does, N the patterns of
 weight > 0 under ``sample_weight``) is computed, and it
@@ -67,7 +73,7 @@ from jaxprune import units as units_lib
 from jaxprune import validate
 from jaxprune.pruners import _common
 
-_RIDGE = 1e-4
+_RIDGE = 1e-5
 _NULL_MIN = 1e-3   # P_jj below this: fit by SVD (the null direction is too short to trust)
 _NULL_RESIDUAL = 1e-4  # a null-basis fit must rebuild the unit to this relative residual
 _GAP = 0.1  # the null basis's largest singular value must be this far below the range's
@@ -198,6 +204,28 @@ def _null_fit(basis, others, j):
   reflected = basis - (2.0 / jnp.where(ww > 0, ww, 1.0)) * (
       jnp.matmul(basis, w, precision=hi)[:, None] * w[None, :])
   return beta, p, reflected.at[:, c].set(0.0)
+
+
+def _exact_residuals(x, live, sq):
+  """(h,) each ``live`` unit's squared relative residual of least squares on the other live
+  units, ``1 / ((X^T X)^-1_jj |x_j|^2)`` (``sq``: the squared column norms), from a QR of the
+  live columns gathered as for the fits (rows of R^-1); inf elsewhere. Only for columns of full
+  rank with nothing below the SVD's cut (``_Basis.full``), where these are the fits' own
+  residuals: ranking by them needs no ridge (a ridge biases units whose fits need larger
+  coefficients)."""
+  h = x.shape[1]
+
+  def res(idx, valid):
+    _, r = jnp.linalg.qr(jnp.where(valid[None, :], x[:, idx], 0.0))      # (k, w)
+    k = r.shape[0]
+    vk = valid[:k]
+    rk = jnp.where(vk[:, None] & vk[None, :], r[:, :k], jnp.eye(k, dtype=r.dtype))
+    rinv = jax.scipy.linalg.solve_triangular(rk, jnp.eye(k, dtype=r.dtype), lower=False)
+    d = jnp.concatenate([jnp.sum(rinv * rinv, axis=1), jnp.ones((idx.shape[0] - k,), r.dtype)])
+    out = 1.0 / (d * jnp.where(valid, sq[idx], 1.0))
+    return jnp.full((h,), jnp.inf, out.dtype).at[idx].set(jnp.where(valid, out, jnp.inf))
+
+  return _gathered(live, res)
 
 
 def _fit(x, m, st, j, tol, rcond, null):
@@ -344,16 +372,32 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     hi = jax.lax.Precision.HIGHEST
     cov = jnp.matmul(x.T, x, precision=hi)
 
-    def rank(m):  # all h units in place (gathered, i.e. permuted, the LU rounds ties otherwise)
+    def rank(m, full):  # all h units in place (gathered, i.e. permuted, the LU rounds ties otherwise)
       d = jnp.where(m, jnp.diagonal(cov), 1.0)
       sd = jnp.sqrt(jnp.maximum(d, 0.0))
       tiny = sd <= 1e-6 * jnp.maximum(jnp.max(jnp.where(m, sd, 0.0)), 1e-30)
-      corr = cov / jnp.where(tiny, 1.0, sd)[:, None] / jnp.where(tiny, 1.0, sd)[None, :]
       live = m & ~tiny
-      corr = jnp.where(live[:, None] & live[None, :], corr, jnp.eye(h))
-      inv = jnp.linalg.inv(corr + _RIDGE * jnp.eye(h))
-      r2 = 1.0 / jnp.diagonal(inv)
-      score = jnp.where(tiny, -1.0, r2)  # constants first
+
+      def ridge():
+        corr = cov / jnp.where(tiny, 1.0, sd)[:, None] / jnp.where(tiny, 1.0, sd)[None, :]
+        eye = jnp.eye(h, dtype=x.dtype)   # float32 under x64 too: the same ranking
+        corr = jnp.where(live[:, None] & live[None, :], corr, eye)
+        inv = jnp.linalg.inv(corr + _RIDGE * eye)
+        # Column j of v: 1 at j, minus unit j's ridge coefficients on the others, so column
+        # j of z @ v is the residual of unit j's ridge fit (standardised). Its squared norm
+        # ranks, not the regularised minimum 1 / inv_jj, which adds ridge * (1 +
+        # |coefficients|^2): with a ridge of 1e-4 that put a unit rebuilt to 5e-3 ahead of an
+        # exact duplicate (2e-4 against 2.2e-5 + 1e-4), whose fit then failed a tol of 1e-3
+        # and stopped the removals.
+        v = inv / jnp.diagonal(inv)[None, :]
+        z = jnp.where(live[None, :], x / jnp.where(tiny, 1.0, sd)[None, :], 0.0)
+        r = jnp.matmul(z, v, precision=hi)
+        return jnp.sum(r * r, axis=0)
+
+      # Columns an SVD found of full rank with nothing cut (``full``): each unit's exact
+      # residual instead, from a QR of the kept columns (no ridge: _exact_residuals).
+      score = jax.lax.cond(full, lambda: _exact_residuals(x, live, jnp.diagonal(cov)), ridge)
+      score = jnp.where(tiny, -1.0, score)  # constants first
       return jnp.argmin(jnp.where(m, score, jnp.inf))
 
     # As jnp.linalg.lstsq: eps * max(patterns, units), the patterns those that exist (weight
@@ -384,7 +428,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     def body(c):
       m, st, transfer, consts, rep_j, rep_r, coef, stop = c
       n = jnp.sum(~m & mask, dtype=jnp.int32)
-      j = rank(m)
+      j = rank(m, st.full)
       beta, rel, st = fit(x, m, st, j, tol, rcond, null)
       ok = rel < tol
       icpt = mean[j] - jnp.dot(beta, mean)
