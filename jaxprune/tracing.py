@@ -71,7 +71,7 @@ copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag 
 is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow real
 reduce_precision rem round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan
 tanh xor
-optimization_barrier sharding_constraint
+optimization_barrier sharding_constraint name
 """.split())
 _REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or "
                         "reduce_xor argmax argmin".split())
@@ -457,8 +457,9 @@ class _Walker:
 
   def _backward(self, scope: tuple, var, descend: bool):
     """Walks back from ``var`` (in the jaxpr at ``scope``) over what it depends on within one
-    scan step: yields ``(path, eqn)`` for each equation, and ``(None, scan)`` on reaching a
-    scan's carry (the previous step's value is not followed). ``descend``: also into the
+    scan step: yields ``(path, eqn)`` for each equation, and ``(None, body)`` on reaching a
+    scan's carry (``body``: that scan's body scope; the previous step's value is not
+    followed). ``descend``: also into the
     bodies of called and scanned equations. A body's input leads back to the call site it was
     entered from (a body shared by two calls, like ``jax.nn.relu``'s, is not mixed up)."""
     seen, stack, index = set(), [(scope, var)], {}
@@ -484,7 +485,7 @@ class _Walker:
         if eqn.primitive.name == "scan":
           nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
           if nc <= i < nc + nk:
-            yield None, eqn
+            yield None, scope
           stack.append((scope[:-1], eqn.invars[i]))
         else:
           stack.append((scope[:-1], eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i]))
@@ -542,19 +543,21 @@ class _Walker:
     unit's contribution cannot be folded into its bias). With ``root``, only a carry that
     holds those units counts (an RNN's hidden state; not the residual stream of layers
     scanned over stacked params, whose units each step computes anew)."""
-    if not any(path is None for path, _ in self._backward(scope, var, descend=False)):
+    # The bodies of the scans whose carry ``var`` reads: the scan around ``scope`` or one
+    # further out (``var`` inside a checkpointed or jitted call in the scan's body).
+    bodies = {body for path, body in self._backward(scope, var, descend=False) if path is None}
+    if not bodies:
       return False
-    if root is None or not scope:
+    if root is None:
       return True
-    parent = self.jaxpr_at[scope[:-1]].eqns[scope[-1]]
-    if parent.primitive.name != "scan":
-      return True
-    nc, nk = parent.params["num_consts"], parent.params["num_carry"]
     A = self.atoms
-    for v in self.jaxpr_at[scope].invars[nc:nc + nk]:
-      ax = self.scoped_env.get((scope, v))
-      if ax is None or any(A.find(a) == root for atoms in ax for a in A.expand(atoms)):
-        return True
+    for body in bodies:
+      scan = self.jaxpr_at[body[:-1]].eqns[body[-1]]
+      nc, nk = scan.params["num_consts"], scan.params["num_carry"]
+      for v in self.jaxpr_at[body].invars[nc:nc + nk]:
+        ax = self.scoped_env.get((body, v))
+        if ax is None or any(A.find(a) == root for atoms in ax for a in A.expand(atoms)):
+          return True
     return False
 
   def users_in(self, scope: tuple, v) -> list:
@@ -1464,7 +1467,7 @@ _SCATTERS = frozenset("scatter scatter-add scatter_add scatter-mul scatter_mul s
 _KEEPS_CONSTANTS = frozenset("""
 broadcast_in_dim concatenate convert_element_type copy copy_p dynamic_slice expand_dims gather
 reduce_precision reshape rev slice squeeze transpose optimization_barrier sharding_constraint
-stop_gradient tile
+name stop_gradient tile
 """.split())
 _SUM_MOVES = frozenset("reshape broadcast_in_dim expand_dims squeeze convert_element_type copy "
                        "copy_p transpose".split())

@@ -311,3 +311,69 @@ def test_a_learned_initial_state_makes_the_activations_incomplete():
         q, jaxprune.unit_masks_ones(t0), acts, 1e-3, 180.0)
     assert not bool(um["Wx"][5]), name
     np.testing.assert_allclose(fn(merged, xs), fn(q, xs), atol=1e-5)
+
+
+BLOCKS = {"win": _arr(F, H), "w1": _arr(L, H, 12, scale=0.4), "b1": _arr(L, 12),
+          "w2": _arr(L, 12, H, scale=0.4), "b2": _arr(L, H), "wout": _arr(H, C)}
+
+
+def _blocks(remat):
+  """L scanned blocks (a hidden layer of 12 units in each, w1 -> w2), their body checkpointed
+  or not (nn.scan over nn.remat(Block))."""
+  def body(h, lw):
+    w1, b1, w2, b2 = lw
+    return jnp.tanh(jax.nn.relu(h @ w1 + b1) @ w2 + b2), None
+  step = jax.checkpoint(body) if remat else body
+
+  def fn(p, x):
+    h, _ = lax.scan(step, jnp.tanh(x @ p["win"]), (p["w1"], p["b1"], p["w2"], p["b2"]))
+    return h @ p["wout"]
+  return fn
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_a_checkpointed_scan_body_folds_as_the_plain_one(remat):
+  """A consumer inside a checkpointed body of a scan reads its units directly, not through the
+  carry: its group folds constants and linear combinations exactly, as without the checkpoint
+  (it was refused as 'a recurrence'). The carried stream's reader (w1, in the checkpoint) is
+  still a recurrence."""
+  x = _arr(16, F)
+  t = jaxprune.trace(_blocks(remat), BLOCKS, x)
+  g = t.groups["w1"]
+  assert g.exact_constant_fold and g.exact_linear_fold
+  dup = {**BLOCKS, "w1": BLOCKS["w1"].at[:, :, 7].set(BLOCKS["w1"][:, :, 3]),
+         "b1": BLOCKS["b1"].at[:, 7].set(BLOCKS["b1"][:, 3])}   # unit 7 = unit 3, every layer
+  acts = t.activations(dup, x, "w1")
+  new, um, rep = jaxprune.group_redundancy(t, "w1")(dup, jaxprune.unit_masks_ones(t), acts,
+                                                    1e-3)
+  assert int(rep.count) >= 1 and not bool(um["w1"][7] and um["w1"][3])
+  np.testing.assert_allclose(_blocks(remat)(new, x), _blocks(remat)(dup, x), atol=1e-4)
+  small, small_t = t.compact(new, um)
+  x2 = _arr(5, F)
+  np.testing.assert_allclose(small_t.apply(small, x2), _blocks(remat)(new, x2), atol=1e-5)
+  why = {s.path: s.padded_why for s in t.groups["win"].slices if s.role == "consumer"}
+  assert "recurrence" in why[("w1",)]
+
+
+def test_checkpoint_name_is_followed_as_the_value_it_names():
+  """jax.ad_checkpoint.checkpoint_name (a remat policy's tag) passes its value on: the units
+  it tags stay a group, with and without a policy that saves only them (it stopped every
+  group: 'used by name (not followed)')."""
+  from jax.ad_checkpoint import checkpoint_name  # pylint: disable=import-outside-toplevel
+  p = {"w1": _arr(F, H), "b1": _arr(H), "w2": _arr(H, C), "b2": _arr(C)}
+
+  def named(p, x):
+    h = jax.nn.relu(checkpoint_name(x @ p["w1"] + p["b1"], "z"))
+    return checkpoint_name(h, "h") @ p["w2"] + p["b2"]
+
+  policy = jax.checkpoint_policies.save_only_these_names("z")
+  x = _arr(16, F)
+  for fn in (named, jax.checkpoint(named, policy=policy)):
+    t = jaxprune.trace(fn, p, x)
+    assert {k: g.size for k, g in t.groups.items()} == {"w1": H}
+    assert t.groups["w1"].activation == "relu" and t.groups["w1"].exact_linear_fold
+    np.testing.assert_allclose(t.activations(p, x, "w1"),
+                               jax.nn.relu(x @ p["w1"] + p["b1"]), atol=1e-6)
+    um, masked = _masked(t, p, {"w1": [2, 5]})
+    small, small_t = t.compact(masked, um)
+    np.testing.assert_allclose(small_t.apply(small, x[:5]), fn(masked, x[:5]), atol=1e-5)
