@@ -47,6 +47,7 @@ from jaxprune.optax_pruning import masks_of
 from jaxprune.optax_pruning import nm_prune
 from jaxprune.optax_pruning import polynomial_sparsity
 from jaxprune.optax_pruning import prune_to_sparsity
+from jaxprune.optax_pruning import replace_masks
 from jaxprune.optax_pruning import saliency_scores
 from jaxprune.optax_pruning import scheduled
 from jaxprune.optax_pruning import snip_scores

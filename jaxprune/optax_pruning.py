@@ -222,7 +222,8 @@ def keep_masked(weight_masks: PyTree) -> optax.GradientTransformation:
   ``optax.chain(optax.adamw(1e-3), keep_masked(masks))``: the update of a kept weight passes
   unchanged, the update of a masked weight is ``-weight``, so after ``optax.apply_updates`` every
   masked weight is exactly 0.0, whatever the optimizer did (momentum, weight decay). The masks
-  live in the state (:func:`masks_of` reads them, and replacing them does not retrace). It must
+  live in the state (:func:`masks_of` reads them; :func:`replace_masks` puts new ones in, without
+  compiling again: ``update`` reads the state's masks, not the ones given here). It must
   be the chain's last transformation (one after it would rescale the ``-weight``). The optimizer
   before it still sees the masked weights' gradients: for optimizers that combine elements
   (``clip_by_global_norm``, ``adafactor``) use :func:`masked_optimizer`, which trains exactly the
@@ -270,7 +271,8 @@ def masked_optimizer(tx: optax.GradientTransformation,
 
   Returns:
     An ``optax.GradientTransformation`` whose state is ``(MaskedState(masks), tx's state)``
-    (:func:`masks_of` reads the masks); ``update`` needs ``params``.
+    (:func:`masks_of` reads the masks, :func:`replace_masks` replaces them: ``update`` reads
+    the state's masks, not ``weight_masks``); ``update`` needs ``params``.
 
   Example:
     >>> import jax.numpy as jnp, optax, jaxprune
@@ -643,6 +645,77 @@ def masks_of(opt_state, *, like: PyTree | None = None) -> PyTree:
     if like is not None and _has_masked_node(masks):
       return _fill_masked_nodes(_from_nnx_optimizer(masks), like)
   return _from_nnx_optimizer(masks, like)
+
+
+def replace_masks(opt_state, weight_masks: PyTree):
+  """``opt_state`` with the masks of its :func:`keep_masked` / :func:`masked_optimizer` state
+  replaced by ``weight_masks``: prune again between rounds of training and keep the
+  optimizer's statistics (Adam's moments), without compiling the training step again.
+
+  ``update`` reads the masks held in the state, not those the transformation was built with:
+  ``masked_optimizer(tx, new_masks).update(grads, old_state, params)`` trains with the old
+  masks (the new ones are read only by ``init``). Use this instead::
+
+    opt_state = jaxprune.replace_masks(opt_state, new_masks)
+
+  ``opt_state`` may be an optax state (an ``optax.chain`` tuple or any nesting of tuples,
+  lists and dicts; a new state is returned, the given one is left as it was), a flax
+  ``TrainState`` (a new one is returned) or an ``nnx.Optimizer`` (changed in place and
+  returned). ``weight_masks`` must have the structure and shapes of the masks held (the
+  params'); plain arrays or the ``nnx.State`` of ``nnx.Param`` containers that ``apply_masks``
+  takes. Every ``MaskedState`` of the state takes them. The masks of :func:`gradual` and
+  :func:`scheduled` follow their schedule and are not replaced (a ValueError when the state
+  holds only those, or holds masks of several ``optax.multi_transform`` branches)."""
+  holder, state = opt_state, _holder_state(opt_state)
+  found = _states(state, (MaskedState,))
+  if not found:
+    what = ("only the masks of jaxprune.gradual or jaxprune.scheduled, which follow their "
+            "schedule" if _states(state, (PruningState,)) else "no masks")
+    raise ValueError(f"replace_masks: this optimizer state ({type(opt_state).__name__}) holds "
+                     f"{what}; it replaces the masks of jaxprune.keep_masked and "
+                     "jaxprune.masked_optimizer.")
+  new_leaves = jax.tree.leaves(weight_masks)
+  for held in found:
+    if _has_masked_node(held.masks):
+      raise ValueError("replace_masks: these masks belong to one branch of optax.multi_transform "
+                       "(other leaves are optax.MaskedNode()); build the optimizer again with "
+                       "the new masks, or replace that branch's state yourself.")
+    old = jax.tree.leaves(_from_nnx_optimizer(held.masks))
+    if len(old) != len(new_leaves) or any(
+        np.shape(a) != np.shape(b) or jnp.result_type(b) != jnp.bool_
+        for a, b in zip(old, new_leaves)):
+      got = [(tuple(np.shape(b)), str(jnp.result_type(b))) for b in new_leaves]
+      want = [(tuple(np.shape(a)), "bool") for a in old]
+      raise ValueError(f"replace_masks: the new masks must have the held masks' leaves, shapes "
+                       f"and dtype (bool): got {got[:4]}{'...' if len(got) > 4 else ''}, held "
+                       f"{want[:4]}{'...' if len(want) > 4 else ''}.")
+  types = _nnx_opt_types()
+  is_opt = (lambda x: isinstance(x, types[0])) if types else (lambda x: False)
+  if any(is_opt(x) for x in jax.tree.leaves(found[0].masks, is_leaf=is_opt)):
+    for held in found:                          # nnx.Optimizer: its containers, in place
+      for var, new in zip(jax.tree.leaves(held.masks, is_leaf=is_opt), new_leaves):
+        var.set_value(_own_copy(new))
+    return holder
+
+  copies = jax.tree.unflatten(jax.tree.structure(found[0].masks), new_leaves)
+
+  def swap(s):
+    if isinstance(s, MaskedState):
+      return MaskedState(_own_copy(copies))
+    if isinstance(s, PruningState):
+      return s
+    if isinstance(s, tuple):
+      kids = [swap(c) for c in s]
+      return type(s)(*kids) if hasattr(s, "_fields") else tuple(kids)
+    if isinstance(s, list):
+      return [swap(c) for c in s]
+    if isinstance(s, Mapping):
+      return type(s)({k: swap(v) for k, v in s.items()})
+    return s
+
+  if holder is not state:                       # a flax TrainState
+    return holder.replace(opt_state=swap(state))
+  return swap(state)
 
 
 def unit_masks_of(opt_state) -> dict:

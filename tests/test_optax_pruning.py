@@ -1161,3 +1161,76 @@ def test_a_per_leaf_sparsity_map_may_hold_traced_values():
   kept = jax.vmap(lambda s: jaxprune.prune_to_sparsity(p, None, {"a": s, "b": 0.5})[1]["a"].sum())(
       jnp.array([0.25, 1.5]))
   assert kept.tolist() == [48, 64]
+
+
+def test_replace_masks_prunes_again_with_the_optimizers_statistics():
+  """A new keep_masked / masked_optimizer given the previous round's state trains with the
+  state's masks (update never reads the new ones); replace_masks puts the new ones in: the
+  newly pruned weights are exactly zero after the next step, the kept ones move as Adam with
+  its carried moments moves them, masks_of reports them, and the jitted step is not traced
+  again. Optax chains, a flax TrainState and an nnx.Optimizer (in place)."""
+  from flax.training import train_state  # pylint: disable=import-outside-toplevel
+  p = {"w": jax.random.normal(jax.random.key(0), (6, 5)), "b": jnp.arange(5.0)}
+  g = jax.tree.map(lambda a: jnp.cos(a + 1.0), p)
+  m1 = jaxprune.ones_like(p)
+  _, m2 = jaxprune.prune_to_sparsity(p, m1, 0.5)
+  traces = []
+  for make in (lambda m: optax.chain(optax.adam(0.1), jaxprune.keep_masked(m)),
+               lambda m: jaxprune.masked_optimizer(optax.adam(0.1), m)):
+    tx = make(m1)
+
+    @jax.jit
+    def step(q, st, tx=tx):
+      traces.append(1)
+      u, st = tx.update(g, st, q)
+      return optax.apply_updates(q, u), st
+
+    q, st = step(p, tx.init(p))
+    stale = make(m2).update(g, st, q)[0]                      # the pitfall: m1 still applies
+    assert float(jnp.abs(stale["w"][~m2["w"]]).max()) > 0
+    before = len(traces)
+    st2 = jaxprune.replace_masks(st, m2)
+    q2, st3 = step(q, st2)
+    assert len(traces) == before                              # no new trace
+    assert bool(jnp.all(q2["w"][~m2["w"]] == 0)) and bool(jnp.all(q2["b"][~m2["b"]] == 0))
+    assert bool(jnp.all(jaxprune.masks_of(st3)["w"] == m2["w"]))
+    assert bool(jnp.all(jaxprune.masks_of(st)["w"]))          # the old state is unchanged
+    # The kept weights move as the same optimizer with the same moments moves them.
+    q_ref, _ = step(q, st)
+    np.testing.assert_array_equal(q2["w"][m2["w"]], q_ref["w"][m2["w"]])
+
+  ts = train_state.TrainState.create(apply_fn=None, params=p,
+                                     tx=jaxprune.masked_optimizer(optax.adam(0.1), m1))
+  ts2 = jaxprune.replace_masks(ts, m2)
+  assert bool(jnp.all(jaxprune.masks_of(ts2)["w"] == m2["w"]))
+  assert bool(jnp.all(ts2.apply_gradients(grads=g).params["w"][~m2["w"]] == 0))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(6, 5, rngs=rngs)
+
+  net = Net(nnx.Rngs(0))
+  state = nnx.state(net, nnx.Param)
+  ones = jaxprune.ones_like(state)
+  _, half = jaxprune.prune_to_sparsity(state, ones, 0.5)
+  opt = nnx.Optimizer(net, jaxprune.masked_optimizer(optax.adam(0.1), ones), wrt=nnx.Param)
+  assert jaxprune.replace_masks(opt, half) is opt
+  opt.update(net, jax.tree.map(jnp.ones_like, nnx.state(net, nnx.Param)))
+  k, hk = net.lin.kernel.get_value(), half["lin"]["kernel"].get_value()
+  assert bool(jnp.all(k[~hk] == 0)) and bool(jnp.any(k[hk] != 0))
+
+
+def test_replace_masks_refuses_what_it_cannot_replace():
+  p = {"w": jnp.ones((3, 2))}
+  m = jaxprune.ones_like(p)
+  st = jaxprune.masked_optimizer(optax.sgd(0.1), m).init(p)
+  with pytest.raises(ValueError, match="shapes and dtype"):
+    jaxprune.replace_masks(st, {"w": jnp.ones((2, 3), bool)})
+  with pytest.raises(ValueError, match="shapes and dtype"):
+    jaxprune.replace_masks(st, {"w": jnp.ones((3, 2))})               # float, not bool
+  with pytest.raises(ValueError, match="holds no masks"):
+    jaxprune.replace_masks(optax.adam(0.1).init(p), m)
+  sched = jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=2,
+                           frequency=1)
+  with pytest.raises(ValueError, match="follow their schedule"):
+    jaxprune.replace_masks(sched.init(p), m)
