@@ -1459,6 +1459,12 @@ def _body(eqn):
   return _call_body(eqn)[0]
 
 
+# Ops of an activation chain that keep it linear in the units (a bias, a scale, moves).
+_LINEAR_CHAIN = frozenset("""
+add sub mul neg div convert_element_type reshape broadcast_in_dim squeeze expand_dims copy copy_p
+transpose name optimization_barrier sharding_constraint reduce_precision
+""".split())
+
 # Writes at indices, followed by _Walker._scatter.
 _SCATTERS = frozenset("scatter scatter-add scatter_add scatter-mul scatter_mul scatter-min "
                       "scatter_min scatter-max scatter_max".split())
@@ -1925,6 +1931,11 @@ def _identify(jaxpr, joins, eqns) -> tuple[str, int]:
       stack.extend(made[v].invars)
   tail = [e for e in jaxpr.eqns if e in need] + list(tail)
   if not tail:
+    # Only the last join is read alone: the chain is the identity, a bias, a scale, unless a
+    # function in it also reads a value of its own (a learned per-unit swish beta or
+    # threshold, relu(z) * gamma): then it is none of the named functions (it was 'linear').
+    if any(e.primitive.name not in _LINEAR_CHAIN for e in eqns):
+      return "other", len(eqns)
     return "linear", i
   dtype = entry.aval.dtype
   if jnp.issubdtype(dtype, jnp.floating):    # wide, so a clip at 20 is not a relu

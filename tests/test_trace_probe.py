@@ -228,3 +228,28 @@ def test_a_vae_latent_is_not_prunable_and_explain_names_the_noise():
   t = jaxprune.trace(vae, p, _arr(4, 6))
   assert {n: g.size for n, g in t.groups.items()} == {"we": 8, "wd": 5}   # not the latent's 3
   assert "a VAE's sampled latent" in t.explain()
+
+
+def test_a_function_that_reads_a_learned_value_of_its_own_is_other_not_linear():
+  """A swish with a learned per-unit beta, a learned threshold and a scale after a relu are
+  functions of the units and a parameter: 'other' (they were named 'linear', the identity),
+  and the weight-based constant rule is refused; a bias, a per-unit scale and the identity
+  stay 'linear'."""
+  p = {"w1": _arr(6, 10), "b1": _arr(10), "beta": _arr(10), "w2": _arr(10, 3), "b2": _arr(3)}
+  x = _arr(16, 6)
+  z = lambda p, x: x @ p["w1"] + p["b1"]
+  cases = {
+      "other": [lambda p, x: z(p, x) * jax.nn.sigmoid(p["beta"] * z(p, x)),   # learned swish
+                lambda p, x: jnp.where(z(p, x) > p["beta"], z(p, x), 0.0),    # a threshold
+                lambda p, x: jax.nn.relu(z(p, x)) * p["beta"]],               # LayerScale
+      "linear": [lambda p, x: z(p, x), lambda p, x: z(p, x) * p["beta"],
+                 lambda p, x: (x @ p["w1"]) * p["beta"] + p["b1"]]}
+  for want, fns in cases.items():
+    for act in fns:
+      fn = lambda p, x, act=act: act(p, x) @ p["w2"] + p["b2"]
+      t = jaxprune.trace(fn, p, x)
+      assert t.groups["w1"].activation == want
+      if want == "other":
+        np.testing.assert_allclose(t.activations(p, x, "w1"), act(p, x), atol=1e-6)
+        with pytest.raises(ValueError, match="does not output act.bias. here"):
+          jaxprune.weight_distinctiveness(t, "w1", similar=False, complementary=False)

@@ -247,15 +247,15 @@ def _check_output_from_bias(g):
   its kernel and its nonlinearity, and that nonlinearity is a known one."""
   kinds = [s.kind for s in g.producers]
   why = None
-  if g.activation == "other":
-    why = "its nonlinearity is not one of sigmoid, tanh, relu or none (it is 'other')"
-  elif kinds.count("kernel") != 1:
+  if kinds.count("kernel") != 1:
     why = (f"{kinds.count('kernel')} kernels produce its units (a residual addition or a "
            "gate a * sigmoid(b) couples them)")
   elif set(kinds) - {"kernel", "bias"} or kinds.count("bias") > 1 or not g.act_of_bias:
     why = ("something acts on its units between the kernel and the nonlinearity: a "
            "normalisation, a scale, a constant, or another branch added, as when one layer is "
            "applied twice and its outputs summed")
+  elif g.activation == "other":
+    why = "its nonlinearity is not one of sigmoid, tanh, relu or none (it is 'other')"
   if why:
     raise ValueError(
         f"Group {g.name!r}: a unit with zero incoming weights does not output act(bias) here "
