@@ -164,6 +164,20 @@ def _svd_fit_dense(xo, y, rcond, count):
                       jnp.sum(keep) == count)
 
 
+def _leading_r(x, idx, valid, with_q=True):
+  """A Householder QR of x's columns ``idx`` (the ``valid`` ones first, then zero columns):
+  ``(q, rk)`` with q (N, k) (None without ``with_q``) and rk the (k, k) leading block of R,
+  k = min(N, width), its rows and columns past the valid ones replaced by the identity. The
+  zero columns come after the valid ones, so they do not touch R's block of the valid ones;
+  the identity keeps the triangular solves finite and leaves 0 at those positions."""
+  xg = jnp.where(valid[None, :], x[:, idx], 0.0)
+  q, r = jnp.linalg.qr(xg) if with_q else (None, jnp.linalg.qr(xg, mode="r"))
+  k = min(x.shape[0], idx.shape[0])
+  r = r[:k, :k]
+  vk = valid[:k]                         # the real columns are the first ones (k >= count)
+  return q, jnp.where(vk[:, None] & vk[None, :], r, jnp.eye(k, dtype=r.dtype))
+
+
 def _qr_fit(x, others, y):
   """The least-squares fit of y on the ``others`` columns of x when they have full column rank
   with nothing below the SVD's cut (``_Basis.full``), so that the fit is unique and equals
@@ -175,11 +189,9 @@ def _qr_fit(x, others, y):
   hi = jax.lax.Precision.HIGHEST
 
   def fit(idx, valid):
-    q, r = jnp.linalg.qr(jnp.where(valid[None, :], x[:, idx], 0.0))   # (N, k), (k, w)
-    k = q.shape[1]
-    vk = valid[:k]                       # the real columns are the first ones (k >= count)
-    rk = jnp.where(vk[:, None] & vk[None, :], r[:, :k], jnp.eye(k, dtype=r.dtype))
-    rhs = jnp.where(vk, jnp.matmul(q.T, y, precision=hi), 0.0)
+    q, rk = _leading_r(x, idx, valid)
+    k = rk.shape[0]
+    rhs = jnp.where(valid[:k], jnp.matmul(q.T, y, precision=hi), 0.0)
     beta = jax.scipy.linalg.solve_triangular(rk, rhs, lower=False)
     beta = jnp.concatenate([beta, jnp.zeros((idx.shape[0] - k,), beta.dtype)])
     return jnp.zeros((h,), beta.dtype).at[idx].set(jnp.where(valid, beta, 0.0))
@@ -216,12 +228,10 @@ def _exact_residuals(x, live, sq):
   h = x.shape[1]
 
   def res(idx, valid):
-    _, r = jnp.linalg.qr(jnp.where(valid[None, :], x[:, idx], 0.0))      # (k, w)
-    k = r.shape[0]
-    vk = valid[:k]
-    rk = jnp.where(vk[:, None] & vk[None, :], r[:, :k], jnp.eye(k, dtype=r.dtype))
-    rinv = jax.scipy.linalg.solve_triangular(rk, jnp.eye(k, dtype=r.dtype), lower=False)
-    d = jnp.concatenate([jnp.sum(rinv * rinv, axis=1), jnp.ones((idx.shape[0] - k,), r.dtype)])
+    _, rk = _leading_r(x, idx, valid, with_q=False)
+    k = rk.shape[0]
+    rinv = jax.scipy.linalg.solve_triangular(rk, jnp.eye(k, dtype=rk.dtype), lower=False)
+    d = jnp.concatenate([jnp.sum(rinv * rinv, axis=1), jnp.ones((idx.shape[0] - k,), rk.dtype)])
     out = 1.0 / (d * jnp.where(valid, sq[idx], 1.0))
     return jnp.full((h,), jnp.inf, out.dtype).at[idx].set(jnp.where(valid, out, jnp.inf))
 
