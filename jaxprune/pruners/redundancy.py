@@ -7,15 +7,18 @@ is well reconstructed by a least-squares fit on the other kept units *plus a con
 intercept c is folded into the next bias, so the network is unchanged when the dependency is
 exact. Constant units are the special case with no coefficients.
 
-Greedy: at each step the best-reconstructed kept unit is found. Once an SVD has found the
-kept units' columns of full rank with nothing below its cut (below), that is the unit of the
-smallest exact least-squares residual (all of them from one QR of the kept columns); before
-(fewer patterns than units, exact dependencies), the unit whose ridge-regularised fit (on the
-correlation matrix, ``delta = 1e-5``) leaves the smallest residual, candidates whose residuals
-differ only by float rounding, such as the copies of an exact duplicate, ordered by that
-rounding. (Ranking by the ridge's regularised minimum instead, which adds ``delta * (1 +
-|coefficients|^2)``, tried a unit rebuilt to 5e-3 before an exact duplicate, and stopped
-there at a tol of 1e-3.) Then
+Greedy: at each step the best-reconstructed kept unit is found. An SVD of the kept columns
+runs first. Where the kept columns have full rank with nothing below the SVD's cut (below),
+that is the unit of the smallest exact least-squares residual (all of them from one QR of the
+columns scaled to unit norm). Otherwise (fewer patterns than units, exact dependencies) the
+units that the null space of the kept columns rebuilds (a share of it above 1e-3, and a fit
+from it of relative residual at most 1e-4) go first, by that fit's residual (below 1e-5, which
+is rounding, by the residual of a ridge fit); then the others, by the residual of their
+ridge-regularised fit (on the correlation matrix, ``delta = 1e-5``); candidates whose
+residuals differ only by float rounding, such as the copies of an exact duplicate, are
+ordered by that rounding. (Ranking by the ridge's regularised minimum instead, which adds
+``delta * (1 + |coefficients|^2)``, tried a unit rebuilt to 5e-3 before an exact duplicate,
+and stopped there at a tol of 1e-3.) Then
 its exact least-squares fit (minimum norm, on the centred activations, singular values below
 ``eps * max(N, units)`` of the largest left out as ``jnp.linalg.lstsq`` does, N the patterns of
 weight > 0 under ``sample_weight``) is computed, and it
@@ -78,6 +81,8 @@ _NULL_MIN = 1e-3   # P_jj below this: fit by SVD (the null direction is too shor
 _NULL_RESIDUAL = 1e-4  # a null-basis fit must rebuild the unit to this relative residual
 _GAP = 0.1  # the null basis's largest singular value must be this far below the range's
 _QR_FITS = 1.0  # 1: fits of columns an SVD found of full rank by a QR (:func:`_qr_fit`); 0: SVD
+_EXACT_SHARE = 1e-3  # a unit with this share of the null basis or more ranks as exact
+_NULL_TIE = 1e-5  # null-fit residuals below this are rounding: ranked among them by the ridge
 _WIDTHS = 4  # static widths the kept columns are gathered into for an SVD: h, 3h/4, ...
 
 
@@ -220,20 +225,21 @@ def _null_fit(basis, others, j):
 
 def _exact_residuals(x, live, sq):
   """(h,) each ``live`` unit's squared relative residual of least squares on the other live
-  units, ``1 / ((X^T X)^-1_jj |x_j|^2)`` (``sq``: the squared column norms), from a QR of the
-  live columns gathered as for the fits (rows of R^-1); inf elsewhere. Only for columns of full
-  rank with nothing below the SVD's cut (``_Basis.full``), where these are the fits' own
-  residuals: ranking by them needs no ridge (a ridge biases units whose fits need larger
-  coefficients)."""
+  units, ``1 / (Z^T Z)^-1_jj`` with Z the columns scaled to unit norm (``sq``: their squared
+  norms; unscaled, a column 1e-5 the size of the others made the rows of R^-1 of the others
+  too small for float32 and misranked them), from a QR of the live columns gathered as for
+  the fits (rows of R^-1); inf elsewhere. Only for columns of full rank with nothing below
+  the SVD's cut (``_Basis.full``), where these are the fits' own residuals: ranking by them
+  needs no ridge (a ridge biases units whose fits need larger coefficients)."""
   h = x.shape[1]
+  z = x / jnp.sqrt(jnp.where(live & (sq > 0), sq, 1.0))[None, :]
 
   def res(idx, valid):
-    _, rk = _leading_r(x, idx, valid, with_q=False)
+    _, rk = _leading_r(z, idx, valid, with_q=False)
     k = rk.shape[0]
     rinv = jax.scipy.linalg.solve_triangular(rk, jnp.eye(k, dtype=rk.dtype), lower=False)
     d = jnp.concatenate([jnp.sum(rinv * rinv, axis=1), jnp.ones((idx.shape[0] - k,), rk.dtype)])
-    out = 1.0 / (d * jnp.where(valid, sq[idx], 1.0))
-    return jnp.full((h,), jnp.inf, out.dtype).at[idx].set(jnp.where(valid, out, jnp.inf))
+    return jnp.full((h,), jnp.inf, d.dtype).at[idx].set(jnp.where(valid, 1.0 / d, jnp.inf))
 
   return _gathered(live, res)
 
@@ -271,8 +277,14 @@ def _fit(x, m, st, j, tol, rcond, null):
   # leaves every singular value at least the smallest before (interlacing, patterns >= units),
   # and the cut (rcond times the largest) only falls. So its fit is unique: a QR gives it.
   branch = jnp.where(exact, 0, jnp.where(st.full & (null[2] > 0), 1, 2))
+  # After an exact removal the other columns have full rank when no null direction of the
+  # basis touches them any more (their rows of it sum to the number of such directions; the
+  # gathered SVD's padding axes lie on removed units): every singular value is then one the
+  # SVD kept, at least floor_n >= the cut (the exact fit's condition), as after an SVD that
+  # keeps every column.
+  full_n = jnp.sum(jnp.where(others[:, None], basis_n, 0.0) ** 2) < 0.5
   beta, st = jax.lax.switch(branch, [
-      lambda: (beta_n, st._replace(basis=basis_n, floor=floor_n)),
+      lambda: (beta_n, st._replace(basis=basis_n, floor=floor_n, full=full_n)),
       lambda: (_qr_fit(x, others, y), st),
       lambda: _svd_fit(x, others, y, rcond)])
   return _residual(x, m, j, beta) + (st,)
@@ -382,7 +394,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     hi = jax.lax.Precision.HIGHEST
     cov = jnp.matmul(x.T, x, precision=hi)
 
-    def rank(m, full):  # all h units in place (gathered, i.e. permuted, the LU rounds ties otherwise)
+    def rank(m, st):  # all h units in place (gathered, i.e. permuted, the LU rounds ties otherwise)
       d = jnp.where(m, jnp.diagonal(cov), 1.0)
       sd = jnp.sqrt(jnp.maximum(d, 0.0))
       tiny = sd <= 1e-6 * jnp.maximum(jnp.max(jnp.where(m, sd, 0.0)), 1e-30)
@@ -402,11 +414,29 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
         v = inv / jnp.diagonal(inv)[None, :]
         z = jnp.where(live[None, :], x / jnp.where(tiny, 1.0, sd)[None, :], 0.0)
         r = jnp.matmul(z, v, precision=hi)
-        return jnp.sum(r * r, axis=0)
+        score = jnp.sum(r * r, axis=0)
+        # Units rebuilt from the null space of the kept columns go first, ranked by the
+        # residual of that fit, |X P e_u| / (p_u |x_u|) (P = basis basis^T, p_u its share of
+        # unit u; the basis holds the directions the SVD cut too, so a unit of a cut, nonzero
+        # direction is rebuilt only to that): the ridge residual of a fit that needs large
+        # coefficients can exceed a noisy unit's (1e-4 to 1e-3), which then failed tol with
+        # the exact one kept. Exact: p_u above _EXACT_SHARE and that residual at most
+        # _NULL_RESIDUAL.
+        p = jnp.sum(st.basis * st.basis, axis=1)
+        xp = jnp.matmul(jnp.matmul(x, st.basis, precision=hi), st.basis.T, precision=hi)
+        null_res = jnp.linalg.norm(xp, axis=0) / jnp.where(p > 0, p, 1.0) / sd
+        exact = live & (p > _EXACT_SHARE) & (null_res <= _NULL_RESIDUAL)
+        # Below _NULL_TIE those residuals are float rounding, which differs with the way the
+        # basis was reached (reflections here, a fresh SVD under vmap): such units go first,
+        # ordered by the ridge residual, which depends on the activations and the mask alone.
+        tie = exact & (null_res < _NULL_TIE)
+        return jnp.where(jnp.any(tie), jnp.where(tie, score, jnp.inf), jnp.where(
+            jnp.any(exact), jnp.where(exact, null_res * null_res, jnp.inf), score))
 
       # Columns an SVD found of full rank with nothing cut (``full``): each unit's exact
       # residual instead, from a QR of the kept columns (no ridge: _exact_residuals).
-      score = jax.lax.cond(full, lambda: _exact_residuals(x, live, jnp.diagonal(cov)), ridge)
+      score = jax.lax.cond(st.full, lambda: _exact_residuals(x, live, jnp.diagonal(cov)),
+                           ridge)
       score = jnp.where(tiny, -1.0, score)  # constants first
       return jnp.argmin(jnp.where(m, score, jnp.inf))
 
@@ -438,7 +468,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     def body(c):
       m, st, transfer, consts, rep_j, rep_r, coef, stop = c
       n = jnp.sum(~m & mask, dtype=jnp.int32)
-      j = rank(m, st.full)
+      j = rank(m, st)
       beta, rel, st = fit(x, m, st, j, tol, rcond, null)
       ok = rel < tol
       icpt = mean[j] - jnp.dot(beta, mean)
@@ -456,10 +486,10 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
       return m, st, transfer, consts, rep_j, rep_r, coef, ~ok
 
     bad |= ~(max_remove >= 0)
-    # The null basis starts empty (and its top_cut infinite): the first fit is an SVD.
-    zero = jnp.zeros((), x.dtype)
-    st = _Basis(jnp.zeros((h, h), x.dtype), zero, zero, zero + jnp.inf, jnp.zeros((h,), x.dtype),
-                jnp.zeros((), bool))
+    # One SVD of the kept columns first: the first ranking knows which units are exact
+    # combinations of the others, or that the columns have full rank (it ranked by the ridge
+    # until a fit's SVD had run), and the first fit may come from its null basis or a QR.
+    st = _svd_fit_dense(jnp.where(mask[None, :], x, 0.0), x[:, 0], rcond, jnp.sum(mask))[1]
     init = (mask, st, jnp.eye(h, dtype=x.dtype), jnp.zeros((h,), x.dtype),
             jnp.full((h,), -1, jnp.int32), jnp.full((h,), jnp.nan, x.dtype),
             jnp.zeros((h, h + 1), x.dtype), bad)
