@@ -647,6 +647,14 @@ def masks_of(opt_state, *, like: PyTree | None = None) -> PyTree:
   return _from_nnx_optimizer(masks, like)
 
 
+def _mask_paths(tree) -> list[str]:
+  """The key paths of ``tree``'s mask leaves (an nnx ``Variable`` is one leaf: plain arrays
+  and ``nnx.Param`` containers of the same masks have the same paths)."""
+  is_var = lambda x: hasattr(x, "get_value") and not isinstance(x, jax.Array)
+  return [jax.tree_util.keystr(k)
+          for k, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_var)[0]]
+
+
 def replace_masks(opt_state, weight_masks: PyTree):
   """``opt_state`` with the masks of its :func:`keep_masked` / :func:`masked_optimizer` state
   replaced by ``weight_masks``: prune again between rounds of training and keep the
@@ -681,6 +689,11 @@ def replace_masks(opt_state, weight_masks: PyTree):
                        "(other leaves are optax.MaskedNode()); build the optimizer again with "
                        "the new masks, or replace that branch's state yourself.")
     old = jax.tree.leaves(_from_nnx_optimizer(held.masks))
+    held_paths, new_paths = _mask_paths(_from_nnx_optimizer(held.masks)), _mask_paths(weight_masks)
+    if held_paths != new_paths:
+      raise ValueError(f"replace_masks: the new masks must have the held masks' structure: their "
+                       f"leaves are {new_paths[:4]}{'...' if len(new_paths) > 4 else ''}, the "
+                       f"held ones {held_paths[:4]}{'...' if len(held_paths) > 4 else ''}.")
     if len(old) != len(new_leaves) or any(
         np.shape(a) != np.shape(b) or jnp.result_type(b) != jnp.bool_
         for a, b in zip(old, new_leaves)):

@@ -1230,6 +1230,12 @@ def test_replace_masks_refuses_what_it_cannot_replace():
     jaxprune.replace_masks(st, {"w": jnp.ones((3, 2))})               # float, not bool
   with pytest.raises(ValueError, match="holds no masks"):
     jaxprune.replace_masks(optax.adam(0.1).init(p), m)
+  two = {"a": jnp.ones((3, 3)), "b": jnp.ones((3, 3))}
+  st2 = jaxprune.masked_optimizer(optax.sgd(0.1), jaxprune.ones_like(two)).init(two)
+  ma, mb = jnp.eye(3, dtype=bool), ~jnp.eye(3, dtype=bool)
+  for wrong in ([ma, mb], {"x": ma, "y": mb}, {"b": ma, "c": mb}):    # same leaves, other keys
+    with pytest.raises(ValueError, match="structure"):
+      jaxprune.replace_masks(st2, wrong)
   sched = jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=2,
                            frequency=1)
   with pytest.raises(ValueError, match="follow their schedule"):
