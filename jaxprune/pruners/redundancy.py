@@ -244,6 +244,23 @@ def _exact_residuals(x, live, sq):
   return _gathered(live, res)
 
 
+def _null_images(x, basis, m):
+  """(h,) ``|X P e_u|`` for every unit u, P = basis basis^T, from the basis columns that touch
+  the kept units ``m`` (the null directions of their columns; the axes of removed units, which
+  an SVD of gathered columns carries, add nothing to a kept unit's) gathered into one of the
+  static widths (as the fits gather columns): two (N, h) x (h, width) products instead of
+  (h, h) ones, a quarter of the work at H=500 on 398 patterns."""
+  touches = jnp.sum(jnp.where(m[:, None], basis * basis, 0.0), axis=0) > 1e-12
+  hi = jax.lax.Precision.HIGHEST
+
+  def images(idx, valid):
+    bg = jnp.where(valid[None, :], basis[:, idx], 0.0)                    # (h, w)
+    xp = jnp.matmul(jnp.matmul(x, bg, precision=hi), bg.T, precision=hi)  # (N, h)
+    return jnp.linalg.norm(xp, axis=0)
+
+  return _gathered(touches, images)
+
+
 def _fit(x, m, st, j, tol, rcond, null):
   """beta and relative residual of unit j on the other kept units, and the :class:`_Basis`
   of the other kept units' columns for the next step.
@@ -423,8 +440,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
         # the exact one kept. Exact: p_u above _EXACT_SHARE and that residual at most
         # _NULL_RESIDUAL.
         p = jnp.sum(st.basis * st.basis, axis=1)
-        xp = jnp.matmul(jnp.matmul(x, st.basis, precision=hi), st.basis.T, precision=hi)
-        null_res = jnp.linalg.norm(xp, axis=0) / jnp.where(p > 0, p, 1.0) / sd
+        null_res = _null_images(x, st.basis, m) / jnp.where(p > 0, p, 1.0) / sd
         exact = live & (p > _EXACT_SHARE) & (null_res <= _NULL_RESIDUAL)
         # Below _NULL_TIE those residuals are float rounding, which differs with the way the
         # basis was reached (reflections here, a fresh SVD under vmap): such units go first,
