@@ -251,6 +251,24 @@ def test_null_space_fits_never_use_directions_the_svd_cuts(monkeypatch):
   np.testing.assert_allclose(fast.coef, svd.coef, atol=1e-3)
 
 
+def _linear_pruner(h):
+  """(params, prune, unit masks) of group redundancy on a linear 2-h-2 MLP: activations are
+  passed in directly."""
+  model = MLP(in_features=2, hidden=(h,), out_features=2, activation="linear")
+  return (model.init(jax.random.key(0)), group_redundancy(model, "hidden_0"),
+          jaxprune.unit_masks_ones(model))
+
+
+def _deps_plus_noise(rng, n, h):
+  """(n, h) float32: r random columns at scales 1e-2 to 1, noise of 1e-4 to 1e-1 on them, and
+  h - r exact combinations of the noiseless ones."""
+  r = int(rng.integers(3, 8))
+  base = rng.normal(size=(n, r)) * 10 ** rng.uniform(-2, 0, size=r)
+  a = np.concatenate([base, base @ rng.normal(size=(r, h - r))], 1)
+  a[:, :r] += rng.normal(size=(n, r)) * 10 ** rng.uniform(-4, -1, size=r)
+  return a.astype(np.float32)
+
+
 def _float64_residual(a, kept, j):
   """Unit j's relative residual in float64, least squares on the other kept units' centred
   activations with the pruner's cut (float32 eps * max(patterns, units), as lstsq)."""
@@ -292,10 +310,7 @@ def test_the_removals_stop_only_when_no_kept_unit_is_rebuilt_within_tol():
   within tol)."""
   rng = np.random.default_rng(3)
   h, n = 8, 40
-  model = MLP(in_features=2, hidden=(h,), out_features=2, activation="linear")
-  params = model.init(jax.random.key(0))
-  prune = group_redundancy(model, "hidden_0")
-  um = jaxprune.unit_masks_ones(model)
+  params, prune, um = _linear_pruner(h)
   for _ in range(20):
     r = int(rng.integers(2, 6))
     a = (rng.normal(size=(n, r)) * 10 ** rng.uniform(-3, 0, size=r)) @ (
@@ -329,10 +344,7 @@ def test_the_best_reconstructed_unit_goes_first_with_more_patterns_than_units():
   2.3x the best residual; at tol 1e-3 it stopped with three units within tol)."""
   rng = np.random.default_rng(0)
   h, n = 8, 60
-  model = MLP(in_features=2, hidden=(h,), out_features=2, activation="linear")
-  params = model.init(jax.random.key(0))
-  prune = group_redundancy(model, "hidden_0")
-  um = jaxprune.unit_masks_ones(model)
+  params, prune, um = _linear_pruner(h)
   for case in range(8):
     cond = 10 ** rng.uniform(3, 5)
     u = np.linalg.qr(rng.normal(size=(n, h)))[0]
@@ -351,10 +363,7 @@ def test_exact_combinations_go_before_noisy_units_with_fewer_patterns_than_units
   stopped there with the exact one kept)."""
   rng = np.random.default_rng(1)
   h, n = 12, 10
-  model = MLP(in_features=2, hidden=(h,), out_features=2, activation="linear")
-  params = model.init(jax.random.key(0))
-  prune = group_redundancy(model, "hidden_0")
-  um = jaxprune.unit_masks_ones(model)
+  params, prune, um = _linear_pruner(h)
   for _ in range(12):
     r = int(rng.integers(2, n - 1))
     base = rng.normal(size=(n, r))
@@ -377,29 +386,20 @@ def test_after_exact_removals_leave_full_rank_the_loop_ranks_by_exact_residuals(
   kept. The null basis now says so too.)"""
   rng = np.random.default_rng(0)
   h, n = 12, 24
-  model = MLP(in_features=2, hidden=(h,), out_features=2, activation="linear")
-  params = model.init(jax.random.key(0))
-  prune = group_redundancy(model, "hidden_0")
-  um = jaxprune.unit_masks_ones(model)
+  params, prune, um = _linear_pruner(h)
   for _ in range(16):
-    r = int(rng.integers(3, 8))
-    base = rng.normal(size=(n, r)) * 10 ** rng.uniform(-2, 0, size=r)
-    a = np.concatenate([base, base @ rng.normal(size=(r, h - r))], 1)
-    a[:, :r] += rng.normal(size=(n, r)) * 10 ** rng.uniform(-4, -1, size=r)
-    a = a.astype(np.float32)
+    a = _deps_plus_noise(rng, n, h)
     for tol in (3e-4, 3e-3, 3e-2):
       _check_greedy(a, prune, params, um, tol)
-  # The reviewer's case (the 19th of a stream of such draws at other sizes; 16 patterns): at
-  # tol 7e-4 the loop stopped after two exact removals with a unit at 6.5e-4 kept.
+  # The reviewer's case (the 19th of a stream of such draws at other sizes, each followed by a
+  # draw of tol; 16 patterns): at tol 7e-4 the loop stopped after two exact removals with a
+  # unit at 6.5e-4 kept.
   rng = np.random.default_rng(0)
   for _ in range(19):
-    n, r = int(rng.integers(14, 40)), int(rng.integers(3, 8))
-    base = rng.normal(size=(n, r)) * 10 ** rng.uniform(-2, 0, size=r)
-    a = np.concatenate([base, base @ rng.normal(size=(r, h - r))], 1)
-    a[:, :r] += rng.normal(size=(n, r)) * 10 ** rng.uniform(-4, -1, size=r)
-    float(10 ** rng.uniform(-3, 0))
+    a = _deps_plus_noise(rng, int(rng.integers(14, 40)), h)
+    rng.uniform(-3, 0)
   assert a.shape == (16, h)
-  _check_greedy(a.astype(np.float32), prune, params, um, 7e-4)
+  _check_greedy(a, prune, params, um, 7e-4)
 
 
 def test_only_an_svd_that_keeps_every_real_column_certifies_full_rank():

@@ -411,7 +411,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     hi = jax.lax.Precision.HIGHEST
     cov = jnp.matmul(x.T, x, precision=hi)
 
-    def rank(m, st):  # all h units in place (gathered, i.e. permuted, the LU rounds ties otherwise)
+    def rank(m, st):  # all h units in place (gathered, the LU rounds ties otherwise)
       d = jnp.where(m, jnp.diagonal(cov), 1.0)
       sd = jnp.sqrt(jnp.maximum(d, 0.0))
       tiny = sd <= 1e-6 * jnp.maximum(jnp.max(jnp.where(m, sd, 0.0)), 1e-30)
