@@ -688,8 +688,9 @@ def replace_masks(opt_state, weight_masks: PyTree):
       raise ValueError("replace_masks: these masks belong to one branch of optax.multi_transform "
                        "(other leaves are optax.MaskedNode()); build the optimizer again with "
                        "the new masks, or replace that branch's state yourself.")
-    old = jax.tree.leaves(_from_nnx_optimizer(held.masks))
-    held_paths, new_paths = _mask_paths(_from_nnx_optimizer(held.masks)), _mask_paths(weight_masks)
+    held_masks = _from_nnx_optimizer(held.masks)
+    old = jax.tree.leaves(held_masks)
+    held_paths, new_paths = _mask_paths(held_masks), _mask_paths(weight_masks)
     if held_paths != new_paths:
       raise ValueError(f"replace_masks: the new masks must have the held masks' structure: their "
                        f"leaves are {new_paths[:4]}{'...' if len(new_paths) > 4 else ''}, the "
