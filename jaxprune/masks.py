@@ -245,6 +245,13 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
   except Exception as e:  # pragma: no cover - defensive
     raise ValueError(f"Weight masks are not a pytree: {e}") from e
   m_paths = dict(m_flat)
+  if (isinstance(masks, (int, float, np.number)) or getattr(masks, "shape", None) == ()) \
+      and jax.tree.structure(params) != jax.tree.structure(masks):
+    raise ValueError(
+        f"Weight masks are one number ({masks!r}), not a pytree of bool arrays shaped like the "
+        "params. A number here is usually a setting given in the masks' place: pass the masks "
+        "(or None for all-keep masks) second and the setting by name, e.g. "
+        "magnitude_prune(params, None, fraction=0.5).")
   if jax.tree.structure(params) != jax.tree.structure(masks):
     missing_keys = [k for k in p_paths if k not in m_paths]
     extra_keys = [k for k in m_paths if k not in p_paths]
@@ -270,8 +277,10 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
       raise ValueError(f"Weight mask at {jax.tree_util.keystr(k)} has shape {tuple(m.shape)} but "
                        f"the parameter has shape {tuple(jnp.shape(p))}.")
     if m.dtype != jnp.bool_:
+      swapped = (" If it holds weights, the params and the masks may be swapped: the params come "
+                 "first, then the masks." if jnp.issubdtype(m.dtype, jnp.inexact) else "")
       raise ValueError(f"Weight mask at {jax.tree_util.keystr(k)} has dtype {m.dtype}; masks must "
-                       "be bool (use mask.astype(bool)).")
+                       f"be bool (use mask.astype(bool) for 0/1 masks).{swapped}")
 
 
 def check_unit_masks(model_or_groups, unit_masks: Mapping[str, Any], *,

@@ -374,3 +374,39 @@ def test_random_masks_batch_order_and_ga_draws_are_the_same_under_x64():
     np.testing.assert_array_equal(a, b)
   for a, b in zip(jax.tree.leaves(off[1]), jax.tree.leaves(on[1])):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_layer_threshold_of_a_subnormal_float32_cut_under_x64_and_wide_integer_leaves():
+  """Under x64 with a float64 leaf in the selection, a float32 leaf's subnormal cut was
+  reported as 0 (its float32 -> float64 conversion flushed it; the masks were right): it is
+  widened through its bits now, as the global scope does. An int32 leaf chosen with select=
+  was ranked by its float32 value (16777217 removed before 16777216): wide integers are
+  refused, narrow ones (exact in float32) ranked."""
+  with jax.enable_x64(True):
+    p = {"d": jnp.asarray([[1.0, 2.0], [3.0, 4.0]], jnp.float64),
+         "f": jnp.asarray([[1e-40, 1.0], [0.5, 2.0]], jnp.float32)}
+    _, m, rep = magnitude_prune(p, None, 0.25, scope="layer")
+    assert rep.threshold.dtype == jnp.float64
+    np.testing.assert_array_equal(rep.threshold, [1.0, np.float64(np.float32(1e-40))])
+    assert rep.threshold[1] > 0
+    np.testing.assert_array_equal(m["f"], [[False, True], [True, True]])
+    _, _, rep = magnitude_prune(p, None, 0.0, scope="layer")   # nothing removed: NaN cuts
+    assert np.all(np.isnan(np.asarray(rep.threshold)))
+  with pytest.raises(ValueError, match=r"int32.*2\*\*24|2\*\*24.*int32"):
+    magnitude_prune({"w": jnp.asarray([[16777217, 16777216]], jnp.int32)}, None, 0.5,
+                    select="w")
+  _, m, _ = magnitude_prune({"w": jnp.asarray([[-300, 2, 7, -1]], jnp.int16)}, None, 0.5,
+                            select="w")
+  np.testing.assert_array_equal(m["w"], [[True, False, True, False]])
+
+
+def test_swapped_or_misplaced_arguments_are_named():
+  """A float tree in the masks' place said only 'use mask.astype(bool)', which turns params
+  into masks; a number there said 'unexpected leaves: ['']'."""
+  p = _tree()
+  with pytest.raises(ValueError, match="swapped"):
+    magnitude_prune(jax.tree.map(lambda a: a != 0, p), p, 0.5)
+  with pytest.raises(ValueError, match="one number.*fraction=0.5"):
+    magnitude_prune(p, 0.5)
+  with pytest.raises(ValueError, match="swapped"):
+    jaxprune.rewind(p, p, p)

@@ -276,6 +276,16 @@ def _threshold_dtype(scores):
   return functools.reduce(jnp.promote_types, real, jnp.float32)
 
 
+def _widen(cut: jax.Array, dtype) -> jax.Array:
+  """A float32 cut in ``dtype`` (float64 under x64 when a leaf is): widened through its bits
+  (:func:`_float64_bits`), since a float conversion flushes a subnormal cut to 0 on CPU."""
+  if cut.dtype == dtype or dtype != jnp.float64:
+    return cut.astype(dtype)
+  bits = jax.lax.bitcast_convert_type(cut, jnp.int32)
+  wide = jax.lax.bitcast_convert_type(_float64_bits(bits & 0x7FFFFFFF), jnp.float64)
+  return jnp.where(jnp.isnan(cut), jnp.nan, wide)
+
+
 @functools.partial(jax.jit, static_argnames=("selected", "scope"))
 def _core(params, scores, weight_masks, fraction, *, selected, scope):
   """Masks removing the smallest ``scores`` (one array per selected leaf), masked params, and
@@ -305,7 +315,8 @@ def _core(params, scores, weight_masks, fraction, *, selected, scope):
   n_removed = jnp.stack([jnp.sum(r, dtype=jnp.int32) for r in removed])
   report = MagnitudeReport(
       kept=jnp.stack([jnp.sum(new_m[i], dtype=jnp.int32) for i in selected]),
-      removed=n_removed, threshold=jnp.stack(cuts).astype(_threshold_dtype(scores)),
+      removed=n_removed,
+      threshold=jnp.stack([_widen(c, _threshold_dtype(scores)) for c in cuts]),
       count=jnp.sum(n_removed), invalid=~valid)
   return masks_lib.apply_masks(params, new_masks), new_masks, report, n_bad
 
@@ -318,6 +329,21 @@ def _check_fraction_value(fraction) -> None:
       "remove)", "to prune at several fractions, vmap over them: jax.vmap(lambda f: "
       "magnitude_prune(params, masks, f))(fractions).")
   _common.check_fraction("fraction", fraction)
+
+
+def _check_integer_scores(params, selected) -> None:
+  """Integer leaves are ranked by their float32 values, exact up to 2**24: an integer type of
+  more than 16 bits (chosen with ``select=``) is refused, since 16777217 would rank as 16777216."""
+  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(params)[0])
+  wide = [f"{jax.tree_util.keystr(paths[i])} ({jnp.result_type(leaves[i])})" for i in selected
+          if jnp.issubdtype(jnp.result_type(leaves[i]), jnp.integer)
+          and jnp.dtype(jnp.result_type(leaves[i])).itemsize > 2]
+  if wide:
+    raise ValueError(
+        f"Magnitude pruning ranks weights by their float32 values, exact for integers up to "
+        f"2**24 only, and the selection holds integer leaves of more than 16 bits: "
+        f"{', '.join(wide)}. Cast them to a float type (float64 under jax_enable_x64 for "
+        "larger values) or leave them out of select=.")
 
 
 def _prune(params, weight_masks, fraction, key, scope, select, random):
@@ -338,6 +364,7 @@ def _prune(params, weight_masks, fraction, key, scope, select, random):
     scores = _uniform_scores(key, shapes=tuple(tuple(jnp.shape(leaves[i])) for i in selected))
   else:
     scores = [leaves[i] for i in selected]
+    _check_integer_scores(params, selected)
   # A concrete fraction goes in as a NumPy float32 (the same value and dtype that
   # ``jnp.asarray(fraction, jnp.float32)`` gives, without compiling a conversion program).
   fraction = (jnp.asarray(fraction, jnp.float32) if isinstance(fraction, jax.core.Tracer)
