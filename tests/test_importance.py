@@ -155,6 +155,16 @@ def test_traced_bad_k_or_nan_kernel_changes_nothing_and_sets_invalid():
   assert bool(rep.invalid) and int(rep.removed) == 0 and bool(np.all(m["hidden_0"]))
   with pytest.raises(ValueError, match="NaN"):
     jaxprune.importance_prune(model, "hidden_0")(bad, ones, 4)
+  with pytest.raises(ValueError, match="NaN"):
+    jaxprune.importance_scores(bad, model, "hidden_0")
+  # A NaN only in a unit the masks removed: the masked network is finite, so under jit the
+  # one-shot pruner ranks the kept units as iterative_importance does (it refused them all).
+  gone = dict(ones, hidden_0=ones["hidden_0"].at[3].set(False))
+  p, m, rep = prune(bad, gone, 4)
+  assert not bool(rep.invalid) and int(rep.removed) == 4 and int(np.sum(m["hidden_0"])) == 7
+  _, want, _ = prune(params, gone, 4)   # unit 3's kernel is zeroed before scoring either way
+  np.testing.assert_array_equal(m["hidden_0"], want["hidden_0"])
+  assert np.all(np.isfinite(np.asarray(rep.scores)))
 
 
 def test_importance_prune_under_x64_warns_nothing_and_ranks_as_in_float32():
@@ -299,3 +309,40 @@ def test_float64_losses_are_judged_at_float64_and_warn_nothing():
         params, jaxprune.unit_masks_ones(model), 0.0)
     assert bool(np.all(masks["hidden_0"])) and int(rep.count) == 1
     assert rep.loss.dtype == jnp.float64 and rep.min_importance.dtype == jnp.float64
+
+
+def test_a_rise_of_exactly_max_rise_is_kept_and_reported_alike():
+  """A removal whose rise equals max_rise (in float32) was rejected in the mask but written as
+  accepted in the report's loss row and stopped_loss: XLA copied the rise test into each
+  consumer, and copies with and without a fused multiply-add judged it apart. Each step now
+  judges one stored loss; at max_rise set to the largest rise of the first j steps, at least
+  j removals are kept, and the mask, the rows and loss_fn agree."""
+  def mlp(p, x):
+    return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+  rng = np.random.default_rng(2)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  p = {"w1": f32(rng.normal(size=(4, 10))), "b1": f32(rng.normal(size=10)),
+       "w2": f32(rng.normal(size=(10, 3))), "b2": f32(np.zeros(3))}
+  x = f32(rng.normal(size=(50, 4)))
+  y = mlp(p, x) + f32(0.3 * rng.normal(size=(50, 3)))
+  t = jaxprune.trace(mlp, p, x)
+  loss_fn = lambda q: jnp.mean((mlp(q, x) - y) ** 2)
+  um = {"w1": jnp.asarray(np.arange(10) % 4 != 3)}
+  run = iterative_importance(t, "w1", loss_fn)
+  _, _, free = run(p, um, 1e6)
+  losses = np.asarray(free.loss, np.float32)
+  for j in (1, 2, 3):
+    max_rise = max(np.float32(losses[i] - losses[0]) for i in range(1, j + 1))
+    q, m, rep = run(p, um, max_rise)
+    count = int(rep.count)
+    assert count >= j + 1
+    removed = np.asarray(rep.removed)[1:count]
+    want = np.asarray(um["w1"]).copy()
+    want[removed] = False
+    np.testing.assert_array_equal(m["w1"], want)
+    np.testing.assert_array_equal(np.asarray(rep.units_kept)[:count],
+                                  np.asarray(um["w1"]).sum() - np.arange(count))
+    assert np.all(np.isnan(np.asarray(rep.loss)[count:]))
+    assert float(loss_fn(q)) == float(rep.loss[count - 1])
+    stopped = float(rep.stopped_loss)
+    assert np.isnan(stopped) or np.float32(stopped - losses[0]) > max_rise

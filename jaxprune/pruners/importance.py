@@ -45,6 +45,8 @@ def importance_scores(params: PyTree, model_or_groups, group: str | None = None,
   """(units,) importance of each unit of ``group`` from its incoming kernel weights.
 
   A function of the params, so they come first: ``importance_scores(params, model, group)``.
+  The mean of ``'rms'`` is over every weight of the unit's producer kernels, the zeroed rows of
+  removed units included. Concrete NaN or infinite kernels raise ValueError, as in the pruners.
   """
   if masks_lib._is_target(params) and not masks_lib._is_target(model_or_groups):
     raise TypeError("importance_scores takes (params, target, group): the params come first "
@@ -55,6 +57,7 @@ def importance_scores(params: PyTree, model_or_groups, group: str | None = None,
                     "target, group).")
   g = _common.get_group(model_or_groups, group)
   _common.units_lib.check_group(params, g)
+  _check_kernels(params, g)   # a NaN score would rank as no number does (the pruners refuse it)
   return _scores(params, g, norm)
 
 
@@ -130,7 +133,10 @@ def importance_prune(model_or_groups, group: str, *, norm: str = "rms") -> Calla
     s = _scores(params, g, norm)
     n = jnp.sum(mask, dtype=jnp.int32)
     kf = jnp.asarray(k, jnp.float32)
-    valid = (kf >= 0) & (kf <= g.size) & (kf == jnp.round(kf)) & jnp.all(jnp.isfinite(s))
+    # (a unit the masks removed is not ranked: its NaN is no reason to refuse, as in
+    # iterative_importance)
+    valid = ((kf >= 0) & (kf <= g.size) & (kf == jnp.round(kf))
+             & jnp.all(jnp.isfinite(jnp.where(mask, s, 0.0))))
     k = jnp.where(valid, kf, 0).astype(jnp.int32)
     kk = jnp.clip(k, 0, jnp.maximum(n - 1, 0))
     rank = jnp.zeros((g.size,), jnp.int32).at[_order(s, mask)].set(
@@ -275,30 +281,47 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
             jnp.full((h,), jnp.nan, s.dtype).at[0].set(min_imp(mask)),
             jnp.full((h,), -1, jnp.int32))
 
+    limit = max_rise * jnp.abs(loss0) if relative else max_rise
+
+    # (ties: the lower index, as the stable order)
+    pick = ((lambda m, done: order[done]) if not own else
+            (lambda m, done: jnp.argmin(jnp.where(m, scores(m), jnp.inf))))
+
+    def propose(mask, done):
+      u = pick(mask, done)
+      return u.astype(jnp.int32), loss(mask.at[u].set(False))
+
+    # Each step judges the removal the step before proposed, from its loss carried through the
+    # loop, then proposes the next. The carried loss is one stored number: judged where it is
+    # computed, XLA copies ``loss - loss0 <= limit`` into each of its consumers, and copies that
+    # contract the loss's last product into the subtraction (a fused multiply-add) and copies
+    # that do not can judge a rise of exactly ``max_rise`` apart (a mask kept and a report row
+    # written for the same removal).
     def cond(c):
-      mask, step, _, stop, _ = c
-      return valid & ~stop & (jnp.sum(mask) > 1)
+      return c[5]
 
     def body(c):
-      mask, step, rows, _, _ = c
-      # (ties: the lower index, as the stable order; a rejected removal ends the loop)
-      u = order[step] if not own else jnp.argmin(jnp.where(mask, scores(mask), jnp.inf))
-      new = mask.at[u].set(False)
-      l = loss(new)
-      limit = max_rise * jnp.abs(loss0) if relative else max_rise
+      mask, done, rows, _, _, _, u, l = c
       ok = l - loss0 <= limit  # a NaN loss is no "within": it stops the loop too
+      new = mask.at[u].set(False)
       mask = jnp.where(ok, new, mask)
-      pos = jnp.where(ok, step + 1, h)
+      pos = jnp.where(ok, done + 1, h)
       rows = (rows[0].at[pos].set(jnp.sum(new, dtype=jnp.int32), mode="drop"),
               rows[1].at[pos].set(l, mode="drop"),
               rows[2].at[pos].set(min_imp(new), mode="drop"),
-              rows[3].at[pos].set(u.astype(jnp.int32), mode="drop"))
-      return mask, step + 1, rows, ~ok, jnp.where(ok, jnp.nan, l)
+              rows[3].at[pos].set(u, mode="drop"))
+      done = done + ok.astype(jnp.int32)
+      go = ok & (jnp.sum(mask) > 1)   # a rejected removal ends the loop
+      stopped = jnp.where(ok, jnp.nan, l)
+      u, l = propose(mask, done)      # (computed either way; used only when go)
+      return mask, done, rows, ~ok, stopped, go, u, l
 
-    init = (mask, jnp.asarray(0, jnp.int32), rows, jnp.asarray(False),
-            jnp.asarray(jnp.nan, loss0.dtype))
-    mask, step, rows, stop, stopped = jax.lax.while_loop(cond, body, init)
-    count = jnp.where(stop, step, step + 1)
+    zero = jnp.asarray(0, jnp.int32)
+    u0, l0 = propose(mask, zero)
+    init = (mask, zero, rows, jnp.asarray(False), jnp.asarray(jnp.nan, loss0.dtype),
+            valid & (n0 > 1), u0, l0)
+    mask, done, rows, _, stopped, _, _, _ = jax.lax.while_loop(cond, body, init)
+    count = done + 1
     out = jax.tree.map(lambda new, old: jnp.where(valid, new, old),
                        _common.zero_units(params, g, mask), given)
     return (out, mask, IterativeReport(rows[0], rows[1], rows[2], rows[3], count, stopped,
