@@ -1402,6 +1402,32 @@ def _leaf_paths(params) -> list[Path | None]:
   return paths
 
 
+def _readout_terms(w, c) -> tuple[Any, bool]:
+  """``(var, extra)``: where a top-level contraction's output ends after the terms added to it
+  that depend on params and constants alone, not on the contraction's own kernel (a bias
+  ``+ b``, ``+ b + c``, ``- 0.5``), and whether there is more than one param read as it is
+  (the terms a slice records as its bias)."""
+  out, extra, first = c.out_var, False, True
+  while True:
+    nxt = w.users.get(out, [])
+    if len(nxt) != 1:
+      return out, extra
+    eqn = nxt[0][1]
+    name = eqn.primitive.name
+    others = [v for v in eqn.invars if v is not out]
+    if (name not in ("add", "sub") or len(others) != 1
+        or (name == "sub" and eqn.invars[0] is not out)):
+      return out, extra
+    v = others[0]
+    if not isinstance(v, jex.core.Literal):
+      cone = w._param_cone((), v)   # pylint: disable=protected-access
+      if cone is None or c.kernel in cone[0]:
+        return out, extra
+    if not (first and name == "add" and not isinstance(v, jex.core.Literal) and v in w.origin):
+      extra = True
+    first, out = False, eqn.outvars[0]
+
+
 def _shape(leaf) -> tuple[int, ...]:
   return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
 
@@ -1425,6 +1451,9 @@ class _GroupSite:
   plain: bool = True
   # When not complete: (joined, the kernels, the producers) that _incomplete_why puts in words.
   incomplete: tuple = ()
+  # The readout's output gets more than one param read as it is (a recorded bias): a second
+  # term, a literal, a sum of params (``h @ w + b + c``); the GA reads them from the function.
+  readout_extra: bool = False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -2040,15 +2069,10 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
         if var2 is not out:
           plain = plain and activation == "linear" and plain2   # the function is act2's alone
           activation = act2
-    readout = False
+    readout = readout_extra = False
     if con is not None and len(consumers) == 1 and scope == ():
       c = next(c for c in w.contractions if c.path == consumers[0].where)
-      out = c.out_var
-      nxt = w.users.get(out, [])
-      if len(nxt) == 1 and nxt[0][1].primitive.name == "add" and any(
-          not isinstance(v, jex.core.Literal) and v in w.origin for v in nxt[0][1].invars
-          if v is not out):
-        out = nxt[0][1].outvars[0]
+      out, readout_extra = _readout_terms(w, c)
       readout = (not c.conv and c.stream_var is var and c.path[:-1] == () and
                  len(var.aval.shape) == 2 and any(out is o for o in w.out_vars) and
                  len(c.kernel_var.aval.shape) == 2)
@@ -2070,7 +2094,7 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     why = () if complete else (joined, tuple(kernels), tuple(producers), tuple(consumers))
     sites.append(_GroupSite(name, root, activation, "conv" if con is not None and con.conv
                             else "dense", first.where, scope, var, act_axes, readout, complete,
-                            plain, why))
+                            plain, why, readout_extra=readout and readout_extra))
   sites.sort(key=lambda s: s.order)
   return tuple(sites), uses, reasons
 
@@ -2779,7 +2803,12 @@ class TracedTarget:
     """The group's consumer slice when its only reader is the affine map to the output and reads
     exactly the group's activations (the GA's one-product fast path applies); else None."""
     site = self._site(name)
-    return self._groups[name].consumers[0] if site.readout else None
+    if not site.readout:
+      return None
+    s = self._groups[name].consumers[0]
+    # (more than the recorded bias is added: no bias recorded here, so the GA reads what the
+    # function adds, jaxprune.ga.fitness.readout_bias)
+    return dataclasses.replace(s, bias=None) if site.readout_extra else s
 
   def explain(self) -> str:
     """One line per parameter leaf: the group and role of each axis, or why it has none."""

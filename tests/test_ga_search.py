@@ -190,6 +190,11 @@ _READOUT_BIASES = {
     "flipped": ((4,), 2.0, lambda p, x: _tanh_hidden(p, x) + p["b2"][::-1]),
     "per_pattern": ((60, 4), 2.0, lambda p, x: _tanh_hidden(p, x) + p["b2"]),
     "none": ((4,), 2.0, _tanh_hidden),
+    # more than one term after the product: no bias recorded for the GA, read from the function
+    "bias_and_flipped": ((4,), 2.0, lambda p, x: _tanh_hidden(p, x) + p["b2"] + p["b2"][::-1]),
+    "bias_minus_literal": ((4,), 2.0, lambda p, x: _tanh_hidden(p, x) + p["b2"] - 0.5),
+    "sum_of_params": ((4,), 2.0, lambda p, x: _tanh_hidden(p, x) + (p["b2"] + 2 * p["b2"])),
+    "minus_bias": ((4,), 2.0, lambda p, x: _tanh_hidden(p, x) - p["b2"]),
 }
 
 
@@ -222,6 +227,21 @@ def test_readout_bias_of_any_shape_scores_as_the_function(case, incremental):
   assert float(jnp.mean(jnp.argmax(t.apply(masked, x), -1) == y)) == direct
   assert float(res.fitness) == pytest.approx(100 * direct)       # the fast path's score
   assert float(res.accuracy) == pytest.approx(direct)            # the general path's
+
+
+def test_a_term_computed_from_the_readout_kernel_or_the_inputs_takes_the_general_path():
+  """Terms added after the product are read from the function once, with the readout kernel
+  zeroed, so one that depends on the inputs (a skip connection) is left to the general path.
+  (One computed from the readout kernel, ``+ w2.sum(0)``, makes the trace refuse the group.)"""
+  rng = np.random.default_rng(0)
+  params = {"w1": jnp.asarray(rng.normal(size=(6, 10)), jnp.float32), "b1": jnp.zeros(10),
+            "w2": jnp.asarray(rng.normal(size=(10, 4)), jnp.float32), "b2": jnp.zeros(4)}
+  x = jax.random.normal(jax.random.key(0), (60, 6))
+  for fn in (lambda p, x: _tanh_hidden(p, x) + p["b2"] + x[:, :4],
+             lambda p, x: _tanh_hidden(p, x) + x[:, :4] + p["b2"]):
+    assert not ga.fast_path_applies(jaxprune.trace(fn, params, x), "w1")
+  fn = lambda p, x: _tanh_hidden(p, x) + p["b2"] + p["b2"][::-1]
+  assert ga.fast_path_applies(jaxprune.trace(fn, params, x), "w1")
 
 
 def test_readout_bias_brings_a_recorded_bias_to_one_value_per_output():
@@ -560,6 +580,8 @@ def test_bad_params_and_inputs(trained):
   pop = ga.ask(CFG, state, key=jax.random.key(0))
   with pytest.raises(ValueError, match="fitness has shape"):
     ga.tell(CFG, state, pop, jnp.zeros((3,)))
+  with pytest.raises(ValueError, match="dtype float32.*bool"):   # it read 0.3 as kept
+    ga.tell(CFG, state, jnp.full(pop.shape, 0.3), jnp.zeros((CFG.population_size,)))
   # A traced target runs params of another width; the GA's chromosome would not fit them (it
   # raised a broadcasting TypeError from inside the program, or a bare KeyError).
   f = lambda p, x: jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
@@ -962,3 +984,38 @@ def test_progress_of_zero_generations_and_under_jit(capsys, monkeypatch, caplog)
         jax.random.split(jax.random.key(0), 2))
   assert "gen 2/2" in capsys.readouterr().err
   assert not [r for r in caplog.records if "progress=True" in r.getMessage()]
+
+
+def test_activations_that_overflow_are_refused_not_scored_as_nan_logits():
+  """Finite x and params whose hidden activations overflow: a removed unit's inf * 0 made
+  every logit NaN, every individual scored alike, and the result's fitness contradicted its
+  accuracy with invalid=False. search (fast and general paths) and prepare (for ga.run) now
+  name the activations; a padding row of weight 0 that overflows does not count."""
+  rng = np.random.default_rng(0)
+  scale = np.where(np.arange(40) < 10, 100.0, 0.01)[:, None]   # 10 rows overflow
+  x = jnp.asarray(rng.normal(size=(40, 4)) * scale, jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, 40))
+  model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3, activation="relu")
+  p = model.init(jax.random.key(0))
+  p["params"]["hidden_0"]["kernel"] = p["params"]["hidden_0"]["kernel"] * 1e37
+  assert not bool(jnp.all(jnp.isfinite(model.activations(p, x, "hidden_0"))))
+  cfg = ga.GAConfig(population_size=6, hof_size=2, generations=2)
+  for fast_path in ("auto", False):
+    with pytest.raises(ValueError, match="activations of group 'hidden_0'.*standardize"):
+      ga.search(model, p, x, y, "hidden_0", key=jax.random.key(0), config=cfg,
+                progress=False, fast_path=fast_path)
+  fit = ga.make_fitness(model, "hidden_0", "eq5")
+  with pytest.raises(ValueError, match="activations of group 'hidden_0'"):
+    fit.prepare(p, x, y)
+  # only the rows that overflow carry weight 0: a search as on the other rows
+  h = model.activations(p, x, "hidden_0")
+  ok = np.asarray(jnp.all(jnp.isfinite(h), axis=1))
+  assert 0 < ok.sum() < ok.size
+  x2 = jnp.where(jnp.asarray(ok)[:, None], x, 0.0)   # the same shape: one compiled program
+  a = ga.search(model, p, x, y, "hidden_0", key=jax.random.key(0), config=cfg, progress=False,
+                sample_weight=ok.astype(np.float32))
+  b = ga.search(model, p, x2, y, "hidden_0", key=jax.random.key(0), config=cfg, progress=False,
+                sample_weight=ok.astype(np.float32))
+  assert not bool(a.invalid)
+  np.testing.assert_array_equal(a.mask, b.mask)
+  assert float(a.fitness) == float(b.fitness)

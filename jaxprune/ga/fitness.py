@@ -175,6 +175,23 @@ def nonzero_weights(w: jax.Array) -> jax.Array:
   return (lax.bitcast_convert_type(w, jnp.int32) & 0x7FFFFFFF) != 0
 
 
+def nonfinite_rows(h: jax.Array, sample_weight=None) -> jax.Array:
+  """() bool: a NaN or infinite activation in a pattern that counts (weight > 0)."""
+  bad = ~jnp.all(jnp.isfinite(h.reshape(h.shape[0], -1)), axis=1)
+  if sample_weight is not None:
+    bad = bad & nonzero_weights(jnp.asarray(sample_weight))
+  return jnp.any(bad)
+
+
+def nonfinite_activations_message(group: str) -> str:
+  """Why a GA cannot score masks of ``group``, and the fix."""
+  return (f"The activations of group {group!r} on x hold NaN or infinite values, though x "
+          "and the params are finite (a unit overflows): a removed unit's inf * 0 is NaN in "
+          "every output, so no mask can be scored. Bring the inputs to a moderate scale "
+          "(standardize x) or repair the params (trained to overflow?); see "
+          f"model.activations(params, x, {group!r}).")
+
+
 def weights_unusable(w: jax.Array) -> jax.Array:
   """() bool, inside a program: what :func:`jaxprune.validate.check_sample_weight` refuses
   (a weight that is NaN, infinite or negative, or none above 0), read from the bits so that
@@ -287,6 +304,12 @@ class AccuracyFitness:
     h = self.model.activations(params, x, self.group)
     w = units_lib.unit_view(units_lib.get_path(params, s.path), s)      # (units, outputs)
     w = w.reshape(w.shape[0], -1)
+    if validate.is_concrete(h, sample_weight):   # (on the host, in NumPy: nothing to compile)
+      bad = ~np.all(np.isfinite(np.asarray(h).reshape(h.shape[0], -1)), axis=1)
+      if sample_weight is not None:
+        bad &= np.asarray(sample_weight).reshape(-1) != 0
+      if bad.any():
+        raise ValueError(nonfinite_activations_message(self.group))
     return {"h": h.reshape(h.shape[0], -1), "w": w,
             "b": readout_bias(self.model, params, x, s, w.shape[-1]), "y": y, **extra}
 

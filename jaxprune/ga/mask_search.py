@@ -77,6 +77,8 @@ from jaxprune.ga.fitness import UserFitness
 from jaxprune.ga.fitness import _groups_of
 from jaxprune.ga.fitness import _labels
 from jaxprune.ga.fitness import host_sample_weight
+from jaxprune.ga.fitness import nonfinite_activations_message
+from jaxprune.ga.fitness import nonfinite_rows
 from jaxprune.ga.fitness import nonzero_weights
 from jaxprune.ga.fitness import weights_unusable
 from jaxprune.ga.fitness import make_fitness
@@ -193,12 +195,14 @@ def search(model, params: PyTree, x: jax.Array | None, y: jax.Array | None, grou
   display = GAProgress(config.generations, f"GA {group}") if progress else None
   with _DISPLAYS.open(display) as token:
     program = _SEARCH_JIT[uses_incremental(config, fit, num_units, mesh, data)]
-    result = program(config, fit, num_units, bool(progress), mesh, scorer, hyper, params, x, y,
-                     key, token, sample_weight)
+    result, acts_bad = program(config, fit, num_units, bool(progress), mesh, scorer, hyper,
+                               params, x, y, key, token, sample_weight)
     if progress:
       jax.effects_barrier()  # every report has been printed before we return
   if display is not None:
     warn_if_not_shown(display)
+  if validate.is_concrete(acts_bad) and bool(acts_bad):
+    raise ValueError(nonfinite_activations_message(group))
   return result
 
 
@@ -240,6 +244,17 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
   if mesh is not None and mesh.size > 1:
     data = jax.tree.map(lambda a: lax.with_sharding_constraint(a, NamedSharding(mesh, PS())),
                         data)
+  user = isinstance(fit, UserFitness)
+  # Non-finite activations of the group (finite inputs and params, a unit that overflows):
+  # a removed unit's inf * 0 is NaN in every logit, and every individual scores alike.
+  acts_bad = jnp.zeros((), bool)
+  if not user:
+    try:   # (the general path: where the group's activations can be taken)
+      h = data["h"] if fit.fast else fit.model.activations(params, x, fit.group)
+    except (ValueError, TypeError):
+      h = None
+    if h is not None:
+      acts_bad = nonfinite_rows(h, sample_weight)
   state, history = _run(config, fit, num_units, progress, mesh, hyper, data, key, token)
   if scorer is not None:  # a fraction, like evaluate() (the fitness works in percent)
     accuracy = scorer.accuracy(
@@ -248,8 +263,7 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
   else:
     accuracy = jnp.asarray(jnp.nan, jnp.float32)
   best = state.hof[0]
-  user = isinstance(fit, UserFitness)
-  invalid = unusable_hyper(hyper, penalty=not user)
+  invalid = unusable_hyper(hyper, penalty=not user) | acts_bad
   if not user:
     invalid = invalid | _unusable(fit.model, params, x, y, sample_weight)
   elif scorer is not None:   # a user fitness's run reports the accuracy on x: checked as well
@@ -258,7 +272,7 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
   return GAResult(mask=best, fitness=jnp.where(invalid, nan, state.hof_fitness[0]),
                   accuracy=jnp.where(invalid, nan, accuracy),
                   kept=jnp.sum(best, dtype=jnp.int32), history=history, state=state,
-                  invalid=invalid)
+                  invalid=invalid), acts_bad
 
 
 def _unusable(model, params: PyTree, x, y, sample_weight=None) -> jax.Array:

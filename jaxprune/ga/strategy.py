@@ -368,6 +368,10 @@ def tell_with_indices(config: GAConfig, state: GAState, population: jax.Array,
   p, u = config.population_size, state.population.shape[1]
   if tuple(population.shape) != (p, u):
     raise ValueError(f"tell: population has shape {tuple(population.shape)}, expected ({p}, {u}).")
+  if jnp.result_type(population) != jnp.bool_:
+    raise ValueError(f"tell: population has dtype {jnp.result_type(population)}; it must be the "
+                     "bool masks ask returned (a float population would be read as nonzero = "
+                     "kept: pass population > 0.5 or population.astype(bool) yourself).")
   fitness = jnp.asarray(fitness)
   if tuple(fitness.shape) != (p,):
     raise ValueError(f"tell: fitness has shape {tuple(fitness.shape)}; it must have one value "
