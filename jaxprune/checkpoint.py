@@ -56,6 +56,22 @@ def _check_leaves(tree: PyTree) -> None:
         x, "__array__"):
       raise TypeError(f"Cannot checkpoint the leaf {_where(k)}: it is of type "
                       f"{type(x).__name__!r}; every leaf must be an array or a number.")
+    if isinstance(x, jax.core.Tracer):
+      raise TypeError(f"Cannot checkpoint the leaf {_where(k)}: it is a traced value (a save "
+                      "inside jax.jit, vmap or grad has no values to write). Call "
+                      "save_checkpoint outside the transformed function, on the values it "
+                      "returns.")
+    if isinstance(x, jax.Array) and x.is_deleted():
+      raise ValueError(f"Cannot checkpoint the leaf {_where(k)}: the array has been deleted "
+                       "(donated to a jitted call, or .delete()d). Save the values the call "
+                       "returned instead.")
+    kind = getattr(x, "dtype", None)
+    kind = np.asarray(x).dtype if kind is None else kind
+    if not (jax.dtypes.issubdtype(kind, jax.dtypes.prng_key) or jnp.issubdtype(kind, jnp.number)
+            or jnp.issubdtype(kind, jnp.bool_)):
+      raise TypeError(f"Cannot checkpoint the leaf {_where(k)}: its dtype {kind} is not a "
+                      "number (orbax-checkpoint stores bool, integer, float and complex "
+                      "arrays). Leave it out of what you save, or encode it as numbers.")
     if not isinstance(x, (int, float)) and 0 in tuple(np.shape(x)):
       raise ValueError(f"Cannot checkpoint the leaf {_where(k)}: it has shape "
                        f"{tuple(np.shape(x))}, no elements, and orbax-checkpoint cannot store an "
@@ -114,6 +130,11 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True to replace it or choose a new "
                           "path.")
+  cwd = os.path.realpath(os.getcwd())
+  if cwd == path or cwd.startswith(path.rstrip(os.sep) + os.sep):
+    raise ValueError(f"{path} is this process's working folder or holds it; replacing it would "
+                     "leave the process in a deleted folder (every relative path failing "
+                     "after). Save into a sub-folder, e.g. save_checkpoint('ckpt', ...).")
   _check_replaceable(path)
   tree = {"params": params}
   if masks is not None:
@@ -309,7 +330,8 @@ def _check_template(path: str, saved: PyTree, template: PyTree) -> None:
                        f"checkpoint has {lossy}, which casting to the template's dtype would lose "
                        "(weight masks passed as the params template?). Pass the params of the "
                        "model that was saved as params_template (a float dtype of your choice "
-                       "casts), or params_template=None to load it as saved.")
+                       "casts, as does a wider integer type), or params_template=None to load "
+                       "it as saved.")
   for names, (shown, s) in have.items():
     if names not in want:
       what = f" ({_describe(s)})" if _leafless(s) else ""
@@ -321,13 +343,23 @@ def _lossy_cast(saved, template) -> str:
   """'' when the saved leaf's values survive a cast to the template leaf's dtype as the
   template asks (a float width of the user's choice: bfloat16 params from float32 ones);
   else what would be lost: floating values cast to a bool or integer template (weight masks
-  given as the params template turn every weight into True)."""
+  given as the params template turn every weight into True), complex values to a real one
+  (the imaginary parts), integers to bool or to an integer type of a narrower range (300 as
+  uint8 is 44)."""
   have = getattr(saved, "dtype", None)
   want = _abstract(template).dtype
   if have is None or jax.dtypes.issubdtype(want, jax.dtypes.prng_key):
     return ""
+  if jnp.issubdtype(have, jnp.complexfloating) and not jnp.issubdtype(want, jnp.complexfloating):
+    return f"{have} values and the template {want} (their imaginary parts)"
   if jnp.issubdtype(have, jnp.inexact) and not jnp.issubdtype(want, jnp.inexact):
     return f"{have} values and the template {want}"
+  if jnp.issubdtype(have, jnp.integer) and want == jnp.bool_:
+    return f"{have} values and the template {want}"
+  if jnp.issubdtype(have, jnp.integer) and jnp.issubdtype(want, jnp.integer):
+    h, w = jnp.iinfo(have), jnp.iinfo(want)
+    if w.min > h.min or w.max < h.max:
+      return f"{have} values and the template {want} (values outside its range would wrap)"
   return ""
 
 

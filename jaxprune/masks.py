@@ -261,9 +261,13 @@ def check_weight_masks(params: PyTree, masks: PyTree) -> None:
            if missing or extra else _container_difference(params, masks))
     hint = (_nesting_hint(missing_keys, extra_keys, masks)
             or _nnx_variable_hint(missing_keys, extra_keys) or _unit_mask_hint(params, masks))
-    if extra and any(type(x).__name__ == "MaskedNode" for x in jax.tree.leaves(
-        params, is_leaf=lambda x: type(x).__name__ == "MaskedNode")):
+    node = lambda x: type(x).__name__ == "MaskedNode"
+    if extra and any(node(x) for x in jax.tree.leaves(params, is_leaf=node)):
       why += f"; the params hold optax.MaskedNode() placeholders ({_MASKED_NODE_FIX})"
+    elif missing and any(node(x) for x in jax.tree.leaves(masks, is_leaf=node)):
+      why += ("; the masks hold optax.MaskedNode() placeholders where no branch of an "
+              "optax.multi_transform prunes: take them with jaxprune.masks_of(opt_state, "
+              "like=params), which makes those places all-True masks")
     raise ValueError(
         f"Weight masks do not have the structure of the params ({why}"
         + (f"). {hint}." if hint else "). Create them with jaxprune.ones_like(params) or "

@@ -604,7 +604,9 @@ def _merge_branches(masks: PyTree, state) -> PyTree:
 def _fill_masked_nodes(masks: PyTree, like: PyTree) -> PyTree:
   """``MaskedNode()`` places (leaves no branch prunes) as all-True masks shaped like ``like``."""
   try:
-    filled = jax.tree.map(lambda m, p: jnp.ones(jnp.shape(p), bool) if _is_masked_node(m) else m,
+    # (a MaskedNode may stand for a whole subtree: multi_transform's labels may be a prefix)
+    ones = lambda p: jax.tree.map(lambda x: jnp.ones(jnp.shape(x), bool), p)
+    filled = jax.tree.map(lambda m, p: ones(p) if _is_masked_node(m) else m,
                           masks, like, is_leaf=_is_masked_node)
   except ValueError as e:
     raise ValueError("masks_of(..., like=): the optimizer's masks do not have the structure of "

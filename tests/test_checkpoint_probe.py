@@ -215,3 +215,56 @@ def test_apply_masks_matches_a_hand_loop_for_numpy_and_jax_masks_and_under_vmap(
   got = jax.vmap(jaxprune.apply_masks, in_axes=(None, 0))(params, stacked)
   for k in params:
     assert np.array_equal(np.asarray(got[k][1]), by_hand(params[k], ~masks[k]))
+
+
+def test_leaves_orbax_cannot_write_are_refused_before_anything_is_written(tmp_path):
+  """A traced leaf (a save inside jit), a deleted array and string or object leaves failed
+  inside orbax, whose threads then left a .NAME.jaxprune-tmp-* folder beside the path."""
+  def attempt(params, name):
+    jaxprune.save_checkpoint(str(tmp_path / name), params)
+
+  with pytest.raises(TypeError, match=r"params\['w'\]: it is a traced value.*outside"):
+    jax.jit(lambda p: attempt(p, "traced") or p)({"w": jnp.ones(3)})
+  gone = jnp.ones(3)
+  gone.delete()
+  with pytest.raises(ValueError, match=r"params\['w'\]: the array has been deleted"):
+    attempt({"w": gone}, "deleted")
+  for name, leaf in (("strings", np.array(["a", "b"])),
+                     ("objects", np.array([object()], dtype=object))):
+    with pytest.raises(TypeError, match=r"params\['w'\]: its dtype .* is not a number"):
+      attempt({"w": leaf}, name)
+  assert _leftovers(tmp_path) == []
+  attempt({"w": jnp.ones(2, jnp.bfloat16), "k": jax.random.key(0)}, "ok")   # still written
+  assert _leftovers(tmp_path) == ["ok"]
+
+
+def test_a_template_dtype_that_would_change_the_values_is_refused(tmp_path):
+  """int -> bool, int32 -> uint8 (300 loaded as 44) and complex -> float (the imaginary part
+  dropped) loaded without a word; a float dtype of the user's choice and a wider integer type
+  still cast."""
+  path = str(tmp_path / "c")
+  saved = {"i": jnp.array([0, 1, 2, 300], jnp.int32), "c": jnp.array([1 + 2j, 3j], jnp.complex64)}
+  jaxprune.save_checkpoint(path, saved)
+  for leaf, template in (("i", jnp.zeros(4, bool)), ("i", jnp.zeros(4, jnp.uint8)),
+                         ("i", jnp.zeros(4, jnp.int16)), ("c", jnp.zeros(2, jnp.float32))):
+    with pytest.raises(ValueError, match=rf"at params\['{leaf}'\] the checkpoint has"):
+      jaxprune.load_checkpoint(path, dict(saved, **{leaf: template}))
+  with jax.enable_x64(True):
+    back, _ = jaxprune.load_checkpoint(path, {"i": np.zeros(4, np.int64),
+                                              "c": np.zeros(2, np.complex128)})
+  assert back["i"].dtype == np.int64 and back["i"].tolist() == [0, 1, 2, 300]
+  assert back["c"].tolist() == [1 + 2j, 3j]
+
+
+def test_overwriting_the_working_folder_is_refused(tmp_path, monkeypatch):
+  """save_checkpoint('.', overwrite=True) in an empty working folder replaced it: the
+  checkpoint landed, and the process was left in a deleted folder."""
+  run = tmp_path / "run"
+  run.mkdir()
+  monkeypatch.chdir(run)
+  for path in (".", str(tmp_path)):
+    with pytest.raises(ValueError, match="working folder or holds it"):
+      jaxprune.save_checkpoint(path, {"w": jnp.ones(3)}, overwrite=True)
+  assert os.getcwd() == str(run) and _leftovers(run) == []
+  jaxprune.save_checkpoint("ckpt", {"w": jnp.ones(3)})   # a sub-folder of it is fine
+  assert _leftovers(run) == ["ckpt"]

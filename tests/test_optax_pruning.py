@@ -1030,6 +1030,22 @@ def test_masks_of_merges_every_branch_of_multi_transform():
   full = jaxprune.masks_of(state, like=params)
   np.testing.assert_array_equal(np.asarray(full["enc"]["w"]), _first_k((4, 6), 0.5))
   assert all(bool(jnp.all(m)) for m in (full["dec"]["w"], full["dec"]["b"], full["head"]["w"]))
+  # Labels given as a prefix of the params (optax allows it): a MaskedNode stands for a whole
+  # subtree; like= filled it with one scalar True and refused its own masks.
+  tx = optax.multi_transform({"e": jaxprune.gradual(optax.adam(0.1), sparsity=0.5, **sched),
+                              "plain": optax.sgd(0.1)},
+                             {"enc": "e", "dec": "plain", "head": "plain"})
+  state = tx.init(params)
+  for _ in range(2):
+    u, state = jax.jit(tx.update)(g, state, params)
+  with pytest.raises(ValueError, match=r"MaskedNode\(\) placeholders.*masks_of\(opt_state, "
+                     r"like=params\)"):
+    jaxprune.apply_masks(params, jaxprune.masks_of(state))
+  full = jaxprune.masks_of(state, like=params)
+  assert jax.tree.structure(full) == jax.tree.structure(params)
+  np.testing.assert_array_equal(np.asarray(full["enc"]["w"]), _first_k((4, 6), 0.5))
+  assert all(bool(jnp.all(m)) and m.shape == params[k][leaf].shape
+             for k in ("dec", "head") for leaf, m in full[k].items())
 
 
 def test_erk_power_scale_and_a_sparsity_map_naming_no_leaf_are_refused_up_front():
