@@ -826,8 +826,10 @@ def _score_leaves(scores, params, grads, selected, masks=None):
   :func:`_check_scores`; only where ``masks`` keep weights)."""
   leaves = jax.tree.leaves(params)
   keep = None if masks is None else [jax.tree.leaves(masks)[i] for i in selected]
+  names = magnitude_lib.leaf_names(params)
   if scores is None:
     chosen = [leaves[i] for i in selected]
+    magnitude_lib.check_integer_scores([(names[i], leaves[i]) for i in selected])
     if not validate.is_concrete(chosen):   # traced (inside gradual): the jnp path, unchecked
       return [jnp.abs(x) for x in chosen]
     if keep is None or not validate.is_concrete(keep):
@@ -854,6 +856,8 @@ def _score_leaves(scores, params, grads, selected, masks=None):
       raise TypeError(f"The score of {name} is complex ({jnp.result_type(sl[i])}); scores must "
                       "be real (larger kept): return jnp.abs(z) or jnp.real(z), whichever is "
                       "meant.")
+  magnitude_lib.check_integer_scores([(f"the score of {names[i]}", sl[i]) for i in selected],
+                                     "Pruning by scores")
   out = [_wide(sl[i]) for i in selected]
   _check_scores(out, params, selected, True, keep)
   return out

@@ -1019,3 +1019,31 @@ def test_activations_that_overflow_are_refused_not_scored_as_nan_logits():
   assert not bool(a.invalid)
   np.testing.assert_array_equal(a.mask, b.mask)
   assert float(a.fitness) == float(b.fitness)
+
+
+def test_a_recurrent_group_with_sample_weights_is_searched():
+  """A group inside a lax.scan has activations stacked over the steps first: the check of
+  non-finite activations read the steps as the patterns (a broadcasting TypeError against the
+  sample weights, found by the review); it is left to the fast path's 2-D activations."""
+  rng = np.random.default_rng(0)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  n, steps, d, h, c = 12, 5, 3, 6, 3
+  p = {"wx": f32(rng.normal(size=(d, h))), "wh": f32(0.5 * rng.normal(size=(h, h))),
+       "wo": f32(rng.normal(size=(h, c))), "bo": f32(np.zeros(c))}
+
+  def rnn(p, x):
+    def step(s, xt):
+      s = jnp.tanh(xt @ p["wx"] + s @ p["wh"])
+      return s, s
+    s, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], h)), jnp.swapaxes(x, 0, 1))
+    return s @ p["wo"] + p["bo"]
+
+  x = f32(rng.normal(size=(n, steps, d)))
+  y = jnp.arange(n) % c
+  t = jaxprune.trace(rnn, p, x)
+  cfg = ga.GAConfig(population_size=8, generations=2)
+  a = ga.search(t, p, x, y, "wx", key=jax.random.key(0), config=cfg, progress=False)
+  b = ga.search(t, p, x, y, "wx", key=jax.random.key(0), config=cfg, progress=False,
+                sample_weight=np.ones(n, np.float32))
+  assert not bool(b.invalid) and float(a.fitness) == float(b.fitness)
+  np.testing.assert_array_equal(a.mask, b.mask)

@@ -392,12 +392,17 @@ def test_layer_threshold_of_a_subnormal_float32_cut_under_x64_and_wide_integer_l
     np.testing.assert_array_equal(m["f"], [[False, True], [True, True]])
     _, _, rep = magnitude_prune(p, None, 0.0, scope="layer")   # nothing removed: NaN cuts
     assert np.all(np.isnan(np.asarray(rep.threshold)))
-  with pytest.raises(ValueError, match=r"int32.*2\*\*24|2\*\*24.*int32"):
-    magnitude_prune({"w": jnp.asarray([[16777217, 16777216]], jnp.int32)}, None, 0.5,
-                    select="w")
-  _, m, _ = magnitude_prune({"w": jnp.asarray([[-300, 2, 7, -1]], jnp.int16)}, None, 0.5,
-                            select="w")
-  np.testing.assert_array_equal(m["w"], [[True, False, True, False]])
+  big = {"w": jnp.asarray([[16777217, 16777216]], jnp.int32)}
+  with pytest.raises(ValueError, match=r"2\*\*24.*w \(int32\)"):
+    magnitude_prune(big, None, 0.5, select="w")
+  with pytest.raises(ValueError, match=r"2\*\*24.*w \(int32\)"):
+    jaxprune.prune_to_sparsity(big, None, 0.5, select="w")
+  for dtype in (jnp.int16, jnp.int32):   # values float32 holds exactly: ranked exactly
+    small = {"w": jnp.asarray([[-300, 2, 7, -1]], dtype)}
+    _, m, _ = magnitude_prune(small, None, 0.5, select="w")
+    np.testing.assert_array_equal(m["w"], [[True, False, True, False]])
+    _, m = jaxprune.prune_to_sparsity(small, None, 0.5, select="w")
+    np.testing.assert_array_equal(m["w"], [[True, False, True, False]])
 
 
 def test_swapped_or_misplaced_arguments_are_named():

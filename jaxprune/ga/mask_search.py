@@ -249,10 +249,7 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
   # a removed unit's inf * 0 is NaN in every logit, and every individual scores alike.
   acts_bad = jnp.zeros((), bool)
   if not user:
-    try:   # (the general path: where the group's activations can be taken)
-      h = data["h"] if fit.fast else fit.model.activations(params, x, fit.group)
-    except (ValueError, TypeError):
-      h = None
+    h = data["h"] if fit.fast else _pattern_first_activations(fit, params, x)
     if h is not None:
       acts_bad = nonfinite_rows(h, sample_weight)
   state, history = _run(config, fit, num_units, progress, mesh, hyper, data, key, token)
@@ -273,6 +270,20 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
                   accuracy=jnp.where(invalid, nan, accuracy),
                   kept=jnp.sum(best, dtype=jnp.int32), history=history, state=state,
                   invalid=invalid), acts_bad
+
+
+def _pattern_first_activations(fit, params: PyTree, x):
+  """The group's activations with the patterns on the first axis, for the general path's
+  check; None where they cannot be taken (a traced group looked up in a table) or come
+  stacked over a scan's steps first (a recurrent group)."""
+  site = getattr(fit.model, "_site", None)
+  if site is not None and site(fit.group).scope != ():
+    return None
+  try:
+    h = fit.model.activations(params, x, fit.group)
+  except (ValueError, TypeError):
+    return None
+  return h if h.shape[:1] == jnp.shape(x)[:1] else None
 
 
 def _unusable(model, params: PyTree, x, y, sample_weight=None) -> jax.Array:

@@ -287,9 +287,13 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
     pick = ((lambda m, done: order[done]) if not own else
             (lambda m, done: jnp.argmin(jnp.where(m, scores(m), jnp.inf))))
 
-    def propose(mask, done):
-      u = pick(mask, done)
-      return u.astype(jnp.int32), loss(mask.at[u].set(False))
+    def propose(go, mask, done):
+      # (no loss for a removal that will not be judged: the loop ends, or nothing is left)
+      def run():
+        u = pick(mask, done).astype(jnp.int32)
+        return u, loss(mask.at[u].set(False))
+      return jax.lax.cond(go, run, lambda: (jnp.zeros((), jnp.int32),
+                                            jnp.full((), jnp.nan, loss0.dtype)))
 
     # Each step judges the removal the step before proposed, from its loss carried through the
     # loop, then proposes the next. The carried loss is one stored number: judged where it is
@@ -313,13 +317,13 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
       done = done + ok.astype(jnp.int32)
       go = ok & (jnp.sum(mask) > 1)   # a rejected removal ends the loop
       stopped = jnp.where(ok, jnp.nan, l)
-      u, l = propose(mask, done)      # (computed either way; used only when go)
+      u, l = propose(go, mask, done)
       return mask, done, rows, ~ok, stopped, go, u, l
 
     zero = jnp.asarray(0, jnp.int32)
-    u0, l0 = propose(mask, zero)
-    init = (mask, zero, rows, jnp.asarray(False), jnp.asarray(jnp.nan, loss0.dtype),
-            valid & (n0 > 1), u0, l0)
+    go = valid & (n0 > 1)
+    u0, l0 = propose(go, mask, zero)
+    init = (mask, zero, rows, jnp.asarray(False), jnp.asarray(jnp.nan, loss0.dtype), go, u0, l0)
     mask, done, rows, _, stopped, _, _, _ = jax.lax.while_loop(cond, body, init)
     count = done + 1
     out = jax.tree.map(lambda new, old: jnp.where(valid, new, old),

@@ -331,17 +331,28 @@ def _check_fraction_value(fraction) -> None:
   _common.check_fraction("fraction", fraction)
 
 
-def _check_integer_scores(params, selected) -> None:
-  """Integer leaves are ranked by their float32 values, exact up to 2**24: an integer type of
-  more than 16 bits (chosen with ``select=``) is refused, since 16777217 would rank as 16777216."""
-  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(params)[0])
-  wide = [f"{jax.tree_util.keystr(paths[i])} ({jnp.result_type(leaves[i])})" for i in selected
-          if jnp.issubdtype(jnp.result_type(leaves[i]), jnp.integer)
-          and jnp.dtype(jnp.result_type(leaves[i])).itemsize > 2]
+def check_integer_scores(named_leaves, what: str = "Magnitude pruning") -> None:
+  """Scores are ranked by their float32 values, exact for integers up to 2**24: a leaf of an
+  integer type of more than 16 bits (chosen with ``select=``, or scores of one) is refused when
+  its values go beyond that (16777217 would rank as 16777216), or cannot be read (traced).
+
+  Args:
+    named_leaves: ``(name, leaf)`` pairs of the selected leaves.
+    what: who ranks, for the message.
+  """
+  wide = []
+  for name, leaf in named_leaves:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.integer) or jnp.dtype(dtype).itemsize <= 2:
+      continue
+    if isinstance(leaf, jax.core.Tracer):
+      wide.append(f"{name} ({dtype}, traced)")
+    elif np.size(leaf) and np.max(np.abs(np.asarray(leaf).astype(np.float64))) > 2.0 ** 24:
+      wide.append(f"{name} ({dtype})")
   if wide:
     raise ValueError(
-        f"Magnitude pruning ranks weights by their float32 values, exact for integers up to "
-        f"2**24 only, and the selection holds integer leaves of more than 16 bits: "
+        f"{what} ranks weights by their float32 values, exact for integers up to 2**24, and "
+        f"these integer leaves hold larger values (or traced ones that cannot be checked): "
         f"{', '.join(wide)}. Cast them to a float type (float64 under jax_enable_x64 for "
         "larger values) or leave them out of select=.")
 
@@ -364,7 +375,8 @@ def _prune(params, weight_masks, fraction, key, scope, select, random):
     scores = _uniform_scores(key, shapes=tuple(tuple(jnp.shape(leaves[i])) for i in selected))
   else:
     scores = [leaves[i] for i in selected]
-    _check_integer_scores(params, selected)
+    names = leaf_names(params)
+    check_integer_scores([(names[i], leaves[i]) for i in selected])
   # A concrete fraction goes in as a NumPy float32 (the same value and dtype that
   # ``jnp.asarray(fraction, jnp.float32)`` gives, without compiling a conversion program).
   fraction = (jnp.asarray(fraction, jnp.float32) if isinstance(fraction, jax.core.Tracer)
