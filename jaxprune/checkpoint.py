@@ -130,8 +130,11 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} exists; pass overwrite=True to replace it or choose a new "
                           "path.")
-  cwd = os.path.realpath(os.getcwd())
-  if cwd == path or cwd.startswith(path.rstrip(os.sep) + os.sep):
+  try:
+    cwd = os.path.realpath(os.getcwd())
+  except FileNotFoundError:   # the working folder is gone: it cannot be the path
+    cwd = None
+  if cwd is not None and (cwd == path or cwd.startswith(path.rstrip(os.sep) + os.sep)):
     raise ValueError(f"{path} is this process's working folder or holds it; replacing it would "
                      "leave the process in a deleted folder (every relative path failing "
                      "after). Save into a sub-folder, e.g. save_checkpoint('ckpt', ...).")
@@ -294,9 +297,13 @@ def _stored_shape(x) -> tuple:
   return tuple(np.shape(x))
 
 
-def _check_template(path: str, saved: PyTree, template: PyTree) -> None:
+def _check_template(path: str, saved: PyTree, template: PyTree) -> dict:
   """Raises a ValueError naming the first leaf where ``template`` and the saved params differ in
-  name or shape (dtypes may differ: the restored leaves are cast to the template's)."""
+  name or shape (dtypes may differ: the restored leaves are cast to the template's), or where
+  the cast would lose values whatever they are (:func:`_lossy_cast`). Returns the leaves whose
+  integers go to a type of a narrower range, to check by value after loading:
+  ``{names: (shown, restored dtype, template dtype)}`` (:func:`_narrowing`)."""
+  narrow = {}
   have = _flat(saved, "params", is_leaf=_leafless)
   want = _flat(template, "params", is_leaf=_leafless)
   fix = ("Pass as params_template the params of the model that was saved (same names and shapes; "
@@ -330,22 +337,25 @@ def _check_template(path: str, saved: PyTree, template: PyTree) -> None:
                        f"checkpoint has {lossy}, which casting to the template's dtype would lose "
                        "(weight masks passed as the params template?). Pass the params of the "
                        "model that was saved as params_template (a float dtype of your choice "
-                       "casts, as does a wider integer type), or params_template=None to load "
-                       "it as saved.")
+                       "casts), or params_template=None to load it as saved.")
+    dtypes = _narrowing(s, t)
+    if dtypes:
+      narrow[names] = (shown, *dtypes)
   for names, (shown, s) in have.items():
     if names not in want:
       what = f" ({_describe(s)})" if _leafless(s) else ""
       raise ValueError(f"The checkpoint at {path} does not fit the params template: it has "
                        f"{shown}{what}, which the template lacks. {fix}")
+  return narrow
 
 
 def _lossy_cast(saved, template) -> str:
   """'' when the saved leaf's values survive a cast to the template leaf's dtype as the
   template asks (a float width of the user's choice: bfloat16 params from float32 ones);
-  else what would be lost: floating values cast to a bool or integer template (weight masks
-  given as the params template turn every weight into True), complex values to a real one
-  (the imaginary parts), integers to bool or to an integer type of a narrower range (300 as
-  uint8 is 44)."""
+  else what would be lost whatever the values: floating values cast to a bool or integer
+  template (weight masks given as the params template turn every weight into True), complex
+  values to a real one (the imaginary parts). Integers cast to a narrower type are checked by
+  value (:func:`_narrowing`)."""
   have = getattr(saved, "dtype", None)
   want = _abstract(template).dtype
   if have is None or jax.dtypes.issubdtype(want, jax.dtypes.prng_key):
@@ -354,13 +364,50 @@ def _lossy_cast(saved, template) -> str:
     return f"{have} values and the template {want} (their imaginary parts)"
   if jnp.issubdtype(have, jnp.inexact) and not jnp.issubdtype(want, jnp.inexact):
     return f"{have} values and the template {want}"
-  if jnp.issubdtype(have, jnp.integer) and want == jnp.bool_:
-    return f"{have} values and the template {want}"
-  if jnp.issubdtype(have, jnp.integer) and jnp.issubdtype(want, jnp.integer):
-    h, w = jnp.iinfo(have), jnp.iinfo(want)
-    if w.min > h.min or w.max < h.max:
-      return f"{have} values and the template {want} (values outside its range would wrap)"
   return ""
+
+
+def _narrowing(saved, template) -> tuple | None:
+  """``(restored dtype, template dtype)`` when saved integers go to a bool or integer template
+  leaf of a narrower range (int32 into uint8: 300 would load as 44), else None. They are
+  restored as JAX holds the saved dtype (int64 is int32 with x64 off, as it would load anyway)
+  and checked by value before the cast; a Python int saved as int64 loads into an int32
+  template as before."""
+  have = getattr(saved, "dtype", None)
+  if have is None or not jnp.issubdtype(have, jnp.integer):
+    return None
+  want = _abstract(template).dtype
+  if jax.dtypes.issubdtype(want, jax.dtypes.prng_key):   # key data, stored as integers
+    return None
+  if not isinstance(template, (np.ndarray, np.generic)):
+    want = jax.dtypes.canonicalize_dtype(want)
+  held = jax.dtypes.canonicalize_dtype(have)
+  if want == jnp.bool_:
+    return held, want
+  if jnp.issubdtype(want, jnp.integer):
+    h, w = jnp.iinfo(held), jnp.iinfo(want)
+    if w.min > h.min or w.max < h.max:
+      return held, want
+  return None
+
+
+def _check_narrowed(path: str, params: PyTree, narrow: dict) -> None:
+  """Raises naming the first leaf of ``narrow`` whose restored integers its template's dtype
+  cannot hold."""
+  for names, (shown, value) in _flat(params, "params").items():
+    if names not in narrow:
+      continue
+    _, held, want = narrow[names]
+    v = np.asarray(value)
+    if not v.size:
+      continue
+    lo, hi = (0, 1) if want == jnp.bool_ else (jnp.iinfo(want).min, jnp.iinfo(want).max)
+    if v.min() < lo or v.max() > hi:
+      raise ValueError(
+          f"The checkpoint at {path} does not fit the params template: at {shown} the "
+          f"checkpoint has {held} values from {v.min()} to {v.max()}, which the template's "
+          f"{want} cannot hold (they would wrap). Pass a template of the saved integer type "
+          f"({held}; a NumPy array keeps it), or params_template=None to load it as saved.")
 
 
 def _nnx_hint(names: tuple, have: dict) -> str:
@@ -467,8 +514,13 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
     raise ValueError(f"{not_ours}: {found}.")
   target = None
   if params_template is not None:
-    _check_template(path, meta["params"], params_template)
-    sds = jax.tree.map(_abstract, params_template)
+    narrow = _check_template(path, meta["params"], params_template)
+
+    def restore_as(ks, t):   # narrowing integers: restored as saved, checked, then cast
+      a = _abstract(t)
+      got = narrow.get(tuple(_name(k) for k in ks))
+      return a if got is None else jax.ShapeDtypeStruct(a.shape, got[1], sharding=a.sharding)
+    sds = jax.tree_util.tree_map_with_path(restore_as, params_template)
     target = {"params": sds}
     if "masks" in meta:
       if _flat(meta["masks"], "params").keys() != _flat(meta["params"], "params").keys():
@@ -486,6 +538,7 @@ def load_checkpoint(path: str, params_template: PyTree | None = None, *,
                      "folder from a copy or save the checkpoint again.") from e
   params, masks, units = tree["params"], tree.get("masks"), tree.get("unit_masks")
   if params_template is not None:
+    _check_narrowed(path, params, narrow)
     params = jax.tree.map(_as_template, params, params_template)
     if masks is not None:
       masks = jax.tree.map(_mask_as_template, masks, params_template)

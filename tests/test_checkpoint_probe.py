@@ -240,15 +240,24 @@ def test_leaves_orbax_cannot_write_are_refused_before_anything_is_written(tmp_pa
 
 def test_a_template_dtype_that_would_change_the_values_is_refused(tmp_path):
   """int -> bool, int32 -> uint8 (300 loaded as 44) and complex -> float (the imaginary part
-  dropped) loaded without a word; a float dtype of the user's choice and a wider integer type
-  still cast."""
+  dropped) loaded without a word: refused, integers by their values (a Python int saved as
+  int64 loads into its own int32 template, as do values a narrower type holds); a float dtype
+  of the user's choice and a wider integer type still cast."""
   path = str(tmp_path / "c")
   saved = {"i": jnp.array([0, 1, 2, 300], jnp.int32), "c": jnp.array([1 + 2j, 3j], jnp.complex64)}
   jaxprune.save_checkpoint(path, saved)
   for leaf, template in (("i", jnp.zeros(4, bool)), ("i", jnp.zeros(4, jnp.uint8)),
-                         ("i", jnp.zeros(4, jnp.int16)), ("c", jnp.zeros(2, jnp.float32))):
+                         ("i", np.zeros(4, np.int8)), ("c", jnp.zeros(2, jnp.float32))):
     with pytest.raises(ValueError, match=rf"at params\['{leaf}'\] the checkpoint has"):
       jaxprune.load_checkpoint(path, dict(saved, **{leaf: template}))
+  back, _ = jaxprune.load_checkpoint(path, dict(saved, i=jnp.zeros(4, jnp.int16)))
+  assert back["i"].dtype == jnp.int16 and back["i"].tolist() == [0, 1, 2, 300]
+  small = {"w": jnp.ones(2), "step": 3, "idx": np.arange(3), "flags": jnp.array([0, 1, 1])}
+  jaxprune.save_checkpoint(str(tmp_path / "s"), small)
+  back, _ = jaxprune.load_checkpoint(str(tmp_path / "s"), dict(
+      small, idx=jnp.arange(3), flags=jnp.zeros(3, bool)))
+  assert int(back["step"]) == 3 and back["idx"].tolist() == [0, 1, 2]
+  assert back["flags"].dtype == jnp.bool_ and back["flags"].tolist() == [False, True, True]
   with jax.enable_x64(True):
     back, _ = jaxprune.load_checkpoint(path, {"i": np.zeros(4, np.int64),
                                               "c": np.zeros(2, np.complex128)})
@@ -268,3 +277,9 @@ def test_overwriting_the_working_folder_is_refused(tmp_path, monkeypatch):
   assert os.getcwd() == str(run) and _leftovers(run) == []
   jaxprune.save_checkpoint("ckpt", {"w": jnp.ones(3)})   # a sub-folder of it is fine
   assert _leftovers(run) == ["ckpt"]
+  gone = tmp_path / "gone"   # a working folder deleted under the process: an absolute path saves
+  gone.mkdir()
+  monkeypatch.chdir(gone)
+  gone.rmdir()
+  jaxprune.save_checkpoint(str(tmp_path / "abs"), {"w": jnp.ones(3)})
+  assert (tmp_path / "abs").is_dir()

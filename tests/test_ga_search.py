@@ -1024,7 +1024,7 @@ def test_activations_that_overflow_are_refused_not_scored_as_nan_logits():
 def test_a_recurrent_group_with_sample_weights_is_searched():
   """A group inside a lax.scan has activations stacked over the steps first: the check of
   non-finite activations read the steps as the patterns (a broadcasting TypeError against the
-  sample weights, found by the review); it is left to the fast path's 2-D activations."""
+  sample weights, found by a review); it checks every value there."""
   rng = np.random.default_rng(0)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   n, steps, d, h, c = 12, 5, 3, 6, 3
@@ -1047,3 +1047,10 @@ def test_a_recurrent_group_with_sample_weights_is_searched():
                 sample_weight=np.ones(n, np.float32))
   assert not bool(b.invalid) and float(a.fitness) == float(b.fitness)
   np.testing.assert_array_equal(a.mask, b.mask)
+  # ... and its overflowing activations are still refused (stacked over the steps: any value)
+  big = dict(p, wx=p["wx"] * 1e37)
+  t = jaxprune.trace(rnn, big, x * 100)
+  for sw in (None, np.ones(n, np.float32)):
+    with pytest.raises(ValueError, match="activations of group 'wx'"):
+      ga.search(t, big, x * 100, y, "wx", key=jax.random.key(0), config=cfg, progress=False,
+                sample_weight=sw)

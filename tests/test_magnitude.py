@@ -403,6 +403,16 @@ def test_layer_threshold_of_a_subnormal_float32_cut_under_x64_and_wide_integer_l
     np.testing.assert_array_equal(m["w"], [[True, False, True, False]])
     _, m = jaxprune.prune_to_sparsity(small, None, 0.5, select="w")
     np.testing.assert_array_equal(m["w"], [[True, False, True, False]])
+  # integer scores traced inside gradual's update (unreadable there) rank as float32 values
+  import optax  # pylint: disable=import-outside-toplevel
+  params = {"w": jnp.arange(1.0, 17.0).reshape(4, 4)}
+  tx = jaxprune.gradual(optax.sgd(0.0), sparsity=0.5, begin_step=0, end_step=2, frequency=1,
+                        scores=lambda p, g: jax.tree.map(lambda w: w.astype(jnp.int32), p))
+  st = tx.init(params)
+  for _ in range(3):   # past the schedule's end: half removed, the smallest scores first
+    _, st = tx.update(jax.tree.map(jnp.zeros_like, params), st, params)
+  np.testing.assert_array_equal(np.asarray(jaxprune.masks_of(st)["w"]).ravel(),
+                                np.arange(16) >= 8)
 
 
 def test_swapped_or_misplaced_arguments_are_named():

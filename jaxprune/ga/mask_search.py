@@ -249,9 +249,7 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
   # a removed unit's inf * 0 is NaN in every logit, and every individual scores alike.
   acts_bad = jnp.zeros((), bool)
   if not user:
-    h = data["h"] if fit.fast else _pattern_first_activations(fit, params, x)
-    if h is not None:
-      acts_bad = nonfinite_rows(h, sample_weight)
+    acts_bad = _nonfinite_activations(fit, data, params, x, sample_weight)
   state, history = _run(config, fit, num_units, progress, mesh, hyper, data, key, token)
   if scorer is not None:  # a fraction, like evaluate() (the fitness works in percent)
     accuracy = scorer.accuracy(
@@ -272,18 +270,26 @@ def _search_program(config: GAConfig, fit, num_units: int, progress: bool, mesh:
                   invalid=invalid), acts_bad
 
 
-def _pattern_first_activations(fit, params: PyTree, x):
-  """The group's activations with the patterns on the first axis, for the general path's
-  check; None where they cannot be taken (a traced group looked up in a table) or come
-  stacked over a scan's steps first (a recurrent group)."""
-  site = getattr(fit.model, "_site", None)
-  if site is not None and site(fit.group).scope != ():
-    return None
+def _nonfinite_activations(fit, data, params: PyTree, x, sample_weight) -> jax.Array:
+  """() bool: the group's activations hold NaN or inf on a pattern that counts. With the
+  patterns first (the fast path's ``H``, a top-level group), rows of weight 0 do not count; a
+  group inside a scan has its activations stacked over the steps first, so there any
+  non-finite value counts, unless some pattern has weight 0 (then it cannot be told apart from
+  padding, and nothing is flagged). False where a traced group has no activations to take
+  (one looked up in a table)."""
+  if fit.fast:
+    return nonfinite_rows(data["h"], sample_weight)
   try:
     h = fit.model.activations(params, x, fit.group)
   except (ValueError, TypeError):
-    return None
-  return h if h.shape[:1] == jnp.shape(x)[:1] else None
+    return jnp.zeros((), bool)
+  site = getattr(fit.model, "_site", None)
+  if (site is None or site(fit.group).scope == ()) and h.shape[:1] == jnp.shape(x)[:1]:
+    return nonfinite_rows(h, sample_weight)
+  bad = ~jnp.all(jnp.isfinite(h))
+  if sample_weight is not None:
+    bad = bad & jnp.all(nonzero_weights(jnp.asarray(sample_weight)))
+  return bad
 
 
 def _unusable(model, params: PyTree, x, y, sample_weight=None) -> jax.Array:

@@ -332,9 +332,10 @@ def _check_fraction_value(fraction) -> None:
 
 
 def check_integer_scores(named_leaves, what: str = "Magnitude pruning") -> None:
-  """Scores are ranked by their float32 values, exact for integers up to 2**24: a leaf of an
-  integer type of more than 16 bits (chosen with ``select=``, or scores of one) is refused when
-  its values go beyond that (16777217 would rank as 16777216), or cannot be read (traced).
+  """Scores are ranked by their float32 values, exact for integers up to 2**24: a concrete leaf
+  of an integer type of more than 16 bits (chosen with ``select=``, or scores of one) is refused
+  when its values go beyond that (16777217 would rank as 16777216). Traced values cannot be
+  read, and are ranked as their float32 values.
 
   Args:
     named_leaves: ``(name, leaf)`` pairs of the selected leaves.
@@ -342,19 +343,18 @@ def check_integer_scores(named_leaves, what: str = "Magnitude pruning") -> None:
   """
   wide = []
   for name, leaf in named_leaves:
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.integer) or jnp.dtype(dtype).itemsize <= 2:
+    dtype = getattr(leaf, "dtype", None)
+    dtype = np.result_type(leaf) if dtype is None else dtype   # (int64 named as it is)
+    if (not jnp.issubdtype(dtype, jnp.integer) or jnp.dtype(dtype).itemsize <= 2
+        or isinstance(leaf, jax.core.Tracer)):
       continue
-    if isinstance(leaf, jax.core.Tracer):
-      wide.append(f"{name} ({dtype}, traced)")
-    elif np.size(leaf) and np.max(np.abs(np.asarray(leaf).astype(np.float64))) > 2.0 ** 24:
+    if np.size(leaf) and np.max(np.abs(np.asarray(leaf).astype(np.float64))) > 2.0 ** 24:
       wide.append(f"{name} ({dtype})")
   if wide:
     raise ValueError(
         f"{what} ranks weights by their float32 values, exact for integers up to 2**24, and "
-        f"these integer leaves hold larger values (or traced ones that cannot be checked): "
-        f"{', '.join(wide)}. Cast them to a float type (float64 under jax_enable_x64 for "
-        "larger values) or leave them out of select=.")
+        f"these integer leaves hold larger values: {', '.join(wide)}. Cast them to a float "
+        "type (float64 under jax_enable_x64 for larger values) or leave them out of select=.")
 
 
 def _prune(params, weight_masks, fraction, key, scope, select, random):
