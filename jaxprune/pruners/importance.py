@@ -302,10 +302,10 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
     # that do not can judge a rise of exactly ``max_rise`` apart (a mask kept and a report row
     # written for the same removal).
     def cond(c):
-      return c[5]
+      return c[4]
 
     def body(c):
-      mask, done, rows, _, _, _, u, l = c
+      mask, done, rows, _, _, u, l = c
       ok = l - loss0 <= limit  # a NaN loss is no "within": it stops the loop too
       new = mask.at[u].set(False)
       mask = jnp.where(ok, new, mask)
@@ -318,13 +318,13 @@ def iterative_importance(model_or_groups, group: str, loss_fn: Callable[[PyTree]
       go = ok & (jnp.sum(mask) > 1)   # a rejected removal ends the loop
       stopped = jnp.where(ok, jnp.nan, l)
       u, l = propose(go, mask, done)
-      return mask, done, rows, ~ok, stopped, go, u, l
+      return mask, done, rows, stopped, go, u, l
 
     zero = jnp.asarray(0, jnp.int32)
     go = valid & (n0 > 1)
     u0, l0 = propose(go, mask, zero)
-    init = (mask, zero, rows, jnp.asarray(False), jnp.asarray(jnp.nan, loss0.dtype), go, u0, l0)
-    mask, done, rows, _, stopped, _, _, _ = jax.lax.while_loop(cond, body, init)
+    init = (mask, zero, rows, jnp.asarray(jnp.nan, loss0.dtype), go, u0, l0)
+    mask, done, rows, stopped, _, _, _ = jax.lax.while_loop(cond, body, init)
     count = done + 1
     out = jax.tree.map(lambda new, old: jnp.where(valid, new, old),
                        _common.zero_units(params, g, mask), given)
