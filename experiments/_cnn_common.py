@@ -179,7 +179,7 @@ def train_test(ds, test_fraction: float, seed: int, normalise: bool = False) -> 
       train, test = jaxprune.data.train_test_split(ds, test_fraction=test_fraction, seed=seed,
                                                    person_independent=True)
     except ValueError as e:
-      _flags.fail(person_split_error(ds, e, test_fraction))
+      _flags.fail(person_split_error(ds, e, test_fraction, seed))
   f = imagenet_normalise if normalise else (lambda a: a)
   persons = {}
   if ds.groups is not None:
@@ -188,12 +188,13 @@ def train_test(ds, test_fraction: float, seed: int, normalise: bool = False) -> 
   return Split(f(train.x), train.y, f(test.x), test.y, **persons)
 
 
-def person_split_error(ds, error: Exception, test_fraction: float) -> str:
+def person_split_error(ds, error: Exception, test_fraction: float, seed: int | None = None
+                       ) -> str:
   """The one-line message for a person-independent split of images that failed with
   ``error`` (persons come from the file names): see ``_mlp_common.person_split_error``."""
   from experiments import _mlp_common  # pylint: disable=g-import-not-at-top
   return _mlp_common.person_split_error(
-      ds, error, test_fraction,
+      ds, error, test_fraction, seed=seed,
       where=f"persons come from the file names ({jaxprune.data.sfew.PERSON_NAMING})",
       unnamed="if these names do not name persons, rename the files so that their last '_' "
               "field is not a number (data without persons are split stratified, not "

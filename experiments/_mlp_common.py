@@ -210,19 +210,22 @@ def train_test_or_fail(ds: data_lib.Dataset, test_fraction: float, seed: int, *,
   except ValueError as e:
     if person_independent and ds.groups is not None:
       _flags.fail(person_split_error(
-          ds, e, test_fraction, where="persons come from the data's person column",
-          unnamed="if that column does not name persons, leave it out (data without persons "
-                  "are split stratified)"))
+          ds, e, test_fraction, seed=seed,
+          where=f"persons come from the file names ({data_lib.sfew.PERSON_NAMING})",
+          unnamed="if these names do not name persons, rename them so that their last '_' "
+                  "field is not a number (data without persons are split stratified)",
+          carrier="the file names"))
     _flags.fail(f"Cannot split the data into training and test parts: {e} "
                 f"(test_fraction is --test_fraction, now {test_fraction:g}).")
 
 
 def person_split_error(ds: data_lib.Dataset, error: Exception, test_fraction: float, *,
                        where: str, unnamed: str, items: str = "examples",
-                       carrier: str = "the data") -> str:
+                       carrier: str = "the data", seed: int | None = None) -> str:
   """The one-line message for a person-independent split that failed with ``error``: how many
   persons ``carrier`` holds, ``where`` they come from, and what the user can change
-  (--test_fraction, or the data; ``unnamed``: what to do when the persons are not persons)."""
+  (--test_fraction, or the data; ``unnamed``: what to do when the persons are not persons).
+  A --test_fraction is suggested only where a split with it (and ``seed``) works."""
   persons, counts = np.unique(ds.groups, return_counts=True)
   p, folds = len(persons), int(round(1.0 / test_fraction))
   shown = ", ".join(f"{q}: {c} {items}" for q, c in list(zip(persons, counts))[:5])
@@ -242,10 +245,15 @@ def person_split_error(ds: data_lib.Dataset, error: Exception, test_fraction: fl
     return (f"{head}: {have}. A person-independent split needs {items} of at least 2 "
             f"persons: add {items} of other persons; {unnamed}.")
   if p < folds:
+    # (the split with the most folds that works for these data and this seed, not a count)
+    good = data_lib.splits._person_fraction(   # pylint: disable=protected-access
+        ds, np.asarray(ds.y), np.asarray(ds.groups), seed)
+    fix = (f"pass --test_fraction={good[1]:g} (round(1/{good[1]:g}) = {good[0]} person folds, "
+           f"which splits these data), or add {items} of other persons" if good else
+           f"add {items} of other persons (no --test_fraction splits these data)")
     return (f"{head}: {have}. The split is 1 of round(1/--test_fraction) = {folds} person "
             f"folds (--test_fraction, now {test_fraction:g}), each needing persons of its own: "
-            f"pass --test_fraction={math.ceil(100.0 / p) / 100:g} or larger, or add {items} of "
-            "other persons.")
+            f"{fix}.")
   return (f"{head}: {error}. Here {have}. Add {items} of more persons per class, or change "
           f"--test_fraction (now {test_fraction:g}; the split is 1 of round(1/--test_fraction) "
           f"= {folds} person folds).")

@@ -149,6 +149,24 @@ def test_sfew_images_path_of_one_class_folder_names_the_parent(tmp_path):
   assert len(data.load_sfew_images(root, size=(6, 5), expected_size=None)) == 14
 
 
+def test_a_frame_copied_into_a_second_class_folder_is_reported(tmp_path, caplog):
+  """One frame in two class folders loaded as two rows with other labels without a word (the
+  features loader reports repeated image names): it is logged and listed in
+  info['duplicates']."""
+  root = _tree(tmp_path / "SFEW")
+  clean = data.load_sfew_images(root, size=(6, 5), expected_size=None)
+  assert clean.info["duplicates"] == []
+  (root / "Sad" / "Movie_000_00000001.png").write_bytes(
+      (root / "Angry" / "Movie_000_00000001.png").read_bytes())
+  with caplog.at_level("WARNING"):
+    ds = data.load_sfew_images(root, size=(6, 5), expected_size=None)
+  assert len(ds) == 15
+  assert ds.info["duplicates"] == [{"name": "Movie_000_00000001.png",
+                                    "paths": ["Angry/Movie_000_00000001.png",
+                                              "Sad/Movie_000_00000001.png"]}]
+  assert "more than one class folder" in caplog.text
+
+
 def test_sfew_features_folder_with_another_file_name_names_it(tmp_path):
   (tmp_path / "SFEW_features.xlsx").write_bytes(b"PK")
   (tmp_path / "notes.md").write_text("x")

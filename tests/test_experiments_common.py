@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -257,12 +258,24 @@ def test_feature_studies_person_split_names_the_test_fraction_flag():
   x = np.random.default_rng(0).normal(size=(30, 10)).astype(np.float32)
   ds = jaxprune.data.Dataset(x, np.arange(30) % 7, [str(i) for i in range(7)],
                              groups=np.arange(30) % 3)
-  with pytest.raises(app.UsageError, match=r"the data carry 3 persons \(0: 10 examples, .*"
-                     r"person column.*5 person folds \(--test_fraction, now 0\.2\).*pass "
-                     r"--test_fraction=0\.34 or larger") as e:
+  with pytest.raises(app.UsageError, match=r"the file names carry 3 persons \(0: 10 examples, "
+                     r".*persons come from the file names.*5 person folds \(--test_fraction, "
+                     r"now 0\.2\).*pass --test_fraction=0\.33 \(round\(1/0\.33\) = 3 person "
+                     r"folds, which splits these data\)") as e:
     mc.train_test_or_fail(ds, 0.2, 0)
   assert "person_independent" not in str(e.value) and "fewer folds" not in str(e.value)
-  train, test = mc.train_test_or_fail(ds, 0.34, 0)
+  train, test = mc.train_test_or_fail(ds, 0.33, 0)
+  assert not set(train.groups.tolist()) & set(test.groups.tolist())
+  # 4 persons: ceil(100 / 4) / 100 = 0.25 was suggested and failed too (a class with fewer
+  # than 4 examples); the fraction suggested now is one whose split was tried and works.
+  y = np.repeat(np.arange(7), 3)[:20]
+  ds = jaxprune.data.Dataset(x[:20], y, [str(i) for i in range(7)],
+                             groups=np.array([f"{i % 4 + 1:08d}" for i in range(20)]))
+  with pytest.raises(app.UsageError, match=r"--test_fraction=(\S+) \(round") as e:
+    mc.train_test_or_fail(ds, 0.2, 0)
+  suggested = float(re.search(r"--test_fraction=(\S+) \(round", str(e.value)).group(1))
+  assert suggested != 0.25
+  train, test = mc.train_test_or_fail(ds, suggested, 0)
   assert not set(train.groups.tolist()) & set(test.groups.tolist())
 
 

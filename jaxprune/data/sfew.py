@@ -701,7 +701,7 @@ def scan_sfew_tree(
     folders[label] = entry
   for entry in others:
     message = (f"{entry}: folder {entry.name!r} is not a class"
-               f" ({', '.join(SFEW_CLASS_NAMES)})")
+               f" (SFEW has these seven: {', '.join(SFEW_CLASS_NAMES)})")
     like = _class_like(entry.name)
     if like is not None and like not in folders:
       # Skipping it would only fail later for the class it holds; renaming is the fix.
@@ -713,7 +713,8 @@ def scan_sfew_tree(
     hint = _nested_hint(entry)
     if hint and on_error == "raise":  # a Train/ or Val/ part: skipping is not the fix
       raise ValueError(message + hint)
-    _problem(message, entry.name, on_error, skipped, fix or _SKIP_FIX)
+    _problem(message, entry.name, on_error, skipped,
+             fix or _SKIP_FIX.replace("such files", "such folders and files"))
   missing = [SFEW_CLASS_NAMES[k] for k in range(len(SFEW_CLASS_NAMES))
              if k not in folders]
   if missing:
@@ -1059,11 +1060,24 @@ def load_sfew_images(
   if dark:
     logging.warning("SFEW images: %d 16-bit frame(s) hold only values below 4096 and load"
                     " dark: %s", len(dark), ", ".join(dark[:10]))
+  # One frame file name in two class folders (a copy made by mistake): two rows with other
+  # labels, which a stratified split can put on both sides, as repeated feature rows.
+  folders_of: dict[str, list[str]] = {}
+  for n in names:
+    folders_of.setdefault(os.path.basename(n), []).append(n)
+  duplicates = [{"name": b, "paths": ps} for b, ps in folders_of.items() if len(ps) > 1]
+  if duplicates:
+    logging.warning(
+        "SFEW images %s: %d frame name(s) appear in more than one class folder (e.g. %s): a "
+        "frame has one expression, and a stratified split can put the copies in both the "
+        "training and the test part; remove the copies (listed in info['duplicates'])", root,
+        len(duplicates), ", ".join(duplicates[0]["paths"]))
   groups, no_person = persons(names, f"SFEW images {root}")
   info = {
       "source": "SFEW images",
       "path": str(root),
       "names": tuple(names),
+      "duplicates": duplicates,
       "size": size,
       "source_sizes": tuple(sorted(sources.items(), key=lambda kv: (-kv[1], kv[0]))),
       "channels": channels,
