@@ -348,8 +348,8 @@ def test_too_few_sfew_frames_per_class_name_the_flag(tmp_path):
   tree = _sfew_tree(tmp_path / "SFEW", per_class=2)  # persons 00000001 and 00000002
   with pytest.raises(app.UsageError, match=r"person-independently.*2 persons.*persons come "
                      r"from the file names.*last '_' field.*1 of round\(1/--test_fraction\) = "
-                     r"5 person folds \(--test_fraction, now 0.2\).*--test_fraction=0.5 or "
-                     r"larger"):
+                     r"5 person folds \(--test_fraction, now 0.2\).*--test_fraction=0.5 "
+                     r"\(round\(1/0.5\) = 2 person folds, which splits these data\)"):
     ki.run(ki.Config.quick(any_size=True), str(tmp_path / "w"), data="sfew_images",
            data_path=str(tree))
   assert not os.path.exists(tmp_path / "w")
