@@ -259,3 +259,19 @@ def test_hall_of_fame_both_routes_equal_the_documented_semantics(monkeypatch, ra
                   valid)
     np.testing.assert_array_equal(np.asarray(got),
                                   _reference_hall_of_fame(hof, hof_fit, pop, fit, valid))
+
+
+def test_operators_name_chromosomes_of_other_lengths():
+  """Parents or a population of another width than the members failed with JAX's own
+  broadcasting or concatenation errors, which name neither the operator nor the shapes."""
+  u = jnp.asarray([0.1, 0.5])
+  with pytest.raises(ValueError, match=r"one_point_crossover.*\(6,\) and \(5,\)"):
+    ops.one_point_crossover(u, jnp.ones(6, bool), jnp.ones(5, bool), 1.0)
+  hof, pop = jnp.ones((2, 6), bool), jnp.ones((4, 5), bool)
+  with pytest.raises(ValueError, match=r"update_hall_of_fame.*\(2, 6\), \(2,\), \(4, 5\) and "
+                     r"\(4,\)"):
+    ops.update_hall_of_fame(hof, jnp.zeros(2), pop, jnp.zeros(4))
+  with pytest.raises(ValueError, match=r"update_hall_of_fame.*\(4, 6\) and \(3,\)"):
+    ops.update_hall_of_fame(hof, jnp.zeros(2), jnp.ones((4, 6), bool), jnp.zeros(3))
+  got, fit = ops.update_hall_of_fame(hof, jnp.zeros(2), jnp.ones((4, 6), bool), jnp.ones(4))
+  assert got.shape == (2, 6) and fit.shape == (2,)

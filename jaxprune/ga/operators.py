@@ -117,6 +117,9 @@ def one_point_crossover(u: jax.Array, a: jax.Array, b: jax.Array,
   Returns:
     The two children.
   """
+  if jnp.ndim(a) != 1 or jnp.shape(a) != jnp.shape(b):
+    raise ValueError(f"one_point_crossover: the parents must be two chromosomes of one length, "
+                     f"(U,) each; got shapes {jnp.shape(a)} and {jnp.shape(b)}.")
   n = a.shape[0]
   do = u[0] < prob
   cut = 1 + _index(u[1], max(n - 1, 1))
@@ -273,6 +276,7 @@ def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax
     (K,) indices into ``concat([hof, population])`` of the new members, best first (the
     incremental evaluation gathers the members' partial logits with them).
   """
+  _check_hall_of_fame_shapes(hof, hof_fitness, population, fitness)
   k = hof.shape[0]
   cand = jnp.concatenate([hof, population], axis=0)
   cand_fit = jnp.concatenate([hof_fitness, fitness], axis=0).astype(jnp.float32)
@@ -285,6 +289,18 @@ def hall_of_fame_indices(hof: jax.Array, hof_fitness: jax.Array, population: jax
   if n <= (RANK_BELOW_CPU if jax.default_backend() == "cpu" else RANK_BELOW):
     return _hof_by_ranking(k, invalid, cand_fit, words, h1, h2)
   return _hof_by_sorting(k, invalid, cand_fit, words, h1, h2)
+
+
+def _check_hall_of_fame_shapes(hof, hof_fitness, population, fitness) -> None:
+  """Raises naming the shapes when the members and the population are not (K, U) and (P, U)
+  with one fitness each (a raw concatenate or broadcasting error said which op failed)."""
+  shapes = [jnp.shape(v) for v in (hof, hof_fitness, population, fitness)]
+  if (len(shapes[0]) != 2 or len(shapes[2]) != 2 or shapes[0][1] != shapes[2][1]
+      or shapes[1] != shapes[0][:1] or shapes[3] != shapes[2][:1]):
+    raise ValueError(
+        f"update_hall_of_fame: expected hof (K, U), hof_fitness (K,), population (P, U) and "
+        f"fitness (P,) with one chromosome length U; got {shapes[0]}, {shapes[1]}, "
+        f"{shapes[2]} and {shapes[3]}.")
 
 
 # Up to this many candidates (hall of fame + population) the members are found by comparing
