@@ -175,12 +175,15 @@ def nonzero_weights(w: jax.Array) -> jax.Array:
   return (lax.bitcast_convert_type(w, jnp.int32) & 0x7FFFFFFF) != 0
 
 
-def nonfinite_rows(h: jax.Array, sample_weight=None) -> jax.Array:
-  """() bool: a NaN or infinite activation in a pattern that counts (weight > 0)."""
-  bad = ~jnp.all(jnp.isfinite(h.reshape(h.shape[0], -1)), axis=1)
-  if sample_weight is not None:
-    bad = bad & nonzero_weights(jnp.asarray(sample_weight))
-  return jnp.any(bad)
+def nonfinite_rows(h: jax.Array, sample_weight=None, xp=jnp) -> jax.Array:
+  """() bool: a NaN or infinite activation in a pattern that counts (weight > 0); inside a
+  program (``xp=jnp``) or on concrete values on the host (``xp=np``: nothing to compile)."""
+  h = xp.asarray(h)
+  bad = ~xp.all(xp.isfinite(h.reshape(h.shape[0], -1)), axis=1)
+  if sample_weight is not None:   # (the host compares subnormal weights as nonzero itself)
+    bad = bad & (nonzero_weights(sample_weight) if xp is jnp
+                 else np.asarray(sample_weight).reshape(-1) != 0)
+  return xp.any(bad)
 
 
 def nonfinite_activations_message(group: str) -> str:
@@ -304,12 +307,8 @@ class AccuracyFitness:
     h = self.model.activations(params, x, self.group)
     w = units_lib.unit_view(units_lib.get_path(params, s.path), s)      # (units, outputs)
     w = w.reshape(w.shape[0], -1)
-    if validate.is_concrete(h, sample_weight):   # (on the host, in NumPy: nothing to compile)
-      bad = ~np.all(np.isfinite(np.asarray(h).reshape(h.shape[0], -1)), axis=1)
-      if sample_weight is not None:
-        bad &= np.asarray(sample_weight).reshape(-1) != 0
-      if bad.any():
-        raise ValueError(nonfinite_activations_message(self.group))
+    if validate.is_concrete(h, sample_weight) and nonfinite_rows(h, sample_weight, np):
+      raise ValueError(nonfinite_activations_message(self.group))
     return {"h": h.reshape(h.shape[0], -1), "w": w,
             "b": readout_bias(self.model, params, x, s, w.shape[-1]), "y": y, **extra}
 
