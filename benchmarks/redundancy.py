@@ -8,9 +8,12 @@ within ``--tol``. ``group_redundancy`` fits an exact removal from the null space
 kept units' activations, carried from removal to removal (one Householder reflection each),
 whenever that is provably the SVD's fit; once an SVD has found the kept columns of full rank
 (nothing cut), the later fits by a QR; the other removals by an SVD of the kept columns
-gathered into the narrowest of 4 static widths. Printed side by side in one process: that
-pruner; the same without the QR fits; forced to an SVD at every removal; and forced to an SVD
-of all H columns at every removal (the implementation before these changes; same ranking). Their removals must be
+gathered into the narrowest of 4 static widths (in a group large enough for it,
+``redundancy._GATHER_MIN_WORK``; else one width). Printed side by side in one process: that
+pruner; the same with the widths forced and with one width (first call: the compilation they
+cost); the same without the QR fits (widths forced); forced to an SVD at every removal; and
+forced to an SVD of all H columns at every removal (the implementation before these changes;
+same ranking). Their removals must be
 the same and their coefficients agree to float rounding. Run: python benchmarks/redundancy.py
 [--quick]
 """
@@ -57,15 +60,19 @@ def main():
   print(f"group redundancy, 10-{a.hidden}-7 sigmoid MLP, {a.patterns} patterns, tol {a.tol} "
         f"({load_line()})")
   results = {}
-  defaults = redundancy._NULL_MIN, redundancy._WIDTHS, redundancy._QR_FITS
+  defaults = (redundancy._NULL_MIN, redundancy._WIDTHS, redundancy._QR_FITS,
+              redundancy._GATHER_MIN_WORK)
   variants = (("null basis + QR + SVD", defaults),
-              ("null basis + narrow SVD", defaults[:2] + (0.0,)),
-              ("narrow SVD every removal", (2.0, 4, 0.0)),
-              ("full SVD every removal", (2.0, 1, 0.0)))  # P_jj <= 1 < 2: never from the basis
-  for name, (null_min, widths, qr) in variants:
-    # _NULL_MIN and _QR_FITS are read at every call (passed as values), _WIDTHS when the
-    # pruner is traced
-    redundancy._NULL_MIN, redundancy._WIDTHS, redundancy._QR_FITS = null_min, widths, qr
+              ("the same, widths forced", defaults[:3] + (0.0,)),
+              ("the same, one width", (defaults[0], 1) + defaults[2:]),
+              ("null basis + narrow SVD", defaults[:2] + (0.0, 0.0)),
+              ("narrow SVD every removal", (2.0, 4, 0.0, 0.0)),
+              ("full SVD every removal", (2.0, 1, 0.0, 0.0)))  # P_jj <= 1 < 2: never the basis
+  for name, (null_min, widths, qr, min_work) in variants:
+    # _NULL_MIN and _QR_FITS are read at every call (passed as values), _WIDTHS and
+    # _GATHER_MIN_WORK (below it: one width) when the pruner is traced
+    (redundancy._NULL_MIN, redundancy._WIDTHS, redundancy._QR_FITS,
+     redundancy._GATHER_MIN_WORK) = null_min, widths, qr, min_work
     prune = jaxprune.group_redundancy(model, "hidden_0")
     t0 = time.perf_counter()
     out = jax.block_until_ready(prune(params, um, acts, a.tol))
@@ -81,8 +88,9 @@ def main():
     results[name] = (rep, t)
     print(f"  {name:25s} {t:7.3f} s ({1e3 * t / max(count, 1):5.1f} ms per removal, CPU "
           f"{cpu:6.3f} s)  first call {first:6.2f} s  removed {count} ({exact} exact)")
-  redundancy._NULL_MIN, redundancy._WIDTHS, redundancy._QR_FITS = defaults
-  (_, t_fast), (_, t_before), _, (full, t_full) = results.values()
+  (redundancy._NULL_MIN, redundancy._WIDTHS, redundancy._QR_FITS,
+   redundancy._GATHER_MIN_WORK) = defaults
+  (_, t_fast), _, _, (_, t_before), _, (full, t_full) = results.values()
   same = all(np.array_equal(np.asarray(r.removed), np.asarray(full.removed))
              for r, _ in results.values())
   diff = max(float(np.max(np.abs(np.asarray(r.coef) - np.asarray(full.coef))))

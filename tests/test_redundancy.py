@@ -460,11 +460,13 @@ def test_only_an_svd_that_keeps_every_real_column_certifies_full_rank():
 
 
 @pytest.mark.parametrize("hidden,patterns,count", [(6, 10, 4), (20, 8, 6), (9, 30, 9)])
-def test_qr_fit_is_numpys_least_squares_at_every_gathered_width(hidden, patterns, count):
+def test_qr_fit_is_numpys_least_squares_at_every_gathered_width(monkeypatch, hidden, patterns,
+                                                                 count):
   """``_qr_fit`` on the kept columns gathered into a static width (padding columns after them,
   also where the width exceeds the patterns, (20, 8, 6): width 10) is NumPy's float64
   least-squares fit; the coefficients of the other units are exactly 0."""
   from jaxprune.pruners import redundancy
+  monkeypatch.setattr(redundancy, "_GATHER_MIN_WORK", 0.0)  # the widths of a large group
   rng = np.random.default_rng(hidden)
   x = rng.normal(size=(patterns, hidden)).astype(np.float32)
   y = rng.normal(size=(patterns,)).astype(np.float32)
@@ -569,6 +571,7 @@ def test_svd_of_the_kept_columns_gathered_at_any_width_gives_the_same_fits(monke
   acts = model.activations(params, x, "hidden_0")
   um = jaxprune.unit_masks_ones(model)
   monkeypatch.setattr(redundancy, "_NULL_MIN", 2.0)  # every fit an SVD
+  monkeypatch.setattr(redundancy, "_GATHER_MIN_WORK", 0.0)  # the widths of a large group
   reps = []
   for widths in (1, redundancy._WIDTHS, hidden):
     monkeypatch.setattr(redundancy, "_WIDTHS", widths)

@@ -48,7 +48,9 @@ least as many patterns as columns) and only lowers the cut, so that fit is the u
 squares solution, and a QR gives it (:func:`_qr_fit`, about a fifth of an SVD's time).
 Otherwise the SVD runs, on
 the kept columns only, gathered into the narrowest of 4 static widths (h, 3h/4, h/2, h/4) that
-holds them, so it gets cheaper as units go. All of these agree to float rounding (tested
+holds them, so it gets cheaper as units go (in groups large enough for that to pay, where
+``4 N h^3`` exceeds 5e10 for N patterns: H=500 on 398 patterns, not H=200; a smaller group's
+program keeps one width and compiles in about half the time). All of these agree to float rounding (tested
 against a full-width SVD at every removal; ``benchmarks/redundancy.py`` times them). Under
 ``vmap`` every removal is a full-width SVD: a batched choice of branch would run every branch
 for every member, so a Python loop over settings is the faster sweep here.
@@ -84,6 +86,13 @@ _QR_FITS = 1.0  # 1: fits of columns an SVD found of full rank by a QR (:func:`_
 _EXACT_SHARE = 1e-3  # a unit with this share of the null basis or more ranks as exact
 _NULL_TIE = 1e-5  # null-fit residuals below this are rounding: ranked among them by the ridge
 _WIDTHS = 4  # static widths the kept columns are gathered into for an SVD: h, 3h/4, ...
+# ... when the group is large enough for that to pay: 4 N h^3 (N patterns, h units: the
+# operations of full-width SVDs at every removal) above this. Each width is a copy of the fits
+# in the program; below it one width (all h columns, the removed ones zero) compiles in about
+# half the time (2-3 s less at XLA's defaults) for a run time that the narrower SVDs would cut
+# by a few hundredths of a second (H=200 on 398 patterns: 0.43 against 0.46 s with an SVD at
+# every removal; H=500: 7.3 against 11.3 s, where the widths stay; benchmarks/redundancy.py).
+_GATHER_MIN_WORK = 5e10
 
 
 class RedundancyReport(NamedTuple):
@@ -120,15 +129,17 @@ class _Basis(NamedTuple):
   full: jax.Array
 
 
-def _gathered(keep, fn):
+def _gathered(keep, fn, patterns: int):
   """``fn(idx, valid)`` on the units of ``keep`` gathered, in index order, into the narrowest
   of ``_WIDTHS`` static widths (h, 3h/4, h/2, h/4) that holds them: ``idx`` (w,) unit indices,
   the kept ones first; ``valid`` marks the positions that hold a kept unit. The linear algebra
-  per removal then costs what the units kept need, not what the group's size needs."""
+  per removal then costs what the units kept need, not what the group's size needs. For a
+  small group (``4 * patterns * h**3`` at most :data:`_GATHER_MIN_WORK`) one width, h."""
   h = keep.shape[0]
   count = jnp.sum(keep)
   order = jnp.argsort(~keep, stable=True)
-  widths = sorted({max(1, -(-h * (_WIDTHS - b) // _WIDTHS)) for b in range(_WIDTHS)})
+  levels = _WIDTHS if 4.0 * patterns * h ** 3 > _GATHER_MIN_WORK else 1
+  widths = sorted({max(1, -(-h * (levels - b) // levels)) for b in range(levels)})
   branches = [lambda w=w: fn(order[:w], jnp.arange(w) < count) for w in widths]
   return jax.lax.switch(jnp.searchsorted(jnp.asarray(widths), count), branches)
 
@@ -149,7 +160,7 @@ def _svd_fit(x, others, y, rcond):
             st._replace(basis=jnp.zeros((h, h), st.basis.dtype).at[idx, :w].set(st.basis),
                         top_vec=jnp.zeros((h,), st.top_vec.dtype).at[idx].set(st.top_vec)))
 
-  return _gathered(others, fit)
+  return _gathered(others, fit, x.shape[0])
 
 
 def _svd_fit_dense(xo, y, rcond, count):
@@ -201,7 +212,7 @@ def _qr_fit(x, others, y):
     beta = jnp.concatenate([beta, jnp.zeros((idx.shape[0] - k,), beta.dtype)])
     return jnp.zeros((h,), beta.dtype).at[idx].set(jnp.where(valid, beta, 0.0))
 
-  return _gathered(others, fit)
+  return _gathered(others, fit, x.shape[0])
 
 
 def _null_fit(basis, others, j):
@@ -241,7 +252,7 @@ def _exact_residuals(x, live, sq):
     d = jnp.concatenate([jnp.sum(rinv * rinv, axis=1), jnp.ones((idx.shape[0] - k,), rk.dtype)])
     return jnp.full((h,), jnp.inf, d.dtype).at[idx].set(jnp.where(valid, 1.0 / d, jnp.inf))
 
-  return _gathered(live, res)
+  return _gathered(live, res, x.shape[0])
 
 
 def _null_images(x, basis, m):
@@ -258,7 +269,7 @@ def _null_images(x, basis, m):
     xp = jnp.matmul(jnp.matmul(x, bg, precision=hi), bg.T, precision=hi)  # (N, h)
     return jnp.linalg.norm(xp, axis=0)
 
-  return _gathered(touches, images)
+  return _gathered(touches, images, x.shape[0])
 
 
 def _fit(x, m, st, j, tol, rcond, null):
