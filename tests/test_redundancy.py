@@ -559,6 +559,27 @@ def test_float64_mode_prunes_as_float32():
   np.testing.assert_allclose(got.coef, want.coef, atol=1e-3)
 
 
+def test_small_groups_compile_one_gathered_width_and_large_ones_four(monkeypatch):
+  """Each gathered width copies the SVD fit into the program (one LAPACK SVD call each, plus
+  the one before the loop): a small group (4 N h^3 <= _GATHER_MIN_WORK) compiles one width, a
+  large one four; both give the same removals (the test above compares the fits)."""
+  from jaxprune.pruners import redundancy
+
+  def svd_calls(hidden, patterns):
+    model = MLP(in_features=3, hidden=(hidden,), out_features=2)
+    params = model.init(jax.random.key(0))
+    acts = jnp.zeros((patterns, hidden), jnp.float32)
+    prune = group_redundancy(model, "hidden_0")
+    text = jax.jit(lambda a: prune(params, jaxprune.unit_masks_ones(model), a, 0.1)).lower(
+        acts).as_text()
+    return text.count("gesdd")
+
+  small = svd_calls(12, 40)
+  assert 4 * 40 * 12 ** 3 <= redundancy._GATHER_MIN_WORK
+  monkeypatch.setattr(redundancy, "_GATHER_MIN_WORK", 4 * 40 * 12 ** 3 - 1)  # just below
+  assert svd_calls(12, 40) == small + 3 >= 5
+
+
 @pytest.mark.parametrize("hidden", [3, 5])  # 5: four widths (2, 3, 4, 5), not a multiple of 4
 def test_svd_of_the_kept_columns_gathered_at_any_width_gives_the_same_fits(monkeypatch, hidden):
   """The SVD fits gather the kept columns into one of _WIDTHS static widths (the narrowest
