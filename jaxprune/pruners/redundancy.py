@@ -50,8 +50,9 @@ Otherwise the SVD runs, on
 the kept columns only, gathered into the narrowest of 4 static widths (h, 3h/4, h/2, h/4) that
 holds them, so it gets cheaper as units go (in groups large enough for that to pay, where
 ``4 N h^3`` exceeds 5e10 for N patterns: H=500 on 398 patterns, not H=200; a smaller group's
-program keeps one width and compiles in about half the time). All of these agree to float rounding (tested
-against a full-width SVD at every removal; ``benchmarks/redundancy.py`` times them). Under
+program keeps one width and compiles in about half the time). All of these agree to float
+rounding (tested against a full-width SVD at every removal; ``benchmarks/redundancy.py``
+times them). Under
 ``vmap`` every removal is a full-width SVD: a batched choice of branch would run every branch
 for every member, so a Python loop over settings is the faster sweep here.
 
