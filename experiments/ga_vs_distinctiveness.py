@@ -320,7 +320,8 @@ def ga_hidden(cfg: Config, folds: mc.Folds, h: int, params, study: _store.Study,
                         bit_flip_prob=cfg.ga_bit_flip, lam=lam)
 
     t0 = time.time()
-    state, _ = mc.ga_program(config, fitness, h, True)(data, hyper, keys)
+    fit = mc.incremental_for_runs(fitness, config, h, data)
+    state, _ = mc.ga_program(config, fit, h, True)(data, hyper, keys)
     best = np.asarray(state.hof)[:, 0]
     stacked = jax.tree.map(lambda a: np.asarray(a)[idx], params)
     test, train = mc.score_folds(model, stacked, folds, idx, group=GROUP, unit_masks=best)

@@ -443,6 +443,49 @@ def test_ga_program_chunks_give_each_run_its_own_result(monkeypatch):
     np.testing.assert_array_equal(np.asarray(state.hof_fitness[r]), np.asarray(alone.hof_fitness))
 
 
+def test_ga_stages_score_incrementally_when_their_runs_together_pay_for_it(monkeypatch):
+  """A stage's runs share one compiled GA program, so the binaries weigh their summed
+  full-evaluation work (``mc.SHARED_MIN_WORK``) where ``'auto'`` weighs one run's: at or above
+  it the fitness asks for the incremental evaluation (the unit and backend conditions of
+  ``'auto'`` still hold), and every run then gets what ga.run computes for it alone with that
+  fitness. An explicit ``incremental`` is left as it is."""
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  import jaxprune
+  from jaxprune import ga
+  from jaxprune.ga import incremental, loop
+  model = jaxprune.MLP(in_features=3, hidden=(6,), out_features=3)
+  fitness = ga.AccuracyFitness(model, "hidden_0", "per_run", fast=True, weighted=True)
+  config = ga.GAConfig(population_size=8, hof_size=2, tournament_size=3, generations=3)
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(12, 3)).astype(np.float32)
+  y = rng.integers(0, 3, 12)
+  data = [fitness.prepare(model.init(jax.random.key(f)), x, y, penalty="ratio")
+          for f in range(3)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *data)
+  work = 3 * 2.0 * (3 + 1) * 8 * 6 * 12 * 3   # runs * 2 (G + 1) P U N O
+  monkeypatch.setattr(mc, "SHARED_MIN_WORK", work)
+  assert mc.incremental_for_runs(fitness, config, 6, stacked).incremental == "auto"  # 6 units
+  monkeypatch.setattr(incremental, "MIN_UNITS", 6)
+  fit = mc.incremental_for_runs(fitness, config, 6, stacked)
+  assert fit.incremental is True and fit == dataclasses.replace(fitness, incremental=True)
+  for explicit in (False, True):
+    own = dataclasses.replace(fitness, incremental=explicit)
+    assert mc.incremental_for_runs(own, config, 6, stacked) is own
+  monkeypatch.setattr(mc, "SHARED_MIN_WORK", work + 1)
+  assert mc.incremental_for_runs(fitness, config, 6, stacked).incremental == "auto"
+  assert loop.uses_incremental(config, fit, 6, None, data[0])
+  keys = jax.random.split(jax.random.key(3), 3)
+  hyper = ga.GAHyperparams(lam=jnp.asarray([0.0, 10.0, 50.0], jnp.float32))
+  state, _ = mc.ga_program(config, fit, 6, True)(stacked, hyper, keys)
+  for r in range(3):
+    alone, _ = ga.run(config, fit, 6, key=keys[r], hyper=hyper._replace(lam=hyper.lam[r]),
+                      data=data[r], progress=False, shard=False)
+    np.testing.assert_array_equal(np.asarray(state.hof[r]), np.asarray(alone.hof))
+    np.testing.assert_array_equal(np.asarray(state.hof_fitness[r]), np.asarray(alone.hof_fitness))
+
+
 def test_mlp_studies_split_by_person_when_the_data_carry_persons():
   """docs/data.md promises person-independent splits when the data carry persons; the MLP
   studies' folds and train/test splits were stratified only (17 of 20 persons on both sides)."""

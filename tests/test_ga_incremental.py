@@ -235,7 +235,7 @@ def test_auto_on_cpu_needs_enough_work(monkeypatch):
   x = jax.random.normal(jax.random.key(1), (N, 5))
   data = auto.prepare(params, x, jnp.zeros((N,), jnp.int32))
   cfg = ga.GAConfig(population_size=30, hof_size=3, generations=20)
-  work = loop._full_work(cfg, *auto.incremental_data(data)[:2])  # pylint: disable=protected-access
+  work = loop.full_work(cfg, *auto.incremental_data(data)[:2])
   assert work == 2.0 * 21 * 30 * 300 * N * O
 
 

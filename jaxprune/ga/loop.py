@@ -274,15 +274,16 @@ def _incremental_plan(config: GAConfig, fitness_fn: FitnessFn, num_units: int,
   h, w = fitness_fn.incremental_data(data)[:2]
   if not incremental.exact_dtype(h, w):   # logits below 32 bits: the full evaluation
     return None
-  if not incremental.applies(fitness_fn, mesh, num_units, work=_full_work(config, h, w)):
+  if not incremental.applies(fitness_fn, mesh, num_units, work=full_work(config, h, w)):
     return None
   return incremental.plan(num_units, config.population_size, config.hof_size, h.shape[0],
                           w.shape[-1])
 
 
-def _full_work(config: GAConfig, h: jax.Array, w: jax.Array) -> float:
-  """Floating-point operations of the run's full evaluations on the fast path (activations
-  ``h``, output kernel ``w``): ``2 (G + 1) P U N O``."""
+def full_work(config: GAConfig, h: jax.Array, w: jax.Array) -> float:
+  """Floating-point operations of one run's full evaluations on the fast path (activations
+  ``h``, output kernel ``w``; arrays or ``jax.ShapeDtypeStruct``): ``2 (G + 1) P U N O``, the
+  ``work`` that ``incremental='auto'`` weighs (:func:`jaxprune.ga.incremental.applies`)."""
   units = math.prod(h.shape[1:])
   return (2.0 * (config.generations + 1) * config.population_size * units * h.shape[0]
           * w.shape[-1])
