@@ -407,19 +407,26 @@ def test_padded_distinctiveness_equals_per_fold_library_call():
   assert np.all(np.any(np.asarray(report.kind[:, 0]) == 1, axis=-1))  # similar pair at 15 deg
 
 
-def test_ga_program_chunks_give_each_run_its_own_result(monkeypatch):
-  """The studies' GA program maps its runs in chunks (lax.map): 5 runs in chunks of 2 (the last
-  one short) give every run exactly what ga.run computes for it alone."""
-  import jax
-  import jax.numpy as jnp
+def _tiny_ga_stage(seed):
+  """A 3-6-3 MLP, its per-run fitness (fast path, weighted), a small GA config, and 12 patterns
+  drawn from ``rng`` (returned for further draws)."""
   import jaxprune
   from jaxprune import ga
   model = jaxprune.MLP(in_features=3, hidden=(6,), out_features=3)
   fitness = ga.AccuracyFitness(model, "hidden_0", "per_run", fast=True, weighted=True)
   config = ga.GAConfig(population_size=8, hof_size=2, tournament_size=3, generations=3)
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   x = rng.normal(size=(12, 3)).astype(np.float32)
-  y = rng.integers(0, 3, 12)
+  return model, fitness, config, x, rng.integers(0, 3, 12), rng
+
+
+def test_ga_program_chunks_give_each_run_its_own_result(monkeypatch):
+  """The studies' GA program maps its runs in chunks (lax.map): 5 runs in chunks of 2 (the last
+  one short) give every run exactly what ga.run computes for it alone."""
+  import jax
+  import jax.numpy as jnp
+  from jaxprune import ga
+  model, fitness, config, x, y, rng = _tiny_ga_stage(0)
   w = (rng.random(12) > 0.2).astype(np.float32)
   params = [model.init(jax.random.key(f)) for f in range(5)]
   data = [fitness.prepare(p, x, y, sample_weight=w, penalty="ratio" if f % 2 else "count")
@@ -452,15 +459,9 @@ def test_ga_stages_score_incrementally_when_their_runs_together_pay_for_it(monke
   import dataclasses
   import jax
   import jax.numpy as jnp
-  import jaxprune
   from jaxprune import ga
   from jaxprune.ga import incremental, loop
-  model = jaxprune.MLP(in_features=3, hidden=(6,), out_features=3)
-  fitness = ga.AccuracyFitness(model, "hidden_0", "per_run", fast=True, weighted=True)
-  config = ga.GAConfig(population_size=8, hof_size=2, tournament_size=3, generations=3)
-  rng = np.random.default_rng(1)
-  x = rng.normal(size=(12, 3)).astype(np.float32)
-  y = rng.integers(0, 3, 12)
+  model, fitness, config, x, y, _ = _tiny_ga_stage(1)
   data = [fitness.prepare(model.init(jax.random.key(f)), x, y, penalty="ratio")
           for f in range(3)]
   stacked = jax.tree.map(lambda *a: jnp.stack(a), *data)
