@@ -40,11 +40,19 @@ when it is traced inside another jit, or on other backends. Nesting is recognise
 word it otherwise, calls inside a jit would raise, which tests/test_models.py would show. An
 option this jaxlib does not know (``No such compile option``, as a later XLA may drop the older
 emitter) is then left out (:func:`supported`), never an error.
+
+An option you name in ``XLA_FLAGS`` is yours: a per-program option would override it for that
+program, so :func:`light_jit` leaves out every option that ``XLA_FLAGS`` names when the program
+is made (:func:`user_options`). ``XLA_FLAGS=--xla_backend_optimization_level=0`` then compiles
+every program at level 0, the initialisers and the GA's included, and programs compiled with
+the same flags compare bit for bit. (The test suite compiles so, tests/conftest.py.)
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -71,6 +79,12 @@ def _known(name: str, value: Any) -> bool:
   return True
 
 
+def user_options() -> frozenset[str]:
+  """The XLA options that ``XLA_FLAGS`` names now (``--name=value``, ``--name``), which
+  :func:`light_jit` leaves to the user."""
+  return frozenset(re.findall(r"(?:^|\s)--?(xla_\w+)", os.environ.get("XLA_FLAGS", "")))
+
+
 def supported(options: dict[str, Any]) -> dict[str, Any]:
   """``options`` without those this jaxlib does not know."""
   return {k: v for k, v in options.items() if _known(k, v)}
@@ -81,6 +95,7 @@ class LightJit:
 
   def __init__(self, fn: Callable, options: dict[str, Any], **jit_kwargs):
     self._fn, self._jit_kwargs = fn, jit_kwargs
+    options = {k: v for k, v in options.items() if k not in user_options()}
     self.light = jax.jit(fn, compiler_options=dict(options), **jit_kwargs)
     self.plain = jax.jit(fn, **jit_kwargs)
     self._options = dict(options)
@@ -122,6 +137,7 @@ class LightJit:
 
 
 def light_jit(fn: Callable, options: dict[str, Any] = LEVEL_1, **jit_kwargs) -> LightJit:
-  """A jit of ``fn`` compiled with lighter ``options`` on CPU (``LEVEL_1``, ``FAST``); whether
-  they keep the default bits depends on the program (see the module doc): test it."""
+  """A jit of ``fn`` compiled with lighter ``options`` on CPU (``LEVEL_1``, ``FAST``), less those
+  that ``XLA_FLAGS`` names (:func:`user_options`); whether they keep the default bits depends
+  on the program (see the module doc): test it."""
   return LightJit(fn, options, **jit_kwargs)

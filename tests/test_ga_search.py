@@ -338,9 +338,9 @@ def _onemax_minus_lam(population, data, hyper):
 @pytest.mark.parametrize("incremental", [False, True])
 def test_run_compiled_for_faster_compilation_gives_the_default_bits(trained, incremental):
   """The GA's programs compile with XLA:CPU's older loop emitter (jaxprune._compile.FAST),
-  the full evaluation's also at LLVM level 1: the same run at XLA's default options (whatever
-  flags the suite compiles with) gives the same bits, state and history, on the full and on the
-  incremental path."""
+  the full evaluation's also at LLVM level 1: with those options named (the suite's XLA_FLAGS
+  would override them, tests/conftest.py) the run gives the bits, state and history of XLA's
+  default options, on the full and on the incremental path; ga.run runs that program."""
   from jaxprune import _compile  # pylint: disable=import-outside-toplevel
   S = importlib.import_module("jaxprune.ga.loop")
   model, params, x, y = trained
@@ -350,26 +350,34 @@ def test_run_compiled_for_faster_compilation_gives_the_default_bits(trained, inc
   program = S.run_program(CFG, fit, 12, None, data)
   assert program is S._RUN_JIT[incremental]
   assert S.uses_incremental(CFG, fit, 12, None, jax.eval_shape(lambda d: d, data)) is incremental
-  got = program.lower(*args).compile()(*args[5:])
-  want = program.plain.lower(*args).compile(_compile.supported(_compile.DEFAULT_LEVEL))(
-      *args[5:])
-  assert _tree_equal(got, want)
-  assert _tree_equal(got, ga.run(CFG, fit, 12, key=jax.random.key(5), data=args[6],
-                                 progress=False))
+  lowered = program.plain.lower(*args)
+  light = lowered.compile(_compile.supported({**_compile.DEFAULT_LEVEL,
+                                              **S.RUN_OPTIONS[incremental]}))(*args[5:])
+  want = lowered.compile(_compile.supported(_compile.DEFAULT_LEVEL))(*args[5:])
+  assert _tree_equal(light, want)
+  assert _tree_equal(program.lower(*args).compile()(*args[5:]),
+                     ga.run(CFG, fit, 12, key=jax.random.key(5), data=args[6], progress=False))
 
 
-def test_search_program_compiled_lighter_gives_the_default_bits(trained, result, monkeypatch):
+def test_search_program_compiled_lighter_gives_the_default_bits(trained, monkeypatch):
   """ga.search's one program (activations, the GA and the best mask's accuracy) with the full
   evaluation compiles at level 1 with the older emitter: XLA's default options give the same
-  bits."""
+  bits. Both programs are made as with no XLA_FLAGS (the suite's flags would override the
+  library's options, tests/conftest.py)."""
   from jaxprune import _compile  # pylint: disable=import-outside-toplevel
+  S = importlib.import_module("jaxprune.ga.loop")
   model, params, x, y = trained
-  monkeypatch.setitem(search_lib._SEARCH_JIT, False, _compile.light_jit(
-      search_lib._search_program, _compile.DEFAULT_LEVEL, static_argnums=(0, 1, 2, 3, 4, 5)))
-  default = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
-                      progress=False)
-  assert search_lib._SEARCH_JIT[False].active._cache_size() == 1   # it ran this program
-  assert _tree_equal(default, result)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  got = []
+  for options in (S.RUN_OPTIONS[False], _compile.DEFAULT_LEVEL):
+    program = _compile.light_jit(search_lib._search_program, options,
+                                 static_argnums=(0, 1, 2, 3, 4, 5))
+    assert program._options == _compile.supported(options)  # pylint: disable=protected-access
+    monkeypatch.setitem(search_lib._SEARCH_JIT, False, program)
+    got.append(ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
+                         progress=False))
+    assert program.active._cache_size() == 1   # it ran this program
+  assert _tree_equal(*got)
 
 
 def test_vmap_over_lambda_equals_loop():

@@ -176,20 +176,32 @@ def test_bad_input_errors(built):
 
 
 def test_init_compiled_lightly_gives_the_default_bits():
-  """model.init is compiled at LLVM level 1 on CPU (jaxprune._compile): eagerly, under vmap and
-  inside a user's jit it gives exactly the params of the default compilation (level 2, whatever
-  level the suite compiles at, tests/conftest.py). (An MLP here, to keep the suite short; CNN4's
-  and ResNet-18's initialisers were checked the same way when the level was chosen,
-  docs/benchmarks.md.)"""
+  """model.init is compiled at LLVM level 1 on CPU (jaxprune._compile): with no XLA_FLAGS, eagerly,
+  under vmap and inside a user's jit it gives exactly the params of the default compilation
+  (level 2). (An MLP here, to keep the suite short; CNN4's and ResNet-18's initialisers were
+  checked the same way when the level was chosen, docs/benchmarks.md.) The suite names its own
+  level in XLA_FLAGS, which every program then compiles at (tests/conftest.py), so the light
+  and the user's compilations are made here with the options named."""
   from jaxprune import _compile  # pylint: disable=import-outside-toplevel
+  from jaxprune.models import base  # pylint: disable=import-outside-toplevel
   keys = jax.random.split(jax.random.key(11), 3)
   model = jaxprune.MLP(in_features=6, hidden=(9, 5), out_features=3)
   reference = jax.jit(jax.vmap(lambda k: dict(model.module.init(k, jnp.zeros((1, 6))))))
   default = reference.lower(keys).compile(   # XLA's default options
       _compile.supported(_compile.DEFAULT_LEVEL))(keys)
-  got = {"eager": jax.tree.map(lambda *a: jnp.stack(a), *[model.init(k) for k in keys]),
-         "vmap": jax.vmap(model.init)(keys),
-         "jit": jax.jit(jax.vmap(model.init))(keys)}
+  light = _compile.supported({**_compile.DEFAULT_LEVEL, **_compile.LEVEL_1})
+  one = base._jitted_init(model).plain            # pylint: disable=protected-access
+  got = {"eager": jax.tree.map(lambda *a: jnp.stack(a),
+                               *[one.lower(k).compile(light)(k) for k in keys]),
+         "vmap": jax.jit(jax.vmap(one)).lower(keys).compile(light)(keys),
+         "jit": jax.jit(jax.vmap(model.init)).lower(keys).compile(   # a user's jit, defaults
+             _compile.supported(_compile.DEFAULT_LEVEL))(keys)}
+  # The three routes at the suite's flags agree with each other.
+  routes = [jax.tree.map(lambda *a: jnp.stack(a), *[model.init(k) for k in keys]),
+            jax.vmap(model.init)(keys), jax.jit(jax.vmap(model.init))(keys)]
+  for params in routes[1:]:
+    for u, v in zip(jax.tree.leaves(params), jax.tree.leaves(routes[0])):
+      np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
   for how, params in got.items():
     assert jax.tree.structure(params) == jax.tree.structure(default), how
     for u, v in zip(jax.tree.leaves(params), jax.tree.leaves(default)):
@@ -211,6 +223,25 @@ def test_light_jit_leaves_out_options_this_jaxlib_does_not_know():
   g = _compile.light_jit(lambda x: x - 1.0, {**level, **unknown})
   np.testing.assert_array_equal(np.asarray(g.lower(jnp.arange(2.0)).compile()(jnp.arange(2.0))),
                                 [-1.0, 0.0])
+
+
+def test_light_jit_leaves_the_options_xla_flags_names_to_the_user(monkeypatch):
+  """An option named in XLA_FLAGS when the program is made is the user's (a per-program option
+  would override it): light_jit leaves it out and keeps the others; '-' or '--' both count."""
+  from jaxprune import _compile  # pylint: disable=import-outside-toplevel
+  fn = lambda x: x * 2.0 + 1.0
+  for flags, kept in [
+      ("", _compile.LEVEL_1),
+      ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false", {}),
+      ("--xla_force_host_platform_device_count=2 -xla_cpu_use_fusion_emitters=true",
+       {"xla_backend_optimization_level": 1}),
+      ("--xla_backend_optimization_level_other=3", _compile.LEVEL_1)]:
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    f = _compile.light_jit(fn, _compile.LEVEL_1)
+    assert f._options == _compile.supported(kept), flags   # pylint: disable=protected-access
+    np.testing.assert_array_equal(np.asarray(f(jnp.arange(3.0))), [1.0, 3.0, 5.0])
+  monkeypatch.delenv("XLA_FLAGS")
+  assert _compile.user_options() == frozenset()
 
 
 def test_light_jit_raises_the_programs_own_errors():

@@ -157,10 +157,11 @@ def _assert_same_bits(a, b, more_than: int):
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason="the lighter compile options are XLA:CPU's; elsewhere it is a plain jit")
 def test_start_program_at_low_optimisation_gives_the_same_bits():
-  """On CPU the start program is compiled at LLVM level 0 (it is a pass over the params): its
-  state and keys equal the default compilation's (level 2, whatever level the suite compiles
-  at) bit for bit, for one run and for vmapped runs, with weight masks, gradient clipping and
-  AdamW with an injected learning rate."""
+  """On CPU the start program is compiled with jaxprune._compile.LEVEL_1 (it is a pass over the
+  params): with those options its state and keys equal the default compilation's (level 2) bit
+  for bit, for one run and for vmapped runs, with weight masks, gradient clipping and AdamW
+  with an injected learning rate. Both are compiled with their options named: the suite's
+  XLA_FLAGS would override the library's (tests/conftest.py)."""
   model = jaxprune.MLP(in_features=5, hidden=(13,), out_features=4)
   opt = optax.chain(optax.clip_by_global_norm(1.0),
                     optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3))
@@ -173,7 +174,8 @@ def test_start_program_at_low_optimisation_gives_the_same_bits():
   one = jax.tree.map(lambda a: a[0], (params, masks))
   for many, args in ((True, (params, masks, lrs, keys)), (False, (*one, lrs[0], keys[0]))):
     start = train._compiled_start(trainer, many, 3)    # pylint: disable=protected-access
-    a = start.light(*args)
+    a = start.plain.lower(*args).compile(   # its options named (the suite's XLA_FLAGS win)
+        _compile.supported({**_compile.DEFAULT_LEVEL, **_compile.LEVEL_1}))(*args)
     b = start.plain.lower(*args).compile(   # XLA's default options
         _compile.supported(_compile.DEFAULT_LEVEL))(*args)
     _assert_same_bits(a, b, more_than=3)
