@@ -42,10 +42,11 @@ option this jaxlib does not know (``No such compile option``, as a later XLA may
 emitter) is then left out (:func:`supported`), never an error.
 
 An option you name in ``XLA_FLAGS`` is yours: a per-program option would override it for that
-program, so :func:`light_jit` leaves out every option that ``XLA_FLAGS`` names when the program
-is made (:func:`user_options`). ``XLA_FLAGS=--xla_backend_optimization_level=0`` then compiles
-every program at level 0, the initialisers and the GA's included, and programs compiled with
-the same flags compare bit for bit. (The test suite compiles so, tests/conftest.py.)
+program, so :func:`light_jit` leaves out every option that ``XLA_FLAGS`` names
+(:func:`user_options`), read when the program is first used. With
+``XLA_FLAGS=--xla_backend_optimization_level=0`` every program compiles at level 0, the
+initialisers and the GA's included (the emitter still differs per program unless you name it
+too). The test suite names both, so its programs compare bit for bit (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -80,9 +81,17 @@ def _known(name: str, value: Any) -> bool:
 
 
 def user_options() -> frozenset[str]:
-  """The XLA options that ``XLA_FLAGS`` names now (``--name=value``, ``--name``), which
-  :func:`light_jit` leaves to the user."""
-  return frozenset(re.findall(r"(?:^|\s)--?(xla_\w+)", os.environ.get("XLA_FLAGS", "")))
+  """The XLA options that ``XLA_FLAGS`` names now, which :func:`light_jit` leaves to the user:
+  ``--name=value`` and ``--name``, written in the variable or, as XLA reads a value that does
+  not start with ``-``, in the file it names."""
+  text = os.environ.get("XLA_FLAGS", "")
+  if text.strip() and not text.lstrip().startswith("-"):
+    try:
+      with open(text.strip()) as f:
+        text = f.read()
+    except OSError:
+      text = ""
+  return frozenset(re.findall(r"(?:^|\s)--(xla_\w+)", text))
 
 
 def supported(options: dict[str, Any]) -> dict[str, Any]:
@@ -91,14 +100,39 @@ def supported(options: dict[str, Any]) -> dict[str, Any]:
 
 
 class LightJit:
-  """``jax.jit(fn)`` compiled with ``options`` where JAX allows it (see the module doc)."""
+  """``jax.jit(fn)`` compiled with ``options`` where JAX allows it (see the module doc).
+
+  ``asked`` holds the options as given; which of them ``XLA_FLAGS`` leaves to the library is
+  read when the program is first called or lowered (XLA reads ``XLA_FLAGS`` when its backend
+  starts, which is after ``import jaxprune`` for a user who sets it in Python), and
+  :attr:`options` are then the ones it compiles with."""
 
   def __init__(self, fn: Callable, options: dict[str, Any], **jit_kwargs):
     self._fn, self._jit_kwargs = fn, jit_kwargs
-    options = {k: v for k, v in options.items() if k not in user_options()}
-    self.light = jax.jit(fn, compiler_options=dict(options), **jit_kwargs)
+    self.asked = dict(options)
     self.plain = jax.jit(fn, **jit_kwargs)
-    self._options = dict(options)
+    self._light = None   # (the jit, its options), replaced whole: threads read it
+
+  def _made(self, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    self._light = (jax.jit(self._fn, compiler_options=dict(options), **self._jit_kwargs),
+                   dict(options))
+    return self._light
+
+  def _current(self) -> tuple[Any, dict[str, Any]]:
+    light = self._light
+    if light is None:   # made on first use, see the class doc
+      light = self._made({k: v for k, v in self.asked.items() if k not in user_options()})
+    return light
+
+  @property
+  def light(self):
+    """The jit compiled with :attr:`options`."""
+    return self._current()[0]
+
+  @property
+  def options(self) -> dict[str, Any]:
+    """The options :attr:`light` compiles with."""
+    return dict(self._current()[1])
 
   @property
   def active(self):
@@ -111,14 +145,12 @@ class LightJit:
     knows ``xla_cpu_use_fusion_emitters``)."""
     if jax.default_backend() != "cpu":
       return self.plain.lower(*args, **kwargs)
-    self._known_options_only()
-    return self.light.lower(*args, **kwargs)
+    return self._known_options_only().lower(*args, **kwargs)
 
   def _known_options_only(self):
-    options = supported(self._options)
-    if options != self._options:   # the new jit first: another thread reads _options, then light
-      self.light = jax.jit(self._fn, compiler_options=dict(options), **self._jit_kwargs)
-      self._options = options
+    light, options = self._current()
+    known = supported(options)
+    return light if known == options else self._made(known)[0]
 
   def __call__(self, *args, **kwargs):
     if jax.default_backend() != "cpu":
@@ -132,8 +164,7 @@ class LightJit:
     except jax.errors.JaxRuntimeError as e:   # an option this jaxlib does not know
       if "No such compile option" not in str(e):
         raise
-      self._known_options_only()
-      return self.light(*args, **kwargs)
+      return self._known_options_only()(*args, **kwargs)
 
 
 def light_jit(fn: Callable, options: dict[str, Any] = LEVEL_1, **jit_kwargs) -> LightJit:

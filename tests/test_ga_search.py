@@ -352,8 +352,9 @@ def test_run_compiled_for_faster_compilation_gives_the_default_bits(trained, inc
   assert program is S._RUN_JIT[incremental]
   assert S.uses_incremental(CFG, fit, 12, None, jax.eval_shape(lambda d: d, data)) is incremental
   lowered = program.plain.lower(*args)
+  assert program.asked == S.RUN_OPTIONS[incremental]
   light = lowered.compile(_compile.supported({**_compile.DEFAULT_LEVEL,
-                                              **S.RUN_OPTIONS[incremental]}))(*args[5:])
+                                              **program.asked}))(*args[5:])
   want = lowered.compile(_compile.supported(_compile.DEFAULT_LEVEL))(*args[5:])
   assert _tree_equal(light, want)
   assert _tree_equal(program.lower(*args).compile()(*args[5:]),
@@ -368,12 +369,13 @@ def test_search_program_compiled_lighter_gives_the_default_bits(trained, monkeyp
   from jaxprune import _compile  # pylint: disable=import-outside-toplevel
   S = importlib.import_module("jaxprune.ga.loop")
   model, params, x, y = trained
-  monkeypatch.setenv("XLA_FLAGS", "")
   got = []
   for options in (S.RUN_OPTIONS[False], _compile.DEFAULT_LEVEL):
     program = _compile.light_jit(   # a function of its own: a cache of its own to count
         functools.partial(search_lib._search_program), options, static_argnums=(0, 1, 2, 3, 4, 5))
-    assert program._options == _compile.supported(options)  # pylint: disable=protected-access
+    with monkeypatch.context() as m:   # its options fixed as with no XLA_FLAGS (first use)
+      m.setenv("XLA_FLAGS", "")
+      assert program.options == options
     monkeypatch.setitem(search_lib._SEARCH_JIT, False, program)
     got.append(ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
                          progress=False))

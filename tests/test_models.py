@@ -189,8 +189,10 @@ def test_init_compiled_lightly_gives_the_default_bits():
   reference = jax.jit(jax.vmap(lambda k: dict(model.module.init(k, jnp.zeros((1, 6))))))
   default = reference.lower(keys).compile(   # XLA's default options
       _compile.supported(_compile.DEFAULT_LEVEL))(keys)
-  light = _compile.supported({**_compile.DEFAULT_LEVEL, **_compile.LEVEL_1})
-  one = base._jitted_init(model).plain            # pylint: disable=protected-access
+  init = base._jitted_init(model)            # pylint: disable=protected-access
+  assert init.asked == _compile.LEVEL_1
+  light = _compile.supported({**_compile.DEFAULT_LEVEL, **init.asked})
+  one = init.plain
   got = {"eager": jax.tree.map(lambda *a: jnp.stack(a),
                                *[one.lower(k).compile(light)(k) for k in keys]),
          "vmap": jax.jit(jax.vmap(one)).lower(keys).compile(light)(keys),
@@ -225,22 +227,32 @@ def test_light_jit_leaves_out_options_this_jaxlib_does_not_know():
                                 [-1.0, 0.0])
 
 
-def test_light_jit_leaves_the_options_xla_flags_names_to_the_user(monkeypatch):
-  """An option named in XLA_FLAGS when the program is made is the user's (a per-program option
-  would override it): light_jit leaves it out and keeps the others; '-' or '--' both count."""
+def test_light_jit_leaves_the_options_xla_flags_names_to_the_user(monkeypatch, tmp_path):
+  """An option named in XLA_FLAGS is the user's (a per-program option would override it):
+  light_jit leaves it out and keeps the others. XLA_FLAGS is read when the program is first
+  used, not when it is made (XLA reads it when its backend starts, after ``import jaxprune``
+  for a user who sets it in Python); a value that does not start with '-' names a file of
+  flags, as XLA reads it."""
   from jaxprune import _compile  # pylint: disable=import-outside-toplevel
   fn = lambda x: x * 2.0 + 1.0
+  flagfile = tmp_path / "flags"
+  flagfile.write_text("--xla_cpu_use_fusion_emitters=true\n")
   for flags, kept in [
       ("", _compile.LEVEL_1),
       ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false", {}),
-      ("--xla_force_host_platform_device_count=2 -xla_cpu_use_fusion_emitters=true",
+      (" --xla_force_host_platform_device_count=2\t--xla_cpu_use_fusion_emitters",
        {"xla_backend_optimization_level": 1}),
-      ("--xla_backend_optimization_level_other=3", _compile.LEVEL_1)]:
-    monkeypatch.setenv("XLA_FLAGS", flags)
-    f = _compile.light_jit(fn, _compile.LEVEL_1)
-    assert f._options == _compile.supported(kept), flags   # pylint: disable=protected-access
+      ("--xla_backend_optimization_level_other=3", _compile.LEVEL_1),
+      (str(flagfile), {"xla_backend_optimization_level": 1})]:
+    f = _compile.light_jit(fn, _compile.LEVEL_1)   # made before XLA_FLAGS is set: not read yet
+    with monkeypatch.context() as m:
+      m.setenv("XLA_FLAGS", flags)
+      options = f.options                          # first use: read now
+    assert f.asked == _compile.LEVEL_1
+    assert _compile.supported(options) == _compile.supported(kept), flags
     np.testing.assert_array_equal(np.asarray(f(jnp.arange(3.0))), [1.0, 3.0, 5.0])
-  monkeypatch.delenv("XLA_FLAGS")
+    assert f.options == options                    # fixed once read
+  monkeypatch.setenv("XLA_FLAGS", "")
   assert _compile.user_options() == frozenset()
 
 

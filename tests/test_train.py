@@ -175,7 +175,7 @@ def test_start_program_at_low_optimisation_gives_the_same_bits():
   for many, args in ((True, (params, masks, lrs, keys)), (False, (*one, lrs[0], keys[0]))):
     start = train._compiled_start(trainer, many, 3)    # pylint: disable=protected-access
     a = start.plain.lower(*args).compile(   # its options named (the suite's XLA_FLAGS win)
-        _compile.supported({**_compile.DEFAULT_LEVEL, **_compile.LEVEL_1}))(*args)
+        _compile.supported({**_compile.DEFAULT_LEVEL, **start.asked}))(*args)
     b = start.plain.lower(*args).compile(   # XLA's default options
         _compile.supported(_compile.DEFAULT_LEVEL))(*args)
     _assert_same_bits(a, b, more_than=3)
