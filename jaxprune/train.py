@@ -765,10 +765,10 @@ def _compiled_start(trainer: Trainer, many: bool, num_chunks: int):
   default. It was level 0 (0.2-0.37 s less than the default), until XLA:CPU crashed three times
   (a segmentation fault in compiling or serialising that program) in full test-suite runs, never
   at level 1, which compiles the initialisers of every test (crashes of that kind have since
-  been seen at XLA's default flags too, in other programs: docs/benchmarks.md). Masks, zeros, copies, learning
-  rates and key splits come out bit for bit as at the default level (tested with AdamW and
-  gradient clipping); an optimizer of your own whose ``init`` multiplies and adds may differ in
-  the last bit from its default compilation (a fused multiply-add)."""
+  been seen at XLA's default flags too, in other programs: docs/benchmarks.md). Masks, zeros,
+  copies, learning rates and key splits come out bit for bit as at the default level (tested
+  with AdamW and gradient clipping); an optimizer of your own whose ``init`` multiplies and adds
+  may differ in the last bit from its default compilation (a fused multiply-add)."""
 
   def start(params, masks, learning_rate, key):
     if masks is not None:
