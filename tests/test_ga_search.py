@@ -336,6 +336,8 @@ def _onemax_minus_lam(population, data, hyper):
   return population.sum(1).astype(jnp.float32) - hyper.lam * population[:, 0]
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="the lighter compile options are XLA:CPU's; elsewhere it is a plain jit")
 @pytest.mark.parametrize("incremental", [False, True])
 def test_run_compiled_for_faster_compilation_gives_the_default_bits(trained, incremental):
   """The GA's programs compile with XLA:CPU's older loop emitter (jaxprune._compile.FAST),
@@ -361,6 +363,8 @@ def test_run_compiled_for_faster_compilation_gives_the_default_bits(trained, inc
                      ga.run(CFG, fit, 12, key=jax.random.key(5), data=args[6], progress=False))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="the lighter compile options are XLA:CPU's; elsewhere it is a plain jit")
 def test_search_program_compiled_lighter_gives_the_default_bits(trained, monkeypatch):
   """ga.search's one program (activations, the GA and the best mask's accuracy) with the full
   evaluation compiles at level 1 with the older emitter: XLA's default options give the same
