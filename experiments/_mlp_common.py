@@ -247,8 +247,7 @@ def person_split_error(ds: data_lib.Dataset, error: Exception, test_fraction: fl
             f"persons: add {items} of other persons; {unnamed}.")
   if p < folds:
     # (the split with the most folds that works for these data and this seed, not a count)
-    good = data_lib.splits._person_fraction(   # pylint: disable=protected-access
-        ds, np.asarray(ds.y), np.asarray(ds.groups), seed)
+    good = data_lib.person_test_fraction(ds, seed=0 if seed is None else seed)
     fix = (f"pass --test_fraction={good[1]:g} (round(1/{good[1]:g}) = {good[0]} person folds, "
            f"which splits these data), or add {items} of other persons" if good else
            f"add {items} of other persons (no --test_fraction splits these data)")

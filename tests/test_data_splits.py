@@ -114,6 +114,37 @@ def test_person_independent_split_without_a_class_to_train_on_raises():
     assert len(np.unique(y[tr])) == 7
 
 
+@pytest.mark.parametrize("seed,fewer", [(0, True), (1, False), (5, True)])
+def test_person_test_fraction_is_the_most_folds_that_split(seed, fewer):
+  """The fraction returned splits these data by person with its seed, and no larger number of
+  folds (up to the largest class count or the number of persons) does. Class 'c' comes from
+  one person: with seeds 0 and 5 the most folds put that person in the first test part (its
+  training part has no 'c'), so fewer folds are returned."""
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 3, 40)
+  groups = np.where(y == 2, 9, rng.integers(0, 8, 40))
+  ds = data.Dataset(np.zeros((40, 2)), y, ("a", "b", "c"), groups=groups)
+  folds, fraction = data.person_test_fraction(ds, seed=seed)
+  assert int(round(1.0 / fraction)) == folds >= 2
+  train, test = data.train_test_split(ds, test_fraction=fraction, seed=seed,
+                                      person_independent=True)
+  assert not set(train.groups) & set(test.groups)
+  top = min(np.bincount(y).max(), len(np.unique(groups)))
+  assert (folds < top) is fewer
+  for more in range(folds + 1, top + 1):
+    with pytest.raises(ValueError):
+      data.train_test_split(ds, test_fraction=1.0 / more, seed=seed, person_independent=True)
+  # Labels and person ids given apart: the same answer.
+  assert data.person_test_fraction(y, seed=seed, groups=groups) == (folds, fraction)
+
+
+def test_person_test_fraction_without_a_split_or_persons():
+  y = np.repeat(np.arange(3), 4)
+  assert data.person_test_fraction(y, groups=np.zeros(12, int)) is None   # one person
+  with pytest.raises(ValueError, match="person ids"):
+    data.person_test_fraction(data.load_features("diabetes"))
+
+
 def test_person_independent_errors():
   ds = data.load_features("diabetes")
   with pytest.raises(ValueError, match="person ids"):

@@ -37,6 +37,7 @@ from jaxprune.data.sfew import person_id
 from jaxprune.data.splits import CrossValidation
 from jaxprune.data.splits import cross_validate
 from jaxprune.data.splits import kfold
+from jaxprune.data.splits import person_test_fraction
 from jaxprune.data.splits import train_test_split
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "load_sfew_images",
     "parse_label",
     "person_id",
+    "person_test_fraction",
     "resize_images",
     "split",
     "standardize",

@@ -20,7 +20,8 @@ from sklearn import model_selection
 
 from jaxprune.data.dataset import Dataset, split
 
-__all__ = ["CrossValidation", "cross_validate", "kfold", "train_test_split"]
+__all__ = ["CrossValidation", "cross_validate", "kfold", "person_test_fraction",
+           "train_test_split"]
 
 Indices = np.ndarray
 Fold = tuple[np.ndarray, np.ndarray]
@@ -101,6 +102,42 @@ def _person_fraction(data, y: np.ndarray, groups: np.ndarray,
     return k, next(v for v in (round(1.0 / k, d) for d in range(2, 8))
                    if int(round(1.0 / v)) == k)
   return None
+
+
+def person_test_fraction(data: Dataset | Sequence[int] | np.ndarray, *, seed: int = 0,
+                         groups: Sequence[Any] | np.ndarray | None = None
+                         ) -> tuple[int, float] | None:
+  """The person-independent split with the smallest test part that these data allow.
+
+  A person-independent train/test split is the first of ``round(1 / test_fraction)``
+  stratified person folds, and which numbers of folds work depends on how the persons and
+  classes fall (each fold needs persons of its own, and the training part an example of
+  every class). This tries them with ``seed``, from the most (the largest class count, or
+  the number of persons if smaller) down to 2, as `train_test_split` would split.
+
+  Args:
+    data: a `Dataset` with person ids (``groups``), or the labels ``y``.
+    seed: the seed the split will use (the folds depend on it).
+    groups: person ids, one per example (for labels, or to override the dataset's).
+
+  Returns:
+    ``(folds, test_fraction)``, ``test_fraction`` the shortest decimal whose
+    ``round(1 / test_fraction)`` is ``folds``; ``train_test_split(data,
+    test_fraction=test_fraction, seed=seed, person_independent=True)`` then succeeds. None
+    when no number of folds splits these data (one person; every class photographed from
+    one person).
+
+  Example:
+    >>> import numpy as np
+    >>> y = np.repeat(np.arange(3), 4)           # 3 classes of 4 examples
+    >>> persons = np.tile(np.arange(4), 3)       # 4 persons, one example of each class
+    >>> person_test_fraction(y, groups=persons)
+    (4, 0.25)
+    >>> person_test_fraction(y, groups=np.zeros(12, int)) is None   # one person
+    True
+  """
+  y, groups = _labels_and_groups(data, groups, True)
+  return _person_fraction(data, y, groups, seed)
 
 
 def _check_split(data, y: np.ndarray, test_fraction: float,
