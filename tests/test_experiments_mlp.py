@@ -421,8 +421,10 @@ def _tiny_ga_stage(seed):
 
 
 def test_ga_program_chunks_give_each_run_its_own_result(monkeypatch):
-  """The studies' GA program maps its runs in chunks (lax.map): 5 runs in chunks of 2 (the last
-  one short) give every run exactly what ga.run computes for it alone."""
+  """The studies' GA program maps its runs in chunks (lax.map): 5 runs in 3 chunks of 2 (the last
+  run repeated to fill the last chunk) give every run exactly what ga.run computes for it
+  alone, and the program holds the GA once (lax.map would run a short last chunk as a second
+  copy of it, which doubled lowering and compilation)."""
   import jax
   import jax.numpy as jnp
   from jaxprune import ga
@@ -440,9 +442,16 @@ def test_ga_program_chunks_give_each_run_its_own_result(monkeypatch):
   monkeypatch.setattr(mc, "CHUNK_FLOPS", 3456.0)
   assert mc.runs_per_chunk(stacked, 8, 5) == 1
   assert mc.runs_per_chunk({"params": 0, "x": 0}, 8, 5) == 5   # not the fast path: all at once
+  monkeypatch.setattr(mc, "CHUNK_FLOPS", 4 * 3456.0)
+  assert mc.runs_per_chunk(stacked, 8, 5) == 3           # 2 chunks of 4 evened out to 3
   monkeypatch.setattr(mc, "CHUNK_FLOPS", 2 * 3456.0)
   assert mc.runs_per_chunk(stacked, 8, 5) == 2
-  state, _ = mc.ga_program(config, fitness, 6, True)(stacked, hyper, keys)
+  program = mc.ga_program(config, fitness, 6, True)
+  outer = jax.make_jaxpr(program)(stacked, hyper, keys).jaxpr
+  (call,) = [e for e in outer.eqns if e.primitive.name in ("pjit", "jit")]
+  scans = [e for e in call.params["jaxpr"].jaxpr.eqns if e.primitive.name == "scan"]
+  assert len(scans) == 1 and scans[0].params["length"] == 3   # the chunks; no second GA copy
+  state, _ = program(stacked, hyper, keys)
   for r in range(5):
     alone, _ = ga.run(config, fitness, 6, key=keys[r], hyper=hyper._replace(lam=lam[r]),
                       data=data[r], progress=False, shard=False)
