@@ -16,7 +16,8 @@ backend and inherited by the tests' subprocesses:
   (``jaxprune._compile``), so programs compare bit for bit. The tests that check those options
   give the default bits compile both sides with the options named. (This includes ``fit``'s
   start program, which left level 0 in the library after XLA:CPU crashed compiling it in suite
-  runs; such crashes have since been seen at XLA's default flags too, docs/benchmarks.md.)
+  runs; such crashes were seen at XLA's default flags too, and one core dump showed their
+  cause: the worker had used up Linux's memory mappings, see ``pytest_runtest_teardown``.)
 * ``--xla_cpu_use_fusion_emitters=false``: XLA:CPU emits its fused loops with its older
   emitter instead of the MLIR fusion emitters, a third less compilation (a tiny eager op 0.04
   -> 0.026 s; the GA search program at H=100 1.6 -> 1.1 s) with the same bits in the GA, the
@@ -56,6 +57,7 @@ products in float32 either way); set it to ``default`` to run the suite at a GPU
 
 import contextlib
 import csv
+import gc
 import json
 import math
 import os
@@ -139,6 +141,39 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SUITE_CACHE, ignore_errors=True)
 
 
+def _map_limit() -> int | None:
+  """Linux's limit on a process's memory mappings (``vm.max_map_count``); None elsewhere."""
+  try:
+    with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
+      return int(f.read())
+  except (OSError, ValueError):
+    return None
+
+
+_MAP_LIMIT = _map_limit()
+
+
+def _mappings() -> int:
+  with open("/proc/self/maps", "rb") as f:
+    return sum(1 for _ in f)
+
+
+def pytest_runtest_teardown(item, nextitem):
+  """Releases the compiled programs between test files once the worker holds half of Linux's
+  memory mappings (``vm.max_map_count``, 65,530 by default). Every XLA:CPU executable keeps
+  its code in mappings of its own (at XLA's default flags a ``ga.search`` on a new model
+  shape costs about 290, a ``fit`` 250), and JAX keeps every executable it compiled: a worker
+  that compiled a few thousand programs ran out, and XLA then crashed compiling the next one
+  (segmentation faults in 3 of 3 whole runs at the users' flags; the core dump held 65,531
+  mappings). ``jax.clear_caches()`` frees them; programs needed again load from the suite's
+  persistent cache. Not inside a file, whose tests may count the programs they compile."""
+  if (_MAP_LIMIT and (nextitem is None or nextitem.module is not item.module)
+      and _mappings() > _MAP_LIMIT // 2):
+    jax.clear_caches()
+    gc.collect()
+
+
+_LOWERED = [0]
 _LOWERED = [0]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jaxprune
+import conftest
 from conftest import count_programs, run_fresh
 from jaxprune import masks as masks_lib
 from jaxprune.pruners import distinctiveness, until_stable, weight_distinctiveness
@@ -329,3 +330,26 @@ def test_a_setting_of_another_type_compiles_no_new_program():
     assert n == [0]
     for out in others:
       assert _bits(out) == _bits(first)
+
+
+@pytest.mark.skipif(conftest._MAP_LIMIT is None, reason="Linux's vm.max_map_count only")
+def test_suite_releases_compiled_programs_near_the_mapping_limit(monkeypatch):
+  """The suite's guard (tests/conftest.py): between test files, once the worker holds half of
+  ``vm.max_map_count`` memory mappings, the compiled programs are released (each XLA:CPU
+  executable holds mappings of its own, and a worker that ran out crashed in XLA); within a
+  file, or below the limit, nothing is."""
+  f = jax.jit(lambda v: v * 3 + 1)
+  f(jnp.ones(3))
+  here, same_file, other_file = (type("Item", (), {"module": m})() for m in ("a", "a", "b"))
+  monkeypatch.setattr(conftest, "_MAP_LIMIT", 2 * conftest._mappings() + 1000)   # far below
+  conftest.pytest_runtest_teardown(here, other_file)
+  assert f._cache_size() == 1
+  monkeypatch.setattr(conftest, "_MAP_LIMIT", 2)   # every process holds more than one
+  conftest.pytest_runtest_teardown(here, same_file)
+  assert f._cache_size() == 1
+  before = conftest._mappings()
+  conftest.pytest_runtest_teardown(here, other_file)
+  assert f._cache_size() == 0 and conftest._mappings() < before
+  f(jnp.ones(3))
+  conftest.pytest_runtest_teardown(here, None)    # the last test: released too
+  assert f._cache_size() == 0
