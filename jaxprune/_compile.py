@@ -47,6 +47,12 @@ program, so :func:`light_jit` leaves out every option that ``XLA_FLAGS`` names
 ``XLA_FLAGS=--xla_backend_optimization_level=0`` every program compiles at level 0, the
 initialisers and the GA's included (the emitter still differs per program unless you name it
 too). The test suite names both, so its programs compare bit for bit (tests/conftest.py).
+
+Every XLA:CPU executable also holds memory mappings of its own, and JAX keeps every executable
+a process compiled; Linux allows a process ``vm.max_map_count`` of them (65,530 by default).
+XLA aborts compiling when they run out, with no word of why, so after each compilation that
+brings the process past :data:`MAPPINGS_WARN_SHARE` of the limit jaxprune warns, once, saying
+what to do (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -172,3 +179,69 @@ def light_jit(fn: Callable, options: dict[str, Any] = LEVEL_1, **jit_kwargs) -> 
   that ``XLA_FLAGS`` names (:func:`user_options`); whether they keep the default bits depends
   on the program (see the module doc): test it."""
   return LightJit(fn, options, **jit_kwargs)
+
+
+# ----------------------------------------------------------------------------- memory mappings
+
+
+def map_limit() -> int | None:
+  """Linux's limit on a process's memory mappings (``vm.max_map_count``); None elsewhere."""
+  try:
+    with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
+      return int(f.read())
+  except (OSError, ValueError):
+    return None
+
+
+def mappings() -> int | None:
+  """The memory mappings this process holds now (Linux); None elsewhere."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return None
+
+
+#: After a compilation (or a load from the persistent cache) that leaves the process holding
+#: more than this share of :func:`map_limit` memory mappings, jaxprune warns once per process.
+#: At XLA's default flags a ``ga.search`` on a new model shape adds about 290 mappings and a
+#: ``fit`` about 250, so this leaves room for a few dozen more before XLA would abort.
+MAPPINGS_WARN_SHARE = 0.8
+
+#: Mappings one compilation is taken to add at most, to space the checks: reading
+#: ``/proc/self/maps`` costs about 5 us per mapping (2 ms at 400, 0.3 s near the limit), so the
+#: next check comes after as many compilations as the headroom left to the warning allows.
+_MAPS_PER_COMPILATION = 500
+
+_MAP_LIMIT = map_limit()
+_WARNED = [False]
+_UNTIL_CHECK = [0]   # compilations left before the next check
+
+
+def _warn_near_map_limit(event: str, duration: float, **_) -> None:
+  """A JAX duration listener: the warning of the module docstring's last paragraph."""
+  del duration
+  if event != "/jax/core/compile/backend_compile_duration" or _WARNED[0] or not _MAP_LIMIT:
+    return
+  _UNTIL_CHECK[0] -= 1
+  if _UNTIL_CHECK[0] > 0:
+    return
+  held = mappings()
+  if held is None:
+    return
+  headroom = MAPPINGS_WARN_SHARE * _MAP_LIMIT - held
+  if headroom >= 0:
+    _UNTIL_CHECK[0] = max(1, int(headroom // _MAPS_PER_COMPILATION))
+    return
+  _WARNED[0] = True
+  warnings.warn(
+      f"This process holds {held:,} memory mappings, {100 * held / _MAP_LIMIT:.0f}% of Linux's "
+      f"limit (vm.max_map_count = {_MAP_LIMIT:,}): every program XLA:CPU compiled keeps some, "
+      "and JAX keeps every program, so XLA will abort compiling when they run out ('LLVM ERROR: "
+      "Unable to allocate section memory!', or a segmentation fault). Call jax.clear_caches() "
+      "to release the compiled programs (they compile again when next needed), or raise the "
+      "limit (sudo sysctl -w vm.max_map_count=262144); see docs/reliability.md.",
+      RuntimeWarning, stacklevel=2)
+
+
+jax.monitoring.register_event_duration_secs_listener(_warn_near_map_limit)

@@ -100,6 +100,8 @@ import jax  # pylint: disable=wrong-import-position
 import numpy as np
 import pytest
 
+from jaxprune import _compile  # pylint: disable=wrong-import-position
+
 _CACHE_ENV = "JAXPRUNE_SUITE_XLA_CACHE"
 
 
@@ -141,21 +143,7 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SUITE_CACHE, ignore_errors=True)
 
 
-def _map_limit() -> int | None:
-  """Linux's limit on a process's memory mappings (``vm.max_map_count``); None elsewhere."""
-  try:
-    with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
-      return int(f.read())
-  except (OSError, ValueError):
-    return None
-
-
-_MAP_LIMIT = _map_limit()
-
-
-def _mappings() -> int:
-  with open("/proc/self/maps", "rb") as f:
-    return sum(1 for _ in f)
+_MAP_LIMIT = _compile.map_limit()
 
 
 def pytest_runtest_teardown(item, nextitem):
@@ -168,7 +156,7 @@ def pytest_runtest_teardown(item, nextitem):
   mappings). ``jax.clear_caches()`` frees them; programs needed again load from the suite's
   persistent cache. Not inside a file, whose tests may count the programs they compile."""
   if (_MAP_LIMIT and (nextitem is None or nextitem.module is not item.module)
-      and _mappings() > _MAP_LIMIT // 2):
+      and _compile.mappings() > _MAP_LIMIT // 2):
     jax.clear_caches()
     gc.collect()
 

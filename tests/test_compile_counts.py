@@ -15,6 +15,7 @@ import pytest
 import jaxprune
 import conftest
 from conftest import count_programs, run_fresh
+from jaxprune import _compile
 from jaxprune import masks as masks_lib
 from jaxprune.pruners import distinctiveness, until_stable, weight_distinctiveness
 from jaxprune.pruners.selection import CONSTANT
@@ -341,15 +342,32 @@ def test_suite_releases_compiled_programs_near_the_mapping_limit(monkeypatch):
   f = jax.jit(lambda v: v * 3 + 1)
   f(jnp.ones(3))
   here, same_file, other_file = (type("Item", (), {"module": m})() for m in ("a", "a", "b"))
-  monkeypatch.setattr(conftest, "_MAP_LIMIT", 2 * conftest._mappings() + 1000)   # far below
+  monkeypatch.setattr(conftest, "_MAP_LIMIT", 2 * _compile.mappings() + 1000)   # far below
   conftest.pytest_runtest_teardown(here, other_file)
   assert f._cache_size() == 1
   monkeypatch.setattr(conftest, "_MAP_LIMIT", 2)   # every process holds more than one
   conftest.pytest_runtest_teardown(here, same_file)
   assert f._cache_size() == 1
-  before = conftest._mappings()
+  before = _compile.mappings()
   conftest.pytest_runtest_teardown(here, other_file)
-  assert f._cache_size() == 0 and conftest._mappings() < before
+  assert f._cache_size() == 0 and _compile.mappings() < before
   f(jnp.ones(3))
   conftest.pytest_runtest_teardown(here, None)    # the last test: released too
   assert f._cache_size() == 0
+
+
+@pytest.mark.skipif(_compile.map_limit() is None, reason="Linux's vm.max_map_count only")
+def test_warns_once_when_compiled_programs_near_the_mapping_limit(monkeypatch):
+  """After a compilation that leaves the process holding more than MAPPINGS_WARN_SHARE of
+  vm.max_map_count mappings, jaxprune warns (once per process) with what to do; below, not."""
+  monkeypatch.setattr(_compile, "_WARNED", [False])
+  monkeypatch.setattr(_compile, "_UNTIL_CHECK", [0])
+  monkeypatch.setattr(_compile, "_MAP_LIMIT", 10 * _compile.mappings())
+  jax.jit(lambda v: v * 5 - 2)(jnp.ones(4))   # far below: nothing, and the next check later
+  assert _compile._WARNED == [False] and _compile._UNTIL_CHECK[0] > 1
+  monkeypatch.setattr(_compile, "_MAP_LIMIT", _compile.mappings())
+  monkeypatch.setattr(_compile, "_UNTIL_CHECK", [0])
+  with pytest.warns(RuntimeWarning, match=r"vm.max_map_count.*jax.clear_caches\(\)"):
+    jax.jit(lambda v: v * 7 - 3)(jnp.ones(4))
+  assert _compile._WARNED == [True]
+  jax.jit(lambda v: v * 9 - 4)(jnp.ones(4))   # once: no second warning (errors in the suite)
