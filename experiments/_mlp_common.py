@@ -447,8 +447,9 @@ def ga_program(config, fitness, h: int, lam_per_run: bool):
   """jit(map over runs of the whole GA): ``program(data, hyper, keys)`` with a leading run axis
   on ``data`` and ``keys``, and on ``hyper.lam`` when ``lam_per_run``; built once per GA shape.
   The runs are vmapped in equal chunks of :func:`runs_per_chunk` (``lax.map``, the last run
-  repeated to fill the last chunk; every run computes exactly what it computes alone). Compiled with the options of the library's own GA program
-  for one run of this data (``jaxprune.ga.loop.RUN_OPTIONS``): XLA:CPU's older loop emitter
+  repeated to fill the last chunk; every run computes exactly what it computes alone).
+  Compiled with the options of the library's own GA program for one run of this data
+  (``jaxprune.ga.loop.RUN_OPTIONS``): XLA:CPU's older loop emitter
   (at H=500, 20 runs, compilation 2.4-3.0 -> 2.1-2.2 s, the run 3.44 -> 3.34-3.41 s), and LLVM
   level 1 where the runs evaluate in full (at H=500, 100 runs, 1.94 -> 0.88 s, the run 18.5 s
   either way); the same bits."""
