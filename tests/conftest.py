@@ -162,7 +162,6 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 _LOWERED = [0]
-_LOWERED = [0]
 
 
 def _count_lowering(name, *_, **__):
