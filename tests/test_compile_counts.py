@@ -363,12 +363,12 @@ def test_warns_once_when_compiled_programs_near_the_mapping_limit(monkeypatch):
   """After a compilation that leaves the process holding more than MAPPINGS_WARN_SHARE of
   vm.max_map_count mappings, jaxprune warns (once per process) with what to do; below, not."""
   monkeypatch.setattr(_compile, "_WARNED", [False])
-  monkeypatch.setattr(_compile, "_UNTIL_CHECK", [0])
+  monkeypatch.setattr(_compile, "_BUDGET", [0.0])
   monkeypatch.setattr(_compile, "_MAP_LIMIT", 10 * _compile.mappings())
   jax.jit(lambda v: v * 5 - 2)(jnp.ones(4))   # far below: nothing, and the next check later
-  assert _compile._WARNED == [False] and _compile._UNTIL_CHECK[0] > 1
+  assert _compile._WARNED == [False] and _compile._BUDGET[0] > _compile._MAPS_PER_PROGRAM
   monkeypatch.setattr(_compile, "_MAP_LIMIT", _compile.mappings())
-  monkeypatch.setattr(_compile, "_UNTIL_CHECK", [0])
+  monkeypatch.setattr(_compile, "_BUDGET", [0.0])
   with pytest.warns(RuntimeWarning, match=r"vm.max_map_count.*jax.clear_caches\(\)"):
     jax.jit(lambda v: v * 7 - 3)(jnp.ones(4))
   assert _compile._WARNED == [True]
