@@ -143,6 +143,14 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SUITE_CACHE, ignore_errors=True)
 
 
+def as_users_compile(options: dict) -> dict:
+  """A program's own compile options (``LightJit.asked``) on top of XLA's defaults, less those
+  this jaxlib does not know: how the library compiles it for a user with no ``XLA_FLAGS``. The
+  suite names its level in ``XLA_FLAGS``, which every program then compiles at, so tests of
+  those options compile with them named: ``lowered.compile(as_users_compile(p.asked))``."""
+  return _compile.supported({**_compile.DEFAULT_LEVEL, **options})
+
+
 _MAP_LIMIT = _compile.map_limit()
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from conftest import random_unit_masks
+from conftest import as_users_compile, random_unit_masks
 
 pytestmark = pytest.mark.usefixtures("strict_rank")
 
@@ -192,7 +192,7 @@ def test_init_compiled_lightly_gives_the_default_bits():
       _compile.supported(_compile.DEFAULT_LEVEL))(keys)
   init = base._jitted_init(model)            # pylint: disable=protected-access
   assert init.asked == _compile.LEVEL_1
-  light = _compile.supported({**_compile.DEFAULT_LEVEL, **init.asked})
+  light = as_users_compile(init.asked)
   one = init.plain
   got = {"eager": jax.tree.map(lambda *a: jnp.stack(a),
                                *[one.lower(k).compile(light)(k) for k in keys]),

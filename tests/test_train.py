@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import as_users_compile
 import jaxprune
 from jaxprune import _compile  # pylint: disable=protected-access
 from jaxprune import train
@@ -175,7 +176,7 @@ def test_start_program_at_low_optimisation_gives_the_same_bits():
   for many, args in ((True, (params, masks, lrs, keys)), (False, (*one, lrs[0], keys[0]))):
     start = train._compiled_start(trainer, many, 3)    # pylint: disable=protected-access
     a = start.plain.lower(*args).compile(   # its options named (the suite's XLA_FLAGS win)
-        _compile.supported({**_compile.DEFAULT_LEVEL, **start.asked}))(*args)
+        as_users_compile(start.asked))(*args)
     b = start.plain.lower(*args).compile(   # XLA's default options
         _compile.supported(_compile.DEFAULT_LEVEL))(*args)
     _assert_same_bits(a, b, more_than=3)
@@ -209,9 +210,9 @@ def test_mlp_training_program_at_level_1_gives_the_default_bits(activation, opt,
     args = jax.tree.map(lambda a: a[0], args)
   compiled = train._compiled(trainer, 3, True, many)   # pylint: disable=protected-access
   assert compiled.active is compiled.light
-  light = {**_compile.DEFAULT_LEVEL, **_compile.TRAIN_MLP}   # level 1, default emitters
+  light = as_users_compile(_compile.TRAIN_MLP)   # level 1, default emitters
   lowered = compiled.plain.lower(*args)   # traced and lowered once, compiled both ways
-  a = lowered.compile(_compile.supported(light))(*args)
+  a = lowered.compile(light)(*args)
   b = lowered.compile(_compile.supported(_compile.DEFAULT_LEVEL))(*args)
   _assert_same_bits(a, b, more_than=5)
 
