@@ -50,9 +50,9 @@ too). The test suite names both, so its programs compare bit for bit (tests/conf
 
 Every XLA:CPU executable also holds memory mappings of its own, and JAX keeps every executable
 a process compiled; Linux allows a process ``vm.max_map_count`` of them (65,530 by default).
-XLA aborts compiling when they run out, with no word of why, so after each compilation that
-brings the process past :data:`MAPPINGS_WARN_SHARE` of the limit jaxprune warns, once, saying
-what to do (docs/reliability.md).
+XLA aborts compiling when they run out, with no word of why, so when a compilation brings the
+process past :data:`MAPPINGS_WARN_SHARE` of the limit jaxprune warns, saying what to do
+(docs/reliability.md): once per crossing, again only after the process fell back below the line.
 """
 
 from __future__ import annotations
@@ -203,27 +203,31 @@ def mappings() -> int | None:
 
 
 #: After a compilation (or a load from the persistent cache) that leaves the process holding
-#: more than this share of :func:`map_limit` memory mappings, jaxprune warns once per process.
-#: At XLA's default flags a ``ga.search`` on a new model shape adds about 290 mappings and a
-#: ``fit`` about 250, so this leaves room for a few dozen more before XLA would abort.
+#: more than this share of :func:`map_limit` memory mappings, jaxprune warns, once per crossing:
+#: a process that falls back below the line (``jax.clear_caches()``) is warned again when it
+#: next crosses it. At XLA's default flags a ``ga.search`` on a new model shape adds about 290
+#: mappings and a ``fit`` about 250, so this leaves room for a few dozen more before XLA would
+#: abort.
 MAPPINGS_WARN_SHARE = 0.8
 
 #: Bounds on the mappings one compilation (or load from the persistent cache) adds, to space
 #: the checks: reading ``/proc/self/maps`` costs 0.5-2 us per mapping (0.8 ms at 450, 18 ms
 #: at 40,000). Measured at XLA's default flags: a ResNet-18's training program about 900
 #: mappings (6.6 s compiling, 0.6 s loading), a tiny eager op 3 (10-20 ms). A check comes once
-#: the compilations since the last one may have used half the headroom left to the warning.
+#: the compilations since the last one may have used half the headroom left to the warning;
+#: above the line, once they may have added a tenth of the mappings the limit leaves beyond it
+#: (about 1,300 at the default limit), to notice a release (``jax.clear_caches()``).
 _MAPS_PER_PROGRAM = 400
 _MAPS_PER_SECOND = 2000
 
 _MAP_LIMIT = map_limit()
-_WARNED = [False]
-_BUDGET = [0.0]   # mappings the compilations may add before the next check
+_WARNED = [False]   # warned since the process last held fewer mappings than the line
+_BUDGET = [0.0]     # mappings the compilations may add before the next check
 
 
 def _warn_near_map_limit(event: str, duration: float, **_) -> None:
   """A JAX duration listener: the warning of the module docstring's last paragraph."""
-  if event != "/jax/core/compile/backend_compile_duration" or _WARNED[0] or not _MAP_LIMIT:
+  if event != "/jax/core/compile/backend_compile_duration" or not _MAP_LIMIT:
     return
   _BUDGET[0] -= _MAPS_PER_PROGRAM + _MAPS_PER_SECOND * duration
   if _BUDGET[0] > 0:
@@ -231,9 +235,13 @@ def _warn_near_map_limit(event: str, duration: float, **_) -> None:
   held = mappings()
   if held is None:
     return
-  headroom = MAPPINGS_WARN_SHARE * _MAP_LIMIT - held
-  if headroom >= 0:
-    _BUDGET[0] = headroom / 2
+  line = MAPPINGS_WARN_SHARE * _MAP_LIMIT
+  if held <= line:
+    _WARNED[0] = False   # below the line again (or still): the next crossing warns
+    _BUDGET[0] = (line - held) / 2
+    return
+  _BUDGET[0] = (_MAP_LIMIT - line) / 10
+  if _WARNED[0]:
     return
   _WARNED[0] = True
   warnings.warn(

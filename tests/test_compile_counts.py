@@ -359,9 +359,10 @@ def test_suite_releases_compiled_programs_near_the_mapping_limit(monkeypatch):
 
 
 @pytest.mark.skipif(_compile.map_limit() is None, reason="Linux's vm.max_map_count only")
-def test_warns_once_when_compiled_programs_near_the_mapping_limit(monkeypatch):
+def test_warns_once_per_crossing_when_compiled_programs_near_the_mapping_limit(monkeypatch):
   """After a compilation that leaves the process holding more than MAPPINGS_WARN_SHARE of
-  vm.max_map_count mappings, jaxprune warns (once per process) with what to do; below, not."""
+  vm.max_map_count mappings, jaxprune warns with what to do; below, not. Once per crossing: not
+  again while above the line, again after the process fell below it (jax.clear_caches())."""
   monkeypatch.setattr(_compile, "_WARNED", [False])
   monkeypatch.setattr(_compile, "_BUDGET", [0.0])
   monkeypatch.setattr(_compile, "_MAP_LIMIT", 10 * _compile.mappings())
@@ -372,6 +373,19 @@ def test_warns_once_when_compiled_programs_near_the_mapping_limit(monkeypatch):
   with pytest.warns(RuntimeWarning, match=r"vm.max_map_count.*jax.clear_caches\(\)"):
     jax.jit(lambda v: v * 7 - 3)(jnp.ones(4))
   assert _compile._WARNED == [True]
+  assert 0 < _compile._BUDGET[0] <= 0.02 * _compile._MAP_LIMIT   # checks again soon above it
+  monkeypatch.setattr(_compile, "_BUDGET", [0.0])
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    jax.jit(lambda v: v * 9 - 4)(jnp.ones(4))   # once: no second warning
+    jax.jit(lambda v: v * 9 - 4)(jnp.ones(4))   # still above: no second warning
+  assert _compile._WARNED == [True]
+  monkeypatch.setattr(_compile, "_MAP_LIMIT", 10 * _compile.mappings())   # released: below
+  monkeypatch.setattr(_compile, "_BUDGET", [0.0])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.jit(lambda v: v * 11 - 5)(jnp.ones(4))
+  assert _compile._WARNED == [False]
+  monkeypatch.setattr(_compile, "_MAP_LIMIT", _compile.mappings())   # crossed again: warned
+  monkeypatch.setattr(_compile, "_BUDGET", [0.0])
+  with pytest.warns(RuntimeWarning, match=r"vm.max_map_count"):
+    jax.jit(lambda v: v * 13 - 6)(jnp.ones(4))
