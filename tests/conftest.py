@@ -153,18 +153,28 @@ def as_users_compile(options: dict) -> dict:
 
 _MAP_LIMIT = _compile.map_limit()
 
+#: The share of ``vm.max_map_count`` past which a worker releases its programs. Measured
+#: (2026-12-06, suite flags): one test file added at most 7,586 mappings (test_ga_search), and a
+#: worker that never released would end near 42,000; at the users' flags a file adds up to about
+#: twice that. 0.65 (42,594 at the default limit) leaves that room twice over, and the suite's
+#: own runs then seldom release: each release costs about 7 s (freeing some 5,000 programs,
+#: 1.3 ms each) plus loading again the programs still needed. At a half, each worker released
+#: once in both runs measured.
+RELEASE_SHARE = 0.65
+
 
 def pytest_runtest_teardown(item, nextitem):
-  """Releases the compiled programs between test files once the worker holds half of Linux's
-  memory mappings (``vm.max_map_count``, 65,530 by default). Every XLA:CPU executable keeps
-  its code in mappings of its own (at XLA's default flags a ``ga.search`` on a new model
-  shape costs about 290, a ``fit`` 250), and JAX keeps every executable it compiled: a worker
-  that compiled a few thousand programs ran out, and XLA then crashed compiling the next one
-  (segmentation faults in 3 of 3 whole runs at the users' flags; the core dump held 65,531
-  mappings). ``jax.clear_caches()`` frees them; programs needed again load from the suite's
-  persistent cache. Not inside a file, whose tests may count the programs they compile."""
+  """Releases the compiled programs between test files once the worker holds
+  :data:`RELEASE_SHARE` of Linux's memory mappings (``vm.max_map_count``, 65,530 by default).
+  Every XLA:CPU executable keeps its code in mappings of its own (at XLA's default flags a
+  ``ga.search`` on a new model shape costs about 290, a ``fit`` 250), and JAX keeps every
+  executable it compiled: a worker that compiled a few thousand programs ran out, and XLA then
+  crashed compiling the next one (segmentation faults in 3 of 3 whole runs at the users' flags;
+  the core dump held 65,531 mappings). ``jax.clear_caches()`` frees them; programs needed again
+  load from the suite's persistent cache. Not inside a file, whose tests may count the programs
+  they compile."""
   if (_MAP_LIMIT and (nextitem is None or nextitem.module is not item.module)
-      and _compile.mappings() > _MAP_LIMIT // 2):
+      and _compile.mappings() > RELEASE_SHARE * _MAP_LIMIT):
     jax.clear_caches()
     gc.collect()
 

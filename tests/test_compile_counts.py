@@ -337,8 +337,8 @@ def test_a_setting_of_another_type_compiles_no_new_program():
 
 @pytest.mark.skipif(conftest._MAP_LIMIT is None, reason="Linux's vm.max_map_count only")
 def test_suite_releases_compiled_programs_near_the_mapping_limit(monkeypatch):
-  """The suite's guard (tests/conftest.py): between test files, once the worker holds half of
-  ``vm.max_map_count`` memory mappings, the compiled programs are released (each XLA:CPU
+  """The suite's guard (tests/conftest.py): between test files, once the worker holds
+  ``RELEASE_SHARE`` of ``vm.max_map_count`` memory mappings, the compiled programs are released (each XLA:CPU
   executable holds mappings of its own, and a worker that ran out crashed in XLA); within a
   file, or below the limit, nothing is."""
   f = jax.jit(lambda v: v * 3 + 1)
