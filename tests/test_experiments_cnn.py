@@ -28,7 +28,7 @@ from experiments import training_time_distinctiveness as ttd
 PVD, LT, TTD, KI = ("percentile_vs_distinctiveness", "lottery_ticket",
                     "training_time_distinctiveness", "kernel_importance")
 CONFIGS = {PVD: (pvd, pvd.Config.quick(angles=(45.0, 85.0))), LT: (lt, lt.Config.quick()),
-           TTD: (ttd, ttd.Config.quick()), KI: (ki, ki.Config.quick())}
+           TTD: (ttd, ttd.Config.quick(max_per_class=4)), KI: (ki, ki.Config.quick())}
 
 
 @pytest.fixture(scope="module")
