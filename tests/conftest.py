@@ -154,12 +154,13 @@ def as_users_compile(options: dict) -> dict:
 _MAP_LIMIT = _compile.map_limit()
 
 #: The share of ``vm.max_map_count`` past which a worker releases its programs. Measured
-#: (2026-12-06, suite flags): one test file added at most 7,586 mappings (test_ga_search), and a
-#: worker that never released would end near 42,000; at the users' flags a file adds up to about
-#: twice that. 0.65 (42,594 at the default limit) leaves that room twice over, and the suite's
-#: own runs then seldom release: each release costs about 7 s (freeing some 5,000 programs,
-#: 1.3 ms each) plus loading again the programs still needed. At a half, each worker released
-#: once in both runs measured.
+#: (2026-12-06): at the suite's flags one test file added at most 7,586 mappings
+#: (test_ga_search) and a worker that never released would end near 42,000; at the users' flags
+#: (``JAXPRUNE_SUITE_FLAGS=default``) at most 14,639 (the same file), and with this share the
+#: workers peaked at 44,739 and 47,476. 0.65 (42,594 at the default limit) leaves 22,900 for the
+#: file that crosses it, and the suite's own runs then seldom release: each release costs about
+#: 7 s (freeing some 5,000 programs, 1.3 ms each) plus loading again the programs still needed.
+#: At a half, each worker released once in both runs measured.
 RELEASE_SHARE = 0.65
 
 

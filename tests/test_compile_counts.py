@@ -373,7 +373,7 @@ def test_warns_once_per_crossing_when_compiled_programs_near_the_mapping_limit(m
   with pytest.warns(RuntimeWarning, match=r"vm.max_map_count.*jax.clear_caches\(\)"):
     jax.jit(lambda v: v * 7 - 3)(jnp.ones(4))
   assert _compile._WARNED == [True]
-  assert 0 < _compile._BUDGET[0] <= 0.02 * _compile._MAP_LIMIT   # checks again soon above it
+  assert 0 < _compile._BUDGET[0] < 0.05 * _compile._MAP_LIMIT   # checks again soon above it
   monkeypatch.setattr(_compile, "_BUDGET", [0.0])
   with warnings.catch_warnings():
     warnings.simplefilter("error")
