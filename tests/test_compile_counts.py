@@ -338,9 +338,9 @@ def test_a_setting_of_another_type_compiles_no_new_program():
 @pytest.mark.skipif(conftest._MAP_LIMIT is None, reason="Linux's vm.max_map_count only")
 def test_suite_releases_compiled_programs_near_the_mapping_limit(monkeypatch):
   """The suite's guard (tests/conftest.py): between test files, once the worker holds
-  ``RELEASE_SHARE`` of ``vm.max_map_count`` memory mappings, the compiled programs are released (each XLA:CPU
-  executable holds mappings of its own, and a worker that ran out crashed in XLA); within a
-  file, or below the limit, nothing is."""
+  ``RELEASE_SHARE`` of ``vm.max_map_count`` memory mappings, the compiled programs are released
+  (each XLA:CPU executable holds mappings of its own, and a worker that ran out crashed in XLA);
+  within a file, or below the limit, nothing is."""
   f = jax.jit(lambda v: v * 3 + 1)
   f(jnp.ones(3))
   here, same_file, other_file = (type("Item", (), {"module": m})() for m in ("a", "a", "b"))
