@@ -263,6 +263,16 @@ def random_unit_masks(model, seed, p_keep=0.5):
   return out
 
 
+def host_f32(a) -> jax.Array:
+  """``a`` (NumPy or nested lists) as a float32 JAX array, without compiling a program.
+
+  With jax 0.10 on CPU, ``jnp.asarray(a, jnp.float32)`` of a float64 NumPy array compiles a
+  ``convert_element_type`` program for each new shape, and ``jnp.asarray`` of a float32 one an
+  identity ``stage`` program; ``jax.device_put`` of the cast array compiles none and gives the
+  same bits (NumPy and XLA both round float64 to the nearest float32, ties to even)."""
+  return jax.device_put(np.asarray(a, np.float32))
+
+
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)

@@ -16,7 +16,7 @@ import pytest
 
 import jaxprune
 import conftest
-from conftest import count_programs, run_fresh
+from conftest import count_programs, host_f32, run_fresh
 from jaxprune import _compile
 from jaxprune import masks as masks_lib
 from jaxprune.pruners import distinctiveness, until_stable, weight_distinctiveness
@@ -194,7 +194,7 @@ def test_until_stable_bad_input_raises_the_pruners_errors_before_compiling(net):
 def _where_by_hand(tree, masks):
   """The reference: NumPy's where leaf by leaf, in each leaf's dtype as JAX canonicalises it."""
   def one(p, m):
-    dtype = jnp.asarray(p).dtype
+    dtype = jax.dtypes.canonicalize_dtype(np.asarray(p).dtype)
     return np.where(np.asarray(m), np.asarray(p, dtype), np.zeros((), dtype))
   return jax.tree.map(one, tree, masks)
 
@@ -209,7 +209,7 @@ def _resnet_sized_tree():
                         "scale": rng.normal(size=(c + 1,)).astype(np.float32),
                         "bias": rng.normal(size=(c + 1,)).astype(np.float32),
                         "mean": rng.normal(size=(c + 1,)).astype(np.float32),
-                        "var": jnp.asarray(rng.random(size=(c + 1,)), jnp.float32)}
+                        "var": host_f32(rng.random(size=(c + 1,)))}
   tree["dense"] = {"kernel": rng.normal(size=(27, 5)).astype(np.float32),
                    "bias": rng.normal(size=(5,)).astype(np.float32)}
   masks = jax.tree.map(lambda p: rng.random(np.shape(p)) > 0.5, tree)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jaxprune
+from conftest import host_f32
 
 
 def _net(params, x):
@@ -21,8 +22,8 @@ def _setup():
   rng = np.random.default_rng(0)
   c1 = rng.normal(size=(3, 3, 2, 5)).astype(np.float32)
   c1[..., 3] = c1[..., 1]             # filter 3 duplicates filter 1: angle 0
-  params = {"c1": jnp.asarray(c1), "c2": jnp.asarray(rng.normal(size=(3, 3, 5, 4)), jnp.float32)}
-  x = jnp.asarray(rng.normal(size=(2, 6, 6, 2)), jnp.float32)
+  params = {"c1": jnp.asarray(c1), "c2": host_f32(rng.normal(size=(3, 3, 5, 4)))}
+  x = host_f32(rng.normal(size=(2, 6, 6, 2)))
   target = jaxprune.trace(_net, params, x)
   (group,) = [g for g in target.groups.values() if g.size == 5]
   return params, x, target, group.name

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import host_f32
 import jaxprune
 from jaxprune.models.mlp import MLP, Autoencoder
 from jaxprune.models.cnn import LeNet
@@ -28,7 +29,7 @@ def _masked_apply(model, apply, params, masks, x):
 
 def _normal(seed, shape):
   """Random inputs built in NumPy (no eager JAX PRNG programs to compile)."""
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+  return host_f32(np.random.default_rng(seed).normal(size=shape))
 
 
 def _rot(a_deg, i, j, dim):
@@ -167,7 +168,7 @@ def _conv_flatten_dense(layout):
   k[..., 1], kb[1] = -k[..., 0], -kb[0]
   p = {"k": k, "kb": kb, "w": rng.normal(size=(48, 3)), "b": np.zeros(3)}
   p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
-  x = jnp.asarray(rng.normal(size=(20, 6, 6, 2)), jnp.float32)
+  x = host_f32(rng.normal(size=(20, 6, 6, 2)))
   return fn, p, x
 
 
@@ -404,7 +405,7 @@ def _sequential_sweep(vecs, active, sim, comp, *, absorb, similar, complementary
 def _random_acts(seed=0, dim=3):
   """H vectors in ``dim`` dimensions, as (P, H) activations: many pairs at loose thresholds."""
   rng = np.random.default_rng(seed)
-  return jnp.asarray((rng.normal(size=(H, dim)) @ rng.normal(size=(dim, P))).T, jnp.float32)
+  return host_f32((rng.normal(size=(H, dim)) @ rng.normal(size=(dim, P))).T)
 
 
 @pytest.mark.parametrize("absorb", [False, True])
@@ -721,7 +722,7 @@ def test_zero_patterns_leave_the_gram_matrix_bit_for_bit():
   rng = np.random.default_rng(0)
   gram = jax.jit(_blocked_gram)
   for h, p, extra in [(7, 30, 10), (13, 250, 300), (5, 513, 1)]:
-    v = jnp.asarray(rng.normal(size=(h, p)), jnp.float32)
+    v = host_f32(rng.normal(size=(h, p)))
     g0, d0 = gram(v)
     g1, d1 = gram(jnp.concatenate([v, jnp.zeros((h, extra), jnp.float32)], 1))
     np.testing.assert_array_equal(g0, g1)
@@ -791,7 +792,7 @@ def _autoencoder_with_a_duplicate():
   params = model.init(jax.random.key(0))
   params = _set_unit(params, "hidden_0", 3, _np(params, "hidden_0", "kernel")[:, 0],
                      _np(params, "hidden_0", "bias")[0])  # 0 and 3 duplicate
-  x = jnp.asarray(np.random.default_rng(1).uniform(size=(32, 6)), jnp.float32)
+  x = host_f32(np.random.default_rng(1).uniform(size=(32, 6)))
   return model, params, x, lambda p: jnp.mean((model.apply(p, x) - x) ** 2)
 
 
@@ -844,7 +845,7 @@ def test_progressive_metrics_equal_separate_runs():
   model = Autoencoder(in_features=6, hidden=(5,))
   params = model.init(jax.random.key(4))
   rng = np.random.default_rng(5)
-  x, x_te = (jnp.asarray(rng.uniform(size=(n, 6)), jnp.float32) for n in (32, 12))
+  x, x_te = (host_f32(rng.uniform(size=(n, 6))) for n in (32, 12))
   mse = lambda data: (lambda p: jnp.mean((model.apply(p, data) - data) ** 2))
   run = progressive_distinctiveness(model, "hidden_0", mse(x),
                                     metrics={"test": mse(x_te), "again": mse(x)})
@@ -896,7 +897,7 @@ def test_progressive_sample_weight_is_padding_and_repetition():
   model = Autoencoder(in_features=6, hidden=(7,))
   params = model.init(jax.random.key(6))
   rng = np.random.default_rng(7)
-  x = jnp.asarray(rng.uniform(size=(20, 6)), jnp.float32)
+  x = host_f32(rng.uniform(size=(20, 6)))
   loss = lambda p: jnp.mean((model.apply(p, x) - x) ** 2)
   run = progressive_distinctiveness(model, "hidden_0", loss, complementary=True)
   _, m_ref, ref = run(params, _ones(model), x)

@@ -10,6 +10,7 @@ import jaxprune
 from jaxprune.pruners import (distinctiveness, pairwise_angles, report_actions, until_stable,
                               weight_distinctiveness)
 from jaxprune.pruners.angles import weight_angles
+from conftest import host_f32
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -180,13 +181,13 @@ def test_traced_plain_function_duplicates_and_fold_keep_outputs():
   w1[:, 3], b1[3] = w1[:, 0], b1[0]        # unit 3 = unit 0
   w1[:, 4], b1[4] = -w1[:, 1], -b1[1]      # sigmoid(-z) = 1 - sigmoid(z)
   params = {"l1": {"w": jnp.asarray(w1), "b": jnp.asarray(b1)},
-            "l2": {"w": jnp.asarray(rng.normal(size=(6, 2)), jnp.float32),
+            "l2": {"w": host_f32(rng.normal(size=(6, 2))),
                    "b": jnp.zeros(2)}}
 
   def f(p, x):
     return jax.nn.sigmoid(x @ p["l1"]["w"] + p["l1"]["b"]) @ p["l2"]["w"] + p["l2"]["b"]
 
-  x = jnp.asarray(rng.normal(size=(50, 4)), jnp.float32)
+  x = host_f32(rng.normal(size=(50, 4)))
   t = jaxprune.trace(f, params, x)
   acts = t.activations(params, x, "l1")
   y0 = f(params, x)

@@ -10,6 +10,7 @@ import pytest
 
 import jaxprune
 from jaxprune import ga
+from conftest import host_f32
 
 S = importlib.import_module("jaxprune.ga.strategy")
 I = importlib.import_module("jaxprune.ga.incremental")
@@ -173,7 +174,7 @@ def test_child_logits_rows_match_full_products(name):
   for seed in range(6):
     pop = jnp.asarray(rng.random((30, U)) < 0.5)
     state = S.init(cfg, U)._replace(population=pop, generation=jnp.int32(1),
-                                    fitness=jnp.asarray(rng.normal(size=30), jnp.float32))
+                                    fitness=host_f32(rng.normal(size=30)))
     z = full_logits(pop)
     hof_rows = jnp.asarray(rng.permutation(30)[:3])
     lin = lineage(state, key=jax.random.key(seed))
@@ -353,8 +354,8 @@ def test_an_unknown_nonlinearity_with_zeros_looks_at_the_activations():
 
 
 def test_live_unit_counts_are_exact_signed_sums():
-  h = jnp.asarray(np.random.default_rng(0).normal(size=(20, 9)) * (
-      np.random.default_rng(1).random((20, 9)) < 0.5), jnp.float32)
+  h = host_f32(np.random.default_rng(0).normal(size=(20, 9)) * (
+      np.random.default_rng(1).random((20, 9)) < 0.5))
   arr = I.arrays(h, jnp.ones((9, 2)), jnp.zeros(2), jnp.zeros(20, jnp.int32))
   weights = jnp.asarray(np.random.default_rng(2).integers(-1, 2, (5, 9)), jnp.int8)
   out = I._product(weights, arr.w, arr.ht, arr.live)   # pylint: disable=protected-access

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import as_users_compile
+from conftest import as_users_compile, host_f32
 import jaxprune
 from jaxprune import ga
 # The GA module is jaxprune.ga.mask_search (jaxprune.ga.search is the function).
@@ -209,9 +209,9 @@ def test_readout_bias_of_any_shape_scores_as_the_function(case, incremental):
   outgoing weights zeroed does."""
   shape, scale, fn = _READOUT_BIASES[case]
   rng = np.random.default_rng(0)
-  params = {"w1": jnp.asarray(rng.normal(size=(6, 10)), jnp.float32), "b1": jnp.zeros(10),
-            "w2": jnp.asarray(rng.normal(size=(10, 4)), jnp.float32),
-            "b2": jnp.asarray(scale * rng.normal(size=shape), jnp.float32)}
+  params = {"w1": host_f32(rng.normal(size=(6, 10))), "b1": jnp.zeros(10),
+            "w2": host_f32(rng.normal(size=(10, 4))),
+            "b2": host_f32(scale * rng.normal(size=shape))}
   x = jax.random.normal(jax.random.key(0), (60, 6))
   y = jnp.arange(60) % 4
   t = jaxprune.trace(fn, params, x)
@@ -234,8 +234,8 @@ def test_a_term_computed_from_the_readout_kernel_or_the_inputs_takes_the_general
   zeroed, so one that depends on the inputs (a skip connection) is left to the general path.
   (One computed from the readout kernel, ``+ w2.sum(0)``, makes the trace refuse the group.)"""
   rng = np.random.default_rng(0)
-  params = {"w1": jnp.asarray(rng.normal(size=(6, 10)), jnp.float32), "b1": jnp.zeros(10),
-            "w2": jnp.asarray(rng.normal(size=(10, 4)), jnp.float32), "b2": jnp.zeros(4)}
+  params = {"w1": host_f32(rng.normal(size=(6, 10))), "b1": jnp.zeros(10),
+            "w2": host_f32(rng.normal(size=(10, 4))), "b2": jnp.zeros(4)}
   x = jax.random.normal(jax.random.key(0), (60, 6))
   for fn in (lambda p, x: _tanh_hidden(p, x) + p["b2"] + x[:, :4],
              lambda p, x: _tanh_hidden(p, x) + x[:, :4] + p["b2"]):
@@ -662,7 +662,7 @@ def test_progress_displays_are_per_run(capsys):
   assert all(l.endswith("s left)") for l in a_lines[1:]), a_lines
   # A search's display names its group.
   model = jaxprune.MLP(in_features=3, hidden=(4,), out_features=2)
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+  x = host_f32(np.random.default_rng(0).normal(size=(8, 3)))
   ga.search(model, model.init(jax.random.key(0)), x, jnp.arange(8) % 2, "hidden_0",
             key=jax.random.key(1), config=ga.GAConfig(population_size=8, generations=2))
   err = capsys.readouterr().err
@@ -687,7 +687,7 @@ def test_sample_weight_padding_gives_the_unpadded_search(trained, result):
     np.testing.assert_allclose(padded.history.best, ref.history.best, rtol=1e-6)
     np.testing.assert_array_equal(padded.history.best_kept, ref.history.best_kept)
   # Fractional weights: the result's accuracy is the weighted mean of the best mask's hits.
-  wf = jnp.asarray(np.random.default_rng(1).uniform(0.1, 1.0, size=x.shape[0]), jnp.float32)
+  wf = host_f32(np.random.default_rng(1).uniform(0.1, 1.0, size=x.shape[0]))
   res = ga.search(model, params, x, y, "hidden_0", key=jax.random.key(7), config=CFG,
                   fitness="accuracy", progress=False, sample_weight=wf)
   m = jaxprune.expand(params, model, {"hidden_0": res.mask})
@@ -914,7 +914,7 @@ def test_eq5_does_not_overflow_for_large_lam(trained):
     want = -np.float64(np.float32(lam)) * np.asarray(kept) / 12
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=1e-6)
-  acc = jnp.asarray(np.random.default_rng(0).uniform(0, 100, 13), jnp.float32)
+  acc = host_f32(np.random.default_rng(0).uniform(0, 100, 13))
   for lam in (0.0, 0.7, 10.0, 123.456, 1e19):
     got = jax.jit(lambda a, l: ga.penalized(a, jnp.arange(13), 12, l, "ratio"))(acc, lam)
     want = jax.jit(lambda a, l: a - l * jnp.arange(13).astype(jnp.float32) / 12)(acc, lam)
@@ -1010,7 +1010,7 @@ def test_activations_that_overflow_are_refused_not_scored_as_nan_logits():
   name the activations; a padding row of weight 0 that overflows does not count."""
   rng = np.random.default_rng(0)
   scale = np.where(np.arange(40) < 10, 100.0, 0.01)[:, None]   # 10 rows overflow
-  x = jnp.asarray(rng.normal(size=(40, 4)) * scale, jnp.float32)
+  x = host_f32(rng.normal(size=(40, 4)) * scale)
   y = jnp.asarray(rng.integers(0, 3, 40))
   model = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3, activation="relu")
   p = model.init(jax.random.key(0))

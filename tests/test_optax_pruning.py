@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxprune
-from conftest import linen_batch_norm_mlp, nnx_sigmoid_mlp
+from conftest import host_f32, linen_batch_norm_mlp, nnx_sigmoid_mlp
 from jaxprune import optax_pruning as op
 
 
@@ -933,7 +933,7 @@ def test_traced_sparsity_outside_0_1_prunes_nothing_and_flags_the_params():
   """Under vmap a sparsity of 1.0 or 1.5 removed every weight (and -0.5 or NaN none) with no
   sign; now nothing is removed and the pruned leaves come back NaN, like jnp.sqrt(-1.0)."""
   rng = np.random.default_rng(0)
-  params = {"a": {"kernel": jnp.asarray(rng.normal(size=(8, 8)), jnp.float32),
+  params = {"a": {"kernel": host_f32(rng.normal(size=(8, 8))),
                   "bias": jnp.ones(8)}}
   ss = jnp.array([0.5, 1.0, 1.5, -0.5, jnp.nan])
   for fn in (jaxprune.prune_to_sparsity,

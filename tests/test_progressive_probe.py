@@ -9,6 +9,7 @@ import pytest
 
 import jaxprune
 from jaxprune.pruners import progressive_distinctiveness
+from conftest import host_f32
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -113,7 +114,7 @@ def _ae_np(params):
 
 # One Autoencoder 4-6-4 and one training set for every autoencoder case, so each set of options
 # compiles once for the whole file.
-_X = jnp.asarray(np.random.default_rng(1).uniform(size=(16, 4)), jnp.float32)
+_X = host_f32(np.random.default_rng(1).uniform(size=(16, 4)))
 _AE = jaxprune.Autoencoder(in_features=4, hidden=(6,))
 _ae_loss = jax.jit(lambda p: jnp.mean((_AE.apply(p, _X) - _X) ** 2))
 _RUNS = {}
@@ -317,8 +318,8 @@ def test_second_layer_of_a_tanh_mlp_matches_the_reference():
   b1 = b1.at[4].set(b1[1]).at[5].set(-b1[1])
   params = {"params": dict(q, hidden_1={"kernel": k1, "bias": b1})}
   rng = np.random.default_rng(6)
-  x = jnp.asarray(rng.normal(size=(20, 3)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(20, 2)), jnp.float32)
+  x = host_f32(rng.normal(size=(20, 3)))
+  y = host_f32(rng.normal(size=(20, 2)))
   loss = jax.jit(lambda p: jnp.mean((model.apply(p, x) - y) ** 2))
   for options in ({"complementary": True, "compensate": True},):
     _, _, rep = progressive_distinctiveness(model, "hidden_1", loss, **options)(
@@ -354,7 +355,7 @@ def test_other_groups_masks_are_applied():
   applied first: the same trajectory as from params zeroed by hand."""
   model = jaxprune.MLP(in_features=3, hidden=(4, 5), out_features=2, activation="tanh")
   params = model.init(jax.random.key(0))
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(20, 3)), jnp.float32)
+  x = host_f32(np.random.default_rng(0).normal(size=(20, 3)))
   loss = jax.jit(lambda p: jnp.mean(model.apply(p, x) ** 2))
   masks = {"hidden_0": jnp.asarray([True, False, True, True]), "hidden_1": jnp.ones(5, bool)}
   q = params["params"]
@@ -481,7 +482,7 @@ def test_conv_channels_match_the_reference():
   b0 = b0.at[2].set(b0[0]).at[1].set(0.4)
   params = {"params": dict(q, conv_0={"kernel": k0, "bias": b0})}
   rng = np.random.default_rng(9)
-  x = jnp.asarray(rng.normal(size=(3, 59, 59, 1)), jnp.float32)
+  x = host_f32(rng.normal(size=(3, 59, 59, 1)))
   loss = jax.jit(lambda p: jnp.mean(cnn.apply(p, x) ** 2))
   _, _, rep = progressive_distinctiveness(cnn, "conv_0", loss)(
       params, jaxprune.unit_masks_ones(cnn), x)
@@ -506,7 +507,7 @@ def test_several_inputs_get_a_clear_error_and_the_workaround_works():
   element with a sequence' came out of the data check. Now a TypeError names the fix, and the
   fix (one input, split inside the function) gives the trajectory of the two-input network."""
   rng = np.random.default_rng(10)
-  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  f = lambda *shape: host_f32(rng.normal(size=shape))
   p = {"w1": f(3, 5), "w2": f(2, 5), "b1": f(5), "wo": f(5, 2), "bo": f(2)}
   x1, x2 = f(10, 3), f(10, 2)
 

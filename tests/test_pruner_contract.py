@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 import jaxprune
+from conftest import host_f32
 
 MODEL = jaxprune.MLP(in_features=4, hidden=(8,), out_features=3, activation="tanh")
 RNG = np.random.default_rng(0)
-PARAMS = jax.tree.map(lambda a: jnp.asarray(RNG.normal(size=a.shape), jnp.float32),
+PARAMS = jax.tree.map(lambda a: host_f32(RNG.normal(size=a.shape)),
                       MODEL.init(jax.random.key(0)))
-X = jnp.asarray(RNG.normal(size=(30, 4)), jnp.float32)
+X = host_f32(RNG.normal(size=(30, 4)))
 ACTS = MODEL.activations(PARAMS, X, "hidden_0")
 _LOSS = lambda p: jnp.mean(MODEL.apply(p, X) ** 2)
 

@@ -10,6 +10,7 @@ import jaxprune
 from jaxprune.pruners import (importance_prune, importance_scores, iterative_importance,
                               magnitude_prune, random_prune)
 from jaxprune.pruners import magnitude as magnitude_lib
+from conftest import host_f32
 
 
 def _ref_magnitude(leaves, masks, fraction, scope):
@@ -71,7 +72,7 @@ def test_random_prune_counts_uniform_reproducible_and_blind_to_magnitudes():
   np.testing.assert_allclose([float((~ms["a"]).mean()), float((~ms["b"]).mean())], 0.5, atol=0.11)
   # The same key gives the same mask whatever the weights; only kept weights are removed.
   rng = np.random.default_rng(1)
-  w = {"a": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)}
+  w = {"a": host_f32(rng.normal(size=(4, 5)))}
   pre = {"a": jnp.asarray(rng.random((4, 5)) < 0.5)}
   m1 = random_prune(w, pre, 0.5, key=jax.random.key(3))[1]["a"]
   m2 = random_prune(jax.tree.map(lambda a: 100 * a + 1, w), pre, 0.5, key=jax.random.key(3))[1]["a"]

@@ -8,6 +8,7 @@ import pytest
 import jaxprune
 from jaxprune.models.mlp import MLP
 from jaxprune.pruners.redundancy import group_redundancy
+from conftest import host_f32
 
 
 def test_planted_linear_combination_is_exact():
@@ -102,8 +103,8 @@ def test_sample_weight_padding_gives_the_unpadded_fits():
   b = b.at[4].set(2 * b[0] - b[1] + 0.5).at[5].set(b[2] + b[3] - 1.0)
   params["params"]["hidden_0"] = dict(kernel=k, bias=b)
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(40, 6)), jnp.float32)
-  pad = jnp.concatenate([x, jnp.asarray(rng.normal(size=(15, 6)) * 9, jnp.float32)])
+  x = host_f32(rng.normal(size=(40, 6)))
+  pad = jnp.concatenate([x, host_f32(rng.normal(size=(15, 6)) * 9)])
   w = np.r_[np.ones(40), np.zeros(15)].astype(np.float32)
   acts, acts_p = (model.activations(params, d, "hidden_0") for d in (x, pad))
   prune = group_redundancy(model, "hidden_0")

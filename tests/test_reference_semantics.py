@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import host_f32
 import jaxprune
 from jaxprune import ga
 from jaxprune.pruners import (distinctiveness, importance_prune, importance_scores,
@@ -729,8 +730,8 @@ def test_importance_of_huge_and_tiny_weights_and_the_plain_formula_s_bits():
     assert np.asarray(rep.removed)[1:int(rep.count)].tolist() == [1, 2]
   rng = np.random.default_rng(3)
   for _ in range(5):
-    p["params"]["hidden_0"]["kernel"] = jnp.asarray(
-        rng.normal(size=(4, 3)) * 10.0 ** rng.integers(-3, 4, size=3), jnp.float32)
+    p["params"]["hidden_0"]["kernel"] = host_f32(
+        rng.normal(size=(4, 3)) * 10.0 ** rng.integers(-3, 4, size=3))
     plain = jnp.sqrt(jnp.mean(p["params"]["hidden_0"]["kernel"] ** 2, axis=0))
     np.testing.assert_array_equal(importance_scores(p, model, "hidden_0"), plain)
 

@@ -18,6 +18,7 @@ from experiments import _cnn_finetune as ft
 from experiments import kernel_importance as ki
 from experiments import lottery_ticket as lt
 from experiments import similarity_bounds as sb
+from conftest import host_f32
 
 
 # ----------------------------------------------------------------------------- lottery_ticket
@@ -29,7 +30,7 @@ def test_lottery_prune_and_rewind_against_numpy():
   rewound weights are the initial ones where kept and 0 where pruned; random pruning removes
   the same counts."""
   rng = np.random.default_rng(0)
-  trained = {"a": {"kernel": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+  trained = {"a": {"kernel": host_f32(rng.normal(size=(4, 5))),
                    "bias": jnp.ones(5)},
              "b": {"kernel": jnp.full((5, 3), 0.5, jnp.float32).at[0, 0].set(-2.0),  # ties
                    "bias": jnp.zeros(3)}}

@@ -11,13 +11,13 @@ from flax import nnx
 import jaxprune
 from jaxprune import ga
 from jaxprune import units
-from conftest import linen_batch_norm_mlp, nnx_as_function, nnx_sigmoid_mlp
+from conftest import host_f32, linen_batch_norm_mlp, nnx_as_function, nnx_sigmoid_mlp
 
 RNG = np.random.default_rng(0)
 
 
 def _randn(*shape, scale=1.0):
-  return jnp.asarray(scale * RNG.standard_normal(shape), jnp.float32)
+  return host_f32(scale * RNG.standard_normal(shape))
 
 
 def _perturb(tree, scale=0.1):
@@ -25,7 +25,8 @@ def _perturb(tree, scale=0.1):
   float32 (the same values as jnp's): eager jnp ops would compile a program per leaf shape."""
   def one(path, a):
     a = np.asarray(a) + np.asarray(_randn(*a.shape, scale=scale))
-    return jnp.asarray(np.abs(a) + np.float32(0.5) if "var" in jax.tree_util.keystr(path) else a)
+    return jax.device_put(np.abs(a) + np.float32(0.5) if "var" in jax.tree_util.keystr(path)
+                          else a)
   return jax.tree_util.tree_map_with_path(one, tree)
 
 

@@ -28,12 +28,13 @@ import pytest
 
 import jaxprune
 from jaxprune import units
+from conftest import host_f32
 
 R = np.random.default_rng(0)
 
 
 def _arr(*shape, scale=0.5):
-  return jnp.asarray(R.normal(size=shape) * scale, jnp.float32)
+  return host_f32(R.normal(size=shape) * scale)
 
 
 def _perturbed(variables):
@@ -343,7 +344,7 @@ def _gat(p, inputs):
 
 
 def test_graph_convolution_and_graph_attention():
-  adj = jnp.asarray(R.random((5, GN, GN)) < 0.4, jnp.float32) + jnp.eye(GN)
+  adj = host_f32(R.random((5, GN, GN)) < 0.4) + jnp.eye(GN)
   adj = adj / adj.sum(-1, keepdims=True)
   inputs = (adj, _arr(5, GN, GFI, scale=1.0))
   p = {k: _arr(*s) for k, s in dict(w1=(GFI, 12), b1=(12,), w2=(12, 9), b2=(9,), w3=(9, 2),
@@ -626,11 +627,11 @@ def test_a_tile_that_repeats_the_units_keeps_them_out_of_every_group():
   does): that layer is refused, with the reason named, while a tile of size-1 axes (above) is
   followed as a broadcast."""
   r = np.random.default_rng(0)
-  p = {"w1": jnp.asarray(r.normal(size=(3, 4)), jnp.float32),
-       "w2": jnp.asarray(r.normal(size=(8, 2)), jnp.float32),
-       "v1": jnp.asarray(r.normal(size=(3, 4)), jnp.float32),
-       "v2": jnp.asarray(r.normal(size=(4, 2)), jnp.float32)}
-  x = jnp.asarray(r.normal(size=(5, 3)), jnp.float32)
+  p = {"w1": host_f32(r.normal(size=(3, 4))),
+       "w2": host_f32(r.normal(size=(8, 2))),
+       "v1": host_f32(r.normal(size=(3, 4))),
+       "v2": host_f32(r.normal(size=(4, 2)))}
+  x = host_f32(r.normal(size=(5, 3)))
 
   def fn(p, x):
     rep = jnp.tile(jnp.tanh(x @ p["w1"]), (1, 2)) @ p["w2"]            # units repeated
@@ -648,11 +649,11 @@ def test_k_max_pooling_over_time_is_followed_and_top_k_over_the_units_is_refused
   """``lax.top_k`` ranks along its last axis: k-max pooling over time (a text CNN's) keeps each
   unit a unit (it was refused as 'not followed'); ranking across the units mixes them."""
   r = np.random.default_rng(1)
-  p = {"w1": jnp.asarray(r.normal(size=(3, 6)), jnp.float32),
-       "w2": jnp.asarray(r.normal(size=(6, 2)), jnp.float32),
-       "v1": jnp.asarray(r.normal(size=(3, 5)), jnp.float32),
-       "v2": jnp.asarray(r.normal(size=(2, 2)), jnp.float32)}
-  x = jnp.asarray(r.normal(size=(4, 7, 3)), jnp.float32)        # (batch, time, features)
+  p = {"w1": host_f32(r.normal(size=(3, 6))),
+       "w2": host_f32(r.normal(size=(6, 2))),
+       "v1": host_f32(r.normal(size=(3, 5))),
+       "v2": host_f32(r.normal(size=(2, 2)))}
+  x = host_f32(r.normal(size=(4, 7, 3)))        # (batch, time, features)
 
   def fn(p, x):
     h = jnp.swapaxes(jnp.tanh(x @ p["w1"]), 1, 2)               # (B, units, T)

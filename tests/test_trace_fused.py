@@ -11,6 +11,7 @@ import pytest
 
 import jaxprune
 from jaxprune import _unfuse
+from conftest import host_f32
 
 H, D, T = 6, 3, 5
 
@@ -99,7 +100,7 @@ def test_a_fused_kernel_written_by_hand_prunes_each_half_as_one_unit(cut):
   jnp.split or by slices y[:, :H], y[:, H:]. Unit i of both halves is one unit; compacting
   equals masking at any batch size."""
   rng = np.random.default_rng(0)
-  p = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in
+  p = {k: host_f32(rng.normal(size=s)) for k, s in
        {"wa": (D, H), "wb": (D, H), "ba": (H,), "bb": (H,), "w2": (H, 2)}.items()}
 
   def fn(p, x):
@@ -107,7 +108,7 @@ def test_a_fused_kernel_written_by_hand_prunes_each_half_as_one_unit(cut):
     a, b = jnp.split(y, 2, axis=-1) if cut == "split" else (y[:, :H], y[:, H:])
     return (a * jax.nn.sigmoid(b)) @ p["w2"]
 
-  x = jnp.asarray(rng.normal(size=(5, D)), jnp.float32)
+  x = host_f32(rng.normal(size=(5, D)))
   t = jaxprune.trace(fn, p, x)
   (g,) = t.groups.values()
   assert {(s.path, s.axis, s.role) for s in g.slices} == {
@@ -117,7 +118,7 @@ def test_a_fused_kernel_written_by_hand_prunes_each_half_as_one_unit(cut):
   masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, {g.name: keep}))
   small, small_t = t.compact(masked, {g.name: keep})
   assert small["wa"].shape == (D, 4) and small["bb"].shape == (4,)
-  for xx in (x, x[:2], jnp.asarray(rng.normal(size=(9, D)), jnp.float32)):
+  for xx in (x, x[:2], host_f32(rng.normal(size=(9, D)))):
     np.testing.assert_allclose(small_t.apply(small, xx), fn(masked, xx), atol=1e-5)
 
 

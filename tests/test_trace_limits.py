@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 import jaxprune
+from conftest import host_f32
 
 _RNG = np.random.default_rng(0)
 
 
 def _arr(*shape, scale=1.0):
-  return jnp.asarray(scale * _RNG.normal(size=shape), jnp.float32)
+  return host_f32(scale * _RNG.normal(size=shape))
 
 
 # ------------------------------------------------------- activations keep non-unit axes whole

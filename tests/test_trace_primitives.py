@@ -13,13 +13,14 @@ import pytest
 from jax import lax
 
 import jaxprune
+from conftest import host_f32
 
 B, T, D, H, O = 4, 5, 3, 6, 2
 BT, BD = (B, T, D), (B, D)
 
 
 def _arr(rng, *shape):
-  return jnp.asarray(rng.normal(size=shape), jnp.float32)
+  return host_f32(rng.normal(size=shape))
 
 
 def _plain(op, shape):

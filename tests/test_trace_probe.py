@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 import jaxprune
+from conftest import host_f32
 
 R = np.random.default_rng(0)
 
 
 def _arr(*shape):
-  return jnp.asarray(R.normal(size=shape), jnp.float32)
+  return host_f32(R.normal(size=shape))
 
 
 def _slices(group):

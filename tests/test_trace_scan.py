@@ -11,13 +11,14 @@ import pytest
 from jax import lax
 
 import jaxprune
+from conftest import host_f32
 
 R = np.random.default_rng(0)
 F, H, C, L = 5, 8, 4, 3
 
 
 def _arr(*shape, scale=1.0):
-  return jnp.asarray(scale * R.normal(size=shape), jnp.float32)
+  return host_f32(scale * R.normal(size=shape))
 
 
 def _masked(target, params, drop):

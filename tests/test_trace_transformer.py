@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import jaxprune
+from conftest import host_f32
 
 D, T, B, E, NH, H, C, L = 16, 8, 32, 16, 2, 24, 5, 2
 DH = E // NH
@@ -130,8 +131,8 @@ def _np_ln_jnp(h, s, b):
 
 
 def _plain_params(rng):
-  f = lambda *s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)
-  b = lambda n: jnp.asarray(0.1 * rng.normal(size=n), jnp.float32)
+  f = lambda *s: host_f32(rng.normal(size=s) / np.sqrt(s[0]))
+  b = lambda n: host_f32(0.1 * rng.normal(size=n))
   return {"ln1_s": 1 + b(D), "ln1_b": b(D), "wqkv": f(D, 3 * E), "bqkv": b(3 * E),
           "wo": f(E, D), "bo": b(D), "ln2_s": 1 + b(D), "ln2_b": b(D),
           "w1": f(D, 2 * H), "b1": b(2 * H), "w2": f(H, D), "b2": b(D)}
@@ -248,13 +249,13 @@ def _make_cases():
                             _nnx_to_ref, _nnx_set_mlp, {"gu": [0]}, {"qkv": [0]})
   rng = np.random.default_rng(5)
   p = {"blocks": [_plain_params(rng) for _ in range(L)],
-       "wh": jnp.asarray(rng.normal(size=(D, C)) / 4, jnp.float32), "bh": jnp.zeros(C)}
+       "wh": host_f32(rng.normal(size=(D, C)) / 4), "bh": jnp.zeros(C)}
   cases["plain_loop"] = Case("plain_loop", plain_loop, p, lambda q: _plain_to_ref(q, False),
                              lambda q, ls: _plain_set_mlp(q, False, ls),
                              {"blocks/0/w1": [0], "blocks/1/w1": [1]},
                              {"blocks/0": [0], "blocks/1": [1]})
   p = {"blocks": jax.tree.map(lambda *a: jnp.stack(a), *[_plain_params(rng) for _ in range(L)]),
-       "wh": jnp.asarray(rng.normal(size=(D, C)) / 4, jnp.float32), "bh": jnp.zeros(C)}
+       "wh": host_f32(rng.normal(size=(D, C)) / 4), "bh": jnp.zeros(C)}
   cases["plain_scan"] = Case("plain_scan", plain_scan, p, lambda q: _plain_to_ref(q, True),
                              lambda q, ls: _plain_set_mlp(q, True, ls), {"blocks/w1": [0, 1]},
                              {"blocks": [0, 1]})
@@ -619,7 +620,7 @@ def test_every_group_at_once_then_again_on_the_small_target(case):
 
 def _glu_params():
   r = np.random.default_rng(0)
-  f = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)
+  f = lambda *s: host_f32(r.normal(size=s))
   p = {"w1": f(6, 16), "b1": f(16), "w2": f(8, 3), "b2": f(3)}
   w1, b1 = np.array(p["w1"]), np.array(p["b1"])
   for c0, c1 in ((0, 1), (8, 9)):           # unit 1's gate and value: twice unit 0's
@@ -669,9 +670,9 @@ def _residual_mlp(bias_inside):
 ])
 def test_bias_added_after_a_residual_sum_is_the_consumers_bias(bias_inside):
   r = np.random.default_rng(1)
-  p = {"w1": jnp.asarray(r.normal(size=(4, 6)), jnp.float32), "b1": jnp.zeros(6),
-       "w2": jnp.asarray(r.normal(size=(6, 4)), jnp.float32), "b2": jnp.zeros(4)}
-  x = jnp.asarray(r.normal(size=(10, 4)), jnp.float32)
+  p = {"w1": host_f32(r.normal(size=(4, 6))), "b1": jnp.zeros(6),
+       "w2": host_f32(r.normal(size=(6, 4))), "b2": jnp.zeros(4)}
+  x = host_f32(r.normal(size=(10, 4)))
   tg = jaxprune.trace(_residual_mlp(bias_inside), p, x)
   consumer, = tg.groups["w1"].consumers
   assert consumer.bias == ("b2",)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 import jaxprune
-from conftest import nnx_as_function, nnx_sigmoid_mlp
+from conftest import host_f32, nnx_as_function, nnx_sigmoid_mlp
 
 R = np.random.default_rng(0)
 
 
 def _arr(*shape):
-  return jnp.asarray(R.normal(size=shape), jnp.float32)
+  return host_f32(R.normal(size=shape))
 
 
 def _compact_equals_masked(target, params, x, fn, drop):
@@ -1187,7 +1187,7 @@ def test_constant_channel_folds_into_a_vector_readout_of_a_flattened_map():
   k[..., 2], kb[2] = 0.0, 0.4                                   # channel 2 is sigmoid(0.4)
   p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
                    {"k": k, "kb": kb, "w": rng.normal(size=80), "b": np.zeros(())})
-  x = jnp.asarray(rng.normal(size=(20, 6, 6, 2)), jnp.float32)
+  x = host_f32(rng.normal(size=(20, 6, 6, 2)))
   t = jaxprune.trace(fn, p, x)
   new, masks, _ = jaxprune.distinctiveness(t, "k")(p, jaxprune.unit_masks_ones(t),
                                                      t.activations(p, x, "k"))
@@ -1505,7 +1505,7 @@ def test_a_per_unit_parameter_after_the_activations_moves_them_or_refuses():
   time before the shift; a layer applied to two inputs read apart), the group reports
   incomplete activations and is refused."""
   rng = np.random.default_rng(0)
-  P = lambda *s: jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32)
+  P = lambda *s: host_f32(rng.normal(size=s) * 0.5)
   x = jax.random.normal(jax.random.key(0), (64, 6))
   p = {"w1": P(6, 5), "b1": P(5), "b3": P(5), "w2": P(5, 3), "b2": P(3)}
 
@@ -1589,7 +1589,7 @@ def test_weight_normed_kernel_has_activations_and_is_not_read_as_incoming_weight
     w = p["w2"] / jnp.linalg.norm(p["w2"], axis=0, keepdims=True)
     return jnp.tanh(jax.nn.relu(x @ p["w1"] + p["b1"]) @ w + p["b2"]) @ p["w3"] + p["b3"]
   rng = np.random.default_rng(0)
-  P = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  P = lambda *s: host_f32(rng.normal(size=s))
   p = {"w1": P(5, 8), "b1": P(8), "w2": P(8, 6), "b2": P(6), "w3": P(6, 3), "b3": P(3)}
   x = P(64, 5)
   t = jaxprune.trace(repro, p, x)
@@ -1617,7 +1617,7 @@ def test_weight_normed_duplicates_are_merged_from_activations():
   weights (the same normed kernel) and its bias; distinctiveness merges it, and the result is
   the network without unit 3 whose outgoing row went to unit 1 (a NumPy forward pass)."""
   rng = np.random.default_rng(0)
-  P = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  P = lambda *s: host_f32(rng.normal(size=s))
   p = {"w1": P(5, 8), "b1": P(8), "w2": P(8, 6), "b2": P(6), "w3": P(6, 3), "b3": P(3)}
   x = P(64, 5)
   t = jaxprune.trace(_weight_normed_mlp, p, x)
@@ -1728,7 +1728,7 @@ def test_a_kernel_times_a_constant_is_read_as_a_kernel():
     return g @ p["w2"][keep] + b2, g
 
   rng = np.random.default_rng(1)
-  P = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  P = lambda *s: host_f32(rng.normal(size=s))
   p = {"w1": P(5, 7), "b1": P(7), "w2": P(7, 3), "b2": P(3)}
   x = P(64, 5)
   t = jaxprune.trace(scaled, p, x)
@@ -1761,7 +1761,7 @@ def test_a_gated_unit_is_tagged_other_not_linear():
     return (jax.nn.silu(x @ p["w1"] + p["b1"]) * (x @ p["w3"] + p["b3"])) @ p["w2"] + p["b2"]
 
   rng = np.random.default_rng(2)
-  P = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  P = lambda *s: host_f32(rng.normal(size=s))
   p = {"w1": P(5, 6), "b1": P(6), "w3": P(5, 6), "b3": P(6), "w2": P(6, 3), "b2": P(3)}
   x = P(64, 5)
   t = jaxprune.trace(swiglu, p, x)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jaxprune
+from conftest import host_f32
 
 C = 8                      # ConvNeXt / MobileNet residual channels
 D, HT, HC = 8, 12, 16      # Mixer: channels, token-MLP and channel-MLP hidden units
@@ -95,9 +96,9 @@ def _nnx():
   rng = np.random.default_rng(1)
   for bn, n in (("bn1", 8), ("bn2", 12)):
     for leaf in ("mean", "bias"):
-      p[bn][leaf] = jnp.asarray(rng.normal(size=n), jnp.float32)
-    p[bn]["var"] = jnp.asarray(rng.uniform(0.5, 2.0, size=n), jnp.float32)
-    p[bn]["scale"] = jnp.asarray(rng.uniform(0.5, 1.5, size=n), jnp.float32)
+      p[bn][leaf] = host_f32(rng.normal(size=n))
+    p[bn]["var"] = host_f32(rng.uniform(0.5, 2.0, size=n))
+    p[bn]["scale"] = host_f32(rng.uniform(0.5, 1.5, size=n))
 
   def apply(params, x):
     s = jax.tree.map(lambda a: a, state)

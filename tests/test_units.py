@@ -8,6 +8,7 @@ import pytest
 import jaxprune
 from jaxprune import units
 from jaxprune.units import Slice, UnitGroup
+from conftest import host_f32
 
 pytestmark = pytest.mark.usefixtures("strict_rank")
 
@@ -184,7 +185,7 @@ def test_bias_contribution_with_outputs_first_and_a_scalar_bias():
   """A declared OIHW consumer (outputs first) with an (O,) bias takes the contribution summed
   over its window; a scalar bias cannot take a contribution with several outputs."""
   import jax.numpy as jnp
-  k = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 2, 2)), jnp.float32)
+  k = host_f32(np.random.default_rng(0).normal(size=(3, 4, 2, 2)))
   s = units.Slice(("k",), axis=1, role="consumer", bias=("b",))
   c = jnp.array([0.0, 1.0, 0.0, 0.0])
   got = units.bias_contribution(c, units.unit_view(k, s), (3,), s, k)
