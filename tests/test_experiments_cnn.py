@@ -27,8 +27,10 @@ from experiments import training_time_distinctiveness as ttd
 
 PVD, LT, TTD, KI = ("percentile_vs_distinctiveness", "lottery_ticket",
                     "training_time_distinctiveness", "kernel_importance")
+# The training-time study on 4 images per class and 3 epochs (its quick run: 6 and 4): the same
+# one check per fold (after epoch 2), 4.5 s against 5.9 s with its programs compiled.
 CONFIGS = {PVD: (pvd, pvd.Config.quick(angles=(45.0, 85.0))), LT: (lt, lt.Config.quick()),
-           TTD: (ttd, ttd.Config.quick(max_per_class=4)), KI: (ki, ki.Config.quick())}
+           TTD: (ttd, ttd.Config.quick(max_per_class=4, epochs=3)), KI: (ki, ki.Config.quick())}
 
 
 @pytest.fixture(scope="module")
