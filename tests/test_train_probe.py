@@ -21,7 +21,6 @@ import optax
 import pytest
 
 import jaxprune
-from conftest import host_f32
 
 MODEL = jaxprune.MLP(in_features=4, hidden=(6,), out_features=3)
 RNG = np.random.default_rng(0)
@@ -245,7 +244,7 @@ def test_fit_refuses_stacked_params_that_an_apply_function_would_broadcast():
   (3,)", which points at neither the params nor fit_many."""
   apply = lambda p, x: x @ p["w"]
   loss = lambda out, y: jnp.mean((out - y) ** 2, axis=-1)
-  w = host_f32(RNG.normal(size=(3, 4, 2)))
+  w = jnp.asarray(RNG.normal(size=(3, 4, 2)), jnp.float32)
   y = RNG.normal(size=(13, 2)).astype(np.float32)
   with pytest.raises(ValueError, match=r"fit: the params look stacked.*of 3"):
     jaxprune.fit(apply, {"w": w}, X, y, key=jax.random.key(0), epochs=1, loss=loss,
