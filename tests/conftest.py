@@ -269,7 +269,8 @@ def host_f32(a) -> jax.Array:
   With jax 0.10 on CPU, ``jnp.asarray(a, jnp.float32)`` of a float64 NumPy array compiles a
   ``convert_element_type`` program for each new shape, and ``jnp.asarray`` of a float32 one an
   identity ``stage`` program; ``jax.device_put`` of the cast array compiles none and gives the
-  same bits (NumPy and XLA both round float64 to the nearest float32, ties to even)."""
+  same bits (NumPy and XLA both round float64 to the nearest float32, ties to even). The library
+  moves host arrays the same way for the same reason (``train._device``, ``masks.host_built``)."""
   return jax.device_put(np.asarray(a, np.float32))
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import host_f32
 from jaxprune.ga import operators as ops
 
 # Jitted once per module: eager op-by-op dispatch in loops would dominate the test time.
@@ -18,7 +19,7 @@ update_hall_of_fame = jax.jit(ops.update_hall_of_fame)
 
 
 def test_tournament_picks_best_of_its_sample():
-  fit = jnp.asarray(np.random.default_rng(0).permutation(20).astype(np.float32))
+  fit = host_f32(np.random.default_rng(0).permutation(20))
   # Hand case: draws 0.0, 0.5, 0.99 are contestants 0, 10, 19.
   u = jnp.asarray([0.0, 0.5, 0.99])
   want = [0, 10, 19][int(np.argmax(np.asarray(fit)[[0, 10, 19]]))]

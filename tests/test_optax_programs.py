@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 import jaxprune
-from conftest import FRESH_COUNTER, count_programs, run_fresh
+from conftest import FRESH_COUNTER, count_programs, host_f32, run_fresh
 
 def _count(fn):
   with count_programs() as n:
@@ -23,8 +23,7 @@ def _count(fn):
 
 def _params(seed, shapes):
   rng = np.random.default_rng(seed)
-  return {f"l{i}": {"kernel": jax.device_put(rng.standard_normal(s).astype(np.float32)),
-                    "bias": jax.device_put(np.zeros(s[-1], np.float32))}
+  return {f"l{i}": {"kernel": host_f32(rng.standard_normal(s)), "bias": host_f32(np.zeros(s[-1]))}
           for i, s in enumerate(shapes)}
 
 
