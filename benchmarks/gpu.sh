@@ -9,9 +9,17 @@
 # tests failed on an H200, 29 on float32 tolerances). Each step has its own time limit, so
 # that one slow step leaves the others their time; logs go to $OUT (or ./gpu-logs). Run from
 # the repository root: bash benchmarks/gpu.sh [STEP ...], where the steps are parts
-# (benchmarks/ga_parts.py), ga, train, redundancy and tests; no argument runs them all.
+# (benchmarks/ga_parts.py), ga, train, redundancy and tests; no argument runs them all. It stops
+# at once where JAX sees no GPU (ALLOW_CPU=1 runs the steps on the CPU anyway, to try them).
 set -u
-steps=${*:-parts ga train redundancy tests}
+all_steps="parts ga train redundancy tests"
+case " $* " in *" -h "*|*" --help "*)
+  sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0;; esac
+for s in "$@"; do
+  [[ " $all_steps " == *" $s "* ]] || {
+    echo "gpu.sh: unknown step '$s'; the steps are: $all_steps (none: all of them)" >&2; exit 2; }
+done
+steps=${*:-$all_steps}
 out=${OUT:-gpu-logs}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -24,6 +32,12 @@ step() {  # step NAME SECONDS COMMAND...
 }
 (nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())") 2>&1 \
   | tee "$out/env.txt"
+if [[ "${ALLOW_CPU:-0}" != 1 ]] && ! python3 -c \
+    "import sys, jax; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then
+  echo "gpu.sh: JAX sees no GPU here, and these are the GPU checks; run it where one is lent" \
+       "(ALLOW_CPU=1 runs the steps on the CPU anyway)." >&2
+  exit 1
+fi
 step parts 90 python3 benchmarks/ga_parts.py --hidden 1000 --population 100
 step ga 200 python3 benchmarks/ga.py --hidden 1000 --repeats 3 \
   --populations 100,1000,10000,100000
