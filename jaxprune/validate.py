@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
+import weakref
 from typing import Any
 
 import jax
@@ -365,13 +367,52 @@ def _targets_of(name: str) -> str:
   return "y" if name == "x" else f"{name}'s"
 
 
+# model -> {the abstract params and input row: the abstract outputs}; see _outputs.
+_OUTPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_OUTPUTS_LOCK = threading.Lock()
+_OUTPUTS_PER_MODEL = 64
+
+
+def _abstract_key(params: PyTree, spec: jax.ShapeDtypeStruct):
+  """What ``jax.eval_shape(model.apply, params, spec)`` depends on besides the model: the tree
+  structure, each leaf's shape, dtype and weak type, the input row and x64. None when a leaf is
+  not an array (then nothing is cached)."""
+  leaves, treedef = jax.tree.flatten(params)
+  if not all(isinstance(l, (np.ndarray, jax.Array)) for l in leaves):
+    return None
+  avals = tuple((l.shape, l.dtype, bool(getattr(l, "weak_type", False))) for l in leaves)
+  return treedef, avals, spec.shape, spec.dtype, bool(jax.config.jax_enable_x64)
+
+
 def _outputs(model, params: PyTree, x):
   """The shape and dtype of the model's outputs for one sample shaped like a row of ``x``
-  (no computation)."""
+  (no computation). Tracing the model for it cost about 5 ms per call of ``evaluate`` or
+  ``fit`` on a small MLP, most of a warm ``evaluate``; so the result is kept per model (held
+  weakly: a model that is garbage collected takes its entries along) and per abstract params
+  and input row, as ``jax.jit`` keeps its traces. A model that cannot be hashed or weakly
+  referenced is traced every time."""
   dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype  # token ids stay integers
   dtype = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
-  return jax.eval_shape(model.apply, params,
-                        jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), dtype))
+  spec = jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), dtype)
+  key = _abstract_key(params, spec)
+  try:
+    with _OUTPUTS_LOCK:
+      known = _OUTPUTS.get(model) if key is not None else None
+      if known is not None and key in known:
+        return known[key]
+  except TypeError:       # an unhashable model (or params structure): trace it every time
+    key = None
+  out = jax.eval_shape(model.apply, params, spec)
+  if key is not None:
+    try:
+      with _OUTPUTS_LOCK:
+        known = _OUTPUTS.setdefault(model, {})
+        if len(known) >= _OUTPUTS_PER_MODEL:
+          known.clear()
+        known[key] = out
+    except TypeError:     # not weakly referenceable
+      pass
+  return out
 
 
 def output_shape(model, params: PyTree, x) -> tuple | None:
