@@ -375,13 +375,16 @@ _OUTPUTS_PER_MODEL = 64
 
 def _abstract_key(params: PyTree, spec: jax.ShapeDtypeStruct):
   """What ``jax.eval_shape(model.apply, params, spec)`` depends on besides the model: the tree
-  structure, each leaf's shape, dtype and weak type, the input row and x64. None when a leaf is
-  not an array (then nothing is cached)."""
+  structure, each leaf's shape, dtype and weak type, the input row, and the settings that
+  change what tracing gives or refuses (x64, dtype and rank promotion). None when a leaf is not
+  an array (then nothing is cached)."""
   leaves, treedef = jax.tree.flatten(params)
   if not all(isinstance(l, (np.ndarray, jax.Array)) for l in leaves):
     return None
   avals = tuple((l.shape, l.dtype, bool(getattr(l, "weak_type", False))) for l in leaves)
-  return treedef, avals, spec.shape, spec.dtype, bool(jax.config.jax_enable_x64)
+  settings = (bool(jax.config.jax_enable_x64), str(jax.config.jax_numpy_dtype_promotion),
+              str(jax.config.jax_numpy_rank_promotion))
+  return treedef, avals, spec.shape, spec.dtype, settings
 
 
 def _outputs(model, params: PyTree, x):
@@ -389,19 +392,22 @@ def _outputs(model, params: PyTree, x):
   (no computation). Tracing the model for it cost about 5 ms per call of ``evaluate`` or
   ``fit`` on a small MLP, most of a warm ``evaluate``; so the result is kept per model (held
   weakly: a model that is garbage collected takes its entries along) and per abstract params
-  and input row, as ``jax.jit`` keeps its traces. A model that cannot be hashed or weakly
-  referenced is traced every time."""
+  and input row, as ``jax.jit`` keeps its traces: a model's equality must cover what its
+  ``apply`` depends on, as for the library's compiled programs, which are kept per model too.
+  A model that cannot be hashed, compared or weakly referenced is traced every time."""
   dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype  # token ids stay integers
   dtype = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
   spec = jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), dtype)
   key = _abstract_key(params, spec)
   try:
+    if key is not None:
+      hash(key)           # params whose structure cannot be hashed: TypeError
     with _OUTPUTS_LOCK:
       known = _OUTPUTS.get(model) if key is not None else None
       if known is not None and key in known:
         return known[key]
-  except TypeError:       # an unhashable model (or params structure): trace it every time
-    key = None
+  except (TypeError, ValueError):  # a model that cannot be hashed, compared (an __eq__ giving
+    key = None                      # an array) or weakly referenced: traced every time
   out = jax.eval_shape(model.apply, params, spec)
   if key is not None:
     try:
@@ -410,7 +416,7 @@ def _outputs(model, params: PyTree, x):
         if len(known) >= _OUTPUTS_PER_MODEL:
           known.clear()
         known[key] = out
-    except TypeError:     # not weakly referenceable
+    except (TypeError, ValueError):   # as above
       pass
   return out
 

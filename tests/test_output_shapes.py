@@ -74,6 +74,58 @@ def test_the_answer_follows_the_params_and_the_input_row():
   assert len(TRACES) == n + 2      # another input row, and float16 params: traced
 
 
+@dataclasses.dataclass(frozen=True)
+class Widen:
+  """Outputs as wide as the input row times the number of params leaves."""
+
+  def apply(self, params, x):
+    return jax.numpy.concatenate([x * l for l in jax.tree.leaves(params)], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ByName:
+  """Reads "a" where the params have it, else "d": params of the same leaves in another
+  structure give other outputs."""
+
+  def apply(self, params, x):
+    return x @ (params["a"] if "a" in params else params["d"])
+
+
+def test_the_input_row_and_the_params_structure_are_part_of_the_key():
+  m = Widen()
+  one = {"a": np.ones((), np.float32)}     # arrays: the cache holds only array leaves
+  assert validate.num_outputs(m, one, np.zeros((2, 5), np.float32)) == 5
+  assert validate.num_outputs(m, one, np.zeros((2, 6), np.float32)) == 6
+  assert validate.num_outputs(m, one, np.zeros((3, 5, 4), np.float32)) == 4
+  assert validate.output_shape(m, one, np.zeros((3, 5, 4), np.float32)) == (1, 5, 4)
+  two = {"a": np.ones((), np.float32), "b": np.ones((), np.float32)}
+  assert validate.num_outputs(m, two, np.zeros((2, 5), np.float32)) == 10
+  assert validate.num_outputs(m, [np.ones((), np.float32)] * 3, np.zeros((2, 5), np.float32)) == 15
+  x5 = np.zeros((2, 5), np.float32)
+  w3, w4 = np.zeros((5, 3), np.float32), np.zeros((5, 4), np.float32)
+  by_name = ByName()            # one object: a temporary's entries go with it
+  assert validate.num_outputs(by_name, {"a": w3, "b": w4}, x5) == 3
+  assert validate.num_outputs(by_name, {"c": w3, "d": w4}, x5) == 4   # the same leaves
+
+
+def test_a_model_whose_equality_gives_an_array_is_traced_every_time():
+  class EqArray:
+    def __init__(self):
+      self.v = np.arange(3)
+
+    def __hash__(self):
+      return 0
+
+    def __eq__(self, other):
+      return self.v == other.v
+
+    def apply(self, params, x):
+      return x @ params["w"]
+
+  for o in (3, 4):
+    assert validate.num_outputs(EqArray(), _w(5, o), np.zeros((2, 5), np.float32)) == o
+
+
 def test_an_unhashable_model_is_traced_every_time():
   m = Unhashable()
   n = len(TRACES)
