@@ -100,7 +100,8 @@ def test_the_input_row_and_the_params_structure_are_part_of_the_key():
   assert validate.output_shape(m, one, np.zeros((3, 5, 4), np.float32)) == (1, 5, 4)
   two = {"a": np.ones((), np.float32), "b": np.ones((), np.float32)}
   assert validate.num_outputs(m, two, np.zeros((2, 5), np.float32)) == 10
-  assert validate.num_outputs(m, [np.ones((), np.float32)] * 3, np.zeros((2, 5), np.float32)) == 15
+  three = [np.ones((), np.float32)] * 3
+  assert validate.num_outputs(m, three, np.zeros((2, 5), np.float32)) == 15
   x5 = np.zeros((2, 5), np.float32)
   w3, w4 = np.zeros((5, 3), np.float32), np.zeros((5, 4), np.float32)
   by_name = ByName()            # one object: a temporary's entries go with it
@@ -122,8 +123,9 @@ def test_a_model_whose_equality_gives_an_array_is_traced_every_time():
     def apply(self, params, x):
       return x @ params["w"]
 
-  for o in (3, 4):
-    assert validate.num_outputs(EqArray(), _w(5, o), np.zeros((2, 5), np.float32)) == o
+  a, b = EqArray(), EqArray()    # both alive: the second's lookup compares it with the first
+  assert validate.num_outputs(a, _w(5, 3), np.zeros((2, 5), np.float32)) == 3
+  assert validate.num_outputs(b, _w(5, 4), np.zeros((2, 5), np.float32)) == 4
 
 
 def test_an_unhashable_model_is_traced_every_time():
