@@ -118,9 +118,13 @@ def variants(config, fit, data, hyper, num_units):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--hidden", type=int, default=1000)
-  parser.add_argument("--population", type=int, default=100)
-  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--hidden", type=int, default=1000,
+                      help="hidden units H of the trained 10-H-7 MLP (default 1000)")
+  parser.add_argument("--population", type=int, default=100,
+                      help="individuals per generation (default 100, the published setting)")
+  parser.add_argument("--repeats", type=int, default=7,
+                      help="timed runs of each row, in turns; each row reports its best "
+                           "(default 7)")
   args = parser.parse_args()
   x, y = B.make_data()
   h = args.hidden

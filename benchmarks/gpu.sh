@@ -30,7 +30,8 @@ step() {  # step NAME SECONDS COMMAND...
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
 }
-(nvidia-smi -L; python3 -c "import jax; print(jax.__version__, jax.devices())") 2>&1 \
+( (command -v nvidia-smi >/dev/null && nvidia-smi -L) || echo "nvidia-smi: not found"
+  python3 -c "import jax; print(jax.__version__, jax.devices())") 2>&1 \
   | tee "$out/env.txt"
 if [[ "${ALLOW_CPU:-0}" != 1 ]] && ! python3 -c \
     "import sys, jax; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then
