@@ -333,13 +333,6 @@ def _one_run(tree) -> PyTree:
   return jax.tree.map(lambda l: jax.ShapeDtypeStruct(np.shape(l)[1:], dtype(l)), tree)
 
 
-def _batch_spec(x) -> jax.ShapeDtypeStruct:
-  """One sample shaped like a row of ``x``, as a batch of 1 (floating inputs as float32)."""
-  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-  dtype = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
-  return jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), dtype)
-
-
 def _runs_one_sample(model: Model, params, spec) -> bool:
   """Whether ``model.apply(params, spec)`` traces (shapes only, nothing computed) to outputs
   with the batch axis of ``spec`` (1) leading every output array."""
@@ -360,7 +353,7 @@ def _check_not_stacked(fn: str, model: Model, params, x) -> None:
   lead = _leading_sizes(params)
   if len(lead) != 1 or None in lead:
     return   # the common case: leaves of different leading sizes cannot be stacked runs
-  spec = _batch_spec(x)
+  spec = validate.batch_spec(x)
   if _runs_one_sample(model, params, spec) or not _runs_one_sample(model, _one_run(params), spec):
     return
   runs = next(iter(lead))

@@ -367,6 +367,14 @@ def _targets_of(name: str) -> str:
   return "y" if name == "x" else f"{name}'s"
 
 
+def batch_spec(x) -> jax.ShapeDtypeStruct:
+  """One sample shaped like a row of ``x``, as a batch of 1 (floating inputs as float32, token
+  ids kept integers): what the shape-only traces of a model run on."""
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+  dtype = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
+  return jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), dtype)
+
+
 # model -> {the abstract params and input row: the abstract outputs}; see _outputs.
 _OUTPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _OUTPUTS_LOCK = threading.Lock()
@@ -395,9 +403,7 @@ def _outputs(model, params: PyTree, x):
   and input row, as ``jax.jit`` keeps its traces: a model's equality must cover what its
   ``apply`` depends on, as for the library's compiled programs, which are kept per model too.
   A model that cannot be hashed, compared or weakly referenced is traced every time."""
-  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype  # token ids stay integers
-  dtype = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
-  spec = jax.ShapeDtypeStruct((1,) + tuple(np.shape(x)[1:]), dtype)
+  spec = batch_spec(x)
   key = _abstract_key(params, spec)
   try:
     if key is not None:
