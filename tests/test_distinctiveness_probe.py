@@ -257,14 +257,51 @@ def test_vectors_too_long_for_float32_norms_merge_nothing(tanh_model):
   assert bool(rep.invalid)
 
 
-def test_pairwise_angles_has_no_angle_for_overflowing_rows():
-  """Two rows at 90 degrees scaled past float32's sum-of-squares range used to read 0 degrees."""
+def test_pairwise_angles_of_rows_too_long_or_too_short_for_float32_squares():
+  """Two rows at 60 degrees scaled past float32's sum-of-squares range used to read 0 degrees
+  (entries of 1e20: the norms overflowed), then NaN; rows of entries near 1e-20 (their squares
+  flush to zero) read NaN, as zero rows. Each row is now scaled by a power of two first, so both
+  give the angles of the rows at unit scale, bit for bit; inf rows and zero rows have none."""
   v = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]], np.float32)
-  np.testing.assert_allclose(pairwise_angles(v)[0, 1], 60.0, atol=1e-3)   # the reference
-  big = v * np.array([[1e20], [1e20], [1.0]], np.float32)
-  a = np.asarray(pairwise_angles(big))
+  ref = np.asarray(pairwise_angles(v))
+  np.testing.assert_allclose(ref[0, 1], 60.0, atol=1e-3)   # the reference
+  for scale in (2.0 ** 70, 2.0 ** -70, 2.0 ** 120, 2.0 ** -120):   # exact in float32
+    s = v * np.array([[scale], [scale], [1.0]], np.float32)
+    np.testing.assert_array_equal(np.asarray(pairwise_angles(s)), ref)
+  for scale in (1e20, 1e-20):            # not powers of two: the rows' bits change slightly
+    s = (v * np.array([[scale], [scale], [1.0]])).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(pairwise_angles(s)), ref, atol=0.05)
+  bad = v.copy()
+  bad[0, 0], bad[1] = np.inf, 0.0
+  a = np.asarray(pairwise_angles(bad))
   assert np.isnan(a[:2]).all() and np.isnan(a[:, :2]).all()
   np.testing.assert_allclose(a[2, 2], 0.0)
+
+
+def test_vectors_of_tiny_entries_have_their_angle_in_the_sweep():
+  """A unit whose activations (or incoming weights) are a tiny multiple of another's: their
+  float32 squares flush to zero, so the unit had no angle (at 1e-20) or a wrong one (3.9
+  degrees at 1e-19) and was never merged. Scaled by powers of two it is a duplicate (0
+  degrees), merged like one at unit scale."""
+  model = jaxprune.MLP(in_features=5, hidden=(3,), out_features=2, activation="linear")
+  params = model.init(jax.random.key(0))
+  um = jaxprune.unit_masks_ones(model)
+  base = np.array([1.0, 2.0, -1.0, 3.0, 0.5, 1.5], np.float32)
+  other = np.array([0.0, 1.0, 4.0, 0.0, 2.0, 0.0], np.float32)
+  prune = distinctiveness(model, "hidden_0", constants=False)
+  for scale in (2.0 ** -66, 2.0 ** -70, 2.0 ** -100):
+    acts = np.stack([base, base * np.float32(scale), other], 1)
+    _, m, rep = prune(params, um, acts, 5.0, 175.0)
+    np.testing.assert_array_equal(np.asarray(m["hidden_0"]), [True, False, True])
+    assert int(rep.count) == 1 and int(rep.kind[0]) == 1 and float(rep.angle[0]) == 0.0
+  k = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+  k[:, 1] = k[:, 0] * np.float32(2.0 ** -70)
+  wparams = jax.tree.map(np.array, params)
+  wparams["params"]["hidden_0"]["kernel"] = k
+  _, m, rep = weight_distinctiveness(model, "hidden_0", source="incoming", constants=False)(
+      wparams, um, 5.0, 175.0, 0.0)
+  np.testing.assert_array_equal(np.asarray(m["hidden_0"]), [True, False, True])
+  assert float(rep.angle[0]) == 0.0
 
 
 @pytest.mark.parametrize("source", ["activations", "weights"])

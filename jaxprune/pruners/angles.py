@@ -20,23 +20,26 @@ PyTree = Any
 
 @jax.jit
 def pairwise_angles(vectors: jax.Array) -> jax.Array:
-  """Angles in degrees between the rows of ``vectors`` (units, dim); NaN for zero rows (and
-  rows too long for a float32 norm, entries of about 1e19 and more).
+  """Angles in degrees between the rows of ``vectors`` (units, dim); NaN for zero rows and
+  rows holding inf or NaN.
 
-  Stable everywhere: rows are normalised, and the angle is
-  ``2 * atan2(|u - v|, |u + v|)`` with the squared norms taken from the Gram matrix, so exact
-  duplicates give exactly 0 and exact opposites exactly 180 on CPU (a GPU's matmul sums the
-  Gram matrix's entries in other orders: an H200 gave 0.028 degrees for a duplicate).
+  Stable everywhere: each row is first scaled by the power of two that brings its largest
+  entry to [0.5, 1) (exact, so rows of 1e-20 or 1e30 have the angles of the same rows at unit
+  scale, where a float32 sum of squares would underflow or overflow), rows are normalised, and
+  the angle is ``2 * atan2(|u - v|, |u + v|)`` with the squared norms taken from the Gram
+  matrix, so exact duplicates give exactly 0 and exact opposites exactly 180 on CPU (a GPU's
+  matmul sums the Gram matrix's entries in other orders: an H200 gave 0.028 degrees for a
+  duplicate).
   """
   v = jnp.asarray(vectors, jnp.float32)
   if v.ndim != 2:  # checked while tracing: free at run time
     raise ValueError(f"pairwise_angles takes a 2-D (units, dim) array, one row per unit; got "
                      f"shape {v.shape}. Stack the units' vectors as rows (for activations "
                      "(N, units), pass their transpose).")
-  n = jnp.linalg.norm(v, axis=1)
-  # no angle for a zero row, nor for one too long for a float32 norm (entries ~1e19 and up: it
-  # would normalise to zero and read as a duplicate of every other such row)
-  zero = (n == 0) | jnp.isinf(n)
+  # no angle for a zero row (one of subnormal entries only reads as zero: XLA flushes them),
+  # nor for one holding inf or NaN
+  top = jnp.max(jnp.abs(v), axis=1)
+  zero = ~(top >= jnp.finfo(jnp.float32).tiny) | jnp.isinf(top)
   ang = _angle_matrix(*_gram(v))
   return jnp.where(zero[:, None] | zero[None, :], jnp.nan, ang)
 
@@ -71,8 +74,22 @@ def _angle_matrix(g, d):
   return jnp.where(idx[:, None] < idx[None, :], ang, ang.T)
 
 
+def _scaled_rows(v):
+  """Each row of v times the power of two that brings its largest |entry| to [0.5, 1).
+
+  Exact (a power of two), so the normalised rows keep their bits wherever the plain sum of
+  squares neither underflows nor overflows, and rows of entries near 1e-20 or 1e19 and more,
+  whose float32 squares would flush to zero or overflow to inf, normalise like the same rows
+  at unit scale. Zero rows stay zero; rows holding inf or NaN stay so."""
+  top = jnp.max(jnp.abs(v), axis=1, keepdims=True)
+  _, e = jnp.frexp(top)
+  # rows of subnormal entries only are left as they are (they read as zero rows)
+  return jnp.ldexp(v, jnp.where(top >= jnp.finfo(v.dtype).tiny, -e, 0))
+
+
 def _gram(v):
   """Gram matrix of the normalised rows of v, and its diagonal."""
+  v = _scaled_rows(v)
   n = jnp.linalg.norm(v, axis=1)
   u = v / jnp.where(n > 0, n, 1.0)[:, None]
   g = jnp.matmul(u, u.T, precision=jax.lax.Precision.HIGHEST)
@@ -95,6 +112,7 @@ def _blocked_gram(v, block: int = GRAM_BLOCK):
   the ``p`` real patterns, in an order that depends on ``p`` (it did on a GPU).
   """
   h, p = v.shape
+  v = _scaled_rows(v)   # its row maxima, so the scale, do not change with zero padding
   nb = -(-p // block)
   blocks = jnp.pad(v, ((0, 0), (0, nb * block - p))).reshape(h, nb, block).transpose(1, 0, 2)
   blocks = jax.lax.optimization_barrier(blocks)

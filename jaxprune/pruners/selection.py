@@ -331,13 +331,16 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   # A vector too long for a float32 norm (entries ~1e19 and up) would normalise to zero and
   # read as a duplicate of every other such vector: refuse it rather than merge them all.
   bad = bad | jnp.any(jnp.isinf(norm))
+  # A vector has an angle when it has a normal entry: a tiny one (entries near 1e-20, whose
+  # squares flush to zero) has one too, the Gram matrix scales each vector first.
+  has_angle = jnp.max(jnp.abs(vecs), axis=1) >= jnp.finfo(f32).tiny
   g, d = _blocked_gram(vecs) if blocked else _gram(vecs)
   idx = jnp.arange(h, dtype=jnp.int32)
   # One symmetric angle matrix (the upper triangle mirrored, so both units of a pair see the
   # same float32 angle), computed once and shared by every threshold under vmap.
   ang = _angle_matrix(g, d)
   const = active & is_const & ~bad & use_const
-  ok = active & ~const & (norm > 0)
+  ok = active & ~const & has_angle
   n_const = jnp.sum(const, dtype=jnp.int32)
 
   p_first, p_second, p_kind, p_angle = _ordered_pairs(
