@@ -324,6 +324,7 @@ class _Walker:
     self.uses: dict[tuple[int, int], _Use] = {}
     self.tied: set[tuple[int, int]] = set()     # (leaf, axis) both producer and consumer
     self.first_use: dict[int, tuple] = {}      # leaf -> (kind, path) of its first arithmetic use
+    self.equal_parts: set = set()              # outputs of a cut into equal parts (_equal_parts)
     self.users: dict[Any, list] = {}           # var -> [(path, eqn)] in its own jaxpr
     self.producer_of: dict[Any, tuple] = {}    # var -> (path, eqn) that computes it
     self.invar_atoms: list = []
@@ -415,6 +416,13 @@ class _Walker:
       flipped = set(eqn.params["dimensions"])
       self.origin[eqn.outvars[0]] = (leaf, tuple(None if d in flipped else a
                                                  for d, a in enumerate(amap)))
+      return
+    if name in ("slice", "split") and srcs[0][0] == 0 and all(
+        v in self.equal_parts for v in eqn.outvars):
+      # A param cut into equal parts (a fused kernel's gate and value, w[:, :H] and w[:, H:]):
+      # unit i of every part is one atom of the leaf's axis, so each part reads that axis.
+      for v in eqn.outvars:
+        self.origin[v] = self.origin[eqn.invars[0]]
       return
     if name in ("dynamic_slice", "slice") and srcs[0][0] == 0 and all(
         isinstance(w, jex.core.Literal) or w not in self.stream for w in eqn.invars[1:]):
@@ -843,6 +851,7 @@ class _Walker:
         if start % n == 0 and size % n == 0:
           parts = self._equal_parts(x, eqn.invars[0].aval.shape, d, [n] * (size // n))
           if parts is not None:
+            self.equal_parts.update(eqn.outvars)
             return [parts]
       if name == "pad":
         changed |= {d for d, (lo, hi, interior) in enumerate(eqn.params["padding_config"])
@@ -874,6 +883,7 @@ class _Walker:
       d = eqn.params["axis"]
       parts = self._equal_parts(ins[0], eqn.invars[0].aval.shape, d, eqn.params["sizes"])
       if parts is not None:
+        self.equal_parts.update(eqn.outvars)
         return [parts] * len(eqn.params["sizes"])
       for a in ins[0][d]:
         A.block(a, "split by split")

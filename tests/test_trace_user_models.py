@@ -1849,6 +1849,65 @@ def test_fused_glu_unit_i_owns_columns_i_and_h_plus_i(fn):
                              atol=1e-5)
 
 
+def _glu_param_split(p, x):    # the kernel cut before the product: w1, w2 = jnp.split(w, 2, 1)
+  wg, wu = jnp.split(p["wi"], 2, axis=1)
+  bg, bu = jnp.split(p["bi"], 2)
+  return (jax.nn.silu(x @ wg + bg) * (x @ wu + bu)) @ p["wo"] + p["bo"]
+
+
+def _glu_param_sliced(p, x):   # the same, by slicing the params
+  n = p["wi"].shape[1] // 2
+  g = x @ p["wi"][:, :n] + p["bi"][:n]
+  return (jax.nn.silu(g) * (x @ p["wi"][:, n:] + p["bi"][n:])) @ p["wo"] + p["bo"]
+
+
+@pytest.mark.parametrize("fn", [_glu_param_split, _glu_param_sliced], ids=["split", "slices"])
+def test_a_kernel_cut_into_equal_parts_before_its_products_is_a_kernel(fn):
+  """The fused GLU kernel cut before the products (x @ w[:, :H], x @ w[:, H:]) was grouped
+  right but labelled a statistic ('stat'), so importance_prune and weight_distinctiveness
+  refused the group and activations found no contraction. It is the kernel it is when cut
+  after the product: the same slices, activations, scores and masks as _glu_split."""
+  p, x = _glu_params(), _arr(16, 5)
+  t, ref = jaxprune.trace(fn, p, x), jaxprune.trace(_glu_split, p, x)
+  assert list(t.groups) == ["wi"] and t.activations_complete("wi")
+  assert t.groups["wi"].slices == ref.groups["wi"].slices
+  np.testing.assert_allclose(t.activations(p, x, "wi"), ref.activations(p, x, "wi"),
+                             rtol=1e-5, atol=1e-6)
+  um = jaxprune.unit_masks_ones(t)
+  scores = jaxprune.importance_scores(p, t, "wi")
+  np.testing.assert_array_equal(scores, jaxprune.importance_scores(p, ref, "wi"))
+  w = np.asarray(p["wi"])
+  np.testing.assert_allclose(scores, np.sqrt(np.mean(np.concatenate([w[:, :6], w[:, 6:]]) ** 2,
+                                                     axis=0)), rtol=1e-6)
+  _, m, _ = jaxprune.importance_prune(t, "wi")(p, um, 2)
+  np.testing.assert_array_equal(m["wi"], np.argsort(np.argsort(scores)) >= 2)
+  _compact_equals_masked(t, p, x, fn, {"wi": [1, 4]})
+
+
+def test_two_layers_from_halves_of_one_param_prune_by_weights_not_by_activations():
+  """Each half of one param the kernel of its own layer (tanh(x @ w[:, :H]) and
+  relu(x @ w[:, H:]), read by their own consumers): unit i is column i of both halves. Its
+  kernel is a kernel (importance runs); its activations are two values, so pruners from
+  activations refuse the group rather than read the first layer's alone."""
+  def halves(p, x):
+    return (jnp.tanh(x @ p["w"][:, :4]) @ p["a"] + jax.nn.relu(x @ p["w"][:, 4:]) @ p["c"]
+            + p["bo"])
+  p = {"w": _arr(5, 8), "a": _arr(4, 2), "c": _arr(4, 2), "bo": _arr(2)}
+  x = _arr(16, 5)
+  t = jaxprune.trace(halves, p, x)
+  assert {(s.path, s.role, s.kind) for s in t.groups["w"].slices} == {
+      (("w",), "producer", "kernel"), (("a",), "consumer", "kernel"),
+      (("c",), "consumer", "kernel")}
+  w = np.asarray(p["w"])
+  np.testing.assert_allclose(jaxprune.importance_scores(p, t, "w"),
+                             np.sqrt(np.mean(np.concatenate([w[:, :4], w[:, 4:]]) ** 2, axis=0)),
+                             rtol=1e-6)
+  assert not t.activations_complete("w")
+  with pytest.raises(ValueError, match="consumers read other values than the activations"):
+    jaxprune.distinctiveness(t, "w")(p, jaxprune.unit_masks_ones(t), t.activations(p, x, "w"))
+  _compact_equals_masked(t, p, x, halves, {"w": [0, 3]})
+
+
 def test_fused_glu_duplicate_unit_is_merged_exactly():
   """Unit 4 a copy of unit 1 (gate and value columns, biases): distinctiveness merges it into
   unit 1 (its outgoing row added to unit 1's) and the outputs do not move."""
