@@ -26,6 +26,7 @@ A binary's tail::
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import shlex
@@ -101,8 +102,9 @@ def check_workdir_outside_data(workdir: str, data: str | None, data_path: str | 
 
 def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
   """Wraps a binary's ``main`` so that a usage error (:func:`fail`) prints one line and a hint to
-  run ``--help`` (exit status 2) instead of absl's page of flag help before the message, and
-  Ctrl-C prints how to resume (exit status 130) instead of a traceback."""
+  run ``--help`` (exit status 2) instead of absl's page of flag help before the message, a
+  file the run may not write or read, or a full disk, one line naming the path (exit status
+  1), and Ctrl-C prints how to resume (exit status 130) instead of a traceback."""
   def wrapped(argv):
     try:
       return main(argv)
@@ -110,11 +112,36 @@ def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Seq
       print(f"Error: {e}\nRun {_program(argv)} --help to see the flags.", file=sys.stderr,
             flush=True)
       sys.exit(2)
+    except OSError as e:
+      if not (isinstance(e, PermissionError) or e.errno in _DISK_ERRNOS):
+        raise
+      print(f"Error: {_os_error_line(e)}", file=sys.stderr, flush=True)
+      sys.exit(1)
     except KeyboardInterrupt:
       print("\nInterrupted. Every step that finished is saved in the workdir; run the same "
             "command again to resume from them.", file=sys.stderr, flush=True)
       sys.exit(130)
   return wrapped
+
+
+# A read-only file system, a full disk or quota: the machine's state, not a bug (one line).
+_DISK_ERRNOS = frozenset((errno.EROFS, errno.ENOSPC, errno.EDQUOT))
+
+
+def _os_error_line(e: OSError) -> str:
+  """One line for a file the run may not write or read, or a disk that is full: the path (the
+  final one of a rename, a temporary file's folder), what the system said, and the fix."""
+  from experiments import _store  # pylint: disable=g-import-not-at-top (it imports this module)
+  where = _store.error_path(e)
+  what = e.strerror or str(e)
+  shown = f" on {where!r}" if where is not None else ""
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    fix = "Free disk space there (or raise the quota), or pass a --workdir on another disk."
+  else:
+    fix = ("Make it writable (or readable) for this user, or pass another --workdir (or "
+           "--data_path, if it is your data).")
+  return (f"{what}{shown}. {fix} Every step that finished is saved; run the same command again "
+          "to resume from them.")
 
 
 def _program(argv: Sequence[str]) -> str:

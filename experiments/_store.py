@@ -382,7 +382,7 @@ class Study:
     check_workdir_outside_data(workdir, self.settings.get("data"),
                                self.settings.get("data_path"), name)
     self.dir = os.path.join(workdir, name)
-    blocker = _not_a_folder(self.dir)
+    blocker = not_a_folder(self.dir)
     if blocker is not None:
       fail(f"Cannot use the work folder {self.dir!r}: {blocker!r} is a file, not a folder. "
            "Pass a writable --workdir (a folder, or a path that does not exist yet), or move that "
@@ -408,12 +408,12 @@ class Study:
       os.makedirs(self.cache_dir, exist_ok=True)
       self._acquire_locks()
       self._clean_leftovers()
-    except OSError as e:
+      write_json(os.path.join(self.cache_dir, "settings.json"),
+                 {**self.settings, **({"_data": self.data} if self.data else {})})
+    except OSError as e:   # (a cache folder this user may not write, as well)
       self.release()
       _folder_damaged(self.dir, e)
     _STUDY_DIRS[os.path.abspath(self.dir)] = self
-    write_json(os.path.join(self.cache_dir, "settings.json"),
-               {**self.settings, **({"_data": self.data} if self.data else {})})
     self.resumed = 0
     self._start = time.time()
     self._prior_seconds = self._read_seconds()
@@ -701,7 +701,7 @@ class Study:
       self._finish()
 
 
-def _not_a_folder(path: str) -> str | None:
+def not_a_folder(path: str) -> str | None:
   """The first existing part of ``path`` (``~`` expanded) that is not a folder, or None."""
   part = os.path.abspath(os.path.expanduser(path))
   parts = []
@@ -719,16 +719,28 @@ def _not_a_folder(path: str) -> str | None:
   return None
 
 
+def error_path(error: OSError) -> str | None:
+  """The path an OSError is about: a rename's target, and an atomic write's temporary file
+  shown as its folder (its name means nothing to the user)."""
+  where = error.filename2 or error.filename
+  if where is None:
+    return None
+  where = os.fsdecode(where) if isinstance(where, bytes) else str(where)
+  if os.path.basename(where).startswith(TMP_PREFIX):
+    return os.path.dirname(where)
+  return where
+
+
 def _folder_damaged(folder: str, error: OSError) -> None:
   """Stops with one line naming what in a study folder cannot be used, and the fix."""
-  where = str(error.filename or folder)
+  where = error_path(error) or folder
   restart = (f"Move it away, or delete {folder!r} to start the study again (or pass another "
              "--workdir).")
   if isinstance(error, IsADirectoryError):
     fail(f"Cannot use the work folder {folder!r}: {where!r} is a folder, where the study keeps "
          f"a file. {restart}")
   if isinstance(error, (NotADirectoryError, FileExistsError)):
-    fail(f"Cannot use the work folder {folder!r}: {_not_a_folder(where) or where!r} is a file, "
+    fail(f"Cannot use the work folder {folder!r}: {not_a_folder(where) or where!r} is a file, "
          f"where the study keeps a folder. {restart}")
   what = error.strerror or str(error)
   if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):

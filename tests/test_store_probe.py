@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from absl import app
 
+from experiments import _flags
 from experiments import _store
 
 DATA = {"name": "demo", "version": "1", "sha256": "0" * 64}
@@ -172,6 +173,57 @@ def test_a_step_file_that_is_a_folder_fails_in_one_line(tmp_path):
   with pytest.raises(app.UsageError, match=re.escape(
       f"'{s.cache_file('step', '.json')}' is a folder, where the study keeps a file")):
     s.cached("step", lambda: 1)
+
+
+def test_a_cache_folder_this_user_may_not_write_fails_in_one_line(tmp_path, monkeypatch):
+  """A finished run's cache folder made unwritable (another user's, a read-only copy): the
+  lock file still opened, so the settings' write was the first to fail, with a traceback
+  through atomic_write_bytes naming its temporary file. One line now names the folder."""
+  s = _study(tmp_path)
+  cache = s.cache_dir
+  s.release()
+  real = _store.tempfile.mkstemp
+  def mkstemp(*args, dir=None, **kwargs):  # pylint: disable=redefined-builtin
+    if os.path.samefile(dir, cache):
+      raise PermissionError(errno.EACCES, "Permission denied",
+                            os.path.join(dir, f"{_store.TMP_PREFIX}1-xsettings.json"))
+    return real(*args, dir=dir, **kwargs)
+  monkeypatch.setattr(_store.tempfile, "mkstemp", mkstemp)
+  with pytest.raises(app.UsageError) as e:
+    _study(tmp_path)
+  assert str(e.value) == (
+      f"Cannot use the work folder {os.path.dirname(os.path.dirname(cache))!r}: {cache!r} "
+      "(Permission denied). Check its permissions and free space, or pass another --workdir.")
+  assert not _store._Lock._held  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("error, line", [
+    (PermissionError(errno.EPERM, "Operation not permitted", f"/w/s/{_store.TMP_PREFIX}7-xR.md",
+                     None, "/w/s/REPORT.md"),
+     "Error: Operation not permitted on '/w/s/REPORT.md'. Make it writable (or readable) for "
+     "this user, or pass another --workdir (or --data_path, if it is your data)."),
+    (OSError(errno.ENOSPC, "No space left on device", f"/w/s/cache/{_store.TMP_PREFIX}7-xa.npz"),
+     "Error: No space left on device on '/w/s/cache'. Free disk space there (or raise the "
+     "quota), or pass a --workdir on another disk."),
+    (PermissionError(errno.EACCES, "Permission denied"),
+     "Error: Permission denied. Make it writable"),
+])
+def test_a_file_the_run_may_not_write_or_a_full_disk_is_one_line(capsys, error, line):
+  """Past the start's checks (REPORT.md another user's, at the end of a run; a disk that fills
+  up) such errors printed a traceback. One line names the path (a rename's target; a
+  temporary file's folder), exit status 1; other OSErrors stay tracebacks (bugs)."""
+  def main(argv):
+    raise error
+  with pytest.raises(SystemExit) as e:
+    _flags.one_line_usage_errors(main)(["prog"])
+  assert e.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(line), err
+  assert err[0].endswith("run the same command again to resume from them.")
+  def other(argv):
+    raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/w/x")
+  with pytest.raises(FileNotFoundError):
+    _flags.one_line_usage_errors(other)(["prog"])
 
 
 def test_a_file_system_without_locks_fails_in_one_line(tmp_path, monkeypatch):
