@@ -122,7 +122,10 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
       if np.ndim(v) != 1:
         raise ValueError(f"Unit mask {k!r} has shape {tuple(np.shape(v))}; a unit mask is a "
                          "vector with one bool per unit of its group.")
-      units_lib.bool_unit_mask(v, k, np)   # a check: bool, or integer 0/1 (not float scores)
+    # bool, or integer 0/1 saved as the bool mask it means (it loaded back as int32); float
+    # scores refused
+    unit_masks = {k: v if np.dtype(v.dtype) == np.bool_ else units_lib.bool_unit_mask(v, k, np)
+                  for k, v in unit_masks.items()}
   if target is not None and unit_masks:
     masks_lib.check_unit_masks(target, unit_masks, allow_empty=True)
   # through a link ('latest' -> 'step_N'): replace its target

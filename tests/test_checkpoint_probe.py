@@ -118,6 +118,22 @@ def test_unit_masks_of_float_scores_are_refused_without_a_target(tmp_path):
   assert _leftovers(tmp_path) == []
 
 
+def test_integer_unit_masks_of_0_and_1_load_back_as_the_bool_masks_they_mean(tmp_path):
+  """Save accepts integer 0/1 unit masks (as every unit-mask function does), but they loaded
+  back as int32 vectors, which other code reads as indices or counts."""
+  params = {"w": jnp.ones(3)}
+  jaxprune.save_checkpoint(str(tmp_path / "c"), params,
+                           unit_masks={"g": np.array([1, 0, 1], np.int32),
+                                       "h": jnp.array([0, 1], jnp.uint8),
+                                       "b": jnp.array([True, False])})
+  _, _, units = jaxprune.load_checkpoint(str(tmp_path / "c"), params, with_unit_masks=True)
+  for k, want in (("g", [True, False, True]), ("h", [False, True]), ("b", [True, False])):
+    assert units[k].dtype == np.bool_, (k, units[k].dtype)
+    np.testing.assert_array_equal(units[k], want)
+  with pytest.raises(ValueError, match="may hold only 0 and 1"):
+    jaxprune.save_checkpoint(str(tmp_path / "d"), params, unit_masks={"g": np.array([2, 0])})
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.int32, jnp.uint8, np.bool_])
 def test_leaves_of_every_dtype_round_trip_exactly(tmp_path, dtype):
   params = {"w": jnp.arange(6).reshape(2, 3).astype(dtype), "s": jnp.asarray(3).astype(dtype)}
