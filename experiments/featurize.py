@@ -127,6 +127,9 @@ def _check_output(path: str, data_path: str | None = None) -> str:
   if not path.lower().endswith(".csv"):
     _flags.fail(f"--out={path}: the output is a CSV file; give it the .csv suffix.")
   folder = os.path.dirname(path)
+  blocker = _store.not_a_folder(folder)
+  if blocker is not None:
+    _flags.fail(f"--out={path}: {blocker} is a file, not a folder; pass an --out in a folder.")
   if not os.path.isdir(folder):
     _flags.fail(f"--out={path}: the folder {folder} does not exist; create it first.")
   probe = os.path.join(folder, f".featurize-write-test-{os.getpid()}")
@@ -266,8 +269,11 @@ def run(data_path: str, out: str, *, config: features_lib.DescriptorConfig =
     logging.warning("%s", stretch)
   print(f"Read {len(ds)} images in {time.time() - start:.1f} s; describing them (LPQ, PHOG) in "
         f"batches of {batch_size} ...", flush=True)
-  x, info = features_lib.extract_features(ds.x[..., 0], config, batch_size=batch_size,
-                                          progress=_Progress(time.time()))
+  try:
+    x, info = features_lib.extract_features(ds.x[..., 0], config, batch_size=batch_size,
+                                            progress=_Progress(time.time()))
+  except ValueError as e:   # the PCA's: identical frames, too few images for the components
+    _flags.fail(f"--data_path={data_path}: {e}")
   names = [os.path.basename(n) for n in ds.info["names"]]
   _store.write_text(out, _csv_text(names, ds.y, x))
   seconds = time.time() - start

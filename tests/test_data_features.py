@@ -210,6 +210,19 @@ def test_extract_features_needs_enough_images():
     features.extract_features(np.random.default_rng(0).random((3, 16, 16)).astype(np.float32))
 
 
+def test_identical_images_have_no_principal_components_to_fit():
+  """Identical frames (all black): scikit-learn's PCA divided 0 by 0, so every feature was 0 and
+  the explained variance NaN, without a word. One image that differs is enough."""
+  with pytest.raises(ValueError, match=r"All 6 images have the same descriptor \(identical "
+                     "frames"):
+    features.extract_features(np.zeros((6, 16, 16), np.float32))
+  descriptors = np.ones((6, 4))
+  with pytest.raises(ValueError, match="same descriptor"):
+    features.fit_pca(descriptors, 2)
+  descriptors[3, 1] = 2.0
+  assert features.fit_pca(descriptors, 2).explained_variance_ratio_[0] == 1.0
+
+
 def test_describe_reports_progress_after_every_batch():
   images = np.random.default_rng(0).random((11, 16, 16), dtype=np.float32)
   calls = []

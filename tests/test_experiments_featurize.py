@@ -105,6 +105,9 @@ def test_unwritable_output_fails_before_reading_any_image(tmp_path):
     _run(missing, tmp_path / "no" / "SFEW.csv")
   with pytest.raises(app.UsageError, match="is a folder"):
     _run(missing, tmp_path)
+  (tmp_path / "afile").write_text("")   # a file where a folder of the path belongs
+  with pytest.raises(app.UsageError, match=f"{tmp_path / 'afile'} is a file, not a folder"):
+    _run(missing, tmp_path / "afile" / "sub" / "SFEW.csv")
   locked = tmp_path / "locked"
   locked.mkdir()
   locked.chmod(0o500)
@@ -171,6 +174,21 @@ def test_impossible_descriptor_settings_fail_before_reading_any_image(tmp_path):
   with pytest.raises(app.UsageError, match=r"--size=6,20 is too small"):
     _run(missing, out, size=(6, 20))
   assert not out.exists()
+
+
+def test_identical_frames_stop_in_one_line_and_write_nothing(tmp_path):
+  """Every frame alike (all black): the run wrote all-zero features and a report of NaN
+  explained variances, and said nothing."""
+  root = tmp_path / "SFEW"
+  for k, folder in enumerate(FOLDERS):
+    (root / folder).mkdir(parents=True)
+    for j in range(2):
+      Image.fromarray(np.zeros((30, 26), np.uint8)).save(
+          root / folder / f"Movie{k}_{j:09d}_{k + 1:08d}.png")
+  with pytest.raises(app.UsageError, match=f"--data_path={root}: All 14 images have the same "
+                     "descriptor"):
+    _run(root, tmp_path / "SFEW.csv")
+  assert not (tmp_path / "SFEW.csv").exists()
 
 
 def test_output_inside_a_class_folder_is_refused_before_reading(tmp_path):

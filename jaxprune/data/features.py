@@ -395,6 +395,13 @@ def fit_pca(descriptors: np.ndarray, components: int, *, seed: int = 0):
         f" descriptor values; got {descriptors.shape[0]} images of {descriptors.shape[1]}"
         " values"
     )
+  if not np.any(descriptors != descriptors[:1]):
+    # scikit-learn would divide 0 by 0 (explained variance NaN, every feature 0)
+    raise ValueError(
+        f"All {descriptors.shape[0]} images have the same descriptor (identical frames, such as"
+        " all-black ones): there is no variance for principal components to find. Check that"
+        " the images load as intended (open a few), or remove the blank ones."
+    )
   return PCA(n_components=components, random_state=seed).fit(descriptors)
 
 
