@@ -128,6 +128,21 @@ def test_csv_and_xlsx_load_the_same(csv_file, xlsx_file, caplog):
   np.testing.assert_array_equal(from_csv.x, from_xlsx.x)
 
 
+def test_a_formula_without_its_value_is_named_not_read_as_a_missing_cell(tmp_path):
+  """A workbook written by openpyxl or pandas stores formulas without their values: such a
+  cell read as empty, so its row was dropped as 'missing LPQ feature 4' (and a workbook of
+  formulas failed with 'no complete rows'). The cell and the fix are named now; a missing
+  value that is no formula still drops its row."""
+  rows = _rows()
+  rows[2][5] = "=0.5*4"
+  path = write_xlsx(tmp_path / "f.xlsx", rows)
+  with pytest.raises(ValueError, match=r"f.xlsx: cell F4 holds a formula \(=0.5\*4\) but no "
+                     "value: .* Open it in Excel or LibreOffice and save it"):
+    data.load_sfew_features(path)
+  rows[2][5] = 2.0
+  _check_features(data.load_sfew_features(write_xlsx(tmp_path / "g.xlsx", rows)), rows)
+
+
 def test_folder_path_and_dispatch(xlsx_file):
   ds = data.load_sfew_features(xlsx_file.parent)
   assert ds.info["path"].endswith("SFEW.xlsx")

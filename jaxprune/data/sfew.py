@@ -233,7 +233,39 @@ def _read_xlsx(path: Path, sheet: str | None) -> list[list[Any]]:
     # some writers store a wrong one (A1:A1, or fewer rows), and rows or columns outside it
     # would be cut off without a word. Forget it: every row and cell in the file is read.
     sheet_.reset_dimensions()
-    return [list(row) for row in sheet_.iter_rows(values_only=True)]
+    rows = [list(row) for row in sheet_.iter_rows(values_only=True)]
+  finally:
+    book.close()
+  if any(v is None for row in rows for v in row):
+    _check_no_unsaved_formulas(path, chosen, rows)
+  return rows
+
+
+def _check_no_unsaved_formulas(path: Path, sheet: str, rows: list[list[Any]]) -> None:
+  """Refuses a formula whose value the workbook does not hold: a file written by a program
+  that does not compute formulas (openpyxl, pandas) stores none, and such a cell would read
+  as empty (its row dropped as missing a value)."""
+  import openpyxl  # pylint: disable=g-import-not-at-top
+
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", category=UserWarning, module="openpyxl")
+    book = openpyxl.load_workbook(path, read_only=True, data_only=False)
+  try:
+    sheet_ = book[sheet]
+    sheet_.reset_dimensions()
+    for r, row in enumerate(sheet_.iter_rows()):
+      for c, cell in enumerate(row):
+        value = cell.value
+        if r < len(rows) and c < len(rows[r]) and rows[r][c] is not None:
+          continue
+        formula = value if isinstance(value, str) and value.startswith("=") else getattr(
+            value, "text", None)   # an array formula
+        if formula:
+          raise ValueError(
+              f"{path}: cell {cell.coordinate} holds a formula ({formula}) but no value: the "
+              "workbook was saved by a program that does not compute formulas (openpyxl, "
+              "pandas), so the cell would read as empty. Open it in Excel or LibreOffice and "
+              "save it (which stores the values), or export it as CSV.")
   finally:
     book.close()
 
