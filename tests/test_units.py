@@ -202,6 +202,12 @@ def test_a_float_unit_mask_is_refused_naming_its_own_dtype():
   with pytest.raises(ValueError, match="has dtype float64; unit masks must be bool"):
     units.bool_unit_mask(np.array([0.0, 1.0]), "g")   # not 'float32' (JAX's canonical dtype)
   assert units.bool_unit_mask(np.array([0, 1, 1]), "g").tolist() == [False, True, True]
+  # strings and objects: JAX's own "not a valid JAX array type" named no mask
+  for mask, shown in ((np.array(list("101")), "<U1"), (["a", "b"], "<U1"),
+                      (np.array([None, 1], object), "object")):
+    with pytest.raises(ValueError, match=f"Unit mask 'g' has dtype {shown}; unit masks must be "
+                       "bool"):
+      units.bool_unit_mask(mask, "g")
 
 
 def test_unit_masks_as_python_sequences_work_everywhere_compact_takes_them():
