@@ -2083,9 +2083,11 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     if con is not None and len(consumers) == 1 and scope == ():
       c = next(c for c in w.contractions if c.path == consumers[0].where)
       out, readout_extra = _readout_terms(w, c)
+      # (N, units) read by a (units, outputs) kernel: not a conv layer's (N, positions x
+      # channels) flattened, whose rows are positions of a unit
       readout = (not c.conv and c.stream_var is var and c.path[:-1] == () and
-                 len(var.aval.shape) == 2 and any(out is o for o in w.out_vars) and
-                 len(c.kernel_var.aval.shape) == 2)
+                 len(var.aval.shape) == 2 and var.aval.shape[1] == w.atoms.size[root] and
+                 any(out is o for o in w.out_vars) and len(c.kernel_var.aval.shape) == 2)
     # A kernel computed from params (other than one param times a scalar): a unit whose
     # params are zero does not output act(bias) (w / norm(w) is not zero, or is NaN).
     if any(u.computed and u.kind != "kernel" for u in producers):

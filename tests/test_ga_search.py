@@ -248,6 +248,35 @@ def test_a_term_computed_from_the_readout_kernel_or_the_inputs_takes_the_general
     assert t.readout("w1").bias is None   # read from the function, whole
 
 
+def test_conv_channels_read_through_a_flatten_take_the_general_path():
+  """conv -> relu -> flatten -> dense: the dense kernel reads each channel at 16 positions, so
+  its rows are not one per unit. The fast path was taken and failed in dot_general ((80,)
+  against (5,)), with and without incremental fitness; the general path scores it."""
+  rng = np.random.default_rng(0)
+  x = host_f32(rng.normal(size=(40, 4, 4, 1)))
+  y = np.arange(40) % 3
+
+  def fn(p, x):
+    h = jax.nn.relu(jax.lax.conv_general_dilated(
+        x, p["c"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["b"])
+    return h.reshape(h.shape[0], -1) @ p["w"] + p["bd"]
+
+  params = {"c": host_f32(rng.normal(size=(3, 3, 1, 5))), "b": jnp.zeros(5),
+            "w": host_f32(rng.normal(size=(80, 3))), "bd": jnp.zeros(3)}
+  t = jaxprune.trace(fn, params, x[:4])
+  assert t.readout("c") is None and not ga.fast_path_applies(t, "c")
+  cfg = ga.GAConfig(population_size=10, hof_size=2, generations=3)
+  ref = ga.search(t, params, x, y, "c", key=jax.random.key(1), config=cfg, progress=False,
+                  fast_path=False)
+  for incremental in (False, True):
+    res = ga.search(t, params, x, y, "c", key=jax.random.key(1), config=cfg, progress=False,
+                    incremental=incremental)
+    np.testing.assert_array_equal(res.mask, ref.mask)
+    assert float(res.fitness) == float(ref.fitness)
+  masked = jaxprune.apply_masks(params, jaxprune.expand(params, t, {"c": ref.mask}))
+  assert float(ref.accuracy) == pytest.approx(float(np.mean(np.argmax(fn(masked, x), -1) == y)))
+
+
 def test_readout_bias_brings_a_recorded_bias_to_one_value_per_output():
   """A bias leaf recorded on the readout slice is broadcast (one value) or reshaped (C values
   along one axis) to (C,); any other shape is read from the function, pattern by pattern."""
