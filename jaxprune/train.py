@@ -386,16 +386,19 @@ def _device(a, host: np.ndarray | None = None) -> jax.Array:
   return jax.device_put(np.asarray(a) if host is None else host)
 
 
-def _runs_of_inputs(model: Model, x) -> bool:
-  """Whether every slice ``x[r]`` has the shape of a batch of the model's inputs, whatever its
+def _batch_error(model: Model, shape) -> Exception | None:
+  """The model's error for a batch of inputs of ``shape`` (None if it fits), whatever its
   dtype (a dtype the model refuses is a problem of the inputs, not of the run axis)."""
-  if x.ndim < 2:
-    return False
   try:
-    model.check_input(np.broadcast_to(np.zeros((), np.float32), x.shape[1:]))  # no memory
-  except (ValueError, TypeError):
-    return False
-  return True
+    model.check_input(np.broadcast_to(np.zeros((), np.float32), shape))  # no memory
+  except (ValueError, TypeError) as e:
+    return e
+  return None
+
+
+def _runs_of_inputs(model: Model, x) -> bool:
+  """Whether every slice ``x[r]`` has the shape of a batch of the model's inputs."""
+  return x.ndim >= 2 and _batch_error(model, x.shape[1:]) is None
 
 
 def _check_runs(fn: str, model: Model, params, x, y, w, w_name: str, masks, *, x_name="x",
@@ -405,6 +408,11 @@ def _check_runs(fn: str, model: Model, params, x, y, w, w_name: str, masks, *, x
   data (e.g. ``validation x``)."""
   lead = _leading_sizes(params)
   if not _runs_of_inputs(model, x):
+    if x.ndim >= 2 and lead == {x.shape[0]} and _batch_error(model, x.shape) is not None:
+      # the run axis is there (the params' R), each run's inputs do not fit: the model's words
+      raise ValueError(f"{fn}: each run's {x_name}, {x_name}[r] of shape "
+                       f"{tuple(x.shape[1:])}, does not fit the model: "
+                       f"{_batch_error(model, x.shape[1:])}")
     raise ValueError(f"{fn}: {x_name} and {y_name} need a leading run axis (R, N, ...), one "
                      f"slice per run; got {x_name} of shape {tuple(x.shape)}. For one run use "
                      f"x[None], y[None] (or {fn.replace('_many', '')}); stack several with "

@@ -1,6 +1,8 @@
 """The training API that experiments build on: sample-weighted evaluate, evaluate_many (one
 vmapped program against a Python loop of evaluate), and the hook between training chunks."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -151,6 +153,15 @@ def test_error_messages_name_the_problem():
                                          progress=False),
                lambda: jaxprune.evaluate_many(MODEL, PARAMS, X[:2], Y[:2])):
     with pytest.raises(ValueError, match=r"x and y need a leading run axis \(R, N, \.\.\.\)"):
+      call()
+  # The run axis there, each run's inputs too narrow: the model's message, not the run axis.
+  narrow = X[..., :-1]
+  for call in (lambda: jaxprune.evaluate_many(MODEL, PARAMS, narrow, Y),
+               lambda: jaxprune.fit_many(MODEL, PARAMS, narrow, Y, W, key=keys, epochs=1,
+                                         progress=False)):
+    with pytest.raises(ValueError, match=re.escape(
+        f"each run's x, x[r] of shape {narrow.shape[1:]}, does not fit the model: MLP takes a "
+        f"batch of shape (N, {X.shape[-1]}); got {narrow.shape[1:]}")):
       call()
   # Masks without the run axis.
   masks = jaxprune.magnitude_prune(p0, None, 0.5)[1]
