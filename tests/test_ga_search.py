@@ -1005,6 +1005,23 @@ def test_wrongly_typed_settings_are_refused_before_compiling(trained):
 # ----------------------------------------------------------------------------- progress
 
 
+def test_progress_under_vmap_shows_the_best_run_and_the_mean_of_the_runs(capsys):
+  """Under jax.vmap the host callback is called once per run: the lines showed the first run's
+  statistics alone (the others' reports of a generation were dropped as late), where the docs
+  promise the best run's best fitness and the mean of the runs' means."""
+  f = lambda pop, d, h: (pop * jnp.arange(1.0, 8.0)).sum(1)
+  cfg = ga.GAConfig(population_size=6, hof_size=1, generations=4)
+  keys = jax.random.split(jax.random.key(3), 3)
+  _, hist = jax.vmap(lambda k: ga.run(cfg, f, 7, key=k, progress=True))(keys)
+  lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("[GA] gen ")]
+  best, mean = np.asarray(hist.best), np.asarray(hist.mean)
+  assert not np.all(best == best[:1])          # the runs differ: the first alone would show
+  assert [l.split(" best=")[0] for l in lines] == [f"[GA] gen {g}/4" for g in range(5)]
+  for g, line in enumerate(lines):
+    assert f" best={float(best[:, g].max()):.4g} " in line, (line, best[:, g])
+    assert f" mean={float(np.float32(mean[:, g]).mean()):.4g} " in line, (line, mean[:, g])
+
+
 def test_progress_of_zero_generations_and_under_jit(capsys, monkeypatch, caplog):
   """generations=0 showed 'gen 0/1' for its one population; under jit nothing is shown (the
   display lives during the call only), which a warning now says, once."""

@@ -50,6 +50,10 @@ class GAProgress:
   state. A line is printed for generation 0, then about every 5% of the generations and for the
   last one; the clock starts at generation 0's report, so compilation is not counted. Late,
   unordered reports (several devices) are ignored.
+
+  Under ``jax.vmap`` the host callback is called once per run, each generation's reports in a
+  row: a line waits for the next generation's report (or :meth:`flush`, when the run's display
+  closes), so that it shows the best run's best fitness and the mean of the runs' means.
   """
 
   def __init__(self, total: int, desc: str = "GA", enabled: bool = True):
@@ -58,16 +62,29 @@ class GAProgress:
     self.bar.total = self.total       # (Progress counts at least 1 step)
     self.every = max(1, self.total // 20)
     self.last = -1
+    self._pending = None   # (generation, [bests], [means]) of the line not printed yet
 
   def __call__(self, gen, best, mean) -> None:
     gen = int(np.max(gen))
+    if self._pending is not None and gen == self._pending[0]:   # another run of a vmap
+      self._pending[1].append(np.max(best))
+      self._pending[2].append(np.mean(mean))
+      return
     if gen <= self.last:
-      return  # a late, unordered report (multi-device runs)
+      return  # a late, unordered report (multi-device runs), or a vmapped run's, not shown
+    self.flush()
     if self.last < 0:
       self.bar.start = time.time()  # compilation is not counted
     self.last = gen
     if gen == 0 or gen >= self.total or gen % self.every == 0:
-      self.bar.update(gen, best=float(np.max(best)), mean=float(np.mean(mean)))
+      self._pending = (gen, [np.max(best)], [np.mean(mean)])
+
+  def flush(self) -> None:
+    """Prints the line that waits for other runs' reports of its generation, if any."""
+    if self._pending is not None:
+      gen, bests, means = self._pending
+      self._pending = None
+      self.bar.update(gen, best=float(np.max(bests)), mean=float(np.mean(means)))
 
 
 _NOT_SHOWN_WARNED = False
@@ -113,6 +130,7 @@ class _Displays:
     finally:
       with self._lock:
         self._live.pop(token, None)
+      display.flush()
 
   def report(self, token, gen, best, mean) -> None:
     """The host callback: forwards one generation's statistics to the run's display."""
