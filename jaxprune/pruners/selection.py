@@ -333,7 +333,7 @@ def _sweep(vecs, active, is_const, const_val, mean, sim, comp, bad, *, use_simil
   bad = bad | jnp.any(jnp.isinf(norm))
   # A vector has an angle when it has a normal entry: a tiny one (entries near 1e-20, whose
   # squares flush to zero) has one too, the Gram matrix scales each vector first.
-  has_angle = jnp.max(jnp.abs(vecs), axis=1) >= jnp.finfo(f32).tiny
+  has_angle = jnp.max(jnp.abs(vecs), axis=1) >= jnp.finfo(vecs.dtype).tiny
   g, d = _blocked_gram(vecs) if blocked else _gram(vecs)
   idx = jnp.arange(h, dtype=jnp.int32)
   # One symmetric angle matrix (the upper triangle mirrored, so both units of a pair see the
