@@ -3,6 +3,8 @@ documented architectures, hand counts of parameters, the traced unit groups, tor
 state-dict layout; and the errors for bad configurations and bad inputs."""
 
 import dataclasses
+import re
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -413,6 +415,19 @@ def test_load_resnet18_refuses_values_float32_cannot_hold(tmp_path):
   assert k.dtype == jnp.float32
   np.testing.assert_array_equal(k, sd["layer2.1.conv2.weight"].astype(np.float32)
                                 .transpose(2, 3, 1, 0))
+
+
+def test_params_of_other_dense_sizes_name_the_setting_that_sets_them():
+  """CNN4 params of other dense sizes were told to rebuild the model with its input_shape,
+  channels or out_features, never with dense (nor ResNet18's with widths): every setting but
+  the nonlinearity is named."""
+  model = jaxprune.CNN4(input_shape=(64, 64, 1), channels=(2, 2, 2, 2), dense=(6, 5, 4))
+  other = dataclasses.replace(model, dense=(3, 5, 4)).init(jax.random.key(0))
+  with pytest.raises(ValueError, match=re.escape(
+      "the model's is (6,). Pass the params of this model (model.init(key), or the ones it was "
+      "trained with), or build the model with the sizes these params have (its input_shape, "
+      "channels, kernels, strides, paddings, pools, dense, out_features);")):
+    model.apply(other, jnp.ones((1, 64, 64, 1)))
 
 
 @pytest.mark.parametrize("other", [dict(out_features=5), dict(in_features=8)],
