@@ -417,6 +417,21 @@ def test_load_resnet18_refuses_values_float32_cannot_hold(tmp_path):
                                 .transpose(2, 3, 1, 0))
 
 
+def test_params_without_a_layer_of_the_model_name_the_leaves_they_lack():
+  """Params without the output layer failed inside Flax (ScopeParamNotFoundError: 'Could not
+  find parameter named "kernel" in scope "/out"'), in apply and in everything built on it."""
+  model = jaxprune.MLP(in_features=6, hidden=(5,), out_features=3)
+  params = model.init(jax.random.key(0))
+  lacking = {"params": {"hidden_0": params["params"]["hidden_0"]}}
+  x = jnp.ones((2, 6))
+  for call in (lambda: model.apply(lacking, x), lambda: jax.jit(model.apply)(lacking, x),
+               lambda: jaxprune.evaluate(model, lacking, x, jnp.arange(2))):
+    with pytest.raises(ValueError, match=re.escape(
+        "These params do not fit MLP: they lack params['params']['out']['bias'], "
+        "params['params']['out']['kernel'], which the model has.")):
+      call()
+
+
 def test_params_of_other_dense_sizes_name_the_setting_that_sets_them():
   """CNN4 params of other dense sizes were told to rebuild the model with its input_shape,
   channels or out_features, never with dense (nor ResNet18's with widths): every setting but

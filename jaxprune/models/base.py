@@ -252,11 +252,12 @@ class Model(abc.ABC):
   @contextlib.contextmanager
   def named_shape_errors(self, params: PyTree):
     """Around ``self.module.apply(params, ...)``: Flax's ``ScopeParamShapeError`` (params of a
-    model of another input, output or hidden width; it said what, not what to do) becomes the
-    ValueError of :meth:`_check_shapes`. Costs nothing when the params fit."""
+    model of another input, output or hidden width; it said what, not what to do), and its
+    ``ScopeParamNotFoundError`` (params without a layer the model has), become the ValueError of
+    :meth:`_check_shapes`. Costs nothing when the params fit."""
     try:
       yield
-    except flax.errors.ScopeParamShapeError:
+    except (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError):
       try:
         self._check_shapes(params)
       except ValueError as named:
@@ -264,9 +265,20 @@ class Model(abc.ABC):
       raise
 
   def _check_shapes(self, params: PyTree) -> None:
-    """Raises ValueError naming the first leaf whose shape is not the one this model makes."""
+    """Raises ValueError naming the first leaf whose shape is not the one this model makes, or
+    the leaves it makes that ``params`` lacks."""
     want = _init_shapes(self)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    missing = sorted(set(want) - {jax.tree_util.keystr(path) for path, _ in flat})
+    if missing:
+      shown = ", ".join(f"params{k}" for k in missing[:4]) + (
+          f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+      raise ValueError(
+          f"These params do not fit {type(self).__name__}: they lack {shown}, which the model "
+          "has. Pass the params of this model (model.init(key), or the ones it was trained "
+          "with); the names of its leaves: jax.tree_util.tree_flatten_with_path(model.init("
+          "key)).")
+    for path, leaf in flat:
       key = jax.tree_util.keystr(path)
       shape = tuple(jnp.shape(leaf))
       if key in want and shape != want[key]:
