@@ -323,6 +323,11 @@ def test_load_errors(tmp_path):
   with pytest.raises(ValueError, match="not ResNet-18 variables"):
     save_resnet18(tmp_path / "x.npz", {"params": {}})
 
+  (tmp_path / "ckpt").mkdir()   # a folder (save_checkpoint's): it said IsADirectoryError
+  with pytest.raises(ValueError, match=r"ckpt' is a folder, not an \.npz file\. A folder that "
+                     r"jaxprune\.save_checkpoint wrote loads with jaxprune\.load_checkpoint"):
+    load_resnet18(tmp_path / "ckpt")
+
 
 def test_npz_round_trip_edges(model, params, tmp_path):
   """A name without .npz loads as numpy saved it; NaN params are refused before writing; a file

@@ -331,6 +331,12 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
   try:
     f = np.load(path, allow_pickle=False)
   except Exception as e:  # not a zip archive nor an array file, or an object array
+    if os.path.isdir(path):
+      raise ValueError(
+          f"{path!r} is a folder, not an .npz file. A folder that jaxprune.save_checkpoint "
+          "wrote loads with jaxprune.load_checkpoint(path, model.init(key)); load_resnet18 "
+          "reads the .npz that jaxprune.save_resnet18 or np.savez(path, **state_dict) writes. "
+          f"{_CONVERT_HINT}") from None
     try:
       with open(path, "rb") as head:
         npy = head.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
