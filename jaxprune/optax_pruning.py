@@ -322,8 +322,15 @@ def polynomial_sparsity(step, *, final, begin_step: int, end_step: int, initial=
   _check_power(power)
   _check_sparsity("final", final)
   _check_sparsity("initial", initial)
-  t = jnp.clip(jnp.asarray(step, jnp.float32), begin_step, end_step)
-  x = (t - jnp.float32(begin_step)) / jnp.float32(end_step - begin_step)
+  # Steps since begin_step counted in integers: in float32 a step above 2**24 rounds, and
+  # end_step gave 0.9072 for a final 0.9 at 2e7 (below 2**24 the bits are the same).
+  if isinstance(step, (int, np.integer)) and not isinstance(step, bool):   # any size
+    d = jnp.float32(min(max(int(step), begin_step), end_step) - begin_step)
+  elif jnp.issubdtype(jnp.result_type(step), jnp.integer):
+    d = (jnp.clip(step, begin_step, end_step) - begin_step).astype(jnp.float32)
+  else:
+    d = jnp.clip(jnp.asarray(step, jnp.float32), begin_step, end_step) - jnp.float32(begin_step)
+  x = d / jnp.float32(end_step - begin_step)
   decay = (1.0 - x) ** power
   sf = jnp.asarray(final, jnp.float32)
   return sf + (jnp.asarray(initial, jnp.float32) - sf) * decay
@@ -1054,6 +1061,8 @@ def erk_sparsity(params: PyTree, sparsity: float, *, select: Select = None,
   leaves = jax.tree.leaves(params)
   sel = magnitude_lib.select_leaves(params, select)
   shapes = {names[i]: tuple(int(d) for d in jnp.shape(leaves[i])) for i in sel}
+  if sparsity == 0:   # every leaf dense (solving for epsilon would give 1e-16 here and there)
+    return {n: 0.0 for n in shapes}
   raw = {n: (sum(s) / math.prod(s)) ** power_scale for n, s in shapes.items()}
   dense: set[str] = set()
   while True:
@@ -1068,12 +1077,13 @@ def erk_sparsity(params: PyTree, sparsity: float, *, select: Select = None,
     if divisor == 0.0:
       raise ValueError(f"No ERK distribution reaches sparsity {sparsity} over these leaves.")
     eps = rhs / divisor
-    over = [n for n in shapes if n not in dense and eps * raw[n] > 1.0]
+    # (a leaf at density 1 can come out a rounding above it: 1 + 1e-16 is dense, not over)
+    over = [n for n in shapes if n not in dense and eps * raw[n] > 1.0 + 1e-9]
     if not over:
       break
     top = max(raw[n] for n in over)
     dense |= {n for n in over if raw[n] == top}
-  return {n: 0.0 if n in dense else float(1.0 - eps * raw[n]) for n in shapes}
+  return {n: 0.0 if n in dense else float(max(1.0 - eps * raw[n], 0.0)) for n in shapes}
 
 
 # ----------------------------------------------------------------------------- scores

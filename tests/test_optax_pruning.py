@@ -105,6 +105,22 @@ def test_polynomial_sparsity_formula():
       t, final=0.5, begin_step=0, end_step=4, power=1))(2)) == pytest.approx(0.25)
 
 
+def test_polynomial_sparsity_counts_steps_past_2_to_the_24_exactly():
+  """Steps were converted to float32 before begin_step was subtracted: past 2**24 they rounded,
+  and at end_step = 20,000,011 the schedule gave 0.9072 for a final 0.9 (and 0.7056 for
+  0.4392 two steps in)."""
+  b, e = 20_000_001, 20_000_011
+  sched = lambda t: op.polynomial_sparsity(t, final=0.9, begin_step=b, end_step=e)
+  for t in (b - 5, b, b + 2, b + 5, e, e + 100):
+    tc = min(max(t, b), e)
+    want = 0.9 * (1 - (1 - (tc - b) / (e - b)) ** 3)
+    for step in (t, np.int32(t), jnp.int32(t)):
+      assert float(sched(step)) == pytest.approx(want, abs=1e-6), (t, type(step))
+    assert float(jax.jit(sched)(jnp.int32(t))) == pytest.approx(want, abs=1e-6)
+  assert float(op.polynomial_sparsity(2**40, final=0.8, begin_step=0, end_step=2**35)) == \
+      pytest.approx(0.8)
+
+
 def _updates_at(begin, end, freq, t):
   return begin <= t and (((t - begin) % freq == 0 and t <= end) or t == end)
 
@@ -370,6 +386,21 @@ def test_erk_matches_the_formula_with_dense_capping():
   kept = sum((1 - erk[k]) * math.prod(v) for k, v in shapes.items())
   assert kept == pytest.approx((1 - s) * total)
   assert jaxprune.uniform_sparsity(params, 0.3) == {k: 0.3 for k in shapes}
+
+
+def test_erk_at_sparsity_0_keeps_every_leaf_dense():
+  """The last leaf left came out at density 1 + 1 ulp, was made dense as 'over' 1, and nothing
+  was left to solve for: 'No ERK distribution reaches sparsity 0.0' (about 2% of shapes)."""
+  params = {"a": {"kernel": jnp.zeros((6, 33))}, "b": {"kernel": jnp.zeros((17, 34))},
+            "c": {"kernel": jnp.zeros((30, 5))}, "d": {"kernel": jnp.zeros((9, 12))}}
+  assert jaxprune.erk_sparsity(params, 0.0) == {f"{k}/kernel": 0.0 for k in "abcd"}
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    shapes = [tuple(int(d) for d in rng.integers(1, 40, size=2)) for _ in range(4)]
+    tree = {str(i): np.zeros(s, np.float32) for i, s in enumerate(shapes)}
+    assert all(v == 0.0 for v in jaxprune.erk_sparsity(tree, 0.0).values())
+    erk = jaxprune.erk_sparsity(tree, 1e-17)   # a leaf at density 1 + 1 ulp is dense, not over
+    assert all(0.0 <= v < 1e-9 for v in erk.values()), (shapes, erk)
 
 
 # ----------------------------------------------------------------------------- N:M, blocks
