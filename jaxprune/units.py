@@ -329,8 +329,8 @@ def bool_unit_mask(mask: Any, name: str, xp=jnp) -> jax.Array:
     xp = jnp
   if isinstance(mask, (list, tuple)):   # a Python sequence, as compact and count_units take
     mask = np.asarray(mask)
-  given = np.dtype(mask.dtype if hasattr(mask, "dtype") else np.asarray(mask).dtype)
-  if given.kind in "OSUV":   # strings, objects: JAX's own TypeError named no mask
+  given = mask.dtype if hasattr(mask, "dtype") else np.asarray(mask).dtype
+  if isinstance(given, np.dtype) and given.kind in "OSUV":   # JAX's TypeError named no mask
     raise ValueError(f"Unit mask {name!r} has dtype {given}; unit masks must be bool (or "
                      "integer 0/1): one True per unit kept, e.g. np.array([True, False, True]).")
   dtype = jnp.result_type(mask)
