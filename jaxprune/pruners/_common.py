@@ -380,3 +380,20 @@ def own_slices(group: units_lib.UnitGroup) -> list:
   (elsewhere a pruner ignores removed units' vectors)."""
   own = {s.path for s in group.producers} & {s.path for s in group.consumers}
   return [s for s in group.slices if s.path in own]
+
+
+def scale_rows(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(v with each row times 2**-e, e)``: ``e`` per row, the power of two that brings the row's
+  largest ``|entry|`` to [0.5, 1).
+
+  Exact, so norms and angles of the scaled rows are those of the rows wherever their float
+  squares neither underflow nor overflow, and rows of entries near 1e-20 or 1e19 and more,
+  whose float32 squares would flush to zero or overflow to inf, measure like the same rows at
+  unit scale. Zero rows, and rows of subnormal entries only (XLA flushes them, they read as
+  zero), keep ``e = 0``; rows holding inf or NaN stay so.
+  """
+  top = jnp.max(jnp.abs(v), axis=1, keepdims=True)
+  _, e = jnp.frexp(top)
+  e = jnp.where(top >= jnp.finfo(v.dtype).tiny, e, 0)
+  return jnp.ldexp(v, -e), e[:, 0]
+

@@ -74,22 +74,9 @@ def _angle_matrix(g, d):
   return jnp.where(idx[:, None] < idx[None, :], ang, ang.T)
 
 
-def _scaled_rows(v):
-  """Each row of v times the power of two that brings its largest |entry| to [0.5, 1).
-
-  Exact (a power of two), so the normalised rows keep their bits wherever the plain sum of
-  squares neither underflows nor overflows, and rows of entries near 1e-20 or 1e19 and more,
-  whose float32 squares would flush to zero or overflow to inf, normalise like the same rows
-  at unit scale. Zero rows stay zero; rows holding inf or NaN stay so."""
-  top = jnp.max(jnp.abs(v), axis=1, keepdims=True)
-  _, e = jnp.frexp(top)
-  # rows of subnormal entries only are left as they are (they read as zero rows)
-  return jnp.ldexp(v, jnp.where(top >= jnp.finfo(v.dtype).tiny, -e, 0))
-
-
 def _gram(v):
   """Gram matrix of the normalised rows of v, and its diagonal."""
-  v = _scaled_rows(v)
+  v, _ = _common.scale_rows(v)   # exact: tiny or huge rows normalise as at unit scale
   n = jnp.linalg.norm(v, axis=1)
   u = v / jnp.where(n > 0, n, 1.0)[:, None]
   g = jnp.matmul(u, u.T, precision=jax.lax.Precision.HIGHEST)
@@ -112,7 +99,7 @@ def _blocked_gram(v, block: int = GRAM_BLOCK):
   the ``p`` real patterns, in an order that depends on ``p`` (it did on a GPU).
   """
   h, p = v.shape
-  v = _scaled_rows(v)   # its row maxima, so the scale, do not change with zero padding
+  v, _ = _common.scale_rows(v)   # its row maxima, so the scale, do not change with padding
   nb = -(-p // block)
   blocks = jnp.pad(v, ((0, 0), (0, nb * block - p))).reshape(h, nb, block).transpose(1, 0, 2)
   blocks = jax.lax.optimization_barrier(blocks)

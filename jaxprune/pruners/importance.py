@@ -74,10 +74,9 @@ def _scores(params, g, norm):
   # squares of float32 weights of 1e19 and more no longer overflow to inf (nor tiny ones
   # underflow to 0), and wherever the plain sqrt(mean(a^2)) is finite and normal its bits are
   # the same (scaling by 4^-e commutes with every rounding, and sqrt(4^-e x) = 2^-e sqrt(x)).
-  _, e = jnp.frexp(jnp.max(jnp.abs(v), axis=1, keepdims=True))
-  v = jnp.ldexp(v, -e)
+  v, e = _common.scale_rows(v)
   sq = jnp.mean(v * v, axis=1) if norm == "rms" else jnp.sum(v * v, axis=1)
-  return jnp.ldexp(jnp.sqrt(sq), e[:, 0])
+  return jnp.ldexp(jnp.sqrt(sq), e)
 
 
 def _check_kernels(params, g) -> None:
