@@ -124,7 +124,7 @@ def save_checkpoint(path: str, params: PyTree, masks: PyTree | None = None, *,
                          "vector with one bool per unit of its group.")
     # bool, or integer 0/1 saved as the bool mask it means (it loaded back as int32); float
     # scores refused
-    unit_masks = {k: v if np.dtype(v.dtype) == np.bool_ else units_lib.bool_unit_mask(v, k, np)
+    unit_masks = {k: v if v.dtype == np.bool_ else units_lib.bool_unit_mask(v, k, np)
                   for k, v in unit_masks.items()}
   if target is not None and unit_masks:
     masks_lib.check_unit_masks(target, unit_masks, allow_empty=True)

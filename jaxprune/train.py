@@ -396,23 +396,20 @@ def _batch_error(model: Model, shape) -> Exception | None:
   return None
 
 
-def _runs_of_inputs(model: Model, x) -> bool:
-  """Whether every slice ``x[r]`` has the shape of a batch of the model's inputs."""
-  return x.ndim >= 2 and _batch_error(model, x.shape[1:]) is None
-
-
 def _check_runs(fn: str, model: Model, params, x, y, w, w_name: str, masks, *, x_name="x",
                 y_name="y") -> tuple[int, int]:
   """The leading run axis R of ``fit_many`` / ``evaluate_many`` arguments, and each run's inputs
   as :func:`fit` checks them; returns (R, N). ``x_name``, ``y_name``: what messages call the
   data (e.g. ``validation x``)."""
   lead = _leading_sizes(params)
-  if not _runs_of_inputs(model, x):
-    if x.ndim >= 2 and lead == {x.shape[0]} and _batch_error(model, x.shape) is not None:
+  # Whether every slice x[r] has the shape of a batch of the model's inputs
+  row_error = _batch_error(model, x.shape[1:]) if x.ndim >= 2 else None
+  if x.ndim < 2 or row_error is not None:
+    if row_error is not None and lead == {x.shape[0]} and (
+        _batch_error(model, x.shape) is not None):
       # the run axis is there (the params' R), each run's inputs do not fit: the model's words
       raise ValueError(f"{fn}: each run's {x_name}, {x_name}[r] of shape "
-                       f"{tuple(x.shape[1:])}, does not fit the model: "
-                       f"{_batch_error(model, x.shape[1:])}")
+                       f"{tuple(x.shape[1:])}, does not fit the model: {row_error}")
     raise ValueError(f"{fn}: {x_name} and {y_name} need a leading run axis (R, N, ...), one "
                      f"slice per run; got {x_name} of shape {tuple(x.shape)}. For one run use "
                      f"x[None], y[None] (or {fn.replace('_many', '')}); stack several with "

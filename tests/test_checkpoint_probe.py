@@ -132,6 +132,9 @@ def test_integer_unit_masks_of_0_and_1_load_back_as_the_bool_masks_they_mean(tmp
     np.testing.assert_array_equal(units[k], want)
   with pytest.raises(ValueError, match="may hold only 0 and 1"):
     jaxprune.save_checkpoint(str(tmp_path / "d"), params, unit_masks={"g": np.array([2, 0])})
+  with pytest.raises(ValueError, match="has dtype key<fry>; unit masks must be bool"):
+    jaxprune.save_checkpoint(str(tmp_path / "e"), params,  # np.dtype() refused it: TypeError
+                             unit_masks={"g": jax.random.split(jax.random.key(0), 2)})
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.int32, jnp.uint8, np.bool_])
