@@ -66,7 +66,7 @@ Path = units_lib.Path
 # ----------------------------------------------------------------------------- primitive tables
 
 _ELEMENTWISE = frozenset("""
-abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp conj convert_element_type copy
+abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp complex conj convert_element_type copy
 copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow
 is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not or pow real
 reduce_precision rem round rsqrt select_n sign sin sinh sqrt square stop_gradient sub tan
@@ -638,7 +638,8 @@ class _Walker:
         if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
           continue                           # another reader: its own check
         out = _constant_step(eqn, v, st)
-        if eqn.primitive.name == "concatenate" and not self._along_units(sc, v, eqn, root):
+        if eqn.primitive.name == "stack" or (
+            eqn.primitive.name == "concatenate" and not self._along_units(sc, v, eqn, root)):
           joins[(sc, path)] = eqn
         for o in eqn.outvars:
           stack += self._mark(status, sc, o, out)
@@ -821,11 +822,19 @@ class _Walker:
       outs = [tuple(out)] * len(out_shapes)
       return outs
 
-    if name == "concatenate":
-      dim = eqn.params["dimension"]
+    if name in ("concatenate", "stack"):
+      if name == "stack":
+        # jnp.stack (a primitive of its own in newer JAX; older JAX writes it so) is the
+        # concatenation of its inputs, each given a new axis of size 1 at ``axis``.
+        dim = eqn.params["axis"]
+        ins = [x[:dim] + ((A.new(1),),) + x[dim:] for x in ins]
+        widths = [1] * len(ins)
+      else:
+        dim = eqn.params["dimension"]
+        widths = [v.aval.shape[dim] for v in eqn.invars]
       out = list(self._same_except(ins, out_shapes, {dim}, "concatenate")[0])
       # Zero-width pieces hold nothing (jnp.pad's 'edge' mode concatenates some).
-      pieces = [tuple(x[dim]) for x, v in zip(ins, eqn.invars) if v.aval.shape[dim] > 0]
+      pieces = [tuple(x[dim]) for x, n in zip(ins, widths) if n > 0]
       if len(pieces) == 1:     # the one piece with entries is the output (the batch of an
         out[dim] = pieces[0]   # input padded in 'edge' mode stays the batch)
         return [tuple(out)]
@@ -1512,7 +1521,7 @@ _SCATTERS = frozenset("scatter scatter-add scatter_add scatter-mul scatter_mul s
 _KEEPS_CONSTANTS = frozenset("""
 broadcast_in_dim concatenate convert_element_type copy copy_p dynamic_slice expand_dims gather
 reduce_precision reshape rev slice squeeze transpose optimization_barrier sharding_constraint
-name stop_gradient tile
+name stop_gradient tile stack
 """.split())
 _SUM_MOVES = frozenset("reshape broadcast_in_dim expand_dims squeeze convert_element_type copy "
                        "copy_p transpose".split())

@@ -1,0 +1,150 @@
+"""Attention heads under rotary position embeddings, however the rotation is written.
+
+The same multi-head attention with RoPE written four ways: rotating halves (``concatenate``);
+rotating pairs ``(2i, 2i + 1)`` with ``jnp.stack`` (GPT-J; a primitive of its own in newer JAX);
+the same pairs with a concatenation of size-1 axes (how older JAX writes ``jnp.stack``); and the
+pairs as complex numbers (``lax.complex``, ``.real``, ``.imag``; the Llama reference). Each must
+give the heads as one group, and masking a head must equal a NumPy forward pass in float64 that
+leaves the head out."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+
+B, T, D, NH, DH = 3, 5, 16, 4, 4
+_FREQS = 1.0 / (100.0 ** (np.arange(0, DH, 2) / DH))
+_ANGLES = np.arange(T)[:, None] * _FREQS[None]           # (T, DH / 2)
+
+
+def _rope_half(x):
+  cos, sin = jnp.cos(_ANGLES)[:, None], jnp.sin(_ANGLES)[:, None]
+  a, b = x[..., :DH // 2], x[..., DH // 2:]
+  return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], -1)
+
+
+def _rope_stack(x):
+  cos, sin = jnp.cos(_ANGLES)[:, None], jnp.sin(_ANGLES)[:, None]
+  a, b = x[..., 0::2], x[..., 1::2]
+  return jnp.stack([a * cos - b * sin, a * sin + b * cos], -1).reshape(x.shape)
+
+
+def _rope_stack_as_concat(x):
+  cos, sin = jnp.cos(_ANGLES)[:, None], jnp.sin(_ANGLES)[:, None]
+  a, b = x[..., 0::2], x[..., 1::2]
+  r, i = a * cos - b * sin, a * sin + b * cos
+  return jax.lax.concatenate([r[..., None], i[..., None]], r.ndim).reshape(x.shape)
+
+
+def _rope_complex(x):
+  rot = jnp.exp(1j * jnp.asarray(_ANGLES))[:, None]
+  z = jax.lax.complex(x[..., 0::2], x[..., 1::2]) * rot
+  return jnp.stack([z.real, z.imag], -1).reshape(x.shape)
+
+
+ROPES = {"half": _rope_half, "stack": _rope_stack, "stack_as_concat": _rope_stack_as_concat,
+         "complex": _rope_complex}
+
+
+def _attention(rope):
+  def fn(p, x):
+    heads = lambda w: (x @ w).reshape(x.shape[0], T, NH, DH)
+    q, k, v = rope(heads(p["wq"])), rope(heads(p["wk"])), heads(p["wv"])
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(DH)
+    o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
+    return o.reshape(x.shape[0], T, NH * DH) @ p["wo"]
+  return fn
+
+
+def _np_rope(x, kind):
+  """One head's ``(B, T, DH)`` rotated."""
+  cos, sin = np.cos(_ANGLES), np.sin(_ANGLES)
+  if kind == "half":
+    a, b = x[..., :DH // 2], x[..., DH // 2:]
+    return np.concatenate([a * cos - b * sin, a * sin + b * cos], -1)
+  out = np.empty_like(x)
+  a, b = x[..., 0::2], x[..., 1::2]
+  out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+  return out
+
+
+def _np_attention(p, x, kind, kept):
+  """float64 NumPy: the sum over the kept heads of each head's attention output times its rows
+  of ``wo``."""
+  p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+  x = np.asarray(x, np.float64)
+  y = 0.0
+  for h in np.flatnonzero(kept):
+    cols = slice(h * DH, (h + 1) * DH)
+    q, k, v = (_np_rope(x @ p[w][:, cols], kind) if w != "wv" else x @ p[w][:, cols]
+               for w in ("wq", "wk", "wv"))
+    s = np.einsum("bqd,bkd->bqk", q, k) / np.sqrt(DH)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    y = y + np.einsum("bqk,bkd->bqd", a, v) @ p["wo"][cols]
+  return y
+
+
+def _params():
+  ks = jax.random.split(jax.random.key(0), 4)
+  return {w: jax.random.normal(k, (D, NH * DH) if w != "wo" else (NH * DH, D)) / 4
+          for w, k in zip(("wq", "wk", "wv", "wo"), ks)}
+
+
+def _heads(target):
+  """The group of the heads: the one of size NH that spans all four kernels."""
+  found = [n for n, g in target.groups.items()
+           if g.size == NH and {s.path[-1] for s in g.slices} == {"wq", "wk", "wv", "wo"}]
+  assert len(found) == 1, (list(target.groups), target.explain())
+  return found[0]
+
+
+@pytest.mark.parametrize("kind", list(ROPES))
+def test_heads_are_one_group_and_masking_one_leaves_it_out(kind):
+  p, x = _params(), jax.random.normal(jax.random.key(1), (B, T, D))
+  fn = _attention(ROPES[kind])
+  pairs = "half" if kind == "half" else "pairs"
+  np.testing.assert_allclose(fn(p, x), _np_attention(p, x, pairs, np.ones(NH)),
+                             rtol=2e-5, atol=2e-5)
+  target = jaxprune.trace(fn, p, x)
+  name = _heads(target)
+  kept = np.array([True, False, True, True])
+  ref = _np_attention(p, x, pairs, kept)
+  masked = jaxprune.apply_masks(p, jaxprune.expand(p, target, {name: jnp.asarray(kept)}))
+  np.testing.assert_allclose(fn(masked, x), ref, rtol=2e-5, atol=2e-5)
+  small, small_target = target.compact(p, {name: jnp.asarray(kept)})
+  assert small["wq"].shape == (D, 3 * DH) and small["wo"].shape == (3 * DH, D)
+  np.testing.assert_allclose(small_target.apply(small, x), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_stack_is_read_as_older_jax_writes_it():
+  """``jnp.stack`` and its concatenation of size-1 axes give the same groups and slices."""
+  p, x = _params(), jax.random.normal(jax.random.key(1), (B, T, D))
+  a = jaxprune.trace(_attention(_rope_stack), p, x)
+  b = jaxprune.trace(_attention(_rope_stack_as_concat), p, x)
+  assert {n: (g.size, g.slices) for n, g in a.groups.items()} == {
+      n: (g.size, g.slices) for n, g in b.groups.items()}
+
+
+def test_stack_along_the_units_ties_them_to_both_pieces():
+  """Units stacked with another layer's units (``jnp.stack([h1, h2], 1)``, then a kernel over
+  both) are one group: unit i of both layers is read by the same rows."""
+  k = jax.random.split(jax.random.key(2), 3)
+  p = {"w1": jax.random.normal(k[0], (D, 6)), "w2": jax.random.normal(k[1], (D, 6)),
+       "w3": jax.random.normal(k[2], (2, 6, 3))}
+
+  def fn(p, x):
+    h = jnp.stack([jnp.tanh(x @ p["w1"]), jnp.tanh(x @ p["w2"])], 1)      # (B, 2, 6)
+    return jnp.einsum("bsu,suo->bo", h, p["w3"])
+
+  x = jax.random.normal(jax.random.key(3), (8, D))
+  target = jaxprune.trace(fn, p, x)
+  (name,) = target.groups
+  assert {s.path[-1] for s in target.groups[name].slices} == {"w1", "w2", "w3"}
+  kept = jnp.arange(6) != 4
+  small, small_target = target.compact(p, {name: kept})
+  ref = np.tanh(np.asarray(x) @ np.asarray(p["w1"])[:, kept]) @ np.asarray(p["w3"])[0][kept] + \
+      np.tanh(np.asarray(x) @ np.asarray(p["w2"])[:, kept]) @ np.asarray(p["w3"])[1][kept]
+  np.testing.assert_allclose(small_target.apply(small, x), ref, rtol=1e-5, atol=1e-5)
