@@ -2230,9 +2230,10 @@ def _resolve_concats(w: _Walker) -> None:
   for c, parts in w.concat.items():
     part_atoms = [[a for a in A.expand(p) if A.size[a] > 1] for p in parts]
     if c in A.refined or any(len(p) > 1 for p in part_atoms):
-      for p in part_atoms:
-        for a in p:
-          A.block(a, "concatenated and then split, or concatenated along a flattened axis")
+      # The concatenation's width is its parts' widths: with the parts blocked, no part of it
+      # (a GroupNorm's norm groups over it, the rows a consumer reads of it) can shrink either.
+      for a in [c] + [a for p in part_atoms for a in p]:
+        A.block(a, "concatenated and then split, or concatenated along a flattened axis")
       continue
     entries, offset = [], 0
     for p, atoms in zip(parts, part_atoms):

@@ -254,3 +254,46 @@ def test_a_function_that_reads_a_learned_value_of_its_own_is_other_not_linear():
         np.testing.assert_allclose(t.activations(p, x, "w1"), act(p, x), atol=1e-6)
         with pytest.raises(ValueError, match="does not output act.bias. here"):
           jaxprune.weight_distinctiveness(t, "w1", similar=False, complementary=False)
+
+
+def _conv(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _group_norm(x, groups):
+  n, h, w, c = x.shape
+  y = x.reshape(n, h, w, groups, c // groups)
+  m = y.mean((1, 2, 4), keepdims=True)
+  v = ((y - m) ** 2).mean((1, 2, 4), keepdims=True)
+  return ((y - m) / jnp.sqrt(v + 1e-5)).reshape(n, h, w, c)
+
+
+@pytest.mark.parametrize("where", ["over_the_concatenation", "on_a_piece_then_gated"])
+def test_a_group_norm_meeting_a_concatenation_leaves_no_group_without_producers(where):
+  """Norm groups cut across a concatenation (or a piece's channels cut into norm groups) tie
+  the concatenation's width to convs that cannot shrink: its norm params, gates and readers must
+  not form a group of their own, whose compaction would cut them and not the convs."""
+  p = {"a": _arr(3, 3, 3, 5), "b": _arr(3, 3, 3, 3), "scale": _arr(8), "shift": _arr(8),
+       "s1": _arr(8, 3), "s2": _arr(3, 8), "c": _arr(1, 1, 8, 4)}
+
+  def fn(p, x):
+    a, b = _conv(x, p["a"]), _conv(x, p["b"])
+    if where == "over_the_concatenation":
+      h = _group_norm(jnp.concatenate([a, b], -1), 2) * p["scale"] + p["shift"]
+    else:
+      h = jnp.concatenate([_group_norm(a[..., :4], 2), a[..., 4:], b], -1) * p["scale"]
+      h = h * jax.nn.sigmoid(jax.nn.relu(h.mean((1, 2)) @ p["s1"]) @ p["s2"])[:, None, None]
+    return jax.nn.relu(_conv(jax.nn.relu(h), p["c"])).mean((1, 2))
+
+  x = _arr(4, 6, 6, 3)
+  target = jaxprune.trace(fn, p, x)
+  for name, g in target.groups.items():   # any group reported compacts to the masked network
+    um = {name: jnp.arange(g.size) != 1}
+    masked, small, small_target = _masked_and_small(target, p, um)
+    np.testing.assert_allclose(small_target.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-5)
+  width = {("scale", 0), ("shift", 0), ("s1", 0), ("s2", 1), ("c", 2)}   # the concatenation's
+  assert not [s for g in target.groups.values() for s in g.slices
+              if (s.path[-1], s.axis) in width], target.groups
+  assert "concatenated and then split" in [l for l in target.explain().splitlines()
+                                           if l.startswith("scale ")][0]
