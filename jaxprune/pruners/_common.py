@@ -56,8 +56,9 @@ def fold_obstacle(group: units_lib.UnitGroup, *, linear: bool = False) -> str | 
   no_bias = [s for s in group.consumers if s.bias is None]
   if no_bias:
     return (f"its consumer {units_lib.path_str(no_bias[0].path)} adds no bias with a value for "
-            "each of its outputs directly to its product (a bias added after another op, such "
-            "as a scaling 2 * (h @ W) + b, cannot take the fold)")
+            "each of its outputs directly to its product (it has no bias, as a conv that a "
+            "BatchNorm follows; or one added after another op, such as a scaling "
+            "2 * (h @ W) + b, which cannot take the fold)")
   if not group.exact_constant_fold:
     padded = [s for s in group.consumers if s.padded]
     if padded and all(s.padded_why for s in padded):  # what each reader is, where known
