@@ -242,6 +242,8 @@ class _Contraction:
 # Why a consumer is padded (Slice.padded_why), besides a zero-padded convolution.
 _DILATED_CONV = ("an input-dilated (transposed) convolution, where a constant channel adds less "
                  "between inputs than at them")
+_GROUPED_CONV = ("a grouped convolution, where each group reads its own channel of a unit with "
+                 "the unit's row, so a unit's constant is one value per group")
 _GROWING_CONV = ("a convolution whose zero padding makes its output larger than its input (a "
                  "transposed convolution, 'VALID' included, pads by its kernel size minus one), "
                  "where a constant channel adds less at the borders than elsewhere")
@@ -1371,8 +1373,18 @@ class _Walker:
                 "a channel multiplier's index (the outputs of each input channel)")
       A.unify(rhs[cout], tuple(lhs[cin]) + (m,), "a channel multiplier")
       out[out_spec[1]] = rhs[cout]
+    elif kern is not None and kern[0] == 1:
+      # G groups: input channel g * Cg + i is row i of group g's kernel, output channel
+      # g * Kg + j its column g * Kg + j. Unit i of every group is one unit (each group keeps as
+      # many channels as the others, Torch-Pruning's rule), and so is output j; the group
+      # index is none.
+      why = "a grouped convolution's group index (feature_group_count > 1)"
+      kg = eqn.invars[1].aval.shape[cout] // groups
+      A.unify(lhs[cin], (A.new(groups, why),) + tuple(rhs[rhs_in]), "a grouped convolution")
+      A.unify(rhs[cout], (A.new(groups, why), A.new(kg)), "a grouped convolution")
+      out[out_spec[1]] = rhs[cout]
     else:
-      why = "a grouped convolution (feature_group_count > 1)"
+      why = "a grouped convolution (feature_group_count > 1) of computed kernels"
       for a in lhs[cin] + rhs[cout]:
         A.block(a, why)
       # Its output channels too: they would otherwise form a group of the bias alone.
@@ -1399,6 +1411,8 @@ class _Walker:
         self._record(eqn, path, 1, leaf, amap, (rhs_in,), (cout,), True, padded)
       elif one_in:
         self._record(eqn, path, 1, leaf, amap, (), (cout,), True, padded)
+      else:
+        self._record(eqn, path, 1, leaf, amap, (rhs_in,), (cout,), True, _GROUPED_CONV)
       for d in spatial:
         if amap[d] is not None:
           self.uses.setdefault((leaf, amap[d]), _Use(leaf, amap[d], "window", "kernel", path))
@@ -2194,8 +2208,8 @@ def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, produce
     elif name(u.leaf) not in other:
       other.append(name(u.leaf))
   if depthwise:
-    parts.append(f"a depthwise convolution ({', '.join(dict.fromkeys(depthwise))}: one "
-                 "kernel per channel, feature_group_count equal to the channels) acts on its "
+    parts.append(f"a depthwise or grouped convolution ({', '.join(dict.fromkeys(depthwise))}:"
+                 " feature_group_count > 1, each channel read by its own kernel) acts on its "
                  "units after the activations, so two channels with equal activations still "
                  "pass on different values")
   if other:

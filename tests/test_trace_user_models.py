@@ -45,8 +45,9 @@ def test_layer_concatenated_with_itself_is_not_prunable():
 
 @pytest.mark.parametrize("groups,features", [(2, 8), (8, 16)])   # grouped; depthwise x2
 def test_grouped_convolution_output_is_not_a_bias_only_group(groups, features):
-  """A grouped conv (2 groups) blocks its channels, its output's too (no group of its bias
-  alone). A depthwise conv with a channel multiplier (8 groups of 1 channel, 2 outputs each)
+  """A grouped conv (2 groups) makes unit i channel i of every group, on both sides (since
+  2026-12-07; it blocked them before): each group keeps as many channels as the others. A
+  depthwise conv with a channel multiplier (8 groups of 1 channel, 2 outputs each)
   passes the channels before it on: Conv_0's units own 2 outputs each (since 2026-12-05)."""
   class Net(nn.Module):
     @nn.compact
@@ -59,10 +60,11 @@ def test_grouped_convolution_output_is_not_a_bias_only_group(groups, features):
   v = Net().init(jax.random.key(1), x)
   t = jaxprune.trace(Net().apply, v, x)
   if groups == 2:
-    assert set(t.groups) == {"Conv_2"}
-    assert ("Conv_1/bias (%d,): axis 0 -> not prunable (a grouped convolution" % features
-            in t.explain())
-    _compact_equals_masked(t, v, x, Net().apply, {"Conv_2": [0, 3]})
+    assert {n: g.size for n, g in t.groups.items()} == {"Conv_0": 4, "Conv_1": 4, "Conv_2": 6}
+    assert ("Conv_1/bias (8,): axis 0 (read as 2 x 4) -> [2] not prunable (a grouped "
+            "convolution's group index" in t.explain())
+    _compact_equals_masked(t, v, x, Net().apply,
+                           {"Conv_0": [1], "Conv_1": [0, 3], "Conv_2": [0, 3]})
     return
   assert set(t.groups) == {"Conv_0", "Conv_2"}
   assert "Conv_1/bias (16,): axis 0 (read as 8 x 2) -> [8] group 'Conv_0'" in t.explain()

@@ -644,7 +644,7 @@ def test_a_channel_multiplier_and_conv_local_patches_keep_the_channels_before_th
       assert small["params"]["mult"]["kernel"].shape == (3, 3, 1, 6)
       for xx in (x, jax.random.normal(jax.random.key(2), (6, 8, 8, 3))):
         np.testing.assert_allclose(small_t.apply(small, xx), m.apply(masked, xx), atol=1e-5)
-      with pytest.raises(ValueError, match="a depthwise convolution"):
+      with pytest.raises(ValueError, match="a depthwise or grouped convolution"):
         jaxprune.distinctiveness(t, "c1", constants=False)
       continue
     acts = t.activations(v, x, "c1")
