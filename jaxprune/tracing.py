@@ -1865,7 +1865,11 @@ def _chain(w: _Walker, scope: tuple, start, root, stats: bool):
   # With ``stats``, statistics left unread by the chain are readers of var (average pooling
   # after an instance norm), if they are statistics of var alone.
   left = {v for v in remaining if not (v in stat_vars and stat_vars[v] <= {var})}
-  joined = (left == {var} or (not left and bool(remaining))) and not any(
+  # Branches that only cut var into parts and move them (qkv.reshape(B, T, 3, H, D)[:, :, i],
+  # as jnp.split(qkv, 3, -1), which the chain does not follow, stops at qkv) read var itself.
+  parts_of_var = bool(left) and bool(done[n:]) and all(
+      e.primitive.name in _UNIT_MOVES or e.primitive.name in _LAYOUT_OPS for e in done[n:])
+  joined = (left == {var} or (not left and bool(remaining)) or parts_of_var) and not any(
       _admissible(jaxpr.eqns[k], [v for v in jaxpr.eqns[k].invars if v is var])
       or _keeps_units(w, scope, jaxpr.eqns[k], root)
       or _unitwise_call(w, scope, k, jaxpr.eqns[k], root)

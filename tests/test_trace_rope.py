@@ -148,3 +148,39 @@ def test_stack_along_the_units_ties_them_to_both_pieces():
   ref = np.tanh(np.asarray(x) @ np.asarray(p["w1"])[:, kept]) @ np.asarray(p["w3"])[0][kept] + \
       np.tanh(np.asarray(x) @ np.asarray(p["w2"])[:, kept]) @ np.asarray(p["w3"])[1][kept]
   np.testing.assert_allclose(small_target.apply(small, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def _fused(cut):
+  def fn(p, x):
+    qkv = x @ p["w"]
+    if cut == "split":
+      q, k, v = (a.reshape(x.shape[0], T, NH, DH) for a in jnp.split(qkv, 3, -1))
+    else:
+      r = qkv.reshape(x.shape[0], T, 3, NH, DH)
+      q, k, v = r[:, :, 0], r[:, :, 1], r[:, :, 2]
+    s = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(DH), -1)
+    return jnp.einsum("bhts,bshd->bthd", s, v).reshape(x.shape[0], T, NH * DH) @ p["o"]
+  return fn
+
+
+@pytest.mark.parametrize("cut", ["split", "reshape_and_index"])
+def test_fused_qkv_heads_merge_exactly_whichever_way_qkv_is_cut(cut):
+  """``qkv.reshape(B, T, 3, H, D)[:, :, i]`` cuts the product as ``jnp.split`` does: both give
+  the heads complete activations (they were incomplete for the first), so a head that copies
+  another merges into it with the outputs unchanged."""
+  p, x = _params(), jax.random.normal(jax.random.key(1), (B, T, D))
+  w = jnp.concatenate([p["wq"], p["wk"], p["wv"]], 1)
+  for part in range(3):                        # head 2 copies head 0 in q, k and v
+    cols = part * NH * DH
+    w = w.at[:, cols + 2 * DH:cols + 3 * DH].set(w[:, cols:cols + DH])
+  params = {"w": w, "o": p["wo"]}
+  fn = _fused(cut)
+  target = jaxprune.trace(fn, params, x)
+  name = [n for n, g in target.groups.items() if g.size == NH][0]
+  assert target.activations_complete(name)
+  acts = target.activations(params, x, name)
+  new, um, _ = jaxprune.distinctiveness(target, name, complementary=False, constants=False)(
+      params, jaxprune.unit_masks_ones(target), acts, 1.0, 179.0)
+  assert np.asarray(um[name]).tolist() == [True, True, False, True]
+  small, small_target = target.compact(new, um)
+  np.testing.assert_allclose(small_target.apply(small, x), fn(params, x), rtol=1e-4, atol=1e-5)
