@@ -1,9 +1,12 @@
-"""How long tracing and compacting a whole ResNet-18 take (goal: well under a second each).
+"""How long tracing and compacting a whole ResNet-18 take (goal: well under a second each), and
+how they grow with depth (goal: linearly, a ratio near 2 for twice the layers).
 
 Prints, measured in this run: the time of ``jaxprune.trace`` on ResNet-18 (224x224 inputs, the
 ImageNet shape; from shapes only), the time of ``target.compact`` with half of every group's units
 removed (the coupled stage groups included), and, for scale, the first (compiling) and warm calls
-of the compacted network's ``apply``. Each figure is the median of several repeats.
+of the compacted network's ``apply``. Each figure is the median of several repeats. Then the
+same two times for tanh MLPs of width 64 and 100 to 800 hidden layers (one group each), with the
+ratio of each time to the one at half the depth.
 
   python benchmarks/trace.py [--quick]
 """
@@ -62,6 +65,33 @@ def main():
         f"{n_full:,} -> {n_small:,} values)")
   print(f"compacted apply, batch 8: first call {1e3 * t_first:.0f} ms (compiles), "
         f"warm {1e3 * t_warm:.1f} ms")
+  _depth_scaling((50, 100, 200) if args.quick else (100, 200, 400, 800), repeats)
+
+
+def _mlp(p, x):
+  for i, layer in enumerate(p):
+    x = x @ layer["w"] + layer["b"]
+    if i < len(p) - 1:
+      x = jnp.tanh(x)
+  return x
+
+
+def _depth_scaling(depths, repeats):
+  print("depth scaling, tanh MLP of width 64 (trace from shapes; compact keeps 3 of 4 units):")
+  prev = None
+  for depth in depths:
+    sizes = [32] + [64] * depth + [10]
+    params = [{"w": jnp.zeros((a, b)), "b": jnp.zeros(b)} for a, b in zip(sizes[:-1], sizes[1:])]
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    x_spec = jax.ShapeDtypeStruct((2, 32), jnp.float32)
+    t_trace, target = _median(lambda: jaxprune.trace(_mlp, shapes, x_spec), repeats)
+    um = {n: jnp.arange(g.size) % 4 != 0 for n, g in target.groups.items()}
+    t_compact, _ = _median(lambda: target.compact(params, um), repeats)
+    ratios = "" if prev is None else (f"   x{t_trace / prev[0]:.1f} / x{t_compact / prev[1]:.1f}"
+                                      " for twice the layers")
+    print(f"  {depth:4d} layers, {len(target.groups):4d} groups: trace {1e3 * t_trace:8.1f} ms, "
+          f"compact {1e3 * t_compact:7.1f} ms{ratios}")
+    prev = (t_trace, t_compact)
 
 
 if __name__ == "__main__":

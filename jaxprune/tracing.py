@@ -323,6 +323,9 @@ class _Walker:
     self.zeros: set = set()                    # arrays of zeros made in the function
     self.stat_calls: dict = {}                 # _stat_call's answers, per call and inputs
     self.contractions: list[_Contraction] = []
+    self._eqn_index: dict = {}       # scope -> {outvar: its equation's index} (_backward)
+    self._contractions_at = (0, {})   # (how many are indexed, path -> contractions there)
+    self._literal_made: dict = {}     # scope -> _literal_made of its jaxpr
     self.uses: dict[tuple[int, int], _Use] = {}
     self.tied: set[tuple[int, int]] = set()     # (leaf, axis) both producer and consumer
     self.first_use: dict[int, tuple] = {}      # leaf -> (kind, path) of its first arithmetic use
@@ -472,7 +475,7 @@ class _Walker:
     followed). ``descend``: also into the
     bodies of called and scanned equations. A body's input leads back to the call site it was
     entered from (a body shared by two calls, like ``jax.nn.relu``'s, is not mixed up)."""
-    seen, stack, index = set(), [(scope, var)], {}
+    seen, stack, index = set(), [(scope, var)], self._eqn_index
     while stack:
       scope, v = stack.pop()
       if isinstance(v, jex.core.Literal) or (scope, v) in seen:
@@ -499,6 +502,31 @@ class _Walker:
           stack.append((scope[:-1], eqn.invars[i]))
         else:
           stack.append((scope[:-1], eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i]))
+
+  def literal_made(self, scope: tuple) -> dict:
+    """:func:`_literal_made` of the jaxpr at ``scope``, worked out once."""
+    if scope not in self._literal_made:
+      self._literal_made[scope] = _literal_made(self.jaxpr_at[scope])
+    return self._literal_made[scope]
+
+  def reaches_all(self, scope: tuple, var, paths) -> bool:
+    """Whether ``var`` depends, within one step, on every equation at ``paths``: the walk back
+    stops once all are found (they are near ``var``: its own layer's), so a deep network is not
+    walked back whole for each group."""
+    need = set(paths)
+    for path, _ in self._backward(scope, var, descend=True):
+      if not need:
+        break
+      need.discard(path)
+    return not need
+
+  def contractions_at(self, path) -> list:
+    """The kernel contractions recorded at ``path`` (the equation there), in their order."""
+    indexed, by_path = self._contractions_at
+    for c in self.contractions[indexed:]:     # those recorded since the last call
+      by_path.setdefault(c.path, []).append(c)
+    self._contractions_at = (len(self.contractions), by_path)
+    return by_path.get(path, [])
 
   def contractions_feeding(self, scope: tuple, var) -> set:
     """Paths of the kernel contractions within one step whose outputs ``var`` depends on (a
@@ -555,6 +583,8 @@ class _Walker:
     scanned over stacked params, whose units each step computes anew)."""
     # The bodies of the scans whose carry ``var`` reads: the scan around ``scope`` or one
     # further out (``var`` inside a checkpointed or jitted call in the scan's body).
+    if not scope:              # the top level has no carry, and the walk stays there
+      return False
     bodies = {body for path, body in self._backward(scope, var, descend=False) if path is None}
     if not bodies:
       return False
@@ -1854,7 +1884,7 @@ def _chain(w: _Walker, scope: tuple, start, root, stats: bool):
     if len(remaining) == 1 and next(iter(remaining)) not in stat_vars:
       joins.append((next(iter(remaining)), len(done)))
   var, n = joins[-1]
-  tag, i = _identify(jaxpr, joins, done[:n])
+  tag, i = _identify(jaxpr, joins, done[:n], w.literal_made(scope))
   if tag == "linear" and _gated(w, jaxpr, start, done[:n]):
     tag = "other"       # silu(x W1) * (x W3): a product of two activations, not no function
   # A zero-weight unit outputs act(bias) when only a parameter is added before the function.
@@ -1971,18 +2001,24 @@ _REFERENCE = {"sigmoid": _np_logistic, "tanh": np.tanh, "relu": lambda z: np.max
               "linear": lambda z: z}   # NumPy: compared on the grid without compiling anything
 
 
-def _identify(jaxpr, joins, eqns) -> tuple[str, int]:
+def _literal_made(jaxpr) -> dict:
+  """The arrays of ``jaxpr`` made from literals alone (a where's 0.0): ``{var: its eqn}``."""
+  made = {}
+  for e in jaxpr.eqns:
+    if (all(isinstance(v, jex.core.Literal) or v in made for v in e.invars)
+        and not _call_body(e)[0]):
+      made.update((o, e) for o in e.outvars)
+  return made
+
+
+def _identify(jaxpr, joins, eqns, made=None) -> tuple[str, int]:
   """The nonlinearity that ends a chain: the function of one variable computed after the last
   op that reads anything else (a bias, a norm's params, another layer), evaluated on a grid
   and compared with sigmoid, tanh, relu and the identity; ``'other'`` (``gelu``, ``silu``, a
   scaled sigmoid ...) when it is none of them. So ``1 / (1 + exp(-z))`` is a sigmoid however it
   is written. Also returns where that function starts in ``eqns``."""
+  made = _literal_made(jaxpr) if made is None else made   # arrays made from literals
   var = joins[-1][0]
-  made = {}                                  # arrays made from literals (a where's 0.0)
-  for e in jaxpr.eqns:
-    if (all(isinstance(v, jex.core.Literal) or v in made for v in e.invars)
-        and not _call_body(e)[0]):
-      made.update((o, e) for o in e.outvars)
   for entry, i in joins:                     # the earliest join after which only it is read
     tail = eqns[i:]
     inside = {entry} | {o for e in tail for o in e.outvars}
@@ -2083,8 +2119,8 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     kernels = sorted((u for u in producers if u.kind == "kernel" or u.computed),
                      key=lambda u: u.where)
     first = kernels[0] if kernels else min(producers, key=lambda u: u.where)
-    con = next((c for c in w.contractions if c.path == first.where
-                and (c.kernel == first.leaf or c.computed)), None)
+    con = next((c for c in w.contractions_at(first.where)
+                if c.kernel == first.leaf or c.computed), None)
     if con is not None and con.computed:     # named after the leaf the kernel is computed from
       first = next((u for u in kernels if u.where == con.path and u.leaf == con.kernel), first)
     name = _name(leaf_paths[first.leaf], first.axis, taken)
@@ -2108,7 +2144,7 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
           activation = act2
     readout = readout_extra = False
     if con is not None and len(consumers) == 1 and scope == ():
-      c = next(c for c in w.contractions if c.path == consumers[0].where)
+      c = w.contractions_at(consumers[0].where)[0]
       out, readout_extra = _readout_terms(w, c)
       # (N, units) read by a (units, outputs) kernel: not a conv layer's (N, positions x
       # channels) flattened, whose rows are positions of a unit
@@ -2125,9 +2161,9 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     # differently: merging them would change the outputs).
     # Nor is it complete when a consumer reads a parameter of the group directly: a recurrent
     # reader meets a learned initial state (h0) at the first step, not the activations.
-    complete = (joined and var is not None and {u.where for u in kernels} <= (
-        w.contractions_feeding(scope, var))
-        and not w.acts_after(scope, var, {u.leaf for u in producers})
+    complete = (joined and var is not None and w.reaches_all(
+        scope, var, {u.where for u in kernels}.union(
+            *(w.acting_points(leaf) for leaf in {u.leaf for u in producers})))
         and not _initial_states(w, scope, var, producers, consumers))
     # Why not complete: worked out when asked (TracedTarget.activations_incomplete_why).
     why = () if complete else (joined, tuple(kernels), tuple(producers), tuple(consumers))
@@ -2153,7 +2189,7 @@ def _initial_states(w: _Walker, scope, var, producers, consumers) -> list:
   top = w.jaxpr_at[()].invars
   found = set()
   for u in consumers:
-    con = next((c for c in w.contractions if c.path == u.where), None)
+    con = next(iter(w.contractions_at(u.where)), None)
     if con is None or not con.path[:-1]:        # a reader outside any loop body
       continue
     stack, seen = [(con.path[:-1], con.stream_var)], set()
@@ -2976,20 +3012,29 @@ class TracedTarget:
     rank = {"kernel": 0, "scale": 1, "bias": 2, "shift": 2, "stat": 3}
     order = lambda u: (0 if u.role == "producer" else 1,
                        rank.get(u.kind, 4) if u.role == "producer" else 0, u.where, u.leaf, u.axis)
+    # Each use's classes, worked out once, and the uses that hold each class (a deep network's
+    # sites would otherwise each go through every use).
+    uses = [u for u in sorted(an.uses.values(), key=order) if u.role != "window"]
+    roots_of, uses_of = [], {}
+    for i, use in enumerate(uses):
+      roots = [A.find(a) for a in A.expand(w.invar_atoms[use.leaf][use.axis]) if A.size[a] > 1]
+      roots_of.append(roots)
+      for r in roots:
+        uses_of.setdefault(r, set()).add(i)
+    holders_of = {}                  # a part's class -> {concatenation's class: its entry}
+    for r, parts in w.concat_of.items():
+      for p in parts:
+        holders_of.setdefault(p[0], {})[r] = p
     groups = {}
     for site in an.sites:
       slices = []
-      holders = {r: p for r, parts in w.concat_of.items() for p in parts if p[0] == site.root}
-      for use in sorted(an.uses.values(), key=order):
-        if use.role == "window":
-          continue
-        expanded = [a for a in A.expand(w.invar_atoms[use.leaf][use.axis]) if A.size[a] > 1]
-        roots = [A.find(a) for a in expanded]
+      holders = holders_of.get(site.root, {})
+      found = set(uses_of.get(site.root, ())).union(*(uses_of.get(r, ()) for r in holders))
+      for i in sorted(found):
+        use, roots = uses[i], roots_of[i]
         # Every place the units sit on this leaf axis: a layer read on two axes of one
         # flattened product (h[:, :, None] * h[:, None, :], flattened) owns a slice at each.
         places = [pos for pos, r in enumerate(roots) if r == site.root or r in holders]
-        if not places:
-          continue
         twice = self._read_twice(site, holders, use)
         for pos in places:
           slices.append(self._slice(site, use, roots, pos, twice))
@@ -3033,7 +3078,7 @@ class TracedTarget:
       axis = use.axis + (1 if before else 0)
     bias, why, out_axes, max_pooled = None, "", None, False
     if use.role == "consumer":
-      con = next(c for c in w.contractions if c.path == use.where)
+      con = w.contractions_at(use.where)[0]
       bias, why = self._consumer_bias(con), con.padded_why
       out_axes = self._bias_ordered(con)
       # A recurrent reader sees the initial state at the first step, not the units' values:
