@@ -119,6 +119,8 @@ class _Atoms:
     self.members: dict[int, list[int]] = {}
     self.blocked: dict[int, list[str]] = {}
     self.refined: dict[int, tuple[int, ...]] = {}
+    # Classes that hold an axis of a parameter (kept through unions and refinements).
+    self.of_param: set[int] = set()
 
   def new(self, size: int, blocked: str | None = None) -> int:
     a = len(self.parent)
@@ -145,6 +147,9 @@ class _Atoms:
     self.parent[rb] = ra
     self.members[ra].extend(self.members.pop(rb))
     self.blocked[ra].extend(self.blocked.pop(rb))
+    if rb in self.of_param:
+      self.of_param.discard(rb)
+      self.of_param.add(ra)
 
   def block(self, a: int, reason: str) -> None:
     for leaf in self.expand((a,)):
@@ -165,6 +170,7 @@ class _Atoms:
     """Splits atom ``a`` (and every atom of its class) into atoms of sizes ``factors``."""
     r = self.find(a)
     reasons = list(self.blocked[r])
+    of_param = r in self.of_param
     first = None
     for m in list(self.members[r]):
       subs = tuple(self.new(f) for f in factors)
@@ -177,6 +183,8 @@ class _Atoms:
     for s in first:
       for why in reasons:
         self.block(s, why)
+      if of_param:
+        self.of_param.add(self.find(s))
 
   def unify(self, xs: Sequence[int], ys: Sequence[int], reason: str) -> bool:
     """Ties two axes given as atom lists of the same total size (refining where needed)."""
@@ -326,6 +334,7 @@ class _Walker:
     self._eqn_index: dict = {}       # scope -> {outvar: its equation's index} (_backward)
     self._contractions_at = (0, {})   # (how many are indexed, path -> contractions there)
     self._literal_made: dict = {}     # scope -> _literal_made of its jaxpr
+    self._eqn_positions: dict = {}    # scope -> {id(eqn): its index}
     self.uses: dict[tuple[int, int], _Use] = {}
     self.tied: set[tuple[int, int]] = set()     # (leaf, axis) both producer and consumer
     self.first_use: dict[int, tuple] = {}      # leaf -> (kind, path) of its first arithmetic use
@@ -353,6 +362,7 @@ class _Walker:
       self.invar_atoms.append(ax)
       if i < self.num_params:
         self.origin[v] = (i, tuple(range(len(ax))))
+        self.atoms.of_param.update(a[0] for a in ax)
       else:
         self.stream.add(v)
         for a in ax:
@@ -483,7 +493,7 @@ class _Walker:
       seen.add((scope, v))
       jaxpr = self.jaxpr_at[scope]
       if scope not in index:
-        index[scope] = {o: k for k, e in enumerate(jaxpr.eqns) for o in e.outvars}
+        self.eqn_index(scope)
       if v in index[scope]:
         k = index[scope][v]
         eqn, path = jaxpr.eqns[k], scope + (k,)
@@ -502,6 +512,19 @@ class _Walker:
           stack.append((scope[:-1], eqn.invars[i]))
         else:
           stack.append((scope[:-1], eqn.invars[len(eqn.invars) - len(jaxpr.invars) + i]))
+
+  def eqn_index(self, scope: tuple) -> dict:
+    """``{outvar: index of the equation that makes it}`` of the jaxpr at ``scope``."""
+    if scope not in self._eqn_index:
+      self._eqn_index[scope] = {o: k for k, e in enumerate(self.jaxpr_at[scope].eqns)
+                                for o in e.outvars}
+    return self._eqn_index[scope]
+
+  def eqn_positions(self, scope: tuple) -> dict:
+    """``{id(eqn): its index}`` of the jaxpr at ``scope``."""
+    if scope not in self._eqn_positions:
+      self._eqn_positions[scope] = {id(e): k for k, e in enumerate(self.jaxpr_at[scope].eqns)}
+    return self._eqn_positions[scope]
 
   def literal_made(self, scope: tuple) -> dict:
     """:func:`_literal_made` of the jaxpr at ``scope``, worked out once."""
@@ -1138,9 +1161,7 @@ class _Walker:
     # Only an axis that parameters produce (a fused kernel's columns): a cut of the batch or
     # of time steps stays an index, as it was.
     A = self.atoms
-    produced = {A.find(a) for leaf in self.invar_atoms[:self.num_params] for ax in leaf
-                for a in A.expand(ax) if A.size[a] > 1}
-    if not all(A.find(a) in produced for a in A.expand(x[d]) if A.size[a] > 1):
+    if not all(A.find(a) in A.of_param for a in A.expand(x[d]) if A.size[a] > 1):
       return None
     out = self._reshape(x, tuple(shape[:d]) + (k, n) + tuple(shape[d + 1:]))
     if out is None:
@@ -1885,7 +1906,7 @@ def _chain(w: _Walker, scope: tuple, start, root, stats: bool):
       joins.append((next(iter(remaining)), len(done)))
   var, n = joins[-1]
   tag, i = _identify(jaxpr, joins, done[:n], w.literal_made(scope))
-  if tag == "linear" and _gated(w, jaxpr, start, done[:n]):
+  if tag == "linear" and _gated(w, scope, jaxpr, start, done[:n]):
     tag = "other"       # silu(x W1) * (x W3): a product of two activations, not no function
   # A zero-weight unit outputs act(bias) when only a parameter is added before the function.
   plain = i == 0 or (i == 1 and done[0].primitive.name == "add" and any(
@@ -1914,14 +1935,19 @@ def _chain(w: _Walker, scope: tuple, start, root, stats: bool):
   return var, tag, joined, plain, stat_read
 
 
-def _gated(w: _Walker, jaxpr, start, eqns) -> bool:
+def _gated(w: _Walker, scope: tuple, jaxpr, start, eqns) -> bool:
   """Whether one of the chain's ``eqns`` does more than add a value computed from the inputs
   that does not depend on the chain's own values: a gate (SwiGLU's ``silu(x W1) * (x W3)``, an
   LSTM's ``o * tanh(c)``) multiplies the units by other activations, so the units are not the
   identity of their pre-activation ('linear'). A residual sum (``add``, ``sub``) and a
   normalisation by the units' own statistics (batch norm in training mode) are not gates."""
+  # What depends on start, among the equations from start's to the chain's last (the others
+  # cannot feed the chain: the equations are in program order).
+  pos = w.eqn_positions(scope)
+  lo = w.eqn_index(scope).get(start, 0)
+  hi = max((pos[id(e)] for e in eqns), default=-1)
   tainted = {start}
-  for e in jaxpr.eqns:
+  for e in jaxpr.eqns[lo:hi + 1]:
     if any(not isinstance(v, jex.core.Literal) and v in tainted for v in e.invars):
       tainted.update(e.outvars)
   for e in eqns:
