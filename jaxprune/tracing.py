@@ -1668,6 +1668,8 @@ def _admissible(eqn, live_ins) -> bool:
     return True
   if not (eqn.primitive.name in _ELEMENTWISE or _is_elementwise_call(eqn)):
     return False
+  if any(jnp.issubdtype(o.aval.dtype, jnp.complexfloating) for o in eqn.outvars):
+    return False          # lax.complex: the activations stay the real values before it
   shapes = {tuple(v.aval.shape) for v in live_ins}
   return len(eqn.outvars) == 1 and shapes == {tuple(eqn.outvars[0].aval.shape)}
 
@@ -1918,8 +1920,13 @@ def _chain(w: _Walker, scope: tuple, start, root, stats: bool):
   left = {v for v in remaining if not (v in stat_vars and stat_vars[v] <= {var})}
   # Branches that only cut var into parts and move them (qkv.reshape(B, T, 3, H, D)[:, :, i],
   # as jnp.split(qkv, 3, -1), which the chain does not follow, stops at qkv) read var itself.
+  # Each part must go straight into products: a part scaled or shifted first (by any value,
+  # a column of its own reader's kernel included) passes on other values than var's.
   parts_of_var = bool(left) and bool(done[n:]) and all(
-      e.primitive.name in _UNIT_MOVES or e.primitive.name in _LAYOUT_OPS for e in done[n:])
+      e.primitive.name in _UNIT_MOVES or e.primitive.name in _LAYOUT_OPS for e in done[n:]
+  ) and all(not n_out.get(v) and all(
+      e.primitive.name in ("dot_general", "conv_general_dilated") for e in map(
+          lambda k: jaxpr.eqns[k], users(v))) for v in left)
   joined = (left == {var} or (not left and bool(remaining)) or parts_of_var) and not any(
       _admissible(jaxpr.eqns[k], [v for v in jaxpr.eqns[k].invars if v is var])
       or _keeps_units(w, scope, jaxpr.eqns[k], root)

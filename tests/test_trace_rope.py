@@ -184,3 +184,52 @@ def test_fused_qkv_heads_merge_exactly_whichever_way_qkv_is_cut(cut):
   assert np.asarray(um[name]).tolist() == [True, True, False, True]
   small, small_target = target.compact(new, um)
   np.testing.assert_allclose(small_target.apply(small, x), fn(params, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cut", ["slices", "split"])
+@pytest.mark.parametrize("between", ["scale", "shift"])
+def test_a_part_changed_before_its_product_leaves_the_group_incomplete(cut, between):
+  """Parts count as the value itself only when each goes straight into a product: one part
+  scaled or shifted per unit first (here by a column of a reader's kernel, after the other
+  part's product in program order) passes on other values, so a merge of two units with
+  equal activations would change the outputs."""
+  H = 4
+  r = np.random.default_rng(0)
+  p = {k: jnp.asarray(r.normal(size=s), jnp.float32)
+       for k, s in (("w", (3, 2 * H)), ("b", (2 * H,)), ("A", (H, 2)), ("C", (H, 2)))}
+
+  def fn(p, x):
+    h = jax.nn.relu(x @ p["w"] + p["b"])
+    a, c = (h[:, :H], h[:, H:]) if cut == "slices" else jnp.split(h, 2, -1)
+    y = a @ p["A"]
+    c = c * p["C"][:, 0] if between == "scale" else c + p["A"][:, 1]
+    return y + c @ p["C"]
+
+  target = jaxprune.trace(fn, p, jnp.asarray(r.normal(size=(5, 3)), jnp.float32))
+  assert list(target.groups) == ["w"]
+  assert not target.activations_complete("w")
+
+
+def test_two_layers_paired_as_complex_numbers_keep_real_activations():
+  """``lax.complex(x @ wa + ba, x @ wb + bb)`` ties the two layers' units: the chain stops
+  before the complex value, so the activations are real (they were complex64, which the pruners
+  then refused with wrong advice) and, with two kernels meeting after them, incomplete; the
+  pruners from weights compact exactly. No ComplexWarning from the nonlinearity's grid."""
+  import warnings
+  r = np.random.default_rng(3)
+  p = {k: jnp.asarray(r.normal(size=s), jnp.float32)
+       for k, s in (("wa", (3, 4)), ("ba", (4,)), ("wb", (3, 4)), ("bb", (4,)), ("A", (4, 2)))}
+
+  def fn(p, x):
+    z = jax.lax.complex(x @ p["wa"] + p["ba"], x @ p["wb"] + p["bb"])
+    return (z @ p["A"].astype(jnp.complex64)).real
+
+  x = jnp.asarray(r.normal(size=(6, 3)), jnp.float32)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    target = jaxprune.trace(fn, p, x)
+  assert list(target.groups) == ["wa"] and not target.activations_complete("wa")
+  assert target.activations(p, x, "wa").dtype == jnp.float32
+  new, um, _ = jaxprune.importance_prune(target, "wa")(p, jaxprune.unit_masks_ones(target), 1)
+  small, small_target = target.compact(new, um)
+  np.testing.assert_allclose(small_target.apply(small, x), fn(new, x), rtol=1e-5, atol=1e-5)
