@@ -339,6 +339,7 @@ class _Walker:
     self.tied: set[tuple[int, int]] = set()     # (leaf, axis) both producer and consumer
     self.first_use: dict[int, tuple] = {}      # leaf -> (kind, path) of its first arithmetic use
     self.equal_parts: set = set()              # outputs of a cut into equal parts (_equal_parts)
+    self.parts_taken: dict = {}   # (scope, var, axis) -> (parts, indices read, its atoms)
     self.users: dict[Any, list] = {}           # var -> [(path, eqn)] in its own jaxpr
     self.producer_of: dict[Any, tuple] = {}    # var -> (path, eqn) that computes it
     self.invar_atoms: list = []
@@ -370,6 +371,7 @@ class _Walker:
     for v in jaxpr.constvars:
       env[v] = self.fresh(v.aval.shape, _CLOSED_OVER)
     self._walk(jaxpr, env, ())
+    self._block_untaken_parts()
     for ax in (self._read(env, v) for v in jaxpr.outvars):
       for atoms in ax:
         for a in atoms:
@@ -916,6 +918,8 @@ class _Walker:
           parts = self._equal_parts(x, eqn.invars[0].aval.shape, d, [n] * (size // n))
           if parts is not None:
             self.equal_parts.update(eqn.outvars)
+            self._take_parts(path, eqn.invars[0], d, size // n, [None] * (start // n)
+                             + [eqn.outvars[0]], x[d])
             return [parts]
       if name == "pad":
         changed |= {d for d, (lo, hi, interior) in enumerate(eqn.params["padding_config"])
@@ -948,6 +952,7 @@ class _Walker:
       parts = self._equal_parts(ins[0], eqn.invars[0].aval.shape, d, eqn.params["sizes"])
       if parts is not None:
         self.equal_parts.update(eqn.outvars)
+        self._take_parts(path, eqn.invars[0], d, len(eqn.outvars), eqn.outvars, ins[0][d])
         return [parts] * len(eqn.params["sizes"])
       for a in ins[0][d]:
         A.block(a, "split by split")
@@ -1148,6 +1153,24 @@ class _Walker:
           return None
       out.append(tuple(group))
     return tuple(out)
+
+  def _take_parts(self, path, var, d, k, outs, atoms):
+    """Records a cut of ``var``'s axis ``d`` into ``k`` equal parts: ``outs[j]`` is part
+    ``j``'s value where the cut takes it (None: not taken here)."""
+    entry = self.parts_taken.setdefault((path[:-1], var, d), (k, [], atoms))
+    entry[1].extend((j, o) for j, o in enumerate(outs) if o is not None)
+
+  def _block_untaken_parts(self):
+    """A value (a kernel) cut into equal parts of which some are never read: unit ``i`` would
+    own the unread parts' entries too (their weights would count in its scores and folds), so
+    the axis is not prunable. Run after the walk, when every reader is known."""
+    for (scope, _, _), (k, outs, atoms) in self.parts_taken.items():
+      body = self.jaxpr_at[scope]
+      read = {j for j, o in outs if not isinstance(o, jex.core.DropVar)
+              and (o in self.users or any(o is v for v in body.outvars))}
+      if len(read) < k:
+        for a in atoms:
+          self.atoms.block(a, "cut into equal parts of which only some are read")
 
   def _equal_parts(self, x, shape, d, sizes):
     """Axis ``d`` cut into equal parts (``jnp.split``, ``h[:, :H]`` and ``h[:, H:]``): read as a

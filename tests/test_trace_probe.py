@@ -297,3 +297,28 @@ def test_a_group_norm_meeting_a_concatenation_leaves_no_group_without_producers(
               if (s.path[-1], s.axis) in width], target.groups
   assert "concatenated and then split" in [l for l in target.explain().splitlines()
                                            if l.startswith("scale ")][0]
+
+
+@pytest.mark.parametrize("cut", ["slice_of_kernel", "split_of_kernel", "slice_of_values"])
+def test_a_cut_into_equal_parts_with_a_part_never_read_is_not_prunable(cut):
+  """``h @ A[:H]`` with ``A`` of 2H rows (or ``jnp.split`` keeping one half, or ``h2[:, :H]``
+  of a product of 2H columns): unit i owned the unread half's entry too, so distinctiveness
+  folded a constant unit's value times both rows into the bias (the output moved by 1.19).
+  The axis is now refused, and explain() says why."""
+  H = 4
+  p = {"w1": _arr(3, H), "b1": _arr(H), "A": _arr(2 * H, 2), "w2": _arr(3, 2 * H),
+       "bo": _arr(2)}
+
+  def fn(p, x):
+    h = jax.nn.relu(x @ p["w1"] + p["b1"])
+    if cut == "slice_of_kernel":
+      return h @ p["A"][:H] + p["bo"]
+    if cut == "split_of_kernel":
+      top, _ = jnp.split(p["A"], 2, 0)
+      return h @ top + p["bo"]
+    g = jnp.tanh(x @ p["w2"])[:, :H]
+    return g @ p["A"][:H] + h @ p["A"][H:] + p["bo"]
+
+  target = jaxprune.trace(fn, p, _arr(5, 3))
+  assert not target.groups, target.groups
+  assert "cut into equal parts of which only some are read" in target.explain()
