@@ -13,11 +13,9 @@ from jaxprune import tracing
 
 
 def _mlp(p, x):
-  for i, layer in enumerate(p):
-    x = x @ layer["w"] + layer["b"]
-    if i < len(p) - 1:
-      x = jnp.tanh(x)
-  return x
+  for layer in p[:-1]:
+    x = jnp.tanh(x @ layer["w"] + layer["b"])
+  return x @ p[-1]["w"] + p[-1]["b"]
 
 
 def _glu(p, x):
