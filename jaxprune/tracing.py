@@ -2343,7 +2343,8 @@ def _resolve_concats(w: _Walker) -> None:
       # The concatenation's width is its parts' widths: with the parts blocked, no part of it
       # (a GroupNorm's norm groups over it, the rows a consumer reads of it) can shrink either.
       for a in [c] + [a for p in part_atoms for a in p]:
-        A.block(a, "concatenated and then split, or concatenated along a flattened axis")
+        A.block(a, "concatenated and then split (into norm groups, a channel shuffle's or a "
+                "grouped convolution's groups), or concatenated along a flattened axis")
       continue
     entries, offset = [], 0
     for p, atoms in zip(parts, part_atoms):

@@ -307,11 +307,14 @@ def producer_bias(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
   """The units' biases (zeros if the group has no producer slice of kind ``'bias'``)."""
   for s in group.producers:
     if s.kind == "bias":
-      view = units_lib.unit_view(units_lib.get_path(params, s.path), s)
+      leaf = units_lib.get_path(params, s.path)
+      view = units_lib.unit_view(leaf, s)
       if view.size != group.size:
         raise ValueError(
             f"Group {group.name!r}: each unit's bias at {'/'.join(map(str, s.path))} holds "
-            f"{view.size // group.size} numbers (bias shape {view.shape}), so a unit with zero "
+            f"{view.size // group.size} numbers (the bias has shape {tuple(leaf.shape)} for "
+            f"{group.size} units: one per group of a grouped conv or per channel of a norm "
+            "group, say), so a unit with zero "
             "incoming weights has no single constant output act(bias) to fold; pass "
             "constants=False.")
       return view.reshape(group.size)
