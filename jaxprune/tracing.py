@@ -1945,12 +1945,27 @@ def _chain(w: _Walker, scope: tuple, start, root, stats: bool):
   # as jnp.split(qkv, 3, -1), which the chain does not follow, stops at qkv) read var itself.
   # Each part must go straight into products: a part scaled or shifted first (by any value,
   # a column of its own reader's kernel included) passes on other values than var's.
-  parts_of_var = bool(left) and bool(done[n:]) and all(
-      e.primitive.name in _UNIT_MOVES or e.primitive.name in _LAYOUT_OPS for e in done[n:]
-  ) and all(not n_out.get(v) and all(
-      e.primitive.name in ("dot_general", "conv_general_dilated") for e in map(
-          lambda k: jaxpr.eqns[k], users(v))) for v in left)
-  joined = (left == {var} or (not left and bool(remaining)) or parts_of_var) and not any(
+  def cut_into_products(v) -> bool:
+    """Whether every path from ``v`` only cuts and moves it into products (the walk stops at
+    the first product, in program order, so later cuts may not have been reached yet)."""
+    stack, seen = [v], set()
+    while stack:
+      u = stack.pop()
+      if u in seen:
+        continue
+      seen.add(u)
+      if n_out.get(u):
+        return False
+      for k in users(u):
+        e = jaxpr.eqns[k]
+        if e.primitive.name in _UNIT_MOVES or e.primitive.name in _LAYOUT_OPS:
+          stack.extend(e.outvars)
+        elif e.primitive.name not in ("dot_general", "conv_general_dilated"):
+          return False
+    return True
+
+  parts_of_var = bool(left) and bool(done[n:]) and cut_into_products(var)
+  joined = parts_of_var or (left == {var} or (not left and bool(remaining))) and not any(
       _admissible(jaxpr.eqns[k], [v for v in jaxpr.eqns[k].invars if v is var])
       or _keeps_units(w, scope, jaxpr.eqns[k], root)
       or _unitwise_call(w, scope, k, jaxpr.eqns[k], root)

@@ -233,3 +233,48 @@ def test_two_layers_paired_as_complex_numbers_keep_real_activations():
   new, um, _ = jaxprune.importance_prune(target, "wa")(p, jaxprune.unit_masks_ones(target), 1)
   small, small_target = target.compact(new, um)
   np.testing.assert_allclose(small_target.apply(small, x), fn(new, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cut", ["slices", "split", "three_slices", "reshape_and_index",
+                                 "relu_on_one_part"])
+def test_parts_read_straight_by_products_are_the_value_and_a_duplicate_merges(cut):
+  """``h[:, :H] @ A + h[:, H:] @ B`` reads h as ``jnp.split`` does (the walk stops at the first
+  product in program order, before the second cut: it was incomplete), so a unit that copies
+  another in every part merges with the outputs unchanged; a nonlinearity on one part keeps
+  the group incomplete."""
+  H, k = 4, 3 if cut == "three_slices" else 2
+  r = np.random.default_rng(5)
+  p = {"w": jnp.asarray(r.normal(size=(6, k * H)), jnp.float32),
+       "b": jnp.asarray(r.normal(size=(k * H,)), jnp.float32),
+       "A": jnp.asarray(r.normal(size=(k, H, 3)), jnp.float32)}
+  for part in range(k):                        # unit 1 copies unit 0 in every part
+    p["w"] = p["w"].at[:, part * H + 1].set(p["w"][:, part * H])
+    p["b"] = p["b"].at[part * H + 1].set(p["b"][part * H])
+
+  def part(h, i):          # cut where it is read: a cut, a product, the next cut, ...
+    if cut == "split":
+      return jnp.split(h, k, -1)[i]
+    if cut == "reshape_and_index":
+      return h.reshape(-1, k, H)[:, i]
+    q = h[:, i * H:(i + 1) * H]
+    return jax.nn.relu(q) if cut == "relu_on_one_part" and i == 1 else q
+
+  def fn(p, x):
+    h = jnp.tanh(x @ p["w"] + p["b"])
+    y = part(h, 0) @ p["A"][0]
+    for i in range(1, k):
+      y = y + part(h, i) @ p["A"][i]
+    return y
+
+  x = jnp.asarray(r.normal(size=(8, 6)), jnp.float32)
+  target = jaxprune.trace(fn, p, x)
+  assert list(target.groups) == ["w"]
+  if cut == "relu_on_one_part":
+    assert not target.activations_complete("w")
+    return
+  assert target.activations_complete("w")
+  new, um, _ = jaxprune.distinctiveness(target, "w", complementary=False, constants=False)(
+      p, jaxprune.unit_masks_ones(target), target.activations(p, x, "w"), 1.0, 179.0)
+  assert np.asarray(um["w"]).tolist() == [True, False, True, True]
+  small, small_target = target.compact(new, um)
+  np.testing.assert_allclose(small_target.apply(small, x), fn(p, x), rtol=1e-5, atol=1e-5)
