@@ -553,13 +553,6 @@ class _Walker:
     self._contractions_at = (len(self.contractions), by_path)
     return by_path.get(path, [])
 
-  def contractions_feeding(self, scope: tuple, var) -> set:
-    """Paths of the kernel contractions within one step whose outputs ``var`` depends on (a
-    carry is the previous step's value, from the same kernels: following it back would count
-    kernels applied after ``var`` in a step)."""
-    return {path for path, eqn in self._backward(scope, var, descend=True)
-            if path is not None and eqn.primitive.name in ("dot_general", "conv_general_dilated")}
-
   def acting_points(self, leaf: int) -> set:
     """Paths of the equations where parameter ``leaf`` first meets the values computed from the
     function's inputs: followed forward through what it computes with other params and
@@ -591,14 +584,6 @@ class _Walker:
         else:
           stack += [(scope, o) for o in eqn.outvars]
     return found
-
-  def acts_after(self, scope: tuple, var, leaves) -> bool:
-    """Whether one of the parameter ``leaves`` acts where ``var`` does not depend on it (a
-    per-unit shift added after an op that ends the activation chain, ``tanh(h.mean(1) + b)``;
-    a layer applied again, ``f(x1) @ W2 + f(x2) @ W3``): then ``var`` does not determine what
-    the units pass on."""
-    before = {path for path, _ in self._backward(scope, var, descend=True) if path is not None}
-    return any(not self.acting_points(leaf) <= before for leaf in leaves)
 
   def reads_carry(self, scope: tuple, var, root=None) -> bool:
     """Whether ``var`` depends on the carry of a scan it is computed in: a recurrent reader,
@@ -2308,8 +2293,10 @@ def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, produce
     parts.append("its readers read it at different points (as in relu(h) @ W2 + "
                  "h @ W3), or a statistic that the tracer does not follow reads its units, "
                  "so no one value is what they all read")
-  feeding = w.contractions_feeding(scope, var)
-  late = [u for u in kernels if u.where not in feeding]
+  # What var depends on within one step: the kernels (their contractions) and the points where
+  # the group's params meet the data that act before it.
+  before = {path for path, _ in w._backward(scope, var, descend=True) if path is not None}
+  late = [u for u in kernels if u.where not in before]
   depthwise, other = [], []
   for u in late:
     eqn = _eqn_at(w, u.where)
@@ -2328,7 +2315,6 @@ def _incomplete_why(w: _Walker, leaf_paths, scope, var, joined, kernels, produce
                  "(a residual addition couples it with other layers, a gate scales it, or "
                  "layers scanned over stacked params share it)")
   kernel_leaves = {u.leaf for u in late}
-  before = {path for path, _ in w._backward(scope, var, descend=True) if path is not None}
   after = [name(u.leaf) for u in producers if u.leaf not in kernel_leaves
            and not w.acting_points(u.leaf) <= before]
   if after and late:
