@@ -331,10 +331,8 @@ class _Walker:
     self.zeros: set = set()                    # arrays of zeros made in the function
     self.stat_calls: dict = {}                 # _stat_call's answers, per call and inputs
     self.contractions: list[_Contraction] = []
-    self._eqn_index: dict = {}       # scope -> {outvar: its equation's index} (_backward)
     self._contractions_at = (0, {})   # (how many are indexed, path -> contractions there)
     self._literal_made: dict = {}     # scope -> _literal_made of its jaxpr
-    self._eqn_positions: dict = {}    # scope -> {id(eqn): its index}
     self.uses: dict[tuple[int, int], _Use] = {}
     self.tied: set[tuple[int, int]] = set()     # (leaf, axis) both producer and consumer
     self.first_use: dict[int, tuple] = {}      # leaf -> (kind, path) of its first arithmetic use
@@ -348,7 +346,7 @@ class _Walker:
     self.concat: dict[int, list] = {}          # concatenation atom -> its parts' atoms
     self.concat_of: dict[int, list] = {}       # class root -> [(part root, offset, length)]
     self.jaxpr_at: dict[tuple, Any] = {}       # scope (path of the calling eqn) -> its jaxpr
-    self._eqn_index: dict[tuple, dict] = {}    # scope -> {outvar: eqn index} (_definition)
+    self._eqn_index: dict[tuple, dict] = {}    # scope -> {outvar: eqn index} (eqn_index)
 
   # -- helpers ---------------------------------------------------------------------------------
   def fresh(self, shape, blocked=None):
@@ -487,17 +485,15 @@ class _Walker:
     followed). ``descend``: also into the
     bodies of called and scanned equations. A body's input leads back to the call site it was
     entered from (a body shared by two calls, like ``jax.nn.relu``'s, is not mixed up)."""
-    seen, stack, index = set(), [(scope, var)], self._eqn_index
+    seen, stack = set(), [(scope, var)]
     while stack:
       scope, v = stack.pop()
       if isinstance(v, jex.core.Literal) or (scope, v) in seen:
         continue
       seen.add((scope, v))
-      jaxpr = self.jaxpr_at[scope]
-      if scope not in index:
-        self.eqn_index(scope)
-      if v in index[scope]:
-        k = index[scope][v]
+      jaxpr, index = self.jaxpr_at[scope], self.eqn_index(scope)
+      if v in index:
+        k = index[v]
         eqn, path = jaxpr.eqns[k], scope + (k,)
         yield path, eqn
         sub = _body(eqn) if descend else None
@@ -521,12 +517,6 @@ class _Walker:
       self._eqn_index[scope] = {o: k for k, e in enumerate(self.jaxpr_at[scope].eqns)
                                 for o in e.outvars}
     return self._eqn_index[scope]
-
-  def eqn_positions(self, scope: tuple) -> dict:
-    """``{id(eqn): its index}`` of the jaxpr at ``scope``."""
-    if scope not in self._eqn_positions:
-      self._eqn_positions[scope] = {id(e): k for k, e in enumerate(self.jaxpr_at[scope].eqns)}
-    return self._eqn_positions[scope]
 
   def literal_made(self, scope: tuple) -> dict:
     """:func:`_literal_made` of the jaxpr at ``scope``, worked out once."""
@@ -903,8 +893,8 @@ class _Walker:
           parts = self._equal_parts(x, eqn.invars[0].aval.shape, d, [n] * (size // n))
           if parts is not None:
             self.equal_parts.update(eqn.outvars)
-            self._take_parts(path, eqn.invars[0], d, size // n, [None] * (start // n)
-                             + [eqn.outvars[0]], x[d])
+            self._take_parts(path, eqn.invars[0], d, size // n, {start // n: eqn.outvars[0]},
+                             x[d])
             return [parts]
       if name == "pad":
         changed |= {d for d, (lo, hi, interior) in enumerate(eqn.params["padding_config"])
@@ -937,7 +927,8 @@ class _Walker:
       parts = self._equal_parts(ins[0], eqn.invars[0].aval.shape, d, eqn.params["sizes"])
       if parts is not None:
         self.equal_parts.update(eqn.outvars)
-        self._take_parts(path, eqn.invars[0], d, len(eqn.outvars), eqn.outvars, ins[0][d])
+        self._take_parts(path, eqn.invars[0], d, len(eqn.outvars), dict(enumerate(eqn.outvars)),
+                         ins[0][d])
         return [parts] * len(eqn.params["sizes"])
       for a in ins[0][d]:
         A.block(a, "split by split")
@@ -1140,10 +1131,10 @@ class _Walker:
     return tuple(out)
 
   def _take_parts(self, path, var, d, k, outs, atoms):
-    """Records a cut of ``var``'s axis ``d`` into ``k`` equal parts: ``outs[j]`` is part
-    ``j``'s value where the cut takes it (None: not taken here)."""
+    """Records a cut of ``var``'s axis ``d`` into ``k`` equal parts; ``outs``: ``{j: the value
+    of part j}`` for the parts this cut takes."""
     entry = self.parts_taken.setdefault((path[:-1], var, d), (k, [], atoms))
-    entry[1].extend((j, o) for j, o in enumerate(outs) if o is not None)
+    entry[1].extend(outs.items())
 
   def _block_untaken_parts(self):
     """A value (a kernel) cut into equal parts of which some are never read: unit ``i`` would
@@ -1223,11 +1214,7 @@ class _Walker:
     ``('in', outer scope, operand)`` for the input of a followed call's body (its call site's
     operand, or a scan's constant); None for anything else (a top-level input, a closed-over
     constant, a scan's carry or ``xs``)."""
-    jaxpr = self.jaxpr_at[scope]
-    index = self._eqn_index.get(scope)
-    if index is None:
-      index = self._eqn_index[scope] = {o: k for k, e in enumerate(jaxpr.eqns)
-                                        for o in e.outvars}
+    jaxpr, index = self.jaxpr_at[scope], self.eqn_index(scope)
     if v in index:
       return "eqn", scope + (index[v],), jaxpr.eqns[index[v]]
     if scope and v in jaxpr.invars:
@@ -1973,9 +1960,9 @@ def _gated(w: _Walker, scope: tuple, jaxpr, start, eqns) -> bool:
   normalisation by the units' own statistics (batch norm in training mode) are not gates."""
   # What depends on start, among the equations from start's to the chain's last (the others
   # cannot feed the chain: the equations are in program order).
-  pos = w.eqn_positions(scope)
-  lo = w.eqn_index(scope).get(start, 0)
-  hi = max((pos[id(e)] for e in eqns), default=-1)
+  index = w.eqn_index(scope)
+  lo = index.get(start, 0)
+  hi = max((index[e.outvars[0]] for e in eqns), default=-1)
   tainted = {start}
   for e in jaxpr.eqns[lo:hi + 1]:
     if any(not isinstance(v, jex.core.Literal) and v in tainted for v in e.invars):
@@ -2067,13 +2054,13 @@ def _literal_made(jaxpr) -> dict:
   return made
 
 
-def _identify(jaxpr, joins, eqns, made=None) -> tuple[str, int]:
+def _identify(jaxpr, joins, eqns, made) -> tuple[str, int]:
   """The nonlinearity that ends a chain: the function of one variable computed after the last
   op that reads anything else (a bias, a norm's params, another layer), evaluated on a grid
   and compared with sigmoid, tanh, relu and the identity; ``'other'`` (``gelu``, ``silu``, a
   scaled sigmoid ...) when it is none of them. So ``1 / (1 + exp(-z))`` is a sigmoid however it
-  is written. Also returns where that function starts in ``eqns``."""
-  made = _literal_made(jaxpr) if made is None else made   # arrays made from literals
+  is written. Also returns where that function starts in ``eqns``. ``made``: the arrays of
+  ``jaxpr`` made from literals (:func:`_literal_made`)."""
   var = joins[-1][0]
   for entry, i in joins:                     # the earliest join after which only it is read
     tail = eqns[i:]
