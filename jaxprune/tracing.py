@@ -319,6 +319,33 @@ def _makes_zeros(eqn, zeros: set) -> bool:
   return v in zeros
 
 
+def _makes_state(eqn, zeros: set, origin: dict, states: set, producer_of: dict) -> bool:
+  """Whether ``eqn`` makes a *learned state*: a per-unit parameter vector (one axis of size
+  > 1, an RNN's learned ``h0``) broadcast along axes of no leaf (``jnp.broadcast_to(h0, (B,
+  H))``, ``jnp.tile``, ``jnp.repeat``, ``h0 + jnp.zeros((B, H))``, ``jnp.ones((B, 1)) * h0``)
+  or moved, without the function's inputs. A kernel reads it as it reads the units (see
+  ``_kernel_operand``)."""
+  name = eqn.primitive.name
+  ins = [v for v in eqn.invars if not isinstance(v, jex.core.Literal)]
+  vector = lambda v: v in states or (
+      v in origin and sum(d > 1 for d in v.aval.shape) == 1)
+  if name in _ZERO_MOVES + ("tile", "expand_dims") and ins and ins[0] is eqn.invars[0]:
+    return vector(ins[0])
+  if name == "add" and len(ins) == 2:
+    return any(vector(a) and b in zeros for a, b in (ins, ins[::-1]))
+  if name == "mul" and len(ins) == 2:
+    return any(vector(a) and _ones(b, producer_of) for a, b in (ins, ins[::-1]))
+  return False
+
+
+def _ones(v, producer_of: dict) -> bool:
+  """Whether ``v`` is an array of ones broadcast from a literal (``jnp.ones((B, 1))``)."""
+  eqn = producer_of.get(v, (None, None))[1]
+  return (eqn is not None and eqn.primitive.name == "broadcast_in_dim"
+          and isinstance(eqn.invars[0], jex.core.Literal) and np.all(
+              np.asarray(eqn.invars[0].val) == 1))
+
+
 class _Walker:
   """Walks a closed jaxpr once, giving every value's axes as atom lists."""
 
@@ -329,6 +356,7 @@ class _Walker:
     self.origin: dict[Any, tuple] = {}         # var -> (leaf, axis map) for pure layout of a leaf
     self.stream: set = set()                   # vars that depend on the non-param arguments
     self.zeros: set = set()                    # arrays of zeros made in the function
+    self.states: set = set()                   # learned states (_makes_state)
     self.stat_calls: dict = {}                 # _stat_call's answers, per call and inputs
     self.contractions: list[_Contraction] = []
     self._contractions_at = (0, {})   # (how many are indexed, path -> contractions there)
@@ -396,6 +424,8 @@ class _Walker:
         self.stream.update(eqn.outvars)
       elif _makes_zeros(eqn, self.zeros):
         self.zeros.update(eqn.outvars)
+      elif _makes_state(eqn, self.zeros, self.origin, self.states, self.producer_of):
+        self.states.update(eqn.outvars)
       outs = self._eqn(eqn, ins, env, path)
       self.shapes[path] = outs
       for v, ax in zip(eqn.outvars, outs):
@@ -456,7 +486,9 @@ class _Walker:
         continue
       others = [w for w in eqn.invars if w is not v]
       on_stream = any(not isinstance(w, jex.core.Literal) and w in self.stream for w in others)
-      if name == "add" and on_stream:
+      if eqn.outvars[0] in self.states:       # broadcast into a learned state (ones * h0)
+        kind = "stat"
+      elif name == "add" and on_stream:
         direct = any(self._contracted(w) for w in others)
         kind = "bias" if direct else "shift"
       elif name == "mul":
@@ -753,10 +785,13 @@ class _Walker:
               self.stream.add(v)
             if w in self.zeros:
               self.zeros.add(v)
+            if w in self.states:
+              self.states.add(v)
         self._walk(inner, ienv, path)
         outs = [self._read(ienv, v) for v in inner.outvars]
-        self.zeros.update(v for v, w in zip(eqn.outvars, inner.outvars)
-                          if not isinstance(w, jex.core.Literal) and w in self.zeros)
+        for made in (self.zeros, self.states):
+          made.update(v for v, w in zip(eqn.outvars, inner.outvars)
+                      if not isinstance(w, jex.core.Literal) and w in made)
         for v, w in zip(eqn.outvars, inner.outvars):
           if not isinstance(w, jex.core.Literal) and w in self.origin:
             self.origin[v] = self.origin[w]
@@ -1179,15 +1214,19 @@ class _Walker:
   # -- contractions ----------------------------------------------------------------------------
   def _kernel_operand(self, eqn):
     """(kernel index in invars, leaf, axis map) if one operand is a pure parameter leaf and the
-    other depends on the inputs, or is an array of zeros made in the function and read by a
-    kernel of two or more axes of its leaf (an unrolled RNN's zero initial state,
-    ``jnp.zeros((B, H)) @ w_h``: it reads the units as every later step does, and its shape
-    is recomputed from its atoms); else None. Other arrays made from literals (``jnp.eye(n) @
-    w``, a basis times coefficients) compute a kernel rather than read units."""
+    other depends on the inputs, or is an array of zeros made in the function, or a learned
+    state (``_makes_state``), read by a kernel of two or more axes of its leaf (an unrolled
+    RNN's initial state, ``jnp.zeros((B, H)) @ w_h``, ``jnp.broadcast_to(h0, (B, H)) @ w_h``
+    or a ``(1, H)`` param ``h0 @ w_h``: it reads the units as every later step does, and its
+    shape is recomputed from its atoms);
+    else None. Other arrays made from literals (``jnp.eye(n) @ w``, a basis times
+    coefficients) compute a kernel rather than read units."""
     a, b = eqn.invars[:2]
     for idx, (k, x) in enumerate(((a, b), (b, a))):
       if (not isinstance(k, jex.core.Literal) and k in self.origin
-          and not isinstance(x, jex.core.Literal) and (x in self.stream or x in self.zeros)
+          and not isinstance(x, jex.core.Literal)
+          and (x in self.stream or x in self.zeros or x in self.states or (
+              x in self.origin and sum(d > 1 for d in x.aval.shape) == 1))
           and k not in self.stream):
         leaf, amap = self.origin[k]
         if x not in self.stream and (len(amap) < 2 or None in amap):
@@ -2222,7 +2261,8 @@ def _initial_states(w: _Walker, scope, var, producers, consumers) -> list:
   a scan in place of the units' activations ``var`` (at ``scope``): a learned initial state
   (``h0``) that goes into the start of the carry the reader reads (as it is or through ops:
   ``relu(h) @ Wh``, ``ones @ h0``, ``where(first, h0, 0)``), or that the step reads itself
-  (``where(t == 0, h0, h) @ Wh``). The walk back from the reader stops at the activations
+  (``where(t == 0, h0, h) @ Wh``), or that an unrolled loop's first step reads
+  (``broadcast_to(h0, (B, H)) @ Wh``: a learned state, ``_makes_state``). The walk back from the reader stops at the activations
   themselves (a carry started from them is read as they are), at another layer's output (a
   contraction of the data), and at another loop; a carry the readers do not read (an LSTM's
   ``c0``) does not count."""
@@ -2233,8 +2273,8 @@ def _initial_states(w: _Walker, scope, var, producers, consumers) -> list:
   found = set()
   for u in consumers:
     con = next(iter(w.contractions_at(u.where)), None)
-    if con is None or not con.path[:-1]:        # a reader outside any loop body
-      continue
+    if con is None or (not con.path[:-1] and con.stream_var in w.stream):
+      continue        # a reader outside any loop body (but an unrolled RNN's first step)
     stack, seen = [(con.path[:-1], con.stream_var)], set()
     while stack:
       sc, v = stack.pop()
@@ -3272,8 +3312,11 @@ def trace(fn: Callable, params: PyTree, *example_args) -> TracedTarget:
   if not callable(fn):
     raise TypeError(f"trace takes a function fn(params, *args), got {type(fn).__name__}.")
   if not example_args:
-    raise ValueError("trace needs example inputs: trace(fn, params, x) with a batch x of at "
-                     "least 2 samples.")
+    kind = _flax_module_kind(fn)
+    raise ValueError(
+        "trace needs example inputs: trace(fn, params, x) with a batch x of at least 2 samples"
+        + (": " + _MODULE_HINTS[kind].format(name=fn.__name__ + " class" if isinstance(
+            fn, type) else type(fn).__name__) if kind else "."))
   param_leaves = jax.tree.leaves(params)
   if not param_leaves:
     raise ValueError("params has no array leaves; pass the model's parameters.")

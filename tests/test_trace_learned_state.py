@@ -1,0 +1,152 @@
+"""A per-unit parameter vector read by a kernel without the data: an unrolled RNN's learned
+initial state (``broadcast_to(h0, (B, H)) @ Wh`` at the first step, however it is broadcast),
+or a centring vector (``h @ W - mu @ W``). The kernel reads it as it reads the units, so the
+vector is a per-unit parameter of the group (it was 'contracted between two computed
+parameters', which left an unrolled RNN with a learned h0 with no group at all)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+from conftest import host_f32
+
+R = np.random.default_rng(3)
+F, H, C, T = 3, 6, 2, 4
+DROP = [1, 4]
+
+
+def _arr(*shape, scale=1.0):
+  return host_f32(scale * R.normal(size=shape))
+
+
+STARTS = {
+    "broadcast_to": ((H,), lambda h0, b: jnp.broadcast_to(h0, (b, H))),
+    "tile": ((H,), lambda h0, b: jnp.tile(h0, (b, 1))),
+    "repeat": ((H,), lambda h0, b: jnp.repeat(h0[None], b, axis=0)),
+    "times_ones": ((H,), lambda h0, b: jnp.ones((b, 1)) * h0),
+    "plus_zeros": ((H,), lambda h0, b: h0 + jnp.zeros((b, H))),
+    "row_broadcast": ((1, H), lambda h0, b: jnp.broadcast_to(h0, (b, H))),
+    "row_as_is": ((1, H), lambda h0, b: h0),
+}
+
+
+def _rnn(start):
+  def fn(p, x):
+    h = start(p["h0"], x.shape[0])
+    for t in range(x.shape[1]):                   # unrolled in Python
+      h = jnp.tanh(x[:, t] @ p["wx"] + h @ p["wh"] + p["b"])
+    return h @ p["out"]
+  return fn
+
+
+def _params(h0_shape):
+  return {"wx": _arr(F, H), "wh": _arr(H, H, scale=0.5), "b": _arr(H), "h0": _arr(*h0_shape),
+          "out": _arr(H, C)}
+
+
+def _drop(target, name):
+  um = jaxprune.unit_masks_ones(target)
+  um[name] = um[name].at[np.array(DROP)].set(False)
+  return um
+
+
+@pytest.mark.parametrize("how", list(STARTS))
+def test_a_learned_initial_state_is_a_parameter_of_the_hidden_group(how):
+  shape, start = STARTS[how]
+  fn, p = _rnn(start), _params(shape)
+  x = _arr(5, T, F)
+  t = jaxprune.trace(fn, p, x)
+  assert list(t.groups) == ["wx"]
+  slices = sorted((s.path, s.axis, s.role, s.kind) for s in t.groups["wx"].slices)
+  assert slices == sorted([
+      (("wx",), 1, "producer", "kernel"), (("wh",), 1, "producer", "kernel"),
+      (("b",), 0, "producer", "bias"), (("h0",), len(shape) - 1, "producer", "stat"),
+      (("wh",), 0, "consumer", "kernel"), (("out",), 0, "consumer", "kernel")])
+  um = _drop(t, "wx")
+  small, small_t = t.compact(p, um)
+  assert small["h0"].shape == shape[:-1] + (H - len(DROP),)
+  keep = np.setdiff1d(np.arange(H), DROP)
+  np.testing.assert_array_equal(small["h0"], np.asarray(p["h0"])[..., keep])
+  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+  for batch in (5, 3):
+    np.testing.assert_allclose(small_t.apply(small, x[:batch]), fn(masked, x[:batch]),
+                               rtol=1e-5, atol=1e-6)
+  # The reader meets h0 at the first step, not the activations: merging by activations is
+  # refused, and the reason names h0.
+  assert not t.activations_complete("wx")
+  assert "read parameters of the group (h0)" in t.activations_incomplete_why("wx")
+  # The weight pruners work on the group (h0 is pruned with its units).
+  _, um2, _ = jaxprune.importance_prune(t, "wx")(p, jaxprune.unit_masks_ones(t), 2)
+  assert int(um2["wx"].sum()) == H - 2
+
+
+def test_a_linen_rnn_unrolled_with_a_learned_initial_state():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h0 = self.param("h0", nn.initializers.normal(1.0), (H,))
+      ih, hh = nn.Dense(H, name="ih"), nn.Dense(H, use_bias=False, name="hh")
+      h = jnp.broadcast_to(h0, (x.shape[0], H))
+      for t in range(x.shape[1]):
+        h = jnp.tanh(ih(x[:, t]) + hh(h))
+      return nn.Dense(C, name="out")(h)
+  x = _arr(4, T, F)
+  v = Net().init(jax.random.key(0), x)
+  t = jaxprune.trace(Net().apply, v, x)
+  assert list(t.groups) == ["ih"]
+  um = _drop(t, "ih")
+  small, small_t = t.compact(v, um)
+  assert small["params"]["h0"].shape == (H - len(DROP),)
+  masked = jaxprune.apply_masks(v, jaxprune.expand(v, t, um))
+  np.testing.assert_allclose(small_t.apply(small, x), Net().apply(masked, x), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_a_centring_vector_read_by_the_next_kernel_joins_the_group():
+  """``h @ W - mu @ W`` (``(h - mu) @ W`` distributed): mu is per unit of h's group."""
+  p = {"w1": _arr(F, 8), "b1": _arr(8), "mu": _arr(8), "w2": _arr(8, C)}
+
+  def fn(p, x):
+    h = jnp.tanh(x @ p["w1"] + p["b1"])
+    return h @ p["w2"] - p["mu"] @ p["w2"]
+  x = _arr(6, F)
+  t = jaxprune.trace(fn, p, x)
+  assert list(t.groups) == ["w1"]
+  assert (("mu",), 0, "producer", "stat") in [
+      (s.path, s.axis, s.role, s.kind) for s in t.groups["w1"].slices]
+  um = _drop(t, "w1")
+  small, small_t = t.compact(p, um)
+  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+  np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-6)
+  # mu acts on the units after the activations: merging by activations is refused.
+  assert not t.activations_complete("w1")
+
+
+def test_a_product_of_two_param_matrices_is_still_a_computed_kernel():
+  """A low-rank kernel ``x @ (A @ B)``: neither factor is a per-unit vector, so ``A @ B`` is
+  not read as a state (its rank axis is no group) and the units of ``x @ (A @ B)`` are."""
+  p = {"a": _arr(F, 2), "b": _arr(2, 8), "w2": _arr(8, C)}
+
+  def fn(p, x):
+    return jnp.tanh(x @ (p["a"] @ p["b"])) @ p["w2"]
+  x = _arr(6, F)
+  t = jaxprune.trace(fn, p, x)
+  assert [g.size for g in t.groups.values()] == [8]
+  assert ("a (3, 2): axis 0 -> not prunable (an axis of the function's inputs; read by a "
+          "kernel computed from params") in t.explain()
+  assert ("axis 1 -> not prunable (contracted between two activations or two computed "
+          "parameters") in t.explain().splitlines()[0]
+
+
+def test_tracing_a_module_itself_without_inputs_says_how_to_call_trace():
+  from flax import nnx
+  model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"trace\(lambda m, x: m\(x\), model, x\)"):
+    jaxprune.trace(model, _arr(4, 3))
+  with pytest.raises(ValueError, match=r"trace\(model.apply, variables, x\)"):
+    jaxprune.trace(nn.Dense(4), _arr(4, 3))
+  with pytest.raises(ValueError, match=r"trace needs example inputs.*samples\.$"):
+    jaxprune.trace(lambda p, x: x, _arr(4, 3))
