@@ -150,3 +150,28 @@ def test_tracing_a_module_itself_without_inputs_says_how_to_call_trace():
     jaxprune.trace(nn.Dense(4), _arr(4, 3))
   with pytest.raises(ValueError, match=r"trace needs example inputs.*samples\.$"):
     jaxprune.trace(lambda p, x: x, _arr(4, 3))
+
+
+def test_a_learned_query_is_a_group_of_its_own_pruned_from_weights_only():
+  """Attention pooling with a learned query projected by a kernel (``query @ wq``): the
+  query's features are units that wq reads (removing one removes its row of wq, exactly),
+  with no kernel making them, so importance and activations refuse and say why."""
+  D, Dk = 6, 5
+  p = {"wk": _arr(D, Dk), "query": _arr(D), "wq": _arr(D, Dk), "wo": _arr(D, C)}
+
+  def fn(p, x):
+    q = p["query"] @ p["wq"]
+    s = jax.nn.softmax((x @ p["wk"]) @ q, axis=1)
+    return jnp.einsum("bt,btd->bd", s, x) @ p["wo"]
+  x = _arr(4, 7, D)
+  t = jaxprune.trace(fn, p, x)
+  assert {k: g.size for k, g in t.groups.items()} == {"query": D}
+  um = _drop(t, "query")
+  small, small_t = t.compact(p, um)
+  assert small["wq"].shape == (D - len(DROP), Dk)
+  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+  np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="no producer kernel slice"):
+    jaxprune.importance_prune(t, "query")(p, jaxprune.unit_masks_ones(t), 2)
+  with pytest.raises(ValueError, match="no activations"):
+    t.activations(p, x, "query")
