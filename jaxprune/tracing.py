@@ -256,6 +256,9 @@ _GROWING_CONV = ("a convolution whose zero padding makes its output larger than 
                  "transposed convolution, 'VALID' included, pads by its kernel size minus one), "
                  "where a constant channel adds less at the borders than elsewhere")
 _RECURRENCE = "a recurrence, which reads the initial state, not the units, at the first step"
+_MUTUAL = ("a product of two activations (q @ k.T) also reads the units: a unit's term there is "
+           "its value times itself on the other side, which no bias or sum of kernel rows "
+           "reproduces")
 _CHANGES_CONSTANTS = ("an op that is not known to pass a constant on unchanged (a sum, a zero "
                       "pad, an average that counts padding, a scaling or an attention-weighted "
                       "sum; an interpolating resize and a padded average over the real "
@@ -357,6 +360,8 @@ class _Walker:
     self.stream: set = set()                   # vars that depend on the non-param arguments
     self.zeros: set = set()                    # arrays of zeros made in the function
     self.states: set = set()                   # learned states (_makes_state)
+    # Atoms contracted between two activations (q @ k.T): (atoms, eqn path) per contracted pair
+    self.mutual: list[tuple] = []
     self.stat_calls: dict = {}                 # _stat_call's answers, per call and inputs
     self.contractions: list[_Contraction] = []
     self._contractions_at = (0, {})   # (how many are indexed, path -> contractions there)
@@ -1404,11 +1409,18 @@ class _Walker:
     comp = self._computed_kernel(eqn, path, ins, conv=False) if kern is None else None
     why = (_computed_why(comp[3]) if comp is not None else
            "contracted between two activations or two computed parameters")
+    # A product of two activations (attention's q @ k.T, a Gram matrix): a unit's term of the
+    # sum goes when it is zeroed on either side, so the contracted units are not blocked here;
+    # _classify takes them as a group only if kernels make them (see _MUTUAL).
+    mutual = kern is None and comp is None and all(
+        not isinstance(v, jex.core.Literal) and v in self.stream for v in eqn.invars[:2])
     for i, j in zip(lc, rc):
-      if kern is None:
+      if kern is None and not mutual:
         for a in lhs[i] + rhs[j]:
           A.block(a, why)
       A.unify(lhs[i], rhs[j], "contracted unevenly")
+      if mutual:
+        self.mutual.append((lhs[i], path))
     for i, j in zip(lb, rb):
       A.unify(lhs[i], rhs[j], "batched unevenly")
     lfree = [d for d in range(len(lhs)) if d not in lc and d not in lb]
@@ -1572,6 +1584,9 @@ class _GroupSite:
   # The readout's output gets more than one param read as it is (a recorded bias): a second
   # term, a literal, a sum of params (``h @ w + b + c``); the GA reads them from the function.
   readout_extra: bool = False
+  # Its units are also contracted between two activations (attention's q @ k.T): where, as a
+  # program path (None if not).
+  mutual: Any = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -2172,6 +2187,11 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     for part, _, n in parts:
       if n > 1:
         members.setdefault(part, []).extend(members.get(root, []))
+  mutual: dict[int, tuple] = {}     # class root -> where two activations contract it
+  for atoms, path in w.mutual:
+    for a in A.expand(atoms):
+      if A.size[a] > 1:
+        mutual.setdefault(A.find(a), path)
   reasons: dict[int, list[str]] = {}
   sites, taken = [], {}
   for root, us in members.items():
@@ -2187,10 +2207,12 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       why.append(f"tied weights: one kernel axis ({', '.join(names) or 'a leaf without a path'}) "
                  "both produces and reads these units (a tied autoencoder's W and W.T, an "
                  "embedding read back by attend), which pruning by groups does not support")
-    elif not consumers:
+    elif not consumers and root not in mutual:
       why.append("no kernel reads these units")
     if not producers:
       why.append("no parameter produces these units")
+    elif root in mutual and not any(u.kind == "kernel" or u.computed for u in producers):
+      why.append("contracted between two activations that no kernel makes")
     if any(leaf_paths[u.leaf] is None for u in us):
       why.append("a leaf on this axis has no addressable path (a custom pytree node)")
     if why:
@@ -2246,12 +2268,14 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     complete = (joined and var is not None and w.reaches_all(
         scope, var, {u.where for u in kernels}.union(
             *(w.acting_points(leaf) for leaf in {u.leaf for u in producers})))
-        and not _initial_states(w, scope, var, producers, consumers))
+        and not _initial_states(w, scope, var, producers, consumers)
+        and root not in mutual)
     # Why not complete: worked out when asked (TracedTarget.activations_incomplete_why).
     why = () if complete else (joined, tuple(kernels), tuple(producers), tuple(consumers))
     sites.append(_GroupSite(name, root, activation, "conv" if con is not None and con.conv
                             else "dense", first.where, scope, var, act_axes, readout, complete,
-                            plain, why, readout_extra=readout and readout_extra))
+                            plain, why, readout_extra=readout and readout_extra,
+                            mutual=mutual.get(root)))
   sites.sort(key=lambda s: s.order)
   return tuple(sites), uses, reasons
 
@@ -2997,7 +3021,16 @@ class TracedTarget:
     if site.complete:
       return None
     an = self._an
-    return _incomplete_why(an.walker, an.leaf_paths, site.scope, site.act_var, *site.incomplete)
+    if site.mutual is None:
+      return _incomplete_why(an.walker, an.leaf_paths, site.scope, site.act_var,
+                             *site.incomplete)
+    eqn = _eqn_at(an.walker, site.mutual)
+    shapes = " and ".join(str(v.aval.shape) for v in eqn.invars[:2]) if eqn is not None else ""
+    return (f"its units are contracted between two activations (as q @ k.T; here {shapes}): "
+            "a unit's "
+            "term there is the product of its values on the two sides, so two units of equal "
+            "activations cannot be merged into one and no activations are what that product "
+            "reads; prune it by removing units (importance_prune, magnitude_prune, ga.search)")
 
   def _site(self, name):
     for s in self._an.sites:
@@ -3125,7 +3158,8 @@ class TracedTarget:
           slices.append(self._slice(site, use, roots, pos, twice))
       groups[site.name] = units_lib.UnitGroup(site.name, self._size(site.root), tuple(slices),
                                               activation=site.activation, kind=site.kind,
-                                              act_of_bias=site.plain)
+                                              act_of_bias=site.plain,
+                                              read_by_products=site.mutual is not None)
     return groups
 
   def _read_twice(self, site, holders, use) -> bool:
@@ -3165,6 +3199,8 @@ class TracedTarget:
     if use.role == "consumer":
       con = w.contractions_at(use.where)[0]
       bias, why = self._consumer_bias(con), con.padded_why
+      if not why and site.mutual is not None:
+        why = _MUTUAL
       out_axes = self._bias_ordered(con)
       # A recurrent reader sees the initial state at the first step, not the units' values:
       # a constant unit's contribution does not fold into its bias exactly either.

@@ -138,6 +138,11 @@ class UnitGroup:
     act_of_bias: whether a unit with zero incoming weights outputs ``activation(bias)``:
       nothing but the bias acts between the kernel and the nonlinearity (``trace`` sets it
       False after a norm, a scalar scale, a temperature, a closed-over constant).
+    read_by_products: whether the units are also contracted between two activations
+      (attention's ``q @ k.T``: a query/key feature, the same index on both sides). Such a
+      group may have no consumer kernel at all; removing a unit is exact, merging or folding
+      one is not (a unit's term is the product of its two sides), so the pruners that merge
+      or fold refuse it.
   """
 
   name: str
@@ -147,6 +152,7 @@ class UnitGroup:
   kind: Literal["dense", "conv"] = "dense"
   # Not compared: a declaration leaves it implicit (its norm slices already say as much).
   act_of_bias: bool = dataclasses.field(default=True, compare=False)
+  read_by_products: bool = dataclasses.field(default=False, compare=False)
 
   @property
   def producers(self) -> tuple[Slice, ...]:

@@ -203,9 +203,13 @@ XV = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
 def test_vit_heads_value_dims_and_mlp_units():
   fn, v = _linen(ViT(), XV)
   t = jaxprune.trace(fn, v, XV)
-  # Heads (q, k, v and out per head), the value's head dimension, the MLP's hidden units; the
-  # residual stream goes through LayerNorm statistics and is not prunable.
-  assert _sizes(t) == {"attn/query": NH, "attn/value": 6, "fc1": 4 * VD}
+  # Heads (q, k, v and out per head), the value's head dimension, the query/key features
+  # (contracted by q @ k.T), the MLP's hidden units; the residual stream goes through LayerNorm
+  # statistics and is not prunable.
+  assert _sizes(t) == {"attn/query": NH, "attn/value": 6, "attn/query:2": 6, "fc1": 4 * VD}
+  assert _paths(t, "attn/query:2", "producer") == {
+      f"params/attn/{n}/{k}" for n in ("query", "key") for k in ("kernel", "bias")}
+  assert _paths(t, "attn/query:2", "consumer") == set()
   assert _paths(t, "attn/query", "producer") == {
       f"params/attn/{n}/{k}" for n in ("query", "key", "value") for k in ("kernel", "bias")}
   assert _paths(t, "attn/value", "consumer") == {"params/attn/out/kernel"}
@@ -246,14 +250,14 @@ _VIT_PLAIN = {k: _arr(*s) for k, s in dict(
 def test_vit_without_norms_couples_the_stream_with_cls_and_positions():
   fn = lambda p, x: _vit_without_norms(p, x, tile=False)
   t = jaxprune.trace(fn, _VIT_PLAIN, XV)
-  assert _sizes(t) == {"patch": VD, "w1": 16}
+  assert _sizes(t) == {"patch": VD, "w1": 16, "wqkv": 6}      # (q/k/v feature j: one unit)
   assert _paths(t, "patch", "producer") == {"patch", "cls", "pos", "wo", "w2"}
   _every_group(t, jax.jit(fn), _VIT_PLAIN, [XV, XV[:2]])
 
 
 def test_a_tiled_cls_token_leaves_the_residual_stream_prunable():
   t = jaxprune.trace(lambda p, x: _vit_without_norms(p, x, tile=True), _VIT_PLAIN, XV)
-  assert _sizes(t) == {"patch": VD, "w1": 16}
+  assert _sizes(t) == {"patch": VD, "w1": 16, "wqkv": 6}
 
 
 # ------------------------------------------------------------------------- GRU under lax.scan

@@ -166,7 +166,7 @@ _FOLLOWED = {
     "conv_rhs_dilated": (_conv("rhs_dilated"), {"w1", "k"}),
     "conv_lhs_dilated": (_conv("lhs_dilated"), {"w1", "k"}),
     "conv_transpose": (_conv("transpose"), {"w1", "k"}),
-    "causal_attention": ((_causal_attention, _attention_params, BT), {"w1", "wv"}),
+    "causal_attention": ((_causal_attention, _attention_params, BT), {"w1", "wq", "wv"}),
 }
 
 # Cases refusing the layer: name -> (model, what explain() says of w1's units).

@@ -221,12 +221,15 @@ def _plain_set_mlp(p, stacked, layers):
 class Case:
   """One traced model: its function, params, target and the reference-layout accessors."""
 
-  def __init__(self, name, fn, params, to_ref, set_mlp, mlp_groups, head_groups):
+  def __init__(self, name, fn, params, to_ref, set_mlp, mlp_groups, head_groups, qk_groups):
     self.name, self.fn, self.params = name, fn, params
     self.to_ref, self.set_mlp = to_ref, set_mlp
     self.target = jaxprune.trace(fn, params, X)
     # group name -> the reference blocks it covers (one; all L when scanned).
     self.mlp_groups, self.head_groups = mlp_groups, head_groups
+    # group name -> (reference blocks, the qkv parts it spans): the query/key feature d of
+    # every head (with v's when one fused kernel holds q, k and v: the same column of each part)
+    self.qk_groups = qk_groups
 
 
 X = jax.random.normal(jax.random.key(0), (B, T, D))
@@ -238,27 +241,30 @@ def _make_cases():
   m = LinenBlock(True)
   p = m.init(jax.random.key(2), X)
   cases["linen_fused"] = Case("linen_fused", m.apply, p, lambda q: _linen_to_ref(q, True),
-                              lambda q, ls: _linen_set_mlp(q, True, ls), {"gu": [0]}, {"qkv": [0]})
+                              lambda q, ls: _linen_set_mlp(q, True, ls), {"gu": [0]}, {"qkv": [0]},
+                              {"qkv:1": ([0], (0, 1, 2))})
   m = LinenBlock(False)
   p = m.init(jax.random.key(3), X)
   cases["linen_llama"] = Case("linen_llama", m.apply, p, lambda q: _linen_to_ref(q, False),
                               lambda q, ls: _linen_set_mlp(q, False, ls), {"gate": [0]},
-                              {"q": [0], "v": [0]})
+                              {"q": [0], "v": [0]}, {"q:1": ([0], (0, 1))})
   graphdef, state, rest = nnx.split(NnxBlock(nnx.Rngs(4)), nnx.Param, ...)
   cases["nnx_fused"] = Case("nnx_fused", lambda s, x: nnx.merge(graphdef, s, rest)(x), state,
-                            _nnx_to_ref, _nnx_set_mlp, {"gu": [0]}, {"qkv": [0]})
+                            _nnx_to_ref, _nnx_set_mlp, {"gu": [0]}, {"qkv": [0]},
+                            {"qkv:1": ([0], (0, 1, 2))})
   rng = np.random.default_rng(5)
   p = {"blocks": [_plain_params(rng) for _ in range(L)],
        "wh": host_f32(rng.normal(size=(D, C)) / 4), "bh": jnp.zeros(C)}
   cases["plain_loop"] = Case("plain_loop", plain_loop, p, lambda q: _plain_to_ref(q, False),
                              lambda q, ls: _plain_set_mlp(q, False, ls),
                              {"blocks/0/w1": [0], "blocks/1/w1": [1]},
-                             {"blocks/0": [0], "blocks/1": [1]})
+                             {"blocks/0": [0], "blocks/1": [1]},
+                             {"blocks/0:1": ([0], (0, 1, 2)), "blocks/1:1": ([1], (0, 1, 2))})
   p = {"blocks": jax.tree.map(lambda *a: jnp.stack(a), *[_plain_params(rng) for _ in range(L)]),
        "wh": host_f32(rng.normal(size=(D, C)) / 4), "bh": jnp.zeros(C)}
   cases["plain_scan"] = Case("plain_scan", plain_scan, p, lambda q: _plain_to_ref(q, True),
                              lambda q, ls: _plain_set_mlp(q, True, ls), {"blocks/w1": [0, 1]},
-                             {"blocks": [0, 1]})
+                             {"blocks": [0, 1]}, {"blocks:2": ([0, 1], (0, 1, 2))})
   return cases
 
 
@@ -296,10 +302,12 @@ def test_reference_matches_models(case):
 
 def test_groups_are_mlp_units_and_heads(case):
   sizes = {n: g.size for n, g in case.target.groups.items()}
-  want = {n: H for n in case.mlp_groups} | {n: NH for n in case.head_groups}
+  want = ({n: H for n in case.mlp_groups} | {n: NH for n in case.head_groups}
+          | {n: DH for n in case.qk_groups})
   if case.name == "linen_llama":
     want["v"] = DH              # v's head dimension, shared by the heads, is a group too
   assert sizes == want
+  assert {n for n, g in case.target.groups.items() if g.read_by_products} == set(case.qk_groups)
   for n in case.mlp_groups:
     assert case.target.groups[n].activation == "other"          # silu(g) * u
     assert case.target.activations_complete(n)
@@ -345,6 +353,38 @@ def test_expand_zeroes_exactly_the_unit(case):
           if k == "wo":
             want[DH:2 * DH] = 0
         np.testing.assert_array_equal(bm[k], want, err_msg=f"{name} {k} block {i}")
+
+
+def test_query_key_features_are_removed_exactly(case):
+  """Removing query/key feature 3 zeroes column 3 of every head in q and k (and in v, with the
+  output projection's rows, when one fused kernel cuts q, k and v into equal parts), nothing
+  else; the compacted model computes what the float64 NumPy forward pass computes on the
+  masked weights. Merging such units is refused: a unit's term in q @ k.T is a product."""
+  tg, p = case.target, case.params
+  for name, (spans, parts) in case.qk_groups.items():
+    um = _ones(tg)
+    um[name] = um[name].at[3].set(False)
+    masked = jaxprune.apply_masks(p, jaxprune.expand(p, tg, um))
+    full, mref = case.to_ref(p), case.to_ref(masked)
+    cols = [part * E + h * DH + 3 for part in parts for h in range(NH)]
+    for i, (bf, bm) in enumerate(zip(full[0], mref[0])):
+      for k in bf:
+        want = bf[k].copy()
+        if i in spans:
+          if k in ("wqkv", "bqkv"):
+            want[..., cols] = 0
+          if k == "wo" and 2 in parts:
+            want[[h * DH + 3 for h in range(NH)]] = 0
+        np.testing.assert_array_equal(bm[k], want, err_msg=f"{name} {k} block {i}")
+    small, small_tg = tg.compact(p, um)
+    ref, _ = _ref_forward(*mref, X)
+    np.testing.assert_allclose(small_tg.apply(small, X), ref, atol=2e-5, err_msg=name)
+    with pytest.raises(ValueError, match="contracted between two activations"):
+      jaxprune.weight_distinctiveness(tg, name)
+    with pytest.raises(ValueError, match="contracted between two activations"):
+      jaxprune.distinctiveness(tg, name)
+    _, kept, _ = jaxprune.importance_prune(tg, name)(p, _ones(tg), 2)
+    assert int(kept[name].sum()) == DH - 2
 
 
 def test_compact_equals_masked(case):

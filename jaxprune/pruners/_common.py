@@ -30,6 +30,19 @@ def get_group(target, name: str) -> units_lib.UnitGroup:
   return units_lib._check_group_name(resolve_groups(target), name)
 
 
+def check_no_products(group: units_lib.UnitGroup, pruner: str) -> None:
+  """Raises ValueError for a group whose units are contracted between two activations
+  (``UnitGroup.read_by_products``): ``pruner`` merges units or folds them into the next layer,
+  which no change of kernel rows or biases makes exact there."""
+  if getattr(group, "read_by_products", False):
+    raise ValueError(
+        f"Group {group.name!r}: its units are contracted between two activations (as in "
+        "attention's q @ k.T, where they are query/key features), and a unit's term there is "
+        f"the product of its values on the two sides, so {pruner}, which merges units or folds "
+        "them into the next layer, would change the outputs. Prune it by removing units: "
+        "importance_prune, magnitude_prune or ga.search.")
+
+
 def check_activations_complete(target, name: str) -> None:
   """Raises ValueError for a traced group whose activations are not what its consumers read
   (see ``TracedTarget.activations_complete``): pruners from activations would compare other

@@ -305,6 +305,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     stay exact.
   """
   g = _common.get_group(model_or_groups, group)
+  _common.check_no_products(g, "distinctiveness")
   _common.check_activations_complete(model_or_groups, g.name)
   groups = _common.resolve_groups(model_or_groups)
   if not (similar or complementary or constants):
@@ -419,6 +420,7 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     >>> params, masks, report = prune(params, jaxprune.unit_masks_ones(model), 30.0, 150.0)
   """
   g = _common.get_group(model_or_groups, group)
+  _common.check_no_products(g, "weight_distinctiveness")
   groups = _common.resolve_groups(model_or_groups)
   if source not in ("incoming", "outgoing"):
     raise ValueError(f"source must be 'incoming' or 'outgoing', got {source!r}.")

@@ -111,6 +111,7 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     (10,)
   """
   g = _common.get_group(model, group)
+  _common.check_no_products(g, "progressive_distinctiveness")
   _common.check_activations_complete(model, g.name)
   groups = _common.resolve_groups(model)
   _check_bias_folds(g, constants=constants, compensate=compensate)

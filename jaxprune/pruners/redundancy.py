@@ -384,6 +384,7 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     counts once.
   """
   g = _common.get_group(model_or_groups, group)
+  _common.check_no_products(g, "group_redundancy")
   _common.check_activations_complete(model_or_groups, g.name)
   why = _common.fold_obstacle(g, linear=True)
   if why:

@@ -1,0 +1,95 @@
+"""Units contracted between two activations (attention's ``q @ k.T``, a Gram matrix ``h @ h.T``):
+a unit's term of the sum goes when it is zeroed on either side, so the contracted units are a
+group (``read_by_products``) that compacts exactly; merging or folding one cannot keep its term
+(a product of its two sides), so those pruners refuse it. The transformer and ViT tests check
+the query/key features of real attention blocks against NumPy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+from conftest import host_f32
+
+R = np.random.default_rng(11)
+F, H, C = 5, 6, 3
+
+
+def _arr(*shape, scale=1.0):
+  return host_f32(scale * R.normal(size=shape))
+
+
+P = {"w1": _arr(F, H), "b1": _arr(H), "w2": _arr(H, C), "b2": _arr(C)}
+
+
+def _gram(p, x):
+  """Self-attention whose scores are the hidden units' Gram matrix: the units are read by the
+  product of two activations and by the readout kernel."""
+  h = jnp.tanh(x @ p["w1"] + p["b1"])
+  s = jax.nn.softmax(jnp.einsum("bth,bsh->bts", h, h), -1)
+  return jnp.einsum("bts,bsh->bth", s, h).mean(1) @ p["w2"] + p["b2"]
+
+
+X = _arr(4, 7, F)
+
+
+def test_a_gram_matrix_keeps_its_units_a_group_that_compacts_exactly():
+  t = jaxprune.trace(_gram, P, X)
+  g = t.groups["w1"]
+  assert g.read_by_products
+  um = jaxprune.unit_masks_ones(t)
+  um["w1"] = um["w1"].at[np.array([1, 4])].set(False)
+  small, small_t = t.compact(P, um)
+  assert small["w1"].shape == (F, H - 2) and small["w2"].shape == (H - 2, C)
+  masked = jaxprune.apply_masks(P, jaxprune.expand(P, t, um))
+  for xb in (X, X[:3]):
+    np.testing.assert_allclose(small_t.apply(small, xb), _gram(masked, xb), rtol=1e-5,
+                               atol=1e-6)
+  # The readout kernel cannot take a removed unit's constant: its term in the scores is gone.
+  (w2,) = [s for s in g.consumers if s.path == ("w2",)]
+  assert "a product of two activations" in w2.padded_why
+  assert not g.exact_constant_fold
+  assert "contracted between two activations" in t.activations_incomplete_why("w1")
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: jaxprune.distinctiveness(t, "w1"),
+    lambda t: jaxprune.weight_distinctiveness(t, "w1"),
+    lambda t: jaxprune.group_redundancy(t, "w1"),
+    lambda t: jaxprune.progressive_distinctiveness(t, "w1", lambda p: 0.0),
+    lambda t: jaxprune.distinctiveness_pruner(t, "w1"),
+])
+def test_pruners_that_merge_or_fold_refuse_it(make):
+  t = jaxprune.trace(_gram, P, X)
+  with pytest.raises(ValueError, match=r"contracted between two activations .* importance_prune"):
+    make(t)
+
+
+def test_removing_units_works_and_a_merge_would_not_have_been_exact():
+  """Unit 5 is made an exact copy of unit 0: a merge (0 takes 5's outgoing weights) keeps the
+  readout's sum but not the Gram term h_0^2 + h_5^2, which is why merges are refused; removal
+  by importance keeps compaction exact."""
+  p = dict(P, w1=P["w1"].at[:, 5].set(P["w1"][:, 0]), b1=P["b1"].at[5].set(P["b1"][0]))
+  merged = dict(p, w1=p["w1"].at[:, 5].set(0.0), b1=p["b1"].at[5].set(0.0),
+                w2=p["w2"].at[0].add(p["w2"][5]).at[5].set(0.0))
+  assert float(jnp.max(jnp.abs(_gram(merged, X) - _gram(p, X)))) > 1e-3
+  t = jaxprune.trace(_gram, p, X)
+  p2, um, _ = jaxprune.importance_prune(t, "w1")(p, jaxprune.unit_masks_ones(t), 2)
+  small, small_t = t.compact(p2, um)
+  np.testing.assert_allclose(small_t.apply(small, X),
+                             _gram(jaxprune.apply_masks(p2, jaxprune.expand(p2, t, um)), X),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_a_product_of_an_activation_and_the_input_stays_refused():
+  """``(x @ w1) @ x.T``-style scores contract the units with the input's features: the input's
+  axis is no unit, so the class is not prunable, as before."""
+  p = {"w1": _arr(F, F), "w2": _arr(F, C)}
+
+  def fn(p, x):
+    s = jax.nn.softmax(jnp.einsum("btf,bsf->bts", jnp.tanh(x @ p["w1"]), x), -1)
+    return jnp.einsum("bts,bsf->btf", s, x).mean(1) @ p["w2"]
+  t = jaxprune.trace(fn, p, X)
+  assert not t.groups
+  assert "w1 (5, 5): axis 0 -> not prunable" in t.explain()
