@@ -102,9 +102,10 @@ def data_description(ds, data: str) -> str:
             "for SFEW: numbers measured on them are not SFEW results.")
   skipped = ds.info.get("skipped") or []
   if skipped:
+    more = f"; and {len(skipped) - 20} more" if len(skipped) > 20 else ""
     note += (f" Skipped {len(skipped)} {'entry' if len(skipped) == 1 else 'entries'} of the "
              "tree: "
-             + "; ".join(f"`{s['path']}` ({s['reason']})" for s in skipped) + ".")
+             + "; ".join(f"`{s['path']}` ({s['reason']})" for s in skipped[:20]) + more + ".")
   dark = ds.info.get("dark") or []
   if dark:
     note += (f" {len(dark)} 16-bit frame(s) hold only values below 4096 and load dark "

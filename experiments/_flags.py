@@ -76,6 +76,21 @@ def refuse_image_data(data: str, needs: str, hint: str = "") -> None:
          f"digits_features or sfew_features{hint}.")
 
 
+def normal_data_path(path: str | None) -> str | None:
+  """``--data_path`` as one spelling of its path: ``~`` expanded, trailing slashes, ``.`` and
+  ``..`` parts and doubled slashes folded (``os.path.normpath``; links are not resolved), so that
+  ``SFEW/`` and ``SFEW`` share a cache fingerprint. Anything that is not a non-empty string is
+  returned as it is.
+
+  Example:
+    >>> normal_data_path("data/SFEW/"), normal_data_path("./data//SFEW")
+    ('data/SFEW', 'data/SFEW')
+  """
+  if not isinstance(path, str) or not path.strip():
+    return path
+  return os.path.normpath(os.path.expanduser(path))
+
+
 def _inside(path: str, folder: str) -> bool:
   """Whether ``path`` is ``folder`` or lies inside it (``~`` expanded, links resolved)."""
   path = os.path.realpath(os.path.expanduser(path))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 import threading
 from typing import Any, Mapping, Sequence
 
@@ -102,3 +103,9 @@ class Progress(train_lib.Progress):
     _speed.record(self.desc, what)   # one row of the binary's closing time table
     with self._lock:
       super().step(what, n, **metrics)
+
+
+def note(stage: str, what: str) -> None:
+  """A progress line ``[stage] what`` on stderr inside a step (a check between epochs): unlike
+  :meth:`Progress.step` it is no row of the time table, so its time stays with the step."""
+  print(f"[{stage}] {what}", file=sys.stderr, flush=True)

@@ -50,6 +50,7 @@ from experiments._flags import DATA_CHOICES
 from experiments._flags import check_seed
 from experiments._flags import check_workdir_outside_data
 from experiments._flags import fail
+from experiments._flags import normal_data_path
 
 
 def config_key(seed: int, *parts: Any) -> jax.Array:
@@ -304,12 +305,15 @@ def data_record(ds, name: str | None = None, path: str | None = None) -> dict[st
     >>> from jaxprune import data
     >>> rec = data_record(data.load("features"), "features")
     >>> sorted(rec)[:6]
-    ['dropped', 'examples', 'name', 'no_person', 'path', 'persons']
+    ['dropped', 'duplicates', 'examples', 'name', 'no_person', 'path']
     >>> sorted(rec)[6:]
-    ['sha256', 'skipped', 'source', 'version']
+    ['persons', 'sha256', 'skipped', 'source', 'version']
 
   ``dropped`` (feature rows with a missing value) and ``skipped`` (entries of an image tree)
-  are what the loader left out, so that a report says what its data lacked. ``persons`` is the
+  are what the loader left out, so that a report says what its data lacked; ``duplicates`` the
+  images the data hold more than once (an image name on several rows, with its ``rows``, or a
+  frame in several class folders, with its ``paths``), which a split not by person can put on
+  both sides. ``persons`` is the
   number of persons the file names carry (None without persons: every split is then stratified,
   not person-independent) and ``no_person`` the file names that carry no person id (SFEW copies
   only), so that a report says how the data were split.
@@ -330,13 +334,31 @@ def data_record(ds, name: str | None = None, path: str | None = None) -> dict[st
           "sha256": h.hexdigest(),
           "dropped": [{k: _plain(v) for k, v in d.items()} for d in info.get("dropped") or []],
           "skipped": [{k: _plain(v) for k, v in d.items()} for d in info.get("skipped") or []],
+          "duplicates": [{k: _plain(v) for k, v in d.items()}
+                         for d in info.get("duplicates") or []],
           "persons": None if ds.groups is None else int(len(np.unique(np.asarray(ds.groups)))),
           "no_person": [str(n) for n in info.get("no_person") or []]}
 
 
 def _plain(value):
-  """A JSON-ready copy of a loader's report value (NumPy integers become ints)."""
+  """A JSON-ready copy of a loader's report value (NumPy integers become ints, also in lists)."""
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
   return value.item() if isinstance(value, np.generic) else value
+
+
+def _duplicates_line(duplicates: list[dict[str, Any]], persons: Any) -> str:
+  """The report's sentence on images the data hold more than once."""
+  first = duplicates[0]
+  where = (f"rows {', '.join(map(str, first['rows']))}" if "rows" in first else
+           ", ".join(f"`{p}`" for p in first.get("paths") or []))
+  split = ("the splits here are person-independent, which keep the copies (one name, one "
+           "person) on one side" if persons else
+           "the splits here are not by person, so the copies may land in both the training and "
+           "the test part (a test example the model was trained on)")
+  return (f"The data hold {len(duplicates)} image(s) more than once (e.g. `{first['name']}`: "
+          f"{where}): {split}. Remove the copies from the data (listed in results.json, "
+          "`data.duplicates`).")
 
 
 class Study:
@@ -369,6 +391,8 @@ class Study:
                data: Any = None):
     self.name = name
     self.settings = dict(to_jsonable(settings))
+    if "data_path" in self.settings:   # SFEW/ and SFEW: one path, one fingerprint
+      self.settings["data_path"] = normal_data_path(self.settings["data_path"])
     check_seed(self.settings.get("seed"))
     if data is None:
       data = _LOADED_DATA
@@ -692,6 +716,8 @@ class Study:
           more = f"; and {len(left) - 20} more" if len(left) > 20 else ""
           run.append(f"The loader {key} {len(left)} {one if len(left) == 1 else many}: "
                      f"{shown}{more}.")
+      if d.get("duplicates"):
+        run.append(_duplicates_line(d["duplicates"], d.get("persons")))
     parts.append("## Run\n\n" + "\n\n".join(run) + "\n")
     parts.append("## Settings\n\n```json\n" + json.dumps(self.settings, indent=1, sort_keys=True)
                  + "\n```\n")

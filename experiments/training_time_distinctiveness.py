@@ -136,6 +136,20 @@ def max_abs_masked(params, wmasks) -> float:
   return float(max(vals)) if vals else 0.0
 
 
+def check_line(check: dict, kept: int, size: int) -> str:
+  """The progress line of a check: its angles in degrees to one decimal (None: no pair of kept
+  units to measure) and the units kept.
+
+  Example:
+    >>> check_line({"min_angle": 19.247135162353516, "max_angle": 164.4}, 61, 64)
+    'min angle 19.2, max angle 164.4, kept 61/64'
+  """
+  def deg(v):
+    return "none" if v is None else f"{v:.1f}"
+  return (f"min angle {deg(check['min_angle'])}, max angle {deg(check['max_angle'])}, "
+          f"kept {kept}/{size}")
+
+
 def train_fold(model, params, train, val, *, key, prune: bool, s: dict):
   """Trains one fold in chunks of ``check_every`` epochs, recording each check between chunks.
 
@@ -169,9 +183,8 @@ def train_fold(model, params, train, val, *, key, prune: bool, s: dict):
       c.update(kept_after=kept, pruned_now=c["kept_before"] - kept,
                pruned_units=np.flatnonzero(~np.asarray(umask)).tolist())
       rec["checks"].append(c)
-      _report.Progress(1, f"fold check, epoch {c['epoch']}").step(
-          f"min angle {c['min_angle']}, max angle {c['max_angle']}, "
-          f"kept {kept}/{group.size}")
+      # A line, not a stage: the check's time belongs to the fold's row of the time table.
+      _report.note(f"fold check, epoch {c['epoch']}", check_line(c, kept, group.size))
     if done < s["epochs"]:
       lo, hi = angle_range(state.params, group, umask)
       pending.append({"epoch": done, "min_angle": lo, "max_angle": hi,

@@ -188,6 +188,7 @@ def _resolve_features_path(path: str | os.PathLike) -> Path:
             f" It holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}: pass the"
             f" path of the file to read (e.g. {flag_arg('data_path', path / others[0])} for the"
             " binaries), or rename it SFEW.xlsx or SFEW.csv.")
+    hint += _image_tree_hint(path)
     raise FileNotFoundError(
         f"No SFEW.xlsx or SFEW.csv in the folder {path}.{hint} Expected: "
         f"{FEATURES_LAYOUT}."
@@ -198,6 +199,23 @@ def _resolve_features_path(path: str | os.PathLike) -> Path:
         " its folder)."
     )
   return path
+
+
+def _image_tree_hint(folder: Path) -> str:
+  """What to do when the features loader is given an SFEW image tree (a folder of class
+  folders, or of parts holding them): load it as images, or compute its features first."""
+  trees = _class_trees(folder, depth=1)
+  if not trees:
+    return ""
+  if trees == [folder]:
+    where, load = "it holds class folders", "load it"
+  else:
+    where = f"its part(s) {', '.join(t.name for t in trees[:4])} hold class folders"
+    load = f"load one part at a time ({flag_arg('data_path', trees[0])})"
+  return (f" The folder looks like an SFEW image tree ({where}): {load} with"
+          " --data=sfew_images (load_sfew_images in Python), or compute its features first with"
+          f" python -m experiments.featurize {flag_arg('data_path', trees[0])} --out=SFEW.csv"
+          " and pass that file.")
 
 
 def _read_xlsx(path: Path, sheet: str | None) -> list[list[Any]]:
@@ -284,7 +302,21 @@ def _read_csv(path: Path) -> list[list[Any]]:
     dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
   except csv.Error:
     dialect = csv.excel
-  return [list(row) for row in csv.reader(text.splitlines(), dialect)]
+  lines = text.splitlines()
+  delimiter = _best_delimiter(lines[:50], dialect)
+  return [list(row) for row in csv.reader(lines, dialect, delimiter=delimiter)]
+
+
+def _best_delimiter(lines: list[str], dialect: Any) -> str:
+  """The delimiter that splits the most of ``lines`` into the 12 expected fields; the sniffed
+  one on a tie. ``csv.Sniffer`` picks ',' for a European export (';' between fields, a decimal
+  comma in each number: 10 commas and 11 semicolons a line), which splits no line into 12."""
+  def fits(delimiter: str) -> int:
+    rows = csv.reader(lines, dialect, delimiter=delimiter)
+    return sum(1 for row in rows if len(row) == _NUM_COLUMNS)
+  sniffed = dialect.delimiter
+  best = max((",", ";", "\t"), key=fits)
+  return best if fits(best) > fits(sniffed) else sniffed
 
 
 def _is_empty(value: Any) -> bool:
@@ -324,6 +356,102 @@ def _too_large(value: Any) -> bool:
   return number is not None and abs(number) > _FLOAT32_MAX
 
 
+def _number_like(value: Any) -> bool:
+  """Whether ``value`` is a number, or one written with a decimal comma ('0,3456'): a data
+  cell, not a header name (the decimal comma is reported when the row is read)."""
+  if _as_float(value) is not None:
+    return True
+  return isinstance(value, str) and _as_float(value.replace(",", ".")) is not None
+
+
+def _names_columns(row: list[Any]) -> bool:
+  """Whether ``row`` is clearly a header: a cell naming the label column, followed by at least
+  five more cells of text (the feature names)."""
+  cells = ["" if _is_empty(v) else str(v).strip().lower() for v in row]
+  for c, cell in enumerate(cells):
+    if cell in _LABEL_HEADERS:
+      names = [v for v in row[c + 1:] if not _is_empty(v) and not _number_like(v)]
+      return len(names) >= 5
+  return False
+
+
+def _is_title(row: list[Any]) -> bool:
+  """Whether ``row`` is a title (or blank) row above a table: at most one cell, not a number."""
+  cells = [v for v in row if not _is_empty(v)]
+  return len(cells) <= 1 and not any(_number_like(v) for v in cells)
+
+
+#: How many rows above a header are searched for it (a title, a note, a blank row).
+_HEADER_SEARCH_ROWS = 5
+
+
+def _rows_above_header(rows: list[list[Any]], path: Path) -> int:
+  """How many rows above the header to skip: 0 when the first row is the header or data; the
+  title rows above a header found in the first few rows (logged). Other rows above a header
+  (notes, data) are a ValueError saying to delete them."""
+  if not rows or _looks_like_header(rows[0]):
+    return 0
+  found = next((i for i in range(1, min(len(rows), _HEADER_SEARCH_ROWS + 1))
+                if _names_columns(rows[i])), None)
+  if found is None:
+    return 0
+  shown = [("" if _is_empty(v) else str(v).strip()) for v in rows[found]]
+  above = "row 1 above it holds" if found == 1 else f"rows 1-{found} above it hold"
+  if all(_is_title(r) for r in rows[:found]):
+    logging.warning("SFEW features %s: the header is row %d; skipped the title row(s) above it",
+                    path.name, found + 1)
+    return found
+  raise ValueError(
+      f"{path}: row {found + 1} looks like the header ({', '.join(shown)}), but {above}"
+      " other cells (notes, or data): delete the row(s) above the header, so that the header"
+      f" is the first row. Expected: {FEATURES_LAYOUT}.")
+
+
+def _leading_empty_columns(rows: list[list[Any]]) -> int:
+  """How many leading columns to drop: those empty in every row (a table that starts in column
+  B or later), as long as more than the 12 columns remain to read."""
+  width = max((len(r) for r in rows), default=0)
+  lead = 0
+  while width - lead > _NUM_COLUMNS and all(_is_empty(r[lead]) for r in rows):
+    lead += 1
+  return lead
+
+
+def _column(c: int) -> str:
+  """The spreadsheet letters of 0-based column ``c``: 0 is 'A', 26 'AA'."""
+  letters = ""
+  c += 1
+  while c:
+    c, r = divmod(c - 1, 26)
+    letters = chr(ord("A") + r) + letters
+  return letters
+
+
+def _short_rows_hint(data: list[list[Any]], lengths: list[int], header: list[Any] | None,
+                     header_length: int | None) -> str:
+  """Why no row is complete when some column is empty in every row: every row one cell short
+  of the header (a column lost on export), or a column without a value anywhere."""
+  def name(c: int) -> str:
+    if header is not None and not _is_empty(header[c]):
+      return str(header[c]).strip()
+    return ("image name", "label")[c] if c < 2 else (
+        "LPQ feature %d" % (c - 1) if c < 7 else "PHOG feature %d" % (c - 6))
+  rows = [r for r in data if not all(_is_empty(v) for v in r)]
+  empty = [c for c in range(_NUM_COLUMNS) if rows and all(_is_empty(r[c]) for r in rows)]
+  if not empty:
+    return ""
+  which = ", ".join(f"column {c + 1} ({name(c)})" for c in empty)
+  cells = sorted({n for n, r in zip(lengths, data) if not all(_is_empty(v) for v in r)})
+  if header_length is not None and len(cells) == 1 and cells[0] < header_length:
+    return (f": every row has {cells[0]} cells where the header names {header_length}, so no"
+            f" row has a value for {which}. A column was lost when the file was written (or"
+            " the header names one too many): write the file again with all 12 columns, one"
+            " cell under each header cell")
+  return (f": {which} {'is' if len(empty) == 1 else 'are'} empty in every row, so every row is"
+          " dropped as missing a value. Fill in the column, or write the file again with all"
+          " 12 columns in order")
+
+
 def _looks_like_header(row: list[Any]) -> bool:
   """Whether the first row is a header: its label cell names a label column; or it is not a
   label and some feature cell is text (a header with other names, some of them numbers); or
@@ -334,24 +462,26 @@ def _looks_like_header(row: list[Any]) -> bool:
   if label is not None and str(label).strip().lower() in _LABEL_HEADERS:
     return True
   cells = [v for v in row[2:] if not _is_empty(v)]
-  text = sum(1 for v in cells if _as_float(v) is None)
+  text = sum(1 for v in cells if not _number_like(v))
   if label is not None and parse_label(label) is None and text:
     return True
   return text > len(cells) - text
 
 
-def _stray_cells_hint(rows: list[list[Any]]) -> str:
+def _stray_cells_hint(rows: list[list[Any]], row0: int = 0, col0: int = 0) -> str:
   """Where the cells beyond the 12 columns are, when only some rows have them (a note typed
-  beside a row): the file is then right but for those cells, and they are what to delete."""
-  stray = [(i + 1, c) for i, r in enumerate(rows) for c in range(_NUM_COLUMNS, len(r))
+  beside a row): the file is then right but for those cells, and they are what to delete.
+  ``row0`` and ``col0``: the rows and columns above and left of ``rows`` in the sheet."""
+  stray = [(i, c) for i, r in enumerate(rows) for c in range(_NUM_COLUMNS, len(r))
            if not _is_empty(r[c])]
-  numbers = sorted({i for i, _ in stray})
+  numbers = sorted({i + 1 + row0 for i, _ in stray})
   if not numbers or len(numbers) > len(rows) // 2:
     return ""
   row, column = stray[0]
   shown = ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
-  return (f"; only row(s) {shown} of {len(rows)} have cells beyond column {_NUM_COLUMNS}"
-          f" (row {row}, column {column + 1}: {rows[row - 1][column]!r}): delete those cells")
+  return (f"; only row(s) {shown} of {len(rows)} have cells beyond column"
+          f" {_NUM_COLUMNS + col0} (row {row + 1 + row0}, column {column + 1 + col0}:"
+          f" {rows[row][column]!r}): delete those cells")
 
 
 def _label_hint(value: Any) -> str:
@@ -363,14 +493,16 @@ def _label_hint(value: Any) -> str:
   return ""
 
 
-def _check_header(header: list[Any], path: Path) -> None:
+def _check_header(header: list[Any], path: Path, col0: int = 0) -> None:
+  """Checks the header's names; ``col0``: the empty columns left of the table in the sheet
+  (its column numbers in messages are the sheet's)."""
   def text(c: int) -> str:
     return "" if header[c] is None else str(header[c]).strip()
 
   problems = []
   if text(1).lower() not in _LABEL_HEADERS:
     problems.append(
-        f"column 2 is {text(1)!r}, expected the label column (one of"
+        f"column {2 + col0} is {text(1)!r}, expected the label column (one of"
         f" {', '.join(_LABEL_HEADERS)})"
     )
   for c in range(2, _NUM_COLUMNS):
@@ -378,15 +510,16 @@ def _check_header(header: list[Any], path: Path) -> None:
     name = text(c)
     number = re.search(r"(\d+)\s*$", name)
     if kind.lower() not in name.lower() or (number and int(number.group(1)) != k):
-      problems.append(f"column {c + 1} is {name!r}, expected {kind} feature {k}")
+      problems.append(f"column {c + 1 + col0} is {name!r}, expected {kind} feature {k}")
   if problems:
     raise ValueError(
         f"{path}: misnamed or misplaced columns: " + "; ".join(problems) +
         f". Expected: {FEATURES_LAYOUT}. If the columns are in this order and only their"
-        " names differ, rename the header cells (column 2 to 'label', columns 3-7 to"
-        " 'LPQ feature 1' .. 'LPQ feature 5', columns 8-12 to 'PHOG feature 1' .. 'PHOG"
-        " feature 5') or delete the header row; in Python, load_sfew_features(...,"
-        " strict_header=False) reads other names by position."
+        f" names differ, rename the header cells (column {2 + col0} to 'label', columns"
+        f" {3 + col0}-{7 + col0} to 'LPQ feature 1' .. 'LPQ feature 5', columns"
+        f" {8 + col0}-{12 + col0} to 'PHOG feature 1' .. 'PHOG feature 5') or delete the"
+        " header row; in Python, load_sfew_features(..., strict_header=False) reads other"
+        " names by position."
     )
 
 
@@ -447,12 +580,23 @@ def load_sfew_features(
   if not rows:
     raise ValueError(f"{path} is empty. Expected: {FEATURES_LAYOUT}.")
 
+  lengths = [len(r) for r in rows]  # cells per row as written (a CSV's rows may differ)
   # Trailing columns that are empty everywhere (spreadsheet artefacts) go.
-  width = max(len(r) for r in rows)
+  width = max(lengths)
   rows = [list(r) + [None] * (width - len(r)) for r in rows]
   while width and all(_is_empty(r[width - 1]) for r in rows):
     width -= 1
   rows = [r[:width] for r in rows]
+  # A title above the header goes (other rows above it are refused), then leading columns that
+  # are empty everywhere (a table that starts in column B); messages keep the sheet's numbers.
+  top = _rows_above_header(rows, path)
+  rows, lengths = rows[top:], lengths[top:]
+  lead = _leading_empty_columns(rows)
+  if lead:
+    logging.warning("SFEW features %s: %s empty in every row; the table is read from column"
+                    " %s", path.name, "column A is" if lead == 1 else
+                    f"columns A-{_column(lead - 1)} are", _column(lead))
+    rows, lengths, width = [r[lead:] for r in rows], [n - lead for n in lengths], width - lead
 
   has_header = _looks_like_header(rows[0])
   header = rows[0] if has_header else None
@@ -461,20 +605,21 @@ def load_sfew_features(
     what = "missing columns" if width < _NUM_COLUMNS else "unexpected extra columns"
     raise ValueError(
         f"{path}: {what}: found {width} columns, expected {_NUM_COLUMNS}{shown}"
-        f"{_stray_cells_hint(rows)}. Expected: {FEATURES_LAYOUT}."
+        f"{_stray_cells_hint(rows, top, lead)}. Expected: {FEATURES_LAYOUT}."
     )
   if header is not None and strict_header:
-    _check_header(header, path)
+    _check_header(header, path, lead)
 
   def column_name(c: int) -> str:
     if header is not None and not _is_empty(header[c]):
       return str(header[c]).strip()
     return ("LPQ feature %d" % (c - 1)) if c < 7 else ("PHOG feature %d" % (c - 6))
 
-  first = 2 if has_header else 1  # spreadsheet row number of the first data row
+  first = top + (2 if has_header else 1)  # spreadsheet row number of the first data row
+  data_rows = rows[1 if has_header else 0:]
   xs, ys, names, dropped, blank = [], [], [], [], []
   rows_of: dict[str, list[int]] = {}  # the rows of each image name, to find repeated ones
-  for offset, row in enumerate(rows[1 if has_header else 0:]):
+  for offset, row in enumerate(data_rows):
     row_no = first + offset
     if all(_is_empty(v) for v in row):
       blank.append(row_no)
@@ -500,7 +645,7 @@ def load_sfew_features(
       if number is None:
         comma = isinstance(row[c], str) and _as_float(row[c].replace(",", ".")) is not None
         raise ValueError(
-            f"{path}, row {row_no} ({name or 'no name'}), column {c + 1}"
+            f"{path}, row {row_no} ({name or 'no name'}), column {c + 1 + lead}"
             f" ({column_name(c)}): {row[c]!r} is not a finite number"
             + (" in float32 (the features' type; at most 3.4e38 in size)"
                if _too_large(row[c]) else "")
@@ -520,7 +665,9 @@ def load_sfew_features(
     rows_of.setdefault(name, []).append(row_no)
 
   if not ys:
-    raise ValueError(f"{path}: no complete rows. Expected: {FEATURES_LAYOUT}.")
+    hint = _short_rows_hint(data_rows, lengths[1 if has_header else 0:], header,
+                            lengths[0] if has_header else None)
+    raise ValueError(f"{path}: no complete rows{hint}. Expected: {FEATURES_LAYOUT}.")
   y, counts, empty = _labels_and_empty_classes(ys)
   if empty:
     raise ValueError(
@@ -679,6 +826,18 @@ def _not_a_tree_hint(path: Path) -> str:
   return ""
 
 
+def _broken_link(entry: Path) -> str | None:
+  """For a symbolic link whose target does not exist: ' (to TARGET, which does not exist)'
+  (the words to follow 'broken link' in a message); None for anything else."""
+  if not entry.is_symlink() or entry.exists():
+    return None
+  try:
+    target = os.readlink(entry)
+  except OSError:
+    return " (its target cannot be read)"
+  return f" (to {target}, which does not exist)"
+
+
 def scan_sfew_tree(
     root: str | os.PathLike, *, on_error: OnError = "raise", fix: str | None = None
 ) -> tuple[list[ImageItem], list[dict[str, str]]]:
@@ -715,6 +874,14 @@ def scan_sfew_tree(
   for entry in sorted(root.iterdir()):
     if entry.name.startswith(".") or entry.name.startswith("__"):
       skipped.append({"path": entry.name, "reason": "hidden entry"})
+      continue
+    broken = _broken_link(entry)
+    if broken is not None and entry.name.strip().lower() in SFEW_CLASS_NAMES:
+      raise FileNotFoundError(
+          f"{root}: the class folder {entry.name!r} is a broken link{broken}: point the link"
+          " at the folder that holds this class's images, or replace it with that folder")
+    if broken is not None:
+      skipped.append({"path": entry.name, "reason": f"broken link{broken}"})
       continue
     if not entry.is_dir():
       skipped.append({"path": entry.name, "reason": "file beside the class folders"})
@@ -757,6 +924,11 @@ def scan_sfew_tree(
     if not folders and archives:
       nested += (f"; it holds the archive(s) {', '.join(archives[:3])}: unpack the class"
                  " folders first and pass the folder that holds them")
+    sheets = [e.name for e in sorted(root.iterdir()) if e.is_file()
+              and e.name.lower() in ("sfew.csv", "sfew.xlsx")]
+    if not folders and sheets:
+      nested += (f"; it holds {' and '.join(sheets)}, the features file: the MLP studies read"
+                 " it with --data=sfew_features (load_sfew_features in Python)")
     if not folders and root.name.strip().lower() in SFEW_CLASS_NAMES:
       # The path of one class folder (SFEW/Angry) instead of the folder holding all seven.
       parent = root.resolve().parent
@@ -772,8 +944,12 @@ def scan_sfew_tree(
     count = 0
     for entry in sorted(folder.iterdir()):
       rel = f"{folder.name}/{entry.name}"
+      broken = _broken_link(entry)
       if entry.name.startswith(".") or entry.name.lower() in _SYSTEM_FILES:
         skipped.append({"path": rel, "reason": "hidden entry"})
+      elif broken is not None:
+        _problem(f"{entry}: broken link{broken}", rel, on_error, skipped,
+                 fix or _SKIP_FIX.replace("Remove or fix it", "Fix the link or remove it"))
       elif entry.is_dir():
         skipped.append({"path": rel, "reason": "sub-folder inside a class folder"})
       elif entry.suffix.lower() not in _IMAGE_SUFFIXES:
@@ -971,6 +1147,38 @@ def _read_image(
   return array, None, found, dark, source
 
 
+def _skipped_lines(entries: Sequence[dict[str, str]], limit: int = 5) -> str:
+  """Skipped entries as lines ``  path: reason`` (the first ``limit``, then ``  and N more``);
+  a reason that starts with the file's full path has it cut (the path leads the line).
+
+  Example:
+    >>> print(_skipped_lines([{"path": "Sad/a.png", "reason": "/d/Sad/a.png: not an image"}]))
+      Sad/a.png: not an image
+  """
+  def reason(e: dict[str, str]) -> str:
+    head, sep, tail = str(e["reason"]).partition(": ")
+    return tail if sep and head.endswith(str(e["path"])) else str(e["reason"])
+  lines = [f"  {e['path']}: {reason(e)}" for e in entries[:limit]]
+  if len(entries) > limit:
+    lines.append(f"  and {len(entries) - limit} more")
+  return "\n".join(lines)
+
+
+def _unreadable_class_message(root: Any, empty: list[str],
+                              skipped: list[dict[str, str]]) -> str:
+  """The error for classes left without images once their unreadable files were skipped: the
+  skipped files of those classes first (as lines), and the fix."""
+  def folder_class(e: dict[str, str]) -> str:
+    return str(e["path"]).split("/", 1)[0].strip().lower()
+  theirs = [e for e in skipped if folder_class(e) in empty and e["reason"] != "hidden entry"]
+  what = (f"all {len(theirs)} of their files were skipped" if theirs else
+          f"{len(skipped)} entries were skipped")
+  return (f"{root}: no readable images for class(es) {', '.join(empty)}: {what}. Every class"
+          " needs images: replace these files with readable frames (e.g. open and save them"
+          " again as PNG or JPEG), or add other images of the class. Skipped:\n"
+          + _skipped_lines(theirs or skipped))
+
+
 def _pair(name: str, value) -> tuple[int, int]:
   """``(height, width)`` as two positive ints, or a ValueError naming ``name``."""
   ok = isinstance(value, (tuple, list)) and len(value) == 2
@@ -1076,10 +1284,7 @@ def load_sfew_images(
       dark.append(item.relpath)
   y, _, empty = _labels_and_empty_classes(ys)
   if empty:
-    raise ValueError(
-        f"{root}: no readable images for class(es) {', '.join(empty)} (after"
-        f" skipping {len(skipped)} entries: {skipped[:5]})"
-    )
+    raise ValueError(_unreadable_class_message(root, empty, skipped))
   if skipped:
     logging.warning(
         "SFEW images %s: skipped %d entr%s: %s", root, len(skipped),
