@@ -284,6 +284,12 @@ def _computed_why(how: str) -> str:
           "removing a row of the params does not remove that row of the kernel")
 
 
+def _computed_reader_why(how: str) -> str:
+  """Why a consumer whose kernel is computed from params does not take a fold, in words."""
+  return (f"a kernel computed from params (by {how}), whose rows are not the params' rows: a "
+          "removed unit's constant times the params' rows is not what it adds")
+
+
 def _padded_conv_why(eqn) -> str:
   """Why a zero-padded convolution (no input dilation) does not pass a constant channel on as
   one value, in words: 'SAME' padding, other explicit padding, or padding that makes the output
@@ -1298,6 +1304,60 @@ class _Walker:
       stack.extend((sc, u) for u in eqn.invars)
     return leaves, sorted(eqns, key=lambda pe: pe[0])
 
+  def _rows_linear(self, scope: tuple, k, atoms) -> bool:
+    """Whether kernel ``k`` (computed from params, at ``scope``) is linear in the rows of the
+    leaves that hold ``atoms`` (the axis a contraction reads with it) and depends on them in no
+    other way: each row of ``k`` is a sum of those leaves' rows, moved and times factors that
+    do not depend on them (``w * 0.5``, an equalized learning rate's ``w / sqrt(fan_in)``,
+    ``w * s[None, :]``, a merged LoRA's ``w + a @ b``). Removing or merging a unit is then
+    removing or merging those rows; a norm over the rows, a nonlinearity, a product of two of
+    them or a sum with a value they do not hold is not."""
+    A = self.atoms
+    roots = {A.find(a) for a in A.expand(atoms) if A.size[a] > 1}
+    if not roots:
+      return False
+    seeds = {leaf for leaf, axes in enumerate(self.invar_atoms) if any(
+        A.find(a) in roots for ax in axes for a in A.expand(ax))}
+    memo: dict = {}
+
+    def state(sc, v, depth=0):     # 'N': not from the rows; 'L': linear in them; None: other
+      if isinstance(v, jex.core.Literal):
+        return "N"
+      if (sc, v) in memo:
+        return memo[(sc, v)]
+      if depth > 256:
+        return None
+      if v in self.origin:
+        out = "L" if self.origin[v][0] in seeds else "N"
+      else:
+        where = self._definition(sc, v)
+        if where is None:
+          out = "N" if v in self.jaxpr_at[sc].constvars else None
+        elif where[0] == "in":
+          out = state(where[1], where[2], depth + 1)
+        else:
+          eqn = where[2]
+          ins = [state(sc, u, depth + 1) for u in eqn.invars]
+          name, lin = eqn.primitive.name, ins.count("L")
+          if None in ins:
+            out = None
+          elif lin == 0:
+            out = "N"
+          elif name in _SCALED_MOVES or name == "reduce_precision":
+            out = "L"
+          elif name in ("mul", "dot_general"):
+            out = "L" if lin == 1 else None
+          elif name == "div":
+            out = "L" if ins == ["L", "N"] else None
+          elif name in ("add", "sub", "add_any"):
+            out = "L" if lin == len(ins) else None
+          else:
+            out = None
+      memo[(sc, v)] = out
+      return out
+
+    return state(scope, k) == "L"
+
   def _scaled(self, scope: tuple, v, leaf: int, depth: int = 64) -> bool:
     """Whether ``v`` is parameter ``leaf`` (moved, cast, negated) times scalars computed from
     params and constants alone (``w * 0.5``, ``w / s`` for a scalar param ``s``): a kernel
@@ -1373,15 +1433,25 @@ class _Walker:
       return pos, maps, kernel, ", ".join(names) or "a reshape", scaled
     return None
 
-  def _record_computed(self, eqn, path, comp, producer_axes, conv, padded, window_axes=()):
+  @staticmethod
+  def _computed_leaf(comp, producer_axes):
+    """The leaf a contraction with a computed kernel (``comp``) is recorded under: the kernel's
+    own leaf, or one that holds an output axis of it; None if none does."""
+    _, maps, kernel, _, _ = comp
+    return kernel if kernel is not None else next(
+        (l for l, m in maps.items() if any(d in m for d in producer_axes)), None)
+
+  def _record_computed(self, eqn, path, comp, producer_axes, conv, padded, window_axes=(),
+                       consumer_axes=()):
     """Records a contraction whose kernel is computed from params (``_computed_kernel``): the
     leaves' axes tied to its output axes produce its units, as kind ``'kernel'`` when the
     kernel is one leaf times scalars and ``'scale'`` otherwise (a weight-normed kernel's raw
     weights are not its weights, so weight-based pruners must not read them as a kernel). The
-    axes it contracts are not recorded: they stay blocked."""
+    leaves' axes tied to ``consumer_axes`` (the axes it contracts, where the kernel is linear in
+    their rows: ``_rows_linear``) read the units it contracts; other contracted axes stay
+    blocked."""
     pos, maps, kernel, how, scaled = comp
-    leaf = kernel if kernel is not None else next(
-        (l for l, m in maps.items() if any(d in m for d in producer_axes)), None)
+    leaf = self._computed_leaf(comp, producer_axes)
     if leaf is None:
       return
     m = maps[leaf]
@@ -1394,6 +1464,11 @@ class _Walker:
           kind = "kernel" if scaled and l == kernel else "scale"
           use = self.uses.setdefault((l, lm[d]), _Use(l, lm[d], "producer", kind, path, how))
           if use.role == "consumer":
+            self.tied.add((l, lm[d]))
+      for d in consumer_axes:
+        if d in lm:
+          use = self.uses.setdefault((l, lm[d]), _Use(l, lm[d], "consumer", "kernel", path, how))
+          if use.role == "producer":
             self.tied.add((l, lm[d]))
       if l == kernel:
         for d in window_axes:
@@ -1414,8 +1489,16 @@ class _Walker:
     # _classify takes them as a group only if kernels make them (see _MUTUAL).
     mutual = kern is None and comp is None and all(
         not isinstance(v, jex.core.Literal) and v in self.stream for v in eqn.invars[:2])
+    lfree = [d for d in range(len(lhs)) if d not in lc and d not in lb]
+    rfree = [d for d in range(len(rhs)) if d not in rc and d not in rb]
+    # A computed kernel linear in the rows it contracts (w * 0.5, w + a @ b) reads the units
+    # as the params' rows: they are tied, not blocked.
+    rows = comp is not None and self._computed_leaf(
+        comp, (*lfree, *lb) if comp[0] == 0 else (*rfree, *rb)) is not None and all(
+        self._rows_linear(path[:-1], eqn.invars[comp[0]], ins[comp[0]][d])
+        for d in (lc if comp[0] == 0 else rc))
     for i, j in zip(lc, rc):
-      if kern is None and not mutual:
+      if kern is None and not mutual and not rows:
         for a in lhs[i] + rhs[j]:
           A.block(a, why)
       A.unify(lhs[i], rhs[j], "contracted unevenly")
@@ -1423,8 +1506,6 @@ class _Walker:
         self.mutual.append((lhs[i], path))
     for i, j in zip(lb, rb):
       A.unify(lhs[i], rhs[j], "batched unevenly")
-    lfree = [d for d in range(len(lhs)) if d not in lc and d not in lb]
-    rfree = [d for d in range(len(rhs)) if d not in rc and d not in rb]
     if kern is not None:
       pos, leaf, amap = kern
       contracted, batch, free = (lc, lb, lfree) if pos == 0 else (rc, rb, rfree)
@@ -1432,7 +1513,8 @@ class _Walker:
                    False)
     elif comp is not None:
       batch, free = (lb, lfree) if comp[0] == 0 else (rb, rfree)
-      self._record_computed(eqn, path, comp, tuple(free) + tuple(batch), False, False)
+      self._record_computed(eqn, path, comp, tuple(free) + tuple(batch), False, False,
+                            consumer_axes=tuple(lc if comp[0] == 0 else rc) if rows else ())
     return tuple([lhs[d] for d in lb] + [lhs[d] for d in lfree] + [rhs[d] for d in rfree])
 
   def _conv(self, eqn, ins, path):
@@ -1455,8 +1537,10 @@ class _Walker:
     # A channel multiplier (M outputs per input channel; also the identity kernel of
     # conv_general_dilated_patches, nn.ConvLocal's patches): output c * M + m reads input c.
     multiplier = one_in and not depthwise
+    rows = (groups == 1 and comp is not None and self._computed_leaf(comp, (cout,)) is not None
+            and self._rows_linear(path[:-1], eqn.invars[1], rhs[rhs_in]))
     if groups == 1:
-      if kern is None:
+      if kern is None and not rows:
         for a in lhs[cin] + rhs[rhs_in]:
           A.block(a, _computed_why(comp[3]) if comp is not None else
                   "convolved between two activations or computed parameters")
@@ -1501,7 +1585,8 @@ class _Walker:
       if padded:
         padded = _DILATED_CONV if dilated else _padded_conv_why(eqn)
     if comp is not None and (groups == 1 or one_in):
-      self._record_computed(eqn, path, comp, (cout,), True, padded, spatial)
+      self._record_computed(eqn, path, comp, (cout,), True, padded, spatial,
+                            consumer_axes=(rhs_in,) if rows else ())
     elif kern is not None and kern[0] == 1:
       _, leaf, amap = kern
       if groups == 1:
@@ -2252,7 +2337,7 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       out, readout_extra = _readout_terms(w, c)
       # (N, units) read by a (units, outputs) kernel: not a conv layer's (N, positions x
       # channels) flattened, whose rows are positions of a unit
-      readout = (not c.conv and c.stream_var is var and c.path[:-1] == () and
+      readout = (not c.conv and not c.computed and c.stream_var is var and c.path[:-1] == () and
                  len(var.aval.shape) == 2 and var.aval.shape[1] == w.atoms.size[root] and
                  any(out is o for o in w.out_vars) and len(c.kernel_var.aval.shape) == 2)
     # A kernel computed from params (other than one param times a scalar): a unit whose
@@ -2472,7 +2557,11 @@ def _draws_random(jaxpr) -> bool:
 
 
 def _computed_role(u: _Use) -> str:
-  """What a producer slice of a kernel computed from params is, in words (explain())."""
+  """What a slice of a kernel computed from params is, in words (explain())."""
+  if u.role == "consumer":
+    return (f"the kernel it reads with is computed from it ({u.computed}), linear in its rows: "
+            "removing or merging a unit removes or merges its rows; folds of a removed unit "
+            "into the next bias are refused")
   if u.kind == "kernel":
     return (f"the kernel is this param times a scalar ({u.computed}): the units' incoming "
             "weights keep their angles and the order of their norms")
@@ -3201,6 +3290,10 @@ class TracedTarget:
       bias, why = self._consumer_bias(con), con.padded_why
       if not why and site.mutual is not None:
         why = _MUTUAL
+      if not why and con.computed:
+        why = _computed_reader_why(con.computed)
+      if con.computed and use.leaf != con.kernel:   # (a LoRA factor's rows: no outputs there)
+        bias = None
       out_axes = self._bias_ordered(con)
       # A recurrent reader sees the initial state at the first step, not the units' values:
       # a constant unit's contribution does not fold into its bias exactly either.

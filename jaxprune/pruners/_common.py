@@ -66,7 +66,10 @@ def check_activations_complete(target, name: str) -> None:
 def fold_obstacle(group: units_lib.UnitGroup, *, linear: bool = False) -> str | None:
   """Why a removed unit's constant (``linear``: also its weights, moved onto other units)
   cannot be folded into the next bias exactly here, or None when it can."""
-  no_bias = [s for s in group.consumers if s.bias is None]
+  # (a factor of a computed kernel, a LoRA's a in h @ (w + a @ b), has no bias of its own:
+  # what blocks the fold is the computed kernel, said below)
+  no_bias = [s for s in group.consumers if s.bias is None
+             and not (s.padded_why or "").startswith("a kernel computed from params")]
   if no_bias:
     return (f"its consumer {units_lib.path_str(no_bias[0].path)} adds no bias with a value for "
             "each of its outputs directly to its product (it has no bias, as a conv that a "

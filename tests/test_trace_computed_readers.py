@@ -1,0 +1,111 @@
+"""A layer read through a kernel computed from params (an equalized learning rate's
+``w / sqrt(fan_in)``, ``w * 0.5``, a per-output scale ``w * s``, a merged LoRA ``w + a @ b``,
+a dequantised ``codes * scale``): the kernel is linear in the rows it reads the units with, so
+removing or merging a unit removes or merges those rows, and the layer before stays a group.
+Folding a removed unit's constant into the next bias would use the params' rows, not the
+kernel's, so folds are refused. A kernel not linear in its rows (``tanh(w)``, ``w * w``,
+``w + s``, a weight norm) still leaves the units not prunable."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+from conftest import host_f32
+
+R = np.random.default_rng(5)
+F, H, C = 5, 8, 3
+
+
+def _arr(*shape, scale=1.0):
+  return host_f32(scale * R.normal(size=shape))
+
+
+BASE = {"w1": _arr(F, H), "b1": _arr(H), "w2": _arr(H, C), "b2": _arr(C), "s2": _arr(C),
+        "a": _arr(H, 2), "b": _arr(2, C)}
+# Unit 5 a copy of unit 1: merging them must leave the outputs as they are.
+BASE["w1"] = BASE["w1"].at[:, 5].set(BASE["w1"][:, 1])
+BASE["b1"] = BASE["b1"].at[5].set(BASE["b1"][1])
+
+LINEAR = {
+    "times_a_scalar": lambda p, h: h @ (p["w2"] * 0.5),
+    "equalized_lr": lambda p, h: h @ (p["w2"] / np.sqrt(H)),
+    "per_output_scale": lambda p, h: h @ (p["w2"] * p["s2"]),
+    "merged_lora": lambda p, h: h @ (p["w2"] + p["a"] @ p["b"]),
+    "transposed": lambda p, h: jnp.einsum("bh,ch->bc", h, (p["w2"] * 2.0).T),
+}
+NOT_LINEAR = {
+    "tanh": lambda p, h: h @ jnp.tanh(p["w2"]),
+    "squared": lambda p, h: h @ (p["w2"] * p["w2"]),
+    "plus_a_row": lambda p, h: h @ (p["w2"] + p["s2"]),
+    "weight_norm": lambda p, h: h @ (p["w2"] / jnp.sqrt((p["w2"] ** 2).sum(0) + 1e-12)),
+}
+
+
+def _net(read):
+  def fn(p, x):
+    return read(p, jax.nn.sigmoid(x @ p["w1"] + p["b1"])) + p["b2"]
+  return fn
+
+
+X = _arr(6, F)
+
+
+@pytest.mark.parametrize("name", list(LINEAR))
+def test_a_kernel_linear_in_its_rows_reads_the_units(name):
+  fn = _net(LINEAR[name])
+  t = jaxprune.trace(fn, BASE, X)
+  assert list(t.groups) == ["w1"]
+  g = t.groups["w1"]
+  readers = {s.path[0] for s in g.consumers}
+  assert readers == ({"w2", "a"} if name == "merged_lora" else {"w2"})
+  um = jaxprune.unit_masks_ones(t)
+  um["w1"] = um["w1"].at[np.array([0, 3])].set(False)
+  small, small_t = t.compact(BASE, um)
+  assert small["w2"].shape == (H - 2, C)
+  masked = jaxprune.apply_masks(BASE, jaxprune.expand(BASE, t, um))
+  for xb in (X, X[:4]):
+    np.testing.assert_allclose(small_t.apply(small, xb), fn(masked, xb), rtol=1e-5, atol=1e-6)
+  # Merging the copy into unit 1 adds its rows: exact, as the kernel is linear in them.
+  acts = t.activations(BASE, X, "w1")
+  merged, kept, _ = jaxprune.distinctiveness(t, "w1", constants=False, complementary=False)(
+      BASE, jaxprune.unit_masks_ones(t), acts, 1e-3, 180.0)
+  assert np.flatnonzero(~np.asarray(kept["w1"])).tolist() == [5]
+  np.testing.assert_allclose(fn(merged, X), fn(BASE, X), rtol=1e-5, atol=1e-5)
+  # A constant's fold would add its value times the params' rows, not the kernel's: refused.
+  assert all("a kernel computed from params" in s.padded_why for s in g.consumers)
+  with pytest.raises(ValueError, match="through a kernel computed from params"):
+    jaxprune.distinctiveness(t, "w1")
+  assert t.readout("w1") is None        # the GA's readout shortcut reads the params' rows
+
+
+@pytest.mark.parametrize("name", list(NOT_LINEAR))
+def test_a_kernel_not_linear_in_its_rows_leaves_the_units_not_prunable(name):
+  t = jaxprune.trace(_net(NOT_LINEAR[name]), BASE, X)
+  assert "w1" not in t.groups
+  assert "w2 (8, 3): axis 0 -> not prunable" in t.explain()
+
+
+def test_an_equalized_learning_rate_cnn_keeps_its_channel_groups():
+  """StyleGAN/ProGAN's equalized learning rate: every kernel is scaled by 1 / sqrt(fan_in) where
+  it is used, convs and the dense head alike."""
+  p = {"k1": _arr(3, 3, 2, 6), "c1": _arr(6), "k2": _arr(3, 3, 6, 4), "c2": _arr(4),
+       "wd": _arr(4, C)}
+
+  def fn(p, x):
+    conv = lambda h, k: jax.lax.conv_general_dilated(
+        h, k / np.sqrt(np.prod(k.shape[:3])), (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.relu(conv(x, p["k1"]) + p["c1"])
+    h = jax.nn.relu(conv(h, p["k2"]) + p["c2"])
+    return h.mean((1, 2)) @ (p["wd"] / 2.0)
+  x = _arr(4, 8, 8, 2)
+  t = jaxprune.trace(fn, p, x)
+  assert {n: g.size for n, g in t.groups.items()} == {"k1": 6, "k2": 4}
+  for name in t.groups:
+    um = jaxprune.unit_masks_ones(t)
+    um[name] = um[name].at[np.array([1, 2])].set(False)
+    small, small_t = t.compact(p, um)
+    masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+    np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-6)
