@@ -274,6 +274,11 @@ _CLOSED_OVER = ("tied to an array fn closes over (not in params); pass per-unit 
                 "v = {'params': params, 'batch_stats': stats}, see docs/any-model.md)")
 
 
+_CLOSED_OVER_INDEX = ("tied to an array of integers or booleans fn closes over (a fixed "
+                      "permutation, selection or mask of the units, h[:, perm], which has the "
+                      "traced number of entries and would not follow a pruned layer)")
+
+
 _POSITIONS = ("a convolution's or pooling's output positions (their number follows the "
               "input's size)")
 
@@ -406,7 +411,8 @@ class _Walker:
         for a in ax:
           self.atoms.block(a[0], "an axis of the function's inputs")
     for v in jaxpr.constvars:
-      env[v] = self.fresh(v.aval.shape, _CLOSED_OVER)
+      env[v] = self.fresh(v.aval.shape, _CLOSED_OVER if jnp.issubdtype(
+          v.aval.dtype, jnp.inexact) else _CLOSED_OVER_INDEX)
     self._walk(jaxpr, env, ())
     self._block_untaken_parts()
     for ax in (self._read(env, v) for v in jaxpr.outvars):
@@ -1003,6 +1009,9 @@ class _Walker:
       out = tuple((A.new(out_shapes[0][d]),) if k == d else ax for k, ax in enumerate(x))
       return [out, out]
 
+    if name == "shard_map":
+      return self._opaque(eqn, ins, out_shapes, "used by shard_map (not followed: trace the "
+                          "per-device function inside it, which computes the same model)")
     return self._opaque(eqn, ins, out_shapes, f"used by {name} (not followed)")
 
   def _scan(self, eqn, ins, path):
@@ -1316,8 +1325,11 @@ class _Walker:
     roots = {A.find(a) for a in A.expand(atoms) if A.size[a] > 1}
     if not roots:
       return False
-    seeds = {leaf for leaf, axes in enumerate(self.invar_atoms) if any(
-        A.find(a) in roots for ax in axes for a in A.expand(ax))}
+    cone = self._param_cone(scope, k)
+    if not cone:
+      return False
+    seeds = {leaf for leaf in cone[0] if any(
+        A.find(a) in roots for ax in self.invar_atoms[leaf] for a in A.expand(ax))}
     memo: dict = {}
 
     def state(sc, v, depth=0):     # 'N': not from the rows; 'L': linear in them; None: other

@@ -373,3 +373,29 @@ def test_a_second_group_of_one_kernel_is_named_by_its_axis():
   p = {"l": {"w": _arr(4, 3, 5), "b": _arr(3, 5)}, "out": _arr(3, 5, 2)}
   t = jaxprune.trace(fn, p, _arr(8, 4))
   assert {n: g.size for n, g in t.groups.items()} == {"l": 3, "l:2": 5}
+
+
+def test_refusals_of_a_fixed_permutation_and_of_shard_map_say_what_to_do():
+  """A closed-over index array (``h[:, perm]``) is no per-unit variable to pass in params, and a
+  model inside ``shard_map`` is traced through the per-device function it wraps."""
+  from jax.sharding import Mesh, PartitionSpec as PS
+  try:
+    from jax import shard_map
+  except ImportError:                                    # older JAX
+    from jax.experimental.shard_map import shard_map
+  p = {"w1": _arr(6, 5), "b1": _arr(5), "w2": _arr(5, 2)}
+  x = _arr(8, 6)
+  perm = np.array([4, 2, 0, 1, 3])
+  t = jaxprune.trace(lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"])[:, perm] @ p["w2"], p, x)
+  line = next(l for l in t.explain().splitlines() if l.startswith("w2 "))
+  assert "a fixed permutation, selection or mask of the units" in line
+  assert "batch statistics" not in line
+
+  def inner(p, x):
+    return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+  mesh = Mesh(np.array(jax.devices()[:1]), ("d",))
+  sharded = lambda p, x: shard_map(inner, mesh=mesh, in_specs=(PS(), PS("d")),
+                                   out_specs=PS("d"))(p, x)
+  assert not jaxprune.trace(sharded, p, x).groups
+  assert "trace the per-device function inside it" in jaxprune.trace(sharded, p, x).explain()
+  assert list(jaxprune.trace(inner, p, x).groups) == ["w1"]
