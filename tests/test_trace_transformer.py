@@ -317,6 +317,20 @@ def _ones(target):
   return jaxprune.unit_masks_ones(target)
 
 
+def _assert_zeroed(full, mref, spans, qkv_cols, wo_rows, name):
+  """The masked reference blocks equal the full ones but for q/k/v columns ``qkv_cols`` and the
+  output projection's rows ``wo_rows``, zeroed in the blocks ``spans``."""
+  for i, (bf, bm) in enumerate(zip(full[0], mref[0])):
+    for k in bf:
+      want = bf[k].copy()
+      if i in spans:
+        if k in ("wqkv", "bqkv"):
+          want[..., qkv_cols] = 0
+        if k == "wo":
+          want[list(wo_rows)] = 0
+      np.testing.assert_array_equal(bm[k], want, err_msg=f"{name} {k} block {i}")
+
+
 def test_expand_zeroes_exactly_the_unit(case):
   """Removing MLP unit j zeroes gate column j, value column H + j, their biases and row j of
   the down projection, in every block the group spans, and nothing else; removing head h
@@ -342,17 +356,8 @@ def test_expand_zeroes_exactly_the_unit(case):
     um = _ones(tg)
     um[name] = um[name].at[1].set(False)
     masked = jaxprune.apply_masks(p, jaxprune.expand(p, tg, um))
-    full, mref = case.to_ref(p), case.to_ref(masked)
     cols = [part * E + DH + d for part in range(3) for d in range(DH)]
-    for i, (bf, bm) in enumerate(zip(full[0], mref[0])):
-      for k in bf:
-        want = bf[k].copy()
-        if i in spans:
-          if k in ("wqkv", "bqkv"):
-            want[..., cols] = 0
-          if k == "wo":
-            want[DH:2 * DH] = 0
-        np.testing.assert_array_equal(bm[k], want, err_msg=f"{name} {k} block {i}")
+    _assert_zeroed(case.to_ref(p), case.to_ref(masked), spans, cols, range(DH, 2 * DH), name)
 
 
 def test_query_key_features_are_removed_exactly(case):
@@ -365,17 +370,10 @@ def test_query_key_features_are_removed_exactly(case):
     um = _ones(tg)
     um[name] = um[name].at[3].set(False)
     masked = jaxprune.apply_masks(p, jaxprune.expand(p, tg, um))
-    full, mref = case.to_ref(p), case.to_ref(masked)
+    mref = case.to_ref(masked)
     cols = [part * E + h * DH + 3 for part in parts for h in range(NH)]
-    for i, (bf, bm) in enumerate(zip(full[0], mref[0])):
-      for k in bf:
-        want = bf[k].copy()
-        if i in spans:
-          if k in ("wqkv", "bqkv"):
-            want[..., cols] = 0
-          if k == "wo" and 2 in parts:
-            want[[h * DH + 3 for h in range(NH)]] = 0
-        np.testing.assert_array_equal(bm[k], want, err_msg=f"{name} {k} block {i}")
+    wo_rows = [h * DH + 3 for h in range(NH)] if 2 in parts else []
+    _assert_zeroed(case.to_ref(p), mref, spans, cols, wo_rows, name)
     small, small_tg = tg.compact(p, um)
     ref, _ = _ref_forward(*mref, X)
     np.testing.assert_allclose(small_tg.apply(small, X), ref, atol=2e-5, err_msg=name)
