@@ -2285,10 +2285,12 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       if n > 1:
         members.setdefault(part, []).extend(members.get(root, []))
   mutual: dict[int, tuple] = {}     # class root -> where two activations contract it
+  mutual_at: dict[int, set] = {}    # class root -> every such place
   for atoms, path in w.mutual:
     for a in A.expand(atoms):
       if A.size[a] > 1:
         mutual.setdefault(A.find(a), path)
+        mutual_at.setdefault(A.find(a), set()).add(path)
   reasons: dict[int, list[str]] = {}
   sites, taken = [], {}
   for root, us in members.items():
@@ -2310,6 +2312,13 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       why.append("no parameter produces these units")
     elif root in mutual and not any(u.kind == "kernel" or u.computed for u in producers):
       why.append("contracted between two activations that no kernel makes")
+    elif root in mutual and not all(_zero_when_masked(w, path[:-1], v, root)
+                                    for path in sorted(mutual_at[root])
+                                    for v in _eqn_at(w, path).invars[:2]):
+      why.append("contracted between two activations that are not zero where a unit's params "
+                 "are (a sigmoid, an exp, or a shift such as elu(h) + 1 or h + 1.0 before the "
+                 "product): a masked unit would still add a term there, which compacting it "
+                 "drops")
     if any(leaf_paths[u.leaf] is None for u in us):
       why.append("a leaf on this axis has no addressable path (a custom pytree node)")
     if why:
@@ -2375,6 +2384,80 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
                             mutual=mutual.get(root)))
   sites.sort(key=lambda s: s.order)
   return tuple(sites), uses, reasons
+
+
+# Ops that keep a zero input zero (elementwise, moves, reductions over other axes, slices).
+_ZERO_KEEPING = frozenset("""
+neg tanh sin sinh asinh atan atanh tan erf expm1 log1p sign abs sqrt cbrt integer_pow square
+reduce_precision convert_element_type reshape broadcast_in_dim squeeze expand_dims copy copy_p
+transpose reduce_sum reduce_max reduce_min cumsum slice split dynamic_slice gather rev
+name optimization_barrier sharding_constraint real imag
+""".split())
+
+
+def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo=None) -> bool:
+  """Whether ``var`` (at ``scope``) is zero at a unit of class ``root`` whose params are zeroed
+  (masked): it is made from the params holding those units (a kernel's columns, a bias) by
+  ops that keep zero at zero (products, a scale, moves, relu, tanh, gelu's and silu's products)
+  with nothing added that does not hold them. A group read by a product of two activations
+  (``q @ k.T``) has no consumer rows to zero, so masking a unit equals removing it only then:
+  ``sigmoid(h) @ sigmoid(g).T`` or ``(elu(q) + 1) @ ...`` add a term for a masked unit."""
+  memo = {} if memo is None else memo
+  if isinstance(var, jex.core.Literal):
+    return not np.any(np.asarray(var.val))
+  key = (scope, var)
+  if key in memo:
+    return memo[key]
+  memo[key] = False                    # (a cycle, or too deep: not shown to be zero)
+  if depth > 512:
+    return False
+  A = w.atoms
+  zero = lambda sc, v: _zero_when_masked(w, sc, v, root, depth + 1, memo)
+
+  def held(sc, v):                     # the axes of v that hold the units
+    if isinstance(v, jex.core.Literal):
+      return set()
+    ax = w.scoped_env.get((sc, v))
+    if ax is None and v in w.origin and v in w.jaxpr_at[()].invars:
+      ax = w.invar_atoms[w.origin[v][0]]
+    return {d for d, x in enumerate(ax or ()) if any(A.find(a) == root for a in A.expand(x))}
+
+  if not held(scope, var):             # no axis of the units: nothing says it is zero there
+    out = False
+  elif var in w.origin:                # a param holding them: masking zeroes it there
+    out = True
+  else:
+    where = w._definition(scope, var)
+    if where is None:                  # an input, a scan's carry, a closed-over constant
+      out = False
+    elif where[0] == "in":
+      out = zero(where[1], where[2])
+    else:
+      _, path, eqn = where
+      name, ins = eqn.primitive.name, eqn.invars
+      body = _call_body(eqn)[0]
+      if body is not None:
+        out = zero(path, body.outvars[list(eqn.outvars).index(var)])
+      elif name == "mul":
+        out = any(zero(scope, u) for u in ins)       # zero times anything
+      elif name == "dot_general":                    # zero where an operand holding the units
+        (lc, rc), _ = eqn.params["dimension_numbers"]   # on an axis it keeps is zero
+        out = any(held(scope, u) - set(c) and zero(scope, u) for u, c in zip(ins, (lc, rc)))
+      elif name == "conv_general_dilated":           # a kernel's output channels
+        cout = eqn.params["dimension_numbers"].rhs_spec[0]
+        out = cout in held(scope, ins[1]) and zero(scope, ins[1])
+      elif name == "div":
+        out = zero(scope, ins[0])
+      elif name in ("add", "sub", "add_any", "max", "min", "concatenate", "pad"):
+        out = all(zero(scope, u) for u in ins)       # (relu: max(h, 0.0))
+      elif name == "select_n":
+        out = all(zero(scope, u) for u in ins[1:])
+      elif name in _ZERO_KEEPING:
+        out = zero(scope, ins[0])
+      else:
+        out = False
+  memo[key] = out
+  return out
 
 
 def _initial_states(w: _Walker, scope, var, producers, consumers) -> list:

@@ -93,3 +93,40 @@ def test_a_product_of_an_activation_and_the_input_stays_refused():
   t = jaxprune.trace(fn, p, X)
   assert not t.groups
   assert "w1 (5, 5): axis 0 -> not prunable" in t.explain()
+
+
+def _feature_map_attention(phi):
+  """Attention scores ``phi(q) @ phi(k).T`` of features q = x @ wq + bq, k = x @ wk + bk."""
+  def fn(p, x):
+    q, k = phi(x @ p["wq"] + p["bq"]), phi(x @ p["wk"] + p["bk"])
+    s = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k) * x[..., :1], -1)
+    return jnp.einsum("bts,bsf->btf", s, x @ p["wv"]).mean(1) @ p["wo"]
+  return fn
+
+
+PA = {"wq": _arr(F, H), "bq": _arr(H), "wk": _arr(F, H), "bk": _arr(H), "wv": _arr(F, 4),
+      "wo": _arr(4, C)}
+
+
+@pytest.mark.parametrize("phi", [lambda h: h, jax.nn.relu, jnp.tanh, jax.nn.gelu, jax.nn.silu,
+                                 lambda h: 0.5 * h])
+def test_features_that_are_zero_where_masked_are_a_group(phi):
+  fn = _feature_map_attention(phi)
+  t = jaxprune.trace(fn, PA, X)
+  assert t.groups["wq"].read_by_products
+  um = jaxprune.unit_masks_ones(t)
+  um["wq"] = um["wq"].at[np.array([0, 2, 3])].set(False)
+  small, small_t = t.compact(PA, um)
+  masked = jaxprune.apply_masks(PA, jaxprune.expand(PA, t, um))
+  np.testing.assert_allclose(small_t.apply(small, X), fn(masked, X), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("phi", [jax.nn.sigmoid, lambda h: jax.nn.elu(h) + 1.0,
+                                 lambda h: h + 1.0, jnp.exp])
+def test_features_not_zero_where_masked_stay_refused(phi):
+  """A masked unit's features are phi(0) (its kernel column and bias are zero): with phi(0) != 0
+  (a sigmoid, linear attention's elu + 1, a shift) it still adds phi(0)**2 (times the data) to
+  every score, which compacting drops (the outputs moved by up to 13)."""
+  t = jaxprune.trace(_feature_map_attention(phi), PA, X)
+  assert "wq" not in t.groups
+  assert "not zero where a unit's params are" in t.explain()
