@@ -130,3 +130,29 @@ def test_features_not_zero_where_masked_stay_refused(phi):
   t = jaxprune.trace(_feature_map_attention(phi), PA, X)
   assert "wq" not in t.groups
   assert "not zero where a unit's params are" in t.explain()
+
+
+def test_a_top1_mixture_of_gathered_experts_compacts_exactly():
+  """Experts' kernels gathered per example (``w1[e]`` with ``e`` the router's argmax) are read
+  by products of two values that depend on the inputs: the residual stream and the experts'
+  hidden units are groups read by products, and removing their units is exact."""
+  D, E, Hh = 6, 3, 8
+  p = {"w0": _arr(4, D), "b0": _arr(D), "router": _arr(D, E), "w1": _arr(E, D, Hh),
+       "b1": _arr(E, Hh), "w2": _arr(E, Hh, D), "wo": _arr(D, C)}
+
+  def fn(p, x):
+    h = jax.nn.relu(x @ p["w0"] + p["b0"])
+    e = jnp.argmax(h @ p["router"], -1)
+    u = jax.nn.relu(jnp.einsum("bd,bdh->bh", h, p["w1"][e]) + p["b1"][e])
+    return (h + jnp.einsum("bh,bhd->bd", u, p["w2"][e])) @ p["wo"]
+  x = _arr(10, 4)
+  t = jaxprune.trace(fn, p, x)
+  assert {n: (g.size, g.read_by_products) for n, g in t.groups.items()} == {
+      "w0": (D, True), "w1": (Hh, True)}
+  for name in t.groups:
+    um = jaxprune.unit_masks_ones(t)
+    um[name] = um[name].at[np.array([1, 4])].set(False)
+    small, small_t = t.compact(p, um)
+    masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+    for xb in (x, x[:5]):
+      np.testing.assert_allclose(small_t.apply(small, xb), fn(masked, xb), rtol=1e-5, atol=1e-5)
