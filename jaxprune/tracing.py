@@ -2670,6 +2670,7 @@ def _computed_role(u: _Use) -> str:
 def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str, ...]:
   A = w.atoms
   by_root = {s.root: s.name for s in sites}
+  products = {s.root for s in sites if s.mutual is not None}
   lines = []
   for leaf, path in enumerate(leaf_paths):
     label = units_lib.path_str(path) if path is not None else f"leaf {leaf}"
@@ -2682,7 +2683,9 @@ def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str,
         if r in by_root and u.computed:
           descs.append(f"group {by_root[r]!r} ({u.role}, {u.kind}: {_computed_role(u)})")
         elif r in by_root:
-          descs.append(f"group {by_root[r]!r} ({u.role}, {u.kind})")
+          descs.append(f"group {by_root[r]!r} ({u.role}, {u.kind}"
+                       + ("; its units are also read by a product of two activations, q @ k.T)"
+                          if r in products else ")"))
         elif r in w.concat_of and all(p in by_root or n == 1 for p, _, n in w.concat_of[r]):
           descs.append("the concatenation of " + ", ".join(
               f"group {by_root[p]!r} [{o}:{o + n}]" if p in by_root else f"a fixed unit [{o}]"

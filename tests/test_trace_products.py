@@ -51,6 +51,8 @@ def test_a_gram_matrix_keeps_its_units_a_group_that_compacts_exactly():
   assert "a product of two activations" in w2.padded_why
   assert not g.exact_constant_fold
   assert "contracted between two activations" in t.activations_incomplete_why("w1")
+  assert ("axis 1 -> group 'w1' (producer, kernel; its units are also read by a product of "
+          "two activations, q @ k.T)") in t.explain()
 
 
 @pytest.mark.parametrize("make", [
