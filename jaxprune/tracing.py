@@ -291,7 +291,7 @@ def _computed_why(how: str) -> str:
 
 def _computed_reader_why(how: str) -> str:
   """Why a consumer whose kernel is computed from params does not take a fold, in words."""
-  return (f"a kernel computed from params (by {how}), whose rows are not the params' rows: a "
+  return (f"{units_lib.COMPUTED_READER} (by {how}), whose rows are not the params' rows: a "
           "removed unit's constant times the params' rows is not what it adds")
 
 
@@ -1477,9 +1477,10 @@ class _Walker:
           use = self.uses.setdefault((l, lm[d]), _Use(l, lm[d], "producer", kind, path, how))
           if use.role == "consumer":
             self.tied.add((l, lm[d]))
-      for d in consumer_axes:
+      for d in consumer_axes:     # (kind 'scale' unless its rows are the kernel's, scaled)
         if d in lm:
-          use = self.uses.setdefault((l, lm[d]), _Use(l, lm[d], "consumer", "kernel", path, how))
+          kind = "kernel" if scaled and l == kernel else "scale"
+          use = self.uses.setdefault((l, lm[d]), _Use(l, lm[d], "consumer", kind, path, how))
           if use.role == "producer":
             self.tied.add((l, lm[d]))
       if l == kernel:
@@ -2656,7 +2657,9 @@ def _computed_role(u: _Use) -> str:
   if u.role == "consumer":
     return (f"the kernel it reads with is computed from it ({u.computed}), linear in its rows: "
             "removing or merging a unit removes or merges its rows; folds of a removed unit "
-            "into the next bias are refused")
+            "into the next bias are refused" + (
+                "" if u.kind == "kernel" else "; its rows are not the units' outgoing weights, "
+                "so weight_distinctiveness(source='outgoing') refuses the group"))
   if u.kind == "kernel":
     return (f"the kernel is this param times a scalar ({u.computed}): the units' incoming "
             "weights keep their angles and the order of their norms")

@@ -729,6 +729,17 @@ def consumer_views(params: PyTree, group: UnitGroup) -> list[jax.Array]:
   return [unit_view(get_path(params, s.path), s) for s in group.consumers]
 
 
+# How a traced consumer slice's padded_why begins when the kernel it reads with is computed
+# from params (h @ (w * 0.5), w + a @ b): its rows are not the kernel's rows.
+COMPUTED_READER = "a kernel computed from params"
+
+
+def reads_computed(s: Slice) -> bool:
+  """Whether consumer slice ``s`` reads through a kernel computed from its params (see
+  ``COMPUTED_READER``): a fold of a constant times its rows is not what the unit adds."""
+  return (s.padded_why or "").startswith(COMPUTED_READER)
+
+
 def redistribute(params: PyTree, group: UnitGroup, transfer: jax.Array,
                  constants: jax.Array | None = None) -> PyTree:
   """Applies a linear change to what the next layer reads from ``group``. Jit-compatible.
@@ -752,9 +763,24 @@ def redistribute(params: PyTree, group: UnitGroup, transfer: jax.Array,
 
   Raises:
     ValueError: ``group`` does not fit ``params`` (see :func:`check_group`), or ``transfer`` is
-      not (units, units) or ``constants`` not (units,).
+      not (units, units) or ``constants`` not (units,); the group's units are also read by a
+      product of two activations (``read_by_products``: no rows to move a unit's part onto);
+      ``constants`` with a consumer that reads through a kernel computed from params (its rows
+      times a constant are not what the unit adds).
   """
   check_group(params, group)
+  if group.read_by_products:
+    raise ValueError(f"redistribute: group {group.name!r}'s units are also read by a product of "
+                     "two activations (q @ k.T), where a unit's term is the product of its two "
+                     "sides: no change of the next layer's rows moves it onto other units. "
+                     "Remove its units instead (importance_prune, magnitude_prune, ga.search).")
+  computed = [path_str(s.path) for s in group.consumers if reads_computed(s)]
+  if constants is not None and computed:
+    raise ValueError(f"redistribute: group {group.name!r}'s consumer {computed[0]} reads it "
+                     "through a kernel computed from params (target.explain() names the ops), "
+                     "so a constant times the params' rows is not what a unit adds and cannot "
+                     "be folded into the bias. Pass constants=None (moving rows with transfer "
+                     "is exact there: the kernel is linear in them).")
   n = group.size
   if tuple(jnp.shape(transfer)) != (n, n):
     raise ValueError(f"redistribute: transfer has shape {tuple(jnp.shape(transfer))}; group "

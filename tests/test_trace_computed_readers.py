@@ -109,3 +109,47 @@ def test_an_equalized_learning_rate_cnn_keeps_its_channel_groups():
     small, small_t = t.compact(p, um)
     masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
     np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(LINEAR))
+def test_outgoing_weights_are_the_params_rows_only_for_a_scaled_kernel(name):
+  """Outgoing angles on the raw rows of ``w2 * s`` (s = [1, 100, 1]) put two units 90 degrees
+  apart at 1.15 degrees, and merged them (outputs moved by 2.0): only a kernel that is its
+  param times scalars keeps the rows' angles, so the others are refused."""
+  t = jaxprune.trace(_net(LINEAR[name]), BASE, X)
+  scaled = name in ("times_a_scalar", "equalized_lr", "transposed")
+  assert {s.kind for s in t.groups["w1"].consumers} == ({"kernel"} if scaled else {"scale"})
+  if scaled:
+    assert jaxprune.pruners.weight_angles(BASE, t.groups["w1"], source="outgoing").shape == (H, H)
+    jaxprune.weight_distinctiveness(t, "w1", source="outgoing", constants=False)(
+        BASE, jaxprune.unit_masks_ones(t))
+  else:
+    with pytest.raises(ValueError, match="the params' rows are not the units' outgoing"):
+      jaxprune.pruners.weight_angles(BASE, t.groups["w1"], source="outgoing")
+    with pytest.raises(ValueError, match="the params' rows are not the units' outgoing"):
+      jaxprune.weight_distinctiveness(t, "w1", source="outgoing", constants=False)(
+          BASE, jaxprune.unit_masks_ones(t))
+
+
+def test_redistribute_moves_rows_but_does_not_fold_constants_through_a_computed_kernel():
+  """A constant of 0.7 folded with the raw rows of ``w2 * 0.5`` moved the outputs by 0.02."""
+  fn = _net(LINEAR["times_a_scalar"])
+  t = jaxprune.trace(fn, BASE, X)
+  g = t.groups["w1"]
+  merge = jnp.eye(H).at[1, 5].set(1.0)
+  moved = jaxprune.units.redistribute(BASE, g, merge)
+  keep = jaxprune.unit_masks_ones(t)
+  keep["w1"] = keep["w1"].at[5].set(False)
+  np.testing.assert_allclose(fn(jaxprune.apply_masks(moved, jaxprune.expand(moved, t, keep)), X),
+                             fn(BASE, X), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="through a kernel computed from params"):
+    jaxprune.units.redistribute(BASE, g, jnp.eye(H), constants=jnp.zeros(H).at[5].set(0.7))
+
+
+def test_the_ga_fast_path_names_a_computed_readout():
+  from jaxprune import ga
+  t = jaxprune.trace(_net(LINEAR["equalized_lr"]), BASE, X)
+  y = jnp.asarray(R.integers(0, C, len(X)))
+  with pytest.raises(ValueError, match="reads it through a kernel computed from params, w2"):
+    ga.search(t, BASE, X, y, "w1", key=jax.random.key(0), fast_path=True,
+              config=ga.GAConfig(population_size=8, generations=1), progress=False)

@@ -158,3 +158,9 @@ def test_a_top1_mixture_of_gathered_experts_compacts_exactly():
     masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
     for xb in (x, x[:5]):
       np.testing.assert_allclose(small_t.apply(small, xb), fn(masked, xb), rtol=1e-5, atol=1e-5)
+
+
+def test_redistribute_refuses_a_group_read_by_products():
+  t = jaxprune.trace(_gram, P, X)
+  with pytest.raises(ValueError, match="read by a product of two activations"):
+    jaxprune.units.redistribute(P, t.groups["w1"], jnp.eye(H))

@@ -452,10 +452,22 @@ def make_fitness(model, group: str, fitness: str | Callable = "eq5",
   elif fast_path is True:
     if not applies:
       raise ValueError(f"fast_path=True needs a group read only by the output layer "
-                       f"(e.g. the last hidden layer); {group!r} is not. Use fast_path='auto'.")
+                       f"(e.g. the last hidden layer) through that layer's own kernel; "
+                       f"{group!r} is not{_why_no_readout(g)}. Use fast_path='auto'.")
     fast = True
   elif fast_path is False:
     fast = False
   else:
     raise ValueError(f"fast_path must be 'auto', True or False, got {fast_path!r}.")
   return AccuracyFitness(model, group, _FITNESS[fitness], fast, incremental)
+
+
+def _why_no_readout(g) -> str:
+  """What keeps a group that only the output layer reads off the fast path, in words."""
+  if getattr(g, "read_by_products", False):
+    return " (its units are also read by a product of two activations, q @ k.T)"
+  computed = [s for s in g.consumers if units_lib.reads_computed(s)]
+  if computed and len(g.consumers) == 1:
+    return (" (the output layer reads it through a kernel computed from params, "
+            f"{units_lib.path_str(computed[0].path)}: not the rows the fast path would use)")
+  return ""

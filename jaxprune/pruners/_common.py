@@ -40,7 +40,8 @@ def check_no_products(group: units_lib.UnitGroup, pruner: str) -> None:
         "attention's q @ k.T, where they are query/key features), and a unit's term there is "
         f"the product of its values on the two sides, so {pruner}, which merges units or folds "
         "them into the next layer, would change the outputs. Prune it by removing units: "
-        "importance_prune, magnitude_prune or ga.search.")
+        "importance_prune, magnitude_prune or ga.search (in a training loop, gradual with "
+        "importance_pruner).")
 
 
 def check_activations_complete(target, name: str) -> None:
@@ -68,8 +69,7 @@ def fold_obstacle(group: units_lib.UnitGroup, *, linear: bool = False) -> str | 
   cannot be folded into the next bias exactly here, or None when it can."""
   # (a factor of a computed kernel, a LoRA's a in h @ (w + a @ b), has no bias of its own:
   # what blocks the fold is the computed kernel, said below)
-  no_bias = [s for s in group.consumers if s.bias is None
-             and not (s.padded_why or "").startswith("a kernel computed from params")]
+  no_bias = [s for s in group.consumers if s.bias is None and not units_lib.reads_computed(s)]
   if no_bias:
     return (f"its consumer {units_lib.path_str(no_bias[0].path)} adds no bias with a value for "
             "each of its outputs directly to its product (it has no bias, as a conv that a "
@@ -313,6 +313,14 @@ def incoming_vectors(params: PyTree, group: units_lib.UnitGroup,
 
 def outgoing_vectors(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:
   """Each unit's outgoing weights (every consumer slice, flattened and concatenated)."""
+  computed = [units_lib.path_str(s.path) for s in group.consumers if s.kind != "kernel"]
+  if computed:
+    raise ValueError(
+        f"Group {group.name!r}: its consumer {computed[0]} is read through a kernel computed "
+        "from params (a per-output scale, a merged LoRA: target.explain() names the ops), so "
+        "the params' rows are not the units' outgoing weights. Compare the units from their "
+        "activations (distinctiveness), their incoming weights "
+        "(weight_distinctiveness(source='incoming')), or remove them by importance_prune.")
   parts = [v.reshape(v.shape[0], -1) for v in units_lib.consumer_views(params, group)]
   if not parts:
     raise ValueError(f"Group {group.name!r} has no consumer slice (outgoing weights).")
