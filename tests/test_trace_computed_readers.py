@@ -153,3 +153,27 @@ def test_the_ga_fast_path_names_a_computed_readout():
   with pytest.raises(ValueError, match="reads it through a kernel computed from params, w2"):
     ga.search(t, BASE, X, y, "w1", key=jax.random.key(0), fast_path=True,
               config=ga.GAConfig(population_size=8, generations=1), progress=False)
+
+
+def test_refusals_of_computed_kernels_name_only_ways_that_work():
+  """Per-output scales on both layers: importance's refusal named group_redundancy and outgoing
+  weights, both refused there; a LoRA-computed first kernel's constant rule said '0 kernels
+  produce its units (a residual addition ...)'."""
+  p = dict(BASE, s1=_arr(H) + 1.0)
+
+  def both(p, x):
+    return jnp.tanh(x @ (p["w1"] * p["s1"]) + p["b1"]) @ (p["w2"] * p["s2"]) + p["b2"]
+  t = jaxprune.trace(both, p, X)
+  with pytest.raises(ValueError, match=r"prune such a group from activations \(distinctiveness "
+                     r"with constants=False\) or by magnitude \(magnitude_prune\) or with "
+                     r"ga.search\."):
+    jaxprune.importance_prune(t, "w1")(p, jaxprune.unit_masks_ones(t), 3)
+  jaxprune.distinctiveness(t, "w1", constants=False)(
+      p, jaxprune.unit_masks_ones(t), t.activations(p, X, "w1"), 60.0, 120.0)
+
+  q = dict(BASE, a1=_arr(F, 2), c1=_arr(2, H))
+
+  def lora_in(p, x):
+    return jnp.tanh(x @ (p["w1"] + p["a1"] @ p["c1"]) + p["b1"]) @ p["w2"] + p["b2"]
+  with pytest.raises(ValueError, match="its kernel is computed from params"):
+    jaxprune.weight_distinctiveness(jaxprune.trace(lora_in, q, X), "w1")

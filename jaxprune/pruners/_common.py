@@ -305,10 +305,23 @@ def incoming_vectors(params: PyTree, group: units_lib.UnitGroup,
         f"Group {group.name!r} has no producer kernel slice to take incoming weights from (its "
         f"producer slices are of kind {', '.join(kinds)}). Where the units' kernel is computed "
         "from params (a weight norm, weight standardisation), the raw params are not their "
-        "incoming weights and target.explain() names the ops; prune such a group from "
-        "activations (distinctiveness, group_redundancy), from outgoing weights "
-        "(weight_distinctiveness(source='outgoing')) or by magnitude.")
+        "incoming weights and target.explain() names the ops; prune such a group "
+        + _other_ways(group) + ".")
   return jnp.concatenate(parts, axis=1)
+
+
+def _other_ways(group: units_lib.UnitGroup) -> str:
+  """The pruners that take ``group`` without its incoming weights, in words."""
+  folds = fold_obstacle(group) is None
+  ways = [] if group.read_by_products else [
+      "from activations (distinctiveness" + ("" if folds else " with constants=False")
+      + (", group_redundancy)" if folds else ")")]
+  if group.consumers and all(s.kind == "kernel" for s in group.consumers) and (
+      not group.read_by_products):
+    ways.append("from outgoing weights (weight_distinctiveness(source='outgoing'"
+                + ("" if folds else ", constants=False") + "))")
+  ways.append("by magnitude (magnitude_prune) or with ga.search")
+  return ", ".join(ways[:-1]) + (" or " if len(ways) > 1 else "") + ways[-1]
 
 
 def outgoing_vectors(params: PyTree, group: units_lib.UnitGroup) -> jax.Array:

@@ -247,7 +247,10 @@ def _check_output_from_bias(g):
   its kernel and its nonlinearity, and that nonlinearity is a known one."""
   kinds = [s.kind for s in g.producers]
   why = None
-  if kinds.count("kernel") != 1:
+  if not kinds.count("kernel") and "scale" in kinds:
+    why = ("its kernel is computed from params (a LoRA's w + a @ b, a weight norm: "
+           "target.explain() names the ops), so zero params are not zero incoming weights")
+  elif kinds.count("kernel") != 1:
     why = (f"{kinds.count('kernel')} kernels produce its units (a residual addition or a "
            "gate a * sigmoid(b) couples them)")
   elif set(kinds) - {"kernel", "bias"} or kinds.count("bias") > 1 or not g.act_of_bias:
