@@ -3400,6 +3400,9 @@ class TracedTarget:
       # a constant unit's contribution does not fold into its bias exactly either.
       if not why and w.reads_carry(con.path[:-1], con.stream_var, site.root):
         why = _RECURRENCE
+      # So does an unrolled one: its first product reads a state made without the data.
+      if not why and con.stream_var not in w.stream:
+        why = _RECURRENCE
       # A reader of products of units (each unit at two places): a constant unit's rows
       # still read the other units.
       if not why and twice:

@@ -78,6 +78,9 @@ def test_a_learned_initial_state_is_a_parameter_of_the_hidden_group(how):
   # refused, and the reason names h0.
   assert not t.activations_complete("wx")
   assert "read parameters of the group (h0)" in t.activations_incomplete_why("wx")
+  # The recurrent kernel reads h0 at the first step, not the units: no fold into a bias.
+  (wh,) = [s for s in t.groups["wx"].consumers if s.path == ("wh",)]
+  assert wh.padded_why.startswith("a recurrence, which reads the initial state")
   # The weight pruners work on the group (h0 is pruned with its units).
   _, um2, _ = jaxprune.importance_prune(t, "wx")(p, jaxprune.unit_masks_ones(t), 2)
   assert int(um2["wx"].sum()) == H - 2
