@@ -1246,7 +1246,10 @@ class _Walker:
       if (not isinstance(k, jex.core.Literal) and k in self.origin
           and not isinstance(x, jex.core.Literal)
           and (x in self.stream or x in self.zeros or x in self.states or (
-              x in self.origin and sum(d > 1 for d in x.aval.shape) == 1))
+              # a param vector as it is, read by a matrix (not coefficients of a basis of
+              # kernels, einsum('k,kio->io', c, basis), which computes a kernel)
+              x in self.origin and sum(d > 1 for d in x.aval.shape) == 1
+              and len(self.origin[k][1]) == 2))
           and k not in self.stream):
         leaf, amap = self.origin[k]
         if x not in self.stream and (len(amap) < 2 or None in amap):

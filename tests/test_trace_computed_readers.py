@@ -23,7 +23,7 @@ def _arr(*shape, scale=1.0):
 
 
 BASE = {"w1": _arr(F, H), "b1": _arr(H), "w2": _arr(H, C), "b2": _arr(C), "s2": _arr(C),
-        "a": _arr(H, 2), "b": _arr(2, C)}
+        "a": _arr(H, 2), "b": _arr(2, C), "coef": _arr(4), "basis": _arr(4, H, C)}
 # Unit 5 a copy of unit 1: merging them must leave the outputs as they are.
 BASE["w1"] = BASE["w1"].at[:, 5].set(BASE["w1"][:, 1])
 BASE["b1"] = BASE["b1"].at[5].set(BASE["b1"][1])
@@ -34,7 +34,10 @@ LINEAR = {
     "per_output_scale": lambda p, h: h @ (p["w2"] * p["s2"]),
     "merged_lora": lambda p, h: h @ (p["w2"] + p["a"] @ p["b"]),
     "transposed": lambda p, h: jnp.einsum("bh,ch->bc", h, (p["w2"] * 2.0).T),
+    # a learned mixture of a basis of kernels (the coefficients' axis is no unit)
+    "basis_mixture": lambda p, h: h @ jnp.einsum("k,kio->io", p["coef"], p["basis"]),
 }
+READERS = {"merged_lora": {"w2", "a"}, "basis_mixture": {"basis"}}
 NOT_LINEAR = {
     "tanh": lambda p, h: h @ jnp.tanh(p["w2"]),
     "squared": lambda p, h: h @ (p["w2"] * p["w2"]),
@@ -59,11 +62,11 @@ def test_a_kernel_linear_in_its_rows_reads_the_units(name):
   assert list(t.groups) == ["w1"]
   g = t.groups["w1"]
   readers = {s.path[0] for s in g.consumers}
-  assert readers == ({"w2", "a"} if name == "merged_lora" else {"w2"})
+  assert readers == READERS.get(name, {"w2"})
   um = jaxprune.unit_masks_ones(t)
   um["w1"] = um["w1"].at[np.array([0, 3])].set(False)
   small, small_t = t.compact(BASE, um)
-  assert small["w2"].shape == (H - 2, C)
+  assert small["w2"].shape == ((H - 2, C) if "w2" in readers else (H, C))
   masked = jaxprune.apply_masks(BASE, jaxprune.expand(BASE, t, um))
   for xb in (X, X[:4]):
     np.testing.assert_allclose(small_t.apply(small, xb), fn(masked, xb), rtol=1e-5, atol=1e-6)
