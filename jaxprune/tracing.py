@@ -2456,7 +2456,7 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
         out = all(zero(scope, u) for u in ins)       # (relu: max(h, 0.0))
       elif name == "select_n":
         out = all(zero(scope, u) for u in ins[1:])
-      elif name in _ZERO_KEEPING:
+      elif name in _ZERO_KEEPING and not (name == "integer_pow" and eqn.params["y"] <= 0):
         out = zero(scope, ins[0])
       else:
         out = False

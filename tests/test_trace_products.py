@@ -111,7 +111,7 @@ PA = {"wq": _arr(F, H), "bq": _arr(H), "wk": _arr(F, H), "bk": _arr(H), "wv": _a
 
 
 @pytest.mark.parametrize("phi", [lambda h: h, jax.nn.relu, jnp.tanh, jax.nn.gelu, jax.nn.silu,
-                                 lambda h: 0.5 * h])
+                                 lambda h: 0.5 * h, lambda h: h ** 2])
 def test_features_that_are_zero_where_masked_are_a_group(phi):
   fn = _feature_map_attention(phi)
   t = jaxprune.trace(fn, PA, X)
@@ -124,7 +124,7 @@ def test_features_that_are_zero_where_masked_are_a_group(phi):
 
 
 @pytest.mark.parametrize("phi", [jax.nn.sigmoid, lambda h: jax.nn.elu(h) + 1.0,
-                                 lambda h: h + 1.0, jnp.exp])
+                                 lambda h: h + 1.0, jnp.exp, lambda h: h ** 0])
 def test_features_not_zero_where_masked_stay_refused(phi):
   """A masked unit's features are phi(0) (its kernel column and bias are zero): with phi(0) != 0
   (a sigmoid, linear attention's elu + 1, a shift) it still adds phi(0)**2 (times the data) to
