@@ -2288,13 +2288,12 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     for part, _, n in parts:
       if n > 1:
         members.setdefault(part, []).extend(members.get(root, []))
-  mutual: dict[int, tuple] = {}     # class root -> where two activations contract it
-  mutual_at: dict[int, set] = {}    # class root -> every such place
+  mutual_at: dict[int, set] = {}    # class root -> where two activations contract it
   for atoms, path in w.mutual:
     for a in A.expand(atoms):
       if A.size[a] > 1:
-        mutual.setdefault(A.find(a), path)
         mutual_at.setdefault(A.find(a), set()).add(path)
+  mutual = {root: min(paths) for root, paths in mutual_at.items()}   # (the first, named)
   reasons: dict[int, list[str]] = {}
   sites, taken = [], {}
   for root, us in members.items():

@@ -464,7 +464,7 @@ def make_fitness(model, group: str, fitness: str | Callable = "eq5",
 
 def _why_no_readout(g) -> str:
   """What keeps a group that only the output layer reads off the fast path, in words."""
-  if getattr(g, "read_by_products", False):
+  if g.read_by_products:
     return " (its units are also read by a product of two activations, q @ k.T)"
   computed = [s for s in g.consumers if units_lib.reads_computed(s)]
   if computed and len(g.consumers) == 1:

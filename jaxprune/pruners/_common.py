@@ -34,7 +34,7 @@ def check_no_products(group: units_lib.UnitGroup, pruner: str) -> None:
   """Raises ValueError for a group whose units are contracted between two activations
   (``UnitGroup.read_by_products``): ``pruner`` merges units or folds them into the next layer,
   which no change of kernel rows or biases makes exact there."""
-  if getattr(group, "read_by_products", False):
+  if group.read_by_products:
     raise ValueError(
         f"Group {group.name!r}: its units are contracted between two activations (as in "
         "attention's q @ k.T, where they are query/key features), and a unit's term there is "
