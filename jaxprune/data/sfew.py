@@ -356,12 +356,23 @@ def _too_large(value: Any) -> bool:
   return number is not None and abs(number) > _FLOAT32_MAX
 
 
+def _decimal_comma(value: Any) -> bool:
+  """Whether ``value`` is text that is a number once its comma is a point ('0,3456')."""
+  return isinstance(value, str) and _as_float(value.replace(",", ".")) is not None
+
+
 def _number_like(value: Any) -> bool:
   """Whether ``value`` is a number, or one written with a decimal comma ('0,3456'): a data
   cell, not a header name (the decimal comma is reported when the row is read)."""
-  if _as_float(value) is not None:
-    return True
-  return isinstance(value, str) and _as_float(value.replace(",", ".")) is not None
+  return _as_float(value) is not None or _decimal_comma(value)
+
+
+def _column_name(header: list[Any] | None, c: int) -> str:
+  """The name of 0-based column ``c``: the header's, else the layout's."""
+  if header is not None and not _is_empty(header[c]):
+    return str(header[c]).strip()
+  return ("image name", "label")[c] if c < 2 else (
+      "LPQ feature %d" % (c - 1) if c < 7 else "PHOG feature %d" % (c - 6))
 
 
 def _names_columns(row: list[Any]) -> bool:
@@ -431,16 +442,11 @@ def _short_rows_hint(data: list[list[Any]], lengths: list[int], header: list[Any
                      header_length: int | None) -> str:
   """Why no row is complete when some column is empty in every row: every row one cell short
   of the header (a column lost on export), or a column without a value anywhere."""
-  def name(c: int) -> str:
-    if header is not None and not _is_empty(header[c]):
-      return str(header[c]).strip()
-    return ("image name", "label")[c] if c < 2 else (
-        "LPQ feature %d" % (c - 1) if c < 7 else "PHOG feature %d" % (c - 6))
   rows = [r for r in data if not all(_is_empty(v) for v in r)]
   empty = [c for c in range(_NUM_COLUMNS) if rows and all(_is_empty(r[c]) for r in rows)]
   if not empty:
     return ""
-  which = ", ".join(f"column {c + 1} ({name(c)})" for c in empty)
+  which = ", ".join(f"column {c + 1} ({_column_name(header, c)})" for c in empty)
   cells = sorted({n for n, r in zip(lengths, data) if not all(_is_empty(v) for v in r)})
   if header_length is not None and len(cells) == 1 and cells[0] < header_length:
     return (f": every row has {cells[0]} cells where the header names {header_length}, so no"
@@ -610,11 +616,6 @@ def load_sfew_features(
   if header is not None and strict_header:
     _check_header(header, path, lead)
 
-  def column_name(c: int) -> str:
-    if header is not None and not _is_empty(header[c]):
-      return str(header[c]).strip()
-    return ("LPQ feature %d" % (c - 1)) if c < 7 else ("PHOG feature %d" % (c - 6))
-
   first = top + (2 if has_header else 1)  # spreadsheet row number of the first data row
   data_rows = rows[1 if has_header else 0:]
   xs, ys, names, dropped, blank = [], [], [], [], []
@@ -643,10 +644,10 @@ def load_sfew_features(
     for c in range(2, _NUM_COLUMNS):
       number = _as_float(row[c])
       if number is None:
-        comma = isinstance(row[c], str) and _as_float(row[c].replace(",", ".")) is not None
+        comma = _decimal_comma(row[c])
         raise ValueError(
             f"{path}, row {row_no} ({name or 'no name'}), column {c + 1 + lead}"
-            f" ({column_name(c)}): {row[c]!r} is not a finite number"
+            f" ({_column_name(header, c)}): {row[c]!r} is not a finite number"
             + (" in float32 (the features' type; at most 3.4e38 in size)"
                if _too_large(row[c]) else "")
             + ("; it has a decimal comma: save the file with decimal points (or pass the"
@@ -654,7 +655,7 @@ def load_sfew_features(
                "; fix that cell, or leave it empty to drop the row")
         )
       if math.isnan(number):
-        reasons.append(f"missing {column_name(c)}")
+        reasons.append(f"missing {_column_name(header, c)}")
       values.append(number)
     if reasons:
       dropped.append({"row": row_no, "name": name, "reason": ", ".join(reasons)})
