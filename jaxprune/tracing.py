@@ -2626,7 +2626,7 @@ def _name(path: Path, axis: int, taken: Mapping[str, tuple]) -> str:
   its own key: ``Conv_0``, ``blocks/0``). Where another group of the same layer has that name,
   one made by another leaf is named after that leaf (``blocks/0/w2`` for a plain dict layer
   with two kernels ``w1`` and ``w2``), a second group of one leaf after its axis
-  (``blocks/0:2``). ``taken``: the names given so far, each to the path of its leaf."""
+  (``blocks/0:2``), a third of that axis ``blocks/0:2.3``. ``taken``: the names given so far, each to the path of its leaf."""
   leaf_path = tuple(path)
   path = [str(k) for k in path]
   if len(path) > 2 and path[-1] == "value":      # an nnx State: layer/kernel/value
@@ -2640,7 +2640,14 @@ def _name(path: Path, axis: int, taken: Mapping[str, tuple]) -> str:
   full = "/".join(strip(list(path)))
   if taken[name] != leaf_path and full not in taken:
     return full
-  return f"{name}:{axis}"
+  # A third group of one axis (grouped-query attention's query kernel: kv group, query head
+  # within it, feature) is named after its place among them: name:axis.3, ...
+  base, n = f"{name}:{axis}", 2
+  name = base
+  while name in taken:
+    n += 1
+    name = f"{base}.{n}"
+  return name
 
 
 def _draws_random(jaxpr) -> bool:

@@ -715,3 +715,60 @@ def test_bias_added_after_a_residual_sum_is_the_consumers_bias(bias_inside):
   consumer, = tg.groups["w1"].consumers
   assert consumer.bias == ("b2",)
   assert tg.groups["w1"].exact_constant_fold
+
+
+# ---------------------------------------------------------------- grouped-query attention
+
+
+def _gqa(repeat):
+  """4 query heads sharing 2 kv heads (Llama 2/3's grouped-query attention), the kv heads read
+  by a grouped einsum or repeated to the query heads' count (``jnp.repeat``)."""
+  nq, nkv, dh = 4, 2, 3
+
+  def fn(p, x):
+    b, t, _ = x.shape
+    q = (x @ p["wq"]).reshape(b, t, nkv, nq // nkv, dh)
+    k = (x @ p["wk"]).reshape(b, t, nkv, dh)
+    v = (x @ p["wv"]).reshape(b, t, nkv, dh)
+    if repeat:
+      q = q.reshape(b, t, nq, dh)
+      k, v = (jnp.repeat(a, nq // nkv, axis=2) for a in (k, v))
+      a = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(dh), -1)
+      o = jnp.einsum("bhts,bshd->bthd", a, v)
+    else:
+      a = jax.nn.softmax(jnp.einsum("btkgd,bskd->bkgts", q, k) / np.sqrt(dh), -1)
+      o = jnp.einsum("bkgts,bskd->btkgd", a, v)
+    return (o.reshape(b, t, nq * dh) @ p["wo"]).mean(1) @ p["head"]
+
+  rng = np.random.default_rng(3)
+  shapes = {"wq": (6, nq * dh), "wk": (6, nkv * dh), "wv": (6, nkv * dh), "wo": (nq * dh, 6),
+            "head": (6, 2)}
+  p = {n: jnp.asarray(rng.normal(size=s), jnp.float32) for n, s in shapes.items()}
+  return fn, p, jnp.asarray(rng.normal(size=(3, 5, 6)), jnp.float32)
+
+
+@pytest.mark.parametrize("repeat", [False, True], ids=["grouped_einsum", "repeat"])
+def test_grouped_query_attention_has_a_group_for_each_axis_of_the_query_kernel(repeat):
+  # The query kernel's columns are (kv group, query head within it, feature): three groups of
+  # one leaf axis, each with a name of its own (two shared "wq:1" once, and every compact failed).
+  fn, p, x = _gqa(repeat)
+  t = jaxprune.trace(fn, p, x)
+  slices = {n: sorted((s.path[0], s.axis, s.role) for s in g.slices) for n, g in t.groups.items()}
+  assert {n: g.size for n, g in t.groups.items()} == {
+      "wq": 2, "wq:1": 2, "wq:1.3": 3, "wv": 3, "wo": 6}
+  assert slices["wq"] == [("wk", 1, "producer"), ("wo", 0, "consumer"),
+                          ("wq", 1, "producer"), ("wv", 1, "producer")]
+  assert slices["wq:1"] == [("wo", 1, "consumer"), ("wq", 2, "producer")]
+  assert slices["wq:1.3"] == [("wk", 2, "producer"), ("wq", 2, "producer")]
+  assert t.groups["wq:1.3"].read_by_products
+  assert len(set(t.groups)) == len(t._an.sites)        # no two groups share a name
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    um = {n: jnp.asarray(rng.random(g.size) < 0.5).at[rng.integers(g.size)].set(True)
+          for n, g in t.groups.items()}
+    small, small_t = t.compact(p, um)
+    masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+    np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-4, atol=1e-5)
+    kept = {n: int(np.sum(m)) for n, m in um.items()}
+    assert small["wk"].shape == (6, kept["wq"] * kept["wq:1.3"])
+    assert small["wq"].shape == (6, kept["wq"] * kept["wq:1"] * kept["wq:1.3"])
