@@ -164,15 +164,16 @@ def test_traced_bad_settings_and_weights_set_invalid_and_change_nothing():
 def test_integer_params_are_refused_where_a_pruner_would_fold_fractions_into_them():
   """Folding sigmoid(0) = 0.5 times an int32 row into an int32 bias truncated it: a constant
   unit was removed and the output moved, without a word (weight_distinctiveness failed inside
-  jax on the logistic of an int bias). Every rule that writes fractional values now names the
-  leaves and the fix; the rules that only merge (whole rows added) or zero units still run."""
+  jax on the logistic of an int bias). Every rule that writes computed values now names the
+  leaves and the fix (merges too: see the int8 test below); the rules that only zero units
+  still run."""
   model = jaxprune.MLP(in_features=4, hidden=(3,), out_features=2)   # sigmoid
   p = jax.tree.map(lambda a: jnp.round(a * 4).astype(jnp.int32), model.init(jax.random.key(0)))
   p["params"]["hidden_0"]["kernel"] = p["params"]["hidden_0"]["kernel"].at[:, 1].set(0)
   um = jaxprune.unit_masks_ones(model)
   x = jnp.arange(24.0).reshape(6, 4)
   acts = model.activations(p, x, "hidden_0")            # unit 1 is constant: sigmoid(bias)
-  fix = r"integer leaf would truncate.*astype\(jnp.float32\)"
+  fix = r"integer leaf would truncate or wrap around.*astype\(jnp.float32\)"
   for call in (lambda: jaxprune.distinctiveness(model, "hidden_0")(p, um, acts),
                lambda: jaxprune.weight_distinctiveness(model, "hidden_0")(p, um),
                lambda: jaxprune.group_redundancy(model, "hidden_0")(p, um, acts),
@@ -188,8 +189,9 @@ def test_integer_params_are_refused_where_a_pruner_would_fold_fractions_into_the
                                            complementary=False)(pf, um, acts)
   assert not bool(masks["hidden_0"][1])
   np.testing.assert_allclose(model.apply(out, x), model.apply(pf, x), atol=1e-6)
-  jaxprune.distinctiveness(model, "hidden_0", constants=False)(p, um, acts)
-  jaxprune.weight_distinctiveness(model, "hidden_0", source="outgoing", constants=False)(p, um)
+  jaxprune.distinctiveness(model, "hidden_0", similar=False, constants=False)(p, um, acts)
+  jaxprune.weight_distinctiveness(model, "hidden_0", source="outgoing", similar=False,
+                                  constants=False)(p, um)
   jaxprune.importance_prune(model, "hidden_0")(p, um, 1)
   # an integer bias that is only read (act(b1) of the zero-weight unit) is not refused
   pb = {"params": {**pf["params"], "hidden_0": {**pf["params"]["hidden_0"],
@@ -198,3 +200,45 @@ def test_integer_params_are_refused_where_a_pruner_would_fold_fractions_into_the
                                                   complementary=False)(pb, um)
   assert not bool(masks["hidden_0"][1])
   np.testing.assert_allclose(model.apply(out, x), model.apply(pb, x), atol=1e-5)
+
+
+def test_merges_into_int8_codes_are_refused_rather_than_wrapped():
+  """A dequantised consumer (int8 codes times a scale): merging an exact duplicate added its
+  codes to the kept unit's in int8, 88 + 82 stored as -86, and the output moved by ~20 without a
+  word. Every rule that merges names the int8 leaf and the fix; in float the merge is exact."""
+  rng = np.random.default_rng(0)
+
+  def fn(p, x):
+    h = jax.nn.relu(x @ p["w1"] + p["b1"])
+    return h @ (p["q2"].astype(x.dtype) * p["s2"]) + p["b2"]
+
+  w1 = rng.normal(size=(5, 6)).astype(np.float32)
+  w1[:, 5] = w1[:, 0]                                        # unit 5 duplicates unit 0
+  p = {"w1": jnp.asarray(w1), "b1": jnp.full((6,), 3.0), "s2": jnp.asarray([0.01, 0.02, 0.03]),
+       "q2": jnp.asarray(rng.integers(60, 127, size=(6, 3)), jnp.int8), "b2": jnp.zeros(3)}
+  x = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
+  t = jaxprune.trace(fn, p, x)
+  um = jaxprune.unit_masks_ones(t)
+  acts = t.activations(p, x, "w1")
+  wrap = r"merg.*q2 \(int8\).*wrap around.*astype\(jnp.float32\)"
+  for call in (
+      lambda: jaxprune.distinctiveness(t, "w1", constants=False, complementary=False)(
+          p, um, acts),
+      lambda: jaxprune.weight_distinctiveness(t, "w1", source="outgoing", constants=False)(
+          p, um),
+      lambda: jaxprune.progressive_distinctiveness(t, "w1", lambda q: jnp.float32(0.0),
+                                                 constants=False)(p, um, x)):
+    with pytest.raises(ValueError, match=wrap):
+      call()
+  with pytest.raises(ValueError, match="similar=False"):
+    jaxprune.distinctiveness(t, "w1", constants=False)(p, um, acts)
+  # the rules that only zero units run on the int8 codes; the merge is exact in float
+  _, masks, _ = jaxprune.distinctiveness(t, "w1", similar=False, constants=False)(p, um, acts)
+  assert bool(jnp.all(masks["w1"]))
+  pf = dict(p, q2=p["q2"].astype(jnp.float32))
+  tf = jaxprune.trace(fn, pf, x)
+  out, masks, _ = jaxprune.distinctiveness(tf, "w1", constants=False, complementary=False)(
+      pf, um, tf.activations(pf, x, "w1"))
+  assert np.asarray(masks["w1"]).tolist() == [True] * 5 + [False]
+  assert float(out["q2"][0, 0]) == float(p["q2"][0, 0]) + float(p["q2"][5, 0])   # above 127
+  np.testing.assert_allclose(fn(out, x), fn(pf, x), rtol=1e-5, atol=1e-5)

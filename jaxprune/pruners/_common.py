@@ -196,9 +196,10 @@ def check_finite_slices(params: PyTree, group: units_lib.UnitGroup, slices) -> N
 
 def check_floating_writes(params: PyTree, group: units_lib.UnitGroup, paths, rule: str,
                           fix: str) -> None:
-  """Raises ValueError if a leaf at ``paths`` (the leaves ``rule`` adds computed, fractional
-  values to: a folded constant, a redistribution by coefficients) is not floating point; an
-  integer leaf would truncate them without a word (sigmoid(0) * w folded as 0)."""
+  """Raises ValueError if a leaf at ``paths`` (the leaves ``rule`` adds computed values to: a
+  folded constant, a redistribution by coefficients, a merged unit's rows) is not floating
+  point; an integer leaf would truncate them without a word (sigmoid(0) * w folded as 0) or
+  wrap around (int8 codes 88 + 82 stored as -86)."""
   bad = []
   for path in dict.fromkeys(paths):
     dtype = jnp.result_type(units_lib.get_path(params, path))
@@ -206,8 +207,9 @@ def check_floating_writes(params: PyTree, group: units_lib.UnitGroup, paths, rul
       bad.append(f"{units_lib.path_str(path)} ({dtype})")
   if bad:
     raise ValueError(
-        f"Group {group.name!r}: {rule} adds fractional values to {', '.join(bad)}, which an "
-        "integer leaf would truncate. Cast the params to floating point first "
+        f"Group {group.name!r}: {rule} adds computed values to {', '.join(bad)}, which an "
+        "integer leaf would truncate or wrap around (int8: 88 + 82 is -86). Cast the params "
+        "to floating point first "
         f"(jax.tree.map(lambda a: a.astype(jnp.float32), params)), or {fix}.")
 
 

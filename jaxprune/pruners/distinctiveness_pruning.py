@@ -233,13 +233,22 @@ def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: boo
 
 
 def _check_fold_dtypes(params, g, **rules):
-  """The rules among ``rules`` (name -> on) that fold removed units into the next bias write
-  fractional values there: refused on integer consumer leaves, naming the rules to turn off."""
+  """The rules among ``rules`` (name -> on) that write computed values into the next layer are
+  refused on integer consumer leaves, naming the rules to turn off: ``similar`` adds a merged
+  unit's outgoing rows to the kept unit's (int8 codes wrap around: 88 + 82 is -86); the folds
+  (``constants``, ``compensate``, ``fold``) also write fractional values into the bias."""
   on = [n for n, v in rules.items() if v]
-  if on:
-    _common.check_floating_writes(params, g, _common.consumer_write_paths(g),
-                                  "folding removed units into the next bias",
-                                  "pass " + ", ".join(f"{n}=False" for n in on))
+  if not on:
+    return
+  folds = [n for n in on if n != "similar"]
+  what = " and ".join(
+      ([("merging similar units (a merged unit's outgoing rows added to the kept unit's)")]
+       if "similar" in on else []) + (["folding removed units into the next bias"]
+                                      if folds else []))
+  paths = (_common.consumer_write_paths(g) if folds
+           else [s.path for s in g.consumers])
+  _common.check_floating_writes(params, g, paths, what,
+                                "pass " + ", ".join(f"{n}=False" for n in on))
 
 
 def _check_output_from_bias(g):
@@ -330,7 +339,8 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
-    _check_fold_dtypes(params, g, constants=constants, compensate=compensate, fold=fold)
+    _check_fold_dtypes(params, g, similar=similar, constants=constants,
+                       compensate=compensate, fold=fold)
     if not isinstance(activations, (np.ndarray, jax.Array)):
       activations = jnp.asarray(activations)   # an array already goes to jit as it is: jnp's
       # conversion of a NumPy array is one more compiled program per shape, the same values
@@ -444,7 +454,8 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_finite_slices(params, g, sources)   # the leaves the unit vectors come from
     # act(bias) of zero-weight units is folded (computed in the consumer kernel's dtype)
-    _check_fold_dtypes(params, g, constants=source == "incoming" and constants)
+    _check_fold_dtypes(params, g, similar=similar,
+                       constants=source == "incoming" and constants)
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)

@@ -246,6 +246,10 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     others = _common.other_unit_masks(unit_masks, g, groups)
     _check_tol(constant_tol)
     check_scalars(params)
+    _common.check_floating_writes(
+        params, g, [s.path for s in g.consumers], "progressive distinctiveness merges units "
+        "(a merged unit's outgoing rows added to the kept unit's)", "prune this group with a "
+        "rule that only zeroes units (importance_prune, magnitude_prune)")
     _check_fold_dtypes(params, g, constants=constants, compensate=compensate)
     if sample_weight is not None:
       sample_weight = validate.check_sample_weight(sample_weight, jnp.shape(x)[0])

@@ -534,7 +534,8 @@ def group_redundancy(model_or_groups, group: str) -> Callable:
     _common.check_floating_writes(
         params, g, _common.consumer_write_paths(g), "redistributing a removed unit's outgoing "
         "weights by least-squares coefficients", "prune this group with a rule that only "
-        "merges or zeroes units (distinctiveness with constants=False, importance_prune)")
+        "zeroes units (importance_prune, magnitude_prune, distinctiveness with similar=False "
+        "and constants=False)")
     raw_weight = sample_weight
     sample_weight = _common.check_activation_input(activations, g, sample_weight, mask)
     if sample_weight is not None and _common.is_concrete(raw_weight):
