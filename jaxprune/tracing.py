@@ -876,6 +876,17 @@ class _Walker:
     if name == "conv_general_dilated":
       return [self._conv(eqn, ins, path)]
 
+    if name == "reduce":   # lax.reduce with a combining function of its own, over scalars
+      axes, n = set(eqn.params["dimensions"]), len(eqn.outvars)
+      for other in ins[1:n]:                 # its operands are read together, entry by entry
+        for d in range(len(ins[0])):
+          A.unify(ins[0][d], other[d], "reduced together unevenly")
+      for d in axes:
+        for a in ins[0][d]:
+          A.block(a, "reduced over by reduce (lax.reduce): its function reads all the entries "
+                  "of this axis together")
+      return [tuple(a for d, a in enumerate(ins[0]) if d not in axes)] * n
+
     if name in _REDUCTIONS:
       axes = set(eqn.params["axes"])
       for d in axes:
@@ -2791,18 +2802,21 @@ def _new_shape(A: _Atoms, sizes: dict, axes) -> tuple[int, ...]:
 
 
 def _holds_program(value) -> bool:
-  """True for a (closed) jaxpr, or a tuple or list holding one (``cond``'s branches)."""
+  """True for a (closed) jaxpr that reads arrays, or a tuple or list holding one (``cond``'s
+  branches). A body over scalars alone (a scatter's ``update_jaxpr``, the combining function of
+  a generic ``reduce_window`` or ``lax.reduce``) has no shapes to keep."""
   if isinstance(value, (tuple, list)):
     return any(_holds_program(v) for v in value)
-  return isinstance(value, (jex.core.ClosedJaxpr, jex.core.Jaxpr))
+  if isinstance(value, jex.core.ClosedJaxpr):
+    value = value.jaxpr
+  return isinstance(value, jex.core.Jaxpr) and any(
+      getattr(v.aval, "shape", ()) != () for v in value.invars)
 
 
 def _check_unfollowed_shapes(eqn, invals) -> None:
   """A sub-program that :func:`trace` does not follow (``while_loop``, ``cond``) keeps the
-  shapes it was traced with; a clear error instead of XLA's when they changed. (A scatter's
-  ``update_jaxpr`` combines two scalars: it has no shapes to keep.)"""
-  if eqn.primitive.name in _SCATTERS or not any(_holds_program(v)
-                                                 for v in eqn.params.values()):
+  shapes it was traced with; a clear error instead of XLA's when they changed."""
+  if not any(_holds_program(v) for v in eqn.params.values()):
     return
   got = [tuple(np.shape(a)) for a in invals]
   want = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
