@@ -879,7 +879,7 @@ def _wide(x) -> jax.Array:
 
 
 def _n_target(s, n: int):
-  return jnp.round(jnp.asarray(s, jnp.float32) * jnp.float32(n)).astype(jnp.int32)
+  return _common.round_count(s, n)
 
 
 def _to_sparsity(masks, scores, target, per_leaf, selected, scope):

@@ -425,3 +425,24 @@ def test_swapped_or_misplaced_arguments_are_named():
     magnitude_prune(p, 0.5)
   with pytest.raises(ValueError, match="swapped"):
     jaxprune.rewind(p, p, p)
+
+
+def test_counts_round_the_decimal_fraction_half_to_even():
+  """round(fraction x remaining) of the fraction as written: float32 holds 0.59 as 0.58999997,
+  so 0.59 x 50 = 29.5 computed as 29.499998 removed 29 (and 0.3 x 95 = 28.5 removed 29), where
+  the decimal product rounds half to even to 30 (28). Every fraction k/100 at 1..1000 weights
+  against exact decimal arithmetic; then the pruners' own counts, one call and a vmapped sweep."""
+  from fractions import Fraction
+  from jaxprune.pruners import _common
+  fr = np.arange(1, 100) / 100
+  n = np.arange(1, 1001)
+  got = np.asarray(jax.jit(jax.vmap(jax.vmap(_common.round_count, (None, 0)), (0, None)))(
+      fr, n))
+  want = np.array([[round(Fraction(k, 100) * int(m)) for m in n] for k in range(1, 100)])
+  assert np.array_equal(got, want), np.argwhere(got != want)[:5]
+  for f, m, removed in [(0.59, 50, 30), (0.3, 95, 28), (0.7, 45, 32), (0.14, 75, 10)]:
+    w = {"k": jnp.arange(1, m + 1, dtype=jnp.float32).reshape(m, 1)}
+    assert int(magnitude_prune(w, None, f)[2].count) == removed
+    assert int(random_prune(w, None, f, key=jax.random.key(0))[2].count) == removed
+    sweep = jax.vmap(lambda q: magnitude_prune(w, None, q)[2].count)(jnp.asarray([f, 0.5]))
+    assert sweep.tolist() == [removed, round(m / 2)]

@@ -149,6 +149,21 @@ def with_mask(unit_masks: Mapping[str, Any], name: str, mask: jax.Array) -> dict
   return out
 
 
+def round_count(fraction, n) -> jax.Array:
+  """``round(fraction x n)`` (int32), half to even, of the decimal ``fraction`` was written as.
+
+  ``fraction`` is traced (a sweep is one ``vmap``), so it arrives as float32, where 0.59 is
+  0.58999997 and 0.59 x 50 computes as 29.499998: a product within 4 float32 ulps of a half is
+  taken as that half (30, as the exact decimal product 29.5 rounds), so a count does not depend
+  on which side of the decimal the float32 fraction fell. Counts of 2**22 and more round the
+  float32 product as it is."""
+  p = jnp.asarray(fraction, jnp.float32) * jnp.asarray(n).astype(jnp.float32)
+  half = jnp.floor(p) + 0.5
+  p = jnp.where((jnp.abs(p - half) <= jnp.abs(p) * 2.0 ** -22) & (jnp.abs(p) < 2.0 ** 22),
+                half, p)
+  return jnp.round(p).astype(jnp.int32)
+
+
 def check_fraction(name: str, value) -> None:
   """Raises if a concrete fraction lies outside [0, 1]."""
   if is_concrete(value):

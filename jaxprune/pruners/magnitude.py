@@ -255,7 +255,7 @@ def _n_remove(fraction, remaining, valid):
   # float32(remaining) rounds above 2**24 weights: a fraction of 1 removes every one exactly,
   # and no count exceeds what is left.
   fraction = jnp.asarray(fraction, jnp.float32)
-  n = jnp.round(fraction * remaining.astype(jnp.float32)).astype(jnp.int32)
+  n = _common.round_count(fraction, remaining)
   n = jnp.where(fraction == 1, remaining, jnp.minimum(n, remaining))
   return jnp.where(valid, n, 0)
 
