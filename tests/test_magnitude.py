@@ -431,7 +431,8 @@ def test_counts_round_the_decimal_fraction_half_to_even():
   """round(fraction x remaining) of the fraction as written: float32 holds 0.59 as 0.58999997,
   so 0.59 x 50 = 29.5 computed as 29.499998 removed 29 (and 0.3 x 95 = 28.5 removed 29), where
   the decimal product rounds half to even to 30 (28). Every fraction k/100 at 1..1000 weights
-  against exact decimal arithmetic; then the pruners' own counts, one call and a vmapped sweep."""
+  and k/1000 at 1..2048 against exact decimal arithmetic, large counts as float32 rounds them;
+  then the pruners' own counts, one call and a vmapped sweep."""
   from fractions import Fraction
   from jaxprune.pruners import _common
   fr = np.arange(1, 100) / 100
@@ -440,6 +441,19 @@ def test_counts_round_the_decimal_fraction_half_to_even():
       fr, n))
   want = np.array([[round(Fraction(k, 100) * int(m)) for m in n] for k in range(1, 100)])
   assert np.array_equal(got, want), np.argwhere(got != want)[:5]
+  fr3 = np.arange(1, 1000) / 1000                           # 3 decimals, products below 2048
+  n3 = np.arange(1, 2049)
+  got = np.asarray(jax.jit(jax.vmap(jax.vmap(_common.round_count, (None, 0)), (0, None)))(
+      fr3, n3))
+  k3, m3 = np.meshgrid(np.arange(1, 1000), n3, indexing="ij")
+  twice = 2 * k3 * m3                                        # 2000 x the exact product
+  want = twice // 2000 + ((twice % 2000 > 1000) | ((twice % 2000 == 1000) & (twice // 2000 % 2
+                                                                              == 1)))
+  assert np.array_equal(got, want), np.argwhere(got != want)[:5]
+  # large counts keep the float32 product's rounding (a snap there moved 1,048,577.25 to .5)
+  for f, m, count in [(0.75, 1_398_103, 1_048_577), (0.25, 4_194_307, 1_048_577),
+                      (0.5, 5_000_002, 2_500_001), (0.5, 4097, 2048), (0.5, 4099, 2050)]:
+    assert int(_common.round_count(f, m)) == count
   for f, m, removed in [(0.59, 50, 30), (0.3, 95, 28), (0.7, 45, 32), (0.14, 75, 10)]:
     w = {"k": jnp.arange(1, m + 1, dtype=jnp.float32).reshape(m, 1)}
     assert int(magnitude_prune(w, None, f)[2].count) == removed

@@ -153,13 +153,15 @@ def round_count(fraction, n) -> jax.Array:
   """``round(fraction x n)`` (int32), half to even, of the decimal ``fraction`` was written as.
 
   ``fraction`` is traced (a sweep is one ``vmap``), so it arrives as float32, where 0.59 is
-  0.58999997 and 0.59 x 50 computes as 29.499998: a product within 4 float32 ulps of a half is
-  taken as that half (30, as the exact decimal product 29.5 rounds), so a count does not depend
-  on which side of the decimal the float32 fraction fell. Counts of 2**22 and more round the
-  float32 product as it is."""
+  0.58999997 and 0.59 x 50 computes as 29.499998. The float32 product is within ``p 2**-23``
+  of the exact one (two roundings of 2**-24); below 2048 a product that close to a half is taken
+  as that half (30, as the decimal 29.5 rounds), and a product that is no half is farther from
+  one (by at least 0.001 less that error, for a fraction of up to 3 decimals), so the count is
+  the decimal's. From 2048 on, the float32 product is rounded as it is: its error there can
+  reach a decimal's distance from a half."""
   p = jnp.asarray(fraction, jnp.float32) * jnp.asarray(n).astype(jnp.float32)
   half = jnp.floor(p) + 0.5
-  p = jnp.where((jnp.abs(p - half) <= jnp.abs(p) * 2.0 ** -22) & (jnp.abs(p) < 2.0 ** 22),
+  p = jnp.where((jnp.abs(p - half) <= jnp.abs(p) * 2.0 ** -22) & (jnp.abs(p) < 2048.0),
                 half, p)
   return jnp.round(p).astype(jnp.int32)
 
