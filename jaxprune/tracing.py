@@ -334,15 +334,15 @@ def _makes_zeros(eqn, zeros: set) -> bool:
 
 
 def _makes_state(eqn, zeros: set, origin: dict, states: set, producer_of: dict) -> bool:
-  """Whether ``eqn`` makes a *learned state*: a per-unit parameter vector (one axis of size
-  > 1, an RNN's learned ``h0``) broadcast along axes of no leaf (``jnp.broadcast_to(h0, (B,
+  """Whether ``eqn`` makes a *learned state*: a parameter (a per-unit vector, an RNN's learned
+  ``h0``; or an array, a Perceiver's latents ``(N, D)``) broadcast along axes of no leaf (``jnp.broadcast_to(h0, (B,
   H))``, ``jnp.tile``, ``jnp.repeat``, ``h0 + jnp.zeros((B, H))``, ``jnp.ones((B, 1)) * h0``)
   or moved, without the function's inputs. A kernel reads it as it reads the units (see
   ``_kernel_operand``)."""
   name = eqn.primitive.name
   ins = [v for v in eqn.invars if not isinstance(v, jex.core.Literal)]
   vector = lambda v: v in states or (
-      v in origin and sum(d > 1 for d in v.aval.shape) == 1)
+      v in origin and sum(d > 1 for d in v.aval.shape) >= 1)
   if name in _ZERO_MOVES + ("tile", "expand_dims") and ins and ins[0] is eqn.invars[0]:
     return vector(ins[0])
   if name == "add" and len(ins) == 2:

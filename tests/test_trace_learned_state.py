@@ -177,3 +177,41 @@ def test_a_learned_query_is_a_group_of_its_own_pruned_from_weights_only():
     jaxprune.importance_prune(t, "query")(p, jaxprune.unit_masks_ones(t), 2)
   with pytest.raises(ValueError, match="no activations"):
     t.activations(p, x, "query")
+
+
+@pytest.mark.parametrize("start", ["broadcast_to", "tile"])
+def test_a_learned_latent_array_is_a_state_of_the_residual_stream(start):
+  """A Perceiver's learned latents (N latents x D channels, broadcast to the batch) cross-attend
+  to the inputs and are updated residually: channel d is latents[:, d], wo's column d (the
+  residual sum) and the rows of the kernels that read the stream (wq, head). ``latents @ wq``
+  was a product of two params, which blocked the channels: no group. The latent index is no
+  unit (the mean reduces it)."""
+  N, D, K, V = 3, 6, 4, 5
+  p = {"latents": _arr(N, D), "wq": _arr(D, K), "wk": _arr(F, K), "wv": _arr(F, V),
+       "wo": _arr(V, D), "head": _arr(D, C)}
+  make = {"broadcast_to": lambda l, b: jnp.broadcast_to(l, (b,) + l.shape),
+          "tile": lambda l, b: jnp.tile(l[None], (b, 1, 1))}[start]
+
+  def fn(p, x):
+    lat = make(p["latents"], x.shape[0])
+    a = jax.nn.softmax(jnp.einsum("bnk,bmk->bnm", lat @ p["wq"], x @ p["wk"]), -1)
+    lat = lat + jnp.einsum("bnm,bmv->bnv", a, x @ p["wv"]) @ p["wo"]
+    return lat.mean(1) @ p["head"]
+  x = _arr(2, 7, F)
+  t = jaxprune.trace(fn, p, x)
+  assert {k: g.size for k, g in t.groups.items()} == {"wv": V, "wo": D}
+  assert sorted((s.path[0], s.axis, s.role, s.kind) for s in t.groups["wo"].slices) == [
+      ("head", 0, "consumer", "kernel"), ("latents", 1, "producer", "stat"),
+      ("wo", 1, "producer", "kernel"), ("wq", 0, "consumer", "kernel")]
+  um = _drop(t, "wo")
+  small, small_t = t.compact(p, um)
+  assert small["latents"].shape == (N, D - len(DROP)) and small["wq"].shape == (D - 2, K)
+  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+  for xs in (x, _arr(5, 7, F)):
+    np.testing.assert_allclose(small_t.apply(small, xs), fn(masked, xs), rtol=1e-5, atol=1e-6)
+  # wq reads the latents themselves, not the residual sum: activations do not tell units apart
+  assert "latents" in t.activations_incomplete_why("wo")
+  pruned, um2, _ = jaxprune.importance_prune(t, "wo")(p, jaxprune.unit_masks_ones(t), 2)
+  small, small_t = t.compact(pruned, um2)
+  np.testing.assert_allclose(small_t.apply(small, x), fn(
+      jaxprune.apply_masks(pruned, jaxprune.expand(pruned, t, um2)), x), rtol=1e-5, atol=1e-6)
