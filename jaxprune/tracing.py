@@ -1369,13 +1369,13 @@ class _Walker:
             out = None
           elif lin == 0:
             out = "N"
-          elif name in _SCALED_MOVES or name == "reduce_precision":
+          elif name in _SCALED_MOVES or name in ("reduce_precision", "real", "imag", "conj"):
             out = "L"
           elif name in ("mul", "dot_general"):
             out = "L" if lin == 1 else None
           elif name == "div":
             out = "L" if ins == ["L", "N"] else None
-          elif name in ("add", "sub", "add_any"):
+          elif name in ("add", "sub", "add_any", "complex"):   # complex(wr, wi): wr + i wi
             out = "L" if lin == len(ins) else None
           else:
             out = None
@@ -2249,6 +2249,8 @@ def _identify(jaxpr, joins, eqns, made) -> tuple[str, int]:
       return "other", len(eqns)
     return "linear", i
   dtype = entry.aval.dtype
+  if jnp.issubdtype(dtype, jnp.complexfloating):   # complex units (abs(h @ complex kernel))
+    return "other", i                              # are none of the real nonlinearities
   if jnp.issubdtype(dtype, jnp.floating):    # wide, so a clip at 20 is not a relu
     grid = np.concatenate([np.linspace(-8.0, 8.0, 58), [-1e6, -1e3, -64.0, 64.0, 1e3, 1e6]])
   else:                                      # an integer chain (a quantised layer)

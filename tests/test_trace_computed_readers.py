@@ -180,3 +180,37 @@ def test_refusals_of_computed_kernels_name_only_ways_that_work():
     return jnp.tanh(x @ (p["w1"] + p["a1"] @ p["c1"]) + p["b1"]) @ p["w2"] + p["b2"]
   with pytest.raises(ValueError, match="its kernel is computed from params"):
     jaxprune.weight_distinctiveness(jaxprune.trace(lora_in, q, X), "w1")
+
+
+def test_a_complex_kernel_assembled_from_two_params_reads_their_rows():
+  """``h @ lax.complex(wr, wi)`` (an LRU's or S4D's input kernel): row i of the complex kernel
+  is complex(wr[i], wi[i]), so the layer before stays a group whose consumers are the rows of
+  wr and wi (it was blocked as a kernel not linear in its rows), and tracing raised NumPy's
+  ComplexWarning naming the complex units' nonlinearity."""
+  import warnings
+  p = {"w1": _arr(5, 6), "b1": _arr(6), "wr": _arr(6, 4), "wi": _arr(6, 4), "w3": _arr(4, 3)}
+
+  def fn(p, x):
+    h = jnp.tanh(x @ p["w1"] + p["b1"])
+    y = h.astype(jnp.complex64) @ jax.lax.complex(p["wr"], p["wi"])
+    return jnp.abs(y) @ p["w3"]
+  x = _arr(7, 5)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    t = jaxprune.trace(fn, p, x)
+  assert {n: g.size for n, g in t.groups.items()} == {"w1": 6, "wi": 4}
+  assert sorted((s.path[0], s.axis, s.role) for s in t.groups["w1"].consumers) == [
+      ("wi", 0, "consumer"), ("wr", 0, "consumer")]
+  assert t.groups["wi"].activation == "other"
+  for _ in range(4):
+    um = {n: jnp.asarray(R.random(g.size) < 0.5).at[R.integers(g.size)].set(True)
+          for n, g in t.groups.items()}
+    small, small_t = t.compact(p, um)
+    assert small["wr"].shape == small["wi"].shape == (int(um["w1"].sum()), int(um["wi"].sum()))
+    masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+    np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-5)
+  # a complex kernel with a value of no row (wr + i c, c a constant) is not linear in them
+  c = jnp.ones((6, 4))
+  t2 = jaxprune.trace(lambda p, x: jnp.abs(jnp.tanh(x @ p["w1"] + p["b1"]).astype(
+      jnp.complex64) @ jax.lax.complex(p["wr"], c)) @ p["w3"], p, x)
+  assert "w1" not in t2.groups
