@@ -855,7 +855,8 @@ class _Walker:
         return self._opaque(eqn, ins, out_shapes, "used by a reshape with a transpose")
       out = self._reshape(ins[0], out_shapes[0])
       if out is None:
-        return self._opaque(eqn, ins, out_shapes, "split unevenly by a reshape")
+        return [self._reshape_in_part(eqn, ins[0], out_shapes[0],
+                                      "split unevenly by a reshape")]
       return [out]
 
     if name == "transpose":
@@ -1234,6 +1235,25 @@ class _Walker:
     for a in out[d]:
       self.atoms.block(a, "indexed along by split")
     return tuple(x[:d]) + (out[d + 1],) + tuple(x[d + 1:])
+
+  def _reshape_in_part(self, eqn, x, out_shape, reason):
+    """A reshape whose axes do not regroup the input's atoms (``(B, 6)`` read as ``(B, 2, 3)``
+    where the 6 are 3 channels x 2 outputs): the leading and trailing axes it leaves as they
+    are keep their atoms (the batch's, so the re-evaluated program follows its size), and only
+    the axes in between are blocked, their outputs fresh."""
+    in_shape = tuple(eqn.invars[0].aval.shape)
+    n = min(len(in_shape), len(out_shape))
+    lo = 0
+    while lo < n and in_shape[lo] == out_shape[lo]:
+      lo += 1
+    hi = 0
+    while hi < n - lo and in_shape[-1 - hi] == out_shape[-1 - hi]:
+      hi += 1
+    for ax in x[lo:len(x) - hi]:
+      for a in ax:
+        self.atoms.block(a, reason)
+    mid = self.fresh(out_shape[lo:len(out_shape) - hi], reason)
+    return tuple(x[:lo]) + tuple(mid) + tuple(x[len(x) - hi:])
 
   def _opaque(self, eqn, ins, out_shapes, reason):
     for x in ins:

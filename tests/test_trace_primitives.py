@@ -384,3 +384,35 @@ def test_an_output_with_the_batch_on_a_later_axis_runs_at_any_batch_size():
   np.testing.assert_allclose(small_t.apply(small, x), rows_of_the_batch_size(p, x), atol=1e-5)
   with pytest.raises(jaxprune.TraceError, match="first output keeps 4 rows"):
     small_t.apply(small, _arr(rng, 7, D))
+
+
+def test_a_reshape_across_a_layers_atoms_keeps_the_batch_axis():
+  """(B, 6) read as (B, 2, 3) where the 6 are (3 heads x 2) or a depthwise conv's (3 channels
+  x 2 outputs): the axes were refused as units (rightly), but every axis of the reshape got
+  fresh atoms, the batch's too, so the re-evaluated program kept the traced batch and failed in
+  XLA's verifier at any other batch size (the compacted target and ``activations`` alike)."""
+  rng = np.random.default_rng(0)
+
+  def heads(p, x):
+    h = jnp.tanh(jnp.einsum("bf,fhd->bhd", x, p["k"])).reshape(x.shape[0], 6)
+    return jnp.tanh(h.reshape(x.shape[0], 2, 3).mean(-1) @ p["w1"] + p["b1"]) @ p["w2"]
+
+  def multiplier(p, x):
+    h = lax.conv_general_dilated(x, p["dw"], (1, 1), "SAME", feature_group_count=3,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))   # (B, 4, 4, 6)
+    z = h.reshape(h.shape[:-1] + (2, 3)).mean((1, 2, 4))
+    return jnp.tanh(z @ p["w1"] + p["b1"]) @ p["w2"]
+
+  for fn, extra, shape in [(heads, {"k": _arr(rng, 4, 3, 2)}, (4,)),
+                           (multiplier, {"dw": _arr(rng, 3, 3, 1, 6)}, (4, 4, 3))]:
+    p = {**extra, "w1": _arr(rng, 2, 5), "b1": _arr(rng, 5), "w2": _arr(rng, 5, 3)}
+    t = jaxprune.trace(fn, p, _arr(rng, 3, *shape))
+    assert set(t.groups) == {"w1"}
+    assert "split unevenly by a reshape" in t.explain()
+    um = {"w1": jnp.asarray([True, False, True, True, False])}
+    small, small_t = t.compact(p, um)
+    masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+    for b in (3, 5, 1):
+      x = _arr(rng, b, *shape)
+      np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), atol=1e-5)
+      assert t.activations(p, x, "w1").shape == (b, 5)
