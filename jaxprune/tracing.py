@@ -371,6 +371,10 @@ class _Walker:
     self.stream: set = set()                   # vars that depend on the non-param arguments
     self.zeros: set = set()                    # arrays of zeros made in the function
     self.states: set = set()                   # learned states (_makes_state)
+    # Computed from a learned state by a kernel without the data, and what is computed from
+    # that (a Perceiver's latents @ wq, DETR's queries through a block before the data enter):
+    # activations, read by kernels and products as such, not kernels computed from params.
+    self.derived: set = set()
     # Atoms contracted between two activations (q @ k.T): (atoms, eqn path) per contracted pair
     self.mutual: list[tuple] = []
     self.stat_calls: dict = {}                 # _stat_call's answers, per call and inputs
@@ -443,6 +447,9 @@ class _Walker:
         self.zeros.update(eqn.outvars)
       elif _makes_state(eqn, self.zeros, self.origin, self.states, self.producer_of):
         self.states.update(eqn.outvars)
+      elif eqn.primitive.name not in ("scan", "while", "cond") and any(
+          not isinstance(v, jex.core.Literal) and v in self.derived for v in eqn.invars):
+        self.derived.update(eqn.outvars)
       outs = self._eqn(eqn, ins, env, path)
       self.shapes[path] = outs
       for v, ax in zip(eqn.outvars, outs):
@@ -1276,7 +1283,8 @@ class _Walker:
     for idx, (k, x) in enumerate(((a, b), (b, a))):
       if (not isinstance(k, jex.core.Literal) and k in self.origin
           and not isinstance(x, jex.core.Literal)
-          and (x in self.stream or x in self.zeros or x in self.states or (
+          and (x in self.stream or x in self.zeros or x in self.states
+               or x in self.derived or (
               # a param vector as it is, read by a matrix (not coefficients of a basis of
               # kernels, einsum('k,kio->io', c, basis), which computes a kernel)
               x in self.origin and sum(d > 1 for d in x.aval.shape) == 1
@@ -1450,7 +1458,7 @@ class _Walker:
     for pos in ((1,) if conv else (0, 1)):
       k, x = eqn.invars[pos], eqn.invars[1 - pos]
       if (isinstance(k, jex.core.Literal) or isinstance(x, jex.core.Literal)
-          or x not in self.stream or k in self.stream or k in self.origin):
+          or x not in self.stream or k in self.stream or k in self.origin or k in self.derived):
         continue
       cone = self._param_cone(scope, k)
       if not cone or not cone[0]:
@@ -1535,7 +1543,10 @@ class _Walker:
     # sum goes when it is zeroed on either side, so the contracted units are not blocked here;
     # _classify takes them as a group only if kernels make them (see _MUTUAL).
     mutual = kern is None and comp is None and all(
-        not isinstance(v, jex.core.Literal) and v in self.stream for v in eqn.invars[:2])
+        not isinstance(v, jex.core.Literal) and (v in self.stream or v in self.derived)
+        for v in eqn.invars[:2])
+    if kern is not None and eqn.invars[1 - kern[0]] not in self.stream:
+      self.derived.update(eqn.outvars)        # a kernel reading a learned state
     lfree = [d for d in range(len(lhs)) if d not in lc and d not in lb]
     rfree = [d for d in range(len(rhs)) if d not in rc and d not in rb]
     # A computed kernel linear in the rows it contracts (w * 0.5, w + a @ b) reads the units

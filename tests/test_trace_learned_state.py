@@ -167,7 +167,15 @@ def test_a_learned_query_is_a_group_of_its_own_pruned_from_weights_only():
     return jnp.einsum("bt,btd->bd", s, x) @ p["wo"]
   x = _arr(4, 7, D)
   t = jaxprune.trace(fn, p, x)
-  assert {k: g.size for k, g in t.groups.items()} == {"query": D}
+  # q = query @ wq is computed from the query by a kernel: its features, contracted with
+  # x @ wk's, are a group read by that product (wq's and wk's columns)
+  assert {k: g.size for k, g in t.groups.items()} == {"query": D, "wq": Dk}
+  assert t.groups["wq"].read_by_products
+  um = _drop(t, "wq")
+  small, small_t = t.compact(p, um)
+  assert small["wq"].shape == small["wk"].shape == (D, Dk - len(DROP))
+  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+  np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-6)
   um = _drop(t, "query")
   small, small_t = t.compact(p, um)
   assert small["wq"].shape == (D - len(DROP), Dk)
@@ -199,7 +207,19 @@ def test_a_learned_latent_array_is_a_state_of_the_residual_stream(start):
     return lat.mean(1) @ p["head"]
   x = _arr(2, 7, F)
   t = jaxprune.trace(fn, p, x)
-  assert {k: g.size for k, g in t.groups.items()} == {"wv": V, "wo": D}
+  assert {k: g.size for k, g in t.groups.items()} == {"wq": K, "wv": V, "wo": D}
+  # values computed from the latents without the data are states too: the query/key features
+  # of (latents @ wq) . (x @ wk) are a group read by the product (they were refused as tied)
+  assert t.groups["wq"].read_by_products
+  assert sorted((s.path[0], s.axis, s.role) for s in t.groups["wq"].slices) == [
+      ("wk", 1, "producer"), ("wq", 1, "producer")]
+  rng = np.random.default_rng(1)
+  for _ in range(3):
+    um = {n: jnp.asarray(rng.random(g.size) < 0.5).at[rng.integers(g.size)].set(True)
+          for n, g in t.groups.items()}
+    small, small_t = t.compact(p, um)
+    masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+    np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-6)
   assert sorted((s.path[0], s.axis, s.role, s.kind) for s in t.groups["wo"].slices) == [
       ("head", 0, "consumer", "kernel"), ("latents", 1, "producer", "stat"),
       ("wo", 1, "producer", "kernel"), ("wq", 0, "consumer", "kernel")]
@@ -215,3 +235,30 @@ def test_a_learned_latent_array_is_a_state_of_the_residual_stream(start):
   small, small_t = t.compact(pruned, um2)
   np.testing.assert_allclose(small_t.apply(small, x), fn(
       jaxprune.apply_masks(pruned, jaxprune.expand(pruned, t, um2)), x), rtol=1e-5, atol=1e-6)
+
+
+def test_queries_through_a_block_before_the_data_enters_are_states():
+  """DETR's object queries: a learned array broadcast to the batch goes through an MLP before
+  any input enters, then attends to the data. The MLP's hidden units are computed from params
+  alone, the same for every example; they were "contracted between two computed parameters"
+  and not prunable. They are a group whose units compact exactly."""
+  Q, D, Hd = 3, 6, 5
+  p = {"queries": _arr(Q, D), "w1": _arr(D, Hd), "b1": _arr(Hd), "w2": _arr(Hd, D),
+       "wk": _arr(F, D), "wv": _arr(F, D), "head": _arr(D, C)}
+
+  def fn(p, x):
+    q = jnp.broadcast_to(p["queries"], (x.shape[0], Q, D))
+    q = jnp.tanh(q @ p["w1"] + p["b1"]) @ p["w2"]
+    a = jax.nn.softmax(jnp.einsum("bqd,btd->bqt", q, x @ p["wk"]), -1)
+    return jnp.einsum("bqt,btd->bqd", a, x @ p["wv"]).mean(1) @ p["head"]
+  x = _arr(2, 7, F)
+  t = jaxprune.trace(fn, p, x)
+  # (the queries' own channels are a group read by w1's rows, as a learned query's are above)
+  assert {k: g.size for k, g in t.groups.items()} == {"queries": D, "w1": Hd, "w2": D, "wv": D}
+  assert t.groups["w2"].read_by_products
+  um = _drop(t, "w1")
+  small, small_t = t.compact(p, um)
+  assert small["w1"].shape == (D, Hd - len(DROP)) and small["w2"].shape == (Hd - 2, D)
+  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
+  for xs in (x, _arr(4, 7, F)):
+    np.testing.assert_allclose(small_t.apply(small, xs), fn(masked, xs), rtol=1e-5, atol=1e-6)
