@@ -335,20 +335,21 @@ def _makes_zeros(eqn, zeros: set) -> bool:
 
 def _makes_state(eqn, zeros: set, origin: dict, states: set, producer_of: dict) -> bool:
   """Whether ``eqn`` makes a *learned state*: a parameter (a per-unit vector, an RNN's learned
-  ``h0``; or an array, a Perceiver's latents ``(N, D)``) broadcast along axes of no leaf (``jnp.broadcast_to(h0, (B,
-  H))``, ``jnp.tile``, ``jnp.repeat``, ``h0 + jnp.zeros((B, H))``, ``jnp.ones((B, 1)) * h0``)
+  ``h0``; or an array, a Perceiver's latents ``(N, D)``) broadcast along axes of no leaf
+  (``jnp.broadcast_to(h0, (B, H))``, ``jnp.tile``, ``jnp.repeat``, ``h0 + jnp.zeros((B, H))``,
+  ``jnp.ones((B, 1)) * h0``)
   or moved, without the function's inputs. A kernel reads it as it reads the units (see
   ``_kernel_operand``)."""
   name = eqn.primitive.name
   ins = [v for v in eqn.invars if not isinstance(v, jex.core.Literal)]
-  vector = lambda v: v in states or (
-      v in origin and sum(d > 1 for d in v.aval.shape) >= 1)
+  learned = lambda v: v in states or (
+      v in origin and any(d > 1 for d in v.aval.shape))
   if name in _ZERO_MOVES + ("tile", "expand_dims") and ins and ins[0] is eqn.invars[0]:
-    return vector(ins[0])
+    return learned(ins[0])
   if name == "add" and len(ins) == 2:
-    return any(vector(a) and b in zeros for a, b in (ins, ins[::-1]))
+    return any(learned(a) and b in zeros for a, b in (ins, ins[::-1]))
   if name == "mul" and len(ins) == 2:
-    return any(vector(a) and _ones(b, producer_of) for a, b in (ins, ins[::-1]))
+    return any(learned(a) and _ones(b, producer_of) for a, b in (ins, ins[::-1]))
   return False
 
 
@@ -2670,7 +2671,8 @@ def _name(path: Path, axis: int, taken: Mapping[str, tuple]) -> str:
   its own key: ``Conv_0``, ``blocks/0``). Where another group of the same layer has that name,
   one made by another leaf is named after that leaf (``blocks/0/w2`` for a plain dict layer
   with two kernels ``w1`` and ``w2``), a second group of one leaf after its axis
-  (``blocks/0:2``), a third of that axis ``blocks/0:2.3``. ``taken``: the names given so far, each to the path of its leaf."""
+  (``blocks/0:2``), a third of that axis ``blocks/0:2.3``. ``taken``: the names given so far,
+  each to the path of its leaf."""
   leaf_path = tuple(path)
   path = [str(k) for k in path]
   if len(path) > 2 and path[-1] == "value":      # an nnx State: layer/kernel/value
