@@ -101,6 +101,7 @@ import numpy as np
 import pytest
 
 from jaxprune import _compile  # pylint: disable=wrong-import-position
+import jaxprune  # pylint: disable=wrong-import-position
 
 _CACHE_ENV = "JAXPRUNE_SUITE_XLA_CACHE"
 
@@ -250,17 +251,31 @@ def strict_rank():
 
 
 def random_unit_masks(model, seed, p_keep=0.5):
-  """Random unit masks for every group of ``model``, each keeping at least one unit, in a random
-  dict order (results must not depend on it)."""
+  """Random unit masks for every group of ``model`` (a built-in model or a traced target; ``seed``
+  an int or a NumPy Generator), each keeping at least one unit, in a random dict order (results
+  must not depend on it)."""
   rng = np.random.default_rng(seed)
+  sizes = {n: g.size for n, g in model.groups.items()}
   out = {}
-  names = list(model.group_sizes)
+  names = list(sizes)
   for i in rng.permutation(len(names)):
-    name, size = names[i], model.group_sizes[names[i]]
+    name, size = names[i], sizes[names[i]]
     m = rng.random(size) < p_keep
     m[rng.integers(size)] = True
     out[name] = jax.numpy.asarray(m)
   return out
+
+
+def assert_compacts_as_masked(target, params, fn, unit_masks, xs, *, rtol=1e-5, atol=1e-6):
+  """Compacts ``params`` under ``unit_masks`` and asserts the small model's output equals ``fn``
+  on the masked params (expand + apply_masks) for every input in ``xs`` (batch sizes other than
+  the traced one belong there); returns (small params, small target, masked params)."""
+  small, small_t = target.compact(params, unit_masks)
+  masked = jaxprune.apply_masks(params, jaxprune.expand(params, target, unit_masks))
+  for x in xs:
+    np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=rtol, atol=atol,
+                               err_msg=f"batch of {np.shape(x)[0]}")
+  return small, small_t, masked
 
 
 def host_f32(a) -> jax.Array:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from conftest import host_f32
+from conftest import assert_compacts_as_masked, host_f32, random_unit_masks
 
 R = np.random.default_rng(5)
 F, H, C = 5, 8, 3
@@ -109,9 +109,7 @@ def test_an_equalized_learning_rate_cnn_keeps_its_channel_groups():
   for name in t.groups:
     um = jaxprune.unit_masks_ones(t)
     um[name] = um[name].at[np.array([1, 2])].set(False)
-    small, small_t = t.compact(p, um)
-    masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-    np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-6)
+    assert_compacts_as_masked(t, p, fn, um, (x,))
 
 
 @pytest.mark.parametrize("name", list(LINEAR))
@@ -203,12 +201,9 @@ def test_a_complex_kernel_assembled_from_two_params_reads_their_rows():
       ("wi", 0, "consumer"), ("wr", 0, "consumer")]
   assert t.groups["wi"].activation == "other"
   for _ in range(4):
-    um = {n: jnp.asarray(R.random(g.size) < 0.5).at[R.integers(g.size)].set(True)
-          for n, g in t.groups.items()}
-    small, small_t = t.compact(p, um)
+    um = random_unit_masks(t, R)
+    small, _, _ = assert_compacts_as_masked(t, p, fn, um, (x,), atol=1e-5)
     assert small["wr"].shape == small["wi"].shape == (int(um["w1"].sum()), int(um["wi"].sum()))
-    masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-    np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-5)
   # a complex kernel with a value of no row (wr + i c, c a constant) is not linear in them
   c = jnp.ones((6, 4))
   t2 = jaxprune.trace(lambda p, x: jnp.abs(jnp.tanh(x @ p["w1"] + p["b1"]).astype(

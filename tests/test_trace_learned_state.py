@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from conftest import host_f32
+from conftest import assert_compacts_as_masked, host_f32, random_unit_masks
 
 R = np.random.default_rng(3)
 F, H, C, T = 3, 6, 2, 4
@@ -65,15 +65,10 @@ def test_a_learned_initial_state_is_a_parameter_of_the_hidden_group(how):
       (("wx",), 1, "producer", "kernel"), (("wh",), 1, "producer", "kernel"),
       (("b",), 0, "producer", "bias"), (("h0",), len(shape) - 1, "producer", "stat"),
       (("wh",), 0, "consumer", "kernel"), (("out",), 0, "consumer", "kernel")])
-  um = _drop(t, "wx")
-  small, small_t = t.compact(p, um)
+  small, _, _ = assert_compacts_as_masked(t, p, fn, _drop(t, "wx"), (x, x[:3]))
   assert small["h0"].shape == shape[:-1] + (H - len(DROP),)
   keep = np.setdiff1d(np.arange(H), DROP)
   np.testing.assert_array_equal(small["h0"], np.asarray(p["h0"])[..., keep])
-  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-  for batch in (5, 3):
-    np.testing.assert_allclose(small_t.apply(small, x[:batch]), fn(masked, x[:batch]),
-                               rtol=1e-5, atol=1e-6)
   # The reader meets h0 at the first step, not the activations: merging by activations is
   # refused, and the reason names h0.
   assert not t.activations_complete("wx")
@@ -100,12 +95,8 @@ def test_a_linen_rnn_unrolled_with_a_learned_initial_state():
   v = Net().init(jax.random.key(0), x)
   t = jaxprune.trace(Net().apply, v, x)
   assert list(t.groups) == ["ih"]
-  um = _drop(t, "ih")
-  small, small_t = t.compact(v, um)
+  small, _, _ = assert_compacts_as_masked(t, v, Net().apply, _drop(t, "ih"), (x,))
   assert small["params"]["h0"].shape == (H - len(DROP),)
-  masked = jaxprune.apply_masks(v, jaxprune.expand(v, t, um))
-  np.testing.assert_allclose(small_t.apply(small, x), Net().apply(masked, x), rtol=1e-5,
-                             atol=1e-6)
 
 
 def test_a_centring_vector_read_by_the_next_kernel_joins_the_group():
@@ -120,10 +111,7 @@ def test_a_centring_vector_read_by_the_next_kernel_joins_the_group():
   assert list(t.groups) == ["w1"]
   assert (("mu",), 0, "producer", "stat") in [
       (s.path, s.axis, s.role, s.kind) for s in t.groups["w1"].slices]
-  um = _drop(t, "w1")
-  small, small_t = t.compact(p, um)
-  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-  np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-6)
+  assert_compacts_as_masked(t, p, fn, _drop(t, "w1"), (x,))
   # mu acts on the units after the activations: merging by activations is refused.
   assert not t.activations_complete("w1")
 
@@ -171,16 +159,10 @@ def test_a_learned_query_is_a_group_of_its_own_pruned_from_weights_only():
   # x @ wk's, are a group read by that product (wq's and wk's columns)
   assert {k: g.size for k, g in t.groups.items()} == {"query": D, "wq": Dk}
   assert t.groups["wq"].read_by_products
-  um = _drop(t, "wq")
-  small, small_t = t.compact(p, um)
+  small, _, _ = assert_compacts_as_masked(t, p, fn, _drop(t, "wq"), (x,))
   assert small["wq"].shape == small["wk"].shape == (D, Dk - len(DROP))
-  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-  np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-6)
-  um = _drop(t, "query")
-  small, small_t = t.compact(p, um)
+  small, _, _ = assert_compacts_as_masked(t, p, fn, _drop(t, "query"), (x,))
   assert small["wq"].shape == (D - len(DROP), Dk)
-  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-  np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="no producer kernel slice"):
     jaxprune.importance_prune(t, "query")(p, jaxprune.unit_masks_ones(t), 2)
   with pytest.raises(ValueError, match="no activations"):
@@ -213,28 +195,17 @@ def test_a_learned_latent_array_is_a_state_of_the_residual_stream(start):
   assert t.groups["wq"].read_by_products
   assert sorted((s.path[0], s.axis, s.role) for s in t.groups["wq"].slices) == [
       ("wk", 1, "producer"), ("wq", 1, "producer")]
-  rng = np.random.default_rng(1)
-  for _ in range(3):
-    um = {n: jnp.asarray(rng.random(g.size) < 0.5).at[rng.integers(g.size)].set(True)
-          for n, g in t.groups.items()}
-    small, small_t = t.compact(p, um)
-    masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-    np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-5, atol=1e-6)
+  for seed in range(3):
+    assert_compacts_as_masked(t, p, fn, random_unit_masks(t, seed), (x,))
   assert sorted((s.path[0], s.axis, s.role, s.kind) for s in t.groups["wo"].slices) == [
       ("head", 0, "consumer", "kernel"), ("latents", 1, "producer", "stat"),
       ("wo", 1, "producer", "kernel"), ("wq", 0, "consumer", "kernel")]
-  um = _drop(t, "wo")
-  small, small_t = t.compact(p, um)
+  small, _, _ = assert_compacts_as_masked(t, p, fn, _drop(t, "wo"), (x, _arr(5, 7, F)))
   assert small["latents"].shape == (N, D - len(DROP)) and small["wq"].shape == (D - 2, K)
-  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-  for xs in (x, _arr(5, 7, F)):
-    np.testing.assert_allclose(small_t.apply(small, xs), fn(masked, xs), rtol=1e-5, atol=1e-6)
   # wq reads the latents themselves, not the residual sum: activations do not tell units apart
   assert "latents" in t.activations_incomplete_why("wo")
   pruned, um2, _ = jaxprune.importance_prune(t, "wo")(p, jaxprune.unit_masks_ones(t), 2)
-  small, small_t = t.compact(pruned, um2)
-  np.testing.assert_allclose(small_t.apply(small, x), fn(
-      jaxprune.apply_masks(pruned, jaxprune.expand(pruned, t, um2)), x), rtol=1e-5, atol=1e-6)
+  assert_compacts_as_masked(t, pruned, fn, um2, (x,))
 
 
 def test_queries_through_a_block_before_the_data_enters_are_states():
@@ -256,9 +227,5 @@ def test_queries_through_a_block_before_the_data_enters_are_states():
   # (the queries' own channels are a group read by w1's rows, as a learned query's are above)
   assert {k: g.size for k, g in t.groups.items()} == {"queries": D, "w1": Hd, "w2": D, "wv": D}
   assert t.groups["w2"].read_by_products
-  um = _drop(t, "w1")
-  small, small_t = t.compact(p, um)
+  small, _, _ = assert_compacts_as_masked(t, p, fn, _drop(t, "w1"), (x, _arr(4, 7, F)))
   assert small["w1"].shape == (D, Hd - len(DROP)) and small["w2"].shape == (Hd - 2, D)
-  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-  for xs in (x, _arr(4, 7, F)):
-    np.testing.assert_allclose(small_t.apply(small, xs), fn(masked, xs), rtol=1e-5, atol=1e-6)

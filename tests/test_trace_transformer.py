@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import jaxprune
-from conftest import host_f32
+from conftest import assert_compacts_as_masked, host_f32, random_unit_masks
 
 D, T, B, E, NH, H, C, L = 16, 8, 32, 16, 2, 24, 5, 2
 DH = E // NH
@@ -762,13 +762,9 @@ def test_grouped_query_attention_has_a_group_for_each_axis_of_the_query_kernel(r
   assert slices["wq:1.3"] == [("wk", 2, "producer"), ("wq", 2, "producer")]
   assert t.groups["wq:1.3"].read_by_products
   assert len(set(t.groups)) == len(t._an.sites)        # no two groups share a name
-  rng = np.random.default_rng(0)
-  for _ in range(5):
-    um = {n: jnp.asarray(rng.random(g.size) < 0.5).at[rng.integers(g.size)].set(True)
-          for n, g in t.groups.items()}
-    small, small_t = t.compact(p, um)
-    masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-    np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), rtol=1e-4, atol=1e-5)
+  for seed in range(5):
+    um = random_unit_masks(t, seed)
+    small, _, _ = assert_compacts_as_masked(t, p, fn, um, (x,), rtol=1e-4, atol=1e-5)
     kept = {n: int(np.sum(m)) for n, m in um.items()}
     assert small["wk"].shape == (6, kept["wq"] * kept["wq:1.3"])
     assert small["wq"].shape == (6, kept["wq"] * kept["wq:1"] * kept["wq:1.3"])

@@ -232,19 +232,24 @@ def _check_bias_folds(g, *, constants: bool, compensate: bool = False, fold: boo
         "complementary pairs still work).")
 
 
-def _check_fold_dtypes(params, g, **rules):
+_MERGING = "merging similar units (a merged unit's outgoing rows added to the kept unit's)"
+
+
+def _check_integer_writes(params, g, *, merges_fix=None, **rules):
   """The rules among ``rules`` (name -> on) that write computed values into the next layer are
   refused on integer consumer leaves, naming the rules to turn off: ``similar`` adds a merged
   unit's outgoing rows to the kept unit's (int8 codes wrap around: 88 + 82 is -86); the folds
-  (``constants``, ``compensate``, ``fold``) also write fractional values into the bias."""
+  (``constants``, ``compensate``, ``fold``) also write fractional values into the bias. A
+  pruner that always merges passes ``merges_fix``, the fix its merges' refusal names."""
+  if merges_fix is not None:
+    _common.check_floating_writes(params, g, [s.path for s in g.consumers], _MERGING,
+                                  merges_fix)
   on = [n for n, v in rules.items() if v]
   if not on:
     return
   folds = [n for n in on if n != "similar"]
-  what = " and ".join(
-      ([("merging similar units (a merged unit's outgoing rows added to the kept unit's)")]
-       if "similar" in on else []) + (["folding removed units into the next bias"]
-                                      if folds else []))
+  what = " and ".join(([_MERGING] if "similar" in on else [])
+                      + (["folding removed units into the next bias"] if folds else []))
   paths = (_common.consumer_write_paths(g) if folds
            else [s.path for s in g.consumers])
   _common.check_floating_writes(params, g, paths, what,
@@ -339,7 +344,7 @@ def distinctiveness(model_or_groups, group: str, *, similar: bool = True,
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)
     _check_tol(constant_tol)
-    _check_fold_dtypes(params, g, similar=similar, constants=constants,
+    _check_integer_writes(params, g, similar=similar, constants=constants,
                        compensate=compensate, fold=fold)
     if not isinstance(activations, (np.ndarray, jax.Array)):
       activations = jnp.asarray(activations)   # an array already goes to jit as it is: jnp's
@@ -454,7 +459,7 @@ def weight_distinctiveness(model_or_groups, group: str, *, source: str = "incomi
     mask = _common.group_mask(unit_masks, g, groups, params)
     _common.check_finite_slices(params, g, sources)   # the leaves the unit vectors come from
     # act(bias) of zero-weight units is folded (computed in the consumer kernel's dtype)
-    _check_fold_dtypes(params, g, similar=similar,
+    _check_integer_writes(params, g, similar=similar,
                        constants=source == "incoming" and constants)
     check_thresholds(similar_deg, complementary_deg, similar=similar,
                      complementary=complementary)

@@ -12,7 +12,7 @@ from jaxprune.pruners import _common
 from jaxprune.pruners.angles import pairwise_angles
 from jaxprune import validate
 from jaxprune.pruners.distinctiveness_pruning import _apply_moves, _check_bias_folds, _check_tol
-from jaxprune.pruners.distinctiveness_pruning import _check_fold_dtypes
+from jaxprune.pruners.distinctiveness_pruning import _check_integer_writes
 from jaxprune.pruners.distinctiveness_pruning import _weighted_vectors, position_means
 
 PyTree = Any
@@ -246,11 +246,9 @@ def progressive_distinctiveness(model, group: str, loss_fn: Callable[[PyTree], j
     others = _common.other_unit_masks(unit_masks, g, groups)
     _check_tol(constant_tol)
     check_scalars(params)
-    _common.check_floating_writes(
-        params, g, [s.path for s in g.consumers], "progressive distinctiveness merges units "
-        "(a merged unit's outgoing rows added to the kept unit's)", "prune this group with a "
-        "rule that only zeroes units (importance_prune, magnitude_prune)")
-    _check_fold_dtypes(params, g, constants=constants, compensate=compensate)
+    _check_integer_writes(
+        params, g, merges_fix="prune this group with a rule that only zeroes units "
+        "(importance_prune, magnitude_prune)", constants=constants, compensate=compensate)
     if sample_weight is not None:
       sample_weight = validate.check_sample_weight(sample_weight, jnp.shape(x)[0])
     # x of the model's shape, not empty, finite (a NaN would make every angle NaN: no step
