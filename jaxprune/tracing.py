@@ -256,13 +256,22 @@ _GROWING_CONV = ("a convolution whose zero padding makes its output larger than 
                  "transposed convolution, 'VALID' included, pads by its kernel size minus one), "
                  "where a constant channel adds less at the borders than elsewhere")
 _RECURRENCE = "a recurrence, which reads the initial state, not the units, at the first step"
-_MUTUAL = ("a product of two activations (q @ k.T) also reads the units: a unit's term there is "
-           "its value times itself on the other side, which no bias or sum of kernel rows "
+_MUTUAL = ("a product of two activations (q @ k.T) or a sum over the units (an RMSNorm's or an "
+           "L2 norm's sum of squares, a mean) also reads the units: a unit's term there is its "
+           "own value (times itself on the other side), which no bias or sum of kernel rows "
            "reproduces")
 _CHANGES_CONSTANTS = ("an op that is not known to pass a constant on unchanged (a sum, a zero "
                       "pad, an average that counts padding, a scaling or an attention-weighted "
                       "sum; an interpolating resize and a padded average over the real "
                       "positions only do pass it, but are not recognised)")
+
+def _summed_why(prim: str) -> str:
+  """Why units summed over by ``prim`` where a masked unit is not zero are not a group."""
+  return (f"reduced over by {prim} where a masked unit is not zero: a statistic across this "
+          "axis, such as a LayerNorm's variance of y - mean or a softmax's sum of exp over the "
+          "units, reads all its entries together (a sum of values that are zero where a unit's "
+          "params are, as an RMSNorm's or an L2 norm's sum of squares, is followed)")
+
 
 _READ_TWICE = ("a product of the units with themselves (each unit read at two places, as in "
                "h[:, :, None] * h[:, None, :] or einsum('bi,bj,ijk->bk', h, h, W)), where a "
@@ -378,6 +387,9 @@ class _Walker:
     self.derived: set = set()
     # Atoms contracted between two activations (q @ k.T): (atoms, eqn path) per contracted pair
     self.mutual: list[tuple] = []
+    # Atoms summed over by reduce_sum (an RMSNorm's or an L2 norm's sum of squares, a mean over
+    # the units): (atoms, eqn path, axis) per summed axis; see _classify
+    self.summed: list[tuple] = []
     self.stat_calls: dict = {}                 # _stat_call's answers, per call and inputs
     self.contractions: list[_Contraction] = []
     self._contractions_at = (0, {})   # (how many are indexed, path -> contractions there)
@@ -899,6 +911,9 @@ class _Walker:
     if name in _REDUCTIONS:
       axes = set(eqn.params["axes"])
       for d in axes:
+        if name == "reduce_sum":   # a unit's term goes when it is zero: _classify decides
+          self.summed.append((ins[0][d], path, d))
+          continue
         for a in ins[0][d]:
           A.block(a, f"reduced over by {name}: a statistic across this axis, such as a "
                   "LayerNorm's, an RMSNorm's or a softmax's over the units, reads all its "
@@ -1728,8 +1743,9 @@ class _GroupSite:
   # The readout's output gets more than one param read as it is (a recorded bias): a second
   # term, a literal, a sum of params (``h @ w + b + c``); the GA reads them from the function.
   readout_extra: bool = False
-  # Its units are also contracted between two activations (attention's q @ k.T): where, as a
-  # program path (None if not).
+  # Its units are also contracted between two activations (attention's q @ k.T) or summed over
+  # where a masked unit is zero (an RMSNorm's sum of squares): where, as a program path (None
+  # if not).
   mutual: Any = None
 
 
@@ -2338,10 +2354,35 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     for a in A.expand(atoms):
       if A.size[a] > 1:
         mutual_at.setdefault(A.find(a), set()).add(path)
+  # Summed over (a mean, an RMSNorm's or an L2 norm's sum of squares): a statistic of the
+  # example that a masked unit leaves as it is, and the compacted network too (a mean's divisor
+  # is the traced width, a literal of the program), only where the summed value is zero at
+  # that unit. Then a unit's term is read as by a product (merges and folds cannot keep it);
+  # otherwise (a LayerNorm's variance of y - mean, a softmax's sum of exp) it blocks the units.
+  summed_at: dict[int, set] = {}
+  read_by_sums = set()
+  for atoms, path, _ in w.summed:
+    for a in A.expand(atoms):
+      if A.size[a] > 1:
+        summed_at.setdefault(A.find(a), set()).add(path)
+  for root, paths in summed_at.items():
+    prim = _eqn_at(w, min(paths)).primitive.name
+    if root in w.concat_of:              # (a concatenation summed over: its parts, blocked)
+      for part, _, _ in w.concat_of[root]:
+        A.block(part, _summed_why(prim))
+    elif all(_zero_when_masked(w, path[:-1], _eqn_at(w, path).invars[0], root)
+             for path in paths):
+      mutual_at.setdefault(root, set()).update(paths)
+      read_by_sums.add(root)
+    else:
+      A.block(root, _summed_why(prim))
   mutual = {root: min(paths) for root, paths in mutual_at.items()}   # (the first, named)
   reasons: dict[int, list[str]] = {}
   sites, taken = [], {}
-  for root, us in members.items():
+  # Groups read by a sum over their units are named after the others (a vmapped ensemble's
+  # members, summed by its mean, after the members' hidden units), so that adding them does not
+  # rename a group.
+  for root, us in sorted(members.items(), key=lambda item: item[0] in read_by_sums):
     why = list(A.blocked[root])
     if root in w.concat_of:
       why.append("a concatenation of other groups (each part is pruned as its own group)")
@@ -2742,8 +2783,8 @@ def _explain(w: _Walker, leaf_paths, leaves, sites, uses, reasons) -> tuple[str,
           descs.append(f"group {by_root[r]!r} ({u.role}, {u.kind}: {_computed_role(u)})")
         elif r in by_root:
           descs.append(f"group {by_root[r]!r} ({u.role}, {u.kind}"
-                       + ("; its units are also read by a product of two activations, q @ k.T)"
-                          if r in products else ")"))
+                       + ("; its units are also read by a product of two activations or a sum "
+                          "over them: q @ k.T, an RMSNorm)" if r in products else ")"))
         elif r in w.concat_of and all(p in by_root or n == 1 for p, _, n in w.concat_of[r]):
           descs.append("the concatenation of " + ", ".join(
               f"group {by_root[p]!r} [{o}:{o + n}]" if p in by_root else f"a fixed unit [{o}]"
@@ -2963,12 +3004,21 @@ def _check_batch_reaches_outputs(w: _Walker, num_params: int, jaxpr) -> None:
       "outputs keep.")
 
 
-def _check_batch_mean(eqn, invals, users) -> None:
-  """A sum over an axis whose size changed, then scaled by a constant (``jnp.mean``,
-  ``jnp.var``: batch statistics), keeps dividing by the traced size: an error instead of a wrong
-  value. (Sums, maxima, cumulative sums over the batch are right at any batch size.)"""
+def _unit_axes(an: _Analysis, path: tuple) -> set:
+  """The axes of a group's units that the reduce_sum at ``path`` sums over (a mean over the
+  units, an RMSNorm's: pruned, they keep the traced width as the divisor, as masking does)."""
+  A, roots = an.walker.atoms, {s.root for s in an.sites}
+  return {d for atoms, p, d in an.walker.summed
+          if p == path and any(A.find(a) in roots for a in A.expand(atoms))}
+
+
+def _check_batch_mean(eqn, invals, users, unit_axes=frozenset()) -> None:
+  """A sum over an axis whose size changed (other than ``unit_axes``), then scaled by a constant
+  (``jnp.mean``, ``jnp.var``: batch statistics), keeps dividing by the traced size: an error
+  instead of a wrong value. (Sums, maxima, cumulative sums over the batch are right at any
+  batch size.)"""
   was, now = eqn.invars[0].aval.shape, np.shape(invals[0])
-  changed = [d for d in eqn.params["axes"] if was[d] != now[d]]
+  changed = [d for d in eqn.params["axes"] if was[d] != now[d] and d not in unit_axes]
   if not changed:
     return
   v = eqn.outvars[0]
@@ -3008,7 +3058,7 @@ def _evaluate(an: _Analysis, sizes: dict, leaves, capture: frozenset = frozenset
       else:
         _check_unfollowed_shapes(eqn, invals)
         if name == "reduce_sum":
-          _check_batch_mean(eqn, invals, an.walker.users)
+          _check_batch_mean(eqn, invals, an.walker.users, _unit_axes(an, path))
         params = dict(eqn.params)
         if name in ("broadcast_in_dim", "iota"):
           params["shape"] = _new_shape(A, sizes, an.walker.shapes[path][0])
@@ -3273,12 +3323,17 @@ class TracedTarget:
       return _incomplete_why(an.walker, an.leaf_paths, site.scope, site.act_var,
                              *site.incomplete)
     eqn = _eqn_at(an.walker, site.mutual)
-    shapes = " and ".join(str(v.aval.shape) for v in eqn.invars[:2]) if eqn is not None else ""
-    return (f"its units are contracted between two activations (as q @ k.T; here {shapes}): "
-            "a unit's "
-            "term there is the product of its values on the two sides, so two units of equal "
-            "activations cannot be merged into one and no activations are what that product "
-            "reads; prune it by removing units (importance_prune, magnitude_prune, ga.search)")
+    shapes = " and ".join(str(v.aval.shape) for v in eqn.invars[:2])
+    if eqn.primitive.name == "reduce_sum":
+      read = (f"summed over by a statistic of each example (an RMSNorm's or an L2 norm's sum of "
+              f"squares, a mean; here reduce_sum of {shapes}): a unit's term there is its own "
+              "value (squared)")
+    else:
+      read = (f"contracted between two activations (as q @ k.T; here {shapes}): a unit's term "
+              "there is the product of its values on the two sides")
+    return (f"its units are {read}, so two units of equal activations cannot be merged into one "
+            "and no activations are what that statistic or product reads; prune it by removing "
+            "units (importance_prune, magnitude_prune, ga.search)")
 
   def _site(self, name):
     for s in self._an.sites:

@@ -139,10 +139,12 @@ class UnitGroup:
       nothing but the bias acts between the kernel and the nonlinearity (``trace`` sets it
       False after a norm, a scalar scale, a temperature, a closed-over constant).
     read_by_products: whether the units are also contracted between two activations
-      (attention's ``q @ k.T``: a query/key feature, the same index on both sides). Such a
-      group may have no consumer kernel at all; removing a unit is exact, merging or folding
-      one is not (a unit's term is the product of its two sides), so the pruners that merge
-      or fold refuse it.
+      (attention's ``q @ k.T``: a query/key feature, the same index on both sides) or summed
+      over by a statistic of each example that a removed unit leaves as it is (an RMSNorm's or
+      an L2 norm's sum of squares, a mean over the units). Such a group may have no consumer
+      kernel at all; removing a unit is exact, merging or folding one is not (a unit's term
+      is the product of its two sides, or its own value), so the pruners that merge or fold
+      refuse it.
   """
 
   name: str
@@ -764,15 +766,17 @@ def redistribute(params: PyTree, group: UnitGroup, transfer: jax.Array,
   Raises:
     ValueError: ``group`` does not fit ``params`` (see :func:`check_group`), or ``transfer`` is
       not (units, units) or ``constants`` not (units,); the group's units are also read by a
-      product of two activations (``read_by_products``: no rows to move a unit's part onto);
+      product of two activations or a sum over the units (``read_by_products``: no rows to
+      move a unit's part onto);
       ``constants`` with a consumer that reads through a kernel computed from params (its rows
       times a constant are not what the unit adds).
   """
   check_group(params, group)
   if group.read_by_products:
     raise ValueError(f"redistribute: group {group.name!r}'s units are also read by a product of "
-                     "two activations (q @ k.T), where a unit's term is the product of its two "
-                     "sides: no change of the next layer's rows moves it onto other units. "
+                     "two activations (q @ k.T) or a sum over the units (an RMSNorm's sum of "
+                     "squares), where a unit's term is the product of its two sides or its own "
+                     "value: no change of the next layer's rows moves it onto other units. "
                      "Remove its units instead (importance_prune, magnitude_prune, ga.search).")
   computed = [path_str(s.path) for s in group.consumers if reads_computed(s)]
   if constants is not None and computed:

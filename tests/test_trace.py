@@ -11,7 +11,8 @@ from flax import nnx
 import jaxprune
 from jaxprune import ga
 from jaxprune import units
-from conftest import host_f32, linen_batch_norm_mlp, nnx_as_function, nnx_sigmoid_mlp
+from conftest import (assert_compacts_as_masked, host_f32, linen_batch_norm_mlp, nnx_as_function,
+                      nnx_sigmoid_mlp, random_unit_masks)
 
 RNG = np.random.default_rng(0)
 
@@ -470,16 +471,35 @@ def test_unknown_op_marks_leaves_unprunable_with_its_name():
           "axis 1 -> not prunable (used by while (not followed)") in text
 
 
-def test_layer_norm_statistics_block_pruning():
+@pytest.mark.parametrize("fast_variance", [True, False])
+def test_a_layer_norm_over_the_units_is_read_by_its_statistics(fast_variance):
+  """flax's LayerNorm computes the variance as E[h^2] - E[h]^2 (sums of values that are zero at
+  a masked unit): the units are a group read by those sums, and the compacted target (dividing
+  by the traced width) equals masking. With use_fast_variance=False the variance sums
+  (h - mean)^2, a masked unit's term is mean^2: refused, naming the sum."""
   class LN(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return nn.Dense(3)(nn.LayerNorm()(nn.Dense(6)(x)))
+      return nn.Dense(3)(nn.LayerNorm(use_fast_variance=fast_variance)(nn.Dense(6)(x)))
   x = _randn(4, 5)
   v = LN().init(jax.random.key(0), x)
+  v = jax.tree.map(lambda a: a + 0.3 * _randn(*a.shape), v)     # (scale, bias not 1 and 0)
   t = jaxprune.trace(LN().apply, v, x)
-  assert not t.groups
-  assert "reduced over by reduce_sum" in t.explain()
+  if not fast_variance:
+    assert not t.groups
+    assert "reduced over by reduce_sum where a masked unit is not zero" in t.explain()
+    return
+  # (Dense(3) is made first: Dense_0; the hidden layer is Dense_1)
+  assert {n: (g.size, g.read_by_products) for n, g in t.groups.items()} == {"Dense_1": (6, True)}
+  assert sorted(s.path[-2:] for s in t.groups["Dense_1"].producers) == [
+      ("Dense_1", "bias"), ("Dense_1", "kernel"), ("LayerNorm_0", "bias"),
+      ("LayerNorm_0", "scale")]
+  for seed in range(3):
+    small, _, _ = assert_compacts_as_masked(t, v, LN().apply, random_unit_masks(t, seed),
+                                            (x, _randn(7, 5)))
+  with pytest.raises(ValueError, match="summed over by a statistic"):
+    jaxprune.distinctiveness(t, "Dense_1")
+  assert "summed over by a statistic" in t.activations_incomplete_why("Dense_1")
 
 
 # ----------------------------------------------------------------------------- one model-free path

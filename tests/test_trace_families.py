@@ -204,16 +204,23 @@ def test_vit_heads_value_dims_and_mlp_units():
   fn, v = _linen(ViT(), XV)
   t = jaxprune.trace(fn, v, XV)
   # Heads (q, k, v and out per head), the value's head dimension, the query/key features
-  # (contracted by q @ k.T), the MLP's hidden units; the residual stream goes through LayerNorm
-  # statistics and is not prunable.
-  assert _sizes(t) == {"attn/query": NH, "attn/value": 6, "attn/query:2": 6, "fc1": 4 * VD}
+  # (contracted by q @ k.T), the MLP's hidden units, and the residual stream (the patch conv's
+  # channels, the cls token's, the positions', every LayerNorm's scale and shift), read by the
+  # LayerNorms' statistics (sums of values zero at a masked channel).
+  assert _sizes(t) == {"patch": VD, "attn/query": NH, "attn/value": 6, "attn/query:2": 6,
+                       "fc1": 4 * VD}
+  assert t.groups["patch"].read_by_products
+  assert _paths(t, "patch", "producer") == {"params/patch/kernel", "params/patch/bias",
+                                            "params/cls", "params/pos", "params/attn/out/kernel",
+                                            "params/attn/out/bias", "params/fc2/kernel",
+                                            "params/fc2/bias"} | {
+      f"params/{n}/{k}" for n in ("ln1", "ln2", "lnf") for k in ("scale", "bias")}
   assert _paths(t, "attn/query:2", "producer") == {
       f"params/attn/{n}/{k}" for n in ("query", "key") for k in ("kernel", "bias")}
   assert _paths(t, "attn/query:2", "consumer") == set()
   assert _paths(t, "attn/query", "producer") == {
       f"params/attn/{n}/{k}" for n in ("query", "key", "value") for k in ("kernel", "bias")}
   assert _paths(t, "attn/value", "consumer") == {"params/attn/out/kernel"}
-  assert "params/ln1/scale (8,): axis 0 -> not prunable" in t.explain()
   jfn = jax.jit(fn)
   _every_group(t, jfn, v, [XV, XV[:2]])
   assert _pruners(t, jfn, v, XV, "fc1", distinct=False).shape == (4, 5, 4 * VD)

@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 
 import jaxprune
-from conftest import host_f32
+from conftest import assert_compacts_as_masked, host_f32
 
 B, T, D, H, O = 4, 5, 3, 6, 2
 BT, BD = (B, T, D), (B, D)
@@ -108,6 +108,15 @@ def _along_time(idx, h):
 
 # Cases following the layer: name -> (model, groups found).
 _FOLLOWED = {
+    # sums over the units of values that are zero where a unit's params are (a norm's statistic
+    # of each example: a removed unit leaves it as it is, the mean's divisor the traced width)
+    "l2_norm_units": (_plain(
+        lambda h: h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-3), BT), {"w1"}),
+    "rms_norm_units": (_plain(
+        lambda h: h * lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + 1e-6), BT), {"w1"}),
+    "mean_centred_units": (_plain(lambda h: h - h.mean(-1, keepdims=True), BT), {"w1"}),
+    # (jax.nn.standardize's and flax's LayerNorm's variance is E[h^2] - E[h]^2: two such sums)
+    "layer_norm_units": (_plain(lambda h: jax.nn.standardize(h, -1), BT), {"w1"}),
     "cumsum_time": (_plain(lambda h: jnp.cumsum(h, 1), BT), {"w1"}),
     "cumsum_batch": (_plain(lambda h: jnp.cumsum(h, 0), BD), {"w1"}),
     "cumprod_time": (_plain(lambda h: jnp.cumprod(h, 1), BT), {"w1"}),
@@ -203,8 +212,12 @@ _REFUSED = {
     "reduce_own_function_units": (_plain(lambda h: lax.reduce(
         h, jnp.asarray(0.0, h.dtype), lambda a, b: a + b * b, (2,))[..., None], BT),
         "reduced over by reduce (lax.reduce)"),
-    "norm_units": (_plain(lambda h: h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-3), BT),
-                   "reduced over by reduce_sum"),
+    # a variance of h - mean: a masked unit's term is mean ** 2, which compacting drops
+    "two_pass_layer_norm_units": (_plain(lambda h: (h - h.mean(-1, keepdims=True)) * lax.rsqrt(
+        jnp.mean(jnp.square(h - h.mean(-1, keepdims=True)), -1, keepdims=True) + 1e-5), BT),
+        "reduced over by reduce_sum where a masked unit is not zero"),
+    "sum_of_exp_units": (_plain(lambda h: h / jnp.exp(h).sum(-1, keepdims=True), BT),
+                         "reduced over by reduce_sum where a masked unit is not zero"),
     "softmax_units": (_plain(lambda h: jax.nn.softmax(h, -1), BT), "reduced over by reduce_max"),
     "log_softmax_units": (_plain(lambda h: jax.nn.log_softmax(h, -1), BT),
                           "reduced over by reduce_max"),
@@ -285,11 +298,8 @@ def _check_compact_equals_masking(name, model, groups):
   um = jaxprune.unit_masks_ones(t)
   for g, grp in t.groups.items():
     um[g] = jnp.asarray(rng.permutation(grp.size) < grp.size // 2)
-  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-  small, small_t = t.compact(masked, um)
-  np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), atol=1e-5)
-  other = _arr(rng, x.shape[0] + 3, *x.shape[1:])
-  np.testing.assert_allclose(small_t.apply(small, other), fn(masked, other), atol=1e-5)
+  small, small_t, _ = assert_compacts_as_masked(
+      t, p, fn, um, (x, _arr(rng, x.shape[0] + 3, *x.shape[1:])), atol=1e-5)
   if len(x.shape) == 3:      # another sequence length: refused, as every input axis but the batch
     with pytest.raises(ValueError, match="only the batch may change"):
       small_t.apply(small, _arr(rng, x.shape[0], x.shape[1] + 2, x.shape[2]))
@@ -322,9 +332,7 @@ def test_fixed_findings(name):
   fn, p, x, t, rng = _traced(name, model)
   assert set(t.groups) == groups
   um = {g: jnp.asarray(rng.permutation(grp.size) < grp.size // 2) for g, grp in t.groups.items()}
-  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-  small, small_t = t.compact(masked, um)
-  np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), atol=1e-5)
+  small, small_t, _ = assert_compacts_as_masked(t, p, fn, um, (x,), atol=1e-5)
   with pytest.raises(jaxprune.TraceError, match=error):
     small_t.apply(small, _arr(rng, 7, D))
 
@@ -345,11 +353,8 @@ def test_an_input_padded_in_edge_mode_compacts_and_runs_at_any_batch_size():
   x = _arr(rng, 4, 6, 6, 2)
   t = jaxprune.trace(fn, p, x)
   assert set(t.groups) == {"w1"}
-  um = {"w1": jnp.asarray([True, False, True, False])}
-  masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-  small, small_t = t.compact(masked, um)
-  for xx in (x, x[:3], _arr(rng, 9, 6, 6, 2)):
-    np.testing.assert_allclose(small_t.apply(small, xx), fn(masked, xx), atol=1e-5)
+  assert_compacts_as_masked(t, p, fn, {"w1": jnp.asarray([True, False, True, False])},
+                            (x, x[:3], _arr(rng, 9, 6, 6, 2)), atol=1e-5)
 
 
 def test_an_output_with_the_batch_on_a_later_axis_runs_at_any_batch_size():
@@ -409,10 +414,8 @@ def test_a_reshape_across_a_layers_atoms_keeps_the_batch_axis():
     t = jaxprune.trace(fn, p, _arr(rng, 3, *shape))
     assert set(t.groups) == {"w1"}
     assert "split unevenly by a reshape" in t.explain()
-    um = {"w1": jnp.asarray([True, False, True, True, False])}
-    small, small_t = t.compact(p, um)
-    masked = jaxprune.apply_masks(p, jaxprune.expand(p, t, um))
-    for b in (3, 5, 1):
-      x = _arr(rng, b, *shape)
-      np.testing.assert_allclose(small_t.apply(small, x), fn(masked, x), atol=1e-5)
-      assert t.activations(p, x, "w1").shape == (b, 5)
+    xs = [_arr(rng, b, *shape) for b in (3, 5, 1)]
+    assert_compacts_as_masked(t, p, fn, {"w1": jnp.asarray([True, False, True, True, False])},
+                              xs, atol=1e-5)
+    for x in xs:
+      assert t.activations(p, x, "w1").shape == (x.shape[0], 5)

@@ -84,11 +84,16 @@ def test_group_norm_groups_are_units_and_compact():
   x = _arr(4, 6, 6, 3)
   v = Net().init(jax.random.key(1), x)
   t = jaxprune.trace(Net().apply, v, x)
-  assert {k: g.size for k, g in t.groups.items()} == {"Conv_0": 2, "Conv_1": 6}
+  # (and the channel within a norm group, Conv_0:3: the norm's sums over a group's channels
+  # read it, E[h] and E[h^2], a masked channel adding zero to both)
+  assert {k: g.size for k, g in t.groups.items()} == {"Conv_0": 2, "Conv_1": 6, "Conv_0:3": 4}
+  assert t.groups["Conv_0:3"].read_by_products and not t.groups["Conv_0"].read_by_products
   jaxprune.check_groups(v, t.groups)
   small = _compact_equals_masked(t, v, x, Net().apply, {"Conv_0": [1], "Conv_1": [2]})
   assert small["params"]["Conv_0"]["kernel"].shape == (3, 3, 3, 4)
   assert small["params"]["GroupNorm_0"]["scale"].shape == (4,)
+  small = _compact_equals_masked(t, v, x, Net().apply, {"Conv_0": [0], "Conv_0:3": [1, 2]})
+  assert small["params"]["GroupNorm_0"]["scale"].shape == (2,)
 
 
 def test_group_norm_groups_prune_again_after_compaction():
@@ -106,8 +111,8 @@ def test_group_norm_groups_prune_again_after_compaction():
   net = Net()
   v = net.init(jax.random.key(1), x)
   t = jaxprune.trace(net.apply, v, x)
-  assert {k: g.size for k, g in t.groups.items()} == {"Conv_0": 4, "Conv_1": 5}
-  for name in t.groups:
+  assert {k: g.size for k, g in t.groups.items()} == {"Conv_0": 4, "Conv_1": 5, "Conv_0:3": 2}
+  for name in ("Conv_0", "Conv_1"):      # (Conv_0:3's 2 units cannot lose 2)
     params, target = v, t
     for _ in range(2):        # prune -> compact -> activations of the small target -> prune
       acts = target.activations(params, x, name)
@@ -409,6 +414,10 @@ def test_activations_of_a_vmapped_ensemble_follow_the_transpose_after_the_contra
     return jax.nn.sigmoid(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
   ens = lambda p, x: jax.vmap(single, in_axes=(0, None))(p, x).mean(0)
   t = jaxprune.trace(ens, pe, x)
+  # (the members are a group too, summed by the mean, named after the hidden units: w1:0)
+  assert {n: (g.size, g.read_by_products) for n, g in t.groups.items()} == {
+      "w1": (20, False), "w1:0": (5, True)}
+  _compact_equals_masked(t, pe, x, ens, {"w1:0": [1, 3], "w1": [0, 7]})
   assert t.groups["w1"].activation == "sigmoid"
   assert {s.kind for s in t.groups["w1"].producers} == {"kernel", "bias"}
   true = jax.vmap(lambda p: jax.nn.sigmoid(x @ p["w1"] + p["b1"]))(pe)       # (5, 64, 20)
@@ -556,8 +565,9 @@ def test_positions_and_token_embeddings_at_other_batch_sizes():
   tok = jax.random.randint(jax.random.key(0), (8, 6), 0, 20)
   v = Net().init(jax.random.key(1), tok)
   t = jaxprune.trace(Net().apply, v, tok)
-  assert set(t.groups) == {"Dense_0"}
-  um = {"Dense_0": jnp.arange(12) > 2}
+  # (the embedding's columns are a group too, read by the LayerNorm's sums)
+  assert set(t.groups) == {"Dense_0", "Embed_0"}
+  um = {"Dense_0": jnp.arange(12) > 2, "Embed_0": jnp.arange(16) % 3 > 0}
   masked = jaxprune.apply_masks(v, jaxprune.expand(v, t, um))
   small, small_t = t.compact(masked, um)
   for b in (3, 1):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxprune
-from conftest import host_f32
+from conftest import assert_compacts_as_masked, host_f32, random_unit_masks
 
 C = 8                      # ConvNeXt / MobileNet residual channels
 D, HT, HC = 8, 12, 16      # Mixer: channels, token-MLP and channel-MLP hidden units
@@ -221,19 +221,23 @@ def _slices(target, name):
 
 # ------------------------------------------------------------------------------- the groups
 
-def test_convnext_finds_the_inverted_mlp_and_not_the_normalised_residual_stream(convnext):
-  _, _, t = convnext
-  assert {k: g.size for k, g in t.groups.items()} == _GROUPS["convnext"]
+def test_convnext_finds_the_inverted_mlp_and_the_normalised_residual_stream(convnext):
+  fn, v, t = convnext
+  assert {k: g.size for k, g in t.groups.items()} == {**_GROUPS["convnext"], "stem": C}
   assert _slices(t, "pw1") == {("params/pw1/kernel", 1, "producer", "kernel"),
                                ("params/pw1/bias", 0, "producer", "bias"),
                                ("params/pw2/kernel", 0, "consumer", "kernel")}
   assert t.groups["pw1"].activation == "other" and t.activations_complete("pw1")
-  ex = _explain(t)
-  # The stem, depthwise conv, layer scale and pw2 share the residual channels, which the
-  # LayerNorm's statistics reduce over: not prunable, and explain() says so for each.
-  for leaf in ("params/stem/bias", "params/dw/bias", "params/gamma", "params/ln/scale",
-               "params/pw2/bias"):
-    assert "not prunable (reduced over" in ex[leaf], (leaf, ex[leaf])
+  # The stem, depthwise conv, LayerNorm, layer scale and pw2 share the residual channels; the
+  # LayerNorm's sums (E[h], E[h^2]) read them, and a masked channel adds zero to both.
+  assert t.groups["stem"].read_by_products
+  assert {(path, role) for path, _, role, _ in _slices(t, "stem")} == {
+      (f"params/{n}", "producer") for n in (
+          "stem/kernel", "stem/bias", "dw/kernel", "dw/bias", "ln/scale", "ln/bias", "gamma",
+          "pw2/kernel", "pw2/bias")} | {("params/pw1/kernel", "consumer"),
+                                       ("params/head/kernel", "consumer")}
+  for seed in range(2):
+    assert_compacts_as_masked(t, v, fn, random_unit_masks(t, seed), (X, X5), atol=1e-5)
 
 
 def test_mixer_finds_the_token_and_channel_mlp_hidden_units(mixer):

@@ -465,7 +465,8 @@ def make_fitness(model, group: str, fitness: str | Callable = "eq5",
 def _why_no_readout(g) -> str:
   """What keeps a group that only the output layer reads off the fast path, in words."""
   if g.read_by_products:
-    return " (its units are also read by a product of two activations, q @ k.T)"
+    return (" (its units are also read by a product of two activations or a sum over the "
+            "units: q @ k.T, an RMSNorm's sum of squares)")
   computed = [s for s in g.consumers if units_lib.reads_computed(s)]
   if computed and len(g.consumers) == 1:
     return (" (the output layer reads it through a kernel computed from params, "

@@ -37,8 +37,10 @@ def check_no_products(group: units_lib.UnitGroup, pruner: str) -> None:
   if group.read_by_products:
     raise ValueError(
         f"Group {group.name!r}: its units are contracted between two activations (as in "
-        "attention's q @ k.T, where they are query/key features), and a unit's term there is "
-        f"the product of its values on the two sides, so {pruner}, which merges units or folds "
+        "attention's q @ k.T, where they are query/key features) or summed over by a "
+        "statistic of each example (an RMSNorm's or an L2 norm's sum of squares, a mean), and "
+        "a unit's term there is the product of its values on the two sides or its own value, "
+        f"so {pruner}, which merges units or folds "
         "them into the next layer, would change the outputs. Prune it by removing units: "
         "importance_prune, magnitude_prune or ga.search (in a training loop, gradual with "
         "importance_pruner).")
