@@ -277,6 +277,10 @@ _READ_TWICE = ("a product of the units with themselves (each unit read at two pl
                "h[:, :, None] * h[:, None, :] or einsum('bi,bj,ijk->bk', h, h, W)), where a "
                "constant unit's rows still read the other units")
 
+_AT_SEVERAL_OFFSETS = ("a concatenation that holds the units at several offsets (a GNN's "
+                       "h[senders] and h[receivers], CReLU's relu(h) and relu(-h)), where a "
+                       "constant unit's value may differ from one offset to the next")
+
 _CLOSED_OVER = ("tied to an array fn closes over (not in params); pass per-unit variables such "
                 "as batch statistics in params (linen: the whole variables; nnx: graphdef, "
                 "params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...) and "
@@ -406,6 +410,7 @@ class _Walker:
     self.scoped_env: dict = {}
     self.concat: dict[int, list] = {}          # concatenation atom -> its parts' atoms
     self.concat_of: dict[int, list] = {}       # class root -> [(part root, offset, length)]
+    self.repeated_parts: set = set()           # part roots at several offsets of one of them
     self.jaxpr_at: dict[tuple, Any] = {}       # scope (path of the calling eqn) -> its jaxpr
     self._eqn_index: dict[tuple, dict] = {}    # scope -> {outvar: eqn index} (eqn_index)
 
@@ -2346,9 +2351,8 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       if A.size[a] > 1:
         members.setdefault(A.find(a), []).append(use)
   for root, parts in w.concat_of.items():       # a concatenation's readers read each part
-    for part, _, n in parts:
-      if n > 1:
-        members.setdefault(part, []).extend(members.get(root, []))
+    for part in dict.fromkeys(q for q, _, n in parts if n > 1):    # (once, at every offset)
+      members.setdefault(part, []).extend(members.get(root, []))
   mutual_at: dict[int, set] = {}    # class root -> where two activations contract it
   for atoms, path in w.mutual:
     for a in A.expand(atoms):
@@ -2674,9 +2678,6 @@ def _resolve_concats(w: _Walker) -> None:
       # but it is kept as an entry: the offsets and the total width count it.
       entries.append((A.find((atoms or A.expand(p))[0]), offset, size))
       offset += size
-    roots = [r for r, _, _ in entries]
-    for r in {r for r in roots if roots.count(r) > 1}:   # e.g. CReLU: concat([relu(h), relu(-h)])
-      A.block(r, "concatenated with itself (each unit at several offsets of one concatenation)")
     root = A.find(c)
     if root in w.concat_of and w.concat_of[root] != entries:
       for r, _, _ in entries + w.concat_of[root]:
@@ -2696,10 +2697,12 @@ def _resolve_concats(w: _Walker) -> None:
     return out
 
   nested = {r: flat(r, {r}) for r in w.concat_of}
+  # A part at several offsets of one concatenation (a GNN's h[senders] and h[receivers], CReLU's
+  # relu(h) and relu(-h)): its group has a consumer slice at each offset; folds are refused
+  # there (_AT_SEVERAL_OFFSETS).
   for entries in nested.values():
     roots = [A.find(q) for q, _, _ in entries]
-    for r in {r for r in roots if roots.count(r) > 1}:
-      A.block(r, "concatenated with itself (each unit at several offsets of one concatenation)")
+    w.repeated_parts.update(r for r in roots if roots.count(r) > 1)
   w.concat_of = nested
   for root, entries in w.concat_of.items():
     for why in list(A.blocked[A.find(root)]):
@@ -3442,10 +3445,10 @@ class TracedTarget:
       roots_of.append(roots)
       for r in roots:
         uses_of.setdefault(r, set()).add(i)
-    holders_of = {}                  # a part's class -> {concatenation's class: its entry}
+    holders_of = {}                  # a part's class -> {concatenation's class: its entries}
     for r, parts in w.concat_of.items():
-      for p in parts:
-        holders_of.setdefault(p[0], {})[r] = p
+      for k, p in enumerate(parts):
+        holders_of.setdefault(p[0], {}).setdefault(r, []).append(k)
     groups = {}
     for site in an.sites:
       slices = []
@@ -3457,8 +3460,9 @@ class TracedTarget:
         # flattened product (h[:, :, None] * h[:, None, :], flattened) owns a slice at each.
         places = [pos for pos, r in enumerate(roots) if r == site.root or r in holders]
         twice = self._read_twice(site, holders, use)
-        for pos in places:
-          slices.append(self._slice(site, use, roots, pos, twice))
+        for pos in places:        # (a part at several offsets of a concatenation: each)
+          for k in holders.get(roots[pos], [None]):
+            slices.append(self._slice(site, use, roots, pos, twice, k))
       groups[site.name] = units_lib.UnitGroup(site.name, self._size(site.root), tuple(slices),
                                               activation=site.activation, kind=site.kind,
                                               act_of_bias=site.plain,
@@ -3479,16 +3483,16 @@ class TracedTarget:
                 if A.size[a] > 1 and (A.find(a) == site.root or A.find(a) in holders))
     return count > 1
 
-  def _slice(self, site, use, roots, pos, twice) -> units_lib.Slice:
+  def _slice(self, site, use, roots, pos, twice, part=None) -> units_lib.Slice:
     """The slice of ``use``'s leaf that holds the group's units at atom ``pos`` of its axis
-    (``roots``: the class of each atom of the axis)."""
+    (``roots``: the class of each atom of the axis), at entry ``part`` of the concatenation
+    that atom is, if it is one."""
     an, w = self._an, self._an.walker
     A = w.atoms
     segment, unit_root = None, roots[pos]
     if unit_root != site.root:                   # a part of a concatenation
       parts = w.concat_of[unit_root]
-      k = [p[0] for p in parts].index(site.root)
-      segment = (sum(self._size(p[0]) for p in parts[:k]), self._size(site.root))
+      segment = (sum(self._size(p[0]) for p in parts[:part]), self._size(site.root))
     view, axis = None, use.axis
     if len(roots) > 1:
       sizes = [self._size(r) for r in roots]
@@ -3520,6 +3524,8 @@ class TracedTarget:
       # still read the other units.
       if not why and twice:
         why = _READ_TWICE
+      if not why and site.root in w.repeated_parts and unit_root != site.root:
+        why = _AT_SEVERAL_OFFSETS
       # What it reads must carry a constant unit as that constant (not a sum of it), and
       # for linear folds a linear combination of units as that combination (not a max).
       reads = ("ok" if site.act_var is None

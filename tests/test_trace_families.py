@@ -634,8 +634,8 @@ def test_nnx_rnn_with_its_rngs_closed_over_gets_a_hint_that_names_them():
 
 
 def test_a_tile_that_repeats_the_units_keeps_them_out_of_every_group():
-  """``jnp.tile`` of an axis of size > 1 puts each unit at several offsets (as CReLU's concat
-  does): that layer is refused, with the reason named, while a tile of size-1 axes (above) is
+  """``jnp.tile`` of an axis of size > 1 puts each unit at several offsets (a concatenation
+  with itself is followed; a tile is not): that layer is refused, with the reason named, while a tile of size-1 axes (above) is
   followed as a broadcast."""
   r = np.random.default_rng(0)
   p = {"w1": host_f32(r.normal(size=(3, 4))),

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import jaxprune
-from conftest import host_f32, nnx_as_function, nnx_sigmoid_mlp
+from conftest import (assert_compacts_as_masked, host_f32, nnx_as_function, nnx_sigmoid_mlp,
+                      random_unit_masks)
 
 R = np.random.default_rng(0)
 
@@ -30,17 +31,63 @@ def _compact_equals_masked(target, params, x, fn, drop):
   return small
 
 
-def test_layer_concatenated_with_itself_is_not_prunable():
-  """CReLU, concat([relu(h), relu(-h)]): each unit is read at two offsets; it was a group that
-  masked only the first, so a 'removed' unit still drove the output."""
+def test_a_layer_concatenated_with_itself_has_a_consumer_slice_at_each_offset():
+  """CReLU, concat([relu(h), relu(-h)]): each unit is read at two offsets. It was once a group
+  that masked only the first (a 'removed' unit still drove the output), then refused; now the
+  group has the reader's rows at both offsets, and compacting removes both."""
   def crelu(p, x):
     h = x @ p["w1"] + p["b1"]
     h = jnp.concatenate([jax.nn.relu(h), jax.nn.relu(-h)], -1)
     return h @ p["w2"] + p["b2"]
-  p = {"w1": _arr(5, 8), "b1": jnp.zeros(8), "w2": _arr(16, 3), "b2": jnp.zeros(3)}
-  t = jaxprune.trace(crelu, p, _arr(32, 5))
-  assert "w1" not in t.groups
-  assert "concatenated with itself" in t.explain()
+  p = {"w1": _arr(5, 8), "b1": _arr(8), "w2": _arr(16, 3), "b2": _arr(3)}
+  x = _arr(32, 5)
+  t = jaxprune.trace(crelu, p, x)
+  (w2a, w2b) = t.groups["w1"].consumers
+  assert (w2a.path, w2a.segment, w2b.path, w2b.segment) == (("w2",), (0, 8), ("w2",), (8, 8))
+  assert "several offsets" in w2a.padded_why          # (no folds: relu(c) and relu(-c) differ)
+  small = _compact_equals_masked(t, p, x, crelu, {"w1": [1, 6]})
+  assert small["w2"].shape == (12, 3)
+  np.testing.assert_array_equal(small["w2"], np.asarray(p["w2"])[
+      [i for i in range(16) if i % 8 not in (1, 6)]])
+  assert not t.activations_complete("w1")      # (its readers read relu(h) and relu(-h))
+
+
+def test_a_message_passing_layer_reads_senders_and_receivers_of_one_layer():
+  """A GNN edge model concatenates the node layer's values at the senders and the receivers
+  (jraph's GraphNetwork, EdgeConv's [x_i, x_j - x_i]): the node layer's units sit at two
+  offsets of the edge kernel's rows, both removed with the unit; the edge layer is a group."""
+  n, e = 6, 10
+  snd, rcv = jnp.asarray(R.integers(0, n, e)), jnp.asarray(R.integers(0, n, e))
+  p = {"wn": _arr(3, 5), "bn": _arr(5), "we": _arr(2 * 5 + 2, 4), "be": _arr(4),
+       "wo": _arr(5 + 4, 2)}
+
+  def gnn(p, x):
+    h = jnp.tanh(x @ p["wn"] + p["bn"])
+    m = jax.nn.relu(jnp.concatenate([h[snd], h[rcv] - h[snd], jnp.ones((e, 2))], -1) @ p["we"]
+                    + p["be"])
+    agg = jax.ops.segment_sum(m, rcv, num_segments=x.shape[0])
+    return jnp.concatenate([h, agg], -1) @ p["wo"]
+  x = _arr(n, 3)
+  t = jaxprune.trace(gnn, p, x)
+  assert {k: g.size for k, g in t.groups.items()} == {"wn": 5, "we": 4}
+  assert sorted((s.path, s.segment) for s in t.groups["wn"].consumers) == [
+      (("we",), (0, 5)), (("we",), (5, 5)), (("wo",), (0, 5))]
+  small = _compact_equals_masked(t, p, x, gnn, {"wn": [0, 3], "we": [2]})
+  assert small["we"].shape == (3 + 3 + 2, 3) and small["wo"].shape == (3 + 3, 2)
+  for seed in range(3):
+    assert_compacts_as_masked(t, p, gnn, random_unit_masks(t, seed), (x,), atol=1e-5)
+  # merging equal units is exact at both offsets (their rows added at each), folding refused
+  assert t.activations_complete("wn")
+  assert all("several offsets" in c.padded_why for c in t.groups["wn"].consumers
+             if c.path == ("we",))
+  with pytest.raises(ValueError, match="cannot fold removed units"):
+    jaxprune.distinctiveness(t, "wn")
+  dup = {**p, "wn": p["wn"].at[:, 4].set(p["wn"][:, 1]), "bn": p["bn"].at[4].set(p["bn"][1])}
+  merged, um, _ = jaxprune.distinctiveness(t, "wn", constants=False, complementary=False)(
+      dup, jaxprune.unit_masks_ones(t), t.activations(dup, x, "wn"), 1e-3)
+  assert np.flatnonzero(~np.asarray(um["wn"])).tolist() == [4]
+  small, small_t = t.compact(merged, um)
+  np.testing.assert_allclose(small_t.apply(small, x), gnn(dup, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("groups,features", [(2, 8), (8, 16)])   # grouped; depthwise x2
