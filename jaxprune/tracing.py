@@ -2365,6 +2365,9 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
   # otherwise (a LayerNorm's variance of y - mean, a softmax's sum of exp) it blocks the units.
   summed_at: dict[int, set] = {}
   read_by_sums = set()
+  # _zero_when_masked's answers per class, shared by its calls in program order: a deep
+  # residual stream's later norms find the earlier ones' answers (no deep recursion)
+  zero_memo: dict[int, dict] = {}
   for atoms, path, _ in w.summed:
     for a in A.expand(atoms):
       if A.size[a] > 1:
@@ -2374,8 +2377,9 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
     if root in w.concat_of:              # (a concatenation summed over: its parts, blocked)
       for part, _, _ in w.concat_of[root]:
         A.block(part, _summed_why(prim))
-    elif all(_zero_when_masked(w, path[:-1], _eqn_at(w, path).invars[0], root)
-             for path in paths):
+    elif all(_zero_when_masked(w, path[:-1], _eqn_at(w, path).invars[0], root,
+                               memo=zero_memo.setdefault(root, {}))
+             for path in sorted(paths)):
       mutual_at.setdefault(root, set()).update(paths)
       read_by_sums.add(root)
     else:
@@ -2405,7 +2409,8 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       why.append("no parameter produces these units")
     elif root in mutual and not any(u.kind == "kernel" or u.computed for u in producers):
       why.append("contracted between two activations that no kernel makes")
-    elif root in mutual and not all(_zero_when_masked(w, path[:-1], v, root)
+    elif root in mutual and not all(_zero_when_masked(w, path[:-1], v, root,
+                                                      memo=zero_memo.setdefault(root, {}))
                                     for path in sorted(mutual_at[root])
                                     for v in _eqn_at(w, path).invars[:2]):
       why.append("contracted between two activations that are not zero where a unit's params "

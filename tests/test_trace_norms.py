@@ -126,3 +126,23 @@ def test_a_mean_over_the_units_keeps_the_traced_width_at_any_batch_size():
   h = jax.nn.relu(x3 @ small["w1"])                    # a 4-unit RMSNorm divides by 4, not 6
   rebuilt = (h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6)) @ small["w2"]
   assert not np.allclose(rebuilt, fn(masked, x3), atol=1e-3)
+
+
+def test_a_deep_residual_stream_is_traced_without_deep_recursion():
+  """Each norm's check that the stream is zero at a masked unit walked back to the embedding
+  alone: quadratic in the depth, and a RecursionError at 260 blocks. The checks share their
+  answers in program order."""
+  n, d = 260, 4
+  r = np.random.default_rng(0)
+  p = {"emb": host_f32(r.normal(size=(7, d))), "head": host_f32(r.normal(size=(d, 7))),
+       "blocks": [{"g": host_f32(1 + 0.1 * r.normal(size=d)),
+                   "w": host_f32(0.1 * r.normal(size=(d, d)))} for _ in range(n)]}
+
+  def fn(p, tok):
+    x = p["emb"][tok]
+    for b in p["blocks"]:
+      x = x + (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * b["g"]) @ b["w"]
+    return x @ p["head"]
+  t = jaxprune.trace(fn, p, jnp.zeros((2, 3), jnp.int32))
+  assert t.groups["emb"].size == d and t.groups["emb"].read_by_products
+  assert len(t.groups["emb"].slices) == 3 * n + 2      # (g, w's rows and columns per block)
