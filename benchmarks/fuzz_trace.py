@@ -6,9 +6,9 @@ composed of randomly chosen blocks: dense layers (plain, einsum, PyTorch layout,
 low-rank, inside jit / checkpoint / custom_jvp, a vmapped ensemble, a (D, heads, H) kernel, a
 layer applied twice and read apart, a top-1 mixture of experts), convs (NHWC and NCHW, strided,
 dilated, transposed, reflect-padded, depthwise with a channel multiplier, grouped, a channel
-shuffle), residual adds, concatenations (with the input, with a ones column), GLU splits (split,
-slices, nn.glu), gates, reshapes and flattens, layer / group / instance / batch-like norms,
-pooling (also the generic ``reduce_window``), activations, attention (one or two heads, fused
+shuffle), residual adds, concatenations (with the input, with a ones column, a layer with
+itself), GLU splits (split, slices, nn.glu), gates, reshapes and flattens, layer (two-pass and
+E[h^2] - E[h]^2) / RMS / L2 / group / instance / batch-like norms, a centring, pooling (also the generic ``reduce_window``), activations, attention (one or two heads, fused
 qkv), scans over stacked params and RNNs over time, embeddings with position tables, a class
 token, token mixing, top-k over time, a rotary embedding, a scatter into the units; possibly
 with a tuple or dict of outputs. Or a Flax linen or nnx model built from a random layer list
@@ -231,6 +231,7 @@ def _b_concat(b, shape):
     b.param(key, "w2", (F, H2))
   b.param(key, "b1", (H1,), 0.3)
   b.param(key, "b2", (H2,), 0.3)
+  itself = b.rng.random() < 0.25       # the first layer twice (CReLU: act(y), act(-y))
   def f(p, h):
     q = p[key]
     if conv:
@@ -238,8 +239,11 @@ def _b_concat(b, shape):
     else:
       y1, y2 = h @ q["w1"], h @ q["w2"]
     parts = [_act(a1)(y1 + q["b1"]), _act(a2)(y2 + q["b2"])]
+    if itself:
+      parts = [parts[0], _act(a2)(-(y1 + q["b1"]))]
     return jnp.concatenate(([h] if with_input else []) + parts, -1)
-  return f, f"concat({'conv,' if conv else ''}{H1},{H2}{',input' if with_input else ''})"
+  return f, (f"concat({'conv,' if conv else ''}{H1},{H1 if itself else H2}"
+             f"{',itself' if itself else ''}{',input' if with_input else ''})")
 
 
 def _b_glu(b, shape):
@@ -262,15 +266,29 @@ def _b_glu(b, shape):
 
 
 def _b_layernorm(b, shape):
+  """A norm over the units: a two-pass LayerNorm (a masked unit adds mean^2 to the variance:
+  refused), one with E[h^2] - E[h]^2, an RMSNorm, an L2 normalisation or a centring (sums that
+  a masked unit adds zero to: groups read by them)."""
   key = b.block("ln")
   F = shape[-1]
   b.param(key, "g", (F,), positive=True)
   b.param(key, "beta", (F,), 0.3)
+  how = ("two-pass", "fast", "rms", "l2", "centre")[int(b.rng.integers(5))]
   def f(p, h):
+    q = p[key]
     m = h.mean(-1, keepdims=True)
-    v = ((h - m) ** 2).mean(-1, keepdims=True)
-    return (h - m) / jnp.sqrt(v + 1e-5) * p[key]["g"] + p[key]["beta"]
-  return f, "layernorm"
+    if how == "rms":
+      return h * lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + 1e-6) * q["g"]
+    if how == "l2":
+      return h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-3) * q["g"]
+    if how == "two-pass":
+      y = (h - m) / jnp.sqrt(((h - m) ** 2).mean(-1, keepdims=True) + 1e-5)
+    elif how == "fast":
+      y = (h - m) * lax.rsqrt(jnp.maximum(jnp.mean(h * h, -1, keepdims=True) - m * m, 0) + 1e-5)
+    else:
+      y = h - m
+    return y * q["g"] + q["beta"]
+  return f, f"layernorm({how})"
 
 
 def _b_batchnorm(b, shape):
