@@ -265,12 +265,10 @@ _CHANGES_CONSTANTS = ("an op that is not known to pass a constant on unchanged (
                       "sum; an interpolating resize and a padded average over the real "
                       "positions only do pass it, but are not recognised)")
 
-def _summed_why(prim: str) -> str:
-  """Why units summed over by ``prim`` where a masked unit is not zero are not a group."""
-  return (f"reduced over by {prim} where a masked unit is not zero: a statistic across this "
-          "axis, such as a LayerNorm's variance of y - mean or a softmax's sum of exp over the "
-          "units, reads all its entries together (a sum of values that are zero where a unit's "
-          "params are, as an RMSNorm's or an L2 norm's sum of squares, is followed)")
+_SUMMED = ("reduced over by reduce_sum where a masked unit is not zero: a statistic across this "
+           "axis, such as a LayerNorm's variance of y - mean or a softmax's sum of exp over the "
+           "units, reads all its entries together (a sum of values that are zero where a unit's "
+           "params are, as an RMSNorm's or an L2 norm's sum of squares, is followed)")
 
 
 _READ_TWICE = ("a product of the units with themselves (each unit read at two places, as in "
@@ -394,6 +392,7 @@ class _Walker:
     # Atoms summed over by reduce_sum (an RMSNorm's or an L2 norm's sum of squares, a mean over
     # the units): (atoms, eqn path, axis) per summed axis; see _classify
     self.summed: list[tuple] = []
+    self.unit_axes_at: dict | None = None      # eqn path -> its summed axes of units (_unit_axes)
     self.stat_calls: dict = {}                 # _stat_call's answers, per call and inputs
     self.contractions: list[_Contraction] = []
     self._contractions_at = (0, {})   # (how many are indexed, path -> contractions there)
@@ -2373,17 +2372,16 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       if A.size[a] > 1:
         summed_at.setdefault(A.find(a), set()).add(path)
   for root, paths in summed_at.items():
-    prim = _eqn_at(w, min(paths)).primitive.name
     if root in w.concat_of:              # (a concatenation summed over: its parts, blocked)
       for part, _, _ in w.concat_of[root]:
-        A.block(part, _summed_why(prim))
+        A.block(part, _SUMMED)
     elif all(_zero_when_masked(w, path[:-1], _eqn_at(w, path).invars[0], root,
                                memo=zero_memo.setdefault(root, {}))
              for path in sorted(paths)):
       mutual_at.setdefault(root, set()).update(paths)
       read_by_sums.add(root)
     else:
-      A.block(root, _summed_why(prim))
+      A.block(root, _SUMMED)
   mutual = {root: min(paths) for root, paths in mutual_at.items()}   # (the first, named)
   reasons: dict[int, list[str]] = {}
   sites, taken = [], {}
@@ -3015,9 +3013,14 @@ def _check_batch_reaches_outputs(w: _Walker, num_params: int, jaxpr) -> None:
 def _unit_axes(an: _Analysis, path: tuple) -> set:
   """The axes of a group's units that the reduce_sum at ``path`` sums over (a mean over the
   units, an RMSNorm's: pruned, they keep the traced width as the divisor, as masking does)."""
-  A, roots = an.walker.atoms, {s.root for s in an.sites}
-  return {d for atoms, p, d in an.walker.summed
-          if p == path and any(A.find(a) in roots for a in A.expand(atoms))}
+  w = an.walker
+  if w.unit_axes_at is None:           # (worked out once per traced target)
+    A, roots = w.atoms, {s.root for s in an.sites}
+    w.unit_axes_at = {}
+    for atoms, p, d in w.summed:
+      if any(A.find(a) in roots for a in A.expand(atoms)):
+        w.unit_axes_at.setdefault(p, set()).add(d)
+  return w.unit_axes_at.get(path, set())
 
 
 def _check_batch_mean(eqn, invals, users, unit_axes=frozenset()) -> None:
@@ -3335,7 +3338,7 @@ class TracedTarget:
     if eqn.primitive.name == "reduce_sum":
       read = (f"summed over by a statistic of each example (an RMSNorm's or an L2 norm's sum of "
               f"squares, a mean; here reduce_sum of {shapes}): a unit's term there is its own "
-              "value (squared)")
+              "value or its square")
     else:
       read = (f"contracted between two activations (as q @ k.T; here {shapes}): a unit's term "
               "there is the product of its values on the two sides")
