@@ -6,7 +6,8 @@ ImageNet shape; from shapes only), the time of ``target.compact`` with half of e
 removed (the coupled stage groups included), and, for scale, the first (compiling) and warm calls
 of the compacted network's ``apply``. Each figure is the median of several repeats. Then the
 same two times for tanh MLPs of width 64 and 100 to 800 hidden layers (one group each), with the
-ratio of each time to the one at half the depth.
+ratio of each time to the one at half the depth, and the trace time of a pre-RMSNorm residual
+stream of 100 to 400 blocks (the stream one group read by every norm's sum).
 
   python benchmarks/trace.py [--quick]
 """
@@ -66,6 +67,7 @@ def main():
   print(f"compacted apply, batch 8: first call {1e3 * t_first:.0f} ms (compiles), "
         f"warm {1e3 * t_warm:.1f} ms")
   _depth_scaling((50, 100, 200) if args.quick else (100, 200, 400, 800), repeats)
+  _stream_scaling((50, 100, 200) if args.quick else (100, 200, 400), repeats)
 
 
 def _mlp(p, x):
@@ -92,6 +94,36 @@ def _depth_scaling(depths, repeats):
     print(f"  {depth:4d} layers, {len(target.groups):4d} groups: trace {1e3 * t_trace:8.1f} ms, "
           f"compact {1e3 * t_compact:7.1f} ms{ratios}")
     prev = (t_trace, t_compact)
+
+
+def _stream(p, tok):
+  x = p["emb"][tok]
+  for b in p["blocks"]:
+    h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * b["g"]
+    x = x + jax.nn.silu(h @ b["up"]) @ b["down"]
+  return x @ p["head"]
+
+
+def _stream_scaling(depths, repeats):
+  """A pre-norm residual stream: every block's RMSNorm sums over the stream's units, and the
+  stream is one group only if each sum's values are zero at a masked unit (each check reads
+  what the earlier ones found: linear in depth, not quadratic)."""
+  print("depth scaling, pre-RMSNorm residual stream of width 32 (MLP blocks of 64; the stream "
+        "one group across all blocks):")
+  prev = None
+  for depth in depths:
+    d, h = 32, 64
+    params = {"emb": jnp.zeros((100, d)), "head": jnp.zeros((d, 100)),
+              "blocks": [{"g": jnp.ones(d), "up": jnp.zeros((d, h)), "down": jnp.zeros((h, d))}
+                         for _ in range(depth)]}
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    x_spec = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    t_trace, target = _median(lambda: jaxprune.trace(_stream, shapes, x_spec), repeats)
+    assert target.groups["emb"].read_by_products
+    ratio = "" if prev is None else f"   x{t_trace / prev:.1f} for twice the blocks"
+    print(f"  {depth:4d} blocks, {len(target.groups):4d} groups: trace {1e3 * t_trace:8.1f} ms"
+          f"{ratio}")
+    prev = t_trace
 
 
 if __name__ == "__main__":
