@@ -265,10 +265,11 @@ _CHANGES_CONSTANTS = ("an op that is not known to pass a constant on unchanged (
                       "sum; an interpolating resize and a padded average over the real "
                       "positions only do pass it, but are not recognised)")
 
-_SUMMED = ("reduced over by reduce_sum where a masked unit is not zero: a statistic across this "
-           "axis, such as a LayerNorm's variance of y - mean or a softmax's sum of exp over the "
-           "units, reads all its entries together (a sum of values that are zero where a unit's "
-           "params are, as an RMSNorm's or an L2 norm's sum of squares, is followed)")
+_SUMMED = ("reduced over by reduce_sum where a masked unit is not shown to be zero: a statistic "
+           "across this axis, such as a LayerNorm's variance of y - mean or a softmax's sum of "
+           "exp over the units, reads all its entries together (a sum of values that are zero "
+           "where a unit's params are, as an RMSNorm's or an L2 norm's sum of squares, is "
+           "followed)")
 
 
 _READ_TWICE = ("a product of the units with themselves (each unit read at two places, as in "
@@ -920,8 +921,8 @@ class _Walker:
           continue
         for a in ins[0][d]:
           A.block(a, f"reduced over by {name}: a statistic across this axis, such as a "
-                  "LayerNorm's, an RMSNorm's or a softmax's over the units, reads all its "
-                  "entries together")
+                  "softmax's maximum or an argmax over the units, reads all its entries "
+                  "together")
       return [tuple(a for d, a in enumerate(ins[0]) if d not in axes)]
 
     if name in _CUMULATIVE:
@@ -2518,10 +2519,13 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
       ax = w.invar_atoms[w.origin[v][0]]
     return {d for d, x in enumerate(ax or ()) if any(A.find(a) == root for a in A.expand(x))}
 
-  if not held(scope, var):             # no axis of the units: nothing says it is zero there
+  axes = held(scope, var)
+  if not axes:                         # no axis of the units: nothing says it is zero there
     out = False
   elif var in w.origin:                # a param holding them: masking zeroes it there
     out = True
+  elif len(axes) > 1:                  # the units on two axes (an outer product h_i g(h_j)):
+    out = False                        # zero along one is not shown zero along the other
   else:
     where = w._definition(scope, var)
     if where is None:                  # an input, a scan's carry, a closed-over constant
@@ -2544,8 +2548,15 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
         out = cout in held(scope, ins[1]) and zero(scope, ins[1])
       elif name == "div":
         out = zero(scope, ins[0])
-      elif name in ("add", "sub", "add_any", "max", "min", "concatenate", "pad"):
-        out = all(zero(scope, u) for u in ins)       # (relu: max(h, 0.0))
+      elif name in ("max", "min"):      # relu's max(h, 0.0), relu6's min(., 6.0): a literal
+        keeps = (lambda v: np.all(v <= 0)) if name == "max" else (lambda v: np.all(v >= 0))
+        out = all(keeps(np.asarray(u.val)) if isinstance(u, jex.core.Literal)
+                  else zero(scope, u) for u in ins)
+      elif name == "pow":               # h ** 2.0 (a positive literal exponent)
+        out = (isinstance(ins[1], jex.core.Literal) and bool(np.all(np.asarray(ins[1].val) > 0))
+               and zero(scope, ins[0]))
+      elif name in ("add", "sub", "add_any", "concatenate", "pad"):
+        out = all(zero(scope, u) for u in ins)
       elif name == "select_n":
         out = all(zero(scope, u) for u in ins[1:])
       elif name in _ZERO_KEEPING and not (name == "integer_pow" and eqn.params["y"] <= 0):

@@ -114,6 +114,11 @@ _FOLLOWED = {
         lambda h: h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-3), BT), {"w1"}),
     "rms_norm_units": (_plain(
         lambda h: h * lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + 1e-6), BT), {"w1"}),
+    "relu6_rms_norm_units": (_plain(lambda h: jax.nn.relu6(h) * lax.rsqrt(
+        jnp.mean(jnp.square(jax.nn.relu6(h)), -1, keepdims=True) + 1e-6), BT), {"w1"}),
+    "power_l2_norm_units": (_plain(
+        lambda h: h / jnp.sqrt(jnp.sum(jnp.power(h, 2.0), -1, keepdims=True) + 1e-3), BT),
+        {"w1"}),
     "mean_centred_units": (_plain(lambda h: h - h.mean(-1, keepdims=True), BT), {"w1"}),
     # (jax.nn.standardize's and flax's LayerNorm's variance is E[h^2] - E[h]^2: two such sums)
     "layer_norm_units": (_plain(lambda h: jax.nn.standardize(h, -1), BT), {"w1"}),
@@ -215,9 +220,14 @@ _REFUSED = {
     # a variance of h - mean: a masked unit's term is mean ** 2, which compacting drops
     "two_pass_layer_norm_units": (_plain(lambda h: (h - h.mean(-1, keepdims=True)) * lax.rsqrt(
         jnp.mean(jnp.square(h - h.mean(-1, keepdims=True)), -1, keepdims=True) + 1e-5), BT),
-        "reduced over by reduce_sum where a masked unit is not zero"),
+        "reduced over by reduce_sum where a masked unit is not shown to be zero"),
+    # an outer product h_i * sigmoid(h_j) summed over j: h is zero at a masked i, not at a
+    # masked j (sigmoid(0) = 0.5), so a masked unit adds 0.5 * h_i (it was followed: 2.2 off)
+    "outer_product_units": (_plain(
+        lambda h: (h[..., :, None] * jax.nn.sigmoid(h)[..., None, :]).sum(-1), BT),
+        "reduced over by reduce_sum where a masked unit is not shown to be zero"),
     "sum_of_exp_units": (_plain(lambda h: h / jnp.exp(h).sum(-1, keepdims=True), BT),
-                         "reduced over by reduce_sum where a masked unit is not zero"),
+                         "reduced over by reduce_sum where a masked unit is not shown to be zero"),
     "softmax_units": (_plain(lambda h: jax.nn.softmax(h, -1), BT), "reduced over by reduce_max"),
     "log_softmax_units": (_plain(lambda h: jax.nn.log_softmax(h, -1), BT),
                           "reduced over by reduce_max"),
