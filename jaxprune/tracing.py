@@ -1395,7 +1395,20 @@ class _Walker:
         A.find(a) in roots for ax in self.invar_atoms[leaf] for a in A.expand(ax))}
     memo: dict = {}
 
-    def state(sc, v, depth=0):     # 'N': not from the rows; 'L': linear in them; None: other
+    def row_axes(sc, v):           # the axes of v that hold the rows
+      ax = self.scoped_env.get((sc, v))
+      if ax is None and v in self.origin:
+        ax = self.invar_atoms[self.origin[v][0]]
+      return {d for d, x in enumerate(ax or ()) if any(A.find(a) in roots for a in A.expand(x))}
+
+    # 'N': not from the rows; 'L': linear in them; 'Z': zero where they are, not linear
+    # (w * w, |w|); 'S': a sum over the rows of such values (a weight norm's ||w|| over its
+    # input axis), which a removed row leaves as it is; None: other. L times or over S is L:
+    # removing a row is exact there, merging two is not (the sum of squares changes), which
+    # _classify's check of that sum (a reduce_sum over the units) records.
+    zero_kept = ("square", "abs", "sqrt", "integer_pow", "pow")
+
+    def state(sc, v, depth=0):
       if isinstance(v, jex.core.Literal):
         return "N"
       if (sc, v) in memo:
@@ -1412,18 +1425,35 @@ class _Walker:
           out = state(where[1], where[2], depth + 1)
         else:
           eqn = where[2]
-          ins = [state(sc, u, depth + 1) for u in eqn.invars]
+          body = _call_body(eqn)[0]
+          ins = [] if body is not None else [state(sc, u, depth + 1) for u in eqn.invars]
           name, lin = eqn.primitive.name, ins.count("L")
-          if None in ins:
+          kinds = set(ins)
+          if body is not None:         # a nested call (jnp.linalg.norm's): its output's state
+            out = state(where[1], body.outvars[list(eqn.outvars).index(v)], depth + 1)
+          elif None in ins:
             out = None
-          elif lin == 0:
-            out = "N"
+          elif kinds <= {"N", "S"}:    # not from the rows, or a row statistic and constants
+            out = "N" if "S" not in kinds else (
+                "S" if name in _ELEMENTWISE or name in _SCALED_MOVES else None)
+          elif name == "reduce_sum":   # summed over the rows: a statistic; over others: kept
+            out = ("S" if row_axes(sc, eqn.invars[0]) & set(eqn.params["axes"]) else ins[0])
+          elif "Z" in kinds:
+            positive = (name != "integer_pow" or eqn.params["y"] > 0) and (
+                name != "pow" or (isinstance(eqn.invars[1], jex.core.Literal)
+                                  and bool(np.all(np.asarray(eqn.invars[1].val) > 0))))
+            out = ("Z" if (name in _SCALED_MOVES or name in zero_kept) and positive
+                   or name == "mul" and "S" not in kinds else None)
           elif name in _SCALED_MOVES or name in ("reduce_precision", "real", "imag", "conj"):
             out = "L"
+          elif name == "mul" and lin == 2 and len(ins) == 2:   # w * w, elementwise
+            out = "Z"
           elif name in ("mul", "dot_general"):
             out = "L" if lin == 1 else None
+          elif name in ("square", "abs") or (name == "integer_pow" and eqn.params["y"] > 0):
+            out = "Z"
           elif name == "div":
-            out = "L" if ins == ["L", "N"] else None
+            out = "L" if ins in (["L", "N"], ["L", "S"]) else None
           elif name in ("add", "sub", "add_any", "complex"):   # complex(wr, wi): wr + i wi
             out = "L" if lin == len(ins) else None
           else:
@@ -2768,9 +2798,10 @@ def _draws_random(jaxpr) -> bool:
 def _computed_role(u: _Use) -> str:
   """What a slice of a kernel computed from params is, in words (explain())."""
   if u.role == "consumer":
-    return (f"the kernel it reads with is computed from it ({u.computed}), linear in its rows: "
-            "removing or merging a unit removes or merges its rows; folds of a removed unit "
-            "into the next bias are refused" + (
+    return (f"the kernel it reads with is computed from it ({u.computed}), linear in its rows "
+            "(or scaled by a sum over them, as a weight norm over its input axis: then merges "
+            "are refused): removing or merging a unit removes or merges its rows; folds of a "
+            "removed unit into the next bias are refused" + (
                 "" if u.kind == "kernel" else "; its rows are not the units' outgoing weights, "
                 "so weight_distinctiveness(source='outgoing') refuses the group"))
   if u.kind == "kernel":

@@ -42,7 +42,10 @@ NOT_LINEAR = {
     "tanh": lambda p, h: h @ jnp.tanh(p["w2"]),
     "squared": lambda p, h: h @ (p["w2"] * p["w2"]),
     "plus_a_row": lambda p, h: h @ (p["w2"] + p["s2"]),
-    "weight_norm": lambda p, h: h @ (p["w2"] / jnp.sqrt((p["w2"] ** 2).sum(0) + 1e-12)),
+    # (a norm over the rows, w2 / ||w2||_0, keeps the units: test_trace_norms.py; a norm of
+    # each row is not linear in it, and a masked row would be 0 / 0)
+    "row_norm": lambda p, h: h @ (p["w2"] / jnp.sqrt((p["w2"] ** 2).sum(1, keepdims=True)
+                                                      + 1e-12)),
 }
 
 

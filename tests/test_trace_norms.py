@@ -146,3 +146,44 @@ def test_a_deep_residual_stream_is_traced_without_deep_recursion():
   t = jaxprune.trace(fn, p, jnp.zeros((2, 3), jnp.int32))
   assert t.groups["emb"].size == d and t.groups["emb"].read_by_products
   assert len(t.groups["emb"].slices) == 3 * n + 2      # (g, w's rows and columns per block)
+
+
+def test_a_reader_normalised_over_its_rows_keeps_the_layer_before_it_a_group():
+  """flax's WeightNorm (||w|| over the kernel's input axis), ArcFace's class weights
+  (w / ||w||_0, with the features L2-normalised too) and a Frobenius norm: a masked unit's row
+  is zero and adds nothing to the norm, so removing it is exact; merging two rows changes the
+  norm, so merges are refused. A norm of each row (over the outputs) is not: a masked row would
+  be 0 / 0."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.tanh(nn.Dense(6, name="d1")(x))
+      return nn.Dense(3)(nn.relu(nn.WeightNorm(nn.Dense(5, name="d2"))(h)))
+  x = _arr(5, 4)
+  v = Net().init(jax.random.key(0), x)
+  v = jax.tree.map(lambda a: a + 0.3 * _arr(*a.shape), v)
+  t = jaxprune.trace(Net().apply, v, x)
+  assert {n: (g.size, g.read_by_products) for n, g in t.groups.items()} == {
+      "d1": (6, True), "d2": (5, False)}
+  for seed in range(3):
+    assert_compacts_as_masked(t, v, Net().apply, random_unit_masks(t, seed), (x, x[:2]))
+  with pytest.raises(ValueError, match="summed over by a statistic"):
+    jaxprune.distinctiveness(t, "d1")
+
+  p = {"w1": _arr(4, 6), "b1": _arr(6), "w2": _arr(6, 3)}
+  unit = lambda a, axis: a / jnp.linalg.norm(a, axis=axis, keepdims=True)
+  readers = {
+      "arcface": lambda p, h: unit(h, -1) @ unit(p["w2"], 0),
+      "frobenius": lambda p, h: h @ (p["w2"] / jnp.sqrt(jnp.sum(p["w2"] ** 2))),
+      "each_row": lambda p, h: h @ (p["w2"] / (jnp.linalg.norm(p["w2"], axis=1, keepdims=True)
+                                               + 1e-3)),
+  }
+  for name, read in readers.items():
+    fn = lambda p, x, read=read: read(p, jnp.tanh(x @ p["w1"] + p["b1"]))
+    t = jaxprune.trace(fn, p, x)
+    if name == "each_row":
+      assert not t.groups
+      continue
+    assert t.groups["w1"].read_by_products, name
+    for seed in range(3):
+      assert_compacts_as_masked(t, p, fn, random_unit_masks(t, seed), (x, x[:2]))

@@ -1652,7 +1652,9 @@ def test_weight_normed_kernel_has_activations_and_is_not_read_as_incoming_weight
   p = {"w1": P(5, 8), "b1": P(8), "w2": P(8, 6), "b2": P(6), "w3": P(6, 3), "b3": P(3)}
   x = P(64, 5)
   t = jaxprune.trace(repro, p, x)
-  assert list(t.groups) == ["w2"] and t.activations_complete("w2")
+  # (w1's units are a group too, read through w2 / ||w2|| over its rows: removal only)
+  assert list(t.groups) == ["w1", "w2"] and t.activations_complete("w2")
+  assert t.groups["w1"].read_by_products
   np.testing.assert_allclose(t.activations(p, x, "w2"),
                              _weight_normed_by_hand(p, x, list(range(6)))[1], atol=1e-5)
 
@@ -1660,7 +1662,7 @@ def test_weight_normed_kernel_has_activations_and_is_not_read_as_incoming_weight
   g = t.groups["w2"]
   assert (g.kind, g.activation, g.act_of_bias) == ("dense", "tanh", False)
   assert [(s.path, s.kind) for s in g.producers] == [(("w2",), "scale"), (("b2",), "bias")]
-  assert "w2 (8, 6): axis 0 -> not prunable (read by a kernel computed from params" in t.explain()
+  assert "w2 (8, 6): axis 0 -> group 'w1' (consumer, scale: the kernel it reads with" in t.explain()
   assert "group 'w2' (producer, scale: a kernel is computed from it (mul, reduce_sum" in t.explain()
   for prune, args in ((jaxprune.importance_prune(t, "w2"), (1,)),
                       (jaxprune.weight_distinctiveness(t, "w2", constants=False), (1.0, 179.0))):
@@ -1759,7 +1761,8 @@ def test_linen_weight_norm_is_its_contractions_group():
   assert jax.tree.structure(v) == jax.tree.structure(jax.eval_shape(
       WN().init, jax.random.key(1), x))
   t = jaxprune.trace(WN().apply, v, x)
-  (name,) = t.groups
+  (d1, name) = t.groups         # (d1's units are read through the kernel's norm over its rows)
+  assert d1 == "d1" and t.groups[d1].read_by_products
   g = t.groups[name]
   assert (g.kind, g.activation) == ("dense", "relu") and t.activations_complete(name)
   assert [s.kind for s in g.producers] == ["scale", "scale", "bias"]
