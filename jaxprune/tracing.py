@@ -3377,7 +3377,10 @@ class TracedTarget:
                              *site.incomplete)
     eqn = _eqn_at(an.walker, site.mutual)
     shapes = " and ".join(str(v.aval.shape) for v in eqn.invars[:2])
-    if eqn.primitive.name == "reduce_sum":
+    if eqn.primitive.name == "reduce_sum" and eqn.invars[0] not in an.walker.stream:
+      read = (f"summed over by a statistic of a kernel normalised over its rows (a weight norm; "
+              f"here reduce_sum of {shapes}): a unit's row adds its squares there")
+    elif eqn.primitive.name == "reduce_sum":
       read = (f"summed over by a statistic of each example (an RMSNorm's or an L2 norm's sum of "
               f"squares, a mean; here reduce_sum of {shapes}): a unit's term there is its own "
               "value or its square")

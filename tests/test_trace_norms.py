@@ -169,6 +169,7 @@ def test_a_reader_normalised_over_its_rows_keeps_the_layer_before_it_a_group():
     assert_compacts_as_masked(t, v, Net().apply, random_unit_masks(t, seed), (x, x[:2]))
   with pytest.raises(ValueError, match="summed over by a statistic"):
     jaxprune.distinctiveness(t, "d1")
+  assert "a kernel normalised over its rows" in t.activations_incomplete_why("d1")
 
   p = {"w1": _arr(4, 6), "b1": _arr(6), "w2": _arr(6, 3)}
   unit = lambda a, axis: a / jnp.linalg.norm(a, axis=axis, keepdims=True)
