@@ -2558,8 +2558,8 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
     out = False                        # zero along one is not shown zero along the other
   else:
     where = w._definition(scope, var)
-    if where is None:                  # an input, a scan's carry, a closed-over constant
-      out = False
+    if where is None:                  # an input, a scan's carry or xs, a closed-over constant
+      out = _scan_input_zero(w, scope, var, root, depth, memo)
     elif where[0] == "in":
       out = zero(where[1], where[2])
     else:
@@ -2568,6 +2568,11 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
       body = _call_body(eqn)[0]
       if body is not None:
         out = zero(path, body.outvars[list(eqn.outvars).index(var)])
+      elif name == "scan":              # a final carry (zero at every step: its body input is
+        j, nc = list(eqn.outvars).index(var), eqn.params["num_consts"]   # shown so), or ys
+        inner = _body(eqn)
+        out = zero(path, inner.invars[nc + j] if j < eqn.params["num_carry"] else
+                   inner.outvars[j])
       elif name == "mul":
         out = any(zero(scope, u) for u in ins)       # zero times anything
       elif name == "dot_general":                    # zero where an operand holding the units
@@ -2595,6 +2600,36 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
         out = False
   memo[key] = out
   return out
+
+
+_ASSUMED = "assumed"   # a memo's entry: the carries assumed zero in its context
+
+
+def _scan_input_zero(w: _Walker, scope: tuple, var, root: int, depth: int, memo) -> bool:
+  """``_zero_when_masked`` for an input of a scan's body (``var`` at ``scope``; False for any
+  other input): a slice of ``xs`` is zero where the stacked operand is; a carry is zero at every
+  step by induction, where its initial value is and the body returns it zero whenever it was.
+  That is checked with a memo of its own that assumes it (and the carries assumed around it),
+  since the values on the way to it are pending in ``memo``; what it concludes joins ``memo``
+  only when it holds."""
+  if not scope or var not in w.jaxpr_at[scope].invars:
+    return False
+  eqn = w.jaxpr_at[scope[:-1]].eqns[scope[-1]]
+  if eqn.primitive.name != "scan":
+    return False
+  i = w.jaxpr_at[scope].invars.index(var)
+  nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+  if not _zero_when_masked(w, scope[:-1], eqn.invars[i], root, depth + 1, memo):
+    return False
+  if i >= nc + nk:                     # xs
+    return True
+  assumed = memo.get(_ASSUMED, frozenset()) | {(scope, var)}
+  fresh = {**dict.fromkeys(assumed, True), _ASSUMED: assumed}
+  if not _zero_when_masked(w, scope, w.jaxpr_at[scope].outvars[i - nc], root, depth + 1, fresh):
+    return False
+  del fresh[_ASSUMED]
+  memo.update(fresh)
+  return True
 
 
 def _initial_states(w: _Walker, scope, var, producers, consumers) -> list:

@@ -188,3 +188,132 @@ def test_a_reader_normalised_over_its_rows_keeps_the_layer_before_it_a_group():
     assert t.groups["w1"].read_by_products, name
     for seed in range(3):
       assert_compacts_as_masked(t, p, fn, random_unit_masks(t, seed), (x, x[:2]))
+
+
+def _rms(h, s):
+  return h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6) * s
+
+
+_L, _H = 3, 10
+_STACKED = {"win": _arr(5, D), "s": 1 + 0.1 * _arr(_L, D), "w1": _arr(_L, D, _H) / 3,
+            "b1": 0.1 * _arr(_L, _H), "w2": _arr(_L, _H, D) / 3, "b2": 0.1 * _arr(_L, D),
+            "sf": 1 + 0.1 * _arr(D), "wout": _arr(D, 3)}
+
+
+def _scanned_stream(p, x):
+  """Pre-RMSNorm blocks over params stacked along a leading axis, the stream as the carry."""
+  def block(h, lp):
+    s, w1, b1, w2, b2 = lp
+    return h + jax.nn.gelu(_rms(h, s) @ w1 + b1) @ w2 + b2, None
+  h, _ = jax.lax.scan(block, x @ p["win"], tuple(p[k] for k in ("s", "w1", "b1", "w2", "b2")))
+  return _rms(h, p["sf"]) @ p["wout"]
+
+
+def _rnn_states(p, xs):
+  """A tanh RNN over time (xs: batch, time, features); every step's state (the scan's ys)
+  RMS-normalised before the readout."""
+  def step(h, x):
+    h = jnp.tanh(x @ p["wx"] + h @ p["wh"] + p["b"])
+    return h, h
+  _, hs = jax.lax.scan(step, jnp.zeros((xs.shape[0], D)), jnp.swapaxes(xs, 0, 1))
+  return _rms(jnp.swapaxes(hs, 0, 1), p["s"]) @ p["wout"]
+
+
+_RNN = {"wx": _arr(5, D), "wh": 0.3 * _arr(D, D), "b": 0.1 * _arr(D), "s": 1 + 0.1 * _arr(D),
+        "wout": _arr(D, 3)}
+
+
+class _ScanBlock(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    y = nn.Dense(D)(nn.gelu(nn.Dense(_H)(nn.LayerNorm()(h))))
+    return h + y, None
+
+
+class _ScannedLM(nn.Module):
+  """flax: nn.scan over nn.remat(block), params stacked on axis 0, LayerNorms in the blocks."""
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(D, name="embed")(x)
+    h, _ = nn.scan(nn.remat(_ScanBlock), variable_axes={"params": 0},
+                   split_rngs={"params": True}, length=_L)(name="blocks")(h, None)
+    return nn.Dense(3, name="head")(nn.LayerNorm(name="final")(h))
+
+
+def _scanned_lm():
+  m = _ScannedLM()
+  v = m.init(jax.random.key(0), _arr(4, 5))
+  return m.apply, jax.tree.map(lambda a: a + 0.2 * _arr(*a.shape), v)
+
+
+SCAN_SLICES = {   # (role, path, axis): the stacked params' unit axes come after the layer axis
+    "lax_scan_layers": [("consumer", "w1", 1), ("consumer", "wout", 0), ("producer", "b2", 1),
+                        ("producer", "s", 1), ("producer", "sf", 0), ("producer", "w2", 2),
+                        ("producer", "win", 1)],
+    "nn_scan_remat_layers": sorted(
+        [("consumer", "params/blocks/Dense_1/kernel", 1), ("consumer", "params/head/kernel", 0)]
+        + [("producer", f"params/{n}", a) for n, a in (
+            ("blocks/Dense_0/bias", 1), ("blocks/Dense_0/kernel", 2),
+            ("blocks/LayerNorm_0/bias", 1), ("blocks/LayerNorm_0/scale", 1),
+            ("embed/bias", 0), ("embed/kernel", 1), ("final/bias", 0), ("final/scale", 0))]),
+    "rnn_states": [("consumer", "wh", 0), ("consumer", "wout", 0), ("producer", "b", 0),
+                   ("producer", "s", 0), ("producer", "wh", 1), ("producer", "wx", 1)]}
+
+
+@pytest.mark.parametrize("case", sorted(SCAN_SLICES))
+def test_a_stream_carried_through_a_scan_is_a_group_that_compacts_exactly(case):
+  """The zero check follows a scan's carry by induction (zero at the start, and the body returns
+  it zero whenever it was), its ``xs`` to the stacked params and its ``ys`` into the body: a
+  stream carried through layers scanned over stacked params (``lax.scan``, flax's ``nn.scan``
+  over ``nn.remat``) and an RNN's states normalised after the scan were refused as 'reduced over
+  by reduce_sum' although masking a unit keeps it zero at every step."""
+  if case == "lax_scan_layers":
+    fn, p, x, x2, name = _scanned_stream, _STACKED, _arr(4, 5), _arr(7, 5), "win"
+  elif case == "nn_scan_remat_layers":
+    (fn, p), x, x2, name = _scanned_lm(), _arr(4, 5), _arr(7, 5), "embed"
+  else:
+    fn, p, x, x2, name = _rnn_states, _RNN, _arr(4, 6, 5), _arr(3, 6, 5), "wx"
+  t = jaxprune.trace(fn, p, x)
+  g = t.groups[name]
+  assert g.size == D and g.read_by_products
+  assert sorted((s.role, "/".join(s.path), s.axis) for s in g.slices) == SCAN_SLICES[case]
+  for seed in range(2):
+    assert_compacts_as_masked(t, p, fn, random_unit_masks(t, seed), (x, x2), atol=1e-5)
+  pruned, um, _ = jaxprune.importance_prune(t, name)(p, jaxprune.unit_masks_ones(t), 3)
+  assert int(um[name].sum()) == D - 3
+  small, _, masked = assert_compacts_as_masked(t, pruned, fn, um, (x2,), atol=1e-5)
+  assert not np.allclose(fn(masked, x2), fn(p, x2), atol=1e-3)   # the units did something
+  for path, axis in {(s.path, s.axis) for s in g.slices}:
+    leaf = small
+    for k in path:
+      leaf = leaf[k]
+    assert leaf.shape[axis] == D - 3, path
+
+
+def _two_pass_rms(h, s):
+  c = h - jnp.mean(h, -1, keepdims=True)
+  return c * jax.lax.rsqrt(jnp.mean(c * c, -1, keepdims=True) + 1e-6) * s
+
+
+@pytest.mark.parametrize("case", ["start_not_zero", "constant_added_in_the_body",
+                                  "a_sum_over_the_units_added_back", "two_pass_norm_in_the_body"])
+def test_a_scan_carry_not_shown_zero_at_every_step_refuses_the_stream(case):
+  """The induction needs both ends: a start zero at a masked unit, and a body that keeps it zero
+  (a sum over the units broadcast back onto the stream makes a masked unit nonzero from the
+  second step on, though it is zero at the first)."""
+  def fn(p, x):
+    def block(h, lp):
+      s, w1, b1, w2, b2 = lp
+      norm = _two_pass_rms if case == "two_pass_norm_in_the_body" else _rms
+      y = jax.nn.gelu(norm(h, s) @ w1 + b1) @ w2 + b2
+      if case == "constant_added_in_the_body":
+        y = y + 0.5
+      if case == "a_sum_over_the_units_added_back":
+        y = y + 0.1 * jnp.tanh(h).sum(-1, keepdims=True)
+      return h + y, None
+    h0 = x @ p["win"] + (1.0 if case == "start_not_zero" else 0.0)
+    h, _ = jax.lax.scan(block, h0, tuple(p[k] for k in ("s", "w1", "b1", "w2", "b2")))
+    return _rms(h, p["sf"]) @ p["wout"]
+  t = jaxprune.trace(fn, _STACKED, _arr(4, 5))
+  assert "win" not in t.groups and "w1" in t.groups
+  assert "reduced over by reduce_sum where a masked unit is not shown to be zero" in t.explain()
