@@ -265,30 +265,38 @@ def _b_glu(b, shape):
   return f, f"glu({H},{['split', 'slices', 'nn.glu'][how]}{'' if how == 2 else ',' + a})"
 
 
-def _b_layernorm(b, shape):
-  """A norm over the units: a two-pass LayerNorm (a masked unit adds mean^2 to the variance:
+_NORMS = ("two-pass", "fast", "rms", "l2", "centre", "linf")
+
+
+def _norm(how, h, g, beta):
+  """A norm over the last axis: a two-pass LayerNorm (a masked unit adds mean^2 to the variance:
   refused), one with E[h^2] - E[h]^2, an RMSNorm, an L2 normalisation or a centring (sums that
-  a masked unit adds zero to: groups read by them)."""
+  a masked unit adds zero to: groups read by them), or an L-infinity normalisation (a maximum
+  of values never negative: a masked unit's 0 is no maximum)."""
+  m = h.mean(-1, keepdims=True)
+  if how == "linf":
+    return h / (jnp.max(jnp.abs(h), -1, keepdims=True) + 1e-3) * g
+  if how == "rms":
+    return h * lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + 1e-6) * g
+  if how == "l2":
+    return h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-3) * g
+  if how == "two-pass":
+    y = (h - m) / jnp.sqrt(((h - m) ** 2).mean(-1, keepdims=True) + 1e-5)
+  elif how == "fast":
+    y = (h - m) * lax.rsqrt(jnp.maximum(jnp.mean(h * h, -1, keepdims=True) - m * m, 0) + 1e-5)
+  else:
+    y = h - m
+  return y * g + beta
+
+
+def _b_layernorm(b, shape):
+  """A norm over the units (one of _NORMS)."""
   key = b.block("ln")
   F = shape[-1]
   b.param(key, "g", (F,), positive=True)
   b.param(key, "beta", (F,), 0.3)
-  how = ("two-pass", "fast", "rms", "l2", "centre")[int(b.rng.integers(5))]
-  def f(p, h):
-    q = p[key]
-    m = h.mean(-1, keepdims=True)
-    if how == "rms":
-      return h * lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + 1e-6) * q["g"]
-    if how == "l2":
-      return h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-3) * q["g"]
-    if how == "two-pass":
-      y = (h - m) / jnp.sqrt(((h - m) ** 2).mean(-1, keepdims=True) + 1e-5)
-    elif how == "fast":
-      y = (h - m) * lax.rsqrt(jnp.maximum(jnp.mean(h * h, -1, keepdims=True) - m * m, 0) + 1e-5)
-    else:
-      y = h - m
-    return y * q["g"] + q["beta"]
-  return f, f"layernorm({how})"
+  how = _NORMS[int(b.rng.integers(len(_NORMS)))]
+  return (lambda p, h: _norm(how, h, p[key]["g"], p[key]["beta"])), f"layernorm({how})"
 
 
 def _b_batchnorm(b, shape):
@@ -673,7 +681,9 @@ def _b_attention(b, shape):
 
 
 def _b_scan_layers(b, shape):
-  """A layer scanned over stacked params (L, F, F)."""
+  """A layer scanned over stacked params (L, F, F), residual or not; a residual one may read the
+  carried stream through a norm over the units (pre-norm blocks: _NORMS, stacked scales), so
+  that the zero check follows the carry."""
   key = b.block("scan")
   F = shape[-1]
   L = int(b.rng.integers(2, 4))
@@ -681,14 +691,19 @@ def _b_scan_layers(b, shape):
   b.param(key, "b", (L, F), 0.3)
   a = b.act()
   residual = b.rng.random() < 0.5
+  how = _NORMS[int(b.rng.integers(len(_NORMS)))] if residual and b.rng.random() < 0.5 else None
+  if how:
+    b.param(key, "g", (L, F), positive=True)
+    b.param(key, "beta", (L, F), 0.3)
   def f(p, h):
+    q = p[key]
     def body(c, wb):
-      w, bb = wb
-      y = _act(a)(c @ w + bb)
+      w, bb, *gb = wb
+      y = _act(a)((_norm(how, c, *gb) if how else c) @ w + bb)
       return (c + y if residual else y), None
-    out, _ = lax.scan(body, h, (p[key]["W"], p[key]["b"]))
+    out, _ = lax.scan(body, h, (q["W"], q["b"]) + ((q["g"], q["beta"]) if how else ()))
     return out
-  return f, f"scan_layers(L{L},{a}{',res' if residual else ''})"
+  return f, f"scan_layers(L{L},{a}{',res' if residual else ''}{f',{how}' if how else ''})"
 
 
 def _b_rnn(b, shape):

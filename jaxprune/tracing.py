@@ -265,6 +265,14 @@ _CHANGES_CONSTANTS = ("an op that is not known to pass a constant on unchanged (
                       "sum; an interpolating resize and a padded average over the real "
                       "positions only do pass it, but are not recognised)")
 
+def _reduced_by(name: str) -> str:
+  return (f"reduced over by {name}: a statistic across this axis, such as a softmax's maximum or "
+          "an argmax over the units, reads all its entries together" + (
+              " (a maximum of values never negative and zero where a unit's params are, as "
+              "max(|h|) or the maximum of relu features, is followed)"
+              if name == "reduce_max" else ""))
+
+
 _SUMMED = ("reduced over by reduce_sum where a masked unit is not shown to be zero: a statistic "
            "across this axis, such as a LayerNorm's variance of y - mean or a softmax's sum of "
            "exp over the units, reads all its entries together (a sum of values that are zero "
@@ -393,6 +401,9 @@ class _Walker:
     # Atoms summed over by reduce_sum (an RMSNorm's or an L2 norm's sum of squares, a mean over
     # the units): (atoms, eqn path, axis) per summed axis; see _classify
     self.summed: list[tuple] = []
+    # ... and by reduce_max (an L-infinity norm, CBAM's maximum over the channels): kept where
+    # the values are zero at a masked unit and never negative, so a masked unit's 0 is no maximum
+    self.maxed: list[tuple] = []
     self.unit_axes_at: dict | None = None      # eqn path -> its summed axes of units (_unit_axes)
     self.stat_calls: dict = {}                 # _stat_call's answers, per call and inputs
     self.contractions: list[_Contraction] = []
@@ -919,10 +930,11 @@ class _Walker:
         if name == "reduce_sum":   # a unit's term goes when it is zero: _classify decides
           self.summed.append((ins[0][d], path, d))
           continue
+        if name == "reduce_max":   # a unit's 0 is no maximum of values >= 0: _classify decides
+          self.maxed.append((ins[0][d], path, d))
+          continue
         for a in ins[0][d]:
-          A.block(a, f"reduced over by {name}: a statistic across this axis, such as a "
-                  "softmax's maximum or an argmax over the units, reads all its entries "
-                  "together")
+          A.block(a, _reduced_by(name))
       return [tuple(a for d, a in enumerate(ins[0]) if d not in axes)]
 
     if name in _CUMULATIVE:
@@ -2413,6 +2425,25 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
       read_by_sums.add(root)
     else:
       A.block(root, _SUMMED)
+  # A maximum over the units: the same, where the values are also never negative (a masked
+  # unit's 0 then changes no maximum; an all-masked group is no group compact makes).
+  maxed_at: dict[int, set] = {}
+  for atoms, path, _ in w.maxed:
+    for a in A.expand(atoms):
+      if A.size[a] > 1:
+        maxed_at.setdefault(A.find(a), set()).add(path)
+  for root, paths in maxed_at.items():
+    if root in w.concat_of:
+      for part, _, _ in w.concat_of[root]:
+        A.block(part, _reduced_by("reduce_max"))
+    elif all(_zero_when_masked(w, path[:-1], _eqn_at(w, path).invars[0], root,
+                               memo=zero_memo.setdefault(root, {}))
+             and _never_negative(w, path[:-1], _eqn_at(w, path).invars[0])
+             for path in sorted(paths)):
+      mutual_at.setdefault(root, set()).update(paths)
+      read_by_sums.add(root)
+    else:
+      A.block(root, _reduced_by("reduce_max"))
   mutual = {root: min(paths) for root, paths in mutual_at.items()}   # (the first, named)
   reasons: dict[int, list[str]] = {}
   sites, taken = [], {}
@@ -2603,6 +2634,50 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
 
 
 _ASSUMED = "assumed"   # a memo's entry: the carries assumed zero in its context
+
+
+# Ops whose output is never negative, whatever their input; and ops that keep a value never
+# negative (moves, sums, maxima).
+_NON_NEGATIVE = frozenset("abs square exp exp2 sqrt rsqrt logistic".split())
+_KEEPS_NON_NEGATIVE = frozenset("""
+reduce_precision convert_element_type reshape broadcast_in_dim squeeze expand_dims copy copy_p
+transpose reduce_sum reduce_max reduce_min slice dynamic_slice gather rev name
+optimization_barrier sharding_constraint
+""".split())
+
+
+def _never_negative(w: _Walker, scope: tuple, var, depth: int = 0) -> bool:
+  """Whether ``var`` (at ``scope``) is never negative by how it is made: ``abs``, a square, an
+  even power, ``relu``'s ``max(h, 0)``, ``exp``, ``sigmoid``, sums and products of such values
+  and moves of them, also inside followed calls (``jax.nn.relu``'s ``custom_jvp``)."""
+  if isinstance(var, jex.core.Literal):
+    return bool(np.all(np.asarray(var.val) >= 0))
+  if depth > 64:
+    return False
+  where = w._definition(scope, var)
+  if where is None:
+    return False
+  if where[0] == "in":
+    return _never_negative(w, where[1], where[2], depth + 1)
+  _, path, eqn = where
+  name, ins = eqn.primitive.name, eqn.invars
+  nonneg = lambda v: _never_negative(w, scope, v, depth + 1)
+  body = _call_body(eqn)[0]
+  if body is not None:
+    return _never_negative(w, path, body.outvars[list(eqn.outvars).index(var)], depth + 1)
+  if name in _NON_NEGATIVE:
+    return True
+  if name == "integer_pow":
+    return eqn.params["y"] % 2 == 0
+  if name == "mul":
+    return ins[0] is ins[1] or all(nonneg(u) for u in ins)
+  if name == "max":
+    return any(nonneg(u) for u in ins)
+  if name in ("add", "add_any", "min", "div", "concatenate", "select_n"):
+    return all(nonneg(u) for u in (ins[1:] if name == "select_n" else ins))
+  if name == "pad":
+    return all(nonneg(u) for u in ins)
+  return name in _KEEPS_NON_NEGATIVE and nonneg(ins[0])
 
 
 def _scan_input_zero(w: _Walker, scope: tuple, var, root: int, depth: int, memo) -> bool:

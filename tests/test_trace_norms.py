@@ -317,3 +317,61 @@ def test_a_scan_carry_not_shown_zero_at_every_step_refuses_the_stream(case):
   t = jaxprune.trace(fn, _STACKED, _arr(4, 5))
   assert "win" not in t.groups and "w1" in t.groups
   assert "reduced over by reduce_sum where a masked unit is not shown to be zero" in t.explain()
+
+
+def _linf(p, x):
+  """A layer L-infinity normalised over its units."""
+  h = jnp.tanh(x @ p["w1"] + p["b1"])
+  return (h / (jnp.max(jnp.abs(h), -1, keepdims=True) + 1e-6)) @ p["w2"]
+
+
+def _cbam_spatial(p, x):
+  """relu conv features (NHWC) reweighted by CBAM's spatial attention: a 3x3 conv over the mean
+  and the maximum across the channels, a sigmoid."""
+  conv = lambda h, k: jax.lax.conv_general_dilated(h, k, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = jax.nn.relu(conv(x, p["k1"]) + p["c1"])
+  stats = jnp.concatenate([h.mean(-1, keepdims=True), h.max(-1, keepdims=True)], -1)
+  h = h * jax.nn.sigmoid(conv(stats, p["ks"]))
+  return conv(h, p["k2"]).mean((1, 2))
+
+
+_MAXED = {
+    "linf": (_linf, {"w1": _arr(4, 7), "b1": _arr(7), "w2": _arr(7, 3)}, "w1",
+             lambda n: _arr(n, 4)),
+    "cbam_spatial": (_cbam_spatial, {"k1": _arr(3, 3, 2, 6), "c1": 0.5 * _arr(6),
+                                     "ks": _arr(3, 3, 2, 1), "k2": _arr(3, 3, 6, 4)}, "k1",
+                     lambda n: _arr(n, 5, 5, 2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MAXED))
+def test_a_maximum_over_units_never_negative_keeps_them_a_group(case):
+  """reduce_max over the units blocked them ('a softmax's maximum'); where the values are never
+  negative and zero at a masked unit (max(|h|), the maximum of relu features), a masked unit's 0
+  is no maximum, so the compacted network's maximum over the kept units is the masked one's."""
+  fn, p, name, xs = _MAXED[case]
+  t = jaxprune.trace(fn, p, xs(5))
+  assert t.groups[name].read_by_products
+  for seed in range(3):
+    assert_compacts_as_masked(t, p, fn, random_unit_masks(t, seed), (xs(5), xs(2)), atol=1e-5)
+  pruned, um, _ = jaxprune.importance_prune(t, name)(p, jaxprune.unit_masks_ones(t), 2)
+  _, _, masked = assert_compacts_as_masked(t, pruned, fn, um, (xs(3),), atol=1e-5)
+  assert not np.allclose(fn(masked, xs(3)), fn(p, xs(3)), atol=1e-3)
+
+
+@pytest.mark.parametrize("values", ["tanh", "minus_relu", "softmax"])
+def test_a_maximum_over_units_that_can_be_negative_refuses_them(values):
+  """A masked unit's 0 is the maximum of an example whose kept values are all negative: refused,
+  naming the reduce_max."""
+  p = {"w1": _arr(4, 7), "w2": _arr(7, 3)}
+
+  def fn(p, x):
+    z = x @ p["w1"]
+    if values == "softmax":
+      return jax.nn.softmax(z, -1) @ p["w2"]
+    h = jnp.tanh(z) if values == "tanh" else -jax.nn.relu(z)
+    return (h - jnp.max(h, -1, keepdims=True)) @ p["w2"]
+  t = jaxprune.trace(fn, p, _arr(5, 4))
+  assert "w1" not in t.groups
+  assert "reduced over by reduce_max" in t.explain()
