@@ -1108,6 +1108,11 @@ class _Walker:
     leads = [x[0] for x in ins[nc + nk:]]
     for other in leads[1:]:
       A.unify(leads[0], other, "scanned unevenly")
+    if nk and leads:   # units as steps: removing one removes a step whose carry the next reads
+      for a in leads[0]:
+        A.block(a, "scanned over by lax.scan with a carry: each unit is a step, and removing "
+                "one removes a step that changes the carry the later steps read (masking "
+                "keeps the step)")
     lead = leads[0] if leads else (A.new(eqn.params["length"]),)
     return outs[:nk] + [(lead,) + tuple(y) for y in outs[nk:]]
 

@@ -378,3 +378,48 @@ def test_checkpoint_name_is_followed_as_the_value_it_names():
     um, masked = _masked(t, p, {"w1": [2, 5]})
     small, small_t = t.compact(masked, um)
     np.testing.assert_allclose(small_t.apply(small, x[:5]), fn(masked, x[:5]), atol=1e-5)
+
+
+def _over_units(p, x):
+  """A scan whose steps are the hidden units (xs = h.T), its carry decaying plus a constant."""
+  h = jnp.tanh(x @ p["win"])
+  _, ys = lax.scan(lambda c, hi: (0.5 * c + hi + 1.0, c), jnp.zeros(x.shape[0]), h.T)
+  return ys.T @ p["wout"]
+
+
+def _over_unit_params(p, x):
+  """One step per column of a kernel (xs = win.T), the carry read by the output."""
+  def step(c, col):
+    hi = jnp.tanh(x @ col)
+    return 0.9 * c + hi + 0.1, hi
+  c, hs = lax.scan(step, jnp.zeros(x.shape[0]), p["win"].T)
+  return hs.T @ p["wout"] + c[:, None]
+
+
+def _map_over_units(p, x):
+  """lax.map over the hidden units: no carry, each step a unit's own values."""
+  h = jnp.tanh(x @ p["win"])
+  return lax.map(lambda hi: jnp.tanh(hi) + 1.0, h.T).T @ p["wout"]
+
+
+@pytest.mark.parametrize("fn", [_over_units, _over_unit_params])
+def test_a_scan_with_a_carry_over_the_units_refuses_them(fn):
+  """Scanning over a group's units makes each unit a step: compacting removed the step, masking
+  keeps it (its carry update still adds 1.0), so the outputs differed by up to 1.4."""
+  p = {"win": _arr(F, H), "wout": _arr(H, C)}
+  t = jaxprune.trace(fn, p, _arr(4, F))
+  assert "win" not in t.groups
+  assert "scanned over by lax.scan with a carry: each unit is a step" in t.explain()
+
+
+def test_a_map_over_the_units_keeps_them_a_group():
+  """Without a carry the steps are independent: a masked unit's step is read only by its
+  masked rows, so the units stay a group that compacts exactly."""
+  p = {"win": _arr(F, H), "wout": _arr(H, C)}
+  t = jaxprune.trace(_map_over_units, p, _arr(4, F))
+  assert t.groups["win"].size == H
+  um, masked = _masked(t, p, {"win": [1, 5]})
+  small, small_t = t.compact(p, um)
+  for x in (_arr(4, F), _arr(2, F)):
+    np.testing.assert_allclose(small_t.apply(small, x), _map_over_units(masked, x), rtol=1e-5,
+                               atol=1e-6)
