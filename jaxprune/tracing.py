@@ -2586,8 +2586,10 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
     return {d for d, x in enumerate(ax or ()) if any(A.find(a) == root for a in A.expand(x))}
 
   axes = held(scope, var)
-  if not axes:                         # no axis of the units: nothing says it is zero there
-    out = False
+  const = lambda sc, v: _constant_values(w, sc, v)
+  if not axes:                         # no axis of the units: zero there if zero everywhere
+    c = const(scope, var)              # (jnp.where(m, h, 0.0) passes its 0.0 into a jit)
+    out = c is not None and not np.any(c)
   elif var in w.origin:                # a param holding them: masking zeroes it there
     out = True
   elif len(axes) > 1:                  # the units on two axes (an outer product h_i g(h_j)):
@@ -2619,23 +2621,72 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
         out = cout in held(scope, ins[1]) and zero(scope, ins[1])
       elif name == "div":
         out = zero(scope, ins[0])
-      elif name in ("max", "min"):      # relu's max(h, 0.0), relu6's min(., 6.0): a literal
+      elif name in ("max", "min"):      # relu's max(h, 0.0), relu6's min(., 6.0), a clip:
         keeps = (lambda v: np.all(v <= 0)) if name == "max" else (lambda v: np.all(v >= 0))
-        out = all(keeps(np.asarray(u.val)) if isinstance(u, jex.core.Literal)
-                  else zero(scope, u) for u in ins)
+        cs = [const(scope, u) for u in ins]          # a constant keeping 0, or zero there
+        out = all(keeps(c) if c is not None else zero(scope, u) for u, c in zip(ins, cs))
       elif name == "pow":               # h ** 2.0 (a positive literal exponent)
         out = (isinstance(ins[1], jex.core.Literal) and bool(np.all(np.asarray(ins[1].val) > 0))
                and zero(scope, ins[0]))
       elif name in ("add", "sub", "add_any", "concatenate", "pad"):
         out = all(zero(scope, u) for u in ins)
-      elif name == "select_n":
-        out = all(zero(scope, u) for u in ins[1:])
+      elif name == "select_n":          # the case chosen at a masked unit, where the
+        pick = _at_a_masked_unit(w, scope, ins[0], zero)   # predicate compares a value zero
+        out = all(zero(scope, u) for u in (ins[1:] if pick is None else [ins[1 + pick]]))
       elif name in _ZERO_KEEPING and not (name == "integer_pow" and eqn.params["y"] <= 0):
         out = zero(scope, ins[0])
       else:
         out = False
   memo[key] = out
   return out
+
+
+# Ops that keep a constant's values (a literal passed on, reshaped, converted).
+_CONSTANT_MOVES = frozenset("""convert_element_type broadcast_in_dim reshape squeeze expand_dims
+copy copy_p""".split())
+
+_COMPARE = {"gt": np.greater, "ge": np.greater_equal, "lt": np.less, "le": np.less_equal,
+            "eq": np.equal, "ne": np.not_equal}
+
+
+def _constant_values(w: _Walker, scope: tuple, var, depth: int = 0):
+  """The values (in any shape) of ``var`` when it is a literal of the program passed on by
+  moves and into followed calls (jnp's ``where`` and ``clip`` take their scalars as operands of
+  a jitted body); None otherwise."""
+  if isinstance(var, jex.core.Literal):
+    return np.asarray(var.val)
+  where = w._definition(scope, var) if depth < 64 else None
+  if where is None:
+    return None
+  if where[0] == "in":
+    return _constant_values(w, where[1], where[2], depth + 1)
+  eqn = where[2]
+  if eqn.primitive.name in _CONSTANT_MOVES:
+    return _constant_values(w, scope, eqn.invars[0], depth + 1)
+  return None
+
+
+def _at_a_masked_unit(w: _Walker, scope: tuple, pred, zero):
+  """The index (0 or 1) a boolean ``select_n`` predicate picks at a masked unit, where it
+  compares a value zero there with constants (``jnp.where(h > 0, h, 0.0)``, ``hard_tanh``'s
+  ``h < -1``) and the comparison comes out the same for every constant; None otherwise."""
+  if isinstance(pred, jex.core.Literal) or pred.aval.dtype != np.bool_:
+    return None
+  where = w._definition(scope, pred)
+  while where is not None and where[0] == "in":
+    where = w._definition(where[1], where[2])
+  if where is None or where[2].primitive.name not in _COMPARE:
+    return None
+  (_, path, eqn), sc = where, where[1][:-1]
+  a, b = eqn.invars
+  ca, cb = _constant_values(w, sc, a), _constant_values(w, sc, b)
+  if ca is None and cb is not None and zero(sc, a):
+    got = _COMPARE[eqn.primitive.name](0, cb)
+  elif cb is None and ca is not None and zero(sc, b):
+    got = _COMPARE[eqn.primitive.name](ca, 0)
+  else:
+    return None
+  return int(got.flat[0]) if got.size and np.all(got == got.flat[0]) else None
 
 
 _ASSUMED = "assumed"   # a memo's entry: the carries assumed zero in its context
