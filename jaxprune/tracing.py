@@ -421,6 +421,7 @@ class _Walker:
     self.scoped_env: dict = {}
     self.concat: dict[int, list] = {}          # concatenation atom -> its parts' atoms
     self.concat_of: dict[int, list] = {}       # class root -> [(part root, offset, length)]
+    self._concat_parts: dict | None = None
     self.repeated_parts: set = set()           # part roots at several offsets of one of them
     self.jaxpr_at: dict[tuple, Any] = {}       # scope (path of the calling eqn) -> its jaxpr
     self._eqn_index: dict[tuple, dict] = {}    # scope -> {outvar: eqn index} (eqn_index)
@@ -1346,6 +1347,12 @@ class _Walker:
           use = self.uses.setdefault((leaf, amap[d]), _Use(leaf, amap[d], role, "kernel", path))
           if use.role != role:      # tied weights: one kernel axis produces and reads units
             self.tied.add((leaf, amap[d]))
+
+  def concat_parts(self) -> dict:
+    """class root -> the roots of its parts, for each concatenation (once walked; cached)."""
+    if self._concat_parts is None:
+      self._concat_parts = {c: {p for p, _, _ in ps} for c, ps in self.concat_of.items()}
+    return self._concat_parts
 
   # -- kernels computed from params ------------------------------------------------------------
   def _definition(self, scope: tuple, v):
@@ -2410,45 +2417,31 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
   # is the traced width, a literal of the program), only where the summed value is zero at
   # that unit. Then a unit's term is read as by a product (merges and folds cannot keep it);
   # otherwise (a LayerNorm's variance of y - mean, a softmax's sum of exp) it blocks the units.
-  summed_at: dict[int, set] = {}
   read_by_sums = set()
   # _zero_when_masked's answers per class, shared by its calls in program order: a deep
   # residual stream's later norms find the earlier ones' answers (no deep recursion)
   zero_memo: dict[int, dict] = {}
-  for atoms, path, _ in w.summed:
-    for a in A.expand(atoms):
-      if A.size[a] > 1:
-        summed_at.setdefault(A.find(a), set()).add(path)
-  for root, paths in summed_at.items():
-    if root in w.concat_of:              # (a concatenation summed over: its parts, blocked)
-      for part, _, _ in w.concat_of[root]:
-        A.block(part, _SUMMED)
-    elif all(_zero_when_masked(w, path[:-1], _eqn_at(w, path).invars[0], root,
-                               memo=zero_memo.setdefault(root, {}))
-             for path in sorted(paths)):
-      mutual_at.setdefault(root, set()).update(paths)
-      read_by_sums.add(root)
-    else:
-      A.block(root, _SUMMED)
+  def read_by(records, why, never_negative=False):
+    at: dict[int, set] = {}
+    for atoms, path, _ in records:
+      for a in A.expand(atoms):
+        if A.size[a] > 1:
+          at.setdefault(A.find(a), set()).add(path)
+    for root, paths in at.items():   # (a concatenation summed over: each part on its own)
+      for r in [p for p, _, _ in w.concat_of[root]] if root in w.concat_of else [root]:
+        if all(_zero_when_masked(w, path[:-1], _eqn_at(w, path).invars[0], r,
+                                 memo=zero_memo.setdefault(r, {}))
+               and (not never_negative or _never_negative(w, path[:-1],
+                                                          _eqn_at(w, path).invars[0]))
+               for path in sorted(paths)):
+          mutual_at.setdefault(r, set()).update(paths)
+          read_by_sums.add(r)
+        else:
+          A.block(r, why)
+  read_by(w.summed, _SUMMED)
   # A maximum over the units: the same, where the values are also never negative (a masked
   # unit's 0 then changes no maximum; an all-masked group is no group compact makes).
-  maxed_at: dict[int, set] = {}
-  for atoms, path, _ in w.maxed:
-    for a in A.expand(atoms):
-      if A.size[a] > 1:
-        maxed_at.setdefault(A.find(a), set()).add(path)
-  for root, paths in maxed_at.items():
-    if root in w.concat_of:
-      for part, _, _ in w.concat_of[root]:
-        A.block(part, _reduced_by("reduce_max"))
-    elif all(_zero_when_masked(w, path[:-1], _eqn_at(w, path).invars[0], root,
-                               memo=zero_memo.setdefault(root, {}))
-             and _never_negative(w, path[:-1], _eqn_at(w, path).invars[0])
-             for path in sorted(paths)):
-      mutual_at.setdefault(root, set()).update(paths)
-      read_by_sums.add(root)
-    else:
-      A.block(root, _reduced_by("reduce_max"))
+  read_by(w.maxed, _reduced_by("reduce_max"), never_negative=True)
   mutual = {root: min(paths) for root, paths in mutual_at.items()}   # (the first, named)
   reasons: dict[int, list[str]] = {}
   sites, taken = [], {}
@@ -2576,6 +2569,7 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
     return False
   A = w.atoms
   zero = lambda sc, v: _zero_when_masked(w, sc, v, root, depth + 1, memo)
+  parts = w.concat_parts()
 
   def held(sc, v):                     # the axes of v that hold the units
     if isinstance(v, jex.core.Literal):
@@ -2583,7 +2577,8 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
     ax = w.scoped_env.get((sc, v))
     if ax is None and v in w.origin and v in w.jaxpr_at[()].invars:
       ax = w.invar_atoms[w.origin[v][0]]
-    return {d for d, x in enumerate(ax or ()) if any(A.find(a) == root for a in A.expand(x))}
+    return {d for d, x in enumerate(ax or ()) if any(
+        A.find(a) == root or root in parts.get(A.find(a), ()) for a in A.expand(x))}
 
   axes = held(scope, var)
   const = lambda sc, v: _constant_values(w, sc, v)
@@ -2628,7 +2623,9 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
       elif name == "pow":               # h ** 2.0 (a positive literal exponent)
         out = (isinstance(ins[1], jex.core.Literal) and bool(np.all(np.asarray(ins[1].val) > 0))
                and zero(scope, ins[0]))
-      elif name in ("add", "sub", "add_any", "concatenate", "pad"):
+      elif name == "concatenate":       # (the parts that hold the units: along them, the
+        out = all(zero(scope, u) for u in ins if held(scope, u))   # others are other units)
+      elif name in ("add", "sub", "add_any", "pad"):
         out = all(zero(scope, u) for u in ins)
       elif name == "select_n":          # the case chosen at a masked unit, where the
         pick = _at_a_masked_unit(w, scope, ins[0], zero)   # predicate compares a value zero
@@ -3223,10 +3220,11 @@ def _unit_axes(an: _Analysis, path: tuple) -> set:
   units, an RMSNorm's: pruned, they keep the traced width as the divisor, as masking does)."""
   w = an.walker
   if w.unit_axes_at is None:           # (worked out once per traced target)
-    A, roots = w.atoms, {s.root for s in an.sites}
+    A, roots, parts = w.atoms, {s.root for s in an.sites}, w.concat_parts()
     w.unit_axes_at = {}
-    for atoms, p, d in w.summed:
-      if any(A.find(a) in roots for a in A.expand(atoms)):
+    for atoms, p, d in w.summed:       # (of a group, or a concatenation with one)
+      if any(A.find(a) in roots or parts.get(A.find(a), set()) & roots
+             for a in A.expand(atoms)):
         w.unit_axes_at.setdefault(p, set()).add(d)
   return w.unit_axes_at.get(path, set())
 

@@ -190,7 +190,7 @@ def test_a_reader_normalised_over_its_rows_keeps_the_layer_before_it_a_group():
       assert_compacts_as_masked(t, p, fn, random_unit_masks(t, seed), (x, x[:2]))
 
 
-def _rms(h, s):
+def _rms(h, s=1.0):
   return h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6) * s
 
 
@@ -375,3 +375,39 @@ def test_a_maximum_over_units_that_can_be_negative_refuses_them(values):
   t = jaxprune.trace(fn, p, _arr(5, 4))
   assert "w1" not in t.groups
   assert "reduced over by reduce_max" in t.explain()
+
+
+class _BiLSTM(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Bidirectional(nn.RNN(nn.LSTMCell(6)), nn.RNN(nn.LSTMCell(5)))(x)
+    return nn.Dense(3)(nn.LayerNorm()(h))
+
+
+def _concat_rms(p, x):
+  h = jnp.concatenate([jnp.tanh(x @ p["w1"]), jnp.exp(x @ p["w2"]), x], -1)
+  return _rms(h, p["s"]) @ p["w3"]
+
+
+def test_a_norm_over_a_concatenation_keeps_each_part_zero_at_a_masked_unit():
+  """A sum over a concatenation is the sum of its parts': each part whose values are zero at a
+  masked unit stays a group (a bidirectional RNN's two directions under one LayerNorm; both
+  refused before), a part that is not (exp(0) = 1) is refused on its own."""
+  m = _BiLSTM()
+  x = _arr(4, T, 5)
+  v = jax.tree.map(lambda a: a + 0.2 * _arr(*a.shape), m.init(jax.random.key(0), x))
+  t = jaxprune.trace(m.apply, v, x)
+  assert {n: g.size for n, g in t.groups.items()} == {
+      "LSTMCell_0/ii": 6, "LSTMCell_1/ii": 5}
+  for seed in range(2):
+    assert_compacts_as_masked(t, v, m.apply, random_unit_masks(t, seed), (x, _arr(2, T, 5)),
+                              atol=1e-5)
+
+  p = {"w1": _arr(5, 6), "w2": _arr(5, 4), "s": 1 + 0.1 * _arr(15), "w3": _arr(15, 3)}
+  t = jaxprune.trace(_concat_rms, p, _arr(4, 5))
+  assert set(t.groups) == {"w1"} and t.groups["w1"].read_by_products
+  assert "not shown to be zero" in next(l for l in t.explain().splitlines() if l.startswith("w2"))
+  pruned, um, _ = jaxprune.importance_prune(t, "w1")(p, jaxprune.unit_masks_ones(t), 2)
+  small, _, _ = assert_compacts_as_masked(t, pruned, _concat_rms, um, (_arr(4, 5), _arr(7, 5)),
+                                          atol=1e-5)
+  assert small["s"].shape == (13,) and small["w3"].shape == (13, 3)
