@@ -265,6 +265,7 @@ _CHANGES_CONSTANTS = ("an op that is not known to pass a constant on unchanged (
                       "sum; an interpolating resize and a padded average over the real "
                       "positions only do pass it, but are not recognised)")
 
+
 def _reduced_by(name: str) -> str:
   return (f"reduced over by {name}: a statistic across this axis, such as a softmax's maximum or "
           "an argmax over the units, reads all its entries together" + (
@@ -2686,9 +2687,6 @@ def _at_a_masked_unit(w: _Walker, scope: tuple, pred, zero):
   return int(got.flat[0]) if got.size and np.all(got == got.flat[0]) else None
 
 
-_ASSUMED = "assumed"   # a memo's entry: the carries assumed zero in its context
-
-
 # Ops whose output is never negative, whatever their input; and ops that keep a value never
 # negative (moves, sums, maxima).
 _NON_NEGATIVE = frozenset("abs square exp exp2 sqrt rsqrt logistic".split())
@@ -2731,6 +2729,9 @@ def _never_negative(w: _Walker, scope: tuple, var, depth: int = 0) -> bool:
   if name == "pad":
     return all(nonneg(u) for u in ins)
   return name in _KEEPS_NON_NEGATIVE and nonneg(ins[0])
+
+
+_ASSUMED = "assumed"   # a memo's entry: the carries assumed zero in its context
 
 
 def _scan_input_zero(w: _Walker, scope: tuple, var, root: int, depth: int, memo) -> bool:
