@@ -278,6 +278,11 @@ def assert_compacts_as_masked(target, params, fn, unit_masks, xs, *, rtol=1e-5, 
   return small, small_t, masked
 
 
+def rms_norm(h, scale=1.0):
+  """An RMSNorm over the last axis, for test models."""
+  return h * jax.lax.rsqrt(jax.numpy.mean(h * h, -1, keepdims=True) + 1e-6) * scale
+
+
 def host_f32(a) -> jax.Array:
   """``a`` (NumPy or nested lists) as a float32 JAX array, without compiling a program.
 

@@ -12,7 +12,8 @@ import pytest
 
 import jaxprune
 from jaxprune import ga
-from conftest import assert_compacts_as_masked, host_f32, random_unit_masks
+from jaxprune.units import get_path
+from conftest import assert_compacts_as_masked, host_f32, random_unit_masks, rms_norm
 
 R = np.random.default_rng(11)
 V, D, T = 11, 8, 5
@@ -190,10 +191,6 @@ def test_a_reader_normalised_over_its_rows_keeps_the_layer_before_it_a_group():
       assert_compacts_as_masked(t, p, fn, random_unit_masks(t, seed), (x, x[:2]))
 
 
-def _rms(h, s=1.0):
-  return h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6) * s
-
-
 _L, _H = 3, 10
 _STACKED = {"win": _arr(5, D), "s": 1 + 0.1 * _arr(_L, D), "w1": _arr(_L, D, _H) / 3,
             "b1": 0.1 * _arr(_L, _H), "w2": _arr(_L, _H, D) / 3, "b2": 0.1 * _arr(_L, D),
@@ -204,9 +201,9 @@ def _scanned_stream(p, x):
   """Pre-RMSNorm blocks over params stacked along a leading axis, the stream as the carry."""
   def block(h, lp):
     s, w1, b1, w2, b2 = lp
-    return h + jax.nn.gelu(_rms(h, s) @ w1 + b1) @ w2 + b2, None
+    return h + jax.nn.gelu(rms_norm(h, s) @ w1 + b1) @ w2 + b2, None
   h, _ = jax.lax.scan(block, x @ p["win"], tuple(p[k] for k in ("s", "w1", "b1", "w2", "b2")))
-  return _rms(h, p["sf"]) @ p["wout"]
+  return rms_norm(h, p["sf"]) @ p["wout"]
 
 
 def _rnn_states(p, xs):
@@ -216,7 +213,7 @@ def _rnn_states(p, xs):
     h = jnp.tanh(x @ p["wx"] + h @ p["wh"] + p["b"])
     return h, h
   _, hs = jax.lax.scan(step, jnp.zeros((xs.shape[0], D)), jnp.swapaxes(xs, 0, 1))
-  return _rms(jnp.swapaxes(hs, 0, 1), p["s"]) @ p["wout"]
+  return rms_norm(jnp.swapaxes(hs, 0, 1), p["s"]) @ p["wout"]
 
 
 _RNN = {"wx": _arr(5, D), "wh": 0.3 * _arr(D, D), "b": 0.1 * _arr(D), "s": 1 + 0.1 * _arr(D),
@@ -283,11 +280,8 @@ def test_a_stream_carried_through_a_scan_is_a_group_that_compacts_exactly(case):
   assert int(um[name].sum()) == D - 3
   small, _, masked = assert_compacts_as_masked(t, pruned, fn, um, (x2,), atol=1e-5)
   assert not np.allclose(fn(masked, x2), fn(p, x2), atol=1e-3)   # the units did something
-  for path, axis in {(s.path, s.axis) for s in g.slices}:
-    leaf = small
-    for k in path:
-      leaf = leaf[k]
-    assert leaf.shape[axis] == D - 3, path
+  for sl in g.slices:
+    assert np.shape(get_path(small, sl.path))[sl.axis] == D - 3, sl.path
 
 
 def _two_pass_rms(h, s):
@@ -304,7 +298,7 @@ def test_a_scan_carry_not_shown_zero_at_every_step_refuses_the_stream(case):
   def fn(p, x):
     def block(h, lp):
       s, w1, b1, w2, b2 = lp
-      norm = _two_pass_rms if case == "two_pass_norm_in_the_body" else _rms
+      norm = _two_pass_rms if case == "two_pass_norm_in_the_body" else rms_norm
       y = jax.nn.gelu(norm(h, s) @ w1 + b1) @ w2 + b2
       if case == "constant_added_in_the_body":
         y = y + 0.5
@@ -313,7 +307,7 @@ def test_a_scan_carry_not_shown_zero_at_every_step_refuses_the_stream(case):
       return h + y, None
     h0 = x @ p["win"] + (1.0 if case == "start_not_zero" else 0.0)
     h, _ = jax.lax.scan(block, h0, tuple(p[k] for k in ("s", "w1", "b1", "w2", "b2")))
-    return _rms(h, p["sf"]) @ p["wout"]
+    return rms_norm(h, p["sf"]) @ p["wout"]
   t = jaxprune.trace(fn, _STACKED, _arr(4, 5))
   assert "win" not in t.groups and "w1" in t.groups
   assert "reduced over by reduce_sum where a masked unit is not shown to be zero" in t.explain()
@@ -386,7 +380,7 @@ class _BiLSTM(nn.Module):
 
 def _concat_rms(p, x):
   h = jnp.concatenate([jnp.tanh(x @ p["w1"]), jnp.exp(x @ p["w2"]), x], -1)
-  return _rms(h, p["s"]) @ p["w3"]
+  return rms_norm(h, p["s"]) @ p["w3"]
 
 
 def test_a_norm_over_a_concatenation_keeps_each_part_zero_at_a_masked_unit():

@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 
 import jaxprune
-from conftest import assert_compacts_as_masked, host_f32
+from conftest import assert_compacts_as_masked, host_f32, rms_norm
 
 B, T, D, H, O = 4, 5, 3, 6, 2
 BT, BD = (B, T, D), (B, D)
@@ -102,10 +102,6 @@ _double_tanh.defjvp(lambda p, t: (_double_tanh(p[0]), 2 * t[0] * (1 - jnp.tanh(p
 _IDX_T, _IDX_U = jnp.array([4, 0, 2]), jnp.array([5, 0, 2, 1])
 
 
-def _rms(h):
-  return h * lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + 1e-6)
-
-
 def _along_time(idx, h):
   return jnp.broadcast_to(idx[None, :, None], (h.shape[0], idx.shape[0], h.shape[2]))
 
@@ -126,11 +122,11 @@ _FOLLOWED = {
     "mean_centred_units": (_plain(lambda h: h - h.mean(-1, keepdims=True), BT), {"w1"}),
     # zero kept at zero through jnp's jitted helpers, whose scalars are operands, not literals:
     # a clip's bounds, where(h > 0, h, 0.0), and cases a predicate on h never picks at h = 0
-    "where_rms_norm_units": (_plain(lambda h: _rms(jnp.where(h > 0, h, 0.0)), BT), {"w1"}),
-    "clip_rms_norm_units": (_plain(lambda h: _rms(jnp.clip(h, -0.5, 0.5)), BT), {"w1"}),
-    "hard_tanh_rms_norm_units": (_plain(lambda h: _rms(jax.nn.hard_tanh(3 * h)), BT), {"w1"}),
-    "elu_rms_norm_units": (_plain(lambda h: _rms(jax.nn.elu(h)), BT), {"w1"}),
-    "where_picks_h_at_zero_rms_units": (_plain(lambda h: _rms(jnp.where(h < 0.2, h, 5.0)), BT),
+    "where_rms_norm_units": (_plain(lambda h: rms_norm(jnp.where(h > 0, h, 0.0)), BT), {"w1"}),
+    "clip_rms_norm_units": (_plain(lambda h: rms_norm(jnp.clip(h, -0.5, 0.5)), BT), {"w1"}),
+    "hard_tanh_rms_norm_units": (_plain(lambda h: rms_norm(jax.nn.hard_tanh(3 * h)), BT), {"w1"}),
+    "elu_rms_norm_units": (_plain(lambda h: rms_norm(jax.nn.elu(h)), BT), {"w1"}),
+    "where_picks_h_at_zero_rms_units": (_plain(lambda h: rms_norm(jnp.where(h < 0.2, h, 5.0)), BT),
                                         {"w1"}),
     # a maximum of values never negative: a masked unit's 0 is no maximum
     "linf_norm_units": (_plain(lambda h: h / (jnp.max(jnp.abs(h), -1, keepdims=True) + 1e-3),
@@ -243,7 +239,7 @@ _REFUSED = {
         "reduced over by reduce_sum where a masked unit is not shown to be zero"),
     # jnp.where(h < -0.2, h, 5.0) picks 5.0 at h = 0: a masked unit adds 25 to the sum
     "where_picks_a_constant_at_zero_rms_units": (_plain(
-        lambda h: _rms(jnp.where(h < -0.2, h, 5.0)), BT),
+        lambda h: rms_norm(jnp.where(h < -0.2, h, 5.0)), BT),
         "reduced over by reduce_sum where a masked unit is not shown to be zero"),
     "max_of_tanh_units": (_plain(lambda h: h - jnp.max(h, -1, keepdims=True), BT),
                           "reduced over by reduce_max"),
