@@ -273,13 +273,13 @@ def _norm(how, h, g, beta):
   refused), one with E[h^2] - E[h]^2, an RMSNorm, an L2 normalisation or a centring (sums that
   a masked unit adds zero to: groups read by them), or an L-infinity normalisation (a maximum
   of values never negative: a masked unit's 0 is no maximum)."""
-  m = h.mean(-1, keepdims=True)
   if how == "linf":
     return h / (jnp.max(jnp.abs(h), -1, keepdims=True) + 1e-3) * g
   if how == "rms":
     return h * lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + 1e-6) * g
   if how == "l2":
     return h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-3) * g
+  m = h.mean(-1, keepdims=True)     # (only where it is used: a traced sum the tracer checks)
   if how == "two-pass":
     y = (h - m) / jnp.sqrt(((h - m) ** 2).mean(-1, keepdims=True) + 1e-5)
   elif how == "fast":
