@@ -2271,9 +2271,9 @@ _NUMPY_OPS = {
 _NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.bool_))
 
 
-def _numpy_op(eqn, invals):
-  """``eqn`` on the grid with NumPy, or None where :data:`_NUMPY_OPS` does not cover it."""
-  f = _NUMPY_OPS.get(eqn.primitive.name)
+def _numpy_op(eqn, invals, ops=_NUMPY_OPS):
+  """``eqn`` on the grid with NumPy, or None where ``ops`` does not cover it."""
+  f = ops.get(eqn.primitive.name)
   if f is None or eqn.primitive.multiple_results:
     return None
   dtypes = [np.dtype(v.aval.dtype) for v in list(eqn.invars) + list(eqn.outvars)]
@@ -2543,33 +2543,75 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
   return tuple(sites), uses, reasons
 
 
-# Ops that keep a zero input zero (elementwise, moves, reductions over other axes, slices).
+# Ops that keep a zero input zero, whatever the dtype (moves, reductions over other axes,
+# slices, and elementwise ops with f(0) = 0: used where NumPy does not compute the op).
 _ZERO_KEEPING = frozenset("""
 neg tanh sin sinh asinh atan atanh tan erf expm1 log1p sign abs sqrt cbrt integer_pow square
 reduce_precision convert_element_type reshape broadcast_in_dim squeeze expand_dims copy copy_p
 transpose reduce_sum reduce_max reduce_min cumsum slice split dynamic_slice gather rev
 name optimization_barrier sharding_constraint real imag
 """.split())
+# Ops that pass on the one value a masked unit's entries hold, whatever it is (moves, maxima
+# and minima over other axes); sums over other axes pass on a zero alone (_ZERO_KEEPING).
+_VALUE_MOVES = frozenset("""
+reshape broadcast_in_dim squeeze expand_dims copy copy_p transpose reduce_max reduce_min slice
+split dynamic_slice gather rev name optimization_barrier sharding_constraint
+""".split())
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+_erfc = np.vectorize(math.erfc, otypes=[np.float64])
+#: Elementwise ops evaluated on the value at a masked unit (:func:`_masked_value`).
+_MASKED_OPS = {
+    **_NUMPY_OPS, "add_any": np.add, "sin": np.sin, "cos": np.cos, "tan": np.tan,
+    "sinh": np.sinh, "cosh": np.cosh, "asinh": np.arcsinh, "acosh": np.arccosh,
+    "atanh": np.arctanh, "asin": np.arcsin, "acos": np.arccos, "atan": np.arctan,
+    "atan2": np.arctan2, "cbrt": np.cbrt, "exp2": np.exp2, "erf": _erf, "erfc": _erfc,
+    "floor": np.floor, "ceil": np.ceil, "and": np.logical_and, "or": np.logical_or,
+    "not": np.logical_not,
+}
+
+
+def _uniform(c):
+  """The one value of the array ``c`` (a 0-d array), or None where ``c`` is None, empty, not
+  finite, or holds more than one value."""
+  if c is None or np.size(c) == 0:
+    return None
+  c = np.asarray(c)
+  first = c.reshape(-1)[0]
+  if c.dtype.kind in "fc" and not np.isfinite(first):
+    return None
+  return np.asarray(first) if np.all(c == first) else None
 
 
 def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo=None) -> bool:
   """Whether ``var`` (at ``scope``) is zero at a unit of class ``root`` whose params are zeroed
-  (masked): it is made from the params holding those units (a kernel's columns, a bias) by
-  ops that keep zero at zero (products, a scale, moves, relu, tanh, gelu's and silu's products)
-  with nothing added that does not hold them. A group read by a product of two activations
+  (masked): :func:`_masked_value` is 0. A group read by a product of two activations
   (``q @ k.T``) has no consumer rows to zero, so masking a unit equals removing it only then:
-  ``sigmoid(h) @ sigmoid(g).T`` or ``(elu(q) + 1) @ ...`` add a term for a masked unit."""
+  ``sigmoid(h) @ sigmoid(g).T`` or ``(elu(q) + 1) @ ...`` add a term for a masked unit; a sum
+  over the units (a norm's) likewise."""
+  v = _masked_value(w, scope, var, root, depth, memo)
+  return v is not None and not np.any(v)
+
+
+def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo=None):
+  """The one value (a 0-d array in ``var``'s dtype) that ``var`` (at ``scope``) holds at every
+  entry of a unit of class ``root`` whose params are zeroed (masked), or None where that is not
+  shown: a param holding the units is 0 there; products with it are 0, and elementwise ops of
+  values known there and of constants give what NumPy computes (``exp(h)`` is 1, so
+  ``exp(h) - 1.0`` is 0 again; ``sigmoid(h) - 0.5`` and ``1 - cos(h)`` too); moves pass a value
+  on, sums over other axes a zero; a contraction's output is 0 where the operand holding the
+  units on an axis it keeps is."""
   memo = {} if memo is None else memo
   if isinstance(var, jex.core.Literal):
-    return not np.any(np.asarray(var.val))
+    return _uniform(np.asarray(var.val, var.aval.dtype))
   key = (scope, var)
   if key in memo:
     return memo[key]
-  memo[key] = False                    # (a cycle, or too deep: not shown to be zero)
+  memo[key] = None                     # (a cycle, or too deep: not shown)
   if depth > 512:
-    return False
+    return None
   A = w.atoms
-  zero = lambda sc, v: _zero_when_masked(w, sc, v, root, depth + 1, memo)
+  value = lambda sc, v: _masked_value(w, sc, v, root, depth + 1, memo)
+  is_zero = lambda sc, v: (c := value(sc, v)) is not None and not np.any(c)
   parts = w.concat_parts()
 
   def held(sc, v):                     # the axes of v that hold the units
@@ -2581,60 +2623,66 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
     return {d for d, x in enumerate(ax or ()) if any(
         A.find(a) == root or root in parts.get(A.find(a), ()) for a in A.expand(x))}
 
+  def operand(sc, v):                  # its value at a masked unit, or a constant's values
+    c = value(sc, v)
+    return _constant_values(w, sc, v) if c is None and not held(sc, v) else c
+
   axes = held(scope, var)
-  const = lambda sc, v: _constant_values(w, sc, v)
-  if not axes:                         # no axis of the units: zero there if zero everywhere
-    c = const(scope, var)              # (jnp.where(m, h, 0.0) passes its 0.0 into a jit)
-    out = c is not None and not np.any(c)
+  if not axes:                         # no axis of the units: a constant's one value (jnp.where
+    out = _uniform(_constant_values(w, scope, var))   # passes its 0.0 into a jit)
   elif var in w.origin:                # a param holding them: masking zeroes it there
-    out = True
+    out = np.zeros((), var.aval.dtype)
   elif len(axes) > 1:                  # the units on two axes (an outer product h_i g(h_j)):
-    out = False                        # zero along one is not shown zero along the other
+    out = None                         # zero along one is not shown zero along the other
   else:
     where = w._definition(scope, var)
     if where is None:                  # an input, a scan's carry or xs, a closed-over constant
-      out = _scan_input_zero(w, scope, var, root, depth, memo)
+      out = _scan_input_value(w, scope, var, root, depth, memo)
     elif where[0] == "in":
-      out = zero(where[1], where[2])
+      out = value(where[1], where[2])
     else:
       _, path, eqn = where
       name, ins = eqn.primitive.name, eqn.invars
       body = _call_body(eqn)[0]
+      out = None
       if body is not None:
-        out = zero(path, body.outvars[list(eqn.outvars).index(var)])
-      elif name == "scan":              # a final carry (zero at every step: its body input is
-        j, nc = list(eqn.outvars).index(var), eqn.params["num_consts"]   # shown so), or ys
+        out = value(path, body.outvars[list(eqn.outvars).index(var)])
+      elif name == "scan":              # a final carry (its value at every step: its body
+        j, nc = list(eqn.outvars).index(var), eqn.params["num_consts"]   # input's), or ys
         inner = _body(eqn)
-        out = zero(path, inner.invars[nc + j] if j < eqn.params["num_carry"] else
-                   inner.outvars[j])
-      elif name == "mul":
-        out = any(zero(scope, u) for u in ins)       # zero times anything
-      elif name == "dot_general":                    # zero where an operand holding the units
-        (lc, rc), _ = eqn.params["dimension_numbers"]   # on an axis it keeps is zero
-        out = any(held(scope, u) - set(c) and zero(scope, u) for u, c in zip(ins, (lc, rc)))
+        out = value(path, inner.invars[nc + j] if j < eqn.params["num_carry"] else
+                    inner.outvars[j])
+      elif name == "dot_general":       # zero where an operand holding the units on an axis
+        (lc, rc), _ = eqn.params["dimension_numbers"]   # it keeps is zero
+        if any(held(scope, u) - set(c) and is_zero(scope, u) for u, c in zip(ins, (lc, rc))):
+          out = np.zeros((), var.aval.dtype)
       elif name == "conv_general_dilated":           # a kernel's output channels
         cout = eqn.params["dimension_numbers"].rhs_spec[0]
-        out = cout in held(scope, ins[1]) and zero(scope, ins[1])
-      elif name == "div":
-        out = zero(scope, ins[0])
-      elif name in ("max", "min"):      # relu's max(h, 0.0), relu6's min(., 6.0), a clip:
-        keeps = (lambda v: np.all(v <= 0)) if name == "max" else (lambda v: np.all(v >= 0))
-        cs = [const(scope, u) for u in ins]          # a constant keeping 0, or zero there
-        out = all(keeps(c) if c is not None else zero(scope, u) for u, c in zip(ins, cs))
-      elif name == "pow":               # h ** 2.0 (a positive literal exponent)
-        out = (isinstance(ins[1], jex.core.Literal) and bool(np.all(np.asarray(ins[1].val) > 0))
-               and zero(scope, ins[0]))
-      elif name == "concatenate":       # (the parts that hold the units: along them, the
-        out = all(zero(scope, u) for u in ins if held(scope, u))   # others are other units)
-      elif name in ("add", "sub", "add_any", "pad"):
-        out = all(zero(scope, u) for u in ins)
+        if cout in held(scope, ins[1]) and is_zero(scope, ins[1]):
+          out = np.zeros((), var.aval.dtype)
+      elif name in ("concatenate", "pad"):   # (a concatenation's parts that hold the units:
+        vals = [value(scope, u) for u in ins   # along them, the others are other units)
+                if name == "pad" or held(scope, u)]
+        if vals and all(c is not None and c == vals[0] for c in vals):
+          out = vals[0]
       elif name == "select_n":          # the case chosen at a masked unit, where the
-        pick = _at_a_masked_unit(w, scope, ins[0], zero)   # predicate compares a value zero
-        out = all(zero(scope, u) for u in (ins[1:] if pick is None else [ins[1 + pick]]))
-      elif name in _ZERO_KEEPING and not (name == "integer_pow" and eqn.params["y"] <= 0):
-        out = zero(scope, ins[0])
-      else:
-        out = False
+        pick = _uniform(operand(scope, ins[0]))   # predicate compares a value known there
+        cases = ins[1:] if pick is None else [ins[1 + int(pick)]]   # with constants
+        vals = [value(scope, u) for u in cases]
+        if all(c is not None and c == vals[0] for c in vals):
+          out = vals[0]
+      elif (name == "mul" and (is_zero(scope, ins[0]) or is_zero(scope, ins[1]))) or (
+          name == "div" and is_zero(scope, ins[0]) and operand(scope, ins[1]) is None):
+        out = np.zeros((), var.aval.dtype)    # zero times anything, or over a value not known
+      elif name in _MASKED_OPS and not eqn.primitive.multiple_results:   # there (0 / 0 is not)
+        vals = [operand(scope, u) for u in ins]      # elementwise: computed on the values
+        if all(c is not None for c in vals):
+          out = _uniform(_numpy_op(eqn, vals, _MASKED_OPS))
+      if out is None and name in _VALUE_MOVES:
+        out = value(scope, ins[0])
+      if (out is None and name in _ZERO_KEEPING and is_zero(scope, ins[0])
+          and not (name == "integer_pow" and eqn.params["y"] <= 0)):
+        out = np.zeros((), var.aval.dtype)
   memo[key] = out
   return out
 
@@ -2643,14 +2691,11 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
 _CONSTANT_MOVES = frozenset("""convert_element_type broadcast_in_dim reshape squeeze expand_dims
 copy copy_p""".split())
 
-_COMPARE = {"gt": np.greater, "ge": np.greater_equal, "lt": np.less, "le": np.less_equal,
-            "eq": np.equal, "ne": np.not_equal}
-
-
 def _constant_values(w: _Walker, scope: tuple, var, depth: int = 0):
-  """The values (in any shape) of ``var`` when it is a literal of the program passed on by
-  moves and into followed calls (jnp's ``where`` and ``clip`` take their scalars as operands of
-  a jitted body); None otherwise."""
+  """The values (in any shape) of ``var`` when it is made from literals of the program alone:
+  passed on by moves and into followed calls (jnp's ``where`` and ``clip`` take their scalars
+  as operands of a jitted body), and by elementwise ops NumPy computes (``jnp.log(2.0)`` in the
+  function); None otherwise."""
   if isinstance(var, jex.core.Literal):
     return np.asarray(var.val)
   where = w._definition(scope, var) if depth < 64 else None
@@ -2661,30 +2706,11 @@ def _constant_values(w: _Walker, scope: tuple, var, depth: int = 0):
   eqn = where[2]
   if eqn.primitive.name in _CONSTANT_MOVES:
     return _constant_values(w, scope, eqn.invars[0], depth + 1)
+  if eqn.primitive.name in _MASKED_OPS and not eqn.primitive.multiple_results:
+    vals = [_constant_values(w, scope, u, depth + 1) for u in eqn.invars]
+    if all(c is not None for c in vals):
+      return _numpy_op(eqn, vals, _MASKED_OPS)
   return None
-
-
-def _at_a_masked_unit(w: _Walker, scope: tuple, pred, zero):
-  """The index (0 or 1) a boolean ``select_n`` predicate picks at a masked unit, where it
-  compares a value zero there with constants (``jnp.where(h > 0, h, 0.0)``, ``hard_tanh``'s
-  ``h < -1``) and the comparison comes out the same for every constant; None otherwise."""
-  if isinstance(pred, jex.core.Literal) or pred.aval.dtype != np.bool_:
-    return None
-  where = w._definition(scope, pred)
-  while where is not None and where[0] == "in":
-    where = w._definition(where[1], where[2])
-  if where is None or where[2].primitive.name not in _COMPARE:
-    return None
-  (_, path, eqn), sc = where, where[1][:-1]
-  a, b = eqn.invars
-  ca, cb = _constant_values(w, sc, a), _constant_values(w, sc, b)
-  if ca is None and cb is not None and zero(sc, a):
-    got = _COMPARE[eqn.primitive.name](0, cb)
-  elif cb is None and ca is not None and zero(sc, b):
-    got = _COMPARE[eqn.primitive.name](ca, 0)
-  else:
-    return None
-  return int(got.flat[0]) if got.size and np.all(got == got.flat[0]) else None
 
 
 # Ops whose output is never negative, whatever their input; and ops that keep a value never
@@ -2734,31 +2760,31 @@ def _never_negative(w: _Walker, scope: tuple, var, depth: int = 0) -> bool:
 _ASSUMED = "assumed"   # a memo's entry: the carries assumed zero in its context
 
 
-def _scan_input_zero(w: _Walker, scope: tuple, var, root: int, depth: int, memo) -> bool:
-  """``_zero_when_masked`` for an input of a scan's body (``var`` at ``scope``; False for any
-  other input): a slice of ``xs`` is zero where the stacked operand is; a carry is zero at every
-  step by induction, where its initial value is and the body returns it zero whenever it was.
-  That is checked with a memo of its own that assumes it (and the carries assumed around it),
-  since the values on the way to it are pending in ``memo``; what it concludes joins ``memo``
-  only when it holds."""
+def _scan_input_value(w: _Walker, scope: tuple, var, root: int, depth: int, memo):
+  """``_masked_value`` for an input of a scan's body (``var`` at ``scope``; None for any other
+  input): a slice of ``xs`` holds the stacked operand's value; a carry holds its initial value at
+  every step by induction, where the body returns it with that value whenever it had it. That
+  is checked with a memo of its own that assumes it (and the carries assumed around it), since
+  the values on the way to it are pending in ``memo``; what it concludes joins ``memo`` only
+  when it holds."""
   if not scope or var not in w.jaxpr_at[scope].invars:
-    return False
+    return None
   eqn = w.jaxpr_at[scope[:-1]].eqns[scope[-1]]
   if eqn.primitive.name != "scan":
-    return False
+    return None
   i = w.jaxpr_at[scope].invars.index(var)
   nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
-  if not _zero_when_masked(w, scope[:-1], eqn.invars[i], root, depth + 1, memo):
-    return False
-  if i >= nc + nk:                     # xs
-    return True
-  assumed = memo.get(_ASSUMED, frozenset()) | {(scope, var)}
-  fresh = {**dict.fromkeys(assumed, True), _ASSUMED: assumed}
-  if not _zero_when_masked(w, scope, w.jaxpr_at[scope].outvars[i - nc], root, depth + 1, fresh):
-    return False
+  init = _masked_value(w, scope[:-1], eqn.invars[i], root, depth + 1, memo)
+  if init is None or i >= nc + nk:     # xs (or not shown)
+    return init
+  assumed = {**memo.get(_ASSUMED, {}), (scope, var): init}
+  fresh = {**assumed, _ASSUMED: assumed}
+  back = _masked_value(w, scope, w.jaxpr_at[scope].outvars[i - nc], root, depth + 1, fresh)
+  if back is None or not np.array_equal(back, init):
+    return None
   del fresh[_ASSUMED]
   memo.update(fresh)
-  return True
+  return init
 
 
 def _initial_states(w: _Walker, scope, var, producers, consumers) -> list:

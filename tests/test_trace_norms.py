@@ -313,6 +313,35 @@ def test_a_scan_carry_not_shown_zero_at_every_step_refuses_the_stream(case):
   assert "reduced over by reduce_sum where a masked unit is not shown to be zero" in t.explain()
 
 
+def _product_state(p, xs, decay=1.0):
+  """A state multiplied by exp(x_t @ w + b) at each step from ones (xs: batch, time, features),
+  normalised as its shift from 1 (scaled by ``decay`` at each step too)."""
+  def step(c, x):
+    return decay * c * jnp.exp(x @ p["w"] + p["b"]), None
+  c, _ = jax.lax.scan(step, jnp.ones((xs.shape[0], D)), jnp.swapaxes(xs, 0, 1))
+  return rms_norm(c - 1.0) @ p["wout"]
+
+
+_PRODUCT = {"w": 0.2 * _arr(5, D), "b": 0.1 * _arr(D), "wout": _arr(D, 3)}
+
+
+def test_a_carry_held_at_a_constant_other_than_zero_is_followed_by_induction():
+  """A masked unit's value is followed as a constant, not only zero: the product state starts at
+  1 and is multiplied by exp(0) = 1 at every step, so its shift from 1 is zero there and the
+  norm over it keeps ``w``'s units a group. Decayed by 0.9 at each step it is 0.9 ** t there,
+  no one value, and the group is refused."""
+  x, x2 = _arr(4, 6, 5), _arr(3, 6, 5)
+  t = jaxprune.trace(_product_state, _PRODUCT, x)
+  assert t.groups["w"].size == D
+  for seed in range(2):
+    assert_compacts_as_masked(t, _PRODUCT, _product_state, random_unit_masks(t, seed), (x, x2),
+                              atol=1e-5)
+  decayed = lambda p, xs: _product_state(p, xs, 0.9)
+  t = jaxprune.trace(decayed, _PRODUCT, x)
+  assert "w" not in t.groups
+  assert "reduced over by reduce_sum where a masked unit is not shown to be zero" in t.explain()
+
+
 def _linf(p, x):
   """A layer L-infinity normalised over its units."""
   h = jnp.tanh(x @ p["w1"] + p["b1"])

@@ -128,6 +128,17 @@ _FOLLOWED = {
     "elu_rms_norm_units": (_plain(lambda h: rms_norm(jax.nn.elu(h)), BT), {"w1"}),
     "where_picks_h_at_zero_rms_units": (_plain(lambda h: rms_norm(jnp.where(h < 0.2, h, 5.0)), BT),
                                         {"w1"}),
+    # values known at a masked unit, shifted back to zero there: exp(0) - 1, sigmoid(0) - 0.5,
+    # 1 - cos(0), softplus(0) - log(2) (a constant the function computes); and a where whose
+    # predicate compares such a value with a constant
+    "exp_minus_one_rms_units": (_plain(lambda h: rms_norm(jnp.exp(h) - 1.0), BT), {"w1"}),
+    "centred_sigmoid_rms_units": (_plain(lambda h: rms_norm(jax.nn.sigmoid(h) - 0.5), BT),
+                                  {"w1"}),
+    "one_minus_cos_rms_units": (_plain(lambda h: rms_norm(1.0 - jnp.cos(h)), BT), {"w1"}),
+    "softplus_minus_log2_rms_units": (_plain(
+        lambda h: rms_norm(jax.nn.softplus(h) - jnp.log(2.0)), BT), {"w1"}),
+    "where_on_exp_picks_h_rms_units": (_plain(
+        lambda h: rms_norm(jnp.where(jnp.exp(h) > 0.5, h, 3.0)), BT), {"w1"}),
     # a maximum of values never negative: a masked unit's 0 is no maximum
     "linf_norm_units": (_plain(lambda h: h / (jnp.max(jnp.abs(h), -1, keepdims=True) + 1e-3),
                                BT), {"w1"}),
@@ -241,6 +252,17 @@ _REFUSED = {
     "where_picks_a_constant_at_zero_rms_units": (_plain(
         lambda h: rms_norm(jnp.where(h < -0.2, h, 5.0)), BT),
         "reduced over by reduce_sum where a masked unit is not shown to be zero"),
+    # values known at a masked unit but not zero there: sigmoid(0) - 0.4, cos(0), a where
+    # picking 3.0 where exp(0) = 1 > 0.5, and h / |h|, which is 0 / 0 there
+    "off_centre_sigmoid_rms_units": (_plain(lambda h: rms_norm(jax.nn.sigmoid(h) - 0.4), BT),
+                                     "reduced over by reduce_sum where a masked unit is not shown"),
+    "cos_rms_units": (_plain(lambda h: rms_norm(jnp.cos(h)), BT),
+                      "reduced over by reduce_sum where a masked unit is not shown"),
+    "where_on_exp_picks_a_constant_rms_units": (_plain(
+        lambda h: rms_norm(jnp.where(jnp.exp(h) > 1.5, h, 3.0)), BT),
+        "reduced over by reduce_sum where a masked unit is not shown"),
+    "zero_over_zero_rms_units": (_plain(lambda h: rms_norm(h / jnp.abs(h)), BT),
+                                 "reduced over by reduce_sum where a masked unit is not shown"),
     "max_of_tanh_units": (_plain(lambda h: h - jnp.max(h, -1, keepdims=True), BT),
                           "reduced over by reduce_max"),
     "sum_of_exp_units": (_plain(lambda h: h / jnp.exp(h).sum(-1, keepdims=True), BT),
