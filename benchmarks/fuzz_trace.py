@@ -265,14 +265,18 @@ def _b_glu(b, shape):
   return f, f"glu({H},{['split', 'slices', 'nn.glu'][how]}{'' if how == 2 else ',' + a})"
 
 
-_NORMS = ("two-pass", "fast", "rms", "l2", "centre", "linf")
+_NORMS = ("two-pass", "fast", "rms", "l2", "centre", "linf", "sigmoid-rms")
 
 
 def _norm(how, h, g, beta):
   """A norm over the last axis: a two-pass LayerNorm (a masked unit adds mean^2 to the variance:
   refused), one with E[h^2] - E[h]^2, an RMSNorm, an L2 normalisation or a centring (sums that
   a masked unit adds zero to: groups read by them), or an L-infinity normalisation (a maximum
-  of values never negative: a masked unit's 0 is no maximum)."""
+  of values never negative: a masked unit's 0 is no maximum), or an RMSNorm of sigmoid(h) - 0.5
+  (0.5 at a masked unit, shifted back to 0: a group too)."""
+  if how == "sigmoid-rms":
+    h = jax.nn.sigmoid(h) - 0.5
+    how = "rms"
   if how == "linf":
     return h / (jnp.max(jnp.abs(h), -1, keepdims=True) + 1e-3) * g
   if how == "rms":
