@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -995,7 +996,7 @@ class _Walker:
         (d,) = changed
         n, start = out_shapes[0][d], eqn.params["start_indices"][d]
         size = eqn.invars[0].aval.shape[d]
-        if start % n == 0 and size % n == 0:
+        if n and start % n == 0 and size % n == 0:
           parts = self._equal_parts(x, eqn.invars[0].aval.shape, d, [n] * (size // n))
           if parts is not None:
             self.equal_parts.update(eqn.outvars)
@@ -2548,37 +2549,111 @@ def _classify(w: _Walker, leaf_paths, num_params, env):
 _ZERO_KEEPING = frozenset("""
 neg tanh sin sinh asinh atan atanh tan erf expm1 log1p sign abs sqrt cbrt integer_pow square
 reduce_precision convert_element_type reshape broadcast_in_dim squeeze expand_dims copy copy_p
-transpose reduce_sum reduce_max reduce_min cumsum slice split dynamic_slice gather rev
-name optimization_barrier sharding_constraint real imag
+transpose reduce_sum reduce_max reduce_min cumsum slice split dynamic_slice rev
+name optimization_barrier sharding_constraint stop_gradient real imag
 """.split())
 # Ops that pass on the one value a masked unit's entries hold, whatever it is (moves, maxima
 # and minima over other axes); sums over other axes pass on a zero alone (_ZERO_KEEPING).
 _VALUE_MOVES = frozenset("""
 reshape broadcast_in_dim squeeze expand_dims copy copy_p transpose reduce_max reduce_min slice
-split dynamic_slice gather rev name optimization_barrier sharding_constraint
+split dynamic_slice rev name optimization_barrier sharding_constraint stop_gradient
 """.split())
-_erf = np.vectorize(math.erf, otypes=[np.float64])
-_erfc = np.vectorize(math.erfc, otypes=[np.float64])
-#: Elementwise ops evaluated on the value at a masked unit (:func:`_masked_value`).
-_MASKED_OPS = {
-    **_NUMPY_OPS, "add_any": np.add, "sin": np.sin, "cos": np.cos, "tan": np.tan,
-    "sinh": np.sinh, "cosh": np.cosh, "asinh": np.arcsinh, "acosh": np.arccosh,
-    "atanh": np.arctanh, "asin": np.arcsin, "acos": np.arccos, "atan": np.arctan,
-    "atan2": np.arctan2, "cbrt": np.cbrt, "exp2": np.exp2, "erf": _erf, "erfc": _erfc,
-    "floor": np.floor, "ceil": np.ceil, "and": np.logical_and, "or": np.logical_or,
-    "not": np.logical_not,
+# Elementwise ops whose IEEE results are correctly rounded, so that NumPy and XLA compute the same
+# bits (on values that are not subnormal: XLA:CPU flushes those to zero); products and
+# quotients are taken only where exact, so that none differs when XLA fuses it into a sum.
+_EXACT_OPS = frozenset("""add add_any sub neg abs max min sign floor ceil gt ge lt le eq ne and
+or not convert_element_type""".split())
+_EXACT_PRODUCTS = frozenset("mul div square integer_pow".split())
+_MASKED_OPS = {**{n: f for n, f in _NUMPY_OPS.items() if n in _EXACT_OPS | _EXACT_PRODUCTS},
+               "add_any": np.add, "floor": np.floor, "ceil": np.ceil, "and": np.logical_and,
+               "or": np.logical_or, "not": np.logical_not}
+# Other functions at the points where every implementation's value is exact: exp(0) = 1,
+# sigmoid(0) = 0.5, cos(0) = 1; log(0) = -inf and rsqrt(0) = inf (0 times them is NaN).
+_SPECIAL_VALUES = {
+    "exp": {0: 1}, "exp2": {0: 1}, "log": {1: 0, 0: -np.inf}, "log1p": {0: 0}, "expm1": {0: 0},
+    "logistic": {0: 0.5}, "tanh": {0: 0}, "sin": {0: 0}, "cos": {0: 1}, "tan": {0: 0},
+    "sinh": {0: 0}, "cosh": {0: 1}, "asinh": {0: 0}, "acosh": {1: 0}, "atan": {0: 0},
+    "atanh": {0: 0}, "asin": {0: 0}, "acos": {1: 0}, "erf": {0: 0}, "erfc": {0: 1},
+    "sqrt": {0: 0, 1: 1}, "rsqrt": {1: 1, 0: np.inf}, "cbrt": {0: 0, 1: 1},
 }
 
 
+def _subnormal(x) -> bool:
+  x = np.asarray(x)
+  return x.dtype.kind == "f" and bool(np.any((x != 0) & (np.abs(x) < np.finfo(x.dtype).tiny)))
+
+
+def _exact_product(name: str, args, r, params) -> bool:
+  """Whether every finite entry of ``r`` is the exact product (quotient, power) of ``args``."""
+  args = [np.broadcast_to(a, r.shape).reshape(-1) for a in args]
+  for i, out in enumerate(r.reshape(-1)):
+    vals = [float(a[i]) for a in args] + [float(out)]
+    if not all(map(math.isfinite, vals)):      # inf and NaN: IEEE's, exactly
+      continue
+    a, out = fractions.Fraction(vals[0]), fractions.Fraction(vals[-1])
+    if name == "mul":
+      exact = a * fractions.Fraction(vals[1]) == out
+    elif name == "div":
+      exact = vals[1] != 0 and a / fractions.Fraction(vals[1]) == out
+    else:
+      y = 2 if name == "square" else params["y"]
+      exact = (a != 0 or y >= 0) and a ** y == out
+    if not exact:
+      return False
+  return True
+
+
+def _exact_op(eqn, vals):
+  """``eqn`` computed on ``vals`` (scalars or constant arrays) where its result is exact, so
+  that XLA computes the same bits: :data:`_EXACT_OPS`, exact products and quotients, and
+  :data:`_SPECIAL_VALUES`, on values that are not subnormal; None otherwise."""
+  name = eqn.primitive.name
+  if name in _SPECIAL_VALUES:
+    a = _uniform(np.asarray(vals[0], eqn.invars[0].aval.dtype))
+    if a is None or float(a) not in _SPECIAL_VALUES[name]:
+      return None
+    out = _SPECIAL_VALUES[name][float(a)]
+    # (f(-0.0) = -0.0 for the odd functions, and sqrt)
+    return np.asarray(a if out == 0 and a == 0 else out, eqn.outvars[0].aval.dtype)
+  if name == "pow":                   # 0 ** y = 0 (y > 0), x ** 0 = 1, 1 ** y = 1
+    x, y = (np.asarray(v, u.aval.dtype) for v, u in zip(vals, eqn.invars))
+    if np.all(y == 0) or np.all(x == 1):
+      return np.ones((), eqn.outvars[0].aval.dtype)
+    return np.zeros((), x.dtype) if np.all(x == 0) and np.all(y > 0) else None
+  if name not in _EXACT_OPS | _EXACT_PRODUCTS:
+    return None
+  r = _numpy_op(eqn, vals, _MASKED_OPS)
+  if r is None or _subnormal(r) or any(_subnormal(np.asarray(v, u.aval.dtype))
+                                       for v, u in zip(vals, eqn.invars)):
+    return None
+  if name in _EXACT_PRODUCTS and not _exact_product(
+      name, [np.asarray(v, u.aval.dtype) for v, u in zip(vals, eqn.invars)], r, eqn.params):
+    return None
+  return r
+
+
+def _gathered(eqn, c):
+  """The value a ``gather`` passes on from an operand whose value at a masked unit is ``c``: an
+  index out of range reads its fill value (``mode='fill'``, ``jnp.take``'s default), so ``c``
+  only where that is ``c`` too, or NaN (NaN at every unit there: a sum over the units is NaN
+  with or without the unit)."""
+  if c is None or eqn.params["mode"] != lax.GatherScatterMode.FILL_OR_DROP:
+    return c
+  fill = eqn.params["fill_value"]
+  if fill is None:                    # (NaN for floats; other dtypes: an extreme value)
+    fill = np.nan if np.issubdtype(eqn.outvars[0].aval.dtype, np.inexact) else None
+  return c if fill is not None and (np.isnan(fill) or c == fill) else None
+
+
 def _uniform(c):
-  """The one value of the array ``c`` (a 0-d array), or None where ``c`` is None, empty, not
-  finite, or holds more than one value."""
+  """The one value of the array ``c`` (a 0-d array; NaN where every entry is), or None where
+  ``c`` is None, empty or holds more than one value."""
   if c is None or np.size(c) == 0:
     return None
   c = np.asarray(c)
   first = c.reshape(-1)[0]
-  if c.dtype.kind in "fc" and not np.isfinite(first):
-    return None
+  if c.dtype.kind in "fc" and np.isnan(first):
+    return np.asarray(first) if np.all(np.isnan(c)) else None
   return np.asarray(first) if np.all(c == first) else None
 
 
@@ -2589,7 +2664,7 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
   ``sigmoid(h) @ sigmoid(g).T`` or ``(elu(q) + 1) @ ...`` add a term for a masked unit; a sum
   over the units (a norm's) likewise."""
   v = _masked_value(w, scope, var, root, depth, memo)
-  return v is not None and not np.any(v)
+  return v is not None and v == 0
 
 
 def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo=None):
@@ -2606,12 +2681,12 @@ def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo
   key = (scope, var)
   if key in memo:
     return memo[key]
-  memo[key] = None                     # (a cycle, or too deep: not shown)
-  if depth > 512:
+  memo[key] = None                     # (a cycle, or too deep: not shown; a few Python frames
+  if depth > 160:                      # per level, within Python's limit)
     return None
   A = w.atoms
   value = lambda sc, v: _masked_value(w, sc, v, root, depth + 1, memo)
-  is_zero = lambda sc, v: (c := value(sc, v)) is not None and not np.any(c)
+  is_zero = lambda sc, v: (c := value(sc, v)) is not None and c == 0
   parts = w.concat_parts()
 
   def held(sc, v):                     # the axes of v that hold the units
@@ -2671,13 +2746,19 @@ def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo
         vals = [value(scope, u) for u in cases]
         if all(c is not None and c == vals[0] for c in vals):
           out = vals[0]
-      elif (name == "mul" and (is_zero(scope, ins[0]) or is_zero(scope, ins[1]))) or (
-          name == "div" and is_zero(scope, ins[0]) and operand(scope, ins[1]) is None):
-        out = np.zeros((), var.aval.dtype)    # zero times anything, or over a value not known
-      elif name in _MASKED_OPS and not eqn.primitive.multiple_results:   # there (0 / 0 is not)
+      elif name == "gather":
+        out = _gathered(eqn, value(scope, ins[0]))
+      elif name in _MASKED_OPS or name in _SPECIAL_VALUES or name == "pow":
         vals = [operand(scope, u) for u in ins]      # elementwise: computed on the values
-        if all(c is not None for c in vals):
-          out = _uniform(_numpy_op(eqn, vals, _MASKED_OPS))
+        if all(c is not None for c in vals):         # where exact (XLA's bits too)
+          out = _uniform(_exact_op(eqn, vals))
+        finite = [c is None or bool(np.all(np.isfinite(c))) for c in vals]
+        if out is None and name == "mul" and all(finite) and any(
+            c is not None and _uniform(c) == 0 for c in vals):
+          out = np.zeros((), var.aval.dtype)         # zero times a finite value, or one not
+        elif out is None and name == "div" and is_zero(scope, ins[0]) and (   # known there;
+            not held(scope, ins[1]) if vals[1] is None else finite[1] and np.all(vals[1] != 0)):
+          out = np.zeros((), var.aval.dtype)         # zero over a statistic of the example
       if out is None and name in _VALUE_MOVES:
         out = value(scope, ins[0])
       if (out is None and name in _ZERO_KEEPING and is_zero(scope, ins[0])
@@ -2706,10 +2787,11 @@ def _constant_values(w: _Walker, scope: tuple, var, depth: int = 0):
   eqn = where[2]
   if eqn.primitive.name in _CONSTANT_MOVES:
     return _constant_values(w, scope, eqn.invars[0], depth + 1)
-  if eqn.primitive.name in _MASKED_OPS and not eqn.primitive.multiple_results:
+  name = eqn.primitive.name
+  if name in _MASKED_OPS or name in _SPECIAL_VALUES or name == "pow":
     vals = [_constant_values(w, scope, u, depth + 1) for u in eqn.invars]
     if all(c is not None for c in vals):
-      return _numpy_op(eqn, vals, _MASKED_OPS)
+      return _exact_op(eqn, vals)
   return None
 
 

@@ -149,6 +149,26 @@ def test_a_deep_residual_stream_is_traced_without_deep_recursion():
   assert len(t.groups["emb"].slices) == 3 * n + 2      # (g, w's rows and columns per block)
 
 
+@pytest.mark.parametrize("pairs", [40, 130])
+def test_a_long_chain_of_ops_before_a_norm_is_followed_or_refused_without_a_recursion_error(
+    pairs):
+  """A chain of 130 ``exp(h) - 1`` pairs before an RMSNorm raised a RecursionError (a probe's
+  finding): the check follows 160 ops back at most and refuses the units beyond that."""
+  def fn(p, x):
+    h = jnp.tanh(x @ p["w1"] + p["b1"])
+    for _ in range(pairs):
+      h = jnp.exp(h) - 1.0
+    return rms_norm(h) @ p["w2"]
+  p = {"w1": 0.3 * _arr(5, D), "b1": 0.1 * _arr(D), "w2": _arr(D, 3)}
+  t = jaxprune.trace(fn, p, _arr(4, 5))
+  if pairs < 80:
+    assert t.groups["w1"].read_by_products
+    assert_compacts_as_masked(t, p, fn, random_unit_masks(t, 0), (_arr(4, 5),), atol=1e-5)
+  else:
+    assert "w1" not in t.groups
+    assert "reduced over by reduce_sum where a masked unit is not shown to be zero" in t.explain()
+
+
 def test_a_reader_normalised_over_its_rows_keeps_the_layer_before_it_a_group():
   """flax's WeightNorm (||w|| over the kernel's input axis), ArcFace's class weights
   (w / ||w||_0, with the features L2-normalised too) and a Frobenius norm: a masked unit's row
