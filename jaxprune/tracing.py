@@ -2564,17 +2564,18 @@ split dynamic_slice rev name optimization_barrier sharding_constraint stop_gradi
 _EXACT_OPS = frozenset("""add add_any sub neg abs max min sign floor ceil gt ge lt le eq ne and
 or not convert_element_type""".split())
 _EXACT_PRODUCTS = frozenset("mul div square integer_pow".split())
+_COMPARISONS = frozenset("gt ge lt le eq ne".split())
 _MASKED_OPS = {**{n: f for n, f in _NUMPY_OPS.items() if n in _EXACT_OPS | _EXACT_PRODUCTS},
                "add_any": np.add, "floor": np.floor, "ceil": np.ceil, "and": np.logical_and,
                "or": np.logical_or, "not": np.logical_not}
 # Other functions at the points where every implementation's value is exact: exp(0) = 1,
-# sigmoid(0) = 0.5, cos(0) = 1; log(0) = -inf and rsqrt(0) = inf (0 times them is NaN).
+# sigmoid(0) = 0.5, cos(0) = 1; log(0) and rsqrt(0) are infinite (NaN below: 0 times them is).
 _SPECIAL_VALUES = {
-    "exp": {0: 1}, "exp2": {0: 1}, "log": {1: 0, 0: -np.inf}, "log1p": {0: 0}, "expm1": {0: 0},
+    "exp": {0: 1}, "exp2": {0: 1}, "log": {1: 0, 0: np.nan}, "log1p": {0: 0}, "expm1": {0: 0},
     "logistic": {0: 0.5}, "tanh": {0: 0}, "sin": {0: 0}, "cos": {0: 1}, "tan": {0: 0},
     "sinh": {0: 0}, "cosh": {0: 1}, "asinh": {0: 0}, "acosh": {1: 0}, "atan": {0: 0},
     "atanh": {0: 0}, "asin": {0: 0}, "acos": {1: 0}, "erf": {0: 0}, "erfc": {0: 1},
-    "sqrt": {0: 0, 1: 1}, "rsqrt": {1: 1, 0: np.inf}, "cbrt": {0: 0, 1: 1},
+    "sqrt": {0: 0, 1: 1}, "rsqrt": {1: 1, 0: np.nan}, "cbrt": {0: 0, 1: 1},
 }
 
 
@@ -2584,50 +2585,51 @@ def _subnormal(x) -> bool:
 
 
 def _exact_product(name: str, args, r, params) -> bool:
-  """Whether every finite entry of ``r`` is the exact product (quotient, power) of ``args``."""
-  args = [np.broadcast_to(a, r.shape).reshape(-1) for a in args]
-  for i, out in enumerate(r.reshape(-1)):
-    vals = [float(a[i]) for a in args] + [float(out)]
-    if not all(map(math.isfinite, vals)):      # inf and NaN: IEEE's, exactly
-      continue
-    a, out = fractions.Fraction(vals[0]), fractions.Fraction(vals[-1])
-    if name == "mul":
-      exact = a * fractions.Fraction(vals[1]) == out
-    elif name == "div":
-      exact = vals[1] != 0 and a / fractions.Fraction(vals[1]) == out
-    else:
-      y = 2 if name == "square" else params["y"]
-      exact = (a != 0 or y >= 0) and a ** y == out
-    if not exact:
-      return False
-  return True
+  """Whether ``r`` is the exact product (quotient, power) of the finite numbers ``args``."""
+  vals = [float(a) for a in args]
+  a, out = fractions.Fraction(vals[0]), fractions.Fraction(float(r))
+  if name == "mul":
+    return a * fractions.Fraction(vals[1]) == out
+  if name == "div":
+    return vals[1] != 0 and a / fractions.Fraction(vals[1]) == out
+  y = 2 if name == "square" else params["y"]
+  return (a != 0 or y >= 0) and a ** y == out
 
 
 def _exact_op(eqn, vals):
-  """``eqn`` computed on ``vals`` (scalars or constant arrays) where its result is exact, so
+  """``eqn`` computed on ``vals`` (the operands' values) where its result is exact, so
   that XLA computes the same bits: :data:`_EXACT_OPS`, exact products and quotients, and
-  :data:`_SPECIAL_VALUES`, on values that are not subnormal; None otherwise."""
+  :data:`_SPECIAL_VALUES`, on values that are not subnormal; None otherwise. (Each value is one
+  number: a constant's entries are a scalar literal's, moved.) A value that is not finite is NaN
+  here, whatever its sign (XLA may take -0.0 for 0.0 and give -inf for inf): never zero, and
+  compared with nothing."""
   name = eqn.primitive.name
+  vals = [_uniform(np.asarray(v, u.aval.dtype)) for v, u in zip(vals, eqn.invars)]
+  if any(v is None for v in vals):
+    return None
+  out_dtype = eqn.outvars[0].aval.dtype
+  if any(v.dtype.kind == "f" and not np.isfinite(v) for v in vals):
+    return None if name in _COMPARISONS else np.asarray(np.nan, out_dtype)
   if name in _SPECIAL_VALUES:
-    a = _uniform(np.asarray(vals[0], eqn.invars[0].aval.dtype))
-    if a is None or float(a) not in _SPECIAL_VALUES[name]:
+    a = vals[0]
+    if float(a) not in _SPECIAL_VALUES[name]:
       return None
     out = _SPECIAL_VALUES[name][float(a)]
     # (f(-0.0) = -0.0 for the odd functions, and sqrt)
     return np.asarray(a if out == 0 and a == 0 else out, eqn.outvars[0].aval.dtype)
   if name == "pow":                   # 0 ** y = 0 (y > 0), x ** 0 = 1, 1 ** y = 1
-    x, y = (np.asarray(v, u.aval.dtype) for v, u in zip(vals, eqn.invars))
-    if np.all(y == 0) or np.all(x == 1):
+    x, y = vals
+    if y == 0 or x == 1:
       return np.ones((), eqn.outvars[0].aval.dtype)
-    return np.zeros((), x.dtype) if np.all(x == 0) and np.all(y > 0) else None
+    return np.zeros((), x.dtype) if x == 0 and y > 0 else None
   if name not in _EXACT_OPS | _EXACT_PRODUCTS:
     return None
   r = _numpy_op(eqn, vals, _MASKED_OPS)
-  if r is None or _subnormal(r) or any(_subnormal(np.asarray(v, u.aval.dtype))
-                                       for v, u in zip(vals, eqn.invars)):
+  if r is None or _subnormal(r) or any(map(_subnormal, vals)):
     return None
-  if name in _EXACT_PRODUCTS and not _exact_product(
-      name, [np.asarray(v, u.aval.dtype) for v, u in zip(vals, eqn.invars)], r, eqn.params):
+  if r.dtype.kind == "f" and not np.isfinite(r):     # (an overflow, x / 0)
+    return np.asarray(np.nan, out_dtype)
+  if name in _EXACT_PRODUCTS and not _exact_product(name, vals, r, eqn.params):
     return None
   return r
 
