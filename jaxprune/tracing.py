@@ -2272,9 +2272,9 @@ _NUMPY_OPS = {
 _NUMPY_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.bool_))
 
 
-def _numpy_op(eqn, invals, ops=_NUMPY_OPS):
-  """``eqn`` on the grid with NumPy, or None where ``ops`` does not cover it."""
-  f = ops.get(eqn.primitive.name)
+def _numpy_op(eqn, invals):
+  """``eqn`` on the grid with NumPy, or None where :data:`_NUMPY_OPS` does not cover it."""
+  f = _NUMPY_OPS.get(eqn.primitive.name)
   if f is None or eqn.primitive.multiple_results:
     return None
   dtypes = [np.dtype(v.aval.dtype) for v in list(eqn.invars) + list(eqn.outvars)]
@@ -2579,9 +2579,13 @@ _SPECIAL_VALUES = {
 }
 
 
+def _is_float(dtype) -> bool:
+  return bool(jnp.issubdtype(dtype, jnp.floating))     # (bfloat16 too)
+
+
 def _subnormal(x) -> bool:
   x = np.asarray(x)
-  return x.dtype.kind == "f" and bool(np.any((x != 0) & (np.abs(x) < np.finfo(x.dtype).tiny)))
+  return _is_float(x.dtype) and 0 < abs(float(x)) < float(jnp.finfo(x.dtype).tiny)
 
 
 def _exact_product(name: str, args, r, params) -> bool:
@@ -2597,39 +2601,52 @@ def _exact_product(name: str, args, r, params) -> bool:
 
 
 def _exact_op(eqn, vals):
-  """``eqn`` computed on ``vals`` (the operands' values) where its result is exact, so
-  that XLA computes the same bits: :data:`_EXACT_OPS`, exact products and quotients, and
-  :data:`_SPECIAL_VALUES`, on values that are not subnormal; None otherwise. (Each value is one
-  number: a constant's entries are a scalar literal's, moved.) A value that is not finite is NaN
-  here, whatever its sign (XLA may take -0.0 for 0.0 and give -inf for inf): never zero, and
-  compared with nothing."""
-  name = eqn.primitive.name
+  """``eqn`` computed on ``vals`` (the operands' values) where its result is exact, so that XLA
+  computes the same bits: :data:`_EXACT_OPS` and exact products and quotients (computed in
+  float64 and taken where the result is representable, which is exact for bfloat16 and float16,
+  however XLA rounds between ops), and :data:`_SPECIAL_VALUES`, on values that are not
+  subnormal; None otherwise (complex values too). Each value is one number: a constant's
+  entries are a scalar literal's, moved. A value that is not finite is NaN here, whatever its
+  sign (XLA may take -0.0 for 0.0 and give -inf for inf): never zero, and compared with
+  nothing."""
+  name, out_dtype = eqn.primitive.name, eqn.outvars[0].aval.dtype
   vals = [_uniform(np.asarray(v, u.aval.dtype)) for v, u in zip(vals, eqn.invars)]
-  if any(v is None for v in vals):
+  if any(v is None or jnp.issubdtype(v.dtype, jnp.complexfloating) for v in vals) or not (
+      _is_float(out_dtype) or np.dtype(out_dtype) == np.bool_):
     return None
-  out_dtype = eqn.outvars[0].aval.dtype
-  if any(v.dtype.kind == "f" and not np.isfinite(v) for v in vals):
-    return None if name in _COMPARISONS else np.asarray(np.nan, out_dtype)
+  nan = np.asarray(np.nan, out_dtype) if _is_float(out_dtype) else None
+  if any(_is_float(v.dtype) and not np.isfinite(float(v)) for v in vals):
+    return None if name in _COMPARISONS else nan
+  if any(map(_subnormal, vals)):
+    return None
   if name in _SPECIAL_VALUES:
-    a = vals[0]
-    if float(a) not in _SPECIAL_VALUES[name]:
+    a = float(vals[0])
+    if a not in _SPECIAL_VALUES[name]:
       return None
-    out = _SPECIAL_VALUES[name][float(a)]
+    out = _SPECIAL_VALUES[name][a]
     # (f(-0.0) = -0.0 for the odd functions, and sqrt)
-    return np.asarray(a if out == 0 and a == 0 else out, eqn.outvars[0].aval.dtype)
+    return np.asarray(vals[0] if out == 0 and a == 0 else out, out_dtype)
   if name == "pow":                   # 0 ** y = 0 (y > 0), x ** 0 = 1, 1 ** y = 1
-    x, y = vals
+    x, y = map(float, vals)
     if y == 0 or x == 1:
-      return np.ones((), eqn.outvars[0].aval.dtype)
-    return np.zeros((), x.dtype) if x == 0 and y > 0 else None
-  if name not in _EXACT_OPS | _EXACT_PRODUCTS:
+      return np.ones((), out_dtype)
+    return np.zeros((), out_dtype) if x == 0 and y > 0 else None
+  f = _MASKED_OPS.get(name)
+  if f is None:
     return None
-  r = _numpy_op(eqn, vals, _MASKED_OPS)
-  if r is None or _subnormal(r) or any(map(_subnormal, vals)):
-    return None
-  if r.dtype.kind == "f" and not np.isfinite(r):     # (an overflow, x / 0)
-    return np.asarray(np.nan, out_dtype)
-  if name in _EXACT_PRODUCTS and not _exact_product(name, vals, r, eqn.params):
+  params = {k: eqn.params[k] for k in ("y",) if k in eqn.params}
+  wide = [np.asarray(v, np.float64) if _is_float(v.dtype) else v for v in vals]
+  with np.errstate(all="ignore"):
+    r64 = (np.asarray(wide[0], np.float64 if _is_float(out_dtype) else np.bool_)
+           if name == "convert_element_type" else np.asarray(f(*wide, **params)))
+  if r64.dtype == np.bool_:
+    return r64
+  if not np.isfinite(r64):            # (an overflow, x / 0)
+    return nan
+  r = np.asarray(r64, out_dtype)
+  if float(r) != float(r64) and name not in _EXACT_PRODUCTS:
+    return None                       # (a sum or a cast rounded: XLA may round it elsewhere)
+  if _subnormal(r) or name in _EXACT_PRODUCTS and not _exact_product(name, vals, r, params):
     return None
   return r
 
@@ -2659,6 +2676,19 @@ def _uniform(c):
   return np.asarray(first) if np.all(c == first) else None
 
 
+def _held_axes(w: _Walker, scope: tuple, v, root: int) -> set:
+  """The axes of ``v`` (at ``scope``) that hold the units of class ``root`` (or a concatenation
+  of them with others)."""
+  if isinstance(v, jex.core.Literal):
+    return set()
+  A, parts = w.atoms, w.concat_parts()
+  ax = w.scoped_env.get((scope, v))
+  if ax is None and v in w.origin and v in w.jaxpr_at[()].invars:
+    ax = w.invar_atoms[w.origin[v][0]]
+  return {d for d, x in enumerate(ax or ()) if any(
+      A.find(a) == root or root in parts.get(A.find(a), ()) for a in A.expand(x))}
+
+
 def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo=None) -> bool:
   """Whether ``var`` (at ``scope``) is zero at a unit of class ``root`` whose params are zeroed
   (masked): :func:`_masked_value` is 0. A group read by a product of two activations
@@ -2686,19 +2716,9 @@ def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo
   memo[key] = None                     # (a cycle, or too deep: not shown; a few Python frames
   if depth > 160:                      # per level, within Python's limit)
     return None
-  A = w.atoms
   value = lambda sc, v: _masked_value(w, sc, v, root, depth + 1, memo)
   is_zero = lambda sc, v: (c := value(sc, v)) is not None and c == 0
-  parts = w.concat_parts()
-
-  def held(sc, v):                     # the axes of v that hold the units
-    if isinstance(v, jex.core.Literal):
-      return set()
-    ax = w.scoped_env.get((sc, v))
-    if ax is None and v in w.origin and v in w.jaxpr_at[()].invars:
-      ax = w.invar_atoms[w.origin[v][0]]
-    return {d for d, x in enumerate(ax or ()) if any(
-        A.find(a) == root or root in parts.get(A.find(a), ()) for a in A.expand(x))}
+  held = lambda sc, v: _held_axes(w, sc, v, root)
 
   def operand(sc, v):                  # its value at a masked unit, or a constant's values
     c = value(sc, v)
@@ -2754,18 +2774,67 @@ def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo
         vals = [operand(scope, u) for u in ins]      # elementwise: computed on the values
         if all(c is not None for c in vals):         # where exact (XLA's bits too)
           out = _uniform(_exact_op(eqn, vals))
-        finite = [c is None or bool(np.all(np.isfinite(c))) for c in vals]
-        if out is None and name == "mul" and all(finite) and any(
-            c is not None and _uniform(c) == 0 for c in vals):
-          out = np.zeros((), var.aval.dtype)         # zero times a finite value, or one not
-        elif out is None and name == "div" and is_zero(scope, ins[0]) and (   # known there;
-            not held(scope, ins[1]) if vals[1] is None else finite[1] and np.all(vals[1] != 0)):
+        one = [None if c is None else _uniform(c) for c in vals]
+        def finite(i):                 # known finite, or finite by how it is made
+          if vals[i] is None:
+            return _finite_when_masked(w, scope, ins[i], root, depth + 1, memo)
+          return one[i] is not None and bool(np.isfinite(np.asarray(one[i], np.float64)))
+        if out is None and name == "mul" and any(c is not None and c == 0 for c in one) and (
+            finite(0) and finite(1)):
+          out = np.zeros((), var.aval.dtype)         # zero times a finite value
+        elif out is None and name == "div" and one[0] is not None and one[0] == 0 and (
+            not held(scope, ins[1]) if vals[1] is None else finite(1) and one[1] != 0):
           out = np.zeros((), var.aval.dtype)         # zero over a statistic of the example
       if out is None and name in _VALUE_MOVES:
         out = value(scope, ins[0])
       if (out is None and name in _ZERO_KEEPING and is_zero(scope, ins[0])
           and not (name == "integer_pow" and eqn.params["y"] <= 0)):
         out = np.zeros((), var.aval.dtype)
+  memo[key] = out
+  return out
+
+
+# Ops whose output is finite where their operands are (select_n: its cases), barring an
+# overflow: sums, products, bounded functions, moves, contractions.
+_FINITE_KEEPING = frozenset("""
+add add_any sub neg mul max min select_n clamp tanh logistic sin cos erf atan sign floor ceil abs
+square integer_pow reduce_sum reduce_max reduce_min cumsum dot_general conv_general_dilated
+concatenate pad convert_element_type reduce_precision
+""".split()) | _VALUE_MOVES
+
+
+def _finite_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int, memo) -> bool:
+  """Whether ``var`` is finite at a masked unit of class ``root``, where :func:`_masked_value`
+  does not know its value: a param, a statistic of the example (no axis of the units, the same
+  at every unit) and ops of finite values that keep them finite (:data:`_FINITE_KEEPING`), so
+  that 0 times it is 0 (``0 * log(0)`` and ``0 * sqrt(-1e-6)`` are NaN)."""
+  key = ("finite", scope, var)
+  if isinstance(var, jex.core.Literal) or key in memo:
+    return isinstance(var, jex.core.Literal) or memo[key]
+  memo[key] = False
+  if depth > 160:
+    return False
+  c = _masked_value(w, scope, var, root, depth + 1, memo)
+  if c is not None:
+    out = bool(np.isfinite(np.asarray(c, np.float64)))
+  elif not _held_axes(w, scope, var, root) or var in w.origin:
+    out = True
+  else:
+    where = w._definition(scope, var)
+    finite = lambda sc, v: _finite_when_masked(w, sc, v, root, depth + 1, memo)
+    if where is None:
+      out = False
+    elif where[0] == "in":
+      out = finite(where[1], where[2])
+    else:
+      _, path, eqn = where
+      body = _call_body(eqn)[0]
+      name = eqn.primitive.name
+      if body is not None:
+        out = finite(path, body.outvars[list(eqn.outvars).index(var)])
+      else:
+        ins = eqn.invars[1:] if name == "select_n" else eqn.invars
+        out = name in _FINITE_KEEPING and all(finite(scope, u) for u in ins)
   memo[key] = out
   return out
 

@@ -99,6 +99,10 @@ def _double_tanh(h):
 
 _double_tanh.defjvp(lambda p, t: (_double_tanh(p[0]), 2 * t[0] * (1 - jnp.tanh(p[0]) ** 2)))
 
+def _complex_rms(z):
+  return z / jnp.sqrt(jnp.mean(jnp.abs(z) ** 2, -1, keepdims=True) + 1e-6)
+
+
 _IDX_T, _IDX_U = jnp.array([4, 0, 2]), jnp.array([5, 0, 2, 1])
 
 
@@ -135,6 +139,11 @@ _FOLLOWED = {
     "stop_gradient_exp_minus_one_rms_units": (_plain(
         lambda h: rms_norm(lax.stop_gradient(jnp.exp(h)) - 1.0), BT), {"w1"}),
     "take_time_rms_units": (_plain(lambda h: rms_norm(jnp.take(h, _IDX_T, axis=1)), BT), {"w1"}),
+    # bfloat16 and float16 layers with a bias (0 + 0 in their dtype), relu and exp(h) - 1
+    "bfloat16_bias_rms_units": (_plain(lambda h: rms_norm(
+        (h.astype(jnp.bfloat16) + jnp.zeros((), jnp.bfloat16)).astype(jnp.float32)), BT), {"w1"}),
+    "float16_relu_exp_minus_one_rms_units": (_plain(lambda h: rms_norm(
+        jnp.exp(jax.nn.relu(h.astype(jnp.float16))) - 1).astype(jnp.float32), BT), {"w1"}),
     "centred_sigmoid_rms_units": (_plain(lambda h: rms_norm(jax.nn.sigmoid(h) - 0.5), BT),
                                   {"w1"}),
     "one_minus_cos_rms_units": (_plain(lambda h: rms_norm(1.0 - jnp.cos(h)), BT), {"w1"}),
@@ -277,6 +286,12 @@ _REFUSED = {
         (h + 1e-40) * 1e30 - float(np.float32(1e-40) * np.float32(1e30)))), BT), _NOT_ZERO),
     "zero_times_log_zero_rms_units": (_plain(lambda h: rms_norm(h * jnp.log(jnp.abs(h))), BT),
                                       _NOT_ZERO),
+    # (a second probe) 0 times a value not known at a masked unit but infinite or NaN there
+    "zero_times_sqrt_of_negative_rms_units": (_plain(
+        lambda h: rms_norm(h * jnp.sqrt(h * h - 1e-6)), BT), _NOT_ZERO),
+    "zero_times_lgamma_rms_units": (_plain(lambda h: rms_norm(h * lax.lgamma(h)), BT), _NOT_ZERO),
+    "zero_times_overflowing_exp_rms_units": (_plain(
+        lambda h: rms_norm(h * jnp.exp(88.8 - 1000.0 * h * h)), BT), _NOT_ZERO),
     "zero_over_maybe_zero_rms_units": (_plain(lambda h: rms_norm(
         h / (jnp.abs(h) + jax.nn.relu(h.sum(-1, keepdims=True)))), BT), _NOT_ZERO),
     "max_of_tanh_units": (_plain(lambda h: h - jnp.max(h, -1, keepdims=True), BT),
@@ -308,6 +323,11 @@ _FIXED = {   # name: (model, groups, the TraceError at another batch size, or No
     "slice_batch": (_plain(lambda h: h[1:] - h[:-1], BD), {"w1"}, _SLICED),
     # an empty slice of the time axis raised a ZeroDivisionError in trace (a probe's finding)
     "empty_slice_time": (_plain(lambda h: h[:, :0].sum(1, keepdims=True) + h, BT), {"w1"}, None),
+    # complex values, and a NaN cast to an integer, raised in trace (a second probe's findings)
+    "complex_exp_minus_one_rms_units": (_plain(lambda h: jnp.real(_complex_rms(
+        jnp.exp(h.astype(jnp.complex64)) - 1)), BT), set(), None),
+    "int_cast_of_inf_rms_units": (_plain(lambda h: rms_norm(
+        jnp.tanh(h) + (1.0 / h).astype(jnp.int32)), BT), set(), None),
     "roll_batch": (_plain(lambda h: jnp.roll(h, 1, 0), BD), {"w1"}, _SLICED),
     "dynamic_update_slice_zeros_time": (_plain(
         lambda h: lax.dynamic_update_slice_in_dim(h, jnp.zeros_like(h[:, :2]), 1, 1), BT),
