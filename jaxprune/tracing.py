@@ -2606,16 +2606,16 @@ def _exact_op(eqn, vals):
   float64 and taken where the result is representable, which is exact for bfloat16 and float16,
   however XLA rounds between ops), and :data:`_SPECIAL_VALUES`, on values that are not
   subnormal; None otherwise (complex values too). Each value is one number: a constant's
-  entries are a scalar literal's, moved. A value that is not finite is NaN here, whatever its
-  sign (XLA may take -0.0 for 0.0 and give -inf for inf): never zero, and compared with
-  nothing."""
+  entries are a scalar literal's, moved. A value computed to be infinite is NaN here, whatever
+  its sign (XLA may take -0.0 for 0.0 and give -inf for inf): never zero, and compared with
+  nothing; a constant's inf is itself (``max(-inf, h)``)."""
   name, out_dtype = eqn.primitive.name, eqn.outvars[0].aval.dtype
   vals = [_uniform(np.asarray(v, u.aval.dtype)) for v, u in zip(vals, eqn.invars)]
   if any(v is None or jnp.issubdtype(v.dtype, jnp.complexfloating) for v in vals) or not (
       _is_float(out_dtype) or np.dtype(out_dtype) == np.bool_):
     return None
   nan = np.asarray(np.nan, out_dtype) if _is_float(out_dtype) else None
-  if any(_is_float(v.dtype) and not np.isfinite(float(v)) for v in vals):
+  if any(_is_float(v.dtype) and np.isnan(float(v)) for v in vals):
     return None if name in _COMPARISONS else nan
   if any(map(_subnormal, vals)):
     return None
@@ -2641,9 +2641,10 @@ def _exact_op(eqn, vals):
            if name == "convert_element_type" else np.asarray(f(*wide, **params)))
   if r64.dtype == np.bool_:
     return r64
-  if not np.isfinite(r64):            # (an overflow, x / 0)
+  with np.errstate(all="ignore"):
+    r = np.asarray(r64, out_dtype)
+  if not (np.isfinite(r64) and np.isfinite(float(r))):   # (x / 0, an overflow)
     return nan
-  r = np.asarray(r64, out_dtype)
   if float(r) != float(r64) and name not in _EXACT_PRODUCTS:
     return None                       # (a sum or a cast rounded: XLA may round it elsewhere)
   if _subnormal(r) or name in _EXACT_PRODUCTS and not _exact_product(name, vals, r, params):
@@ -2749,14 +2750,17 @@ def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo
         inner = _body(eqn)
         out = value(path, inner.invars[nc + j] if j < eqn.params["num_carry"] else
                     inner.outvars[j])
-      elif name == "dot_general":       # zero where an operand holding the units on an axis
-        (lc, rc), _ = eqn.params["dimension_numbers"]   # it keeps is zero
-        if any(held(scope, u) - set(c) and is_zero(scope, u) for u, c in zip(ins, (lc, rc))):
+      elif name in ("dot_general", "conv_general_dilated"):   # zero where an operand holding
+        if name == "dot_general":       # the units on an axis it keeps is zero (a kernel's
+          (lc, rc), _ = eqn.params["dimension_numbers"]     # output channels); NaN (not
+          kept = [held(scope, u) - set(c) for u, c in zip(ins, (lc, rc))]   # finite) where
+        else:                           # one is NaN
+          kept = [set(), {eqn.params["dimension_numbers"].rhs_spec[0]} & held(scope, ins[1])]
+        vals = [value(scope, u) if k else None for u, k in zip(ins, kept)]
+        if any(c is not None and c == 0 for c in vals):
           out = np.zeros((), var.aval.dtype)
-      elif name == "conv_general_dilated":           # a kernel's output channels
-        cout = eqn.params["dimension_numbers"].rhs_spec[0]
-        if cout in held(scope, ins[1]) and is_zero(scope, ins[1]):
-          out = np.zeros((), var.aval.dtype)
+        elif any(c is not None and np.isnan(np.asarray(c, np.float64)) for c in vals):
+          out = np.asarray(np.nan, var.aval.dtype)
       elif name in ("concatenate", "pad"):   # (a concatenation's parts that hold the units:
         vals = [value(scope, u) for u in ins   # along them, the others are other units)
                 if name == "pad" or held(scope, u)]
@@ -2785,8 +2789,12 @@ def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo
         elif out is None and name == "div" and one[0] is not None and one[0] == 0 and (
             not held(scope, ins[1]) if vals[1] is None else finite(1) and one[1] != 0):
           out = np.zeros((), var.aval.dtype)         # zero over a statistic of the example
-      if out is None and name in _VALUE_MOVES:
+      if out is None and name in _VALUE_MOVES and not (   # (the maximum of nothing: -inf)
+          name in ("reduce_max", "reduce_min") and 0 in ins[0].aval.shape):
         out = value(scope, ins[0])
+      if out is None and name in ("reduce_sum", "cumsum"):   # NaN (not finite) summed over
+        c = value(scope, ins[0])                             # other axes
+        out = c if c is not None and np.isnan(np.asarray(c, np.float64)) else None
       if (out is None and name in _ZERO_KEEPING and is_zero(scope, ins[0])
           and not (name == "integer_pow" and eqn.params["y"] <= 0)):
         out = np.zeros((), var.aval.dtype)
@@ -2834,7 +2842,8 @@ def _finite_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int, me
         out = finite(path, body.outvars[list(eqn.outvars).index(var)])
       else:
         ins = eqn.invars[1:] if name == "select_n" else eqn.invars
-        out = name in _FINITE_KEEPING and all(finite(scope, u) for u in ins)
+        out = (name in _FINITE_KEEPING and all(finite(scope, u) for u in ins)
+               and not (name == "integer_pow" and eqn.params["y"] < 0))
   memo[key] = out
   return out
 

@@ -294,6 +294,14 @@ _REFUSED = {
         lambda h: rms_norm(h * jnp.exp(88.8 - 1000.0 * h * h)), BT), _NOT_ZERO),
     "zero_over_maybe_zero_rms_units": (_plain(lambda h: rms_norm(
         h / (jnp.abs(h) + jax.nn.relu(h.sum(-1, keepdims=True)))), BT), _NOT_ZERO),
+    # (a third probe) 0 times a negative power of a value zero there; an overflow at a masked
+    # unit in float32 (it raised in trace); the maximum of an empty slice is -inf, not exp(0)
+    "zero_times_negative_power_rms_units": (_plain(
+        lambda h: rms_norm(h * (jnp.sin(h + 1.5707964) - 1.0) ** -2), BT), _NOT_ZERO),
+    "overflow_at_a_masked_unit_rms_units": (_plain(
+        lambda h: rms_norm(jnp.exp(h) * 1e38 * 10.0 - 1), BT), _NOT_ZERO),
+    "max_of_empty_slice_rms_units": (_plain(lambda h: rms_norm(jnp.clip(lax.reduce_max(
+        jnp.exp(h)[:, :0], (1,)), -5, 5)[:, None, :] - 1 + 0 * h), BT), _NOT_ZERO),
     "max_of_tanh_units": (_plain(lambda h: h - jnp.max(h, -1, keepdims=True), BT),
                           "reduced over by reduce_max"),
     "sum_of_exp_units": (_plain(lambda h: h / jnp.exp(h).sum(-1, keepdims=True), BT), _NOT_ZERO),
