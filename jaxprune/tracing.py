@@ -2703,11 +2703,13 @@ def _zero_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int = 0, 
 def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo=None):
   """The one value (a 0-d array in ``var``'s dtype) that ``var`` (at ``scope``) holds at every
   entry of a unit of class ``root`` whose params are zeroed (masked), or None where that is not
-  shown: a param holding the units is 0 there; products with it are 0, and elementwise ops of
-  values known there and of constants give what NumPy computes (``exp(h)`` is 1, so
+  shown: a param holding the units is 0 there; products with it are 0 where the other factor is
+  finite (:func:`_finite_when_masked`); elementwise ops of values known there and of constants
+  are computed where XLA computes the same bits (:func:`_exact_op`: ``exp(h)`` is 1, so
   ``exp(h) - 1.0`` is 0 again; ``sigmoid(h) - 0.5`` and ``1 - cos(h)`` too); moves pass a value
-  on, sums over other axes a zero; a contraction's output is 0 where the operand holding the
-  units on an axis it keeps is."""
+  on, sums over other axes a zero (or NaN); a contraction's output is 0 where the operand
+  holding the units on an axis it keeps is; a scan's carry holds its initial value by induction
+  (:func:`_scan_input_value`)."""
   memo = {} if memo is None else memo
   if isinstance(var, jex.core.Literal):
     return _uniform(np.asarray(var.val, var.aval.dtype))
@@ -2855,8 +2857,8 @@ copy copy_p""".split())
 def _constant_values(w: _Walker, scope: tuple, var, depth: int = 0):
   """The values (in any shape) of ``var`` when it is made from literals of the program alone:
   passed on by moves and into followed calls (jnp's ``where`` and ``clip`` take their scalars
-  as operands of a jitted body), and by elementwise ops NumPy computes (``jnp.log(2.0)`` in the
-  function); None otherwise."""
+  as operands of a jitted body), and by elementwise ops where :func:`_exact_op` computes them
+  (``2.0 * 0.5`` in the function; not ``jnp.log(2.0)``); None otherwise."""
   if isinstance(var, jex.core.Literal):
     return np.asarray(var.val)
   where = w._definition(scope, var) if depth < 64 else None
