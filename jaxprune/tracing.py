@@ -2813,6 +2813,28 @@ concatenate pad convert_element_type reduce_precision
 """.split()) | _VALUE_MOVES
 
 
+def _made_by(w: _Walker, scope: tuple, var):
+  """Where ``var`` (at ``scope``) is made, through followed calls (from a body's input to its
+  call site's operand, from a call's output into its body): ``(scope, var, eqn)``, ``eqn`` the
+  primitive equation making ``var`` at ``scope``, or None for a literal, an input, a scan's
+  carry or ``xs``, or a closed-over constant."""
+  for _ in range(256):
+    if isinstance(var, jex.core.Literal):
+      break
+    where = w._definition(scope, var)
+    if where is None:
+      break
+    if where[0] == "in":
+      scope, var = where[1], where[2]
+      continue
+    _, path, eqn = where
+    body = _call_body(eqn)[0]
+    if body is None:
+      return scope, var, eqn
+    scope, var = path, body.outvars[list(eqn.outvars).index(var)]
+  return scope, var, None
+
+
 def _finite_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int, memo) -> bool:
   """Whether ``var`` is finite at a masked unit of class ``root``, where :func:`_masked_value`
   does not know its value: a param, a statistic of the example (no axis of the units, the same
@@ -2830,22 +2852,14 @@ def _finite_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int, me
   elif not _held_axes(w, scope, var, root) or var in w.origin:
     out = True
   else:
-    where = w._definition(scope, var)
-    finite = lambda sc, v: _finite_when_masked(w, sc, v, root, depth + 1, memo)
-    if where is None:
-      out = False
-    elif where[0] == "in":
-      out = finite(where[1], where[2])
+    sc, made, eqn = _made_by(w, scope, var)
+    if eqn is None:
+      out = isinstance(made, jex.core.Literal)
     else:
-      _, path, eqn = where
-      body = _call_body(eqn)[0]
       name = eqn.primitive.name
-      if body is not None:
-        out = finite(path, body.outvars[list(eqn.outvars).index(var)])
-      else:
-        ins = eqn.invars[1:] if name == "select_n" else eqn.invars
-        out = (name in _FINITE_KEEPING and all(finite(scope, u) for u in ins)
-               and not (name == "integer_pow" and eqn.params["y"] < 0))
+      ins = eqn.invars[1:] if name == "select_n" else eqn.invars
+      out = (name in _FINITE_KEEPING and not (name == "integer_pow" and eqn.params["y"] < 0)
+             and all(_finite_when_masked(w, sc, u, root, depth + 1, memo) for u in ins))
   memo[key] = out
   return out
 
@@ -2891,21 +2905,13 @@ def _never_negative(w: _Walker, scope: tuple, var, depth: int = 0) -> bool:
   """Whether ``var`` (at ``scope``) is never negative by how it is made: ``abs``, a square, an
   even power, ``relu``'s ``max(h, 0)``, ``exp``, ``sigmoid``, sums and products of such values
   and moves of them, also inside followed calls (``jax.nn.relu``'s ``custom_jvp``)."""
+  scope, var, eqn = _made_by(w, scope, var)
   if isinstance(var, jex.core.Literal):
     return bool(np.all(np.asarray(var.val) >= 0))
-  if depth > 64:
+  if eqn is None or depth > 64:
     return False
-  where = w._definition(scope, var)
-  if where is None:
-    return False
-  if where[0] == "in":
-    return _never_negative(w, where[1], where[2], depth + 1)
-  _, path, eqn = where
   name, ins = eqn.primitive.name, eqn.invars
   nonneg = lambda v: _never_negative(w, scope, v, depth + 1)
-  body = _call_body(eqn)[0]
-  if body is not None:
-    return _never_negative(w, path, body.outvars[list(eqn.outvars).index(var)], depth + 1)
   if name in _NON_NEGATIVE:
     return True
   if name == "integer_pow":
