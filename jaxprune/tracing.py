@@ -290,6 +290,7 @@ _AT_SEVERAL_OFFSETS = ("a concatenation that holds the units at several offsets 
                        "h[senders] and h[receivers], CReLU's relu(h) and relu(-h)), where a "
                        "constant unit's value may differ from one offset to the next")
 
+_CONST_VALUES_MAX = 1 << 16   # the most entries of a closed-over constant whose values are read
 _CLOSED_OVER = ("tied to an array fn closes over (not in params); pass per-unit variables such "
                 "as batch statistics in params (linen: the whole variables; nnx: graphdef, "
                 "params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...) and "
@@ -427,6 +428,7 @@ class _Walker:
     self.repeated_parts: set = set()           # part roots at several offsets of one of them
     self.jaxpr_at: dict[tuple, Any] = {}       # scope (path of the calling eqn) -> its jaxpr
     self._eqn_index: dict[tuple, dict] = {}    # scope -> {outvar: eqn index} (eqn_index)
+    self.const_values: dict = {}   # closed-over constant (constvar) -> its value (_note_consts)
 
   # -- helpers ---------------------------------------------------------------------------------
   def fresh(self, shape, blocked=None):
@@ -446,6 +448,7 @@ class _Walker:
         self.stream.add(v)
         for a in ax:
           self.atoms.block(a[0], "an axis of the function's inputs")
+    self._note_consts(jaxpr.constvars, closed.consts)
     for v in jaxpr.constvars:
       env[v] = self.fresh(v.aval.shape, _CLOSED_OVER if jnp.issubdtype(
           v.aval.dtype, jnp.inexact) else _CLOSED_OVER_INDEX)
@@ -457,6 +460,14 @@ class _Walker:
           self.atoms.block(a, "reaches the function's outputs")
     self.out_vars = list(jaxpr.outvars)
     self.env = env
+
+  def _note_consts(self, constvars, consts):
+    """Keeps the values of small closed-over constants (a jax scalar ``C`` in ``exp(h) - C``)
+    for :func:`_constant_values`; a tracer's (``trace`` called under a transform) or a large
+    array's are not kept."""
+    for v, c in zip(constvars, consts):
+      if not isinstance(c, jax.core.Tracer) and np.size(c) <= _CONST_VALUES_MAX:
+        self.const_values[v] = np.asarray(c)
 
   def _read(self, env, v):
     if isinstance(v, jex.core.Literal):
@@ -823,8 +834,9 @@ class _Walker:
     out_shapes = [tuple(v.aval.shape) if hasattr(v.aval, "shape") else () for v in eqn.outvars]
 
     if name in _CALLS:
-      inner, _ = _call_body(eqn)
+      inner, consts = _call_body(eqn)
       if inner is not None:
+        self._note_consts(inner.constvars, consts)
         ienv = {}
         n_in = len(inner.invars)
         for v, ax in zip(inner.invars, ins[len(ins) - n_in:]):
@@ -1083,6 +1095,7 @@ class _Walker:
     ienv = dict(zip(inner.invars, inner_ins))
     for v, ax in ienv.items():
       self.scoped_env[(path, v)] = ax      # the body's inputs, as its ops' outputs are
+    self._note_consts(inner.constvars, closed.consts)
     for v in inner.constvars:
       ienv[v] = self.fresh(v.aval.shape, "tied to a constant array of fixed shape")
     # Which body inputs depend on the function's inputs: a carry does once any step makes it
@@ -2553,10 +2566,11 @@ transpose reduce_sum reduce_max reduce_min cumsum slice split dynamic_slice rev
 name optimization_barrier sharding_constraint stop_gradient real imag
 """.split())
 # Ops that pass on the one value a masked unit's entries hold, whatever it is (moves, maxima
-# and minima over other axes); sums over other axes pass on a zero alone (_ZERO_KEEPING).
+# and minima over other axes, running ones too); sums over other axes pass on a zero alone
+# (_ZERO_KEEPING).
 _VALUE_MOVES = frozenset("""
 reshape broadcast_in_dim squeeze expand_dims copy copy_p transpose reduce_max reduce_min slice
-split dynamic_slice rev name optimization_barrier sharding_constraint stop_gradient
+split dynamic_slice rev name optimization_barrier sharding_constraint stop_gradient cummax cummin
 """.split())
 # Elementwise ops whose IEEE results are correctly rounded, so that NumPy and XLA compute the same
 # bits (on values that are not subnormal: XLA:CPU flushes those to zero); products and
@@ -2776,6 +2790,10 @@ def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo
           out = vals[0]
       elif name == "gather":
         out = _gathered(eqn, value(scope, ins[0]))
+      elif name == "sort":              # along another axis: a masked unit's rows hold its
+        k = list(eqn.outvars).index(var)   # one value, in any order
+        if eqn.params["dimension"] not in held(scope, ins[k]):
+          out = value(scope, ins[k])
       elif name in _MASKED_OPS or name in _SPECIAL_VALUES or name == "pow":
         vals = [operand(scope, u) for u in ins]      # elementwise: computed on the values
         if all(c is not None for c in vals):         # where exact (XLA's bits too)
@@ -2811,6 +2829,13 @@ add add_any sub neg mul max min select_n clamp tanh logistic sin cos erf atan si
 square integer_pow reduce_sum reduce_max reduce_min cumsum dot_general conv_general_dilated
 concatenate pad convert_element_type reduce_precision
 """.split()) | _VALUE_MOVES
+
+
+def _fixed_values(w: _Walker, var):
+  """The values of a literal or of a closed-over constant whose values are kept, or None."""
+  if isinstance(var, jex.core.Literal):
+    return np.asarray(var.val)
+  return w.const_values.get(var)
 
 
 def _made_by(w: _Walker, scope: tuple, var):
@@ -2869,15 +2894,16 @@ _CONSTANT_MOVES = frozenset("""convert_element_type broadcast_in_dim reshape squ
 copy copy_p""".split())
 
 def _constant_values(w: _Walker, scope: tuple, var, depth: int = 0):
-  """The values (in any shape) of ``var`` when it is made from literals of the program alone:
-  passed on by moves and into followed calls (jnp's ``where`` and ``clip`` take their scalars
-  as operands of a jitted body), and by elementwise ops where :func:`_exact_op` computes them
-  (``2.0 * 0.5`` in the function; not ``jnp.log(2.0)``); None otherwise."""
+  """The values (in any shape) of ``var`` when it is made from literals of the program and
+  small closed-over constants alone (a jax scalar ``C`` the function closes over): passed on by
+  moves and into followed calls (jnp's ``where`` and ``clip`` take their scalars as operands of
+  a jitted body), and by elementwise ops where :func:`_exact_op` computes them (``2.0 * 0.5``
+  in the function; not ``jnp.log(2.0)``); None otherwise."""
   if isinstance(var, jex.core.Literal):
     return np.asarray(var.val)
   where = w._definition(scope, var) if depth < 64 else None
   if where is None:
-    return None
+    return _fixed_values(w, var)
   if where[0] == "in":
     return _constant_values(w, where[1], where[2], depth + 1)
   eqn = where[2]
@@ -2906,8 +2932,8 @@ def _never_negative(w: _Walker, scope: tuple, var, depth: int = 0) -> bool:
   even power, ``relu``'s ``max(h, 0)``, ``exp``, ``sigmoid``, sums and products of such values
   and moves of them, also inside followed calls (``jax.nn.relu``'s ``custom_jvp``)."""
   scope, var, eqn = _made_by(w, scope, var)
-  if isinstance(var, jex.core.Literal):
-    return bool(np.all(np.asarray(var.val) >= 0))
+  if eqn is None and (c := _fixed_values(w, var)) is not None:
+    return bool(np.all(c >= 0))
   if eqn is None or depth > 64:
     return False
   name, ins = eqn.primitive.name, eqn.invars

@@ -70,6 +70,8 @@ def _attention_params(rng):
           "wk": _arr(rng, H, 4), "wv": _arr(rng, H, 5), "w2": _arr(rng, 5, O), "b2": _arr(rng, O)}
 
 
+_ONE, _HALF, _NEAR_ONE = jnp.float32(1.0), jnp.float32(0.5), jnp.float32(0.9)
+
 _SENDERS, _RECEIVERS = np.array([0, 1, 2, 3, 0, 2]), np.array([1, 2, 3, 0, 2, 0])
 
 
@@ -149,9 +151,22 @@ _FOLLOWED = {
     "one_minus_cos_rms_units": (_plain(lambda h: rms_norm(1.0 - jnp.cos(h)), BT), {"w1"}),
     "where_on_exp_picks_h_rms_units": (_plain(
         lambda h: rms_norm(jnp.where(jnp.exp(h) > 0.5, h, 3.0)), BT), {"w1"}),
+    # jax scalars the model closes over (constvars of its program), read as literals are
+    "exp_minus_closed_over_one_rms_units": (_plain(lambda h: rms_norm(jnp.exp(h) - _ONE), BT),
+                                            {"w1"}),
+    "exp_minus_closed_over_one_in_jit_rms_units": (_plain(
+        jax.jit(lambda h: rms_norm(jnp.exp(h) - 2 * _HALF)), BT), {"w1"}),
+    # sorts and running maxima along time keep a masked unit's one value (its rows, reordered)
+    "sort_time_rms_units": (_plain(lambda h: rms_norm(jnp.sort(h, 1)), BT), {"w1"}),
+    "sort_by_exp_time_rms_units": (_plain(lambda h: rms_norm(
+        lax.sort((jnp.exp(h), h), dimension=1, num_keys=1)[1]), BT), {"w1"}),
+    "cummin_exp_minus_one_time_rms_units": (_plain(
+        lambda h: rms_norm(lax.cummin(jnp.exp(h), 1) - 1.0), BT), {"w1"}),
     # a maximum of values never negative: a masked unit's 0 is no maximum
     "linf_norm_units": (_plain(lambda h: h / (jnp.max(jnp.abs(h), -1, keepdims=True) + 1e-3),
                                BT), {"w1"}),
+    "linf_norm_of_relu_times_closed_over_scalar_units": (_plain(lambda h: (lambda a: a / (
+        jnp.max(a, -1, keepdims=True) + 1e-3))(jax.nn.relu(h) * _HALF), BT), {"w1"}),
     # (jax.nn.standardize's and flax's LayerNorm's variance is E[h^2] - E[h]^2: two such sums)
     "layer_norm_units": (_plain(lambda h: jax.nn.standardize(h, -1), BT), {"w1"}),
     "cumsum_time": (_plain(lambda h: jnp.cumsum(h, 1), BT), {"w1"}),
@@ -302,6 +317,14 @@ _REFUSED = {
         lambda h: rms_norm(jnp.exp(h) * 1e38 * 10.0 - 1), BT), _NOT_ZERO),
     "max_of_empty_slice_rms_units": (_plain(lambda h: rms_norm(jnp.clip(lax.reduce_max(
         jnp.exp(h)[:, :0], (1,)), -5, 5)[:, None, :] - 1 + 0 * h), BT), _NOT_ZERO),
+    # (a running product along time is not followed, though exp(0) ** t - 1 is 0 too)
+    "cumprod_exp_minus_one_time_rms_units": (_plain(
+        lambda h: rms_norm(jnp.cumprod(jnp.exp(h), 1) - 1.0), BT), _NOT_ZERO),
+    "exp_minus_closed_over_near_one_rms_units": (_plain(
+        lambda h: rms_norm(jnp.exp(h) - _NEAR_ONE), BT), _NOT_ZERO),
+    "linf_norm_of_relu_times_closed_over_negative_units": (_plain(lambda h: (lambda a: a / (
+        jnp.max(a, -1, keepdims=True) + 1e-3))(jax.nn.relu(h) * (_HALF - 1)), BT),
+        "reduced over by reduce_max"),
     "max_of_tanh_units": (_plain(lambda h: h - jnp.max(h, -1, keepdims=True), BT),
                           "reduced over by reduce_max"),
     "sum_of_exp_units": (_plain(lambda h: h / jnp.exp(h).sum(-1, keepdims=True), BT), _NOT_ZERO),
