@@ -462,11 +462,13 @@ class _Walker:
     self.env = env
 
   def _note_consts(self, constvars, consts):
-    """Keeps the values of small closed-over constants (a jax scalar ``C`` in ``exp(h) - C``)
-    for :func:`_constant_values`; a tracer's (``trace`` called under a transform) or a large
-    array's are not kept."""
+    """Keeps the values of small closed-over numeric constants (a jax scalar ``C`` in
+    ``exp(h) - C``) for :func:`_constant_values`; a tracer's (``trace`` called under a
+    transform), a PRNG key's or a large array's are not kept."""
     for v, c in zip(constvars, consts):
-      if not isinstance(c, jax.core.Tracer) and np.size(c) <= _CONST_VALUES_MAX:
+      dtype = v.aval.dtype
+      if ((jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_)
+          and not isinstance(c, jax.core.Tracer) and np.size(c) <= _CONST_VALUES_MAX):
         self.const_values[v] = np.asarray(c)
 
   def _read(self, env, v):

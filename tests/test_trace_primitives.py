@@ -71,6 +71,7 @@ def _attention_params(rng):
 
 
 _ONE, _HALF, _NEAR_ONE = jnp.float32(1.0), jnp.float32(0.5), jnp.float32(0.9)
+_KEY = jax.random.key(0)
 
 _SENDERS, _RECEIVERS = np.array([0, 1, 2, 3, 0, 2]), np.array([1, 2, 3, 0, 2, 0])
 
@@ -156,6 +157,9 @@ _FOLLOWED = {
                                             {"w1"}),
     "exp_minus_closed_over_one_in_jit_rms_units": (_plain(
         jax.jit(lambda h: rms_norm(jnp.exp(h) - 2 * _HALF)), BT), {"w1"}),
+    # (a closed-over PRNG key has no values to read: a fixed dropout along time, before a norm)
+    "closed_over_key_dropout_time_rms_units": (_plain(lambda h: rms_norm(
+        h * jax.random.bernoulli(_KEY, 0.5, (T, 1)).astype(h.dtype)), BT), {"w1"}),
     # sorts and running maxima along time keep a masked unit's one value (its rows, reordered)
     "sort_time_rms_units": (_plain(lambda h: rms_norm(jnp.sort(h, 1)), BT), {"w1"}),
     "sort_by_exp_time_rms_units": (_plain(lambda h: rms_norm(
