@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import fractions
 import math
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -464,11 +465,12 @@ class _Walker:
   def _note_consts(self, constvars, consts):
     """Keeps the values of small closed-over numeric constants (a jax scalar ``C`` in
     ``exp(h) - C``) for :func:`_constant_values`; a tracer's (``trace`` called under a
-    transform), a PRNG key's or a large array's are not kept."""
+    transform), a PRNG key's, a deleted array's or a large array's are not kept."""
     for v, c in zip(constvars, consts):
       dtype = v.aval.dtype
       if ((jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_)
-          and not isinstance(c, jax.core.Tracer) and np.size(c) <= _CONST_VALUES_MAX):
+          and not isinstance(c, jax.core.Tracer) and np.size(c) <= _CONST_VALUES_MAX
+          and not (isinstance(c, jax.Array) and c.is_deleted())):
         self.const_values[v] = np.asarray(c)
 
   def _read(self, env, v):
@@ -1064,6 +1066,9 @@ class _Walker:
 
     if name in ("sort", "argsort"):
       d = eqn.params["dimension"]
+      for x in ins[1:]:        # sorted together: one permutation moves every operand's entries
+        for k in range(len(x)):
+          A.unify(ins[0][k], x[k], "sorted together with another operand")
       for x in ins:
         for a in x[d]:
           A.block(a, f"sorted along by {name}")
@@ -2681,6 +2686,18 @@ def _gathered(eqn, c):
   return c if fill is not None and (np.isnan(fill) or c == fill) else None
 
 
+def _is_finite(c) -> bool:
+  """Whether the one value ``c`` is finite (a complex one: both its parts)."""
+  c = np.asarray(c)
+  return bool(np.isfinite(c.astype(np.complex128 if c.dtype.kind == "c" else np.float64)))
+
+
+def _is_nan(c) -> bool:
+  """Whether the one value ``c`` is NaN (a complex one: either of its parts)."""
+  c = np.asarray(c)
+  return bool(np.isnan(c.astype(np.complex128 if c.dtype.kind == "c" else np.float64)))
+
+
 def _uniform(c):
   """The one value of the array ``c`` (a 0-d array; NaN where every entry is), or None where
   ``c`` is None, empty or holds more than one value."""
@@ -2777,7 +2794,7 @@ def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo
         vals = [value(scope, u) if k else None for u, k in zip(ins, kept)]
         if any(c is not None and c == 0 for c in vals):
           out = np.zeros((), var.aval.dtype)
-        elif any(c is not None and np.isnan(np.asarray(c, np.float64)) for c in vals):
+        elif any(c is not None and _is_nan(c) for c in vals):
           out = np.asarray(np.nan, var.aval.dtype)
       elif name in ("concatenate", "pad"):   # (a concatenation's parts that hold the units:
         vals = [value(scope, u) for u in ins   # along them, the others are other units)
@@ -2804,7 +2821,7 @@ def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo
         def finite(i):                 # known finite, or finite by how it is made
           if vals[i] is None:
             return _finite_when_masked(w, scope, ins[i], root, depth + 1, memo)
-          return one[i] is not None and bool(np.isfinite(np.asarray(one[i], np.float64)))
+          return one[i] is not None and _is_finite(one[i])
         if out is None and name == "mul" and any(c is not None and c == 0 for c in one) and (
             finite(0) and finite(1)):
           out = np.zeros((), var.aval.dtype)         # zero times a finite value
@@ -2816,7 +2833,7 @@ def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo
         out = value(scope, ins[0])
       if out is None and name in ("reduce_sum", "cumsum"):   # NaN (not finite) summed over
         c = value(scope, ins[0])                             # other axes
-        out = c if c is not None and np.isnan(np.asarray(c, np.float64)) else None
+        out = c if c is not None and _is_nan(c) else None
       if (out is None and name in _ZERO_KEEPING and is_zero(scope, ins[0])
           and not (name == "integer_pow" and eqn.params["y"] <= 0)):
         out = np.zeros((), var.aval.dtype)
@@ -2831,6 +2848,23 @@ add add_any sub neg mul max min select_n clamp tanh logistic sin cos erf atan si
 square integer_pow reduce_sum reduce_max reduce_min cumsum dot_general conv_general_dilated
 concatenate pad convert_element_type reduce_precision
 """.split()) | _VALUE_MOVES
+
+
+def _exact_cast(c, dtype):
+  """The values ``c`` cast to ``dtype`` where the cast changes none of them (``2.0`` to int32,
+  ``1`` to bool), or None: a cast that rounds (``1.5`` to int32, ``0.5`` to bool, ``1.001`` to
+  bfloat16) may round otherwise in XLA."""
+  if c is None or np.dtype(dtype).kind not in "biufc":
+    return None
+  c = np.asarray(c)
+  with np.errstate(all="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore")   # (NumPy's ComplexWarning, a NaN cast to an integer)
+    out = c.astype(dtype)
+    back = out.astype(c.dtype)
+  same = back == c
+  if c.dtype.kind in "fc" and np.dtype(dtype).kind in "fc":
+    same |= np.isnan(back) & np.isnan(c)
+  return out if bool(np.all(same)) else None
 
 
 def _fixed_values(w: _Walker, var):
@@ -2875,7 +2909,7 @@ def _finite_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int, me
     return False
   c = _masked_value(w, scope, var, root, depth + 1, memo)
   if c is not None:
-    out = bool(np.isfinite(np.asarray(c, np.float64)))
+    out = _is_finite(c)
   elif not _held_axes(w, scope, var, root) or var in w.origin:
     out = True
   else:
@@ -2892,8 +2926,8 @@ def _finite_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int, me
 
 
 # Ops that keep a constant's values (a literal passed on, reshaped, converted).
-_CONSTANT_MOVES = frozenset("""convert_element_type broadcast_in_dim reshape squeeze expand_dims
-copy copy_p""".split())
+_CONSTANT_MOVES = frozenset("""broadcast_in_dim reshape squeeze expand_dims copy copy_p
+""".split())
 
 def _constant_values(w: _Walker, scope: tuple, var, depth: int = 0):
   """The values (in any shape) of ``var`` when it is made from literals of the program and
@@ -2911,6 +2945,9 @@ def _constant_values(w: _Walker, scope: tuple, var, depth: int = 0):
   eqn = where[2]
   if eqn.primitive.name in _CONSTANT_MOVES:
     return _constant_values(w, scope, eqn.invars[0], depth + 1)
+  if eqn.primitive.name == "convert_element_type":
+    return _exact_cast(_constant_values(w, scope, eqn.invars[0], depth + 1),
+                       eqn.outvars[0].aval.dtype)
   name = eqn.primitive.name
   if name in _MASKED_OPS or name in _SPECIAL_VALUES or name == "pow":
     vals = [_constant_values(w, scope, u, depth + 1) for u in eqn.invars]

@@ -71,7 +71,23 @@ def _attention_params(rng):
 
 
 _ONE, _HALF, _NEAR_ONE = jnp.float32(1.0), jnp.float32(0.5), jnp.float32(0.9)
+_TWO, _ONE_AND_HALF = jnp.float32(2.0), jnp.float32(1.5)
+_I_INF = jnp.complex64(complex(1, np.inf))
 _KEY = jax.random.key(0)
+_TIME_KEYS = jnp.asarray(np.arange(T, 0, -1, dtype=np.float32)[:, None])   # (T, 1)
+
+
+def _sorted_by_another_layer(p, x):
+  """h sorted along time by another layer's g: one permutation moves both, so a unit of h is
+  one of g (the two layers' units were two groups, and masking one moved the other's)."""
+  h = jnp.tanh(x @ p["w1"] + p["b1"])
+  g = jnp.tanh(x @ p["w3"] + p["b3"])
+  return lax.sort((g, h), dimension=1, num_keys=1)[1] @ p["w2"] + g @ p["w4"] + p["b2"]
+
+
+def _two_layer_params(rng):
+  return {"w1": _arr(rng, D, H), "b1": _arr(rng, H), "w3": _arr(rng, D, H), "b3": _arr(rng, H),
+          "w2": _arr(rng, H, O), "w4": _arr(rng, H, O), "b2": _arr(rng, O)}
 
 _SENDERS, _RECEIVERS = np.array([0, 1, 2, 3, 0, 2]), np.array([1, 2, 3, 0, 2, 0])
 
@@ -160,6 +176,9 @@ _FOLLOWED = {
     # (a closed-over PRNG key has no values to read: a fixed dropout along time, before a norm)
     "closed_over_key_dropout_time_rms_units": (_plain(lambda h: rms_norm(
         h * jax.random.bernoulli(_KEY, 0.5, (T, 1)).astype(h.dtype)), BT), {"w1"}),
+    # a cast of a closed-over constant that changes no value (2.0 to int32 and back)
+    "exp_times_two_minus_its_int_cast_rms_units": (_plain(lambda h: rms_norm(
+        jnp.exp(h) * _TWO - _TWO.astype(jnp.int32).astype(jnp.float32)), BT), {"w1"}),
     # sorts and running maxima along time keep a masked unit's one value (its rows, reordered)
     "sort_time_rms_units": (_plain(lambda h: rms_norm(jnp.sort(h, 1)), BT), {"w1"}),
     "sort_by_exp_time_rms_units": (_plain(lambda h: rms_norm(
@@ -324,6 +343,13 @@ _REFUSED = {
     # (a running product along time is not followed, though exp(0) ** t - 1 is 0 too)
     "cumprod_exp_minus_one_time_rms_units": (_plain(
         lambda h: rms_norm(jnp.cumprod(jnp.exp(h), 1) - 1.0), BT), _NOT_ZERO),
+    # a cast that rounds (1.5 to int32 is 1) was read as the value it casts (a probe's finding)
+    "exp_times_one_and_half_minus_its_int_cast_rms_units": (_plain(lambda h: rms_norm(
+        jnp.exp(h) * _ONE_AND_HALF - _ONE_AND_HALF.astype(jnp.int32).astype(jnp.float32)), BT),
+        _NOT_ZERO),
+    # 0 * (1 + inf i) is NaN, though its real part is finite (a probe's finding)
+    "zero_times_complex_inf_rms_units": (_plain(lambda h: rms_norm(
+        jnp.tanh(jnp.imag(h.astype(jnp.complex64) * _I_INF))), BT), _NOT_ZERO),
     "exp_minus_closed_over_near_one_rms_units": (_plain(
         lambda h: rms_norm(jnp.exp(h) - _NEAR_ONE), BT), _NOT_ZERO),
     "linf_norm_of_relu_times_closed_over_negative_units": (_plain(lambda h: (lambda a: a / (
@@ -363,6 +389,14 @@ _FIXED = {   # name: (model, groups, the TraceError at another batch size, or No
         jnp.exp(h.astype(jnp.complex64)) - 1)), BT), set(), None),
     "int_cast_of_inf_rms_units": (_plain(lambda h: rms_norm(
         jnp.tanh(h) + (1.0 / h).astype(jnp.int32)), BT), set(), None),
+    # a sort's operands are sorted together (a probe's findings): sorted by another layer, the
+    # two layers were two groups and compact paired the wrong units; by keys broadcast from a
+    # constant, compact raised (the keys kept the traced width)
+    "sorted_by_another_layer_time": ((_sorted_by_another_layer, _two_layer_params, BT), {"w1"},
+                                     None),
+    "sorted_by_constant_keys_time": (_plain(lambda h: lax.sort(
+        (jnp.broadcast_to(_TIME_KEYS, h.shape), h), dimension=1, num_keys=1)[1], BT), {"w1"},
+        None),
     "roll_batch": (_plain(lambda h: jnp.roll(h, 1, 0), BD), {"w1"}, _SLICED),
     "dynamic_update_slice_zeros_time": (_plain(
         lambda h: lax.dynamic_update_slice_in_dim(h, jnp.zeros_like(h[:, :2]), 1, 1), BT),
@@ -540,3 +574,14 @@ def test_a_reshape_across_a_layers_atoms_keeps_the_batch_axis():
                               xs, atol=1e-5)
     for x in xs:
       assert t.activations(p, x, "w1").shape == (x.shape[0], 5)
+
+
+def test_a_deleted_closed_over_array_leaves_trace_to_run():
+  """trace read the values of every closed-over constant, and a deleted (or donated) one made
+  it raise 'Array has been deleted' (a probe's finding); its values are not read now."""
+  rng = np.random.default_rng(5)
+  gone = jnp.ones(1) * 2.0
+  gone.delete()
+  fn, make, shape = _plain(lambda h: jnp.exp(h) - gone, BT)
+  t = jaxprune.trace(fn, make(rng), _arr(rng, *shape))
+  assert set(t.groups) == {"w1"}
