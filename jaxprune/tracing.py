@@ -2854,15 +2854,15 @@ def _exact_cast(c, dtype):
   """The values ``c`` cast to ``dtype`` where the cast changes none of them (``2.0`` to int32,
   ``1`` to bool), or None: a cast that rounds (``1.5`` to int32, ``0.5`` to bool, ``1.001`` to
   bfloat16) may round otherwise in XLA."""
-  if c is None or np.dtype(dtype).kind not in "biufc":
+  numeric = lambda d: bool(jnp.issubdtype(d, jnp.number)) or d == np.bool_   # (bfloat16 too)
+  if c is None or not numeric(np.dtype(dtype)) or not numeric((c := np.asarray(c)).dtype):
     return None
-  c = np.asarray(c)
   with np.errstate(all="ignore"), warnings.catch_warnings():
     warnings.simplefilter("ignore")   # (NumPy's ComplexWarning, a NaN cast to an integer)
     out = c.astype(dtype)
     back = out.astype(c.dtype)
   same = back == c
-  if c.dtype.kind in "fc" and np.dtype(dtype).kind in "fc":
+  if jnp.issubdtype(c.dtype, jnp.inexact) and jnp.issubdtype(dtype, jnp.inexact):
     same |= np.isnan(back) & np.isnan(c)
   return out if bool(np.all(same)) else None
 
@@ -2925,7 +2925,7 @@ def _finite_when_masked(w: _Walker, scope: tuple, var, root: int, depth: int, me
   return out
 
 
-# Ops that keep a constant's values (a literal passed on, reshaped, converted).
+# Ops that keep a constant's values (a literal passed on, reshaped); casts: _exact_cast.
 _CONSTANT_MOVES = frozenset("""broadcast_in_dim reshape squeeze expand_dims copy copy_p
 """.split())
 
