@@ -179,6 +179,8 @@ _FOLLOWED = {
     # a cast of a closed-over constant that changes no value (2.0 to int32 and back)
     "exp_times_two_minus_its_int_cast_rms_units": (_plain(lambda h: rms_norm(
         jnp.exp(h) * _TWO - _TWO.astype(jnp.int32).astype(jnp.float32)), BT), {"w1"}),
+    "bfloat16_clip_rms_units": (_plain(lambda h: rms_norm(
+        jnp.clip(h.astype(jnp.bfloat16), 0, 6).astype(jnp.float32)), BT), {"w1"}),
     "bfloat16_min_with_cast_of_closed_over_one_rms_units": (_plain(lambda h: rms_norm(
         jnp.minimum(h.astype(jnp.bfloat16), _ONE.astype(jnp.bfloat16)).astype(jnp.float32)), BT),
         {"w1"}),
