@@ -467,9 +467,8 @@ class _Walker:
     ``exp(h) - C``) for :func:`_constant_values`; a tracer's (``trace`` called under a
     transform), a PRNG key's, a deleted array's or a large array's are not kept."""
     for v, c in zip(constvars, consts):
-      dtype = v.aval.dtype
-      if ((jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_)
-          and not isinstance(c, jax.core.Tracer) and np.size(c) <= _CONST_VALUES_MAX
+      if (_numeric(v.aval.dtype) and not isinstance(c, jax.core.Tracer)
+          and np.size(c) <= _CONST_VALUES_MAX
           and not (isinstance(c, jax.Array) and c.is_deleted())):
         self.const_values[v] = np.asarray(c)
 
@@ -2686,16 +2685,25 @@ def _gathered(eqn, c):
   return c if fill is not None and (np.isnan(fill) or c == fill) else None
 
 
+def _numeric(dtype) -> bool:
+  """Whether ``dtype`` holds numbers (bfloat16 and the other ml_dtypes too; not a PRNG key's)."""
+  return bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
+
+
+def _wide(c):
+  """The one value ``c`` in float64, or complex128 where it is complex (for NaN and inf)."""
+  c = np.asarray(c)
+  return c.astype(np.complex128 if c.dtype.kind == "c" else np.float64)
+
+
 def _is_finite(c) -> bool:
   """Whether the one value ``c`` is finite (a complex one: both its parts)."""
-  c = np.asarray(c)
-  return bool(np.isfinite(c.astype(np.complex128 if c.dtype.kind == "c" else np.float64)))
+  return bool(np.isfinite(_wide(c)))
 
 
 def _is_nan(c) -> bool:
   """Whether the one value ``c`` is NaN (a complex one: either of its parts)."""
-  c = np.asarray(c)
-  return bool(np.isnan(c.astype(np.complex128 if c.dtype.kind == "c" else np.float64)))
+  return bool(np.isnan(_wide(c)))
 
 
 def _uniform(c):
@@ -2854,8 +2862,7 @@ def _exact_cast(c, dtype):
   """The values ``c`` cast to ``dtype`` where the cast changes none of them (``2.0`` to int32,
   ``1`` to bool), or None: a cast that rounds (``1.5`` to int32, ``0.5`` to bool, ``1.001`` to
   bfloat16) may round otherwise in XLA."""
-  numeric = lambda d: bool(jnp.issubdtype(d, jnp.number)) or d == np.bool_   # (bfloat16 too)
-  if c is None or not numeric(np.dtype(dtype)) or not numeric((c := np.asarray(c)).dtype):
+  if c is None or not _numeric(dtype) or not _numeric((c := np.asarray(c)).dtype):
     return None
   with np.errstate(all="ignore"), warnings.catch_warnings():
     warnings.simplefilter("ignore")   # (NumPy's ComplexWarning, a NaN cast to an integer)
@@ -2935,9 +2942,8 @@ def _constant_values(w: _Walker, scope: tuple, var, depth: int = 0):
   moves and into followed calls (jnp's ``where`` and ``clip`` take their scalars as operands of
   a jitted body), and by elementwise ops where :func:`_exact_op` computes them (``2.0 * 0.5``
   in the function; not ``jnp.log(2.0)``); None otherwise."""
-  if isinstance(var, jex.core.Literal):
-    return np.asarray(var.val)
-  where = w._definition(scope, var) if depth < 64 else None
+  literal = isinstance(var, jex.core.Literal)
+  where = w._definition(scope, var) if not literal and depth < 64 else None
   if where is None:
     return _fixed_values(w, var)
   if where[0] == "in":
