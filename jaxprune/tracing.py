@@ -2800,8 +2800,9 @@ def _masked_value(w: _Walker, scope: tuple, var, root: int, depth: int = 0, memo
         else:                           # one is NaN
           kept = [set(), {eqn.params["dimension_numbers"].rhs_spec[0]} & held(scope, ins[1])]
         vals = [value(scope, u) if k else None for u, k in zip(ins, kept)]
-        if any(c is not None and c == 0 for c in vals):
-          out = np.zeros((), var.aval.dtype)
+        if any(c is not None and c == 0 and _finite_when_masked(   # a zero times the other
+            w, scope, ins[1 - i], root, depth + 1, memo) for i, c in enumerate(vals)):
+          out = np.zeros((), var.aval.dtype)       # operand's entries: 0 where they are finite
         elif any(c is not None and _is_nan(c) for c in vals):
           out = np.asarray(np.nan, var.aval.dtype)
       elif name in ("concatenate", "pad"):   # (a concatenation's parts that hold the units:
@@ -2966,7 +2967,7 @@ def _constant_values(w: _Walker, scope: tuple, var, depth: int = 0):
 # negative (moves, sums, maxima).
 _NON_NEGATIVE = frozenset("abs square exp exp2 sqrt rsqrt logistic".split())
 _KEEPS_NON_NEGATIVE = frozenset("""
-reduce_precision convert_element_type reshape broadcast_in_dim squeeze expand_dims copy copy_p
+reduce_precision reshape broadcast_in_dim squeeze expand_dims copy copy_p
 transpose reduce_sum reduce_max reduce_min slice dynamic_slice gather rev name
 optimization_barrier sharding_constraint
 """.split())
@@ -2976,6 +2977,11 @@ def _never_negative(w: _Walker, scope: tuple, var, depth: int = 0) -> bool:
   """Whether ``var`` (at ``scope``) is never negative by how it is made: ``abs``, a square, an
   even power, ``relu``'s ``max(h, 0)``, ``exp``, ``sigmoid``, sums and products of such values
   and moves of them, also inside followed calls (``jax.nn.relu``'s ``custom_jvp``)."""
+  dtype = var.aval.dtype
+  if jnp.issubdtype(dtype, jnp.unsignedinteger) or jnp.issubdtype(dtype, jnp.bool_):
+    return True                        # (no value of the dtype is negative)
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.signedinteger)):
+    return False                       # (a complex value has no sign; a PRNG key no number)
   scope, var, eqn = _made_by(w, scope, var)
   if eqn is None and (c := _fixed_values(w, var)) is not None:
     return bool(np.all(c >= 0))
@@ -2983,6 +2989,10 @@ def _never_negative(w: _Walker, scope: tuple, var, depth: int = 0) -> bool:
     return False
   name, ins = eqn.primitive.name, eqn.invars
   nonneg = lambda v: _never_negative(w, scope, v, depth + 1)
+  if jnp.issubdtype(dtype, jnp.signedinteger) and name in _WRAPS:
+    return False                       # integers wrap: abs(-128) and 100 * 2 in int8 are < 0
+  if name == "convert_element_type":
+    return _cast_keeps_sign(ins[0].aval.dtype, dtype) and nonneg(ins[0])
   if name in _NON_NEGATIVE:
     return True
   if name == "integer_pow":
@@ -2996,6 +3006,24 @@ def _never_negative(w: _Walker, scope: tuple, var, depth: int = 0) -> bool:
   if name == "pad":
     return all(nonneg(u) for u in ins)
   return name in _KEEPS_NON_NEGATIVE and nonneg(ins[0])
+
+
+# Ops that can make a negative integer of values never negative: they wrap on overflow (a sum,
+# a product, ``abs`` of the most negative value), and XLA's integer division by zero is -1.
+_WRAPS = frozenset("abs square integer_pow mul add add_any div reduce_sum".split())
+
+
+def _cast_keeps_sign(source, target) -> bool:
+  """Whether casting a value never negative from ``source`` to the signed or float ``target``
+  keeps it so: to a float, and from a bool or an integer the target holds (int8 to int16,
+  uint8 to int16; not int32 to int8, which wraps, nor uint32 to int32); not from a float
+  to an integer, which overflows as XLA rounds out-of-range values."""
+  if jnp.issubdtype(target, jnp.floating) or jnp.issubdtype(source, jnp.bool_):
+    return True
+  if not jnp.issubdtype(source, jnp.integer):
+    return False
+  bits = jnp.iinfo(source).bits, jnp.iinfo(target).bits
+  return bits[0] < bits[1] or (jnp.issubdtype(source, jnp.signedinteger) and bits[0] <= bits[1])
 
 
 _ASSUMED = "assumed"   # a memo's entry: the carries assumed zero in its context

@@ -195,6 +195,17 @@ _FOLLOWED = {
                                BT), {"w1"}),
     "linf_norm_of_relu_times_closed_over_scalar_units": (_plain(lambda h: (lambda a: a / (
         jnp.max(a, -1, keepdims=True) + 1e-3))(jax.nn.relu(h) * _HALF), BT), {"w1"}),
+    # a product with the units on a batch axis of a contraction is 0 at a masked unit where the
+    # other factor is finite (exp(0) is); a cast to a float keeps relu's values never negative
+    "einsum_zero_times_exp_rms_units": (_plain(lambda h: rms_norm(jnp.einsum(
+        "bth,bthk->bthk", h, jnp.exp(h)[..., None] * jnp.ones((1, 1, 1, 2))).sum(-1)), BT),
+        {"w1"}),
+    "linf_norm_of_relu_cast_to_float16_units": (_plain(lambda h: h / (jnp.max(
+        jax.nn.relu(h).astype(jnp.float16), -1, keepdims=True).astype(jnp.float32) + 1), BT),
+        {"w1"}),
+    "linf_norm_of_uint8_cast_to_int16_units": (_plain(lambda h: h / (jnp.max((jax.nn.relu(
+        h) * 250).astype(jnp.uint8).astype(jnp.int16), -1, keepdims=True).astype(jnp.float32)
+        + 1), BT), {"w1"}),
     # (jax.nn.standardize's and flax's LayerNorm's variance is E[h^2] - E[h]^2: two such sums)
     "layer_norm_units": (_plain(lambda h: jax.nn.standardize(h, -1), BT), {"w1"}),
     "cumsum_time": (_plain(lambda h: jnp.cumsum(h, 1), BT), {"w1"}),
@@ -360,6 +371,23 @@ _REFUSED = {
     "linf_norm_of_relu_times_closed_over_negative_units": (_plain(lambda h: (lambda a: a / (
         jnp.max(a, -1, keepdims=True) + 1e-3))(jax.nn.relu(h) * (_HALF - 1)), BT),
         "reduced over by reduce_max"),
+    # (a probe's findings) a contraction keeping the units on a batch axis took 0 * log(0) as
+    # 0 (an einsum, a dot_general: the masked network was NaN everywhere); an integer cast that
+    # wraps (|h| * 200 cast to int8: 150 is -106) was taken to keep abs never negative, so a
+    # masked unit's 0 became the maximum (6.8 off)
+    "dot_general_zero_times_log_zero_rms_units": (_plain(lambda h: rms_norm(lax.dot_general(
+        h[..., None], jnp.log(jnp.abs(h))[..., None], (((3,), (3,)), ((0, 1, 2), (0, 1, 2))))),
+        BT), _NOT_ZERO),
+    "einsum_zero_times_log_zero_rms_units": (_plain(lambda h: rms_norm(jnp.einsum(
+        "bth,bthk->bthk", h, jnp.log(jnp.abs(h))[..., None] * jnp.ones((1, 1, 1, 2))).sum(-1)),
+        BT), _NOT_ZERO),
+    "linf_norm_of_wrapped_int_cast_units": (_plain(lambda h: h / (jnp.abs(jnp.max(
+        (jnp.abs(h) * 200).astype(jnp.int32).astype(jnp.int8), -1, keepdims=True)).astype(
+            jnp.float32) + 1), BT), "reduced over by reduce_max"),
+    # (and an integer product that wraps: 250 * 250 in int16 is -3036)
+    "linf_norm_of_int16_square_that_wraps_units": (_plain(lambda h: (lambda u: h / (jnp.max(
+        u * u, -1, keepdims=True).astype(jnp.float32) + 1))((jax.nn.relu(h) * 250).astype(
+            jnp.uint8).astype(jnp.int16)), BT), "reduced over by reduce_max"),
     "max_of_tanh_units": (_plain(lambda h: h - jnp.max(h, -1, keepdims=True), BT),
                           "reduced over by reduce_max"),
     "sum_of_exp_units": (_plain(lambda h: h / jnp.exp(h).sum(-1, keepdims=True), BT), _NOT_ZERO),
