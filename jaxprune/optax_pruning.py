@@ -531,11 +531,6 @@ def _states(opt_state, classes) -> list:
   return [s for c in children for s in _states(c, classes)]
 
 
-def _find_state(opt_state, cls):
-  """The first state of class ``cls`` in ``opt_state`` (see :func:`_states`), or None."""
-  return next(iter(_states(opt_state, cls)), None)
-
-
 def _holder_state(opt_state):
   """The optimizer state of a flax ``TrainState`` or an ``nnx.Optimizer`` (their
   ``.opt_state``); anything else as it is."""
@@ -593,21 +588,6 @@ def _has_masked_node(tree) -> bool:
   return any(_is_masked_node(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked_node))
 
 
-def _merge_branches(masks: PyTree, state) -> PyTree:
-  """``masks`` from one branch of ``optax.multi_transform`` / ``optax.masked`` (the other
-  branches' leaves are ``optax.MaskedNode()``), completed with the masks the other branches'
-  pruning states hold at those places (two masks at one leaf: a weight either removes is
-  removed). Places no branch prunes stay ``MaskedNode()``."""
-  structure = jax.tree.structure(masks, is_leaf=_is_masked_node)
-  for h in _states(state, (PruningState, MaskedState)):
-    if h.masks is masks or jax.tree.structure(h.masks, is_leaf=_is_masked_node) != structure:
-      continue
-    masks = jax.tree.map(
-        lambda a, b: b if _is_masked_node(a) else a if _is_masked_node(b) else a & b,
-        masks, h.masks, is_leaf=_is_masked_node)
-  return masks
-
-
 def _fill_masked_nodes(masks: PyTree, like: PyTree) -> PyTree:
   """``MaskedNode()`` places (leaves no branch prunes) as all-True masks shaped like ``like``."""
   try:
@@ -636,24 +616,51 @@ def masks_of(opt_state, *, like: PyTree | None = None) -> PyTree:
   Inside ``optax.multi_transform`` (or ``optax.masked``) each branch prunes its own leaves and
   sees ``optax.MaskedNode()`` at the others: the masks of every branch are merged into one
   tree; leaves that no branch prunes stay ``MaskedNode()``, or become all-True masks with
-  ``like=params``, so that the result fits the params."""
+  ``like=params``, so that the result fits the params. Nested states (a ``gradual`` around or
+  inside a ``masked_optimizer``, or around another ``gradual``) are merged too: a weight any
+  of them removes is removed."""
   state = _holder_state(opt_state)
-  found = _find_state(state, PruningState)
-  if found is None:
-    found = _find_state(state, MaskedState)
-  if found is None:
+  found = _nested_states(state, (PruningState, MaskedState))
+  if not found:
     hint = (" (nnx.state(optimizer) turns the optimizer's state into plain dicts: pass the "
             "nnx.Optimizer itself, or its .opt_state)" if type(opt_state).__name__ == "State"
             else "")
     raise ValueError(f"This optimizer state ({type(opt_state).__name__}) holds no masks{hint}; "
                      "build the optimizer with jaxprune.gradual, jaxprune.scheduled, "
                      "jaxprune.keep_masked or jaxprune.masked_optimizer.")
-  masks = found.masks
-  if _has_masked_node(masks):
-    masks = _merge_branches(masks, state)
-    if like is not None and _has_masked_node(masks):
-      return _fill_masked_nodes(_from_nnx_optimizer(masks), like)
+  masks = found[0].masks
+  for other in found[1:]:
+    masks = _both(masks, other.masks)
+  if like is not None and _has_masked_node(masks):
+    return _fill_masked_nodes(_from_nnx_optimizer(masks), like)
   return _from_nnx_optimizer(masks, like)
+
+
+def _nested_states(opt_state, classes) -> list:
+  """Every state of ``classes`` in ``opt_state``, outermost first, those nested in another's
+  optimizer state too (a :func:`gradual` wrapping a :func:`masked_optimizer` or another
+  ``gradual``)."""
+  out = []
+  for s in _states(opt_state, classes + (PruningState,)):
+    if isinstance(s, classes):
+      out.append(s)
+    if isinstance(s, PruningState):
+      out += _nested_states(s.inner_state, classes)
+  return out
+
+
+def _both(a: PyTree, b: PyTree) -> PyTree:
+  """Two states' masks as one: a weight either removes is removed; ``optax.MaskedNode()`` (a
+  place the state's ``optax.multi_transform`` branch does not prune) takes the other's."""
+  merge = lambda x, y: y if _is_masked_node(x) else x if _is_masked_node(y) else x & y
+  try:
+    return jax.tree.map(merge, a, b, is_leaf=_is_masked_node)
+  except ValueError:
+    try:
+      return jax.tree.map(lambda y, x: merge(x, y), b, a, is_leaf=_is_masked_node)
+    except ValueError as e:
+      raise ValueError("masks_of: this optimizer state holds masks of two structures that do "
+                       f"not fit together ({e}); read each pruning state's .masks.") from None
 
 
 def _mask_paths(tree) -> list[str]:
@@ -686,11 +693,16 @@ def replace_masks(opt_state, weight_masks: PyTree):
   holder, state = opt_state, _holder_state(opt_state)
   found = _states(state, (MaskedState,))
   if not found:
+    on_schedule = bool(_states(state, (PruningState,)))
     what = ("only the masks of jaxprune.gradual or jaxprune.scheduled, which follow their "
-            "schedule" if _states(state, (PruningState,)) else "no masks")
+            "schedule" if on_schedule else "no masks")
+    resume = (" To resume such a run from a checkpoint, save its whole optimizer state and "
+              "restore it into a fresh tx.init(params) (orbax; docs/training.md, 'Resuming a "
+              "run on a schedule'); to train on with masks of your own, build "
+              "jaxprune.masked_optimizer(tx, masks).") if on_schedule else ""
     raise ValueError(f"replace_masks: this optimizer state ({type(opt_state).__name__}) holds "
                      f"{what}; it replaces the masks of jaxprune.keep_masked and "
-                     "jaxprune.masked_optimizer.")
+                     f"jaxprune.masked_optimizer.{resume}")
   new_leaves = jax.tree.leaves(weight_masks)
   for held in found:
     if _has_masked_node(held.masks):
@@ -743,13 +755,20 @@ def replace_masks(opt_state, weight_masks: PyTree):
 
 def unit_masks_of(opt_state) -> dict:
   """The unit masks of a structured pruner's state inside a :func:`gradual` or
-  :func:`scheduled` state (or a ``TrainState`` / ``nnx.Optimizer`` holding one)."""
-  found = _find_state(_holder_state(opt_state), PruningState)
-  if found is None or not isinstance(found.pruner_state, Mapping):
+  :func:`scheduled` state (or a ``TrainState`` / ``nnx.Optimizer`` holding one): of every such
+  state, nested or in ``optax.multi_transform`` branches (a group two of them prune keeps the
+  units both keep)."""
+  found = [s.pruner_state for s in _nested_states(_holder_state(opt_state), (PruningState,))
+           if isinstance(s.pruner_state, Mapping)]
+  if not found:
     raise ValueError("This optimizer state holds no unit masks; build the optimizer with a "
                      "structured pruner (jaxprune.importance_pruner, "
                      "jaxprune.distinctiveness_pruner).")
-  return _from_nnx_optimizer(dict(found.pruner_state))   # nnx.Optimizer's OptArray -> arrays
+  units = {}
+  for held in found:            # (several gradual states, nested or in branches: every group;
+    for g, m in _from_nnx_optimizer(dict(held)).items():   # a unit either removes is removed)
+      units[g] = units[g] & m if g in units else m
+  return units
 
 
 # ----------------------------------------------------------------------------- unstructured core

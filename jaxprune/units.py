@@ -295,6 +295,11 @@ _WEIGHT_MASKS_HINT = (" These look like weight masks (the params' structure, one
                       "jaxprune.unit_masks_ones(target) or a pruner.")
 
 
+_NO_GROUPS = (" The trace found no unit group: target.explain() says why for each param axis "
+              "(a model traced in training mode, with a dropout drawing random numbers, has "
+              "none: trace it in evaluation mode, nnx: model.eval(), linen: deterministic=True).")
+
+
 def check_mask_keys(groups: Mapping[str, UnitGroup], unit_masks: Mapping[str, Any]) -> None:
   """Raises KeyError if a unit mask names no group (a misspelt key never passes silently), and
   ValueError if one is a dict (weight masks given where unit masks belong)."""
@@ -306,7 +311,7 @@ def check_mask_keys(groups: Mapping[str, UnitGroup], unit_masks: Mapping[str, An
     if name not in groups:
       raise KeyError(f"Unit mask {name!r} names no unit group; this model's groups are "
                      f"{sorted(groups)}. Fix the key (unit_masks_ones(target) lists them)."
-                     + (_WEIGHT_MASKS_HINT if weightlike else ""))
+                     + (_WEIGHT_MASKS_HINT if weightlike else "") + ("" if groups else _NO_GROUPS))
     if isinstance(unit_masks[name], Mapping):
       raise ValueError(f"Unit mask {name!r} is a {type(unit_masks[name]).__name__}, not a bool "
                        f"vector of the group's {groups[name].size} units." + _WEIGHT_MASKS_HINT)

@@ -1020,6 +1020,48 @@ def _first_k(shape, s):
   return (np.arange(size) >= round(s * size)).reshape(shape)
 
 
+def test_masks_of_and_unit_masks_of_read_nested_pruning_states():
+  """(a probe's finding) masks_of and unit_masks_of read only the outermost pruning state: a
+  gradual inside or around a masked_optimizer, or around another gradual, gave masks (and unit
+  masks) denser than the weights the training had zeroed."""
+  params = _branch_params()
+  fixed = jax.tree.map(lambda a: jnp.arange(a.size).reshape(a.shape) % 2 == 0, params)
+  sched = dict(sparsity=0.5, begin_step=0, end_step=1, frequency=1, pruner=_first_k_pruner())
+  g = jax.tree.map(lambda a: 0.01 * jnp.ones_like(a), params)
+  want = jax.tree.map(lambda m: np.asarray(m) & _first_k(m.shape, 0.5), fixed)
+  for tx in (jaxprune.masked_optimizer(jaxprune.gradual(optax.sgd(0.1), **sched), fixed),
+             jaxprune.gradual(jaxprune.masked_optimizer(optax.sgd(0.1), fixed), **sched)):
+    p = jaxprune.apply_masks(params, fixed)
+    state = tx.init(p)
+    for _ in range(2):
+      u, state = jax.jit(tx.update)(g, state, p)
+      p = optax.apply_updates(p, u)
+    got = jaxprune.masks_of(state)
+    for w, m, q in zip(jax.tree.leaves(want), jax.tree.leaves(got), jax.tree.leaves(p)):
+      np.testing.assert_array_equal(np.asarray(m), w)
+      np.testing.assert_array_equal(np.asarray(q) != 0, w)
+  # two structured pruners on a schedule, one gradual inside the other: both groups
+  rng = np.random.default_rng(3)
+  mlp = {k: host_f32(rng.normal(size=s)) for k, s in
+         {"w1": (3, 6), "w2": (6, 4), "w3": (4, 2)}.items()}
+  fn = lambda p, x: jnp.tanh(jnp.tanh(x @ p["w1"]) @ p["w2"]) @ p["w3"]
+  target = jaxprune.trace(fn, mlp, host_f32(rng.normal(size=(5, 3))))
+  steps = dict(sparsity=0.5, begin_step=0, end_step=1, frequency=1)
+  tx = jaxprune.gradual(jaxprune.gradual(optax.sgd(0.1), pruner=jaxprune.importance_pruner(
+      target, "w1"), **steps), pruner=jaxprune.importance_pruner(target, "w2"), **steps)
+  state, p = tx.init(mlp), mlp
+  grads = jax.tree.map(jnp.zeros_like, mlp)
+  for _ in range(2):
+    u, state = jax.jit(tx.update)(grads, state, p)
+    p = optax.apply_updates(p, u)
+  units = jaxprune.unit_masks_of(state)
+  assert sorted(units) == ["w1", "w2"] and [int(units[k].sum()) for k in ("w1", "w2")] == [3, 2]
+  np.testing.assert_array_equal(np.asarray(p["w1"]).any(0), np.asarray(units["w1"]))
+  np.testing.assert_array_equal(np.asarray(p["w2"]).any(0), np.asarray(units["w2"]))
+  np.testing.assert_array_equal(np.asarray(jaxprune.masks_of(state)["w1"]).any(0),
+                                np.asarray(units["w1"]))
+
+
 def test_masks_of_merges_every_branch_of_multi_transform():
   """masks_of returned only the first branch's masks under optax.multi_transform (the others
   as MaskedNode placeholders): jaxprune.sparsity of them reported the first branch alone and

@@ -101,8 +101,12 @@ def test_redistribute_merge_and_constant_folding():
 
 def test_errors_name_the_problem():
   p = _params()
-  with pytest.raises(KeyError, match="Unit mask 'nope' names no unit group.*\\['h'\\]"):
+  with pytest.raises(KeyError, match="Unit mask 'nope' names no unit group.*\\['h'\\]") as e:
     units.expand(p, {"h": GROUP}, {"nope": jnp.ones(3, bool)})
+  assert "found no unit group" not in str(e.value)
+  # (a probe's finding) a model traced in training mode has no groups: say where to look
+  with pytest.raises(KeyError, match="found no unit group: target.explain\\(\\).*evaluation mode"):
+    units.expand(p, {}, {"h": jnp.ones(3, bool)})
   with pytest.raises(ValueError, match="needs shape \\(3,\\)"):
     units.expand(p, {"h": GROUP}, {"h": jnp.ones(4, bool)})
   with pytest.raises(ValueError, match="removes every unit"):
