@@ -687,11 +687,12 @@ def replace_masks(opt_state, weight_masks: PyTree):
   ``TrainState`` (a new one is returned) or an ``nnx.Optimizer`` (changed in place and
   returned). ``weight_masks`` must have the structure and shapes of the masks held (the
   params'); plain arrays or the ``nnx.State`` of ``nnx.Param`` containers that ``apply_masks``
-  takes. Every ``MaskedState`` of the state takes them. The masks of :func:`gradual` and
+  takes. Every ``MaskedState`` of the state takes them, those nested in a :func:`gradual` /
+  :func:`scheduled` state's optimizer too. The masks of :func:`gradual` and
   :func:`scheduled` follow their schedule and are not replaced (a ValueError when the state
   holds only those, or holds masks of several ``optax.multi_transform`` branches)."""
   holder, state = opt_state, _holder_state(opt_state)
-  found = _states(state, (MaskedState,))
+  found = _nested_states(state, (MaskedState,))
   if not found:
     on_schedule = bool(_states(state, (PruningState,)))
     what = ("only the masks of jaxprune.gradual or jaxprune.scheduled, which follow their "
@@ -737,8 +738,8 @@ def replace_masks(opt_state, weight_masks: PyTree):
   def swap(s):
     if isinstance(s, MaskedState):
       return MaskedState(_own_copy(copies))
-    if isinstance(s, PruningState):
-      return s
+    if isinstance(s, PruningState):             # (its own masks follow its schedule)
+      return s._replace(inner_state=swap(s.inner_state))
     if isinstance(s, tuple):
       kids = [swap(c) for c in s]
       return type(s)(*kids) if hasattr(s, "_fields") else tuple(kids)

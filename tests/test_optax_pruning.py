@@ -1040,6 +1040,15 @@ def test_masks_of_and_unit_masks_of_read_nested_pruning_states():
     for w, m, q in zip(jax.tree.leaves(want), jax.tree.leaves(got), jax.tree.leaves(p)):
       np.testing.assert_array_equal(np.asarray(m), w)
       np.testing.assert_array_equal(np.asarray(q) != 0, w)
+    # replace_masks reaches the masked_optimizer's state, nested or not; gradual's stay
+    other = jax.tree.map(lambda m: jnp.arange(m.size).reshape(m.shape) % 3 != 0, fixed)
+    state = jaxprune.replace_masks(state, other)
+    u, state = jax.jit(tx.update)(g, state, p)
+    both = jax.tree.map(lambda m: np.asarray(m) & _first_k(m.shape, 0.5), other)
+    for w, m, q in zip(jax.tree.leaves(both), jax.tree.leaves(jaxprune.masks_of(state)),
+                       jax.tree.leaves(optax.apply_updates(p, u))):
+      np.testing.assert_array_equal(np.asarray(m), w)
+      assert not np.asarray(q)[~w].any()
   # two structured pruners on a schedule, one gradual inside the other: both groups
   rng = np.random.default_rng(3)
   mlp = {k: host_f32(rng.normal(size=s)) for k, s in
