@@ -651,16 +651,20 @@ def _nested_states(opt_state, classes) -> list:
 
 def _both(a: PyTree, b: PyTree) -> PyTree:
   """Two states' masks as one: a weight either removes is removed; ``optax.MaskedNode()`` (a
-  place the state's ``optax.multi_transform`` branch does not prune) takes the other's."""
-  merge = lambda x, y: y if _is_masked_node(x) else x if _is_masked_node(y) else x & y
-  try:
-    return jax.tree.map(merge, a, b, is_leaf=_is_masked_node)
-  except ValueError:
-    try:
-      return jax.tree.map(lambda y, x: merge(x, y), b, a, is_leaf=_is_masked_node)
-    except ValueError as e:
-      raise ValueError("masks_of: this optimizer state holds masks of two structures that do "
-                       f"not fit together ({e}); read each pruning state's .masks.") from None
+  place the state's ``optax.multi_transform`` branch does not prune, a leaf or a whole subtree
+  where the labels are a prefix of the params) takes the other's."""
+  if _is_masked_node(a):
+    return b
+  if _is_masked_node(b):
+    return a
+  kids_a, node_a = jax.tree.flatten(a, is_leaf=lambda x: x is not a)   # one level down
+  kids_b, node_b = jax.tree.flatten(b, is_leaf=lambda x: x is not b)
+  if jax.tree_util.treedef_is_leaf(node_a) and jax.tree_util.treedef_is_leaf(node_b):
+    return a & b
+  if node_a != node_b:
+    raise ValueError(f"masks_of: this optimizer state holds masks of two structures that do not "
+                     f"fit together ({node_a} and {node_b}); read each pruning state's .masks.")
+  return jax.tree.unflatten(node_a, [_both(x, y) for x, y in zip(kids_a, kids_b)])
 
 
 def _mask_paths(tree) -> list[str]:

@@ -1071,6 +1071,32 @@ def test_masks_of_and_unit_masks_of_read_nested_pruning_states():
                                 np.asarray(units["w1"]))
 
 
+def test_masks_of_merges_branches_whose_labels_are_a_prefix_of_the_params():
+  """(a probe's finding) with labels naming whole subtrees, two pruning branches each hold a
+  MaskedNode where the other holds a dict of masks: masks_of raised (and before nested states
+  were merged, returned one branch's masks, the other's as kept with like=)."""
+  params = _branch_params()
+  sched = dict(begin_step=0, end_step=1, frequency=1, pruner=_first_k_pruner())
+  tx = optax.multi_transform({"e": jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, **sched),
+                              "d": jaxprune.gradual(optax.sgd(0.1), sparsity=0.75, **sched),
+                              "plain": optax.sgd(0.1)},
+                             {"enc": "e", "dec": "d", "head": "plain"})
+  g = jax.tree.map(lambda a: 0.01 * jnp.ones_like(a), params)
+  state, p = tx.init(params), params
+  for _ in range(2):
+    u, state = jax.jit(tx.update)(g, state, p)
+    p = optax.apply_updates(p, u)
+  got = jaxprune.masks_of(state, like=params)
+  want = {"enc": {"w": _first_k((4, 6), 0.5)},
+          "dec": {"w": _first_k((6, 8), 0.75), "b": _first_k((8,), 0.75)},
+          "head": {"w": np.ones((8, 2), bool)}}
+  for k, leaves in want.items():
+    for leaf, w in leaves.items():
+      np.testing.assert_array_equal(np.asarray(got[k][leaf]), w)
+      np.testing.assert_array_equal(np.asarray(p[k][leaf]) != 0, w)
+  assert isinstance(jaxprune.masks_of(state)["head"], optax.MaskedNode)
+
+
 def test_masks_of_merges_every_branch_of_multi_transform():
   """masks_of returned only the first branch's masks under optax.multi_transform (the others
   as MaskedNode placeholders): jaxprune.sparsity of them reported the first branch alone and
