@@ -631,9 +631,11 @@ def masks_of(opt_state, *, like: PyTree | None = None) -> PyTree:
   masks = found[0].masks
   for other in found[1:]:
     masks = _both(masks, other.masks)
+  # Copies: a step that donates the state (jax.jit(step, donate_argnums=...)) must not free
+  # the masks handed out here, as it does not free those passed in (_own_copy).
   if like is not None and _has_masked_node(masks):
-    return _fill_masked_nodes(_from_nnx_optimizer(masks), like)
-  return _from_nnx_optimizer(masks, like)
+    return _own_copy(_fill_masked_nodes(_from_nnx_optimizer(masks), like))
+  return _own_copy(_from_nnx_optimizer(masks, like))
 
 
 def _nested_states(opt_state, classes) -> list:
@@ -770,6 +772,7 @@ def unit_masks_of(opt_state) -> dict:
                      "structured pruner (jaxprune.importance_pruner, "
                      "jaxprune.distinctiveness_pruner).")
   units = {}
+  found = _own_copy(found)      # (copies: a donating step must not free what is handed out)
   for held in found:            # (several gradual states, nested or in branches: every group;
     for g, m in _from_nnx_optimizer(dict(held)).items():   # a unit either removes is removed)
       units[g] = units[g] & m if g in units else m
@@ -806,8 +809,8 @@ def _check_scores(sc, params, selected, given: bool, keep=None) -> None:
   """Concrete scores must be finite where ``keep`` (the selected leaves' masks; None: all)
   keeps weights (a NaN's bit pattern would rank above every weight, so NaN weights were always
   kept; one the masks already remove is not ranked) and, when the user gave them,
-  non-negative (they are compared as magnitudes). Traced scores (inside ``gradual``) are taken
-  as they are."""
+  non-negative (they are compared as magnitudes). Traced scores (inside ``gradual``) cannot
+  raise: a step whose scores are not so removes nothing (:func:`_scores_ok`)."""
   if not validate.is_concrete(sc):
     return
   if keep is None or not validate.is_concrete(keep):   # traced masks: check every weight
@@ -923,10 +926,22 @@ def _to_sparsity(masks, scores, target, per_leaf, selected, scope):
     k = _n_target(target, total) - (total - kept)
     removed = magnitude_lib._remove_smallest(bits, keep, jnp.maximum(k, 0))
   ok = _valid_targets(target, per_leaf)   # traced values outside [0, 1): nothing removed
+  ok = ok & _scores_ok(scores, keep)      # traced NaN, infinite or negative scores: the same
   new = list(mleaves)
   for i, r in zip(selected, removed):
     new[i] = mleaves[i] & ~(r & ok)
   return jax.tree.unflatten(treedef, new)
+
+
+def _scores_ok(scores, keep) -> jax.Array:
+  """Whether every score of a weight the masks keep is a finite, non-negative number.
+  Concrete scores were refused on the host (:func:`_check_scores`); traced ones (inside
+  ``gradual``, or a jitted ``prune_to_sparsity``) remove nothing when one is not: a NaN's bit
+  pattern would rank above every weight, so it was kept while the largest weights went."""
+  ok = jnp.bool_(True)
+  for s, m in zip(scores, keep):
+    ok = ok & jnp.all(~m | (jnp.isfinite(s) & (s >= 0)))
+  return ok
 
 
 def _valid_targets(target, per_leaf) -> jax.Array:
@@ -1321,7 +1336,8 @@ def _rooted(params, group: units_lib.UnitGroup):
       return False
     try:
       for s in g.slices:
-        units_lib.get_path(tree, s.path)
+        if _is_masked_node(units_lib.get_path(tree, s.path)):  # another branch's leaf
+          return False
       return True
     except KeyError:
       return False
@@ -1330,6 +1346,13 @@ def _rooted(params, group: units_lib.UnitGroup):
     tree = wrap(params)
     if resolves(tree, used):
       return tree, unwrap, used
+  if _has_masked_node(params):
+    raise ValueError(
+        f"Unit group {group.name!r} has slices in params this optimizer does not see "
+        f"({[units_lib.path_str(s.path) for s in group.slices]}: an optax.multi_transform "
+        "branch sees optax.MaskedNode() at the leaves of the other branches). A structured "
+        "pruner needs every slice of its group: label all of the group's leaves for its "
+        "branch, or wrap jaxprune.gradual around the whole multi_transform.")
   raise ValueError(f"The params do not hold the slices of unit group {group.name!r} "
                    f"({[units_lib.path_str(s.path) for s in group.slices]}); pass the params of the model "
                    "whose groups these are (the variables dict, its 'params' collection, or an "

@@ -1364,3 +1364,73 @@ def test_replace_masks_refuses_what_it_cannot_replace():
                            frequency=1)
   with pytest.raises(ValueError, match="follow their schedule"):
     jaxprune.replace_masks(sched.init(p), m)
+
+
+def test_gradual_with_traced_nan_or_negative_scores_removes_nothing():
+  """Scores computed inside ``gradual``'s step are traced and cannot raise. A NaN score's bit
+  pattern ranked above every weight: the four NaN-scored (smallest) weights were kept and the
+  four largest removed; negative scores were ranked as they were. Such a step now removes
+  nothing, as a traced sparsity outside [0, 1) does; so does a jitted prune_to_sparsity."""
+  p = {"w": host_f32([[0.1, -0.2, 0.3, -0.4], [0.5, -0.6, 0.7, -0.8]])}
+
+  def removed(scores):
+    tx = jaxprune.gradual(optax.sgd(0.0), sparsity=0.5, begin_step=0, end_step=1, frequency=1,
+                          scores=scores)
+    s, q = tx.init(p), p
+    step = jax.jit(tx.update)
+    for _ in range(2):
+      u, s = step(jax.tree.map(jnp.ones_like, q), s, q)
+      q = optax.apply_updates(q, u)
+    return np.flatnonzero(~np.asarray(jaxprune.masks_of(s)["w"])).tolist()
+
+  assert removed(lambda q: jax.tree.map(jnp.abs, q)) == [0, 1, 2, 3]
+  nan_small = lambda q: jax.tree.map(lambda w: jnp.where(jnp.abs(w) < 0.45, jnp.nan, w * w), q)
+  assert removed(nan_small) == []
+  assert removed(lambda q: jax.tree.map(lambda w: -jnp.abs(w), q)) == []
+  _, masks = jax.jit(lambda q: jaxprune.prune_to_sparsity(q, None, 0.5, scores=nan_small(q)))(p)
+  assert bool(np.all(masks["w"]))
+  # a NaN score of a weight the masks already remove is not ranked: the step prunes
+  start = {"w": jnp.asarray(np.arange(8).reshape(2, 4) != 0)}
+  nan_at_0 = lambda q: {"w": jnp.abs(q["w"]).at[0, 0].set(jnp.nan)}
+  _, masks = jax.jit(lambda q: jaxprune.prune_to_sparsity(q, start, 0.5, scores=nan_at_0(q)))(p)
+  assert np.flatnonzero(~np.asarray(masks["w"])).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["masked_optimizer", "gradual"])
+def test_masks_handed_out_survive_a_step_that_donates_the_state(kind):
+  """``masks_of`` and ``unit_masks_of`` return copies: a jitted step with ``donate_argnums``
+  on the state freed the arrays they had returned ("Array has been deleted"), so the
+  documented flow (read the masks, train on, then prune_to_sparsity with them) failed."""
+  p = {"w": host_f32(np.arange(1.0, 9.0).reshape(2, 4)), "b": jnp.zeros(4)}
+  if kind == "gradual":
+    tx = jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=1, frequency=1)
+  else:
+    tx = jaxprune.masked_optimizer(optax.sgd(0.1), {"w": p["w"] > 4, "b": jnp.ones(4, bool)})
+  step = jax.jit(lambda q, s: tx.update(jax.tree.map(jnp.ones_like, q), s, q),
+                 donate_argnums=(1,))
+  s = tx.init(p)
+  for _ in range(2):
+    _, s = step(p, s)
+  held = jaxprune.masks_of(s)
+  want = np.array(held["w"])
+  assert want.tolist() == [[False] * 4, [True] * 4]     # (gradual: the 4 smallest removed)
+  _, s = step(p, s)              # donates the state that held the masks
+  np.testing.assert_array_equal(held["w"], want)
+
+
+def test_a_unit_group_split_over_multi_transform_branches_names_the_cause():
+  """A structured pruner in one ``multi_transform`` branch whose group reaches into a leaf of
+  another branch said the params were not the model's; it now names the branches and the two
+  fixes."""
+  rng = np.random.default_rng(0)
+  p = {"w1": host_f32(rng.normal(size=(3, 4))), "b1": jnp.zeros(4),
+       "w2": host_f32(rng.normal(size=(4, 2)))}
+  fn = lambda q, x: jnp.tanh(x @ q["w1"] + q["b1"]) @ q["w2"]
+  t = jaxprune.trace(fn, p, host_f32(rng.normal(size=(8, 3))))
+  g = jaxprune.gradual(optax.sgd(0.1), sparsity=0.5, begin_step=0, end_step=1, frequency=1,
+                       pruner=jaxprune.importance_pruner(t, "w1"))
+  tx = optax.multi_transform({"a": g, "b": optax.sgd(0.1)}, {"w1": "a", "b1": "a", "w2": "b"})
+  with pytest.raises(ValueError, match="label all of the group's leaves for its branch, or wrap "
+                     "jaxprune.gradual around the whole multi_transform"):
+    s = tx.init(p)
+    tx.update(jax.tree.map(jnp.ones_like, p), s, p)
