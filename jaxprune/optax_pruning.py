@@ -960,14 +960,19 @@ def _sparsity_ok(s) -> jax.Array:
   return jnp.isfinite(s) & (s >= 0) & (s < 1)
 
 
-def _flag_invalid(params, sparsity, per_leaf, selected):
-  """Pruned ``params`` with the selected leaves NaN when a traced sparsity is not in [0, 1)
-  (which prunes nothing): there is no report to carry the flag, as ``jnp.sqrt(-1.0)`` is NaN.
-  Concrete sparsities were refused on the host and leave ``params`` as they are."""
+def _flag_invalid(params, sparsity, per_leaf, selected, scores=(), masks=None):
+  """Pruned ``params`` with the selected leaves NaN when a traced sparsity is not in [0, 1),
+  or traced ``scores`` (of the selected leaves) fail :func:`_scores_ok` where ``masks`` keep
+  weights (either prunes nothing): there is no report to carry the flag, as ``jnp.sqrt(-1.0)``
+  is NaN. Concrete values were refused on the host and leave ``params`` as they are."""
   values = [sparsity] if per_leaf is None else list(per_leaf)
-  if all(_common.is_concrete(v) for v in values):
+  traced_scores = not all(_common.is_concrete(s) for s in scores)
+  if all(_common.is_concrete(v) for v in values) and not traced_scores:
     return params
   ok = _valid_targets(sparsity if per_leaf is None else 0.0, per_leaf)
+  if traced_scores:
+    mleaves = jax.tree.leaves(masks)
+    ok = ok & _scores_ok(scores, [mleaves[i] for i in selected])
   leaves, treedef = jax.tree.flatten(params)
   for i in selected:
     leaves[i] = jnp.where(ok, leaves[i], jnp.nan)
@@ -1040,7 +1045,7 @@ def prune_to_sparsity(params: PyTree, weight_masks: PyTree | None = None, sparsi
   pruned, new = _TO_SPARSITY_ZEROED(params, masks, sc, sparsity if per_leaf is None else 0.0,
                                     None if per_leaf is None else tuple(per_leaf),
                                     selected=selected, scope=scope)
-  return _flag_invalid(pruned, sparsity, per_leaf, selected), new
+  return _flag_invalid(pruned, sparsity, per_leaf, selected, sc, masks), new
 
 
 def _ranked_on_one_device(prune, params, weight_masks, scores, *args, **kwargs):

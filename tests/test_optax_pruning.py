@@ -1387,13 +1387,17 @@ def test_gradual_with_traced_nan_or_negative_scores_removes_nothing():
   nan_small = lambda q: jax.tree.map(lambda w: jnp.where(jnp.abs(w) < 0.45, jnp.nan, w * w), q)
   assert removed(nan_small) == []
   assert removed(lambda q: jax.tree.map(lambda w: -jnp.abs(w), q)) == []
-  _, masks = jax.jit(lambda q: jaxprune.prune_to_sparsity(q, None, 0.5, scores=nan_small(q)))(p)
+  pruned, masks = jax.jit(
+      lambda q: jaxprune.prune_to_sparsity(q, None, 0.5, scores=nan_small(q)))(p)
   assert bool(np.all(masks["w"]))
+  assert np.isnan(np.asarray(pruned["w"])).all()   # flagged, as a traced sparsity of 1.5 is
   # a NaN score of a weight the masks already remove is not ranked: the step prunes
   start = {"w": jnp.asarray(np.arange(8).reshape(2, 4) != 0)}
   nan_at_0 = lambda q: {"w": jnp.abs(q["w"]).at[0, 0].set(jnp.nan)}
-  _, masks = jax.jit(lambda q: jaxprune.prune_to_sparsity(q, start, 0.5, scores=nan_at_0(q)))(p)
+  pruned, masks = jax.jit(
+      lambda q: jaxprune.prune_to_sparsity(q, start, 0.5, scores=nan_at_0(q)))(p)
   assert np.flatnonzero(~np.asarray(masks["w"])).tolist() == [0, 1, 2, 3]
+  np.testing.assert_array_equal(pruned["w"], np.where(masks["w"], p["w"], 0))
 
 
 @pytest.mark.parametrize("kind", ["masked_optimizer", "gradual"])
